@@ -1,0 +1,1 @@
+"""National side: the reconciler worker, merge rules and the store."""

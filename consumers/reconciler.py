@@ -1,0 +1,136 @@
+"""Applying a batch of change messages to the store, exactly once per partition offset.
+
+`classify` is pure: it turns raw messages into valid events and dead letters. `Reconciler`
+does the I/O: inside one store transaction it re-reads the applied offsets, skips what is
+already applied, applies the version rule per (source, entity, key), re-merges every touched
+record and advances the offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from consumers.merge import Authority, Outcome, SourceView, decide, merge
+from consumers.store import RecordKey, Store, TopicPartition, ViewRow, utcnow
+from schemas import ChangeEvent, InvalidEvent, parse_event
+
+
+@dataclass(frozen=True)
+class Message:
+    """One Kafka record as the reconciler sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp_ms: int | None = None
+
+    @property
+    def tp(self) -> TopicPartition:
+        return (self.topic, self.partition)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message: Message
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Checked:
+    message: Message
+    event: ChangeEvent
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    source: str
+    entity: str
+    outcome: Outcome
+    occurred_at: datetime
+
+
+@dataclass
+class BatchReport:
+    outcomes: list[EventOutcome] = field(default_factory=list)
+    committed_at: datetime | None = None
+    already_applied: int = 0
+
+
+def classify(messages: Iterable[Message]) -> tuple[list[Checked], list[DeadLetter]]:
+    """Split messages into contract-valid events and dead letters with their reasons."""
+    valid: list[Checked] = []
+    dead: list[DeadLetter] = []
+    for message in messages:
+        try:
+            checked = parse_event(message.value)
+        except InvalidEvent as error:
+            dead.append(DeadLetter(message, error.code, error.message))
+            continue
+        valid.append(Checked(message, checked.event, checked.warnings))
+    return valid, dead
+
+
+def next_offsets(messages: Iterable[Message]) -> dict[TopicPartition, int]:
+    """Per partition, the offset after the last message of the batch."""
+    result: dict[TopicPartition, int] = {}
+    for message in messages:
+        result[message.tp] = max(result.get(message.tp, 0), message.offset + 1)
+    return result
+
+
+class Reconciler:
+    def __init__(self, store: Store, authority: Authority) -> None:
+        self.store = store
+        self.authority = authority
+
+    def unapplied(self, messages: Sequence[Message]) -> list[Message]:
+        """The messages of a batch whose offsets the store has not applied yet."""
+        with self.store.engine.connect() as conn:
+            stored = self.store.offsets(conn, {m.tp for m in messages})
+        return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
+
+    def apply(self, events: Sequence[Checked], offsets: dict[TopicPartition, int]) -> BatchReport:
+        """Apply valid events and advance `offsets`, all in one store transaction."""
+        report = BatchReport()
+        with self.store.write_transaction() as conn:
+            stored = self.store.offsets(conn, offsets)
+            todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
+            report.already_applied = len(events) - len(todo)
+            keys = {(c.event.entity, c.event.key) for c in todo}
+            views = self.store.views(conn, keys)
+            changed: dict[tuple[RecordKey, str], ViewRow] = {}
+            for checked in sorted(todo, key=lambda c: (c.message.tp, c.message.offset)):
+                event = checked.event
+                record_key = (event.entity, event.key)
+                current = views.get(record_key, {}).get(event.source)
+                outcome = decide(current, event.version)
+                report.outcomes.append(
+                    EventOutcome(event.source, event.entity, outcome, event.occurred_at)
+                )
+                if outcome != "applied":
+                    continue
+                view = SourceView(
+                    source=event.source,
+                    version=event.version,
+                    event_id=str(event.event_id),
+                    occurred_at=event.occurred_at,
+                    deleted=event.op == "delete",
+                    data=event.data_dict(),
+                )
+                views.setdefault(record_key, {})[event.source] = view
+                changed[(record_key, event.source)] = ViewRow(event.entity, event.key, view)
+            touched = {record_key for record_key, _ in changed}
+            merged = {k: merge(k[0], views[k].values(), self.authority) for k in touched}
+            now = utcnow()
+            self.store.write_views(conn, list(changed.values()), now)
+            self.store.write_records(conn, merged, now)
+            advance = {tp: o for tp, o in offsets.items() if o > stored.get(tp, 0)}
+            self.store.write_offsets(conn, advance, now)
+        report.committed_at = utcnow()
+        return report

@@ -1,0 +1,260 @@
+"""The national store (SQLAlchemy 2 Core): source views, canonical records, applied offsets.
+
+SQLite is the embedded default; PostgreSQL is the production target. Writes are set-based
+(multi-row `INSERT ... ON CONFLICT DO UPDATE`), and every batch commits its data together
+with the next Kafka offset of each partition it read: that is the exactly-once effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    and_,
+    create_engine,
+    delete,
+    event,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import Dialect
+
+from consumers.merge import CanonicalRecord, SourceView
+
+CHUNK = 500
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes stored as naive UTC on every backend, read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _json() -> Any:
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+metadata = MetaData()
+
+source_views = Table(
+    "source_views",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("data", _json()),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+
+records = Table(
+    "records",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("data", _json(), nullable=False),
+    Column("sources", _json(), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+applied_offsets = Table(
+    "applied_offsets",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+RecordKey = tuple[str, str]  # (entity, key)
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    entity: str
+    key: str
+    view: SourceView
+
+
+def create_store_engine(url: str) -> Engine:
+    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            # Writers take the lock at BEGIN, so a read-then-write batch cannot deadlock.
+            writer = connection.get_execution_options().get("writer", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_store_engine(url)
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[Connection]:
+        """One writer transaction: committed on success, rolled back on error."""
+        with self.engine.connect().execution_options(writer=True) as conn, conn.begin():
+            yield conn
+
+    # -- reads --------------------------------------------------------------------------
+    def offsets(self, conn: Connection, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        wanted = list(set(partitions))
+        result: dict[TopicPartition, int] = {}
+        for chunk in _chunks(wanted):
+            query = select(applied_offsets.c.topic, applied_offsets.c.partition,
+                           applied_offsets.c.next_offset).where(
+                tuple_(applied_offsets.c.topic, applied_offsets.c.partition).in_(chunk)
+            )  # fmt: skip
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            for topic, partition, next_offset in conn.execute(query):
+                result[(topic, partition)] = next_offset
+        return result
+
+    def all_offsets(self) -> dict[TopicPartition, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(applied_offsets))
+            return {(row.topic, row.partition): row.next_offset for row in rows}
+
+    def views(self, conn: Connection, keys: Iterable[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
+        """Every source's current view (tombstones included) of the given records."""
+        result: dict[RecordKey, dict[str, SourceView]] = {}
+        for chunk in _chunks(list(set(keys))):
+            query = select(source_views).where(
+                tuple_(source_views.c.entity, source_views.c.key).in_(chunk)
+            )
+            for row in conn.execute(query):
+                view = SourceView(row.source, row.version, row.event_id, row.occurred_at,
+                                  row.deleted, row.data)  # fmt: skip
+                result.setdefault((row.entity, row.key), {})[row.source] = view
+        return result
+
+    def iter_records(self, entity: str | None = None) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int]]]:
+        """Canonical records sorted by entity then key."""
+        query = select(records).order_by(records.c.entity, records.c.key)
+        if entity is not None:
+            query = query.where(records.c.entity == entity)
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=1000).execute(query):
+                yield row.entity, row.key, row.data, row.sources
+
+    def count_records(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            query = select(records.c.entity, func.count()).group_by(records.c.entity)
+            return {entity: count for entity, count in conn.execute(query)}
+
+    # -- writes -------------------------------------------------------------------------
+    def write_views(self, conn: Connection, rows: Sequence[ViewRow], applied_at: datetime) -> None:
+        values = [
+            {
+                "entity": row.entity, "key": row.key, "source": row.view.source,
+                "version": row.view.version, "event_id": row.view.event_id,
+                "occurred_at": row.view.occurred_at, "deleted": row.view.deleted,
+                "data": None if row.view.data is None else dict(row.view.data),
+                "applied_at": applied_at,
+            }
+            for row in rows
+        ]  # fmt: skip
+        _upsert(conn, source_views, values, ["entity", "key", "source"], guard="version")
+
+    def write_records(
+        self, conn: Connection, merged: dict[RecordKey, CanonicalRecord | None], updated_at: datetime
+    ) -> None:
+        present = [
+            {"entity": e, "key": k, "data": r.data, "sources": r.sources, "updated_at": updated_at}
+            for (e, k), r in merged.items()
+            if r is not None
+        ]
+        _upsert(conn, records, present, ["entity", "key"])
+        gone = [key for key, record in merged.items() if record is None]
+        for chunk in _chunks(gone):
+            conn.execute(delete(records).where(tuple_(records.c.entity, records.c.key).in_(chunk)))
+
+    def write_offsets(self, conn: Connection, offsets: dict[TopicPartition, int], updated_at: datetime) -> None:
+        values = [
+            {"topic": t, "partition": p, "next_offset": o, "updated_at": updated_at}
+            for (t, p), o in offsets.items()
+        ]
+        _upsert(conn, applied_offsets, values, ["topic", "partition"], guard="next_offset")
+
+
+def _upsert(
+    conn: Connection,
+    table: Table,
+    values: list[dict[str, Any]],
+    keys: list[str],
+    guard: str | None = None,
+) -> None:
+    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value."""
+    if not values:
+        return
+    dialect = conn.dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    for chunk in _chunks(values, CHUNK):
+        statement = insert_fn(table).values(chunk)
+        update = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+        where = None
+        if guard is not None:
+            where = and_(table.c[guard] < statement.excluded[guard])
+        conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=update, where=where))
+
+
+def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,193 @@
+"""The reconciler worker on faust-streaming.
+
+Offsets are owned by the store, not by Kafka: every batch commits its data together with
+the next offset of each partition, and on every partition assignment the consumer is moved
+to the store's offsets. Faust's own offset commit still runs (it feeds lag monitoring) but
+is never trusted for resuming (faust-streaming issue #606).
+
+Faust seeks to its committed offsets in `Consumer.perform_seek`, after the
+`on_partitions_assigned` signal has run, so seeking inside the signal is silently undone;
+the worker therefore wraps `perform_seek` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from consumers.merge import Authority
+from consumers.metrics import COMMIT_SECONDS, record_batch, record_dead_letters, record_warnings
+from consumers.reconciler import DeadLetter, Message, Reconciler, classify, next_offsets
+from consumers.store import Store, TopicPartition
+from portal_sync.settings import Settings, user_data_dir
+from portal_sync.topics import change_topics, ensure_topics
+from producers.publisher import Publisher
+from schemas.dead_letter import dead_letter_headers
+
+log = logging.getLogger(__name__)
+MAX_RETRY_SECONDS = 30.0
+
+
+class BatchProcessor:
+    """Synchronous part of the worker: dead letters first, then one store transaction."""
+
+    def __init__(self, settings: Settings, store: Store, authority: Authority) -> None:
+        self.settings = settings
+        self.reconciler = Reconciler(store, authority)
+        self.publisher = Publisher(settings, client_id="portal-sync-dead-letters")
+
+    def process(self, messages: Sequence[Message]) -> None:
+        """Apply a batch, retrying with backoff until it succeeds: nothing is skipped."""
+        delay = 0.5
+        while True:
+            try:
+                self._process_once(messages)
+                return
+            except Exception as error:
+                log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_SECONDS)
+
+    def _process_once(self, messages: Sequence[Message]) -> None:
+        fresh = self.reconciler.unapplied(messages)
+        valid, dead = classify(fresh)
+        if dead:
+            self._dead_letter(dead)
+        for checked in valid:
+            record_warnings(checked.event.entity, checked.warnings)
+        began = time.perf_counter()
+        report = self.reconciler.apply(valid, next_offsets(fresh))
+        COMMIT_SECONDS.observe(time.perf_counter() - began)
+        record_batch(report, self.settings.freshness_objective_seconds)
+        if dead:
+            record_dead_letters(dead)
+
+    def _dead_letter(self, dead: list[DeadLetter]) -> None:
+        """Publish and wait for acks before the offsets that skip them are committed."""
+        for letter in dead:
+            message = letter.message
+            headers = dead_letter_headers(letter.code, letter.reason, message.topic,
+                                          message.partition, message.offset)  # fmt: skip
+            self.publisher.send_dead_letter(message.key, message.value, headers)
+            log.warning("dead letter %s:%d:%d (%s)", message.topic, message.partition,
+                        message.offset, letter.code)  # fmt: skip
+        self.publisher.flush()
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+class ReconcilerApp(faust.App):  # type: ignore[misc]
+    """A faust app whose consumer resumes from the store's offsets on every assignment."""
+
+    store: Store
+    targets: dict[TopicPartition, int]
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        faust_seek = consumer.perform_seek
+
+        async def perform_seek() -> None:
+            await faust_seek()
+            stored = await asyncio.to_thread(self.store.all_offsets)
+            for tp in consumer.assignment():
+                offset = stored.get((tp.topic, tp.partition), 0)
+                await consumer.seek(tp, offset)
+                # Keep faust's ack bookkeeping consistent with where we are.
+                consumer._committed_offset[tp] = offset
+            log.info("resumed %d partitions from the store's offsets", len(consumer.assignment()))
+
+        consumer.perform_seek = perform_seek
+        return consumer
+
+
+def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
+    """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
+    from portal_sync.kafka_admin import end_offsets
+
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    authority = Authority.load(settings.authority_file)
+    processor = BatchProcessor(settings, store, authority)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    targets = end_offsets(settings) if until_caught_up else {}
+    app = _build_app(settings, store)
+    state = {"exit": 0, "stopping": False}
+
+    def caught_up() -> bool:
+        stored = store.all_offsets()
+        return all(stored.get(tp, 0) >= end for tp, end in targets.items())
+
+    def maybe_stop() -> None:
+        if until_caught_up and not state["stopping"] and caught_up():
+            state["stopping"] = True
+            asyncio.ensure_future(worker.stop())
+
+    topic = app.topic(*change_topics(settings), key_type=bytes, value_type=bytes,
+                      key_serializer="raw", value_serializer="raw")  # fmt: skip
+
+    @app.agent(topic)  # type: ignore[untyped-decorator]
+    async def reconcile(stream: Any) -> None:
+        async for events in stream.take_events(
+            settings.batch_max_events, within=settings.batch_max_wait_seconds
+        ):
+            messages = [_message(event) for event in events]
+            await asyncio.to_thread(processor.process, messages)
+            maybe_stop()
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def check_caught_up() -> None:
+        maybe_stop()
+
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.spinner = None
+    code: Any = 1
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        processor.close()
+        store.close()
+    return int(state["exit"]) if code in (0, None) else int(code)
+
+
+def _build_app(settings: Settings, store: Store) -> ReconcilerApp:
+    brokers = [f"kafka://{address.strip()}" for address in settings.bootstrap().split(",")]
+    app = ReconcilerApp(
+        settings.group_id,
+        broker=brokers,
+        store="memory://",
+        topic_allow_declare=False,  # topics are created by portal-sync, never by faust
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        stream_recovery_delay=0.0,
+        broker_session_timeout=10.0,
+        web_enabled=False,
+        autodiscover=False,
+        datadir=str(_faust_dir(settings)),
+        consumer_max_fetch_size=4 * 1024 * 1024,
+    )
+    app.store = store
+    return app
+
+
+def _faust_dir(settings: Settings) -> Path:
+    path = user_data_dir() / "faust" / settings.group_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _message(event: Any) -> Message:
+    raw = event.message
+    timestamp = int(raw.timestamp * 1000) if raw.timestamp else None
+    return Message(raw.topic, raw.partition, raw.offset, event.value, raw.key, timestamp)

@@ -1,0 +1,1 @@
+"""portal-sync: CLI, settings, local broker and the demo."""

@@ -1,0 +1,184 @@
+"""The `portal-sync` command line (Typer)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from portal_sync.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
+app.add_typer(kafka_app, name="kafka")
+console = Console(stderr=True)
+
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP",
+                 help="Existing Kafka cluster; default: the local broker"),
+]  # fmt: skip
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Broker data dir (default: user data dir)")
+]
+
+
+def settings_from(bootstrap: str | None = None, store: str | None = None) -> Settings:
+    overrides: dict[str, object] = {}
+    if bootstrap:
+        overrides["kafka_bootstrap"] = bootstrap
+    if store:
+        overrides["store_url"] = store
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """portal-sync: record changes of provinces and ministries into the national store."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- kafka --------------------------------------------------------------------------------
+@kafka_app.command("up")
+def kafka_up(
+    port: Annotated[int | None, typer.Option("--port", help="Client port (default 9092)")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Start the local broker (fetching its jars once) and wait until it answers."""
+    import time
+
+    from portal_sync.local_kafka import KafkaSetupError, LocalKafka
+
+    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    started = time.monotonic()
+    try:
+        with console.status("starting Apache Kafka (KRaft)…"):
+            fresh = broker.up(port)
+    except KafkaSetupError as error:
+        raise fail(str(error)) from None
+    status = broker.status()
+    took = f" in {time.monotonic() - started:.1f}s" if fresh else " (already running)"
+    console.print(f"Kafka up on {broker.bootstrap()}{took}, pid {status.pid}, data {broker.data_dir}")
+
+
+@kafka_app.command("down")
+def kafka_down(data_dir: DataDirOpt = None) -> None:
+    """Stop the local broker."""
+    from portal_sync.local_kafka import LocalKafka
+
+    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    console.print("Kafka stopped" if broker.down() else "Kafka was not running")
+
+
+@kafka_app.command("status")
+def kafka_status(data_dir: DataDirOpt = None) -> None:
+    """Show whether the local broker runs; exit 1 when it does not."""
+    from portal_sync.local_kafka import LocalKafka
+
+    status = LocalKafka(data_dir or Settings().kafka_data_dir).status()
+    memory = f", RSS {status.rss_bytes / 2**20:.0f} MiB" if status.rss_bytes else ""
+    if status.running:
+        console.print(f"running on 127.0.0.1:{status.port}, pid {status.pid}{memory}")
+    else:
+        console.print(f"not running (data dir {status.data_dir})")
+        raise typer.Exit(1)
+
+
+# -- pipeline -----------------------------------------------------------------------------
+@app.command()
+def topics(bootstrap: BootstrapOpt = None) -> None:
+    """Create the change and dead-letter topics that are missing."""
+    from portal_sync.topics import ensure_topics
+
+    created = ensure_topics(settings_from(bootstrap))
+    console.print(f"created {', '.join(created)}" if created else "all topics exist")
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file, one event per line ('-': stdin)")],
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Publish events from JSON Lines; invalid lines are reported by number and not sent."""
+    from portal_sync.publish import publish_lines
+
+    settings = settings_from(bootstrap)
+    handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
+    with handle:
+        result = publish_lines(settings, handle)
+    for number, code, message in result.invalid:
+        console.print(f"line {number}: {code}: {message}")
+    console.print(f"published {result.sent}, invalid {len(result.invalid)}")
+    if result.invalid:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    until_caught_up: Annotated[
+        bool, typer.Option("--until-caught-up", help="Exit 0 once caught up with the end "
+                           "offsets seen at start")] = False,  # fmt: skip
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port")] = None,
+) -> None:
+    """Run the reconciler: change topics to the national store."""
+    from consumers.worker import run_worker
+
+    settings = settings_from(bootstrap, store)
+    if metrics_port is not None:
+        settings.metrics_port = metrics_port
+    raise typer.Exit(run_worker(settings, until_caught_up=until_caught_up))
+
+
+@app.command()
+def export(
+    entity: Annotated[str | None, typer.Option("--entity")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot)."""
+    from consumers.export import export_records
+
+    settings = settings_from(store=store)
+    handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    try:
+        count = export_records(settings.store_url, handle, entity)
+    finally:
+        if output:
+            handle.close()
+    console.print(f"exported {count} records")
+
+
+@app.command()
+def demo(
+    people: Annotated[int, typer.Option(help="Citizens in the sample population")] = 3000,
+    reset: Annotated[bool, typer.Option("--reset", help="Allow resetting a non-default "
+                     "store or cluster")] = False,  # fmt: skip
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the whole pipeline on sample provinces and a ministry, then check the store."""
+    from portal_sync.demo import DemoError, run_demo
+
+    try:
+        ok = run_demo(settings_from(bootstrap, store), people=people, allow_reset=reset)
+    except DemoError as error:
+        raise fail(str(error)) from None
+    raise typer.Exit(0 if ok else 1)

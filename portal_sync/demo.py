@@ -1,0 +1,384 @@
+"""`portal-sync demo`: the whole pipeline on sample provinces and a ministry, self-checked.
+
+Steps: local Kafka up; reset the demo's topics and store; create the sample source
+databases; start a reconciler worker (a real `portal-sync worker` process); run one SQL
+polling producer per source table; make updates, deletes and late changes at the sources;
+inject malformed events; wait until everything is applied; print a summary; check that the
+store equals the merge rules applied to what the sources hold.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from consumers.merge import Authority, SourceView, merge
+from consumers.store import Store, metadata, source_views
+from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
+from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets
+from portal_sync.local_kafka import REPO_ROOT, LocalKafka
+from portal_sync.settings import Settings, user_data_dir
+from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
+from producers.publisher import Publisher
+from producers.runner import SourceRunner
+from producers.sql_polling import CursorState, SqlPollingAdapter
+from schemas import InvalidEvent, parse_event
+
+console = Console()
+DEFAULT_AUTHORITY = REPO_ROOT / "deploy" / "authority.toml"
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoRun:
+    settings: Settings
+    workdir: Path
+    sources: list[SampleSource] = field(default_factory=list)
+    runners: list[SourceRunner] = field(default_factory=list)
+    published: int = 0
+    producer_dead_letters: int = 0
+    injected: int = 0
+
+
+def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
+    started = time.monotonic()
+    run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
+    _step("Kafka", lambda: _broker_up(run.settings))
+    _step("reset demo topics and store", lambda: _reset(run))
+    _step("sample sources", lambda: _create_sources(run, people))
+    worker, metrics_port = _start_worker(run)
+    try:
+        stop = threading.Event()
+        threads = _start_producers(run, stop)
+        _step("changes at the sources", lambda: _make_changes(run))
+        _step("malformed events", lambda: _inject_malformed(run))
+        stop.set()
+        for thread in threads:
+            thread.join()
+        _step("final poll of every source", lambda: _drain_producers(run))
+        _step("reconciler catching up", lambda: _wait_caught_up(run, worker))
+        metrics = _scrape(metrics_port)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    ok = _self_check(run)
+    _summary(run, metrics, time.monotonic() - started, ok)
+    return ok
+
+
+def _step(title: str, action: Callable[[], object]) -> None:
+    began = time.monotonic()
+    with console.status(f"{title}…"):
+        action()
+    console.print(f"[green]✓[/green] {title} ({time.monotonic() - began:.1f}s)")
+
+
+def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
+    """The demo resets its store and topics: only the embedded defaults, unless --reset."""
+    default_store = Settings.model_fields["store_url"].default_factory() # type: ignore[misc]
+    external = settings.kafka_bootstrap is not None or settings.store_url != default_store
+    if external and not allow_reset:
+        raise DemoError(
+            "the demo resets its topics and store; with an external cluster or store "
+            "pass --reset to allow it"
+        )
+    authority = settings.authority_file or DEFAULT_AUTHORITY
+    return settings.model_copy(update={"authority_file": authority})
+
+
+def _broker_up(settings: Settings) -> None:
+    if settings.kafka_bootstrap is None:
+        LocalKafka(settings.kafka_data_dir).up()
+
+
+def _reset(run: DemoRun) -> None:
+    settings = run.settings
+    delete_topics(settings, [*change_topics(settings), dead_letter_topic(settings)])
+    delete_group(settings, settings.group_id)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    metadata.drop_all(store.engine)
+    store.create_schema()
+    store.close()
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    run.workdir.mkdir(parents=True)
+
+
+def _create_sources(run: DemoRun, people: int) -> None:
+    world = World.create(seed=6, people=people, companies=max(20, people // 10))
+    run.sources = [SampleSource(spec, run.workdir / f"{spec.source}.db", world) for spec in SOURCES]
+    rng = world.rng
+    for index, source in enumerate(run.sources):
+        ministry = source.spec.source.startswith("ministry")
+        share = 0.15 if ministry else 0.4
+        held = [p for p in world.people if rng.random() < share]
+        source.insert("citizen", [source.citizen_row(p, disagree=index > 0) for p in held])
+        if not ministry:
+            companies = [c for c in world.companies if rng.random() < 0.4]
+            source.insert("organization", [source.organization_row(c) for c in companies])
+            source.insert("dossier", [source.dossier_row() for _ in range(people // 6)])
+        source.insert("document", [source.document_row(n) for n in range(people // 10)])
+        # Rows that break the contract at the source: they must reach the dead letters.
+        bad = source.citizen_row(world._person())
+        bad["dien_thoai"] = "không có"
+        source.insert("citizen", [bad])
+
+
+def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
+    from portal_sync.local_kafka import free_port
+
+    port = free_port()
+    env = os.environ | settings_env(run.settings)
+    log = (run.workdir / "worker.log").open("wb")
+    command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    console.print(f"[green]✓[/green] reconciler worker started (pid {process.pid}, "
+                  f"metrics http://127.0.0.1:{port}/metrics)")  # fmt: skip
+    return process, port
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that gives a child process the same settings."""
+    env = {
+        "PORTAL_SYNC_KAFKA_BOOTSTRAP": settings.bootstrap(),
+        "PORTAL_SYNC_STORE_URL": settings.store_url,
+        "PORTAL_SYNC_TOPIC_PREFIX": settings.topic_prefix,
+        "PORTAL_SYNC_GROUP_ID": settings.group_id,
+        "PORTAL_SYNC_CHANGE_PARTITIONS": str(settings.change_partitions),
+    }
+    if settings.authority_file is not None:
+        env["PORTAL_SYNC_AUTHORITY_FILE"] = str(settings.authority_file)
+    return env
+
+
+def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
+    threads = []
+    for source in run.sources:
+        publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")
+        for config in adapter_configs(source.spec, source.url):
+            runner = SourceRunner(SqlPollingAdapter(config), publisher, run.workdir / "state")
+            run.runners.append(runner)
+        runners = [r for r in run.runners if r.publisher is publisher]
+        thread = threading.Thread(target=_poll_loop, args=(run, runners, stop), daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _poll_loop(run: DemoRun, runners: list[SourceRunner], stop: threading.Event) -> None:
+    while not stop.is_set():
+        for runner in runners:
+            stats = runner.run_once()
+            run.published += stats.published
+            run.producer_dead_letters += stats.dead_lettered
+        stop.wait(0.5)
+
+
+def _drain_producers(run: DemoRun) -> None:
+    for runner in run.runners:
+        stats = runner.run_once()
+        run.published += stats.published
+        run.producer_dead_letters += stats.dead_lettered
+
+
+def _make_changes(run: DemoRun) -> None:
+    """Three rounds of updates, deletes and late changes while the pipeline runs."""
+    time.sleep(3)
+    for round_number in range(3):
+        for source in run.sources:
+            rng = source.rng
+            citizens = source.keys("citizen")
+            for key in rng.sample(citizens, min(40, len(citizens))):
+                source.change("citizen", key, {"dien_thoai": f"03{rng.randrange(10**8):08d}"})
+            for key in rng.sample(citizens, min(5, len(citizens))):
+                source.change("citizen", key, {"da_xoa": True})
+            for key in rng.sample(source.keys("dossier"), min(60, len(source.keys("dossier")))):
+                _advance_dossier(source, key)
+            for key in rng.sample(source.keys("document"), min(5, len(source.keys("document")))):
+                source.change("document", key, {"trang_thai": "revoked"})
+            # A long transaction that commits now with a timestamp 20 s in the past.
+            late = [source.citizen_row(source.world._person()) for _ in range(3)]
+            source.insert("citizen", late, behind=20)
+        time.sleep(1.5 + round_number)
+
+
+def _advance_dossier(source: SampleSource, key: str) -> None:
+    from sqlalchemy import select
+
+    table = source.tables["dossier"]
+    with source.engine.connect() as conn:
+        row = conn.execute(select(table).where(table.c.ma_ho_so == key)).one()
+    following = {1: 2, 2: 4, 4: 9, 9: 10, 5: 4}.get(row.trang_thai)
+    if following is None:
+        return
+    if source.rng.random() < 0.1 and row.trang_thai == 4:
+        following = 5
+    values: dict[str, Any] = {"trang_thai": following}
+    if following == 10:
+        values["ngay_tra"] = row.ngay_hen_tra
+    source.change("dossier", key, values)
+
+
+MALFORMED: list[tuple[str, bytes]] = [
+    ("citizen", b"\xff\xfe not utf-8"),
+    ("citizen", b"{not json"),
+    ("citizen", b"[1, 2, 3]"),
+    ("organization", b'{"schema_version": 2}'),
+    ("citizen", b'{"schema_version": 1, "entity": "citizen"}'),
+    ("dossier", b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000000", '
+                b'"source": "province-01", "entity": "dossier", "key": "HS-1", "op": "upsert", '
+                b'"version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", "data": {}}'),
+    ("citizen", b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000001", '
+                b'"source": "province-01", "entity": "citizen", "key": "001090000001", '
+                b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
+                b'"data": {"full_name": "X", "password": "hunter2"}}'),
+]  # fmt: skip
+
+
+def _inject_malformed(run: DemoRun) -> None:
+    publisher = Publisher(run.settings, client_id="demo-malformed")
+    for entity, value in MALFORMED:
+        publisher.send(change_topic(run.settings, entity), b"malformed", value)
+    run.injected = publisher.flush()
+    publisher.close()
+
+
+def _wait_caught_up(run: DemoRun, worker: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    ends = end_offsets(run.settings)
+    store = Store(run.settings.store_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise DemoError(f"the worker exited ({worker.returncode}); see {run.workdir}")
+            applied = store.all_offsets()
+            if all(applied.get(tp, 0) >= end for tp, end in ends.items()):
+                return
+            time.sleep(0.5)
+    finally:
+        store.close()
+    raise DemoError(f"the worker did not catch up within {timeout:.0f}s")
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The worker's counters, summed by metric name and outcome."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "portal_sync_events_total":
+                name = f"events.{sample.labels['outcome']}"
+            elif sample.name == "portal_sync_dead_letters_total":
+                name = "dead_letters"
+            else:
+                continue
+            totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
+
+
+def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, int]]]:
+    """The merge rules applied to every source's current rows, independently of Kafka."""
+    authority = Authority.load(run.settings.authority_file)
+    views: dict[tuple[str, str], list[SourceView]] = {}
+    for runner in run.runners:
+        for page in runner.adapter.pages(CursorState()):
+            for change in page:
+                raw = _encode(change.event)
+                try:
+                    event = parse_event(raw).event
+                except InvalidEvent:
+                    continue
+                views.setdefault((event.entity, event.key), []).append(
+                    SourceView(event.source, event.version, str(event.event_id),
+                               event.occurred_at, event.op == "delete", event.data_dict())
+                )  # fmt: skip
+    expected = {}
+    for (entity, key), record_views in views.items():
+        record = merge(entity, record_views, authority)
+        if record is not None:
+            expected[(entity, key)] = (record.data, record.sources)
+    return expected
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(event, ensure_ascii=False).encode()
+
+
+def _self_check(run: DemoRun) -> bool:
+    expected = expected_records(run)
+    store = Store(run.settings.store_url)
+    try:
+        actual = {(e, k): (d, s) for e, k, d, s in store.iter_records()}
+    finally:
+        store.close()
+    missing = expected.keys() - actual.keys()
+    extra = actual.keys() - expected.keys()
+    differ = [k for k in expected.keys() & actual.keys() if expected[k] != actual[k]]
+    ok = not (missing or extra or differ)
+    verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+    console.print(f"self-check {verdict}: {len(actual)} records in the store, {len(expected)} "
+                  f"expected; missing {len(missing)}, extra {len(extra)}, differing {len(differ)}")  # fmt: skip
+    return ok
+
+
+def _lag_percentiles(settings: Settings) -> tuple[float, float, int]:
+    """p50 and p99 of applied_at - occurred_at over every current source view."""
+    from sqlalchemy import select
+
+    store = Store(settings.store_url)
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(source_views.c.occurred_at, source_views.c.applied_at))
+            lags = sorted((a - o).total_seconds() for o, a in rows)
+    finally:
+        store.close()
+    if not lags:
+        return 0.0, 0.0, 0
+    return lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))], len(lags)
+
+
+def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) -> None:
+    store = Store(run.settings.store_url)
+    counts = store.count_records()
+    store.close()
+    p50, p99, samples = _lag_percentiles(run.settings)
+    table = Table(title="portal-sync demo", show_header=False)
+    rows = [
+        ("sources", ", ".join(s.spec.source for s in run.sources)),
+        ("events produced (acknowledged)", f"{run.published}"),
+        ("rows rejected at the source → dead letters", f"{run.producer_dead_letters}"),
+        ("malformed events injected", f"{run.injected}"),
+        ("applied", f"{metrics.get('events.applied', 0):.0f}"),
+        ("duplicate", f"{metrics.get('events.duplicate', 0):.0f}"),
+        ("stale", f"{metrics.get('events.stale', 0):.0f}"),
+        ("dead-lettered by the reconciler", f"{metrics.get('events.dead_lettered', 0):.0f}"),
+        *[(f"records: {entity}", f"{count}") for entity, count in sorted(counts.items())],
+        (f"sync lag p50 / p99 ({samples} views)", f"{p50:.2f} s / {p99:.2f} s"),
+        ("wall time", f"{seconds:.1f} s"),
+        ("self-check", "PASS" if ok else "FAIL"),
+        ("store", run.settings.store_url),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+__all__ = ["DemoError", "run_demo"]

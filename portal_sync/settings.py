@@ -1,0 +1,58 @@
+"""Configuration from flags, environment (`PORTAL_SYNC_*`) and defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def user_data_dir() -> Path:
+    """The user's data dir (XDG), where the local broker and default store live."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "portal-sync"
+
+
+def user_cache_dir() -> Path:
+    """The user's cache dir (XDG), where the Kafka jars are kept."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "portal-sync"
+
+
+class Settings(BaseSettings):
+    """Every setting can be given as env `PORTAL_SYNC_<NAME>`; CLI flags override."""
+
+    model_config = SettingsConfigDict(env_prefix="PORTAL_SYNC_", extra="ignore")
+
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Existing cluster's bootstrap servers; unset: the local broker",
+    )
+    kafka_data_dir: Path = Field(default_factory=lambda: user_data_dir() / "kafka")
+    store_url: str = Field(
+        default_factory=lambda: f"sqlite:///{user_data_dir() / 'store.db'}",
+        description="SQLAlchemy URL of the national store",
+    )
+    topic_prefix: str = "portal-sync"
+    change_partitions: int = 6
+    change_retention_hours: int = 24 * 30
+    dead_letter_retention_hours: int = 24 * 90
+    group_id: str = "portal-sync-reconciler"
+    authority_file: Path | None = None
+    batch_max_events: int = 2000
+    batch_max_wait_seconds: float = 0.5
+    metrics_port: int = 0
+    freshness_objective_seconds: float = 60.0
+
+    def bootstrap(self) -> str:
+        """The cluster to talk to: the configured one, or the local broker's address."""
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        from portal_sync.local_kafka import LocalKafka
+
+        return LocalKafka(self.kafka_data_dir).bootstrap()

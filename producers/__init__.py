@@ -1,0 +1,1 @@
+"""Source side: adapters that turn record changes into events, and the publisher."""

@@ -1,0 +1,226 @@
+"""Event contract v1: one record change of one entity, as a Kafka message value (UTF-8 JSON).
+
+The envelope is Debezium-like but flat; `data` is the source's full current view of the
+record. Models are strict and reject unknown fields. All text is normalised to NFC before
+validation, so the store holds one spelling of every Vietnamese name.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import date
+from enum import IntEnum
+from typing import Annotated, Any, Literal, Self
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+from schemas.identifiers import (
+    AGENCY_CODE,
+    DOSSIER_CODE,
+    PERSONAL_ID,
+    PROCEDURE_CODE,
+    TAX_CODE,
+    dossier_code_date,
+)
+
+SCHEMA_VERSION = 1
+ENTITIES = ("citizen", "organization", "document", "dossier")
+Entity = Literal["citizen", "organization", "document", "dossier"]
+
+# No control characters (C0, DEL, C1) anywhere in free text.
+_PLAIN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def _text(max_length: int, min_length: int = 1) -> Any:
+    return Annotated[
+        str,
+        StringConstraints(min_length=min_length, max_length=max_length, pattern=_PLAIN),
+    ]
+
+
+PersonalId = Annotated[str, StringConstraints(pattern=PERSONAL_ID.pattern)]
+TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
+SourceId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,63}$")]
+Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)\d{9,10}$")]
+Email = Annotated[
+    str,
+    StringConstraints(max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s]+$"),
+]
+
+
+class ContractModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Address(ContractModel):
+    province_code: Annotated[str, StringConstraints(pattern=r"^\d{2}$")] | None = Field(
+        default=None,
+        description="2-digit province code: the 34 in force since 2025-07-01, or an old one",
+    )
+    ward_code: Annotated[str, StringConstraints(pattern=r"^\d{5}$")] | None = None
+    line: _text(200) | None = None  # type: ignore[valid-type]
+
+
+class CitizenData(ContractModel):
+    full_name: _text(100) | None = None  # type: ignore[valid-type]
+    date_of_birth: date | None = None
+    sex: Literal["male", "female"] | None = None
+    permanent_address: Address | None = None
+    phone: Phone | None = None
+    email: Email | None = None
+
+
+class OrganizationData(ContractModel):
+    name: _text(255) | None = None  # type: ignore[valid-type]
+    english_name: _text(255) | None = None  # type: ignore[valid-type]
+    legal_form: _text(100) | None = None  # type: ignore[valid-type]
+    status: Literal["active", "suspended", "dissolved"] | None = None
+    address: Address | None = None
+    legal_representative_id: PersonalId | None = None
+    established_on: date | None = None
+
+
+class DocumentData(ContractModel):
+    owner_kind: Literal["citizen", "organization"] | None = None
+    owner_id: Annotated[str, StringConstraints(max_length=14)] | None = None
+    doc_type: Code | None = None
+    title: _text(255) | None = None  # type: ignore[valid-type]
+    issuer_code: Code | None = None
+    issued_on: date | None = None
+    valid_until: date | None = None
+    status: Literal["valid", "revoked", "expired"] | None = None
+    file_sha256: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _owner_id_matches_kind(self) -> Self:
+        if self.owner_id is None or self.owner_kind is None:
+            return self
+        rule = PERSONAL_ID if self.owner_kind == "citizen" else TAX_CODE
+        if not rule.match(self.owner_id):
+            raise ValueError(f"owner_id is not a valid {self.owner_kind} identifier")
+        return self
+
+
+class DossierStatus(IntEnum):
+    """National dossier status codes (TrangThaiHoSo) used by portal integrations."""
+
+    SUBMITTED = 1
+    ACCEPTED = 2
+    NOT_ACCEPTED = 3
+    PROCESSING = 4
+    ADDITIONAL_DOCUMENTS_REQUESTED = 5
+    FINANCIAL_OBLIGATION_REQUESTED = 6
+    WITHDRAWN = 7
+    STOPPED = 8
+    FINISHED = 9
+    RESULT_RETURNED = 10
+
+
+class DossierData(ContractModel):
+    procedure_code: Annotated[str, StringConstraints(pattern=PROCEDURE_CODE.pattern)] | None = None
+    agency_code: Annotated[str, StringConstraints(pattern=AGENCY_CODE.pattern)] | None = None
+    applicant_kind: Literal["citizen", "organization"] | None = None
+    applicant_id: Annotated[str, StringConstraints(max_length=14)] | None = None
+    status: Annotated[int, Field(ge=1, le=10)] | None = None
+    received_at: AwareDatetime | None = None
+    due_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _applicant_id_matches_kind(self) -> Self:
+        if self.applicant_id is None or self.applicant_kind is None:
+            return self
+        rule = PERSONAL_ID if self.applicant_kind == "citizen" else TAX_CODE
+        if not rule.match(self.applicant_id):
+            raise ValueError(f"applicant_id is not a valid {self.applicant_kind} identifier")
+        return self
+
+
+class _EventBase(ContractModel):
+    schema_version: Literal[1]
+    event_id: UUID
+    source: SourceId
+    op: Literal["upsert", "delete"]
+    version: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    occurred_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _data_matches_op(self) -> Self:
+        data = getattr(self, "data", None)
+        if self.op == "upsert" and data is None:
+            raise ValueError("an upsert must carry data")
+        if self.op == "delete" and data is not None:
+            raise ValueError("a delete carries no data")
+        return self
+
+    def data_dict(self) -> dict[str, Any] | None:
+        """The payload as JSON-ready dict; absent fields stay absent, nulls stay null."""
+        data: BaseModel | None = getattr(self, "data", None)
+        if data is None:
+            return None
+        return data.model_dump(mode="json", exclude_unset=True)
+
+
+class CitizenEvent(_EventBase):
+    entity: Literal["citizen"]
+    key: PersonalId
+    data: CitizenData | None = None
+
+
+class OrganizationEvent(_EventBase):
+    entity: Literal["organization"]
+    key: TaxCode
+    data: OrganizationData | None = None
+
+
+class DocumentEvent(_EventBase):
+    entity: Literal["document"]
+    key: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._:/-]{0,63}$")]
+    data: DocumentData | None = None
+
+
+class DossierEvent(_EventBase):
+    entity: Literal["dossier"]
+    key: Annotated[str, StringConstraints(pattern=DOSSIER_CODE.pattern)]
+    data: DossierData | None = None
+
+    @model_validator(mode="after")
+    def _key_has_real_date(self) -> Self:
+        if dossier_code_date(self.key) is None:
+            raise ValueError("dossier code has no valid YYMMDD date")
+        return self
+
+
+ChangeEvent = Annotated[
+    CitizenEvent | OrganizationEvent | DocumentEvent | DossierEvent,
+    Field(discriminator="entity"),
+]
+CHANGE_EVENT: TypeAdapter[ChangeEvent] = TypeAdapter(ChangeEvent)
+PAYLOAD_MODELS: dict[str, type[ContractModel]] = {
+    "citizen": CitizenData,
+    "organization": OrganizationData,
+    "document": DocumentData,
+    "dossier": DossierData,
+}
+
+
+def nfc(value: Any) -> Any:
+    """Every string in a decoded JSON value, normalised to Unicode NFC."""
+    if isinstance(value, str):
+        return unicodedata.normalize("NFC", value)
+    if isinstance(value, dict):
+        return {nfc(k): nfc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nfc(v) for v in value]
+    return value

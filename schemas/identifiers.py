@@ -1,0 +1,82 @@
+"""Vietnamese identifiers: hard format rules (reject) and soft structure checks (warn only).
+
+Soft checks encode rules that circulate but are not verified against current law
+(see docs/contract.md). They must never reject an event: a wrong rule would drop a
+real person's record. They return warning codes that are counted and logged without values.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from functools import cache
+
+PERSONAL_ID = re.compile(r"^\d{12}$")
+TAX_CODE = re.compile(r"^\d{10}(-\d{3})?$")
+UNIT_CODE = r"[0-9A-Z]{3}\.[0-9A-Z]{2}\.[0-9A-Z]{2}\.[A-Z][0-9]{2}"
+DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>\d{{6}})-(?P<seq>\d{{4}})$")
+AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")
+PROCEDURE_CODE = re.compile(r"^\d\.\d{6}$")
+
+# Province codes of birth registration used in personal ids before the 2025 merger:
+# the 63 provinces of Decree 137/2015 and Circular 07/2016/TT-BCA.
+OLD_PROVINCE_ID_CODES = frozenset(
+    f"{n:03d}"
+    for n in (
+        1, 2, 4, 6, 8, 10, 11, 12, 14, 15, 17, 19, 20, 22, 24, 25, 26, 27, 30, 31, 33,
+        34, 35, 36, 37, 38, 40, 42, 44, 45, 46, 48, 49, 51, 52, 54, 56, 58, 60, 62, 64,
+        66, 67, 68, 70, 72, 74, 75, 77, 79, 80, 82, 83, 84, 86, 87, 89, 91, 92, 93, 94,
+        95, 96,
+    )
+)  # fmt: skip
+
+TAX_CODE_WEIGHTS = (31, 29, 23, 19, 17, 13, 7, 5, 3)
+
+
+def dossier_code_date(code: str) -> date | None:
+    """The receiving date encoded in a dossier code, or None when the code is malformed."""
+    match = DOSSIER_CODE.match(code)
+    if not match:
+        return None
+    day = match["day"]
+    try:
+        return date(2000 + int(day[:2]), int(day[2:4]), int(day[4:6]))
+    except ValueError:
+        return None
+
+
+def tax_code_check_digit(code: str) -> int | None:
+    """The mod-11 check digit of a 10-digit tax code's first nine digits (unverified rule)."""
+    remainder = sum(int(d) * w for d, w in zip(code[:9], TAX_CODE_WEIGHTS, strict=True)) % 11
+    check = 10 - remainder
+    return check if check < 10 else None
+
+
+def personal_id_warnings(pid: str, date_of_birth: date | None, sex: str | None) -> list[str]:
+    """Soft checks of the historic 12-digit structure: province, century/sex, birth year."""
+    warnings: list[str] = []
+    if pid[:3] not in OLD_PROVINCE_ID_CODES:
+        warnings.append("personal_id_province")
+    century_sex = int(pid[3])
+    if century_sex > 5:
+        warnings.append("personal_id_century")
+        return warnings
+    century = 1900 + 100 * (century_sex // 2)
+    if date_of_birth is not None and date_of_birth.year != century + int(pid[4:6]):
+        warnings.append("personal_id_birth_year")
+    if sex is not None and sex != ("male" if century_sex % 2 == 0 else "female"):
+        warnings.append("personal_id_sex")
+    return warnings
+
+
+def tax_code_warnings(code: str) -> list[str]:
+    """Soft check of the circulating mod-11 check digit of a tax code."""
+    return [] if tax_code_check_digit(code) == int(code[9]) else ["tax_code_check_digit"]
+
+
+@cache
+def current_province_codes() -> frozenset[str]:
+    """The 34 province-level codes in force since 1 July 2025, from vietnam-provinces."""
+    from vietnam_provinces import Province
+
+    return frozenset(f"{int(p.code):02d}" for p in Province.iter_all())
