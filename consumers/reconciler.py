@@ -76,11 +76,15 @@ def classify(messages: Iterable[Message]) -> tuple[list[Checked], list[DeadLette
     return valid, dead
 
 
-def next_offsets(messages: Iterable[Message]) -> dict[TopicPartition, int]:
-    """Per partition, the offset after the last message of the batch."""
-    result: dict[TopicPartition, int] = {}
+OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
+
+
+def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRange]:
+    """Per partition: first offset, the offset after the last, and the message count."""
+    result: dict[TopicPartition, OffsetRange] = {}
     for message in messages:
-        result[message.tp] = max(result.get(message.tp, 0), message.offset + 1)
+        first, end, count = result.get(message.tp, (message.offset, message.offset + 1, 0))
+        result[message.tp] = (min(first, message.offset), max(end, message.offset + 1), count + 1)
     return result
 
 
@@ -95,8 +99,13 @@ class Reconciler:
             stored = self.store.offsets(conn, {m.tp for m in messages})
         return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
 
-    def apply(self, events: Sequence[Checked], offsets: dict[TopicPartition, int]) -> BatchReport:
-        """Apply valid events and advance `offsets`, all in one store transaction."""
+    def apply(
+        self, events: Sequence[Checked], offsets: dict[TopicPartition, OffsetRange]
+    ) -> BatchReport:
+        """Apply valid events and advance the partitions' offsets in one store transaction.
+
+        `offsets` covers the whole batch, dead letters included (see `offset_ranges`).
+        """
         report = BatchReport()
         with self.store.write_transaction() as conn:
             stored = self.store.offsets(conn, offsets)
@@ -130,7 +139,11 @@ class Reconciler:
             now = utcnow()
             self.store.write_views(conn, list(changed.values()), now)
             self.store.write_records(conn, merged, now)
-            advance = {tp: o for tp, o in offsets.items() if o > stored.get(tp, 0)}
+            advance = {
+                tp: (max(first, stored.get(tp, 0)), end, count)
+                for tp, (first, end, count) in offsets.items()
+                if end > stored.get(tp, 0)
+            }
             self.store.write_offsets(conn, advance, now)
         report.committed_at = utcnow()
         return report

@@ -29,6 +29,7 @@ from sqlalchemy import (
     and_,
     create_engine,
     delete,
+    insert,
     event,
     select,
     tuple_,
@@ -93,6 +94,21 @@ applied_offsets = Table(
     Column("partition", Integer, primary_key=True),
     Column("next_offset", BigInteger, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One row per partition per committed batch: [first_offset, next_offset) applied at
+# committed_at. Contiguous, non-overlapping ranges prove nothing was lost or applied twice.
+apply_journal = Table(
+    "apply_journal",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),  # fmt: skip
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("events", Integer, nullable=False),
+    Column("committed_at", UTCDateTime, nullable=False),
 )
 
 RecordKey = tuple[str, str]  # (entity, key)
@@ -222,7 +238,21 @@ class Store:
         for chunk in _chunks(gone):
             conn.execute(delete(records).where(tuple_(records.c.entity, records.c.key).in_(chunk)))
 
-    def write_offsets(self, conn: Connection, offsets: dict[TopicPartition, int], updated_at: datetime) -> None:
+    def write_offsets(
+        self,
+        conn: Connection,
+        ranges: dict[TopicPartition, tuple[int, int, int]],
+        updated_at: datetime,
+    ) -> None:
+        """Advance each partition to its range's end and journal the range applied."""
+        journal = [
+            {"topic": t, "partition": p, "first_offset": first, "next_offset": end,
+             "events": count, "committed_at": updated_at}
+            for (t, p), (first, end, count) in ranges.items()
+        ]  # fmt: skip
+        if journal:
+            conn.execute(insert(apply_journal), journal)
+        offsets = {tp: end for tp, (_, end, _) in ranges.items()}
         values = [
             {"topic": t, "partition": p, "next_offset": o, "updated_at": updated_at}
             for (t, p), o in offsets.items()

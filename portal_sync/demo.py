@@ -144,27 +144,13 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
     from portal_sync.local_kafka import free_port
 
     port = free_port()
-    env = os.environ | settings_env(run.settings)
+    env = os.environ | run.settings.as_env()
     log = (run.workdir / "worker.log").open("wb")
     command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     console.print(f"[green]✓[/green] reconciler worker started (pid {process.pid}, "
                   f"metrics http://127.0.0.1:{port}/metrics)")  # fmt: skip
     return process, port
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment that gives a child process the same settings."""
-    env = {
-        "PORTAL_SYNC_KAFKA_BOOTSTRAP": settings.bootstrap(),
-        "PORTAL_SYNC_STORE_URL": settings.store_url,
-        "PORTAL_SYNC_TOPIC_PREFIX": settings.topic_prefix,
-        "PORTAL_SYNC_GROUP_ID": settings.group_id,
-        "PORTAL_SYNC_CHANGE_PARTITIONS": str(settings.change_partitions),
-    }
-    if settings.authority_file is not None:
-        env["PORTAL_SYNC_AUTHORITY_FILE"] = str(settings.authority_file)
-    return env
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:

@@ -105,6 +105,7 @@ class LocalKafka:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.state_file = self.data_dir / "broker.json"
+        self._process: subprocess.Popen[bytes] | None = None
 
     # -- state ------------------------------------------------------------------------
     def _state(self) -> dict[str, int]:
@@ -223,6 +224,7 @@ class LocalKafka:
                 command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=self.data_dir,
             )  # fmt: skip
+        self._process = process
         self._save_state(pid=process.pid)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -230,7 +232,8 @@ class LocalKafka:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._pid() is None:
+            exited = self._process.poll() is not None if self._process else self._pid() is None
+            if exited:
                 raise KafkaSetupError(f"the broker exited during start; see {self._log_hint()}")
             if _port_answers(self.port()):
                 try:

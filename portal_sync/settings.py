@@ -56,3 +56,16 @@ class Settings(BaseSettings):
         from portal_sync.local_kafka import LocalKafka
 
         return LocalKafka(self.kafka_data_dir).bootstrap()
+
+    def as_env(self) -> dict[str, str]:
+        """Environment that gives a child process (a worker, a test's CLI run) these settings."""
+        env = {
+            "PORTAL_SYNC_KAFKA_BOOTSTRAP": self.bootstrap(),
+            "PORTAL_SYNC_STORE_URL": self.store_url,
+            "PORTAL_SYNC_TOPIC_PREFIX": self.topic_prefix,
+            "PORTAL_SYNC_GROUP_ID": self.group_id,
+            "PORTAL_SYNC_CHANGE_PARTITIONS": str(self.change_partitions),
+        }
+        if self.authority_file is not None:
+            env["PORTAL_SYNC_AUTHORITY_FILE"] = str(self.authority_file)
+        return env

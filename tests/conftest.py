@@ -1,0 +1,101 @@
+"""Shared fixtures: a real local Kafka broker and a real PostgreSQL server per session.
+
+Set PORTAL_SYNC_TEST_KAFKA_BOOTSTRAP or PORTAL_SYNC_TEST_POSTGRES_URL to use existing ones.
+In CI (env CI set) a missing broker or database fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from portal_sync.settings import Settings
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _unavailable(what: str, error: Exception) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is unavailable in CI: {error}")
+    pytest.skip(f"{what} is unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("PORTAL_SYNC_TEST_KAFKA_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    from portal_sync.local_kafka import KafkaSetupError, LocalKafka, free_port
+
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"))
+    try:
+        broker.up(port=free_port())
+    except KafkaSetupError as error:
+        _unavailable("the local Kafka broker", error)
+    yield broker.bootstrap()
+    broker.down()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    from tests.postgres_server import PostgresUnavailable, start_postgres
+
+    try:
+        server = start_postgres()
+    except (PostgresUnavailable, OSError) as error:
+        _unavailable("PostgreSQL", error)
+    yield server
+    server.stop()
+
+
+def _fresh_postgres_database(request: pytest.FixtureRequest) -> str:
+    existing = os.environ.get("PORTAL_SYNC_TEST_POSTGRES_URL")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    if existing:
+        admin_url, url = existing, existing.rsplit("/", 1)[0] + f"/{name}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        admin_url, url = server.admin_url, server.url(name)
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return _fresh_postgres_database(request)
+
+
+@pytest.fixture
+def sqlite_store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def settings_for(kafka_bootstrap: str) -> object:
+    """Settings isolated per test: own topics, own consumer group, given store."""
+
+    def make(store_url: str, **overrides: object) -> Settings:
+        run = uuid.uuid4().hex[:8]
+        values: dict[str, object] = {
+            "kafka_bootstrap": kafka_bootstrap,
+            "store_url": store_url,
+            "topic_prefix": f"test-{run}",
+            "group_id": f"test-{run}",
+            "change_partitions": 3,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
