@@ -86,9 +86,7 @@ def decide(current: SourceView | None, version: int) -> Outcome:
     return "stale"
 
 
-def merge(
-    entity: str, views: Iterable[SourceView], authority: Authority
-) -> CanonicalRecord | None:
+def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> CanonicalRecord | None:
     """Rule 3: the canonical record from every source's current view (None: no record)."""
     live = [view for view in views if not view.deleted and view.data is not None]
     if not live:

@@ -29,8 +29,8 @@ from sqlalchemy import (
     and_,
     create_engine,
     delete,
-    insert,
     event,
+    insert,
     select,
     tuple_,
 )
@@ -101,8 +101,9 @@ applied_offsets = Table(
 apply_journal = Table(
     "apply_journal",
     metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-           autoincrement=True),  # fmt: skip
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("topic", String(255), nullable=False),
     Column("partition", Integer, nullable=False),
     Column("first_offset", BigInteger, nullable=False),
@@ -163,14 +164,15 @@ class Store:
             yield conn
 
     # -- reads --------------------------------------------------------------------------
-    def offsets(self, conn: Connection, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def offsets(
+        self, conn: Connection, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
         wanted = list(set(partitions))
         result: dict[TopicPartition, int] = {}
         for chunk in _chunks(wanted):
-            query = select(applied_offsets.c.topic, applied_offsets.c.partition,
-                           applied_offsets.c.next_offset).where(
-                tuple_(applied_offsets.c.topic, applied_offsets.c.partition).in_(chunk)
-            )  # fmt: skip
+            query = select(
+                applied_offsets.c.topic, applied_offsets.c.partition, applied_offsets.c.next_offset
+            ).where(tuple_(applied_offsets.c.topic, applied_offsets.c.partition).in_(chunk))
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
             for topic, partition, next_offset in conn.execute(query):
@@ -182,7 +184,9 @@ class Store:
             rows = conn.execute(select(applied_offsets))
             return {(row.topic, row.partition): row.next_offset for row in rows}
 
-    def views(self, conn: Connection, keys: Iterable[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
+    def views(
+        self, conn: Connection, keys: Iterable[RecordKey]
+    ) -> dict[RecordKey, dict[str, SourceView]]:
         """Every source's current view (tombstones included) of the given records."""
         result: dict[RecordKey, dict[str, SourceView]] = {}
         for chunk in _chunks(list(set(keys))):
@@ -190,12 +194,15 @@ class Store:
                 tuple_(source_views.c.entity, source_views.c.key).in_(chunk)
             )
             for row in conn.execute(query):
-                view = SourceView(row.source, row.version, row.event_id, row.occurred_at,
-                                  row.deleted, row.data)  # fmt: skip
+                view = SourceView(
+                    row.source, row.version, row.event_id, row.occurred_at, row.deleted, row.data
+                )
                 result.setdefault((row.entity, row.key), {})[row.source] = view
         return result
 
-    def iter_records(self, entity: str | None = None) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int]]]:
+    def iter_records(
+        self, entity: str | None = None
+    ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int]]]:
         """Canonical records sorted by entity then key."""
         query = select(records).order_by(records.c.entity, records.c.key)
         if entity is not None:
@@ -215,18 +222,25 @@ class Store:
     def write_views(self, conn: Connection, rows: Sequence[ViewRow], applied_at: datetime) -> None:
         values = [
             {
-                "entity": row.entity, "key": row.key, "source": row.view.source,
-                "version": row.view.version, "event_id": row.view.event_id,
-                "occurred_at": row.view.occurred_at, "deleted": row.view.deleted,
+                "entity": row.entity,
+                "key": row.key,
+                "source": row.view.source,
+                "version": row.view.version,
+                "event_id": row.view.event_id,
+                "occurred_at": row.view.occurred_at,
+                "deleted": row.view.deleted,
                 "data": None if row.view.data is None else dict(row.view.data),
                 "applied_at": applied_at,
             }
             for row in rows
-        ]  # fmt: skip
+        ]
         _upsert(conn, source_views, values, ["entity", "key", "source"], guard="version")
 
     def write_records(
-        self, conn: Connection, merged: dict[RecordKey, CanonicalRecord | None], updated_at: datetime
+        self,
+        conn: Connection,
+        merged: dict[RecordKey, CanonicalRecord | None],
+        updated_at: datetime,
     ) -> None:
         present = [
             {"entity": e, "key": k, "data": r.data, "sources": r.sources, "updated_at": updated_at}
@@ -246,10 +260,16 @@ class Store:
     ) -> None:
         """Advance each partition to its range's end and journal the range applied."""
         journal = [
-            {"topic": t, "partition": p, "first_offset": first, "next_offset": end,
-             "events": count, "committed_at": updated_at}
+            {
+                "topic": t,
+                "partition": p,
+                "first_offset": first,
+                "next_offset": end,
+                "events": count,
+                "committed_at": updated_at,
+            }
             for (t, p), (first, end, count) in ranges.items()
-        ]  # fmt: skip
+        ]
         if journal:
             conn.execute(insert(apply_journal), journal)
         offsets = {tp: end for tp, (_, end, _) in ranges.items()}

@@ -73,25 +73,31 @@ class BatchProcessor:
         """Publish and wait for acks before the offsets that skip them are committed."""
         for letter in dead:
             message = letter.message
-            headers = dead_letter_headers(letter.code, letter.reason, message.topic,
-                                          message.partition, message.offset)  # fmt: skip
+            headers = dead_letter_headers(
+                letter.code, letter.reason, message.topic, message.partition, message.offset
+            )
             self.publisher.send_dead_letter(message.key, message.value, headers)
-            log.warning("dead letter %s:%d:%d (%s)", message.topic, message.partition,
-                        message.offset, letter.code)  # fmt: skip
+            log.warning(
+                "dead letter %s:%d:%d (%s)",
+                message.topic,
+                message.partition,
+                message.offset,
+                letter.code,
+            )
         self.publisher.flush()
 
     def close(self) -> None:
         self.publisher.close()
 
 
-class ReconcilerApp(faust.App):  # type: ignore[misc]
+class ReconcilerApp(faust.App):
     """A faust app whose consumer resumes from the store's offsets on every assignment."""
 
     store: Store
     targets: dict[TopicPartition, int]
 
     def _new_consumer(self) -> Any:
-        consumer = super()._new_consumer()
+        consumer: Any = super()._new_consumer()
         faust_seek = consumer.perform_seek
 
         async def perform_seek() -> None:
@@ -121,7 +127,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     targets = end_offsets(settings) if until_caught_up else {}
     app = _build_app(settings, store)
-    state = {"exit": 0, "stopping": False}
+    state: dict[str, Any] = {"exit": 0, "stopping": False, "stop_task": None}
 
     def caught_up() -> bool:
         stored = store.all_offsets()
@@ -130,12 +136,17 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     def maybe_stop() -> None:
         if until_caught_up and not state["stopping"] and caught_up():
             state["stopping"] = True
-            asyncio.ensure_future(worker.stop())
+            state["stop_task"] = asyncio.ensure_future(worker.stop())
 
-    topic = app.topic(*change_topics(settings), key_type=bytes, value_type=bytes,
-                      key_serializer="raw", value_serializer="raw")  # fmt: skip
+    topic = app.topic(
+        *change_topics(settings),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
 
-    @app.agent(topic)  # type: ignore[untyped-decorator]
+    @app.agent(topic)
     async def reconcile(stream: Any) -> None:
         async for events in stream.take_events(
             settings.batch_max_events, within=settings.batch_max_wait_seconds

@@ -19,9 +19,12 @@ console = Console(stderr=True)
 
 BootstrapOpt = Annotated[
     str | None,
-    typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP",
-                 help="Existing Kafka cluster; default: the local broker"),
-]  # fmt: skip
+    typer.Option(
+        "--bootstrap",
+        envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP",
+        help="Existing Kafka cluster; default: the local broker",
+    ),
+]
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
@@ -74,7 +77,9 @@ def kafka_up(
         raise fail(str(error)) from None
     status = broker.status()
     took = f" in {time.monotonic() - started:.1f}s" if fresh else " (already running)"
-    console.print(f"Kafka up on {broker.bootstrap()}{took}, pid {status.pid}, data {broker.data_dir}")
+    console.print(
+        f"Kafka up on {broker.bootstrap()}{took}, pid {status.pid}, data {broker.data_dir}"
+    )
 
 
 @kafka_app.command("down")
@@ -132,8 +137,11 @@ def publish(
 @app.command()
 def worker(
     until_caught_up: Annotated[
-        bool, typer.Option("--until-caught-up", help="Exit 0 once caught up with the end "
-                           "offsets seen at start")] = False,  # fmt: skip
+        bool,
+        typer.Option(
+            "--until-caught-up", help="Exit 0 once caught up with the end offsets seen at start"
+        ),
+    ] = False,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port")] = None,
@@ -169,8 +177,9 @@ def export(
 @app.command()
 def demo(
     people: Annotated[int, typer.Option(help="Citizens in the sample population")] = 3000,
-    reset: Annotated[bool, typer.Option("--reset", help="Allow resetting a non-default "
-                     "store or cluster")] = False,  # fmt: skip
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Allow resetting a non-default store or cluster")
+    ] = False,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:

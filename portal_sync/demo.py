@@ -9,6 +9,7 @@ store equals the merge rules applied to what the sources hold.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -28,9 +29,9 @@ from rich.table import Table
 from consumers.merge import Authority, SourceView, merge
 from consumers.store import Store, metadata, source_views
 from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
-from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets
+from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka
-from portal_sync.settings import Settings, user_data_dir
+from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
 from producers.publisher import Publisher
 from producers.runner import SourceRunner
@@ -59,11 +60,13 @@ class DemoRun:
 def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
     started = time.monotonic()
     run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
+    console.print("[bold]portal-sync demo[/bold]: resets the local demo store and topics")
     _step("Kafka", lambda: _broker_up(run.settings))
     _step("reset demo topics and store", lambda: _reset(run))
-    _step("sample sources", lambda: _create_sources(run, people))
     worker, metrics_port = _start_worker(run)
     try:
+        _step("reconciler joined its group", lambda: _wait_worker_ready(run, worker))
+        _step("sample sources", lambda: _create_sources(run, people))
         stop = threading.Event()
         threads = _start_producers(run, stop)
         _step("changes at the sources", lambda: _make_changes(run))
@@ -91,8 +94,7 @@ def _step(title: str, action: Callable[[], object]) -> None:
 
 def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
     """The demo resets its store and topics: only the embedded defaults, unless --reset."""
-    default_store = Settings.model_fields["store_url"].default_factory() # type: ignore[misc]
-    external = settings.kafka_bootstrap is not None or settings.store_url != default_store
+    external = settings.kafka_bootstrap is not None or settings.store_url != default_store_url()
     if external and not allow_reset:
         raise DemoError(
             "the demo resets its topics and store; with an external cluster or store "
@@ -118,6 +120,24 @@ def _reset(run: DemoRun) -> None:
     store.close()
     shutil.rmtree(run.workdir, ignore_errors=True)
     run.workdir.mkdir(parents=True)
+    _log_to_file(run.workdir / "demo.log")
+
+
+def _log_to_file(path: Path) -> None:
+    """Producer warnings go to the demo's log file; the console shows steps and summary."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _wait_worker_ready(run: DemoRun, worker: subprocess.Popen[bytes]) -> None:
+    if not wait_group_stable(run.settings, run.settings.group_id) or worker.poll() is not None:
+        raise DemoError(f"the worker did not start; see {run.workdir / 'worker.log'}")
 
 
 def _create_sources(run: DemoRun, people: int) -> None:
@@ -148,8 +168,10 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
     log = (run.workdir / "worker.log").open("wb")
     command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    console.print(f"[green]✓[/green] reconciler worker started (pid {process.pid}, "
-                  f"metrics http://127.0.0.1:{port}/metrics)")  # fmt: skip
+    console.print(
+        f"[green]✓[/green] reconciler worker started (pid {process.pid}, "
+        f"metrics http://127.0.0.1:{port}/metrics)"
+    )
     return process, port
 
 
@@ -177,6 +199,10 @@ def _poll_loop(run: DemoRun, runners: list[SourceRunner], stop: threading.Event)
 
 
 def _drain_producers(run: DemoRun) -> None:
+    """Poll every source once more; one producer first loses its checkpoint, as after a
+    crash before saving it, and re-sends what it had sent: the version rule drops it."""
+    amnesiac = next(r for r in run.runners if r.adapter.config.name == "province-48.citizen")
+    amnesiac.state = CursorState()
     for runner in run.runners:
         stats = runner.run_once()
         run.published += stats.published
@@ -227,14 +253,20 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("citizen", b"[1, 2, 3]"),
     ("organization", b'{"schema_version": 2}'),
     ("citizen", b'{"schema_version": 1, "entity": "citizen"}'),
-    ("dossier", b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000000", '
-                b'"source": "province-01", "entity": "dossier", "key": "HS-1", "op": "upsert", '
-                b'"version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", "data": {}}'),
-    ("citizen", b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000001", '
-                b'"source": "province-01", "entity": "citizen", "key": "001090000001", '
-                b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
-                b'"data": {"full_name": "X", "password": "hunter2"}}'),
-]  # fmt: skip
+    (
+        "dossier",
+        b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000000", '
+        b'"source": "province-01", "entity": "dossier", "key": "HS-1", "op": "upsert", '
+        b'"version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", "data": {}}',
+    ),
+    (
+        "citizen",
+        b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000001", '
+        b'"source": "province-01", "entity": "citizen", "key": "001090000001", '
+        b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
+        b'"data": {"full_name": "X", "password": "hunter2"}}',
+    ),
+]
 
 
 def _inject_malformed(run: DemoRun) -> None:
@@ -291,9 +323,15 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
                 except InvalidEvent:
                     continue
                 views.setdefault((event.entity, event.key), []).append(
-                    SourceView(event.source, event.version, str(event.event_id),
-                               event.occurred_at, event.op == "delete", event.data_dict())
-                )  # fmt: skip
+                    SourceView(
+                        event.source,
+                        event.version,
+                        str(event.event_id),
+                        event.occurred_at,
+                        event.op == "delete",
+                        event.data_dict(),
+                    )
+                )
     expected = {}
     for (entity, key), record_views in views.items():
         record = merge(entity, record_views, authority)
@@ -320,8 +358,10 @@ def _self_check(run: DemoRun) -> bool:
     differ = [k for k in expected.keys() & actual.keys() if expected[k] != actual[k]]
     ok = not (missing or extra or differ)
     verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
-    console.print(f"self-check {verdict}: {len(actual)} records in the store, {len(expected)} "
-                  f"expected; missing {len(missing)}, extra {len(extra)}, differing {len(differ)}")  # fmt: skip
+    console.print(
+        f"self-check {verdict}: {len(actual)} records in the store, {len(expected)} "
+        f"expected; missing {len(missing)}, extra {len(extra)}, differing {len(differ)}"
+    )
     return ok
 
 

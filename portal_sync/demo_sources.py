@@ -33,28 +33,113 @@ from sqlalchemy import (
     select,
     update,
 )
-from vietnam_provinces import Province, Ward
+from vietnam_provinces import Province, ProvinceCode, Ward
 
 from producers.sql_polling import SqlSourceConfig
 from schemas.identifiers import tax_code_check_digit
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
-FAMILY = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng",
-          "Bùi", "Đỗ", "Hồ", "Ngô", "Dương", "Lý"]  # fmt: skip
+FAMILY = [
+    "Nguyễn",
+    "Trần",
+    "Lê",
+    "Phạm",
+    "Hoàng",
+    "Huỳnh",
+    "Phan",
+    "Vũ",
+    "Võ",
+    "Đặng",
+    "Bùi",
+    "Đỗ",
+    "Hồ",
+    "Ngô",
+    "Dương",
+    "Lý",
+]
 MIDDLE_M = ["Văn", "Hữu", "Đức", "Minh", "Quang", "Gia", "Thành", "Công"]
 MIDDLE_F = ["Thị", "Ngọc", "Thu", "Thanh", "Hoài", "Bảo", "Kim", "Mỹ"]
-GIVEN_M = ["An", "Bình", "Dũng", "Hải", "Hiếu", "Hùng", "Khánh", "Long", "Minh", "Nam",
-           "Phong", "Phúc", "Quân", "Sơn", "Thắng", "Trung", "Tuấn", "Việt"]  # fmt: skip
-GIVEN_F = ["Châu", "Giang", "Hà", "Hạnh", "Hoa", "Hương", "Lan", "Linh", "Mai", "Ngân",
-           "Nhung", "Quỳnh", "Tâm", "Thảo", "Trang", "Uyên", "Vy", "Yến"]  # fmt: skip
-STREETS = ["Lê Lợi", "Trần Hưng Đạo", "Nguyễn Huệ", "Hai Bà Trưng", "Lý Thường Kiệt",
-           "Điện Biên Phủ", "Phan Chu Trinh", "Nguyễn Trãi", "Hùng Vương", "Bạch Đằng"]  # fmt: skip
-BUSINESS = ["Minh Phát", "Sao Việt", "Hòa Bình", "Phú Thịnh", "Đại Dương", "Trường Sơn",
-            "An Khang", "Việt Thắng", "Hưng Thịnh", "Ánh Dương", "Đông Á", "Tân Tiến"]  # fmt: skip
-LINES = ["Thương mại Dịch vụ", "Xây dựng", "Công nghệ Thông tin", "Vận tải", "Nông sản",
-         "Du lịch", "Dược phẩm", "Cơ khí"]  # fmt: skip
-FORMS = [("Công ty TNHH một thành viên", "Co., Ltd"), ("Công ty cổ phần", "JSC"),
-         ("Doanh nghiệp tư nhân", "Private Enterprise")]  # fmt: skip
+GIVEN_M = [
+    "An",
+    "Bình",
+    "Dũng",
+    "Hải",
+    "Hiếu",
+    "Hùng",
+    "Khánh",
+    "Long",
+    "Minh",
+    "Nam",
+    "Phong",
+    "Phúc",
+    "Quân",
+    "Sơn",
+    "Thắng",
+    "Trung",
+    "Tuấn",
+    "Việt",
+]
+GIVEN_F = [
+    "Châu",
+    "Giang",
+    "Hà",
+    "Hạnh",
+    "Hoa",
+    "Hương",
+    "Lan",
+    "Linh",
+    "Mai",
+    "Ngân",
+    "Nhung",
+    "Quỳnh",
+    "Tâm",
+    "Thảo",
+    "Trang",
+    "Uyên",
+    "Vy",
+    "Yến",
+]
+STREETS = [
+    "Lê Lợi",
+    "Trần Hưng Đạo",
+    "Nguyễn Huệ",
+    "Hai Bà Trưng",
+    "Lý Thường Kiệt",
+    "Điện Biên Phủ",
+    "Phan Chu Trinh",
+    "Nguyễn Trãi",
+    "Hùng Vương",
+    "Bạch Đằng",
+]
+BUSINESS = [
+    "Minh Phát",
+    "Sao Việt",
+    "Hòa Bình",
+    "Phú Thịnh",
+    "Đại Dương",
+    "Trường Sơn",
+    "An Khang",
+    "Việt Thắng",
+    "Hưng Thịnh",
+    "Ánh Dương",
+    "Đông Á",
+    "Tân Tiến",
+]
+LINES = [
+    "Thương mại Dịch vụ",
+    "Xây dựng",
+    "Công nghệ Thông tin",
+    "Vận tải",
+    "Nông sản",
+    "Du lịch",
+    "Dược phẩm",
+    "Cơ khí",
+]
+FORMS = [
+    ("Công ty TNHH một thành viên", "Co., Ltd"),
+    ("Công ty cổ phần", "JSC"),
+    ("Doanh nghiệp tư nhân", "Private Enterprise"),
+]
 PROCEDURES = ["1.005129", "2.001178", "1.001612", "2.000748", "1.004227", "1.010803"]
 DOC_TYPES = ["KQ_TTHC", "GIAY_KHAI_SINH", "GIAY_CN_DKKD", "BAN_SAO_CCCD"]
 # Province-of-birth codes (old 63-province scheme) used inside personal ids.
@@ -90,74 +175,126 @@ def _tables(metadata: MetaData, row_version: bool) -> dict[str, Table]:
 
     return {
         "citizen": Table(
-            "cong_dan", metadata,
+            "cong_dan",
+            metadata,
             Column("id", Integer, primary_key=True),
             Column("so_dinh_danh", String(20), nullable=False, unique=True),
-            Column("ho_ten", String(200)), Column("ngay_sinh", Date),
-            Column("gioi_tinh", String(10)), Column("ma_tinh", String(2)),
-            Column("ma_xa", String(5)), Column("dia_chi", String(300)),
-            Column("dien_thoai", String(20)), Column("email", String(200)),
+            Column("ho_ten", String(200)),
+            Column("ngay_sinh", Date),
+            Column("gioi_tinh", String(10)),
+            Column("ma_tinh", String(2)),
+            Column("ma_xa", String(5)),
+            Column("dia_chi", String(300)),
+            Column("dien_thoai", String(20)),
+            Column("email", String(200)),
             *common(),
         ),
         "organization": Table(
-            "doanh_nghiep", metadata,
+            "doanh_nghiep",
+            metadata,
             Column("id", Integer, primary_key=True),
             Column("ma_so_thue", String(14), nullable=False, unique=True),
-            Column("ten", String(300)), Column("ten_tieng_anh", String(300)),
-            Column("loai_hinh", String(100)), Column("tinh_trang", String(20)),
-            Column("ma_tinh", String(2)), Column("ma_xa", String(5)),
-            Column("dia_chi", String(300)), Column("nguoi_dai_dien", String(12)),
+            Column("ten", String(300)),
+            Column("ten_tieng_anh", String(300)),
+            Column("loai_hinh", String(100)),
+            Column("tinh_trang", String(20)),
+            Column("ma_tinh", String(2)),
+            Column("ma_xa", String(5)),
+            Column("dia_chi", String(300)),
+            Column("nguoi_dai_dien", String(12)),
             Column("ngay_thanh_lap", Date),
             *common(),
         ),
         "document": Table(
-            "giay_to", metadata,
+            "giay_to",
+            metadata,
             Column("id", Integer, primary_key=True),
             Column("ma_giay_to", String(64), nullable=False, unique=True),
-            Column("loai_chu_the", String(20)), Column("ma_chu_the", String(14)),
-            Column("loai_giay_to", String(64)), Column("tieu_de", String(300)),
-            Column("co_quan_cap", String(64)), Column("ngay_cap", Date),
-            Column("hieu_luc_den", Date), Column("trang_thai", String(20)),
+            Column("loai_chu_the", String(20)),
+            Column("ma_chu_the", String(14)),
+            Column("loai_giay_to", String(64)),
+            Column("tieu_de", String(300)),
+            Column("co_quan_cap", String(64)),
+            Column("ngay_cap", Date),
+            Column("hieu_luc_den", Date),
+            Column("trang_thai", String(20)),
             Column("sha256", String(64)),
             *common(),
         ),
         "dossier": Table(
-            "ho_so", metadata,
+            "ho_so",
+            metadata,
             Column("id", Integer, primary_key=True),
             Column("ma_ho_so", String(40), nullable=False, unique=True),
-            Column("ma_tthc", String(20)), Column("ma_don_vi", String(20)),
-            Column("loai_doi_tuong", String(20)), Column("ma_doi_tuong", String(14)),
-            Column("trang_thai", Integer), Column("ngay_tiep_nhan", DateTime),
-            Column("ngay_hen_tra", DateTime), Column("ngay_tra", DateTime),
+            Column("ma_tthc", String(20)),
+            Column("ma_don_vi", String(20)),
+            Column("loai_doi_tuong", String(20)),
+            Column("ma_doi_tuong", String(14)),
+            Column("trang_thai", Integer),
+            Column("ngay_tiep_nhan", DateTime),
+            Column("ngay_hen_tra", DateTime),
+            Column("ngay_tra", DateTime),
             *common(),
         ),
-    }  # fmt: skip
+    }
 
 
 FIELD_MAPS: dict[str, tuple[str, dict[str, str]]] = {
-    "citizen": ("so_dinh_danh", {
-        "full_name": "ho_ten", "date_of_birth": "ngay_sinh", "sex": "gioi_tinh",
-        "permanent_address.province_code": "ma_tinh", "permanent_address.ward_code": "ma_xa",
-        "permanent_address.line": "dia_chi", "phone": "dien_thoai", "email": "email",
-    }),
-    "organization": ("ma_so_thue", {
-        "name": "ten", "english_name": "ten_tieng_anh", "legal_form": "loai_hinh",
-        "status": "tinh_trang", "address.province_code": "ma_tinh", "address.ward_code": "ma_xa",
-        "address.line": "dia_chi", "legal_representative_id": "nguoi_dai_dien",
-        "established_on": "ngay_thanh_lap",
-    }),
-    "document": ("ma_giay_to", {
-        "owner_kind": "loai_chu_the", "owner_id": "ma_chu_the", "doc_type": "loai_giay_to",
-        "title": "tieu_de", "issuer_code": "co_quan_cap", "issued_on": "ngay_cap",
-        "valid_until": "hieu_luc_den", "status": "trang_thai", "file_sha256": "sha256",
-    }),
-    "dossier": ("ma_ho_so", {
-        "procedure_code": "ma_tthc", "agency_code": "ma_don_vi",
-        "applicant_kind": "loai_doi_tuong", "applicant_id": "ma_doi_tuong",
-        "status": "trang_thai", "received_at": "ngay_tiep_nhan", "due_at": "ngay_hen_tra",
-        "finished_at": "ngay_tra",
-    }),
-}  # fmt: skip
+    "citizen": (
+        "so_dinh_danh",
+        {
+            "full_name": "ho_ten",
+            "date_of_birth": "ngay_sinh",
+            "sex": "gioi_tinh",
+            "permanent_address.province_code": "ma_tinh",
+            "permanent_address.ward_code": "ma_xa",
+            "permanent_address.line": "dia_chi",
+            "phone": "dien_thoai",
+            "email": "email",
+        },
+    ),
+    "organization": (
+        "ma_so_thue",
+        {
+            "name": "ten",
+            "english_name": "ten_tieng_anh",
+            "legal_form": "loai_hinh",
+            "status": "tinh_trang",
+            "address.province_code": "ma_tinh",
+            "address.ward_code": "ma_xa",
+            "address.line": "dia_chi",
+            "legal_representative_id": "nguoi_dai_dien",
+            "established_on": "ngay_thanh_lap",
+        },
+    ),
+    "document": (
+        "ma_giay_to",
+        {
+            "owner_kind": "loai_chu_the",
+            "owner_id": "ma_chu_the",
+            "doc_type": "loai_giay_to",
+            "title": "tieu_de",
+            "issuer_code": "co_quan_cap",
+            "issued_on": "ngay_cap",
+            "valid_until": "hieu_luc_den",
+            "status": "trang_thai",
+            "file_sha256": "sha256",
+        },
+    ),
+    "dossier": (
+        "ma_ho_so",
+        {
+            "procedure_code": "ma_tthc",
+            "agency_code": "ma_don_vi",
+            "applicant_kind": "loai_doi_tuong",
+            "applicant_id": "ma_doi_tuong",
+            "status": "trang_thai",
+            "received_at": "ngay_tiep_nhan",
+            "due_at": "ngay_hen_tra",
+            "finished_at": "ngay_tra",
+        },
+    ),
+}
 
 
 def adapter_configs(spec: SourceSpec, url: str) -> list[SqlSourceConfig]:
@@ -167,12 +304,19 @@ def adapter_configs(spec: SourceSpec, url: str) -> list[SqlSourceConfig]:
         key_column, fields = FIELD_MAPS[entity]
         configs.append(
             SqlSourceConfig(
-                source=spec.source, url=url, entity=entity, table=table.name,  # type: ignore[arg-type]
-                key_column=key_column, pk_column="id", updated_at_column="cap_nhat_luc",
+                source=spec.source,
+                url=url,
+                entity=entity,
+                table=table.name,
+                key_column=key_column,
+                pk_column="id",
+                updated_at_column="cap_nhat_luc",
                 version_column="phien_ban" if spec.row_version else None,
-                deleted_column="da_xoa", fields=fields, lookback_seconds=60,
+                deleted_column="da_xoa",
+                fields=fields,
+                lookback_seconds=60,
             )
-        )  # fmt: skip
+        )
     return configs
 
 
@@ -234,8 +378,8 @@ class SampleSource:
         next(iter(self.tables.values())).metadata.create_all(self.engine)
         self.world = world
         self.rng = random.Random(f"{world.rng.random()}-{spec.source}")
-        self.wards = [f"{int(w.code):05d}" for w in
-                      Ward.iter_by_province(Province.from_code(int(spec.province)).code)]  # type: ignore[arg-type]  # fmt: skip
+        province = Province.from_code(ProvinceCode(int(spec.province)))
+        self.wards = [f"{int(w.code):05d}" for w in Ward.iter_by_province(province.code)]
         self.day_seq = 0
 
     def now(self, behind_seconds: float = 0.0) -> datetime:
@@ -256,27 +400,33 @@ class SampleSource:
         if disagree and rng.random() < 0.5:
             name = unicodedata.normalize("NFD", name)  # same name, decomposed diacritics
         return {
-            "so_dinh_danh": person.pid, "ho_ten": name, "ngay_sinh": person.dob,
-            "gioi_tinh": person.sex, "ma_tinh": self.spec.province,
+            "so_dinh_danh": person.pid,
+            "ho_ten": name,
+            "ngay_sinh": person.dob,
+            "gioi_tinh": person.sex,
+            "ma_tinh": self.spec.province,
             "ma_xa": rng.choice(self.wards),
             "dia_chi": f"Số {rng.randint(1, 300)} {rng.choice(STREETS)}",
             "dien_thoai": f"09{rng.randrange(10**8):08d}" if rng.random() < 0.8 else None,
             "email": f"cd{person.pid[-6:]}@example.vn" if rng.random() < 0.3 else None,
-        }  # fmt: skip
+        }
 
     def organization_row(self, code: str) -> dict[str, Any]:
         rng = self.rng
         form, suffix = rng.choice(FORMS)
         brand, line = rng.choice(BUSINESS), rng.choice(LINES)
         return {
-            "ma_so_thue": code, "ten": f"{form} {line} {brand}",
-            "ten_tieng_anh": f"{_ascii(brand)} {suffix}", "loai_hinh": form,
-            "tinh_trang": "active", "ma_tinh": self.spec.province,
+            "ma_so_thue": code,
+            "ten": f"{form} {line} {brand}",
+            "ten_tieng_anh": f"{_ascii(brand)} {suffix}",
+            "loai_hinh": form,
+            "tinh_trang": "active",
+            "ma_tinh": self.spec.province,
             "ma_xa": rng.choice(self.wards),
             "dia_chi": f"Số {rng.randint(1, 500)} {rng.choice(STREETS)}",
             "nguoi_dai_dien": rng.choice(self.world.people).pid,
             "ngay_thanh_lap": date(2000, 1, 1) + timedelta(days=rng.randrange(9000)),
-        }  # fmt: skip
+        }
 
     def document_row(self, seq: int) -> dict[str, Any]:
         rng = self.rng
@@ -285,12 +435,16 @@ class SampleSource:
         issued = date(2023, 1, 1) + timedelta(days=rng.randrange(900))
         return {
             "ma_giay_to": f"{self.spec.unit_code}:{doc_type}-{seq:06d}",
-            "loai_chu_the": "citizen", "ma_chu_the": person.pid, "loai_giay_to": doc_type,
+            "loai_chu_the": "citizen",
+            "ma_chu_the": person.pid,
+            "loai_giay_to": doc_type,
             "tieu_de": f"Kết quả giải quyết TTHC của {person.name}",
-            "co_quan_cap": self.spec.unit_code, "ngay_cap": issued,
-            "hieu_luc_den": issued + timedelta(days=365 * 5), "trang_thai": "valid",
+            "co_quan_cap": self.spec.unit_code,
+            "ngay_cap": issued,
+            "hieu_luc_den": issued + timedelta(days=365 * 5),
+            "trang_thai": "valid",
             "sha256": hashlib.sha256(f"{self.spec.source}-{seq}".encode()).hexdigest(),
-        }  # fmt: skip
+        }
 
     def dossier_row(self) -> dict[str, Any]:
         rng = self.rng
@@ -299,12 +453,15 @@ class SampleSource:
         person = rng.choice(self.world.people)
         return {
             "ma_ho_so": f"{self.spec.unit_code}-{received:%y%m%d}-{self.day_seq:04d}",
-            "ma_tthc": rng.choice(PROCEDURES), "ma_don_vi": self.spec.unit_code,
-            "loai_doi_tuong": "citizen", "ma_doi_tuong": person.pid,
-            "trang_thai": 1, "ngay_tiep_nhan": received,
+            "ma_tthc": rng.choice(PROCEDURES),
+            "ma_don_vi": self.spec.unit_code,
+            "loai_doi_tuong": "citizen",
+            "ma_doi_tuong": person.pid,
+            "trang_thai": 1,
+            "ngay_tiep_nhan": received,
             "ngay_hen_tra": received + timedelta(days=rng.choice([3, 5, 7, 15])),
             "ngay_tra": None,
-        }  # fmt: skip
+        }
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, entity: str, rows: list[dict[str, Any]], behind: float = 0.0) -> None:

@@ -48,3 +48,18 @@ def delete_group(settings: Settings, group_id: str) -> None:
         pass
     finally:
         admin.close()
+
+
+def wait_group_stable(settings: Settings, group_id: str, timeout: float = 60.0) -> bool:
+    """Wait until a consumer group has members and a settled assignment."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap())
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            group = admin.describe_groups([group_id]).get(group_id, {})
+            if group.get("group_state") == "Stable" and group.get("members"):
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        admin.close()

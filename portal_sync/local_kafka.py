@@ -74,9 +74,15 @@ def ensure_jars() -> Path:
     staging = target.with_name("lib.partial")
     shutil.rmtree(staging, ignore_errors=True)
     command = [
-        mvn, "-q", "-B", "-f", str(DEPLOY_DIR / "pom.xml"), "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
-    ]  # fmt: skip
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(DEPLOY_DIR / "pom.xml"),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise KafkaSetupError(f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}")
@@ -203,8 +209,18 @@ class LocalKafka:
         if (self.data_dir / "data" / "meta.properties").exists():
             return
         cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        command = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
-                   "-t", cluster_id, "-c", str(properties), "--ignore-formatted"]  # fmt: skip
+        command = [
+            java,
+            "-cp",
+            f"{jars}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(properties),
+            "--ignore-formatted",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise KafkaSetupError(f"formatting the KRaft storage failed:\n{result.stdout[-2000:]}")
@@ -213,17 +229,28 @@ class LocalKafka:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         command = [
-            java, HEAP, "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            java,
+            HEAP,
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={logs}",
             f"-Dlog4j.configuration=file:{DEPLOY_DIR / 'log4j.properties'}",
-            "-cp", f"{jars}/*", "kafka.Kafka", str(properties),
-        ]  # fmt: skip
+            "-cp",
+            f"{jars}/*",
+            "kafka.Kafka",
+            str(properties),
+        ]
         with (logs / "stdout.log").open("ab") as out:
             process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.data_dir,
-            )  # fmt: skip
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.data_dir,
+            )
         self._process = process
         self._save_state(pid=process.pid)
 
@@ -246,7 +273,9 @@ class LocalKafka:
                 except Exception:
                     pass
             time.sleep(0.2)
-        raise KafkaSetupError(f"the broker did not answer within {timeout:.0f}s; see {self._log_hint()}")
+        raise KafkaSetupError(
+            f"the broker did not answer within {timeout:.0f}s; see {self._log_hint()}"
+        )
 
     def _log_hint(self) -> Path:
         return self.data_dir / "logs" / "server.log"

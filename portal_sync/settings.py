@@ -24,6 +24,11 @@ def user_cache_dir() -> Path:
     return Path(base) / "portal-sync"
 
 
+def default_store_url() -> str:
+    """The embedded default store: a SQLite file in the user's data dir."""
+    return f"sqlite:///{user_data_dir() / 'store.db'}"
+
+
 class Settings(BaseSettings):
     """Every setting can be given as env `PORTAL_SYNC_<NAME>`; CLI flags override."""
 
@@ -35,7 +40,7 @@ class Settings(BaseSettings):
     )
     kafka_data_dir: Path = Field(default_factory=lambda: user_data_dir() / "kafka")
     store_url: str = Field(
-        default_factory=lambda: f"sqlite:///{user_data_dir() / 'store.db'}",
+        default_factory=default_store_url,
         description="SQLAlchemy URL of the national store",
     )
     topic_prefix: str = "portal-sync"

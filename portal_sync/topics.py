@@ -11,6 +11,7 @@ Their retention bounds what a replay or rebuild can promise (docs/operations.md)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from kafka import KafkaAdminClient
@@ -67,12 +68,13 @@ def ensure_topics(settings: Settings) -> list[str]:
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap(), client_id="portal-sync-admin")
     try:
         existing = set(admin.list_topics())
-        missing = {name: spec for name, spec in topic_specs(settings).items() if name not in existing}
+        missing = {
+            name: spec for name, spec in topic_specs(settings).items() if name not in existing
+        }
         if missing:
-            try:
+            # Another process may create them concurrently.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(missing, timeout_ms=30_000)
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by another process
             admin.wait_for_topics(list(missing), timeout_ms=30_000)
         return sorted(missing)
     finally:

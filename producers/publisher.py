@@ -42,8 +42,11 @@ class Publisher:
         self._pending: list[Any] = []
 
     def send_event(self, event: ChangeEvent) -> None:
-        self.send(change_topic(self.settings, event.entity), message_key(event.entity, event.key),
-                  encode_event(event))  # fmt: skip
+        self.send(
+            change_topic(self.settings, event.entity),
+            message_key(event.entity, event.key),
+            encode_event(event),
+        )
 
     def send(
         self,
@@ -55,8 +58,9 @@ class Publisher:
         future = self._producer.send(topic, key=key, value=value, headers=list(headers))
         self._pending.append(future)
 
-    def send_dead_letter(self, key: bytes | None, value: bytes | None,
-                         headers: Sequence[tuple[str, bytes]]) -> None:  # fmt: skip
+    def send_dead_letter(
+        self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
         self.send(dead_letter_topic(self.settings), key, value, headers)
 
     def flush(self, timeout: float = 60.0) -> int:

@@ -61,9 +61,12 @@ class SourceRunner:
                     SOURCE_ERRORS.labels(config.source, "invalid_record").inc()
                     log.warning("%s: row rejected (%s)", config.name, error.code)
                     headers = dead_letter_headers(
-                        error.code, error.message, f"source:{config.source}", config.table,
+                        error.code,
+                        error.message,
+                        f"source:{config.source}",
+                        config.table,
                         str(change.pk),
-                    )  # fmt: skip
+                    )
                     self.publisher.send_dead_letter(
                         message_key(config.entity, str(change.event["key"])), raw, headers
                     )

@@ -78,7 +78,9 @@ def _decode_json(raw: bytes) -> Any:
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as error:
-        raise InvalidEvent("invalid_json", f"message is not JSON ({type(error).__name__})") from None
+        raise InvalidEvent(
+            "invalid_json", f"message is not JSON ({type(error).__name__})"
+        ) from None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

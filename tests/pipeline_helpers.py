@@ -35,17 +35,23 @@ def citizen_events(keys: int, versions: int, seed: int = 1) -> list[dict[str, An
                 event: dict[str, Any] = {
                     "schema_version": 1,
                     "event_id": str(derive_event_id(source, "citizen", pid, version)),
-                    "source": source, "entity": "citizen", "key": pid,
-                    "op": "delete" if delete else "upsert", "version": version,
+                    "source": source,
+                    "entity": "citizen",
+                    "key": pid,
+                    "op": "delete" if delete else "upsert",
+                    "version": version,
                     "occurred_at": (base + timedelta(seconds=rng.randrange(86_400))).isoformat(),
-                }  # fmt: skip
+                }
                 if not delete:
                     event["data"] = {
                         "full_name": rng.choice(NAMES),
                         "phone": rng.choice([None, f"09{rng.randrange(10**8):08d}"]),
-                        "permanent_address": {"province_code": rng.choice(["01", "79"]),
-                                              "ward_code": "00070", "line": "Số 1 Lê Lợi"},
-                    }  # fmt: skip
+                        "permanent_address": {
+                            "province_code": rng.choice(["01", "79"]),
+                            "ward_code": "00070",
+                            "line": "Số 1 Lê Lợi",
+                        },
+                    }
                 events.append(event)
     return events
 
@@ -68,15 +74,22 @@ def expected_export(events: list[dict[str, Any]], authority: Authority) -> list[
     views: dict[tuple[str, str], list[SourceView]] = {}
     for (entity, key, source), event in latest.items():
         views.setdefault((entity, key), []).append(
-            SourceView(source, event.version, str(event.event_id), event.occurred_at,
-                       event.op == "delete", event.data_dict())
-        )  # fmt: skip
+            SourceView(
+                source,
+                event.version,
+                str(event.event_id),
+                event.occurred_at,
+                event.op == "delete",
+                event.data_dict(),
+            )
+        )
     result = []
     for (entity, key), record_views in sorted(views.items()):
         record = merge(entity, record_views, authority)
         if record is not None:
-            result.append({"entity": entity, "key": key, "data": record.data,
-                           "sources": record.sources})  # fmt: skip
+            result.append(
+                {"entity": entity, "key": key, "data": record.data, "sources": record.sources}
+            )
     return result
 
 
@@ -91,21 +104,27 @@ def write_jsonl(path: Path, events: list[dict[str, Any]]) -> Path:
     return path
 
 
-def cli(settings: Settings, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    settings: Settings, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run `portal-sync ARGS` in a child process with these settings."""
     return subprocess.run(
         [sys.executable, "-m", "portal_sync", *args],
         env=os.environ | settings.as_env() | env,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "portal_sync", "worker", *args],
         env=os.environ | settings.as_env() | env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_id() -> str:

@@ -36,8 +36,19 @@ class PostgresServer:
         return f"postgresql+psycopg://portal@127.0.0.1:{self.port}/{database}"
 
     def stop(self) -> None:
-        subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"),
-                        "-m", "fast", "-w", "stop"], capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                *self.prefix,
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.root / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+            capture_output=True,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -53,11 +64,33 @@ def start_postgres() -> PostgresServer:
         prefix = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     data = root / "data"
-    run = [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "portal", "--auth=trust",
-           "-E", "UTF8", "--no-locale"]  # fmt: skip
+    run = [
+        *prefix,
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "portal",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-locale",
+    ]
     subprocess.run(run, check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    start = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w",
-             "-l", str(root / "server.log"), "start"]  # fmt: skip
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    )
+    start = [
+        *prefix,
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-w",
+        "-l",
+        str(root / "server.log"),
+        "start",
+    ]
     subprocess.run(start, check=True, capture_output=True)
     return PostgresServer(root, port, prefix, bindir)

@@ -429,9 +429,7 @@ def test_derive_event_id_is_deterministic_and_distinct() -> None:
     first = derive_event_id("province-01", "citizen", PERSONAL_ID, 1)
     assert first == derive_event_id("province-01", "citizen", PERSONAL_ID, 1)
     assert first.version == 5
-    ids = {
-        derive_event_id("province-01", "citizen", PERSONAL_ID, v) for v in range(1, 50)
-    } | {
+    ids = {derive_event_id("province-01", "citizen", PERSONAL_ID, v) for v in range(1, 50)} | {
         derive_event_id("province-79", "citizen", PERSONAL_ID, 1),
         derive_event_id("province-01", "organization", PERSONAL_ID, 1),
         derive_event_id("province-01", "citizen", "001090012346", 1),

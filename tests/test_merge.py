@@ -41,7 +41,13 @@ def test_decide_applies_the_first_view() -> None:
 
 @pytest.mark.parametrize(
     ("current", "incoming", "outcome"),
-    [(5, 6, "applied"), (5, 10**12, "applied"), (5, 5, "duplicate"), (5, 4, "stale"), (5, 1, "stale")],
+    [
+        (5, 6, "applied"),
+        (5, 10**12, "applied"),
+        (5, 5, "duplicate"),
+        (5, 4, "stale"),
+        (5, 1, "stale"),
+    ],
 )
 def test_decide_versions(current: int, incoming: int, outcome: str) -> None:
     assert decide(view("s-a", {}, version=current), incoming) == outcome
@@ -58,7 +64,9 @@ def test_decide_against_a_tombstone() -> None:
 
 
 def test_single_source_is_the_record() -> None:
-    record = merge("citizen", [view("s-a", {"full_name": "An", "sex": "male"}, version=3)], Authority())
+    record = merge(
+        "citizen", [view("s-a", {"full_name": "An", "sex": "male"}, version=3)], Authority()
+    )
     assert record == CanonicalRecord({"full_name": "An", "sex": "male"}, {"s-a": 3})
 
 
@@ -125,9 +133,7 @@ def test_rank_order_of_named_sources() -> None:
 
 
 def test_star_rule_applies_to_fields_without_their_own_rule() -> None:
-    authority = Authority.from_mapping(
-        {"organization": {"*": ["s-a"], "name": ["s-b"]}}
-    )
+    authority = Authority.from_mapping({"organization": {"*": ["s-a"], "name": ["s-b"]}})
     views = [
         view("s-a", {"name": "A name", "status": "active", "legal_form": "A form"}, minutes=0),
         view("s-b", {"name": "B name", "status": "dissolved", "legal_form": "B form"}, minutes=9),
@@ -208,8 +214,7 @@ def test_merge_is_independent_of_view_order() -> None:
 def test_authority_load_reads_toml(tmp_path: Path) -> None:
     path = tmp_path / "authority.toml"
     path.write_text(
-        '[citizen]\nfull_name = ["s-b", "s-a"]\n"*" = ["s-c"]\n\n'
-        '[organization]\nname = ["s-a"]\n',
+        '[citizen]\nfull_name = ["s-b", "s-a"]\n"*" = ["s-c"]\n\n[organization]\nname = ["s-a"]\n',
         encoding="utf-8",
     )
     authority = Authority.load(path)

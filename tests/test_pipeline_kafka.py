@@ -109,13 +109,15 @@ def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_fl
         ("invalid_field", _variant(base, source="Province 01")),
         ("op_data_mismatch", _variant(base, op="delete")),
     ]
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap(), acks="all",
-                             max_request_size=4_000_000)  # fmt: skip
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap(), acks="all", max_request_size=4_000_000
+    )
     topic = change_topic(settings, "citizen")
     origin: dict[int, str] = {}
     rng = random.Random(5)
-    queue: list[tuple[str | None, bytes | None]] = [(None, v) for v in (
-        __import__("json").dumps(e).encode() for e in valid)] + list(hostile)  # fmt: skip
+    queue: list[tuple[str | None, bytes | None]] = [
+        (None, v) for v in (__import__("json").dumps(e).encode() for e in valid)
+    ] + list(hostile)
     rng.shuffle(queue)
     for code, value in queue:
         metadata = producer.send(topic, key=b"k", value=value).get(timeout=30)
@@ -140,9 +142,13 @@ def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_fl
 
 
 def _read_all(settings: Any, topic: str, expected: int, timeout: float = 30) -> list[Any]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap(),
-                             auto_offset_reset="earliest", enable_auto_commit=False,
-                             consumer_timeout_ms=2000)  # fmt: skip
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
     records: list[Any] = []
     deadline = time.monotonic() + timeout
     while len(records) < expected and time.monotonic() < deadline:

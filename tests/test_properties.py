@@ -6,6 +6,7 @@ their batching, duplicates or redelivery.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ from sqlalchemy import select
 
 from consumers.merge import Authority, SourceView, merge
 from consumers.reconciler import Checked, Message, Reconciler, offset_ranges
-from consumers.store import Store, apply_journal, applied_offsets, records, source_views
+from consumers.store import Store, applied_offsets, apply_journal, records, source_views
 from schemas import derive_event_id, parse_event
 
 SOURCES = ("s-a", "s-b", "s-c")
@@ -35,7 +36,11 @@ FIELDS: dict[str, dict[str, Sequence[Any]]] = {
         "full_name": ("Nguyễn Văn An", "Trần Thị Bình", None),
         "sex": ("male", "female", None),
         "email": ("an@example.vn", "binh@example.vn", None),
-        "permanent_address": ({"province_code": "01"}, {"line": "12 Lê Lợi", "ward_code": None}, None),
+        "permanent_address": (
+            {"province_code": "01"},
+            {"line": "12 Lê Lợi", "ward_code": None},
+            None,
+        ),
     },
     "organization": {
         "name": ("Công ty A", "Công ty B", None),
@@ -104,7 +109,8 @@ def specs(draw: st.DrawFn) -> Spec:
     if op == "upsert":
         data = draw(
             st.fixed_dictionaries(
-                {}, optional={name: st.sampled_from(values) for name, values in FIELDS[entity].items()}
+                {},
+                optional={name: st.sampled_from(values) for name, values in FIELDS[entity].items()},
             )
         )
     return Spec(
@@ -156,14 +162,16 @@ def stream(specs_in_order: Sequence[Spec], partitions: int = 1) -> list[Checked]
 
 def reoffset(messages: Sequence[Checked], start: int) -> list[Checked]:
     return [
-        Checked(Message(c.message.topic, c.message.partition, start + i, c.message.value), c.event, [])
+        Checked(
+            Message(c.message.topic, c.message.partition, start + i, c.message.value), c.event, []
+        )
         for i, c in enumerate(messages)
     ]
 
 
 def split(items: Sequence[Checked], cuts: Sequence[int]) -> list[list[Checked]]:
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(items)}), len(items)]
-    return [list(items[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [list(items[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def apply_batches(reconciler: Reconciler, batches: Sequence[Sequence[Checked]]) -> list[str]:
@@ -203,9 +211,17 @@ def content(store: Store) -> tuple[list[Any], list[Any]]:
     with store.engine.connect() as conn:
         for row in conn.execute(select(source_views)):
             views.append(
-                (row.entity, row.key, row.source, row.version, row.event_id,
-                 row.occurred_at, row.deleted, row.data)
-            )  # fmt: skip
+                (
+                    row.entity,
+                    row.key,
+                    row.source,
+                    row.version,
+                    row.event_id,
+                    row.occurred_at,
+                    row.deleted,
+                    row.data,
+                )
+            )
     views.sort(key=lambda v: v[:3])
     return list(store.iter_records()), views
 
@@ -235,9 +251,15 @@ def oracle(event_set: Sequence[Spec]) -> list[tuple[str, str, dict[str, Any], di
                 continue
             event = parse_event(spec.encode()).event
             views.append(
-                SourceView(source, spec.version, str(event.event_id), event.occurred_at,
-                           spec.op == "delete", event.data_dict())
-            )  # fmt: skip
+                SourceView(
+                    source,
+                    spec.version,
+                    str(event.event_id),
+                    event.occurred_at,
+                    spec.op == "delete",
+                    event.data_dict(),
+                )
+            )
         merged = merge(entity, views, AUTHORITY)
         if merged is not None:
             expected.append((entity, key, merged.data, merged.sources))
@@ -315,11 +337,21 @@ def test_late_older_upsert_never_resurrects(event_set: list[Spec], data: Any) ->
     ]
     # ... and older upserts of those sources arrive after the deletes.
     late = [
-        Spec(record, source, version, "upsert", 59, 999999, "+07:00", {"legal_form": "late"}
-             if RECORD_KEYS[record][0] == "organization" else {"full_name": "Hồi Sinh"})
+        Spec(
+            record,
+            source,
+            version,
+            "upsert",
+            59,
+            999999,
+            "+07:00",
+            {"legal_form": "late"}
+            if RECORD_KEYS[record][0] == "organization"
+            else {"full_name": "Hồi Sinh"},
+        )
         for source in sources
         for version in data.draw(st.lists(st.integers(1, 99), min_size=1, max_size=3, unique=True))
-    ]  # fmt: skip
+    ]
     others = [s for s in event_set if not (s.record == record and s.source in sources)]
 
     with fresh_store() as store:
@@ -343,9 +375,7 @@ def test_late_older_upsert_never_resurrects(event_set: list[Spec], data: Any) ->
 
 @SETTINGS
 @given(event_set=event_sets, data=st.data())
-def test_overlapping_redelivery_applies_only_the_new_part(
-    event_set: list[Spec], data: Any
-) -> None:
+def test_overlapping_redelivery_applies_only_the_new_part(event_set: list[Spec], data: Any) -> None:
     # A consumer that crashed after the store commit but before the Kafka commit gets the
     # tail of the last batch again, followed by new messages, in one batch.
     messages = stream(event_set)
@@ -371,7 +401,9 @@ def test_overlapping_redelivery_applies_only_the_new_part(
 
 
 def _spec(source: str, version: int, op: str = "upsert", **data: Any) -> Spec:
-    return Spec(0, source, version, op, version % 4, 0, "+07:00", dict(data) if op == "upsert" else None)
+    return Spec(
+        0, source, version, op, version % 4, 0, "+07:00", dict(data) if op == "upsert" else None
+    )
 
 
 def test_delete_then_late_upsert_leaves_no_record() -> None:
