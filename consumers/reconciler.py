@@ -99,16 +99,15 @@ class Reconciler:
             stored = self.store.offsets(conn, {m.tp for m in messages})
         return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
 
-    def apply(
-        self, events: Sequence[Checked], offsets: dict[TopicPartition, OffsetRange]
-    ) -> BatchReport:
+    def apply(self, events: Sequence[Checked], batch: Sequence[Message]) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
-        `offsets` covers the whole batch, dead letters included (see `offset_ranges`).
+        `batch` is every message the events came from, dead letters included: the offsets
+        advance past all of them. Messages the store already applied are skipped.
         """
         report = BatchReport()
         with self.store.write_transaction() as conn:
-            stored = self.store.offsets(conn, offsets)
+            stored = self.store.offsets(conn, {m.tp for m in batch})
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
             keys = {(c.event.entity, c.event.key) for c in todo}
@@ -139,11 +138,7 @@ class Reconciler:
             now = utcnow()
             self.store.write_views(conn, list(changed.values()), now)
             self.store.write_records(conn, merged, now)
-            advance = {
-                tp: (max(first, stored.get(tp, 0)), end, count)
-                for tp, (first, end, count) in offsets.items()
-                if end > stored.get(tp, 0)
-            }
-            self.store.write_offsets(conn, advance, now)
+            unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
+            self.store.write_offsets(conn, offset_ranges(unapplied), now)
         report.committed_at = utcnow()
         return report

@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 
 from consumers.merge import Authority
 from consumers.metrics import COMMIT_SECONDS, record_batch, record_dead_letters, record_warnings
-from consumers.reconciler import DeadLetter, Message, Reconciler, classify, offset_ranges
+from consumers.reconciler import DeadLetter, Message, Reconciler, classify
 from consumers.store import Store, TopicPartition
 from portal_sync.settings import Settings, user_data_dir
 from portal_sync.topics import change_topics, ensure_topics
@@ -63,7 +63,7 @@ class BatchProcessor:
         for checked in valid:
             record_warnings(checked.event.entity, checked.warnings)
         began = time.perf_counter()
-        report = self.reconciler.apply(valid, offset_ranges(fresh))
+        report = self.reconciler.apply(valid, fresh)
         COMMIT_SECONDS.observe(time.perf_counter() - began)
         record_batch(report, self.settings.freshness_objective_seconds)
         if dead:
@@ -124,7 +124,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     authority = Authority.load(settings.authority_file)
     processor = BatchProcessor(settings, store, authority)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     targets = end_offsets(settings) if until_caught_up else {}
     app = _build_app(settings, store)
     state: dict[str, Any] = {"exit": 0, "stopping": False, "stop_task": None}

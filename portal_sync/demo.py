@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +31,7 @@ from consumers.merge import Authority, SourceView, merge
 from consumers.store import Store, metadata, source_views
 from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
-from portal_sync.local_kafka import REPO_ROOT, LocalKafka
+from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
 from producers.publisher import Publisher
@@ -161,8 +162,6 @@ def _create_sources(run: DemoRun, people: int) -> None:
 
 
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
-    from portal_sync.local_kafka import free_port
-
     port = free_port()
     env = os.environ | run.settings.as_env()
     log = (run.workdir / "worker.log").open("wb")
@@ -176,6 +175,9 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
+    port = free_port()
+    start_http_server(port, addr="127.0.0.1")
+    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
     threads = []
     for source in run.sources:
         publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     authority_file: Path | None = None
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
-    metrics_port: int = 0
+    metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
+    metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
     freshness_objective_seconds: float = 60.0
 
     def bootstrap(self) -> str:
@@ -70,6 +71,7 @@ class Settings(BaseSettings):
             "PORTAL_SYNC_TOPIC_PREFIX": self.topic_prefix,
             "PORTAL_SYNC_GROUP_ID": self.group_id,
             "PORTAL_SYNC_CHANGE_PARTITIONS": str(self.change_partitions),
+            "PORTAL_SYNC_METRICS_PORT": str(self.metrics_port),
         }
         if self.authority_file is not None:
             env["PORTAL_SYNC_AUTHORITY_FILE"] = str(self.authority_file)

@@ -22,7 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import MetaData, Table, and_, create_engine, or_, select
+from sqlalchemy import DateTime, MetaData, Table, and_, create_engine, func, literal, or_, select
 
 from schemas import derive_event_id
 from schemas.events import Entity
@@ -102,6 +102,7 @@ class SqlPollingAdapter:
         self.table = Table(config.table, MetaData(), autoload_with=self.engine)
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]
+        self.sqlite = self.engine.dialect.name == "sqlite"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -128,14 +129,22 @@ class SqlPollingAdapter:
         high = datetime.fromisoformat(state.updated_at)
         return high - timedelta(seconds=self.config.lookback_seconds)
 
+    def _moment(self, value: Any) -> Any:
+        """A timestamp as the database orders it. SQLite keeps timestamps as text in
+        whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),
+        so both sides are normalised to one form first."""
+        if self.sqlite:
+            return func.strftime("%Y-%m-%d %H:%M:%f", value)
+        return value
+
     def _page(self, start: datetime | None, last: tuple[datetime, Any] | None) -> list[Any]:
-        query = select(self.table).order_by(self.updated_at, self.pk).limit(self.config.batch_size)
+        moment = self._moment(self.updated_at)
+        query = select(self.table).order_by(moment, self.pk).limit(self.config.batch_size)
         if last is not None:
-            query = query.where(
-                or_(self.updated_at > last[0], and_(self.updated_at == last[0], self.pk > last[1]))
-            )
+            bound = self._moment(literal(last[0], DateTime()))
+            query = query.where(or_(moment > bound, and_(moment == bound, self.pk > last[1])))
         elif start is not None:
-            query = query.where(self.updated_at >= start)
+            query = query.where(moment >= self._moment(literal(start, DateTime())))
         with self.engine.connect() as conn:
             return list(conn.execute(query))
 

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    field_validator,
     model_validator,
 )
 
@@ -195,11 +196,12 @@ class DossierEvent(_EventBase):
     key: Annotated[str, StringConstraints(pattern=DOSSIER_CODE.pattern)]
     data: DossierData | None = None
 
-    @model_validator(mode="after")
-    def _key_has_real_date(self) -> Self:
-        if dossier_code_date(self.key) is None:
+    @field_validator("key")
+    @classmethod
+    def _key_has_real_date(cls, key: str) -> str:
+        if dossier_code_date(key) is None:
             raise ValueError("dossier code has no valid YYMMDD date")
-        return self
+        return key
 
 
 ChangeEvent = Annotated[

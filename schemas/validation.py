@@ -58,7 +58,8 @@ def parse_event(raw: bytes | None) -> ValidEvent:
     obj = _decode_json(raw)
     if not isinstance(obj, dict):
         raise InvalidEvent("invalid_json", "message is not a JSON object")
-    if obj.get("schema_version") != 1:
+    version = obj.get("schema_version")
+    if type(version) is not int or version != 1:  # JSON true and 1.0 equal 1 in Python
         raise InvalidEvent("unsupported_schema_version", "schema_version must be 1")
     normalised = json.dumps(nfc(obj), ensure_ascii=False)
     try:
@@ -93,7 +94,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _no_nan(constant: str) -> Any:
-    raise InvalidEvent("invalid_json", f"non-standard JSON constant {constant[:16]}")
+    raise InvalidEvent("invalid_json", "non-standard JSON constant (NaN or Infinity)")
 
 
 def _reason(error: ValidationError) -> InvalidEvent:
@@ -105,7 +106,8 @@ def _reason(error: ValidationError) -> InvalidEvent:
     if kind == "union_tag_invalid":
         return InvalidEvent("unknown_entity", "entity: not one of " + ", ".join(ENTITIES))
     location = ".".join(str(part) for part in first["loc"][1:]) or "event"
-    message = first["msg"]
+    # Messages of these kinds quote part of the input; replace them with the rule alone.
+    message = "Input should be a valid UUID" if kind.startswith("uuid") else first["msg"]
     if kind == "extra_forbidden":
         code = "unknown_field"
     elif kind == "missing":

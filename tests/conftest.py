@@ -94,6 +94,7 @@ def settings_for(kafka_bootstrap: str) -> object:
             "topic_prefix": f"test-{run}",
             "group_id": f"test-{run}",
             "change_partitions": 3,
+            "metrics_port": 0,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -430,12 +430,6 @@ def test_timezone_of_the_source_sets_occurred_at_and_version(
     assert utc.version - hcm.version == 7 * 3600 * 10**6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: on SQLite the keyset condition compares DATETIME text; rows stored "
-    "without fractional seconds ('YYYY-MM-DD HH:MM:SS') that tie with the last row of a page "
-    "sort before the bound '... .000000' and are skipped (producers/sql_polling.py, _page)",
-)
 def test_rows_written_as_plain_sqlite_text_are_not_lost_at_page_boundaries(
     source: Source, adapters: list[SqlPollingAdapter]
 ) -> None:
