@@ -35,7 +35,7 @@ from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
 from producers.publisher import Publisher
-from producers.runner import SourceRunner
+from producers.runner import RunStats, SourceRunner
 from producers.sql_polling import CursorState, SqlPollingAdapter
 from schemas import InvalidEvent, parse_event
 
@@ -56,6 +56,12 @@ class DemoRun:
     published: int = 0
     producer_dead_letters: int = 0
     injected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, stats: RunStats) -> None:
+        with self.lock:
+            self.published += stats.published
+            self.producer_dead_letters += stats.dead_lettered
 
 
 def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
@@ -194,9 +200,7 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
 def _poll_loop(run: DemoRun, runners: list[SourceRunner], stop: threading.Event) -> None:
     while not stop.is_set():
         for runner in runners:
-            stats = runner.run_once()
-            run.published += stats.published
-            run.producer_dead_letters += stats.dead_lettered
+            run.count(runner.run_once())
         stop.wait(0.5)
 
 
@@ -206,9 +210,7 @@ def _drain_producers(run: DemoRun) -> None:
     amnesiac = next(r for r in run.runners if r.adapter.config.name == "province-48.citizen")
     amnesiac.state = CursorState()
     for runner in run.runners:
-        stats = runner.run_once()
-        run.published += stats.published
-        run.producer_dead_letters += stats.dead_lettered
+        run.count(runner.run_once())
 
 
 def _make_changes(run: DemoRun) -> None:
