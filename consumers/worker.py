@@ -61,7 +61,14 @@ class BatchProcessor:
         if dead:
             self._dead_letter(dead)
         for checked in valid:
-            record_warnings(checked.event.entity, checked.warnings)
+            if checked.warnings:
+                record_warnings(checked.event.entity, checked.warnings)
+                # The event id only: the key is a personal identifier.
+                log.info(
+                    "soft checks %s failed for event %s",
+                    ",".join(checked.warnings),
+                    checked.event.event_id,
+                )
         began = time.perf_counter()
         report = self.reconciler.apply(valid, fresh)
         COMMIT_SECONDS.observe(time.perf_counter() - began)
