@@ -10,6 +10,8 @@ on duplicates:
 3. The canonical record merges the sources' current views field by field: each field comes
    from the source with the highest authority for that (entity, field), then the latest
    `occurred_at`, then the greatest source id. A record exists while a source contributes.
+
+Data-quality findings (field conflicts, unusual dossier transitions) are derived here too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+
+from consumers.registry import Registry
 
 Outcome = Literal["applied", "duplicate", "stale"]
 
@@ -40,41 +44,57 @@ class SourceView:
 class CanonicalRecord:
     data: dict[str, Any]
     sources: dict[str, int]  # contributing source -> version of its current view
+    provenance: dict[str, dict[str, Any]]  # field -> {"source": id, "version": n}
 
 
 @dataclass(frozen=True)
 class Authority:
-    """Ordered sources per (entity, field); the first named ranks highest.
+    """Who is the truth for which field: per (entity, field) an ordered list of rules.
 
-    Sources a rule does not name rank equal, below every named one. A rule for field "*"
-    applies to every field of the entity without a rule of its own.
+    A rule is a source id (`national-population`), a source kind from the registry
+    (`kind:national`), or `owner:<field>`: the source whose registered agency codes contain
+    the value of <field> in its own view (the issuing agency of a document, the handling
+    agency of a dossier). The first matching rule ranks highest; sources no rule matches
+    rank equal, below every matched one. A rule list for field "*" applies to every field
+    of the entity without a list of its own.
     """
 
     rules: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    registry: Registry = field(default_factory=Registry)
 
-    def rank(self, entity: str, field_name: str, source: str) -> int:
+    def rank(self, entity: str, field_name: str, view: SourceView) -> int:
         order = self.rules.get((entity, field_name)) or self.rules.get((entity, "*"), ())
-        try:
-            return len(order) - order.index(source)
-        except ValueError:
-            return 0
+        for position, rule in enumerate(order):
+            if self._matches(rule, view):
+                return len(order) - position
+        return 0
+
+    def _matches(self, rule: str, view: SourceView) -> bool:
+        if rule.startswith("kind:"):
+            return self.registry.kind(view.source) == rule[5:]
+        if rule.startswith("owner:"):
+            value = (view.data or {}).get(rule[6:])
+            return self.registry.covers_agency(view.source, value)
+        return rule == view.source
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Mapping[str, Iterable[str]]]) -> Authority:
+    def from_mapping(
+        cls, raw: Mapping[str, Mapping[str, Iterable[str]]], registry: Registry | None = None
+    ) -> Authority:
         rules = {
             (entity, field_name): tuple(sources)
             for entity, fields in raw.items()
             for field_name, sources in fields.items()
         }
-        return cls(rules)
+        return cls(rules, registry or Registry())
 
     @classmethod
-    def load(cls, path: Path | None) -> Authority:
-        """Read an authority TOML file (`[entity] field = ["source", ...]`); None: all equal."""
+    def load(cls, path: Path | None, registry: Registry | None = None) -> Authority:
+        """Read an authority TOML file (`[entity] field = ["rule", ...]`); None: all equal."""
         if path is None:
-            return cls()
+            return cls(registry=registry or Registry())
         with path.open("rb") as handle:
-            return cls.from_mapping(tomllib.load(handle))
+            return cls.from_mapping(tomllib.load(handle), registry)
 
 
 def decide(current: SourceView | None, version: int) -> Outcome:
@@ -86,23 +106,80 @@ def decide(current: SourceView | None, version: int) -> Outcome:
     return "stale"
 
 
+def live_views(views: Iterable[SourceView]) -> list[SourceView]:
+    return [view for view in views if not view.deleted and view.data is not None]
+
+
 def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> CanonicalRecord | None:
     """Rule 3: the canonical record from every source's current view (None: no record)."""
-    live = [view for view in views if not view.deleted and view.data is not None]
+    live = live_views(views)
     if not live:
         return None
     data: dict[str, Any] = {}
-    names = sorted({name for view in live for name in view.data or {}})
-    for name in names:
-        candidates = [view for view in live if view.data is not None and name in view.data]
+    provenance: dict[str, dict[str, Any]] = {}
+    for name in sorted({name for view in live for name in view.data or {}}):
+        candidates = [view for view in live if name in (view.data or {})]
         best = max(
             candidates,
-            key=lambda view: (
-                authority.rank(entity, name, view.source),
-                view.occurred_at,
-                view.source,
-            ),
+            key=lambda view: (authority.rank(entity, name, view), view.occurred_at, view.source),
         )
-        assert best.data is not None
-        data[name] = best.data[name]
-    return CanonicalRecord(data, {view.source: view.version for view in live})
+        data[name] = (best.data or {})[name]
+        provenance[name] = {"source": best.source, "version": best.version}
+    return CanonicalRecord(data, {view.source: view.version for view in live}, provenance)
+
+
+def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[str]]:
+    """Fields on which contributing sources disagree, with the sources that provide them."""
+    providers: dict[str, dict[str, Any]] = {}
+    for view in live_views(views):
+        for name, value in (view.data or {}).items():
+            providers.setdefault(name, {})[view.source] = value
+    return {
+        name: sorted(by_source)
+        for name, by_source in sorted(providers.items())
+        if len({_canonical_json(value) for value in by_source.values()}) > 1
+    }
+
+
+def record_changes(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> dict[str, list[Any]]:
+    """Field -> [old, new] for every field that differs (a missing side counts as None)."""
+    old, new = before or {}, after or {}
+    return {
+        name: [old.get(name), new.get(name)]
+        for name in sorted(set(old) | set(new))
+        if name not in old or name not in new or old[name] != new[name]
+    }
+
+
+# National dossier lifecycle (TrangThaiHoSo): the usual next statuses of each status.
+DOSSIER_TRANSITIONS: Mapping[int, frozenset[int]] = {
+    1: frozenset({2, 3, 7}),  # submitted -> accepted, not accepted, withdrawn
+    2: frozenset(
+        {4, 5, 6, 7, 8}
+    ),  # accepted -> processing, docs/fees requested, withdrawn, stopped
+    4: frozenset({5, 6, 7, 8, 9}),  # processing -> requests, withdrawn, stopped, finished
+    5: frozenset({4, 7, 8}),  # additional documents requested -> processing again
+    6: frozenset({4, 7, 8, 9}),  # financial obligation requested -> processing, finished
+    9: frozenset({10}),  # finished -> result returned
+    3: frozenset(),
+    7: frozenset(),
+    8: frozenset(),
+    10: frozenset(),
+}
+
+
+def unusual_transition(old_status: object, new_status: object) -> bool:
+    """A status change that the national lifecycle does not foresee (same status is fine)."""
+    if not isinstance(old_status, int) or not isinstance(new_status, int):
+        return False
+    if old_status == new_status:
+        return False
+    return new_status not in DOSSIER_TRANSITIONS.get(old_status, frozenset())
+
+
+def _canonical_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)

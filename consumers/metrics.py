@@ -25,6 +25,15 @@ SOFT_WARNINGS = Counter(
     "Soft contract checks that failed (the event was still applied), by entity and check.",
     ["entity", "check"],
 )
+FIELD_CONFLICTS = Counter(
+    "portal_sync_field_conflicts_total",
+    "Field disagreements between contributing sources, counted when they appear.",
+    ["entity", "field"],
+)
+DOSSIER_ANOMALIES = Counter(
+    "portal_sync_dossier_anomalies_total",
+    "Dossier status changes the national lifecycle does not foresee (applied, flagged).",
+)
 BATCH_EVENTS = Histogram(
     "portal_sync_store_batch_events",
     "Events per store transaction.",
@@ -67,6 +76,9 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
             histogram.labels(item.source, item.entity).observe(lag)
             lags.append(lag)
     BATCH_EVENTS.observe(len(report.outcomes))
+    for entity, field_name in report.new_conflicts:
+        FIELD_CONFLICTS.labels(entity, field_name).inc()
+    DOSSIER_ANOMALIES.inc(report.anomalies)
     return lags
 
 

@@ -11,8 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from consumers.merge import Authority, Outcome, SourceView, decide, merge
+from sqlalchemy import Connection
+
+from consumers.merge import (
+    Authority,
+    CanonicalRecord,
+    Outcome,
+    SourceView,
+    decide,
+    field_conflicts,
+    merge,
+    record_changes,
+    unusual_transition,
+)
+from consumers.registry import Registry
 from consumers.store import RecordKey, Store, TopicPartition, ViewRow, utcnow
 from schemas import ChangeEvent, InvalidEvent, parse_event
 
@@ -60,10 +74,19 @@ class BatchReport:
     outcomes: list[EventOutcome] = field(default_factory=list)
     committed_at: datetime | None = None
     already_applied: int = 0
+    new_conflicts: list[tuple[str, str]] = field(default_factory=list)  # (entity, field)
+    anomalies: int = 0
 
 
-def classify(messages: Iterable[Message]) -> tuple[list[Checked], list[DeadLetter]]:
-    """Split messages into contract-valid events and dead letters with their reasons."""
+def classify(
+    messages: Iterable[Message], registry: Registry | None = None
+) -> tuple[list[Checked], list[DeadLetter]]:
+    """Split messages into contract-valid events and dead letters with their reasons.
+
+    With a registry, an event of an unregistered source is a dead letter too: once the
+    source is registered it can be re-driven.
+    """
+    registry = registry or Registry()
     valid: list[Checked] = []
     dead: list[DeadLetter] = []
     for message in messages:
@@ -71,6 +94,10 @@ def classify(messages: Iterable[Message]) -> tuple[list[Checked], list[DeadLette
             checked = parse_event(message.value)
         except InvalidEvent as error:
             dead.append(DeadLetter(message, error.code, error.message))
+            continue
+        if not registry.accepts(checked.event.source):
+            reason = "source is not in the source registry"
+            dead.append(DeadLetter(message, "unregistered_source", reason))
             continue
         valid.append(Checked(message, checked.event, checked.warnings))
     return valid, dead
@@ -86,6 +113,21 @@ def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRan
         first, end, count = result.get(message.tp, (message.offset, message.offset + 1, 0))
         result[message.tp] = (min(first, message.offset), max(end, message.offset + 1), count + 1)
     return result
+
+
+OWNER_ENTITIES = {"citizen": "citizen", "organization": "organization"}
+
+
+@dataclass
+class _Batch:
+    """What one transaction accumulates before it writes."""
+
+    views: dict[RecordKey, dict[str, SourceView]]
+    canonical: dict[RecordKey, dict[str, Any]]
+    changed: dict[tuple[RecordKey, str], ViewRow] = field(default_factory=dict)
+    merged: dict[RecordKey, CanonicalRecord | None] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Reconciler:
@@ -111,34 +153,149 @@ class Reconciler:
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
             keys = {(c.event.entity, c.event.key) for c in todo}
-            views = self.store.views(conn, keys)
-            changed: dict[tuple[RecordKey, str], ViewRow] = {}
-            for checked in sorted(todo, key=lambda c: (c.message.tp, c.message.offset)):
-                event = checked.event
-                record_key = (event.entity, event.key)
-                current = views.get(record_key, {}).get(event.source)
-                outcome = decide(current, event.version)
-                report.outcomes.append(
-                    EventOutcome(event.source, event.entity, outcome, event.occurred_at)
-                )
-                if outcome != "applied":
-                    continue
-                view = SourceView(
-                    source=event.source,
-                    version=event.version,
-                    event_id=str(event.event_id),
-                    occurred_at=event.occurred_at,
-                    deleted=event.op == "delete",
-                    data=event.data_dict(),
-                )
-                views.setdefault(record_key, {})[event.source] = view
-                changed[(record_key, event.source)] = ViewRow(event.entity, event.key, view)
-            touched = {record_key for record_key, _ in changed}
-            merged = {k: merge(k[0], views[k].values(), self.authority) for k in touched}
+            work = _Batch(self.store.views(conn, keys), self.store.canonical(conn, keys))
             now = utcnow()
-            self.store.write_views(conn, list(changed.values()), now)
-            self.store.write_records(conn, merged, now)
+            for checked in sorted(todo, key=lambda c: (c.message.tp, c.message.offset)):
+                outcome = self._apply_event(work, checked.event, now)
+                report.outcomes.append(
+                    EventOutcome(
+                        checked.event.source,
+                        checked.event.entity,
+                        outcome,
+                        checked.event.occurred_at,
+                    )
+                )
+            report.new_conflicts = self._write(conn, work, now)
             unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
             self.store.write_offsets(conn, offset_ranges(unapplied), now)
+            report.anomalies = len(work.anomalies)
         report.committed_at = utcnow()
         return report
+
+    def remerge(self, keys: Sequence[RecordKey], source: str = "remerge") -> int:
+        """Re-merge records from their stored views (after an authority change), in one
+        transaction; every changed record gets a history entry. Return how many changed."""
+        with self.store.write_transaction() as conn:
+            work = _Batch(self.store.views(conn, keys), self.store.canonical(conn, keys))
+            now = utcnow()
+            for record_key in keys:
+                record = merge(
+                    record_key[0], work.views.get(record_key, {}).values(), self.authority
+                )
+                work.merged[record_key] = record
+                changes = record_changes(
+                    work.canonical.get(record_key), record.data if record else None
+                )
+                if changes:
+                    work.history.append(
+                        {
+                            "entity": record_key[0],
+                            "key": record_key[1],
+                            "event_id": None,
+                            "source": source,
+                            "version": None,
+                            "changes": changes,
+                            "applied_at": now,
+                        }
+                    )
+            self._write(conn, work, now)
+        return len(work.history)
+
+    def _apply_event(self, work: _Batch, event: ChangeEvent, now: datetime) -> Outcome:
+        record_key = (event.entity, event.key)
+        current = work.views.get(record_key, {}).get(event.source)
+        outcome = decide(current, event.version)
+        if outcome != "applied":
+            return outcome
+        view = SourceView(
+            source=event.source,
+            version=event.version,
+            event_id=str(event.event_id),
+            occurred_at=event.occurred_at,
+            deleted=event.op == "delete",
+            data=event.data_dict(),
+        )
+        if event.entity == "dossier":
+            self._check_lifecycle(work, event, current, view, now)
+        work.views.setdefault(record_key, {})[event.source] = view
+        work.changed[(record_key, event.source)] = ViewRow(event.entity, event.key, view)
+        record = merge(event.entity, work.views[record_key].values(), self.authority)
+        work.merged[record_key] = record
+        after = record.data if record else None
+        changes = record_changes(work.canonical.get(record_key), after)
+        if changes:
+            work.history.append(
+                {
+                    "entity": event.entity,
+                    "key": event.key,
+                    "event_id": str(event.event_id),
+                    "source": event.source,
+                    "version": event.version,
+                    "changes": changes,
+                    "applied_at": now,
+                }
+            )
+        if after is None:
+            work.canonical.pop(record_key, None)
+        else:
+            work.canonical[record_key] = after
+        return outcome
+
+    def _check_lifecycle(
+        self,
+        work: _Batch,
+        event: ChangeEvent,
+        current: SourceView | None,
+        view: SourceView,
+        now: datetime,
+    ) -> None:
+        """A source stays the truth for its own dossier: flag, never refuse, odd changes."""
+        if current is None or current.data is None or view.data is None:
+            return
+        old, new = current.data.get("status"), view.data.get("status")
+        if unusual_transition(old, new):
+            work.anomalies.append(
+                {
+                    "key": event.key,
+                    "source": event.source,
+                    "from_status": old,
+                    "to_status": new,
+                    "event_id": str(event.event_id),
+                    "detected_at": now,
+                }
+            )
+
+    def _write(self, conn: Connection, work: _Batch, now: datetime) -> list[tuple[str, str]]:
+        store = self.store
+        store.write_views(conn, list(work.changed.values()), now)
+        store.write_records(conn, work.merged, now)
+        store.append_history(conn, work.history)
+        store.add_anomalies(conn, work.anomalies)
+        conflicts = {k: field_conflicts(work.views[k].values()) for k in work.merged}
+        new_conflicts = store.write_conflicts(conn, conflicts, now)
+        self._track_owners(conn, work.merged, now)
+        return new_conflicts
+
+    def _track_owners(
+        self, conn: Connection, merged: dict[RecordKey, CanonicalRecord | None], now: datetime
+    ) -> None:
+        """Flag documents whose owner is missing; clear the flag when the owner arrives."""
+        presence = {k: r is not None for k, r in merged.items() if k[0] in OWNER_ENTITIES}
+        if presence:
+            self.store.set_owner_presence(conn, presence, now)
+        documents = {k: document_owner(r) for k, r in merged.items() if k[0] == "document"}
+        if not documents:
+            return
+        owners = {owner for owner in documents.values() if owner is not None}
+        present = self.store.existing(conn, owners)
+        self.store.write_document_owners(conn, documents, present, now)
+
+
+def document_owner(record: CanonicalRecord | None) -> RecordKey | None:
+    """The (entity, key) of a document's owner, when the record names one."""
+    if record is None:
+        return None
+    kind, owner_id = record.data.get("owner_kind"), record.data.get("owner_id")
+    if kind in OWNER_ENTITIES and isinstance(owner_id, str):
+        return (OWNER_ENTITIES[kind], owner_id)
+    return None

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     insert,
     select,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import Dialect
@@ -85,6 +87,8 @@ records = Table(
     Column("data", _json(), nullable=False),
     Column("sources", _json(), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # field -> {"source", "version"}; NULL only for records written before migration 0002
+    Column("provenance", _json()),
 )
 
 applied_offsets = Table(
@@ -110,6 +114,64 @@ apply_journal = Table(
     Column("next_offset", BigInteger, nullable=False),
     Column("events", Integer, nullable=False),
     Column("committed_at", UTCDateTime, nullable=False),
+)
+
+# Every change to a canonical record: which event (or remerge) changed which fields.
+record_history = Table(
+    "record_history",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("entity", String(16), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("event_id", String(36)),
+    Column("source", String(64), nullable=False),
+    Column("version", BigInteger),
+    Column("changes", _json(), nullable=False),  # field -> [old, new]
+    Column("applied_at", UTCDateTime, nullable=False),
+    Index("ix_record_history_record", "entity", "key", "id"),
+    Index("ix_record_history_applied_at", "applied_at"),
+)
+
+# Fields on which the contributing sources currently disagree (resolved rows are deleted).
+field_conflicts = Table(
+    "field_conflicts",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("field", String(64), primary_key=True),
+    Column("sources", _json(), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+)
+
+# Dossier status changes that the national lifecycle does not foresee (applied anyway).
+dossier_anomalies = Table(
+    "dossier_anomalies",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("key", String(64), nullable=False, index=True),
+    Column("source", String(64), nullable=False),
+    Column("from_status", Integer, nullable=False),
+    Column("to_status", Integer, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+)
+
+# The owner of every document, and whether the store is still waiting for that owner:
+# a document whose owner is not in the store is kept and flagged, never rejected.
+document_owners = Table(
+    "document_owners",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("owner_entity", String(16), nullable=False),
+    Column("owner_key", String(64), nullable=False),
+    Column("waiting", Boolean, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_document_owners_owner", "owner_entity", "owner_key"),
 )
 
 RecordKey = tuple[str, str]  # (entity, key)
@@ -152,7 +214,10 @@ class Store:
         self.engine = create_store_engine(url)
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Create a new store at the newest schema revision (an old one must be upgraded)."""
+        from consumers.schema import ensure_current
+
+        ensure_current(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -202,14 +267,28 @@ class Store:
 
     def iter_records(
         self, entity: str | None = None
-    ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int]]]:
-        """Canonical records sorted by entity then key."""
+    ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any] | None]]:
+        """Canonical records (entity, key, data, sources, provenance), sorted by entity, key."""
         query = select(records).order_by(records.c.entity, records.c.key)
         if entity is not None:
             query = query.where(records.c.entity == entity)
         with self.engine.connect() as conn:
             for row in conn.execution_options(yield_per=1000).execute(query):
-                yield row.entity, row.key, row.data, row.sources
+                yield row.entity, row.key, row.data, row.sources, row.provenance
+
+    def record_keys(self, entity: str | None = None) -> list[RecordKey]:
+        """Every (entity, key) some source has a view of, sorted."""
+        query = select(source_views.c.entity, source_views.c.key).distinct()
+        if entity is not None:
+            query = query.where(source_views.c.entity == entity)
+        with self.engine.connect() as conn:
+            return sorted((e, k) for e, k in conn.execute(query))
+
+    def keys_without_provenance(self) -> list[RecordKey]:
+        """Records written before the store kept provenance (migrated spine stores)."""
+        query = select(records.c.entity, records.c.key).where(records.c.provenance.is_(None))
+        with self.engine.connect() as conn:
+            return sorted((e, k) for e, k in conn.execute(query))
 
     def count_records(self) -> dict[str, int]:
         from sqlalchemy import func
@@ -243,7 +322,14 @@ class Store:
         updated_at: datetime,
     ) -> None:
         present = [
-            {"entity": e, "key": k, "data": r.data, "sources": r.sources, "updated_at": updated_at}
+            {
+                "entity": e,
+                "key": k,
+                "data": r.data,
+                "sources": r.sources,
+                "provenance": r.provenance,
+                "updated_at": updated_at,
+            }
             for (e, k), r in merged.items()
             if r is not None
         ]
@@ -251,6 +337,122 @@ class Store:
         gone = [key for key, record in merged.items() if record is None]
         for chunk in _chunks(gone):
             conn.execute(delete(records).where(tuple_(records.c.entity, records.c.key).in_(chunk)))
+
+    def canonical(
+        self, conn: Connection, keys: Iterable[RecordKey]
+    ) -> dict[RecordKey, dict[str, Any]]:
+        """Current canonical data of the given records (absent: no record)."""
+        result: dict[RecordKey, dict[str, Any]] = {}
+        for chunk in _chunks(list(set(keys))):
+            query = select(records.c.entity, records.c.key, records.c.data).where(
+                tuple_(records.c.entity, records.c.key).in_(chunk)
+            )
+            for entity, key, data in conn.execute(query):
+                result[(entity, key)] = data
+        return result
+
+    def append_history(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            conn.execute(insert(record_history), rows)
+
+    def add_anomalies(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            conn.execute(insert(dossier_anomalies), rows)
+
+    def write_conflicts(
+        self,
+        conn: Connection,
+        current: dict[RecordKey, dict[str, list[str]]],
+        detected_at: datetime,
+    ) -> list[tuple[str, str]]:
+        """Replace the conflicts of these records; return (entity, field) of new ones."""
+        keys = list(current)
+        before: set[tuple[str, str, str]] = set()
+        for chunk in _chunks(keys):
+            where = tuple_(field_conflicts.c.entity, field_conflicts.c.key).in_(chunk)
+            query = select(field_conflicts.c.entity, field_conflicts.c.key, field_conflicts.c.field)
+            before |= {(e, k, f) for e, k, f in conn.execute(query.where(where))}
+            conn.execute(delete(field_conflicts).where(where))
+        found = [
+            (e, k, f, sources)
+            for (e, k), fields in current.items()
+            for f, sources in fields.items()
+        ]
+        if found:
+            conn.execute(
+                insert(field_conflicts),
+                [
+                    {
+                        "entity": e,
+                        "key": k,
+                        "field": f,
+                        "sources": sources,
+                        "detected_at": detected_at,
+                    }
+                    for e, k, f, sources in found
+                ],
+            )
+        return [(e, f) for e, k, f, _ in found if (e, k, f) not in before]
+
+    def write_document_owners(
+        self,
+        conn: Connection,
+        owners: dict[RecordKey, RecordKey | None],
+        present: set[RecordKey],
+        updated_at: datetime,
+    ) -> None:
+        """Record each document's owner (None: the document is gone) and whether it waits."""
+        for chunk in _chunks(list(owners)):
+            where = tuple_(document_owners.c.entity, document_owners.c.key).in_(chunk)
+            conn.execute(delete(document_owners).where(where))
+        rows = [
+            {
+                "entity": e,
+                "key": k,
+                "owner_entity": owner[0],
+                "owner_key": owner[1],
+                "waiting": owner not in present,
+                "updated_at": updated_at,
+            }
+            for (e, k), owner in owners.items()
+            if owner is not None
+        ]
+        if rows:
+            conn.execute(insert(document_owners), rows)
+
+    def set_owner_presence(
+        self, conn: Connection, owners: dict[RecordKey, bool], updated_at: datetime
+    ) -> None:
+        """An owner record appeared (True) or went away (False): update its documents."""
+        for present in (True, False):
+            keys = [owner for owner, is_present in owners.items() if is_present is present]
+            for chunk in _chunks(keys):
+                where = tuple_(document_owners.c.owner_entity, document_owners.c.owner_key).in_(
+                    chunk
+                )
+                conn.execute(
+                    update(document_owners)
+                    .where(where, document_owners.c.waiting.is_(present))
+                    .values(waiting=not present, updated_at=updated_at)
+                )
+
+    def existing(self, conn: Connection, keys: Iterable[RecordKey]) -> set[RecordKey]:
+        """Which of these records exist in the store."""
+        found: set[RecordKey] = set()
+        for chunk in _chunks(list(set(keys))):
+            query = select(records.c.entity, records.c.key).where(
+                tuple_(records.c.entity, records.c.key).in_(chunk)
+            )
+            found |= {(e, k) for e, k in conn.execute(query)}
+        return found
+
+    def prune_history(self, older_than: datetime) -> int:
+        """Drop history entries applied before `older_than`; return how many."""
+        with self.write_transaction() as conn:
+            result = conn.execute(
+                delete(record_history).where(record_history.c.applied_at < older_than)
+            )
+            return int(result.rowcount or 0)
 
     def write_offsets(
         self,

@@ -16,16 +16,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import faust
 from prometheus_client import start_http_server
 
+from consumers.config import load_rules
 from consumers.merge import Authority
 from consumers.metrics import COMMIT_SECONDS, record_batch, record_dead_letters, record_warnings
 from consumers.reconciler import DeadLetter, Message, Reconciler, classify
-from consumers.store import Store, TopicPartition
+from consumers.registry import Registry
+from consumers.store import Store, TopicPartition, utcnow
 from portal_sync.settings import Settings, user_data_dir
 from portal_sync.topics import change_topics, ensure_topics
 from producers.publisher import Publisher
@@ -38,10 +41,14 @@ MAX_RETRY_SECONDS = 30.0
 class BatchProcessor:
     """Synchronous part of the worker: dead letters first, then one store transaction."""
 
-    def __init__(self, settings: Settings, store: Store, authority: Authority) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, registry: Registry, authority: Authority
+    ) -> None:
         self.settings = settings
+        self.registry = registry
         self.reconciler = Reconciler(store, authority)
         self.publisher = Publisher(settings, client_id="portal-sync-dead-letters")
+        self.next_prune = 0.0
 
     def process(self, messages: Sequence[Message]) -> None:
         """Apply a batch, retrying with backoff until it succeeds: nothing is skipped."""
@@ -57,7 +64,7 @@ class BatchProcessor:
 
     def _process_once(self, messages: Sequence[Message]) -> None:
         fresh = self.reconciler.unapplied(messages)
-        valid, dead = classify(fresh)
+        valid, dead = classify(fresh, self.registry)
         if dead:
             self._dead_letter(dead)
         for checked in valid:
@@ -75,6 +82,17 @@ class BatchProcessor:
         record_batch(report, self.settings.freshness_objective_seconds)
         if dead:
             record_dead_letters(dead)
+        self._prune_history()
+
+    def _prune_history(self) -> None:
+        """Drop audit history past its retention, at most once an hour."""
+        if time.monotonic() < self.next_prune:
+            return
+        self.next_prune = time.monotonic() + 3600
+        horizon = utcnow() - timedelta(days=self.settings.history_retention_days)
+        pruned = self.reconciler.store.prune_history(horizon)
+        if pruned:
+            log.info("pruned %d audit history entries older than %s", pruned, horizon.date())
 
     def _dead_letter(self, dead: list[DeadLetter]) -> None:
         """Publish and wait for acks before the offsets that skip them are committed."""
@@ -128,8 +146,10 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     ensure_topics(settings)
     store = Store(settings.store_url)
     store.create_schema()
-    authority = Authority.load(settings.authority_file)
-    processor = BatchProcessor(settings, store, authority)
+    registry, authority = load_rules(settings)
+    if registry.development_mode:
+        log.warning("development mode: no source registry, every source accepted, equal rank")
+    processor = BatchProcessor(settings, store, registry, authority)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     targets = end_offsets(settings) if until_caught_up else {}

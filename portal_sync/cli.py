@@ -10,12 +10,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from portal_sync.cli_store import register as register_store_commands
 from portal_sync.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="portal-sync: record changes of provinces and ministries into the national store.",
+)
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
 app.add_typer(kafka_app, name="kafka")
 console = Console(stderr=True)
+register_store_commands(app)
 
 BootstrapOpt = Annotated[
     str | None,
@@ -159,6 +165,9 @@ def worker(
 def export(
     entity: Annotated[str | None, typer.Option("--entity")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    provenance: Annotated[
+        bool, typer.Option("--provenance", help="Add each field's source and version")
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot)."""
@@ -167,7 +176,7 @@ def export(
     settings = settings_from(store=store)
     handle = output.open("w", encoding="utf-8") if output else sys.stdout
     try:
-        count = export_records(settings.store_url, handle, entity)
+        count = export_records(settings.store_url, handle, entity, provenance=provenance)
     finally:
         if output:
             handle.close()

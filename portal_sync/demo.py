@@ -27,8 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from consumers.merge import Authority, SourceView, merge
-from consumers.store import Store, metadata, source_views
+from consumers import queries
+from consumers.config import load_rules
+from consumers.merge import SourceView, merge
+from consumers.schema import drop_everything
+from consumers.store import Store, source_views
 from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
@@ -41,6 +44,7 @@ from schemas import InvalidEvent, parse_event
 
 console = Console()
 DEFAULT_AUTHORITY = REPO_ROOT / "deploy" / "authority.toml"
+DEFAULT_REGISTRY = REPO_ROOT / "deploy" / "registry.toml"
 
 
 class DemoError(RuntimeError):
@@ -107,8 +111,12 @@ def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
             "the demo resets its topics and store; with an external cluster or store "
             "pass --reset to allow it"
         )
-    authority = settings.authority_file or DEFAULT_AUTHORITY
-    return settings.model_copy(update={"authority_file": authority})
+    return settings.model_copy(
+        update={
+            "authority_file": settings.authority_file or DEFAULT_AUTHORITY,
+            "registry": settings.registry or DEFAULT_REGISTRY,
+        }
+    )
 
 
 def _broker_up(settings: Settings) -> None:
@@ -122,7 +130,7 @@ def _reset(run: DemoRun) -> None:
     delete_group(settings, settings.group_id)
     ensure_topics(settings)
     store = Store(settings.store_url)
-    metadata.drop_all(store.engine)
+    drop_everything(store.engine)
     store.create_schema()
     store.close()
     shutil.rmtree(run.workdir, ignore_errors=True)
@@ -165,6 +173,10 @@ def _create_sources(run: DemoRun, people: int) -> None:
         bad = source.citizen_row(world._person())
         bad["dien_thoai"] = "không có"
         source.insert("citizen", [bad])
+    # Inter-agency dossiers: Ho Chi Minh City receives some of Hanoi's dossiers.
+    hanoi, hcm = run.sources[0], run.sources[1]
+    originals = rng.sample(hanoi.keys("dossier"), 25)
+    hcm.insert("dossier", [hcm.transferred_row(key) for key in originals])
 
 
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
@@ -245,6 +257,8 @@ def _advance_dossier(source: SampleSource, key: str) -> None:
         return
     if source.rng.random() < 0.1 and row.trang_thai == 4:
         following = 5
+    if source.rng.random() < 0.02 and row.trang_thai == 1:
+        following = 9  # finished without being accepted: applied, flagged as an anomaly
     values: dict[str, Any] = {"trang_thai": following}
     if following == 10:
         values["ngay_tra"] = row.ngay_hen_tra
@@ -269,6 +283,13 @@ MALFORMED: list[tuple[str, bytes]] = [
         b'"source": "province-01", "entity": "citizen", "key": "001090000001", '
         b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
         b'"data": {"full_name": "X", "password": "hunter2"}}',
+    ),
+    (  # well-formed, but from a system that is not in the source registry
+        "citizen",
+        b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000002", '
+        b'"source": "province-99", "entity": "citizen", "key": "001090000001", '
+        b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
+        b'"data": {"full_name": "Nguy\u1ec5n V\u0103n A"}}',
     ),
 ]
 
@@ -316,7 +337,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, int]]]:
     """The merge rules applied to every source's current rows, independently of Kafka."""
-    authority = Authority.load(run.settings.authority_file)
+    registry, authority = load_rules(run.settings)
     views: dict[tuple[str, str], list[SourceView]] = {}
     for runner in run.runners:
         for page in runner.adapter.pages(CursorState()):
@@ -325,6 +346,8 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
                 try:
                     event = parse_event(raw).event
                 except InvalidEvent:
+                    continue
+                if not registry.accepts(event.source):
                     continue
                 views.setdefault((event.entity, event.key), []).append(
                     SourceView(
@@ -354,7 +377,7 @@ def _self_check(run: DemoRun) -> bool:
     expected = expected_records(run)
     store = Store(run.settings.store_url)
     try:
-        actual = {(e, k): (d, s) for e, k, d, s in store.iter_records()}
+        actual = {(e, k): (d, s) for e, k, d, s, _ in store.iter_records()}
     finally:
         store.close()
     missing = expected.keys() - actual.keys()
@@ -388,6 +411,12 @@ def _lag_percentiles(settings: Settings) -> tuple[float, float, int]:
 def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) -> None:
     store = Store(run.settings.store_url)
     counts = store.count_records()
+    quality = {
+        "dossiers": queries.distinct_dossiers(store),
+        "conflicts": sum(line.records for line in queries.conflict_report(store)),
+        "anomalies": queries.anomaly_count(store),
+        "waiting": queries.waiting_documents(store),
+    }
     store.close()
     p50, p99, samples = _lag_percentiles(run.settings)
     table = Table(title="portal-sync demo", show_header=False)
@@ -401,6 +430,10 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
         ("stale", f"{metrics.get('events.stale', 0):.0f}"),
         ("dead-lettered by the reconciler", f"{metrics.get('events.dead_lettered', 0):.0f}"),
         *[(f"records: {entity}", f"{count}") for entity, count in sorted(counts.items())],
+        ("dossiers counted once (inter-agency with original)", f"{quality['dossiers']}"),
+        ("open field conflicts (records × fields)", f"{quality['conflicts']}"),
+        ("dossier lifecycle anomalies", f"{quality['anomalies']}"),
+        ("documents waiting for their owner", f"{quality['waiting']}"),
         (f"sync lag p50 / p99 ({samples} views)", f"{p50:.2f} s / {p99:.2f} s"),
         ("wall time", f"{seconds:.1f} s"),
         ("self-check", "PASS" if ok else "FAIL"),

@@ -234,6 +234,7 @@ def _tables(metadata: MetaData, row_version: bool) -> dict[str, Table]:
             Column("ngay_tiep_nhan", DateTime),
             Column("ngay_hen_tra", DateTime),
             Column("ngay_tra", DateTime),
+            Column("ma_ho_so_goc", String(40)),
             *common(),
         ),
     }
@@ -292,6 +293,7 @@ FIELD_MAPS: dict[str, tuple[str, dict[str, str]]] = {
             "received_at": "ngay_tiep_nhan",
             "due_at": "ngay_hen_tra",
             "finished_at": "ngay_tra",
+            "original_code": "ma_ho_so_goc",
         },
     ),
 }
@@ -461,7 +463,15 @@ class SampleSource:
             "ngay_tiep_nhan": received,
             "ngay_hen_tra": received + timedelta(days=rng.choice([3, 5, 7, 15])),
             "ngay_tra": None,
+            "ma_ho_so_goc": None,
         }
+
+    def transferred_row(self, original_key: str) -> dict[str, Any]:
+        """An inter-agency (liên thông) dossier received from another agency: its own code,
+        referencing the original so that it is never counted twice."""
+        row = self.dossier_row()
+        row["ma_ho_so_goc"] = original_key
+        return row
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, entity: str, rows: list[dict[str, Any]], behind: float = 0.0) -> None:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     dead_letter_retention_hours: int = 24 * 90
     group_id: str = "portal-sync-reconciler"
     authority_file: Path | None = None
+    registry: Path | None = Field(
+        default=None, description="source registry file; unset: development mode"
+    )
+    history_retention_days: int = Field(default=730, description="audit history kept, days")
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
@@ -75,4 +79,6 @@ class Settings(BaseSettings):
         }
         if self.authority_file is not None:
             env["PORTAL_SYNC_AUTHORITY_FILE"] = str(self.authority_file)
+        if self.registry is not None:
+            env["PORTAL_SYNC_REGISTRY"] = str(self.registry)
         return env

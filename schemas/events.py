@@ -137,6 +137,10 @@ class DossierData(ContractModel):
     received_at: AwareDatetime | None = None
     due_at: AwareDatetime | None = None
     finished_at: AwareDatetime | None = None
+    original_code: Annotated[str, StringConstraints(pattern=DOSSIER_CODE.pattern)] | None = Field(
+        default=None,
+        description="For an inter-agency (liên thông) dossier: the code of the original dossier",
+    )
 
     @model_validator(mode="after")
     def _applicant_id_matches_kind(self) -> Self:
