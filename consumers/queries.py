@@ -112,6 +112,12 @@ def anomalies(store: Store, limit: int = 100) -> list[dict[str, Any]]:
         return [row._asdict() for row in conn.execute(query)]
 
 
+def open_conflicts(store: Store) -> int:
+    """Open (record, field) disagreements."""
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(field_conflicts)).scalar_one())
+
+
 def anomaly_count(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(dossier_anomalies)).scalar_one())

@@ -413,7 +413,7 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
     counts = store.count_records()
     quality = {
         "dossiers": queries.distinct_dossiers(store),
-        "conflicts": sum(line.records for line in queries.conflict_report(store)),
+        "conflicts": queries.open_conflicts(store),
         "anomalies": queries.anomaly_count(store),
         "waiting": queries.waiting_documents(store),
     }
@@ -431,7 +431,7 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
         ("dead-lettered by the reconciler", f"{metrics.get('events.dead_lettered', 0):.0f}"),
         *[(f"records: {entity}", f"{count}") for entity, count in sorted(counts.items())],
         ("dossiers counted once (inter-agency with original)", f"{quality['dossiers']}"),
-        ("open field conflicts (records × fields)", f"{quality['conflicts']}"),
+        ("open field conflicts (record fields)", f"{quality['conflicts']}"),
         ("dossier lifecycle anomalies", f"{quality['anomalies']}"),
         ("documents waiting for their owner", f"{quality['waiting']}"),
         (f"sync lag p50 / p99 ({samples} views)", f"{p50:.2f} s / {p99:.2f} s"),
