@@ -489,18 +489,21 @@ def _upsert(
     keys: list[str],
     guard: str | None = None,
 ) -> None:
-    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value."""
+    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value.
+
+    `values` must hold one row per key (the callers deduplicate per batch): one statement
+    cannot update a row twice. The RETURNING clause makes SQLAlchemy send the rows as
+    multi-row `INSERT ... VALUES (...), (...) ON CONFLICT` pages ("insertmanyvalues") from
+    one cached compiled statement, instead of compiling a statement per batch.
+    """
     if not values:
         return
-    dialect = conn.dialect.name
-    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    for chunk in _chunks(values, CHUNK):
-        statement = insert_fn(table).values(chunk)
-        update = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
-        where = None
-        if guard is not None:
-            where = and_(table.c[guard] < statement.excluded[guard])
-        conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=update, where=where))
+    insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert_fn(table)
+    update = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
+    upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
+    conn.execute(upsert.returning(table.c[keys[0]]), values)
 
 
 def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:

@@ -32,6 +32,17 @@ def view(
     )
 
 
+def rank(
+    authority: Authority, entity: str, field: str, source: str, data: dict[str, Any] | None = None
+) -> int:
+    """The rank of a source's (live) view of a record for one field."""
+    return authority.rank(entity, field, view(source, data or {}))
+
+
+def origin(source: str, version: int = 1) -> dict[str, Any]:
+    return {"source": source, "version": version}
+
+
 # -- decide: the version rule -------------------------------------------------------------
 
 
@@ -67,7 +78,11 @@ def test_single_source_is_the_record() -> None:
     record = merge(
         "citizen", [view("s-a", {"full_name": "An", "sex": "male"}, version=3)], Authority()
     )
-    assert record == CanonicalRecord({"full_name": "An", "sex": "male"}, {"s-a": 3})
+    assert record == CanonicalRecord(
+        {"full_name": "An", "sex": "male"},
+        {"s-a": 3},
+        {"full_name": origin("s-a", 3), "sex": origin("s-a", 3)},
+    )
 
 
 def test_authority_rank_wins_over_recency_and_source_id() -> None:
@@ -113,9 +128,9 @@ def test_occurred_at_compares_instants_across_offsets() -> None:
 
 def test_unnamed_sources_rank_equal_below_named_ones() -> None:
     authority = Authority.from_mapping({"citizen": {"full_name": ["s-m"]}})
-    assert authority.rank("citizen", "full_name", "s-m") == 1
-    assert authority.rank("citizen", "full_name", "s-x") == 0
-    assert authority.rank("citizen", "full_name", "s-y") == 0
+    assert rank(authority, "citizen", "full_name", "s-m") == 1
+    assert rank(authority, "citizen", "full_name", "s-x") == 0
+    assert rank(authority, "citizen", "full_name", "s-y") == 0
     views = [
         view("s-m", {"full_name": "Named"}, minutes=0),
         view("s-x", {"full_name": "X"}, minutes=30),
@@ -128,7 +143,7 @@ def test_unnamed_sources_rank_equal_below_named_ones() -> None:
 
 def test_rank_order_of_named_sources() -> None:
     authority = Authority.from_mapping({"citizen": {"sex": ["s-1", "s-2", "s-3"]}})
-    ranks = [authority.rank("citizen", "sex", s) for s in ("s-1", "s-2", "s-3", "s-4")]
+    ranks = [rank(authority, "citizen", "sex", s) for s in ("s-1", "s-2", "s-3", "s-4")]
     assert ranks == [3, 2, 1, 0]
 
 
@@ -141,9 +156,9 @@ def test_star_rule_applies_to_fields_without_their_own_rule() -> None:
     record = merge("organization", views, authority)
     assert record is not None
     assert record.data == {"name": "B name", "status": "active", "legal_form": "A form"}
-    assert authority.rank("organization", "anything", "s-a") == 1
-    assert authority.rank("organization", "name", "s-a") == 0
-    assert authority.rank("citizen", "anything", "s-a") == 0
+    assert rank(authority, "organization", "anything", "s-a") == 1
+    assert rank(authority, "organization", "name", "s-a") == 0
+    assert rank(authority, "citizen", "anything", "s-a") == 0
 
 
 def test_tombstone_removes_the_source_contribution() -> None:
@@ -153,17 +168,21 @@ def test_tombstone_removes_the_source_contribution() -> None:
     ]
     authority = Authority.from_mapping({"citizen": {"*": ["s-a"]}})
     assert merge("citizen", views, authority) == CanonicalRecord(
-        {"full_name": "A", "phone": "0912345678"}, {"s-a": 1, "s-b": 2}
+        {"full_name": "A", "phone": "0912345678"},
+        {"s-a": 1, "s-b": 2},
+        {"full_name": origin("s-a", 1), "phone": origin("s-a", 1)},
     )
     views[0] = view("s-a", None, version=2, deleted=True)
-    assert merge("citizen", views, authority) == CanonicalRecord({"full_name": "B"}, {"s-b": 2})
+    assert merge("citizen", views, authority) == CanonicalRecord(
+        {"full_name": "B"}, {"s-b": 2}, {"full_name": origin("s-b", 2)}
+    )
 
 
 def test_deleted_view_with_stray_data_contributes_nothing() -> None:
     stray = SourceView("s-a", 3, "e", T0, True, {"full_name": "ghost"})
     assert merge("citizen", [stray], Authority()) is None
     assert merge("citizen", [stray, view("s-b", {"sex": "male"})], Authority()) == CanonicalRecord(
-        {"sex": "male"}, {"s-b": 1}
+        {"sex": "male"}, {"s-b": 1}, {"sex": origin("s-b", 1)}
     )
 
 
@@ -187,7 +206,7 @@ def test_null_is_kept_and_absent_falls_back() -> None:
 
 def test_empty_data_is_still_a_live_contribution() -> None:
     record = merge("dossier", [view("s-a", {}, version=9)], Authority())
-    assert record == CanonicalRecord({}, {"s-a": 9})
+    assert record == CanonicalRecord({}, {"s-a": 9}, {})
 
 
 def test_merge_is_independent_of_view_order() -> None:
@@ -202,6 +221,13 @@ def test_merge_is_independent_of_view_order() -> None:
     assert expected == CanonicalRecord(
         {"full_name": "B", "sex": "female", "email": "c@example.vn", "phone": "0912345678"},
         {"s-a": 3, "s-b": 1, "s-c": 2},
+        {
+            "full_name": origin("s-b", 1),
+            # s-a and s-c are equally recent: the greater source id wins
+            "sex": origin("s-c", 2),
+            "email": origin("s-c", 2),
+            "phone": origin("s-b", 1),
+        },
     )
     for rotation in range(1, len(views)):
         assert merge("citizen", views[rotation:] + views[:rotation], authority) == expected
@@ -223,15 +249,15 @@ def test_authority_load_reads_toml(tmp_path: Path) -> None:
         ("citizen", "*"): ("s-c",),
         ("organization", "name"): ("s-a",),
     }
-    assert authority.rank("citizen", "full_name", "s-b") == 2
-    assert authority.rank("citizen", "full_name", "s-c") == 0
-    assert authority.rank("citizen", "sex", "s-c") == 1
+    assert rank(authority, "citizen", "full_name", "s-b") == 2
+    assert rank(authority, "citizen", "full_name", "s-c") == 0
+    assert rank(authority, "citizen", "sex", "s-c") == 1
 
 
 def test_authority_load_none_ranks_all_equal() -> None:
     authority = Authority.load(None)
     assert authority.rules == {}
-    assert authority.rank("citizen", "full_name", "anything") == 0
+    assert rank(authority, "citizen", "full_name", "anything") == 0
 
 
 def test_authority_load_rejects_invalid_toml(tmp_path: Path) -> None:
@@ -249,7 +275,10 @@ def test_deployed_authority_file_loads() -> None:
     for (entity, _field), sources in authority.rules.items():
         assert entity in {"citizen", "organization", "document", "dossier"}
         assert sources and all(isinstance(s, str) and s for s in sources)
-    assert authority.rules[("citizen", "full_name")][0] == "ministry-btp"
-    assert authority.rank("citizen", "full_name", "ministry-btp") > authority.rank(
-        "citizen", "full_name", "province-01"
-    )
+    # the national population database is the truth for identity fields (issue 3)
+    assert authority.rules[("citizen", "full_name")] == ("national-population", "ministry-btp")
+    ranks = [
+        rank(authority, "citizen", "full_name", s)
+        for s in ("national-population", "ministry-btp", "province-01")
+    ]
+    assert ranks == [2, 1, 0]

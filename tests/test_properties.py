@@ -235,8 +235,11 @@ def raw_tables(store: Store) -> list[list[Any]]:
     return result
 
 
-def oracle(event_set: Sequence[Spec]) -> list[tuple[str, str, dict[str, Any], dict[str, int]]]:
-    """The expected canonical records: highest version per source, merged in memory."""
+def oracle(
+    event_set: Sequence[Spec],
+) -> list[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any]]]:
+    """The expected canonical records (with provenance): highest version per source, merged
+    in memory."""
     latest: dict[tuple[int, str], Spec] = {}
     for spec in event_set:
         current = latest.get((spec.record, spec.source))
@@ -261,7 +264,7 @@ def oracle(event_set: Sequence[Spec]) -> list[tuple[str, str, dict[str, Any], di
             )
         merged = merge(entity, views, AUTHORITY)
         if merged is not None:
-            expected.append((entity, key, merged.data, merged.sources))
+            expected.append((entity, key, merged.data, merged.sources, merged.provenance))
     return sorted(expected, key=lambda r: (r[0], r[1]))
 
 
@@ -358,7 +361,7 @@ def test_late_older_upsert_never_resurrects(event_set: list[Spec], data: Any) ->
         apply_batches(reconciler, [stream([*others, *deletes])])
         settled = content(store)
         deleted_key = RECORD_KEYS[record]
-        for entity, key, _data, contributors in settled[0]:
+        for entity, key, _data, contributors, _provenance in settled[0]:
             if (entity, key) == deleted_key:
                 assert not set(contributors) & set(sources)
 
@@ -419,7 +422,13 @@ def test_delete_then_late_upsert_leaves_no_record() -> None:
         newer = _spec("s-a", 3, full_name="Nguyễn Văn Bình")
         assert apply_batches(reconciler, [reoffset(stream([newer]), 3)]) == ["applied"]
         assert list(store.iter_records()) == [
-            ("citizen", "001090012345", {"full_name": "Nguyễn Văn Bình"}, {"s-a": 3})
+            (
+                "citizen",
+                "001090012345",
+                {"full_name": "Nguyễn Văn Bình"},
+                {"s-a": 3},
+                {"full_name": {"source": "s-a", "version": 3}},
+            )
         ]
 
 
@@ -441,6 +450,12 @@ def test_authority_and_null_through_the_store() -> None:
                 # phone: only s-a has it.
                 {"full_name": "B", "sex": "female", "email": None, "phone": "0912345678"},
                 {"s-a": 3, "s-b": 1, "s-c": 2},
+                {
+                    "full_name": {"source": "s-b", "version": 1},
+                    "sex": {"source": "s-c", "version": 2},
+                    "email": {"source": "s-a", "version": 3},
+                    "phone": {"source": "s-a", "version": 3},
+                },
             )
         ]
 
