@@ -41,10 +41,22 @@ class Message:
     value: bytes | None
     key: bytes | None = None
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def tp(self) -> TopicPartition:
         return (self.topic, self.partition)
+
+    @property
+    def attempt(self) -> int:
+        """1 for a first delivery; a re-driven dead letter carries its previous attempt."""
+        for name, value in self.headers:
+            if name == "ps.attempt":
+                try:
+                    return int(value) + 1
+                except ValueError:
+                    return 1
+        return 1
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class BatchReport:
     already_applied: int = 0
     new_conflicts: list[tuple[str, str]] = field(default_factory=list)  # (entity, field)
     anomalies: int = 0
+    changes: list[dict[str, Any]] = field(default_factory=list)  # history entries written
 
 
 def classify(
@@ -141,15 +154,25 @@ class Reconciler:
             stored = self.store.offsets(conn, {m.tp for m in messages})
         return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
 
-    def apply(self, events: Sequence[Checked], batch: Sequence[Message]) -> BatchReport:
+    def apply(
+        self,
+        events: Sequence[Checked],
+        batch: Sequence[Message],
+        replay: bool = False,
+        dry_run: bool = False,
+    ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
         `batch` is every message the events came from, dead letters included: the offsets
         advance past all of them. Messages the store already applied are skipped.
+
+        A `replay` re-applies events whatever the store's offsets say and leaves the offsets
+        alone (the live worker owns them); the version rule keeps it idempotent. A `dry_run`
+        does all the work in a transaction that is rolled back.
         """
         report = BatchReport()
-        with self.store.write_transaction() as conn:
-            stored = self.store.offsets(conn, {m.tp for m in batch})
+        with self.store.write_transaction(commit=not dry_run) as conn:
+            stored = {} if replay else self.store.offsets(conn, {m.tp for m in batch})
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
             keys = {(c.event.entity, c.event.key) for c in todo}
@@ -166,9 +189,11 @@ class Reconciler:
                     )
                 )
             report.new_conflicts = self._write(conn, work, now)
-            unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
-            self.store.write_offsets(conn, offset_ranges(unapplied), now)
+            if not replay:
+                unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
+                self.store.write_offsets(conn, offset_ranges(unapplied), now)
             report.anomalies = len(work.anomalies)
+            report.changes = work.history
         report.committed_at = utcnow()
         return report
 

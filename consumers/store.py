@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     tuple_,
     update,
 )
@@ -174,6 +175,18 @@ document_owners = Table(
     Index("ix_document_owners_owner", "owner_entity", "owner_key"),
 )
 
+# Dead letters re-published to their original topic: each is re-driven once.
+dead_letter_redrives = Table(
+    "dead_letter_redrives",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("offset", BigInteger, primary_key=True),
+    Column("reason_code", String(64), nullable=False),
+    Column("target_topic", String(255), nullable=False),
+    Column("redriven_at", UTCDateTime, nullable=False),
+)
+
 RecordKey = tuple[str, str]  # (entity, key)
 TopicPartition = tuple[str, int]
 
@@ -223,10 +236,20 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def write_transaction(self) -> Iterator[Connection]:
-        """One writer transaction: committed on success, rolled back on error."""
-        with self.engine.connect().execution_options(writer=True) as conn, conn.begin():
-            yield conn
+    def write_transaction(self, commit: bool = True) -> Iterator[Connection]:
+        """One writer transaction: committed on success (unless `commit` is False, for a
+        dry run), rolled back on error."""
+        with self.engine.connect().execution_options(writer=True) as conn:
+            transaction = conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                transaction.rollback()
+                raise
+            if commit:
+                transaction.commit()
+            else:
+                transaction.rollback()
 
     # -- reads --------------------------------------------------------------------------
     def offsets(
@@ -252,9 +275,17 @@ class Store:
     def views(
         self, conn: Connection, keys: Iterable[RecordKey]
     ) -> dict[RecordKey, dict[str, SourceView]]:
-        """Every source's current view (tombstones included) of the given records."""
+        """Every source's current view (tombstones included) of the given records.
+
+        On PostgreSQL the records are locked for the transaction first (advisory locks, in
+        one order): a replay or a zombie worker beside the live worker cannot merge from a
+        stale snapshot. SQLite writers are serialised by BEGIN IMMEDIATE already.
+        """
+        wanted = sorted(set(keys))
+        if conn.dialect.name == "postgresql":
+            _lock_records(conn, wanted)
         result: dict[RecordKey, dict[str, SourceView]] = {}
-        for chunk in _chunks(list(set(keys))):
+        for chunk in _chunks(wanted):
             query = select(source_views).where(
                 tuple_(source_views.c.entity, source_views.c.key).in_(chunk)
             )
@@ -504,6 +535,19 @@ def _upsert(
     where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
     upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
     conn.execute(upsert.returning(table.c[keys[0]]), values)
+
+
+def _lock_records(conn: Connection, keys: list[RecordKey]) -> None:
+    if not keys:
+        return
+    names = [f"{entity}:{key}" for entity, key in keys]
+    conn.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+            " FROM unnest(CAST(:names AS text[])) AS k ORDER BY h) AS ordered"
+        ),
+        {"names": names},
+    )
 
 
 def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:

@@ -99,7 +99,12 @@ class BatchProcessor:
         for letter in dead:
             message = letter.message
             headers = dead_letter_headers(
-                letter.code, letter.reason, message.topic, message.partition, message.offset
+                letter.code,
+                letter.reason,
+                message.topic,
+                message.partition,
+                message.offset,
+                attempt=message.attempt,
             )
             self.publisher.send_dead_letter(message.key, message.value, headers)
             log.warning(
@@ -228,4 +233,13 @@ def _faust_dir(settings: Settings) -> Path:
 def _message(event: Any) -> Message:
     raw = event.message
     timestamp = int(raw.timestamp * 1000) if raw.timestamp else None
-    return Message(raw.topic, raw.partition, raw.offset, event.value, raw.key, timestamp)
+    headers = raw.headers.items() if isinstance(raw.headers, dict) else raw.headers or ()
+    return Message(
+        raw.topic,
+        raw.partition,
+        raw.offset,
+        event.value,
+        raw.key,
+        timestamp,
+        tuple((str(k), bytes(v or b"")) for k, v in headers),
+    )

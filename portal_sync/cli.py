@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from portal_sync.cli_ops import register as register_ops_commands
 from portal_sync.cli_store import register as register_store_commands
 from portal_sync.settings import Settings
 
@@ -22,6 +23,7 @@ kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broke
 app.add_typer(kafka_app, name="kafka")
 console = Console(stderr=True)
 register_store_commands(app)
+register_ops_commands(app)
 
 BootstrapOpt = Annotated[
     str | None,
