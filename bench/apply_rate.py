@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.merge import Authority  # noqa: E402
-from consumers.reconciler import Checked, Message, Reconciler  # noqa: E402
-from consumers.registry import Registry  # noqa: E402
-from consumers.store import Store  # noqa: E402
-from schemas import derive_event_id, parse_event  # noqa: E402
+from consumers.merge import Authority
+from consumers.reconciler import Checked, Message, Reconciler
+from consumers.registry import Registry
+from consumers.store import Store
+from schemas import derive_event_id, parse_event
 
 SOURCES = ["province-01", "province-79", "ministry-btp"]
 NAMES = ["Nguyễn Văn An", "Trần Thị Bích", "Lê Hoàng Dũng", "Phạm Thu Hà", "Đặng Quốc Việt"]
@@ -68,9 +68,7 @@ def apply_all(reconciler: Reconciler, checked: list[Checked], batch: int) -> flo
 def measure(url: str, prefill: int, count: int, batch: int) -> None:
     store = Store(url)
     store.create_schema()
-    authority = Authority.from_mapping(
-        {"citizen": {"full_name": ["ministry-btp"]}}, Registry()
-    )
+    authority = Authority.from_mapping({"citizen": {"full_name": ["ministry-btp"]}}, Registry())
     reconciler = Reconciler(store, authority)
     offset = 0
     small = events(10**6, count, 1, offset, seed=1)

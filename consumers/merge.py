@@ -128,17 +128,21 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
     return CanonicalRecord(data, {view.source: view.version for view in live}, provenance)
 
 
-def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[str]]:
-    """Fields on which contributing sources disagree, with the sources that provide them."""
+def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
+    """Fields on which contributing sources disagree: per field, the groups of sources that
+    agree with each other (two groups or more), each group sorted, groups by first source."""
     providers: dict[str, dict[str, Any]] = {}
     for view in live_views(views):
         for name, value in (view.data or {}).items():
             providers.setdefault(name, {})[view.source] = value
-    return {
-        name: sorted(by_source)
-        for name, by_source in sorted(providers.items())
-        if len({_canonical_json(value) for value in by_source.values()}) > 1
-    }
+    result: dict[str, list[list[str]]] = {}
+    for name, by_source in sorted(providers.items()):
+        groups: dict[str, list[str]] = {}
+        for source, value in sorted(by_source.items()):
+            groups.setdefault(_canonical_json(value), []).append(source)
+        if len(groups) > 1:
+            result[name] = sorted(groups.values())
+    return result
 
 
 def record_changes(

@@ -27,7 +27,7 @@ class RecordDetail:
     data: dict[str, Any] | None
     provenance: dict[str, dict[str, Any]]
     views: list[dict[str, Any]]  # every source's current view, tombstones included
-    conflicts: dict[str, list[str]]  # field -> disagreeing sources
+    conflicts: dict[str, list[list[str]]]  # field -> groups of sources that agree
     waiting_for_owner: tuple[str, str] | None
 
 
@@ -96,9 +96,11 @@ def conflict_report(store: Store, entity: str | None = None) -> list[ConflictLin
         query = query.where(field_conflicts.c.entity == entity)
     counts: Counter[tuple[str, str, tuple[str, str]]] = Counter()
     with store.engine.connect() as conn:
-        for row_entity, field_name, sources in conn.execute(query):
-            for pair in combinations(sorted(sources), 2):
-                counts[(row_entity, field_name, pair)] += 1
+        for row_entity, field_name, groups in conn.execute(query):
+            for first, second in combinations(groups, 2):  # sources that disagree
+                for a in first:
+                    for b in second:
+                        counts[(row_entity, field_name, (min(a, b), max(a, b)))] += 1
     return [
         ConflictLine(e, f, pair, n)
         for (e, f, pair), n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))

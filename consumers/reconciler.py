@@ -296,7 +296,7 @@ class Reconciler:
         store.write_records(conn, work.merged, now)
         store.append_history(conn, work.history)
         store.add_anomalies(conn, work.anomalies)
-        conflicts = {k: field_conflicts(work.views[k].values()) for k in work.merged}
+        conflicts = {k: field_conflicts(work.views.get(k, {}).values()) for k in work.merged}
         new_conflicts = store.write_conflicts(conn, conflicts, now)
         self._track_owners(conn, work.merged, now)
         return new_conflicts

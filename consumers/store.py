@@ -135,7 +135,8 @@ record_history = Table(
     Index("ix_record_history_applied_at", "applied_at"),
 )
 
-# Fields on which the contributing sources currently disagree (resolved rows are deleted).
+# Fields on which the contributing sources currently disagree (resolved rows are deleted);
+# `sources` holds the groups of sources that agree with each other.
 field_conflicts = Table(
     "field_conflicts",
     metadata,
@@ -393,7 +394,7 @@ class Store:
     def write_conflicts(
         self,
         conn: Connection,
-        current: dict[RecordKey, dict[str, list[str]]],
+        current: dict[RecordKey, dict[str, list[list[str]]]],
         detected_at: datetime,
     ) -> list[tuple[str, str]]:
         """Replace the conflicts of these records; return (entity, field) of new ones."""

@@ -25,6 +25,7 @@ from consumers.store import Store
 from portal_sync.settings import Settings
 
 console = Console()
+progress_console = Console(stderr=True)  # progress never mixes with the report on stdout
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list, show, re-drive.")
 offsets_app = typer.Typer(no_args_is_help=True, help="The live consumer group's offsets.")
 
@@ -69,7 +70,7 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TaskProgressColumn(), TextColumn("{task.fields[rate]} ev/s"), TimeRemainingColumn(),
-        console=console,
+        console=progress_console,
     )  # fmt: skip
 
 
@@ -186,10 +187,10 @@ def rebuild(
 
     live_settings = _settings(bootstrap, None)
     target = Store(store)
+    target.create_schema()
     if target.record_keys():
         console.print("[red]error:[/red] the target store is not empty")
         raise typer.Exit(1)
-    target.create_schema()
     settings = live_settings.model_copy(update={"store_url": store})
     with _progress() as progress:
         task = progress.add_task("rebuild", total=None, rate="–")

@@ -137,7 +137,9 @@ def history_rows(store: Store) -> list[tuple[Any, ...]]:
 def conflict_rows(store: Store) -> list[tuple[Any, ...]]:
     with store.engine.connect() as conn:
         rows = conn.execute(select(field_conflicts))
-        return sorted((r.entity, r.key, r.field, tuple(r.sources)) for r in rows)
+        return sorted(
+            (r.entity, r.key, r.field, tuple(tuple(group) for group in r.sources)) for r in rows
+        )
 
 
 def owner_rows(store: Store) -> list[tuple[Any, ...]]:
