@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
 from consumers.merge import Authority, SourceView, merge
 from consumers.store import Store, metadata, source_views
+from observability.http import serve
 from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
@@ -182,7 +182,7 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
     port = free_port()
-    start_http_server(port, addr="127.0.0.1")
+    serve(port)
     console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
     threads = []
     for source in run.sources:
