@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from consumers.store import Store
 from observability.freshness import Freshness, read_freshness
@@ -92,14 +93,24 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
             sources = {}
         return lag_view(groups, sources, time.time(), stale_after)
 
+    def safe_view() -> Group | Text:
+        """While watching, a failed read (broker restarting, topics recreated) is shown,
+        and the next refresh tries again."""
+        try:
+            return view()
+        except Exception as error:
+            return Text(f"lag unavailable: {type(error).__name__}: {error}", style="red")
+
     try:
         if not watch:
             console.print(view())
             return
-        with Live(view(), console=console, auto_refresh=False) as live:
+        with Live(
+            safe_view(), console=console, auto_refresh=False, vertical_overflow="visible"
+        ) as live:
             while True:
                 time.sleep(interval)
-                live.update(view(), refresh=True)
+                live.update(safe_view(), refresh=True)
     except KeyboardInterrupt:
         pass
     finally:
