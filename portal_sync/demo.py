@@ -181,10 +181,7 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
-    port = free_port()
-    serve(port)
-    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
-    threads = []
+    threads: list[threading.Thread] = []
     for source in run.sources:
         publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")
         for config in adapter_configs(source.spec, source.url):
@@ -194,6 +191,9 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
         thread = threading.Thread(target=_poll_loop, args=(run, runners, stop), daemon=True)
         thread.start()
         threads.append(thread)
+    port = free_port()
+    serve(port, healthy=lambda: all(thread.is_alive() for thread in threads) or stop.is_set())
+    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
     return threads
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
     missing = _wait_for_data(prometheus, board + measures, timeout=60)
 
     assert not missing, f"no data for: {missing}"
+    for name, port in pipeline["ports"].items():
+        for probe in ("healthz", "readyz"):
+            answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=5)
+            assert answer.status == 200, (name, probe)
     for rule_group in prometheus.api("rules")["groups"]:
         for rule in rule_group["rules"]:
             assert rule["health"] == "ok", rule
