@@ -6,9 +6,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import cache
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
 
 from consumers.reconciler import BatchReport, DeadLetter
+from observability.freshness import SourceFreshness
 
 EVENTS = Counter(
     "portal_sync_events_total",
@@ -20,6 +21,25 @@ DEAD_LETTERS = Counter(
     "Events sent to the dead-letter topic, by reason code.",
     ["reason"],
 )
+# The contract's reason codes, exported at 0 from the start so that `increase()` sees the
+# first dead letter of each reason.
+DEAD_LETTER_REASONS = (
+    "not_utf8",
+    "invalid_json",
+    "unsupported_schema_version",
+    "missing_field",
+    "unknown_entity",
+    "unknown_field",
+    "invalid_key",
+    "invalid_field",
+    "op_data_mismatch",
+    "too_large",
+    "empty_message",
+)
+for _reason in DEAD_LETTER_REASONS:
+    DEAD_LETTERS.labels(_reason)
+FRESHNESS = SourceFreshness()
+REGISTRY.register(FRESHNESS)
 SOFT_WARNINGS = Counter(
     "portal_sync_soft_check_warnings_total",
     "Soft contract checks that failed (the event was still applied), by entity and check.",
@@ -79,6 +99,7 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     for entity, field_name in report.new_conflicts:
         FIELD_CONFLICTS.labels(entity, field_name).inc()
     DOSSIER_ANOMALIES.inc(report.anomalies)
+    FRESHNESS.record(report)
     return lags
 
 

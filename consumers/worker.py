@@ -21,14 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from prometheus_client import start_http_server
 
 from consumers.config import load_rules
 from consumers.merge import Authority
-from consumers.metrics import COMMIT_SECONDS, record_batch, record_dead_letters, record_warnings
+from consumers.metrics import (
+    COMMIT_SECONDS,
+    FRESHNESS,
+    record_batch,
+    record_dead_letters,
+    record_warnings,
+)
 from consumers.reconciler import DeadLetter, Message, Reconciler, classify
 from consumers.registry import Registry
 from consumers.store import Store, TopicPartition, utcnow
+from observability.freshness import read_freshness
+from observability.http import Liveness, serve
 from portal_sync.settings import Settings, user_data_dir
 from portal_sync.topics import change_topics, ensure_topics
 from producers.publisher import Publisher
@@ -125,6 +132,7 @@ class ReconcilerApp(faust.App):
 
     store: Store
     targets: dict[TopicPartition, int]
+    liveness: Liveness
 
     def _new_consumer(self) -> Any:
         consumer: Any = super()._new_consumer()
@@ -139,6 +147,7 @@ class ReconcilerApp(faust.App):
                 # Keep faust's ack bookkeeping consistent with where we are.
                 consumer._committed_offset[tp] = offset
             log.info("resumed %d partitions from the store's offsets", len(consumer.assignment()))
+            self.liveness.set_ready()
 
         consumer.perform_seek = perform_seek
         return consumer
@@ -152,13 +161,23 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     store = Store(settings.store_url)
     store.create_schema()
     registry, authority = load_rules(settings)
+    note = ""
     if registry.development_mode:
-        log.warning("development mode: no source registry, every source accepted, equal rank")
+        note = "development mode: no source registry, every source accepted, equal rank"
+        log.warning(note)
     processor = BatchProcessor(settings, store, registry, authority)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    targets = end_offsets(settings) if until_caught_up else {}
+    FRESHNESS.seed(read_freshness(store))
     app = _build_app(settings, store)
+    if settings.metrics_port:
+        liveness = app.liveness
+        serve(
+            settings.metrics_port,
+            settings.metrics_host,
+            liveness.healthy,
+            liveness.ready,
+            ready_note=note,
+        )
+    targets = end_offsets(settings) if until_caught_up else {}
     state: dict[str, Any] = {"exit": 0, "stopping": False, "stop_task": None}
 
     def caught_up() -> bool:
@@ -189,6 +208,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def check_caught_up() -> None:
+        app.liveness.beat()
         maybe_stop()
 
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
@@ -221,6 +241,7 @@ def _build_app(settings: Settings, store: Store) -> ReconcilerApp:
         consumer_max_fetch_size=4 * 1024 * 1024,
     )
     app.store = store
+    app.liveness = Liveness()
     return app
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system pieces portal-sync needs, from Debian's packages, when missing:
-# a JDK 17 and Maven (the local Kafka broker), and with --postgres PostgreSQL (tests).
+# a JDK 17 and Maven (the local Kafka broker), and with --postgres the tests' servers:
+# PostgreSQL, and Prometheus (promtool checks the alert rules; a real Prometheus scrapes
+# the pipeline in an integration test).
 # Then fetches the Kafka jars once through Maven into the user's cache dir.
 set -euo pipefail
 
@@ -13,6 +15,9 @@ command -v mvn >/dev/null || missing+=(maven)
 command -v python3.11 >/dev/null || missing+=(python3.11 python3.11-venv)
 if [ "$want_postgres" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
+fi
+if [ "$want_postgres" = 1 ] && ! { command -v prometheus && command -v promtool; } >/dev/null; then
+  missing+=(prometheus)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +31,7 @@ from consumers.config import load_rules
 from consumers.merge import SourceView, merge
 from consumers.schema import drop_everything
 from consumers.store import Store, source_views
+from observability.http import serve
 from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
@@ -193,10 +193,7 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
-    port = free_port()
-    start_http_server(port, addr="127.0.0.1")
-    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
-    threads = []
+    threads: list[threading.Thread] = []
     for source in run.sources:
         publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")
         for config in adapter_configs(source.spec, source.url):
@@ -206,6 +203,9 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
         thread = threading.Thread(target=_poll_loop, args=(run, runners, stop), daemon=True)
         thread.start()
         threads.append(thread)
+    port = free_port()
+    serve(port, healthy=lambda: all(thread.is_alive() for thread in threads) or stop.is_set())
+    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
     return threads
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from producers.cursor_lag import measure as measure_cursor_lag
 from producers.publisher import Publisher
 from producers.sql_polling import CursorState, SqlPollingAdapter
 from schemas import InvalidEvent, message_key, parse_event
@@ -32,6 +33,7 @@ SOURCE_ERRORS = Counter(
     "Errors reading a source, by kind (invalid_record, read_error, publish_error).",
     ["source", "kind"],
 )
+ERROR_KINDS = ("invalid_record", "read_error", "publish_error")
 
 
 @dataclass
@@ -46,6 +48,10 @@ class SourceRunner:
         self.publisher = publisher
         self.state_path = state_dir / f"{adapter.config.name}.cursor.json"
         self.state = CursorState.load(self.state_path)
+        config = adapter.config  # series exported at 0, so increase() sees the first one
+        PRODUCED.labels(config.source, config.entity)
+        for kind in ERROR_KINDS:
+            SOURCE_ERRORS.labels(config.source, kind)
 
     def run_once(self) -> RunStats:
         """Publish everything new in the source now; return what was sent."""
@@ -83,6 +89,7 @@ class SourceRunner:
             self.state.save(self.state_path)
             PRODUCED.labels(config.source, config.entity).inc(sent)
             stats.published += sent
+        measure_cursor_lag(self.adapter, self.state)
         return stats
 
     def run(self, stop: threading.Event, interval: float) -> RunStats:

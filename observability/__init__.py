@@ -1,0 +1,1 @@
+"""Sync-lag observability: consumer lag, source freshness, probes, dashboards and alerts."""

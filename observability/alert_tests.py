@@ -1,0 +1,134 @@
+"""`promtool test rules` cases for the default alert rules, written to
+`deploy/prometheus/alerts.test.yml` by `python -m observability.deploy`. Runbook text and
+severities come from the rules themselves; each case states when its alert must fire
+(and must not) and what its summary says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from observability.alerts import Rule, rules
+
+WORKER = 'job="portal-sync-worker",instance="w1"'
+EXPORTER = 'job="portal-sync-lag-exporter",instance="e1"'
+GROUP = 'group="portal-sync-reconciler"'
+LAST_CHANGE = "portal_sync_source_last_change_timestamp_seconds"
+PART = f'{GROUP},topic="portal-sync.changes.citizen",partition="0"'
+
+
+@dataclass(frozen=True)
+class Case:
+    alert: str
+    series: dict[str, str]  # series -> promtool values
+    quiet_at: str  # must not fire yet (or no more)
+    fires_at: str
+    labels: dict[str, str]
+    summary: str
+
+
+CASES = [
+    Case(
+        "PortalSyncConsumerStalled",
+        {f"portal_sync_consumer_status{{{GROUP},{EXPORTER}}}": "0 1 1 3x10"},
+        "4m",  # WARN at 1-2m does not page; STOP since 3m, pending for 2m
+        "5m",
+        {"group": "portal-sync-reconciler"},
+        "portal-sync-reconciler is STALL (2) or STOP (3): value 3; changes are not reaching "
+        "the national store",
+    ),
+    Case(
+        "PortalSyncProcessDown",
+        {f"up{{{WORKER}}}": "1 1 0x10"},
+        "3m",
+        "4m",
+        {"job": "portal-sync-worker", "instance": "w1"},
+        "portal-sync-worker on w1 is down (scrape failed)",
+    ),
+    Case(
+        "PortalSyncSourceStale",
+        # the newest change was made at t=0 and nothing since: stale after 1800 s, for 10m
+        {f'{LAST_CHANGE}{{source="province-01",{WORKER}}}': "0x60"},
+        "39m",
+        "45m",
+        {"source": "province-01"},
+        "province-01: no change reached the store for 45m 0s (threshold 1800s)",
+    ),
+    Case(
+        "PortalSyncDeadLettersRising",
+        {f'portal_sync_dead_letters_total{{reason="invalid_json",{WORKER}}}': "0 0 0 0 0 0 4x10"},
+        "5m",
+        "7m",
+        {"reason": "invalid_json"},
+        "4 events dead-lettered with reason invalid_json in 5m",
+    ),
+    Case(
+        "PortalSyncSyncLagAboveObjective",
+        # 100 events a minute, 80 of them within 60 s: 20 % slower than the objective
+        {
+            f'portal_sync_sync_lag_seconds_bucket{{source="province-79",le="60.0",{WORKER}}}': (
+                "0+80x30"
+            ),
+            f'portal_sync_sync_lag_seconds_count{{source="province-79",{WORKER}}}': "0+100x30",
+        },
+        "10m",
+        "20m",
+        {"source": "province-79"},
+        "province-79: 20% of changes took longer than 60s from source commit to the national store",
+    ),
+    Case(
+        "PortalSyncConsumerLagGrowing",
+        # the oldest unapplied change gets a minute older every minute
+        {f"portal_sync_consumer_lag_seconds{{{PART},{EXPORTER}}}": "0+60x30"},
+        "10m",
+        "22m",
+        {
+            "group": "portal-sync-reconciler",
+            "topic": "portal-sync.changes.citizen",
+            "partition": "0",
+        },
+        "portal-sync-reconciler portal-sync.changes.citizen[0] is falling behind: the oldest "
+        "unapplied change is older than 300s and getting older",
+    ),
+]
+
+
+def _expected(rule: Rule, case: Case, series_labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "exp_labels": {"severity": rule.severity, **series_labels, **case.labels},
+        "exp_annotations": {
+            "summary": case.summary,
+            "runbook": rule.runbook,
+            "runbook_url": rule.as_dict()["annotations"]["runbook_url"],
+        },
+    }
+
+
+def test_file(extra_labels: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    by_name = {rule.alert: rule for rule in rules()}
+    extra = extra_labels or KEPT_LABELS
+    tests = []
+    for case in CASES:
+        rule = by_name[case.alert]
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in case.series.items()],
+                "alert_rule_test": [
+                    {"eval_time": case.quiet_at, "alertname": case.alert, "exp_alerts": []},
+                    {
+                        "eval_time": case.fires_at,
+                        "alertname": case.alert,
+                        "exp_alerts": [_expected(rule, case, extra.get(case.alert, {}))],
+                    },
+                ],
+            }
+        )
+    return {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
+
+
+# Labels of the input series that an alert's expression keeps (no aggregation).
+KEPT_LABELS: dict[str, dict[str, str]] = {
+    "PortalSyncProcessDown": {},
+    "PortalSyncConsumerLagGrowing": {"job": "portal-sync-lag-exporter", "instance": "e1"},
+}

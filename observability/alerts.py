@@ -1,0 +1,174 @@
+"""Prometheus alert rules of portal-sync, as code: `python -m observability.deploy` writes
+`deploy/prometheus/alerts.yml` from these (a test fails when the file is stale).
+
+Each rule has an `expr` (the alert) and a `measure`: the quantity that `expr` compares to
+its threshold. The integration test asserts that every measure returns data from a running
+pipeline, so that no alert watches a series that does not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+JOBS = 'job=~"portal-sync-.*"'
+RUNBOOK = "docs/metrics.md#runbook-"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Thresholds and `for:` durations; the defaults are the production ones."""
+
+    objective_seconds: float = 60.0  # freshness objective: a bucket edge of sync lag
+    slow_share: float = 0.05  # share of events slower than the objective that alerts
+    stale_after_seconds: float = 1800.0
+    lag_growing_seconds: float = 300.0
+    cursor_lag_seconds: float = 900.0
+    window: str = "5m"  # rate windows
+    for_short: str = "2m"  # stalled consumer, process down
+    for_long: str = "10m"  # lag above objective, stale source, lag growing
+
+
+DEFAULT = Thresholds()
+
+
+@dataclass(frozen=True)
+class Rule:
+    alert: str
+    expr: str
+    measure: str
+    duration: str
+    severity: str
+    summary: str
+    runbook: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "alert": self.alert,
+            "expr": self.expr,
+            "for": self.duration,
+            "labels": {"severity": self.severity},
+            "annotations": {
+                "summary": self.summary,
+                "runbook": self.runbook,
+                "runbook_url": RUNBOOK + self.alert.lower(),
+            },
+        }
+
+
+def _edge(seconds: float) -> str:
+    """The `le` label value prometheus_client writes for a bucket edge (60 -> "60.0")."""
+    return repr(float(seconds))
+
+
+def rules(t: Thresholds = DEFAULT) -> list[Rule]:
+    w = t.window
+    slow = (
+        f"1 - sum by (source) (rate(portal_sync_sync_lag_seconds_bucket"
+        f'{{le="{_edge(t.objective_seconds)}"}}[{w}]))'
+        f" / sum by (source) (rate(portal_sync_sync_lag_seconds_count[{w}]))"
+    )
+    stale = "time() - max by (source) (portal_sync_source_last_change_timestamp_seconds)"
+    growing = f"deriv(portal_sync_consumer_lag_seconds[{w}])"
+    status = "max by (group) (portal_sync_consumer_status)"
+    dead = f"sum by (reason) (increase(portal_sync_dead_letters_total[{w}]))"
+    errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
+    cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
+    up = f"up{{{JOBS}}}"
+    return [
+        Rule(
+            "PortalSyncSyncLagAboveObjective",
+            f"({slow}) > {t.slow_share:g}",
+            slow,
+            t.for_long,
+            "warning",
+            f"{{{{ $labels.source }}}}: {{{{ $value | humanizePercentage }}}} of changes took "
+            f"longer than {t.objective_seconds:g}s from source commit to the national store",
+            "Check the consumer lag panel: if a partition lags, see the stalled-consumer "
+            "runbook; if not, the store commits are slow (store commit time panel) or the "
+            "source's producer is late (cursor lag); compare occurred_at clocks of the source.",
+        ),
+        Rule(
+            "PortalSyncSourceStale",
+            f"{stale} > {t.stale_after_seconds:g}",
+            stale,
+            t.for_long,
+            "warning",
+            f"{{{{ $labels.source }}}}: no change reached the store for "
+            f"{{{{ $value | humanizeDuration }}}} (threshold {t.stale_after_seconds:g}s)",
+            "Is the source's producer up and polling (process down, source errors, cursor "
+            "lag)? Are its events dead-lettered? Ask the province/ministry whether its system "
+            "is down or idle; a quiet source is stale too, by design.",
+        ),
+        Rule(
+            "PortalSyncConsumerLagGrowing",
+            f"({growing} > 0) and portal_sync_consumer_lag_seconds > {t.lag_growing_seconds:g}",
+            growing,
+            t.for_long,
+            "warning",
+            f"{{{{ $labels.group }}}} {{{{ $labels.topic }}}}[{{{{ $labels.partition }}}}] "
+            f"is falling behind: the oldest unapplied change is older than "
+            f"{t.lag_growing_seconds:g}s and getting older",
+            "The consumer moves but slower than the producers: check store commit time and "
+            "batch size, the worker's CPU and the store's load; add workers (up to the number "
+            "of partitions).",
+        ),
+        Rule(
+            "PortalSyncConsumerStalled",
+            f"{status} >= 2",
+            status,
+            t.for_short,
+            "critical",
+            "{{ $labels.group }} is STALL (2) or STOP (3): value {{ $value }}; changes are "
+            "not reaching the national store",
+            "STOP: no member consumes; start the worker (`portal-sync worker`) and check its "
+            "/healthz. STALL: members but no progress; check the worker log for a batch failing "
+            "in a retry loop (store unreachable, disk full) and `portal-sync lag`.",
+        ),
+        Rule(
+            "PortalSyncDeadLettersRising",
+            f"{dead} > 0",
+            dead,
+            "0s",
+            "warning",
+            f"{{{{ $value }}}} events dead-lettered with reason {{{{ $labels.reason }}}} in {w}",
+            "Read the dead-letter topic's headers (ps.reason.code, ps.origin.*) to find the "
+            "source; fix the source's mapping or data and let it re-send (never edit the "
+            "topic).",
+        ),
+        Rule(
+            "PortalSyncSourceErrors",
+            f"{errors} > 0",
+            errors,
+            "0s",
+            "warning",
+            f"{{{{ $labels.source }}}}: {{{{ $value }}}} {{{{ $labels.kind }}}} errors in {w}",
+            "read_error: the source database is unreachable; publish_error: Kafka is; "
+            "invalid_record: rows break the contract (see the dead letters).",
+        ),
+        Rule(
+            "PortalSyncSourceCursorBehind",
+            f"{cursor} > {t.cursor_lag_seconds:g}",
+            cursor,
+            t.for_long,
+            "warning",
+            "{{ $labels.source }}: the producer's cursor is "
+            "{{ $value | humanizeDuration }} behind the source's newest change",
+            "The producer cannot keep up or keeps failing: check source errors and the "
+            "producer's log; raise the adapter's batch size.",
+        ),
+        Rule(
+            "PortalSyncProcessDown",
+            f"{up} == 0",
+            up,
+            t.for_short,
+            "critical",
+            "{{ $labels.job }} on {{ $labels.instance }} is down (scrape failed)",
+            "Check the process and its /healthz; restart it. A worker that is down shows as "
+            "STOP in `portal-sync lag` once changes arrive.",
+        ),
+    ]
+
+
+def rule_file(t: Thresholds = DEFAULT) -> dict[str, Any]:
+    return {"groups": [{"name": "portal-sync", "rules": [r.as_dict() for r in rules(t)]}]}

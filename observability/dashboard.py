@@ -1,0 +1,297 @@
+"""The Grafana dashboard of portal-sync, as code: `python -m observability.deploy` writes
+`deploy/grafana/dashboards/portal-sync.json` (a test fails when the file is stale)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from observability.alerts import DEFAULT, JOBS, Thresholds, _edge
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'source=~"$source",entity=~"$entity"'
+RATE = "[$__rate_interval]"
+STATUS_NAMES = ("OK", "WARN", "STALL", "STOP")
+STATUS_COLORS = ("green", "yellow", "red", "dark-red")
+
+
+def _target(expr: str, legend: str = "", ref: str = "A", table: bool = False) -> dict[str, Any]:
+    target: dict[str, Any] = {
+        "datasource": DATASOURCE,
+        "expr": expr,
+        "legendFormat": legend,
+        "refId": ref,
+    }
+    if table:
+        target.update({"format": "table", "instant": True, "range": False})
+    return target
+
+
+def _panel(
+    kind: str,
+    title: str,
+    grid: tuple[int, int, int, int],
+    targets: list[dict[str, Any]],
+    unit: str = "short",
+    **extra: Any,
+) -> dict[str, Any]:
+    x, y, w, h = grid
+    panel: dict[str, Any] = {
+        "type": kind,
+        "title": title,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+    }
+    panel.update(extra)
+    return panel
+
+
+def _quantiles(metric: str, by: str, selector: str = "") -> list[dict[str, Any]]:
+    legend = "{{" + by + "}} " if by else ""
+    group = f"{by}, le" if by else "le"
+    return [
+        _target(
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{selector}{RATE})))",
+            f"{legend}p{round(q * 100)}",
+            ref,
+        )
+        for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))
+    ]
+
+
+def _freshness(t: Thresholds) -> dict[str, Any]:
+    change = 'portal_sync_source_last_change_timestamp_seconds{source=~"$source"}'
+    applied = 'portal_sync_source_last_applied_timestamp_seconds{source=~"$source"}'
+    steps = [{"color": "green", "value": None}, {"color": "red", "value": t.stale_after_seconds}]
+    return _panel(
+        "table",
+        f"Freshness per source (red: stale, no change for {t.stale_after_seconds:g}s)",
+        (12, 0, 12, 10),
+        [
+            _target(f"time() - max by (source) ({change})", "", "A", table=True),
+            _target(f"time() - max by (source) ({applied})", "", "B", table=True),
+        ],
+        unit="s",
+        fieldConfig={
+            "defaults": {
+                "unit": "s",
+                "thresholds": {"mode": "absolute", "steps": steps},
+                "custom": {"cellOptions": {"type": "color-background"}},
+            },
+            "overrides": [],
+        },
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {
+                        "Value #A": "age of newest change",
+                        "Value #B": "since last applied",
+                    },
+                },
+            },
+        ],
+    )
+
+
+def _status() -> dict[str, Any]:
+    mappings = [
+        {
+            "type": "value",
+            "options": {
+                str(code): {"text": name, "color": color, "index": code}
+                for code, (name, color) in enumerate(zip(STATUS_NAMES, STATUS_COLORS, strict=True))
+            },
+        }
+    ]
+    return _panel(
+        "stat",
+        "Consumer status (Burrow-like window)",
+        (0, 18, 6, 8),
+        [_target("max by (group) (portal_sync_consumer_status)", "{{group}}")],
+        fieldConfig={"defaults": {"mappings": mappings, "unit": "none"}, "overrides": []},
+        options={"colorMode": "background", "textMode": "value_and_name"},
+    )
+
+
+def _variables() -> list[dict[str, Any]]:
+    def query(name: str, definition: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": name,
+            "type": "query",
+            "datasource": DATASOURCE,
+            "definition": definition,
+            "query": {"query": definition, "refId": f"{name}-variable"},
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": {"text": "All", "value": "$__all"},
+            "sort": 1,
+        }
+
+    return [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+        },
+        query("source", "label_values(portal_sync_source_last_change_timestamp_seconds, source)"),
+        query(
+            "entity", 'label_values(portal_sync_sync_lag_seconds_count{source=~"$source"}, entity)'
+        ),
+    ]
+
+
+def dashboard(t: Thresholds = DEFAULT) -> dict[str, Any]:
+    lag_sel = "{" + SEL + "}"
+    objective = _edge(t.objective_seconds)
+    within = (
+        "sum by (source) (rate(portal_sync_sync_lag_seconds_bucket"
+        f'{{{SEL},le="{objective}"}}{RATE}))'
+        f" / sum by (source) (rate(portal_sync_sync_lag_seconds_count{lag_sel}{RATE}))"
+    )
+    partition = "{{group}} {{topic}}[{{partition}}]"
+    panels = [
+        _panel(
+            "timeseries",
+            "Sync lag p50 / p95 / p99 per source (source commit → store commit)",
+            (0, 0, 12, 10),
+            _quantiles("portal_sync_sync_lag_seconds", "source", lag_sel),
+            unit="s",
+        ),
+        _freshness(t),
+        _panel(
+            "timeseries",
+            f"Share of changes within the objective ({t.objective_seconds:g}s)",
+            (0, 10, 12, 8),
+            [_target(within, "{{source}}")],
+            unit="percentunit",
+        ),
+        _panel(
+            "timeseries",
+            "Events per second by outcome",
+            (12, 10, 12, 8),
+            [
+                _target(
+                    f"sum by (outcome) (rate(portal_sync_events_total{lag_sel}{RATE}))",
+                    "{{outcome}}",
+                )
+            ],
+            unit="ops",
+        ),
+        _status(),
+        _panel(
+            "timeseries",
+            "Consumer lag per partition (messages)",
+            (6, 18, 9, 8),
+            [
+                _target(
+                    "sum by (group, topic, partition) (portal_sync_consumer_lag_messages)",
+                    partition,
+                )
+            ],
+        ),
+        _panel(
+            "timeseries",
+            "Consumer lag per partition (age of oldest unapplied message)",
+            (15, 18, 9, 8),
+            [
+                _target(
+                    "max by (group, topic, partition) (portal_sync_consumer_lag_seconds)", partition
+                )
+            ],
+            unit="s",
+        ),
+        _panel(
+            "timeseries",
+            "Dead letters per second by reason",
+            (0, 26, 8, 8),
+            [
+                _target(
+                    f"sum by (reason) (rate(portal_sync_dead_letters_total{RATE}))", "{{reason}}"
+                )
+            ],
+            unit="ops",
+        ),
+        _panel(
+            "timeseries",
+            "Store commit time",
+            (8, 26, 8, 8),
+            _quantiles("portal_sync_store_commit_duration_seconds", ""),
+            unit="s",
+        ),
+        _panel(
+            "timeseries",
+            "Store batch size (events per transaction)",
+            (16, 26, 8, 8),
+            _quantiles("portal_sync_store_batch_events", ""),
+        ),
+        _panel(
+            "timeseries",
+            "Produced events per second by source",
+            (0, 34, 8, 8),
+            [
+                _target(
+                    f"sum by (source) (rate(portal_sync_produced_events_total{lag_sel}{RATE}))",
+                    "{{source}}",
+                )
+            ],
+            unit="ops",
+        ),
+        _panel(
+            "timeseries",
+            "Producer cursor lag and source errors",
+            (8, 34, 8, 8),
+            [
+                _target(
+                    'max by (source) (portal_sync_source_cursor_lag_seconds{source=~"$source"})',
+                    "{{source}} cursor lag (s)",
+                ),
+                _target(
+                    "sum by (source, kind) (increase(portal_sync_source_errors_total"
+                    f'{{source=~"$source"}}{RATE}))',
+                    "{{source}} {{kind}} errors",
+                    "B",
+                ),
+            ],
+        ),
+        _panel(
+            "stat",
+            "Processes up",
+            (16, 34, 8, 8),
+            [_target(f"up{{{JOBS}}}", "{{job}} {{instance}}")],
+            unit="none",
+        ),
+    ]
+    for number, panel in enumerate(panels, start=1):
+        panel["id"] = number
+    return {
+        "uid": "portal-sync",
+        "title": "portal-sync: sync lag and freshness",
+        "tags": ["portal-sync"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": False,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": _variables()},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def expressions(board: dict[str, Any]) -> list[str]:
+    """Every PromQL expression of a dashboard: its panels' targets and its variables'."""
+    exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            exprs.append(variable["definition"])
+    return exprs

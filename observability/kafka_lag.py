@@ -1,0 +1,236 @@
+"""Reading consumer lag from Kafka (and the store): the I/O half of `observability.lag`.
+
+Offsets: for every consumer group, Kafka's committed group offsets. For portal-sync's own
+reconciler group, with `offsets_from="store"` (the default), the store's `applied_offsets`
+instead: they are what the store holds, whereas Kafka's group offsets are only a copy that
+faust commits now and then. Time lag: the timestamp of the message at the committed offset
+(the oldest not yet applied), read from Kafka and cached while the offset does not move.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from consumers.store import Store
+from observability.lag import Sample, Status, Window, group_status, lag_seconds, partition_status
+from portal_sync.settings import Settings
+from portal_sync.topics import change_topics
+
+log = logging.getLogger(__name__)
+OffsetsFrom = Literal["kafka", "store"]
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int
+    end: int
+    lag_seconds: float | None
+    status: Status = Status.OK
+
+    @property
+    def lag_messages(self) -> int:
+        return max(0, self.end - self.committed)
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    group: str
+    members: int
+    state: str
+    partitions: list[PartitionLag]
+
+    @property
+    def status(self) -> Status:
+        return group_status(p.status for p in self.partitions)
+
+
+@dataclass
+class Filters:
+    group: str | None = None  # regular expressions, matched in full
+    topic: str | None = None
+
+    def group_ok(self, group: str) -> bool:
+        return self.group is None or re.fullmatch(self.group, group) is not None
+
+    def topic_ok(self, topic: str) -> bool:
+        return self.topic is None or re.fullmatch(self.topic, topic) is not None
+
+
+@dataclass
+class LagReader:
+    """Reads every matching group's lag; keeps one status window per partition."""
+
+    settings: Settings
+    filters: Filters = field(default_factory=Filters)
+    offsets_from: OffsetsFrom = "store"
+    window_seconds: float = 120.0
+    _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
+    _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    _admin: Any = None
+    _consumer: Any = None
+    _store: Store | None = None
+
+    def read(self) -> list[GroupLag]:
+        """One poll: offsets, log ends, oldest unapplied timestamps, statuses."""
+        now = time.time()
+        committed = self._committed()
+        members = self._members(list(committed))
+        partitions = {tp for offsets in committed.values() for tp in offsets}
+        ends = self._end_offsets(partitions)
+        wanted = {
+            (t, p, offset)
+            for offsets in committed.values()
+            for (t, p), offset in offsets.items()
+            if ends.get((t, p), 0) > offset
+        }
+        timestamps = self._oldest_timestamps(wanted)
+        groups = []
+        for group, offsets in sorted(committed.items()):
+            count, state = members.get(group, (0, "Unknown"))
+            rows = [
+                self._partition(group, tp, offset, ends.get(tp, offset), timestamps, now, count)
+                for tp, offset in sorted(offsets.items())
+            ]
+            groups.append(GroupLag(group, count, state, rows))
+        seen = {(g.group, p.topic, p.partition) for g in groups for p in g.partitions}
+        self._windows = {key: w for key, w in self._windows.items() if key in seen}
+        return groups
+
+    def _partition(
+        self,
+        group: str,
+        tp: TP,
+        offset: int,
+        end: int,
+        timestamps: dict[tuple[str, int, int], int],
+        now: float,
+        members: int,
+    ) -> PartitionLag:
+        window = self._windows.setdefault((group, *tp), Window(self.window_seconds))
+        window.push(Sample(now, offset, end))
+        seconds = lag_seconds(now, end - offset, timestamps.get((*tp, offset)))
+        status = partition_status(window, has_members=members > 0)
+        return PartitionLag(group, tp[0], tp[1], offset, end, seconds, status)
+
+    # -- Kafka and store I/O ------------------------------------------------------------
+    def _admin_client(self) -> Any:
+        if self._admin is None:
+            self._admin = KafkaAdminClient(
+                bootstrap_servers=self.settings.bootstrap(), client_id="portal-sync-lag"
+            )
+        return self._admin
+
+    def _kafka_consumer(self) -> Any:
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap(),
+                client_id="portal-sync-lag",
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=64 * 1024,
+            )
+        return self._consumer
+
+    def _committed(self) -> dict[str, dict[TP, int]]:
+        """Committed offsets of every matching group, restricted to matching topics."""
+        admin = self._admin_client()
+        names = [
+            g["group_id"]
+            for g in admin.list_groups()
+            if g.get("protocol_type", "consumer") in ("consumer", "")
+            and self.filters.group_ok(g["group_id"])
+        ]
+        result: dict[str, dict[TP, int]] = {}
+        if names:
+            for group, offsets in admin.list_group_offsets({n: None for n in names}).items():
+                result[group] = {
+                    (tp.topic, tp.partition): meta.offset
+                    for tp, meta in offsets.items()
+                    if meta.offset >= 0 and self.filters.topic_ok(tp.topic)
+                }
+        own = self.settings.group_id
+        if self.offsets_from == "store" and self.filters.group_ok(own):
+            result[own] = self._store_offsets()
+        return {group: offsets for group, offsets in result.items() if offsets}
+
+    def _store_offsets(self) -> dict[TP, int]:
+        """The reconciler's applied offsets, every partition of the change topics included."""
+        if self._store is None:
+            self._store = Store(self.settings.store_url)
+        try:
+            applied = self._store.all_offsets()
+        except Exception as error:  # no store (yet): the partitions start at 0
+            log.warning("store offsets unreadable (%s)", type(error).__name__)
+            applied = {}
+        consumer = self._kafka_consumer()
+        offsets: dict[TP, int] = {}
+        for topic in change_topics(self.settings):
+            if not self.filters.topic_ok(topic):
+                continue
+            for partition in consumer.partitions_for_topic(topic) or ():
+                offsets[(topic, partition)] = applied.get((topic, partition), 0)
+        return offsets
+
+    def _members(self, groups: list[str]) -> dict[str, tuple[int, str]]:
+        """Members and state per group; a group the cluster cannot describe (no
+        coordinator yet, never joined) counts as having no members."""
+        result: dict[str, tuple[int, str]] = {}
+        for name in groups:
+            try:
+                info = self._admin_client().describe_groups([name]).get(name, {})
+            except Exception as error:
+                log.info("group %s not described (%s)", name, type(error).__name__)
+                info = {}
+            members = len(info.get("members") or ())
+            result[name] = (members, str(info.get("group_state", "Unknown")))
+        return result
+
+    def _end_offsets(self, partitions: set[TP]) -> dict[TP, int]:
+        if not partitions:
+            return {}
+        tps = [TopicPartition(t, p) for t, p in sorted(partitions)]
+        ends = self._kafka_consumer().end_offsets(tps)
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    def _oldest_timestamps(
+        self, wanted: set[tuple[str, int, int]], timeout: float = 5.0
+    ) -> dict[tuple[str, int, int], int]:
+        """Timestamp (ms) of the first message at or after each (topic, partition, offset).
+
+        Cached: while a consumer does not move, its oldest unapplied message stays the same.
+        """
+        found = {key: ts for key, ts in self._timestamps.items() if key in wanted}
+        missing = {(t, p): offset for t, p, offset in wanted if (t, p, offset) not in found}
+        if missing:
+            consumer = self._kafka_consumer()
+            consumer.assign([TopicPartition(t, p) for t, p in missing])
+            for (t, p), offset in missing.items():
+                consumer.seek(TopicPartition(t, p), offset)
+            deadline = time.monotonic() + timeout
+            while missing and time.monotonic() < deadline:
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    key = (tp.topic, tp.partition)
+                    if key in missing and records:
+                        found[(*key, missing.pop(key))] = records[0].timestamp
+                        consumer.pause(tp)
+            consumer.assign([])
+        self._timestamps = found
+        return found
+
+    def close(self) -> None:
+        for client in (self._consumer, self._admin):
+            if client is not None:
+                client.close()
+        if self._store is not None:
+            self._store.close()

@@ -1,0 +1,118 @@
+"""`portal-sync lag`: consumer lag like `kafka-consumer-groups --describe`, with time lag,
+status and per-source freshness (stale sources marked)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from consumers.store import Store
+from observability.freshness import Freshness, read_freshness
+from observability.kafka_lag import GroupLag, LagReader
+from observability.lag import Status, format_age, stale
+
+STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.STALL: "red", Status.STOP: "bold red"}
+
+
+def lag_table(groups: list[GroupLag]) -> Table:
+    table = Table(title="consumer lag", title_justify="left")
+    for column in ("GROUP", "TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG"):
+        table.add_column(
+            column,
+            justify="right" if "OFFSET" in column or column in ("PARTITION", "LAG") else "left",
+        )
+    table.add_column("TIME-LAG", justify="right")
+    table.add_column("STATUS")
+    table.add_column("MEMBERS", justify="right")
+    for group in groups:
+        for p in group.partitions:
+            status = f"[{STYLE[p.status]}]{p.status.name}[/]"
+            table.add_row(
+                group.group,
+                p.topic,
+                str(p.partition),
+                str(p.committed),
+                str(p.end),
+                str(p.lag_messages),
+                format_age(p.lag_seconds),
+                status,
+                str(group.members),
+            )
+    return table
+
+
+def freshness_table(sources: dict[str, Freshness], now: float, stale_after: float) -> Table:
+    table = Table(
+        title=f"source freshness (stale after {format_age(stale_after)})", title_justify="left"
+    )
+    for column in ("SOURCE", "LAST CHANGE", "AGE", "LAST APPLIED", "STATE"):
+        table.add_column(column)
+    for source in sorted(sources.values(), key=lambda s: s.source):
+        old = stale(now, source.last_change, stale_after)
+        table.add_row(
+            source.source,
+            _clock(source.last_change),
+            format_age(now - source.last_change),
+            format_age(now - source.last_applied) + " ago",
+            "[bold red]STALE[/]" if old else "[green]fresh[/]",
+        )
+    return table
+
+
+def lag_view(
+    groups: list[GroupLag], sources: dict[str, Freshness], now: float, stale_after: float
+) -> Group:
+    group_lines = [
+        f"group {g.group}: {g.state}, {g.members} members, status {g.status.name}" for g in groups
+    ]
+    return Group(lag_table(groups), *group_lines, freshness_table(sources, now, stale_after))
+
+
+def _clock(unix: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float) -> None:
+    """Print the tables once, or refresh them live every `interval` seconds."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    store = Store(reader.settings.store_url)
+
+    def view() -> Group:
+        groups = reader.read()
+        try:
+            sources = read_freshness(store)
+        except Exception:  # no store yet: no freshness to show
+            sources = {}
+        return lag_view(groups, sources, time.time(), stale_after)
+
+    def safe_view() -> Group | Text:
+        """While watching, a failed read (broker restarting, topics recreated) is shown,
+        and the next refresh tries again."""
+        try:
+            return view()
+        except Exception as error:
+            return Text(f"lag unavailable: {type(error).__name__}: {error}", style="red")
+
+    try:
+        if not watch:
+            console.print(view())
+            return
+        with Live(
+            safe_view(), console=console, auto_refresh=False, vertical_overflow="visible"
+        ) as live:
+            while True:
+                time.sleep(interval)
+                live.update(safe_view(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+        reader.close()

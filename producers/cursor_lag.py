@@ -1,0 +1,73 @@
+"""`portal_sync_source_cursor_lag_seconds{source}`: how far an adapter's cursor is behind
+the newest change in its source (0 when it has read everything), the worst of a source's
+adapters. Measured after every poll by reading the source's newest `updated_at`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from producers.sql_polling import CursorState, SqlPollingAdapter
+
+
+def cursor_lag(newest: datetime | None, oldest: datetime | None, cursor: str | None) -> float:
+    """Seconds between the cursor and the newest change; with no cursor yet, everything
+    from the oldest change on is still to read."""
+    if newest is None:
+        return 0.0
+    start = datetime.fromisoformat(cursor) if cursor is not None else oldest
+    if start is None:
+        return 0.0
+    return max(0.0, (newest - start).total_seconds())
+
+
+class CursorLag(Collector):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lags: dict[tuple[str, str], float] = {}
+
+    def set(self, source: str, entity: str, seconds: float) -> None:
+        with self._lock:
+            self._lags[(source, entity)] = seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "portal_sync_source_cursor_lag_seconds",
+            "How far the adapter cursor is behind the newest change in the source (worst adapter).",
+            labels=["source"],
+        )
+        worst: dict[str, float] = {}
+        with self._lock:
+            for (source, _), seconds in self._lags.items():
+                worst[source] = max(seconds, worst.get(source, 0.0))
+        for source, seconds in sorted(worst.items()):
+            family.add_metric([source], seconds)
+        yield family
+
+
+CURSOR_LAG = CursorLag()
+REGISTRY.register(CURSOR_LAG)
+
+
+def measure(adapter: SqlPollingAdapter, state: CursorState) -> None:
+    """Read the source's newest and oldest change time and record the cursor's lag."""
+    column = adapter.updated_at
+    with adapter.engine.connect() as conn:
+        newest, oldest = conn.execute(select(func.max(column), func.min(column))).one()
+    seconds = cursor_lag(_naive(newest), _naive(oldest), state.updated_at)
+    CURSOR_LAG.set(adapter.config.source, adapter.config.entity, seconds)
+
+
+def _naive(value: object) -> datetime | None:
+    """SQLite hands back text; other drivers naive datetimes (both in the source's zone)."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment.replace(tzinfo=None)
