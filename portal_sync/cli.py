@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from portal_sync.cli_ops import register as register_ops_commands
+from portal_sync.cli_options import BootstrapOpt, StoreOpt
 from portal_sync.cli_store import register as register_store_commands
 from portal_sync.settings import Settings
 
@@ -28,30 +29,12 @@ console = Console(stderr=True)
 register_store_commands(app)
 register_ops_commands(app)
 
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--bootstrap",
-        envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP",
-        help="Existing Kafka cluster; default: the local broker",
-    ),
-]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
-]
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Broker data dir (default: user data dir)")
 ]
 
 
-def settings_from(bootstrap: str | None = None, store: str | None = None) -> Settings:
-    overrides: dict[str, object] = {}
-    if bootstrap:
-        overrides["kafka_bootstrap"] = bootstrap
-    if store:
-        overrides["store_url"] = store
-    return Settings(**overrides)  # type: ignore[arg-type]
+settings_from = Settings.from_flags
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

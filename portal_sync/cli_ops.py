@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from consumers.store import Store
+from portal_sync.cli_options import BootstrapOpt, StoreOpt
 from portal_sync.settings import Settings
 
 console = Console()
@@ -29,14 +30,6 @@ progress_console = Console(stderr=True)  # progress never mixes with the report 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list, show, re-drive.")
 offsets_app = typer.Typer(no_args_is_help=True, help="The live consumer group's offsets.")
 
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP", help="Kafka cluster"),
-]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
-]
 TimeOpt = Annotated[
     str | None, typer.Option(help="RFC 3339 time, or an age like 30m, 6h, 2d (before now)")
 ]
@@ -55,15 +48,6 @@ def parse_time(text: str | None) -> datetime | None:
     except ValueError:
         raise typer.BadParameter(f"not a time: {text!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _settings(bootstrap: str | None, store: str | None) -> Settings:
-    values: dict[str, object] = {}
-    if bootstrap:
-        values["kafka_bootstrap"] = bootstrap
-    if store:
-        values["store_url"] = store
-    return Settings(**values)  # type: ignore[arg-type]
 
 
 def _progress() -> Progress:
@@ -98,7 +82,7 @@ def replay(
     from portal_sync.replay import replay as run_replay
     from portal_sync.topics import change_topic, change_topics
 
-    settings = _settings(bootstrap, store)
+    settings = Settings.from_flags(bootstrap, store)
     topics = topic or ([change_topic(settings, entity)] if entity else change_topics(settings))
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
                           from_offset, to_offset)  # fmt: skip
@@ -185,7 +169,7 @@ def rebuild(
     from portal_sync.replay import replay as run_replay
     from portal_sync.topics import change_topics
 
-    live_settings = _settings(bootstrap, None)
+    live_settings = Settings.from_flags(bootstrap, None)
     target = Store(store)
     target.create_schema()
     if target.record_keys():
@@ -226,7 +210,7 @@ def dlq_list(
     from portal_sync.dlq import Filters, counts_by_reason, read_dead_letters
 
     filters = Filters(reason, source, parse_time(since), parse_time(until))
-    letters = read_dead_letters(_settings(bootstrap, None), filters)
+    letters = read_dead_letters(Settings.from_flags(bootstrap, None), filters)
     table = Table(title=f"dead letters ({len(letters)})")
     for column in ("id", "failed at", "reason", "origin", "source", "attempt"):
         table.add_column(column)
@@ -249,7 +233,7 @@ def dlq_show(
     """One dead letter: reason, origin, time, attempts; the event itself with --reveal."""
     from portal_sync.dlq import Filters, read_dead_letters
 
-    found = read_dead_letters(_settings(bootstrap, None), Filters(ids=[letter_id]))
+    found = read_dead_letters(Settings.from_flags(bootstrap, None), Filters(ids=[letter_id]))
     if not found:
         console.print(f"no dead letter {letter_id}")
         raise typer.Exit(1)
@@ -286,7 +270,7 @@ def dlq_redrive(
     if not (letter_ids or reason or source or since or until):
         console.print("[red]error:[/red] select dead letters: IDs, --reason, --source or a time")
         raise typer.Exit(2)
-    settings = _settings(bootstrap, store)
+    settings = Settings.from_flags(bootstrap, store)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
     letters = read_dead_letters(settings, filters)
     target = Store(settings.store_url)
@@ -311,7 +295,7 @@ def offsets_reset(
     active members; prints the plan and acts only with --yes."""
     from portal_sync.offsets import GroupActive, active_members, apply_reset, plan_reset
 
-    settings = _settings(bootstrap, store)
+    settings = Settings.from_flags(bootstrap, store)
     members = active_members(settings, group)
     if members:
         console.print(f"[red]refused:[/red] group {group} has {members} active member(s)")

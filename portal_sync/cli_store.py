@@ -14,20 +14,17 @@ from rich.table import Table
 from consumers.config import load_rules
 from consumers.reconciler import Reconciler
 from consumers.store import Store
+from portal_sync.cli_options import StoreOpt
 from portal_sync.settings import Settings
 
 console = Console()
 store_app = typer.Typer(no_args_is_help=True, help="The store's schema (Alembic).")
 
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
-]
 EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document or dossier")]
 
 
 def _store(store_url: str | None) -> Store:
-    return Store(store_url or Settings().store_url)
+    return Store(Settings.from_flags(store=store_url).store_url)
 
 
 def _text(value: Any) -> str:
@@ -39,7 +36,7 @@ def store_upgrade(store: StoreOpt = None) -> None:
     """Migrate the store to the newest schema; re-merge records that lack provenance."""
     from consumers.schema import upgrade
 
-    settings = Settings(**({"store_url": store} if store else {}))  # type: ignore[arg-type]
+    settings = Settings.from_flags(store=store)
     target = Store(settings.store_url)
     before, after = upgrade(target.engine)
     console.print(f"schema: {before or 'empty'} → {after}")
@@ -58,7 +55,7 @@ def remerge(
 ) -> None:
     """Re-merge canonical records from the stored source views under the current
     authority file, without replaying Kafka."""
-    settings = Settings(**({"store_url": store} if store else {}))  # type: ignore[arg-type]
+    settings = Settings.from_flags(store=store)
     target = Store(settings.store_url)
     keys = target.record_keys(entity)
     changed = _remerge(target, settings, keys)

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
     freshness_objective_seconds: float = 60.0
 
+    @classmethod
+    def from_flags(cls, bootstrap: str | None = None, store: str | None = None) -> Settings:
+        """Settings from the environment, with the CLI's --bootstrap and --store on top."""
+        overrides: dict[str, object] = {}
+        if bootstrap:
+            overrides["kafka_bootstrap"] = bootstrap
+        if store:
+            overrides["store_url"] = store
+        return cls(**overrides)  # type: ignore[arg-type]
+
     def bootstrap(self) -> str:
         """The cluster to talk to: the configured one, or the local broker's address."""
         if self.kafka_bootstrap:
