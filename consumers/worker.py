@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from kafka.errors import KafkaError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from consumers.config import load_rules
 from consumers.merge import Authority
@@ -38,7 +40,7 @@ from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from portal_sync.settings import Settings, user_data_dir
 from portal_sync.topics import change_topics, ensure_topics
-from producers.publisher import Publisher
+from producers.publisher import Publisher, PublishError
 from schemas.dead_letter import dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -58,16 +60,38 @@ class BatchProcessor:
         self.next_prune = 0.0
 
     def process(self, messages: Sequence[Message]) -> None:
-        """Apply a batch, retrying with backoff until it succeeds: nothing is skipped."""
+        """Apply a batch. Infrastructure failures (store or broker unreachable) are retried
+        with backoff until they pass: nothing is skipped. Any other failure is narrowed
+        down by halving the batch until the one event that fails alone is found; that
+        event goes to the dead letters (reason `apply_failed`) and the rest is applied."""
         delay = 0.5
         while True:
             try:
                 self._process_once(messages)
                 return
-            except Exception as error:
+            except (OperationalError, InterfaceError, PublishError, KafkaError) as error:
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
+            except Exception as error:
+                if len(messages) > 1:
+                    middle = len(messages) // 2
+                    self.process(messages[:middle])
+                    self.process(messages[middle:])
+                    return
+                self._poison(messages[0], error)
+                return
+
+    def _poison(self, message: Message, error: Exception) -> None:
+        """An event the store cannot apply: dead-letter it and move past it."""
+        log.error("event at %s:%d:%d cannot be applied (%s): dead-lettered", message.topic,
+                  message.partition, message.offset, type(error).__name__)  # fmt: skip
+        letter = DeadLetter(
+            message, "apply_failed", f"the store refused it: {type(error).__name__}"
+        )
+        self._dead_letter([letter])
+        self.reconciler.apply([], [message])
+        record_dead_letters([letter])
 
     def _process_once(self, messages: Sequence[Message]) -> None:
         fresh = self.reconciler.unapplied(messages)
