@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 
 from consumers.reconciler import BatchReport, DeadLetter
 from observability.freshness import SourceFreshness
+from schemas.dead_letter import DEAD_LETTER_REASONS
 
 EVENTS = Counter(
     "portal_sync_events_total",
@@ -21,21 +22,7 @@ DEAD_LETTERS = Counter(
     "Events sent to the dead-letter topic, by reason code.",
     ["reason"],
 )
-# The contract's reason codes, exported at 0 from the start so that `increase()` sees the
-# first dead letter of each reason.
-DEAD_LETTER_REASONS = (
-    "not_utf8",
-    "invalid_json",
-    "unsupported_schema_version",
-    "missing_field",
-    "unknown_entity",
-    "unknown_field",
-    "invalid_key",
-    "invalid_field",
-    "op_data_mismatch",
-    "too_large",
-    "empty_message",
-)
+# Exported at 0 from the start so that `increase()` sees the first of each reason.
 for _reason in DEAD_LETTER_REASONS:
     DEAD_LETTERS.labels(_reason)
 FRESHNESS = SourceFreshness()

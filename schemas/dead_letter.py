@@ -17,6 +17,23 @@ from datetime import UTC, datetime
 
 HEADER_PREFIX = "ps."
 
+# Every reason code a dead letter can carry: the contract's hard checks, then the worker's.
+DEAD_LETTER_REASONS = (
+    "not_utf8",
+    "invalid_json",
+    "unsupported_schema_version",
+    "missing_field",
+    "unknown_entity",
+    "unknown_field",
+    "invalid_key",
+    "invalid_field",
+    "op_data_mismatch",
+    "too_large",
+    "empty_message",
+    "unregistered_source",
+    "apply_failed",
+)
+
 
 def dead_letter_headers(
     code: str,
