@@ -10,11 +10,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from portal_sync.adapters_cli import adapters_app, produce
 from portal_sync.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(adapters_app, name="adapters")
+app.command("produce")(produce)
 console = Console(stderr=True)
 
 BootstrapOpt = Annotated[
