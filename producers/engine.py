@@ -134,7 +134,9 @@ class AdapterRunner:
             item.code, item.message, f"source:{self.adapter.source}", self.source_id, item.origin
         )
         key = message_key(item.entity, item.key) if item.entity and item.key else None
-        self.publisher.send_dead_letter(key, item.raw or None, headers)
+        # A dead letter keeps the original bytes; an adapter that has none sends its origin.
+        value = item.raw or json.dumps({"origin": item.origin}).encode()
+        self.publisher.send_dead_letter(key, value, headers)
         self.adapter.rejected(item.origin, item.code, item.message)
 
     def _checkpoint(self, item: Checkpoint, produced: Tally[str], stats: RunStats) -> None:

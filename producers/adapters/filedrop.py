@@ -143,9 +143,13 @@ class FileDropAdapter(DirectoryAdapter):
         for line, row in rows:
             origin = f"{path.name}:{line}"
             if isinstance(row, SkippableRecord):
-                yield SkippableRecord(row.code, row.message, origin, self.entity)
-            else:
-                yield self._record(row, origin)
+                yield SkippableRecord(row.code, row.message, origin, self.entity, raw=row.raw)
+                continue
+            record = self._record(row, origin)
+            if isinstance(record, SkippableRecord):
+                raw = json.dumps(row, ensure_ascii=False).encode()
+                record = SkippableRecord(record.code, record.message, origin, self.entity, raw=raw)
+            yield record
 
     def _csv(self, text: str) -> Iterator[tuple[int, dict[str, Any] | SkippableRecord]]:
         reader = csv.DictReader(io.StringIO(text), delimiter=self.options.csv_delimiter)
@@ -161,10 +165,14 @@ class FileDropAdapter(DirectoryAdapter):
             try:
                 value = json.loads(line)
             except ValueError:
-                yield number, SkippableRecord("invalid_json", "line is not JSON", "")
+                yield (
+                    number,
+                    SkippableRecord("invalid_json", "line is not JSON", "", raw=line.encode()),
+                )
                 continue
             if not isinstance(value, dict):
-                yield number, SkippableRecord("invalid_json", "line is not a JSON object", "")
+                raw = line.encode()
+                yield number, SkippableRecord("invalid_json", "line is not an object", "", raw=raw)
                 continue
             yield number, value
 
