@@ -171,7 +171,6 @@ def test_show_config_masks_secrets(
     text = load_deployment(config).redacted()
     assert "literal-pw" not in text and "t0k3n" not in text
     assert "sync:***@" in text and 'api_token = "***"' in text
-    del settings
 
 
 def test_dead_letter_of_a_skipped_record_names_reason_and_origin(

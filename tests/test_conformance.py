@@ -31,12 +31,12 @@ class ListAdapter(Adapter):
     cursor = "position"
     emits_deletes = True
     Config = Nothing
-    changes: list[tuple[str, int, dict[str, Any] | None]] = [
+    changes: tuple[tuple[str, int, dict[str, Any] | None], ...] = (
         ("001090000001", 1, {"full_name": "Nguyễn Văn An"}),
         ("001190000002", 1, {"full_name": "Trần Thị Bình"}),
         ("001090000001", 2, {"full_name": "Nguyễn Văn Ân"}),
         ("001190000002", 2, None),
-    ]
+    )
 
     def __init__(self) -> None:
         super().__init__("province-01", Nothing(), Path("."))
@@ -57,15 +57,15 @@ class ListAdapter(Adapter):
 
 
 class InvalidEvent(ListAdapter):
-    changes = [*ListAdapter.changes, ("001090000003", 1, {"full_name": "X", "phone": "không"})]
+    changes = (*ListAdapter.changes, ("001090000003", 1, {"full_name": "X", "phone": "không"}))
 
 
 class MissingKey(ListAdapter):
-    changes = [*ListAdapter.changes, ("", 1, {"full_name": "Không có mã"})]
+    changes = (*ListAdapter.changes, ("", 1, {"full_name": "Không có mã"}))
 
 
 class VersionsFall(ListAdapter):
-    changes = [*ListAdapter.changes, ("001090000001", 1, {"full_name": "Cũ hơn"})]
+    changes = (*ListAdapter.changes, ("001090000001", 1, {"full_name": "Cũ hơn"}))
 
 
 class ForgetsCursor(ListAdapter):
