@@ -160,10 +160,7 @@ def test_configuration_errors_refuse_to_start_with_a_clear_message(
     assert not (tmp_path / "state").exists()
 
 
-def test_show_config_masks_secrets(
-    tmp_path: Path, settings_for: Any, sqlite_store_url: str
-) -> None:
-    settings = settings_for(sqlite_store_url)
+def test_show_config_masks_secrets(tmp_path: Path) -> None:
     body = CONFIG.format(adapter="sql", extra="") + '\n[sources.mapping.extra]\napi_token = "t0k3n"'
     config = write_config(tmp_path, body.replace("${HN_DB_PASSWORD}", "literal-pw"))
     from producers.deployment import load_deployment
