@@ -19,7 +19,7 @@ class ScaffoldError(ValueError):
 
 PYPROJECT = """\
 [build-system]
-requires = ["setuptools>=69"]
+requires = ["setuptools>=64"]
 build-backend = "setuptools.build_meta"
 
 [project]
