@@ -29,14 +29,16 @@ from rich.table import Table
 
 from consumers.merge import Authority, SourceView, merge
 from consumers.store import Store, metadata, source_views
-from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
+from portal_sync.demo_sources import SOURCES, SampleSource, World, deployment_toml
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
+from producers.deployment import load_deployment
+from producers.engine import AdapterRunner, RunStats
+from producers.produce import ProduceResult, SourceGroup, build_groups
 from producers.publisher import Publisher
-from producers.runner import RunStats, SourceRunner
-from producers.sql_polling import CursorState, SqlPollingAdapter
+from producers.sdk import Record
 from schemas import InvalidEvent, parse_event
 
 console = Console()
@@ -52,7 +54,8 @@ class DemoRun:
     settings: Settings
     workdir: Path
     sources: list[SampleSource] = field(default_factory=list)
-    runners: list[SourceRunner] = field(default_factory=list)
+    groups: list[SourceGroup] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
     published: int = 0
     producer_dead_letters: int = 0
     injected: int = 0
@@ -181,36 +184,44 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
+    """The sample sources as one deployment file of `sql` adapters, run as `produce` does."""
     port = free_port()
     start_http_server(port, addr="127.0.0.1")
-    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
+    config = run.workdir / "sources.toml"
+    config.write_text(deployment_toml(run.sources, Path("state"), 0.5), encoding="utf-8")
+    run.groups, run.publishers = build_groups(load_deployment(config), run.settings)
+    console.print(
+        f"[green]✓[/green] producers started from {config} "
+        f"(metrics http://127.0.0.1:{port}/metrics)"
+    )
     threads = []
-    for source in run.sources:
-        publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")
-        for config in adapter_configs(source.spec, source.url):
-            runner = SourceRunner(SqlPollingAdapter(config), publisher, run.workdir / "state")
-            run.runners.append(runner)
-        runners = [r for r in run.runners if r.publisher is publisher]
-        thread = threading.Thread(target=_poll_loop, args=(run, runners, stop), daemon=True)
+    for group in run.groups:
+        thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)
         thread.start()
         threads.append(thread)
     return threads
 
 
-def _poll_loop(run: DemoRun, runners: list[SourceRunner], stop: threading.Event) -> None:
-    while not stop.is_set():
-        for runner in runners:
-            run.count(runner.run_once())
-        stop.wait(0.5)
+def _runners(run: DemoRun) -> list[AdapterRunner]:
+    return [runner for group in run.groups for _, runner in group.runners]
+
+
+def _poll_loop(run: DemoRun, group: SourceGroup, stop: threading.Event) -> None:
+    result = ProduceResult()
+    group.run(stop, result)
+    for stats in result.stats.values():
+        run.count(stats)
 
 
 def _drain_producers(run: DemoRun) -> None:
     """Poll every source once more; one producer first loses its checkpoint, as after a
     crash before saving it, and re-sends what it had sent: the version rule drops it."""
-    amnesiac = next(r for r in run.runners if r.adapter.config.name == "province-48.citizen")
-    amnesiac.state = CursorState()
-    for runner in run.runners:
+    amnesiac = next(r for r in _runners(run) if r.source_id == "province-48.citizen")
+    amnesiac.state_path.unlink()
+    for runner in _runners(run):
         run.count(runner.run_once())
+    for publisher in run.publishers:
+        publisher.close()
 
 
 def _make_changes(run: DemoRun) -> None:
@@ -318,10 +329,11 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
     """The merge rules applied to every source's current rows, independently of Kafka."""
     authority = Authority.load(run.settings.authority_file)
     views: dict[tuple[str, str], list[SourceView]] = {}
-    for runner in run.runners:
-        for page in runner.adapter.pages(CursorState()):
-            for change in page:
-                raw = _encode(change.event)
+    for runner in _runners(run):
+        adapter = runner.adapter
+        for item in adapter.read({}):
+            if isinstance(item, Record):
+                raw = _encode(item.event(adapter.source, adapter.entity))
                 try:
                     event = parse_event(raw).event
                 except InvalidEvent:
