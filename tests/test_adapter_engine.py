@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from portal_sync.local_kafka import free_port
 from portal_sync.topics import ensure_topics
 from producers.engine import AdapterRunner, RetryPolicy
 from producers.publisher import Publisher
@@ -190,3 +197,67 @@ def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
     assert headers["ps.reason.code"] == "unreadable_row"
     assert headers["ps.origin.offset"] == "cong_dan:7"
     assert json.loads(letter.value) == {"origin": "cong_dan:7"}
+
+
+def test_produce_runs_on_its_schedule_serves_metrics_and_stops_on_sigterm(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = write_config(
+        tmp_path, FILES.replace("interval_seconds = 30", "interval_seconds = 0.2")
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "portal_sync",
+            "produce",
+            "-c",
+            str(config),
+            "--metrics-port",
+            str(port),
+        ],
+        env=os.environ | settings.as_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # running and polling an empty directory
+        (inbox / "a.jsonl").write_text(json.dumps(ROW) + "\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (inbox / "done" / "a.jsonl").exists():
+            time.sleep(0.2)
+        assert (inbox / "done" / "a.jsonl").exists()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert (
+            'portal_sync_produced_events_total{entity="citizen",source="province-02"} 1.0'
+            in body.decode()
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "files: published 1, dead-lettered 0" in stderr
+    assert len(published_events(settings, "citizen")) == 1
+
+
+FILES = """
+[[sources]]
+id = "files"
+source = "province-02"
+adapter = "filedrop"
+interval_seconds = 30
+
+[sources.connection]
+directory = "inbox"
+
+[sources.mapping]
+entity = "citizen"
+key_field = "pid"
+occurred_at_field = "at"
+fields = { full_name = "name" }
+"""
+ROW = {"pid": "001090000001", "name": "Nguyễn Văn An", "at": "2025-08-01T08:00:00+07:00"}
