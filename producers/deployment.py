@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+)
 
 from producers.adapters import load as load_adapter
 from producers.sdk import Adapter, ConfigurationError
@@ -65,8 +72,13 @@ class Deployment(StrictModel):
     kafka: KafkaSection = Field(default_factory=KafkaSection)
     sources: list[SourceEntry]
 
-    base_dir: Path = Field(default=Path("."), exclude=True)
-    text: str = Field(default="", exclude=True)
+    _base_dir: Path = PrivateAttr(default=Path("."))
+    _text: str = PrivateAttr(default="")
+
+    @property
+    def base_dir(self) -> Path:
+        """The file's directory: relative paths in the file are relative to it."""
+        return self._base_dir
 
     @property
     def state_dir(self) -> Path:
@@ -86,7 +98,7 @@ class Deployment(StrictModel):
     def redacted(self) -> str:
         """The file as written, safe to print: `${NAME}` references stay unresolved, literal
         URL passwords and values of keys named like password, secret or token are masked."""
-        text = _URL_PASSWORD.sub(r"\1***\3", self.text)
+        text = _URL_PASSWORD.sub(r"\1***\3", self._text)
         return _SECRET_KEY.sub(r'\1"***"', text)
 
 
@@ -108,8 +120,8 @@ def load_deployment(path: Path, environ: dict[str, str] | None = None) -> Deploy
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigurationError(f"{path}: duplicate source ids: {', '.join(duplicates)}")
-    deployment.base_dir = path.resolve().parent
-    deployment.text = text
+    deployment._base_dir = path.resolve().parent
+    deployment._text = text
     return deployment
 
 

@@ -148,11 +148,6 @@ class Adapter(ABC):
     def read(self, state: State) -> Iterator[Item]:
         """Yield records from the position in `state` on, with checkpoints between them."""
 
-    def describe(self) -> str:
-        """One line for `adapters list`."""
-        doc = (type(self).__doc__ or "").strip().splitlines()
-        return doc[0] if doc else ""
-
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 
