@@ -33,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 
-from producers.mapping import FieldMapping, map_fields
+from producers.mapping import FieldMapping, map_fields, strptime_pattern
 from producers.state import write_json_atomic
 from schemas import derive_event_id
 from schemas.events import Entity
@@ -54,6 +54,7 @@ class SqlMapping(FieldMapping):
     key_column: str
     pk_column: str | None = None
     updated_at_column: str = "updated_at"
+    updated_at_format: str | None = None  # the cursor column is text, e.g. yyyyMMddHHmmss
     version_column: str | None = None
     deleted_column: str | None = None
     lookback_seconds: float = 60.0
@@ -145,7 +146,11 @@ class SqlPollingAdapter:
             if not rows:
                 return
             changes = [change for row in rows if (change := self._change(row, state))]
-            last = (rows[-1]._mapping[self.updated_at.name], rows[-1]._mapping[self.pk.name])
+            high = rows[-1]._mapping
+            moment = high[self.updated_at.name]
+            if self.config.updated_at_format is not None:
+                moment = self._cursor_time(moment)
+            last = (moment, high[self.pk.name])
             if changes:
                 yield changes
             if len(rows) < self.config.batch_size:
@@ -157,11 +162,18 @@ class SqlPollingAdapter:
         high = datetime.fromisoformat(state.updated_at)
         return high - timedelta(seconds=self.config.lookback_seconds)
 
+    def _bound(self, moment: datetime) -> Any:
+        """A cursor value as a query parameter, in the column's own form."""
+        pattern = self.config.updated_at_format
+        if pattern is not None:  # fixed-width date text sorts in time order
+            return literal(moment.strftime(strptime_pattern(pattern)))
+        return self._moment(literal(moment, DateTime()))
+
     def _moment(self, value: Any) -> Any:
         """A timestamp as the database orders it. SQLite keeps timestamps as text in
         whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),
         so both sides are normalised to one form first."""
-        if self.sqlite:
+        if self.sqlite and self.config.updated_at_format is None:
             return func.strftime("%Y-%m-%d %H:%M:%f", value)
         return value
 
@@ -169,16 +181,16 @@ class SqlPollingAdapter:
         moment = self._moment(self.updated_at)
         query = select(self.table).order_by(moment, self.pk).limit(self.config.batch_size)
         if last is not None:
-            bound = self._moment(literal(last[0], DateTime()))
+            bound = self._bound(last[0])
             query = query.where(or_(moment > bound, and_(moment == bound, self.pk > last[1])))
         elif start is not None:
-            query = query.where(moment >= self._moment(literal(start, DateTime())))
+            query = query.where(moment >= self._bound(start))
         with self.engine.connect() as conn:
             return list(conn.execute(query))
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
-        updated_at = _as_datetime(values[self.updated_at.name])
+        updated_at = self._cursor_time(values[self.updated_at.name])
         version = (
             int(values[self.config.version_column])
             if self.config.version_column
@@ -188,6 +200,12 @@ class SqlPollingAdapter:
         if state.seen.get(str(pk), [None])[0] == version:
             return None
         return SourceChange(pk, updated_at, version, self._event(values, updated_at, version))
+
+    def _cursor_time(self, value: Any) -> datetime:
+        pattern = self.config.updated_at_format
+        if pattern is not None:
+            return datetime.strptime(str(value), strptime_pattern(pattern))
+        return _as_datetime(value)
 
     def _event(self, values: Any, updated_at: datetime, version: int) -> dict[str, Any]:
         config = self.config

@@ -254,3 +254,59 @@ def test_produce_once_publishes_checkpoints_and_resumes_through_the_broker(
     changed = [e for e in events if e["key"].endswith("0001") and e["data"]["status"] == 9]
     assert len(changed) == 1
     assert "TAM_DUNG" not in json.dumps(events)
+
+
+ho_so_text = Table(
+    "ho_so_text",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("ma_ho_so", String(40), nullable=False),
+    Column("trang_thai", Integer),
+    Column("ngay_cap_nhat", String(14), nullable=False),  # yyyyMMddHHmmss, local time
+)
+
+TEXT_CURSOR = """
+[[sources]]
+id = "legacy-dossiers"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "dossier"
+table = "ho_so_text"
+key_column = "ma_ho_so"
+pk_column = "id"
+updated_at_column = "ngay_cap_nhat"
+updated_at_format = "yyyyMMddHHmmss"
+batch_size = 2
+lookback_seconds = 0
+fields = {{ status = "trang_thai" }}
+"""
+
+
+def test_a_text_cursor_column_in_a_local_date_format(db_url: str, tmp_path: Path) -> None:
+    ho_so_text.metadata.create_all(create_engine(db_url))
+    rows = [
+        {"id": n, "ma_ho_so": f"000.00.01.H29-240115-{n:04d}", "trang_thai": 4, "ngay_cap_nhat": at}
+        for n, at in [(1, "20240115090000"), (2, "20240115090000"), (3, "20240115093000")]
+    ]
+    write(db_url, ho_so_text, rows)
+    deploy = deployment(tmp_path, TEXT_CURSOR.format(url=db_url))
+    adapter = deploy.adapter(deploy.sources[0])
+    report = check_adapter(adapter, "legacy-dossiers", "sql")
+    assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
+    assert [e.origin for e in report.first.emitted] == [
+        "ho_so_text:1",
+        "ho_so_text:2",
+        "ho_so_text:3",
+    ]
+    first = run_adapter(adapter, {})
+    assert first.emitted[2].version == 1_705_285_800_000_000  # 09:30 at UTC+7, in µs
+    write(db_url, ho_so_text, [rows[0] | {"id": 4, "ma_ho_so": "000.00.01.H29-240115-0004",
+                                          "ngay_cap_nhat": "20240115100000"}])  # fmt: skip
+    resumed = run_adapter(adapter, first.state or {})
+    assert [e.origin for e in resumed.emitted] == ["ho_so_text:4"]
+    adapter.close()
