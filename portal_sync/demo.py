@@ -29,11 +29,20 @@ from rich.table import Table
 
 from consumers.merge import Authority, SourceView, merge
 from consumers.store import Store, metadata, source_views
-from portal_sync.demo_sources import SOURCES, SampleSource, World, deployment_toml
+from portal_sync.demo_sources import (
+    PORTAL_FEED_SOURCE,
+    SOURCES,
+    PortalFeed,
+    SampleSource,
+    World,
+    deployment_toml,
+    portal_feed_toml,
+)
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
+from producers.adapters.filedrop import DirectoryAdapter
 from producers.deployment import load_deployment
 from producers.engine import AdapterRunner, RunStats
 from producers.produce import ProduceResult, SourceGroup, build_groups
@@ -54,6 +63,7 @@ class DemoRun:
     settings: Settings
     workdir: Path
     sources: list[SampleSource] = field(default_factory=list)
+    feed: PortalFeed | None = None
     groups: list[SourceGroup] = field(default_factory=list)
     publishers: list[Publisher] = field(default_factory=list)
     published: int = 0
@@ -168,6 +178,8 @@ def _create_sources(run: DemoRun, people: int) -> None:
         bad = source.citizen_row(world._person())
         bad["dien_thoai"] = "không có"
         source.insert("citizen", [bad])
+    run.feed = PortalFeed(run.workdir / "portal-inbox", world)
+    run.feed.submit(max(10, people // 30))
 
 
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
@@ -188,7 +200,9 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
     port = free_port()
     start_http_server(port, addr="127.0.0.1")
     config = run.workdir / "sources.toml"
-    config.write_text(deployment_toml(run.sources, Path("state"), 0.5), encoding="utf-8")
+    assert run.feed is not None
+    text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
+    config.write_text(text, encoding="utf-8")
     run.groups, run.publishers = build_groups(load_deployment(config), run.settings)
     console.print(
         f"[green]✓[/green] producers started from {config} "
@@ -242,6 +256,8 @@ def _make_changes(run: DemoRun) -> None:
             # A long transaction that commits now with a timestamp 20 s in the past.
             late = [source.citizen_row(source.world._person()) for _ in range(3)]
             source.insert("citizen", late, behind=20)
+        if run.feed is not None:
+            run.feed.advance(max(5, len(run.feed.dossiers) * 3 // 4))
         time.sleep(1.5 + round_number)
 
 
@@ -331,6 +347,8 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
     views: dict[tuple[str, str], list[SourceView]] = {}
     for runner in _runners(run):
         adapter = runner.adapter
+        if isinstance(adapter, DirectoryAdapter):  # processed files have moved to done/
+            adapter.directory = adapter.done_dir
         for item in adapter.read({}):
             if isinstance(item, Record):
                 raw = _encode(item.event(adapter.source, adapter.entity))
@@ -404,7 +422,7 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
     p50, p99, samples = _lag_percentiles(run.settings)
     table = Table(title="portal-sync demo", show_header=False)
     rows = [
-        ("sources", ", ".join(s.spec.source for s in run.sources)),
+        ("sources", ", ".join([*(s.spec.source for s in run.sources), PORTAL_FEED_SOURCE])),
         ("events produced (acknowledged)", f"{run.published}"),
         ("rows rejected at the source → dead letters", f"{run.producer_dead_letters}"),
         ("malformed events injected", f"{run.injected}"),

@@ -97,7 +97,9 @@ class DirectoryAdapter(Adapter):
         if not self.directory.is_dir():
             return []
         files = [
-            p for p in self.directory.iterdir() if p.is_file() and p.suffix in self.options.suffixes
+            p
+            for p in self.directory.iterdir()
+            if p.is_file() and p.suffix in self.options.suffixes and ".rejected." not in p.name
         ]
         return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 

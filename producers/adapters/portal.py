@@ -11,7 +11,10 @@ MaSoThue; a bare name is not carried (the contract has no applicant name).
 
 Version and occurred_at come from NgayCapNhat when the payload has it, else from the time
 the file was written, plus the payload's position in the file (in microseconds), so a later
-payload about the same dossier always has the higher version.
+payload about the same dossier has the higher version. NgayCapNhat has whole seconds: two
+payloads of one dossier with the same NgayCapNhat in different files get the same version
+(the reconciler keeps the first it applies), so such updates must be a second apart or in
+one file, where the later position wins.
 """
 
 from __future__ import annotations
