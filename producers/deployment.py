@@ -92,8 +92,13 @@ class Deployment(StrictModel):
 
     def adapter(self, entry: SourceEntry) -> Adapter:
         """The configured adapter of one source (ConfigurationError if it is wrong)."""
-        adapter_class = load_adapter(entry.adapter)
-        return adapter_class.from_settings(entry.contract_source, entry.options(), self.base_dir)
+        try:
+            adapter_class = load_adapter(entry.adapter)
+            return adapter_class.from_settings(
+                entry.contract_source, entry.options(), self.base_dir
+            )
+        except ConfigurationError as error:
+            raise ConfigurationError(f"source {entry.id} ({entry.adapter}): {error}") from None
 
     def redacted(self) -> str:
         """The file as written, safe to print: `${NAME}` references stay unresolved, literal

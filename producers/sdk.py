@@ -141,7 +141,7 @@ class Adapter(ABC):
                 f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
                 for e in error.errors(include_input=False, include_url=False)
             )
-            raise ConfigurationError(f"source {source}: {problems}") from None
+            raise ConfigurationError(problems) from None
         return cls(source, config, base_dir)
 
     @abstractmethod

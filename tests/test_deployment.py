@@ -68,7 +68,8 @@ def test_invalid_files_are_refused_with_the_reason(tmp_path: Path, body: str, me
 def test_adapter_options_are_validated_per_source(tmp_path: Path) -> None:
     config = write_config(tmp_path, FILES.format(extra='format = "xml"'))
     deployment = load_deployment(config, environ={"INBOX": "in"})
-    with pytest.raises(ConfigurationError, match="source province-02: format: Input should be"):
+    expected = r"source exports \(filedrop\): format: Input should be"
+    with pytest.raises(ConfigurationError, match=expected):
         deployment.adapter(deployment.sources[0])
 
 
