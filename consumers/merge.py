@@ -174,13 +174,21 @@ DOSSIER_TRANSITIONS: Mapping[int, frozenset[int]] = {
 }
 
 
+# How far along the main path a status is. Sources report snapshots (a poll, a daily
+# feed), so a forward jump that skips statuses (1 -> 4, 2 -> 10) is usual; going back, or
+# leaving a final status (3, 7, 8, 10), is not.
+LIFECYCLE_STAGE: Mapping[int, int] = {1: 0, 2: 1, 4: 2, 5: 2, 6: 2, 9: 3, 10: 4}
+
+
 def unusual_transition(old_status: object, new_status: object) -> bool:
     """A status change that the national lifecycle does not foresee (same status is fine)."""
     if not isinstance(old_status, int) or not isinstance(new_status, int):
         return False
-    if old_status == new_status:
+    if old_status == new_status or new_status in DOSSIER_TRANSITIONS.get(old_status, ()):
         return False
-    return new_status not in DOSSIER_TRANSITIONS.get(old_status, frozenset())
+    old_stage, new_stage = LIFECYCLE_STAGE.get(old_status), LIFECYCLE_STAGE.get(new_status)
+    forward = old_stage is not None and new_stage is not None and new_stage > old_stage
+    return not forward
 
 
 def _canonical_json(value: Any) -> str:

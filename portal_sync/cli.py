@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, cast
 import typer
 from rich.console import Console
 
+from portal_sync.adapters_cli import adapters_app, produce
 from portal_sync.cli_ops import register as register_ops_commands
 from portal_sync.cli_options import BootstrapOpt, StoreOpt
 from portal_sync.cli_store import register as register_store_commands
@@ -25,6 +26,8 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(adapters_app, name="adapters")
+app.command("produce")(produce)
 console = Console(stderr=True)
 register_store_commands(app)
 register_ops_commands(app)

@@ -32,14 +32,25 @@ from consumers.merge import SourceView, merge
 from consumers.schema import drop_everything
 from consumers.store import Store, source_views
 from observability.http import serve
-from portal_sync.demo_sources import SOURCES, SampleSource, World, adapter_configs
+from portal_sync.demo_sources import (
+    PORTAL_FEED_SOURCE,
+    SOURCES,
+    PortalFeed,
+    SampleSource,
+    World,
+    deployment_toml,
+    portal_feed_toml,
+)
 from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
 from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
+from producers.adapters.filedrop import DirectoryAdapter
+from producers.deployment import load_deployment
+from producers.engine import AdapterRunner, RunStats
+from producers.produce import ProduceResult, SourceGroup, build_groups
 from producers.publisher import Publisher
-from producers.runner import RunStats, SourceRunner
-from producers.sql_polling import CursorState, SqlPollingAdapter
+from producers.sdk import Record
 from schemas import InvalidEvent, parse_event
 
 console = Console()
@@ -56,7 +67,9 @@ class DemoRun:
     settings: Settings
     workdir: Path
     sources: list[SampleSource] = field(default_factory=list)
-    runners: list[SourceRunner] = field(default_factory=list)
+    feed: PortalFeed | None = None
+    groups: list[SourceGroup] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
     published: int = 0
     producer_dead_letters: int = 0
     injected: int = 0
@@ -177,6 +190,8 @@ def _create_sources(run: DemoRun, people: int) -> None:
     hanoi, hcm = run.sources[0], run.sources[1]
     originals = rng.sample(hanoi.keys("dossier"), 25)
     hcm.insert("dossier", [hcm.transferred_row(key) for key in originals])
+    run.feed = PortalFeed(run.workdir / "portal-inbox", world)
+    run.feed.submit(max(10, people // 30))
 
 
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
@@ -193,36 +208,46 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
+    """The sample sources as one deployment file of adapters, run as `produce` does."""
+    config = run.workdir / "sources.toml"
+    assert run.feed is not None
+    text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
+    config.write_text(text, encoding="utf-8")
+    run.groups, run.publishers = build_groups(load_deployment(config), run.settings)
     threads: list[threading.Thread] = []
-    for source in run.sources:
-        publisher = Publisher(run.settings, client_id=f"demo-{source.spec.source}")
-        for config in adapter_configs(source.spec, source.url):
-            runner = SourceRunner(SqlPollingAdapter(config), publisher, run.workdir / "state")
-            run.runners.append(runner)
-        runners = [r for r in run.runners if r.publisher is publisher]
-        thread = threading.Thread(target=_poll_loop, args=(run, runners, stop), daemon=True)
+    for group in run.groups:
+        thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)
         thread.start()
         threads.append(thread)
     port = free_port()
     serve(port, healthy=lambda: all(thread.is_alive() for thread in threads) or stop.is_set())
-    console.print(f"[green]✓[/green] producers started (metrics http://127.0.0.1:{port}/metrics)")
+    console.print(
+        f"[green]✓[/green] producers started from {config} "
+        f"(metrics http://127.0.0.1:{port}/metrics)"
+    )
     return threads
 
 
-def _poll_loop(run: DemoRun, runners: list[SourceRunner], stop: threading.Event) -> None:
-    while not stop.is_set():
-        for runner in runners:
-            run.count(runner.run_once())
-        stop.wait(0.5)
+def _runners(run: DemoRun) -> list[AdapterRunner]:
+    return [runner for group in run.groups for _, runner in group.runners]
+
+
+def _poll_loop(run: DemoRun, group: SourceGroup, stop: threading.Event) -> None:
+    result = ProduceResult()
+    group.run(stop, result)
+    for stats in result.stats.values():
+        run.count(stats)
 
 
 def _drain_producers(run: DemoRun) -> None:
     """Poll every source once more; one producer first loses its checkpoint, as after a
     crash before saving it, and re-sends what it had sent: the version rule drops it."""
-    amnesiac = next(r for r in run.runners if r.adapter.config.name == "province-48.citizen")
-    amnesiac.state = CursorState()
-    for runner in run.runners:
+    amnesiac = next(r for r in _runners(run) if r.source_id == "province-48.citizen")
+    amnesiac.state_path.unlink()
+    for runner in _runners(run):
         run.count(runner.run_once())
+    for publisher in run.publishers:
+        publisher.close()
 
 
 def _make_changes(run: DemoRun) -> None:
@@ -243,6 +268,8 @@ def _make_changes(run: DemoRun) -> None:
             # A long transaction that commits now with a timestamp 20 s in the past.
             late = [source.citizen_row(source.world._person()) for _ in range(3)]
             source.insert("citizen", late, behind=20)
+        if run.feed is not None:
+            run.feed.advance(max(5, len(run.feed.dossiers) * 3 // 4))
         time.sleep(1.5 + round_number)
 
 
@@ -253,12 +280,12 @@ def _advance_dossier(source: SampleSource, key: str) -> None:
     with source.engine.connect() as conn:
         row = conn.execute(select(table).where(table.c.ma_ho_so == key)).one()
     following = {1: 2, 2: 4, 4: 9, 9: 10, 5: 4}.get(row.trang_thai)
-    if following is None:
-        return
     if source.rng.random() < 0.1 and row.trang_thai == 4:
         following = 5
-    if source.rng.random() < 0.02 and row.trang_thai == 1:
-        following = 9  # finished without being accepted: applied, flagged as an anomaly
+    if source.rng.random() < 0.05 and row.trang_thai in (2, 4):
+        following = 1  # sent back to "submitted": applied, flagged as an anomaly
+    if following is None:
+        return
     values: dict[str, Any] = {"trang_thai": following}
     if following == 10:
         values["ngay_tra"] = row.ngay_hen_tra
@@ -339,10 +366,13 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
     """The merge rules applied to every source's current rows, independently of Kafka."""
     registry, authority = load_rules(run.settings)
     views: dict[tuple[str, str], list[SourceView]] = {}
-    for runner in run.runners:
-        for page in runner.adapter.pages(CursorState()):
-            for change in page:
-                raw = _encode(change.event)
+    for runner in _runners(run):
+        adapter = runner.adapter
+        if isinstance(adapter, DirectoryAdapter):  # processed files have moved to done/
+            adapter.directory = adapter.done_dir
+        for item in adapter.read({}):
+            if isinstance(item, Record):
+                raw = _encode(item.event(adapter.source, adapter.entity))
                 try:
                     event = parse_event(raw).event
                 except InvalidEvent:
@@ -421,7 +451,7 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
     p50, p99, samples = _lag_percentiles(run.settings)
     table = Table(title="portal-sync demo", show_header=False)
     rows = [
-        ("sources", ", ".join(s.spec.source for s in run.sources)),
+        ("sources", ", ".join([*(s.spec.source for s in run.sources), PORTAL_FEED_SOURCE])),
         ("events produced (acknowledged)", f"{run.published}"),
         ("rows rejected at the source → dead letters", f"{run.producer_dead_letters}"),
         ("malformed events injected", f"{run.injected}"),

@@ -11,41 +11,60 @@ Hard deletes are invisible to polling: sources mark deletes in a soft-delete col
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
-from decimal import Decimal
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import DateTime, MetaData, Table, and_, create_engine, func, literal, or_, select
+from pydantic import ConfigDict
+from sqlalchemy import (
+    DateTime,
+    MetaData,
+    Table,
+    and_,
+    column,
+    create_engine,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+)
 
+from producers.mapping import FieldMapping, map_fields, strptime_pattern
+from producers.state import write_json_atomic
 from schemas import derive_event_id
 from schemas.events import Entity
 
 
-class SqlSourceConfig(BaseModel):
-    """Where a source's records live and how their columns map to the contract."""
+class SqlMapping(FieldMapping):
+    """Where one table's (or query's) records live and how its columns map to the contract.
+
+    The cursor is (`updated_at_column`, `pk_column`); `query` replaces the table by any
+    SELECT (then `table` only names it in dead-letter origins)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str
     url: str
     entity: Entity
     table: str
+    query: str | None = None
     key_column: str
     pk_column: str | None = None
     updated_at_column: str = "updated_at"
+    updated_at_format: str | None = None  # the cursor column is text, e.g. yyyyMMddHHmmss
     version_column: str | None = None
     deleted_column: str | None = None
-    fields: dict[str, str]  # contract field path ("a.b" for nested) -> column
-    timezone: str = "Asia/Ho_Chi_Minh"
     lookback_seconds: float = 60.0
     batch_size: int = 1000
+
+
+class SqlSourceConfig(SqlMapping):
+    """A SQL source's mapping and its contract source id."""
+
+    source: str
 
     @property
     def name(self) -> str:
@@ -64,24 +83,20 @@ class CursorState:
     def load(cls, path: Path) -> CursorState:
         if not path.exists():
             return cls()
-        raw = json.loads(path.read_text())
-        return cls(raw["updated_at"], raw["pk"], raw["seen"])
+        return cls.from_dict(json.loads(path.read_text()))
 
     def save(self, path: Path) -> None:
         """Write atomically and durably: a crash leaves the old or the new state, never half."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"updated_at": self.updated_at, "pk": self.pk, "seen": self.seen})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_atomic(path, self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"updated_at": self.updated_at, "pk": self.pk, "seen": dict(self.seen)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CursorState:
+        if not raw:
+            return cls()
+        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]))
 
 
 @dataclass(frozen=True)
@@ -99,10 +114,24 @@ class SqlPollingAdapter:
         self.config = config
         self.zone = ZoneInfo(config.timezone)
         self.engine = create_engine(config.url)
-        self.table = Table(config.table, MetaData(), autoload_with=self.engine)
+        self.table = self._from_clause()
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]
         self.sqlite = self.engine.dialect.name == "sqlite"
+
+    def _from_clause(self) -> Any:
+        config = self.config
+        if config.query is None:
+            return Table(config.table, MetaData(), autoload_with=self.engine)
+        needed = {
+            config.key_column,
+            config.pk_column or config.key_column,
+            config.updated_at_column,
+            *config.fields.values(),
+        }
+        needed |= {c for c in (config.version_column, config.deleted_column) if c}
+        names: list[Any] = [column(name) for name in sorted(needed)]
+        return text(config.query).columns(*names).subquery("src")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -117,7 +146,11 @@ class SqlPollingAdapter:
             if not rows:
                 return
             changes = [change for row in rows if (change := self._change(row, state))]
-            last = (rows[-1]._mapping[self.updated_at.name], rows[-1]._mapping[self.pk.name])
+            high = rows[-1]._mapping
+            moment = high[self.updated_at.name]
+            if self.config.updated_at_format is not None:
+                moment = self._cursor_time(moment)
+            last = (moment, high[self.pk.name])
             if changes:
                 yield changes
             if len(rows) < self.config.batch_size:
@@ -129,11 +162,18 @@ class SqlPollingAdapter:
         high = datetime.fromisoformat(state.updated_at)
         return high - timedelta(seconds=self.config.lookback_seconds)
 
+    def _bound(self, moment: datetime) -> Any:
+        """A cursor value as a query parameter, in the column's own form."""
+        pattern = self.config.updated_at_format
+        if pattern is not None:  # fixed-width date text sorts in time order
+            return literal(moment.strftime(strptime_pattern(pattern)))
+        return self._moment(literal(moment, DateTime()))
+
     def _moment(self, value: Any) -> Any:
         """A timestamp as the database orders it. SQLite keeps timestamps as text in
         whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),
         so both sides are normalised to one form first."""
-        if self.sqlite:
+        if self.sqlite and self.config.updated_at_format is None:
             return func.strftime("%Y-%m-%d %H:%M:%f", value)
         return value
 
@@ -141,16 +181,16 @@ class SqlPollingAdapter:
         moment = self._moment(self.updated_at)
         query = select(self.table).order_by(moment, self.pk).limit(self.config.batch_size)
         if last is not None:
-            bound = self._moment(literal(last[0], DateTime()))
+            bound = self._bound(last[0])
             query = query.where(or_(moment > bound, and_(moment == bound, self.pk > last[1])))
         elif start is not None:
-            query = query.where(moment >= self._moment(literal(start, DateTime())))
+            query = query.where(moment >= self._bound(start))
         with self.engine.connect() as conn:
             return list(conn.execute(query))
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
-        updated_at = _as_datetime(values[self.updated_at.name])
+        updated_at = self._cursor_time(values[self.updated_at.name])
         version = (
             int(values[self.config.version_column])
             if self.config.version_column
@@ -160,6 +200,12 @@ class SqlPollingAdapter:
         if state.seen.get(str(pk), [None])[0] == version:
             return None
         return SourceChange(pk, updated_at, version, self._event(values, updated_at, version))
+
+    def _cursor_time(self, value: Any) -> datetime:
+        pattern = self.config.updated_at_format
+        if pattern is not None:
+            return datetime.strptime(str(value), strptime_pattern(pattern))
+        return _as_datetime(value)
 
     def _event(self, values: Any, updated_at: datetime, version: int) -> dict[str, Any]:
         config = self.config
@@ -180,24 +226,7 @@ class SqlPollingAdapter:
         return event
 
     def _data(self, values: Any) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for path, column in self.config.fields.items():
-            target = data
-            *parents, leaf = path.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = self._json_value(values[column])
-        return data
-
-    def _json_value(self, value: Any) -> Any:
-        if isinstance(value, datetime):
-            aware = value if value.tzinfo else value.replace(tzinfo=self.zone)
-            return aware.isoformat()
-        if isinstance(value, date):
-            return value.isoformat()
-        if isinstance(value, Decimal):
-            return int(value) if value == value.to_integral_value() else float(value)
-        return value
+        return map_fields(values, self.config, self.zone)
 
     def remember(self, state: CursorState, page: list[SourceChange]) -> None:
         """After a page is acknowledged: advance the high-water mark, note the rows as seen,

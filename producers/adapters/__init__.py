@@ -1,0 +1,26 @@
+"""Built-in adapters and discovery of installed ones (entry-point group `portal_sync.adapters`)."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+
+from producers.sdk import Adapter, ConfigurationError
+
+GROUP = "portal_sync.adapters"
+
+
+def installed() -> dict[str, EntryPoint]:
+    """Every adapter registered in the entry-point group, by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def load(name: str) -> type[Adapter]:
+    """The adapter class registered as `name`; a ConfigurationError names the installed ones."""
+    found = installed().get(name)
+    if found is None:
+        names = ", ".join(sorted(installed())) or "none"
+        raise ConfigurationError(f"no adapter named {name!r} is installed (installed: {names})")
+    adapter = found.load()
+    if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise ConfigurationError(f"entry point {name!r} is not a producers.sdk.Adapter class")
+    return adapter

@@ -1,0 +1,158 @@
+"""Built-in `portal`: the JSON one-stop systems send to the National Public Service Portal.
+
+Each file (`*.json`: one payload or a list; `*.jsonl`: one per line) holds dossiers as the
+portal integrations send them: MaHoSo, MaTTHC, DonViXuLy, ChuHoSo, LoaiDoiTuong (1 citizen,
+2 organisation), NgayTiepNhan, NgayHenTra, NgayTra (yyyyMMddHHmmss, Asia/Ho_Chi_Minh),
+TrangThaiHoSo (1-10) and DanhSachGiayToKetQua (result documents). A dossier becomes a
+`dossier` event; each result document (MaGiayTo, TenGiayTo, MaLoaiGiayTo, optional
+FileSha256) a `document` event owned by the applicant. ChuHoSo is the applicant's
+identifier (12-digit personal id or tax code), or an object carrying it as SoDinhDanh or
+MaSoThue; a bare name is not carried (the contract has no applicant name).
+
+Version and occurred_at come from NgayCapNhat when the payload has it, else from the time
+the file was written, plus the payload's position in the file (in microseconds), so a later
+payload about the same dossier has the higher version. NgayCapNhat has whole seconds: two
+payloads of one dossier with the same NgayCapNhat in different files get the same version
+(the reconciler keeps the first it applies), so such updates must be a second apart or in
+one file, where the later position wins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from producers.adapters.filedrop import DirectoryAdapter, DirectoryConfig, UnreadableFile
+from producers.mapping import parse_local
+from producers.sdk import Record, SkippableRecord
+from schemas.identifiers import PERSONAL_ID, TAX_CODE
+
+DATE_FORMAT = "yyyyMMddHHmmss"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+APPLICANT_KIND = {"1": "citizen", "2": "organization"}
+DATES = {"received_at": "NgayTiepNhan", "due_at": "NgayHenTra", "finished_at": "NgayTra"}
+
+
+class PortalConfig(DirectoryConfig):
+    suffixes: list[str] = Field(default_factory=lambda: [".json", ".jsonl"])
+    documents: bool = True  # emit the result documents of DanhSachGiayToKetQua
+    default_doc_type: str = "KQ_TTHC"
+
+
+class PortalAdapter(DirectoryAdapter):
+    """Portal-integration JSON (MaHoSo, TrangThaiHoSo, …) -> dossier and document events."""
+
+    key = "MaHoSo / MaGiayTo"
+    entity = None
+    Config = PortalConfig
+    options: PortalConfig
+
+    def __init__(self, source: str, config: BaseModel, base_dir: Path) -> None:
+        super().__init__(source, config, base_dir)
+        assert isinstance(config, PortalConfig)
+
+    def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
+        written = datetime.fromtimestamp(path.stat().st_mtime, self.zone)
+        for index, (line, payload) in enumerate(self._payloads(path, content)):
+            origin = f"{path.name}:{line}"
+            if not isinstance(payload, dict):
+                yield SkippableRecord("invalid_json", "payload is not a JSON object", origin)
+                continue
+            yield from self._records(payload, origin, written, index)
+
+    def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
+        try:
+            text = content.decode("utf-8-sig")
+            if path.suffix == ".jsonl":
+                lines = enumerate(text.splitlines(), start=1)
+                yield from ((n, json.loads(t)) for n, t in lines if t.strip())
+                return
+            value = json.loads(text)
+        except (UnicodeDecodeError, ValueError):
+            raise UnreadableFile("file is not UTF-8 JSON") from None
+        items = value if isinstance(value, list) else [value]
+        yield from ((n, item) for n, item in enumerate(items, start=1))
+
+    def _records(
+        self, payload: dict[str, Any], origin: str, written: datetime, index: int
+    ) -> Iterator[Record | SkippableRecord]:
+        key = str(payload.get("MaHoSo") or "")
+        if not key:
+            yield SkippableRecord("missing_field", "MaHoSo: required", origin, "dossier")
+            return
+        stamp = payload.get("NgayCapNhat")
+        updated = parse_local(str(stamp), DATE_FORMAT, self.zone) if stamp else None
+        moment = updated if isinstance(updated, datetime) else written
+        moment += timedelta(microseconds=index)
+        version = (moment - EPOCH) // timedelta(microseconds=1)
+        dossier = self._dossier(payload)
+        yield Record(key, version, moment, dossier, origin, entity="dossier")
+        if not self.options.documents:
+            return
+        for number, doc in enumerate(payload.get("DanhSachGiayToKetQua") or [], start=1):
+            if not isinstance(doc, dict):
+                yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not objects", origin)
+                continue
+            doc_key = str(doc.get("MaGiayTo") or f"{key}:{number}")
+            data = self._document(doc, dossier, payload)
+            yield Record(doc_key, version, moment, data, f"{origin}#{number}", entity="document")
+
+    def _dossier(self, payload: dict[str, Any]) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if "MaTTHC" in payload:
+            data["procedure_code"] = payload["MaTTHC"]
+        if "DonViXuLy" in payload:
+            data["agency_code"] = payload["DonViXuLy"]
+        kind = APPLICANT_KIND.get(str(payload.get("LoaiDoiTuong", "")))
+        if kind is not None:
+            data["applicant_kind"] = kind
+        applicant = _applicant_id(payload.get("ChuHoSo"))
+        if applicant is not None:
+            data["applicant_id"] = applicant
+        if "TrangThaiHoSo" in payload:
+            status = payload["TrangThaiHoSo"]
+            data["status"] = int(status) if str(status).isdigit() else status
+        for field, name in DATES.items():
+            if name in payload:
+                data[field] = self._moment(payload[name])
+        return data
+
+    def _moment(self, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        parsed = parse_local(str(value), DATE_FORMAT, self.zone)
+        return parsed.isoformat() if isinstance(parsed, datetime) else value
+
+    def _document(
+        self, doc: dict[str, Any], dossier: dict[str, Any], payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "doc_type": doc.get("MaLoaiGiayTo") or self.options.default_doc_type,
+            "status": "valid",
+        }
+        if doc.get("TenGiayTo"):
+            data["title"] = doc["TenGiayTo"]
+        if "applicant_id" in dossier and "applicant_kind" in dossier:
+            data["owner_kind"] = dossier["applicant_kind"]
+            data["owner_id"] = dossier["applicant_id"]
+        if "agency_code" in dossier:
+            data["issuer_code"] = dossier["agency_code"]
+        finished = parse_local(str(payload.get("NgayTra") or ""), DATE_FORMAT, self.zone)
+        if isinstance(finished, datetime):
+            data["issued_on"] = finished.date().isoformat()
+        if doc.get("FileSha256"):
+            data["file_sha256"] = str(doc["FileSha256"]).lower()
+        return data
+
+
+def _applicant_id(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("SoDinhDanh") or value.get("MaSoThue")
+    if isinstance(value, str) and (PERSONAL_ID.match(value) or TAX_CODE.match(value)):
+        return value
+    return None

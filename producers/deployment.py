@@ -1,0 +1,154 @@
+"""One deployment configuration file (TOML) listing a province's or ministry's sources.
+
+Strings may reference environment variables as `${NAME}`; they are resolved at load and
+never printed: `redacted()` shows the file's text form (`${NAME}` stays as written) with any
+literal URL password masked. Relative paths are relative to the file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+)
+
+from producers.adapters import load as load_adapter
+from producers.sdk import Adapter, ConfigurationError
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+_SECRET_KEY = re.compile(r"(?im)^(\s*\w*(?:password|secret|token)\w*\s*=\s*).+$")
+SOURCE_ID = r"^[a-z0-9][a-z0-9._-]{1,63}$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceEntry(StrictModel):
+    id: Annotated[str, StringConstraints(pattern=SOURCE_ID)] = Field(
+        description="unique in this file; names the state file and log lines"
+    )
+    adapter: str = Field(description="entry-point name in group portal_sync.adapters")
+    source: Annotated[str, StringConstraints(pattern=SOURCE_ID)] | None = Field(
+        default=None, description="contract source id of the events; default: id"
+    )
+    interval_seconds: float = Field(default=30.0, gt=0, description="poll interval")
+    enabled: bool = True
+    connection: dict[str, Any] = Field(default_factory=dict)
+    mapping: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def contract_source(self) -> str:
+        return self.source or self.id
+
+    def options(self) -> dict[str, Any]:
+        return {**self.connection, **self.mapping}
+
+
+class ProducerSection(StrictModel):
+    state_dir: Path = Path("state")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9311, description="/metrics of `produce`; 0: off")
+
+
+class KafkaSection(StrictModel):
+    bootstrap: str | None = None
+    topic_prefix: str | None = None
+
+
+class Deployment(StrictModel):
+    producer: ProducerSection = Field(default_factory=ProducerSection)
+    kafka: KafkaSection = Field(default_factory=KafkaSection)
+    sources: list[SourceEntry]
+
+    _base_dir: Path = PrivateAttr(default=Path("."))
+    _text: str = PrivateAttr(default="")
+
+    @property
+    def base_dir(self) -> Path:
+        """The file's directory: relative paths in the file are relative to it."""
+        return self._base_dir
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base_dir / self.producer.state_dir
+
+    def enabled(self, only: str | None = None) -> list[SourceEntry]:
+        chosen = [s for s in self.sources if s.enabled and (only is None or s.id == only)]
+        if only is not None and not chosen:
+            raise ConfigurationError(f"no enabled source with id {only!r} in the configuration")
+        return chosen
+
+    def adapter(self, entry: SourceEntry) -> Adapter:
+        """The configured adapter of one source (ConfigurationError if it is wrong)."""
+        try:
+            adapter_class = load_adapter(entry.adapter)
+            return adapter_class.from_settings(
+                entry.contract_source, entry.options(), self.base_dir
+            )
+        except ConfigurationError as error:
+            raise ConfigurationError(f"source {entry.id} ({entry.adapter}): {error}") from None
+
+    def redacted(self) -> str:
+        """The file as written, safe to print: `${NAME}` references stay unresolved, literal
+        URL passwords and values of keys named like password, secret or token are masked."""
+        text = _URL_PASSWORD.sub(r"\1***\3", self._text)
+        return _SECRET_KEY.sub(r'\1"***"', text)
+
+
+def load_deployment(path: Path, environ: dict[str, str] | None = None) -> Deployment:
+    """Read, resolve `${NAME}` references, validate; every problem is a ConfigurationError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+    except OSError as error:
+        raise ConfigurationError(f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigurationError(f"{path} is not valid TOML: {error}") from None
+    resolved = _resolve(raw, os.environ if environ is None else environ)
+    try:
+        deployment = Deployment.model_validate(resolved)
+    except ValidationError as error:
+        raise ConfigurationError(f"{path}: {_problems(error)}") from None
+    ids = [s.id for s in deployment.sources]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigurationError(f"{path}: duplicate source ids: {', '.join(duplicates)}")
+    deployment._base_dir = path.resolve().parent
+    deployment._text = text
+    return deployment
+
+
+def _resolve(value: Any, environ: Any) -> Any:
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigurationError(f"environment variable {name} is not set")
+            return str(environ[name])
+
+        return _REFERENCE.sub(lookup, value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, environ) for v in value]
+    return value
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+        for e in error.errors(include_input=False, include_url=False)
+    )

@@ -1,0 +1,93 @@
+"""Declarative column-to-field mapping: nested paths, value maps, date formats, time zone.
+
+A value that a value map does not list, or text that does not match its date format, passes
+through unchanged: contract validation then rejects the record with a reason that names the
+field (never the value), and it goes to the dead letters instead of being silently altered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Java/.NET-style patterns as province systems write them, to strptime directives.
+_TOKENS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
+_TOKEN = re.compile("|".join(sorted(_TOKENS, key=len, reverse=True)))
+
+
+class FieldMapping(BaseModel):
+    """How source columns become the contract's `data` fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fields: dict[str, str] = Field(description="contract field path ('a.b' nested) -> column")
+    value_maps: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="contract field path -> {source value as text: contract value}",
+    )
+    formats: dict[str, str] = Field(
+        default_factory=dict,
+        description="contract field path -> date format of source text, e.g. yyyyMMddHHmmss",
+    )
+    timezone: str = "Asia/Ho_Chi_Minh"
+
+
+def strptime_pattern(pattern: str) -> str:
+    """'yyyyMMddHHmmss' -> '%Y%m%d%H%M%S'."""
+    return _TOKEN.sub(lambda m: _TOKENS[m.group(0)], pattern)
+
+
+def parse_local(text: str, pattern: str, zone: ZoneInfo) -> datetime | date | None:
+    """Text in a source date format as an aware datetime (or a date when it has no time)."""
+    try:
+        parsed = datetime.strptime(text.strip(), strptime_pattern(pattern))
+    except ValueError:
+        return None
+    if "HH" not in pattern:
+        return parsed.date()
+    return parsed.replace(tzinfo=zone)
+
+
+def json_value(value: Any, zone: ZoneInfo) -> Any:
+    """A driver value as JSON: naive datetimes are local time of the source."""
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=zone)
+        return aware.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def convert(path: str, value: Any, mapping: FieldMapping, zone: ZoneInfo) -> Any:
+    """One source value as the contract value of field `path`."""
+    if value is None:
+        return None
+    table = mapping.value_maps.get(path)
+    if table is not None:
+        text = str(value).strip()
+        return table.get(text, value)
+    pattern = mapping.formats.get(path)
+    if pattern is not None and isinstance(value, str | int):
+        parsed = parse_local(str(value), pattern, zone)
+        return json_value(parsed, zone) if parsed is not None else value
+    return json_value(value, zone)
+
+
+def map_fields(values: Mapping[str, Any], mapping: FieldMapping, zone: ZoneInfo) -> dict[str, Any]:
+    """The `data` of an upsert from one source row."""
+    data: dict[str, Any] = {}
+    for path, column in mapping.fields.items():
+        target = data
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = convert(path, values.get(column), mapping, zone)
+    return data

@@ -1,0 +1,143 @@
+"""`portal-sync produce --config FILE`: run every source of a deployment.
+
+Sources that share a contract source id share one thread and one Kafka producer (a
+Publisher's flush covers only what its own thread sent, which checkpointing relies on);
+within a thread each source keeps its own schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from portal_sync.settings import Settings
+from producers.deployment import Deployment, SourceEntry
+from producers.engine import AdapterRunner, RunStats
+from producers.publisher import Publisher
+from producers.sdk import FatalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProduceResult:
+    stats: dict[str, RunStats] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # source ids that stopped or gave up
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, source_id: str, stats: RunStats) -> None:
+        with self.lock:
+            self.stats.setdefault(source_id, RunStats()).add(stats)
+
+    def fail(self, source_id: str) -> None:
+        with self.lock:
+            self.failed.append(source_id)
+
+
+def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:
+    """The file's [kafka] section overrides environment and defaults."""
+    update: dict[str, object] = {}
+    if deployment.kafka.bootstrap:
+        update["kafka_bootstrap"] = deployment.kafka.bootstrap
+    if deployment.kafka.topic_prefix:
+        update["topic_prefix"] = deployment.kafka.topic_prefix
+    return settings.model_copy(update=update)
+
+
+class SourceGroup:
+    """The runners of one contract source, polled in one thread."""
+
+    def __init__(self, name: str, runners: list[tuple[SourceEntry, AdapterRunner]]) -> None:
+        self.name = name
+        self.runners = runners
+
+    def run_once(self, result: ProduceResult) -> None:
+        for entry, runner in self.runners:
+            self._run(entry, runner, result, None)
+
+    def run(self, stop: threading.Event, result: ProduceResult) -> None:
+        due = {entry.id: 0.0 for entry, _ in self.runners}
+        while not stop.is_set() and due:
+            for entry, runner in self.runners:
+                if entry.id in due and time.monotonic() >= due[entry.id]:
+                    if self._run(entry, runner, result, stop):
+                        due[entry.id] = time.monotonic() + entry.interval_seconds
+                    else:
+                        del due[entry.id]
+            if due:
+                stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+
+    @staticmethod
+    def _run(
+        entry: SourceEntry,
+        runner: AdapterRunner,
+        result: ProduceResult,
+        stop: threading.Event | None,
+    ) -> bool:
+        """One scheduled run; False when the source stopped for good (fatal)."""
+        try:
+            result.record(entry.id, runner.run_with_retries(stop))
+        except FatalError as error:
+            runner.stop_fatally(error)
+            result.fail(entry.id)
+            return False
+        except Exception:
+            log.error("%s: giving up this run until the next one", entry.id)
+            result.fail(entry.id)
+        return True
+
+
+def build_groups(
+    deployment: Deployment, settings: Settings, only: str | None = None
+) -> tuple[list[SourceGroup], list[Publisher]]:
+    """Construct every adapter first: a configuration error refuses the whole start."""
+    entries = deployment.enabled(only)
+    adapters = {entry.id: deployment.adapter(entry) for entry in entries}
+    by_source: dict[str, list[SourceEntry]] = {}
+    for entry in entries:
+        by_source.setdefault(entry.contract_source, []).append(entry)
+    groups, publishers = [], []
+    for name, members in by_source.items():
+        publisher = Publisher(settings, client_id=f"portal-sync-{name}")
+        publishers.append(publisher)
+        runners = [
+            (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir))
+            for e in members
+        ]
+        groups.append(SourceGroup(name, runners))
+    return groups, publishers
+
+
+def produce(
+    deployment: Deployment,
+    settings: Settings,
+    once: bool = False,
+    stop: threading.Event | None = None,
+    only: str | None = None,
+) -> ProduceResult:
+    """Run the deployment's sources once, or until `stop` is set."""
+    groups, publishers = build_groups(deployment, settings, only)
+    result = ProduceResult()
+    try:
+        if once:
+            for group in groups:
+                group.run_once(result)
+        else:
+            stop = stop or threading.Event()
+            threads = [
+                threading.Thread(target=g.run, args=(stop, result), name=g.name, daemon=True)
+                for g in groups
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for group in groups:
+            for _, runner in group.runners:
+                runner.adapter.close()
+        for publisher in publishers:
+            publisher.close()
+    return result

@@ -1,0 +1,155 @@
+"""Adapter SDK: what a source adapter declares and implements, and the records it yields.
+
+An adapter declares its entity, key, cursor (replication key), whether its output is sorted
+and whether it emits deletes, and implements one generator, `read(state)`, of `Record`s and
+`Checkpoint`s. The framework (`producers.engine`) owns everything else: building and
+validating contract events, publishing, saving the state of a checkpoint durably only after
+the broker acknowledged every record before it, retries and metrics.
+
+Errors an adapter raises are classified, each with one behaviour:
+
+- `RetriableError` (and any unclassified exception): the run is retried with exponential
+  backoff, from the last saved checkpoint.
+- `SkippableRecord` (yielded, not raised): the record goes to the dead-letter topic with its
+  reason code, the run continues.
+- `FatalError`: that source stops, counted in `portal_sync_source_errors_total{kind="fatal"}`;
+  the other sources go on.
+- `ConfigurationError` (raised while constructing): the deployment refuses to start and says
+  which source and option are wrong.
+
+Messages must never quote record values.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from schemas import derive_event_id
+from schemas.events import Entity
+
+State = dict[str, Any]
+
+
+class AdapterError(Exception):
+    """Base of the classified adapter errors."""
+
+
+class RetriableError(AdapterError):
+    """A transient failure (connection lost, lock timeout): retry the run later."""
+
+
+class FatalError(AdapterError):
+    """The source cannot go on (schema changed, data corrupt): stop this source."""
+
+
+class ConfigurationError(AdapterError):
+    """The adapter's configuration is wrong: refuse to start."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One change of one record. `data=None` is a delete (when `op` is not given)."""
+
+    key: str
+    version: int
+    occurred_at: datetime
+    data: dict[str, Any] | None
+    origin: str = ""  # where it came from (row id, file:line), for dead letters and reports
+    entity: Entity | None = None  # None: the adapter's entity
+    op: Literal["upsert", "delete"] | None = None
+
+    def event(self, source: str, default_entity: Entity | None) -> dict[str, Any]:
+        """The contract event (as JSON-ready dict); validation is the framework's job."""
+        entity = self.entity or default_entity
+        op = self.op or ("delete" if self.data is None else "upsert")
+        event: dict[str, Any] = {
+            "schema_version": 1,
+            "event_id": str(derive_event_id(source, str(entity), self.key, self.version)),
+            "source": source,
+            "entity": entity,
+            "key": self.key,
+            "op": op,
+            "version": self.version,
+            "occurred_at": self.occurred_at.isoformat(),
+        }
+        if self.data is not None:
+            event["data"] = self.data
+        return event
+
+
+@dataclass(frozen=True)
+class SkippableRecord:
+    """A record the adapter could not map: dead-lettered with its reason, the run goes on."""
+
+    code: str
+    message: str
+    origin: str
+    entity: Entity | None = None
+    key: str | None = None
+    raw: bytes = b""
+
+
+@dataclass
+class Checkpoint:
+    """Everything yielded before this is complete. After the broker acknowledged it, the
+    framework saves `state` durably, then calls `commit` (delete outbox rows, move a file).
+    `state` alone must make the next run resume: `commit` is clean-up, and a check run
+    (which never publishes) does not call it."""
+
+    state: State
+    commit: Callable[[], None] | None = None
+
+
+Item = Record | SkippableRecord | Checkpoint
+
+
+class Adapter(ABC):
+    """Base class of source adapters. Subclasses set the class attributes and `read`."""
+
+    #: contract entity of the records (None: each record names its own)
+    entity: Entity | None = None
+    #: the source column or field the record key comes from (documentation, checks)
+    key: ClassVar[str] = ""
+    #: the replication key: what the state's position is made of
+    cursor: ClassVar[str] = ""
+    #: records come in cursor order (versions of one key then rise in output order)
+    sorted_output: ClassVar[bool] = True
+    #: the adapter emits deletes; the conformance check then expects to see one
+    emits_deletes: bool = False
+    #: the pydantic model of `connection` and `mapping` merged
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, source: str, config: BaseModel, base_dir: Path) -> None:
+        self.source = source
+        self.config = config
+        self.base_dir = base_dir
+
+    @classmethod
+    def from_settings(cls, source: str, options: dict[str, Any], base_dir: Path) -> Adapter:
+        """Validate the options against `Config`; errors become ConfigurationError."""
+        try:
+            config = cls.Config.model_validate(options)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                for e in error.errors(include_input=False, include_url=False)
+            )
+            raise ConfigurationError(problems) from None
+        return cls(source, config, base_dir)
+
+    @abstractmethod
+    def read(self, state: State) -> Iterator[Item]:
+        """Yield records from the position in `state` on, with checkpoints between them."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections."""
+
+    def rejected(self, origin: str, code: str, message: str) -> None:  # noqa: B027
+        """Called for each record of this adapter that went to the dead letters."""
