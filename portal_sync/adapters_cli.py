@@ -130,13 +130,14 @@ def produce(
         bool, typer.Option("--show-config", help="Print the configuration (secrets masked)")
     ] = False,
 ) -> None:
-    """Run every source of a deployment file: publish their changes to Kafka."""
-    from prometheus_client import start_http_server
-
+    """Run every source of a deployment file: publish their changes to Kafka.
+    Serves /metrics, /healthz and /readyz on the deployment's metrics port."""
+    from observability.http import serve
     from portal_sync.cli import settings_from
     from portal_sync.topics import ensure_topics
     from producers.deployment import load_deployment
     from producers.produce import deployment_settings
+    from producers.produce import ProduceResult
     from producers.produce import produce as run_produce
 
     try:
@@ -147,15 +148,18 @@ def produce(
         out.print(deployment.redacted(), markup=False, highlight=False)
     settings = deployment_settings(deployment, settings_from(bootstrap))
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
-    if port:
-        start_http_server(port, addr=deployment.producer.metrics_host)
+    result = ProduceResult()
+    if port and not once:
+        serve(port, deployment.producer.metrics_host, result.healthy, result.ready)
+    elif port:
+        serve(port, deployment.producer.metrics_host)
     ensure_topics(settings)
     stop = threading.Event()
     if not once:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        result = run_produce(deployment, settings, once=once, stop=stop, only=source)
+        result = run_produce(deployment, settings, once=once, stop=stop, only=source, result=result)
     except ConfigurationError as error:
         raise _fail(str(error)) from None
     for source_id, stats in sorted(result.stats.items()):

@@ -32,9 +32,10 @@ class CursorLag(Collector):
         self._lock = threading.Lock()
         self._lags: dict[tuple[str, str], float] = {}
 
-    def set(self, source: str, entity: str, seconds: float) -> None:
+    def set(self, source: str, adapter_id: str, seconds: float) -> None:
+        """The lag of one adapter (a deployment entry) of a contract source."""
         with self._lock:
-            self._lags[(source, entity)] = seconds
+            self._lags[(source, adapter_id)] = seconds
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
@@ -55,13 +56,12 @@ CURSOR_LAG = CursorLag()
 REGISTRY.register(CURSOR_LAG)
 
 
-def measure(adapter: SqlPollingAdapter, state: CursorState) -> None:
-    """Read the source's newest and oldest change time and record the cursor's lag."""
+def cursor_lag_of(adapter: SqlPollingAdapter, state: CursorState) -> float:
+    """Read the source's newest and oldest change time: the cursor's lag behind them."""
     column = adapter.updated_at
     with adapter.engine.connect() as conn:
         newest, oldest = conn.execute(select(func.max(column), func.min(column))).one()
-    seconds = cursor_lag(_naive(newest), _naive(oldest), state.updated_at)
-    CURSOR_LAG.set(adapter.config.source, adapter.config.entity, seconds)
+    return cursor_lag(_naive(newest), _naive(oldest), state.updated_at)
 
 
 def _naive(value: object) -> datetime | None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producers.publisher import Publisher
-from producers.runner import PRODUCED, SOURCE_ERRORS
+from producers.cursor_lag import CURSOR_LAG
+from producers.metrics import PRODUCED, SOURCE_ERRORS, export_at_zero
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
@@ -64,6 +65,7 @@ class AdapterRunner:
         self.state_path = state_dir / f"{source_id}.state.json"
         self.retry = retry or RetryPolicy()
         self.stopped_fatally = False
+        export_at_zero(adapter.source, adapter.entity)
 
     def run_once(self) -> RunStats:
         """Publish everything new at the source now (from the last saved checkpoint)."""
@@ -82,7 +84,14 @@ class AdapterRunner:
                 stats.dead_lettered += 1
         self._flush()
         self._count(produced)
+        self._measure_cursor_lag()
         return stats
+
+    def _measure_cursor_lag(self) -> None:
+        """How far the saved cursor is behind the newest change in the source."""
+        seconds = self.adapter.cursor_lag_seconds(load_json_state(self.state_path))
+        if seconds is not None:
+            CURSOR_LAG.set(self.adapter.source, self.source_id, seconds)
 
     def run_with_retries(self, stop: threading.Event | None = None) -> RunStats:
         """`run_once`, retried with backoff; FatalError is not retried."""

@@ -26,6 +26,15 @@ class ProduceResult:
     stats: dict[str, RunStats] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # source ids that stopped or gave up
     lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)  # one per contract source
+
+    def healthy(self) -> bool:
+        """For /healthz: every source's polling thread is alive."""
+        return all(thread.is_alive() for thread in self.threads)
+
+    def ready(self) -> bool:
+        """For /readyz: the polling threads have started."""
+        return bool(self.threads) and self.healthy()
 
     def record(self, source_id: str, stats: RunStats) -> None:
         with self.lock:
@@ -116,23 +125,24 @@ def produce(
     once: bool = False,
     stop: threading.Event | None = None,
     only: str | None = None,
+    result: ProduceResult | None = None,
 ) -> ProduceResult:
     """Run the deployment's sources once, or until `stop` is set."""
     groups, publishers = build_groups(deployment, settings, only)
-    result = ProduceResult()
+    result = result or ProduceResult()
     try:
         if once:
             for group in groups:
                 group.run_once(result)
         else:
             stop = stop or threading.Event()
-            threads = [
+            result.threads = [
                 threading.Thread(target=g.run, args=(stop, result), name=g.name, daemon=True)
                 for g in groups
             ]
-            for thread in threads:
+            for thread in result.threads:
                 thread.start()
-            for thread in threads:
+            for thread in result.threads:
                 thread.join()
     finally:
         for group in groups:

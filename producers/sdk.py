@@ -148,6 +148,11 @@ class Adapter(ABC):
     def read(self, state: State) -> Iterator[Item]:
         """Yield records from the position in `state` on, with checkpoints between them."""
 
+    def cursor_lag_seconds(self, state: State) -> float | None:
+        """How far the cursor in `state` is behind the newest change in the source, for
+        `portal_sync_source_cursor_lag_seconds`; None where the adapter cannot tell."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 

@@ -1,10 +1,13 @@
-"""A long-running producer for the Prometheus integration test: a SQLite source table
-that changes every 0.2 s, polled by the SQL polling runner, with /metrics, /healthz and
-/readyz. Run: `python -m tests.producer_process DB_PATH STATE_DIR PORT` (settings from env)."""
+"""A long-running producer for the Prometheus integration test: a SQLite source table that
+changes every 0.2 s, run by the real `portal-sync produce` from a deployment file, with
+/metrics, /healthz and /readyz.
+Run: `python -m tests.producer_process DB_PATH STATE_DIR PORT` (Kafka settings from env)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import threading
 from datetime import datetime
@@ -12,12 +15,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, create_engine, insert
-
-from observability.http import serve
-from portal_sync.settings import Settings
-from producers.publisher import Publisher
-from producers.runner import SourceRunner
-from producers.sql_polling import SqlPollingAdapter, SqlSourceConfig
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 cong_dan = Table(
@@ -29,35 +26,50 @@ cong_dan = Table(
     Column("updated_at", DateTime, nullable=False),
 )
 
+DEPLOYMENT = """\
+[producer]
+state_dir = "{state_dir}"
+metrics_port = {port}
+
+[[sources]]
+id = "province-01-citizens"
+source = "province-01"
+adapter = "sql"
+interval_seconds = 0.3
+
+[sources.connection]
+url = "sqlite:///{db}"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+pk_column = "id"
+updated_at_column = "updated_at"
+lookback_seconds = 5
+fields = {{ full_name = "ho_ten" }}
+"""
+
 
 def main(db: Path, state_dir: Path, port: int) -> None:
-    url = f"sqlite:///{db}"
-    engine = create_engine(url)
+    engine = create_engine(f"sqlite:///{db}")
     cong_dan.metadata.create_all(engine)
-    config = SqlSourceConfig(
-        source="province-01",
-        url=url,
-        entity="citizen",
-        table="cong_dan",
-        key_column="so_dinh_danh",
-        pk_column="id",
-        fields={"full_name": "ho_ten"},
-        lookback_seconds=5.0,
+    config = db.with_suffix(".toml")
+    config.write_text(DEPLOYMENT.format(state_dir=state_dir, port=port, db=db), encoding="utf-8")
+    produce = subprocess.Popen(
+        [sys.executable, "-m", "portal_sync", "produce", "--config", str(config)], env=os.environ
     )
-    runner = SourceRunner(SqlPollingAdapter(config), Publisher(Settings()), state_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    poller = threading.Thread(target=runner.run, args=(stop, 0.3), daemon=True)
-    poller.start()
-    serve(port, healthy=poller.is_alive)
     number = 0
-    while not stop.wait(0.2):
+    while not stop.wait(0.2) and produce.poll() is None:
         number += 1
         with engine.begin() as conn:
             now = datetime.now(ZONE).replace(tzinfo=None)
             row = {"so_dinh_danh": f"0010900{number:05d}", "ho_ten": "Nguyễn Văn An"}
             conn.execute(insert(cong_dan).values(updated_at=now, **row))
-    poller.join(timeout=10)
+    produce.terminate()
+    produce.wait(timeout=30)
 
 
 if __name__ == "__main__":

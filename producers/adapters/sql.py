@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from producers.cursor_lag import cursor_lag_of
 from producers.sdk import Adapter, Checkpoint, Item, Record, State
 from producers.sql_polling import (
     CursorState,
@@ -59,6 +60,9 @@ class SqlAdapter(Adapter):
             origin=f"{self.mapping.table}:{change.pk}",
             op=event["op"],
         )
+
+    def cursor_lag_seconds(self, state: State) -> float | None:
+        return cursor_lag_of(self.poller, CursorState.from_dict(state))
 
     def close(self) -> None:
         if self._poller is not None:
