@@ -136,8 +136,7 @@ def produce(
     from portal_sync.cli import settings_from
     from portal_sync.topics import ensure_topics
     from producers.deployment import load_deployment
-    from producers.produce import deployment_settings
-    from producers.produce import ProduceResult
+    from producers.produce import ProduceResult, deployment_settings
     from producers.produce import produce as run_produce
 
     try:
