@@ -209,21 +209,16 @@ class LocalKafka:
         if (self.data_dir / "data" / "meta.properties").exists():
             return
         cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        command = [
-            java,
-            "-cp",
-            f"{jars}/*",
-            "kafka.tools.StorageTool",
-            "format",
-            "-t",
-            cluster_id,
-            "-c",
-            str(properties),
-            "--ignore-formatted",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KafkaSetupError(f"formatting the KRaft storage failed:\n{result.stdout[-2000:]}")
+        command = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
+                   "-t", cluster_id, "-c", str(properties), "--ignore-formatted"]  # fmt: skip
+        output = ""
+        for _ in range(3):  # a JVM start can fail on a starved machine: try again
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                return
+            output = (result.stdout + result.stderr)[-2000:]
+            time.sleep(1)
+        raise KafkaSetupError(f"formatting the KRaft storage failed:\n{output}")
 
     def _start(self, java: str, jars: Path, properties: Path) -> None:
         logs = self.data_dir / "logs"
