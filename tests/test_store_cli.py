@@ -72,8 +72,8 @@ def filled(tmp_path: Path) -> str:
         event("citizen", CITIZEN, "province-79", 1, {"email": "an@example.vn"}),
     )
     feed.apply(event("citizen", CITIZEN, "province-79", 2, None))
-    feed.apply(event("dossier", DOSSIER, "province-01", 1, {"agency_code": H26, "status": 1}))
-    feed.apply(event("dossier", DOSSIER, "province-01", 2, {"agency_code": H26, "status": 9}))
+    feed.apply(event("dossier", DOSSIER, "province-01", 1, {"agency_code": H26, "status": 2}))
+    feed.apply(event("dossier", DOSSIER, "province-01", 2, {"agency_code": H26, "status": 1}))
     feed.apply(
         event(
             "document",
@@ -179,8 +179,8 @@ def test_anomalies_report(filled: str) -> None:
     assert cells[1:] == [
         DOSSIER,
         "province-01",
+        "2",
         "1",
-        "9",
         event_id("province-01", "dossier", DOSSIER, 2),
     ]
 
