@@ -91,8 +91,14 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
 
 
 def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
+    """A contract violation is `dead_lettered` (it has no trustworthy source or entity); a
+    valid event the store's rules refuse (an unregistered source) is `rejected`. Both go
+    to the dead letters; the source label stays bounded either way."""
     for letter in dead:
-        EVENTS.labels("invalid", "invalid", "dead_lettered").inc()
+        if letter.code == "unregistered_source":
+            EVENTS.labels("unregistered", "unregistered", "rejected").inc()
+        else:
+            EVENTS.labels("invalid", "invalid", "dead_lettered").inc()
         DEAD_LETTERS.labels(letter.code).inc()
 
 

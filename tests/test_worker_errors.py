@@ -56,3 +56,24 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert headers["ps.origin.offset"] == "6"
     assert letters[0].value == poison.value
     store.close()
+
+
+def test_unregistered_sources_count_as_rejected_and_contract_violations_as_dead_lettered() -> None:
+    from prometheus_client import REGISTRY
+
+    from consumers.metrics import record_dead_letters
+    from consumers.reconciler import DeadLetter
+
+    def count(source: str, outcome: str) -> float:
+        labels = {"source": source, "entity": source, "outcome": outcome}
+        return REGISTRY.get_sample_value("portal_sync_events_total", labels) or 0.0
+
+    before = (count("unregistered", "rejected"), count("invalid", "dead_lettered"))
+    message = Message("t", 0, 0, b"{}")
+    record_dead_letters([
+        DeadLetter(message, "unregistered_source", "not in the registry"),
+        DeadLetter(message, "invalid_json", "not JSON"),
+        DeadLetter(message, "invalid_key", "bad key"),
+    ])  # fmt: skip
+    after = (count("unregistered", "rejected"), count("invalid", "dead_lettered"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)
