@@ -38,6 +38,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.engine.interfaces import Dialect
 
 from consumers.merge import CanonicalRecord, SourceView
@@ -301,7 +302,10 @@ class Store:
         self, entity: str | None = None
     ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any] | None]]:
         """Canonical records (entity, key, data, sources, provenance), sorted by entity, key."""
-        query = select(records).order_by(records.c.entity, records.c.key)
+        key: ColumnElement[Any] = records.c.key
+        if self.engine.dialect.name == "postgresql":
+            key = key.collate("C")  # byte order, as on SQLite: one dump on every backend
+        query = select(records).order_by(records.c.entity, key)
         if entity is not None:
             query = query.where(records.c.entity == entity)
         with self.engine.connect() as conn:

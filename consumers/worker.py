@@ -22,7 +22,7 @@ from typing import Any
 
 import faust
 from kafka.errors import KafkaError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from consumers.config import load_rules
 from consumers.merge import Authority
@@ -60,27 +60,36 @@ class BatchProcessor:
         self.next_prune = 0.0
 
     def process(self, messages: Sequence[Message]) -> None:
-        """Apply a batch. Infrastructure failures (store or broker unreachable) are retried
-        with backoff until they pass: nothing is skipped. Any other failure is narrowed
-        down by halving the batch until the one event that fails alone is found; that
-        event goes to the dead letters (reason `apply_failed`) and the rest is applied."""
+        """Apply a batch. Failures of the store or the broker themselves (unreachable, a
+        schema error) are retried with backoff until they pass: nothing is skipped. A
+        failure caused by data (a value the database refuses, a bug some record meets) is
+        narrowed down by halving the batch until the one event that fails alone is found;
+        that event goes to the dead letters (reason `apply_failed`), the rest is applied."""
         delay = 0.5
         while True:
             try:
                 self._process_once(messages)
                 return
-            except (OperationalError, InterfaceError, PublishError, KafkaError) as error:
+            except (DataError, IntegrityError) as error:
+                self._isolate(messages, error)
+                return
+            except (DBAPIError, PublishError, KafkaError) as error:  # the store or broker
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
-            except Exception as error:
-                if len(messages) > 1:
-                    middle = len(messages) // 2
-                    self.process(messages[:middle])
-                    self.process(messages[middle:])
-                    return
-                self._poison(messages[0], error)
+                continue
+            except Exception as error:  # a bug met by some data: isolate it, go on
+                self._isolate(messages, error)
                 return
+
+    def _isolate(self, messages: Sequence[Message], error: Exception) -> None:
+        """Halve the batch until the event that fails alone is found; dead-letter it."""
+        if len(messages) == 1:
+            self._poison(messages[0], error)
+            return
+        middle = len(messages) // 2
+        self.process(messages[:middle])
+        self.process(messages[middle:])
 
     def _poison(self, message: Message, error: Exception) -> None:
         """An event the store cannot apply: dead-letter it and move past it."""

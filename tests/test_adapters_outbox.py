@@ -145,3 +145,60 @@ def test_published_rows_are_deleted_or_marked_after_the_acknowledgement(
 
     again = cli(settings, "produce", "--config", str(config), "--once")
     assert "btp-outbox: published 0" in again.stderr
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_a_row_committed_late_below_the_position_is_published_not_lost(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str, after: str
+) -> None:
+    """Ids are allocated at insert, not at commit: id 3 can commit after id 4 was read."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(url)
+    rows = [change("citizen", f"00109000000{n}", "upsert", n, {"full_name": "A"}) for n in range(5)]
+    with engine.begin() as conn:
+        for row_id in (1, 2, 4, 5):
+            conn.execute(insert(outbox), [{"id": row_id, **rows[row_id - 1]}])
+    config = write_config(tmp_path, CONFIG.format(url=url, after=after))
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert "btp-outbox: published 4" in first.stderr, first.stderr
+    with engine.begin() as conn:  # the long transaction that held id 3 commits now
+        conn.execute(insert(outbox), [{"id": 3, **rows[2]}])
+
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    third = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert "btp-outbox: published 1" in second.stderr, second.stderr
+    assert "btp-outbox: published 0" in third.stderr, third.stderr
+    keys = sorted(e["key"] for e in published_events(settings, "citizen"))
+    assert keys == sorted(r["record_key"] for r in rows)
+    left = remaining(url)
+    assert left == [] if after == "delete" else all(r.processed_at for r in left)
+    engine.dispose()
+
+
+@pytest.mark.kafka
+def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(url)
+    good = change("citizen", PID, "upsert", 0, {"full_name": "Nguyễn Văn An"})
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [good])
+        conn.exec_driver_sql(  # a row whose occurred_at the application wrote as garbage
+            "INSERT INTO portal_sync_outbox (entity, record_key, op, occurred_at, payload) "
+            "VALUES ('citizen', '001090000002', 'upsert', 'not a time', '{}')"
+        )
+        conn.execute(insert(outbox), [change("citizen", "001090000003", "upsert", 2, {})])
+    config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
+
+    result = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "btp-outbox: published 2, dead-lettered 1" in result.stderr
+    engine.dispose()

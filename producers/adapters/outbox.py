@@ -3,9 +3,14 @@
 The source application writes, in the same transaction as its business change, one row per
 change: `id` (rising), `entity`, `record_key`, `op`, `occurred_at`, `payload` (the contract's
 `data` as JSON text; empty for a delete) and optionally `version` (default: the row id).
-Column names are configurable. After the broker acknowledged a batch, its rows are deleted
-(`after = "delete"`) or get `processed_at` set (`after = "mark"`); the saved position
-(`last_id`) alone makes a restart resume, so a crash between the two repeats nothing.
+Column names are configurable. After the broker acknowledged a batch, exactly its rows are
+deleted (`after = "delete"`) or get `processed_at` set (`after = "mark"`).
+
+Ids are allocated when a row is written, not when its transaction commits: a row can
+appear after rows with higher ids were already read. The saved position is therefore the
+highest id read plus the ids read within `lookback_ids` below it; every run first sweeps
+that window for rows it has not seen (committed late), then reads on from the position.
+A crash between publishing and deleting repeats at most one batch (same event ids).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import MetaData, Table, create_engine, delete, select, update
+from sqlalchemy import Column, MetaData, String, Table, create_engine, delete, select, update
 
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.events import ENTITIES, Entity
@@ -41,6 +46,7 @@ class OutboxConfig(BaseModel):
     processed_column: str = "processed_at"
     timezone: str = "Asia/Ho_Chi_Minh"
     batch_size: int = 1000
+    lookback_ids: int = 10_000  # how far below the position late rows are looked for
 
 
 class OutboxAdapter(Adapter):
@@ -64,31 +70,52 @@ class OutboxAdapter(Adapter):
     def _connect(self) -> Table:
         if self._table is None:
             self._engine = create_engine(self.options.url)
-            self._table = Table(self.options.table, MetaData(), autoload_with=self._engine)
+            # occurred_at is read as the driver returns it, never parsed by SQLAlchemy: one
+            # malformed value must become one dead letter, not a failed read of the page.
+            raw_time = Column(self.options.occurred_at_column, String)
+            self._table = Table(
+                self.options.table, MetaData(), raw_time, autoload_with=self._engine
+            )
         return self._table
 
     def read(self, state: State) -> Iterator[Item]:
         table = self._connect()
         last_id = int(state.get("last_id", 0))
-        while True:
-            rows = self._page(table, last_id)
-            if not rows:
-                return
-            for row in rows:
+        seen = {int(i) for i in state.get("seen", [])}
+        ident = table.c[self.options.id_column]
+        late = ident > last_id - self.options.lookback_ids, ident <= last_id
+        pages = [self._pages(table, late, seen), self._pages(table, (ident > last_id,), seen)]
+        for page in (page for part in pages for page in part):
+            for row in page:
                 yield self._item(row._mapping)
-            last_id = int(rows[-1]._mapping[self.options.id_column])
-            yield Checkpoint({"last_id": last_id}, self._done_callback(table, last_id))
-            if len(rows) < self.options.batch_size:
-                return
+            ids = [int(row._mapping[self.options.id_column]) for row in page]
+            seen.update(ids)
+            last_id = max(last_id, *ids)
+            horizon = last_id - self.options.lookback_ids
+            seen = {i for i in seen if i > horizon}
+            yield Checkpoint({"last_id": last_id, "seen": sorted(seen)}, self._done(table, ids))
 
-    def _page(self, table: Table, last_id: int) -> list[Any]:
+    def _pages(self, table: Table, where: tuple[Any, ...], seen: set[int]) -> Iterator[list[Any]]:
+        """Unprocessed rows matching `where` and not in `seen`, in id order, page by page."""
         opts = self.options
         ident = table.c[opts.id_column]
-        query = select(table).where(ident > last_id).order_by(ident).limit(opts.batch_size)
-        if opts.after == "mark":
-            query = query.where(table.c[opts.processed_column].is_(None))
-        with self._engine.connect() as conn:
-            return list(conn.execute(query))
+        after = -(2**63)
+        while True:
+            query = (
+                select(table).where(*where, ident > after).order_by(ident).limit(opts.batch_size)
+            )
+            if opts.after == "mark":
+                query = query.where(table.c[opts.processed_column].is_(None))
+            with self._engine.connect() as conn:
+                rows = list(conn.execute(query))
+            if not rows:
+                return
+            after = int(rows[-1]._mapping[opts.id_column])
+            fresh = [row for row in rows if int(row._mapping[opts.id_column]) not in seen]
+            if fresh:
+                yield fresh
+            if len(rows) < opts.batch_size:
+                return
 
     def _item(self, values: Any) -> Record | SkippableRecord:
         opts = self.options
@@ -105,15 +132,19 @@ class OutboxAdapter(Adapter):
                 data = json.loads(values[opts.payload_column] or "null")
             except ValueError:
                 return SkippableRecord("invalid_json", "payload is not JSON", origin, entity, key)
-        version = values[opts.version_column] if opts.version_column else row_id
-        occurred = values[opts.occurred_at_column]
-        if isinstance(occurred, str):
-            occurred = datetime.fromisoformat(occurred)
-        if occurred.tzinfo is None:
-            occurred = occurred.replace(tzinfo=self.zone)
+        try:
+            version = int(values[opts.version_column] if opts.version_column else row_id)
+            occurred = values[opts.occurred_at_column]
+            if isinstance(occurred, str):
+                occurred = datetime.fromisoformat(occurred)
+            if occurred.tzinfo is None:
+                occurred = occurred.replace(tzinfo=self.zone)
+        except (TypeError, ValueError, AttributeError):
+            message = "version or occurred_at missing or malformed"
+            return SkippableRecord("invalid_field", message, origin, entity, key)
         return Record(
             key=key,
-            version=int(version),
+            version=version,
             occurred_at=occurred,
             data=data,
             origin=origin,
@@ -121,18 +152,19 @@ class OutboxAdapter(Adapter):
             op="delete" if op == "delete" else "upsert",
         )
 
-    def _done_callback(self, table: Table, last_id: int) -> Any:
+    def _done(self, table: Table, ids: list[int]) -> Any:
+        """After the broker's acknowledgement: delete or mark exactly the rows published."""
         opts = self.options
         ident = table.c[opts.id_column]
 
         def done() -> None:
             with self._engine.begin() as conn:
                 if opts.after == "delete":
-                    conn.execute(delete(table).where(ident <= last_id))
+                    conn.execute(delete(table).where(ident.in_(ids)))
                 else:
                     conn.execute(
                         update(table)
-                        .where(ident <= last_id, table.c[opts.processed_column].is_(None))
+                        .where(ident.in_(ids), table.c[opts.processed_column].is_(None))
                         .values({opts.processed_column: datetime.now(self.zone)})
                     )
 
