@@ -207,3 +207,21 @@ def test_each_file_once_then_done_or_error_with_a_report(
     again = cli(settings, "produce", "--config", str(config), "--once")
     assert "dn-exports: published 0, dead-lettered 0" in again.stderr
     assert (done / "a-copy.csv").exists()
+
+
+def test_a_bad_line_of_a_portal_jsonl_file_is_rejected_alone(tmp_path: Path) -> None:
+    from producers.sdk import SkippableRecord
+
+    second = PAYLOAD | {"MaHoSo": "000.00.01.H17-250801-0002", "DanhSachGiayToKetQua": []}
+    lines = [json.dumps(PAYLOAD), "{not json", json.dumps(second)]
+    drop(tmp_path / "portal-inbox", "feed.jsonl", "\n".join(lines) + "\n")
+    deploy = deployment(tmp_path, PORTAL)
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
+
+    records = [i for i in items if isinstance(i, Record)]
+    skipped = [i for i in items if isinstance(i, SkippableRecord)]
+    assert [r.key for r in records if r.entity == "dossier"] == [
+        PAYLOAD["MaHoSo"],
+        second["MaHoSo"],
+    ]
+    assert [(s.code, s.origin) for s in skipped] == [("invalid_json", "feed.jsonl:2")]

@@ -61,20 +61,26 @@ class PortalAdapter(DirectoryAdapter):
         for index, (line, payload) in enumerate(self._payloads(path, content)):
             origin = f"{path.name}:{line}"
             if not isinstance(payload, dict):
-                yield SkippableRecord("invalid_json", "payload is not a JSON object", origin)
+                yield SkippableRecord("invalid_json", "line is not a JSON object", origin)
                 continue
             yield from self._records(payload, origin, written, index)
 
     def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
+        """(line or item number, payload); in JSON Lines a line that is not JSON is yielded
+        as None (one rejected line, the rest of the file goes on)."""
         try:
             text = content.decode("utf-8-sig")
-            if path.suffix == ".jsonl":
-                lines = enumerate(text.splitlines(), start=1)
-                yield from ((n, json.loads(t)) for n, t in lines if t.strip())
-                return
+        except UnicodeDecodeError:
+            raise UnreadableFile("file is not UTF-8") from None
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    yield number, _json_or_none(line)
+            return
+        try:
             value = json.loads(text)
-        except (UnicodeDecodeError, ValueError):
-            raise UnreadableFile("file is not UTF-8 JSON") from None
+        except ValueError:
+            raise UnreadableFile("file is not JSON") from None
         items = value if isinstance(value, list) else [value]
         yield from ((n, item) for n, item in enumerate(items, start=1))
 
@@ -156,3 +162,10 @@ def _applicant_id(value: Any) -> str | None:
     if isinstance(value, str) and (PERSONAL_ID.match(value) or TAX_CODE.match(value)):
         return value
     return None
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
