@@ -211,7 +211,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
             ready_note=note,
         )
     targets = end_offsets(settings) if until_caught_up else {}
-    state: dict[str, Any] = {"exit": 0, "stopping": False, "stop_task": None}
+    state: dict[str, Any] = {"stopping": False, "stop_task": None}
 
     def caught_up() -> bool:
         stored = store.all_offsets()
@@ -254,7 +254,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     finally:
         processor.close()
         store.close()
-    return int(state["exit"]) if code in (0, None) else int(code)
+    return 0 if code in (0, None) else int(code)
 
 
 def _build_app(settings: Settings, store: Store) -> ReconcilerApp:

@@ -23,7 +23,9 @@ from rich.table import Table
 
 from consumers.store import Store
 from portal_sync.cli_options import BootstrapOpt, StoreOpt
+from portal_sync.replay import ReplaySummary
 from portal_sync.settings import Settings
+from schemas.identifiers import mask_key
 
 console = Console()
 progress_console = Console(stderr=True)  # progress never mixes with the report on stdout
@@ -108,10 +110,7 @@ def _on_progress(progress: Progress, task: TaskID) -> Callable[[int, int], None]
     return update
 
 
-def _print_summary(summary: object, dry_run: bool, show_values: bool, as_json: bool) -> None:
-    from portal_sync.replay import ReplaySummary
-
-    assert isinstance(summary, ReplaySummary)
+def _print_summary(summary: ReplaySummary, dry_run: bool, show_values: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary_dict(summary, show_values), ensure_ascii=False, indent=2))
         return
@@ -136,13 +135,11 @@ def _print_summary(summary: object, dry_run: bool, show_values: bool, as_json: b
     for item in summary.sample:
         fields = (", ".join(f"{f}: {o!r} → {n!r}" for f, (o, n) in item["changes"].items())
                   if show_values else ", ".join(sorted(item["changes"])))  # fmt: skip
-        console.print(f"  {item['entity']} {item['key']} ({item['source']}): {fields}")
+        key = item["key"] if show_values else mask_key(item["key"])
+        console.print(f"  {item['entity']} {key} ({item['source']}): {fields}")
 
 
-def summary_dict(summary: object, show_values: bool = False) -> dict[str, object]:
-    from portal_sync.replay import ReplaySummary
-
-    assert isinstance(summary, ReplaySummary)
+def summary_dict(summary: ReplaySummary, show_values: bool = False) -> dict[str, object]:
     return {
         "read": summary.read,
         "outcomes": dict(summary.outcomes),
@@ -150,7 +147,9 @@ def summary_dict(summary: object, show_values: bool = False) -> dict[str, object
         "changed_records": dict(summary.changed_records),
         "seconds": round(summary.seconds, 3),
         "sample": [
-            item if show_values else {**item, "changes": sorted(item["changes"])}
+            item
+            if show_values
+            else {**item, "key": mask_key(item["key"]), "changes": sorted(item["changes"])}
             for item in summary.sample
         ],
     }
@@ -189,7 +188,8 @@ def rebuild(
         diff = compare_stores(live, target)
         live.close()
         for name, keys in diff.items():
-            console.print(f"{name}: {len(keys)}" + (f" e.g. {keys[:5]}" if keys else ""))
+            shown = [f"{entity} {mask_key(key)}" for entity, key in keys[:5]]
+            console.print(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else ""))
         if any(diff.values()):
             target.close()
             raise typer.Exit(2)

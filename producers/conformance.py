@@ -17,6 +17,7 @@ from typing import Any
 
 from producers.sdk import Adapter, Checkpoint, Record, SkippableRecord, State
 from schemas import InvalidEvent, parse_event
+from schemas.identifiers import mask_key
 
 CHECKS = (
     "events validate",
@@ -73,11 +74,7 @@ class ConformanceReport:
         return next(r for r in self.results if r.name == name)
 
 
-def mask(key: str) -> str:
-    """Enough of a key to find the record, not enough to identify a person."""
-    if len(key) <= 6:
-        return "*" * len(key)
-    return f"{key[:3]}{'*' * (len(key) - 5)}{key[-2:]}"
+mask = mask_key
 
 
 def run_adapter(adapter: Adapter, state: State, limit: int | None = None) -> Run:

@@ -133,6 +133,21 @@ def tax_code_warnings(code: str) -> list[str]:
     return [] if tax_code_check_digit(code) == int(code[9]) else ["tax_code_check_digit"]
 
 
+def mask_key(key: str) -> str:
+    """Enough of a key to find the record, not enough to identify a person."""
+    if len(key) <= 6:
+        return "*" * len(key)
+    return f"{key[:3]}{'*' * (len(key) - 5)}{key[-2:]}"
+
+
+def key_reference(key: str) -> str:
+    """A masked key with a short hash: unique enough to find a row again, printable in logs
+    and dead-letter headers without the identifier itself."""
+    import hashlib
+
+    return f"{mask_key(key)}#{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
 @cache
 def current_province_codes() -> frozenset[str]:
     """The 34 province-level codes in force since 1 July 2025, from vietnam-provinces."""

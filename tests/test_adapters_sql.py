@@ -310,3 +310,36 @@ def test_a_text_cursor_column_in_a_local_date_format(db_url: str, tmp_path: Path
     resumed = run_adapter(adapter, first.state or {})
     assert [e.origin for e in resumed.emitted] == ["ho_so_text:4"]
     adapter.close()
+
+
+def test_origin_never_carries_a_natural_key_used_as_primary_key(tmp_path: Path) -> None:
+    """With no pk_column the cursor's key is the personal id: origins (logs, dead-letter
+    headers) then carry a masked, hashed reference instead of the id."""
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    metadata.create_all(create_engine(url))
+    with create_engine(url).begin() as conn:
+        conn.execute(insert(cong_dan), [{"id": 7, "so_dinh_danh": "079203001234",
+                     "ho_ten": "Lê Văn Cường", "cap_nhat_luc": T0, "da_xoa": False}])  # fmt: skip
+    config = f"""
+[[sources]]
+id = "hcm-citizens"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+updated_at_column = "cap_nhat_luc"
+fields = {{ full_name = "ho_ten" }}
+"""
+    deploy = deployment(tmp_path, config)
+    records = run_adapter(deploy.adapter(deploy.sources[0]), {}).emitted
+
+    assert len(records) == 1
+    origin = records[0].origin
+    assert origin.startswith("cong_dan:079*******34#")
+    assert "079203001234" not in origin

@@ -17,6 +17,7 @@ from producers.sql_polling import (
     SqlPollingAdapter,
     SqlSourceConfig,
 )
+from schemas.identifiers import key_reference
 
 
 class SqlAdapter(Adapter):
@@ -57,12 +58,19 @@ class SqlAdapter(Adapter):
             version=change.version,
             occurred_at=datetime.fromisoformat(event["occurred_at"]),
             data=event.get("data"),
-            origin=f"{self.mapping.table}:{change.pk}",
+            origin=f"{self.mapping.table}:{self._row_reference(change)}",
             op=event["op"],
         )
 
     def cursor_lag_seconds(self, state: State) -> float | None:
         return cursor_lag_of(self.poller, CursorState.from_dict(state))
+
+    def _row_reference(self, change: SourceChange) -> str:
+        """The row's primary key, unless that is the natural key (a personal id): then a
+        masked, hashed reference, as origins reach logs and dead-letter headers."""
+        if self.mapping.pk_column not in (None, self.mapping.key_column):
+            return str(change.pk)
+        return key_reference(str(change.pk))
 
     def close(self) -> None:
         if self._poller is not None:
