@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from consumers.registry import Registry
+from schemas import ChangeEvent
 
 Outcome = Literal["applied", "duplicate", "stale"]
 
@@ -126,6 +127,27 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         data[name] = (best.data or {})[name]
         provenance[name] = {"source": best.source, "version": best.version}
     return CanonicalRecord(data, {view.source: view.version for view in live}, provenance)
+
+
+def merge_events(
+    events: Iterable[ChangeEvent], authority: Authority
+) -> dict[tuple[str, str], CanonicalRecord]:
+    """The rules applied to a set of events at once, in memory: each source's highest
+    version per record (rules 1 and 2), then the field merge (rule 3). What the store must
+    hold after applying the same events in any order; the demo's self-check and the tests
+    compare the store with it."""
+    latest: dict[tuple[str, str, str], ChangeEvent] = {}
+    for event in events:
+        slot = (event.entity, event.key, event.source)
+        if slot not in latest or event.version > latest[slot].version:
+            latest[slot] = event
+    views: dict[tuple[str, str], list[SourceView]] = {}
+    for (entity, key, source), event in latest.items():
+        view = SourceView(source, event.version, str(event.event_id), event.occurred_at,
+                          event.op == "delete", event.data_dict())  # fmt: skip
+        views.setdefault((entity, key), []).append(view)
+    merged = {key: merge(key[0], record_views, authority) for key, record_views in views.items()}
+    return {key: record for key, record in merged.items() if record is not None}
 
 
 def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:

@@ -9,6 +9,7 @@ store equals the merge rules applied to what the sources hold.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from consumers import queries
 from consumers.config import load_rules
-from consumers.merge import SourceView, merge
+from consumers.merge import merge_events
 from consumers.schema import drop_everything
 from consumers.store import Store, source_views
 from observability.http import serve
@@ -365,42 +366,25 @@ def _scrape(port: int) -> dict[str, float]:
 def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, int]]]:
     """The merge rules applied to every source's current rows, independently of Kafka."""
     registry, authority = load_rules(run.settings)
-    views: dict[tuple[str, str], list[SourceView]] = {}
+    events = []
     for runner in _runners(run):
         adapter = runner.adapter
         if isinstance(adapter, DirectoryAdapter):  # processed files have moved to done/
             adapter.directory = adapter.done_dir
         for item in adapter.read({}):
-            if isinstance(item, Record):
-                raw = _encode(item.event(adapter.source, adapter.entity))
-                try:
-                    event = parse_event(raw).event
-                except InvalidEvent:
-                    continue
-                if not registry.accepts(event.source):
-                    continue
-                views.setdefault((event.entity, event.key), []).append(
-                    SourceView(
-                        event.source,
-                        event.version,
-                        str(event.event_id),
-                        event.occurred_at,
-                        event.op == "delete",
-                        event.data_dict(),
-                    )
-                )
-    expected = {}
-    for (entity, key), record_views in views.items():
-        record = merge(entity, record_views, authority)
-        if record is not None:
-            expected[(entity, key)] = (record.data, record.sources)
-    return expected
-
-
-def _encode(event: dict[str, Any]) -> bytes:
-    import json
-
-    return json.dumps(event, ensure_ascii=False).encode()
+            if not isinstance(item, Record):
+                continue
+            raw = json.dumps(item.event(adapter.source, adapter.entity), ensure_ascii=False)
+            try:
+                event = parse_event(raw.encode()).event
+            except InvalidEvent:
+                continue
+            if registry.accepts(event.source):
+                events.append(event)
+    return {
+        key: (record.data, record.sources)
+        for key, record in merge_events(events, authority).items()
+    }
 
 
 def _self_check(run: DemoRun) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.export import export_records
-from consumers.merge import Authority, SourceView, merge
+from consumers.merge import Authority, merge_events
 from portal_sync.settings import Settings
 from schemas import derive_event_id, parse_event
 
@@ -65,32 +65,11 @@ def shuffled_with_duplicates(events: list[dict[str, Any]], seed: int = 2) -> lis
 
 def expected_export(events: list[dict[str, Any]], authority: Authority) -> list[dict[str, Any]]:
     """What the store must hold: the merge rules over each source's highest version."""
-    latest: dict[tuple[str, str, str], Any] = {}
-    for raw in events:
-        event = parse_event(json.dumps(raw).encode()).event
-        slot = (event.entity, event.key, event.source)
-        if slot not in latest or event.version > latest[slot].version:
-            latest[slot] = event
-    views: dict[tuple[str, str], list[SourceView]] = {}
-    for (entity, key, source), event in latest.items():
-        views.setdefault((entity, key), []).append(
-            SourceView(
-                source,
-                event.version,
-                str(event.event_id),
-                event.occurred_at,
-                event.op == "delete",
-                event.data_dict(),
-            )
-        )
-    result = []
-    for (entity, key), record_views in sorted(views.items()):
-        record = merge(entity, record_views, authority)
-        if record is not None:
-            result.append(
-                {"entity": entity, "key": key, "data": record.data, "sources": record.sources}
-            )
-    return result
+    parsed = [parse_event(json.dumps(raw).encode()).event for raw in events]
+    return [
+        {"entity": entity, "key": key, "data": record.data, "sources": record.sources}
+        for (entity, key), record in sorted(merge_events(parsed, authority).items())
+    ]
 
 
 def exported(settings: Settings) -> list[dict[str, Any]]:

@@ -282,3 +282,29 @@ def test_deployed_authority_file_loads() -> None:
         for s in ("national-population", "ministry-btp", "province-01")
     ]
     assert ranks == [2, 1, 0]
+
+
+def test_merge_events_keeps_each_sources_highest_version_and_tombstones() -> None:
+    import json as _json
+
+    from consumers.merge import merge_events
+    from schemas import derive_event_id, parse_event
+
+    def ev(source: str, version: int, op: str = "upsert", name: str | None = None) -> Any:
+        raw: dict[str, Any] = {
+            "schema_version": 1, "source": source, "entity": "citizen",
+            "event_id": str(derive_event_id(source, "citizen", "001090000001", version)),
+            "key": "001090000001", "op": op, "version": version,
+            "occurred_at": f"2025-08-0{version}T08:00:00+07:00",
+        }  # fmt: skip
+        if op == "upsert":
+            raw["data"] = {"full_name": name}
+        return parse_event(_json.dumps(raw).encode()).event
+
+    events = [ev("s-a", 2, name="B"), ev("s-a", 1, name="A"), ev("s-a", 2, name="B"),
+              ev("s-b", 1, name="C"), ev("s-b", 3, "delete"), ev("s-b", 2, name="D")]  # fmt: skip
+    merged = merge_events(events, Authority())
+    record = merged[("citizen", "001090000001")]
+    assert record.data == {"full_name": "B"}
+    assert record.sources == {"s-a": 2}
+    assert merge_events([ev("s-b", 3, "delete"), ev("s-b", 2, name="D")], Authority()) == {}
