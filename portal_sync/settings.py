@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = "portal-sync"
     change_partitions: int = 6
+    replication_factor: int = Field(
+        default=1,
+        description="replicas of the project's topics: 1 on the local broker, 3 in production",
+    )
     change_retention_hours: int = 24 * 30
     dead_letter_retention_hours: int = 24 * 90
     group_id: str = "portal-sync-reconciler"

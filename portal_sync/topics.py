@@ -36,28 +36,32 @@ def dead_letter_topic(settings: Settings) -> str:
 def topic_specs(settings: Settings) -> dict[str, dict[str, Any]]:
     """Topic name to creation options (partitions, replication, configs)."""
     hour_ms = 3_600_000
+    # With replicas, acks=all waits for at least two copies (one may be down).
+    in_sync = str(min(2, settings.replication_factor))
     changes = {
         "cleanup.policy": "delete",
         "retention.ms": str(settings.change_retention_hours * hour_ms),
         "message.timestamp.type": "CreateTime",
         "max.message.bytes": str(2 * 1_048_576),
+        "min.insync.replicas": in_sync,
     }
     dead_letters = {
         "cleanup.policy": "delete",
         "retention.ms": str(settings.dead_letter_retention_hours * hour_ms),
         "max.message.bytes": str(4 * 1_048_576),
+        "min.insync.replicas": in_sync,
     }
     specs: dict[str, dict[str, Any]] = {
         topic: {
             "num_partitions": settings.change_partitions,
-            "replication_factor": 1,
+            "replication_factor": settings.replication_factor,
             "configs": changes,
         }
         for topic in change_topics(settings)
     }
     specs[dead_letter_topic(settings)] = {
         "num_partitions": 1,
-        "replication_factor": 1,
+        "replication_factor": settings.replication_factor,
         "configs": dead_letters,
     }
     return specs
