@@ -199,7 +199,9 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
         note = "development mode: no source registry, every source accepted, equal rank"
         log.warning(note)
     processor = BatchProcessor(settings, store, registry, authority)
-    FRESHNESS.seed(read_freshness(store))
+    # Sources no longer registered lose their freshness series (development mode keeps all).
+    known = read_freshness(store)
+    FRESHNESS.seed({source: f for source, f in known.items() if registry.accepts(source)})
     app = _build_app(settings, store)
     if settings.metrics_port:
         liveness = app.liveness
