@@ -1,3 +1,3 @@
-from portal_sync.cli import app
+from portal_sync.cli import main_entry
 
-app(prog_name="portal-sync")
+main_entry()

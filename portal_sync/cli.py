@@ -269,3 +269,14 @@ def _lag_reader(
     settings = settings_from(bootstrap, store)
     source = cast(Literal["kafka", "store"], offsets_from)
     return LagReader(settings, Filters(group, topic), source, window)
+
+
+def main_entry() -> None:
+    """The console script: configuration errors end with their message, not a traceback."""
+    from consumers.config import RulesError
+
+    try:
+        app(prog_name="portal-sync")
+    except RulesError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(2) from None

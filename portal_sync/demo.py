@@ -266,6 +266,10 @@ def _make_changes(run: DemoRun) -> None:
                 _advance_dossier(source, key)
             for key in rng.sample(source.keys("document"), min(5, len(source.keys("document")))):
                 source.change("document", key, {"trang_thai": "revoked"})
+            # Records created by mistake and deleted at the source (soft delete).
+            for entity in ("document", "dossier", "organization"):
+                if keys := source.keys(entity):
+                    source.change(entity, rng.choice(keys), {"da_xoa": True})
             # A long transaction that commits now with a timestamp 20 s in the past.
             late = [source.citizen_row(source.world._person()) for _ in range(3)]
             source.insert("citizen", late, behind=20)

@@ -251,3 +251,15 @@ def test_export_with_provenance(filled: str, tmp_path: Path) -> None:
     assert plain.returncode == 0, plain.stderr
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(written) == 3 and all("provenance" not in line for line in written)
+
+
+def test_a_missing_or_malformed_registry_is_a_clear_error(tmp_path: Path) -> None:
+    missing = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(tmp_path / "none.toml"))
+    assert missing.returncode == 2
+    assert "source registry" in missing.stderr and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = tmp_path / "registry.toml"
+    bad.write_text('[sources.x]\nkind = "planet"\nname = "x"\n')
+    malformed = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(bad))
+    assert malformed.returncode == 2
+    assert "kind" in malformed.stderr and "Traceback" not in malformed.stderr
