@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from consumers.merge import Authority
 from consumers.reconciler import Checked, Message, Reconciler
 from consumers.registry import Registry
-from consumers.store import Store
 from schemas import derive_event_id, parse_event
+from store import Store
 
 SOURCES = ["province-01", "province-79", "ministry-btp"]
 NAMES = ["Nguyễn Văn An", "Trần Thị Bích", "Lê Hoàng Dũng", "Phạm Thu Hà", "Đặng Quốc Việt"]
@@ -103,7 +103,7 @@ def main() -> None:
         return
     from sqlalchemy import create_engine, text
 
-    from tests.postgres_server import start_postgres
+    from tests.support.postgres_server import start_postgres
 
     server = start_postgres()
     try:

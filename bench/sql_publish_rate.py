@@ -20,10 +20,10 @@ from rich.console import Console
 from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, create_engine
 
 from portal_sync.settings import Settings
-from portal_sync.topics import ensure_topics
 from producers.conformance import check_adapter, report_table
 from producers.deployment import load_deployment
 from producers.produce import build_groups
+from transport.admin import ensure_topics
 
 CONFIG = """[producer]
 state_dir = "state"
@@ -103,8 +103,8 @@ def main() -> None:
 
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     settings = Settings(kafka_bootstrap=args.bootstrap, topic_prefix=prefix, store_url="sqlite://")
-    ensure_topics(settings)
-    (group,), (publisher,) = build_groups(deployment, settings)
+    ensure_topics(settings.connection(), settings.topics())
+    (group,), (publisher,) = build_groups(deployment, settings.connection(), settings.topics())
     (_, runner) = group.runners[0]
     began = time.perf_counter()
     stats = runner.run_once()

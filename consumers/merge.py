@@ -19,33 +19,14 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from consumers.registry import Registry
 from schemas import ChangeEvent
+from schemas.views import CanonicalRecord, SourceView
 
 Outcome = Literal["applied", "duplicate", "stale"]
-
-
-@dataclass(frozen=True)
-class SourceView:
-    """One source's current view of one record, or its tombstone."""
-
-    source: str
-    version: int
-    event_id: str
-    occurred_at: datetime
-    deleted: bool
-    data: Mapping[str, Any] | None
-
-
-@dataclass(frozen=True)
-class CanonicalRecord:
-    data: dict[str, Any]
-    sources: dict[str, int]  # contributing source -> version of its current view
-    provenance: dict[str, dict[str, Any]]  # field -> {"source": id, "version": n}
 
 
 @dataclass(frozen=True)

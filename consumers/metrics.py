@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 
 from consumers.reconciler import BatchReport, DeadLetter
 from observability.freshness import SourceFreshness
-from schemas.dead_letter import DEAD_LETTER_REASONS
+from schemas.dead_letter import DEAD_LETTER_REASONS, Reason
 
 EVENTS = Counter(
     "portal_sync_events_total",
@@ -86,7 +86,7 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     for entity, field_name in report.new_conflicts:
         FIELD_CONFLICTS.labels(entity, field_name).inc()
     DOSSIER_ANOMALIES.inc(report.anomalies)
-    FRESHNESS.record(report)
+    FRESHNESS.record(report.applied(), report.committed_at)
     return lags
 
 
@@ -95,7 +95,7 @@ def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
     valid event the store's rules refuse (an unregistered source) is `rejected`. Both go
     to the dead letters; the source label stays bounded either way."""
     for letter in dead:
-        if letter.code == "unregistered_source":
+        if letter.code == Reason.UNREGISTERED_SOURCE:
             EVENTS.labels("unregistered", "unregistered", "rejected").inc()
         else:
             EVENTS.labels("invalid", "invalid", "dead_lettered").inc()

@@ -1,9 +1,10 @@
 """Applying a batch of change messages to the store, exactly once per partition offset.
 
 `classify` is pure: it turns raw messages into valid events and dead letters. `Reconciler`
-does the I/O: inside one store transaction it re-reads the applied offsets, skips what is
-already applied, applies the version rule per (source, entity, key), re-merges every touched
-record and advances the offsets.
+opens one store unit of work per batch: it gets the stored offsets and the current views of
+every record the batch touches, skips what is already applied, applies the version rule per
+(source, entity, key), re-merges every touched record in memory, and hands the store one
+set of typed changes (views, records, history, conflicts, anomalies, owners, offsets).
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
-
 from consumers.merge import (
     Authority,
-    CanonicalRecord,
     Outcome,
-    SourceView,
     decide,
     field_conflicts,
     merge,
@@ -27,36 +24,20 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
-from consumers.store import RecordKey, Store, TopicPartition, ViewRow, utcnow
 from schemas import ChangeEvent, InvalidEvent, parse_event
-
-
-@dataclass(frozen=True)
-class Message:
-    """One Kafka record as the reconciler sees it."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    timestamp_ms: int | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-    @property
-    def tp(self) -> TopicPartition:
-        return (self.topic, self.partition)
-
-    @property
-    def attempt(self) -> int:
-        """1 for a first delivery; a re-driven dead letter carries its previous attempt."""
-        for name, value in self.headers:
-            if name == "ps.attempt":
-                try:
-                    return int(value) + 1
-                except ValueError:
-                    return 1
-        return 1
+from schemas.dead_letter import Reason
+from schemas.views import CanonicalRecord, RecordKey, SourceView
+from store import (
+    Anomaly,
+    BatchChanges,
+    HistoryEntry,
+    OffsetRange,
+    Store,
+    TopicPartition,
+    ViewRow,
+    utcnow,
+)
+from transport.reader import Message
 
 
 @dataclass(frozen=True)
@@ -88,7 +69,11 @@ class BatchReport:
     already_applied: int = 0
     new_conflicts: list[tuple[str, str]] = field(default_factory=list)  # (entity, field)
     anomalies: int = 0
-    changes: list[dict[str, Any]] = field(default_factory=list)  # history entries written
+    changes: list[HistoryEntry] = field(default_factory=list)  # history entries written
+
+    def applied(self) -> list[tuple[str, datetime]]:
+        """(source, occurred_at) of every event this batch applied."""
+        return [(o.source, o.occurred_at) for o in self.outcomes if o.outcome == "applied"]
 
 
 def classify(
@@ -110,13 +95,10 @@ def classify(
             continue
         if not registry.accepts(checked.event.source):
             reason = "source is not in the source registry"
-            dead.append(DeadLetter(message, "unregistered_source", reason))
+            dead.append(DeadLetter(message, Reason.UNREGISTERED_SOURCE, reason))
             continue
         valid.append(Checked(message, checked.event, checked.warnings))
     return valid, dead
-
-
-OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 
 
 def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRange]:
@@ -139,8 +121,21 @@ class _Batch:
     canonical: dict[RecordKey, dict[str, Any]]
     changed: dict[tuple[RecordKey, str], ViewRow] = field(default_factory=dict)
     merged: dict[RecordKey, CanonicalRecord | None] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+
+    def changes(self, authority: Authority) -> BatchChanges:
+        """The typed changes the store writes for this batch (offsets added by the caller)."""
+        merged = self.merged
+        return BatchChanges(
+            views=list(self.changed.values()),
+            records=merged,
+            history=self.history,
+            anomalies=self.anomalies,
+            conflicts={k: field_conflicts(self.views.get(k, {}).values()) for k in merged},
+            owner_presence={k: r is not None for k, r in merged.items() if k[0] in OWNER_ENTITIES},
+            document_owners={k: document_owner(r) for k, r in merged.items() if k[0] == "document"},
+        )
 
 
 class Reconciler:
@@ -150,8 +145,7 @@ class Reconciler:
 
     def unapplied(self, messages: Sequence[Message]) -> list[Message]:
         """The messages of a batch whose offsets the store has not applied yet."""
-        with self.store.engine.connect() as conn:
-            stored = self.store.offsets(conn, {m.tp for m in messages})
+        stored = self.store.stored_offsets({m.tp for m in messages})
         return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
 
     def apply(
@@ -171,12 +165,13 @@ class Reconciler:
         does all the work in a transaction that is rolled back.
         """
         report = BatchReport()
-        with self.store.write_transaction(commit=not dry_run) as conn:
-            stored = {} if replay else self.store.offsets(conn, {m.tp for m in batch})
+        partitions = {m.tp for m in batch}
+        keys = {(c.event.entity, c.event.key) for c in events}
+        with self.store.batch(partitions, keys, use_offsets=not replay, commit=not dry_run) as tx:
+            stored = tx.offsets
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
-            keys = {(c.event.entity, c.event.key) for c in todo}
-            work = _Batch(self.store.views(conn, keys), self.store.canonical(conn, keys))
+            work = _Batch(tx.views, tx.canonical)
             now = utcnow()
             for checked in sorted(todo, key=lambda c: (c.message.tp, c.message.offset)):
                 outcome = self._apply_event(work, checked.event, now)
@@ -188,10 +183,11 @@ class Reconciler:
                         checked.event.occurred_at,
                     )
                 )
-            report.new_conflicts = self._write(conn, work, now)
+            changes = work.changes(self.authority)
             if not replay:
                 unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
-                self.store.write_offsets(conn, offset_ranges(unapplied), now)
+                changes.offsets = offset_ranges(unapplied)
+            report.new_conflicts = tx.write(changes, now)
             report.anomalies = len(work.anomalies)
             report.changes = work.history
         report.committed_at = utcnow()
@@ -200,8 +196,8 @@ class Reconciler:
     def remerge(self, keys: Sequence[RecordKey], source: str = "remerge") -> int:
         """Re-merge records from their stored views (after an authority change), in one
         transaction; every changed record gets a history entry. Return how many changed."""
-        with self.store.write_transaction() as conn:
-            work = _Batch(self.store.views(conn, keys), self.store.canonical(conn, keys))
+        with self.store.batch((), keys, use_offsets=False) as tx:
+            work = _Batch(tx.views, tx.canonical)
             now = utcnow()
             for record_key in keys:
                 record = merge(
@@ -223,7 +219,7 @@ class Reconciler:
                             "applied_at": now,
                         }
                     )
-            self._write(conn, work, now)
+            tx.write(work.changes(self.authority), now)
         return len(work.history)
 
     def _apply_event(self, work: _Batch, event: ChangeEvent, now: datetime) -> Outcome:
@@ -278,7 +274,7 @@ class Reconciler:
         if current is None or current.data is None or view.data is None:
             return
         old, new = current.data.get("status"), view.data.get("status")
-        if unusual_transition(old, new):
+        if isinstance(old, int) and isinstance(new, int) and unusual_transition(old, new):
             work.anomalies.append(
                 {
                     "key": event.key,
@@ -289,31 +285,6 @@ class Reconciler:
                     "detected_at": now,
                 }
             )
-
-    def _write(self, conn: Connection, work: _Batch, now: datetime) -> list[tuple[str, str]]:
-        store = self.store
-        store.write_views(conn, list(work.changed.values()), now)
-        store.write_records(conn, work.merged, now)
-        store.append_history(conn, work.history)
-        store.add_anomalies(conn, work.anomalies)
-        conflicts = {k: field_conflicts(work.views.get(k, {}).values()) for k in work.merged}
-        new_conflicts = store.write_conflicts(conn, conflicts, now)
-        self._track_owners(conn, work.merged, now)
-        return new_conflicts
-
-    def _track_owners(
-        self, conn: Connection, merged: dict[RecordKey, CanonicalRecord | None], now: datetime
-    ) -> None:
-        """Flag documents whose owner is missing; clear the flag when the owner arrives."""
-        presence = {k: r is not None for k, r in merged.items() if k[0] in OWNER_ENTITIES}
-        if presence:
-            self.store.set_owner_presence(conn, presence, now)
-        documents = {k: document_owner(r) for k, r in merged.items() if k[0] == "document"}
-        if not documents:
-            return
-        owners = {owner for owner in documents.values() if owner is not None}
-        present = self.store.existing(conn, owners)
-        self.store.write_document_owners(conn, documents, present, now)
 
 
 def document_owner(record: CanonicalRecord | None) -> RecordKey | None:

@@ -16,13 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import faust
-from kafka.errors import KafkaError
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from consumers.config import load_rules
 from consumers.merge import Authority
@@ -33,30 +32,54 @@ from consumers.metrics import (
     record_dead_letters,
     record_warnings,
 )
-from consumers.reconciler import DeadLetter, Message, Reconciler, classify
+from consumers.reconciler import DeadLetter, Reconciler, classify
 from consumers.registry import Registry
-from consumers.store import Store, TopicPartition, utcnow
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
-from portal_sync.settings import Settings, user_data_dir
-from portal_sync.topics import change_topics, ensure_topics
-from producers.publisher import Publisher, PublishError
-from schemas.dead_letter import dead_letter_headers
+from schemas.dead_letter import Reason, dead_letter_headers
+from schemas.errors import RecordError, TransientError
+from store import Store, TopicPartition, utcnow
+from transport import admin, clients
+from transport.config import KafkaConnection
+from transport.publisher import Publisher
+from transport.reader import Message
+from transport.topics import Topics
 
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker runs with (the CLI builds it from the settings)."""
+
+    connection: KafkaConnection
+    topics: Topics
+    group_id: str
+    store_url: str
+    faust_dir: Path
+    registry_file: Path | None = None
+    authority_file: Path | None = None
+    history_retention_days: int = 730
+    batch_max_events: int = 2000
+    batch_max_wait_seconds: float = 0.5
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    freshness_objective_seconds: float = 60.0
 
 
 class BatchProcessor:
     """Synchronous part of the worker: dead letters first, then one store transaction."""
 
     def __init__(
-        self, settings: Settings, store: Store, registry: Registry, authority: Authority
+        self, config: WorkerConfig, store: Store, registry: Registry, authority: Authority
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.registry = registry
         self.reconciler = Reconciler(store, authority)
-        self.publisher = Publisher(settings, client_id="portal-sync-dead-letters")
+        self.publisher = Publisher.for_dead_letters(
+            config.connection, config.topics, client_id="portal-sync-dead-letters"
+        )
         self.next_prune = 0.0
 
     def process(self, messages: Sequence[Message]) -> None:
@@ -70,10 +93,10 @@ class BatchProcessor:
             try:
                 self._process_once(messages)
                 return
-            except (DataError, IntegrityError) as error:
+            except RecordError as error:
                 self._isolate(messages, error)
                 return
-            except (DBAPIError, PublishError, KafkaError) as error:  # the store or broker
+            except TransientError as error:  # the store or broker
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
@@ -96,7 +119,7 @@ class BatchProcessor:
         log.error("event at %s:%d:%d cannot be applied (%s): dead-lettered", message.topic,
                   message.partition, message.offset, type(error).__name__)  # fmt: skip
         letter = DeadLetter(
-            message, "apply_failed", f"the store refused it: {type(error).__name__}"
+            message, Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}"
         )
         self._dead_letter([letter])
         self.reconciler.apply([], [message])
@@ -119,7 +142,7 @@ class BatchProcessor:
         began = time.perf_counter()
         report = self.reconciler.apply(valid, fresh)
         COMMIT_SECONDS.observe(time.perf_counter() - began)
-        record_batch(report, self.settings.freshness_objective_seconds)
+        record_batch(report, self.config.freshness_objective_seconds)
         if dead:
             record_dead_letters(dead)
         self._prune_history()
@@ -129,7 +152,7 @@ class BatchProcessor:
         if time.monotonic() < self.next_prune:
             return
         self.next_prune = time.monotonic() + 3600
-        horizon = utcnow() - timedelta(days=self.settings.history_retention_days)
+        horizon = utcnow() - timedelta(days=self.config.history_retention_days)
         pruned = self.reconciler.store.prune_history(horizon)
         if pruned:
             log.info("pruned %d audit history entries older than %s", pruned, horizon.date())
@@ -186,33 +209,32 @@ class ReconcilerApp(faust.App):
         return consumer
 
 
-def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
+def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
-    from portal_sync.kafka_admin import end_offsets
-
-    ensure_topics(settings)
-    store = Store(settings.store_url)
+    admin.ensure_topics(config.connection, config.topics)
+    store = Store(config.store_url)
     store.create_schema()
-    registry, authority = load_rules(settings)
+    registry, authority = load_rules(config.registry_file, config.authority_file)
     note = ""
     if registry.development_mode:
         note = "development mode: no source registry, every source accepted, equal rank"
         log.warning(note)
-    processor = BatchProcessor(settings, store, registry, authority)
+    processor = BatchProcessor(config, store, registry, authority)
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)
     FRESHNESS.seed({source: f for source, f in known.items() if registry.accepts(source)})
-    app = _build_app(settings, store)
-    if settings.metrics_port:
+    app = _build_app(config, store)
+    if config.metrics_port:
         liveness = app.liveness
         serve(
-            settings.metrics_port,
-            settings.metrics_host,
+            config.metrics_port,
+            config.metrics_host,
             liveness.healthy,
             liveness.ready,
             ready_note=note,
         )
-    targets = end_offsets(settings) if until_caught_up else {}
+    topic_names = config.topics.change_topics()
+    targets = admin.end_offsets(config.connection, topic_names) if until_caught_up else {}
     state: dict[str, Any] = {"stopping": False, "stop_task": None}
 
     def caught_up() -> bool:
@@ -225,7 +247,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
             state["stop_task"] = asyncio.ensure_future(worker.stop())
 
     topic = app.topic(
-        *change_topics(settings),
+        *topic_names,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
@@ -235,7 +257,7 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     @app.agent(topic)
     async def reconcile(stream: Any) -> None:
         async for events in stream.take_events(
-            settings.batch_max_events, within=settings.batch_max_wait_seconds
+            config.batch_max_events, within=config.batch_max_wait_seconds
         ):
             messages = [_message(event) for event in events]
             await asyncio.to_thread(processor.process, messages)
@@ -259,11 +281,23 @@ def run_worker(settings: Settings, until_caught_up: bool = False) -> int:
     return 0 if code in (0, None) else int(code)
 
 
-def _build_app(settings: Settings, store: Store) -> ReconcilerApp:
-    brokers = [f"kafka://{address.strip()}" for address in settings.bootstrap().split(",")]
+def _build_app(config: WorkerConfig, store: Store) -> ReconcilerApp:
+    broker = clients.stream_broker(config.connection)
+    credentials: Any = None
+    if broker.sasl_mechanism is not None:
+        credentials = faust.SASLCredentials(
+            username=broker.sasl_username,
+            password=broker.sasl_password,
+            ssl_context=broker.ssl_context,
+            mechanism=broker.sasl_mechanism,
+        )
+    elif broker.ssl_context is not None:
+        credentials = faust.SSLCredentials(broker.ssl_context)
+    config.faust_dir.mkdir(parents=True, exist_ok=True)
     app = ReconcilerApp(
-        settings.group_id,
-        broker=brokers,
+        config.group_id,
+        broker=broker.urls,
+        broker_credentials=credentials,
         store="memory://",
         topic_allow_declare=False,  # topics are created by portal-sync, never by faust
         topic_disable_leader=True,
@@ -272,18 +306,12 @@ def _build_app(settings: Settings, store: Store) -> ReconcilerApp:
         broker_session_timeout=10.0,
         web_enabled=False,
         autodiscover=False,
-        datadir=str(_faust_dir(settings)),
+        datadir=str(config.faust_dir),
         consumer_max_fetch_size=4 * 1024 * 1024,
     )
     app.store = store
     app.liveness = Liveness()
     return app
-
-
-def _faust_dir(settings: Settings) -> Path:
-    path = user_data_dir() / "faust" / settings.group_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _message(event: Any) -> Message:

@@ -9,15 +9,14 @@ arrives, and when the updater itself is stuck.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
-from consumers.reconciler import BatchReport
-from consumers.store import Store, source_views
+from store import Store
 
 
 @dataclass(frozen=True)
@@ -29,27 +28,10 @@ class Freshness:
 
 def read_freshness(store: Store) -> dict[str, Freshness]:
     """Per source, the newest `occurred_at` and `applied_at` of its views in the store."""
-    query = select(
-        source_views.c.source,
-        func.max(source_views.c.occurred_at),
-        func.max(source_views.c.applied_at),
-    ).group_by(source_views.c.source)
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).all()
     return {
-        source: Freshness(source, _unix(change), _unix(applied))
-        for source, change, applied in rows
-        if change is not None and applied is not None
+        f.source: Freshness(f.source, f.last_change.timestamp(), f.last_applied.timestamp())
+        for f in store.freshness()
     }
-
-
-def _unix(value: object) -> float:
-    """A timestamp from an aggregate (SQLite hands back text, other drivers datetimes)."""
-    from datetime import UTC, datetime
-
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(moment, datetime)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 class SourceFreshness(Collector):
@@ -63,20 +45,16 @@ class SourceFreshness(Collector):
         with self._lock:
             self._sources = dict(known)
 
-    def record(self, report: BatchReport) -> None:
-        """Advance the sources that had events applied in this batch."""
-        if report.committed_at is None:
-            return
-        applied_at = report.committed_at.timestamp()
+    def record(self, applied: Iterable[tuple[str, datetime]], committed_at: datetime) -> None:
+        """Advance the sources of the (source, occurred_at) changes applied in one commit."""
+        applied_at = committed_at.timestamp()
         with self._lock:
-            for item in report.outcomes:
-                if item.outcome != "applied":
-                    continue
-                change = item.occurred_at.timestamp()
-                known = self._sources.get(item.source)
+            for source, occurred_at in applied:
+                change = occurred_at.timestamp()
+                known = self._sources.get(source)
                 if known is not None:
                     change = max(change, known.last_change)
-                self._sources[item.source] = Freshness(item.source, change, applied_at)
+                self._sources[source] = Freshness(source, change, applied_at)
 
     def collect(self) -> Iterator[Metric]:
         change = GaugeMetricFamily(

@@ -13,14 +13,13 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-
-from consumers.store import Store
 from observability.lag import Sample, Status, Window, group_status, lag_seconds, partition_status
-from portal_sync.settings import Settings
-from portal_sync.topics import change_topics
+from store import Store
+from transport.admin import Cluster
+from transport.config import KafkaConnection
+from transport.topics import Topics
 
 log = logging.getLogger(__name__)
 OffsetsFrom = Literal["kafka", "store"]
@@ -70,14 +69,16 @@ class Filters:
 class LagReader:
     """Reads every matching group's lag; keeps one status window per partition."""
 
-    settings: Settings
+    connection: KafkaConnection
+    topics: Topics
+    own_group: str
+    store_url: str
     filters: Filters = field(default_factory=Filters)
     offsets_from: OffsetsFrom = "store"
     window_seconds: float = 120.0
     _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
-    _admin: Any = None
-    _consumer: Any = None
+    _cluster: Cluster | None = None
     _store: Store | None = None
 
     def read(self) -> list[GroupLag]:
@@ -123,64 +124,40 @@ class LagReader:
         return PartitionLag(group, tp[0], tp[1], offset, end, seconds, status)
 
     # -- Kafka and store I/O ------------------------------------------------------------
-    def _admin_client(self) -> Any:
-        if self._admin is None:
-            self._admin = KafkaAdminClient(
-                bootstrap_servers=self.settings.bootstrap(), client_id="portal-sync-lag"
-            )
-        return self._admin
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = Cluster(self.connection, client_id="portal-sync-lag")
+        return self._cluster
 
-    def _kafka_consumer(self) -> Any:
-        if self._consumer is None:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap(),
-                client_id="portal-sync-lag",
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_partition_fetch_bytes=64 * 1024,
-            )
-        return self._consumer
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_url)
+        return self._store
 
     def _committed(self) -> dict[str, dict[TP, int]]:
         """Committed offsets of every matching group, restricted to matching topics."""
-        admin = self._admin_client()
-        names = [
-            g["group_id"]
-            for g in admin.list_groups()
-            if g.get("protocol_type", "consumer") in ("consumer", "")
-            and self.filters.group_ok(g["group_id"])
-        ]
+        names = [g for g in self.cluster.consumer_groups() if self.filters.group_ok(g)]
         result: dict[str, dict[TP, int]] = {}
         if names:
-            for group, offsets in admin.list_group_offsets({n: None for n in names}).items():
+            for group, offsets in self.cluster.group_offsets(names).items():
                 result[group] = {
-                    (tp.topic, tp.partition): meta.offset
-                    for tp, meta in offsets.items()
-                    if meta.offset >= 0 and self.filters.topic_ok(tp.topic)
+                    tp: offset for tp, offset in offsets.items() if self.filters.topic_ok(tp[0])
                 }
-        own = self.settings.group_id
+        own = self.own_group
         if self.offsets_from == "store" and self.filters.group_ok(own):
             result[own] = self._store_offsets()
         return {group: offsets for group, offsets in result.items() if offsets}
 
     def _store_offsets(self) -> dict[TP, int]:
         """The reconciler's applied offsets, every partition of the change topics included."""
-        if self._store is None:
-            self._store = Store(self.settings.store_url)
         try:
-            applied = self._store.all_offsets()
+            applied = self.store().all_offsets()
         except Exception as error:  # no store (yet): the partitions start at 0
             log.warning("store offsets unreadable (%s)", type(error).__name__)
             applied = {}
-        consumer = self._kafka_consumer()
-        offsets: dict[TP, int] = {}
-        for topic in change_topics(self.settings):
-            if not self.filters.topic_ok(topic):
-                continue
-            for partition in consumer.partitions_for_topic(topic) or ():
-                offsets[(topic, partition)] = applied.get((topic, partition), 0)
-        return offsets
+        topics = [t for t in self.topics.change_topics() if self.filters.topic_ok(t)]
+        return {tp: applied.get(tp, 0) for tp in self.cluster.partitions(topics)}
 
     def _members(self, groups: list[str]) -> dict[str, tuple[int, str]]:
         """Members and state per group; a group the cluster cannot describe (no
@@ -188,7 +165,7 @@ class LagReader:
         result: dict[str, tuple[int, str]] = {}
         for name in groups:
             try:
-                info = self._admin_client().describe_groups([name]).get(name, {})
+                info = self.cluster.describe_group(name)
             except Exception as error:
                 log.info("group %s not described (%s)", name, type(error).__name__)
                 info = {}
@@ -197,11 +174,7 @@ class LagReader:
         return result
 
     def _end_offsets(self, partitions: set[TP]) -> dict[TP, int]:
-        if not partitions:
-            return {}
-        tps = [TopicPartition(t, p) for t, p in sorted(partitions)]
-        ends = self._kafka_consumer().end_offsets(tps)
-        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+        return self.cluster.end_offsets(partitions)
 
     def _oldest_timestamps(
         self, wanted: set[tuple[str, int, int]], timeout: float = 5.0
@@ -211,26 +184,13 @@ class LagReader:
         Cached: while a consumer does not move, its oldest unapplied message stays the same.
         """
         found = {key: ts for key, ts in self._timestamps.items() if key in wanted}
-        missing = {(t, p): offset for t, p, offset in wanted if (t, p, offset) not in found}
-        if missing:
-            consumer = self._kafka_consumer()
-            consumer.assign([TopicPartition(t, p) for t, p in missing])
-            for (t, p), offset in missing.items():
-                consumer.seek(TopicPartition(t, p), offset)
-            deadline = time.monotonic() + timeout
-            while missing and time.monotonic() < deadline:
-                for tp, records in consumer.poll(timeout_ms=200).items():
-                    key = (tp.topic, tp.partition)
-                    if key in missing and records:
-                        found[(*key, missing.pop(key))] = records[0].timestamp
-                        consumer.pause(tp)
-            consumer.assign([])
+        missing = {key for key in wanted if key not in found}
+        found |= self.cluster.first_timestamps(missing, timeout)
         self._timestamps = found
         return found
 
     def close(self) -> None:
-        for client in (self._consumer, self._admin):
-            if client is not None:
-                client.close()
+        if self._cluster is not None:
+            self._cluster.close()
         if self._store is not None:
             self._store.close()

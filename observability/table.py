@@ -7,7 +7,6 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from consumers.store import Store
 from observability.freshness import Freshness, read_freshness
 from observability.kafka_lag import GroupLag, LagReader
 from observability.lag import Status, format_age, stale
@@ -83,7 +82,7 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
     from rich.live import Live
 
     console = Console()
-    store = Store(reader.settings.store_url)
+    store = reader.store()
 
     def view() -> Group:
         groups = reader.read()
@@ -114,5 +113,4 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
     except KeyboardInterrupt:
         pass
     finally:
-        store.close()
         reader.close()

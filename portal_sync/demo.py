@@ -27,11 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from consumers import queries
 from consumers.config import load_rules
 from consumers.merge import merge_events
-from consumers.schema import drop_everything
-from consumers.store import Store, source_views
 from observability.http import serve
 from portal_sync.demo_sources import (
     PORTAL_FEED_SOURCE,
@@ -42,25 +39,26 @@ from portal_sync.demo_sources import (
     deployment_toml,
     portal_feed_toml,
 )
-from portal_sync.kafka_admin import delete_group, delete_topics, end_offsets, wait_group_stable
-from portal_sync.local_kafka import REPO_ROOT, LocalKafka, free_port
 from portal_sync.settings import Settings, default_store_url, user_data_dir
-from portal_sync.topics import change_topic, change_topics, dead_letter_topic, ensure_topics
 from producers.adapters.filedrop import DirectoryAdapter
 from producers.deployment import load_deployment
 from producers.engine import AdapterRunner, RunStats
 from producers.produce import ProduceResult, SourceGroup, build_groups
-from producers.publisher import Publisher
 from producers.sdk import Record
 from schemas import InvalidEvent, parse_event
+from schemas.errors import Refused
+from store import Store, queries
+from transport import admin
+from transport.local import REPO_ROOT, LocalKafka, free_port
+from transport.publisher import Publisher
 
 console = Console()
 DEFAULT_AUTHORITY = REPO_ROOT / "deploy" / "authority.toml"
 DEFAULT_REGISTRY = REPO_ROOT / "deploy" / "registry.toml"
 
 
-class DemoError(RuntimeError):
-    pass
+class DemoError(Refused):
+    """The demo refuses to run here, or its pipeline did not finish."""
 
 
 @dataclass
@@ -86,7 +84,7 @@ def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) 
     started = time.monotonic()
     run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
     console.print("[bold]portal-sync demo[/bold]: resets the local demo store and topics")
-    _step("Kafka", lambda: _broker_up(run.settings))
+    _step("Kafka", lambda: _broker_up(run))
     _step("reset demo topics and store", lambda: _reset(run))
     worker, metrics_port = _start_worker(run)
     try:
@@ -133,18 +131,24 @@ def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
     )
 
 
-def _broker_up(settings: Settings) -> None:
+def _broker_up(run: DemoRun) -> None:
+    """Start the local broker unless a cluster is configured; then talk to it."""
+    settings = run.settings
     if settings.kafka_bootstrap is None:
-        LocalKafka(settings.kafka_data_dir).up()
+        broker = LocalKafka(settings.kafka_data_dir)
+        broker.up()
+        run.settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap()})
 
 
 def _reset(run: DemoRun) -> None:
     settings = run.settings
-    delete_topics(settings, [*change_topics(settings), dead_letter_topic(settings)])
-    delete_group(settings, settings.group_id)
-    ensure_topics(settings)
+    topics = settings.topics()
+    with admin.cluster(settings.connection()) as cluster:
+        cluster.delete_topics([*topics.change_topics(), topics.dead_letters])
+        cluster.delete_group(settings.group_id)
+        cluster.ensure_topics(topics)
     store = Store(settings.store_url)
-    drop_everything(store.engine)
+    store.drop_schema()
     store.create_schema()
     store.close()
     shutil.rmtree(run.workdir, ignore_errors=True)
@@ -165,7 +169,9 @@ def _log_to_file(path: Path) -> None:
 
 
 def _wait_worker_ready(run: DemoRun, worker: subprocess.Popen[bytes]) -> None:
-    if not wait_group_stable(run.settings, run.settings.group_id) or worker.poll() is not None:
+    with admin.cluster(run.settings.connection()) as cluster:
+        stable = cluster.wait_group_stable(run.settings.group_id)
+    if not stable or worker.poll() is not None:
         raise DemoError(f"the worker did not start; see {run.workdir / 'worker.log'}")
 
 
@@ -214,7 +220,9 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
     assert run.feed is not None
     text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
     config.write_text(text, encoding="utf-8")
-    run.groups, run.publishers = build_groups(load_deployment(config), run.settings)
+    run.groups, run.publishers = build_groups(
+        load_deployment(config), run.settings.connection(), run.settings.topics()
+    )
     threads: list[threading.Thread] = []
     for group in run.groups:
         thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)
@@ -327,15 +335,16 @@ MALFORMED: list[tuple[str, bytes]] = [
 
 
 def _inject_malformed(run: DemoRun) -> None:
-    publisher = Publisher(run.settings, client_id="demo-malformed")
+    topics = run.settings.topics()
+    publisher = Publisher(run.settings.connection(), topics, client_id="demo-malformed")
     for entity, value in MALFORMED:
-        publisher.send(change_topic(run.settings, entity), b"malformed", value)
+        publisher.send(topics.change_topic(entity), b"malformed", value)
     run.injected = publisher.flush()
     publisher.close()
 
 
 def _wait_caught_up(run: DemoRun, worker: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    ends = end_offsets(run.settings)
+    ends = admin.end_offsets(run.settings.connection(), run.settings.topics().change_topics())
     store = Store(run.settings.store_url)
     deadline = time.monotonic() + timeout
     try:
@@ -369,7 +378,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, int]]]:
     """The merge rules applied to every source's current rows, independently of Kafka."""
-    registry, authority = load_rules(run.settings)
+    registry, authority = load_rules(run.settings.registry, run.settings.authority_file)
     events = []
     for runner in _runners(run):
         adapter = runner.adapter
@@ -412,13 +421,9 @@ def _self_check(run: DemoRun) -> bool:
 
 def _lag_percentiles(settings: Settings) -> tuple[float, float, int]:
     """p50 and p99 of applied_at - occurred_at over every current source view."""
-    from sqlalchemy import select
-
     store = Store(settings.store_url)
     try:
-        with store.engine.connect() as conn:
-            rows = conn.execute(select(source_views.c.occurred_at, source_views.c.applied_at))
-            lags = sorted((a - o).total_seconds() for o, a in rows)
+        lags = store.sync_lags()
     finally:
         store.close()
     if not lags:

@@ -1,4 +1,9 @@
-"""Configuration from flags, environment (`PORTAL_SYNC_*`) and defaults."""
+"""Configuration from flags, environment (`PORTAL_SYNC_*`) and defaults.
+
+`Settings` does no I/O: it holds values and hands each layer its own configuration
+(`connection()`, `topics()`, `worker_config()`). The one place that turns "no bootstrap
+servers" into "the local development broker" is the CLI (`portal_sync.cli.options`).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,18 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumers.worker import WorkerConfig
+from producers.deployment import Deployment
+from schemas.errors import ConfigurationError
+from transport.config import KafkaConnection
+from transport.topics import Topics
+
 
 def user_data_dir() -> Path:
     """The user's data dir (XDG), where the local broker and default store live."""
     import os
 
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "portal-sync"
-
-
-def user_cache_dir() -> Path:
-    """The user's cache dir (XDG), where the Kafka jars are kept."""
-    import os
-
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "portal-sync"
 
 
@@ -73,18 +76,47 @@ class Settings(BaseSettings):
             overrides["store_url"] = store
         return cls(**overrides)  # type: ignore[arg-type]
 
-    def bootstrap(self) -> str:
-        """The cluster to talk to: the configured one, or the local broker's address."""
-        if self.kafka_bootstrap:
-            return self.kafka_bootstrap
-        from portal_sync.local_kafka import LocalKafka
+    def connection(self) -> KafkaConnection:
+        """The Kafka connection (security settings from `PORTAL_SYNC_KAFKA_*`)."""
+        if not self.kafka_bootstrap:
+            raise ConfigurationError(
+                "no Kafka bootstrap servers (set PORTAL_SYNC_KAFKA_BOOTSTRAP or --bootstrap)"
+            )
+        try:
+            return KafkaConnection(bootstrap=self.kafka_bootstrap)
+        except ValueError as error:
+            raise ConfigurationError(f"Kafka connection settings: {error}") from None
 
-        return LocalKafka(self.kafka_data_dir).bootstrap()
+    def topics(self) -> Topics:
+        return Topics(
+            prefix=self.topic_prefix,
+            change_partitions=self.change_partitions,
+            replication_factor=self.replication_factor,
+            change_retention_hours=self.change_retention_hours,
+            dead_letter_retention_hours=self.dead_letter_retention_hours,
+        )
+
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(
+            connection=self.connection(),
+            topics=self.topics(),
+            group_id=self.group_id,
+            store_url=self.store_url,
+            faust_dir=user_data_dir() / "faust" / self.group_id,
+            registry_file=self.registry,
+            authority_file=self.authority_file,
+            history_retention_days=self.history_retention_days,
+            batch_max_events=self.batch_max_events,
+            batch_max_wait_seconds=self.batch_max_wait_seconds,
+            metrics_host=self.metrics_host,
+            metrics_port=self.metrics_port,
+            freshness_objective_seconds=self.freshness_objective_seconds,
+        )
 
     def as_env(self) -> dict[str, str]:
         """Environment that gives a child process (a worker, a test's CLI run) these settings."""
         env = {
-            "PORTAL_SYNC_KAFKA_BOOTSTRAP": self.bootstrap(),
+            "PORTAL_SYNC_KAFKA_BOOTSTRAP": self.connection().bootstrap,
             "PORTAL_SYNC_STORE_URL": self.store_url,
             "PORTAL_SYNC_TOPIC_PREFIX": self.topic_prefix,
             "PORTAL_SYNC_GROUP_ID": self.group_id,
@@ -96,3 +128,13 @@ class Settings(BaseSettings):
         if self.registry is not None:
             env["PORTAL_SYNC_REGISTRY"] = str(self.registry)
         return env
+
+
+def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:
+    """A deployment file's [kafka] section overrides environment and defaults."""
+    update: dict[str, object] = {}
+    if deployment.kafka.bootstrap:
+        update["kafka_bootstrap"] = deployment.kafka.bootstrap
+    if deployment.kafka.topic_prefix:
+        update["topic_prefix"] = deployment.kafka.topic_prefix
+    return settings.model_copy(update=update)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from producers.cursor_lag import CURSOR_LAG
 from producers.metrics import PRODUCED, SOURCE_ERRORS, export_at_zero
-from producers.publisher import Publisher
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.dead_letter import dead_letter_headers
+from transport.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from portal_sync.settings import Settings
 from producers.deployment import Deployment, SourceEntry
 from producers.engine import AdapterRunner, RunStats
-from producers.publisher import Publisher
 from producers.sdk import FatalError
+from transport.config import KafkaConnection
+from transport.publisher import Publisher
+from transport.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,6 @@ class ProduceResult:
     def fail(self, source_id: str) -> None:
         with self.lock:
             self.failed.append(source_id)
-
-
-def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:
-    """The file's [kafka] section overrides environment and defaults."""
-    update: dict[str, object] = {}
-    if deployment.kafka.bootstrap:
-        update["kafka_bootstrap"] = deployment.kafka.bootstrap
-    if deployment.kafka.topic_prefix:
-        update["topic_prefix"] = deployment.kafka.topic_prefix
-    return settings.model_copy(update=update)
 
 
 class SourceGroup:
@@ -99,7 +90,10 @@ class SourceGroup:
 
 
 def build_groups(
-    deployment: Deployment, settings: Settings, only: str | None = None
+    deployment: Deployment,
+    connection: KafkaConnection,
+    topics: Topics,
+    only: str | None = None,
 ) -> tuple[list[SourceGroup], list[Publisher]]:
     """Construct every adapter first: a configuration error refuses the whole start."""
     entries = deployment.enabled(only)
@@ -109,7 +103,7 @@ def build_groups(
         by_source.setdefault(entry.contract_source, []).append(entry)
     groups, publishers = [], []
     for name, members in by_source.items():
-        publisher = Publisher(settings, client_id=f"portal-sync-{name}")
+        publisher = Publisher(connection, topics, client_id=f"portal-sync-{name}")
         publishers.append(publisher)
         runners = [
             (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir))
@@ -121,14 +115,15 @@ def build_groups(
 
 def produce(
     deployment: Deployment,
-    settings: Settings,
+    connection: KafkaConnection,
+    topics: Topics,
     once: bool = False,
     stop: threading.Event | None = None,
     only: str | None = None,
     result: ProduceResult | None = None,
 ) -> ProduceResult:
     """Run the deployment's sources once, or until `stop` is set."""
-    groups, publishers = build_groups(deployment, settings, only)
+    groups, publishers = build_groups(deployment, connection, topics, only)
     result = result or ProduceResult()
     try:
         if once:

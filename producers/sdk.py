@@ -31,25 +31,25 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from schemas import derive_event_id
+from schemas import build_event, errors
 from schemas.events import Entity
 
 State = dict[str, Any]
 
 
-class AdapterError(Exception):
-    """Base of the classified adapter errors."""
+class AdapterError(errors.PortalSyncError):
+    """Base of the classified adapter errors (families of `schemas.errors`)."""
 
 
-class RetriableError(AdapterError):
+class RetriableError(AdapterError, errors.TransientError):
     """A transient failure (connection lost, lock timeout): retry the run later."""
 
 
-class FatalError(AdapterError):
+class FatalError(AdapterError, errors.Refused):
     """The source cannot go on (schema changed, data corrupt): stop this source."""
 
 
-class ConfigurationError(AdapterError):
+class ConfigurationError(AdapterError, errors.ConfigurationError):
     """The adapter's configuration is wrong: refuse to start."""
 
 
@@ -68,20 +68,9 @@ class Record:
     def event(self, source: str, default_entity: Entity | None) -> dict[str, Any]:
         """The contract event (as JSON-ready dict); validation is the framework's job."""
         entity = self.entity or default_entity
-        op = self.op or ("delete" if self.data is None else "upsert")
-        event: dict[str, Any] = {
-            "schema_version": 1,
-            "event_id": str(derive_event_id(source, str(entity), self.key, self.version)),
-            "source": source,
-            "entity": entity,
-            "key": self.key,
-            "op": op,
-            "version": self.version,
-            "occurred_at": self.occurred_at.isoformat(),
-        }
-        if self.data is not None:
-            event["data"] = self.data
-        return event
+        return build_event(
+            source, str(entity), self.key, self.version, self.occurred_at, self.data, self.op
+        )
 
 
 @dataclass(frozen=True)

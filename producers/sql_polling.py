@@ -35,7 +35,7 @@ from sqlalchemy import (
 
 from producers.mapping import FieldMapping, map_fields, strptime_pattern
 from producers.state import write_json_atomic
-from schemas import derive_event_id
+from schemas import build_event
 from schemas.events import Entity
 
 
@@ -101,12 +101,23 @@ class CursorState:
 
 @dataclass(frozen=True)
 class SourceChange:
-    """One row read from a source, as an event dict ready for validation."""
+    """One row read from a source: its key, version, commit time and mapped data."""
 
+    source: str
+    entity: str
     pk: Any
+    key: str
     updated_at: datetime
     version: int
-    event: dict[str, Any]
+    occurred_at: datetime  # updated_at in the source's zone
+    data: dict[str, Any] | None  # None: the row is (soft-)deleted
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The contract event of this change (validation is the framework's job)."""
+        return build_event(
+            self.source, self.entity, self.key, self.version, self.occurred_at, self.data
+        )
 
 
 class SqlPollingAdapter:
@@ -199,31 +210,24 @@ class SqlPollingAdapter:
         pk = values[self.pk.name]
         if state.seen.get(str(pk), [None])[0] == version:
             return None
-        return SourceChange(pk, updated_at, version, self._event(values, updated_at, version))
+        config = self.config
+        deleted = bool(config.deleted_column and values[config.deleted_column])
+        return SourceChange(
+            config.source,
+            config.entity,
+            pk,
+            str(values[config.key_column]),
+            updated_at,
+            version,
+            updated_at.replace(tzinfo=self.zone),
+            None if deleted else self._data(values),
+        )
 
     def _cursor_time(self, value: Any) -> datetime:
         pattern = self.config.updated_at_format
         if pattern is not None:
             return datetime.strptime(str(value), strptime_pattern(pattern))
         return _as_datetime(value)
-
-    def _event(self, values: Any, updated_at: datetime, version: int) -> dict[str, Any]:
-        config = self.config
-        key = str(values[config.key_column])
-        deleted = bool(config.deleted_column and values[config.deleted_column])
-        event: dict[str, Any] = {
-            "schema_version": 1,
-            "event_id": str(derive_event_id(config.source, config.entity, key, version)),
-            "source": config.source,
-            "entity": config.entity,
-            "key": key,
-            "op": "delete" if deleted else "upsert",
-            "version": version,
-            "occurred_at": updated_at.replace(tzinfo=self.zone).isoformat(),
-        }
-        if not deleted:
-            event["data"] = self._data(values)
-        return event
 
     def _data(self, values: Any) -> dict[str, Any]:
         return map_fields(values, self.config, self.zone)

@@ -1,5 +1,13 @@
 """Event contracts of portal-sync (contract v1): models, validation, JSON Schema export."""
 
+from schemas.builder import build_event
+from schemas.errors import (
+    ConfigurationError,
+    PortalSyncError,
+    RecordError,
+    Refused,
+    TransientError,
+)
 from schemas.events import CHANGE_EVENT, ENTITIES, SCHEMA_VERSION, ChangeEvent
 from schemas.validation import (
     InvalidEvent,
@@ -14,8 +22,14 @@ __all__ = [
     "ENTITIES",
     "SCHEMA_VERSION",
     "ChangeEvent",
+    "ConfigurationError",
     "InvalidEvent",
+    "PortalSyncError",
+    "RecordError",
+    "Refused",
+    "TransientError",
     "ValidEvent",
+    "build_event",
     "derive_event_id",
     "message_key",
     "parse_event",

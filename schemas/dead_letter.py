@@ -14,25 +14,31 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 HEADER_PREFIX = "ps."
 
-# Every reason code a dead letter can carry: the contract's hard checks, then the worker's.
-DEAD_LETTER_REASONS = (
-    "not_utf8",
-    "invalid_json",
-    "unsupported_schema_version",
-    "missing_field",
-    "unknown_entity",
-    "unknown_field",
-    "invalid_key",
-    "invalid_field",
-    "op_data_mismatch",
-    "too_large",
-    "empty_message",
-    "unregistered_source",
-    "apply_failed",
-)
+
+class Reason(StrEnum):
+    """Every reason code a dead letter can carry: the contract's hard checks, then the
+    worker's, then the operators'. The values are a public contract (alerts, runbooks)."""
+
+    NOT_UTF8 = "not_utf8"
+    INVALID_JSON = "invalid_json"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_ENTITY = "unknown_entity"
+    UNKNOWN_FIELD = "unknown_field"
+    INVALID_KEY = "invalid_key"
+    INVALID_FIELD = "invalid_field"
+    OP_DATA_MISMATCH = "op_data_mismatch"
+    TOO_LARGE = "too_large"
+    EMPTY_MESSAGE = "empty_message"
+    UNREGISTERED_SOURCE = "unregistered_source"
+    APPLY_FAILED = "apply_failed"
+
+
+DEAD_LETTER_REASONS = tuple(reason.value for reason in Reason)
 
 
 def dead_letter_headers(

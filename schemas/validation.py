@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from schemas.errors import RecordError
 from schemas.events import CHANGE_EVENT, ENTITIES, ChangeEvent, nfc
 from schemas.identifiers import (
     current_province_codes,
@@ -24,13 +25,8 @@ MAX_EVENT_BYTES = 1_048_576
 EVENT_ID_NAMESPACE = uuid.UUID("8d0f6a52-0e5e-5b8c-9a53-06d1a0c0de06")
 
 
-class InvalidEvent(Exception):
+class InvalidEvent(RecordError):
     """An event that breaks the contract: it goes to the dead-letter topic."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,10 @@
 """Shared fixtures: a real local Kafka broker and a real PostgreSQL server per session.
 
+Tiers: `tests/unit` needs no server; `tests/integration/{kafka,postgres,prometheus}` need
+the real ones, and each folder's conftest marks its tests. A test anywhere that uses the
+broker or a PostgreSQL store is marked too, so `pytest -m "not kafka and not postgres"`
+runs the fast tier. Servers and helpers: `tests/support`.
+
 Set PORTAL_SYNC_TEST_KAFKA_BOOTSTRAP or PORTAL_SYNC_TEST_POSTGRES_URL to use existing ones.
 In CI (env CI set) a missing broker or database fails the run instead of skipping.
 """
@@ -25,13 +30,29 @@ def _unavailable(what: str, error: Exception) -> None:
     pytest.skip(f"{what} is unavailable: {error}")
 
 
+KAFKA_FIXTURES = {"kafka_bootstrap", "settings_for"}
+POSTGRES_FIXTURES = {"postgres_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by the real servers it uses."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & KAFKA_FIXTURES:
+            item.add_marker(pytest.mark.kafka)
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and "postgresql" in callspec.params.values()
+        if names & POSTGRES_FIXTURES or on_postgres:
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     existing = os.environ.get("PORTAL_SYNC_TEST_KAFKA_BOOTSTRAP")
     if existing:
         yield existing
         return
-    from portal_sync.local_kafka import KafkaSetupError, LocalKafka, free_port
+    from transport.local import KafkaSetupError, LocalKafka, free_port
 
     broker = LocalKafka(tmp_path_factory.mktemp("kafka"))
     try:
@@ -44,7 +65,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[object]:
-    from tests.postgres_server import PostgresUnavailable, start_postgres
+    from tests.support.postgres_server import PostgresUnavailable, start_postgres
 
     try:
         server = start_postgres()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -52,14 +51,12 @@ class SqlAdapter(Adapter):
             yield Checkpoint(cursor.as_dict())
 
     def _record(self, change: SourceChange) -> Record:
-        event = change.event
         return Record(
-            key=event["key"],
+            key=change.key,
             version=change.version,
-            occurred_at=datetime.fromisoformat(event["occurred_at"]),
-            data=event.get("data"),
+            occurred_at=change.occurred_at,
+            data=change.data,
             origin=f"{self.mapping.table}:{self._row_reference(change)}",
-            op=event["op"],
         )
 
     def cursor_lag_seconds(self, state: State) -> float | None:

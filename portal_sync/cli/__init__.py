@@ -1,0 +1,64 @@
+"""The `portal-sync` command line (Typer): one module per command group.
+
+A command parses its options, makes one call into the layer below and renders the result.
+Command modules never import each other; shared options live in `options`. Every expected
+error reaches the user as one line and an exit code (`EXIT_CODES`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from portal_sync.cli import adapters, kafka, observability, ops, pipeline, store
+from portal_sync.cli.options import err_console
+from schemas.errors import ConfigurationError, PortalSyncError, Refused, TransientError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="portal-sync: record changes of provinces and ministries into the national store.",
+)
+app.add_typer(kafka.kafka_app, name="kafka")
+app.add_typer(adapters.adapters_app, name="adapters")
+app.command("produce")(adapters.produce)
+pipeline.register(app)
+store.register(app)
+ops.register(app)
+observability.register(app)
+
+# How each family of the error taxonomy ends a command.
+EXIT_CODES: dict[type[PortalSyncError], int] = {
+    ConfigurationError: 2,
+    Refused: 1,
+    TransientError: 1,
+    PortalSyncError: 1,
+}
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """portal-sync: record changes of provinces and ministries into the national store."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def exit_code(error: PortalSyncError) -> int:
+    for family, code in EXIT_CODES.items():
+        if isinstance(error, family):
+            return code
+    return 1
+
+
+def main_entry() -> None:
+    """The console script: expected errors end with their message and exit code."""
+    try:
+        app(prog_name="portal-sync", standalone_mode=True)
+    except PortalSyncError as error:
+        label = "refused" if isinstance(error, Refused) else "error"
+        err_console.print(f"[red]{label}:[/red] {error}", highlight=False)
+        raise SystemExit(exit_code(error)) from None

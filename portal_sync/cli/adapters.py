@@ -1,0 +1,178 @@
+"""`portal-sync adapters …` and `portal-sync produce`: the producer adapter kit's commands."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from portal_sync.cli.options import fail, settings_from
+from producers.sdk import Adapter, ConfigurationError
+
+adapters_app = typer.Typer(
+    no_args_is_help=True, help="Source adapters: list installed, check, scaffold."
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Deployment file (TOML)")]
+SourceOpt = Annotated[str | None, typer.Option("--source", "-s", help="Only this source id")]
+
+
+def _fail(message: str) -> typer.Exit:
+    return fail(message, 2)
+
+
+@adapters_app.command("list")
+def list_adapters() -> None:
+    """Adapters installed in this environment (entry-point group portal_sync.adapters)."""
+    from producers.adapters import installed, load
+
+    table = Table(title="installed adapters")
+    for column in ("name", "package", "entity", "cursor", "sorted", "deletes", "description"):
+        table.add_column(column)
+    for name, entry in sorted(installed().items()):
+        try:
+            adapter = load(name)
+        except Exception as error:
+            failure = f"[red]cannot load: {type(error).__name__}[/red]"
+            table.add_row(name, _package(entry), "", "", "", "", failure)
+            continue
+        doc = (adapter.__doc__ or "").strip().splitlines()
+        table.add_row(
+            name,
+            _package(entry),
+            adapter.entity or "(varies)",
+            adapter.cursor,
+            "yes" if adapter.sorted_output else "no",
+            _deletes(adapter),
+            doc[0] if doc else "",
+        )
+    out.print(table)
+
+
+def _deletes(adapter: type[Adapter]) -> str:
+    if adapter.emits_deletes:
+        return "yes"
+    configurable = any(name.startswith("deleted") for name in adapter.Config.model_fields)
+    return "if configured" if configurable else "no"
+
+
+def _package(entry: EntryPoint) -> str:
+    return entry.dist.name if entry.dist is not None else entry.module
+
+
+@adapters_app.command("check")
+def check(
+    config: ConfigOpt,
+    source: SourceOpt = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Read about N events per source")
+    ] = None,
+) -> None:
+    """Run adapters against their real sources WITHOUT publishing; pass/fail per check."""
+    from producers.conformance import check_adapter, report_table
+    from producers.deployment import load_deployment
+
+    try:
+        deployment = load_deployment(config)
+        entries = deployment.enabled(source)
+        adapters = [(entry, deployment.adapter(entry)) for entry in entries]
+    except ConfigurationError as error:
+        raise _fail(str(error)) from None
+    failed = 0
+    for entry, adapter in adapters:
+        try:
+            report = check_adapter(adapter, entry.id, entry.adapter, limit)
+        finally:
+            adapter.close()
+        out.print(report_table(report))
+        failed += not report.passed
+    out.print(f"{len(adapters) - failed} of {len(adapters)} sources pass")
+    raise typer.Exit(1 if failed else 0)
+
+
+@adapters_app.command("new")
+def new(
+    name: Annotated[str, typer.Argument(help="Adapter name, e.g. hcm-oracle")],
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Parent directory (default: current)")
+    ] = None,
+) -> None:
+    """Scaffold a plug-in package: pyproject (entry point), adapter, example config, test."""
+    from producers.scaffold import ScaffoldError, scaffold
+
+    try:
+        created = scaffold(name, directory or Path.cwd())
+    except ScaffoldError as error:
+        raise _fail(str(error)) from None
+    console.print(f"created {created}")
+    console.print(f"next: pip install -e {created} && cd {created} && pytest")
+
+
+def produce(
+    config: ConfigOpt,
+    once: Annotated[bool, typer.Option("--once", help="Run every source once, then exit")] = False,
+    source: SourceOpt = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="/metrics port (0: off)")
+    ] = None,
+    bootstrap: Annotated[
+        str | None, typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP")
+    ] = None,
+    show_config: Annotated[
+        bool, typer.Option("--show-config", help="Print the configuration (secrets masked)")
+    ] = False,
+) -> None:
+    """Run every source of a deployment file: publish their changes to Kafka.
+    Serves /metrics, /healthz and /readyz on the deployment's metrics port."""
+    from observability.http import serve
+    from portal_sync.settings import deployment_settings
+    from producers.deployment import load_deployment
+    from producers.produce import ProduceResult
+    from producers.produce import produce as run_produce
+    from transport.admin import ensure_topics
+
+    try:
+        deployment = load_deployment(config)
+    except ConfigurationError as error:
+        raise _fail(str(error)) from None
+    if show_config:
+        out.print(deployment.redacted(), markup=False, highlight=False)
+    settings = deployment_settings(deployment, settings_from(bootstrap))
+    port = deployment.producer.metrics_port if metrics_port is None else metrics_port
+    result = ProduceResult()
+    if port and not once:
+        serve(port, deployment.producer.metrics_host, result.healthy, result.ready)
+    elif port:
+        serve(port, deployment.producer.metrics_host)
+    ensure_topics(settings.connection(), settings.topics())
+    stop = threading.Event()
+    if not once:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        result = run_produce(
+            deployment,
+            settings.connection(),
+            settings.topics(),
+            once=once,
+            stop=stop,
+            only=source,
+            result=result,
+        )
+    except ConfigurationError as error:
+        raise _fail(str(error)) from None
+    for source_id, stats in sorted(result.stats.items()):
+        console.print(
+            f"{source_id}: published {stats.published}, dead-lettered {stats.dead_lettered}"
+        )
+    if result.failed:
+        console.print(f"[red]failed:[/red] {', '.join(sorted(set(result.failed)))}")
+        raise typer.Exit(1)

@@ -1,0 +1,101 @@
+"""`portal-sync lag` and `lag-exporter`: consumer lag and source freshness."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal, cast
+
+import typer
+
+from portal_sync.cli.options import BootstrapOpt, StoreOpt, fail, settings_from
+from portal_sync.cli.options import err_console as console
+
+if TYPE_CHECKING:
+    from observability.kafka_lag import LagReader
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lag-exporter")(lag_exporter)
+    app.command("lag")(lag)
+
+
+GroupFilterOpt = Annotated[
+    str | None, typer.Option("--group", help="Only groups matching this regular expression")
+]
+TopicFilterOpt = Annotated[
+    str | None, typer.Option("--topic", help="Only topics matching this regular expression")
+]
+OffsetsFromOpt = Annotated[
+    str,
+    typer.Option(
+        "--offsets-from",
+        help="The reconciler group's offsets: 'store' (applied, the truth) or 'kafka'",
+    ),
+]
+WindowOpt = Annotated[
+    float, typer.Option("--window", help="Status window in seconds (OK/WARN/STALL/STOP)")
+]
+
+
+def lag_exporter(
+    port: Annotated[int, typer.Option("--port", envvar="PORTAL_SYNC_LAG_EXPORTER_PORT")] = 9311,
+    host: Annotated[str, typer.Option("--host", envvar="PORTAL_SYNC_METRICS_HOST")] = "127.0.0.1",
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between polls")] = 10.0,
+    window: WindowOpt = 120.0,
+    group: GroupFilterOpt = None,
+    topic: TopicFilterOpt = None,
+    offsets_from: OffsetsFromOpt = "store",
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Export consumer lag of all groups and partitions (/metrics, /healthz, /readyz)."""
+    from observability.exporter import run_exporter
+
+    reader = _lag_reader(bootstrap, store, group, topic, offsets_from, window)
+    console.print(f"lag exporter on http://{host}:{port}/metrics, polling every {interval:g}s")
+    run_exporter(reader, port, host, interval)
+
+
+def lag(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Refresh seconds")] = 2.0,
+    stale_after: Annotated[
+        float,
+        typer.Option("--stale-after", envvar="PORTAL_SYNC_SOURCE_STALE_AFTER_SECONDS"),
+    ] = 1800.0,
+    window: WindowOpt = 60.0,
+    group: GroupFilterOpt = None,
+    topic: TopicFilterOpt = None,
+    offsets_from: OffsetsFromOpt = "store",
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Consumer lag per partition (offsets, time lag, status) and per-source freshness."""
+    from observability.table import show_lag
+
+    reader = _lag_reader(bootstrap, store, group, topic, offsets_from, window)
+    show_lag(reader, stale_after, watch, interval)
+
+
+def _lag_reader(
+    bootstrap: str | None,
+    store: str | None,
+    group: str | None,
+    topic: str | None,
+    offsets_from: str,
+    window: float,
+) -> LagReader:
+    from observability.kafka_lag import Filters, LagReader
+
+    if offsets_from not in ("store", "kafka"):
+        raise fail("--offsets-from must be 'store' or 'kafka'")
+    settings = settings_from(bootstrap, store)
+    source = cast(Literal["kafka", "store"], offsets_from)
+    return LagReader(
+        settings.connection(),
+        settings.topics(),
+        settings.group_id,
+        settings.store_url,
+        Filters(group, topic),
+        source,
+        window,
+    )

@@ -1,0 +1,330 @@
+"""Engineers' commands after an incident or a fix: replay, rebuild, dead letters, offsets."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from portal_sync.cli.options import BootstrapOpt, StoreOpt, settings_from
+from portal_sync.ops.replay import ReplaySummary
+from schemas.identifiers import mask_key
+from store import Store
+
+console = Console()
+progress_console = Console(stderr=True)  # progress never mixes with the report on stdout
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list, show, re-drive.")
+offsets_app = typer.Typer(no_args_is_help=True, help="The live consumer group's offsets.")
+
+TimeOpt = Annotated[
+    str | None, typer.Option(help="RFC 3339 time, or an age like 30m, 6h, 2d (before now)")
+]
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time (UTC if no offset) or an age like `90s`, `30m`, `6h`, `2d`."""
+    if text is None:
+        return None
+    age = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age[2]]
+        return datetime.now(UTC) - timedelta(**{unit: int(age[1])})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not a time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TextColumn("{task.fields[rate]} ev/s"), TimeRemainingColumn(),
+        console=progress_console,
+    )  # fmt: skip
+
+
+# -- replay and rebuild -------------------------------------------------------------------
+def replay(
+    since: TimeOpt = None,
+    until: TimeOpt = None,
+    from_offset: Annotated[int | None, typer.Option("--from-offset")] = None,
+    to_offset: Annotated[int | None, typer.Option("--to-offset", help="exclusive")] = None,
+    topic: Annotated[list[str] | None, typer.Option("--topic")] = None,
+    partition: Annotated[list[int] | None, typer.Option("--partition")] = None,
+    source: Annotated[str | None, typer.Option("--source")] = None,
+    entity: Annotated[str | None, typer.Option("--entity")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing")] = False,
+    show_values: Annotated[
+        bool, typer.Option("--show-values", help="Show old and new values in the sample")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout")] = False,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Re-apply a range of the change topics through the reconciler (idempotent); never
+    moves the live worker's offsets."""
+    from portal_sync.ops.replay import replay as run_replay
+    from transport.reader import Selection
+
+    settings = settings_from(bootstrap, store)
+    names = settings.topics()
+    topics = topic or ([names.change_topic(entity)] if entity else names.change_topics())
+    selection = Selection(topics, partition, parse_time(since), parse_time(until),
+                          from_offset, to_offset)  # fmt: skip
+    target = Store(settings.store_url)
+    target.create_schema()
+    with _progress() as progress:
+        task = progress.add_task("dry run" if dry_run else "replay", total=None, rate="–")
+        summary = run_replay(settings, selection, target, source, entity, dry_run,
+                             _on_progress(progress, task))  # fmt: skip
+    target.close()
+    _print_summary(summary, dry_run, show_values, as_json)
+
+
+def _on_progress(progress: Progress, task: TaskID) -> Callable[[int, int], None]:
+    import time
+
+    began = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - began, 1e-6)
+        progress.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
+
+    return update
+
+
+def _print_summary(summary: ReplaySummary, dry_run: bool, show_values: bool, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary_dict(summary, show_values), ensure_ascii=False, indent=2))
+        return
+    verb = "would be" if dry_run else "were"
+    table = Table(title=f"replay summary ({'dry run: nothing written' if dry_run else 'applied'})")
+    table.add_column("entity")
+    for name in ("applied", "unchanged", "stale"):
+        table.add_column(name, justify="right")
+    table.add_column("records changed", justify="right")
+    for entity in sorted({e for e, _ in summary.by_entity} | set(summary.changed_records)):
+        table.add_row(entity, *[str(summary.by_entity[(entity, n)]) for n in
+                                ("applied", "unchanged", "stale")],
+                      str(summary.changed_records[entity]))  # fmt: skip
+    console.print(table)
+    console.print(
+        f"read {summary.read} events in {summary.seconds:.1f}s ({summary.rate:,.0f} ev/s): "
+        f"{summary.outcomes['applied']} applied, {summary.outcomes['unchanged']} unchanged, "
+        f"{summary.outcomes['stale']} stale, {summary.outcomes['dead_lettered']} invalid "
+        f"(dead-lettered by the worker), {summary.outcomes['skipped']} outside the filters; "
+        f"{sum(summary.changed_records.values())} record changes {verb} made"
+    )
+    for item in summary.sample:
+        fields = (", ".join(f"{f}: {o!r} → {n!r}" for f, (o, n) in item["changes"].items())
+                  if show_values else ", ".join(sorted(item["changes"])))  # fmt: skip
+        key = item["key"] if show_values else mask_key(item["key"])
+        console.print(f"  {item['entity']} {key} ({item['source']}): {fields}")
+
+
+def summary_dict(summary: ReplaySummary, show_values: bool = False) -> dict[str, object]:
+    return {
+        "read": summary.read,
+        "outcomes": dict(summary.outcomes),
+        "by_entity": {f"{e}:{o}": n for (e, o), n in sorted(summary.by_entity.items())},
+        "changed_records": dict(summary.changed_records),
+        "seconds": round(summary.seconds, 3),
+        "sample": [
+            item
+            if show_values
+            else {**item, "key": mask_key(item["key"]), "changes": sorted(item["changes"])}
+            for item in summary.sample
+        ],
+    }
+
+
+def rebuild(
+    store: Annotated[str, typer.Option("--store", help="URL of the NEW store to build")],
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Diff the rebuilt store against the live one")
+    ] = False,
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Build a fresh store from everything the change topics retain."""
+    from portal_sync.ops.replay import compare_stores
+    from portal_sync.ops.replay import replay as run_replay
+    from transport.reader import Selection
+
+    live_settings = settings_from(bootstrap, None)
+    target = Store(store)
+    target.create_schema()
+    if target.record_keys():
+        console.print("[red]error:[/red] the target store is not empty")
+        raise typer.Exit(1)
+    settings = live_settings.model_copy(update={"store_url": store})
+    with _progress() as progress:
+        task = progress.add_task("rebuild", total=None, rate="–")
+        summary = run_replay(
+            settings, Selection(settings.topics().change_topics()), target,
+            on_progress=_on_progress(progress, task), track_offsets=True,
+        )  # fmt: skip
+    console.print(f"rebuilt {sum(target.count_records().values())} records from "
+                  f"{summary.read} events in {summary.seconds:.1f}s")  # fmt: skip
+    if compare:
+        live = Store(live_settings.store_url)
+        diff = compare_stores(live, target)
+        live.close()
+        for name, keys in diff.items():
+            shown = [f"{entity} {mask_key(key)}" for entity, key in keys[:5]]
+            console.print(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else ""))
+        if any(diff.values()):
+            target.close()
+            raise typer.Exit(2)
+    target.close()
+
+
+# -- dead letters -------------------------------------------------------------------------
+@dlq_app.command("list")
+def dlq_list(
+    reason: Annotated[list[str] | None, typer.Option("--reason")] = None,
+    source: Annotated[str | None, typer.Option("--source")] = None,
+    since: TimeOpt = None,
+    until: TimeOpt = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Dead letters (newest last) and their counts by reason."""
+    from portal_sync.ops.dlq import Filters, counts_by_reason, read_dead_letters
+
+    filters = Filters(reason, source, parse_time(since), parse_time(until))
+    letters = read_dead_letters(settings_from(bootstrap, None), filters)
+    table = Table(title=f"dead letters ({len(letters)})")
+    for column in ("id", "failed at", "reason", "origin", "source", "attempt"):
+        table.add_column(column)
+    for letter in letters[-limit:]:
+        when = letter.failed_at.isoformat(timespec="seconds") if letter.failed_at else ""
+        origin = f"{letter.origin_topic}:{letter.origin_partition}:{letter.origin_offset}"
+        table.add_row(letter.id, when, letter.reason_code, origin, letter.source or "",
+                      str(letter.attempt))  # fmt: skip
+    console.print(table)
+    for code, count in counts_by_reason(letters).most_common():
+        console.print(f"{code}: {count}")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    letter_id: Annotated[str, typer.Argument(metavar="ID", help="<partition>:<offset>")],
+    reveal: Annotated[bool, typer.Option("--reveal", help="Print the event bytes")] = False,
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """One dead letter: reason, origin, time, attempts; the event itself with --reveal."""
+    from portal_sync.ops.dlq import Filters, read_dead_letters
+
+    found = read_dead_letters(settings_from(bootstrap, None), Filters(ids=[letter_id]))
+    if not found:
+        console.print(f"no dead letter {letter_id}")
+        raise typer.Exit(1)
+    letter = found[0]
+    for name, value in [
+        ("id", letter.id), ("reason", f"{letter.reason_code}: {letter.reason}"),
+        ("origin", f"{letter.origin_topic} partition {letter.origin_partition} "
+                   f"offset {letter.origin_offset}"),
+        ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
+        ("attempt", str(letter.attempt)), ("source", letter.source or "(unreadable)"),
+        ("size", f"{len(letter.value or b'')} bytes"),
+    ]:  # fmt: skip
+        console.print(f"[bold]{name}[/bold]: {value}")
+    if reveal:
+        console.print((letter.value or b"").decode("utf-8", "replace"), markup=False)
+    else:
+        console.print("(event bytes hidden: they may hold personal data; --reveal prints them)")
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    letter_ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...")] = None,
+    reason: Annotated[list[str] | None, typer.Option("--reason")] = None,
+    source: Annotated[str | None, typer.Option("--source")] = None,
+    since: TimeOpt = None,
+    until: TimeOpt = None,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Re-publish selected dead letters to their original topic, each once, recorded."""
+    from portal_sync.ops.dlq import Filters, read_dead_letters
+    from portal_sync.ops.dlq import redrive as run_redrive
+
+    if not (letter_ids or reason or source or since or until):
+        console.print("[red]error:[/red] select dead letters: IDs, --reason, --source or a time")
+        raise typer.Exit(2)
+    settings = settings_from(bootstrap, store)
+    filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
+    letters = read_dead_letters(settings, filters)
+    target = Store(settings.store_url)
+    target.create_schema()
+    summary = run_redrive(settings, target, letters)
+    target.close()
+    console.print(f"selected {len(letters)}: re-driven {summary.redriven}, already re-driven "
+                  f"{summary.already_redriven}, not re-drivable (rejected at a source) "
+                  f"{summary.not_redrivable}")  # fmt: skip
+
+
+# -- offsets ------------------------------------------------------------------------------
+@offsets_app.command("reset")
+def offsets_reset(
+    group: Annotated[str, typer.Option("--group")],
+    to_time: Annotated[str, typer.Option("--to-time", help="RFC 3339 time or an age like 2h")],
+    yes: Annotated[bool, typer.Option("--yes", help="Carry out the plan")] = False,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Move a group to the first offsets at or after a time. Refuses while the group has
+    active members; prints the plan and acts only with --yes."""
+    from portal_sync.ops.offsets import GroupActive, active_members, apply_reset, plan_reset
+
+    settings = settings_from(bootstrap, store)
+    members = active_members(settings, group)
+    if members:
+        console.print(f"[red]refused:[/red] group {group} has {members} active member(s)")
+        raise typer.Exit(1)
+    moment = parse_time(to_time)
+    assert moment is not None
+    plan = plan_reset(settings, group, moment)
+    table = Table(title=f"reset {group} to {moment.isoformat(timespec='seconds')}")
+    for column in ("topic", "partition", "kafka committed", "store applied", "target"):
+        table.add_column(column)
+    for line in plan:
+        table.add_row(line.topic, str(line.partition), _num(line.kafka_committed),
+                      _num(line.store_applied), str(line.target))  # fmt: skip
+    console.print(table)
+    if not yes:
+        console.print("plan only: pass --yes to carry it out")
+        return
+    try:
+        apply_reset(settings, group, plan)
+    except GroupActive as error:
+        console.print(f"[red]refused:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"group {group} reset on {len(plan)} partitions")
+
+
+def _num(value: int | None) -> str:
+    return "–" if value is None else str(value)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(replay)
+    app.command()(rebuild)
+    app.add_typer(dlq_app, name="dlq")
+    app.add_typer(offsets_app, name="offsets")

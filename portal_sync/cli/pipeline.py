@@ -1,0 +1,107 @@
+"""The pipeline's commands: topics, publish, worker, export, demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from portal_sync.cli.options import BootstrapOpt, StoreOpt, fail, settings_from
+from portal_sync.cli.options import err_console as console
+from portal_sync.settings import Settings
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(topics)
+    app.command()(publish)
+    app.command()(worker)
+    app.command()(export)
+    app.command()(demo)
+
+
+def topics(bootstrap: BootstrapOpt = None) -> None:
+    """Create the change and dead-letter topics that are missing."""
+    from transport.admin import ensure_topics
+
+    settings = settings_from(bootstrap)
+    created = ensure_topics(settings.connection(), settings.topics())
+    console.print(f"created {', '.join(created)}" if created else "all topics exist")
+
+
+def publish(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file, one event per line ('-': stdin)")],
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Publish events from JSON Lines; invalid lines are reported by number and not sent."""
+    from portal_sync.ops.publish import publish_lines
+
+    settings = settings_from(bootstrap)
+    handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
+    with handle:
+        result = publish_lines(settings, handle)
+    for number, code, message in result.invalid:
+        console.print(f"line {number}: {code}: {message}")
+    console.print(f"published {result.sent}, invalid {len(result.invalid)}")
+    if result.invalid:
+        raise typer.Exit(1)
+
+
+def worker(
+    until_caught_up: Annotated[
+        bool,
+        typer.Option(
+            "--until-caught-up", help="Exit 0 once caught up with the end offsets seen at start"
+        ),
+    ] = False,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port")] = None,
+) -> None:
+    """Run the reconciler: change topics to the national store."""
+    from consumers.worker import run_worker
+
+    settings = settings_from(bootstrap, store)
+    if metrics_port is not None:
+        settings.metrics_port = metrics_port
+    raise typer.Exit(run_worker(settings.worker_config(), until_caught_up=until_caught_up))
+
+
+def export(
+    entity: Annotated[str | None, typer.Option("--entity")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    provenance: Annotated[
+        bool, typer.Option("--provenance", help="Add each field's source and version")
+    ] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot)."""
+    from store.export import export_records
+
+    settings = Settings.from_flags(store=store)
+    handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    try:
+        count = export_records(settings.store_url, handle, entity, provenance=provenance)
+    finally:
+        if output:
+            handle.close()
+    console.print(f"exported {count} records")
+
+
+def demo(
+    people: Annotated[int, typer.Option(help="Citizens in the sample population")] = 3000,
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Allow resetting a non-default store or cluster")
+    ] = False,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the whole pipeline on sample provinces and a ministry, then check the store."""
+    from portal_sync.demo import DemoError, run_demo
+
+    try:
+        ok = run_demo(Settings.from_flags(bootstrap, store), people=people, allow_reset=reset)
+    except DemoError as error:
+        raise fail(str(error)) from None
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,180 @@
+"""Data-steward commands of the national store: show, history, conflicts, anomalies,
+remerge and schema upgrade."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from consumers.config import load_rules
+from consumers.reconciler import Reconciler
+from portal_sync.cli.options import StoreOpt
+from portal_sync.settings import Settings
+from store import Store
+
+console = Console()
+store_app = typer.Typer(no_args_is_help=True, help="The store's schema (Alembic).")
+
+EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document or dossier")]
+
+
+def _store(store_url: str | None) -> Store:
+    return Store(Settings.from_flags(store=store_url).store_url)
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+
+
+@store_app.command("upgrade")
+def store_upgrade(store: StoreOpt = None) -> None:
+    """Migrate the store to the newest schema; re-merge records that lack provenance."""
+    settings = Settings.from_flags(store=store)
+    target = Store(settings.store_url)
+    before, after = target.upgrade()
+    console.print(f"schema: {before or 'empty'} → {after}")
+    keys = target.keys_without_provenance()
+    if keys:
+        changed = _remerge(target, settings, keys)
+        console.print(
+            f"re-merged {len(keys)} records written before provenance ({changed} changed)"
+        )
+    target.close()
+
+
+def remerge(
+    entity: Annotated[str | None, typer.Option("--entity")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Re-merge canonical records from the stored source views under the current
+    authority file, without replaying Kafka."""
+    settings = Settings.from_flags(store=store)
+    load_rules(settings.registry, settings.authority_file)  # a wrong file refuses first
+    target = Store(settings.store_url)
+    keys = target.record_keys(entity)
+    changed = _remerge(target, settings, keys)
+    console.print(f"re-merged {len(keys)} records, {changed} changed")
+    target.close()
+
+
+def _remerge(
+    store: Store, settings: Settings, keys: list[tuple[str, str]], chunk: int = 500
+) -> int:
+    _, authority = load_rules(settings.registry, settings.authority_file)
+    reconciler = Reconciler(store, authority)
+    changed = 0
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("re-merging", total=len(keys))
+        for start in range(0, len(keys), chunk):
+            part = keys[start : start + chunk]
+            changed += reconciler.remerge(part)
+            progress.advance(task, len(part))
+    return changed
+
+
+def show(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
+    """A record: each field with its source and version, every source's view, and the
+    fields the sources disagree on (highlighted)."""
+    from store.queries import record_detail
+
+    target = _store(store)
+    detail = record_detail(target, entity, key)
+    target.close()
+    if detail is None:
+        console.print(f"no {entity} {key} in the store")
+        raise typer.Exit(1)
+    sources = [view["source"] for view in detail.views]
+    table = Table(title=f"{entity} {key}", show_lines=False)
+    table.add_column("field")
+    table.add_column("canonical value")
+    table.add_column("from")
+    for source in sources:
+        table.add_column(source)
+    for name in sorted(
+        {n for v in detail.views for n in (v["data"] or {})} | set(detail.data or {})
+    ):
+        style = "bold red" if name in detail.conflicts else None
+        origin = detail.provenance.get(name)
+        row = [name, _text((detail.data or {}).get(name, "")),
+               f"{origin['source']} v{origin['version']}" if origin else ""]  # fmt: skip
+        for view in detail.views:
+            data = view["data"] or {}
+            row.append(
+                "(deleted)" if view["deleted"] else _text(data[name]) if name in data else "—"
+            )
+        table.add_row(*row, style=style)
+    table.add_row("version", "", "", *[str(v["version"]) for v in detail.views], style="dim")
+    console.print(table)
+    if detail.data is None:
+        console.print("no canonical record: every source deleted it")
+    if detail.conflicts:
+        console.print(f"[bold red]disagreements[/bold red]: {', '.join(sorted(detail.conflicts))}")
+    if detail.waiting_for_owner:
+        console.print(f"waiting for its owner {detail.waiting_for_owner[0]} (not in the store yet)")
+
+
+def history(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
+    """Every change to a canonical record: event, source, version, fields old → new."""
+    from store.queries import history as record_history
+
+    target = _store(store)
+    rows = record_history(target, entity, key)
+    target.close()
+    table = Table(title=f"history of {entity} {key}")
+    for column in ("applied at", "source", "version", "event", "changes"):
+        table.add_column(column)
+    for row in rows:
+        changes = "\n".join(f"{f}: {_text(o)} → {_text(n)}" for f, (o, n) in row["changes"].items())
+        table.add_row(row["applied_at"].isoformat(timespec="seconds"), row["source"],
+                      str(row["version"] or ""), row["event_id"] or "", changes)  # fmt: skip
+    console.print(table)
+
+
+def conflicts(
+    entity: Annotated[str | None, typer.Option("--entity")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    store: StoreOpt = None,
+) -> None:
+    """Open disagreements between sources, by source pair and field, worst first."""
+    from store.queries import conflict_report
+
+    target = _store(store)
+    lines = conflict_report(target, entity)
+    target.close()
+    table = Table(title="field conflicts (open)")
+    for column in ("entity", "field", "source pair", "records"):
+        table.add_column(column)
+    for line in lines[:limit]:
+        table.add_row(line.entity, line.field, " ↔ ".join(line.sources), str(line.records))
+    console.print(table)
+    if not lines:
+        console.print("no open conflicts")
+
+
+def anomalies(limit: Annotated[int, typer.Option("--limit")] = 50, store: StoreOpt = None) -> None:
+    """Dossier status changes the national lifecycle does not foresee (newest first)."""
+    from store.queries import anomalies as latest
+
+    target = _store(store)
+    rows = latest(target, limit)
+    target.close()
+    table = Table(title="dossier lifecycle anomalies")
+    for column in ("detected at", "dossier", "source", "from", "to", "event"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["detected_at"].isoformat(timespec="seconds"), row["key"], row["source"],
+                      str(row["from_status"]), str(row["to_status"]), row["event_id"])  # fmt: skip
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(store_app, name="store")
+    for command in (remerge, show, history, conflicts, anomalies):
+        app.command()(command)

@@ -1,0 +1,1 @@
+"""Operations: publish, replay and rebuild, dead letters, offsets (called by the CLI)."""

@@ -1,0 +1,38 @@
+"""`portal-sync publish`: events from JSON Lines to their change topics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from portal_sync.settings import Settings
+from schemas import InvalidEvent, parse_event
+from transport.admin import ensure_topics
+from transport.publisher import Publisher
+
+
+@dataclass
+class PublishResult:
+    sent: int = 0
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)  # line, code, message
+
+
+def publish_lines(settings: Settings, lines: Iterable[bytes]) -> PublishResult:
+    """Validate every line; send the valid ones and wait for the broker's acknowledgement."""
+    result = PublishResult()
+    ensure_topics(settings.connection(), settings.topics())
+    publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-publish")
+    try:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = parse_event(line.rstrip(b"\r\n")).event
+            except InvalidEvent as error:
+                result.invalid.append((number, error.code, error.message))
+                continue
+            publisher.send_event(event)
+        result.sent = publisher.flush()
+    finally:
+        publisher.close()
+    return result

@@ -1,0 +1,663 @@
+"""The national store (SQLAlchemy 2 Core): source views, canonical records, applied offsets.
+
+SQLite is the embedded default; PostgreSQL is the production target. The store is the only
+code that touches the tables or the engine. A reconciler batch is one unit of work:
+
+    with store.batch(partitions, keys) as tx:   # one read: offsets, views, canonical data
+        ...merge in memory...
+        tx.write(changes)                        # one write: every table, offsets last
+
+and the transaction commits the data together with the next Kafka offset of each
+partition it read: that is the exactly-once effect. Driver errors are translated here into
+the project's families: an unreachable or failing database is `TransientError`, a value
+the database refuses is `RecordError` (`apply_failed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypedDict
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
+
+from schemas.errors import RecordError, TransientError
+from schemas.views import CanonicalRecord, RecordKey, SourceView
+from store.tables import (
+    applied_offsets,
+    apply_journal,
+    dead_letter_redrives,
+    document_owners,
+    dossier_anomalies,
+    field_conflicts,
+    record_history,
+    records,
+    source_views,
+)
+
+CHUNK = 500
+TopicPartition = tuple[str, int]
+OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
+
+
+class StoreUnavailable(TransientError):
+    """The database cannot be reached or failed: retry the same work."""
+
+
+class StoreRefused(RecordError):
+    """The database refused a value of this batch (found by narrowing the batch down)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("apply_failed", f"the store refused it: {type(error).__name__}")
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Driver errors as the project's families (the message names the type, never values)."""
+    try:
+        yield
+    except (DataError, IntegrityError) as error:
+        raise StoreRefused(error) from None
+    except (DBAPIError, SQLAlchemyError) as error:
+        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    entity: str
+    key: str
+    view: SourceView
+
+
+class HistoryEntry(TypedDict):
+    entity: str
+    key: str
+    event_id: str | None
+    source: str
+    version: int | None
+    changes: dict[str, list[Any]]
+    applied_at: datetime
+
+
+class Anomaly(TypedDict):
+    key: str
+    source: str
+    from_status: int
+    to_status: int
+    event_id: str
+    detected_at: datetime
+
+
+@dataclass
+class BatchChanges:
+    """Everything one batch writes, computed in memory by the reconciler."""
+
+    views: list[ViewRow] = field(default_factory=list)
+    records: dict[RecordKey, CanonicalRecord | None] = field(default_factory=dict)
+    history: list[HistoryEntry] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    conflicts: dict[RecordKey, dict[str, list[list[str]]]] = field(default_factory=dict)
+    owner_presence: dict[RecordKey, bool] = field(default_factory=dict)  # owner came or went
+    document_owners: dict[RecordKey, RecordKey | None] = field(default_factory=dict)
+    offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    source: str
+    last_change: datetime
+    last_applied: datetime
+
+
+def create_store_engine(url: str) -> Engine:
+    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN."""
+    if url.startswith("sqlite"):
+        _make_parent_dir(url)
+        engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            # Writers take the lock at BEGIN, so a read-then-write batch cannot deadlock.
+            writer = connection.get_execution_options().get("writer", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _make_parent_dir(url: str) -> None:
+    """A SQLite file's directory is created (private to the user) when missing."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_store_engine(url)
+
+    def create_schema(self) -> None:
+        """Create a new store at the newest schema revision (an old one must be upgraded)."""
+        from store.schema import ensure_current
+
+        with translated():
+            ensure_current(self.engine)
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Migrate the store's schema to the newest revision; return (from, to)."""
+        from store.schema import upgrade
+
+        with translated():
+            return upgrade(self.engine)
+
+    def drop_schema(self) -> None:
+        """Drop the project's tables (and Alembic's version table), nothing else."""
+        from store.schema import drop_project_tables
+
+        with translated():
+            drop_project_tables(self.engine)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    # -- the reconciler's unit of work ----------------------------------------------------
+    @contextmanager
+    def batch(
+        self,
+        partitions: Iterable[TopicPartition],
+        keys: Iterable[RecordKey],
+        use_offsets: bool = True,
+        commit: bool = True,
+    ) -> Iterator[BatchTransaction]:
+        """One writer transaction for a batch: reads the partitions' stored offsets (locked
+        on PostgreSQL), every source's view and the canonical data of the records (locked),
+        hands them over, and commits what `write` was given (rolls back when `commit` is
+        False, for a dry run, or on any error)."""
+        with translated(), self.write_transaction(commit) as conn:
+            offsets = self._offsets(conn, partitions) if use_offsets else {}
+            wanted = sorted(set(keys))
+            views = self._views(conn, wanted)
+            canonical = self._canonical(conn, wanted)
+            yield BatchTransaction(self, conn, offsets, views, canonical)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write_transaction(self, commit: bool = True) -> Iterator[Connection]:
+        """One writer transaction: committed on success (unless `commit` is False, for a
+        dry run), rolled back on error."""
+        with self.engine.connect().execution_options(writer=True) as conn:
+            transaction = conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                transaction.rollback()
+                raise
+            if commit:
+                transaction.commit()
+            else:
+                transaction.rollback()
+
+    # -- reads --------------------------------------------------------------------------
+    def _offsets(
+        self, conn: Connection, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        wanted = list(set(partitions))
+        result: dict[TopicPartition, int] = {}
+        for chunk in _chunks(wanted):
+            query = select(
+                applied_offsets.c.topic, applied_offsets.c.partition, applied_offsets.c.next_offset
+            ).where(tuple_(applied_offsets.c.topic, applied_offsets.c.partition).in_(chunk))
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            for topic, partition, next_offset in conn.execute(query):
+                result[(topic, partition)] = next_offset
+        return result
+
+    def all_offsets(self) -> dict[TopicPartition, int]:
+        """Every partition's next offset to apply."""
+        with translated(), self.engine.connect() as conn:
+            rows = conn.execute(select(applied_offsets))
+            return {(row.topic, row.partition): row.next_offset for row in rows}
+
+    def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The next offset to apply of these partitions (absent: none applied yet)."""
+        with translated(), self.engine.connect() as conn:
+            return self._offsets(conn, partitions)
+
+    def reset_offsets(self, targets: dict[TopicPartition, int]) -> None:
+        """Set partitions' next offsets (an operator's reset), in one transaction."""
+        now = utcnow()
+        with translated(), self.write_transaction() as conn:
+            for (topic, partition), target in targets.items():
+                conn.execute(
+                    delete(applied_offsets).where(
+                        applied_offsets.c.topic == topic, applied_offsets.c.partition == partition
+                    )
+                )
+                conn.execute(
+                    insert(applied_offsets).values(
+                        topic=topic, partition=partition, next_offset=target, updated_at=now
+                    )
+                )
+
+    def journal(self) -> dict[TopicPartition, list[tuple[int, int]]]:
+        """Every partition's applied ranges [first, next) in commit order."""
+        query = select(
+            apply_journal.c.topic,
+            apply_journal.c.partition,
+            apply_journal.c.first_offset,
+            apply_journal.c.next_offset,
+        ).order_by(apply_journal.c.id)
+        result: dict[TopicPartition, list[tuple[int, int]]] = {}
+        with translated(), self.engine.connect() as conn:
+            for topic, partition, first, end in conn.execute(query):
+                result.setdefault((topic, partition), []).append((first, end))
+        return result
+
+    def freshness(self) -> list[Freshness]:
+        """Per source, the newest `occurred_at` and `applied_at` of its views."""
+        query = select(
+            source_views.c.source,
+            func.max(source_views.c.occurred_at),
+            func.max(source_views.c.applied_at),
+        ).group_by(source_views.c.source)
+        with translated(), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Freshness(source, _aware(change), _aware(applied))
+            for source, change, applied in rows
+            if change is not None and applied is not None
+        ]
+
+    def sync_lags(self) -> list[float]:
+        """`applied_at - occurred_at` in seconds of every current source view, sorted."""
+        query = select(source_views.c.occurred_at, source_views.c.applied_at)
+        with translated(), self.engine.connect() as conn:
+            return sorted((a - o).total_seconds() for o, a in conn.execute(query))
+
+    def redriven(self, topic: str) -> set[tuple[int, int]]:
+        """(partition, offset) of the dead letters of `topic` already re-driven."""
+        query = select(dead_letter_redrives.c.partition, dead_letter_redrives.c.offset).where(
+            dead_letter_redrives.c.topic == topic
+        )
+        with translated(), self.engine.connect() as conn:
+            return {(p, o) for p, o in conn.execute(query)}
+
+    def record_redrive(
+        self, topic: str, partition: int, offset: int, reason_code: str, target_topic: str
+    ) -> None:
+        with translated(), self.write_transaction() as conn:
+            conn.execute(
+                insert(dead_letter_redrives).values(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    reason_code=reason_code,
+                    target_topic=target_topic,
+                    redriven_at=utcnow(),
+                )
+            )
+
+    def _views(
+        self, conn: Connection, keys: Iterable[RecordKey]
+    ) -> dict[RecordKey, dict[str, SourceView]]:
+        """Every source's current view (tombstones included) of the given records.
+
+        On PostgreSQL the records are locked for the transaction first (advisory locks, in
+        one order): a replay or a zombie worker beside the live worker cannot merge from a
+        stale snapshot. SQLite writers are serialised by BEGIN IMMEDIATE already.
+        """
+        wanted = sorted(set(keys))
+        if conn.dialect.name == "postgresql":
+            _lock_records(conn, wanted)
+        result: dict[RecordKey, dict[str, SourceView]] = {}
+        for chunk in _chunks(wanted):
+            query = select(source_views).where(
+                tuple_(source_views.c.entity, source_views.c.key).in_(chunk)
+            )
+            for row in conn.execute(query):
+                view = SourceView(
+                    row.source, row.version, row.event_id, row.occurred_at, row.deleted, row.data
+                )
+                result.setdefault((row.entity, row.key), {})[row.source] = view
+        return result
+
+    def iter_records(
+        self, entity: str | None = None
+    ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any] | None]]:
+        """Canonical records (entity, key, data, sources, provenance), sorted by entity, key."""
+        key: ColumnElement[Any] = records.c.key
+        if self.engine.dialect.name == "postgresql":
+            key = key.collate("C")  # byte order, as on SQLite: one dump on every backend
+        query = select(records).order_by(records.c.entity, key)
+        if entity is not None:
+            query = query.where(records.c.entity == entity)
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=1000).execute(query):
+                yield row.entity, row.key, row.data, row.sources, row.provenance
+
+    def record_keys(self, entity: str | None = None) -> list[RecordKey]:
+        """Every (entity, key) some source has a view of, sorted."""
+        query = select(source_views.c.entity, source_views.c.key).distinct()
+        if entity is not None:
+            query = query.where(source_views.c.entity == entity)
+        with self.engine.connect() as conn:
+            return sorted((e, k) for e, k in conn.execute(query))
+
+    def keys_without_provenance(self) -> list[RecordKey]:
+        """Records written before the store kept provenance (migrated first-schema stores)."""
+        query = select(records.c.entity, records.c.key).where(records.c.provenance.is_(None))
+        with self.engine.connect() as conn:
+            return sorted((e, k) for e, k in conn.execute(query))
+
+    def count_records(self) -> dict[str, int]:
+        with translated(), self.engine.connect() as conn:
+            query = select(records.c.entity, func.count()).group_by(records.c.entity)
+            return {entity: count for entity, count in conn.execute(query)}
+
+    # -- writes -------------------------------------------------------------------------
+    def _write_views(self, conn: Connection, rows: Sequence[ViewRow], applied_at: datetime) -> None:
+        values = [
+            {
+                "entity": row.entity,
+                "key": row.key,
+                "source": row.view.source,
+                "version": row.view.version,
+                "event_id": row.view.event_id,
+                "occurred_at": row.view.occurred_at,
+                "deleted": row.view.deleted,
+                "data": None if row.view.data is None else dict(row.view.data),
+                "applied_at": applied_at,
+            }
+            for row in rows
+        ]
+        _upsert(conn, source_views, values, ["entity", "key", "source"], guard="version")
+
+    def _write_records(
+        self,
+        conn: Connection,
+        merged: dict[RecordKey, CanonicalRecord | None],
+        updated_at: datetime,
+    ) -> None:
+        present = [
+            {
+                "entity": e,
+                "key": k,
+                "data": r.data,
+                "sources": r.sources,
+                "provenance": r.provenance,
+                "updated_at": updated_at,
+            }
+            for (e, k), r in merged.items()
+            if r is not None
+        ]
+        _upsert(conn, records, present, ["entity", "key"])
+        gone = [key for key, record in merged.items() if record is None]
+        for chunk in _chunks(gone):
+            conn.execute(delete(records).where(tuple_(records.c.entity, records.c.key).in_(chunk)))
+
+    def _canonical(
+        self, conn: Connection, keys: Iterable[RecordKey]
+    ) -> dict[RecordKey, dict[str, Any]]:
+        """Current canonical data of the given records (absent: no record)."""
+        result: dict[RecordKey, dict[str, Any]] = {}
+        for chunk in _chunks(list(set(keys))):
+            query = select(records.c.entity, records.c.key, records.c.data).where(
+                tuple_(records.c.entity, records.c.key).in_(chunk)
+            )
+            for entity, key, data in conn.execute(query):
+                result[(entity, key)] = data
+        return result
+
+    def _append_history(self, conn: Connection, rows: Sequence[HistoryEntry]) -> None:
+        if rows:
+            conn.execute(insert(record_history), [dict(row) for row in rows])
+
+    def _add_anomalies(self, conn: Connection, rows: Sequence[Anomaly]) -> None:
+        if rows:
+            conn.execute(insert(dossier_anomalies), [dict(row) for row in rows])
+
+    def _write_conflicts(
+        self,
+        conn: Connection,
+        current: dict[RecordKey, dict[str, list[list[str]]]],
+        detected_at: datetime,
+    ) -> list[tuple[str, str]]:
+        """Replace the conflicts of these records; return (entity, field) of new ones."""
+        keys = list(current)
+        before: set[tuple[str, str, str]] = set()
+        for chunk in _chunks(keys):
+            where = tuple_(field_conflicts.c.entity, field_conflicts.c.key).in_(chunk)
+            query = select(field_conflicts.c.entity, field_conflicts.c.key, field_conflicts.c.field)
+            before |= {(e, k, f) for e, k, f in conn.execute(query.where(where))}
+            conn.execute(delete(field_conflicts).where(where))
+        found = [
+            (e, k, f, sources)
+            for (e, k), fields in current.items()
+            for f, sources in fields.items()
+        ]
+        if found:
+            conn.execute(
+                insert(field_conflicts),
+                [
+                    {
+                        "entity": e,
+                        "key": k,
+                        "field": f,
+                        "sources": sources,
+                        "detected_at": detected_at,
+                    }
+                    for e, k, f, sources in found
+                ],
+            )
+        return [(e, f) for e, k, f, _ in found if (e, k, f) not in before]
+
+    def _write_document_owners(
+        self,
+        conn: Connection,
+        owners: dict[RecordKey, RecordKey | None],
+        present: set[RecordKey],
+        updated_at: datetime,
+    ) -> None:
+        """Record each document's owner (None: the document is gone) and whether it waits."""
+        for chunk in _chunks(list(owners)):
+            where = tuple_(document_owners.c.entity, document_owners.c.key).in_(chunk)
+            conn.execute(delete(document_owners).where(where))
+        rows = [
+            {
+                "entity": e,
+                "key": k,
+                "owner_entity": owner[0],
+                "owner_key": owner[1],
+                "waiting": owner not in present,
+                "updated_at": updated_at,
+            }
+            for (e, k), owner in owners.items()
+            if owner is not None
+        ]
+        if rows:
+            conn.execute(insert(document_owners), rows)
+
+    def _set_owner_presence(
+        self, conn: Connection, owners: dict[RecordKey, bool], updated_at: datetime
+    ) -> None:
+        """An owner record appeared (True) or went away (False): update its documents."""
+        for present in (True, False):
+            keys = [owner for owner, is_present in owners.items() if is_present is present]
+            for chunk in _chunks(keys):
+                where = tuple_(document_owners.c.owner_entity, document_owners.c.owner_key).in_(
+                    chunk
+                )
+                conn.execute(
+                    update(document_owners)
+                    .where(where, document_owners.c.waiting.is_(present))
+                    .values(waiting=not present, updated_at=updated_at)
+                )
+
+    def _existing(self, conn: Connection, keys: Iterable[RecordKey]) -> set[RecordKey]:
+        """Which of these records exist in the store."""
+        found: set[RecordKey] = set()
+        for chunk in _chunks(list(set(keys))):
+            query = select(records.c.entity, records.c.key).where(
+                tuple_(records.c.entity, records.c.key).in_(chunk)
+            )
+            found |= {(e, k) for e, k in conn.execute(query)}
+        return found
+
+    def prune_history(self, older_than: datetime) -> int:
+        """Drop history entries applied before `older_than`; return how many."""
+        with translated(), self.write_transaction() as conn:
+            result = conn.execute(
+                delete(record_history).where(record_history.c.applied_at < older_than)
+            )
+            return int(result.rowcount or 0)
+
+    def _write_offsets(
+        self,
+        conn: Connection,
+        ranges: dict[TopicPartition, tuple[int, int, int]],
+        updated_at: datetime,
+    ) -> None:
+        """Advance each partition to its range's end and journal the range applied."""
+        journal = [
+            {
+                "topic": t,
+                "partition": p,
+                "first_offset": first,
+                "next_offset": end,
+                "events": count,
+                "committed_at": updated_at,
+            }
+            for (t, p), (first, end, count) in ranges.items()
+        ]
+        if journal:
+            conn.execute(insert(apply_journal), journal)
+        offsets = {tp: end for tp, (_, end, _) in ranges.items()}
+        values = [
+            {"topic": t, "partition": p, "next_offset": o, "updated_at": updated_at}
+            for (t, p), o in offsets.items()
+        ]
+        _upsert(conn, applied_offsets, values, ["topic", "partition"], guard="next_offset")
+
+
+class BatchTransaction:
+    """A batch's open transaction: what the store holds for it, and its one write."""
+
+    def __init__(
+        self,
+        store: Store,
+        conn: Connection,
+        offsets: dict[TopicPartition, int],
+        views: dict[RecordKey, dict[str, SourceView]],
+        canonical: dict[RecordKey, dict[str, Any]],
+    ) -> None:
+        self._store = store
+        self._conn = conn
+        self.offsets = offsets
+        self.views = views
+        self.canonical = canonical
+
+    def write(self, changes: BatchChanges, now: datetime) -> list[tuple[str, str]]:
+        """Write a batch's changes, offsets last; return (entity, field) of new conflicts."""
+        store, conn = self._store, self._conn
+        store._write_views(conn, changes.views, now)
+        store._write_records(conn, changes.records, now)
+        store._append_history(conn, changes.history)
+        store._add_anomalies(conn, changes.anomalies)
+        new_conflicts = store._write_conflicts(conn, changes.conflicts, now)
+        if changes.owner_presence:
+            store._set_owner_presence(conn, changes.owner_presence, now)
+        if changes.document_owners:
+            owners = {o for o in changes.document_owners.values() if o is not None}
+            present = store._existing(conn, owners)
+            store._write_document_owners(conn, changes.document_owners, present, now)
+        if changes.offsets:
+            store._write_offsets(conn, changes.offsets, now)
+        return new_conflicts
+
+
+def _aware(value: object) -> datetime:
+    """A timestamp from an aggregate (SQLite hands back text, other drivers datetimes)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _upsert(
+    conn: Connection,
+    table: Table,
+    values: list[dict[str, Any]],
+    keys: list[str],
+    guard: str | None = None,
+) -> None:
+    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value.
+
+    `values` must hold one row per key (the callers deduplicate per batch): one statement
+    cannot update a row twice. The RETURNING clause makes SQLAlchemy send the rows as
+    multi-row `INSERT ... VALUES (...), (...) ON CONFLICT` pages ("insertmanyvalues") from
+    one cached compiled statement, instead of compiling a statement per batch.
+    """
+    if not values:
+        return
+    insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert_fn(table)
+    update = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
+    upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
+    conn.execute(upsert.returning(table.c[keys[0]]), values)
+
+
+def _lock_records(conn: Connection, keys: list[RecordKey]) -> None:
+    if not keys:
+        return
+    names = [f"{entity}:{key}" for entity, key in keys]
+    conn.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+            " FROM unnest(CAST(:names AS text[])) AS k ORDER BY h) AS ordered"
+        ),
+        {"names": names},
+    )
+
+
+def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

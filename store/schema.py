@@ -1,0 +1,77 @@
+"""Store schema management with Alembic (`portal-sync store upgrade`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect
+
+from schemas.errors import ConfigurationError
+from store.tables import metadata
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+FIRST_REVISION = "0001"
+
+
+class SchemaOutdated(ConfigurationError):
+    """The store's schema is older than this code: run `portal-sync store upgrade`."""
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The store's revision; the first_schema's revision for stores made before migrations."""
+    with engine.connect() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+        if revision is None and "source_views" in inspect(conn).get_table_names():
+            return FIRST_REVISION
+        return revision
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Migrate the store to the newest revision; return (from, to)."""
+    before = current_revision(engine)
+    config = _config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        if (
+            before == FIRST_REVISION
+            and MigrationContext.configure(conn).get_current_revision() is None
+        ):
+            command.stamp(config, FIRST_REVISION)  # a first-schema store, made before migrations
+        command.upgrade(config, "head")
+    return before, head_revision()
+
+
+def ensure_current(engine: Engine) -> None:
+    """A new store is created at the newest revision; an older one must be upgraded first."""
+    revision = current_revision(engine)
+    if revision is None:
+        upgrade(engine)
+    elif revision != head_revision():
+        raise SchemaOutdated(
+            f"the store is at schema revision {revision}, this version needs "
+            f"{head_revision()}: run `portal-sync store upgrade`"
+        )
+
+
+def drop_project_tables(engine: Engine) -> None:
+    """Drop the project's tables and Alembic's version table; any other table of the same
+    database is left alone."""
+    metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")

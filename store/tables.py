@@ -1,0 +1,166 @@
+"""The store's tables (SQLAlchemy Core). Only the `store` package uses them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine.interfaces import Dialect
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes stored as naive UTC on every backend, read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _json() -> Any:
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+metadata = MetaData()
+
+source_views = Table(
+    "source_views",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("data", _json()),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+
+records = Table(
+    "records",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("data", _json(), nullable=False),
+    Column("sources", _json(), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # field -> {"source", "version"}; NULL only for records written before migration 0002
+    Column("provenance", _json()),
+)
+
+applied_offsets = Table(
+    "applied_offsets",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One row per partition per committed batch: [first_offset, next_offset) applied at
+# committed_at. Contiguous, non-overlapping ranges prove nothing was lost or applied twice.
+apply_journal = Table(
+    "apply_journal",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("events", Integer, nullable=False),
+    Column("committed_at", UTCDateTime, nullable=False),
+)
+
+# Every change to a canonical record: which event (or remerge) changed which fields.
+record_history = Table(
+    "record_history",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("entity", String(16), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("event_id", String(36)),
+    Column("source", String(64), nullable=False),
+    Column("version", BigInteger),
+    Column("changes", _json(), nullable=False),  # field -> [old, new]
+    Column("applied_at", UTCDateTime, nullable=False),
+    Index("ix_record_history_record", "entity", "key", "id"),
+    Index("ix_record_history_applied_at", "applied_at"),
+)
+
+# Fields on which the contributing sources currently disagree (resolved rows are deleted);
+# `sources` holds the groups of sources that agree with each other.
+field_conflicts = Table(
+    "field_conflicts",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("field", String(64), primary_key=True),
+    Column("sources", _json(), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+)
+
+# Dossier status changes that the national lifecycle does not foresee (applied anyway).
+dossier_anomalies = Table(
+    "dossier_anomalies",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("key", String(64), nullable=False, index=True),
+    Column("source", String(64), nullable=False),
+    Column("from_status", Integer, nullable=False),
+    Column("to_status", Integer, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("detected_at", UTCDateTime, nullable=False),
+)
+
+# The owner of every document, and whether the store is still waiting for that owner:
+# a document whose owner is not in the store is kept and flagged, never rejected.
+document_owners = Table(
+    "document_owners",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("owner_entity", String(16), nullable=False),
+    Column("owner_key", String(64), nullable=False),
+    Column("waiting", Boolean, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_document_owners_owner", "owner_entity", "owner_key"),
+)
+
+# Dead letters re-published to their original topic: each is re-driven once.
+dead_letter_redrives = Table(
+    "dead_letter_redrives",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("offset", BigInteger, primary_key=True),
+    Column("reason_code", String(64), nullable=False),
+    Column("target_topic", String(255), nullable=False),
+    Column("redriven_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,264 @@
+"""The framework's side of the SDK on the real broker: error classes, checkpoint after ack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from producers.engine import AdapterRunner, RetryPolicy
+from producers.sdk import Checkpoint, FatalError, Item, RetriableError, State
+from producers.state import load_json_state
+from tests.integration.kafka.test_conformance import ListAdapter
+from tests.support.adapter_helpers import published_events, read_topic, write_config
+from tests.support.kafka_helpers import ensure_topics, publisher_for
+from tests.support.pipeline_helpers import cli
+from transport.local import free_port
+from transport.publisher import Publisher
+
+pytestmark = pytest.mark.kafka
+
+
+def errors(source: str, kind: str) -> float:
+    labels = {"source": source, "kind": kind}
+    return REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) or 0.0
+
+
+@pytest.fixture
+def publisher(settings_for: Any, sqlite_store_url: str) -> Iterator[Publisher]:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    publisher = publisher_for(settings)
+    publisher.settings = settings  # type: ignore[attr-defined]  # for reading the topics back
+    yield publisher
+    publisher.close()
+
+
+class Flaky(ListAdapter):
+    """Fails twice with a transient error, then works."""
+
+    failures = 0
+
+    def read(self, state: State) -> Iterator[Item]:
+        if self.failures < 2:
+            self.failures += 1
+            raise RetriableError("connection reset")
+        yield from super().read(state)
+
+
+class DiesAfterTwo(ListAdapter):
+    """Publishes two changes and a checkpoint, one more, then hits a fatal error."""
+
+    def read(self, state: State) -> Iterator[Item]:
+        if state:
+            yield from super().read(state)
+            return
+        yield self.record(0)
+        yield self.record(1)
+        yield Checkpoint({"position": 2})
+        yield self.record(2)
+        raise FatalError("schema changed at the source")
+
+
+def test_retriable_errors_are_retried_with_backoff(publisher: Publisher, tmp_path: Path) -> None:
+    before = errors("province-01", "read_error")
+    runner = AdapterRunner("flaky", Flaky(), publisher, tmp_path, RetryPolicy(3, 0.01))
+    stats = runner.run_with_retries()
+    assert stats.published == 4 and stats.checkpoints == 4
+    assert errors("province-01", "read_error") - before == 2
+    assert load_json_state(runner.state_path) == {"position": 4}
+
+
+def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    seen_at_commit: list[tuple[State, int]] = []
+
+    class Observed(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                if isinstance(item, Checkpoint):
+                    item.commit = lambda: seen_at_commit.append(
+                        (load_json_state(runner.state_path), len(events()))
+                    )
+                yield item
+
+    def events() -> list[dict[str, Any]]:
+        return published_events(publisher.settings, "citizen")
+
+    runner = AdapterRunner("observed", Observed(), publisher, tmp_path)
+    runner.run_once()
+    # at each commit the state is on disk and every event before it is in the topic
+    assert seen_at_commit == [({"position": n}, n) for n in range(1, 5)]
+
+
+def test_fatal_error_stops_the_source_and_resumes_from_the_last_checkpoint(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    before = errors("province-01", "fatal")
+    runner = AdapterRunner("dies", DiesAfterTwo(), publisher, tmp_path, RetryPolicy(3, 0.01))
+    with pytest.raises(FatalError):
+        runner.run_with_retries()  # not retried
+    runner.stop_fatally(FatalError("schema changed at the source"))
+    assert errors("province-01", "fatal") - before == 1
+    assert load_json_state(runner.state_path) == {"position": 2}
+    publisher.flush()
+    first = published_events(publisher.settings, "citizen")
+    assert len(first) == 3  # the third was sent, but not checkpointed
+
+    runner.run_once()  # after the fix: from position 2, the third is sent again
+    after = [e["event_id"] for e in published_events(publisher.settings, "citizen")]
+    assert load_json_state(runner.state_path) == {"position": 4}
+    (third,) = [e["event_id"] for e in first if e["version"] == 2 and e["key"] == "001090000001"]
+    # five sends of four changes: the uncheckpointed one twice, with the same event id
+    assert len(after) == 5 and len(set(after)) == 4 and after.count(third) == 2
+
+
+CONFIG = """
+[[sources]]
+id = "hn-citizens"
+source = "province-01"
+adapter = "{adapter}"
+
+[sources.connection]
+url = "postgresql+psycopg://sync:${{HN_DB_PASSWORD}}@127.0.0.1:9/tthc"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+fields = {{ full_name = "ho_ten" }}
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    ("adapter", "extra", "env", "message"),
+    [
+        ("sql", "", {}, "environment variable HN_DB_PASSWORD is not set"),
+        ("sql", 'colour = "blue"', {"HN_DB_PASSWORD": "s3cr3t"}, "colour: Extra inputs"),
+        ("sqll", "", {"HN_DB_PASSWORD": "s3cr3t"}, "no adapter named 'sqll' is installed"),
+    ],
+)
+def test_configuration_errors_refuse_to_start_with_a_clear_message(
+    tmp_path: Path,
+    settings_for: Any,
+    sqlite_store_url: str,
+    adapter: str,
+    extra: str,
+    env: dict[str, str],
+    message: str,
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    config = write_config(tmp_path, CONFIG.format(adapter=adapter, extra=extra))
+    result = cli(settings, "produce", "--config", str(config), "--once", **env)
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "s3cr3t" not in result.stdout + result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_show_config_masks_secrets(tmp_path: Path) -> None:
+    body = CONFIG.format(adapter="sql", extra="") + '\n[sources.mapping.extra]\napi_token = "t0k3n"'
+    config = write_config(tmp_path, body.replace("${HN_DB_PASSWORD}", "literal-pw"))
+    from producers.deployment import load_deployment
+
+    text = load_deployment(config).redacted()
+    assert "literal-pw" not in text and "t0k3n" not in text
+    assert "sync:***@" in text and 'api_token = "***"' in text
+
+
+def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    from producers.sdk import SkippableRecord
+
+    class Skips(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            yield SkippableRecord("unreadable_row", "row has no key column", "cong_dan:7")
+            yield Checkpoint({"position": 1})
+
+    runner = AdapterRunner("skips", Skips(), publisher, tmp_path)
+    assert runner.run_once().dead_lettered == 1
+    from schemas.dead_letter import read_headers
+    from tests.support.kafka_helpers import dead_letter_topic
+
+    (letter,) = read_topic(publisher.settings, dead_letter_topic(publisher.settings))
+    headers = read_headers(letter.headers)
+    assert headers["ps.reason.code"] == "unreadable_row"
+    assert headers["ps.origin.offset"] == "cong_dan:7"
+    assert json.loads(letter.value) == {"origin": "cong_dan:7"}
+
+
+def test_produce_runs_on_its_schedule_serves_metrics_and_stops_on_sigterm(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = write_config(
+        tmp_path, FILES.replace("interval_seconds = 30", "interval_seconds = 0.2")
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "portal_sync",
+            "produce",
+            "-c",
+            str(config),
+            "--metrics-port",
+            str(port),
+        ],
+        env=os.environ | settings.as_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # running and polling an empty directory
+        (inbox / "a.jsonl").write_text(json.dumps(ROW) + "\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (inbox / "done" / "a.jsonl").exists():
+            time.sleep(0.2)
+        assert (inbox / "done" / "a.jsonl").exists()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert (
+            'portal_sync_produced_events_total{entity="citizen",source="province-02"} 1.0'
+            in body.decode()
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "files: published 1, dead-lettered 0" in stderr
+    assert len(published_events(settings, "citizen")) == 1
+
+
+FILES = """
+[[sources]]
+id = "files"
+source = "province-02"
+adapter = "filedrop"
+interval_seconds = 30
+
+[sources.connection]
+directory = "inbox"
+
+[sources.mapping]
+entity = "citizen"
+key_field = "pid"
+occurred_at_field = "at"
+fields = { full_name = "name" }
+"""
+ROW = {"pid": "001090000001", "name": "Nguyễn Văn An", "at": "2025-08-01T08:00:00+07:00"}

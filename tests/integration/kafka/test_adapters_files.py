@@ -1,0 +1,227 @@
+"""File drop (CSV, JSON Lines) and portal-integration payloads, checked and through the broker."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers.conformance import check_adapter
+from producers.sdk import Record
+from tests.support.adapter_helpers import dead_letters, deployment, published_events, write_config
+from tests.support.pipeline_helpers import cli
+
+FILEDROP = """
+[[sources]]
+id = "dn-exports"
+source = "province-48"
+adapter = "filedrop"
+
+[sources.connection]
+directory = "inbox"
+
+[sources.mapping]
+entity = "citizen"
+key_field = "SoDinhDanh"
+occurred_at_field = "NgayCapNhat"
+occurred_at_format = "yyyyMMddHHmmss"
+deleted_field = "DaXoa"
+fields = { full_name = "HoTen", sex = "GioiTinh", phone = "DienThoai" }
+value_maps = { sex = { "Nam" = "male", "Nữ" = "female" } }
+"""
+
+CSV = """SoDinhDanh,HoTen,GioiTinh,DienThoai,NgayCapNhat,DaXoa
+048090000001,Nguyễn Văn An,Nam,0912345678,20250801080000,0
+048190000002,Trần Thị Bình,Nữ,không có,20250801080100,0
+,Lê Văn Cường,Nam,,20250801080200,0
+048090000001,,,,20250802090000,1
+"""
+
+JSONL = (
+    json.dumps(
+        {"SoDinhDanh": "048190000003", "HoTen": "Phạm Thu Hà", "NgayCapNhat": "20250803100000"},
+        ensure_ascii=False,
+    )
+    + "\n{not json\n"
+)
+
+PORTAL = """
+[[sources]]
+id = "dn-portal"
+source = "province-48"
+adapter = "portal"
+
+[sources.connection]
+directory = "portal-inbox"
+"""
+
+PAYLOAD = {
+    "MaHoSo": "000.00.01.H17-250801-0001",
+    "MaTTHC": "1.005129",
+    "TenTTHC": "Cấp bản sao trích lục khai sinh",
+    "DonViXuLy": "000.00.01.H17",
+    "ChuHoSo": {"HoTen": "Nguyễn Văn An", "SoDinhDanh": "048090000001"},
+    "LoaiDoiTuong": "1",
+    "NgayTiepNhan": "20250801083000",
+    "NgayHenTra": "20250804170000",
+    "TrangThaiHoSo": "10",
+    "NgayTra": "20250802100000",
+    "NgayCapNhat": "20250802100500",
+    "DanhSachGiayToKetQua": [
+        {
+            "MaGiayTo": "000.00.01.H17:KQ-0001",
+            "TenGiayTo": "Bản sao trích lục khai sinh",
+            "MaLoaiGiayTo": "GIAY_KHAI_SINH",
+            "FileSha256": "AB" * 32,
+        }
+    ],
+}
+
+
+def drop(directory: Path, name: str, content: str | bytes, mtime: float | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_file_drop_maps_lines_and_passes_the_checks(tmp_path: Path) -> None:
+    drop(tmp_path / "inbox", "a.csv", CSV, mtime=1_000)
+    drop(tmp_path / "inbox", "b.jsonl", JSONL, mtime=2_000)
+    deploy = deployment(tmp_path, FILEDROP)
+    report = check_adapter(deploy.adapter(deploy.sources[0]), "dn-exports", "filedrop")
+    by_name = {r.name: r for r in report.results}
+    # the CSV's invalid phone breaks the contract; everything else conforms
+    assert not by_name["events validate"].passed
+    assert by_name["events validate"].examples == [
+        "a.csv:3 048*******02: invalid_field: data.phone: String should match pattern "
+        "'^(\\+84|0)\\d{9,10}$'"
+    ]
+    for name in ("keys present", "versions rise per key", "cursor resumes", "deletes seen"):
+        assert by_name[name].passed, by_name[name]
+    emitted = report.first.emitted
+    assert [(e.origin, e.op) for e in emitted] == [
+        ("a.csv:2", "upsert"),
+        ("a.csv:3", "upsert"),
+        ("a.csv:5", "delete"),
+        ("b.jsonl:1", "upsert"),
+    ]
+    assert report.first.skipped == 2  # the line without a key, the line that is not JSON
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["a.csv", "b.jsonl"]
+
+
+def test_portal_payloads_become_dossier_and_document_events(tmp_path: Path) -> None:
+    drop(tmp_path / "portal-inbox", "hoso.json", json.dumps([PAYLOAD], ensure_ascii=False))
+    deploy = deployment(tmp_path, PORTAL)
+    adapter = deploy.adapter(deploy.sources[0])
+    events = [i.event("province-48", None) for i in adapter.read({}) if isinstance(i, Record)]
+    dossier, document = events
+    assert dossier["entity"] == "dossier" and dossier["key"] == PAYLOAD["MaHoSo"]
+    assert dossier["data"] == {
+        "procedure_code": "1.005129",
+        "agency_code": "000.00.01.H17",
+        "applicant_kind": "citizen",
+        "applicant_id": "048090000001",
+        "status": 10,
+        "received_at": "2025-08-01T08:30:00+07:00",
+        "due_at": "2025-08-04T17:00:00+07:00",
+        "finished_at": "2025-08-02T10:00:00+07:00",
+    }
+    assert dossier["occurred_at"] == "2025-08-02T10:05:00+07:00"
+    assert document["entity"] == "document" and document["key"] == "000.00.01.H17:KQ-0001"
+    assert document["data"] == {
+        "doc_type": "GIAY_KHAI_SINH",
+        "status": "valid",
+        "title": "Bản sao trích lục khai sinh",
+        "owner_kind": "citizen",
+        "owner_id": "048090000001",
+        "issuer_code": "000.00.01.H17",
+        "issued_on": "2025-08-02",
+        "file_sha256": "ab" * 32,
+    }
+    report = check_adapter(deploy.adapter(deploy.sources[0]), "dn-portal", "portal")
+    assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
+
+
+def test_later_portal_payload_of_a_dossier_has_the_higher_version(tmp_path: Path) -> None:
+    accepted = {k: v for k, v in PAYLOAD.items() if k not in ("NgayCapNhat", "NgayTra")}
+    accepted |= {"TrangThaiHoSo": "2", "DanhSachGiayToKetQua": []}
+    inbox = tmp_path / "portal-inbox"
+    drop(inbox, "1.json", json.dumps(accepted), mtime=1_754_000_000)
+    drop(inbox, "2.jsonl", json.dumps(PAYLOAD | {"NgayCapNhat": None}) + "\n", 1_754_000_100)
+    deploy = deployment(tmp_path, PORTAL)
+    items = deploy.adapter(deploy.sources[0]).read({})
+    events = [i.event("province-48", None) for i in items if isinstance(i, Record)]
+    dossiers = [e for e in events if e["entity"] == "dossier"]
+    assert [d["data"]["status"] for d in dossiers] == [2, 10]
+    assert dossiers[1]["version"] - dossiers[0]["version"] == 100 * 10**6
+
+
+@pytest.mark.kafka
+def test_each_file_once_then_done_or_error_with_a_report(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    drop(inbox, "a.csv", CSV, mtime=1_000)
+    drop(inbox, "broken.csv", b"SoDinhDanh,HoTen\n\xff\xfe\n", mtime=1_500)
+    drop(inbox, "b.jsonl", JSONL, mtime=2_000)
+    config = write_config(tmp_path, FILEDROP + PORTAL)
+    drop(tmp_path / "portal-inbox", "hoso.json", json.dumps(PAYLOAD))
+
+    result = cli(settings, "produce", "--config", str(config), "--once")
+    assert result.returncode == 0, result.stderr
+    assert "dn-exports: published 3, dead-lettered 3" in result.stderr
+    assert "dn-portal: published 2, dead-lettered 0" in result.stderr
+    done, error = tmp_path / "inbox" / "done", tmp_path / "inbox" / "error"
+    assert sorted(p.name for p in done.iterdir()) == [
+        "a.csv",
+        "a.csv.rejected.jsonl",
+        "b.jsonl",
+        "b.jsonl.rejected.jsonl",
+    ]
+    assert sorted(p.name for p in error.iterdir()) == ["broken.csv", "broken.csv.rejected.jsonl"]
+    report = [json.loads(line) for line in (done / "a.csv.rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["code"]) for r in report] == [(3, "invalid_field"), (4, "missing_field")]
+    assert "không có" not in (done / "a.csv.rejected.jsonl").read_text()
+    assert list(inbox.glob("*.*")) == []
+    assert len(published_events(settings, "citizen")) == 3
+    assert len(published_events(settings, "dossier")) == 1
+    assert len(published_events(settings, "document")) == 1
+    assert sorted(d["ps.reason.code"] for d in dead_letters(settings)) == [
+        "invalid_field",
+        "invalid_json",
+        "missing_field",
+    ]
+
+    # The same export dropped again is recognised by its checksum and not re-sent.
+    drop(inbox, "a-copy.csv", CSV)
+    again = cli(settings, "produce", "--config", str(config), "--once")
+    assert "dn-exports: published 0, dead-lettered 0" in again.stderr
+    assert (done / "a-copy.csv").exists()
+
+
+def test_a_bad_line_of_a_portal_jsonl_file_is_rejected_alone(tmp_path: Path) -> None:
+    from producers.sdk import SkippableRecord
+
+    second = PAYLOAD | {"MaHoSo": "000.00.01.H17-250801-0002", "DanhSachGiayToKetQua": []}
+    lines = [json.dumps(PAYLOAD), "{not json", json.dumps(second)]
+    drop(tmp_path / "portal-inbox", "feed.jsonl", "\n".join(lines) + "\n")
+    deploy = deployment(tmp_path, PORTAL)
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
+
+    records = [i for i in items if isinstance(i, Record)]
+    skipped = [i for i in items if isinstance(i, SkippableRecord)]
+    assert [r.key for r in records if r.entity == "dossier"] == [
+        PAYLOAD["MaHoSo"],
+        second["MaHoSo"],
+    ]
+    assert [(s.code, s.origin) for s in skipped] == [("invalid_json", "feed.jsonl:2")]

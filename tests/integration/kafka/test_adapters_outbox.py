@@ -1,0 +1,204 @@
+"""The transactional outbox adapter on real SQLite and PostgreSQL, and through the broker."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    insert,
+    select,
+)
+
+from producers.conformance import check_adapter
+from tests.support.adapter_helpers import database_url, deployment, published_events, write_config
+from tests.support.pipeline_helpers import cli
+
+metadata = MetaData()
+outbox = Table(
+    "portal_sync_outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("entity", String(20), nullable=False),
+    Column("record_key", String(64), nullable=False),
+    Column("op", String(10), nullable=False),
+    Column("occurred_at", DateTime, nullable=False),
+    Column("payload", Text),
+    Column("processed_at", DateTime),
+)
+PID = "001090000001"
+ORG = "0101234567"
+
+CONFIG = """
+[[sources]]
+id = "btp-outbox"
+source = "ministry-btp"
+adapter = "outbox"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+after = "{after}"
+batch_size = 2
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    url = database_url(request, tmp_path)
+    metadata.create_all(create_engine(url))
+    return url
+
+
+def change(entity: str, key: str, op: str, minute: int, data: Any = None) -> dict[str, Any]:
+    return {
+        "entity": entity,
+        "record_key": key,
+        "op": op,
+        "occurred_at": datetime(2025, 8, 1, 8, minute),
+        "payload": json.dumps(data, ensure_ascii=False) if data is not None else None,
+    }
+
+
+def write_changes(url: str) -> None:
+    """What the source application writes in the transactions of its own changes."""
+    engine = create_engine(url)
+    rows = [
+        change("citizen", PID, "upsert", 0, {"full_name": "Nguyễn Văn An"}),
+        change("organization", ORG, "upsert", 1, {"name": "Công ty cổ phần Minh Phát"}),
+        change("citizen", PID, "upsert", 2, {"full_name": "Nguyễn Văn Ân"}),
+        change("citizen", PID, "delete", 3),
+        change("organization", ORG, "upsert", 4, {"status": "dissolved"}),
+    ]
+    with engine.begin() as conn:
+        for row in rows:  # one transaction per business change, ids rising
+            conn.execute(insert(outbox), [row])
+    engine.dispose()
+
+
+def remaining(url: str) -> list[Any]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = list(conn.execute(select(outbox.c.id, outbox.c.processed_at).order_by(outbox.c.id)))
+    engine.dispose()
+    return rows
+
+
+def test_outbox_rows_become_events_in_order_and_pass_the_checks(
+    db_url: str, tmp_path: Path
+) -> None:
+    write_changes(db_url)
+    deploy = deployment(tmp_path, CONFIG.format(url=db_url, after="delete"))
+    adapter = deploy.adapter(deploy.sources[0])
+    report = check_adapter(adapter, "btp-outbox", "outbox")
+    adapter.close()
+    assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
+    emitted = report.first.emitted
+    assert [(e.entity, e.op) for e in emitted] == [
+        ("citizen", "upsert"),
+        ("organization", "upsert"),
+        ("citizen", "upsert"),
+        ("citizen", "delete"),
+        ("organization", "upsert"),
+    ]
+    assert [e.version for e in emitted] == sorted(e.version for e in emitted)
+    assert len(remaining(db_url)) == 5  # a check never touches the source
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_published_rows_are_deleted_or_marked_after_the_acknowledgement(
+    db_url: str, tmp_path: Path, settings_for: Any, sqlite_store_url: str, after: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    write_changes(db_url)
+    config = write_config(tmp_path, CONFIG.format(url=db_url, after=after))
+    result = cli(settings, "produce", "--config", str(config), "--once")
+    assert result.returncode == 0, result.stderr
+    assert "btp-outbox: published 5" in result.stderr
+
+    citizens = published_events(settings, "citizen")  # one partition per key: in order
+    assert [(e["op"], e.get("data")) for e in citizens] == [
+        ("upsert", {"full_name": "Nguyễn Văn An"}),
+        ("upsert", {"full_name": "Nguyễn Văn Ân"}),
+        ("delete", None),
+    ]
+    assert len(published_events(settings, "organization")) == 2
+    rows = remaining(db_url)
+    if after == "delete":
+        assert rows == []
+    else:
+        assert len(rows) == 5 and all(row.processed_at is not None for row in rows)
+
+    again = cli(settings, "produce", "--config", str(config), "--once")
+    assert "btp-outbox: published 0" in again.stderr
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_a_row_committed_late_below_the_position_is_published_not_lost(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str, after: str
+) -> None:
+    """Ids are allocated at insert, not at commit: id 3 can commit after id 4 was read."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(url)
+    rows = [change("citizen", f"00109000000{n}", "upsert", n, {"full_name": "A"}) for n in range(5)]
+    with engine.begin() as conn:
+        for row_id in (1, 2, 4, 5):
+            conn.execute(insert(outbox), [{"id": row_id, **rows[row_id - 1]}])
+    config = write_config(tmp_path, CONFIG.format(url=url, after=after))
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert "btp-outbox: published 4" in first.stderr, first.stderr
+    with engine.begin() as conn:  # the long transaction that held id 3 commits now
+        conn.execute(insert(outbox), [{"id": 3, **rows[2]}])
+
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    third = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert "btp-outbox: published 1" in second.stderr, second.stderr
+    assert "btp-outbox: published 0" in third.stderr, third.stderr
+    keys = sorted(e["key"] for e in published_events(settings, "citizen"))
+    assert keys == sorted(r["record_key"] for r in rows)
+    left = remaining(url)
+    assert left == [] if after == "delete" else all(r.processed_at for r in left)
+    engine.dispose()
+
+
+@pytest.mark.kafka
+def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(url)
+    good = change("citizen", PID, "upsert", 0, {"full_name": "Nguyễn Văn An"})
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [good])
+        conn.exec_driver_sql(  # a row whose occurred_at the application wrote as garbage
+            "INSERT INTO portal_sync_outbox (entity, record_key, op, occurred_at, payload) "
+            "VALUES ('citizen', '001090000002', 'upsert', 'not a time', '{}')"
+        )
+        conn.execute(insert(outbox), [change("citizen", "001090000003", "upsert", 2, {})])
+    config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
+
+    result = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "btp-outbox: published 2, dead-lettered 1" in result.stderr
+    engine.dispose()

@@ -1,0 +1,345 @@
+"""The declarative SQL adapter on real SQLite and PostgreSQL, and through the real broker."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    insert,
+    update,
+)
+
+from producers.conformance import check_adapter, run_adapter
+from producers.state import load_json_state
+from tests.support.adapter_helpers import (
+    database_url,
+    dead_letters,
+    deployment,
+    published_events,
+    write_config,
+)
+from tests.support.pipeline_helpers import cli
+
+T0 = datetime(2024, 1, 15, 9, 0, 0)
+metadata = MetaData()
+ho_so = Table(
+    "ho_so",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ma_ho_so", String(40), nullable=False),
+    Column("ma_tthc", String(20)),
+    Column("trang_thai", String(20)),  # the vendor's own status names
+    Column("ngay_tiep_nhan", String(14)),  # yyyyMMddHHmmss, local time
+    Column("cap_nhat_luc", DateTime, nullable=False),
+    Column("da_xoa", Boolean, nullable=False),
+)
+cong_dan = Table(
+    "cong_dan",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("so_dinh_danh", String(12), nullable=False),
+    Column("ho_ten", String(100)),
+    Column("gioi_tinh", String(5)),  # 'Nam' / 'Nữ'
+    Column("ngay_sinh", String(10)),  # dd/MM/yyyy
+    Column("cap_nhat_luc", DateTime, nullable=False),
+    Column("da_xoa", Boolean, nullable=False),
+)
+
+DOSSIER_MAPPING = """
+[[sources]]
+id = "hcm-dossiers"
+source = "province-79"
+adapter = "sql"
+interval_seconds = 5
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "dossier"
+table = "ho_so"
+{query}
+key_column = "ma_ho_so"
+pk_column = "id"
+updated_at_column = "cap_nhat_luc"
+deleted_column = "da_xoa"
+timezone = "Asia/Ho_Chi_Minh"
+fields = {{ procedure_code = "ma_tthc", status = "trang_thai", received_at = "ngay_tiep_nhan" }}
+formats = {{ received_at = "yyyyMMddHHmmss" }}
+
+[sources.mapping.value_maps.status]
+MOI = 1
+DA_TIEP_NHAN = 2
+DANG_XU_LY = 4
+HOAN_THANH = 9
+DA_TRA = 10
+"""
+
+CITIZEN_MAPPING = """
+[[sources]]
+id = "hcm-citizens"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+pk_column = "id"
+updated_at_column = "cap_nhat_luc"
+deleted_column = "da_xoa"
+fields = {{ full_name = "ho_ten", sex = "gioi_tinh", date_of_birth = "ngay_sinh" }}
+formats = {{ date_of_birth = "dd/MM/yyyy" }}
+value_maps = {{ sex = {{ "Nam" = "male", "Nữ" = "female" }} }}
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    url = database_url(request, tmp_path)
+    metadata.create_all(create_engine(url))
+    return url
+
+
+def dossier(n: int, status: str, received: str, at: datetime, deleted: bool = False) -> Any:
+    return {
+        "id": n,
+        "ma_ho_so": f"000.00.01.H29-240115-{n:04d}",
+        "ma_tthc": "1.005129",
+        "trang_thai": status,
+        "ngay_tiep_nhan": received,
+        "cap_nhat_luc": at,
+        "da_xoa": deleted,
+    }
+
+
+def write(url: str, table: Table, rows: list[dict[str, Any]]) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(table), rows)
+    engine.dispose()
+
+
+def seed_dossiers(url: str) -> None:
+    write(
+        url,
+        ho_so,
+        [
+            dossier(1, "MOI", "20240115083000", T0),
+            dossier(2, "DANG_XU_LY", "20240115091500", T0.replace(minute=1)),
+            dossier(3, "DA_TRA", "20240115100000", T0.replace(minute=2), deleted=True),
+        ],
+    )
+
+
+def events_of(tmp_path: Path, body: str) -> list[dict[str, Any]]:
+    deploy = deployment(tmp_path, body)
+    (entry,) = deploy.sources
+    adapter = deploy.adapter(entry)
+    try:
+        items = adapter.read({})
+        return [i.event(adapter.source, adapter.entity) for i in items if hasattr(i, "event")]
+    finally:
+        adapter.close()
+
+
+def test_value_maps_and_local_date_formats_by_configuration_alone(
+    db_url: str, tmp_path: Path
+) -> None:
+    seed_dossiers(db_url)
+    events = events_of(tmp_path, DOSSIER_MAPPING.format(url=db_url, query=""))
+    assert [e["op"] for e in events] == ["upsert", "upsert", "delete"]
+    assert events[0]["data"] == {
+        "procedure_code": "1.005129",
+        "status": 1,
+        "received_at": "2024-01-15T08:30:00+07:00",
+    }
+    assert events[1]["data"]["status"] == 4
+    assert events[0]["occurred_at"] == "2024-01-15T09:00:00+07:00"
+    assert {e["source"] for e in events} == {"province-79"}
+
+
+def test_sex_values_and_day_first_dates_map_to_the_contract(db_url: str, tmp_path: Path) -> None:
+    base = {"cap_nhat_luc": T0, "da_xoa": False, "ho_ten": "Nguyễn Thị Lan"}
+    lan = {"id": 1, "so_dinh_danh": "079190000001", "gioi_tinh": "Nữ", "ngay_sinh": "05/03/1990"}
+    nam = {"id": 2, "so_dinh_danh": "079090000002", "gioi_tinh": "Nam", "ngay_sinh": None}
+    write(db_url, cong_dan, [base | lan, base | nam])
+    events = events_of(tmp_path, CITIZEN_MAPPING.format(url=db_url))
+    assert [e["data"]["sex"] for e in events] == ["female", "male"]
+    assert events[0]["data"]["date_of_birth"] == "1990-03-05"
+    assert events[1]["data"]["date_of_birth"] is None
+
+
+def test_a_query_replaces_the_table(db_url: str, tmp_path: Path) -> None:
+    seed_dossiers(db_url)
+    query = "SELECT * FROM ho_so WHERE trang_thai <> 'MOI'"
+    events = events_of(tmp_path, DOSSIER_MAPPING.format(url=db_url, query=f'query = "{query}"'))
+    assert [e["key"][-4:] for e in events] == ["0002", "0003"]
+
+
+def test_the_sql_adapter_passes_its_conformance_checks(db_url: str, tmp_path: Path) -> None:
+    seed_dossiers(db_url)
+    deploy = deployment(tmp_path, DOSSIER_MAPPING.format(url=db_url, query=""))
+    adapter = deploy.adapter(deploy.sources[0])
+    report = check_adapter(adapter, "hcm-dossiers", "sql")
+    adapter.close()
+    assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
+    assert len(report.first.emitted) == 3
+
+
+def test_an_unmapped_local_value_fails_validation_instead_of_being_altered(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    metadata.create_all(create_engine(url))
+    write(url, ho_so, [dossier(1, "TAM_DUNG", "20240115083000", T0)])
+    deploy = deployment(tmp_path, DOSSIER_MAPPING.format(url=url, query=""))
+    adapter = deploy.adapter(deploy.sources[0])
+    run = run_adapter(adapter, {})
+    adapter.close()
+    (problem,) = run.invalid
+    assert "invalid_field" in problem and "data.status" in problem
+    assert "TAM_DUNG" not in problem
+
+
+@pytest.mark.kafka
+def test_produce_once_publishes_checkpoints_and_resumes_through_the_broker(
+    db_url: str, tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    seed_dossiers(db_url)
+    write(db_url, ho_so, [dossier(4, "TAM_DUNG", "20240115083000", T0.replace(minute=3))])
+    config = write_config(tmp_path, DOSSIER_MAPPING.format(url=db_url, query=""))
+
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert first.returncode == 0, first.stderr
+    assert "hcm-dossiers: published 3, dead-lettered 1" in first.stderr
+    events = published_events(settings, "dossier")
+    assert sorted(e["key"][-4:] for e in events) == ["0001", "0002", "0003"]
+    (letter,) = dead_letters(settings)
+    assert letter["ps.reason.code"] == "invalid_field"
+    assert letter["ps.origin.topic"] == "source:province-79"
+    assert letter["ps.origin.offset"] == "ho_so:4"
+    state = load_json_state(tmp_path / "state" / "hcm-dossiers.state.json")
+    assert state["pk"] == 4
+
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(ho_so)
+            .where(ho_so.c.id == 1)
+            .values(trang_thai="HOAN_THANH", cap_nhat_luc=T0.replace(minute=10))
+        )
+    engine.dispose()
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    assert second.returncode == 0, second.stderr
+    assert "hcm-dossiers: published 1, dead-lettered 0" in second.stderr
+    events = published_events(settings, "dossier")
+    assert len(events) == 4
+    changed = [e for e in events if e["key"].endswith("0001") and e["data"]["status"] == 9]
+    assert len(changed) == 1
+    assert "TAM_DUNG" not in json.dumps(events)
+
+
+ho_so_text = Table(
+    "ho_so_text",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("ma_ho_so", String(40), nullable=False),
+    Column("trang_thai", Integer),
+    Column("ngay_cap_nhat", String(14), nullable=False),  # yyyyMMddHHmmss, local time
+)
+
+TEXT_CURSOR = """
+[[sources]]
+id = "legacy-dossiers"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "dossier"
+table = "ho_so_text"
+key_column = "ma_ho_so"
+pk_column = "id"
+updated_at_column = "ngay_cap_nhat"
+updated_at_format = "yyyyMMddHHmmss"
+batch_size = 2
+lookback_seconds = 0
+fields = {{ status = "trang_thai" }}
+"""
+
+
+def test_a_text_cursor_column_in_a_local_date_format(db_url: str, tmp_path: Path) -> None:
+    ho_so_text.metadata.create_all(create_engine(db_url))
+    rows = [
+        {"id": n, "ma_ho_so": f"000.00.01.H29-240115-{n:04d}", "trang_thai": 4, "ngay_cap_nhat": at}
+        for n, at in [(1, "20240115090000"), (2, "20240115090000"), (3, "20240115093000")]
+    ]
+    write(db_url, ho_so_text, rows)
+    deploy = deployment(tmp_path, TEXT_CURSOR.format(url=db_url))
+    adapter = deploy.adapter(deploy.sources[0])
+    report = check_adapter(adapter, "legacy-dossiers", "sql")
+    assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
+    assert [e.origin for e in report.first.emitted] == [
+        "ho_so_text:1",
+        "ho_so_text:2",
+        "ho_so_text:3",
+    ]
+    first = run_adapter(adapter, {})
+    assert first.emitted[2].version == 1_705_285_800_000_000  # 09:30 at UTC+7, in µs
+    write(db_url, ho_so_text, [rows[0] | {"id": 4, "ma_ho_so": "000.00.01.H29-240115-0004",
+                                          "ngay_cap_nhat": "20240115100000"}])  # fmt: skip
+    resumed = run_adapter(adapter, first.state or {})
+    assert [e.origin for e in resumed.emitted] == ["ho_so_text:4"]
+    adapter.close()
+
+
+def test_origin_never_carries_a_natural_key_used_as_primary_key(tmp_path: Path) -> None:
+    """With no pk_column the cursor's key is the personal id: origins (logs, dead-letter
+    headers) then carry a masked, hashed reference instead of the id."""
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    metadata.create_all(create_engine(url))
+    with create_engine(url).begin() as conn:
+        conn.execute(insert(cong_dan), [{"id": 7, "so_dinh_danh": "079203001234",
+                     "ho_ten": "Lê Văn Cường", "cap_nhat_luc": T0, "da_xoa": False}])  # fmt: skip
+    config = f"""
+[[sources]]
+id = "hcm-citizens"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+updated_at_column = "cap_nhat_luc"
+fields = {{ full_name = "ho_ten" }}
+"""
+    deploy = deployment(tmp_path, config)
+    records = run_adapter(deploy.adapter(deploy.sources[0]), {}).emitted
+
+    assert len(records) == 1
+    origin = records[0].origin
+    assert origin.startswith("cong_dan:079*******34#")
+    assert "079203001234" not in origin

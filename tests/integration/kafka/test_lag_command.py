@@ -1,0 +1,52 @@
+"""`portal-sync lag` against the real broker and store: offsets, lag, status, freshness."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
+
+pytestmark = pytest.mark.kafka
+
+
+def rows(output: str, topic: str) -> list[list[str]]:
+    """The table rows of one topic, as cells."""
+    found = []
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
+        if len(cells) == 9 and cells[1] == topic:
+            found.append(cells)
+    return found
+
+
+def test_lag_shows_offsets_time_lag_status_and_stale_sources(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(keys=30, versions=2)  # changes made in 2025: stale sources
+    assert cli(settings, "publish", str(write_jsonl(tmp_path / "e.jsonl", events))).returncode == 0
+    topic = f"{settings.topic_prefix}.changes.citizen"
+
+    before = cli(settings, "lag", "--topic", ".*citizen", COLUMNS="220")
+
+    assert before.returncode == 0, before.stderr
+    table = rows(before.stdout, topic)
+    assert [int(r[2]) for r in table] == [0, 1, 2]
+    assert sum(int(r[5]) for r in table) == len(events)
+    assert all(r[3] == "0" and r[7] == "STOP" for r in table if int(r[5]) > 0)
+    # Time lag from the Kafka timestamp of the oldest unapplied message: published just now.
+    assert all(re.fullmatch(r"\d+(ms|s)", r[6]) for r in table if int(r[5]) > 0), before.stdout
+    assert ".changes.dossier" not in before.stdout
+
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+    after = cli(settings, "lag", COLUMNS="220")
+
+    table = rows(after.stdout, topic)
+    assert all(r[3] == r[4] and r[5] == "0" and r[7] == "OK" for r in table), after.stdout
+    for source in ("province-01", "province-79", "ministry-btp"):
+        line = next(line for line in after.stdout.splitlines() if f" {source} " in line)
+        assert "STALE" in line

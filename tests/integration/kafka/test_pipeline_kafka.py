@@ -1,0 +1,222 @@
+"""End to end against the real local Apache Kafka broker and real stores."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from sqlalchemy import select
+
+from consumers.merge import Authority
+from schemas import message_key, parse_event
+from schemas.dead_letter import read_headers
+from store.core import Store, apply_journal
+from tests.support.kafka_helpers import (
+    change_topic,
+    dead_letter_topic,
+    end_offsets,
+    ensure_topics,
+    publisher_for,
+)
+from tests.support.pipeline_helpers import (
+    citizen_events,
+    cli,
+    expected_export,
+    exported,
+    shuffled_with_duplicates,
+    start_worker,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def test_publish_worker_export_equals_merge_rules(
+    settings_for: Any, store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(store_url)
+    events = citizen_events(keys=120, versions=3)
+    feed = write_jsonl(tmp_path / "events.jsonl", shuffled_with_duplicates(events))
+
+    published = cli(settings, "publish", str(feed))
+    assert published.returncode == 0, published.stderr
+    assert "invalid 0" in published.stderr
+    worker = cli(settings, "worker", "--until-caught-up")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    out = tmp_path / "export.jsonl"
+    dumped = cli(settings, "export", "--output", str(out))
+    assert dumped.returncode == 0, dumped.stderr
+
+    expected = expected_export(events, Authority())
+    assert expected, "the sample must leave records"
+    import json
+
+    assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+
+
+def test_publish_reports_invalid_lines_and_sends_the_valid_ones(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    good = citizen_events(keys=3, versions=1)
+    lines = [good[0], {"schema_version": 1, "entity": "citizen"}, good[1], {"nope": True}]
+    feed = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    feed.write_text(feed.read_text() + "{broken\n" + __import__("json").dumps(good[2]) + "\n")
+
+    result = cli(settings, "publish", str(feed))
+
+    assert result.returncode == 1
+    assert "line 2: missing_field" in result.stderr
+    assert "line 4: unsupported_schema_version" in result.stderr
+    assert "line 5: invalid_json" in result.stderr
+    assert "published 3, invalid 3" in result.stderr
+    assert sum(end_offsets(settings).values()) == 3
+
+
+MALFORMED: list[tuple[str, bytes]] = [
+    ("not_utf8", b"\xff\xfe\x00"),
+    ("invalid_json", b"{not json"),
+    ("invalid_json", b'{"a": 1, "a": 2}'),
+    ("unsupported_schema_version", b'{"schema_version": 99}'),
+    ("missing_field", b'{"schema_version": 1, "source": "province-01"}'),
+    ("unknown_entity", b'{"schema_version": 1, "entity": "vehicle"}'),
+    ("empty_message", None),  # type: ignore[list-item]
+    ("too_large", b'{"schema_version": 1, "pad": "' + b"x" * 1_100_000 + b'"}'),
+]
+
+
+def _variant(base: dict[str, Any], **changes: Any) -> bytes:
+    import json
+
+    return json.dumps(base | changes, ensure_ascii=False).encode()
+
+
+def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_flowing(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    valid = citizen_events(keys=20, versions=1)
+    base = valid[0]
+    hostile = [
+        *MALFORMED,
+        ("unknown_field", _variant(base, data={"full_name": "A", "password": "x"})),
+        ("invalid_key", _variant(base, key="12345")),
+        ("invalid_field", _variant(base, version="7")),
+        ("invalid_field", _variant(base, occurred_at="2025-08-01T08:00:00")),
+        ("invalid_field", _variant(base, data={"full_name": "Nguyễn\x00Văn"})),
+        ("invalid_field", _variant(base, source="Province 01")),
+        ("op_data_mismatch", _variant(base, op="delete")),
+    ]
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, acks="all", max_request_size=4_000_000
+    )
+    topic = change_topic(settings, "citizen")
+    origin: dict[int, str] = {}
+    rng = random.Random(5)
+    queue: list[tuple[str | None, bytes | None]] = [
+        (None, v) for v in (__import__("json").dumps(e).encode() for e in valid)
+    ] + list(hostile)
+    rng.shuffle(queue)
+    for code, value in queue:
+        metadata = producer.send(topic, key=b"k", value=value).get(timeout=30)
+        if code is not None:
+            origin[metadata.offset] = code
+    producer.close()
+
+    worker = cli(settings, "worker", "--until-caught-up")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    letters = _read_all(settings, dead_letter_topic(settings), len(origin))
+    found = {}
+    for record in letters:
+        headers = read_headers(record.headers)
+        assert headers["ps.origin.topic"] == topic
+        assert headers["ps.origin.partition"] == "0"
+        assert headers["ps.attempt"] == "1"
+        assert headers["ps.reason.message"]
+        found[int(headers["ps.origin.offset"])] = headers["ps.reason.code"]
+    assert found == origin
+    assert exported(settings) == expected_export(valid, Authority())
+
+
+def _read_all(settings: Any, topic: str, expected: int, timeout: float = 30) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.connection().bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < expected and time.monotonic() < deadline:
+        records.extend(consumer)
+    consumer.close()
+    return records
+
+
+def test_worker_killed_with_sigkill_loses_nothing_and_applies_nothing_twice(
+    settings_for: Any, store_url: str
+) -> None:
+    settings = settings_for(store_url)
+    ensure_topics(settings)
+    events = citizen_events(keys=2500, versions=3, seed=9)
+    feed = shuffled_with_duplicates(events, seed=10)
+    publisher = publisher_for(settings)
+    for raw in feed:
+        publisher.send_event(parse_event(__import__("json").dumps(raw).encode()).event)
+    publisher.flush()
+    publisher.close()
+    ends = end_offsets(settings)
+    assert sum(ends.values()) == len(feed)
+
+    rng = random.Random(11)
+    store = Store(settings.store_url)
+    store.create_schema()
+    kills = 0
+    for _ in range(3):
+        worker = start_worker(settings, PORTAL_SYNC_BATCH_MAX_EVENTS="150")
+        if _wait_some_progress(store, worker, applied_at_least=(kills + 1) * 1500):
+            time.sleep(rng.uniform(0.0, 0.7))
+            worker.send_signal(signal.SIGKILL)
+            kills += 1
+        worker.wait(timeout=30)
+    assert kills >= 1, "the worker finished before it could be killed: use more events"
+    final = start_worker(settings, "--until-caught-up")
+    assert final.wait(timeout=300) == 0, final.stdout.read() if final.stdout else ""
+
+    assert exported(settings) == expected_export(events, Authority())
+    _assert_journal_contiguous(store, ends)
+    store.close()
+
+
+def _wait_some_progress(store: Store, worker: Any, applied_at_least: int) -> bool:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and worker.poll() is None:
+        if sum(store.all_offsets().values()) >= applied_at_least:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _assert_journal_contiguous(store: Store, ends: dict[tuple[str, int], int]) -> None:
+    """Every partition's applied ranges run from 0 to its end without gap or overlap."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(apply_journal).order_by(apply_journal.c.id)).all()
+    position: dict[tuple[str, int], int] = {}
+    for row in rows:
+        tp = (row.topic, row.partition)
+        assert row.first_offset == position.get(tp, 0), f"gap or overlap at {tp}"
+        position[tp] = row.next_offset
+    assert position == {tp: end for tp, end in ends.items() if end > 0}
+    assert store.all_offsets() == position
+
+
+def test_message_key_routes_a_record_to_one_partition() -> None:
+    assert message_key("citizen", "001090000001") == b"citizen:001090000001"

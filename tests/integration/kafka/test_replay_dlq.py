@@ -1,0 +1,233 @@
+"""Replay, rebuild, dead-letter redrive and offset reset against the real broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+
+from consumers.merge import Authority
+from store.core import Store, record_history, records, source_views
+from tests.support.kafka_helpers import end_offsets
+from tests.support.pipeline_helpers import (
+    citizen_events,
+    cli,
+    expected_export,
+    exported,
+    shuffled_with_duplicates,
+    start_worker,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def _published(settings: Any, tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    feed = write_jsonl(tmp_path / f"feed-{time.monotonic_ns()}.jsonl", events)
+    result = cli(settings, "publish", str(feed))
+    assert result.returncode == 0, result.stderr
+
+
+def _caught_up(settings: Any) -> None:
+    result = cli(settings, "worker", "--until-caught-up")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _counts(store: Store) -> tuple[int, int, int]:
+    with store.engine.connect() as conn:
+        return tuple(  # type: ignore[return-value]
+            conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in (records, source_views, record_history)
+        )
+
+
+def test_replay_restores_a_wiped_part_of_the_store(
+    settings_for: Any, store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(store_url)
+    _published(settings, tmp_path, shuffled_with_duplicates(citizen_events(80, 2)))
+    _caught_up(settings)
+    before = exported(settings)
+    store = Store(settings.store_url)
+    with store.write_transaction() as conn:  # an incident: part of the store is lost
+        lost = conn.execute(select(records.c.key).limit(30)).scalars().all()
+        conn.execute(delete(records).where(records.c.key.in_(lost)))
+        conn.execute(delete(source_views).where(source_views.c.key.in_(lost)))
+    assert exported(settings) != before
+
+    result = cli(settings, "replay", "--since", "1h", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["outcomes"]["applied"] > 0
+    assert summary["changed_records"]["citizen"] >= len(lost)
+    assert exported(settings) == before
+    store.close()
+
+
+def test_dry_run_writes_nothing_and_predicts_the_real_run(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(60, 2, seed=3)
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    with store.write_transaction() as conn:
+        conn.execute(delete(source_views).where(source_views.c.source == "province-79"))
+    counts = _counts(store)
+    snapshot = exported(settings)
+
+    dry = cli(settings, "replay", "--since", "1h", "--json", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert _counts(store) == counts, "a dry run wrote to the store"
+    assert exported(settings) == snapshot
+
+    real = cli(settings, "replay", "--since", "1h", "--json")
+    assert real.returncode == 0, real.stderr
+    predicted, done = json.loads(dry.stdout), json.loads(real.stdout)
+    assert predicted["outcomes"]["applied"] > 0
+    for name in ("outcomes", "by_entity", "changed_records", "sample"):
+        assert predicted[name] == done[name]
+    assert exported(settings) == expected_export(events, Authority())
+    store.close()
+
+
+def test_replay_filters_by_source_and_entity(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(30, 1, seed=4))
+    _caught_up(settings)
+
+    result = cli(settings, "replay", "--since", "1h", "--json", "--source", "province-01",
+                 "--entity", "citizen")  # fmt: skip
+
+    summary = json.loads(result.stdout)
+    by_source = sum(1 for e in citizen_events(30, 1, seed=4) if e["source"] == "province-01")
+    assert summary["outcomes"]["unchanged"] == by_source
+    assert summary["outcomes"]["skipped"] == summary["read"] - by_source
+
+
+def test_unregistered_source_is_redriven_after_registration_once(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    settings = settings_for(sqlite_store_url, registry=registry)
+    events = [e for e in citizen_events(20, 1, seed=5) if e["source"] != "ministry-btp"]
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+    late = [e for e in events if e["source"] == "province-79"]
+    only_late = {e["key"] for e in late} - {e["key"] for e in events if e not in late}
+    assert late and only_late and not only_late & {r["key"] for r in exported(settings)}
+    listed = cli(settings, "dlq", "list", "--reason", "unregistered_source")
+    assert f"unregistered_source: {len(late)}" in listed.stdout
+
+    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
+                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert f"re-driven {len(late)}, already re-driven 0" in first.stdout, first.stdout
+    ends = sum(end_offsets(settings).values())
+    _caught_up(settings)
+    assert exported(settings) == expected_export(events, Authority())
+
+    second = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert f"re-driven 0, already re-driven {len(late)}" in second.stdout, second.stdout
+    assert sum(end_offsets(settings).values()) == ends
+
+
+def test_dlq_show_hides_the_event_unless_revealed(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    from tests.support.kafka_helpers import change_topic, ensure_topics, publisher_for
+
+    ensure_topics(settings)
+    publisher = publisher_for(settings)
+    secret = b'{"schema_version": 1, "full_name": "Nguy\\u1ec5n Th\\u1ecb B\\u00edch"}'
+    publisher.send(change_topic(settings, "citizen"), b"k", secret)
+    publisher.flush()
+    publisher.close()
+    _caught_up(settings)
+
+    hidden = cli(settings, "dlq", "show", "0:0")
+    revealed = cli(settings, "dlq", "show", "0:0", "--reveal")
+
+    assert "missing_field" in hidden.stdout
+    assert "full_name" not in hidden.stdout
+    assert "full_name" in revealed.stdout
+
+
+def test_replay_beside_the_live_worker_equals_a_clean_run(
+    settings_for: Any, store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(store_url)
+    events = citizen_events(400, 3, seed=6)
+    _published(settings, tmp_path, shuffled_with_duplicates(events, seed=7)[:3000])
+    live = start_worker(settings)
+    _published(settings, tmp_path, shuffled_with_duplicates(events, seed=7)[3000:])
+    replayed = cli(settings, "replay", "--since", "1h", "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    live.terminate()
+    live.wait(timeout=60)
+    _caught_up(settings)
+
+    assert exported(settings) == expected_export(events, Authority())
+
+
+def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(30, 1, seed=8))
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    assert sum(store.all_offsets().values()) == sum(end_offsets(settings).values())
+
+    live = start_worker(settings)
+    try:
+        from tests.support.kafka_helpers import wait_group_stable
+
+        assert wait_group_stable(settings, settings.group_id)
+        refused = cli(settings, "offsets", "reset", "--group", settings.group_id,
+                      "--to-time", "1h", "--yes")  # fmt: skip
+        assert refused.returncode == 1
+        assert "active member" in refused.stdout
+    finally:
+        live.terminate()
+        live.wait(timeout=60)
+
+    plan = cli(settings, "offsets", "reset", "--group", settings.group_id, "--to-time", "1h")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "plan only" in plan.stdout
+    assert sum(store.all_offsets().values()) > 0
+    done = cli(settings, "offsets", "reset", "--group", settings.group_id, "--to-time", "1h",
+               "--yes")  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert sum(store.all_offsets().values()) == 0  # back to the first offsets of the hour
+    _caught_up(settings)  # re-applies everything: unchanged, the store is the same
+    assert exported(settings) == expected_export(citizen_events(30, 1, seed=8), Authority())
+    store.close()
+
+
+def test_rebuild_builds_an_equal_store_from_the_topics(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    events = shuffled_with_duplicates(citizen_events(50, 2, seed=9))
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    result = cli(settings, "rebuild", "--store", rebuilt, "--compare")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
+    copy = settings.model_copy(update={"store_url": rebuilt})
+    assert exported(copy) == exported(settings)
+    assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()

@@ -1,0 +1,79 @@
+"""The worker's error tolerance: a poison event is isolated and dead-lettered, the rest
+of its batch is applied (real broker, real SQLite store)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from consumers.merge import Authority
+from consumers.reconciler import Checked, Message
+from consumers.registry import Registry
+from consumers.worker import BatchProcessor
+from schemas.dead_letter import read_headers
+from store.core import Store
+from tests.integration.kafka.test_pipeline_kafka import _read_all
+from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
+from tests.support.pipeline_helpers import citizen_events, expected_export, exported
+
+pytestmark = pytest.mark.kafka
+
+
+def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    events = [e for e in citizen_events(12, 1, seed=21) if e["source"] == "province-01"][:10]
+    messages = [
+        Message("t.changes.citizen", 0, offset, json.dumps(e).encode())
+        for offset, e in enumerate(events)
+    ]
+    poison = messages[6]
+    real_apply = processor.reconciler.apply
+
+    def refuse_the_poison(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        if any(c.message == poison for c in valid):
+            raise ValueError("a value the store cannot hold")
+        return real_apply(valid, batch, **kw)
+
+    monkeypatch.setattr(processor.reconciler, "apply", refuse_the_poison)
+    processor.process(messages)
+    processor.close()
+
+    assert store.all_offsets() == {("t.changes.citizen", 0): 10}
+    rest = [e for i, e in enumerate(events) if i != 6]
+    assert exported(settings) == expected_export(rest, Authority())
+    letters = _read_all(settings, dead_letter_topic(settings), 1)
+    assert len(letters) == 1
+    headers = read_headers(letters[0].headers)
+    assert headers["ps.reason.code"] == "apply_failed"
+    assert headers["ps.origin.offset"] == "6"
+    assert letters[0].value == poison.value
+    store.close()
+
+
+def test_unregistered_sources_count_as_rejected_and_contract_violations_as_dead_lettered() -> None:
+    from prometheus_client import REGISTRY
+
+    from consumers.metrics import record_dead_letters
+    from consumers.reconciler import DeadLetter
+
+    def count(source: str, outcome: str) -> float:
+        labels = {"source": source, "entity": source, "outcome": outcome}
+        return REGISTRY.get_sample_value("portal_sync_events_total", labels) or 0.0
+
+    before = (count("unregistered", "rejected"), count("invalid", "dead_lettered"))
+    message = Message("t", 0, 0, b"{}")
+    record_dead_letters([
+        DeadLetter(message, "unregistered_source", "not in the registry"),
+        DeadLetter(message, "invalid_json", "not JSON"),
+        DeadLetter(message, "invalid_key", "bad key"),
+    ])  # fmt: skip
+    after = (count("unregistered", "rejected"), count("invalid", "dead_lettered"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)

@@ -1,0 +1,350 @@
+"""The store's schema under Alembic, on SQLite and PostgreSQL: a new store reaches the
+models' schema; a first-schema store (stamped 0001, or made before migrations) is upgraded by
+`portal-sync store upgrade` with its data kept and provenance filled; an old store is
+refused until upgraded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.dialects import postgresql
+
+from consumers.merge import Authority
+from consumers.reconciler import Reconciler
+from store import schema
+from store.core import Store
+from store.schema import SchemaOutdated, current_revision, ensure_current, head_revision
+from store.tables import (
+    UTCDateTime,
+    applied_offsets,
+    apply_journal,
+    metadata,
+    record_history,
+    records,
+    source_views,
+)
+from tests.support.store_helpers import CITIZEN, ORG, TOPIC, checked_list, event
+
+ROOT = Path(__file__).resolve().parents[3]
+T1 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
+T2 = datetime(2024, 1, 15, 4, 0, tzinfo=UTC)
+
+
+def _json() -> Any:
+    return JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+# The first schema's own models, as its `metadata.create_all` made stores before
+# migrations existed (no alembic_version table).
+first_schema = MetaData()
+Table(
+    "source_views",
+    first_schema,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("data", _json()),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+Table(
+    "records",
+    first_schema,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("data", _json(), nullable=False),
+    Column("sources", _json(), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+Table(
+    "applied_offsets",
+    first_schema,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+Table(
+    "apply_journal",
+    first_schema,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("events", Integer, nullable=False),
+    Column("committed_at", UTCDateTime, nullable=False),
+)
+
+VIEWS = [
+    # citizen: two live sources, s-a the later one; organization: s-a deleted, s-b live
+    ("citizen", CITIZEN, "s-a", 2, "e-1", T2, False, {"full_name": "An", "phone": "0912345678"}),
+    ("citizen", CITIZEN, "s-b", 1, "e-2", T1, False, {"full_name": "Bình", "sex": "male"}),
+    ("organization", ORG, "s-a", 3, "e-3", T2, True, None),
+    ("organization", ORG, "s-b", 1, "e-4", T1, False, {"name": "Công ty"}),
+]
+SPINE_RECORDS = [
+    (
+        "citizen",
+        CITIZEN,
+        {"full_name": "An", "phone": "0912345678", "sex": "male"},
+        {"s-a": 2, "s-b": 1},
+    ),
+    ("organization", ORG, {"name": "Công ty"}, {"s-b": 1}),
+]
+
+
+def schema_differences(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(context, metadata)
+
+
+def make_first_schema_store(url: str, how: str) -> Store:
+    """A first-schema store with data: at Alembic revision 0001, or made by create_all."""
+    store = Store(url)
+    if how == "alembic":
+        config = schema._config()
+        with store.engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+    else:
+        first_schema.create_all(store.engine)
+    names = ("entity", "key", "source", "version", "event_id", "occurred_at", "deleted", "data")
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(first_schema.tables["source_views"]),
+            [{**dict(zip(names, v, strict=True)), "applied_at": T2} for v in VIEWS],
+        )
+        conn.execute(
+            insert(first_schema.tables["records"]),
+            [
+                {"entity": e, "key": k, "data": d, "sources": s, "updated_at": T2}
+                for e, k, d, s in SPINE_RECORDS
+            ],
+        )
+        conn.execute(
+            insert(first_schema.tables["applied_offsets"]),
+            [{"topic": TOPIC, "partition": 0, "next_offset": 4, "updated_at": T2}],
+        )
+        conn.execute(
+            insert(first_schema.tables["apply_journal"]),
+            [
+                {
+                    "topic": TOPIC,
+                    "partition": 0,
+                    "first_offset": 0,
+                    "next_offset": 4,
+                    "events": 4,
+                    "committed_at": T2,
+                }
+            ],
+        )
+    return store
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_SYNC_")}
+    base.update(COLUMNS="200", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "portal_sync", *args],
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def table_rows(store: Store, table: Table, *columns: str) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(*(table.c[c] for c in columns)))
+        return sorted(tuple(r) for r in rows)
+
+
+# -- a new store --------------------------------------------------------------------------
+
+
+def test_upgrade_from_empty_reaches_the_models(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        assert current_revision(store.engine) is None
+        assert schema.upgrade(store.engine) == (None, head_revision())
+        head = head_revision()
+        assert head >= "0002"  # the national store's revision, or a later one
+        assert current_revision(store.engine) == head
+        assert schema_differences(store.engine) == []
+        tables = set(inspect(store.engine).get_table_names())
+        assert set(metadata.tables) | {"alembic_version"} == tables
+        # a second upgrade is a no-op
+        assert schema.upgrade(store.engine) == (head, head)
+        ensure_current(store.engine)
+    finally:
+        store.close()
+
+
+def test_create_schema_makes_a_current_store(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        store.create_schema()
+        assert current_revision(store.engine) == head_revision()
+        assert schema_differences(store.engine) == []
+        store.create_schema()  # idempotent on a current store
+    finally:
+        store.close()
+
+
+def test_drop_everything_empties_the_store(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        store.create_schema()
+        schema.drop_project_tables(store.engine)
+        assert inspect(store.engine).get_table_names() == []
+        assert current_revision(store.engine) is None
+    finally:
+        store.close()
+
+
+# -- upgrading a first-schema store --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["alembic", "create_all"])
+def test_upgrade_from_the_first_schema_keeps_data_and_fills_provenance(
+    store_url: str, how: str
+) -> None:
+    store = make_first_schema_store(store_url, how)
+    try:
+        assert current_revision(store.engine) == "0001"
+        with pytest.raises(SchemaOutdated, match="portal-sync store upgrade"):
+            ensure_current(store.engine)
+        views_before = table_rows(store, source_views, *source_views.c.keys())
+        offsets_before = table_rows(store, applied_offsets, *applied_offsets.c.keys())
+        journal_before = table_rows(store, apply_journal, *apply_journal.c.keys())
+
+        result = run_cli("store", "upgrade", "--store", store_url)
+        assert result.returncode == 0, result.stderr
+        assert f"schema: 0001 → {head_revision()}" in result.stdout
+        assert "re-merged 2 records written before provenance (0 changed)" in result.stdout
+
+        assert current_revision(store.engine) == head_revision()
+        ensure_current(store.engine)
+        assert schema_differences(store.engine) == []
+        assert table_rows(store, source_views, *source_views.c.keys()) == views_before
+        assert table_rows(store, applied_offsets, *applied_offsets.c.keys()) == offsets_before
+        assert table_rows(store, apply_journal, *apply_journal.c.keys()) == journal_before
+        assert list(store.iter_records()) == [
+            (
+                "citizen",
+                CITIZEN,
+                {"full_name": "An", "phone": "0912345678", "sex": "male"},
+                {"s-a": 2, "s-b": 1},
+                {
+                    "full_name": {"source": "s-a", "version": 2},
+                    "phone": {"source": "s-a", "version": 2},
+                    "sex": {"source": "s-b", "version": 1},
+                },
+            ),
+            (
+                "organization",
+                ORG,
+                {"name": "Công ty"},
+                {"s-b": 1},
+                {"name": {"source": "s-b", "version": 1}},
+            ),
+        ]
+        assert store.keys_without_provenance() == []
+        assert table_rows(store, record_history, "key") == []
+
+        # the upgraded store goes on from its offsets and its views
+        later = event("citizen", CITIZEN, "s-b", 2, {"full_name": "Bình", "sex": "female"})
+        batch = checked_list([later], start=4)
+        report = Reconciler(store, Authority()).apply(batch, [c.message for c in batch])
+        assert [o.outcome for o in report.outcomes] == ["applied"]
+        record = next(store.iter_records("citizen"))
+        # s-a's view (kept through the upgrade) is still the latest for full_name
+        assert record[2] == {"full_name": "An", "phone": "0912345678", "sex": "female"}
+        assert record[4]["sex"] == {"source": "s-b", "version": 2}
+        assert store.all_offsets() == {(TOPIC, 0): 5}
+
+        # upgrading again changes nothing
+        again = run_cli("store", "upgrade", "--store", store_url)
+        assert again.returncode == 0, again.stderr
+        assert f"schema: {head_revision()} → {head_revision()}" in again.stdout
+        assert "re-merged" not in again.stdout
+    finally:
+        store.close()
+
+
+def test_upgrade_remerges_under_the_configured_authority(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'first_schema.db'}"
+    store = make_first_schema_store(url, "create_all")
+    authority = tmp_path / "authority.toml"
+    authority.write_text('[citizen]\nfull_name = ["s-b"]\n', encoding="utf-8")
+    try:
+        result = run_cli(
+            "store",
+            "upgrade",
+            "--store",
+            url,
+            env={"PORTAL_SYNC_AUTHORITY_FILE": str(authority)},
+        )
+        assert result.returncode == 0, result.stderr
+        assert "re-merged 2 records written before provenance (1 changed)" in result.stdout
+        citizen = next(store.iter_records("citizen"))
+        assert citizen[2]["full_name"] == "Bình"
+        assert citizen[4]["full_name"] == {"source": "s-b", "version": 1}
+        assert table_rows(store, record_history, "key", "source", "changes") == [
+            (CITIZEN, "remerge", {"full_name": ["An", "Bình"]})
+        ]
+    finally:
+        store.close()
+
+
+# -- an old store is refused --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["alembic", "create_all"])
+def test_an_old_store_is_refused_until_upgraded(store_url: str, how: str) -> None:
+    store = make_first_schema_store(store_url, how)
+    try:
+        with pytest.raises(SchemaOutdated, match="0001"):
+            ensure_current(store.engine)
+        with pytest.raises(SchemaOutdated):
+            store.create_schema()
+        # refusing changed nothing: still the first_schema's tables
+        assert "record_history" not in inspect(store.engine).get_table_names()
+        assert "provenance" not in {c["name"] for c in inspect(store.engine).get_columns("records")}
+        schema.upgrade(store.engine)
+        ensure_current(store.engine)
+        assert {"record_history", "field_conflicts"} <= set(inspect(store.engine).get_table_names())
+        # records written before 0002 have no provenance until they are re-merged
+        assert store.keys_without_provenance() == [("citizen", CITIZEN), ("organization", ORG)]
+        assert table_rows(store, records, "key") == [(CITIZEN,), (ORG,)]
+    finally:
+        store.close()

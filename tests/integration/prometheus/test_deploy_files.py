@@ -1,0 +1,153 @@
+"""The deploy/ files: generated ones up to date, Prometheus configuration and alert rules
+checked by promtool (rule unit tests included), the Grafana dashboard's structure."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from observability import deploy
+from observability.alerts import rules
+from observability.dashboard import expressions
+from tests.conftest import IN_CI
+from transport.local import REPO_ROOT
+
+PROMETHEUS = REPO_ROOT / "deploy" / "prometheus"
+GRAFANA = REPO_ROOT / "deploy" / "grafana"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("promtool is missing (Debian package `prometheus`)")
+        pytest.skip("promtool is missing (Debian package `prometheus`)")
+    return subprocess.run([binary, *args], capture_output=True, text=True, cwd=PROMETHEUS)
+
+
+@pytest.mark.parametrize("path", sorted(deploy.files()), ids=str)
+def test_generated_deploy_file_is_up_to_date(path: Path) -> None:
+    assert (REPO_ROOT / path).read_text(encoding="utf-8") == deploy.files()[path], (
+        "stale: run `python -m observability.deploy`"
+    )
+
+
+def test_promtool_checks_the_alert_rules() -> None:
+    result = promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    result = promtool("test", "rules", "alerts.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_checks_the_scrape_configuration() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    assert {job["job_name"] for job in jobs} == {
+        "portal-sync-worker",
+        "portal-sync-lag-exporter",
+        "portal-sync-producer",
+    }
+
+
+def test_every_alert_has_a_summary_a_runbook_and_a_severity() -> None:
+    file = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    alerts = [rule for group in file["groups"] for rule in group["rules"]]
+    assert {a["alert"] for a in alerts} >= {
+        "PortalSyncSyncLagAboveObjective",
+        "PortalSyncSourceStale",
+        "PortalSyncConsumerLagGrowing",
+        "PortalSyncConsumerStalled",
+        "PortalSyncDeadLettersRising",
+        "PortalSyncProcessDown",
+    }
+    for alert in alerts:
+        assert alert["labels"]["severity"] in ("warning", "critical")
+        assert alert["annotations"]["summary"] and len(alert["annotations"]["runbook"]) > 40
+    anchors = _metrics_doc()
+    for alert in alerts:
+        anchor = alert["annotations"]["runbook_url"].split("#")[1]
+        assert f"runbook-{alert['alert'].lower()}" == anchor
+        assert f"### Runbook: {alert['alert']}" in anchors, f"{alert['alert']} has no runbook"
+
+
+def _dashboard() -> dict[str, Any]:
+    board: dict[str, Any] = json.loads((GRAFANA / "dashboards" / "portal-sync.json").read_text())
+    return board
+
+
+def test_dashboard_structure_variables_and_datasource() -> None:
+    board = _dashboard()
+    assert board["uid"] == "portal-sync" and board["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert set(variables) == {"datasource", "source", "entity"}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("source", "entity"):
+        assert variables[name]["multi"] and variables[name]["includeAll"]
+        assert variables[name]["definition"].startswith("label_values(")
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        refs = [target["refId"] for target in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+
+
+def test_dashboard_shows_what_the_issue_asks_for() -> None:
+    exprs = " ".join(expressions(_dashboard()))
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (source, le) (rate(portal_sync_sync" in exprs
+    for metric in (
+        "portal_sync_source_last_change_timestamp_seconds",
+        "portal_sync_consumer_lag_messages",
+        "portal_sync_consumer_lag_seconds",
+        "portal_sync_consumer_status",
+        "portal_sync_events_total",
+        "portal_sync_dead_letters_total",
+        "portal_sync_store_commit_duration_seconds",
+    ):
+        assert metric in exprs
+    assert "$source" in exprs and "$entity" in exprs
+    freshness = next(p for p in _dashboard()["panels"] if p["title"].startswith("Freshness"))
+    steps = freshness["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["color"] == "red" and steps[-1]["value"] > 0
+
+
+def test_every_metric_used_by_dashboard_and_alerts_is_documented() -> None:
+    used = " ".join(expressions(_dashboard()) + [rule.expr for rule in rules()])
+    names = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"portal_sync_\w+", used)}
+    documented = _metrics_doc()
+    assert names, "no metric found"
+    for name in names:
+        assert f"`{name}" in documented, f"{name} is not in docs/metrics.md"
+
+
+def test_grafana_provisioning_files() -> None:
+    provider = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "portal-sync.yml").read_text()
+    )
+    assert provider["apiVersion"] == 1 and provider["providers"][0]["type"] == "file"
+    sources = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert sources["datasources"][0]["type"] == "prometheus"
+
+
+def _metrics_doc() -> str:
+    return (REPO_ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")

@@ -1,0 +1,133 @@
+"""The real check: a real Prometheus scrapes a running producer, worker and lag exporter;
+every PromQL expression of the dashboard and of the alert rules returns data; stopping the
+worker makes the stalled-consumer alert fire."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from observability.alerts import Thresholds, rule_file, rules
+from observability.dashboard import dashboard, expressions
+from portal_sync.settings import Settings
+from tests.conftest import IN_CI
+from tests.support.kafka_helpers import ensure_topics
+from tests.support.pipeline_helpers import start_worker
+from tests.support.prometheus_server import Prometheus, PrometheusUnavailable
+from transport.local import free_port
+
+pytestmark = pytest.mark.kafka
+
+# Short `for:` durations and rate windows, so alerts can fire within the test.
+FAST = Thresholds(window="30s", for_short="2s", for_long="2s")
+GRAFANA = {"$__rate_interval": "30s", "$source": ".*", "$entity": ".*"}
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for a dashboard expression with every variable at "All"."""
+    for variable, value in GRAFANA.items():
+        expr = expr.replace(variable, value)
+    variable_query = re.fullmatch(r"label_values\((.+),\s*\w+\)", expr)
+    return variable_query[1] if variable_query else expr
+
+
+@pytest.fixture
+def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    settings: Settings = settings_for(f"sqlite:///{tmp_path / 'store.db'}")
+    ensure_topics(settings)
+    env = os.environ | settings.as_env()
+    ports = {name: free_port() for name in ("worker", "exporter", "producer")}
+    procs: dict[str, subprocess.Popen[Any]] = {}
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ports}
+    producer = [sys.executable, "-m", "tests.support.producer_process"]
+    producer += [str(tmp_path / "source.db"), str(tmp_path / "state"), str(ports["producer"])]
+    procs["producer"] = subprocess.Popen(producer, env=env, stdout=logs["producer"], stderr=-2)
+    procs["worker"] = start_worker(
+        settings, "--metrics-port", str(ports["worker"]), PORTAL_SYNC_BATCH_MAX_WAIT_SECONDS="0.2"
+    )
+    exporter = [sys.executable, "-m", "portal_sync", "lag-exporter", "--port"]
+    exporter += [str(ports["exporter"]), "--interval", "1", "--window", "5"]
+    exporter += ["--group", settings.group_id]
+    procs["exporter"] = subprocess.Popen(exporter, env=env, stdout=logs["exporter"], stderr=-2)
+    yield {"settings": settings, "ports": ports, "procs": procs, "dir": tmp_path}
+    for process in procs.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in procs.values():
+        process.wait(timeout=60)
+    for handle in logs.values():
+        handle.close()
+
+
+@pytest.fixture
+def prometheus(pipeline: dict[str, Any], tmp_path: Path) -> Iterator[Prometheus]:
+    jobs = {f"portal-sync-{name}": port for name, port in pipeline["ports"].items()}
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    try:
+        server = Prometheus(workdir, jobs, rule_file(FAST))
+    except PrometheusUnavailable as error:
+        if IN_CI:
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    yield server
+    server.stop()
+
+
+def _wait_for_data(prom: Prometheus, exprs: list[str], timeout: float) -> list[str]:
+    """Wait until every expression returns data; return those that never did."""
+    deadline = time.monotonic() + timeout
+    missing = list(exprs)
+    while missing and time.monotonic() < deadline:
+        missing = [expr for expr in missing if not prom.query(expr)]
+        if missing:
+            time.sleep(1)
+    return missing
+
+
+def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
+    pipeline: dict[str, Any], prometheus: Prometheus
+) -> None:
+    board = [grafana_to_promql(expr) for expr in expressions(dashboard())]
+    alert_rules = rules(FAST)
+    measures = [rule.measure for rule in alert_rules]
+    for rule in alert_rules:
+        prometheus.query(rule.expr)  # valid PromQL (a parse error raises)
+
+    missing = _wait_for_data(prometheus, board + measures, timeout=60)
+
+    assert not missing, f"no data for: {missing}"
+    for name, port in pipeline["ports"].items():
+        for probe in ("healthz", "readyz"):
+            answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=5)
+            assert answer.status == 200, (name, probe)
+    for rule_group in prometheus.api("rules")["groups"]:
+        for rule in rule_group["rules"]:
+            assert rule["health"] == "ok", rule
+    assert "PortalSyncConsumerStalled" not in prometheus.firing()
+    group = pipeline["settings"].group_id
+    ages = f'max(portal_sync_consumer_lag_seconds{{group="{group}"}})'
+
+    worker = pipeline["procs"]["worker"]
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and "PortalSyncConsumerStalled" not in prometheus.firing():
+        time.sleep(1)
+    assert "PortalSyncConsumerStalled" in prometheus.firing()
+    stop = prometheus.query(f'portal_sync_consumer_status{{group="{group}"}}')
+    assert [float(s["value"][1]) for s in stop] == [3.0]
+    before = float(prometheus.query(ages)[0]["value"][1])
+    time.sleep(3)
+    assert float(prometheus.query(ages)[0]["value"][1]) > before, "time lag must keep rising"

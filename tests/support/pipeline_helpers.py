@@ -1,0 +1,110 @@
+"""Helpers of the integration tests: sample events, the expected store, CLI runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from consumers.merge import Authority, merge_events
+from portal_sync.settings import Settings
+from schemas import derive_event_id, parse_event
+from store.export import export_records
+
+SOURCES = ["province-01", "province-79", "ministry-btp"]
+NAMES = ["Nguyễn Văn An", "Trần Thị Bích", "Lê Hoàng Dũng", "Phạm Thu Hà", "Đặng Quốc Việt"]
+
+
+def citizen_events(keys: int, versions: int, seed: int = 1) -> list[dict[str, Any]]:
+    """Upserts and deletes of `keys` citizens by three sources, `versions` each."""
+    rng = random.Random(seed)
+    base = datetime(2025, 8, 1, 8, tzinfo=UTC)
+    events = []
+    for index in range(keys):
+        pid = f"0010{90 + index % 10:02d}{index:06d}"
+        for source in rng.sample(SOURCES, rng.randint(1, 3)):
+            for version in range(1, versions + 1):
+                delete = version == versions and rng.random() < 0.15
+                event: dict[str, Any] = {
+                    "schema_version": 1,
+                    "event_id": str(derive_event_id(source, "citizen", pid, version)),
+                    "source": source,
+                    "entity": "citizen",
+                    "key": pid,
+                    "op": "delete" if delete else "upsert",
+                    "version": version,
+                    "occurred_at": (base + timedelta(seconds=rng.randrange(86_400))).isoformat(),
+                }
+                if not delete:
+                    event["data"] = {
+                        "full_name": rng.choice(NAMES),
+                        "phone": rng.choice([None, f"09{rng.randrange(10**8):08d}"]),
+                        "permanent_address": {
+                            "province_code": rng.choice(["01", "79"]),
+                            "ward_code": "00070",
+                            "line": "Số 1 Lê Lợi",
+                        },
+                    }
+                events.append(event)
+    return events
+
+
+def shuffled_with_duplicates(events: list[dict[str, Any]], seed: int = 2) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    mixed = events + rng.sample(events, len(events) // 5)
+    rng.shuffle(mixed)
+    return mixed
+
+
+def expected_export(events: list[dict[str, Any]], authority: Authority) -> list[dict[str, Any]]:
+    """What the store must hold: the merge rules over each source's highest version."""
+    parsed = [parse_event(json.dumps(raw).encode()).event for raw in events]
+    return [
+        {"entity": entity, "key": key, "data": record.data, "sources": record.sources}
+        for (entity, key), record in sorted(merge_events(parsed, authority).items())
+    ]
+
+
+def exported(settings: Settings) -> list[dict[str, Any]]:
+    out = io.StringIO()
+    export_records(settings.store_url, out)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def write_jsonl(path: Path, events: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
+    return path
+
+
+def cli(
+    settings: Settings, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `portal-sync ARGS` in a child process with these settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "portal_sync", *args],
+        env=os.environ | settings.as_env() | env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "portal_sync", "worker", *args],
+        env=os.environ | settings.as_env() | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]

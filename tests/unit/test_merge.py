@@ -1,0 +1,310 @@
+"""Merge rules of the national store (consumers/merge.py): pure functions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.merge import Authority, CanonicalRecord, SourceView, decide, merge
+
+T0 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
+DEPLOY_AUTHORITY = Path(__file__).resolve().parents[2] / "deploy" / "authority.toml"
+
+
+def view(
+    source: str,
+    data: dict[str, Any] | None,
+    *,
+    version: int = 1,
+    minutes: int = 0,
+    deleted: bool = False,
+) -> SourceView:
+    return SourceView(
+        source=source,
+        version=version,
+        event_id=f"{source}-{version}",
+        occurred_at=T0 + timedelta(minutes=minutes),
+        deleted=deleted,
+        data=None if deleted else data,
+    )
+
+
+def rank(
+    authority: Authority, entity: str, field: str, source: str, data: dict[str, Any] | None = None
+) -> int:
+    """The rank of a source's (live) view of a record for one field."""
+    return authority.rank(entity, field, view(source, data or {}))
+
+
+def origin(source: str, version: int = 1) -> dict[str, Any]:
+    return {"source": source, "version": version}
+
+
+# -- decide: the version rule -------------------------------------------------------------
+
+
+def test_decide_applies_the_first_view() -> None:
+    assert decide(None, 1) == "applied"
+
+
+@pytest.mark.parametrize(
+    ("current", "incoming", "outcome"),
+    [
+        (5, 6, "applied"),
+        (5, 10**12, "applied"),
+        (5, 5, "duplicate"),
+        (5, 4, "stale"),
+        (5, 1, "stale"),
+    ],
+)
+def test_decide_versions(current: int, incoming: int, outcome: str) -> None:
+    assert decide(view("s-a", {}, version=current), incoming) == outcome
+
+
+def test_decide_against_a_tombstone() -> None:
+    tombstone = view("s-a", None, version=5, deleted=True)
+    assert decide(tombstone, 4) == "stale"
+    assert decide(tombstone, 5) == "duplicate"
+    assert decide(tombstone, 6) == "applied"
+
+
+# -- merge --------------------------------------------------------------------------------
+
+
+def test_single_source_is_the_record() -> None:
+    record = merge(
+        "citizen", [view("s-a", {"full_name": "An", "sex": "male"}, version=3)], Authority()
+    )
+    assert record == CanonicalRecord(
+        {"full_name": "An", "sex": "male"},
+        {"s-a": 3},
+        {"full_name": origin("s-a", 3), "sex": origin("s-a", 3)},
+    )
+
+
+def test_authority_rank_wins_over_recency_and_source_id() -> None:
+    authority = Authority.from_mapping({"citizen": {"full_name": ["s-a", "s-b"]}})
+    views = [
+        view("s-a", {"full_name": "From A"}, minutes=0),
+        view("s-b", {"full_name": "From B"}, minutes=10),
+        view("s-z", {"full_name": "From Z"}, minutes=20),
+    ]
+    assert merge("citizen", views, authority).data == {"full_name": "From A"}  # type: ignore[union-attr]
+    without_a = views[1:]
+    assert merge("citizen", without_a, authority).data == {"full_name": "From B"}  # type: ignore[union-attr]
+
+
+def test_authority_is_per_entity_and_field() -> None:
+    authority = Authority.from_mapping({"citizen": {"full_name": ["s-a"]}})
+    views = [
+        view("s-a", {"full_name": "A", "sex": "male"}, minutes=0),
+        view("s-b", {"full_name": "B", "sex": "female"}, minutes=5),
+    ]
+    assert merge("citizen", views, authority).data == {"full_name": "A", "sex": "female"}  # type: ignore[union-attr]
+    # the same rule does not apply to another entity
+    org_views = [view("s-a", {"full_name": "A"}), view("s-b", {"full_name": "B"}, minutes=5)]
+    assert merge("organization", org_views, authority).data == {"full_name": "B"}  # type: ignore[union-attr]
+
+
+def test_latest_occurred_at_breaks_equal_rank() -> None:
+    views = [view("s-z", {"name": "old"}, minutes=0), view("s-a", {"name": "new"}, minutes=1)]
+    assert merge("organization", views, Authority()).data == {"name": "new"}  # type: ignore[union-attr]
+
+
+def test_greatest_source_id_breaks_equal_rank_and_time() -> None:
+    views = [view("s-b", {"name": "B"}), view("s-c", {"name": "C"}), view("s-a", {"name": "A"})]
+    assert merge("organization", views, Authority()).data == {"name": "C"}  # type: ignore[union-attr]
+
+
+def test_occurred_at_compares_instants_across_offsets() -> None:
+    plus7 = datetime(2024, 1, 15, 17, 0, tzinfo=timezone(timedelta(hours=7)))  # 10:00 UTC
+    a = SourceView("s-a", 1, "e", plus7, False, {"name": "A"})
+    b = SourceView("s-b", 1, "e", datetime(2024, 1, 15, 9, 59, tzinfo=UTC), False, {"name": "B"})
+    assert merge("organization", [a, b], Authority()).data == {"name": "A"}  # type: ignore[union-attr]
+
+
+def test_unnamed_sources_rank_equal_below_named_ones() -> None:
+    authority = Authority.from_mapping({"citizen": {"full_name": ["s-m"]}})
+    assert rank(authority, "citizen", "full_name", "s-m") == 1
+    assert rank(authority, "citizen", "full_name", "s-x") == 0
+    assert rank(authority, "citizen", "full_name", "s-y") == 0
+    views = [
+        view("s-m", {"full_name": "Named"}, minutes=0),
+        view("s-x", {"full_name": "X"}, minutes=30),
+        view("s-y", {"full_name": "Y"}, minutes=20),
+    ]
+    assert merge("citizen", views, authority).data == {"full_name": "Named"}  # type: ignore[union-attr]
+    # between the two unnamed sources, recency decides (not their id)
+    assert merge("citizen", views[1:], authority).data == {"full_name": "X"}  # type: ignore[union-attr]
+
+
+def test_rank_order_of_named_sources() -> None:
+    authority = Authority.from_mapping({"citizen": {"sex": ["s-1", "s-2", "s-3"]}})
+    ranks = [rank(authority, "citizen", "sex", s) for s in ("s-1", "s-2", "s-3", "s-4")]
+    assert ranks == [3, 2, 1, 0]
+
+
+def test_star_rule_applies_to_fields_without_their_own_rule() -> None:
+    authority = Authority.from_mapping({"organization": {"*": ["s-a"], "name": ["s-b"]}})
+    views = [
+        view("s-a", {"name": "A name", "status": "active", "legal_form": "A form"}, minutes=0),
+        view("s-b", {"name": "B name", "status": "dissolved", "legal_form": "B form"}, minutes=9),
+    ]
+    record = merge("organization", views, authority)
+    assert record is not None
+    assert record.data == {"name": "B name", "status": "active", "legal_form": "A form"}
+    assert rank(authority, "organization", "anything", "s-a") == 1
+    assert rank(authority, "organization", "name", "s-a") == 0
+    assert rank(authority, "citizen", "anything", "s-a") == 0
+
+
+def test_tombstone_removes_the_source_contribution() -> None:
+    views = [
+        view("s-a", {"full_name": "A", "phone": "0912345678"}, version=1, minutes=50),
+        view("s-b", {"full_name": "B"}, version=2, minutes=0),
+    ]
+    authority = Authority.from_mapping({"citizen": {"*": ["s-a"]}})
+    assert merge("citizen", views, authority) == CanonicalRecord(
+        {"full_name": "A", "phone": "0912345678"},
+        {"s-a": 1, "s-b": 2},
+        {"full_name": origin("s-a", 1), "phone": origin("s-a", 1)},
+    )
+    views[0] = view("s-a", None, version=2, deleted=True)
+    assert merge("citizen", views, authority) == CanonicalRecord(
+        {"full_name": "B"}, {"s-b": 2}, {"full_name": origin("s-b", 2)}
+    )
+
+
+def test_deleted_view_with_stray_data_contributes_nothing() -> None:
+    stray = SourceView("s-a", 3, "e", T0, True, {"full_name": "ghost"})
+    assert merge("citizen", [stray], Authority()) is None
+    assert merge("citizen", [stray, view("s-b", {"sex": "male"})], Authority()) == CanonicalRecord(
+        {"sex": "male"}, {"s-b": 1}, {"sex": origin("s-b", 1)}
+    )
+
+
+def test_no_live_source_means_no_record() -> None:
+    assert merge("citizen", [], Authority()) is None
+    tombstones = [view("s-a", None, deleted=True), view("s-b", None, version=4, deleted=True)]
+    assert merge("citizen", tombstones, Authority()) is None
+
+
+def test_null_is_kept_and_absent_falls_back() -> None:
+    authority = Authority.from_mapping({"citizen": {"*": ["s-a"]}})
+    views = [
+        view("s-a", {"full_name": "A", "email": None}),  # asserts there is no email; no phone
+        view("s-b", {"full_name": "B", "email": "b@example.vn", "phone": "0912345678"}),
+    ]
+    record = merge("citizen", views, authority)
+    assert record is not None
+    assert record.data == {"full_name": "A", "email": None, "phone": "0912345678"}
+    assert "email" in record.data
+
+
+def test_empty_data_is_still_a_live_contribution() -> None:
+    record = merge("dossier", [view("s-a", {}, version=9)], Authority())
+    assert record == CanonicalRecord({}, {"s-a": 9}, {})
+
+
+def test_merge_is_independent_of_view_order() -> None:
+    authority = Authority.from_mapping({"citizen": {"full_name": ["s-b"]}})
+    views = [
+        view("s-a", {"full_name": "A", "sex": "male", "email": None}, version=3, minutes=5),
+        view("s-b", {"full_name": "B", "phone": "0912345678"}, version=1, minutes=1),
+        view("s-c", {"sex": "female", "email": "c@example.vn"}, version=2, minutes=5),
+        view("s-d", None, version=7, deleted=True),
+    ]
+    expected = merge("citizen", views, authority)
+    assert expected == CanonicalRecord(
+        {"full_name": "B", "sex": "female", "email": "c@example.vn", "phone": "0912345678"},
+        {"s-a": 3, "s-b": 1, "s-c": 2},
+        {
+            "full_name": origin("s-b", 1),
+            # s-a and s-c are equally recent: the greater source id wins
+            "sex": origin("s-c", 2),
+            "email": origin("s-c", 2),
+            "phone": origin("s-b", 1),
+        },
+    )
+    for rotation in range(1, len(views)):
+        assert merge("citizen", views[rotation:] + views[:rotation], authority) == expected
+    assert merge("citizen", list(reversed(views)), authority) == expected
+
+
+# -- Authority files ----------------------------------------------------------------------
+
+
+def test_authority_load_reads_toml(tmp_path: Path) -> None:
+    path = tmp_path / "authority.toml"
+    path.write_text(
+        '[citizen]\nfull_name = ["s-b", "s-a"]\n"*" = ["s-c"]\n\n[organization]\nname = ["s-a"]\n',
+        encoding="utf-8",
+    )
+    authority = Authority.load(path)
+    assert authority.rules == {
+        ("citizen", "full_name"): ("s-b", "s-a"),
+        ("citizen", "*"): ("s-c",),
+        ("organization", "name"): ("s-a",),
+    }
+    assert rank(authority, "citizen", "full_name", "s-b") == 2
+    assert rank(authority, "citizen", "full_name", "s-c") == 0
+    assert rank(authority, "citizen", "sex", "s-c") == 1
+
+
+def test_authority_load_none_ranks_all_equal() -> None:
+    authority = Authority.load(None)
+    assert authority.rules == {}
+    assert rank(authority, "citizen", "full_name", "anything") == 0
+
+
+def test_authority_load_rejects_invalid_toml(tmp_path: Path) -> None:
+    import tomllib
+
+    path = tmp_path / "broken.toml"
+    path.write_text("[citizen\nfull_name = ", encoding="utf-8")
+    with pytest.raises(tomllib.TOMLDecodeError):
+        Authority.load(path)
+
+
+def test_deployed_authority_file_loads() -> None:
+    authority = Authority.load(DEPLOY_AUTHORITY)
+    assert authority.rules
+    for (entity, _field), sources in authority.rules.items():
+        assert entity in {"citizen", "organization", "document", "dossier"}
+        assert sources and all(isinstance(s, str) and s for s in sources)
+    # the national population database is the truth for identity fields
+    assert authority.rules[("citizen", "full_name")] == ("national-population", "ministry-btp")
+    ranks = [
+        rank(authority, "citizen", "full_name", s)
+        for s in ("national-population", "ministry-btp", "province-01")
+    ]
+    assert ranks == [2, 1, 0]
+
+
+def test_merge_events_keeps_each_sources_highest_version_and_tombstones() -> None:
+    import json as _json
+
+    from consumers.merge import merge_events
+    from schemas import derive_event_id, parse_event
+
+    def ev(source: str, version: int, op: str = "upsert", name: str | None = None) -> Any:
+        raw: dict[str, Any] = {
+            "schema_version": 1, "source": source, "entity": "citizen",
+            "event_id": str(derive_event_id(source, "citizen", "001090000001", version)),
+            "key": "001090000001", "op": op, "version": version,
+            "occurred_at": f"2025-08-0{version}T08:00:00+07:00",
+        }  # fmt: skip
+        if op == "upsert":
+            raw["data"] = {"full_name": name}
+        return parse_event(_json.dumps(raw).encode()).event
+
+    events = [ev("s-a", 2, name="B"), ev("s-a", 1, name="A"), ev("s-a", 2, name="B"),
+              ev("s-b", 1, name="C"), ev("s-b", 3, "delete"), ev("s-b", 2, name="D")]  # fmt: skip
+    merged = merge_events(events, Authority())
+    record = merged[("citizen", "001090000001")]
+    assert record.data == {"full_name": "B"}
+    assert record.sources == {"s-a": 2}
+    assert merge_events([ev("s-b", 3, "delete"), ev("s-b", 2, name="D")], Authority()) == {}

@@ -1,0 +1,265 @@
+"""The data-steward commands (`portal-sync show`, `history`, `conflicts`, `anomalies`,
+`remerge`, `export --provenance`) as subprocesses against a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consumers.merge import Authority
+from store import queries
+from store.core import Store
+from tests.support.store_helpers import (
+    CITIZEN,
+    CITIZEN_2,
+    DOSSIER,
+    H26,
+    REGISTRY,
+    Feed,
+    event,
+    event_id,
+    history_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTHORITY = Authority.from_mapping(
+    {"citizen": {"full_name": ["national-population"], "sex": ["national-population"]}},
+    REGISTRY,
+)
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_SYNC_")}
+    base.pop("FORCE_COLOR", None)
+    base.update(COLUMNS="200", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "portal_sync", *args],
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> str:
+    """A store with a disagreement, a deleted view, an anomaly and a waiting document."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    feed = Feed(store, AUTHORITY)
+    feed.apply(
+        event(
+            "citizen",
+            CITIZEN,
+            "national-population",
+            3,
+            {"full_name": "Nguyễn Văn An", "sex": "male"},
+        ),
+        event(
+            "citizen",
+            CITIZEN,
+            "province-01",
+            5,
+            {"full_name": "Nguyen Van An", "phone": "0912345678"},
+        ),
+        event("citizen", CITIZEN, "province-79", 1, {"email": "an@example.vn"}),
+    )
+    feed.apply(event("citizen", CITIZEN, "province-79", 2, None))
+    feed.apply(event("dossier", DOSSIER, "province-01", 1, {"agency_code": H26, "status": 2}))
+    feed.apply(event("dossier", DOSSIER, "province-01", 2, {"agency_code": H26, "status": 1}))
+    feed.apply(
+        event(
+            "document",
+            "GKS-1",
+            "province-01",
+            1,
+            {"owner_kind": "citizen", "owner_id": CITIZEN_2, "title": "Giấy khai sinh"},
+        ),
+    )
+    store.close()
+    return url
+
+
+def test_show_prints_values_provenance_views_and_disagreements(filled: str) -> None:
+    result = run_cli("show", "citizen", CITIZEN, "--store", filled)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    lines = out.splitlines()
+    full_name = next(line for line in lines if "full_name" in line)
+    # canonical value and its origin, then each source's view
+    assert "Nguyễn Văn An" in full_name and "national-population v3" in full_name
+    assert "Nguyen Van An" in full_name
+    phone = next(line for line in lines if "phone" in line)
+    assert "0912345678" in phone and "province-01 v5" in phone
+    for source in ("national-population", "province-01", "province-79"):
+        assert source in lines[2]  # the header row
+    assert "(deleted)" in full_name  # province-79's tombstone
+    version = next(line for line in lines if "version" in line and "│" in line)
+    assert [cell.strip() for cell in version.split("│")[4:7]] == ["3", "5", "2"]
+    assert "disagreements: full_name" in out
+    assert "waiting for its owner" not in out
+
+
+def test_show_highlights_the_disagreeing_fields(filled: str) -> None:
+    result = run_cli("show", "citizen", CITIZEN, "--store", filled, FORCE_COLOR="1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    full_name = next(line for line in lines if "full_name" in line and "│" in line)
+    phone = next(line for line in lines if "phone" in line and "│" in line)
+    assert "\x1b[1;31m" in full_name  # bold red
+    assert "\x1b[1;31m" not in phone
+
+
+def test_show_a_waiting_document_and_an_unknown_record(filled: str) -> None:
+    result = run_cli("show", "document", "GKS-1", "--store", filled)
+    assert result.returncode == 0, result.stderr
+    assert "waiting for its owner citizen" in result.stdout
+    assert "Giấy khai sinh" in result.stdout
+    missing = run_cli("show", "citizen", CITIZEN_2, "--store", filled)
+    assert missing.returncode == 1
+    assert f"no citizen {CITIZEN_2} in the store" in missing.stdout
+
+
+def test_show_a_deleted_record(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    feed = Feed(store)
+    feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}))
+    feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
+    store.close()
+    result = run_cli("show", "citizen", CITIZEN, "--store", url)
+    assert result.returncode == 0, result.stderr
+    assert "no canonical record: every source deleted it" in result.stdout
+    version = next(line for line in result.stdout.splitlines() if "version" in line)
+    assert [cell.strip() for cell in version.split("│")[1:-1]] == ["version", "", "", "2"]
+    assert "province-01" in result.stdout
+
+
+def test_history_lists_each_change(filled: str) -> None:
+    result = run_cli("history", "citizen", CITIZEN, "--store", filled)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert event_id("national-population", "citizen", CITIZEN, 3) in out
+    assert event_id("province-79", "citizen", CITIZEN, 1) in out
+    assert event_id("province-79", "citizen", CITIZEN, 2) in out
+    # province-01's name loses to the population database: its entry shows only the phone
+    assert event_id("province-01", "citizen", CITIZEN, 5) in out
+    assert "full_name: null → Nguyễn Văn An" in out
+    assert "phone: null → 0912345678" in out
+    assert "email: an@example.vn → null" in out
+    assert "Nguyen Van An" not in out
+    assert out.count("national-population") == 1
+
+
+def test_conflicts_report(filled: str) -> None:
+    result = run_cli("conflicts", "--store", filled)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "full_name" in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells == ["citizen", "full_name", "national-population ↔ province-01", "1"]
+    assert "no open conflicts" not in result.stdout
+    none = run_cli("conflicts", "--entity", "organization", "--store", filled)
+    assert none.returncode == 0, none.stderr
+    assert "no open conflicts" in none.stdout
+
+
+def test_anomalies_report(filled: str) -> None:
+    result = run_cli("anomalies", "--store", filled)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if DOSSIER in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[1:] == [
+        DOSSIER,
+        "province-01",
+        "2",
+        "1",
+        event_id("province-01", "dossier", DOSSIER, 2),
+    ]
+
+
+def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:
+    authority = tmp_path / "authority.toml"
+    authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")
+    result = run_cli("remerge", "--store", filled, PORTAL_SYNC_AUTHORITY_FILE=str(authority))
+    assert result.returncode == 0, result.stderr
+    assert "re-merging" in result.stdout and "3/3" in result.stdout  # the progress bar
+    assert "re-merged 3 records, 1 changed" in result.stdout
+    store = Store(filled)
+    try:
+        citizen = next(store.iter_records("citizen"))
+        assert citizen[2]["full_name"] == "Nguyen Van An"
+        assert citizen[4]["full_name"] == {"source": "province-01", "version": 5}
+        assert history_rows(store)[-1] == (
+            "citizen",
+            CITIZEN,
+            None,
+            "remerge",
+            None,
+            {"full_name": ["Nguyễn Văn An", "Nguyen Van An"]},
+        )
+        # the sources still disagree: remerge does not hide the conflict
+        assert queries.open_conflicts(store) == 1
+    finally:
+        store.close()
+    shown = run_cli("history", "citizen", CITIZEN, "--store", filled)
+    assert "remerge" in shown.stdout
+    assert "full_name: Nguyễn Văn An → Nguyen Van An" in shown.stdout
+
+    only = run_cli(
+        "remerge",
+        "--entity",
+        "dossier",
+        "--store",
+        filled,
+        PORTAL_SYNC_AUTHORITY_FILE=str(authority),
+    )
+    assert only.returncode == 0, only.stderr
+    assert "re-merged 1 records, 0 changed" in only.stdout
+
+
+def test_export_with_provenance(filled: str, tmp_path: Path) -> None:
+    result = run_cli("export", "--provenance", "--store", filled)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["entity"], line["key"]) for line in lines] == [
+        ("citizen", CITIZEN),
+        ("document", "GKS-1"),
+        ("dossier", DOSSIER),
+    ]
+    assert lines[0]["provenance"] == {
+        "full_name": {"source": "national-population", "version": 3},
+        "sex": {"source": "national-population", "version": 3},
+        "phone": {"source": "province-01", "version": 5},
+    }
+    assert lines[0]["data"] == {"full_name": "Nguyễn Văn An", "sex": "male", "phone": "0912345678"}
+    assert lines[2]["provenance"] == {
+        "agency_code": {"source": "province-01", "version": 2},
+        "status": {"source": "province-01", "version": 2},
+    }
+    assert "exported 3 records" in result.stderr
+
+    out = tmp_path / "records.jsonl"
+    plain = run_cli("export", "--store", filled, "-o", str(out))
+    assert plain.returncode == 0, plain.stderr
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(written) == 3 and all("provenance" not in line for line in written)
+
+
+def test_a_missing_or_malformed_registry_is_a_clear_error(tmp_path: Path) -> None:
+    missing = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(tmp_path / "none.toml"))
+    assert missing.returncode == 2
+    assert "source registry" in missing.stderr and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = tmp_path / "registry.toml"
+    bad.write_text('[sources.x]\nkind = "planet"\nname = "x"\n')
+    malformed = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(bad))
+    assert malformed.returncode == 2
+    assert "kind" in malformed.stderr and "Traceback" not in malformed.stderr

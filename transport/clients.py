@@ -1,0 +1,73 @@
+"""Factories of every Kafka client the project uses; the only place that constructs them.
+
+Each takes the one `KafkaConnection` and adds what its role needs. Driver errors met while
+connecting are translated here into the project's taxonomy: a cluster that does not answer
+is transient, a refused authentication or certificate is a configuration error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ssl import SSLContext
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaConnectionError, KafkaError
+
+from schemas.errors import ConfigurationError, TransientError
+from transport.config import KafkaConnection
+
+
+def translate(error: Exception, action: str) -> Exception:
+    """A kafka-python error as one of the project's families."""
+    name = type(error).__name__
+    if "Authentication" in name or "Authorization" in name or "SSL" in name:
+        return ConfigurationError(f"Kafka refused {action}: {name}: {error}")
+    if isinstance(error, KafkaConnectionError):
+        return TransientError(f"no Kafka broker answered while trying to {action}")
+    return TransientError(f"Kafka error while trying to {action}: {name}")
+
+
+def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
+    try:
+        return KafkaProducer(**connection.client_options(), client_id=client_id, **options)
+    except KafkaError as error:
+        raise translate(error, "connect a producer") from error
+
+
+def consumer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
+    try:
+        return KafkaConsumer(**connection.client_options(), client_id=client_id, **options)
+    except KafkaError as error:
+        raise translate(error, "connect a consumer") from error
+
+
+def admin(connection: KafkaConnection, client_id: str = "portal-sync-admin", **options: Any) -> Any:
+    try:
+        return KafkaAdminClient(**connection.client_options(), client_id=client_id, **options)
+    except KafkaError as error:
+        raise translate(error, "connect an admin client") from error
+
+
+@dataclass(frozen=True)
+class StreamBroker:
+    """What a stream processor (faust/aiokafka) needs to reach the cluster."""
+
+    urls: list[str]
+    security_protocol: str
+    ssl_context: SSLContext | None
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: str | None
+
+
+def stream_broker(connection: KafkaConnection) -> StreamBroker:
+    """The cluster as faust's `broker` URLs plus the credentials its consumer needs."""
+    return StreamBroker(
+        urls=[f"kafka://{server}" for server in connection.servers()],
+        security_protocol=connection.security_protocol,
+        ssl_context=connection.ssl_context(),
+        sasl_mechanism=connection.sasl_mechanism if connection.uses_sasl else None,
+        sasl_username=connection.sasl_username if connection.uses_sasl else None,
+        sasl_password=connection.password() if connection.uses_sasl else None,
+    )

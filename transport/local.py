@@ -1,0 +1,307 @@
+"""The embedded default broker: single-node Apache Kafka 3.9 in KRaft mode on 127.0.0.1.
+
+The official jars are fetched once by Maven from Maven Central (deploy/kafka/pom.xml) into
+the user's cache dir and run on the machine's JDK. A broker is known by its data dir, which
+holds its configuration, its log segments and `broker.json` (port, pid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from base64 import urlsafe_b64encode
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.errors import ConfigurationError
+from transport import clients
+from transport.config import KafkaConnection
+
+KAFKA_VERSION = "3.9.2"
+DEFAULT_PORT = 9092
+HEAP = "-Xmx512m"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
+
+
+class KafkaSetupError(ConfigurationError):
+    """A missing prerequisite or a broker that did not start; the message says what to do."""
+
+
+def user_cache_dir() -> Path:
+    """The user's cache dir (XDG), where the Kafka jars are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "portal-sync"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    running: bool
+    port: int
+    pid: int | None
+    rss_bytes: int | None
+    data_dir: Path
+
+
+def jar_dir() -> Path:
+    return user_cache_dir() / f"kafka-{KAFKA_VERSION}" / "lib"
+
+
+def ensure_java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise KafkaSetupError(
+            "Java is not installed: the local Kafka broker needs JDK 17 "
+            "(Debian: apt-get install openjdk-17-jdk-headless)"
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', out)
+    if match is None or int(match.group(1)) < 17:
+        raise KafkaSetupError(f"Java 17 or newer is needed for Kafka {KAFKA_VERSION}: {out[:80]}")
+    return java
+
+
+def ensure_jars() -> Path:
+    """Fetch the broker jars once through Maven; later calls reuse the cache."""
+    target = jar_dir()
+    if (target / ".complete").exists():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaSetupError(
+            "Maven is not installed: it fetches the Kafka jars once from Maven Central "
+            "(Debian: apt-get install maven)"
+        )
+    staging = target.with_name("lib.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(DEPLOY_DIR / "pom.xml"),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KafkaSetupError(f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    (target / ".complete").write_text(KAFKA_VERSION)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, base64url (it may start with '-')."""
+    return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def format_command(java: str, jars: Path, properties: Path, cluster_id: str) -> list[str]:
+    """kafka-storage's format step. The id is glued to its option (`--cluster-id=<id>`): an
+    id starting with '-' given as a separate argument would be read as an option."""
+    return [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
+            f"--cluster-id={cluster_id}", "--config", str(properties),
+            "--ignore-formatted"]  # fmt: skip
+
+
+class LocalKafka:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self.state_file = self.data_dir / "broker.json"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- state ------------------------------------------------------------------------
+    def _state(self) -> dict[str, int]:
+        if not self.state_file.exists():
+            return {}
+        state: dict[str, int] = json.loads(self.state_file.read_text())
+        return state
+
+    def _save_state(self, **values: int) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        state = self._state() | values
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def port(self) -> int:
+        return self._state().get("port", DEFAULT_PORT)
+
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port()}"
+
+    def _pid(self) -> int | None:
+        pid = self._state().get("pid")
+        if pid is None:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"kafka.Kafka" in cmdline and str(self.data_dir).encode() in cmdline else None
+
+    def status(self) -> BrokerStatus:
+        pid = self._pid()
+        rss = None
+        if pid is not None:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        running = pid is not None and _port_answers(self.port())
+        return BrokerStatus(running, self.port(), pid, rss, self.data_dir)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def up(self, port: int | None = None, timeout: float = 90.0) -> bool:
+        """Start the broker and wait until it answers; False when it was already running."""
+        if self._pid() is not None:
+            if port is not None and port != self.port():
+                raise KafkaSetupError(
+                    f"the broker of {self.data_dir} already runs on port {self.port()}"
+                )
+            self._wait_ready(timeout)
+            return False
+        java = ensure_java()
+        jars = ensure_jars()
+        port = port or self.port()
+        if _port_answers(port):
+            raise KafkaSetupError(f"port {port} is taken by another process")
+        self._save_state(port=port, controller_port=free_port())
+        properties = self._write_config()
+        self._format_storage(java, jars, properties)
+        self._start(java, jars, properties)
+        self._wait_ready(timeout)
+        return True
+
+    def _write_config(self) -> Path:
+        state = self._state()
+        port, cport = state["port"], state["controller_port"]
+        properties = self.data_dir / "server.properties"
+        properties.write_text(
+            "\n".join(
+                [
+                    "# written by portal-sync kafka up",
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{cport}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={self.data_dir / 'data'}",
+                    # Topics are created by portal-sync with explicit partitions and retention.
+                    "auto.create.topics.enable=false",
+                    "num.partitions=1",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=10",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "log.segment.bytes=67108864",
+                    "",
+                ]
+            )
+        )
+        return properties
+
+    def _format_storage(self, java: str, jars: Path, properties: Path) -> None:
+        if (self.data_dir / "data" / "meta.properties").exists():
+            return
+        command = format_command(java, jars, properties, new_cluster_id())
+        output = ""
+        for _ in range(3):  # a JVM start can fail on a starved machine: try again
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                return
+            output = (result.stdout + result.stderr)[-2000:]
+            time.sleep(1)
+        raise KafkaSetupError(f"formatting the KRaft storage failed:\n{output}")
+
+    def connection(self) -> KafkaConnection:
+        return KafkaConnection(bootstrap=self.bootstrap())
+
+    def _start(self, java: str, jars: Path, properties: Path) -> None:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        command = [
+            java,
+            HEAP,
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={logs}",
+            f"-Dlog4j.configuration=file:{DEPLOY_DIR / 'log4j.properties'}",
+            "-cp",
+            f"{jars}/*",
+            "kafka.Kafka",
+            str(properties),
+        ]
+        with (logs / "stdout.log").open("ab") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.data_dir,
+            )
+        self._process = process
+        self._save_state(pid=process.pid)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            exited = self._process.poll() is not None if self._process else self._pid() is None
+            if exited:
+                raise KafkaSetupError(f"the broker exited during start; see {self._log_hint()}")
+            if _port_answers(self.port()):
+                try:
+                    admin = clients.admin(self.connection(), request_timeout_ms=3000)
+                    admin.describe_cluster()
+                    admin.close()
+                    return
+                except Exception:
+                    pass
+            time.sleep(0.2)
+        raise KafkaSetupError(
+            f"the broker did not answer within {timeout:.0f}s; see {self._log_hint()}"
+        )
+
+    def _log_hint(self) -> Path:
+        return self.data_dir / "logs" / "server.log"
+
+    def down(self, timeout: float = 30.0) -> bool:
+        """Stop the broker (SIGTERM, then SIGKILL); False when it was not running."""
+        pid = self._pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._pid() is not None:
+            time.sleep(0.2)
+        if self._pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+        return True

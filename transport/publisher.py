@@ -1,0 +1,102 @@
+"""Publishing to Kafka with kafka-python: acks=all, idempotent, keyed per record.
+
+`flush()` returns only when the broker has acknowledged every message sent before it, and
+raises if any failed: callers checkpoint their source cursor (or commit the offsets that
+skip a dead letter) only after it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kafka.errors import KafkaError
+
+from schemas import CHANGE_EVENT, ChangeEvent, message_key
+from schemas.errors import TransientError
+from transport import clients
+from transport.config import KafkaConnection
+from transport.topics import CHANGE_MAX_MESSAGE_BYTES, DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
+
+
+class PublishError(TransientError):
+    """The broker did not acknowledge a message; nothing after it may be checkpointed."""
+
+
+def encode_event(event: ChangeEvent) -> bytes:
+    """The wire form of an event; unset payload fields stay absent."""
+    return CHANGE_EVENT.dump_json(event, exclude_unset=True)
+
+
+class Publisher:
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        topics: Topics,
+        client_id: str = "portal-sync-producer",
+        max_request_size: int = CHANGE_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.topics = topics
+        self._producer = clients.producer(
+            connection,
+            client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            batch_size=256 * 1024,
+            max_request_size=max_request_size,
+            request_timeout_ms=30_000,
+        )
+        self._pending: list[Any] = []
+
+    @classmethod
+    def for_dead_letters(
+        cls, connection: KafkaConnection, topics: Topics, client_id: str
+    ) -> Publisher:
+        """A publisher whose requests fit anything the dead-letter topic accepts."""
+        return cls(connection, topics, client_id, max_request_size=DEAD_LETTER_MAX_MESSAGE_BYTES)
+
+    def send_event(self, event: ChangeEvent) -> None:
+        self.send(
+            self.topics.change_topic(event.entity),
+            message_key(event.entity, event.key),
+            encode_event(event),
+        )
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        try:
+            future = self._producer.send(topic, key=key, value=value, headers=list(headers))
+        except KafkaError as error:
+            raise PublishError(f"the producer refused a message: {type(error).__name__}") from None
+        self._pending.append(future)
+
+    def send_dead_letter(
+        self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
+        self.send(self.topics.dead_letters, key, value, headers)
+
+    def flush(self, timeout: float = 60.0) -> int:
+        """Wait for the broker's acknowledgement of everything sent; return how many."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as error:
+            self._pending = []
+            raise PublishError(f"flush failed: {type(error).__name__}") from None
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.get(timeout=0)
+            except Exception as error:
+                raise PublishError(
+                    f"broker did not acknowledge a message: {type(error).__name__}"
+                ) from None
+        return len(pending)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._producer.close(timeout=timeout)

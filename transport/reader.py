@@ -1,0 +1,164 @@
+"""Kafka records as the project sees them, and reading a bounded range of them.
+
+The range reader has a consumer of its own, assigned partitions explicitly; it never joins
+or commits for a group, so reading a range never moves the live reconciler's offsets and can
+run beside it (replay, rebuild, dead letters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kafka import TopicPartition
+
+from transport import clients
+from transport.config import KafkaConnection
+
+TP = tuple[str, int]
+OffsetRange = tuple[int, int]  # [start, end)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def tp(self) -> TP:
+        return (self.topic, self.partition)
+
+    def header(self, name: str) -> bytes | None:
+        for header, value in self.headers:
+            if header == name:
+                return value
+        return None
+
+    @property
+    def attempt(self) -> int:
+        """1 for a first delivery; a re-driven dead letter carries its previous attempt."""
+        value = self.header("ps.attempt")
+        if value is None:
+            return 1
+        try:
+            return int(value) + 1
+        except ValueError:
+            return 1
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which records: topics (and partitions), by time or by offsets."""
+
+    topics: list[str]
+    partitions: list[int] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    from_offset: int | None = None
+    to_offset: int | None = None
+
+
+class RangeReader:
+    """Reads selected ranges of topics; use as a context manager."""
+
+    def __init__(self, connection: KafkaConnection, client_id: str = "portal-sync-range-reader"):
+        self._consumer = clients.consumer(
+            connection,
+            client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1_048_576,
+        )
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def resolve(self, selection: Selection) -> dict[TP, OffsetRange]:
+        """Offsets per partition for the selection; times resolve to the first offset at or
+        after them (Kafka's ListOffsets by timestamp)."""
+        consumer = self._consumer
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in selection.topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+            if selection.partitions is None or p in selection.partitions
+        ]
+        if not partitions:
+            return {}
+        first = consumer.beginning_offsets(partitions)
+        last = consumer.end_offsets(partitions)
+        start = dict(first)
+        end = dict(last)
+        if selection.since is not None:
+            start = self._at_time(partitions, selection.since, last)
+        if selection.until is not None:
+            end = self._at_time(partitions, selection.until, last)
+        if selection.from_offset is not None:
+            start = {tp: max(first[tp], selection.from_offset) for tp in partitions}
+        if selection.to_offset is not None:
+            end = {tp: min(last[tp], selection.to_offset) for tp in partitions}
+        return {
+            (tp.topic, tp.partition): (start[tp], end[tp])
+            for tp in partitions
+            if end[tp] > start[tp]
+        }
+
+    def _at_time(
+        self, partitions: list[Any], moment: datetime, last: dict[Any, int]
+    ) -> dict[Any, int]:
+        millis = int(moment.timestamp() * 1000)
+        found = self._consumer.offsets_for_times({tp: millis for tp in partitions})
+        return {tp: found[tp].offset if found.get(tp) else last[tp] for tp in partitions}
+
+    def read(self, ranges: dict[TP, OffsetRange], batch: int = 2000) -> Iterator[list[Message]]:
+        """Batches of the records in the ranges, each partition in offset order."""
+        if not ranges:
+            return
+        consumer = self._consumer
+        assigned = {TopicPartition(t, p): span for (t, p), span in ranges.items()}
+        consumer.assign(list(assigned))
+        for tp, (start, _) in assigned.items():
+            consumer.seek(tp, start)
+        open_partitions = set(assigned)
+        while open_partitions:
+            polled = consumer.poll(timeout_ms=1000, max_records=batch)
+            messages: list[Message] = []
+            for tp, records in polled.items():
+                end = assigned[tp][1]
+                messages += [to_message(r) for r in records if r.offset < end]
+            for tp in list(open_partitions):
+                if consumer.position(tp) >= assigned[tp][1]:
+                    open_partitions.discard(tp)
+                    consumer.pause(tp)
+            if messages:
+                yield messages
+
+
+def to_message(record: Any) -> Message:
+    """A kafka-python ConsumerRecord as a Message."""
+    headers = tuple((name, value or b"") for name, value in (record.headers or []))
+    return Message(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.value,
+        record.key,
+        record.timestamp,
+        headers,
+    )

@@ -1,0 +1,77 @@
+"""The project's topics, created explicitly (the broker never auto-creates them).
+
+| topic                              | partitions         | retention                 |
+|------------------------------------|--------------------|---------------------------|
+| `<prefix>.changes.<entity>`        | `change_partitions`| `change_retention_hours`  |
+| `<prefix>.dead-letters`            | 1                  | `dead_letter_retention_hours` |
+
+Change topics are keyed by `<entity>:<key>`, so all events of one record share a partition.
+Their retention bounds what a replay or rebuild can promise (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import ENTITIES
+from schemas.validation import MAX_EVENT_BYTES
+
+HOUR_MS = 3_600_000
+# A change topic takes twice the contract's limit; a dead letter is the original bytes plus
+# headers, so its topic takes twice that again: anything a change topic accepts fits.
+CHANGE_MAX_MESSAGE_BYTES = 2 * MAX_EVENT_BYTES
+DEAD_LETTER_MAX_MESSAGE_BYTES = 2 * CHANGE_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names and creation options of the project's topics."""
+
+    prefix: str = "portal-sync"
+    change_partitions: int = 6
+    replication_factor: int = 1
+    change_retention_hours: int = 24 * 30
+    dead_letter_retention_hours: int = 24 * 90
+
+    def change_topic(self, entity: str) -> str:
+        return f"{self.prefix}.changes.{entity}"
+
+    def change_topics(self) -> list[str]:
+        return [self.change_topic(entity) for entity in ENTITIES]
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.dead-letters"
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """Topic name to creation options (partitions, replication, configs)."""
+        # With replicas, acks=all waits for at least two copies (one may be down).
+        in_sync = str(min(2, self.replication_factor))
+        changes = {
+            "cleanup.policy": "delete",
+            "retention.ms": str(self.change_retention_hours * HOUR_MS),
+            "message.timestamp.type": "CreateTime",
+            "max.message.bytes": str(CHANGE_MAX_MESSAGE_BYTES),
+            "min.insync.replicas": in_sync,
+        }
+        dead_letters = {
+            "cleanup.policy": "delete",
+            "retention.ms": str(self.dead_letter_retention_hours * HOUR_MS),
+            "max.message.bytes": str(DEAD_LETTER_MAX_MESSAGE_BYTES),
+            "min.insync.replicas": in_sync,
+        }
+        specs: dict[str, dict[str, Any]] = {
+            topic: {
+                "num_partitions": self.change_partitions,
+                "replication_factor": self.replication_factor,
+                "configs": changes,
+            }
+            for topic in self.change_topics()
+        }
+        specs[self.dead_letters] = {
+            "num_partitions": 1,
+            "replication_factor": self.replication_factor,
+            "configs": dead_letters,
+        }
+        return specs
