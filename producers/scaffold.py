@@ -10,10 +10,12 @@ import re
 from pathlib import Path
 from string import Template
 
+from schemas import errors
+
 NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
 
 
-class ScaffoldError(ValueError):
+class ScaffoldError(errors.Refused):
     pass
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producers.mapping import FieldMapping, map_fields, parse_local
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from schemas.errors import RecordError
 from schemas.events import Entity
 
 KEEP_CHECKSUMS = 50_000
@@ -51,8 +52,11 @@ class FileDropConfig(DirectoryConfig, FieldMapping):
     format: Literal["auto", "csv", "jsonl"] = "auto"
 
 
-class UnreadableFile(Exception):
+class UnreadableFile(RecordError):
     """The file as a whole cannot be read (encoding, header): it goes to error/."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unreadable_file", message)
 
 
 class DirectoryAdapter(Adapter):
@@ -88,7 +92,7 @@ class DirectoryAdapter(Adapter):
             try:
                 yield from self.parse(path, content)
             except UnreadableFile as error:
-                self.rejected(f"{path.name}:0", "unreadable_file", str(error))
+                self.rejected(f"{path.name}:0", "unreadable_file", error.message)
                 target = self.error_dir
             done = [*done, checksum][-KEEP_CHECKSUMS:]
             yield Checkpoint({"files": done}, self._mover(path, target))
