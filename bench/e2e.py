@@ -391,8 +391,10 @@ def start_worker(infra: Infra, settings: Settings, until_caught_up: bool, args: 
     command = worker_command(settings, until_caught_up)
     if args.py_spy:
         out = Path(args.py_spy).with_suffix(f".{tag}.txt")
-        command = ["py-spy", "record", "--format", "raw", "--threads", "--idle", "--rate",
-                   "200", "-o", str(out), "--", *command]  # fmt: skip
+        spy = Path(sys.executable).with_name("py-spy")
+        command = [str(spy) if spy.exists() else "py-spy", "record", "--format", "raw",
+                   "--threads", "--idle", "--rate", "200",
+                   "-o", str(out), "--", *command]  # fmt: skip
     log = open(infra.tmp / f"worker-{tag}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -550,7 +552,11 @@ def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, flo
             conn.commit()
             began = time.perf_counter()
             for start in range(0, len(rows), size):
-                conn.execute("CREATE TEMP TABLE stage (LIKE target) ON COMMIT DROP")
+                conn.execute(
+                    "CREATE TEMP TABLE stage (entity text, key text, source text, version bigint,"
+                    " event_id text, occurred_at timestamptz, deleted boolean, data jsonb)"
+                    " ON COMMIT DROP"
+                )
                 with conn.cursor().copy(f"COPY stage ({cols}) FROM STDIN") as copy:
                     for row in rows[start : start + size]:
                         copy.write_row(row)
