@@ -503,9 +503,16 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     problems = []
     if last_t is None:
         problems.append(f"not caught up ({done}/{total})")
+    batches = batch_sizes(settings.store_url)
+    if batches:
+        txns = f"{len(batches)} txns, mean {statistics.mean(batches):.0f} events/txn"
+        txns += f" (median {statistics.median(batches):.0f}, max {max(batches)})"
+    else:
+        txns = "no txns"
     if expected is None:
         peak = max(rss.values()) if rss else None
-        return Result(label, total, rate, wall, peak, not problems, "; ".join(problems) or "-")
+        note = "; ".join([*problems, txns])
+        return Result(label, total, rate, wall, peak, not problems, note)
     store = exported(settings.store_url)
     if store != expected.export:
         problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
@@ -516,6 +523,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
         "; ".join(problems)
         or f"store = pure merge ({len(store)} records, {digest(store)}), dead letters {dead}"
     )
+    note += f"; {txns}"
     peak = max(rss.values()) if rss else None
     return Result(label, total, rate, wall, peak, not problems, note)
 
@@ -783,6 +791,21 @@ def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
                   f"{1e6 / result.rate if result.rate else 0:>10.0f}{result.rss_mb or 0:>8.0f}"
                   f"{'  ' + result.note if expected is not None else ''}", flush=True)  # fmt: skip
     return ok
+
+
+def batch_sizes(store_url: str) -> list[int]:
+    """Events per store transaction, from the apply journal (one row per partition)."""
+    engine = create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT sum(events) FROM apply_journal GROUP BY committed_at")
+            ).all()
+    except Exception:
+        return []
+    finally:
+        engine.dispose()
+    return [int(n) for (n,) in rows]
 
 
 def _count(store_url: str) -> int:
