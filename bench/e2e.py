@@ -786,8 +786,8 @@ def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
             result = run_drain(infra, settings, expected, ends, args, f"flat-{step}", dead_base=0)
             if expected is not None:
                 ok = ok and result.ok
-            step_records = _count(store)
-            print(f"{backend:<12}{step_records:>15}{args.step:>8}{result.rate:>10.0f}"
+            before, step_records = step_records, _count(store)
+            print(f"{backend:<12}{before:>15}{args.step:>8}{result.rate:>10.0f}"
                   f"{1e6 / result.rate if result.rate else 0:>10.0f}{result.rss_mb or 0:>8.0f}"
                   f"{'  ' + result.note if expected is not None else ''}", flush=True)  # fmt: skip
     return ok
