@@ -51,15 +51,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import create_engine, text
 
-from consumers.export import export_records
 from consumers.merge import Authority, merge_events
-from portal_sync.local_kafka import LocalKafka, free_port
 from portal_sync.settings import Settings
-from portal_sync.topics import change_topic, dead_letter_topic, ensure_topics
-from schemas import derive_event_id, message_key, parse_event
+from schemas import build_event, message_key, parse_event
 from schemas.identifiers import tax_code_check_digit
 from schemas.validation import InvalidEvent
-from tests.postgres_server import start_postgres
+from store.export import export_records
+from tests.support.postgres_server import start_postgres
+from transport.admin import ensure_topics as _ensure_topics
+from transport.local import LocalKafka, free_port
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    return _ensure_topics(settings.connection(), settings.topics())
+
+
+def change_topic(settings: Settings, entity: str) -> str:
+    return settings.topics().change_topic(entity)
+
+
+def dead_letter_topic(settings: Settings) -> str:
+    return settings.topics().dead_letters
+
 
 VN = timezone(timedelta(hours=7))
 FAMILY = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi",
@@ -187,13 +200,7 @@ class _Gen:
 
 def _event(source: str, entity: str, key: str, version: int, when: datetime,
            data: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    event = {"schema_version": 1, "event_id": str(derive_event_id(source, entity, key, version)),
-             "source": source, "entity": entity, "key": key,
-             "op": "upsert" if data is not None else "delete", "version": version,
-             "occurred_at": _ts(when)}  # fmt: skip
-    if data is not None:
-        event["data"] = data
-    return event
+    return build_event(source, entity, key, version, _ts(when), data)
 
 
 def _break(rng: random.Random, event: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +354,7 @@ def settings_for(infra: Infra, prefix: str, store_url: str, partitions: int) -> 
 
 
 def publish(settings: Settings, events: list[dict[str, Any]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap(), acks="all", linger_ms=20,
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
                              batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)  # fmt: skip
     for event in events:
         key, value = encode(event)
@@ -362,7 +369,7 @@ def _topic(settings: Settings, event: dict[str, Any]) -> str:
 
 
 def end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap())
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
     try:
         parts = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)]
         return {(tp.topic, tp.partition): o for tp, o in consumer.end_offsets(parts).items()}
@@ -377,7 +384,13 @@ def dead_letters(settings: Settings) -> int:
 def worker_command(settings: Settings, until_caught_up: bool) -> list[str]:
     exe = Path(sys.executable).with_name("portal-sync")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "portal_sync"]
-    command += ["worker", "--bootstrap", settings.bootstrap(), "--store", settings.store_url]
+    command += [
+        "worker",
+        "--bootstrap",
+        settings.kafka_bootstrap,
+        "--store",
+        settings.store_url,
+    ]
     return command + (["--until-caught-up"] if until_caught_up else [])
 
 
@@ -660,8 +673,12 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap(), acks="all", linger_ms=5,
-                                 batch_size=256 * 1024)  # fmt: skip
+        producer = KafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+        )
         sent: list[tuple[float, Any]] = []
         began = time.time()
         for i, event in enumerate(events):
