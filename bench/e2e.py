@@ -1,0 +1,876 @@
+"""End-to-end bench: Kafka -> `portal-sync worker` (the real CLI, a subprocess) -> store.
+
+Modes (a throwaway Kafka broker and PostgreSQL server are started and stopped by the bench):
+
+    .venv/bin/python bench/e2e.py throughput --events 50000            # PG + SQLite + raw ceiling
+    .venv/bin/python bench/e2e.py throughput --events 50000 --workers 2 --partitions 12
+    .venv/bin/python bench/e2e.py steady --rate 2000 --duration 60     # lag p50/p95/p99/max
+    .venv/bin/python bench/e2e.py search --duration 20                 # highest rate, p99 <= 1 s
+    .venv/bin/python bench/e2e.py flat --records 1000000 --step 100000 # cost/event and RSS vs size
+    .venv/bin/python bench/e2e.py --smoke                              # CI: correctness only
+
+Throughput: all events are published before the worker starts (`--until-caught-up`);
+events/s = events committed after the first commit seen / time from first to last commit
+(progress = sum of `applied_offsets.next_offset`, polled), like the peer harness
+(../shared/bench/peer_jdbc_sink). The raw ceiling is PostgreSQL `COPY` into a staging table
+then `INSERT ... SELECT ... ON CONFLICT` of the same rows, in the same server and run.
+Steady: events sent at R/s with `occurred_at` = send time; lag = first poll (every 20 ms)
+that sees the event's offset committed - `occurred_at`.
+Every run checks that the store's export equals the pure merge of the valid events and that
+the invalid events all reached the dead-letter topic. Name the machine with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# --- project imports: the only lines to adapt when modules move ---------------------------
+# ------------------------------------------------------------------------------------------
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from sqlalchemy import create_engine, text
+
+from consumers.merge import Authority, merge_events
+from portal_sync.settings import Settings
+from schemas import build_event, message_key, parse_event
+from schemas.identifiers import tax_code_check_digit
+from schemas.validation import InvalidEvent
+from store.export import export_records
+from tests.support.postgres_server import start_postgres
+from transport.admin import ensure_topics as _ensure_topics
+from transport.local import LocalKafka, free_port
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    return _ensure_topics(settings.connection(), settings.topics())
+
+
+def change_topic(settings: Settings, entity: str) -> str:
+    return settings.topics().change_topic(entity)
+
+
+def dead_letter_topic(settings: Settings) -> str:
+    return settings.topics().dead_letters
+
+
+VN = timezone(timedelta(hours=7))
+FAMILY = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi",
+          "Đỗ", "Hồ", "Ngô", "Dương", "Lý"]  # fmt: skip
+MIDDLE = {"male": ["Văn", "Hữu", "Đức", "Quốc", "Minh", "Thành", "Công", "Xuân"],
+          "female": ["Thị", "Ngọc", "Thu", "Thanh", "Mỹ", "Kim", "Phương", "Diệu"]}  # fmt: skip
+GIVEN = {"male": ["An", "Bảo", "Dũng", "Đạt", "Hùng", "Khánh", "Long", "Nghĩa", "Phúc", "Sơn"],
+         "female": ["Anh", "Bích", "Chi", "Hà", "Hằng", "Hương", "Lan", "Linh", "Ngân",
+                    "Yến"]}  # fmt: skip
+STREETS = ["Lê Lợi", "Trần Hưng Đạo", "Nguyễn Huệ", "Hai Bà Trưng", "Lý Thường Kiệt",
+           "Điện Biên Phủ", "Võ Thị Sáu", "Nguyễn Thị Minh Khai", "Hùng Vương"]  # fmt: skip
+# (old personal-id province code, province code in force since 2025-07-01, wards, source)
+PROVINCES = [("001", "01", ["00004", "00070"], "province-01"),
+             ("079", "79", ["26734", "27004"], "province-79"),
+             ("031", "31", ["11311", "11506"], "province-31"),
+             ("048", "48", ["20194", "20257"], "province-48"),
+             ("092", "92", ["31117", "31150"], "province-92")]  # fmt: skip
+SECOND = {"citizen": "ministry-bca", "organization": "ministry-mpi", "document": "ministry-btp",
+          "dossier": "portal-dvcqg"}  # fmt: skip
+ORG_WORDS = ["Thương mại", "Dịch vụ", "Xây dựng", "Công nghệ", "Nông sản", "Vận tải", "Du lịch"]
+ORG_NAMES = ["Hoàng Long", "Phú Thịnh", "Minh Đức", "Sao Việt", "Đại Phát", "An Khang"]
+LEGAL_FORMS = ["Công ty TNHH một thành viên", "Công ty cổ phần", "Doanh nghiệp tư nhân"]
+DOC_TYPES = [("GKS", "Giấy khai sinh"), ("GCNKH", "Giấy chứng nhận kết hôn"),
+             ("GPLX", "Giấy phép lái xe"),
+              ("GCNQSDD", "Giấy chứng nhận quyền sử dụng đất")]  # fmt: skip
+MIX = [("citizen", 0.40), ("organization", 0.15), ("document", 0.20), ("dossier", 0.25)]
+
+
+def _nfc(value: str) -> str:
+    return unicodedata.normalize("NFC", value)
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(VN).isoformat()
+
+
+class _Gen:
+    """Deterministic realistic records; keys are unique per entity up to 10**6 records."""
+
+    def __init__(self, rng: random.Random, start: int) -> None:
+        self.rng = rng
+        self.counters = dict.fromkeys(SECOND, start)
+        self.citizens: list[str] = ["001090000001"]
+        self.orgs: list[str] = []
+
+    def _next(self, entity: str) -> int:
+        self.counters[entity] += 1
+        return self.counters[entity]
+
+    def _day(self, year: int, span: int) -> str:
+        return (date(year, 1, 1) + timedelta(days=self.rng.randrange(span))).isoformat()
+
+    def _address(self, province: tuple[str, str, list[str], str]) -> dict[str, Any]:
+        rng = self.rng
+        return {"province_code": province[1], "ward_code": rng.choice(province[2]),
+                "line": _nfc(f"Số {rng.randrange(1, 400)} {rng.choice(STREETS)}")}  # fmt: skip
+
+    def new(self, entity: str) -> tuple[str, str, dict[str, Any]]:
+        """(home source, key, first data) of a new record."""
+        rng, n = self.rng, self._next(entity)
+        province = PROVINCES[n % len(PROVINCES)]
+        if entity == "citizen":
+            sex = rng.choice(["male", "female"])
+            born = date(1940, 1, 1) + timedelta(days=rng.randrange(365 * 80))
+            century_sex = (0 if born.year < 2000 else 2) + (sex == "female")
+            key = f"{province[0]}{century_sex}{born.year % 100:02d}{n % 10**6:06d}"
+            self.citizens.append(key)
+            given = rng.choice(GIVEN[sex])
+            data = {"full_name": _nfc(f"{rng.choice(FAMILY)} {rng.choice(MIDDLE[sex])} {given}"),
+                    "date_of_birth": born.isoformat(), "sex": sex,
+                    "permanent_address": self._address(province),
+                    "phone": f"09{rng.randrange(10**8):08d}",
+                    "email": f"cd{n}@example.vn"}  # fmt: skip
+        elif entity == "organization":
+            while True:
+                stem = f"{province[0][1:]}{(n * 7919) % 10**7:07d}"
+                check = tax_code_check_digit(stem + "0")
+                if check is not None:
+                    break
+                n += 10**6
+            key = f"{stem}{check}" + (f"-{rng.randrange(1, 20):03d}" if rng.random() < 0.2 else "")
+            self.orgs.append(key)
+            data = {"name": _nfc(f"Công ty {rng.choice(ORG_WORDS)} {rng.choice(ORG_NAMES)} {n}"),
+                    "legal_form": rng.choice(LEGAL_FORMS), "status": "active",
+                    "address": self._address(province),
+                    "legal_representative_id": rng.choice(self.citizens),
+                    "established_on": self._day(1995, 10_000)}  # fmt: skip
+        elif entity == "document":
+            code, title = rng.choice(DOC_TYPES)
+            key = f"{code}/{province[1]}/{n:08d}"
+            data = {"owner_kind": "citizen", "owner_id": rng.choice(self.citizens),
+                    "doc_type": code, "title": _nfc(title), "issuer_code": "000.00.01.H29",
+                    "issued_on": self._day(2010, 5000),
+                    "status": "valid",
+                    "file_sha256": hashlib.sha256(key.encode()).hexdigest()}  # fmt: skip
+        else:
+            day = date(2024, 1, 1) + timedelta(days=n % 500)
+            unit = f"000.00.{(n // 10**4) % 100:02d}.H{int(province[1]) % 100:02d}"
+            key = f"{unit}-{day:%y%m%d}-{n % 10**4:04d}"
+            received = datetime(day.year, day.month, day.day, 8, tzinfo=VN)
+            data = {"procedure_code": f"1.{rng.randrange(10**6):06d}", "agency_code": unit,
+                    "applicant_kind": "citizen", "applicant_id": rng.choice(self.citizens),
+                    "status": 1, "received_at": _ts(received),
+                    "due_at": _ts(received + timedelta(days=15))}  # fmt: skip
+        return province[3], key, data
+
+    def change(self, entity: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The next full view of a record (a few fields change)."""
+        rng, data = self.rng, dict(data)
+        if entity == "citizen":
+            data["phone"] = rng.choice([None, f"09{rng.randrange(10**8):08d}"])
+            if rng.random() < 0.3:
+                data["permanent_address"] = self._address(rng.choice(PROVINCES))
+        elif entity == "organization":
+            data["status"] = rng.choice(["active", "active", "suspended", "dissolved"])
+        elif entity == "document":
+            data["status"] = rng.choice(["valid", "revoked", "expired"])
+        else:
+            status = {1: 2, 2: 4, 4: 9, 9: 10, 10: 10}.get(data.get("status") or 1, 4)
+            data["status"] = status
+            if status >= 9 and "due_at" in data:
+                data["finished_at"] = data["due_at"]
+        return data
+
+
+def _event(source: str, entity: str, key: str, version: int, when: datetime,
+           data: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    return build_event(source, entity, key, version, _ts(when), data)
+
+
+def _break(rng: random.Random, event: dict[str, Any]) -> dict[str, Any]:
+    """An invalid copy of an event (each kind ends in the dead-letter topic)."""
+    bad = json.loads(json.dumps(event))
+    bad["event_id"] = str(uuid.UUID(int=rng.getrandbits(128)))
+    kind = rng.randrange(5)
+    if kind == 0:
+        bad["key"] = bad["key"][:-1] + "x"  # invalid_key
+    elif kind == 1:
+        bad.setdefault("data", {})["nickname"] = "Bé"  # unknown_field
+    elif kind == 2:
+        bad["version"] = 0  # invalid_field
+    elif kind == 3:
+        bad["op"], bad["data"] = "delete", {"status": 1}  # op_data_mismatch
+    else:
+        bad["schema_version"] = 2  # unsupported_schema_version
+    return bad
+
+
+def make_events(n: int, seed: int, *, start: int = 0) -> list[dict[str, Any]]:
+    """`n` contract-v1 event dicts in publish order: 4 entities, 9 sources, about 70 % new
+    records, 25 % updates (some deletes, some from a second source), 3 % duplicates,
+    out-of-order versions, 1 % invalid. `start` offsets the key numbering (distinct keys
+    per chunk when a store is grown chunk by chunk)."""
+    rng = random.Random(seed)
+    gen = _Gen(rng, start)
+    base = datetime(2025, 8, 1, 8, tzinfo=UTC) + timedelta(seconds=start)
+    slots: list[list[Any]] = []  # [source, entity, key, version, data | None]
+    taken: set[tuple[str, str]] = set()  # (source, key)
+    out: list[dict[str, Any]] = []
+    by_slot: dict[tuple[str, str], list[int]] = {}
+    entities, weights = zip(*MIX, strict=True)
+    while len(out) < n:
+        when = base + timedelta(seconds=len(out) * 3 + rng.randrange(3))
+        roll = rng.random()
+        if roll < 0.03 and out:  # a duplicate of a recent event
+            out.append(dict(rng.choice(out[-2000:])))
+            continue
+        if roll < 0.04 and out:  # invalid
+            out.append(_break(rng, out[-1]))
+            continue
+        if roll < 0.31 and slots:  # an update, a delete, or a second source's view
+            slot = slots[rng.randrange(max(0, len(slots) - 5000), len(slots))]
+            second = SECOND[slot[1]]
+            if rng.random() < 0.15 and (second, slot[2]) not in taken:
+                slot = [second, slot[1], slot[2], 0, slot[4]]
+                slots.append(slot)
+                taken.add((second, slot[2]))
+            slot[3] += 1
+            if slot[4] is not None and slot[3] > 1 and rng.random() < 0.1:
+                slot[4] = None  # delete
+            else:
+                slot[4] = gen.change(slot[1], slot[4] or {})
+        else:
+            entity = rng.choices(entities, weights)[0]
+            source, key, data = gen.new(entity)
+            slot = [source, entity, key, 1, data]
+            slots.append(slot)
+            taken.add((source, key))
+        event = _event(slot[0], slot[1], slot[2], slot[3], when, slot[4])
+        by_slot.setdefault((slot[0], slot[2]), []).append(len(out))
+        out.append(event)
+    # Out of order: for ~10 % of the records with several versions, swap two of them.
+    for indexes in by_slot.values():
+        if len(indexes) > 1 and rng.random() < 0.1:
+            i, j = rng.sample(indexes, 2)
+            out[i], out[j] = out[j], out[i]
+    return out[:n]
+
+
+# --- expected store -----------------------------------------------------------------------
+def encode(event: dict[str, Any]) -> tuple[bytes, bytes]:
+    key = message_key(str(event.get("entity")), str(event.get("key")))
+    return key, json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass
+class Expected:
+    export: list[dict[str, Any]]
+    valid: list[Any]
+    invalid: int
+
+    @classmethod
+    def of(cls, events: list[dict[str, Any]]) -> Expected:
+        valid, invalid = [], 0
+        for event in events:
+            try:
+                valid.append(parse_event(encode(event)[1]).event)
+            except InvalidEvent:
+                invalid += 1
+        merged = merge_events(valid, Authority.load(None))
+        export = [{"entity": e, "key": k, "data": r.data, "sources": r.sources}
+                  for (e, k), r in sorted(merged.items())]  # fmt: skip
+        return cls(export, valid, invalid)
+
+
+def exported(store_url: str) -> list[dict[str, Any]]:
+    out = io.StringIO()
+    export_records(store_url, out)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def digest(export: list[dict[str, Any]]) -> str:
+    blob = "\n".join(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in export)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --- infrastructure -----------------------------------------------------------------------
+@dataclass
+class Infra:
+    tmp: Path
+    kafka: LocalKafka | None = None
+    pg: Any = None
+    cleanups: list[Any] = field(default_factory=list)
+
+    @property
+    def bootstrap(self) -> str:
+        assert self.kafka is not None
+        return self.kafka.bootstrap()
+
+    def start(self, postgres: bool) -> None:
+        self.kafka = LocalKafka(self.tmp / "kafka")
+        self.kafka.up(port=free_port())
+        if postgres:
+            self.pg = start_postgres()
+
+    def store_url(self, backend: str, name: str) -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{self.tmp / (name + '.db')}"
+        engine = create_engine(self.pg.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return str(self.pg.url(name))
+
+    def stop(self) -> None:
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+        if self.kafka is not None:
+            self.kafka.down()
+        if self.pg is not None:
+            self.pg.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def settings_for(infra: Infra, prefix: str, store_url: str, partitions: int) -> Settings:
+    return Settings(kafka_bootstrap=infra.bootstrap, store_url=store_url, topic_prefix=prefix,
+                    change_partitions=partitions, group_id=f"{prefix}-group",
+                    metrics_port=0)  # fmt: skip
+
+
+def publish(settings: Settings, events: list[dict[str, Any]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
+                             batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)  # fmt: skip
+    for event in events:
+        key, value = encode(event)
+        producer.send(_topic(settings, event), key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _topic(settings: Settings, event: dict[str, Any]) -> str:
+    entity = event.get("entity")
+    return change_topic(settings, entity if entity in SECOND else "citizen")
+
+
+def end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)]
+        return {(tp.topic, tp.partition): o for tp, o in consumer.end_offsets(parts).items()}
+    finally:
+        consumer.close()
+
+
+def dead_letters(settings: Settings) -> int:
+    return sum(end_offsets(settings, [dead_letter_topic(settings)]).values())
+
+
+def worker_command(settings: Settings, until_caught_up: bool) -> list[str]:
+    exe = Path(sys.executable).with_name("portal-sync")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "portal_sync"]
+    command += [
+        "worker",
+        "--bootstrap",
+        settings.kafka_bootstrap,
+        "--store",
+        settings.store_url,
+    ]
+    return command + (["--until-caught-up"] if until_caught_up else [])
+
+
+def start_worker(infra: Infra, settings: Settings, until_caught_up: bool, args: argparse.Namespace,
+                 tag: str) -> subprocess.Popen[bytes]:  # fmt: skip
+    env = os.environ | settings.as_env() | {
+        "PORTAL_SYNC_BATCH_MAX_EVENTS": str(args.batch),
+        "PORTAL_SYNC_METRICS_PORT": "0",
+        "XDG_DATA_HOME": str(infra.tmp / "xdg"),
+    }  # fmt: skip
+    command = worker_command(settings, until_caught_up)
+    if args.py_spy:
+        out = Path(args.py_spy).with_suffix(f".{tag}.txt")
+        spy = Path(sys.executable).with_name("py-spy")
+        command = [str(spy) if spy.exists() else "py-spy", "record", "--format", "raw",
+                   "--threads", "--idle", "--rate", "200",
+                   "-o", str(out), "--", *command]  # fmt: skip
+    log = open(infra.tmp / f"worker-{tag}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _worker_pid(process: subprocess.Popen[bytes]) -> int:
+    """The worker's pid (under py-spy, its child)."""
+    try:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    except OSError:
+        return process.pid
+    return int(children[0]) if children and "py-spy" in " ".join(process.args) else process.pid  # type: ignore[arg-type]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Progress:
+    """Polls the store's applied offsets from its own connection."""
+
+    def __init__(self, store_url: str) -> None:
+        self.engine = create_engine(store_url)
+        self.conn: Any = None
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        try:
+            if self.conn is None:
+                self.conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            rows = self.conn.execute(
+                text("SELECT topic, partition, next_offset FROM applied_offsets")
+            )
+            return {(t, p): o for t, p, o in rows}
+        except Exception:  # schema not created yet
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            return {}
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.engine.dispose()
+
+
+# --- throughput ---------------------------------------------------------------------------
+@dataclass
+class Result:
+    label: str
+    events: int
+    rate: float
+    wall: float
+    rss_mb: float | None
+    ok: bool
+    note: str
+
+
+def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends: dict[Any, int],
+              args: argparse.Namespace, label: str, workers: int = 1,
+              dead_base: int | None = None) -> Result:  # fmt: skip
+    """Drain the published topics with `workers` CLI workers; time it; check the store
+    (unless `expected` is None). Dead letters are counted from `dead_base` (default: the
+    count before this run)."""
+    total = sum(ends.values())
+    dead_before = dead_letters(settings) if dead_base is None else dead_base
+    progress = Progress(settings.store_url)
+    began = time.monotonic()
+    procs = [start_worker(infra, settings, True, args, f"{label}-{i}") for i in range(workers)]
+    first_t = first_done = last_t = None
+    rss: dict[int, float] = {}
+    deadline = began + args.timeout
+    while True:
+        now = time.monotonic()
+        offsets = progress.offsets()
+        done = sum(offsets.values())
+        if done and first_t is None:
+            first_t, first_done = now, done
+        for proc in procs:
+            value = peak_rss_mb(_worker_pid(proc))
+            if value:
+                rss[proc.pid] = value
+        if all(offsets.get(tp, 0) >= end for tp, end in ends.items()):
+            last_t = now
+            break
+        if all(p.poll() is not None for p in procs) or now > deadline:
+            break
+        time.sleep(0.1)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    progress.close()
+    wall = time.monotonic() - began
+    rate = (
+        (total - (first_done or 0)) / (last_t - first_t)
+        if last_t and first_t and last_t > first_t
+        else 0.0
+    )
+    problems = []
+    if last_t is None:
+        problems.append(f"not caught up ({done}/{total})")
+    batches = batch_sizes(settings.store_url)
+    if batches:
+        txns = f"{len(batches)} txns, mean {statistics.mean(batches):.0f} events/txn"
+        txns += f" (median {statistics.median(batches):.0f}, max {max(batches)})"
+    else:
+        txns = "no txns"
+    if expected is None:
+        peak = max(rss.values()) if rss else None
+        note = "; ".join([*problems, txns])
+        return Result(label, total, rate, wall, peak, not problems, note)
+    store = exported(settings.store_url)
+    if store != expected.export:
+        problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
+    dead = dead_letters(settings) - dead_before
+    if dead != expected.invalid:
+        problems.append(f"dead letters {dead} != invalid {expected.invalid}")
+    note = (
+        "; ".join(problems)
+        or f"store = pure merge ({len(store)} records, {digest(store)}), dead letters {dead}"
+    )
+    note += f"; {txns}"
+    peak = max(rss.values()) if rss else None
+    return Result(label, total, rate, wall, peak, not problems, note)
+
+
+def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, float]:
+    """PostgreSQL COPY into a staging table, then INSERT ... SELECT ... ON CONFLICT into a
+    source_views-shaped table, of the valid events; (events/s in one go, in batches)."""
+    import psycopg
+
+    url = infra.store_url("postgresql", f"ceiling_{uuid.uuid4().hex[:6]}").replace("+psycopg", "")
+    rows = [(e.entity, e.key, e.source, e.version, str(e.event_id), e.occurred_at.isoformat(),
+             e.op == "delete",
+             None if e.op == "delete" else json.dumps(e.data_dict(), ensure_ascii=False))
+            for e in events]  # fmt: skip
+    cols = "entity, key, source, version, event_id, occurred_at, deleted, data"
+    sql_insert = (
+        f"INSERT INTO target ({cols}, applied_at) SELECT DISTINCT ON (entity, key, source) {cols},"
+        " now() FROM stage ORDER BY entity, key, source, version DESC"
+        " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
+        " event_id = excluded.event_id, occurred_at = excluded.occurred_at,"
+        " deleted = excluded.deleted, data = excluded.data, applied_at = excluded.applied_at"
+        " WHERE target.version < excluded.version"
+    )
+    rates = []
+    with psycopg.connect(url) as conn:
+        for size in (len(rows), batch):
+            conn.execute("DROP TABLE IF EXISTS target")
+            conn.execute(
+                "CREATE TABLE target (entity varchar(16), key varchar(64), source varchar(64),"
+                " version bigint NOT NULL, event_id varchar(36) NOT NULL, occurred_at timestamptz"
+                " NOT NULL, deleted boolean NOT NULL, data jsonb, applied_at timestamptz NOT NULL,"
+                " PRIMARY KEY (entity, key, source))"
+            )
+            conn.commit()
+            began = time.perf_counter()
+            for start in range(0, len(rows), size):
+                conn.execute(
+                    "CREATE TEMP TABLE stage (entity text, key text, source text, version bigint,"
+                    " event_id text, occurred_at timestamptz, deleted boolean, data jsonb)"
+                    " ON COMMIT DROP"
+                )
+                with conn.cursor().copy(f"COPY stage ({cols}) FROM STDIN") as copy:
+                    for row in rows[start : start + size]:
+                        copy.write_row(row)
+                conn.execute(sql_insert)
+                conn.commit()
+            rates.append(len(rows) / (time.perf_counter() - began))
+    return rates[0], rates[1]
+
+
+def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
+    began = time.monotonic()
+    events = make_events(args.events, args.seed)
+    expected = Expected.of(events)
+    print(
+        f"{len(events)} events ({len(expected.valid)} valid, {expected.invalid} invalid) -> "
+        f"{len(expected.export)} records; generated in {time.monotonic() - began:.1f}s"
+    )
+    prefix = f"e2e{uuid.uuid4().hex[:6]}"
+    base = settings_for(infra, prefix, "sqlite://", args.partitions)
+    ensure_topics(base)
+    began = time.monotonic()
+    publish(base, events)
+    ends = end_offsets(base, [change_topic(base, e) for e in SECOND])
+    print(
+        f"published to {prefix}.* ({args.partitions} partitions) in {time.monotonic() - began:.1f}s"
+    )
+    results = []
+    for backend in args.backends:
+        name = f"{backend[:2]}{uuid.uuid4().hex[:6]}"
+        store = infra.store_url(backend, name)
+        settings = settings_for(infra, prefix, store, args.partitions)
+        settings.group_id = f"{prefix}-{name}"
+        label = f"{backend} x{args.workers}" if args.workers > 1 else backend
+        results.append(run_drain(infra, settings, expected, ends, args, label, args.workers))
+        print(f"  {label}: {results[-1].rate:.0f} events/s — {results[-1].note}", flush=True)
+    ceiling = None
+    if infra.pg is not None and not args.smoke:
+        ceiling = raw_ceiling(infra, expected.valid, args.batch)
+    print()
+    print(f"{'run':<14}{'events':>9}{'events/s':>10}{'wall s':>8}{'RSS MB':>8}  check")
+    for r in results:
+        rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"
+        print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}  "
+              f"{'OK' if r.ok else 'FAIL'}: {r.note}")  # fmt: skip
+    if ceiling is not None:
+        print(
+            f"{'raw PG ceiling':<14}{len(expected.valid):>9}{ceiling[0]:>10.0f}"
+            "  one COPY + INSERT..SELECT..ON CONFLICT (valid events)"
+        )
+        print(
+            f"{'raw PG batched':<14}{len(expected.valid):>9}{ceiling[1]:>10.0f}"
+            f"  same, {args.batch} rows per transaction"
+        )
+        for r in results:
+            if r.label.startswith("postgresql") and r.rate:
+                print(f"ratio {r.label} / raw ceiling = {r.rate / ceiling[0]:.3f}"
+                      f" (/ batched ceiling = {r.rate / ceiling[1]:.3f})")  # fmt: skip
+    return all(r.ok for r in results)
+
+
+# --- steady load --------------------------------------------------------------------------
+def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: argparse.Namespace,
+               check: bool = True) -> dict[str, Any]:  # fmt: skip
+    prefix = f"e2s{uuid.uuid4().hex[:6]}"
+    store = infra.store_url(backend, prefix)
+    settings = settings_for(infra, prefix, store, args.partitions)
+    ensure_topics(settings)
+    warmup = make_events(50, args.seed + 1, start=900_000)
+    events = make_events(int(rate * duration), args.seed)
+    publish(settings, warmup)
+    proc = start_worker(infra, settings, False, args, f"steady-{prefix}")
+    progress = Progress(store)
+    try:
+        ends = end_offsets(settings, [change_topic(settings, e) for e in SECOND])
+        deadline = time.monotonic() + 120
+        while not all(progress.offsets().get(tp, 0) >= e for tp, e in ends.items()):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("worker did not start consuming (see its log)")
+            time.sleep(0.2)
+        seen: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            poller = Progress(store)
+            while not stop.is_set():
+                now = time.time()
+                for tp, offset in poller.offsets().items():
+                    marks = seen.setdefault(tp, [])
+                    if not marks or marks[-1][0] < offset:
+                        marks.append((offset, now))
+                time.sleep(0.02)
+            poller.close()
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        producer = KafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+        )
+        sent: list[tuple[float, Any]] = []
+        began = time.time()
+        for i, event in enumerate(events):
+            delay = began + i / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            now = datetime.now(UTC)
+            event["occurred_at"] = _ts(now)
+            key, value = encode(event)
+            sent.append(
+                (now.timestamp(), producer.send(_topic(settings, event), key=key, value=value))
+            )
+        send_seconds = time.time() - began
+        producer.flush()
+        producer.close()
+        metas = [(t, f.get(timeout=30)) for t, f in sent]
+        final = {(m.topic, m.partition): m.offset + 1 for _, m in metas}
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if all(seen.get(tp, [(0, 0)])[-1][0] >= o for tp, o in final.items()):
+                break
+            time.sleep(0.1)
+        stop.set()
+        poller.join()
+        lags, missing = [], 0
+        for t, m in metas:
+            marks = seen.get((m.topic, m.partition), [])
+            i = bisect.bisect_right([o for o, _ in marks], m.offset)
+            if i < len(marks):
+                lags.append(marks[i][1] - t)
+            else:
+                missing += 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        progress.close()
+    lags.sort()
+    q = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else [0.0] * 99
+    result = {"backend": backend, "rate": rate, "sent_rate": len(events) / send_seconds,
+              "events": len(events), "p50": q[49], "p95": q[94], "p99": q[98],
+              "max": lags[-1] if lags else 0.0, "missing": missing, "ok": missing == 0}  # fmt: skip
+    if check:
+        expected = Expected.of(warmup + events)
+        store_export = exported(store)
+        result["ok"] = result["ok"] and store_export == expected.export
+        result["check"] = (
+            "store = pure merge" if store_export == expected.export else "STORE MISMATCH"
+        )
+    return result
+
+
+def _print_steady(rows: list[dict[str, Any]]) -> None:
+    print(f"{'store':<12}{'rate/s':>8}{'sent/s':>8}{'events':>8}{'p50 s':>8}{'p95 s':>8}"
+          f"{'p99 s':>8}{'max s':>8}  check")  # fmt: skip
+    for r in rows:
+        missing = f" missing {r['missing']}" if r["missing"] else ""
+        print(f"{r['backend']:<12}{r['rate']:>8}{r['sent_rate']:>8.0f}{r['events']:>8}"
+              f"{r['p50']:>8.3f}{r['p95']:>8.3f}{r['p99']:>8.3f}{r['max']:>8.3f}  "
+              f"{r.get('check', '')}{missing}")  # fmt: skip
+
+
+def cmd_steady(infra: Infra, args: argparse.Namespace) -> bool:
+    rows = []
+    for backend in args.backends:
+        rows.append(steady_run(infra, backend, args.rate, args.duration, args))
+        _print_steady(rows[-1:])
+    print()
+    _print_steady(rows)
+    return all(r["ok"] for r in rows)
+
+
+def cmd_search(infra: Infra, args: argparse.Namespace) -> bool:
+    """Highest steady rate with p99 <= --target seconds: double, then bisect (<= 7 trials)."""
+    for backend in args.backends:
+        good, bad, rate, rows = 0, None, args.rate // 2 or 500, []
+        for _ in range(7):
+            row = steady_run(infra, backend, rate, args.duration, args, check=False)
+            rows.append(row)
+            _print_steady([row])
+            if row["p99"] <= args.target and row["sent_rate"] >= 0.95 * rate:
+                good = rate
+            else:
+                bad = rate
+            if bad is None:
+                rate *= 2
+            elif bad - good <= max(250, good // 10):
+                break
+            else:
+                rate = (good + bad) // 2
+        print(f"{backend}: highest steady rate with p99 <= {args.target}s: {good} events/s")
+    return True
+
+
+# --- flat cost ----------------------------------------------------------------------------
+def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
+    """Grow one store chunk by chunk (distinct keys); per chunk: µs/event and worker RSS."""
+    ok = True
+    for backend in args.backends:
+        prefix = f"e2f{uuid.uuid4().hex[:6]}"
+        store = infra.store_url(backend, prefix)
+        settings = settings_for(infra, prefix, store, args.partitions)
+        ensure_topics(settings)
+        print(
+            f"{'store':<12}{'records before':>15}{'events':>8}{'events/s':>10}{'µs/event':>10}"
+            f"{'RSS MB':>8}"
+        )
+        all_events: list[dict[str, Any]] = []
+        step_records = 0
+        for step in range(0, args.records, args.step):
+            chunk = make_events(args.step, args.seed + step, start=step)
+            all_events += chunk
+            publish(settings, chunk)
+            ends = end_offsets(settings, [change_topic(settings, e) for e in SECOND])
+            expected = (
+                Expected.of(all_events)
+                if args.check_each or step + args.step >= args.records
+                else None
+            )
+            result = run_drain(infra, settings, expected, ends, args, f"flat-{step}", dead_base=0)
+            if expected is not None:
+                ok = ok and result.ok
+            before, step_records = step_records, _count(store)
+            print(f"{backend:<12}{before:>15}{args.step:>8}{result.rate:>10.0f}"
+                  f"{1e6 / result.rate if result.rate else 0:>10.0f}{result.rss_mb or 0:>8.0f}"
+                  f"{'  ' + result.note if expected is not None else ''}", flush=True)  # fmt: skip
+    return ok
+
+
+def batch_sizes(store_url: str) -> list[int]:
+    """Events per store transaction, from the apply journal (one row per partition)."""
+    engine = create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT sum(events) FROM apply_journal GROUP BY committed_at")
+            ).all()
+    except Exception:
+        return []
+    finally:
+        engine.dispose()
+    return [int(n) for (n,) in rows]
+
+
+def _count(store_url: str) -> int:
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM records")).scalar_one()
+    engine.dispose()
+    return int(count)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="throughput",
+                        choices=["throughput", "steady", "search", "flat"])  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="CI: 3000 events, correctness only")
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--store", dest="backends", action="append",
+                        choices=["postgresql", "sqlite"], help="default: both")  # fmt: skip
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2000, help="PORTAL_SYNC_BATCH_MAX_EVENTS")
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--duration", type=float, default=60)
+    parser.add_argument("--target", type=float, default=1.0, help="search: p99 bound, s")
+    parser.add_argument("--records", type=int, default=200_000, help="flat: final store size")
+    parser.add_argument("--step", type=int, default=50_000, help="flat: events per chunk")
+    parser.add_argument("--check-each", action="store_true", help="flat: check every chunk")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--py-spy", metavar="PATH", help="profile workers: PATH.<run>.txt (raw)")
+    args = parser.parse_args()
+    args.backends = args.backends or ["postgresql", "sqlite"]
+    if args.smoke:
+        args.mode, args.events, args.timeout = "throughput", 3000, 120
+    infra = Infra(Path(tempfile.mkdtemp(prefix="portal-sync-e2e-")))
+    began = time.monotonic()
+    try:
+        infra.start(postgres="postgresql" in args.backends)
+        print(f"Kafka {infra.bootstrap}; PostgreSQL {'fsync off' if infra.pg else '-'}; "
+              f"{os.cpu_count()} CPUs; batch {args.batch}")  # fmt: skip
+        command = {"throughput": cmd_throughput, "steady": cmd_steady, "search": cmd_search,
+                   "flat": cmd_flat}[args.mode]  # fmt: skip
+        ok = command(infra, args)
+    finally:
+        infra.stop()
+    print(f"{'OK' if ok else 'FAILED'} in {time.monotonic() - began:.0f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
