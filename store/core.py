@@ -15,7 +15,7 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,9 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
-    text,
     tuple_,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
@@ -43,13 +41,11 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
 from schemas.views import CanonicalRecord, RecordKey, SourceView
+from store.batch import BatchIO, batch_io
 from store.tables import (
     applied_offsets,
     apply_journal,
     dead_letter_redrives,
-    document_owners,
-    dossier_anomalies,
-    field_conflicts,
     offset_changes,
     record_history,
     records,
@@ -225,14 +221,15 @@ class Store:
         """One writer transaction for a batch: reads the partitions' stored offsets (locked
         on PostgreSQL), every source's view and the canonical data of the records (locked),
         hands them over, and commits what `write` was given (rolls back when `commit` is
-        False, for a dry run, or on any error)."""
+        False, for a dry run, or on any error). Set-based, fixed statements: store.batch."""
         with translated(), self.write_transaction(commit) as conn:
-            offsets = self._offsets(conn, partitions) if use_offsets else {}
+            io = batch_io(conn.dialect.name, conn.connection.driver_connection)
             wanted = sorted(set(keys))
-            views = self._views(conn, wanted)
-            canonical = self._canonical(conn, wanted)
-            yield BatchTransaction(self, conn, offsets, views, canonical)
+            io.lock(wanted)
+            offsets = io.offsets(sorted(set(partitions))) if use_offsets else {}
+            yield BatchTransaction(io, offsets, io.views(wanted), io.canonical(wanted))
 
+    # -- reads --------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.dispose()
 
@@ -344,7 +341,8 @@ class Store:
                     to_offset=offset + 1, operator=operator, reason=reason, changed_at=now,
                 )
             )  # fmt: skip
-            self._write_offsets(conn, {tp: (offset, offset + 1, 1)}, now)
+            io = batch_io(conn.dialect.name, conn.connection.driver_connection)
+            io.write_offsets({tp: (offset, offset + 1, 1)}, now)
 
     def offset_changes(self) -> list[dict[str, Any]]:
         """Every recorded reset and skip, oldest first."""
@@ -425,30 +423,6 @@ class Store:
                 )
             )
 
-    def _views(
-        self, conn: Connection, keys: Iterable[RecordKey]
-    ) -> dict[RecordKey, dict[str, SourceView]]:
-        """Every source's current view (tombstones included) of the given records.
-
-        On PostgreSQL the records are locked for the transaction first (advisory locks, in
-        one order): a replay or a zombie worker beside the live worker cannot merge from a
-        stale snapshot. SQLite writers are serialised by BEGIN IMMEDIATE already.
-        """
-        wanted = sorted(set(keys))
-        if conn.dialect.name == "postgresql":
-            _lock_records(conn, wanted)
-        result: dict[RecordKey, dict[str, SourceView]] = {}
-        for chunk in _chunks(wanted):
-            query = select(source_views).where(
-                tuple_(source_views.c.entity, source_views.c.key).in_(chunk)
-            )
-            for row in conn.execute(query):
-                view = SourceView(
-                    row.source, row.version, row.event_id, row.occurred_at, row.deleted, row.data
-                )
-                result.setdefault((row.entity, row.key), {})[row.source] = view
-        return result
-
     def iter_records(
         self, entity: str | None = None
     ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any] | None]]:
@@ -483,154 +457,6 @@ class Store:
             return {entity: count for entity, count in conn.execute(query)}
 
     # -- writes -------------------------------------------------------------------------
-    def _write_views(self, conn: Connection, rows: Sequence[ViewRow], applied_at: datetime) -> None:
-        values = [
-            {
-                "entity": row.entity,
-                "key": row.key,
-                "source": row.view.source,
-                "version": row.view.version,
-                "event_id": row.view.event_id,
-                "occurred_at": row.view.occurred_at,
-                "deleted": row.view.deleted,
-                "data": None if row.view.data is None else dict(row.view.data),
-                "applied_at": applied_at,
-            }
-            for row in rows
-        ]
-        _upsert(conn, source_views, values, ["entity", "key", "source"], guard="version")
-
-    def _write_records(
-        self,
-        conn: Connection,
-        merged: dict[RecordKey, CanonicalRecord | None],
-        updated_at: datetime,
-    ) -> None:
-        present = [
-            {
-                "entity": e,
-                "key": k,
-                "data": r.data,
-                "sources": r.sources,
-                "provenance": r.provenance,
-                "updated_at": updated_at,
-            }
-            for (e, k), r in merged.items()
-            if r is not None
-        ]
-        _upsert(conn, records, present, ["entity", "key"])
-        gone = [key for key, record in merged.items() if record is None]
-        for chunk in _chunks(gone):
-            conn.execute(delete(records).where(tuple_(records.c.entity, records.c.key).in_(chunk)))
-
-    def _canonical(
-        self, conn: Connection, keys: Iterable[RecordKey]
-    ) -> dict[RecordKey, dict[str, Any]]:
-        """Current canonical data of the given records (absent: no record)."""
-        result: dict[RecordKey, dict[str, Any]] = {}
-        for chunk in _chunks(list(set(keys))):
-            query = select(records.c.entity, records.c.key, records.c.data).where(
-                tuple_(records.c.entity, records.c.key).in_(chunk)
-            )
-            for entity, key, data in conn.execute(query):
-                result[(entity, key)] = data
-        return result
-
-    def _append_history(self, conn: Connection, rows: Sequence[HistoryEntry]) -> None:
-        if rows:
-            conn.execute(insert(record_history), [dict(row) for row in rows])
-
-    def _add_anomalies(self, conn: Connection, rows: Sequence[Anomaly]) -> None:
-        if rows:
-            conn.execute(insert(dossier_anomalies), [dict(row) for row in rows])
-
-    def _write_conflicts(
-        self,
-        conn: Connection,
-        current: dict[RecordKey, dict[str, list[list[str]]]],
-        detected_at: datetime,
-    ) -> list[tuple[str, str]]:
-        """Replace the conflicts of these records; return (entity, field) of new ones."""
-        keys = list(current)
-        before: set[tuple[str, str, str]] = set()
-        for chunk in _chunks(keys):
-            where = tuple_(field_conflicts.c.entity, field_conflicts.c.key).in_(chunk)
-            query = select(field_conflicts.c.entity, field_conflicts.c.key, field_conflicts.c.field)
-            before |= {(e, k, f) for e, k, f in conn.execute(query.where(where))}
-            conn.execute(delete(field_conflicts).where(where))
-        found = [
-            (e, k, f, sources)
-            for (e, k), fields in current.items()
-            for f, sources in fields.items()
-        ]
-        if found:
-            conn.execute(
-                insert(field_conflicts),
-                [
-                    {
-                        "entity": e,
-                        "key": k,
-                        "field": f,
-                        "sources": sources,
-                        "detected_at": detected_at,
-                    }
-                    for e, k, f, sources in found
-                ],
-            )
-        return [(e, f) for e, k, f, _ in found if (e, k, f) not in before]
-
-    def _write_document_owners(
-        self,
-        conn: Connection,
-        owners: dict[RecordKey, RecordKey | None],
-        present: set[RecordKey],
-        updated_at: datetime,
-    ) -> None:
-        """Record each document's owner (None: the document is gone) and whether it waits."""
-        for chunk in _chunks(list(owners)):
-            where = tuple_(document_owners.c.entity, document_owners.c.key).in_(chunk)
-            conn.execute(delete(document_owners).where(where))
-        rows = [
-            {
-                "entity": e,
-                "key": k,
-                "owner_entity": owner[0],
-                "owner_key": owner[1],
-                "waiting": owner not in present,
-                "updated_at": updated_at,
-            }
-            for (e, k), owner in owners.items()
-            if owner is not None
-        ]
-        if rows:
-            conn.execute(insert(document_owners), rows)
-
-    def _set_owner_presence(
-        self, conn: Connection, owners: dict[RecordKey, bool], updated_at: datetime
-    ) -> None:
-        """An owner record appeared (True) or went away (False): update its documents."""
-        for present in (True, False):
-            keys = [owner for owner, is_present in owners.items() if is_present is present]
-            for chunk in _chunks(keys):
-                where = tuple_(document_owners.c.owner_entity, document_owners.c.owner_key).in_(
-                    chunk
-                )
-                conn.execute(
-                    update(document_owners)
-                    .where(where, document_owners.c.waiting.is_(present))
-                    .values(waiting=not present, updated_at=updated_at)
-                )
-
-    def _existing(self, conn: Connection, keys: Iterable[RecordKey]) -> set[RecordKey]:
-        """Which of these records exist in the store."""
-        found: set[RecordKey] = set()
-        for chunk in _chunks(list(set(keys))):
-            query = select(records.c.entity, records.c.key).where(
-                tuple_(records.c.entity, records.c.key).in_(chunk)
-            )
-            found |= {(e, k) for e, k in conn.execute(query)}
-        return found
-
     def prune_history(self, older_than: datetime) -> int:
         """Drop history entries applied before `older_than`; return how many."""
         with translated(), self.write_transaction() as conn:
@@ -639,69 +465,37 @@ class Store:
             )
             return int(result.rowcount or 0)
 
-    def _write_offsets(
-        self,
-        conn: Connection,
-        ranges: dict[TopicPartition, tuple[int, int, int]],
-        updated_at: datetime,
-    ) -> None:
-        """Advance each partition to its range's end and journal the range applied."""
-        journal = [
-            {
-                "topic": t,
-                "partition": p,
-                "first_offset": first,
-                "next_offset": end,
-                "events": count,
-                "committed_at": updated_at,
-            }
-            for (t, p), (first, end, count) in ranges.items()
-        ]
-        if journal:
-            conn.execute(insert(apply_journal), journal)
-        offsets = {tp: end for tp, (_, end, _) in ranges.items()}
-        values = [
-            {"topic": t, "partition": p, "next_offset": o, "updated_at": updated_at}
-            for (t, p), o in offsets.items()
-        ]
-        _upsert(conn, applied_offsets, values, ["topic", "partition"], guard="next_offset")
-
 
 class BatchTransaction:
     """A batch's open transaction: what the store holds for it, and its one write."""
 
     def __init__(
         self,
-        store: Store,
-        conn: Connection,
+        io: BatchIO,
         offsets: dict[TopicPartition, int],
         views: dict[RecordKey, dict[str, SourceView]],
         canonical: dict[RecordKey, dict[str, Any]],
     ) -> None:
-        self._store = store
-        self._conn = conn
+        self._io = io
         self.offsets = offsets
         self.views = views
         self.canonical = canonical
 
     def write(self, changes: BatchChanges, now: datetime) -> list[tuple[str, str]]:
         """Write a batch's changes, offsets last; return (entity, field) of new conflicts."""
-        store, conn = self._store, self._conn
-        store._write_views(conn, changes.views, now)
-        store._write_records(conn, changes.records, now)
-        store._append_history(conn, changes.history)
-        store._add_anomalies(conn, changes.anomalies)
-        new_conflicts = store._write_conflicts(conn, changes.conflicts, now)
-        if changes.owner_presence:
-            store._set_owner_presence(conn, changes.owner_presence, now)
-        if changes.document_owners:
-            owners = {o for o in changes.document_owners.values() if o is not None}
-            present = store._existing(conn, owners)
-            store._write_document_owners(conn, changes.document_owners, present, now)
         if changes.offsets:
             self._check_contiguous(changes.offsets)
-            store._write_offsets(conn, changes.offsets, now)
-        return new_conflicts
+        return self._io.write(
+            [(row.entity, row.key, row.view) for row in changes.views],
+            changes.records,
+            [dict(entry) for entry in changes.history],
+            [dict(anomaly) for anomaly in changes.anomalies],
+            changes.conflicts,
+            changes.owner_presence,
+            changes.document_owners,
+            changes.offsets,
+            now,
+        )
 
     def _check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:
         """Each partition's range must start at its stored next offset (a partition the
@@ -744,19 +538,6 @@ def _upsert(
     where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
     upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
     conn.execute(upsert.returning(table.c[keys[0]]), values)
-
-
-def _lock_records(conn: Connection, keys: list[RecordKey]) -> None:
-    if not keys:
-        return
-    names = [f"{entity}:{key}" for entity, key in keys]
-    conn.execute(
-        text(
-            "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
-            " FROM unnest(CAST(:names AS text[])) AS k ORDER BY h) AS ordered"
-        ),
-        {"names": names},
-    )
 
 
 def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:

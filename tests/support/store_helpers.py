@@ -17,8 +17,8 @@ from consumers.merge import Authority
 from consumers.reconciler import BatchReport, Checked, Message, Reconciler
 from consumers.registry import Registry, SourceInfo
 from schemas import derive_event_id, parse_event
-from store.core import (
-    Store,
+from store.core import Store
+from store.tables import (
     document_owners,
     dossier_anomalies,
     field_conflicts,

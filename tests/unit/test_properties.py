@@ -22,7 +22,8 @@ from sqlalchemy import select
 from consumers.merge import Authority, SourceView, merge
 from consumers.reconciler import Checked, Message, Reconciler, offset_ranges
 from schemas import derive_event_id, parse_event
-from store.core import Store, applied_offsets, apply_journal, records, source_views
+from store.core import Store
+from store.tables import applied_offsets, apply_journal, records, source_views
 
 SOURCES = ("s-a", "s-b", "s-c")
 RECORD_KEYS = (

@@ -15,7 +15,8 @@ from sqlalchemy import select
 from consumers.merge import Authority
 from schemas import message_key, parse_event
 from schemas.dead_letter import read_headers
-from store.core import Store, apply_journal
+from store.core import Store
+from store.tables import apply_journal
 from tests.support.kafka_helpers import (
     change_topic,
     dead_letter_topic,

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from consumers.merge import Authority
-from store.core import Store, record_history, records, source_views
+from store.core import Store
+from store.tables import record_history, records, source_views
 from tests.support.kafka_helpers import end_offsets
 from tests.support.pipeline_helpers import (
     citizen_events,

@@ -29,8 +29,9 @@ from consumers.merge import (
 from consumers.reconciler import Message, Reconciler, classify
 from consumers.registry import Registry
 from store import queries
-from store.core import Store, record_history
+from store.core import Store
 from store.export import export_records
+from store.tables import record_history
 from tests.support.store_helpers import (
     CITIZEN,
     CITIZEN_2,

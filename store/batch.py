@@ -1,0 +1,569 @@
+"""The reconciler's hot path: one batch read and one batch write, set-based, per backend.
+
+Every statement has a fixed text whatever the batch size, so the driver parses it once and
+the database plans it once:
+
+- PostgreSQL: the rows of a table travel as a handful of arrays (`unnest(%s::text[], …)`),
+  one statement per table: `INSERT … SELECT FROM unnest … ON CONFLICT … DO UPDATE`, reads
+  as joins on `unnest`, deletes as `DELETE … USING unnest … RETURNING`. psycopg sends the
+  arrays in its binary format; no multi-row `VALUES` text is built or parsed.
+- SQLite: `executemany` of one prepared statement per table (the C loop of `sqlite3`); the
+  keys of a read go into a temporary table joined on the primary key.
+
+Both run on the DBAPI connection of the SQLAlchemy transaction the store opened, so the
+batch still commits (or rolls back) as one unit with its offsets. Values are written in
+the forms SQLAlchemy's column types read back (`store.tables`): naive UTC timestamps, JSON
+text (JSONB on PostgreSQL), so every other reader of the store is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from schemas.views import CanonicalRecord, RecordKey, SourceView
+
+TopicPartition = tuple[str, int]
+OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
+Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _naive(moment: datetime) -> datetime:
+    """A timestamp as the store keeps it: naive UTC."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _aware(moment: Any) -> datetime:
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    assert isinstance(moment, datetime)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _loads(value: Any) -> Any:
+    if value is None or not isinstance(value, str | bytes):
+        return value  # psycopg hands JSONB over already decoded
+    return orjson.loads(value)
+
+
+class BatchIO:
+    """One backend's statements for a batch, on a DBAPI connection inside a transaction."""
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+
+    # -- what each backend provides ----------------------------------------------------------
+    def lock(self, keys: Sequence[RecordKey]) -> None:
+        """Serialise writers of the same records (replays beside the live worker)."""
+
+    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        raise NotImplementedError
+
+    def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
+        raise NotImplementedError
+
+    def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
+        raise NotImplementedError
+
+    def write(
+        self,
+        views: Sequence[tuple[str, str, SourceView]],
+        records: dict[RecordKey, CanonicalRecord | None],
+        history: Sequence[dict[str, Any]],
+        anomalies: Sequence[dict[str, Any]],
+        conflicts: Conflicts,
+        owner_presence: dict[RecordKey, bool],
+        document_owners: dict[RecordKey, RecordKey | None],
+        offsets: dict[TopicPartition, OffsetRange],
+        now: datetime,
+    ) -> list[tuple[str, str]]:
+        """Write everything; offsets last. Return (entity, field) of new conflicts."""
+        self.write_views(views, now)
+        self.write_records(records, now)
+        self.append_history(history)
+        self.add_anomalies(anomalies)
+        new = self.replace_conflicts(conflicts, now)
+        if owner_presence:
+            self.owner_presence(owner_presence, now)
+        if document_owners:
+            self.document_owners(document_owners, now)
+        if offsets:
+            self.write_offsets(offsets, now)
+        return new
+
+    def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
+        raise NotImplementedError
+
+    def write_records(
+        self, records: dict[RecordKey, CanonicalRecord | None], now: datetime
+    ) -> None:
+        raise NotImplementedError
+
+    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
+        raise NotImplementedError
+
+    def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
+        raise NotImplementedError
+
+    def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
+        raise NotImplementedError
+
+
+def _new_conflicts(current: Conflicts, before: Iterable[tuple[str, str, str]]) -> Any:
+    known = set(before)
+    found = [
+        (e, k, f, sources) for (e, k), fields in current.items() for f, sources in fields.items()
+    ]
+    return found, [(e, f) for e, k, f, _ in found if (e, k, f) not in known]
+
+
+class PostgresBatchIO(BatchIO):
+    """Arrays and `unnest`: one fixed statement per table and per read."""
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self.dbapi.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def lock(self, keys: Sequence[RecordKey]) -> None:
+        if keys:
+            self._run(
+                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0)"
+                " AS h FROM unnest(%s::text[]) AS k ORDER BY h) AS ordered",
+                [[f"{entity}:{key}" for entity, key in keys]],
+            )
+
+    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if not partitions:
+            return {}
+        rows = self._run(
+            "SELECT a.topic, a.partition, a.next_offset FROM applied_offsets a"
+            " JOIN unnest(%s::text[], %s::int[]) AS w(topic, partition)"
+            " ON a.topic = w.topic AND a.partition = w.partition FOR UPDATE OF a",
+            [[t for t, _ in partitions], [p for _, p in partitions]],
+        )
+        return {(t, p): o for t, p, o in rows}
+
+    def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
+        result: dict[RecordKey, dict[str, SourceView]] = {}
+        if not keys:
+            return result
+        rows = self._run(
+            "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
+            " v.data FROM source_views v JOIN unnest(%s::text[], %s::text[]) AS w(entity, key)"
+            " ON v.entity = w.entity AND v.key = w.key",
+            [[e for e, _ in keys], [k for _, k in keys]],
+        )
+        for entity, key, source, version, event_id, occurred, deleted, data in rows:
+            view = SourceView(source, version, event_id, _aware(occurred), deleted, _loads(data))
+            result.setdefault((entity, key), {})[source] = view
+        return result
+
+    def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
+        if not keys:
+            return {}
+        rows = self._run(
+            "SELECT r.entity, r.key, r.data FROM records r"
+            " JOIN unnest(%s::text[], %s::text[]) AS w(entity, key)"
+            " ON r.entity = w.entity AND r.key = w.key",
+            [[e for e, _ in keys], [k for _, k in keys]],
+        )
+        return {(e, k): _loads(d) for e, k, d in rows}
+
+    def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
+        if not rows:
+            return
+        self._run(
+            "INSERT INTO source_views (entity, key, source, version, event_id, occurred_at,"
+            " deleted, data, applied_at)"
+            " SELECT e, k, s, v, i, o, d, CAST(j AS jsonb), %s FROM unnest(%s::text[],"
+            " %s::text[], %s::text[], %s::bigint[], %s::text[], %s::timestamp[], %s::bool[],"
+            " %s::text[]) AS u(e, k, s, v, i, o, d, j)"
+            " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
+            " event_id = excluded.event_id, occurred_at = excluded.occurred_at,"
+            " deleted = excluded.deleted, data = excluded.data, applied_at = excluded.applied_at"
+            " WHERE source_views.version < excluded.version",
+            [
+                _naive(now),
+                [e for e, _, _ in rows],
+                [k for _, k, _ in rows],
+                [v.source for _, _, v in rows],
+                [v.version for _, _, v in rows],
+                [v.event_id for _, _, v in rows],
+                [_naive(v.occurred_at) for _, _, v in rows],
+                [v.deleted for _, _, v in rows],
+                [_json(None if v.data is None else dict(v.data)) for _, _, v in rows],
+            ],
+        )
+
+    def write_records(
+        self, records: dict[RecordKey, CanonicalRecord | None], now: datetime
+    ) -> None:
+        present = [(k, r) for k, r in records.items() if r is not None]
+        if present:
+            self._run(
+                "INSERT INTO records (entity, key, data, sources, updated_at, provenance)"
+                " SELECT e, k, CAST(d AS jsonb), CAST(s AS jsonb), %s, CAST(p AS jsonb)"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " AS u(e, k, d, s, p)"
+                " ON CONFLICT (entity, key) DO UPDATE SET data = excluded.data,"
+                " sources = excluded.sources, updated_at = excluded.updated_at,"
+                " provenance = excluded.provenance",
+                [
+                    _naive(now),
+                    [e for (e, _), _ in present],
+                    [k for (_, k), _ in present],
+                    [_json(r.data) for _, r in present],
+                    [_json(r.sources) for _, r in present],
+                    [_json(r.provenance) for _, r in present],
+                ],
+            )
+        gone = [key for key, record in records.items() if record is None]
+        if gone:
+            self._run(
+                "DELETE FROM records r USING unnest(%s::text[], %s::text[]) AS w(entity, key)"
+                " WHERE r.entity = w.entity AND r.key = w.key",
+                [[e for e, _ in gone], [k for _, k in gone]],
+            )
+
+    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self._run(
+            "INSERT INTO record_history (entity, key, event_id, source, version, changes,"
+            " applied_at) SELECT e, k, i, s, v, CAST(c AS jsonb), a FROM unnest(%s::text[],"
+            " %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::timestamp[])"
+            " AS u(e, k, i, s, v, c, a)",
+            [
+                [r["entity"] for r in rows],
+                [r["key"] for r in rows],
+                [r["event_id"] for r in rows],
+                [r["source"] for r in rows],
+                [r["version"] for r in rows],
+                [_json(r["changes"]) for r in rows],
+                [_naive(r["applied_at"]) for r in rows],
+            ],
+        )
+
+    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self._run(
+            "INSERT INTO dossier_anomalies (key, source, from_status, to_status, event_id,"
+            " detected_at) SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[],"
+            " %s::text[], %s::timestamp[])",
+            [
+                [r["key"] for r in rows],
+                [r["source"] for r in rows],
+                [r["from_status"] for r in rows],
+                [r["to_status"] for r in rows],
+                [r["event_id"] for r in rows],
+                [_naive(r["detected_at"]) for r in rows],
+            ],
+        )
+
+    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
+        if not current:
+            return []
+        before = self._run(
+            "DELETE FROM field_conflicts f USING unnest(%s::text[], %s::text[]) AS w(entity, key)"
+            " WHERE f.entity = w.entity AND f.key = w.key RETURNING f.entity, f.key, f.field",
+            [[e for e, _ in current], [k for _, k in current]],
+        )
+        found, new = _new_conflicts(current, (tuple(row) for row in before))
+        if found:
+            self._run(
+                "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
+                " SELECT e, k, f, CAST(s AS jsonb), %s FROM unnest(%s::text[], %s::text[],"
+                " %s::text[], %s::text[]) AS u(e, k, f, s)",
+                [
+                    _naive(now),
+                    [e for e, _, _, _ in found],
+                    [k for _, k, _, _ in found],
+                    [f for _, _, f, _ in found],
+                    [_json(s) for _, _, _, s in found],
+                ],
+            )
+        return list(new)
+
+    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
+        self._run(
+            "UPDATE document_owners d SET waiting = NOT w.present, updated_at = %s"
+            " FROM unnest(%s::text[], %s::text[], %s::bool[]) AS w(entity, key, present)"
+            " WHERE d.owner_entity = w.entity AND d.owner_key = w.key"
+            " AND d.waiting = w.present",
+            [
+                _naive(now),
+                [e for e, _ in owners],
+                [k for _, k in owners],
+                list(owners.values()),
+            ],
+        )
+
+    def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
+        self._run(
+            "DELETE FROM document_owners d USING unnest(%s::text[], %s::text[]) AS w(entity, key)"
+            " WHERE d.entity = w.entity AND d.key = w.key",
+            [[e for e, _ in owners], [k for _, k in owners]],
+        )
+        named = [(key, owner) for key, owner in owners.items() if owner is not None]
+        if named:
+            self._run(
+                "INSERT INTO document_owners (entity, key, owner_entity, owner_key, waiting,"
+                " updated_at) SELECT e, k, oe, ok, NOT EXISTS (SELECT 1 FROM records r"
+                " WHERE r.entity = oe AND r.key = ok), %s FROM unnest(%s::text[], %s::text[],"
+                " %s::text[], %s::text[]) AS u(e, k, oe, ok)",
+                [
+                    _naive(now),
+                    [e for (e, _), _ in named],
+                    [k for (_, k), _ in named],
+                    [o[0] for _, o in named],
+                    [o[1] for _, o in named],
+                ],
+            )
+
+    def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
+        items = list(ranges.items())
+        topics = [t for (t, _), _ in items]
+        partitions = [p for (_, p), _ in items]
+        self._run(
+            "INSERT INTO apply_journal (topic, partition, first_offset, next_offset, events,"
+            " committed_at) SELECT t, p, f, n, c, %s FROM unnest(%s::text[], %s::int[],"
+            " %s::bigint[], %s::bigint[], %s::int[]) AS u(t, p, f, n, c)",
+            [
+                _naive(now),
+                topics,
+                partitions,
+                [r[0] for _, r in items],
+                [r[1] for _, r in items],
+                [r[2] for _, r in items],
+            ],
+        )
+        self._run(
+            "INSERT INTO applied_offsets (topic, partition, next_offset, updated_at)"
+            " SELECT t, p, n, %s FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(t, p, n)"
+            " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset,"
+            " updated_at = excluded.updated_at"
+            " WHERE applied_offsets.next_offset < excluded.next_offset",
+            [_naive(now), topics, partitions, [r[1] for _, r in items]],
+        )
+
+
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's storage format of DateTime on SQLite
+
+
+def _text_time(moment: datetime) -> str:
+    return _naive(moment).strftime(SQLITE_TIME)
+
+
+class SqliteBatchIO(BatchIO):
+    """`executemany` of one prepared statement per table; keys read through a temp table.
+    Writers are serialised by the transaction (BEGIN IMMEDIATE): no locks needed."""
+
+    def _keys(self, table: str, keys: Sequence[tuple[Any, Any]]) -> str:
+        cursor = self.dbapi.cursor()
+        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (a, b, PRIMARY KEY (a, b))")
+        cursor.execute(f"DELETE FROM {table}")
+        cursor.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", keys)
+        return table
+
+    def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.dbapi.cursor().executemany(sql, rows)
+
+    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if not partitions:
+            return {}
+        wanted = self._keys("batch_partitions", partitions)
+        rows = self.dbapi.execute(
+            "SELECT o.topic, o.partition, o.next_offset FROM applied_offsets o"
+            f" JOIN {wanted} w ON o.topic = w.a AND o.partition = w.b"
+        )
+        return {(t, p): n for t, p, n in rows}
+
+    def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
+        result: dict[RecordKey, dict[str, SourceView]] = {}
+        if not keys:
+            return result
+        wanted = self._keys("batch_keys", keys)
+        rows = self.dbapi.execute(
+            "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
+            f" v.data FROM {wanted} w JOIN source_views v ON v.entity = w.a AND v.key = w.b"
+        )
+        for entity, key, source, version, event_id, occurred, deleted, data in rows:
+            view = SourceView(
+                source, version, event_id, _aware(occurred), bool(deleted), _loads(data)
+            )
+            result.setdefault((entity, key), {})[source] = view
+        return result
+
+    def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
+        if not keys:
+            return {}
+        wanted = self._keys("batch_keys", keys)
+        rows = self.dbapi.execute(
+            f"SELECT r.entity, r.key, r.data FROM {wanted} w"
+            " JOIN records r ON r.entity = w.a AND r.key = w.b"
+        )
+        return {(e, k): _loads(d) for e, k, d in rows}
+
+    def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
+        applied = _text_time(now)
+        self._many(
+            "INSERT INTO source_views (entity, key, source, version, event_id, occurred_at,"
+            " deleted, data, applied_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
+            " event_id = excluded.event_id, occurred_at = excluded.occurred_at,"
+            " deleted = excluded.deleted, data = excluded.data, applied_at = excluded.applied_at"
+            " WHERE source_views.version < excluded.version",
+            [
+                (
+                    e,
+                    k,
+                    v.source,
+                    v.version,
+                    v.event_id,
+                    _text_time(v.occurred_at),
+                    int(v.deleted),
+                    _json(None if v.data is None else dict(v.data)),
+                    applied,
+                )
+                for e, k, v in rows
+            ],
+        )
+
+    def write_records(
+        self, records: dict[RecordKey, CanonicalRecord | None], now: datetime
+    ) -> None:
+        updated = _text_time(now)
+        self._many(
+            "INSERT INTO records (entity, key, data, sources, updated_at, provenance)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entity, key) DO UPDATE SET"
+            " data = excluded.data, sources = excluded.sources,"
+            " updated_at = excluded.updated_at, provenance = excluded.provenance",
+            [
+                (e, k, _json(r.data), _json(r.sources), updated, _json(r.provenance))
+                for (e, k), r in records.items()
+                if r is not None
+            ],
+        )
+        self._many(
+            "DELETE FROM records WHERE entity = ? AND key = ?",
+            [key for key, record in records.items() if record is None],
+        )
+
+    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._many(
+            "INSERT INTO record_history (entity, key, event_id, source, version, changes,"
+            " applied_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r["entity"],
+                    r["key"],
+                    r["event_id"],
+                    r["source"],
+                    r["version"],
+                    _json(r["changes"]),
+                    _text_time(r["applied_at"]),
+                )
+                for r in rows
+            ],
+        )
+
+    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._many(
+            "INSERT INTO dossier_anomalies (key, source, from_status, to_status, event_id,"
+            " detected_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r["key"],
+                    r["source"],
+                    r["from_status"],
+                    r["to_status"],
+                    r["event_id"],
+                    _text_time(r["detected_at"]),
+                )
+                for r in rows
+            ],
+        )
+
+    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
+        if not current:
+            return []
+        wanted = self._keys("batch_keys", list(current))
+        before = self.dbapi.execute(
+            f"SELECT f.entity, f.key, f.field FROM {wanted} w"
+            " JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
+        ).fetchall()
+        self.dbapi.execute(
+            f"DELETE FROM field_conflicts WHERE (entity, key) IN (SELECT a, b FROM {wanted})"
+        )
+        found, new = _new_conflicts(current, (tuple(row) for row in before))
+        detected = _text_time(now)
+        self._many(
+            "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(e, k, f, _json(s), detected) for e, k, f, s in found],
+        )
+        return list(new)
+
+    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
+        updated = _text_time(now)
+        self._many(
+            "UPDATE document_owners SET waiting = ?, updated_at = ?"
+            " WHERE owner_entity = ? AND owner_key = ? AND waiting = ?",
+            [(int(not present), updated, e, k, int(present)) for (e, k), present in owners.items()],
+        )
+
+    def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
+        self._many("DELETE FROM document_owners WHERE entity = ? AND key = ?", list(owners))
+        updated = _text_time(now)
+        self._many(
+            "INSERT INTO document_owners (entity, key, owner_entity, owner_key, waiting,"
+            " updated_at) VALUES (?, ?, ?, ?, NOT EXISTS (SELECT 1 FROM records r"
+            " WHERE r.entity = ? AND r.key = ?), ?)",
+            [
+                (e, k, o[0], o[1], o[0], o[1], updated)
+                for (e, k), o in owners.items()
+                if o is not None
+            ],
+        )
+
+    def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
+        committed = _text_time(now)
+        self._many(
+            "INSERT INTO apply_journal (topic, partition, first_offset, next_offset, events,"
+            " committed_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(t, p, f, n, c, committed) for (t, p), (f, n, c) in ranges.items()],
+        )
+        self._many(
+            "INSERT INTO applied_offsets (topic, partition, next_offset, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET"
+            " next_offset = excluded.next_offset, updated_at = excluded.updated_at"
+            " WHERE applied_offsets.next_offset < excluded.next_offset",
+            [(t, p, n, committed) for (t, p), (_, n, _) in ranges.items()],
+        )
+
+
+def batch_io(dialect: str, dbapi: Any) -> BatchIO:
+    if dialect == "postgresql":
+        return PostgresBatchIO(dbapi)
+    if dialect == "sqlite":
+        return SqliteBatchIO(dbapi)
+    raise ValueError(f"no batch writer for {dialect}")
