@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from consumers.merge import Authority
@@ -31,3 +32,23 @@ def _reason(error: Exception) -> str:
         return "no such file"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith("For further information"))
+
+
+RULES_FINGERPRINT = "rules.fingerprint"
+RULES_FILES = "rules.files"
+
+
+def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -> str:
+    """SHA-256 of the registry's and the authority file's bytes ("none" for a missing one):
+    the worker records it in the store; replay, rebuild and remerge compare theirs."""
+    digest = hashlib.sha256()
+    for label, path in (("registry", registry_file), ("authority", authority_file)):
+        digest.update(label.encode() + b"\0")
+        digest.update(path.read_bytes() if path is not None else b"none")
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def rules_files(registry_file: Path | None, authority_file: Path | None) -> str:
+    """The files by name, for messages."""
+    return f"registry {registry_file or '(none)'}, authority {authority_file or '(none)'}"

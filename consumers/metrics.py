@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from functools import cache
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from consumers.reconciler import BatchReport, DeadLetter
 from observability.freshness import SourceFreshness
@@ -109,3 +111,53 @@ def record_warnings(entity: str, warnings: Iterable[str]) -> None:
 
 def _seconds(later: datetime, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
+
+
+WORKER_RETRYING_SECONDS = Gauge(
+    "portal_sync_worker_retrying_seconds",
+    "How long the batch in hand has been waiting for the store or the broker (0: not waiting).",
+)
+WORKER_LAST_PROGRESS = Gauge(
+    "portal_sync_worker_last_progress_timestamp_seconds",
+    "When the worker last committed a batch (Unix time).",
+)
+
+
+class WorkerHealth:
+    """Whether the worker makes progress: a batch that keeps failing is never silent.
+
+    Ready while no batch is retrying; healthy until a batch has retried longer than
+    `stall_after_seconds` (then a supervisor may restart it, and an alert fires)."""
+
+    def __init__(self, stall_after_seconds: float = 300.0) -> None:
+        self.stall_after_seconds = stall_after_seconds
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self.reason = ""
+        WORKER_RETRYING_SECONDS.set_function(self.retrying_seconds)
+        WORKER_LAST_PROGRESS.set(time.time())
+
+    def retrying(self, reason: str) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+            self.reason = reason
+
+    def recovered(self) -> None:
+        with self._lock:
+            self._since = None
+            self.reason = ""
+
+    def progressed(self) -> None:
+        self.recovered()
+        WORKER_LAST_PROGRESS.set(time.time())
+
+    def retrying_seconds(self) -> float:
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def ready(self) -> bool:
+        return self._since is None
+
+    def stalled(self) -> bool:
+        return self.retrying_seconds() > self.stall_after_seconds

@@ -193,10 +193,13 @@ class Reconciler:
         report.committed_at = utcnow()
         return report
 
-    def remerge(self, keys: Sequence[RecordKey], source: str = "remerge") -> int:
+    def remerge(
+        self, keys: Sequence[RecordKey], source: str = "remerge", dry_run: bool = False
+    ) -> int:
         """Re-merge records from their stored views (after an authority change), in one
-        transaction; every changed record gets a history entry. Return how many changed."""
-        with self.store.batch((), keys, use_offsets=False) as tx:
+        transaction; every changed record gets a history entry. Return how many changed.
+        A `dry_run` rolls the transaction back."""
+        with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
             work = _Batch(tx.views, tx.canonical)
             now = utcnow()
             for record_key in keys:

@@ -13,9 +13,12 @@ the worker therefore wraps `perform_seek` itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,11 +26,18 @@ from typing import Any
 
 import faust
 
-from consumers.config import load_rules
+from consumers.config import (
+    RULES_FILES,
+    RULES_FINGERPRINT,
+    load_rules,
+    rules_files,
+    rules_fingerprint,
+)
 from consumers.merge import Authority
 from consumers.metrics import (
     COMMIT_SECONDS,
     FRESHNESS,
+    WorkerHealth,
     record_batch,
     record_dead_letters,
     record_warnings,
@@ -37,16 +47,17 @@ from consumers.registry import Registry
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from schemas.dead_letter import Reason, dead_letter_headers
-from schemas.errors import RecordError, TransientError
+from schemas.errors import Refused, TransientError
 from store import Store, TopicPartition, utcnow
 from transport import admin, clients
 from transport.config import KafkaConnection
 from transport.publisher import Publisher
 from transport.reader import Message
-from transport.topics import Topics
+from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
+EXIT_BATCH_FAILED = 3  # a batch failed in an unexpected way: restart from the store
 
 
 @dataclass(frozen=True)
@@ -66,10 +77,31 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     freshness_objective_seconds: float = 60.0
+    stall_after_seconds: float = 300.0
+
+
+class Stopping(Exception):
+    """The worker is shutting down: the batch in hand is abandoned (rolled back)."""
 
 
 class BatchProcessor:
-    """Synchronous part of the worker: dead letters first, then one store transaction."""
+    """Synchronous part of the worker: dead letters first, then one store transaction.
+
+    What each failure does (the batch loop branches only on the error families):
+
+    | failure                                   | reaction                                   |
+    |-------------------------------------------|--------------------------------------------|
+    | `TransientError` (store, broker down)     | retry with backoff; /readyz false; stall   |
+    |                                           | gauge and /healthz false after a while     |
+    | `RecordError` or an unexpected exception  | halve the batch down to the one event that |
+    | met by some data                          | fails alone; dead-letter it (apply_failed) |
+    | `Refused` (the store refuses the batch's  | raised: the worker stops and resumes from  |
+    | offsets: a gap) or anything else          | the store's offsets when restarted         |
+
+    Every dead letter is published (and acknowledged) before the offsets that move past it
+    are committed; each invalid message is dead-lettered once per delivery, however often
+    its batch is halved.
+    """
 
     def __init__(
         self, config: WorkerConfig, store: Store, registry: Registry, authority: Authority
@@ -81,55 +113,66 @@ class BatchProcessor:
             config.connection, config.topics, client_id="portal-sync-dead-letters"
         )
         self.next_prune = 0.0
+        self.stopping = threading.Event()
+        self.health = WorkerHealth(config.stall_after_seconds)
 
     def process(self, messages: Sequence[Message]) -> None:
-        """Apply a batch. Failures of the store or the broker themselves (unreachable, a
-        schema error) are retried with backoff until they pass: nothing is skipped. A
-        failure caused by data (a value the database refuses, a bug some record meets) is
-        narrowed down by halving the batch until the one event that fails alone is found;
-        that event goes to the dead letters (reason `apply_failed`), the rest is applied."""
+        """Apply a batch; raise `Stopping` when asked to stop while it waits."""
+        self._process(messages, set())
+        self.health.progressed()
+
+    def _process(self, messages: Sequence[Message], lettered: set[Offset]) -> None:
+        try:
+            self._retrying(lambda: self._process_once(messages, lettered))
+        except (Stopping, Refused):
+            raise
+        except Exception as error:  # a record error, or a bug met by some data
+            self._isolate(messages, error, lettered)
+
+    def _retrying(self, action: Callable[[], None]) -> None:
+        """Run `action` until it passes; transient failures wait with backoff."""
         delay = 0.5
         while True:
+            if self.stopping.is_set():
+                raise Stopping()
             try:
-                self._process_once(messages)
+                action()
+                self.health.recovered()
                 return
-            except RecordError as error:
-                self._isolate(messages, error)
-                return
-            except TransientError as error:  # the store or broker
+            except TransientError as error:
+                self.health.retrying(type(error).__name__)
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
-                time.sleep(delay)
+                if self.stopping.wait(delay):
+                    raise Stopping() from None
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
-                continue
-            except Exception as error:  # a bug met by some data: isolate it, go on
-                self._isolate(messages, error)
-                return
 
-    def _isolate(self, messages: Sequence[Message], error: Exception) -> None:
+    def _isolate(
+        self, messages: Sequence[Message], error: Exception, lettered: set[Offset]
+    ) -> None:
         """Halve the batch until the event that fails alone is found; dead-letter it."""
         if len(messages) == 1:
-            self._poison(messages[0], error)
+            self._retrying(lambda: self._poison(messages[0], error, lettered))
             return
         middle = len(messages) // 2
-        self.process(messages[:middle])
-        self.process(messages[middle:])
+        self._process(messages[:middle], lettered)
+        self._process(messages[middle:], lettered)
 
-    def _poison(self, message: Message, error: Exception) -> None:
+    def _poison(self, message: Message, error: Exception, lettered: set[Offset]) -> None:
         """An event the store cannot apply: dead-letter it and move past it."""
         log.error("event at %s:%d:%d cannot be applied (%s): dead-lettered", message.topic,
                   message.partition, message.offset, type(error).__name__)  # fmt: skip
         letter = DeadLetter(
             message, Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}"
         )
-        self._dead_letter([letter])
+        self._dead_letter([letter], lettered)
         self.reconciler.apply([], [message])
         record_dead_letters([letter])
 
-    def _process_once(self, messages: Sequence[Message]) -> None:
+    def _process_once(self, messages: Sequence[Message], lettered: set[Offset]) -> None:
         fresh = self.reconciler.unapplied(messages)
         valid, dead = classify(fresh, self.registry)
         if dead:
-            self._dead_letter(dead)
+            self._dead_letter(dead, lettered)
         for checked in valid:
             if checked.warnings:
                 record_warnings(checked.event.entity, checked.warnings)
@@ -157,9 +200,11 @@ class BatchProcessor:
         if pruned:
             log.info("pruned %d audit history entries older than %s", pruned, horizon.date())
 
-    def _dead_letter(self, dead: list[DeadLetter]) -> None:
-        """Publish and wait for acks before the offsets that skip them are committed."""
-        for letter in dead:
+    def _dead_letter(self, dead: list[DeadLetter], lettered: set[Offset]) -> None:
+        """Publish and wait for acks before the offsets that skip them are committed; a
+        letter already published in this delivery is not sent again."""
+        todo = [d for d in dead if _origin(d.message) not in lettered]
+        for letter in todo:
             message = letter.message
             headers = dead_letter_headers(
                 letter.code,
@@ -169,7 +214,10 @@ class BatchProcessor:
                 message.offset,
                 attempt=message.attempt,
             )
-            self.publisher.send_dead_letter(message.key, message.value, headers)
+            value = message.value
+            if value is not None and len(value) > DEAD_LETTER_VALUE_LIMIT:
+                value, headers = value_reference(message, headers)
+            self.publisher.send_dead_letter(message.key, value, headers)
             log.warning(
                 "dead letter %s:%d:%d (%s)",
                 message.topic,
@@ -177,10 +225,38 @@ class BatchProcessor:
                 message.offset,
                 letter.code,
             )
-        self.publisher.flush()
+        if todo:
+            self.publisher.flush()
+        lettered.update(_origin(d.message) for d in todo)
 
     def close(self) -> None:
-        self.publisher.close()
+        self.publisher.close(timeout=5)
+
+
+Offset = tuple[str, int, int]  # topic, partition, offset
+# A dead letter keeps the original bytes when they fit the dead-letter topic (which takes
+# twice what a change topic does); bigger values are replaced by a reference.
+DEAD_LETTER_VALUE_LIMIT = DEAD_LETTER_MAX_MESSAGE_BYTES - 64 * 1024
+
+
+def _origin(message: Message) -> Offset:
+    return (message.topic, message.partition, message.offset)
+
+
+def value_reference(
+    message: Message, headers: list[tuple[str, bytes]]
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A too-large value as a reference: its size, SHA-256 and origin (never its content)."""
+    value = message.value or b""
+    digest = hashlib.sha256(value).hexdigest()
+    reference = {
+        "value_omitted": "too_large",
+        "size": len(value),
+        "sha256": digest,
+        "origin": {"topic": message.topic, "partition": message.partition,
+                   "offset": message.offset},
+    }  # fmt: skip
+    return json.dumps(reference).encode(), [*headers, ("ps.value.sha256", digest.encode())]
 
 
 class ReconcilerApp(faust.App):
@@ -215,6 +291,11 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     store = Store(config.store_url)
     store.create_schema()
     registry, authority = load_rules(config.registry_file, config.authority_file)
+    # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
+    store.set_meta(
+        RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
+    )
+    store.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
     note = ""
     if registry.development_mode:
         note = "development mode: no source registry, every source accepted, equal rank"
@@ -224,27 +305,34 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     known = read_freshness(store)
     FRESHNESS.seed({source: f for source, f in known.items() if registry.accepts(source)})
     app = _build_app(config, store)
+    health = processor.health
     if config.metrics_port:
         liveness = app.liveness
         serve(
             config.metrics_port,
             config.metrics_host,
-            liveness.healthy,
-            liveness.ready,
+            lambda: liveness.healthy() and not health.stalled(),
+            lambda: liveness.ready() and health.ready(),
             ready_note=note,
         )
     topic_names = config.topics.change_topics()
     targets = admin.end_offsets(config.connection, topic_names) if until_caught_up else {}
-    state: dict[str, Any] = {"stopping": False, "stop_task": None}
+    state: dict[str, Any] = {"stopping": False, "stop_task": None, "code": 0}
 
     def caught_up() -> bool:
         stored = store.all_offsets()
         return all(stored.get(tp, 0) >= end for tp, end in targets.items())
 
+    def stop(code: int = 0) -> None:
+        if not state["stopping"]:
+            state["stopping"] = True
+            state["code"] = code
+            processor.stopping.set()
+            state["stop_task"] = asyncio.ensure_future(worker.stop())
+
     def maybe_stop() -> None:
         if until_caught_up and not state["stopping"] and caught_up():
-            state["stopping"] = True
-            state["stop_task"] = asyncio.ensure_future(worker.stop())
+            stop()
 
     topic = app.topic(
         *topic_names,
@@ -259,8 +347,23 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         async for events in stream.take_events(
             config.batch_max_events, within=config.batch_max_wait_seconds
         ):
+            if state["stopping"]:
+                return
             messages = [_message(event) for event in events]
-            await asyncio.to_thread(processor.process, messages)
+            try:
+                await asyncio.to_thread(processor.process, messages)
+            except Stopping:
+                return
+            except Exception as error:
+                # Never go on from faust's position after a failure: stop, and let the
+                # supervisor restart the worker from the store's offsets.
+                log.error(
+                    "batch failed unexpectedly (%s): stopping; the next start resumes from "
+                    "the store's offsets",
+                    type(error).__name__,
+                )
+                stop(EXIT_BATCH_FAILED)
+                return
             maybe_stop()
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
@@ -268,7 +371,9 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         app.liveness.beat()
         maybe_stop()
 
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker = ReconcilerWorker(
+        app, loglevel="WARNING", quiet=True, redirect_stdouts=False, on_signal=processor.stopping
+    )
     worker.spinner = None
     code: Any = 1
     try:
@@ -278,7 +383,22 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     finally:
         processor.close()
         store.close()
+    if state["code"]:
+        return int(state["code"])
     return 0 if code in (0, None) else int(code)
+
+
+class ReconcilerWorker(faust.Worker):
+    """faust's worker; a stop signal first tells the batch in hand to give up waiting, so
+    SIGTERM/SIGINT stop the worker within seconds (the open transaction rolls back)."""
+
+    def __init__(self, *args: Any, on_signal: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_signal = on_signal
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        self._on_signal.set()
+        super()._schedule_shutdown(signal)
 
 
 def _build_app(config: WorkerConfig, store: Store) -> ReconcilerApp:

@@ -29,6 +29,15 @@ class Case:
 
 CASES = [
     Case(
+        "PortalSyncWorkerStalled",
+        # the store went away at 1m; the batch in hand has waited ever since
+        {f"portal_sync_worker_retrying_seconds{{{WORKER}}}": "0 0+60x15"},
+        "5m",
+        "8m",
+        {"job": "portal-sync-worker", "instance": "w1"},
+        "w1: a batch has waited 7m 0s for the store or the broker; no change is being applied",
+    ),
+    Case(
         "PortalSyncConsumerStalled",
         {f"portal_sync_consumer_status{{{GROUP},{EXPORTER}}}": "0 1 1 3x10"},
         "4m",  # WARN at 1-2m does not page; STOP since 3m, pending for 2m

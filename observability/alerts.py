@@ -24,6 +24,7 @@ class Thresholds:
     stale_after_seconds: float = 1800.0
     lag_growing_seconds: float = 300.0
     cursor_lag_seconds: float = 900.0
+    worker_stalled_seconds: float = 300.0  # a batch waiting on the store or broker this long
     window: str = "5m"  # rate windows
     for_short: str = "2m"  # stalled consumer, process down
     for_long: str = "10m"  # lag above objective, stale source, lag growing
@@ -75,7 +76,20 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
+    waiting = "max by (job, instance) (portal_sync_worker_retrying_seconds)"
     return [
+        Rule(
+            "PortalSyncWorkerStalled",
+            f"{waiting} > {t.worker_stalled_seconds:g}",
+            waiting,
+            "1m",
+            "critical",
+            "{{ $labels.instance }}: a batch has waited {{ $value | humanizeDuration }} for "
+            "the store or the broker; no change is being applied",
+            "The worker retries with backoff and applies nothing meanwhile: check that "
+            "PostgreSQL and Kafka answer, and that the dead-letter topic exists "
+            "(`portal-sync topics`). The worker's /readyz is false while it retries.",
+        ),
         Rule(
             "PortalSyncSyncLagAboveObjective",
             f"({slow}) > {t.slow_share:g}",

@@ -47,7 +47,7 @@ from producers.produce import ProduceResult, SourceGroup, build_groups
 from producers.sdk import Record
 from schemas import InvalidEvent, parse_event
 from schemas.errors import Refused
-from store import Store, queries
+from store import Store, queries, redacted_url
 from transport import admin
 from transport.local import REPO_ROOT, LocalKafka, free_port
 from transport.publisher import Publisher
@@ -55,6 +55,8 @@ from transport.publisher import Publisher
 console = Console()
 DEFAULT_AUTHORITY = REPO_ROOT / "deploy" / "authority.toml"
 DEFAULT_REGISTRY = REPO_ROOT / "deploy" / "registry.toml"
+DEMO_PREFIX = "portal-sync-demo"
+DEMO_MARK = "demo"  # store_meta: this store was made by the demo
 
 
 class DemoError(Refused):
@@ -83,7 +85,9 @@ class DemoRun:
 def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
     started = time.monotonic()
     run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
-    console.print("[bold]portal-sync demo[/bold]: resets the local demo store and topics")
+    console.print(
+        f"[bold]portal-sync demo[/bold]: resets its own topics ({DEMO_PREFIX}.*) and store"
+    )
     _step("Kafka", lambda: _broker_up(run))
     _step("reset demo topics and store", lambda: _reset(run))
     worker, metrics_port = _start_worker(run)
@@ -115,16 +119,25 @@ def _step(title: str, action: Callable[[], object]) -> None:
     console.print(f"[green]✓[/green] {title} ({time.monotonic() - began:.1f}s)")
 
 
+def demo_store_url() -> str:
+    """The demo's own store, beside (never in place of) the default one."""
+    return f"sqlite:///{user_data_dir() / 'demo' / 'store.db'}"
+
+
 def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
-    """The demo resets its store and topics: only the embedded defaults, unless --reset."""
-    external = settings.kafka_bootstrap is not None or settings.store_url != default_store_url()
-    if external and not allow_reset:
+    """The demo works only on its own topics (`portal-sync-demo.*`), its own consumer group
+    and its own store; on an external cluster it deletes its topics only with --reset."""
+    if settings.kafka_bootstrap is not None and not allow_reset:
         raise DemoError(
-            "the demo resets its topics and store; with an external cluster or store "
-            "pass --reset to allow it"
+            f"the demo deletes and recreates its own topics ({DEMO_PREFIX}.*) and consumer "
+            f"group ({DEMO_PREFIX}); on an external cluster pass --reset to allow it"
         )
+    own_store = settings.store_url == default_store_url()
     return settings.model_copy(
         update={
+            "topic_prefix": DEMO_PREFIX,
+            "group_id": DEMO_PREFIX,
+            "store_url": demo_store_url() if own_store else settings.store_url,
             "authority_file": settings.authority_file or DEFAULT_AUTHORITY,
             "registry": settings.registry or DEFAULT_REGISTRY,
         }
@@ -142,15 +155,23 @@ def _broker_up(run: DemoRun) -> None:
 
 def _reset(run: DemoRun) -> None:
     settings = run.settings
-    topics = settings.topics()
-    with admin.cluster(settings.connection()) as cluster:
-        cluster.delete_topics([*topics.change_topics(), topics.dead_letters])
-        cluster.delete_group(settings.group_id)
-        cluster.ensure_topics(topics)
     store = Store(settings.store_url)
-    store.drop_schema()
-    store.create_schema()
-    store.close()
+    try:
+        if store.holds_data() and store.meta(DEMO_MARK) != "true":
+            raise DemoError(
+                "the store given to the demo holds data the demo did not write: the demo "
+                "resets only an empty store or its own (leave PORTAL_SYNC_STORE_URL unset)"
+            )
+        topics = settings.topics()
+        with admin.cluster(settings.connection()) as cluster:
+            cluster.delete_topics([*topics.change_topics(), topics.dead_letters])
+            cluster.delete_group(settings.group_id)
+            cluster.ensure_topics(topics)
+        store.drop_schema()
+        store.create_schema()
+        store.set_meta(DEMO_MARK, "true")
+    finally:
+        store.close()
     shutil.rmtree(run.workdir, ignore_errors=True)
     run.workdir.mkdir(parents=True)
     _log_to_file(run.workdir / "demo.log")
@@ -461,11 +482,19 @@ def _summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) 
         (f"sync lag p50 / p99 ({samples} views)", f"{p50:.2f} s / {p99:.2f} s"),
         ("wall time", f"{seconds:.1f} s"),
         ("self-check", "PASS" if ok else "FAIL"),
-        ("store", run.settings.store_url),
+        ("store", redacted_url(run.settings.store_url)),
+        ("topics and group", f"{DEMO_PREFIX}.*, {DEMO_PREFIX}"),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    console.print(
+        "inspect it: PORTAL_SYNC_STORE_URL=<the store above> "
+        f"PORTAL_SYNC_TOPIC_PREFIX={DEMO_PREFIX} PORTAL_SYNC_GROUP_ID={DEMO_PREFIX} "
+        "portal-sync lag | show | history | conflicts",
+        markup=False,
+        highlight=False,
+    )
 
 
 __all__ = ["DemoError", "run_demo"]

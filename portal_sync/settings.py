@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
     freshness_objective_seconds: float = 60.0
+    worker_stall_after_seconds: float = Field(
+        default=300.0, description="/healthz fails after a batch retried this long"
+    )
 
     @classmethod
     def from_flags(cls, bootstrap: str | None = None, store: str | None = None) -> Settings:
@@ -111,6 +114,7 @@ class Settings(BaseSettings):
             metrics_host=self.metrics_host,
             metrics_port=self.metrics_port,
             freshness_objective_seconds=self.freshness_objective_seconds,
+            stall_after_seconds=self.worker_stall_after_seconds,
         )
 
     def as_env(self) -> dict[str, str]:

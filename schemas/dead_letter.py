@@ -36,6 +36,7 @@ class Reason(StrEnum):
     EMPTY_MESSAGE = "empty_message"
     UNREGISTERED_SOURCE = "unregistered_source"
     APPLY_FAILED = "apply_failed"
+    SKIPPED_BY_OPERATOR = "skipped_by_operator"
 
 
 DEAD_LETTER_REASONS = tuple(reason.value for reason in Reason)

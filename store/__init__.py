@@ -6,12 +6,14 @@ from store.core import (
     BatchTransaction,
     Freshness,
     HistoryEntry,
+    OffsetGap,
     OffsetRange,
     Store,
     StoreRefused,
     StoreUnavailable,
     TopicPartition,
     ViewRow,
+    redacted_url,
     utcnow,
 )
 from store.schema import SchemaOutdated
@@ -22,6 +24,7 @@ __all__ = [
     "BatchTransaction",
     "Freshness",
     "HistoryEntry",
+    "OffsetGap",
     "OffsetRange",
     "SchemaOutdated",
     "Store",
@@ -29,5 +32,6 @@ __all__ = [
     "StoreUnavailable",
     "TopicPartition",
     "ViewRow",
+    "redacted_url",
     "utcnow",
 ]

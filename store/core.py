@@ -41,7 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
-from schemas.errors import RecordError, TransientError
+from schemas.errors import RecordError, Refused, TransientError
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store.tables import (
     applied_offsets,
@@ -50,9 +50,11 @@ from store.tables import (
     document_owners,
     dossier_anomalies,
     field_conflicts,
+    offset_changes,
     record_history,
     records,
     source_views,
+    store_meta,
 )
 
 CHUNK = 500
@@ -62,6 +64,11 @@ OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 
 class StoreUnavailable(TransientError):
     """The database cannot be reached or failed: retry the same work."""
+
+
+class OffsetGap(Refused):
+    """A batch does not start at a partition's next offset: committing it would skip
+    events. Never committed; the worker must resume from the store's offsets."""
 
 
 class StoreRefused(RecordError):
@@ -151,6 +158,20 @@ def create_store_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def redacted_url(url: str) -> str:
+    """A store URL fit to print: the password (in the authority part or the query
+    string) replaced by `***`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return "(unreadable store URL)"
+    secret = {k: "***" for k in parsed.query if k.lower() in ("password", "sslpassword")}
+    text = parsed.update_query_dict(secret).render_as_string(hide_password=True)
+    return text
 
 
 def _make_parent_dir(url: str) -> None:
@@ -253,15 +274,44 @@ class Store:
             rows = conn.execute(select(applied_offsets))
             return {(row.topic, row.partition): row.next_offset for row in rows}
 
+    def holds_data(self) -> bool:
+        """Whether any of the project's tables holds a row (False for a new database)."""
+        from sqlalchemy import inspect
+
+        with translated(), self.engine.connect() as conn:
+            present = set(inspect(conn).get_table_names())
+            for table in (source_views, records, applied_offsets, record_history):
+                if table.name in present and conn.execute(select(table).limit(1)).first():
+                    return True
+        return False
+
     def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """The next offset to apply of these partitions (absent: none applied yet)."""
         with translated(), self.engine.connect() as conn:
             return self._offsets(conn, partitions)
 
-    def reset_offsets(self, targets: dict[TopicPartition, int]) -> None:
-        """Set partitions' next offsets (an operator's reset), in one transaction."""
+    def reset_offsets(self, targets: dict[TopicPartition, int], operator: str, reason: str) -> None:
+        """Set partitions' next offsets (an operator's reset) and record who did it, why,
+        and from where, in one transaction."""
         now = utcnow()
         with translated(), self.write_transaction() as conn:
+            before = self._offsets(conn, targets)
+            conn.execute(
+                insert(offset_changes),
+                [
+                    {
+                        "kind": "reset",
+                        "topic": topic,
+                        "partition": partition,
+                        "from_offset": before.get((topic, partition)),
+                        "to_offset": target,
+                        "operator": operator,
+                        "reason": reason,
+                        "changed_at": now,
+                    }
+                    for (topic, partition), target in targets.items()
+                ],
+            )
             for (topic, partition), target in targets.items():
                 conn.execute(
                     delete(applied_offsets).where(
@@ -273,6 +323,49 @@ class Store:
                         topic=topic, partition=partition, next_offset=target, updated_at=now
                     )
                 )
+
+    def skip_offset(
+        self, tp: TopicPartition, offset: int, log_start: int, operator: str, reason: str
+    ) -> None:
+        """Move a partition past the one message at `offset`, which must be the next one to
+        apply (`log_start` when the store has none for it yet); journaled and recorded."""
+        now = utcnow()
+        with translated(), self.write_transaction() as conn:
+            stored = self._offsets(conn, [tp]).get(tp)
+            expected = log_start if stored is None else stored
+            if offset != expected:
+                raise OffsetGap(
+                    f"{tp[0]}[{tp[1]}]: the next offset to apply is {expected}, not {offset}: "
+                    "only the message the worker is at can be skipped"
+                )
+            conn.execute(
+                insert(offset_changes).values(
+                    kind="skip", topic=tp[0], partition=tp[1], from_offset=stored,
+                    to_offset=offset + 1, operator=operator, reason=reason, changed_at=now,
+                )
+            )  # fmt: skip
+            self._write_offsets(conn, {tp: (offset, offset + 1, 1)}, now)
+
+    def offset_changes(self) -> list[dict[str, Any]]:
+        """Every recorded reset and skip, oldest first."""
+        query = select(offset_changes).order_by(offset_changes.c.id)
+        with translated(), self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def meta(self, name: str) -> str | None:
+        with translated(), self.engine.connect() as conn:
+            row = conn.execute(select(store_meta.c.value).where(store_meta.c.name == name))
+            value = row.scalar_one_or_none()
+            return None if value is None else str(value)
+
+    def set_meta(self, name: str, value: str) -> None:
+        with translated(), self.write_transaction() as conn:
+            _upsert(
+                conn,
+                store_meta,
+                [{"name": name, "value": value, "updated_at": utcnow()}],
+                ["name"],
+            )
 
     def journal(self) -> dict[TopicPartition, list[tuple[int, int]]]:
         """Every partition's applied ranges [first, next) in commit order."""
@@ -606,8 +699,20 @@ class BatchTransaction:
             present = store._existing(conn, owners)
             store._write_document_owners(conn, changes.document_owners, present, now)
         if changes.offsets:
+            self._check_contiguous(changes.offsets)
             store._write_offsets(conn, changes.offsets, now)
         return new_conflicts
+
+    def _check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:
+        """Each partition's range must start at its stored next offset (a partition the
+        store has never seen may start anywhere: the log may begin after 0)."""
+        for (topic, partition), (first, _, _) in ranges.items():
+            stored = self.offsets.get((topic, partition))
+            if stored is not None and first != stored:
+                raise OffsetGap(
+                    f"{topic}[{partition}]: batch starts at offset {first}, the store's next "
+                    f"offset is {stored}"
+                )
 
 
 def _aware(value: object) -> datetime:

@@ -164,3 +164,30 @@ dead_letter_redrives = Table(
     Column("target_topic", String(255), nullable=False),
     Column("redriven_at", UTCDateTime, nullable=False),
 )
+
+# Every move of the store's offsets that an operator made (`offsets reset`, `offsets skip`):
+# who, when, from where to where, and why. Append-only.
+offset_changes = Table(
+    "offset_changes",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("kind", String(16), nullable=False),  # reset, skip
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("from_offset", BigInteger),  # None: the store had no offset for it
+    Column("to_offset", BigInteger, nullable=False),
+    Column("operator", String(128), nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("changed_at", UTCDateTime, nullable=False),
+)
+
+# Facts about the store itself, e.g. the fingerprint of the rules the worker runs with.
+store_meta = Table(
+    "store_meta",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(1000), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)

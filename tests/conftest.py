@@ -31,7 +31,7 @@ def _unavailable(what: str, error: Exception) -> None:
 
 
 KAFKA_FIXTURES = {"kafka_bootstrap", "settings_for"}
-POSTGRES_FIXTURES = {"postgres_server"}
+POSTGRES_FIXTURES = {"postgres_server", "postgres_store_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -95,6 +95,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty store on each backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
+    return _fresh_postgres_database(request)
+
+
+@pytest.fixture
+def postgres_store_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty store on PostgreSQL."""
     return _fresh_postgres_database(request)
 
 

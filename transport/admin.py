@@ -148,9 +148,18 @@ class Cluster:
             if g.get("protocol_type", "consumer") in ("consumer", "")
         ]
 
-    def describe_group(self, group: str) -> dict[str, Any]:
-        described: dict[str, Any] = self.admin.describe_groups([group]).get(group, {})
-        return described
+    def describe_group(self, group: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The group's state and members. Its coordinator may not be known yet (a group
+        never used, a broker just started): asked again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                described: dict[str, Any] = self.admin.describe_groups([group]).get(group, {})
+                return described
+            except KafkaError as error:
+                if not getattr(error, "retriable", False) or time.monotonic() > deadline:
+                    raise clients.translate(error, f"describe group {group}") from None
+                time.sleep(0.5)
 
     def active_members(self, group: str) -> int:
         return len(self.describe_group(group).get("members") or [])

@@ -46,6 +46,9 @@ class Publisher:
             batch_size=256 * 1024,
             max_request_size=max_request_size,
             request_timeout_ms=30_000,
+            # A missing topic or an unreachable cluster fails a send after 10 s (instead
+            # of 60) so that callers retry, and show that they do, sooner.
+            max_block_ms=10_000,
         )
         self._pending: list[Any] = []
 

@@ -31,13 +31,22 @@ progress_console = Console(stderr=True)  # progress never mixes with the report 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list, show, re-drive.")
 offsets_app = typer.Typer(no_args_is_help=True, help="The live consumer group's offsets.")
 
+RulesOkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rules-mismatch-ok",
+        help="Run even if the registry/authority differ from the worker's",
+    ),
+]
 TimeOpt = Annotated[
     str | None, typer.Option(help="RFC 3339 time, or an age like 30m, 6h, 2d (before now)")
 ]
 
 
 def parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time (UTC if no offset) or an age like `90s`, `30m`, `6h`, `2d`."""
+    """An RFC 3339 time with its offset (`2025-08-01T08:00:00+07:00`) or an age like `90s`,
+    `30m`, `6h`, `2d`. A time without an offset is refused: read as UTC it would be seven
+    hours off for an operator in Vietnam."""
     if text is None:
         return None
     age = re.fullmatch(r"(\d+)([smhd])", text.strip())
@@ -48,7 +57,11 @@ def parse_time(text: str | None) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise typer.BadParameter(f"not a time: {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        raise typer.BadParameter(
+            f"{text!r} has no UTC offset: write e.g. {text}+07:00 (Vietnam) or {text}Z"
+        )
+    return moment
 
 
 def _progress() -> Progress:
@@ -74,12 +87,14 @@ def replay(
         bool, typer.Option("--show-values", help="Show old and new values in the sample")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout")] = False,
+    rules_mismatch_ok: RulesOkOpt = False,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Re-apply a range of the change topics through the reconciler (idempotent); never
-    moves the live worker's offsets."""
+    moves the live worker's offsets. Runs only with the worker's registry and authority."""
     from portal_sync.ops.replay import replay as run_replay
+    from portal_sync.ops.rules import guard_rules
     from transport.reader import Selection
 
     settings = settings_from(bootstrap, store)
@@ -89,6 +104,7 @@ def replay(
                           from_offset, to_offset)  # fmt: skip
     target = Store(settings.store_url)
     target.create_schema()
+    guard_rules(target, settings, rules_mismatch_ok)
     with _progress() as progress:
         task = progress.add_task("dry run" if dry_run else "replay", total=None, rate="–")
         summary = run_replay(settings, selection, target, source, entity, dry_run,
@@ -159,14 +175,22 @@ def rebuild(
     compare: Annotated[
         bool, typer.Option("--compare", help="Diff the rebuilt store against the live one")
     ] = False,
+    rules_mismatch_ok: RulesOkOpt = False,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Build a fresh store from everything the change topics retain."""
+    """Build a fresh store from everything the change topics retain, with the live
+    worker's registry and authority."""
     from portal_sync.ops.replay import compare_stores
     from portal_sync.ops.replay import replay as run_replay
+    from portal_sync.ops.rules import guard_rules
     from transport.reader import Selection
 
     live_settings = settings_from(bootstrap, None)
+    live = Store(live_settings.store_url)
+    try:
+        guard_rules(live, live_settings, rules_mismatch_ok)
+    finally:
+        live.close()
     target = Store(store)
     target.create_schema()
     if target.record_keys():
@@ -281,42 +305,83 @@ def dlq_redrive(
 
 
 # -- offsets ------------------------------------------------------------------------------
+OperatorOpt = Annotated[
+    str | None, typer.Option("--operator", help="Who acts (default: the OS user)")
+]
+
+
 @offsets_app.command("reset")
 def offsets_reset(
     group: Annotated[str, typer.Option("--group")],
-    to_time: Annotated[str, typer.Option("--to-time", help="RFC 3339 time or an age like 2h")],
+    to_time: Annotated[
+        str, typer.Option("--to-time", help="RFC 3339 time with offset, or an age like 2h")
+    ],
     yes: Annotated[bool, typer.Option("--yes", help="Carry out the plan")] = False,
+    allow_skip: Annotated[
+        bool,
+        typer.Option("--allow-skip", help="Allow moving past events the store has not applied"),
+    ] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded)")] = "",
+    operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Move a group to the first offsets at or after a time. Refuses while the group has
-    active members; prints the plan and acts only with --yes."""
-    from portal_sync.ops.offsets import GroupActive, active_members, apply_reset, plan_reset
+    active members, and past unapplied events without --allow-skip; prints the plan and
+    acts only with --yes. Every reset of the reconciler's group is recorded in the store."""
+    from portal_sync.ops.offsets import active_members, apply_reset, plan_reset
 
+    moment = parse_time(to_time)
+    assert moment is not None
     settings = settings_from(bootstrap, store)
     members = active_members(settings, group)
     if members:
         console.print(f"[red]refused:[/red] group {group} has {members} active member(s)")
         raise typer.Exit(1)
-    moment = parse_time(to_time)
-    assert moment is not None
     plan = plan_reset(settings, group, moment)
     table = Table(title=f"reset {group} to {moment.isoformat(timespec='seconds')}")
-    for column in ("topic", "partition", "kafka committed", "store applied", "target"):
+    for column in ("topic", "partition", "kafka committed", "store applied", "target", "skips"):
         table.add_column(column)
     for line in plan:
+        target = f"{line.target} (end)" if line.past_the_end else str(line.target)
+        skips = f"[red]{line.skipped}[/red]" if line.skipped else "0"
         table.add_row(line.topic, str(line.partition), _num(line.kafka_committed),
-                      _num(line.store_applied), str(line.target))  # fmt: skip
+                      _num(line.store_applied), target, skips)  # fmt: skip
     console.print(table)
+    skipped = sum(line.skipped for line in plan)
+    if skipped:
+        console.print(
+            f"[red]this reset skips {skipped} events the store has not applied[/red]"
+            + ("" if allow_skip else " (refused without --allow-skip)")
+        )
     if not yes:
         console.print("plan only: pass --yes to carry it out")
         return
-    try:
-        apply_reset(settings, group, plan)
-    except GroupActive as error:
-        console.print(f"[red]refused:[/red] {error}")
-        raise typer.Exit(1) from None
+    apply_reset(settings, group, plan, allow_skip, operator, reason)
     console.print(f"group {group} reset on {len(plan)} partitions")
+
+
+@offsets_app.command("skip")
+def offsets_skip(
+    topic: Annotated[str, typer.Option("--topic")],
+    partition: Annotated[int, typer.Option("--partition")],
+    offset: Annotated[int, typer.Option("--offset")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded)")],
+    operator: OperatorOpt = None,
+    bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Skip the one message the reconciler is stuck at: copy it to the dead letters
+    (reason skipped_by_operator) and move the store's offset past it. Refused while the
+    group has members; recorded in the store."""
+    from portal_sync.ops.offsets import skip_message
+
+    settings = settings_from(bootstrap, store)
+    skip_message(settings, topic, partition, offset, reason, operator)
+    console.print(
+        f"{topic}[{partition}] offset {offset} copied to the dead letters and skipped; "
+        f"the reconciler resumes at {offset + 1}"
+    )
 
 
 def _num(value: int | None) -> str:

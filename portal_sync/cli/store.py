@@ -49,21 +49,42 @@ def store_upgrade(store: StoreOpt = None) -> None:
 
 def remerge(
     entity: Annotated[str | None, typer.Option("--entity")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report how many records would change")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+    rules_mismatch_ok: Annotated[
+        bool,
+        typer.Option("--rules-mismatch-ok", help="Run even if the rules differ from the worker's"),
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
     """Re-merge canonical records from the stored source views under the current
-    authority file, without replaying Kafka."""
+    authority file, without replaying Kafka. Runs only with the worker's rules; asks for
+    confirmation (or --yes); --dry-run reports and writes nothing."""
+    from portal_sync.ops.rules import guard_rules
+
     settings = Settings.from_flags(store=store)
     load_rules(settings.registry, settings.authority_file)  # a wrong file refuses first
     target = Store(settings.store_url)
-    keys = target.record_keys(entity)
-    changed = _remerge(target, settings, keys)
-    console.print(f"re-merged {len(keys)} records, {changed} changed")
-    target.close()
+    try:
+        guard_rules(target, settings, rules_mismatch_ok)
+        keys = target.record_keys(entity)
+        if not dry_run and not yes:
+            typer.confirm(f"re-merge {len(keys)} records under the current rules?", abort=True)
+        changed = _remerge(target, settings, keys, dry_run=dry_run)
+    finally:
+        target.close()
+    verb = "would change" if dry_run else "changed"
+    console.print(f"re-merged {len(keys)} records, {changed} {verb}")
 
 
 def _remerge(
-    store: Store, settings: Settings, keys: list[tuple[str, str]], chunk: int = 500
+    store: Store,
+    settings: Settings,
+    keys: list[tuple[str, str]],
+    chunk: int = 500,
+    dry_run: bool = False,
 ) -> int:
     _, authority = load_rules(settings.registry, settings.authority_file)
     reconciler = Reconciler(store, authority)
@@ -74,7 +95,7 @@ def _remerge(
         task = progress.add_task("re-merging", total=len(keys))
         for start in range(0, len(keys), chunk):
             part = keys[start : start + chunk]
-            changed += reconciler.remerge(part)
+            changed += reconciler.remerge(part, dry_run=dry_run)
             progress.advance(task, len(part))
     return changed
 

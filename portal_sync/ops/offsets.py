@@ -1,24 +1,37 @@
-"""`portal-sync offsets reset`: move a consumer group to a point in time, safely.
+"""`portal-sync offsets reset` and `offsets skip`: move a consumer group, safely.
 
-The reconciler resumes from the store's offsets, not from Kafka's: for its own group the
+The reconciler resumes from the store's offsets, not from Kafka's: for its own group a
 reset moves both (the store's `applied_offsets` and the group's committed offsets). For
 any other group only Kafka's committed offsets move. A group with active members is
 refused: a running consumer would overwrite the reset with its next commit.
+
+Moving the reconciler forward past events it has not applied skips them: the plan counts
+them and the reset is refused without `allow_skip`. `skip` moves one partition past the one
+message the worker is stuck at, after copying it to the dead letters. Both are recorded in
+the store (`offset_changes`: operator, time, from, to, reason).
 """
 
 from __future__ import annotations
 
+import getpass
 from dataclasses import dataclass
 from datetime import datetime
 
 from portal_sync.settings import Settings
+from schemas.dead_letter import Reason, dead_letter_headers
 from schemas.errors import Refused
 from store import Store
 from transport.admin import cluster
+from transport.publisher import Publisher
+from transport.reader import RangeReader, Selection
 
 
 class GroupActive(Refused):
     """The group has members: a running consumer would overwrite the reset."""
+
+
+class WouldSkip(Refused):
+    """The reset would move the reconciler past events it has not applied."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,30 @@ class PlanLine:
     kafka_committed: int | None
     store_applied: int | None
     target: int
+    start: int  # the partition's log-start offset now
+    end: int  # the partition's log-end offset now
+    own_group: bool = True  # the reconciler's group: the store's offsets count
+
+    @property
+    def skipped(self) -> int:
+        """Events not yet applied (consumed) that the reset would jump over."""
+        position = self.store_applied if self.own_group else self.kafka_committed
+        base = self.start if position is None else max(position, self.start)
+        return max(0, self.target - base)
+
+    @property
+    def past_the_end(self) -> bool:
+        return self.target >= self.end
+
+
+def operator_name(given: str | None = None) -> str:
+    """Who acts: `--operator`, else the OS user."""
+    if given:
+        return given
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def active_members(settings: Settings, group: str) -> int:
@@ -39,17 +76,22 @@ def plan_reset(
     settings: Settings, group: str, to_time: datetime, topics: list[str] | None = None
 ) -> list[PlanLine]:
     """Per partition: where the group is now and the first offset at or after `to_time`."""
+    if to_time.tzinfo is None:
+        raise Refused("the time needs an offset (e.g. +07:00 or Z): naive times are ambiguous")
     with cluster(settings.connection()) as c:
         partitions = c.partitions(topics or settings.topics().change_topics())
         ends = c.end_offsets(partitions)
+        starts = c.beginning_offsets(partitions)
         found = c.offsets_at(partitions, to_time)
         committed = c.group_offsets([group], partitions).get(group, {})
-    stored = _store_offsets(settings) if group == settings.group_id else {}
+    own = group == settings.group_id
+    stored = _store_offsets(settings) if own else {}
     plan = []
     for tp in partitions:
         at = found.get(tp)
         target = ends[tp] if at is None else at
-        plan.append(PlanLine(tp[0], tp[1], committed.get(tp), stored.get(tp), target))
+        line = (committed.get(tp), stored.get(tp), target, starts[tp], ends[tp], own)
+        plan.append(PlanLine(tp[0], tp[1], *line))
     return plan
 
 
@@ -61,8 +103,22 @@ def _store_offsets(settings: Settings) -> dict[tuple[str, int], int]:
         store.close()
 
 
-def apply_reset(settings: Settings, group: str, plan: list[PlanLine]) -> None:
-    """Carry out a plan; refuse when the group has active members."""
+def apply_reset(
+    settings: Settings,
+    group: str,
+    plan: list[PlanLine],
+    allow_skip: bool = False,
+    operator: str | None = None,
+    reason: str = "",
+) -> None:
+    """Carry out a plan; refuse when the group has active members, or when it would skip
+    unapplied events without `allow_skip`."""
+    skipped = sum(line.skipped for line in plan)
+    if skipped and not allow_skip:
+        raise WouldSkip(
+            f"the reset would skip {skipped} events the store has not applied: "
+            "pass --allow-skip to skip them on purpose"
+        )
     with cluster(settings.connection()) as c:
         if c.active_members(group):
             raise GroupActive(f"group {group} has active members: stop its consumers first")
@@ -70,6 +126,65 @@ def apply_reset(settings: Settings, group: str, plan: list[PlanLine]) -> None:
     if group == settings.group_id:
         store = Store(settings.store_url)
         try:
-            store.reset_offsets({(p.topic, p.partition): p.target for p in plan})
+            store.reset_offsets(
+                {(p.topic, p.partition): p.target for p in plan},
+                operator_name(operator),
+                reason or "(no reason given)",
+            )
         finally:
             store.close()
+
+
+def skip_message(
+    settings: Settings,
+    topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    operator: str | None = None,
+) -> None:
+    """Copy the message at (topic, partition, offset) to the dead letters, reason
+    `skipped_by_operator`, then move the store's offset past it (recorded)."""
+    group = settings.group_id
+    with cluster(settings.connection()) as c:
+        if c.active_members(group):
+            raise GroupActive(f"group {group} has active members: stop its workers first")
+        log_start = c.beginning_offsets([(topic, partition)]).get((topic, partition), 0)
+    with RangeReader(settings.connection()) as reader:
+        selection = Selection([topic], [partition], from_offset=offset, to_offset=offset + 1)
+        found = [m for batch in reader.read(reader.resolve(selection)) for m in batch]
+    if not found:
+        raise Refused(f"{topic}[{partition}] has no message at offset {offset}")
+    message = found[0]
+    store = Store(settings.store_url)
+    try:
+        stored = store.stored_offsets([(topic, partition)]).get((topic, partition))
+    finally:
+        store.close()
+    expected = log_start if stored is None else stored
+    if offset != expected:  # checked again, atomically, when the offset moves
+        raise Refused(
+            f"{topic}[{partition}]: the next offset to apply is {expected}, not {offset}: "
+            "only the message the worker is at can be skipped"
+        )
+    headers = dead_letter_headers(
+        Reason.SKIPPED_BY_OPERATOR,
+        "skipped by an operator (recorded in the store's offset changes)",
+        topic,
+        partition,
+        offset,
+        attempt=message.attempt,
+    )
+    publisher = Publisher.for_dead_letters(
+        settings.connection(), settings.topics(), client_id="portal-sync-skip"
+    )
+    try:
+        publisher.send_dead_letter(message.key, message.value, headers)
+        publisher.flush()  # in the dead letters before the offset moves past it
+    finally:
+        publisher.close()
+    store = Store(settings.store_url)
+    try:
+        store.skip_offset((topic, partition), offset, log_start, operator_name(operator), reason)
+    finally:
+        store.close()

@@ -188,7 +188,9 @@ def test_anomalies_report(filled: str) -> None:
 def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:
     authority = tmp_path / "authority.toml"
     authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")
-    result = run_cli("remerge", "--store", filled, PORTAL_SYNC_AUTHORITY_FILE=str(authority))
+    result = run_cli(
+        "remerge", "--yes", "--store", filled, PORTAL_SYNC_AUTHORITY_FILE=str(authority)
+    )
     assert result.returncode == 0, result.stderr
     assert "re-merging" in result.stdout and "3/3" in result.stdout  # the progress bar
     assert "re-merged 3 records, 1 changed" in result.stdout
@@ -215,6 +217,7 @@ def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> No
 
     only = run_cli(
         "remerge",
+        "--yes",
         "--entity",
         "dossier",
         "--store",

@@ -1,0 +1,452 @@
+"""The worker under faults, on the real broker and real stores: never a lost event, never a
+silent stall, dead letters that always fit, safe operator commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+from sqlalchemy import create_engine, text
+
+from consumers.merge import Authority
+from schemas import message_key
+from schemas.dead_letter import read_headers
+from store import OffsetGap, Store
+from tests.integration.kafka.test_pipeline_kafka import _read_all
+from tests.support.kafka_helpers import (
+    change_topic,
+    dead_letter_topic,
+    end_offsets,
+    ensure_topics,
+    publisher_for,
+)
+from tests.support.pipeline_helpers import (
+    citizen_events,
+    cli,
+    expected_export,
+    exported,
+    start_worker,
+    write_jsonl,
+)
+from tests.support.store_helpers import checked_list, event
+from transport import admin
+from transport.local import free_port
+
+pytestmark = pytest.mark.kafka
+
+
+def _publish(settings: Any, raws: list[dict[str, Any]]) -> None:
+    publisher = publisher_for(settings)
+    for raw in raws:
+        value = json.dumps(raw, ensure_ascii=False).encode()
+        publisher.send(
+            change_topic(settings, raw["entity"]), message_key(raw["entity"], raw["key"]), value
+        )
+    publisher.flush()
+    publisher.close()
+
+
+def _probe(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+def _metric(port: int, name: str) -> float | None:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _caught_up(settings: Any) -> bool:
+    store = Store(settings.store_url)
+    try:
+        applied = store.all_offsets()
+    except Exception:
+        return False
+    finally:
+        store.close()
+    return all(applied.get(tp, 0) >= end for tp, end in end_offsets(settings).items())
+
+
+def _contiguous(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        for tp, ranges in store.journal().items():
+            for (_, end), (first, _) in itertools.pairwise(ranges):
+                assert first == end, f"journal of {tp} has a gap or overlap: {ranges}"
+    finally:
+        store.close()
+
+
+def _stop(worker: subprocess.Popen[str], timeout: float = 10) -> float:
+    """SIGTERM; return how long the worker took to exit."""
+    began = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=timeout)
+    return time.monotonic() - began
+
+
+def _refuse_key_on_postgres(store_url: str, key: str) -> None:
+    """The database itself refuses one record (a data exception, SQLSTATE 22023)."""
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.key = '{key}' THEN RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; "
+                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_one BEFORE INSERT OR UPDATE ON source_views "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+            )
+        )
+    engine.dispose()
+
+
+def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_nothing(
+    settings_for: Any, postgres_store_url: str
+) -> None:
+    """Findings 1 and 3: the poison's dead letter cannot be published (topic deleted). The
+    worker must neither skip valid events nor look healthy; once the topic is back, the
+    poison is dead-lettered and everything else applied, with a contiguous journal."""
+    port = free_port()
+    settings = settings_for(postgres_store_url, metrics_port=port)
+    ensure_topics(settings)
+    Store(settings.store_url).create_schema()
+    events = [e for e in citizen_events(40, 1, seed=31) if e["op"] == "upsert"][:30]
+    poison = events[5]
+    _refuse_key_on_postgres(settings.store_url, poison["key"])
+    worker = start_worker(settings, PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS="4")
+    try:
+        _wait(lambda: _probe(port, "/readyz") == 200, 90, "the worker to be ready")
+        with admin.cluster(settings.connection()) as cluster:  # the worker made it at start
+            cluster.delete_topics([dead_letter_topic(settings)])
+        _publish(settings, events)
+        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+              "the worker to retry the dead letter")  # fmt: skip
+        assert _probe(port, "/readyz") == 503
+        _wait(lambda: _probe(port, "/healthz") == 503, 30, "/healthz to report the stall")
+        assert not _caught_up(settings)
+
+        ensure_topics(settings)  # the operator recreates the topic
+        _wait(lambda: _caught_up(settings), 120, "the worker to catch up")
+        _wait(lambda: _probe(port, "/readyz") == 200, 30, "/readyz to recover")
+        assert _probe(port, "/healthz") == 200
+        assert _stop(worker) < 10
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    rest = [e for e in events if e is not poison]
+    assert exported(settings) == expected_export(rest, Authority())
+    _contiguous(settings.store_url)
+    letters = _read_all(settings, dead_letter_topic(settings), 1)
+    assert [read_headers(r.headers)["ps.reason.code"] for r in letters] == ["apply_failed"]
+    assert json.loads(letters[0].value)["key"] == poison["key"]
+
+
+def test_a_message_at_the_change_topic_limit_is_dead_lettered_whole_and_the_rest_applied(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Finding 2: a change-topic message near its 2 MiB limit becomes a dead letter that
+    fits (its original bytes, with headers); the worker goes on."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    huge = json.dumps({"padding": "x" * (2 * 1_048_576 - 4096)}).encode()
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, max_request_size=4_000_000
+    )
+    producer.send(change_topic(settings, "citizen"), key=b"citizen:huge", value=huge).get(30)
+    producer.close()
+    events = citizen_events(10, 1, seed=32)
+    _publish(settings, events)
+
+    worker = cli(settings, "worker", "--until-caught-up", timeout=180)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    assert exported(settings) == expected_export(events, Authority())
+    (letter,) = _read_all(settings, dead_letter_topic(settings), 1)
+    assert read_headers(letter.headers)["ps.reason.code"] == "too_large"
+    assert letter.value == huge
+
+
+def test_the_store_refuses_a_batch_that_does_not_start_at_its_next_offset(
+    store_url: str,
+) -> None:
+    """Gap-proof offsets: a batch past the stored next offset is an error, never a commit."""
+    from consumers.reconciler import Reconciler
+
+    store = Store(store_url)
+    store.create_schema()
+    reconciler = Reconciler(store, Authority())
+    first = checked_list([event("citizen", "001090012345", "province-01", 1, {"sex": "male"})])
+    reconciler.apply(first, [c.message for c in first])
+    skipped_ahead = checked_list(
+        [event("citizen", "079305012345", "province-01", 1, {"sex": "female"})], start=3
+    )
+    with pytest.raises(OffsetGap):
+        reconciler.apply(skipped_ahead, [c.message for c in skipped_ahead])
+    assert store.all_offsets() == {("portal.changes", 0): 1}
+    assert [k for _, k, *_ in store.iter_records()] == ["001090012345"]
+    store.close()
+
+
+def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Finding 1 (the mechanism): when the store's offsets and the worker's position part
+    (here an operator rewinds the store under a running worker), the worker stops with
+    exit code 3 instead of committing past unapplied events; restarted, it resumes from
+    the store and the result is exact."""
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    first = citizen_events(20, 1, seed=33)
+    _publish(settings, first)
+    worker = start_worker(settings)
+    try:
+        _wait(lambda: _caught_up(settings), 120, "the first events")
+        store = Store(settings.store_url)
+        (tp,) = store.all_offsets()
+        store.reset_offsets({tp: 0}, "test", "rewind under a running worker")
+        store.close()
+        more = citizen_events(5, 1, seed=34)
+        _publish(settings, [dict(e, source="province-79") for e in more])
+        assert worker.wait(timeout=60) == 3
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    again = cli(settings, "worker", "--until-caught-up", timeout=180)
+    assert again.returncode == 0, again.stdout
+    _contiguous_after_reset = Store(settings.store_url).all_offsets()
+    assert sum(_contiguous_after_reset.values()) == sum(end_offsets(settings).values())
+    expected = first + [dict(e, source="province-79") for e in citizen_events(5, 1, seed=34)]
+    assert exported(settings) == expected_export(expected, Authority())
+
+
+def test_sigterm_stops_a_worker_that_waits_for_an_unreachable_store(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Finding 2 (SIGTERM ignored): a worker retrying a batch stops within 10 s."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    Store(settings.store_url).create_schema()
+    port = free_port()
+    worker = start_worker(settings, "--metrics-port", str(port))
+    try:
+        _wait(lambda: _probe(port, "/readyz") == 200, 90, "the worker to be ready")
+        with admin.cluster(settings.connection()) as cluster:
+            cluster.delete_topics([dead_letter_topic(settings)])
+        _publish(settings, citizen_events(5, 1, seed=35))
+        publisher = publisher_for(settings)
+        publisher.send(change_topic(settings, "citizen"), b"x", b"not json")
+        publisher.flush()
+        publisher.close()
+        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+              "the worker to wait for the dead-letter topic")  # fmt: skip
+        assert _stop(worker, timeout=15) < 10
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 7: isolating a poison re-published the batch's other dead letters once per
+    halving level; now each invalid message is dead-lettered once per delivery."""
+    from consumers.reconciler import Checked
+    from consumers.registry import Registry
+    from consumers.worker import BatchProcessor
+    from transport.reader import Message
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    valid = [json.dumps(e).encode() for e in citizen_events(16, 1, seed=36)[:16]]
+    raws = [*valid[:3], b"not json", *valid[3:9], b"{}", *valid[9:]]
+    messages = [Message("t.changes.citizen", 0, i, raw) for i, raw in enumerate(raws)]
+    poison = messages[12]
+    real_apply = processor.reconciler.apply
+
+    def refuse_the_poison(events: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        if any(c.message == poison for c in events):
+            raise ValueError("a value the store cannot hold")
+        return real_apply(events, batch, **kw)
+
+    monkeypatch.setattr(processor.reconciler, "apply", refuse_the_poison)
+    processor.process(messages)
+    processor.close()
+    letters = _read_all(settings, dead_letter_topic(settings), 3, timeout=10)
+    codes = sorted(read_headers(r.headers)["ps.reason.code"] for r in letters)
+    assert codes == ["apply_failed", "invalid_json", "unsupported_schema_version"]
+    assert store.all_offsets() == {("t.changes.citizen", 0): len(raws)}
+    store.close()
+
+
+def test_offsets_reset_refuses_skipping_unapplied_events_and_naive_times_and_records_resets(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Finding 5."""
+    settings = settings_for(sqlite_store_url)
+    _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(20, 1, seed=37))
+    assert cli(settings, "publish", str(tmp_path / "e.jsonl")).returncode == 0
+    Store(settings.store_url).create_schema()  # nothing applied yet: every event unapplied
+    group = settings.group_id
+
+    naive = cli(settings, "offsets", "reset", "--group", group, "--to-time",
+                "2030-01-01T00:00:00", "--yes")  # fmt: skip
+    assert naive.returncode == 2 and "offset" in naive.stderr
+    future = "2030-01-01T00:00:00+07:00"
+    refused = cli(settings, "offsets", "reset", "--group", group, "--to-time", future, "--yes")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    total = sum(end_offsets(settings).values())
+    assert f"skip {total} events" in refused.stdout + refused.stderr
+    assert "(end)" in refused.stdout
+    assert Store(settings.store_url).all_offsets() == {}
+
+    done = cli(settings, "offsets", "reset", "--group", group, "--to-time", future, "--yes",
+               "--allow-skip", "--operator", "ops-1", "--reason", "drill")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(settings.store_url)
+    assert sum(store.all_offsets().values()) == total
+    changes = store.offset_changes()
+    assert {c["operator"] for c in changes} == {"ops-1"}
+    assert {c["reason"] for c in changes} == {"drill"}
+    assert sum(c["to_offset"] for c in changes) == total
+    store.close()
+
+
+def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """An escape hatch for a message that can never pass."""
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    events = citizen_events(3, 1, seed=38)
+    _publish(settings, events)
+    Store(settings.store_url).create_schema()
+    topic = change_topic(settings, "citizen")
+    wrong = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
+                "--offset", "1", "--reason", "stuck")  # fmt: skip
+    assert wrong.returncode == 1 and "next offset to apply is 0" in wrong.stderr
+    skipped = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
+                  "--offset", "0", "--reason", "stuck", "--operator", "ops-2")  # fmt: skip
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    (letter,) = _read_all(settings, dead_letter_topic(settings), 1)
+    headers = read_headers(letter.headers)
+    assert headers["ps.reason.code"] == "skipped_by_operator"
+    assert (headers["ps.origin.topic"], headers["ps.origin.offset"]) == (topic, "0")
+    worker = cli(settings, "worker", "--until-caught-up", timeout=180)
+    assert worker.returncode == 0
+    skipped_id = json.loads(letter.value)["event_id"]
+    assert exported(settings) == expected_export(
+        [e for e in events if e["event_id"] != skipped_id], Authority()
+    )
+    store = Store(settings.store_url)
+    assert store.offset_changes()[0]["kind"] == "skip"
+    _contiguous(settings.store_url)
+    store.close()
+
+
+def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Finding 6: the worker records its rules; replay, rebuild and remerge refuse others."""
+    repo = Path(__file__).resolve().parents[3]
+    rules = {
+        "PORTAL_SYNC_REGISTRY": str(repo / "deploy" / "registry.toml"),
+        "PORTAL_SYNC_AUTHORITY_FILE": str(repo / "deploy" / "authority.toml"),
+    }
+    settings = settings_for(sqlite_store_url)
+    _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(10, 1, seed=39))
+    assert cli(settings, "publish", str(tmp_path / "e.jsonl")).returncode == 0
+    worker = cli(settings, "worker", "--until-caught-up", timeout=180, **rules)
+    assert worker.returncode == 0, worker.stdout
+    before = exported(settings)
+
+    replay = cli(settings, "replay", "--since", "1h")  # development mode: no rules
+    assert replay.returncode == 1 and "--rules-mismatch-ok" in replay.stderr
+    remerge = cli(settings, "remerge", "--yes")
+    assert remerge.returncode == 1 and "--rules-mismatch-ok" in remerge.stderr
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    rebuild = cli(settings, "rebuild", "--store", rebuilt)
+    assert rebuild.returncode == 1 and "--rules-mismatch-ok" in rebuild.stderr
+
+    dry = cli(settings, "remerge", "--dry-run", "--rules-mismatch-ok")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would change" in dry.stdout
+    assert exported(settings) == before
+    asked = cli(settings, "remerge", **rules)  # no --yes, no terminal: not confirmed
+    assert asked.returncode != 0
+    same = cli(settings, "replay", "--since", "1h", "--json", **rules)
+    assert same.returncode == 0, same.stderr
+    assert exported(settings) == before
+
+
+def test_the_demo_refuses_a_store_with_other_data_and_touches_only_its_own_topics(
+    kafka_bootstrap: str, settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Finding 4: run with production settings, the demo destroyed the production topics,
+    group and every table of the database."""
+    settings = settings_for(sqlite_store_url)
+    _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(5, 1, seed=40))
+    assert cli(settings, "publish", str(tmp_path / "e.jsonl")).returncode == 0
+    assert cli(settings, "worker", "--until-caught-up", timeout=180).returncode == 0
+    engine = create_engine(settings.store_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE operators_notes (note TEXT)"))
+    engine.dispose()
+    before = exported(settings)
+
+    env = os.environ | settings.as_env() | {"XDG_DATA_HOME": str(tmp_path / "data")}
+    demo = subprocess.run(
+        [sys.executable, "-m", "portal_sync", "demo", "--reset", "--people", "50"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert demo.returncode == 1, demo.stdout + demo.stderr
+    assert "holds data the demo did not write" in demo.stderr
+    assert exported(settings) == before
+    with admin.cluster(settings.connection()) as cluster:
+        assert set(settings.topics().change_topics()) <= cluster.topic_names()
+
+    # The store's own drop touches only the project's tables.
+    store = Store(settings.store_url)
+    store.drop_schema()
+    store.close()
+    engine = create_engine(settings.store_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM operators_notes")).scalar() == 0
+    engine.dispose()
