@@ -623,11 +623,15 @@ class Plan:
     pg_crashes: int
     producer_kills: int
     rebalances: int
-    gap: tuple[float, float]
+    gap: tuple[float, float]  # seconds between two faults
+    dead_letter_window: tuple[float, float]  # seconds the dead-letter topic stays deleted
+    final_timeout: float  # seconds for the final `worker --until-caught-up`
 
 
-FULL = Plan(100_000, 20, 3, 3, 10, 6, (3.0, 8.0))
-SHORT = Plan(15_000, 5, 1, 1, 3, 2, (2.0, 5.0))
+# The full run keeps the dead-letter topic away longer than the producer's max_block_ms
+# (60 s), so a dead-letter send times out at least once while it is missing.
+FULL = Plan(100_000, 20, 3, 3, 10, 6, (3.0, 8.0), (65.0, 75.0), 1200)
+SHORT = Plan(15_000, 5, 1, 1, 3, 2, (2.0, 5.0), (6.0, 10.0), 240)
 
 
 def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres | None) -> None:
@@ -639,7 +643,8 @@ def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres |
         + ["rebalance"] * plan.rebalances
     )
     rng.shuffle(actions)
-    actions.insert(rng.randrange(len(actions) // 4, len(actions) // 2 + 1), "dead_letter_topic")
+    # While producers still publish invalid messages: in the first half of the plan.
+    actions.insert(rng.randrange(len(actions) // 5, len(actions) // 2 + 1), "dead_letter_topic")
     for action in actions:
         time.sleep(rng.uniform(*plan.gap))
         workers.reap()
@@ -676,7 +681,7 @@ def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres |
             run.faults["postgresql immediate stop + restart"] += 1
             run.note("postgresql: up again")
         else:
-            recreate_dead_letter_topic(run, workers)
+            recreate_dead_letter_topic(run, workers, plan.dead_letter_window)
     if "b" in workers.procs:
         workers.stop("b")
 
@@ -684,7 +689,7 @@ def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres |
 ARCHIVED: list[Any] = []
 
 
-def recreate_dead_letter_topic(run: Run, workers: Workers) -> None:
+def recreate_dead_letter_topic(run: Run, workers: Workers, window: tuple[float, float]) -> None:
     """Freeze the workers, archive the dead-letter topic (an operator's backup), delete it,
     let the workers run without it for a few seconds, then `portal-sync topics`."""
     from kafka import KafkaAdminClient
@@ -704,11 +709,16 @@ def recreate_dead_letter_topic(run: Run, workers: Workers) -> None:
     finally:
         workers.signal_all(signal.SIGCONT)
     run.note(f"dead-letter topic deleted ({len(archived)} dead letters archived first)")
-    time.sleep(run.rng.uniform(4, 8))
-    run.note(f"workers' /healthz while it is missing: {workers.health()}")
+    missing_until = time.monotonic() + run.rng.uniform(*window)
+    probes: Counter[str] = Counter()
+    while time.monotonic() < missing_until:
+        probes.update(f"{slot}:{code}" for slot, code in workers.health().items())
+        time.sleep(2)
+    run.note(f"workers' /healthz answers while it is missing: {dict(probes)}")
     result = run.command("topics")
     run.faults["dead-letter topic deleted + recreated"] += 1
-    run.note(f"portal-sync topics: {result.stdout.strip()} (exit {result.returncode})")
+    answer = (result.stdout + result.stderr).strip().replace("\n", " ")
+    run.note(f"portal-sync topics: {answer} (exit {result.returncode})")
 
 
 # -- verification ----------------------------------------------------------------------------
@@ -926,13 +936,13 @@ def main() -> int:
         assert topics.returncode == 0, topics.stderr
         workers = Workers(run)
         workers.start("a")
-        # Producers: 5 slices, paced to publish over about 60 % of the chaos phase.
+        # Producers: 5 slices, paced to publish over about 80 % of the chaos phase.
         chaos_seconds = (
             (plan.worker_kills + plan.rebalances + plan.broker_kills + plan.pg_crashes + 1)
             * sum(plan.gap)
             / 2
-        )
-        rate = n / 5 / max(10.0, 0.6 * chaos_seconds)
+        ) + sum(plan.dead_letter_window) / 2
+        rate = n / 5 / max(10.0, 0.8 * chaos_seconds)
         rng = random.Random(args.seed + 2)
         slices = [(n * i // 5, n * (i + 1) // 5) for i in range(5)]
         kills: list[list[tuple[int, str]]] = [[] for _ in slices]
@@ -964,12 +974,16 @@ def main() -> int:
                 env=final_env,
                 capture_output=True,
                 text=True,
-                timeout=1200,
+                timeout=plan.final_timeout,
             )
             final_code: Any = final.returncode
             (root / "worker-final.log").write_text(final.stdout + final.stderr)
-        except subprocess.TimeoutExpired:
-            final_code = "timeout"
+        except subprocess.TimeoutExpired as expired:
+            final_code = f"timeout after {plan.final_timeout:.0f}s"
+            output = (expired.stdout or b"") + (expired.stderr or b"")
+            (root / "worker-final.log").write_bytes(
+                output if isinstance(output, bytes) else output.encode()
+            )
         run.note(f"final worker exit {final_code}")
         rows, problems = verify(run, items)
         if final_code != 0:
