@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Project imports, kept here only (module paths are about to move).
 from consumers.merge import Authority, merge_events
 from consumers.store import Store, applied_offsets, apply_journal
+from portal_sync.kafka_admin import end_offsets
 from portal_sync.local_kafka import LocalKafka, free_port
 from portal_sync.topics import change_topic, change_topics, dead_letter_topic
 from producers.publisher import Publisher
@@ -275,7 +276,57 @@ def make_events(n: int, seed: int) -> list[Item]:
                 invalid=code,
             )
         )
+    for index in range(max(2, n // 1000)):
+        items.append(poison_event(10**7 + index, rng))
     rng.shuffle(items)
+    return items
+
+
+def poison_event(number: int, rng: random.Random) -> Item:
+    """A contract-valid upsert of a fresh record that the store cannot apply: its
+    occurred_at is out of range once converted to UTC (year 10000 or year 0). The worker
+    must dead-letter it as `apply_failed` and apply everything around it."""
+    key = _key("citizen", number, rng)
+    source = rng.choice(SOURCES)
+    when = rng.choice(["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+    event = {
+        "schema_version": 1,
+        "event_id": str(derive_event_id(source, "citizen", key, 1)),
+        "source": source,
+        "entity": "citizen",
+        "key": key,
+        "op": "upsert",
+        "version": 1,
+        "occurred_at": when,
+        "data": {"full_name": nfc(rng.choice(NAMES))},
+    }
+    return Item("citizen", message_key("citizen", key), _encode(event), invalid="apply_failed")
+
+
+def make_tail(seed: int) -> list[Item]:
+    """What `portal-sync publish` sends while the dead-letter topic is missing: 40 valid
+    events of fresh records with one poison event among them (and no contract-invalid one,
+    so the batch reaches the store and the poison's dead letter has nowhere to go)."""
+    rng = random.Random(seed + 3)
+    items: list[Item] = []
+    base = datetime(2025, 9, 1, 8, tzinfo=VN)
+    for index in range(40):
+        entity = ENTITIES[index % 4]
+        key = _key(entity, 2 * 10**7 + index, rng)
+        source = rng.choice(SOURCES)
+        event = {
+            "schema_version": 1,
+            "event_id": str(derive_event_id(source, entity, key, 1)),
+            "source": source,
+            "entity": entity,
+            "key": key,
+            "op": "upsert",
+            "version": 1,
+            "occurred_at": (base + timedelta(seconds=index)).isoformat(),
+            "data": _data(entity, rng),
+        }
+        items.append(Item(entity, message_key(entity, key), _encode(event), event=event))
+    items.insert(20, poison_event(3 * 10**7, rng))
     return items
 
 
@@ -556,6 +607,17 @@ class ProducerSlot:
     done: bool = False
     deaths: Counter[str] = field(default_factory=Counter)
     proc: subprocess.Popen[str] | None = None
+    running: threading.Event = field(default_factory=threading.Event)
+
+    def pause(self) -> None:
+        self.running.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.running.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     @property
     def checkpoint(self) -> Path:
@@ -566,7 +628,9 @@ class ProducerSlot:
 
     def loop(self, deadline: float) -> None:
         log = (self.run.root / f"producer-{self.start}.log").open("a")
+        self.running.set()
         while not self.done and time.monotonic() < deadline:
+            self.running.wait()
             kills = ",".join(f"{at}:{mode}" for at, mode in self.kills)
             args = [
                 str(self.feed),
@@ -610,6 +674,7 @@ class ProducerSlot:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait()
 
@@ -630,11 +695,19 @@ class Plan:
 
 # The full run keeps the dead-letter topic away longer than the producer's max_block_ms
 # (60 s), so a dead-letter send times out at least once while it is missing.
-FULL = Plan(100_000, 20, 3, 3, 10, 6, (3.0, 8.0), (65.0, 75.0), 1200)
+FULL = Plan(100_000, 20, 3, 3, 10, 6, (3.0, 8.0), (75.0, 85.0), 1200)
 SHORT = Plan(15_000, 5, 1, 1, 3, 2, (2.0, 5.0), (6.0, 10.0), 240)
 
 
-def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres | None) -> None:
+def chaos(
+    run: Run,
+    plan: Plan,
+    workers: Workers,
+    broker: Broker,
+    pg: Postgres | None,
+    producers: list[ProducerSlot],
+    tail: tuple[list[Item], Path],
+) -> None:
     rng = run.rng
     actions = (
         ["worker_kill"] * plan.worker_kills
@@ -681,7 +754,7 @@ def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres |
             run.faults["postgresql immediate stop + restart"] += 1
             run.note("postgresql: up again")
         else:
-            recreate_dead_letter_topic(run, workers, plan.dead_letter_window)
+            recreate_dead_letter_topic(run, workers, producers, tail, plan.dead_letter_window)
     if "b" in workers.procs:
         workers.stop("b")
 
@@ -689,13 +762,25 @@ def chaos(run: Run, plan: Plan, workers: Workers, broker: Broker, pg: Postgres |
 ARCHIVED: list[Any] = []
 
 
-def recreate_dead_letter_topic(run: Run, workers: Workers, window: tuple[float, float]) -> None:
-    """Freeze the workers, archive the dead-letter topic (an operator's backup), delete it,
-    let the workers run without it for a few seconds, then `portal-sync topics`."""
+def recreate_dead_letter_topic(
+    run: Run,
+    workers: Workers,
+    producers: list[ProducerSlot],
+    tail: tuple[list[Item], Path],
+    window: tuple[float, float],
+) -> None:
+    """Pause the producers and let the workers catch up; freeze the workers, archive the
+    dead-letter topic (an operator's backup), delete it, thaw them; `portal-sync publish`
+    a tail of valid events with one poison event (its dead letter has nowhere to go); resume
+    the producers (their invalid events meet the missing topic too); after `window`
+    seconds, `portal-sync topics` recreates it."""
     from kafka import KafkaAdminClient
 
     settings = run.settings()
     topic = dead_letter_topic(settings)
+    for slot in producers:
+        slot.pause()
+    caught_up = wait_caught_up(run, timeout=180)
     workers.signal_all(signal.SIGSTOP)
     try:
         archived = read_topics(settings.kafka_bootstrap, [topic])
@@ -708,17 +793,56 @@ def recreate_dead_letter_topic(run: Run, workers: Workers, window: tuple[float, 
         admin.close()
     finally:
         workers.signal_all(signal.SIGCONT)
-    run.note(f"dead-letter topic deleted ({len(archived)} dead letters archived first)")
+    run.note(
+        f"dead-letter topic deleted (workers caught up: {caught_up}; "
+        f"{len(archived)} dead letters archived first)"
+    )
     missing_until = time.monotonic() + run.rng.uniform(*window)
+    published = run.command("publish", str(tail[1]))
+    run.note(
+        f"portal-sync publish tail ({len(tail[0])} events, 1 poison): exit "
+        f"{published.returncode} {published.stderr.strip()[-120:]!r}"
+    )
+    before = applied_total(run)
+    time.sleep(5)
+    for slot in producers:
+        slot.resume()
     probes: Counter[str] = Counter()
     while time.monotonic() < missing_until:
         probes.update(f"{slot}:{code}" for slot, code in workers.health().items())
         time.sleep(2)
-    run.note(f"workers' /healthz answers while it is missing: {dict(probes)}")
+    run.note(
+        f"while it is missing: /healthz answers {dict(probes)}, applied offsets "
+        f"{before} -> {applied_total(run)}"
+    )
     result = run.command("topics")
     run.faults["dead-letter topic deleted + recreated"] += 1
     answer = (result.stdout + result.stderr).strip().replace("\n", " ")
     run.note(f"portal-sync topics: {answer} (exit {result.returncode})")
+
+
+def applied_total(run: Run) -> int:
+    store = Store(run.env["PORTAL_SYNC_STORE_URL"])
+    try:
+        return sum(store.all_offsets().values())
+    finally:
+        store.close()
+
+
+def wait_caught_up(run: Run, timeout: float) -> bool:
+    """Until the store's offsets reach the change topics' end offsets."""
+    deadline = time.monotonic() + timeout
+    settings = run.settings()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            ends = end_offsets(settings)
+            store = Store(settings.store_url)
+            stored = store.all_offsets()
+            store.close()
+            if all(stored.get(tp, 0) >= end for tp, end in ends.items()):
+                return True
+        time.sleep(1)
+    return False
 
 
 # -- verification ----------------------------------------------------------------------------
@@ -766,13 +890,21 @@ def verify(run: Run, items: list[Item]) -> tuple[dict[str, Any], list[str]]:
     changes, ends = read_with_ends(settings.kafka_bootstrap, change_topics(settings))
     line_of: dict[tuple[str, int, int], int] = {}
     copies: Counter[int] = Counter()
+    by_id = {
+        json.loads(item.value)["event_id"]: n
+        for n, item in enumerate(items)
+        if item.value and (item.event or item.invalid == "apply_failed")
+    }
     for record in changes:
         headers = dict(record.headers or [])
-        number = int(headers["bench.line"])
+        if "bench.line" in headers:
+            number = int(headers["bench.line"])
+        else:
+            number = by_id[json.loads(record.value)["event_id"]]
         line_of[(record.topic, record.partition, record.offset)] = number
         copies[number] += 1
     unpublished = [n for n in range(len(items)) if copies[n] == 0]
-    rows["feed lines"] = len(items)
+    rows["feed lines (+ publish tail)"] = len(items)
     rows["messages acknowledged (in topics)"] = len(changes)
     rows["producer re-sends (extra copies)"] = len(changes) - len(copies)
     valid_lines = [n for n, item in enumerate(items) if item.event is not None]
@@ -922,6 +1054,9 @@ def main() -> int:
         items = make_events(n, args.seed)
         feed = root / "feed.jsonl"
         write_feed(items, feed)
+        tail = make_tail(args.seed)
+        tail_file = root / "tail.jsonl"
+        tail_file.write_bytes(b"".join(item.value + b"\n" for item in tail if item.value))
         broker.up()
         if args.store == "postgresql":
             pg = Postgres.start(root / "pg")
@@ -942,9 +1077,10 @@ def main() -> int:
             * sum(plan.gap)
             / 2
         ) + sum(plan.dead_letter_window) / 2
-        rate = n / 5 / max(10.0, 0.8 * chaos_seconds)
+        rate = len(items) / 5 / max(10.0, 0.8 * chaos_seconds)
         rng = random.Random(args.seed + 2)
-        slices = [(n * i // 5, n * (i + 1) // 5) for i in range(5)]
+        lines = len(items)  # n plus the poison events
+        slices = [(lines * i // 5, lines * (i + 1) // 5) for i in range(5)]
         kills: list[list[tuple[int, str]]] = [[] for _ in slices]
         for index in range(plan.producer_kills + plan.producer_kills // 3):
             which = index % 5
@@ -960,7 +1096,8 @@ def main() -> int:
         ]
         for thread in threads:
             thread.start()
-        chaos(run, plan, workers, broker, pg)
+        chaos(run, plan, workers, broker, pg, producers, (tail, tail_file))
+        items = items + tail
         run.note("chaos over; waiting for the producers")
         for thread in threads:
             thread.join(timeout=900)
