@@ -608,6 +608,7 @@ class ProducerSlot:
     deaths: Counter[str] = field(default_factory=Counter)
     proc: subprocess.Popen[str] | None = None
     running: threading.Event = field(default_factory=threading.Event)
+    stopped: bool = False
 
     def pause(self) -> None:
         self.running.clear()
@@ -629,7 +630,7 @@ class ProducerSlot:
     def loop(self, deadline: float) -> None:
         log = (self.run.root / f"producer-{self.start}.log").open("a")
         self.running.set()
-        while not self.done and time.monotonic() < deadline:
+        while not self.done and not self.stopped and time.monotonic() < deadline:
             self.running.wait()
             kills = ",".join(f"{at}:{mode}" for at, mode in self.kills)
             args = [
@@ -667,12 +668,13 @@ class ProducerSlot:
                 if word == "DONE":
                     self.done = True
             code = self.proc.wait()
-            if not self.done and code not in (0, -9):
+            if not self.done and not self.stopped and code not in (0, -9):
                 self.deaths["crashed"] += 1
                 self.run.note(f"producer {self.start} exited with {code}; restarting")
                 time.sleep(1)
 
     def stop(self) -> None:
+        self.stopped = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
@@ -770,7 +772,7 @@ def recreate_dead_letter_topic(
     window: tuple[float, float],
 ) -> None:
     """Pause the producers and let the workers catch up; freeze the workers, archive the
-    dead-letter topic (an operator's backup), delete it, thaw them; `portal-sync publish`
+    dead-letter topic (an operator's backup), delete it, thaw them; publish (Publisher)
     a tail of valid events with one poison event (its dead letter has nowhere to go); resume
     the producers (their invalid events meet the missing topic too); after `window`
     seconds, `portal-sync topics` recreates it."""
@@ -798,10 +800,24 @@ def recreate_dead_letter_topic(
         f"{len(archived)} dead letters archived first)"
     )
     missing_until = time.monotonic() + run.rng.uniform(*window)
-    published = run.command("publish", str(tail[1]))
+    # Not `portal-sync publish`: like every worker start, it recreates missing topics.
+    feed, first = tail[1], int(tail[1].stem.rsplit("-", 1)[1])
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_produce",
+        str(feed),
+        str(run.root / "tail.checkpoint"),
+        str(first),
+        str(first + len(tail[0])),
+        "1000",
+        "1000",
+        "",
+    ]
+    published = subprocess.run(command, env=run.env, capture_output=True, text=True, timeout=120)
     run.note(
-        f"portal-sync publish tail ({len(tail[0])} events, 1 poison): exit "
-        f"{published.returncode} {published.stderr.strip()[-120:]!r}"
+        f"published the tail ({len(tail[0])} events, 1 poison) with the Publisher: "
+        f"exit {published.returncode}"
     )
     before = applied_total(run)
     time.sleep(5)
@@ -1040,6 +1056,7 @@ def main() -> int:
     parser.add_argument("--store", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--keep", action="store_true", help="keep the run dir (logs, data)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     plan = SHORT if args.short else FULL
     n = args.events or plan.events
     root = Path(tempfile.mkdtemp(prefix="portal-sync-faults-"))
@@ -1055,8 +1072,8 @@ def main() -> int:
         feed = root / "feed.jsonl"
         write_feed(items, feed)
         tail = make_tail(args.seed)
-        tail_file = root / "tail.jsonl"
-        tail_file.write_bytes(b"".join(item.value + b"\n" for item in tail if item.value))
+        tail_file = root / f"feed-with-tail-{len(items)}.jsonl"
+        write_feed(items + tail, tail_file)
         broker.up()
         if args.store == "postgresql":
             pg = Postgres.start(root / "pg")
