@@ -45,13 +45,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Project imports, kept here only (module paths are about to move).
 from consumers.merge import Authority, merge_events
-from consumers.store import Store, applied_offsets, apply_journal
-from portal_sync.kafka_admin import end_offsets
-from portal_sync.local_kafka import LocalKafka, free_port
-from portal_sync.topics import change_topic, change_topics, dead_letter_topic
-from producers.publisher import Publisher
-from schemas import ENTITIES, derive_event_id, message_key, parse_event
+from schemas import ENTITIES, build_event, message_key, parse_event
 from schemas.dead_letter import read_headers
+from store import Store
+from store.tables import applied_offsets, apply_journal
+from transport import admin
+from transport.local import LocalKafka, free_port
+from transport.publisher import Publisher
+
+
+def change_topic(settings: Any, entity: str) -> str:
+    return str(settings.topics().change_topic(entity))
+
+
+def change_topics(settings: Any) -> list[str]:
+    return list(settings.topics().change_topics())
+
+
+def dead_letter_topic(settings: Any) -> str:
+    return str(settings.topics().dead_letters)
+
+
+def end_offsets(settings: Any) -> dict[tuple[str, int], int]:
+    return admin.end_offsets(settings.connection(), change_topics(settings))
+
 
 SOURCES = [
     "province-01",
@@ -247,18 +264,9 @@ def make_events(n: int, seed: int) -> list[Item]:
                 version += rng.randint(1, 3)
                 last = step == count - 1
                 delete = rng.random() < (0.12 if last else 0.05)
-                event: dict[str, Any] = {
-                    "schema_version": 1,
-                    "event_id": str(derive_event_id(source, entity, key, version)),
-                    "source": source,
-                    "entity": entity,
-                    "key": key,
-                    "op": "delete" if delete else "upsert",
-                    "version": version,
-                    "occurred_at": (base + timedelta(seconds=rng.randrange(10**7))).isoformat(),
-                }
-                if not delete:
-                    event["data"] = _data(entity, rng)
+                when = base + timedelta(seconds=rng.randrange(10**7))
+                data = None if delete else _data(entity, rng)
+                event = build_event(source, entity, key, version, when, data)
                 unique.append(event)
     unique = unique[:n_unique]
     chosen = unique + [rng.choice(unique) for _ in range(n_dups)]
@@ -289,17 +297,7 @@ def poison_event(number: int, rng: random.Random) -> Item:
     key = _key("citizen", number, rng)
     source = rng.choice(SOURCES)
     when = rng.choice(["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
-    event = {
-        "schema_version": 1,
-        "event_id": str(derive_event_id(source, "citizen", key, 1)),
-        "source": source,
-        "entity": "citizen",
-        "key": key,
-        "op": "upsert",
-        "version": 1,
-        "occurred_at": when,
-        "data": {"full_name": nfc(rng.choice(NAMES))},
-    }
+    event = build_event(source, "citizen", key, 1, when, {"full_name": nfc(rng.choice(NAMES))})
     return Item("citizen", message_key("citizen", key), _encode(event), invalid="apply_failed")
 
 
@@ -314,17 +312,8 @@ def make_tail(seed: int) -> list[Item]:
         entity = ENTITIES[index % 4]
         key = _key(entity, 2 * 10**7 + index, rng)
         source = rng.choice(SOURCES)
-        event = {
-            "schema_version": 1,
-            "event_id": str(derive_event_id(source, entity, key, 1)),
-            "source": source,
-            "entity": entity,
-            "key": key,
-            "op": "upsert",
-            "version": 1,
-            "occurred_at": (base + timedelta(seconds=index)).isoformat(),
-            "data": _data(entity, rng),
-        }
+        when = base + timedelta(seconds=index)
+        event = build_event(source, entity, key, 1, when, _data(entity, rng))
         items.append(Item(entity, message_key(entity, key), _encode(event), event=event))
     items.insert(20, poison_event(3 * 10**7, rng))
     return items
@@ -360,7 +349,9 @@ def produce_main(argv: list[str]) -> None:
     lines = feed.read_text().splitlines()
     position = int(checkpoint.read_text()) if checkpoint.exists() else start
     settings = Settings()
-    publisher = Publisher(settings, client_id=f"faults-producer-{start}")
+    publisher = Publisher(
+        settings.connection(), settings.topics(), client_id=f"faults-producer-{start}"
+    )
     while position < end:
         began = time.monotonic()
         stop = min(end, position + batch)
