@@ -105,7 +105,6 @@ class Settings(BaseSettings):
             topics=self.topics(),
             group_id=self.group_id,
             store_url=self.store_url,
-            faust_dir=user_data_dir() / "faust" / self.group_id,
             registry_file=self.registry,
             authority_file=self.authority_file,
             history_retention_days=self.history_retention_days,

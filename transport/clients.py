@@ -7,8 +7,6 @@ is transient, a refused authentication or certificate is a configuration error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from ssl import SSLContext
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -47,27 +45,3 @@ def admin(connection: KafkaConnection, client_id: str = "portal-sync-admin", **o
         return KafkaAdminClient(**connection.client_options(), client_id=client_id, **options)
     except KafkaError as error:
         raise translate(error, "connect an admin client") from error
-
-
-@dataclass(frozen=True)
-class StreamBroker:
-    """What a stream processor (faust/aiokafka) needs to reach the cluster."""
-
-    urls: list[str]
-    security_protocol: str
-    ssl_context: SSLContext | None
-    sasl_mechanism: str | None
-    sasl_username: str | None
-    sasl_password: str | None
-
-
-def stream_broker(connection: KafkaConnection) -> StreamBroker:
-    """The cluster as faust's `broker` URLs plus the credentials its consumer needs."""
-    return StreamBroker(
-        urls=[f"kafka://{server}" for server in connection.servers()],
-        security_protocol=connection.security_protocol,
-        ssl_context=connection.ssl_context(),
-        sasl_mechanism=connection.sasl_mechanism if connection.uses_sasl else None,
-        sasl_username=connection.sasl_username if connection.uses_sasl else None,
-        sasl_password=connection.password() if connection.uses_sasl else None,
-    )

@@ -1,7 +1,7 @@
 """One connection model for every Kafka client of the project.
 
 `KafkaConnection` holds where the cluster is and how to authenticate to it; every client
-(producer, consumer, admin, faust's broker settings) is built from it by `transport.clients`.
+(producer, consumer, admin, the reconciler's group member) is built from it in `transport`.
 Environment variables `PORTAL_SYNC_KAFKA_<NAME>`; secrets are `SecretStr` and never printed.
 
 | security_protocol | what it needs                                                   |

@@ -1,0 +1,166 @@
+"""A consumer-group member that hands out batches of records (aiokafka, asyncio).
+
+The reconciler resumes from the store's offsets, never from Kafka's: on every assignment
+`on_assigned(partitions)` is awaited for the offsets to start from, before any record of
+those partitions is fetched (aiokafka runs the rebalance listener inside the rebalance);
+a partition the store has never seen starts at the log's beginning. `on_revoked` is
+awaited before partitions go to another member, so a batch in flight can finish first.
+Kafka's committed offsets of the group are written after each store commit, as a copy for
+the usual tools (`kafka-consumer-groups`); they are never read back.
+
+Batches come from `getmany`: under backlog a batch fills up at once (up to `max_records`),
+under a light load it holds what arrived within `wait` seconds: the batch size follows
+the load by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from schemas.errors import TransientError
+from transport.clients import translate
+from transport.config import KafkaConnection
+from transport.reader import Message
+
+log = logging.getLogger(__name__)
+TP = tuple[str, int]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.member.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.member._assigned({(tp.topic, tp.partition) for tp in assigned})
+
+
+class GroupMember:
+    """One member of a consumer group over the given topics."""
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        topics: list[str],
+        group_id: str,
+        on_assigned: Callable[[set[TP]], Awaitable[dict[TP, int]]],
+        on_revoked: Callable[[set[TP]], Awaitable[None]],
+        client_id: str = "portal-sync-reconciler",
+        max_partition_fetch_bytes: int = 4 * 1_048_576,
+    ) -> None:
+        options = connection.client_options()
+        security: dict[str, Any] = {
+            "security_protocol": options["security_protocol"],
+            "ssl_context": options.get("ssl_context"),
+        }
+        if connection.uses_sasl:
+            security |= {
+                "sasl_mechanism": options["sasl_mechanism"],
+                "sasl_plain_username": options["sasl_plain_username"],
+                "sasl_plain_password": options["sasl_plain_password"],
+            }
+        self.topics = topics
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=connection.servers(),
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+            fetch_max_bytes=4 * max_partition_fetch_bytes,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=600_000,
+            **security,
+        )
+        self.assignments = 0  # completed assignments (0: not yet serving)
+        self.failed: Exception | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+        except KafkaError as error:
+            await self.stop()
+            raise translate(error, "join the consumer group") from None
+        self._consumer.subscribe(self.topics, listener=_Listener(self))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+
+    async def _assigned(self, partitions: set[TP]) -> None:
+        try:
+            offsets = await self.on_assigned(partitions)
+            await self.seek(offsets, partitions)
+        except Exception as error:  # aiokafka would only log it and use Kafka's offsets
+            log.error("assignment failed (%s): leaving", type(error).__name__)
+            self.failed = error
+            raise
+        self.assignments += 1
+        log.info("resumed %d partitions from the store's offsets", len(partitions))
+
+    async def seek(self, offsets: dict[TP, int], partitions: set[TP] | None = None) -> None:
+        """Move partitions to the given offsets; those without one to the log's start."""
+        wanted = self.assignment() if partitions is None else partitions
+        missing = [TopicPartition(t, p) for t, p in wanted if (t, p) not in offsets]
+        starts = await self._consumer.beginning_offsets(missing) if missing else {}
+        for topic, partition in wanted:
+            tp = TopicPartition(topic, partition)
+            offset = offsets.get((topic, partition), starts.get(tp))
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+
+    def assignment(self) -> set[TP]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    async def batch(self, max_records: int, wait: float) -> list[Message]:
+        """Up to `max_records` records, waiting at most `wait` seconds for the first."""
+        try:
+            found = await self._consumer.getmany(
+                timeout_ms=int(wait * 1000), max_records=max_records
+            )
+        except KafkaError as error:
+            raise translate(error, "fetch records") from None
+        messages: list[Message] = []
+        for tp, records in found.items():
+            topic, partition = tp.topic, tp.partition
+            messages += [
+                Message(
+                    topic,
+                    partition,
+                    r.offset,
+                    r.value,
+                    r.key,
+                    r.timestamp,
+                    tuple((name, value or b"") for name, value in r.headers),
+                )
+                for r in records
+            ]
+        return messages
+
+    async def commit_copy(self, offsets: dict[TP, int]) -> None:
+        """Copy the store's offsets to the group's committed offsets (for the usual tools);
+        best effort: a failure is only logged."""
+        owned = self.assignment()
+        wanted = {
+            TopicPartition(t, p): OffsetAndMetadata(o, "")
+            for (t, p), o in offsets.items()
+            if (t, p) in owned
+        }
+        if not wanted:
+            return
+        try:
+            await self._consumer.commit(wanted)
+        except (KafkaError, TransientError) as error:
+            log.info("offsets not copied to Kafka (%s)", type(error).__name__)
