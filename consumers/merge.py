@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from consumers.registry import Registry
 from schemas import ChangeEvent
 from schemas.views import CanonicalRecord, SourceView
@@ -97,6 +99,16 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
     live = live_views(views)
     if not live:
         return None
+    if len(live) == 1:  # one source: its view is the record (no ranking to do)
+        (only,) = live
+        view_data = only.data or {}
+        names = sorted(view_data)
+        origin = {"source": only.source, "version": only.version}
+        return CanonicalRecord(
+            {name: view_data[name] for name in names},
+            {only.source: only.version},
+            {name: dict(origin) for name in names},
+        )
     data: dict[str, Any] = {}
     provenance: dict[str, dict[str, Any]] = {}
     for name in sorted({name for view in live for name in view.data or {}}):
@@ -134,13 +146,16 @@ def merge_events(
 def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
     """Fields on which contributing sources disagree: per field, the groups of sources that
     agree with each other (two groups or more), each group sorted, groups by first source."""
+    live = live_views(views)
+    if len(live) < 2:  # one source cannot disagree with itself
+        return {}
     providers: dict[str, dict[str, Any]] = {}
-    for view in live_views(views):
+    for view in live:
         for name, value in (view.data or {}).items():
             providers.setdefault(name, {})[view.source] = value
     result: dict[str, list[list[str]]] = {}
     for name, by_source in sorted(providers.items()):
-        groups: dict[str, list[str]] = {}
+        groups: dict[bytes, list[str]] = {}
         for source, value in sorted(by_source.items()):
             groups.setdefault(_canonical_json(value), []).append(source)
         if len(groups) > 1:
@@ -194,7 +209,6 @@ def unusual_transition(old_status: object, new_status: object) -> bool:
     return not forward
 
 
-def _canonical_json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+def _canonical_json(value: Any) -> bytes:
+    """One text per JSON value whatever its key order: equal values group together."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

@@ -44,7 +44,7 @@ from consumers.metrics import (
     record_dead_letters,
     record_warnings,
 )
-from consumers.reconciler import DeadLetter, Reconciler, classify
+from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
 from consumers.registry import Registry
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
@@ -80,6 +80,14 @@ class WorkerConfig:
     metrics_port: int = 0
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch parsed and validated ahead of its store transaction."""
+
+    valid: list[Checked]
+    dead: list[DeadLetter]
 
 
 class Stopping(Exception):
@@ -118,14 +126,24 @@ class BatchProcessor:
         self.stopping = threading.Event()
         self.health = WorkerHealth(config.stall_after_seconds)
 
-    def process(self, messages: Sequence[Message]) -> None:
+    def prepare(self, messages: Sequence[Message]) -> Prepared:
+        """Parse and validate a batch (no I/O): may run while another batch is applied."""
+        valid, dead = classify(messages, self.registry)
+        return Prepared(valid, dead)
+
+    def process(self, messages: Sequence[Message], prepared: Prepared | None = None) -> None:
         """Apply a batch; raise `Stopping` when asked to stop while it waits."""
-        self._process(messages, set())
+        self._process(messages, set(), prepared)
         self.health.progressed()
 
-    def _process(self, messages: Sequence[Message], lettered: set[Offset]) -> None:
+    def _process(
+        self,
+        messages: Sequence[Message],
+        lettered: set[Offset],
+        prepared: Prepared | None = None,
+    ) -> None:
         try:
-            self._retrying(lambda: self._process_once(messages, lettered))
+            self._retrying(lambda: self._process_once(messages, lettered, prepared))
         except (Stopping, Refused):
             raise
         except Exception as error:  # a record error, or a bug met by some data
@@ -170,9 +188,16 @@ class BatchProcessor:
         self.reconciler.apply([], [message])
         record_dead_letters([letter])
 
-    def _process_once(self, messages: Sequence[Message], lettered: set[Offset]) -> None:
+    def _process_once(
+        self, messages: Sequence[Message], lettered: set[Offset], prepared: Prepared | None
+    ) -> None:
         fresh = self.reconciler.unapplied(messages)
-        valid, dead = classify(fresh, self.registry)
+        if prepared is None:
+            valid, dead = classify(fresh, self.registry)
+        else:  # classified beforehand: keep what the store has not applied yet
+            unapplied = {_origin(m) for m in fresh}
+            valid = [c for c in prepared.valid if _origin(c.message) in unapplied]
+            dead = [d for d in prepared.dead if _origin(d.message) in unapplied]
         if dead:
             self._dead_letter(dead, lettered)
         for checked in valid:
@@ -380,55 +405,80 @@ class ReconcilerLoop:
             await asyncio.wait_for(self.idle.wait(), timeout=30)
 
     async def _consume(self, member: GroupMember) -> None:
+        """Two stages: while batch N is applied (its thread mostly waits for the database),
+        batch N+1 is fetched and parsed in another thread. Batches are applied one after
+        the other, in order."""
         config = self.config
+        applying: tuple[asyncio.Future[None], list[Message]] | None = None
         while not self.stop_event.is_set():
             self.liveness.beat()
-            if self.until_caught_up and await self._caught_up():
+            if applying is None and self.until_caught_up and await self._caught_up():
                 return
             try:
                 messages = await member.batch(
-                    config.batch_max_events, config.batch_max_wait_seconds
+                    config.batch_max_events, 0.0 if applying else config.batch_max_wait_seconds
                 )
             except TransientError as error:
                 log.error("fetch failed (%s), retrying", type(error).__name__)
                 await asyncio.sleep(1.0)
                 continue
-            if not messages or self.stop_event.is_set():
-                continue
             if member.failed is not None:
                 raise member.failed
-            self.idle.clear()
-            try:
-                await asyncio.to_thread(self.processor.process, messages)
-            except Stopping:
-                return
-            except OffsetGap as error:
-                # The consumer is not where the store is (a seek lost in a rebalance, an
-                # operator's reset): nothing was committed; go back to the store's offsets.
-                log.warning("%s: resuming from the store's offsets", error)
-                stored = await asyncio.to_thread(self.store.stored_offsets, member.assignment())
-                await member.seek(stored)
-                continue
-            except Exception as error:
-                # Never go on from the consumer's position after a failure: stop, and let
-                # the supervisor restart the worker from the store's offsets.
-                # Our own errors' messages never quote values; others' may: type only.
-                detail = str(error) if isinstance(error, PortalSyncError) else ""
-                log.error(
-                    "batch failed unexpectedly (%s%s): stopping; the next start resumes "
-                    "from the store's offsets",
-                    type(error).__name__,
-                    f": {detail}" if detail else "",
+            prepared = None
+            if messages and not self.stop_event.is_set():
+                prepared = await asyncio.to_thread(self.processor.prepare, messages)
+            if applying is not None:
+                outcome = await self._finished(member, *applying)
+                applying = None
+                if outcome == "stop":
+                    return
+                if outcome == "reseek":
+                    continue  # the batch in hand was read from the wrong position
+            if prepared is not None and not self.stop_event.is_set():
+                self.idle.clear()
+                task = asyncio.ensure_future(
+                    asyncio.to_thread(self.processor.process, messages, prepared)
                 )
-                self.stop(EXIT_BATCH_FAILED)
-                return
-            finally:
-                self.idle.set()
-            ends: dict[TopicPartition, int] = {}
-            for message in messages:
-                ends[message.tp] = max(ends.get(message.tp, 0), message.offset + 1)
-            self.applied.update(ends)
-            await member.commit_copy(ends)
+                applying = (task, messages)
+        if applying is not None:
+            await self._finished(member, *applying)
+
+    async def _finished(
+        self, member: GroupMember, task: asyncio.Future[None], messages: list[Message]
+    ) -> str:
+        """Wait for a batch being applied; "ok", "reseek" or "stop"."""
+        try:
+            await task
+        except Stopping:
+            return "stop"
+        except OffsetGap as error:
+            # The consumer is not where the store is (a seek lost in a rebalance, an
+            # operator's reset): nothing was committed; go back to the store's offsets.
+            log.warning("%s: resuming from the store's offsets", error)
+            stored = await asyncio.to_thread(self.store.stored_offsets, member.assignment())
+            await member.seek(stored)
+            return "reseek"
+        except Exception as error:
+            # Never go on from the consumer's position after a failure: stop, and let the
+            # supervisor restart the worker from the store's offsets. Our own errors'
+            # messages never quote values; others' may: the type only.
+            detail = str(error) if isinstance(error, PortalSyncError) else ""
+            log.error(
+                "batch failed unexpectedly (%s%s): stopping; the next start resumes from "
+                "the store's offsets",
+                type(error).__name__,
+                f": {detail}" if detail else "",
+            )
+            self.stop(EXIT_BATCH_FAILED)
+            return "stop"
+        finally:
+            self.idle.set()
+        ends: dict[TopicPartition, int] = {}
+        for message in messages:
+            ends[message.tp] = max(ends.get(message.tp, 0), message.offset + 1)
+        self.applied.update(ends)
+        await member.commit_copy(ends)
+        return "ok"
 
     async def _caught_up(self) -> bool:
         """Every partition reached the end offsets seen at start (other workers' included:
