@@ -75,7 +75,7 @@ def _decode_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidEvent("not_utf8", "message is not valid UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_nan)
+        return _DECODER.decode(text)
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as error:
@@ -95,6 +95,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_nan(constant: str) -> Any:
     raise InvalidEvent("invalid_json", "non-standard JSON constant (NaN or Infinity)")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_nan)
 
 
 def _reason(error: ValidationError) -> InvalidEvent:

@@ -63,7 +63,10 @@ class BatchIO:
     def lock(self, keys: Sequence[RecordKey]) -> None:
         """Serialise writers of the same records (replays beside the live worker)."""
 
-    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+    def offsets(
+        self, partitions: Sequence[TopicPartition], lock: bool = True
+    ) -> dict[TopicPartition, int]:
+        """The stored next offsets; `lock` holds them until the transaction ends."""
         raise NotImplementedError
 
     def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
@@ -151,13 +154,16 @@ class PostgresBatchIO(BatchIO):
                 [[f"{entity}:{key}" for entity, key in keys]],
             )
 
-    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+    def offsets(
+        self, partitions: Sequence[TopicPartition], lock: bool = True
+    ) -> dict[TopicPartition, int]:
         if not partitions:
             return {}
         rows = self._run(
             "SELECT a.topic, a.partition, a.next_offset FROM applied_offsets a"
             " JOIN unnest(%b::text[], %b::int[]) AS w(topic, partition)"
-            " ON a.topic = w.topic AND a.partition = w.partition FOR UPDATE OF a",
+            " ON a.topic = w.topic AND a.partition = w.partition"
+            + (" FOR UPDATE OF a" if lock else ""),
             [[t for t, _ in partitions], [p for _, p in partitions]],
         )
         return {(t, p): o for t, p, o in rows}
@@ -389,7 +395,9 @@ class SqliteBatchIO(BatchIO):
         if rows:
             self.dbapi.cursor().executemany(sql, rows)
 
-    def offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+    def offsets(
+        self, partitions: Sequence[TopicPartition], lock: bool = True
+    ) -> dict[TopicPartition, int]:
         if not partitions:
             return {}
         wanted = self._keys("batch_partitions", partitions)

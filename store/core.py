@@ -36,7 +36,13 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
@@ -76,13 +82,37 @@ class StoreRefused(RecordError):
 
 @contextmanager
 def translated() -> Iterator[None]:
-    """Driver errors as the project's families (the message names the type, never values)."""
+    """Driver errors as the project's families (the message names the type, never values):
+    a value the database refuses is a record error; an unreachable or failing database is
+    transient. Works for SQLAlchemy's wrappers and for the DBAPI's own errors (PEP 249),
+    which the batch path raises directly."""
     try:
         yield
     except (DataError, IntegrityError) as error:
         raise StoreRefused(error) from None
-    except (DBAPIError, SQLAlchemyError) as error:
+    except DBAPIError as error:
         raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+    except StatementError as error:  # a parameter could not be converted: the value's fault
+        raise StoreRefused(error) from None
+    except SQLAlchemyError as error:
+        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+    except Exception as error:
+        family = _dbapi_family(error)
+        if family == "refused":
+            raise StoreRefused(error) from None
+        if family == "unavailable":
+            raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+        raise
+
+
+def _dbapi_family(error: Exception) -> str | None:
+    """PEP 249 exception classes by name (psycopg, sqlite3): which family they are."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "Error" not in names or type(error).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
+        return None
+    if names & {"DataError", "IntegrityError"}:
+        return "refused"
+    return "unavailable"
 
 
 @dataclass(frozen=True)
@@ -285,7 +315,10 @@ class Store:
     def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """The next offset to apply of these partitions (absent: none applied yet)."""
         with translated(), self.engine.connect() as conn:
-            return self._offsets(conn, partitions)
+            io = batch_io(conn.dialect.name, conn.connection.driver_connection)
+            found = io.offsets(sorted(set(partitions)), lock=False)
+            conn.rollback()
+            return found
 
     def reset_offsets(self, targets: dict[TopicPartition, int], operator: str, reason: str) -> None:
         """Set partitions' next offsets (an operator's reset) and record who did it, why,
