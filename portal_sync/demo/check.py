@@ -1,0 +1,137 @@
+"""The demo's self-check (the store equals the merge rules applied to what the sources
+hold) and its summary."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.table import Table
+
+from consumers.config import load_rules
+from consumers.merge import merge_events
+from portal_sync.demo.feed import PORTAL_FEED_SOURCE
+from portal_sync.demo.model import DEMO_PREFIX, DemoRun, console
+from portal_sync.settings import Settings
+from producers.adapters.filedrop import DirectoryAdapter
+from producers.sdk import Record
+from schemas import InvalidEvent, parse_event
+from store import Store, queries, redacted_url
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The worker's counters, summed by metric name and outcome."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "portal_sync_events_total":
+                name = f"events.{sample.labels['outcome']}"
+            elif sample.name == "portal_sync_dead_letters_total":
+                name = "dead_letters"
+            else:
+                continue
+            totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
+
+
+def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any], dict[str, int]]]:
+    """The merge rules applied to every source's current rows, independently of Kafka."""
+    registry, authority = load_rules(run.settings.registry, run.settings.authority_file)
+    events = []
+    for runner in run.runners():
+        adapter = runner.adapter
+        if isinstance(adapter, DirectoryAdapter):  # processed files have moved to done/
+            adapter.directory = adapter.done_dir
+        for item in adapter.read({}):
+            if not isinstance(item, Record):
+                continue
+            raw = json.dumps(item.event(adapter.source, adapter.entity), ensure_ascii=False)
+            try:
+                event = parse_event(raw.encode()).event
+            except InvalidEvent:
+                continue
+            if registry.accepts(event.source):
+                events.append(event)
+    return {
+        key: (record.data, record.sources)
+        for key, record in merge_events(events, authority).items()
+    }
+
+
+def self_check(run: DemoRun) -> bool:
+    expected = expected_records(run)
+    store = Store(run.settings.store_url)
+    try:
+        actual = {(e, k): (d, s) for e, k, d, s, _ in store.iter_records()}
+    finally:
+        store.close()
+    missing = expected.keys() - actual.keys()
+    extra = actual.keys() - expected.keys()
+    differ = [k for k in expected.keys() & actual.keys() if expected[k] != actual[k]]
+    ok = not (missing or extra or differ)
+    verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+    console.print(
+        f"self-check {verdict}: {len(actual)} records in the store, {len(expected)} "
+        f"expected; missing {len(missing)}, extra {len(extra)}, differing {len(differ)}"
+    )
+    return ok
+
+
+def _lag_percentiles(settings: Settings) -> tuple[float, float, int]:
+    """p50 and p99 of applied_at - occurred_at over every current source view."""
+    store = Store(settings.store_url)
+    try:
+        lags = store.sync_lags()
+    finally:
+        store.close()
+    if not lags:
+        return 0.0, 0.0, 0
+    return lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))], len(lags)
+
+
+def print_summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) -> None:
+    store = Store(run.settings.store_url)
+    counts = store.count_records()
+    quality = {
+        "dossiers": queries.distinct_dossiers(store),
+        "conflicts": queries.open_conflicts(store),
+        "anomalies": queries.anomaly_count(store),
+        "waiting": queries.waiting_documents(store),
+    }
+    store.close()
+    p50, p99, samples = _lag_percentiles(run.settings)
+    table = Table(title="portal-sync demo", show_header=False)
+    rows = [
+        ("sources", ", ".join([*(s.spec.source for s in run.sources), PORTAL_FEED_SOURCE])),
+        ("events produced (acknowledged)", f"{run.published}"),
+        ("rows rejected at the source → dead letters", f"{run.producer_dead_letters}"),
+        ("malformed events injected", f"{run.injected}"),
+        ("applied", f"{metrics.get('events.applied', 0):.0f}"),
+        ("duplicate", f"{metrics.get('events.duplicate', 0):.0f}"),
+        ("stale", f"{metrics.get('events.stale', 0):.0f}"),
+        ("dead-lettered by the reconciler", f"{metrics.get('dead_letters', 0):.0f}"),
+        ("  of which unregistered source", f"{metrics.get('events.rejected', 0):.0f}"),
+        *[(f"records: {entity}", f"{count}") for entity, count in sorted(counts.items())],
+        ("dossiers counted once (inter-agency with original)", f"{quality['dossiers']}"),
+        ("open field conflicts (record fields)", f"{quality['conflicts']}"),
+        ("dossier lifecycle anomalies", f"{quality['anomalies']}"),
+        ("documents waiting for their owner", f"{quality['waiting']}"),
+        (f"sync lag p50 / p99 ({samples} views)", f"{p50:.2f} s / {p99:.2f} s"),
+        ("wall time", f"{seconds:.1f} s"),
+        ("self-check", "PASS" if ok else "FAIL"),
+        ("store", redacted_url(run.settings.store_url)),
+        ("topics and group", f"{DEMO_PREFIX}.*, {DEMO_PREFIX}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    console.print(
+        "inspect it: PORTAL_SYNC_STORE_URL=<the store above> "
+        f"PORTAL_SYNC_TOPIC_PREFIX={DEMO_PREFIX} PORTAL_SYNC_GROUP_ID={DEMO_PREFIX} "
+        "portal-sync lag | show | history | conflicts",
+        markup=False,
+        highlight=False,
+    )

@@ -1,0 +1,50 @@
+"""What one demo run holds: its settings, work dir, sample systems, producers, counts."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from portal_sync.demo.feed import PortalFeed
+from portal_sync.demo.systems import SampleSource
+from portal_sync.settings import Settings
+from producers.engine import AdapterRunner, RunStats
+from producers.produce import SourceGroup
+from schemas.errors import Refused
+from transport.local import REPO_ROOT
+from transport.publisher import Publisher
+
+console = Console()
+DEFAULT_AUTHORITY = REPO_ROOT / "deploy" / "authority.toml"
+DEFAULT_REGISTRY = REPO_ROOT / "deploy" / "registry.toml"
+DEMO_PREFIX = "portal-sync-demo"
+DEMO_MARK = "demo"  # store_meta: this store was made by the demo
+
+
+class DemoError(Refused):
+    """The demo refuses to run here, or its pipeline did not finish."""
+
+
+@dataclass
+class DemoRun:
+    settings: Settings
+    workdir: Path
+    sources: list[SampleSource] = field(default_factory=list)
+    feed: PortalFeed | None = None
+    groups: list[SourceGroup] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
+    published: int = 0
+    producer_dead_letters: int = 0
+    injected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def runners(self) -> list[AdapterRunner]:
+        return [runner for group in self.groups for _, runner in group.runners]
+
+    def count(self, stats: RunStats) -> None:
+        with self.lock:
+            self.published += stats.published
+            self.producer_dead_letters += stats.dead_lettered

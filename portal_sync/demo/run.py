@@ -1,0 +1,253 @@
+"""`portal-sync demo`: the whole pipeline on sample provinces and a ministry, self-checked.
+
+Steps: local Kafka up; reset the demo's topics and store; create the sample source
+databases; start a reconciler worker (a real `portal-sync worker` process); run the sources
+through the same producer code path as `portal-sync produce`; make updates, deletes and late
+changes at the sources; inject malformed events; wait until everything is applied; print a
+summary; check that the store equals the merge rules applied to what the sources hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from observability.http import serve
+from portal_sync.demo.check import print_summary, scrape_metrics, self_check
+from portal_sync.demo.feed import PortalFeed, portal_feed_toml
+from portal_sync.demo.model import (
+    DEFAULT_AUTHORITY,
+    DEFAULT_REGISTRY,
+    DEMO_MARK,
+    DEMO_PREFIX,
+    DemoError,
+    DemoRun,
+    console,
+)
+from portal_sync.demo.population import World
+from portal_sync.demo.scenario import inject_malformed, make_changes
+from portal_sync.demo.systems import SOURCES, SampleSource, deployment_toml
+from portal_sync.settings import Settings, default_store_url, user_data_dir
+from producers.deployment import load_deployment
+from producers.produce import ProduceResult, SourceGroup, build_groups
+from store import Store
+from transport import admin
+from transport.local import LocalKafka, free_port
+
+
+def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
+    started = time.monotonic()
+    run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
+    console.print(
+        f"[bold]portal-sync demo[/bold]: resets its own topics ({DEMO_PREFIX}.*) and store"
+    )
+    _step("Kafka", lambda: _broker_up(run))
+    _step("reset demo topics and store", lambda: _reset(run))
+    worker, metrics_port = _start_worker(run)
+    try:
+        _step("reconciler joined its group", lambda: _wait_worker_ready(run, worker))
+        _step("sample sources", lambda: _create_sources(run, people))
+        stop = threading.Event()
+        threads = _start_producers(run, stop)
+        _step("changes at the sources", lambda: make_changes(run))
+        _step("malformed events", lambda: inject_malformed(run))
+        stop.set()
+        for thread in threads:
+            thread.join()
+        _step("final poll of every source", lambda: _drain_producers(run))
+        _step("reconciler catching up", lambda: _wait_caught_up(run, worker))
+        metrics = scrape_metrics(metrics_port)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    ok = self_check(run)
+    print_summary(run, metrics, time.monotonic() - started, ok)
+    return ok
+
+
+def _step(title: str, action: Callable[[], object]) -> None:
+    began = time.monotonic()
+    with console.status(f"{title}…"):
+        action()
+    console.print(f"[green]✓[/green] {title} ({time.monotonic() - began:.1f}s)")
+
+
+def demo_store_url() -> str:
+    """The demo's own store, beside (never in place of) the default one."""
+    return f"sqlite:///{user_data_dir() / 'demo' / 'store.db'}"
+
+
+def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
+    """The demo works only on its own topics (`portal-sync-demo.*`), its own consumer group
+    and its own store; on an external cluster it deletes its topics only with --reset."""
+    if settings.kafka_bootstrap is not None and not allow_reset:
+        raise DemoError(
+            f"the demo deletes and recreates its own topics ({DEMO_PREFIX}.*) and consumer "
+            f"group ({DEMO_PREFIX}); on an external cluster pass --reset to allow it"
+        )
+    own_store = settings.store_url == default_store_url()
+    return settings.model_copy(
+        update={
+            "topic_prefix": DEMO_PREFIX,
+            "group_id": DEMO_PREFIX,
+            "store_url": demo_store_url() if own_store else settings.store_url,
+            "authority_file": settings.authority_file or DEFAULT_AUTHORITY,
+            "registry": settings.registry or DEFAULT_REGISTRY,
+        }
+    )
+
+
+def _broker_up(run: DemoRun) -> None:
+    """Start the local broker unless a cluster is configured; then talk to it."""
+    settings = run.settings
+    if settings.kafka_bootstrap is None:
+        broker = LocalKafka(settings.kafka_data_dir)
+        broker.up()
+        run.settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap()})
+
+
+def _reset(run: DemoRun) -> None:
+    settings = run.settings
+    store = Store(settings.store_url)
+    try:
+        if store.holds_data() and store.meta(DEMO_MARK) != "true":
+            raise DemoError(
+                "the store given to the demo holds data the demo did not write: the demo "
+                "resets only an empty store or its own (leave PORTAL_SYNC_STORE_URL unset)"
+            )
+        topics = settings.topics()
+        with admin.cluster(settings.connection()) as cluster:
+            cluster.delete_topics([*topics.change_topics(), topics.dead_letters])
+            cluster.delete_group(settings.group_id)
+            cluster.ensure_topics(topics)
+        store.drop_schema()
+        store.create_schema()
+        store.set_meta(DEMO_MARK, "true")
+    finally:
+        store.close()
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    run.workdir.mkdir(parents=True)
+    _log_to_file(run.workdir / "demo.log")
+
+
+def _log_to_file(path: Path) -> None:
+    """Producer warnings go to the demo's log file; the console shows steps and summary."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _wait_worker_ready(run: DemoRun, worker: subprocess.Popen[bytes]) -> None:
+    with admin.cluster(run.settings.connection()) as cluster:
+        stable = cluster.wait_group_stable(run.settings.group_id)
+    if not stable or worker.poll() is not None:
+        raise DemoError(f"the worker did not start; see {run.workdir / 'worker.log'}")
+
+
+def _create_sources(run: DemoRun, people: int) -> None:
+    world = World.create(seed=6, people=people, companies=max(20, people // 10))
+    run.sources = [SampleSource(spec, run.workdir / f"{spec.source}.db", world) for spec in SOURCES]
+    rng = world.rng
+    for index, source in enumerate(run.sources):
+        ministry = source.spec.source.startswith("ministry")
+        share = 0.15 if ministry else 0.4
+        held = [p for p in world.people if rng.random() < share]
+        source.insert("citizen", [source.citizen_row(p, disagree=index > 0) for p in held])
+        if not ministry:
+            companies = [c for c in world.companies if rng.random() < 0.4]
+            source.insert("organization", [source.organization_row(c) for c in companies])
+            source.insert("dossier", [source.dossier_row() for _ in range(people // 6)])
+        source.insert("document", [source.document_row(n) for n in range(people // 10)])
+        # Rows that break the contract at the source: they must reach the dead letters.
+        bad = source.citizen_row(world._person())
+        bad["dien_thoai"] = "không có"
+        source.insert("citizen", [bad])
+    # Inter-agency dossiers: Ho Chi Minh City receives some of Hanoi's dossiers.
+    hanoi, hcm = run.sources[0], run.sources[1]
+    originals = rng.sample(hanoi.keys("dossier"), 25)
+    hcm.insert("dossier", [hcm.transferred_row(key) for key in originals])
+    run.feed = PortalFeed(run.workdir / "portal-inbox", world)
+    run.feed.submit(max(10, people // 30))
+
+
+def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = os.environ | run.settings.as_env()
+    log = (run.workdir / "worker.log").open("wb")
+    command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    console.print(
+        f"[green]✓[/green] reconciler worker started (pid {process.pid}, "
+        f"metrics http://127.0.0.1:{port}/metrics)"
+    )
+    return process, port
+
+
+def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
+    """The sample sources as one deployment file of adapters, run as `produce` does."""
+    config = run.workdir / "sources.toml"
+    assert run.feed is not None
+    text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
+    config.write_text(text, encoding="utf-8")
+    run.groups, run.publishers = build_groups(
+        load_deployment(config), run.settings.connection(), run.settings.topics()
+    )
+    threads: list[threading.Thread] = []
+    for group in run.groups:
+        thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)
+        thread.start()
+        threads.append(thread)
+    port = free_port()
+    serve(port, healthy=lambda: all(thread.is_alive() for thread in threads) or stop.is_set())
+    console.print(
+        f"[green]✓[/green] producers started from {config} "
+        f"(metrics http://127.0.0.1:{port}/metrics)"
+    )
+    return threads
+
+
+def _poll_loop(run: DemoRun, group: SourceGroup, stop: threading.Event) -> None:
+    result = ProduceResult()
+    group.run(stop, result)
+    for stats in result.stats.values():
+        run.count(stats)
+
+
+def _drain_producers(run: DemoRun) -> None:
+    """Poll every source once more; one producer first loses its checkpoint, as after a
+    crash before saving it, and re-sends what it had sent: the version rule drops it."""
+    amnesiac = next(r for r in run.runners() if r.source_id == "province-48.citizen")
+    amnesiac.state_path.unlink()
+    for runner in run.runners():
+        run.count(runner.run_once())
+    for publisher in run.publishers:
+        publisher.close()
+
+
+def _wait_caught_up(run: DemoRun, worker: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    ends = admin.end_offsets(run.settings.connection(), run.settings.topics().change_topics())
+    store = Store(run.settings.store_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise DemoError(f"the worker exited ({worker.returncode}); see {run.workdir}")
+            applied = store.all_offsets()
+            if all(applied.get(tp, 0) >= end for tp, end in ends.items()):
+                return
+            time.sleep(0.5)
+    finally:
+        store.close()
+    raise DemoError(f"the worker did not catch up within {timeout:.0f}s")
