@@ -3,7 +3,7 @@
 Offsets: for every consumer group, Kafka's committed group offsets. For portal-sync's own
 reconciler group, with `offsets_from="store"` (the default), the store's `applied_offsets`
 instead: they are what the store holds, whereas Kafka's group offsets are only a copy that
-faust commits now and then. Time lag: the timestamp of the message at the committed offset
+the worker copies after each batch. Time lag: the timestamp of the message at the committed offset
 (the oldest not yet applied), read from Kafka and cached while the offset does not move.
 """
 
