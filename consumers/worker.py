@@ -349,6 +349,7 @@ class ReconcilerLoop:
         self.idle.set()
         self.targets: dict[TopicPartition, int] = {}
         self.applied: dict[TopicPartition, int] = {}
+        self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -487,8 +488,8 @@ class ReconcilerLoop:
         if not behind:
             return True
         now = time.monotonic()
-        if now - getattr(self, "_checked", 0.0) > 1.0:
-            self._checked = now
+        if now - self.checked_store_at > 1.0:
+            self.checked_store_at = now
             stored = await asyncio.to_thread(self.store.stored_offsets, behind)
             for tp, offset in stored.items():
                 self.applied[tp] = max(self.applied.get(tp, 0), offset)
