@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml deploy/install-system.sh
 	touch $@
 
 kafka-jars: $(STAMP)
-	$(BIN)/python -c "from portal_sync.local_kafka import ensure_jars; print('Kafka jars in', ensure_jars())"
+	$(BIN)/python -c "from transport.local import ensure_jars; print('Kafka jars in', ensure_jars())"
 
 demo: kafka-jars
 	$(BIN)/portal-sync demo
