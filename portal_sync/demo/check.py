@@ -129,7 +129,7 @@ def print_summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: b
         table.add_row(name, value)
     console.print(table)
     console.print(
-        "inspect it: PORTAL_SYNC_STORE_URL=<the store above> "
+        f"inspect it: PORTAL_SYNC_STORE_URL={redacted_url(run.settings.store_url)} "
         f"PORTAL_SYNC_TOPIC_PREFIX={DEMO_PREFIX} PORTAL_SYNC_GROUP_ID={DEMO_PREFIX} "
         "portal-sync lag | show | history | conflicts",
         markup=False,
