@@ -101,14 +101,9 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         return None
     if len(live) == 1:  # one source: its view is the record (no ranking to do)
         (only,) = live
-        view_data = only.data or {}
-        names = sorted(view_data)
-        origin = {"source": only.source, "version": only.version}
-        return CanonicalRecord(
-            {name: view_data[name] for name in names},
-            {only.source: only.version},
-            {name: dict(origin) for name in names},
-        )
+        fields = dict(sorted((only.data or {}).items()))
+        origin = {"source": only.source, "version": only.version}  # shared: never mutated
+        return CanonicalRecord(fields, {only.source: only.version}, dict.fromkeys(fields, origin))
     data: dict[str, Any] = {}
     provenance: dict[str, dict[str, Any]] = {}
     for name in sorted({name for view in live for name in view.data or {}}):
