@@ -59,7 +59,9 @@ class SourceEntry(StrictModel):
 class ProducerSection(StrictModel):
     state_dir: Path = Path("state")
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9311, description="/metrics of `produce`; 0: off")
+    metrics_port: int = Field(
+        default=9312, description="/metrics of `produce` (worker 9310, lag exporter 9311); 0: off"
+    )
 
 
 class KafkaSection(StrictModel):

@@ -1,0 +1,57 @@
+"""The probe server of every process stays bounded and quiet under misbehaving clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from observability import http
+
+
+def _get(port: int, path: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+        return int(reply.status)
+
+
+def test_half_open_connections_cannot_pile_up_threads_and_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.5)
+    server = http.serve(0)
+    port = server.server_address[1]
+    before = threading.active_count()
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+    time.sleep(0.3)
+    try:
+        assert threading.active_count() - before <= http.MAX_CONNECTIONS + 2
+    finally:
+        for sock in sockets:
+            sock.close()
+    time.sleep(1.0)  # the silent ones time out, the refused ones are gone
+    assert _get(port, "/healthz") == 200
+    assert threading.active_count() - before <= 2
+    server.shutdown()
+
+
+def test_a_client_that_disconnects_or_stalls_logs_nothing(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.3)
+    server = http.serve(0)
+    port = server.server_address[1]
+    half = socket.create_connection(("127.0.0.1", port))
+    half.sendall(b"GET /metr")  # then silence: the read times out
+    reset = socket.create_connection(("127.0.0.1", port))
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    reset.close()  # RST while the answer is being written
+    time.sleep(1.0)
+    half.close()
+    assert _get(port, "/readyz") == 200
+    server.shutdown()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "Exception" not in captured.err
