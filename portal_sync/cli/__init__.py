@@ -8,6 +8,7 @@ error reaches the user as one line and an exit code (`EXIT_CODES`), never a trac
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -54,8 +55,14 @@ def exit_code(error: PortalSyncError) -> int:
     return 1
 
 
+# Files this process creates (store, exports, state files, keys, logs, a local broker's
+# data) are the user's alone: 0600, directories 0700.
+PRIVATE_UMASK = 0o077
+
+
 def main_entry() -> None:
     """The console script: expected errors end with their message and exit code."""
+    os.umask(PRIVATE_UMASK)
     try:
         app(prog_name="portal-sync", standalone_mode=True)
     except PortalSyncError as error:
