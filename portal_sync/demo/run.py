@@ -44,7 +44,7 @@ from transport.local import LocalKafka, free_port
 
 def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
     started = time.monotonic()
-    run = DemoRun(_demo_settings(settings, allow_reset), user_data_dir() / "demo")
+    run = DemoRun(_demo_settings(settings, allow_reset), demo_workdir())
     console.print(
         f"[bold]portal-sync demo[/bold]: resets its own topics ({DEMO_PREFIX}.*) and store"
     )
@@ -80,8 +80,13 @@ def _step(title: str, action: Callable[[], object]) -> None:
 
 
 def demo_store_url() -> str:
-    """The demo's own store, beside (never in place of) the default one."""
-    return f"sqlite:///{user_data_dir() / 'demo' / 'store.db'}"
+    """The demo's own store, beside (never in place of) the default one, and outside the
+    run's work dir (which every run empties)."""
+    return f"sqlite:///{user_data_dir() / 'demo-store.db'}"
+
+
+def demo_workdir() -> Path:
+    return user_data_dir() / "demo"
 
 
 def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
