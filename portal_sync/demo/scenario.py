@@ -84,7 +84,7 @@ MALFORMED: list[tuple[str, bytes]] = [
         b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000002", '
         b'"source": "province-99", "entity": "citizen", "key": "001090000001", '
         b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
-        b'"data": {"full_name": "Nguy\u1ec5n V\u0103n A"}}',
+        b'"data": {"full_name": "Nguy\\u1ec5n V\\u0103n A"}}',
     ),
 ]
 
