@@ -47,7 +47,13 @@ class Authority:
     registry: Registry = field(default_factory=Registry)
 
     def rank(self, entity: str, field_name: str, view: SourceView) -> int:
-        order = self.rules.get((entity, field_name)) or self.rules.get((entity, "*"), ())
+        return self.rank_by(self.rules_for(entity, field_name), view)
+
+    def rules_for(self, entity: str, field_name: str) -> tuple[str, ...]:
+        """The rule list that ranks the sources of one (entity, field)."""
+        return self.rules.get((entity, field_name)) or self.rules.get((entity, "*"), ())
+
+    def rank_by(self, order: tuple[str, ...], view: SourceView) -> int:
         for position, rule in enumerate(order):
             if self._matches(rule, view):
                 return len(order) - position
@@ -106,14 +112,23 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         return CanonicalRecord(fields, {only.source: only.version}, dict.fromkeys(fields, origin))
     data: dict[str, Any] = {}
     provenance: dict[str, dict[str, Any]] = {}
+    # Fields ranked by the same rule list share one ordering of the views, best first
+    # (a stable sort: the same winner as `max` over the same keys).
+    orderings: dict[tuple[str, ...], list[SourceView]] = {}
+    origins = {view.source: {"source": view.source, "version": view.version} for view in live}
     for name in sorted({name for view in live for name in view.data or {}}):
-        candidates = [view for view in live if name in (view.data or {})]
-        best = max(
-            candidates,
-            key=lambda view: (authority.rank(entity, name, view), view.occurred_at, view.source),
-        )
+        rules = authority.rules_for(entity, name)
+        ordering = orderings.get(rules)
+        if ordering is None:
+            ordering = sorted(
+                live,
+                key=lambda view: (authority.rank_by(rules, view), view.occurred_at, view.source),
+                reverse=True,
+            )
+            orderings[rules] = ordering
+        best = next(view for view in ordering if name in (view.data or {}))
         data[name] = (best.data or {})[name]
-        provenance[name] = {"source": best.source, "version": best.version}
+        provenance[name] = origins[best.source]  # shared per source: never mutated
     return CanonicalRecord(data, {view.source: view.version for view in live}, provenance)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumers.merge import Authority, CanonicalRecord, SourceView, decide, merge
 
@@ -308,3 +310,54 @@ def test_merge_events_keeps_each_sources_highest_version_and_tombstones() -> Non
     assert record.data == {"full_name": "B"}
     assert record.sources == {"s-a": 2}
     assert merge_events([ev("s-b", 3, "delete"), ev("s-b", 2, name="D")], Authority()) == {}
+
+
+# -- merge equals the rule as written, for any views and rules ------------------------------
+
+_SOURCES = ["province-01", "province-79", "ministry-tax", "national-population"]
+_FIELDS = ["full_name", "sex", "phone", "status"]
+
+
+def _by_the_rule(
+    entity: str, views: list[SourceView], authority: Authority
+) -> CanonicalRecord | None:
+    """Rule 3 spelled out: per field, the best of the views holding it by (rank, time,
+    source id); the merge computes the same with one ordering per rule list."""
+    live = [v for v in views if not v.deleted and v.data is not None]
+    if not live:
+        return None
+    data: dict[str, Any] = {}
+    provenance: dict[str, dict[str, Any]] = {}
+    for name in sorted({n for v in live for n in v.data or {}}):
+        best = max(
+            (v for v in live if name in (v.data or {})),
+            key=lambda v: (authority.rank(entity, name, v), v.occurred_at, v.source),
+        )
+        data[name] = (best.data or {})[name]
+        provenance[name] = origin(best.source, best.version)
+    return CanonicalRecord(data, {v.source: v.version for v in live}, provenance)
+
+
+@given(
+    views=st.lists(
+        st.tuples(
+            st.sampled_from(_SOURCES),
+            st.dictionaries(st.sampled_from(_FIELDS), st.integers(0, 3), max_size=4),
+            st.integers(0, 3),  # minutes: equal times are likely
+            st.booleans(),
+        ),
+        max_size=4,
+        unique_by=lambda item: item[0],
+    ),
+    rules=st.dictionaries(
+        st.sampled_from([*_FIELDS, "*"]),
+        st.lists(st.sampled_from(_SOURCES), unique=True, max_size=3),
+        max_size=3,
+    ),
+)
+def test_merge_follows_the_rule_for_any_views_and_rules(
+    views: list[tuple[str, dict[str, Any], int, bool]], rules: dict[str, list[str]]
+) -> None:
+    authority = Authority.from_mapping({"citizen": rules})
+    built = [view(s, d, minutes=m, deleted=gone) for s, d, m, gone in views]
+    assert merge("citizen", built, authority) == _by_the_rule("citizen", built, authority)
