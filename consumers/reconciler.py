@@ -9,7 +9,7 @@ set of typed changes (views, records, history, conflicts, anomalies, owners, off
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -154,6 +154,7 @@ class Reconciler:
         batch: Sequence[Message],
         replay: bool = False,
         dry_run: bool = False,
+        before_commit: Callable[[], None] | None = None,
     ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
@@ -162,7 +163,8 @@ class Reconciler:
 
         A `replay` re-applies events whatever the store's offsets say and leaves the offsets
         alone (the live worker owns them); the version rule keeps it idempotent. A `dry_run`
-        does all the work in a transaction that is rolled back.
+        does all the work in a transaction that is rolled back. `before_commit` runs after
+        the writes, before the commit: if it raises, nothing is committed.
         """
         report = BatchReport()
         partitions = {m.tp for m in batch}
@@ -190,6 +192,8 @@ class Reconciler:
             report.new_conflicts = tx.write(changes, now)
             report.anomalies = len(work.anomalies)
             report.changes = work.history
+            if before_commit is not None:
+                before_commit()
         report.committed_at = utcnow()
         return report
 

@@ -199,8 +199,10 @@ class BatchProcessor:
             unapplied = {_origin(m) for m in fresh}
             valid = [c for c in prepared.valid if _origin(c.message) in unapplied]
             dead = [d for d in prepared.dead if _origin(d.message) in unapplied]
-        if dead:
-            self._dead_letter(dead, lettered)
+        # Dead letters are sent first and their acknowledgements awaited just before the
+        # commit: the broker's round trip overlaps the store's work, and the offsets that
+        # move past a dead letter are still never committed before it is acknowledged.
+        flush = self._send_dead_letters(dead, lettered) if dead else None
         for checked in valid:
             if checked.warnings:
                 record_warnings(checked.event.entity, checked.warnings)
@@ -211,7 +213,11 @@ class BatchProcessor:
                     checked.event.event_id,
                 )
         began = time.perf_counter()
-        report = self.reconciler.apply(valid, fresh)
+        try:
+            report = self.reconciler.apply(valid, fresh, before_commit=flush)
+        finally:
+            if flush is not None:  # the store failed: still settle what was sent, so that
+                flush()  # a retry does not send it again (a no-op once acknowledged)
         COMMIT_SECONDS.observe(time.perf_counter() - began)
         record_batch(report, self.config.freshness_objective_seconds)
         if dead:
@@ -231,6 +237,13 @@ class BatchProcessor:
     def _dead_letter(self, dead: list[DeadLetter], lettered: set[Offset]) -> None:
         """Publish and wait for acks before the offsets that skip them are committed; a
         letter already published in this delivery is not sent again."""
+        self._send_dead_letters(dead, lettered)()
+
+    def _send_dead_letters(
+        self, dead: list[DeadLetter], lettered: set[Offset]
+    ) -> Callable[[], None]:
+        """Send the letters not yet published in this delivery; return what waits for
+        their acknowledgements (and then counts them as published)."""
         todo = [d for d in dead if _origin(d.message) not in lettered]
         for letter in todo:
             message = letter.message
@@ -253,9 +266,14 @@ class BatchProcessor:
                 message.offset,
                 letter.code,
             )
-        if todo:
-            self.publisher.flush()
-        lettered.update(_origin(d.message) for d in todo)
+
+        def acknowledged() -> None:
+            if todo:
+                self.publisher.flush()
+                lettered.update(_origin(d.message) for d in todo)
+                todo.clear()
+
+        return acknowledged
 
     def close(self) -> None:
         self.publisher.close(timeout=5)

@@ -319,6 +319,54 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     store.close()
 
 
+def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_store_retries(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dead letters are sent before the batch's store work and awaited just before its
+    commit; a store that fails transiently after they were sent does not make the retry
+    send them again, and the batch's offsets are committed only after the acks."""
+    from consumers.reconciler import Checked
+    from consumers.registry import Registry
+    from consumers.worker import BatchProcessor
+    from store import StoreUnavailable
+    from transport.reader import Message
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    valid = [json.dumps(e).encode() for e in citizen_events(8, 1, seed=37)[:8]]
+    raws = [*valid[:3], b"not json", *valid[3:], b"{}"]
+    messages = [Message("t.changes.citizen", 0, i, raw) for i, raw in enumerate(raws)]
+    real_apply = processor.reconciler.apply
+    calls: list[dict[tuple[str, int], int]] = []
+
+    def fail_once_then_check(events: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        if not calls:
+            calls.append({})
+            raise StoreUnavailable("the store went away")
+        settle = kw["before_commit"]
+
+        def settled_then_nothing_committed_yet() -> None:
+            settle()
+            reader = Store(settings.store_url)
+            calls.append(reader.all_offsets())
+            reader.close()
+
+        return real_apply(events, batch, before_commit=settled_then_nothing_committed_yet)
+
+    monkeypatch.setattr(processor.reconciler, "apply", fail_once_then_check)
+    processor.process(messages)
+    processor.close()
+    assert calls == [{}, {}]  # one failure; the acks came while nothing was committed
+    assert store.all_offsets() == {("t.changes.citizen", 0): len(raws)}
+    letters = _read_all(settings, dead_letter_topic(settings), 2, timeout=10)
+    codes = sorted(read_headers(r.headers)["ps.reason.code"] for r in letters)
+    assert codes == ["invalid_json", "unsupported_schema_version"]
+    store.close()
+
+
 def test_offsets_reset_refuses_skipping_unapplied_events_and_naive_times_and_records_resets(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
