@@ -431,6 +431,30 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU of a process (with `children`: also of its reaped children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu(infra: Infra) -> float:
+    """CPU of the whole PostgreSQL server so far: postmaster, live and exited backends."""
+    if infra.pg is None:
+        return 0.0
+    try:
+        postmaster = int((infra.pg.root / "data" / "postmaster.pid").read_text().split()[0])
+        kids = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    except OSError:
+        return 0.0
+    return cpu_seconds(postmaster, children=True) + sum(cpu_seconds(int(k)) for k in kids)
+
+
 class Progress:
     """Polls the store's applied offsets from its own connection."""
 
@@ -468,6 +492,8 @@ class Result:
     rss_mb: float | None
     ok: bool
     note: str
+    cpu_us: float | None = None  # worker CPU per event, startup excluded (noise-resistant)
+    pg_us: float | None = None  # PostgreSQL server CPU per event (PostgreSQL runs)
 
 
 def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends: dict[Any, int],
@@ -483,19 +509,25 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     procs = [start_worker(infra, settings, True, args, f"{label}-{i}") for i in range(workers)]
     first_t = first_done = last_t = None
     rss: dict[int, float] = {}
+    cpu: dict[int, float] = {}  # worker CPU at the last poll, by pid
+    cpu_first = pg_first = cpu_last = pg_last = 0.0
     deadline = began + args.timeout
     while True:
         now = time.monotonic()
         offsets = progress.offsets()
         done = sum(offsets.values())
-        if done and first_t is None:
-            first_t, first_done = now, done
         for proc in procs:
-            value = peak_rss_mb(_worker_pid(proc))
+            pid = _worker_pid(proc)
+            value = peak_rss_mb(pid)
             if value:
                 rss[proc.pid] = value
+            cpu[proc.pid] = max(cpu.get(proc.pid, 0.0), cpu_seconds(pid))
+        if done and first_t is None:
+            first_t, first_done = now, done
+            cpu_first, pg_first = sum(cpu.values()), postgres_cpu(infra)
         if all(offsets.get(tp, 0) >= end for tp, end in ends.items()):
             last_t = now
+            cpu_last, pg_last = sum(cpu.values()), postgres_cpu(infra)
             break
         if all(p.poll() is not None for p in procs) or now > deadline:
             break
@@ -513,6 +545,9 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
         if last_t and first_t and last_t > first_t
         else 0.0
     )
+    drained = total - (first_done or 0)
+    cpu_us = (cpu_last - cpu_first) / drained * 1e6 if last_t and drained else None
+    pg_us = (pg_last - pg_first) / drained * 1e6 if last_t and drained and infra.pg else None
     problems = []
     if last_t is None:
         problems.append(f"not caught up ({done}/{total})")
@@ -525,7 +560,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     if expected is None:
         peak = max(rss.values()) if rss else None
         note = "; ".join([*problems, txns])
-        return Result(label, total, rate, wall, peak, not problems, note)
+        return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us)
     store = exported(settings.store_url)
     if store != expected.export:
         problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
@@ -538,7 +573,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     )
     note += f"; {txns}"
     peak = max(rss.values()) if rss else None
-    return Result(label, total, rate, wall, peak, not problems, note)
+    return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us)
 
 
 def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, float]:
@@ -617,10 +652,13 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
     if infra.pg is not None and not args.smoke:
         ceiling = raw_ceiling(infra, expected.valid, args.batch)
     print()
-    print(f"{'run':<14}{'events':>9}{'events/s':>10}{'wall s':>8}{'RSS MB':>8}  check")
+    print(f"{'run':<14}{'events':>9}{'events/s':>10}{'wall s':>8}{'RSS MB':>8}"
+          f"{'cpu µs/ev':>10}{'PG µs/ev':>10}  check")  # fmt: skip
     for r in results:
         rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"
-        print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}  "
+        cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
+        pg = f"{r.pg_us:.0f}" if r.pg_us is not None else "-"
+        print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}{cpu:>10}{pg:>10}  "
               f"{'OK' if r.ok else 'FAIL'}: {r.note}")  # fmt: skip
     if ceiling is not None:
         print(
