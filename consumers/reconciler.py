@@ -24,7 +24,7 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
-from schemas import ChangeEvent, InvalidEvent, parse_event
+from schemas import ChangeEvent, InvalidEvent, message_key, parse_event
 from schemas.dead_letter import Reason
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
@@ -38,6 +38,7 @@ from store import (
     utcnow,
 )
 from transport.reader import Message
+from transport.topics import Topics
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,30 @@ class BatchReport:
         return [(o.source, o.occurred_at) for o in self.outcomes if o.outcome == "applied"]
 
 
+DEFAULT_MAX_CLOCK_SKEW_SECONDS = 300.0
+
+
 def classify(
-    messages: Iterable[Message], registry: Registry | None = None
+    messages: Iterable[Message],
+    registry: Registry | None = None,
+    *,
+    topics: Topics | None = None,
+    now: datetime | None = None,
+    max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS,
 ) -> tuple[list[Checked], list[DeadLetter]]:
     """Split messages into contract-valid events and dead letters with their reasons.
 
     With a registry, an event of an unregistered source is a dead letter too: once the
-    source is registered it can be re-driven.
+    source is registered it can be re-driven. With `topics`, a message must sit on its
+    entity's change topic under its record's message key (`key_mismatch`): otherwise one
+    record could span partitions and escape ordering and replays. An `occurred_at` later
+    than the message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed
+    clock skew is refused (`future_timestamp`): it would win recency forever. Measuring
+    from the message's timestamp gives a replay, years later, the live worker's verdict.
     """
     registry = registry or Registry()
+    now_ms = int((now or utcnow()).timestamp() * 1000)
+    skew_ms = int(max_clock_skew_seconds * 1000)
     valid: list[Checked] = []
     dead: list[DeadLetter] = []
     for message in messages:
@@ -93,11 +109,24 @@ def classify(
         except InvalidEvent as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue
-        if not registry.accepts(checked.event.source):
+        event = checked.event
+        if not registry.accepts(event.source):
             reason = "source is not in the source registry"
             dead.append(DeadLetter(message, Reason.UNREGISTERED_SOURCE, reason))
             continue
-        valid.append(Checked(message, checked.event, checked.warnings))
+        if topics is not None and (
+            message.key != message_key(event.entity, event.key)
+            or message.topic != topics.change_topic(event.entity)
+        ):
+            reason = "message key or topic is not the event's (<entity>:<key> on its topic)"
+            dead.append(DeadLetter(message, Reason.KEY_MISMATCH, reason))
+            continue
+        sent_ms = now_ms if message.timestamp_ms is None else min(message.timestamp_ms, now_ms)
+        if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:
+            reason = f"occurred_at is more than {max_clock_skew_seconds:g} s in the future"
+            dead.append(DeadLetter(message, Reason.FUTURE_TIMESTAMP, reason))
+            continue
+        valid.append(Checked(message, event, checked.warnings))
     return valid, dead
 
 

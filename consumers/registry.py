@@ -30,7 +30,7 @@ class SourceInfo(BaseModel):
 
     kind: SourceKind
     name: str
-    province_code: str | None = Field(default=None, pattern=r"^\d{2}$")
+    province_code: str | None = Field(default=None, pattern=r"^[0-9]{2}$")
     agency_codes: tuple[str, ...] = ()
 
 

@@ -45,7 +45,13 @@ from consumers.metrics import (
     record_dead_letters,
     record_warnings,
 )
-from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
+from consumers.reconciler import (
+    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+    Checked,
+    DeadLetter,
+    Reconciler,
+    classify,
+)
 from consumers.registry import Registry
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
@@ -81,6 +87,7 @@ class WorkerConfig:
     metrics_port: int = 0
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
+    max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,16 @@ class BatchProcessor:
 
     def prepare(self, messages: Sequence[Message]) -> Prepared:
         """Parse and validate a batch (no I/O): may run while another batch is applied."""
-        valid, dead = classify(messages, self.registry)
+        valid, dead = self._classify(messages)
         return Prepared(valid, dead)
+
+    def _classify(self, messages: Sequence[Message]) -> tuple[list[Checked], list[DeadLetter]]:
+        return classify(
+            messages,
+            self.registry,
+            topics=self.config.topics,
+            max_clock_skew_seconds=self.config.max_clock_skew_seconds,
+        )
 
     def process(self, messages: Sequence[Message], prepared: Prepared | None = None) -> None:
         """Apply a batch; raise `Stopping` when asked to stop while it waits."""
@@ -194,7 +209,7 @@ class BatchProcessor:
     ) -> None:
         fresh = self.reconciler.unapplied(messages)
         if prepared is None:
-            valid, dead = classify(fresh, self.registry)
+            valid, dead = self._classify(fresh)
         else:  # classified beforehand: keep what the store has not applied yet
             unapplied = {_origin(m) for m in fresh}
             valid = [c for c in prepared.valid if _origin(c.message) in unapplied]

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_stall_after_seconds: float = Field(
         default=300.0, description="/healthz fails after a batch retried this long"
     )
+    max_clock_skew_seconds: float = Field(
+        default=300.0, ge=0, description="occurred_at further ahead: future_timestamp"
+    )
 
     @classmethod
     def from_flags(cls, bootstrap: str | None = None, store: str | None = None) -> Settings:
@@ -114,6 +117,7 @@ class Settings(BaseSettings):
             metrics_port=self.metrics_port,
             freshness_objective_seconds=self.freshness_objective_seconds,
             stall_after_seconds=self.worker_stall_after_seconds,
+            max_clock_skew_seconds=self.max_clock_skew_seconds,
         )
 
     def as_env(self) -> dict[str, str]:

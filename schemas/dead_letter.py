@@ -35,6 +35,8 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"
     EMPTY_MESSAGE = "empty_message"
     UNREGISTERED_SOURCE = "unregistered_source"
+    KEY_MISMATCH = "key_mismatch"
+    FUTURE_TIMESTAMP = "future_timestamp"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
 

@@ -27,6 +27,7 @@ from pydantic import (
 from schemas.identifiers import (
     AGENCY_CODE,
     DOSSIER_CODE,
+    OWNER_ID,
     PERSONAL_ID,
     PROCEDURE_CODE,
     TAX_CODE,
@@ -34,11 +35,16 @@ from schemas.identifiers import (
 )
 
 SCHEMA_VERSION = 1
+MAX_VERSION = 2**53
 ENTITIES = ("citizen", "organization", "document", "dossier")
 Entity = Literal["citizen", "organization", "document", "dossier"]
 
-# No control characters (C0, DEL, C1) anywhere in free text.
-_PLAIN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Free text refuses what a reader cannot see or that changes what they see: control
+# characters (C0, DEL, C1: Cc), format characters (Cf: zero-width spaces and joiners, the
+# byte-order mark, bidi embeddings, overrides and isolates) and line/paragraph separators.
+# The patterns run on pydantic's Rust regex engine, which knows Unicode categories.
+_INVISIBLE = r"\p{Cc}\p{Cf}\p{Zl}\p{Zp}"
+_PLAIN = rf"^[^{_INVISIBLE}]*$"
 
 
 def _text(max_length: int, min_length: int = 1) -> Any:
@@ -53,11 +59,13 @@ TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
 SourceId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,63}$")]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)\d{9,10}$")]
+Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)[0-9]{9,10}$")]
+_MAILBOX = rf"[^@\s{_INVISIBLE}]+"
 Email = Annotated[
     str,
-    StringConstraints(max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s]+$"),
+    StringConstraints(max_length=254, pattern=rf"^{_MAILBOX}@{_MAILBOX}\.{_MAILBOX}$"),
 ]
+OwnerId = Annotated[str, StringConstraints(max_length=14, pattern=OWNER_ID.pattern)]
 
 
 class ContractModel(BaseModel):
@@ -65,11 +73,11 @@ class ContractModel(BaseModel):
 
 
 class Address(ContractModel):
-    province_code: Annotated[str, StringConstraints(pattern=r"^\d{2}$")] | None = Field(
+    province_code: Annotated[str, StringConstraints(pattern=r"^[0-9]{2}$")] | None = Field(
         default=None,
         description="2-digit province code: the 34 in force since 2025-07-01, or an old one",
     )
-    ward_code: Annotated[str, StringConstraints(pattern=r"^\d{5}$")] | None = None
+    ward_code: Annotated[str, StringConstraints(pattern=r"^[0-9]{5}$")] | None = None
     line: _text(200) | None = None  # type: ignore[valid-type]
 
 
@@ -94,7 +102,7 @@ class OrganizationData(ContractModel):
 
 class DocumentData(ContractModel):
     owner_kind: Literal["citizen", "organization"] | None = None
-    owner_id: Annotated[str, StringConstraints(max_length=14)] | None = None
+    owner_id: OwnerId | None = None
     doc_type: Code | None = None
     title: _text(255) | None = None  # type: ignore[valid-type]
     issuer_code: Code | None = None
@@ -108,7 +116,7 @@ class DocumentData(ContractModel):
         if self.owner_id is None or self.owner_kind is None:
             return self
         rule = PERSONAL_ID if self.owner_kind == "citizen" else TAX_CODE
-        if not rule.match(self.owner_id):
+        if not rule.fullmatch(self.owner_id):
             raise ValueError(f"owner_id is not a valid {self.owner_kind} identifier")
         return self
 
@@ -132,7 +140,7 @@ class DossierData(ContractModel):
     procedure_code: Annotated[str, StringConstraints(pattern=PROCEDURE_CODE.pattern)] | None = None
     agency_code: Annotated[str, StringConstraints(pattern=AGENCY_CODE.pattern)] | None = None
     applicant_kind: Literal["citizen", "organization"] | None = None
-    applicant_id: Annotated[str, StringConstraints(max_length=14)] | None = None
+    applicant_id: OwnerId | None = None
     status: Annotated[int, Field(ge=1, le=10)] | None = None
     received_at: AwareDatetime | None = None
     due_at: AwareDatetime | None = None
@@ -147,7 +155,7 @@ class DossierData(ContractModel):
         if self.applicant_id is None or self.applicant_kind is None:
             return self
         rule = PERSONAL_ID if self.applicant_kind == "citizen" else TAX_CODE
-        if not rule.match(self.applicant_id):
+        if not rule.fullmatch(self.applicant_id):
             raise ValueError(f"applicant_id is not a valid {self.applicant_kind} identifier")
         return self
 
@@ -157,7 +165,9 @@ class _EventBase(ContractModel):
     event_id: UUID
     source: SourceId
     op: Literal["upsert", "delete"]
-    version: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    # At most 2^53: exact in every JSON reader, and far from the store's 2^63 - 1, so a
+    # hostile version cannot freeze a record beyond every later real update.
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION)]
     occurred_at: AwareDatetime
 
     @model_validator(mode="after")

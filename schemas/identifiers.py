@@ -11,12 +11,16 @@ import re
 from datetime import date
 from functools import cache
 
-PERSONAL_ID = re.compile(r"^\d{12}$")
-TAX_CODE = re.compile(r"^\d{10}(-\d{3})?$")
+# ASCII digits only (`\d` would take fullwidth, Arabic-Indic or Bengali look-alikes). The
+# patterns are also the contract's (pydantic, Rust regex: `$` is the very end); in Python,
+# check them with `fullmatch`, since `re`'s `$` also matches before a trailing newline.
+PERSONAL_ID = re.compile(r"^[0-9]{12}$")
+TAX_CODE = re.compile(r"^[0-9]{10}(-[0-9]{3})?$")
+OWNER_ID = re.compile(r"^([0-9]{12}|[0-9]{10}(-[0-9]{3})?)$")  # a personal id or a tax code
 UNIT_CODE = r"[0-9A-Z]{3}\.[0-9A-Z]{2}\.[0-9A-Z]{2}\.[A-Z][0-9]{2}"
-DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>\d{{6}})-(?P<seq>\d{{4}})$")
+DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>[0-9]{{6}})-(?P<seq>[0-9]{{4}})$")
 AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")
-PROCEDURE_CODE = re.compile(r"^\d\.\d{6}$")
+PROCEDURE_CODE = re.compile(r"^[0-9]\.[0-9]{6}$")
 
 # Province codes of birth registration used in personal ids before the 2025 merger:
 # the 63 provinces of Decree 137/2015 and Circular 07/2016/TT-BCA.
@@ -94,7 +98,7 @@ TAX_CODE_WEIGHTS = (31, 29, 23, 19, 17, 13, 7, 5, 3)
 
 def dossier_code_date(code: str) -> date | None:
     """The receiving date encoded in a dossier code, or None when the code is malformed."""
-    match = DOSSIER_CODE.match(code)
+    match = DOSSIER_CODE.fullmatch(code)
     if not match:
         return None
     day = match["day"]

@@ -66,7 +66,12 @@ def replay(
         total = sum(end - start for start, end in ranges.values())
         for batch in reader.read(ranges):
             summary.read += len(batch)
-            valid, dead = classify(batch, registry)
+            valid, dead = classify(
+                batch,
+                registry,
+                topics=settings.topics(),
+                max_clock_skew_seconds=settings.max_clock_skew_seconds,
+            )
             summary.outcomes["dead_lettered"] += len(dead)
             wanted = [
                 c for c in valid

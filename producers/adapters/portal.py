@@ -159,7 +159,7 @@ class PortalAdapter(DirectoryAdapter):
 def _applicant_id(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("SoDinhDanh") or value.get("MaSoThue")
-    if isinstance(value, str) and (PERSONAL_ID.match(value) or TAX_CODE.match(value)):
+    if isinstance(value, str) and (PERSONAL_ID.fullmatch(value) or TAX_CODE.fullmatch(value)):
         return value
     return None
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from consumers.merge import Authority, merge_events
 from portal_sync.settings import Settings
-from schemas import derive_event_id, parse_event
+from schemas import derive_event_id, message_key, parse_event
 from store.export import export_records
+from transport.reader import Message
 
 SOURCES = ["province-01", "province-79", "ministry-btp"]
 NAMES = ["Nguyễn Văn An", "Trần Thị Bích", "Lê Hoàng Dũng", "Phạm Thu Hà", "Đặng Quốc Việt"]
@@ -108,3 +109,14 @@ def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen
 
 def run_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def change_message(settings: Settings, offset: int, raw: bytes) -> Message:
+    """A message as a producer places it: on its entity's change topic, under its record's
+    key (a value that is not an event goes to the citizen topic, without a key)."""
+    try:
+        event = json.loads(raw)
+        entity, key = str(event["entity"]), str(event["key"])
+    except (ValueError, TypeError, KeyError):
+        return Message(settings.topics().change_topic("citizen"), 0, offset, raw)
+    return Message(settings.topics().change_topic(entity), 0, offset, raw, message_key(entity, key))

@@ -497,3 +497,12 @@ def test_every_reason_code_of_the_validation_is_exported_as_a_metric_label() -> 
     raised |= set(re.findall(r'code = "([a-z_]+)"', inspect.getsource(validation)))
     assert raised, "no reason codes found in schemas/validation.py"
     assert raised <= set(DEAD_LETTER_REASONS)
+
+
+def test_every_reason_code_is_in_the_readme_contract_table() -> None:
+    from schemas.dead_letter import DEAD_LETTER_REASONS
+
+    readme = (JSON_DIR.parents[1] / "README.md").read_text("utf-8")
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    missing = [code for code in DEAD_LETTER_REASONS if not any(f"`{code}`" in r for r in table)]
+    assert not missing, f"reason codes missing from README's contract table: {missing}"

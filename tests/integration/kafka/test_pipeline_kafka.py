@@ -120,12 +120,13 @@ def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_fl
     topic = change_topic(settings, "citizen")
     origin: dict[int, str] = {}
     rng = random.Random(5)
-    queue: list[tuple[str | None, bytes | None]] = [
-        (None, v) for v in (__import__("json").dumps(e).encode() for e in valid)
-    ] + list(hostile)
+    queue: list[tuple[str | None, bytes | None, bytes]] = [
+        (None, __import__("json").dumps(e).encode(), message_key("citizen", e["key"]))
+        for e in valid
+    ] + [(code, value, b"k") for code, value in hostile]
     rng.shuffle(queue)
-    for code, value in queue:
-        metadata = producer.send(topic, key=b"k", value=value).get(timeout=30)
+    for code, value, key in queue:
+        metadata = producer.send(topic, key=key, value=value).get(timeout=30)
         if code is not None:
             origin[metadata.offset] = code
     producer.close()

@@ -16,7 +16,12 @@ from schemas.dead_letter import read_headers
 from store.core import Store
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
-from tests.support.pipeline_helpers import citizen_events, expected_export, exported
+from tests.support.pipeline_helpers import (
+    change_message,
+    citizen_events,
+    expected_export,
+    exported,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -31,8 +36,7 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
     events = [e for e in citizen_events(12, 1, seed=21) if e["source"] == "province-01"][:10]
     messages = [
-        Message("t.changes.citizen", 0, offset, json.dumps(e).encode())
-        for offset, e in enumerate(events)
+        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
     ]
     poison = messages[6]
     real_apply = processor.reconciler.apply
@@ -46,7 +50,7 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     processor.process(messages)
     processor.close()
 
-    assert store.all_offsets() == {("t.changes.citizen", 0): 10}
+    assert store.all_offsets() == {(change_message(settings, 0, b"").topic, 0): 10}
     rest = [e for i, e in enumerate(events) if i != 6]
     assert exported(settings) == expected_export(rest, Authority())
     letters = _read_all(settings, dead_letter_topic(settings), 1)

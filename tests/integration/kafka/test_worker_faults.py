@@ -32,6 +32,7 @@ from tests.support.kafka_helpers import (
     publisher_for,
 )
 from tests.support.pipeline_helpers import (
+    change_message,
     citizen_events,
     cli,
     expected_export,
@@ -300,7 +301,7 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
     valid = [json.dumps(e).encode() for e in citizen_events(16, 1, seed=36)[:16]]
     raws = [*valid[:3], b"not json", *valid[3:9], b"{}", *valid[9:]]
-    messages = [Message("t.changes.citizen", 0, i, raw) for i, raw in enumerate(raws)]
+    messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
     poison = messages[12]
     real_apply = processor.reconciler.apply
 
@@ -315,7 +316,7 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     letters = _read_all(settings, dead_letter_topic(settings), 3, timeout=10)
     codes = sorted(read_headers(r.headers)["ps.reason.code"] for r in letters)
     assert codes == ["apply_failed", "invalid_json", "unsupported_schema_version"]
-    assert store.all_offsets() == {("t.changes.citizen", 0): len(raws)}
+    assert store.all_offsets() == {(change_topic(settings, "citizen"), 0): len(raws)}
     store.close()
 
 
@@ -338,7 +339,7 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
     valid = [json.dumps(e).encode() for e in citizen_events(8, 1, seed=37)[:8]]
     raws = [*valid[:3], b"not json", *valid[3:], b"{}"]
-    messages = [Message("t.changes.citizen", 0, i, raw) for i, raw in enumerate(raws)]
+    messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
     real_apply = processor.reconciler.apply
     calls: list[dict[tuple[str, int], int]] = []
 
@@ -360,7 +361,7 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     processor.process(messages)
     processor.close()
     assert calls == [{}, {}]  # one failure; the acks came while nothing was committed
-    assert store.all_offsets() == {("t.changes.citizen", 0): len(raws)}
+    assert store.all_offsets() == {(change_topic(settings, "citizen"), 0): len(raws)}
     letters = _read_all(settings, dead_letter_topic(settings), 2, timeout=10)
     codes = sorted(read_headers(r.headers)["ps.reason.code"] for r in letters)
     assert codes == ["invalid_json", "unsupported_schema_version"]

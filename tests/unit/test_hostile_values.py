@@ -1,0 +1,188 @@
+"""Hostile values the contract refuses (issue: trusted sources, item 4): look-alike digits,
+invisible and direction-changing characters, versions and times that would freeze a record,
+and messages whose Kafka key or topic is not the event's."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from consumers.reconciler import classify
+from schemas import InvalidEvent, message_key, parse_event
+from schemas.dead_letter import Reason
+from transport.reader import Message
+from transport.topics import Topics
+
+PERSONAL_ID = "001090012345"
+TAX_CODE = "0100109106"
+NOW = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
+TOPICS = Topics(prefix="t")
+
+
+def event(entity: str = "citizen", key: str = PERSONAL_ID, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "citizen": {"full_name": "Nguyễn Văn An", "phone": "0912345678"},
+        "organization": {"name": "Công ty TNHH Sao Mai"},
+        "document": {"owner_kind": "citizen", "owner_id": PERSONAL_ID, "title": "Giấy khai sinh"},
+        "dossier": {"agency_code": "000.00.01.H29", "status": 1},
+    }[entity]
+    base = {
+        "schema_version": 1,
+        "event_id": "0b8b2e0e-4c38-4c43-9d46-3b8a1f6c2a11",
+        "source": "province-01",
+        "entity": entity,
+        "key": key,
+        "op": "upsert",
+        "version": 7,
+        "occurred_at": "2026-11-30T14:00:00+07:00",
+        "data": data,
+    }
+    return base | overrides
+
+
+def with_data(entity: str, key: str, **fields: Any) -> dict[str, Any]:
+    raw = event(entity, key)
+    return raw | {"data": raw["data"] | fields}
+
+
+def reason_of(raw: dict[str, Any]) -> str:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(json.dumps(raw, ensure_ascii=False).encode())
+    return caught.value.code
+
+
+FULLWIDTH = "".join(chr(0xFF10 + int(d)) for d in PERSONAL_ID)  # ００１…
+ARABIC_INDIC = "".join(chr(0x0660 + int(d)) for d in PERSONAL_ID)
+BENGALI = "".join(chr(0x09E6 + int(d)) for d in TAX_CODE)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (event(key=FULLWIDTH), "invalid_key"),
+        (event(key=ARABIC_INDIC), "invalid_key"),
+        (event("organization", BENGALI), "invalid_key"),
+        (event(key=PERSONAL_ID + "\n"), "invalid_key"),
+        (event("organization", TAX_CODE + "\n"), "invalid_key"),
+        (with_data("citizen", PERSONAL_ID, phone="０912345678"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, phone="0912345678\n"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, full_name="Nguyễn\u200bVăn An"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, full_name="Nguyễn \u202eнA năV"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, full_name="\ufeffNguyễn Văn An"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, full_name="Nguyễn\u2066Văn\u2069"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, email="an\u200b@example.vn"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, email="an@example.vn\u202e"), "invalid_field"),
+        (with_data("citizen", PERSONAL_ID, email="an\x85@example.vn"), "invalid_field"),
+        (
+            with_data("citizen", PERSONAL_ID, permanent_address={"province_code": "٠١"}),
+            "invalid_field",
+        ),
+        (
+            with_data("citizen", PERSONAL_ID, permanent_address={"ward_code": "００００１"}),
+            "invalid_field",
+        ),
+        (
+            with_data("document", "GKS-1", owner_kind=None, owner_id="0010900\x00123"),
+            "invalid_field",
+        ),
+        (with_data("document", "GKS-1", owner_id="\x1b[2J001090012"), "invalid_field"),
+        (with_data("document", "GKS-1", owner_id=PERSONAL_ID + "\n"), "invalid_field"),
+        (with_data("document", "GKS-1", owner_id=FULLWIDTH), "invalid_field"),
+        (
+            with_data("dossier", "000.00.01.H29-240115-0001", applicant_id=TAX_CODE + "\n"),
+            "invalid_field",
+        ),
+        (
+            with_data("dossier", "000.00.01.H29-240115-0001", applicant_id="٠١٠٠١٠٩١٠٦"),
+            "invalid_field",
+        ),
+        (event("dossier", "000.00.01.H29-２４0115-0001"), "invalid_key"),
+        (
+            with_data("dossier", "000.00.01.H29-240115-0001", procedure_code="1.００0001"),
+            "invalid_field",
+        ),
+        (event(version=2**53 + 1), "invalid_field"),
+        (event(version=2**63 - 1), "invalid_field"),
+    ],
+)
+def test_hostile_values_are_refused(raw: dict[str, Any], code: str) -> None:
+    assert reason_of(raw) == code
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        event(),
+        event(version=2**53),
+        with_data("citizen", PERSONAL_ID, full_name="Đặng Thị Ánh Tuyết"),
+        with_data("citizen", PERSONAL_ID, email="an.nguyen@example.vn", phone="+84912345678"),
+        with_data("document", "GKS-1", owner_kind="organization", owner_id=TAX_CODE + "-001"),
+        with_data("document", "GKS-1", owner_kind=None, owner_id=PERSONAL_ID),
+        with_data("dossier", "000.00.01.H29-240115-0001", applicant_id=TAX_CODE),
+    ],
+)
+def test_legitimate_values_still_pass(raw: dict[str, Any]) -> None:
+    parse_event(json.dumps(raw, ensure_ascii=False).encode())
+
+
+def _message(raw: dict[str, Any], *, topic: str | None = None, key: bytes | None = None) -> Message:
+    entity = raw["entity"]
+    return Message(
+        topic if topic is not None else TOPICS.change_topic(entity),
+        0,
+        0,
+        json.dumps(raw, ensure_ascii=False).encode(),
+        key if key is not None else message_key(entity, raw["key"]),
+    )
+
+
+def _reasons(message: Message, skew: float = 300) -> list[str]:
+    valid, dead = classify([message], topics=TOPICS, now=NOW, max_clock_skew_seconds=skew)
+    return [d.code for d in dead] or (["valid"] if valid else [])
+
+
+def test_a_message_keyed_or_placed_for_another_record_is_a_key_mismatch() -> None:
+    raw = event()
+    assert _reasons(_message(raw)) == ["valid"]
+    assert _reasons(_message(raw, key=b"anything")) == [Reason.KEY_MISMATCH]
+    assert _reasons(_message(raw, key=message_key("citizen", "079185123456"))) == ["key_mismatch"]
+    assert _reasons(_message(raw, key=b"")) == ["key_mismatch"]
+    assert _reasons(_message(raw, topic=TOPICS.change_topic("dossier"))) == ["key_mismatch"]
+    dossier = event("dossier", "000.00.01.H29-240115-0001")
+    assert _reasons(_message(dossier)) == ["valid"]
+    assert _reasons(_message(dossier, topic=TOPICS.change_topic("citizen"))) == ["key_mismatch"]
+
+
+def test_an_event_from_the_future_is_refused_beyond_the_allowed_clock_skew() -> None:
+    def at(moment: datetime) -> Message:
+        return _message(event(occurred_at=moment.isoformat()))
+
+    assert _reasons(at(NOW + timedelta(seconds=299))) == ["valid"]
+    assert _reasons(at(NOW + timedelta(seconds=301))) == [Reason.FUTURE_TIMESTAMP]
+    assert _reasons(at(datetime(9999, 12, 31, tzinfo=UTC))) == ["future_timestamp"]
+    assert _reasons(at(NOW + timedelta(seconds=301)), skew=600) == ["valid"]
+    assert _reasons(at(NOW - timedelta(days=3650))) == ["valid"]  # late is fine
+
+
+def test_the_reason_of_a_refused_value_never_quotes_it() -> None:
+    raw = with_data("citizen", PERSONAL_ID, full_name="Trần Thị B\u202e", phone="０912345678")
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(json.dumps(raw, ensure_ascii=False).encode())
+    assert "Trần" not in caught.value.message and "912345678" not in caught.value.message
+
+
+def test_the_future_is_measured_from_the_message_timestamp_so_a_replay_agrees() -> None:
+    sent = NOW - timedelta(days=400)
+    ahead = event(occurred_at=(sent + timedelta(minutes=10)).isoformat())
+    late = event(occurred_at=(sent + timedelta(minutes=4)).isoformat())
+    for raw, expected in ((ahead, ["future_timestamp"]), (late, ["valid"])):
+        message = _message(raw)
+        stamped = Message(message.topic, 0, 0, message.value, message.key,
+                          timestamp_ms=int(sent.timestamp() * 1000))  # fmt: skip
+        assert _reasons(stamped) == expected
+    forged = _message(event(occurred_at="9999-01-01T00:00:00+00:00"))
+    forged = Message(forged.topic, 0, 0, forged.value, forged.key, timestamp_ms=2**62)
+    assert _reasons(forged) == ["future_timestamp"]
