@@ -60,6 +60,14 @@ Email = Annotated[
 ]
 
 
+# Validators raise fixed texts only: their messages become dead-letter reasons, which must
+# never carry a value (tests/unit/test_no_personal_data.py checks every `raise` here).
+OWNER_ID_RULE = "owner_id must be a personal id for owner_kind citizen, a tax code otherwise"
+APPLICANT_ID_RULE = (
+    "applicant_id must be a personal id for applicant_kind citizen, a tax code otherwise"
+)
+
+
 class ContractModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -109,7 +117,7 @@ class DocumentData(ContractModel):
             return self
         rule = PERSONAL_ID if self.owner_kind == "citizen" else TAX_CODE
         if not rule.match(self.owner_id):
-            raise ValueError(f"owner_id is not a valid {self.owner_kind} identifier")
+            raise ValueError(OWNER_ID_RULE)
         return self
 
 
@@ -148,7 +156,7 @@ class DossierData(ContractModel):
             return self
         rule = PERSONAL_ID if self.applicant_kind == "citizen" else TAX_CODE
         if not rule.match(self.applicant_id):
-            raise ValueError(f"applicant_id is not a valid {self.applicant_kind} identifier")
+            raise ValueError(APPLICANT_ID_RULE)
         return self
 
 
