@@ -1,5 +1,6 @@
 """No personal data in reasons or logs (issue 12, finding 2): reasons name the rule and the
-field's path in the contract, never a value nor a name that came from the data.
+field's path in the contract, never a value nor a name that came from the data; every
+engine hides statement parameters.
 (The worker over the hostile corpus: tests/integration/kafka/test_no_personal_data_leaks.py.)"""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from schemas import InvalidEvent, parse_event
+from store.core import create_store_engine
 from tests.support.hostile import SECRETS, hostile_corpus, needles
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +107,42 @@ def test_the_contract_validators_raise_fixed_texts_only() -> None:
     for exc in raised:
         assert isinstance(exc, ast.Call)
         assert all(isinstance(arg, (ast.Constant, ast.Name)) for arg in exc.args), ast.unparse(exc)
+
+
+PACKAGES = (
+    "schemas",
+    "transport",
+    "store",
+    "producers",
+    "consumers",
+    "observability",
+    "portal_sync",
+)
+
+
+def test_every_engine_the_project_creates_hides_statement_parameters() -> None:
+    """SQLAlchemy puts `[parameters: …]` (personal data) into its errors and SQL logs
+    unless `hide_parameters=True`: source engines included."""
+    calls = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "create_engine":
+                    hidden = any(
+                        k.arg == "hide_parameters"
+                        and isinstance(k.value, ast.Constant)
+                        and k.value.value is True
+                        for k in node.keywords
+                    )
+                    calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", hidden))
+    assert len(calls) >= 5
+    assert [where for where, hidden in calls if not hidden] == []
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///:memory:", "postgresql+psycopg://portal@127.0.0.1:1/store"]
+)
+def test_the_store_engine_hides_parameters_on_every_backend(url: str) -> None:
+    engine = create_store_engine(url)  # no connection is made
+    assert engine.hide_parameters is True
+    engine.dispose()
