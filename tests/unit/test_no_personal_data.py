@@ -1,12 +1,13 @@
 """No personal data in reasons or logs (issue 12, finding 2): reasons name the rule and the
 field's path in the contract, never a value nor a name that came from the data; every
-engine hides statement parameters.
+engine hides statement parameters; the Kafka clients never log records.
 (The worker over the hostile corpus: tests/integration/kafka/test_no_personal_data_leaks.py.)"""
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,25 @@ def test_the_store_engine_hides_parameters_on_every_backend(url: str) -> None:
     engine = create_store_engine(url)  # no connection is made
     assert engine.hide_parameters is True
     engine.dispose()
+
+
+def test_the_kafka_clients_never_log_records_even_when_the_root_logger_is_at_debug() -> None:
+    """kafka-python's DEBUG lines are `Sending (key=… value=… headers=…)` and every request's
+    bytes; the transport caps its loggers at INFO unless someone set them on purpose."""
+    from transport.clients import CLIENT_LOGGERS, quiet_client_debug
+
+    root = logging.getLogger()
+    saved = root.level, {name: logging.getLogger(name).level for name in CLIENT_LOGGERS}
+    try:
+        root.setLevel(logging.DEBUG)
+        logging.getLogger("kafka").setLevel(logging.NOTSET)
+        logging.getLogger("aiokafka").setLevel(logging.DEBUG)  # asked for on purpose: kept
+        quiet_client_debug()
+        sender = logging.getLogger("kafka.producer.kafka")
+        assert sender.isEnabledFor(logging.INFO) and not sender.isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("kafka.protocol.parser").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("aiokafka.producer").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        for name, level in saved[1].items():
+            logging.getLogger(name).setLevel(level)
