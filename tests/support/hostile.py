@@ -56,7 +56,7 @@ def needles(secrets: tuple[str, ...] = SECRETS) -> list[str]:
     return sorted(found)
 
 
-def _event(entity: str, key: Any, data: Any = None, **fields: Any) -> dict[str, Any]:
+def change_event(entity: str, key: Any, data: Any = None, **fields: Any) -> dict[str, Any]:
     source = fields.pop("source", SOURCES[0])
     version = fields.pop("version", 1)
     event: dict[str, Any] = {
@@ -75,15 +75,21 @@ def _event(entity: str, key: Any, data: Any = None, **fields: Any) -> dict[str, 
 
 
 def _citizen(key: str = PERSONAL_IDS[0], **data: Any) -> dict[str, Any]:
-    return _event("citizen", key, {"full_name": NAMES[0], **data})
+    return change_event("citizen", key, {"full_name": NAMES[0], **data})
 
 
-def _bytes(event: Any) -> bytes:
+def encoded(event: Any) -> bytes:
     return json.dumps(event, ensure_ascii=False).encode()
 
 
-def _key(entity: str, key: str) -> bytes:
+def kafka_key(entity: str, key: str) -> bytes:
     return f"{entity}:{key}".encode()
+
+
+def valid_message(label: str, event: dict[str, Any]) -> Hostile:
+    """A message of a valid event, keyed as our producers key it."""
+    key = kafka_key(event["entity"], event["key"])
+    return Hostile(label, event["entity"], key, encoded(event), True)
 
 
 def hostile_corpus() -> list[Hostile]:
@@ -95,10 +101,10 @@ def _invalid() -> Iterator[Hostile]:
     pid, pid2, pid3, pid4 = PERSONAL_IDS
     tax, branch = TAX_CODES
     name, name2, name3, name4, name5, short = NAMES
-    c_key = _key("citizen", pid)
+    c_key = kafka_key("citizen", pid)
 
     def bad(label: str, event: Any, entity: str = "citizen", key: bytes | None = c_key) -> Hostile:
-        value = event if isinstance(event, bytes) or event is None else _bytes(event)
+        value = event if isinstance(event, bytes) or event is None else encoded(event)
         return Hostile(label, entity, key, value, False)
 
     # Unknown fields whose *names* are personal data.
@@ -117,28 +123,28 @@ def _invalid() -> Iterator[Hostile]:
     yield bad("unknown field named by a tax code", _citizen() | {tax: name5})
     yield bad(
         "organization data field named by a tax code",
-        _event("organization", tax, {"name": "Công ty TNHH A", branch: name}),
+        change_event("organization", tax, {"name": "Công ty TNHH A", branch: name}),
         "organization",
-        _key("organization", tax),
+        kafka_key("organization", tax),
     )
     yield bad(
         "document data field named by an id",
-        _event("document", "D-1", {"owner_kind": "citizen", f"owner_{pid}": name}),
+        change_event("document", "D-1", {"owner_kind": "citizen", f"owner_{pid}": name}),
         "document",
         b"document:D-1",
     )
     yield bad(
         "dossier data field named by an id",
-        _event("dossier", DOSSIER, {"applicant_kind": "citizen", pid: name2}),
+        change_event("dossier", DOSSIER, {"applicant_kind": "citizen", pid: name2}),
         "dossier",
-        _key("dossier", DOSSIER),
+        kafka_key("dossier", DOSSIER),
     )
     nfd = unicodedata.normalize("NFD", f"{name} {pid}")
     yield bad("NFD field name (normalised before validation)", _citizen() | {nfd: 1})
     escaped = json.dumps({f"{name2} {pid2}": 1})  # \\u escapes: the normalising path
     yield bad(
         "escaped field name",
-        _bytes(_citizen())[:-1] + b", " + escaped[1:-1].encode() + b"}",
+        encoded(_citizen())[:-1] + b", " + escaped[1:-1].encode() + b"}",
     )
     yield bad("field name with a control character", _citizen() | {f"{pid}\u0007{name}": 1})
     yield bad("field name with a NUL", _citizen() | {f"{name3}\u0000": pid3})
@@ -153,20 +159,20 @@ def _invalid() -> Iterator[Hostile]:
     yield bad("key as a list", _citizen(key=[pid, name]))
     yield bad("key as an object", _citizen(key={pid: name}))
     yield bad("key too short", _citizen(key=pid[:-1]))
-    yield bad("tax code as a citizen key", _citizen(key=tax), key=_key("citizen", tax))
+    yield bad("tax code as a citizen key", _citizen(key=tax), key=kafka_key("citizen", tax))
     yield bad(
         "personal id as an organization key",
-        _event("organization", pid, {"name": name}),
+        change_event("organization", pid, {"name": name}),
         "organization",
     )
     yield bad(
         "branch tax code malformed",
-        _event("organization", branch + "9", {"name": name5}),
+        change_event("organization", branch + "9", {"name": name5}),
         "organization",
-        _key("organization", branch),
+        kafka_key("organization", branch),
     )
-    yield bad("entity is a name", _event(name, pid, {"full_name": name}))
-    yield bad("entity is an id", _event(pid, pid, {"full_name": name}))
+    yield bad("entity is a name", change_event(name, pid, {"full_name": name}))
+    yield bad("entity is an id", change_event(pid, pid, {"full_name": name}))
     yield bad("op is a name", _citizen() | {"op": name})
     yield bad("version is an id", _citizen() | {"version": pid})
     yield bad("version is an id with a fraction", _citizen() | {"version": float(pid2) + 0.5})
@@ -195,44 +201,44 @@ def _invalid() -> Iterator[Hostile]:
     yield bad("ward_code is a name", _citizen(permanent_address={"ward_code": name5}))
     yield bad("address line as a list", _citizen(permanent_address={"line": [name, pid]}))
     yield bad("address is a name", _citizen(permanent_address=name))
-    yield bad("data is a name", _event("citizen", pid, name))
-    yield bad("data is a list", _event("citizen", pid, [pid, name]))
-    yield bad("data keyed by an id", _event("citizen", pid, {pid: {"full_name": name}}))
+    yield bad("data is a name", change_event("citizen", pid, name))
+    yield bad("data is a list", change_event("citizen", pid, [pid, name]))
+    yield bad("data keyed by an id", change_event("citizen", pid, {pid: {"full_name": name}}))
     yield bad(
         "document owner id of the wrong kind",
-        _event("document", "D-2", {"owner_kind": "organization", "owner_id": pid}),
+        change_event("document", "D-2", {"owner_kind": "organization", "owner_id": pid}),
         "document",
         b"document:D-2",
     )
     yield bad(
         "document owner id too long",
-        _event("document", "D-3", {"owner_kind": "citizen", "owner_id": pid + pid2}),
+        change_event("document", "D-3", {"owner_kind": "citizen", "owner_id": pid + pid2}),
         "document",
         b"document:D-3",
     )
     yield bad(
         "dossier applicant of the wrong kind",
-        _event("dossier", DOSSIER, {"applicant_kind": "citizen", "applicant_id": tax}),
+        change_event("dossier", DOSSIER, {"applicant_kind": "citizen", "applicant_id": tax}),
         "dossier",
-        _key("dossier", DOSSIER),
+        kafka_key("dossier", DOSSIER),
     )
     yield bad(
         "dossier original_code is an id",
-        _event("dossier", DOSSIER, {"original_code": pid}),
+        change_event("dossier", DOSSIER, {"original_code": pid}),
         "dossier",
-        _key("dossier", DOSSIER),
+        kafka_key("dossier", DOSSIER),
     )
     yield bad(
         "organization legal representative is a name",
-        _event("organization", tax, {"legal_representative_id": name}),
+        change_event("organization", tax, {"legal_representative_id": name}),
         "organization",
-        _key("organization", tax),
+        kafka_key("organization", tax),
     )
     yield bad("upsert without data", {k: v for k, v in _citizen().items() if k != "data"})
     yield bad("delete with data", _citizen() | {"op": "delete"})
 
     # Broken bytes around personal data.
-    raw = _bytes(_citizen())
+    raw = encoded(_citizen())
     yield bad("invalid UTF-8 in a name", raw.replace(name.encode(), name.encode() + b"\xff\xfe"))
     yield bad("invalid UTF-8 before an id", raw.replace(pid.encode(), b"\xc3" + pid.encode()))
     in_cp1258 = name3.encode("cp1258", "replace")
@@ -241,16 +247,16 @@ def _invalid() -> Iterator[Hostile]:
     yield bad("truncated", raw[: raw.index(name.encode()) + 4])
     yield bad("duplicate key", raw.replace(b'"key": ', f'"key": "{pid2}", "key": '.encode()))
     yield bad("NaN version", raw.replace(b'"version": 1', f'"version": NaN, "{pid}": 0'.encode()))
-    yield bad("JSON array", _bytes([pid, name, {"key": pid2}]))
-    yield bad("JSON string", _bytes(f"{name} {pid}"))
+    yield bad("JSON array", encoded([pid, name, {"key": pid2}]))
+    yield bad("JSON string", encoded(f"{name} {pid}"))
     yield bad("JSON number", pid.encode())
     yield bad("plain text", f"{pid};{name};{tax}".encode())
     yield bad("BOM", b"\xef\xbb\xbf" + raw)
     yield bad("deeply nested", b'{"key": "' + pid.encode() + b'", "x": ' + b"[" * 5000
-              + _bytes(name) + b"]" * 5000 + b"}")  # fmt: skip
+              + encoded(name) + b"]" * 5000 + b"}")  # fmt: skip
     yield bad("nested unknown objects", _citizen(**{"a": {"b": {pid: {name: [pid2]}}}}))
-    yield bad("too large", _bytes(_citizen() | {"padding": f"{name} {pid} " * 45_000}))
-    yield bad("too large data", _bytes(_citizen(full_name=f"{name2} {pid2} " * 45_000)))
+    yield bad("too large", encoded(_citizen() | {"padding": f"{name} {pid} " * 45_000}))
+    yield bad("too large data", encoded(_citizen(full_name=f"{name2} {pid2} " * 45_000)))
     yield bad("empty message", None)
     yield bad("empty bytes", b"")
     yield bad("whitespace", b"   \n")
@@ -263,24 +269,22 @@ def _valid() -> Iterator[Hostile]:
     tax, branch = TAX_CODES
     name, name2, name3, name4, name5, _ = NAMES
 
-    def good(label: str, event: dict[str, Any]) -> Hostile:
-        key = _key(event["entity"], event["key"])
-        return Hostile(label, event["entity"], key, _bytes(event), True)
+    good = valid_message
 
     yield good("citizen", _citizen(pid, date_of_birth="1985-03-04", sex="female"))
     citizen2 = {"full_name": name2, "phone": "0912345678"}
-    yield good("citizen 2", _event("citizen", pid2, citizen2, source=SOURCES[1]))
+    yield good("citizen 2", change_event("citizen", pid2, citizen2, source=SOURCES[1]))
     warned = {"full_name": name3, "sex": "female"}
-    yield good("citizen with soft warnings", _event("citizen", SOFT_WARNING_ID, warned))
-    yield good("citizen 4", _event("citizen", pid4, {"full_name": name4}, source=SOURCES[2]))
+    yield good("citizen with soft warnings", change_event("citizen", SOFT_WARNING_ID, warned))
+    yield good("citizen 4", change_event("citizen", pid4, {"full_name": name4}, source=SOURCES[2]))
     nfd = {"full_name": unicodedata.normalize("NFD", name5)}
-    yield good("citizen NFD name", _event("citizen", pid3, nfd))
+    yield good("citizen NFD name", change_event("citizen", pid3, nfd))
     company = {"name": f"Công ty TNHH {name}", "legal_representative_id": pid}
-    yield good("organization", _event("organization", tax, company))
-    yield good("organization branch", _event("organization", branch, {"name": name5}))
+    yield good("organization", change_event("organization", tax, company))
+    yield good("organization branch", change_event("organization", branch, {"name": name5}))
     birth = {"owner_kind": "citizen", "owner_id": pid2, "title": f"Giấy khai sinh {name2}"}
-    yield good("document", _event("document", "GKS-" + pid2, birth))
+    yield good("document", change_event("document", "GKS-" + pid2, birth))
     dossier = {"applicant_kind": "citizen", "applicant_id": pid, "status": 1}
-    yield good("dossier", _event("dossier", DOSSIER, dossier))
-    delete = _event("citizen", pid4, op="delete", version=2, source=SOURCES[2])
+    yield good("dossier", change_event("dossier", DOSSIER, dossier))
+    delete = change_event("citizen", pid4, op="delete", version=2, source=SOURCES[2])
     yield good("delete", {k: v for k, v in delete.items() if k != "data"})
