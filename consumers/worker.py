@@ -221,11 +221,15 @@ class BatchProcessor:
         for checked in valid:
             if checked.warnings:
                 record_warnings(checked.event.entity, checked.warnings)
-                # The event id only: the key is a personal identifier.
+                # Where the event is, never what it names: the key is a personal id, and
+                # our producers derive the event id from it with no secret.
+                message = checked.message
                 log.info(
-                    "soft checks %s failed for event %s",
+                    "soft checks %s failed for the event at %s:%d:%d",
                     ",".join(checked.warnings),
-                    checked.event.event_id,
+                    message.topic,
+                    message.partition,
+                    message.offset,
                 )
         began = time.perf_counter()
         try:

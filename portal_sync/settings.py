@@ -1,7 +1,8 @@
 """Configuration from flags, environment (`PORTAL_SYNC_*`) and defaults.
 
-`Settings` does no I/O: it holds values and hands each layer its own configuration
-(`connection()`, `topics()`, `worker_config()`). The one place that turns "no bootstrap
+`Settings` holds values and hands each layer its own configuration (`connection()`,
+`topics()`, `worker_config()`); its only I/O is reading the secret files it names, when
+asked (`reference_key()`). The one place that turns "no bootstrap
 servers" into "the local development broker" is the CLI (`portal_sync.cli.options`).
 """
 
@@ -15,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from consumers.worker import WorkerConfig
 from producers.deployment import Deployment
 from schemas.errors import ConfigurationError
+from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
 from transport.config import KafkaConnection
 from transport.topics import Topics
 
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: float = Field(
         default=300.0, ge=0, description="occurred_at further ahead: future_timestamp"
     )
+    reference_key_file: Path | None = Field(
+        default=None,
+        description="secret of the keyed references (HMAC-SHA-256) that stand for personal "
+        "ids and tax codes in logs, dead letters and reports; unset: masked keys only",
+    )
 
     @classmethod
     def from_flags(cls, bootstrap: str | None = None, store: str | None = None) -> Settings:
@@ -92,6 +99,12 @@ class Settings(BaseSettings):
             return KafkaConnection(bootstrap=self.kafka_bootstrap)
         except ValueError as error:
             raise ConfigurationError(f"Kafka connection settings: {error}") from None
+
+    def reference_key(self) -> ReferenceKey | None:
+        """The secret of keyed references, read from `reference_key_file`; None when no file
+        is configured (references are then masked keys). A configured file that cannot be
+        read or is too short refuses the start; the message never shows its content."""
+        return load_reference_key(self.reference_key_file)
 
     def topics(self) -> Topics:
         return Topics(
@@ -134,14 +147,41 @@ class Settings(BaseSettings):
             env["PORTAL_SYNC_AUTHORITY_FILE"] = str(self.authority_file)
         if self.registry is not None:
             env["PORTAL_SYNC_REGISTRY"] = str(self.registry)
+        if self.reference_key_file is not None:
+            env["PORTAL_SYNC_REFERENCE_KEY_FILE"] = str(self.reference_key_file)
         return env
 
 
+KEY_HOWTO = "head -c 32 /dev/urandom > FILE; chmod 600 FILE"
+
+
+def load_reference_key(path: Path | None) -> ReferenceKey | None:
+    """The reference key in `path` (its bytes, as they are); None without a path."""
+    if path is None:
+        return None
+    setting = f"reference key file {path} (PORTAL_SYNC_REFERENCE_KEY_FILE)"
+    try:
+        secret = path.read_bytes()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigurationError(f"{setting}: {reason}; make one with: {KEY_HOWTO}") from None
+    if len(secret) < MIN_REFERENCE_KEY_BYTES:
+        raise ConfigurationError(
+            f"{setting}: {len(secret)} bytes, at least {MIN_REFERENCE_KEY_BYTES} needed; "
+            f"make one with: {KEY_HOWTO}"
+        )
+    return ReferenceKey(secret)
+
+
 def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:
-    """A deployment file's [kafka] section overrides environment and defaults."""
+    """A deployment file's [kafka] section and `[producer] reference_key_file` override
+    the environment and defaults."""
     update: dict[str, object] = {}
     if deployment.kafka.bootstrap:
         update["kafka_bootstrap"] = deployment.kafka.bootstrap
     if deployment.kafka.topic_prefix:
         update["topic_prefix"] = deployment.kafka.topic_prefix
+    key_file = deployment.producer.reference_key_file
+    if key_file is not None:
+        update["reference_key_file"] = deployment.base_dir / key_file
     return settings.model_copy(update=update)

@@ -24,6 +24,7 @@ from pydantic import (
 
 from producers.adapters import load as load_adapter
 from producers.sdk import Adapter, ConfigurationError
+from schemas.identifiers import ReferenceKey
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
@@ -62,6 +63,10 @@ class ProducerSection(StrictModel):
     metrics_port: int = Field(
         default=9312, description="/metrics of `produce` (worker 9310, lag exporter 9311); 0: off"
     )
+    reference_key_file: Path | None = Field(
+        default=None,
+        description="secret of keyed references (overrides PORTAL_SYNC_REFERENCE_KEY_FILE)",
+    )
 
 
 class KafkaSection(StrictModel):
@@ -92,15 +97,18 @@ class Deployment(StrictModel):
             raise ConfigurationError(f"no enabled source with id {only!r} in the configuration")
         return chosen
 
-    def adapter(self, entry: SourceEntry) -> Adapter:
-        """The configured adapter of one source (ConfigurationError if it is wrong)."""
+    def adapter(self, entry: SourceEntry, reference_key: ReferenceKey | None = None) -> Adapter:
+        """The configured adapter of one source (ConfigurationError if it is wrong), naming
+        records in its origins by keyed references under `reference_key`."""
         try:
             adapter_class = load_adapter(entry.adapter)
-            return adapter_class.from_settings(
+            adapter = adapter_class.from_settings(
                 entry.contract_source, entry.options(), self.base_dir
             )
         except ConfigurationError as error:
             raise ConfigurationError(f"source {entry.id} ({entry.adapter}): {error}") from None
+        adapter.reference_key = reference_key
+        return adapter
 
     def redacted(self) -> str:
         """The file as written, safe to print: `${NAME}` references stay unresolved, literal

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from producers.deployment import Deployment, SourceEntry
 from producers.engine import AdapterRunner, RunStats
 from producers.sdk import FatalError
+from schemas.identifiers import ReferenceKey
 from transport.config import KafkaConnection
 from transport.publisher import Publisher
 from transport.topics import Topics
@@ -94,10 +95,11 @@ def build_groups(
     connection: KafkaConnection,
     topics: Topics,
     only: str | None = None,
+    reference_key: ReferenceKey | None = None,
 ) -> tuple[list[SourceGroup], list[Publisher]]:
     """Construct every adapter first: a configuration error refuses the whole start."""
     entries = deployment.enabled(only)
-    adapters = {entry.id: deployment.adapter(entry) for entry in entries}
+    adapters = {entry.id: deployment.adapter(entry, reference_key) for entry in entries}
     by_source: dict[str, list[SourceEntry]] = {}
     for entry in entries:
         by_source.setdefault(entry.contract_source, []).append(entry)
@@ -121,9 +123,10 @@ def produce(
     stop: threading.Event | None = None,
     only: str | None = None,
     result: ProduceResult | None = None,
+    reference_key: ReferenceKey | None = None,
 ) -> ProduceResult:
     """Run the deployment's sources once, or until `stop` is set."""
-    groups, publishers = build_groups(deployment, connection, topics, only)
+    groups, publishers = build_groups(deployment, connection, topics, only, reference_key)
     result = result or ProduceResult()
     try:
         if once:

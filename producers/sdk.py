@@ -17,7 +17,9 @@ Errors an adapter raises are classified, each with one behaviour:
 - `ConfigurationError` (raised while constructing): the deployment refuses to start and says
   which source and option are wrong.
 
-Messages must never quote record values.
+Messages must never quote record values. Where an origin or a message must name a
+record by a personal id or tax code, use `Adapter.reference(key)`: the deployment's keyed
+reference (HMAC-SHA-256), or the masked key when no reference key is configured.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import build_event, errors
 from schemas.events import Entity
+from schemas.identifiers import ReferenceKey, key_reference
 
 State = dict[str, Any]
 
@@ -114,6 +117,8 @@ class Adapter(ABC):
     emits_deletes: bool = False
     #: the pydantic model of `connection` and `mapping` merged
     Config: ClassVar[type[BaseModel]]
+    #: the secret of keyed references, set by the framework (None: masked keys)
+    reference_key: ReferenceKey | None = None
 
     def __init__(self, source: str, config: BaseModel, base_dir: Path) -> None:
         self.source = source
@@ -132,6 +137,11 @@ class Adapter(ABC):
             )
             raise ConfigurationError(problems) from None
         return cls(source, config, base_dir)
+
+    def reference(self, key: str) -> str:
+        """How a personal id or tax code may appear in an origin, a log line or a dead
+        letter: a keyed reference, never the key itself."""
+        return key_reference(key, self.reference_key)
 
     @abstractmethod
     def read(self, state: State) -> Iterator[Item]:

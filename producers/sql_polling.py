@@ -124,7 +124,8 @@ class SqlPollingAdapter:
     def __init__(self, config: SqlSourceConfig) -> None:
         self.config = config
         self.zone = ZoneInfo(config.timezone)
-        self.engine = create_engine(config.url)
+        # A source row's values are personal data: never in errors or SQL logging.
+        self.engine = create_engine(config.url, hide_parameters=True)
         self.table = self._from_clause()
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]

@@ -68,6 +68,14 @@ Email = Annotated[
 OwnerId = Annotated[str, StringConstraints(max_length=14, pattern=OWNER_ID.pattern)]
 
 
+# Validators raise fixed texts only: their messages become dead-letter reasons, which must
+# never carry a value (tests/unit/test_no_personal_data.py checks every `raise` here).
+OWNER_ID_RULE = "owner_id must be a personal id for owner_kind citizen, a tax code otherwise"
+APPLICANT_ID_RULE = (
+    "applicant_id must be a personal id for applicant_kind citizen, a tax code otherwise"
+)
+
+
 class ContractModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -117,7 +125,7 @@ class DocumentData(ContractModel):
             return self
         rule = PERSONAL_ID if self.owner_kind == "citizen" else TAX_CODE
         if not rule.fullmatch(self.owner_id):
-            raise ValueError(f"owner_id is not a valid {self.owner_kind} identifier")
+            raise ValueError(OWNER_ID_RULE)
         return self
 
 
@@ -156,7 +164,7 @@ class DossierData(ContractModel):
             return self
         rule = PERSONAL_ID if self.applicant_kind == "citizen" else TAX_CODE
         if not rule.fullmatch(self.applicant_id):
-            raise ValueError(f"applicant_id is not a valid {self.applicant_kind} identifier")
+            raise ValueError(APPLICANT_ID_RULE)
         return self
 
 

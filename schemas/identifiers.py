@@ -7,6 +7,8 @@ real person's record. They return warning codes that are counted and logged with
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from datetime import date
 from functools import cache
@@ -138,18 +140,60 @@ def tax_code_warnings(code: str) -> list[str]:
 
 
 def mask_key(key: str) -> str:
-    """Enough of a key to find the record, not enough to identify a person."""
+    """Enough of a key for a person to recognise a record on screen, not enough to
+    identify anyone: for human displays (tables), never for logs or headers."""
     if len(key) <= 6:
         return "*" * len(key)
     return f"{key[:3]}{'*' * (len(key) - 5)}{key[-2:]}"
 
 
-def key_reference(key: str) -> str:
-    """A masked key with a short hash: unique enough to find a row again, printable in logs
-    and dead-letter headers without the identifier itself."""
-    import hashlib
+# RFC 2104: an HMAC key shorter than the hash's output weakens it.
+MIN_REFERENCE_KEY_BYTES = 32
+REFERENCE_PREFIX = "ref:"
+REFERENCE_HEX_DIGITS = 16  # 64 bits: no collision to expect among 10^8 identifiers
 
-    return f"{mask_key(key)}#{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+class ReferenceKey:
+    """The secret of keyed references (the bytes of `PORTAL_SYNC_REFERENCE_KEY_FILE`).
+
+    Its repr and str never show the secret, so a configuration object that holds one can
+    be printed or logged."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_REFERENCE_KEY_BYTES:
+            raise ValueError(
+                f"a reference key needs at least {MIN_REFERENCE_KEY_BYTES} bytes, "
+                f"this one has {len(secret)}"
+            )
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "ReferenceKey(<hidden>)"
+
+    __str__ = __repr__
+
+    def digest(self, value: str) -> str:
+        """HMAC-SHA-256 of the value's UTF-8 bytes, hex."""
+        return hmac.new(self._secret, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def key_reference(key: str, secret: ReferenceKey | None) -> str:
+    """How a personal id, tax code or other record key may appear outside the store (log
+    lines, dead-letter headers, origins, reports).
+
+    With a secret: `ref:` and 16 hex digits of HMAC-SHA-256 under it. The same key always
+    gets the same reference, so log lines and dead letters can be matched, but without the
+    secret no one can tell which key it is: an unkeyed hash of a 12-digit personal id is
+    reversed by hashing every possible id (the masked digits shown beside the old 10-digit
+    SHA-256 prefix cut that to seconds). No digit of the key is shown, even with a secret:
+    to whoever holds the secret, visible digits would make the search trivial.
+
+    Without a secret: the masked key only, no hash at all."""
+    if secret is None:
+        return mask_key(key)
+    return REFERENCE_PREFIX + secret.digest(key)[:REFERENCE_HEX_DIGITS]
 
 
 @cache

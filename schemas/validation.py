@@ -1,21 +1,33 @@
 """Turning raw Kafka message bytes into a valid event, or a dead-letter reason.
 
-Reasons carry a stable code and a message that names the offending field and rule but
-never echoes the value: dead-letter reasons end up in logs and dashboards.
+Reasons carry a stable code and a message that names the rule and the field's path in
+the contract, never a value nor a name that came from the data (an unknown field's name may
+be a personal id): dead-letter reasons end up in headers, logs and dashboards.
 """
 
 from __future__ import annotations
 
 import json
+import typing
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.errors import RecordError
-from schemas.events import CHANGE_EVENT, ENTITIES, ChangeEvent, nfc
+from schemas.events import (
+    CHANGE_EVENT,
+    ENTITIES,
+    ChangeEvent,
+    CitizenEvent,
+    DocumentEvent,
+    DossierEvent,
+    OrganizationEvent,
+    nfc,
+)
 from schemas.identifiers import (
     current_province_codes,
     personal_id_warnings,
@@ -100,17 +112,26 @@ def _no_nan(constant: str) -> Any:
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_nan)
 
 
+UNKNOWN_FIELD = "<unknown field>"  # stands for a field name that came from the data
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "citizen": CitizenEvent,
+    "organization": OrganizationEvent,
+    "document": DocumentEvent,
+    "dossier": DossierEvent,
+}
+
+
 def _reason(error: ValidationError) -> InvalidEvent:
-    """The first validation error as a reason: field path and rule, never the value."""
+    """The first validation error as a reason: the field's path in the contract and the
+    rule, never the value nor a name from the data."""
     first = error.errors(include_input=False, include_url=False)[0]
     kind = first["type"]
     if kind == "union_tag_not_found":
         return InvalidEvent("missing_field", "entity: Field required")
     if kind == "union_tag_invalid":
         return InvalidEvent("unknown_entity", "entity: not one of " + ", ".join(ENTITIES))
-    location = ".".join(str(part) for part in first["loc"][1:]) or "event"
-    # Messages of these kinds quote part of the input; replace them with the rule alone.
-    message = "Input should be a valid UUID" if kind.startswith("uuid") else first["msg"]
+    location = contract_path(first["loc"])
+    message = rule_message(first)
     if kind == "extra_forbidden":
         code = "unknown_field"
     elif kind == "missing":
@@ -122,6 +143,77 @@ def _reason(error: ValidationError) -> InvalidEvent:
     else:
         code = "invalid_field"
     return InvalidEvent(code, f"{location}: {message}")
+
+
+def contract_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as a path of the contract's own field names.
+
+    `loc` starts with the entity (the union's tag, already checked), then names fields;
+    a part that is not a field of the contract at that point came from the data (an
+    unknown field's name, a key inside a value that should not be an object) and becomes
+    `<unknown field>`, as does everything below it; a list index becomes `*`."""
+    model = EVENT_MODELS.get(str(loc[0])) if loc else None
+    parts: list[str] = []
+    for part in loc[1:]:
+        fields = model.model_fields if model is not None else {}
+        if isinstance(part, str) and part in fields:
+            parts.append(part)
+            model = _contract_model(fields[part].annotation)
+        else:
+            parts.append("*" if isinstance(part, int) else UNKNOWN_FIELD)
+            model = None
+    return ".".join(parts) or "event"
+
+
+def _contract_model(annotation: Any) -> type[BaseModel] | None:
+    """The contract model a field holds (through `X | None` and `Annotated`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        model = _contract_model(argument)
+        if model is not None:
+            return model
+    return None
+
+
+# Context entries that come from the contract (its patterns, bounds, allowed values),
+# never from the input.
+_CONTRACT_CONTEXT = frozenset(
+    {
+        "pattern", "min_length", "max_length", "expected_plural", "expected", "class_name",
+        "gt", "ge", "lt", "le", "multiple_of", "discriminator", "field_type",
+    }
+)  # fmt: skip
+
+
+def rule_message(error: ErrorDetails) -> str:
+    """The rule an error broke, in words that carry nothing of the input.
+
+    Our own validators (`value_error`) raise fixed texts (a test checks it). Pydantic's
+    message is kept when every value it interpolates comes from the contract; otherwise
+    (a parsing detail such as "found `n` at 1" quotes the input) the rule alone."""
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    if kind == "value_error" or set(context) <= _CONTRACT_CONTEXT:
+        return error["msg"]
+    return _RULES.get(kind, f"breaks rule {kind}")
+
+
+# The rule alone, for the kinds whose message interpolates something of the input.
+_RULES = {
+    "uuid_parsing": "Input should be a valid UUID",
+    "date_parsing": "Input should be a valid date in the format YYYY-MM-DD",
+    "date_from_datetime_parsing": "Input should be a valid date or datetime",
+    "datetime_parsing": "Input should be a valid datetime",
+    "datetime_from_date_parsing": "Input should be a valid datetime or date",
+    "datetime_object_invalid": "Input should be a valid datetime",
+    "timezone_offset": "Input should have the required timezone offset",
+    "time_parsing": "Input should be in a valid time format",
+    "json_invalid": "Invalid JSON",
+    "union_tag_invalid": "Input tag does not match any of the expected tags",
+    "too_short": "Input has too few items",
+    "too_long": "Input has too many items",
+}
 
 
 def soft_warnings(event: ChangeEvent) -> list[str]:

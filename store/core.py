@@ -163,7 +163,9 @@ class Freshness:
 
 
 def create_store_engine(url: str) -> Engine:
-    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN."""
+    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN.
+    Statement parameters are personal data: never in errors or SQL logging
+    (`hide_parameters`), whatever the backend."""
     if url.startswith("sqlite"):
         _make_parent_dir(url)
         engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
@@ -184,7 +186,7 @@ def create_store_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 def redacted_url(url: str) -> str:

@@ -3,10 +3,14 @@
 Each takes the one `KafkaConnection` and adds what its role needs. Driver errors met while
 connecting are translated here into the project's taxonomy: a cluster that does not answer
 is transient, a refused authentication or certificate is a configuration error.
+
+The clients' DEBUG lines print whole requests and records (keys, values, headers: personal
+data); every factory keeps them out of the logs (`quiet_client_debug`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -26,7 +30,21 @@ def translate(error: Exception, action: str) -> Exception:
     return TransientError(f"Kafka error while trying to {action}: {name}")
 
 
+CLIENT_LOGGERS = ("kafka", "aiokafka")
+
+
+def quiet_client_debug() -> None:
+    """Cap the Kafka clients' loggers at INFO, whatever the root logger's level: at DEBUG
+    kafka-python logs every record it sends (`Sending (key=… value=… headers=…)`) and every
+    request's bytes. A level someone set on these loggers on purpose is left alone."""
+    for name in CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
+    quiet_client_debug()
     try:
         return KafkaProducer(**connection.client_options(), client_id=client_id, **options)
     except KafkaError as error:
@@ -34,6 +52,7 @@ def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any
 
 
 def consumer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
+    quiet_client_debug()
     try:
         return KafkaConsumer(**connection.client_options(), client_id=client_id, **options)
     except KafkaError as error:
@@ -41,6 +60,7 @@ def consumer(connection: KafkaConnection, client_id: str, **options: Any) -> Any
 
 
 def admin(connection: KafkaConnection, client_id: str = "portal-sync-admin", **options: Any) -> Any:
+    quiet_client_debug()
     try:
         return KafkaAdminClient(**connection.client_options(), client_id=client_id, **options)
     except KafkaError as error:

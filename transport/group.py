@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from schemas.errors import TransientError
-from transport.clients import translate
+from transport.clients import quiet_client_debug, translate
 from transport.config import KafkaConnection
 from transport.reader import Message
 
@@ -71,6 +71,7 @@ class GroupMember:
         self.topics = topics
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        quiet_client_debug()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=connection.servers(),
             group_id=group_id,

@@ -77,13 +77,15 @@ def check(
     ] = None,
 ) -> None:
     """Run adapters against their real sources WITHOUT publishing; pass/fail per check."""
+    from portal_sync.settings import Settings, deployment_settings
     from producers.conformance import check_adapter, report_table
     from producers.deployment import load_deployment
 
     try:
         deployment = load_deployment(config)
+        key = deployment_settings(deployment, Settings.from_flags()).reference_key()
         entries = deployment.enabled(source)
-        adapters = [(entry, deployment.adapter(entry)) for entry in entries]
+        adapters = [(entry, deployment.adapter(entry, key)) for entry in entries]
     except ConfigurationError as error:
         raise _fail(str(error)) from None
     failed = 0
@@ -146,6 +148,7 @@ def produce(
     if show_config:
         out.print(deployment.redacted(), markup=False, highlight=False)
     settings = deployment_settings(deployment, settings_from(bootstrap))
+    reference_key = settings.reference_key()
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
     result = ProduceResult()
     if port and not once:
@@ -166,6 +169,7 @@ def produce(
             stop=stop,
             only=source,
             result=result,
+            reference_key=reference_key,
         )
     except ConfigurationError as error:
         raise _fail(str(error)) from None

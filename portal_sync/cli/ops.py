@@ -23,7 +23,7 @@ from rich.table import Table
 
 from portal_sync.cli.options import BootstrapOpt, StoreOpt, settings_from
 from portal_sync.ops.replay import ReplaySummary
-from schemas.identifiers import mask_key
+from schemas.identifiers import ReferenceKey, key_reference
 from store import Store
 
 console = Console()
@@ -98,6 +98,7 @@ def replay(
     from transport.reader import Selection
 
     settings = settings_from(bootstrap, store)
+    reference_key = settings.reference_key()
     names = settings.topics()
     topics = topic or ([names.change_topic(entity)] if entity else names.change_topics())
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
@@ -110,7 +111,7 @@ def replay(
         summary = run_replay(settings, selection, target, source, entity, dry_run,
                              _on_progress(progress, task))  # fmt: skip
     target.close()
-    _print_summary(summary, dry_run, show_values, as_json)
+    _print_summary(summary, dry_run, show_values, as_json, reference_key)
 
 
 def _on_progress(progress: Progress, task: TaskID) -> Callable[[int, int], None]:
@@ -125,9 +126,16 @@ def _on_progress(progress: Progress, task: TaskID) -> Callable[[int, int], None]
     return update
 
 
-def _print_summary(summary: ReplaySummary, dry_run: bool, show_values: bool, as_json: bool) -> None:
+def _print_summary(
+    summary: ReplaySummary,
+    dry_run: bool,
+    show_values: bool,
+    as_json: bool,
+    reference_key: ReferenceKey | None = None,
+) -> None:
     if as_json:
-        print(json.dumps(summary_dict(summary, show_values), ensure_ascii=False, indent=2))
+        body = summary_dict(summary, show_values, reference_key)
+        print(json.dumps(body, ensure_ascii=False, indent=2))
         return
     verb = "would be" if dry_run else "were"
     table = Table(title=f"replay summary ({'dry run: nothing written' if dry_run else 'applied'})")
@@ -150,11 +158,14 @@ def _print_summary(summary: ReplaySummary, dry_run: bool, show_values: bool, as_
     for item in summary.sample:
         fields = (", ".join(f"{f}: {o!r} → {n!r}" for f, (o, n) in item["changes"].items())
                   if show_values else ", ".join(sorted(item["changes"])))  # fmt: skip
-        key = item["key"] if show_values else mask_key(item["key"])
+        key = item["key"] if show_values else key_reference(item["key"], reference_key)
         console.print(f"  {item['entity']} {key} ({item['source']}): {fields}")
 
 
-def summary_dict(summary: ReplaySummary, show_values: bool = False) -> dict[str, object]:
+def summary_dict(
+    summary: ReplaySummary, show_values: bool = False, reference_key: ReferenceKey | None = None
+) -> dict[str, object]:
+    """The summary as JSON; keys as keyed references unless values are shown."""
     return {
         "read": summary.read,
         "outcomes": dict(summary.outcomes),
@@ -164,7 +175,11 @@ def summary_dict(summary: ReplaySummary, show_values: bool = False) -> dict[str,
         "sample": [
             item
             if show_values
-            else {**item, "key": mask_key(item["key"]), "changes": sorted(item["changes"])}
+            else {
+                **item,
+                "key": key_reference(item["key"], reference_key),
+                "changes": sorted(item["changes"]),
+            }
             for item in summary.sample
         ],
     }
@@ -186,6 +201,7 @@ def rebuild(
     from transport.reader import Selection
 
     live_settings = settings_from(bootstrap, None)
+    reference_key = live_settings.reference_key()
     live = Store(live_settings.store_url)
     try:
         guard_rules(live, live_settings, rules_mismatch_ok)
@@ -210,7 +226,7 @@ def rebuild(
         diff = compare_stores(live, target)
         live.close()
         for name, keys in diff.items():
-            shown = [f"{entity} {mask_key(key)}" for entity, key in keys[:5]]
+            shown = [f"{entity} {key_reference(key, reference_key)}" for entity, key in keys[:5]]
             console.print(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else ""))
         if any(diff.values()):
             target.close()

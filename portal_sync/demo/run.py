@@ -207,8 +207,9 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
     text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
     config.write_text(text, encoding="utf-8")
     run.groups, run.publishers = build_groups(
-        load_deployment(config), run.settings.connection(), run.settings.topics()
-    )
+        load_deployment(config), run.settings.connection(), run.settings.topics(),
+        reference_key=run.settings.reference_key(),
+    )  # fmt: skip
     threads: list[threading.Thread] = []
     for group in run.groups:
         thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)

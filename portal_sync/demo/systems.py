@@ -279,7 +279,7 @@ class SampleSource:
     def __init__(self, spec: SourceSpec, path: Path, world: World) -> None:
         self.spec = spec
         self.url = f"sqlite:///{path}"
-        self.engine: Engine = create_engine(self.url)
+        self.engine: Engine = create_engine(self.url, hide_parameters=True)
         self.tables = _tables(MetaData(), spec.row_version)
         next(iter(self.tables.values())).metadata.create_all(self.engine)
         self.world = world

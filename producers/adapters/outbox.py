@@ -69,7 +69,8 @@ class OutboxAdapter(Adapter):
 
     def _connect(self) -> Table:
         if self._table is None:
-            self._engine = create_engine(self.options.url)
+            # A source row's values are personal data: never in errors or SQL logging.
+            self._engine = create_engine(self.options.url, hide_parameters=True)
             # occurred_at is read as the driver returns it, never parsed by SQLAlchemy: one
             # malformed value must become one dead letter, not a failed read of the page.
             raw_time = Column(self.options.occurred_at_column, String)

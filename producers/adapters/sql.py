@@ -16,7 +16,6 @@ from producers.sql_polling import (
     SqlPollingAdapter,
     SqlSourceConfig,
 )
-from schemas.identifiers import key_reference
 
 
 class SqlAdapter(Adapter):
@@ -63,11 +62,11 @@ class SqlAdapter(Adapter):
         return cursor_lag_of(self.poller, CursorState.from_dict(state))
 
     def _row_reference(self, change: SourceChange) -> str:
-        """The row's primary key, unless that is the natural key (a personal id): then a
-        masked, hashed reference, as origins reach logs and dead-letter headers."""
+        """The row's primary key, unless that is the natural key (a personal id): then its
+        keyed reference, as origins reach logs and dead-letter headers."""
         if self.mapping.pk_column not in (None, self.mapping.key_column):
             return str(change.pk)
-        return key_reference(str(change.pk))
+        return self.reference(str(change.pk))
 
     def close(self) -> None:
         if self._poller is not None:

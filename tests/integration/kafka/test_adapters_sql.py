@@ -23,6 +23,7 @@ from sqlalchemy import (
 
 from producers.conformance import check_adapter, run_adapter
 from producers.state import load_json_state
+from schemas.identifiers import ReferenceKey, key_reference
 from tests.support.adapter_helpers import (
     database_url,
     dead_letters,
@@ -314,7 +315,8 @@ def test_a_text_cursor_column_in_a_local_date_format(db_url: str, tmp_path: Path
 
 def test_origin_never_carries_a_natural_key_used_as_primary_key(tmp_path: Path) -> None:
     """With no pk_column the cursor's key is the personal id: origins (logs, dead-letter
-    headers) then carry a masked, hashed reference instead of the id."""
+    headers) then carry its keyed reference (HMAC-SHA-256 under the deployment's reference
+    key), or the masked id without a key: never the id, never an unkeyed hash of it."""
     url = f"sqlite:///{tmp_path / 'src.db'}"
     metadata.create_all(create_engine(url))
     with create_engine(url).begin() as conn:
@@ -338,8 +340,9 @@ fields = {{ full_name = "ho_ten" }}
 """
     deploy = deployment(tmp_path, config)
     records = run_adapter(deploy.adapter(deploy.sources[0]), {}).emitted
+    assert [r.origin for r in records] == ["cong_dan:079*******34"]
 
-    assert len(records) == 1
-    origin = records[0].origin
-    assert origin.startswith("cong_dan:079*******34#")
-    assert "079203001234" not in origin
+    key = ReferenceKey(b"k" * 32)
+    records = run_adapter(deploy.adapter(deploy.sources[0], key), {}).emitted
+    assert [r.origin for r in records] == [f"cong_dan:{key_reference('079203001234', key)}"]
+    assert records[0].origin.startswith("cong_dan:ref:")
