@@ -8,6 +8,7 @@ records it in the store (`dead_letter_redrives`): each dead letter is re-driven 
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -170,14 +171,17 @@ def _source_of(value: bytes | None, problems: list[str]) -> str | None:
     try:
         event = orjson.loads(value)
     except orjson.JSONDecodeError as error:
-        try:
-            value.decode("utf-8")
+        if "depth limit" in str(error):
+            problems.append("value: nested over 1024 levels")
+            return None
+        try:  # what orjson refuses and the worker's parser reads (1e400, "\ud800")
+            event = json.loads(value.decode("utf-8"))
         except UnicodeDecodeError:
             problems.append("value: not UTF-8")
             return None
-        too_deep = "depth limit" in str(error)
-        problems.append("value: nested over 1024 levels" if too_deep else "value: not JSON")
-        return None
+        except (ValueError, RecursionError):
+            problems.append("value: not JSON")
+            return None
     if not isinstance(event, dict):
         problems.append(f"value: JSON {_kind(event)}, not an object")
         return None

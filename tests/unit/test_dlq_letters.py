@@ -108,6 +108,12 @@ def test_missing_headers_are_named() -> None:
     assert not letter.redrivable
 
 
+@pytest.mark.parametrize("odd", [b"1e400", b'"\\ud800"', b"123456789012345678901234567890"])
+def test_json_that_orjson_refuses_is_still_read(odd: bytes) -> None:
+    letter = letter_of(b'{"source": "province-01", "x": ' + odd + b"}")
+    assert (letter.source, letter.unreadable) == ("province-01", ())
+
+
 def test_a_source_rows_origin_offset_may_be_its_primary_key() -> None:
     headers = tuple(dead_letter_headers("invalid_key", "key: format", "source:hcm", "", "HS-42"))
     assert letter_of(headers=headers).unreadable == ()
