@@ -10,6 +10,7 @@ from rich.text import Text
 from observability.freshness import Freshness, read_freshness
 from observability.kafka_lag import GroupLag, LagReader
 from observability.lag import Status, format_age, stale
+from observability.terminal import plain
 
 STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.STALL: "red", Status.STOP: "bold red"}
 
@@ -26,10 +27,10 @@ def lag_table(groups: list[GroupLag]) -> Table:
     table.add_column("MEMBERS", justify="right")
     for group in groups:
         for p in group.partitions:
-            status = f"[{STYLE[p.status]}]{p.status.name}[/]"
+            status = Text(p.status.name, style=STYLE[p.status])
             table.add_row(
-                group.group,
-                p.topic,
+                plain(group.group),  # any text: Kafka does not restrict group names
+                plain(p.topic),
                 str(p.partition),
                 str(p.committed),
                 str(p.end),
@@ -50,11 +51,11 @@ def freshness_table(sources: dict[str, Freshness], now: float, stale_after: floa
     for source in sorted(sources.values(), key=lambda s: s.source):
         old = stale(now, source.last_change, stale_after)
         table.add_row(
-            source.source,
+            plain(source.source),
             _clock(source.last_change),
             format_age(now - source.last_change),
             format_age(now - source.last_applied) + " ago",
-            "[bold red]STALE[/]" if old else "[green]fresh[/]",
+            Text("STALE", style="bold red") if old else Text("fresh", style="green"),
         )
     return table
 
@@ -63,7 +64,8 @@ def lag_view(
     groups: list[GroupLag], sources: dict[str, Freshness], now: float, stale_after: float
 ) -> Group:
     group_lines = [
-        f"group {g.group}: {g.state}, {g.members} members, status {g.status.name}" for g in groups
+        plain(f"group {g.group}: {g.state}, {g.members} members, status {g.status.name}")
+        for g in groups
     ]
     return Group(lag_table(groups), *group_lines, freshness_table(sources, now, stale_after))
 
@@ -98,7 +100,7 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
         try:
             return view()
         except Exception as error:
-            return Text(f"lag unavailable: {type(error).__name__}: {error}", style="red")
+            return plain(f"lag unavailable: {type(error).__name__}: {error}", style="red")
 
     try:
         if not watch:

@@ -197,16 +197,20 @@ def _deletes(run: Run, emits_deletes: bool, limit: int | None) -> CheckResult:
 def report_table(report: ConformanceReport) -> Any:
     """A Rich table of one report."""
     from rich.table import Table
+    from rich.text import Text
+
+    from observability.terminal import markup, plain
 
     verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
-    table = Table(
-        title=f"{report.source_id} ({report.adapter}): {len(report.first.emitted)} events {verdict}"
-    )
+    title = markup("{} ({}): {} events " + verdict, report.source_id, report.adapter,
+                   len(report.first.emitted))  # fmt: skip
+    table = Table(title=title)
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail")
     table.add_column("failing examples")
     for result in report.results:
         mark = "[green]pass[/green]" if result.passed else "[red]FAIL[/red]"
-        table.add_row(result.name, mark, result.detail, "\n".join(result.examples))
+        examples = Text("\n").join(map(plain, result.examples))  # rows' origins: source data
+        table.add_row(result.name, mark, plain(result.detail), examples)
     return table

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from observability.terminal import markup
 from portal_sync.cli import adapters, kafka, observability, ops, pipeline, store
 from portal_sync.cli.options import err_console
 from schemas.errors import ConfigurationError, PortalSyncError, Refused, TransientError
@@ -67,5 +68,5 @@ def main_entry() -> None:
         app(prog_name="portal-sync", standalone_mode=True)
     except PortalSyncError as error:
         label = "refused" if isinstance(error, Refused) else "error"
-        err_console.print(f"[red]{label}:[/red] {error}", highlight=False)
+        err_console.print(markup("[red]{}:[/red] {}", label, error), highlight=False)
         raise SystemExit(exit_code(error)) from None

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from observability.terminal import markup, plain
 from portal_sync.cli.options import BootstrapOpt, StoreOpt, settings_from
 from portal_sync.ops.replay import ReplaySummary
 from schemas.identifiers import ReferenceKey, key_reference
@@ -144,7 +145,7 @@ def _print_summary(
         table.add_column(name, justify="right")
     table.add_column("records changed", justify="right")
     for entity in sorted({e for e, _ in summary.by_entity} | set(summary.changed_records)):
-        table.add_row(entity, *[str(summary.by_entity[(entity, n)]) for n in
+        table.add_row(plain(entity), *[str(summary.by_entity[(entity, n)]) for n in
                                 ("applied", "unchanged", "stale")],
                       str(summary.changed_records[entity]))  # fmt: skip
     console.print(table)
@@ -159,7 +160,7 @@ def _print_summary(
         fields = (", ".join(f"{f}: {o!r} → {n!r}" for f, (o, n) in item["changes"].items())
                   if show_values else ", ".join(sorted(item["changes"])))  # fmt: skip
         key = item["key"] if show_values else key_reference(item["key"], reference_key)
-        console.print(f"  {item['entity']} {key} ({item['source']}): {fields}")
+        console.print(plain(f"  {item['entity']} {key} ({item['source']}): {fields}"))
 
 
 def summary_dict(
@@ -227,7 +228,7 @@ def rebuild(
         live.close()
         for name, keys in diff.items():
             shown = [f"{entity} {key_reference(key, reference_key)}" for entity, key in keys[:5]]
-            console.print(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else ""))
+            console.print(plain(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else "")))
         if any(diff.values()):
             target.close()
             raise typer.Exit(2)
@@ -249,17 +250,27 @@ def dlq_list(
 
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     letters = read_dead_letters(settings_from(bootstrap, None), filters)
+    shown = letters[-limit:]
+    unreadable = any(letter.unreadable for letter in shown)
     table = Table(title=f"dead letters ({len(letters)})")
     for column in ("id", "failed at", "reason", "origin", "source", "attempt"):
         table.add_column(column)
-    for letter in letters[-limit:]:
+    if unreadable:  # what could not be read of a letter (headers, value)
+        table.add_column("unreadable", style="yellow")
+    for letter in shown:
         when = letter.failed_at.isoformat(timespec="seconds") if letter.failed_at else ""
         origin = f"{letter.origin_topic}:{letter.origin_partition}:{letter.origin_offset}"
-        table.add_row(letter.id, when, letter.reason_code, origin, letter.source or "",
-                      str(letter.attempt))  # fmt: skip
+        cells = [letter.id, when, letter.reason_code, origin, letter.source or "",
+                 str(letter.attempt)]  # fmt: skip
+        if unreadable:
+            cells.append("; ".join(letter.unreadable))
+        table.add_row(*map(plain, cells))
     console.print(table)
     for code, count in counts_by_reason(letters).most_common():
-        console.print(f"{code}: {count}")
+        console.print(markup("{}: {}", code, count))
+    damaged = sum(1 for letter in letters if letter.unreadable)
+    if damaged:
+        console.print(f"{damaged} with parts that could not be read (dlq show ID tells which)")
 
 
 @dlq_app.command("show")
@@ -273,7 +284,7 @@ def dlq_show(
 
     found = read_dead_letters(settings_from(bootstrap, None), Filters(ids=[letter_id]))
     if not found:
-        console.print(f"no dead letter {letter_id}")
+        console.print(plain(f"no dead letter {letter_id}"))
         raise typer.Exit(1)
     letter = found[0]
     for name, value in [
@@ -283,10 +294,11 @@ def dlq_show(
         ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
         ("attempt", str(letter.attempt)), ("source", letter.source or "(unreadable)"),
         ("size", f"{len(letter.value or b'')} bytes"),
+        *([("unreadable", "; ".join(letter.unreadable))] if letter.unreadable else []),
     ]:  # fmt: skip
-        console.print(f"[bold]{name}[/bold]: {value}")
-    if reveal:
-        console.print((letter.value or b"").decode("utf-8", "replace"), markup=False)
+        console.print(markup("[bold]{}[/bold]: {}", name, value))
+    if reveal:  # controls and bidi overrides as visible escapes, bytes not UTF-8 as \xNN
+        console.print(plain(letter.value, newlines=True), soft_wrap=True)
     else:
         console.print("(event bytes hidden: they may hold personal data; --reveal prints them)")
 
@@ -316,8 +328,8 @@ def dlq_redrive(
     summary = run_redrive(settings, target, letters)
     target.close()
     console.print(f"selected {len(letters)}: re-driven {summary.redriven}, already re-driven "
-                  f"{summary.already_redriven}, not re-drivable (rejected at a source) "
-                  f"{summary.not_redrivable}")  # fmt: skip
+                  f"{summary.already_redriven}, not re-drivable (rejected at a source, or not "
+                  f"from a change topic) {summary.not_redrivable}")  # fmt: skip
 
 
 # -- offsets ------------------------------------------------------------------------------
@@ -352,16 +364,18 @@ def offsets_reset(
     settings = settings_from(bootstrap, store)
     members = active_members(settings, group)
     if members:
-        console.print(f"[red]refused:[/red] group {group} has {members} active member(s)")
+        console.print(
+            markup("[red]refused:[/red] group {} has {} active member(s)", group, members)
+        )
         raise typer.Exit(1)
     plan = plan_reset(settings, group, moment)
-    table = Table(title=f"reset {group} to {moment.isoformat(timespec='seconds')}")
+    table = Table(title=plain(f"reset {group} to {moment.isoformat(timespec='seconds')}"))
     for column in ("topic", "partition", "kafka committed", "store applied", "target", "skips"):
         table.add_column(column)
     for line in plan:
         target = f"{line.target} (end)" if line.past_the_end else str(line.target)
         skips = f"[red]{line.skipped}[/red]" if line.skipped else "0"
-        table.add_row(line.topic, str(line.partition), _num(line.kafka_committed),
+        table.add_row(plain(line.topic), str(line.partition), _num(line.kafka_committed),
                       _num(line.store_applied), target, skips)  # fmt: skip
     console.print(table)
     skipped = sum(line.skipped for line in plan)
@@ -374,7 +388,7 @@ def offsets_reset(
         console.print("plan only: pass --yes to carry it out")
         return
     apply_reset(settings, group, plan, allow_skip, operator, reason)
-    console.print(f"group {group} reset on {len(plan)} partitions")
+    console.print(plain(f"group {group} reset on {len(plan)} partitions"))
 
 
 @offsets_app.command("skip")
@@ -395,8 +409,10 @@ def offsets_skip(
     settings = settings_from(bootstrap, store)
     skip_message(settings, topic, partition, offset, reason, operator)
     console.print(
-        f"{topic}[{partition}] offset {offset} copied to the dead letters and skipped; "
-        f"the reconciler resumes at {offset + 1}"
+        plain(
+            f"{topic}[{partition}] offset {offset} copied to the dead letters and skipped; "
+            f"the reconciler resumes at {offset + 1}"
+        )
     )
 
 

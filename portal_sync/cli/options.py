@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from observability.terminal import markup
 from portal_sync.settings import Settings
 
 BootstrapOpt = Annotated[
@@ -41,5 +42,5 @@ def settings_from(bootstrap: str | None = None, store: str | None = None) -> Set
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err_console.print(markup("[red]error:[/red] {}", message), highlight=False)
     return typer.Exit(code)

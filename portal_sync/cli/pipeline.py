@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from observability.terminal import plain
 from portal_sync.cli.options import BootstrapOpt, StoreOpt, fail, settings_from
 from portal_sync.cli.options import err_console as console
 from portal_sync.settings import Settings
@@ -42,7 +43,7 @@ def publish(
     with handle:
         result = publish_lines(settings, handle)
     for number, code, message in result.invalid:
-        console.print(f"line {number}: {code}: {message}")
+        console.print(plain(f"line {number}: {code}: {message}"))
     console.print(f"published {result.sent}, invalid {len(result.invalid)}")
     if result.invalid:
         raise typer.Exit(1)

@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from consumers.config import load_rules
 from consumers.reconciler import Reconciler
+from observability.terminal import markup, plain
 from portal_sync.cli.options import StoreOpt
 from portal_sync.settings import Settings
 from store import Store
@@ -109,15 +111,15 @@ def show(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
     detail = record_detail(target, entity, key)
     target.close()
     if detail is None:
-        console.print(f"no {entity} {key} in the store")
+        console.print(plain(f"no {entity} {key} in the store"))
         raise typer.Exit(1)
     sources = [view["source"] for view in detail.views]
-    table = Table(title=f"{entity} {key}", show_lines=False)
+    table = Table(title=plain(f"{entity} {key}"), show_lines=False)
     table.add_column("field")
     table.add_column("canonical value")
     table.add_column("from")
     for source in sources:
-        table.add_column(source)
+        table.add_column(plain(source))
     for name in sorted(
         {n for v in detail.views for n in (v["data"] or {})} | set(detail.data or {})
     ):
@@ -130,15 +132,17 @@ def show(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
             row.append(
                 "(deleted)" if view["deleted"] else _text(data[name]) if name in data else "—"
             )
-        table.add_row(*row, style=style)
+        table.add_row(*map(plain, row), style=style)
     table.add_row("version", "", "", *[str(v["version"]) for v in detail.views], style="dim")
     console.print(table)
     if detail.data is None:
         console.print("no canonical record: every source deleted it")
     if detail.conflicts:
-        console.print(f"[bold red]disagreements[/bold red]: {', '.join(sorted(detail.conflicts))}")
+        disagree = ", ".join(sorted(detail.conflicts))
+        console.print(markup("[bold red]disagreements[/bold red]: {}", disagree))
     if detail.waiting_for_owner:
-        console.print(f"waiting for its owner {detail.waiting_for_owner[0]} (not in the store yet)")
+        owner = detail.waiting_for_owner[0]
+        console.print(plain(f"waiting for its owner {owner} (not in the store yet)"))
 
 
 def history(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
@@ -148,13 +152,15 @@ def history(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
     target = _store(store)
     rows = record_history(target, entity, key)
     target.close()
-    table = Table(title=f"history of {entity} {key}")
+    table = Table(title=plain(f"history of {entity} {key}"))
     for column in ("applied at", "source", "version", "event", "changes"):
         table.add_column(column)
     for row in rows:
-        changes = "\n".join(f"{f}: {_text(o)} → {_text(n)}" for f, (o, n) in row["changes"].items())
-        table.add_row(row["applied_at"].isoformat(timespec="seconds"), row["source"],
-                      str(row["version"] or ""), row["event_id"] or "", changes)  # fmt: skip
+        changes = Text("\n").join(
+            plain(f"{f}: {_text(o)} → {_text(n)}") for f, (o, n) in row["changes"].items()
+        )
+        table.add_row(row["applied_at"].isoformat(timespec="seconds"), plain(row["source"]),
+                      str(row["version"] or ""), plain(row["event_id"]), changes)  # fmt: skip
     console.print(table)
 
 
@@ -173,7 +179,8 @@ def conflicts(
     for column in ("entity", "field", "source pair", "records"):
         table.add_column(column)
     for line in lines[:limit]:
-        table.add_row(line.entity, line.field, " ↔ ".join(line.sources), str(line.records))
+        cells = (line.entity, line.field, " ↔ ".join(line.sources), str(line.records))
+        table.add_row(*map(plain, cells))
     console.print(table)
     if not lines:
         console.print("no open conflicts")
@@ -190,8 +197,9 @@ def anomalies(limit: Annotated[int, typer.Option("--limit")] = 50, store: StoreO
     for column in ("detected at", "dossier", "source", "from", "to", "event"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["detected_at"].isoformat(timespec="seconds"), row["key"], row["source"],
-                      str(row["from_status"]), str(row["to_status"]), row["event_id"])  # fmt: skip
+        cells = (row["detected_at"].isoformat(timespec="seconds"), row["key"], row["source"],
+                 str(row["from_status"]), str(row["to_status"]), row["event_id"])  # fmt: skip
+        table.add_row(*map(plain, cells))
     console.print(table)
 
 

@@ -9,16 +9,23 @@ records it in the store (`dead_letter_redrives`): each dead letter is re-driven 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
+
 from portal_sync.settings import Settings
-from schemas.dead_letter import read_headers
+from schemas.dead_letter import DEAD_LETTER_REASONS, HEADER_PREFIX
 from store import Store
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
+
+# Headers every dead letter portal-sync writes carries (schemas.dead_letter); a letter
+# without one was not written by portal-sync, or lost it.
+REQUIRED_HEADERS = ("ps.reason.code", "ps.origin.topic", "ps.failed_at")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class DeadLetterRecord:
     failed_at: datetime | None
     attempt: int
     source: str | None  # from the event, when it could be read
+    unreadable: tuple[str, ...] = ()  # what could not be read, e.g. "ps.failed_at: not a time"
 
     @property
     def id(self) -> str:
@@ -43,8 +51,8 @@ class DeadLetterRecord:
     @property
     def redrivable(self) -> bool:
         """Only events read from a change topic go back to one; rows a producer rejected
-        are fixed at their source."""
-        return not self.origin_topic.startswith("source:")
+        are fixed at their source; a letter that does not say where it came from stays."""
+        return bool(self.origin_topic) and not self.origin_topic.startswith("source:")
 
 
 @dataclass(frozen=True)
@@ -82,30 +90,108 @@ def read_dead_letters(settings: Settings, filters: Filters | None = None) -> lis
 
 
 def _letter(message: Message) -> DeadLetterRecord:
-    headers = read_headers(list(message.headers))
-    failed = headers.get("ps.failed_at")
+    """A dead letter as far as it can be read. Anyone who can write to the topic can put
+    anything there: a header or value that cannot be read gets a neutral default and is
+    named in `unreadable`; it never stops the listing of the rest."""
+    problems: list[str] = []
+    headers = _headers(message.headers, problems)
+    origin_topic = headers.get("ps.origin.topic", "")
+    origin_partition = headers.get("ps.origin.partition", "")
+    origin_offset = headers.get("ps.origin.offset", "")
+    if not origin_topic.startswith("source:"):  # from a change topic: Kafka coordinates
+        _integer("ps.origin.partition", origin_partition or "0", problems)
+        _integer("ps.origin.offset", origin_offset or "0", problems)
+    attempt = _integer("ps.attempt", headers.get("ps.attempt", "1"), problems)
+    source = _source_of(message.value, problems)
     return DeadLetterRecord(
         partition=message.partition,
         offset=message.offset,
         key=message.key,
         value=message.value,
-        reason_code=headers.get("ps.reason.code", "unknown"),
+        reason_code=headers.get("ps.reason.code") or "unknown",
         reason=headers.get("ps.reason.message", ""),
-        origin_topic=headers.get("ps.origin.topic", ""),
-        origin_partition=headers.get("ps.origin.partition", ""),
-        origin_offset=headers.get("ps.origin.offset", ""),
-        failed_at=datetime.fromisoformat(failed) if failed else None,
-        attempt=int(headers.get("ps.attempt", "1") or 1),
-        source=_source_of(message.value),
+        origin_topic=origin_topic,
+        origin_partition=origin_partition,
+        origin_offset=origin_offset,
+        failed_at=_time("ps.failed_at", headers.get("ps.failed_at"), problems),
+        attempt=max(attempt or 1, 1),
+        source=source,
+        unreadable=tuple(problems),
     )
 
 
-def _source_of(value: bytes | None) -> str | None:
+def _headers(raw: Iterable[tuple[str, bytes]], problems: list[str]) -> dict[str, str]:
+    """The `ps.*` headers as text (bytes that are not UTF-8 shown as `\\xNN`)."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        if not name.startswith(HEADER_PREFIX):
+            continue
+        try:
+            headers[name] = (value or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{name}: not UTF-8")
+            headers[name] = value.decode("utf-8", "backslashreplace")
+    problems.extend(f"{name}: missing" for name in REQUIRED_HEADERS if name not in headers)
+    return headers
+
+
+def _integer(name: str, text: str, problems: list[str]) -> int | None:
+    if re.fullmatch(r"[0-9]{1,18}", text):
+        return int(text)
+    _report(problems, name, "not an integer")
+    return None
+
+
+def _time(name: str, text: str | None, problems: list[str]) -> datetime | None:
+    if text is None:
+        return None  # already reported as missing
     try:
-        source = json.loads(value or b"").get("source")
-    except (ValueError, AttributeError):
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        _report(problems, name, "not a time")
         return None
+    if moment.tzinfo is None:  # not comparable with --since/--until
+        _report(problems, name, "no UTC offset")
+        return None
+    return moment
+
+
+def _report(problems: list[str], name: str, what: str) -> None:
+    """One problem per header: a header that is not UTF-8 is not also "not a time"."""
+    if not any(problem.startswith(f"{name}: ") for problem in problems):
+        problems.append(f"{name}: {what}")
+
+
+def _source_of(value: bytes | None, problems: list[str]) -> str | None:
+    """The event's `source`, when the value is a JSON object (orjson: a nesting deeper
+    than 1024 levels is an error, never a RecursionError)."""
+    if not value:
+        problems.append("value: empty")
+        return None
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        if "depth limit" in str(error):
+            problems.append("value: nested over 1024 levels")
+            return None
+        try:  # what orjson refuses and the worker's parser reads (1e400, "\ud800")
+            event = json.loads(value.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append("value: not UTF-8")
+            return None
+        except (ValueError, RecursionError):
+            problems.append("value: not JSON")
+            return None
+    if not isinstance(event, dict):
+        problems.append(f"value: JSON {_kind(event)}, not an object")
+        return None
+    source = event.get("source")
     return source if isinstance(source, str) and len(source) <= 64 else None
+
+
+def _kind(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
 
 
 def counts_by_reason(letters: Iterable[DeadLetterRecord]) -> Counter[str]:
@@ -120,9 +206,12 @@ class RedriveSummary:
 
 
 def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -> RedriveSummary:
-    """Re-publish each selected dead letter to its original topic once, and record it."""
+    """Re-publish each selected dead letter to its original topic once, and record it.
+    Only to one of the change topics: a letter whose origin is unknown, or a source, or
+    any other topic counts as not re-drivable."""
     summary = RedriveSummary()
     topic = settings.topics().dead_letters
+    change_topics = set(settings.topics().change_topics())
     done = store.redriven(topic)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
@@ -130,15 +219,14 @@ def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -
             if (letter.partition, letter.offset) in done:
                 summary.already_redriven += 1
                 continue
-            if not letter.redrivable:
+            if not letter.redrivable or letter.origin_topic not in change_topics:
                 summary.not_redrivable += 1
                 continue
             headers = [("ps.attempt", str(letter.attempt).encode())]
             publisher.send(letter.origin_topic, letter.key, letter.value, headers)
             publisher.flush()  # recorded only once the broker has it
-            store.record_redrive(
-                topic, letter.partition, letter.offset, letter.reason_code, letter.origin_topic
-            )
+            code = letter.reason_code if letter.reason_code in DEAD_LETTER_REASONS else "unknown"
+            store.record_redrive(topic, letter.partition, letter.offset, code, letter.origin_topic)
             summary.redriven += 1
     finally:
         publisher.close()

@@ -1,0 +1,207 @@
+"""The `dlq` tools and `lag` survive any message an attacker or a broken client puts where
+they read (real broker): every letter is listed with what could not be read of it, nothing
+from the data reaches the terminal as markup or escape sequences, re-drive goes on."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+
+from schemas.dead_letter import dead_letter_headers
+from store.core import Store
+from store.tables import source_views
+from tests.support.kafka_helpers import (
+    change_topic,
+    dead_letter_topic,
+    end_offsets,
+    ensure_topics,
+    publisher_for,
+)
+from tests.support.pipeline_helpers import cli
+from transport import admin
+
+pytestmark = pytest.mark.kafka
+
+MARKUP_SOURCE = "[/]x[link=https://evil.example]y[/link]"
+# Raw bytes, as an attacker writes them: a hyperlink, clear-screen, clipboard write (OSC 52),
+# a C1 control, a bidi override, around a legitimate Vietnamese name.
+TERMINAL_ATTACK = (
+    b'{"source": "province-01", "full_name": "\x1b]8;;https://evil.example\x1b\\click'
+    b"\x1b]8;;\x1b\\ \x1b[2J \x1b]52;c;cm0gLXJmIH4=\x07 \xc2\x9b31m "
+    + '\u202egnp.exe Nguyễn Thị Bích"}'.encode()
+)
+
+
+def _headers(settings: Any, changes: dict[str, bytes] | None = None) -> list[tuple[str, bytes]]:
+    """Headers as portal-sync writes them, some replaced."""
+    headers = dict(dead_letter_headers("invalid_field", "data.full_name: pattern",
+                                       change_topic(settings, "citizen"), 0, 5))  # fmt: skip
+    return list((headers | (changes or {})).items())
+
+
+def _hostile_letters(settings: Any) -> dict[str, tuple[bytes | None, list[tuple[str, bytes]]]]:
+    """Each kind of letter the tools must survive, by name, in the order published."""
+    deep = b'{"source": "province-01", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    event = json.dumps({"source": "province-01", "entity": "citizen", "key": "1"}).encode()
+    return {
+        "deep": (deep, _headers(settings)),
+        "bad time": (event, _headers(settings, {"ps.failed_at": b"yesterday"})),
+        "binary": (
+            b"\xff\xfe\x00\x1b[2J\x9b",
+            _headers(settings, {"ps.reason.code": b"\xff\x1b[31m"}),
+        ),
+        "no headers": (event, []),
+        "bad numbers": (
+            event,
+            _headers(
+                settings,
+                {"ps.attempt": b"two", "ps.origin.partition": b"p", "ps.origin.offset": b"-"},
+            ),
+        ),
+        "array": (b"[1, 2, 3]", _headers(settings)),
+        "scalar": (b'"province-01"', _headers(settings)),
+        "markup source": (json.dumps({"source": MARKUP_SOURCE}).encode(), _headers(settings)),
+        "terminal attack": (TERMINAL_ATTACK, _headers(settings)),
+        "elsewhere": (event, _headers(settings, {"ps.origin.topic": b"not-a-change-topic"})),
+        "good": (event, _headers(settings)),
+    }
+
+
+@pytest.fixture
+def hostile(settings_for: Any, sqlite_store_url: str) -> Any:
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    publisher = publisher_for(settings)
+    for value, headers in _hostile_letters(settings).values():
+        publisher.send(dead_letter_topic(settings), b"citizen:1", value, headers)
+    publisher.flush()
+    publisher.close()
+    return settings
+
+
+def run(settings: Any, *args: str, color: bool = False) -> Any:
+    """The command line, wide, with Rich's colours on or off whatever the environment."""
+    return cli(settings, *args, COLUMNS="400", TTY_COMPATIBLE="1" if color else "0",
+               FORCE_COLOR="1" if color else "")  # fmt: skip
+
+
+def _ids(settings: Any) -> dict[str, str]:
+    return {name: f"0:{index}" for index, name in enumerate(_hostile_letters(settings))}
+
+
+def test_dlq_list_lists_every_letter_and_what_could_not_be_read(hostile: Any) -> None:
+    result = run(hostile, "dlq", "list")
+
+    assert result.returncode == 0, result.stderr  # was: RecursionError, ValueError, MarkupError
+    out = result.stdout
+    assert "\x1b" not in out and "\x9b" not in out
+    assert f"dead letters ({len(_ids(hostile))})" in out
+    for letter_id in _ids(hostile).values():
+        assert f"│ {letter_id} " in out
+    for problem in (
+        "value: nested over 1024 levels", "ps.failed_at: not a time", "value: not UTF-8",
+        "ps.reason.code: not UTF-8", "ps.reason.code: missing", "ps.failed_at: missing",
+        "ps.attempt: not an integer", "ps.origin.partition: not an integer",
+        "value: JSON array, not an object", "value: JSON string, not an object",
+    ):  # fmt: skip
+        assert problem in out, problem
+    assert MARKUP_SOURCE in out  # shown as written, never interpreted
+    assert "\\xff\\x1b[31m" in out  # the binary reason code, visible
+    # deep, bad time, binary, no headers, bad numbers, array, scalar, terminal attack (raw
+    # control characters in a JSON string: not JSON)
+    assert "8 with parts that could not be read" in out
+
+
+def test_dlq_list_filters_still_work(hostile: Any) -> None:
+    result = run(hostile, "dlq", "list", "--source", MARKUP_SOURCE)
+    assert result.returncode == 0, result.stderr
+    assert "dead letters (1)" in result.stdout
+
+
+def test_dlq_show_reveal_prints_escapes_never_raw_controls(hostile: Any) -> None:
+    ids = _ids(hostile)
+    attack = run(hostile, "dlq", "show", ids["terminal attack"], "--reveal")
+
+    assert attack.returncode == 0, attack.stderr
+    out = attack.stdout
+    for raw in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert raw not in out, repr(raw)
+    assert "\\x1b]8;;https://evil.example\\x1b\\click" in out
+    assert "\\x1b[2J" in out and "\\x1b]52;c;cm0gLXJmIH4=\\x07" in out
+    assert "\\x9b31m" in out and "\\u202egnp.exe" in out
+    assert "Nguyễn Thị Bích" in out  # legitimate text intact
+
+    for name, problem in [("deep", "value: nested over 1024 levels"),
+                          ("bad time", "ps.failed_at: not a time"),
+                          ("binary", "value: not UTF-8")]:  # fmt: skip
+        shown = run(hostile, "dlq", "show", ids[name], "--reveal")
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert problem in next(line for line in lines if line.startswith("unreadable: "))
+        assert "\x1b" not in shown.stdout
+    binary = run(hostile, "dlq", "show", ids["binary"], "--reveal").stdout
+    assert "\\xff\\xfe\\x00\\x1b[2J\\x9b" in binary  # each byte that is not UTF-8
+
+
+def test_dlq_redrive_re_drives_what_it_can_and_goes_on(hostile: Any) -> None:
+    ids = _ids(hostile)
+    before = sum(end_offsets(hostile).values())
+
+    result = run(hostile, "dlq", "redrive", *ids.values())
+
+    assert result.returncode == 0, result.stderr
+    # Origin a change topic: deep, bad time, binary, bad numbers, array, scalar, markup
+    # source, terminal attack, good. No origin (no headers), or another topic: not.
+    assert "re-driven 9, already re-driven 0" in result.stdout, result.stdout
+    assert "not from a change topic) 2" in result.stdout
+    assert sum(end_offsets(hostile).values()) == before + 9
+    again = run(hostile, "dlq", "redrive", *ids.values())
+    assert "re-driven 0, already re-driven 9" in again.stdout, again.stdout
+
+
+def _commit(settings: Any, group: str, offsets: dict[tuple[str, int], int]) -> None:
+    """Committed offsets of a group that never ran, once the broker lists the group
+    (retried while a fresh broker has no group coordinator yet)."""
+    deadline = time.monotonic() + 60
+    with admin.cluster(settings.connection()) as cluster:
+        while True:
+            try:
+                cluster.alter_group_offsets(group, offsets)
+                if group in cluster.consumer_groups():
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            assert time.monotonic() < deadline, f"group {group} not listed"
+            time.sleep(0.5)
+
+
+def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:
+    group = f"{hostile.topic_prefix}-[/]evil[link=https://evil.example]x[/link]"
+    topic = change_topic(hostile, "citizen")
+    _commit(hostile, group, {(topic, 0): 0})
+    store = Store(hostile.store_url)
+    store.create_schema()
+    now = datetime.now(UTC)
+    with store.write_transaction() as conn:
+        conn.execute(insert(source_views).values(
+            entity="citizen", key="001090012345", source="[/]\x1b[2Jsource", version=1,
+            event_id="00000000-0000-0000-0000-000000000000", occurred_at=now, deleted=False,
+            data={}, applied_at=now,
+        ))  # fmt: skip
+    store.close()
+
+    result = run(hostile, "lag", "--topic", f"{hostile.topic_prefix}.*")
+
+    assert result.returncode == 0, result.stderr  # was: MarkupError
+    assert "\x1b" not in result.stdout
+    assert group in result.stdout
+    assert "[/]\\x1b[2Jsource" in result.stdout
+    colored = run(hostile, "lag", "--topic", f"{hostile.topic_prefix}.*", color=True)
+    assert colored.returncode == 0, colored.stderr
+    assert "\x1b]8;" not in colored.stdout and "\x1b[2J" not in colored.stdout

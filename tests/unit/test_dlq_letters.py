@@ -1,0 +1,133 @@
+"""Any message of the dead-letter topic is read as far as it can be: what cannot be read is
+named, never raised (portal_sync.ops.dlq)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from portal_sync.ops.dlq import DeadLetterRecord, Filters, _letter
+from schemas.dead_letter import dead_letter_headers
+from transport.reader import Message
+
+GOOD_HEADERS = tuple(
+    dead_letter_headers("invalid_field", "data.sex: enum", "t.changes.citizen", 2, 41)
+)
+EVENT = b'{"schema_version": 1, "source": "province-01", "entity": "citizen"}'
+
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+def letter_of(value: bytes | None = EVENT, headers: Headers = GOOD_HEADERS) -> DeadLetterRecord:
+    return _letter(Message("t.dead-letters", 0, 7, value, b"citizen:1", None, headers))
+
+
+def replaced(name: str, value: bytes) -> Headers:
+    return tuple((n, value if n == name else v) for n, v in GOOD_HEADERS)
+
+
+def test_a_letter_portal_sync_wrote_reads_whole() -> None:
+    letter = letter_of()
+    assert letter.unreadable == ()
+    assert (letter.reason_code, letter.source, letter.attempt) == (
+        "invalid_field",
+        "province-01",
+        1,
+    )
+    assert letter.failed_at is not None and letter.failed_at.tzinfo is not None
+
+
+def test_a_value_nested_5000_levels_deep_is_listed() -> None:
+    deep = b'{"source": "province-01", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    letter = letter_of(deep)
+    assert letter.source is None
+    assert letter.unreadable == ("value: nested over 1024 levels",)
+    assert letter.reason_code == "invalid_field"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (b"\xff\xfe\x00binary", "value: not UTF-8"),
+        (b"{not json", "value: not JSON"),
+        (b"[1, 2]", "value: JSON array, not an object"),
+        (b'"province-01"', "value: JSON string, not an object"),
+        (b"42", "value: JSON number, not an object"),
+        (b"null", "value: JSON null, not an object"),
+        (b"", "value: empty"),
+        (None, "value: empty"),
+    ],
+)
+def test_a_value_that_is_no_event_is_named(value: bytes | None, problem: str) -> None:
+    letter = letter_of(value)
+    assert letter.unreadable == (problem,)
+    assert letter.source is None and letter.reason_code == "invalid_field"
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "problem"),
+    [
+        ("ps.failed_at", b"yesterday", "ps.failed_at: not a time"),
+        ("ps.failed_at", b"2025-08-01T08:00:00", "ps.failed_at: no UTC offset"),
+        ("ps.failed_at", b"\xff\xfe", "ps.failed_at: not UTF-8"),
+        ("ps.attempt", b"two", "ps.attempt: not an integer"),
+        ("ps.attempt", b"9" * 5000, "ps.attempt: not an integer"),
+        ("ps.attempt", "\u0663".encode(), "ps.attempt: not an integer"),  # an Arabic-Indic 3
+        ("ps.origin.partition", b"-1", "ps.origin.partition: not an integer"),
+        ("ps.origin.offset", b"1e3", "ps.origin.offset: not an integer"),
+        ("ps.reason.code", b"\xc3\x28", "ps.reason.code: not UTF-8"),
+    ],
+)
+def test_a_bad_header_is_named_and_the_rest_is_read(
+    header: str, value: bytes, problem: str
+) -> None:
+    letter = letter_of(headers=replaced(header, value))
+    assert letter.unreadable == (problem,)
+    assert letter.source == "province-01"
+    assert letter.attempt >= 1
+
+
+def test_bad_time_is_no_time_for_the_filters() -> None:
+    letter = letter_of(headers=replaced("ps.failed_at", b"2025-08-01T08:00:00"))
+    assert letter.failed_at is None
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    assert not Filters(since=since).keep(letter)  # compared, not a TypeError
+    assert Filters(reasons=["invalid_field"]).keep(letter)
+
+
+def test_missing_headers_are_named() -> None:
+    letter = letter_of(headers=())
+    assert letter.unreadable == (
+        "ps.reason.code: missing", "ps.origin.topic: missing", "ps.failed_at: missing"
+    )  # fmt: skip
+    assert (letter.reason_code, letter.origin_topic, letter.failed_at) == ("unknown", "", None)
+    assert not letter.redrivable
+
+
+@pytest.mark.parametrize("odd", [b"1e400", b'"\\ud800"', b"123456789012345678901234567890"])
+def test_json_that_orjson_refuses_is_still_read(odd: bytes) -> None:
+    letter = letter_of(b'{"source": "province-01", "x": ' + odd + b"}")
+    assert (letter.source, letter.unreadable) == ("province-01", ())
+
+
+def test_a_source_rows_origin_offset_may_be_its_primary_key() -> None:
+    headers = tuple(dead_letter_headers("invalid_key", "key: format", "source:hcm", "", "HS-42"))
+    assert letter_of(headers=headers).unreadable == ()
+
+
+@given(
+    st.one_of(st.none(), st.binary(max_size=200)),
+    st.lists(
+        st.tuples(st.sampled_from([n for n, _ in GOOD_HEADERS] + ["x"]), st.binary(max_size=40))
+    ),
+)
+def test_any_message_reads_without_raising(
+    value: bytes | None, headers: list[tuple[str, bytes]]
+) -> None:
+    letter = letter_of(value, tuple(headers))
+    assert letter.attempt >= 1
+    assert all(isinstance(problem, str) for problem in letter.unreadable)
