@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         "kept, days (at least the change and dead-letter topics' retention)",
     )
     access_log_retention_days: int = Field(default=730, description="access log kept, days")
+    done_files_retention_days: float = Field(
+        default=30, description="file adapters' processed files kept in done/, days"
+    )
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")

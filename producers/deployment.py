@@ -76,6 +76,7 @@ class Deployment(StrictModel):
 
     _base_dir: Path = PrivateAttr(default=Path("."))
     _text: str = PrivateAttr(default="")
+    _adapter_defaults: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -92,13 +93,20 @@ class Deployment(StrictModel):
             raise ConfigurationError(f"no enabled source with id {only!r} in the configuration")
         return chosen
 
+    def use_defaults(self, **options: Any) -> None:
+        """Options every adapter that declares them gets unless its source sets them
+        (settings such as the done/ retention of the file adapters)."""
+        self._adapter_defaults.update(options)
+
     def adapter(self, entry: SourceEntry) -> Adapter:
         """The configured adapter of one source (ConfigurationError if it is wrong)."""
         try:
             adapter_class = load_adapter(entry.adapter)
-            return adapter_class.from_settings(
-                entry.contract_source, entry.options(), self.base_dir
-            )
+            options = entry.options()
+            for name, value in self._adapter_defaults.items():
+                if name in adapter_class.Config.model_fields:
+                    options.setdefault(name, value)
+            return adapter_class.from_settings(entry.contract_source, options, self.base_dir)
         except ConfigurationError as error:
             raise ConfigurationError(f"source {entry.id} ({entry.adapter}): {error}") from None
 
