@@ -268,3 +268,24 @@ def test_a_missing_or_malformed_registry_is_a_clear_error(tmp_path: Path) -> Non
     malformed = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(bad))
     assert malformed.returncode == 2
     assert "kind" in malformed.stderr and "Traceback" not in malformed.stderr
+
+
+def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from consumers.retention import Retention, purge
+    from store import utcnow
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    feed = Feed(store)
+    feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Văn An"}))
+    feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
+    purge(store, Retention(deleted_days=180), utcnow() + timedelta(days=181))
+    store.close()
+    result = run_cli("history", "citizen", CITIZEN, "--store", url, "--reason", "test")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("full_name: values purged") == 2
+    assert "Nguyễn Văn An" not in result.stdout
+    assert event_id("province-01", "citizen", CITIZEN, 2) in result.stdout  # the entry stays
