@@ -87,12 +87,12 @@ def export(
 ) -> None:
     """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot).
     Needs --reason (recorded in the access log)."""
-    from portal_sync.ops.access import record_access, require_reason
+    from portal_sync.ops.access import record_access, record_key, require_reason
     from store.export import export_records
 
     why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
-    record_access(settings.store_url, "export", why, operator, [(entity, None)])
+    record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
     handle = output.open("w", encoding="utf-8") if output else sys.stdout
     try:
         count = export_records(settings.store_url, handle, entity, provenance=provenance)

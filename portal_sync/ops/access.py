@@ -11,6 +11,8 @@ command fails and nothing is revealed. A row names the record by its key referen
 from __future__ import annotations
 
 import getpass
+import os
+import pwd
 from collections.abc import Iterable
 
 from schemas.errors import Refused
@@ -28,9 +30,14 @@ class ReasonRequired(Refused):
 
 
 def operator_name(given: str | None = None) -> str:
-    """Who acts: `--operator`, else the OS user."""
+    """Who acts: `--operator`, else the OS user (of the process's user id, not of the
+    environment's USER or LOGNAME, which anyone can set)."""
     if given:
         return given
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, OSError, AttributeError):  # no passwd entry (a container), no pwd
+        pass
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -53,7 +60,12 @@ def require_reason(command: str, reason: str | None) -> str:
 
 
 def record_key(entity: str | None, key: str | None) -> tuple[str | None, str | None]:
-    """A record as the access log names it: its entity and the key's reference."""
+    """A record as the access log names it: its entity and the key's reference (no entity:
+    all of them). An entity or key the store cannot hold is refused."""
+    if entity is not None and entity not in ENTITIES:
+        raise Refused(f"entity: not one of {', '.join(ENTITIES)}")
+    if key is not None and not 0 < len(key) <= MAX_KEY:
+        raise Refused(f"key: 1 to {MAX_KEY} characters")
     return entity, None if key is None else key_reference(key)
 
 

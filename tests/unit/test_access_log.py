@@ -172,3 +172,31 @@ def test_access_log_lists_and_filters(url: str) -> None:
     assert [json.loads(line)["reason"] for line in both.stdout.splitlines()] == ["ticket 2"]
     naive = run_cli("access-log", "--store", url, "--since", "2025-08-01T08:00:00")
     assert naive.returncode == 2 and "offset" in naive.stderr
+
+
+def test_the_operator_is_the_os_user_not_the_environment(url: str) -> None:
+    import os
+    import pwd
+
+    result = run_cli("show", "citizen", CITIZEN, "--store", url, "--reason", "ticket 12",
+                     USER="mallory", LOGNAME="mallory")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [r["operator"] for r in entries(url)] == [pwd.getpwuid(os.getuid()).pw_name]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("show", "person", CITIZEN, "--reason", "x"), "entity"),
+        (("history", "citizen", "1" * 65, "--reason", "x"), "key"),
+        (("export", "--entity", "people", "--reason", "x"), "entity"),
+        (("show", "citizen", CITIZEN, "--reason", "x\x1b[2J"), "printable"),
+        (("show", "citizen", CITIZEN, "--reason", "x" * 1001), "1000"),
+        (("show", "citizen", CITIZEN, "--reason", "x", "--operator", "o" * 129), "128"),
+    ],
+)
+def test_what_the_log_cannot_hold_is_refused(url: str, args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args, "--store", url)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and NAME not in result.stdout
+    assert entries(url) == []
