@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from consumers.merge import Authority
+from schemas import derive_event_id
 from schemas.identifiers import key_reference
 from store import schema
 from store.core import Store
@@ -229,6 +231,60 @@ def test_replay_shows_values_only_with_a_reason_and_logs_the_records(
     assert plain.returncode == 0, plain.stderr
     assert len(store.access_entries()) == len(rows)
     store.close()
+
+
+def _citizen(source: str, key: str, version: int, data: dict[str, Any] | None) -> dict[str, Any]:
+    """One event of the contract; no data: a delete."""
+    raw: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": str(derive_event_id(source, "citizen", key, version)),
+        "source": source,
+        "entity": "citizen",
+        "key": key,
+        "op": "upsert" if data is not None else "delete",
+        "version": version,
+        "occurred_at": f"2025-08-01T08:00:0{version}+07:00",
+    }
+    return raw if data is None else {**raw, "data": data}
+
+
+def test_the_worker_forgets_deleted_records_past_their_retention(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    gone, kept = "001090000001", "001090000002"
+    _published(settings, tmp_path, [
+        _citizen("province-01", gone, 1, {"full_name": "Trần Thị Bích"}),
+        _citizen("province-79", gone, 1, {"phone": "0912345678"}),
+        _citizen("province-01", kept, 1, {"full_name": "Lê Văn Tám"}),
+        _citizen("province-01", gone, 2, None),
+        _citizen("province-79", gone, 2, None),
+    ])  # fmt: skip
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    with store.write_transaction() as conn:  # every source deleted it 200 days ago
+        conn.execute(
+            update(source_views)
+            .where(source_views.c.key == gone)
+            .values(applied_at=datetime.now(UTC) - timedelta(days=200))
+        )
+
+    _published(settings, tmp_path, [_citizen("province-01", kept, 2, {"full_name": "Lê Văn"})])
+    _caught_up(settings)  # a batch, then the retention job (PORTAL_SYNC_DELETED_RETENTION_DAYS)
+
+    with store.engine.connect() as conn:
+        views = conn.execute(select(source_views.c.key)).scalars().all()
+        entries = conn.execute(
+            select(record_history.c.key, record_history.c.changes, record_history.c.purged_at)
+        ).all()
+    store.close()
+    assert views == [kept]
+    purged = [(changes, at) for key, changes, at in entries if key == gone]
+    assert len(purged) == 4 and all(at is not None for _, at in purged)
+    assert all(value == [None, None] for changes, _ in purged for value in changes.values())
+    assert [changes for key, changes, _ in entries if key == kept][-1] == {
+        "full_name": ["Lê Văn Tám", "Lê Văn"]
+    }
 
 
 def test_replay_beside_the_live_worker_equals_a_clean_run(
