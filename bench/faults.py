@@ -923,7 +923,9 @@ def verify(run: Run, items: list[Item]) -> tuple[dict[str, Any], list[str]]:
 
     # Store vs the pure merge.
     export = run.root / "export.jsonl"
-    result = run.command("export", "--output", str(export), timeout=600)
+    result = run.command(
+        "export", "--output", str(export), "--reason", "fault bench check", timeout=600
+    )
     if result.returncode != 0:
         problems.append(f"portal-sync export failed: {result.stderr[-500:]}")
     found = {}

@@ -54,6 +54,17 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+RETENTION_PURGED = Counter(
+    "portal_sync_retention_purged_total",
+    "What the worker's retention job removed or emptied, by kind: history (entries past "
+    "the history retention), deleted_history_values (entries of deleted records emptied), "
+    "tombstones, access_log (rows).",
+    ["kind"],
+)
+RETENTION_KINDS = ("history", "deleted_history_values", "tombstones", "access_log")
+for _kind in RETENTION_KINDS:
+    RETENTION_PURGED.labels(_kind)
+
 BASE_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 

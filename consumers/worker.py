@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from consumers.config import (
@@ -53,6 +52,7 @@ from consumers.reconciler import (
     classify,
 )
 from consumers.registry import Registry
+from consumers.retention import Retention, purge
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from schemas.dead_letter import Reason, dead_letter_headers
@@ -81,6 +81,8 @@ class WorkerConfig:
     registry_file: Path | None = None
     authority_file: Path | None = None
     history_retention_days: int = 730
+    deleted_retention_days: int = 180
+    access_log_retention_days: int = 730
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = "127.0.0.1"
@@ -88,6 +90,13 @@ class WorkerConfig:
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
     max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+
+    def retention(self) -> Retention:
+        return Retention(
+            self.history_retention_days,
+            self.deleted_retention_days,
+            self.access_log_retention_days,
+        )
 
 
 @dataclass(frozen=True)
@@ -241,17 +250,16 @@ class BatchProcessor:
         record_batch(report, self.config.freshness_objective_seconds)
         if dead:
             record_dead_letters(dead)
-        self._prune_history()
+        self._purge()
 
-    def _prune_history(self) -> None:
-        """Drop audit history past its retention, at most once an hour."""
+    def _purge(self) -> None:
+        """The retention job (consumers.retention), at most once an hour."""
         if time.monotonic() < self.next_prune:
             return
         self.next_prune = time.monotonic() + 3600
-        horizon = utcnow() - timedelta(days=self.config.history_retention_days)
-        pruned = self.reconciler.store.prune_history(horizon)
-        if pruned:
-            log.info("pruned %d audit history entries older than %s", pruned, horizon.date())
+        counts = purge(self.reconciler.store, self.config.retention(), utcnow())
+        if any(counts.values()):
+            log.info("retention: %s", ", ".join(f"{n} {kind}" for kind, n in counts.items()))
 
     def _dead_letter(self, dead: list[DeadLetter], lettered: set[Offset]) -> None:
         """Publish and wait for acks before the offsets that skip them are committed; a

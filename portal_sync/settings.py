@@ -62,6 +62,15 @@ class Settings(BaseSettings):
         default=None, description="source registry file; unset: development mode"
     )
     history_retention_days: int = Field(default=730, description="audit history kept, days")
+    deleted_retention_days: int = Field(
+        default=180,
+        description="after every source deleted a record: its history values and tombstones "
+        "kept, days (at least the change and dead-letter topics' retention)",
+    )
+    access_log_retention_days: int = Field(default=730, description="access log kept, days")
+    done_files_retention_days: float = Field(
+        default=30, description="file adapters' processed files kept in done/, days"
+    )
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
@@ -116,6 +125,14 @@ class Settings(BaseSettings):
         )
 
     def worker_config(self) -> WorkerConfig:
+        replayable = max(self.change_retention_hours, self.dead_letter_retention_hours) / 24
+        if self.deleted_retention_days < replayable:
+            raise ConfigurationError(
+                f"PORTAL_SYNC_DELETED_RETENTION_DAYS ({self.deleted_retention_days}) must be at "
+                f"least the change and dead-letter topics' retention ({replayable:g} days): "
+                "an older event replayed or re-driven after a record's tombstone is gone "
+                "would bring the record back"
+            )
         return WorkerConfig(
             connection=self.connection(),
             topics=self.topics(),
@@ -124,6 +141,8 @@ class Settings(BaseSettings):
             registry_file=self.registry,
             authority_file=self.authority_file,
             history_retention_days=self.history_retention_days,
+            deleted_retention_days=self.deleted_retention_days,
+            access_log_retention_days=self.access_log_retention_days,
             batch_max_events=self.batch_max_events,
             batch_max_wait_seconds=self.batch_max_wait_seconds,
             metrics_host=self.metrics_host,

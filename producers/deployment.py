@@ -81,6 +81,7 @@ class Deployment(StrictModel):
 
     _base_dir: Path = PrivateAttr(default=Path("."))
     _text: str = PrivateAttr(default="")
+    _adapter_defaults: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -97,14 +98,21 @@ class Deployment(StrictModel):
             raise ConfigurationError(f"no enabled source with id {only!r} in the configuration")
         return chosen
 
+    def use_defaults(self, **options: Any) -> None:
+        """Options every adapter that declares them gets unless its source sets them
+        (settings such as the done/ retention of the file adapters)."""
+        self._adapter_defaults.update(options)
+
     def adapter(self, entry: SourceEntry, reference_key: ReferenceKey | None = None) -> Adapter:
         """The configured adapter of one source (ConfigurationError if it is wrong), naming
         records in its origins by keyed references under `reference_key`."""
         try:
             adapter_class = load_adapter(entry.adapter)
-            adapter = adapter_class.from_settings(
-                entry.contract_source, entry.options(), self.base_dir
-            )
+            options = entry.options()
+            for name, value in self._adapter_defaults.items():
+                if name in adapter_class.Config.model_fields:
+                    options.setdefault(name, value)
+            adapter = adapter_class.from_settings(entry.contract_source, options, self.base_dir)
         except ConfigurationError as error:
             raise ConfigurationError(f"source {entry.id} ({entry.adapter}): {error}") from None
         adapter.reference_key = reference_key

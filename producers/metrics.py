@@ -14,6 +14,11 @@ SOURCE_ERRORS = Counter(
     "Errors reading a source, by kind (invalid_record, read_error, publish_error, fatal).",
     ["source", "kind"],
 )
+DONE_FILES_REMOVED = Counter(
+    "portal_sync_done_files_removed_total",
+    "Processed files (and their rejection reports) removed from done/ past their retention.",
+    ["source"],
+)
 ERROR_KINDS = ("invalid_record", "read_error", "publish_error", "fatal")
 
 

@@ -27,6 +27,8 @@ from sqlalchemy import (
     Engine,
     Table,
     and_,
+    bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -34,6 +36,7 @@ from sqlalchemy import (
     insert,
     select,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import (
@@ -49,6 +52,7 @@ from schemas.errors import RecordError, Refused, TransientError
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store.batch import BatchIO, batch_io
 from store.tables import (
+    access_log,
     applied_offsets,
     apply_journal,
     dead_letter_redrives,
@@ -492,7 +496,40 @@ class Store:
             query = select(records.c.entity, func.count()).group_by(records.c.entity)
             return {entity: count for entity, count in conn.execute(query)}
 
-    # -- writes -------------------------------------------------------------------------
+    # -- the access log -----------------------------------------------------------------
+    def log_access(
+        self,
+        operator: str,
+        command: str,
+        reason: str,
+        targets: Iterable[tuple[str | None, str | None]],
+        now: datetime | None = None,
+    ) -> None:
+        """Append one row per (entity, reference) read, at `now` (default: the clock), in
+        one transaction (one row without either when `targets` is empty). The caller shows
+        nothing before this returned."""
+        now = now or utcnow()
+        rows = [
+            {"accessed_at": now, "operator": operator, "command": command,
+             "entity": entity, "reference": reference, "reason": reason}
+            for entity, reference in (list(targets) or [(None, None)])
+        ]  # fmt: skip
+        with translated(), self.write_transaction() as conn:
+            conn.execute(insert(access_log), rows)
+
+    def access_entries(
+        self, since: datetime | None = None, operator: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The access log, oldest first; from `since` on, of one `operator`."""
+        query = select(access_log).order_by(access_log.c.id)
+        if since is not None:
+            query = query.where(access_log.c.accessed_at >= since)
+        if operator is not None:
+            query = query.where(access_log.c.operator == operator)
+        with translated(), self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # -- retention ----------------------------------------------------------------------
     def prune_history(self, older_than: datetime) -> int:
         """Drop history entries applied before `older_than`; return how many."""
         with translated(), self.write_transaction() as conn:
@@ -500,6 +537,72 @@ class Store:
                 delete(record_history).where(record_history.c.applied_at < older_than)
             )
             return int(result.rowcount or 0)
+
+    def purge_access_log(self, older_than: datetime) -> int:
+        """Delete access log rows written before `older_than` (the only delete of the log:
+        on PostgreSQL its trigger lets a DELETE through only in a transaction that says it
+        is this purge); return how many."""
+        with translated(), self.write_transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL portal_sync.access_log_purge = 'on'")
+            result = conn.execute(delete(access_log).where(access_log.c.accessed_at < older_than))
+            return int(result.rowcount or 0)
+
+    def purge_deleted(self, older_than: datetime) -> tuple[int, int]:
+        """Forget records every source deleted before `older_than`: the old and new values
+        of their history entries become null (the entries stay, marked `purged_at`) and
+        their tombstones go. Return (history entries emptied, tombstones removed).
+
+        Each chunk of records is locked (as a batch locks them) and checked again inside
+        its transaction, so a record that came back meanwhile is left alone."""
+        emptied = removed = 0
+        with translated(), self.engine.connect() as conn:
+            candidates = self._deleted_before(conn, older_than)
+        for chunk in _chunks(candidates):
+            with translated(), self.write_transaction() as conn:
+                batch_io(conn.dialect.name, conn.connection.driver_connection).lock(chunk)
+                keys = self._deleted_before(conn, older_than, chunk)
+                if not keys:
+                    continue
+                of_keys = tuple_(record_history.c.entity, record_history.c.key).in_(keys)
+                entries = conn.execute(
+                    select(record_history.c.id, record_history.c.changes).where(
+                        of_keys, record_history.c.purged_at.is_(None)
+                    )
+                ).all()
+                if entries:
+                    conn.execute(
+                        update(record_history)
+                        .where(record_history.c.id == bindparam("entry_id"))
+                        .values(changes=bindparam("emptied"), purged_at=utcnow()),
+                        [
+                            {"entry_id": entry_id, "emptied": {f: [None, None] for f in changes}}
+                            for entry_id, changes in entries
+                        ],
+                    )
+                emptied += len(entries)
+                result = conn.execute(
+                    delete(source_views).where(
+                        tuple_(source_views.c.entity, source_views.c.key).in_(keys)
+                    )
+                )
+                removed += int(result.rowcount or 0)
+        return emptied, removed
+
+    def _deleted_before(
+        self, conn: Connection, older_than: datetime, among: list[RecordKey] | None = None
+    ) -> list[RecordKey]:
+        """Records whose every source view is a tombstone, the newest applied before
+        `older_than` (only `among` these keys, when given)."""
+        live_views = func.sum(case((source_views.c.deleted, 0), else_=1))
+        query = (
+            select(source_views.c.entity, source_views.c.key)
+            .group_by(source_views.c.entity, source_views.c.key)
+            .having(live_views == 0, func.max(source_views.c.applied_at) < older_than)
+        )
+        if among is not None:
+            query = query.where(tuple_(source_views.c.entity, source_views.c.key).in_(among))
+        return sorted((entity, key) for entity, key in conn.execute(query))
 
 
 class BatchTransaction:

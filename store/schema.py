@@ -70,8 +70,10 @@ def ensure_current(engine: Engine) -> None:
 
 
 def drop_project_tables(engine: Engine) -> None:
-    """Drop the project's tables and Alembic's version table; any other table of the same
-    database is left alone."""
+    """Drop the project's tables, Alembic's version table and the access log's trigger
+    function; any other table of the same database is left alone."""
     metadata.drop_all(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        if conn.dialect.name == "postgresql":  # the access log's guard (migration 0005)
+            conn.exec_driver_sql("DROP FUNCTION IF EXISTS portal_sync_access_log_append_only()")

@@ -108,6 +108,9 @@ record_history = Table(
     Column("version", BigInteger),
     Column("changes", _json(), nullable=False),  # field -> [old, new]
     Column("applied_at", UTCDateTime, nullable=False),
+    # Set when the retention purge emptied the values of a deleted record's entry (the
+    # fields stay named, every old and new value becomes null).
+    Column("purged_at", UTCDateTime),
     Index("ix_record_history_record", "entity", "key", "id"),
     Index("ix_record_history_applied_at", "applied_at"),
 )
@@ -190,4 +193,22 @@ store_meta = Table(
     Column("name", String(64), primary_key=True),
     Column("value", String(1000), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Who read personal data out of the store, when, with which command, what and why.
+# Append-only: the store offers no update, and no delete but the retention purge (on
+# PostgreSQL a trigger refuses any other UPDATE or DELETE: store/migrations 0005).
+access_log = Table(
+    "access_log",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("accessed_at", UTCDateTime, nullable=False),
+    Column("operator", String(128), nullable=False),
+    Column("command", String(64), nullable=False),
+    Column("entity", String(16)),  # None: every entity (an export of all records)
+    Column("reference", String(255)),  # a key reference or a dead letter's id, never a key
+    Column("reason", String(1000), nullable=False),
+    Index("ix_access_log_accessed_at", "accessed_at"),
 )

@@ -149,6 +149,7 @@ def produce(
         out.print(deployment.redacted(), markup=False, highlight=False)
     settings = deployment_settings(deployment, settings_from(bootstrap))
     reference_key = settings.reference_key()
+    deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
     result = ProduceResult()
     if port and not once:

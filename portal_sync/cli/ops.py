@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -22,7 +20,14 @@ from rich.progress import (
 from rich.table import Table
 
 from observability.terminal import markup, plain
-from portal_sync.cli.options import BootstrapOpt, StoreOpt, settings_from
+from portal_sync.cli.options import (
+    BootstrapOpt,
+    ReaderOpt,
+    ReasonOpt,
+    StoreOpt,
+    parse_time,
+    settings_from,
+)
 from portal_sync.ops.replay import ReplaySummary
 from schemas.identifiers import ReferenceKey, key_reference
 from store import Store
@@ -42,27 +47,6 @@ RulesOkOpt = Annotated[
 TimeOpt = Annotated[
     str | None, typer.Option(help="RFC 3339 time, or an age like 30m, 6h, 2d (before now)")
 ]
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time with its offset (`2025-08-01T08:00:00+07:00`) or an age like `90s`,
-    `30m`, `6h`, `2d`. A time without an offset is refused: read as UTC it would be seven
-    hours off for an operator in Vietnam."""
-    if text is None:
-        return None
-    age = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if age:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(age[1])})
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"not a time: {text!r}") from None
-    if moment.tzinfo is None:
-        raise typer.BadParameter(
-            f"{text!r} has no UTC offset: write e.g. {text}+07:00 (Vietnam) or {text}Z"
-        )
-    return moment
 
 
 def _progress() -> Progress:
@@ -88,16 +72,21 @@ def replay(
         bool, typer.Option("--show-values", help="Show old and new values in the sample")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout")] = False,
+    reason: ReasonOpt = None,
+    operator: ReaderOpt = None,
     rules_mismatch_ok: RulesOkOpt = False,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Re-apply a range of the change topics through the reconciler (idempotent); never
-    moves the live worker's offsets. Runs only with the worker's registry and authority."""
+    moves the live worker's offsets. Runs only with the worker's registry and authority.
+    --show-values needs --reason (recorded in the access log)."""
+    from portal_sync.ops.access import record_access, record_key, require_reason
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
     from transport.reader import Selection
 
+    why = require_reason("replay --show-values", reason) if show_values else None
     settings = settings_from(bootstrap, store)
     reference_key = settings.reference_key()
     names = settings.topics()
@@ -112,6 +101,11 @@ def replay(
         summary = run_replay(settings, selection, target, source, entity, dry_run,
                              _on_progress(progress, task))  # fmt: skip
     target.close()
+    if why is not None:  # recorded before any value is shown
+        shown = dict.fromkeys(
+            record_key(i["entity"], i["key"], reference_key) for i in summary.sample
+        )
+        record_access(settings.store_url, "replay --show-values", why, operator, shown)
     _print_summary(summary, dry_run, show_values, as_json, reference_key)
 
 
@@ -277,16 +271,26 @@ def dlq_list(
 def dlq_show(
     letter_id: Annotated[str, typer.Argument(metavar="ID", help="<partition>:<offset>")],
     reveal: Annotated[bool, typer.Option("--reveal", help="Print the event bytes")] = False,
+    reason: ReasonOpt = None,
+    operator: ReaderOpt = None,
     bootstrap: BootstrapOpt = None,
+    store: StoreOpt = None,
 ) -> None:
-    """One dead letter: reason, origin, time, attempts; the event itself with --reveal."""
+    """One dead letter: reason, origin, time, attempts; the event itself with --reveal
+    (and --reason: recorded in the store's access log)."""
+    from portal_sync.ops.access import dead_letter_key, record_access, require_reason
     from portal_sync.ops.dlq import Filters, read_dead_letters
 
-    found = read_dead_letters(settings_from(bootstrap, None), Filters(ids=[letter_id]))
+    why = require_reason("dlq show --reveal", reason) if reveal else None
+    settings = settings_from(bootstrap, store)
+    found = read_dead_letters(settings, Filters(ids=[letter_id]))
     if not found:
         console.print(plain(f"no dead letter {letter_id}"))
         raise typer.Exit(1)
     letter = found[0]
+    if why is not None:  # recorded before anything is shown
+        target = dead_letter_key(letter.id, letter.key, settings.reference_key())
+        record_access(settings.store_url, "dlq show --reveal", why, operator, [target])
     for name, value in [
         ("id", letter.id), ("reason", f"{letter.reason_code}: {letter.reason}"),
         ("origin", f"{letter.origin_topic} partition {letter.origin_partition} "

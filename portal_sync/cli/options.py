@@ -6,6 +6,8 @@ local development broker" (its address read from the broker's state file).
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -27,6 +29,15 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
 ]
 
+# The commands that reveal personal data (recorded in the store's access log).
+ReasonOpt = Annotated[
+    str | None,
+    typer.Option("--reason", help="Why you need the personal data (required; access log)"),
+]
+ReaderOpt = Annotated[
+    str | None, typer.Option("--operator", help="Who reads (default: the OS user); access log")
+]
+
 err_console = Console(stderr=True)
 
 
@@ -44,3 +55,24 @@ def settings_from(bootstrap: str | None = None, store: str | None = None) -> Set
 def fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(markup("[red]error:[/red] {}", message), highlight=False)
     return typer.Exit(code)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time with its offset (`2025-08-01T08:00:00+07:00`) or an age like `90s`,
+    `30m`, `6h`, `2d`. A time without an offset is refused: read as UTC it would be seven
+    hours off for an operator in Vietnam."""
+    if text is None:
+        return None
+    age = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age[2]]
+        return datetime.now(UTC) - timedelta(**{unit: int(age[1])})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not a time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(
+            f"{text!r} has no UTC offset: write e.g. {text}+07:00 (Vietnam) or {text}Z"
+        )
+    return moment

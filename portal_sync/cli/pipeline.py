@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 
 from observability.terminal import plain
-from portal_sync.cli.options import BootstrapOpt, StoreOpt, fail, settings_from
+from portal_sync.cli.options import (
+    BootstrapOpt,
+    ReaderOpt,
+    ReasonOpt,
+    StoreOpt,
+    fail,
+    settings_from,
+)
 from portal_sync.cli.options import err_console as console
 from portal_sync.settings import Settings
 
@@ -75,12 +82,18 @@ def export(
     provenance: Annotated[
         bool, typer.Option("--provenance", help="Add each field's source and version")
     ] = False,
+    reason: ReasonOpt = None,
+    operator: ReaderOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot)."""
+    """Dump canonical records as sorted JSON Lines (a stable, diffable snapshot).
+    Needs --reason (recorded in the access log)."""
+    from portal_sync.ops.access import record_access, record_key, require_reason
     from store.export import export_records
 
+    why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
+    record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
     handle = output.open("w", encoding="utf-8") if output else sys.stdout
     try:
         count = export_records(settings.store_url, handle, entity, provenance=provenance)

@@ -15,7 +15,7 @@ from rich.text import Text
 from consumers.config import load_rules
 from consumers.reconciler import Reconciler
 from observability.terminal import markup, plain
-from portal_sync.cli.options import StoreOpt
+from portal_sync.cli.options import ReaderOpt, ReasonOpt, StoreOpt
 from portal_sync.settings import Settings
 from store import Store
 
@@ -27,6 +27,23 @@ EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document 
 
 def _store(store_url: str | None) -> Store:
     return Store(Settings.from_flags(store=store_url).store_url)
+
+
+def _log_access(
+    command: str,
+    entity: str,
+    key: str,
+    reason: str | None,
+    operator: str | None,
+    store_url: str | None,
+) -> None:
+    """The access log row of a command that shows a record, written before it reads it."""
+    from portal_sync.ops.access import record_access, record_key, require_reason
+
+    why = require_reason(command, reason)
+    settings = Settings.from_flags(store=store_url)
+    target = record_key(entity, key, settings.reference_key())
+    record_access(settings.store_url, command, why, operator, [target])
 
 
 def _text(value: Any) -> str:
@@ -102,11 +119,18 @@ def _remerge(
     return changed
 
 
-def show(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
+def show(
+    entity: EntityArg,
+    key: str,
+    reason: ReasonOpt = None,
+    operator: ReaderOpt = None,
+    store: StoreOpt = None,
+) -> None:
     """A record: each field with its source and version, every source's view, and the
-    fields the sources disagree on (highlighted)."""
+    fields the sources disagree on (highlighted). Needs --reason (access log)."""
     from store.queries import record_detail
 
+    _log_access("show", entity, key, reason, operator, store)
     target = _store(store)
     detail = record_detail(target, entity, key)
     target.close()
@@ -145,10 +169,18 @@ def show(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
         console.print(plain(f"waiting for its owner {owner} (not in the store yet)"))
 
 
-def history(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
-    """Every change to a canonical record: event, source, version, fields old → new."""
+def history(
+    entity: EntityArg,
+    key: str,
+    reason: ReasonOpt = None,
+    operator: ReaderOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Every change to a canonical record: event, source, version, fields old → new.
+    Needs --reason (access log)."""
     from store.queries import history as record_history
 
+    _log_access("history", entity, key, reason, operator, store)
     target = _store(store)
     rows = record_history(target, entity, key)
     target.close()
@@ -159,8 +191,12 @@ def history(entity: EntityArg, key: str, store: StoreOpt = None) -> None:
         changes = Text("\n").join(
             plain(f"{f}: {_text(o)} → {_text(n)}") for f, (o, n) in row["changes"].items()
         )
+        if row["purged_at"] is not None:  # a deleted record's entry past its retention
+            changes = plain(
+                f"{', '.join(row['changes'])}: values purged {row['purged_at']:%Y-%m-%d}"
+            )
         table.add_row(row["applied_at"].isoformat(timespec="seconds"), plain(row["source"]),
-                      str(row["version"] or ""), plain(row["event_id"]), changes)  # fmt: skip
+                      str(row["version"] or ""), plain(row["event_id"] or ""), changes)  # fmt: skip
     console.print(table)
 
 

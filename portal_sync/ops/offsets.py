@@ -13,10 +13,10 @@ the store (`offset_changes`: operator, time, from, to, reason).
 
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass
 from datetime import datetime
 
+from portal_sync.ops.access import operator_name
 from portal_sync.settings import Settings
 from schemas.dead_letter import Reason, dead_letter_headers
 from schemas.errors import Refused
@@ -55,16 +55,6 @@ class PlanLine:
     @property
     def past_the_end(self) -> bool:
         return self.target >= self.end
-
-
-def operator_name(given: str | None = None) -> str:
-    """Who acts: `--operator`, else the OS user."""
-    if given:
-        return given
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def active_members(settings: Settings, group: str) -> int:

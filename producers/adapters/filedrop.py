@@ -5,6 +5,11 @@ oldest first. Once the broker acknowledged its records the file moves to `done/`
 `error/` when it could not be read at all; rejected lines are listed (line number, reason
 code, message; never the values) in `<file>.rejected.jsonl` next to it, and sent to the
 dead-letter topic.
+
+Files stay in `done/` for `done_retention_days` after they were processed (the deployment's
+default: `PORTAL_SYNC_DONE_FILES_RETENTION_DAYS`); a run that finds older ones removes them
+(with their rejection reports) after its last checkpoint. `error/` is never emptied: those
+files wait for someone to look at them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,10 +31,12 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field
 
 from producers.mapping import FieldMapping, map_fields, parse_local
+from producers.metrics import DONE_FILES_REMOVED
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.errors import RecordError
 from schemas.events import Entity
 
+log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -39,6 +49,8 @@ class DirectoryConfig(BaseModel):
     error_dir: Path | None = None  # default <directory>/error
     suffixes: list[str] = Field(default_factory=lambda: [".csv", ".jsonl", ".ndjson"])
     timezone: str = "Asia/Ho_Chi_Minh"
+    # Days a processed file stays in done/ (None: for ever).
+    done_retention_days: float | None = Field(default=None, ge=0)
 
 
 class FileDropConfig(DirectoryConfig, FieldMapping):
@@ -75,6 +87,7 @@ class DirectoryAdapter(Adapter):
         self.done_dir = base_dir / (config.done_dir or config.directory / "done")
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
+        DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
         raise NotImplementedError
@@ -96,6 +109,33 @@ class DirectoryAdapter(Adapter):
                 target = self.error_dir
             done = [*done, checksum][-KEEP_CHECKSUMS:]
             yield Checkpoint({"files": done}, self._mover(path, target))
+        expired = self.expired_done_files()
+        if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
+            yield Checkpoint({"files": done}, lambda: self._remove(expired))
+
+    def expired_done_files(self, now: float | None = None) -> list[Path]:
+        """Files of done/ (and their rejection reports) processed more than
+        `done_retention_days` before `now`."""
+        days = self.options.done_retention_days
+        if days is None or not self.done_dir.is_dir():
+            return []
+        if self.done_dir.resolve() == self.directory.resolve():
+            return []  # never the drop directory itself
+        horizon = (time.time() if now is None else now) - days * 86_400
+        suffixes = tuple(self.options.suffixes)
+        return sorted(
+            p
+            for p in self.done_dir.iterdir()
+            if p.is_file()
+            and (p.name.endswith(".rejected.jsonl") or p.suffix in suffixes)
+            and p.stat().st_mtime < horizon
+        )
+
+    def _remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        DONE_FILES_REMOVED.labels(self.source).inc(len(paths))
+        log.info("%s: removed %d files from done/ past their retention", self.source, len(paths))
 
     def _files(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -120,6 +160,7 @@ class DirectoryAdapter(Adapter):
                 report = target / f"{path.name}.rejected.jsonl"
                 report.write_text("".join(json.dumps(r) + "\n" for r in rejections))
             shutil.move(str(path), target / path.name)
+            os.utime(target / path.name)  # its retention counts from now, when it was done
 
         return move
 

@@ -18,7 +18,9 @@ def test_store_export_and_their_directories_are_private(tmp_path: Path) -> None:
     out.parent.mkdir()
     upgraded = run_cli("store", "upgrade", "--store", f"sqlite:///{store}")
     assert upgraded.returncode == 0, upgraded.stderr
-    exported = run_cli("export", "--store", f"sqlite:///{store}", "-o", str(out))
+    exported = run_cli(
+        "export", "--store", f"sqlite:///{store}", "-o", str(out), "--reason", "test"
+    )
     assert exported.returncode == 0, exported.stderr
     assert _mode(store.parent) == 0o700
     assert _mode(store) == 0o600

@@ -88,7 +88,7 @@ def filled(tmp_path: Path) -> str:
 
 
 def test_show_prints_values_provenance_views_and_disagreements(filled: str) -> None:
-    result = run_cli("show", "citizen", CITIZEN, "--store", filled)
+    result = run_cli("show", "citizen", CITIZEN, "--store", filled, "--reason", "test")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     lines = out.splitlines()
@@ -108,7 +108,9 @@ def test_show_prints_values_provenance_views_and_disagreements(filled: str) -> N
 
 
 def test_show_highlights_the_disagreeing_fields(filled: str) -> None:
-    result = run_cli("show", "citizen", CITIZEN, "--store", filled, FORCE_COLOR="1")
+    result = run_cli(
+        "show", "citizen", CITIZEN, "--store", filled, "--reason", "test", FORCE_COLOR="1"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     full_name = next(line for line in lines if "full_name" in line and "│" in line)
@@ -118,11 +120,11 @@ def test_show_highlights_the_disagreeing_fields(filled: str) -> None:
 
 
 def test_show_a_waiting_document_and_an_unknown_record(filled: str) -> None:
-    result = run_cli("show", "document", "GKS-1", "--store", filled)
+    result = run_cli("show", "document", "GKS-1", "--store", filled, "--reason", "test")
     assert result.returncode == 0, result.stderr
     assert "waiting for its owner citizen" in result.stdout
     assert "Giấy khai sinh" in result.stdout
-    missing = run_cli("show", "citizen", CITIZEN_2, "--store", filled)
+    missing = run_cli("show", "citizen", CITIZEN_2, "--store", filled, "--reason", "test")
     assert missing.returncode == 1
     assert f"no citizen {CITIZEN_2} in the store" in missing.stdout
 
@@ -135,7 +137,7 @@ def test_show_a_deleted_record(tmp_path: Path) -> None:
     feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}))
     feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
     store.close()
-    result = run_cli("show", "citizen", CITIZEN, "--store", url)
+    result = run_cli("show", "citizen", CITIZEN, "--store", url, "--reason", "test")
     assert result.returncode == 0, result.stderr
     assert "no canonical record: every source deleted it" in result.stdout
     version = next(line for line in result.stdout.splitlines() if "version" in line)
@@ -144,7 +146,7 @@ def test_show_a_deleted_record(tmp_path: Path) -> None:
 
 
 def test_history_lists_each_change(filled: str) -> None:
-    result = run_cli("history", "citizen", CITIZEN, "--store", filled)
+    result = run_cli("history", "citizen", CITIZEN, "--store", filled, "--reason", "test")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert event_id("national-population", "citizen", CITIZEN, 3) in out
@@ -211,7 +213,7 @@ def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> No
         assert queries.open_conflicts(store) == 1
     finally:
         store.close()
-    shown = run_cli("history", "citizen", CITIZEN, "--store", filled)
+    shown = run_cli("history", "citizen", CITIZEN, "--store", filled, "--reason", "test")
     assert "remerge" in shown.stdout
     assert "full_name: Nguyễn Văn An → Nguyen Van An" in shown.stdout
 
@@ -229,7 +231,7 @@ def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> No
 
 
 def test_export_with_provenance(filled: str, tmp_path: Path) -> None:
-    result = run_cli("export", "--provenance", "--store", filled)
+    result = run_cli("export", "--provenance", "--store", filled, "--reason", "test")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(line["entity"], line["key"]) for line in lines] == [
@@ -250,7 +252,7 @@ def test_export_with_provenance(filled: str, tmp_path: Path) -> None:
     assert "exported 3 records" in result.stderr
 
     out = tmp_path / "records.jsonl"
-    plain = run_cli("export", "--store", filled, "-o", str(out))
+    plain = run_cli("export", "--store", filled, "-o", str(out), "--reason", "test")
     assert plain.returncode == 0, plain.stderr
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(written) == 3 and all("provenance" not in line for line in written)
@@ -266,3 +268,24 @@ def test_a_missing_or_malformed_registry_is_a_clear_error(tmp_path: Path) -> Non
     malformed = run_cli("remerge", PORTAL_SYNC_REGISTRY=str(bad))
     assert malformed.returncode == 2
     assert "kind" in malformed.stderr and "Traceback" not in malformed.stderr
+
+
+def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from consumers.retention import Retention, purge
+    from store import utcnow
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    feed = Feed(store)
+    feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Văn An"}))
+    feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
+    purge(store, Retention(deleted_days=180), utcnow() + timedelta(days=181))
+    store.close()
+    result = run_cli("history", "citizen", CITIZEN, "--store", url, "--reason", "test")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("full_name: values purged") == 2
+    assert "Nguyễn Văn An" not in result.stdout
+    assert event_id("province-01", "citizen", CITIZEN, 2) in result.stdout  # the entry stays

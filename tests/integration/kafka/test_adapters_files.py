@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,25 @@ def test_a_bad_line_of_a_portal_jsonl_file_is_rejected_alone(tmp_path: Path) -> 
         second["MaHoSo"],
     ]
     assert [(s.code, s.origin) for s in skipped] == [("invalid_json", "feed.jsonl:2")]
+
+
+@pytest.mark.kafka
+def test_produce_removes_done_files_past_their_retention(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    drop(inbox, "a.csv", CSV)
+    drop(inbox / "done", "old.csv", CSV, mtime=time.time() - 8 * 86_400)
+    drop(inbox / "done", "last-week.csv", CSV, mtime=time.time() - 6 * 86_400)
+    config = write_config(tmp_path, FILEDROP)
+
+    result = cli(settings, "produce", "--config", str(config), "--once",
+                 PORTAL_SYNC_DONE_FILES_RETENTION_DAYS="7")  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == [
+        "a.csv",
+        "a.csv.rejected.jsonl",
+        "last-week.csv",
+    ]

@@ -50,7 +50,7 @@ def test_publish_worker_export_equals_merge_rules(
     worker = cli(settings, "worker", "--until-caught-up")
     assert worker.returncode == 0, worker.stdout + worker.stderr
     out = tmp_path / "export.jsonl"
-    dumped = cli(settings, "export", "--output", str(out))
+    dumped = cli(settings, "export", "--output", str(out), "--reason", "test")
     assert dumped.returncode == 0, dumped.stderr
 
     expected = expected_export(events, Authority())

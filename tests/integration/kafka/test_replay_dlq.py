@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, select
+from alembic import command
+from sqlalchemy import delete, func, select, update
 
 from consumers.merge import Authority
+from schemas import derive_event_id
+from schemas.identifiers import key_reference
+from store import schema
 from store.core import Store
 from store.tables import record_history, records, source_views
 from tests.support.kafka_helpers import end_offsets
@@ -25,6 +30,16 @@ from tests.support.pipeline_helpers import (
 )
 
 pytestmark = pytest.mark.kafka
+PID = "001090012345"
+
+
+def _store_at(url: str, revision: str) -> None:
+    store = Store(url)
+    config = schema._config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+    store.close()
 
 
 def _published(settings: Any, tmp_path: Path, events: list[dict[str, Any]]) -> None:
@@ -151,17 +166,125 @@ def test_dlq_show_hides_the_event_unless_revealed(
     ensure_topics(settings)
     publisher = publisher_for(settings)
     secret = b'{"schema_version": 1, "full_name": "Nguy\\u1ec5n Th\\u1ecb B\\u00edch"}'
-    publisher.send(change_topic(settings, "citizen"), b"k", secret)
+    publisher.send(change_topic(settings, "citizen"), f"citizen:{PID}".encode(), secret)
     publisher.flush()
     publisher.close()
     _caught_up(settings)
 
     hidden = cli(settings, "dlq", "show", "0:0")
-    revealed = cli(settings, "dlq", "show", "0:0", "--reveal")
+    unexplained = cli(settings, "dlq", "show", "0:0", "--reveal")
+    revealed = cli(settings, "dlq", "show", "0:0", "--reveal", "--reason", "ticket 9",
+                   "--operator", "eng-1")  # fmt: skip
 
     assert "missing_field" in hidden.stdout
     assert "full_name" not in hidden.stdout
+    assert unexplained.returncode == 1 and "--reason" in unexplained.stderr
+    assert "full_name" not in unexplained.stdout + unexplained.stderr
+    assert revealed.returncode == 0, revealed.stderr
     assert "full_name" in revealed.stdout
+    store = Store(settings.store_url)
+    rows = store.access_entries()
+    store.close()
+    assert [(r["operator"], r["command"], r["entity"], r["reference"], r["reason"])
+            for r in rows] == [
+        ("eng-1", "dlq show --reveal", "citizen", f"dead letter 0:0: {key_reference(PID, None)}",
+         "ticket 9"),
+    ]  # fmt: skip
+
+    # a store that cannot take the row (older than the access log): nothing is revealed
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    _store_at(old, "0004")
+    refused = cli(settings, "dlq", "show", "0:0", "--reveal", "--reason", "ticket 9",
+                  PORTAL_SYNC_STORE_URL=old)  # fmt: skip
+    assert refused.returncode == 2 and "store upgrade" in refused.stderr
+    assert "full_name" not in refused.stdout + refused.stderr
+
+
+def test_replay_shows_values_only_with_a_reason_and_logs_the_records(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(20, 1, seed=9))
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    with store.write_transaction() as conn:  # an incident: three records are lost
+        lost = conn.execute(select(records.c.key).order_by(records.c.key).limit(3)).scalars().all()
+        conn.execute(delete(records).where(records.c.key.in_(lost)))
+        conn.execute(delete(source_views).where(source_views.c.key.in_(lost)))
+
+    refused = cli(settings, "replay", "--since", "1h", "--json", "--show-values")
+    assert refused.returncode == 1 and "--reason" in refused.stderr
+    assert refused.stdout == "" and store.access_entries() == []
+
+    shown = cli(settings, "replay", "--since", "1h", "--json", "--show-values", "--dry-run",
+                "--reason", "incident 5")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    sample = json.loads(shown.stdout)["sample"]
+    assert {item["key"] for item in sample} == set(lost)
+    assert any(item["changes"].get("full_name") for item in sample)  # the values themselves
+    rows = store.access_entries()
+    assert sorted((r["command"], r["entity"], r["reference"], r["reason"]) for r in rows) == sorted(
+        ("replay --show-values", "citizen", key_reference(key, None), "incident 5") for key in lost
+    )
+
+    plain = cli(settings, "replay", "--since", "1h", "--json")  # no values: no reason, no row
+    assert plain.returncode == 0, plain.stderr
+    assert len(store.access_entries()) == len(rows)
+    store.close()
+
+
+def _citizen(source: str, key: str, version: int, data: dict[str, Any] | None) -> dict[str, Any]:
+    """One event of the contract; no data: a delete."""
+    raw: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": str(derive_event_id(source, "citizen", key, version)),
+        "source": source,
+        "entity": "citizen",
+        "key": key,
+        "op": "upsert" if data is not None else "delete",
+        "version": version,
+        "occurred_at": f"2025-08-01T08:00:0{version}+07:00",
+    }
+    return raw if data is None else {**raw, "data": data}
+
+
+def test_the_worker_forgets_deleted_records_past_their_retention(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    gone, kept = "001090000001", "001090000002"
+    _published(settings, tmp_path, [
+        _citizen("province-01", gone, 1, {"full_name": "Trần Thị Bích"}),
+        _citizen("province-79", gone, 1, {"phone": "0912345678"}),
+        _citizen("province-01", kept, 1, {"full_name": "Lê Văn Tám"}),
+        _citizen("province-01", gone, 2, None),
+        _citizen("province-79", gone, 2, None),
+    ])  # fmt: skip
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    with store.write_transaction() as conn:  # every source deleted it 200 days ago
+        conn.execute(
+            update(source_views)
+            .where(source_views.c.key == gone)
+            .values(applied_at=datetime.now(UTC) - timedelta(days=200))
+        )
+
+    _published(settings, tmp_path, [_citizen("province-01", kept, 2, {"full_name": "Lê Văn"})])
+    _caught_up(settings)  # a batch, then the retention job (PORTAL_SYNC_DELETED_RETENTION_DAYS)
+
+    with store.engine.connect() as conn:
+        views = conn.execute(select(source_views.c.key)).scalars().all()
+        entries = conn.execute(
+            select(record_history.c.key, record_history.c.changes, record_history.c.purged_at)
+        ).all()
+    store.close()
+    assert views == [kept]
+    purged = [(changes, at) for key, changes, at in entries if key == gone]
+    assert len(purged) == 4 and all(at is not None for _, at in purged)
+    assert all(value == [None, None] for changes, _ in purged for value in changes.values())
+    assert [changes for key, changes, _ in entries if key == kept][-1] == {
+        "full_name": ["Lê Văn Tám", "Lê Văn"]
+    }
 
 
 def test_replay_beside_the_live_worker_equals_a_clean_run(

@@ -1,0 +1,41 @@
+"""The retention job: what the store forgets, and when. The worker runs it at most once an
+hour (as it pruned the history before); `now` is given, so tests can move the clock.
+
+- history entries: `history_days` after they were written
+  (`PORTAL_SYNC_HISTORY_RETENTION_DAYS`, 730);
+- a deleted record's history values (emptied) and its tombstones (removed): `deleted_days`
+  after its last source deleted it (`PORTAL_SYNC_DELETED_RETENTION_DAYS`, 180);
+- access log rows: `access_log_days` after they were written
+  (`PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS`, 730).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from consumers.metrics import RETENTION_PURGED
+from store import Store
+
+
+@dataclass(frozen=True)
+class Retention:
+    history_days: int = 730
+    deleted_days: int = 180
+    access_log_days: int = 730
+
+
+def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:
+    """Forget what is past its retention at `now`; return the counts by kind (and count
+    them in `portal_sync_retention_purged_total`)."""
+    pruned = store.prune_history(now - timedelta(days=retention.history_days))
+    emptied, tombstones = store.purge_deleted(now - timedelta(days=retention.deleted_days))
+    counts = {
+        "history": pruned,
+        "deleted_history_values": emptied,
+        "tombstones": tombstones,
+        "access_log": store.purge_access_log(now - timedelta(days=retention.access_log_days)),
+    }
+    for kind, count in counts.items():
+        RETENTION_PURGED.labels(kind).inc(count)
+    return counts

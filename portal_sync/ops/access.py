@@ -1,0 +1,104 @@
+"""The access log: who read personal data out of the store, when, with which command, what
+and why.
+
+The commands that reveal values (`show`, `history`, `export`, `dlq show --reveal`,
+`replay --show-values`) refuse to run without a reason, and write their rows to the store's
+append-only `access_log` before they print anything: when the row cannot be written, the
+command fails and nothing is revealed. A row names the record by its key reference
+(`schemas.identifiers.key_reference`), never by the key itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pwd
+from collections.abc import Iterable
+
+from schemas.errors import Refused
+from schemas.events import ENTITIES
+from schemas.identifiers import ReferenceKey, key_reference
+from store import Store
+
+MAX_REASON = 1000  # access_log.reason
+MAX_OPERATOR = 128  # access_log.operator
+MAX_KEY = 64  # the contract's longest key
+
+
+class ReasonRequired(Refused):
+    """A command that reveals personal data was not told why."""
+
+
+def operator_name(given: str | None = None) -> str:
+    """Who acts: `--operator`, else the OS user (of the process's user id, not of the
+    environment's USER or LOGNAME, which anyone can set)."""
+    if given:
+        return given
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, OSError, AttributeError):  # no passwd entry (a container), no pwd
+        pass
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def require_reason(command: str, reason: str | None) -> str:
+    """The reason a revealing command was given, or a refusal that says how to give it."""
+    text = (reason or "").strip()
+    if not text:
+        raise ReasonRequired(
+            f"`{command}` reveals personal data: say why with --reason "
+            "(recorded in the access log with who and when)"
+        )
+    if len(text) > MAX_REASON:
+        raise Refused(f"--reason: at most {MAX_REASON} characters")
+    if not text.isprintable():
+        raise Refused("--reason: printable text only (no control characters)")
+    return text
+
+
+def record_key(
+    entity: str | None, key: str | None, secret: ReferenceKey | None = None
+) -> tuple[str | None, str | None]:
+    """A record as the access log names it: its entity and the key's reference (keyed with
+    `secret`; no entity: all of them). An entity or key the store cannot hold is refused."""
+    if entity is not None and entity not in ENTITIES:
+        raise Refused(f"entity: not one of {', '.join(ENTITIES)}")
+    if key is not None and not 0 < len(key) <= MAX_KEY:
+        raise Refused(f"key: 1 to {MAX_KEY} characters")
+    return entity, None if key is None else key_reference(key, secret)
+
+
+def dead_letter_key(
+    letter_id: str, key: bytes | None, secret: ReferenceKey | None = None
+) -> tuple[str | None, str]:
+    """A dead letter as the access log names it: its id, with the entity and the key's
+    reference when its message key reads as `<entity>:<key>`."""
+    text = (key or b"").decode("utf-8", "replace")
+    entity, _, record = text.partition(":")
+    if entity in ENTITIES and 0 < len(record) <= MAX_KEY:
+        return entity, f"dead letter {letter_id}: {key_reference(record, secret)}"
+    return None, f"dead letter {letter_id}"
+
+
+def record_access(
+    store_url: str,
+    command: str,
+    reason: str,
+    operator: str | None,
+    targets: Iterable[tuple[str | None, str | None]] = (),
+) -> None:
+    """Write the access log rows of one command: (entity, reference) per record read (one
+    row naming neither when `targets` is empty). Raises when they cannot be written: the
+    caller must then reveal nothing."""
+    who = operator_name(operator)
+    if len(who) > MAX_OPERATOR or not who.isprintable():
+        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    store = Store(store_url)
+    try:
+        store.create_schema()  # a store older than the access log is refused here
+        store.log_access(who, command, reason, targets)
+    finally:
+        store.close()
