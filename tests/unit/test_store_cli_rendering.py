@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from consumers.merge import Authority
 from store.core import Store
@@ -32,8 +33,8 @@ def run_cli(*args: str, color: bool = False) -> subprocess.CompletedProcess[str]
 
 @pytest.fixture
 def hostile(tmp_path: Path) -> str:
-    """A citizen whose sources disagree on a name that is markup, a hyperlink, a bidi
-    override (all valid under the contract, which refuses only control characters)."""
+    """A citizen whose sources disagree on a name that is markup, a hyperlink (valid under
+    the contract) and a bidi override (written into the store directly)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
     store.create_schema()
@@ -42,14 +43,24 @@ def hostile(tmp_path: Path) -> str:
     )
     feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": BROKEN}))
     feed.apply(event("citizen", CITIZEN, "province-01", 2, {"full_name": LINK}))
-    feed.apply(event("citizen", CITIZEN, "province-79", 1, {"full_name": BIDI}))
+    feed.apply(event("citizen", CITIZEN, "province-79", 1, {"full_name": "Lê XBIDIX"}))
     store.close()
+    # The contract now refuses format characters; a store may still hold some from before.
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in ("source_views", "records", "field_conflicts"):
+            column = "sources" if table == "field_conflicts" else "data"
+            conn.execute(
+                text(f"UPDATE {table} SET {column} = replace({column}, 'XBIDIX', :bidi)"),
+                {"bidi": "\u202egnp.exe"},
+            )
+    engine.dispose()
     return url
 
 
 @pytest.mark.parametrize("command", ["show", "history"])
 def test_markup_in_data_is_shown_as_written(hostile: str, command: str) -> None:
-    result = run_cli(command, "citizen", CITIZEN, "--store", hostile)
+    result = run_cli(command, "citizen", CITIZEN, "--store", hostile, "--reason", "test")
 
     assert result.returncode == 0, result.stderr  # was: MarkupError on "[/]"
     assert LINK in result.stdout
@@ -62,7 +73,7 @@ def test_markup_in_data_is_shown_as_written(hostile: str, command: str) -> None:
 
 @pytest.mark.parametrize("command", ["show", "history"])
 def test_a_link_in_data_is_no_hyperlink(hostile: str, command: str) -> None:
-    result = run_cli(command, "citizen", CITIZEN, "--store", hostile, color=True)
+    result = run_cli(command, "citizen", CITIZEN, "--store", hostile, "--reason", "test", color=True)
 
     assert result.returncode == 0, result.stderr
     assert "\x1b]8;" not in result.stdout  # OSC 8: a clickable link
