@@ -73,7 +73,9 @@ def test_markup_in_data_is_shown_as_written(hostile: str, command: str) -> None:
 
 @pytest.mark.parametrize("command", ["show", "history"])
 def test_a_link_in_data_is_no_hyperlink(hostile: str, command: str) -> None:
-    result = run_cli(command, "citizen", CITIZEN, "--store", hostile, "--reason", "test", color=True)
+    result = run_cli(
+        command, "citizen", CITIZEN, "--store", hostile, "--reason", "test", color=True
+    )
 
     assert result.returncode == 0, result.stderr
     assert "\x1b]8;" not in result.stdout  # OSC 8: a clickable link

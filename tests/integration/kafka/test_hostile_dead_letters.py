@@ -125,7 +125,7 @@ def test_dlq_list_filters_still_work(hostile: Any) -> None:
 
 def test_dlq_show_reveal_prints_escapes_never_raw_controls(hostile: Any) -> None:
     ids = _ids(hostile)
-    attack = run(hostile, "dlq", "show", ids["terminal attack"], "--reveal")
+    attack = run(hostile, "dlq", "show", ids["terminal attack"], "--reveal", "--reason", "test")
 
     assert attack.returncode == 0, attack.stderr
     out = attack.stdout
@@ -139,12 +139,12 @@ def test_dlq_show_reveal_prints_escapes_never_raw_controls(hostile: Any) -> None
     for name, problem in [("deep", "value: nested over 1024 levels"),
                           ("bad time", "ps.failed_at: not a time"),
                           ("binary", "value: not UTF-8")]:  # fmt: skip
-        shown = run(hostile, "dlq", "show", ids[name], "--reveal")
+        shown = run(hostile, "dlq", "show", ids[name], "--reveal", "--reason", "test")
         assert shown.returncode == 0, shown.stderr
         lines = shown.stdout.splitlines()
         assert problem in next(line for line in lines if line.startswith("unreadable: "))
         assert "\x1b" not in shown.stdout
-    binary = run(hostile, "dlq", "show", ids["binary"], "--reveal").stdout
+    binary = run(hostile, "dlq", "show", ids["binary"], "--reveal", "--reason", "test").stdout
     assert "\\xff\\xfe\\x00\\x1b[2J\\x9b" in binary  # each byte that is not UTF-8
 
 
