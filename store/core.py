@@ -46,6 +46,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
+from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store.batch import BatchIO, batch_io
 from store.tables import (
@@ -184,20 +185,6 @@ def create_store_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
-
-
-def redacted_url(url: str) -> str:
-    """A store URL fit to print: the password (in the authority part or the query
-    string) replaced by `***`."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return "(unreadable store URL)"
-    secret = {k: "***" for k in parsed.query if k.lower() in ("password", "sslpassword")}
-    text = parsed.update_query_dict(secret).render_as_string(hide_password=True)
-    return text
 
 
 def _make_parent_dir(url: str) -> None:
