@@ -48,6 +48,7 @@ from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
 from consumers.registry import Registry
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
+from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers
 from schemas.errors import PortalSyncError, Refused, TransientError
 from store import OffsetGap, Store, TopicPartition, utcnow
@@ -78,6 +79,7 @@ class WorkerConfig:
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    metrics_web_config: Path | None = None  # TLS and basic auth (observability.web_config)
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
 
@@ -288,6 +290,7 @@ def value_reference(
 
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
+    web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
     store = Store(config.store_url)
     store.create_schema()
@@ -315,6 +318,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             lambda: liveness.healthy() and not health.stalled(),
             lambda: liveness.ready() and health.ready(),
             ready_note=note,
+            web=web,
         )
     try:
         return asyncio.run(loop.run())

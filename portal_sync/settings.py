@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
+    metrics_web_config_file: Path | None = Field(
+        default=None, description="TLS and basic auth of every process's HTTP endpoints"
+    )
     freshness_objective_seconds: float = 60.0
     worker_stall_after_seconds: float = Field(
         default=300.0, description="/healthz fails after a batch retried this long"
@@ -143,6 +146,7 @@ class Settings(BaseSettings):
             batch_max_wait_seconds=self.batch_max_wait_seconds,
             metrics_host=self.metrics_host,
             metrics_port=self.metrics_port,
+            metrics_web_config=self.metrics_web_config_file,
             freshness_objective_seconds=self.freshness_objective_seconds,
             stall_after_seconds=self.worker_stall_after_seconds,
         )
