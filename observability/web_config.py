@@ -31,7 +31,7 @@ import hashlib
 import re
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,15 @@ VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 REMEMBERED = 64  # successful checks kept (one per user and password in use)
 
 
-@dataclass
 class BasicAuth:
     """Users and their bcrypt hashes; `allows` checks an `Authorization` header."""
 
-    users: dict[str, bytes]
-    _remembered: set[bytes] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, users: dict[str, bytes]) -> None:
+        if not users:
+            raise ValueError("basic auth needs at least one user")
+        self.users = users
+        self._remembered: set[bytes] = set()
+        self._lock = threading.Lock()
 
     def allows(self, authorization: str | None) -> bool:
         credentials = _basic_credentials(authorization)
