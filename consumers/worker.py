@@ -55,6 +55,7 @@ from consumers.registry import Registry
 from consumers.retention import Retention, purge
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
+from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers
 from schemas.errors import PortalSyncError, Refused, TransientError
 from store import OffsetGap, Store, TopicPartition, utcnow
@@ -87,6 +88,7 @@ class WorkerConfig:
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    metrics_web_config: Path | None = None  # TLS and basic auth (observability.web_config)
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
     max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
@@ -334,6 +336,7 @@ def value_reference(
 
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
+    web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
     store = Store(config.store_url)
     store.create_schema()
@@ -361,6 +364,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             lambda: liveness.healthy() and not health.stalled(),
             lambda: liveness.ready() and health.ready(),
             ready_note=note,
+            web=web,
         )
     tune_garbage_collector()
     try:

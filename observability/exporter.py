@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from observability.http import serve
 from observability.kafka_lag import GroupLag, LagReader
+from observability.web_config import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def run_exporter(
     host: str = "127.0.0.1",
     interval: float = 10.0,
     stop: threading.Event | None = None,
+    web: WebConfig | None = None,
 ) -> None:
     """Poll every `interval` seconds until `stop` is set (or forever)."""
     stop = stop or threading.Event()
@@ -89,7 +91,7 @@ def run_exporter(
         return time.time() - collector.last_success < max(30.0, 3 * interval)
 
     heartbeat = [time.monotonic()]
-    server = serve(port, host, healthy=healthy, ready=ready)
+    server = serve(port, host, healthy=healthy, ready=ready, web=web)
     try:
         while not stop.is_set():
             began = time.monotonic()

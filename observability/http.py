@@ -7,11 +7,20 @@ The server is bounded: at most `MAX_CONNECTIONS` requests are handled at once (a
 connection is closed at once), and a connection that sends nothing for `READ_TIMEOUT`
 seconds is dropped, so half-open connections cannot pile up threads. Clients that go away
 mid-request are not logged.
+
+With a web configuration (`observability.web_config`, `PORTAL_SYNC_METRICS_WEB_CONFIG_FILE`)
+the server speaks TLS only (the handshake runs in the connection's thread, under the same
+read timeout; a plain-HTTP request is answered 400) and every path but /healthz and /readyz
+asks for basic authentication (401 with `WWW-Authenticate`). The probes stay open so that
+a kubelet or a load balancer can call them without credentials; they tell only "ok" or
+"not ok".
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +30,17 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from observability.web_config import WebConfig
+
 Probe = Callable[[], bool]
 MAX_CONNECTIONS = 16
 READ_TIMEOUT = 5.0
-GONE = (ConnectionError, TimeoutError)  # socket.timeout is TimeoutError
+GONE = (ConnectionError, TimeoutError, ssl.SSLError)  # socket.timeout is TimeoutError
+OPEN_PATHS = ("/healthz", "/readyz")  # never behind basic auth: kubelet probes
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+)
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -33,9 +49,10 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a burst of connections waits in the backlog, not in threads
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.tls = tls
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -53,6 +70,22 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(READ_TIMEOUT)  # the handshake too: a silent client is dropped
+        with contextlib.suppress(OSError):  # a failed handshake, a client that went away
+            if request.recv(1, socket.MSG_PEEK) != b"\x16":  # not a TLS handshake record
+                request.recv(65536)  # the request, read so that closing does not reset
+                request.sendall(PLAIN_HTTP_ANSWER)
+                return
+            secure = self.tls.wrap_socket(request, server_side=True)
+            try:
+                super().finish_request(secure, client_address)
+            finally:
+                self.shutdown_request(secure)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that disconnects or stalls is not an error worth a traceback."""
 
@@ -68,10 +101,12 @@ def serve(
     ready: Probe = always,
     registry: CollectorRegistry = REGISTRY,
     ready_note: str = "",
+    web: WebConfig | None = None,
 ) -> BoundedHTTPServer:
     """Serve in a daemon thread; port 0 picks a free port (see `server_address`).
     `ready_note` is added to the /readyz answer (e.g. that the worker runs in
-    development mode)."""
+    development mode); `web`: TLS and basic authentication (module docstring)."""
+    auth = web.auth if web is not None else None
 
     class Handler(BaseHTTPRequestHandler):
         timeout = READ_TIMEOUT  # per connection: a silent client is dropped
@@ -82,6 +117,12 @@ def serve(
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
+            credentials = self.headers.get("Authorization")
+            if not (auth is None or path in OPEN_PATHS or auth.allows(credentials)):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="portal-sync"')
+                self._reply_body(b"unauthorized\n")
+                return
             if path == "/metrics":
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
@@ -95,6 +136,9 @@ def serve(
 
         def _reply(self, code: int, body: bytes, kind: str = "text/plain; charset=utf-8") -> None:
             self.send_response(code)
+            self._reply_body(body, kind)
+
+        def _reply_body(self, body: bytes, kind: str = "text/plain; charset=utf-8") -> None:
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -103,7 +147,7 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             """Quiet: scrapes every few seconds would flood the logs."""
 
-    server = BoundedHTTPServer((host, port), Handler)
+    server = BoundedHTTPServer((host, port), Handler, tls=web.tls if web is not None else None)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

@@ -1,8 +1,9 @@
 """Configuration from flags, environment (`PORTAL_SYNC_*`) and defaults.
 
 `Settings` holds values and hands each layer its own configuration (`connection()`,
-`topics()`, `worker_config()`); its only I/O is reading the secret files it names, when
-asked (`reference_key()`). The one place that turns "no bootstrap
+`topics()`, `worker_config()`); its only I/O is reading the secret files it names: the
+store URL's file (`PORTAL_SYNC_STORE_URL_FILE`, a mounted secret) and, when asked, the
+reference key (`reference_key()`). The one place that turns "no bootstrap
 servers" into "the local development broker" is the CLI (`portal_sync.cli.options`).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumers.worker import WorkerConfig
@@ -34,6 +35,26 @@ def default_store_url() -> str:
     return f"sqlite:///{user_data_dir() / 'store.db'}"
 
 
+def url_from(url: str | None, file: Path | None, names: tuple[str, str]) -> str | None:
+    """A URL given directly or in a file (one line; a password in a URL on the command line
+    is visible to every user in `ps`). Both may be given only if they agree; `names`
+    are the two settings, for the message (which never shows a URL)."""
+    if file is None:
+        return url
+    try:
+        from_file = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ConfigurationError(f"{names[1]}: cannot read {file}: {reason}") from None
+    if not from_file or "\n" in from_file:
+        raise ConfigurationError(f"{names[1]}: {file} must hold one line, the URL")
+    if url is not None and url != from_file:
+        raise ConfigurationError(
+            f"{names[0]} and {names[1]} are both given and differ: give only one"
+        )
+    return from_file
+
+
 class Settings(BaseSettings):
     """Every setting can be given as env `PORTAL_SYNC_<NAME>`; CLI flags override."""
 
@@ -47,6 +68,9 @@ class Settings(BaseSettings):
     store_url: str = Field(
         default_factory=default_store_url,
         description="SQLAlchemy URL of the national store",
+    )
+    store_url_file: Path | None = Field(
+        default=None, description="file holding the store URL (a secret); instead of store_url"
     )
     topic_prefix: str = "portal-sync"
     change_partitions: int = 6
@@ -75,6 +99,9 @@ class Settings(BaseSettings):
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
+    metrics_web_config_file: Path | None = Field(
+        default=None, description="TLS and basic auth of every process's HTTP endpoints"
+    )
     freshness_objective_seconds: float = 60.0
     worker_stall_after_seconds: float = Field(
         default=300.0, description="/healthz fails after a batch retried this long"
@@ -87,6 +114,13 @@ class Settings(BaseSettings):
         description="secret of the keyed references (HMAC-SHA-256) that stand for personal "
         "ids and tax codes in logs, dead letters and reports; unset: masked keys only",
     )
+
+    @model_validator(mode="after")
+    def _store_url_from_file(self) -> Settings:
+        given = self.store_url if "store_url" in self.model_fields_set else None
+        names = ("PORTAL_SYNC_STORE_URL (--store)", "PORTAL_SYNC_STORE_URL_FILE")
+        self.store_url = url_from(given, self.store_url_file, names) or self.store_url
+        return self
 
     @classmethod
     def from_flags(cls, bootstrap: str | None = None, store: str | None = None) -> Settings:
@@ -147,6 +181,7 @@ class Settings(BaseSettings):
             batch_max_wait_seconds=self.batch_max_wait_seconds,
             metrics_host=self.metrics_host,
             metrics_port=self.metrics_port,
+            metrics_web_config=self.metrics_web_config_file,
             freshness_objective_seconds=self.freshness_objective_seconds,
             stall_after_seconds=self.worker_stall_after_seconds,
             max_clock_skew_seconds=self.max_clock_skew_seconds,

@@ -1,8 +1,9 @@
 """One deployment configuration file (TOML) listing a province's or ministry's sources.
 
 Strings may reference environment variables as `${NAME}`; they are resolved at load and
-never printed: `redacted()` shows the file's text form (`${NAME}` stays as written) with any
-literal URL password masked. Relative paths are relative to the file's directory.
+never printed: `redacted()` shows the file's text form (`${NAME}` stays as written) with
+every literal secret masked (`schemas.redaction`). Relative paths are relative to the
+file's directory.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from pydantic import (
 from producers.adapters import load as load_adapter
 from producers.sdk import Adapter, ConfigurationError
 from schemas.identifiers import ReferenceKey
+from schemas.redaction import redacted_text
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
-_SECRET_KEY = re.compile(r"(?im)^(\s*\w*(?:password|secret|token)\w*\s*=\s*).+$")
 SOURCE_ID = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 
 
@@ -119,10 +119,10 @@ class Deployment(StrictModel):
         return adapter
 
     def redacted(self) -> str:
-        """The file as written, safe to print: `${NAME}` references stay unresolved, literal
-        URL passwords and values of keys named like password, secret or token are masked."""
-        text = _URL_PASSWORD.sub(r"\1***\3", self._text)
-        return _SECRET_KEY.sub(r'\1"***"', text)
+        """The file as written, safe to print: `${NAME}` references stay unresolved; URL
+        passwords, key=value passwords and the values of keys named like password, secret
+        or token (bare, quoted or dotted, in inline tables too) are masked."""
+        return redacted_text(self._text)
 
 
 def load_deployment(path: Path, environ: dict[str, str] | None = None) -> Deployment:

@@ -49,6 +49,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
+from schemas.redaction import redacted_text
+from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store.batch import BatchIO, batch_io
 from store.tables import (
@@ -95,7 +97,7 @@ def translated() -> Iterator[None]:
     except (DataError, IntegrityError) as error:
         raise StoreRefused(error) from None
     except DBAPIError as error:
-        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+        raise StoreUnavailable(_failure(error)) from None
     except StatementError as error:  # a parameter could not be converted: the value's fault
         raise StoreRefused(error) from None
     except SQLAlchemyError as error:
@@ -107,6 +109,16 @@ def translated() -> Iterator[None]:
         if family == "unavailable":
             raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
         raise
+
+
+def _failure(error: DBAPIError) -> str:
+    """What failed: connecting says why (the driver names the server and the cause, e.g. a
+    certificate it could not verify; secret-looking parts masked); a statement that
+    failed is named by its type only (its message may quote values)."""
+    if error.statement is None and error.orig is not None:
+        lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
+        return "cannot connect to the store: " + redacted_text("; ".join(lines))
+    return f"the store failed: {type(error).__name__}"
 
 
 def _dbapi_family(error: Exception) -> str | None:
@@ -191,20 +203,6 @@ def create_store_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
-
-
-def redacted_url(url: str) -> str:
-    """A store URL fit to print: the password (in the authority part or the query
-    string) replaced by `***`."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return "(unreadable store URL)"
-    secret = {k: "***" for k in parsed.query if k.lower() in ("password", "sslpassword")}
-    text = parsed.update_query_dict(secret).render_as_string(hide_password=True)
-    return text
 
 
 def _make_parent_dir(url: str) -> None:

@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import ConfigurationError
+from schemas.redaction import redacted_text
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -114,4 +115,4 @@ class KafkaConnection(BaseSettings):
     def redacted(self) -> str:
         """For logs and status lines: servers and protocol, never a secret."""
         user = f" as {self.sasl_username}" if self.uses_sasl else ""
-        return f"{self.bootstrap} ({self.security_protocol}{user})"
+        return f"{redacted_text(self.bootstrap)} ({self.security_protocol}{user})"

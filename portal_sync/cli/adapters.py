@@ -135,6 +135,7 @@ def produce(
     """Run every source of a deployment file: publish their changes to Kafka.
     Serves /metrics, /healthz and /readyz on the deployment's metrics port."""
     from observability.http import serve
+    from observability.web_config import load_web_config
     from portal_sync.settings import deployment_settings
     from producers.deployment import load_deployment
     from producers.produce import ProduceResult
@@ -152,10 +153,11 @@ def produce(
     deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
     result = ProduceResult()
+    web = load_web_config(settings.metrics_web_config_file) if port else None
     if port and not once:
-        serve(port, deployment.producer.metrics_host, result.healthy, result.ready)
+        serve(port, deployment.producer.metrics_host, result.healthy, result.ready, web=web)
     elif port:
-        serve(port, deployment.producer.metrics_host)
+        serve(port, deployment.producer.metrics_host, web=web)
     ensure_topics(settings.connection(), settings.topics())
     stop = threading.Event()
     if not once:

@@ -49,10 +49,13 @@ def lag_exporter(
 ) -> None:
     """Export consumer lag of all groups and partitions (/metrics, /healthz, /readyz)."""
     from observability.exporter import run_exporter
+    from observability.web_config import load_web_config
 
+    web = load_web_config(settings_from(bootstrap, store).metrics_web_config_file)
     reader = _lag_reader(bootstrap, store, group, topic, offsets_from, window)
-    console.print(f"lag exporter on http://{host}:{port}/metrics, polling every {interval:g}s")
-    run_exporter(reader, port, host, interval)
+    scheme = web.scheme if web is not None else "http"
+    console.print(f"lag exporter on {scheme}://{host}:{port}/metrics, polling every {interval:g}s")
+    run_exporter(reader, port, host, interval, web=web)
 
 
 def lag(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,6 +30,8 @@ from portal_sync.cli.options import (
     settings_from,
 )
 from portal_sync.ops.replay import ReplaySummary
+from portal_sync.settings import url_from
+from schemas.errors import ConfigurationError
 from schemas.identifiers import ReferenceKey, key_reference
 from store import Store
 
@@ -181,7 +184,22 @@ def summary_dict(
 
 
 def rebuild(
-    store: Annotated[str, typer.Option("--store", help="URL of the NEW store to build")],
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            envvar="PORTAL_SYNC_REBUILD_STORE_URL",
+            help="URL of the NEW store to build (with a password: use --store-file)",
+        ),
+    ] = None,
+    store_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--store-file",
+            envvar="PORTAL_SYNC_REBUILD_STORE_URL_FILE",
+            help="File holding the URL of the NEW store (keeps its password out of `ps`)",
+        ),
+    ] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="Diff the rebuilt store against the live one")
     ] = False,
@@ -195,6 +213,10 @@ def rebuild(
     from portal_sync.ops.rules import guard_rules
     from transport.reader import Selection
 
+    names = ("--store (PORTAL_SYNC_REBUILD_STORE_URL)", "--store-file")
+    store = url_from(store, store_file, names)
+    if store is None:
+        raise ConfigurationError("rebuild needs the new store: --store-file FILE or --store URL")
     live_settings = settings_from(bootstrap, None)
     reference_key = live_settings.reference_key()
     live = Store(live_settings.store_url)

@@ -190,6 +190,7 @@ def _create_sources(run: DemoRun, people: int) -> None:
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = os.environ | run.settings.as_env()
+    env.pop("PORTAL_SYNC_METRICS_WEB_CONFIG_FILE", None)  # the demo scrapes its own worker
     log = (run.workdir / "worker.log").open("wb")
     command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

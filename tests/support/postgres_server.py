@@ -52,7 +52,8 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_postgres() -> PostgresServer:
+def start_postgres(tls: tuple[Path, Path] | None = None) -> PostgresServer:
+    """A fresh server; with `tls` (certificate and key files) it also accepts TLS (ssl=on)."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not candidates:
         raise PostgresUnavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -80,6 +81,15 @@ def start_postgres() -> PostgresServer:
     options = (
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     )
+    if tls is not None:
+        cert, key = root / "server.crt", root / "server.key"
+        shutil.copyfile(tls[0], cert)
+        shutil.copyfile(tls[1], key)
+        key.chmod(0o600)  # the server refuses a key others can read
+        if prefix:
+            for path in (cert, key):
+                shutil.chown(path, "postgres", "postgres")
+        options += f" -c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
     start = [
         *prefix,
         str(bindir / "pg_ctl"),

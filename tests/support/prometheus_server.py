@@ -21,7 +21,14 @@ class PrometheusUnavailable(RuntimeError):
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, jobs: dict[str, int], rules: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        jobs: dict[str, int],
+        rules: dict[str, Any],
+        scrape: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """`scrape`: more options of some jobs (`scheme`, `tls_config`, `basic_auth`)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise PrometheusUnavailable("no prometheus binary (Debian package `prometheus`)")
@@ -32,6 +39,7 @@ class Prometheus:
             "rule_files": ["alerts.yml"],
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                | (scrape or {}).get(job, {})
                 for job, port in jobs.items()
             ],
         }

@@ -348,7 +348,8 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
     _caught_up(settings)
 
     rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
-    result = cli(settings, "rebuild", "--store", rebuilt, "--compare")
+    (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")  # a URL with a password: not in `ps`
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout

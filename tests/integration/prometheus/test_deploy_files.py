@@ -3,6 +3,7 @@ checked by promtool (rule unit tests included), the Grafana dashboard's structur
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -16,7 +17,9 @@ import yaml
 from observability import deploy
 from observability.alerts import rules
 from observability.dashboard import expressions
+from observability.web_config import load_web_config
 from tests.conftest import IN_CI
+from tests.support.certificates import issue, make_authority
 from transport.local import REPO_ROOT
 
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus"
@@ -60,6 +63,36 @@ def test_promtool_checks_the_scrape_configuration() -> None:
         "portal-sync-lag-exporter",
         "portal-sync-producer",
     }
+
+
+def test_the_commented_tls_and_basic_auth_scrape_options_are_a_valid_configuration(
+    tmp_path: Path,
+) -> None:
+    text = (PROMETHEUS / "prometheus.yml").read_text()
+    uncommented = re.sub(r"(?m)^(\s*)# (\s*[a-z_]+:.*)$", r"\1\2", text)
+    jobs = yaml.safe_load(uncommented)["scrape_configs"]
+    worker = next(job for job in jobs if job["job_name"] == "portal-sync-worker")
+    assert worker["scheme"] == "https" and worker["tls_config"]["ca_file"]
+    assert set(worker["basic_auth"]) == {"username", "password_file"}  # never a password
+    (tmp_path / "prometheus.yml").write_text(uncommented)
+    shutil.copy(PROMETHEUS / "alerts.yml", tmp_path / "alerts.yml")
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_web_config_passes_promtool_and_portal_sync_applies_it(
+    tmp_path: Path,
+) -> None:
+    example = tmp_path / "web-config.yml"
+    shutil.copy(PROMETHEUS / "web-config.example.yml", example)
+    authority = make_authority(tmp_path / "ca")
+    issue(authority, tmp_path, "metrics", dns=("localhost",))  # metrics.crt, metrics.key
+
+    result = promtool("check", "web-config", str(example))
+    assert result.returncode == 0, result.stdout + result.stderr
+    web = load_web_config(example)
+    assert web is not None and web.tls is not None and web.auth is not None
+    assert web.auth.allows("Basic " + base64.b64encode(b"prometheus:change-me").decode())
 
 
 def test_every_alert_has_a_summary_a_runbook_and_a_severity() -> None:

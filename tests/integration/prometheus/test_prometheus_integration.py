@@ -1,12 +1,15 @@
-"""The real check: a real Prometheus scrapes a running producer, worker and lag exporter;
-every PromQL expression of the dashboard and of the alert rules returns data; stopping the
-worker makes the stalled-consumer alert fire."""
+"""The real check: a real Prometheus scrapes a running producer, worker and lag exporter,
+all three over TLS with basic auth (one web config file, the scrape config of
+docs/operations.md); every PromQL expression of the dashboard and of the alert rules returns
+data; a scrape with a wrong password is refused; stopping the worker makes the
+stalled-consumer alert fire."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,12 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
+import yaml
 
 from observability.alerts import Thresholds, rule_file, rules
 from observability.dashboard import dashboard, expressions
 from portal_sync.settings import Settings
 from tests.conftest import IN_CI
+from tests.support.certificates import issue, make_authority
 from tests.support.kafka_helpers import ensure_topics
 from tests.support.pipeline_helpers import start_worker
 from tests.support.prometheus_server import Prometheus, PrometheusUnavailable
@@ -41,11 +47,49 @@ def grafana_to_promql(expr: str) -> str:
     return variable_query[1] if variable_query else expr
 
 
+SCRAPE_PASSWORD = "scrape-pw-31b7"
+
+
+def _secured(directory: Path) -> dict[str, Any]:
+    """A CA, a server certificate, a web config (TLS, one bcrypt user) and the scrape
+    options Prometheus needs for it: the recipe of docs/operations.md."""
+    directory.mkdir()
+    authority = make_authority(directory, "metrics CA")
+    server = issue(authority, directory, "metrics", dns=("localhost",), ips=("127.0.0.1",))
+    hashed = bcrypt.hashpw(SCRAPE_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = {
+        "tls_server_config": {"cert_file": server.cert.name, "key_file": server.key.name},
+        "basic_auth_users": {"prometheus": hashed},
+    }
+    (directory / "web-config.yml").write_text(yaml.safe_dump(config))
+    (directory / "scrape.password").write_text(SCRAPE_PASSWORD + "\n")
+    (directory / "wrong.password").write_text("not-the-password\n")
+
+    def scrape(password_file: str) -> dict[str, Any]:
+        return {
+            "scheme": "https",
+            "tls_config": {"ca_file": str(authority.path)},
+            "basic_auth": {
+                "username": "prometheus",
+                "password_file": str(directory / password_file),
+            },
+        }
+
+    return {
+        "web_config": str(directory / "web-config.yml"),
+        "ca": str(authority.path),
+        "scrape": scrape("scrape.password"),
+        "wrong": scrape("wrong.password"),
+    }
+
+
 @pytest.fixture
 def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     settings: Settings = settings_for(f"sqlite:///{tmp_path / 'store.db'}")
     ensure_topics(settings)
-    env = os.environ | settings.as_env()
+    secured = _secured(tmp_path / "tls")
+    web = {"PORTAL_SYNC_METRICS_WEB_CONFIG_FILE": secured["web_config"]}
+    env = os.environ | settings.as_env() | web
     ports = {name: free_port() for name in ("worker", "exporter", "producer")}
     procs: dict[str, subprocess.Popen[Any]] = {}
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ports}
@@ -53,13 +97,14 @@ def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     producer += [str(tmp_path / "source.db"), str(tmp_path / "state"), str(ports["producer"])]
     procs["producer"] = subprocess.Popen(producer, env=env, stdout=logs["producer"], stderr=-2)
     procs["worker"] = start_worker(
-        settings, "--metrics-port", str(ports["worker"]), PORTAL_SYNC_BATCH_MAX_WAIT_SECONDS="0.2"
-    )
+        settings, "--metrics-port", str(ports["worker"]), PORTAL_SYNC_BATCH_MAX_WAIT_SECONDS="0.2",
+        **web,
+    )  # fmt: skip
     exporter = [sys.executable, "-m", "portal_sync", "lag-exporter", "--port"]
     exporter += [str(ports["exporter"]), "--interval", "1", "--window", "5"]
     exporter += ["--group", settings.group_id]
     procs["exporter"] = subprocess.Popen(exporter, env=env, stdout=logs["exporter"], stderr=-2)
-    yield {"settings": settings, "ports": ports, "procs": procs, "dir": tmp_path}
+    yield {"settings": settings, "ports": ports, "procs": procs, "dir": tmp_path, **secured}
     for process in procs.values():
         if process.poll() is None:
             process.terminate()
@@ -72,10 +117,13 @@ def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
 @pytest.fixture
 def prometheus(pipeline: dict[str, Any], tmp_path: Path) -> Iterator[Prometheus]:
     jobs = {f"portal-sync-{name}": port for name, port in pipeline["ports"].items()}
+    scrape = {job: pipeline["scrape"] for job in jobs}
+    jobs["wrong-password"] = pipeline["ports"]["worker"]  # not a portal-sync- job: no alerts
+    scrape["wrong-password"] = pipeline["wrong"]
     workdir = tmp_path / "prometheus"
     workdir.mkdir()
     try:
-        server = Prometheus(workdir, jobs, rule_file(FAST))
+        server = Prometheus(workdir, jobs, rule_file(FAST), scrape)
     except PrometheusUnavailable as error:
         if IN_CI:
             pytest.fail(str(error))
@@ -107,10 +155,16 @@ def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
     missing = _wait_for_data(prometheus, board + measures, timeout=60)
 
     assert not missing, f"no data for: {missing}"
+    trusting = ssl.create_default_context(cafile=pipeline["ca"])
     for name, port in pipeline["ports"].items():
-        for probe in ("healthz", "readyz"):
-            answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=5)
+        for probe in ("healthz", "readyz"):  # over TLS, without credentials
+            url = f"https://127.0.0.1:{port}/{probe}"
+            answer = urllib.request.urlopen(url, timeout=5, context=trusting)
             assert answer.status == 200, (name, probe)
+    targets = prometheus.api("targets")["activeTargets"]
+    health = {t["labels"]["job"]: (t["health"], t["lastError"]) for t in targets}
+    assert all(health[f"portal-sync-{name}"] == ("up", "") for name in pipeline["ports"]), health
+    assert health["wrong-password"][0] == "down" and "401" in health["wrong-password"][1]
     for rule_group in prometheus.api("rules")["groups"]:
         for rule in rule_group["rules"]:
             assert rule["health"] == "ok", rule
