@@ -42,18 +42,27 @@ def current_revision(engine: Engine) -> str | None:
         return revision
 
 
+# Workers started together on a new store all find it empty: one creates the schema, the
+# others wait for it and find it done (else their CREATE TABLE fails on the catalog).
+SCHEMA_LOCK = 0x706F7274616C  # PostgreSQL advisory lock key ("portal")
+
+
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Migrate the store to the newest revision; return (from, to)."""
-    before = current_revision(engine)
+    """Migrate the store to the newest revision; return (from, to). Concurrent callers are
+    serialised (PostgreSQL: an advisory lock; SQLite: a writer transaction)."""
     config = _config()
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        if (
-            before == FIRST_REVISION
-            and MigrationContext.configure(conn).get_current_revision() is None
-        ):
-            command.stamp(config, FIRST_REVISION)  # a first-schema store, made before migrations
-        command.upgrade(config, "head")
+    with engine.connect() as connection:
+        conn = connection.execution_options(writer=True)  # SQLite: BEGIN IMMEDIATE
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+            before = MigrationContext.configure(conn).get_current_revision()
+            if before is None and "source_views" in inspect(conn).get_table_names():
+                before = FIRST_REVISION  # a first-schema store, made before migrations
+                config.attributes["connection"] = conn
+                command.stamp(config, FIRST_REVISION)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
     return before, head_revision()
 
 

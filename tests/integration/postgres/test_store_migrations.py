@@ -348,3 +348,19 @@ def test_an_old_store_is_refused_until_upgraded(store_url: str, how: str) -> Non
         assert table_rows(store, records, "key") == [(CITIZEN,), (ORG,)]
     finally:
         store.close()
+
+
+def test_workers_starting_together_on_a_new_store_all_find_it_created(store_url: str) -> None:
+    """Several processes creating the schema of one empty store at once: one creates it,
+    the others wait and find it current (before: a unique violation on PostgreSQL's
+    catalog, and one worker exited at its first start)."""
+    script = "import sys; from store import Store; s = Store(sys.argv[1]); s.create_schema()"
+    starters = [
+        subprocess.Popen([sys.executable, "-c", script, store_url], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1].decode() for p in starters]
+    assert [p.returncode for p in starters] == [0] * 4, errors
+    store = Store(store_url)
+    assert current_revision(store.engine) == head_revision()
+    store.close()
