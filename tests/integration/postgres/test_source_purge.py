@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from tests.support.store_helpers import (
     ORG,
     REGISTRY,
     Feed,
+    checked_list,
     conflict_rows,
     event,
     event_id,
@@ -246,6 +248,42 @@ def test_a_frozen_view_is_cleared_and_the_source_applies_again(store: Store) -> 
     assert history_rows(store)[-1][2:5] == (
         event_id("province-01", "citizen", CITIZEN, 5), "province-01", 5,
     )  # fmt: skip
+
+
+def test_a_purge_waits_for_the_workers_batch_on_its_records(store: Store) -> None:
+    """The purge locks its records as the live worker's batches do (advisory locks on
+    PostgreSQL, BEGIN IMMEDIATE on SQLite): it waits for a batch in flight and then
+    removes what that batch wrote too."""
+    feed = fill(store)
+    holding, release = threading.Event(), threading.Event()
+    batch = checked_list(
+        [event("citizen", CITIZEN, "province-01", 9, {"full_name": "Sai Nữa"})], feed.offset
+    )
+
+    def worker() -> None:
+        feed.reconciler.apply(
+            batch,
+            [c.message for c in batch],
+            before_commit=lambda: (holding.set(), release.wait(30)),
+        )
+
+    done: list[purging.SourcePurge] = []
+    in_flight = threading.Thread(target=worker)
+    in_flight.start()
+    assert holding.wait(30)
+    purger = threading.Thread(target=lambda: done.append(purge(store, "province-01", "citizen")))
+    purger.start()
+    purger.join(1.5)
+    assert done == []  # waiting for the worker's transaction
+    release.set()
+    in_flight.join(30)
+    purger.join(60)
+    assert done[0].counts == PurgeCounts(views=2, records_remerged=1, records_changed=1,
+                                         records_removed=1)  # fmt: skip
+    assert [v for v in views(store) if v[0] == "citizen"] == [
+        ("citizen", CITIZEN, "province-79", False)
+    ]
+    assert records(store)[("citizen", CITIZEN)][0]["full_name"] == "Đúng Tên"
 
 
 def many_citizens(store: Store, count: int) -> list[str]:
