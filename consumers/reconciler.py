@@ -37,6 +37,7 @@ from store import (
     ViewRow,
     utcnow,
 )
+from store.purge import PurgeCounts, SourcePurge
 from transport.reader import Message
 from transport.topics import Topics
 
@@ -257,6 +258,55 @@ class Reconciler:
                     )
             tx.write(work.changes(self.authority), now)
         return len(work.history)
+
+    def purge(
+        self, source: str, keys: Sequence[RecordKey], audit: SourcePurge, dry_run: bool = False
+    ) -> PurgeCounts:
+        """Remove `source`'s views and tombstones of these records and re-merge each from
+        the views that remain, in one transaction that locks the records as a batch does.
+        A record no source contributes to any more goes from `records`; every changed
+        record gets a history entry (source `purge`, event: the purge's id). `audit`, with
+        the counts of the chunks before, is written in the same transaction with this
+        chunk's added. A `dry_run` rolls back. Return this chunk's counts."""
+        with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
+            work = _Batch(tx.views, tx.canonical)
+            now = utcnow()
+            purged: list[tuple[str, str, str]] = []
+            views = tombstones = remerged = changed = removed = 0
+            for record_key in sorted(set(keys)):
+                view = work.views.get(record_key, {}).pop(source, None)
+                if view is None:  # gone meanwhile (the retention's tombstone purge)
+                    continue
+                purged.append((record_key[0], record_key[1], source))
+                tombstones += view.deleted
+                views += not view.deleted
+                before = work.canonical.get(record_key)
+                record = merge(
+                    record_key[0], work.views.get(record_key, {}).values(), self.authority
+                )
+                work.merged[record_key] = record
+                remerged += record is not None
+                removed += before is not None and record is None
+                fields = record_changes(before, record.data if record else None)
+                changed += bool(fields) and record is not None
+                if fields:
+                    work.history.append(
+                        {
+                            "entity": record_key[0],
+                            "key": record_key[1],
+                            "event_id": audit.id,
+                            "source": "purge",
+                            "version": None,
+                            "changes": fields,
+                            "applied_at": now,
+                        }
+                    )
+            counts = PurgeCounts(views, tombstones, remerged, changed, removed)
+            changes = work.changes(self.authority)
+            changes.purged_views = purged
+            changes.purge = audit.add(counts)
+            tx.write(changes, now)
+        return counts
 
     def _apply_event(self, work: _Batch, event: ChangeEvent, now: datetime) -> Outcome:
         record_key = (event.entity, event.key)

@@ -104,6 +104,10 @@ class BatchIO:
     def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
         raise NotImplementedError
 
+    def delete_views(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """Remove sources' views (tombstones too) of records: (entity, key, source)."""
+        raise NotImplementedError
+
     def write_records(
         self, records: dict[RecordKey, CanonicalRecord | None], now: datetime
     ) -> None:
@@ -218,6 +222,14 @@ class PostgresBatchIO(BatchIO):
                 [v.deleted for _, _, v in rows],
                 [_json(None if v.data is None else dict(v.data)) for _, _, v in rows],
             ],
+        )
+
+    def delete_views(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        self._run(
+            "DELETE FROM source_views v USING unnest(%b::text[], %b::text[], %b::text[])"
+            " AS w(entity, key, source)"
+            " WHERE v.entity = w.entity AND v.key = w.key AND v.source = w.source",
+            [[e for e, _, _ in rows], [k for _, k, _ in rows], [s for _, _, s in rows]],
         )
 
     def write_records(
@@ -457,6 +469,9 @@ class SqliteBatchIO(BatchIO):
                 for e, k, v in rows
             ],
         )
+
+    def delete_views(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        self._many("DELETE FROM source_views WHERE entity = ? AND key = ? AND source = ?", rows)
 
     def write_records(
         self, records: dict[RecordKey, CanonicalRecord | None], now: datetime

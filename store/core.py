@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy import (
     Connection,
@@ -61,9 +61,13 @@ from store.tables import (
     offset_changes,
     record_history,
     records,
+    source_purges,
     source_views,
     store_meta,
 )
+
+if TYPE_CHECKING:
+    from store.purge import SourcePurge
 
 CHUNK = 500
 TopicPartition = tuple[str, int]
@@ -169,6 +173,8 @@ class BatchChanges:
     owner_presence: dict[RecordKey, bool] = field(default_factory=dict)  # owner came or went
     document_owners: dict[RecordKey, RecordKey | None] = field(default_factory=dict)
     offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
+    purged_views: list[tuple[str, str, str]] = field(default_factory=list)  # entity, key, source
+    purge: SourcePurge | None = None  # the audit row of a `source purge`, counts so far
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class Store:
             wanted = sorted(set(keys))
             io.lock(wanted)
             offsets = io.offsets(sorted(set(partitions))) if use_offsets else {}
-            yield BatchTransaction(io, offsets, io.views(wanted), io.canonical(wanted))
+            yield BatchTransaction(io, offsets, io.views(wanted), io.canonical(wanted), conn)
 
     # -- reads --------------------------------------------------------------------------
     def close(self) -> None:
@@ -612,8 +618,10 @@ class BatchTransaction:
         offsets: dict[TopicPartition, int],
         views: dict[RecordKey, dict[str, SourceView]],
         canonical: dict[RecordKey, dict[str, Any]],
+        conn: Connection,
     ) -> None:
         self._io = io
+        self._conn = conn
         self.offsets = offsets
         self.views = views
         self.canonical = canonical
@@ -622,6 +630,10 @@ class BatchTransaction:
         """Write a batch's changes, offsets last; return (entity, field) of new conflicts."""
         if changes.offsets:
             self._check_contiguous(changes.offsets)
+        if changes.purged_views:
+            self._io.delete_views(changes.purged_views)
+        if changes.purge is not None:
+            _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
         return self._io.write(
             [(row.entity, row.key, row.view) for row in changes.views],
             changes.records,

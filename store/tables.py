@@ -212,3 +212,26 @@ access_log = Table(
     Column("reason", String(1000), nullable=False),
     Index("ix_access_log_accessed_at", "accessed_at"),
 )
+
+# Every `source purge`: who removed which source's views (all, of one entity, or of one
+# record, named by its key reference), when, why and what it changed. Written in the
+# transaction of every chunk it commits, so its counts are what was committed;
+# `finished_at` stays None when the command was interrupted.
+source_purges = Table(
+    "source_purges",
+    metadata,
+    Column("id", String(36), primary_key=True),  # the event id of its history entries
+    Column("source", String(64), nullable=False),
+    Column("entity", String(16)),  # None: every entity
+    Column("reference", String(255)),  # the key's reference; None: every key
+    Column("operator", String(128), nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("views", BigInteger, nullable=False),
+    Column("tombstones", BigInteger, nullable=False),
+    Column("records_remerged", BigInteger, nullable=False),
+    Column("records_changed", BigInteger, nullable=False),
+    Column("records_removed", BigInteger, nullable=False),
+    Index("ix_source_purges_started_at", "started_at"),
+)

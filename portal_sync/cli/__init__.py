@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from observability.terminal import markup
-from portal_sync.cli import access, adapters, kafka, observability, ops, pipeline, store
+from portal_sync.cli import access, adapters, kafka, observability, ops, pipeline, source, store
 from portal_sync.cli.options import err_console
 from schemas.errors import ConfigurationError, PortalSyncError, Refused, TransientError
 
@@ -31,6 +31,7 @@ store.register(app)
 ops.register(app)
 observability.register(app)
 access.register(app)
+source.register(app)
 
 # How each family of the error taxonomy ends a command.
 EXIT_CODES: dict[type[PortalSyncError], int] = {

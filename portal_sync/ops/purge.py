@@ -1,0 +1,103 @@
+"""`portal-sync source purge`: recovery from a bad source.
+
+A source that sent wrong data (or a version that freezes a record: one above 2^53, from
+before the contract capped versions) is cleared from the store: its views and tombstones
+go (all of them, of one entity, or of one record), every touched record is re-merged from
+the views of the other sources (a record no source contributes to any more goes), and one
+audit row (`source_purges`) records who, when, which source and scope, why and how much.
+
+The work runs through the reconciler's batch path (`Reconciler.purge`), in chunks of keys
+(one store transaction each, the records locked as the live worker's batches lock them),
+so a province's million views never make one giant transaction. The audit row is written
+in every chunk's transaction, so an interrupted purge is recorded with what it committed
+(and no `finished_at`); running it again finishes it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+from consumers.merge import Authority
+from consumers.reconciler import Reconciler
+from portal_sync.ops.access import MAX_OPERATOR, MAX_REASON, operator_name, record_key
+from schemas.errors import Refused
+from schemas.identifiers import ReferenceKey
+from store import Store, utcnow
+from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan
+
+DEFAULT_CHUNK = 10_000  # keys per transaction
+SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
+
+
+def new_purge(
+    source: str,
+    entity: str | None,
+    key: str | None,
+    reason: str | None,
+    operator: str | None,
+    secret: ReferenceKey | None,
+) -> SourcePurge:
+    """The audit row of a purge about to run, after checking what it was given: a source
+    id, an entity, a key only with its entity (named by its reference, never itself), a
+    reason and who acts (`--operator`, else the OS user)."""
+    if not SOURCE_ID.fullmatch(source):
+        raise Refused("SOURCE: not a source id ([a-z0-9][a-z0-9._-]{1,63})")
+    if key is not None and entity is None:
+        raise Refused("--key needs --entity: a key names a record of one entity")
+    text = (reason or "").strip()
+    if not text:
+        raise Refused("`source purge` changes the national store: say why with --reason")
+    if len(text) > MAX_REASON or not text.isprintable():
+        raise Refused(f"--reason: printable text of at most {MAX_REASON} characters")
+    who = operator_name(operator)
+    if len(who) > MAX_OPERATOR or not who.isprintable():
+        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    entity, reference = record_key(entity, key, secret)
+    return SourcePurge(
+        id=str(uuid.uuid4()),
+        source=source,
+        entity=entity,
+        reference=reference,
+        operator=who,
+        reason=text,
+        started_at=utcnow(),
+    )
+
+
+def plan(store: Store, purge: SourcePurge, key: str | None) -> PurgePlan:
+    """What the purge would touch, counted from the views."""
+    return purge_plan(store, purge.source, purge.entity, key)
+
+
+def run(
+    store: Store,
+    authority: Authority,
+    purge: SourcePurge,
+    key: str | None,
+    dry_run: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+    on_progress: Callable[[int], None] | None = None,
+) -> SourcePurge:
+    """Purge chunk by chunk (`chunk` keys per transaction); return the audit row with what
+    was done (a `dry_run` rolls every chunk back and writes no audit row: its counts are
+    what the real run would do). `on_progress(keys)` after each chunk."""
+    if chunk < 1:
+        raise Refused("the chunk size must be at least 1")
+    reconciler = Reconciler(store, authority)
+    after = None
+    while True:
+        page = purge_keys(store, purge.source, purge.entity, key, after, chunk)
+        if not page:
+            break
+        purge = purge.add(reconciler.purge(purge.source, page, purge, dry_run=dry_run))
+        after = page[-1]
+        if on_progress is not None:
+            on_progress(len(page))
+        if len(page) < chunk:
+            break
+    if dry_run:
+        return replace(purge, finished_at=utcnow())
+    return finish_purge(store, purge)
