@@ -62,7 +62,7 @@ portal-sync/producer: {{ . }}
 {{- fail "kafka.changePartitions must be at least 1" }}
 {{- end }}
 {{- if gt (int .Values.worker.replicas) (int $kafka.changePartitions) }}
-{{- fail (printf "worker.replicas (%d) must not exceed kafka.changePartitions (%d): a partition is read by one worker of the group at a time, the others would idle" (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
+{{- fail (printf "worker.replicas (%d) must not exceed kafka.changePartitions (%d): each partition is read by one worker of the group at a time, so no entity topic can use more workers than it has partitions; raise the partitions first (docs/deploy.md)" (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
 {{- end }}
 {{- if not .Values.store.existingSecret }}
 {{- fail "store.existingSecret is required: the Secret holding the store URL (PORTAL_SYNC_STORE_URL_FILE)" }}
