@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -560,3 +561,27 @@ def test_a_producer_name_that_is_no_short_dns_label_is_refused(
     result = template(helm, "-f", str(path))
     assert result.returncode != 0
     assert "producers:" in result.stderr
+
+
+# --- docs/deploy.md -------------------------------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_the_deploy_docs_links_and_paths_resolve() -> None:
+    docs = REPO_ROOT / "docs"
+    text = (docs / "deploy.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+\.md)(?:#([^)\s]+))?\)", text)
+    assert links
+    for target, anchor in links:
+        path = docs / target
+        assert path.is_file(), target
+        if anchor:
+            headings = re.findall(r"(?m)^#+ (.+)$", path.read_text(encoding="utf-8"))
+            assert anchor in {github_anchor(h) for h in headings}, f"{target}#{anchor}"
+    for path in set(re.findall(r"`((?:deploy|bench|tests)/[\w./-]+)", text)):
+        assert (REPO_ROOT / path.rstrip("/")).exists(), path
+    assert "[docs/deploy.md](docs/deploy.md)" in (REPO_ROOT / "README.md").read_text()
