@@ -47,7 +47,9 @@ HELM_K8S_MINOR=37
 if [ "$want_postgres" = 1 ]; then
   helm_bin="${XDG_CACHE_HOME:-$HOME/.cache}/portal-sync/bin"
   if [ "$("$helm_bin/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
-    if ! command -v go >/dev/null; then
+    go=$(command -v go || true)
+    [ -z "$go" ] && [ -x /usr/local/go/bin/go ] && go=/usr/local/go/bin/go  # not on PATH
+    if [ -z "$go" ]; then
       echo "Go is required to build Helm $HELM_VERSION (go install); install Go 1.26 or newer" >&2
       exit 1
     fi
@@ -59,7 +61,7 @@ if [ "$want_postgres" = 1 ]; then
       ldflags+=" -X $package.k8sVersionMajor=1 -X $package.k8sVersionMinor=$HELM_K8S_MINOR"
     done
     GOBIN="$helm_bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
-      go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+      "$go" install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
     "$helm_bin/helm" version --template 'built Helm {{.Version}}{{"\n"}}'
   fi
 fi
