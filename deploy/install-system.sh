@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system pieces portal-sync needs, from Debian's packages, when missing:
-# a JDK 17 and Maven (the local Kafka broker), and with --postgres the tests' servers:
-# PostgreSQL, and Prometheus (promtool checks the alert rules; a real Prometheus scrapes
-# the pipeline in an integration test).
+# a JDK 17 and Maven (the local Kafka broker), and with --postgres the tests' servers and
+# tools: PostgreSQL, Prometheus (promtool checks the alert rules; a real Prometheus scrapes
+# the pipeline in an integration test), and Helm (the chart's checks), built from source
+# with Go into the user's cache dir once (~/.cache/portal-sync/bin/helm).
 # Then fetches the Kafka jars once through Maven into the user's cache dir.
 set -euo pipefail
 
@@ -35,4 +36,32 @@ java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head
 if [ "${java_major:-0}" -lt 17 ]; then
   echo "Java 17 or newer is required (found ${java_major:-none})" >&2
   exit 1
+fi
+
+# Helm, for the chart's tests (tests/integration/helm): `go install` of the release's module
+# with the version stamps of Helm's own Makefile (its version; the Kubernetes version of its
+# client-go v0.37.0 as the default capabilities), cached: nothing is rebuilt while the
+# cached binary reports this version.
+HELM_VERSION=v3.22.0
+HELM_K8S_MINOR=37
+if [ "$want_postgres" = 1 ]; then
+  helm_bin="${XDG_CACHE_HOME:-$HOME/.cache}/portal-sync/bin"
+  if [ "$("$helm_bin/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
+    go=$(command -v go || true)
+    [ -z "$go" ] && [ -x /usr/local/go/bin/go ] && go=/usr/local/go/bin/go  # not on PATH
+    if [ -z "$go" ]; then
+      echo "Go is required to build Helm $HELM_VERSION (go install); install Go 1.26 or newer" >&2
+      exit 1
+    fi
+    echo "building Helm $HELM_VERSION into $helm_bin (go install, a few minutes once)"
+    mkdir -p "$helm_bin"
+    ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+    ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+    for package in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+      ldflags+=" -X $package.k8sVersionMajor=1 -X $package.k8sVersionMinor=$HELM_K8S_MINOR"
+    done
+    GOBIN="$helm_bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
+      "$go" install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    "$helm_bin/helm" version --template 'built Helm {{.Version}}{{"\n"}}'
+  fi
 fi

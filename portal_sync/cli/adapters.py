@@ -125,6 +125,14 @@ def produce(
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="/metrics port (0: off)")
     ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option("--metrics-host", help="/metrics bind address (else the file's metrics_host)"),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="Dir of the sources' state files (else the file's)"),
+    ] = None,
     bootstrap: Annotated[
         str | None, typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP")
     ] = None,
@@ -133,7 +141,8 @@ def produce(
     ] = False,
 ) -> None:
     """Run every source of a deployment file: publish their changes to Kafka.
-    Serves /metrics, /healthz and /readyz on the deployment's metrics port."""
+    Serves /metrics, /healthz and /readyz on the deployment's metrics port. --metrics-host
+    and --state-dir override the file (a container: the file is a read-only ConfigMap)."""
     from observability.http import serve
     from observability.web_config import load_web_config
     from portal_sync.settings import deployment_settings
@@ -152,12 +161,15 @@ def produce(
     reference_key = settings.reference_key()
     deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
+    host = deployment.producer.metrics_host if metrics_host is None else metrics_host
+    if state_dir is not None:
+        deployment.producer.state_dir = state_dir
     result = ProduceResult()
     web = load_web_config(settings.metrics_web_config_file) if port else None
     if port and not once:
-        serve(port, deployment.producer.metrics_host, result.healthy, result.ready, web=web)
+        serve(port, host, result.healthy, result.ready, web=web)
     elif port:
-        serve(port, deployment.producer.metrics_host, web=web)
+        serve(port, host, web=web)
     ensure_topics(settings.connection(), settings.topics())
     stop = threading.Event()
     if not once:

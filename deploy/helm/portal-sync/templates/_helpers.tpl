@@ -1,0 +1,314 @@
+{{/* Names and labels. */}}
+{{- define "portal-sync.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "portal-sync.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "portal-sync.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "portal-sync.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: portal-sync
+{{- end }}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "worker" ["producer" NAME]) */}}
+{{- define "portal-sync.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "portal-sync.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .producer }}
+portal-sync/producer: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "portal-sync.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "portal-sync.rulesChecksum" -}}
+{{- include (print .Template.BasePath "/rules-configmap.yaml") . | sha256sum }}
+{{- end }}
+
+{{/* What the chart refuses to render. */}}
+{{- define "portal-sync.validate" -}}
+{{- $kafka := .Values.kafka -}}
+{{- if not (has $kafka.securityProtocol (list "PLAINTEXT" "SSL" "SASL_PLAINTEXT" "SASL_SSL")) }}
+{{- fail (printf "kafka.securityProtocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, not %q" $kafka.securityProtocol) }}
+{{- end }}
+{{- if and (hasPrefix "SASL" $kafka.securityProtocol) (not $kafka.sasl.existingSecret) }}
+{{- fail (printf "kafka.securityProtocol %s needs kafka.sasl.existingSecret (the SASL user name and password)" $kafka.securityProtocol) }}
+{{- end }}
+{{- if ne (empty $kafka.tls.certKey) (empty $kafka.tls.keyKey) }}
+{{- fail "kafka.tls.certKey and kafka.tls.keyKey go together (mutual TLS)" }}
+{{- end }}
+{{- if and $kafka.tls.certKey (not $kafka.tls.existingSecret) }}
+{{- fail "kafka.tls.certKey needs kafka.tls.existingSecret" }}
+{{- end }}
+{{- if lt (int $kafka.changePartitions) 1 }}
+{{- fail "kafka.changePartitions must be at least 1" }}
+{{- end }}
+{{- if gt (int .Values.worker.replicas) (int $kafka.changePartitions) }}
+{{- fail (printf "worker.replicas (%d) must not exceed kafka.changePartitions (%d): each partition is read by one worker of the group at a time, so no entity topic can use more workers than it has partitions; raise the partitions first (docs/deploy.md)" (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
+{{- end }}
+{{- if not .Values.store.existingSecret }}
+{{- fail "store.existingSecret is required: the Secret holding the store URL (PORTAL_SYNC_STORE_URL_FILE)" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every portal-sync container: Kafka, topics, the secrets' files, and
+     with "store" the store's URL file (producers never get the store's credentials):
+     (dict "root" $ "store" true-or-false) */}}
+{{- define "portal-sync.env" -}}
+{{- $kafka := .root.Values.kafka -}}
+- name: HOME
+  value: /tmp
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+- name: PORTAL_SYNC_KAFKA_BOOTSTRAP
+  value: {{ $kafka.bootstrap | quote }}
+- name: PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL
+  value: {{ $kafka.securityProtocol | quote }}
+{{- if hasPrefix "SASL" $kafka.securityProtocol }}
+- name: PORTAL_SYNC_KAFKA_SASL_MECHANISM
+  value: {{ $kafka.saslMechanism | quote }}
+- name: PORTAL_SYNC_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $kafka.sasl.existingSecret }}
+      key: {{ $kafka.sasl.usernameKey }}
+- name: PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE
+  value: /etc/portal-sync/kafka-sasl/password
+{{- end }}
+{{- if $kafka.tls.existingSecret }}
+- name: PORTAL_SYNC_KAFKA_SSL_CAFILE
+  value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.caKey | quote }}
+{{- if $kafka.tls.certKey }}
+- name: PORTAL_SYNC_KAFKA_SSL_CERTFILE
+  value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.certKey | quote }}
+- name: PORTAL_SYNC_KAFKA_SSL_KEYFILE
+  value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.keyKey | quote }}
+{{- end }}
+{{- end }}
+- name: PORTAL_SYNC_TOPIC_PREFIX
+  value: {{ $kafka.topicPrefix | quote }}
+- name: PORTAL_SYNC_CHANGE_PARTITIONS
+  value: {{ $kafka.changePartitions | quote }}
+- name: PORTAL_SYNC_REPLICATION_FACTOR
+  value: {{ $kafka.replicationFactor | quote }}
+- name: PORTAL_SYNC_GROUP_ID
+  value: {{ $kafka.groupId | quote }}
+{{- if .store }}
+- name: PORTAL_SYNC_STORE_URL_FILE
+  value: /etc/portal-sync/store/url
+{{- end }}
+- name: PORTAL_SYNC_METRICS_HOST
+  value: "0.0.0.0"
+{{- if .root.Values.referenceKey.existingSecret }}
+- name: PORTAL_SYNC_REFERENCE_KEY_FILE
+  value: /etc/portal-sync/reference/reference.key
+{{- end }}
+{{- if .root.Values.metrics.webConfig.existingSecret }}
+- name: PORTAL_SYNC_METRICS_WEB_CONFIG_FILE
+  value: {{ printf "/etc/portal-sync/web/%s" .root.Values.metrics.webConfig.file | quote }}
+{{- end }}
+{{- range $name, $value := .root.Values.env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The registry and authority files (workers, store upgrade). */}}
+{{- define "portal-sync.rulesEnv" -}}
+- name: PORTAL_SYNC_REGISTRY
+  value: /etc/portal-sync/rules/registry.toml
+- name: PORTAL_SYNC_AUTHORITY_FILE
+  value: /etc/portal-sync/rules/authority.toml
+{{- end }}
+
+{{/* Volumes of the secrets' files and /tmp:
+     (dict "root" $ "store" BOOL "rules" CONFIGMAP-NAME-or-"") */}}
+{{- define "portal-sync.volumes" -}}
+{{- $v := .root.Values -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- if .store }}
+- name: store
+  secret:
+    secretName: {{ $v.store.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.store.urlKey }}
+        path: url
+{{- end }}
+{{- if and .store $v.store.tls.existingSecret }}
+- name: store-tls
+  secret:
+    secretName: {{ $v.store.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+- name: kafka-sasl
+  secret:
+    secretName: {{ $v.kafka.sasl.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.kafka.sasl.passwordKey }}
+        path: password
+{{- end }}
+{{- if $v.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ $v.kafka.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if $v.referenceKey.existingSecret }}
+- name: reference-key
+  secret:
+    secretName: {{ $v.referenceKey.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.referenceKey.key }}
+        path: reference.key
+{{- end }}
+{{- if $v.metrics.webConfig.existingSecret }}
+- name: web-config
+  secret:
+    secretName: {{ $v.metrics.webConfig.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if .rules }}
+- name: rules
+  configMap:
+    name: {{ .rules }}
+{{- end }}
+{{- end }}
+
+{{- define "portal-sync.volumeMounts" -}}
+{{- $v := .root.Values -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .store }}
+- name: store
+  mountPath: /etc/portal-sync/store
+  readOnly: true
+{{- end }}
+{{- if and .store $v.store.tls.existingSecret }}
+- name: store-tls
+  mountPath: /etc/portal-sync/store-tls
+  readOnly: true
+{{- end }}
+{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+- name: kafka-sasl
+  mountPath: /etc/portal-sync/kafka-sasl
+  readOnly: true
+{{- end }}
+{{- if $v.kafka.tls.existingSecret }}
+- name: kafka-tls
+  mountPath: /etc/portal-sync/kafka-tls
+  readOnly: true
+{{- end }}
+{{- if $v.referenceKey.existingSecret }}
+- name: reference-key
+  mountPath: /etc/portal-sync/reference
+  readOnly: true
+{{- end }}
+{{- if $v.metrics.webConfig.existingSecret }}
+- name: web-config
+  mountPath: /etc/portal-sync/web
+  readOnly: true
+{{- end }}
+{{- if .rules }}
+- name: rules
+  mountPath: /etc/portal-sync/rules
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Startup, liveness and readiness probes on the container port named "metrics". */}}
+{{- define "portal-sync.probes" -}}
+{{- $scheme := ternary "HTTPS" "HTTP" (not (empty .Values.metrics.webConfig.existingSecret)) -}}
+startupProbe:
+  httpGet: {path: /healthz, port: metrics, scheme: {{ $scheme }}}
+  periodSeconds: 10
+  failureThreshold: 30
+livenessProbe:
+  httpGet: {path: /healthz, port: metrics, scheme: {{ $scheme }}}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: metrics, scheme: {{ $scheme }}}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 2
+{{- end }}
+
+{{/* Pod-level settings shared by every pod: (dict "root" $ "spec" COMPONENT-VALUES) */}}
+{{- define "portal-sync.podSettings" -}}
+{{- $v := .root.Values -}}
+automountServiceAccountToken: false
+{{- with $v.serviceAccountName }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml $v.podSecurityContext | nindent 2 }}
+{{- with (default $v.nodeSelector .spec.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $v.tolerations .spec.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $v.affinity .spec.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The Service of a component's metrics port:
+     (dict "root" $ "component" C "job" J "port" P ["producer" NAME]) */}}
+{{- define "portal-sync.metricsService" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "portal-sync.fullname" .root }}-{{ .component }}{{ with .producer }}-{{ . }}{{ end }}
+  labels:
+    {{- include "portal-sync.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    portal-sync/job: {{ .job }}
+    portal-sync/metrics: "true"
+spec:
+  type: ClusterIP
+  # Scraped while unready too: a worker waiting for the store or the broker is unready,
+  # and its portal_sync_worker_retrying_seconds is what PortalSyncWorkerStalled watches.
+  publishNotReadyAddresses: true
+  selector:
+    {{- include "portal-sync.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ .port }}
+      targetPort: metrics
+      protocol: TCP
+{{- end }}

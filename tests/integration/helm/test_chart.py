@@ -1,0 +1,587 @@
+"""The Helm chart (deploy/helm/portal-sync): `helm lint`, and `helm template` with the
+default values and with values-production.yaml validated against the Kubernetes schemas
+(kubernetes-validate, offline, strict: unknown fields fail). The Prometheus Operator's
+ServiceMonitor and PrometheusRule have no schema there: they are checked against the
+subset of monitoring.coreos.com/v1 the chart writes (below), their metadata against
+Kubernetes' ObjectMeta, and the PrometheusRule's rules must equal
+deploy/prometheus/alerts.yml. Also: the chart's copies of deploy files are current, and
+what the chart refuses to render.
+
+Helm is built by `deploy/install-system.sh --postgres` (`go install` of v3.22.0, cached in
+~/.cache/portal-sync/bin): a missing or different Helm fails these tests, never skips them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from producers.deployment import load_deployment
+from transport.local import REPO_ROOT
+
+CHART = REPO_ROOT / "deploy" / "helm" / "portal-sync"
+PRODUCTION = CHART / "values-production.yaml"
+HELM_VERSION = "v3.22.0"
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate bundles.
+KUBE_VERSIONS = ("1.27.0", "1.37.0")
+NAMESPACE = "portal-sync"
+RELEASE = "ps"
+FULLNAME = "ps-portal-sync"
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+Manifest = dict[str, Any]
+
+
+def helm_path() -> Path:
+    configured = os.environ.get("PORTAL_SYNC_HELM")
+    if configured:
+        return Path(configured)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "portal-sync" / "bin" / "helm"
+
+
+@pytest.fixture(scope="session")
+def helm(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    binary = helm_path()
+    if not os.access(binary, os.X_OK):
+        pytest.fail(
+            f"helm is missing at {binary}: `bash deploy/install-system.sh --postgres` builds it"
+        )
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(binary), *args], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    version = run("version", "--template", "{{.Version}}")
+    if version.returncode != 0 or version.stdout.strip() != HELM_VERSION:
+        pytest.fail(
+            f"{binary} is not Helm {HELM_VERSION} ({version.stdout.strip() or version.stderr}): "
+            "`bash deploy/install-system.sh --postgres` rebuilds it"
+        )
+    return run
+
+
+def template(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+    *args: str,
+    kube_version: str = KUBE_VERSIONS[-1],
+) -> subprocess.CompletedProcess[str]:
+    return helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "--kube-version", kube_version, *args,
+    )  # fmt: skip
+
+
+def render(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+    *args: str,
+    kube_version: str = KUBE_VERSIONS[-1],
+) -> list[Manifest]:
+    result = template(helm, *args, kube_version=kube_version)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+VALUES = {"default": (), "production": ("-f", str(PRODUCTION))}
+
+
+@pytest.fixture(scope="module")
+def default(helm: Callable[..., subprocess.CompletedProcess[str]]) -> list[Manifest]:
+    return render(helm)
+
+
+@pytest.fixture(scope="module")
+def production(helm: Callable[..., subprocess.CompletedProcess[str]]) -> list[Manifest]:
+    return render(helm, *VALUES["production"])
+
+
+def one(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def container(deployment: Manifest) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def env_of(deployment: Manifest) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
+
+
+# --- lint and schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_helm_lint_passes_strict(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values: str
+) -> None:
+    result = helm("lint", "--strict", str(CHART), *VALUES[values])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+# The subset of monitoring.coreos.com/v1 that the chart writes (prometheus-operator's CRDs);
+# unknown fields fail, as they would in the API server's structural schema.
+SECRET_KEY = {
+    "type": "object",
+    "required": ["name", "key"],
+    "properties": {"name": {"type": "string"}, "key": {"type": "string"},
+                   "optional": {"type": "boolean"}},
+    "additionalProperties": False,
+}  # fmt: skip
+SECRET_OR_CONFIGMAP = {
+    "type": "object",
+    "properties": {"secret": SECRET_KEY, "configMap": SECRET_KEY},
+    "additionalProperties": False,
+}
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+            r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}  # fmt: skip
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+SERVICE_MONITOR_SPEC = {
+    "type": "object",
+    "required": ["selector", "endpoints"],
+    "additionalProperties": False,
+    "properties": {
+        "jobLabel": {"type": "string"},
+        "selector": {
+            "type": "object",
+            "properties": {"matchLabels": STRING_MAP},
+            "additionalProperties": False,
+        },
+        "namespaceSelector": {
+            "type": "object",
+            "properties": {
+                "matchNames": {"type": "array", "items": {"type": "string"}},
+                "any": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["port"],
+                "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "path": {"type": "string"},
+                    "scheme": {"enum": ["http", "https"]},
+                    "interval": DURATION,
+                    "scrapeTimeout": DURATION,
+                    "tlsConfig": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "ca": SECRET_OR_CONFIGMAP,
+                            "cert": SECRET_OR_CONFIGMAP,
+                            "keySecret": SECRET_KEY,
+                            "serverName": {"type": "string"},
+                            "insecureSkipVerify": {"type": "boolean"},
+                        },
+                    },
+                    "basicAuth": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"username": SECRET_KEY, "password": SECRET_KEY},
+                    },
+                },
+            },
+        },
+    },
+}
+PROMETHEUS_RULE_SPEC = {
+    "type": "object",
+    "required": ["groups"],
+    "additionalProperties": False,
+    "properties": {
+        "groups": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "rules"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": DURATION,
+                    "rules": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["expr"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "alert": {"type": "string", "minLength": 1},
+                                "record": {"type": "string", "minLength": 1},
+                                "expr": {"type": "string", "minLength": 1},
+                                "for": DURATION,
+                                "labels": STRING_MAP,
+                                "annotations": STRING_MAP,
+                            },
+                            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CRD_SPECS = {"ServiceMonitor": SERVICE_MONITOR_SPEC, "PrometheusRule": PROMETHEUS_RULE_SPEC}
+
+
+def validate(manifest: Manifest, kube_version: str) -> None:
+    kind = manifest["kind"]
+    if kind in CRD_KINDS:
+        assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(manifest) == {"apiVersion", "kind", "metadata", "spec"}
+        # The metadata against Kubernetes' own ObjectMeta (through a ConfigMap's schema).
+        carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": manifest["metadata"]}
+        kubernetes_validate.validate(carrier, kube_version, strict=True)
+        jsonschema.Draft202012Validator(CRD_SPECS[kind]).validate(manifest["spec"])
+        return
+    kubernetes_validate.validate(manifest, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values: str, kube_version: str
+) -> None:
+    manifests = render(helm, *VALUES[values], kube_version=kube_version)
+    kinds = {m["kind"] for m in manifests}
+    expected = {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "Job"}
+    if values == "production":
+        expected |= {"ServiceMonitor", "PrometheusRule", "PersistentVolumeClaim"}
+    assert kinds == expected
+    for manifest in manifests:
+        try:
+            validate(manifest, kube_version)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
+            pytest.fail(f"{manifest['kind']} {manifest['metadata']['name']}: {error}")
+
+
+def test_the_structural_checks_of_the_crds_catch_mistakes(production: list[Manifest]) -> None:
+    monitor = one(production, "ServiceMonitor", FULLNAME)
+    broken = {**monitor, "spec": {**monitor["spec"], "endpoint": monitor["spec"]["endpoints"]}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken, KUBE_VERSIONS[-1])
+    rule = one(production, "PrometheusRule", FULLNAME)
+    group = rule["spec"]["groups"][0]
+    bad_rule = {**group["rules"][0], "for": "ten minutes"}
+    broken = {**rule, "spec": {"groups": [{**group, "rules": [bad_rule]}]}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken, KUBE_VERSIONS[-1])
+
+
+# --- the chart's copies of deploy files ---------------------------------------------------
+
+
+def sync_files() -> ModuleType:
+    path = REPO_ROOT / "deploy" / "helm" / "sync_files.py"
+    spec = importlib.util.spec_from_file_location("sync_files", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_charts_copies_of_deploy_files_are_current() -> None:
+    assert sync_files().stale() == [], "stale: run `python deploy/helm/sync_files.py`"
+
+
+def test_the_prometheus_rule_has_exactly_the_rules_of_alerts_yml(
+    production: list[Manifest],
+) -> None:
+    rule = one(production, "PrometheusRule", FULLNAME)
+    alerts = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    names = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert "PortalSyncWorkerStalled" in names and len(names) == len(set(names))
+
+
+def test_the_dashboard_configmap_is_the_dashboard_for_the_grafana_sidecar(
+    default: list[Manifest],
+) -> None:
+    board = one(default, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    original = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "portal-sync.json"
+    assert board["data"]["portal-sync.json"] == original.read_text(encoding="utf-8")
+
+
+def test_the_rules_default_to_the_repositorys_files_and_take_yours(
+    helm: Callable[..., subprocess.CompletedProcess[str]], default: list[Manifest], tmp_path: Path
+) -> None:
+    rules = one(default, "ConfigMap", f"{FULLNAME}-rules")["data"]
+    assert rules["registry.toml"] == (REPO_ROOT / "deploy" / "registry.toml").read_text()
+    assert rules["authority.toml"] == (REPO_ROOT / "deploy" / "authority.toml").read_text()
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    manifests = render(helm, "--set-file", f"rules.registry={registry}")
+    ours = one(manifests, "ConfigMap", f"{FULLNAME}-rules")["data"]["registry.toml"]
+    assert ours == registry.read_text()
+    hook = one(manifests, "ConfigMap", f"{FULLNAME}-store-upgrade-rules")["data"]
+    assert hook["registry.toml"] == ours
+    before = one(default, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["metadata"]
+    after = one(manifests, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["metadata"]
+    assert before["annotations"]["checksum/rules"] != after["annotations"]["checksum/rules"]
+
+
+# --- the components -----------------------------------------------------------------------
+
+
+def test_the_workers(production: list[Manifest]) -> None:
+    worker = one(production, "Deployment", f"{FULLNAME}-worker")
+    assert worker["spec"]["replicas"] == 3
+    pod = worker["spec"]["template"]["spec"]
+    main = container(worker)
+    assert main["args"] == ["worker"]
+    assert main["ports"] == [{"name": "metrics", "containerPort": 9310, "protocol": "TCP"}]
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert main["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"  # the web config is on
+    assert main["resources"]["requests"] and main["resources"]["limits"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = env_of(worker)
+    assert env["PORTAL_SYNC_METRICS_PORT"] == "9310"
+    assert env["PORTAL_SYNC_METRICS_HOST"] == "0.0.0.0"
+    assert env["PORTAL_SYNC_CHANGE_PARTITIONS"] == "12"
+    assert env["PORTAL_SYNC_REPLICATION_FACTOR"] == "3"
+    assert env["PORTAL_SYNC_REGISTRY"] == "/etc/portal-sync/rules/registry.toml"
+    assert env["PORTAL_SYNC_AUTHORITY_FILE"] == "/etc/portal-sync/rules/authority.toml"
+    assert env["PORTAL_SYNC_STORE_URL_FILE"] == "/etc/portal-sync/store/url"
+    assert env["PORTAL_SYNC_REFERENCE_KEY_FILE"].startswith("/etc/portal-sync/reference/")
+    assert env["PORTAL_SYNC_METRICS_WEB_CONFIG_FILE"].startswith("/etc/portal-sync/web/")
+    for path in ("/etc/portal-sync/rules", "/etc/portal-sync/store", "/etc/portal-sync/web"):
+        assert path in mounts
+    budget = one(production, "PodDisruptionBudget", f"{FULLNAME}-worker")
+    assert budget["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_kafka_over_sasl_ssl_from_secrets(production: list[Manifest]) -> None:
+    env = env_of(one(production, "Deployment", f"{FULLNAME}-worker"))
+    assert env["PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["PORTAL_SYNC_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert len(env["PORTAL_SYNC_KAFKA_BOOTSTRAP"].split(",")) == 3
+    assert env["PORTAL_SYNC_KAFKA_SASL_USERNAME"]["secretKeyRef"]["name"]
+    assert env["PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE"] == "/etc/portal-sync/kafka-sasl/password"
+    assert env["PORTAL_SYNC_KAFKA_SSL_CAFILE"] == "/etc/portal-sync/kafka-tls/ca.crt"
+    assert "PORTAL_SYNC_KAFKA_SASL_PASSWORD" not in env  # a file, never an env value
+
+
+def test_the_lag_exporter(production: list[Manifest]) -> None:
+    exporter = one(production, "Deployment", f"{FULLNAME}-lag-exporter")
+    main = container(exporter)
+    assert main["args"][0] == "lag-exporter"
+    assert main["ports"][0]["containerPort"] == 9311
+    assert env_of(exporter)["PORTAL_SYNC_LAG_EXPORTER_PORT"] == "9311"
+    service = one(production, "Service", f"{FULLNAME}-lag-exporter")
+    assert service["spec"]["ports"][0]["port"] == 9311
+
+
+def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
+    values = yaml.safe_load(PRODUCTION.read_text())
+    for producer in values["producers"]:
+        name = f"{FULLNAME}-producer-{producer['name']}"
+        file = one(production, "ConfigMap", name)["data"]["deployment.toml"]
+        assert file == producer["config"]
+        deployment = one(production, "Deployment", name)
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        main = container(deployment)
+        assert main["args"] == [
+            "produce", "--config=/etc/portal-sync/producer/deployment.toml",
+            "--metrics-host=0.0.0.0", "--metrics-port=9312",
+            "--state-dir=/var/lib/portal-sync/state",
+        ]  # fmt: skip
+        assert main["ports"][0]["containerPort"] == 9312
+        env = env_of(deployment)
+        for var, ref in producer["secretEnv"].items():
+            assert env[var] == {"secretKeyRef": {"name": ref["secretName"], "key": ref["key"]}}
+        assert "PORTAL_SYNC_STORE_URL_FILE" not in env  # producers never get the store
+        claim = deployment["spec"]["template"]["spec"]["volumes"]
+        state = next(v for v in claim if v["name"] == "state")
+        assert state["persistentVolumeClaim"]["claimName"] == f"{name}-state"
+        one(production, "PersistentVolumeClaim", f"{name}-state")
+        assert one(production, "Service", name)["spec"]["ports"][0]["port"] == 9312
+
+
+def test_the_producers_example_files_are_valid_deployment_files(tmp_path: Path) -> None:
+    values = yaml.safe_load(PRODUCTION.read_text())
+    for producer in values["producers"]:
+        path = tmp_path / f"{producer['name']}.toml"
+        path.write_text(producer["config"])
+        environ = dict.fromkeys(producer["secretEnv"], "secret")
+        assert load_deployment(path, environ).sources
+
+
+def test_the_service_monitor_scrapes_every_process_under_the_documented_jobs(
+    production: list[Manifest],
+) -> None:
+    monitor = one(production, "ServiceMonitor", FULLNAME)
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s for s in production
+        if s["kind"] == "Service" and selector.items() <= s["metadata"]["labels"].items()
+    ]  # fmt: skip
+    jobs = {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in services}
+    scrape = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert jobs == {job["job_name"] for job in scrape["scrape_configs"]}
+    assert len(services) == 4  # worker, lag exporter, two producers
+    for service in services:
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["ports"][0]["name"] == "metrics"
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["port"] == "metrics" and endpoint["scheme"] == "https"
+    assert endpoint["basicAuth"]["password"]["name"]
+
+
+def test_the_store_upgrade_hook_runs_before_install_and_upgrade(default: list[Manifest]) -> None:
+    job = one(default, "Job", f"{FULLNAME}-store-upgrade")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert container(job)["args"] == ["store", "upgrade"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    env = env_of(job)
+    assert env["PORTAL_SYNC_STORE_URL_FILE"] == "/etc/portal-sync/store/url"
+    rules = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "rules")
+    hook_rules = one(default, "ConfigMap", rules["configMap"]["name"])
+    annotations = hook_rules["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(annotations["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+
+
+def test_defaults_leave_the_operator_resources_off(default: list[Manifest]) -> None:
+    kinds = {m["kind"] for m in default}
+    assert not kinds & CRD_KINDS
+    worker = one(default, "Deployment", f"{FULLNAME}-worker")
+    assert worker["spec"]["replicas"] == 1
+    assert container(worker)["livenessProbe"]["httpGet"]["scheme"] == "HTTP"
+    assert env_of(worker)["PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
+
+
+# --- what the chart refuses -------------------------------------------------------------
+
+
+def producer_values(tmp_path: Path, config: str, **extra: Any) -> str:
+    path = tmp_path / "producer.yaml"
+    path.write_text(yaml.safe_dump({"producers": [{"name": "p1", "config": config, **extra}]}))
+    return str(path)
+
+
+@pytest.fixture
+def values_file(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    yield lambda config, **extra: producer_values(tmp_path, config, **extra)
+
+
+REFUSALS = {
+    "more workers than partitions": (
+        ("--set", "worker.replicas=7", "--set", "kafka.changePartitions=6"),
+        "worker.replicas (7) must not exceed kafka.changePartitions (6)",
+    ),
+    "SASL without its secret": (
+        ("--set", "kafka.securityProtocol=SASL_SSL"),
+        "needs kafka.sasl.existingSecret",
+    ),
+    "an unknown security protocol": (
+        ("--set", "kafka.securityProtocol=TLS"),
+        "kafka.securityProtocol must be",
+    ),
+    "no store secret": (("--set", "store.existingSecret="), "store.existingSecret is required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_the_chart_refuses(
+    helm: Callable[..., subprocess.CompletedProcess[str]], case: str
+) -> None:
+    args, message = REFUSALS[case]
+    result = template(helm, *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_workers_may_equal_the_partitions(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    manifests = render(helm, "--set", "worker.replicas=6", "--set", "kafka.changePartitions=6")
+    assert one(manifests, "Deployment", f"{FULLNAME}-worker")["spec"]["replicas"] == 6
+
+
+def test_a_producer_file_naming_an_unlisted_variable_is_refused(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values_file: Callable[..., str]
+) -> None:
+    config = '[[sources]]\nid = "a"\nadapter = "sql"\n[sources.connection]\nurl = "${DB_URL}"\n'
+    result = template(helm, "-f", values_file(config))
+    assert result.returncode != 0
+    assert "names ${DB_URL}: list it in secretEnv" in result.stderr
+    listed = values_file(config, secretEnv={"DB_URL": {"secretName": "db", "key": "url"}})
+    assert template(helm, "-f", listed).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["Province_79", "-p", "a" * 60])
+def test_a_producer_name_that_is_no_short_dns_label_is_refused(
+    helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / "producer.yaml"
+    path.write_text(yaml.safe_dump({"producers": [{"name": name, "config": "[[sources]]\n"}]}))
+    result = template(helm, "-f", str(path))
+    assert result.returncode != 0
+    assert "producers:" in result.stderr
+
+
+# --- docs/deploy.md -------------------------------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_the_deploy_docs_links_and_paths_resolve() -> None:
+    docs = REPO_ROOT / "docs"
+    text = (docs / "deploy.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+\.md)(?:#([^)\s]+))?\)", text)
+    assert links
+    for target, anchor in links:
+        path = docs / target
+        assert path.is_file(), target
+        if anchor:
+            headings = re.findall(r"(?m)^#+ (.+)$", path.read_text(encoding="utf-8"))
+            assert anchor in {github_anchor(h) for h in headings}, f"{target}#{anchor}"
+    for path in set(re.findall(r"`((?:deploy|bench|tests)/[\w./-]+)", text)):
+        assert (REPO_ROOT / path.rstrip("/")).exists(), path
+    assert "[docs/deploy.md](docs/deploy.md)" in (REPO_ROOT / "README.md").read_text()
