@@ -36,11 +36,13 @@ CLIENT_LOGGERS = ("kafka", "aiokafka")
 def quiet_client_debug() -> None:
     """Cap the Kafka clients' loggers at INFO, whatever the root logger's level: at DEBUG
     kafka-python logs every record it sends (`Sending (key=… value=… headers=…)`) and every
-    request's bytes. A level someone set on these loggers on purpose is left alone."""
+    request's bytes. Never below the root's level (a WARNING root stays quiet about the
+    clients' INFO lines). A level someone set on these loggers on purpose is left alone."""
+    level = max(logging.INFO, logging.getLogger().getEffectiveLevel())
     for name in CLIENT_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
+            logger.setLevel(level)
 
 
 def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
