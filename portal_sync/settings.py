@@ -10,6 +10,7 @@ servers" into "the local development broker" is the CLI (`portal_sync.cli.option
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,10 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(
         default=None,
         description="Existing cluster's bootstrap servers; unset: the local broker",
+    )
+    kafka_security: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Kafka security settings over PORTAL_SYNC_KAFKA_* (a deployment's [kafka])",
     )
     kafka_data_dir: Path = Field(default_factory=lambda: user_data_dir() / "kafka")
     store_url: str = Field(
@@ -133,13 +138,14 @@ class Settings(BaseSettings):
         return cls(**overrides)  # type: ignore[arg-type]
 
     def connection(self) -> KafkaConnection:
-        """The Kafka connection (security settings from `PORTAL_SYNC_KAFKA_*`)."""
+        """The Kafka connection: security settings from `PORTAL_SYNC_KAFKA_*`, those of
+        `kafka_security` (a deployment file's [kafka] table) on top."""
         if not self.kafka_bootstrap:
             raise ConfigurationError(
                 "no Kafka bootstrap servers (set PORTAL_SYNC_KAFKA_BOOTSTRAP or --bootstrap)"
             )
         try:
-            return KafkaConnection(bootstrap=self.kafka_bootstrap)
+            return KafkaConnection(bootstrap=self.kafka_bootstrap, **self.kafka_security)
         except ValueError as error:
             raise ConfigurationError(f"Kafka connection settings: {error}") from None
 
@@ -189,8 +195,7 @@ class Settings(BaseSettings):
 
     def as_env(self) -> dict[str, str]:
         """Environment that gives a child process (a worker, a test's CLI run) these settings."""
-        env = {
-            "PORTAL_SYNC_KAFKA_BOOTSTRAP": self.connection().bootstrap,
+        env = self.connection().environment() | {
             "PORTAL_SYNC_STORE_URL": self.store_url,
             "PORTAL_SYNC_TOPIC_PREFIX": self.topic_prefix,
             "PORTAL_SYNC_GROUP_ID": self.group_id,
@@ -235,6 +240,8 @@ def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:
         update["kafka_bootstrap"] = deployment.kafka.bootstrap
     if deployment.kafka.topic_prefix:
         update["topic_prefix"] = deployment.kafka.topic_prefix
+    if security := deployment.kafka.security(deployment.base_dir):
+        update["kafka_security"] = security
     key_file = deployment.producer.reference_key_file
     if key_file is not None:
         update["reference_key_file"] = deployment.base_dir / key_file

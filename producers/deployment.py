@@ -12,13 +12,14 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     StringConstraints,
     ValidationError,
 )
@@ -70,8 +71,27 @@ class ProducerSection(StrictModel):
 
 
 class KafkaSection(StrictModel):
+    """Where the cluster is and how to authenticate: the keys of `PORTAL_SYNC_KAFKA_*`
+    (over the environment's); relative files are relative to the deployment file."""
+
     bootstrap: str | None = None
     topic_prefix: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    def security(self, base_dir: Path) -> dict[str, Any]:
+        """The security keys the file sets, files made absolute."""
+        given = self.model_dump(exclude_none=True, exclude={"bootstrap", "topic_prefix"})
+        return {
+            name: base_dir / value if isinstance(value, Path) else value
+            for name, value in given.items()
+        }
 
 
 class Deployment(StrictModel):

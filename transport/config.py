@@ -112,6 +112,26 @@ class KafkaConnection(BaseSettings):
             options["sasl_plain_password"] = self.password()
         return options
 
+    def environment(self) -> dict[str, str]:
+        """`PORTAL_SYNC_KAFKA_*` variables that give a child process this connection (a
+        password only as given: its file's path, or the value itself)."""
+        env = {"PORTAL_SYNC_KAFKA_BOOTSTRAP": self.bootstrap}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name != "bootstrap" and value is not None:
+                if isinstance(value, SecretStr):
+                    value = value.get_secret_value()
+                env[f"PORTAL_SYNC_KAFKA_{name.upper()}"] = str(value)
+        return env
+
+    def principal(self) -> str:
+        """Who the cluster sees, for messages: the SASL user, else the client certificate."""
+        if self.uses_sasl:
+            return f"User:{self.sasl_username} ({self.sasl_mechanism})"
+        if self.ssl_certfile is not None:
+            return f"the holder of client certificate {self.ssl_certfile}"
+        return "User:ANONYMOUS"
+
     def redacted(self) -> str:
         """For logs and status lines: servers and protocol, never a secret."""
         user = f" as {self.sasl_username}" if self.uses_sasl else ""

@@ -69,6 +69,7 @@ class GroupMember:
                 "sasl_plain_password": options["sasl_plain_password"],
             }
         self.topics = topics
+        self.connection = connection
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         quiet_client_debug()
@@ -93,7 +94,7 @@ class GroupMember:
             await self._consumer.start()
         except KafkaError as error:
             await self.stop()
-            raise translate(error, "join the consumer group") from None
+            raise translate(error, "join the consumer group", self.connection) from None
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     async def stop(self) -> None:
@@ -132,7 +133,7 @@ class GroupMember:
                 timeout_ms=int(wait * 1000), max_records=max_records
             )
         except KafkaError as error:
-            raise translate(error, "fetch records") from None
+            raise translate(error, "fetch records", self.connection) from None
         messages: list[Message] = []
         for tp, records in found.items():
             topic, partition = tp.topic, tp.partition

@@ -37,6 +37,7 @@ class Publisher:
         max_request_size: int = CHANGE_MAX_MESSAGE_BYTES,
     ) -> None:
         self.topics = topics
+        self.connection = connection
         self._producer = clients.producer(
             connection,
             client_id,
@@ -76,6 +77,7 @@ class Publisher:
         try:
             future = self._producer.send(topic, key=key, value=value, headers=list(headers))
         except KafkaError as error:
+            self._refuse_unauthorized(error, topic)
             raise PublishError(f"the producer refused a message: {type(error).__name__}") from None
         self._pending.append(future)
 
@@ -96,10 +98,17 @@ class Publisher:
             try:
                 future.get(timeout=0)
             except Exception as error:
+                self._refuse_unauthorized(error, "a topic")
                 raise PublishError(
                     f"broker did not acknowledge a message: {type(error).__name__}"
                 ) from None
         return len(pending)
+
+    def _refuse_unauthorized(self, error: Exception, topic: str) -> None:
+        """Writing where the cluster's ACLs do not allow it is refused, not retried."""
+        if "Authorization" in type(error).__name__:
+            self._pending = []
+            raise clients.translate(error, f"write to {topic}", self.connection) from None
 
     def close(self, timeout: float = 30.0) -> None:
         self._producer.close(timeout=timeout)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from transport import clients
 from transport.config import KafkaConnection
@@ -71,6 +72,7 @@ class RangeReader:
     """Reads selected ranges of topics; use as a context manager."""
 
     def __init__(self, connection: KafkaConnection, client_id: str = "portal-sync-range-reader"):
+        self.connection = connection
         self._consumer = clients.consumer(
             connection,
             client_id,
@@ -92,6 +94,12 @@ class RangeReader:
     def resolve(self, selection: Selection) -> dict[TP, OffsetRange]:
         """Offsets per partition for the selection; times resolve to the first offset at or
         after them (Kafka's ListOffsets by timestamp)."""
+        try:
+            return self._resolve(selection)
+        except KafkaError as error:
+            raise clients.translate(error, "read topics", self.connection) from None
+
+    def _resolve(self, selection: Selection) -> dict[TP, OffsetRange]:
         consumer = self._consumer
         partitions = [
             TopicPartition(topic, p)
@@ -128,6 +136,12 @@ class RangeReader:
 
     def read(self, ranges: dict[TP, OffsetRange], batch: int = 2000) -> Iterator[list[Message]]:
         """Batches of the records in the ranges, each partition in offset order."""
+        try:
+            yield from self._read(ranges, batch)
+        except KafkaError as error:
+            raise clients.translate(error, "read topics", self.connection) from None
+
+    def _read(self, ranges: dict[TP, OffsetRange], batch: int) -> Iterator[list[Message]]:
         if not ranges:
             return
         consumer = self._consumer
