@@ -21,6 +21,7 @@ from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableReco
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.dead_letter import dead_letter_headers
+from schemas.errors import Refused
 from transport.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,12 @@ class AdapterRunner:
         key = message_key(item.entity, item.key) if item.entity and item.key else None
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
         value = item.raw or json.dumps({"origin": item.origin}).encode()
-        self.publisher.send_dead_letter(key, value, headers)
+        try:
+            self.publisher.send_dead_letter(key, value, headers)
+        except Refused:  # a secured cluster lets a source write the change topics only
+            log.warning(
+                "%s: record %s kept out of the dead letters (ACL)", self.source_id, item.origin
+            )
         self.adapter.rejected(item.origin, item.code, item.message)
 
     def _checkpoint(self, item: Checkpoint, produced: Tally[str], stats: RunStats) -> None:

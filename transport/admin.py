@@ -13,11 +13,22 @@ from datetime import datetime
 from typing import Any
 
 from kafka import TopicPartition
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import (
+    ACL,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    ResourcePattern,
+    ResourceType,
+    UserScramCredentialUpsertion,
+)
+from kafka.errors import KafkaError, NoError, TopicAlreadyExistsError, for_code
 from kafka.structs import OffsetAndMetadata
 
+from schemas.errors import Refused
 from transport import clients
 from transport.config import KafkaConnection
+from transport.local_secure import SecureSetup, grants
 from transport.topics import Topics
 
 TP = tuple[str, int]
@@ -75,16 +86,80 @@ class Cluster:
             for partition in sorted(self.consumer.partitions_for_topic(topic) or ())
         ]
 
-    def ensure_topics(self, topics: Topics) -> list[str]:
-        """Create missing topics; return the names created (existing ones stay as they are)."""
+    def ensure_topics(self, topics: Topics, needed: Iterable[str] | None = None) -> list[str]:
+        """Create missing topics; return the names created (existing ones stay as they are).
+
+        On a cluster with ACLs a principal sees only the topics it may describe, and may
+        create none: those it may not create are refused (Refused, naming the principal and
+        the topics) when `needed` (default: all), else left to whoever needs them."""
         existing = self.topic_names()
         missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
-        if missing:
-            # Another process may create them concurrently.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                self.admin.create_topics(missing, timeout_ms=30_000)
-            self.admin.wait_for_topics(list(missing), timeout_ms=30_000)
-        return sorted(missing)
+        if not missing:
+            return []
+        try:  # errors per topic: another process may create them concurrently
+            response = self.admin.create_topics(missing, timeout_ms=30_000, raise_errors=False)
+        except KafkaError as error:
+            raise clients.translate(error, "create topics", self.connection) from None
+        refused = []
+        for topic in response.get("topics", []):
+            error_type = for_code(topic["error_code"])
+            if error_type.__name__.endswith("AuthorizationFailedError"):
+                refused.append(topic["name"])
+            elif error_type not in (NoError, TopicAlreadyExistsError):
+                raise error_type(topic.get("error_message"))
+        required = set(missing if needed is None else needed)
+        if set(refused) & required:
+            raise Refused(
+                f"Kafka: {self.connection.principal()} does not see the topics "
+                f"{', '.join(sorted(set(refused) & required))} and may not create them: the "
+                "cluster's administrator creates them (`portal-sync topics` with the admin's "
+                "settings) and grants this principal access (docs/operations.md)"
+            )
+        created = [name for name in missing if name not in refused]
+        if created:
+            self.admin.wait_for_topics(created, timeout_ms=30_000)
+        return sorted(created)
+
+    # -- security (a secured cluster) -------------------------------------------------------
+    def add_scram_users(self, users: dict[str, str]) -> None:
+        """Create or update SCRAM-SHA-512 users (name: password)."""
+        if not users:
+            return
+        upserts = [
+            UserScramCredentialUpsertion(name, "SCRAM-SHA-512", password)
+            for name, password in users.items()
+        ]
+        failed = {
+            name: message
+            for name, message in self.admin.alter_user_scram_credentials(upserts).items()
+            if message
+        }
+        if failed:
+            raise Refused(f"SCRAM users not created: {', '.join(sorted(failed))}")
+
+    def create_acls(self, setup: SecureSetup) -> int:
+        """The pipeline's ACLs (`local_secure.grants`); creating one twice is harmless."""
+        acls = [
+            ACL(
+                principal=f"User:{grant.principal}",
+                host="*",
+                operation=ACLOperation[grant.operation],
+                permission_type=ACLPermissionType.ALLOW,
+                resource_pattern=ResourcePattern(
+                    ResourceType[grant.resource],
+                    grant.name,
+                    ACLResourcePatternType.PREFIXED
+                    if grant.prefixed
+                    else ACLResourcePatternType.LITERAL,
+                ),
+            )
+            for grant in grants(setup)
+        ]
+        result = self.admin.create_acls(acls)
+        if result["failed"]:
+            names = sorted({type(error).__name__ for error in result["failed"]})
+            raise Refused(f"{len(result['failed'])} ACLs not created: {', '.join(names)}")
+        return len(acls)
 
     def delete_topics(self, names: list[str], timeout: float = 60.0) -> None:
         """Delete topics and wait until the cluster no longer lists them."""
@@ -158,7 +233,9 @@ class Cluster:
                 return described
             except KafkaError as error:
                 if not getattr(error, "retriable", False) or time.monotonic() > deadline:
-                    raise clients.translate(error, f"describe group {group}") from None
+                    raise clients.translate(
+                        error, f"describe group {group}", self.connection
+                    ) from None
                 time.sleep(0.5)
 
     def active_members(self, group: str) -> int:
@@ -202,13 +279,23 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster(connection: KafkaConnection, client_id: str = "portal-sync-admin") -> Iterator[Cluster]:
+    """A Cluster for a few questions; what the cluster's ACLs refuse raises Refused."""
     with Cluster(connection, client_id) as opened:
-        yield opened
+        try:
+            yield opened
+        except KafkaError as error:
+            if "Authorization" not in type(error).__name__:
+                raise
+            raise clients.translate(error, "ask the cluster", connection) from None
 
 
-def ensure_topics(connection: KafkaConnection, topics: Topics) -> list[str]:
+def ensure_topics(
+    connection: KafkaConnection, topics: Topics, needed: Iterable[str] | None = None
+) -> list[str]:
+    """Create missing topics (`Cluster.ensure_topics`); a producer needs only the change
+    topics (on a secured cluster a source may not even see the dead-letter topic)."""
     with cluster(connection) as c:
-        return c.ensure_topics(topics)
+        return c.ensure_topics(topics, needed)
 
 
 def end_offsets(connection: KafkaConnection, topic_names: list[str]) -> dict[TP, int]:

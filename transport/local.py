@@ -3,6 +3,10 @@
 The official jars are fetched once by Maven from Maven Central (deploy/kafka/pom.xml) into
 the user's cache dir and run on the machine's JDK. A broker is known by its data dir, which
 holds its configuration, its log segments and `broker.json` (port, pid).
+
+Secured (`up(secure=SecureSetup(...))`): SASL_SSL (SCRAM-SHA-512) on the port, SSL with
+client certificates on a second port, ACLs enforced by StandardAuthorizer; the CA,
+certificates, passwords and client configurations are in the data dir (`local_secure`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from pathlib import Path
 from schemas.errors import ConfigurationError
 from transport import clients
 from transport.config import KafkaConnection
+from transport.local_secure import (
+    ADMIN,
+    SecureFiles,
+    SecureSetup,
+    broker_properties,
+    write_private,
+)
 
 KAFKA_VERSION = "3.9.2"
 DEFAULT_PORT = 9092
@@ -120,12 +131,21 @@ def new_cluster_id() -> str:
     return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def format_command(java: str, jars: Path, properties: Path, cluster_id: str) -> list[str]:
+def format_command(
+    java: str, jars: Path, properties: Path, cluster_id: str, scram: tuple[str, ...] = ()
+) -> list[str]:
     """kafka-storage's format step. The id is glued to its option (`--cluster-id=<id>`): an
-    id starting with '-' given as a separate argument would be read as an option."""
+    id starting with '-' given as a separate argument would be read as an option. `scram`:
+    `--add-scram` values (SCRAM users of a secured broker)."""
+    users = [f"--add-scram={user}" for user in scram]
     return [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format",
             f"--cluster-id={cluster_id}", "--config", str(properties),
-            "--ignore-formatted"]  # fmt: skip
+            *users, "--ignore-formatted"]  # fmt: skip
+
+
+def _argfile_quoted(arg: str) -> str:
+    """One argument of a `java @file` argument file (quoted: paths may hold spaces)."""
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class LocalKafka:
@@ -173,26 +193,86 @@ class LocalKafka:
         return BrokerStatus(running, self.port(), pid, rss, self.data_dir)
 
     # -- lifecycle --------------------------------------------------------------------
-    def up(self, port: int | None = None, timeout: float = 90.0) -> bool:
-        """Start the broker and wait until it answers; False when it was already running."""
+    def up(
+        self, port: int | None = None, timeout: float = 90.0, secure: SecureSetup | None = None
+    ) -> bool:
+        """Start the broker and wait until it answers; False when it was already running.
+        `secure`: SASL_SSL and mutual-TLS listeners, SCRAM users and ACLs (a data dir is
+        either secured or not, for good)."""
+        self._check_mode(secure is not None)
         if self._pid() is not None:
             if port is not None and port != self.port():
                 raise KafkaSetupError(
                     f"the broker of {self.data_dir} already runs on port {self.port()}"
                 )
             self._wait_ready(timeout)
+            if secure is not None:
+                self._secure_after_start(secure)
             return False
         java = ensure_java()
         jars = ensure_jars()
         port = port or self.port()
         if _port_answers(port):
             raise KafkaSetupError(f"port {port} is taken by another process")
-        self._save_state(port=port, controller_port=free_port())
+        self._save_state(port=port, controller_port=free_port(), secure=int(secure is not None))
+        users: dict[str, str] = {}
+        if secure is not None:
+            self._save_state(ssl_port=self._state().get("ssl_port") or free_port())
+            self.secure_files.ensure_tls()
+            if not self._formatted():
+                users = self.secure_files.new_principals(secure.principals())
         properties = self._write_config()
-        self._format_storage(java, jars, properties)
+        self._format_storage(java, jars, properties, users)
         self._start(java, jars, properties)
         self._wait_ready(timeout)
+        if secure is not None:
+            self._secure_after_start(secure)
         return True
+
+    # -- secured broker ---------------------------------------------------------------
+    @property
+    def secure(self) -> bool:
+        return bool(self._state().get("secure"))
+
+    @property
+    def secure_files(self) -> SecureFiles:
+        return SecureFiles(self.data_dir)
+
+    def ssl_port(self) -> int | None:
+        return self._state().get("ssl_port")
+
+    def _formatted(self) -> bool:
+        return (self.data_dir / "data" / "meta.properties").exists()
+
+    def _check_mode(self, secure: bool) -> None:
+        if self._formatted() and secure != self.secure:
+            held = "a secured" if self.secure else "a plaintext"
+            raise KafkaSetupError(
+                f"{self.data_dir} holds {held} broker: start it "
+                f"{'with' if self.secure else 'without'} --secure, or use another data dir"
+            )
+
+    def _secure_after_start(self, setup: SecureSetup) -> None:
+        """SCRAM users of principals new since the format (a source added to the
+        registry), the ACLs and the setup's topics, as the admin; client configurations."""
+        files = self.secure_files
+        names = setup.principals()
+        new = files.new_principals(names)
+        port, ssl_port = self.port(), self.ssl_port() or 0
+        files.write_env_files(names, port, ssl_port)
+        from transport import admin
+
+        with admin.cluster(self.connection()) as cluster:
+            if new:
+                cluster.add_scram_users(new)
+            cluster.create_acls(setup)
+            cluster.ensure_topics(setup.topics)
+
+    def client_configs(self) -> dict[str, tuple[Path, Path]]:
+        """The client configuration files (SASL_SSL, mutual TLS) per principal."""
+        files = self.secure_files
+        names = sorted(p.name.removesuffix(".password") for p in files.clients.glob("*.password"))
+        return {name: (files.env_file(name), files.env_file(name, mtls=True)) for name in names}
 
     def _write_config(self) -> Path:
         state = self._state()
@@ -205,11 +285,7 @@ class LocalKafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{cport}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-                    "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    *(self._listeners(port, cport)),
                     f"log.dirs={self.data_dir / 'data'}",
                     # Topics are created by portal-sync with explicit partitions and retention.
                     "auto.create.topics.enable=false",
@@ -226,21 +302,59 @@ class LocalKafka:
         )
         return properties
 
-    def _format_storage(self, java: str, jars: Path, properties: Path) -> None:
-        if (self.data_dir / "data" / "meta.properties").exists():
+    def _listeners(self, port: int, cport: int) -> list[str]:
+        if self.secure:
+            files = self.secure_files
+            return broker_properties(files, port, self._state()["ssl_port"], cport)
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        ]
+
+    def _format_storage(
+        self, java: str, jars: Path, properties: Path, users: dict[str, str] | None = None
+    ) -> None:
+        """Format once; `users`: SCRAM-SHA-512 users (name: password) to create. The
+        command goes through a private argument file (`java @file`): passwords never
+        appear in the process list."""
+        if self._formatted():
             return
-        command = format_command(java, jars, properties, new_cluster_id())
+        scram = tuple(
+            f"SCRAM-SHA-512=[name={name},password={password}]"
+            for name, password in (users or {}).items()
+        )
+        command = format_command(java, jars, properties, new_cluster_id(), scram)
+        argfile = self.data_dir / "format.args"
+        write_private(argfile, "\n".join(_argfile_quoted(arg) for arg in command[1:]).encode())
         output = ""
-        for _ in range(3):  # a JVM start can fail on a starved machine: try again
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode == 0:
-                return
-            output = (result.stdout + result.stderr)[-2000:]
-            time.sleep(1)
+        try:
+            for _ in range(3):  # a JVM start can fail on a starved machine: try again
+                result = subprocess.run([java, f"@{argfile}"], capture_output=True, text=True)
+                if result.returncode == 0:
+                    return
+                output = (result.stdout + result.stderr)[-2000:]
+                time.sleep(1)
+        finally:
+            argfile.unlink(missing_ok=True)
+        for password in (users or {}).values():
+            output = output.replace(password, "***")
         raise KafkaSetupError(f"formatting the KRaft storage failed:\n{output}")
 
-    def connection(self) -> KafkaConnection:
+    def connection(self, principal: str = ADMIN) -> KafkaConnection:
+        """A client connection; on a secured broker the principal's, over SASL_SSL."""
+        if self.secure:
+            return self.secure_files.connection(principal, self.port())
         return KafkaConnection(bootstrap=self.bootstrap())
+
+    def mtls_connection(self, principal: str) -> KafkaConnection:
+        """A principal's connection with its client certificate (secured broker only)."""
+        ssl_port = self.ssl_port()
+        if not self.secure or ssl_port is None:
+            raise KafkaSetupError(f"the broker of {self.data_dir} is not secured")
+        return self.secure_files.mtls_connection(principal, ssl_port)
 
     def _start(self, java: str, jars: Path, properties: Path) -> None:
         logs = self.data_dir / "logs"

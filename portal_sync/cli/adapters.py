@@ -170,7 +170,7 @@ def produce(
         serve(port, host, result.healthy, result.ready, web=web)
     elif port:
         serve(port, host, web=web)
-    ensure_topics(settings.connection(), settings.topics())
+    ensure_topics(settings.connection(), settings.topics(), settings.topics().change_topics())
     stop = threading.Event()
     if not once:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

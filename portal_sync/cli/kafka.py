@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,28 +11,50 @@ from portal_sync.cli.options import err_console as console
 from portal_sync.cli.options import fail
 from portal_sync.settings import Settings
 
+if TYPE_CHECKING:
+    from transport.local import LocalKafka
+    from transport.local_secure import SecureSetup
+
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
 
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Broker data dir (default: user data dir)")
 ]
+REPO_REGISTRY = Path(__file__).resolve().parents[2] / "deploy" / "registry.toml"
 
 
 @kafka_app.command("up")
 def kafka_up(
     port: Annotated[int | None, typer.Option("--port", help="Client port (default 9092)")] = None,
     data_dir: DataDirOpt = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="SASL_SSL (SCRAM-SHA-512) and mutual-TLS listeners, a user per principal, ACLs",
+        ),
+    ] = False,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            "--registry",
+            help="Sources that get a principal (--secure; default: PORTAL_SYNC_REGISTRY, "
+            "else deploy/registry.toml)",
+        ),
+    ] = None,
 ) -> None:
     """Start the local broker (fetching its jars once) and wait until it answers."""
     import time
 
     from transport.local import KafkaSetupError, LocalKafka
 
-    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    settings = Settings()
+    broker = LocalKafka(data_dir or settings.kafka_data_dir)
+    setup = _secure_setup(settings, registry) if secure else None
     started = time.monotonic()
     try:
         with console.status("starting Apache Kafka (KRaft)…"):
-            fresh = broker.up(port)
+            fresh = broker.up(port, secure=setup)
     except KafkaSetupError as error:
         raise fail(str(error)) from None
     status = broker.status()
@@ -40,6 +62,32 @@ def kafka_up(
     console.print(
         f"Kafka up on {broker.bootstrap()}{took}, pid {status.pid}, data {broker.data_dir}"
     )
+    if broker.secure:
+        _print_clients(broker)
+
+
+def _secure_setup(settings: Settings, registry: Path | None) -> SecureSetup:
+    from consumers.registry import Registry
+    from transport.local_secure import SecureSetup
+
+    path = registry or settings.registry or REPO_REGISTRY
+    try:
+        sources = tuple(Registry.load(path).sources)
+    except (OSError, ValueError) as error:
+        raise fail(f"registry {path}: {error}", code=2) from None
+    return SecureSetup(sources=sources, topics=settings.topics(), group_id=settings.group_id)
+
+
+def _print_clients(broker: LocalKafka) -> None:
+    """Where each principal's client settings are (files; no secret is printed)."""
+    console.print(
+        f"secured: SASL_SSL (SCRAM-SHA-512) on {broker.bootstrap()}, "
+        f"SSL with client certificates on 127.0.0.1:{broker.ssl_port()}; "
+        f"CA {broker.secure_files.ca_file}"
+    )
+    console.print("client settings per principal (load one with `set -a; . FILE; set +a`):")
+    for name, (sasl, mtls) in broker.client_configs().items():
+        console.print(f"  {name}: {sasl}  (mutual TLS: {mtls})", markup=False, highlight=False)
 
 
 @kafka_app.command("down")
@@ -56,10 +104,13 @@ def kafka_status(data_dir: DataDirOpt = None) -> None:
     """Show whether the local broker runs; exit 1 when it does not."""
     from transport.local import LocalKafka
 
-    status = LocalKafka(data_dir or Settings().kafka_data_dir).status()
+    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    status = broker.status()
     memory = f", RSS {status.rss_bytes / 2**20:.0f} MiB" if status.rss_bytes else ""
     if status.running:
         console.print(f"running on 127.0.0.1:{status.port}, pid {status.pid}{memory}")
+        if broker.secure:
+            _print_clients(broker)
     else:
         console.print(f"not running (data dir {status.data_dir})")
         raise typer.Exit(1)

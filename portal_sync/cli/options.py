@@ -15,6 +15,7 @@ from rich.console import Console
 
 from observability.terminal import markup
 from portal_sync.settings import Settings
+from schemas.errors import ConfigurationError
 
 BootstrapOpt = Annotated[
     str | None,
@@ -48,7 +49,14 @@ def settings_from(bootstrap: str | None = None, store: str | None = None) -> Set
     if not settings.kafka_bootstrap:
         from transport.local import LocalKafka
 
-        settings.kafka_bootstrap = LocalKafka(settings.kafka_data_dir).bootstrap()
+        broker = LocalKafka(settings.kafka_data_dir)
+        settings.kafka_bootstrap = broker.bootstrap()
+        if broker.secure and settings.connection().security_protocol == "PLAINTEXT":
+            raise ConfigurationError(
+                f"the local broker runs secured: load a principal's settings first, e.g. "
+                f"`set -a; . {broker.secure_files.env_file('admin')}; set +a` "
+                "(`portal-sync kafka status` lists them)"
+            )
     return settings
 
 

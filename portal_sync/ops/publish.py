@@ -20,7 +20,8 @@ class PublishResult:
 def publish_lines(settings: Settings, lines: Iterable[bytes]) -> PublishResult:
     """Validate every line; send the valid ones and wait for the broker's acknowledgement."""
     result = PublishResult()
-    ensure_topics(settings.connection(), settings.topics())
+    topics = settings.topics()
+    ensure_topics(settings.connection(), topics, needed=topics.change_topics())
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-publish")
     try:
         for number, line in enumerate(lines, start=1):
