@@ -52,6 +52,7 @@ class Publisher:
             max_block_ms=10_000,
         )
         self._pending: list[Any] = []
+        self._dead_letters_writable = False
 
     @classmethod
     def for_dead_letters(
@@ -84,7 +85,20 @@ class Publisher:
     def send_dead_letter(
         self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
     ) -> None:
+        """Raises Refused at once (not at the flush) when the principal may not write the
+        dead letters, as a source on a secured cluster."""
+        if not self._dead_letters_writable:
+            self._check_writable(self.topics.dead_letters)
+            self._dead_letters_writable = True
         self.send(self.topics.dead_letters, key, value, headers)
+
+    def _check_writable(self, topic: str) -> None:
+        if self.connection.security_protocol == "PLAINTEXT":
+            return
+        try:
+            self._producer.partitions_for(topic)
+        except KafkaError as error:  # anything but a refusal shows at the flush, as before
+            self._refuse_unauthorized(error, topic)
 
     def flush(self, timeout: float = 60.0) -> int:
         """Wait for the broker's acknowledgement of everything sent; return how many."""

@@ -191,6 +191,67 @@ def test_pipeline_runs_with_a_source_the_reconciler_and_the_admin(
     assert f"{PREFIX}.changes.citizen" in lag.stdout
 
 
+def test_a_deployment_files_kafka_table_connects_a_producer_as_its_source(
+    broker: Secured, tmp_path: Path
+) -> None:
+    """`produce` with the source's credentials in the deployment file's [kafka] table and no
+    PORTAL_SYNC_KAFKA_* in the environment; a rejected row stays out of the dead letters
+    (a source may not write them) and in the file's rejection report."""
+    files = broker.local.secure_files
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.csv").write_text(
+        "pid,name,at\n079090000101,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n,Lê Văn Cường,x\n"
+    )
+    config = tmp_path / "sources.toml"
+    config.write_text(
+        f"""
+[producer]
+state_dir = "state"
+metrics_port = 0
+
+[kafka]
+bootstrap = "{broker.local.bootstrap()}"
+topic_prefix = "{PREFIX}"
+security_protocol = "SASL_SSL"
+sasl_username = "province-79"
+sasl_password_file = "{files.password_file("province-79")}"
+ssl_cafile = "{files.ca_file}"
+
+[[sources]]
+id = "hcm-exports"
+source = "province-79"
+adapter = "filedrop"
+
+[sources.connection]
+directory = "inbox"
+
+[sources.mapping]
+entity = "citizen"
+key_field = "pid"
+occurred_at_field = "at"
+fields = {{ full_name = "name" }}
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_SYNC_KAFKA_")}
+    produced = subprocess.run(
+        [sys.executable, "-m", "portal_sync", "produce", "--config", str(config), "--once"],
+        env=env | {"COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert produced.returncode == 0, produced.stdout + produced.stderr
+    assert "kept out of the dead letters" in produced.stderr
+    assert (inbox / "done" / "a.csv.rejected.jsonl").exists()
+    reconciler = broker.settings("reconciler")
+    with RangeReader(reconciler.connection()) as reader:
+        ranges = reader.resolve(Selection([reconciler.topics().change_topic("citizen")]))
+        keys = [m.key for batch in reader.read(ranges) for m in batch]
+    assert message_key("citizen", "079090000101") in keys
+
+
 def test_a_source_can_neither_read_the_change_topics_nor_write_the_dead_letters(
     broker: Secured,
 ) -> None:
