@@ -183,3 +183,19 @@ def test_client_info_lines_stay_out_of_a_quiet_root_logger() -> None:
     finally:
         root.setLevel(saved[0])
         logging.getLogger("kafka").setLevel(saved[1])
+
+
+def test_the_command_line_asks_for_a_principal_on_the_secured_local_broker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from portal_sync.cli.options import settings_from
+
+    (tmp_path / "broker.json").write_text('{"port": 9092, "secure": 1, "ssl_port": 9093}')
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("PORTAL_SYNC_KAFKA_BOOTSTRAP", raising=False)
+    with pytest.raises(ConfigurationError, match=r"runs secured.*clients/admin\.env"):
+        settings_from()
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_USERNAME", "reconciler")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "pw"))
+    assert settings_from().connection().bootstrap == "127.0.0.1:9092"
