@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -107,7 +107,7 @@ class SourceChange:
     entity: str
     pk: Any
     key: str
-    updated_at: datetime
+    updated_at: datetime  # the cursor value: naive as stored, or UTC when it has a zone
     version: int
     occurred_at: datetime  # updated_at in the source's zone
     data: dict[str, Any] | None  # None: the row is (soft-)deleted
@@ -159,10 +159,7 @@ class SqlPollingAdapter:
                 return
             changes = [change for row in rows if (change := self._change(row, state))]
             high = rows[-1]._mapping
-            moment = high[self.updated_at.name]
-            if self.config.updated_at_format is not None:
-                moment = self._cursor_time(moment)
-            last = (moment, high[self.pk.name])
+            last = (self.cursor_time(high[self.updated_at.name]), high[self.pk.name])
             if changes:
                 yield changes
             if len(rows) < self.config.batch_size:
@@ -179,12 +176,16 @@ class SqlPollingAdapter:
         pattern = self.config.updated_at_format
         if pattern is not None:  # fixed-width date text sorts in time order
             return literal(moment.strftime(strptime_pattern(pattern)))
-        return self._moment(literal(moment, DateTime()))
+        if self.sqlite:  # compared as UTC text when the values carry an offset
+            if moment.tzinfo is not None:
+                moment = moment.astimezone(UTC).replace(tzinfo=None)
+            return self._moment(literal(moment, DateTime()))
+        return literal(moment, DateTime(timezone=moment.tzinfo is not None))
 
     def _moment(self, value: Any) -> Any:
         """A timestamp as the database orders it. SQLite keeps timestamps as text in
         whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),
-        so both sides are normalised to one form first."""
+        so both sides are normalised to one form first (UTC where the text has an offset)."""
         if self.sqlite and self.config.updated_at_format is None:
             return func.strftime("%Y-%m-%d %H:%M:%f", value)
         return value
@@ -202,11 +203,12 @@ class SqlPollingAdapter:
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
-        updated_at = self._cursor_time(values[self.updated_at.name])
+        updated_at = self.cursor_time(values[self.updated_at.name])
+        occurred = self.instant(updated_at)
         version = (
             int(values[self.config.version_column])
             if self.config.version_column
-            else _micros(updated_at.replace(tzinfo=self.zone))
+            else _micros(occurred)
         )
         pk = values[self.pk.name]
         if state.seen.get(str(pk), [None])[0] == version:
@@ -220,15 +222,26 @@ class SqlPollingAdapter:
             str(values[config.key_column]),
             updated_at,
             version,
-            updated_at.replace(tzinfo=self.zone),
+            occurred,
             None if deleted else self._data(values),
         )
 
-    def _cursor_time(self, value: Any) -> datetime:
+    def cursor_time(self, value: Any) -> datetime:
+        """A cursor column value as the cursor holds it: naive as the source wrote it, or
+        converted to UTC when it carries a zone (never relabelled)."""
         pattern = self.config.updated_at_format
         if pattern is not None:
             return datetime.strptime(str(value), strptime_pattern(pattern))
-        return _as_datetime(value)
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
+        assert isinstance(parsed, datetime)
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed
+
+    def instant(self, moment: datetime) -> datetime:
+        """A cursor value as an aware time in the source's zone: naive values are local
+        time of the source (`timezone`), values with a zone are converted to it."""
+        if moment.tzinfo is not None:
+            return moment.astimezone(self.zone)
+        return moment.replace(tzinfo=self.zone)
 
     def _data(self, values: Any) -> dict[str, Any]:
         return map_fields(values, self.config, self.zone)
@@ -247,17 +260,10 @@ class SqlPollingAdapter:
             state.seen = {pk: seen for pk, seen in state.seen.items() if seen[1] >= horizon}
 
 
-def _as_datetime(value: Any) -> datetime:
-    """SQLite hands back timestamps as text; other drivers as naive datetimes."""
-    parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(parsed, datetime)
-    return parsed.replace(tzinfo=None)
-
-
 def _micros(moment: datetime) -> int:
     return int(moment.timestamp() * 1_000_000)
 
 
 def _iso(moment: datetime) -> str:
-    """Fixed-width ISO text, so that string order is time order."""
+    """Fixed-width ISO text, so that string order is time order (UTC ones end '+00:00')."""
     return moment.isoformat(timespec="microseconds")

@@ -1,0 +1,288 @@
+"""Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: time zones
+and text cursors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    insert,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql
+
+from producers.cursor_lag import cursor_lag_of
+from producers.sdk import Adapter, Checkpoint, Record, State
+from producers.sql_polling import CursorState
+from tests.support.adapter_helpers import database_url, deployment, write_config
+from tests.support.pipeline_helpers import cli
+
+ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+T0 = datetime(2024, 1, 15, 9, 0, 0)  # local wall-clock time of the source
+metadata = MetaData()
+# The usual provincial DATETIME: whole seconds (PostgreSQL: timestamp(0)).
+SECONDS = DateTime().with_variant(postgresql.TIMESTAMP(precision=0), "postgresql")
+cong_dan = Table(
+    "cong_dan",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("so_dinh_danh", String(12), nullable=False),
+    Column("ho_ten", String(100)),
+    Column("cap_nhat_luc", SECONDS, nullable=False),
+    Column("da_xoa", Boolean, nullable=False, default=False),
+)
+ho_so_text = Table(
+    "ho_so_text",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ma_ho_so", String(40), nullable=False),
+    Column("trang_thai", Integer),
+    Column("ngay_cap_nhat", String(14), nullable=False),  # yyyyMMddHHmmss, local time
+)
+
+CITIZENS = """
+[[sources]]
+id = "hcm-citizens"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "citizen"
+table = "cong_dan"
+key_column = "so_dinh_danh"
+pk_column = "id"
+updated_at_column = "cap_nhat_luc"
+deleted_column = "da_xoa"
+timezone = "{zone}"
+lookback_seconds = {lookback}
+fields = {{ full_name = "ho_ten" }}
+"""
+
+TEXT_CURSOR = """
+[[sources]]
+id = "legacy-dossiers"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "dossier"
+table = "ho_so_text"
+key_column = "ma_ho_so"
+pk_column = "id"
+updated_at_column = "ngay_cap_nhat"
+updated_at_format = "yyyyMMddHHmmss"
+batch_size = 2
+lookback_seconds = 0
+fields = {{ status = "trang_thai" }}
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    url = database_url(request, tmp_path)
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    opened: list[Engine] = []
+    yield opened
+    for engine in opened:
+        engine.dispose()
+
+
+class Source:
+    """The source system's database, written to as its application would."""
+
+    def __init__(self, url: str, engines: list[Engine]) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        engines.append(self.engine)
+
+    def insert(self, row_id: int, name: str, at: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(cong_dan).values(**row(row_id, name, at)))
+
+    def update(self, row_id: int, at: datetime, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(cong_dan).where(cong_dan.c.id == row_id).values(cap_nhat_luc=at, **values)
+            )
+
+
+def row(row_id: int, name: str, at: datetime) -> dict[str, Any]:
+    return {"id": row_id, "so_dinh_danh": pid(row_id), "ho_ten": name, "cap_nhat_luc": at,
+            "da_xoa": False}  # fmt: skip
+
+
+def pid(n: int) -> str:
+    return f"0010900{n:05d}"
+
+
+def micros(local: datetime, zone: ZoneInfo = ZONE) -> int:
+    epoch = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))
+    return (local.replace(tzinfo=zone) - epoch) // timedelta(microseconds=1)
+
+
+def citizens(
+    tmp_path: Path, url: str, zone: str = "Asia/Ho_Chi_Minh", lookback: float = 60, batch: int = 100
+) -> Any:
+    body = CITIZENS.format(url=url, zone=zone, lookback=lookback) + f"batch_size = {batch}\n"
+    deploy = deployment(tmp_path, body)
+    return deploy.adapter(deploy.sources[0])
+
+
+class Poller:
+    """Runs an adapter poll after poll as `produce` does: the state of each checkpoint goes
+    through JSON, as the state file does."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self.state: State = {}
+
+    def poll(self) -> list[Record]:
+        records = []
+        for item in self.adapter.read(json.loads(json.dumps(self.state))):
+            if isinstance(item, Checkpoint):
+                self.state = json.loads(json.dumps(item.state))
+            elif isinstance(item, Record):
+                records.append(item)
+        return records
+
+
+@pytest.fixture
+def pollers() -> Iterator[list[Poller]]:
+    opened: list[Poller] = []
+    yield opened
+    for poller in opened:
+        poller.adapter.close()
+
+
+def poller_of(pollers: list[Poller], adapter: Adapter) -> Poller:
+    pollers.append(Poller(adapter))
+    return pollers[-1]
+
+
+def names(records: list[Record]) -> list[tuple[str, str | None]]:
+    return [(r.key, (r.data or {}).get("full_name")) for r in records]
+
+
+# -- zones ---------------------------------------------------------------------------------
+
+
+def test_timestamps_with_a_zone_are_converted_never_relabelled(
+    db_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """PostgreSQL: a timestamptz column (read back in the session's zone, UTC here);
+    SQLite: timestamps written as text with their offset."""
+    source = Source(db_url, engines)
+    with source.engine.begin() as conn:
+        conn.execute(text("DROP TABLE cong_dan"))
+        kind = "timestamptz" if db_url.startswith("postgresql") else "DATETIME"
+        conn.execute(text(f"CREATE TABLE cong_dan (id integer PRIMARY KEY, so_dinh_danh "
+                          f"varchar(12), ho_ten varchar(100), cap_nhat_luc {kind}, "
+                          "da_xoa boolean NOT NULL DEFAULT false)"))  # fmt: skip
+        for n, stamp in [(1, "2024-01-15 09:00:00+07:00"), (2, "2024-01-15 02:30:00+00:00")]:
+            conn.execute(text("INSERT INTO cong_dan (id, so_dinh_danh, ho_ten, cap_nhat_luc) "
+                              f"VALUES ({n}, '{pid(n)}', 'X', '{stamp}')"))  # fmt: skip
+    poller = poller_of(pollers, citizens(tmp_path, db_url, zone="Asia/Ho_Chi_Minh"))
+    first = poller.poll()
+    assert [r.occurred_at.isoformat() for r in first] == [
+        "2024-01-15T09:00:00+07:00",
+        "2024-01-15T09:30:00+07:00",
+    ]
+    assert [r.version for r in first] == [micros(T0), micros(T0 + timedelta(minutes=30))]
+    event = first[0].event("province-79", "citizen")
+    assert event["occurred_at"] == "2024-01-15T09:00:00+07:00"
+    assert poller.poll() == []  # the cursor compares instants: nothing read twice
+    with source.engine.begin() as conn:
+        conn.execute(text("INSERT INTO cong_dan (id, so_dinh_danh, ho_ten, cap_nhat_luc) "
+                          f"VALUES (3, '{pid(3)}', 'Y', '2024-01-15 03:00:00+00:00')"))  # fmt: skip
+    (third,) = poller.poll()
+    assert third.occurred_at.isoformat() == "2024-01-15T10:00:00+07:00"
+
+    in_utc = poller_of(pollers, citizens(tmp_path, db_url, zone="UTC"))
+    assert [r.occurred_at.isoformat() for r in in_utc.poll()] == [
+        "2024-01-15T02:00:00+00:00",
+        "2024-01-15T02:30:00+00:00",
+        "2024-01-15T03:00:00+00:00",
+    ]
+    adapter = in_utc.adapter
+    assert cursor_lag_of(adapter.poller, CursorState.from_dict(in_utc.state)) == 0.0
+
+
+# -- text cursors --------------------------------------------------------------------------
+
+
+def dossier_text(n: int, status: int, at: str) -> dict[str, Any]:
+    return {"id": n, "ma_ho_so": f"000.00.01.H29-240115-{n:04d}", "trang_thai": status,
+            "ngay_cap_nhat": at}  # fmt: skip
+
+
+def test_the_cursor_lag_of_a_text_cursor_column(db_url: str, tmp_path: Path) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(ho_so_text), [dossier_text(1, 4, "20250115090000"),
+                                          dossier_text(2, 4, "20250115093000")])  # fmt: skip
+    engine.dispose()
+    deploy = deployment(tmp_path, TEXT_CURSOR.format(url=db_url))
+    adapter = deploy.adapter(deploy.sources[0])
+    try:
+        assert adapter.cursor_lag_seconds({}) == 1800.0
+        state = CursorState("2025-01-15T09:00:00.000000", 1).as_dict()
+        assert adapter.cursor_lag_seconds(state) == 1800.0
+    finally:
+        adapter.close()
+
+
+@pytest.mark.kafka
+def test_a_poll_of_a_text_cursor_column_exits_0(
+    db_url: str, tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The documented text-cursor configuration: `produce --once` publishes, saves its
+    position and exits 0, every poll."""
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(ho_so_text), [dossier_text(n, 4, "20250115090000") for n in (1, 2, 3)])
+    config = write_config(tmp_path, TEXT_CURSOR.format(url=db_url))
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert first.returncode == 0, first.stderr
+    assert "legacy-dossiers: published 3, dead-lettered 0" in first.stderr
+    assert "run failed" not in first.stderr
+    with engine.begin() as conn:
+        conn.execute(
+            update(ho_so_text)
+            .where(ho_so_text.c.id == 2)
+            .values(trang_thai=9, ngay_cap_nhat="20250115100000")
+        )
+    engine.dispose()
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    assert second.returncode == 0, second.stderr
+    assert "legacy-dossiers: published 1, dead-lettered 0" in second.stderr
+    assert "run failed" not in second.stderr
