@@ -2,20 +2,28 @@
 
 The cursor is (updated_at, primary key). Rows that commit late under a long transaction
 carry an `updated_at` older than rows already read, which a plain `> cursor` query misses
-forever. Each poll therefore re-reads a lookback window behind the cursor; rows already
-emitted at the same version are skipped from the cursor state's `seen` map, and anything
-emitted twice after a crash is dropped by the consumer's version rule (same event id).
+forever. Each poll therefore re-reads a lookback window behind the cursor.
+
+Rows read again are recognised from the cursor state's `seen` map: per row the version
+sent, its `updated_at` and a marker of the change (the source's version column, else a hash
+of the mapped content). A row whose marker changed is a new change even when its
+`updated_at` did not move (two updates within the column's precision); a change whose own
+version is not above the one last sent for its row is sent with that version + 1, so
+versions rise per row whatever the source's clocks do. `seen` keeps the rows of the
+lookback window behind the cursor: the state stays bounded. Anything sent twice after a
+crash carries the same version and event id, and the reconciler's version rule drops it.
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import ConfigDict
@@ -37,6 +45,8 @@ from producers.mapping import FieldMapping, map_fields, strptime_pattern
 from producers.state import write_json_atomic
 from schemas import build_event
 from schemas.events import Entity
+
+Raised = Literal["same_instant", "lower"]
 
 
 class SqlMapping(FieldMapping):
@@ -77,7 +87,8 @@ class CursorState:
 
     updated_at: str | None = None
     pk: Any = None
-    seen: dict[str, list[Any]] = field(default_factory=dict)  # pk -> [version, updated_at]
+    # pk -> [version sent, updated_at, marker (version column or content hash)]
+    seen: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> CursorState:
@@ -111,6 +122,9 @@ class SourceChange:
     version: int
     occurred_at: datetime  # updated_at in the source's zone
     data: dict[str, Any] | None  # None: the row is (soft-)deleted
+    marker: Any = None  # the version column's value, else the content hash
+    raised: Raised | None = None  # version set to last sent + 1
+    backwards: bool = False  # updated_at is earlier than the row's previous one
 
     @property
     def event(self) -> dict[str, Any]:
@@ -203,27 +217,43 @@ class SqlPollingAdapter:
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
-        updated_at = self.cursor_time(values[self.updated_at.name])
-        occurred = self.instant(updated_at)
-        version = (
-            int(values[self.config.version_column])
-            if self.config.version_column
-            else _micros(occurred)
-        )
-        pk = values[self.pk.name]
-        if state.seen.get(str(pk), [None])[0] == version:
-            return None
         config = self.config
+        moment = self.cursor_time(values[self.updated_at.name])
+        occurred = self.instant(moment)
+        derived = int(values[config.version_column]) if config.version_column else _micros(occurred)
         deleted = bool(config.deleted_column and values[config.deleted_column])
+        data = None if deleted else self._data(values)
+        marker = derived if config.version_column else _fingerprint(data)
+        pk = values[self.pk.name]
+        stamp = _iso(moment)
+        version, backwards = derived, False
+        raised: Raised | None = None
+        entry = state.seen.get(str(pk))
+        if entry is not None:
+            sent, before = entry[0], entry[1]
+            known = entry[2] if len(entry) > 2 else None  # none in states of older releases
+            if marker == known or (known is None and derived == sent):
+                fresh = [sent, stamp, marker]
+                if entry != fresh:  # the row was touched: remember it as it is now
+                    state.seen[str(pk)] = fresh
+                return None
+            backwards = stamp < before
+            if derived <= sent:  # its own version went back, or did not move (same instant)
+                version = sent + 1
+                went_back = derived < known if config.version_column and known else backwards
+                raised = "lower" if went_back else "same_instant"
         return SourceChange(
             config.source,
             config.entity,
             pk,
             str(values[config.key_column]),
-            updated_at,
+            moment,
             version,
             occurred,
-            None if deleted else self._data(values),
+            data,
+            marker,
+            raised,
+            backwards,
         )
 
     def cursor_time(self, value: Any) -> datetime:
@@ -250,14 +280,21 @@ class SqlPollingAdapter:
         """After a page is acknowledged: advance the high-water mark, note the rows as seen,
         and forget rows that fell out of the lookback window."""
         for change in page:
-            state.seen[str(change.pk)] = [change.version, _iso(change.updated_at)]
-            mark = (_iso(change.updated_at), change.pk)
+            stamp = _iso(change.updated_at)
+            state.seen[str(change.pk)] = [change.version, stamp, change.marker]
+            mark = (stamp, change.pk)
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark
         start = self._window_start(state)
         if start is not None:
             horizon = _iso(start)
             state.seen = {pk: seen for pk, seen in state.seen.items() if seen[1] >= horizon}
+
+
+def _fingerprint(data: dict[str, Any] | None) -> str:
+    """A short hash of a change's mapped content (None: a delete)."""
+    body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
 
 
 def _micros(moment: datetime) -> int:

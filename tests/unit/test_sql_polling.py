@@ -204,6 +204,30 @@ def test_cursor_state_round_trip(tmp_path: Path) -> None:
     assert CursorState.load(tmp_path / "missing.json") == CursorState()
 
 
+def test_a_state_of_an_older_release_resumes_without_repeats(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """States saved before content hashes: `seen` holds [version, updated_at]; rows in the
+    window are not sent again, changes are."""
+    source.insert(1, "A", T0)
+    source.insert(2, "B", T0 + timedelta(seconds=1))
+    old = {
+        "updated_at": "2024-01-15T09:00:01.000000",
+        "pk": 2,
+        "seen": {
+            "1": [micros(T0), "2024-01-15T09:00:00.000000"],
+            "2": [micros(T0 + timedelta(seconds=1)), "2024-01-15T09:00:01.000000"],
+        },
+    }
+    adapter = open_adapter(adapters, source)
+    state = CursorState.from_dict(old)
+    assert poll(adapter, state) == []
+    source.update(1, T0 + timedelta(seconds=2), ho_ten="A2")
+    (change,) = flat(poll(adapter, state))
+    assert (change.pk, change.version) == (1, micros(T0 + timedelta(seconds=2)))
+    assert len(state.seen["1"]) == 3
+
+
 def test_restart_after_crash_resumes_without_repeats(
     source: Source, adapters: list[SqlPollingAdapter], tmp_path: Path
 ) -> None:

@@ -1,5 +1,5 @@
-"""Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: time zones
-and text cursors."""
+"""Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: several
+changes within one second, clocks running backwards, time zones and text cursors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import (
     Boolean,
     Column,
@@ -190,6 +191,85 @@ def poller_of(pollers: list[Poller], adapter: Adapter) -> Poller:
 
 def names(records: list[Record]) -> list[tuple[str, str | None]]:
     return [(r.key, (r.data or {}).get("full_name")) for r in records]
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- any source: every change, versions rising per row -------------------------------------
+
+
+def test_every_change_within_one_second_of_the_cursor_precision_is_emitted(
+    db_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    source = Source(db_url, engines)
+    source.insert(1, "An", T0)
+    source.insert(2, "Bình", T0)
+    poller = poller_of(pollers, citizens(tmp_path, db_url, lookback=0))
+    first = poller.poll()
+    assert [r.version for r in first] == [micros(T0)] * 2
+
+    raised = counted("portal_sync_source_versions_raised_total", source="province-79",
+                     reason="same_instant")  # fmt: skip
+    source.update(1, T0, ho_ten="An 2")  # the same second: same updated_at
+    (second,) = poller.poll()
+    assert (second.key, second.data, second.version) == (pid(1), {"full_name": "An 2"},
+                                                         micros(T0) + 1)  # fmt: skip
+    source.update(1, T0, ho_ten="An 3")
+    source.update(2, T0, ho_ten="Bình 2")
+    third = poller.poll()
+    assert [(r.key, r.version) for r in third] == [(pid(1), micros(T0) + 2),
+                                                   (pid(2), micros(T0) + 1)]  # fmt: skip
+    assert counted("portal_sync_source_versions_raised_total", source="province-79",
+                   reason="same_instant") == raised + 3  # fmt: skip
+    source.update(2, T0)  # touched, content unchanged: no change
+    assert poller.poll() == []
+    source.update(2, T0 + timedelta(seconds=1), ho_ten="Bình 3")
+    (fourth,) = poller.poll()
+    assert fourth.version == micros(T0 + timedelta(seconds=1))
+    assert [r.occurred_at for r in third] == [T0.replace(tzinfo=ZONE)] * 2
+
+
+def test_two_changes_within_one_second_of_a_text_cursor(
+    db_url: str, tmp_path: Path, pollers: list[Poller]
+) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(ho_so_text), [dossier_text(1, 4, "20240115090000")])
+    deploy = deployment(tmp_path, TEXT_CURSOR.format(url=db_url))
+    poller = poller_of(pollers, deploy.adapter(deploy.sources[0]))
+    (first,) = poller.poll()
+    with engine.begin() as conn:
+        conn.execute(update(ho_so_text).values(trang_thai=9))
+    engine.dispose()
+    (second,) = poller.poll()
+    assert second.data == {"status": 9}
+    assert second.version == first.version + 1
+
+
+def test_versions_rise_per_row_when_the_source_clock_runs_backwards(
+    db_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    source = Source(db_url, engines)
+    source.insert(1, "An", T0 + timedelta(seconds=30))
+    poller = poller_of(pollers, citizens(tmp_path, db_url))
+    (first,) = poller.poll()
+    backwards = counted("portal_sync_source_clock_backwards_total", source="province-79")
+    lower = counted("portal_sync_source_versions_raised_total", source="province-79",
+                    reason="lower")  # fmt: skip
+    # another application server, its clock 20 s behind, updates the row
+    source.update(1, T0 + timedelta(seconds=10), ho_ten="An (sửa)")
+    (second,) = poller.poll()
+    assert second.version == first.version + 1
+    assert second.occurred_at == (T0 + timedelta(seconds=10)).replace(tzinfo=ZONE)
+    assert second.data == {"full_name": "An (sửa)"}
+    assert counted("portal_sync_source_clock_backwards_total", source="province-79") == (
+        backwards + 1
+    )
+    assert counted("portal_sync_source_versions_raised_total", source="province-79",
+                   reason="lower") == lower + 1  # fmt: skip
+    assert poller.poll() == []
 
 
 # -- zones ---------------------------------------------------------------------------------
