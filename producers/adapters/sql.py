@@ -20,8 +20,8 @@ from producers.sql_polling import (
 
 
 class SqlAdapter(Adapter):
-    """SQL polling: cursor (updated_at, pk) with a lookback window; content hashes or a
-    version column per row; soft deletes."""
+    """SQL polling: cursor (updated_at, pk); late commits by snapshot (PostgreSQL tables)
+    or a lookback window; content hashes or a version column per row; soft deletes."""
 
     key = "key_column"
     cursor = "updated_at_column, pk_column"
@@ -55,7 +55,7 @@ class SqlAdapter(Adapter):
             self.poller.remember(cursor, page)
             saved = cursor.as_dict()
             yield Checkpoint(saved)
-        if cursor.as_dict() != saved:  # rows touched without a change
+        if cursor.as_dict() != saved:  # a snapshot recorded, rows forgotten or touched
             yield Checkpoint(cursor.as_dict())
 
     def _record(self, change: SourceChange) -> Record:

@@ -1,5 +1,6 @@
-"""Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: several
-changes within one second, clocks running backwards, time zones and text cursors."""
+"""Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: transactions
+held open across polls, several changes within one second, clocks running backwards, time
+zones and text cursors."""
 
 from __future__ import annotations
 
@@ -110,6 +111,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_url(postgres_store_url: str) -> str:
+    """A fresh source database on the real PostgreSQL."""
+    url = postgres_store_url
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
 def engines() -> Iterator[list[Engine]]:
     opened: list[Engine] = []
     yield opened
@@ -151,9 +162,15 @@ def micros(local: datetime, zone: ZoneInfo = ZONE) -> int:
 
 
 def citizens(
-    tmp_path: Path, url: str, zone: str = "Asia/Ho_Chi_Minh", lookback: float = 60, batch: int = 100
+    tmp_path: Path,
+    url: str,
+    zone: str = "Asia/Ho_Chi_Minh",
+    lookback: float = 60,
+    batch: int = 100,
+    capture: str = "auto",
 ) -> Any:
-    body = CITIZENS.format(url=url, zone=zone, lookback=lookback) + f"batch_size = {batch}\n"
+    body = CITIZENS.format(url=url, zone=zone, lookback=lookback)
+    body += f'batch_size = {batch}\ncapture = "{capture}"\n'
     deploy = deployment(tmp_path, body)
     return deploy.adapter(deploy.sources[0])
 
@@ -195,6 +212,116 @@ def names(records: list[Record]) -> list[tuple[str, str | None]]:
 
 def counted(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- PostgreSQL: transactions held open across polls ---------------------------------------
+
+
+def test_a_row_committed_by_a_transaction_held_open_across_polls_is_captured_once(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """No lookback window on PostgreSQL: the rows of a transaction that stayed open across
+    many polls are read by the first poll after its commit, however old their
+    updated_at, and only by that one."""
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    source.insert(2, "Bình", T0 + timedelta(seconds=1))
+    poller = poller_of(pollers, citizens(tmp_path, postgres_url, lookback=1))
+    assert names(poller.poll()) == [(pid(1), "An"), (pid(2), "Bình")]
+
+    held = source.engine.connect()
+    transaction = held.begin()
+    # stamped when the transaction began (now()), committed much later
+    held.execute(insert(cong_dan).values(**row(3, "Cường", T0 + timedelta(seconds=2))))
+    held.execute(
+        update(cong_dan)
+        .where(cong_dan.c.id == 1)
+        .values(ho_ten="An (sửa)", cap_nhat_luc=T0 + timedelta(seconds=2))
+    )
+    for minute in range(1, 6):  # other work commits meanwhile, polls go on
+        source.insert(10 + minute, f"Người {minute}", T0 + timedelta(minutes=minute))
+        assert names(poller.poll()) == [(pid(10 + minute), f"Người {minute}")]
+        assert poller.poll() == []
+    transaction.commit()
+    held.close()
+
+    late = poller.poll()
+    assert names(late) == [(pid(1), "An (sửa)"), (pid(3), "Cường")]
+    assert late[0].version == micros(T0 + timedelta(seconds=2))
+    assert late[1].version == micros(T0 + timedelta(seconds=2))
+    for _ in range(3):
+        assert poller.poll() == []  # exactly once
+    state = CursorState.from_dict(poller.state)
+    assert state.xmin is not None
+    # rows neither in the window nor written since the snapshot are forgotten
+    assert set(state.seen) == {"15"}
+
+
+def test_a_rolled_back_transaction_sends_nothing_and_later_changes_still_come(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    poller = poller_of(pollers, citizens(tmp_path, postgres_url))
+    assert len(poller.poll()) == 1
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(insert(cong_dan).values(**row(2, "Bình", T0 + timedelta(seconds=1))))
+    assert poller.poll() == []
+    transaction.rollback()
+    held.close()
+    assert poller.poll() == []
+    source.update(1, T0 - timedelta(hours=1), ho_ten="An (sửa)")  # far behind the cursor
+    assert names(poller.poll()) == [(pid(1), "An (sửa)")]
+
+
+def test_a_poll_stopped_between_pages_still_captures_a_late_row_once(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    source = Source(postgres_url, engines)
+    for n in range(1, 5):
+        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
+    poller = poller_of(pollers, citizens(tmp_path, postgres_url, batch=2))
+    assert len(poller.poll()) == 4
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(insert(cong_dan).values(**row(5, "Late", T0)))
+    for n in range(6, 9):
+        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
+    # the process dies after the first page of a poll was acknowledged and saved
+    items = poller.adapter.read(json.loads(json.dumps(poller.state)))
+    first_page = []
+    for item in items:
+        if isinstance(item, Checkpoint):
+            poller.state = json.loads(json.dumps(item.state))
+            break
+        first_page.append(item)
+    items.close()
+    assert [r.key for r in first_page] == [pid(6), pid(7)]
+    transaction.commit()
+    held.close()
+    assert names(poller.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
+    assert poller.poll() == []
+
+
+def test_a_state_saved_by_lookback_capture_goes_on_by_snapshot_without_repeats(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """A PostgreSQL source polled with a lookback window (an earlier release, or
+    `capture = "lookback"`): its first snapshot poll re-reads the window once, sends
+    nothing twice, and records a snapshot; from then on late rows are captured."""
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    source.insert(2, "Bình", T0 + timedelta(seconds=30))
+    before = poller_of(pollers, citizens(tmp_path, postgres_url, capture="lookback"))
+    assert len(before.poll()) == 2
+    assert before.state["xmin"] is None
+    after = poller_of(pollers, citizens(tmp_path, postgres_url))
+    after.state = before.state
+    assert after.poll() == []
+    assert after.state["xmin"] is not None
+    source.update(1, T0 - timedelta(days=1), ho_ten="An (sửa)")
+    assert names(after.poll()) == [(pid(1), "An (sửa)")]
 
 
 # -- any source: every change, versions rising per row -------------------------------------
