@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from producers.cursor_lag import cursor_lag_of
 from producers.metrics import CLOCK_BACKWARDS, VERSIONS_RAISED
 from producers.sdk import Adapter, Checkpoint, Item, Record, State
+from producers.sql_advice import check_warnings
 from producers.sql_polling import (
     CursorState,
     SourceChange,
@@ -73,6 +74,9 @@ class SqlAdapter(Adapter):
 
     def cursor_lag_seconds(self, state: State) -> float | None:
         return cursor_lag_of(self.poller, CursorState.from_dict(state))
+
+    def check_warnings(self) -> list[str]:
+        return check_warnings(self.poller)
 
     def _row_reference(self, change: SourceChange) -> str:
         """The row's primary key, unless that is the natural key (a personal id): then its

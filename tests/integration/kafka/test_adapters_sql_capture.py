@@ -1,10 +1,13 @@
 """Change capture of the `sql` adapter on real SQLite and PostgreSQL sources: transactions
 held open across polls, several changes within one second, clocks running backwards, time
-zones and text cursors."""
+zones, text cursors, and what `adapters check` warns about."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
+from producers.conformance import check_adapter
 from producers.cursor_lag import cursor_lag_of
 from producers.sdk import Adapter, Checkpoint, Record, State
 from producers.sql_polling import CursorState
@@ -493,3 +497,55 @@ def test_a_poll_of_a_text_cursor_column_exits_0(
     assert second.returncode == 0, second.stderr
     assert "legacy-dossiers: published 1, dead-lettered 0" in second.stderr
     assert "run failed" not in second.stderr
+
+
+# -- adapters check ------------------------------------------------------------------------
+
+
+def test_check_warns_of_whole_seconds_and_no_version_column(
+    db_url: str, tmp_path: Path, engines: list[Engine]
+) -> None:
+    source = Source(db_url, engines)
+    for n in range(1, 4):
+        source.insert(n, f"Người {n}", T0 + timedelta(seconds=n))
+    source.update(3, T0 + timedelta(seconds=4), da_xoa=True)
+    adapter = citizens(tmp_path, db_url)
+    try:
+        report = check_adapter(adapter, "hcm-citizens", "sql")
+    finally:
+        adapter.close()
+    assert report.passed, [(r.name, r.detail) for r in report.results]
+    (precision, version) = report.warnings
+    assert precision.startswith("cursor column cap_nhat_luc has whole seconds only")
+    assert "content hash" in precision
+    assert version.startswith("no version_column")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "portal_sync", "adapters", "check", "--config",
+         str(tmp_path / "sources.toml")],
+        capture_output=True, text=True, timeout=120, env=os.environ | {"COLUMNS": "250"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warn" in result.stdout and "whole seconds" in result.stdout
+
+
+def test_check_warns_of_a_lookback_shorter_than_the_longest_transaction(
+    postgres_url: str, tmp_path: Path, engines: list[Engine]
+) -> None:
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(text("SELECT pg_sleep(1.2)"))  # a transaction open for over a second
+    try:
+        adapter = citizens(tmp_path, postgres_url, lookback=1)
+        try:
+            report = check_adapter(adapter, "hcm-citizens", "sql")
+        finally:
+            adapter.close()
+    finally:
+        transaction.rollback()
+        held.close()
+    (warning,) = [w for w in report.warnings if w.startswith("lookback_seconds")]
+    assert "longest open transaction seen in pg_stat_activity" in warning
+    assert "snapshot capture still reads its rows" in warning
