@@ -212,6 +212,7 @@ class SqlPollingAdapter:
             return True
         if self.config.capture == "snapshot":
             raise FatalError(f"capture = 'snapshot': {self.config.table} is no table with xmin")
+        log.info("%s: %s has no xmin of its own: lookback capture", self.config.name, self.table)
         return False
 
     def close(self) -> None:

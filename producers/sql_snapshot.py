@@ -76,7 +76,9 @@ def is_plain_table(engine: Engine, name: str) -> bool:
     views, materialised views and foreign tables do not."""
     with engine.connect() as conn:
         kind = conn.execute(
-            text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"), {"name": name}
+            # the name as one identifier, as the adapter reflects it
+            text("SELECT relkind FROM pg_class WHERE oid = to_regclass(quote_ident(:name))"),
+            {"name": name},
         ).scalar()
     return kind in ("r", "p")
 

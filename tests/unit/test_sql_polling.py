@@ -9,6 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import (
     Boolean,
     Column,
@@ -80,9 +81,13 @@ class Source:
             conn.execute(delete(cong_dan).where(cong_dan.c.id == row_id))
 
     def config(self, **overrides: Any) -> SqlSourceConfig:
+        return self.config_of(self.url, **overrides)
+
+    @staticmethod
+    def config_of(url: str, **overrides: Any) -> SqlSourceConfig:
         settings: dict[str, Any] = {
             "source": "province-01",
-            "url": self.url,
+            "url": url,
             "entity": "citizen",
             "table": "cong_dan",
             "key_column": "so_dinh_danh",
@@ -350,6 +355,15 @@ def test_seen_rows_are_forgotten_behind_the_window(
     assert pks(poll(adapter, state)) == [3]
     assert set(state.seen) == {"2", "3"}  # row 1 (T0) is older than 75 s - 60 s
     assert poll(adapter, state) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "query"),
+    [("sqlite:///source.db", None), ("postgresql+psycopg://h/db", "SELECT * FROM cong_dan")],
+)
+def test_snapshot_capture_needs_a_postgresql_table(url: str, query: str | None) -> None:
+    with pytest.raises(ValidationError, match="capture = 'snapshot'"):
+        Source.config_of(url, capture="snapshot", query=query)
 
 
 # -- paging -------------------------------------------------------------------------------

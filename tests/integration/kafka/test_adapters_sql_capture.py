@@ -36,6 +36,7 @@ from producers.conformance import check_adapter
 from producers.cursor_lag import cursor_lag_of
 from producers.sdk import Adapter, Checkpoint, Record, State
 from producers.sql_polling import CursorState
+from producers.sql_snapshot import is_plain_table
 from tests.support.adapter_helpers import database_url, deployment, write_config
 from tests.support.pipeline_helpers import cli
 
@@ -326,6 +327,28 @@ def test_a_state_saved_by_lookback_capture_goes_on_by_snapshot_without_repeats(
     assert after.state["xmin"] is not None
     source.update(1, T0 - timedelta(days=1), ho_ten="An (sửa)")
     assert names(after.poll()) == [(pid(1), "An (sửa)")]
+
+
+def test_a_view_is_read_with_the_lookback_window(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """A view's rows have no xmin of their own: `auto` capture reads it by lookback."""
+    source = Source(postgres_url, engines)
+    with source.engine.begin() as conn:
+        conn.execute(text('CREATE VIEW "CongDan" AS SELECT * FROM cong_dan'))
+    source.insert(1, "An", T0)
+    body = CITIZENS.format(url=postgres_url, zone="Asia/Ho_Chi_Minh", lookback=60)
+    deploy = deployment(tmp_path, body.replace('table = "cong_dan"', 'table = "CongDan"'))
+    poller = poller_of(pollers, deploy.adapter(deploy.sources[0]))
+    assert names(poller.poll()) == [(pid(1), "An")]
+    source.insert(2, "Bình", T0 - timedelta(seconds=30))  # late, within the window
+    assert names(poller.poll()) == [(pid(2), "Bình")]
+    assert poller.state["xmin"] is None
+    assert poller.poll() == []
+    with source.engine.begin() as conn:
+        conn.execute(text('CREATE TABLE "HoSo" (id integer PRIMARY KEY)'))
+    assert is_plain_table(source.engine, "HoSo") and is_plain_table(source.engine, "cong_dan")
+    assert not is_plain_table(source.engine, "CongDan")
 
 
 # -- any source: every change, versions rising per row -------------------------------------
