@@ -5,8 +5,8 @@
   the state keeps for `lookback_seconds`;
 - no version column: versions derive from `updated_at`, so a source clock running
   backwards gives a lower one (sent as the last version + 1 while the row is remembered);
-- on PostgreSQL, a `lookback_seconds` shorter than the longest open transaction seen in
-  `pg_stat_activity`: such a transaction stamps its rows with its start time.
+- on PostgreSQL, a `lookback_seconds` shorter than the longest open transaction (one that
+  wrote) seen in `pg_stat_activity`: such a transaction stamps its rows with its start time.
 
 Messages name columns and options, never values.
 """
@@ -78,6 +78,6 @@ def _long_transactions(poller: SqlPollingAdapter) -> list[str]:
     else:
         effect = "a row it commits with an older updated_at is missed (lookback capture)"
     return [
-        f"lookback_seconds {lookback:g} is shorter than the longest open transaction seen in "
-        f"pg_stat_activity ({seconds:.0f} s): {effect}"
+        f"lookback_seconds {lookback:g} is shorter than the longest open writing transaction "
+        f"seen in pg_stat_activity ({seconds:.0f} s): {effect}"
     ]

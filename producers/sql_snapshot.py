@@ -84,12 +84,14 @@ def is_plain_table(engine: Engine, name: str) -> bool:
 
 
 def longest_transaction_seconds(engine: Engine) -> float | None:
-    """How long the oldest open transaction of another client session on this database has
-    been running, as far as this role can see in `pg_stat_activity` (None: none seen)."""
+    """How long the oldest open transaction that wrote (holds a transaction id) of another
+    client session on this database has been running, as far as this role can see in
+    `pg_stat_activity` (None: none seen). Read-only transactions commit no rows."""
     query = text(
         "SELECT max(extract(epoch FROM clock_timestamp() - xact_start)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        "AND backend_type = 'client backend' AND xact_start IS NOT NULL"
+        "AND backend_type = 'client backend' AND xact_start IS NOT NULL "
+        "AND backend_xid IS NOT NULL"
     )
     with engine.connect() as conn:
         seconds = conn.execute(query).scalar()

@@ -559,7 +559,8 @@ def test_check_warns_of_a_lookback_shorter_than_the_longest_transaction(
     source.insert(1, "An", T0)
     held = source.engine.connect()
     transaction = held.begin()
-    held.execute(text("SELECT pg_sleep(1.2)"))  # a transaction open for over a second
+    held.execute(insert(cong_dan).values(**row(2, "Bình", T0)))  # it wrote: it holds an xid
+    held.execute(text("SELECT pg_sleep(1.2)"))  # and stays open for over a second
     try:
         adapter = citizens(tmp_path, postgres_url, lookback=1)
         try:
@@ -570,5 +571,5 @@ def test_check_warns_of_a_lookback_shorter_than_the_longest_transaction(
         transaction.rollback()
         held.close()
     (warning,) = [w for w in report.warnings if w.startswith("lookback_seconds")]
-    assert "longest open transaction seen in pg_stat_activity" in warning
+    assert "longest open writing transaction seen in pg_stat_activity" in warning
     assert "snapshot capture still reads its rows" in warning
