@@ -11,13 +11,14 @@ carries an `updated_at` older than rows already read, which a plain `> cursor` q
 
 Rows read again are recognised from the cursor state's `seen` map: per row the version
 sent, its `updated_at`, a marker of the change (the source's version column, else a hash of
-the mapped content) and, on PostgreSQL, the writing transaction. A row whose marker changed
-is a new change even when its `updated_at` did not move (two updates within the column's
-precision); a change whose own version is not above the one last sent for its row is sent
-with that version + 1, so versions rise per row whatever the source's clocks do. `seen`
-keeps the rows of the lookback window behind the cursor (and, on PostgreSQL, those a next
-poll reads again): the state stays bounded. Anything sent twice after a crash carries the
-same version and event id, and the reconciler's version rule drops it.
+the mapped content) and, on PostgreSQL, the writing transaction. A row whose own version
+(the version column, else `updated_at`) rose is a new change, as before; one whose own
+version did not rise is a new change when its marker changed (two updates within the
+column's precision, a clock gone back), sent with the last version + 1, so versions rise
+per row whatever the source's clocks do. `seen` keeps the rows of the lookback window
+behind the cursor (and, on PostgreSQL, those a next poll reads again): the state stays
+bounded. Anything sent twice after a crash carries the same version and event id, and the
+reconciler's version rule drops it.
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
 """
 
@@ -333,16 +334,16 @@ class SqlPollingAdapter:
         if entry is not None:
             sent, before = entry[0], entry[1]
             known = entry[2] if len(entry) > 2 else None  # none in states of older releases
-            if marker == known or (known is None and derived == sent):
-                fresh = [sent, stamp, marker, xid]
-                if entry != fresh:  # the row was touched: remember it as it is now
-                    state.seen[str(pk)] = fresh
-                return None
-            backwards = stamp < before
-            if derived <= sent:  # its own version went back, or did not move (same instant)
+            if derived <= sent:  # its own version did not move (same instant), or went back
+                if marker == known or (known is None and derived == sent):
+                    fresh = [sent, stamp, marker, xid]
+                    if entry != fresh:  # touched, no new content: remember it as it is now
+                        state.seen[str(pk)] = fresh
+                    return None  # read again, or touched: nothing new
                 version = sent + 1
-                went_back = derived < known if config.version_column and known else backwards
+                went_back = derived < known if config.version_column and known else stamp < before
                 raised = "lower" if went_back else "same_instant"
+            backwards = stamp < before
         return SourceChange(
             config.source,
             config.entity,

@@ -377,11 +377,14 @@ def test_every_change_within_one_second_of_the_cursor_precision_is_emitted(
                                                    (pid(2), micros(T0) + 1)]  # fmt: skip
     assert counted("portal_sync_source_versions_raised_total", source="province-79",
                    reason="same_instant") == raised + 3  # fmt: skip
-    source.update(2, T0)  # touched, content unchanged: no change
+    source.update(2, T0)  # touched within the same second, content unchanged: no change
     assert poller.poll() == []
+    source.update(2, T0 + timedelta(seconds=1))  # touched later: asserts its values again
+    (touched,) = poller.poll()
+    assert (touched.key, touched.version) == (pid(2), micros(T0 + timedelta(seconds=1)))
     source.update(2, T0 + timedelta(seconds=1), ho_ten="Bình 3")
     (fourth,) = poller.poll()
-    assert fourth.version == micros(T0 + timedelta(seconds=1))
+    assert fourth.version == micros(T0 + timedelta(seconds=1)) + 1
     assert [r.occurred_at for r in third] == [T0.replace(tzinfo=ZONE)] * 2
 
 
