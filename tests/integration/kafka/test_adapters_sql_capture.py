@@ -175,7 +175,7 @@ def citizens(
     capture: str = "auto",
 ) -> Any:
     body = CITIZENS.format(url=url, zone=zone, lookback=lookback)
-    body += f'batch_size = {batch}\ncapture = "{capture}"\n'
+    body += f"batch_size = {batch}\n" + (f'capture = "{capture}"\n' if capture != "auto" else "")
     deploy = deployment(tmp_path, body)
     return deploy.adapter(deploy.sources[0])
 
