@@ -65,6 +65,7 @@ class ConformanceReport:
     adapter: str
     first: Run
     results: list[CheckResult]
+    warnings: list[str] = field(default_factory=list)  # shown, never failing
 
     @property
     def passed(self) -> bool:
@@ -130,7 +131,15 @@ def check_adapter(
         _resumes(first, second),
         _deletes(first, adapter.emits_deletes, limit),
     ]
-    return ConformanceReport(source_id, adapter_name or type(adapter).__name__, first, results)
+    name = adapter_name or type(adapter).__name__
+    return ConformanceReport(source_id, name, first, results, _warnings(adapter))
+
+
+def _warnings(adapter: Adapter) -> list[str]:
+    try:
+        return adapter.check_warnings()
+    except Exception as error:  # the type only: driver messages can quote values
+        return [f"could not inspect the source ({type(error).__name__})"]
 
 
 def _validates(run: Run) -> CheckResult:
@@ -213,4 +222,6 @@ def report_table(report: ConformanceReport) -> Any:
         mark = "[green]pass[/green]" if result.passed else "[red]FAIL[/red]"
         examples = Text("\n").join(map(plain, result.examples))  # rows' origins: source data
         table.add_row(result.name, mark, plain(result.detail), examples)
+    for warning in report.warnings:
+        table.add_row("warning", "[yellow]warn[/yellow]", plain(warning), "")
     return table

@@ -16,12 +16,15 @@ from sqlalchemy import func, select
 from producers.sql_polling import CursorState, SqlPollingAdapter
 
 
-def cursor_lag(newest: datetime | None, oldest: datetime | None, cursor: str | None) -> float:
+def cursor_lag(
+    newest: datetime | None, oldest: datetime | None, cursor: datetime | str | None
+) -> float:
     """Seconds between the cursor and the newest change; with no cursor yet, everything
     from the oldest change on is still to read."""
     if newest is None:
         return 0.0
-    start = datetime.fromisoformat(cursor) if cursor is not None else oldest
+    start = datetime.fromisoformat(cursor) if isinstance(cursor, str) else cursor
+    start = start if start is not None else oldest
     if start is None:
         return 0.0
     return max(0.0, (newest - start).total_seconds())
@@ -57,17 +60,16 @@ REGISTRY.register(CURSOR_LAG)
 
 
 def cursor_lag_of(adapter: SqlPollingAdapter, state: CursorState) -> float:
-    """Read the source's newest and oldest change time: the cursor's lag behind them."""
+    """Read the source's newest and oldest change time: the cursor's lag behind them. Every
+    value is read as the cursor reads it (date text in `updated_at_format`, zones converted)
+    and compared as an instant."""
     column = adapter.updated_at
     with adapter.engine.connect() as conn:
         newest, oldest = conn.execute(select(func.max(column), func.min(column))).one()
-    return cursor_lag(_naive(newest), _naive(oldest), state.updated_at)
 
+    def instant(value: object) -> datetime | None:
+        return None if value is None else adapter.instant(adapter.cursor_time(value))
 
-def _naive(value: object) -> datetime | None:
-    """SQLite hands back text; other drivers naive datetimes (both in the source's zone)."""
-    if value is None:
-        return None
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(moment, datetime)
-    return moment.replace(tzinfo=None)
+    cursor = state.updated_at
+    start = None if cursor is None else adapter.instant(datetime.fromisoformat(cursor))
+    return cursor_lag(instant(newest), instant(oldest), start)

@@ -90,7 +90,11 @@ class AdapterRunner:
 
     def _measure_cursor_lag(self) -> None:
         """How far the saved cursor is behind the newest change in the source."""
-        seconds = self.adapter.cursor_lag_seconds(load_json_state(self.state_path))
+        try:
+            seconds = self.adapter.cursor_lag_seconds(load_json_state(self.state_path))
+        except Exception as error:  # a measurement never fails a run that was saved
+            log.warning("%s: cursor lag not measured (%s)", self.source_id, type(error).__name__)
+            return
         if seconds is not None:
             CURSOR_LAG.set(self.adapter.source, self.source_id, seconds)
 

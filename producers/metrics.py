@@ -19,6 +19,17 @@ DONE_FILES_REMOVED = Counter(
     "Processed files (and their rejection reports) removed from done/ past their retention.",
     ["source"],
 )
+CLOCK_BACKWARDS = Counter(
+    "portal_sync_source_clock_backwards_total",
+    "Changes whose occurred_at is earlier than the previous change of the same row.",
+    ["source"],
+)
+VERSIONS_RAISED = Counter(
+    "portal_sync_source_versions_raised_total",
+    "Changes sent with their row's last version + 1, their own not being higher "
+    "(reason: same_instant, lower).",
+    ["source", "reason"],
+)
 ERROR_KINDS = ("invalid_record", "read_error", "publish_error", "fatal")
 
 

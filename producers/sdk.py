@@ -152,6 +152,11 @@ class Adapter(ABC):
         `portal_sync_source_cursor_lag_seconds`; None where the adapter cannot tell."""
         return None
 
+    def check_warnings(self) -> list[str]:
+        """What `adapters check` should point out about the source without failing it (a
+        cursor of coarse precision, a risky option); never record values."""
+        return []
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 

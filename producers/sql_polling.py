@@ -1,24 +1,40 @@
 """SQL polling adapter: query-based change capture through SQLAlchemy.
 
-The cursor is (updated_at, primary key). Rows that commit late under a long transaction
-carry an `updated_at` older than rows already read, which a plain `> cursor` query misses
-forever. Each poll therefore re-reads a lookback window behind the cursor; rows already
-emitted at the same version are skipped from the cursor state's `seen` map, and anything
-emitted twice after a crash is dropped by the consumer's version rule (same event id).
+The cursor is (updated_at, primary key). A row that commits late (under a long transaction)
+carries an `updated_at` older than rows already read, which a plain `> cursor` query misses:
+
+- on a PostgreSQL table, each poll records its snapshot's xmin with the cursor and the next
+  poll also reads the rows behind the cursor written by transactions at or above it
+  (`producers.sql_snapshot`): nothing committed late is missed, however late;
+- on any other source (and on PostgreSQL views or queries) each poll re-reads a lookback
+  window of `lookback_seconds` behind the cursor.
+
+Rows read again are recognised from the cursor state's `seen` map: per row the version
+sent, its `updated_at`, a marker of the change (the source's version column, else a hash of
+the mapped content) and, on PostgreSQL, the writing transaction. A row whose own version
+(the version column, else `updated_at`) rose is a new change, as before; one whose own
+version did not rise is a new change when its marker changed (two updates within the
+column's precision, a clock gone back), sent with the last version + 1, so versions rise
+per row whatever the source's clocks do. `seen` keeps the rows of the lookback window
+behind the cursor (and, on PostgreSQL, those a next poll reads again): the state stays
+bounded. Anything sent twice after a crash carries the same version and event id, and the
+reconciler's version rule drops it.
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy import (
     DateTime,
     MetaData,
@@ -28,22 +44,39 @@ from sqlalchemy import (
     create_engine,
     func,
     literal,
+    not_,
     or_,
     select,
     text,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from producers.mapping import FieldMapping, map_fields, strptime_pattern
+from producers.sdk import FatalError
+from producers.sql_snapshot import (
+    XID_LABEL,
+    current_xmin_xmax,
+    is_plain_table,
+    row_xid8,
+    written_since,
+)
 from producers.state import write_json_atomic
 from schemas import build_event
 from schemas.events import Entity
+
+log = logging.getLogger(__name__)
+
+Capture = Literal["auto", "snapshot", "lookback"]
+Raised = Literal["same_instant", "lower"]
 
 
 class SqlMapping(FieldMapping):
     """Where one table's (or query's) records live and how its columns map to the contract.
 
     The cursor is (`updated_at_column`, `pk_column`); `query` replaces the table by any
-    SELECT (then `table` only names it in dead-letter origins)."""
+    SELECT (then `table` only names it in dead-letter origins). `capture`: `snapshot`
+    (PostgreSQL tables; what `auto` chooses there) or `lookback` (any source)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,8 +90,25 @@ class SqlMapping(FieldMapping):
     updated_at_format: str | None = None  # the cursor column is text, e.g. yyyyMMddHHmmss
     version_column: str | None = None
     deleted_column: str | None = None
-    lookback_seconds: float = 60.0
-    batch_size: int = 1000
+    capture: Capture = "auto"
+    lookback_seconds: float = Field(default=60.0, ge=0)
+    batch_size: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _snapshot_needs_a_postgresql_table(self) -> SqlMapping:
+        if self.capture != "snapshot":
+            return self
+        if self.query is not None:
+            raise ValueError(
+                "capture = 'snapshot' reads the rows' xmin: it needs a table, no query"
+            )
+        try:
+            backend = make_url(self.url).get_backend_name()
+        except ArgumentError:
+            backend = ""
+        if backend != "postgresql":
+            raise ValueError("capture = 'snapshot' needs a PostgreSQL source")
+        return self
 
 
 class SqlSourceConfig(SqlMapping):
@@ -73,11 +123,14 @@ class SqlSourceConfig(SqlMapping):
 
 @dataclass
 class CursorState:
-    """Durable position of one adapter: high-water (updated_at, pk) and rows seen behind it."""
+    """Durable position of one adapter: high-water (updated_at, pk), rows seen behind it and,
+    on PostgreSQL, the xmin (xid8) of the snapshot of the last complete poll."""
 
     updated_at: str | None = None
     pk: Any = None
-    seen: dict[str, list[Any]] = field(default_factory=dict)  # pk -> [version, updated_at]
+    # pk -> [version sent, updated_at, marker (version column or content hash), xid8 or None]
+    seen: dict[str, list[Any]] = field(default_factory=dict)
+    xmin: int | None = None
 
     @classmethod
     def load(cls, path: Path) -> CursorState:
@@ -90,13 +143,14 @@ class CursorState:
         write_json_atomic(path, self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"updated_at": self.updated_at, "pk": self.pk, "seen": dict(self.seen)}
+        seen = dict(self.seen)
+        return {"updated_at": self.updated_at, "pk": self.pk, "seen": seen, "xmin": self.xmin}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CursorState:
         if not raw:
             return cls()
-        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]))
+        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"))
 
 
 @dataclass(frozen=True)
@@ -107,10 +161,14 @@ class SourceChange:
     entity: str
     pk: Any
     key: str
-    updated_at: datetime
+    updated_at: datetime  # the cursor value: naive as stored, or UTC when it has a zone
     version: int
     occurred_at: datetime  # updated_at in the source's zone
     data: dict[str, Any] | None  # None: the row is (soft-)deleted
+    marker: Any = None  # the version column's value, else the content hash
+    xid: int | None = None  # PostgreSQL: the transaction that wrote the row version
+    raised: Raised | None = None  # version set to last sent + 1
+    backwards: bool = False  # updated_at is earlier than the row's previous one
 
     @property
     def event(self) -> dict[str, Any]:
@@ -130,6 +188,8 @@ class SqlPollingAdapter:
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]
         self.sqlite = self.engine.dialect.name == "sqlite"
+        self.postgresql = self.engine.dialect.name == "postgresql"
+        self.snapshot = self._snapshot_capture()
 
     def _from_clause(self) -> Any:
         config = self.config
@@ -145,113 +205,215 @@ class SqlPollingAdapter:
         names: list[Any] = [column(name) for name in sorted(needed)]
         return text(config.query).columns(*names).subquery("src")
 
+    def _snapshot_capture(self) -> bool:
+        """Snapshot capture on a PostgreSQL table (`auto`, `snapshot`); else the lookback."""
+        if not self.postgresql or self.config.capture == "lookback" or self.config.query:
+            return False
+        if is_plain_table(self.engine, self.config.table):
+            return True
+        if self.config.capture == "snapshot":
+            raise FatalError(f"capture = 'snapshot': {self.config.table} is no table with xmin")
+        log.info("%s: %s has no xmin of its own: lookback capture", self.config.name, self.table)
+        return False
+
     def close(self) -> None:
         self.engine.dispose()
 
+    # -- reading ------------------------------------------------------------------------
+
     def pages(self, state: CursorState) -> Iterator[list[SourceChange]]:
-        """Pages of new or changed rows from the lookback window on; updates `state.seen`
-        but not the high-water mark (the caller advances it after publishing a page)."""
+        """Pages of new or changed rows; the caller publishes each page and then calls
+        `remember` (which advances the high-water mark) before it asks for the next. Once
+        every page was taken, a PostgreSQL poll records its snapshot's xmin in `state`."""
+        if not self.snapshot:
+            start = self._window_start(state)
+            yield from self._scan(state, None if start is None else self._at_or_after(start))
+            return
+        with self.engine.connect() as conn:
+            began, xmax = current_xmin_xmax(conn)
+        recorded = state.xmin
+        if recorded is not None and recorded > xmax:
+            log.warning(
+                "%s: the source's transaction ids went back (a restored database?): "
+                "re-reading the lookback window once",
+                self.config.name,
+            )
+            recorded = None
+        high = self._high(state)
+        if high is None:
+            yield from self._scan(state, None)
+        elif recorded is None:  # a state of lookback capture: its window, this once
+            start = high[0] - timedelta(seconds=self.config.lookback_seconds)
+            yield from self._scan(state, self._at_or_after(start))
+        else:
+            if xmax > recorded:  # else no transaction has written since: none is late
+                late = and_(written_since(recorded), not_(self._after(high)))
+                yield from self._scan(state, late)
+            yield from self._scan(state, self._after(high))
+        state.xmin = began
+        self._forget(state)
+
+    def _scan(self, state: CursorState, condition: Any) -> Iterator[list[SourceChange]]:
         last: tuple[datetime, Any] | None = None
-        start = self._window_start(state)
         while True:
-            rows = self._page(start, last)
+            rows = self._page(condition, last)
             if not rows:
                 return
             changes = [change for row in rows if (change := self._change(row, state))]
             high = rows[-1]._mapping
-            moment = high[self.updated_at.name]
-            if self.config.updated_at_format is not None:
-                moment = self._cursor_time(moment)
-            last = (moment, high[self.pk.name])
+            last = (self.cursor_time(high[self.updated_at.name]), high[self.pk.name])
             if changes:
                 yield changes
             if len(rows) < self.config.batch_size:
                 return
 
-    def _window_start(self, state: CursorState) -> datetime | None:
+    def _page(self, condition: Any, last: tuple[datetime, Any] | None) -> list[Any]:
+        columns = [self.table, row_xid8()] if self.snapshot else [self.table]
+        moment = self._moment(self.updated_at)
+        query = select(*columns).order_by(moment, self.pk).limit(self.config.batch_size)
+        if condition is not None:
+            query = query.where(condition)
+        if last is not None:
+            query = query.where(self._after(last))
+        with self.engine.connect() as conn:
+            return list(conn.execute(query))
+
+    def _after(self, mark: tuple[datetime, Any]) -> Any:
+        """Rows after a (updated_at, pk) position in cursor order."""
+        moment, bound = self._moment(self.updated_at), self._bound(mark[0])
+        return or_(moment > bound, and_(moment == bound, self.pk > mark[1]))
+
+    def _at_or_after(self, start: datetime) -> Any:
+        return self._moment(self.updated_at) >= self._bound(start)
+
+    def _high(self, state: CursorState) -> tuple[datetime, Any] | None:
         if state.updated_at is None:
             return None
-        high = datetime.fromisoformat(state.updated_at)
-        return high - timedelta(seconds=self.config.lookback_seconds)
+        return datetime.fromisoformat(state.updated_at), state.pk
+
+    def _window_start(self, state: CursorState) -> datetime | None:
+        high = self._high(state)
+        return None if high is None else high[0] - timedelta(seconds=self.config.lookback_seconds)
 
     def _bound(self, moment: datetime) -> Any:
         """A cursor value as a query parameter, in the column's own form."""
         pattern = self.config.updated_at_format
         if pattern is not None:  # fixed-width date text sorts in time order
             return literal(moment.strftime(strptime_pattern(pattern)))
-        return self._moment(literal(moment, DateTime()))
+        if self.sqlite:  # compared as UTC text when the values carry an offset
+            if moment.tzinfo is not None:
+                moment = moment.astimezone(UTC).replace(tzinfo=None)
+            return self._moment(literal(moment, DateTime()))
+        return literal(moment, DateTime(timezone=moment.tzinfo is not None))
 
     def _moment(self, value: Any) -> Any:
         """A timestamp as the database orders it. SQLite keeps timestamps as text in
         whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),
-        so both sides are normalised to one form first."""
+        so both sides are normalised to one form first (UTC where the text has an offset)."""
         if self.sqlite and self.config.updated_at_format is None:
             return func.strftime("%Y-%m-%d %H:%M:%f", value)
         return value
 
-    def _page(self, start: datetime | None, last: tuple[datetime, Any] | None) -> list[Any]:
-        moment = self._moment(self.updated_at)
-        query = select(self.table).order_by(moment, self.pk).limit(self.config.batch_size)
-        if last is not None:
-            bound = self._bound(last[0])
-            query = query.where(or_(moment > bound, and_(moment == bound, self.pk > last[1])))
-        elif start is not None:
-            query = query.where(moment >= self._bound(start))
-        with self.engine.connect() as conn:
-            return list(conn.execute(query))
+    # -- one row ------------------------------------------------------------------------
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
-        updated_at = self._cursor_time(values[self.updated_at.name])
-        version = (
-            int(values[self.config.version_column])
-            if self.config.version_column
-            else _micros(updated_at.replace(tzinfo=self.zone))
-        )
-        pk = values[self.pk.name]
-        if state.seen.get(str(pk), [None])[0] == version:
-            return None
         config = self.config
+        moment = self.cursor_time(values[self.updated_at.name])
+        occurred = self.instant(moment)
+        derived = int(values[config.version_column]) if config.version_column else _micros(occurred)
         deleted = bool(config.deleted_column and values[config.deleted_column])
+        data = None if deleted else self._data(values)
+        marker = derived if config.version_column else _fingerprint(data)
+        pk = values[self.pk.name]
+        xid = int(values[XID_LABEL]) if self.snapshot else None
+        stamp = _iso(moment)
+        version, backwards = derived, False
+        raised: Raised | None = None
+        entry = state.seen.get(str(pk))
+        if entry is not None:
+            sent, before = entry[0], entry[1]
+            known = entry[2] if len(entry) > 2 else None  # none in states of older releases
+            if derived <= sent:  # its own version did not move (same instant), or went back
+                if marker == known or (known is None and derived == sent):
+                    fresh = [sent, stamp, marker, xid]
+                    if entry != fresh:  # touched, no new content: remember it as it is now
+                        state.seen[str(pk)] = fresh
+                    return None  # read again, or touched: nothing new
+                version = sent + 1
+                went_back = derived < known if config.version_column and known else stamp < before
+                raised = "lower" if went_back else "same_instant"
+            backwards = stamp < before
         return SourceChange(
             config.source,
             config.entity,
             pk,
             str(values[config.key_column]),
-            updated_at,
+            moment,
             version,
-            updated_at.replace(tzinfo=self.zone),
-            None if deleted else self._data(values),
+            occurred,
+            data,
+            marker,
+            xid,
+            raised,
+            backwards,
         )
 
-    def _cursor_time(self, value: Any) -> datetime:
+    def cursor_time(self, value: Any) -> datetime:
+        """A cursor column value as the cursor holds it: naive as the source wrote it, or
+        converted to UTC when it carries a zone (never relabelled)."""
         pattern = self.config.updated_at_format
         if pattern is not None:
             return datetime.strptime(str(value), strptime_pattern(pattern))
-        return _as_datetime(value)
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
+        assert isinstance(parsed, datetime)
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed
+
+    def instant(self, moment: datetime) -> datetime:
+        """A cursor value as an aware time in the source's zone: naive values are local
+        time of the source (`timezone`), values with a zone are converted to it."""
+        if moment.tzinfo is not None:
+            return moment.astimezone(self.zone)
+        return moment.replace(tzinfo=self.zone)
 
     def _data(self, values: Any) -> dict[str, Any]:
         return map_fields(values, self.config, self.zone)
 
+    # -- after publishing ---------------------------------------------------------------
+
     def remember(self, state: CursorState, page: list[SourceChange]) -> None:
         """After a page is acknowledged: advance the high-water mark, note the rows as seen,
-        and forget rows that fell out of the lookback window."""
+        and forget rows that no poll will read again."""
         for change in page:
-            state.seen[str(change.pk)] = [change.version, _iso(change.updated_at)]
-            mark = (_iso(change.updated_at), change.pk)
+            stamp = _iso(change.updated_at)
+            state.seen[str(change.pk)] = [change.version, stamp, change.marker, change.xid]
+            mark = (stamp, change.pk)
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark
+        self._forget(state)
+
+    def _forget(self, state: CursorState) -> None:
+        """Keep the rows of the lookback window behind the cursor, and those written since
+        the recorded snapshot (a PostgreSQL poll reads them again)."""
         start = self._window_start(state)
-        if start is not None:
-            horizon = _iso(start)
-            state.seen = {pk: seen for pk, seen in state.seen.items() if seen[1] >= horizon}
+        if start is None:
+            return
+        horizon, recorded = _iso(start), state.xmin
+        state.seen = {pk: seen for pk, seen in state.seen.items() if _kept(seen, horizon, recorded)}
 
 
-def _as_datetime(value: Any) -> datetime:
-    """SQLite hands back timestamps as text; other drivers as naive datetimes."""
-    parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(parsed, datetime)
-    return parsed.replace(tzinfo=None)
+def _kept(seen: list[Any], horizon: str, recorded: int | None) -> bool:
+    """A `seen` entry in the window, or written at or after the recorded snapshot's xmin."""
+    if seen[1] >= horizon:
+        return True
+    xid = seen[3] if len(seen) > 3 else None
+    return xid is not None and recorded is not None and xid >= recorded
+
+
+def _fingerprint(data: dict[str, Any] | None) -> str:
+    """A short hash of a change's mapped content (None: a delete)."""
+    body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
 
 
 def _micros(moment: datetime) -> int:
@@ -259,5 +421,5 @@ def _micros(moment: datetime) -> int:
 
 
 def _iso(moment: datetime) -> str:
-    """Fixed-width ISO text, so that string order is time order."""
+    """Fixed-width ISO text, so that string order is time order (UTC ones end '+00:00')."""
     return moment.isoformat(timespec="microseconds")

@@ -8,7 +8,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from producers.cursor_lag import cursor_lag_of
+from producers.metrics import CLOCK_BACKWARDS, VERSIONS_RAISED
 from producers.sdk import Adapter, Checkpoint, Item, Record, State
+from producers.sql_advice import check_warnings
 from producers.sql_polling import (
     CursorState,
     SourceChange,
@@ -19,7 +21,8 @@ from producers.sql_polling import (
 
 
 class SqlAdapter(Adapter):
-    """SQL polling: cursor (updated_at, pk) with a lookback window; soft deletes."""
+    """SQL polling: cursor (updated_at, pk); late commits by snapshot (PostgreSQL tables)
+    or a lookback window; content hashes or a version column per row; soft deletes."""
 
     key = "key_column"
     cursor = "updated_at_column, pk_column"
@@ -33,6 +36,9 @@ class SqlAdapter(Adapter):
         self.entity = config.entity
         self.emits_deletes = config.deleted_column is not None
         self._poller: SqlPollingAdapter | None = None
+        CLOCK_BACKWARDS.labels(source)
+        for reason in ("same_instant", "lower"):
+            VERSIONS_RAISED.labels(source, reason)
 
     @property
     def poller(self) -> SqlPollingAdapter:
@@ -44,12 +50,20 @@ class SqlAdapter(Adapter):
 
     def read(self, state: State) -> Iterator[Item]:
         cursor = CursorState.from_dict(state)
+        saved = cursor.as_dict()
         for page in self.poller.pages(cursor):
             yield from (self._record(change) for change in page)
             self.poller.remember(cursor, page)
+            saved = cursor.as_dict()
+            yield Checkpoint(saved)
+        if cursor.as_dict() != saved:  # a snapshot recorded, rows forgotten or touched
             yield Checkpoint(cursor.as_dict())
 
     def _record(self, change: SourceChange) -> Record:
+        if change.raised is not None:
+            VERSIONS_RAISED.labels(self.source, change.raised).inc()
+        if change.backwards:
+            CLOCK_BACKWARDS.labels(self.source).inc()
         return Record(
             key=change.key,
             version=change.version,
@@ -60,6 +74,9 @@ class SqlAdapter(Adapter):
 
     def cursor_lag_seconds(self, state: State) -> float | None:
         return cursor_lag_of(self.poller, CursorState.from_dict(state))
+
+    def check_warnings(self) -> list[str]:
+        return check_warnings(self.poller)
 
     def _row_reference(self, change: SourceChange) -> str:
         """The row's primary key, unless that is the natural key (a personal id): then its

@@ -1,0 +1,83 @@
+"""What `adapters check` points out about a `sql` source without failing it.
+
+- a cursor column of whole seconds (or coarser): two changes of a row within one tick share
+  their `updated_at`; they are told apart by the version column, else by the content hash
+  the state keeps for `lookback_seconds`;
+- no version column: versions derive from `updated_at`, so a source clock running
+  backwards gives a lower one (sent as the last version + 1 while the row is remembered);
+- on PostgreSQL, a `lookback_seconds` shorter than the longest open transaction (one that
+  wrote) seen in `pg_stat_activity`: such a transaction stamps its rows with its start time.
+
+Messages name columns and options, never values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from producers.sql_polling import SqlPollingAdapter
+from producers.sql_snapshot import longest_transaction_seconds
+
+SAMPLE = 1000
+
+
+def check_warnings(poller: SqlPollingAdapter) -> list[str]:
+    config = poller.config
+    notes = []
+    coarse = _whole_seconds(poller)
+    if coarse is not None:
+        apart = (
+            "the version column tells them apart"
+            if config.version_column
+            else f"a content hash kept {config.lookback_seconds:g} s tells them apart"
+        )
+        notes.append(
+            f"cursor column {config.updated_at_column} has whole seconds only ({coarse}): "
+            f"two changes of a row within one second share its time; {apart}"
+        )
+    if config.version_column is None:
+        notes.append(
+            "no version_column: versions derive from the cursor time, so a source clock "
+            "running backwards is corrected (last version + 1) only while the state "
+            f"remembers the row ({config.lookback_seconds:g} s behind the cursor)"
+        )
+    if poller.postgresql:
+        notes += _long_transactions(poller)
+    return notes
+
+
+def _whole_seconds(poller: SqlPollingAdapter) -> str | None:
+    """Why the cursor column holds whole seconds at most, or None."""
+    if poller.config.updated_at_format is not None:
+        return f"updated_at_format {poller.config.updated_at_format}"
+    kind: Any = poller.updated_at.type
+    if getattr(kind, "precision", None) == 0 or getattr(kind, "fsp", None) == 0:
+        return f"column type {kind}"
+    query = select(poller.updated_at).order_by(poller.updated_at.desc()).limit(SAMPLE)
+    with poller.engine.connect() as conn:
+        values = [v for (v,) in conn.execute(query) if v is not None]
+    moments = [poller.cursor_time(v) for v in values]
+    if len(moments) > 1 and all(m.microsecond == 0 for m in moments):
+        return f"the newest {len(moments)} values all fall on whole seconds"
+    return None
+
+
+def _long_transactions(poller: SqlPollingAdapter) -> list[str]:
+    seconds = longest_transaction_seconds(poller.engine)
+    lookback = poller.config.lookback_seconds
+    if seconds is None or seconds <= lookback:
+        return []
+    if poller.snapshot:
+        effect = (
+            "snapshot capture still reads its rows, but they carry an updated_at older "
+            "than the rows the state remembers, so a version derived from it is not "
+            "checked against the last one sent"
+        )
+    else:
+        effect = "a row it commits with an older updated_at is missed (lookback capture)"
+    return [
+        f"lookback_seconds {lookback:g} is shorter than the longest open writing transaction "
+        f"seen in pg_stat_activity ({seconds:.0f} s): {effect}"
+    ]
