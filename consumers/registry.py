@@ -1,15 +1,22 @@
-"""The source registry: which systems may publish, what kind they are, what they cover.
+"""The source registry: which systems may publish, what kind they are, what they cover,
+which keys sign their events.
 
-A TOML file (setting `PORTAL_SYNC_REGISTRY`), one table per source:
+A TOML file (setting `PORTAL_SYNC_REGISTRY`):
+
+    require_signatures = true      # every event must be signed (false when absent)
 
     [sources.province-01]
     kind = "province"              # province, ministry or national
     name = "Hệ thống TTHC Thành phố Hà Nội"
     province_code = "01"
     agency_codes = ["000.00.01.H26"]
+    public_keys = [
+      { id = "province-01-20250801-3fa9c2", key = "ed25519:…",
+        not_before = 2025-08-01T00:00:00+07:00, not_after = 2026-08-01T00:00:00+07:00 },
+    ]
 
-Without a registry every well-formed source id is accepted and ranks equal (development
-mode).
+Keys are checked by `consumers.signatures`. Without a registry every well-formed source
+id is accepted, unsigned, and ranks equal (development mode).
 """
 
 from __future__ import annotations
@@ -18,11 +25,45 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from consumers.signatures import TrustedKey
+from schemas.signing import KEY_ID, parse_public_key
 
 SourceKind = Literal["province", "ministry", "national"]
+
+
+class PublicKeyEntry(BaseModel):
+    """One signing key of a source: `ed25519:<base64 of the 32 raw bytes>`, valid from
+    `not_before` (inclusive) until `not_after` (exclusive), each optional (with offset)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=KEY_ID.pattern)
+    key: str
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _valid_key_and_window(self) -> Self:
+        parse_public_key(self.key)  # KeyFormatError (a ValueError) names the rule only
+        if self.not_before and self.not_after and self.not_after <= self.not_before:
+            raise ValueError("not_after must be later than not_before")
+        return self
+
+    def trusted(self, source: str) -> TrustedKey:
+        def millis(moment: AwareDatetime | None) -> int | None:
+            return None if moment is None else int(moment.timestamp() * 1000)
+
+        return TrustedKey(
+            self.id,
+            source,
+            parse_public_key(self.key),
+            millis(self.not_before),
+            millis(self.not_after),
+        )
 
 
 class SourceInfo(BaseModel):
@@ -32,12 +73,29 @@ class SourceInfo(BaseModel):
     name: str
     province_code: str | None = Field(default=None, pattern=r"^[0-9]{2}$")
     agency_codes: tuple[str, ...] = ()
+    public_keys: tuple[PublicKeyEntry, ...] = ()
+
+
+class RegistryFile(BaseModel):
+    """The file as a whole: unknown top-level keys are refused (a misspelt
+    `require_signatures` must never turn signatures off silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    require_signatures: StrictBool = False
+    sources: dict[str, SourceInfo] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Registry:
     sources: Mapping[str, SourceInfo] = field(default_factory=dict)
     path: Path | None = None
+    require_signatures: bool = False
+    keys: Mapping[str, TrustedKey] = field(default_factory=dict)  # by key id
+
+    def __post_init__(self) -> None:
+        if not self.keys:  # built here when the registry is made from sources directly
+            object.__setattr__(self, "keys", trusted_keys(self.sources))
 
     @property
     def development_mode(self) -> bool:
@@ -60,6 +118,21 @@ class Registry:
         if path is None:
             return cls()
         with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-        sources = {sid: SourceInfo(**info) for sid, info in raw.get("sources", {}).items()}
-        return cls(sources, path)
+            raw = RegistryFile.model_validate(tomllib.load(handle))
+        return cls(
+            raw.sources,
+            path,
+            require_signatures=raw.require_signatures,
+        )
+
+
+def trusted_keys(sources: Mapping[str, SourceInfo]) -> dict[str, TrustedKey]:
+    """Every source's public keys by key id; a key id listed twice is refused (it would
+    let one source's signature pass for another's)."""
+    keys: dict[str, TrustedKey] = {}
+    for source, info in sources.items():
+        for entry in info.public_keys:
+            if entry.id in keys:
+                raise ValueError(f"public key id {entry.id} is listed more than once")
+            keys[entry.id] = entry.trusted(source)
+    return keys
