@@ -24,6 +24,7 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
+from consumers.scope import scope_violation
 from consumers.signatures import check_signer, signed_at_ms, verify
 from schemas import ChangeEvent, RecordError, message_key, parse_event
 from schemas.dead_letter import Reason
@@ -101,7 +102,8 @@ def classify(
     could span partitions and escape ordering and replays. An `occurred_at` later than the
     message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed clock skew
     is refused (`future_timestamp`): it would win recency forever. Measuring from the
-    message's timestamp gives a replay, years later, the live worker's verdict.
+    message's timestamp gives a replay, years later, the live worker's verdict. Last, an
+    event outside its source's write scope is `out_of_scope` (`consumers.scope`).
     """
     registry = registry or Registry()
     verifying = not registry.development_mode
@@ -142,6 +144,10 @@ def classify(
         if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:
             reason = f"occurred_at is more than {max_clock_skew_seconds:g} s in the future"
             dead.append(DeadLetter(message, Reason.FUTURE_TIMESTAMP, reason))
+            continue
+        out_of_scope = scope_violation(event, registry)
+        if out_of_scope is not None:
+            dead.append(DeadLetter(message, Reason.OUT_OF_SCOPE, out_of_scope))
             continue
         valid.append(Checked(message, event, checked.warnings))
     return valid, dead

@@ -1,22 +1,28 @@
 """The source registry: which systems may publish, what kind they are, what they cover,
-which keys sign their events.
+which keys sign their events and what they may write.
 
 A TOML file (setting `PORTAL_SYNC_REGISTRY`):
 
     require_signatures = true      # every event must be signed (false when absent)
+
+    [entities.organization]        # who may write an entity, by kind (absent: every kind)
+    kinds = ["national", "province"]
 
     [sources.province-01]
     kind = "province"              # province, ministry or national
     name = "Hệ thống TTHC Thành phố Hà Nội"
     province_code = "01"
     agency_codes = ["000.00.01.H26"]
+    entities = ["citizen", "organization", "document", "dossier"]  # absent: all
+    may_delete = true              # absent: true
     public_keys = [
       { id = "province-01-20250801-3fa9c2", key = "ed25519:…",
         not_before = 2025-08-01T00:00:00+07:00, not_after = 2026-08-01T00:00:00+07:00 },
     ]
 
-Keys are checked by `consumers.signatures`. Without a registry every well-formed source
-id is accepted, unsigned, and ranks equal (development mode).
+What each setting allows is checked by `consumers.scope` (write scope) and
+`consumers.signatures` (keys). Without a registry every well-formed source id is accepted,
+unsigned, and ranks equal (development mode).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Literal, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from consumers.signatures import TrustedKey
+from schemas.events import Entity
 from schemas.signing import KEY_ID, parse_public_key
 
 SourceKind = Literal["province", "ministry", "national"]
@@ -73,7 +80,17 @@ class SourceInfo(BaseModel):
     name: str
     province_code: str | None = Field(default=None, pattern=r"^[0-9]{2}$")
     agency_codes: tuple[str, ...] = ()
+    entities: tuple[Entity, ...] | None = None  # None: every entity
+    may_delete: StrictBool = True
     public_keys: tuple[PublicKeyEntry, ...] = ()
+
+
+class EntityRules(BaseModel):
+    """Registry-wide rules of one entity: the kinds of source that may write it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kinds: tuple[SourceKind, ...] | None = None  # None: every kind
 
 
 class RegistryFile(BaseModel):
@@ -83,6 +100,7 @@ class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     require_signatures: StrictBool = False
+    entities: dict[Entity, EntityRules] = Field(default_factory=dict)
     sources: dict[str, SourceInfo] = Field(default_factory=dict)
 
 
@@ -91,6 +109,7 @@ class Registry:
     sources: Mapping[str, SourceInfo] = field(default_factory=dict)
     path: Path | None = None
     require_signatures: bool = False
+    entity_rules: Mapping[str, EntityRules] = field(default_factory=dict)
     keys: Mapping[str, TrustedKey] = field(default_factory=dict)  # by key id
 
     def __post_init__(self) -> None:
@@ -113,6 +132,11 @@ class Registry:
         info = self.sources.get(source)
         return info is not None and agency_code in info.agency_codes
 
+    def kinds_for(self, entity: str) -> tuple[str, ...] | None:
+        """The kinds of source that may write `entity` (None: every kind)."""
+        rules = self.entity_rules.get(entity)
+        return None if rules is None else rules.kinds
+
     @classmethod
     def load(cls, path: Path | None) -> Registry:
         if path is None:
@@ -123,6 +147,7 @@ class Registry:
             raw.sources,
             path,
             require_signatures=raw.require_signatures,
+            entity_rules={str(name): rules for name, rules in raw.entities.items()},
         )
 
 

@@ -50,6 +50,7 @@ class Reason(StrEnum):
     UNREGISTERED_SOURCE = "unregistered_source"
     KEY_MISMATCH = "key_mismatch"
     FUTURE_TIMESTAMP = "future_timestamp"
+    OUT_OF_SCOPE = "out_of_scope"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
 
