@@ -8,6 +8,7 @@ Modes (a throwaway Kafka broker and PostgreSQL server are started and stopped by
     .venv/bin/python bench/e2e.py search --duration 20                 # highest rate, p99 <= 1 s
     .venv/bin/python bench/e2e.py flat --records 1000000 --step 100000 # cost/event and RSS vs size
     .venv/bin/python bench/e2e.py --smoke                              # CI: correctness only
+    .venv/bin/python bench/e2e.py throughput --events 50000 --sign     # cost of verification
 
 Throughput: all events are published before the worker starts (`--until-caught-up`);
 events/s = events committed after the first commit seen / time from first to last commit
@@ -16,6 +17,10 @@ events/s = events committed after the first commit seen / time from first to las
 then `INSERT ... SELECT ... ON CONFLICT` of the same rows, in the same server and run.
 Steady: events sent at R/s with `occurred_at` = send time; lag = first poll (every 20 ms)
 that sees the event's offset committed - `occurred_at`.
+With `--sign` every event is signed by its source's Ed25519 key; each store is drained twice
+from the same messages: without a registry (the signatures ignored) and with one that
+requires them (every signature verified), and the difference of worker CPU per event is the
+cost of verification.
 Every run checks that the store's export equals the pure merge of the valid events and that
 the invalid events all reached the dead-letter topic. Name the machine with the figures.
 """
@@ -55,6 +60,7 @@ from consumers.merge import Authority, merge_events
 from portal_sync.settings import Settings
 from schemas import build_event, message_key, parse_event
 from schemas.identifiers import tax_code_check_digit
+from schemas.signing import Signer, public_key_text
 from schemas.validation import InvalidEvent
 from store.export import export_records
 from tests.support.postgres_server import start_postgres
@@ -353,14 +359,38 @@ def settings_for(infra: Infra, prefix: str, store_url: str, partitions: int) -> 
                     metrics_port=0)  # fmt: skip
 
 
-def publish(settings: Settings, events: list[dict[str, Any]]) -> None:
+def publish(settings: Settings, events: list[dict[str, Any]],
+            signers: dict[str, Signer] | None = None) -> None:  # fmt: skip
+    """Publish the events; with `signers` (source -> key), each signed by its source's key."""
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
                              batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)  # fmt: skip
     for event in events:
         key, value = encode(event)
-        producer.send(_topic(settings, event), key=key, value=value)
+        signer = (signers or {}).get(str(event.get("source")))
+        headers = signer.headers(value) if signer is not None else None
+        producer.send(_topic(settings, event), key=key, value=value, headers=headers)
     producer.flush()
     producer.close()
+
+
+# --- signed events ------------------------------------------------------------------------
+def signing_keys() -> dict[str, Signer]:
+    """A key for every source the generator uses."""
+    sources = sorted({p[3] for p in PROVINCES} | set(SECOND.values()))
+    return {s: Signer.generate(s, f"{s}-20250801-bench") for s in sources}
+
+
+def signed_registry(path: Path, signers: dict[str, Signer]) -> Path:
+    """A registry that requires signatures and lists every source's public key. The sources
+    are `national`: ownership never refuses the generated records, so the store must still
+    equal the pure merge and the difference between the runs is the verification."""
+    lines = ["require_signatures = true", ""]
+    for source, signer in signers.items():
+        lines += [f"[sources.{source}]", 'kind = "national"', f'name = "{source}"',
+                  f'public_keys = [{{ id = "{signer.key_id}", '
+                  f'key = "{public_key_text(signer.public_key())}" }}]', ""]  # fmt: skip
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
 
 
 def _topic(settings: Settings, event: dict[str, Any]) -> str:
@@ -634,7 +664,8 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
     base = settings_for(infra, prefix, "sqlite://", args.partitions)
     ensure_topics(base)
     began = time.monotonic()
-    publish(base, events)
+    signers = signing_keys() if args.sign else None
+    publish(base, events, signers)
     ends = end_offsets(base, [change_topic(base, e) for e in SECOND])
     print(
         f"published to {prefix}.* ({args.partitions} partitions) in {time.monotonic() - began:.1f}s"
@@ -648,6 +679,15 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
         label = f"{backend} x{args.workers}" if args.workers > 1 else backend
         results.append(run_drain(infra, settings, expected, ends, args, label, args.workers))
         print(f"  {label}: {results[-1].rate:.0f} events/s — {results[-1].note}", flush=True)
+        if signers is not None:  # the same signed messages, now verified by the worker
+            name = f"{backend[:2]}{uuid.uuid4().hex[:6]}"
+            settings = settings_for(infra, prefix, infra.store_url(backend, name), args.partitions)
+            settings.group_id = f"{prefix}-{name}"
+            settings.registry = signed_registry(infra.tmp / "registry-signed.toml", signers)
+            signed = run_drain(infra, settings, expected, ends, args, f"{label} signed",
+                               args.workers)  # fmt: skip
+            results.append(signed)
+            print(f"  {signed.label}: {signed.rate:.0f} events/s — {signed.note}", flush=True)
     ceiling = None
     if infra.pg is not None and not args.smoke:
         ceiling = raw_ceiling(infra, expected.valid, args.batch)
@@ -660,6 +700,13 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
         pg = f"{r.pg_us:.0f}" if r.pg_us is not None else "-"
         print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}{cpu:>10}{pg:>10}  "
               f"{'OK' if r.ok else 'FAIL'}: {r.note}")  # fmt: skip
+    if signers is not None:
+        by_label = {r.label: r for r in results}
+        for r in results:
+            plain = by_label.get(r.label.removesuffix(" signed"))
+            if r.label.endswith(" signed") and plain and r.cpu_us and plain.cpu_us:
+                print(f"signature verification ({plain.label}): worker CPU {plain.cpu_us:.0f} -> "
+                      f"{r.cpu_us:.0f} µs/event (+{r.cpu_us - plain.cpu_us:.0f})")  # fmt: skip
     if ceiling is not None:
         print(
             f"{'raw PG ceiling':<14}{len(expected.valid):>9}{ceiling[0]:>10.0f}"
@@ -876,6 +923,9 @@ def main() -> int:
     parser.add_argument("mode", nargs="?", default="throughput",
                         choices=["throughput", "steady", "search", "flat"])  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CI: 3000 events, correctness only")
+    parser.add_argument("--sign", action="store_true",
+                        help="throughput: sign the events; drain each store without and with "
+                        "signature verification (worker CPU µs/event of both)")  # fmt: skip
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--store", dest="backends", action="append",

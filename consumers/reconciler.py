@@ -24,7 +24,9 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
-from schemas import ChangeEvent, InvalidEvent, message_key, parse_event
+from consumers.scope import scope_violation
+from consumers.signatures import check_signer, signed_at_ms, verify
+from schemas import ChangeEvent, RecordError, message_key, parse_event
 from schemas.dead_letter import Reason
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
@@ -91,23 +93,40 @@ def classify(
 ) -> tuple[list[Checked], list[DeadLetter]]:
     """Split messages into contract-valid events and dead letters with their reasons.
 
-    With a registry, an event of an unregistered source is a dead letter too: once the
-    source is registered it can be re-driven. With `topics`, a message must sit on its
-    entity's change topic under its record's message key (`key_mismatch`): otherwise one
-    record could span partitions and escape ordering and replays. An `occurred_at` later
-    than the message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed
-    clock skew is refused (`future_timestamp`): it would win recency forever. Measuring
-    from the message's timestamp gives a replay, years later, the live worker's verdict.
+    With a registry, the signature is verified first, before the value is parsed
+    (`consumers.signatures`): when the registry requires signatures an unsigned message is
+    `unsigned`; a signature that does not verify, by an unknown key or one outside its
+    validity, is `bad_signature`, and so is, once parsed, an event whose source is not the
+    key's. An event of an unregistered source is a dead letter too: once the source is
+    registered it can be re-driven. With `topics`, a message must sit on its entity's
+    change topic under its record's message key (`key_mismatch`): otherwise one record
+    could span partitions and escape ordering and replays. An `occurred_at` later than the
+    message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed clock skew
+    is refused (`future_timestamp`): it would win recency forever. Measuring from the
+    message's timestamp gives a replay, years later, the live worker's verdict. Last, an
+    event outside its source's write scope is `out_of_scope` (`consumers.scope`).
     """
     registry = registry or Registry()
+    verifying = not registry.development_mode
     now_ms = int((now or utcnow()).timestamp() * 1000)
     skew_ms = int(max_clock_skew_seconds * 1000)
     valid: list[Checked] = []
     dead: list[DeadLetter] = []
     for message in messages:
         try:
+            signer = None
+            if verifying:
+                signed_at = signed_at_ms(message.headers, message.timestamp_ms, now_ms)
+                signer = verify(
+                    message.value,
+                    message.headers,
+                    registry.keys,
+                    signed_at,
+                    registry.require_signatures,
+                )
             checked = parse_event(message.value)
-        except InvalidEvent as error:
+            check_signer(signer, checked.event.source)
+        except RecordError as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue
         event = checked.event
@@ -126,6 +145,10 @@ def classify(
         if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:
             reason = f"occurred_at is more than {max_clock_skew_seconds:g} s in the future"
             dead.append(DeadLetter(message, Reason.FUTURE_TIMESTAMP, reason))
+            continue
+        out_of_scope = scope_violation(event, registry)
+        if out_of_scope is not None:
+            dead.append(DeadLetter(message, Reason.OUT_OF_SCOPE, out_of_scope))
             continue
         valid.append(Checked(message, event, checked.warnings))
     return valid, dead

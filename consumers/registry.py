@@ -1,15 +1,28 @@
-"""The source registry: which systems may publish, what kind they are, what they cover.
+"""The source registry: which systems may publish, what kind they are, what they cover,
+which keys sign their events and what they may write.
 
-A TOML file (setting `PORTAL_SYNC_REGISTRY`), one table per source:
+A TOML file (setting `PORTAL_SYNC_REGISTRY`):
+
+    require_signatures = true      # every event must be signed (false when absent)
+
+    [entities.organization]        # who may write an entity, by kind (absent: every kind)
+    kinds = ["national", "province"]
 
     [sources.province-01]
     kind = "province"              # province, ministry or national
     name = "Hệ thống TTHC Thành phố Hà Nội"
     province_code = "01"
     agency_codes = ["000.00.01.H26"]
+    entities = ["citizen", "organization", "document", "dossier"]  # absent: all
+    may_delete = true              # absent: true
+    public_keys = [
+      { id = "province-01-20250801-3fa9c2", key = "ed25519:…",
+        not_before = 2025-08-01T00:00:00+07:00, not_after = 2026-08-01T00:00:00+07:00 },
+    ]
 
-Without a registry every well-formed source id is accepted and ranks equal (development
-mode).
+What each setting allows is checked by `consumers.scope` (write scope) and
+`consumers.signatures` (keys). Without a registry every well-formed source id is accepted,
+unsigned, and ranks equal (development mode).
 """
 
 from __future__ import annotations
@@ -18,11 +31,46 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from consumers.signatures import TrustedKey
+from schemas.events import Entity
+from schemas.signing import KEY_ID, parse_public_key
 
 SourceKind = Literal["province", "ministry", "national"]
+
+
+class PublicKeyEntry(BaseModel):
+    """One signing key of a source: `ed25519:<base64 of the 32 raw bytes>`, valid from
+    `not_before` (inclusive) until `not_after` (exclusive), each optional (with offset)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=KEY_ID.pattern)
+    key: str
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _valid_key_and_window(self) -> Self:
+        parse_public_key(self.key)  # KeyFormatError (a ValueError) names the rule only
+        if self.not_before and self.not_after and self.not_after <= self.not_before:
+            raise ValueError("not_after must be later than not_before")
+        return self
+
+    def trusted(self, source: str) -> TrustedKey:
+        def millis(moment: AwareDatetime | None) -> int | None:
+            return None if moment is None else int(moment.timestamp() * 1000)
+
+        return TrustedKey(
+            self.id,
+            source,
+            parse_public_key(self.key),
+            millis(self.not_before),
+            millis(self.not_after),
+        )
 
 
 class SourceInfo(BaseModel):
@@ -32,12 +80,41 @@ class SourceInfo(BaseModel):
     name: str
     province_code: str | None = Field(default=None, pattern=r"^[0-9]{2}$")
     agency_codes: tuple[str, ...] = ()
+    entities: tuple[Entity, ...] | None = None  # None: every entity
+    may_delete: StrictBool = True
+    public_keys: tuple[PublicKeyEntry, ...] = ()
+
+
+class EntityRules(BaseModel):
+    """Registry-wide rules of one entity: the kinds of source that may write it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kinds: tuple[SourceKind, ...] | None = None  # None: every kind
+
+
+class RegistryFile(BaseModel):
+    """The file as a whole: unknown top-level keys are refused (a misspelt
+    `require_signatures` must never turn signatures off silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    require_signatures: StrictBool = False
+    entities: dict[Entity, EntityRules] = Field(default_factory=dict)
+    sources: dict[str, SourceInfo] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Registry:
     sources: Mapping[str, SourceInfo] = field(default_factory=dict)
     path: Path | None = None
+    require_signatures: bool = False
+    entity_rules: Mapping[str, EntityRules] = field(default_factory=dict)
+    keys: Mapping[str, TrustedKey] = field(default_factory=dict)  # by key id
+
+    def __post_init__(self) -> None:
+        if not self.keys:  # built here when the registry is made from sources directly
+            object.__setattr__(self, "keys", trusted_keys(self.sources))
 
     @property
     def development_mode(self) -> bool:
@@ -55,11 +132,32 @@ class Registry:
         info = self.sources.get(source)
         return info is not None and agency_code in info.agency_codes
 
+    def kinds_for(self, entity: str) -> tuple[str, ...] | None:
+        """The kinds of source that may write `entity` (None: every kind)."""
+        rules = self.entity_rules.get(entity)
+        return None if rules is None else rules.kinds
+
     @classmethod
     def load(cls, path: Path | None) -> Registry:
         if path is None:
             return cls()
         with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-        sources = {sid: SourceInfo(**info) for sid, info in raw.get("sources", {}).items()}
-        return cls(sources, path)
+            raw = RegistryFile.model_validate(tomllib.load(handle))
+        return cls(
+            raw.sources,
+            path,
+            require_signatures=raw.require_signatures,
+            entity_rules={str(name): rules for name, rules in raw.entities.items()},
+        )
+
+
+def trusted_keys(sources: Mapping[str, SourceInfo]) -> dict[str, TrustedKey]:
+    """Every source's public keys by key id; a key id listed twice is refused (it would
+    let one source's signature pass for another's)."""
+    keys: dict[str, TrustedKey] = {}
+    for source, info in sources.items():
+        for entry in info.public_keys:
+            if entry.id in keys:
+                raise ValueError(f"public key id {entry.id} is listed more than once")
+            keys[entry.id] = entry.trusted(source)
+    return keys

@@ -56,7 +56,7 @@ from consumers.retention import Retention, purge
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
-from schemas.dead_letter import Reason, dead_letter_headers
+from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
 from schemas.errors import PortalSyncError, Refused, TransientError
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
@@ -283,7 +283,7 @@ class BatchProcessor:
                 message.partition,
                 message.offset,
                 attempt=message.attempt,
-            )
+            ) + kept_headers(message.headers, message.timestamp_ms)
             value = message.value
             if value is not None and len(value) > DEAD_LETTER_VALUE_LIMIT:
                 value, headers = value_reference(message, headers)
@@ -348,8 +348,13 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     store.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
     note = ""
     if registry.development_mode:
-        note = "development mode: no source registry, every source accepted, equal rank"
+        note = (
+            "development mode: no source registry, every source accepted, unsigned events "
+            "too, equal rank"
+        )
         log.warning(note)
+    elif not registry.require_signatures:
+        log.warning("the registry does not require signatures: unsigned events are accepted")
     processor = BatchProcessor(config, store, registry, authority)
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)

@@ -49,6 +49,9 @@ class SourceEntry(StrictModel):
     enabled: bool = True
     connection: dict[str, Any] = Field(default_factory=dict)
     mapping: dict[str, Any] = Field(default_factory=dict)
+    signing_key_file: Path | None = Field(
+        default=None, description="this source's signing key (over [producer]'s)"
+    )
 
     @property
     def contract_source(self) -> str:
@@ -67,6 +70,9 @@ class ProducerSection(StrictModel):
     reference_key_file: Path | None = Field(
         default=None,
         description="secret of keyed references (overrides PORTAL_SYNC_REFERENCE_KEY_FILE)",
+    )
+    signing_key_file: Path | None = Field(
+        default=None, description="signing key of the events (`portal-sync keys new`)"
     )
 
 
@@ -117,6 +123,12 @@ class Deployment(StrictModel):
         if only is not None and not chosen:
             raise ConfigurationError(f"no enabled source with id {only!r} in the configuration")
         return chosen
+
+    def signing_key_file(self, entry: SourceEntry) -> Path | None:
+        """The key that signs a source's events: its own, else [producer]'s (relative
+        paths from the file's directory); None: its events go unsigned."""
+        path = entry.signing_key_file or self.producer.signing_key_file
+        return None if path is None else self.base_dir / path
 
     def use_defaults(self, **options: Any) -> None:
         """Options every adapter that declares them gets unless its source sets them

@@ -22,6 +22,7 @@ from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.dead_letter import dead_letter_headers
 from schemas.errors import Refused
+from schemas.signing import Signer
 from transport.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,12 @@ class AdapterRunner:
         publisher: Publisher,
         state_dir: Path,
         retry: RetryPolicy | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.source_id = source_id
         self.adapter = adapter
         self.publisher = publisher
+        self.signer = signer  # None: events go unsigned
         self.state_path = state_dir / f"{source_id}.state.json"
         self.retry = retry or RetryPolicy()
         self.stopped_fatally = False
@@ -137,7 +140,7 @@ class AdapterRunner:
                 )
             )
             return False
-        self.publisher.send_event(event)
+        self.publisher.send_event(event, self.signer)
         produced[event.entity] += 1
         return True
 

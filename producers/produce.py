@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 from producers.deployment import Deployment, SourceEntry
 from producers.engine import AdapterRunner, RunStats
-from producers.sdk import FatalError
+from producers.sdk import ConfigurationError, FatalError
+from producers.signing import load_signer
+from schemas.errors import ConfigurationError as SettingError
 from schemas.identifiers import ReferenceKey
+from schemas.signing import Signer
 from transport.config import KafkaConnection
 from transport.publisher import Publisher
 from transport.topics import Topics
@@ -103,16 +106,30 @@ def build_groups(
     by_source: dict[str, list[SourceEntry]] = {}
     for entry in entries:
         by_source.setdefault(entry.contract_source, []).append(entry)
+    signers = {entry.id: _signer(deployment, entry) for entry in entries}
     groups, publishers = [], []
     for name, members in by_source.items():
         publisher = Publisher(connection, topics, client_id=f"portal-sync-{name}")
         publishers.append(publisher)
         runners = [
-            (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir))
+            (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir,
+                              signer=signers[e.id]))
             for e in members
-        ]
+        ]  # fmt: skip
         groups.append(SourceGroup(name, runners))
     return groups, publishers
+
+
+def _signer(deployment: Deployment, entry: SourceEntry) -> Signer | None:
+    """The signing key of a source (a key of another source refuses the start)."""
+    path = deployment.signing_key_file(entry)
+    if path is None:
+        log.warning("%s: no signing_key_file: its events go unsigned", entry.id)
+        return None
+    try:
+        return load_signer(path, entry.contract_source)
+    except SettingError as error:
+        raise ConfigurationError(f"source {entry.id}: {error}") from None
 
 
 def produce(

@@ -9,14 +9,25 @@
 | `ps.origin.offset`   | offset, decimal (or the source row's primary key)  |
 | `ps.failed_at`       | RFC 3339 UTC                                       |
 | `ps.attempt`         | 1 for the first failure, then +1 per redrive       |
+| `ps.origin.timestamp`| the original message's Kafka timestamp, ms (worker)|
+| `ps.sig`, `ps.kid`   | the original message's signature, kept as it was   |
+
+A dead letter keeps what a redrive needs to be verified as the original was: its
+signature headers and the time it was first sent (a key's validity is judged by it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from schemas.signing import SIGNATURE_HEADERS
+
 HEADER_PREFIX = "ps."
+ORIGIN_TIMESTAMP_HEADER = "ps.origin.timestamp"
+# What a dead letter keeps of the original message's headers (a redrive copies them back).
+KEPT_HEADERS = (*SIGNATURE_HEADERS, ORIGIN_TIMESTAMP_HEADER)
 
 
 class Reason(StrEnum):
@@ -34,9 +45,12 @@ class Reason(StrEnum):
     OP_DATA_MISMATCH = "op_data_mismatch"
     TOO_LARGE = "too_large"
     EMPTY_MESSAGE = "empty_message"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
     UNREGISTERED_SOURCE = "unregistered_source"
     KEY_MISMATCH = "key_mismatch"
     FUTURE_TIMESTAMP = "future_timestamp"
+    OUT_OF_SCOPE = "out_of_scope"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
 
@@ -62,6 +76,30 @@ def dead_letter_headers(
         "ps.attempt": str(attempt),
     }
     return [(name, value.encode()) for name, value in headers.items()]
+
+
+def origin_timestamp_ms(headers: Iterable[tuple[str, bytes]]) -> int | None:
+    """`ps.origin.timestamp` of a re-driven dead letter, when it holds a time in ms."""
+    for name, value in headers:
+        if name == ORIGIN_TIMESTAMP_HEADER:
+            text = (value or b"").decode("ascii", "replace")
+            return int(text) if text.isascii() and text.isdigit() and len(text) <= 15 else None
+    return None
+
+
+def kept_headers(
+    headers: Iterable[tuple[str, bytes]], timestamp_ms: int | None
+) -> list[tuple[str, bytes]]:
+    """The headers a dead letter keeps of its original message: `ps.sig`, `ps.kid` as they
+    were, and `ps.origin.timestamp` (a re-driven message's original one, else its own)."""
+    headers = list(headers)
+    kept = [(name, value) for name, value in headers if name in SIGNATURE_HEADERS]
+    sent = origin_timestamp_ms(headers)
+    if sent is None:
+        sent = timestamp_ms
+    if sent is not None:
+        kept.append((ORIGIN_TIMESTAMP_HEADER, str(sent).encode()))
+    return kept
 
 
 def read_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from kafka.errors import KafkaError
 
 from schemas import CHANGE_EVENT, ChangeEvent, message_key
 from schemas.errors import TransientError
+from schemas.signing import Signer
 from transport import clients
 from transport.config import KafkaConnection
 from transport.topics import CHANGE_MAX_MESSAGE_BYTES, DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
@@ -61,11 +62,16 @@ class Publisher:
         """A publisher whose requests fit anything the dead-letter topic accepts."""
         return cls(connection, topics, client_id, max_request_size=DEAD_LETTER_MAX_MESSAGE_BYTES)
 
-    def send_event(self, event: ChangeEvent) -> None:
+    def send_event(self, event: ChangeEvent, signer: Signer | None = None) -> None:
+        """Send an event to its change topic; with a `signer`, signed (`ps.sig`, `ps.kid`
+        over the exact value bytes sent)."""
+        value = encode_event(event)
+        headers = signer.headers(value) if signer is not None else ()
         self.send(
             self.topics.change_topic(event.entity),
             message_key(event.entity, event.key),
-            encode_event(event),
+            value,
+            headers,
         )
 
     def send(

@@ -14,7 +14,17 @@ from typing import Annotated
 import typer
 
 from observability.terminal import markup
-from portal_sync.cli import access, adapters, kafka, observability, ops, pipeline, source, store
+from portal_sync.cli import (
+    access,
+    adapters,
+    kafka,
+    keys,
+    observability,
+    ops,
+    pipeline,
+    source,
+    store,
+)
 from portal_sync.cli.options import err_console
 from schemas.errors import ConfigurationError, PortalSyncError, Refused, TransientError
 
@@ -25,6 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(kafka.kafka_app, name="kafka")
 app.add_typer(adapters.adapters_app, name="adapters")
+app.add_typer(keys.keys_app, name="keys")
 app.command("produce")(adapters.produce)
 pipeline.register(app)
 store.register(app)

@@ -319,6 +319,7 @@ def dlq_show(
                    f"offset {letter.origin_offset}"),
         ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
         ("attempt", str(letter.attempt)), ("source", letter.source or "(unreadable)"),
+        ("signed by key", letter.signed_by or "(unsigned)"),
         ("size", f"{len(letter.value or b'')} bytes"),
         *([("unreadable", "; ".join(letter.unreadable))] if letter.unreadable else []),
     ]:  # fmt: skip

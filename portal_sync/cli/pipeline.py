@@ -41,14 +41,21 @@ def topics(bootstrap: BootstrapOpt = None) -> None:
 def publish(
     file: Annotated[Path, typer.Argument(help="JSON Lines file, one event per line ('-': stdin)")],
     bootstrap: BootstrapOpt = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option("--sign-key", help="Sign every event with this source's key file"),
+    ] = None,
 ) -> None:
-    """Publish events from JSON Lines; invalid lines are reported by number and not sent."""
+    """Publish events from JSON Lines; invalid lines are reported by number and not sent.
+    With --sign-key, every event is signed (lines of another source are refused)."""
     from portal_sync.ops.publish import publish_lines
+    from producers.signing import load_signer
 
     settings = settings_from(bootstrap)
+    signer = load_signer(sign_key) if sign_key is not None else None
     handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
     with handle:
-        result = publish_lines(settings, handle)
+        result = publish_lines(settings, handle, signer)
     for number, code, message in result.invalid:
         console.print(plain(f"line {number}: {code}: {message}"))
     console.print(f"published {result.sent}, invalid {len(result.invalid)}")

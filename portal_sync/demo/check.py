@@ -1,5 +1,5 @@
 """The demo's self-check (the store equals the merge rules applied to what the sources
-hold) and its summary."""
+hold, and every event injected on purpose was refused with its reason) and its summary."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from rich.table import Table
 
 from consumers.config import load_rules
 from consumers.merge import merge_events
+from consumers.scope import scope_violation
+from observability.terminal import plain
 from portal_sync.demo.feed import PORTAL_FEED_SOURCE
-from portal_sync.demo.model import DEMO_PREFIX, DemoRun, console
+from portal_sync.demo.model import DEMO_PREFIX, DemoRun, Injected, console
+from portal_sync.ops.dlq import read_dead_letters
 from portal_sync.settings import Settings
 from producers.adapters.filedrop import DirectoryAdapter
 from producers.sdk import Record
@@ -31,6 +34,8 @@ def scrape_metrics(port: int) -> dict[str, float]:
                 name = f"events.{sample.labels['outcome']}"
             elif sample.name == "portal_sync_dead_letters_total":
                 name = "dead_letters"
+                reason = f"reason.{sample.labels['reason']}"
+                totals[reason] = totals.get(reason, 0.0) + sample.value
             else:
                 continue
             totals[name] = totals.get(name, 0.0) + sample.value
@@ -53,7 +58,7 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
                 event = parse_event(raw.encode()).event
             except InvalidEvent:
                 continue
-            if registry.accepts(event.source):
+            if registry.accepts(event.source) and scope_violation(event, registry) is None:
                 events.append(event)
     return {
         key: (record.data, record.sources)
@@ -61,7 +66,39 @@ def expected_records(run: DemoRun) -> dict[tuple[str, str], tuple[dict[str, Any]
     }
 
 
+def refusals(run: DemoRun) -> list[tuple[Injected, str]]:
+    """Each injected event with the reason of its dead letter ("missing": none)."""
+    letters = read_dead_letters(run.settings)
+    found = {(letter.key, letter.value): letter.reason_code for letter in letters}
+    return [(item, found.get((item.key, item.value), "missing")) for item in run.refusals]
+
+
+def check_refusals(run: DemoRun) -> bool:
+    """Every injected event was refused with its reason: the forged and out-of-scope
+    events the worker turned away, shown one by one."""
+    results = refusals(run)
+    table = Table(title="events injected on purpose, and what the worker did")
+    for column in ("event", "expected", "dead letter", ""):
+        table.add_column(column)
+    for item, got in results:
+        mark = "[green]✓[/green]" if got == item.expected else "[red]✗[/red]"
+        table.add_row(plain(item.what), item.expected, plain(got), mark)
+    console.print(table)
+    ok = all(got == item.expected for item, got in results)
+    verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+    forged = sum(1 for item, _ in results if item.expected in ("unsigned", "bad_signature"))
+    scope = sum(1 for item, _ in results if item.expected == "out_of_scope")
+    right = sum(1 for item, got in results if got == item.expected)
+    console.print(
+        f"refusal check {verdict}: {right} of {len(results)} injected events refused with the "
+        f"expected reason ({forged} forged or signed by a key not theirs, {scope} out of "
+        f"scope, {len(results) - forged - scope} malformed)"
+    )
+    return ok
+
+
 def self_check(run: DemoRun) -> bool:
+    refused = check_refusals(run)
     expected = expected_records(run)
     store = Store(run.settings.store_url)
     try:
@@ -71,7 +108,7 @@ def self_check(run: DemoRun) -> bool:
     missing = expected.keys() - actual.keys()
     extra = actual.keys() - expected.keys()
     differ = [k for k in expected.keys() & actual.keys() if expected[k] != actual[k]]
-    ok = not (missing or extra or differ)
+    ok = not (missing or extra or differ) and refused
     verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
     console.print(
         f"self-check {verdict}: {len(actual)} records in the store, {len(expected)} "
@@ -108,12 +145,15 @@ def print_summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: b
         ("sources", ", ".join([*(s.spec.source for s in run.sources), PORTAL_FEED_SOURCE])),
         ("events produced (acknowledged)", f"{run.published}"),
         ("rows rejected at the source → dead letters", f"{run.producer_dead_letters}"),
-        ("malformed events injected", f"{run.injected}"),
+        ("events injected (malformed, forged, out of scope)", f"{run.injected}"),
         ("applied", f"{metrics.get('events.applied', 0):.0f}"),
         ("duplicate", f"{metrics.get('events.duplicate', 0):.0f}"),
         ("stale", f"{metrics.get('events.stale', 0):.0f}"),
         ("dead-lettered by the reconciler", f"{metrics.get('dead_letters', 0):.0f}"),
-        ("  of which unregistered source", f"{metrics.get('events.rejected', 0):.0f}"),
+        *[
+            (f"  of which {code}", f"{metrics.get(f'reason.{code}', 0):.0f}")
+            for code in ("unsigned", "bad_signature", "out_of_scope")
+        ],
         *[(f"records: {entity}", f"{count}") for entity, count in sorted(counts.items())],
         ("dossiers counted once (inter-agency with original)", f"{quality['dossiers']}"),
         ("open field conflicts (record fields)", f"{quality['conflicts']}"),

@@ -79,7 +79,7 @@ class PortalFeed:
         partial.rename(self.directory / f"batch-{self.files:04d}.json")
 
 
-def portal_feed_toml(feed: PortalFeed, interval: float) -> str:
+def portal_feed_toml(feed: PortalFeed, interval: float, signing_key: Path | None = None) -> str:
     """The deployment-file entry of the one-stop system's portal feed."""
     return "\n".join(
         [
@@ -90,6 +90,7 @@ def portal_feed_toml(feed: PortalFeed, interval: float) -> str:
             'adapter = "portal"',
             f"interval_seconds = {interval}",
             f"connection = {{ directory = {toml_value(feed.directory)} }}",
+            *([f"signing_key_file = {toml_value(signing_key)}"] if signing_key else []),
             "",
         ]
     )

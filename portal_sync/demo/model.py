@@ -28,6 +28,18 @@ class DemoError(Refused):
     """The demo refuses to run here, or its pipeline did not finish."""
 
 
+@dataclass(frozen=True)
+class Injected:
+    """An event the demo injects on purpose, and the reason the worker must give."""
+
+    what: str
+    entity: str  # its change topic
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    expected: str
+
+
 @dataclass
 class DemoRun:
     settings: Settings
@@ -39,6 +51,8 @@ class DemoRun:
     published: int = 0
     producer_dead_letters: int = 0
     injected: int = 0
+    signing_keys: dict[str, Path] = field(default_factory=dict)  # source -> key file
+    refusals: list[Injected] = field(default_factory=list)  # what was injected, expected
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def runners(self) -> list[AdapterRunner]:

@@ -1,10 +1,13 @@
 """`portal-sync demo`: the whole pipeline on sample provinces and a ministry, self-checked.
 
-Steps: local Kafka up; reset the demo's topics and store; create the sample source
-databases; start a reconciler worker (a real `portal-sync worker` process); run the sources
-through the same producer code path as `portal-sync produce`; make updates, deletes and late
-changes at the sources; inject malformed events; wait until everything is applied; print a
-summary; check that the store equals the merge rules applied to what the sources hold.
+Steps: local Kafka up; reset the demo's topics and store; make a signing key per sample
+source (in the work dir, 0600) and the demo's copy of the registry with their public keys
+(signatures required); create the sample source databases; start a reconciler worker (a
+real `portal-sync worker` process); run the sources, signing, through the same producer
+code path as `portal-sync produce`; make updates, deletes and late changes at the sources;
+inject malformed, forged and out-of-scope events; wait until everything is applied; print
+a summary; check that the store equals the merge rules applied to what the sources hold,
+and that each injected event was refused with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from observability.http import serve
 from portal_sync.demo.check import print_summary, scrape_metrics, self_check
-from portal_sync.demo.feed import PortalFeed, portal_feed_toml
+from portal_sync.demo.feed import PORTAL_FEED_SOURCE, PortalFeed, portal_feed_toml
 from portal_sync.demo.model import (
     DEFAULT_AUTHORITY,
     DEFAULT_REGISTRY,
@@ -32,7 +35,8 @@ from portal_sync.demo.model import (
     console,
 )
 from portal_sync.demo.population import World
-from portal_sync.demo.scenario import inject_malformed, make_changes
+from portal_sync.demo.scenario import inject_refused, make_changes
+from portal_sync.demo.signing import make_keys
 from portal_sync.demo.systems import SOURCES, SampleSource, deployment_toml
 from portal_sync.settings import Settings, default_store_url, user_data_dir
 from producers.deployment import load_deployment
@@ -50,6 +54,7 @@ def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) 
     )
     _step("Kafka", lambda: _broker_up(run))
     _step("reset demo topics and store", lambda: _reset(run))
+    _step("signing keys of the sample sources", lambda: make_keys(run))
     worker, metrics_port = _start_worker(run)
     try:
         _step("reconciler joined its group", lambda: _wait_worker_ready(run, worker))
@@ -57,7 +62,7 @@ def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) 
         stop = threading.Event()
         threads = _start_producers(run, stop)
         _step("changes at the sources", lambda: make_changes(run))
-        _step("malformed events", lambda: inject_malformed(run))
+        _step("malformed, forged and out-of-scope events", lambda: inject_refused(run))
         stop.set()
         for thread in threads:
             thread.join()
@@ -205,7 +210,10 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
     """The sample sources as one deployment file of adapters, run as `produce` does."""
     config = run.workdir / "sources.toml"
     assert run.feed is not None
-    text = deployment_toml(run.sources, Path("state"), 0.5) + portal_feed_toml(run.feed, 0.5)
+    keys = run.signing_keys
+    text = deployment_toml(run.sources, Path("state"), 0.5, keys) + portal_feed_toml(
+        run.feed, 0.5, keys.get(PORTAL_FEED_SOURCE)
+    )
     config.write_text(text, encoding="utf-8")
     run.groups, run.publishers = build_groups(
         load_deployment(config), run.settings.connection(), run.settings.topics(),

@@ -1,8 +1,10 @@
 """The demo's scenario at the sources: updates, deletes, late changes, dossiers moving
-through their lifecycle, and malformed events injected on purpose."""
+through their lifecycle, and malformed, forged and out-of-scope events injected on
+purpose."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,8 +12,11 @@ from sqlalchemy import (
     select,
 )
 
-from portal_sync.demo.model import DemoRun
+from portal_sync.demo.feed import PORTAL_FEED_SOURCE
+from portal_sync.demo.model import DemoRun, Injected
+from portal_sync.demo.signing import signer
 from portal_sync.demo.systems import SampleSource
+from schemas.signing import Signer
 from transport.publisher import Publisher
 
 
@@ -60,17 +65,20 @@ def _advance_dossier(source: SampleSource, key: str) -> None:
     source.change("dossier", key, values)
 
 
-MALFORMED: list[tuple[str, bytes]] = [
-    ("citizen", b"\xff\xfe not utf-8"),
-    ("citizen", b"{not json"),
-    ("citizen", b"[1, 2, 3]"),
-    ("organization", b'{"schema_version": 2}'),
-    ("citizen", b'{"schema_version": 1, "entity": "citizen"}'),
+# Contract violations from an authentic but broken producer (signed with province-01's
+# key): the worker verifies the signature, then refuses the value. Reasons expected.
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("citizen", b"\xff\xfe not utf-8", "not_utf8"),
+    ("citizen", b"{not json", "invalid_json"),
+    ("citizen", b"[1, 2, 3]", "invalid_json"),
+    ("organization", b'{"schema_version": 2}', "unsupported_schema_version"),
+    ("citizen", b'{"schema_version": 1, "entity": "citizen"}', "missing_field"),
     (
         "dossier",
         b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000000", '
         b'"source": "province-01", "entity": "dossier", "key": "HS-1", "op": "upsert", '
         b'"version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", "data": {}}',
+        "invalid_key",
     ),
     (
         "citizen",
@@ -78,21 +86,93 @@ MALFORMED: list[tuple[str, bytes]] = [
         b'"source": "province-01", "entity": "citizen", "key": "001090000001", '
         b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
         b'"data": {"full_name": "X", "password": "hunter2"}}',
-    ),
-    (  # well-formed, but from a system that is not in the source registry
-        "citizen",
-        b'{"schema_version": 1, "event_id": "00000000-0000-0000-0000-000000000002", '
-        b'"source": "province-99", "entity": "citizen", "key": "001090000001", '
-        b'"op": "upsert", "version": 1, "occurred_at": "2025-08-01T08:00:00+07:00", '
-        b'"data": {"full_name": "Nguy\\u1ec5n V\\u0103n A"}}',
+        "unknown_field",
     ),
 ]
 
+HANOI, HCM = "province-01", "province-79"
 
-def inject_malformed(run: DemoRun) -> None:
+
+def _event(source: str, entity: str, key: str, number: int, data: dict[str, Any] | None) -> bytes:
+    """A well-formed event (the demo's forged and out-of-scope ones: versions above any the
+    sources reach, ids of their own)."""
+    event: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": f"00000000-0000-0000-0000-{number:012d}",
+        "source": source,
+        "entity": entity,
+        "key": key,
+        "op": "upsert" if data is not None else "delete",
+        "version": 900_000 + number,
+        "occurred_at": "2025-08-01T08:00:00+07:00",
+    }
+    if data is not None:
+        event["data"] = data
+    return json.dumps(event, ensure_ascii=False).encode()
+
+
+def injected_events(run: DemoRun) -> list[Injected]:
+    """What the demo injects: malformed, forged (unsigned, or not signed by the source it
+    claims) and out-of-scope events, each with the reason the worker must give."""
+    hanoi, hcm = signer(run, HANOI), signer(run, HCM)
+    intruder = Signer.generate(HANOI, hanoi.key_id)  # a key of its own, under Hanoi's id
+    outsider = Signer.generate("province-99", "province-99-20250801-000001")  # not registered
+    out: list[Injected] = []
+
+    def add(what: str, entity: str, key: str, value: bytes, headers: Any, expected: str) -> None:
+        out.append(Injected(what, entity, key.encode(), value, tuple(headers), expected))
+
+    for entity, value, expected in MALFORMED:
+        add(
+            "malformed, signed by province-01",
+            entity,
+            "malformed",
+            value,
+            hanoi.headers(value),
+            expected,
+        )
+    citizen = "001090000002"
+    claim = {"full_name": "Nguyễn Văn Giả", "phone": "0900000000"}
+    forged = _event(HANOI, "citizen", citizen, 1, claim)
+    key = f"citizen:{citizen}"
+    add("forged: claims province-01, unsigned", "citizen", key, forged, (), "unsigned")
+    forged = _event(HANOI, "citizen", citizen, 2, claim)
+    add("forged: own key under province-01's key id", "citizen", key, forged,
+        intruder.headers(forged), "bad_signature")  # fmt: skip
+    signed = _event(HANOI, "citizen", citizen, 3, claim)
+    tampered = signed.replace(b"0900000000", b"0911111111")
+    add("forged: province-01's signature, value changed", "citizen", key, tampered,
+        hanoi.headers(signed), "bad_signature")  # fmt: skip
+    forged = _event(HANOI, "citizen", citizen, 4, claim)
+    add("forged: province-79 signs as province-01", "citizen", key, forged,
+        hcm.headers(forged), "bad_signature")  # fmt: skip
+    stranger = _event("province-99", "citizen", citizen, 5, claim)
+    add("unregistered province-99, own key", "citizen", key, stranger,
+        outsider.headers(stranger), "bad_signature")  # fmt: skip
+    # Out of scope, signed by the real keys of the sources that overstep.
+    dossier = "000.00.01.H29-250801-9001"  # a Hồ Chí Minh City dossier
+    taken = _event(HANOI, "dossier", dossier, 6, {"agency_code": "000.00.01.H26", "status": 1})
+    add("province-01 takes a Hồ Chí Minh City dossier", "dossier", f"dossier:{dossier}",
+        taken, hanoi.headers(taken), "out_of_scope")  # fmt: skip
+    btp = signer(run, "ministry-btp")
+    company = _event("ministry-btp", "organization", "0101234567", 7,
+                     {"name": "Công ty Giả", "status": "dissolved"})  # fmt: skip
+    add("ministry-btp dissolves a company", "organization", "organization:0101234567",
+        company, btp.headers(company), "out_of_scope")  # fmt: skip
+    feed = signer(run, PORTAL_FEED_SOURCE)
+    code = "000.00.02.H17-250801-9002"
+    delete = _event(PORTAL_FEED_SOURCE, "dossier", code, 8, None)
+    add("province-48-motcua deletes (may_delete = false)", "dossier", f"dossier:{code}",
+        delete, feed.headers(delete), "out_of_scope")  # fmt: skip
+    return out
+
+
+def inject_refused(run: DemoRun) -> None:
+    """Publish the malformed, forged and out-of-scope events; none may reach the store."""
     topics = run.settings.topics()
+    run.refusals = injected_events(run)
     publisher = Publisher(run.settings.connection(), topics, client_id="demo-malformed")
-    for entity, value in MALFORMED:
-        publisher.send(topics.change_topic(entity), b"malformed", value)
+    for item in run.refusals:
+        publisher.send(topics.change_topic(item.entity), item.key, item.value, item.headers)
     run.injected = publisher.flush()
     publisher.close()

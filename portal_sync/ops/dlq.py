@@ -2,7 +2,8 @@
 
 A dead letter's id is `<partition>:<offset>` in the dead-letter topic (the topic has one
 partition, so the offset alone is accepted too). Re-driving re-publishes the original
-bytes to the original topic, with header `ps.attempt` carrying the attempt count, and
+bytes to the original topic, with header `ps.attempt` carrying the attempt count and the
+original's signature headers (`ps.sig`, `ps.kid`, `ps.origin.timestamp`), and
 records it in the store (`dead_letter_redrives`): each dead letter is re-driven once.
 """
 
@@ -18,7 +19,8 @@ from datetime import datetime
 import orjson
 
 from portal_sync.settings import Settings
-from schemas.dead_letter import DEAD_LETTER_REASONS, HEADER_PREFIX
+from schemas.dead_letter import DEAD_LETTER_REASONS, HEADER_PREFIX, KEPT_HEADERS
+from schemas.signing import KEY_ID_HEADER
 from store import Store
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
@@ -43,10 +45,19 @@ class DeadLetterRecord:
     attempt: int
     source: str | None  # from the event, when it could be read
     unreadable: tuple[str, ...] = ()  # what could not be read, e.g. "ps.failed_at: not a time"
+    kept: tuple[tuple[str, bytes], ...] = ()  # the original's signature and first send time
 
     @property
     def id(self) -> str:
         return f"{self.partition}:{self.offset}"
+
+    @property
+    def signed_by(self) -> str | None:
+        """The key id (`ps.kid`) the original message named, if any."""
+        for name, value in self.kept:
+            if name == KEY_ID_HEADER:
+                return value.decode("utf-8", "backslashreplace")
+        return None
 
     @property
     def redrivable(self) -> bool:
@@ -117,6 +128,7 @@ def _letter(message: Message) -> DeadLetterRecord:
         attempt=max(attempt or 1, 1),
         source=source,
         unreadable=tuple(problems),
+        kept=tuple((name, value) for name, value in message.headers if name in KEPT_HEADERS),
     )
 
 
@@ -222,7 +234,8 @@ def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -
             if not letter.redrivable or letter.origin_topic not in change_topics:
                 summary.not_redrivable += 1
                 continue
-            headers = [("ps.attempt", str(letter.attempt).encode())]
+            # The original signature goes back as it was: the worker verifies it again.
+            headers = [("ps.attempt", str(letter.attempt).encode()), *letter.kept]
             publisher.send(letter.origin_topic, letter.key, letter.value, headers)
             publisher.flush()  # recorded only once the broker has it
             code = letter.reason_code if letter.reason_code in DEAD_LETTER_REASONS else "unknown"

@@ -18,7 +18,7 @@ from datetime import datetime
 
 from portal_sync.ops.access import operator_name
 from portal_sync.settings import Settings
-from schemas.dead_letter import Reason, dead_letter_headers
+from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
 from schemas.errors import Refused
 from store import Store
 from transport.admin import cluster
@@ -164,7 +164,7 @@ def skip_message(
         partition,
         offset,
         attempt=message.attempt,
-    )
+    ) + kept_headers(message.headers, message.timestamp_ms)
     publisher = Publisher.for_dead_letters(
         settings.connection(), settings.topics(), client_id="portal-sync-skip"
     )

@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 
 from portal_sync.settings import Settings
 from schemas import InvalidEvent, parse_event
+from schemas.dead_letter import Reason
+from schemas.signing import Signer
 from transport.admin import ensure_topics
 from transport.publisher import Publisher
+
+OTHER_SOURCE = "source is not the signing key's source"
 
 
 @dataclass
@@ -17,8 +21,12 @@ class PublishResult:
     invalid: list[tuple[int, str, str]] = field(default_factory=list)  # line, code, message
 
 
-def publish_lines(settings: Settings, lines: Iterable[bytes]) -> PublishResult:
-    """Validate every line; send the valid ones and wait for the broker's acknowledgement."""
+def publish_lines(
+    settings: Settings, lines: Iterable[bytes], signer: Signer | None = None
+) -> PublishResult:
+    """Validate every line; send the valid ones and wait for the broker's acknowledgement.
+    With a `signer`, each event is signed, and a line of another source than the key's is
+    refused (`bad_signature`): the worker would refuse it."""
     result = PublishResult()
     topics = settings.topics()
     ensure_topics(settings.connection(), topics, needed=topics.change_topics())
@@ -32,7 +40,10 @@ def publish_lines(settings: Settings, lines: Iterable[bytes]) -> PublishResult:
             except InvalidEvent as error:
                 result.invalid.append((number, error.code, error.message))
                 continue
-            publisher.send_event(event)
+            if signer is not None and event.source != signer.source:
+                result.invalid.append((number, Reason.BAD_SIGNATURE, OTHER_SOURCE))
+                continue
+            publisher.send_event(event, signer)
         result.sent = publisher.flush()
     finally:
         publisher.close()

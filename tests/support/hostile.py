@@ -31,7 +31,7 @@ NAMES = (
 )
 SECRETS = (*PERSONAL_IDS, SOFT_WARNING_ID, *TAX_CODES, *NAMES)
 SOURCES = ("province-01", "province-79", "ministry-btp")  # in deploy/registry.toml
-DOSSIER = "000.00.01.H29-240115-0001"
+DOSSIER = "000.00.01.H29-240115-0001"  # province-79's (its write scope)
 OCCURRED = "2025-08-01T08:00:00+07:00"
 
 
@@ -282,9 +282,10 @@ def _valid() -> Iterator[Hostile]:
     company = {"name": f"Công ty TNHH {name}", "legal_representative_id": pid}
     yield good("organization", change_event("organization", tax, company))
     yield good("organization branch", change_event("organization", branch, {"name": name5}))
-    birth = {"owner_kind": "citizen", "owner_id": pid2, "title": f"Giấy khai sinh {name2}"}
+    birth = {"owner_kind": "citizen", "owner_id": pid2, "title": f"Giấy khai sinh {name2}",
+             "issuer_code": "000.00.01.H26"}  # fmt: skip
     yield good("document", change_event("document", "GKS-" + pid2, birth))
     dossier = {"applicant_kind": "citizen", "applicant_id": pid, "status": 1}
-    yield good("dossier", change_event("dossier", DOSSIER, dossier))
+    yield good("dossier", change_event("dossier", DOSSIER, dossier, source=SOURCES[1]))
     delete = change_event("citizen", pid4, op="delete", version=2, source=SOURCES[2])
     yield good("delete", {k: v for k, v in delete.items() if k != "data"})

@@ -107,6 +107,19 @@ def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen
     )
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def registry_without_signatures(directory: Path) -> Path:
+    """A copy of deploy/registry.toml that does not require signatures: for tests of
+    other rules that publish unsigned events (scope, kinds and the rest still apply)."""
+    text = (REPO / "deploy" / "registry.toml").read_text(encoding="utf-8")
+    assert "\nrequire_signatures = true\n" in text
+    path = directory / "registry-unsigned.toml"
+    path.write_text(text.replace("\nrequire_signatures = true\n", "\nrequire_signatures = false\n"))
+    return path
+
+
 def run_id() -> str:
     return uuid.uuid4().hex[:8]
 

@@ -39,13 +39,12 @@ from tests.support.kafka_helpers import (
     ensure_topics,
     publisher_for,
 )
-from tests.support.pipeline_helpers import exported
+from tests.support.pipeline_helpers import exported, registry_without_signatures
 from transport import admin
 from transport.local import free_port
 
 pytestmark = pytest.mark.kafka
 
-REPO = Path(__file__).resolve().parents[3]
 # `portal-sync worker` with the root logger at DEBUG, into a file (the CLI's own logging
 # set-up then leaves it as it is).
 DEBUG_WORKER = (
@@ -98,7 +97,7 @@ def _leaks(text: str) -> list[str]:
 def test_no_personal_id_or_name_reaches_logs_dead_letter_headers_or_metrics(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(sqlite_store_url, registry=REPO / "deploy" / "registry.toml")
+    settings = settings_for(sqlite_store_url, registry=registry_without_signatures(tmp_path))
     ensure_topics(settings)
     Store(settings.store_url).create_schema()
     _refuse_on_sqlite(settings.store_url, REFUSED["key"], REFUSED["source"])

@@ -37,6 +37,7 @@ from tests.support.pipeline_helpers import (
     cli,
     expected_export,
     exported,
+    registry_without_signatures,
     start_worker,
     write_jsonl,
 )
@@ -439,7 +440,7 @@ def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     """Finding 6: the worker records its rules; replay, rebuild and remerge refuse others."""
     repo = Path(__file__).resolve().parents[3]
     rules = {
-        "PORTAL_SYNC_REGISTRY": str(repo / "deploy" / "registry.toml"),
+        "PORTAL_SYNC_REGISTRY": str(registry_without_signatures(tmp_path)),
         "PORTAL_SYNC_AUTHORITY_FILE": str(repo / "deploy" / "authority.toml"),
     }
     settings = settings_for(sqlite_store_url)

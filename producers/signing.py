@@ -1,0 +1,38 @@
+"""Reading a source's signing key file (`portal-sync keys new` writes them).
+
+The key is a secret: a file that others can read is used, with a warning, since a mounted
+secret's mode is not always the process's to choose; its content is never printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+from schemas.errors import ConfigurationError
+from schemas.signing import KeyFormatError, Signer
+
+log = logging.getLogger(__name__)
+
+
+def load_signer(path: Path, source: str | None = None) -> Signer:
+    """The signing key in `path`; with `source`, it must be that source's key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ConfigurationError(f"signing key file {path}: {reason}") from None
+    try:
+        signer = Signer.from_key_file_text(text)
+    except KeyFormatError as error:
+        raise ConfigurationError(f"signing key file {path}: {error}") from None
+    if source is not None and signer.source != source:
+        raise ConfigurationError(
+            f"signing key file {path} is a key of source {signer.source}, not of {source}"
+        )
+    if mode & 0o077:
+        log.warning("signing key file %s is readable by others (mode %o): make it 0600",
+                    path, mode)  # fmt: skip
+    return signer
