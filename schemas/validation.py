@@ -60,7 +60,7 @@ def message_key(entity: str, key: str) -> bytes:
 
 def parse_event(raw: bytes | None) -> ValidEvent:
     """Validate one message value; raise InvalidEvent with a stable reason code."""
-    if raw is None:
+    if not raw:  # no value (null) or zero bytes
         raise InvalidEvent("empty_message", "message has no value")
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("too_large", f"message has {len(raw)} bytes, limit {MAX_EVENT_BYTES}")
