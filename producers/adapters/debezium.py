@@ -14,19 +14,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from producers import debezium_events as dbz
 from producers.mapping import FieldMapping, map_fields
-from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    FatalError,
+    Item,
+    Record,
+    SkippableRecord,
+    State,
+)
 from schemas.dead_letter import Reason
 from schemas.events import Entity
 from transport.committed_reader import CommittedOffsetReader, ExternalConnection
 from transport.config import SaslMechanism, SecurityProtocol
 from transport.reader import TP, Message
+
+# What Debezium writes for a value the database did not send (unavailable.value.placeholder).
+UNAVAILABLE = "__debezium_unavailable_value"
 
 
 class DebeziumMapping(FieldMapping):
@@ -170,8 +181,25 @@ class DebeziumAdapter(Adapter):
                 problem.code, problem.message, origin, self.entity, key, message.value
             )
         op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
-        data = None if event.is_delete else map_fields(event.row, self.mapping, self.zone)
+        data = None if event.is_delete else self._data(event.row, origin)
         return Record(key, version, occurred_at, data, origin, op=op)
+
+    def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:
+        """`after` through the field mapping. A mapped column the event lacks means the
+        table changed: the source stops (a null would erase the field in the store) until
+        the mapping is fixed. A value PostgreSQL did not send (an unchanged TOASTed column:
+        Debezium's placeholder) leaves its field out: "not provided"."""
+        missing = sorted(c for c in self.mapping.fields.values() if c not in row)
+        if missing:
+            raise FatalError(
+                f"{origin}: mapped columns not in the event: {', '.join(missing)} "
+                "(the table changed? fix the mapping, then restart)"
+            )
+        data = map_fields(row, self.mapping, self.zone)
+        for path, column in self.mapping.fields.items():
+            if row[column] == UNAVAILABLE:
+                _drop(data, path)
+        return data
 
     def _key(self, event: dbz.ChangeEvent) -> str:
         value = event.row.get(self.mapping.key_column)
@@ -189,6 +217,16 @@ class DebeziumAdapter(Adapter):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def _drop(data: dict[str, Any], path: str) -> None:
+    *parents, leaf = path.split(".")
+    target = data
+    for parent in parents:
+        target = target[parent]
+    del target[leaf]
+    if parents and not target:
+        _drop(data, ".".join(parents))
 
 
 def _offsets(state: State) -> dict[TP, int]:

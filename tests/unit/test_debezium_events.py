@@ -234,3 +234,23 @@ def test_a_wrong_option_is_a_configuration_error() -> None:
         adapter(version="scn")
     with pytest.raises(ConfigurationError, match="topics"):
         adapter(topics=[])
+
+
+def test_a_value_postgresql_did_not_send_leaves_its_field_out() -> None:
+    """An unchanged TOASTed column comes as Debezium's placeholder: "not provided"."""
+    row = ROW | {"ho_ten": "__debezium_unavailable_value"}
+    upsert = adapter()._item(message(with_schema(change("u", row))))
+    assert isinstance(upsert, Record)
+    assert upsert.data == {"date_of_birth": "1990-03-05"}
+    nested = adapter(fields={"permanent_address.line": "ho_ten", "full_name": "so_dinh_danh"})
+    upsert = nested._item(message(with_schema(change("u", row))))
+    assert isinstance(upsert, Record) and upsert.data == {"full_name": "079190000001"}
+
+
+def test_a_mapped_column_missing_from_the_event_stops_the_source() -> None:
+    """A dropped or renamed column would become null, erasing the field in the store."""
+    from producers.sdk import FatalError
+
+    row = {k: v for k, v in ROW.items() if k != "ngay_sinh"}
+    with pytest.raises(FatalError, match="ngay_sinh"):
+        adapter()._item(message(with_schema(change("u", row))))
