@@ -323,7 +323,8 @@ def test_unmappable_messages_are_dead_letters_and_a_check_commits_nothing(
         cluster.admin.create_topics([NewTopic(topic, 1, 1)])
     source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
     no_key = {"op": "d", "before": {"id": 2, "so_dinh_danh": ""}, "after": None, "source": source}
-    insert = {"op": "c", "before": None, "after": {"so_dinh_danh": LAN}, "source": source}
+    row = {"so_dinh_danh": LAN, "ho_ten": "Lan"}
+    insert = {"op": "c", "before": None, "after": row, "source": source}
     publisher = Publisher(connection, Topics("unused"), client_id="test-province")
     for value in (json.dumps(no_key).encode(), b"[1, 2", None, json.dumps(insert).encode()):
         publisher.send(topic, b'{"id":2}', value)
