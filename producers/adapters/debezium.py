@@ -134,6 +134,8 @@ class DebeziumAdapter(Adapter):
         while any(positions.get(tp, 0) < end for tp, end in ends.items()):
             batch = reader.poll(max_records=500, timeout=poll_seconds)
             if not batch:
+                # Transaction markers hold offsets too: the position passes them unseen.
+                positions = {tp: reader.position(tp) for tp in positions}
                 idle += poll_seconds
                 if idle >= self.mapping.idle_seconds:
                     break  # an open transaction of a transactional writer: next run

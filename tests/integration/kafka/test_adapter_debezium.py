@@ -24,6 +24,7 @@ from kafka.admin import NewTopic
 from portal_sync.settings import Settings
 from producers.conformance import check_adapter
 from producers.deployment import load_deployment
+from producers.sdk import Checkpoint, Record
 from producers.state import load_json_state
 from tests.conftest import _unavailable
 from tests.support.adapter_helpers import dead_letters, published_events, write_config
@@ -365,3 +366,52 @@ fields = {{ full_name = "ho_ten" }}
     assert "REPLICA IDENTITY FULL" in missing["ps.reason.message"]
     assert reader.committed() == {(topic, 0): 4}
     reader.close()
+
+
+def test_a_transactional_writer_aborted_changes_are_never_read(
+    province: Province, tmp_path: Path
+) -> None:
+    """Connect with exactly-once source support writes in transactions: what it aborted is
+    not read, and a run ends at the end offset although the last one is a commit marker."""
+    from kafka import KafkaProducer
+
+    topic = f"dbztx{uuid.uuid4().hex[:6]}"
+    connection = KafkaConnection(bootstrap=province.bootstrap)
+    with admin.cluster(connection) as cluster:
+        cluster.admin.create_topics([NewTopic(topic, 1, 1)])
+    source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
+
+    def event(name: str, lsn: int) -> bytes:
+        row = {"so_dinh_danh": LAN, "ho_ten": name}
+        payload = {"op": "u", "before": None, "after": row, "source": source | {"lsn": lsn}}
+        return json.dumps(payload).encode()
+
+    producer = KafkaProducer(bootstrap_servers=province.bootstrap, transactional_id=topic)
+    producer.init_transactions()
+    for name, lsn, commit in (("Lan", 100, True), ("Aborted", 200, False), ("Lan Anh", 300, True)):
+        producer.begin_transaction()
+        producer.send(topic, key=b'{"id":1}', value=event(name, lsn))
+        producer.flush()  # on the log, the aborted one too
+        if commit:
+            producer.commit_transaction()
+        else:
+            producer.abort_transaction()
+    producer.close()
+    body = CONFIG.split("[[sources]]")[1].format(
+        bootstrap=province.bootstrap, group=f"tx-{topic}", prefix="unused", bare="unused"
+    )
+    deploy = load_deployment(write_config(tmp_path, "[[sources]]" + body))
+    entry = deploy.sources[0]
+    entry.mapping["topics"] = [topic]
+    entry.mapping["fields"] = {"full_name": "ho_ten"}
+    entry.mapping.pop("value_maps")
+    adapter = deploy.adapter(entry)
+    started = time.monotonic()
+    items = list(adapter.read({}))
+    adapter.close()
+    records = [i for i in items if isinstance(i, Record)]
+    assert [(r.data or {}).get("full_name") for r in records] == ["Lan", "Lan Anh"]
+    (checkpoint,) = [i for i in items if isinstance(i, Checkpoint)]
+    assert checkpoint.state["offsets"] == {f"{topic}:0": 6}  # 3 messages, 3 markers
+    assert [r.origin for r in records] == [f"{topic}:0:0", f"{topic}:0:4"]
+    assert time.monotonic() - started < 3  # not waiting out idle_seconds
