@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from producers import debezium_events as dbz
 from producers.mapping import FieldMapping, map_fields
 from producers.sdk import (
     Adapter,
     Checkpoint,
+    ConfigurationError,
     FatalError,
     Item,
     Record,
@@ -92,6 +93,11 @@ class DebeziumAdapter(Adapter):
         self.group_id = config.group_id or f"portal-sync-{source}"
         self._local_times = frozenset(config.local_time_columns)
         self._reader: CommittedOffsetReader | None = None
+        try:
+            self.connection()  # a wrong combination refuses the start, not the first run
+        except ValidationError as error:
+            problems = "; ".join(e["msg"] for e in error.errors(include_input=False))
+            raise ConfigurationError(f"connection: {problems}") from None
 
     def connection(self) -> ExternalConnection:
         """The province's cluster; relative certificate paths are relative to the file."""

@@ -234,6 +234,8 @@ def test_a_wrong_option_is_a_configuration_error() -> None:
         adapter(version="scn")
     with pytest.raises(ConfigurationError, match="topics"):
         adapter(topics=[])
+    with pytest.raises(ConfigurationError, match="sasl_username"):
+        adapter(security_protocol="SASL_SSL")
 
 
 def test_a_value_postgresql_did_not_send_leaves_its_field_out() -> None:
