@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint kafka-jars clean
+.PHONY: demo test lint kafka-jars connect-jars clean
 
 $(STAMP): pyproject.toml deploy/install-system.sh
 	bash deploy/install-system.sh $(if $(filter test,$(MAKECMDGOALS)),--postgres,)
@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml deploy/install-system.sh
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from transport.local import ensure_jars; print('Kafka jars in', ensure_jars())"
 
+# Kafka Connect and the Debezium PostgreSQL connector: the debezium adapter's integration test.
+connect-jars: $(STAMP)
+	$(BIN)/python -c "from transport.connect import ensure_connect_jars as e; print('Connect jars in', e())"
+
 demo: kafka-jars
 	$(BIN)/portal-sync demo
 
-test: kafka-jars
+test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
 	$(BIN)/pytest
 

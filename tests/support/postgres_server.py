@@ -52,8 +52,12 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_postgres(tls: tuple[Path, Path] | None = None) -> PostgresServer:
-    """A fresh server; with `tls` (certificate and key files) it also accepts TLS (ssl=on)."""
+def start_postgres(
+    tls: tuple[Path, Path] | None = None, logical_replication: bool = False
+) -> PostgresServer:
+    """A fresh server; with `tls` (certificate and key files) it also accepts TLS (ssl=on);
+    with `logical_replication` it writes a logical WAL (`wal_level=logical`) that log-based
+    capture (Debezium's pgoutput) reads through a replication slot."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not candidates:
         raise PostgresUnavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -81,6 +85,8 @@ def start_postgres(tls: tuple[Path, Path] | None = None) -> PostgresServer:
     options = (
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     )
+    if logical_replication:
+        options += " -c wal_level=logical -c max_wal_senders=4 -c max_replication_slots=4"
     if tls is not None:
         cert, key = root / "server.crt", root / "server.key"
         shutil.copyfile(tls[0], cert)

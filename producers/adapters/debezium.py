@@ -1,0 +1,246 @@
+"""Built-in `debezium`: log-based capture from a province's own Debezium (Kafka Connect).
+
+It reads the change-event topics of one table (JSON converter, with or without inline
+schemas) on the province's cluster, maps `after` through the same declarative field mapping
+as `sql`, and turns `c`/`u`/`r` into upserts and `d` into deletes (tombstones skipped);
+version and `occurred_at` come from the connector's `source` block
+(`producers.debezium_events`). Its position is the consumer group's offsets on the
+province's cluster: each checkpoint commits them, after our cluster acknowledged every
+contract event made of the messages before it (and after the state file, which holds the
+same offsets, was saved). A run reads up to the end offsets seen when it started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from producers import debezium_events as dbz
+from producers.mapping import FieldMapping, map_fields
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    ConfigurationError,
+    FatalError,
+    Item,
+    Record,
+    SkippableRecord,
+    State,
+)
+from schemas.dead_letter import Reason
+from schemas.events import Entity
+from transport.committed_reader import CommittedOffsetReader, ExternalConnection
+from transport.config import SaslMechanism, SecurityProtocol
+from transport.reader import TP, Message
+
+# What Debezium writes for a value the database did not send (unavailable.value.placeholder).
+UNAVAILABLE = "__debezium_unavailable_value"
+
+
+class DebeziumMapping(FieldMapping):
+    """The province's cluster and topics, and how one table's columns map to the contract."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- connection: the province's Kafka cluster (never our PORTAL_SYNC_KAFKA_* settings)
+    bootstrap: str = Field(description="host:port[,host:port…] of the province's cluster")
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    group_id: str | None = Field(
+        default=None, description="consumer group on the province's cluster (portal-sync-<source>)"
+    )
+    # -- mapping
+    topics: list[str] = Field(min_length=1, description="Debezium topics of one table")
+    entity: Entity
+    key_column: str
+    version: dbz.VersionFrom = "lsn"
+    snapshot_reads: dbz.SnapshotReads = "below_changes"
+    local_time_columns: list[str] = Field(
+        default_factory=list,
+        description="timestamp-without-zone columns of bare payloads (no inline schema)",
+    )
+    checkpoint_every: int = Field(default=1000, gt=0, description="messages per checkpoint")
+    idle_seconds: float = Field(
+        default=3.0, gt=0, description="a run ends after this long without a new message"
+    )
+
+
+class DebeziumAdapter(Adapter):
+    """Debezium change events of one table from the province's Kafka cluster."""
+
+    key = "key_column"
+    cursor = "consumer group offsets on the province's cluster"
+    sorted_output = False  # partitions interleave; per record the version rises
+    emits_deletes = True
+    Config = DebeziumMapping
+
+    def __init__(self, source: str, config: BaseModel, base_dir: Path) -> None:
+        super().__init__(source, config, base_dir)
+        assert isinstance(config, DebeziumMapping)
+        self.mapping = config
+        self.entity = config.entity
+        self.zone = ZoneInfo(config.timezone)
+        self.group_id = config.group_id or f"portal-sync-{source}"
+        self._local_times = frozenset(config.local_time_columns)
+        self._reader: CommittedOffsetReader | None = None
+        try:
+            self.connection()  # a wrong combination refuses the start, not the first run
+        except ValidationError as error:
+            problems = "; ".join(e["msg"] for e in error.errors(include_input=False))
+            raise ConfigurationError(f"connection: {problems}") from None
+
+    def connection(self) -> ExternalConnection:
+        """The province's cluster; relative certificate paths are relative to the file."""
+        config = self.mapping
+
+        def path(value: Path | None) -> Path | None:
+            return None if value is None else self.base_dir / value
+
+        return ExternalConnection(
+            bootstrap=config.bootstrap,
+            security_protocol=config.security_protocol,
+            sasl_mechanism=config.sasl_mechanism,
+            sasl_username=config.sasl_username,
+            sasl_password=config.sasl_password,
+            sasl_password_file=path(config.sasl_password_file),
+            ssl_cafile=path(config.ssl_cafile),
+            ssl_certfile=path(config.ssl_certfile),
+            ssl_keyfile=path(config.ssl_keyfile),
+        )
+
+    @property
+    def reader(self) -> CommittedOffsetReader:
+        """Connected on first use: constructing an adapter never touches the cluster."""
+        if self._reader is None:
+            self._reader = CommittedOffsetReader(
+                self.connection(),
+                self.group_id,
+                self.mapping.topics,
+                client_id=f"portal-sync-{self.source}-debezium",
+            )
+        return self._reader
+
+    def read(self, state: State) -> Iterator[Item]:
+        reader = self.reader
+        positions = reader.start(_offsets(state))
+        ends = reader.end_offsets()
+        unsaved = 0
+        idle = 0.0
+        poll_seconds = min(1.0, self.mapping.idle_seconds)
+        while any(positions.get(tp, 0) < end for tp, end in ends.items()):
+            batch = reader.poll(max_records=500, timeout=poll_seconds)
+            if not batch:
+                # Transaction markers hold offsets too: the position passes them unseen.
+                positions = {tp: reader.position(tp) for tp in positions}
+                idle += poll_seconds
+                if idle >= self.mapping.idle_seconds:
+                    break  # an open transaction of a transactional writer: next run
+                continue
+            idle = 0.0
+            for message in batch:
+                item = self._item(message)
+                if item is not None:
+                    yield item
+            for tp in {m.tp for m in batch}:
+                positions[tp] = reader.position(tp)
+            unsaved += len(batch)
+            if unsaved >= self.mapping.checkpoint_every:
+                yield self._checkpoint(positions)
+                unsaved = 0
+        if positions:  # also when nothing came: the state and the group agree again
+            yield self._checkpoint(positions)
+
+    def _checkpoint(self, positions: dict[TP, int]) -> Checkpoint:
+        offsets = dict(positions)
+        reader = self.reader
+        return Checkpoint(
+            {
+                "group_id": self.group_id,
+                "offsets": {f"{t}:{p}": o for (t, p), o in offsets.items()},
+            },
+            commit=lambda: reader.commit(offsets),
+        )
+
+    def _item(self, message: Message) -> Record | SkippableRecord | None:
+        """The record of one message; None for a tombstone."""
+        if message.value is None:
+            return None
+        origin = f"{message.topic}:{message.partition}:{message.offset}"
+        key: str | None = None
+        try:
+            event = dbz.parse(message.value, self._local_times)
+            key = self._key(event)
+            version = dbz.version(
+                event, message.offset, self.mapping.version, self.mapping.snapshot_reads
+            )
+            occurred_at = dbz.occurred_at(event)
+        except dbz.Unmappable as problem:
+            return SkippableRecord(
+                problem.code, problem.message, origin, self.entity, key, message.value
+            )
+        op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
+        data = None if event.is_delete else self._data(event.row, origin)
+        return Record(key, version, occurred_at, data, origin, op=op)
+
+    def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:
+        """`after` through the field mapping. A mapped column the event lacks means the
+        table changed: the source stops (a null would erase the field in the store) until
+        the mapping is fixed. A value PostgreSQL did not send (an unchanged TOASTed column:
+        Debezium's placeholder) leaves its field out: "not provided"."""
+        missing = sorted(c for c in self.mapping.fields.values() if c not in row)
+        if missing:
+            raise FatalError(
+                f"{origin}: mapped columns not in the event: {', '.join(missing)} "
+                "(the table changed? fix the mapping, then restart)"
+            )
+        data = map_fields(row, self.mapping, self.zone)
+        for path, column in self.mapping.fields.items():
+            if row[column] == UNAVAILABLE:
+                _drop(data, path)
+        return data
+
+    def _key(self, event: dbz.ChangeEvent) -> str:
+        value = event.row.get(self.mapping.key_column)
+        if value is None or value == "":
+            side = "before" if event.is_delete else "after"
+            hint = (
+                ": give the table REPLICA IDENTITY FULL (or an identity index with the column)"
+                if event.is_delete
+                else ""
+            )
+            raise dbz.Unmappable(Reason.MISSING_FIELD, f"the key column is empty in `{side}`{hint}")
+        return str(value)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _drop(data: dict[str, Any], path: str) -> None:
+    *parents, leaf = path.split(".")
+    target = data
+    for parent in parents:
+        target = target[parent]
+    del target[leaf]
+    if parents and not target:
+        _drop(data, ".".join(parents))
+
+
+def _offsets(state: State) -> dict[TP, int]:
+    """The positions a checkpoint saved: {"topic:partition": next offset}."""
+    saved: dict[TP, int] = {}
+    for name, offset in (state.get("offsets") or {}).items():
+        topic, _, partition = str(name).rpartition(":")
+        saved[(topic, int(partition))] = int(offset)
+    return saved

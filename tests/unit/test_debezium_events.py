@@ -1,0 +1,258 @@
+"""Debezium change events as record changes: envelope forms, value types, versions, keys.
+
+The messages have the shapes Debezium 3.6's PostgreSQL connector wrote through the JSON
+converter in the integration test (trimmed to the parts the adapter reads)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers import debezium_events as dbz
+from producers.adapters.debezium import DebeziumAdapter
+from producers.sdk import Record, SkippableRecord
+from transport.committed_reader import ExternalConnection
+from transport.reader import Message
+
+SOURCE = {"connector": "postgresql", "ts_ms": 1796028923670, "snapshot": "false",
+          "txId": 729, "lsn": 26376376, "sequence": '[null,"26376376"]'}  # fmt: skip
+
+
+def field(name: str, kind: str, semantic: str | None = None, **parameters: str) -> dict[str, Any]:
+    column: dict[str, Any] = {"type": kind, "optional": True, "field": name}
+    if semantic:
+        column["name"] = semantic
+    if parameters:
+        column["parameters"] = parameters
+    return column
+
+
+ROW_SCHEMA = {
+    "type": "struct",
+    "fields": [
+        field("id", "int32"),
+        field("so_dinh_danh", "string"),
+        field("ho_ten", "string"),
+        field("ngay_sinh", "int32", "io.debezium.time.Date"),
+        field("cap_nhat", "int64", "io.debezium.time.MicroTimestamp"),
+        field("han_tra", "string", "io.debezium.time.ZonedTimestamp"),
+        field("phi", "bytes", "org.apache.kafka.connect.data.Decimal", scale="2"),
+        field("so", "struct", "io.debezium.data.VariableScaleDecimal"),
+    ],
+}
+
+
+def with_schema(payload: dict[str, Any]) -> bytes:
+    schema = {
+        "type": "struct",
+        "fields": [
+            ROW_SCHEMA | {"field": "before"},
+            ROW_SCHEMA | {"field": "after"},
+            {"type": "struct", "fields": [], "field": "source"},
+            {"type": "string", "field": "op"},
+        ],
+        "name": "p79.public.cong_dan.Envelope",
+    }
+    return json.dumps({"schema": schema, "payload": payload}).encode()
+
+
+def change(op: str, row: dict[str, Any], **source: Any) -> dict[str, Any]:
+    before, after = (row, None) if op == "d" else (None, row)
+    return {"before": before, "after": after, "source": SOURCE | source, "op": op}
+
+
+ROW = {
+    "id": 1,
+    "so_dinh_danh": "079190000001",
+    "ho_ten": "Nguyễn Thị Lan",
+    "ngay_sinh": 7368,  # days since 1970
+    "cap_nhat": 1705307400123456,  # 2024-01-15 08:30:00.123456 wall time, in µs
+    "han_tra": "2024-01-20T10:00:00.000000Z",
+    "phi": base64.b64encode((1250).to_bytes(2, "big")).decode(),  # 12.50
+    "so": {"scale": 1, "value": base64.b64encode((-35).to_bytes(1, "big", signed=True)).decode()},
+}
+
+
+def test_an_envelope_with_an_inline_schema_decodes_each_column_by_its_semantic_type() -> None:
+    event = dbz.parse(with_schema(change("u", ROW)))
+    assert event.op == "u"
+    assert event.row["ngay_sinh"] == date(1990, 3, 5)
+    assert event.row["cap_nhat"] == datetime(2024, 1, 15, 8, 30, 0, 123456)  # naive: wall time
+    assert event.row["han_tra"] == datetime(2024, 1, 20, 10, 0, tzinfo=UTC)  # an instant
+    assert event.row["phi"] == Decimal("12.50")
+    assert event.row["so"] == Decimal("-3.5")
+    assert event.row["ho_ten"] == "Nguyễn Thị Lan"
+
+
+def test_epoch_day_zero_and_a_null_decode() -> None:
+    event = dbz.parse(with_schema(change("c", ROW | {"ngay_sinh": 0, "ho_ten": None})))
+    assert event.row["ngay_sinh"] == date(1970, 1, 1)
+    assert event.row["ho_ten"] is None
+
+
+def test_a_bare_payload_in_isostring_mode() -> None:
+    """Without a schema: `2024-01-15Z` is a date; the timestamp-without-zone column named in
+    local_time_columns is wall time, although Debezium wrote a Z after it."""
+    row = {
+        "ma_ho_so": "000.00.01.H29-240115-0001",
+        "ngay_tiep_nhan": "2024-01-15T08:30:00Z",
+        "han_tra": "2024-01-20T10:00:00.000000Z",
+        "ngay": "2024-01-15Z",
+        "phi": "12.50",
+    }
+    event = dbz.parse(json.dumps(change("r", row)).encode(), frozenset({"ngay_tiep_nhan"}))
+    assert event.row["ngay_tiep_nhan"] == datetime(2024, 1, 15, 8, 30)
+    assert event.row["han_tra"] == "2024-01-20T10:00:00.000000Z"  # passed on: an instant
+    assert event.row["ngay"] == "2024-01-15"
+    assert event.row["phi"] == "12.50"
+
+
+def test_a_delete_reads_before() -> None:
+    event = dbz.parse(with_schema(change("d", ROW)))
+    assert event.is_delete and event.row["so_dinh_danh"] == "079190000001"
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (b"[1, 2", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b'{"payload": {"x": 1}, "schema": {}}', "missing_field"),
+        (json.dumps(change("t", ROW)).encode(), "invalid_field"),
+        (json.dumps(change("c", ROW) | {"after": None}).encode(), "missing_field"),
+        (json.dumps(change("c", ROW) | {"source": None}).encode(), "missing_field"),
+    ],
+)
+def test_messages_that_are_no_change_event_are_unmappable(value: bytes, code: str) -> None:
+    with pytest.raises(dbz.Unmappable) as raised:
+        dbz.parse(value)
+    assert raised.value.code == code
+
+
+def versions(*events: tuple[str, int], mode: dbz.SnapshotReads = "below_changes") -> list[int]:
+    return [
+        dbz.version(dbz.parse(json.dumps(change(op, ROW, lsn=lsn)).encode()), 0, "lsn", mode)
+        for op, lsn in events
+    ]
+
+
+def test_snapshot_reads_rank_below_every_change_even_one_with_a_lower_lsn() -> None:
+    """A transaction open when the snapshot (LSN 5000) was taken commits after it: its
+    change has LSN 4000 but is newer than the row the snapshot read."""
+    read, late_change, later = versions(("r", 5000), ("u", 4000), ("u", 6000))
+    assert read == 5000 < late_change == 2**52 + 4000 < later
+    assert versions(("r", 5000), ("r", 9000)) == [5000, 9000]  # a later snapshot outranks
+    assert versions(("r", 5000), mode="as_changes") == [2**52 + 5000]
+    assert max(versions(("d", 2**52 - 1))) <= 2**53
+
+
+def test_a_missing_or_out_of_range_lsn_is_unmappable() -> None:
+    for lsn, code in ((None, "missing_field"), (2**52, "invalid_field"), (True, "missing_field")):
+        event = dbz.parse(json.dumps(change("u", ROW, lsn=lsn)).encode())
+        with pytest.raises(dbz.Unmappable) as raised:
+            dbz.version(event, 0, "lsn", "below_changes")
+        assert raised.value.code == code
+
+
+def test_ts_ms_versions_break_ties_by_the_message_position() -> None:
+    event = dbz.parse(json.dumps(change("u", ROW)).encode())
+    assert dbz.version(event, 17, "ts_ms", "below_changes") == 1796028923670 * 1000 + 17
+    assert dbz.occurred_at(event) == datetime.fromtimestamp(1796028923.670, UTC)
+    no_time = dbz.parse(json.dumps(change("u", ROW, ts_ms=None)).encode())
+    with pytest.raises(dbz.Unmappable):
+        dbz.occurred_at(no_time)
+
+
+CONFIG = {
+    "bootstrap": "province-kafka:9092",
+    "topics": ["p79.public.cong_dan"],
+    "entity": "citizen",
+    "key_column": "so_dinh_danh",
+    "fields": {"full_name": "ho_ten", "date_of_birth": "ngay_sinh"},
+}
+
+
+def adapter(**options: Any) -> DebeziumAdapter:
+    built = DebeziumAdapter.from_settings("province-79", CONFIG | options, Path("."))
+    assert isinstance(built, DebeziumAdapter)
+    return built
+
+
+def message(value: bytes | None, offset: int = 7) -> Message:
+    return Message("p79.public.cong_dan", 0, offset, value)
+
+
+def test_the_adapter_maps_after_and_turns_deletes_into_deletes() -> None:
+    upsert = adapter()._item(message(with_schema(change("u", ROW))))
+    assert isinstance(upsert, Record)
+    assert (upsert.key, upsert.version, upsert.op) == ("079190000001", 2**52 + 26376376, "upsert")
+    assert upsert.data == {"full_name": "Nguyễn Thị Lan", "date_of_birth": "1990-03-05"}
+    assert upsert.origin == "p79.public.cong_dan:0:7"
+    assert upsert.occurred_at == datetime.fromtimestamp(1796028923.670, UTC)
+    delete = adapter()._item(message(with_schema(change("d", ROW))))
+    assert isinstance(delete, Record) and delete.op == "delete" and delete.data is None
+    assert adapter()._item(message(None)) is None  # a tombstone
+
+
+def test_a_delete_without_its_key_in_before_is_a_dead_letter_naming_the_fix() -> None:
+    """REPLICA IDENTITY DEFAULT: `before` holds the primary key only, other NOT NULL text
+    columns come as ''."""
+    raw = json.dumps(change("d", {"id": 2, "so_dinh_danh": "", "ho_ten": None})).encode()
+    skipped = adapter()._item(message(raw))
+    assert isinstance(skipped, SkippableRecord)
+    assert skipped.code == "missing_field"
+    assert "REPLICA IDENTITY FULL" in skipped.message
+    assert skipped.raw == raw and skipped.origin == "p79.public.cong_dan:0:7"
+
+
+def test_the_province_connection_never_takes_our_cluster_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_USERNAME", "national")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_PASSWORD", "secret")
+    connection = adapter().connection()
+    assert connection.security_protocol == "PLAINTEXT"
+    assert connection.sasl_username is None
+    assert connection.servers() == ["province-kafka:9092"]
+    tls = adapter(security_protocol="SSL", ssl_cafile="ca.pem").connection()
+    assert tls.ssl_cafile == Path("ca.pem")
+    assert isinstance(tls, ExternalConnection)
+
+
+def test_a_wrong_option_is_a_configuration_error() -> None:
+    from producers.sdk import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="version"):
+        adapter(version="scn")
+    with pytest.raises(ConfigurationError, match="topics"):
+        adapter(topics=[])
+    with pytest.raises(ConfigurationError, match="sasl_username"):
+        adapter(security_protocol="SASL_SSL")
+
+
+def test_a_value_postgresql_did_not_send_leaves_its_field_out() -> None:
+    """An unchanged TOASTed column comes as Debezium's placeholder: "not provided"."""
+    row = ROW | {"ho_ten": "__debezium_unavailable_value"}
+    upsert = adapter()._item(message(with_schema(change("u", row))))
+    assert isinstance(upsert, Record)
+    assert upsert.data == {"date_of_birth": "1990-03-05"}
+    nested = adapter(fields={"permanent_address.line": "ho_ten", "full_name": "so_dinh_danh"})
+    upsert = nested._item(message(with_schema(change("u", row))))
+    assert isinstance(upsert, Record) and upsert.data == {"full_name": "079190000001"}
+
+
+def test_a_mapped_column_missing_from_the_event_stops_the_source() -> None:
+    """A dropped or renamed column would become null, erasing the field in the store."""
+    from producers.sdk import FatalError
+
+    row = {k: v for k, v in ROW.items() if k != "ngay_sinh"}
+    with pytest.raises(FatalError, match="ngay_sinh"):
+        adapter()._item(message(with_schema(change("u", row))))
