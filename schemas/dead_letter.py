@@ -21,7 +21,8 @@ HEADER_PREFIX = "ps."
 
 class Reason(StrEnum):
     """Every reason code a dead letter can carry: the contract's hard checks, then the
-    worker's, then the operators'. The values are a public contract (alerts, runbooks)."""
+    worker's, the operators', the adapters'. The values are a public contract (alerts,
+    runbooks)."""
 
     NOT_UTF8 = "not_utf8"
     INVALID_JSON = "invalid_json"
@@ -39,6 +40,9 @@ class Reason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
+    # the producers' adapters
+    UNREADABLE_FILE = "unreadable_file"
+    UNMAPPABLE_RECORD = "unmappable_record"
 
 
 DEAD_LETTER_REASONS = tuple(reason.value for reason in Reason)
