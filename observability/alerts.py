@@ -158,7 +158,8 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "warning",
             f"{{{{ $labels.source }}}}: {{{{ $value }}}} {{{{ $labels.kind }}}} errors in {w}",
             "read_error: the source database is unreachable; publish_error: Kafka is; "
-            "invalid_record: rows break the contract (see the dead letters).",
+            "invalid_record: rows break the contract (see the dead letters); "
+            "unreadable_file: a dropped file is in error/ (its dead letter names it).",
         ),
         Rule(
             "PortalSyncSourceCursorBehind",

@@ -11,7 +11,8 @@ PRODUCED = Counter(
 )
 SOURCE_ERRORS = Counter(
     "portal_sync_source_errors_total",
-    "Errors reading a source, by kind (invalid_record, read_error, publish_error, fatal).",
+    "Errors reading a source, by kind (invalid_record, read_error, publish_error, fatal, "
+    "unreadable_file).",
     ["source", "kind"],
 )
 DONE_FILES_REMOVED = Counter(

@@ -15,6 +15,9 @@ payload about the same dossier has the higher version. NgayCapNhat has whole sec
 payloads of one dossier with the same NgayCapNhat in different files get the same version
 (the reconciler keeps the first it applies), so such updates must be a second apart or in
 one file, where the later position wins.
+
+A payload that cannot be read or mapped is one dead letter; the rest of the file goes on
+(see `filedrop` for what makes a file unreadable and when a file is complete).
 """
 
 from __future__ import annotations
@@ -27,7 +30,18 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from producers.adapters.filedrop import DirectoryAdapter, DirectoryConfig, UnreadableFile
+from producers.adapters.filedrop import (
+    MAX_DEPTH,
+    DirectoryAdapter,
+    DirectoryConfig,
+    UnreadableFile,
+    decode,
+    json_lines,
+    read_json,
+    small_int,
+    too_deep,
+    unmappable,
+)
 from producers.mapping import parse_local
 from producers.sdk import Record, SkippableRecord
 from schemas.identifiers import PERSONAL_ID, TAX_CODE
@@ -58,31 +72,51 @@ class PortalAdapter(DirectoryAdapter):
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
         written = datetime.fromtimestamp(path.stat().st_mtime, self.zone)
-        for index, (line, payload) in enumerate(self._payloads(path, content)):
+        return self._all_records(path, self._payloads(path, content), written)
+
+    def _all_records(
+        self, path: Path, payloads: Iterator[tuple[int, Any]], written: datetime
+    ) -> Iterator[Record | SkippableRecord]:
+        for index, (line, payload) in enumerate(payloads):
             origin = f"{path.name}:{line}"
+            if isinstance(payload, SkippableRecord):
+                yield SkippableRecord(payload.code, payload.message, origin, raw=payload.raw)
+                continue
             if not isinstance(payload, dict):
                 yield SkippableRecord("invalid_json", "line is not a JSON object", origin)
                 continue
-            yield from self._records(payload, origin, written, index)
+            try:  # all of a payload's records, or one dead letter for it
+                records = list(self._records(payload, origin, written, index))
+            except Exception as error:
+                records = [unmappable(error, origin, "dossier")]
+            yield from records
 
     def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
-        """(line or item number, payload); in JSON Lines a line that is not JSON is yielded
-        as None (one rejected line, the rest of the file goes on)."""
-        try:
-            text = content.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise UnreadableFile("file is not UTF-8") from None
+        """(line or item number, payload or why it cannot be read): checks the file as a
+        whole first (UnreadableFile), then reads lazily; in JSON Lines a bad line is one
+        rejected line, the rest of the file goes on."""
+        text = decode(content)
         if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    yield number, _json_or_none(line)
-            return
+            return self._lines(json_lines(text))
         try:
             value = json.loads(text)
+        except RecursionError:
+            raise UnreadableFile("not_json", "the file is nested too deeply") from None
         except ValueError:
-            raise UnreadableFile("file is not JSON") from None
+            raise UnreadableFile("not_json", "the file is not JSON") from None
         items = value if isinstance(value, list) else [value]
-        yield from ((n, item) for n, item in enumerate(items, start=1))
+        return ((n, _checked(item)) for n, item in enumerate(items, start=1))
+
+    @staticmethod
+    def _lines(lines: list[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
+        for number, line in lines:
+            try:
+                yield number, read_json(line)
+            except ValueError as error:
+                yield (
+                    number,
+                    SkippableRecord("invalid_json", f"line is {error}", "", raw=line.encode()),
+                )
 
     def _records(
         self, payload: dict[str, Any], origin: str, written: datetime, index: int
@@ -100,7 +134,11 @@ class PortalAdapter(DirectoryAdapter):
         yield Record(key, version, moment, dossier, origin, entity="dossier")
         if not self.options.documents:
             return
-        for number, doc in enumerate(payload.get("DanhSachGiayToKetQua") or [], start=1):
+        documents = payload.get("DanhSachGiayToKetQua") or []
+        if not isinstance(documents, list):
+            yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not a list", origin)
+            return
+        for number, doc in enumerate(documents, start=1):
             if not isinstance(doc, dict):
                 yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not objects", origin)
                 continue
@@ -121,8 +159,9 @@ class PortalAdapter(DirectoryAdapter):
         if applicant is not None:
             data["applicant_id"] = applicant
         if "TrangThaiHoSo" in payload:
-            status = payload["TrangThaiHoSo"]
-            data["status"] = int(status) if str(status).isdigit() else status
+            status = payload["TrangThaiHoSo"]  # not ASCII digits: passed on, validation rejects
+            number = small_int(status) if isinstance(status, str | int) else None
+            data["status"] = status if number is None else number
         for field, name in DATES.items():
             if name in payload:
                 data[field] = self._moment(payload[name])
@@ -164,8 +203,8 @@ def _applicant_id(value: Any) -> str | None:
     return None
 
 
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
+def _checked(item: Any) -> Any:
+    """An item of a JSON file, or why it cannot be read."""
+    if too_deep(item):
+        return SkippableRecord("invalid_json", f"payload is nested deeper than {MAX_DEPTH}", "")
+    return item

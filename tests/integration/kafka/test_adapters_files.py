@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from producers.conformance import check_adapter
+from producers.engine import AdapterRunner
 from producers.sdk import Record
-from tests.support.adapter_helpers import dead_letters, deployment, published_events, write_config
+from schemas.dead_letter import read_headers
+from tests.support.adapter_helpers import (
+    dead_letters,
+    deployment,
+    published_events,
+    read_topic,
+    write_config,
+)
+from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
 from tests.support.pipeline_helpers import cli
 
 FILEDROP = """
@@ -180,7 +193,7 @@ def test_each_file_once_then_done_or_error_with_a_report(
 
     result = cli(settings, "produce", "--config", str(config), "--once")
     assert result.returncode == 0, result.stderr
-    assert "dn-exports: published 3, dead-lettered 3" in result.stderr
+    assert "dn-exports: published 3, dead-lettered 4" in result.stderr  # broken.csv: one
     assert "dn-portal: published 2, dead-lettered 0" in result.stderr
     done, error = tmp_path / "inbox" / "done", tmp_path / "inbox" / "error"
     assert sorted(p.name for p in done.iterdir()) == [
@@ -201,6 +214,7 @@ def test_each_file_once_then_done_or_error_with_a_report(
         "invalid_field",
         "invalid_json",
         "missing_field",
+        "unreadable_file",
     ]
 
     # The same export dropped again is recognised by its checksum and not re-sent.
@@ -248,3 +262,168 @@ def test_produce_removes_done_files_past_their_retention(
         "a.csv.rejected.jsonl",
         "last-week.csv",
     ]
+
+
+# -- files that never block (issue 14, item 4) -------------------------------------------------
+
+CITIZEN_LINE = '{{"SoDinhDanh": "{pid}", "HoTen": "{name}", "NgayCapNhat": "20250803100000"}}'
+# JSON nested deeper than any parser's stack: json.loads raises RecursionError on it
+DEEP = '{"SoDinhDanh": "048190000009", "HoTen": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+def _line(pid: str, name: str) -> str:
+    return CITIZEN_LINE.format(pid=pid, name=name)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+@pytest.mark.kafka
+def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox, portal_inbox = tmp_path / "inbox", tmp_path / "portal-inbox"
+    huge = '{"HoTen": "' + "x" * 3_000_000  # 3 MB, not JSON: bigger than a producer request
+    lines = [_line("048190000003", "Phạm Thu Hà"), DEEP, _line("048190000004", "Lê Thị Dung"), huge]
+    drop(inbox, "deep.jsonl", "\n".join(lines) + "\n", mtime=1_000)
+    drop(inbox, "later.jsonl", _line("048190000005", "Võ Văn Em") + "\n", mtime=2_000)
+    odd = PAYLOAD | {"MaHoSo": "000.00.01.H17-250801-0002", "TrangThaiHoSo": "²"}
+    payloads = [json.dumps(odd | {"DanhSachGiayToKetQua": []}), json.dumps(PAYLOAD)]
+    drop(portal_inbox, "feed.jsonl", "\n".join(payloads) + "\n", mtime=1_000)
+    config = write_config(tmp_path, FILEDROP + PORTAL)
+
+    result = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "dn-exports: published 3, dead-lettered 2" in result.stderr
+    assert "dn-portal: published 2, dead-lettered 1" in result.stderr
+    assert _names(inbox / "done") == ["deep.jsonl", "deep.jsonl.rejected.jsonl", "later.jsonl"]
+    assert _names(portal_inbox / "done") == ["feed.jsonl", "feed.jsonl.rejected.jsonl"]
+    letters = {d["ps.origin.offset"]: d for d in dead_letters(settings)}
+    assert set(letters) == {"deep.jsonl:2", "deep.jsonl:4", "feed.jsonl:1"}
+    assert letters["deep.jsonl:2"]["ps.reason.code"] == "invalid_json"
+    assert letters["deep.jsonl:2"]["ps.reason.message"] == "line is nested too deeply"
+    values = {read_headers(r.headers)["ps.origin.offset"]: r.value
+              for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
+    assert json.loads(values["deep.jsonl:4"]) == {
+        "origin": "deep.jsonl:4",
+        "value_omitted": "too_large",
+        "size": len(huge),
+        "sha256": hashlib.sha256(huge.encode()).hexdigest(),
+    }
+    assert letters["feed.jsonl:1"]["ps.reason.code"] == "invalid_field"
+    assert letters["feed.jsonl:1"]["ps.reason.message"].startswith("data.status")
+    headers = json.dumps(list(letters.values()), ensure_ascii=False)
+    assert "²" not in headers and "048190000009" not in headers
+    report = (portal_inbox / "done" / "feed.jsonl.rejected.jsonl").read_text()
+    assert "²" not in report
+
+
+def test_any_exception_while_mapping_a_line_is_one_skipped_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producers.sdk import SkippableRecord
+
+    def mapping_bug(row: dict[str, Any], *_: Any) -> dict[str, Any]:
+        if row.get("HoTen") == "Trần Thị Bình":
+            raise KeyError(row["SoDinhDanh"])  # an exception whose text is a personal id
+        return {"full_name": row["HoTen"]}
+
+    monkeypatch.setattr("producers.adapters.filedrop.map_fields", mapping_bug)
+    drop(tmp_path / "inbox", "a.csv", CSV, mtime=1_000)
+    deploy = deployment(tmp_path, FILEDROP)
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
+
+    assert [i.origin for i in items if isinstance(i, Record)] == ["a.csv:2", "a.csv:5"]
+    skipped = [i for i in items if isinstance(i, SkippableRecord)]
+    assert [(s.code, s.origin) for s in skipped] == [
+        ("unmappable_record", "a.csv:3"),
+        ("missing_field", "a.csv:4"),
+    ]
+    assert skipped[0].message == "the record could not be mapped (KeyError)"
+
+
+@pytest.fixture
+def file_publisher(settings_for: Any, sqlite_store_url: str) -> Iterator[Any]:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    publisher = publisher_for(settings)
+    yield settings, publisher
+    publisher.close()
+
+
+def _source_errors(kind: str) -> float:
+    labels = {"source": "province-48", "kind": kind}
+    return REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) or 0.0
+
+
+@pytest.mark.kafka
+def test_an_unreadable_file_is_counted_logged_dead_lettered_and_moved_to_error(
+    tmp_path: Path,
+    file_publisher: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, publisher = file_publisher
+    inbox, portal_inbox = tmp_path / "inbox", tmp_path / "portal-inbox"
+    drop(inbox, "utf16.csv", CSV.encode("utf-16"), mtime=1_000)  # not UTF-8
+    drop(inbox, "no-header.csv", "048090000001;Nguyễn Văn An\n", mtime=1_100)
+    drop(inbox, "notes.jsonl", "HoTen: Nguyễn Văn An\nSoDinhDanh: 048090000001\n", 1_200)
+    locked = drop(inbox, "locked.csv", CSV, mtime=1_300)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: what the producer's own user would get
+        real = Path.read_bytes
+
+        def read_bytes(path: Path) -> bytes:
+            if path.name == "locked.csv":
+                raise PermissionError(13, "Permission denied")
+            return real(path)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    drop(inbox, "zz-good.jsonl", _line("048190000003", "Phạm Thu Hà") + "\n", mtime=2_000)
+    drop(portal_inbox, "hoso.json", json.dumps(PAYLOAD)[:80], mtime=1_000)  # cut short
+    deploy = deployment(tmp_path, FILEDROP + PORTAL)
+    before = _source_errors("unreadable_file")
+    caplog.set_level(logging.INFO)
+
+    for entry in deploy.sources:
+        runner = AdapterRunner(entry.id, deploy.adapter(entry), publisher, tmp_path / "state")
+        runner.run_once()
+
+    assert _source_errors("unreadable_file") - before == 5
+    assert _names(inbox / "done") == ["zz-good.jsonl"]
+    assert _names(inbox / "error") == sorted(
+        f"{name}{suffix}"
+        for name in ("utf16.csv", "no-header.csv", "notes.jsonl", "locked.csv")
+        for suffix in ("", ".rejected.jsonl")
+    )
+    assert _names(portal_inbox / "error") == ["hoso.json", "hoso.json.rejected.jsonl"]
+    letters = read_topic(settings, dead_letter_topic(settings))
+    found = {}
+    for letter in letters:
+        headers = read_headers(letter.headers)
+        assert headers["ps.reason.code"] == "unreadable_file"
+        assert headers["ps.origin.topic"] == "source:province-48"
+        found[headers["ps.origin.offset"]] = (headers["ps.origin.partition"], headers)
+        assert json.loads(letter.value)["file"] == headers["ps.origin.offset"]
+    assert {name: partition for name, (partition, _) in found.items()} == {
+        "utf16.csv": "dn-exports",
+        "no-header.csv": "dn-exports",
+        "notes.jsonl": "dn-exports",
+        "locked.csv": "dn-exports",
+        "hoso.json": "dn-portal",
+    }
+    reasons = {name: h["ps.reason.message"].split(":")[0] for name, (_, h) in found.items()}
+    assert reasons == {
+        "utf16.csv": "not_utf8",
+        "no-header.csv": "not_csv",
+        "notes.jsonl": "not_json",
+        "locked.csv": "permission_denied",
+        "hoso.json": "not_json",
+    }
+    logged = caplog.text + json.dumps([h for _, h in found.values()], ensure_ascii=False)
+    for name, reason in reasons.items():
+        assert f"{name} is unreadable ({reason})" in caplog.text
+    assert "Nguyễn" not in logged and "048090000001" not in logged and "H17" not in logged
