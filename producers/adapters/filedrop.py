@@ -1,7 +1,10 @@
 """Built-in `filedrop`: CSV or JSON Lines export files dropped into a directory.
 
 Each file is processed once, identified by its SHA-256 (a file copied in twice is skipped),
-oldest first.
+oldest first, and only once it is complete: with `complete_marker` (e.g. ".done") once
+`<name>.done` exists next to it; otherwise once it is `settle_seconds` old and has not
+changed (size, modification time) since the previous poll. Names starting with a dot are
+never read, so a writer can write `.name.csv` and rename it: a rename is atomic.
 
 A file never blocks the ones after it. A line that cannot be read or mapped (not JSON,
 nested too deep, a value no rule foresees, any exception while mapping it) is one dead
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from producers.mapping import FieldMapping, map_fields, parse_local
 from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
@@ -60,6 +64,16 @@ class DirectoryConfig(BaseModel):
     timezone: str = "Asia/Ho_Chi_Minh"
     # Days a processed file stays in done/ (None: for ever).
     done_retention_days: float | None = Field(default=None, ge=0)
+    # Without a marker, a file is read once this old and unchanged since the last poll.
+    settle_seconds: float = Field(default=10.0, ge=0)
+    # With a marker (".done"), a file is read once `<name>.done` exists next to it.
+    complete_marker: str | None = Field(default=None, pattern=r"^\.[A-Za-z0-9_-]{1,16}$")
+
+    @model_validator(mode="after")
+    def _marker_is_no_data_suffix(self) -> DirectoryConfig:
+        if self.complete_marker in self.suffixes:
+            raise ValueError("complete_marker must differ from the data files' suffixes")
+        return self
 
 
 class FileDropConfig(DirectoryConfig, FieldMapping):
@@ -164,6 +178,7 @@ class DirectoryAdapter(Adapter):
         self.done_dir = base_dir / (config.done_dir or config.directory / "done")
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
+        self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
         SOURCE_ERRORS.labels(source, "unreadable_file")
 
@@ -174,7 +189,7 @@ class DirectoryAdapter(Adapter):
 
     def read(self, state: State) -> Iterator[Item]:
         done: list[str] = list(state.get("files", []))
-        for path in self._files():
+        for path in self._ready_files():
             try:
                 content = path.read_bytes()
             except FileNotFoundError:
@@ -257,15 +272,38 @@ class DirectoryAdapter(Adapter):
         DONE_FILES_REMOVED.labels(self.source).inc(len(paths))
         log.info("%s: removed %d files from done/ past their retention", self.source, len(paths))
 
-    def _files(self) -> list[Path]:
+    def _ready_files(self) -> list[Path]:
+        """The complete files of the directory, oldest first (see the module's docstring);
+        remembers each file's size and modification time for the next poll."""
         if not self.directory.is_dir():
             return []
-        files = [
-            p
-            for p in self.directory.iterdir()
-            if p.is_file() and p.suffix in self.options.suffixes and ".rejected." not in p.name
-        ]
-        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+        now, marker = time.time(), self.options.complete_marker
+        observed: dict[str, tuple[int, int]] = {}
+        ready: list[tuple[float, str, Path]] = []
+        for path in self.directory.iterdir():
+            name = path.name
+            if name.startswith(".") or path.suffix not in self.options.suffixes:
+                continue
+            if ".rejected." in name:
+                continue
+            try:
+                info = path.stat()
+            except OSError:
+                continue  # gone since the listing
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if marker is not None:
+                if (path.parent / f"{name}{marker}").exists():
+                    ready.append((info.st_mtime, name, path))
+                continue
+            now_seen = observed[name] = (info.st_size, info.st_mtime_ns)
+            if now - info.st_mtime < self.options.settle_seconds:
+                continue  # written too recently: perhaps still being written
+            if self._observed.get(name, now_seen) != now_seen:
+                continue  # it changed since the last poll: still being written
+            ready.append((info.st_mtime, name, path))
+        self._observed = observed
+        return [path for *_, path in sorted(ready)]
 
     def rejected(self, origin: str, code: str, message: str) -> None:
         if origin in self._rejections:  # the file as a whole
@@ -285,6 +323,8 @@ class DirectoryAdapter(Adapter):
             shutil.move(str(path), target / path.name)
             if target == self.done_dir:
                 os.utime(target / path.name)  # its retention counts from now, when it was done
+            if self.options.complete_marker is not None:
+                (path.parent / f"{path.name}{self.options.complete_marker}").unlink(missing_ok=True)
             if unreadable is not None:  # the name and the reason only, never the content
                 log.warning(
                     "%s: %s is unreadable (%s), moved to %s", self.source, path.name, unreadable,

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from producers.conformance import check_adapter
 from producers.engine import AdapterRunner
-from producers.sdk import Record
+from producers.sdk import Checkpoint, Record
 from schemas.dead_letter import read_headers
 from tests.support.adapter_helpers import (
     dead_letters,
@@ -96,14 +96,16 @@ PAYLOAD = {
 
 
 def drop(directory: Path, name: str, content: str | bytes, mtime: float | None = None) -> Path:
+    """A file as its writer leaves it, by default a minute ago (complete: older than the
+    adapters' settle time)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     if isinstance(content, str):
         path.write_text(content, encoding="utf-8")
     else:
         path.write_bytes(content)
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
+    mtime = time.time() - 60 if mtime is None else mtime
+    os.utime(path, (mtime, mtime))
     return path
 
 
@@ -427,3 +429,60 @@ def test_an_unreadable_file_is_counted_logged_dead_lettered_and_moved_to_error(
     for name, reason in reasons.items():
         assert f"{name} is unreadable ({reason})" in caplog.text
     assert "Nguyễn" not in logged and "048090000001" not in logged and "H17" not in logged
+
+
+def _read(adapter: Any) -> list[str]:
+    """One poll, its clean-ups run as after the broker's acknowledgement: origins read."""
+    origins = []
+    for item in adapter.read({}):
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            item.commit()
+        elif isinstance(item, Record):
+            origins.append(item.origin)
+    return origins
+
+
+def test_a_file_still_being_written_is_left_for_the_next_poll(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    header, *rows = CSV.splitlines(keepends=True)
+    settle = FILEDROP.replace("[sources.mapping]", "settle_seconds = 5\n\n[sources.mapping]")
+    deploy = deployment(tmp_path, settle)
+    adapter = deploy.adapter(deploy.sources[0])
+    now = time.time()
+    drop(inbox, ".a.csv", CSV, mtime=now - 600)  # a temporary name, renamed when complete
+    drop(inbox, "b.csv", header + rows[0], mtime=now - 1)  # written a second ago
+
+    assert _read(adapter) == []  # b.csv is younger than the settle time
+
+    with (inbox / "b.csv").open("a", encoding="utf-8") as handle:
+        handle.write(rows[1])  # the writer goes on after a pause longer than the settle time
+    os.utime(inbox / "b.csv", (now - 10, now - 10))
+    assert _read(adapter) == []  # old enough, but it changed since the last poll
+
+    assert _read(adapter) == ["b.csv:2", "b.csv:3"]  # unchanged since the last poll: complete
+    (inbox / ".a.csv").rename(inbox / "a.csv")  # the atomic rename into the folder
+    assert _read(adapter) == ["a.csv:2", "a.csv:3", "a.csv:5"]
+    assert _names(inbox) == ["done"]
+
+
+@pytest.mark.kafka
+def test_with_a_complete_marker_a_file_is_read_once_its_marker_is_there(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    marked = FILEDROP.replace("[sources.mapping]", 'complete_marker = ".done"\n\n[sources.mapping]')
+    config = write_config(tmp_path, marked)
+    drop(inbox, "a.csv", CSV, mtime=1_000)  # old, but its writer has not said it is complete
+
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert first.returncode == 0, first.stderr
+    assert "dn-exports: published 0, dead-lettered 0" in first.stderr
+    assert _names(inbox) == ["a.csv"]
+
+    drop(inbox, "a.csv.done", "")  # the writer's marker: a.csv is complete
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    assert second.returncode == 0, second.stderr
+    assert "dn-exports: published 2, dead-lettered 2" in second.stderr
+    assert _names(inbox) == ["done"]  # the marker is removed with the file
+    assert _names(inbox / "done") == ["a.csv", "a.csv.rejected.jsonl"]
