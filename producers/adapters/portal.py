@@ -9,12 +9,16 @@ FileSha256) a `document` event owned by the applicant. ChuHoSo is the applicant'
 identifier (12-digit personal id or tax code), or an object carrying it as SoDinhDanh or
 MaSoThue; a bare name is not carried (the contract has no applicant name).
 
-Version and occurred_at come from NgayCapNhat when the payload has it, else from the time
-the file was written, plus the payload's position in the file (in microseconds), so a later
-payload about the same dossier has the higher version. NgayCapNhat has whole seconds: two
-payloads of one dossier with the same NgayCapNhat in different files get the same version
-(the reconciler keeps the first it applies), so such updates must be a second apart or in
-one file, where the later position wins.
+Version and occurred_at come from the payload, never from the file: NgayCapNhat when the
+payload has it, else the latest status time of its history (ThoiDiemXuLy of each step of
+QuaTrinhXuLy, or of the payload itself as progress updates send it), plus the payload's
+position in the file (in microseconds), so a later payload about the same dossier has the
+higher version and an old file sent again is `stale` at the reconciler, never a rollback.
+A payload with neither is dead-lettered (`missing_field`), one whose time is not
+yyyyMMddHHmmss too (`invalid_field`): a version is never guessed. These times have whole
+seconds: two payloads of one dossier with the same time in different files get the same
+version (the reconciler keeps the first it applies), so such updates must be a second
+apart or in one file, where the later position wins.
 
 A payload that cannot be read or mapped is one dead letter; the rest of the file goes on
 (see `filedrop` for what makes a file unreadable and when a file is complete).
@@ -23,6 +27,7 @@ A payload that cannot be read or mapped is one dead letter; the rest of the file
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +55,8 @@ DATE_FORMAT = "yyyyMMddHHmmss"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 APPLICANT_KIND = {"1": "citizen", "2": "organization"}
 DATES = {"received_at": "NgayTiepNhan", "due_at": "NgayHenTra", "finished_at": "NgayTra"}
+STAMP = re.compile(r"[0-9]{14}")
+UNDATED = "NgayCapNhat: required (or QuaTrinhXuLy[].ThoiDiemXuLy)"
 
 
 class PortalConfig(DirectoryConfig):
@@ -71,11 +78,10 @@ class PortalAdapter(DirectoryAdapter):
         assert isinstance(config, PortalConfig)
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
-        written = datetime.fromtimestamp(path.stat().st_mtime, self.zone)
-        return self._all_records(path, self._payloads(path, content), written)
+        return self._all_records(path, self._payloads(path, content))
 
     def _all_records(
-        self, path: Path, payloads: Iterator[tuple[int, Any]], written: datetime
+        self, path: Path, payloads: Iterator[tuple[int, Any]]
     ) -> Iterator[Record | SkippableRecord]:
         for index, (line, payload) in enumerate(payloads):
             origin = f"{path.name}:{line}"
@@ -86,7 +92,7 @@ class PortalAdapter(DirectoryAdapter):
                 yield SkippableRecord("invalid_json", "line is not a JSON object", origin)
                 continue
             try:  # all of a payload's records, or one dead letter for it
-                records = list(self._records(payload, origin, written, index))
+                records = list(self._records(payload, origin, index))
             except Exception as error:
                 records = [unmappable(error, origin, "dossier")]
             yield from records
@@ -119,16 +125,18 @@ class PortalAdapter(DirectoryAdapter):
                 )
 
     def _records(
-        self, payload: dict[str, Any], origin: str, written: datetime, index: int
+        self, payload: dict[str, Any], origin: str, index: int
     ) -> Iterator[Record | SkippableRecord]:
         key = str(payload.get("MaHoSo") or "")
         if not key:
             yield SkippableRecord("missing_field", "MaHoSo: required", origin, "dossier")
             return
-        stamp = payload.get("NgayCapNhat")
-        updated = parse_local(str(stamp), DATE_FORMAT, self.zone) if stamp else None
-        moment = updated if isinstance(updated, datetime) else written
-        moment += timedelta(microseconds=index)
+        updated = self._updated(payload)
+        if isinstance(updated, str):
+            code = "missing_field" if updated == UNDATED else "invalid_field"
+            yield SkippableRecord(code, updated, origin, "dossier")
+            return
+        moment = updated + timedelta(microseconds=index)
         version = (moment - EPOCH) // timedelta(microseconds=1)
         dossier = self._dossier(payload)
         yield Record(key, version, moment, dossier, origin, entity="dossier")
@@ -145,6 +153,31 @@ class PortalAdapter(DirectoryAdapter):
             doc_key = str(doc.get("MaGiayTo") or f"{key}:{number}")
             data = self._document(doc, dossier, payload)
             yield Record(doc_key, version, moment, data, f"{origin}#{number}", entity="document")
+
+    def _updated(self, payload: dict[str, Any]) -> datetime | str:
+        """When the dossier last changed according to the payload: NgayCapNhat, else the
+        latest status time of its history; else why not (a dead letter's message)."""
+        stamp = payload.get("NgayCapNhat")
+        if stamp not in (None, ""):
+            return self._stamp(stamp) or "NgayCapNhat: not a yyyyMMddHHmmss time"
+        steps = payload.get("QuaTrinhXuLy") or []
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            return "QuaTrinhXuLy: not a list of objects"
+        times = [step.get("ThoiDiemXuLy") for step in [*steps, payload]]
+        times = [t for t in times if t not in (None, "")]
+        if not times:
+            return UNDATED
+        moments = [self._stamp(t) for t in times]
+        if None in moments:
+            return "QuaTrinhXuLy[].ThoiDiemXuLy: not a yyyyMMddHHmmss time"
+        return max(m for m in moments if m is not None)
+
+    def _stamp(self, value: Any) -> datetime | None:
+        text = str(value)
+        if not STAMP.fullmatch(text):  # ASCII digits only
+            return None
+        parsed = parse_local(text, DATE_FORMAT, self.zone)
+        return parsed if isinstance(parsed, datetime) else None
 
     def _dossier(self, payload: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {}

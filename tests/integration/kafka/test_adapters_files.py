@@ -26,7 +26,7 @@ from tests.support.adapter_helpers import (
     write_config,
 )
 from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
-from tests.support.pipeline_helpers import cli
+from tests.support.pipeline_helpers import cli, exported
 
 FILEDROP = """
 [[sources]]
@@ -167,18 +167,41 @@ def test_portal_payloads_become_dossier_and_document_events(tmp_path: Path) -> N
     assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
 
 
-def test_later_portal_payload_of_a_dossier_has_the_higher_version(tmp_path: Path) -> None:
+ACCEPTED = [{"TrangThai": "2", "ThoiDiemXuLy": "20250801083000"}]
+PROCESSING = [*ACCEPTED, {"TrangThai": "4", "ThoiDiemXuLy": "20250801090000"}]
+RETURNED = [*PROCESSING, {"TrangThai": "10", "ThoiDiemXuLy": "20250802100000"}]
+
+
+def test_without_ngaycapnhat_the_version_is_the_latest_status_time_never_the_mtime(
+    tmp_path: Path,
+) -> None:
+    from producers.sdk import SkippableRecord
+
     accepted = {k: v for k, v in PAYLOAD.items() if k not in ("NgayCapNhat", "NgayTra")}
-    accepted |= {"TrangThaiHoSo": "2", "DanhSachGiayToKetQua": []}
+    accepted |= {"TrangThaiHoSo": "2", "DanhSachGiayToKetQua": [], "QuaTrinhXuLy": ACCEPTED}
+    returned = PAYLOAD | {"NgayCapNhat": None, "QuaTrinhXuLy": RETURNED}
+    progress = {"MaHoSo": "000.00.01.H17-250801-0003", "TrangThaiHoSo": "4",
+                "ThoiDiemXuLy": "20250801090000"}  # fmt: skip  # a progress update, flat
+    undated = {"MaHoSo": "000.00.01.H17-250801-0004", "TrangThaiHoSo": "4"}
     inbox = tmp_path / "portal-inbox"
     drop(inbox, "1.json", json.dumps(accepted), mtime=1_754_000_000)
-    drop(inbox, "2.jsonl", json.dumps(PAYLOAD | {"NgayCapNhat": None}) + "\n", 1_754_000_100)
+    drop(inbox, "2.jsonl", json.dumps(returned) + "\n", mtime=1_700_000_000)  # older mtime
+    drop(inbox, "3.json", json.dumps([progress, undated]), mtime=1_754_000_200)
     deploy = deployment(tmp_path, PORTAL)
-    items = deploy.adapter(deploy.sources[0]).read({})
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
     events = [i.event("province-48", None) for i in items if isinstance(i, Record)]
     dossiers = [e for e in events if e["entity"] == "dossier"]
-    assert [d["data"]["status"] for d in dossiers] == [2, 10]
-    assert dossiers[1]["version"] - dossiers[0]["version"] == 100 * 10**6
+    assert [(d["data"]["status"], d["occurred_at"]) for d in dossiers] == [
+        (10, "2025-08-02T10:00:00+07:00"),
+        (2, "2025-08-01T08:30:00+07:00"),
+        (4, "2025-08-01T09:00:00+07:00"),
+    ]
+    returned_version, accepted_version, _ = (d["version"] for d in dossiers)
+    assert returned_version - accepted_version == (25 * 3600 + 1800) * 10**6
+    skipped = [(i.code, i.origin, i.message) for i in items if isinstance(i, SkippableRecord)]
+    assert skipped == [
+        ("missing_field", "3.json:2", "NgayCapNhat: required (or QuaTrinhXuLy[].ThoiDiemXuLy)")
+    ]
 
 
 @pytest.mark.kafka
@@ -486,3 +509,33 @@ def test_with_a_complete_marker_a_file_is_read_once_its_marker_is_there(
     assert "dn-exports: published 2, dead-lettered 2" in second.stderr
     assert _names(inbox) == ["done"]  # the marker is removed with the file
     assert _names(inbox / "done") == ["a.csv", "a.csv.rejected.jsonl"]
+
+
+@pytest.mark.kafka
+def test_an_old_portal_file_sent_again_is_stale_not_a_rollback(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "portal-inbox"
+    config = write_config(tmp_path, PORTAL)
+    base = {k: v for k, v in PAYLOAD.items() if k not in ("NgayCapNhat", "NgayTra")}
+    base |= {"DanhSachGiayToKetQua": []}
+    returned = base | {"TrangThaiHoSo": "10", "NgayTra": "20250802100000", "QuaTrinhXuLy": RETURNED}
+    processing = base | {"TrangThaiHoSo": "4", "QuaTrinhXuLy": PROCESSING}
+    other = "000.00.01.H17-250801-0009"  # the same story told with NgayCapNhat
+    drop(inbox, "a.json", json.dumps([returned, base | {"MaHoSo": other, "TrangThaiHoSo": "9",
+         "NgayCapNhat": "20250802090000"}]), mtime=time.time() - 7200)  # fmt: skip
+    assert cli(settings, "produce", "--config", str(config), "--once").returncode == 0
+    # file B: an old export sent again, written (copied) after A
+    drop(inbox, "b.json", json.dumps([processing, base | {"MaHoSo": other, "TrangThaiHoSo": "4",
+         "NgayCapNhat": "20250801090000"}]), mtime=time.time() - 60)  # fmt: skip
+    again = cli(settings, "produce", "--config", str(config), "--once")
+    assert again.returncode == 0 and "dn-portal: published 2" in again.stderr, again.stderr
+
+    worker = cli(settings, "worker", "--until-caught-up")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    statuses = {
+        r["key"]: r["data"]["status"] for r in exported(settings) if r["entity"] == "dossier"
+    }
+    assert statuses == {PAYLOAD["MaHoSo"]: 10, other: 9}
