@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -207,7 +208,7 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
     engine.dispose()
 
 
-# -- clean-ups that fail (issue 14, item 5) ------------------------------------------------------
+# -- clean-ups that fail, rows beyond the lookback (issue 14, item 5) ---------------------------
 
 # While refuse_cleanup has a row, the source refuses to delete or update outbox rows (as a
 # revoked permission or a lock timeout would): the clean-up after a checkpoint fails.
@@ -277,4 +278,40 @@ def test_rows_whose_delete_or_mark_failed_are_cleaned_up_on_the_next_poll(
     settings = runner_for.settings
     citizens, organizations = (published_events(settings, e) for e in ("citizen", "organization"))
     assert (len(citizens), len(organizations)) == (3, 2)  # every row once
+    engine.dispose()
+
+
+def beyond_lookback() -> float | None:
+    labels = {"source": "ministry-btp"}
+    return REGISTRY.get_sample_value("portal_sync_outbox_rows_beyond_lookback", labels)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_rows_beyond_the_lookback_are_counted_until_a_wider_lookback_publishes_them(
+    db_url: str, runner_for: Any, after: str
+) -> None:
+    engine = create_engine(db_url)
+    rows = {n: change("citizen", f"0010900000{n:02d}", "upsert", n, {"full_name": "A"})
+            for n in range(1, 11)}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [{"id": n, **rows[n]} for n in rows if n != 3])
+    narrow = CONFIG.format(url=db_url, after=after) + "lookback_ids = 3\n"
+    runner = runner_for(narrow)
+    assert runner.run_once().published == 9
+    assert beyond_lookback() == 0
+    with engine.begin() as conn:  # id 3 commits now, 7 ids below the position: beyond 3
+        conn.execute(insert(outbox), [{"id": 3, **rows[3]}])
+
+    assert runner.run_once().published == 0
+    assert beyond_lookback() == 1
+    assert runner.run_once().published == 0
+    assert beyond_lookback() == 1  # still there, still counted: never silently dropped
+
+    wider = runner_for(CONFIG.format(url=db_url, after=after) + "lookback_ids = 10\n")
+    assert wider.run_once().published == 1  # the operator widened the lookback
+    assert beyond_lookback() == 0
+    assert cleaned_up(db_url, after)
+    keys = sorted(e["key"] for e in published_events(runner_for.settings, "citizen"))
+    assert keys == sorted(row["record_key"] for row in rows.values())
     engine.dispose()
