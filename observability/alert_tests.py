@@ -12,9 +12,11 @@ from observability.alerts import Rule, rules
 
 WORKER = 'job="portal-sync-worker",instance="w1"'
 EXPORTER = 'job="portal-sync-lag-exporter",instance="e1"'
+PRODUCER = 'job="portal-sync-producer",instance="p1"'
 GROUP = 'group="portal-sync-reconciler"'
 LAST_CHANGE = "portal_sync_source_last_change_timestamp_seconds"
 PART = f'{GROUP},topic="portal-sync.changes.citizen",partition="0"'
+BEYOND = "portal_sync_outbox_rows_beyond_lookback"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,16 @@ CASES = [
         "4m",
         {"job": "portal-sync-worker", "instance": "w1"},
         "portal-sync-worker on w1 is down (scrape failed)",
+    ),
+    Case(
+        "PortalSyncOutboxRowsBeyondLookback",
+        # two rows committed too late for the window since 3m, measured after every poll
+        {f'{BEYOND}{{source="ministry-btp",{PRODUCER}}}': "0 0 0 2x10"},
+        "4m",
+        "5m",
+        {"source": "ministry-btp"},
+        "ministry-btp: 2 outbox rows committed below the reach of lookback_ids are not being "
+        "published",
     ),
     Case(
         "PortalSyncSourceStale",

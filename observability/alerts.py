@@ -77,6 +77,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
     waiting = "max by (job, instance) (portal_sync_worker_retrying_seconds)"
+    beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
     return [
         Rule(
             "PortalSyncWorkerStalled",
@@ -158,7 +159,8 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "warning",
             f"{{{{ $labels.source }}}}: {{{{ $value }}}} {{{{ $labels.kind }}}} errors in {w}",
             "read_error: the source database is unreachable; publish_error: Kafka is; "
-            "invalid_record: rows break the contract (see the dead letters).",
+            "invalid_record: rows break the contract (see the dead letters); "
+            "unreadable_file: a dropped file is in error/ (its dead letter names it).",
         ),
         Rule(
             "PortalSyncSourceCursorBehind",
@@ -170,6 +172,18 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $value | humanizeDuration }} behind the source's newest change",
             "The producer cannot keep up or keeps failing: check source errors and the "
             "producer's log; raise the adapter's batch size.",
+        ),
+        Rule(
+            "PortalSyncOutboxRowsBeyondLookback",
+            f"{beyond} > 0",
+            beyond,
+            t.for_short,
+            "critical",
+            "{{ $labels.source }}: {{ $value }} outbox rows committed below the reach of "
+            "lookback_ids are not being published",
+            "Their transactions committed more than lookback_ids ids behind the newest row "
+            "read. They wait in the outbox table: raise the source's lookback_ids above the "
+            "gap (the next poll publishes them), then look for long transactions at the source.",
         ),
         Rule(
             "PortalSyncProcessDown",

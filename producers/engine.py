@@ -7,6 +7,7 @@ after a crash keep their event id and version, so the reconciler drops them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -20,12 +21,16 @@ from producers.metrics import PRODUCED, SOURCE_ERRORS, export_at_zero
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
-from schemas.dead_letter import dead_letter_headers
+from schemas.dead_letter import Reason, dead_letter_headers
 from schemas.errors import Refused
 from schemas.signing import Signer
 from transport.publisher import Publisher
+from transport.topics import CHANGE_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+# A dead letter keeps the source's bytes when they fit one producer request; bigger ones
+# are replaced by a reference (size, SHA-256), so one huge record cannot block its source.
+DEAD_LETTER_VALUE_LIMIT = CHANGE_MAX_MESSAGE_BYTES - 64 * 1024
 
 
 @dataclass
@@ -145,7 +150,8 @@ class AdapterRunner:
         return True
 
     def _dead_letter(self, item: SkippableRecord) -> None:
-        SOURCE_ERRORS.labels(self.adapter.source, "invalid_record").inc()
+        kind = "unreadable_file" if item.code == Reason.UNREADABLE_FILE else "invalid_record"
+        SOURCE_ERRORS.labels(self.adapter.source, kind).inc()
         log.warning("%s: record %s rejected (%s)", self.source_id, item.origin, item.code)
         headers = dead_letter_headers(
             item.code, item.message, f"source:{self.adapter.source}", self.source_id, item.origin
@@ -153,6 +159,10 @@ class AdapterRunner:
         key = message_key(item.entity, item.key) if item.entity and item.key else None
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
         value = item.raw or json.dumps({"origin": item.origin}).encode()
+        if len(value) > DEAD_LETTER_VALUE_LIMIT:
+            digest = hashlib.sha256(value).hexdigest()
+            omitted = {"origin": item.origin, "value_omitted": "too_large", "size": len(value)}
+            value = json.dumps(omitted | {"sha256": digest}).encode()
         try:
             self.publisher.send_dead_letter(key, value, headers)
         except Refused:  # a secured cluster lets a source write the change topics only

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PRODUCED = Counter(
     "portal_sync_produced_events_total",
@@ -11,7 +16,8 @@ PRODUCED = Counter(
 )
 SOURCE_ERRORS = Counter(
     "portal_sync_source_errors_total",
-    "Errors reading a source, by kind (invalid_record, read_error, publish_error, fatal).",
+    "Errors reading a source, by kind (invalid_record, read_error, publish_error, fatal, "
+    "unreadable_file).",
     ["source", "kind"],
 )
 DONE_FILES_REMOVED = Counter(
@@ -39,3 +45,35 @@ def export_at_zero(source: str, entity: str | None) -> None:
         PRODUCED.labels(source, entity)
     for kind in ERROR_KINDS:
         SOURCE_ERRORS.labels(source, kind)
+
+
+class OutboxBeyondLookback(Collector):
+    """`portal_sync_outbox_rows_beyond_lookback{source}`: unprocessed outbox rows further
+    below the adapter's position than its `lookback_ids` reaches, never published; measured
+    after every poll, summed over a source's outbox tables."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str], int] = {}
+
+    def set(self, source: str, table: str, rows: int) -> None:
+        with self._lock:
+            self._rows[(source, table)] = rows
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "portal_sync_outbox_rows_beyond_lookback",
+            "Unprocessed outbox rows below the position minus lookback_ids: not published.",
+            labels=["source"],
+        )
+        totals: dict[str, int] = {}
+        with self._lock:
+            for (source, _), rows in self._rows.items():
+                totals[source] = totals.get(source, 0) + rows
+        for source, rows in sorted(totals.items()):
+            family.add_metric([source], rows)
+        yield family
+
+
+OUTBOX_BEYOND_LOOKBACK = OutboxBeyondLookback()
+REGISTRY.register(OUTBOX_BEYOND_LOOKBACK)

@@ -32,7 +32,8 @@ KEPT_HEADERS = (*SIGNATURE_HEADERS, ORIGIN_TIMESTAMP_HEADER)
 
 class Reason(StrEnum):
     """Every reason code a dead letter can carry: the contract's hard checks, then the
-    worker's, then the operators'. The values are a public contract (alerts, runbooks)."""
+    worker's, the operators', the adapters'. The values are a public contract (alerts,
+    runbooks)."""
 
     NOT_UTF8 = "not_utf8"
     INVALID_JSON = "invalid_json"
@@ -53,6 +54,9 @@ class Reason(StrEnum):
     OUT_OF_SCOPE = "out_of_scope"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
+    # the producers' adapters
+    UNREADABLE_FILE = "unreadable_file"
+    UNMAPPABLE_RECORD = "unmappable_record"
 
 
 DEAD_LETTER_REASONS = tuple(reason.value for reason in Reason)

@@ -89,7 +89,8 @@ def portal_feed_toml(feed: PortalFeed, interval: float, signing_key: Path | None
             f'source = "{PORTAL_FEED_SOURCE}"',
             'adapter = "portal"',
             f"interval_seconds = {interval}",
-            f"connection = {{ directory = {toml_value(feed.directory)} }}",
+            # the feed renames each file in whole: complete at once, no settle time needed
+            f"connection = {{ directory = {toml_value(feed.directory)}, settle_seconds = 0 }}",
             *([f"signing_key_file = {toml_value(signing_key)}"] if signing_key else []),
             "",
         ]

@@ -1,10 +1,19 @@
 """Built-in `filedrop`: CSV or JSON Lines export files dropped into a directory.
 
 Each file is processed once, identified by its SHA-256 (a file copied in twice is skipped),
-oldest first. Once the broker acknowledged its records the file moves to `done/`, or to
-`error/` when it could not be read at all; rejected lines are listed (line number, reason
-code, message; never the values) in `<file>.rejected.jsonl` next to it, and sent to the
-dead-letter topic.
+oldest first, and only once it is complete: with `complete_marker` (e.g. ".done") once
+`<name>.done` exists next to it; otherwise once it is `settle_seconds` old and has not
+changed (size, modification time) since the previous poll. Names starting with a dot are
+never read, so a writer can write `.name.csv` and rename it: a rename is atomic.
+
+A file never blocks the ones after it. A line that cannot be read or mapped (not JSON,
+nested too deep, a value no rule foresees, any exception while mapping it) is one dead
+letter; the rest of the file goes on. A file that cannot be read at all (permissions, not
+UTF-8, not CSV or JSON) is counted (`portal_sync_source_errors_total{kind="unreadable_file"}`),
+dead-lettered once (`unreadable_file`, origin: the file's name), logged by name and reason,
+and moved to `error/`. Once the broker acknowledged its records the file moves to `done/`;
+rejected lines are listed (line number, reason code, message; never the values) in
+`<file>.rejected.jsonl` next to it.
 
 Files stay in `done/` for `done_retention_days` after they were processed (the deployment's
 default: `PORTAL_SYNC_DONE_FILES_RETENTION_DAYS`); a run that finds older ones removes them
@@ -21,24 +30,28 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from producers.mapping import FieldMapping, map_fields, parse_local
-from producers.metrics import DONE_FILES_REMOVED
+from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from schemas.dead_letter import Reason
 from schemas.errors import RecordError
 from schemas.events import Entity
 
 log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_DEPTH = 32  # nesting of one JSON record; the contract's data is a few levels deep
+Row = dict[str, Any] | SkippableRecord  # a line read, or why it could not be
 
 
 class DirectoryConfig(BaseModel):
@@ -51,6 +64,16 @@ class DirectoryConfig(BaseModel):
     timezone: str = "Asia/Ho_Chi_Minh"
     # Days a processed file stays in done/ (None: for ever).
     done_retention_days: float | None = Field(default=None, ge=0)
+    # Without a marker, a file is read once this old and unchanged since the last poll.
+    settle_seconds: float = Field(default=10.0, ge=0)
+    # With a marker (".done"), a file is read once `<name>.done` exists next to it.
+    complete_marker: str | None = Field(default=None, pattern=r"^\.[A-Za-z0-9_-]{1,16}$")
+
+    @model_validator(mode="after")
+    def _marker_is_no_data_suffix(self) -> DirectoryConfig:
+        if self.complete_marker in self.suffixes:
+            raise ValueError("complete_marker must differ from the data files' suffixes")
+        return self
 
 
 class FileDropConfig(DirectoryConfig, FieldMapping):
@@ -65,10 +88,78 @@ class FileDropConfig(DirectoryConfig, FieldMapping):
 
 
 class UnreadableFile(RecordError):
-    """The file as a whole cannot be read (encoding, header): it goes to error/."""
+    """The file as a whole cannot be read: it is dead-lettered once and goes to error/.
+    `reason`: permission_denied, read_failed, not_utf8, not_csv or not_json."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__("unreadable_file", message)
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(Reason.UNREADABLE_FILE, f"{reason}: {message}")
+        self.reason = reason
+
+
+def unmappable(error: Exception, origin: str, entity: Entity | None) -> SkippableRecord:
+    """A record whose mapping raised: its error's type only (its text may quote values)."""
+    message = f"the record could not be mapped ({type(error).__name__})"
+    return SkippableRecord(Reason.UNMAPPABLE_RECORD, message, origin, entity)
+
+
+def decode(content: bytes) -> str:
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UnreadableFile("not_utf8", "the file is not UTF-8 text") from None
+
+
+def json_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines: lines end at \\n only (a JSON string
+    may hold U+2028); a file with lines of which none is JSON is not JSON Lines at all."""
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if lines and not any(_is_json(line) for _, line in lines):
+        raise UnreadableFile("not_json", "no line of the file is JSON")
+    return lines
+
+
+def read_json(text: str) -> Any:
+    """One JSON text; ValueError (whose message quotes nothing) when it is not JSON or
+    nests deeper than MAX_DEPTH (deep enough to exhaust a parser's or encoder's stack)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if too_deep(value):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether `value` nests dicts and lists more than `limit` deep (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _is_json(line: str) -> bool:
+    try:
+        read_json(line)
+    except ValueError:
+        return False
+    return True
+
+
+def small_int(value: Any) -> int | None:
+    """An integer written in ASCII digits ("²" and "٣" are digits to str.isdigit, not to
+    the contract), short enough to convert."""
+    text = str(value)
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit() and len(text) <= 18):
+        return None
+    return int(text)
 
 
 class DirectoryAdapter(Adapter):
@@ -87,31 +178,75 @@ class DirectoryAdapter(Adapter):
         self.done_dir = base_dir / (config.done_dir or config.directory / "done")
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
+        self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
+        SOURCE_ERRORS.labels(source, "unreadable_file")
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
+        """Check the file as a whole (raise UnreadableFile before returning), then return
+        its records lazily; reading them must not raise: a bad line is a SkippableRecord."""
         raise NotImplementedError
 
     def read(self, state: State) -> Iterator[Item]:
         done: list[str] = list(state.get("files", []))
-        for path in self._files():
-            content = path.read_bytes()
+        for path in self._ready_files():
+            try:
+                content = path.read_bytes()
+            except FileNotFoundError:
+                continue  # taken away since it was listed
+            except OSError as error:
+                reason = (
+                    "permission_denied" if isinstance(error, PermissionError) else "read_failed"
+                )
+                unreadable = UnreadableFile(
+                    reason, f"the file cannot be read ({type(error).__name__})"
+                )
+                yield from self._unreadable(path, unreadable, done)
+                continue
             checksum = hashlib.sha256(content).hexdigest()
             if checksum in done:
                 yield Checkpoint({"files": done}, self._mover(path, self.done_dir))
                 continue
             self._rejections[path.name] = []
-            target = self.done_dir
             try:
-                yield from self.parse(path, content)
+                records = iter(self.parse(path, content))
             except UnreadableFile as error:
-                self.rejected(f"{path.name}:0", "unreadable_file", error.message)
-                target = self.error_dir
-            done = [*done, checksum][-KEEP_CHECKSUMS:]
-            yield Checkpoint({"files": done}, self._mover(path, target))
+                yield from self._unreadable(path, error, done)
+                continue
+            if (yield from self._guarded(path, records, done)):
+                done = [*done, checksum][-KEEP_CHECKSUMS:]
+                yield Checkpoint({"files": done}, self._mover(path, self.done_dir))
         expired = self.expired_done_files()
         if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
             yield Checkpoint({"files": done}, lambda: self._remove(expired))
+
+    def _guarded(
+        self, path: Path, records: Iterator[Record | SkippableRecord], done: list[str]
+    ) -> Generator[Item, None, bool]:
+        """The file's records; True when all were read. Should reading itself fail (a
+        bug, not the data), the rest of the file is unreadable: error/, never a retry loop."""
+        count = 0
+        while True:
+            try:
+                item = next(records)
+            except StopIteration:
+                return True
+            except Exception as error:
+                detail = f"reading stopped after {count} records ({type(error).__name__})"
+                yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
+                return False
+            count += 1
+            yield item
+
+    def _unreadable(self, path: Path, error: UnreadableFile, done: list[str]) -> Iterator[Item]:
+        """One dead letter naming the file, then error/ (its checksum is not kept: the
+        same file dropped again goes to error/ again, a repaired one is read)."""
+        self._rejections.setdefault(path.name, [])
+        value = {"file": path.name, "reason": error.reason, "moved_to": "error/"}
+        yield SkippableRecord(
+            error.code, error.message, path.name, self.entity, raw=json.dumps(value).encode()
+        )
+        yield Checkpoint({"files": done}, self._mover(path, self.error_dir, error.reason))
 
     def expired_done_files(self, now: float | None = None) -> list[Path]:
         """Files of done/ (and their rejection reports) processed more than
@@ -137,22 +272,48 @@ class DirectoryAdapter(Adapter):
         DONE_FILES_REMOVED.labels(self.source).inc(len(paths))
         log.info("%s: removed %d files from done/ past their retention", self.source, len(paths))
 
-    def _files(self) -> list[Path]:
+    def _ready_files(self) -> list[Path]:
+        """The complete files of the directory, oldest first (see the module's docstring);
+        remembers each file's size and modification time for the next poll."""
         if not self.directory.is_dir():
             return []
-        files = [
-            p
-            for p in self.directory.iterdir()
-            if p.is_file() and p.suffix in self.options.suffixes and ".rejected." not in p.name
-        ]
-        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+        now, marker = time.time(), self.options.complete_marker
+        observed: dict[str, tuple[int, int]] = {}
+        ready: list[tuple[float, str, Path]] = []
+        for path in self.directory.iterdir():
+            name = path.name
+            if name.startswith(".") or path.suffix not in self.options.suffixes:
+                continue
+            if ".rejected." in name:
+                continue
+            try:
+                info = path.stat()
+            except OSError:
+                continue  # gone since the listing
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if marker is not None:
+                if (path.parent / f"{name}{marker}").exists():
+                    ready.append((info.st_mtime, name, path))
+                continue
+            now_seen = observed[name] = (info.st_size, info.st_mtime_ns)
+            if now - info.st_mtime < self.options.settle_seconds:
+                continue  # written too recently: perhaps still being written
+            if self._observed.get(name, now_seen) != now_seen:
+                continue  # it changed since the last poll: still being written
+            ready.append((info.st_mtime, name, path))
+        self._observed = observed
+        return [path for *_, path in sorted(ready)]
 
     def rejected(self, origin: str, code: str, message: str) -> None:
-        name, _, line = origin.rpartition(":")
+        if origin in self._rejections:  # the file as a whole
+            name, line = origin, "0"
+        else:
+            name, _, line = origin.rpartition(":")
         entry = {"line": int(line) if line.isdigit() else line, "code": code, "message": message}
         self._rejections.setdefault(name, []).append(entry)
 
-    def _mover(self, path: Path, target: Path) -> Callable[[], None]:
+    def _mover(self, path: Path, target: Path, unreadable: str | None = None) -> Callable[[], None]:
         def move() -> None:
             target.mkdir(parents=True, exist_ok=True)
             rejections = self._rejections.pop(path.name, [])
@@ -160,7 +321,15 @@ class DirectoryAdapter(Adapter):
                 report = target / f"{path.name}.rejected.jsonl"
                 report.write_text("".join(json.dumps(r) + "\n" for r in rejections))
             shutil.move(str(path), target / path.name)
-            os.utime(target / path.name)  # its retention counts from now, when it was done
+            if target == self.done_dir:
+                os.utime(target / path.name)  # its retention counts from now, when it was done
+            if self.options.complete_marker is not None:
+                (path.parent / f"{path.name}{self.options.complete_marker}").unlink(missing_ok=True)
+            if unreadable is not None:  # the name and the reason only, never the content
+                log.warning(
+                    "%s: %s is unreadable (%s), moved to %s", self.source, path.name, unreadable,
+                    target,
+                )  # fmt: skip
 
         return move
 
@@ -179,43 +348,66 @@ class FileDropAdapter(DirectoryAdapter):
         self.emits_deletes = config.deleted_field is not None
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
-        try:
-            text = content.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise UnreadableFile("file is not UTF-8") from None
+        text = decode(content)
         kind = self.options.format
         if kind == "auto":
             kind = "csv" if path.suffix == ".csv" else "jsonl"
         rows = self._csv(text) if kind == "csv" else self._jsonl(text)
+        return self._records(path, rows)
+
+    def _records(
+        self, path: Path, rows: Iterator[tuple[int, Row]]
+    ) -> Iterator[Record | SkippableRecord]:
         for line, row in rows:
             origin = f"{path.name}:{line}"
             if isinstance(row, SkippableRecord):
                 yield SkippableRecord(row.code, row.message, origin, self.entity, raw=row.raw)
                 continue
-            record = self._record(row, origin)
+            try:
+                record = self._record(row, origin)
+            except Exception as error:  # any surprise of one line stays that line's
+                record = unmappable(error, origin, self.entity)
             if isinstance(record, SkippableRecord):
-                raw = json.dumps(row, ensure_ascii=False).encode()
-                record = SkippableRecord(record.code, record.message, origin, self.entity, raw=raw)
+                record = SkippableRecord(
+                    record.code, record.message, origin, self.entity, raw=_raw(row)
+                )
             yield record
 
-    def _csv(self, text: str) -> Iterator[tuple[int, dict[str, Any] | SkippableRecord]]:
+    def _csv(self, text: str) -> Iterator[tuple[int, Row]]:
         reader = csv.DictReader(io.StringIO(text), delimiter=self.options.csv_delimiter)
-        if reader.fieldnames is None or self.options.key_field not in reader.fieldnames:
-            raise UnreadableFile("header row missing or without the key field")
-        for row in reader:
+        try:
+            names = reader.fieldnames
+        except csv.Error:
+            names = None
+        if names is None or self.options.key_field not in names:
+            raise UnreadableFile("not_csv", "no header row naming the key field")
+        return self._csv_rows(reader)
+
+    @staticmethod
+    def _csv_rows(reader: csv.DictReader[str]) -> Iterator[tuple[int, Row]]:
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:  # e.g. a field longer than the csv module's limit
+                yield line, SkippableRecord(Reason.UNMAPPABLE_RECORD, "line is not valid CSV", "")
+                continue
             yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
 
-    def _jsonl(self, text: str) -> Iterator[tuple[int, dict[str, Any] | SkippableRecord]]:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+    def _jsonl(self, text: str) -> Iterator[tuple[int, Row]]:
+        lines = json_lines(text)
+        return self._jsonl_rows(lines)
+
+    @staticmethod
+    def _jsonl_rows(lines: list[tuple[int, str]]) -> Iterator[tuple[int, Row]]:
+        for number, line in lines:
             try:
-                value = json.loads(line)
-            except ValueError:
-                yield (
-                    number,
-                    SkippableRecord("invalid_json", "line is not JSON", "", raw=line.encode()),
-                )
+                value = read_json(line)
+            except ValueError as error:
+                raw = line.encode()
+                yield number, SkippableRecord("invalid_json", f"line is {error}", "", raw=raw)
                 continue
             if not isinstance(value, dict):
                 raw = line.encode()
@@ -232,12 +424,12 @@ class FileDropAdapter(DirectoryAdapter):
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
         version = _micros(when)
         if opts.version_field:
-            raw_version = str(row.get(opts.version_field) or "")
-            if not raw_version.isdigit():
+            given = small_int(row.get(opts.version_field))
+            if given is None:
                 return SkippableRecord(
                     "invalid_field", f"{opts.version_field}: not an integer", origin, self.entity
                 )
-            version = int(raw_version)
+            version = given
         deleted = opts.deleted_field is not None and _truthy(row.get(opts.deleted_field))
         data = None if deleted else map_fields(row, opts, self.zone)
         return Record(str(key), version, when, data, origin)
@@ -254,6 +446,14 @@ class FileDropAdapter(DirectoryAdapter):
         except ValueError:
             return None
         return moment if moment.tzinfo else moment.replace(tzinfo=self.zone)
+
+
+def _raw(row: dict[str, Any]) -> bytes:
+    """The row as the dead letter's value (nothing if it cannot be written as JSON)."""
+    try:
+        return json.dumps(row, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError):
+        return b""
 
 
 def _truthy(value: Any) -> bool:

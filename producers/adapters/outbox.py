@@ -10,7 +10,18 @@ Ids are allocated when a row is written, not when its transaction commits: a row
 appear after rows with higher ids were already read. The saved position is therefore the
 highest id read plus the ids read within `lookback_ids` below it; every run first sweeps
 that window for rows it has not seen (committed late), then reads on from the position.
-A crash between publishing and deleting repeats at most one batch (same event ids).
+
+The clean-up (delete or mark) runs after the state is saved, so the state also names the
+rows of the last batch (`pending`) until a later checkpoint proves their clean-up ran: a
+clean-up that failed (lost connection, revoked permission, lock timeout) is run again at
+the start of the next poll, before anything else, and those rows are never published
+twice. A crash between publishing and saving repeats at most one batch (same event ids).
+
+Rows committed further below the position than `lookback_ids` are not published (the
+window no longer reaches them). After every poll the unprocessed rows there are counted
+in `portal_sync_outbox_rows_beyond_lookback{source}`, which alerts: every row published
+before has been deleted or marked by then. They stay in the table: widening
+`lookback_ids` past them publishes them on the next poll.
 """
 
 from __future__ import annotations
@@ -23,8 +34,19 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Column, MetaData, String, Table, create_engine, delete, select, update
+from sqlalchemy import (
+    Column,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    func,
+    select,
+    update,
+)
 
+from producers.metrics import OUTBOX_BEYOND_LOOKBACK
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.events import ENTITIES, Entity
 
@@ -66,6 +88,7 @@ class OutboxAdapter(Adapter):
         self.zone = ZoneInfo(config.timezone)
         self._engine: Any = None
         self._table: Table | None = None
+        OUTBOX_BEYOND_LOOKBACK.set(source, config.table, 0)  # exported from the start
 
     def _connect(self) -> Table:
         if self._table is None:
@@ -83,18 +106,37 @@ class OutboxAdapter(Adapter):
         table = self._connect()
         last_id = int(state.get("last_id", 0))
         seen = {int(i) for i in state.get("seen", [])}
+        pending = [int(i) for i in state.get("pending", [])]
+        if pending:  # published; their clean-up may have failed: run it (again) first
+            yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
+        # The engine resumes this generator only after the checkpoint's clean-up ran.
         ident = table.c[self.options.id_column]
         late = ident > last_id - self.options.lookback_ids, ident <= last_id
         pages = [self._pages(table, late, seen), self._pages(table, (ident > last_id,), seen)]
         for page in (page for part in pages for page in part):
             for row in page:
                 yield self._item(row._mapping)
-            ids = [int(row._mapping[self.options.id_column]) for row in page]
-            seen.update(ids)
-            last_id = max(last_id, *ids)
+            pending = [int(row._mapping[self.options.id_column]) for row in page]
+            seen.update(pending)
+            last_id = max(last_id, *pending)
             horizon = last_id - self.options.lookback_ids
             seen = {i for i in seen if i > horizon}
-            yield Checkpoint({"last_id": last_id, "seen": sorted(seen)}, self._done(table, ids))
+            yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
+        self._count_beyond_lookback(table, last_id - self.options.lookback_ids)
+        if pending:  # the last clean-up ran: the state need not name its rows any more
+            yield Checkpoint(_state(last_id, seen, []))
+
+    def _count_beyond_lookback(self, table: Table, horizon: int) -> None:
+        """Unprocessed rows at or below `horizon`: committed too late for the window, never
+        published (rows published before are deleted, marked, or pending a clean-up, which
+        has run by now)."""
+        query = select(func.count()).select_from(table)
+        query = query.where(table.c[self.options.id_column] <= horizon)
+        if self.options.after == "mark":
+            query = query.where(table.c[self.options.processed_column].is_(None))
+        with self._engine.connect() as conn:
+            rows = int(conn.execute(query).scalar_one())
+        OUTBOX_BEYOND_LOOKBACK.set(self.source, self.options.table, rows)
 
     def _pages(self, table: Table, where: tuple[Any, ...], seen: set[int]) -> Iterator[list[Any]]:
         """Unprocessed rows matching `where` and not in `seen`, in id order, page by page."""
@@ -174,3 +216,11 @@ class OutboxAdapter(Adapter):
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _state(last_id: int, seen: set[int], pending: list[int]) -> State:
+    """The position; `pending`: rows published whose clean-up is not known to have run."""
+    state: State = {"last_id": last_id, "seen": sorted(seen)}
+    if pending:
+        state["pending"] = sorted(pending)
+    return state

@@ -9,17 +9,25 @@ FileSha256) a `document` event owned by the applicant. ChuHoSo is the applicant'
 identifier (12-digit personal id or tax code), or an object carrying it as SoDinhDanh or
 MaSoThue; a bare name is not carried (the contract has no applicant name).
 
-Version and occurred_at come from NgayCapNhat when the payload has it, else from the time
-the file was written, plus the payload's position in the file (in microseconds), so a later
-payload about the same dossier has the higher version. NgayCapNhat has whole seconds: two
-payloads of one dossier with the same NgayCapNhat in different files get the same version
-(the reconciler keeps the first it applies), so such updates must be a second apart or in
-one file, where the later position wins.
+Version and occurred_at come from the payload, never from the file: NgayCapNhat when the
+payload has it, else the latest status time of its history (ThoiDiemXuLy of each step of
+QuaTrinhXuLy, or of the payload itself as progress updates send it), plus the payload's
+position in the file (in microseconds), so a later payload about the same dossier has the
+higher version and an old file sent again is `stale` at the reconciler, never a rollback.
+A payload with neither is dead-lettered (`missing_field`), one whose time is not
+yyyyMMddHHmmss too (`invalid_field`): a version is never guessed. These times have whole
+seconds: two payloads of one dossier with the same time in different files get the same
+version (the reconciler keeps the first it applies), so such updates must be a second
+apart or in one file, where the later position wins.
+
+A payload that cannot be read or mapped is one dead letter; the rest of the file goes on
+(see `filedrop` for what makes a file unreadable and when a file is complete).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +35,18 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from producers.adapters.filedrop import DirectoryAdapter, DirectoryConfig, UnreadableFile
+from producers.adapters.filedrop import (
+    MAX_DEPTH,
+    DirectoryAdapter,
+    DirectoryConfig,
+    UnreadableFile,
+    decode,
+    json_lines,
+    read_json,
+    small_int,
+    too_deep,
+    unmappable,
+)
 from producers.mapping import parse_local
 from producers.sdk import Record, SkippableRecord
 from schemas.identifiers import PERSONAL_ID, TAX_CODE
@@ -36,6 +55,8 @@ DATE_FORMAT = "yyyyMMddHHmmss"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 APPLICANT_KIND = {"1": "citizen", "2": "organization"}
 DATES = {"received_at": "NgayTiepNhan", "due_at": "NgayHenTra", "finished_at": "NgayTra"}
+STAMP = re.compile(r"[0-9]{14}")
+UNDATED = "NgayCapNhat: required (or QuaTrinhXuLy[].ThoiDiemXuLy)"
 
 
 class PortalConfig(DirectoryConfig):
@@ -57,56 +78,106 @@ class PortalAdapter(DirectoryAdapter):
         assert isinstance(config, PortalConfig)
 
     def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
-        written = datetime.fromtimestamp(path.stat().st_mtime, self.zone)
-        for index, (line, payload) in enumerate(self._payloads(path, content)):
+        return self._all_records(path, self._payloads(path, content))
+
+    def _all_records(
+        self, path: Path, payloads: Iterator[tuple[int, Any]]
+    ) -> Iterator[Record | SkippableRecord]:
+        for index, (line, payload) in enumerate(payloads):
             origin = f"{path.name}:{line}"
+            if isinstance(payload, SkippableRecord):
+                yield SkippableRecord(payload.code, payload.message, origin, raw=payload.raw)
+                continue
             if not isinstance(payload, dict):
                 yield SkippableRecord("invalid_json", "line is not a JSON object", origin)
                 continue
-            yield from self._records(payload, origin, written, index)
+            try:  # all of a payload's records, or one dead letter for it
+                records = list(self._records(payload, origin, index))
+            except Exception as error:
+                records = [unmappable(error, origin, "dossier")]
+            yield from records
 
     def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
-        """(line or item number, payload); in JSON Lines a line that is not JSON is yielded
-        as None (one rejected line, the rest of the file goes on)."""
-        try:
-            text = content.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise UnreadableFile("file is not UTF-8") from None
+        """(line or item number, payload or why it cannot be read): checks the file as a
+        whole first (UnreadableFile), then reads lazily; in JSON Lines a bad line is one
+        rejected line, the rest of the file goes on."""
+        text = decode(content)
         if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    yield number, _json_or_none(line)
-            return
+            return self._lines(json_lines(text))
         try:
             value = json.loads(text)
+        except RecursionError:
+            raise UnreadableFile("not_json", "the file is nested too deeply") from None
         except ValueError:
-            raise UnreadableFile("file is not JSON") from None
+            raise UnreadableFile("not_json", "the file is not JSON") from None
         items = value if isinstance(value, list) else [value]
-        yield from ((n, item) for n, item in enumerate(items, start=1))
+        return ((n, _checked(item)) for n, item in enumerate(items, start=1))
+
+    @staticmethod
+    def _lines(lines: list[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
+        for number, line in lines:
+            try:
+                yield number, read_json(line)
+            except ValueError as error:
+                yield (
+                    number,
+                    SkippableRecord("invalid_json", f"line is {error}", "", raw=line.encode()),
+                )
 
     def _records(
-        self, payload: dict[str, Any], origin: str, written: datetime, index: int
+        self, payload: dict[str, Any], origin: str, index: int
     ) -> Iterator[Record | SkippableRecord]:
         key = str(payload.get("MaHoSo") or "")
         if not key:
             yield SkippableRecord("missing_field", "MaHoSo: required", origin, "dossier")
             return
-        stamp = payload.get("NgayCapNhat")
-        updated = parse_local(str(stamp), DATE_FORMAT, self.zone) if stamp else None
-        moment = updated if isinstance(updated, datetime) else written
-        moment += timedelta(microseconds=index)
+        updated = self._updated(payload)
+        if isinstance(updated, str):
+            code = "missing_field" if updated == UNDATED else "invalid_field"
+            yield SkippableRecord(code, updated, origin, "dossier")
+            return
+        moment = updated + timedelta(microseconds=index)
         version = (moment - EPOCH) // timedelta(microseconds=1)
         dossier = self._dossier(payload)
         yield Record(key, version, moment, dossier, origin, entity="dossier")
         if not self.options.documents:
             return
-        for number, doc in enumerate(payload.get("DanhSachGiayToKetQua") or [], start=1):
+        documents = payload.get("DanhSachGiayToKetQua") or []
+        if not isinstance(documents, list):
+            yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not a list", origin)
+            return
+        for number, doc in enumerate(documents, start=1):
             if not isinstance(doc, dict):
                 yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not objects", origin)
                 continue
             doc_key = str(doc.get("MaGiayTo") or f"{key}:{number}")
             data = self._document(doc, dossier, payload)
             yield Record(doc_key, version, moment, data, f"{origin}#{number}", entity="document")
+
+    def _updated(self, payload: dict[str, Any]) -> datetime | str:
+        """When the dossier last changed according to the payload: NgayCapNhat, else the
+        latest status time of its history; else why not (a dead letter's message)."""
+        stamp = payload.get("NgayCapNhat")
+        if stamp not in (None, ""):
+            return self._stamp(stamp) or "NgayCapNhat: not a yyyyMMddHHmmss time"
+        steps = payload.get("QuaTrinhXuLy") or []
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            return "QuaTrinhXuLy: not a list of objects"
+        times = [step.get("ThoiDiemXuLy") for step in [*steps, payload]]
+        times = [t for t in times if t not in (None, "")]
+        if not times:
+            return UNDATED
+        moments = [self._stamp(t) for t in times]
+        if None in moments:
+            return "QuaTrinhXuLy[].ThoiDiemXuLy: not a yyyyMMddHHmmss time"
+        return max(m for m in moments if m is not None)
+
+    def _stamp(self, value: Any) -> datetime | None:
+        text = str(value)
+        if not STAMP.fullmatch(text):  # ASCII digits only
+            return None
+        parsed = parse_local(text, DATE_FORMAT, self.zone)
+        return parsed if isinstance(parsed, datetime) else None
 
     def _dossier(self, payload: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -121,8 +192,9 @@ class PortalAdapter(DirectoryAdapter):
         if applicant is not None:
             data["applicant_id"] = applicant
         if "TrangThaiHoSo" in payload:
-            status = payload["TrangThaiHoSo"]
-            data["status"] = int(status) if str(status).isdigit() else status
+            status = payload["TrangThaiHoSo"]  # not ASCII digits: passed on, validation rejects
+            number = small_int(status) if isinstance(status, str | int) else None
+            data["status"] = status if number is None else number
         for field, name in DATES.items():
             if name in payload:
                 data[field] = self._moment(payload[name])
@@ -164,8 +236,8 @@ def _applicant_id(value: Any) -> str | None:
     return None
 
 
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
+def _checked(item: Any) -> Any:
+    """An item of a JSON file, or why it cannot be read."""
+    if too_deep(item):
+        return SkippableRecord("invalid_json", f"payload is nested deeper than {MAX_DEPTH}", "")
+    return item

@@ -1,6 +1,6 @@
 """A long-running producer for the Prometheus integration test: a SQLite source table that
-changes every 0.2 s, run by the real `portal-sync produce` from a deployment file, with
-/metrics, /healthz and /readyz.
+changes every 0.2 s (and an outbox table), run by the real `portal-sync produce` from a
+deployment file, with /metrics, /healthz and /readyz.
 Run: `python -m tests.support.producer_process DB_PATH STATE_DIR PORT` (Kafka settings from env)."""
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ cong_dan = Table(
     Column("ho_ten", String(100)),
     Column("updated_at", DateTime, nullable=False),
 )
+outbox = Table(  # empty: its adapter's metrics are exported all the same
+    "portal_sync_outbox",
+    cong_dan.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("entity", String(20), nullable=False),
+    Column("record_key", String(64), nullable=False),
+    Column("op", String(10), nullable=False),
+    Column("occurred_at", DateTime, nullable=False),
+    Column("payload", String),
+)
 
 DEPLOYMENT = """\
 [producer]
@@ -48,6 +58,15 @@ pk_column = "id"
 updated_at_column = "updated_at"
 lookback_seconds = 5
 fields = {{ full_name = "ho_ten" }}
+
+[[sources]]
+id = "province-01-outbox"
+source = "province-01"
+adapter = "outbox"
+interval_seconds = 0.3
+
+[sources.connection]
+url = "sqlite:///{db}"
 """
 
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from producers.conformance import check_adapter
-from producers.sdk import Record
-from tests.support.adapter_helpers import dead_letters, deployment, published_events, write_config
-from tests.support.pipeline_helpers import cli
+from producers.engine import AdapterRunner
+from producers.sdk import Checkpoint, Record
+from schemas.dead_letter import read_headers
+from tests.support.adapter_helpers import (
+    dead_letters,
+    deployment,
+    published_events,
+    read_topic,
+    write_config,
+)
+from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
+from tests.support.pipeline_helpers import cli, exported
 
 FILEDROP = """
 [[sources]]
@@ -83,14 +96,16 @@ PAYLOAD = {
 
 
 def drop(directory: Path, name: str, content: str | bytes, mtime: float | None = None) -> Path:
+    """A file as its writer leaves it, by default a minute ago (complete: older than the
+    adapters' settle time)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     if isinstance(content, str):
         path.write_text(content, encoding="utf-8")
     else:
         path.write_bytes(content)
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
+    mtime = time.time() - 60 if mtime is None else mtime
+    os.utime(path, (mtime, mtime))
     return path
 
 
@@ -152,18 +167,41 @@ def test_portal_payloads_become_dossier_and_document_events(tmp_path: Path) -> N
     assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
 
 
-def test_later_portal_payload_of_a_dossier_has_the_higher_version(tmp_path: Path) -> None:
+ACCEPTED = [{"TrangThai": "2", "ThoiDiemXuLy": "20250801083000"}]
+PROCESSING = [*ACCEPTED, {"TrangThai": "4", "ThoiDiemXuLy": "20250801090000"}]
+RETURNED = [*PROCESSING, {"TrangThai": "10", "ThoiDiemXuLy": "20250802100000"}]
+
+
+def test_without_ngaycapnhat_the_version_is_the_latest_status_time_never_the_mtime(
+    tmp_path: Path,
+) -> None:
+    from producers.sdk import SkippableRecord
+
     accepted = {k: v for k, v in PAYLOAD.items() if k not in ("NgayCapNhat", "NgayTra")}
-    accepted |= {"TrangThaiHoSo": "2", "DanhSachGiayToKetQua": []}
+    accepted |= {"TrangThaiHoSo": "2", "DanhSachGiayToKetQua": [], "QuaTrinhXuLy": ACCEPTED}
+    returned = PAYLOAD | {"NgayCapNhat": None, "QuaTrinhXuLy": RETURNED}
+    progress = {"MaHoSo": "000.00.01.H17-250801-0003", "TrangThaiHoSo": "4",
+                "ThoiDiemXuLy": "20250801090000"}  # fmt: skip  # a progress update, flat
+    undated = {"MaHoSo": "000.00.01.H17-250801-0004", "TrangThaiHoSo": "4"}
     inbox = tmp_path / "portal-inbox"
     drop(inbox, "1.json", json.dumps(accepted), mtime=1_754_000_000)
-    drop(inbox, "2.jsonl", json.dumps(PAYLOAD | {"NgayCapNhat": None}) + "\n", 1_754_000_100)
+    drop(inbox, "2.jsonl", json.dumps(returned) + "\n", mtime=1_700_000_000)  # older mtime
+    drop(inbox, "3.json", json.dumps([progress, undated]), mtime=1_754_000_200)
     deploy = deployment(tmp_path, PORTAL)
-    items = deploy.adapter(deploy.sources[0]).read({})
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
     events = [i.event("province-48", None) for i in items if isinstance(i, Record)]
     dossiers = [e for e in events if e["entity"] == "dossier"]
-    assert [d["data"]["status"] for d in dossiers] == [2, 10]
-    assert dossiers[1]["version"] - dossiers[0]["version"] == 100 * 10**6
+    assert [(d["data"]["status"], d["occurred_at"]) for d in dossiers] == [
+        (10, "2025-08-02T10:00:00+07:00"),
+        (2, "2025-08-01T08:30:00+07:00"),
+        (4, "2025-08-01T09:00:00+07:00"),
+    ]
+    returned_version, accepted_version, _ = (d["version"] for d in dossiers)
+    assert returned_version - accepted_version == (25 * 3600 + 1800) * 10**6
+    skipped = [(i.code, i.origin, i.message) for i in items if isinstance(i, SkippableRecord)]
+    assert skipped == [
+        ("missing_field", "3.json:2", "NgayCapNhat: required (or QuaTrinhXuLy[].ThoiDiemXuLy)")
+    ]
 
 
 @pytest.mark.kafka
@@ -180,7 +218,7 @@ def test_each_file_once_then_done_or_error_with_a_report(
 
     result = cli(settings, "produce", "--config", str(config), "--once")
     assert result.returncode == 0, result.stderr
-    assert "dn-exports: published 3, dead-lettered 3" in result.stderr
+    assert "dn-exports: published 3, dead-lettered 4" in result.stderr  # broken.csv: one
     assert "dn-portal: published 2, dead-lettered 0" in result.stderr
     done, error = tmp_path / "inbox" / "done", tmp_path / "inbox" / "error"
     assert sorted(p.name for p in done.iterdir()) == [
@@ -201,6 +239,7 @@ def test_each_file_once_then_done_or_error_with_a_report(
         "invalid_field",
         "invalid_json",
         "missing_field",
+        "unreadable_file",
     ]
 
     # The same export dropped again is recognised by its checksum and not re-sent.
@@ -248,3 +287,255 @@ def test_produce_removes_done_files_past_their_retention(
         "a.csv.rejected.jsonl",
         "last-week.csv",
     ]
+
+
+# -- files that never block (issue 14, item 4) -------------------------------------------------
+
+CITIZEN_LINE = '{{"SoDinhDanh": "{pid}", "HoTen": "{name}", "NgayCapNhat": "20250803100000"}}'
+# JSON nested deeper than any parser's stack: json.loads raises RecursionError on it
+DEEP = '{"SoDinhDanh": "048190000009", "HoTen": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+def _line(pid: str, name: str) -> str:
+    return CITIZEN_LINE.format(pid=pid, name=name)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+@pytest.mark.kafka
+def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox, portal_inbox = tmp_path / "inbox", tmp_path / "portal-inbox"
+    huge = '{"HoTen": "' + "x" * 3_000_000  # 3 MB, not JSON: bigger than a producer request
+    lines = [_line("048190000003", "Phạm Thu Hà"), DEEP, _line("048190000004", "Lê Thị Dung"), huge]
+    drop(inbox, "deep.jsonl", "\n".join(lines) + "\n", mtime=1_000)
+    drop(inbox, "later.jsonl", _line("048190000005", "Võ Văn Em") + "\n", mtime=2_000)
+    odd = PAYLOAD | {"MaHoSo": "000.00.01.H17-250801-0002", "TrangThaiHoSo": "²"}
+    payloads = [json.dumps(odd | {"DanhSachGiayToKetQua": []}), json.dumps(PAYLOAD)]
+    drop(portal_inbox, "feed.jsonl", "\n".join(payloads) + "\n", mtime=1_000)
+    config = write_config(tmp_path, FILEDROP + PORTAL)
+
+    result = cli(settings, "produce", "--config", str(config), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "dn-exports: published 3, dead-lettered 2" in result.stderr
+    assert "dn-portal: published 2, dead-lettered 1" in result.stderr
+    assert _names(inbox / "done") == ["deep.jsonl", "deep.jsonl.rejected.jsonl", "later.jsonl"]
+    assert _names(portal_inbox / "done") == ["feed.jsonl", "feed.jsonl.rejected.jsonl"]
+    letters = {d["ps.origin.offset"]: d for d in dead_letters(settings)}
+    assert set(letters) == {"deep.jsonl:2", "deep.jsonl:4", "feed.jsonl:1"}
+    assert letters["deep.jsonl:2"]["ps.reason.code"] == "invalid_json"
+    assert letters["deep.jsonl:2"]["ps.reason.message"] == "line is nested too deeply"
+    values = {read_headers(r.headers)["ps.origin.offset"]: r.value
+              for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
+    assert json.loads(values["deep.jsonl:4"]) == {
+        "origin": "deep.jsonl:4",
+        "value_omitted": "too_large",
+        "size": len(huge),
+        "sha256": hashlib.sha256(huge.encode()).hexdigest(),
+    }
+    assert letters["feed.jsonl:1"]["ps.reason.code"] == "invalid_field"
+    assert letters["feed.jsonl:1"]["ps.reason.message"].startswith("data.status")
+    headers = json.dumps(list(letters.values()), ensure_ascii=False)
+    assert "²" not in headers and "048190000009" not in headers
+    report = (portal_inbox / "done" / "feed.jsonl.rejected.jsonl").read_text()
+    assert "²" not in report
+
+
+def test_any_exception_while_mapping_a_line_is_one_skipped_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producers.sdk import SkippableRecord
+
+    def mapping_bug(row: dict[str, Any], *_: Any) -> dict[str, Any]:
+        if row.get("HoTen") == "Trần Thị Bình":
+            raise KeyError(row["SoDinhDanh"])  # an exception whose text is a personal id
+        return {"full_name": row["HoTen"]}
+
+    monkeypatch.setattr("producers.adapters.filedrop.map_fields", mapping_bug)
+    drop(tmp_path / "inbox", "a.csv", CSV, mtime=1_000)
+    deploy = deployment(tmp_path, FILEDROP)
+    items = list(deploy.adapter(deploy.sources[0]).read({}))
+
+    assert [i.origin for i in items if isinstance(i, Record)] == ["a.csv:2", "a.csv:5"]
+    skipped = [i for i in items if isinstance(i, SkippableRecord)]
+    assert [(s.code, s.origin) for s in skipped] == [
+        ("unmappable_record", "a.csv:3"),
+        ("missing_field", "a.csv:4"),
+    ]
+    assert skipped[0].message == "the record could not be mapped (KeyError)"
+
+
+@pytest.fixture
+def file_publisher(settings_for: Any, sqlite_store_url: str) -> Iterator[Any]:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    publisher = publisher_for(settings)
+    yield settings, publisher
+    publisher.close()
+
+
+def _source_errors(kind: str) -> float:
+    labels = {"source": "province-48", "kind": kind}
+    return REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) or 0.0
+
+
+@pytest.mark.kafka
+def test_an_unreadable_file_is_counted_logged_dead_lettered_and_moved_to_error(
+    tmp_path: Path,
+    file_publisher: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, publisher = file_publisher
+    inbox, portal_inbox = tmp_path / "inbox", tmp_path / "portal-inbox"
+    drop(inbox, "utf16.csv", CSV.encode("utf-16"), mtime=1_000)  # not UTF-8
+    drop(inbox, "no-header.csv", "048090000001;Nguyễn Văn An\n", mtime=1_100)
+    drop(inbox, "notes.jsonl", "HoTen: Nguyễn Văn An\nSoDinhDanh: 048090000001\n", 1_200)
+    locked = drop(inbox, "locked.csv", CSV, mtime=1_300)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: what the producer's own user would get
+        real = Path.read_bytes
+
+        def read_bytes(path: Path) -> bytes:
+            if path.name == "locked.csv":
+                raise PermissionError(13, "Permission denied")
+            return real(path)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    drop(inbox, "zz-good.jsonl", _line("048190000003", "Phạm Thu Hà") + "\n", mtime=2_000)
+    drop(portal_inbox, "hoso.json", json.dumps(PAYLOAD)[:80], mtime=1_000)  # cut short
+    deploy = deployment(tmp_path, FILEDROP + PORTAL)
+    before = _source_errors("unreadable_file")
+    caplog.set_level(logging.INFO)
+
+    for entry in deploy.sources:
+        runner = AdapterRunner(entry.id, deploy.adapter(entry), publisher, tmp_path / "state")
+        runner.run_once()
+
+    assert _source_errors("unreadable_file") - before == 5
+    assert _names(inbox / "done") == ["zz-good.jsonl"]
+    assert _names(inbox / "error") == sorted(
+        f"{name}{suffix}"
+        for name in ("utf16.csv", "no-header.csv", "notes.jsonl", "locked.csv")
+        for suffix in ("", ".rejected.jsonl")
+    )
+    assert _names(portal_inbox / "error") == ["hoso.json", "hoso.json.rejected.jsonl"]
+    letters = read_topic(settings, dead_letter_topic(settings))
+    found = {}
+    for letter in letters:
+        headers = read_headers(letter.headers)
+        assert headers["ps.reason.code"] == "unreadable_file"
+        assert headers["ps.origin.topic"] == "source:province-48"
+        found[headers["ps.origin.offset"]] = (headers["ps.origin.partition"], headers)
+        assert json.loads(letter.value)["file"] == headers["ps.origin.offset"]
+    assert {name: partition for name, (partition, _) in found.items()} == {
+        "utf16.csv": "dn-exports",
+        "no-header.csv": "dn-exports",
+        "notes.jsonl": "dn-exports",
+        "locked.csv": "dn-exports",
+        "hoso.json": "dn-portal",
+    }
+    reasons = {name: h["ps.reason.message"].split(":")[0] for name, (_, h) in found.items()}
+    assert reasons == {
+        "utf16.csv": "not_utf8",
+        "no-header.csv": "not_csv",
+        "notes.jsonl": "not_json",
+        "locked.csv": "permission_denied",
+        "hoso.json": "not_json",
+    }
+    logged = caplog.text + json.dumps([h for _, h in found.values()], ensure_ascii=False)
+    for name, reason in reasons.items():
+        assert f"{name} is unreadable ({reason})" in caplog.text
+    assert "Nguyễn" not in logged and "048090000001" not in logged and "H17" not in logged
+
+
+def _read(adapter: Any) -> list[str]:
+    """One poll, its clean-ups run as after the broker's acknowledgement: origins read."""
+    origins = []
+    for item in adapter.read({}):
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            item.commit()
+        elif isinstance(item, Record):
+            origins.append(item.origin)
+    return origins
+
+
+def test_a_file_still_being_written_is_left_for_the_next_poll(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    header, *rows = CSV.splitlines(keepends=True)
+    settle = FILEDROP.replace("[sources.mapping]", "settle_seconds = 5\n\n[sources.mapping]")
+    deploy = deployment(tmp_path, settle)
+    adapter = deploy.adapter(deploy.sources[0])
+    now = time.time()
+    drop(inbox, ".a.csv", CSV, mtime=now - 600)  # a temporary name, renamed when complete
+    drop(inbox, "b.csv", header + rows[0], mtime=now - 1)  # written a second ago
+
+    assert _read(adapter) == []  # b.csv is younger than the settle time
+
+    with (inbox / "b.csv").open("a", encoding="utf-8") as handle:
+        handle.write(rows[1])  # the writer goes on after a pause longer than the settle time
+    os.utime(inbox / "b.csv", (now - 10, now - 10))
+    assert _read(adapter) == []  # old enough, but it changed since the last poll
+
+    assert _read(adapter) == ["b.csv:2", "b.csv:3"]  # unchanged since the last poll: complete
+    (inbox / ".a.csv").rename(inbox / "a.csv")  # the atomic rename into the folder
+    assert _read(adapter) == ["a.csv:2", "a.csv:3", "a.csv:5"]
+    assert _names(inbox) == ["done"]
+
+
+@pytest.mark.kafka
+def test_with_a_complete_marker_a_file_is_read_once_its_marker_is_there(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    marked = FILEDROP.replace("[sources.mapping]", 'complete_marker = ".done"\n\n[sources.mapping]')
+    config = write_config(tmp_path, marked)
+    drop(inbox, "a.csv", CSV, mtime=1_000)  # old, but its writer has not said it is complete
+
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert first.returncode == 0, first.stderr
+    assert "dn-exports: published 0, dead-lettered 0" in first.stderr
+    assert _names(inbox) == ["a.csv"]
+
+    drop(inbox, "a.csv.done", "")  # the writer's marker: a.csv is complete
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    assert second.returncode == 0, second.stderr
+    assert "dn-exports: published 2, dead-lettered 2" in second.stderr
+    assert _names(inbox) == ["done"]  # the marker is removed with the file
+    assert _names(inbox / "done") == ["a.csv", "a.csv.rejected.jsonl"]
+
+
+@pytest.mark.kafka
+def test_an_old_portal_file_sent_again_is_stale_not_a_rollback(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "portal-inbox"
+    config = write_config(tmp_path, PORTAL)
+    base = {k: v for k, v in PAYLOAD.items() if k not in ("NgayCapNhat", "NgayTra")}
+    base |= {"DanhSachGiayToKetQua": []}
+    returned = base | {"TrangThaiHoSo": "10", "NgayTra": "20250802100000", "QuaTrinhXuLy": RETURNED}
+    processing = base | {"TrangThaiHoSo": "4", "QuaTrinhXuLy": PROCESSING}
+    other = "000.00.01.H17-250801-0009"  # the same story told with NgayCapNhat
+    drop(inbox, "a.json", json.dumps([returned, base | {"MaHoSo": other, "TrangThaiHoSo": "9",
+         "NgayCapNhat": "20250802090000"}]), mtime=time.time() - 7200)  # fmt: skip
+    assert cli(settings, "produce", "--config", str(config), "--once").returncode == 0
+    # file B: an old export sent again, written (copied) after A
+    drop(inbox, "b.json", json.dumps([processing, base | {"MaHoSo": other, "TrangThaiHoSo": "4",
+         "NgayCapNhat": "20250801090000"}]), mtime=time.time() - 60)  # fmt: skip
+    again = cli(settings, "produce", "--config", str(config), "--once")
+    assert again.returncode == 0 and "dn-portal: published 2" in again.stderr, again.stderr
+
+    worker = cli(settings, "worker", "--until-caught-up")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    statuses = {
+        r["key"]: r["data"]["status"] for r in exported(settings) if r["entity"] == "dossier"
+    }
+    assert statuses == {PAYLOAD["MaHoSo"]: 10, other: 9}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -21,9 +22,12 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.exc import DBAPIError
 
 from producers.conformance import check_adapter
+from producers.engine import AdapterRunner
 from tests.support.adapter_helpers import database_url, deployment, published_events, write_config
+from tests.support.kafka_helpers import ensure_topics, publisher_for
 from tests.support.pipeline_helpers import cli
 
 metadata = MetaData()
@@ -201,4 +205,113 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
 
     assert result.returncode == 0, result.stderr
     assert "btp-outbox: published 2, dead-lettered 1" in result.stderr
+    engine.dispose()
+
+
+# -- clean-ups that fail, rows beyond the lookback (issue 14, item 5) ---------------------------
+
+# While refuse_cleanup has a row, the source refuses to delete or update outbox rows (as a
+# revoked permission or a lock timeout would): the clean-up after a checkpoint fails.
+REFUSE = {
+    "sqlite": [
+        "CREATE TABLE refuse_cleanup (x INTEGER)",
+        "CREATE TRIGGER refuse_delete BEFORE DELETE ON portal_sync_outbox "
+        "WHEN EXISTS (SELECT 1 FROM refuse_cleanup) BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        "CREATE TRIGGER refuse_update BEFORE UPDATE ON portal_sync_outbox "
+        "WHEN EXISTS (SELECT 1 FROM refuse_cleanup) BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    ],
+    "postgresql": [
+        "CREATE TABLE refuse_cleanup (x integer)",
+        "CREATE FUNCTION refuse_cleanup() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF EXISTS (SELECT 1 FROM refuse_cleanup) THEN RAISE EXCEPTION 'refused'; END IF; "
+        "RETURN NULL; END $$",
+        "CREATE TRIGGER refuse_cleanup BEFORE DELETE OR UPDATE ON portal_sync_outbox "
+        "FOR EACH STATEMENT EXECUTE FUNCTION refuse_cleanup()",
+    ],
+}
+
+
+@pytest.fixture
+def runner_for(settings_for: Any, sqlite_store_url: str, tmp_path: Path) -> Any:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    publishers = []
+
+    def make(config: str) -> AdapterRunner:
+        deploy = deployment(tmp_path, config)
+        publishers.append(publisher_for(settings))
+        adapter = deploy.adapter(deploy.sources[0])
+        return AdapterRunner("btp-outbox", adapter, publishers[-1], tmp_path / "state")
+
+    make.settings = settings  # type: ignore[attr-defined]
+    yield make
+    for publisher in publishers:
+        publisher.close()
+
+
+def cleaned_up(url: str, after: str) -> bool:
+    rows = remaining(url)
+    return rows == [] if after == "delete" else all(row.processed_at for row in rows)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_rows_whose_delete_or_mark_failed_are_cleaned_up_on_the_next_poll(
+    db_url: str, runner_for: Any, after: str
+) -> None:
+    write_changes(db_url)
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        for statement in REFUSE[engine.dialect.name]:
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO refuse_cleanup VALUES (1)")
+    runner = runner_for(CONFIG.format(url=db_url, after=after))
+
+    with pytest.raises(DBAPIError):  # the first batch is published, its clean-up refused
+        runner.run_once()
+    with engine.begin() as conn:  # the permission is back
+        conn.exec_driver_sql("DELETE FROM refuse_cleanup")
+    runner.run_once()
+    runner.run_once()
+
+    assert cleaned_up(db_url, after), remaining(db_url)
+    settings = runner_for.settings
+    citizens, organizations = (published_events(settings, e) for e in ("citizen", "organization"))
+    assert (len(citizens), len(organizations)) == (3, 2)  # every row once
+    engine.dispose()
+
+
+def beyond_lookback() -> float | None:
+    labels = {"source": "ministry-btp"}
+    return REGISTRY.get_sample_value("portal_sync_outbox_rows_beyond_lookback", labels)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_rows_beyond_the_lookback_are_counted_until_a_wider_lookback_publishes_them(
+    db_url: str, runner_for: Any, after: str
+) -> None:
+    engine = create_engine(db_url)
+    rows = {n: change("citizen", f"0010900000{n:02d}", "upsert", n, {"full_name": "A"})
+            for n in range(1, 11)}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [{"id": n, **rows[n]} for n in rows if n != 3])
+    narrow = CONFIG.format(url=db_url, after=after) + "lookback_ids = 3\n"
+    runner = runner_for(narrow)
+    assert runner.run_once().published == 9
+    assert beyond_lookback() == 0
+    with engine.begin() as conn:  # id 3 commits now, 7 ids below the position: beyond 3
+        conn.execute(insert(outbox), [{"id": 3, **rows[3]}])
+
+    assert runner.run_once().published == 0
+    assert beyond_lookback() == 1
+    assert runner.run_once().published == 0
+    assert beyond_lookback() == 1  # still there, still counted: never silently dropped
+
+    wider = runner_for(CONFIG.format(url=db_url, after=after) + "lookback_ids = 10\n")
+    assert wider.run_once().published == 1  # the operator widened the lookback
+    assert beyond_lookback() == 0
+    assert cleaned_up(db_url, after)
+    keys = sorted(e["key"] for e in published_events(runner_for.settings, "citizen"))
+    assert keys == sorted(row["record_key"] for row in rows.values())
     engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -195,6 +196,7 @@ def test_check_command_prints_the_table_and_exits_by_the_verdict(
     (tmp_path / "inbox" / "a.csv").write_text(
         "pid,name,at\n001090000001,Nguyễn Văn An,2025-08-01T08:00:00\n", encoding="utf-8"
     )
+    os.utime(tmp_path / "inbox" / "a.csv", (1_000, 1_000))  # complete: past the settle time
     config = tmp_path / "sources.toml"
     config.write_text(CHECK_CONFIG.format(extra=extra), encoding="utf-8")
     # No broker at this address: a check never publishes.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def test_the_plugin_fixture_reports_on_a_configured_source(
 ) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"pid": "001090000001", "at": "2025-08-01"}\n')
+    os.utime(tmp_path / "in" / "a.jsonl", (1_000, 1_000))  # complete: past the settle time
     config = write_config(tmp_path, FILES.replace("${{INBOX}}", "in").format(extra=""))
     report = adapter_conformance(config, "exports")
     assert report.passed and len(report.first.emitted) == 1

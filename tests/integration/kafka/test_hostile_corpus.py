@@ -33,9 +33,16 @@ from tests.support.pipeline_helpers import cli, expected_export, exported
 pytestmark = pytest.mark.kafka
 
 DEPLOY_REGISTRY = Path(__file__).resolve().parents[3] / "deploy" / "registry.toml"
-# Reasons the corpus does not reach: the store's own refusal, an operator's skip, and an
-# unregistered source (with signatures required it has no key: bad_signature first).
-NOT_IN_CORPUS = {"apply_failed", "skipped_by_operator", "unregistered_source"}
+# Reasons the corpus does not reach: the store's own refusal, an operator's skip, an
+# unregistered source (with signatures required it has no key: bad_signature first), and
+# the file adapters' own (a producer's, before any event exists).
+NOT_IN_CORPUS = {
+    "apply_failed",
+    "skipped_by_operator",
+    "unregistered_source",
+    "unreadable_file",
+    "unmappable_record",
+}
 
 
 def _lines() -> list[dict[str, Any]]:
