@@ -3,17 +3,19 @@
     .venv/bin/python bench/faults.py                 # 100,000 events, full fault plan
     .venv/bin/python bench/faults.py --short         # CI: ~15,000 events, fewer faults
     .venv/bin/python bench/faults.py --store sqlite --seed 7 --keep
+    .venv/bin/python bench/faults.py --workers 3 --partitions 12   # three workers join/leave
 
 One run: a feed of mixed events (4 entities, 6 sources, duplicates, out-of-order versions,
 deletes, ~1 % invalid raw messages) is published by producer processes (this file with
 `_produce`, the project's Publisher) that checkpoint only after the broker acknowledged a
-batch, while a chaos loop SIGKILLs `portal-sync worker` processes, runs a second worker in
-the same group (rebalances), kill -9s and restarts the broker, stops PostgreSQL with
-`pg_ctl -m immediate` and restarts it, and deletes and recreates the dead-letter topic.
-Producers are SIGKILLed between send and checkpoint and restarted from their checkpoint
-(duplicates). Then `portal-sync worker --until-caught-up` and the checks: the export equals
-`merge_events` of the valid events, every partition's `apply_journal` is contiguous up to
-the end offset, the dead letters are exactly the invalid messages (by origin headers).
+batch, while a chaos loop SIGKILLs `portal-sync worker` processes, starts and stops the
+other workers of the group (`--workers`, rebalances), kill -9s and restarts the broker,
+stops PostgreSQL with `pg_ctl -m immediate` and restarts it, and deletes and recreates the
+dead-letter topic. Producers are SIGKILLed between send and checkpoint and restarted from
+their checkpoint (duplicates). Then `portal-sync worker --until-caught-up` and the checks:
+the export equals `merge_events` of the valid events, every partition's `apply_journal` is
+contiguous up to the end offset, the dead letters are exactly the invalid messages (by
+origin headers).
 Exit 1 when anything is lost, divergent or wrong.
 """
 
@@ -478,16 +480,21 @@ class Broker:
 class Run:
     """Everything one run starts: paths, environment, the process table, a fault log."""
 
-    def __init__(self, root: Path, bootstrap: str, store_url: str, seed: int) -> None:
+    def __init__(
+        self, root: Path, bootstrap: str, store_url: str, seed: int, partitions: int = 6,
+        workers: int = 2,
+    ) -> None:  # fmt: skip
         self.root = root
         self.rng = random.Random(seed + 1)
+        # Worker slots: "a" always runs; the others join and leave (rebalances under load).
+        self.extra_slots = [chr(ord("b") + i) for i in range(max(0, workers - 1))]
         tag = uuid.uuid4().hex[:6]
         self.env = os.environ | {
             "PORTAL_SYNC_KAFKA_BOOTSTRAP": bootstrap,
             "PORTAL_SYNC_STORE_URL": store_url,
             "PORTAL_SYNC_TOPIC_PREFIX": f"faults-{tag}",
             "PORTAL_SYNC_GROUP_ID": f"faults-{tag}",
-            "PORTAL_SYNC_CHANGE_PARTITIONS": "6",
+            "PORTAL_SYNC_CHANGE_PARTITIONS": str(partitions),
             "PORTAL_SYNC_BATCH_MAX_EVENTS": "400",
             "PORTAL_SYNC_METRICS_PORT": "0",
             "PYTHONUNBUFFERED": "1",
@@ -723,14 +730,15 @@ def chaos(
             run.faults["worker SIGKILL"] += 1
             run.note(f"worker {slot}: SIGKILL")
             workers.start(slot)
-        elif action == "rebalance":
-            if "b" in workers.procs:
-                workers.stop("b")
-                run.note("worker b: SIGTERM (group shrinks to 1)")
+        elif action == "rebalance" and run.extra_slots:
+            slot = rng.choice(run.extra_slots)
+            if slot in workers.procs:
+                workers.stop(slot)
+                run.note(f"worker {slot}: SIGTERM (group shrinks to {len(workers.procs)})")
             else:
-                workers.start("b")
-                run.note("worker b: started (group grows to 2)")
-            run.faults["rebalance (second worker joins/leaves)"] += 1
+                workers.start(slot)
+                run.note(f"worker {slot}: started (group grows to {len(workers.procs)})")
+            run.faults["rebalance (a worker joins/leaves)"] += 1
         elif action == "broker_kill":
             broker.crash()
             run.note("broker: kill -9")
@@ -748,8 +756,9 @@ def chaos(
             run.note("postgresql: up again")
         else:
             recreate_dead_letter_topic(run, workers, producers, tail, plan.dead_letter_window)
-    if "b" in workers.procs:
-        workers.stop("b")
+    for slot in run.extra_slots:
+        if slot in workers.procs:
+            workers.stop(slot)
 
 
 ARCHIVED: list[Any] = []
@@ -1048,6 +1057,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--store", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--keep", action="store_true", help="keep the run dir (logs, data)")
+    parser.add_argument("--workers", type=int, default=2, help="worker slots (rebalances)")
+    parser.add_argument("--partitions", type=int, default=6, help="change topic partitions")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     plan = SHORT if args.short else FULL
@@ -1073,7 +1084,8 @@ def main() -> int:
             store_url = pg.url
         else:
             store_url = f"sqlite:///{root / 'store.db'}"
-        run = Run(root, broker.kafka.bootstrap(), store_url, args.seed)
+        run = Run(root, broker.kafka.bootstrap(), store_url, args.seed, args.partitions,
+                  args.workers)  # fmt: skip
         run.note(
             f"{n} feed lines, broker {broker.kafka.bootstrap()}, store {args.store}, run dir {root}"
         )
