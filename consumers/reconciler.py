@@ -24,7 +24,7 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
-from schemas import ChangeEvent, InvalidEvent, message_key, parse_event
+from schemas import ChangeEvent, InvalidEvent, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
@@ -93,8 +93,10 @@ def classify(
 
     With a registry, an event of an unregistered source is a dead letter too: once the
     source is registered it can be re-driven. With `topics`, a message must sit on its
-    entity's change topic under its record's message key (`key_mismatch`): otherwise one
-    record could span partitions and escape ordering and replays. An `occurred_at` later
+    entity's change topic, keyed `<entity>:<key>:<source>` of its event, on the partition
+    of `<entity>:<key>` (`key_mismatch`, schemas.partitioning): otherwise one record could
+    span partitions and escape ordering and replays, or compaction could drop the latest
+    event of another (source, entity, key). An `occurred_at` later
     than the message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed
     clock skew is refused (`future_timestamp`): it would win recency forever. Measuring
     from the message's timestamp gives a replay, years later, the live worker's verdict.
@@ -116,10 +118,14 @@ def classify(
             dead.append(DeadLetter(message, Reason.UNREGISTERED_SOURCE, reason))
             continue
         if topics is not None and (
-            message.key != message_key(event.entity, event.key)
+            message.key != message_key(event.entity, event.key, event.source)
             or message.topic != topics.change_topic(event.entity)
+            or message.partition != partition_for(message.key, topics.change_partitions)
         ):
-            reason = "message key or topic is not the event's (<entity>:<key> on its topic)"
+            reason = (
+                "message key, topic or partition is not the event's "
+                "(<entity>:<key>:<source> on its topic, partitioned by <entity>:<key>)"
+            )
             dead.append(DeadLetter(message, Reason.KEY_MISMATCH, reason))
             continue
         sent_ms = now_ms if message.timestamp_ms is None else min(message.timestamp_ms, now_ms)
