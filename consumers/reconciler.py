@@ -9,7 +9,7 @@ set of typed changes (views, records, history, conflicts, anomalies, owners, off
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -191,6 +191,7 @@ class Reconciler:
         replay: bool = False,
         dry_run: bool = False,
         before_commit: Callable[[], None] | None = None,
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
@@ -200,7 +201,8 @@ class Reconciler:
         A `replay` re-applies events whatever the store's offsets say and leaves the offsets
         alone (the live worker owns them); the version rule keeps it idempotent. A `dry_run`
         does all the work in a transaction that is rolled back. `before_commit` runs after
-        the writes, before the commit: if it raises, nothing is committed.
+        the writes, before the commit: if it raises, nothing is committed. `starts`: where
+        the read of each partition began, when a compacted log may have no record there.
         """
         report = BatchReport()
         partitions = {m.tp for m in batch}
@@ -225,6 +227,10 @@ class Reconciler:
             if not replay:
                 unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
                 changes.offsets = offset_ranges(unapplied)
+                for tp, start in (starts or {}).items():
+                    if tp in changes.offsets and start >= stored.get(tp, start):
+                        first, end, count = changes.offsets[tp]
+                        changes.offsets[tp] = (min(first, start), end, count)
             report.new_conflicts = tx.write(changes, now)
             report.anomalies = len(work.anomalies)
             report.changes = work.history
