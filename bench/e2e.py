@@ -66,6 +66,7 @@ from store.export import export_records
 from tests.support.postgres_server import start_postgres
 from transport.admin import ensure_topics as _ensure_topics
 from transport.local import LocalKafka, free_port
+from transport.publisher import RecordPartitioner
 
 
 def ensure_topics(settings: Settings) -> list[str]:
@@ -280,7 +281,7 @@ def make_events(n: int, seed: int, *, start: int = 0) -> list[dict[str, Any]]:
 
 # --- expected store -----------------------------------------------------------------------
 def encode(event: dict[str, Any]) -> tuple[bytes, bytes]:
-    key = message_key(str(event.get("entity")), str(event.get("key")))
+    key = message_key(str(event.get("entity")), str(event.get("key")), str(event.get("source")))
     return key, json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -363,7 +364,8 @@ def publish(settings: Settings, events: list[dict[str, Any]],
             signers: dict[str, Signer] | None = None) -> None:  # fmt: skip
     """Publish the events; with `signers` (source -> key), each signed by its source's key."""
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
-                             batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)  # fmt: skip
+                             batch_size=512 * 1024, max_request_size=4 * 1024 * 1024,
+                             partitioner=RecordPartitioner())  # fmt: skip
     for event in events:
         key, value = encode(event)
         signer = (signers or {}).get(str(event.get("source")))
@@ -760,6 +762,7 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
         poller.start()
         producer = KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
+            partitioner=RecordPartitioner(),
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,

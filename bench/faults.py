@@ -273,7 +273,8 @@ def make_events(n: int, seed: int) -> list[Item]:
     unique = unique[:n_unique]
     chosen = unique + [rng.choice(unique) for _ in range(n_dups)]
     items = [
-        Item(e["entity"], message_key(e["entity"], e["key"]), _encode(e), event=e) for e in chosen
+        Item(e["entity"], message_key(e["entity"], e["key"], e["source"]), _encode(e), event=e)
+        for e in chosen
     ]
     for _ in range(n_invalid):
         template = rng.choice(unique)
@@ -281,7 +282,7 @@ def make_events(n: int, seed: int) -> list[Item]:
         items.append(
             Item(
                 template["entity"],
-                message_key(template["entity"], template["key"]),
+                message_key(template["entity"], template["key"], template["source"]),
                 value,
                 invalid=code,
             )
@@ -300,7 +301,8 @@ def poison_event(number: int, rng: random.Random) -> Item:
     source = rng.choice(SOURCES)
     when = rng.choice(["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
     event = build_event(source, "citizen", key, 1, when, {"full_name": nfc(rng.choice(NAMES))})
-    return Item("citizen", message_key("citizen", key), _encode(event), invalid="apply_failed")
+    key_bytes = message_key("citizen", key, source)
+    return Item("citizen", key_bytes, _encode(event), invalid="apply_failed")
 
 
 def make_tail(seed: int) -> list[Item]:
@@ -316,7 +318,7 @@ def make_tail(seed: int) -> list[Item]:
         source = rng.choice(SOURCES)
         when = base + timedelta(seconds=index)
         event = build_event(source, entity, key, 1, when, _data(entity, rng))
-        items.append(Item(entity, message_key(entity, key), _encode(event), event=event))
+        items.append(Item(entity, message_key(entity, key, source), _encode(event), event=event))
     items.insert(20, poison_event(3 * 10**7, rng))
     return items
 

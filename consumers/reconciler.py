@@ -9,7 +9,7 @@ set of typed changes (views, records, history, conflicts, anomalies, owners, off
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,7 +26,7 @@ from consumers.merge import (
 from consumers.registry import Registry
 from consumers.scope import scope_violation
 from consumers.signatures import check_signer, signed_at_ms, verify
-from schemas import ChangeEvent, RecordError, message_key, parse_event
+from schemas import ChangeEvent, RecordError, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
@@ -99,12 +99,14 @@ def classify(
     validity, is `bad_signature`, and so is, once parsed, an event whose source is not the
     key's. An event of an unregistered source is a dead letter too: once the source is
     registered it can be re-driven. With `topics`, a message must sit on its entity's
-    change topic under its record's message key (`key_mismatch`): otherwise one record
-    could span partitions and escape ordering and replays. An `occurred_at` later than the
-    message's Kafka timestamp (or `now`, if earlier or absent) plus the allowed clock skew
-    is refused (`future_timestamp`): it would win recency forever. Measuring from the
-    message's timestamp gives a replay, years later, the live worker's verdict. Last, an
-    event outside its source's write scope is `out_of_scope` (`consumers.scope`).
+    change topic, keyed `<entity>:<key>:<source>` of its event, on the partition of
+    `<entity>:<key>` (`key_mismatch`, schemas.partitioning): otherwise one record could
+    span partitions and escape ordering and replays, or compaction could drop the latest
+    event of another (source, entity, key). An `occurred_at` later than the message's
+    Kafka timestamp (or `now`, if earlier or absent) plus the allowed clock skew is refused
+    (`future_timestamp`): it would win recency forever. Measuring from the message's
+    timestamp gives a replay, years later, the live worker's verdict. Last, an event
+    outside its source's write scope is `out_of_scope` (`consumers.scope`).
     """
     registry = registry or Registry()
     verifying = not registry.development_mode
@@ -135,10 +137,14 @@ def classify(
             dead.append(DeadLetter(message, Reason.UNREGISTERED_SOURCE, reason))
             continue
         if topics is not None and (
-            message.key != message_key(event.entity, event.key)
+            message.key != message_key(event.entity, event.key, event.source)
             or message.topic != topics.change_topic(event.entity)
+            or message.partition != partition_for(message.key, topics.change_partitions)
         ):
-            reason = "message key or topic is not the event's (<entity>:<key> on its topic)"
+            reason = (
+                "message key, topic or partition is not the event's "
+                "(<entity>:<key>:<source> on its topic, partitioned by <entity>:<key>)"
+            )
             dead.append(DeadLetter(message, Reason.KEY_MISMATCH, reason))
             continue
         sent_ms = now_ms if message.timestamp_ms is None else min(message.timestamp_ms, now_ms)
@@ -208,6 +214,7 @@ class Reconciler:
         replay: bool = False,
         dry_run: bool = False,
         before_commit: Callable[[], None] | None = None,
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
@@ -217,7 +224,8 @@ class Reconciler:
         A `replay` re-applies events whatever the store's offsets say and leaves the offsets
         alone (the live worker owns them); the version rule keeps it idempotent. A `dry_run`
         does all the work in a transaction that is rolled back. `before_commit` runs after
-        the writes, before the commit: if it raises, nothing is committed.
+        the writes, before the commit: if it raises, nothing is committed. `starts`: where
+        the read of each partition began, when a compacted log may have no record there.
         """
         report = BatchReport()
         partitions = {m.tp for m in batch}
@@ -242,6 +250,10 @@ class Reconciler:
             if not replay:
                 unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
                 changes.offsets = offset_ranges(unapplied)
+                for tp, start in (starts or {}).items():
+                    if tp in changes.offsets and start >= stored.get(tp, start):
+                        first, end, count = changes.offsets[tp]
+                        changes.offsets[tp] = (min(first, start), end, count)
             report.new_conflicts = tx.write(changes, now)
             report.anomalies = len(work.anomalies)
             report.changes = work.history

@@ -156,7 +156,11 @@ class AdapterRunner:
         headers = dead_letter_headers(
             item.code, item.message, f"source:{self.adapter.source}", self.source_id, item.origin
         )
-        key = message_key(item.entity, item.key) if item.entity and item.key else None
+        key = (
+            message_key(item.entity, item.key, self.adapter.source)
+            if item.entity and item.key
+            else None
+        )
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
         value = item.raw or json.dumps({"origin": item.origin}).encode()
         if len(value) > DEAD_LETTER_VALUE_LIMIT:

@@ -9,11 +9,11 @@ from schemas.errors import (
     TransientError,
 )
 from schemas.events import CHANGE_EVENT, ENTITIES, SCHEMA_VERSION, ChangeEvent
+from schemas.partitioning import message_key, partition_for
 from schemas.validation import (
     InvalidEvent,
     ValidEvent,
     derive_event_id,
-    message_key,
     parse_event,
 )
 
@@ -33,4 +33,5 @@ __all__ = [
     "derive_event_id",
     "message_key",
     "parse_event",
+    "partition_for",
 ]

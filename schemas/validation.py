@@ -53,11 +53,6 @@ def derive_event_id(source: str, entity: str, key: str, version: int) -> uuid.UU
     return uuid.uuid5(EVENT_ID_NAMESPACE, f"{source}\x1f{entity}\x1f{key}\x1f{version}")
 
 
-def message_key(entity: str, key: str) -> bytes:
-    """Kafka message key: every event of one record lands in one partition, in order."""
-    return f"{entity}:{key}".encode()
-
-
 def parse_event(raw: bytes | None) -> ValidEvent:
     """Validate one message value; raise InvalidEvent with a stable reason code."""
     if not raw:  # no value (null) or zero bytes

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from kafka.errors import KafkaError
+from kafka.partitioner import Partitioner
 
-from schemas import CHANGE_EVENT, ChangeEvent, message_key
+from schemas import CHANGE_EVENT, ChangeEvent, message_key, partition_for
 from schemas.errors import TransientError
 from schemas.signing import Signer
 from transport import clients
@@ -27,6 +28,22 @@ class PublishError(TransientError):
 def encode_event(event: ChangeEvent) -> bytes:
     """The wire form of an event; unset payload fields stay absent."""
     return CHANGE_EVENT.dump_json(event, exclude_unset=True)
+
+
+class RecordPartitioner(Partitioner):  # type: ignore[misc]
+    """Places a message by the record part of its key (`<entity>:<key>` of
+    `<entity>:<key>:<source>`): every source's events of one record share a partition."""
+
+    def partition(
+        self, topic: str, key: Any, serialized_key: bytes | None, value: Any,
+        serialized_value: bytes | None, cluster: Any,
+    ) -> int:  # fmt: skip
+        partitions: list[int] = sorted(cluster.partitions_for_topic(topic) or ())
+        if not partitions:
+            raise ValueError(f"topic {topic} not found in the cluster's metadata")
+        if serialized_key is None:
+            return partitions[0]
+        return partitions[partition_for(serialized_key, len(partitions))]
 
 
 class Publisher:
@@ -44,6 +61,7 @@ class Publisher:
             client_id,
             acks="all",
             enable_idempotence=True,
+            partitioner=RecordPartitioner(),
             linger_ms=5,
             batch_size=256 * 1024,
             max_request_size=max_request_size,
@@ -69,7 +87,7 @@ class Publisher:
         headers = signer.headers(value) if signer is not None else ()
         self.send(
             self.topics.change_topic(event.entity),
-            message_key(event.entity, event.key),
+            message_key(event.entity, event.key, event.source),
             value,
             headers,
         )

@@ -73,6 +73,10 @@ class RangeReader:
 
     def __init__(self, connection: KafkaConnection, client_id: str = "portal-sync-range-reader"):
         self.connection = connection
+        # Per partition of the last batch read: the offset the read started from. On a
+        # compacted topic the batch's first record may come later (the ones between were
+        # compacted away): a rebuild records the range from here, without a gap.
+        self.batch_starts: dict[TP, int] = {}
         self._consumer = clients.consumer(
             connection,
             client_id,
@@ -151,6 +155,7 @@ class RangeReader:
             consumer.seek(tp, start)
         open_partitions = set(assigned)
         while open_partitions:
+            before = {tp: consumer.position(tp) for tp in open_partitions}
             polled = consumer.poll(timeout_ms=1000, max_records=batch)
             messages: list[Message] = []
             for tp, records in polled.items():
@@ -161,6 +166,9 @@ class RangeReader:
                     open_partitions.discard(tp)
                     consumer.pause(tp)
             if messages:
+                self.batch_starts = {
+                    (tp.topic, tp.partition): before[tp] for tp in polled if tp in before
+                }
                 yield messages
 
 

@@ -1,12 +1,16 @@
 """The project's topics, created explicitly (the broker never auto-creates them).
 
-| topic                              | partitions         | retention                 |
-|------------------------------------|--------------------|---------------------------|
-| `<prefix>.changes.<entity>`        | `change_partitions`| `change_retention_hours`  |
-| `<prefix>.dead-letters`            | 1                  | `dead_letter_retention_hours` |
+| topic                       | partitions          | cleanup                                  |
+|-----------------------------|---------------------|------------------------------------------|
+| `<prefix>.changes.<entity>` | `change_partitions` | compact, after `change_retention_hours`  |
+| `<prefix>.dead-letters`     | 1                   | delete, `dead_letter_retention_hours`    |
 
-Change topics are keyed by `<entity>:<key>`, so all events of one record share a partition.
-Their retention bounds what a replay or rebuild can promise (docs/operations.md).
+Change topics are keyed `<entity>:<key>:<source>` and placed by `<entity>:<key>`
+(schemas.partitioning): all events of one record share a partition, and compaction keeps
+the latest event of every (source, entity, key) forever, deletes included (they are delete
+events, never null tombstones). Every event stays at least `change_retention_hours`
+(`min.compaction.lag.ms`): the history a replay by time can reach. A rebuild reaches every
+source's latest view of every record (docs/store.md, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -49,8 +53,11 @@ class Topics:
         # With replicas, acks=all waits for at least two copies (one may be down).
         in_sync = str(min(2, self.replication_factor))
         changes = {
-            "cleanup.policy": "delete",
-            "retention.ms": str(self.change_retention_hours * HOUR_MS),
+            "cleanup.policy": "compact",
+            "min.compaction.lag.ms": str(self.change_retention_hours * HOUR_MS),
+            # Only an operator's null tombstone (erasing a key) is a delete marker: kept a
+            # day for readers behind, as Kafka's default.
+            "delete.retention.ms": str(24 * HOUR_MS),
             "message.timestamp.type": "CreateTime",
             "max.message.bytes": str(CHANGE_MAX_MESSAGE_BYTES),
             "min.insync.replicas": in_sync,

@@ -16,6 +16,7 @@ from portal_sync.demo.feed import PORTAL_FEED_SOURCE
 from portal_sync.demo.model import DemoRun, Injected
 from portal_sync.demo.signing import signer
 from portal_sync.demo.systems import SampleSource
+from schemas import message_key
 from schemas.signing import Signer
 from transport.publisher import Publisher
 
@@ -134,7 +135,7 @@ def injected_events(run: DemoRun) -> list[Injected]:
     citizen = "001090000002"
     claim = {"full_name": "Nguyễn Văn Giả", "phone": "0900000000"}
     forged = _event(HANOI, "citizen", citizen, 1, claim)
-    key = f"citizen:{citizen}"
+    key = message_key("citizen", citizen, HANOI).decode()
     add("forged: claims province-01, unsigned", "citizen", key, forged, (), "unsigned")
     forged = _event(HANOI, "citizen", citizen, 2, claim)
     add("forged: own key under province-01's key id", "citizen", key, forged,
@@ -147,22 +148,26 @@ def injected_events(run: DemoRun) -> list[Injected]:
     add("forged: province-79 signs as province-01", "citizen", key, forged,
         hcm.headers(forged), "bad_signature")  # fmt: skip
     stranger = _event("province-99", "citizen", citizen, 5, claim)
-    add("unregistered province-99, own key", "citizen", key, stranger,
+    add("unregistered province-99, own key", "citizen",
+        message_key("citizen", citizen, "province-99").decode(), stranger,
         outsider.headers(stranger), "bad_signature")  # fmt: skip
     # Out of scope, signed by the real keys of the sources that overstep.
     dossier = "000.00.01.H29-250801-9001"  # a Hồ Chí Minh City dossier
     taken = _event(HANOI, "dossier", dossier, 6, {"agency_code": "000.00.01.H26", "status": 1})
-    add("province-01 takes a Hồ Chí Minh City dossier", "dossier", f"dossier:{dossier}",
-        taken, hanoi.headers(taken), "out_of_scope")  # fmt: skip
+    taken_key = message_key("dossier", dossier, HANOI).decode()
+    add("province-01 takes a Hồ Chí Minh City dossier", "dossier", taken_key, taken,
+        hanoi.headers(taken), "out_of_scope")  # fmt: skip
     btp = signer(run, "ministry-btp")
     company = _event("ministry-btp", "organization", "0101234567", 7,
                      {"name": "Công ty Giả", "status": "dissolved"})  # fmt: skip
-    add("ministry-btp dissolves a company", "organization", "organization:0101234567",
+    add("ministry-btp dissolves a company", "organization",
+        message_key("organization", "0101234567", "ministry-btp").decode(),
         company, btp.headers(company), "out_of_scope")  # fmt: skip
     feed = signer(run, PORTAL_FEED_SOURCE)
     code = "000.00.02.H17-250801-9002"
     delete = _event(PORTAL_FEED_SOURCE, "dossier", code, 8, None)
-    add("province-48-motcua deletes (may_delete = false)", "dossier", f"dossier:{code}",
+    add("province-48-motcua deletes (may_delete = false)", "dossier",
+        message_key("dossier", code, PORTAL_FEED_SOURCE).decode(),
         delete, feed.headers(delete), "out_of_scope")  # fmt: skip
     return out
 

@@ -79,7 +79,10 @@ def replay(
                 and (entity is None or c.event.entity == entity)
             ]  # fmt: skip
             summary.outcomes["skipped"] += len(valid) - len(wanted)
-            report = reconciler.apply(wanted, batch, replay=not track_offsets, dry_run=dry_run)
+            report = reconciler.apply(
+                wanted, batch, replay=not track_offsets, dry_run=dry_run,
+                starts=reader.batch_starts if track_offsets else None,
+            )  # fmt: skip
             _count(summary, report.outcomes, report.changes)
             if on_progress:
                 on_progress(summary.read, total)

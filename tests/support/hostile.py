@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import derive_event_id
+from schemas import derive_event_id, message_key
 
 PERSONAL_IDS = ("079185123456", "001203004567", "038190011223", "052301099887")
 SOFT_WARNING_ID = "999190011224"  # no such province: a soft-check warning (logged)
@@ -82,13 +82,13 @@ def encoded(event: Any) -> bytes:
     return json.dumps(event, ensure_ascii=False).encode()
 
 
-def kafka_key(entity: str, key: str) -> bytes:
-    return f"{entity}:{key}".encode()
+def kafka_key(entity: str, key: str, source: str = SOURCES[0]) -> bytes:
+    return message_key(entity, key, source)
 
 
 def valid_message(label: str, event: dict[str, Any]) -> Hostile:
     """A message of a valid event, keyed as our producers key it."""
-    key = kafka_key(event["entity"], event["key"])
+    key = kafka_key(event["entity"], event["key"], event["source"])
     return Hostile(label, event["entity"], key, encoded(event), True)
 
 

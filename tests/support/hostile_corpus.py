@@ -98,7 +98,8 @@ def line(label: str, raw: Any, expect: str, *, entity: str | None = None,
     record = raw if isinstance(raw, dict) else {}
     topic = entity or record.get("entity") or "citizen"
     if key is True:
-        key = message_key(str(record.get("entity")), str(record.get("key"))).decode()
+        entity_, key_, source_ = (str(record.get(f)) for f in ("entity", "key", "source"))
+        key = message_key(entity_, key_, source_).decode()
     out: dict[str, Any] = {"label": label, "entity": topic, "key": key}
     if raw is None or isinstance(raw, str):
         out["value"] = raw
@@ -110,6 +111,10 @@ def line(label: str, raw: Any, expect: str, *, entity: str | None = None,
         out["value"] = json.dumps(raw, ensure_ascii=False)
     out |= {"sign": sign, "signer": signer or record.get("source") or "province-01"}
     return out | extra | {"expect": expect}
+
+
+def _key(entity: str, key: Any, source: Any) -> str:
+    return message_key(entity, str(key), str(source)).decode()
 
 
 def corpus() -> list[dict[str, Any]]:
@@ -150,7 +155,7 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
         n += 1
         raw = event(entity, n, **changes)
         return line(f"{entity}: {label}", raw, expect, entity=entity, signer=source,
-                    key=message_key(entity, str(raw.get("key"))).decode())  # fmt: skip
+                    key=_key(entity, raw.get("key"), raw.get("source")))  # fmt: skip
 
     # -- bytes that are no JSON object (signed by the entity's source, like the rest)
     def raw(label: str, value: str | bytes, expect: str) -> dict[str, Any]:
@@ -175,7 +180,7 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
         n += 1
         del raw[field]
         yield line(f"{entity}: no {field}", raw, "missing_field",
-                   key=message_key(entity, raw.get("key", "x")).decode())  # fmt: skip
+                   key=_key(entity, raw.get("key", "x"), raw.get("source", source)))  # fmt: skip
     yield bad("entity person", "unknown_entity", entity="person")
     yield bad("envelope field", "unknown_field", priority="high")
     yield bad("data field", "unknown_field", data={"ghi_chu": "x"})
@@ -250,14 +255,20 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
     yield line(f"{entity}: upsert without data", raw, "op_data_mismatch")
     # -- the message's place
     yield line(f"{entity}: key of another record", event(entity, n + 1), "key_mismatch",
-               key=message_key(entity, RECORDS[entity][1]).decode())  # fmt: skip
-    yield line(f"{entity}: no key", event(entity, n + 2), "key_mismatch", key=None)
+               key=message_key(entity, RECORDS[entity][1], source).decode())  # fmt: skip
+    # (A message without a key never gets in: compacted topics refuse it.)
     yield line(f"{entity}: key 'anything'", event(entity, n + 3), "key_mismatch",
                key="anything")  # fmt: skip
+    old_key = event(entity, n + 5)
+    yield line(f"{entity}: key without its source", old_key, "key_mismatch",
+               key=f"{entity}:{old_key['key']}")  # fmt: skip
+    other_source = event(entity, n + 6)
+    yield line(f"{entity}: key naming another source", other_source, "key_mismatch",
+               key=message_key(entity, other_source["key"], "province-48").decode())  # fmt: skip
     other = "dossier" if entity != "dossier" else "citizen"
     yield line(f"{entity}: on the {other} topic", event(entity, n + 4), "key_mismatch",
                entity=other)  # fmt: skip
-    n += 4
+    n += 6
     yield bad("occurred_at in year 9999", "future_timestamp",
               occurred_at="9999-12-31T23:59:59+07:00")  # fmt: skip
     yield bad("occurred_at in 2999", "future_timestamp", occurred_at="2999-01-01T00:00:00Z")

@@ -15,7 +15,7 @@ from typing import Any
 
 from consumers.merge import Authority, merge_events
 from portal_sync.settings import Settings
-from schemas import derive_event_id, message_key, parse_event
+from schemas import derive_event_id, message_key, parse_event, partition_for
 from store.export import export_records
 from transport.reader import Message
 
@@ -129,7 +129,10 @@ def change_message(settings: Settings, offset: int, raw: bytes) -> Message:
     key (a value that is not an event goes to the citizen topic, without a key)."""
     try:
         event = json.loads(raw)
-        entity, key = str(event["entity"]), str(event["key"])
+        entity, key, source = str(event["entity"]), str(event["key"]), str(event["source"])
     except (ValueError, TypeError, KeyError):
         return Message(settings.topics().change_topic("citizen"), 0, offset, raw)
-    return Message(settings.topics().change_topic(entity), 0, offset, raw, message_key(entity, key))
+    message_key_ = message_key(entity, key, source)
+    partition = partition_for(message_key_, settings.change_partitions)
+    topic = settings.topics().change_topic(entity)
+    return Message(topic, partition, offset, raw, message_key_)

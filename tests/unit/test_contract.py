@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from schemas import InvalidEvent, derive_event_id, message_key, parse_event
+from schemas import InvalidEvent, derive_event_id, message_key, parse_event, partition_for
 from schemas.events import CitizenEvent, DocumentEvent, DossierEvent, OrganizationEvent
 from schemas.export import JSON_DIR, rendered_schemas
 from schemas.identifiers import current_province_codes, tax_code_check_digit
+from schemas.partitioning import murmur2
 from schemas.validation import MAX_EVENT_BYTES
 
 EVENT_ID = "0b8b2e0e-4c38-4c43-9d46-3b8a1f6c2a11"
@@ -182,8 +183,26 @@ def test_nfd_name_at_the_length_limit_counts_nfc_characters() -> None:
     assert parse_event(encode(event)).event.data_dict() == {"full_name": name}
 
 
-def test_message_key_groups_one_record() -> None:
-    assert message_key("citizen", PERSONAL_ID) == f"citizen:{PERSONAL_ID}".encode()
+def test_message_key_names_the_source_and_the_partition_follows_the_record() -> None:
+    assert message_key("citizen", PERSONAL_ID, "province-01") == (
+        f"citizen:{PERSONAL_ID}:province-01".encode()
+    )
+    # Kafka's default partitioner on the record part: the partition a record had when it
+    # was keyed <entity>:<key>, the same for every source.
+    for partitions in (1, 3, 6, 12):
+        places = {
+            partition_for(message_key("citizen", PERSONAL_ID, source), partitions)
+            for source in ("province-01", "national-population", "ministry-btp")
+        }
+        expected = (murmur2(f"citizen:{PERSONAL_ID}".encode()) & 0x7FFFFFFF) % partitions
+        assert places == {expected}
+    # Java's Utils.murmur2 of these bytes (its test vectors): the same signed values.
+    for data, java in [
+        (b"21", -973932308),
+        (b"foobar", -790332482),
+        (b"a-little-bit-long-string", -985981536),
+    ]:
+        assert murmur2(data) == java & 0xFFFFFFFF
 
 
 # -- hard checks: stable codes, no echoed values ------------------------------------------

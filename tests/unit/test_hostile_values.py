@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from consumers.reconciler import classify
-from schemas import InvalidEvent, message_key, parse_event
+from schemas import InvalidEvent, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
 from transport.reader import Message
 from transport.topics import Topics
@@ -128,14 +128,21 @@ def test_legitimate_values_still_pass(raw: dict[str, Any]) -> None:
     parse_event(json.dumps(raw, ensure_ascii=False).encode())
 
 
-def _message(raw: dict[str, Any], *, topic: str | None = None, key: bytes | None = None) -> Message:
+def _message(
+    raw: dict[str, Any],
+    *,
+    topic: str | None = None,
+    key: bytes | None = None,
+    partition: int | None = None,
+) -> Message:
     entity = raw["entity"]
+    key = key if key is not None else message_key(entity, raw["key"], raw["source"])
     return Message(
         topic if topic is not None else TOPICS.change_topic(entity),
-        0,
+        partition if partition is not None else partition_for(key, TOPICS.change_partitions),
         0,
         json.dumps(raw, ensure_ascii=False).encode(),
-        key if key is not None else message_key(entity, raw["key"]),
+        key,
     )
 
 
@@ -148,8 +155,18 @@ def test_a_message_keyed_or_placed_for_another_record_is_a_key_mismatch() -> Non
     raw = event()
     assert _reasons(_message(raw)) == ["valid"]
     assert _reasons(_message(raw, key=b"anything")) == [Reason.KEY_MISMATCH]
-    assert _reasons(_message(raw, key=message_key("citizen", "079185123456"))) == ["key_mismatch"]
+    assert _reasons(_message(raw, key=message_key("citizen", "079185123456", "province-01"))) == [
+        "key_mismatch"
+    ]
+    assert _reasons(_message(raw, key=f"citizen:{PERSONAL_ID}".encode())) == ["key_mismatch"]
+    assert _reasons(_message(raw, key=message_key("citizen", PERSONAL_ID, "province-79"))) == [
+        "key_mismatch"
+    ]
     assert _reasons(_message(raw, key=b"")) == ["key_mismatch"]
+    # The right key on another partition than its record's: refused too.
+    right = partition_for(message_key("citizen", PERSONAL_ID, "province-01"), 6)
+    assert TOPICS.change_partitions == 6
+    assert _reasons(_message(raw, partition=(right + 1) % 6)) == ["key_mismatch"]
     assert _reasons(_message(raw, topic=TOPICS.change_topic("dossier"))) == ["key_mismatch"]
     dossier = event("dossier", "000.00.01.H29-240115-0001")
     assert _reasons(_message(dossier)) == ["valid"]
@@ -180,9 +197,11 @@ def test_the_future_is_measured_from_the_message_timestamp_so_a_replay_agrees() 
     late = event(occurred_at=(sent + timedelta(minutes=4)).isoformat())
     for raw, expected in ((ahead, ["future_timestamp"]), (late, ["valid"])):
         message = _message(raw)
-        stamped = Message(message.topic, 0, 0, message.value, message.key,
+        stamped = Message(message.topic, message.partition, 0, message.value, message.key,
                           timestamp_ms=int(sent.timestamp() * 1000))  # fmt: skip
         assert _reasons(stamped) == expected
     forged = _message(event(occurred_at="9999-01-01T00:00:00+00:00"))
-    forged = Message(forged.topic, 0, 0, forged.value, forged.key, timestamp_ms=2**62)
+    forged = Message(
+        forged.topic, forged.partition, 0, forged.value, forged.key, timestamp_ms=2**62
+    )
     assert _reasons(forged) == ["future_timestamp"]

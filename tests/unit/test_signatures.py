@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from consumers.reconciler import classify
 from consumers.registry import Registry, SourceInfo
 from consumers.signatures import SignatureError, TrustedKey, check_signer, signed_at_ms, verify
-from schemas import message_key
+from schemas import message_key, partition_for
 from schemas.dead_letter import Reason, kept_headers
 from schemas.signing import KeyFormatError, Signer, parse_public_key, public_key_text
 from transport.reader import Message
@@ -263,9 +263,14 @@ def message(value: bytes, headers: Any = (), timestamp: datetime | None = None) 
         entity = json.loads(value)["entity"]
     except (ValueError, KeyError):
         entity = "citizen"
+    try:
+        source = json.loads(value)["source"]
+    except (ValueError, KeyError):
+        source = "province-01"
     stamp = int(timestamp.timestamp() * 1000) if timestamp else None
-    return Message(TOPICS.change_topic(entity), 0, 0, value,
-                   message_key(entity, "001090012345"), stamp, tuple(headers))  # fmt: skip
+    mkey = message_key(entity, "001090012345", str(source))
+    return Message(TOPICS.change_topic(entity), partition_for(mkey, TOPICS.change_partitions),
+                   0, value, mkey, stamp, tuple(headers))  # fmt: skip
 
 
 def reasons(msg: Message, rules: Registry | None = None, now: datetime = NOW) -> list[str]:

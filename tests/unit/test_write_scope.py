@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from consumers.reconciler import classify
 from consumers.registry import EntityRules, Registry, SourceInfo
 from consumers.scope import scope_violation
-from schemas import message_key, parse_event
+from schemas import message_key, parse_event, partition_for
 from transport.reader import Message
 from transport.topics import Topics
 
@@ -170,6 +170,8 @@ def test_the_worker_dead_letters_out_of_scope_events(
     source: str, entity: str, key: str, data: dict[str, Any] | None, expected: str
 ) -> None:
     value = json.dumps(raw(source, entity, key, data), ensure_ascii=False).encode()
-    message = Message(TOPICS.change_topic(entity), 0, 0, value, message_key(entity, key))
+    mkey = message_key(entity, key, source)
+    part = partition_for(mkey, TOPICS.change_partitions)
+    message = Message(TOPICS.change_topic(entity), part, 0, value, mkey)
     _, dead = classify([message], REGISTRY, topics=TOPICS)
     assert ([d.code for d in dead] or ["valid"]) == [expected]

@@ -33,6 +33,7 @@ from tests.support.pipeline_helpers import (
     start_worker,
     write_jsonl,
 )
+from transport.publisher import RecordPartitioner
 
 pytestmark = pytest.mark.kafka
 
@@ -115,13 +116,16 @@ def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_fl
         ("op_data_mismatch", _variant(base, op="delete")),
     ]
     producer = KafkaProducer(
-        bootstrap_servers=settings.connection().bootstrap, acks="all", max_request_size=4_000_000
+        bootstrap_servers=settings.connection().bootstrap,
+        acks="all",
+        max_request_size=4_000_000,
+        partitioner=RecordPartitioner(),
     )
     topic = change_topic(settings, "citizen")
     origin: dict[int, str] = {}
     rng = random.Random(5)
     queue: list[tuple[str | None, bytes | None, bytes]] = [
-        (None, __import__("json").dumps(e).encode(), message_key("citizen", e["key"]))
+        (None, __import__("json").dumps(e).encode(), message_key("citizen", e["key"], e["source"]))
         for e in valid
     ] + [(code, value, b"k") for code, value in hostile]
     rng.shuffle(queue)
@@ -221,4 +225,4 @@ def _assert_journal_contiguous(store: Store, ends: dict[tuple[str, int], int]) -
 
 
 def test_message_key_routes_a_record_to_one_partition() -> None:
-    assert message_key("citizen", "001090000001") == b"citizen:001090000001"
+    assert message_key("citizen", "001090000001", "p-1") == b"citizen:001090000001:p-1"

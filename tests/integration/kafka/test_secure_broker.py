@@ -249,7 +249,7 @@ fields = {{ full_name = "name" }}
     with RangeReader(reconciler.connection()) as reader:
         ranges = reader.resolve(Selection([reconciler.topics().change_topic("citizen")]))
         keys = [m.key for batch in reader.read(ranges) for m in batch]
-    assert message_key("citizen", "079090000101") in keys
+    assert message_key("citizen", "079090000101", SOURCE) in keys
 
 
 def test_a_source_can_neither_read_the_change_topics_nor_write_the_dead_letters(
@@ -260,10 +260,10 @@ def test_a_source_can_neither_read_the_change_topics_nor_write_the_dead_letters(
 
     publisher = Publisher(source.connection(), source.topics(), client_id="secure-test")
     try:
-        publisher.send(citizen, message_key("citizen", "001090000002"), b"{}")
+        publisher.send(citizen, message_key("citizen", "001090000002", SOURCE), b"{}")
         assert publisher.flush() == 1  # it may write the change topics
         with pytest.raises(Refused) as write:
-            publisher.send_dead_letter(message_key("citizen", "001090000001"), b"{}", [])
+            publisher.send_dead_letter(message_key("citizen", "001090000001", SOURCE), b"{}", [])
             publisher.flush()
     finally:
         publisher.close()

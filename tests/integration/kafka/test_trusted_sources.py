@@ -105,8 +105,8 @@ def send(
     if tamper:
         value = value.replace(b'"full_name": "', b'"full_name": "X')
     publisher = publisher_for(settings)
-    publisher.send(change_topic(settings, raw["entity"]),
-                   message_key(raw["entity"], raw["key"]), value, headers)  # fmt: skip
+    key = message_key(raw["entity"], raw["key"], raw["source"])
+    publisher.send(change_topic(settings, raw["entity"]), key, value, headers)
     publisher.flush()
     publisher.close()
     return value

@@ -53,7 +53,9 @@ def _publish(settings: Any, raws: list[dict[str, Any]]) -> None:
     for raw in raws:
         value = json.dumps(raw, ensure_ascii=False).encode()
         publisher.send(
-            change_topic(settings, raw["entity"]), message_key(raw["entity"], raw["key"]), value
+            change_topic(settings, raw["entity"]),
+            message_key(raw["entity"], raw["key"], raw["source"]),
+            value,
         )
     publisher.flush()
     publisher.close()

@@ -1,0 +1,100 @@
+"""Compacted change topics: after the log cleaner removed old versions, `rebuild --compare`
+still reproduces the live store from Kafka alone."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from store.core import Store
+from tests.support.pipeline_helpers import citizen_events, cli, exported, write_jsonl
+from transport import clients
+from transport.reader import RangeReader, Selection
+
+pytestmark = pytest.mark.kafka
+
+# The cleaner may work at once on every closed segment, and a segment closes 100 ms after
+# it opened (at the next append). Compaction is held back (min.compaction.lag.ms) while the
+# live worker reads, then let go.
+QUICK = {"segment.ms": "100", "min.cleanable.dirty.ratio": "0.01"}
+HOLD = {"min.compaction.lag.ms": "3600000"}
+
+
+def _create_topics(settings: Any, overrides: dict[str, str]) -> None:
+    specs = settings.topics().specs()
+    admin = clients.admin(settings.connection())
+    try:
+        for name in settings.topics().change_topics():
+            specs[name]["configs"] = specs[name]["configs"] | overrides
+        admin.create_topics(specs, timeout_ms=30_000)
+        admin.wait_for_topics(list(specs), timeout_ms=30_000)
+    finally:
+        admin.close()
+
+
+def _alter(settings: Any, configs: dict[str, str]) -> None:
+    admin = clients.admin(settings.connection())
+    try:
+        admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs)
+             for name in settings.topics().change_topics()]
+        )  # fmt: skip
+    finally:
+        admin.close()
+
+
+def _records_in_topics(settings: Any) -> int:
+    with RangeReader(settings.connection()) as reader:
+        ranges = reader.resolve(Selection(settings.topics().change_topics()))
+        return sum(len(batch) for batch in reader.read(ranges))
+
+
+def _publish(settings: Any, path: Path, events: list[dict[str, Any]]) -> None:
+    result = cli(settings, "publish", str(write_jsonl(path, events)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rebuild_is_exact_after_compaction_removed_old_versions(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    spec = settings.topics().specs()[settings.topics().change_topic("citizen")]["configs"]
+    assert spec["cleanup.policy"] == "compact"  # the shipped topics, not the test's choice
+    _create_topics(settings, QUICK | HOLD)
+    # Several sources, several versions each, deletes among the last ones; each version
+    # in its own round, so that the earlier rounds sit in closed segments.
+    events = citizen_events(15, 4, seed=21)
+    for version in range(1, 5):
+        _publish(settings, tmp_path / f"v{version}.jsonl",
+                 [e for e in events if e["version"] == version])  # fmt: skip
+        time.sleep(0.3)
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+
+    _alter(settings, {"min.compaction.lag.ms": "0"})
+    # A last event closes the active segment of its partition; the worker applies it too.
+    last = citizen_events(1, 1, seed=99)
+    _publish(settings, tmp_path / "last.jsonl", last)
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+
+    published = len(events) + len(last)
+    deadline = time.monotonic() + 120
+    while (kept := _records_in_topics(settings)) >= published:
+        assert time.monotonic() < deadline, "the log cleaner removed nothing in 120 s"
+        time.sleep(2)
+    assert kept < published
+
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in ("only_live: 0", "only_rebuilt: 0", "different: 0"):
+        assert line in result.stdout
+    assert f"from {kept} events" in result.stdout
+    copy = settings.model_copy(update={"store_url": rebuilt})
+    assert exported(copy) == exported(settings)
+    assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
