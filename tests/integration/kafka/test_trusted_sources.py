@@ -253,7 +253,7 @@ def test_the_adapter_runner_signs_what_it_publishes(
     config.write_text(
         f'[producer]\nmetrics_port = 0\nsigning_key_file = "{key_file}"\n\n'
         '[[sources]]\nid = "exports"\nsource = "province-02"\nadapter = "filedrop"\n'
-        'connection = { directory = "in" }\n'
+        'connection = { directory = "in", settle_seconds = 0 }\n'
         'mapping = { entity = "citizen", key_field = "pid", occurred_at_field = "at", '
         'fields = { full_name = "name" } }\n',
         encoding="utf-8",
