@@ -115,14 +115,23 @@ def demo(
     reset: Annotated[
         bool, typer.Option("--reset", help="Allow resetting a non-default store or cluster")
     ] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure/--plain",
+            help="The demo's own local broker secured (SASL_SSL, ACLs, a principal per "
+            "source; the default), or plaintext; a configured cluster is used as it is",
+        ),
+    ] = True,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Run the whole pipeline on sample provinces and a ministry, then check the store."""
     from portal_sync.demo import DemoError, run_demo
 
+    settings = Settings.from_flags(bootstrap, store)
     try:
-        ok = run_demo(Settings.from_flags(bootstrap, store), people=people, allow_reset=reset)
+        ok = run_demo(settings, people=people, allow_reset=reset, secure=secure)
     except DemoError as error:
         raise fail(str(error)) from None
     raise typer.Exit(0 if ok else 1)

@@ -78,11 +78,12 @@ def check_refusals(run: DemoRun) -> bool:
     events the worker turned away, shown one by one."""
     results = refusals(run)
     table = Table(title="events injected on purpose, and what the worker did")
-    for column in ("event", "expected", "dead letter", ""):
+    for column in ("event", "sent as", "expected", "dead letter", ""):
         table.add_column(column)
     for item, got in results:
         mark = "[green]✓[/green]" if got == item.expected else "[red]✗[/red]"
-        table.add_row(plain(item.what), item.expected, plain(got), mark)
+        sender = f"User:{item.sender}" if run.secured else "-"
+        table.add_row(plain(item.what), sender, item.expected, plain(got), mark)
     console.print(table)
     ok = all(got == item.expected for item, got in results)
     verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
@@ -129,6 +130,17 @@ def _lag_percentiles(settings: Settings) -> tuple[float, float, int]:
     return lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))], len(lags)
 
 
+def _kafka_summary(run: DemoRun) -> str:
+    connection = run.settings.connection()
+    if not run.secured:
+        return f"{connection.redacted()}, no ACLs"
+    return (
+        f"{connection.bootstrap} SASL_SSL ({connection.sasl_mechanism}) with ACLs "
+        "(StandardAuthorizer): each source as its own principal, the worker as reconciler, "
+        "the demo's reads as admin"
+    )
+
+
 def print_summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: bool) -> None:
     store = Store(run.settings.store_url)
     counts = store.count_records()
@@ -164,10 +176,16 @@ def print_summary(run: DemoRun, metrics: dict[str, float], seconds: float, ok: b
         ("self-check", "PASS" if ok else "FAIL"),
         ("store", redacted_url(run.settings.store_url)),
         ("topics and group", f"{DEMO_PREFIX}.*, {DEMO_PREFIX}"),
+        ("Kafka", _kafka_summary(run)),
     ]
+    if run.acl_refusal is not None:
+        rows.append(("a source reading the change topics", "refused by the ACLs"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    if run.broker is not None and run.secured:
+        admin_env = run.broker.secure_files.env_file("admin")
+        console.print(f"as the admin: set -a; . {admin_env}; set +a", markup=False, highlight=False)
     console.print(
         f"inspect it: PORTAL_SYNC_STORE_URL={redacted_url(run.settings.store_url)} "
         f"PORTAL_SYNC_TOPIC_PREFIX={DEMO_PREFIX} PORTAL_SYNC_GROUP_ID={DEMO_PREFIX} "

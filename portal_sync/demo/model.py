@@ -14,7 +14,8 @@ from portal_sync.settings import Settings
 from producers.engine import AdapterRunner, RunStats
 from producers.produce import SourceGroup
 from schemas.errors import Refused
-from transport.local import REPO_ROOT
+from transport.config import KafkaConnection
+from transport.local import REPO_ROOT, LocalKafka
 from transport.publisher import Publisher
 
 console = Console()
@@ -38,6 +39,7 @@ class Injected:
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
     expected: str
+    sender: str = "province-01"  # the Kafka principal that sends it (secured broker)
 
 
 @dataclass
@@ -54,6 +56,26 @@ class DemoRun:
     signing_keys: dict[str, Path] = field(default_factory=dict)  # source -> key file
     refusals: list[Injected] = field(default_factory=list)  # what was injected, expected
     lock: threading.Lock = field(default_factory=threading.Lock)
+    broker: LocalKafka | None = None  # the demo's own secured broker, when it runs on one
+    acl_refusal: str | None = None  # what the broker said to a source reading the changes
+
+    @property
+    def secured(self) -> bool:
+        return self.broker is not None and self.broker.secure
+
+    def connection(self, principal: str) -> KafkaConnection:
+        """A principal's connection on the demo's secured broker (its SCRAM password
+        file); elsewhere the settings' one, whoever asks."""
+        if self.broker is not None and self.secured:
+            return self.broker.connection(principal)
+        return self.settings.connection()
+
+    def settings_as(self, principal: str) -> Settings:
+        """The run's settings with a principal's Kafka connection (a child's environment)."""
+        if not self.secured:
+            return self.settings
+        security = self.connection(principal).model_dump(exclude={"bootstrap"}, exclude_none=True)
+        return self.settings.model_copy(update={"kafka_security": security})
 
     def runners(self) -> list[AdapterRunner]:
         return [runner for group in self.groups for _, runner in group.runners]

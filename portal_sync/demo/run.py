@@ -8,6 +8,12 @@ code path as `portal-sync produce`; make updates, deletes and late changes at th
 inject malformed, forged and out-of-scope events; wait until everything is applied; print
 a summary; check that the store equals the merge rules applied to what the sources hold,
 and that each injected event was refused with its reason.
+
+By default the demo's own local broker is secured (`kafka up --secure`, a data dir of its
+own): SASL_SSL with SCRAM-SHA-512 and ACLs, each sample source producing as its own
+principal (its deployment file's [kafka] table), the worker as the reconciler, the forgers
+with a source's credentials but not its key, and the demo's own reads as the admin.
+`--plain` runs it on the plaintext local broker, as `portal-sync kafka up` starts it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from consumers.registry import Registry
 from observability.http import serve
 from portal_sync.demo.check import print_summary, scrape_metrics, self_check
 from portal_sync.demo.feed import PORTAL_FEED_SOURCE, PortalFeed, portal_feed_toml
@@ -37,22 +44,28 @@ from portal_sync.demo.model import (
 from portal_sync.demo.population import World
 from portal_sync.demo.scenario import inject_refused, make_changes
 from portal_sync.demo.signing import make_keys
-from portal_sync.demo.systems import SOURCES, SampleSource, deployment_toml
-from portal_sync.settings import Settings, default_store_url, user_data_dir
+from portal_sync.demo.systems import SOURCES, SampleSource, deployment_toml, toml_value
+from portal_sync.settings import Settings, default_store_url, deployment_settings, user_data_dir
 from producers.deployment import load_deployment
 from producers.produce import ProduceResult, SourceGroup, build_groups
+from schemas.errors import Refused
 from store import Store
 from transport import admin
 from transport.local import LocalKafka, free_port
+from transport.local_secure import ADMIN, RECONCILER, SecureSetup
+from transport.reader import RangeReader, Selection
 
 
-def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) -> bool:
+def run_demo(
+    settings: Settings, people: int = 3000, allow_reset: bool = False, secure: bool = True
+) -> bool:
     started = time.monotonic()
     run = DemoRun(_demo_settings(settings, allow_reset), demo_workdir())
     console.print(
         f"[bold]portal-sync demo[/bold]: resets its own topics ({DEMO_PREFIX}.*) and store"
     )
-    _step("Kafka", lambda: _broker_up(run))
+    secure = secure and run.settings.kafka_bootstrap is None  # a configured cluster: as it is
+    _step("Kafka" + (" (secured)" if secure else ""), lambda: _broker_up(run, secure))
     _step("reset demo topics and store", lambda: _reset(run))
     _step("signing keys of the sample sources", lambda: make_keys(run))
     worker, metrics_port = _start_worker(run)
@@ -68,6 +81,8 @@ def run_demo(settings: Settings, people: int = 3000, allow_reset: bool = False) 
             thread.join()
         _step("final poll of every source", lambda: _drain_producers(run))
         _step("reconciler catching up", lambda: _wait_caught_up(run, worker))
+        if run.secured:
+            _step("ACLs: a source's principal may not read the changes", lambda: _acl_check(run))
         metrics = scrape_metrics(metrics_port)
     finally:
         worker.terminate()
@@ -94,6 +109,12 @@ def demo_workdir() -> Path:
     return user_data_dir() / "demo"
 
 
+def demo_kafka_dir() -> Path:
+    """The demo's own secured broker: beside the work dir (which every run empties), never
+    the data dir of `portal-sync kafka up`."""
+    return user_data_dir() / "demo-kafka"
+
+
 def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
     """The demo works only on its own topics (`portal-sync-demo.*`), its own consumer group
     and its own store; on an external cluster it deletes its topics only with --reset."""
@@ -114,13 +135,27 @@ def _demo_settings(settings: Settings, allow_reset: bool) -> Settings:
     )
 
 
-def _broker_up(run: DemoRun) -> None:
-    """Start the local broker unless a cluster is configured; then talk to it."""
+def _broker_up(run: DemoRun, secure: bool) -> None:
+    """Start the local broker unless a cluster is configured; then talk to it (on the
+    secured one as the admin)."""
     settings = run.settings
-    if settings.kafka_bootstrap is None:
+    if settings.kafka_bootstrap is not None:
+        return
+    if not secure:
         broker = LocalKafka(settings.kafka_data_dir)
         broker.up()
         run.settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap()})
+        return
+    # A principal per source of the registry (the demo's copy adds keys, not sources), the
+    # ACLs for the demo's topics and group; its topics are created as the admin.
+    assert settings.registry is not None
+    sources = tuple(Registry.load(settings.registry).sources)
+    setup = SecureSetup(sources=sources, topics=settings.topics(), group_id=settings.group_id)
+    broker = LocalKafka(demo_kafka_dir())
+    broker.up(None if broker.status().pid else free_port(), secure=setup)
+    run.broker = broker
+    run.settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap()})
+    run.settings = run.settings_as(ADMIN)
 
 
 def _reset(run: DemoRun) -> None:
@@ -194,7 +229,7 @@ def _create_sources(run: DemoRun, people: int) -> None:
 
 def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    env = os.environ | run.settings.as_env()
+    env = os.environ | run.settings_as(RECONCILER).as_env()
     env.pop("PORTAL_SYNC_METRICS_WEB_CONFIG_FILE", None)  # the demo scrapes its own worker
     log = (run.workdir / "worker.log").open("wb")
     command = [sys.executable, "-m", "portal_sync", "worker", "--metrics-port", str(port)]
@@ -207,18 +242,24 @@ def _start_worker(run: DemoRun) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thread]:
-    """The sample sources as one deployment file of adapters, run as `produce` does."""
-    config = run.workdir / "sources.toml"
+    """Each sample source system as its own deployment file of adapters (on the secured
+    broker with its own principal in its [kafka] table), run as `produce` does."""
     assert run.feed is not None
     keys = run.signing_keys
-    text = deployment_toml(run.sources, Path("state"), 0.5, keys) + portal_feed_toml(
+    texts = {s.spec.source: deployment_toml([s], Path("state"), 0.5, keys) for s in run.sources}
+    texts[PORTAL_FEED_SOURCE] = deployment_toml([], Path("state"), 0.5) + portal_feed_toml(
         run.feed, 0.5, keys.get(PORTAL_FEED_SOURCE)
     )
-    config.write_text(text, encoding="utf-8")
-    run.groups, run.publishers = build_groups(
-        load_deployment(config), run.settings.connection(), run.settings.topics(),
-        reference_key=run.settings.reference_key(),
-    )  # fmt: skip
+    for source, text in texts.items():
+        config = run.workdir / f"{source}.toml"
+        config.write_text(text + _kafka_toml(run, source), encoding="utf-8")
+        deployment = load_deployment(config)
+        groups, publishers = build_groups(
+            deployment, deployment_settings(deployment, run.settings).connection(),
+            run.settings.topics(), reference_key=run.settings.reference_key(),
+        )  # fmt: skip
+        run.groups += groups
+        run.publishers += publishers
     threads: list[threading.Thread] = []
     for group in run.groups:
         thread = threading.Thread(target=_poll_loop, args=(run, group, stop), daemon=True)
@@ -226,11 +267,32 @@ def _start_producers(run: DemoRun, stop: threading.Event) -> list[threading.Thre
         threads.append(thread)
     port = free_port()
     serve(port, healthy=lambda: all(thread.is_alive() for thread in threads) or stop.is_set())
+    who = ", each as its source's Kafka principal" if run.secured else ""
     console.print(
-        f"[green]✓[/green] producers started from {config} "
+        f"[green]✓[/green] producers started from {run.workdir}/<source>.toml{who} "
         f"(metrics http://127.0.0.1:{port}/metrics)"
     )
     return threads
+
+
+def _kafka_toml(run: DemoRun, source: str) -> str:
+    """A deployment file's [kafka] table with the source's own principal (secured)."""
+    if not run.secured:
+        return ""
+    values = run.connection(source).model_dump(exclude_none=True)
+    return "\n[kafka]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+
+
+def _acl_check(run: DemoRun) -> None:
+    """A source's principal reading a change topic: the broker must refuse it."""
+    topic = run.settings.topics().change_topic("citizen")
+    try:
+        with RangeReader(run.connection("province-01")) as reader:
+            next(iter(reader.read(reader.resolve(Selection([topic])), batch=1)), None)
+    except Refused as refused:
+        run.acl_refusal = str(refused)
+        return
+    raise DemoError(f"the broker let User:province-01 read {topic}: its ACLs are missing")
 
 
 def _poll_loop(run: DemoRun, group: SourceGroup, stop: threading.Event) -> None:

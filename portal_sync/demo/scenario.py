@@ -120,8 +120,18 @@ def injected_events(run: DemoRun) -> list[Injected]:
     outsider = Signer.generate("province-99", "province-99-20250801-000001")  # not registered
     out: list[Injected] = []
 
-    def add(what: str, entity: str, key: str, value: bytes, headers: Any, expected: str) -> None:
-        out.append(Injected(what, entity, key.encode(), value, tuple(headers), expected))
+    def add(
+        what: str,
+        entity: str,
+        key: str,
+        value: bytes,
+        headers: Any,
+        expected: str,
+        sender: str = HANOI,
+    ) -> None:
+        """`sender`: whose Kafka credentials send it (on the secured broker); a forger
+        holds province-01's credentials, never its signing key."""
+        out.append(Injected(what, entity, key.encode(), value, tuple(headers), expected, sender))
 
     for entity, value, expected in MALFORMED:
         add(
@@ -146,7 +156,7 @@ def injected_events(run: DemoRun) -> list[Injected]:
         hanoi.headers(signed), "bad_signature")  # fmt: skip
     forged = _event(HANOI, "citizen", citizen, 4, claim)
     add("forged: province-79 signs as province-01", "citizen", key, forged,
-        hcm.headers(forged), "bad_signature")  # fmt: skip
+        hcm.headers(forged), "bad_signature", sender=HCM)  # fmt: skip
     stranger = _event("province-99", "citizen", citizen, 5, claim)
     add("unregistered province-99, own key", "citizen",
         message_key("citizen", citizen, "province-99").decode(), stranger,
@@ -162,22 +172,30 @@ def injected_events(run: DemoRun) -> list[Injected]:
                      {"name": "Công ty Giả", "status": "dissolved"})  # fmt: skip
     add("ministry-btp dissolves a company", "organization",
         message_key("organization", "0101234567", "ministry-btp").decode(),
-        company, btp.headers(company), "out_of_scope")  # fmt: skip
+        company, btp.headers(company), "out_of_scope", sender="ministry-btp")  # fmt: skip
     feed = signer(run, PORTAL_FEED_SOURCE)
     code = "000.00.02.H17-250801-9002"
     delete = _event(PORTAL_FEED_SOURCE, "dossier", code, 8, None)
     add("province-48-motcua deletes (may_delete = false)", "dossier",
         message_key("dossier", code, PORTAL_FEED_SOURCE).decode(),
-        delete, feed.headers(delete), "out_of_scope")  # fmt: skip
+        delete, feed.headers(delete), "out_of_scope", sender=PORTAL_FEED_SOURCE)  # fmt: skip
     return out
 
 
 def inject_refused(run: DemoRun) -> None:
-    """Publish the malformed, forged and out-of-scope events; none may reach the store."""
+    """Publish the malformed, forged and out-of-scope events, each with its sender's Kafka
+    credentials (the broker lets them in: only signatures and scope tell them apart);
+    none may reach the store."""
     topics = run.settings.topics()
     run.refusals = injected_events(run)
-    publisher = Publisher(run.settings.connection(), topics, client_id="demo-malformed")
-    for item in run.refusals:
-        publisher.send(topics.change_topic(item.entity), item.key, item.value, item.headers)
-    run.injected = publisher.flush()
-    publisher.close()
+    run.injected = 0
+    for sender in dict.fromkeys(item.sender for item in run.refusals):
+        publisher = Publisher(run.connection(sender), topics, client_id="demo-malformed")
+        try:
+            for item in run.refusals:
+                if item.sender == sender:
+                    topic = topics.change_topic(item.entity)
+                    publisher.send(topic, item.key, item.value, item.headers)
+            run.injected += publisher.flush()
+        finally:
+            publisher.close()
