@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,33 +20,11 @@ from portal_sync.settings import Settings
 from schemas import parse_event
 from tests.support.pipeline_helpers import citizen_events
 from transport import clients
+from transport.local_cluster import free_ports
 from transport.publisher import Publisher, PublishError
 from transport.reader import RangeReader, Selection
 
 pytestmark = pytest.mark.kafka
-
-
-def free_ports(count: int) -> int:
-    """A first port P with P..P+count-1 free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first: int = probe.getsockname()[1]
-        if first + count > 65_000:
-            continue
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise AssertionError("no free consecutive ports")
 
 
 def kafka(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
