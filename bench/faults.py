@@ -4,6 +4,7 @@
     .venv/bin/python bench/faults.py --short         # CI: ~15,000 events, fewer faults
     .venv/bin/python bench/faults.py --store sqlite --seed 7 --keep
     .venv/bin/python bench/faults.py --workers 3 --partitions 12   # three workers join/leave
+    .venv/bin/python bench/faults.py --drill brokers [--short]   # 3 nodes, kill -9 two in turn
 
 One run: a feed of mixed events (4 entities, 6 sources, duplicates, out-of-order versions,
 deletes, ~1 % invalid raw messages) is published by producer processes (this file with
@@ -1051,6 +1052,360 @@ def verify(run: Run, items: list[Item]) -> tuple[dict[str, Any], list[str]]:
     return rows, problems
 
 
+# -- broker drill ----------------------------------------------------------------------------
+@dataclass
+class DrillPlan:
+    events: int
+    steady: float  # seconds before the first kill
+    down: float  # seconds a node stays down
+    settle: float  # seconds after a node is back in sync, before the next kill
+    final_timeout: float
+
+
+DRILL_FULL = DrillPlan(20_000, 20.0, 45.0, 20.0, 600)
+DRILL_SHORT = DrillPlan(3_000, 8.0, 15.0, 5.0, 180)
+
+
+def _get(url: str) -> tuple[int | str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except Exception as error:
+        return type(error).__name__, ""
+
+
+def _metric(text: str, name: str, where: str = "") -> list[float]:
+    """Values of a Prometheus metric in exposition text (lines whose labels hold `where`)."""
+    values = []
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {" and where in line:
+            with contextlib.suppress(ValueError):
+                values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+@dataclass
+class Sample:
+    at: float
+    phase: str
+    nodes: str  # e.g. "1-3" (node 2 down)
+    applied: int | None
+    acked: int
+    ready: dict[str, int | str]
+    retrying: float
+    lag_messages: float | None
+    lag_seconds: float | None
+    lag_status: float | None
+    exporter_ready: int | str
+
+
+class DrillSampler(threading.Thread):
+    """Once a second: the nodes, the store's applied offsets, the producers' checkpoints,
+    each worker's /readyz and retrying gauge, the lag exporter's lag and status."""
+
+    def __init__(
+        self,
+        run: Run,
+        cluster: Any,
+        workers: Workers,
+        producers: list[ProducerSlot],
+        exporter_port: int,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.harness, self.cluster, self.workers = run, cluster, workers
+        self.producers, self.exporter_port = producers, exporter_port
+        self.phase = "start"
+        self.samples: list[Sample] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        group = self.harness.env["PORTAL_SYNC_GROUP_ID"]
+        while not self.done.is_set():
+            began = time.monotonic()
+            nodes = "".join(str(n.node) if n.running else "-" for n in self.cluster.status())
+            ready: dict[str, int | str] = {}
+            retrying = 0.0
+            for slot in self.workers.running():
+                base = f"http://127.0.0.1:{self.workers.ports[slot]}"
+                ready[slot] = _get(f"{base}/readyz")[0]
+                retrying = max(
+                    [
+                        retrying,
+                        *_metric(_get(f"{base}/metrics")[1], "portal_sync_worker_retrying_seconds"),
+                    ]
+                )
+            exporter = f"http://127.0.0.1:{self.exporter_port}"
+            text = _get(f"{exporter}/metrics")[1]
+            where = f'group="{group}"'
+            messages = _metric(text, "portal_sync_consumer_lag_messages", where)
+            seconds = _metric(text, "portal_sync_consumer_lag_seconds", where)
+            status = _metric(text, "portal_sync_consumer_status", where)
+            applied = None
+            with contextlib.suppress(Exception):
+                applied = applied_total(self.harness)
+            self.samples.append(
+                Sample(
+                    time.monotonic() - self.harness.began,
+                    self.phase,
+                    nodes,
+                    applied,
+                    sum(p.position() - p.start for p in self.producers),
+                    ready,
+                    retrying,
+                    sum(messages) if messages else None,
+                    max(seconds) if seconds else None,
+                    max(status) if status else None,
+                    _get(f"{exporter}/readyz")[0],
+                )
+            )
+            self.done.wait(max(0.0, 1.0 - (time.monotonic() - began)))
+
+
+def _wait_warm(sampler: DrillSampler, timeout: float) -> float:
+    """Until both workers are ready, producers got acknowledgements and the exporter
+    reports the group's lag (processes start slowly on a busy machine)."""
+    began = time.monotonic()
+    while time.monotonic() < began + timeout:
+        last = sampler.samples[-1] if sampler.samples else None
+        if (
+            last is not None
+            and len(last.ready) == 2
+            and all(code == 200 for code in last.ready.values())
+            and last.acked > 0
+            and last.lag_messages is not None
+        ):
+            return time.monotonic() - began
+        time.sleep(0.5)
+    raise RuntimeError(f"workers, producers or lag exporter not up after {timeout:.0f}s")
+
+
+def _wait_in_sync(cluster: Any, timeout: float = 180) -> float:
+    """Until every partition has all its replicas in sync again; the seconds it took."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            client = admin_client(cluster)
+            try:
+                topics = client.describe_topics()
+            finally:
+                client.close()
+            if all(
+                len(p["isr_nodes"]) == len(p["replica_nodes"])
+                for topic in topics
+                for p in topic["partitions"]
+            ):
+                return time.monotonic() - began
+        time.sleep(1)
+    raise RuntimeError(f"partitions still under-replicated after {timeout:.0f}s")
+
+
+def admin_client(cluster: Any) -> Any:
+    from transport import clients
+
+    return clients.admin(cluster.connection(), request_timeout_ms=5000)
+
+
+def _controller(cluster: Any) -> int:
+    client = admin_client(cluster)
+    try:
+        return int(client.describe_cluster()["controller_id"])
+    finally:
+        client.close()
+
+
+def broker_drill(args: argparse.Namespace) -> int:
+    """Three KRaft nodes, producers, two workers and the lag exporter; kill -9 the active
+    controller's node, restart it, wait until every replica is in sync, kill -9 another
+    node, restart it; then the checks of the fault suite and a table per phase."""
+    from transport.local_cluster import LocalCluster, free_ports
+
+    plan = DRILL_SHORT if args.short else DRILL_FULL
+    n = args.events or plan.events
+    root = Path(tempfile.mkdtemp(prefix="portal-sync-broker-drill-"))
+    os.chmod(root, 0o755)
+    cluster = LocalCluster(root / "kafka")
+    pg: Postgres | None = None
+    workers: Workers | None = None
+    exporter: subprocess.Popen[bytes] | None = None
+    sampler: DrillSampler | None = None
+    producers: list[ProducerSlot] = []
+    failed = True
+    try:
+        began = time.monotonic()
+        items = make_events(n, args.seed)
+        feed = root / "feed.jsonl"
+        write_feed(items, feed)
+        cluster.up(3, free_ports(3), timeout=180)
+        if args.store == "postgresql":
+            pg = Postgres.start(root / "pg")
+            store_url = pg.url
+        else:
+            store_url = f"sqlite:///{root / 'store.db'}"
+        run = Run(root, cluster.bootstrap(), store_url, args.seed)
+        run.env["PORTAL_SYNC_REPLICATION_FACTOR"] = "3"
+        run.note(f"{n} feed lines, 3 nodes {cluster.bootstrap()}, store {args.store}, {root}")
+        topics = run.command("topics")
+        assert topics.returncode == 0, topics.stderr
+        workers = Workers(run)
+        workers.start("a")
+        workers.start("b")
+        exporter_port = free_port()
+        exporter = subprocess.Popen(
+            [*_cli(), "lag-exporter", "--port", str(exporter_port), "--interval", "1"],
+            env=run.env,
+            stdout=(root / "lag-exporter.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        # Producers publish over the whole drill (two outages and their recoveries).
+        duration = plan.steady + 2 * (plan.down + plan.settle + 10)
+        rate = len(items) / 5 / duration
+        lines = len(items)
+        slices = [(lines * i // 5, lines * (i + 1) // 5) for i in range(5)]
+        producers = [ProducerSlot(run, feed, lo, hi, rate, [], batch=100) for lo, hi in slices]
+        sampler = DrillSampler(run, cluster, workers, producers, exporter_port)
+        sampler.start()
+        deadline = time.monotonic() + 3600
+        threads = [
+            threading.Thread(target=p.loop, args=(deadline,), daemon=True) for p in producers
+        ]
+        for thread in threads:
+            thread.start()
+        warm = _wait_warm(sampler, timeout=180)
+        run.note(f"warm after {warm:.0f}s: workers ready, events acknowledged, lag reported")
+        sampler.phase = "steady"
+        time.sleep(plan.steady)
+        first = _controller(cluster)
+        victims = [first, 1 + first % 3]
+        recovery: dict[int, float] = {}
+        for round_, node in enumerate(victims, 1):
+            sampler.phase = f"{round_}: node {node} down"
+            cluster.down(node, kill=True)
+            run.faults[f"node kill -9 (node {node})"] += 1
+            run.note(f"node {node}: kill -9 (controller was {first if round_ == 1 else '?'})")
+            time.sleep(plan.down)
+            sampler.phase = f"{round_}: node {node} back"
+            cluster.up(timeout=180)
+            run.note(f"node {node}: up again")
+            recovery[node] = _wait_in_sync(cluster)
+            run.note(f"node {node}: every replica in sync after {recovery[node]:.1f}s")
+            time.sleep(plan.settle)
+        sampler.phase = "drain"
+        run.note("waiting for the producers")
+        for thread in threads:
+            thread.join(timeout=900)
+        caught_up = wait_caught_up(run, plan.final_timeout)
+        run.note(f"workers caught up: {caught_up}")
+        time.sleep(3)  # the exporter's next polls see the end
+        sampler.done.set()
+        sampler.join(timeout=10)
+        for slot in list(workers.procs):
+            workers.stop(slot)
+        rows, problems = verify(run, items)
+        if not caught_up:
+            problems.append("the two workers did not catch up")
+        if not all(p.done for p in producers):
+            problems.append("a producer did not finish its slice")
+        restarts = sum(p.deaths["crashed"] for p in producers)
+        rows["producer restarts (failed flush, from checkpoint)"] = restarts
+        for node, seconds in recovery.items():
+            rows[f"node {node}: replicas in sync after restart"] = f"{seconds:.1f}s"
+        problems += drill_checks(sampler.samples)
+        print_drill_table(run, sampler.samples, rows, time.monotonic() - began)
+        for problem in problems:
+            print("PROBLEM:", problem)
+        (root / "drill.log").write_text("\n".join(run.log) + "\n")
+        with (root / "samples.jsonl").open("w") as out:
+            for sample in sampler.samples:
+                out.write(json.dumps(sample.__dict__) + "\n")
+        failed = bool(problems)
+        return 1 if failed else 0
+    finally:
+        if sampler is not None:
+            sampler.done.set()
+        for slot in producers:
+            slot.stop()
+        if workers is not None:
+            for slot in list(workers.procs):
+                workers.kill(slot)
+        if exporter is not None:
+            exporter.kill()
+            exporter.wait()
+        cluster.down(timeout=30)
+        if pg is not None:
+            pg.stop()
+        if args.keep or failed:
+            print(f"run dir kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _phases(samples: list[Sample]) -> dict[str, list[Sample]]:
+    phases: dict[str, list[Sample]] = {}
+    for sample in samples:
+        phases.setdefault(sample.phase, []).append(sample)
+    return phases
+
+
+def drill_checks(samples: list[Sample]) -> list[str]:
+    """What the metrics must show: lag measured throughout, back to 0 at the end, and the
+    exporter answering all along (it reads any live node)."""
+    problems = []
+    lags = [s.lag_messages for s in samples if s.lag_messages is not None]
+    if not lags:
+        problems.append("the lag exporter never reported the group's lag")
+    elif lags[-1] != 0:
+        problems.append(f"lag at the end {lags[-1]:.0f}, not 0")
+    if max(lags or [0]) <= 0:
+        problems.append("the lag never rose (the workers were never behind)")
+    for phase, group in _phases(samples).items():
+        if phase.endswith("back") and group[-1].lag_messages is None:
+            problems.append(f"the lag exporter reports no lag at the end of '{phase}'")
+    return problems
+
+
+def print_drill_table(
+    run: Run, samples: list[Sample], rows: dict[str, Any], seconds: float
+) -> None:
+    print()
+    header = (
+        f"{'phase':<20} {'secs':>5} {'nodes':>5} {'acked':>7} {'applied':>8} "
+        f"{'lag max':>8} {'lag s max':>9} {'status':>6} {'not ready':>9} {'retrying':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for phase, group in _phases(samples).items():
+        applied = [s.applied for s in group if s.applied is not None]
+        lags = [s.lag_messages for s in group if s.lag_messages is not None]
+        lag_s = [s.lag_seconds for s in group if s.lag_seconds is not None]
+        status = [s.lag_status for s in group if s.lag_status is not None]
+        not_ready = sum(1 for s in group for code in s.ready.values() if code != 200)
+        probes = sum(len(s.ready) for s in group)
+        nodes = "/".join(sorted({s.nodes for s in group}))
+        print(
+            f"{phase:<20} {group[-1].at - group[0].at + 1:>5.0f} {nodes:>5} "
+            f"{group[-1].acked - group[0].acked:>7} "
+            f"{(applied[-1] - applied[0]) if applied else '-':>8} "
+            f"{max(lags) if lags else '-':>8} {max(lag_s) if lag_s else 0:>9.1f} "
+            f"{max(status) if status else '-':>6} {f'{not_ready}/{probes}':>9} "
+            f"{max(s.retrying for s in group):>8.1f}"
+        )
+    width = 58
+    print()
+    print(f"{'fault':<{width}} {'injected':>12}")
+    print("-" * (width + 13))
+    for name, count in sorted(run.faults.items()):
+        print(f"{name:<{width}} {count:>12}")
+    print()
+    print(f"{'check':<{width}} {'value':>12}")
+    print("-" * (width + 13))
+    for name, value in rows.items():
+        print(f"{name:<{width}} {value!s:>12}")
+    print(f"{'wall time':<{width}} {seconds:>11.0f}s")
+
+
 # -- main ------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1061,8 +1416,16 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run dir (logs, data)")
     parser.add_argument("--workers", type=int, default=2, help="worker slots (rebalances)")
     parser.add_argument("--partitions", type=int, default=6, help="change topic partitions")
+    parser.add_argument(
+        "--drill",
+        choices=["brokers"],
+        help="brokers: a 3-node cluster, two workers, the lag exporter; two nodes kill -9ed "
+        "one after the other (default 20000 events; 3000 short)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
+    if args.drill == "brokers":
+        return broker_drill(args)
     plan = SHORT if args.short else FULL
     n = args.events or plan.events
     root = Path(tempfile.mkdtemp(prefix="portal-sync-faults-"))

@@ -82,7 +82,18 @@ class LagReader:
     _store: Store | None = None
 
     def read(self) -> list[GroupLag]:
-        """One poll: offsets, log ends, oldest unapplied timestamps, statuses."""
+        """One poll: offsets, log ends, oldest unapplied timestamps, statuses. A failed poll
+        drops the clients: after a broker died, a client may keep asking the dead node
+        (kafka-python), and the next poll starts afresh."""
+        try:
+            return self._read()
+        except Exception:
+            if self._cluster is not None:
+                self._cluster.close()
+                self._cluster = None
+            raise
+
+    def _read(self) -> list[GroupLag]:
         now = time.time()
         committed = self._committed()
         members = self._members(list(committed))

@@ -22,7 +22,14 @@ from kafka.admin import (
     ResourceType,
     UserScramCredentialUpsertion,
 )
-from kafka.errors import KafkaError, NoError, TopicAlreadyExistsError, for_code
+from kafka.errors import (
+    CoordinatorNotAvailableError,
+    KafkaError,
+    NoError,
+    NotCoordinatorError,
+    TopicAlreadyExistsError,
+    for_code,
+)
 from kafka.structs import OffsetAndMetadata
 
 from schemas.errors import Refused
@@ -32,6 +39,8 @@ from transport.local_secure import SecureSetup, grants
 from transport.topics import Topics
 
 TP = tuple[str, int]
+# A group's coordinator moved (its broker died or restarted).
+MOVED = (NotCoordinatorError, CoordinatorNotAvailableError)
 
 
 class Cluster:
@@ -67,6 +76,14 @@ class Cluster:
                 max_partition_fetch_bytes=64 * 1024,
             )
         return self._consumer
+
+    def _forget_coordinators(self) -> None:
+        """kafka-python's admin client caches every group's coordinator and never forgets
+        it: once a coordinator moved, only a new admin client finds the new one."""
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                self._admin.close()
+            self._admin = None
 
     def close(self) -> None:
         for client in (self._consumer, self._admin):
@@ -232,6 +249,8 @@ class Cluster:
                 described: dict[str, Any] = self.admin.describe_groups([group]).get(group, {})
                 return described
             except KafkaError as error:
+                if isinstance(error, MOVED):
+                    self._forget_coordinators()
                 if not getattr(error, "retriable", False) or time.monotonic() > deadline:
                     raise clients.translate(
                         error, f"describe group {group}", self.connection
@@ -247,7 +266,12 @@ class Cluster:
         """Committed offsets per group (only the committed ones, >= 0)."""
         wanted = None if partitions is None else [TopicPartition(t, p) for t, p in partitions]
         result: dict[str, dict[TP, int]] = {}
-        for group, offsets in self.admin.list_group_offsets({g: wanted for g in groups}).items():
+        try:
+            listed = self.admin.list_group_offsets({g: wanted for g in groups})
+        except MOVED:
+            self._forget_coordinators()
+            listed = self.admin.list_group_offsets({g: wanted for g in groups})
+        for group, offsets in listed.items():
             result[group] = {
                 (tp.topic, tp.partition): meta.offset
                 for tp, meta in offsets.items()

@@ -149,6 +149,8 @@ def _argfile_quoted(arg: str) -> str:
 
 
 class LocalKafka:
+    heap = HEAP  # the JVM's maximum heap (a node of the local cluster takes less)
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.state_file = self.data_dir / "broker.json"
@@ -361,7 +363,7 @@ class LocalKafka:
         logs.mkdir(parents=True, exist_ok=True)
         command = [
             java,
-            HEAP,
+            self.heap,
             "-Xms128m",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",

@@ -13,6 +13,7 @@ from portal_sync.settings import Settings
 
 if TYPE_CHECKING:
     from transport.local import LocalKafka
+    from transport.local_cluster import LocalCluster
     from transport.local_secure import SecureSetup
 
 kafka_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
@@ -42,14 +43,30 @@ def kafka_up(
             "else deploy/registry.toml)",
         ),
     ] = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            "--nodes",
+            min=1,
+            help="A local cluster of this many KRaft nodes (node k on port P+k-1); "
+            "on an existing cluster's data dir: restart its stopped nodes",
+        ),
+    ] = None,
 ) -> None:
     """Start the local broker (fetching its jars once) and wait until it answers."""
     import time
 
     from transport.local import KafkaSetupError, LocalKafka
+    from transport.local_cluster import is_cluster
 
     settings = Settings()
-    broker = LocalKafka(data_dir or settings.kafka_data_dir)
+    where = data_dir or settings.kafka_data_dir
+    if nodes is not None or is_cluster(where):
+        if secure:
+            raise fail("--secure is for the single broker, not a local cluster", code=2)
+        _cluster_up(where, nodes, port)
+        return
+    broker = LocalKafka(where)
     setup = _secure_setup(settings, registry) if secure else None
     started = time.monotonic()
     try:
@@ -64,6 +81,44 @@ def kafka_up(
     )
     if broker.secure:
         _print_clients(broker)
+
+
+def _cluster_up(data_dir: Path, nodes: int | None, port: int | None) -> None:
+    import time
+
+    from transport.local import KafkaSetupError
+    from transport.local_cluster import LocalCluster
+
+    cluster = LocalCluster(data_dir)
+    began = time.monotonic()
+    try:
+        with console.status("starting the Apache Kafka (KRaft) nodes…"):
+            started = cluster.up(nodes, port)
+    except KafkaSetupError as error:
+        raise fail(str(error)) from None
+    took = f"nodes {', '.join(map(str, started))} started in {time.monotonic() - began:.1f}s"
+    console.print(
+        f"Kafka cluster of {cluster.size()} nodes up ({took if started else 'already running'}), "
+        f"data {cluster.data_dir}"
+    )
+    _print_nodes(cluster)
+    console.print(
+        f"clients: PORTAL_SYNC_KAFKA_BOOTSTRAP={cluster.bootstrap()} "
+        f"(topics with replication factor {cluster.size()}, min.insync.replicas "
+        f"{min(2, cluster.size())})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_nodes(cluster: LocalCluster) -> None:
+    for node in cluster.status():
+        state = "running" if node.running else "stopped"
+        memory = f", RSS {node.rss_bytes / 2**20:.0f} MiB" if node.rss_bytes else ""
+        console.print(
+            f"  node {node.node}: port {node.port}, pid {node.pid or '-'}, {state}{memory}",
+            highlight=False,
+        )
 
 
 def _secure_setup(settings: Settings, registry: Path | None) -> SecureSetup:
@@ -91,20 +146,60 @@ def _print_clients(broker: LocalKafka) -> None:
 
 
 @kafka_app.command("down")
-def kafka_down(data_dir: DataDirOpt = None) -> None:
-    """Stop the local broker."""
-    from transport.local import LocalKafka
+def kafka_down(
+    data_dir: DataDirOpt = None,
+    node: Annotated[
+        int | None, typer.Option("--node", help="Stop only this node of a local cluster")
+    ] = None,
+    kill: Annotated[
+        bool, typer.Option("--kill", help="SIGKILL (a crash) instead of a graceful stop")
+    ] = False,
+) -> None:
+    """Stop the local broker, or a local cluster's nodes (all, or one with --node)."""
+    from transport.local import KafkaSetupError, LocalKafka
+    from transport.local_cluster import LocalCluster, is_cluster
 
-    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    where = data_dir or Settings().kafka_data_dir
+    if is_cluster(where):
+        try:
+            stopped = LocalCluster(where).down(node, kill=kill)
+        except KafkaSetupError as error:
+            raise fail(str(error), code=2) from None
+        how = "killed" if kill else "stopped"
+        which = f"node {node}" if node is not None else "Kafka cluster nodes"
+        console.print(f"{which} {how}: {', '.join(map(str, stopped)) or 'none was running'}")
+        return
+    if node is not None:
+        raise fail(f"{where} holds no local cluster (`kafka up --nodes 3`)", code=2)
+    broker = LocalKafka(where)
+    pid = broker.status().pid
+    if kill and pid is not None:
+        import os
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+        console.print(f"Kafka killed (pid {pid})")
+        return
     console.print("Kafka stopped" if broker.down() else "Kafka was not running")
 
 
 @kafka_app.command("status")
 def kafka_status(data_dir: DataDirOpt = None) -> None:
-    """Show whether the local broker runs; exit 1 when it does not."""
+    """Show whether the local broker runs (a cluster: every node); exit 1 when it does not
+    (a cluster: when a node does not)."""
     from transport.local import LocalKafka
+    from transport.local_cluster import LocalCluster, is_cluster
 
-    broker = LocalKafka(data_dir or Settings().kafka_data_dir)
+    where = data_dir or Settings().kafka_data_dir
+    if is_cluster(where):
+        cluster = LocalCluster(where)
+        running = sum(node.running for node in cluster.status())
+        console.print(f"cluster of {cluster.size()} nodes, {running} running, data {where}")
+        _print_nodes(cluster)
+        if running < cluster.size():
+            raise typer.Exit(1)
+        return
+    broker = LocalKafka(where)
     status = broker.status()
     memory = f", RSS {status.rss_bytes / 2**20:.0f} MiB" if status.rss_bytes else ""
     if status.running:

@@ -48,7 +48,14 @@ def settings_from(bootstrap: str | None = None, store: str | None = None) -> Set
     settings = Settings.from_flags(bootstrap, store)
     if not settings.kafka_bootstrap:
         from transport.local import LocalKafka
+        from transport.local_cluster import LocalCluster, is_cluster
 
+        if is_cluster(settings.kafka_data_dir):  # the local cluster: every node, 3 replicas
+            cluster = LocalCluster(settings.kafka_data_dir)
+            settings.kafka_bootstrap = cluster.bootstrap()
+            if "replication_factor" not in settings.model_fields_set:
+                settings.replication_factor = min(3, cluster.size())
+            return settings
         broker = LocalKafka(settings.kafka_data_dir)
         settings.kafka_bootstrap = broker.bootstrap()
         if broker.secure and settings.connection().security_protocol == "PLAINTEXT":
