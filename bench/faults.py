@@ -1063,7 +1063,7 @@ class DrillPlan:
 
 
 DRILL_FULL = DrillPlan(20_000, 20.0, 45.0, 20.0, 600)
-DRILL_SHORT = DrillPlan(3_000, 8.0, 15.0, 5.0, 180)
+DRILL_SHORT = DrillPlan(2_000, 5.0, 8.0, 3.0, 180)
 
 
 def _get(url: str) -> tuple[int | str, str]:
@@ -1420,7 +1420,7 @@ def main() -> int:
         "--drill",
         choices=["brokers"],
         help="brokers: a 3-node cluster, two workers, the lag exporter; two nodes kill -9ed "
-        "one after the other (default 20000 events; 3000 short)",
+        "one after the other (default 20000 events; 2000 short)",
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C

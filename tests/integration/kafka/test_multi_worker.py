@@ -51,7 +51,7 @@ def test_workers_joining_leaving_and_killed_under_load_lose_and_repeat_nothing(
 ) -> None:
     settings = settings_for(postgres_store_url, change_partitions=12)
     ensure_topics(settings)
-    events = citizen_events(keys=3000, versions=3, seed=41)
+    events = citizen_events(keys=2000, versions=3, seed=41)
     feed = shuffled_with_duplicates(events, seed=42)
     publisher = publisher_for(settings)
     for raw in feed:

@@ -225,6 +225,7 @@ adapter = "filedrop"
 
 [sources.connection]
 directory = "inbox"
+settle_seconds = 0
 
 [sources.mapping]
 entity = "citizen"
@@ -249,7 +250,7 @@ fields = {{ full_name = "name" }}
     with RangeReader(reconciler.connection()) as reader:
         ranges = reader.resolve(Selection([reconciler.topics().change_topic("citizen")]))
         keys = [m.key for batch in reader.read(ranges) for m in batch]
-    assert message_key("citizen", "079090000101", SOURCE) in keys
+    assert message_key("citizen", "079090000101", "province-79") in keys
 
 
 def test_a_source_can_neither_read_the_change_topics_nor_write_the_dead_letters(

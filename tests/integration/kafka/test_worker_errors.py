@@ -29,7 +29,7 @@ pytestmark = pytest.mark.kafka
 def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = settings_for(sqlite_store_url)
+    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
     ensure_topics(settings)
     store = Store(settings.store_url)
     store.create_schema()

@@ -297,7 +297,7 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     from consumers.worker import BatchProcessor
     from transport.reader import Message
 
-    settings = settings_for(sqlite_store_url)
+    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
     ensure_topics(settings)
     store = Store(settings.store_url)
     store.create_schema()
@@ -335,7 +335,7 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     from store import StoreUnavailable
     from transport.reader import Message
 
-    settings = settings_for(sqlite_store_url)
+    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
     ensure_topics(settings)
     store = Store(settings.store_url)
     store.create_schema()
