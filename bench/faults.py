@@ -1540,7 +1540,7 @@ def print_table(run: Run, rows: dict[str, Any], plan: Plan, pg: bool, seconds: f
         "worker SIGKILL": plan.worker_kills,
         "broker kill -9 + restart": plan.broker_kills,
         "postgresql immediate stop + restart": plan.pg_crashes if pg else 0,
-        "rebalance (second worker joins/leaves)": plan.rebalances,
+        "rebalance (a worker joins/leaves)": plan.rebalances,
         "dead-letter topic deleted + recreated": 1,
     }
     width = 58
