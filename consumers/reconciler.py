@@ -202,11 +202,6 @@ class Reconciler:
         self.store = store
         self.authority = authority
 
-    def unapplied(self, messages: Sequence[Message]) -> list[Message]:
-        """The messages of a batch whose offsets the store has not applied yet."""
-        stored = self.store.stored_offsets({m.tp for m in messages})
-        return [m for m in messages if m.offset >= stored.get(m.tp, 0)]
-
     def apply(
         self,
         events: Sequence[Checked],
@@ -215,6 +210,7 @@ class Reconciler:
         dry_run: bool = False,
         before_commit: Callable[[], None] | None = None,
         starts: Mapping[TopicPartition, int] | None = None,
+        after_offsets: Callable[[Mapping[TopicPartition, int]], None] | None = None,
     ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
@@ -224,7 +220,9 @@ class Reconciler:
         A `replay` re-applies events whatever the store's offsets say and leaves the offsets
         alone (the live worker owns them); the version rule keeps it idempotent. A `dry_run`
         does all the work in a transaction that is rolled back. `before_commit` runs after
-        the writes, before the commit: if it raises, nothing is committed. `starts`: where
+        the writes, before the commit: if it raises, nothing is committed. `after_offsets` is
+        called with the stored offsets as soon as they are read (locked), before any write;
+        `{}` for a replay. `starts`: where
         the read of each partition began, when a compacted log may have no record there.
         """
         report = BatchReport()
@@ -232,6 +230,8 @@ class Reconciler:
         keys = {(c.event.entity, c.event.key) for c in events}
         with self.store.batch(partitions, keys, use_offsets=not replay, commit=not dry_run) as tx:
             stored = tx.offsets
+            if after_offsets is not None:
+                after_offsets(stored)
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
             work = _Batch(tx.views, tx.canonical)

@@ -24,7 +24,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,23 +218,52 @@ class BatchProcessor:
     def _process_once(
         self, messages: Sequence[Message], lettered: set[Offset], prepared: Prepared | None
     ) -> None:
-        fresh = self.reconciler.unapplied(messages)
         if prepared is None:
-            valid, dead = self._classify(fresh)
-        else:  # classified beforehand: keep what the store has not applied yet
-            unapplied = {_origin(m) for m in fresh}
-            valid = [c for c in prepared.valid if _origin(c.message) in unapplied]
-            dead = [d for d in prepared.dead if _origin(d.message) in unapplied]
-        # Dead letters are sent first and their acknowledgements awaited just before the
-        # commit: the broker's round trip overlaps the store's work, and the offsets that
-        # move past a dead letter are still never committed before it is acknowledged.
-        flush = self._send_dead_letters(dead, lettered) if dead else None
+            valid, dead = self._classify(messages)
+        else:
+            valid, dead = prepared.valid, prepared.dead
+        # Inside the batch's transaction, once the store's offsets are read (and locked):
+        # what the store has already applied (a redelivery) is neither dead-lettered nor
+        # counted again. Dead letters are sent then and their acknowledgements awaited just
+        # before the commit: the broker's round trip overlaps the store's work, and the
+        # offsets that move past a dead letter are never committed before it is
+        # acknowledged.
+        sent: list[DeadLetter] = []
+        waits: list[Callable[[], None]] = []
+
+        def unapplied(stored: Mapping[TopicPartition, int]) -> None:
+            todo = [d for d in dead if d.message.offset >= stored.get(d.message.tp, 0)]
+            if todo:
+                sent.extend(todo)
+                waits.append(self._send_dead_letters(todo, lettered))
+            self._soft_checks(valid, stored)
+
+        def flush() -> None:
+            for wait in waits:
+                wait()
+
+        began = time.perf_counter()
+        try:
+            report = self.reconciler.apply(
+                valid, messages, after_offsets=unapplied, before_commit=flush
+            )
+        finally:  # the store failed: still settle what was sent, so that a retry does not
+            flush()  # send it again (a no-op once acknowledged)
+        COMMIT_SECONDS.observe(time.perf_counter() - began)
+        record_batch(report, self.config.freshness_objective_seconds)
+        if sent:
+            record_dead_letters(sent)
+        self._purge()
+
+    @staticmethod
+    def _soft_checks(valid: Sequence[Checked], stored: Mapping[TopicPartition, int]) -> None:
+        """Count and log the soft checks that failed (events not applied before only)."""
         for checked in valid:
-            if checked.warnings:
+            message = checked.message
+            if checked.warnings and message.offset >= stored.get(message.tp, 0):
                 record_warnings(checked.event.entity, checked.warnings)
                 # Where the event is, never what it names: the key is a personal id, and
                 # our producers derive the event id from it with no secret.
-                message = checked.message
                 log.info(
                     "soft checks %s failed for the event at %s:%d:%d",
                     ",".join(checked.warnings),
@@ -242,17 +271,6 @@ class BatchProcessor:
                     message.partition,
                     message.offset,
                 )
-        began = time.perf_counter()
-        try:
-            report = self.reconciler.apply(valid, fresh, before_commit=flush)
-        finally:
-            if flush is not None:  # the store failed: still settle what was sent, so that
-                flush()  # a retry does not send it again (a no-op once acknowledged)
-        COMMIT_SECONDS.observe(time.perf_counter() - began)
-        record_batch(report, self.config.freshness_objective_seconds)
-        if dead:
-            record_dead_letters(dead)
-        self._purge()
 
     def _purge(self) -> None:
         """The retention job (consumers.retention), at most once an hour."""

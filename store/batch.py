@@ -59,6 +59,19 @@ class BatchIO:
     def __init__(self, dbapi: Any) -> None:
         self.dbapi = dbapi
 
+    def read(
+        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+    ) -> tuple[
+        dict[TopicPartition, int],
+        dict[RecordKey, dict[str, SourceView]],
+        dict[RecordKey, dict[str, Any]],
+    ]:
+        """A batch's reads: lock its records, then the partitions' stored offsets (locked),
+        every source's view and the canonical data of the records."""
+        self.lock(keys)
+        offsets = self.offsets(partitions) if use_offsets else {}
+        return offsets, self.views(keys), self.canonical(keys)
+
     # -- what each backend provides ----------------------------------------------------------
     def lock(self, keys: Sequence[RecordKey]) -> None:
         """Serialise writers of the same records (replays beside the live worker)."""
@@ -132,71 +145,146 @@ class BatchIO:
         raise NotImplementedError
 
 
-def _new_conflicts(current: Conflicts, before: Iterable[tuple[str, str, str]]) -> Any:
-    known = set(before)
-    found = [
+def _found_conflicts(current: Conflicts) -> list[tuple[str, str, str, list[list[str]]]]:
+    return [
         (e, k, f, sources) for (e, k), fields in current.items() for f, sources in fields.items()
     ]
-    return found, [(e, f) for e, k, f, _ in found if (e, k, f) not in known]
+
+
+def _new_conflicts(
+    found: Sequence[tuple[str, str, str, Any]], before: Iterable[tuple[str, str, str]]
+) -> list[tuple[str, str]]:
+    """(entity, field) of the conflicts found that were not there before."""
+    known = set(before)
+    return [(e, f) for e, k, f, _ in found if (e, k, f) not in known]
+
+
+LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0)"
+    " AS h FROM unnest(%b::text[]) AS k ORDER BY h) AS ordered"
+)
+OFFSETS_SQL = (
+    "SELECT a.topic, a.partition, a.next_offset FROM applied_offsets a"
+    " JOIN unnest(%b::text[], %b::int[]) AS w(topic, partition)"
+    " ON a.topic = w.topic AND a.partition = w.partition"
+)
+VIEWS_SQL = (
+    "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
+    " v.data FROM source_views v JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
+    " ON v.entity = w.entity AND v.key = w.key"
+)
+CANONICAL_SQL = (
+    "SELECT r.entity, r.key, r.data FROM records r"
+    " JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
+    " ON r.entity = w.entity AND r.key = w.key"
+)
+
+
+def _key_arrays(keys: Sequence[RecordKey]) -> list[list[str]]:
+    return [[e for e, _ in keys], [k for _, k in keys]]
+
+
+def _partition_arrays(partitions: Sequence[TopicPartition]) -> list[list[Any]]:
+    return [[t for t, _ in partitions], [p for _, p in partitions]]
+
+
+def _offsets(rows: Iterable[Any]) -> dict[TopicPartition, int]:
+    return {(t, p): o for t, p, o in rows}
+
+
+def _views(rows: Iterable[Any]) -> dict[RecordKey, dict[str, SourceView]]:
+    result: dict[RecordKey, dict[str, SourceView]] = {}
+    for entity, key, source, version, event_id, occurred, deleted, data in rows:
+        view = SourceView(source, version, event_id, _aware(occurred), bool(deleted), _loads(data))
+        result.setdefault((entity, key), {})[source] = view
+    return result
+
+
+def _canonical(rows: Iterable[Any]) -> dict[RecordKey, dict[str, Any]]:
+    return {(e, k): _loads(d) for e, k, d in rows}
 
 
 class PostgresBatchIO(BatchIO):
-    """Arrays and `unnest`: one fixed statement per table and per read."""
+    """Arrays and `unnest`: one fixed statement per table and per read. A batch's reads go
+    in one round trip and its writes in another (psycopg's pipeline mode)."""
+
+    def _send(self, sql: str, params: Sequence[Any]) -> Any:
+        """Send a statement; its rows (if any) are read later with `_rows`. Binary
+        parameters (%b): arrays travel without being quoted as text, which costs a regular
+        expression per element in the driver."""
+        cursor = self.dbapi.cursor()
+        cursor.execute(sql, params)
+        return cursor
+
+    @staticmethod
+    def _rows(cursor: Any) -> list[Any]:
+        with cursor:
+            return list(cursor.fetchall())
 
     def _run(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        # Binary parameters (%b): arrays travel without being quoted as text, which costs
-        # a regular expression per element in the driver.
-        with self.dbapi.cursor() as cursor:
-            cursor.execute(sql, params)
+        cursor = self._send(sql, params)
+        if self.dbapi.pgconn.pipeline_status:  # pipeline mode: the rows are not here yet
+            cursor.close()
+            return []
+        with cursor:
             return list(cursor.fetchall()) if cursor.description else []
+
+    def read(
+        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+    ) -> tuple[
+        dict[TopicPartition, int],
+        dict[RecordKey, dict[str, SourceView]],
+        dict[RecordKey, dict[str, Any]],
+    ]:
+        """The lock and the three reads sent together, answered in one round trip: the
+        server runs them in order, so the reads see the records once they are locked."""
+        if not keys and not (use_offsets and partitions):
+            return {}, {}, {}
+        with self.dbapi.pipeline():
+            if keys:
+                self._run(LOCK_SQL, [[f"{entity}:{key}" for entity, key in keys]])
+            offsets = views = canonical = None
+            if use_offsets and partitions:
+                offsets = self._send(
+                    OFFSETS_SQL + " FOR UPDATE OF a", _partition_arrays(partitions)
+                )
+            if keys:
+                views = self._send(VIEWS_SQL, _key_arrays(keys))
+                canonical = self._send(CANONICAL_SQL, _key_arrays(keys))
+        return (
+            _offsets(self._rows(offsets)) if offsets is not None else {},
+            _views(self._rows(views)) if views is not None else {},
+            _canonical(self._rows(canonical)) if canonical is not None else {},
+        )
+
+    def write(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        """Every statement of the batch's write sent without waiting for the one before:
+        the server executes one while the next one's arrays are built, and the batch waits
+        once, at the end, instead of once per table. An error surfaces at that wait."""
+        with self.dbapi.pipeline():
+            return super().write(*args, **kwargs)
 
     def lock(self, keys: Sequence[RecordKey]) -> None:
         if keys:
-            self._run(
-                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0)"
-                " AS h FROM unnest(%b::text[]) AS k ORDER BY h) AS ordered",
-                [[f"{entity}:{key}" for entity, key in keys]],
-            )
+            self._run(LOCK_SQL, [[f"{entity}:{key}" for entity, key in keys]])
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True
     ) -> dict[TopicPartition, int]:
         if not partitions:
             return {}
-        rows = self._run(
-            "SELECT a.topic, a.partition, a.next_offset FROM applied_offsets a"
-            " JOIN unnest(%b::text[], %b::int[]) AS w(topic, partition)"
-            " ON a.topic = w.topic AND a.partition = w.partition"
-            + (" FOR UPDATE OF a" if lock else ""),
-            [[t for t, _ in partitions], [p for _, p in partitions]],
-        )
-        return {(t, p): o for t, p, o in rows}
+        sql = OFFSETS_SQL + (" FOR UPDATE OF a" if lock else "")
+        return _offsets(self._rows(self._send(sql, _partition_arrays(partitions))))
 
     def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
-        result: dict[RecordKey, dict[str, SourceView]] = {}
         if not keys:
-            return result
-        rows = self._run(
-            "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
-            " v.data FROM source_views v JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
-            " ON v.entity = w.entity AND v.key = w.key",
-            [[e for e, _ in keys], [k for _, k in keys]],
-        )
-        for entity, key, source, version, event_id, occurred, deleted, data in rows:
-            view = SourceView(source, version, event_id, _aware(occurred), deleted, _loads(data))
-            result.setdefault((entity, key), {})[source] = view
-        return result
+            return {}
+        return _views(self._rows(self._send(VIEWS_SQL, _key_arrays(keys))))
 
     def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
         if not keys:
             return {}
-        rows = self._run(
-            "SELECT r.entity, r.key, r.data FROM records r"
-            " JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
-            " ON r.entity = w.entity AND r.key = w.key",
-            [[e for e, _ in keys], [k for _, k in keys]],
-        )
-        return {(e, k): _loads(d) for e, k, d in rows}
+        return _canonical(self._rows(self._send(CANONICAL_SQL, _key_arrays(keys))))
 
     def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
         if not rows:
@@ -301,12 +389,12 @@ class PostgresBatchIO(BatchIO):
     def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
         if not current:
             return []
-        before = self._run(
+        deleted = self._send(
             "DELETE FROM field_conflicts f USING unnest(%b::text[], %b::text[]) AS w(entity, key)"
             " WHERE f.entity = w.entity AND f.key = w.key RETURNING f.entity, f.key, f.field",
-            [[e for e, _ in current], [k for _, k in current]],
+            _key_arrays(list(current)),
         )
-        found, new = _new_conflicts(current, (tuple(row) for row in before))
+        found = _found_conflicts(current)
         if found:
             self._run(
                 "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
@@ -320,7 +408,8 @@ class PostgresBatchIO(BatchIO):
                     [_json(s) for _, _, _, s in found],
                 ],
             )
-        return list(new)
+        # Read last: in a pipeline, reading rows waits for everything sent before.
+        return _new_conflicts(found, (tuple(row) for row in self._rows(deleted)))
 
     def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
         self._run(
@@ -539,14 +628,15 @@ class SqliteBatchIO(BatchIO):
         self.dbapi.execute(
             f"DELETE FROM field_conflicts WHERE (entity, key) IN (SELECT a, b FROM {wanted})"
         )
-        found, new = _new_conflicts(current, (tuple(row) for row in before))
+        found = _found_conflicts(current)
+        new = _new_conflicts(found, (tuple(row) for row in before))
         detected = _text_time(now)
         self._many(
             "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
             " VALUES (?, ?, ?, ?, ?)",
             [(e, k, f, _json(s), detected) for e, k, f, s in found],
         )
-        return list(new)
+        return new
 
     def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
         updated = _text_time(now)

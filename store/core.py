@@ -265,10 +265,10 @@ class Store:
         False, for a dry run, or on any error). Set-based, fixed statements: store.batch."""
         with translated(), self.write_transaction(commit) as conn:
             io = batch_io(conn.dialect.name, conn.connection.driver_connection)
-            wanted = sorted(set(keys))
-            io.lock(wanted)
-            offsets = io.offsets(sorted(set(partitions))) if use_offsets else {}
-            yield BatchTransaction(io, offsets, io.views(wanted), io.canonical(wanted), conn)
+            offsets, views, canonical = io.read(
+                sorted(set(keys)), sorted(set(partitions)), use_offsets
+            )
+            yield BatchTransaction(io, offsets, views, canonical, conn)
 
     # -- reads --------------------------------------------------------------------------
     def close(self) -> None:

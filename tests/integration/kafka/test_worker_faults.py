@@ -326,8 +326,8 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
 def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_store_retries(
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Dead letters are sent before the batch's store work and awaited just before its
-    commit; a store that fails transiently after they were sent does not make the retry
+    """Dead letters are sent once the batch's stored offsets are read, before its writes,
+    and awaited just before its commit; a store that fails transiently after they were sent does not make the retry
     send them again, and the batch's offsets are committed only after the acks."""
     from consumers.reconciler import Checked
     from consumers.registry import Registry
@@ -349,7 +349,8 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     def fail_once_then_check(events: list[Checked], batch: list[Message], **kw: Any) -> Any:
         if not calls:
             calls.append({})
-            raise StoreUnavailable("the store went away")
+            kw["after_offsets"]({})  # the letters are sent once the offsets are read ...
+            raise StoreUnavailable("the store went away")  # ... then the store fails
         settle = kw["before_commit"]
 
         def settled_then_nothing_committed_yet() -> None:
@@ -358,7 +359,12 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
             calls.append(reader.all_offsets())
             reader.close()
 
-        return real_apply(events, batch, before_commit=settled_then_nothing_committed_yet)
+        return real_apply(
+            events,
+            batch,
+            after_offsets=kw["after_offsets"],
+            before_commit=settled_then_nothing_committed_yet,
+        )
 
     monkeypatch.setattr(processor.reconciler, "apply", fail_once_then_check)
     processor.process(messages)
