@@ -18,6 +18,7 @@ text (JSONB on PostgreSQL), so every other reader of the store is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -56,8 +57,27 @@ def _loads(value: Any) -> Any:
 class BatchIO:
     """One backend's statements for a batch, on a DBAPI connection inside a transaction."""
 
+    # Whether statements sent run in the database while the caller goes on (the reconciler
+    # then writes a batch in parts, merging the next part meanwhile).
+    overlaps = False
+
     def __init__(self, dbapi: Any) -> None:
         self.dbapi = dbapi
+        self.new_conflicts: list[tuple[str, str]] = []
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        """Write (`write`'s arguments); a backend that overlaps may return before the
+        database is done: `settle` waits for it."""
+        self.new_conflicts.extend(self.write(*args, **kwargs))
+
+    def settle(self) -> list[tuple[str, str]]:
+        """Wait for everything sent; return (entity, field) of the new conflicts."""
+        new, self.new_conflicts = self.new_conflicts, []
+        return new
+
+    def abandon(self) -> None:
+        """The transaction failed: leave any pending state (it is rolled back)."""
+        self.new_conflicts = []
 
     def read(
         self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
@@ -257,12 +277,43 @@ class PostgresBatchIO(BatchIO):
             _canonical(self._rows(canonical)) if canonical is not None else {},
         )
 
+    overlaps = True
+
+    def __init__(self, dbapi: Any) -> None:
+        super().__init__(dbapi)
+        self._pipeline: contextlib.ExitStack | None = None
+        self._pending: list[tuple[list[tuple[str, str, str, Any]], Any]] = []
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        """Every statement sent without waiting for the one before (pipeline mode): the
+        server executes them while the caller builds the next ones, and the batch waits
+        once, in `settle`, instead of once per statement. Errors surface there."""
+        if self._pipeline is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.dbapi.pipeline())
+            self._pipeline = stack
+        super().write(*args, **kwargs)
+
+    def settle(self) -> list[tuple[str, str]]:
+        if self._pipeline is not None:
+            stack, self._pipeline = self._pipeline, None
+            stack.close()  # sync: waits for every statement; raises the first error
+        pending, self._pending = self._pending, []
+        new, self.new_conflicts = self.new_conflicts, []
+        for found, deleted in pending:
+            new.extend(_new_conflicts(found, (tuple(row) for row in self._rows(deleted))))
+        return new
+
+    def abandon(self) -> None:
+        self._pending, self.new_conflicts = [], []
+        if self._pipeline is not None:
+            stack, self._pipeline = self._pipeline, None
+            with contextlib.suppress(Exception):  # the error that got here is the one to see
+                stack.close()
+
     def write(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        """Every statement of the batch's write sent without waiting for the one before:
-        the server executes one while the next one's arrays are built, and the batch waits
-        once, at the end, instead of once per table. An error surfaces at that wait."""
-        with self.dbapi.pipeline():
-            return super().write(*args, **kwargs)
+        self.send(*args, **kwargs)
+        return self.settle()
 
     def lock(self, keys: Sequence[RecordKey]) -> None:
         if keys:
@@ -408,8 +459,9 @@ class PostgresBatchIO(BatchIO):
                     [_json(s) for _, _, _, s in found],
                 ],
             )
-        # Read last: in a pipeline, reading rows waits for everything sent before.
-        return _new_conflicts(found, (tuple(row) for row in self._rows(deleted)))
+        # Read when the batch settles: reading rows in a pipeline waits for all sent before.
+        self._pending.append((found, deleted))
+        return []
 
     def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
         self._run(

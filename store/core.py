@@ -268,7 +268,12 @@ class Store:
             offsets, views, canonical = io.read(
                 sorted(set(keys)), sorted(set(partitions)), use_offsets
             )
-            yield BatchTransaction(io, offsets, views, canonical, conn)
+            try:
+                yield BatchTransaction(io, offsets, views, canonical, conn)
+                io.settle()  # anything sent and not waited for yet, before the commit
+            except BaseException:
+                io.abandon()
+                raise
 
     # -- reads --------------------------------------------------------------------------
     def close(self) -> None:
@@ -626,15 +631,36 @@ class BatchTransaction:
         self.views = views
         self.canonical = canonical
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether `send` returns while the database still works (PostgreSQL): a caller
+        can then write a batch in parts and prepare the next part meanwhile."""
+        return self._io.overlaps
+
     def write(self, changes: BatchChanges, now: datetime) -> list[tuple[str, str]]:
         """Write a batch's changes, offsets last; return (entity, field) of new conflicts."""
+        self.send(changes, now)
+        return self.settle()
+
+    def settle(self) -> list[tuple[str, str]]:
+        """Wait for everything sent; return (entity, field) of the new conflicts since the
+        last `settle`. A failure of any statement sent is raised here at the latest."""
+        return self._io.settle()
+
+    def send(self, changes: BatchChanges, now: datetime) -> None:
+        """Send a part of a batch's changes (the offsets with the last part). Later parts
+        may write the same records again: each statement applies after the ones before."""
         if changes.offsets:
             self._check_contiguous(changes.offsets)
+        if changes.purged_views or changes.purge is not None:
+            # Statements of our own outside the backend's pipeline: let it settle first
+            # (keeping what it found for the next `settle`).
+            self._io.new_conflicts = self._io.settle()
         if changes.purged_views:
             self._io.delete_views(changes.purged_views)
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
-        return self._io.write(
+        self._io.send(
             [(row.entity, row.key, row.view) for row in changes.views],
             changes.records,
             [dict(entry) for entry in changes.history],

@@ -327,8 +327,9 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dead letters are sent once the batch's stored offsets are read, before its writes,
-    and awaited just before its commit; a store that fails transiently after they were sent does not make the retry
-    send them again, and the batch's offsets are committed only after the acks."""
+    and awaited just before its commit; a store that fails transiently after they were
+    sent does not make the retry send them again, and the batch's offsets are committed
+    only after the acks."""
     from consumers.reconciler import Checked
     from consumers.registry import Registry
     from consumers.worker import BatchProcessor
