@@ -10,6 +10,8 @@ another stack must place messages by the same rule (docs/operations.md, "Topics"
 
 from __future__ import annotations
 
+import struct
+
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
 
@@ -30,8 +32,7 @@ def murmur2(data: bytes) -> int:
     """Kafka's `Utils.murmur2` (seed 0x9747b28c), as an unsigned 32-bit value."""
     length = len(data)
     h = (0x9747B28C ^ length) & _MASK
-    for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i : i + 4], "little")
+    for k in struct.unpack_from(f"<{length // 4}I", data):  # the 4-byte words at once
         k = (k * _M) & _MASK
         k ^= k >> 24
         k = (k * _M) & _MASK

@@ -92,11 +92,9 @@ def _decode_json(raw: bytes) -> Any:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise InvalidEvent("invalid_json", "duplicate key in a JSON object")
-        result[name] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise InvalidEvent("invalid_json", "duplicate key in a JSON object")
     return result
 
 
