@@ -378,10 +378,11 @@ class Reconciler:
         outcome = decide(current, event.version)
         if outcome != "applied":
             return outcome
+        event_id = str(event.event_id)
         view = SourceView(
             source=event.source,
             version=event.version,
-            event_id=str(event.event_id),
+            event_id=event_id,
             occurred_at=event.occurred_at,
             deleted=event.op == "delete",
             data=event.data_dict(),
@@ -399,7 +400,7 @@ class Reconciler:
                 {
                     "entity": event.entity,
                     "key": event.key,
-                    "event_id": str(event.event_id),
+                    "event_id": event_id,
                     "source": event.source,
                     "version": event.version,
                     "changes": changes,

@@ -73,7 +73,17 @@ def parse_event(raw: bytes | None) -> ValidEvent:
         event = CHANGE_EVENT.validate_json(normalised, strict=True)
     except ValidationError as error:
         raise _reason(error) from None
+    data = obj.get("data")
+    if normalised is raw and type(data) is dict and DOSSIER_TIMES.isdisjoint(data):
+        # Validated as sent, and strict validation changed no value: strings, integers and
+        # dates (YYYY-MM-DD only) come out as they went in. Timestamps may not (`.000`,
+        # `+00:00` dump otherwise): a payload with one is dumped as before.
+        event._data_json = data
     return ValidEvent(event, soft_warnings(event))
+
+
+# The payload fields whose JSON form validation may change (dossiers' timestamps).
+DOSSIER_TIMES = frozenset({"received_at", "due_at", "finished_at"})
 
 
 def _decode_json(raw: bytes) -> Any:

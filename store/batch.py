@@ -530,7 +530,8 @@ SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's storage format of DateTime 
 
 
 def _text_time(moment: datetime) -> str:
-    return _naive(moment).strftime(SQLITE_TIME)
+    # SQLAlchemy's form, zero-padded years included (strftime writes year 1 as "1-01-01").
+    return _naive(moment).isoformat(" ", "microseconds")
 
 
 class SqliteBatchIO(BatchIO):
