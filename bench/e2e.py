@@ -800,7 +800,8 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
             else:
                 missing += 1
     finally:
-        proc.send_signal(signal.SIGTERM)
+        # py-spy writes its profile on SIGINT (and passes it on to the worker).
+        proc.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

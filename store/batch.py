@@ -538,6 +538,10 @@ class SqliteBatchIO(BatchIO):
     """`executemany` of one prepared statement per table; keys read through a temp table.
     Writers are serialised by the transaction (BEGIN IMMEDIATE): no locks needed."""
 
+    # The batch's keys go into a temporary table that every read joins with CROSS JOIN:
+    # SQLite then loops over the batch's keys and looks each up by primary key. With a
+    # plain JOIN its planner chose to scan the whole store table once per batch (no
+    # statistics on the temporary table): a cost growing with the store (docs/performance).
     def _keys(self, table: str, keys: Sequence[tuple[Any, Any]]) -> str:
         cursor = self.dbapi.cursor()
         cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (a, b, PRIMARY KEY (a, b))")
@@ -556,8 +560,8 @@ class SqliteBatchIO(BatchIO):
             return {}
         wanted = self._keys("batch_partitions", partitions)
         rows = self.dbapi.execute(
-            "SELECT o.topic, o.partition, o.next_offset FROM applied_offsets o"
-            f" JOIN {wanted} w ON o.topic = w.a AND o.partition = w.b"
+            f"SELECT o.topic, o.partition, o.next_offset FROM {wanted} w"
+            " CROSS JOIN applied_offsets o ON o.topic = w.a AND o.partition = w.b"
         )
         return {(t, p): n for t, p, n in rows}
 
@@ -568,7 +572,8 @@ class SqliteBatchIO(BatchIO):
         wanted = self._keys("batch_keys", keys)
         rows = self.dbapi.execute(
             "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
-            f" v.data FROM {wanted} w JOIN source_views v ON v.entity = w.a AND v.key = w.b"
+            f" v.data FROM {wanted} w CROSS JOIN source_views v"
+            " ON v.entity = w.a AND v.key = w.b"
         )
         for entity, key, source, version, event_id, occurred, deleted, data in rows:
             view = SourceView(
@@ -583,7 +588,7 @@ class SqliteBatchIO(BatchIO):
         wanted = self._keys("batch_keys", keys)
         rows = self.dbapi.execute(
             f"SELECT r.entity, r.key, r.data FROM {wanted} w"
-            " JOIN records r ON r.entity = w.a AND r.key = w.b"
+            " CROSS JOIN records r ON r.entity = w.a AND r.key = w.b"
         )
         return {(e, k): _loads(d) for e, k, d in rows}
 
@@ -676,10 +681,11 @@ class SqliteBatchIO(BatchIO):
         wanted = self._keys("batch_keys", list(current))
         before = self.dbapi.execute(
             f"SELECT f.entity, f.key, f.field FROM {wanted} w"
-            " JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
+            " CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
         ).fetchall()
         self.dbapi.execute(
-            f"DELETE FROM field_conflicts WHERE (entity, key) IN (SELECT a, b FROM {wanted})"
+            "DELETE FROM field_conflicts WHERE rowid IN (SELECT f.rowid FROM"
+            f" {wanted} w CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b)"
         )
         found = _found_conflicts(current)
         new = _new_conflicts(found, (tuple(row) for row in before))
