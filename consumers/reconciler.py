@@ -282,8 +282,7 @@ class Reconciler:
                     if tp in changes.offsets and start >= stored.get(tp, start):
                         first, end, count = changes.offsets[tp]
                         changes.offsets[tp] = (min(first, start), end, count)
-            tx.send(changes, now)
-            report.new_conflicts = tx.settle()
+            report.new_conflicts = tx.write(changes, now)
             report.anomalies = anomalies
             report.changes = history
             if before_commit is not None:

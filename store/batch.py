@@ -66,9 +66,15 @@ class BatchIO:
         self.new_conflicts: list[tuple[str, str]] = []
 
     def send(self, *args: Any, **kwargs: Any) -> None:
-        """Write (`write`'s arguments); a backend that overlaps may return before the
+        """Write (`write_all`'s arguments); a backend that overlaps may return before the
         database is done: `settle` waits for it."""
-        self.new_conflicts.extend(self.write(*args, **kwargs))
+        self.new_conflicts.extend(self.write_all(*args, **kwargs))
+
+    def write(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        """Write and wait; return (entity, field) of the new conflicts since the last
+        `settle`."""
+        self.send(*args, **kwargs)
+        return self.settle()
 
     def settle(self) -> list[tuple[str, str]]:
         """Wait for everything sent; return (entity, field) of the new conflicts."""
@@ -108,7 +114,7 @@ class BatchIO:
     def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
         raise NotImplementedError
 
-    def write(
+    def write_all(
         self,
         views: Sequence[tuple[str, str, SourceView]],
         records: dict[RecordKey, CanonicalRecord | None],
@@ -292,7 +298,7 @@ class PostgresBatchIO(BatchIO):
             stack = contextlib.ExitStack()
             stack.enter_context(self.dbapi.pipeline())
             self._pipeline = stack
-        super().write(*args, **kwargs)
+        self.write_all(*args, **kwargs)
 
     def settle(self) -> list[tuple[str, str]]:
         if self._pipeline is not None:
@@ -310,10 +316,6 @@ class PostgresBatchIO(BatchIO):
             stack, self._pipeline = self._pipeline, None
             with contextlib.suppress(Exception):  # the error that got here is the one to see
                 stack.close()
-
-    def write(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        self.send(*args, **kwargs)
-        return self.settle()
 
     def lock(self, keys: Sequence[RecordKey]) -> None:
         if keys:
@@ -536,7 +538,11 @@ def _text_time(moment: datetime) -> str:
 
 class SqliteBatchIO(BatchIO):
     """`executemany` of one prepared statement per table; keys read through a temp table.
-    Writers are serialised by the transaction (BEGIN IMMEDIATE): no locks needed."""
+    Writers are serialised by the transaction (BEGIN IMMEDIATE): no locks needed.
+
+    Writes do not overlap the merge here: a writer thread for the parts was tried and was
+    no faster (80.5 against 82 µs per event, wall): `sqlite3` gives the GIL up and takes it
+    back around every row, so the writer and the merge mostly took turns."""
 
     # The batch's keys go into a temporary table that every read joins with CROSS JOIN:
     # SQLite then loops over the batch's keys and looks each up by primary key. With a

@@ -638,29 +638,34 @@ class BatchTransaction:
         return self._io.overlaps
 
     def write(self, changes: BatchChanges, now: datetime) -> list[tuple[str, str]]:
-        """Write a batch's changes, offsets last; return (entity, field) of new conflicts."""
-        self.send(changes, now)
-        return self.settle()
+        """Write a batch's changes (or its last part), offsets last, and wait; return
+        (entity, field) of the new conflicts since the last wait."""
+        return self._io.write(*self._before(changes), now)
+
+    def send(self, changes: BatchChanges, now: datetime) -> None:
+        """Send a part of a batch's changes (not its last) without waiting where the
+        backend overlaps (`overlaps`). Later parts may write the same records again: each
+        statement applies after the ones before."""
+        self._io.send(*self._before(changes), now)
 
     def settle(self) -> list[tuple[str, str]]:
         """Wait for everything sent; return (entity, field) of the new conflicts since the
-        last `settle`. A failure of any statement sent is raised here at the latest."""
+        last wait. A failure of any statement sent is raised here at the latest."""
         return self._io.settle()
 
-    def send(self, changes: BatchChanges, now: datetime) -> None:
-        """Send a part of a batch's changes (the offsets with the last part). Later parts
-        may write the same records again: each statement applies after the ones before."""
+    def _before(self, changes: BatchChanges) -> tuple[Any, ...]:
+        """Checks and the writes outside the backend's statements; `write_all`'s rows."""
         if changes.offsets:
             self._check_contiguous(changes.offsets)
         if changes.purged_views or changes.purge is not None:
-            # Statements of our own outside the backend's pipeline: let it settle first
-            # (keeping what it found for the next `settle`).
+            # Statements of our own, outside what was sent: let it settle first (keeping
+            # what it found for the next wait).
             self._io.new_conflicts = self._io.settle()
         if changes.purged_views:
             self._io.delete_views(changes.purged_views)
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
-        self._io.send(
+        return (
             [(row.entity, row.key, row.view) for row in changes.views],
             changes.records,
             [dict(entry) for entry in changes.history],
@@ -669,7 +674,6 @@ class BatchTransaction:
             changes.owner_presence,
             changes.document_owners,
             changes.offsets,
-            now,
         )
 
     def _check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:
