@@ -56,6 +56,11 @@ class Checked:
     message: Message
     event: ChangeEvent
     warnings: list[str]
+    data: dict[str, Any] | None = None  # the decoded payload, when it is the dump's
+
+    def data_dict(self) -> dict[str, Any] | None:
+        """The event's payload as JSON-ready dict (not to be modified)."""
+        return self.data if self.data is not None else self.event.data_dict()
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def classify(
         if out_of_scope is not None:
             dead.append(DeadLetter(message, Reason.OUT_OF_SCOPE, out_of_scope))
             continue
-        valid.append(Checked(message, event, checked.warnings))
+        valid.append(Checked(message, event, checked.warnings, checked.data))
     return valid, dead
 
 
@@ -259,7 +264,7 @@ class Reconciler:
             anomalies = 0
             for start in range(0, len(todo), part):
                 for checked in todo[start : start + part]:
-                    outcome = self._apply_event(work, checked.event, now)
+                    outcome = self._apply_event(work, checked, now)
                     report.outcomes.append(
                         EventOutcome(
                             checked.event.source,
@@ -371,7 +376,8 @@ class Reconciler:
             tx.write(changes, now)
         return counts
 
-    def _apply_event(self, work: _Batch, event: ChangeEvent, now: datetime) -> Outcome:
+    def _apply_event(self, work: _Batch, checked: Checked, now: datetime) -> Outcome:
+        event = checked.event
         record_key = (event.entity, event.key)
         current = work.views.get(record_key, {}).get(event.source)
         outcome = decide(current, event.version)
@@ -384,7 +390,7 @@ class Reconciler:
             event_id=event_id,
             occurred_at=event.occurred_at,
             deleted=event.op == "delete",
-            data=event.data_dict(),
+            data=checked.data_dict(),
         )
         if event.entity == "dossier":
             self._check_lifecycle(work, event, current, view, now)

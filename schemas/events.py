@@ -18,7 +18,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     StringConstraints,
     TypeAdapter,
     field_validator,
@@ -188,15 +187,8 @@ class _EventBase(ContractModel):
             raise ValueError("a delete carries no data")
         return self
 
-    # The payload as decoded from the message, when it is exactly what `data_dict` would
-    # dump (schemas.validation.parse_event decides): spares a dump per event.
-    _data_json: dict[str, Any] | None = PrivateAttr(default=None)
-
     def data_dict(self) -> dict[str, Any] | None:
-        """The payload as JSON-ready dict; absent fields stay absent, nulls stay null.
-        Callers must not modify it."""
-        if self._data_json is not None:
-            return self._data_json
+        """The payload as JSON-ready dict; absent fields stay absent, nulls stay null."""
         data: BaseModel | None = getattr(self, "data", None)
         if data is None:
             return None

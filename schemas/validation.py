@@ -46,6 +46,14 @@ class InvalidEvent(RecordError):
 class ValidEvent:
     event: ChangeEvent
     warnings: list[str] = field(default_factory=list)
+    # The payload as decoded from the message when it is exactly `event.data_dict()`
+    # (validated as sent, nothing changed by validation): spares a dump per event.
+    data: dict[str, Any] | None = None
+
+    def data_dict(self) -> dict[str, Any] | None:
+        """`event.data_dict()`, without dumping the model when the decoded payload is it.
+        Callers must not modify it."""
+        return self.data if self.data is not None else self.event.data_dict()
 
 
 def derive_event_id(source: str, entity: str, key: str, version: int) -> uuid.UUID:
@@ -77,8 +85,8 @@ def parse_event(raw: bytes | None) -> ValidEvent:
     if normalised is raw and type(data) is dict and DOSSIER_TIMES.isdisjoint(data):
         # Validated as sent, and strict validation changed no value: strings, integers and
         # dates (YYYY-MM-DD only) come out as they went in. Timestamps may not (`.000`,
-        # `+00:00` dump otherwise): a payload with one is dumped as before.
-        event._data_json = data
+        # `+00:00` dump otherwise): a payload with one is dumped when needed.
+        return ValidEvent(event, soft_warnings(event), data)
     return ValidEvent(event, soft_warnings(event))
 
 
@@ -102,9 +110,11 @@ def _decode_json(raw: bytes) -> Any:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise InvalidEvent("invalid_json", "duplicate key in a JSON object")
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise InvalidEvent("invalid_json", "duplicate key in a JSON object")
+        result[name] = value
     return result
 
 
