@@ -57,6 +57,7 @@ class Checked:
     event: ChangeEvent
     warnings: list[str]
     data: dict[str, Any] | None = None  # the decoded payload, when it is the dump's
+    as_sent: bool = False  # validated from the message's bytes as they are
 
     def data_dict(self) -> dict[str, Any] | None:
         """The event's payload as JSON-ready dict (not to be modified)."""
@@ -161,7 +162,7 @@ def classify(
         if out_of_scope is not None:
             dead.append(DeadLetter(message, Reason.OUT_OF_SCOPE, out_of_scope))
             continue
-        valid.append(Checked(message, event, checked.warnings, checked.data))
+        valid.append(Checked(message, event, checked.warnings, checked.data, checked.as_sent))
     return valid, dead
 
 

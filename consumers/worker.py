@@ -53,6 +53,7 @@ from consumers.reconciler import (
 )
 from consumers.registry import Registry
 from consumers.retention import Retention, purge
+from consumers.validators import Rules, Validators
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
@@ -92,6 +93,7 @@ class WorkerConfig:
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
     max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+    validator_processes: int = 0  # 0: a batch's contract checks in the worker's process
 
     def retention(self) -> Retention:
         return Retention(
@@ -144,6 +146,16 @@ class BatchProcessor:
         self.next_prune = 0.0
         self.stopping = threading.Event()
         self.health = WorkerHealth(config.stall_after_seconds)
+        self.validators: Validators | None = None
+        if config.validator_processes > 0:
+            rules = Rules(
+                config.registry_file,
+                config.authority_file,
+                config.topics,
+                config.max_clock_skew_seconds,
+            )
+            self.validators = Validators(config.validator_processes, rules, registry)
+            log.info("batches checked in %d validator processes", config.validator_processes)
 
     def prepare(self, messages: Sequence[Message]) -> Prepared:
         """Parse and validate a batch (no I/O): may run while another batch is applied."""
@@ -151,6 +163,8 @@ class BatchProcessor:
         return Prepared(valid, dead)
 
     def _classify(self, messages: Sequence[Message]) -> tuple[list[Checked], list[DeadLetter]]:
+        if self.validators is not None:
+            return self.validators.classify(messages)
         return classify(
             messages,
             self.registry,
@@ -324,6 +338,8 @@ class BatchProcessor:
 
     def close(self) -> None:
         self.publisher.close(timeout=5)
+        if self.validators is not None:
+            self.validators.close()
 
 
 Offset = tuple[str, int, int]  # topic, partition, offset

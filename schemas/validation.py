@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
@@ -49,6 +50,7 @@ class ValidEvent:
     # The payload as decoded from the message when it is exactly `event.data_dict()`
     # (validated as sent, nothing changed by validation): spares a dump per event.
     data: dict[str, Any] | None = None
+    as_sent: bool = False  # the message's bytes were validated as they are
 
     def data_dict(self) -> dict[str, Any] | None:
         """`event.data_dict()`, without dumping the model when the decoded payload is it.
@@ -86,8 +88,23 @@ def parse_event(raw: bytes | None) -> ValidEvent:
         # Validated as sent, and strict validation changed no value: strings, integers and
         # dates (YYYY-MM-DD only) come out as they went in. Timestamps may not (`.000`,
         # `+00:00` dump otherwise): a payload with one is dumped when needed.
-        return ValidEvent(event, soft_warnings(event), data)
-    return ValidEvent(event, soft_warnings(event))
+        return ValidEvent(event, soft_warnings(event), data, as_sent=True)
+    return ValidEvent(event, soft_warnings(event), as_sent=normalised is raw)
+
+
+def parse_checked(raw: bytes, as_sent: bool, reuse_data: bool) -> ValidEvent:
+    """An event another process has already found valid (`parse_event`, which said
+    whether it validated the bytes as sent and kept the decoded payload): only the model
+    is rebuilt, without the checks done there (soft checks included: the caller has them).
+    Anything else goes through `parse_event` again."""
+    if not as_sent:
+        return parse_event(raw)
+    try:
+        event = CHANGE_EVENT.validate_json(raw, strict=True)
+    except ValidationError as error:
+        raise _reason(error) from None
+    data = orjson.loads(raw).get("data") if reuse_data else None
+    return ValidEvent(event, [], data, as_sent=True)
 
 
 # The payload fields whose JSON form validation may change (dossiers' timestamps).

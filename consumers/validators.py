@@ -1,0 +1,143 @@
+"""The contract checks of a batch in other processes: signatures, parsing, validation,
+the registry, keys and partitions, the clock and the write scope (`classify`).
+
+One worker process runs its batches under one GIL; without this, checking a batch took
+about a third of its CPU, and verifying signatures more than the whole store work. Here
+`classify` runs in `processes` child processes on slices of the batch, while the worker
+applies the batch before it. A child answers each message with a verdict: a dead letter's
+reason, or "valid" with its soft warnings and how it parsed. The worker then rebuilds
+each valid event's model from the bytes (`parse_checked`: one validation, none of the
+checks), which costs about a third of the full check.
+
+A child that dies (killed, out of memory) breaks the pool: the batch is checked in the
+worker's own process and a new pool is started for the next one. The verdicts never
+depend on the process: the children load the same rule files, and `now` is the worker's.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from consumers.config import load_rules
+from consumers.reconciler import Checked, DeadLetter, classify
+from consumers.registry import Registry
+from schemas import RecordError
+from schemas.validation import parse_checked
+from store import utcnow
+from transport.reader import Message
+from transport.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# A verdict: (True, warnings, as_sent, reuse_data) or (False, code, reason).
+Verdict = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a child needs to judge messages as the worker would."""
+
+    registry_file: Path | None
+    authority_file: Path | None
+    topics: Topics
+    max_clock_skew_seconds: float
+
+
+_child: tuple[Registry, Rules] | None = None
+
+
+def _start_child(rules: Rules) -> None:
+    global _child
+    # A terminal's Ctrl-C reaches the whole process group: the worker stops its children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    registry, _ = load_rules(rules.registry_file, rules.authority_file)
+    _child = (registry, rules)
+
+
+def _verdicts(messages: Sequence[Message], now: datetime) -> list[Verdict]:
+    assert _child is not None, "the pool's initializer did not run"
+    registry, rules = _child
+    valid, dead = classify(
+        messages,
+        registry,
+        topics=rules.topics,
+        now=now,
+        max_clock_skew_seconds=rules.max_clock_skew_seconds,
+    )
+    verdicts: dict[int, Verdict] = {}
+    for checked in valid:
+        verdicts[id(checked.message)] = (
+            True,
+            checked.warnings,
+            checked.as_sent,
+            checked.data is not None,
+        )
+    for letter in dead:
+        verdicts[id(letter.message)] = (False, letter.code, letter.reason)
+    return [verdicts[id(message)] for message in messages]
+
+
+class Validators:
+    """A pool of `processes` child processes that check batches (`classify`)."""
+
+    def __init__(self, processes: int, rules: Rules, registry: Registry) -> None:
+        self.processes = processes
+        self.rules = rules
+        self.registry = registry  # the worker's own, for a batch checked here
+        self.pool = self._pool()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        # spawn: the worker has threads (the consumer's, the dead letters' producer), and
+        # forking a process with threads can copy a lock that is held.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_start_child, initargs=(self.rules,)
+        )
+
+    def classify(
+        self, messages: Sequence[Message], now: datetime | None = None
+    ) -> tuple[list[Checked], list[DeadLetter]]:
+        """`classify`'s answer for these messages, the checks done in the children."""
+        now = now or utcnow()
+        size = -(-len(messages) // self.processes) or 1
+        slices = [messages[i : i + size] for i in range(0, len(messages), size)]
+        try:
+            futures = [self.pool.submit(_verdicts, part, now) for part in slices]
+            verdicts = [v for future in futures for v in future.result()]
+        except BrokenProcessPool:
+            log.error("a validator process died: this batch is checked here, the pool restarts")
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._pool()
+            return classify(
+                messages,
+                self.registry,
+                topics=self.rules.topics,
+                now=now,
+                max_clock_skew_seconds=self.rules.max_clock_skew_seconds,
+            )
+        valid: list[Checked] = []
+        dead: list[DeadLetter] = []
+        for message, verdict in zip(messages, verdicts, strict=True):
+            if not verdict[0]:
+                dead.append(DeadLetter(message, verdict[1], verdict[2]))
+                continue
+            _, warnings, as_sent, reuse_data = verdict
+            try:
+                parsed = parse_checked(message.value or b"", as_sent, reuse_data)
+            except RecordError as error:  # cannot happen unless the processes disagree
+                dead.append(DeadLetter(message, error.code, error.message))
+                continue
+            valid.append(Checked(message, parsed.event, warnings, parsed.data))
+        return valid, dead
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

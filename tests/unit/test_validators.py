@@ -1,0 +1,64 @@
+"""The contract checks in child processes (`consumers.validators`) give every message of
+the hostile corpus the verdict the worker's own `classify` gives it, signatures verified;
+a child killed mid-run costs nothing but a restart of the pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from consumers.config import load_rules
+from consumers.reconciler import Checked, DeadLetter, classify
+from consumers.validators import Rules, Validators
+from schemas import partition_for
+from store import utcnow
+from tests.integration.kafka.test_hostile_corpus import _headers, _lines, _signers, _value
+from transport.reader import Message
+from transport.topics import Topics
+
+TOPICS = Topics(prefix="vt", change_partitions=6)
+
+
+def corpus_messages(tmp_path: Path) -> tuple[list[Message], Path]:
+    signers, registry = _signers(tmp_path)
+    now_ms = int(time.time() * 1000)
+    messages = []
+    for offset, line in enumerate(_lines()):
+        headers, value = _headers(line, _value(line), signers)
+        key = None if line["key"] is None else line["key"].encode()
+        partition = partition_for(key, 6) if key else 0
+        topic = TOPICS.change_topic(line["entity"])
+        messages.append(Message(topic, partition, offset, value, key, now_ms, tuple(headers)))
+    return messages, registry
+
+
+def summary(result: tuple[list[Checked], list[DeadLetter]]) -> tuple[list[Any], list[Any]]:
+    valid, dead = result
+    return (
+        [(c.message.offset, c.event, c.warnings, c.data_dict()) for c in valid],
+        [(d.message.offset, d.code, d.reason) for d in dead],
+    )
+
+
+def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None:
+    messages, registry_file = corpus_messages(tmp_path)
+    registry, _ = load_rules(registry_file, None)
+    now = utcnow()
+    expected = summary(classify(messages, registry, topics=TOPICS, now=now))
+    assert len(expected[0]) >= 50 and len(expected[1]) >= 200  # both kinds, signed
+    validators = Validators(2, Rules(registry_file, None, TOPICS, 300.0), registry)
+    try:
+        assert summary(validators.classify(messages, now)) == expected
+        # A child killed: that batch is judged here, the next one by a new pool.
+        broken = validators.pool
+        for pid in list(broken._processes):  # the pool's children
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)  # the pool notices its child's death
+        assert summary(validators.classify(messages, now)) == expected
+        assert validators.pool is not broken
+        assert summary(validators.classify(messages, now)) == expected
+    finally:
+        validators.close()
