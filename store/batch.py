@@ -6,7 +6,10 @@ the database plans it once:
 - PostgreSQL: the rows of a table travel as a handful of arrays (`unnest(%b::text[], …)`),
   one statement per table: `INSERT … SELECT FROM unnest … ON CONFLICT … DO UPDATE`, reads
   as joins on `unnest`, deletes as `DELETE … USING unnest … RETURNING`. psycopg sends the
-  arrays in its binary format; no multi-row `VALUES` text is built or parsed.
+  arrays in its binary format; no multi-row `VALUES` text is built or parsed. In pipeline
+  mode: a batch's reads are answered in one round trip, and its writes are sent without
+  waiting (`send`, part after part while the reconciler merges the next) and waited for
+  once (`settle`), before the commit.
 - SQLite: `executemany` of one prepared statement per table (the C loop of `sqlite3`); the
   keys of a read go into a temporary table joined on the primary key.
 
@@ -572,31 +575,27 @@ class SqliteBatchIO(BatchIO):
         return {(t, p): n for t, p, n in rows}
 
     def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
-        result: dict[RecordKey, dict[str, SourceView]] = {}
         if not keys:
-            return result
+            return {}
         wanted = self._keys("batch_keys", keys)
-        rows = self.dbapi.execute(
-            "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
-            f" v.data FROM {wanted} w CROSS JOIN source_views v"
-            " ON v.entity = w.a AND v.key = w.b"
-        )
-        for entity, key, source, version, event_id, occurred, deleted, data in rows:
-            view = SourceView(
-                source, version, event_id, _aware(occurred), bool(deleted), _loads(data)
+        return _views(
+            self.dbapi.execute(
+                "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at,"
+                f" v.deleted, v.data FROM {wanted} w CROSS JOIN source_views v"
+                " ON v.entity = w.a AND v.key = w.b"
             )
-            result.setdefault((entity, key), {})[source] = view
-        return result
+        )
 
     def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
         if not keys:
             return {}
         wanted = self._keys("batch_keys", keys)
-        rows = self.dbapi.execute(
-            f"SELECT r.entity, r.key, r.data FROM {wanted} w"
-            " CROSS JOIN records r ON r.entity = w.a AND r.key = w.b"
+        return _canonical(
+            self.dbapi.execute(
+                f"SELECT r.entity, r.key, r.data FROM {wanted} w"
+                " CROSS JOIN records r ON r.entity = w.a AND r.key = w.b"
+            )
         )
-        return {(e, k): _loads(d) for e, k, d in rows}
 
     def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
         applied = _text_time(now)
