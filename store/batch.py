@@ -33,6 +33,12 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
+# A batch's reads: stored offsets, every source's view and the canonical data per record.
+BatchReads = tuple[
+    dict[TopicPartition, int],
+    dict[RecordKey, dict[str, SourceView]],
+    dict[RecordKey, dict[str, Any]],
+]
 
 
 def _json(value: Any) -> str | None:
@@ -90,11 +96,7 @@ class BatchIO:
 
     def read(
         self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
-    ) -> tuple[
-        dict[TopicPartition, int],
-        dict[RecordKey, dict[str, SourceView]],
-        dict[RecordKey, dict[str, Any]],
-    ]:
+    ) -> BatchReads:
         """A batch's reads: lock its records, then the partitions' stored offsets (locked),
         every source's view and the canonical data of the records."""
         self.lock(keys)
@@ -260,11 +262,7 @@ class PostgresBatchIO(BatchIO):
 
     def read(
         self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
-    ) -> tuple[
-        dict[TopicPartition, int],
-        dict[RecordKey, dict[str, SourceView]],
-        dict[RecordKey, dict[str, Any]],
-    ]:
+    ) -> BatchReads:
         """The lock and the three reads sent together, answered in one round trip: the
         server runs them in order, so the reads see the records once they are locked."""
         if not keys and not (use_offsets and partitions):

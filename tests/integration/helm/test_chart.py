@@ -375,6 +375,7 @@ def test_the_workers(production: list[Manifest]) -> None:
     assert "emptyDir" in volumes[mounts["/tmp"]]
     env = env_of(worker)
     assert env["PORTAL_SYNC_METRICS_PORT"] == "9310"
+    assert env["PORTAL_SYNC_VALIDATOR_PROCESSES"] == "1"  # from the CPU limit, not the node
     assert env["PORTAL_SYNC_METRICS_HOST"] == "0.0.0.0"
     assert env["PORTAL_SYNC_CHANGE_PARTITIONS"] == "12"
     assert env["PORTAL_SYNC_REPLICATION_FACTOR"] == "3"
