@@ -3,6 +3,7 @@ still reproduces the live store from Kafka alone."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,10 @@ def test_rebuild_is_exact_after_compaction_removed_old_versions(
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("only_live: 0", "only_rebuilt: 0", "different: 0"):
         assert line in result.stdout
-    assert f"from {kept} events" in result.stdout
+    # The cleaner may go on (partition after partition) while the rebuild reads: it read
+    # at most what was counted, and fewer than were published.
+    read = re.search(r"from (\d+) events", result.stdout)
+    assert read is not None and int(read[1]) <= kept < published, result.stdout
     copy = settings.model_copy(update={"store_url": rebuilt})
     assert exported(copy) == exported(settings)
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
