@@ -370,6 +370,11 @@ def value_reference(
 
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
+    # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
+    # the loop runs, with exit code 0, instead of killing the process half-started.
+    early_stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: early_stop.set())
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
     store = Store(config.store_url)
@@ -393,7 +398,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)
     FRESHNESS.seed({source: f for source, f in known.items() if registry.accepts(source)})
-    loop = ReconcilerLoop(config, store, processor, until_caught_up)
+    loop = ReconcilerLoop(config, store, processor, until_caught_up, early_stop)
     health = processor.health
     if config.metrics_port:
         liveness = loop.liveness
@@ -443,11 +448,13 @@ class ReconcilerLoop:
         store: Store,
         processor: BatchProcessor,
         until_caught_up: bool,
+        early_stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.processor = processor
         self.until_caught_up = until_caught_up
+        self.early_stop = early_stop  # set by a signal received before the loop ran
         self.liveness = Liveness()
         self.stop_event = asyncio.Event()
         self.code = 0
@@ -461,6 +468,8 @@ class ReconcilerLoop:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if self.early_stop is not None and self.early_stop.is_set():
+            self.stop()  # asked for while starting
         topic_names = self.config.topics.change_topics()
         if self.until_caught_up:
             self.targets = await asyncio.to_thread(
