@@ -135,18 +135,19 @@ class AdapterRunner:
 
     def _send(self, record: Record, produced: Tally[str]) -> bool:
         raw = json.dumps(record.event(self.adapter.source, self.adapter.entity), ensure_ascii=False)
+        value = raw.encode()
         try:
-            event = parse_event(raw.encode()).event
+            valid = parse_event(value)
         except InvalidEvent as error:
             entity = record.entity or self.adapter.entity
             self._dead_letter(
-                SkippableRecord(
-                    error.code, error.message, record.origin, entity, record.key, raw.encode()
-                )
+                SkippableRecord(error.code, error.message, record.origin, entity, record.key, value)
             )
             return False
-        self.publisher.send_event(event, self.signer)
-        produced[event.entity] += 1
+        # Bytes validated as they are (already NFC) go out as they are: the worker's
+        # `parse_event` of them is the one just done here.
+        self.publisher.send_event(valid.event, self.signer, value if valid.as_sent else None)
+        produced[valid.event.entity] += 1
         return True
 
     def _dead_letter(self, item: SkippableRecord) -> None:

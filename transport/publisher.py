@@ -80,10 +80,14 @@ class Publisher:
         """A publisher whose requests fit anything the dead-letter topic accepts."""
         return cls(connection, topics, client_id, max_request_size=DEAD_LETTER_MAX_MESSAGE_BYTES)
 
-    def send_event(self, event: ChangeEvent, signer: Signer | None = None) -> None:
+    def send_event(
+        self, event: ChangeEvent, signer: Signer | None = None, value: bytes | None = None
+    ) -> None:
         """Send an event to its change topic; with a `signer`, signed (`ps.sig`, `ps.kid`
-        over the exact value bytes sent)."""
-        value = encode_event(event)
+        over the exact value bytes sent). `value`: the event's bytes as they were validated
+        (`parse_event(value)` gave `event`, validated as sent), sent instead of dumping the
+        model again."""
+        value = encode_event(event) if value is None else value
         headers = signer.headers(value) if signer is not None else ()
         self.send(
             self.topics.change_topic(event.entity),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 from producers.engine import AdapterRunner, RetryPolicy
 from producers.sdk import Checkpoint, FatalError, Item, RetriableError, State
 from producers.state import load_json_state
+from schemas import parse_event
 from tests.integration.kafka.test_conformance import ListAdapter
 from tests.support.adapter_helpers import published_events, read_topic, write_config
 from tests.support.kafka_helpers import ensure_topics, publisher_for
@@ -150,6 +152,36 @@ fields = {{ full_name = "ho_ten" }}
         ("sqll", "", {"HN_DB_PASSWORD": "s3cr3t"}, "no adapter named 'sqll' is installed"),
     ],
 )
+class Decomposed(ListAdapter):
+    """One name as the source holds it in NFD (combining marks), one already in NFC."""
+
+    changes = (
+        ("001090000001", 1, {"full_name": unicodedata.normalize("NFD", "Nguyễn Văn Ân")}),
+        ("001190000002", 1, {"full_name": "Trần Thị Bình"}),
+    )
+
+
+def test_the_bytes_sent_are_the_bytes_validated_and_nfc(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    # Bytes that validate as they are go out unchanged (no second dump of the model);
+    # others (here NFD) go out as the normalised model. Either way the worker's parse of
+    # the wire bytes is the producer's.
+    runner = AdapterRunner("nfd", Decomposed(), publisher, tmp_path)
+    assert runner.run_once().published == 2
+    settings = publisher.settings  # type: ignore[attr-defined]
+    values = {
+        json.loads(r.value)["key"]: r.value
+        for r in read_topic(settings, settings.topics().change_topic("citizen"))
+    }
+    for value in values.values():
+        text = value.decode()
+        assert unicodedata.is_normalized("NFC", text) and "\\u" not in text
+        assert parse_event(value).as_sent
+    names = {key: json.loads(v)["data"]["full_name"] for key, v in values.items()}
+    assert names == {"001090000001": "Nguyễn Văn Ân", "001190000002": "Trần Thị Bình"}
+
+
 def test_configuration_errors_refuse_to_start_with_a_clear_message(
     tmp_path: Path,
     settings_for: Any,
