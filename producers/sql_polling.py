@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 Capture = Literal["auto", "snapshot", "lookback"]
 Raised = Literal["same_instant", "lower"]
+SQLITE_PAGES_PER_QUERY = 10  # pages read by one query where no index serves the order
 
 
 class SqlMapping(FieldMapping):
@@ -255,22 +256,32 @@ class SqlPollingAdapter:
 
     def _scan(self, state: CursorState, condition: Any) -> Iterator[list[SourceChange]]:
         last: tuple[datetime, Any] | None = None
+        size = self.config.batch_size
+        # SQLite orders by a normalised timestamp no index of the source serves: every
+        # query scans and sorts the rows after the cursor, so it reads several pages at a
+        # time (the rows then wait in memory, as a bigger page's would).
+        fetch = size * SQLITE_PAGES_PER_QUERY if self._unindexed_order() else size
         while True:
-            rows = self._page(condition, last)
+            rows = self._page(condition, last, fetch)
             if not rows:
                 return
-            changes = [change for row in rows if (change := self._change(row, state))]
             high = rows[-1]._mapping
             last = (self.cursor_time(high[self.updated_at.name]), high[self.pk.name])
-            if changes:
-                yield changes
-            if len(rows) < self.config.batch_size:
+            for start in range(0, len(rows), size):
+                page = rows[start : start + size]
+                changes = [change for row in page if (change := self._change(row, state))]
+                if changes:
+                    yield changes
+            if len(rows) < fetch:
                 return
 
-    def _page(self, condition: Any, last: tuple[datetime, Any] | None) -> list[Any]:
+    def _unindexed_order(self) -> bool:
+        return self.sqlite and self.config.updated_at_format is None
+
+    def _page(self, condition: Any, last: tuple[datetime, Any] | None, limit: int) -> list[Any]:
         columns = [self.table, row_xid8()] if self.snapshot else [self.table]
         moment = self._moment(self.updated_at)
-        query = select(*columns).order_by(moment, self.pk).limit(self.config.batch_size)
+        query = select(*columns).order_by(moment, self.pk).limit(limit)
         if condition is not None:
             query = query.where(condition)
         if last is not None:

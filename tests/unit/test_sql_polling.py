@@ -25,6 +25,7 @@ from sqlalchemy import (
     update,
 )
 
+from producers import sql_polling
 from producers.sql_polling import CursorState, SourceChange, SqlPollingAdapter, SqlSourceConfig
 from schemas import derive_event_id, parse_event
 
@@ -369,10 +370,17 @@ def test_snapshot_capture_needs_a_postgresql_table(url: str, query: str | None) 
 # -- paging -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pages_per_query", [1, 2, 3])
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7, 13, 14, 100])
 def test_pages_cover_every_row_once(
-    source: Source, adapters: list[SqlPollingAdapter], batch_size: int
+    source: Source,
+    adapters: list[SqlPollingAdapter],
+    batch_size: int,
+    pages_per_query: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # SQLite reads several pages per query: query boundaries fall inside pages' ties too
+    monkeypatch.setattr(sql_polling, "SQLITE_PAGES_PER_QUERY", pages_per_query)
     # 13 rows, several sharing one updated_at (ties are broken by the primary key)
     times = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4, 5]
     for n, second in zip(range(13, 0, -1), times, strict=True):
