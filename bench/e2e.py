@@ -438,7 +438,8 @@ def start_worker(infra: Infra, settings: Settings, until_caught_up: bool, args: 
         out = Path(args.py_spy).with_suffix(f".{tag}.txt")
         spy = Path(sys.executable).with_name("py-spy")
         command = [str(spy) if spy.exists() else "py-spy", "record", "--format", "raw",
-                   "--threads", "--idle", "--rate", "200",
+                   "--threads", "--rate", "200",
+                   *(["--gil"] if args.py_spy_gil else ["--idle"]),
                    "-o", str(out), "--", *command]  # fmt: skip
     log = open(infra.tmp / f"worker-{tag}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -945,6 +946,11 @@ def main() -> int:
     parser.add_argument("--check-each", action="store_true", help="flat: check every chunk")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--py-spy", metavar="PATH", help="profile workers: PATH.<run>.txt (raw)")
+    parser.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="with --py-spy: only the thread holding the GIL (CPU, not waits)",
+    )
     args = parser.parse_args()
     args.backends = args.backends or ["postgresql", "sqlite"]
     if args.smoke:
