@@ -134,7 +134,9 @@ class AdapterRunner:
         self.stopped_fatally = True
 
     def _send(self, record: Record, produced: Tally[str]) -> bool:
-        raw = json.dumps(record.event(self.adapter.source, self.adapter.entity), ensure_ascii=False)
+        event = record.event(self.adapter.source, self.adapter.entity)
+        # Compact: the form `parse_event` reads fastest (here, and in the worker)
+        raw = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         value = raw.encode()
         try:
             valid = parse_event(value)

@@ -112,6 +112,18 @@ DOSSIER_TIMES = frozenset({"received_at", "due_at", "finished_at"})
 
 
 def _decode_json(raw: bytes) -> Any:
+    """The message's JSON value; InvalidEvent for anything but strict JSON (duplicate keys,
+    NaN and the infinities included)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        # Compact JSON that orjson writes back byte for byte (what our producers send) has
+        # no duplicate key (orjson keeps the last: it would write fewer bytes) and nothing
+        # orjson reads otherwise than the checking decoder below, at a fifth of its cost.
+        if orjson.dumps(value) == raw:
+            return value
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
