@@ -94,29 +94,22 @@ class BatchIO:
         """The transaction failed: leave any pending state (it is rolled back)."""
         self.new_conflicts = []
 
+    # -- what each backend provides ----------------------------------------------------------
     def read(
         self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
     ) -> BatchReads:
-        """A batch's reads: lock its records, then the partitions' stored offsets (locked),
-        every source's view and the canonical data of the records."""
-        self.lock(keys)
-        offsets = self.offsets(partitions) if use_offsets else {}
-        return offsets, self.views(keys), self.canonical(keys)
+        """A batch's reads: its records locked against other writers (replays beside the
+        live worker), then the partitions' stored offsets (locked), every source's view and
+        the canonical data of the records."""
+        raise NotImplementedError
 
-    # -- what each backend provides ----------------------------------------------------------
     def lock(self, keys: Sequence[RecordKey]) -> None:
-        """Serialise writers of the same records (replays beside the live worker)."""
+        """Serialise writers of the same records (a batch's `read` does it too)."""
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True
     ) -> dict[TopicPartition, int]:
         """The stored next offsets; `lock` holds them until the transaction ends."""
-        raise NotImplementedError
-
-    def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
-        raise NotImplementedError
-
-    def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
         raise NotImplementedError
 
     def write_all(
@@ -268,8 +261,7 @@ class PostgresBatchIO(BatchIO):
         if not keys and not (use_offsets and partitions):
             return {}, {}, {}
         with self.dbapi.pipeline():
-            if keys:
-                self._run(LOCK_SQL, [[f"{entity}:{key}" for entity, key in keys]])
+            self.lock(keys)
             offsets = views = canonical = None
             if use_offsets and partitions:
                 offsets = self._send(
@@ -329,16 +321,6 @@ class PostgresBatchIO(BatchIO):
             return {}
         sql = OFFSETS_SQL + (" FOR UPDATE OF a" if lock else "")
         return _offsets(self._rows(self._send(sql, _partition_arrays(partitions))))
-
-    def views(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, SourceView]]:
-        if not keys:
-            return {}
-        return _views(self._rows(self._send(VIEWS_SQL, _key_arrays(keys))))
-
-    def canonical(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, Any]]:
-        if not keys:
-            return {}
-        return _canonical(self._rows(self._send(CANONICAL_SQL, _key_arrays(keys))))
 
     def write_views(self, rows: Sequence[tuple[str, str, SourceView]], now: datetime) -> None:
         if not rows:
@@ -559,6 +541,13 @@ class SqliteBatchIO(BatchIO):
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self.dbapi.cursor().executemany(sql, rows)
+
+    def read(
+        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+    ) -> BatchReads:
+        # No record locks: the transaction (BEGIN IMMEDIATE) already excludes other writers.
+        offsets = self.offsets(partitions) if use_offsets else {}
+        return offsets, self.views(keys), self.canonical(keys)
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True
