@@ -144,14 +144,6 @@ fields = {{ full_name = "ho_ten" }}
 """
 
 
-@pytest.mark.parametrize(
-    ("adapter", "extra", "env", "message"),
-    [
-        ("sql", "", {}, "environment variable HN_DB_PASSWORD is not set"),
-        ("sql", 'colour = "blue"', {"HN_DB_PASSWORD": "s3cr3t"}, "colour: Extra inputs"),
-        ("sqll", "", {"HN_DB_PASSWORD": "s3cr3t"}, "no adapter named 'sqll' is installed"),
-    ],
-)
 class Decomposed(ListAdapter):
     """One name as the source holds it in NFD (combining marks), one already in NFC."""
 
@@ -182,6 +174,14 @@ def test_the_bytes_sent_are_the_bytes_validated_and_nfc(
     assert names == {"001090000001": "Nguyễn Văn Ân", "001190000002": "Trần Thị Bình"}
 
 
+@pytest.mark.parametrize(
+    ("adapter", "extra", "env", "message"),
+    [
+        ("sql", "", {}, "environment variable HN_DB_PASSWORD is not set"),
+        ("sql", 'colour = "blue"', {"HN_DB_PASSWORD": "s3cr3t"}, "colour: Extra inputs"),
+        ("sqll", "", {"HN_DB_PASSWORD": "s3cr3t"}, "no adapter named 'sqll' is installed"),
+    ],
+)
 def test_configuration_errors_refuse_to_start_with_a_clear_message(
     tmp_path: Path,
     settings_for: Any,
