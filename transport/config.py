@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import ConfigurationError
@@ -28,12 +28,10 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class KafkaConnection(BaseSettings):
-    """Where the cluster is and how to authenticate; shared by every client."""
+class ClusterSecurity(BaseModel):
+    """How to authenticate to a Kafka cluster: ours (`KafkaConnection`), or a province's
+    that an adapter reads (the `debezium` adapter's mapping)."""
 
-    model_config = SettingsConfigDict(env_prefix="PORTAL_SYNC_KAFKA_", extra="ignore")
-
-    bootstrap: str = Field(default="", description="host:port[,host:port...]")
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
     sasl_username: str | None = None
@@ -44,7 +42,7 @@ class KafkaConnection(BaseSettings):
     ssl_keyfile: Path | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> KafkaConnection:
+    def _consistent(self) -> Self:
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism is None:
                 self.sasl_mechanism = "SCRAM-SHA-512"
@@ -57,6 +55,26 @@ class KafkaConnection(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
         return self
+
+    def security(self, base_dir: Path) -> dict[str, Any]:
+        """These settings as keyword arguments, files relative to `base_dir` (a
+        configuration file's directory) made absolute."""
+        values = {name: getattr(self, name) for name in ClusterSecurity.model_fields}
+        for name in FILE_FIELDS:
+            if values[name] is not None:
+                values[name] = base_dir / values[name]
+        return values
+
+
+FILE_FIELDS = ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+
+
+class KafkaConnection(BaseSettings, ClusterSecurity):
+    """Where the cluster is and how to authenticate; shared by every client."""
+
+    model_config = SettingsConfigDict(env_prefix="PORTAL_SYNC_KAFKA_", extra="ignore")
+
+    bootstrap: str = Field(default="", description="host:port[,host:port...]")
 
     def servers(self) -> list[str]:
         if not self.bootstrap.strip():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producers import debezium_events as dbz
 from producers.mapping import FieldMapping, map_fields
@@ -34,28 +34,21 @@ from producers.sdk import (
 from schemas.dead_letter import Reason
 from schemas.events import Entity
 from transport.committed_reader import CommittedOffsetReader, ExternalConnection
-from transport.config import SaslMechanism, SecurityProtocol
+from transport.config import ClusterSecurity
 from transport.reader import TP, Message
 
 # What Debezium writes for a value the database did not send (unavailable.value.placeholder).
 UNAVAILABLE = "__debezium_unavailable_value"
 
 
-class DebeziumMapping(FieldMapping):
+class DebeziumMapping(FieldMapping, ClusterSecurity):
     """The province's cluster and topics, and how one table's columns map to the contract."""
 
     model_config = ConfigDict(extra="forbid")
 
     # -- connection: the province's Kafka cluster (never our PORTAL_SYNC_KAFKA_* settings)
+    # (and its security settings: `ClusterSecurity`'s fields)
     bootstrap: str = Field(description="host:port[,host:port…] of the province's cluster")
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    sasl_password_file: Path | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
     group_id: str | None = Field(
         default=None, description="consumer group on the province's cluster (portal-sync-<source>)"
     )
@@ -102,21 +95,7 @@ class DebeziumAdapter(Adapter):
     def connection(self) -> ExternalConnection:
         """The province's cluster; relative certificate paths are relative to the file."""
         config = self.mapping
-
-        def path(value: Path | None) -> Path | None:
-            return None if value is None else self.base_dir / value
-
-        return ExternalConnection(
-            bootstrap=config.bootstrap,
-            security_protocol=config.security_protocol,
-            sasl_mechanism=config.sasl_mechanism,
-            sasl_username=config.sasl_username,
-            sasl_password=config.sasl_password,
-            sasl_password_file=path(config.sasl_password_file),
-            ssl_cafile=path(config.ssl_cafile),
-            ssl_certfile=path(config.ssl_certfile),
-            ssl_keyfile=path(config.ssl_keyfile),
-        )
+        return ExternalConnection(bootstrap=config.bootstrap, **config.security(self.base_dir))
 
     @property
     def reader(self) -> CommittedOffsetReader:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from kafka.errors import SaslAuthenticationFailedError, TopicAuthorizationFailedError
+from pydantic import ValidationError
 
 from portal_sync.settings import Settings, deployment_settings
+from producers.adapters.debezium import DebeziumAdapter, DebeziumMapping
 from producers.deployment import load_deployment
 from schemas.errors import ConfigurationError, Refused
 from transport.clients import quiet_client_debug, translate
@@ -199,3 +201,26 @@ def test_the_command_line_asks_for_a_principal_on_the_secured_local_broker(
     monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_USERNAME", "reconciler")
     monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "pw"))
     assert settings_from().connection().bootstrap == "127.0.0.1:9092"
+
+
+def test_a_provinces_cluster_is_configured_with_the_same_security_rules(tmp_path: Path) -> None:
+    # The debezium adapter's mapping carries the same security settings as our cluster's
+    # connection (one definition): the same checks refuse a bad combination at load, and
+    # its files are relative to the deployment file.
+    base = {"bootstrap": "kafka.hcm:9093", "topics": ["hcm.public.cong_dan"],
+            "entity": "citizen", "key_column": "so_dinh_danh",
+            "fields": {"full_name": "ho_ten"}}  # fmt: skip
+    with pytest.raises(ValidationError, match="SASL_SSL needs sasl_username"):
+        DebeziumMapping(**base, security_protocol="SASL_SSL")
+    with pytest.raises(ValidationError, match="go together"):
+        DebeziumMapping(**base, security_protocol="SSL", ssl_certfile=Path("client.crt"))
+    mapping = DebeziumMapping(
+        **base, security_protocol="SASL_SSL", sasl_username="sync-hcm",
+        sasl_password_file=Path("secrets/hcm.pw"), ssl_cafile=Path("ca.crt"),
+    )  # fmt: skip
+    assert mapping.sasl_mechanism == "SCRAM-SHA-512"
+    connection = DebeziumAdapter("province-79", mapping, tmp_path).connection()
+    assert connection.bootstrap == "kafka.hcm:9093"
+    assert connection.sasl_password_file == tmp_path / "secrets/hcm.pw"
+    assert connection.ssl_cafile == tmp_path / "ca.crt"
+    assert (connection.sasl_username, connection.security_protocol) == ("sync-hcm", "SASL_SSL")
