@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable
+from datetime import datetime
 from functools import cache
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -92,12 +93,16 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     committed = report.committed_at.timestamp()
     counts: Tally[tuple[str, str, str]] = Tally()
     by_source: dict[tuple[str, str], list[float]] = {}
+    newest: dict[str, datetime] = {}  # per source: its freshness needs only the newest
     for item in report.outcomes:
         counts[(item.source, item.entity, item.outcome)] += 1
         if item.outcome == "applied":
             lag = max(0.0, committed - item.occurred_at.timestamp())
             by_source.setdefault((item.source, item.entity), []).append(lag)
             lags.append(lag)
+            known = newest.get(item.source)
+            if known is None or item.occurred_at > known:
+                newest[item.source] = item.occurred_at
     for series, count in counts.items():  # one label lookup per series, not per event
         EVENTS.labels(*series).inc(count)
     for pair, values in by_source.items():
@@ -108,7 +113,7 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     for entity, field_name in report.new_conflicts:
         FIELD_CONFLICTS.labels(entity, field_name).inc()
     DOSSIER_ANOMALIES.inc(report.anomalies)
-    FRESHNESS.record(report.applied(), report.committed_at)
+    FRESHNESS.record(newest.items(), report.committed_at)
     return lags
 
 
