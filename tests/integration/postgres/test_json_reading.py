@@ -1,0 +1,33 @@
+"""JSONB as the store reads it from PostgreSQL: with orjson, and with the standard library
+for what orjson refuses, so that no stored value can make a batch's read fail."""
+
+from __future__ import annotations
+
+from psycopg import pq
+from psycopg.adapt import Loader
+
+from store.core import Store, _json_loads
+
+
+def test_jsonb_is_read_with_orjson_and_every_value_still_reads(postgres_store_url: str) -> None:
+    store = Store(postgres_store_url)
+    try:
+        with store.engine.connect() as conn:
+            dbapi = conn.connection.driver_connection
+            assert dbapi is not None
+            for type_name in ("json", "jsonb"):
+                oid = dbapi.adapters.types[type_name].oid
+                for fmt in (pq.Format.TEXT, pq.Format.BINARY):
+                    loader: type[Loader] | None = dbapi.adapters.get_loader(oid, fmt)
+                    assert loader is not None
+                    assert getattr(loader, "_loads", None) is _json_loads
+            cursor = dbapi.cursor()
+            cursor.execute(
+                'SELECT \'{"họ_tên": "Nguyễn Văn Ân", "v": [1, 2.5, null, true]}\'::jsonb,'
+                " '{\"big\": 184467440737095516160}'::jsonb"
+            )
+            usual, big = cursor.fetchone()
+    finally:
+        store.close()
+    assert usual == {"họ_tên": "Nguyễn Văn Ân", "v": [1, 2.5, None, True]}
+    assert big == {"big": 184467440737095516160}  # beyond orjson: the standard library's
