@@ -165,9 +165,12 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
             providers.setdefault(name, {})[view.source] = value
     result: dict[str, list[list[str]]] = {}
     for name, by_source in sorted(providers.items()):
-        groups: dict[bytes, list[str]] = {}
+        # Text (most fields) groups by itself; anything else by its canonical JSON (bytes,
+        # never equal to text): 1, 1.0 and true stay apart, as JSON has them.
+        groups: dict[str | bytes, list[str]] = {}
         for source, value in sorted(by_source.items()):
-            groups.setdefault(_canonical_json(value), []).append(source)
+            group = value if type(value) is str else _canonical_json(value)
+            groups.setdefault(group, []).append(source)
         if len(groups) > 1:
             result[name] = sorted(groups.values())
     return result

@@ -6,11 +6,19 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.merge import Authority, CanonicalRecord, SourceView, decide, merge
+from consumers.merge import (
+    Authority,
+    CanonicalRecord,
+    SourceView,
+    decide,
+    field_conflicts,
+    merge,
+)
 
 T0 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
 DEPLOY_AUTHORITY = Path(__file__).resolve().parents[2] / "deploy" / "authority.toml"
@@ -361,3 +369,26 @@ def test_merge_follows_the_rule_for_any_views_and_rules(
     authority = Authority.from_mapping({"citizen": rules})
     built = [view(s, d, minutes=m, deleted=gone) for s, d, m, gone in views]
     assert merge("citizen", built, authority) == _by_the_rule("citizen", built, authority)
+
+
+_scalars = st.sampled_from(["1", "Hà Nội", "", 1, 1.0, True, False, 0, None])
+_values = _scalars | st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=2)
+        | st.dictionaries(st.sampled_from(["a", "b"]), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["s-a", "s-b", "s-c", "s-d"]), _values, min_size=1))
+def test_conflicts_group_sources_by_equal_json(values: dict[str, Any]) -> None:
+    # Sources agree when their values are the same JSON: "1", 1, 1.0 and true all differ,
+    # key order does not matter.
+    views = [view(source, {"f": value}) for source, value in values.items()]
+    groups: dict[bytes, list[str]] = {}
+    for source, value in sorted(values.items()):
+        groups.setdefault(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), []).append(source)
+    expected = {"f": sorted(groups.values())} if len(groups) > 1 else {}
+    assert field_conflicts(views) == expected
