@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from schemas.json_text import loads_exact
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -16,9 +19,13 @@ def write_json_atomic(path: Path, value: Any) -> None:
     orjson, not `json`: a SQL source's state is written after every page and holds every
     row of its lookback window (tens of thousands under a bulk update); `json.dumps` of it
     was 12 % of the adapter's publishing (docs/performance.md). Keys that are not text are
-    written as text, as `json` does."""
+    written as text, as `json` does; what orjson refuses (integers beyond 64 bits: a
+    source's NUMBER(38) primary key) is written by `json`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        payload = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        payload = json.dumps(value, ensure_ascii=False).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "wb") as handle:
         handle.write(payload)
@@ -36,7 +43,7 @@ def load_json_state(path: Path) -> dict[str, Any]:
     """The saved state, or an empty one before the first checkpoint."""
     if not path.exists():
         return {}
-    loaded = orjson.loads(path.read_bytes())
+    loaded = loads_exact(path.read_bytes())
     if not isinstance(loaded, dict):
         raise ValueError(f"state file {path} does not hold a JSON object")
     return loaded

@@ -15,7 +15,6 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -51,6 +49,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
+from schemas.json_text import loads_exact
 from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
 from schemas.views import CanonicalRecord, RecordKey, SourceView
@@ -218,12 +217,8 @@ def create_store_engine(url: str) -> Engine:
 def _json_loads(text: str | bytes) -> Any:
     """JSONB values as psycopg reads them (a batch's views and records): orjson, which
     took a third of the time of `json.loads` the driver uses by default (3 % of the
-    worker's CPU on updates: docs/performance.md); the standard library for what orjson
-    refuses (integers beyond 64 bits, which the contract never lets in)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    worker's CPU on updates: docs/performance.md), wherever it reads the same values."""
+    return loads_exact(text)
 
 
 def _make_parent_dir(url: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.json_text import loads_exact
 from schemas.validation import _DECODER, InvalidEvent, _decode_json
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
@@ -107,3 +108,17 @@ def test_odd_texts_are_judged_as_the_checking_decoder_judges_them(raw: bytes) ->
     want, got = checked(raw), decoded(raw)
     assert got[0] == want[0]
     assert same(got[1], want[1]) if got[0] == "ok" else got == want
+
+
+@settings(max_examples=300)
+@given(values, st.booleans())
+def test_loads_exact_reads_what_the_standard_library_reads(value: Any, as_bytes: bool) -> None:
+    # integers beyond 64 bits included, which orjson alone would read as floats
+    text = json.dumps(value, ensure_ascii=False)
+    got = loads_exact(text.encode() if as_bytes else text)
+    assert same(got, json.loads(text))
+
+
+def test_loads_exact_keeps_every_integer_exact() -> None:
+    for number in (2**64, -(2**63) - 1, 10**30, 2**64 - 1, -(2**63)):
+        assert same(loads_exact(f'{{"n": {number}}}'), {"n": number})

@@ -1,0 +1,35 @@
+"""Producers' state files (producers.state): written with orjson, every value still fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producers.state import load_json_state, write_json_atomic
+
+
+def test_a_state_round_trips_whatever_its_primary_keys(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "hcm-citizens.state.json"
+    assert load_json_state(path) == {}
+    usual = {"updated_at": "2025-08-01T08:00:00", "pk": 7, "note": "Hồ Chí Minh",
+             "seen": {"7": [3, "2025-08-01T08:00:00", "a1b2", None]}}  # fmt: skip
+    write_json_atomic(path, usual)
+    assert load_json_state(path) == usual
+    # an Oracle NUMBER(38) key is beyond orjson's 64-bit integers: still written and read
+    huge = usual | {"pk": 10**30, "seen": {str(10**30): [1, "2025-08-01T08:00:00", "c3", 2**64]}}
+    write_json_atomic(path, huge)
+    assert load_json_state(path) == huge
+    write_json_atomic(path, {1: "key written as text"})
+    assert load_json_state(path) == {"1": "key written as text"}
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.state.json"
+    path.write_text('{"pk": 1', encoding="utf-8")
+    with pytest.raises(ValueError):
+        load_json_state(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="does not hold a JSON object"):
+        load_json_state(path)
