@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from schemas.json_text import loads_exact
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 
 TopicPartition = tuple[str, int]
@@ -60,7 +61,7 @@ def _aware(moment: Any) -> datetime:
 def _loads(value: Any) -> Any:
     if value is None or not isinstance(value, str | bytes):
         return value  # psycopg hands JSONB over already decoded
-    return orjson.loads(value)
+    return loads_exact(value)
 
 
 class BatchIO:
