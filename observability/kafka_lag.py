@@ -65,6 +65,14 @@ class Filters:
         return self.topic is None or re.fullmatch(self.topic, topic) is not None
 
 
+# A poll's requests fail after this long: a broker back from a crash may accept the
+# connection and not answer yet, and with kafka-python's 30 s each question of a poll could
+# wait that long, the lag going unreported meanwhile (seen once in the broker drill: no lag
+# for the 40 s after a node came back). A failed poll drops its clients; the next one
+# starts afresh.
+REQUEST_TIMEOUT_MS = 5_000
+
+
 @dataclass
 class LagReader:
     """Reads every matching group's lag; keeps one status window per partition."""
@@ -138,7 +146,9 @@ class LagReader:
     @property
     def cluster(self) -> Cluster:
         if self._cluster is None:
-            self._cluster = Cluster(self.connection, client_id="portal-sync-lag")
+            self._cluster = Cluster(
+                self.connection, client_id="portal-sync-lag", request_timeout_ms=REQUEST_TIMEOUT_MS
+            )
         return self._cluster
 
     def store(self) -> Store:

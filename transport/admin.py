@@ -46,9 +46,19 @@ MOVED = (NotCoordinatorError, CoordinatorNotAvailableError)
 class Cluster:
     """Questions to the cluster over long-lived clients; close it when done."""
 
-    def __init__(self, connection: KafkaConnection, client_id: str = "portal-sync-admin") -> None:
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        client_id: str = "portal-sync-admin",
+        request_timeout_ms: int | None = None,
+    ) -> None:
         self.connection = connection
         self.client_id = client_id
+        # None: kafka-python's 30 s. A poller that asks again soon sets less: a request to
+        # a node that is back but not yet answering then fails instead of holding the poll.
+        self._timeouts = (
+            {} if request_timeout_ms is None else {"request_timeout_ms": request_timeout_ms}
+        )
         self._admin: Any = None
         self._consumer: Any = None
 
@@ -61,7 +71,7 @@ class Cluster:
     @property
     def admin(self) -> Any:
         if self._admin is None:
-            self._admin = clients.admin(self.connection, self.client_id)
+            self._admin = clients.admin(self.connection, self.client_id, **self._timeouts)
         return self._admin
 
     @property
@@ -74,6 +84,7 @@ class Cluster:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=64 * 1024,
+                **self._timeouts,
             )
         return self._consumer
 
