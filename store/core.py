@@ -209,16 +209,12 @@ def create_store_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
+    # JSONB as psycopg reads it (a batch's views and records): orjson, a third of the time
+    # of the driver's default `json.loads` (3 % of the worker's CPU on updates:
+    # docs/performance.md), wherever it reads the same values.
     return create_engine(
-        url, pool_pre_ping=True, hide_parameters=True, json_deserializer=_json_loads
+        url, pool_pre_ping=True, hide_parameters=True, json_deserializer=loads_exact
     )
-
-
-def _json_loads(text: str | bytes) -> Any:
-    """JSONB values as psycopg reads them (a batch's views and records): orjson, which
-    took a third of the time of `json.loads` the driver uses by default (3 % of the
-    worker's CPU on updates: docs/performance.md), wherever it reads the same values."""
-    return loads_exact(text)
 
 
 def _make_parent_dir(url: str) -> None:

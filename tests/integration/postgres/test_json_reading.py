@@ -6,7 +6,8 @@ from __future__ import annotations
 from psycopg import pq
 from psycopg.adapt import Loader
 
-from store.core import Store, _json_loads
+from schemas.json_text import loads_exact
+from store.core import Store
 
 
 def test_jsonb_is_read_with_orjson_and_every_value_still_reads(postgres_store_url: str) -> None:
@@ -20,7 +21,7 @@ def test_jsonb_is_read_with_orjson_and_every_value_still_reads(postgres_store_ur
                 for fmt in (pq.Format.TEXT, pq.Format.BINARY):
                     loader: type[Loader] | None = dbapi.adapters.get_loader(oid, fmt)
                     assert loader is not None
-                    assert getattr(loader, "_loads", None) is _json_loads
+                    assert getattr(loader, "_loads", None) is loads_exact
             cursor = dbapi.cursor()
             cursor.execute(
                 'SELECT \'{"họ_tên": "Nguyễn Văn Ân", "v": [1, 2.5, null, true]}\'::jsonb,'
