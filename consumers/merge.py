@@ -159,6 +159,8 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
     live = live_views(views)
     if len(live) < 2:  # one source cannot disagree with itself
         return {}
+    if len(live) == 2:  # the usual case: a third of the time of the grouping below
+        return _two_source_conflicts(*live)
     providers: dict[str, dict[str, Any]] = {}
     for view in live:
         for name, value in (view.data or {}).items():
@@ -173,6 +175,24 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
             groups.setdefault(group, []).append(source)
         if len(groups) > 1:
             result[name] = sorted(groups.values())
+    return result
+
+
+def _two_source_conflicts(one: SourceView, other: SourceView) -> dict[str, list[list[str]]]:
+    """`field_conflicts` of two views: the fields both give, with values of different JSON
+    (text against text directly; text never equals a non-text value)."""
+    first, second = (one, other) if one.source < other.source else (other, one)
+    a, b = first.data or {}, second.data or {}
+    result: dict[str, list[list[str]]] = {}
+    for name in sorted(a.keys() & b.keys()):
+        x, y = a[name], b[name]
+        text_x, text_y = type(x) is str, type(y) is str
+        if text_x and text_y:
+            if x == y:
+                continue
+        elif not text_x and not text_y and _canonical_json(x) == _canonical_json(y):
+            continue
+        result[name] = [[first.source], [second.source]]
     return result
 
 

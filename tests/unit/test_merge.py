@@ -392,3 +392,59 @@ def test_conflicts_group_sources_by_equal_json(values: dict[str, Any]) -> None:
         groups.setdefault(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), []).append(source)
     expected = {"f": sorted(groups.values())} if len(groups) > 1 else {}
     assert field_conflicts(views) == expected
+
+
+def _conflicts_by_definition(views: list[SourceView]) -> dict[str, list[list[str]]]:
+    """Per field given by two live views or more: the sources grouped by the field's
+    canonical JSON (text and non-text never equal), when there are two groups or more."""
+    result: dict[str, list[list[str]]] = {}
+    live = [v for v in views if not v.deleted and v.data is not None]
+    for name in sorted({name for v in live for name in v.data or {}}):
+        groups: dict[bytes, list[str]] = {}
+        for v in sorted(live, key=lambda v: v.source):
+            if name in (v.data or {}):
+                value = (v.data or {})[name]
+                group = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+                groups.setdefault(group, []).append(v.source)
+        if len(groups) > 1:
+            result[name] = sorted(groups.values())
+    return result
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["s-a", "s-b", "s-c", "s-d"]),
+        st.tuples(st.dictionaries(st.sampled_from(["f", "g", "h"]), _values), st.booleans()),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_conflicts_of_any_views_are_the_definition(
+    views: dict[str, tuple[dict[str, Any], bool]],
+) -> None:
+    # Two live views take a path of their own: it must agree with every other count.
+    built = [view(source, data, deleted=gone) for source, (data, gone) in views.items()]
+    assert field_conflicts(built) == _conflicts_by_definition(built)
+    assert field_conflicts(list(reversed(built))) == _conflicts_by_definition(built)
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "apart"),
+    [
+        (1, True, True),
+        (1, 1.0, True),
+        (0, False, True),
+        (None, "", True),
+        ("1", 1, True),
+        ({"a": 1, "b": [1]}, {"b": [1], "a": 1}, False),
+        ([1, {"a": True}], [1, {"a": 1}], True),
+        ("Hà Nội", "Hà Nội", False),
+        (None, None, False),
+    ],
+)
+def test_two_sources_disagree_exactly_when_their_json_differs(
+    left: Any, right: Any, apart: bool
+) -> None:
+    views = [view("s-b", {"f": left, "g": "x"}), view("s-a", {"f": right, "h": 1})]
+    assert field_conflicts(views) == ({"f": [["s-a"], ["s-b"]]} if apart else {})
+    assert field_conflicts(views) == _conflicts_by_definition(views)
