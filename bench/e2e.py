@@ -6,7 +6,7 @@ Modes (a throwaway Kafka broker and PostgreSQL server are started and stopped by
     .venv/bin/python bench/e2e.py throughput --events 50000 --workers 2 --partitions 12
     .venv/bin/python bench/e2e.py steady --rate 2000 --duration 60     # lag p50/p95/p99/max
     .venv/bin/python bench/e2e.py search --duration 20                 # highest rate, p99 <= 1 s
-    .venv/bin/python bench/e2e.py flat --records 1000000 --step 100000 # cost/event and RSS vs size
+    .venv/bin/python bench/e2e.py flat --records 1500000 --step 300000 # cost/event and RSS vs size
     .venv/bin/python bench/e2e.py --smoke                              # CI: correctness only
     .venv/bin/python bench/e2e.py throughput --events 50000 --sign     # cost of verification
 
@@ -941,7 +941,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--duration", type=float, default=60)
     parser.add_argument("--target", type=float, default=1.0, help="search: p99 bound, s")
-    parser.add_argument("--records", type=int, default=200_000, help="flat: final store size")
+    parser.add_argument(
+        "--records", type=int, default=200_000, help="flat: events (about 2/3 as many records)"
+    )
     parser.add_argument("--step", type=int, default=50_000, help="flat: events per chunk")
     parser.add_argument("--check-each", action="store_true", help="flat: check every chunk")
     parser.add_argument("--timeout", type=float, default=1800)
