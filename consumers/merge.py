@@ -108,14 +108,14 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
     if len(live) == 1:  # one source: its view is the record (no ranking to do)
         (only,) = live
         fields = dict(sorted((only.data or {}).items()))
-        origin = {"source": only.source, "version": only.version}  # shared: never mutated
-        return CanonicalRecord(fields, {only.source: only.version}, dict.fromkeys(fields, origin))
+        return CanonicalRecord(
+            fields, {only.source: only.version}, {only.source: list(fields)} if fields else {}
+        )
     data: dict[str, Any] = {}
-    provenance: dict[str, dict[str, Any]] = {}
+    origins: dict[str, list[str]] = {}  # source -> the fields it gave, in field order
     # Fields ranked by the same rule list share one ordering of the views, best first
     # (a stable sort: the same winner as `max` over the same keys).
     orderings: dict[tuple[str, ...], list[SourceView]] = {}
-    origins = {view.source: {"source": view.source, "version": view.version} for view in live}
     for name in sorted({name for view in live for name in view.data or {}}):
         rules = authority.rules_for(entity, name)
         ordering = orderings.get(rules)
@@ -128,8 +128,12 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
             orderings[rules] = ordering
         best = next(view for view in ordering if name in (view.data or {}))
         data[name] = (best.data or {})[name]
-        provenance[name] = origins[best.source]  # shared per source: never mutated
-    return CanonicalRecord(data, {view.source: view.version for view in live}, provenance)
+        gave = origins.get(best.source)
+        if gave is None:
+            origins[best.source] = [name]
+        else:
+            gave.append(name)
+    return CanonicalRecord(data, {view.source: view.version for view in live}, origins)
 
 
 def merge_events(

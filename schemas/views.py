@@ -27,4 +27,35 @@ class SourceView:
 class CanonicalRecord:
     data: dict[str, Any]
     sources: dict[str, int]  # contributing source -> version of its current view
-    provenance: dict[str, dict[str, Any]]  # field -> {"source": id, "version": n}
+    # Provenance as the store keeps it: contributing source -> the fields it gave, sorted.
+    # A field's version is its source's in `sources`, so it is not kept twice.
+    origins: dict[str, list[str]]
+
+    @property
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """field -> {"source": id, "version": n}, sorted by field."""
+        return expand_provenance(self.origins, self.sources)
+
+
+def expand_provenance(
+    origins: Mapping[str, Any], sources: Mapping[str, int]
+) -> dict[str, dict[str, Any]]:
+    """The stored provenance (source -> fields) as readers see it: field -> {"source",
+    "version"}, sorted by field. A value already in that form (a store written before
+    provenance was compacted, read mid-upgrade) is returned as it is."""
+    if any(isinstance(fields, Mapping) for fields in origins.values()):
+        return dict(sorted(origins.items()))
+    return {
+        name: {"source": source, "version": sources.get(source)}
+        for name, source in sorted(
+            (name, source) for source, fields in origins.items() for name in fields
+        )
+    }
+
+
+def compact_provenance(provenance: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The reverse of `expand_provenance`: field -> {"source", ...} as source -> fields."""
+    origins: dict[str, list[str]] = {}
+    for name in sorted(provenance):
+        origins.setdefault(provenance[name]["source"], []).append(name)
+    return dict(sorted(origins.items()))

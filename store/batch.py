@@ -376,7 +376,7 @@ class PostgresBatchIO(BatchIO):
                     [k for (_, k), _ in present],
                     [_json(r.data) for _, r in present],
                     [_json(r.sources) for _, r in present],
-                    [_json(r.provenance) for _, r in present],
+                    [_json(r.origins) for _, r in present],
                 ],
             )
         gone = [key for key, record in records.items() if record is None]
@@ -623,7 +623,7 @@ class SqliteBatchIO(BatchIO):
             " data = excluded.data, sources = excluded.sources,"
             " updated_at = excluded.updated_at, provenance = excluded.provenance",
             [
-                (e, k, _json(r.data), _json(r.sources), updated, _json(r.provenance))
+                (e, k, _json(r.data), _json(r.sources), updated, _json(r.origins))
                 for (e, k), r in records.items()
                 if r is not None
             ],

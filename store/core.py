@@ -52,7 +52,7 @@ from schemas.errors import RecordError, Refused, TransientError
 from schemas.json_text import loads_exact
 from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
-from schemas.views import CanonicalRecord, RecordKey, SourceView
+from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
 from store.tables import (
     access_log,
@@ -490,7 +490,9 @@ class Store:
             query = query.where(records.c.entity == entity)
         with self.engine.connect() as conn:
             for row in conn.execution_options(yield_per=1000).execute(query):
-                yield row.entity, row.key, row.data, row.sources, row.provenance
+                origins = row.provenance
+                provenance = None if origins is None else expand_provenance(origins, row.sources)
+                yield row.entity, row.key, row.data, row.sources, provenance
 
     def record_keys(self, entity: str | None = None) -> list[RecordKey]:
         """Every (entity, key) some source has a view of, sorted."""

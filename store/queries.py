@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from schemas.views import expand_provenance
 from store.core import Store
 from store.tables import (
     document_owners,
@@ -64,7 +65,8 @@ def record_detail(store: Store, entity: str, key: str) -> RecordDetail | None:
         return None
     return RecordDetail(
         entity, key, record.data if record else None,
-        (record.provenance or {}) if record else {}, views, conflicts,
+        expand_provenance(record.provenance or {}, record.sources) if record else {},
+        views, conflicts,
         (owner[0], owner[1]) if owner else None,
     )  # fmt: skip
 

@@ -65,7 +65,9 @@ records = Table(
     Column("data", _json(), nullable=False),
     Column("sources", _json(), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
-    # field -> {"source", "version"}; NULL only for records written before migration 0002
+    # source -> the fields it gave (migration 0007; a field's version is its source's in
+    # `sources`: readers expand it, `schemas.views.expand_provenance`); NULL only for
+    # records written before migration 0002
     Column("provenance", _json()),
 )
 

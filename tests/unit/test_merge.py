@@ -19,6 +19,7 @@ from consumers.merge import (
     field_conflicts,
     merge,
 )
+from schemas.views import compact_provenance, expand_provenance
 
 T0 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
 DEPLOY_AUTHORITY = Path(__file__).resolve().parents[2] / "deploy" / "authority.toml"
@@ -51,6 +52,13 @@ def rank(
 
 def origin(source: str, version: int = 1) -> dict[str, Any]:
     return {"source": source, "version": version}
+
+
+def canonical(
+    data: dict[str, Any], sources: dict[str, int], provenance: dict[str, dict[str, Any]]
+) -> CanonicalRecord:
+    """A record from its provenance as readers see it (field -> source, version)."""
+    return CanonicalRecord(data, sources, compact_provenance(provenance))
 
 
 # -- decide: the version rule -------------------------------------------------------------
@@ -88,11 +96,14 @@ def test_single_source_is_the_record() -> None:
     record = merge(
         "citizen", [view("s-a", {"full_name": "An", "sex": "male"}, version=3)], Authority()
     )
-    assert record == CanonicalRecord(
+    assert record == canonical(
         {"full_name": "An", "sex": "male"},
         {"s-a": 3},
         {"full_name": origin("s-a", 3), "sex": origin("s-a", 3)},
     )
+    assert record is not None
+    assert record.origins == {"s-a": ["full_name", "sex"]}  # as the store keeps it
+    assert record.provenance == {"full_name": origin("s-a", 3), "sex": origin("s-a", 3)}
 
 
 def test_authority_rank_wins_over_recency_and_source_id() -> None:
@@ -177,13 +188,13 @@ def test_tombstone_removes_the_source_contribution() -> None:
         view("s-b", {"full_name": "B"}, version=2, minutes=0),
     ]
     authority = Authority.from_mapping({"citizen": {"*": ["s-a"]}})
-    assert merge("citizen", views, authority) == CanonicalRecord(
+    assert merge("citizen", views, authority) == canonical(
         {"full_name": "A", "phone": "0912345678"},
         {"s-a": 1, "s-b": 2},
         {"full_name": origin("s-a", 1), "phone": origin("s-a", 1)},
     )
     views[0] = view("s-a", None, version=2, deleted=True)
-    assert merge("citizen", views, authority) == CanonicalRecord(
+    assert merge("citizen", views, authority) == canonical(
         {"full_name": "B"}, {"s-b": 2}, {"full_name": origin("s-b", 2)}
     )
 
@@ -191,7 +202,7 @@ def test_tombstone_removes_the_source_contribution() -> None:
 def test_deleted_view_with_stray_data_contributes_nothing() -> None:
     stray = SourceView("s-a", 3, "e", T0, True, {"full_name": "ghost"})
     assert merge("citizen", [stray], Authority()) is None
-    assert merge("citizen", [stray, view("s-b", {"sex": "male"})], Authority()) == CanonicalRecord(
+    assert merge("citizen", [stray, view("s-b", {"sex": "male"})], Authority()) == canonical(
         {"sex": "male"}, {"s-b": 1}, {"sex": origin("s-b", 1)}
     )
 
@@ -216,7 +227,7 @@ def test_null_is_kept_and_absent_falls_back() -> None:
 
 def test_empty_data_is_still_a_live_contribution() -> None:
     record = merge("dossier", [view("s-a", {}, version=9)], Authority())
-    assert record == CanonicalRecord({}, {"s-a": 9}, {})
+    assert record == canonical({}, {"s-a": 9}, {})
 
 
 def test_merge_is_independent_of_view_order() -> None:
@@ -228,7 +239,7 @@ def test_merge_is_independent_of_view_order() -> None:
         view("s-d", None, version=7, deleted=True),
     ]
     expected = merge("citizen", views, authority)
-    assert expected == CanonicalRecord(
+    assert expected == canonical(
         {"full_name": "B", "sex": "female", "email": "c@example.vn", "phone": "0912345678"},
         {"s-a": 3, "s-b": 1, "s-c": 2},
         {
@@ -343,7 +354,7 @@ def _by_the_rule(
         )
         data[name] = (best.data or {})[name]
         provenance[name] = origin(best.source, best.version)
-    return CanonicalRecord(data, {v.source: v.version for v in live}, provenance)
+    return canonical(data, {v.source: v.version for v in live}, provenance)
 
 
 @given(
@@ -444,3 +455,42 @@ def test_two_sources_disagree_exactly_when_their_json_differs(
     views = [view("s-b", {"f": left, "g": "x"}), view("s-a", {"f": right, "h": 1})]
     assert field_conflicts(views) == ({"f": [["s-a"], ["s-b"]]} if apart else {})
     assert field_conflicts(views) == _conflicts_by_definition(views)
+
+
+# -- provenance: kept per source, read per field -------------------------------------------
+
+
+@given(
+    given_by=st.dictionaries(
+        st.text(min_size=1, max_size=8), st.sampled_from(_SOURCES), max_size=12
+    ),
+    versions=st.lists(st.integers(1, 2**62), min_size=len(_SOURCES), max_size=len(_SOURCES)),
+)
+def test_compact_provenance_round_trips(given_by: dict[str, str], versions: list[int]) -> None:
+    sources = dict(zip(_SOURCES, versions, strict=True))
+    provenance = {name: origin(source, sources[source]) for name, source in given_by.items()}
+    origins = compact_provenance(provenance)
+    assert sum(map(len, origins.values())) == len(provenance)
+    assert all(fields == sorted(fields) for fields in origins.values())
+    assert expand_provenance(origins, sources) == provenance
+    assert list(expand_provenance(origins, sources)) == sorted(provenance)
+    assert compact_provenance(expand_provenance(origins, sources)) == origins
+
+
+def test_the_merge_keeps_each_field_under_the_source_that_gave_it() -> None:
+    authority = Authority.from_mapping({"citizen": {"full_name": ["s-b"], "*": ["s-a"]}})
+    views = [
+        view("s-a", {"full_name": "A", "sex": "male", "phone": "0912345678"}, version=4),
+        view("s-b", {"full_name": "B", "email": "b@example.vn"}, version=2),
+    ]
+    record = merge("citizen", views, authority)
+    assert record is not None
+    assert record.origins == {"s-a": ["phone", "sex"], "s-b": ["email", "full_name"]}
+    assert record.provenance["email"] == origin("s-b", 2)
+    assert record.provenance["sex"] == origin("s-a", 4)
+
+
+def test_provenance_still_per_field_is_read_as_it_is() -> None:
+    """A row not yet rewritten by migration 0007 (read during an upgrade)."""
+    old = {"full_name": origin("s-a", 3), "sex": origin("s-b", 1)}
+    assert expand_provenance(old, {"s-a": 3, "s-b": 1}) == old

@@ -156,8 +156,12 @@ def test_owner_agency_code_rules_dossiers() -> None:
     assert record == CanonicalRecord(
         {"agency_code": G12, "status": 4},
         {"ministry-btp": 3, "province-01": 8},
-        {"agency_code": origin("ministry-btp", 3), "status": origin("ministry-btp", 3)},
+        {"ministry-btp": ["agency_code", "status"]},
     )
+    assert record.provenance == {
+        "agency_code": origin("ministry-btp", 3),
+        "status": origin("ministry-btp", 3),
+    }
 
 
 def test_unmatched_sources_rank_equal_below_matched_ones() -> None:

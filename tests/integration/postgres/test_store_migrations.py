@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     insert,
     inspect,
+    null,
     select,
 )
 from sqlalchemy.dialects import postgresql
@@ -364,3 +365,64 @@ def test_workers_starting_together_on_a_new_store_all_find_it_created(store_url:
     store = Store(store_url)
     assert current_revision(store.engine) == head_revision()
     store.close()
+
+
+# -- 0007: provenance kept per source -----------------------------------------------------------
+
+
+def _migrate(store: Store, revision: str, down: bool = False) -> None:
+    config = schema._config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def test_0007_keeps_provenance_per_source_and_reads_it_back_per_field(store_url: str) -> None:
+    """Rows of a 0006 store (more than one chunk of the migration) are rewritten source ->
+    fields; readers see the same field -> {source, version}; the downgrade restores them."""
+    store = Store(store_url)
+    try:
+        _migrate(store, "0006")
+        sources = {"province-01": 7, "national-population": 3}
+        rows = [
+            {
+                "entity": "citizen",
+                "key": f"{i:012d}",
+                "data": {"full_name": "Nguyễn Văn An", "phone": "0912345678", "sex": "male"},
+                "sources": sources,
+                "updated_at": T2,
+                "provenance": {
+                    "full_name": {"source": "national-population", "version": 3},
+                    "phone": {"source": "province-01", "version": 7},
+                    "sex": {"source": "national-population" if i % 2 else "province-01",
+                            "version": 3 if i % 2 else 7},
+                },
+            }
+            for i in range(6001)
+        ]  # fmt: skip
+        rows[0]["provenance"] = {}  # a record with no fields
+        rows[1]["provenance"] = null()  # written before 0002: re-merged by `store upgrade`
+        with store.engine.begin() as conn:
+            conn.execute(insert(records), rows)
+        _migrate(store, "head")
+        stored = dict(
+            ((e, k), p) for e, k, p in table_rows(store, records, "entity", "key", "provenance")
+        )
+        assert stored[("citizen", f"{0:012d}")] == {}
+        assert stored[("citizen", f"{1:012d}")] is None
+        assert stored[("citizen", f"{2:012d}")] == {
+            "national-population": ["full_name"],
+            "province-01": ["phone", "sex"],
+        }
+        assert stored[("citizen", f"{3:012d}")] == {
+            "national-population": ["full_name", "sex"],
+            "province-01": ["phone"],
+        }
+        rows[1]["provenance"] = None
+        read = {(e, k): p for e, k, _, _, p in store.iter_records()}
+        assert read == {(r["entity"], r["key"]): r["provenance"] for r in rows}
+        _migrate(store, "0006", down=True)
+        restored = table_rows(store, records, "entity", "key", "provenance")
+        assert restored == [(r["entity"], r["key"], r["provenance"]) for r in rows]
+    finally:
+        store.close()
