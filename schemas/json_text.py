@@ -9,17 +9,20 @@ integer exact. A long run of digits inside a string only costs the slower reader
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# Every digit as "0": a run of 19 digits is then a run of 19 zeros, which `bytes.find`
+# looks for at memchr speed (a regular expression for the run cost 2 µs on a 230-byte
+# record, three times orjson's reading of it).
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 19
 
 
 def loads_exact(text: str | bytes) -> Any:
     """`json.loads(text)`, with orjson's speed where it gives the same value."""
-    raw = text.encode() if isinstance(text, str) else text
-    if _LONG_DIGITS.search(raw) is None:
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    if raw.translate(_DIGITS_AS_ZERO).find(_LONG_RUN) < 0:
         return orjson.loads(raw)
     return json.loads(raw)

@@ -51,6 +51,26 @@ def _naive(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
+def _naive_each(moments: Iterable[datetime]) -> list[datetime]:
+    """`_naive` of each; converted once per run of the same object (a batch's history
+    rows share its `now`)."""
+    out: list[datetime] = []
+    last: datetime | None = None
+    naive = datetime.min
+    for moment in moments:
+        if moment is not last:
+            last, naive = moment, _naive(moment)
+        out.append(naive)
+    return out
+
+
+def _view_json(data: Any) -> str | None:
+    """A view's data as JSON text (orjson takes a dict, not any mapping)."""
+    if data is None:
+        return None
+    return orjson.dumps(data if type(data) is dict else dict(data)).decode()
+
+
 def _aware(moment: Any) -> datetime:
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
@@ -345,7 +365,7 @@ class PostgresBatchIO(BatchIO):
                 [v.event_id for _, _, v in rows],
                 [_naive(v.occurred_at) for _, _, v in rows],
                 [v.deleted for _, _, v in rows],
-                [_json(None if v.data is None else dict(v.data)) for _, _, v in rows],
+                [_view_json(v.data) for _, _, v in rows],
             ],
         )
 
@@ -402,7 +422,7 @@ class PostgresBatchIO(BatchIO):
                 [r["source"] for r in rows],
                 [r["version"] for r in rows],
                 [_json(r["changes"]) for r in rows],
-                [_naive(r["applied_at"]) for r in rows],
+                _naive_each(r["applied_at"] for r in rows),
             ],
         )
 
@@ -603,7 +623,7 @@ class SqliteBatchIO(BatchIO):
                     v.event_id,
                     _text_time(v.occurred_at),
                     int(v.deleted),
-                    _json(None if v.data is None else dict(v.data)),
+                    _view_json(v.data),
                     applied,
                 )
                 for e, k, v in rows
