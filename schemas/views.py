@@ -43,7 +43,7 @@ def expand_provenance(
     """The stored provenance (source -> fields) as readers see it: field -> {"source",
     "version"}, sorted by field. A value already in that form (a store written before
     provenance was compacted, read mid-upgrade) is returned as it is."""
-    if any(isinstance(fields, Mapping) for fields in origins.values()):
+    if per_field(origins):
         return dict(sorted(origins.items()))
     return {
         name: {"source": source, "version": sources.get(source)}
@@ -53,8 +53,16 @@ def expand_provenance(
     }
 
 
-def compact_provenance(provenance: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
-    """The reverse of `expand_provenance`: field -> {"source", ...} as source -> fields."""
+def per_field(provenance: Mapping[str, Any]) -> bool:
+    """Whether stored provenance is in the older form, field -> {"source", "version"}."""
+    return any(isinstance(origin, Mapping) for origin in provenance.values())
+
+
+def compact_provenance(provenance: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The reverse of `expand_provenance`: field -> {"source", ...} as source -> fields. A
+    value already in that form is returned as it is."""
+    if not per_field(provenance):
+        return dict(provenance)
     origins: dict[str, list[str]] = {}
     for name in sorted(provenance):
         origins.setdefault(provenance[name]["source"], []).append(name)

@@ -475,6 +475,7 @@ def test_compact_provenance_round_trips(given_by: dict[str, str], versions: list
     assert expand_provenance(origins, sources) == provenance
     assert list(expand_provenance(origins, sources)) == sorted(provenance)
     assert compact_provenance(expand_provenance(origins, sources)) == origins
+    assert compact_provenance(origins) == origins  # already compact: as it is
 
 
 def test_the_merge_keeps_each_field_under_the_source_that_gave_it() -> None:

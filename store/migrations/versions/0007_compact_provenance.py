@@ -35,10 +35,6 @@ def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
-def _per_field(provenance: Mapping[str, Any]) -> bool:
-    return any(isinstance(origin, Mapping) for origin in provenance.values())
-
-
 def _rewrite(convert: Callable[[Mapping[str, Any], Mapping[str, int]], Any]) -> None:
     conn = op.get_bind()
     records = sa.table(
@@ -100,8 +96,7 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(COMPACT_SQL)
         return
-    _rewrite(lambda provenance, _: compact_provenance(provenance) if _per_field(provenance)
-             else provenance)  # fmt: skip
+    _rewrite(lambda provenance, _: compact_provenance(provenance))
 
 
 def downgrade() -> None:
