@@ -47,35 +47,46 @@ def current_revision(engine: Engine) -> str | None:
 SCHEMA_LOCK = 0x706F7274616C  # PostgreSQL advisory lock key ("portal")
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
+def upgrade(engine: Engine, *, only_new: bool = False) -> tuple[str | None, str]:
     """Migrate the store to the newest revision; return (from, to). Concurrent callers are
-    serialised (PostgreSQL: an advisory lock; SQLite: a writer transaction)."""
+    serialised (PostgreSQL: an advisory lock; SQLite: a writer transaction). `only_new`:
+    create a new store, leave a current one alone, refuse an older one (SchemaOutdated)."""
     config = _config()
+    head = head_revision()
     with engine.connect() as connection:
         conn = connection.execution_options(writer=True)  # SQLite: BEGIN IMMEDIATE
         with conn.begin():
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
             before = MigrationContext.configure(conn).get_current_revision()
-            if before is None and "source_views" in inspect(conn).get_table_names():
+            first_schema = before is None and "source_views" in inspect(conn).get_table_names()
+            if first_schema:
                 before = FIRST_REVISION  # a first-schema store, made before migrations
+            if only_new and before not in (None, head):
+                raise _outdated(before)
+            if first_schema:
                 config.attributes["connection"] = conn
                 command.stamp(config, FIRST_REVISION)
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
-    return before, head_revision()
+    return before, head
+
+
+def _outdated(revision: str | None) -> SchemaOutdated:
+    return SchemaOutdated(
+        f"the store is at schema revision {revision}, this version needs "
+        f"{head_revision()}: run `portal-sync store upgrade`"
+    )
 
 
 def ensure_current(engine: Engine) -> None:
-    """A new store is created at the newest revision; an older one must be upgraded first."""
-    revision = current_revision(engine)
-    if revision is None:
-        upgrade(engine)
-    elif revision != head_revision():
-        raise SchemaOutdated(
-            f"the store is at schema revision {revision}, this version needs "
-            f"{head_revision()}: run `portal-sync store upgrade`"
-        )
+    """A new store is created at the newest revision; an older one must be upgraded first.
+    Anything but a current store is decided under the schema lock: a store that another
+    process is creating at that moment can be seen half-made without it (its tables
+    already there, its version not yet), which once made a worker starting beside it
+    refuse the store as revision 0001."""
+    if current_revision(engine) != head_revision():
+        upgrade(engine, only_new=True)
 
 
 def drop_project_tables(engine: Engine) -> None:
