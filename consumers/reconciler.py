@@ -175,6 +175,7 @@ def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRan
     return result
 
 
+Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
 OWNER_ENTITIES = {"citizen": "citizen", "organization": "organization"}
 # Events merged per part of a batch on a store whose writes overlap the merge (PostgreSQL):
 # small enough that the database starts early, big enough that a statement's fixed cost
@@ -192,24 +193,59 @@ class _Batch:
     merged: dict[RecordKey, CanonicalRecord | None] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
+    # Per record the batch changed: its conflicts as the store holds them (from the views
+    # read, then as the last part wrote them). A record whose conflicts come out the same
+    # is not rewritten. None (remerge, purge): every changed record's are rewritten.
+    conflicts_before: dict[RecordKey, dict[str, list[list[str]]]] | None = field(
+        default_factory=dict
+    )
+
+    def touch(self, record_key: RecordKey) -> None:
+        """Before a record's views change: keep the conflicts the store has for it."""
+        before = self.conflicts_before
+        if before is not None and record_key not in before:
+            views = self.views.get(record_key)
+            before[record_key] = field_conflicts(views.values()) if views else {}
 
     def take(self, authority: Authority) -> BatchChanges:
         """The changes made since the last `take` (a part of a batch), and start afresh;
         the views and canonical data stay: later parts merge on top of them."""
         changes = self.changes(authority)
+        if self.conflicts_before is not None:
+            self.conflicts_before.update(changes.conflicts)
         self.changed, self.merged = {}, {}
         self.history, self.anomalies = [], []
         return changes
 
+    def conflicts(self) -> tuple[Conflicts, set[RecordKey]]:
+        """The conflicts of the changed records that differ from the store's, and which of
+        those records the store has none for."""
+        before = self.conflicts_before
+        result: Conflicts = {}
+        absent: set[RecordKey] = set()
+        for record_key in self.merged:
+            found = field_conflicts(self.views.get(record_key, {}).values())
+            if before is None:
+                result[record_key] = found
+                continue
+            stored = before.get(record_key)
+            if stored != found:
+                result[record_key] = found
+                if stored == {}:
+                    absent.add(record_key)
+        return result, absent
+
     def changes(self, authority: Authority) -> BatchChanges:
         """The typed changes the store writes for this batch (offsets added by the caller)."""
         merged = self.merged
+        conflicts, absent = self.conflicts()
         return BatchChanges(
             views=list(self.changed.values()),
             records=merged,
             history=self.history,
             anomalies=self.anomalies,
-            conflicts={k: field_conflicts(self.views.get(k, {}).values()) for k in merged},
+            conflicts=conflicts,
+            conflicts_absent=absent,
             owner_presence={k: r is not None for k, r in merged.items() if k[0] in OWNER_ENTITIES},
             document_owners={k: document_owner(r) for k, r in merged.items() if k[0] == "document"},
         )
@@ -303,7 +339,7 @@ class Reconciler:
         transaction; every changed record gets a history entry. Return how many changed.
         A `dry_run` rolls the transaction back."""
         with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
-            work = _Batch(tx.views, tx.canonical)
+            work = _Batch(tx.views, tx.canonical, conflicts_before=None)
             now = utcnow()
             for record_key in keys:
                 record = merge(
@@ -338,7 +374,7 @@ class Reconciler:
         the counts of the chunks before, is written in the same transaction with this
         chunk's added. A `dry_run` rolls back. Return this chunk's counts."""
         with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
-            work = _Batch(tx.views, tx.canonical)
+            work = _Batch(tx.views, tx.canonical, conflicts_before=None)
             now = utcnow()
             purged: list[tuple[str, str, str]] = []
             views = tombstones = remerged = changed = removed = 0
@@ -395,6 +431,7 @@ class Reconciler:
         )
         if event.entity == "dossier":
             self._check_lifecycle(work, event, current, view, now)
+        work.touch(record_key)
         work.views.setdefault(record_key, {})[event.source] = view
         work.changed[(record_key, event.source)] = ViewRow(event.entity, event.key, view)
         record = merge(event.entity, work.views[record_key].values(), self.authority)

@@ -22,7 +22,7 @@ text (JSONB on PostgreSQL), so every other reader of the store is unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,6 +140,7 @@ class BatchIO:
         history: Sequence[dict[str, Any]],
         anomalies: Sequence[dict[str, Any]],
         conflicts: Conflicts,
+        conflicts_absent: Collection[RecordKey],
         owner_presence: dict[RecordKey, bool],
         document_owners: dict[RecordKey, RecordKey | None],
         offsets: dict[TopicPartition, OffsetRange],
@@ -150,7 +151,7 @@ class BatchIO:
         self.write_records(records, now)
         self.append_history(history)
         self.add_anomalies(anomalies)
-        new = self.replace_conflicts(conflicts, now)
+        new = self.replace_conflicts(conflicts, now, conflicts_absent)
         if owner_presence:
             self.owner_presence(owner_presence, now)
         if document_owners:
@@ -177,7 +178,12 @@ class BatchIO:
     def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
         raise NotImplementedError
 
-    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
+    def replace_conflicts(
+        self, current: Conflicts, now: datetime, absent: Collection[RecordKey] = ()
+    ) -> list[tuple[str, str]]:
+        """Each record's conflicts become `current`'s. The records in `absent` are known
+        to have none stored: nothing to delete, every conflict found is new. Return
+        (entity, field) of the new conflicts, or leave them for `settle`."""
         raise NotImplementedError
 
     def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
@@ -194,6 +200,19 @@ def _found_conflicts(current: Conflicts) -> list[tuple[str, str, str, list[list[
     return [
         (e, k, f, sources) for (e, k), fields in current.items() for f, sources in fields.items()
     ]
+
+
+def _split_conflicts(
+    current: Conflicts, absent: Collection[RecordKey]
+) -> tuple[list[RecordKey], list[tuple[str, str, str, Any]], list[tuple[str, str, str, Any]]]:
+    """The records whose stored conflicts go first, the conflicts found on them, and
+    those found on the records known to have none (`absent`)."""
+    if not absent:
+        return list(current), _found_conflicts(current), []
+    replaced = [key for key in current if key not in absent]
+    found = _found_conflicts({key: current[key] for key in replaced})
+    fresh = _found_conflicts({key: current[key] for key in current if key in absent})
+    return replaced, found, fresh
 
 
 def _new_conflicts(
@@ -312,7 +331,7 @@ class PostgresBatchIO(BatchIO):
             stack = contextlib.ExitStack()
             stack.enter_context(self.dbapi.pipeline())
             self._pipeline = stack
-        self.write_all(*args, **kwargs)
+        self.new_conflicts.extend(self.write_all(*args, **kwargs))
 
     def settle(self) -> list[tuple[str, str]]:
         if self._pipeline is not None:
@@ -443,31 +462,38 @@ class PostgresBatchIO(BatchIO):
             ],
         )
 
-    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
-        if not current:
-            return []
-        deleted = self._send(
-            "DELETE FROM field_conflicts f USING unnest(%b::text[], %b::text[]) AS w(entity, key)"
-            " WHERE f.entity = w.entity AND f.key = w.key RETURNING f.entity, f.key, f.field",
-            _key_arrays(list(current)),
-        )
-        found = _found_conflicts(current)
-        if found:
+    def replace_conflicts(
+        self, current: Conflicts, now: datetime, absent: Collection[RecordKey] = ()
+    ) -> list[tuple[str, str]]:
+        replaced, found, fresh = _split_conflicts(current, absent)
+        if replaced:
+            deleted = self._send(
+                "DELETE FROM field_conflicts f USING unnest(%b::text[], %b::text[])"
+                " AS w(entity, key) WHERE f.entity = w.entity AND f.key = w.key"
+                " RETURNING f.entity, f.key, f.field",
+                _key_arrays(replaced),
+            )
+            # Read when the batch settles: reading rows in a pipeline waits for all before.
+            self._pending.append((found, deleted))
+        rows = found + fresh
+        if rows:
+            # A record said to have none that has one after all (a conflict rule changed
+            # since it was stored) gets the row replaced, not a failed batch.
             self._run(
                 "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
                 " SELECT e, k, f, CAST(s AS jsonb), %b FROM unnest(%b::text[], %b::text[],"
-                " %b::text[], %b::text[]) AS u(e, k, f, s)",
+                " %b::text[], %b::text[]) AS u(e, k, f, s)"
+                " ON CONFLICT (entity, key, field) DO UPDATE SET sources = excluded.sources,"
+                " detected_at = excluded.detected_at",
                 [
                     _naive(now),
-                    [e for e, _, _, _ in found],
-                    [k for _, k, _, _ in found],
-                    [f for _, _, f, _ in found],
-                    [_json(s) for _, _, _, s in found],
+                    [e for e, _, _, _ in rows],
+                    [k for _, k, _, _ in rows],
+                    [f for _, _, f, _ in rows],
+                    [_json(s) for _, _, _, s in rows],
                 ],
             )
-        # Read when the batch settles: reading rows in a pipeline waits for all sent before.
-        self._pending.append((found, deleted))
-        return []
+        return [(e, f) for e, _, f, _ in fresh]
 
     def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
         self._run(
@@ -688,25 +714,29 @@ class SqliteBatchIO(BatchIO):
             ],
         )
 
-    def replace_conflicts(self, current: Conflicts, now: datetime) -> list[tuple[str, str]]:
-        if not current:
-            return []
-        wanted = self._keys("batch_keys", list(current))
-        before = self.dbapi.execute(
-            f"SELECT f.entity, f.key, f.field FROM {wanted} w"
-            " CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
-        ).fetchall()
-        self.dbapi.execute(
-            "DELETE FROM field_conflicts WHERE rowid IN (SELECT f.rowid FROM"
-            f" {wanted} w CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b)"
-        )
-        found = _found_conflicts(current)
-        new = _new_conflicts(found, (tuple(row) for row in before))
+    def replace_conflicts(
+        self, current: Conflicts, now: datetime, absent: Collection[RecordKey] = ()
+    ) -> list[tuple[str, str]]:
+        replaced, found, fresh = _split_conflicts(current, absent)
+        new = [(e, f) for e, _, f, _ in fresh]
+        if replaced:
+            wanted = self._keys("batch_keys", replaced)
+            before = self.dbapi.execute(
+                f"SELECT f.entity, f.key, f.field FROM {wanted} w"
+                " CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
+            ).fetchall()
+            self.dbapi.execute(
+                "DELETE FROM field_conflicts WHERE rowid IN (SELECT f.rowid FROM"
+                f" {wanted} w CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b)"
+            )
+            new = _new_conflicts(found, (tuple(row) for row in before)) + new
         detected = _text_time(now)
+        # As on PostgreSQL: a stored row where none was expected is replaced.
         self._many(
             "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(e, k, f, _json(s), detected) for e, k, f, s in found],
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (entity, key, field) DO UPDATE SET"
+            " sources = excluded.sources, detected_at = excluded.detected_at",
+            [(e, k, f, _json(s), detected) for e, k, f, s in found + fresh],
         )
         return new
 

@@ -171,6 +171,8 @@ class BatchChanges:
     history: list[HistoryEntry] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
     conflicts: dict[RecordKey, dict[str, list[list[str]]]] = field(default_factory=dict)
+    # Records of `conflicts` known to have none stored: nothing to delete before.
+    conflicts_absent: set[RecordKey] = field(default_factory=set)
     owner_presence: dict[RecordKey, bool] = field(default_factory=dict)  # owner came or went
     document_owners: dict[RecordKey, RecordKey | None] = field(default_factory=dict)
     offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
@@ -679,6 +681,7 @@ class BatchTransaction:
             [dict(entry) for entry in changes.history],
             [dict(anomaly) for anomaly in changes.anomalies],
             changes.conflicts,
+            changes.conflicts_absent,
             changes.owner_presence,
             changes.document_owners,
             changes.offsets,

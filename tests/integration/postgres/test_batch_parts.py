@@ -4,11 +4,16 @@ is merged) leaves the store exactly as the same batches written whole on SQLite.
 from __future__ import annotations
 
 import random
+from datetime import datetime
 from typing import Any
+
+import pytest
+from sqlalchemy import insert, select
 
 from consumers.reconciler import Reconciler
 from store.core import Store
-from tests.support.store_helpers import anomaly_rows, history_rows
+from store.tables import field_conflicts
+from tests.support.store_helpers import CITIZEN, Feed, anomaly_rows, event, history_rows
 from tests.unit.test_national_store_properties import (
     AUTHORITY_A,
     FIELDS,
@@ -62,3 +67,73 @@ def test_parts_on_postgresql_equal_whole_batches_on_sqlite(
     assert results[0][2] == results[1][2]
     assert results[0][3] == results[1][3]
     assert len(results[0][1]) > 30 and results[0][0][1]  # a test that sees real merging
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_conflict_that_stays_is_not_rewritten(backend: str, request: Any) -> None:
+    """A batch rewrites a record's conflicts only when they change: one that stays keeps
+    the moment it was detected, one that changes is written anew, one that ends goes."""
+    store = Store(request.getfixturevalue(f"{backend}_store_url"))
+    store.create_schema()
+    try:
+        feed = Feed(store, AUTHORITY_A)
+        feed.apply(
+            event("citizen", CITIZEN, "province-01", 1, {"full_name": "A", "sex": "male"}),
+            event("citizen", CITIZEN, "province-79", 1, {"full_name": "B", "sex": "male"}),
+        )
+        first = detected(store)
+        assert list(first) == [("full_name", (("province-01",), ("province-79",)))]
+        report = feed.apply(
+            event("citizen", CITIZEN, "province-01", 2, {"full_name": "A", "phone": "0912345678"})
+        )
+        assert report.new_conflicts == []
+        assert detected(store) == first  # the same row, not deleted and inserted again
+        report = feed.apply(
+            event("citizen", CITIZEN, "ministry-btp", 1, {"full_name": "B", "sex": "female"})
+        )
+        assert report.new_conflicts == [("citizen", "sex")]
+        now = detected(store)
+        assert list(now) == [
+            ("full_name", (("ministry-btp", "province-79"), ("province-01",))),
+            ("sex", (("ministry-btp",), ("province-79",))),
+        ]
+        assert all(moment >= first[next(iter(first))] for moment in now.values())
+        feed.apply(event("citizen", CITIZEN, "ministry-btp", 2, None))
+        feed.apply(event("citizen", CITIZEN, "province-01", 3, {"full_name": "B"}))
+        assert detected(store) == {}
+    finally:
+        store.close()
+
+
+def detected(store: Store) -> dict[tuple[str, tuple[tuple[str, ...], ...]], Any]:
+    """(field, source groups) -> detected_at of the open conflicts, by field."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(field_conflicts).order_by(field_conflicts.c.field))
+        return {(r.field, tuple(tuple(group) for group in r.sources)): r.detected_at for r in rows}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_stored_conflict_the_views_do_not_explain_is_replaced(backend: str, request: Any) -> None:
+    """A record with no views is taken to have no conflicts stored; a row left by an older
+    rule is replaced by the conflict found, not a failed batch."""
+    store = Store(request.getfixturevalue(f"{backend}_store_url"))
+    store.create_schema()
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(field_conflicts).values(
+                    entity="citizen",
+                    key=CITIZEN,
+                    field="full_name",
+                    sources=[["x"], ["y"]],
+                    detected_at=datetime(2025, 1, 1),
+                )
+            )
+        report = Feed(store, AUTHORITY_A).apply(
+            event("citizen", CITIZEN, "province-01", 1, {"full_name": "A"}),
+            event("citizen", CITIZEN, "province-79", 1, {"full_name": "B"}),
+        )
+        assert report.new_conflicts == [("citizen", "full_name")]
+        assert list(detected(store)) == [("full_name", (("province-01",), ("province-79",)))]
+    finally:
+        store.close()
