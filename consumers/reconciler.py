@@ -32,6 +32,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
     Anomaly,
     BatchChanges,
+    Conflicts,
     HistoryEntry,
     OffsetRange,
     Store,
@@ -175,7 +176,6 @@ def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRan
     return result
 
 
-Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
 OWNER_ENTITIES = {"citizen": "citizen", "organization": "organization"}
 # Events merged per part of a batch on a store whose writes overlap the merge (PostgreSQL):
 # small enough that the database starts early, big enough that a statement's fixed cost
@@ -196,9 +196,7 @@ class _Batch:
     # Per record the batch changed: its conflicts as the store holds them (from the views
     # read, then as the last part wrote them). A record whose conflicts come out the same
     # is not rewritten. None (remerge, purge): every changed record's are rewritten.
-    conflicts_before: dict[RecordKey, dict[str, list[list[str]]]] | None = field(
-        default_factory=dict
-    )
+    conflicts_before: Conflicts | None = field(default_factory=dict)
 
     def touch(self, record_key: RecordKey) -> None:
         """Before a record's views change: keep the conflicts the store has for it."""

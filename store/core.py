@@ -54,6 +54,7 @@ from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
 from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
+from store.batch import Conflicts as Conflicts
 from store.tables import (
     access_log,
     applied_offsets,
@@ -170,7 +171,7 @@ class BatchChanges:
     records: dict[RecordKey, CanonicalRecord | None] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
-    conflicts: dict[RecordKey, dict[str, list[list[str]]]] = field(default_factory=dict)
+    conflicts: Conflicts = field(default_factory=dict)
     # Records of `conflicts` known to have none stored: nothing to delete before.
     conflicts_absent: set[RecordKey] = field(default_factory=set)
     owner_presence: dict[RecordKey, bool] = field(default_factory=dict)  # owner came or went
