@@ -28,6 +28,7 @@ from consumers.scope import scope_violation
 from consumers.signatures import check_signer, signed_at_ms, verify
 from schemas import ChangeEvent, RecordError, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
+from schemas.values import value_class
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store import (
     Anomaly,
@@ -45,14 +46,14 @@ from transport.reader import Message
 from transport.topics import Topics
 
 
-@dataclass(frozen=True)
+@value_class
 class DeadLetter:
     message: Message
     code: str
     reason: str
 
 
-@dataclass(frozen=True)
+@value_class
 class Checked:
     message: Message
     event: ChangeEvent
@@ -65,7 +66,7 @@ class Checked:
         return self.data if self.data is not None else self.event.data_dict()
 
 
-@dataclass(frozen=True)
+@value_class
 class EventOutcome:
     source: str
     entity: str

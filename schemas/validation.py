@@ -11,7 +11,7 @@ import json
 import typing
 import unicodedata
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import orjson
@@ -34,6 +34,7 @@ from schemas.identifiers import (
     personal_id_warnings,
     tax_code_warnings,
 )
+from schemas.values import value_class
 
 MAX_EVENT_BYTES = 1_048_576
 EVENT_ID_NAMESPACE = uuid.UUID("8d0f6a52-0e5e-5b8c-9a53-06d1a0c0de06")
@@ -43,7 +44,7 @@ class InvalidEvent(RecordError):
     """An event that breaks the contract: it goes to the dead-letter topic."""
 
 
-@dataclass(frozen=True)
+@value_class
 class ValidEvent:
     event: ChangeEvent
     warnings: list[str] = field(default_factory=list)

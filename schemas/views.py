@@ -4,14 +4,15 @@ canonical record merged from them. Plain values, shared by the merge rules and t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from schemas.values import value_class
 
 RecordKey = tuple[str, str]  # (entity, key)
 
 
-@dataclass(frozen=True)
+@value_class
 class SourceView:
     """One source's current view of one record, or its tombstone."""
 
@@ -23,7 +24,7 @@ class SourceView:
     data: Mapping[str, Any] | None
 
 
-@dataclass(frozen=True)
+@value_class
 class CanonicalRecord:
     data: dict[str, Any]
     sources: dict[str, int]  # contributing source -> version of its current view

@@ -52,6 +52,7 @@ from schemas.errors import RecordError, Refused, TransientError
 from schemas.json_text import loads_exact
 from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
+from schemas.values import value_class
 from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
@@ -137,7 +138,7 @@ def _dbapi_family(error: Exception) -> str | None:
     return "unavailable"
 
 
-@dataclass(frozen=True)
+@value_class
 class ViewRow:
     entity: str
     key: str

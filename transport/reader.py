@@ -15,6 +15,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
+from schemas.values import value_class
 from transport import clients
 from transport.config import KafkaConnection
 
@@ -22,7 +23,7 @@ TP = tuple[str, int]
 OffsetRange = tuple[int, int]  # [start, end)
 
 
-@dataclass(frozen=True)
+@value_class
 class Message:
     """One Kafka record."""
 
