@@ -1,0 +1,117 @@
+"""Instructions per event of the worker's own work, counted by valgrind (callgrind).
+
+On a shared machine timings drift by a fifth within minutes; instruction counts do not
+depend on the neighbours. This runs, under `valgrind --tool=callgrind`, one process that
+checks (`classify`) and applies (`Reconciler.apply`, batches of 2,000) the bench's mix
+(`bench/e2e.py`'s `make_events`) to a fresh SQLite store, once with `--small` events and
+once with `--large`: the difference of the two totals, divided by the difference of the
+sizes, is an event's cost without the start-up (imports, schema, rules).
+
+    .venv/bin/python bench/instructions.py                   # 2,000 and 6,000 events
+    .venv/bin/python bench/instructions.py --keep /tmp/cg    # keep callgrind.out.* there
+
+Compare two versions of the code in the same checkout (git stash, or two worktrees with
+their own venvs): hash seeds are fixed, so the same code gives the same count to within
+about 0.1 %. Needs valgrind (Debian: `apt-get install valgrind`); about a minute per 2,000
+events. docs/performance.md, eighth round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BATCH = 2000
+SEED = 7
+
+
+def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
+    """Check and apply the first `count` pickled (key, value) pairs; CPU µs per event."""
+    from consumers.config import load_rules
+    from consumers.reconciler import Reconciler, classify
+    from consumers.worker import tune_garbage_collector
+    from store import Store
+    from transport.reader import Message
+
+    with messages_file.open("rb") as source:
+        pairs: list[tuple[bytes, bytes]] = pickle.load(source)[:count]
+    registry, authority = load_rules(None, None)
+    store = Store(f"sqlite:///{store_dir / 'store.db'}")
+    store.create_schema()
+    reconciler = Reconciler(store, authority)
+    tune_garbage_collector()
+    began = time.process_time()
+    for start in range(0, len(pairs), BATCH):
+        batch = [
+            Message("bench.changes", 0, start + n, value, key)
+            for n, (key, value) in enumerate(pairs[start : start + BATCH])
+        ]
+        valid, _ = classify(batch, registry)
+        reconciler.apply(valid, batch)
+    return (time.process_time() - began) / max(1, len(pairs)) * 1e6
+
+
+def count(messages_file: Path, events: int, work: Path, keep: Path | None) -> int:
+    """Instructions of one run of `--apply` under callgrind."""
+    out = work / f"callgrind.out.{events}"
+    store_dir = work / f"store-{events}"
+    store_dir.mkdir()
+    command = [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+        sys.executable, __file__, "--apply", str(messages_file), "--events", str(events),
+        "--store-dir", str(store_dir),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        sys.exit(f"valgrind run failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, keep / out.name)
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--large", type=int, default=6000)
+    parser.add_argument("--keep", type=Path, help="copy the callgrind output files here")
+    parser.add_argument("--apply", type=Path, help=argparse.SUPPRESS)  # the measured run
+    parser.add_argument("--events", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.apply is not None:
+        print(f"{apply_events(args.apply, args.events, args.store_dir):.1f} µs/event CPU")
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
+    if not 0 < args.small < args.large:
+        sys.exit("--small must be positive and below --large")
+    from e2e import encode, make_events
+
+    with tempfile.TemporaryDirectory(prefix="portal-sync-instructions-") as tmp:
+        work = Path(tmp)
+        messages_file = work / "messages.pickle"
+        with messages_file.open("wb") as sink:
+            pickle.dump([encode(event) for event in make_events(args.large, SEED)], sink)
+        small = count(messages_file, args.small, work, args.keep)
+        large = count(messages_file, args.large, work, args.keep)
+    per_event = (large - small) / (args.large - args.small)
+    print(f"instructions: {args.small} events {small:,}, {args.large} events {large:,}")
+    print(f"per event (start-up excluded): {per_event:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
