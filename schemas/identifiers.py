@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import operator
 import re
 from datetime import date
 from functools import cache
@@ -96,6 +97,7 @@ OLD_PROVINCE_ID_CODES = frozenset(
 )
 
 TAX_CODE_WEIGHTS = (31, 29, 23, 19, 17, 13, 7, 5, 3)
+_ASCII_ZERO_WEIGHT = ord("0") * sum(TAX_CODE_WEIGHTS)
 
 
 def dossier_code_date(code: str) -> date | None:
@@ -112,7 +114,9 @@ def dossier_code_date(code: str) -> date | None:
 
 def tax_code_check_digit(code: str) -> int | None:
     """The mod-11 check digit of a 10-digit tax code's first nine digits (unverified rule)."""
-    remainder = sum(int(d) * w for d, w in zip(code[:9], TAX_CODE_WEIGHTS, strict=True)) % 11
+    # The digits are ASCII (the contract's pattern): each byte less b"0" is its value.
+    weighted = sum(map(operator.mul, code[:9].encode("ascii"), TAX_CODE_WEIGHTS))
+    remainder = (weighted - _ASCII_ZERO_WEIGHT) % 11
     check = 10 - remainder
     return check if check < 10 else None
 

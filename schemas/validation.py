@@ -37,6 +37,9 @@ from schemas.identifiers import (
 from schemas.values import value_class
 
 MAX_EVENT_BYTES = 1_048_576
+# pydantic-core's validator of the contract itself: `TypeAdapter.validate_json`'s Python
+# wrapper around it cost 0.7 µs of its 5.3 per event.
+_VALIDATE_JSON = CHANGE_EVENT.validator.validate_json
 EVENT_ID_NAMESPACE = uuid.UUID("8d0f6a52-0e5e-5b8c-9a53-06d1a0c0de06")
 
 
@@ -81,7 +84,7 @@ def parse_event(raw: bytes | None) -> ValidEvent:
     else:
         normalised = json.dumps(nfc(obj), ensure_ascii=False)
     try:
-        event = CHANGE_EVENT.validate_json(normalised, strict=True)
+        event: ChangeEvent = _VALIDATE_JSON(normalised, strict=True)
     except ValidationError as error:
         raise _reason(error) from None
     data = obj.get("data")
@@ -101,7 +104,7 @@ def parse_checked(raw: bytes, as_sent: bool, reuse_data: bool) -> ValidEvent:
     if not as_sent:
         return parse_event(raw)
     try:
-        event = CHANGE_EVENT.validate_json(raw, strict=True)
+        event: ChangeEvent = _VALIDATE_JSON(raw, strict=True)
     except ValidationError as error:
         raise _reason(error) from None
     data = orjson.loads(raw).get("data") if reuse_data else None

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas import InvalidEvent, derive_event_id, message_key, parse_event, partition_for
 from schemas.events import CitizenEvent, DocumentEvent, DossierEvent, OrganizationEvent
@@ -425,6 +427,17 @@ def test_tax_code_with_wrong_check_digit_only_warns() -> None:
     assert parsed.event.key == wrong
     assert parsed.warnings == ["tax_code_check_digit"]
     assert parse_event(encode(envelope("organization", TAX_CODE))).warnings == []
+
+
+@given(st.from_regex(r"\A[0-9]{10}\Z"))
+def test_tax_code_check_digit_is_the_mod_11_rule(code: str) -> None:
+    weighted = sum(
+        int(d) * w for d, w in zip(code[:9], (31, 29, 23, 19, 17, 13, 7, 5, 3), strict=True)
+    )
+    check = 10 - weighted % 11
+    assert tax_code_check_digit(code) == (check if check < 10 else None)
+    # A known code of the circulating rule: 0100109106 (check digit 6).
+    assert tax_code_check_digit("0100109106") == 6
 
 
 def test_old_province_code_warns() -> None:
