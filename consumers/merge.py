@@ -205,6 +205,10 @@ def record_changes(
 ) -> dict[str, list[Any]]:
     """Field -> [old, new] for every field that differs (a missing side counts as None)."""
     old, new = before or {}, after or {}
+    if not old:  # a new record: every field is new (the usual case in a first snapshot)
+        return {name: [None, value] for name, value in sorted(new.items())}
+    if not new:
+        return {name: [value, None] for name, value in sorted(old.items())}
     return {
         name: [old.get(name), new.get(name)]
         for name in sorted(set(old) | set(new))

@@ -18,6 +18,7 @@ from consumers.merge import (
     decide,
     field_conflicts,
     merge,
+    record_changes,
 )
 from schemas.views import compact_provenance, expand_provenance
 
@@ -495,3 +496,25 @@ def test_provenance_still_per_field_is_read_as_it_is() -> None:
     """A row not yet rewritten by migration 0007 (read during an upgrade)."""
     old = {"full_name": origin("s-a", 3), "sex": origin("s-b", 1)}
     assert expand_provenance(old, {"s-a": 3, "s-b": 1}) == old
+
+
+_FIELDS = st.dictionaries(
+    st.sampled_from(["full_name", "phone", "email", "sex", "date_of_birth", "status"]),
+    st.none() | st.integers(0, 3) | st.sampled_from(["", "Lê Thị Hoa", "0912345678"]),
+)
+
+
+@given(st.none() | _FIELDS, st.none() | _FIELDS)
+def test_record_changes_is_every_differing_field_in_field_order(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
+    """The fast paths (a new record, a removed one) give what the general rule gives."""
+    old, new = before or {}, after or {}
+    expected = {
+        name: [old.get(name), new.get(name)]
+        for name in sorted(set(old) | set(new))
+        if name not in old or name not in new or old[name] != new[name]
+    }
+    changes = record_changes(before, after)
+    assert changes == expected
+    assert list(changes) == sorted(changes)
