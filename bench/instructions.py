@@ -2,10 +2,11 @@
 
 On a shared machine timings drift by a fifth within minutes; instruction counts do not
 depend on the neighbours. This runs, under `valgrind --tool=callgrind`, one process that
-checks (`classify`) and applies (`Reconciler.apply`, batches of 2,000) the bench's mix
-(`bench/e2e.py`'s `make_events`) to a fresh SQLite store, once with `--small` events and
-once with `--large`: the difference of the two totals, divided by the difference of the
-sizes, is an event's cost without the start-up (imports, schema, rules).
+checks (`classify`: contract, registry, key, topic and partition) and applies
+(`Reconciler.apply`, batches of 2,000) the bench's mix (`bench/e2e.py`'s `make_events`,
+each message on its topic and partition) to a fresh SQLite store, once with `--small`
+events and once with `--large`: the difference of the two totals, divided by the
+difference of the sizes, is an event's cost without the start-up (imports, schema, rules).
 
     .venv/bin/python bench/instructions.py                   # 2,000 and 6,000 events
     .venv/bin/python bench/instructions.py --keep /tmp/cg    # keep callgrind.out.* there
@@ -32,8 +33,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from schemas.partitioning import partition_for
+from transport.topics import Topics
+
 BATCH = 2000
 SEED = 7
+TOPICS = Topics(prefix="bench")
+Placed = tuple[str, int, int, bytes, bytes]  # topic, partition, offset, key, value
+
+
+def place(pairs: list[tuple[bytes, bytes]]) -> list[Placed]:
+    """Each message on its entity's topic and partition with its offset there, as a
+    producer puts it: the worker's check of key, topic and partition then runs too."""
+    placed: list[Placed] = []
+    ends: dict[tuple[str, int], int] = {}
+    for key, value in pairs:
+        topic = TOPICS.change_topic(key.split(b":", 1)[0].decode())
+        partition = partition_for(key, TOPICS.change_partitions)
+        offset = ends.get((topic, partition), 0)
+        ends[(topic, partition)] = offset + 1
+        placed.append((topic, partition, offset, key, value))
+    return placed
 
 
 def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
@@ -45,21 +65,21 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     from transport.reader import Message
 
     with messages_file.open("rb") as source:
-        pairs: list[tuple[bytes, bytes]] = pickle.load(source)[:count]
+        placed: list[Placed] = pickle.load(source)[:count]
     registry, authority = load_rules(None, None)
     store = Store(f"sqlite:///{store_dir / 'store.db'}")
     store.create_schema()
     reconciler = Reconciler(store, authority)
     tune_garbage_collector()
     began = time.process_time()
-    for start in range(0, len(pairs), BATCH):
+    for start in range(0, len(placed), BATCH):
         batch = [
-            Message("bench.changes", 0, start + n, value, key)
-            for n, (key, value) in enumerate(pairs[start : start + BATCH])
+            Message(topic, partition, offset, value, key)
+            for topic, partition, offset, key, value in placed[start : start + BATCH]
         ]
-        valid, _ = classify(batch, registry)
+        valid, _ = classify(batch, registry, topics=TOPICS)
         reconciler.apply(valid, batch)
-    return (time.process_time() - began) / max(1, len(pairs)) * 1e6
+    return (time.process_time() - began) / max(1, len(placed)) * 1e6
 
 
 def count(messages_file: Path, events: int, work: Path, keep: Path | None) -> int:
@@ -105,7 +125,7 @@ def main() -> None:
         work = Path(tmp)
         messages_file = work / "messages.pickle"
         with messages_file.open("wb") as sink:
-            pickle.dump([encode(event) for event in make_events(args.large, SEED)], sink)
+            pickle.dump(place([encode(event) for event in make_events(args.large, SEED)]), sink)
         small = count(messages_file, args.small, work, args.keep)
         large = count(messages_file, args.large, work, args.keep)
     per_event = (large - small) / (args.large - args.small)
