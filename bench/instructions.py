@@ -57,7 +57,7 @@ def place(pairs: list[tuple[bytes, bytes]]) -> list[Placed]:
 
 
 def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
-    """Check and apply the first `count` pickled (key, value) pairs; CPU µs per event."""
+    """Check and apply the first `count` placed messages (`place`); CPU µs per event."""
     from consumers.config import load_rules
     from consumers.reconciler import Reconciler, classify
     from consumers.worker import tune_garbage_collector
