@@ -1,8 +1,10 @@
 """`portal-sync lag-exporter`: one process exporting the lag of every group and partition.
 
 Every poll replaces the exported snapshot, so the series of a group or partition that goes
-away disappear with it. A failed poll drops the snapshot (stale lag is worse than none)
-and makes /readyz fail until a poll succeeds again.
+away disappear with it. A failed poll is tried once more at once, with fresh clients (a
+broker that just came back often fails the first request of a client that knew the old
+leaders); if that fails too, the snapshot is dropped (stale lag is worse than none) and
+/readyz fails until a poll succeeds again.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -71,6 +73,25 @@ class LagCollector(Collector):
         yield status
 
 
+def poll(read: Callable[[], list[GroupLag]], collector: LagCollector, attempts: int = 2) -> bool:
+    """One poll into `collector`, tried up to `attempts` times (`LagReader.read` starts
+    afresh after a failure); the snapshot is dropped only when every attempt failed."""
+    for attempt in range(1, attempts + 1):
+        try:
+            collector.update(read())
+            return True
+        except Exception as error:
+            log.error(
+                "lag poll failed, attempt %d of %d (%s: %s)",
+                attempt,
+                attempts,
+                type(error).__name__,
+                error,
+            )
+    collector.clear()
+    return False
+
+
 def run_exporter(
     reader: LagReader,
     port: int,
@@ -96,11 +117,7 @@ def run_exporter(
         while not stop.is_set():
             began = time.monotonic()
             heartbeat[0] = began
-            try:
-                collector.update(reader.read())
-            except Exception as error:
-                collector.clear()
-                log.error("lag poll failed (%s: %s)", type(error).__name__, error)
+            poll(reader.read, collector)
             stop.wait(max(0.0, interval - (time.monotonic() - began)))
     finally:
         server.shutdown()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.reconciler import BatchReport, EventOutcome
-from observability.exporter import LagCollector
+from observability.exporter import LagCollector, poll
 from observability.freshness import Freshness, SourceFreshness
 from observability.http import Liveness, serve
 from observability.kafka_lag import GroupLag, PartitionLag
@@ -161,6 +161,32 @@ def test_lag_collector_exports_the_snapshot_and_drops_gone_groups() -> None:
     collector.update([GroupLag("g2", 1, "Stable", [])])
 
     assert set(scrape(registry)) == {("portal_sync_consumer_status", (("group", "g2"),))}
+
+
+def test_a_failed_poll_is_tried_again_at_once_and_drops_the_snapshot_only_if_that_fails() -> None:
+    registry = CollectorRegistry()
+    collector = LagCollector()
+    registry.register(collector)
+    old = GroupLag("g1", 1, "Stable", [PartitionLag("g1", "t", 0, 5, 9, 1.0, Status.OK)])
+    new = GroupLag("g1", 1, "Stable", [PartitionLag("g1", "t", 0, 7, 9, 0.5, Status.OK)])
+    collector.update([old])
+    labels = (("group", "g1"), ("partition", "0"), ("topic", "t"))
+    outcomes: list[Exception | list[GroupLag]] = [TimeoutError("offsets"), [new]]
+
+    def read() -> list[GroupLag]:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert poll(read, collector)
+    assert scrape(registry)[("portal_sync_consumer_lag_messages", labels)] == 2
+    assert not outcomes
+
+    outcomes[:] = [TimeoutError("offsets"), ConnectionError("node 3")]
+    assert not poll(read, collector)
+    assert not outcomes
+    assert not any(name == "portal_sync_consumer_lag_messages" for name, _ in scrape(registry))
 
 
 def test_freshness_advances_with_applied_events_only() -> None:

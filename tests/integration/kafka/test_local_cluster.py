@@ -161,8 +161,16 @@ def _assert_replicated(settings: Settings, names: list[str], replicas: int, in_s
         for topic in described:
             for partition in topic["partitions"]:
                 assert len(partition["replica_nodes"]) == replicas, topic
+        # A topic just created may not report its configs from every node yet: asked
+        # again until each one does, then its value is checked.
         resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
-        configs = client.describe_configs(resources)["topic"]
+        deadline = time.monotonic() + 30
+        while True:
+            configs = client.describe_configs(resources)["topic"]
+            if all("min.insync.replicas" in configs.get(name, {}) for name in names):
+                break
+            assert time.monotonic() < deadline, f"topic configs not reported: {configs}"
+            time.sleep(0.5)
         for name in names:
             assert configs[name]["min.insync.replicas"]["value"] == str(in_sync), configs[name]
     finally:
