@@ -81,7 +81,8 @@ def poll(read: Callable[[], list[GroupLag]], collector: LagCollector, attempts: 
             collector.update(read())
             return True
         except Exception as error:
-            log.error(
+            log.log(
+                logging.ERROR if attempt == attempts else logging.WARNING,
                 "lag poll failed, attempt %d of %d (%s: %s)",
                 attempt,
                 attempts,
