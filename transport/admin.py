@@ -245,11 +245,27 @@ class Cluster:
 
     # -- consumer groups ----------------------------------------------------------------
     def consumer_groups(self) -> list[str]:
-        return [
-            g["group_id"]
-            for g in self.admin.list_groups()
-            if g.get("protocol_type", "consumer") in ("consumer", "")
-        ]
+        """The consumer groups of every broker that answers. Each broker lists the groups it
+        coordinates; kafka-python fails the whole list when one broker is down, so each is
+        asked alone and one that does not answer is skipped (its groups move to a live
+        coordinator within the session timeout). Raises only when no broker answers."""
+        brokers = [b["broker_id"] for b in self.admin.describe_cluster()["brokers"]]
+        names: set[str] = set()
+        failures: list[KafkaError] = []
+        for broker in brokers:
+            try:
+                listed = self.admin.list_groups(broker_ids=[broker])
+            except KafkaError as error:
+                failures.append(error)
+                continue
+            names.update(
+                g["group_id"]
+                for g in listed
+                if g.get("protocol_type", "consumer") in ("consumer", "")
+            )
+        if failures and len(failures) == len(brokers):
+            raise clients.translate(failures[0], "list consumer groups", self.connection)
+        return sorted(names)
 
     def describe_group(self, group: str, timeout: float = 15.0) -> dict[str, Any]:
         """The group's state and members. Its coordinator may not be known yet (a group
