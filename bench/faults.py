@@ -1190,6 +1190,19 @@ def _wait_warm(sampler: DrillSampler, timeout: float) -> float:
     raise RuntimeError(f"workers, producers or lag exporter not up after {timeout:.0f}s")
 
 
+def _wait_lag_reported(sampler: DrillSampler, timeout: float = 60) -> float | None:
+    """Until the exporter reports the group's lag again (a poll that began while a node was
+    down may run its full request timeout first); the seconds it took, None if it did not
+    within `timeout` (the drill's checks then flag the phase)."""
+    began = time.monotonic()
+    since = began - sampler.harness.began
+    while time.monotonic() < began + timeout:
+        if any(s.at >= since and s.lag_messages is not None for s in sampler.samples[-3:]):
+            return time.monotonic() - began
+        time.sleep(0.5)
+    return None
+
+
 def _wait_in_sync(cluster: Any, timeout: float = 180) -> float:
     """Until every partition has all its replicas in sync again; the seconds it took."""
     began = time.monotonic()
@@ -1289,6 +1302,7 @@ def broker_drill(args: argparse.Namespace) -> int:
         first = _controller(cluster)
         victims = [first, 1 + first % 3]
         recovery: dict[int, float] = {}
+        reported: dict[int, float | None] = {}
         for round_, node in enumerate(victims, 1):
             sampler.phase = f"{round_}: node {node} down"
             cluster.down(node, kill=True)
@@ -1300,6 +1314,13 @@ def broker_drill(args: argparse.Namespace) -> int:
             run.note(f"node {node}: up again")
             recovery[node] = _wait_in_sync(cluster)
             run.note(f"node {node}: every replica in sync after {recovery[node]:.1f}s")
+            reported[node] = _wait_lag_reported(sampler)
+            waited = reported[node]
+            run.note(
+                f"node {node}: lag reported again after {waited:.1f}s"
+                if waited is not None
+                else f"node {node}: lag not reported again within 60s"
+            )
             time.sleep(plan.settle)
         sampler.phase = "drain"
         run.note("waiting for the producers")
@@ -1321,6 +1342,10 @@ def broker_drill(args: argparse.Namespace) -> int:
         rows["producer restarts (failed flush, from checkpoint)"] = restarts
         for node, seconds in recovery.items():
             rows[f"node {node}: replicas in sync after restart"] = f"{seconds:.1f}s"
+        for node, after in reported.items():
+            rows[f"node {node}: lag reported again, after in sync"] = (
+                "no" if after is None else f"{after:.1f}s"
+            )
         problems += drill_checks(sampler.samples)
         print_drill_table(run, sampler.samples, rows, time.monotonic() - began)
         for problem in problems:
