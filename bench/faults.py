@@ -1385,7 +1385,8 @@ def _phases(samples: list[Sample]) -> dict[str, list[Sample]]:
 
 def drill_checks(samples: list[Sample]) -> list[str]:
     """What the metrics must show: lag measured throughout, back to 0 at the end, and the
-    exporter answering all along (it reads any live node)."""
+    exporter answering all along (it reads any live node): at least once while each node
+    is down, and at the end of each phase after a restart."""
     problems = []
     lags = [s.lag_messages for s in samples if s.lag_messages is not None]
     if not lags:
@@ -1397,6 +1398,8 @@ def drill_checks(samples: list[Sample]) -> list[str]:
     for phase, group in _phases(samples).items():
         if phase.endswith("back") and group[-1].lag_messages is None:
             problems.append(f"the lag exporter reports no lag at the end of '{phase}'")
+        if phase.endswith("down") and all(s.lag_messages is None for s in group):
+            problems.append(f"the lag exporter reports no lag while '{phase}'")
     return problems
 
 
