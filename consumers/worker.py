@@ -546,8 +546,9 @@ class ReconcilerLoop:
             prepared = None
             if messages and not self.stop_event.is_set():
                 prepared = await asyncio.to_thread(self.processor.prepare, messages)
+            done: dict[TopicPartition, int] = {}
             if applying is not None:
-                outcome = await self._finished(member, *applying)
+                outcome, done = await self._finished(member, *applying)
                 applying = None
                 if outcome == "stop":
                     return
@@ -559,24 +560,29 @@ class ReconcilerLoop:
                     asyncio.to_thread(self.processor.process, messages, prepared)
                 )
                 applying = (task, messages)
+            # The copy to Kafka's group offsets waits for a broker round trip: the next
+            # batch is already being applied meanwhile.
+            await member.commit_copy(done)
         if applying is not None:
-            await self._finished(member, *applying)
+            outcome, done = await self._finished(member, *applying)
+            await member.commit_copy(done)
 
     async def _finished(
         self, member: GroupMember, task: asyncio.Future[None], messages: list[Message]
-    ) -> str:
-        """Wait for a batch being applied; "ok", "reseek" or "stop"."""
+    ) -> tuple[str, dict[TopicPartition, int]]:
+        """Wait for a batch being applied: "ok", "reseek" or "stop", and the offsets the
+        store now holds for its partitions ("ok" only), for Kafka's copy."""
         try:
             await task
         except Stopping:
-            return "stop"
+            return "stop", {}
         except OffsetGap as error:
             # The consumer is not where the store is (a seek lost in a rebalance, an
             # operator's reset): nothing was committed; go back to the store's offsets.
             log.warning("%s: resuming from the store's offsets", error)
             stored = await asyncio.to_thread(self.store.stored_offsets, member.assignment())
             await member.seek(stored)
-            return "reseek"
+            return "reseek", {}
         except Exception as error:
             # Never go on from the consumer's position after a failure: stop, and let the
             # supervisor restart the worker from the store's offsets. Our own errors'
@@ -589,15 +595,14 @@ class ReconcilerLoop:
                 f": {detail}" if detail else "",
             )
             self.stop(EXIT_BATCH_FAILED)
-            return "stop"
+            return "stop", {}
         finally:
             self.idle.set()
         ends: dict[TopicPartition, int] = {}
         for message in messages:
             ends[message.tp] = max(ends.get(message.tp, 0), message.offset + 1)
         self.applied.update(ends)
-        await member.commit_copy(ends)
-        return "ok"
+        return "ok", ends
 
     async def _caught_up(self) -> bool:
         """Every partition reached the end offsets seen at start (other workers' included:
