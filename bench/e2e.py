@@ -611,7 +611,8 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
 
 def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, float]:
     """PostgreSQL COPY into a staging table, then INSERT ... SELECT ... ON CONFLICT into a
-    source_views-shaped table, of the valid events; (events/s in one go, in batches)."""
+    source_views-shaped table, of the valid events; (events/s in one go, in batches). The
+    data column is `json`, as the store's (migration 0008)."""
     import psycopg
 
     url = infra.store_url("postgresql", f"ceiling_{uuid.uuid4().hex[:6]}").replace("+psycopg", "")
@@ -635,7 +636,7 @@ def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, flo
             conn.execute(
                 "CREATE TABLE target (entity varchar(16), key varchar(64), source varchar(64),"
                 " version bigint NOT NULL, event_id varchar(36) NOT NULL, occurred_at timestamptz"
-                " NOT NULL, deleted boolean NOT NULL, data jsonb, applied_at timestamptz NOT NULL,"
+                " NOT NULL, deleted boolean NOT NULL, data json, applied_at timestamptz NOT NULL,"
                 " PRIMARY KEY (entity, key, source))"
             )
             conn.commit()
@@ -643,7 +644,7 @@ def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, flo
             for start in range(0, len(rows), size):
                 conn.execute(
                     "CREATE TEMP TABLE stage (entity text, key text, source text, version bigint,"
-                    " event_id text, occurred_at timestamptz, deleted boolean, data jsonb)"
+                    " event_id text, occurred_at timestamptz, deleted boolean, data json)"
                     " ON COMMIT DROP"
                 )
                 with conn.cursor().copy(f"COPY stage ({cols}) FROM STDIN") as copy:

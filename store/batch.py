@@ -16,7 +16,7 @@ the database plans it once:
 Both run on the DBAPI connection of the SQLAlchemy transaction the store opened, so the
 batch still commits (or rolls back) as one unit with its offsets. Values are written in
 the forms SQLAlchemy's column types read back (`store.tables`): naive UTC timestamps, JSON
-text (JSONB on PostgreSQL), so every other reader of the store is unchanged.
+text (`json` on PostgreSQL), so every other reader of the store is unchanged.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _aware(moment: Any) -> datetime:
 
 def _loads(value: Any) -> Any:
     if value is None or not isinstance(value, str | bytes):
-        return value  # psycopg hands JSONB over already decoded
+        return value  # psycopg hands JSON over already decoded
     return loads_exact(value)
 
 
@@ -368,7 +368,7 @@ class PostgresBatchIO(BatchIO):
         self._run(
             "INSERT INTO source_views (entity, key, source, version, event_id, occurred_at,"
             " deleted, data, applied_at)"
-            " SELECT e, k, s, v, i, o, d, CAST(j AS jsonb), %b FROM unnest(%b::text[],"
+            " SELECT e, k, s, v, i, o, d, CAST(j AS json), %b FROM unnest(%b::text[],"
             " %b::text[], %b::text[], %b::bigint[], %b::text[], %b::timestamp[], %b::bool[],"
             " %b::text[]) AS u(e, k, s, v, i, o, d, j)"
             " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
@@ -403,7 +403,7 @@ class PostgresBatchIO(BatchIO):
         if present:
             self._run(
                 "INSERT INTO records (entity, key, data, sources, updated_at, provenance)"
-                " SELECT e, k, CAST(d AS jsonb), CAST(s AS jsonb), %b, CAST(p AS jsonb)"
+                " SELECT e, k, CAST(d AS json), CAST(s AS json), %b, CAST(p AS json)"
                 " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[])"
                 " AS u(e, k, d, s, p)"
                 " ON CONFLICT (entity, key) DO UPDATE SET data = excluded.data,"
@@ -431,7 +431,7 @@ class PostgresBatchIO(BatchIO):
             return
         self._run(
             "INSERT INTO record_history (entity, key, event_id, source, version, changes,"
-            " applied_at) SELECT e, k, i, s, v, CAST(c AS jsonb), a FROM unnest(%b::text[],"
+            " applied_at) SELECT e, k, i, s, v, CAST(c AS json), a FROM unnest(%b::text[],"
             " %b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::timestamp[])"
             " AS u(e, k, i, s, v, c, a)",
             [
@@ -481,7 +481,7 @@ class PostgresBatchIO(BatchIO):
             # since it was stored) gets the row replaced, not a failed batch.
             self._run(
                 "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
-                " SELECT e, k, f, CAST(s AS jsonb), %b FROM unnest(%b::text[], %b::text[],"
+                " SELECT e, k, f, CAST(s AS json), %b FROM unnest(%b::text[], %b::text[],"
                 " %b::text[], %b::text[]) AS u(e, k, f, s)"
                 " ON CONFLICT (entity, key, field) DO UPDATE SET sources = excluded.sources,"
                 " detected_at = excluded.detected_at",

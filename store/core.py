@@ -213,7 +213,7 @@ def create_store_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
-    # JSONB as psycopg reads it (a batch's views and records): orjson, a third of the time
+    # JSON as psycopg reads it (a batch's views and records): orjson, a third of the time
     # of the driver's default `json.loads` (3 % of the worker's CPU on updates:
     # docs/performance.md), wherever it reads the same values.
     return create_engine(

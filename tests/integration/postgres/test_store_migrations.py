@@ -426,3 +426,58 @@ def test_0007_keeps_provenance_per_source_and_reads_it_back_per_field(store_url:
         assert restored == [(r["entity"], r["key"], r["provenance"]) for r in rows]
     finally:
         store.close()
+
+
+# -- 0008: JSON documents as text ------------------------------------------------------------
+
+
+def _json_types(store: Store) -> dict[tuple[str, str], str]:
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND data_type IN ('json', 'jsonb')"
+        )
+        return {(table, column): kind for table, column, kind in rows}
+
+
+def test_0008_keeps_every_document_as_text_and_back(postgres_store_url: str) -> None:
+    """Documents written under `jsonb` read back the same once `json`, and after the
+    downgrade: Vietnamese text, nesting, nulls, floats and an integer beyond 64 bits."""
+    store = Store(postgres_store_url)
+    try:
+        _migrate(store, "0007")
+        assert set(_json_types(store).values()) == {"jsonb"}
+        data = {
+            "full_name": "Nguyễn Thị Ánh",
+            "permanent_address": {"province_code": "79", "ward_code": "26734", "line": None},
+            "score": 2.5,
+            "big": 184467440737095516160,
+            "flags": [True, False, None],
+        }
+        row = {
+            "entity": "citizen",
+            "key": CITIZEN,
+            "data": data,
+            "sources": {"province-79": 3},
+            "updated_at": T2,
+            "provenance": {"province-79": sorted(data)},
+        }
+        with store.engine.begin() as conn:
+            conn.execute(insert(records), [row])
+        columns = ("entity", "key", "data", "sources", "provenance")
+        expected = [tuple(row[c] for c in columns)]
+        _migrate(store, "0008")
+        assert _json_types(store) == {
+            ("source_views", "data"): "json",
+            ("records", "data"): "json",
+            ("records", "sources"): "json",
+            ("records", "provenance"): "json",
+            ("record_history", "changes"): "json",
+            ("field_conflicts", "sources"): "json",
+        }
+        assert table_rows(store, records, *columns) == expected
+        _migrate(store, "0007", down=True)
+        assert set(_json_types(store).values()) == {"jsonb"}
+        assert table_rows(store, records, *columns) == expected
+    finally:
+        store.close()
