@@ -466,6 +466,8 @@ class ReconcilerLoop:
         self.targets: dict[TopicPartition, int] = {}
         self.applied: dict[TopicPartition, int] = {}
         self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
+        self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
+        self.copying: asyncio.Future[None] | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -490,6 +492,7 @@ class ReconcilerLoop:
         try:
             await self._consume(member)
         finally:
+            await self._copied()
             await member.stop()
         return self.code
 
@@ -560,12 +563,35 @@ class ReconcilerLoop:
                     asyncio.to_thread(self.processor.process, messages, prepared)
                 )
                 applying = (task, messages)
-            # The copy to Kafka's group offsets waits for a broker round trip: the next
-            # batch is already being applied meanwhile.
-            await member.commit_copy(done)
+            self._copy(member, done)
         if applying is not None:
             outcome, done = await self._finished(member, *applying)
-            await member.commit_copy(done)
+            self._copy(member, done)
+
+    def _copy(self, member: GroupMember, offsets: dict[TopicPartition, int]) -> None:
+        """Copy the store's offsets to Kafka's group offsets, in the background: the next
+        batch starts without waiting for the broker's round trip (it was on every batch's
+        path), and a copy that waits out a rebalance never holds up the batch in flight,
+        which the rebalance waits for. One copy at a time, of the newest offsets."""
+        if not offsets:
+            return
+        self.to_copy.update(offsets)
+        if self.copying is None or self.copying.done():
+            self.copying = asyncio.ensure_future(self._copy_pending(member))
+
+    async def _copy_pending(self, member: GroupMember) -> None:
+        while self.to_copy:
+            offsets, self.to_copy = self.to_copy, {}
+            try:
+                await member.commit_copy(offsets)
+            except Exception as error:  # best effort: the store's offsets are the truth
+                log.info("offsets not copied to Kafka (%s)", type(error).__name__)
+
+    async def _copied(self) -> None:
+        """Before leaving the group: let the last copy finish (for a while)."""
+        if self.copying is not None and not self.copying.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.copying, timeout=10)
 
     async def _finished(
         self, member: GroupMember, task: asyncio.Future[None], messages: list[Message]
