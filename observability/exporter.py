@@ -1,10 +1,12 @@
 """`portal-sync lag-exporter`: one process exporting the lag of every group and partition.
 
 Every poll replaces the exported snapshot, so the series of a group or partition that goes
-away disappear with it. A failed poll is tried once more at once, with fresh clients (a
-broker that just came back often fails the first request of a client that knew the old
-leaders); if that fails too, the snapshot is dropped (stale lag is worse than none) and
-/readyz fails until a poll succeeds again.
+away disappear with it. A poll reports every partition whose leader answers (a node just
+killed leads its partitions until it is fenced: those are left out, not guessed). A failed
+poll (no leader answers) is tried once more at once, with fresh clients (a broker that just
+came back often fails the first request of a client that knew the old leaders); if that
+fails too, the snapshot is dropped (stale lag is worse than none) and /readyz fails until
+a poll succeeds again.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from observability.lag import Sample, Status, Window, group_status, lag_seconds, partition_status
+from schemas.errors import TransientError
 from store import Store
 from transport.admin import Cluster
 from transport.config import KafkaConnection
@@ -53,6 +54,10 @@ class GroupLag:
         return group_status(p.status for p in self.partitions)
 
 
+class LagUnreadable(TransientError):
+    """No partition's lag could be read in a poll (no leader answers)."""
+
+
 @dataclass
 class Filters:
     group: str | None = None  # regular expressions, matched in full
@@ -86,6 +91,7 @@ class LagReader:
     window_seconds: float = 120.0
     _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    _described: dict[str, tuple[int, str]] = field(default_factory=dict)
     _cluster: Cluster | None = None
     _store: Store | None = None
 
@@ -106,7 +112,15 @@ class LagReader:
         committed = self._committed()
         members = self._members(list(committed))
         partitions = {tp for offsets in committed.values() for tp in offsets}
-        ends = self._end_offsets(partitions)
+        ends, unread = self.cluster.end_offsets_by_leader(partitions)
+        if partitions and not ends:
+            raise LagUnreadable(f"no leader of the {len(partitions)} partitions answers")
+        if unread:
+            log.info(
+                "%d of %d partitions unread: their leader does not answer",
+                len(unread),
+                len(partitions),
+            )
         wanted = {
             (t, p, offset)
             for offsets in committed.values()
@@ -118,12 +132,15 @@ class LagReader:
         for group, offsets in sorted(committed.items()):
             count, state = members.get(group, (0, "Unknown"))
             rows = [
-                self._partition(group, tp, offset, ends.get(tp, offset), timestamps, now, count)
+                self._partition(group, tp, offset, ends[tp], timestamps, now, count)
                 for tp, offset in sorted(offsets.items())
+                if tp in ends
             ]
-            groups.append(GroupLag(group, count, state, rows))
-        seen = {(g.group, p.topic, p.partition) for g in groups for p in g.partitions}
-        self._windows = {key: w for key, w in self._windows.items() if key in seen}
+            if rows:
+                groups.append(GroupLag(group, count, state, rows))
+        # A partition left unread this poll keeps its window; one no longer committed loses it.
+        known = {(g, *tp) for g, offsets in committed.items() for tp in offsets}
+        self._windows = {key: w for key, w in self._windows.items() if key in known}
         return groups
 
     def _partition(
@@ -160,11 +177,13 @@ class LagReader:
         """Committed offsets of every matching group, restricted to matching topics."""
         names = [g for g in self.cluster.consumer_groups() if self.filters.group_ok(g)]
         result: dict[str, dict[TP, int]] = {}
-        if names:
-            for group, offsets in self.cluster.group_offsets(names).items():
-                result[group] = {
-                    tp: offset for tp, offset in offsets.items() if self.filters.topic_ok(tp[0])
-                }
+        read, unread = self.cluster.group_offsets_by_group(names)
+        if unread:
+            log.info("offsets of %d groups unread: their coordinator does not answer", len(unread))
+        for group, offsets in read.items():
+            result[group] = {
+                tp: offset for tp, offset in offsets.items() if self.filters.topic_ok(tp[0])
+            }
         own = self.own_group
         if self.offsets_from == "store" and self.filters.group_ok(own):
             result[own] = self._store_offsets()
@@ -181,21 +200,21 @@ class LagReader:
         return {tp: applied.get(tp, 0) for tp in self.cluster.partitions(topics)}
 
     def _members(self, groups: list[str]) -> dict[str, tuple[int, str]]:
-        """Members and state per group; a group the cluster cannot describe (no
-        coordinator yet, never joined) counts as having no members."""
+        """Members and state per group, asked once per poll. A group the cluster cannot
+        describe now (its coordinator's node died, no coordinator yet) keeps what was last
+        seen, or counts as having no members if it was never described."""
         result: dict[str, tuple[int, str]] = {}
         for name in groups:
             try:
-                info = self.cluster.describe_group(name)
+                info = self.cluster.describe_group(name, timeout=0)
             except Exception as error:
                 log.info("group %s not described (%s)", name, type(error).__name__)
-                info = {}
+                result[name] = self._described.get(name, (0, "Unknown"))
+                continue
             members = len(info.get("members") or ())
             result[name] = (members, str(info.get("group_state", "Unknown")))
+        self._described = result
         return result
-
-    def _end_offsets(self, partitions: set[TP]) -> dict[TP, int]:
-        return self.cluster.end_offsets(partitions)
 
     def _oldest_timestamps(
         self, wanted: set[tuple[str, int, int]], timeout: float = 5.0

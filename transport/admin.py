@@ -18,6 +18,7 @@ from kafka.admin import (
     ACLOperation,
     ACLPermissionType,
     ACLResourcePatternType,
+    OffsetSpec,
     ResourcePattern,
     ResourceType,
     UserScramCredentialUpsertion,
@@ -205,6 +206,45 @@ class Cluster:
             return {}
         return {(tp.topic, tp.partition): o for tp, o in self.consumer.end_offsets(tps).items()}
 
+    def end_offsets_by_leader(self, partitions: Iterable[TP]) -> tuple[dict[TP, int], set[TP]]:
+        """Log-end offsets asked of each partition's leader alone: `(read, unread)`.
+
+        kafka-python's `end_offsets` fails every partition when one leader does not answer,
+        and a node killed outright stays the leader of its partitions until the controller
+        fences it (the broker session timeout, 9 s by default). Here the partitions of such
+        a leader (or of none) come back unread and the others are still read."""
+        wanted = sorted(set(partitions))
+        read: dict[TP, int] = {}
+        unread: set[TP] = set()
+        if not wanted:
+            return read, unread
+        by_leader: dict[int, list[TP]] = {}
+        leaders = self.leaders({t for t, _ in wanted})
+        for tp in wanted:
+            by_leader.setdefault(leaders.get(tp, -1), []).append(tp)
+        for leader, tps in sorted(by_leader.items()):
+            if leader < 0:
+                unread.update(tps)
+                continue
+            try:
+                found = self.admin.list_partition_offsets(
+                    {TopicPartition(t, p): OffsetSpec.LATEST for t, p in tps}
+                )
+            except KafkaError:
+                unread.update(tps)
+                continue
+            read.update({(tp.topic, tp.partition): o.offset for tp, o in found.items()})
+        return read, unread
+
+    def leaders(self, topics: Iterable[str]) -> dict[TP, int]:
+        """Each partition's leader in the cluster's metadata (-1: none now)."""
+        described = self.admin.describe_topics(sorted(set(topics)))
+        return {
+            (topic["name"], partition["partition_index"]): int(partition["leader_id"])
+            for topic in described
+            for partition in topic.get("partitions", ())
+        }
+
     def beginning_offsets(self, partitions: Iterable[TP]) -> dict[TP, int]:
         tps = [TopicPartition(t, p) for t, p in sorted(set(partitions))]
         if not tps:
@@ -305,6 +345,21 @@ class Cluster:
                 if meta.offset >= 0
             }
         return result
+
+    def group_offsets_by_group(
+        self, groups: list[str]
+    ) -> tuple[dict[str, dict[TP, int]], list[str]]:
+        """`group_offsets` asked group by group: `(read, unread)`. A group whose coordinator
+        does not answer (its node died; the group moves within the session timeout) comes
+        back unread, and the other groups are still read."""
+        read: dict[str, dict[TP, int]] = {}
+        unread: list[str] = []
+        for group in groups:
+            try:
+                read.update(self.group_offsets([group]))
+            except KafkaError:
+                unread.append(group)
+        return read, unread
 
     def alter_group_offsets(self, group: str, offsets: dict[TP, int]) -> None:
         self.admin.alter_group_offsets(

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from observability.kafka_lag import LagReader
 from portal_sync.settings import Settings
 from schemas import parse_event
 from tests.support.pipeline_helpers import citizen_events
 from transport import clients
+from transport.admin import Cluster
 from transport.local_cluster import free_ports
 from transport.publisher import Publisher, PublishError
 from transport.reader import RangeReader, Selection
@@ -118,8 +120,25 @@ def test_three_nodes_keep_every_acknowledged_event_when_one_is_killed(cluster_di
         assert thread.is_alive(), retries
         time.sleep(0.05)
     at_kill = acked[-1]
+    with Cluster(settings.connection()) as cluster:
+        led_by_live_nodes = {tp for tp, leader in cluster.leaders(names).items() if leader != 2}
     down = kafka(cluster_dir, "down", "--node", "2", "--kill")
     assert down.returncode == 0 and "node 2 killed: 2" in down.stderr, down.stderr
+    # The lag exporter's reader still reads every partition whose leader lives, at once:
+    # node 2 stays the leader of its partitions until the controller fences it.
+    reader = LagReader(
+        settings.connection(),
+        settings.topics(),
+        settings.group_id,
+        f"sqlite:///{cluster_dir.parent / 'store.db'}",
+    )
+    try:
+        own = {g.group: g for g in reader.read()}[settings.group_id]
+    finally:
+        reader.close()
+    read = {(p.topic, p.partition) for p in own.partitions}
+    change = set(settings.topics().change_topics())
+    assert {tp for tp in led_by_live_nodes if tp[0] in change} <= read, read
     degraded = kafka(cluster_dir, "status")
     assert degraded.returncode == 1
     assert "stopped" in node_lines(degraded.stderr)[2], degraded.stderr
