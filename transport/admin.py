@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from kafka import TopicPartition
 from kafka.admin import (
@@ -25,7 +26,9 @@ from kafka.admin import (
 )
 from kafka.errors import (
     CoordinatorNotAvailableError,
+    KafkaConnectionError,
     KafkaError,
+    NodeNotReadyError,
     NoError,
     NotCoordinatorError,
     TopicAlreadyExistsError,
@@ -40,6 +43,7 @@ from transport.local_secure import SecureSetup, grants
 from transport.topics import Topics
 
 TP = tuple[str, int]
+T = TypeVar("T")
 # A group's coordinator moved (its broker died or restarted).
 MOVED = (NotCoordinatorError, CoordinatorNotAvailableError)
 
@@ -104,15 +108,31 @@ class Cluster:
                     client.close()
         self._consumer = self._admin = None
 
+    def _any_node(self, call: Callable[[], T], attempts: int = 3) -> T:
+        """A question any node may answer first (metadata, the cluster, a group's
+        coordinator). kafka-python sends it to one node it knows and fails at once when
+        that node is down: a node killed outright stays in the metadata until the controller
+        fences it. The node that failed is then in reconnect backoff, so asking again goes
+        to another."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except (KafkaConnectionError, NodeNotReadyError):
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
     # -- topics -----------------------------------------------------------------------
     def topic_names(self) -> set[str]:
-        return set(self.admin.list_topics())
+        return set(self._any_node(lambda: self.admin.list_topics()))
 
     def partitions(self, topics: Iterable[str]) -> list[TP]:
         return [
             (topic, partition)
             for topic in topics
-            for partition in sorted(self.consumer.partitions_for_topic(topic) or ())
+            for partition in sorted(
+                self._any_node(partial(self.consumer.partitions_for_topic, topic)) or ()
+            )
         ]
 
     def ensure_topics(self, topics: Topics, needed: Iterable[str] | None = None) -> list[str]:
@@ -238,7 +258,8 @@ class Cluster:
 
     def leaders(self, topics: Iterable[str]) -> dict[TP, int]:
         """Each partition's leader in the cluster's metadata (-1: none now)."""
-        described = self.admin.describe_topics(sorted(set(topics)))
+        names = sorted(set(topics))
+        described = self._any_node(lambda: self.admin.describe_topics(names))
         return {
             (topic["name"], partition["partition_index"]): int(partition["leader_id"])
             for topic in described
@@ -289,7 +310,7 @@ class Cluster:
         coordinates; kafka-python fails the whole list when one broker is down, so each is
         asked alone and one that does not answer is skipped (its groups move to a live
         coordinator within the session timeout). Raises only when no broker answers."""
-        brokers = [b["broker_id"] for b in self.admin.describe_cluster()["brokers"]]
+        brokers = [b["broker_id"] for b in self._any_node(self.admin.describe_cluster)["brokers"]]
         names: set[str] = set()
         failures: list[KafkaError] = []
         for broker in brokers:
@@ -313,7 +334,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                described: dict[str, Any] = self.admin.describe_groups([group]).get(group, {})
+                described: dict[str, Any] = self._any_node(
+                    lambda: self.admin.describe_groups([group])
+                ).get(group, {})
                 return described
             except KafkaError as error:
                 if isinstance(error, MOVED):
@@ -334,10 +357,14 @@ class Cluster:
         wanted = None if partitions is None else [TopicPartition(t, p) for t, p in partitions]
         result: dict[str, dict[TP, int]] = {}
         try:
-            listed = self.admin.list_group_offsets({g: wanted for g in groups})
+            listed = self._any_node(
+                lambda: self.admin.list_group_offsets({g: wanted for g in groups})
+            )
         except MOVED:
             self._forget_coordinators()
-            listed = self.admin.list_group_offsets({g: wanted for g in groups})
+            listed = self._any_node(
+                lambda: self.admin.list_group_offsets({g: wanted for g in groups})
+            )
         for group, offsets in listed.items():
             result[group] = {
                 (tp.topic, tp.partition): meta.offset
