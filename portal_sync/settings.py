@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumers.worker import WorkerConfig
 from producers.deployment import Deployment
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
 from transport.config import KafkaConnection
 from transport.topics import Topics
+
+if TYPE_CHECKING:  # the worker's imports (store, merge, metrics) only for the commands that run it
+    from consumers.worker import WorkerConfig
 
 
 def user_data_dir() -> Path:
@@ -174,6 +176,8 @@ class Settings(BaseSettings):
         )
 
     def worker_config(self) -> WorkerConfig:
+        from consumers.worker import WorkerConfig
+
         replayable = max(self.change_retention_hours, self.dead_letter_retention_hours) / 24
         if self.deleted_retention_days < replayable:
             raise ConfigurationError(
