@@ -92,6 +92,7 @@ class LagReader:
     _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
     _described: dict[str, tuple[int, str]] = field(default_factory=dict)
+    unread: set[TP] = field(default_factory=set)  # the last poll's partitions left unread
     _cluster: Cluster | None = None
     _store: Store | None = None
 
@@ -113,10 +114,11 @@ class LagReader:
         members = self._members(list(committed))
         partitions = {tp for offsets in committed.values() for tp in offsets}
         ends, unread = self.cluster.end_offsets_by_leader(partitions)
+        self.unread = unread
         if partitions and not ends:
             raise LagUnreadable(f"no leader of the {len(partitions)} partitions answers")
         if unread:
-            log.info(
+            log.warning(
                 "%d of %d partitions unread: their leader does not answer",
                 len(unread),
                 len(partitions),
@@ -179,7 +181,9 @@ class LagReader:
         result: dict[str, dict[TP, int]] = {}
         read, unread = self.cluster.group_offsets_by_group(names)
         if unread:
-            log.info("offsets of %d groups unread: their coordinator does not answer", len(unread))
+            log.warning(
+                "offsets of %d groups unread: their coordinator does not answer", len(unread)
+            )
         for group, offsets in read.items():
             result[group] = {
                 tp: offset for tp, offset in offsets.items() if self.filters.topic_ok(tp[0])

@@ -61,12 +61,24 @@ def freshness_table(sources: dict[str, Freshness], now: float, stale_after: floa
 
 
 def lag_view(
-    groups: list[GroupLag], sources: dict[str, Freshness], now: float, stale_after: float
+    groups: list[GroupLag],
+    sources: dict[str, Freshness],
+    now: float,
+    stale_after: float,
+    unread: int = 0,
 ) -> Group:
     group_lines = [
         plain(f"group {g.group}: {g.state}, {g.members} members, status {g.status.name}")
         for g in groups
     ]
+    if unread:
+        group_lines.append(
+            plain(
+                f"{unread} partitions not shown: their leader does not answer "
+                "(a node down, not yet replaced)",
+                style="yellow",
+            )
+        )
     return Group(lag_table(groups), *group_lines, freshness_table(sources, now, stale_after))
 
 
@@ -92,7 +104,7 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
             sources = read_freshness(store)
         except Exception:  # no store yet: no freshness to show
             sources = {}
-        return lag_view(groups, sources, time.time(), stale_after)
+        return lag_view(groups, sources, time.time(), stale_after, len(reader.unread))
 
     def safe_view() -> Group | Text:
         """While watching, a failed read (broker restarting, topics recreated) is shown,

@@ -256,3 +256,17 @@ def test_probes_follow_readiness_and_the_heartbeat() -> None:
         assert status_of(f"{base}/readyz") == 503
     finally:
         server.shutdown()
+
+
+def test_lag_view_says_how_many_partitions_it_could_not_read() -> None:
+    from rich.console import Console
+
+    from observability.table import lag_view
+
+    groups = [GroupLag("g", 2, "Stable", [PartitionLag("g", "t", 0, 5, 9, 1.5)])]
+    console = Console(width=200, record=True)
+    console.print(lag_view(groups, {}, 0.0, 1800.0))
+    whole = console.export_text()
+    assert "not shown" not in whole and "group g: Stable, 2 members" in whole
+    console.print(lag_view(groups, {}, 0.0, 1800.0, unread=4))
+    assert "4 partitions not shown: their leader does not answer" in console.export_text()
