@@ -92,7 +92,7 @@ class LagReader:
     _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
     _described: dict[str, tuple[int, str]] = field(default_factory=dict)
-    unread: set[TP] = field(default_factory=set)  # the last poll's partitions left unread
+    unread: set[TP] = field(default_factory=set, init=False)  # the last poll's, left unread
     _cluster: Cluster | None = None
     _store: Store | None = None
 

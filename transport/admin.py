@@ -114,17 +114,14 @@ class Cluster:
         that node is down: a node killed outright stays in the metadata until the controller
         fences it. The node that failed is then in reconnect backoff, so asking again goes
         to another."""
-        for attempt in range(1, attempts + 1):
-            try:
+        for _ in range(attempts - 1):
+            with contextlib.suppress(KafkaConnectionError, NodeNotReadyError):
                 return call()
-            except (KafkaConnectionError, NodeNotReadyError):
-                if attempt == attempts:
-                    raise
-        raise AssertionError("unreachable")
+        return call()
 
     # -- topics -----------------------------------------------------------------------
     def topic_names(self) -> set[str]:
-        return set(self._any_node(lambda: self.admin.list_topics()))
+        return set(self._any_node(self.admin.list_topics))
 
     def partitions(self, topics: Iterable[str]) -> list[TP]:
         return [
@@ -356,15 +353,17 @@ class Cluster:
         """Committed offsets per group (only the committed ones, >= 0)."""
         wanted = None if partitions is None else [TopicPartition(t, p) for t, p in partitions]
         result: dict[str, dict[TP, int]] = {}
-        try:
-            listed = self._any_node(
-                lambda: self.admin.list_group_offsets({g: wanted for g in groups})
+
+        def listed_offsets() -> Any:
+            return self._any_node(
+                lambda: self.admin.list_group_offsets(dict.fromkeys(groups, wanted))
             )
+
+        try:
+            listed = listed_offsets()
         except MOVED:
             self._forget_coordinators()
-            listed = self._any_node(
-                lambda: self.admin.list_group_offsets({g: wanted for g in groups})
-            )
+            listed = listed_offsets()
         for group, offsets in listed.items():
             result[group] = {
                 (tp.topic, tp.partition): meta.offset
