@@ -12,7 +12,6 @@ from rich.table import Table
 
 from portal_sync.cli.options import StoreOpt, parse_time
 from portal_sync.settings import Settings
-from store import Store
 
 console = Console()
 
@@ -29,6 +28,8 @@ def access_log(
     """The access log: every `show`, `history`, `export`, `dlq show --reveal` and
     `replay --show-values` (time, operator, command, entity, key reference, reason),
     oldest first."""
+    from store import Store
+
     target = Store(Settings.from_flags(store=store).store_url)
     try:
         target.create_schema()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -29,11 +29,12 @@ from portal_sync.cli.options import (
     parse_time,
     settings_from,
 )
-from portal_sync.ops.replay import ReplaySummary
 from portal_sync.settings import url_from
 from schemas.errors import ConfigurationError
 from schemas.identifiers import ReferenceKey, key_reference
-from store import Store
+
+if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
+    from portal_sync.ops.replay import ReplaySummary
 
 console = Console()
 progress_console = Console(stderr=True)  # progress never mixes with the report on stdout
@@ -87,6 +88,7 @@ def replay(
     from portal_sync.ops.access import record_access, record_key, require_reason
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
+    from store import Store
     from transport.reader import Selection
 
     why = require_reason("replay --show-values", reason) if show_values else None
@@ -211,6 +213,7 @@ def rebuild(
     from portal_sync.ops.replay import compare_stores
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
+    from store import Store
     from transport.reader import Selection
 
     names = ("--store (PORTAL_SYNC_REBUILD_STORE_URL)", "--store-file")
@@ -343,6 +346,7 @@ def dlq_redrive(
     """Re-publish selected dead letters to their original topic, each once, recorded."""
     from portal_sync.ops.dlq import Filters, read_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
+    from store import Store
 
     if not (letter_ids or reason or source or since or until):
         console.print("[red]error:[/red] select dead letters: IDs, --reason, --source or a time")

@@ -8,12 +8,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from consumers.config import load_rules
 from observability.terminal import plain
 from portal_sync.cli.options import StoreOpt
-from portal_sync.ops.purge import DEFAULT_CHUNK
+from portal_sync.ops import PURGE_CHUNK
 from portal_sync.settings import Settings
-from store import Store
 
 console = Console()
 progress_console = Console(stderr=True)  # progress never mixes with the report on stdout
@@ -45,7 +43,7 @@ def purge(
     ] = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Records per transaction")
-    ] = DEFAULT_CHUNK,
+    ] = PURGE_CHUNK,
     store: StoreOpt = None,
 ) -> None:
     """Remove a source's views and tombstones (all, of one entity, or of one record) and
@@ -53,8 +51,10 @@ def purge(
     contributes to any more is removed. Prints the plan and acts only with --yes;
     --dry-run reports exactly what would change and writes nothing. Recorded in the store
     (who, when, source, scope, reason, counts). Refuses rules other than the worker's."""
+    from consumers.config import load_rules
     from portal_sync.ops import purge as purging
     from portal_sync.ops.rules import guard_rules
+    from store import Store
 
     settings = Settings.from_flags(store=store)
     _, authority = load_rules(settings.registry, settings.authority_file)

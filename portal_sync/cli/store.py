@@ -4,7 +4,7 @@ remerge and schema upgrade."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,12 +12,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 from rich.text import Text
 
-from consumers.config import load_rules
-from consumers.reconciler import Reconciler
 from observability.terminal import markup, plain
 from portal_sync.cli.options import ReaderOpt, ReasonOpt, StoreOpt
 from portal_sync.settings import Settings
-from store import Store
+
+if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
+    from store import Store
 
 console = Console()
 store_app = typer.Typer(no_args_is_help=True, help="The store's schema (Alembic).")
@@ -26,6 +26,8 @@ EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document 
 
 
 def _store(store_url: str | None) -> Store:
+    from store import Store
+
     return Store(Settings.from_flags(store=store_url).store_url)
 
 
@@ -53,6 +55,8 @@ def _text(value: Any) -> str:
 @store_app.command("upgrade")
 def store_upgrade(store: StoreOpt = None) -> None:
     """Migrate the store to the newest schema; re-merge records that lack provenance."""
+    from store import Store
+
     settings = Settings.from_flags(store=store)
     target = Store(settings.store_url)
     before, after = target.upgrade()
@@ -81,7 +85,9 @@ def remerge(
     """Re-merge canonical records from the stored source views under the current
     authority file, without replaying Kafka. Runs only with the worker's rules; asks for
     confirmation (or --yes); --dry-run reports and writes nothing."""
+    from consumers.config import load_rules
     from portal_sync.ops.rules import guard_rules
+    from store import Store
 
     settings = Settings.from_flags(store=store)
     load_rules(settings.registry, settings.authority_file)  # a wrong file refuses first
@@ -105,6 +111,9 @@ def _remerge(
     chunk: int = 500,
     dry_run: bool = False,
 ) -> int:
+    from consumers.config import load_rules
+    from consumers.reconciler import Reconciler
+
     _, authority = load_rules(settings.registry, settings.authority_file)
     reconciler = Reconciler(store, authority)
     changed = 0

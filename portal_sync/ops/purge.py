@@ -22,13 +22,14 @@ from dataclasses import replace
 
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
+from portal_sync.ops import PURGE_CHUNK
 from portal_sync.ops.access import MAX_OPERATOR, MAX_REASON, operator_name, record_key
 from schemas.errors import Refused
 from schemas.identifiers import ReferenceKey
 from store import Store, utcnow
 from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan
 
-DEFAULT_CHUNK = 10_000  # keys per transaction
+DEFAULT_CHUNK = PURGE_CHUNK
 SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
 
 
