@@ -242,6 +242,13 @@ class Store:
         with translated():
             ensure_current(self.engine)
 
+    def require_schema(self) -> None:
+        """Refuse a store without the newest schema, creating nothing (reading commands)."""
+        from store.schema import require_current
+
+        with translated():
+            require_current(self.engine)
+
     def upgrade(self) -> tuple[str | None, str]:
         """Migrate the store's schema to the newest revision; return (from, to)."""
         from store.schema import upgrade

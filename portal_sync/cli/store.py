@@ -26,9 +26,16 @@ EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document 
 
 
 def _store(store_url: str | None) -> Store:
+    """The store of a reading command: one without the schema is refused, never created."""
     from store import Store
 
-    return Store(Settings.from_flags(store=store_url).store_url)
+    target = Store(Settings.from_flags(store=store_url).store_url)
+    try:
+        target.require_schema()
+    except BaseException:
+        target.close()
+        raise
+    return target
 
 
 def _log_access(

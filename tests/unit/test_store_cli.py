@@ -289,3 +289,21 @@ def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path
     assert result.stdout.count("full_name: values purged") == 2
     assert "Nguyễn Văn An" not in result.stdout
     assert event_id("province-01", "citizen", CITIZEN, 2) in result.stdout  # the entry stays
+
+
+@pytest.mark.parametrize("command", ["conflicts", "anomalies"])
+def test_a_reading_command_refuses_a_database_without_the_schema(
+    tmp_path: Path, command: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'not-a-store.db'}"
+    result = run_cli(command, "--store", url)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "holds no portal-sync schema" in result.stderr
+    assert "Traceback" not in result.stderr
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        assert inspect(engine).get_table_names() == []  # nothing created
+    finally:
+        engine.dispose()
