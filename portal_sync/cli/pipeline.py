@@ -19,6 +19,7 @@ from portal_sync.cli.options import (
 )
 from portal_sync.cli.options import err_console as console
 from portal_sync.settings import Settings
+from schemas.errors import ConfigurationError
 
 
 def register(app: typer.Typer) -> None:
@@ -51,10 +52,14 @@ def publish(
     from portal_sync.ops.publish import publish_lines
     from producers.signing import load_signer
 
-    settings = settings_from(bootstrap)
-    signer = load_signer(sign_key) if sign_key is not None else None
-    handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
+    try:
+        handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigurationError(f"cannot read {file}: {reason}") from None
     with handle:
+        settings = settings_from(bootstrap)
+        signer = load_signer(sign_key) if sign_key is not None else None
         result = publish_lines(settings, handle, signer)
     for number, code, message in result.invalid:
         console.print(plain(f"line {number}: {code}: {message}"))

@@ -100,6 +100,7 @@ def remerge(
     load_rules(settings.registry, settings.authority_file)  # a wrong file refuses first
     target = Store(settings.store_url)
     try:
+        target.require_schema()  # a database without the schema: one line, nothing created
         guard_rules(target, settings, rules_mismatch_ok)
         keys = target.record_keys(entity)
         if not dry_run and not yes:

@@ -291,12 +291,12 @@ def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path
     assert event_id("province-01", "citizen", CITIZEN, 2) in result.stdout  # the entry stays
 
 
-@pytest.mark.parametrize("command", ["conflicts", "anomalies"])
-def test_a_reading_command_refuses_a_database_without_the_schema(
-    tmp_path: Path, command: str
+@pytest.mark.parametrize("command", [["conflicts"], ["anomalies"], ["remerge", "--yes"]])
+def test_a_command_on_the_store_refuses_a_database_without_the_schema(
+    tmp_path: Path, command: list[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'not-a-store.db'}"
-    result = run_cli(command, "--store", url)
+    result = run_cli(*command, "--store", url)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "holds no portal-sync schema" in result.stderr
     assert "Traceback" not in result.stderr
@@ -307,3 +307,10 @@ def test_a_reading_command_refuses_a_database_without_the_schema(
         assert inspect(engine).get_table_names() == []  # nothing created
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "."])
+def test_publish_of_a_file_it_cannot_read_is_one_line(tmp_path: Path, name: str) -> None:
+    result = run_cli("publish", str(tmp_path / name))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
