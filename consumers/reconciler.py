@@ -54,12 +54,30 @@ class DeadLetter:
 
 
 @value_class
+class AcceptedEvent:
+    """What applying an event needs of it, as a validator process found it valid
+    (`consumers.validators`): the worker gets these fields instead of validating the
+    message again. `data` is the payload as `ChangeEvent.data_dict()` gives it."""
+
+    entity: str
+    key: str
+    source: str
+    version: int
+    op: str
+    occurred_at: datetime
+    event_id: str
+    data: dict[str, Any] | None
+
+    def data_dict(self) -> dict[str, Any] | None:
+        return self.data
+
+
+@value_class
 class Checked:
     message: Message
-    event: ChangeEvent
+    event: ChangeEvent | AcceptedEvent
     warnings: list[str]
     data: dict[str, Any] | None = None  # the decoded payload, when it is the dump's
-    as_sent: bool = False  # validated from the message's bytes as they are
 
     def data_dict(self) -> dict[str, Any] | None:
         """The event's payload as JSON-ready dict (not to be modified)."""
@@ -164,7 +182,7 @@ def classify(
         if out_of_scope is not None:
             dead.append(DeadLetter(message, Reason.OUT_OF_SCOPE, out_of_scope))
             continue
-        valid.append(Checked(message, event, checked.warnings, checked.data, checked.as_sent))
+        valid.append(Checked(message, event, checked.warnings, checked.data))
     return valid, dead
 
 
@@ -458,7 +476,7 @@ class Reconciler:
     def _check_lifecycle(
         self,
         work: _Batch,
-        event: ChangeEvent,
+        event: ChangeEvent | AcceptedEvent,
         current: SourceView | None,
         view: SourceView,
         now: datetime,

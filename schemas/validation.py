@@ -96,21 +96,6 @@ def parse_event(raw: bytes | None) -> ValidEvent:
     return ValidEvent(event, soft_warnings(event), as_sent=normalised is raw)
 
 
-def parse_checked(raw: bytes, as_sent: bool, reuse_data: bool) -> ValidEvent:
-    """An event another process has already found valid (`parse_event`, which said
-    whether it validated the bytes as sent and kept the decoded payload): only the model
-    is rebuilt, without the checks done there (soft checks included: the caller has them).
-    Anything else goes through `parse_event` again."""
-    if not as_sent:
-        return parse_event(raw)
-    try:
-        event: ChangeEvent = _VALIDATE_JSON(raw, strict=True)
-    except ValidationError as error:
-        raise _reason(error) from None
-    data = orjson.loads(raw).get("data") if reuse_data else None
-    return ValidEvent(event, [], data, as_sent=True)
-
-
 # The payload fields whose JSON form validation may change (dossiers' timestamps).
 DOSSIER_TIMES = frozenset({"received_at", "due_at", "finished_at"})
 

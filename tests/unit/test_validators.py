@@ -4,17 +4,20 @@ a child killed mid-run costs nothing but a restart of the pool."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from consumers.config import load_rules
-from consumers.reconciler import Checked, DeadLetter, classify
+from consumers.merge import Authority
+from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
 from consumers.validators import Rules, Validators
 from schemas import partition_for
-from store import utcnow
+from store import Store, utcnow
 from tests.integration.kafka.test_hostile_corpus import _headers, _lines, _signers, _value
 from transport.reader import Message
 from transport.topics import Topics
@@ -36,11 +39,47 @@ def corpus_messages(tmp_path: Path) -> tuple[list[Message], Path]:
 
 
 def summary(result: tuple[list[Checked], list[DeadLetter]]) -> tuple[list[Any], list[Any]]:
+    """Every field of a valid event that applying it reads, its warnings and payload; the
+    dead letters' reasons."""
     valid, dead = result
     return (
-        [(c.message.offset, c.event, c.warnings, c.data_dict()) for c in valid],
+        [
+            (
+                c.message.offset,
+                (e.entity, e.key, e.source, e.version, e.op, e.occurred_at, str(e.event_id)),
+                c.warnings,
+                c.data_dict(),
+            )
+            for c in valid
+            for e in (c.event,)
+        ],
         [(d.message.offset, d.code, d.reason) for d in dead],
     )
+
+
+# What the store holds, but the times it was written at.
+TABLES = {
+    "source_views": "entity, key, source, version, event_id, occurred_at, deleted, data",
+    "records": "entity, key, data, sources, provenance",
+    "record_history": "entity, key, event_id, source, version, changes",
+    "field_conflicts": "entity, key, field, sources",
+}
+
+
+def applied(
+    path: Path, result: tuple[list[Checked], list[DeadLetter]], messages: list[Message]
+) -> dict[str, list[Any]]:
+    store = Store(f"sqlite:///{path}")
+    store.create_schema()
+    try:
+        Reconciler(store, Authority()).apply(result[0], messages)
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {
+            table: db.execute(f"SELECT {columns} FROM {table} ORDER BY {columns}").fetchall()
+            for table, columns in TABLES.items()
+        }
 
 
 def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None:
@@ -51,7 +90,14 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
     assert len(expected[0]) >= 50 and len(expected[1]) >= 200  # both kinds, signed
     validators = Validators(2, Rules(registry_file, None, TOPICS, 300.0), registry)
     try:
-        assert summary(validators.classify(messages, now)) == expected
+        checked_there = validators.classify(messages, now)
+        assert summary(checked_there) == expected
+        # Applied, they leave the store the worker's own checks leave.
+        here = applied(
+            tmp_path / "here.db", classify(messages, registry, topics=TOPICS, now=now), messages
+        )
+        assert here["source_views"] and here["records"] and here["record_history"]
+        assert applied(tmp_path / "there.db", checked_there, messages) == here
         # A child killed: that batch is judged here, the next one by a new pool.
         broken = validators.pool
         for pid in list(broken._processes):  # the pool's children
