@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -58,8 +61,24 @@ def _start_child(rules: Rules) -> None:
     global _child
     # A terminal's Ctrl-C reaches the whole process group: the worker stops its children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     registry, _ = load_rules(rules.registry_file, rules.authority_file)
     _child = (registry, rules)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker killed outright (SIGKILL, the OOM killer) cannot stop its children, and a
+    child waits for work forever: it ends itself once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
+
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _ready() -> bool:
+    return _child is not None
 
 
 def _verdicts(messages: Sequence[Message], now: datetime) -> list[Verdict]:
@@ -100,6 +119,10 @@ class Validators:
         self.rules = rules
         self.registry = registry  # the worker's own, for a batch checked here
         self.pool = self._pool()
+        # Started (and their rules loaded) now, not in the middle of the first batch that
+        # needs them: a child's start-up takes a second or more, a stall of the pipeline.
+        for started in [self.pool.submit(_ready) for _ in range(processes)]:
+            started.result()
 
     def _pool(self) -> ProcessPoolExecutor:
         # spawn: the worker has threads (the consumer's, the dead letters' producer), and

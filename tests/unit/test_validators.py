@@ -8,6 +8,8 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from transport.reader import Message
 from transport.topics import Topics
 
 TOPICS = Topics(prefix="vt", change_partitions=6)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def corpus_messages(tmp_path: Path) -> tuple[list[Message], Path]:
@@ -108,3 +111,43 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
         assert summary(validators.classify(messages, now)) == expected
     finally:
         validators.close()
+
+
+PARENT = """
+import sys, time
+from consumers.registry import Registry
+from consumers.validators import Rules, Validators
+from transport.topics import Topics
+
+if __name__ == "__main__":
+    pool = Validators(1, Rules(None, None, Topics(prefix="vt"), 300.0), Registry())
+    print(*pool.pool._processes, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_child_ends_when_its_worker_is_killed_outright(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT, encoding="utf-8")
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert parent.stdout is not None
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 1 and _alive(children[0])
+    finally:
+        parent.kill()  # SIGKILL: the worker cannot stop its pool
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(children[0]):
+        assert time.monotonic() < deadline, "the validator child outlived its worker"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
