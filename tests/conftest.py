@@ -122,6 +122,10 @@ def settings_for(kafka_bootstrap: str) -> object:
             "group_id": f"test-{run}",
             "change_partitions": 3,
             "metrics_port": 0,
+            # Checked in the worker's process: a validator child's start costs every short
+            # test worker a second; the children have their own tests (test_validators,
+            # the hostile corpus) and run in the benches' workers (e2e, faults).
+            "validator_processes": 0,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

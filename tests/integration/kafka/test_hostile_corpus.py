@@ -111,8 +111,12 @@ def test_every_hostile_message_is_dead_lettered_with_its_reason_and_every_valid_
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
     signers, registry = _signers(tmp_path)
-    # Checked in two validator processes (consumers.validators), signatures verified there.
-    settings: Settings = settings_for(sqlite_store_url, registry=registry, validator_processes=2)
+    # Checked in two validator processes (consumers.validators), signatures verified there:
+    # batches of 100, all but a last small one at least half full (the worker checks a
+    # batch below half the maximum itself).
+    settings: Settings = settings_for(
+        sqlite_store_url, registry=registry, validator_processes=2, batch_max_events=100
+    )
     ensure_topics(settings)
     sent: dict[bytes | None, list[str]] = {}
     publisher = publisher_for(settings)
