@@ -121,8 +121,12 @@ class Validators:
         self.pool = self._pool()
         # Started (and their rules loaded) now, not in the middle of the first batch that
         # needs them: a child's start-up takes a second or more, a stall of the pipeline.
-        for started in [self.pool.submit(_ready) for _ in range(processes)]:
-            started.result()
+        try:
+            for started in [self.pool.submit(_ready) for _ in range(processes)]:
+                started.result()
+        except BaseException:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
     def _pool(self) -> ProcessPoolExecutor:
         # spawn: the worker has threads (the consumer's, the dead letters' producer), and

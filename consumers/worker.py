@@ -155,8 +155,12 @@ class BatchProcessor:
                 config.topics,
                 config.max_clock_skew_seconds,
             )
-            self.validators = Validators(config.validator_processes, rules, registry)
-            log.info("batches checked in %d validator processes", config.validator_processes)
+            try:
+                self.validators = Validators(config.validator_processes, rules, registry)
+                log.info("batches checked in %d validator processes", config.validator_processes)
+            except Exception as error:  # no process could start: slower, never wrong
+                log.error("validator processes did not start (%s): batches are checked in "
+                          "the worker", type(error).__name__)  # fmt: skip
 
     def prepare(self, messages: Sequence[Message]) -> Prepared:
         """Parse and validate a batch (no I/O): may run while another batch is applied."""

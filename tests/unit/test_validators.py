@@ -11,12 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from consumers.config import load_rules
 from consumers.merge import Authority
 from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
+from consumers.registry import Registry
 from consumers.validators import Rules, Validators
 from schemas import partition_for
 from store import Store, utcnow
@@ -151,3 +155,11 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_pool_whose_children_cannot_start_is_refused_at_once(tmp_path: Path) -> None:
+    """The worker then checks its batches itself (it logs why) instead of failing later,
+    in the middle of a batch."""
+    rules = Rules(tmp_path / "missing-registry.toml", None, TOPICS, 300.0)
+    with pytest.raises(BrokenProcessPool):  # the initializer (its rules) failed
+        Validators(1, rules, Registry())
