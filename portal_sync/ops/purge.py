@@ -29,7 +29,6 @@ from schemas.identifiers import ReferenceKey
 from store import Store, utcnow
 from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan
 
-DEFAULT_CHUNK = PURGE_CHUNK
 SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
 
 
@@ -79,7 +78,7 @@ def run(
     purge: SourcePurge,
     key: str | None,
     dry_run: bool = False,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = PURGE_CHUNK,
     on_progress: Callable[[int], None] | None = None,
 ) -> SourcePurge:
     """Purge chunk by chunk (`chunk` keys per transaction); return the audit row with what

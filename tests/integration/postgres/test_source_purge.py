@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
+from portal_sync.ops import PURGE_CHUNK
 from portal_sync.ops import purge as purging
 from schemas.identifiers import ReferenceKey, key_reference
 from store import utcnow
@@ -106,7 +107,7 @@ def purge(
     entity: str | None = None,
     key: str | None = None,
     dry_run: bool = False,
-    chunk: int = purging.DEFAULT_CHUNK,
+    chunk: int = PURGE_CHUNK,
 ) -> purging.SourcePurge:
     audit = purging.new_purge(source, entity, key, "wrong data", "steward", SECRET)
     return purging.run(store, AUTHORITY, audit, key, dry_run=dry_run, chunk=chunk)
