@@ -263,7 +263,6 @@ class _Batch:
             anomalies=self.anomalies,
             conflicts=conflicts,
             conflicts_absent=absent,
-            owner_presence={k: r is not None for k, r in merged.items() if k[0] in OWNER_ENTITIES},
             document_owners={k: document_owner(r) for k, r in merged.items() if k[0] == "document"},
         )
 

@@ -141,7 +141,6 @@ class BatchIO:
         anomalies: Sequence[dict[str, Any]],
         conflicts: Conflicts,
         conflicts_absent: Collection[RecordKey],
-        owner_presence: dict[RecordKey, bool],
         document_owners: dict[RecordKey, RecordKey | None],
         offsets: dict[TopicPartition, OffsetRange],
         now: datetime,
@@ -152,8 +151,6 @@ class BatchIO:
         self.append_history(history)
         self.add_anomalies(anomalies)
         new = self.replace_conflicts(conflicts, now, conflicts_absent)
-        if owner_presence:
-            self.owner_presence(owner_presence, now)
         if document_owners:
             self.document_owners(document_owners, now)
         if offsets:
@@ -184,9 +181,6 @@ class BatchIO:
         """Each record's conflicts become `current`'s. The records in `absent` are known
         to have none stored: nothing to delete, every conflict found is new. Return
         (entity, field) of the new conflicts, or leave them for `settle`."""
-        raise NotImplementedError
-
-    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
         raise NotImplementedError
 
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
@@ -495,33 +489,24 @@ class PostgresBatchIO(BatchIO):
             )
         return [(e, f) for e, _, f, _ in fresh]
 
-    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
-        self._run(
-            "UPDATE document_owners d SET waiting = NOT w.present, updated_at = %b"
-            " FROM unnest(%b::text[], %b::text[], %b::bool[]) AS w(entity, key, present)"
-            " WHERE d.owner_entity = w.entity AND d.owner_key = w.key"
-            " AND d.waiting = w.present",
-            [
-                _naive(now),
-                [e for e, _ in owners],
-                [k for _, k in owners],
-                list(owners.values()),
-            ],
-        )
-
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
-        self._run(
-            "DELETE FROM document_owners d USING unnest(%b::text[], %b::text[]) AS w(entity, key)"
-            " WHERE d.entity = w.entity AND d.key = w.key",
-            [[e for e, _ in owners], [k for _, k in owners]],
-        )
+        gone = [key for key, owner in owners.items() if owner is None]
+        if gone:
+            self._run(
+                "DELETE FROM document_owners d USING unnest(%b::text[], %b::text[])"
+                " AS w(entity, key) WHERE d.entity = w.entity AND d.key = w.key",
+                _key_arrays(gone),
+            )
         named = [(key, owner) for key, owner in owners.items() if owner is not None]
         if named:
             self._run(
-                "INSERT INTO document_owners (entity, key, owner_entity, owner_key, waiting,"
-                " updated_at) SELECT e, k, oe, ok, NOT EXISTS (SELECT 1 FROM records r"
-                " WHERE r.entity = oe AND r.key = ok), %b FROM unnest(%b::text[], %b::text[],"
-                " %b::text[], %b::text[]) AS u(e, k, oe, ok)",
+                "INSERT INTO document_owners (entity, key, owner_entity, owner_key, updated_at)"
+                " SELECT e, k, oe, ok, %b FROM unnest(%b::text[], %b::text[], %b::text[],"
+                " %b::text[]) AS u(e, k, oe, ok) ON CONFLICT (entity, key) DO UPDATE SET"
+                " owner_entity = excluded.owner_entity, owner_key = excluded.owner_key,"
+                " updated_at = excluded.updated_at WHERE (document_owners.owner_entity,"
+                " document_owners.owner_key) IS DISTINCT FROM"
+                " (excluded.owner_entity, excluded.owner_key)",
                 [
                     _naive(now),
                     [e for (e, _), _ in named],
@@ -740,26 +725,19 @@ class SqliteBatchIO(BatchIO):
         )
         return new
 
-    def owner_presence(self, owners: dict[RecordKey, bool], now: datetime) -> None:
-        updated = _text_time(now)
-        self._many(
-            "UPDATE document_owners SET waiting = ?, updated_at = ?"
-            " WHERE owner_entity = ? AND owner_key = ? AND waiting = ?",
-            [(int(not present), updated, e, k, int(present)) for (e, k), present in owners.items()],
-        )
-
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
-        self._many("DELETE FROM document_owners WHERE entity = ? AND key = ?", list(owners))
+        self._many(
+            "DELETE FROM document_owners WHERE entity = ? AND key = ?",
+            [key for key, owner in owners.items() if owner is None],
+        )
         updated = _text_time(now)
         self._many(
-            "INSERT INTO document_owners (entity, key, owner_entity, owner_key, waiting,"
-            " updated_at) VALUES (?, ?, ?, ?, NOT EXISTS (SELECT 1 FROM records r"
-            " WHERE r.entity = ? AND r.key = ?), ?)",
-            [
-                (e, k, o[0], o[1], o[0], o[1], updated)
-                for (e, k), o in owners.items()
-                if o is not None
-            ],
+            "INSERT INTO document_owners (entity, key, owner_entity, owner_key, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (entity, key) DO UPDATE SET"
+            " owner_entity = excluded.owner_entity, owner_key = excluded.owner_key,"
+            " updated_at = excluded.updated_at WHERE document_owners.owner_entity IS NOT"
+            " excluded.owner_entity OR document_owners.owner_key IS NOT excluded.owner_key",
+            [(e, k, o[0], o[1], updated) for (e, k), o in owners.items() if o is not None],
         )
 
     def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:

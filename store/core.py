@@ -175,7 +175,6 @@ class BatchChanges:
     conflicts: Conflicts = field(default_factory=dict)
     # Records of `conflicts` known to have none stored: nothing to delete before.
     conflicts_absent: set[RecordKey] = field(default_factory=set)
-    owner_presence: dict[RecordKey, bool] = field(default_factory=dict)  # owner came or went
     document_owners: dict[RecordKey, RecordKey | None] = field(default_factory=dict)
     offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
     purged_views: list[tuple[str, str, str]] = field(default_factory=list)  # entity, key, source
@@ -691,7 +690,6 @@ class BatchTransaction:
             [dict(anomaly) for anomaly in changes.anomalies],
             changes.conflicts,
             changes.conflicts_absent,
-            changes.owner_presence,
             changes.document_owners,
             changes.offsets,
         )

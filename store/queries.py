@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 
 from schemas.views import expand_provenance
 from store.core import Store
@@ -58,7 +58,7 @@ def record_detail(store: Store, entity: str, key: str) -> RecordDetail | None:
             select(document_owners.c.owner_entity, document_owners.c.owner_key).where(
                 document_owners.c.entity == entity,
                 document_owners.c.key == key,
-                document_owners.c.waiting.is_(True),
+                ~OWNER_EXISTS,
             )
         ).one_or_none()
     if record is None and not views:
@@ -127,9 +127,16 @@ def anomaly_count(store: Store) -> int:
         return int(conn.execute(select(func.count()).select_from(dossier_anomalies)).scalar_one())
 
 
+# A document waits for its owner while no record of the owner exists (migration 0009).
+OWNER_EXISTS = exists().where(
+    records.c.entity == document_owners.c.owner_entity,
+    records.c.key == document_owners.c.owner_key,
+)
+
+
 def waiting_documents(store: Store) -> int:
     """Documents kept while their owner is not in the store yet."""
-    query = select(func.count()).where(document_owners.c.waiting.is_(True))
+    query = select(func.count()).select_from(document_owners).where(~OWNER_EXISTS)
     with store.engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
 

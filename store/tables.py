@@ -147,8 +147,9 @@ dossier_anomalies = Table(
     Column("detected_at", UTCDateTime, nullable=False),
 )
 
-# The owner of every document, and whether the store is still waiting for that owner:
-# a document whose owner is not in the store is kept and flagged, never rejected.
+# The owner every document names. A document whose owner is not in the store is kept, never
+# rejected, and shown as waiting for it: no record of the owner exists (`store.queries`;
+# migration 0009 dropped the stored flag).
 document_owners = Table(
     "document_owners",
     metadata,
@@ -156,9 +157,7 @@ document_owners = Table(
     Column("key", String(64), primary_key=True),
     Column("owner_entity", String(16), nullable=False),
     Column("owner_key", String(64), nullable=False),
-    Column("waiting", Boolean, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
-    Index("ix_document_owners_owner", "owner_entity", "owner_key"),
 )
 
 # Dead letters re-published to their original topic: each is re-driven once.

@@ -53,11 +53,14 @@ class PostgresServer:
 
 
 def start_postgres(
-    tls: tuple[Path, Path] | None = None, logical_replication: bool = False
+    tls: tuple[Path, Path] | None = None,
+    logical_replication: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> PostgresServer:
     """A fresh server; with `tls` (certificate and key files) it also accepts TLS (ssl=on);
     with `logical_replication` it writes a logical WAL (`wal_level=logical`) that log-based
-    capture (Debezium's pgoutput) reads through a replication slot."""
+    capture (Debezium's pgoutput) reads through a replication slot; `settings` are more
+    server settings (`-c name=value`)."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not candidates:
         raise PostgresUnavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -85,6 +88,8 @@ def start_postgres(
     options = (
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     )
+    for name, value in (settings or {}).items():  # e.g. a bench's profiling extension
+        options += f" -c {name}={value}"
     if logical_replication:
         options += " -c wal_level=logical -c max_wal_senders=4 -c max_replication_slots=4"
     if tls is not None:

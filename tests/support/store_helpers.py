@@ -18,6 +18,7 @@ from consumers.reconciler import BatchReport, Checked, Message, Reconciler
 from consumers.registry import Registry, SourceInfo
 from schemas import derive_event_id, parse_event
 from store.core import Store
+from store.queries import OWNER_EXISTS
 from store.tables import (
     document_owners,
     dossier_anomalies,
@@ -143,8 +144,10 @@ def conflict_rows(store: Store) -> list[tuple[Any, ...]]:
 
 
 def owner_rows(store: Store) -> list[tuple[Any, ...]]:
+    """Each document's owner, and whether it waits for it (no record of the owner)."""
+    waiting = ~OWNER_EXISTS
     with store.engine.connect() as conn:
-        rows = conn.execute(select(document_owners))
+        rows = conn.execute(select(document_owners, waiting.label("waiting")))
         return sorted((r.entity, r.key, r.owner_entity, r.owner_key, r.waiting) for r in rows)
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql
 
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
-from store import schema
+from store import queries, schema
 from store.core import Store
 from store.schema import SchemaOutdated, current_revision, ensure_current, head_revision
 from store.tables import (
@@ -47,7 +47,7 @@ from store.tables import (
     records,
     source_views,
 )
-from tests.support.store_helpers import CITIZEN, ORG, TOPIC, checked_list, event
+from tests.support.store_helpers import CITIZEN, ORG, TOPIC, checked_list, event, owner_rows
 
 ROOT = Path(__file__).resolve().parents[3]
 T1 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
@@ -479,5 +479,55 @@ def test_0008_keeps_every_document_as_text_and_back(postgres_store_url: str) -> 
         _migrate(store, "0007", down=True)
         assert set(_json_types(store).values()) == {"jsonb"}
         assert table_rows(store, records, *columns) == expected
+    finally:
+        store.close()
+
+
+# -- 0009: a document waits for its owner while no record of the owner exists ---------------
+
+
+def test_0009_reads_waiting_from_the_records_and_the_downgrade_fills_the_flag_back(
+    store_url: str,
+) -> None:
+    """The stored flag goes (and the owner index); the same documents read as waiting
+    before and after the upgrade; the downgrade fills the flag from the records."""
+    store = Store(store_url)
+    try:
+        _migrate(store, "0008")
+        owners = Table("document_owners", MetaData(), autoload_with=store.engine)
+        assert "waiting" in owners.c
+        rows = [
+            ("document", "GKS-1", "citizen", CITIZEN, False),  # the owner is in the store
+            ("document", "GKS-2", "citizen", "079300000002", True),  # it is not
+        ]
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(records),
+                [{"entity": "citizen", "key": CITIZEN, "data": {}, "sources": {},
+                  "updated_at": T1, "provenance": {}}],
+            )  # fmt: skip
+            conn.execute(
+                insert(owners),
+                [{"entity": e, "key": k, "owner_entity": oe, "owner_key": ok, "waiting": w,
+                  "updated_at": T1} for e, k, oe, ok, w in rows],
+            )  # fmt: skip
+        _migrate(store, "0009")
+        assert "waiting" not in {
+            c["name"] for c in inspect(store.engine).get_columns("document_owners")
+        }
+        assert not inspect(store.engine).get_indexes("document_owners")
+        assert owner_rows(store) == rows
+        assert queries.waiting_documents(store) == 1
+        with store.engine.begin() as conn:  # the owner goes: its document now waits
+            conn.execute(records.delete())
+        assert queries.waiting_documents(store) == 2
+        _migrate(store, "0008", down=True)
+        owners = Table("document_owners", MetaData(), autoload_with=store.engine)
+        assert [i["name"] for i in inspect(store.engine).get_indexes("document_owners")] == [
+            "ix_document_owners_owner"
+        ]
+        with store.engine.connect() as conn:
+            flags = sorted((r.key, r.waiting) for r in conn.execute(select(owners)))
+        assert flags == [("GKS-1", True), ("GKS-2", True)]
     finally:
         store.close()
