@@ -329,11 +329,13 @@ class Infra:
         assert self.kafka is not None
         return self.kafka.bootstrap()
 
-    def start(self, postgres: bool) -> None:
+    def start(self, postgres: bool, statements: bool = False) -> None:
         self.kafka = LocalKafka(self.tmp / "kafka")
         self.kafka.up(port=free_port())
         if postgres:
-            self.pg = start_postgres()
+            extra = {"shared_preload_libraries": "pg_stat_statements",
+                     "pg_stat_statements.track": "all"} if statements else None  # fmt: skip
+            self.pg = start_postgres(settings=extra)
 
     def store_url(self, backend: str, name: str) -> str:
         if backend == "sqlite":
@@ -609,6 +611,36 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us)
 
 
+def statements_reset(store_url: str) -> None:
+    """Start counting the server's statements afresh (`--pg-statements`)."""
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        conn.execute(text("SELECT pg_stat_statements_reset()"))
+    engine.dispose()
+
+
+def statements_report(store_url: str, events: int, top: int) -> None:
+    """The statements that took the server's time during a drain, per event of the run
+    (pg_stat_statements: execution and planning time, wall, lock waits included)."""
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT calls, total_exec_time + total_plan_time, rows, query"
+                " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database()) ORDER BY 2 DESC LIMIT :top"
+            ),
+            {"top": top},
+        ).all()
+    engine.dispose()
+    total = sum(r[1] for r in rows)
+    print(f"  server time by statement (top {top}: {total / events * 1000:.1f} µs/event)")
+    print(f"  {'µs/ev':>7}{'calls':>7}{'rows':>9}  statement")
+    for calls, ms, count, query in rows:
+        print(f"  {ms / events * 1000:7.1f}{calls:7d}{count:9d}  {' '.join(query.split())[:110]}")
+
+
 def raw_ceiling(infra: Infra, events: list[Any], batch: int) -> tuple[float, float]:
     """PostgreSQL COPY into a staging table, then INSERT ... SELECT ... ON CONFLICT into a
     source_views-shaped table, of the valid events; (events/s in one go, in batches). The
@@ -681,8 +713,12 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
         settings = settings_for(infra, prefix, store, args.partitions)
         settings.group_id = f"{prefix}-{name}"
         label = f"{backend} x{args.workers}" if args.workers > 1 else backend
+        if args.pg_statements and backend == "postgresql":
+            statements_reset(store)
         results.append(run_drain(infra, settings, expected, ends, args, label, args.workers))
         print(f"  {label}: {results[-1].rate:.0f} events/s — {results[-1].note}", flush=True)
+        if args.pg_statements and backend == "postgresql":
+            statements_report(store, len(events), args.pg_statements)
         if signers is not None:  # the same signed messages, now verified by the worker
             name = f"{backend[:2]}{uuid.uuid4().hex[:6]}"
             settings = settings_for(infra, prefix, infra.store_url(backend, name), args.partitions)
@@ -954,6 +990,9 @@ def main() -> int:
         action="store_true",
         help="with --py-spy: only the thread holding the GIL (CPU, not waits)",
     )
+    parser.add_argument("--pg-statements", type=int, default=0, metavar="N",
+                        help="throughput: the N statements taking PostgreSQL's time "
+                        "(pg_stat_statements), per event")  # fmt: skip
     args = parser.parse_args()
     args.backends = args.backends or ["postgresql", "sqlite"]
     if args.smoke:
@@ -961,7 +1000,7 @@ def main() -> int:
     infra = Infra(Path(tempfile.mkdtemp(prefix="portal-sync-e2e-")))
     began = time.monotonic()
     try:
-        infra.start(postgres="postgresql" in args.backends)
+        infra.start(postgres="postgresql" in args.backends, statements=bool(args.pg_statements))
         print(f"Kafka {infra.bootstrap}; PostgreSQL {'fsync off' if infra.pg else '-'}; "
               f"{os.cpu_count()} CPUs; batch {args.batch}")  # fmt: skip
         command = {"throughput": cmd_throughput, "steady": cmd_steady, "search": cmd_search,
