@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -678,6 +679,42 @@ def test_document_of_a_present_owner_does_not_wait(store: Store) -> None:
     feed.apply(event("document", "GP-1", "province-01", 2, None))
     assert owner_rows(store) == [("document", "GP-2", "organization", ORG, False)]
     assert queries.waiting_documents(store) == 0
+
+
+def test_a_document_and_its_owner_written_at_once_by_two_workers(postgres_store_url: str) -> None:
+    """Two workers (two partitions): the owner's batch writes the citizen, and before it
+    commits the other batch writes and commits the citizen's document. Neither saw the
+    other's uncommitted rows; once both are in, the document does not wait. (A flag kept
+    in the table was computed by each batch from what it saw: it stayed "waiting".)"""
+    store = Store(postgres_store_url)
+    store.create_schema()
+    try:
+        owner = checked_list([event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"})])
+        doc = checked_list([document("GKS-9", "citizen", CITIZEN)], partition=1)
+        errors: list[BaseException] = []
+
+        def other_worker() -> None:
+            try:
+                Reconciler(store, Authority()).apply(doc, [c.message for c in doc])
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+
+        def before_commit() -> None:  # the owner's batch has written, not committed
+            worker = threading.Thread(target=other_worker)
+            worker.start()
+            worker.join(timeout=30)
+            assert not worker.is_alive(), "the document's batch waited for the owner's"
+
+        Reconciler(store, Authority()).apply(
+            owner, [c.message for c in owner], before_commit=before_commit
+        )
+        assert not errors
+        assert owner_rows(store) == [("document", "GKS-9", "citizen", CITIZEN, False)]
+        assert queries.waiting_documents(store) == 0
+        detail = queries.record_detail(store, "document", "GKS-9")
+        assert detail is not None and detail.waiting_for_owner is None
+    finally:
+        store.close()
 
 
 OWNER_EVENTS = [
