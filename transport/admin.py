@@ -108,12 +108,15 @@ class Cluster:
                     client.close()
         self._consumer = self._admin = None
 
-    def _any_node(self, call: Callable[[], T], attempts: int = 3) -> T:
+    def _any_node(self, call: Callable[[], T], attempts: int = 6) -> T:
         """A question any node may answer first (metadata, the cluster, a group's
         coordinator). kafka-python sends it to one node it knows and fails at once when
         that node is down: a node killed outright stays in the metadata until the controller
         fences it. The node that failed is then in reconnect backoff, so asking again goes
-        to another."""
+        to another, but only while the backoff lasts: 50 ms after a first failure, doubling
+        with each. On a loaded machine the next question came later than that, and picked
+        the dead node again (a random pick among those not backed off) three times running
+        in one CI run; six attempts leave it backed off for 1.6 s by the last."""
         for _ in range(attempts - 1):
             with contextlib.suppress(KafkaConnectionError, NodeNotReadyError):
                 return call()
