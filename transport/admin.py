@@ -116,7 +116,7 @@ class Cluster:
         to another, but only while the backoff lasts: 50 ms after a first failure, doubling
         with each. On a loaded machine the next question came later than that, and picked
         the dead node again (a random pick among those not backed off) three times running
-        in one CI run; six attempts leave it backed off for 1.6 s by the last."""
+        in one CI run; with six attempts, the fifth failure backs it off for 0.8 s."""
         for _ in range(attempts - 1):
             with contextlib.suppress(KafkaConnectionError, NodeNotReadyError):
                 return call()
