@@ -20,6 +20,12 @@ from store.tables import (
     source_views,
 )
 
+# A document waits for its owner while no record of the owner exists (migration 0009).
+OWNER_EXISTS = exists().where(
+    records.c.entity == document_owners.c.owner_entity,
+    records.c.key == document_owners.c.owner_key,
+)
+
 
 @dataclass(frozen=True)
 class RecordDetail:
@@ -125,13 +131,6 @@ def open_conflicts(store: Store) -> int:
 def anomaly_count(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(dossier_anomalies)).scalar_one())
-
-
-# A document waits for its owner while no record of the owner exists (migration 0009).
-OWNER_EXISTS = exists().where(
-    records.c.entity == document_owners.c.owner_entity,
-    records.c.key == document_owners.c.owner_key,
-)
 
 
 def waiting_documents(store: Store) -> int:

@@ -4,7 +4,7 @@
 Each batch used to update `waiting` on the documents of every citizen and organisation it
 wrote (an `UPDATE … FROM unnest` joined on the owner), whether or not the record had
 documents: on the bench's mix that statement took a tenth of PostgreSQL's time for the
-batch (6.0 of 61 µs per event, pg_stat_statements), and on a small table its plan hashed
+batch (6.0 of 59 µs per event, pg_stat_statements), and on a small table its plan hashed
 the whole of `document_owners` once per part of a batch. The flag could also be wrong: two
 workers writing a document and its new owner at the same time each missed the other's
 uncommitted row, and the document stayed "waiting" until the owner changed again. Now a
