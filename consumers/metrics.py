@@ -91,29 +91,36 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     histogram = sync_lag(objective_seconds)
     assert report.committed_at is not None
     committed = report.committed_at.timestamp()
-    counts: Tally[tuple[str, str, str]] = Tally()
+    outcomes = report.outcomes
+    counts = Tally([(item.source, item.entity, item.outcome) for item in outcomes])
     by_source: dict[tuple[str, str], list[float]] = {}
-    newest: dict[str, datetime] = {}  # per source: its freshness needs only the newest
-    for item in report.outcomes:
-        counts[(item.source, item.entity, item.outcome)] += 1
+    # per source: its freshness needs only the newest (compared as timestamps: cheaper)
+    newest: dict[str, tuple[float, datetime]] = {}
+    for item in outcomes:
         if item.outcome == "applied":
-            lag = max(0.0, committed - item.occurred_at.timestamp())
-            by_source.setdefault((item.source, item.entity), []).append(lag)
+            at = item.occurred_at.timestamp()
+            lag = committed - at if committed > at else 0.0
+            pair = (item.source, item.entity)
+            values = by_source.get(pair)
+            if values is None:
+                by_source[pair] = [lag]
+            else:
+                values.append(lag)
             lags.append(lag)
             known = newest.get(item.source)
-            if known is None or item.occurred_at > known:
-                newest[item.source] = item.occurred_at
+            if known is None or at > known[0]:
+                newest[item.source] = (at, item.occurred_at)
     for series, count in counts.items():  # one label lookup per series, not per event
         EVENTS.labels(*series).inc(count)
     for pair, values in by_source.items():
-        child = histogram.labels(*pair)
+        observe = histogram.labels(*pair).observe
         for value in values:
-            child.observe(value)
+            observe(value)
     BATCH_EVENTS.observe(len(report.outcomes))
     for entity, field_name in report.new_conflicts:
         FIELD_CONFLICTS.labels(entity, field_name).inc()
     DOSSIER_ANOMALIES.inc(report.anomalies)
-    FRESHNESS.record(newest.items(), report.committed_at)
+    FRESHNESS.record([(source, at) for source, (_, at) in newest.items()], report.committed_at)
     return lags
 
 
