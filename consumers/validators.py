@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +112,7 @@ def _verdicts(rows: Sequence[Row], now: datetime) -> list[Verdict]:
             event.source,
             event.version,
             event.op,
-            # The same instant with the `datetime.UTC` singleton for a zone: the worker's
-            # comparisons, timestamps and conversions of it then take a fraction of the time
-            # they take with pydantic's own zone objects (about 0.4 against 0.06 µs for a
-            # comparison).
-            event.occurred_at.astimezone(UTC),
+            event.occurred_at,  # in UTC (the contract holds it so)
             str(event.event_id),
             checked.data_dict(),
         )

@@ -8,12 +8,13 @@ validation, so the store holds one spelling of every Vietnamese name.
 from __future__ import annotations
 
 import unicodedata
-from datetime import date
+from datetime import UTC, date, datetime
 from enum import IntEnum
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -168,6 +169,13 @@ class DossierData(ContractModel):
         return self
 
 
+def _in_utc(moment: datetime) -> datetime:
+    """The same instant, held in UTC with the `datetime.UTC` singleton for a zone: pydantic's
+    own zone objects make every later comparison, timestamp and conversion of it several
+    times slower (a comparison about 0.4 against 0.06 µs), and a worker makes many."""
+    return moment.astimezone(UTC)
+
+
 class _EventBase(ContractModel):
     schema_version: Literal[1]
     event_id: UUID
@@ -176,7 +184,7 @@ class _EventBase(ContractModel):
     # At most 2^53: exact in every JSON reader, and far from the store's 2^63 - 1, so a
     # hostile version cannot freeze a record beyond every later real update.
     version: Annotated[int, Field(ge=1, le=MAX_VERSION)]
-    occurred_at: AwareDatetime
+    occurred_at: Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
     @model_validator(mode="after")
     def _data_matches_op(self) -> Self:
