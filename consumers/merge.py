@@ -209,6 +209,8 @@ def record_changes(
         return {name: [None, value] for name, value in sorted(new.items())}
     if not new:
         return {name: [value, None] for name, value in sorted(old.items())}
+    if old.keys() == new.keys():  # the same fields (the usual update): no union to build
+        return {name: [old[name], new[name]] for name in sorted(new) if old[name] != new[name]}
     return {
         name: [old.get(name), new.get(name)]
         for name in sorted(set(old) | set(new))

@@ -508,7 +508,8 @@ _FIELDS = st.dictionaries(
 def test_record_changes_is_every_differing_field_in_field_order(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> None:
-    """The fast paths (a new record, a removed one) give what the general rule gives."""
+    """The fast paths (a new record, a removed one, the same fields) give what the general
+    rule gives."""
     old, new = before or {}, after or {}
     expected = {
         name: [old.get(name), new.get(name)]
