@@ -172,8 +172,14 @@ class DossierData(ContractModel):
 def _in_utc(moment: datetime) -> datetime:
     """The same instant, held in UTC with the `datetime.UTC` singleton for a zone: pydantic's
     own zone objects make every later comparison, timestamp and conversion of it several
-    times slower (a comparison about 0.4 against 0.06 µs), and a worker makes many."""
-    return moment.astimezone(UTC)
+    times slower (a comparison about 0.4 against 0.06 µs), and a worker makes many.
+
+    An instant with no UTC form (year 1 at +14:00 is year 0 in UTC) stays as given: valid
+    by the contract, refused by the store (`apply_failed`), as before."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return moment
 
 
 class _EventBase(ContractModel):

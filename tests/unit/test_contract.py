@@ -484,6 +484,15 @@ def test_occurred_at_keeps_its_instant_held_in_utc() -> None:
     assert occurred.utcoffset() == timedelta(0)
 
 
+def test_occurred_at_without_a_utc_form_stays_as_given() -> None:
+    """Year 1 at +14:00 is year 0 in UTC: still valid here (the store refuses it, and the
+    worker dead-letters it as `apply_failed`), never an error while parsing."""
+    event = citizen(occurred_at="0001-01-01T00:00:00+14:00")
+    occurred = parse_event(encode(event)).event.occurred_at
+    assert occurred.utcoffset() == timedelta(hours=14)
+    assert (occurred.year, occurred.month, occurred.day) == (1, 1, 1)
+
+
 # -- exported JSON Schemas ----------------------------------------------------------------
 
 
