@@ -9,7 +9,9 @@ the database plans it once:
   arrays in its binary format; no multi-row `VALUES` text is built or parsed. In pipeline
   mode: a batch's reads are answered in one round trip, and its writes are sent without
   waiting (`send`, part after part while the reconciler merges the next) and waited for
-  once (`settle`), before the commit.
+  once (`settle`), before the commit. History, append-only, is the exception: its rows
+  are kept and go by binary `COPY` when the batch settles (`COPY` cannot run in a
+  pipeline; PostgreSQL inserts copied rows in bulk).
 - SQLite: `executemany` of one prepared statement per table (the C loop of `sqlite3`); the
   keys of a read go into a temporary table joined on the primary key.
 
