@@ -427,8 +427,8 @@ class PostgresBatchIO(BatchIO):
 
     def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
         """Kept until the batch settles, then copied (`COPY` cannot run in a pipeline).
-        PostgreSQL inserts copied rows in bulk: about half its time per row of an
-        `INSERT … SELECT FROM unnest` (docs/performance.md, twelfth round)."""
+        PostgreSQL inserts copied rows in bulk: 15.5 → 10.9 µs per row against an
+        `INSERT … SELECT FROM unnest`, both sides (docs/performance.md, twelfth round)."""
         self._history.extend(rows)
 
     def _copy_history(self) -> None:
