@@ -67,6 +67,20 @@ def _view_json(data: Any) -> str | None:
     return orjson.dumps(data if type(data) is dict else dict(data)).decode()
 
 
+def _history_row(row: dict[str, Any], applied_at: Any) -> tuple[Any, ...]:
+    """A history entry's values in the order of both backends' statements (entity, key,
+    event id, source, version, changes as JSON, applied at in the backend's form)."""
+    return (
+        row["entity"],
+        row["key"],
+        row["event_id"],
+        row["source"],
+        row["version"],
+        _json(row["changes"]),
+        applied_at,
+    )
+
+
 def _aware(moment: Any) -> datetime:
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
@@ -444,17 +458,7 @@ class PostgresBatchIO(BatchIO):
                 if r["applied_at"] is not last:  # a batch's rows share its `now`
                     last = r["applied_at"]
                     naive = _naive(last)
-                write(
-                    (
-                        r["entity"],
-                        r["key"],
-                        r["event_id"],
-                        r["source"],
-                        r["version"],
-                        _json(r["changes"]),
-                        naive,
-                    )
-                )
+                write(_history_row(r, naive))
 
     def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -685,18 +689,7 @@ class SqliteBatchIO(BatchIO):
         self._many(
             "INSERT INTO record_history (entity, key, event_id, source, version, changes,"
             " applied_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r["entity"],
-                    r["key"],
-                    r["event_id"],
-                    r["source"],
-                    r["version"],
-                    _json(r["changes"]),
-                    _text_time(r["applied_at"]),
-                )
-                for r in rows
-            ],
+            [_history_row(r, _text_time(r["applied_at"])) for r in rows],
         )
 
     def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
