@@ -1242,7 +1242,8 @@ def broker_drill(args: argparse.Namespace) -> int:
     """Three KRaft nodes, producers, two workers and the lag exporter; kill -9 the active
     controller's node, restart it, wait until every replica is in sync, kill -9 another
     node, restart it; then the checks of the fault suite and a table per phase."""
-    from transport.local_cluster import LocalCluster, free_ports
+    from transport.local import free_ports
+    from transport.local_cluster import LocalCluster
 
     plan = DRILL_SHORT if args.short else DRILL_FULL
     n = args.events or plan.events

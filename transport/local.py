@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -111,11 +112,56 @@ def ensure_jars() -> Path:
     return target
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 20_000
+
+
+def _ephemeral_start() -> int | None:
+    """The first port the kernel hands to outgoing connections (Linux), if known."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bindable(ports: range) -> bool:
+    sockets = [socket.socket() for _ in ports]
+    try:
+        for sock, port in zip(sockets, ports, strict=True):
+            sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_ports(count: int) -> int:
+    """A first port P with P..P+count-1 free on 127.0.0.1.
+
+    Chosen below the kernel's ephemeral range when it is known: a port in that range is
+    free now but may be the local end of any outgoing connection a moment later (a node
+    of a local cluster connecting to its voters took the port the next node was to listen
+    on). Random, so that two callers at once rarely pick the same one."""
+    start = _ephemeral_start()
+    if start is not None and start - LOWEST_CHOSEN_PORT > 1_000:
+        for _ in range(200):
+            first = random.randrange(LOWEST_CHOSEN_PORT, start - count)
+            if _bindable(range(first, first + count)):
+                return first
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            first = int(sock.getsockname()[1])
+        if first + count <= 65_000 and _bindable(range(first, first + count)):
+            return first
+    raise KafkaSetupError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free port on 127.0.0.1, outside the ephemeral range when known (`free_ports`)."""
+    return free_ports(1)
 
 
 def _port_answers(port: int) -> bool:
@@ -392,7 +438,9 @@ class LocalKafka:
         while time.monotonic() < deadline:
             exited = self._process.poll() is not None if self._process else self._pid() is None
             if exited:
-                raise KafkaSetupError(f"the broker exited during start; see {self._log_hint()}")
+                raise KafkaSetupError(
+                    f"the broker exited during start{self._last_error()}; see {self._log_hint()}"
+                )
             if _port_answers(self.port()):
                 try:
                     admin = clients.admin(self.connection(), request_timeout_ms=3000)
@@ -408,6 +456,23 @@ class LocalKafka:
 
     def _log_hint(self) -> Path:
         return self.data_dir / "logs" / "server.log"
+
+    def _last_error(self) -> str:
+        """': <the log's first ERROR or FATAL line and the exception under it>', or ''.
+        The first error is the cause (the later ones are the shutdown it led to); it is
+        shown where the failure is reported, as a CI log keeps that but not the files."""
+        for name in ("server.log", "stdout.log"):
+            try:
+                lines = (self.data_dir / "logs" / name).read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            for at, line in enumerate(lines):
+                if " ERROR " in line or " FATAL " in line:
+                    cause = line.strip()
+                    if at + 1 < len(lines) and not lines[at + 1].startswith(("[", "\t")):
+                        cause += " | " + lines[at + 1].strip()
+                    return ": " + cause[:500]
+        return ""
 
     def down(self, timeout: float = 30.0) -> bool:
         """Stop the broker (SIGTERM, then SIGKILL); False when it was not running."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,25 +34,6 @@ from transport.local import (
 CLUSTER_FILE = "cluster.json"
 NODE_HEAP = "-Xmx256m"  # three JVMs on a developer's machine
 MIN_INSYNC = 2
-
-
-def free_ports(count: int) -> int:
-    """A first port P with P..P+count-1 free on 127.0.0.1 (a cluster's client ports)."""
-    for _ in range(100):
-        first = free_port()
-        if first + count > 65_000:
-            continue
-        sockets = [socket.socket() for _ in range(count)]
-        try:
-            for offset, sock in enumerate(sockets):
-                sock.bind(("127.0.0.1", first + offset))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise KafkaSetupError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def is_cluster(data_dir: Path) -> bool:

@@ -23,7 +23,7 @@ from schemas import parse_event
 from tests.support.pipeline_helpers import citizen_events
 from transport import clients
 from transport.admin import Cluster
-from transport.local_cluster import free_ports
+from transport.local import free_ports
 from transport.publisher import Publisher, PublishError
 from transport.reader import RangeReader, Selection
 
