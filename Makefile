@@ -23,9 +23,12 @@ connect-jars: $(STAMP)
 demo: kafka-jars
 	$(BIN)/portal-sync demo
 
+# Unit and property tests (CPU-bound, no servers) in parallel processes; the integration
+# tests, which start and kill real servers and time their faults, one at a time.
 test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4 tests/unit
+	$(BIN)/pytest tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -700,7 +700,7 @@ class Plan:
 # The full run keeps the dead-letter topic away longer than the producer's max_block_ms
 # (60 s), so a dead-letter send times out at least once while it is missing.
 FULL = Plan(100_000, 20, 3, 3, 10, 6, (3.0, 8.0), (75.0, 85.0), 1200)
-SHORT = Plan(15_000, 5, 1, 1, 3, 2, (2.0, 5.0), (6.0, 10.0), 240)
+SHORT = Plan(15_000, 5, 1, 1, 3, 2, (1.5, 3.5), (6.0, 10.0), 240)
 
 
 def chaos(
