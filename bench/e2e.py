@@ -798,6 +798,8 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
                 time.sleep(0.02)
             poller.close()
 
+        if args.pg_statements and backend == "postgresql":
+            statements_reset(store)
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         producer = KafkaProducer(
@@ -831,6 +833,8 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
             time.sleep(0.1)
         stop.set()
         poller.join()
+        if args.pg_statements and backend == "postgresql":
+            statements_report(store, len(events), args.pg_statements)
         lags, missing = [], 0
         for t, m in metas:
             marks = seen.get((m.topic, m.partition), [])
@@ -993,7 +997,7 @@ def main() -> int:
         help="with --py-spy: only the thread holding the GIL (CPU, not waits)",
     )
     parser.add_argument("--pg-statements", type=int, default=0, metavar="N",
-                        help="throughput: the N statements taking PostgreSQL's time "
+                        help="throughput and steady: the N statements taking PostgreSQL's time "
                         "(pg_stat_statements), per event")  # fmt: skip
     args = parser.parse_args()
     args.backends = args.backends or ["postgresql", "sqlite"]

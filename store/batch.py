@@ -283,12 +283,21 @@ class PostgresBatchIO(BatchIO):
     """Arrays and `unnest`: one fixed statement per table and per read. A batch's reads go
     in one round trip and its writes in another (psycopg's pipeline mode)."""
 
-    def _send(self, sql: str, params: Sequence[Any]) -> Any:
+    def _send(self, sql: str, params: Sequence[Any], planned: bool = False) -> Any:
         """Send a statement; its rows (if any) are read later with `_rows`. Binary
         parameters (%b): arrays travel without being quoted as text, which costs a regular
-        expression per element in the driver."""
+        expression per element in the driver.
+
+        `planned`: planned for these parameters at every execution, never prepared. For the
+        statements that look rows up by the batch's keys (reads, deletes `USING unnest`):
+        psycopg prepares a statement after its fifth run, and PostgreSQL may then keep the
+        generic plan it made while the table was small: a hash join over a sequential
+        scan, whose cost grows with the table. A worker that started on an empty store kept
+        it while the store grew (steady load, 80,000 views: 8.6 ms per read of a
+        100-event batch, against 0.9 for the index lookups a fresh plan chooses;
+        docs/performance.md, thirteenth round)."""
         cursor = self.dbapi.cursor()
-        cursor.execute(sql, params)
+        cursor.execute(sql, params, prepare=False if planned else None)
         return cursor
 
     @staticmethod
@@ -296,8 +305,8 @@ class PostgresBatchIO(BatchIO):
         with cursor:
             return list(cursor.fetchall())
 
-    def _run(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        cursor = self._send(sql, params)
+    def _run(self, sql: str, params: Sequence[Any], planned: bool = False) -> list[Any]:
+        cursor = self._send(sql, params, planned)
         if self.dbapi.pgconn.pipeline_status:  # pipeline mode: the rows are not here yet
             cursor.close()
             return []
@@ -319,8 +328,8 @@ class PostgresBatchIO(BatchIO):
                     OFFSETS_SQL + " FOR UPDATE OF a", _partition_arrays(partitions)
                 )
             if keys:
-                views = self._send(VIEWS_SQL, _key_arrays(keys))
-                canonical = self._send(CANONICAL_SQL, _key_arrays(keys))
+                views = self._send(VIEWS_SQL, _key_arrays(keys), planned=True)
+                canonical = self._send(CANONICAL_SQL, _key_arrays(keys), planned=True)
         return (
             _offsets(self._rows(offsets)) if offsets is not None else {},
             _views(self._rows(views)) if views is not None else {},
@@ -407,6 +416,7 @@ class PostgresBatchIO(BatchIO):
             " AS w(entity, key, source)"
             " WHERE v.entity = w.entity AND v.key = w.key AND v.source = w.source",
             [[e for e, _, _ in rows], [k for _, k, _ in rows], [s for _, _, s in rows]],
+            planned=True,
         )
 
     def write_records(
@@ -437,6 +447,7 @@ class PostgresBatchIO(BatchIO):
                 "DELETE FROM records r USING unnest(%b::text[], %b::text[]) AS w(entity, key)"
                 " WHERE r.entity = w.entity AND r.key = w.key",
                 [[e for e, _ in gone], [k for _, k in gone]],
+                planned=True,
             )
 
     def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -487,6 +498,7 @@ class PostgresBatchIO(BatchIO):
                 " AS w(entity, key) WHERE f.entity = w.entity AND f.key = w.key"
                 " RETURNING f.entity, f.key, f.field",
                 _key_arrays(replaced),
+                planned=True,
             )
             # Read when the batch settles: reading rows in a pipeline waits for all before.
             self._pending.append((found, deleted))
@@ -517,6 +529,7 @@ class PostgresBatchIO(BatchIO):
                 "DELETE FROM document_owners d USING unnest(%b::text[], %b::text[])"
                 " AS w(entity, key) WHERE d.entity = w.entity AND d.key = w.key",
                 _key_arrays(gone),
+                planned=True,
             )
         named = [(key, owner) for key, owner in owners.items() if owner is not None]
         if named:

@@ -1,0 +1,48 @@
+"""A batch's lookups by key are planned at every run, never prepared (PostgreSQL).
+
+psycopg prepares a statement after its fifth run; PostgreSQL may then keep the generic plan
+it made while the tables were small (a hash join over a sequential scan) as they grow.
+Prepared statements are listed by the session that holds them: after many batches on one
+connection, the writes are there and the lookups by key in the store's growing tables are
+not."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from consumers.reconciler import Reconciler
+from store.core import Store
+from tests.unit.test_national_store_properties import AUTHORITY_A, Spec, split, stream
+
+
+def test_lookups_by_key_are_never_prepared_and_writes_are(postgres_store_url: str) -> None:
+    store = Store(postgres_store_url)
+    store.drop_schema()
+    store.create_schema()
+    try:
+        name = {"full_name": "Nguyễn Văn An"}
+        specs = [
+            Spec(record, source, version, version, name if version % 3 else None)
+            for version in range(1, 13)
+            for record in (0, 1)
+            for source in ("province-01", "province-79")
+        ]
+        items = stream(specs)
+        reconciler = Reconciler(store, AUTHORITY_A, part_events=3)
+        for batch in split(items, list(range(4, len(items), 4))):
+            reconciler.apply(batch, [c.message for c in batch])
+        with store.engine.connect() as conn:  # the pool's one connection: the batches'
+            rows = conn.execute(text("SELECT statement FROM pg_prepared_statements"))
+            prepared = [" ".join(statement.split()) for (statement,) in rows]
+        assert any(s.startswith("INSERT INTO source_views") for s in prepared), prepared
+        # (the offsets' read is left prepared: one row per partition, a table that stays small)
+        tables = ("source_views", "records", "field_conflicts", "document_owners")
+        lookups = [
+            s
+            for s in prepared
+            if ("JOIN unnest" in s or "USING unnest" in s)
+            and any(f"FROM {t} " in s for t in tables)
+        ]
+        assert lookups == [], lookups
+    finally:
+        store.close()
