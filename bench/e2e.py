@@ -810,6 +810,13 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
             batch_size=256 * 1024,
         )
         sent: list[tuple[float, Any]] = []
+        # When the broker acknowledged each event (the producer's callback): the lag split
+        # into the way to the broker (the bench's producer included) and on to the store.
+        acked = [0.0] * len(events)
+
+        def ack(index: int, _metadata: Any) -> None:
+            acked[index] = time.time()
+
         began = time.time()
         for i, event in enumerate(events):
             delay = began + i / rate - time.time()
@@ -818,9 +825,9 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
             now = datetime.now(UTC)
             event["occurred_at"] = _ts(now)
             key, value = encode(event)
-            sent.append(
-                (now.timestamp(), producer.send(_topic(settings, event), key=key, value=value))
-            )
+            future = producer.send(_topic(settings, event), key=key, value=value)
+            future.add_callback(ack, i)
+            sent.append((now.timestamp(), future))
         send_seconds = time.time() - began
         producer.flush()
         producer.close()
@@ -836,11 +843,15 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
         if args.pg_statements and backend == "postgresql":
             statements_report(store, len(events), args.pg_statements)
         lags, missing = [], 0
-        for t, m in metas:
+        to_broker, to_store = [], []
+        for index, (t, m) in enumerate(metas):
             marks = seen.get((m.topic, m.partition), [])
             i = bisect.bisect_right([o for o, _ in marks], m.offset)
             if i < len(marks):
                 lags.append(marks[i][1] - t)
+                if acked[index]:
+                    to_broker.append(acked[index] - t)
+                    to_store.append(marks[i][1] - acked[index])
             else:
                 missing += 1
     finally:
@@ -855,7 +866,8 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
     q = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else [0.0] * 99
     result = {"backend": backend, "rate": rate, "sent_rate": len(events) / send_seconds,
               "events": len(events), "p50": q[49], "p95": q[94], "p99": q[98],
-              "max": lags[-1] if lags else 0.0, "missing": missing, "ok": missing == 0}  # fmt: skip
+              "max": lags[-1] if lags else 0.0, "missing": missing, "ok": missing == 0,
+              "split": [_quantiles(to_broker), _quantiles(to_store)]}  # fmt: skip
     if check:
         expected = Expected.of(warmup + events)
         store_export = exported(store)
@@ -866,6 +878,14 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
     return result
 
 
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and max, or zeros."""
+    if len(values) < 2:
+        return (0.0, 0.0, 0.0)
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return (q[49], q[98], max(values))
+
+
 def _print_steady(rows: list[dict[str, Any]]) -> None:
     print(f"{'store':<12}{'rate/s':>8}{'sent/s':>8}{'events':>8}{'p50 s':>8}{'p95 s':>8}"
           f"{'p99 s':>8}{'max s':>8}  check")  # fmt: skip
@@ -874,6 +894,9 @@ def _print_steady(rows: list[dict[str, Any]]) -> None:
         print(f"{r['backend']:<12}{r['rate']:>8}{r['sent_rate']:>8.0f}{r['events']:>8}"
               f"{r['p50']:>8.3f}{r['p95']:>8.3f}{r['p99']:>8.3f}{r['max']:>8.3f}  "
               f"{r.get('check', '')}{missing}")  # fmt: skip
+        (b50, b99, bmax), (s50, s99, smax) = r["split"]
+        print(f"{'':<12}sent -> broker ack p50 {b50:.3f} p99 {b99:.3f} max {bmax:.3f}; "
+              f"ack -> store p50 {s50:.3f} p99 {s99:.3f} max {smax:.3f}")  # fmt: skip
 
 
 def cmd_steady(infra: Infra, args: argparse.Namespace) -> bool:
