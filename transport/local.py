@@ -142,7 +142,7 @@ def free_ports(count: int) -> int:
 
     Chosen below the kernel's ephemeral range when it is known: a port in that range is
     free now but may be the local end of any outgoing connection a moment later (a node
-    of a local cluster connecting to its voters took the port the next node was to listen
+    of a local cluster dialling its voters can take the port the next node is to listen
     on). Random, so that two callers at once rarely pick the same one."""
     start = _ephemeral_start()
     if start is not None and start - LOWEST_CHOSEN_PORT > 1_000:
