@@ -478,6 +478,15 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu(pid: int) -> dict[int, float]:
+    """CPU of each live child of a process (a worker's validator processes), by pid."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return {}
+    return {int(k): cpu_seconds(int(k)) for k in kids}
+
+
 def postgres_cpu(infra: Infra) -> float:
     """CPU of the whole PostgreSQL server so far: postmaster, live and exited backends."""
     if infra.pg is None:
@@ -529,6 +538,7 @@ class Result:
     note: str
     cpu_us: float | None = None  # worker CPU per event, startup excluded (noise-resistant)
     pg_us: float | None = None  # PostgreSQL server CPU per event (PostgreSQL runs)
+    child_us: float | None = None  # the workers' validator processes' CPU per event
 
 
 def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends: dict[Any, int],
@@ -545,7 +555,8 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     first_t = first_done = last_t = None
     rss: dict[int, float] = {}
     cpu: dict[int, float] = {}  # worker CPU at the last poll, by pid
-    cpu_first = pg_first = cpu_last = pg_last = 0.0
+    kids: dict[int, float] = {}  # the workers' children's (validator processes) CPU, by pid
+    cpu_first = pg_first = cpu_last = pg_last = kids_first = kids_last = 0.0
     deadline = began + args.timeout
     while True:
         now = time.monotonic()
@@ -557,12 +568,16 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
             if value:
                 rss[proc.pid] = value
             cpu[proc.pid] = max(cpu.get(proc.pid, 0.0), cpu_seconds(pid))
+            for kid, seconds in children_cpu(pid).items():
+                kids[kid] = max(kids.get(kid, 0.0), seconds)
         if done and first_t is None:
             first_t, first_done = now, done
             cpu_first, pg_first = sum(cpu.values()), postgres_cpu(infra)
+            kids_first = sum(kids.values())
         if all(offsets.get(tp, 0) >= end for tp, end in ends.items()):
             last_t = now
             cpu_last, pg_last = sum(cpu.values()), postgres_cpu(infra)
+            kids_last = sum(kids.values())
             break
         if all(p.poll() is not None for p in procs) or now > deadline:
             break
@@ -583,6 +598,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     drained = total - (first_done or 0)
     cpu_us = (cpu_last - cpu_first) / drained * 1e6 if last_t and drained else None
     pg_us = (pg_last - pg_first) / drained * 1e6 if last_t and drained and infra.pg else None
+    kids_us = (kids_last - kids_first) / drained * 1e6 if last_t and drained else None
     problems = []
     if last_t is None:
         problems.append(f"not caught up ({done}/{total})")
@@ -595,7 +611,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     if expected is None:
         peak = max(rss.values()) if rss else None
         note = "; ".join([*problems, txns])
-        return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us)
+        return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us, kids_us)
     store = exported(settings.store_url)
     if store != expected.export:
         problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
@@ -608,7 +624,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     )
     note += f"; {txns}"
     peak = max(rss.values()) if rss else None
-    return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us)
+    return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us, kids_us)
 
 
 def statements_reset(store_url: str) -> None:
@@ -735,13 +751,14 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
         ceiling = raw_ceiling(infra, expected.valid, args.batch)
     print()
     print(f"{'run':<14}{'events':>9}{'events/s':>10}{'wall s':>8}{'RSS MB':>8}"
-          f"{'cpu µs/ev':>10}{'PG µs/ev':>10}  check")  # fmt: skip
+          f"{'cpu µs/ev':>10}{'child µs/ev':>12}{'PG µs/ev':>10}  check")  # fmt: skip
     for r in results:
         rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"
         cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
+        child = f"{r.child_us:.0f}" if r.child_us else "-"
         pg = f"{r.pg_us:.0f}" if r.pg_us is not None else "-"
-        print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}{cpu:>10}{pg:>10}  "
-              f"{'OK' if r.ok else 'FAIL'}: {r.note}")  # fmt: skip
+        print(f"{r.label:<14}{r.events:>9}{r.rate:>10.0f}{r.wall:>8.1f}{rss:>8}{cpu:>10}"
+              f"{child:>12}{pg:>10}  {'OK' if r.ok else 'FAIL'}: {r.note}")  # fmt: skip
     if signers is not None:
         by_label = {r.label: r for r in results}
         for r in results:

@@ -60,7 +60,7 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     """Check and apply the first `count` placed messages (`place`); CPU µs per event."""
     from consumers.config import load_rules
     from consumers.reconciler import Reconciler, classify
-    from consumers.worker import tune_garbage_collector
+    from consumers.runtime import tune_garbage_collector
     from store import Store
     from transport.reader import Message
 

@@ -34,6 +34,7 @@ from typing import Any
 from consumers.config import load_rules
 from consumers.reconciler import AcceptedEvent, Checked, DeadLetter, classify
 from consumers.registry import Registry
+from consumers.runtime import tune_garbage_collector
 from store import utcnow
 from transport.reader import Message
 from transport.topics import Topics
@@ -64,6 +65,7 @@ def _start_child(rules: Rules) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     registry, _ = load_rules(rules.registry_file, rules.authority_file)
     _child = (registry, rules)
+    tune_garbage_collector()  # a slice of a batch is as many containers as the worker's
 
 
 def _exit_with_parent(parent: int) -> None:

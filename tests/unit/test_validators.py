@@ -5,6 +5,7 @@ a child killed mid-run costs nothing but a restart of the pool."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ from consumers.config import load_rules
 from consumers.merge import Authority
 from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
 from consumers.registry import Registry
+from consumers.runtime import GC_THRESHOLDS
 from consumers.validators import Rules, Validators
 from schemas import partition_for
 from store import Store, utcnow
@@ -113,6 +115,17 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
         assert summary(validators.classify(messages, now)) == expected
         assert validators.pool is not broken
         assert summary(validators.classify(messages, now)) == expected
+    finally:
+        validators.close()
+
+
+def test_a_child_collects_as_seldom_as_the_worker() -> None:
+    """A child holds a slice of a batch as the worker holds the batch: with CPython's
+    default thresholds its checks cost a quarter more (docs/performance.md)."""
+    validators = Validators(1, Rules(None, None, TOPICS, 300.0), Registry())
+    try:
+        assert validators.pool.submit(gc.get_threshold).result() == GC_THRESHOLDS
+        assert validators.pool.submit(gc.get_freeze_count).result() > 0
     finally:
         validators.close()
 
