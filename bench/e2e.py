@@ -58,7 +58,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import create_engine, text
 
 from consumers.merge import Authority, merge_events
-from consumers.runtime import GC_THRESHOLDS
+from consumers.runtime import tune_garbage_collector
 from portal_sync.settings import Settings
 from schemas import build_event, message_key, parse_event
 from schemas.identifiers import tax_code_check_digit
@@ -495,10 +495,9 @@ def postgres_cpu(infra: Infra) -> float:
         return 0.0
     try:
         postmaster = int((infra.pg.root / "data" / "postmaster.pid").read_text().split()[0])
-        kids = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
     except OSError:
         return 0.0
-    return cpu_seconds(postmaster, children=True) + sum(cpu_seconds(int(k)) for k in kids)
+    return cpu_seconds(postmaster, children=True) + sum(children_cpu(postmaster).values())
 
 
 class Progress:
@@ -809,9 +808,7 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
         # collection of the events made above (and their futures) froze this process,
         # its producer's sender thread and the store poller with it. Those objects live
         # until the end: out of the collector's sight, the rest collected as the worker's.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        tune_garbage_collector()
 
         def poll() -> None:
             poller = Progress(store)
