@@ -39,6 +39,10 @@ from transport.local_secure import (
 KAFKA_VERSION = "3.9.2"
 DEFAULT_PORT = 9092
 HEAP = "-Xmx512m"
+# The log cleaner's dedupe map is one heap array, allocated at start: Kafka's default of
+# 128 MiB took half a cluster node's heap and left too little for the log recovery after
+# a crash (OutOfMemoryError in LogManager). 32 MiB holds about 1.3 million keys a pass.
+CLEANER_DEDUPE_BYTES = 32 * 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 
@@ -344,6 +348,7 @@ class LocalKafka:
                     "transaction.state.log.min.isr=1",
                     "group.initial.rebalance.delay.ms=0",
                     "log.segment.bytes=67108864",
+                    f"log.cleaner.dedupe.buffer.size={CLEANER_DEDUPE_BYTES}",
                     "",
                 ]
             )

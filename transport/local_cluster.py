@@ -21,6 +21,7 @@ from pathlib import Path
 from transport import clients
 from transport.config import KafkaConnection
 from transport.local import (
+    CLEANER_DEDUPE_BYTES,
     KafkaSetupError,
     LocalKafka,
     _port_answers,
@@ -87,6 +88,7 @@ class ClusterNode(LocalKafka):
                     f"transaction.state.log.min.isr={in_sync}",
                     "group.initial.rebalance.delay.ms=0",
                     "log.segment.bytes=67108864",
+                    f"log.cleaner.dedupe.buffer.size={CLEANER_DEDUPE_BYTES}",
                     "",
                 ]
             )
