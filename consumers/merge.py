@@ -19,6 +19,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,11 @@ class Authority:
 
     rules: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     registry: Registry = field(default_factory=Registry)
+
+    @cached_property
+    def ruled_entities(self) -> frozenset[str]:
+        """The entities with a rule list for at least one field."""
+        return frozenset(entity for entity, _ in self.rules)
 
     def rank(self, entity: str, field_name: str, view: SourceView) -> int:
         return self.rank_by(self.rules_for(entity, field_name), view)
@@ -111,26 +117,25 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         return CanonicalRecord(
             fields, {only.source: only.version}, {only.source: list(fields)} if fields else {}
         )
+    if entity in authority.ruled_entities:
+        # Fields ranked by the same rule list share one ordering of the views.
+        by_rules: dict[tuple[str, ...], dict[str, SourceView]] = {}
+        winners: dict[str, SourceView] = {}
+        for name in {name for view in live for name in view.data or {}}:
+            rules = authority.rules_for(entity, name)
+            best = by_rules.get(rules)
+            if best is None:
+                best = by_rules[rules] = _best_by_field(live, authority, rules)
+            winners[name] = best[name]
+    else:  # no rules for the entity: one ordering for every field
+        winners = _best_by_field(live, authority, ())
     data: dict[str, Any] = {}
     origins: dict[str, list[str]] = {}  # source -> the fields it gave, in field order
-    # Fields ranked by the same rule list share one ordering of the views, best first
-    # (a stable sort: the same winner as `max` over the same keys).
-    orderings: dict[tuple[str, ...], list[SourceView]] = {}
-    for name in sorted({name for view in live for name in view.data or {}}):
-        rules = authority.rules_for(entity, name)
-        ordering = orderings.get(rules)
-        if ordering is None:
-            ordering = sorted(
-                live,
-                key=lambda view: (authority.rank_by(rules, view), view.occurred_at, view.source),
-                reverse=True,
-            )
-            orderings[rules] = ordering
-        best = next(view for view in ordering if name in (view.data or {}))
-        data[name] = (best.data or {})[name]
-        gave = origins.get(best.source)
+    for name, giver in sorted(winners.items()):  # names are unique: views never compared
+        data[name] = (giver.data or {})[name]
+        gave = origins.get(giver.source)
         if gave is None:
-            origins[best.source] = [name]
+            origins[giver.source] = [name]
         else:
             gave.append(name)
     return CanonicalRecord(data, {view.source: view.version for view in live}, origins)
@@ -155,6 +160,20 @@ def merge_events(
         views.setdefault((entity, key), []).append(view)
     merged = {key: merge(key[0], record_views, authority) for key, record_views in views.items()}
     return {key: record for key, record in merged.items() if record is not None}
+
+
+def _best_by_field(
+    live: list[SourceView], authority: Authority, rules: tuple[str, ...]
+) -> dict[str, SourceView]:
+    """Per field, the view that gives it under one rule list: the highest rank, then the
+    latest `occurred_at`, then the greatest source id (each view is one source's: no ties).
+    The views are updated in from the lowest, so the last to give a field wins."""
+    best: dict[str, SourceView] = {}
+    for view in sorted(
+        live, key=lambda view: (authority.rank_by(rules, view), view.occurred_at, view.source)
+    ):
+        best.update(dict.fromkeys(view.data or {}, view))
+    return best
 
 
 def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
