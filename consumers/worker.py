@@ -377,6 +377,27 @@ def value_reference(
     return json.dumps(reference).encode(), [*headers, ("ps.value.sha256", digest.encode())]
 
 
+# Full batches of the group's workers that PostgreSQL's lock table should hold at once.
+LOCK_TABLE_BATCHES = 4
+
+
+def _check_lock_capacity(store: Store, batch_max_events: int) -> None:
+    """Warn when PostgreSQL's lock table is small for the group: each batch holds one
+    advisory lock per record until it commits, and a full table fails every transaction
+    that needs one more ("out of shared memory"), the workers' included (retried)."""
+    capacity = store.lock_capacity()
+    if capacity is not None and capacity < LOCK_TABLE_BATCHES * batch_max_events:
+        log.warning(
+            "PostgreSQL's lock table is sized for %d locks (max_locks_per_transaction x "
+            "connections) and a batch holds up to %d: fewer than %d workers' batches fit "
+            'at once; raise max_locks_per_transaction (docs/operations.md, "Sizing '
+            'PostgreSQL")',
+            capacity,
+            batch_max_events,
+            LOCK_TABLE_BATCHES,
+        )
+
+
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
     # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
@@ -388,6 +409,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     admin.ensure_topics(config.connection, config.topics)
     store = Store(config.store_url)
     store.create_schema()
+    _check_lock_capacity(store, config.batch_max_events)
     registry, authority = load_rules(config.registry_file, config.authority_file)
     # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
     store.set_meta(

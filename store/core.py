@@ -114,8 +114,17 @@ def translated() -> Iterator[None]:
         if family == "refused":
             raise StoreRefused(error) from None
         if family == "unavailable":
-            raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+            raise StoreUnavailable(_statement_failure(error)) from None
         raise
+
+
+# SQLSTATE 53200, out of shared memory: on the batch path, PostgreSQL's lock table is full
+# (each batch holds an advisory lock per record it merges until it commits).
+OUT_OF_SHARED_MEMORY = "53200"
+LOCK_TABLE_FULL = (
+    "the store failed: out of shared memory (PostgreSQL's lock table is full: raise "
+    'max_locks_per_transaction, docs/operations.md "Sizing PostgreSQL")'
+)
 
 
 def _failure(error: DBAPIError) -> str:
@@ -125,6 +134,14 @@ def _failure(error: DBAPIError) -> str:
     if error.statement is None and error.orig is not None:
         lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
         return "cannot connect to the store: " + redacted_text("; ".join(lines))
+    return _statement_failure(error.orig if error.orig is not None else error)
+
+
+def _statement_failure(error: BaseException) -> str:
+    """A failed statement by its type, or by a fixed text for a condition an operator can
+    fix (never the server's message, which may quote values)."""
+    if getattr(error, "sqlstate", None) == OUT_OF_SHARED_MEMORY:
+        return LOCK_TABLE_FULL
     return f"the store failed: {type(error).__name__}"
 
 
@@ -343,6 +360,23 @@ class Store:
                 if table.name in present and conn.execute(select(table).limit(1)).first():
                     return True
         return False
+
+    def lock_capacity(self) -> int | None:
+        """How many locks PostgreSQL's shared lock table is sized for:
+        max_locks_per_transaction × (max_connections + max_prepared_transactions). A batch
+        holds one advisory lock per record it merges until it commits, a purge chunk one
+        per key. None on SQLite (writers are serialised, no lock table)."""
+        if self.backend != "postgresql":
+            return None
+        with translated(), self.engine.connect() as conn:
+            capacity = conn.exec_driver_sql(
+                "SELECT current_setting('max_locks_per_transaction')::int"
+                " * (current_setting('max_connections')::int"
+                " + current_setting('max_prepared_transactions')::int)"
+            ).scalar()
+            conn.rollback()
+        assert capacity is not None
+        return int(capacity)
 
     def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """The next offset to apply of these partitions (absent: none applied yet)."""
