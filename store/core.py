@@ -134,13 +134,15 @@ def _failure(error: DBAPIError) -> str:
     if error.statement is None and error.orig is not None:
         lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
         return "cannot connect to the store: " + redacted_text("; ".join(lines))
-    return _statement_failure(error.orig if error.orig is not None else error)
+    return _statement_failure(error)
 
 
 def _statement_failure(error: BaseException) -> str:
     """A failed statement by its type, or by a fixed text for a condition an operator can
-    fix (never the server's message, which may quote values)."""
-    if getattr(error, "sqlstate", None) == OUT_OF_SHARED_MEMORY:
+    fix (never the server's message, which may quote values). SQLAlchemy's wrappers carry
+    the driver's error as `orig`."""
+    orig = getattr(error, "orig", None)
+    if getattr(error if orig is None else orig, "sqlstate", None) == OUT_OF_SHARED_MEMORY:
         return LOCK_TABLE_FULL
     return f"the store failed: {type(error).__name__}"
 
