@@ -54,6 +54,14 @@ COMMIT_SECONDS = Histogram(
     "Wall time of one store transaction (read views, merge, write, commit).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RECORD_READS = Counter(
+    "portal_sync_store_batch_records_total",
+    "Records the batches merged, by where their current views came from: read from the "
+    "store, or kept by the worker from its own batches before (consumers.cache).",
+    ["origin"],
+)
+for _origin in ("store", "kept"):
+    RECORD_READS.labels(_origin)
 
 RETENTION_PURGED = Counter(
     "portal_sync_retention_purged_total",
@@ -110,6 +118,10 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
             known = newest.get(item.source)
             if known is None or at > known[0]:
                 newest[item.source] = (at, item.occurred_at)
+    if report.records_read:
+        RECORD_READS.labels("store").inc(report.records_read)
+    if report.records_kept:
+        RECORD_READS.labels("kept").inc(report.records_kept)
     for series, count in counts.items():  # one label lookup per series, not per event
         EVENTS.labels(*series).inc(count)
     for pair, values in by_source.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from consumers.cache import RecordCache
 from consumers.merge import (
     Authority,
     Outcome,
@@ -100,6 +101,8 @@ class BatchReport:
     new_conflicts: list[tuple[str, str]] = field(default_factory=list)  # (entity, field)
     anomalies: int = 0
     changes: list[HistoryEntry] = field(default_factory=list)  # history entries written
+    records_kept: int = 0  # records taken from the worker's cache instead of read
+    records_read: int = 0  # records read from the store
 
     def applied(self) -> list[tuple[str, datetime]]:
         """(source, occurred_at) of every event this batch applied."""
@@ -268,11 +271,20 @@ class _Batch:
 
 
 class Reconciler:
-    def __init__(self, store: Store, authority: Authority, part_events: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        authority: Authority,
+        part_events: int | None = None,
+        cache: RecordCache | None = None,
+    ) -> None:
         self.store = store
         self.authority = authority
         # Events per part of a batch; None: PART_EVENTS where writes overlap, else whole.
         self.part_events = part_events
+        # The records live batches applied, as they left them (a live worker's): taken
+        # instead of read back when the store confirms nothing else wrote them.
+        self.cache = cache
 
     def apply(
         self,
@@ -297,11 +309,42 @@ class Reconciler:
         `{}` for a replay. `starts`: where
         the read of each partition began, when a compacted log may have no record there.
         """
+        cache = self.cache if not (replay or dry_run) else None
+        try:
+            return self._apply(
+                events, batch, replay, dry_run, before_commit, starts, after_offsets, cache
+            )
+        except BaseException:
+            if cache is not None:
+                cache.drop()  # the batch rolled back, or its commit's outcome is unknown
+            raise
+
+    def _apply(
+        self,
+        events: Sequence[Checked],
+        batch: Sequence[Message],
+        replay: bool,
+        dry_run: bool,
+        before_commit: Callable[[], None] | None,
+        starts: Mapping[TopicPartition, int] | None,
+        after_offsets: Callable[[Mapping[TopicPartition, int]], None] | None,
+        cache: RecordCache | None,
+    ) -> BatchReport:
         report = BatchReport()
         partitions = {m.tp for m in batch}
         keys = {(c.event.entity, c.event.key) for c in events}
-        with self.store.batch(partitions, keys, use_offsets=not replay, commit=not dry_run) as tx:
+        known = cache.held(keys) if cache is not None else set()
+        with self.store.batch(
+            partitions, keys, use_offsets=not replay, commit=not dry_run, known=known
+        ) as tx:
             stored = tx.offsets
+            if cache is not None:
+                if cache.usable(tx.writes, partitions, stored):
+                    cache.take(known, tx.views, tx.canonical)
+                    report.records_kept = len(known)
+                elif known:
+                    tx.read_known()
+            report.records_read = len(keys) - report.records_kept
             if after_offsets is not None:
                 after_offsets(stored)
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
@@ -346,6 +389,14 @@ class Reconciler:
             if before_commit is not None:
                 before_commit()
         report.committed_at = utcnow()
+        if cache is not None:
+            ends = {tp: end for tp, (_, end, _) in changes.offsets.items()}
+            cache.put(
+                keys,
+                work.views,
+                work.canonical,
+                {tp: ends.get(tp, stored.get(tp)) for tp in partitions},
+            )
         return report
 
     def remerge(

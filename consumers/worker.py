@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from consumers.cache import DEFAULT_RECORDS, RecordCache
 from consumers.config import (
     RULES_FILES,
     RULES_FINGERPRINT,
@@ -95,6 +96,7 @@ class WorkerConfig:
     stall_after_seconds: float = 300.0
     max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
     validator_processes: int = 0  # 0: a batch's contract checks in the worker's process
+    record_cache_records: int = DEFAULT_RECORDS  # consumers.cache; 0: every batch reads
 
     def retention(self) -> Retention:
         return Retention(
@@ -140,7 +142,8 @@ class BatchProcessor:
     ) -> None:
         self.config = config
         self.registry = registry
-        self.reconciler = Reconciler(store, authority)
+        cache = RecordCache(config.record_cache_records) if config.record_cache_records else None
+        self.reconciler = Reconciler(store, authority, cache=cache)
         self.publisher = Publisher.for_dead_letters(
             config.connection, config.topics, client_id="portal-sync-dead-letters"
         )
@@ -535,7 +538,10 @@ class ReconcilerLoop:
         return stored
 
     async def _revoked(self, partitions: set[TopicPartition]) -> None:
-        """Let the batch in flight finish before the partitions move to another member."""
+        """Let the batch in flight finish before the partitions move to another member;
+        the records kept of them are dropped before the next batch."""
+        if self.processor.reconciler.cache is not None:
+            self.processor.reconciler.cache.invalidate()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), timeout=30)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumers.cache import DEFAULT_RECORDS
 from producers.deployment import Deployment
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
@@ -113,6 +114,14 @@ class Settings(BaseSettings):
             "default: the host's cores less one, at most 8 (0 on one core)"
         ),
     )
+    record_cache_records: int = Field(
+        default=DEFAULT_RECORDS,
+        ge=0,
+        description=(
+            "records a worker keeps as it applied them, taken instead of read back while the "
+            "store confirms nothing else wrote them (0: none)"
+        ),
+    )
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
     metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
     metrics_web_config_file: Path | None = Field(
@@ -203,6 +212,7 @@ class Settings(BaseSettings):
                 if self.validator_processes is None
                 else self.validator_processes
             ),
+            record_cache_records=self.record_cache_records,
             metrics_host=self.metrics_host,
             metrics_port=self.metrics_port,
             metrics_web_config=self.metrics_web_config_file,

@@ -36,12 +36,18 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
-# A batch's reads: stored offsets, every source's view and the canonical data per record.
+# A batch's reads: stored offsets, every source's view and the canonical data per record,
+# and the store's count of record writes by anything but a live batch (`WRITES`).
 BatchReads = tuple[
     dict[TopicPartition, int],
     dict[RecordKey, dict[str, SourceView]],
     dict[RecordKey, dict[str, Any]],
+    int,
 ]
+# The `store_meta` row counting the transactions that wrote records without owning their
+# partitions' offsets (replay, remerge, source purge, the retention purge, offset resets and
+# skips): a worker that keeps records it applied in memory (`consumers.cache`) compares it.
+WRITES = "record_writes"
 
 
 def _json(value: Any) -> str | None:
@@ -127,11 +133,26 @@ class BatchIO:
 
     # -- what each backend provides ----------------------------------------------------------
     def read(
-        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+        self,
+        keys: Sequence[RecordKey],
+        partitions: Sequence[TopicPartition],
+        use_offsets: bool,
+        known: Collection[RecordKey] = (),
     ) -> BatchReads:
         """A batch's reads: its records locked against other writers (replays beside the
-        live worker), then the partitions' stored offsets (locked), every source's view and
-        the canonical data of the records."""
+        live worker), then the partitions' stored offsets (locked), the count of other
+        writes, every source's view and the canonical data of the records but the `known`
+        ones (locked all the same)."""
+        raise NotImplementedError
+
+    def records(
+        self, keys: Sequence[RecordKey]
+    ) -> tuple[dict[RecordKey, dict[str, SourceView]], dict[RecordKey, dict[str, Any]]]:
+        """Every source's view and the canonical data of these (locked) records."""
+        raise NotImplementedError
+
+    def count_write(self, now: datetime) -> None:
+        """Count this transaction as a write of records by other than a live batch."""
         raise NotImplementedError
 
     def lock(self, keys: Sequence[RecordKey]) -> None:
@@ -279,6 +300,13 @@ def _canonical(rows: Iterable[Any]) -> dict[RecordKey, dict[str, Any]]:
     return {(e, k): _loads(d) for e, k, d in rows}
 
 
+def _writes(rows: Iterable[Any]) -> int:
+    return next((int(value) for (value,) in rows), 0)
+
+
+WRITES_SQL = f"SELECT value FROM store_meta WHERE name = '{WRITES}'"
+
+
 class PostgresBatchIO(BatchIO):
     """Arrays and `unnest`: one fixed statement per table and per read. A batch's reads go
     in one round trip and its writes in another (psycopg's pipeline mode)."""
@@ -314,12 +342,14 @@ class PostgresBatchIO(BatchIO):
             return list(cursor.fetchall()) if cursor.description else []
 
     def read(
-        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+        self,
+        keys: Sequence[RecordKey],
+        partitions: Sequence[TopicPartition],
+        use_offsets: bool,
+        known: Collection[RecordKey] = (),
     ) -> BatchReads:
-        """The lock and the three reads sent together, answered in one round trip: the
-        server runs them in order, so the reads see the records once they are locked."""
-        if not keys and not (use_offsets and partitions):
-            return {}, {}, {}
+        """The lock and the reads sent together, answered in one round trip: the server
+        runs them in order, so the reads see the records once they are locked."""
         with self.dbapi.pipeline():
             self.lock(keys)
             offsets = views = canonical = None
@@ -327,13 +357,34 @@ class PostgresBatchIO(BatchIO):
                 offsets = self._send(
                     OFFSETS_SQL + " FOR UPDATE OF a", _partition_arrays(partitions)
                 )
-            if keys:
-                views = self._send(VIEWS_SQL, _key_arrays(keys), planned=True)
-                canonical = self._send(CANONICAL_SQL, _key_arrays(keys), planned=True)
+            writes = self._send(WRITES_SQL, ())
+            wanted = [key for key in keys if key not in known] if known else keys
+            if wanted:
+                views = self._send(VIEWS_SQL, _key_arrays(wanted), planned=True)
+                canonical = self._send(CANONICAL_SQL, _key_arrays(wanted), planned=True)
         return (
             _offsets(self._rows(offsets)) if offsets is not None else {},
             _views(self._rows(views)) if views is not None else {},
             _canonical(self._rows(canonical)) if canonical is not None else {},
+            _writes(self._rows(writes)),
+        )
+
+    def records(
+        self, keys: Sequence[RecordKey]
+    ) -> tuple[dict[RecordKey, dict[str, SourceView]], dict[RecordKey, dict[str, Any]]]:
+        if not keys:
+            return {}, {}
+        with self.dbapi.pipeline():
+            views = self._send(VIEWS_SQL, _key_arrays(keys), planned=True)
+            canonical = self._send(CANONICAL_SQL, _key_arrays(keys), planned=True)
+        return _views(self._rows(views)), _canonical(self._rows(canonical))
+
+    def count_write(self, now: datetime) -> None:
+        self._run(
+            "INSERT INTO store_meta (name, value, updated_at) VALUES (%s, '1', %s)"
+            " ON CONFLICT (name) DO UPDATE"
+            " SET value = (store_meta.value::bigint + 1)::text, updated_at = excluded.updated_at",
+            [WRITES, _naive(now)],
         )
 
     overlaps = True
@@ -609,11 +660,31 @@ class SqliteBatchIO(BatchIO):
             self.dbapi.cursor().executemany(sql, rows)
 
     def read(
-        self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition], use_offsets: bool
+        self,
+        keys: Sequence[RecordKey],
+        partitions: Sequence[TopicPartition],
+        use_offsets: bool,
+        known: Collection[RecordKey] = (),
     ) -> BatchReads:
         # No record locks: the transaction (BEGIN IMMEDIATE) already excludes other writers.
         offsets = self.offsets(partitions) if use_offsets else {}
-        return offsets, self.views(keys), self.canonical(keys)
+        writes = _writes(self.dbapi.execute(WRITES_SQL))
+        views, canonical = self.records([k for k in keys if k not in known] if known else keys)
+        return offsets, views, canonical, writes
+
+    def records(
+        self, keys: Sequence[RecordKey]
+    ) -> tuple[dict[RecordKey, dict[str, SourceView]], dict[RecordKey, dict[str, Any]]]:
+        return self.views(keys), self.canonical(keys)
+
+    def count_write(self, now: datetime) -> None:
+        self.dbapi.execute(
+            "INSERT INTO store_meta (name, value, updated_at) VALUES (?, '1', ?)"
+            " ON CONFLICT (name) DO UPDATE"
+            " SET value = CAST(CAST(store_meta.value AS INTEGER) + 1 AS TEXT),"
+            " updated_at = excluded.updated_at",
+            (WRITES, _text_time(now)),
+        )
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True

@@ -15,7 +15,7 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -293,19 +293,29 @@ class Store:
         keys: Iterable[RecordKey],
         use_offsets: bool = True,
         commit: bool = True,
+        known: Collection[RecordKey] = (),
     ) -> Iterator[BatchTransaction]:
         """One writer transaction for a batch: reads the partitions' stored offsets (locked
         on PostgreSQL), every source's view and the canonical data of the records (locked),
         hands them over, and commits what `write` was given (rolls back when `commit` is
-        False, for a dry run, or on any error). Set-based, fixed statements: store.batch."""
+        False, for a dry run, or on any error). Set-based, fixed statements: store.batch.
+
+        The records in `known` are locked but not read (the caller holds them: a live
+        worker's `consumers.cache`): `tx.writes` is the count of record writes by other
+        transactions than live batches, which the caller compares before trusting what it
+        holds, and `tx.read_known()` reads them after all. A batch without offsets
+        (`use_offsets` False: replay, remerge, purge) is such a transaction: it counts
+        itself in that count (`store_meta` `record_writes`) when it commits."""
         with translated(), self.write_transaction(commit) as conn:
             io = batch_io(conn.dialect.name, conn.connection.driver_connection)
-            offsets, views, canonical = io.read(
-                sorted(set(keys)), sorted(set(partitions)), use_offsets
+            offsets, views, canonical, writes = io.read(
+                sorted(set(keys)), sorted(set(partitions)), use_offsets, known
             )
             try:
-                yield BatchTransaction(io, offsets, views, canonical, conn)
+                yield BatchTransaction(io, offsets, views, canonical, conn, writes, known)
                 io.settle()  # anything sent and not waited for yet, before the commit
+                if not use_offsets:
+                    io.count_write(utcnow())
             except BaseException:
                 io.abandon()
                 raise
@@ -421,6 +431,7 @@ class Store:
                         topic=topic, partition=partition, next_offset=target, updated_at=now
                     )
                 )
+            batch_io(conn.dialect.name, conn.connection.driver_connection).count_write(now)
 
     def skip_offset(
         self, tp: TopicPartition, offset: int, log_start: int, operator: str, reason: str
@@ -444,6 +455,7 @@ class Store:
             )  # fmt: skip
             io = batch_io(conn.dialect.name, conn.connection.driver_connection)
             io.write_offsets({tp: (offset, offset + 1, 1)}, now)
+            io.count_write(now)
 
     def offset_changes(self) -> list[dict[str, Any]]:
         """Every recorded reset and skip, oldest first."""
@@ -650,6 +662,7 @@ class Store:
                     )
                 )
                 removed += int(result.rowcount or 0)
+                batch_io(conn.dialect.name, conn.connection.driver_connection).count_write(utcnow())
         return emptied, removed
 
     def _deleted_before(
@@ -678,12 +691,24 @@ class BatchTransaction:
         views: dict[RecordKey, dict[str, SourceView]],
         canonical: dict[RecordKey, dict[str, Any]],
         conn: Connection,
+        writes: int = 0,
+        known: Collection[RecordKey] = (),
     ) -> None:
         self._io = io
         self._conn = conn
         self.offsets = offsets
         self.views = views
         self.canonical = canonical
+        self.writes = writes  # record writes by other than live batches, counted so far
+        self._known = known
+
+    def read_known(self) -> None:
+        """Read the records `batch` was told were known (locked already) into `views` and
+        `canonical`, after all."""
+        views, canonical = self._io.records(sorted(set(self._known)))
+        self.views.update(views)
+        self.canonical.update(canonical)
+        self._known = ()
 
     @property
     def overlaps(self) -> bool:

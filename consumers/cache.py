@@ -1,0 +1,130 @@
+"""What the store holds for the records a live worker applied recently (pure, in memory).
+
+A batch reads, under its records' locks, every source's view and the canonical data of
+the records it touches, and after its commit those are exactly what it wrote. The next
+batch that touches one of these records can take them from here instead of reading them
+back: on a source's updates (three in four of the peer bench's events) the reads were a
+quarter of a batch's time (docs/performance.md, sixteenth round).
+
+Why this is safe: a record belongs to one partition (the key rule, `key_mismatch`), and a
+partition to one worker at a time. The records held here can only have changed in the store
+behind this worker's back in two ways, and each is caught inside the next batch's
+transaction, once its records are locked, before anything held here is used:
+
+- another worker applied the partition (a rebalance; a zombie's takeover): the stored next
+  offset of the partition is not the one this worker committed last;
+- anything else wrote records (replay, remerge, source purge, the retention purge, an
+  offset reset or skip): the store counts such writes (`Store.batch` reports the count,
+  `store_meta` `record_writes`) and the count is not the one seen when these were held.
+
+Either way everything held is dropped and the batch reads its records. Nothing is held
+from a batch that failed (rolled back, or its commit's outcome unknown): `drop` empties it;
+entries are put only after a commit. `invalidate` (a partition revoked) may be called from
+another thread: it only sets a flag the next batch acts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+from schemas.views import RecordKey, SourceView
+
+TopicPartition = tuple[str, int]
+Views = dict[str, SourceView]
+Data = dict[str, Any]
+
+# The default bound, in records: about 1.2 KB each for the bench's citizens (their views'
+# and canonical data's objects), so 20,000 records hold about 25 MB of the worker's
+# 300 MB budget (docs/performance.md, sixteenth round).
+DEFAULT_RECORDS = 20_000
+
+
+class RecordCache:
+    """Up to `size` records' views and canonical data, the least recently applied dropped
+    first (a dict keeps its keys in insertion order; `put` inserts again)."""
+
+    def __init__(self, size: int = DEFAULT_RECORDS) -> None:
+        self.size = size
+        self._entries: dict[RecordKey, tuple[Views, Data | None]] = {}
+        self._offsets: dict[TopicPartition, int | None] = {}  # next offset this worker left
+        self._writes: int | None = None  # the store's count of other writes when filled
+        self._stale = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def invalidate(self) -> None:
+        """Drop everything before the next batch (any thread)."""
+        self._stale = True
+
+    def drop(self) -> None:
+        self._entries.clear()
+        self._offsets.clear()
+        self._writes = None
+        self._stale = False
+
+    def held(self, keys: Iterable[RecordKey]) -> set[RecordKey]:
+        """The keys whose records are held (still to be confirmed by `usable`)."""
+        if self._stale:
+            self.drop()
+        entries = self._entries
+        return {key for key in keys if key in entries}
+
+    def usable(
+        self,
+        writes: int,
+        partitions: Iterable[TopicPartition],
+        stored: Mapping[TopicPartition, int],
+    ) -> bool:
+        """Whether what is held still is the store's, given the store's count of other
+        writes and the stored next offsets of the batch's partitions (read under its
+        locks). When not, everything is dropped."""
+        offsets = self._offsets
+        if writes == self._writes and all(
+            offsets.get(tp, next_offset) == next_offset
+            for tp in partitions
+            for next_offset in (stored.get(tp),)
+        ):
+            return True
+        self.drop()
+        self._writes = writes
+        return False
+
+    def take(
+        self,
+        keys: Iterable[RecordKey],
+        views: dict[RecordKey, Views],
+        canonical: dict[RecordKey, Data],
+    ) -> None:
+        """Put the held records of `keys` into a batch's reads. Not copied: the batch
+        changes a record's views in place, and then either commits (and `put`s what it
+        left) or fails (and everything is dropped)."""
+        entries = self._entries
+        for key in keys:
+            held_views, data = entries[key]
+            if held_views:
+                views[key] = held_views
+            if data is not None:
+                canonical[key] = data
+
+    def put(
+        self,
+        keys: Iterable[RecordKey],
+        views: Mapping[RecordKey, Views],
+        canonical: Mapping[RecordKey, Data],
+        offsets: Mapping[TopicPartition, int | None],
+    ) -> None:
+        """After a commit: the batch's records as it left them, and the next offset of
+        each of its partitions as stored now (None: no row)."""
+        entries = self._entries
+        pop = entries.pop
+        for key in keys:
+            pop(key, None)
+            entries[key] = (views.get(key) or {}, canonical.get(key))
+        excess = len(entries) - self.size
+        if excess > 0:
+            for key in list(islice(entries, excess)):
+                del entries[key]
+        self._offsets.update(offsets)

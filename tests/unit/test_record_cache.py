@@ -1,0 +1,181 @@
+"""The records a live worker keeps as it applied them (`consumers.cache`): bounded, dropped
+whenever anything else may have written them, and never changing what the store ends up
+holding (a property over interleavings of two workers, replays, remerges, purges and
+failed batches, against the same operations with every batch reading the store)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumers.cache import RecordCache
+from consumers.reconciler import Checked, Reconciler
+from schemas.views import SourceView
+from store.core import Store
+from tests.support.store_helpers import T0, anomaly_rows, fresh_store, history_rows
+from tests.unit.test_national_store_properties import (
+    AUTHORITY_A,
+    AUTHORITY_B,
+    SETTINGS,
+    Spec,
+    specs,
+    split,
+    state,
+    stream,
+)
+
+TP = ("portal.changes.citizen", 0)
+
+
+def view(version: int) -> SourceView:
+    return SourceView("province-01", version, f"e{version}", T0, False, {"full_name": "An"})
+
+
+def filled(size: int = 10) -> RecordCache:
+    cache = RecordCache(size)
+    assert not cache.usable(0, [TP], {})  # the first batch: nothing held, the count noted
+    keys = [("citizen", f"{n:012d}") for n in range(3)]
+    views = {key: {"province-01": view(1)} for key in keys}
+    cache.put(keys, views, {key: {"full_name": "An"} for key in keys}, {TP: 3})
+    return cache
+
+
+def test_held_records_are_used_while_the_store_confirms_them() -> None:
+    cache = filled()
+    keys = {("citizen", "000000000001"), ("citizen", "999999999999")}
+    assert cache.held(keys) == {("citizen", "000000000001")}
+    assert cache.usable(0, [TP], {TP: 3})
+    views: dict[Any, Any] = {}
+    canonical: dict[Any, Any] = {}
+    cache.take([("citizen", "000000000001")], views, canonical)
+    assert views == {("citizen", "000000000001"): {"province-01": view(1)}}
+    assert canonical == {("citizen", "000000000001"): {"full_name": "An"}}
+
+
+@pytest.mark.parametrize(
+    ("writes", "stored", "why"),
+    [
+        (1, {TP: 3}, "something else wrote records"),
+        (0, {TP: 5}, "another worker applied the partition"),
+        (0, {}, "the partition's offsets are gone"),
+    ],
+)
+def test_everything_is_dropped_when_the_store_does_not_confirm(
+    writes: int, stored: dict[Any, int], why: str
+) -> None:
+    cache = filled()
+    assert not cache.usable(writes, [TP], stored), why
+    assert len(cache) == 0
+    assert cache.held([("citizen", "000000000001")]) == set()
+
+
+def test_a_partition_this_worker_never_applied_does_not_matter() -> None:
+    cache = filled()
+    assert cache.usable(0, [TP, ("portal.changes.citizen", 1)], {TP: 3})
+    assert len(cache) == 3
+
+
+def test_a_revoked_partition_empties_it_before_the_next_batch() -> None:
+    cache = filled()
+    cache.invalidate()
+    assert cache.held([("citizen", "000000000001")]) == set()
+    assert len(cache) == 0
+
+
+def test_bounded_the_least_recently_applied_first() -> None:
+    cache = filled(size=3)
+    newer = ("citizen", "000000000000")  # applied again: now the most recent
+    extra = ("citizen", "000000000009")
+    cache.put([newer, extra], {}, {}, {TP: 5})
+    assert len(cache) == 3
+    assert cache.held([("citizen", f"{n:012d}") for n in range(10)]) == {
+        newer,
+        extra,
+        ("citizen", "000000000002"),
+    }
+
+
+# -- the store the cache leaves is the store without it -------------------------------------
+
+
+class Run:
+    """Two workers (each with its cache, or none) and the other writers of one store."""
+
+    def __init__(self, store: Store, cached: bool) -> None:
+        self.store = store
+        self.workers = [
+            Reconciler(store, AUTHORITY_A, cache=RecordCache(4) if cached else None)
+            for _ in range(2)
+        ]
+        self.caches = [w.cache for w in self.workers]
+
+    def batch(self, worker: int, batch: Sequence[Checked], fail: bool) -> None:
+        messages = [c.message for c in batch]
+        if fail:
+
+            def broken() -> None:
+                raise RuntimeError("the commit failed")
+
+            with pytest.raises(RuntimeError):
+                self.workers[worker].apply(batch, messages, before_commit=broken)
+        self.workers[worker].apply(batch, messages)
+
+    def other(self, kind: str, batch: Sequence[Checked]) -> None:
+        keys = sorted({(c.event.entity, c.event.key) for c in batch})
+        if kind == "replay":
+            Reconciler(self.store, AUTHORITY_A).apply(
+                batch, [c.message for c in batch], replay=True
+            )
+        elif kind == "remerge":  # by other rules: canonical data the workers held changes
+            Reconciler(self.store, AUTHORITY_B).remerge(keys)
+        elif kind == "tombstones":
+            self.store.purge_deleted(T0.replace(year=2100))
+
+
+# Most events on the two citizens: the same records in batch after batch, where a record
+# kept from a batch before another writer's would show.
+event_lists = st.lists(
+    st.one_of(specs().filter(lambda spec: spec.record < 2), specs()),
+    min_size=1,
+    max_size=16,
+    unique_by=lambda s: (s.record, s.source, s.version),
+)
+operations = st.lists(
+    st.tuples(
+        st.integers(0, 1),  # the worker that applies the next batch
+        st.sampled_from([False, False, False, True]),  # whose first try fails
+        # then, another writer: a replay of the next batch (which the worker then finds
+        # applied) or of other events, a remerge by other rules, the tombstones' purge
+        st.sampled_from(["", "", "", "ahead", "replay", "remerge", "tombstones"]),
+        st.lists(specs(), max_size=4),  # what "replay" applies
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(parent=SETTINGS, max_examples=80)
+@given(event_set=event_lists, plan=operations, data=st.data())
+def test_the_cache_never_changes_what_the_store_holds(
+    event_set: list[Spec], plan: list[Any], data: Any
+) -> None:
+    messages = stream(event_set, partitions=2)
+    cuts = data.draw(st.lists(st.integers(1, max(1, len(messages) - 1)), max_size=6))
+    batches = split(messages, cuts)
+    results = []
+    for cached in (False, True):
+        with fresh_store() as store:
+            run = Run(store, cached)
+            for index, batch in enumerate(batches):
+                worker, fail, other, replayed = plan[index % len(plan)]
+                run.batch(worker, batch, fail)
+                if other == "ahead":
+                    run.other("replay", batches[(index + 1) % len(batches)])
+                elif other:
+                    run.other(other, stream(replayed, start=10_000) or batch)
+            results.append((state(store), history_rows(store), anomaly_rows(store)))
+    assert results[1] == results[0]
