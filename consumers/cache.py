@@ -35,10 +35,11 @@ TopicPartition = tuple[str, int]
 Views = dict[str, SourceView]
 Data = dict[str, Any]
 
-# The default bound, in records: about 1.2 KB each for the bench's citizens (their views'
-# and canonical data's objects), so 20,000 records hold about 25 MB of the worker's
-# 300 MB budget (docs/performance.md, sixteenth round).
-DEFAULT_RECORDS = 20_000
+# The default bound, in records: 1.6-2 KB each (the worker's RSS with 20,000 kept: +32 MB
+# on bench/e2e.py's mix, +36-40 MB to 266-276 MB growing a store to a million records,
+# against a budget of 300 MB): half that keeps the worker near 250 MB (docs/performance.md,
+# sixteenth round).
+DEFAULT_RECORDS = 10_000
 
 
 class RecordCache:
