@@ -58,6 +58,7 @@ def place(pairs: list[tuple[bytes, bytes]]) -> list[Placed]:
 
 def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     """Check and apply the first `count` placed messages (`place`); CPU µs per event."""
+    from consumers.cache import RecordCache
     from consumers.config import load_rules
     from consumers.reconciler import Reconciler, classify
     from consumers.runtime import tune_garbage_collector
@@ -69,7 +70,8 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     registry, authority = load_rules(None, None)
     store = Store(f"sqlite:///{store_dir / 'store.db'}")
     store.create_schema()
-    reconciler = Reconciler(store, authority)
+    kept = int(os.environ.get("BENCH_RECORD_CACHE", "0"))
+    reconciler = Reconciler(store, authority, cache=RecordCache(kept) if kept else None)
     tune_garbage_collector()
     began = time.process_time()
     for start in range(0, len(placed), BATCH):
@@ -82,7 +84,9 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     return (time.process_time() - began) / max(1, len(placed)) * 1e6
 
 
-def count(messages_file: Path, events: int, work: Path, keep: Path | None) -> int:
+def count(
+    messages_file: Path, events: int, work: Path, keep: Path | None, record_cache: int = 0
+) -> int:
     """Instructions of one run of `--apply` under callgrind."""
     out = work / f"callgrind.out.{events}"
     store_dir = work / f"store-{events}"
@@ -92,7 +96,7 @@ def count(messages_file: Path, events: int, work: Path, keep: Path | None) -> in
         sys.executable, __file__, "--apply", str(messages_file), "--events", str(events),
         "--store-dir", str(store_dir),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    env = dict(os.environ, PYTHONHASHSEED="0", BENCH_RECORD_CACHE=str(record_cache))
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
@@ -108,6 +112,13 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--large", type=int, default=6000)
     parser.add_argument("--keep", type=Path, help="copy the callgrind output files here")
+    parser.add_argument(
+        "--record-cache",
+        type=int,
+        default=0,
+        help="records the reconciler keeps (the worker's PORTAL_SYNC_RECORD_CACHE_RECORDS; "
+        "0, the default, as in the figures before the sixteenth round)",
+    )
     parser.add_argument("--apply", type=Path, help=argparse.SUPPRESS)  # the measured run
     parser.add_argument("--events", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
@@ -126,8 +137,8 @@ def main() -> None:
         messages_file = work / "messages.pickle"
         with messages_file.open("wb") as sink:
             pickle.dump(place([encode(event) for event in make_events(args.large, SEED)]), sink)
-        small = count(messages_file, args.small, work, args.keep)
-        large = count(messages_file, args.large, work, args.keep)
+        small = count(messages_file, args.small, work, args.keep, args.record_cache)
+        large = count(messages_file, args.large, work, args.keep, args.record_cache)
     per_event = (large - small) / (args.large - args.small)
     print(f"instructions: {args.small} events {small:,}, {args.large} events {large:,}")
     print(f"per event (start-up excluded): {per_event:,.0f}")
