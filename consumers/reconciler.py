@@ -5,6 +5,8 @@ opens one store unit of work per batch: it gets the stored offsets and the curre
 every record the batch touches, skips what is already applied, applies the version rule per
 (source, entity, key), re-merges every touched record in memory, and hands the store one
 set of typed changes (views, records, history, conflicts, anomalies, owners, offsets).
+A live worker's reconciler keeps the records its batches applied (`consumers.cache`) and
+takes them instead of reading them back while the store confirms nothing else wrote them.
 """
 
 from __future__ import annotations
