@@ -81,3 +81,44 @@ def test_unregistered_sources_count_as_rejected_and_contract_violations_as_dead_
     ])  # fmt: skip
     after = (count("unregistered", "rejected"), count("invalid", "dead_lettered"))
     assert (after[0] - before[0], after[1] - before[1]) == (1, 2)
+
+
+@pytest.mark.parametrize("kept", [None, 0])
+def test_a_workers_next_batch_over_its_records_takes_what_it_kept(
+    settings_for: Any, sqlite_store_url: str, kept: int | None
+) -> None:
+    """The worker's settings give its reconciler the kept records (default 10,000; 0:
+    none); the second batch over the same records takes them instead of reading them, and
+    the store is the one every event gives either way."""
+    from prometheus_client import REGISTRY
+
+    from consumers.cache import DEFAULT_RECORDS
+    from tests.support.store_helpers import event
+
+    def counted(origin: str) -> float:
+        labels = {"origin": origin}
+        return REGISTRY.get_sample_value("portal_sync_store_batch_records_total", labels) or 0.0
+
+    overrides = {} if kept is None else {"record_cache_records": kept}
+    settings = settings_for(sqlite_store_url, change_partitions=1, **overrides)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    cache = processor.reconciler.cache
+    assert (cache.size if cache is not None else 0) == (DEFAULT_RECORDS if kept is None else 0)
+    keys = [f"0010900{n:05d}" for n in range(5)]
+    raws = [
+        event("citizen", key, "province-01", version, {"full_name": f"Tên {version}"})
+        for version in (1, 2)
+        for key in keys
+    ]
+    messages = [change_message(settings, offset, raw) for offset, raw in enumerate(raws)]
+    before = counted("kept"), counted("store")
+    processor.process(messages[:5])
+    processor.process(messages[5:])
+    processor.close()
+    kept_now, read_now = counted("kept") - before[0], counted("store") - before[1]
+    assert (kept_now, read_now) == ((5, 5) if kept is None else (0, 10))
+    assert exported(settings) == expected_export([json.loads(raw) for raw in raws], Authority())
+    store.close()
