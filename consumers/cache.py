@@ -64,11 +64,11 @@ class RecordCache:
         self._entries.clear()
         self._offsets.clear()
         self._writes = None
-        self._stale = False
 
     def held(self, keys: Iterable[RecordKey]) -> set[RecordKey]:
         """The keys whose records are held (still to be confirmed by `usable`)."""
-        if self._stale:
+        if self._stale:  # cleared here only: a revocation during a batch waits for the next
+            self._stale = False
             self.drop()
         entries = self._entries
         return {key for key in keys if key in entries}

@@ -234,8 +234,16 @@ def create_store_engine(url: str) -> Engine:
     # JSON as psycopg reads it (a batch's views and records): orjson, a third of the time
     # of the driver's default `json.loads` (3 % of the worker's CPU on updates:
     # docs/performance.md), wherever it reads the same values.
+    # READ COMMITTED whatever the server's or role's default: a batch takes its records'
+    # locks and then reads them (and the count of other writes) in later statements, each
+    # of which must see what committed before it; under REPEATABLE READ the reads would
+    # keep a snapshot from before the locks were granted.
     return create_engine(
-        url, pool_pre_ping=True, hide_parameters=True, json_deserializer=loads_exact
+        url,
+        pool_pre_ping=True,
+        hide_parameters=True,
+        json_deserializer=loads_exact,
+        isolation_level="READ COMMITTED",
     )
 
 

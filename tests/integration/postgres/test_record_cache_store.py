@@ -123,3 +123,27 @@ def test_every_other_writer_is_counted_and_a_live_batch_is_not(store: Store) -> 
     assert count() == len(steps) + 1
     Reconciler(store, AUTHORITY_B).remerge(keys, dry_run=True)  # rolled back: not counted
     assert count() == len(steps) + 1
+
+
+def test_batches_read_committed_whatever_the_servers_default(postgres_store_url: str) -> None:
+    """A batch locks its records, then reads them and the count of other writes: each read
+    must see what committed before it, which REPEATABLE READ (a database's or role's
+    default) would not."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    database = make_url(postgres_store_url).database
+    admin = Store(postgres_store_url)
+    with admin.engine.connect() as conn:
+        conn.execute(
+            text(f'ALTER DATABASE "{database}" SET default_transaction_isolation'
+                 " = 'repeatable read'")
+        )  # fmt: skip
+        conn.commit()
+    admin.close()
+    store = Store(postgres_store_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+    finally:
+        store.close()

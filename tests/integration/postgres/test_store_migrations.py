@@ -531,3 +531,30 @@ def test_0009_reads_waiting_from_the_records_and_the_downgrade_fills_the_flag_ba
         assert flags == [("GKS-1", True), ("GKS-2", True)]
     finally:
         store.close()
+
+
+# -- 0010: the count of record writes by anything but a live batch ---------------------------
+
+
+def test_0010_starts_the_count_of_other_writes_and_a_release_before_it_refuses_the_store(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row starts at 0 (and is kept if a tool of this version counted already); the
+    downgrade removes it; a release whose newest revision is 0009 refuses the upgraded
+    store instead of writing records behind a worker that keeps them."""
+    store = Store(store_url)
+    try:
+        _migrate(store, "0009")
+        assert store.meta("record_writes") is None
+        _migrate(store, "0010")
+        assert store.meta("record_writes") == "0"
+        _migrate(store, "0009", down=True)
+        assert store.meta("record_writes") is None
+        store.set_meta("record_writes", "3")  # counted by a tool before the upgrade
+        _migrate(store, "0010")
+        assert store.meta("record_writes") == "3"
+        monkeypatch.setattr(schema, "head_revision", lambda: "0009")
+        with pytest.raises(SchemaOutdated, match="at schema revision 0010"):
+            schema.ensure_current(store.engine)
+    finally:
+        store.close()
