@@ -490,13 +490,10 @@ class Reconciler:
         if outcome != "applied":
             return outcome
         event_id = str(event.event_id)
+        data = checked.data if checked.data is not None else event.data_dict()
+        # source, version, event id, time, deleted, data (positional: a call per event)
         view = SourceView(
-            source=event.source,
-            version=event.version,
-            event_id=event_id,
-            occurred_at=event.occurred_at,
-            deleted=event.op == "delete",
-            data=checked.data_dict(),
+            event.source, event.version, event_id, event.occurred_at, event.op == "delete", data
         )
         if event.entity == "dossier":
             self._check_lifecycle(work, event, current, view, now)

@@ -519,3 +519,33 @@ def test_record_changes_is_every_differing_field_in_field_order(
     changes = record_changes(before, after)
     assert changes == expected
     assert list(changes) == sorted(changes)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["province-01", "province-79", "ministry-tax"]),
+            st.dictionaries(
+                st.sampled_from(["full_name", "sex", "phone", "status"]),
+                st.integers(0, 3),
+                max_size=4,
+            ),
+            st.integers(0, 3),  # minutes: equal times are likely
+        ),
+        min_size=2,
+        max_size=2,
+        unique_by=lambda item: item[0],
+    )
+)
+def test_two_views_merge_as_the_general_path_in_every_order(
+    views: list[tuple[str, dict[str, Any], int]],
+) -> None:
+    # Two live views of an entity without rules take a shorter path; a rule for a field
+    # no view has sends the same views through the general one, which ranks them alike.
+    # The dicts' order counts too: the store writes them as JSON text.
+    built = [view(s, d, minutes=m) for s, d, m in views]
+    short = merge("citizen", built, Authority())
+    general = merge("citizen", built, Authority.from_mapping({"citizen": {"unused": ["x"]}}))
+    assert short is not None and general is not None
+    for part in ("data", "sources", "origins"):
+        assert list(getattr(short, part).items()) == list(getattr(general, part).items())
