@@ -34,6 +34,7 @@ from schemas.views import RecordKey, SourceView
 TopicPartition = tuple[str, int]
 Views = dict[str, SourceView]
 Data = dict[str, Any]
+FieldConflicts = dict[str, list[list[str]]]  # field -> groups of sources that agree
 
 # The default bound, in records: 1.6-2 KB each (the worker's RSS with 20,000 kept: +32 MB
 # on bench/e2e.py's mix, +36-40 MB to 266-276 MB growing a store to a million records,
@@ -43,12 +44,12 @@ DEFAULT_RECORDS = 10_000
 
 
 class RecordCache:
-    """Up to `size` records' views and canonical data, the least recently applied dropped
-    first (a dict keeps its keys in insertion order; `put` inserts again)."""
+    """Up to `size` records' views, canonical data and field conflicts, the least recently
+    applied dropped first (a dict keeps its keys in insertion order; `put` inserts again)."""
 
     def __init__(self, size: int = DEFAULT_RECORDS) -> None:
         self.size = size
-        self._entries: dict[RecordKey, tuple[Views, Data | None]] = {}
+        self._entries: dict[RecordKey, tuple[Views, Data | None, FieldConflicts | None]] = {}
         self._offsets: dict[TopicPartition, int | None] = {}  # next offset this worker left
         self._writes: int | None = None  # the store's count of other writes when filled
         self._stale = False
@@ -98,17 +99,21 @@ class RecordCache:
         keys: Iterable[RecordKey],
         views: dict[RecordKey, Views],
         canonical: dict[RecordKey, Data],
+        conflicts: dict[RecordKey, FieldConflicts],
     ) -> None:
-        """Put the held records of `keys` into a batch's reads. Not copied: the batch
-        changes a record's views in place, and then either commits (and `put`s what it
-        left) or fails (and everything is dropped)."""
+        """Put the held records of `keys` into a batch's reads (and their conflicts as
+        stored, where known). Not copied: the batch changes a record's views in place, and
+        then either commits (and `put`s what it left) or fails (and everything is
+        dropped)."""
         entries = self._entries
         for key in keys:
-            held_views, data = entries[key]
+            held_views, data, found = entries[key]
             if held_views:
                 views[key] = held_views
             if data is not None:
                 canonical[key] = data
+            if found is not None:
+                conflicts[key] = found
 
     def put(
         self,
@@ -116,14 +121,17 @@ class RecordCache:
         views: Mapping[RecordKey, Views],
         canonical: Mapping[RecordKey, Data],
         offsets: Mapping[TopicPartition, int | None],
+        conflicts: Mapping[RecordKey, FieldConflicts] | None = None,
     ) -> None:
-        """After a commit: the batch's records as it left them, and the next offset of
-        each of its partitions as stored now (None: no row)."""
+        """After a commit: the batch's records as it left them (with their conflicts as
+        stored, where the batch knows them), and the next offset of each of its partitions
+        as stored now (None: no row)."""
         entries = self._entries
         pop = entries.pop
+        found = conflicts or {}
         for key in keys:
             pop(key, None)
-            entries[key] = (views.get(key) or {}, canonical.get(key))
+            entries[key] = (views.get(key) or {}, canonical.get(key), found.get(key))
         excess = len(entries) - self.size
         if excess > 0:
             for key in list(islice(entries, excess)):

@@ -340,9 +340,10 @@ class Reconciler:
             partitions, keys, use_offsets=not replay, commit=not dry_run, known=known
         ) as tx:
             stored = tx.offsets
+            conflicts: Conflicts = {}  # of the records kept: as the store has them
             if cache is not None:
                 if cache.usable(tx.writes, partitions, stored):
-                    cache.take(known, tx.views, tx.canonical)
+                    cache.take(known, tx.views, tx.canonical, conflicts)
                     report.records_kept = len(known)
                 elif known:
                     tx.read_known()
@@ -351,7 +352,7 @@ class Reconciler:
                 after_offsets(stored)
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
             report.already_applied = len(events) - len(todo)
-            work = _Batch(tx.views, tx.canonical)
+            work = _Batch(tx.views, tx.canonical, conflicts_before=conflicts)
             now = utcnow()
             todo.sort(key=lambda c: (c.message.tp, c.message.offset))
             # Where the store's statements run while we go on (PostgreSQL), the batch is
@@ -378,6 +379,7 @@ class Reconciler:
             history.extend(work.history)
             anomalies += len(work.anomalies)
             changes = work.changes(self.authority)
+            conflicts.update(changes.conflicts)  # as the store will have them
             if not replay:
                 unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
                 changes.offsets = offset_ranges(unapplied)
@@ -398,6 +400,7 @@ class Reconciler:
                 work.views,
                 work.canonical,
                 {tp: ends.get(tp, stored.get(tp)) for tp in partitions},
+                conflicts,
             )
         return report
 

@@ -40,7 +40,8 @@ def filled(size: int = 10) -> RecordCache:
     assert not cache.usable(0, [TP], {})  # the first batch: nothing held, the count noted
     keys = [("citizen", f"{n:012d}") for n in range(3)]
     views = {key: {"province-01": view(1)} for key in keys}
-    cache.put(keys, views, {key: {"full_name": "An"} for key in keys}, {TP: 3})
+    conflicts = {keys[0]: {}, keys[1]: {"phone": [["province-01"], ["province-79"]]}}
+    cache.put(keys, views, {key: {"full_name": "An"} for key in keys}, {TP: 3}, conflicts)
     return cache
 
 
@@ -51,9 +52,14 @@ def test_held_records_are_used_while_the_store_confirms_them() -> None:
     assert cache.usable(0, [TP], {TP: 3})
     views: dict[Any, Any] = {}
     canonical: dict[Any, Any] = {}
-    cache.take([("citizen", "000000000001")], views, canonical)
-    assert views == {("citizen", "000000000001"): {"province-01": view(1)}}
-    assert canonical == {("citizen", "000000000001"): {"full_name": "An"}}
+    conflicts: dict[Any, Any] = {}
+    taken = [("citizen", "000000000001"), ("citizen", "000000000002")]
+    cache.take(taken, views, canonical, conflicts)
+    assert views == {key: {"province-01": view(1)} for key in taken}
+    assert canonical == {key: {"full_name": "An"} for key in taken}
+    # Conflicts come along where the batch that kept the record gave them (not the third).
+    phone = {"phone": [["province-01"], ["province-79"]]}
+    assert conflicts == {("citizen", "000000000001"): phone}
 
 
 @pytest.mark.parametrize(
@@ -112,6 +118,7 @@ class Run:
             for _ in range(2)
         ]
         self.caches = [w.cache for w in self.workers]
+        self.new_conflicts: list[list[tuple[str, str]]] = []  # each batch's, as reported
 
     def batch(self, worker: int, batch: Sequence[Checked], fail: bool) -> None:
         messages = [c.message for c in batch]
@@ -122,7 +129,8 @@ class Run:
 
             with pytest.raises(RuntimeError):
                 self.workers[worker].apply(batch, messages, before_commit=broken)
-        self.workers[worker].apply(batch, messages)
+        report = self.workers[worker].apply(batch, messages)
+        self.new_conflicts.append(sorted(report.new_conflicts))
 
     def other(self, kind: str, batch: Sequence[Checked]) -> None:
         keys = sorted({(c.event.entity, c.event.key) for c in batch})
@@ -177,5 +185,7 @@ def test_the_cache_never_changes_what_the_store_holds(
                     run.other("replay", batches[(index + 1) % len(batches)])
                 elif other:
                     run.other(other, stream(replayed, start=10_000) or batch)
-            results.append((state(store), history_rows(store), anomaly_rows(store)))
+            results.append(
+                (state(store), history_rows(store), anomaly_rows(store), run.new_conflicts)
+            )
     assert results[1] == results[0]

@@ -147,3 +147,27 @@ def test_batches_read_committed_whatever_the_servers_default(postgres_store_url:
             assert conn.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
     finally:
         store.close()
+
+
+def test_kept_records_keep_their_conflicts_as_stored(store: Store) -> None:
+    # A kept record comes with its conflicts as the store has them: a batch that resolves
+    # one removes it, a batch that keeps one does not count it as new, a batch that brings
+    # it back does.
+    from store.queries import open_conflicts
+
+    live = worker(store)
+
+    def phone(source: str, version: int, number: str, offset: int) -> list[tuple[str, str]]:
+        raw = event("citizen", CITIZEN, source, version, {"phone": number})
+        batch = checked_list([raw], offset)
+        return live.apply(batch, [c.message for c in batch]).new_conflicts
+
+    assert phone("province-01", 1, "0912345678", 0) == []
+    assert phone("province-79", 1, "0987654321", 1) == [("citizen", "phone")]
+    assert open_conflicts(store) == 1
+    assert phone("province-79", 2, "0987654322", 2) == []  # still in conflict: not new
+    assert phone("province-79", 3, "0912345678", 3) == []  # agreed: resolved
+    assert open_conflicts(store) == 0
+    assert phone("province-01", 2, "0900000000", 4) == [("citizen", "phone")]
+    assert open_conflicts(store) == 1
+    assert live.cache is not None and len(live.cache) == 1
