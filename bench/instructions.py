@@ -4,17 +4,26 @@ On a shared machine timings drift by a fifth within minutes; instruction counts 
 depend on the neighbours. This runs, under `valgrind --tool=callgrind`, one process that
 checks (`classify`: contract, registry, key, topic and partition) and applies
 (`Reconciler.apply`, batches of 2,000) the bench's mix (`bench/e2e.py`'s `make_events`,
-each message on its topic and partition) to a fresh SQLite store, once with `--small`
+each message on its topic and partition; or, with `--peer`, the peer harness's events) to
+a fresh store (a SQLite file; with `--store postgresql`, a database on a throwaway server,
+whose own work is not counted, the driver's is), once with `--small`
 events and once with `--large`: the difference of the two totals, divided by the
 difference of the sizes, is an event's cost without the start-up (imports, schema, rules).
 
     .venv/bin/python bench/instructions.py                   # 2,000 and 6,000 events
     .venv/bin/python bench/instructions.py --keep /tmp/cg    # keep callgrind.out.* there
+    # the peer harness's citizen events (three in four update a record, a fifth from a
+    # second source), into a throwaway PostgreSQL: only the worker's side is counted
+    .venv/bin/python bench/instructions.py --peer ../shared/bench/peer_jdbc_sink \
+        --store postgresql --record-cache 10000 --small 10000 --large 16000
 
 Compare two versions of the code in the same checkout (git stash, or two worktrees with
 their own venvs): hash seeds are fixed, so the same code gives the same count to within
 about 0.1 %. Needs valgrind (Debian: `apt-get install valgrind`); about a minute per 2,000
-events. docs/performance.md, eighth round.
+events. docs/performance.md, eighth round. With `--peer`, the harness's generator makes
+40,000 events over 10,000 keys (or `--large`, if more, over a quarter as many), and the
+first 10,000 create each record once: the example above counts the 6,000 updates after
+them (seventeenth round).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +48,7 @@ from transport.topics import Topics
 
 BATCH = 2000
 SEED = 7
+PEER_EVENTS = 40_000  # with `--peer`: 10,000 records, three updates each on average
 TOPICS = Topics(prefix="bench")
 Placed = tuple[str, int, int, bytes, bytes]  # topic, partition, offset, key, value
 
@@ -56,7 +67,29 @@ def place(pairs: list[tuple[bytes, bytes]]) -> list[Placed]:
     return placed
 
 
-def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
+def peer_pairs(harness: Path, events: int) -> list[tuple[bytes, bytes]]:
+    """The peer harness's citizen events (its `generate`), keyed by the project's rule
+    (`citizen:<key>:<source>`, as `bench/peer_keys.patch` has it) and encoded as the
+    harness publishes them."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("peer_bench", harness / "bench.py")
+    if spec is None or spec.loader is None:
+        sys.exit(f"no bench.py in {harness}")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    generated, _ = peer.generate(events, SEED)
+    pairs = []
+    for key, event in generated:
+        if key.count(":") == 1:  # the harness unpatched: citizen:<key>
+            key = f"{key}:{event['source']}"
+        value = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        pairs.append((key.encode(), value.encode()))
+    return pairs
+
+
+def apply_events(messages_file: Path, count: int, store_url: str) -> float:
     """Check and apply the first `count` placed messages (`place`); CPU µs per event."""
     from consumers.cache import RecordCache
     from consumers.config import load_rules
@@ -68,7 +101,7 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
     with messages_file.open("rb") as source:
         placed: list[Placed] = pickle.load(source)[:count]
     registry, authority = load_rules(None, None)
-    store = Store(f"sqlite:///{store_dir / 'store.db'}")
+    store = Store(store_url)
     store.create_schema()
     kept = int(os.environ.get("BENCH_RECORD_CACHE", "0"))
     reconciler = Reconciler(store, authority, cache=RecordCache(kept) if kept else None)
@@ -85,16 +118,32 @@ def apply_events(messages_file: Path, count: int, store_dir: Path) -> float:
 
 
 def count(
-    messages_file: Path, events: int, work: Path, keep: Path | None, record_cache: int = 0
+    messages_file: Path,
+    events: int,
+    work: Path,
+    keep: Path | None,
+    record_cache: int = 0,
+    postgres: Any = None,
 ) -> int:
-    """Instructions of one run of `--apply` under callgrind."""
+    """Instructions of one run of `--apply` under callgrind (the store: a fresh SQLite
+    file, or a fresh database on the `postgres` server, whose own work is not counted)."""
     out = work / f"callgrind.out.{events}"
-    store_dir = work / f"store-{events}"
-    store_dir.mkdir()
+    if postgres is None:
+        store_dir = work / f"store-{events}"
+        store_dir.mkdir()
+        store_url = f"sqlite:///{store_dir / 'store.db'}"
+    else:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(postgres.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "events_{events}"'))
+        engine.dispose()
+        store_url = postgres.url(f"events_{events}")
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, __file__, "--apply", str(messages_file), "--events", str(events),
-        "--store-dir", str(store_dir),
+        "--store-url", store_url,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONHASHSEED="0", BENCH_RECORD_CACHE=str(record_cache))
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -119,12 +168,25 @@ def main() -> None:
         help="records the reconciler keeps (the worker's PORTAL_SYNC_RECORD_CACHE_RECORDS; "
         "0, the default, as in the figures before the sixteenth round)",
     )
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the store: a SQLite file (the default), or a throwaway PostgreSQL server "
+        "(fsync off; its own work is not counted, the driver's is)",
+    )
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        help="the peer harness's directory (../shared/bench/peer_jdbc_sink): its citizen "
+        "events instead of the bench's mix",
+    )
     parser.add_argument("--apply", type=Path, help=argparse.SUPPRESS)  # the measured run
     parser.add_argument("--events", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--store-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.apply is not None:
-        print(f"{apply_events(args.apply, args.events, args.store_dir):.1f} µs/event CPU")
+        print(f"{apply_events(args.apply, args.events, args.store_url):.1f} µs/event CPU")
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
@@ -132,13 +194,29 @@ def main() -> None:
         sys.exit("--small must be positive and below --large")
     from e2e import encode, make_events
 
-    with tempfile.TemporaryDirectory(prefix="portal-sync-instructions-") as tmp:
-        work = Path(tmp)
-        messages_file = work / "messages.pickle"
-        with messages_file.open("wb") as sink:
-            pickle.dump(place([encode(event) for event in make_events(args.large, SEED)]), sink)
-        small = count(messages_file, args.small, work, args.keep, args.record_cache)
-        large = count(messages_file, args.large, work, args.keep, args.record_cache)
+    if args.peer is not None:
+        pairs = peer_pairs(args.peer, max(args.large, PEER_EVENTS))
+    else:
+        pairs = [encode(event) for event in make_events(args.large, SEED)]
+    postgres = None
+    if args.store == "postgresql":
+        from tests.support.postgres_server import start_postgres
+
+        postgres = start_postgres(settings={"fsync": "off", "synchronous_commit": "off"})
+    try:
+        with tempfile.TemporaryDirectory(prefix="portal-sync-instructions-") as tmp:
+            work = Path(tmp)
+            messages_file = work / "messages.pickle"
+            with messages_file.open("wb") as sink:
+                pickle.dump(place(pairs), sink)
+            counts = [
+                count(messages_file, n, work, args.keep, args.record_cache, postgres)
+                for n in (args.small, args.large)
+            ]
+    finally:
+        if postgres is not None:
+            postgres.stop()
+    small, large = counts
     per_event = (large - small) / (args.large - args.small)
     print(f"instructions: {args.small} events {small:,}, {args.large} events {large:,}")
     print(f"per event (start-up excluded): {per_event:,.0f}")
