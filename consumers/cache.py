@@ -4,7 +4,10 @@ A batch reads, under its records' locks, every source's view and the canonical d
 the records it touches, and after its commit those are exactly what it wrote. The next
 batch that touches one of these records can take them from here instead of reading them
 back: on a source's updates (three in four of the peer bench's events) the reads were a
-quarter of a batch's time (docs/performance.md, sixteenth round).
+quarter of a batch's time (docs/performance.md, sixteenth round). With them go their field
+conflicts as the batch left them in the store (when it knows them: the records it changed
+or took from here), which the next batch would otherwise compute again before changing a
+record (seventeenth round).
 
 Why this is safe: a record belongs to one partition (the key rule, `key_mismatch`), and a
 partition to one worker at a time. The records held here can only have changed in the store
