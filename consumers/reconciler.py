@@ -493,10 +493,14 @@ class Reconciler:
         if outcome != "applied":
             return outcome
         event_id = str(event.event_id)
-        data = checked.data if checked.data is not None else event.data_dict()
         # source, version, event id, time, deleted, data (positional: a call per event)
         view = SourceView(
-            event.source, event.version, event_id, event.occurred_at, event.op == "delete", data
+            event.source,
+            event.version,
+            event_id,
+            event.occurred_at,
+            event.op == "delete",
+            checked.data_dict(),
         )
         if event.entity == "dossier":
             self._check_lifecycle(work, event, current, view, now)
