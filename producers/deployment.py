@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from producers.adapters import load as load_adapter
+from producers.engine import CHECKPOINT_INTERVAL_SECONDS
 from producers.sdk import Adapter, ConfigurationError
 from schemas.identifiers import ReferenceKey
 from schemas.redaction import redacted_text
@@ -73,6 +74,12 @@ class ProducerSection(StrictModel):
     )
     signing_key_file: Path | None = Field(
         default=None, description="signing key of the events (`portal-sync keys new`)"
+    )
+    checkpoint_interval_seconds: float = Field(
+        default=CHECKPOINT_INTERVAL_SECONDS,
+        ge=0,
+        description="a source's state saved at most this often while it publishes (0: at "
+        "every checkpoint its adapter yields); a crash re-sends at most this long's events",
     )
 
 

@@ -113,7 +113,8 @@ def build_groups(
         publishers.append(publisher)
         runners = [
             (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir,
-                              signer=signers[e.id]))
+                              signer=signers[e.id],
+                              checkpoint_interval=deployment.producer.checkpoint_interval_seconds))
             for e in members
         ]  # fmt: skip
         groups.append(SourceGroup(name, runners))

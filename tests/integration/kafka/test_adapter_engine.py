@@ -81,8 +81,9 @@ def test_retriable_errors_are_retried_with_backoff(publisher: Publisher, tmp_pat
     assert load_json_state(runner.state_path) == {"position": 4}
 
 
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
 def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
-    publisher: Publisher, tmp_path: Path
+    publisher: Publisher, tmp_path: Path, interval: float
 ) -> None:
     seen_at_commit: list[tuple[State, int]] = []
 
@@ -98,21 +99,32 @@ def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
     def events() -> list[dict[str, Any]]:
         return published_events(publisher.settings, "citizen")
 
-    runner = AdapterRunner("observed", Observed(), publisher, tmp_path)
-    runner.run_once()
-    # at each commit the state is on disk and every event before it is in the topic
-    assert seen_at_commit == [({"position": n}, n) for n in range(1, 5)]
+    runner = AdapterRunner(
+        "observed", Observed(), publisher, tmp_path, checkpoint_interval=interval
+    )
+    stats = runner.run_once()
+    assert stats.checkpoints == 4
+    # At each commit, in order, the state on disk covers its checkpoint and every event
+    # before that state is in the topic. Checkpoints less than an interval apart are
+    # saved once: the newest (here at the end of the run), then each commit.
+    if interval == 0:
+        assert seen_at_commit == [({"position": n}, n) for n in range(1, 5)]
+    else:
+        assert seen_at_commit == [({"position": 4}, 4)] * 4
 
 
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
 def test_fatal_error_stops_the_source_and_resumes_from_the_last_checkpoint(
-    publisher: Publisher, tmp_path: Path
+    publisher: Publisher, tmp_path: Path, interval: float
 ) -> None:
     before = errors("province-01", "fatal")
-    runner = AdapterRunner("dies", DiesAfterTwo(), publisher, tmp_path, RetryPolicy(3, 0.01))
+    retry = RetryPolicy(3, 0.01)
+    runner = AdapterRunner("dies", DiesAfterTwo(), publisher, tmp_path, retry, None, interval)
     with pytest.raises(FatalError):
         runner.run_with_retries()  # not retried
     runner.stop_fatally(FatalError("schema changed at the source"))
     assert errors("province-01", "fatal") - before == 1
+    # saved as the run failed, when not before: the checkpoint reached is not lost
     assert load_json_state(runner.state_path) == {"position": 2}
     publisher.flush()
     first = published_events(publisher.settings, "citizen")
