@@ -9,6 +9,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import (
     Boolean,
@@ -356,6 +358,52 @@ def test_seen_rows_are_forgotten_behind_the_window(
     assert pks(poll(adapter, state)) == [3]
     assert set(state.seen) == {"2", "3"}  # row 1 (T0) is older than 75 s - 60 s
     assert poll(adapter, state) == []
+
+
+# (row, seconds after T0 it was written, its xid8, whether the window is swept after it)
+NOTES = st.lists(
+    st.tuples(st.integers(0, 15), st.integers(0, 240), st.integers(0, 9), st.booleans()),
+    max_size=80,
+)
+
+
+@pytest.fixture(scope="module")
+def one_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlPollingAdapter]:
+    """An adapter for tests that only use its rules (one for all of a property's examples)."""
+    source = Source(tmp_path_factory.mktemp("source") / "source.db")
+    adapter = SqlPollingAdapter(source.config(lookback_seconds=60))
+    yield adapter
+    adapter.close()
+    source.engine.dispose()
+
+
+@settings(max_examples=300, deadline=None)
+@given(notes=NOTES, xmin=st.none() | st.integers(0, 9))
+def test_forgetting_keeps_exactly_what_a_full_sweep_keeps(
+    one_adapter: SqlPollingAdapter, notes: list[tuple[int, int, int, bool]], xmin: int | None
+) -> None:
+    """`_forget` skips the sweep when no remembered row is behind the window: what it keeps
+    is, after every sweep, what filtering every row would keep (rows written again with
+    an older time included: a clock that went back)."""
+    state, expected = CursorState(xmin=xmin), {}
+    for row, seconds, xid, sweep in notes:
+        stamp = (T0 + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
+        state.note(str(row), [seconds, stamp, "m", xid])
+        expected[str(row)] = [seconds, stamp, "m", xid]
+        if state.updated_at is None or stamp > state.updated_at:
+            state.updated_at, state.pk = stamp, row
+        if sweep:
+            one_adapter._forget(state)
+            horizon = (datetime.fromisoformat(state.updated_at) - timedelta(seconds=60)).isoformat(
+                timespec="microseconds"
+            )
+            expected = {
+                pk: seen
+                for pk, seen in expected.items()
+                if seen[1] >= horizon or (xmin is not None and seen[3] >= xmin)
+            }
+            assert state.seen == expected
+        assert all(seen[1] >= state.oldest for seen in state.seen.values() if state.oldest)
 
 
 @pytest.mark.parametrize(
