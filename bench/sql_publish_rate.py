@@ -3,7 +3,8 @@
     python bench/sql_publish_rate.py --rows 50000 --bootstrap 127.0.0.1:9092
 
 Creates a SQLite source of N citizen rows, a deployment file with one `sql` source, and
-runs it once (validation, publishing with acks=all, checkpoint per page) on fresh topics;
+runs it once (validation, publishing with acks=all, a checkpoint per page, saved at most
+once a second) on fresh topics;
 prints events per second and also runs `adapters check` on the source, for the record.
 """
 
@@ -23,6 +24,7 @@ from portal_sync.settings import Settings
 from producers.conformance import check_adapter, report_table
 from producers.deployment import load_deployment
 from producers.produce import build_groups
+from producers.runtime import tune_garbage_collector
 from transport.admin import ensure_topics
 
 CONFIG = """[producer]
@@ -106,6 +108,7 @@ def main() -> None:
     ensure_topics(settings.connection(), settings.topics())
     (group,), (publisher,) = build_groups(deployment, settings.connection(), settings.topics())
     (_, runner) = group.runners[0]
+    tune_garbage_collector()  # as `portal-sync produce` does
     began = time.perf_counter()
     stats = runner.run_once()
     seconds = time.perf_counter() - began

@@ -149,6 +149,7 @@ def produce(
     from producers.deployment import load_deployment
     from producers.produce import ProduceResult
     from producers.produce import produce as run_produce
+    from producers.runtime import tune_garbage_collector
     from transport.admin import ensure_topics
 
     try:
@@ -175,6 +176,7 @@ def produce(
     if not once:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tune_garbage_collector()
     try:
         result = run_produce(
             deployment,
