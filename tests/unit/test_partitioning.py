@@ -1,4 +1,4 @@
-"""Kafka's murmur2, as the compiled `murmurhash2` module computes it for the partitioner,
+"""Kafka's murmur2, as the partitioner computes it (Python: schemas.partitioning says why),
 held to a line-by-line port of Java's `org.apache.kafka.common.utils.Utils.murmur2`."""
 
 from __future__ import annotations
