@@ -38,12 +38,14 @@ class RecordPartitioner(Partitioner):  # type: ignore[misc]
         self, topic: str, key: Any, serialized_key: bytes | None, value: Any,
         serialized_value: bytes | None, cluster: Any,
     ) -> int:  # fmt: skip
-        partitions: list[int] = sorted(cluster.partitions_for_topic(topic) or ())
-        if not partitions:
+        # Every partition of the topic, whether its leader is up or not: Kafka numbers
+        # them 0 to n-1, so the n-th of them in order is partition n.
+        count = len(cluster.partitions_for_topic(topic) or ())
+        if not count:
             raise ValueError(f"topic {topic} not found in the cluster's metadata")
         if serialized_key is None:
-            return partitions[0]
-        return partitions[partition_for(serialized_key, len(partitions))]
+            return 0
+        return partition_for(serialized_key, count)
 
 
 class Publisher:
