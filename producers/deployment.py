@@ -79,7 +79,8 @@ class ProducerSection(StrictModel):
         default=CHECKPOINT_INTERVAL_SECONDS,
         ge=0,
         description="a source's state saved at most this often while it publishes (0: at "
-        "every checkpoint its adapter yields); a crash re-sends at most this long's events",
+        "every checkpoint; one with a clean-up, as the outbox's, is always saved at once); "
+        "a crash re-sends at most this long's events",
     )
 
 

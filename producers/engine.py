@@ -4,11 +4,13 @@ A checkpoint's state is saved only after `Publisher.flush()` returned, i.e. afte
 acknowledged every event yielded before it (at least once, never a loss); events re-sent
 after a crash keep their event id and version, so the reconciler drops them.
 
-Checkpoints are saved at most once per `checkpoint_interval` seconds (the newest one
-reached, then every `commit` passed since, in order), and always when the run ends, fails
-or stops: a SQL source yields one per page, and waiting for the broker and rewriting the
-state file after each page of 1,000 rows was a sixth of its publishing
-(docs/performance.md). A crash re-sends at most that interval's events.
+A checkpoint without a `commit` is saved at most once per `checkpoint_interval` seconds (the
+newest one reached), and always when the run ends, fails or stops: a SQL source yields one
+per page, and waiting for the broker and rewriting the state file after each page of 1,000
+rows was a sixth of its publishing (docs/performance.md); a crash re-sends at most that
+interval's events. A checkpoint with a `commit` is saved at once, and the adapter resumes
+after its clean-up ran (the outbox names in its state only the rows whose clean-up has not
+run yet).
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from producers.cursor_lag import CURSOR_LAG
 from producers.metrics import PRODUCED, SOURCE_ERRORS, export_at_zero
-from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord, State
+from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
@@ -57,16 +58,14 @@ class RunStats:
 
 @dataclass
 class _Reached:
-    """Checkpoints reached and not saved yet: the newest state, every commit since."""
+    """Checkpoints reached and not saved yet: how many, and the newest (only the newest can
+    carry a `commit`: a checkpoint with one is saved at once)."""
 
-    state: State | None = None
-    commits: list[Callable[[], None]] = field(default_factory=list)
+    newest: Checkpoint | None = None
     count: int = 0
 
     def add(self, item: Checkpoint) -> None:
-        self.state = item.state
-        if item.commit is not None:
-            self.commits.append(item.commit)
+        self.newest = item
         self.count += 1
 
 
@@ -114,7 +113,7 @@ class AdapterRunner:
             for item in self.adapter.read(state):
                 if isinstance(item, Checkpoint):
                     reached.add(item)
-                    if time.monotonic() >= due:
+                    if item.commit is not None or time.monotonic() >= due:
                         self._checkpoint(reached, produced, stats)
                         reached = _Reached()
                         due = time.monotonic() + self.checkpoint_interval
@@ -220,11 +219,12 @@ class AdapterRunner:
 
     def _checkpoint(self, reached: _Reached, produced: Tally[str], stats: RunStats) -> None:
         """Save the newest checkpoint reached once the broker acknowledged everything sent
-        (events and dead letters before it, and any after it), then run the commits."""
+        (events and dead letters before it, and any after it), then run its commit."""
+        assert reached.newest is not None
         self._flush()
-        write_json_atomic(self.state_path, reached.state)
-        for commit in reached.commits:
-            commit()
+        write_json_atomic(self.state_path, reached.newest.state)
+        if reached.newest.commit is not None:
+            reached.newest.commit()
         self._count(produced)
         stats.checkpoints += reached.count
 

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from producers.engine import AdapterRunner, RetryPolicy
-from producers.sdk import Checkpoint, FatalError, Item, RetriableError, State
+from producers.sdk import Checkpoint, FatalError, Item, Record, RetriableError, State
 from producers.state import load_json_state
 from schemas import parse_event
 from tests.integration.kafka.test_conformance import ListAdapter
@@ -102,15 +102,33 @@ def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
     runner = AdapterRunner(
         "observed", Observed(), publisher, tmp_path, checkpoint_interval=interval
     )
-    stats = runner.run_once()
-    assert stats.checkpoints == 4
-    # At each commit, in order, the state on disk covers its checkpoint and every event
-    # before that state is in the topic. Checkpoints less than an interval apart are
-    # saved once: the newest (here at the end of the run), then each commit.
-    if interval == 0:
-        assert seen_at_commit == [({"position": n}, n) for n in range(1, 5)]
-    else:
-        assert seen_at_commit == [({"position": 4}, 4)] * 4
+    assert runner.run_once().checkpoints == 4
+    # at each commit the state is on disk and every event before it is in the topic: a
+    # checkpoint with a clean-up is saved at once, however long the interval
+    assert seen_at_commit == [({"position": n}, n) for n in range(1, 5)]
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_checkpoints_without_a_commit_are_saved_once_an_interval(
+    publisher: Publisher, tmp_path: Path, interval: float
+) -> None:
+    on_disk: list[State] = []  # the state file as each record after a checkpoint is read
+
+    class Watched(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                if isinstance(item, Record) and item.origin != "#0":
+                    on_disk.append(load_json_state(runner.state_path))
+                yield item
+
+    runner = AdapterRunner("watched", Watched(), publisher, tmp_path, checkpoint_interval=interval)
+    assert runner.run_once().checkpoints == 4
+    if interval == 0:  # every checkpoint saved as it comes
+        assert on_disk == [{"position": n} for n in range(1, 4)]
+    else:  # none saved before the run's end, then the newest
+        assert on_disk == [{}, {}, {}]
+    assert load_json_state(runner.state_path) == {"position": 4}
+    assert len(published_events(publisher.settings, "citizen")) == 4
 
 
 @pytest.mark.parametrize("interval", [0.0, 3600.0])
