@@ -25,6 +25,7 @@ Hard deletes are invisible to polling: sources mark deletes in a soft-delete col
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 from collections.abc import Iterator
@@ -132,23 +133,41 @@ class CursorState:
     # pk -> [version sent, updated_at, marker (version column or content hash), xid8 or None]
     seen: dict[str, list[Any]] = field(default_factory=dict)
     xmin: int | None = None
-    # No entry of `seen` has an updated_at before this (None: `seen` is empty). Not saved:
-    # `note` keeps it, so that `_forget` skips the sweep of `seen` (tens of thousands of
-    # rows under a bulk update, swept after every page: a fifth of the reading) when no
-    # row fell behind the window.
-    oldest: str | None = field(default=None, init=False, repr=False, compare=False)
+    # Not saved, rebuilt from `seen`: its rows by updated_at (a heap; an entry written again
+    # since is skipped when it comes up), and those past the window kept for their xid8.
+    # `forget_before` takes the rows that fell behind the window from the heap instead of
+    # sweeping all of `seen` after every page: a sliding window of 60,000 rows swept after
+    # each page of 1,000 was a fifth of a SQL source's publishing (docs/performance.md).
+    _by_time: list[tuple[str, str]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+    _held: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.find_oldest()
-
-    def find_oldest(self) -> None:
-        self.oldest = min((entry[1] for entry in self.seen.values()), default=None)
+        self._by_time = [(entry[1], pk) for pk, entry in self.seen.items()]
+        heapq.heapify(self._by_time)
 
     def note(self, pk: str, entry: list[Any]) -> None:
         """Remember a row as `[version sent, updated_at, marker, xid8]`."""
         self.seen[pk] = entry
-        if self.oldest is None or entry[1] < self.oldest:
-            self.oldest = entry[1]
+        heapq.heappush(self._by_time, (entry[1], pk))
+
+    def forget_before(self, horizon: str) -> None:
+        """Forget the rows last written before `horizon` (an updated_at as `seen` holds it;
+        it never moves back), but those written at or after the recorded snapshot's xmin
+        (a PostgreSQL poll reads them again): exactly what a sweep of `seen` would keep."""
+        behind = [(stamp, pk) for pk, stamp in self._held.items()]
+        self._held = {}
+        while self._by_time and self._by_time[0][0] < horizon:
+            behind.append(heapq.heappop(self._by_time))
+        for stamp, pk in behind:
+            entry = self.seen.get(pk)
+            if entry is None or entry[1] != stamp:
+                continue  # forgotten already, or written again since (its own item is due)
+            if _kept(entry, horizon, self.xmin):
+                self._held[pk] = stamp
+            else:
+                del self.seen[pk]
 
     @classmethod
     def load(cls, path: Path) -> CursorState:
@@ -426,11 +445,7 @@ class SqlPollingAdapter:
         start = self._window_start(state)
         if start is None:
             return
-        horizon, recorded = _iso(start), state.xmin
-        if state.oldest is None or state.oldest >= horizon:
-            return  # every row remembered is inside the window
-        state.seen = {pk: seen for pk, seen in state.seen.items() if _kept(seen, horizon, recorded)}
-        state.find_oldest()
+        state.forget_before(_iso(start))
 
 
 def _kept(seen: list[Any], horizon: str, recorded: int | None) -> bool:
