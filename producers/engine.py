@@ -114,8 +114,9 @@ class AdapterRunner:
                 if isinstance(item, Checkpoint):
                     reached.add(item)
                     if item.commit is not None or time.monotonic() >= due:
-                        self._checkpoint(reached, produced, stats)
-                        reached = _Reached()
+                        # taken first: a save or commit that fails is not tried again below
+                        saving, reached = reached, _Reached()
+                        self._checkpoint(saving, produced, stats)
                         due = time.monotonic() + self.checkpoint_interval
                 elif isinstance(item, SkippableRecord):
                     self._dead_letter(item)

@@ -324,3 +324,28 @@ occurred_at_field = "at"
 fields = { full_name = "name" }
 """
 ROW = {"pid": "001090000001", "name": "Nguyễn Văn An", "at": "2025-08-01T08:00:00+07:00"}
+
+
+def test_a_commit_that_fails_ends_the_run_once_and_is_not_run_again(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    calls: list[State] = []
+
+    def refused() -> None:
+        calls.append(load_json_state(runner.state_path))
+        raise PermissionError("clean-up refused")
+
+    class CleanUpRefused(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                if isinstance(item, Checkpoint):
+                    item.commit = refused
+                yield item
+
+    runner = AdapterRunner(
+        "refused", CleanUpRefused(), publisher, tmp_path, checkpoint_interval=3600
+    )
+    with pytest.raises(PermissionError):
+        runner.run_once()
+    # saved, cleaned up once (refused), and the run stopped there: not saved or run again
+    assert calls == [{"position": 1}]
