@@ -65,13 +65,13 @@ class ValidEvent:
 
 def derive_event_id(source: str, entity: str, key: str, version: int) -> uuid.UUID:
     """The id our producers give a change: the same change sent again keeps its id."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{source}\x1f{entity}\x1f{key}\x1f{version}")
+    return uuid.UUID(derive_event_id_text(source, entity, key, version))
 
 
 def derive_event_id_text(source: str, entity: str, key: str, version: int) -> str:
-    """`str(derive_event_id(...))`, computed as `uuid.uuid5` does (SHA-1 of the namespace
-    and the name, version and variant bits set) without building a `UUID`: 2.0 µs
-    against 5.1, for every event a producer sends."""
+    """The event id's text: the UUIDv5 of the namespace and `source␟entity␟key␟version`,
+    computed as `uuid.uuid5` does (SHA-1, version and variant bits set) without building a
+    `UUID`: 2.0 µs against 5.1, for every event a producer sends."""
     name = f"{source}\x1f{entity}\x1f{key}\x1f{version}".encode()
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
