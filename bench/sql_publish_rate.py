@@ -20,11 +20,11 @@ from pathlib import Path
 from rich.console import Console
 from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, create_engine
 
+from consumers.runtime import tune_garbage_collector
 from portal_sync.settings import Settings
 from producers.conformance import check_adapter, report_table
 from producers.deployment import load_deployment
 from producers.produce import build_groups
-from producers.runtime import tune_garbage_collector
 from transport.admin import ensure_topics
 
 CONFIG = """[producer]

@@ -1,7 +1,12 @@
 """How the worker's processes run: the collector's thresholds and the GIL's switch interval.
 
 Both the worker and its validator children (`consumers.validators`) hold a batch's tens of
-thousands of small containers while they work on it; each tunes its collector at start."""
+thousands of small containers while they work on it; each tunes its collector at start.
+`portal-sync produce` tunes its process's collector the same way: a source's run holds a
+second's sent messages (their futures until the next checkpoint) and, for a SQL source,
+the rows of its lookback window, which the default thresholds kept rescanning
+(`bench/sql_publish_rate.py`, 50,000 rows, three alternating pairs: 8,485-9,998 events/s
+with the defaults, 11,387-12,038 with these)."""
 
 from __future__ import annotations
 

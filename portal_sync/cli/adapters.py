@@ -143,13 +143,13 @@ def produce(
     """Run every source of a deployment file: publish their changes to Kafka.
     Serves /metrics, /healthz and /readyz on the deployment's metrics port. --metrics-host
     and --state-dir override the file (a container: the file is a read-only ConfigMap)."""
+    from consumers.runtime import tune_garbage_collector
     from observability.http import serve
     from observability.web_config import load_web_config
     from portal_sync.settings import deployment_settings
     from producers.deployment import load_deployment
     from producers.produce import ProduceResult
     from producers.produce import produce as run_produce
-    from producers.runtime import tune_garbage_collector
     from transport.admin import ensure_topics
 
     try:
