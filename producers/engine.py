@@ -199,11 +199,14 @@ class AdapterRunner:
         headers = dead_letter_headers(
             item.code, item.message, f"source:{self.adapter.source}", self.source_id, item.origin
         )
-        key = (
-            message_key(item.entity, item.key, self.adapter.source)
-            if item.entity and item.key
-            else None
-        )
+        try:
+            key = (
+                message_key(item.entity, item.key, self.adapter.source)
+                if item.entity and item.key
+                else None
+            )
+        except UnicodeEncodeError:  # a key with a lone surrogate: no message key is one
+            key = None
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
         value = item.raw or json.dumps({"origin": item.origin}).encode()
         if len(value) > DEAD_LETTER_VALUE_LIMIT:

@@ -54,23 +54,27 @@ def event_bytes(event: Mapping[str, Any]) -> bytes:
     What orjson would write otherwise than `json`, or refuses, is written by `json` as
     before: a float that is NaN or infinite (orjson writes null; `json` writes NaN, which
     `parse_event` then refuses as `invalid_json`), an integer beyond 64 bits, a key that
-    is not text, a lone surrogate, a date or time object (`json` raises)."""
+    is not text, a date or time object (`json` raises). A lone surrogate (no UTF-8 has
+    one) is written as it is, so that `parse_event` refuses the bytes as `not_utf8` and the
+    record goes to the dead letters instead of stopping its source."""
     try:
         raw = orjson.dumps(
             event, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
         )
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         raw = None
-    if raw is None or (b"null" in raw and _has_non_finite_float(event)):
-        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    if raw is None or (b"null" in raw and has_non_finite_float(event)):
+        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-8", "surrogatepass")
     return raw
 
 
-def _has_non_finite_float(value: Any) -> bool:
+def has_non_finite_float(value: Any) -> bool:
+    """Whether a JSON-like value holds a NaN or an infinity (orjson writes them as null)."""
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, Mapping):
-        return any(_has_non_finite_float(item) for item in value.values())
+        return any(has_non_finite_float(item) for item in value.values())
     if isinstance(value, list | tuple):
-        return any(_has_non_finite_float(item) for item in value)
+        return any(has_non_finite_float(item) for item in value)
     return False

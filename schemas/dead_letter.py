@@ -79,7 +79,9 @@ def dead_letter_headers(
         "ps.failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "ps.attempt": str(attempt),
     }
-    return [(name, value.encode()) for name, value in headers.items()]
+    # an origin with a lone surrogate (a file name read with `surrogateescape`) is
+    # written escaped rather than stopping its source
+    return [(name, value.encode("utf-8", "backslashreplace")) for name, value in headers.items()]
 
 
 def origin_timestamp_ms(headers: Iterable[tuple[str, bytes]]) -> int | None:

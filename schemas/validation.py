@@ -71,8 +71,9 @@ def derive_event_id(source: str, entity: str, key: str, version: int) -> uuid.UU
 def derive_event_id_text(source: str, entity: str, key: str, version: int) -> str:
     """The event id's text: the UUIDv5 of the namespace and `source␟entity␟key␟version`,
     computed as `uuid.uuid5` does (SHA-1, version and variant bits set) without building a
-    `UUID`: 2.0 µs against 5.1, for every event a producer sends."""
-    name = f"{source}\x1f{entity}\x1f{key}\x1f{version}".encode()
+    `UUID`: 2.0 µs against 5.1, for every event a producer sends. A key with a lone
+    surrogate (whose event is refused as `not_utf8`) gets an id too."""
+    name = f"{source}\x1f{entity}\x1f{key}\x1f{version}".encode("utf-8", "surrogatepass")
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant

@@ -51,9 +51,8 @@ def test_the_bytes_read_as_the_standard_librarys_and_get_the_same_verdict(
     event = build_event("province-79", "citizen", key, 3, OCCURRED, data)
     try:
         before = json_bytes(event)
-    except UnicodeEncodeError:  # a lone surrogate: neither can send it
-        with pytest.raises(UnicodeEncodeError):
-            event_bytes(event)
+    except UnicodeEncodeError:  # a lone surrogate: refused, to the dead letters
+        assert verdict(event_bytes(event)) == "not_utf8"
         return
     raw = event_bytes(event)
     assert verdict(raw) == verdict(before)
@@ -69,6 +68,13 @@ def test_a_non_finite_float_is_written_as_json_writes_it_and_refused(bad: float)
     raw = event_bytes(event)
     assert raw == json_bytes(event)  # NaN / Infinity, not orjson's null
     assert verdict(raw) == "invalid_json"
+
+
+def test_a_lone_surrogate_is_refused_as_not_utf8() -> None:
+    """An adapter's text with a lone surrogate (a file read with `surrogateescape`) is
+    refused by the validation, so the record is dead-lettered, not its source stopped."""
+    event = build_event("province-79", "citizen", "079090000123", 1, OCCURRED, {"x": "a\udc80"})
+    assert verdict(event_bytes(event)) == "not_utf8"
 
 
 def test_what_json_refuses_is_still_refused() -> None:

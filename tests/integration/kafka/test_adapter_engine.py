@@ -11,6 +11,7 @@ import time
 import unicodedata
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,45 @@ def test_the_bytes_sent_are_the_bytes_validated_and_nfc(
         assert parse_event(value).as_sent
     names = {key: json.loads(v)["data"]["full_name"] for key, v in values.items()}
     assert names == {"001090000001": "Nguyễn Văn Ân", "001190000002": "Trần Thị Bình"}
+
+
+class Surrogates(ListAdapter):
+    """Text with a lone surrogate (a file name or file read with `surrogateescape`), in a
+    field and in a key, between two good records; one origin holds one too."""
+
+    changes = (
+        ("001090000001", 1, {"full_name": "Nguyễn Văn An"}),
+        ("001190000002", 1, {"full_name": "Trần Thị B\udce9nh"}),
+        ("00109000000\udc33", 1, {"full_name": "Lê Văn Cường"}),
+        ("001190000004", 1, {"full_name": "Phạm Thị Dung"}),
+    )
+
+    def record(self, position: int) -> Record:
+        record = super().record(position)
+        return replace(record, origin=f"t\udcea-{position}") if position == 2 else record
+
+
+def test_text_that_is_no_utf8_is_dead_lettered_and_the_source_goes_on(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    runner = AdapterRunner("surrogates", Surrogates(), publisher, tmp_path)
+    stats = runner.run_once()
+    assert (stats.published, stats.dead_lettered) == (2, 2)
+    assert load_json_state(tmp_path / "surrogates.state.json") == {"position": 4}
+    from schemas.dead_letter import read_headers
+    from tests.support.kafka_helpers import dead_letter_topic
+
+    settings = publisher.settings  # type: ignore[attr-defined]
+    letters = read_topic(settings, dead_letter_topic(settings))
+    assert [read_headers(letter.headers)["ps.reason.code"] for letter in letters] == [
+        "not_utf8",
+        "not_utf8",
+    ]
+    assert [read_headers(letter.headers)["ps.origin.offset"] for letter in letters] == [
+        "#1",
+        "t\\udcea-2",
+    ]
+    assert [letter.key for letter in letters] == [b"citizen:001190000002:province-01", None]
 
 
 @pytest.mark.parametrize(
