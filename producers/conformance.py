@@ -84,7 +84,7 @@ def run_adapter(adapter: Adapter, state: State, limit: int | None = None) -> Run
     try:
         for item in adapter.read(json.loads(json.dumps(state))):
             if isinstance(item, Checkpoint):
-                run.state = item.state
+                run.state = item.value()
                 run.checkpointed |= {e.event_id for e in run.emitted}
                 if limit is not None and len(run.emitted) >= limit:
                     run.complete = False

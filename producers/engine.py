@@ -226,7 +226,7 @@ class AdapterRunner:
         (events and dead letters before it, and any after it), then run its commit."""
         assert reached.newest is not None
         self._flush()
-        write_json_atomic(self.state_path, reached.newest.state)
+        write_json_atomic(self.state_path, reached.newest.value())
         if reached.newest.commit is not None:
             reached.newest.commit()
         self._count(produced)

@@ -93,10 +93,19 @@ class Checkpoint:
     """Everything yielded before this is complete. After the broker acknowledged it, the
     framework saves `state` durably, then calls `commit` (delete outbox rows, move a file).
     `state` alone must make the next run resume: `commit` is clean-up, and a check run
-    (which never publishes) does not call it."""
+    (which never publishes) does not call it.
 
-    state: State
+    `state` may also be a function that returns it, for a state that is large to copy: the
+    framework calls it only for the checkpoint it saves (at most one an interval, always
+    the newest reached), possibly after the generator went on reading, and it must then
+    return the state as it was when this checkpoint was yielded."""
+
+    state: State | Callable[[], State]
     commit: Callable[[], None] | None = None
+
+    def value(self) -> State:
+        """The state to save."""
+        return self.state() if callable(self.state) else self.state
 
 
 Item = Record | SkippableRecord | Checkpoint

@@ -28,13 +28,14 @@ import hashlib
 import heapq
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+import orjson
 from pydantic import ConfigDict, Field, model_validator
 from sqlalchemy import (
     DateTime,
@@ -64,6 +65,7 @@ from producers.sql_snapshot import (
 )
 from producers.state import write_json_atomic
 from schemas import build_event
+from schemas.builder import has_non_finite_float
 from schemas.events import Entity
 
 log = logging.getLogger(__name__)
@@ -142,15 +144,57 @@ class CursorState:
         default_factory=list, init=False, repr=False, compare=False
     )
     _held: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Since the last `snapshot`: the entries of `seen` replaced or removed, in order (pk,
+    # the entry before, None if there was none), so that the snapshot's state can be
+    # rebuilt from a copy of `seen` when it is saved rather than `seen` copied every page.
+    _undo: list[tuple[str, list[Any] | None]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _head: tuple[str | None, Any, int | None] = field(
+        default=(None, None, None), init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._by_time = [(entry[1], pk) for pk, entry in self.seen.items()]
         heapq.heapify(self._by_time)
 
     def note(self, pk: str, entry: list[Any]) -> None:
-        """Remember a row as `[version sent, updated_at, marker, xid8]`."""
+        """Remember a row as `[version sent, updated_at, marker, xid8]` (a new list: entries
+        are replaced, never changed in place)."""
+        if self._undo is not None:
+            self._undo.append((pk, self.seen.get(pk)))
         self.seen[pk] = entry
         heapq.heappush(self._by_time, (entry[1], pk))
+
+    def snapshot(self) -> Callable[[], dict[str, Any]]:
+        """The state as it is now (`as_dict`), computed when called: from a copy of `seen`
+        with what changed since undone. Only the newest snapshot can be called (a newer one
+        drops what an older one needs); a checkpoint per page then copies `seen`, a whole
+        lookback window of rows, only for the checkpoints saved."""
+        undo: list[tuple[str, list[Any] | None]] = []
+        self._undo = undo
+        head = self._head = (self.updated_at, self.pk, self.xmin)
+
+        def state() -> dict[str, Any]:
+            if self._undo is not undo:
+                raise RuntimeError("a cursor snapshot was called after a newer one was taken")
+            seen = dict(self.seen)
+            for pk, entry in reversed(undo):
+                if entry is None:
+                    del seen[pk]
+                else:
+                    seen[pk] = entry
+            return {"updated_at": head[0], "pk": head[1], "seen": seen, "xmin": head[2]}
+
+        return state
+
+    def moved(self) -> bool:
+        """Whether anything changed since the last `snapshot` (True when none was taken)."""
+        return (
+            self._undo is None
+            or bool(self._undo)
+            or self._head != (self.updated_at, self.pk, self.xmin)
+        )
 
     def forget_before(self, horizon: str) -> None:
         """Forget the rows last written before `horizon` (an updated_at as `seen` holds it;
@@ -167,6 +211,8 @@ class CursorState:
             if _kept(entry, horizon, self.xmin):
                 self._held[pk] = stamp
             else:
+                if self._undo is not None:
+                    self._undo.append((pk, entry))
                 del self.seen[pk]
 
     @classmethod
@@ -382,7 +428,11 @@ class SqlPollingAdapter:
             sent, before = entry[0], entry[1]
             known = entry[2] if len(entry) > 2 else None  # none in states of older releases
             if derived <= sent:  # its own version did not move (same instant), or went back
-                if marker == known or (known is None and derived == sent):
+                if (
+                    marker == known
+                    or (known is None and derived == sent)
+                    or (not config.version_column and _same_as_before(known, data))
+                ):
                     fresh = [sent, stamp, marker, xid]
                     if entry != fresh:  # touched, no new content: remember it as it is now
                         state.note(str(pk), fresh)
@@ -457,9 +507,30 @@ def _kept(seen: list[Any], horizon: str, recorded: int | None) -> bool:
 
 
 def _fingerprint(data: dict[str, Any] | None) -> str:
-    """A short hash of a change's mapped content (None: a delete)."""
+    """A short hash of a change's mapped content (None: a delete): `o` and the hash of its
+    JSON by orjson, keys sorted (a twentieth of a SQL source's publishing was `json`'s
+    instead). What orjson refuses or writes as null (an integer beyond 64 bits, a lone
+    surrogate, a NaN) gets the fingerprint of earlier releases, which `json` computes."""
+    try:
+        body = orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return _json_fingerprint(data)
+    if b"null" in body and has_non_finite_float(data):
+        return _json_fingerprint(data)
+    return "o" + hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+def _json_fingerprint(data: dict[str, Any] | None) -> str:
+    """The fingerprint of releases before orjson's: 16 hex digits (states saved by them
+    hold it for the rows of their lookback window). A lone surrogate, which made them fail,
+    is hashed as it is (the row's event is then refused and dead-lettered)."""
     body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(body.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _same_as_before(known: Any, data: dict[str, Any] | None) -> bool:
+    """A row remembered by a release before orjson's fingerprint, read again unchanged."""
+    return isinstance(known, str) and len(known) == 16 and _json_fingerprint(data) == known
 
 
 def _micros(moment: datetime) -> int:

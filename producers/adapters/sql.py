@@ -50,13 +50,14 @@ class SqlAdapter(Adapter):
 
     def read(self, state: State) -> Iterator[Item]:
         cursor = CursorState.from_dict(state)
-        saved = cursor.as_dict()
+        cursor.snapshot()  # what changes from here on is tracked
         for page in self.poller.pages(cursor):
             yield from (self._record(change) for change in page)
             self.poller.remember(cursor, page)
-            saved = cursor.as_dict()
-            yield Checkpoint(saved)
-        if cursor.as_dict() != saved:  # a snapshot recorded, rows forgotten or touched
+            # the state computed only if this checkpoint is saved (a copy of every row of
+            # the lookback window per page was a twentieth of publishing)
+            yield Checkpoint(cursor.snapshot())
+        if cursor.moved():  # a snapshot recorded, rows forgotten or touched
             yield Checkpoint(cursor.as_dict())
 
     def _record(self, change: SourceChange) -> Record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -185,6 +186,56 @@ def test_first_run_emits_every_row_as_valid_events(
     # the high-water mark is the last row read
     assert (state.updated_at, state.pk) == ("2024-01-15T09:00:02.000000", 3)
     assert set(state.seen) == {"1", "2", "3"}
+
+
+def test_rows_remembered_with_an_older_fingerprint_are_not_sent_again(
+    source: Source, adapters: list[SqlPollingAdapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """States saved by releases before orjson's fingerprint hold `json`'s: a row of their
+    lookback window read again unchanged is not sent again (with a raised version), and is
+    remembered with the new fingerprint from then on."""
+    source.insert(1, "Nguyễn Văn An", T0)
+    source.insert(2, "Trần Thị Bình", T0 + timedelta(seconds=1))
+    adapter = open_adapter(adapters, source)
+    state = CursorState()
+    with monkeypatch.context() as older_release:
+        older_release.setattr(sql_polling, "_fingerprint", sql_polling._json_fingerprint)
+        assert pks(poll(adapter, state)) == [1, 2]
+    assert {len(entry[2]) for entry in state.seen.values()} == {16}
+    state = CursorState.from_dict(json.loads(json.dumps(state.as_dict())))
+    assert poll(adapter, state) == []
+    assert {entry[2][0] for entry in state.seen.values()} == {"o"}
+    source.update(2, T0 + timedelta(seconds=2), ho_ten="Trần Thị Bình Minh")  # still goes out
+    assert pks(poll(adapter, state)) == [2]
+
+
+JSON_DATA = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(first=JSON_DATA, second=JSON_DATA, same=st.booleans())
+@example(first=float("nan"), second=None, same=False)
+@example(first=[float("-inf")], second=[None], same=False)
+@example(first=1, second=1.0, same=False)
+@example(first=1, second=True, same=False)
+@example(first=-0.0, second=0.0, same=False)
+@example(first=2**64, second=2**64, same=False)
+@example(first="\ud800", second="\ud800", same=False)
+def test_the_fingerprint_tells_apart_what_the_older_one_did(
+    first: Any, second: Any, same: bool
+) -> None:
+    """orjson's fingerprint finds two rows' contents equal exactly when `json`'s did:
+    NaN and the infinities (which orjson writes as null), integers beyond 64 bits, lone
+    surrogates, 1 against 1.0 against true, -0.0 against 0.0."""
+    if same:
+        second = json.loads(json.dumps(first))
+    data = {"a": first}, {"a": second}
+    older = sql_polling._json_fingerprint(data[0]) == sql_polling._json_fingerprint(data[1])
+    assert (sql_polling._fingerprint(data[0]) == sql_polling._fingerprint(data[1])) == older
 
 
 def adapter_json(change: SourceChange) -> bytes:
@@ -417,6 +468,45 @@ def test_forgetting_keeps_exactly_what_a_full_sweep_keeps(
                 if seen[1] >= horizon or (xmin is not None and seen[3] >= xmin)
             }
             assert state.seen == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(notes=NOTES, takes=st.lists(st.booleans(), min_size=1, max_size=20))
+def test_a_snapshot_is_the_state_as_it_was_when_taken(
+    one_adapter: SqlPollingAdapter,
+    notes: list[tuple[int, int, int, bool, int | None]],
+    takes: list[bool],
+) -> None:
+    """A checkpoint's state is computed only when it is saved (`CursorState.snapshot`), from
+    `seen` as it is then: it is `as_dict()` as it was when the snapshot was taken, whatever
+    was noted, written again, forgotten (rows noted since too) or moved after it."""
+    state = CursorState()
+    snapshot, expected = state.snapshot(), state.as_dict()
+    for step, (row, seconds, xid, sweep, rise) in enumerate(notes):
+        stamp = (T0 + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
+        state.note(str(row), [seconds, stamp, "m", xid])
+        if state.updated_at is None or stamp > state.updated_at:
+            state.updated_at, state.pk = stamp, row
+        if rise is not None:
+            state.xmin = (state.xmin or 0) + rise
+        if sweep:
+            one_adapter._forget(state)
+        assert state.moved()
+        assert snapshot() == expected
+        if takes[step % len(takes)]:
+            snapshot, expected = state.snapshot(), state.as_dict()
+            assert not state.moved()
+    assert snapshot() == expected
+
+
+def test_only_the_newest_snapshot_can_be_computed() -> None:
+    state = CursorState()
+    older = state.snapshot()
+    state.note("1", [1, T0.isoformat(timespec="microseconds"), "m", None])
+    newer = state.snapshot()
+    with pytest.raises(RuntimeError, match="newer one"):
+        older()
+    assert newer()["seen"] == {"1": [1, T0.isoformat(timespec="microseconds"), "m", None]}
 
 
 @pytest.mark.parametrize(
