@@ -81,13 +81,41 @@ def convert(path: str, value: Any, mapping: FieldMapping, zone: ZoneInfo) -> Any
     return json_value(value, zone)
 
 
-def map_fields(values: Mapping[str, Any], mapping: FieldMapping, zone: ZoneInfo) -> dict[str, Any]:
-    """The `data` of an upsert from one source row."""
-    data: dict[str, Any] = {}
+# A field as `map_fields` walks it: path, column, parent and leaf names, and whether it has
+# no value map nor format.
+FieldStep = tuple[str, str, tuple[str, ...], str, bool]
+
+
+def field_plan(mapping: FieldMapping) -> tuple[FieldStep, ...]:
+    """The steps of `map_fields` for a mapping, worked out once by an adapter that maps
+    many rows rather than for every row."""
+    steps = []
     for path, column in mapping.fields.items():
-        target = data
         *parents, leaf = path.split(".")
+        plain = path not in mapping.value_maps and path not in mapping.formats
+        steps.append((path, column, tuple(parents), leaf, plain))
+    return tuple(steps)
+
+
+def map_fields(
+    values: Mapping[str, Any],
+    mapping: FieldMapping,
+    zone: ZoneInfo,
+    plan: tuple[FieldStep, ...] | None = None,
+) -> dict[str, Any]:
+    """The `data` of an upsert from one source row (`plan`: `field_plan(mapping)`)."""
+    data: dict[str, Any] = {}
+    for path, column, parents, leaf, plain in plan or field_plan(mapping):
+        target = data
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = convert(path, values.get(column), mapping, zone)
+        value = values.get(column)
+        if plain and (value is None or type(value) in _JSON_SCALARS):
+            target[leaf] = value  # what `convert` would return, without its lookups
+        else:
+            target[leaf] = convert(path, value, mapping, zone)
     return data
+
+
+# Values a driver gives that are already JSON, as `json_value` would return them.
+_JSON_SCALARS = frozenset({str, int, float, bool})

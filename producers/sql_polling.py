@@ -54,7 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from producers.mapping import FieldMapping, map_fields, strptime_pattern
+from producers.mapping import FieldMapping, field_plan, map_fields, strptime_pattern
 from producers.sdk import FatalError
 from producers.sql_snapshot import (
     XID_LABEL,
@@ -265,6 +265,7 @@ class SqlPollingAdapter:
     def __init__(self, config: SqlSourceConfig) -> None:
         self.config = config
         self.zone = ZoneInfo(config.timezone)
+        self._plan = field_plan(config)
         # A source row's values are personal data: never in errors or SQL logging.
         self.engine = create_engine(config.url, hide_parameters=True)
         self.table = self._from_clause()
@@ -474,7 +475,7 @@ class SqlPollingAdapter:
         return moment.replace(tzinfo=self.zone)
 
     def _data(self, values: Any) -> dict[str, Any]:
-        return map_fields(values, self.config, self.zone)
+        return map_fields(values, self.config, self.zone, self._plan)
 
     # -- after publishing ---------------------------------------------------------------
 

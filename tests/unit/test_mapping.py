@@ -1,0 +1,84 @@
+"""`map_fields` with its plan worked out once (`field_plan`): the same `data` as converting
+every field of every row, whatever the paths, value maps, formats and driver values."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from producers.mapping import FieldMapping, convert, field_plan, map_fields
+
+ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+class Text(str):
+    """A driver's own text type (a str subclass): converted as any other value."""
+
+
+def every_field_converted(values: dict[str, Any], mapping: FieldMapping) -> dict[str, Any]:
+    """What `map_fields` did before its plan: `convert` for every field."""
+    data: dict[str, Any] = {}
+    for path, column in mapping.fields.items():
+        target = data
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = convert(path, values.get(column), mapping, ZONE)
+    return data
+
+
+NAMES = st.sampled_from(["ho_ten", "dia_chi", "ngay_sinh", "gioi_tinh", "so", "ma"])
+PATHS = st.sampled_from(["full_name", "address.line", "address.ward", "birth_date", "sex", "a.b.c"])
+VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=10)
+    | st.text(max_size=10).map(Text)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=2)
+    | st.dates()
+    | st.datetimes()
+    | st.datetimes(timezones=st.just(UTC))
+    | st.sampled_from(["Nam", "Nữ", "19900102", "1990-01-02"])
+)
+
+
+@given(
+    fields=st.dictionaries(PATHS, NAMES, min_size=1),
+    mapped=st.sets(PATHS),
+    formatted=st.sets(PATHS),
+    values=st.dictionaries(NAMES, VALUES),
+)
+def test_the_plan_maps_as_converting_every_field(
+    fields: dict[str, str], mapped: set[str], formatted: set[str], values: dict[str, Any]
+) -> None:
+    mapping = FieldMapping(
+        fields=fields,
+        value_maps={path: {"Nam": "male", "Nữ": "female"} for path in mapped},
+        formats={path: "yyyyMMdd" for path in formatted - mapped},
+    )
+    expected = every_field_converted(values, mapping)
+    assert map_fields(values, mapping, ZONE, field_plan(mapping)) == expected
+    assert map_fields(values, mapping, ZONE) == expected
+
+
+def test_a_nested_path_and_a_value_map() -> None:
+    mapping = FieldMapping(
+        fields={"full_name": "ho_ten", "address.line": "dia_chi", "sex": "gt", "born": "ns"},
+        value_maps={"sex": {"Nam": "male"}},
+        formats={"born": "yyyyMMdd"},
+    )
+    row = {"ho_ten": "Nguyễn Văn An", "dia_chi": "Số 1 Lê Lợi", "gt": "Nam", "ns": "19900102"}
+    assert map_fields(row, mapping, ZONE, field_plan(mapping)) == {
+        "full_name": "Nguyễn Văn An",
+        "address": {"line": "Số 1 Lê Lợi"},
+        "sex": "male",
+        "born": date(1990, 1, 2).isoformat(),
+    }
+    born = map_fields({"ns": datetime(1990, 1, 2)}, mapping, ZONE)["born"]
+    assert born == "1990-01-02T00:00:00+07:00"
