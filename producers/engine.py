@@ -179,7 +179,7 @@ class AdapterRunner:
         event = record.event(self.adapter.source, self.adapter.entity)
         value = event_bytes(event)
         try:
-            valid = parse_event(value)
+            valid = parse_event(value, warn=False)  # the worker reports the warnings
         except InvalidEvent as error:
             entity = record.entity or self.adapter.entity
             self._dead_letter(

@@ -245,6 +245,7 @@ class SourceChange:
     pk: Any
     key: str
     updated_at: datetime  # the cursor value: naive as stored, or UTC when it has a zone
+    stamp: str  # updated_at as the cursor's state holds it (`_iso`)
     version: int
     occurred_at: datetime  # updated_at in the source's zone
     data: dict[str, Any] | None  # None: the row is (soft-)deleted
@@ -448,6 +449,7 @@ class SqlPollingAdapter:
             pk,
             str(values[config.key_column]),
             moment,
+            stamp,
             version,
             occurred,
             data,
@@ -483,7 +485,7 @@ class SqlPollingAdapter:
         """After a page is acknowledged: advance the high-water mark, note the rows as seen,
         and forget rows that no poll will read again."""
         for change in page:
-            stamp = _iso(change.updated_at)
+            stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])
             mark = (stamp, change.pk)
             if state.updated_at is None or mark > (state.updated_at, state.pk):
