@@ -139,6 +139,8 @@ class Publisher:
             raise PublishError(f"flush failed: {type(error).__name__}") from None
         pending, self._pending = self._pending, []
         for future in pending:
+            if future.is_done and not future.failed():
+                continue  # acknowledged (`get` would build a timer for each of them)
             try:
                 future.get(timeout=0)
             except Exception as error:
