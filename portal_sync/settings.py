@@ -17,14 +17,16 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumers.cache import DEFAULT_RECORDS
-from producers.deployment import Deployment
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
 from transport.config import KafkaConnection
 from transport.topics import Topics
 
-if TYPE_CHECKING:  # the worker's imports (store, merge, metrics) only for the commands that run it
+# Types only: the worker's imports (store, merge, metrics) for the commands that run it, the
+# producers' (kafka-python, SQLAlchemy's engine) for those that produce.
+if TYPE_CHECKING:
     from consumers.worker import WorkerConfig
+    from producers.deployment import Deployment
 
 
 def user_data_dir() -> Path:
