@@ -192,7 +192,7 @@ class Poller:
         records = []
         for item in self.adapter.read(json.loads(json.dumps(self.state))):
             if isinstance(item, Checkpoint):
-                self.state = json.loads(json.dumps(item.state))
+                self.state = json.loads(json.dumps(item.value()))
             elif isinstance(item, Record):
                 records.append(item)
         return records
@@ -298,7 +298,7 @@ def test_a_poll_stopped_between_pages_still_captures_a_late_row_once(
     first_page = []
     for item in items:
         if isinstance(item, Checkpoint):
-            poller.state = json.loads(json.dumps(item.state))
+            poller.state = json.loads(json.dumps(item.value()))
             break
         first_page.append(item)
     items.close()
