@@ -32,6 +32,7 @@ import orjson
 
 from schemas.json_text import loads_exact
 from schemas.views import CanonicalRecord, RecordKey, SourceView
+from store.pg_arrays import bigint_array, bool_array, int_array, text_array, utf8_array
 
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
@@ -71,6 +72,18 @@ def _view_json(data: Any) -> str | None:
     if data is None:
         return None
     return orjson.dumps(data if type(data) is dict else dict(data)).decode()
+
+
+def _json_utf8(value: Any) -> bytes | None:
+    """`_json` as UTF-8, for PostgreSQL's arrays (`store.pg_arrays.utf8_array`)."""
+    return None if value is None else orjson.dumps(value)
+
+
+def _view_json_utf8(data: Any) -> bytes | None:
+    """`_view_json` as UTF-8."""
+    if data is None:
+        return None
+    return orjson.dumps(data if type(data) is dict else dict(data))
 
 
 def _history_row(row: dict[str, Any], applied_at: Any) -> tuple[Any, ...]:
@@ -276,12 +289,12 @@ CANONICAL_SQL = (
 )
 
 
-def _key_arrays(keys: Sequence[RecordKey]) -> list[list[str]]:
-    return [[e for e, _ in keys], [k for _, k in keys]]
+def _key_arrays(keys: Sequence[RecordKey]) -> list[Any]:
+    return [text_array([e for e, _ in keys]), text_array([k for _, k in keys])]
 
 
-def _partition_arrays(partitions: Sequence[TopicPartition]) -> list[list[Any]]:
-    return [[t for t, _ in partitions], [p for _, p in partitions]]
+def _partition_arrays(partitions: Sequence[TopicPartition]) -> list[Any]:
+    return [text_array([t for t, _ in partitions]), int_array([p for _, p in partitions])]
 
 
 def _offsets(rows: Iterable[Any]) -> dict[TopicPartition, int]:
@@ -425,7 +438,7 @@ class PostgresBatchIO(BatchIO):
 
     def lock(self, keys: Sequence[RecordKey]) -> None:
         if keys:
-            self._run(LOCK_SQL, [[f"{entity}:{key}" for entity, key in keys]])
+            self._run(LOCK_SQL, [text_array([f"{entity}:{key}" for entity, key in keys])])
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True
@@ -450,14 +463,14 @@ class PostgresBatchIO(BatchIO):
             " WHERE source_views.version < excluded.version",
             [
                 _naive(now),
-                [e for e, _, _ in rows],
-                [k for _, k, _ in rows],
-                [v.source for _, _, v in rows],
-                [v.version for _, _, v in rows],
-                [v.event_id for _, _, v in rows],
+                text_array([e for e, _, _ in rows]),
+                text_array([k for _, k, _ in rows]),
+                text_array([v.source for _, _, v in rows]),
+                bigint_array([v.version for _, _, v in rows]),
+                text_array([v.event_id for _, _, v in rows]),
                 [_naive(v.occurred_at) for _, _, v in rows],
-                [v.deleted for _, _, v in rows],
-                [_view_json(v.data) for _, _, v in rows],
+                bool_array([v.deleted for _, _, v in rows]),
+                utf8_array([_view_json_utf8(v.data) for _, _, v in rows]),
             ],
         )
 
@@ -466,7 +479,11 @@ class PostgresBatchIO(BatchIO):
             "DELETE FROM source_views v USING unnest(%b::text[], %b::text[], %b::text[])"
             " AS w(entity, key, source)"
             " WHERE v.entity = w.entity AND v.key = w.key AND v.source = w.source",
-            [[e for e, _, _ in rows], [k for _, k, _ in rows], [s for _, _, s in rows]],
+            [
+                text_array([e for e, _, _ in rows]),
+                text_array([k for _, k, _ in rows]),
+                text_array([s for _, _, s in rows]),
+            ],
             planned=True,
         )
 
@@ -485,11 +502,11 @@ class PostgresBatchIO(BatchIO):
                 " provenance = excluded.provenance",
                 [
                     _naive(now),
-                    [e for (e, _), _ in present],
-                    [k for (_, k), _ in present],
-                    [_json(r.data) for _, r in present],
-                    [_json(r.sources) for _, r in present],
-                    [_json(r.origins) for _, r in present],
+                    text_array([e for (e, _), _ in present]),
+                    text_array([k for (_, k), _ in present]),
+                    utf8_array([_json_utf8(r.data) for _, r in present]),
+                    utf8_array([_json_utf8(r.sources) for _, r in present]),
+                    utf8_array([_json_utf8(r.origins) for _, r in present]),
                 ],
             )
         gone = [key for key, record in records.items() if record is None]
@@ -497,7 +514,7 @@ class PostgresBatchIO(BatchIO):
             self._run(
                 "DELETE FROM records r USING unnest(%b::text[], %b::text[]) AS w(entity, key)"
                 " WHERE r.entity = w.entity AND r.key = w.key",
-                [[e for e, _ in gone], [k for _, k in gone]],
+                _key_arrays(gone),
                 planned=True,
             )
 
@@ -603,8 +620,9 @@ class PostgresBatchIO(BatchIO):
 
     def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
         items = list(ranges.items())
-        topics = [t for (t, _), _ in items]
-        partitions = [p for (_, p), _ in items]
+        topics = text_array([t for (t, _), _ in items])
+        partitions = int_array([p for (_, p), _ in items])
+        next_offsets = bigint_array([r[1] for _, r in items])
         self._run(
             "INSERT INTO apply_journal (topic, partition, first_offset, next_offset, events,"
             " committed_at) SELECT t, p, f, n, c, %b FROM unnest(%b::text[], %b::int[],"
@@ -613,9 +631,9 @@ class PostgresBatchIO(BatchIO):
                 _naive(now),
                 topics,
                 partitions,
-                [r[0] for _, r in items],
-                [r[1] for _, r in items],
-                [r[2] for _, r in items],
+                bigint_array([r[0] for _, r in items]),
+                next_offsets,
+                int_array([r[2] for _, r in items]),
             ],
         )
         self._run(
@@ -624,7 +642,7 @@ class PostgresBatchIO(BatchIO):
             " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset,"
             " updated_at = excluded.updated_at"
             " WHERE applied_offsets.next_offset < excluded.next_offset",
-            [_naive(now), topics, partitions, [r[1] for _, r in items]],
+            [_naive(now), topics, partitions, next_offsets],
         )
 
 

@@ -56,6 +56,7 @@ from schemas.values import value_class
 from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
+from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
     applied_offsets,
@@ -238,6 +239,7 @@ def create_store_engine(url: str) -> Engine:
     # locks and then reads them (and the count of other writes) in later statements, each
     # of which must see what committed before it; under REPEATABLE READ the reads would
     # keep a snapshot from before the locks were granted.
+    register_dumpers()  # the batch's arrays, sent in binary as built (`store.pg_arrays`)
     return create_engine(
         url,
         pool_pre_ping=True,
