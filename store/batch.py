@@ -5,8 +5,9 @@ the database plans it once:
 
 - PostgreSQL: the rows of a table travel as a handful of arrays (`unnest(%b::text[], …)`),
   one statement per table: `INSERT … SELECT FROM unnest … ON CONFLICT … DO UPDATE`, reads
-  as joins on `unnest`, deletes as `DELETE … USING unnest … RETURNING`. psycopg sends the
-  arrays in its binary format; no multi-row `VALUES` text is built or parsed. In pipeline
+  as joins on `unnest`, deletes as `DELETE … USING unnest … RETURNING`. The arrays go in
+  PostgreSQL's binary form, built by `store.pg_arrays` (JSON documents as orjson's bytes);
+  no multi-row `VALUES` text is built or parsed. In pipeline
   mode: a batch's reads are answered in one round trip, and its writes are sent without
   waiting (`send`, part after part while the reconciler merges the next) and waited for
   once (`settle`), before the commit. History, append-only, is the exception: its rows
