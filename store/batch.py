@@ -278,15 +278,22 @@ OFFSETS_SQL = (
     " JOIN unnest(%b::text[], %b::int[]) AS w(topic, partition)"
     " ON a.topic = w.topic AND a.partition = w.partition"
 )
+# The batch's records looked up key by key in the primary key's index, whatever the
+# planner estimates: a lateral subquery that `OFFSET 0` keeps from being flattened into a
+# join. As a join, PostgreSQL hashed the whole table for a batch's keys while it held
+# tens of thousands of rows (2,000 keys among 40,000 views: 49-67 ms against 25-38 for
+# the index lookups; docs/performance.md, nineteenth round) and chose the index only once
+# the table was much larger.
 VIEWS_SQL = (
     "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
-    " v.data FROM source_views v JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
-    " ON v.entity = w.entity AND v.key = w.key"
+    " v.data FROM unnest(%b::text[], %b::text[]) AS w(entity, key) CROSS JOIN LATERAL"
+    " (SELECT * FROM source_views s WHERE s.entity = w.entity AND s.key = w.key OFFSET 0)"
+    " AS v"
 )
 CANONICAL_SQL = (
-    "SELECT r.entity, r.key, r.data FROM records r"
-    " JOIN unnest(%b::text[], %b::text[]) AS w(entity, key)"
-    " ON r.entity = w.entity AND r.key = w.key"
+    "SELECT r.entity, r.key, r.data FROM unnest(%b::text[], %b::text[]) AS w(entity, key)"
+    " CROSS JOIN LATERAL"
+    " (SELECT * FROM records s WHERE s.entity = w.entity AND s.key = w.key OFFSET 0) AS r"
 )
 
 

@@ -40,9 +40,53 @@ def test_lookups_by_key_are_never_prepared_and_writes_are(postgres_store_url: st
         lookups = [
             s
             for s in prepared
-            if ("JOIN unnest" in s or "USING unnest" in s)
+            if ("JOIN unnest" in s or "USING unnest" in s or "JOIN LATERAL" in s)
             and any(f"FROM {t} " in s for t in tables)
         ]
         assert lookups == [], lookups
+    finally:
+        store.close()
+
+
+def test_lookups_by_key_use_the_primary_key_whatever_the_estimates(
+    postgres_store_url: str,
+) -> None:
+    """A batch's 2,000 keys among 40,000 rows: as a join, PostgreSQL hashed the whole table
+    (a sequential scan); the lookups go through the primary key's index instead."""
+    from store.batch import CANONICAL_SQL, VIEWS_SQL
+    from store.pg_arrays import text_array
+
+    store = Store(postgres_store_url)
+    store.drop_schema()
+    store.create_schema()
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO source_views SELECT 'citizen', lpad(n::text, 12, '0'),"
+                    " 'province-79', 1, 'e', now(), false, '{}'::json, now()"
+                    " FROM generate_series(1, 40000) AS n"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO records SELECT 'citizen', lpad(n::text, 12, '0'),"
+                    " '{}'::json, '{}'::json, now(), '{}'::json FROM generate_series(1, 40000) AS n"
+                )
+            )
+            conn.commit()
+            conn.execute(text("ANALYZE source_views"))
+            conn.execute(text("ANALYZE records"))
+            dbapi = conn.connection.driver_connection
+            assert dbapi is not None
+            keys = [f"{n:012d}" for n in range(1, 40001, 20)]
+            params = [text_array(["citizen"] * len(keys)), text_array(keys)]
+            for sql, table in ((VIEWS_SQL, "source_views"), (CANONICAL_SQL, "records")):
+                cursor = dbapi.cursor()
+                cursor.execute("EXPLAIN " + sql, params, prepare=False)
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                assert f"Index Scan using {table}_pkey" in plan, plan
+                assert "Seq Scan" not in plan and "Hash" not in plan, plan
+            conn.rollback()
     finally:
         store.close()
