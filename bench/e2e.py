@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import gc
 import hashlib
 import io
@@ -45,6 +46,7 @@ import threading
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -349,13 +351,17 @@ class Infra:
         return str(self.pg.url(name))
 
     def stop(self) -> None:
-        for cleanup in reversed(self.cleanups):
-            cleanup()
+        """Every piece stopped, even when one fails to or an interrupt comes meanwhile (an
+        interrupted run had left its PostgreSQL server running)."""
+        steps: list[Callable[[], object]] = list(reversed(self.cleanups))
         if self.kafka is not None:
-            self.kafka.down()
+            steps.append(self.kafka.down)
         if self.pg is not None:
-            self.pg.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            steps.append(self.pg.stop)
+        steps.append(lambda: shutil.rmtree(self.tmp, ignore_errors=True))
+        with contextlib.ExitStack() as stack:  # runs them in this order, each whatever happens
+            for step in reversed(steps):
+                stack.callback(step)
 
 
 def settings_for(infra: Infra, prefix: str, store_url: str, partitions: int) -> Settings:
