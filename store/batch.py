@@ -5,9 +5,9 @@ the database plans it once:
 
 - PostgreSQL: the rows of a table travel as a handful of arrays (`unnest(%b::text[], …)`),
   one statement per table: `INSERT … SELECT FROM unnest … ON CONFLICT … DO UPDATE`, reads
-  as joins on `unnest`, deletes as `DELETE … USING unnest … RETURNING`. The arrays go in
-  PostgreSQL's binary form, built by `store.pg_arrays` (JSON documents as orjson's bytes);
-  no multi-row `VALUES` text is built or parsed. In pipeline
+  as index lookups per key of `unnest` (`VIEWS_SQL`), deletes as `DELETE … USING unnest …
+  RETURNING`. The arrays go in PostgreSQL's binary form, built by `store.pg_arrays` (JSON
+  documents as orjson's bytes); no multi-row `VALUES` text is built or parsed. In pipeline
   mode: a batch's reads are answered in one round trip, and its writes are sent without
   waiting (`send`, part after part while the reconciler merges the next) and waited for
   once (`settle`), before the commit. History, append-only, is the exception: its rows
@@ -56,6 +56,11 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+def _json_utf8(value: Any) -> bytes | None:
+    """`_json` as UTF-8, for PostgreSQL's arrays (`store.pg_arrays.utf8_array`)."""
+    return None if value is None else orjson.dumps(value)
+
+
 # Timezones changed by arithmetic: `datetime.replace(tzinfo=…)` takes about 1.4 µs in
 # CPython 3.11, the subtraction from an aware epoch 0.9 and the addition to one 0.2 (a view
 # read or written takes one each).
@@ -68,23 +73,17 @@ def _naive(moment: datetime) -> datetime:
     return moment if moment.tzinfo is None else _NAIVE_EPOCH + (moment - _EPOCH)
 
 
-def _view_json(data: Any) -> str | None:
-    """A view's data as JSON text (orjson takes a dict, not any mapping)."""
-    if data is None:
-        return None
-    return orjson.dumps(data if type(data) is dict else dict(data)).decode()
-
-
-def _json_utf8(value: Any) -> bytes | None:
-    """`_json` as UTF-8, for PostgreSQL's arrays (`store.pg_arrays.utf8_array`)."""
-    return None if value is None else orjson.dumps(value)
-
-
 def _view_json_utf8(data: Any) -> bytes | None:
-    """`_view_json` as UTF-8."""
+    """A view's data as JSON, UTF-8 (orjson takes a dict, not any mapping)."""
     if data is None:
         return None
     return orjson.dumps(data if type(data) is dict else dict(data))
+
+
+def _view_json(data: Any) -> str | None:
+    """A view's data as JSON text."""
+    encoded = _view_json_utf8(data)
+    return None if encoded is None else encoded.decode()
 
 
 def _history_row(row: dict[str, Any], applied_at: Any) -> tuple[Any, ...]:
