@@ -36,6 +36,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -427,6 +428,7 @@ def worker_command(settings: Settings, until_caught_up: bool) -> list[str]:
     exe = Path(sys.executable).with_name("portal-sync")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "portal_sync"]
     command += [
+        "--verbose",  # the worker's closing line: its batches' time by phase (`phases`)
         "worker",
         "--bootstrap",
         settings.kafka_bootstrap,
@@ -630,8 +632,31 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
         or f"store = pure merge ({len(store)} records, {digest(store)}), dead letters {dead}"
     )
     note += f"; {txns}"
+    split = phases([infra.tmp / f"worker-{label}-{i}.log" for i in range(workers)])
+    if split:
+        note += f"; ms per batch: {split}"
     peak = max(rss.values()) if rss else None
     return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us, kids_us)
+
+
+PHASES_LINE = re.compile(r"(\d+) batches; time by phase: (.+)$", re.MULTILINE)
+
+
+def phases(logs: list[Path]) -> str:
+    """The workers' batches' mean time per phase (their closing log lines), in ms: where a
+    batch's time went (check runs while the batch before is applied)."""
+    batches = 0
+    seconds: dict[str, float] = {}
+    for path in logs:
+        found = PHASES_LINE.findall(path.read_text(errors="replace")) if path.exists() else []
+        for count, items in found[-1:]:
+            batches += int(count)
+            for item in items.split(", "):
+                name, value, _ = item.split(" ")
+                seconds[name] = seconds.get(name, 0.0) + float(value)
+    if not batches:
+        return ""
+    return ", ".join(f"{name} {total / batches * 1000:.0f}" for name, total in seconds.items())
 
 
 def statements_reset(store_url: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from time import perf_counter
 from typing import Any
 
 from consumers.cache import RecordCache
@@ -105,11 +106,19 @@ class BatchReport:
     changes: list[HistoryEntry] = field(default_factory=list)  # history entries written
     records_kept: int = 0  # records taken from the worker's cache instead of read
     records_read: int = 0  # records read from the store
+    # Wall time of the transaction's phases, in seconds (`PHASES`).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def applied(self) -> list[tuple[str, datetime]]:
         """(source, occurred_at) of every event this batch applied."""
         return [(o.source, o.occurred_at) for o in self.outcomes if o.outcome == "applied"]
 
+
+# A batch's store transaction, in order: `read` (the records' locks, the stored offsets, the
+# records not kept), `merge` (the events merged; on PostgreSQL the parts but the last sent
+# meanwhile), `write` (the last part written and everything sent waited for, then the dead
+# letters' acknowledgements), `commit`.
+PHASES = ("read", "merge", "write", "commit")
 
 DEFAULT_MAX_CLOCK_SKEW_SECONDS = 300.0
 
@@ -333,6 +342,7 @@ class Reconciler:
         cache: RecordCache | None,
     ) -> BatchReport:
         report = BatchReport()
+        began = perf_counter()
         partitions = {m.tp for m in batch}
         keys = {(c.event.entity, c.event.key) for c in events}
         known = cache.held(keys) if cache is not None else set()
@@ -348,6 +358,7 @@ class Reconciler:
                 elif known:
                     tx.read_known()
             report.records_read = len(keys) - report.records_kept
+            read = perf_counter()
             if after_offsets is not None:
                 after_offsets(stored)
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
@@ -387,12 +398,21 @@ class Reconciler:
                     if tp in changes.offsets and start >= stored.get(tp, start):
                         first, end, count = changes.offsets[tp]
                         changes.offsets[tp] = (min(first, start), end, count)
+            merged = perf_counter()
             report.new_conflicts = tx.write(changes, now)
             report.anomalies = anomalies
             report.changes = history
             if before_commit is not None:
                 before_commit()
+            written = perf_counter()
         report.committed_at = utcnow()
+        committed = perf_counter()
+        report.phases = {
+            "read": read - began,
+            "merge": merged - read,
+            "write": written - merged,
+            "commit": committed - written,
+        }
         if cache is not None:
             ends = {tp: end for tp, (_, end, _) in changes.offsets.items()}
             cache.put(

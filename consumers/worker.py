@@ -40,8 +40,10 @@ from consumers.merge import Authority
 from consumers.metrics import (
     COMMIT_SECONDS,
     FRESHNESS,
+    PHASE_TOTALS,
     WorkerHealth,
     record_batch,
+    record_check,
     record_dead_letters,
     record_warnings,
 )
@@ -168,7 +170,9 @@ class BatchProcessor:
 
     def prepare(self, messages: Sequence[Message]) -> Prepared:
         """Parse and validate a batch (no I/O): may run while another batch is applied."""
+        began = time.perf_counter()
         valid, dead = self._classify(messages)
+        record_check(time.perf_counter() - began)
         return Prepared(valid, dead)
 
     def _classify(self, messages: Sequence[Message]) -> tuple[list[Checked], list[DeadLetter]]:
@@ -449,6 +453,8 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     try:
         return asyncio.run(loop.run())
     finally:
+        if PHASE_TOTALS.batches:  # where the batches' time went (docs/performance.md)
+            log.info("%d batches; time by phase: %s", PHASE_TOTALS.batches, PHASE_TOTALS.summary())
         processor.close()
         store.close()
 
