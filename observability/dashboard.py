@@ -10,6 +10,7 @@ from observability.alerts import DEFAULT, JOBS, Thresholds, _edge
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'source=~"$source",entity=~"$entity"'
 RATE = "[$__rate_interval]"
+PHASE = "portal_sync_batch_phase_duration_seconds"
 STATUS_NAMES = ("OK", "WARN", "STALL", "STOP")
 STATUS_COLORS = ("green", "yellow", "red", "dark-red")
 
@@ -268,6 +269,20 @@ def dashboard(t: Thresholds = DEFAULT) -> dict[str, Any]:
             (16, 34, 8, 8),
             [_target(f"up{{{JOBS}}}", "{{job}} {{instance}}")],
             unit="none",
+        ),
+        _panel(
+            "timeseries",
+            "Batch time by phase (mean per batch): check runs while the batch before is "
+            "applied; read, merge, write and commit make up its store transaction",
+            (0, 42, 24, 8),
+            [
+                _target(
+                    f"sum by (phase) (rate({PHASE}_sum{RATE})) / "
+                    f"sum by (phase) (rate({PHASE}_count{RATE}))",
+                    "{{phase}}",
+                )
+            ],
+            unit="s",
         ),
     ]
     for number, panel in enumerate(panels, start=1):
