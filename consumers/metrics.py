@@ -74,6 +74,12 @@ class PhaseTotals:
         self._seconds: Tally[str] = Tally()
         self.batches = 0
 
+    def reset(self) -> None:
+        """A new run (a worker started again in the same process: the tests)."""
+        with self._lock:
+            self._seconds.clear()
+            self.batches = 0
+
     def add(self, phases: dict[str, float], batch: bool = True) -> None:
         with self._lock:
             self._seconds.update(phases)

@@ -450,6 +450,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         )
     tune_garbage_collector()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    PHASE_TOTALS.reset()
     try:
         return asyncio.run(loop.run())
     finally:

@@ -60,6 +60,8 @@ def test_the_bench_reads_the_workers_closing_lines(tmp_path: Path) -> None:
         logger.info("%d batches; time by phase: %s", totals.batches, totals.summary())
         handler.close()
         logs.append(path)
+    totals.reset()
+    assert totals.batches == 0 and totals.summary().startswith("check 0.000 s, read 0.000 s")
     # 20 batches: 4 s of checks (200 ms a batch), 10 s in each phase (500 ms a batch)
     assert phases(logs) == "check 200, read 500, merge 500, write 500, commit 500"
     assert phases([tmp_path / "absent.log"]) == ""
