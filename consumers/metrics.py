@@ -61,43 +61,35 @@ BATCH_PHASE_SECONDS = Histogram(
     ["phase"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-for _phase in ("check", *PHASES):
+for _phase in ("check", *PHASES):  # exported at 0 from the start
     BATCH_PHASE_SECONDS.labels(_phase)
 
 
-class PhaseTotals:
-    """The seconds each phase took over a run, for the worker's closing log line (any
-    thread adds; the loop reads at the end)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seconds: Tally[str] = Tally()
-        self.batches = 0
-
-    def reset(self) -> None:
-        """A new run (a worker started again in the same process: the tests)."""
-        with self._lock:
-            self._seconds.clear()
-            self.batches = 0
-
-    def add(self, phases: dict[str, float], batch: bool = True) -> None:
-        with self._lock:
-            self._seconds.update(phases)
-            self.batches += 1 if batch else 0
-
-    def summary(self) -> str:
-        """ "check 1.203 s, read 0.912 s, merge 4.480 s, write 1.620 s, commit 0.101 s"."""
-        with self._lock:
-            return ", ".join(f"{p} {self._seconds[p]:.3f} s" for p in ("check", *PHASES))
+PHASE_NAMES = ("check", *PHASES)
+PhaseTotals = tuple[int, dict[str, float]]  # store transactions, seconds per phase
 
 
-PHASE_TOTALS = PhaseTotals()
+def phase_totals() -> PhaseTotals:
+    """What the phase histogram holds so far in this process: its store transactions (the
+    `commit` count) and its seconds per phase."""
+
+    def sample(suffix: str, phase: str) -> float:
+        name = f"portal_sync_batch_phase_duration_seconds_{suffix}"
+        return REGISTRY.get_sample_value(name, {"phase": phase}) or 0.0
+
+    return int(sample("count", "commit")), {p: sample("sum", p) for p in PHASE_NAMES}
+
+
+def phase_summary(start: PhaseTotals, end: PhaseTotals) -> tuple[int, str]:
+    """The batches between two `phase_totals` and their seconds per phase, as the worker's
+    closing line gives them: "check 1.203 s, read 0.912 s, merge 4.480 s, …"."""
+    text = ", ".join(f"{p} {end[1][p] - start[1][p]:.3f} s" for p in PHASE_NAMES)
+    return end[0] - start[0], text
 
 
 def record_check(seconds: float) -> None:
     """A batch's contract checks (`BatchProcessor.prepare`)."""
     BATCH_PHASE_SECONDS.labels("check").observe(seconds)
-    PHASE_TOTALS.add({"check": seconds}, batch=False)
 
 
 RECORD_READS = Counter(
@@ -175,10 +167,8 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
         for value in values:
             observe(value)
     BATCH_EVENTS.observe(len(report.outcomes))
-    if report.phases:
-        for phase, seconds in report.phases.items():
-            BATCH_PHASE_SECONDS.labels(phase).observe(seconds)
-        PHASE_TOTALS.add(report.phases)
+    for phase, seconds in report.phases.items():
+        BATCH_PHASE_SECONDS.labels(phase).observe(seconds)
     for entity, field_name in report.new_conflicts:
         FIELD_CONFLICTS.labels(entity, field_name).inc()
     DOSSIER_ANOMALIES.inc(report.anomalies)

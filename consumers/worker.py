@@ -40,8 +40,9 @@ from consumers.merge import Authority
 from consumers.metrics import (
     COMMIT_SECONDS,
     FRESHNESS,
-    PHASE_TOTALS,
     WorkerHealth,
+    phase_summary,
+    phase_totals,
     record_batch,
     record_check,
     record_dead_letters,
@@ -450,12 +451,13 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         )
     tune_garbage_collector()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    PHASE_TOTALS.reset()
+    started = phase_totals()
     try:
         return asyncio.run(loop.run())
     finally:
-        if PHASE_TOTALS.batches:  # where the batches' time went (docs/performance.md)
-            log.info("%d batches; time by phase: %s", PHASE_TOTALS.batches, PHASE_TOTALS.summary())
+        batches, phases = phase_summary(started, phase_totals())
+        if batches:  # where the run's batches spent their time (docs/performance.md)
+            log.info("%d batches; time by phase: %s", batches, phases)
         processor.close()
         store.close()
 
