@@ -2,8 +2,8 @@
 
 Samples `/proc/stat` and every process's user + system time every `--interval` seconds and
 writes one line per sample: the cores busy, then the cores each kind of process used
-(worker, kafka-connect, broker, postgres, other). Run it beside a bench, then average a
-window of it:
+(worker, its validator children, kafka-connect, broker, postgres, other). Run it beside a
+bench, then average a window of it:
 
     .venv/bin/python bench/cpu_share.py record /tmp/cpu.txt &      # stop it with kill
     ../shared/bench/peer_jdbc_sink/run.sh 100000
@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
-KINDS = ("worker", "kafka-connect", "broker", "postgres", "other")
+KINDS = ("worker", "validator", "kafka-connect", "broker", "postgres", "other")
+# `portal-sync [global options] worker …`: the options (`--verbose`) may come between.
+WORKER = re.compile(r"portal[-_]sync(?: +-[-\w=]+)* +worker ")
 
 
 def kind(command: str) -> str:
-    if "portal-sync worker" in command or "portal_sync worker" in command:
+    if WORKER.search(command):
         return "worker"
+    if "multiprocessing.spawn" in command:  # a worker's validator child (consumers.validators)
+        return "validator"
     if "ConnectStandalone" in command or "ConnectDistributed" in command:
         return "kafka-connect"
     if "kafka.Kafka" in command:

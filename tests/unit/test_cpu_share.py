@@ -18,6 +18,16 @@ from bench.cpu_share import kind, window
         ),
         ("/usr/bin/python3 -m portal_sync worker ", "worker"),
         (
+            "/tmp/peer-venv/bin/python3.11 /tmp/peer-venv/bin/portal-sync --verbose worker ",
+            "worker",
+        ),
+        (
+            "/tmp/peer-venv/bin/python3.11 -B -c from multiprocessing.spawn import spawn_main; "
+            "spawn_main(tracker_fd=14, pipe_handle=18) --multiprocessing-fork ",
+            "validator",
+        ),
+        ("/tmp/peer-venv/bin/portal-sync --verbose workers-guide ", "other"),
+        (
             "java -Xmx1g -cp /x/* org.apache.kafka.connect.cli.ConnectStandalone a b ",
             "kafka-connect",
         ),
