@@ -25,7 +25,7 @@ text (`json` on PostgreSQL), so every other reader of the store is unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,7 +86,7 @@ def _view_json(data: Any) -> str | None:
     return None if encoded is None else encoded.decode()
 
 
-def _history_row(row: dict[str, Any], applied_at: Any) -> tuple[Any, ...]:
+def _history_row(row: Mapping[str, Any], applied_at: Any) -> tuple[Any, ...]:
     """A history entry's values in the order of both backends' statements (entity, key,
     event id, source, version, changes as JSON, applied at in the backend's form)."""
     return (
@@ -181,8 +181,8 @@ class BatchIO:
         self,
         views: Sequence[tuple[str, str, SourceView]],
         records: dict[RecordKey, CanonicalRecord | None],
-        history: Sequence[dict[str, Any]],
-        anomalies: Sequence[dict[str, Any]],
+        history: Sequence[Mapping[str, Any]],
+        anomalies: Sequence[Mapping[str, Any]],
         conflicts: Conflicts,
         conflicts_absent: Collection[RecordKey],
         document_owners: dict[RecordKey, RecordKey | None],
@@ -213,10 +213,10 @@ class BatchIO:
     ) -> None:
         raise NotImplementedError
 
-    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+    def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
         raise NotImplementedError
 
-    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+    def add_anomalies(self, rows: Sequence[Mapping[str, Any]]) -> None:
         raise NotImplementedError
 
     def replace_conflicts(
@@ -413,7 +413,7 @@ class PostgresBatchIO(BatchIO):
         super().__init__(dbapi)
         self._pipeline: contextlib.ExitStack | None = None
         self._pending: list[tuple[list[tuple[str, str, str, Any]], Any]] = []
-        self._history: list[dict[str, Any]] = []  # copied when the batch settles
+        self._history: list[Mapping[str, Any]] = []  # copied when the batch settles
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         """Every statement sent without waiting for the one before (pipeline mode): the
@@ -525,7 +525,7 @@ class PostgresBatchIO(BatchIO):
                 planned=True,
             )
 
-    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+    def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Kept until the batch settles, then copied (`COPY` cannot run in a pipeline).
         PostgreSQL inserts copied rows in bulk: 15.5 → 10.9 µs per row against an
         `INSERT … SELECT FROM unnest`, both sides (docs/performance.md, twelfth round)."""
@@ -546,7 +546,7 @@ class PostgresBatchIO(BatchIO):
                     naive = _naive(last)
                 write(_history_row(r, naive))
 
-    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+    def add_anomalies(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
         self._run(
@@ -794,14 +794,14 @@ class SqliteBatchIO(BatchIO):
             [key for key, record in records.items() if record is None],
         )
 
-    def append_history(self, rows: Sequence[dict[str, Any]]) -> None:
+    def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self._many(
             "INSERT INTO record_history (entity, key, event_id, source, version, changes,"
             " applied_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [_history_row(r, _text_time(r["applied_at"])) for r in rows],
         )
 
-    def add_anomalies(self, rows: Sequence[dict[str, Any]]) -> None:
+    def add_anomalies(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self._many(
             "INSERT INTO dossier_anomalies (key, source, from_status, to_status, event_id,"
             " detected_at) VALUES (?, ?, ?, ?, ?, ?)",

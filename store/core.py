@@ -757,8 +757,8 @@ class BatchTransaction:
         return (
             [(row.entity, row.key, row.view) for row in changes.views],
             changes.records,
-            [dict(entry) for entry in changes.history],
-            [dict(anomaly) for anomaly in changes.anomalies],
+            changes.history,  # the entries as they are: the store only reads them
+            changes.anomalies,
             changes.conflicts,
             changes.conflicts_absent,
             changes.document_owners,
