@@ -130,7 +130,11 @@ def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[flo
     tick = os.sysconf("SC_CLK_TCK")
 
     def server_cpu() -> float:
-        fields = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+        """The backend's user and system time; NaN when the server is not on this host."""
+        try:
+            fields = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
         return (int(fields[11]) + int(fields[12])) / tick
 
     views: dict[str, dict[str, SourceView]] = {}  # what the reads return, kept in memory
