@@ -7,7 +7,8 @@ read and one upsert. This replays the peer harness's citizen events (`--peer`, a
 `bench/instructions.py` makes them: three in four update a record, a fifth from a second
 source) in batches of 2,000 through each layout's statements, as `store.batch` sends them
 (binary arrays, `unnest`, `ON CONFLICT`; the reads by index), on a throwaway PostgreSQL
-(fsync off), and prints the server backend's CPU per event (`/proc/<pid>/stat`, so the
+(fsync off; the two-row layout in the store's own schema and statements, `store.batch`'s
+`PostgresBatchIO`), and prints the server backend's CPU per event (`/proc/<pid>/stat`, so the
 neighbours' load counts less than in a wall time), the wall time per event (both sides)
 and the tables' size. History, conflicts and offsets are the same in both layouts and left
 out; the merge is the worker's (`consumers.merge.merge`).
@@ -37,40 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from consumers.config import load_rules
 from consumers.merge import merge
 from schemas.views import CanonicalRecord, SourceView
-from store.pg_arrays import bigint_array, bool_array, register_dumpers, text_array, utf8_array
+from store.batch import CANONICAL_SQL, VIEWS_SQL, PostgresBatchIO
+from store.core import Store
+from store.pg_arrays import text_array, utf8_array
 
 BATCH = 2000
 Event = tuple[str, str, int, str, datetime, dict[str, Any]]  # key, source, version, id, time, data
 
-TABLES = """
-CREATE TABLE source_views (entity varchar(16), key varchar(64), source varchar(64),
-  version bigint NOT NULL, event_id varchar(36) NOT NULL, occurred_at timestamp NOT NULL,
-  deleted boolean NOT NULL, data json, applied_at timestamp NOT NULL,
-  PRIMARY KEY (entity, key, source));
-CREATE TABLE records (entity varchar(16), key varchar(64), data json NOT NULL,
-  sources json NOT NULL, updated_at timestamp NOT NULL, provenance json,
-  PRIMARY KEY (entity, key));
+# The one-row layout: the store's `records` with a `views` column, and its statements in
+# the form of the store's own (`store.batch`), which the two-row layout runs as they are.
+ONE_ROW_TABLE = """
 CREATE TABLE records_with_views (entity varchar(16), key varchar(64), data json NOT NULL,
   sources json NOT NULL, updated_at timestamp NOT NULL, provenance json,
-  views json NOT NULL, PRIMARY KEY (entity, key));
+  views json NOT NULL, PRIMARY KEY (entity, key))
 """
-# The store's statements (store.batch), and the one-row layout's in the same form.
-WRITE_VIEWS = (
-    "INSERT INTO source_views (entity, key, source, version, event_id, occurred_at, deleted,"
-    " data, applied_at) SELECT e, k, s, v, i, o, d, CAST(j AS json), %b FROM unnest(%b::text[],"
-    " %b::text[], %b::text[], %b::bigint[], %b::text[], %b::timestamp[], %b::bool[], %b::text[])"
-    " AS u(e, k, s, v, i, o, d, j) ON CONFLICT (entity, key, source) DO UPDATE SET"
-    " version = excluded.version, event_id = excluded.event_id,"
-    " occurred_at = excluded.occurred_at, deleted = excluded.deleted, data = excluded.data,"
-    " applied_at = excluded.applied_at WHERE source_views.version < excluded.version"
-)
-WRITE_RECORDS = (
-    "INSERT INTO records (entity, key, data, sources, updated_at, provenance)"
-    " SELECT e, k, CAST(d AS json), CAST(s AS json), %b, CAST(p AS json)"
-    " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) AS u(e, k, d, s, p)"
-    " ON CONFLICT (entity, key) DO UPDATE SET data = excluded.data, sources = excluded.sources,"
-    " updated_at = excluded.updated_at, provenance = excluded.provenance"
-)
 WRITE_ONE_ROW = (
     "INSERT INTO records_with_views (entity, key, data, sources, updated_at, provenance, views)"
     " SELECT e, k, CAST(d AS json), CAST(s AS json), %b, CAST(p AS json), CAST(w AS json)"
@@ -79,18 +60,23 @@ WRITE_ONE_ROW = (
     " sources = excluded.sources, updated_at = excluded.updated_at,"
     " provenance = excluded.provenance, views = excluded.views"
 )
-_LOOKUP = (
-    "FROM unnest(%b::text[], %b::text[]) AS w(entity, key) CROSS JOIN LATERAL"
-    " (SELECT * FROM {table} s WHERE s.entity = w.entity AND s.key = w.key OFFSET 0) AS r"
+READ_ONE_ROW = (
+    "SELECT r.entity, r.key, r.data, r.views FROM unnest(%b::text[], %b::text[])"
+    " AS w(entity, key) CROSS JOIN LATERAL (SELECT * FROM records_with_views s"
+    " WHERE s.entity = w.entity AND s.key = w.key OFFSET 0) AS r"
 )
-READ_VIEWS = (
-    "SELECT r.entity, r.key, r.source, r.version, r.event_id, r.occurred_at, r.deleted, r.data "
-    + _LOOKUP.format(table="source_views")
-)
-READ_RECORDS = "SELECT r.entity, r.key, r.data " + _LOOKUP.format(table="records")
-READ_ONE_ROW = "SELECT r.entity, r.key, r.data, r.views " + _LOOKUP.format(
-    table="records_with_views"
-)
+
+
+def create_tables(store_url: str) -> None:
+    """The store's schema (its migrations; this also registers the binary arrays' dumpers
+    for the connections made after it) and the one-row layout's table beside it."""
+    store = Store(store_url)
+    try:
+        store.create_schema()
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(ONE_ROW_TABLE)
+    finally:
+        store.close()
 
 
 def peer_events(harness: Path, count: int) -> list[Event]:
@@ -137,6 +123,7 @@ def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[flo
             return float("nan")
         return (int(fields[11]) + int(fields[12])) / tick
 
+    store = PostgresBatchIO(connection)  # the store's own statements for views and records
     views: dict[str, dict[str, SourceView]] = {}  # what the reads return, kept in memory
     now = datetime(2026, 12, 3)
     cpu, wall = server_cpu(), time.perf_counter()
@@ -144,7 +131,7 @@ def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[flo
         batch = events[start : start + BATCH]
         keys = list(dict.fromkeys(key for key, *_ in batch))
         lookup = [text_array(["citizen"] * len(keys)), text_array(keys)]
-        for sql in (READ_ONE_ROW,) if one_row else (READ_VIEWS, READ_RECORDS):
+        for sql in (READ_ONE_ROW,) if one_row else (VIEWS_SQL, CANONICAL_SQL):
             connection.execute(sql, lookup, prepare=False).fetchall()
         changed: dict[tuple[str, str], SourceView] = {}
         merged: dict[str, CanonicalRecord] = {}
@@ -158,37 +145,28 @@ def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[flo
             record = merge("citizen", current.values(), authority)
             assert record is not None
             merged[key] = record
-        rows = list(merged.items())
-        records = [
-            now,
-            text_array(["citizen"] * len(rows)),
-            text_array([key for key, _ in rows]),
-            utf8_array([orjson.dumps(record.data) for _, record in rows]),
-            utf8_array([orjson.dumps(record.sources) for _, record in rows]),
-            utf8_array([orjson.dumps(record.origins) for _, record in rows]),
-        ]
         if one_row:
-            every_view = [
-                orjson.dumps({s: _view_json(v) for s, v in views[key].items()}) for key, _ in rows
-            ]
-            connection.execute(WRITE_ONE_ROW, [*records, utf8_array(every_view)])
-        else:
-            items = list(changed.items())
+            rows = list(merged.items())
             connection.execute(
-                WRITE_VIEWS,
+                WRITE_ONE_ROW,
                 [
                     now,
-                    text_array(["citizen"] * len(items)),
-                    text_array([key for (key, _), _ in items]),
-                    text_array([source for (_, source), _ in items]),
-                    bigint_array([view.version for _, view in items]),
-                    text_array([view.event_id for _, view in items]),
-                    [view.occurred_at for _, view in items],
-                    bool_array([view.deleted for _, view in items]),
-                    utf8_array([orjson.dumps(view.data) for _, view in items]),
+                    text_array(["citizen"] * len(rows)),
+                    text_array([key for key, _ in rows]),
+                    utf8_array([orjson.dumps(record.data) for _, record in rows]),
+                    utf8_array([orjson.dumps(record.sources) for _, record in rows]),
+                    utf8_array([orjson.dumps(record.origins) for _, record in rows]),
+                    utf8_array(
+                        [
+                            orjson.dumps({s: _view_json(v) for s, v in views[key].items()})
+                            for key, _ in rows
+                        ]
+                    ),
                 ],
             )
-            connection.execute(WRITE_RECORDS, records)
+        else:
+            store.write_views([("citizen", key, view) for (key, _), view in changed.items()], now)
+            store.write_records({("citizen", key): record for key, record in merged.items()}, now)
         connection.commit()
     return server_cpu() - cpu, time.perf_counter() - wall
 
@@ -205,13 +183,11 @@ def main() -> None:
     from tests.support.postgres_server import start_postgres
 
     events = peer_events(args.peer, args.events)
-    register_dumpers()
     postgres = start_postgres(settings={"fsync": "off", "synchronous_commit": "off"})
     try:
+        create_tables(postgres.url("postgres"))
         url = postgres.url("postgres").replace("postgresql+psycopg", "postgresql")
         with psycopg.connect(url) as connection:
-            connection.execute(TABLES)
-            connection.commit()
             layouts: list[tuple[str, bool, str]] = [
                 ("views and records, two rows an event", False, "source_views, records"),
                 ("a record's views in its row, one row", True, "records_with_views"),

@@ -1,5 +1,5 @@
 """bench/row_layout.py: both layouts, fed the same events, hold the same records, and the
-one-row layout's views are the two-row layout's `source_views` rows."""
+one-row layout's views are the `source_views` rows the store's own statements wrote."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import psycopg
 
-from bench.row_layout import TABLES, Event, replay
-from store.core import Store
+from bench.row_layout import Event, create_tables, replay
 
 
 def _data(name: str, phone: str, line: str | None = None) -> dict[str, Any]:
@@ -45,11 +44,9 @@ def _json_rows(connection: psycopg.Connection[Any], sql: str) -> list[tuple[Any,
 
 
 def test_both_layouts_hold_the_same_records_and_views(postgres_store_url: str) -> None:
-    Store(postgres_store_url).close()  # registers the binary arrays' dumpers
+    create_tables(postgres_store_url)
     url = postgres_store_url.replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(url) as connection:
-        connection.execute(TABLES)
-        connection.commit()
         replay(connection, EVENTS, one_row=False)
         replay(connection, EVENTS, one_row=True)
         two = _json_rows(
@@ -66,7 +63,7 @@ def test_both_layouts_hold_the_same_records_and_views(postgres_store_url: str) -
         held = _json_rows(connection, "SELECT key, views FROM records_with_views ORDER BY key")
     assert one == two
     assert [key for key, *_ in two] == ["079085001234", "092180003839"]
-    record = dict((key, (data, sources)) for key, data, sources, _ in two)["092180003839"]
+    record = {key: (data, sources) for key, data, sources, _ in two}["092180003839"]
     # The later view (ministry-bca, version 3) gives its fields, the other source the rest;
     # the stale version 2 changed nothing.
     assert record[0]["full_name"] == "Phan Thị Oánh"
