@@ -11,7 +11,7 @@ bench, then average a window of it:
 
 `--start` is a wall-clock time (UTC, as the harness logs) or a Unix time. On the 2-core
 development machine this showed the peer's one sink task using 1.3 cores of its JVM while
-one worker process, bound by its GIL, used at most one (docs/performance.md, tenth round).
+one worker process, bound by its GIL, used at most one (docs/performance-log.md, tenth round).
 Linux only.
 """
 

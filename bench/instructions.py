@@ -20,7 +20,7 @@ difference of the sizes, is an event's cost without the start-up (imports, schem
 Compare two versions of the code in the same checkout (git stash, or two worktrees with
 their own venvs): hash seeds are fixed, so the same code gives the same count to within
 about 0.1 %. Needs valgrind (Debian: `apt-get install valgrind`); about a minute per 2,000
-events. docs/performance.md, eighth round. With `--peer`, the harness's generator makes
+events. docs/performance-log.md, eighth round. With `--peer`, the harness's generator makes
 40,000 events over 10,000 keys (or `--large`, if more, over a quarter as many), and the
 first 10,000 create each record once: the example above counts the 6,000 updates after
 them (seventeenth round).

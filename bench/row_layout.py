@@ -16,7 +16,7 @@ out; the merge is the worker's (`consumers.merge.merge`).
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink --rounds 3
 
-docs/performance.md, twenty-second round.
+docs/performance-log.md, twenty-second round.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A batch reads, under its records' locks, every source's view and the canonical d
 the records it touches, and after its commit those are exactly what it wrote. The next
 batch that touches one of these records can take them from here instead of reading them
 back: on a source's updates (three in four of the peer bench's events) the reads were a
-quarter of a batch's time (docs/performance.md, sixteenth round). With them go their field
+quarter of a batch's time (docs/performance-log.md, sixteenth round). With them go their field
 conflicts as the batch left them in the store (when it knows them: the records it changed
 or took from here), which the next batch would otherwise compute again before changing a
 record (seventeenth round).
@@ -41,7 +41,7 @@ FieldConflicts = dict[str, list[list[str]]]  # field -> groups of sources that a
 
 # The default bound, in records: 1.6-2 KB each (the worker's RSS with 20,000 kept: +32 MB
 # on bench/e2e.py's mix, +36-40 MB to 266-276 MB growing a store to a million records,
-# against a budget of 300 MB): half that keeps the worker near 250 MB (docs/performance.md,
+# against a budget of 300 MB): half that keeps the worker near 250 MB (docs/performance-log.md,
 # sixteenth round).
 DEFAULT_RECORDS = 10_000
 

@@ -212,7 +212,7 @@ def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRan
 OWNER_ENTITIES = {"citizen": "citizen", "organization": "organization"}
 # Events merged per part of a batch on a store whose writes overlap the merge (PostgreSQL):
 # small enough that the database starts early, big enough that a statement's fixed cost
-# stays small per event (docs/performance.md).
+# stays small per event (docs/performance-log.md).
 PART_EVENTS = 500
 
 

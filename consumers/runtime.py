@@ -15,7 +15,7 @@ import gc
 # Each batch keeps tens of thousands of small containers alive (events, views, rows), so
 # CPython's default thresholds (700, 10, 10) ran young and middle collections that kept
 # rescanning them: with the defaults, parsing took 51 µs per event and applying 83 µs;
-# with (50,000, 20, 100), 23 and 72 µs (docs/performance.md). A young collection every
+# with (50,000, 20, 100), 23 and 72 µs (docs/performance-log.md). A young collection every
 # 200,000 allocations (about one per batch of 2,000 events) instead of every 50,000 took
 # the worker from 86-96 to 73-78 µs of CPU per event (three alternating pairs), RSS the
 # same. The batch's objects are freed by reference counting; the collector only has

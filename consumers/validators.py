@@ -8,7 +8,7 @@ applies the batch before it. A child answers each message with a verdict: a dead
 reason, or "valid" with its soft warnings and the fields applying it needs (entity, key,
 source, version, op, time, id and the payload as the model dumps it). The worker takes
 those as they come (`AcceptedEvent`): it neither parses nor validates the message again.
-Unpickling a verdict costs about a tenth of checking the message (docs/performance.md).
+Unpickling a verdict costs about a tenth of checking the message (docs/performance-log.md).
 
 A child that dies (killed, out of memory) breaks the pool: the batch is checked in the
 worker's own process and a new pool is started for the next one. The verdicts never

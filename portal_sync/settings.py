@@ -287,6 +287,6 @@ def default_validator_processes() -> int:
     Since a child hands the worker each valid event's fields (`consumers.validators`), one
     child took one worker from 8,586-10,487 to 12,180-12,733 events/s on PostgreSQL on
     this project's 2-core machine, with the broker and the database beside it
-    (docs/performance.md, tenth round); the worker alone is bound by its one core."""
+    (docs/performance-log.md, tenth round); the worker alone is bound by its one core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(0, min((cores or 1) - 1, 8))

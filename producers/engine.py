@@ -7,7 +7,7 @@ after a crash keep their event id and version, so the reconciler drops them.
 A checkpoint without a `commit` is saved at most once per `checkpoint_interval` seconds (the
 newest one reached), and always when the run ends, fails or stops: a SQL source yields one
 per page, and waiting for the broker and rewriting the state file after each page of 1,000
-rows was a sixth of its publishing (docs/performance.md); a crash re-sends at most that
+rows was a sixth of its publishing (docs/performance-log.md); a crash re-sends at most that
 interval's events. A checkpoint with a `commit` is saved at once, and the adapter resumes
 after its clean-up ran (the outbox names in its state only the rows whose clean-up has not
 run yet).

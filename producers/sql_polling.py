@@ -139,7 +139,7 @@ class CursorState:
     # since is skipped when it comes up), and those past the window kept for their xid8.
     # `forget_before` takes the rows that fell behind the window from the heap instead of
     # sweeping all of `seen` after every page: a sliding window of 60,000 rows swept after
-    # each page of 1,000 was a fifth of a SQL source's publishing (docs/performance.md).
+    # each page of 1,000 was a fifth of a SQL source's publishing (docs/performance-log.md).
     _by_time: list[tuple[str, str]] = field(
         default_factory=list, init=False, repr=False, compare=False
     )

@@ -18,7 +18,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
     orjson, not `json`: a SQL source's state is written after every page and holds every
     row of its lookback window (tens of thousands under a bulk update); `json.dumps` of it
-    was 12 % of the adapter's publishing (docs/performance.md). Keys that are not text are
+    was 12 % of the adapter's publishing (docs/performance-log.md). Keys that are not text are
     written as text, as `json` does; what orjson refuses (integers beyond 64 bits: a
     source's NUMBER(38) primary key) is written by `json`."""
     path.parent.mkdir(parents=True, exist_ok=True)

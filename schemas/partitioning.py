@@ -36,7 +36,7 @@ def murmur2(data: bytes) -> int:
     Python, on purpose. The `murmurhash2` C module (0.26 µs a key against 1.5 here) lets
     the GIL go during every call, so a thread that hashes while another one runs Python
     waits to get it back: the producer's `send` next to kafka-python's sender thread spent
-    21-30 µs a message with it, 17-24 without (three alternating pairs, docs/performance.md).
+    21-30 µs a message with it, 17-24 without (three alternating pairs, docs/performance-log.md).
     tests/unit/test_partitioning.py holds it to a line-by-line port of the Java code and
     to Java's vectors."""
     length = len(data)

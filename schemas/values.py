@@ -3,7 +3,7 @@ a checked event, a source's view, a merged record, ...).
 
 A frozen dataclass sets each field in `__init__` through `object.__setattr__`, a generic
 call that cost the worker about 9 % of its instructions per event (callgrind, the bench's
-mix: docs/performance.md, eighth round). A `value_class` is a dataclass with slots whose fields
+mix: docs/performance-log.md, eighth round). A `value_class` is a dataclass with slots whose fields
 are set directly, and the type checker still treats it as frozen (`dataclass_transform`
 with `frozen_default`): mypy, strict in CI, rejects an assignment to a field. Equality and
 hashing are a frozen dataclass's: by field values (`unsafe_hash`: the hash of a value with

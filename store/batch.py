@@ -281,7 +281,7 @@ OFFSETS_SQL = (
 # planner estimates: a lateral subquery that `OFFSET 0` keeps from being flattened into a
 # join. As a join, PostgreSQL hashed the whole table for a batch's keys while it held
 # tens of thousands of rows (2,000 keys among 40,000 views: 49-67 ms against 25-38 for
-# the index lookups; docs/performance.md, nineteenth round) and chose the index only once
+# the index lookups; docs/performance-log.md, nineteenth round) and chose the index only once
 # the table was much larger.
 VIEWS_SQL = (
     "SELECT v.entity, v.key, v.source, v.version, v.event_id, v.occurred_at, v.deleted,"
@@ -343,7 +343,7 @@ class PostgresBatchIO(BatchIO):
         scan, whose cost grows with the table. A worker that started on an empty store kept
         it while the store grew (steady load, 80,000 views: 8.6 ms per read of a
         100-event batch, against 0.9 for the index lookups a fresh plan chooses;
-        docs/performance.md, thirteenth round)."""
+        docs/performance-log.md, thirteenth round)."""
         cursor = self.dbapi.cursor()
         cursor.execute(sql, params, prepare=False if planned else None)
         return cursor
@@ -528,7 +528,7 @@ class PostgresBatchIO(BatchIO):
     def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Kept until the batch settles, then copied (`COPY` cannot run in a pipeline).
         PostgreSQL inserts copied rows in bulk: 15.5 → 10.9 µs per row against an
-        `INSERT … SELECT FROM unnest`, both sides (docs/performance.md, twelfth round)."""
+        `INSERT … SELECT FROM unnest`, both sides (docs/performance-log.md, twelfth round)."""
         self._history.extend(rows)
 
     def _copy_history(self) -> None:

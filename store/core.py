@@ -234,7 +234,7 @@ def create_store_engine(url: str) -> Engine:
         return engine
     # JSON as psycopg reads it (a batch's views and records): orjson, a third of the time
     # of the driver's default `json.loads` (3 % of the worker's CPU on updates:
-    # docs/performance.md), wherever it reads the same values.
+    # docs/performance-log.md), wherever it reads the same values.
     # READ COMMITTED whatever the server's or role's default: a batch takes its records'
     # locks and then reads them (and the count of other writes) in later statements, each
     # of which must see what committed before it; under REPEATABLE READ the reads would

@@ -3,7 +3,7 @@
 The batch statements send their rows as arrays (`unnest(%b::text[], …)`, `store.batch`).
 psycopg dumps a Python list element by element in a Python loop, after two passes over it
 to find its elements' type (once to pick the dumper, once to upgrade it): about 10 % of
-the worker's batch thread on the peer's events (docs/performance.md, nineteenth round).
+the worker's batch thread on the peer's events (docs/performance-log.md, nineteenth round).
 Here the type is known, so an array is built in one pass of `map` and `bytes.join`, and a
 JSON document (orjson's bytes) goes in without being decoded to text and encoded again.
 

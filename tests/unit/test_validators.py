@@ -121,7 +121,7 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
 
 def test_a_child_collects_as_seldom_as_the_worker() -> None:
     """A child holds a slice of a batch as the worker holds the batch: with CPython's
-    default thresholds its checks cost a quarter more (docs/performance.md)."""
+    default thresholds its checks cost a quarter more (docs/performance-log.md)."""
     validators = Validators(1, Rules(None, None, TOPICS, 300.0), Registry())
     try:
         assert validators.pool.submit(gc.get_threshold).result() == GC_THRESHOLDS

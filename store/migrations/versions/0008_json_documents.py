@@ -4,7 +4,7 @@ the records' data, sources and provenance, the history's changes and the conflic
 The store writes and reads whole documents and never looks inside one in SQL. `jsonb`
 parses every document into its binary form when it is written and prints it back when it
 is read; `json` checks the text and keeps it. On the peer bench's 100,000 citizen events
-(docs/performance.md, ninth round) the worker's statements took 22 % less of PostgreSQL's
+(docs/performance-log.md, ninth round) the worker's statements took 22 % less of PostgreSQL's
 time (5,995 → 4,643 ms, three alternating pairs), PostgreSQL's CPU 21 % less. Readers see
 the same values; the field order of a document is now the order it was written in (the
 records' fields are written sorted), which `export` sorts anyway.
