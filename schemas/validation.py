@@ -38,6 +38,10 @@ from schemas.identifiers import (
 from schemas.values import value_class
 
 MAX_EVENT_BYTES = 1_048_576
+# Nesting of one JSON value: the contract's data is a few levels deep, and a value nested
+# hundreds deep exhausts a recursive encoder's or normaliser's stack (orjson writes at most
+# 254 levels; `nfc` and `json.dumps` recurse).
+MAX_DEPTH = 32
 # pydantic-core's validator of the contract itself: `TypeAdapter.validate_json`'s Python
 # wrapper around it cost 0.7 µs of its 5.3 per event.
 _VALIDATE_JSON = CHANGE_EVENT.validator.validate_json
@@ -130,20 +134,42 @@ def _decode_json(raw: bytes) -> Any:
         # Compact JSON that orjson writes back byte for byte (what our producers send) has
         # no duplicate key (orjson keeps the last: it would write fewer bytes) and nothing
         # orjson reads otherwise than the checking decoder below, at a fifth of its cost.
-        if orjson.dumps(value) == raw:
-            return value
+        try:
+            if orjson.dumps(value) == raw:
+                return value
+        except TypeError:  # orjson reads 1,024 levels and writes 254
+            raise InvalidEvent("invalid_json", _TOO_DEEP) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidEvent("not_utf8", "message is not valid UTF-8") from None
     try:
-        return _DECODER.decode(text)
+        value = _DECODER.decode(text)
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as error:
         raise InvalidEvent(
             "invalid_json", f"message is not JSON ({type(error).__name__})"
         ) from None
+    if too_deep(value):  # before `nfc` and `json.dumps`, which recurse
+        raise InvalidEvent("invalid_json", _TOO_DEEP)
+    return value
+
+
+_TOO_DEEP = f"message nests JSON deeper than {MAX_DEPTH} levels"
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether `value` nests dicts and lists more than `limit` deep (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

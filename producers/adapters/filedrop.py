@@ -46,11 +46,11 @@ from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, St
 from schemas.dead_letter import Reason
 from schemas.errors import RecordError
 from schemas.events import Entity
+from schemas.validation import MAX_DEPTH, too_deep
 
 log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_DEPTH = 32  # nesting of one JSON record; the contract's data is a few levels deep
 Row = dict[str, Any] | SkippableRecord  # a line read, or why it could not be
 
 
@@ -130,19 +130,6 @@ def read_json(text: str) -> Any:
     if too_deep(value):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     return value
-
-
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether `value` nests dicts and lists more than `limit` deep (without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 def _is_json(line: str) -> bool:

@@ -36,7 +36,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from producers.adapters.filedrop import (
-    MAX_DEPTH,
     DirectoryAdapter,
     DirectoryConfig,
     UnreadableFile,
@@ -44,12 +43,12 @@ from producers.adapters.filedrop import (
     json_lines,
     read_json,
     small_int,
-    too_deep,
     unmappable,
 )
 from producers.mapping import parse_local
 from producers.sdk import Record, SkippableRecord
 from schemas.identifiers import PERSONAL_ID, TAX_CODE
+from schemas.validation import MAX_DEPTH, too_deep
 
 DATE_FORMAT = "yyyyMMddHHmmss"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -254,6 +254,10 @@ def _invalid() -> Iterator[Hostile]:
     yield bad("BOM", b"\xef\xbb\xbf" + raw)
     yield bad("deeply nested", b'{"key": "' + pid.encode() + b'", "x": ' + b"[" * 5000
               + encoded(name) + b"]" * 5000 + b"}")  # fmt: skip
+    yield bad("nested 300 deep", raw[:-1] + b', "x": ' + b"[" * 300 + encoded(name)
+              + b"]" * 300 + b"}")  # fmt: skip
+    yield bad("nested 600 deep, an escape", raw[:-1] + b', "x": ' + b"[" * 600 + b'"\\ud800", '
+              + encoded(pid) + b"]" * 600 + b"}")  # fmt: skip
     yield bad("nested unknown objects", _citizen(**{"a": {"b": {pid: {name: [pid2]}}}}))
     yield bad("too large", encoded(_citizen() | {"padding": f"{name} {pid} " * 45_000}))
     yield bad("too large data", encoded(_citizen(full_name=f"{name2} {pid2} " * 45_000)))

@@ -169,6 +169,12 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
     yield raw("NaN", text.replace('"version": 200', '"version": NaN'), "invalid_json")
     yield raw("an array", f"[{text}]", "invalid_json")
     yield raw("a string", json.dumps(text), "invalid_json")
+    # nested deeper than orjson writes (254), and than `nfc` recurses (with a lone surrogate
+    # escape, which only the checking decoder reads)
+    yield raw("nested 300 deep", text[:-1] + ', "x": ' + "[" * 300 + "]" * 300 + "}",
+              "invalid_json")  # fmt: skip
+    deep = "[" * 600 + '"\\ud800"' + "]" * 600
+    yield raw("nested 600 deep, an escape", text[:-1] + f', "x": {deep}}}', "invalid_json")
     yield raw("a Latin-1 byte", text.encode().replace(b'"op"', b'"o\xffp"'), "not_utf8")
     yield raw("a lone surrogate as UTF-8", text.encode() + b"\xed\xa0\x80", "not_utf8")
     # -- the envelope
