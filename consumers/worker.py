@@ -270,7 +270,12 @@ class BatchProcessor:
             self._soft_checks(valid, stored)
 
         def flush() -> None:
-            for wait in waits:
+            # Each wait runs once: when an acknowledgement fails, the publisher forgets
+            # what it had pending, so those letters and any later wait's stay unpublished
+            # (not in `lettered`) and the retry sends them again.
+            pending = waits[:]
+            waits.clear()
+            for wait in pending:
                 wait()
 
         began = time.perf_counter()
@@ -347,9 +352,10 @@ class BatchProcessor:
 
         def acknowledged() -> None:
             if todo:
+                letters = todo[:]
+                todo.clear()  # one wait: a failed flush leaves them unpublished
                 self.publisher.flush()
-                lettered.update(_origin(d.message) for d in todo)
-                todo.clear()
+                lettered.update(_origin(d.message) for d in letters)
 
         return acknowledged
 

@@ -378,6 +378,53 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     store.close()
 
 
+def test_a_dead_letter_the_broker_did_not_acknowledge_is_sent_again_before_the_commit(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The broker refuses the first dead letter (its acknowledgement fails): the batch is
+    not committed, and its retry sends that letter again and commits only once it is
+    acknowledged; the failed wait is never counted as published by the next one."""
+    from kafka.errors import NotEnoughReplicasError
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+    from kafka.structs import TopicPartition
+
+    from consumers.registry import Registry
+    from consumers.worker import BatchProcessor
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    valid = [json.dumps(e).encode() for e in citizen_events(6, 1, seed=39)[:6]]
+    raws = [*valid[:2], b"not json", *valid[2:], b"{}"]
+    messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
+    producer = processor.publisher._producer
+    real_send = producer.send
+    refused: list[bytes] = []
+
+    def refuse_the_first(topic: str, **kw: Any) -> Any:
+        if refused:
+            return real_send(topic, **kw)
+        refused.append(kw["value"])  # never reaches the broker; its ack fails
+        result = FutureProduceResult(TopicPartition(topic, 0))
+        future = FutureRecordMetadata(result, 0, -1, None, 0, 0, 0)
+        result.failure(NotEnoughReplicasError())
+        return future
+
+    producer.send = refuse_the_first
+    processor.process(messages)
+    processor.close()
+    assert refused == [b"not json"]
+    assert store.all_offsets() == {(change_topic(settings, "citizen"), 0): len(raws)}
+    # The other letter, acknowledged in the failed try, may be sent again (at least once).
+    letters = _read_all(settings, dead_letter_topic(settings), 3, timeout=6)
+    codes = sorted(read_headers(r.headers)["ps.reason.code"] for r in letters)
+    assert codes.count("invalid_json") == 1, codes
+    assert set(codes) == {"invalid_json", "unsupported_schema_version"}
+    store.close()
+
+
 def test_offsets_reset_refuses_skipping_unapplied_events_and_naive_times_and_records_resets(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
