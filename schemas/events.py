@@ -7,6 +7,7 @@ validation, so the store holds one spelling of every Vietnamese name.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import UTC, date, datetime
 from enum import IntEnum
@@ -57,7 +58,8 @@ def _text(max_length: int, min_length: int = 1) -> Any:
 
 PersonalId = Annotated[str, StringConstraints(pattern=PERSONAL_ID.pattern)]
 TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
-SourceId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,63}$")]
+SOURCE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
+SourceId = Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)[0-9]{9,10}$")]

@@ -20,6 +20,7 @@ import orjson
 
 from portal_sync.settings import Settings
 from schemas.dead_letter import DEAD_LETTER_REASONS, HEADER_PREFIX, KEPT_HEADERS
+from schemas.events import SOURCE_ID
 from schemas.signing import KEY_ID_HEADER
 from store import Store
 from transport.publisher import Publisher
@@ -198,7 +199,12 @@ def _source_of(value: bytes | None, problems: list[str]) -> str | None:
         problems.append(f"value: JSON {_kind(event)}, not an object")
         return None
     source = event.get("source")
-    return source if isinstance(source, str) and len(source) <= 64 else None
+    if not isinstance(source, str) or not SOURCE_ID.match(source) or _NUMBER.search(source):
+        return None  # not a source's id: perhaps a name, a personal id or a phone number
+    return source
+
+
+_NUMBER = re.compile(r"[0-9]{9}")  # personal ids, tax codes, phones: no source id has one
 
 
 def _kind(value: object) -> str:

@@ -131,3 +131,17 @@ def test_any_message_reads_without_raising(
     letter = letter_of(value, tuple(headers))
     assert letter.attempt >= 1
     assert all(isinstance(problem, str) for problem in letter.unreadable)
+
+
+def test_a_letter_shows_its_source_only_when_it_is_a_source_id() -> None:
+    """Anything may stand in a refused event's `source`: a name, a personal id, a phone
+    number; `dlq list` and `dlq show` print it without `--reveal`, so only a source id
+    shows (the hostile corpus's letters: none of its personal data)."""
+    from tests.support.hostile import hostile_corpus, needles
+
+    shown = [letter_of(m.value).source for m in hostile_corpus()]
+    assert "province-01" in shown and "province-99" in shown
+    leaked = [s for s in shown if s and any(n in s for n in needles())]
+    assert leaked == []
+    for source in ("0912345678", "079185123456", "nguyen.van.a@example.vn", "Trần Thị Bích Ngọc"):
+        assert letter_of(b'{"source": "%s"}' % source.encode()).source is None
