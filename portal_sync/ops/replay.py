@@ -9,18 +9,22 @@ Invalid events are counted, not dead-lettered again: the live worker already did
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from consumers.config import load_rules
-from consumers.reconciler import Reconciler, classify
+from consumers.reconciler import BatchReport, Checked, Reconciler, classify
 from portal_sync.settings import Settings
-from store import HistoryEntry, Store
-from transport.reader import RangeReader, Selection
+from schemas.errors import ConfigurationError, Refused, TransientError
+from store import HistoryEntry, Store, TopicPartition
+from transport.reader import Message, RangeReader, Selection
 
 SAMPLE_SIZE = 20
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,15 +83,55 @@ def replay(
                 and (entity is None or c.event.entity == entity)
             ]  # fmt: skip
             summary.outcomes["skipped"] += len(valid) - len(wanted)
-            report = reconciler.apply(
-                wanted, batch, replay=not track_offsets, dry_run=dry_run,
-                starts=reader.batch_starts if track_offsets else None,
-            )  # fmt: skip
-            _count(summary, report.outcomes, report.changes)
+            starts = reader.batch_starts if track_offsets else None
+            apply = partial(reconciler.apply, replay=not track_offsets, dry_run=dry_run)
+            for report in _isolating(apply, wanted, batch, starts, summary):
+                _count(summary, report.outcomes, report.changes)
             if on_progress:
                 on_progress(summary.read, total)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def _isolating(
+    apply: Callable[..., BatchReport],
+    events: Sequence[Checked],
+    batch: Sequence[Message],
+    starts: Mapping[TopicPartition, int] | None,
+    summary: ReplaySummary,
+) -> Iterator[BatchReport]:
+    """Apply a batch; when the store refuses it, halve it until the event it refuses alone
+    is found and skip that one (the live worker dead-lettered it as `apply_failed`), as
+    the worker does, so that one such event never stops a replay or a rebuild."""
+    try:
+        yield apply(events, batch, starts=starts)
+        return
+    except (TransientError, Refused, ConfigurationError):
+        raise
+    except Exception as error:  # a record error, or a bug met by some data
+        if len(batch) == 1:
+            message = batch[0]
+            log.error("event at %s:%d:%d cannot be applied (%s): skipped", message.topic,
+                      message.partition, message.offset, type(error).__name__)  # fmt: skip
+            summary.outcomes["apply_failed"] += 1
+            yield apply([], batch, starts=starts)
+            return
+    middle = len(batch) // 2
+    first, second = batch[:middle], batch[middle:]
+    in_first = {(m.tp, m.offset) for m in first}
+    yield from _isolating(
+        apply, [c for c in events if (c.message.tp, c.message.offset) in in_first], first,
+        starts, summary,
+    )  # fmt: skip
+    # The second half's reads begin where the first half's ended (a compacted log may
+    # have no record between them).
+    after = dict(starts or {}) if starts is not None else None
+    if after is not None:
+        after.update({m.tp: m.offset + 1 for m in first})
+    yield from _isolating(
+        apply, [c for c in events if (c.message.tp, c.message.offset) not in in_first],
+        second, after, summary,
+    )  # fmt: skip
 
 
 def _count(summary: ReplaySummary, outcomes: list[Any], changes: list[HistoryEntry]) -> None:

@@ -356,3 +356,35 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
     copy = settings.model_copy(update={"store_url": rebuilt})
     assert exported(copy) == exported(settings)
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
+
+
+def test_replay_and_rebuild_pass_over_events_the_store_refuses(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A contract-valid event the store cannot hold (year 1 at +14:00 is year 0 in UTC):
+    the worker dead-letters it as `apply_failed`; a replay and a rebuild find it the same
+    way (halving the batch) and go on past it, instead of stopping at it every time."""
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    events = citizen_events(40, 1, seed=44)
+    for n, when in enumerate(["0001-01-01T00:00:00+14:00", "0001-01-01T13:59:59+14:00"]):
+        key = f"00109009{n:04d}"
+        poison = events[0] | {"key": key, "occurred_at": when,
+                              "event_id": str(derive_event_id(events[0]["source"], "citizen",
+                                                              key, 1))}  # fmt: skip
+        events.insert(10 + 20 * n, poison)
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+    live = Store(settings.store_url)
+    assert sum(live.all_offsets().values()) == len(events)
+
+    replayed = cli(settings, "replay", "--since", "1h", "--json")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    outcomes = json.loads(replayed.stdout)["outcomes"]
+    assert outcomes["apply_failed"] == 2 and outcomes["unchanged"] == len(events) - 2, outcomes
+
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
+    assert Store(rebuilt).all_offsets() == live.all_offsets()
