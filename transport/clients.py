@@ -46,6 +46,11 @@ def translate(
         )
     if "Authentication" in name or "SSL" in name:
         return ConfigurationError(f"Kafka refused {who} while trying to {action}: {name}")
+    if name == "UnsupportedCodecError":  # retrying cannot help: the partition would stall
+        return ConfigurationError(
+            f"Kafka: a record batch is compressed with a codec this install cannot read "
+            f"while trying to {action}: install the client's codec libraries"
+        )
     if "Connection" in name and connection is not None:
         reason = diagnose(connection)
         if reason is not None:

@@ -132,6 +132,15 @@ def test_refusals_name_the_principal_never_the_password() -> None:
     assert "hunter2-secret" not in str(refused) + str(failed)
 
 
+def test_a_batch_no_codec_reads_stops_the_worker_instead_of_retrying_forever() -> None:
+    from aiokafka.errors import UnsupportedCodecError
+
+    from transport.clients import translate
+
+    stopped = translate(UnsupportedCodecError("Libraries for zstd not found"), "fetch records")
+    assert isinstance(stopped, ConfigurationError) and "codec" in str(stopped)
+
+
 def test_the_acls_let_a_source_write_changes_and_the_reconciler_read_them() -> None:
     setup = SecureSetup(sources=("province-01",), topics=Topics(prefix="p"), group_id="g")
     table = {(g.principal, g.operation, g.resource, g.name, g.prefixed) for g in grants(setup)}

@@ -1,0 +1,51 @@
+"""Messages compressed by a producer of another stack: Java clients and Debezium often set
+lz4, zstd or snappy. The worker (aiokafka) and the replay's reader (kafka-python) read each
+codec; without its library a client fails on such a batch, and the worker retried it
+forever while its partition stood still."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from consumers.merge import Authority
+from schemas import message_key
+from schemas.partitioning import partition_for
+from tests.support.kafka_helpers import change_topic, ensure_topics
+from tests.support.pipeline_helpers import citizen_events, cli, expected_export, exported
+
+pytestmark = pytest.mark.kafka
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+
+
+def test_every_codec_a_producer_may_use_is_read_by_the_worker_and_the_replay(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    events = citizen_events(60, 2, seed=46)
+    partitions = settings.topics().change_partitions
+    for index, codec in enumerate(CODECS):
+        producer = KafkaProducer(
+            bootstrap_servers=settings.connection().bootstrap,
+            compression_type=codec,
+            linger_ms=50,  # batches of several records: what a codec compresses
+        )
+        for event in events[index :: len(CODECS)]:
+            key = message_key("citizen", event["key"], event["source"])
+            value = json.dumps(event, ensure_ascii=False).encode()
+            producer.send(topic, key=key, value=value, partition=partition_for(key, partitions))
+        producer.flush()
+        producer.close()
+
+    worker = cli(settings, "worker", "--until-caught-up", timeout=120)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    assert exported(settings) == expected_export(events, Authority())
+
+    replayed = cli(settings, "replay", "--since", "1h", "--json")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert json.loads(replayed.stdout)["read"] == len(events)
