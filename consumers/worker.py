@@ -67,7 +67,7 @@ from schemas.errors import PortalSyncError, Refused, TransientError
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
 from transport.config import KafkaConnection
-from transport.group import GroupMember
+from transport.group import GroupMember, check_within_logs
 from transport.publisher import Publisher
 from transport.reader import Message
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
@@ -512,6 +512,7 @@ class ReconcilerLoop:
                 admin.end_offsets, self.config.connection, topic_names
             )
             self.applied = await asyncio.to_thread(self.store.all_offsets)
+            check_within_logs(self.applied, self.targets)
         member = GroupMember(
             self.config.connection,
             topic_names,

@@ -17,20 +17,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from schemas.errors import TransientError
+from schemas.errors import ConfigurationError, TransientError
 from transport.clients import quiet_client_debug, translate
 from transport.config import KafkaConnection
 from transport.reader import Message
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
+
+
+def check_within_logs(stored: Mapping[TP, int], ends: Mapping[TP, int]) -> None:
+    """Refuse to go on when the store has applied past the end of a partition's log (a
+    topic deleted and created again, a cluster restored from an older state): the consumer
+    would fall back to the log's start and take every event below the store's offset as
+    applied already, skipping them without a word."""
+    past = sorted(
+        f"{topic}:{partition} (the store at {stored[(topic, partition)]}, the log's end at {end})"
+        for (topic, partition), end in ends.items()
+        if stored.get((topic, partition), 0) > end
+    )
+    if past:
+        raise ConfigurationError(
+            "the store has applied events past the end of "
+            + ", ".join(past)
+            + ": the topic was created again or the cluster restored; move the store's "
+            "offsets with `portal-sync offsets reset` (docs/operations.md, "
+            '"A change topic behind the store")'
+        )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -117,6 +137,9 @@ class GroupMember:
         wanted = self.assignment() if partitions is None else partitions
         missing = [TopicPartition(t, p) for t, p in wanted if (t, p) not in offsets]
         starts = await self._consumer.beginning_offsets(missing) if missing else {}
+        known = [TopicPartition(t, p) for t, p in wanted if (t, p) in offsets]
+        ends = await self._consumer.end_offsets(known) if known else {}
+        check_within_logs(offsets, {(tp.topic, tp.partition): end for tp, end in ends.items()})
         for topic, partition in wanted:
             tp = TopicPartition(topic, partition)
             offset = offsets.get((topic, partition), starts.get(tp))

@@ -388,3 +388,41 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
     assert Store(rebuilt).all_offsets() == live.all_offsets()
+
+
+def test_a_change_topic_created_again_behind_the_store_stops_the_worker_until_reset(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """The store has applied 20 events of a topic that is then deleted and created again
+    (or a cluster restored from an older state): the log ends below the store's offset.
+    The worker refuses to start there, instead of taking the new events below that offset
+    as applied already; once the store's offsets are moved back, it applies them."""
+    from transport import admin
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    events = citizen_events(25, 1, seed=47)
+    _published(settings, tmp_path, events[:20])
+    _caught_up(settings)
+    topic = settings.topics().change_topic("citizen")
+    store = Store(settings.store_url)
+    assert store.all_offsets() == {(topic, 0): 20}
+    with admin.cluster(settings.connection()) as cluster:
+        cluster.delete_topics([topic])
+    _published(settings, tmp_path, events[20:25])  # `publish` creates the topic again
+
+    past = f"past the end of {topic}:0 (the store at 20, the log's end at 5)"
+    stopped = cli(settings, "worker", "--until-caught-up", timeout=120)
+    assert stopped.returncode != 0, stopped.stdout + stopped.stderr
+    assert past in " ".join(stopped.stderr.split())
+    live = start_worker(settings)  # a worker that runs on: refused when the group assigns
+    output, _ = live.communicate(timeout=120)
+    assert live.returncode != 0 and past in " ".join(output.split()), output
+    assert store.all_offsets() == {(topic, 0): 20}
+
+    reset = cli(settings, "offsets", "reset", "--group", settings.group_id, "--to-time", "1h",
+                "--yes", "--reason", "topic created again")  # fmt: skip
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+    _caught_up(settings)
+    assert store.all_offsets()[(topic, 0)] == 5
+    assert exported(settings) == expected_export(events[:25], Authority())
+    store.close()
