@@ -31,7 +31,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -115,6 +115,11 @@ class Registry:
     def __post_init__(self) -> None:
         if not self.keys:  # built here when the registry is made from sources directly
             object.__setattr__(self, "keys", trusted_keys(self.sources))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for the validator processes) without its keys, which cryptography's
+        objects cannot be: rebuilt from the sources' public keys on the other side."""
+        return (type(self), (self.sources, self.path, self.require_signatures, self.entity_rules))
 
     @property
     def development_mode(self) -> bool:

@@ -28,10 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from consumers.config import load_rules
 from consumers.reconciler import AcceptedEvent, Checked, DeadLetter, classify
 from consumers.registry import Registry
 from consumers.runtime import tune_garbage_collector
@@ -47,10 +45,10 @@ Verdict = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Rules:
-    """What a child needs to judge messages as the worker would."""
+    """What a child needs to judge messages as the worker would: the worker's own registry,
+    as it loaded it at start (a pool restarted later must not read a file changed since)."""
 
-    registry_file: Path | None
-    authority_file: Path | None
+    registry: Registry
     topics: Topics
     max_clock_skew_seconds: float
 
@@ -63,8 +61,7 @@ def _start_child(rules: Rules) -> None:
     # A terminal's Ctrl-C reaches the whole process group: the worker stops its children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    registry, _ = load_rules(rules.registry_file, rules.authority_file)
-    _child = (registry, rules)
+    _child = (rules.registry, rules)
     tune_garbage_collector()  # a slice of a batch is as many containers as the worker's
 
 
@@ -126,10 +123,9 @@ def _verdicts(rows: Sequence[Row], now: datetime) -> list[Verdict]:
 class Validators:
     """A pool of `processes` child processes that check batches (`classify`)."""
 
-    def __init__(self, processes: int, rules: Rules, registry: Registry) -> None:
+    def __init__(self, processes: int, rules: Rules) -> None:
         self.processes = processes
         self.rules = rules
-        self.registry = registry  # the worker's own, for a batch checked here
         self.pool = self._pool()
         # Started (and their rules loaded) now, not in the middle of the first batch that
         # needs them: a child's start-up takes a second or more, a stall of the pipeline.
@@ -164,7 +160,7 @@ class Validators:
             self.pool = self._pool()
             return classify(
                 messages,
-                self.registry,
+                self.rules.registry,
                 topics=self.rules.topics,
                 now=now,
                 max_clock_skew_seconds=self.rules.max_clock_skew_seconds,

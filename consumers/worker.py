@@ -156,14 +156,9 @@ class BatchProcessor:
         self.validators: Validators | None = None
         self.validators_from = max(1, config.batch_max_events // 2)  # events in a batch
         if config.validator_processes > 0:
-            rules = Rules(
-                config.registry_file,
-                config.authority_file,
-                config.topics,
-                config.max_clock_skew_seconds,
-            )
+            rules = Rules(registry, config.topics, config.max_clock_skew_seconds)
             try:
-                self.validators = Validators(config.validator_processes, rules, registry)
+                self.validators = Validators(config.validator_processes, rules)
                 log.info("batches checked in %d validator processes", config.validator_processes)
             except Exception as error:  # no process could start: slower, never wrong
                 log.error("validator processes did not start (%s): batches are checked in "

@@ -97,7 +97,7 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
     now = utcnow()
     expected = summary(classify(messages, registry, topics=TOPICS, now=now))
     assert len(expected[0]) >= 50 and len(expected[1]) >= 200  # both kinds, signed
-    validators = Validators(2, Rules(registry_file, None, TOPICS, 300.0), registry)
+    validators = Validators(2, Rules(registry, TOPICS, 300.0))
     try:
         checked_there = validators.classify(messages, now)
         assert summary(checked_there) == expected
@@ -107,7 +107,9 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
         )
         assert here["source_views"] and here["records"] and here["record_history"]
         assert applied(tmp_path / "there.db", checked_there, messages) == here
-        # A child killed: that batch is judged here, the next one by a new pool.
+        # A child killed: that batch is judged here, the next one by a new pool, with the
+        # worker's rules even when the registry file changed since the worker started.
+        registry_file.write_text("require_signatures = true\n", encoding="utf-8")
         broken = validators.pool
         for pid in list(broken._processes):  # the pool's children
             os.kill(pid, signal.SIGKILL)
@@ -122,7 +124,7 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
 def test_a_child_collects_as_seldom_as_the_worker() -> None:
     """A child holds a slice of a batch as the worker holds the batch: with CPython's
     default thresholds its checks cost a quarter more (docs/performance-log.md)."""
-    validators = Validators(1, Rules(None, None, TOPICS, 300.0), Registry())
+    validators = Validators(1, Rules(Registry(), TOPICS, 300.0))
     try:
         assert validators.pool.submit(gc.get_threshold).result() == GC_THRESHOLDS
         assert validators.pool.submit(gc.get_freeze_count).result() > 0
@@ -137,7 +139,7 @@ from consumers.validators import Rules, Validators
 from transport.topics import Topics
 
 if __name__ == "__main__":
-    pool = Validators(1, Rules(None, None, Topics(prefix="vt"), 300.0), Registry())
+    pool = Validators(1, Rules(Registry(), Topics(prefix="vt"), 300.0))
     print(*pool.pool._processes, flush=True)
     time.sleep(120)
 """
@@ -173,6 +175,17 @@ def _alive(pid: int) -> bool:
 def test_a_pool_whose_children_cannot_start_is_refused_at_once(tmp_path: Path) -> None:
     """The worker then checks its batches itself (it logs why) instead of failing later,
     in the middle of a batch."""
-    rules = Rules(tmp_path / "missing-registry.toml", None, TOPICS, 300.0)
+    rules = Rules(Unloadable(), TOPICS, 300.0)
     with pytest.raises(BrokenProcessPool):  # the initializer (its rules) failed
-        Validators(1, rules, Registry())
+        Validators(1, rules)
+
+
+class Unloadable(Registry):
+    """A registry a child cannot load (its initializer fails)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse, ())
+
+
+def _refuse() -> Registry:
+    raise ValueError("no registry here")
