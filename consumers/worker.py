@@ -629,6 +629,13 @@ class ReconcilerLoop:
         """Wait for a batch being applied: "ok", "reseek" or "stop", and the offsets the
         store now holds for its partitions ("ok" only), for Kafka's copy."""
         try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not self.processor.health.ready():
+                    # A batch retrying (the store or the broker away) is judged by the
+                    # stall threshold (WorkerHealth), not by the beat of the loop that
+                    # waits for it: /healthz would fail after 15 s of any outage.
+                    self.liveness.beat()
             await task
         except Stopping:
             return "stop", {}
