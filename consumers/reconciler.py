@@ -200,6 +200,19 @@ def classify(
     return valid, dead
 
 
+def starts_after(
+    first: Sequence[Message], starts: Mapping[TopicPartition, int] | None
+) -> dict[TopicPartition, int] | None:
+    """Where the reads of a batch's second half began, when its first half is `first`:
+    just after the first half's last message of each partition (a compacted log may have
+    none between them), elsewhere where the batch's own reads began."""
+    if starts is None:
+        return None
+    after = dict(starts)
+    after.update({m.tp: m.offset + 1 for m in first})
+    return after
+
+
 def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRange]:
     """Per partition: first offset, the offset after the last, and the message count."""
     result: dict[TopicPartition, OffsetRange] = {}

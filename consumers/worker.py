@@ -54,6 +54,7 @@ from consumers.reconciler import (
     DeadLetter,
     Reconciler,
     classify,
+    starts_after,
 )
 from consumers.registry import Registry
 from consumers.retention import Retention, purge
@@ -184,9 +185,16 @@ class BatchProcessor:
             max_clock_skew_seconds=self.config.max_clock_skew_seconds,
         )
 
-    def process(self, messages: Sequence[Message], prepared: Prepared | None = None) -> None:
-        """Apply a batch; raise `Stopping` when asked to stop while it waits."""
-        self._process(messages, set(), prepared)
+    def process(
+        self,
+        messages: Sequence[Message],
+        prepared: Prepared | None = None,
+        starts: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
+        """Apply a batch; raise `Stopping` when asked to stop while it waits. `starts`:
+        where the fetch of each partition began (a compacted log may have no record there:
+        the batch then starts later, and the store accepts it from there)."""
+        self._process(messages, set(), prepared, starts)
         self.health.progressed()
 
     def _process(
@@ -194,13 +202,14 @@ class BatchProcessor:
         messages: Sequence[Message],
         lettered: set[Offset],
         prepared: Prepared | None = None,
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         try:
-            self._retrying(lambda: self._process_once(messages, lettered, prepared))
+            self._retrying(lambda: self._process_once(messages, lettered, prepared, starts))
         except (Stopping, Refused):
             raise
         except Exception as error:  # a record error, or a bug met by some data
-            self._isolate(messages, error, lettered)
+            self._isolate(messages, error, lettered, starts)
 
     def _retrying(self, action: Callable[[], None]) -> None:
         """Run `action` until it passes; transient failures wait with backoff."""
@@ -220,17 +229,27 @@ class BatchProcessor:
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
 
     def _isolate(
-        self, messages: Sequence[Message], error: Exception, lettered: set[Offset]
+        self,
+        messages: Sequence[Message],
+        error: Exception,
+        lettered: set[Offset],
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Halve the batch until the event that fails alone is found; dead-letter it."""
         if len(messages) == 1:
-            self._retrying(lambda: self._poison(messages[0], error, lettered))
+            self._retrying(lambda: self._poison(messages[0], error, lettered, starts))
             return
         middle = len(messages) // 2
-        self._process(messages[:middle], lettered)
-        self._process(messages[middle:], lettered)
+        self._process(messages[:middle], lettered, starts=starts)
+        self._process(messages[middle:], lettered, starts=starts_after(messages[:middle], starts))
 
-    def _poison(self, message: Message, error: Exception, lettered: set[Offset]) -> None:
+    def _poison(
+        self,
+        message: Message,
+        error: Exception,
+        lettered: set[Offset],
+        starts: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
         """An event the store cannot apply: dead-letter it and move past it."""
         log.error("event at %s:%d:%d cannot be applied (%s): dead-lettered", message.topic,
                   message.partition, message.offset, type(error).__name__)  # fmt: skip
@@ -238,11 +257,15 @@ class BatchProcessor:
             message, Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}"
         )
         self._dead_letter([letter], lettered)
-        self.reconciler.apply([], [message])
+        self.reconciler.apply([], [message], starts=starts)
         record_dead_letters([letter])
 
     def _process_once(
-        self, messages: Sequence[Message], lettered: set[Offset], prepared: Prepared | None
+        self,
+        messages: Sequence[Message],
+        lettered: set[Offset],
+        prepared: Prepared | None,
+        starts: Mapping[TopicPartition, int] | None,
     ) -> None:
         if prepared is None:
             valid, dead = self._classify(messages)
@@ -276,7 +299,7 @@ class BatchProcessor:
         began = time.perf_counter()
         try:
             report = self.reconciler.apply(
-                valid, messages, after_offsets=unapplied, before_commit=flush
+                valid, messages, after_offsets=unapplied, before_commit=flush, starts=starts
             )
         finally:  # the store failed: still settle what was sent, so that a retry does not
             flush()  # send it again (a no-op once acknowledged)
@@ -576,6 +599,7 @@ class ReconcilerLoop:
                 continue
             if member.failed is not None:
                 raise member.failed
+            starts = member.starts  # where this batch's fetches began
             prepared = None
             if messages and not self.stop_event.is_set():
                 prepared = await asyncio.to_thread(self.processor.prepare, messages)
@@ -590,7 +614,7 @@ class ReconcilerLoop:
             if prepared is not None and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(
-                    asyncio.to_thread(self.processor.process, messages, prepared)
+                    asyncio.to_thread(self.processor.process, messages, prepared, starts)
                 )
                 applying = (task, messages)
             self._copy(member, done)

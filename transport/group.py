@@ -10,7 +10,9 @@ the usual tools (`kafka-consumer-groups`); they are never read back.
 
 Batches come from `getmany`: under backlog a batch fills up at once (up to `max_records`),
 under a light load it holds what arrived within `wait` seconds: the batch size follows
-the load by itself.
+the load by itself. With each batch, `starts` says where the fetch of each of its
+partitions began (the last seek, or the offset after the member's previous batch): a
+compacted log may have no record there, and the batch's first offset is then later.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class GroupMember:
             **security,
         )
         self.assignments = 0  # completed assignments (0: not yet serving)
+        self._next: dict[TP, int] = {}  # where each partition's next fetch begins
+        self.starts: dict[TP, int] = {}  # where the last batch's fetches began
         self.failed: Exception | None = None
 
     async def start(self) -> None:
@@ -145,6 +149,9 @@ class GroupMember:
             offset = offsets.get((topic, partition), starts.get(tp))
             if offset is not None:
                 self._consumer.seek(tp, offset)
+                self._next[(topic, partition)] = offset
+            else:
+                self._next.pop((topic, partition), None)
 
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -158,8 +165,15 @@ class GroupMember:
         except KafkaError as error:
             raise translate(error, "fetch records", self.connection) from None
         messages: list[Message] = []
+        self.starts = {}
         for tp, records in found.items():
             topic, partition = tp.topic, tp.partition
+            if not records:
+                continue
+            start = self._next.get((topic, partition))
+            if start is not None and start <= records[0].offset:
+                self.starts[(topic, partition)] = start
+            self._next[(topic, partition)] = records[-1].offset + 1
             messages += [
                 Message(
                     topic,

@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 from consumers.config import load_rules
-from consumers.reconciler import BatchReport, Checked, Reconciler, classify
+from consumers.reconciler import BatchReport, Checked, Reconciler, classify, starts_after
 from portal_sync.settings import Settings
 from schemas.errors import ConfigurationError, Refused, TransientError
 from store import HistoryEntry, Store, TopicPartition
@@ -123,14 +123,9 @@ def _isolating(
         apply, [c for c in events if (c.message.tp, c.message.offset) in in_first], first,
         starts, summary,
     )  # fmt: skip
-    # The second half's reads begin where the first half's ended (a compacted log may
-    # have no record between them).
-    after = dict(starts or {}) if starts is not None else None
-    if after is not None:
-        after.update({m.tp: m.offset + 1 for m in first})
     yield from _isolating(
         apply, [c for c in events if (c.message.tp, c.message.offset) not in in_first],
-        second, after, summary,
+        second, starts_after(first, starts), summary,
     )  # fmt: skip
 
 

@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
 
+from consumers.merge import Authority
 from store.core import Store
-from tests.support.pipeline_helpers import citizen_events, cli, exported, write_jsonl
+from tests.support.pipeline_helpers import (
+    citizen_events,
+    cli,
+    expected_export,
+    exported,
+    write_jsonl,
+)
 from transport import clients
 from transport.reader import RangeReader, Selection
 
@@ -102,3 +109,40 @@ def test_rebuild_is_exact_after_compaction_removed_old_versions(
     copy = settings.model_copy(update={"store_url": rebuilt})
     assert exported(copy) == exported(settings)
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
+
+
+def test_a_worker_behind_the_log_cleaner_applies_what_compaction_kept(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A worker that stopped for longer than the change retention (or a store restored
+    from an old backup): the log cleaner removed versions it had not applied, so the log
+    has no record at the store's next offset. The worker reads on from where its fetch
+    began (it took the gap for a lost position and read again, forever) and reaches the
+    same records as a worker that saw every version; its journal shows the gap."""
+    settings = settings_for(sqlite_store_url)
+    _create_topics(settings, QUICK | HOLD)
+    events = citizen_events(15, 4, seed=22)
+    _publish(settings, tmp_path / "v1.jsonl", [e for e in events if e["version"] == 1])
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+    applied_before = sum(Store(settings.store_url).all_offsets().values())
+
+    for version in range(2, 5):  # the worker is stopped meanwhile
+        time.sleep(0.3)
+        _publish(settings, tmp_path / f"v{version}.jsonl",
+                 [e for e in events if e["version"] == version])  # fmt: skip
+    _alter(settings, {"min.compaction.lag.ms": "0"})
+    time.sleep(0.3)
+    last = citizen_events(1, 1, seed=98)  # closes the active segments' partition
+    _publish(settings, tmp_path / "last.jsonl", last)
+    published = len(events) + len(last)
+    deadline = time.monotonic() + 120
+    while _records_in_topics(settings) >= published:
+        assert time.monotonic() < deadline, "the log cleaner removed nothing in 120 s"
+        time.sleep(2)
+
+    worker = cli(settings, "worker", "--until-caught-up", timeout=120)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    store = Store(settings.store_url)
+    assert sum(store.all_offsets().values()) == published > applied_before
+    assert exported(settings) == expected_export(events + last, Authority())
+    store.close()
