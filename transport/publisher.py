@@ -151,9 +151,10 @@ class Publisher:
         return len(pending)
 
     def _refuse_unauthorized(self, error: Exception, topic: str) -> None:
-        """Writing where the cluster's ACLs do not allow it is refused, not retried."""
+        """Writing where the cluster's ACLs do not allow it is refused, not retried. What
+        was sent before stays pending: a caller that goes on (a source's dead letter kept
+        out by the ACLs) still has its earlier sends checked at the next flush."""
         if "Authorization" in type(error).__name__:
-            self._pending = []
             raise clients.translate(error, f"write to {topic}", self.connection) from None
 
     def close(self, timeout: float = 30.0) -> None:
