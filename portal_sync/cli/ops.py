@@ -382,6 +382,10 @@ def offsets_reset(
         typer.Option("--allow-skip", help="Allow moving past events the store has not applied"),
     ] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded)")] = "",
+    topic: Annotated[
+        list[str] | None,
+        typer.Option("--topic", help="Only this change topic (repeatable; default: all)"),
+    ] = None,
     operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
@@ -400,7 +404,7 @@ def offsets_reset(
             markup("[red]refused:[/red] group {} has {} active member(s)", group, members)
         )
         raise typer.Exit(1)
-    plan = plan_reset(settings, group, moment)
+    plan = plan_reset(settings, group, moment, topic or None)
     table = Table(title=plain(f"reset {group} to {moment.isoformat(timespec='seconds')}"))
     for column in ("topic", "partition", "kafka committed", "store applied", "target", "skips"):
         table.add_column(column)

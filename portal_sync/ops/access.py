@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from schemas.errors import Refused
 from schemas.events import ENTITIES
 from schemas.identifiers import ReferenceKey, key_reference
+from schemas.partitioning import record_part
 from store import Store
 
 MAX_REASON = 1000  # access_log.reason
@@ -42,6 +43,19 @@ def operator_name(given: str | None = None) -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def who_and_why(operator: str | None, reason: str) -> tuple[str, str]:
+    """Who acts and why, as a command that changes the store records them: checked before
+    it does anything (printable, within the columns), never refused by the database after
+    a part of the work is done."""
+    text = reason.strip()
+    if len(text) > MAX_REASON or not text.isprintable():
+        raise Refused(f"--reason: printable text of at most {MAX_REASON} characters")
+    who = operator_name(operator)
+    if len(who) > MAX_OPERATOR or not who.isprintable():
+        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    return who, text
 
 
 def require_reason(command: str, reason: str | None) -> str:
@@ -75,8 +89,10 @@ def dead_letter_key(
     letter_id: str, key: bytes | None, secret: ReferenceKey | None = None
 ) -> tuple[str | None, str]:
     """A dead letter as the access log names it: its id, with the entity and the key's
-    reference when its message key reads as `<entity>:<key>`."""
-    text = (key or b"").decode("utf-8", "replace")
+    reference when its message key reads as `<entity>:<key>:<source>` (or `<entity>:<key>`,
+    as keys were before the source was in them): the reference `show` and `history` write
+    for the same record."""
+    text = record_part(key or b"").decode("utf-8", "replace")
     entity, _, record = text.partition(":")
     if entity in ENTITIES and 0 < len(record) <= MAX_KEY:
         return entity, f"dead letter {letter_id}: {key_reference(record, secret)}"

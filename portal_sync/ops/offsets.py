@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from portal_sync.ops.access import operator_name
+from portal_sync.ops.access import who_and_why
 from portal_sync.settings import Settings
 from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
 from schemas.errors import Refused
@@ -49,6 +49,10 @@ class PlanLine:
     def skipped(self) -> int:
         """Events not yet applied (consumed) that the reset would jump over."""
         position = self.store_applied if self.own_group else self.kafka_committed
+        if position is not None and position > self.end:
+            # The log ends before the position (a topic created again, a cluster restored):
+            # nothing of this log was consumed, so everything before the target is skipped.
+            position = None
         base = self.start if position is None else max(position, self.start)
         return max(0, self.target - base)
 
@@ -68,6 +72,9 @@ def plan_reset(
     """Per partition: where the group is now and the first offset at or after `to_time`."""
     if to_time.tzinfo is None:
         raise Refused("the time needs an offset (e.g. +07:00 or Z): naive times are ambiguous")
+    unknown = sorted(set(topics or ()) - set(settings.topics().change_topics()))
+    if unknown:
+        raise Refused(f"--topic: not a change topic: {', '.join(unknown)}")
     with cluster(settings.connection()) as c:
         partitions = c.partitions(topics or settings.topics().change_topics())
         ends = c.end_offsets(partitions)
@@ -103,6 +110,7 @@ def apply_reset(
 ) -> None:
     """Carry out a plan; refuse when the group has active members, or when it would skip
     unapplied events without `allow_skip`."""
+    who, why = who_and_why(operator, reason or "(no reason given)")
     skipped = sum(line.skipped for line in plan)
     if skipped and not allow_skip:
         raise WouldSkip(
@@ -116,11 +124,7 @@ def apply_reset(
     if group == settings.group_id:
         store = Store(settings.store_url)
         try:
-            store.reset_offsets(
-                {(p.topic, p.partition): p.target for p in plan},
-                operator_name(operator),
-                reason or "(no reason given)",
-            )
+            store.reset_offsets({(p.topic, p.partition): p.target for p in plan}, who, why)
         finally:
             store.close()
 
@@ -135,6 +139,7 @@ def skip_message(
 ) -> None:
     """Copy the message at (topic, partition, offset) to the dead letters, reason
     `skipped_by_operator`, then move the store's offset past it (recorded)."""
+    who, why = who_and_why(operator, reason)
     group = settings.group_id
     with cluster(settings.connection()) as c:
         if c.active_members(group):
@@ -175,6 +180,6 @@ def skip_message(
         publisher.close()
     store = Store(settings.store_url)
     try:
-        store.skip_offset((topic, partition), offset, log_start, operator_name(operator), reason)
+        store.skip_offset((topic, partition), offset, log_start, who, why)
     finally:
         store.close()

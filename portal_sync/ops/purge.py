@@ -23,7 +23,7 @@ from dataclasses import replace
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
 from portal_sync.ops import PURGE_CHUNK
-from portal_sync.ops.access import MAX_OPERATOR, MAX_REASON, operator_name, record_key
+from portal_sync.ops.access import record_key, who_and_why
 from schemas.errors import Refused
 from schemas.identifiers import ReferenceKey
 from store import Store, utcnow
@@ -47,14 +47,9 @@ def new_purge(
         raise Refused("SOURCE: not a source id ([a-z0-9][a-z0-9._-]{1,63})")
     if key is not None and entity is None:
         raise Refused("--key needs --entity: a key names a record of one entity")
-    text = (reason or "").strip()
-    if not text:
+    if not (reason or "").strip():
         raise Refused("`source purge` changes the national store: say why with --reason")
-    if len(text) > MAX_REASON or not text.isprintable():
-        raise Refused(f"--reason: printable text of at most {MAX_REASON} characters")
-    who = operator_name(operator)
-    if len(who) > MAX_OPERATOR or not who.isprintable():
-        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    who, text = who_and_why(operator, reason or "")
     entity, reference = record_key(entity, key, secret)
     return SourcePurge(
         id=str(uuid.uuid4()),

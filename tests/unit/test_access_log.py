@@ -200,3 +200,18 @@ def test_what_the_log_cannot_hold_is_refused(url: str, args: tuple[str, ...], me
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and NAME not in result.stdout
     assert entries(url) == []
+
+
+def test_a_revealed_dead_letter_is_logged_under_its_record_s_reference() -> None:
+    """A dead letter's message key is `<entity>:<key>:<source>`: an audit of who read a
+    record finds `dlq show --reveal` of its letters under the reference `show` writes."""
+    from portal_sync.ops.access import dead_letter_key, record_key
+    from schemas import message_key
+    from schemas.identifiers import ReferenceKey
+
+    secret = ReferenceKey(b"s" * 32)
+    entity, reference = record_key("citizen", "079305012345", secret)
+    assert reference is not None
+    for key in (message_key("citizen", "079305012345", "province-01"), b"citizen:079305012345"):
+        named = dead_letter_key("0:41", key, secret)
+        assert named == (entity, f"dead letter 0:41: {reference}")

@@ -1,0 +1,43 @@
+"""`offsets reset` and `offsets skip`: what a plan counts as skipped, and what is refused
+before anything is moved or sent."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal_sync.ops.offsets import PlanLine, apply_reset, skip_message
+from portal_sync.settings import Settings
+from schemas.errors import Refused
+
+
+def line(applied: int | None, target: int, start: int = 0, end: int = 5) -> PlanLine:
+    return PlanLine("p.changes.citizen", 0, None, applied, target, start, end, True)
+
+
+def test_a_plan_counts_the_unapplied_events_it_jumps_over() -> None:
+    assert line(applied=2, target=4).skipped == 2
+    assert line(applied=4, target=2).skipped == 0  # backwards: re-applied, never skipped
+    assert line(applied=None, target=3).skipped == 3  # never consumed: from the log's start
+    assert line(applied=None, target=3, start=1).skipped == 2
+
+
+def test_a_store_past_the_end_of_a_log_created_again_has_consumed_none_of_it() -> None:
+    # The store at 20, the new log 0..5: moving to 3 skips the new log's first three.
+    assert line(applied=20, target=3).skipped == 3
+    assert line(applied=20, target=5).skipped == 5
+    assert line(applied=5, target=5).skipped == 0  # at the end, not past it
+
+
+BAD = [(None, "x" * 1001), ("o" * 129, "drill"), ("ops\n1", "drill"), (None, "two\nlines")]
+
+
+@pytest.mark.parametrize("operator,reason", BAD)
+def test_what_would_not_be_recorded_is_refused_before_anything_moves(
+    operator: str | None, reason: str
+) -> None:
+    """Nothing reaches the broker (there is none at this address) or the store."""
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", store_url="sqlite:///nowhere/x.db")
+    with pytest.raises(Refused, match=r"--reason|--operator"):
+        skip_message(settings, "p.changes.citizen", 0, 0, reason, operator)
+    with pytest.raises(Refused, match=r"--reason|--operator"):
+        apply_reset(settings, "g", [line(0, 0)], operator=operator, reason=reason)
