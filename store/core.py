@@ -523,6 +523,17 @@ class Store:
         with translated(), self.engine.connect() as conn:
             return sorted((a - o).total_seconds() for o, a in conn.execute(query))
 
+    def view_version(self, entity: str, key: str, source: str) -> int | None:
+        """The version of a source's stored view of a record (a tombstone's included)."""
+        query = select(source_views.c.version).where(
+            source_views.c.entity == entity,
+            source_views.c.key == key,
+            source_views.c.source == source,
+        )
+        with translated(), self.engine.connect() as conn:
+            version: int | None = conn.execute(query).scalar_one_or_none()
+            return version
+
     def redriven(self, topic: str) -> set[tuple[int, int]]:
         """(partition, offset) of the dead letters of `topic` already re-driven."""
         query = select(dead_letter_redrives.c.partition, dead_letter_redrives.c.offset).where(

@@ -361,7 +361,8 @@ def dlq_redrive(
     target.close()
     console.print(f"selected {len(letters)}: re-driven {summary.redriven}, already re-driven "
                   f"{summary.already_redriven}, not re-drivable (rejected at a source, or not "
-                  f"from a change topic) {summary.not_redrivable}")  # fmt: skip
+                  f"from a change topic) {summary.not_redrivable}, superseded (the store holds "
+                  f"that version or a newer one) {summary.superseded}")  # fmt: skip
 
 
 # -- offsets ------------------------------------------------------------------------------

@@ -431,3 +431,32 @@ def test_a_change_topic_created_again_behind_the_store_stops_the_worker_until_re
     assert store.all_offsets() == {(topic, 0): 5}  # the other topics untouched
     assert exported(settings) == expected_export(events[:25], Authority())
     store.close()
+
+
+def test_a_letter_the_store_has_since_superseded_is_not_redriven(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A source's first versions are refused (not registered yet); once registered, its
+    next versions are applied. Re-driving the old letters would make them the last events
+    of their compaction keys, and the log cleaner would then remove the newer versions the
+    store holds: they are counted as superseded and not sent."""
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    settings = settings_for(sqlite_store_url, registry=registry)
+    events = [e for e in citizen_events(10, 2, seed=6) if e["source"] == "province-79"]
+    first = [e for e in events if e["version"] == 1]
+    _published(settings, tmp_path, first)
+    _caught_up(settings)
+    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
+                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _published(settings, tmp_path, [e for e in events if e["version"] == 2])
+    _caught_up(settings)
+    ends = end_offsets(settings)
+
+    redrive = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert redrive.returncode == 0, redrive.stdout + redrive.stderr
+    said = " ".join(redrive.stdout.split())
+    assert "re-driven 0," in said, said
+    assert f"superseded (the store holds that version or a newer one) {len(first)}" in said
+    assert end_offsets(settings) == ends
+    assert exported(settings) == expected_export(events, Authority())
