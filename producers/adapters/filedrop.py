@@ -132,6 +132,13 @@ def read_json(text: str) -> Any:
     return value
 
 
+def _checksum(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _is_json(line: str) -> bool:
     try:
         read_json(line)
@@ -192,7 +199,7 @@ class DirectoryAdapter(Adapter):
                 continue
             checksum = hashlib.sha256(content).hexdigest()
             if checksum in done:
-                yield Checkpoint({"files": done}, self._mover(path, self.done_dir))
+                yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
                 continue
             self._rejections[path.name] = []
             try:
@@ -202,7 +209,7 @@ class DirectoryAdapter(Adapter):
                 continue
             if (yield from self._guarded(path, records, done)):
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
-                yield Checkpoint({"files": done}, self._mover(path, self.done_dir))
+                yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
         expired = self.expired_done_files()
         if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
             yield Checkpoint({"files": done}, lambda: self._remove(expired))
@@ -300,7 +307,13 @@ class DirectoryAdapter(Adapter):
         entry = {"line": int(line) if line.isdigit() else line, "code": code, "message": message}
         self._rejections.setdefault(name, []).append(entry)
 
-    def _mover(self, path: Path, target: Path, unreadable: str | None = None) -> Callable[[], None]:
+    def _mover(
+        self, path: Path, target: Path, unreadable: str | None = None, read: str | None = None
+    ) -> Callable[[], None]:
+        """Move the file to `target` (its report beside it). `read`: the checksum of what
+        was read; a file that is no longer that one (the next export renamed over the same
+        name meanwhile) goes back unread, with its marker, for the next run."""
+
         def move() -> None:
             target.mkdir(parents=True, exist_ok=True)
             rejections = self._rejections.pop(path.name, [])
@@ -308,6 +321,14 @@ class DirectoryAdapter(Adapter):
                 report = target / f"{path.name}.rejected.jsonl"
                 report.write_text("".join(json.dumps(r) + "\n" for r in rejections))
             shutil.move(str(path), target / path.name)
+            if read is not None and _checksum(target / path.name) != read:
+                if not path.exists():
+                    shutil.move(str(target / path.name), path)
+                log.warning(
+                    "%s: %s changed after it was read: left for the next run",
+                    self.source, path.name,
+                )  # fmt: skip
+                return
             if target == self.done_dir:
                 os.utime(target / path.name)  # its retention counts from now, when it was done
             if self.options.complete_marker is not None:

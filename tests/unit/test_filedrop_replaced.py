@@ -1,0 +1,51 @@
+"""A file-drop source whose next export replaces the file under the same name while the
+last one is being published: the new file is read on the next run, never moved to done/
+unread."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from producers.adapters.filedrop import FileDropAdapter
+from producers.sdk import Checkpoint, Record
+
+CONFIG = {
+    "directory": "inbox",
+    "settle_seconds": 0,
+    "entity": "citizen",
+    "key_field": "pid",
+    "occurred_at_field": "at",
+    "fields": {"full_name": "name"},
+}
+
+
+def _drop(inbox: Path, text: str) -> None:
+    """As the docs ask: written aside, then renamed into place."""
+    aside = inbox / ".export.csv"
+    aside.write_text(text, encoding="utf-8")
+    os.utime(aside, (time.time() - 600,) * 2)
+    aside.rename(inbox / "export.csv")
+
+
+def test_an_export_renamed_over_the_one_being_published_is_read_next(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    sent: list[str] = []
+    state: dict[str, object] = {}
+    for item in adapter.read(state):
+        if isinstance(item, Record):
+            sent.append(item.key)
+        elif isinstance(item, Checkpoint):  # the next export arrives during the flush
+            _drop(inbox, "pid,name,at\n001190000002,Trần Thị Bình,2025-08-01T09:00:00+07:00\n")
+            state = item.value()
+            assert item.commit is not None
+            item.commit()
+    assert sent == ["001190000001"]
+    assert (inbox / "export.csv").exists()
+    for _ in range(2):  # seen changed since the last poll: read at the one after
+        sent += [i.key for i in adapter.read(state) if isinstance(i, Record)]
+    assert sent == ["001190000001", "001190000002"]
