@@ -372,7 +372,7 @@ class FileDropAdapter(DirectoryAdapter):
                 yield SkippableRecord(row.code, row.message, origin, self.entity, raw=row.raw)
                 continue
             try:
-                record = self._record(row, origin)
+                record = self._record(row, origin, line)
             except Exception as error:  # any surprise of one line stays that line's
                 record = unmappable(error, origin, self.entity)
             if isinstance(record, SkippableRecord):
@@ -423,7 +423,7 @@ class FileDropAdapter(DirectoryAdapter):
                 continue
             yield number, value
 
-    def _record(self, row: dict[str, Any], origin: str) -> Record | SkippableRecord:
+    def _record(self, row: dict[str, Any], origin: str, line: int = 0) -> Record | SkippableRecord:
         opts = self.options
         key = row.get(opts.key_field)
         when = self._moment(row.get(opts.occurred_at_field))
@@ -431,6 +431,10 @@ class FileDropAdapter(DirectoryAdapter):
             missing = opts.key_field if not key else opts.occurred_at_field
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
         version = _micros(when)
+        if when.microsecond == 0 and 0 < line < 1_000_000:
+            # Whole seconds: two changes of one key in the same second would get the same
+            # version, and the reconciler keeps the first; the later line wins instead.
+            version += line
         if opts.version_field:
             given = small_int(row.get(opts.version_field))
             if given is None:

@@ -1,6 +1,5 @@
-"""A file-drop source whose next export replaces the file under the same name while the
-last one is being published: the new file is read on the next run, never moved to done/
-unread."""
+"""File drops: an export replaced under the same name while the last one is published,
+and two changes of one key in the same second."""
 
 from __future__ import annotations
 
@@ -49,3 +48,17 @@ def test_an_export_renamed_over_the_one_being_published_is_read_next(tmp_path: P
     for _ in range(2):  # seen changed since the last poll: read at the one after
         sent += [i.key for i in adapter.read(state) if isinstance(i, Record)]
     assert sent == ["001190000001", "001190000002"]
+
+
+def test_two_changes_of_one_key_in_the_same_second_get_rising_versions(tmp_path: Path) -> None:
+    """Whole-second times: the later line must win at the reconciler, not tie with the
+    first (equal versions: the first applied stays)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n"
+          "001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n"
+          "001190000001,Nguyễn Văn Ân,2025-08-01T08:00:00+07:00\n"
+          "001190000001,Nguyễn Văn Anh,2025-08-01T08:00:01+07:00\n")  # fmt: skip
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    versions = [i.version for i in adapter.read({}) if isinstance(i, Record)]
+    assert len(versions) == 3 and versions == sorted(set(versions))
