@@ -365,7 +365,10 @@ class SqlPollingAdapter:
     def _page(self, condition: Any, last: tuple[datetime, Any] | None, limit: int) -> list[Any]:
         columns = [self.table, row_xid8()] if self.snapshot else [self.table]
         moment = self._moment(self.updated_at)
-        query = select(*columns).order_by(moment, self.pk).limit(limit)
+        # A row without a cursor time has no place in the cursor's order: never read
+        # (`adapters check` counts them; the column needs a value from the insert on).
+        query = select(*columns).where(self.updated_at.is_not(None))
+        query = query.order_by(moment, self.pk).limit(limit)
         if condition is not None:
             query = query.where(condition)
         if last is not None:

@@ -626,3 +626,33 @@ def test_rows_written_as_plain_sqlite_text_are_not_lost_at_page_boundaries(
     state = CursorState()
     emitted = pks(poll(adapter, state)) + pks(poll(adapter, state))
     assert sorted(emitted) == [1, 2, 3, 4]
+
+
+def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(tmp_path: Path) -> None:
+    """An application that sets `updated_at` only on update: its new rows have none. They
+    have no place in the cursor's order (the first run stopped at them; later runs passed
+    over them unseen): never read, and `adapters check` says how many there are."""
+    from producers.sql_advice import check_warnings
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'nullable.db'}")
+    table = Table(
+        "cong_dan", MetaData(), Column("id", Integer, primary_key=True),
+        Column("so_dinh_danh", String(12)), Column("ho_ten", String(100)),
+        Column("updated_at", DateTime, nullable=True), Column("da_xoa", Boolean),
+    )  # fmt: skip
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table), [
+            {"id": 1, "so_dinh_danh": pid(1), "ho_ten": "Lê Văn Cường", "updated_at": T0,
+             "da_xoa": False},
+            {"id": 2, "so_dinh_danh": pid(2), "ho_ten": "Phạm Thị Dung", "updated_at": None,
+             "da_xoa": False},
+        ])  # fmt: skip
+    adapter = SqlPollingAdapter(Source.config_of(f"sqlite:///{tmp_path / 'nullable.db'}"))
+    try:
+        state = CursorState()
+        assert pks(poll(adapter, state)) == [1]
+        assert any("1 rows have no updated_at" in note for note in check_warnings(adapter))
+    finally:
+        adapter.close()
+        engine.dispose()
