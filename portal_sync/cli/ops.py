@@ -355,6 +355,9 @@ def dlq_redrive(
     settings = settings_from(bootstrap, store)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
     letters = read_dead_letters(settings, filters)
+    if not letter_ids and "skipped_by_operator" not in (reason or []):
+        # An operator skipped these on purpose (`offsets skip`): only named ones go back.
+        letters = [x for x in letters if x.reason_code != "skipped_by_operator"]
     target = Store(settings.store_url)
     target.create_schema()
     summary = run_redrive(settings, target, letters)

@@ -492,6 +492,10 @@ def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
     assert store.offset_changes()[0]["kind"] == "skip"
     _contiguous(settings.store_url)
     store.close()
+    # A redrive by source leaves the skipped message where the operator put it.
+    source = json.loads(letter.value)["source"]
+    kept = cli(settings, "dlq", "redrive", "--source", source)
+    assert kept.returncode == 0 and "selected 0:" in kept.stdout, kept.stdout + kept.stderr
 
 
 def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
