@@ -110,7 +110,7 @@ def test_dlq_list_lists_every_letter_and_what_could_not_be_read(hostile: Any) ->
         "value: JSON array, not an object", "value: JSON string, not an object",
     ):  # fmt: skip
         assert problem in out, problem
-    assert MARKUP_SOURCE in out  # shown as written, never interpreted
+    assert "evil.example" not in out  # not a source id: never shown (nor interpreted)
     assert "\\xff\\x1b[31m" in out  # the binary reason code, visible
     # deep, bad time, binary, no headers, bad numbers, array, scalar, terminal attack (raw
     # control characters in a JSON string: not JSON)
@@ -118,9 +118,13 @@ def test_dlq_list_lists_every_letter_and_what_could_not_be_read(hostile: Any) ->
 
 
 def test_dlq_list_filters_still_work(hostile: Any) -> None:
-    result = run(hostile, "dlq", "list", "--source", MARKUP_SOURCE)
+    # bad time, no headers, bad numbers, elsewhere, good: a source id that can be read
+    result = run(hostile, "dlq", "list", "--source", "province-01")
     assert result.returncode == 0, result.stderr
-    assert "dead letters (1)" in result.stdout
+    assert "dead letters (5)" in result.stdout
+    # A source that is no source id is never shown, nor matched.
+    markup = run(hostile, "dlq", "list", "--source", MARKUP_SOURCE)
+    assert markup.returncode == 0 and "dead letters (0)" in markup.stdout, markup.stderr
 
 
 def test_dlq_show_reveal_prints_escapes_never_raw_controls(hostile: Any) -> None:
