@@ -213,6 +213,7 @@ class WorkerHealth:
         self.stall_after_seconds = stall_after_seconds
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._busy_since: float | None = None  # the batch in hand began
         self.reason = ""
         WORKER_RETRYING_SECONDS.set_function(self.retrying_seconds)
         WORKER_LAST_PROGRESS.set(time.time())
@@ -228,6 +229,13 @@ class WorkerHealth:
             self._since = None
             self.reason = ""
 
+    def busy(self) -> None:
+        """A batch begins: until it ends (`free`), its time counts towards a stall."""
+        self._busy_since = time.monotonic()
+
+    def free(self) -> None:
+        self._busy_since = None
+
     def progressed(self) -> None:
         self.recovered()
         WORKER_LAST_PROGRESS.set(time.time())
@@ -240,4 +248,7 @@ class WorkerHealth:
         return self._since is None
 
     def stalled(self) -> bool:
-        return self.retrying_seconds() > self.stall_after_seconds
+        """A batch has retried, or one batch has taken, longer than the threshold."""
+        busy = self._busy_since
+        taken = 0.0 if busy is None else time.monotonic() - busy
+        return max(self.retrying_seconds(), taken) > self.stall_after_seconds

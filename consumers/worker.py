@@ -194,7 +194,11 @@ class BatchProcessor:
         """Apply a batch; raise `Stopping` when asked to stop while it waits. `starts`:
         where the fetch of each partition began (a compacted log may have no record there:
         the batch then starts later, and the store accepts it from there)."""
-        self._process(messages, set(), prepared, starts)
+        self.health.busy()
+        try:
+            self._process(messages, set(), prepared, starts)
+        finally:
+            self.health.free()
         self.health.progressed()
 
     def _process(
@@ -526,10 +530,12 @@ class ReconcilerLoop:
             self.stop()  # asked for while starting
         topic_names = self.config.topics.change_topics()
         if self.until_caught_up:
+            # The store first: other workers may commit meanwhile, up to the log ends
+            # read after it, never past them.
+            self.applied = await asyncio.to_thread(self.store.all_offsets)
             self.targets = await asyncio.to_thread(
                 admin.end_offsets, self.config.connection, topic_names
             )
-            self.applied = await asyncio.to_thread(self.store.all_offsets)
             check_within_logs(self.applied, self.targets)
         member = GroupMember(
             self.config.connection,
@@ -654,12 +660,12 @@ class ReconcilerLoop:
         store now holds for its partitions ("ok" only), for Kafka's copy."""
         try:
             while not task.done():
+                # A batch that takes long (retrying while the store or the broker is away,
+                # or one attempt that blocks) is judged by the stall threshold
+                # (WorkerHealth), not by the beat of the loop that waits for it: /healthz
+                # would fail after 15 s of any outage.
                 await asyncio.wait({task}, timeout=1.0)
-                if not self.processor.health.ready():
-                    # A batch retrying (the store or the broker away) is judged by the
-                    # stall threshold (WorkerHealth), not by the beat of the loop that
-                    # waits for it: /healthz would fail after 15 s of any outage.
-                    self.liveness.beat()
+                self.liveness.beat()
             await task
         except Stopping:
             return "stop", {}

@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     )
     freshness_objective_seconds: float = 60.0
     worker_stall_after_seconds: float = Field(
-        default=300.0, description="/healthz fails after a batch retried this long"
+        default=300.0, description="/healthz fails after a batch retried, or took, this long"
     )
     max_clock_skew_seconds: float = Field(
         default=300.0, ge=0, description="occurred_at further ahead: future_timestamp"

@@ -153,7 +153,9 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
     events = [e for e in citizen_events(40, 1, seed=31) if e["op"] == "upsert"][:30]
     poison = events[5]
     _refuse_key_on_postgres(settings.store_url, poison["key"])
-    worker = start_worker(settings, PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS="20")
+    # The batch's first dead-letter send blocks about 10 s (the topic's metadata) before
+    # it retries: the stall counts from the batch's start.
+    worker = start_worker(settings, PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS="40")
     try:
         _wait(lambda: _probe(port, "/readyz") == 200, 90, "the worker to be ready")
         with admin.cluster(settings.connection()) as cluster:  # the worker made it at start
@@ -166,7 +168,7 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
         _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 16, 60,
               "the worker to retry for 16 s")  # fmt: skip
         assert _probe(port, "/healthz") == 200
-        _wait(lambda: _probe(port, "/healthz") == 503, 30, "/healthz to report the stall")
+        _wait(lambda: _probe(port, "/healthz") == 503, 40, "/healthz to report the stall")
         assert not _caught_up(settings)
 
         ensure_topics(settings)  # the operator recreates the topic

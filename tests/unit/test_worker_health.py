@@ -1,0 +1,31 @@
+"""The worker's health: ready while no batch retries; healthy until a batch has retried,
+or one batch has taken, longer than the stall threshold (a call that blocks counts too)."""
+
+from __future__ import annotations
+
+import time
+
+from consumers.metrics import WorkerHealth
+
+
+def test_a_batch_that_blocks_past_the_threshold_is_a_stall_and_its_end_clears_it() -> None:
+    health = WorkerHealth(stall_after_seconds=0.05)
+    assert health.ready() and not health.stalled()
+    health.busy()  # one attempt that blocks: nothing retried yet
+    time.sleep(0.1)
+    assert health.ready() and health.stalled()
+    health.free()
+    assert not health.stalled()
+
+
+def test_retrying_past_the_threshold_is_a_stall_until_the_batch_passes() -> None:
+    health = WorkerHealth(stall_after_seconds=0.05)
+    health.busy()
+    health.retrying("StoreUnavailable")
+    assert not health.ready()
+    time.sleep(0.1)
+    assert health.stalled()
+    health.free()
+    assert health.stalled()  # still retrying: the time since it began counts
+    health.progressed()
+    assert health.ready() and not health.stalled()
