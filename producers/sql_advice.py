@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from producers.sql_polling import SqlPollingAdapter
 from producers.sql_snapshot import longest_transaction_seconds
@@ -43,7 +43,7 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
             "running backwards is corrected (last version + 1) only while the state "
             f"remembers the row ({config.lookback_seconds:g} s behind the cursor)"
         )
-    unplaced = _without_cursor_time(poller)
+    unplaced = poller.rows_without_cursor_time()
     if unplaced:
         notes.append(
             f"{unplaced} rows have no {config.updated_at_column}: without a cursor time a "
@@ -52,12 +52,6 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
     if poller.postgresql:
         notes += _long_transactions(poller)
     return notes
-
-
-def _without_cursor_time(poller: SqlPollingAdapter) -> int:
-    query = select(func.count()).select_from(poller.table).where(poller.updated_at.is_(None))
-    with poller.engine.connect() as conn:
-        return int(conn.execute(query).scalar_one())
 
 
 def _whole_seconds(poller: SqlPollingAdapter) -> str | None:

@@ -431,9 +431,11 @@ class FileDropAdapter(DirectoryAdapter):
             missing = opts.key_field if not key else opts.occurred_at_field
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
         version = _micros(when)
-        if when.microsecond == 0 and 0 < line < 1_000_000:
-            # Whole seconds: two changes of one key in the same second would get the same
-            # version, and the reconciler keeps the first; the later line wins instead.
+        written = row.get(opts.occurred_at_field)
+        if isinstance(written, str) and "." not in written and 0 < line < 1_000_000:
+            # Written in whole seconds: two changes of one key in the same second would get
+            # the same version, and the reconciler keeps the first; the later line wins
+            # instead. (A time written with a fraction, even .000, is taken as it is.)
             version += line
         if opts.version_field:
             given = small_int(row.get(opts.version_field))

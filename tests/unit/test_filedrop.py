@@ -62,3 +62,20 @@ def test_two_changes_of_one_key_in_the_same_second_get_rising_versions(tmp_path:
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     versions = [i.version for i in adapter.read({}) if isinstance(i, Record)]
     assert len(versions) == 3 and versions == sorted(set(versions))
+
+
+def test_a_time_written_with_a_fraction_is_taken_as_it_is(tmp_path: Path) -> None:
+    """Milliseconds that happen to be .000 are no whole-second time: a line number added
+    there could pass a later change of the same key written at .020."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    lines = "".join(f"00119000{n:04d},Lê Thị Hoa,2025-08-01T08:00:00.500+07:00\n"
+                    for n in range(40))  # fmt: skip
+    _drop(inbox, "pid,name,at\n" + lines
+          + "001190000001,Lê Thị Hoà,2025-08-01T08:00:00.000+07:00\n"
+          + "001190000001,Lê Thị Hòa,2025-08-01T08:00:00.020+07:00\n")  # fmt: skip
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    ours = [
+        i.version for i in adapter.read({}) if isinstance(i, Record) and i.key == "001190000001"
+    ]
+    assert ours[-2:] == sorted(ours[-2:]) and ours[-1] - ours[-2] == 20_000

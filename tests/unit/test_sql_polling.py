@@ -628,10 +628,13 @@ def test_rows_written_as_plain_sqlite_text_are_not_lost_at_page_boundaries(
     assert sorted(emitted) == [1, 2, 3, 4]
 
 
-def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(tmp_path: Path) -> None:
+def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An application that sets `updated_at` only on update: its new rows have none. They
     have no place in the cursor's order (the first run stopped at them; later runs passed
-    over them unseen): never read, and `adapters check` says how many there are."""
+    over them unseen): never read, and the adapter's start and `adapters check` say how
+    many there are."""
     from producers.sql_advice import check_warnings
 
     engine = create_engine(f"sqlite:///{tmp_path / 'nullable.db'}")
@@ -652,6 +655,9 @@ def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(tmp_path:
     try:
         state = CursorState()
         assert pks(poll(adapter, state)) == [1]
+        assert "1 rows have no updated_at and are never read" in caplog.text  # once a start
+        assert pks(poll(adapter, state)) == []
+        assert caplog.text.count("rows have no updated_at") == 1
         assert any("1 rows have no updated_at" in note for note in check_warnings(adapter))
     finally:
         adapter.close()
