@@ -132,6 +132,9 @@ def read_json(text: str) -> Any:
     return value
 
 
+CLOCK_PROBE = ".portal-sync-clock"  # a leading dot: never read as an export
+
+
 def _checksum(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -271,7 +274,7 @@ class DirectoryAdapter(Adapter):
         remembers each file's size and modification time for the next poll."""
         if not self.directory.is_dir():
             return []
-        now, marker = time.time(), self.options.complete_marker
+        now, marker = self._share_now(), self.options.complete_marker
         observed: dict[str, tuple[int, int]] = {}
         ready: list[tuple[float, str, Path]] = []
         for path in self.directory.iterdir():
@@ -298,6 +301,23 @@ class DirectoryAdapter(Adapter):
             ready.append((info.st_mtime, name, path))
         self._observed = observed
         return [path for *_, path in sorted(ready)]
+
+    def _share_now(self) -> float:
+        """The time by the clock that stamps the directory's files (a file server's may
+        run behind ours: a file being written would look old enough): the modification
+        time of a probe file made now and removed at once, ours when the directory cannot
+        be written."""
+        if self.options.settle_seconds <= 0:
+            return time.time()
+        probe = self.directory / f"{CLOCK_PROBE}-{os.getpid()}"
+        try:
+            probe.touch()
+            try:
+                return probe.stat().st_mtime
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError:
+            return time.time()
 
     def rejected(self, origin: str, code: str, message: str) -> None:
         if origin in self._rejections:  # the file as a whole

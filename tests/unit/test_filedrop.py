@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from producers.adapters.filedrop import FileDropAdapter
 from producers.sdk import Checkpoint, Record
 
@@ -79,3 +81,22 @@ def test_a_time_written_with_a_fraction_is_taken_as_it_is(tmp_path: Path) -> Non
         i.version for i in adapter.read({}) if isinstance(i, Record) and i.key == "001190000001"
     ]
     assert ours[-2:] == sorted(ours[-2:]) and ours[-1] - ours[-2] == 20_000
+
+
+def test_a_file_server_clock_behind_ours_does_not_make_a_fresh_file_look_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The share stamps files by its own clock: judged by ours, 60 s ahead, a file being
+    written in place looks a minute old and would be read half-written on first sight."""
+    from producers.adapters import filedrop
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "export.csv").write_text(
+        "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n", encoding="utf-8"
+    )  # written in place just now, perhaps not finished
+    real = time.time
+    monkeypatch.setattr(filedrop.time, "time", lambda: real() + 60)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"settle_seconds": 10},
+                                            tmp_path)  # fmt: skip
+    assert [i for i in adapter.read({}) if isinstance(i, Record)] == []
