@@ -140,6 +140,24 @@ def _refuse_key_on_postgres(store_url: str, key: str) -> None:
     engine.dispose()
 
 
+def _processor(settings_for: Any, url: str) -> tuple[Any, Store, Any]:
+    """A worker's batch processor in this process, on change topics of one partition (one
+    offset sequence), with a fresh store."""
+    from consumers.registry import Registry
+    from consumers.worker import BatchProcessor
+
+    settings = settings_for(url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    return settings, store, BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+
+
+def _valid(count: int, seed: int) -> list[bytes]:
+    """`count` valid citizen events, as their bytes."""
+    return [json.dumps(e).encode() for e in citizen_events(count, 1, seed=seed)[:count]]
+
+
 def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_nothing(
     settings_for: Any, postgres_store_url: str
 ) -> None:
@@ -299,16 +317,10 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     """Finding 7: isolating a poison re-published the batch's other dead letters once per
     halving level; now each invalid message is dead-lettered once per delivery."""
     from consumers.reconciler import Checked
-    from consumers.registry import Registry
-    from consumers.worker import BatchProcessor
     from transport.reader import Message
 
-    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
-    ensure_topics(settings)
-    store = Store(settings.store_url)
-    store.create_schema()
-    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
-    valid = [json.dumps(e).encode() for e in citizen_events(16, 1, seed=36)[:16]]
+    settings, store, processor = _processor(settings_for, sqlite_store_url)
+    valid = _valid(16, seed=36)
     raws = [*valid[:3], b"not json", *valid[3:9], b"{}", *valid[9:]]
     messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
     poison = messages[12]
@@ -337,17 +349,11 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     sent does not make the retry send them again, and the batch's offsets are committed
     only after the acks."""
     from consumers.reconciler import Checked
-    from consumers.registry import Registry
-    from consumers.worker import BatchProcessor
     from store import StoreUnavailable
     from transport.reader import Message
 
-    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
-    ensure_topics(settings)
-    store = Store(settings.store_url)
-    store.create_schema()
-    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
-    valid = [json.dumps(e).encode() for e in citizen_events(8, 1, seed=37)[:8]]
+    settings, store, processor = _processor(settings_for, sqlite_store_url)
+    valid = _valid(8, seed=37)
     raws = [*valid[:3], b"not json", *valid[3:], b"{}"]
     messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
     real_apply = processor.reconciler.apply
@@ -394,15 +400,8 @@ def test_a_dead_letter_the_broker_did_not_acknowledge_is_sent_again_before_the_c
     from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
     from kafka.structs import TopicPartition
 
-    from consumers.registry import Registry
-    from consumers.worker import BatchProcessor
-
-    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
-    ensure_topics(settings)
-    store = Store(settings.store_url)
-    store.create_schema()
-    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
-    valid = [json.dumps(e).encode() for e in citizen_events(6, 1, seed=39)[:6]]
+    settings, store, processor = _processor(settings_for, sqlite_store_url)
+    valid = _valid(6, seed=39)
     raws = [*valid[:2], b"not json", *valid[2:], b"{}"]
     messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
     producer = processor.publisher._producer
