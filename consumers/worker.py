@@ -372,12 +372,10 @@ class BatchProcessor:
                 letter.code,
             )
 
-        def acknowledged() -> None:
+        def acknowledged() -> None:  # called once (a failed flush leaves them unpublished)
             if todo:
-                letters = todo[:]
-                todo.clear()  # one wait: a failed flush leaves them unpublished
                 self.publisher.flush()
-                lettered.update(_origin(d.message) for d in letters)
+                lettered.update(_origin(d.message) for d in todo)
 
         return acknowledged
 

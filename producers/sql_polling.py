@@ -267,7 +267,7 @@ class SqlPollingAdapter:
         self.config = config
         self.zone = ZoneInfo(config.timezone)
         self._plan = field_plan(config)
-        self._unplaced_checked = False  # rows without a cursor time: counted once
+        self._unplaced: int | None = None  # rows without a cursor time, counted once
         # A source row's values are personal data: never in errors or SQL logging.
         self.engine = create_engine(config.url, hide_parameters=True)
         self.table = self._from_clause()
@@ -311,8 +311,7 @@ class SqlPollingAdapter:
         """Pages of new or changed rows; the caller publishes each page and then calls
         `remember` (which advances the high-water mark) before it asks for the next. Once
         every page was taken, a PostgreSQL poll records its snapshot's xmin in `state`."""
-        if not self._unplaced_checked:  # once a process: a count by the column's index
-            self._unplaced_checked = True
+        if self._unplaced is None:  # once a process: a count by the column's index
             unplaced = self.rows_without_cursor_time()
             if unplaced:
                 log.warning(
@@ -369,10 +368,14 @@ class SqlPollingAdapter:
                 return
 
     def rows_without_cursor_time(self) -> int:
-        """Rows whose cursor column is NULL: they have no place in the cursor's order."""
-        query = select(func.count()).select_from(self.table).where(self.updated_at.is_(None))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+        """Rows whose cursor column is NULL (they have no place in the cursor's order), as
+        counted the first time this adapter asked."""
+        if self._unplaced is None:
+            query = select(func.count()).select_from(self.table)
+            with self.engine.connect() as conn:
+                found = conn.execute(query.where(self.updated_at.is_(None))).scalar_one()
+            self._unplaced = int(found)
+        return self._unplaced
 
     def _unindexed_order(self) -> bool:
         return self.sqlite and self.config.updated_at_format is None
