@@ -168,8 +168,9 @@ class BatchIO:
         """Count this transaction as a write of records by other than a live batch."""
         raise NotImplementedError
 
-    def lock(self, keys: Sequence[RecordKey]) -> None:
-        """Serialise writers of the same records (a batch's `read` does it too)."""
+    def lock(self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition] = ()) -> None:
+        """Serialise writers of the same records, and of the same partitions' offsets (a
+        batch's `read` does it too)."""
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True
@@ -268,6 +269,7 @@ COPY_HISTORY_SQL = (
 # `changes` goes as text: json's binary form is its text (psycopg's json dumper would
 # encode the string again).
 HISTORY_TYPES = ["text", "text", "text", "text", "int8", "text", "timestamp"]
+PARTITION_LOCK = "#partition:"  # no entity's name starts so: no record's lock is a partition's
 LOCK_SQL = (
     "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0)"
     " AS h FROM unnest(%b::text[]) AS k ORDER BY h) AS ordered"
@@ -371,7 +373,7 @@ class PostgresBatchIO(BatchIO):
         """The lock and the reads sent together, answered in one round trip: the server
         runs them in order, so the reads see the records once they are locked."""
         with self.dbapi.pipeline():
-            self.lock(keys)
+            self.lock(keys, partitions if use_offsets else ())
             offsets = views = canonical = None
             if use_offsets and partitions:
                 offsets = self._send(
@@ -443,9 +445,16 @@ class PostgresBatchIO(BatchIO):
             with contextlib.suppress(Exception):  # the error that got here is the one to see
                 stack.close()
 
-    def lock(self, keys: Sequence[RecordKey]) -> None:
-        if keys:
-            self._run(LOCK_SQL, [text_array([f"{entity}:{key}" for entity, key in keys])])
+    def lock(self, keys: Sequence[RecordKey], partitions: Sequence[TopicPartition] = ()) -> None:
+        """The records' locks and, for a batch that writes offsets, one per partition: a
+        partition the store has no offset for yet has no row for `FOR UPDATE` to lock, so
+        two workers (one a zombie after a rebalance) taking the same first batch without a
+        record in common (dead letters only) would both apply it and journal overlapping
+        ranges. Taken in one statement, in the hashes' order: no deadlock between batches."""
+        names = [f"{entity}:{key}" for entity, key in keys]
+        names += [f"{PARTITION_LOCK}{topic}:{partition}" for topic, partition in partitions]
+        if names:
+            self._run(LOCK_SQL, [text_array(names)])
 
     def offsets(
         self, partitions: Sequence[TopicPartition], lock: bool = True

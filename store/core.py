@@ -354,8 +354,12 @@ class Store:
     def _offsets(
         self, conn: Connection, partitions: Iterable[TopicPartition]
     ) -> dict[TopicPartition, int]:
-        wanted = list(set(partitions))
+        """The stored offsets, locked for an operator's change (on PostgreSQL, with the
+        partitions' own locks, which a batch takes too: a partition without a row yet)."""
+        wanted = sorted(set(partitions))
         result: dict[TopicPartition, int] = {}
+        if conn.dialect.name == "postgresql":
+            batch_io(conn.dialect.name, conn.connection.driver_connection).lock((), wanted)
         for chunk in _chunks(wanted):
             query = select(
                 applied_offsets.c.topic, applied_offsets.c.partition, applied_offsets.c.next_offset
