@@ -135,6 +135,8 @@ class CursorState:
     # pk -> [version sent, updated_at, marker (version column or content hash), xid8 or None]
     seen: dict[str, list[Any]] = field(default_factory=dict)
     xmin: int | None = None
+    # The highest version sent so far (None: a state of an older release; see `top_sent`).
+    top: int | None = None
     # Not saved, rebuilt from `seen`: its rows by updated_at (a heap; an entry written again
     # since is skipped when it comes up), and those past the window kept for their xid8.
     # `forget_before` takes the rows that fell behind the window from the heap instead of
@@ -150,8 +152,8 @@ class CursorState:
     _undo: list[tuple[str, list[Any] | None]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
-    _head: tuple[str | None, Any, int | None] = field(
-        default=(None, None, None), init=False, repr=False, compare=False
+    _head: tuple[str | None, Any, int | None, int | None] = field(
+        default=(None, None, None, None), init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -173,7 +175,7 @@ class CursorState:
         lookback window of rows, only for the checkpoints saved."""
         undo: list[tuple[str, list[Any] | None]] = []
         self._undo = undo
-        head = self._head = (self.updated_at, self.pk, self.xmin)
+        head = self._head = (self.updated_at, self.pk, self.xmin, self.top)
 
         def state() -> dict[str, Any]:
             if self._undo is not undo:
@@ -184,7 +186,10 @@ class CursorState:
                     del seen[pk]
                 else:
                     seen[pk] = entry
-            return {"updated_at": head[0], "pk": head[1], "seen": seen, "xmin": head[2]}
+            return {
+                "updated_at": head[0], "pk": head[1], "seen": seen, "xmin": head[2],
+                "top": head[3],
+            }  # fmt: skip
 
         return state
 
@@ -193,7 +198,7 @@ class CursorState:
         return (
             self._undo is None
             or bool(self._undo)
-            or self._head != (self.updated_at, self.pk, self.xmin)
+            or self._head != (self.updated_at, self.pk, self.xmin, self.top)
         )
 
     def forget_before(self, horizon: str) -> None:
@@ -227,13 +232,16 @@ class CursorState:
 
     def as_dict(self) -> dict[str, Any]:
         seen = dict(self.seen)
-        return {"updated_at": self.updated_at, "pk": self.pk, "seen": seen, "xmin": self.xmin}
+        return {
+            "updated_at": self.updated_at, "pk": self.pk, "seen": seen, "xmin": self.xmin,
+            "top": self.top,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CursorState:
         if not raw:
             return cls()
-        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"))
+        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"), raw.get("top"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,7 @@ class SqlPollingAdapter:
         self.zone = ZoneInfo(config.timezone)
         self._plan = field_plan(config)
         self._unplaced: int | None = None  # rows without a cursor time, counted once
+        self._horizon: tuple[str | None, str] = (None, "")  # the cursor, its window's start
         # A source row's values are personal data: never in errors or SQL logging.
         self.engine = create_engine(config.url, hide_parameters=True)
         self.table = self._from_clause()
@@ -464,6 +473,14 @@ class SqlPollingAdapter:
                 went_back = derived < known if config.version_column and known else stamp < before
                 raised = "lower" if went_back else "same_instant"
             backwards = stamp < before
+        elif self.snapshot and not config.version_column and self._forgotten_behind(stamp, state):
+            # A transaction held open past the window committed a change to this row: it
+            # is the row as it is now, but its updated_at can be below a version sent for
+            # the row since then (by a transaction that began later and committed first),
+            # which the state no longer remembers. Above everything sent, it is not stale.
+            top = self.top_sent(state)
+            if derived <= top:
+                version, raised = top + 1, "lower"
         return SourceChange(
             config.source,
             config.entity,
@@ -479,6 +496,27 @@ class SqlPollingAdapter:
             raised,
             backwards,
         )
+
+    def _forgotten_behind(self, stamp: str, state: CursorState) -> bool:
+        """Whether a row of this updated_at lies behind the lookback window: a row there
+        that the state does not remember may have been sent before and forgotten."""
+        if state.updated_at is None:
+            return False
+        if self._horizon[0] != state.updated_at:
+            start = self._window_start(state)
+            assert start is not None
+            self._horizon = (state.updated_at, _iso(start))
+        return stamp < self._horizon[1]
+
+    def top_sent(self, state: CursorState) -> int:
+        """The highest version sent so far: saved in the state; for a state of an older
+        release, the highest it remembers or the cursor's own, whichever is higher."""
+        if state.top is not None:
+            return state.top
+        known = [int(entry[0]) for entry in state.seen.values()]
+        if state.updated_at is not None:
+            known.append(_micros(self.instant(datetime.fromisoformat(state.updated_at))))
+        return max(known, default=0)
 
     def cursor_time(self, value: Any) -> datetime:
         """A cursor column value as the cursor holds it: naive as the source wrote it, or
@@ -505,6 +543,8 @@ class SqlPollingAdapter:
     def remember(self, state: CursorState, page: list[SourceChange]) -> None:
         """After a page is acknowledged: advance the high-water mark, note the rows as seen,
         and forget rows that no poll will read again."""
+        if page:
+            state.top = max(self.top_sent(state), max(change.version for change in page))
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])

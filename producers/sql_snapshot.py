@@ -14,8 +14,9 @@ recognised from the state (same version, same content) and not sent twice.
 recorded xmin, as PostgreSQL compares transaction ids itself. Every unfrozen row version
 lies within 2^31 transactions of the current one, so for them the test is exact; a
 *frozen* row keeps its old id, and after 2^32 further transactions it may fall in the range
-again: it is then read once more and, once forgotten by the state, sent again with the same
-version and event id (the reconciler counts a `duplicate`). Nothing is ever missed.
+again: it is then read once more and, once forgotten by the state, sent again as a late row
+(above every version sent, `sql_polling`): the same values applied once more. Nothing is
+ever missed.
 """
 
 from __future__ import annotations

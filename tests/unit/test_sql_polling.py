@@ -256,7 +256,7 @@ def test_second_poll_emits_nothing_new(source: Source, adapters: list[SqlPolling
 
 def test_cursor_state_round_trip(tmp_path: Path) -> None:
     seen = {"7": [123, "2024-01-15T09:00:02.000000", "9f86d081884c7d65", 801]}
-    state = CursorState("2024-01-15T09:00:02.000000", 7, seen, 790)
+    state = CursorState("2024-01-15T09:00:02.000000", 7, seen, 790, 124)
     path = tmp_path / "state" / "province-01.citizen.json"
     state.save(path)
     assert CursorState.load(path) == state
@@ -286,6 +286,22 @@ def test_a_state_of_an_older_release_resumes_without_repeats(
     (change,) = flat(poll(adapter, state))
     assert (change.pk, change.version) == (1, micros(T0 + timedelta(seconds=2)))
     assert len(state.seen["1"]) == 4 and state.xmin is None
+    assert state.top == micros(T0 + timedelta(seconds=2))  # saved from now on
+
+
+def test_the_highest_version_sent_of_a_state_of_an_older_release(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """A state saved before the highest version sent was kept: the highest it remembers
+    (a raised one included), else the cursor's own version."""
+    adapter = open_adapter(adapters, source)
+    cursor = "2024-01-15T09:00:01.000000"
+    remembered = {"1": [micros(T0 + timedelta(seconds=5)), "2024-01-15T09:00:00.000000"]}
+    with_rows = CursorState.from_dict({"updated_at": cursor, "pk": 2, "seen": remembered})
+    assert adapter.top_sent(with_rows) == micros(T0 + timedelta(seconds=5))
+    without = CursorState.from_dict({"updated_at": cursor, "pk": 2, "seen": {}})
+    assert adapter.top_sent(without) == micros(T0 + timedelta(seconds=1))
+    assert adapter.top_sent(CursorState()) == 0
 
 
 def test_restart_after_crash_resumes_without_repeats(

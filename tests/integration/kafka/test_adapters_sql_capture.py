@@ -252,14 +252,56 @@ def test_a_row_committed_by_a_transaction_held_open_across_polls_is_captured_onc
 
     late = poller.poll()
     assert names(late) == [(pid(1), "An (sửa)"), (pid(3), "Cường")]
-    assert late[0].version == micros(T0 + timedelta(seconds=2))
-    assert late[1].version == micros(T0 + timedelta(seconds=2))
+    # Behind the window and not remembered: above every version sent so far (the newest,
+    # row 15's), whatever updated_at says; occurred_at stays the row's updated_at.
+    assert [r.version for r in late] == [micros(T0 + timedelta(minutes=5)) + 1] * 2
+    assert late[0].occurred_at == (T0 + timedelta(seconds=2)).replace(tzinfo=ZONE)
     for _ in range(3):
         assert poller.poll() == []  # exactly once
     state = CursorState.from_dict(poller.state)
     assert state.xmin is not None
     # rows neither in the window nor written since the snapshot are forgotten
     assert set(state.seen) == {"15"}
+
+
+def test_a_late_commit_to_a_forgotten_row_is_sent_above_the_change_that_overtook_it(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """A transaction stamps a row when it begins (A) and commits after another change to the
+    same row (B > A) was sent and the state forgot the row: what it committed is the row as
+    it is now, so it must be sent above B, or the reconciler keeps B's older values for good
+    (`stale`). No version column: the version derives from updated_at."""
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    poller = poller_of(pollers, citizens(tmp_path, postgres_url, lookback=1))
+    assert len(poller.poll()) == 1
+    began = T0 + timedelta(seconds=10)  # the late transaction's updated_at
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(text("SELECT 1"))  # begun, no row written yet
+    source.update(1, T0 + timedelta(seconds=20), ho_ten="An (B)")  # overtakes it
+    overtaking = poller.poll()
+    assert names(overtaking) == [(pid(1), "An (B)")]
+    for minute in range(1, 4):  # the cursor moves on: row 1 falls out of the state
+        source.insert(10 + minute, f"Người {minute}", T0 + timedelta(minutes=minute))
+        assert len(poller.poll()) == 1
+    assert "1" not in CursorState.from_dict(poller.state).seen
+    raised = counted("portal_sync_source_versions_raised_total", source="province-79",
+                     reason="lower")  # fmt: skip
+    held.execute(
+        update(cong_dan).where(cong_dan.c.id == 1).values(ho_ten="An (A)", cap_nhat_luc=began)
+    )
+    transaction.commit()
+    held.close()
+
+    late = poller.poll()
+    assert names(late) == [(pid(1), "An (A)")]
+    assert late[0].version > overtaking[0].version  # not stale: the row as it is now wins
+    assert late[0].version == micros(T0 + timedelta(minutes=3)) + 1  # the highest sent + 1
+    assert late[0].occurred_at == began.replace(tzinfo=ZONE)
+    assert counted("portal_sync_source_versions_raised_total", source="province-79",
+                   reason="lower") == raised + 1  # fmt: skip
+    assert poller.poll() == []  # and once
 
 
 def test_a_rolled_back_transaction_sends_nothing_and_later_changes_still_come(
