@@ -40,6 +40,20 @@ CASES = [
         "w1: a batch has waited 7m 0s for the store or the broker; no change is being applied",
     ),
     Case(
+        "PortalSyncWorkerStalled",
+        # the store unreachable for good; the worker's /healthz fails after 300s and its
+        # supervisor restarts it, every time: its gauge never stays above 300s for long
+        {
+            f"portal_sync_worker_retrying_seconds{{{WORKER}}}": " ".join(
+                ["0 60 120 180 240 300"] * 3
+            )
+        },
+        "4m",
+        "16m",
+        {"job": "portal-sync-worker", "instance": "w1"},
+        "w1: a batch has waited 5m 0s for the store or the broker; no change is being applied",
+    ),
+    Case(
         "PortalSyncConsumerStalled",
         {f"portal_sync_consumer_status{{{GROUP},{EXPORTER}}}": "0 1 1 3x10"},
         "4m",  # WARN at 1-2m does not page; STOP since 3m, pending for 2m
@@ -47,6 +61,19 @@ CASES = [
         {"group": "portal-sync-reconciler"},
         "portal-sync-reconciler is STALL (2) or STOP (3): value 3; changes are not reaching "
         "the national store",
+    ),
+    Case(
+        "PortalSyncLagExporterBlind",
+        # polls read the lag every minute until 3m, then fail (the last success stays)
+        {
+            "portal_sync_lag_exporter_last_success_timestamp_seconds"
+            f"{{{EXPORTER}}}": "0 60 120 180 180 180 180 180 180 180"
+        },
+        "4m",  # 60 s since the last poll that read
+        "8m",  # more than 120 s since 3m from 6m on, for 2m
+        {"job": "portal-sync-lag-exporter", "instance": "e1"},
+        "e1: the lag exporter has not read the consumer lag for 5m 0s; the lag series and "
+        "their alerts are gone",
     ),
     Case(
         "PortalSyncProcessDown",

@@ -24,7 +24,13 @@ class Thresholds:
     stale_after_seconds: float = 1800.0
     lag_growing_seconds: float = 300.0
     cursor_lag_seconds: float = 900.0
-    worker_stalled_seconds: float = 300.0  # a batch waiting on the store or broker this long
+    # A batch waiting on the store or the broker this long. Below the worker's own stall
+    # (`PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS`, 300), after which /healthz fails and a
+    # supervisor (the chart's liveness probe) restarts it: the gauge then starts again at
+    # 0, so the rule takes the highest value of `stall_window`, which a restart cannot clear.
+    worker_stalled_seconds: float = 240.0
+    stall_window: str = "10m"
+    exporter_blind_seconds: float = 120.0  # the lag exporter's last successful poll
     window: str = "5m"  # rate windows
     for_short: str = "2m"  # stalled consumer, process down
     for_long: str = "10m"  # lag above objective, stale source, lag growing
@@ -76,12 +82,18 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
-    waiting = "max by (job, instance) (portal_sync_worker_retrying_seconds)"
+    waiting = (
+        "max by (job, instance) "
+        f"(max_over_time(portal_sync_worker_retrying_seconds[{t.stall_window}]))"
+    )
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
+    blind = (
+        "time() - max by (job, instance) (portal_sync_lag_exporter_last_success_timestamp_seconds)"
+    )
     return [
         Rule(
             "PortalSyncWorkerStalled",
-            f"{waiting} > {t.worker_stalled_seconds:g}",
+            f"{waiting} >= {t.worker_stalled_seconds:g}",
             waiting,
             "1m",
             "critical",
@@ -89,7 +101,10 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "the store or the broker; no change is being applied",
             "The worker retries with backoff and applies nothing meanwhile: check that "
             "PostgreSQL and Kafka answer, and that the dead-letter topic exists "
-            "(`portal-sync topics`). The worker's /readyz is false while it retries.",
+            "(`portal-sync topics`). The worker's /readyz is false while it retries; after "
+            "PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS its /healthz fails and its supervisor "
+            f"restarts it, which does not clear this alert (the longest wait of "
+            f"{t.stall_window}); it resolves {t.stall_window} after the batches pass again.",
         ),
         Rule(
             "PortalSyncSyncLagAboveObjective",
@@ -184,6 +199,19 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "Their transactions committed more than lookback_ids ids behind the newest row "
             "read. They wait in the outbox table: raise the source's lookback_ids above the "
             "gap (the next poll publishes them), then look for long transactions at the source.",
+        ),
+        Rule(
+            "PortalSyncLagExporterBlind",
+            f"{blind} > {t.exporter_blind_seconds:g}",
+            blind,
+            t.for_short,
+            "critical",
+            "{{ $labels.instance }}: the lag exporter has not read the consumer lag for "
+            "{{ $value | humanizeDuration }}; the lag series and their alerts are gone",
+            "Its polls fail (its log says why): the brokers unreachable, its Kafka user "
+            "refused (ACLs, credentials), no leader answering. While it is blind, neither "
+            "PortalSyncConsumerStalled nor PortalSyncConsumerLagGrowing can fire: watch "
+            "`portal-sync lag` by hand until it reads again.",
         ),
         Rule(
             "PortalSyncProcessDown",

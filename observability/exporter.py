@@ -63,6 +63,14 @@ class LagCollector(Collector):
         )
         with self._lock:
             groups = list(self._groups)
+            last_success = self.last_success
+        # Never cleared: a poll that keeps failing drops the lag series (and with them the
+        # consumer alerts), and this one is what still shows it.
+        yield GaugeMetricFamily(
+            "portal_sync_lag_exporter_last_success_timestamp_seconds",
+            "When the last poll read the lag (Unix seconds; 0: none yet).",
+            value=last_success,
+        )
         for group in groups:
             status.add_metric([group.group], float(group.status))
             for p in group.partitions:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from observability.lag import Sample, Status, Window, group_status, lag_seconds, partition_status
-from schemas.errors import TransientError
-from store import Store
+from schemas.errors import ConfigurationError, TransientError
+from store import SchemaOutdated, Store
 from transport.admin import Cluster
 from transport.config import KafkaConnection
 from transport.topics import Topics
@@ -190,18 +190,40 @@ class LagReader:
             }
         own = self.own_group
         if self.offsets_from == "store" and self.filters.group_ok(own):
-            result[own] = self._store_offsets()
+            stored = self._store_offsets()
+            if stored is not None:
+                result[own] = stored
         return {group: offsets for group, offsets in result.items() if offsets}
 
-    def _store_offsets(self) -> dict[TP, int]:
-        """The reconciler's applied offsets, every partition of the change topics included."""
+    def _store_offsets(self) -> dict[TP, int] | None:
+        """The reconciler's applied offsets, every partition of the change topics included
+        (at 0 while the store has no schema yet: nothing applied). None when the store
+        cannot be read: the group's offsets in Kafka (the worker's copy, at most a batch
+        behind) stand in, never zeros, which would show the whole log as lag and page."""
         try:
             applied = self.store().all_offsets()
-        except Exception as error:  # no store (yet): the partitions start at 0
-            log.warning("store offsets unreadable (%s)", type(error).__name__)
+        except Exception as error:
+            if not self._store_is_new():
+                log.warning(
+                    "store offsets unreadable (%s): the reconciler group's offsets in Kafka "
+                    "instead", type(error).__name__,
+                )  # fmt: skip
+                return None
             applied = {}
         topics = [t for t in self.topics.change_topics() if self.filters.topic_ok(t)]
         return {tp: applied.get(tp, 0) for tp in self.cluster.partitions(topics)}
+
+    def _store_is_new(self) -> bool:
+        """Whether the store holds no portal-sync schema yet (the worker makes it)."""
+        try:
+            self.store().require_schema()
+        except SchemaOutdated:
+            return False
+        except ConfigurationError:
+            return True
+        except Exception:  # unreachable, failing: not known to be new
+            return False
+        return False
 
     def _members(self, groups: list[str]) -> dict[str, tuple[int, str]]:
         """Members and state per group, asked once per poll. A group the cluster cannot

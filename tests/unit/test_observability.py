@@ -160,7 +160,10 @@ def test_lag_collector_exports_the_snapshot_and_drops_gone_groups() -> None:
 
     collector.update([GroupLag("g2", 1, "Stable", [])])
 
-    assert set(scrape(registry)) == {("portal_sync_consumer_status", (("group", "g2"),))}
+    assert set(scrape(registry)) == {
+        ("portal_sync_consumer_status", (("group", "g2"),)),
+        ("portal_sync_lag_exporter_last_success_timestamp_seconds", ()),
+    }
 
 
 def test_a_failed_poll_is_tried_again_at_once_and_drops_the_snapshot_only_if_that_fails() -> None:
@@ -183,10 +186,14 @@ def test_a_failed_poll_is_tried_again_at_once_and_drops_the_snapshot_only_if_tha
     assert scrape(registry)[("portal_sync_consumer_lag_messages", labels)] == 2
     assert not outcomes
 
+    last = ("portal_sync_lag_exporter_last_success_timestamp_seconds", ())
+    succeeded = scrape(registry)[last]
+    assert succeeded == collector.last_success > 0
     outcomes[:] = [TimeoutError("offsets"), ConnectionError("node 3")]
     assert not poll(read, collector)
     assert not outcomes
     assert not any(name == "portal_sync_consumer_lag_messages" for name, _ in scrape(registry))
+    assert scrape(registry)[last] == succeeded  # the blind exporter still says since when
 
 
 def test_freshness_advances_with_applied_events_only() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from observability.kafka_lag import Filters, LagReader
 from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
 
 pytestmark = pytest.mark.kafka
@@ -50,3 +51,36 @@ def test_lag_shows_offsets_time_lag_status_and_stale_sources(
     for source in ("province-01", "province-79", "ministry-btp"):
         line = next(line for line in after.stdout.splitlines() if f" {source} " in line)
         assert "STALE" in line
+
+
+def test_the_exporter_reads_kafkas_copy_of_the_offsets_when_the_store_cannot_be_read(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """The store's offsets are the truth; when the store cannot be read (unreachable,
+    credentials refused, here a file that is no database), the worker's copy in Kafka stands
+    in. Zeros instead would show the whole log as lag and page STALL at every partition. A
+    store without a schema yet has applied nothing: the whole log is lag."""
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(keys=30, versions=2)
+    assert cli(settings, "publish", str(write_jsonl(tmp_path / "e.jsonl", events))).returncode == 0
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+
+    def lag(store_url: str) -> int:
+        reader = LagReader(
+            settings.connection(),
+            settings.topics(),
+            settings.group_id,
+            store_url,
+            filters=Filters(topic=".*citizen"),
+        )
+        try:
+            own = {g.group: g for g in reader.read()}[settings.group_id]
+        finally:
+            reader.close()
+        return sum(p.lag_messages for p in own.partitions)
+
+    assert lag(sqlite_store_url) == 0
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"no database here " * 512)
+    assert lag(f"sqlite:///{broken}") == 0
+    assert lag(f"sqlite:///{tmp_path / 'new.db'}") == len(events)
