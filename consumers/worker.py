@@ -283,13 +283,18 @@ class BatchProcessor:
         # acknowledged.
         sent: list[DeadLetter] = []
         waits: list[Callable[[], None]] = []
+        warned: list[Checked] = []  # counted once the batch commits (a retry reads again)
 
         def unapplied(stored: Mapping[TopicPartition, int]) -> None:
             todo = [d for d in dead if d.message.offset >= stored.get(d.message.tp, 0)]
             if todo:
                 sent.extend(todo)
                 waits.append(self._send_dead_letters(todo, lettered))
-            self._soft_checks(valid, stored)
+            warned.extend(
+                checked
+                for checked in valid
+                if checked.warnings and checked.message.offset >= stored.get(checked.message.tp, 0)
+            )
 
         def flush() -> None:
             # Each wait runs once: when an acknowledgement fails, the publisher forgets
@@ -311,24 +316,25 @@ class BatchProcessor:
         record_batch(report, self.config.freshness_objective_seconds)
         if sent:
             record_dead_letters(sent)
+        self._soft_checks(warned)
         self._purge()
 
     @staticmethod
-    def _soft_checks(valid: Sequence[Checked], stored: Mapping[TopicPartition, int]) -> None:
-        """Count and log the soft checks that failed (events not applied before only)."""
-        for checked in valid:
+    def _soft_checks(warned: Sequence[Checked]) -> None:
+        """Count and log the soft checks that failed, of a committed batch's events that
+        were not applied before."""
+        for checked in warned:
             message = checked.message
-            if checked.warnings and message.offset >= stored.get(message.tp, 0):
-                record_warnings(checked.event.entity, checked.warnings)
-                # Where the event is, never what it names: the key is a personal id, and
-                # our producers derive the event id from it with no secret.
-                log.info(
-                    "soft checks %s failed for the event at %s:%d:%d",
-                    ",".join(checked.warnings),
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                )
+            record_warnings(checked.event.entity, checked.warnings)
+            # Where the event is, never what it names: the key is a personal id, and our
+            # producers derive the event id from it with no secret.
+            log.info(
+                "soft checks %s failed for the event at %s:%d:%d",
+                ",".join(checked.warnings),
+                message.topic,
+                message.partition,
+                message.offset,
+            )
 
     def _purge(self) -> None:
         """The retention job (consumers.retention), at most once an hour."""

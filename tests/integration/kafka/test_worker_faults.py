@@ -568,3 +568,43 @@ def test_the_demo_refuses_a_store_with_other_data_and_touches_only_its_own_topic
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM operators_notes")).scalar() == 0
     engine.dispose()
+
+
+def test_soft_check_warnings_are_counted_once_across_store_retries(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed soft check is counted when its batch commits, not at each attempt: a
+    store that fails after the batch's offsets were read makes the worker try again."""
+    from prometheus_client import REGISTRY
+
+    from consumers.reconciler import Checked
+    from store import StoreUnavailable
+    from transport.reader import Message
+
+    settings, store, processor = _processor(settings_for, sqlite_store_url)
+    event = next(e for e in citizen_events(10, 1, seed=38) if e["op"] == "upsert")
+    event["data"]["sex"] = "female" if int(event["key"][3]) % 2 == 0 else "male"  # not the id's
+    raws = [json.dumps(event).encode(), *_valid(3, seed=39)]
+    messages = [change_message(settings, i, raw) for i, raw in enumerate(raws)]
+    real_apply = processor.reconciler.apply
+    attempts: list[int] = []
+
+    def fail_once(events: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        attempts.append(len(events))
+        if len(attempts) == 1:
+            kw["after_offsets"]({})  # the offsets were read ...
+            raise StoreUnavailable("the store went away")  # ... then the store fails
+        return real_apply(events, batch, **kw)
+
+    def counted() -> float:
+        labels = {"entity": "citizen", "check": "personal_id_sex"}
+        return REGISTRY.get_sample_value("portal_sync_soft_check_warnings_total", labels) or 0.0
+
+    before = counted()
+    monkeypatch.setattr(processor.reconciler, "apply", fail_once)
+    processor.process(messages)
+    processor.close()
+    assert attempts == [4, 4]
+    assert counted() - before == 1
+    assert store.all_offsets() == {(change_topic(settings, "citizen"), 0): len(raws)}
+    store.close()
