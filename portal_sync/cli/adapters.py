@@ -6,7 +6,7 @@ import signal
 import threading
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,10 @@ from rich.table import Table
 
 from portal_sync.cli.options import fail, settings_from
 from producers.sdk import Adapter, ConfigurationError
+
+if TYPE_CHECKING:
+    from portal_sync.settings import Settings
+    from producers.deployment import Deployment
 
 adapters_app = typer.Typer(
     no_args_is_help=True, help="Source adapters: list installed, check, scaffold."
@@ -23,6 +27,15 @@ out = Console()
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Deployment file (TOML)")]
 SourceOpt = Annotated[str | None, typer.Option("--source", "-s", help="Only this source id")]
+
+
+def _metrics_host(deployment: Deployment, settings: Settings) -> str:
+    """The deployment file's `[producer] metrics_host`, else `PORTAL_SYNC_METRICS_HOST` (as
+    the worker and the lag exporter read it), whose default is 127.0.0.1."""
+    producer = deployment.producer
+    if "metrics_host" in producer.model_fields_set:
+        return producer.metrics_host
+    return settings.metrics_host
 
 
 def _fail(message: str) -> typer.Exit:
@@ -127,11 +140,23 @@ def produce(
     ] = None,
     metrics_host: Annotated[
         str | None,
-        typer.Option("--metrics-host", help="/metrics bind address (else the file's metrics_host)"),
+        typer.Option(
+            "--metrics-host",
+            help="/metrics bind address (else the file's metrics_host, else "
+            "PORTAL_SYNC_METRICS_HOST)",
+        ),
     ] = None,
     state_dir: Annotated[
         Path | None,
         typer.Option("--state-dir", help="Dir of the sources' state files (else the file's)"),
+    ] = None,
+    signing_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--signing-key-file",
+            help="Signing key of the sources' events (else the file's [producer] "
+            "signing_key_file; a source's own still wins)",
+        ),
     ] = None,
     bootstrap: Annotated[
         str | None, typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP")
@@ -162,9 +187,11 @@ def produce(
     reference_key = settings.reference_key()
     deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
-    host = deployment.producer.metrics_host if metrics_host is None else metrics_host
+    host = metrics_host if metrics_host is not None else _metrics_host(deployment, settings)
     if state_dir is not None:
         deployment.producer.state_dir = state_dir
+    if signing_key_file is not None:
+        deployment.producer.signing_key_file = signing_key_file
     result = ProduceResult()
     web = load_web_config(settings.metrics_web_config_file) if port else None
     if port and not once:

@@ -81,3 +81,21 @@ def test_flags_override_the_bind_address_and_the_state_dir(
     assert result.exit_code == 0, result.output
     assert calls["serve"] == (9312, "0.0.0.0")
     assert calls["state_dir"] == state
+
+
+def test_without_a_host_in_the_file_the_setting_decides_as_for_every_process(
+    tmp_path: Path, calls: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PORTAL_SYNC_METRICS_HOST binds the worker's, the lag exporter's and `produce`'s
+    endpoints alike; the deployment file's own `metrics_host`, when it has one, wins."""
+    monkeypatch.setenv("PORTAL_SYNC_METRICS_HOST", "0.0.0.0")
+    config = tmp_path / "sources.toml"
+    config.write_text(CONFIG.replace('metrics_host = "127.0.0.1"\n', ""))
+    result = CliRunner().invoke(app, ["produce", "--config", str(config), "--once"])
+    assert result.exit_code == 0, result.output
+    assert calls["serve"] == (9312, "0.0.0.0")
+
+    config.write_text(CONFIG)  # the file says 127.0.0.1
+    result = CliRunner().invoke(app, ["produce", "--config", str(config), "--once"])
+    assert result.exit_code == 0, result.output
+    assert calls["serve"] == (9312, "127.0.0.1")

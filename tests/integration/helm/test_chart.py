@@ -426,12 +426,23 @@ def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
             "produce", "--config=/etc/portal-sync/producer/deployment.toml",
             "--metrics-host=0.0.0.0", "--metrics-port=9312",
             "--state-dir=/var/lib/portal-sync/state",
+            "--signing-key-file=/etc/portal-sync/signing/signing.key",
         ]  # fmt: skip
         assert main["ports"][0]["containerPort"] == 9312
         env = env_of(deployment)
         for var, ref in producer["secretEnv"].items():
             assert env[var] == {"secretKeyRef": {"name": ref["secretName"], "key": ref["key"]}}
         assert "PORTAL_SYNC_STORE_URL_FILE" not in env  # producers never get the store
+        # Its own Kafka user and signing key, never the workers'.
+        own_user = producer["kafkaSasl"]["existingSecret"]
+        assert env["PORTAL_SYNC_KAFKA_SASL_USERNAME"]["secretKeyRef"]["name"] == own_user
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["kafka-sasl"]["secret"]["secretName"] == own_user
+        signing = volumes["signing-key"]["secret"]
+        assert signing["secretName"] == producer["signingKey"]["existingSecret"]
+        assert signing["items"] == [{"key": "signing.key", "path": "signing.key"}]
+        mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+        assert mounts["signing-key"] == "/etc/portal-sync/signing"
         claim = deployment["spec"]["template"]["spec"]["volumes"]
         state = next(v for v in claim if v["name"] == "state")
         assert state["persistentVolumeClaim"]["claimName"] == f"{name}-state"

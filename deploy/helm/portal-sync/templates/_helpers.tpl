@@ -71,9 +71,11 @@ portal-sync/producer: {{ . }}
 
 {{/* Environment of every portal-sync container: Kafka, topics, the secrets' files, and
      with "store" the store's URL file (producers never get the store's credentials):
-     (dict "root" $ "store" true-or-false) */}}
+     (dict "root" $ "store" true-or-false ["sasl" SECRET]); "sasl": a producer's own Kafka
+     user (name and password keys as kafka.sasl's), else kafka.sasl.existingSecret */}}
 {{- define "portal-sync.env" -}}
 {{- $kafka := .root.Values.kafka -}}
+{{- $sasl := .sasl | default $kafka.sasl.existingSecret -}}
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE
@@ -88,7 +90,7 @@ portal-sync/producer: {{ . }}
 - name: PORTAL_SYNC_KAFKA_SASL_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ $kafka.sasl.existingSecret }}
+      name: {{ $sasl }}
       key: {{ $kafka.sasl.usernameKey }}
 - name: PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE
   value: /etc/portal-sync/kafka-sasl/password
@@ -164,7 +166,7 @@ portal-sync/producer: {{ . }}
 {{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
 - name: kafka-sasl
   secret:
-    secretName: {{ $v.kafka.sasl.existingSecret }}
+    secretName: {{ .sasl | default $v.kafka.sasl.existingSecret }}
     defaultMode: 0440
     items:
       - key: {{ $v.kafka.sasl.passwordKey }}
