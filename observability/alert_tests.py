@@ -63,6 +63,15 @@ CASES = [
         "the national store",
     ),
     Case(
+        "PortalSyncSourceStopped",
+        # one adapter of the source stopped on a fatal error at 2m, until a restart
+        {f'portal_sync_source_stopped{{{PRODUCER},source="province-79"}}': "0 0 1x10"},
+        "1m",
+        "3m",
+        {"source": "province-79"},
+        "province-79: 1 of its adapters stopped on a fatal error; their changes are no longer read",
+    ),
+    Case(
         "PortalSyncLagExporterBlind",
         # polls read the lag every minute until 3m, then fail (the last success stays)
         {

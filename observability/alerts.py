@@ -87,6 +87,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         f"(max_over_time(portal_sync_worker_retrying_seconds[{t.stall_window}]))"
     )
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
+    stopped = "max by (source) (portal_sync_source_stopped)"
     blind = (
         "time() - max by (job, instance) (portal_sync_lag_exporter_last_success_timestamp_seconds)"
     )
@@ -187,6 +188,19 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $value | humanizeDuration }} behind the source's newest change",
             "The producer cannot keep up or keeps failing: check source errors and the "
             "producer's log; raise the adapter's batch size.",
+        ),
+        Rule(
+            "PortalSyncSourceStopped",
+            f"{stopped} > 0",
+            stopped,
+            "0s",
+            "critical",
+            "{{ $labels.source }}: {{ $value }} of its adapters stopped on a fatal error; "
+            "their changes are no longer read",
+            "The producer's log names the adapter and the error (`stopped (fatal: …)`): a "
+            "configuration the source refuses (a table or column gone, credentials, a "
+            "signing key). Fix it and restart `produce`; the adapter resumes from its saved "
+            "state, nothing is lost.",
         ),
         Rule(
             "PortalSyncOutboxRowsBeyondLookback",

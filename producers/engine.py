@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producers.cursor_lag import CURSOR_LAG
-from producers.metrics import PRODUCED, SOURCE_ERRORS, export_at_zero
+from producers.metrics import PRODUCED, SOURCE_ERRORS, SOURCE_STOPPED, export_at_zero
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
@@ -173,6 +173,8 @@ class AdapterRunner:
         """Count and log a fatal error; the caller stops scheduling this source."""
         SOURCE_ERRORS.labels(self.adapter.source, "fatal").inc()
         log.error("%s: stopped (fatal: %s)", self.source_id, error)
+        if not self.stopped_fatally:
+            SOURCE_STOPPED.labels(self.adapter.source).inc()  # the alert stays until a restart
         self.stopped_fatally = True
 
     def _send(self, record: Record, produced: Tally[str]) -> bool:

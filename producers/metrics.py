@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -36,6 +36,11 @@ VERSIONS_RAISED = Counter(
     "(reason: same_instant, lower).",
     ["source", "reason"],
 )
+SOURCE_STOPPED = Gauge(
+    "portal_sync_source_stopped",
+    "Adapters of the source that a fatal error stopped (read no more until produce restarts).",
+    ["source"],
+)
 ERROR_KINDS = ("invalid_record", "read_error", "publish_error", "fatal")
 
 
@@ -45,6 +50,7 @@ def export_at_zero(source: str, entity: str | None) -> None:
         PRODUCED.labels(source, entity)
     for kind in ERROR_KINDS:
         SOURCE_ERRORS.labels(source, kind)
+    SOURCE_STOPPED.labels(source)
 
 
 class OutboxBeyondLookback(Collector):

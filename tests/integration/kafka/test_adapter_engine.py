@@ -37,6 +37,11 @@ def errors(source: str, kind: str) -> float:
     return REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) or 0.0
 
 
+def stopped_adapters(source: str) -> float:
+    labels = {"source": source}
+    return REGISTRY.get_sample_value("portal_sync_source_stopped", labels) or 0.0
+
+
 @pytest.fixture
 def publisher(settings_for: Any, sqlite_store_url: str) -> Iterator[Publisher]:
     settings = settings_for(sqlite_store_url)
@@ -139,10 +144,15 @@ def test_fatal_error_stops_the_source_and_resumes_from_the_last_checkpoint(
     before = errors("province-01", "fatal")
     retry = RetryPolicy(3, 0.01)
     runner = AdapterRunner("dies", DiesAfterTwo(), publisher, tmp_path, retry, None, interval)
+    stopped = stopped_adapters("province-01")
     with pytest.raises(FatalError):
         runner.run_with_retries()  # not retried
     runner.stop_fatally(FatalError("schema changed at the source"))
     assert errors("province-01", "fatal") - before == 1
+    # stays up (and alerts) until produce restarts; counted once per adapter
+    assert stopped_adapters("province-01") - stopped == 1
+    runner.stop_fatally(FatalError("schema changed at the source"))
+    assert stopped_adapters("province-01") - stopped == 1
     # saved as the run failed, when not before: the checkpoint reached is not lost
     assert load_json_state(runner.state_path) == {"position": 2}
     publisher.flush()
