@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from schemas.identifiers import (
     AGENCY_CODE,
@@ -69,6 +71,24 @@ Email = Annotated[
     StringConstraints(max_length=254, pattern=rf"^{_MAILBOX}@{_MAILBOX}\.{_MAILBOX}$"),
 ]
 OwnerId = Annotated[str, StringConstraints(max_length=14, pattern=OWNER_ID.pattern)]
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_RULE = "Input should be a valid date in the format YYYY-MM-DD"  # pydantic's own
+
+
+def _date_text(value: Any) -> Any:
+    """Only YYYY-MM-DD: pydantic also reads a number of seconds ("1704067200") as a date,
+    and the payload as sent, which the store keeps, would then not be the date checked."""
+    if not isinstance(value, str):
+        return value  # a date (Python input), or refused by the strict date check
+    if _ISO_DATE.fullmatch(value) is None:
+        raise PydanticCustomError("date_parsing", DATE_RULE)
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError("date_parsing", DATE_RULE) from None
+
+
+IsoDate = Annotated[date, BeforeValidator(_date_text)]
 
 
 # Validators raise fixed texts only: their messages become dead-letter reasons, which must
@@ -94,7 +114,7 @@ class Address(ContractModel):
 
 class CitizenData(ContractModel):
     full_name: _text(100) | None = None  # type: ignore[valid-type]
-    date_of_birth: date | None = None
+    date_of_birth: IsoDate | None = None
     sex: Literal["male", "female"] | None = None
     permanent_address: Address | None = None
     phone: Phone | None = None
@@ -108,7 +128,7 @@ class OrganizationData(ContractModel):
     status: Literal["active", "suspended", "dissolved"] | None = None
     address: Address | None = None
     legal_representative_id: PersonalId | None = None
-    established_on: date | None = None
+    established_on: IsoDate | None = None
 
 
 class DocumentData(ContractModel):
@@ -117,8 +137,8 @@ class DocumentData(ContractModel):
     doc_type: Code | None = None
     title: _text(255) | None = None  # type: ignore[valid-type]
     issuer_code: Code | None = None
-    issued_on: date | None = None
-    valid_until: date | None = None
+    issued_on: IsoDate | None = None
+    valid_until: IsoDate | None = None
     status: Literal["valid", "revoked", "expired"] | None = None
     file_sha256: Sha256 | None = None
 

@@ -375,6 +375,26 @@ def test_hard_check_failures_have_stable_codes(raw: bytes, code: str, secret: st
         assert secret not in error.message
 
 
+@pytest.mark.parametrize(
+    ("entity", "key", "name"),
+    [
+        ("citizen", PERSONAL_ID, "date_of_birth"),
+        ("organization", TAX_CODE, "established_on"),
+        ("document", "KQ:2024/000123", "issued_on"),
+        ("document", "KQ:2024/000123", "valid_until"),
+    ],
+)
+@pytest.mark.parametrize("text", ["1704067200", "-86400", "2024-01-01T00:00:00", "2024-02-30"])
+def test_a_date_is_written_yyyy_mm_dd_only(entity: str, key: str, name: str, text: str) -> None:
+    """pydantic reads a number of seconds written as text as a date; the payload as sent,
+    which the store keeps, would then hold "1704067200" where the date checked was
+    2024-01-01."""
+    error = reject(encode(envelope(entity, key, data={name: text})))
+    assert error.message == f"data.{name}: Input should be a valid date in the format YYYY-MM-DD"
+    parsed = parse_event(encode(envelope(entity, key, data={name: "2024-01-01"})))
+    assert parsed.event.data_dict() == {name: "2024-01-01"}
+
+
 def test_empty_message_is_rejected() -> None:
     assert reject(None).code == "empty_message"  # type: ignore[arg-type]
 
