@@ -15,10 +15,14 @@ the mapped content) and, on PostgreSQL, the writing transaction. A row whose own
 (the version column, else `updated_at`) rose is a new change, as before; one whose own
 version did not rise is a new change when its marker changed (two updates within the
 column's precision, a clock gone back), sent with the last version + 1, so versions rise
-per row whatever the source's clocks do. `seen` keeps the rows of the lookback window
-behind the cursor (and, on PostgreSQL, those a next poll reads again): the state stays
-bounded. Anything sent twice after a crash carries the same version and event id, and the
-reconciler's version rule drops it.
+per row whatever the source's clocks do. On a PostgreSQL table, a row read behind the
+window that `seen` no longer holds (committed late, after a later change of it was sent)
+is sent above the highest version sent so far (`top`). `seen` keeps the rows of the
+lookback window behind the cursor (and, on PostgreSQL, those a next poll reads again, and
+those sent above their window's start): the state stays bounded. Anything sent twice after
+a crash carries the same version and event id, and the reconciler's version rule drops
+it; a late row sent again so may carry another version above `top` (the same values:
+`stale` or applied again, nothing lost).
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
 """
 
@@ -201,10 +205,12 @@ class CursorState:
             or self._head != (self.updated_at, self.pk, self.xmin, self.top)
         )
 
-    def forget_before(self, horizon: str) -> None:
+    def forget_before(self, horizon: str, floor: int | None = None) -> None:
         """Forget the rows last written before `horizon` (an updated_at as `seen` holds it;
         it never moves back), but those written at or after the recorded snapshot's xmin
-        (a PostgreSQL poll reads them again): exactly what a sweep of `seen` would keep."""
+        (a PostgreSQL poll reads them again) and those sent with a version above `floor`
+        (the version of `horizon`: a late row sent above its own): exactly what a sweep of
+        `seen` would keep."""
         behind = [(stamp, pk) for pk, stamp in self._held.items()]
         self._held = {}
         while self._by_time and self._by_time[0][0] < horizon:
@@ -213,7 +219,7 @@ class CursorState:
             entry = self.seen.get(pk)
             if entry is None or entry[1] != stamp:
                 continue  # forgotten already, or written again since (its own item is due)
-            if _kept(entry, horizon, self.xmin):
+            if _kept(entry, horizon, self.xmin, floor):
                 self._held[pk] = stamp
             else:
                 if self._undo is not None:
@@ -554,17 +560,21 @@ class SqlPollingAdapter:
         self._forget(state)
 
     def _forget(self, state: CursorState) -> None:
-        """Keep the rows of the lookback window behind the cursor, and those written since
-        the recorded snapshot (a PostgreSQL poll reads them again)."""
+        """Keep the rows of the lookback window behind the cursor, those written since
+        the recorded snapshot (a PostgreSQL poll reads them again) and, without a version
+        column, those sent with a version above the window's start (a late row's)."""
         start = self._window_start(state)
         if start is None:
             return
-        state.forget_before(_iso(start))
+        floor = None if self.config.version_column else _micros(self.instant(start))
+        state.forget_before(_iso(start), floor)
 
 
-def _kept(seen: list[Any], horizon: str, recorded: int | None) -> bool:
-    """A `seen` entry in the window, or written at or after the recorded snapshot's xmin."""
-    if seen[1] >= horizon:
+def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None = None) -> bool:
+    """A `seen` entry in the window, written at or after the recorded snapshot's xmin, or
+    sent with a version above `floor`: a change of its row read within the window has a
+    version of its own at or above the floor, which could be below the one sent."""
+    if seen[1] >= horizon or (floor is not None and seen[0] > floor):
         return True
     xid = seen[3] if len(seen) > 3 else None
     return xid is not None and recorded is not None and xid >= recorded

@@ -390,8 +390,9 @@ class Store:
     def lock_capacity(self) -> int | None:
         """How many locks PostgreSQL's shared lock table is sized for:
         max_locks_per_transaction × (max_connections + max_prepared_transactions). A batch
-        holds one advisory lock per record it merges until it commits, a purge chunk one
-        per key. None on SQLite (writers are serialised, no lock table)."""
+        holds one advisory lock per record it merges (and one per partition) until it
+        commits, a purge chunk one per key. None on SQLite (writers are serialised, no lock
+        table)."""
         if self.backend != "postgresql":
             return None
         with translated(), self.engine.connect() as conn:

@@ -191,7 +191,7 @@ def produce(
     if state_dir is not None:
         deployment.producer.state_dir = state_dir
     if signing_key_file is not None:
-        deployment.producer.signing_key_file = signing_key_file
+        deployment.producer.signing_key_file = signing_key_file.absolute()  # not the file's dir
     result = ProduceResult()
     web = load_web_config(settings.metrics_web_config_file) if port else None
     if port and not once:

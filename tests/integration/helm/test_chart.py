@@ -564,6 +564,16 @@ def test_a_producer_file_naming_an_unlisted_variable_is_refused(
     assert template(helm, "-f", listed).returncode == 0
 
 
+def test_a_producers_own_kafka_user_needs_a_sasl_protocol(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values_file: Callable[..., str]
+) -> None:
+    """Without SASL the producer would connect with the workers' client certificate."""
+    own = values_file("[[sources]]\n", kafkaSasl={"existingSecret": "p1-kafka"})
+    result = template(helm, "-f", own, "--set", "kafka.securityProtocol=SSL")
+    assert result.returncode != 0
+    assert "sets kafkaSasl, but kafka.securityProtocol SSL has no SASL user" in result.stderr
+
+
 @pytest.mark.parametrize("name", ["Province_79", "-p", "a" * 60])
 def test_a_producer_name_that_is_no_short_dns_label_is_refused(
     helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, name: str

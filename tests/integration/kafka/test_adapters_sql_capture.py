@@ -302,6 +302,13 @@ def test_a_late_commit_to_a_forgotten_row_is_sent_above_the_change_that_overtook
     assert counted("portal_sync_source_versions_raised_total", source="province-79",
                    reason="lower") == raised + 1  # fmt: skip
     assert poller.poll() == []  # and once
+    # The row's next change, stamped within the window but below the version sent: its
+    # row is remembered (its version is above the window's), so it goes above that one.
+    assert "1" in CursorState.from_dict(poller.state).seen
+    source.update(1, T0 + timedelta(minutes=3) - timedelta(seconds=1), ho_ten="An (C)")
+    after = poller.poll()
+    assert names(after) == [(pid(1), "An (C)")]
+    assert after[0].version == late[0].version + 1
 
 
 def test_a_rolled_back_transaction_sends_nothing_and_later_changes_still_come(
