@@ -167,7 +167,9 @@ def classify(
                     registry.require_signatures,
                 )
             checked = parse_event(message.value)
-            check_signer(signer, checked.event.source)
+            if verifying:
+                source = registry.sources.get(checked.event.source)
+                check_signer(signer, checked.event.source, bool(source and source.public_keys))
         except RecordError as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue

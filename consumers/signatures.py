@@ -9,7 +9,8 @@ first sent: its Kafka timestamp, or for a re-driven dead letter the original mes
 key rotation therefore gets the live worker's verdict.
 
 Once the value is parsed, the key must be one of the event's own source
-(`check_signer`): a province cannot sign for another.
+(`check_signer`): a province cannot sign for another; and a source that has keys in the
+registry must sign, even where the registry does not require signatures of all.
 """
 
 from __future__ import annotations
@@ -107,9 +108,17 @@ def verify(
     return key
 
 
-def check_signer(key: TrustedKey | None, source: str) -> None:
-    """A verified key must be one of the event's own source."""
-    if key is not None and key.source != source:
+def check_signer(key: TrustedKey | None, source: str, has_keys: bool = False) -> None:
+    """A verified key must be one of the event's own source; and a source that has keys in
+    the registry signs every event, even where the registry does not require signatures
+    of every source (else anyone who can write a change topic writes in its name)."""
+    if key is None:
+        if has_keys:
+            raise SignatureError(
+                Reason.UNSIGNED, "no signature (ps.sig, ps.kid): the source has signing keys"
+            )
+        return
+    if key.source != source:
         raise SignatureError(
             Reason.BAD_SIGNATURE, "the signing key belongs to another source than the event's"
         )

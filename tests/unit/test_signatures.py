@@ -323,11 +323,20 @@ def test_a_redriven_letter_is_judged_by_its_original_time() -> None:
     assert reasons(redriven, registry(not_after_ms=until)) == ["valid"]
 
 
-def test_without_required_signatures_unsigned_passes_and_bad_ones_do_not() -> None:
+def test_without_required_signatures_a_source_without_keys_may_go_unsigned() -> None:
+    """`require_signatures = false` (or absent) lets the sources that have no keys yet send
+    unsigned events; a source that has keys signs every event, or anyone who can write a
+    change topic could write in its name."""
     value = event()
-    lax = registry(required=False)
-    assert reasons(message(value), lax) == ["valid"]
+    strict = registry(required=True)
+    keyless = SourceInfo(kind="province", name="x", agency_codes=("000.00.01.H31",))
+    lax = Registry({**strict.sources, "province-31": keyless}, Path("registry.toml"))
+    assert not lax.require_signatures
+    assert reasons(message(value), lax) == ["unsigned"]  # province-01 has keys
+    assert reasons(message(value, HANOI.headers(value)), lax) == ["valid"]
     assert reasons(message(value, HCM.headers(value)), lax) == ["bad_signature"]
+    as_31 = event(source="province-31")
+    assert reasons(message(as_31), lax) == ["valid"]
     # development mode (no registry): nothing to verify with, unsigned accepted
     valid, dead = classify([message(value)], None, topics=TOPICS, now=NOW)
     assert dead == [] and len(valid) == 1
