@@ -29,7 +29,8 @@ from consumers.registry import Registry
 from schemas import ChangeEvent
 from schemas.views import CanonicalRecord, SourceView
 
-Outcome = Literal["applied", "duplicate", "stale"]
+# `rejected`: refused by a rule that needs the record (`scope.document_claim_violation`).
+Outcome = Literal["applied", "duplicate", "stale", "rejected"]
 
 
 @dataclass(frozen=True)

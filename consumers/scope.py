@@ -19,13 +19,24 @@ In order, an event is out of scope when:
 
 The verdict depends on the event and the registry only: a replay or a rebuild refuses
 exactly what the live worker refused. Reasons name the rule and the field, never a value.
+
+One more rule needs the record (`document_claim_violation`, applied by the reconciler
+inside the batch's transaction): a document's id does not name its issuer, so rule 4 alone
+lets an agency write a view of another agency's document under its own `issuer_code`, and
+win the merge (`owner:issuer_code` ranks each view by the issuer it names). A non-national
+document upsert whose `issuer_code` differs from the one another source's live view of
+the document names is refused. Events of one record are applied in their partition's
+order, so a rebuild refuses what the live worker refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from consumers.registry import Registry
 from schemas import ChangeEvent
 from schemas.identifiers import DOSSIER_CODE
+from schemas.views import SourceView
 
 
 def scope_violation(event: ChangeEvent, registry: Registry) -> str | None:
@@ -57,4 +68,21 @@ def scope_violation(event: ChangeEvent, registry: Registry) -> str | None:
         and getattr(data, "issuer_code", None) not in info.agency_codes
     ):
         return "data.issuer_code is not one of the source's agency_codes"
+    return None
+
+
+def document_claim_violation(
+    source: str, issuer: object, views: Iterable[SourceView], registry: Registry
+) -> str | None:
+    """Why a document upsert of `source` naming `issuer` may not join the document's
+    current `views` (None: it may): another source's live view names another issuer. A
+    national source is not limited (its `entities` are)."""
+    if registry.development_mode or registry.kind(source) in (None, "national"):
+        return None
+    for view in views:
+        if view.source == source or view.deleted or view.data is None:
+            continue
+        named = view.data.get("issuer_code")
+        if named is not None and named != issuer:
+            return "data.issuer_code: another source's view names another issuer of the document"
     return None

@@ -41,7 +41,9 @@ class ReplaySummary:
         return self.read / self.seconds if self.seconds else 0.0
 
 
-OUTCOME_NAMES = {"applied": "applied", "duplicate": "unchanged", "stale": "stale"}
+OUTCOME_NAMES = {
+    "applied": "applied", "duplicate": "unchanged", "stale": "stale", "rejected": "rejected",
+}  # fmt: skip
 
 
 def replay(

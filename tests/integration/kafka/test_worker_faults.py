@@ -608,3 +608,45 @@ def test_soft_check_warnings_are_counted_once_across_store_retries(
     assert counted() - before == 1
     assert store.all_offsets() == {(change_topic(settings, "citizen"), 0): len(raws)}
     store.close()
+
+
+def test_a_takeover_of_another_agencys_document_is_dead_lettered_and_the_batch_goes_on(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A province writing its own issuer_code into another agency's document is in its
+    scope by the event alone; inside the batch's transaction the document's views show
+    it is another's: `out_of_scope` in the dead letters, acknowledged before the commit,
+    and the document stays its issuer's."""
+    from consumers.registry import Registry, SourceInfo
+    from consumers.worker import BatchProcessor
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    hanoi, hcm = "000.00.01.H26", "000.00.01.H29"
+    registry = Registry(
+        {
+            "province-01": SourceInfo(kind="province", name="Hà Nội", agency_codes=(hanoi,)),
+            "province-79": SourceInfo(kind="province", name="HCM", agency_codes=(hcm,)),
+        },
+        Path("registry.toml"),
+    )
+    authority = Authority.from_mapping({"document": {"*": ["owner:issuer_code"]}}, registry)
+    processor = BatchProcessor(settings.worker_config(), store, registry, authority)
+
+    def document(source: str, issuer: str, status: str) -> bytes:
+        data = {"issuer_code": issuer, "status": status}
+        return event("document", "GPXD-2025-0001", source, 1, data)
+
+    raws = [document("province-01", hanoi, "valid"), document("province-79", hcm, "revoked")]
+    processor.process([change_message(settings, i, raw) for i, raw in enumerate(raws)])
+    processor.close()
+    (letter,) = _read_all(settings, dead_letter_topic(settings), 1, timeout=10)
+    headers = read_headers(letter.headers)
+    assert headers["ps.reason.code"] == "out_of_scope"
+    assert headers["ps.origin.offset"] == "1"
+    (record,) = [r for r in store.iter_records() if r[1] == "GPXD-2025-0001"]
+    assert record[2]["status"] == "valid"
+    assert store.all_offsets() == {(change_topic(settings, "document"), 0): 2}
+    store.close()
