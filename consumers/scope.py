@@ -75,14 +75,23 @@ def document_claim_violation(
     source: str, issuer: object, views: Iterable[SourceView], registry: Registry
 ) -> str | None:
     """Why a document upsert of `source` naming `issuer` may not join the document's
-    current `views` (None: it may): another source's live view names another issuer. A
-    national source is not limited (its `entities` are)."""
-    if registry.development_mode or registry.kind(source) in (None, "national"):
+    current `views` (None: it may): another source's live view names another issuer, as
+    its issuer (the owner of that code) or as a national source. A national source is not
+    limited (its `entities` are); an upsert naming no issuer is rule 4's to refuse.
+
+    The first of two agencies claiming one document keeps it, whichever is genuine: events
+    of one record from different sources converge in any order except in such a dispute,
+    which the dead letters show (docs/security.md)."""
+    if registry.development_mode or issuer is None:
+        return None
+    if registry.kind(source) in (None, "national"):
         return None
     for view in views:
         if view.source == source or view.deleted or view.data is None:
             continue
         named = view.data.get("issuer_code")
-        if named is not None and named != issuer:
+        if named is None or named == issuer:
+            continue
+        if registry.kind(view.source) == "national" or registry.covers_agency(view.source, named):
             return "data.issuer_code: another source's view names another issuer of the document"
     return None
