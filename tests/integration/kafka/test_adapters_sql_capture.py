@@ -260,8 +260,10 @@ def test_a_row_committed_by_a_transaction_held_open_across_polls_is_captured_onc
         assert poller.poll() == []  # exactly once
     state = CursorState.from_dict(poller.state)
     assert state.xmin is not None
-    # rows neither in the window nor written since the snapshot are forgotten
-    assert set(state.seen) == {"15"}
+    # rows neither in the window nor written since the snapshot are forgotten, but those
+    # sent above their own version (1 and 3), while that version is above the window's
+    # start: their next change must go above it
+    assert set(state.seen) == {"1", "3", "15"}
 
 
 def test_a_late_commit_to_a_forgotten_row_is_sent_above_the_change_that_overtook_it(
