@@ -29,8 +29,7 @@ from consumers.registry import Registry
 from schemas import ChangeEvent
 from schemas.views import CanonicalRecord, SourceView
 
-# `rejected`: refused by a rule that needs the record (`scope.document_claim_violation`).
-Outcome = Literal["applied", "duplicate", "stale", "rejected"]
+Outcome = Literal["applied", "duplicate", "stale"]
 
 
 @dataclass(frozen=True)

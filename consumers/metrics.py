@@ -176,15 +176,14 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     return lags
 
 
-def record_dead_letters(dead: Iterable[DeadLetter], outcomes: bool = True) -> None:
+def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
     """A contract violation is `dead_lettered` (it has no trustworthy source or entity); a
     valid event the store's rules refuse (an unregistered source) is `rejected`. Both go
-    to the dead letters; the source label stays bounded either way. `outcomes` False: the
-    events were counted by their batch (`rejected` by a rule that needs the record)."""
+    to the dead letters; the source label stays bounded either way."""
     for letter in dead:
-        if outcomes and letter.code == Reason.UNREGISTERED_SOURCE:
+        if letter.code == Reason.UNREGISTERED_SOURCE:
             EVENTS.labels("unregistered", "unregistered", "rejected").inc()
-        elif outcomes:
+        else:
             EVENTS.labels("invalid", "invalid", "dead_lettered").inc()
         DEAD_LETTERS.labels(letter.code).inc()
 

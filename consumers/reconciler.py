@@ -28,7 +28,7 @@ from consumers.merge import (
     unusual_transition,
 )
 from consumers.registry import Registry
-from consumers.scope import document_claim_violation, scope_violation
+from consumers.scope import scope_violation
 from consumers.signatures import check_signer, signed_at_ms, verify
 from schemas import ChangeEvent, RecordError, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
@@ -306,7 +306,6 @@ class Reconciler:
     ) -> None:
         self.store = store
         self.authority = authority
-        self._refuse: Callable[[Checked, str], None] | None = None  # this batch's
         # Events per part of a batch; None: PART_EVENTS where writes overlap, else whole.
         self.part_events = part_events
         # The records live batches applied, as they left them (a live worker's): taken
@@ -322,7 +321,6 @@ class Reconciler:
         before_commit: Callable[[], None] | None = None,
         starts: Mapping[TopicPartition, int] | None = None,
         after_offsets: Callable[[Mapping[TopicPartition, int]], None] | None = None,
-        refuse: Callable[[Checked, str], None] | None = None,
     ) -> BatchReport:
         """Apply valid events and advance the partitions' offsets in one store transaction.
 
@@ -336,11 +334,8 @@ class Reconciler:
         called with the stored offsets as soon as they are read (locked), before any write;
         `{}` for a replay. `starts`: where
         the read of each partition began, when a compacted log may have no record there.
-        `refuse(event, reason)` is called, before `before_commit`, for each event a rule
-        that needs the record refuses (outcome `rejected`): the worker dead-letters it.
         """
         cache = self.cache if not (replay or dry_run) else None
-        self._refuse = refuse
         try:
             return self._apply(
                 events, batch, replay, dry_run, before_commit, starts, after_offsets, cache
@@ -349,8 +344,6 @@ class Reconciler:
             if cache is not None:
                 cache.drop()  # the batch rolled back, or its commit's outcome is unknown
             raise
-        finally:
-            self._refuse = None
 
     def _apply(
         self,
@@ -534,18 +527,6 @@ class Reconciler:
         outcome = decide(current, event.version)
         if outcome != "applied":
             return outcome
-        data = checked.data_dict()
-        if event.entity == "document" and data is not None:
-            refused = document_claim_violation(
-                event.source,
-                data.get("issuer_code"),
-                work.views.get(record_key, {}).values(),
-                self.authority.registry,
-            )
-            if refused is not None:
-                if self._refuse is not None:
-                    self._refuse(checked, refused)
-                return "rejected"
         event_id = str(event.event_id)
         # source, version, event id, time, deleted, data (positional: a call per event)
         view = SourceView(
@@ -554,7 +535,7 @@ class Reconciler:
             event_id,
             event.occurred_at,
             event.op == "delete",
-            data,
+            checked.data_dict(),
         )
         if event.entity == "dossier":
             self._check_lifecycle(work, event, current, view, now)

@@ -86,11 +86,13 @@ class SourceInfo(BaseModel):
 
 
 class EntityRules(BaseModel):
-    """Registry-wide rules of one entity: the kinds of source that may write it."""
+    """Registry-wide rules of one entity: the kinds of source that may write it and, for
+    documents, whether a document's id must name its issuer (`000.00.01.H26:…`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kinds: tuple[SourceKind, ...] | None = None  # None: every kind
+    key_names_issuer: StrictBool = False
 
 
 class RegistryFile(BaseModel):
@@ -102,6 +104,13 @@ class RegistryFile(BaseModel):
     require_signatures: StrictBool = False
     entities: dict[Entity, EntityRules] = Field(default_factory=dict)
     sources: dict[str, SourceInfo] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _issuer_keys_are_documents(self) -> RegistryFile:
+        for entity, rules in self.entities.items():
+            if rules.key_names_issuer and entity != "document":
+                raise ValueError("key_names_issuer is a rule of [entities.document] only")
+        return self
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,11 @@ class Registry:
     def covers_agency(self, source: str, agency_code: object) -> bool:
         info = self.sources.get(source)
         return info is not None and agency_code in info.agency_codes
+
+    def key_names_issuer(self, entity: str) -> bool:
+        """Whether a non-national source's key of `entity` must begin with its issuer."""
+        rules = self.entity_rules.get(entity)
+        return rules is not None and rules.key_names_issuer
 
     def kinds_for(self, entity: str) -> tuple[str, ...] | None:
         """The kinds of source that may write `entity` (None: every kind)."""

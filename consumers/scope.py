@@ -11,32 +11,27 @@ In order, an event is out of scope when:
      both be among the source's `agency_codes` (an inter-agency dossier's
      `original_code` may name another agency: it is not checked);
    - a document upsert: its `issuer_code` must be among the source's `agency_codes`
-     (none: nobody but a national source owns it). A document's id does not name its
-     issuer and a delete carries no data; a delete only ever removes the sender's own view
-     (merge rule 2), so it needs rules 1-3 only.
+     (none: nobody but a national source owns it);
+   - a document whose id names its issuer (`000.00.01.H26:GKS-000123`, the agency and a
+     colon), upsert or delete: that agency must be among the source's `agency_codes` too.
+     Only such an id ties a document to its issuer: with a bare id (`GKS-000123`) an
+     agency could write its own `issuer_code` into another agency's document and win the
+     merge (`owner:issuer_code` ranks each view by the issuer it names). The registry's
+     `[entities.document] key_names_issuer = true` (the shipped one) refuses bare ids of
+     non-national sources. A delete without such an id needs rules 1-3 only: it only ever
+     removes the sender's own view (merge rule 2).
    Citizens and organisations have no owner field: rules 1-3 limit who writes them, and
    the authority file ranks the writers.
 
 The verdict depends on the event and the registry only: a replay or a rebuild refuses
 exactly what the live worker refused. Reasons name the rule and the field, never a value.
-
-One more rule needs the record (`document_claim_violation`, applied by the reconciler
-inside the batch's transaction): a document's id does not name its issuer, so rule 4 alone
-lets an agency write a view of another agency's document under its own `issuer_code`, and
-win the merge (`owner:issuer_code` ranks each view by the issuer it names). A non-national
-document upsert whose `issuer_code` differs from the one another source's live view of
-the document names is refused. Events of one record are applied in their partition's
-order, so a rebuild refuses what the live worker refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from consumers.registry import Registry
 from schemas import ChangeEvent
-from schemas.identifiers import DOSSIER_CODE
-from schemas.views import SourceView
+from schemas.identifiers import DOSSIER_CODE, ISSUER_KEY
 
 
 def scope_violation(event: ChangeEvent, registry: Registry) -> str | None:
@@ -62,36 +57,12 @@ def scope_violation(event: ChangeEvent, registry: Registry) -> str | None:
         agency = getattr(data, "agency_code", None)
         if agency is not None and agency not in info.agency_codes:
             return "data.agency_code is not one of the source's agency_codes"
-    elif (
-        event.entity == "document"
-        and event.op == "upsert"
-        and getattr(data, "issuer_code", None) not in info.agency_codes
-    ):
-        return "data.issuer_code is not one of the source's agency_codes"
-    return None
-
-
-def document_claim_violation(
-    source: str, issuer: object, views: Iterable[SourceView], registry: Registry
-) -> str | None:
-    """Why a document upsert of `source` naming `issuer` may not join the document's
-    current `views` (None: it may): another source's live view names another issuer, as
-    its issuer (the owner of that code) or as a national source. A national source is not
-    limited (its `entities` are); an upsert naming no issuer is rule 4's to refuse.
-
-    The first of two agencies claiming one document keeps it, whichever is genuine: events
-    of one record from different sources converge in any order except in such a dispute,
-    which the dead letters show (docs/security.md)."""
-    if registry.development_mode or issuer is None:
-        return None
-    if registry.kind(source) in (None, "national"):
-        return None
-    for view in views:
-        if view.source == source or view.deleted or view.data is None:
-            continue
-        named = view.data.get("issuer_code")
-        if named is None or named == issuer:
-            continue
-        if registry.kind(view.source) == "national" or registry.covers_agency(view.source, named):
-            return "data.issuer_code: another source's view names another issuer of the document"
+    elif event.entity == "document":
+        named = ISSUER_KEY.fullmatch(event.key)
+        if named is not None and named["unit"] not in info.agency_codes:
+            return "key: the document id's issuer is not one of the source's agency_codes"
+        if named is None and registry.key_names_issuer("document"):
+            return "key: a document id must begin with its issuer's agency code (registry)"
+        if event.op == "upsert" and getattr(data, "issuer_code", None) not in info.agency_codes:
+            return "data.issuer_code is not one of the source's agency_codes"
     return None

@@ -284,7 +284,6 @@ class BatchProcessor:
         sent: list[DeadLetter] = []
         waits: list[Callable[[], None]] = []
         warned: list[Checked] = []  # counted once the batch commits (a retry reads again)
-        refused: list[DeadLetter] = []  # by a rule that needs the record (outcome rejected)
 
         def unapplied(stored: Mapping[TopicPartition, int]) -> None:
             todo = [d for d in dead if d.message.offset >= stored.get(d.message.tp, 0)]
@@ -296,11 +295,6 @@ class BatchProcessor:
                 for checked in valid
                 if checked.warnings and checked.message.offset >= stored.get(checked.message.tp, 0)
             )
-
-        def refuse(checked: Checked, reason: str) -> None:
-            letter = DeadLetter(checked.message, Reason.OUT_OF_SCOPE, reason)
-            refused.append(letter)
-            waits.append(self._send_dead_letters([letter], lettered))
 
         def flush() -> None:
             # Each wait runs once: when an acknowledgement fails, the publisher forgets
@@ -314,12 +308,7 @@ class BatchProcessor:
         began = time.perf_counter()
         try:
             report = self.reconciler.apply(
-                valid,
-                messages,
-                after_offsets=unapplied,
-                before_commit=flush,
-                starts=starts,
-                refuse=refuse,
+                valid, messages, after_offsets=unapplied, before_commit=flush, starts=starts
             )
         finally:  # the store failed: still settle what was sent, so that a retry does not
             flush()  # send it again (a no-op once acknowledged)
@@ -327,8 +316,6 @@ class BatchProcessor:
         record_batch(report, self.config.freshness_objective_seconds)
         if sent:
             record_dead_letters(sent)
-        if refused:  # their events count as `rejected` in the batch's outcomes
-            record_dead_letters(refused, outcomes=False)
         self._soft_checks(warned)
         self._purge()
 

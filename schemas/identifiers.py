@@ -23,6 +23,8 @@ OWNER_ID = re.compile(r"^([0-9]{12}|[0-9]{10}(-[0-9]{3})?)$")  # a personal id o
 UNIT_CODE = r"[0-9A-Z]{3}\.[0-9A-Z]{2}\.[0-9A-Z]{2}\.[A-Z][0-9]{2}"
 DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>[0-9]{{6}})-(?P<seq>[0-9]{{4}})$")
 AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")
+# A document id that names its issuer: `000.00.01.H26:GKS-000123` (the agency, a colon).
+ISSUER_KEY = re.compile(rf"^(?P<unit>{UNIT_CODE}):.+$")
 PROCEDURE_CODE = re.compile(r"^[0-9]\.[0-9]{6}$")
 
 # Province codes of birth registration used in personal ids before the 2025 merger:

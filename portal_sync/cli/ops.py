@@ -151,8 +151,7 @@ def _print_summary(
     console.print(
         f"read {summary.read} events in {summary.seconds:.1f}s ({summary.rate:,.0f} ev/s): "
         f"{summary.outcomes['applied']} applied, {summary.outcomes['unchanged']} unchanged, "
-        f"{summary.outcomes['stale']} stale, {summary.outcomes['rejected']} refused by the "
-        f"document issuer rule, {summary.outcomes['dead_lettered']} invalid and "
+        f"{summary.outcomes['stale']} stale, {summary.outcomes['dead_lettered']} invalid and "
         f"{summary.outcomes['apply_failed']} refused by the store (dead-lettered by the "
         f"worker), {summary.outcomes['skipped']} outside the filters; "
         f"{sum(summary.changed_records.values())} record changes {verb} made"

@@ -41,9 +41,7 @@ class ReplaySummary:
         return self.read / self.seconds if self.seconds else 0.0
 
 
-OUTCOME_NAMES = {
-    "applied": "applied", "duplicate": "unchanged", "stale": "stale", "rejected": "rejected",
-}  # fmt: skip
+OUTCOME_NAMES = {"applied": "applied", "duplicate": "unchanged", "stale": "stale"}
 
 
 def replay(

@@ -44,7 +44,7 @@ RECORDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "document": (
         "province-01",
-        "GKS-2025-000101",
+        "000.00.01.H26:GKS-2025-000101",
         {"owner_kind": "citizen", "owner_id": "001190000101", "title": "Giấy khai sinh",
          "issuer_code": "000.00.01.H26", "doc_type": "GKS"},
     ),
@@ -308,6 +308,10 @@ def _out_of_scope(entity: str, n: int) -> Iterator[dict[str, Any]]:
         yield as_source("by the population database", "national-population")
     elif entity == "document":
         yield as_source("issued by another agency", "province-79")
+        yield as_source("another agency's, under the writer's own issuer_code", "province-79",
+                        data={"issuer_code": "000.00.01.H29"})  # fmt: skip
+        yield as_source("a bare id (the registry wants its issuer in it)", "province-01",
+                        key="GKS-2025-000999")  # fmt: skip
         yield as_source("by a ministry, issued by a province", "ministry-btp")
     else:  # dossier
         yield as_source("of another province", "province-01")

@@ -4,8 +4,6 @@ deletes, kinds per entity, and ownership of dossiers and documents."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.merge import Authority
 from consumers.reconciler import classify
 from consumers.registry import EntityRules, Registry, SourceInfo
-from consumers.scope import document_claim_violation, scope_violation
+from consumers.scope import scope_violation
 from schemas import message_key, parse_event, partition_for
-from schemas.views import SourceView
-from store import Store
-from tests.support.store_helpers import TOPIC, Feed
 from transport.reader import Message
 from transport.topics import Topics
 
@@ -183,53 +177,38 @@ def test_the_worker_dead_letters_out_of_scope_events(
     assert ([d.code for d in dead] or ["valid"]) == [expected]
 
 
-def view(source: str, issuer: str | None, deleted: bool = False) -> SourceView:
-    data = None if deleted else ({"issuer_code": issuer} if issuer else {"title": "Giấy"})
-    when = datetime(2025, 8, 1, tzinfo=UTC)
-    return SourceView(source, 1, "e", when, deleted, data)
-
-
-def test_a_document_named_by_another_issuer_is_not_joined_by_a_second_one() -> None:
-    """The document's id does not name its issuer: an agency writing its own issuer_code
-    into another agency's document is in scope by rule 4, and would win the merge."""
-    hanoi = [view("province-01", H26)]
-    claim = document_claim_violation
-    assert claim("province-79", H29, hanoi, REGISTRY) is not None  # the takeover
-    assert claim("province-79", H29, [], REGISTRY) is None  # a document of its own
-    assert claim("province-01", H26, hanoi, REGISTRY) is None  # its own view again
-    assert claim("motcua", H26, hanoi, REGISTRY) is None  # the same issuer, another system
-    assert claim("province-79", H29, [view("province-01", None, True)], REGISTRY) is None
-    assert claim("province-79", H29, [view("national-population", None)], REGISTRY) is None
-    # a national view names the issuer; a national source itself is not limited
-    assert claim("province-79", H29, [view("national-population", H26)], REGISTRY) is not None
-    assert claim("national-population", H29, hanoi, REGISTRY) is None
-    assert claim("province-79", H29, hanoi, Registry()) is None  # development mode
-    reason = claim("province-79", H29, hanoi, REGISTRY)
-    assert reason is not None and H26 not in reason and H29 not in reason
-
-
-def test_the_reconciler_refuses_a_takeover_of_a_document_and_reports_it(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    store.create_schema()
-    feed = Feed(store, Authority.from_mapping({"document": {"*": ["owner:issuer_code"]}}, REGISTRY))
-    refused: list[tuple[int, str]] = []
-    feed.reconciler.apply = partial(  # type: ignore[method-assign]
-        feed.reconciler.apply, refuse=lambda c, why: refused.append((c.message.offset, why))
+def test_a_document_id_that_names_its_issuer_binds_the_document_to_it() -> None:
+    """Only such an id ties a document to its issuer: with a bare id an agency could write
+    its own issuer_code into another agency's document and win the merge."""
+    hanoi_doc = f"{H26}:GPXD-2025-0001"
+    assert verdict("province-01", "document", hanoi_doc, {"issuer_code": H26}) is None
+    taken = verdict("province-79", "document", hanoi_doc, {"issuer_code": H29})
+    assert taken == "key: the document id's issuer is not one of the source's agency_codes"
+    assert verdict("province-79", "document", hanoi_doc, None) is not None  # a delete too
+    assert verdict("national-population", "document", hanoi_doc, {"issuer_code": H29}) is None
+    # a bare id: bound only by the registry's rule
+    assert verdict("province-79", "document", "GPXD-2025-0001", {"issuer_code": H29}) is None
+    strict = Registry(
+        REGISTRY.sources,
+        Path("registry.toml"),
+        entity_rules={"document": EntityRules(key_names_issuer=True)},
     )
+    bare = json.dumps(raw("province-79", "document", "GPXD-2025-0001", {"issuer_code": H29}))
+    assert scope_violation(parse_event(bare.encode()).event, strict) == (
+        "key: a document id must begin with its issuer's agency code (registry)"
+    )
+    national = json.dumps(raw("national-population", "document", "GPXD-1", {"title": "A"}))
+    assert scope_violation(parse_event(national.encode()).event, strict) is None
 
-    def document(source: str, issuer: str, status: str, version: int) -> bytes:
-        data = {"issuer_code": issuer, "status": status, "owner_kind": "citizen",
-                "owner_id": "001085012345"}  # fmt: skip
-        event = raw(source, "document", "GPXD-2025-0001", data) | {"version": version}
-        return json.dumps(event, ensure_ascii=False).encode()
 
-    genuine = feed.apply(document("province-01", H26, "valid", 1))
-    assert [o.outcome for o in genuine.outcomes] == ["applied"]
-    taken = feed.apply(document("province-79", H29, "revoked", 9))
-    assert [o.outcome for o in taken.outcomes] == ["rejected"]
-    assert refused == [(1, "data.issuer_code: another source's view names another issuer "
-                           "of the document")]  # fmt: skip
-    (record,) = [r for r in store.iter_records() if r[1] == "GPXD-2025-0001"]
-    assert record[2]["status"] == "valid" and record[2]["issuer_code"] == H26
-    assert store.all_offsets() == {(TOPIC, 0): 2}  # passed, not stuck
-    store.close()
+def test_the_shipped_registry_requires_document_ids_that_name_their_issuer() -> None:
+    shipped = Registry.load(Path(__file__).parents[2] / "deploy" / "registry.toml")
+    assert shipped.key_names_issuer("document")
+    assert not shipped.key_names_issuer("dossier")
+
+
+def test_key_names_issuer_is_a_rule_of_documents_only(tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text("[entities.dossier]\nkey_names_issuer = true\n", encoding="utf-8")
+    with pytest.raises(Exception, match="key_names_issuer"):
+        Registry.load(path)
