@@ -29,7 +29,7 @@ from consumers.merge import (
 )
 from consumers.registry import Registry
 from consumers.scope import scope_violation
-from consumers.signatures import check_signer, signed_at_ms, signing_since, verify
+from consumers.signatures import check_signer, signed_at_ms, verify
 from schemas import ChangeEvent, RecordError, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
 from schemas.values import value_class
@@ -168,12 +168,8 @@ def classify(
                 )
             checked = parse_event(message.value)
             if verifying:
-                source = checked.event.source
-                check_signer(
-                    signer,
-                    source,
-                    signer is None and signing_since(registry.keys, source, signed_at),
-                )
+                source = registry.sources.get(checked.event.source)
+                check_signer(signer, checked.event.source, bool(source and source.public_keys))
         except RecordError as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue

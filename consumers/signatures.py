@@ -108,24 +108,12 @@ def verify(
     return key
 
 
-def signing_since(keys: Mapping[str, TrustedKey], source: str, at_ms: int) -> bool:
-    """Whether `source` had begun to sign by `at_ms`: a key of it whose `not_before` is not
-    later (expired keys count: a source that signed once signs from then on). Messages sent
-    before its first key's `not_before` stay judged as they were when the source had none,
-    in a replay or a rebuild too."""
-    return any(
-        key.source == source and (key.not_before_ms is None or key.not_before_ms <= at_ms)
-        for key in keys.values()
-    )
-
-
-def check_signer(key: TrustedKey | None, source: str, signs: bool = False) -> None:
-    """A verified key must be one of the event's own source; and a source that signs
-    (`signing_since` the message's send time) signs every event, even where the registry
-    does not require signatures of every source (else anyone who can write a change topic
-    writes in its name)."""
+def check_signer(key: TrustedKey | None, source: str, has_keys: bool = False) -> None:
+    """A verified key must be one of the event's own source; and a source that has keys in
+    the registry signs every event, even where the registry does not require signatures
+    of every source (else anyone who can write a change topic writes in its name)."""
     if key is None:
-        if signs:
+        if has_keys:
             raise SignatureError(
                 Reason.UNSIGNED, "no signature (ps.sig, ps.kid): the source has signing keys"
             )

@@ -47,7 +47,7 @@ from producers.adapters.filedrop import (
 )
 from producers.mapping import parse_local
 from producers.sdk import Record, SkippableRecord
-from schemas.identifiers import PERSONAL_ID, TAX_CODE
+from schemas.identifiers import ISSUER_KEY, PERSONAL_ID, TAX_CODE
 from schemas.validation import MAX_DEPTH, too_deep
 
 DATE_FORMAT = "yyyyMMddHHmmss"
@@ -149,8 +149,8 @@ class PortalAdapter(DirectoryAdapter):
             if not isinstance(doc, dict):
                 yield SkippableRecord("invalid_field", "DanhSachGiayToKetQua: not objects", origin)
                 continue
-            doc_key = str(doc.get("MaGiayTo") or f"{key}:{number}")
             data = self._document(doc, dossier, payload)
+            doc_key = _issuer_key(data, str(doc.get("MaGiayTo") or f"{key}:{number}"))
             yield Record(doc_key, version, moment, data, f"{origin}#{number}", entity="document")
 
     def _updated(self, payload: dict[str, Any]) -> datetime | str:
@@ -225,6 +225,16 @@ class PortalAdapter(DirectoryAdapter):
         if doc.get("FileSha256"):
             data["file_sha256"] = str(doc["FileSha256"]).lower()
         return data
+
+
+def _issuer_key(data: dict[str, Any], local: str) -> str:
+    """A document's id names its issuer (`000.00.01.H26:…`, as the national registry
+    requires): the result's own id, or the dossier code and its number, after the issuing
+    agency unless it already begins with it."""
+    issuer = data.get("issuer_code")
+    if issuer is None or ISSUER_KEY.fullmatch(local):
+        return local
+    return f"{issuer}:{local}"
 
 
 def _applicant_id(value: Any) -> str | None:

@@ -288,7 +288,7 @@ def _valid() -> Iterator[Hostile]:
     yield good("organization branch", change_event("organization", branch, {"name": name5}))
     birth = {"owner_kind": "citizen", "owner_id": pid2, "title": f"Giấy khai sinh {name2}",
              "issuer_code": "000.00.01.H26"}  # fmt: skip
-    yield good("document", change_event("document", "GKS-" + pid2, birth))
+    yield good("document", change_event("document", "000.00.01.H26:GKS-" + pid2, birth))
     dossier = {"applicant_kind": "citizen", "applicant_id": pid, "status": 1}
     yield good("dossier", change_event("dossier", DOSSIER, dossier, source=SOURCES[1]))
     delete = change_event("citizen", pid4, op="delete", version=2, source=SOURCES[2])

@@ -167,6 +167,23 @@ def test_portal_payloads_become_dossier_and_document_events(tmp_path: Path) -> N
     assert report.passed, [(r.name, r.detail, r.examples) for r in report.results]
 
 
+def test_a_portal_document_id_names_its_issuer(tmp_path: Path) -> None:
+    """The national registry refuses bare document ids (`key_names_issuer`): an id that
+    does not begin with an agency code gets the issuing agency's, and a result without
+    one is the dossier code and its number after it."""
+    bare = {**PAYLOAD["DanhSachGiayToKetQua"][0], "MaGiayTo": "KQ-0001"}  # type: ignore[index]
+    unnamed = {k: v for k, v in bare.items() if k != "MaGiayTo"}
+    payload = {**PAYLOAD, "DanhSachGiayToKetQua": [bare, unnamed]}
+    drop(tmp_path / "portal-inbox", "hoso.json", json.dumps([payload], ensure_ascii=False))
+    deploy = deployment(tmp_path, PORTAL)
+    adapter = deploy.adapter(deploy.sources[0])
+    records = [i for i in adapter.read({}) if isinstance(i, Record)]
+    assert [r.key for r in records if r.entity == "document"] == [
+        "000.00.01.H17:KQ-0001",
+        "000.00.01.H17:000.00.01.H17-250801-0001:2",
+    ]
+
+
 ACCEPTED = [{"TrangThai": "2", "ThoiDiemXuLy": "20250801083000"}]
 PROCESSING = [*ACCEPTED, {"TrangThai": "4", "ThoiDiemXuLy": "20250801090000"}]
 RETURNED = [*PROCESSING, {"TrangThai": "10", "ThoiDiemXuLy": "20250802100000"}]
