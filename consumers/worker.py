@@ -465,7 +465,10 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         )
         log.warning(note)
     elif not registry.require_signatures:
-        log.warning("the registry does not require signatures: unsigned events are accepted")
+        log.warning(
+            "the registry does not require signatures: unsigned events of the sources "
+            "without keys are accepted"
+        )
     processor = BatchProcessor(config, store, registry, authority)
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)
