@@ -168,8 +168,9 @@ def classify(
                 )
             checked = parse_event(message.value)
             if verifying:
-                source = registry.sources.get(checked.event.source)
-                check_signer(signer, checked.event.source, bool(source and source.public_keys))
+                source = checked.event.source
+                info = registry.sources.get(source) if signer is None else None
+                check_signer(signer, source, info is not None and bool(info.public_keys))
         except RecordError as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue

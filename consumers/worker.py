@@ -424,8 +424,8 @@ LOCK_TABLE_BATCHES = 4
 def _check_lock_capacity(store: Store, batch_max_events: int) -> None:
     """Warn when PostgreSQL's lock table is small for the group: each batch holds one
     advisory lock per record (and one per partition, a few) until it commits, and a full
-    table fails every transaction
-    that needs one more ("out of shared memory"), the workers' included (retried)."""
+    table fails every transaction that needs one more ("out of shared memory"), the
+    workers' included (retried)."""
     capacity = store.lock_capacity()
     if capacity is not None and capacity < LOCK_TABLE_BATCHES * batch_max_events:
         log.warning(

@@ -217,10 +217,8 @@ class LagReader:
         """Whether the store holds no portal-sync schema yet (the worker makes it)."""
         try:
             self.store().require_schema()
-        except SchemaOutdated:
-            return False
-        except ConfigurationError:
-            return True
+        except ConfigurationError as error:  # none at all, or an older one
+            return not isinstance(error, SchemaOutdated)
         except Exception:  # unreachable, failing: not known to be new
             return False
         return False
