@@ -472,7 +472,10 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     processor = BatchProcessor(config, store, registry, authority)
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)
-    FRESHNESS.seed({source: f for source, f in known.items() if registry.accepts(source)})
+    FRESHNESS.seed(
+        {source: f for source, f in known.items() if registry.accepts(source)},
+        () if registry.development_mode else registry.sources,
+    )
     loop = ReconcilerLoop(config, store, processor, until_caught_up, early_stop)
     health = processor.health
     if config.metrics_port:

@@ -112,6 +112,19 @@ CASES = [
         "province-01: no change reached the store for 45m 0s (threshold 1800s)",
     ),
     Case(
+        "PortalSyncSourceNeverDelivered",
+        # province-79 registered from the start, nothing of it applied; province-01 delivers
+        {
+            f'portal_sync_source_registered{{source="province-79",{WORKER}}}': "1x60",
+            f'portal_sync_source_registered{{source="province-01",{WORKER}}}': "1x60",
+            f'{LAST_CHANGE}{{source="province-01",{WORKER}}}': "0+60x60",
+        },
+        "29m",
+        "31m",
+        {"source": "province-79"},
+        "province-79: registered, but no change of it has ever reached the store",
+    ),
+    Case(
         "PortalSyncDeadLettersRising",
         {f'portal_sync_dead_letters_total{{reason="invalid_json",{WORKER}}}': "0 0 0 0 0 0 4x10"},
         "5m",

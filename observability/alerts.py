@@ -22,6 +22,8 @@ class Thresholds:
     objective_seconds: float = 60.0  # freshness objective: a bucket edge of sync lag
     slow_share: float = 0.05  # share of events slower than the objective that alerts
     stale_after_seconds: float = 1800.0
+    # A registered source from which nothing has reached the store, for this long.
+    never_delivered_for: str = "30m"
     lag_growing_seconds: float = 300.0
     cursor_lag_seconds: float = 900.0
     # A batch waiting on the store or the broker this long. Below the worker's own stall
@@ -88,6 +90,11 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     )
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
     stopped = "max by (source) (portal_sync_source_stopped)"
+    registered = "max by (source) (portal_sync_source_registered)"
+    silent = (
+        f"{registered} unless on (source) "
+        "max by (source) (portal_sync_source_last_change_timestamp_seconds)"
+    )
     blind = (
         "time() - max by (job, instance) (portal_sync_lag_exporter_last_success_timestamp_seconds)"
     )
@@ -130,6 +137,19 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "Is the source's producer up and polling (process down, source errors, cursor "
             "lag)? Are its events dead-lettered? Ask the province/ministry whether its system "
             "is down or idle; a quiet source is stale too, by design.",
+        ),
+        Rule(
+            "PortalSyncSourceNeverDelivered",
+            silent,
+            registered,
+            t.never_delivered_for,
+            "warning",
+            "{{ $labels.source }}: registered, but no change of it has ever reached the store",
+            "PortalSyncSourceStale cannot watch a source that never delivered: it has no "
+            "freshness yet. Is its producer deployed and running (`portal-sync produce` with "
+            "this source id)? Are its events dead-lettered (`portal-sync dlq list --source …`: "
+            "unsigned, bad_signature, out_of_scope)? A source registered ahead of its "
+            "go-live alerts too: register it when its producer starts.",
         ),
         Rule(
             "PortalSyncConsumerLagGrowing",

@@ -221,6 +221,29 @@ def test_freshness_advances_with_applied_events_only() -> None:
     assert not any(labels == (("source", "ministry-btp"),) for _, labels in values)
 
 
+def test_registered_sources_are_exported_beside_the_freshness_of_those_that_delivered() -> None:
+    freshness = SourceFreshness()
+    freshness.seed(
+        {"province-01": Freshness("province-01", 100.0, 200.0)},
+        ["province-79", "province-01", "province-79"],
+    )
+    registry = CollectorRegistry()
+    registry.register(freshness)
+    values = scrape(registry)
+    registered = {
+        dict(labels)["source"] for name, labels in values if name == "portal_sync_source_registered"
+    }
+    changed = {
+        dict(labels)["source"]
+        for name, labels in values
+        if name == "portal_sync_source_last_change_timestamp_seconds"
+    }
+    assert registered == {"province-01", "province-79"}
+    assert registered - changed == {"province-79"}  # what PortalSyncSourceNeverDelivered sees
+    freshness.seed({})  # development mode: nothing registered, nothing expected
+    assert not any(name == "portal_sync_source_registered" for name, _ in scrape(registry))
+
+
 def test_cursor_lag_is_the_distance_to_the_newest_change_worst_adapter_per_source() -> None:
     newest = datetime(2025, 8, 1, 9, 0, 30)
     assert cursor_lag(newest, None, "2025-08-01T09:00:00.000000") == 30.0

@@ -35,7 +35,19 @@ from transport.local import free_port
 pytestmark = pytest.mark.kafka
 
 # Short `for:` durations and rate windows, so alerts can fire within the test.
-FAST = Thresholds(window="30s", for_short="2s", for_long="2s")
+FAST = Thresholds(window="30s", for_short="2s", for_long="2s", never_delivered_for="2s")
+# The worker's registry: the producer's source, and one registered that never delivers.
+REGISTRY = """\
+[sources.province-01]
+kind = "province"
+name = "Hệ thống TTHC Thành phố Hà Nội"
+province_code = "01"
+
+[sources.province-79]
+kind = "province"
+name = "Hệ thống TTHC Thành phố Hồ Chí Minh"
+province_code = "79"
+"""
 GRAFANA = {"$__rate_interval": "30s", "$source": ".*", "$entity": ".*"}
 
 
@@ -85,7 +97,9 @@ def _secured(directory: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    settings: Settings = settings_for(f"sqlite:///{tmp_path / 'store.db'}")
+    registry = tmp_path / "registry.toml"
+    registry.write_text(REGISTRY, encoding="utf-8")
+    settings: Settings = settings_for(f"sqlite:///{tmp_path / 'store.db'}", registry=registry)
     ensure_topics(settings)
     secured = _secured(tmp_path / "tls")
     web = {"PORTAL_SYNC_METRICS_WEB_CONFIG_FILE": secured["web_config"]}
@@ -143,6 +157,21 @@ def _wait_for_data(prom: Prometheus, exprs: list[str], timeout: float) -> list[s
     return missing
 
 
+def _firing_sources(prom: Prometheus, alert: str, expected: list[str], timeout: float) -> list[str]:
+    """The sources `alert` fires for, once they are `expected` (or when `timeout` ends: an
+    instance pending from before the data arrived may still be resolving)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(
+            a["labels"]["source"]
+            for a in prom.api("alerts")["alerts"]
+            if a["labels"]["alertname"] == alert and a["state"] == "firing"
+        )
+        if found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
 def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
     pipeline: dict[str, Any], prometheus: Prometheus
 ) -> None:
@@ -169,6 +198,8 @@ def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
         for rule in rule_group["rules"]:
             assert rule["health"] == "ok", rule
     assert "PortalSyncConsumerStalled" not in prometheus.firing()
+    never = "PortalSyncSourceNeverDelivered"
+    assert _firing_sources(prometheus, never, ["province-79"], timeout=30) == ["province-79"]
     group = pipeline["settings"].group_id
     ages = f'max(portal_sync_consumer_lag_seconds{{group="{group}"}})'
 
