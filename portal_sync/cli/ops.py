@@ -86,8 +86,10 @@ def replay(
     moves the live worker's offsets. Runs only with the worker's registry and authority.
     --show-values needs --reason (recorded in the access log)."""
     from portal_sync.ops.access import record_access, record_key, require_reason
+    from portal_sync.ops.purge import purge_warning, purges_after
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
+    from schemas.events import ENTITIES
     from store import Store
     from transport.reader import Selection
 
@@ -101,6 +103,10 @@ def replay(
     target = Store(settings.store_url)
     target.create_schema()
     guard_rules(target, settings, rules_mismatch_ok)
+    replayed = {e for e in ENTITIES if names.change_topic(e) in topics}
+    undone = purge_warning(purges_after(target, selection.since, source, replayed))
+    if undone:  # on stderr: --json keeps stdout for the summary
+        progress_console.print(markup("[yellow]warning:[/yellow] {}", undone))
     with _progress() as progress:
         task = progress.add_task("dry run" if dry_run else "replay", total=None, rate="–")
         summary = run_replay(settings, selection, target, source, entity, dry_run,
@@ -397,7 +403,7 @@ def offsets_reset(
     """Move a group to the first offsets at or after a time. Refuses while the group has
     active members, and past unapplied events without --allow-skip; prints the plan and
     acts only with --yes. Every reset of the reconciler's group is recorded in the store."""
-    from portal_sync.ops.offsets import active_members, apply_reset, plan_reset
+    from portal_sync.ops.offsets import active_members, apply_reset, plan_reset, purges_undone
 
     moment = parse_time(to_time)
     assert moment is not None
@@ -418,6 +424,9 @@ def offsets_reset(
         table.add_row(plain(line.topic), str(line.partition), _num(line.kafka_committed),
                       _num(line.store_applied), target, skips)  # fmt: skip
     console.print(table)
+    undone = purges_undone(settings, group, plan, moment)
+    if undone:
+        console.print(markup("[yellow]warning:[/yellow] {}", undone))
     skipped = sum(line.skipped for line in plan)
     if skipped:
         console.print(

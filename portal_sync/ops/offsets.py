@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from portal_sync.ops.access import who_and_why
+from portal_sync.ops.purge import purge_warning, purges_after
 from portal_sync.settings import Settings
 from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
 from schemas.errors import Refused
+from schemas.events import ENTITIES
 from store import Store
 from transport.admin import cluster
 from transport.publisher import Publisher
@@ -90,6 +92,29 @@ def plan_reset(
         line = (committed.get(tp), stored.get(tp), target, starts[tp], ends[tp], own)
         plan.append(PlanLine(tp[0], tp[1], *line))
     return plan
+
+
+def purges_undone(
+    settings: Settings, group: str, plan: list[PlanLine], moment: datetime
+) -> str | None:
+    """A warning when the plan moves the reconciler back before a recorded `source purge`
+    of an entity whose topic it moves: the purged source's events come back."""
+    if group != settings.group_id:
+        return None
+    back = {
+        line.topic
+        for line in plan
+        if line.store_applied is not None and line.target < line.store_applied
+    }
+    if not back:
+        return None
+    names = settings.topics()
+    entities = {e for e in ENTITIES if names.change_topic(e) in back}
+    store = Store(settings.store_url)
+    try:
+        return purge_warning(purges_after(store, moment, entities=entities))
+    finally:
+        store.close()
 
 
 def _store_offsets(settings: Settings) -> dict[tuple[str, int], int]:

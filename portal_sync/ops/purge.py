@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
@@ -27,7 +28,7 @@ from portal_sync.ops.access import record_key, who_and_why
 from schemas.errors import Refused
 from schemas.identifiers import ReferenceKey
 from store import Store, utcnow
-from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan
+from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan, purges
 
 SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
 
@@ -96,3 +97,39 @@ def run(
     if dry_run:
         return replace(purge, finished_at=utcnow())
     return finish_purge(store, purge)
+
+
+def purges_after(
+    store: Store,
+    moment: datetime | None,
+    source: str | None = None,
+    entities: set[str] | None = None,
+) -> list[str]:
+    """The recorded purges that started after `moment` (all of them when None), of
+    `source` (or of any) and touching `entities` (or any), oldest first, each as
+    "<source> (<scope>, <started at>)". Reading the topics again from before such a purge
+    (`offsets reset`, `replay`) applies the purged source's events once more: the topics
+    still hold them (docs/operations.md)."""
+    found = []
+    for row in purges(store):
+        started = row["started_at"]
+        if (moment is not None and started <= moment) or (source and row["source"] != source):
+            continue
+        if entities is not None and row["entity"] is not None and row["entity"] not in entities:
+            continue
+        scope = row["entity"] or "every entity"
+        if row["reference"]:
+            scope += f" {row['reference']}"
+        found.append(f"{row['source']} ({scope}, {started.isoformat(timespec='seconds')})")
+    return found
+
+
+def purge_warning(found: list[str]) -> str | None:
+    """The operator's warning for `purges_after`'s findings, or None."""
+    if not found:
+        return None
+    return (
+        f"source purges after the target: {'; '.join(found)}. The events of those sources "
+        "that the topics still hold from before each purge are applied again: run the same "
+        "`source purge` again once the workers have caught up"
+    )

@@ -145,3 +145,27 @@ def test_one_record_is_named_by_its_reference_and_the_os_user_recorded(
     except KeyError:
         user = getpass.getuser()
     assert row["operator"] == user
+
+
+def test_the_purges_a_read_from_before_them_would_undo(url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from portal_sync.ops.purge import purge_warning, purges_after
+
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    done = run_cli("source", "purge", "province-01", "--entity", "citizen", "--yes",
+                   "--reason", "wrong data", "--store", url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    store = Store(url)
+    try:
+        found = purges_after(store, before)
+        assert len(found) == 1 and found[0].startswith("province-01 (citizen, ")
+        assert purges_after(store, None, "province-01", {"citizen"}) == found
+        assert purges_after(store, datetime.now(UTC)) == []  # read from after it
+        assert purges_after(store, before, "province-79") == []  # another source's read
+        assert purges_after(store, before, entities={"document"}) == []  # another topic
+    finally:
+        store.close()
+    warning = purge_warning(found)
+    assert warning is not None and "province-01 (citizen" in warning
+    assert purge_warning([]) is None

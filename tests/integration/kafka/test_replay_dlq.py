@@ -339,6 +339,45 @@ def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
     store.close()
 
 
+def test_reading_back_before_a_source_purge_warns_that_it_undoes_the_purge(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(30, 1, seed=8))
+    _caught_up(settings)
+    purged = cli(settings, "source", "purge", "province-01", "--entity", "citizen",
+                 "--reason", "INC-1: wrong data", "--yes")  # fmt: skip
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    store = Store(settings.store_url)
+
+    def views_of_the_purged_source() -> int:
+        with store.engine.connect() as conn:
+            query = select(func.count()).where(source_views.c.source == "province-01")
+            return int(conn.execute(query.select_from(source_views)).scalar_one())
+
+    assert views_of_the_purged_source() == 0
+    after = datetime.now(UTC).isoformat()
+    for args in (("offsets", "reset", "--group", settings.group_id, "--to-time", after),
+                 ("replay", "--since", after, "--dry-run")):  # fmt: skip
+        quiet = cli(settings, *args)
+        assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+        assert "source purges" not in quiet.stdout + quiet.stderr
+    replay = cli(settings, "replay", "--since", "1h", "--dry-run", "--json")
+    assert replay.returncode == 0, replay.stderr
+    json.loads(replay.stdout)  # the warning stays off the JSON summary
+    plan = cli(settings, "offsets", "reset", "--group", settings.group_id, "--to-time", "1h")
+    for said in (" ".join(replay.stderr.split()), " ".join(plan.stdout.split())):
+        assert "source purges after the target: province-01 (citizen," in said
+        assert "run the same `source purge` again" in said
+
+    done = cli(settings, "offsets", "reset", "--group", settings.group_id, "--to-time", "1h",
+               "--yes")  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    _caught_up(settings)
+    assert views_of_the_purged_source() > 0  # what the warning said: the purge is undone
+    store.close()
+
+
 def test_rebuild_builds_an_equal_store_from_the_topics(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
