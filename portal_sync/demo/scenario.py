@@ -173,6 +173,20 @@ def injected_events(run: DemoRun) -> list[Injected]:
     add("ministry-btp dissolves a company", "organization",
         message_key("organization", "0101234567", "ministry-btp").decode(),
         company, btp.headers(company), "out_of_scope", sender="ministry-btp")  # fmt: skip
+    # Documents: the id names its issuer (registry: key_names_issuer), so province-01 can
+    # neither write its own issuer_code into Hồ Chí Minh City's document nor use a bare id.
+    paper = {"owner_kind": "citizen", "owner_id": citizen, "doc_type": "GKS",
+             "title": "Giấy khai sinh", "issuer_code": "000.00.01.H26"}  # fmt: skip
+    for number, (what, document) in enumerate(
+        (
+            ("province-01 takes a Hồ Chí Minh City document", "000.00.01.H29:GKS-2025-900001"),
+            ("province-01 writes a document under a bare id", "GKS-2025-900002"),
+        ),
+        start=9,
+    ):
+        claimed = _event(HANOI, "document", document, number, paper)
+        add(what, "document", message_key("document", document, HANOI).decode(), claimed,
+            hanoi.headers(claimed), "out_of_scope")  # fmt: skip
     feed = signer(run, PORTAL_FEED_SOURCE)
     code = "000.00.02.H17-250801-9002"
     delete = _event(PORTAL_FEED_SOURCE, "dossier", code, 8, None)
