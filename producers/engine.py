@@ -178,12 +178,21 @@ class AdapterRunner:
         self.stopped_fatally = True
 
     def _send(self, record: Record, produced: Tally[str]) -> bool:
-        event = record.event(self.adapter.source, self.adapter.entity)
-        value = event_bytes(event)
+        entity = record.entity or self.adapter.entity
+        try:
+            value = event_bytes(record.event(self.adapter.source, self.adapter.entity))
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
+            # A value no JSON can hold (bytes, a time of day, an infinite decimal, nesting
+            # beyond the encoder's depth): this record is dead-lettered, the source goes
+            # on. The type only: such messages can quote the value.
+            message = f"a value that cannot be written as JSON ({type(error).__name__})"
+            key = record.key if isinstance(record.key, str) else None
+            item = SkippableRecord(Reason.UNMAPPABLE_RECORD, message, record.origin, entity, key)
+            self._dead_letter(item)
+            return False
         try:
             valid = parse_event(value, warn=False)  # the worker reports the warnings
         except InvalidEvent as error:
-            entity = record.entity or self.adapter.entity
             self._dead_letter(
                 SkippableRecord(error.code, error.message, record.origin, entity, record.key, value)
             )

@@ -12,6 +12,8 @@ import unicodedata
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import time as dt_time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,13 @@ def publisher(settings_for: Any, sqlite_store_url: str) -> Iterator[Publisher]:
     publisher.settings = settings  # type: ignore[attr-defined]  # for reading the topics back
     yield publisher
     publisher.close()
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 class Flaky(ListAdapter):
@@ -252,6 +261,40 @@ def test_text_that_is_no_utf8_is_dead_lettered_and_the_source_goes_on(
         "t\\udcea-2",
     ]
     assert [letter.key for letter in letters] == [b"citizen:001190000002:province-01", None]
+
+
+class Unwritable(ListAdapter):
+    """Values no JSON holds (bytes, a time of day, an infinite decimal, nesting deeper
+    than the encoder goes) between two good records."""
+
+    changes = (
+        ("001090000001", 1, {"full_name": "Nguyễn Văn An"}),
+        ("001190000002", 1, {"full_name": b"\x89PNG"}),
+        ("001090000003", 1, {"full_name": dt_time(8, 30)}),
+        ("001190000004", 1, {"full_name": Decimal("Infinity")}),
+        ("001090000005", 1, {"full_name": _nested(100_000)}),
+        ("001190000006", 1, {"full_name": "Phạm Thị Dung"}),
+    )
+
+
+def test_values_no_json_holds_are_dead_lettered_and_the_source_goes_on(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    runner = AdapterRunner("unwritable", Unwritable(), publisher, tmp_path)
+    stats = runner.run_once()
+    assert (stats.published, stats.dead_lettered) == (2, 4)
+    assert load_json_state(tmp_path / "unwritable.state.json") == {"position": 6}
+    from schemas.dead_letter import read_headers
+    from tests.support.kafka_helpers import dead_letter_topic
+
+    settings = publisher.settings  # type: ignore[attr-defined]
+    letters = [read_headers(letter.headers)
+               for letter in read_topic(settings, dead_letter_topic(settings))]  # fmt: skip
+    assert [h["ps.reason.code"] for h in letters] == ["unmappable_record"] * 4
+    assert [h["ps.origin.offset"] for h in letters] == ["#1", "#2", "#3", "#4"]
+    assert all("PNG" not in h["ps.reason.message"] for h in letters)
+    published = {e["key"] for e in published_events(settings, "citizen")}
+    assert published == {"001090000001", "001190000006"}
 
 
 @pytest.mark.parametrize(
