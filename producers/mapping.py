@@ -119,3 +119,31 @@ def map_fields(
 
 # Values a driver gives that are already JSON, as `json_value` would return them.
 _JSON_SCALARS = frozenset({str, int, float, bool})
+
+
+_DELETED = frozenset({"1", "true", "t", "yes", "y", "x"})
+_LIVE = frozenset({"0", "false", "f", "no", "n", ""})
+
+
+def soft_deleted(value: Any) -> bool:
+    """A soft-delete column's value as a verdict. NULL, false, 0 and the texts `0`, `false`,
+    `f`, `no`, `n` and empty are live; true, other numbers, a time (a `deleted_at`) and
+    the texts `1`, `true`, `t`, `yes`, `y`, `x` deleted (texts in any case, spaces around
+    ignored). Any other value raises ValueError: a flag nobody can read must never erase
+    a live record (`'N'` is not true), so its row is rejected instead."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int | float | Decimal):
+        if value != value:  # NaN
+            raise ValueError("deleted_column: not a flag")
+        return value != 0
+    if isinstance(value, datetime | date):
+        return True
+    if isinstance(value, bytes | bytearray | memoryview):  # BIT(1) and the like
+        return any(bytes(value))
+    flag = str(value).strip().lower()
+    if flag in _DELETED:
+        return True
+    if flag in _LIVE:
+        return False
+    raise ValueError("deleted_column: not a flag (1/0, true/false, yes/no, y/n, t/f, x)")

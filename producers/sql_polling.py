@@ -58,7 +58,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from producers.mapping import FieldMapping, field_plan, map_fields, strptime_pattern
+from producers.mapping import (
+    FieldMapping,
+    field_plan,
+    map_fields,
+    soft_deleted,
+    strptime_pattern,
+)
 from producers.sdk import FatalError
 from producers.sql_snapshot import (
     XID_LABEL,
@@ -250,6 +256,29 @@ class CursorState:
         return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"), raw.get("top"))
 
 
+class RowRejected(ValueError):
+    """A row read whose values cannot make an event; the message names the column and the
+    rule, never a value."""
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A row that cannot become an event (a NULL key or version, an unreadable soft-delete
+    flag, a value the mapping cannot convert): dead-lettered as `unmappable_record` while
+    the source goes on. The cursor moves past it and the state remembers it with version
+    0 and the hash of its values, so it is dead-lettered once however often a poll reads
+    it again, and its next change is read and sent as any row's. A row sent before keeps
+    the version it was sent with (`version`), so its next change never goes below it."""
+
+    pk: Any
+    key: str | None
+    stamp: str
+    marker: str
+    message: str
+    version: int = 0
+    xid: int | None = None
+
+
 @dataclass(frozen=True)
 class SourceChange:
     """One row read from a source: its key, version, commit time and mapped data."""
@@ -322,7 +351,7 @@ class SqlPollingAdapter:
 
     # -- reading ------------------------------------------------------------------------
 
-    def pages(self, state: CursorState) -> Iterator[list[SourceChange]]:
+    def pages(self, state: CursorState) -> Iterator[list[SourceChange | RejectedRow]]:
         """Pages of new or changed rows; the caller publishes each page and then calls
         `remember` (which advances the high-water mark) before it asks for the next. Once
         every page was taken, a PostgreSQL poll records its snapshot's xmin in `state`."""
@@ -361,7 +390,9 @@ class SqlPollingAdapter:
         state.xmin = began
         self._forget(state)
 
-    def _scan(self, state: CursorState, condition: Any) -> Iterator[list[SourceChange]]:
+    def _scan(
+        self, state: CursorState, condition: Any
+    ) -> Iterator[list[SourceChange | RejectedRow]]:
         last: tuple[datetime, Any] | None = None
         size = self.config.batch_size
         # SQLite orders by a normalised timestamp no index of the source serves: every
@@ -373,10 +404,10 @@ class SqlPollingAdapter:
             if not rows:
                 return
             high = rows[-1]._mapping
-            last = (self.cursor_time(high[self.updated_at.name]), high[self.pk.name])
+            last = (self._cursor_time_of(high), high[self.pk.name])
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
-                changes = [change for row in page if (change := self._change(row, state))]
+                changes = [change for row in page if (change := self._read(row, state))]
                 if changes:
                     yield changes
             if len(rows) < fetch:
@@ -447,13 +478,60 @@ class SqlPollingAdapter:
 
     # -- one row ------------------------------------------------------------------------
 
+    def _read(self, row: Any, state: CursorState) -> SourceChange | RejectedRow | None:
+        """The row's change; a `RejectedRow` when its values cannot make one (the first
+        time only); None when it holds nothing new."""
+        try:
+            return self._change(row, state)
+        except FatalError:
+            raise
+        except Exception as error:  # one row's values never stop the source
+            values = row._mapping
+            stamp = _iso(self._cursor_time_of(values))
+            marker = "r" + _json_fingerprint({name: repr(value) for name, value in values.items()})
+            pk = values[self.pk.name]
+            entry = state.seen.get(str(pk))
+            if entry is not None and entry[2] == marker:
+                return None  # rejected before, unchanged
+            message = str(error) if isinstance(error, RowRejected) else (
+                f"a value the mapping cannot convert ({type(error).__name__})"
+            )  # fmt: skip
+            key = values[self.config.key_column]
+            sent = int(entry[0]) if entry is not None else 0
+            xid = int(values[XID_LABEL]) if self.snapshot else None
+            key_text = None if key is None else str(key)
+            return RejectedRow(pk, key_text, stamp, marker, message, sent, xid)
+
+    def _cursor_time_of(self, values: Any) -> datetime:
+        """The row's place in the cursor's order. A value no reading can place stops the
+        source (`FatalError`): no position past it can be saved, and skipping it unseen
+        could skip the rows after it too."""
+        try:
+            return self.cursor_time(values[self.updated_at.name])
+        except (TypeError, ValueError) as error:
+            raise FatalError(
+                f"{self.config.name}: a row's {self.config.updated_at_column} cannot be read "
+                f"as a time ({type(error).__name__}); fix the row at the source, then restart"
+            ) from None
+
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
         values = row._mapping
         config = self.config
-        moment = self.cursor_time(values[self.updated_at.name])
+        moment = self._cursor_time_of(values)
         occurred = self.instant(moment)
-        derived = int(values[config.version_column]) if config.version_column else _micros(occurred)
-        deleted = bool(config.deleted_column and values[config.deleted_column])
+        if values[config.key_column] is None:
+            raise RowRejected(f"{config.key_column}: NULL (the key column needs a value)")
+        if config.version_column:
+            raw = values[config.version_column]
+            if raw is None or isinstance(raw, bool | float) or not str(raw).strip().isdigit():
+                raise RowRejected(f"{config.version_column}: not a whole number")
+            derived = int(raw)
+        else:
+            derived = _micros(occurred)
+        try:
+            deleted = bool(config.deleted_column) and soft_deleted(values[config.deleted_column])
+        except ValueError as error:
+            raise RowRejected(str(error)) from None
         data = None if deleted else self._data(values)
         marker = derived if config.version_column else _fingerprint(data)
         pk = values[self.pk.name]
@@ -531,7 +609,8 @@ class SqlPollingAdapter:
         if pattern is not None:
             return datetime.strptime(str(value), strptime_pattern(pattern))
         parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
-        assert isinstance(parsed, datetime)
+        if not isinstance(parsed, datetime):
+            raise TypeError("the cursor column holds no timestamp")
         return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed
 
     def instant(self, moment: datetime) -> datetime:
@@ -546,11 +625,12 @@ class SqlPollingAdapter:
 
     # -- after publishing ---------------------------------------------------------------
 
-    def remember(self, state: CursorState, page: list[SourceChange]) -> None:
-        """After a page is acknowledged: advance the high-water mark, note the rows as seen,
-        and forget rows that no poll will read again."""
-        if page:
-            state.top = max(self.top_sent(state), max(change.version for change in page))
+    def remember(self, state: CursorState, page: list[SourceChange | RejectedRow]) -> None:
+        """After a page is acknowledged: advance the high-water mark, note the rows as seen
+        (a rejected row with version 0), and forget rows that no poll will read again."""
+        sent = [change.version for change in page if isinstance(change, SourceChange)]
+        if sent:
+            state.top = max(self.top_sent(state), max(sent))
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])

@@ -9,15 +9,17 @@ from pydantic import BaseModel
 
 from producers.cursor_lag import cursor_lag_of
 from producers.metrics import CLOCK_BACKWARDS, VERSIONS_RAISED
-from producers.sdk import Adapter, Checkpoint, Item, Record, State
+from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from producers.sql_advice import check_warnings
 from producers.sql_polling import (
     CursorState,
+    RejectedRow,
     SourceChange,
     SqlMapping,
     SqlPollingAdapter,
     SqlSourceConfig,
 )
+from schemas.dead_letter import Reason
 
 
 class SqlAdapter(Adapter):
@@ -60,7 +62,12 @@ class SqlAdapter(Adapter):
         if cursor.moved():  # a snapshot recorded, rows forgotten or touched
             yield Checkpoint(cursor.as_dict())
 
-    def _record(self, change: SourceChange) -> Record:
+    def _record(self, change: SourceChange | RejectedRow) -> Record | SkippableRecord:
+        if isinstance(change, RejectedRow):
+            origin = f"{self.mapping.table}:{self._row_reference(change)}"
+            return SkippableRecord(
+                Reason.UNMAPPABLE_RECORD, change.message, origin, self.entity, change.key
+            )
         if change.raised is not None:
             VERSIONS_RAISED.labels(self.source, change.raised).inc()
         if change.backwards:
@@ -79,7 +86,7 @@ class SqlAdapter(Adapter):
     def check_warnings(self) -> list[str]:
         return check_warnings(self.poller)
 
-    def _row_reference(self, change: SourceChange) -> str:
+    def _row_reference(self, change: SourceChange | RejectedRow) -> str:
         """The row's primary key, unless that is the natural key (a personal id): then its
         keyed reference, as origins reach logs and dead-letter headers."""
         if self.mapping.pk_column not in (None, self.mapping.key_column):

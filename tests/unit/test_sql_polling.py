@@ -678,3 +678,72 @@ def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(
     finally:
         adapter.close()
         engine.dispose()
+
+
+# -- rows whose values cannot make an event -----------------------------------------------
+
+LOOSE = """CREATE TABLE nguoi (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, ho_ten TEXT,
+    updated_at TEXT, da_xoa TEXT, phien_ban TEXT)"""
+
+
+def _loose_source(tmp_path: Path, rows: list[tuple[Any, ...]]) -> SqlSourceConfig:
+    """A source whose columns hold text of any shape (SQLite keeps what it is given)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'loose.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(LOOSE)
+        conn.exec_driver_sql("INSERT INTO nguoi VALUES (?, ?, ?, ?, ?, ?)", rows)
+    engine.dispose()
+    return Source.config_of(f"sqlite:///{tmp_path / 'loose.db'}", table="nguoi",
+                            version_column="phien_ban")  # fmt: skip
+
+
+def _at(minute: int) -> str:
+    return (T0 + timedelta(minutes=minute)).isoformat(sep=" ")
+
+
+def test_flags_nobody_can_read_null_keys_and_versions_are_rejected_not_guessed(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    rows = [
+        (1, pid(1), "Nguyễn Văn An", _at(1), "N", "1"),  # 'N' is not true: live
+        (2, pid(2), "Trần Thị Bình", _at(2), "0", "1"),
+        (3, pid(3), "Lê Văn Cường", _at(3), "Y", "1"),  # deleted
+        (4, pid(4), "Phạm Thị Dung", _at(4), "có lẽ", "1"),  # no flag: rejected
+        (5, None, "Hoàng Văn Em", _at(5), "0", "1"),  # no key: rejected
+        (6, pid(6), "Vũ Thị Giang", _at(6), "0", None),  # no version: rejected
+        (7, pid(7), "Đặng Văn Hải", _at(7), "0", "bảy"),  # no whole number: rejected
+        (8, pid(8), "Bùi Thị Lan", _at(8), "false", "2"),
+    ]
+    config = _loose_source(tmp_path, rows)
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]  # type: ignore[arg-type]
+    sent = {c.pk: c.data is None for c in changes if isinstance(c, SourceChange)}
+    assert sent == {1: False, 2: False, 3: True, 8: False}
+    rejected = {c.pk: c.message for c in changes if isinstance(c, sql_polling.RejectedRow)}
+    assert sorted(rejected) == [4, 5, 6, 7]
+    assert "not a flag" in rejected[4] and "NULL" in rejected[5]
+    assert all("phien_ban" in rejected[pk] for pk in (6, 7))
+    assert not any(name in message for message in rejected.values()
+                   for name in ("Phạm", "có lẽ", "bảy"))  # fmt: skip
+    assert state.updated_at is not None and state.updated_at.startswith("2024-01-15T09:08")
+    assert poll(adapter, state) == []  # read again within the window: not rejected twice
+
+    engine = create_engine(config.url)
+    with engine.begin() as conn:  # the source fixes row 4
+        conn.exec_driver_sql("UPDATE nguoi SET da_xoa = '0', updated_at = ? WHERE id = 4",
+                             (_at(9),))  # fmt: skip
+    engine.dispose()
+    fixed = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, isinstance(c, SourceChange)) for c in fixed] == [(4, True)]
+
+
+def test_a_cursor_time_nobody_can_read_stops_the_source_loudly(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", "ngày mai", "0", "1")])
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    with pytest.raises(sql_polling.FatalError, match="updated_at cannot be read as a time"):
+        poll(adapter, CursorState())
