@@ -170,11 +170,18 @@ class OutboxAdapter(Adapter):
             return SkippableRecord("unknown_entity", "entity: not a contract entity", origin)
         op = str(values[opts.op_column] or "upsert")
         data: dict[str, Any] | None = None
+        raw = _row_bytes(values)  # a rejected row's dead letter keeps it: the row goes
         if op != "delete":
             try:
                 data = json.loads(values[opts.payload_column] or "null")
-            except ValueError:
-                return SkippableRecord("invalid_json", "payload is not JSON", origin, entity, key)
+            except (ValueError, TypeError, RecursionError):
+                return SkippableRecord(
+                    "invalid_json", "payload is not JSON", origin, entity, key, raw
+                )
+            if data is not None and not isinstance(data, dict):
+                return SkippableRecord(
+                    "invalid_json", "payload is not a JSON object", origin, entity, key, raw
+                )
         try:
             version = int(values[opts.version_column] if opts.version_column else row_id)
             occurred = values[opts.occurred_at_column]
@@ -182,9 +189,9 @@ class OutboxAdapter(Adapter):
                 occurred = datetime.fromisoformat(occurred)
             if occurred.tzinfo is None:
                 occurred = occurred.replace(tzinfo=self.zone)
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, OverflowError):
             message = "version or occurred_at missing or malformed"
-            return SkippableRecord("invalid_field", message, origin, entity, key)
+            return SkippableRecord("invalid_field", message, origin, entity, key, raw)
         return Record(
             key=key,
             version=version,
@@ -216,6 +223,14 @@ class OutboxAdapter(Adapter):
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _row_bytes(values: Any) -> bytes:
+    """An outbox row as its dead letter keeps it (the row itself is deleted or marked with
+    its page): its columns as JSON, values other than text and numbers as their text."""
+    row = {name: value if isinstance(value, str | int | float | None) else str(value)
+           for name, value in values.items()}  # fmt: skip
+    return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
 
 
 def _state(last_id: int, seen: set[int], pending: list[int]) -> State:

@@ -26,8 +26,14 @@ from sqlalchemy.exc import DBAPIError
 
 from producers.conformance import check_adapter
 from producers.engine import AdapterRunner
-from tests.support.adapter_helpers import database_url, deployment, published_events, write_config
-from tests.support.kafka_helpers import ensure_topics, publisher_for
+from tests.support.adapter_helpers import (
+    database_url,
+    deployment,
+    published_events,
+    read_topic,
+    write_config,
+)
+from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
 from tests.support.pipeline_helpers import cli
 
 metadata = MetaData()
@@ -199,12 +205,24 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
             "VALUES ('citizen', '001090000002', 'upsert', 'not a time', '{}')"
         )
         conn.execute(insert(outbox), [change("citizen", "001090000003", "upsert", 2, {})])
+        for payload in ("[1, 2]", '"Nguyễn Văn Bốn"', "[" * 100_000 + "]" * 100_000):
+            conn.exec_driver_sql(  # JSON, but no object; nested beyond any parser's depth
+                "INSERT INTO portal_sync_outbox (entity, record_key, op, occurred_at, "
+                "payload) VALUES ('citizen', '001090000004', 'upsert', '2025-08-01 08:03', ?)",
+                (payload,),
+            )
+        conn.execute(insert(outbox), [change("citizen", "001090000005", "upsert", 4, {})])
     config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
 
     result = cli(settings, "produce", "--config", str(config), "--once")
 
     assert result.returncode == 0, result.stderr
-    assert "btp-outbox: published 2, dead-lettered 1" in result.stderr
+    assert "btp-outbox: published 3, dead-lettered 4" in result.stderr
+    assert remaining(url) == []  # the rows are gone: their dead letters keep them
+    letters = read_topic(settings, dead_letter_topic(settings))
+    kept = [json.loads(letter.value) for letter in letters]
+    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[["]
+    assert [row["record_key"] for row in kept] == ["001090000002"] + ["001090000004"] * 3
     engine.dispose()
 
 
