@@ -113,6 +113,18 @@ class DebeziumAdapter(Adapter):
         reader = self.reader
         positions = reader.start(_offsets(state))
         ends = reader.end_offsets()
+        behind = sorted(tp for tp, end in ends.items() if positions.get(tp, 0) > end)
+        if behind:
+            # Reading on would skip, unseen, every message of the new log below the old
+            # position (topics deleted and created again, a connector reset, a cluster
+            # restored), and commit the old position to the group.
+            where = ", ".join(f"{t}[{p}] at {positions[(t, p)]}, its end {ends[(t, p)]}"
+                              for t, p in behind)  # fmt: skip
+            raise FatalError(
+                f"the saved position is past the log's end: {where} (the topic created "
+                "again?). Decide what the new log holds, then start the adapter from its "
+                'beginning (docs/adapters.md, "A topic behind the state") and restart'
+            )
         unsaved = 0
         idle = 0.0
         poll_seconds = min(1.0, self.mapping.idle_seconds)
@@ -151,7 +163,9 @@ class DebeziumAdapter(Adapter):
         )
 
     def _item(self, message: Message) -> Record | SkippableRecord | None:
-        """The record of one message; None for a tombstone."""
+        """The record of one message; None for a tombstone. A message that cannot be
+        mapped is dead-lettered with its bytes, and the reading goes on: a message read
+        again from the same offset at every run would stop the source for good."""
         if message.value is None:
             return None
         origin = f"{message.topic}:{message.partition}:{message.offset}"
@@ -163,12 +177,21 @@ class DebeziumAdapter(Adapter):
                 event, message.offset, self.mapping.version, self.mapping.snapshot_reads
             )
             occurred_at = dbz.occurred_at(event)
+            op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
+            data = None if event.is_delete else self._data(event.row, origin)
         except dbz.Unmappable as problem:
             return SkippableRecord(
                 problem.code, problem.message, origin, self.entity, key, message.value
             )
-        op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
-        data = None if event.is_delete else self._data(event.row, origin)
+        except FatalError:
+            raise
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
+            # Nesting beyond the parser's depth, a decimal with an absurd scale, a value
+            # the mapping cannot convert. The type only: messages can quote the value.
+            problem_text = f"a value the mapping cannot convert ({type(error).__name__})"
+            return SkippableRecord(
+                Reason.UNMAPPABLE_RECORD, problem_text, origin, self.entity, key, message.value
+            )
         return Record(key, version, occurred_at, data, origin, op=op)
 
     def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:

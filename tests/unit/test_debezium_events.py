@@ -256,3 +256,35 @@ def test_a_mapped_column_missing_from_the_event_stops_the_source() -> None:
     row = {k: v for k, v in ROW.items() if k != "ngay_sinh"}
     with pytest.raises(FatalError, match="ngay_sinh"):
         adapter()._item(message(with_schema(change("u", row))))
+
+
+def test_a_message_nested_beyond_the_parser_is_a_dead_letter_and_reading_goes_on() -> None:
+    raw = b"[" * 100_000 + b"]" * 100_000
+    skipped = adapter()._item(message(raw))
+    assert isinstance(skipped, SkippableRecord) and skipped.raw == raw
+    assert skipped.code in {"invalid_json", "unmappable_record"}
+    assert "[[" not in skipped.message
+
+
+class Recreated:
+    """A province topic deleted and created again: its log ends at 10, below the 50,000
+    the adapter saved."""
+
+    def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        return {("p79.public.cong_dan", 0): max(saved.values())}
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        return {("p79.public.cong_dan", 0): 10}
+
+    def poll(self, max_records: int, timeout: float) -> list[Message]:  # never reached
+        raise AssertionError("read past a log that starts again")
+
+
+def test_a_topic_behind_the_saved_position_stops_the_source_instead_of_skipping() -> None:
+    from producers.sdk import FatalError
+
+    reading = adapter()
+    reading._reader = Recreated()  # type: ignore[assignment]
+    state = {"group_id": "portal-sync-province-79", "offsets": {"p79.public.cong_dan:0": 50_000}}
+    with pytest.raises(FatalError, match=r"p79.public.cong_dan\[0\] at 50000, its end 10"):
+        list(reading.read(state))
