@@ -27,10 +27,10 @@ from pathlib import Path
 from producers.cursor_lag import CURSOR_LAG
 from producers.metrics import PRODUCED, SOURCE_ERRORS, SOURCE_STOPPED, export_at_zero
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
-from producers.state import load_json_state, write_json_atomic
+from producers.state import append_json_line, load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
-from schemas.dead_letter import Reason, dead_letter_headers
+from schemas.dead_letter import Reason, dead_letter_headers, letter_line
 from schemas.errors import Refused
 from schemas.signing import Signer
 from transport.publisher import Publisher
@@ -97,6 +97,8 @@ class AdapterRunner:
         self.publisher = publisher
         self.signer = signer  # None: events go unsigned
         self.state_path = state_dir / f"{source_id}.state.json"
+        # dead letters the cluster does not let this source write (docs/operations.md)
+        self.kept_letters_path = state_dir / f"{source_id}.dead-letters.jsonl"
         self.retry = retry or RetryPolicy()
         self.checkpoint_interval = checkpoint_interval
         self.stopped_fatally = False
@@ -227,9 +229,13 @@ class AdapterRunner:
         try:
             self.publisher.send_dead_letter(key, value, headers)
         except Refused:  # a secured cluster lets a source write the change topics only
+            # Kept on disk before the checkpoint that cleans the record up (an outbox row
+            # deleted, a file moved) is saved: an operator imports them (`dlq import`).
+            append_json_line(self.kept_letters_path, letter_line(key, value, headers))
             log.warning(
-                "%s: record %s kept out of the dead letters (ACL)", self.source_id, item.origin
-            )
+                "%s: record %s kept out of the dead letters (ACL), in %s for `portal-sync "
+                "dlq import`", self.source_id, item.origin, self.kept_letters_path.name,
+            )  # fmt: skip
         self.adapter.rejected(item.origin, item.code, item.message)
 
     def _checkpoint(self, reached: _Reached, produced: Tally[str], stats: RunStats) -> None:

@@ -27,11 +27,15 @@ def write_json_atomic(path: Path, value: Any) -> None:
     except TypeError:
         payload = json.dumps(value, ensure_ascii=False).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no temporary file left behind at each retry
+        Path(tmp).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -47,3 +51,16 @@ def load_json_state(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"state file {path} does not hold a JSON object")
     return loaded
+
+
+def append_json_line(path: Path, value: Any) -> None:
+    """Append one JSON line and fsync it before returning; a new file is readable by its
+    owner only (it can hold a source's records)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(value, ensure_ascii=False).encode() + b"\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -18,9 +18,11 @@ signature headers and the time it was first sent (a key's validity is judged by 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from schemas.signing import SIGNATURE_HEADERS
 
@@ -115,3 +117,28 @@ def read_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
         for name, value in headers or []
         if name.startswith(HEADER_PREFIX)
     }
+
+
+def letter_line(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]]
+) -> dict[str, Any]:
+    """A dead letter as one line of a file (base64 bytes): what a producer keeps when its
+    cluster does not let it write the dead letters, for `portal-sync dlq import`."""
+
+    def text(raw: bytes | None) -> str | None:
+        return None if raw is None else base64.b64encode(raw).decode()
+
+    return {"key": text(key), "value": text(value),
+            "headers": [[name, text(raw)] for name, raw in headers]}  # fmt: skip
+
+
+def letter_from_line(
+    line: Mapping[str, Any],
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """`letter_line` read back; ValueError (or KeyError, TypeError) on anything else."""
+
+    def raw(text: Any) -> bytes | None:
+        return None if text is None else base64.b64decode(str(text), validate=True)
+
+    headers = [(str(name), raw(value) or b"") for name, value in line["headers"]]
+    return raw(line["key"]), raw(line["value"]), headers

@@ -374,6 +374,29 @@ def dlq_redrive(
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
 
 
+@dlq_app.command("import")
+def dlq_import(
+    file: Annotated[
+        Path, typer.Argument(help="<state_dir>/<source id>.dead-letters.jsonl of a producer")
+    ],
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Publish the dead letters a producer kept on disk, because its cluster does not let
+    a source write the dead-letter topic, into that topic (run as an operator who may).
+    Remove the file afterwards: importing it again adds its letters again."""
+    from portal_sync.ops.dlq import import_letters
+
+    settings = settings_from(bootstrap, None)
+    count = import_letters(settings, file)
+    console.print(
+        plain(
+            f"imported {count} dead letters from {file.name} into "
+            f"{settings.topics().dead_letters}; remove the file now (importing it again "
+            "would add them twice)"
+        )
+    )
+
+
 # -- offsets ------------------------------------------------------------------------------
 OperatorOpt = Annotated[
     str | None, typer.Option("--operator", help="Who acts (default: the OS user)")

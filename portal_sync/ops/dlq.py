@@ -15,11 +15,18 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import orjson
 
 from portal_sync.settings import Settings
-from schemas.dead_letter import DEAD_LETTER_REASONS, HEADER_PREFIX, KEPT_HEADERS
+from schemas.dead_letter import (
+    DEAD_LETTER_REASONS,
+    HEADER_PREFIX,
+    KEPT_HEADERS,
+    letter_from_line,
+)
+from schemas.errors import Refused
 from schemas.events import SOURCE_ID
 from schemas.signing import KEY_ID_HEADER
 from store import Store
@@ -275,3 +282,27 @@ def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -
     finally:
         publisher.close()
     return summary
+
+
+def import_letters(settings: Settings, path: Path) -> int:
+    """Publish the dead letters a producer kept on disk (`<state_dir>/<source
+    id>.dead-letters.jsonl`: its cluster does not let a source write the dead letters)
+    into the dead-letter topic, as they are; return how many. Every line is read before
+    any is sent: a file with a line that is no such letter is refused whole."""
+    letters = []
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                letters.append(letter_from_line(json.loads(line)))
+            except (ValueError, KeyError, TypeError):
+                raise Refused(f"{path.name}, line {number}: not a kept dead letter") from None
+    publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-import")
+    try:
+        for key, value, headers in letters:
+            publisher.send_dead_letter(key, value, headers)
+        publisher.flush()
+    finally:
+        publisher.close()
+    return len(letters)

@@ -19,7 +19,7 @@ import pytest
 from consumers.merge import Authority
 from portal_sync.settings import Settings
 from schemas import message_key
-from schemas.dead_letter import read_headers
+from schemas.dead_letter import DEAD_LETTER_REASONS, read_headers
 from schemas.errors import ConfigurationError, Refused
 from tests.support.pipeline_helpers import (
     citizen_events,
@@ -251,6 +251,24 @@ fields = {{ full_name = "name" }}
         ranges = reader.resolve(Selection([reconciler.topics().change_topic("citizen")]))
         keys = [m.key for batch in reader.read(ranges) for m in batch]
     assert message_key("citizen", "079090000101", "province-79") in keys
+
+    # The letter the cluster refused is on disk, owner-only, until an operator imports it.
+    kept = tmp_path / "state" / "hcm-exports.dead-letters.jsonl"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert len(kept.read_text().splitlines()) == 1
+    operator = broker.settings("admin")
+    refused = cli(broker.settings("province-79"), "dlq", "import", str(kept))
+    assert refused.returncode != 0  # a source may not write the dead letters
+    imported = cli(operator, "dlq", "import", str(kept), COLUMNS="300")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "imported 1 dead letters" in imported.stdout
+    with RangeReader(operator.connection()) as reader:
+        ranges = reader.resolve(Selection([operator.topics().dead_letters]))
+        letters = [m for batch in reader.read(ranges) for m in batch]
+    origins = [read_headers(m.headers) for m in letters]
+    ours = [h for h in origins if h.get("ps.origin.partition") == "hcm-exports"]
+    assert len(ours) == 1 and ours[0]["ps.origin.topic"] == "source:province-79"
+    assert ours[0]["ps.reason.code"] in DEAD_LETTER_REASONS
 
 
 def test_a_source_can_neither_read_the_change_topics_nor_write_the_dead_letters(

@@ -1,0 +1,46 @@
+"""The file a producer keeps the dead letters in that its cluster does not let it write
+(`<state_dir>/<source id>.dead-letters.jsonl`), read back by `portal-sync dlq import`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from producers.state import append_json_line
+from schemas.dead_letter import letter_from_line, letter_line
+
+maybe_bytes = st.none() | st.binary(max_size=64)
+headers = st.lists(st.tuples(st.text(max_size=12), st.binary(max_size=32)), max_size=6)
+
+
+@given(maybe_bytes, maybe_bytes, headers)
+def test_a_kept_letter_reads_back_byte_for_byte(
+    key: bytes | None, value: bytes | None, kept: list[tuple[str, bytes]]
+) -> None:
+    line = json.loads(json.dumps(letter_line(key, value, kept), ensure_ascii=False))
+    assert letter_from_line(line) == (key, value, kept)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [{}, {"key": None, "value": "not base64!", "headers": []}, {"key": 1, "value": None}],
+)
+def test_a_line_that_is_no_kept_letter_is_refused(line: dict[str, object]) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        letter_from_line(line)
+
+
+def test_letters_are_appended_durably_to_an_owner_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "hcm.dead-letters.jsonl"
+    append_json_line(path, letter_line(b"k", b"{}", [("ps.reason.code", b"invalid_json")]))
+    append_json_line(path, letter_line(None, "Nguyễn".encode(), []))
+    assert path.stat().st_mode & 0o777 == 0o600
+    lines = [letter_from_line(json.loads(line)) for line in path.read_text().splitlines()]
+    assert lines == [
+        (b"k", b"{}", [("ps.reason.code", b"invalid_json")]),
+        (None, "Nguyễn".encode(), []),
+    ]
