@@ -201,8 +201,9 @@ class DirectoryAdapter(Adapter):
                 yield from self._unreadable(path, unreadable, done)
                 continue
             checksum = hashlib.sha256(content).hexdigest()
-            if checksum in done:
-                yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
+            if checksum in done:  # published before; its move failed or was interrupted
+                move = self._mover(path, self.done_dir, read=checksum)
+                yield Checkpoint({"files": done}, self._tolerant(path, move))
                 continue
             self._rejections[path.name] = []
             try:
@@ -326,6 +327,23 @@ class DirectoryAdapter(Adapter):
             name, _, line = origin.rpartition(":")
         entry = {"line": int(line) if line.isdigit() else line, "code": code, "message": message}
         self._rejections.setdefault(name, []).append(entry)
+
+    def _tolerant(self, path: Path, move: Callable[[], None]) -> Callable[[], None]:
+        """The move of a file published before, which fails again: logged and counted
+        (`read_error`), never raised, so the files after it are still read. Its content
+        is in the topics; the file stays where it is until a move succeeds."""
+
+        def attempt() -> None:
+            try:
+                move()
+            except OSError as error:
+                SOURCE_ERRORS.labels(self.source, "read_error").inc()
+                log.warning(
+                    "%s: %s was published but cannot be moved to %s (%s); retried next run",
+                    self.source, path.name, self.done_dir, type(error).__name__,
+                )  # fmt: skip
+
+        return attempt
 
     def _mover(
         self, path: Path, target: Path, unreadable: str | None = None, read: str | None = None

@@ -100,3 +100,40 @@ def test_a_file_server_clock_behind_ours_does_not_make_a_fresh_file_look_settled
     adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"settle_seconds": 10},
                                             tmp_path)  # fmt: skip
     assert [i for i in adapter.read({}) if isinstance(i, Record)] == []
+
+
+def test_a_published_file_that_cannot_be_moved_does_not_block_the_files_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """done/ refuses a.csv (a share's lock, another file system refusing the unlink)."""
+    import shutil
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name, pid in (("a.csv", "001190000001"), ("b.csv", "001190000002")):
+        (inbox / name).write_text(f"pid,name,at\n{pid},Nguyễn Văn An,2025-08-01T08:00:00Z\n")
+        os.utime(inbox / name, (time.time() - 600,) * 2)
+    real_move = shutil.move
+
+    def refusing(source: str, target: object) -> object:
+        if Path(source).name == "a.csv":
+            raise PermissionError("locked")
+        return real_move(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "move", refusing)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    state: dict[str, object] = {}
+    sent: list[str] = []
+    for _ in range(3):  # the first move fails as before; the runs after it go on
+        try:
+            for item in adapter.read(state):
+                if isinstance(item, Record):
+                    sent.append(item.key)
+                elif isinstance(item, Checkpoint):
+                    state = item.value()
+                    if item.commit is not None:
+                        item.commit()
+        except PermissionError:
+            continue
+    assert sent == ["001190000001", "001190000002"]
+    assert (inbox / "done" / "b.csv").exists() and (inbox / "a.csv").exists()
