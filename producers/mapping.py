@@ -7,6 +7,7 @@ field (never the value), and it goes to the dead letters instead of being silent
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -126,24 +127,38 @@ _LIVE = frozenset({"0", "false", "f", "no", "n", ""})
 
 
 def soft_deleted(value: Any) -> bool:
-    """A soft-delete column's value as a verdict. NULL, false, 0 and the texts `0`, `false`,
-    `f`, `no`, `n` and empty are live; true, other numbers, a time (a `deleted_at`) and
-    the texts `1`, `true`, `t`, `yes`, `y`, `x` deleted (texts in any case, spaces around
-    ignored). Any other value raises ValueError: a flag nobody can read must never erase
-    a live record (`'N'` is not true), so its row is rejected instead."""
+    """A soft-delete column's value as a verdict. Live: NULL, false, zero, and the texts
+    `false`, `f`, `no`, `n` and empty. Deleted: true, any other number (also written as
+    text: `2`, `-1`, `1.0`), a time (a `deleted_at`, also as ISO text or digits such as
+    `20240115100000`), and the texts `true`, `t`, `yes`, `y`, `x`. Texts in any case, spaces
+    around ignored; bytes of printable ASCII read as text (a CHAR BINARY `N`), other bytes
+    as bits (BIT(1)). Any other value raises ValueError: a flag nobody can read must never
+    erase a live record, so its row is rejected instead."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    if isinstance(value, int | float | Decimal):
-        if value != value:  # NaN
-            raise ValueError("deleted_column: not a flag")
-        return value != 0
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        if not (raw and all(32 <= byte < 127 for byte in raw)):
+            return any(raw)  # bits
+        value = raw.decode("ascii")
     if isinstance(value, datetime | date):
         return True
-    if isinstance(value, bytes | bytearray | memoryview):  # BIT(1) and the like
-        return any(bytes(value))
-    flag = str(value).strip().lower()
-    if flag in _DELETED:
-        return True
-    if flag in _LIVE:
-        return False
-    raise ValueError("deleted_column: not a flag (1/0, true/false, yes/no, y/n, t/f, x)")
+    if not isinstance(value, int | float | Decimal):
+        flag = str(value).strip().lower()
+        if flag in _DELETED:
+            return True
+        if flag in _LIVE:
+            return False
+        try:
+            value = Decimal(flag)
+        except ArithmeticError:  # decimal.InvalidOperation
+            try:
+                datetime.fromisoformat(flag)
+            except ValueError:
+                raise ValueError(
+                    "deleted_column: not a flag (1/0, true/false, yes/no, y/n, t/f, x, a time)"
+                ) from None
+            return True
+    if isinstance(value, float | Decimal) and not math.isfinite(value):
+        raise ValueError("deleted_column: not a flag (a number that is not finite)")
+    return bool(value != 0)

@@ -46,8 +46,9 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
     unplaced = poller.rows_without_cursor_time()
     if unplaced:
         notes.append(
-            f"{unplaced} rows have no {config.updated_at_column}: without a cursor time a "
-            "row is never read; give the column a value on insert (a default or a trigger)"
+            f"{unplaced} rows have no {config.updated_at_column} or no "
+            f"{poller.pk.name}: without a place in the cursor's order a row is never read; "
+            "give the columns a value on insert (a default or a trigger)"
         )
     if poller.postgresql:
         notes += _long_transactions(poller)

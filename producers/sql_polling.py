@@ -28,13 +28,16 @@ Hard deletes are invisible to polling: sources mark deletes in a soft-delete col
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -359,8 +362,9 @@ class SqlPollingAdapter:
             unplaced = self.rows_without_cursor_time()
             if unplaced:
                 log.warning(
-                    "%s: %d rows have no %s and are never read; give the column a value on "
-                    "insert", self.config.source, unplaced, self.config.updated_at_column,
+                    "%s: %d rows have no %s or no %s and are never read; give the columns a "
+                    "value on insert", self.config.source, unplaced,
+                    self.config.updated_at_column, self.pk.name,
                 )  # fmt: skip
         if not self.snapshot:
             start = self._window_start(state)
@@ -414,12 +418,14 @@ class SqlPollingAdapter:
                 return
 
     def rows_without_cursor_time(self) -> int:
-        """Rows whose cursor column is NULL (they have no place in the cursor's order), as
-        counted the first time this adapter asked."""
+        """Rows whose cursor column or primary key (the key column without `pk_column`) is
+        NULL: they have no place in the cursor's order, and are never read. As counted the
+        first time this adapter asked."""
         if self._unplaced is None:
             query = select(func.count()).select_from(self.table)
+            unplaced = or_(self.updated_at.is_(None), self.pk.is_(None))
             with self.engine.connect() as conn:
-                found = conn.execute(query.where(self.updated_at.is_(None))).scalar_one()
+                found = conn.execute(query.where(unplaced)).scalar_one()
             self._unplaced = int(found)
         return self._unplaced
 
@@ -431,7 +437,7 @@ class SqlPollingAdapter:
         moment = self._moment(self.updated_at)
         # A row without a cursor time has no place in the cursor's order: never read
         # (`adapters check` counts them; the column needs a value from the insert on).
-        query = select(*columns).where(self.updated_at.is_not(None))
+        query = select(*columns).where(self.updated_at.is_not(None), self.pk.is_not(None))
         query = query.order_by(moment, self.pk).limit(limit)
         if condition is not None:
             query = query.where(condition)
@@ -483,9 +489,9 @@ class SqlPollingAdapter:
         time only); None when it holds nothing new."""
         try:
             return self._change(row, state)
-        except FatalError:
-            raise
-        except Exception as error:  # one row's values never stop the source
+        except (RowRejected, ValueError, TypeError, ArithmeticError, RecursionError) as error:
+            # One row's values never stop the source. Anything else (a column the mapping
+            # names that the table lacks: a configuration error) fails the run, loudly.
             values = row._mapping
             stamp = _iso(self._cursor_time_of(values))
             marker = "r" + _json_fingerprint({name: repr(value) for name, value in values.items()})
@@ -522,10 +528,7 @@ class SqlPollingAdapter:
         if values[config.key_column] is None:
             raise RowRejected(f"{config.key_column}: NULL (the key column needs a value)")
         if config.version_column:
-            raw = values[config.version_column]
-            if raw is None or isinstance(raw, bool | float) or not str(raw).strip().isdigit():
-                raise RowRejected(f"{config.version_column}: not a whole number")
-            derived = int(raw)
+            derived = _whole_number(values[config.version_column], config.version_column)
         else:
             derived = _micros(occurred)
         try:
@@ -540,13 +543,17 @@ class SqlPollingAdapter:
         version, backwards = derived, False
         raised: Raised | None = None
         entry = state.seen.get(str(pk))
+        rejected = entry is not None and _rejected_marker(entry[2] if len(entry) > 2 else None)
+        if rejected and entry is not None and not entry[0]:
+            entry = None  # rejected, never sent: as a row the state does not hold
         if entry is not None:
             sent, before = entry[0], entry[1]
-            known = entry[2] if len(entry) > 2 else None  # none in states of older releases
+            # none in states of older releases; a rejected row's marker matches no change
+            known = None if rejected else (entry[2] if len(entry) > 2 else None)
             if derived <= sent:  # its own version did not move (same instant), or went back
                 if (
                     marker == known
-                    or (known is None and derived == sent)
+                    or (known is None and derived == sent and not rejected)
                     or (not config.version_column and _same_as_before(known, data))
                 ):
                     fresh = [sent, stamp, marker, xid]
@@ -554,7 +561,10 @@ class SqlPollingAdapter:
                         state.note(str(pk), fresh)
                     return None  # read again, or touched: nothing new
                 version = sent + 1
-                went_back = derived < known if config.version_column and known else stamp < before
+                if isinstance(known, int) and config.version_column:
+                    went_back = derived < known
+                else:
+                    went_back = stamp < before
                 raised = "lower" if went_back else "same_instant"
             backwards = stamp < before
         elif self.snapshot and not config.version_column and self._forgotten_behind(stamp, state):
@@ -658,6 +668,25 @@ def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None
         return True
     xid = seen[3] if len(seen) > 3 else None
     return xid is not None and recorded is not None and xid >= recorded
+
+
+def _rejected_marker(marker: Any) -> bool:
+    """The marker `RejectedRow` leaves ('r' and 16 hex digits): no version value, and no
+    content hash, which is 'o' and hex digits (or hex digits alone, older releases)."""
+    return isinstance(marker, str) and marker.startswith("r")
+
+
+def _whole_number(raw: Any, column_name: str) -> int:
+    """A version column's value: an integer, or a float, decimal or ASCII text holding a
+    whole number (a REAL or NUMERIC column). Anything else rejects the row."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().isascii():
+        with contextlib.suppress(ArithmeticError):  # decimal.InvalidOperation
+            raw = Decimal(raw.strip())
+    if isinstance(raw, float | Decimal) and math.isfinite(raw) and raw == int(raw):
+        return int(raw)
+    raise RowRejected(f"{column_name}: not a whole number")
 
 
 def _fingerprint(data: dict[str, Any] | None) -> str:

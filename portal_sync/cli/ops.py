@@ -379,22 +379,29 @@ def dlq_import(
     file: Annotated[
         Path, typer.Argument(help="<state_dir>/<source id>.dead-letters.jsonl of a producer")
     ],
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip (and name) lines that hold no kept letter")
+    ] = False,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Publish the dead letters a producer kept on disk, because its cluster does not let
     a source write the dead-letter topic, into that topic (run as an operator who may).
-    Remove the file afterwards: importing it again adds its letters again."""
+    Take the file aside first (rename it where the producer runs: it starts a new one),
+    and remove it afterwards: importing it again adds its letters again."""
     from portal_sync.ops.dlq import import_letters
 
     settings = settings_from(bootstrap, None)
-    count = import_letters(settings, file)
+    summary = import_letters(settings, file, skip_bad)
     console.print(
         plain(
-            f"imported {count} dead letters from {file.name} into "
+            f"imported {summary.imported} dead letters from {file.name} into "
             f"{settings.topics().dead_letters}; remove the file now (importing it again "
             "would add them twice)"
         )
     )
+    if summary.skipped:
+        lines = ", ".join(map(str, summary.skipped))
+        console.print(plain(f"skipped lines that hold no kept letter: {lines}"))
 
 
 # -- offsets ------------------------------------------------------------------------------

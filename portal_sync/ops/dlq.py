@@ -284,20 +284,34 @@ def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -
     return summary
 
 
-def import_letters(settings: Settings, path: Path) -> int:
+@dataclass(frozen=True)
+class ImportSummary:
+    imported: int
+    skipped: list[int]  # line numbers that hold no kept letter (with skip_bad)
+
+
+def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> ImportSummary:
     """Publish the dead letters a producer kept on disk (`<state_dir>/<source
     id>.dead-letters.jsonl`: its cluster does not let a source write the dead letters)
-    into the dead-letter topic, as they are; return how many. Every line is read before
-    any is sent: a file with a line that is no such letter is refused whole."""
+    into the dead-letter topic, as they are. Every line is read before any is sent: a line
+    that is no letter a producer kept (a line torn by a crash, a letter naming a change
+    topic as its origin or carrying a signature) refuses the file, or with `skip_bad` is
+    skipped and reported."""
     letters = []
+    skipped = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                letters.append(letter_from_line(json.loads(line)))
-            except (ValueError, KeyError, TypeError):
-                raise Refused(f"{path.name}, line {number}: not a kept dead letter") from None
+                letters.append(_kept_letter(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as error:
+                if not skip_bad:
+                    why = str(error) if isinstance(error, NotKept) else "not a kept dead letter"
+                    raise Refused(
+                        f"{path.name}, line {number}: {why} (--skip-bad imports the others)"
+                    ) from None
+                skipped.append(number)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-import")
     try:
         for key, value, headers in letters:
@@ -305,4 +319,24 @@ def import_letters(settings: Settings, path: Path) -> int:
         publisher.flush()
     finally:
         publisher.close()
-    return len(letters)
+    return ImportSummary(len(letters), skipped)
+
+
+class NotKept(Refused, ValueError):
+    """A line that reads as a letter, but not as one a producer keeps."""
+
+
+def _kept_letter(line: object) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """A producer's letter: the headers every dead letter has, its origin a source
+    (`source:<id>`, which `dlq redrive` never sends to a change topic), no signature."""
+    if not isinstance(line, dict):
+        raise TypeError("not an object")
+    key, value, headers = letter_from_line(line)
+    named = dict(headers)
+    if any(name not in named for name in REQUIRED_HEADERS):
+        raise NotKept("a header every dead letter has is missing")
+    if not named["ps.origin.topic"].startswith(b"source:"):
+        raise NotKept("its origin is no source (ps.origin.topic = source:<id>)")
+    if any(name in named for name in KEPT_HEADERS):
+        raise NotKept("it carries a signature header: a producer's own letters have none")
+    return key, value, headers

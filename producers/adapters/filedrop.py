@@ -185,6 +185,8 @@ class DirectoryAdapter(Adapter):
         raise NotImplementedError
 
     def read(self, state: State) -> Iterator[Item]:
+        # Checksums of the files published, and `x:`-marked ones of the files found
+        # unreadable (dead-lettered once: a move to error/ that fails is only retried).
         done: list[str] = list(state.get("files", []))
         for path in self._ready_files():
             try:
@@ -198,22 +200,37 @@ class DirectoryAdapter(Adapter):
                 unreadable = UnreadableFile(
                     reason, f"the file cannot be read ({type(error).__name__})"
                 )
+                marker = _stat_marker(path)
+                if marker is not None and marker in done:
+                    move = self._mover(path, self.error_dir, reason)
+                    yield Checkpoint({"files": done}, self._tolerant(path, move, self.error_dir))
+                    continue
+                if marker is not None:
+                    done = [*done, marker][-KEEP_CHECKSUMS:]
                 yield from self._unreadable(path, unreadable, done)
                 continue
             checksum = hashlib.sha256(content).hexdigest()
             if checksum in done:  # published before; its move failed or was interrupted
                 move = self._mover(path, self.done_dir, read=checksum)
-                yield Checkpoint({"files": done}, self._tolerant(path, move))
+                yield Checkpoint({"files": done}, self._tolerant(path, move, self.done_dir))
                 continue
+            if f"x:{checksum}" in done:  # dead-lettered before; its move failed
+                move = self._mover(path, self.error_dir, "unreadable")
+                yield Checkpoint({"files": done}, self._tolerant(path, move, self.error_dir))
+                continue
+            failed = [*done, f"x:{checksum}"][-KEEP_CHECKSUMS:]
             self._rejections[path.name] = []
             try:
                 records = iter(self.parse(path, content))
             except UnreadableFile as error:
+                done = failed
                 yield from self._unreadable(path, error, done)
                 continue
-            if (yield from self._guarded(path, records, done)):
+            if (yield from self._guarded(path, records, failed)):
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
                 yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
+            else:
+                done = failed
         expired = self.expired_done_files()
         if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
             yield Checkpoint({"files": done}, lambda: self._remove(expired))
@@ -237,8 +254,9 @@ class DirectoryAdapter(Adapter):
             yield item
 
     def _unreadable(self, path: Path, error: UnreadableFile, done: list[str]) -> Iterator[Item]:
-        """One dead letter naming the file, then error/ (its checksum is not kept: the
-        same file dropped again goes to error/ again, a repaired one is read)."""
+        """One dead letter naming the file, then error/. `done` holds its `x:` mark, so a
+        move to error/ that fails is retried without a second dead letter; a repaired
+        file (other bytes) is read."""
         self._rejections.setdefault(path.name, [])
         value = {"file": path.name, "reason": error.reason, "moved_to": "error/"}
         yield SkippableRecord(
@@ -328,10 +346,10 @@ class DirectoryAdapter(Adapter):
         entry = {"line": int(line) if line.isdigit() else line, "code": code, "message": message}
         self._rejections.setdefault(name, []).append(entry)
 
-    def _tolerant(self, path: Path, move: Callable[[], None]) -> Callable[[], None]:
-        """The move of a file published before, which fails again: logged and counted
-        (`read_error`), never raised, so the files after it are still read. Its content
-        is in the topics; the file stays where it is until a move succeeds."""
+    def _tolerant(self, path: Path, move: Callable[[], None], target: Path) -> Callable[[], None]:
+        """The move of a file published (or dead-lettered) before, which fails again:
+        logged and counted (`read_error`), never raised, so the files after it are still
+        read. What it held is in the topics; the file stays until a move succeeds."""
 
         def attempt() -> None:
             try:
@@ -339,8 +357,8 @@ class DirectoryAdapter(Adapter):
             except OSError as error:
                 SOURCE_ERRORS.labels(self.source, "read_error").inc()
                 log.warning(
-                    "%s: %s was published but cannot be moved to %s (%s); retried next run",
-                    self.source, path.name, self.done_dir, type(error).__name__,
+                    "%s: %s was handled but cannot be moved to %s (%s); retried next run",
+                    self.source, path.name, target, type(error).__name__,
                 )  # fmt: skip
 
         return attempt
@@ -506,6 +524,16 @@ def _raw(row: dict[str, Any]) -> bytes:
         return json.dumps(row, ensure_ascii=False).encode()
     except (TypeError, ValueError, RecursionError):
         return b""
+
+
+def _stat_marker(path: Path) -> str | None:
+    """An unreadable file's mark in the state (name, size, modification time), or None
+    when even that cannot be read."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return f"x:{path.name}:{found.st_size}:{found.st_mtime_ns}"
 
 
 def _truthy(value: Any) -> bool:

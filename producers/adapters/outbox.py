@@ -166,22 +166,22 @@ class OutboxAdapter(Adapter):
         origin = f"{opts.table}:{row_id}"
         entity = opts.entity or values[opts.entity_column]
         key = str(values[opts.key_column] or "")
-        if entity not in ENTITIES:
-            return SkippableRecord("unknown_entity", "entity: not a contract entity", origin)
+        if entity not in ENTITIES:  # a rejected row's dead letter keeps it: the row goes
+            message = "entity: not a contract entity"
+            return SkippableRecord("unknown_entity", message, origin, raw=_row_bytes(values))
         op = str(values[opts.op_column] or "upsert")
         data: dict[str, Any] | None = None
-        raw = _row_bytes(values)  # a rejected row's dead letter keeps it: the row goes
         if op != "delete":
             try:
                 data = json.loads(values[opts.payload_column] or "null")
             except (ValueError, TypeError, RecursionError):
                 return SkippableRecord(
-                    "invalid_json", "payload is not JSON", origin, entity, key, raw
+                    "invalid_json", "payload is not JSON", origin, entity, key, _row_bytes(values)
                 )
             if data is not None and not isinstance(data, dict):
-                return SkippableRecord(
-                    "invalid_json", "payload is not a JSON object", origin, entity, key, raw
-                )
+                message = "payload is not a JSON object"
+                raw = _row_bytes(values)
+                return SkippableRecord("invalid_json", message, origin, entity, key, raw)
         try:
             version = int(values[opts.version_column] if opts.version_column else row_id)
             occurred = values[opts.occurred_at_column]
@@ -191,7 +191,9 @@ class OutboxAdapter(Adapter):
                 occurred = occurred.replace(tzinfo=self.zone)
         except (TypeError, ValueError, AttributeError, OverflowError):
             message = "version or occurred_at missing or malformed"
-            return SkippableRecord("invalid_field", message, origin, entity, key, raw)
+            return SkippableRecord(
+                "invalid_field", message, origin, entity, key, _row_bytes(values)
+            )
         return Record(
             key=key,
             version=version,

@@ -137,3 +137,45 @@ def test_a_published_file_that_cannot_be_moved_does_not_block_the_files_after_it
             continue
     assert sent == ["001190000001", "001190000002"]
     assert (inbox / "done" / "b.csv").exists() and (inbox / "a.csv").exists()
+
+
+def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from producers.sdk import SkippableRecord
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.csv").write_bytes(b"pid,name,at\n\xff\xfe not UTF-8\n")
+    (inbox / "b.csv").write_text("pid,name,at\n001190000002,Trần Thị Bình,2025-08-01T08:00:00Z\n")
+    for name in ("a.csv", "b.csv"):
+        os.utime(inbox / name, (time.time() - 600,) * 2)
+    real_move = shutil.move
+
+    def refusing(source: str, target: object) -> object:
+        if Path(source).name == "a.csv":
+            raise PermissionError("locked")
+        return real_move(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "move", refusing)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    state: dict[str, object] = {}
+    sent: list[str] = []
+    letters = 0
+    for _ in range(3):
+        try:
+            for item in adapter.read(state):
+                if isinstance(item, Record):
+                    sent.append(item.key)
+                elif isinstance(item, SkippableRecord):
+                    letters += 1
+                elif isinstance(item, Checkpoint):
+                    state = item.value()
+                    if item.commit is not None:
+                        item.commit()
+        except PermissionError:
+            continue
+    assert (sent, letters) == (["001190000002"], 1)
+    assert (inbox / "a.csv").exists() and (inbox / "done" / "b.csv").exists()

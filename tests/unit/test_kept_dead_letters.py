@@ -44,3 +44,39 @@ def test_letters_are_appended_durably_to_an_owner_only_file(tmp_path: Path) -> N
         (b"k", b"{}", [("ps.reason.code", b"invalid_json")]),
         (None, "Nguyễn".encode(), []),
     ]
+
+
+def _producers_letter(**extra: bytes) -> dict[str, object]:
+    from schemas.dead_letter import dead_letter_headers
+
+    headers = dead_letter_headers("invalid_json", "payload is not JSON", "source:province-79",
+                                  "hcm-outbox", "portal_sync_outbox:7")  # fmt: skip
+    return letter_line(b"k", b"{", [*headers, *extra.items()])
+
+
+def test_only_letters_a_producer_keeps_are_imported() -> None:
+    from portal_sync.ops.dlq import NotKept, _kept_letter
+
+    assert _kept_letter(_producers_letter())[1] == b"{"
+    forged = _producers_letter(**{"ps.sig": b"c2ln"})
+    with pytest.raises(NotKept, match="signature"):
+        _kept_letter(forged)
+    line = _producers_letter()
+    line["headers"] = [
+        [name, value if name != "ps.origin.topic" else "cG9ydGFsLXN5bmMuY2hhbmdlcy5jaXRpemVu"]
+        for name, value in line["headers"]  # type: ignore[attr-defined]
+    ]  # ps.origin.topic = portal-sync.changes.citizen: a redrive would send it there
+    with pytest.raises(NotKept, match="no source"):
+        _kept_letter(line)
+    line["headers"] = [h for h in line["headers"] if h[0] != "ps.failed_at"]  # type: ignore[attr-defined]
+    with pytest.raises(NotKept, match="missing"):
+        _kept_letter(line)
+
+
+def test_a_line_torn_by_a_crash_stays_a_line_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "hcm.dead-letters.jsonl"
+    path.write_bytes(b'{"key": null, "val')  # the crash
+    append_json_line(path, _producers_letter())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == '{"key": null, "val'
+    assert letter_from_line(json.loads(lines[1]))[1] == b"{"

@@ -671,7 +671,7 @@ def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(
     try:
         state = CursorState()
         assert pks(poll(adapter, state)) == [1]
-        assert "1 rows have no updated_at and are never read" in caplog.text  # once a start
+        assert "1 rows have no updated_at or no id and are never read" in caplog.text  # once
         assert pks(poll(adapter, state)) == []
         assert caplog.text.count("rows have no updated_at") == 1
         assert any("1 rows have no updated_at" in note for note in check_warnings(adapter))
@@ -747,3 +747,53 @@ def test_a_cursor_time_nobody_can_read_stops_the_source_loudly(
     adapters.append(adapter)
     with pytest.raises(sql_polling.FatalError, match="updated_at cannot be read as a time"):
         poll(adapter, CursorState())
+
+
+def test_a_row_rejected_after_it_was_sent_and_then_fixed_is_sent_above_its_last_version(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", _at(1), "0", "5")])
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    state = CursorState()
+    assert [c.version for page in poll(adapter, state) for c in page] == [5]  # type: ignore[union-attr]
+    engine = create_engine(config.url)
+
+    def change(flag: str, minute: int) -> list[Any]:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE nguoi SET da_xoa = ?, updated_at = ? WHERE id = 1",
+                                 (flag, _at(minute)))  # fmt: skip
+        return [c for page in poll(adapter, state) for c in page]
+
+    rejected = change("?", 2)
+    assert [type(c).__name__ for c in rejected] == ["RejectedRow"]
+    fixed = change("0", 3)  # fixed, its version column left at 5
+    assert [(type(c).__name__, getattr(c, "version", None)) for c in fixed] == [("SourceChange", 6)]
+    engine.dispose()
+
+
+def test_a_misspelt_column_fails_the_poll_instead_of_rejecting_every_row(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", _at(1), "0", "1")])
+    adapter = SqlPollingAdapter(config.model_copy(update={"deleted_column": "da_xoaa"}))
+    adapters.append(adapter)
+    with pytest.raises(Exception, match="da_xoaa") as failed:
+        poll(adapter, CursorState())
+    assert not isinstance(failed.value, sql_polling.RowRejected)
+
+
+def test_whole_numbers_of_a_real_column_are_versions_and_null_keys_without_a_pk_are_skipped(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    rows = [(1, pid(1), "Nguyễn Văn An", _at(1), "0", 1705284000123.0),
+            (2, None, "Trần Thị Bình", _at(2), "0", "2"),
+            (3, None, "Lê Văn Cường", _at(2), "0", "3")]  # fmt: skip
+    config = _loose_source(tmp_path, rows)
+    adapter = SqlPollingAdapter(config.model_copy(update={"pk_column": None}))
+    adapters.append(adapter)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]
+    assert [(type(c).__name__, c.key) for c in changes] == [("SourceChange", pid(1))]
+    assert changes[0].version == 1705284000123  # type: ignore[union-attr]
+    assert adapter.rows_without_cursor_time() == 2  # no place in the cursor's order
