@@ -113,16 +113,32 @@ CASES = [
     ),
     Case(
         "PortalSyncSourceNeverDelivered",
-        # province-79 registered from the start, nothing of it applied; province-01 delivers
+        # province-79 registered from the start, nothing of it applied; province-01 delivers.
+        # The worker restarts at 11m and 27m (a scrape missed each time): still 30m.
         {
-            f'portal_sync_source_registered{{source="province-79",{WORKER}}}': "1x60",
+            f'portal_sync_source_registered{{source="province-79",{WORKER}}}': "1x10 _ 1x15 _ 1x40",
             f'portal_sync_source_registered{{source="province-01",{WORKER}}}': "1x60",
             f'{LAST_CHANGE}{{source="province-01",{WORKER}}}': "0+60x60",
         },
         "29m",
         "31m",
         {"source": "province-79"},
-        "province-79: registered, but no change of it has ever reached the store",
+        "province-79: registered, but no worker has reported a change of it in the store for 1d",
+    ),
+    Case(
+        "PortalSyncSourceNeverDelivered",
+        # w2 applied province-02's only batch and went at 10m (scaled down): w1 never
+        # learns of it. Not "never delivered" within the day; then it is, by its series.
+        {
+            f'portal_sync_source_registered{{source="province-02",{WORKER}}}': "1x1500",
+            f'{LAST_CHANGE}{{source="province-02",job="portal-sync-worker",instance="w2"}}': (
+                "0x10"
+            ),
+        },
+        "60m",
+        "1485m",
+        {"source": "province-02"},
+        "province-02: registered, but no worker has reported a change of it in the store for 1d",
     ),
     Case(
         "PortalSyncDeadLettersRising",

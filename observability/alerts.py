@@ -22,8 +22,11 @@ class Thresholds:
     objective_seconds: float = 60.0  # freshness objective: a bucket edge of sync lag
     slow_share: float = 0.05  # share of events slower than the objective that alerts
     stale_after_seconds: float = 1800.0
-    # A registered source from which nothing has reached the store, for this long.
+    # A registered source from which nothing has reached the store, for this long; a
+    # change any worker reported within `delivered_window` counts (a worker that applied
+    # a source's only batch and was then scaled down took its series with it).
     never_delivered_for: str = "30m"
+    delivered_window: str = "1d"
     lag_growing_seconds: float = 300.0
     cursor_lag_seconds: float = 900.0
     # A batch waiting on the store or the broker this long. Below the worker's own stall
@@ -90,10 +93,11 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     )
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
     stopped = "max by (source) (portal_sync_source_stopped)"
-    registered = "max by (source) (portal_sync_source_registered)"
+    # the longest of the stall window: a restarted worker's missed scrape keeps its place
+    registered = f"max by (source) (max_over_time(portal_sync_source_registered[{t.stall_window}]))"
     silent = (
-        f"{registered} unless on (source) "
-        "max by (source) (portal_sync_source_last_change_timestamp_seconds)"
+        f"{registered} unless on (source) max by (source) "
+        f"(max_over_time(portal_sync_source_last_change_timestamp_seconds[{t.delivered_window}]))"
     )
     blind = (
         "time() - max by (job, instance) (portal_sync_lag_exporter_last_success_timestamp_seconds)"
@@ -144,12 +148,15 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             registered,
             t.never_delivered_for,
             "warning",
-            "{{ $labels.source }}: registered, but no change of it has ever reached the store",
+            "{{ $labels.source }}: registered, but no worker has reported a change of it "
+            f"in the store for {t.delivered_window}",
             "PortalSyncSourceStale cannot watch a source that never delivered: it has no "
-            "freshness yet. Is its producer deployed and running (`portal-sync produce` with "
-            "this source id)? Are its events dead-lettered (`portal-sync dlq list --source …`: "
-            "unsigned, bad_signature, out_of_scope)? A source registered ahead of its "
-            "go-live alerts too: register it when its producer starts.",
+            "freshness yet (nor one whose only changes a worker since gone applied: "
+            f"{t.delivered_window} after it went, treat it as stale). Is its producer "
+            "deployed and running (`portal-sync produce` with this source id)? Are its "
+            "events dead-lettered (`portal-sync dlq list`, then `dlq show ID`: unsigned, "
+            "bad_signature, out_of_scope)? A source registered ahead of its go-live alerts "
+            "too: register it when its producer starts.",
         ),
         Rule(
             "PortalSyncConsumerLagGrowing",
