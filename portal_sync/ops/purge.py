@@ -130,6 +130,9 @@ def purge_warning(found: list[str]) -> str | None:
         return None
     return (
         f"source purges after the target: {'; '.join(found)}. The events of those sources "
-        "that the topics still hold from before each purge are applied again: run the same "
-        "`source purge` again once the workers have caught up"
+        "that the topics still hold from before each purge are read again: those older "
+        "than what the store holds now are stale, the others are applied again and can "
+        "bring back what the purge removed. Check those sources' records afterwards "
+        "(show, conflicts); purge again only what came back, then re-drive the correct "
+        "data (docs/operations.md, a province sent wrong data)"
     )

@@ -166,6 +166,15 @@ def test_the_purges_a_read_from_before_them_would_undo(url: str) -> None:
         assert purges_after(store, before, entities={"document"}) == []  # another topic
     finally:
         store.close()
+    everything = run_cli("source", "purge", "province-79", "--yes", "--reason", "wrong data",
+                         "--store", url)  # fmt: skip
+    assert everything.returncode == 0, everything.stderr
+    store = Store(url)
+    try:  # a purge of every entity touches every topic
+        wide = purges_after(store, before, entities={"document"})
+        assert len(wide) == 1 and wide[0].startswith("province-79 (every entity, ")
+    finally:
+        store.close()
     warning = purge_warning(found)
     assert warning is not None and "province-01 (citizen" in warning
     assert purge_warning([]) is None
