@@ -59,7 +59,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DataError
 
 from producers.mapping import (
     FieldMapping,
@@ -444,7 +444,40 @@ class SqlPollingAdapter:
         if last is not None:
             query = query.where(self._after(last))
         with self.engine.connect() as conn:
-            return list(conn.execute(query))
+            try:
+                return list(conn.execute(query))
+            except (ValueError, OverflowError, DataError):
+                # A value the driver cannot turn into Python (a date 'infinity' or before
+                # year 1, text in a DATE column): the page again, row by row.
+                pass
+        return self._page_by_row(query)
+
+    def _page_by_row(self, query: Any) -> list[Any]:
+        """The page's rows read one at a time, so that the one no driver can read is
+        rejected (`unmappable_record`) and the others are published. The row's place (its
+        primary key, cursor time, key and transaction) is read alone; when even that
+        cannot be read, the source stops."""
+        light = [self.pk, self.updated_at, self.table.c[self.config.key_column]]
+        if self.snapshot:
+            light.append(row_xid8())
+        places = query.with_only_columns(*light)
+        rows: list[Any] = []
+        with self.engine.connect() as conn:
+            try:
+                found = list(conn.execute(places))
+            except (ValueError, OverflowError, DataError):
+                raise FatalError(
+                    f"{self.config.name}: a row's {self.config.updated_at_column}, "
+                    f"{self.pk.name} or {self.config.key_column} cannot be read by the "
+                    "database driver; fix the row at the source, then restart"
+                ) from None
+            for place in found:
+                one = query.where(self.pk == place._mapping[self.pk.name]).limit(1)
+                try:
+                    rows.extend(conn.execute(one))
+                except (ValueError, OverflowError, DataError):
+                    rows.append(_Undecodable(dict(place._mapping)))
+        return rows
 
     def _after(self, mark: tuple[datetime, Any]) -> Any:
         """Rows after a (updated_at, pk) position in cursor order."""
@@ -521,6 +554,8 @@ class SqlPollingAdapter:
             ) from None
 
     def _change(self, row: Any, state: CursorState) -> SourceChange | None:
+        if isinstance(row, _Undecodable):
+            raise RowRejected("a value the database driver cannot read (a date out of range?)")
         values = row._mapping
         config = self.config
         moment = self._cursor_time_of(values)
@@ -668,6 +703,13 @@ def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None
         return True
     xid = seen[3] if len(seen) > 3 else None
     return xid is not None and recorded is not None and xid >= recorded
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A row of which only its place could be read (`_page_by_row`)."""
+
+    _mapping: dict[str, Any]
 
 
 def _rejected_marker(marker: Any) -> bool:

@@ -797,3 +797,32 @@ def test_whole_numbers_of_a_real_column_are_versions_and_null_keys_without_a_pk_
     assert [(type(c).__name__, c.key) for c in changes] == [("SourceChange", pid(1))]
     assert changes[0].version == 1705284000123  # type: ignore[union-attr]
     assert adapter.rows_without_cursor_time() == 2  # no place in the cursor's order
+
+
+def test_a_value_the_driver_cannot_read_rejects_its_row_only(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """A DATE column holding text: the driver fails on the whole page; read row by row,
+    only that row is rejected."""
+    url = f"sqlite:///{tmp_path / 'dates.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
+        conn.exec_driver_sql(
+            "INSERT INTO cd VALUES (?, ?, ?, ?)",
+            [(1, pid(1), "1990-03-05", _at(1)), (2, pid(2), "không rõ", _at(2)),
+             (3, pid(3), "1991-04-06", _at(3))],
+        )  # fmt: skip
+    engine.dispose()
+    config = Source.config_of(url, table="cd", deleted_column=None,
+                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, type(c).__name__) for c in changes] == [
+        (1, "SourceChange"), (2, "RejectedRow"), (3, "SourceChange")
+    ]  # fmt: skip
+    assert "driver cannot read" in changes[1].message  # type: ignore[union-attr]
+    assert poll(adapter, state) == []  # read again in the window: rejected once

@@ -1,0 +1,50 @@
+"""A PostgreSQL source table holding values psycopg cannot turn into Python (a date
+'infinity'): the SQL adapter rejects that row and publishes the others."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import create_engine
+
+from producers.sql_polling import (
+    CursorState,
+    RejectedRow,
+    SourceChange,
+    SqlPollingAdapter,
+    SqlSourceConfig,
+)
+
+
+def test_a_date_psycopg_cannot_read_rejects_its_row_only(postgres_store_url: str) -> None:
+    engine = create_engine(postgres_store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE giay_to (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+            "het_han date, cap_nhat timestamp NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO giay_to VALUES (1, '001190000001', '2030-01-01', '2025-08-01 08:00'), "
+            "(2, '001190000002', 'infinity', '2025-08-01 08:01'), "
+            "(3, '001190000003', '2031-01-01', '2025-08-01 08:02')"
+        )
+    engine.dispose()
+    config = SqlSourceConfig(
+        source="province-01", url=postgres_store_url, entity="citizen", table="giay_to",
+        key_column="so_dinh_danh", pk_column="id", updated_at_column="cap_nhat",
+        fields={"full_name": "het_han"}, batch_size=100,
+    )  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    try:
+        assert adapter.snapshot  # a PostgreSQL table: capture by transaction snapshot
+        state = CursorState()
+        changes = []
+        for page in adapter.pages(state):
+            changes += page
+            adapter.remember(state, page)
+        kinds = [(c.pk, type(c)) for c in changes]
+        assert kinds == [(1, SourceChange), (2, RejectedRow), (3, SourceChange)]
+        assert state.updated_at is not None
+        assert datetime.fromisoformat(state.updated_at) == datetime(2025, 8, 1, 8, 2)
+    finally:
+        adapter.close()
