@@ -137,14 +137,15 @@ def soft_deleted(value: Any) -> bool:
     if value is None or isinstance(value, bool):
         return bool(value)
     if isinstance(value, bytes | bytearray | memoryview):
-        raw = bytes(value)
+        raw = bytes(value).rstrip(b"\x00")  # BINARY(n) pads with NUL
         if not (raw and all(32 <= byte < 127 for byte in raw)):
             return any(raw)  # bits
         value = raw.decode("ascii")
     if isinstance(value, datetime | date):
         return True
     if not isinstance(value, int | float | Decimal):
-        flag = str(value).strip().lower()
+        text = str(value).strip()
+        flag = text.lower()
         if flag in _DELETED:
             return True
         if flag in _LIVE:
@@ -153,7 +154,7 @@ def soft_deleted(value: Any) -> bool:
             value = Decimal(flag)
         except ArithmeticError:  # decimal.InvalidOperation
             try:
-                datetime.fromisoformat(flag)
+                datetime.fromisoformat(text)  # not lowered: a 'Z' stays one
             except ValueError:
                 raise ValueError(
                     "deleted_column: not a flag (1/0, true/false, yes/no, y/n, t/f, x, a time)"

@@ -86,6 +86,9 @@ log = logging.getLogger(__name__)
 Capture = Literal["auto", "snapshot", "lookback"]
 Raised = Literal["same_instant", "lower"]
 SQLITE_PAGES_PER_QUERY = 10  # pages read by one query where no index serves the order
+# Rows in a row the database driver cannot read before the source stops: one bad row is
+# data (rejected), a column no row of which reads is a configuration (a column's type).
+UNDECODABLE_IN_A_ROW = 20
 
 
 class SqlMapping(FieldMapping):
@@ -403,10 +406,18 @@ class SqlPollingAdapter:
         # query scans and sorts the rows after the cursor, so it reads several pages at a
         # time (the rows then wait in memory, as a bigger page's would).
         fetch = size * SQLITE_PAGES_PER_QUERY if self._unindexed_order() else size
+        undecodable = 0  # rows in a row the driver could not read
         while True:
-            rows = self._page(condition, last, fetch)
+            rows, cut = self._page(condition, last, fetch)
             if not rows:
                 return
+            undecodable = undecodable + 1 if cut and len(rows) == 1 else int(cut)
+            if undecodable >= UNDECODABLE_IN_A_ROW:
+                raise FatalError(
+                    f"{self.config.name}: {undecodable} rows in a row cannot be read by the "
+                    "database driver: a column's type the driver cannot read (text in a DATE "
+                    "column?); read it as text in a `query`, then restart"
+                )
             high = rows[-1]._mapping
             last = (self._cursor_time_of(high), high[self.pk.name])
             for start in range(0, len(rows), size):
@@ -414,7 +425,7 @@ class SqlPollingAdapter:
                 changes = [change for row in page if (change := self._read(row, state))]
                 if changes:
                     yield changes
-            if len(rows) < fetch:
+            if len(rows) < fetch and not cut:
                 return
 
     def rows_without_cursor_time(self) -> int:
@@ -432,7 +443,12 @@ class SqlPollingAdapter:
     def _unindexed_order(self) -> bool:
         return self.sqlite and self.config.updated_at_format is None
 
-    def _page(self, condition: Any, last: tuple[datetime, Any] | None, limit: int) -> list[Any]:
+    def _page(
+        self, condition: Any, last: tuple[datetime, Any] | None, limit: int
+    ) -> tuple[list[Any], bool]:
+        """Up to `limit` rows after `last` in cursor order, and whether the page was cut
+        short at a row the database driver cannot read (then the last row returned is that
+        row's place, `_Undecodable`, and the scan goes on after it)."""
         columns = [self.table, row_xid8()] if self.snapshot else [self.table]
         moment = self._moment(self.updated_at)
         # A row without a cursor time has no place in the cursor's order: never read
@@ -443,41 +459,72 @@ class SqlPollingAdapter:
             query = query.where(condition)
         if last is not None:
             query = query.where(self._after(last))
-        with self.engine.connect() as conn:
-            try:
-                return list(conn.execute(query))
-            except (ValueError, OverflowError, DataError):
-                # A value the driver cannot turn into Python (a date 'infinity' or before
-                # year 1, text in a DATE column): the page again, row by row.
-                pass
-        return self._page_by_row(query)
+        try:
+            return self._fetch(query), False
+        except (ValueError, OverflowError, DataError):
+            # A value the driver cannot turn into Python (a date 'infinity' or before year
+            # 1, text in a DATE column): the rows before it, then its place.
+            return self._up_to_undecodable(query, limit), True
 
-    def _page_by_row(self, query: Any) -> list[Any]:
-        """The page's rows read one at a time, so that the one no driver can read is
-        rejected (`unmappable_record`) and the others are published. The row's place (its
-        primary key, cursor time, key and transaction) is read alone; when even that
-        cannot be read, the source stops."""
+    def _fetch(self, query: Any) -> list[Any]:
+        """One query's rows, on a connection of its own (a server-side error aborts only
+        its own transaction)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(query))
+
+    def _up_to_undecodable(self, query: Any, limit: int) -> list[Any]:
+        """The rows of `query` before the first one that cannot be read, then that row's
+        place (primary key, cursor time, key, transaction) as `_Undecodable`. When even
+        the places cannot be read, the source stops.
+
+        A value the driver cannot convert fails exactly the queries whose rows hold it, so
+        a bisection over the query's LIMIT finds the longest prefix that reads (about
+        log2(limit) queries), and the row after it, read alone, fails too. An error the
+        server raises computing a row (a `query` source's CAST) can fail a query whose
+        sort computed rows beyond its LIMIT: then the rows are read one at a time, each at
+        its place (a row that moved since is read at its new place later)."""
         light = [self.pk, self.updated_at, self.table.c[self.config.key_column]]
         if self.snapshot:
             light.append(row_xid8())
-        places = query.with_only_columns(*light)
-        rows: list[Any] = []
-        with self.engine.connect() as conn:
+        try:
+            places = [dict(p._mapping) for p in self._fetch(query.with_only_columns(*light))]
+        except (ValueError, OverflowError, DataError):
+            raise FatalError(
+                f"{self.config.name}: a row's {self.config.updated_at_column}, "
+                f"{self.pk.name} or {self.config.key_column} cannot be read by the database "
+                "driver; fix the row at the source, then restart"
+            ) from None
+        good, bad = 0, len(places)  # the first `good` rows read; the first `bad` do not
+        prefix: list[Any] = []
+        while bad - good > 1:
+            middle = (good + bad) // 2
             try:
-                found = list(conn.execute(places))
+                prefix, good = self._fetch(query.limit(middle)), middle
             except (ValueError, OverflowError, DataError):
-                raise FatalError(
-                    f"{self.config.name}: a row's {self.config.updated_at_column}, "
-                    f"{self.pk.name} or {self.config.key_column} cannot be read by the "
-                    "database driver; fix the row at the source, then restart"
-                ) from None
-            for place in found:
-                one = query.where(self.pk == place._mapping[self.pk.name]).limit(1)
-                try:
-                    rows.extend(conn.execute(one))
-                except (ValueError, OverflowError, DataError):
-                    rows.append(_Undecodable(dict(place._mapping)))
+                bad = middle
+        if not places:  # the rows are gone since
+            return []
+        if self._undecodable_at(query, places[good]):
+            return [*prefix[:good], _Undecodable(places[good])]
+        rows: list[Any] = []
+        for place in places:
+            if self._undecodable_at(query, place, rows):
+                return [*rows, _Undecodable(place)]
         return rows
+
+    def _undecodable_at(
+        self, query: Any, place: dict[str, Any], into: list[Any] | None = None
+    ) -> bool:
+        """Whether the row at `place` cannot be read; when it can, it goes `into` the list
+        (nothing when it is no longer there: it moved, and is read at its new place)."""
+        at = self._moment(self.updated_at) == self._bound(self._cursor_time_of(place))
+        try:
+            found = self._fetch(query.where(self.pk == place[self.pk.name], at).limit(1))
+        except (ValueError, OverflowError, DataError):
+            return True
+        if into is not None:
+            into.extend(found)
+        return False
 
     def _after(self, mark: tuple[datetime, Any]) -> Any:
         """Rows after a (updated_at, pk) position in cursor order."""
@@ -493,8 +540,21 @@ class SqlPollingAdapter:
         return datetime.fromisoformat(state.updated_at), state.pk
 
     def _window_start(self, state: CursorState) -> datetime | None:
+        """Where the lookback window begins, at the precision the source's query compares
+        cursor values at: a window read from a finer start would re-read the rows of the
+        start's millisecond (SQLite) or second (a text format) behind it, and the state,
+        forgetting them by the finer start, would send them again at every poll."""
         high = self._high(state)
-        return None if high is None else high[0] - timedelta(seconds=self.config.lookback_seconds)
+        if high is None:
+            return None
+        start = high[0] - timedelta(seconds=self.config.lookback_seconds)
+        pattern = self.config.updated_at_format
+        if pattern is not None:
+            text = strptime_pattern(pattern)
+            return datetime.strptime(start.strftime(text), text).replace(tzinfo=start.tzinfo)
+        if self.sqlite:
+            return start.replace(microsecond=start.microsecond // 1000 * 1000)
+        return start
 
     def _bound(self, moment: datetime) -> Any:
         """A cursor value as a query parameter, in the column's own form."""
@@ -707,7 +767,7 @@ def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None
 
 @dataclass(frozen=True)
 class _Undecodable:
-    """A row of which only its place could be read (`_page_by_row`)."""
+    """A row of which only its place could be read (`_up_to_undecodable`)."""
 
     _mapping: dict[str, Any]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -826,3 +827,81 @@ def test_a_value_the_driver_cannot_read_rejects_its_row_only(
     ]  # fmt: skip
     assert "driver cannot read" in changes[1].message  # type: ignore[union-attr]
     assert poll(adapter, state) == []  # read again in the window: rejected once
+
+
+@pytest.mark.parametrize("cursor_format", [None, "yyyyMMddHHmmss"])
+def test_rows_read_one_at_a_time_at_their_place_when_the_server_fails_a_whole_sort(
+    tmp_path: Path,
+    adapters: list[SqlPollingAdapter],
+    monkeypatch: pytest.MonkeyPatch,
+    cursor_format: str | None,
+) -> None:
+    """As a server computing every row of a sort before its LIMIT: any query of whole rows
+    fails but one that names its row; row 4 fails alone too. Every other row is read once,
+    row 4 is rejected, and the cursor ends at the last row."""
+    stamp = (lambda m: (T0 + timedelta(minutes=m)).strftime("%Y%m%d%H%M%S")) if cursor_format \
+        else _at  # fmt: skip
+    rows = [(n, pid(n), "Nguyễn Văn An", stamp(n), "0", "1") for n in range(1, 8)]
+    config = _loose_source(tmp_path, rows).model_copy(
+        update={"batch_size": 3, "updated_at_format": cursor_format}
+    )
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    real = adapter._fetch
+
+    def server(query: Any) -> list[Any]:
+        compiled = query.compile()
+        whole = "nguoi.ho_ten" in str(compiled)
+        equal = re.search(r"nguoi\.id = :(\w+)", str(compiled))  # a query of one row
+        named = [] if equal is None else [compiled.params[equal[1]]]
+        if whole and (not named or named == [4]):
+            raise ValueError("the server computed a row it cannot")
+        return real(query)
+
+    monkeypatch.setattr(adapter, "_fetch", server)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, type(c).__name__) for c in changes] == [
+        (n, "RejectedRow" if n == 4 else "SourceChange") for n in range(1, 8)
+    ]
+    assert state.pk == 7
+
+
+def test_a_column_no_row_of_which_the_driver_reads_stops_the_source(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """Text in a DATE column in every row: a column's type, not one bad row."""
+    url = f"sqlite:///{tmp_path / 'dates.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
+        conn.exec_driver_sql("INSERT INTO cd VALUES (?, ?, ?, ?)",
+                             [(n, pid(n), "05/03/1990", _at(n)) for n in range(1, 40)])  # fmt: skip
+    engine.dispose()
+    config = Source.config_of(url, table="cd", deleted_column=None,
+                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    rejected: list[Any] = []
+    with pytest.raises(sql_polling.FatalError, match="20 rows in a row cannot be read"):
+        for page in adapter.pages(CursorState()):
+            rejected += page
+    assert len(rejected) == sql_polling.UNDECODABLE_IN_A_ROW - 1
+
+
+def test_a_row_in_the_window_starts_millisecond_is_not_read_again_at_every_poll(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """SQLite compares cursor times in milliseconds: the state must forget by the same."""
+    edge = (T0 + timedelta(microseconds=100)).isoformat(sep=" ")
+    cursor = (T0 + timedelta(seconds=60, microseconds=300)).isoformat(sep=" ")
+    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", edge, "?", "1"),
+                                      (2, pid(2), "Trần Thị Bình", cursor, "0", "1")])  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    state = CursorState()
+    first = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, type(c).__name__) for c in first] == [(1, "RejectedRow"), (2, "SourceChange")]
+    for _ in range(3):
+        assert poll(adapter, state) == []  # neither dead-lettered nor sent again

@@ -48,3 +48,40 @@ def test_a_date_psycopg_cannot_read_rejects_its_row_only(postgres_store_url: str
         assert datetime.fromisoformat(state.updated_at) == datetime(2025, 8, 1, 8, 2)
     finally:
         adapter.close()
+
+
+def test_a_query_the_server_cannot_compute_for_one_row_rejects_that_row(
+    postgres_store_url: str,
+) -> None:
+    """A `query` source whose CAST fails on the server for one row: that error aborts its
+    transaction, so each try of the bisection has a connection of its own."""
+    engine = create_engine(postgres_store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE tho (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+            "ngay text, cap_nhat timestamp NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO tho SELECT n, lpad(n::text, 12, '0'), "
+            "CASE WHEN n = 6 THEN 'không rõ' ELSE '1990-03-05' END, "
+            "timestamp '2025-08-01 08:00' + n * interval '1 minute' FROM generate_series(1, 9) n"
+        )
+    engine.dispose()
+    config = SqlSourceConfig(
+        source="province-01", url=postgres_store_url, entity="citizen", table="tho",
+        query="SELECT id, so_dinh_danh, CAST(ngay AS date) AS ngay_sinh, cap_nhat FROM tho",
+        key_column="so_dinh_danh", pk_column="id", updated_at_column="cap_nhat",
+        fields={"date_of_birth": "ngay_sinh"}, batch_size=4, lookback_seconds=0,
+    )  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    try:
+        state = CursorState()
+        changes = []
+        for page in adapter.pages(state):
+            changes += page
+            adapter.remember(state, page)
+        assert [(c.pk, type(c).__name__) for c in changes] == [
+            (n, "RejectedRow" if n == 6 else "SourceChange") for n in range(1, 10)
+        ]
+    finally:
+        adapter.close()
