@@ -89,6 +89,9 @@ SQLITE_PAGES_PER_QUERY = 10  # pages read by one query where no index serves the
 # Rows in a row the database driver cannot read before the source stops: one bad row is
 # data (rejected), a column no row of which reads is a configuration (a column's type).
 UNDECODABLE_IN_A_ROW = 20
+# What fetching a row whose value the driver (or the server) cannot produce raises: a date
+# out of Python's range, text or a number in a DATE column, an ENUM value unknown.
+UNREADABLE = (ValueError, TypeError, LookupError, OverflowError, DataError)
 
 
 class SqlMapping(FieldMapping):
@@ -406,20 +409,26 @@ class SqlPollingAdapter:
         # query scans and sorts the rows after the cursor, so it reads several pages at a
         # time (the rows then wait in memory, as a bigger page's would).
         fetch = size * SQLITE_PAGES_PER_QUERY if self._unindexed_order() else size
-        undecodable = 0  # rows in a row the driver could not read
+        # Rows the driver could not read, held back while nothing readable follows them:
+        # UNDECODABLE_IN_A_ROW of them are a column's type (or a query the server cannot
+        # compute), and the source stops before any is dead-lettered or passed.
+        held: list[Any] = []
         while True:
             rows, cut = self._page(condition, last, fetch)
             if not rows:
-                return
-            undecodable = undecodable + 1 if cut and len(rows) == 1 else int(cut)
-            if undecodable >= UNDECODABLE_IN_A_ROW:
-                raise FatalError(
-                    f"{self.config.name}: {undecodable} rows in a row cannot be read by the "
-                    "database driver: a column's type the driver cannot read (text in a DATE "
-                    "column?); read it as text in a `query`, then restart"
-                )
+                break
             high = rows[-1]._mapping
             last = (self._cursor_time_of(high), high[self.pk.name])
+            if all(isinstance(row, _Undecodable) for row in rows):
+                held += rows
+                if len(held) >= UNDECODABLE_IN_A_ROW:
+                    raise FatalError(
+                        f"{self.config.name}: {len(held)} rows in a row cannot be read by the "
+                        "database driver: a column's type it cannot read (text in a DATE "
+                        "column?) or a query the server cannot compute; fix it, then restart"
+                    )
+                continue
+            rows, held = [*held, *rows], []
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
                 changes = [change for row in page if (change := self._read(row, state))]
@@ -427,6 +436,10 @@ class SqlPollingAdapter:
                     yield changes
             if len(rows) < fetch and not cut:
                 return
+        if held:  # the scan's last rows: rejected, as one bad row is
+            changes = [change for row in held if (change := self._read(row, state))]
+            if changes:
+                yield changes
 
     def rows_without_cursor_time(self) -> int:
         """Rows whose cursor column or primary key (the key column without `pk_column`) is
@@ -461,10 +474,10 @@ class SqlPollingAdapter:
             query = query.where(self._after(last))
         try:
             return self._fetch(query), False
-        except (ValueError, OverflowError, DataError):
+        except UNREADABLE:
             # A value the driver cannot turn into Python (a date 'infinity' or before year
             # 1, text in a DATE column): the rows before it, then its place.
-            return self._up_to_undecodable(query, limit), True
+            return self._up_to_undecodable(query), True
 
     def _fetch(self, query: Any) -> list[Any]:
         """One query's rows, on a connection of its own (a server-side error aborts only
@@ -472,59 +485,57 @@ class SqlPollingAdapter:
         with self.engine.connect() as conn:
             return list(conn.execute(query))
 
-    def _up_to_undecodable(self, query: Any, limit: int) -> list[Any]:
+    def _up_to_undecodable(self, query: Any) -> list[Any]:
         """The rows of `query` before the first one that cannot be read, then that row's
         place (primary key, cursor time, key, transaction) as `_Undecodable`. When even
         the places cannot be read, the source stops.
 
-        A value the driver cannot convert fails exactly the queries whose rows hold it, so
-        a bisection over the query's LIMIT finds the longest prefix that reads (about
-        log2(limit) queries), and the row after it, read alone, fails too. An error the
-        server raises computing a row (a `query` source's CAST) can fail a query whose
-        sort computed rows beyond its LIMIT: then the rows are read one at a time, each at
-        its place (a row that moved since is read at its new place later)."""
+        The places are read first, in cursor order. A bisection over them finds the
+        furthest place up to which the rows read, each try one query of every row up to
+        that place (a position, not a LIMIT: rows committed meanwhile are read with the
+        others, and a server filters before it computes a `query` source's columns), about
+        log2(page) queries. The row at the next place, read alone, is the one that fails;
+        if it reads (a row committed meanwhile failed), it is returned as read."""
         light = [self.pk, self.updated_at, self.table.c[self.config.key_column]]
         if self.snapshot:
             light.append(row_xid8())
         try:
             places = [dict(p._mapping) for p in self._fetch(query.with_only_columns(*light))]
-        except (ValueError, OverflowError, DataError):
+        except UNREADABLE:
             raise FatalError(
                 f"{self.config.name}: a row's {self.config.updated_at_column}, "
                 f"{self.pk.name} or {self.config.key_column} cannot be read by the database "
                 "driver; fix the row at the source, then restart"
             ) from None
-        good, bad = 0, len(places)  # the first `good` rows read; the first `bad` do not
+        if not places:  # the rows are gone since
+            return []
+        good, bad = 0, len(places)  # rows up to the first `good` places read; to `bad` not
         prefix: list[Any] = []
         while bad - good > 1:
             middle = (good + bad) // 2
             try:
-                prefix, good = self._fetch(query.limit(middle)), middle
-            except (ValueError, OverflowError, DataError):
+                prefix, good = self._fetch(self._up_to(query, places[middle - 1])), middle
+            except UNREADABLE:
                 bad = middle
-        if not places:  # the rows are gone since
-            return []
-        if self._undecodable_at(query, places[good]):
-            return [*prefix[:good], _Undecodable(places[good])]
-        rows: list[Any] = []
-        for place in places:
-            if self._undecodable_at(query, place, rows):
-                return [*rows, _Undecodable(place)]
-        return rows
-
-    def _undecodable_at(
-        self, query: Any, place: dict[str, Any], into: list[Any] | None = None
-    ) -> bool:
-        """Whether the row at `place` cannot be read; when it can, it goes `into` the list
-        (nothing when it is no longer there: it moved, and is read at its new place)."""
-        at = self._moment(self.updated_at) == self._bound(self._cursor_time_of(place))
+        suspect = places[good]
+        at = self._at_place(suspect)
         try:
-            found = self._fetch(query.where(self.pk == place[self.pk.name], at).limit(1))
-        except (ValueError, OverflowError, DataError):
-            return True
-        if into is not None:
-            into.extend(found)
-        return False
+            alone = self._fetch(query.where(self.pk == suspect[self.pk.name], at).limit(1))
+        except UNREADABLE:
+            return [*prefix, _Undecodable(suspect)]
+        return [*prefix, *alone]
+
+    def _up_to(self, query: Any, place: dict[str, Any]) -> Any:
+        """`query` without its LIMIT, restricted to the rows at or before `place`."""
+        mark = (self._cursor_time_of(place), place[self.pk.name])
+        return query.limit(None).where(not_(self._after(mark)))
+
+    def _at_place(self, place: dict[str, Any]) -> Any:
+        """The condition that a row is where `place` read it: its cursor value as read
+        (text as it is written, for a text format)."""
+        if self.config.updated_at_format is not None:
+            return self.updated_at == literal(place[self.updated_at.name])
+        return self._moment(self.updated_at) == self._bound(self._cursor_time_of(place))
 
     def _after(self, mark: tuple[datetime, Any]) -> Any:
         """Rows after a (updated_at, pk) position in cursor order."""
@@ -552,8 +563,9 @@ class SqlPollingAdapter:
         if pattern is not None:
             text = strptime_pattern(pattern)
             return datetime.strptime(start.strftime(text), text).replace(tzinfo=start.tzinfo)
-        if self.sqlite:
-            return start.replace(microsecond=start.microsecond // 1000 * 1000)
+        if self.sqlite:  # strftime('%f') rounds to the nearest millisecond
+            whole = start.replace(microsecond=start.microsecond // 1000 * 1000)
+            return whole - timedelta(microseconds=500)
         return start
 
     def _bound(self, moment: datetime) -> Any:

@@ -887,15 +887,17 @@ def test_a_column_no_row_of_which_the_driver_reads_stops_the_source(
     with pytest.raises(sql_polling.FatalError, match="20 rows in a row cannot be read"):
         for page in adapter.pages(CursorState()):
             rejected += page
-    assert len(rejected) == sql_polling.UNDECODABLE_IN_A_ROW - 1
+    assert rejected == []  # none dead-lettered, none passed: read again once it is fixed
 
 
+@pytest.mark.parametrize(("edge_us", "cursor_us"), [(100, 300), (600, 1300), (1499, 1999)])
 def test_a_row_in_the_window_starts_millisecond_is_not_read_again_at_every_poll(
-    tmp_path: Path, adapters: list[SqlPollingAdapter]
+    tmp_path: Path, adapters: list[SqlPollingAdapter], edge_us: int, cursor_us: int
 ) -> None:
-    """SQLite compares cursor times in milliseconds: the state must forget by the same."""
-    edge = (T0 + timedelta(microseconds=100)).isoformat(sep=" ")
-    cursor = (T0 + timedelta(seconds=60, microseconds=300)).isoformat(sep=" ")
+    """SQLite compares cursor times in milliseconds, rounded: the state must forget by
+    the same."""
+    edge = (T0 + timedelta(microseconds=edge_us)).isoformat(sep=" ")
+    cursor = (T0 + timedelta(seconds=60, microseconds=cursor_us)).isoformat(sep=" ")
     config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", edge, "?", "1"),
                                       (2, pid(2), "Trần Thị Bình", cursor, "0", "1")])  # fmt: skip
     adapter = SqlPollingAdapter(config)
@@ -905,3 +907,44 @@ def test_a_row_in_the_window_starts_millisecond_is_not_read_again_at_every_poll(
     assert [(c.pk, type(c).__name__) for c in first] == [(1, "RejectedRow"), (2, "SourceChange")]
     for _ in range(3):
         assert poll(adapter, state) == []  # neither dead-lettered nor sent again
+
+
+def test_a_row_committed_while_a_bad_page_is_bisected_is_read_not_skipped(
+    tmp_path: Path, adapters: list[SqlPollingAdapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row 8 cannot be read; row 100 commits between the read of the places and the
+    bisection, between rows 6 and 7: every readable row is read, row 8 is rejected."""
+    url = f"sqlite:///{tmp_path / 'dates.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
+        conn.exec_driver_sql(
+            "INSERT INTO cd VALUES (?, ?, ?, ?)",
+            [(n, pid(n), "không rõ" if n == 8 else "1990-03-05", _at(n)) for n in range(1, 9)],
+        )
+    config = Source.config_of(url, table="cd", deleted_column=None, lookback_seconds=10,
+                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    real = adapter._fetch
+    calls: list[str] = []
+
+    def meanwhile(query: Any) -> list[Any]:
+        found = real(query)
+        if "ngay_sinh" not in str(query) and not calls:  # the places were just read
+            calls.append("places")
+            with engine.begin() as conn:
+                late = (T0 + timedelta(minutes=6, seconds=30)).isoformat(sep=" ")
+                conn.exec_driver_sql("INSERT INTO cd VALUES (100, ?, '1991-01-01', ?)",
+                                     (pid(100), late))  # fmt: skip
+        return found
+
+    monkeypatch.setattr(adapter, "_fetch", meanwhile)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]
+    assert calls == ["places"]
+    sent = sorted(c.pk for c in changes if isinstance(c, SourceChange))
+    assert sent == [1, 2, 3, 4, 5, 6, 7, 100]
+    assert [c.pk for c in changes if isinstance(c, sql_polling.RejectedRow)] == [8]
+    engine.dispose()
