@@ -373,7 +373,7 @@ class SqlPollingAdapter:
                     self.config.updated_at_column, self.pk.name,
                 )  # fmt: skip
         if not self.snapshot:
-            start = self._window_start(state)
+            start = self._window_start(state, reading=True)
             yield from self._scan(state, None if start is None else self._at_or_after(start))
             return
         with self.engine.connect() as conn:
@@ -436,10 +436,27 @@ class SqlPollingAdapter:
                     yield changes
             if len(rows) < fetch and not cut:
                 return
-        if held:  # the scan's last rows: rejected, as one bad row is
+        if held:  # the scan's last rows: rejected, as one bad row is, if another reads
+            if not self._readable_besides(held):
+                raise FatalError(
+                    f"{self.config.name}: no row can be read by the database driver: a "
+                    "column's type it cannot read (text in a DATE column?) or a query the "
+                    "server cannot compute; fix it, then restart"
+                )
             changes = [change for row in held if (change := self._read(row, state))]
             if changes:
                 yield changes
+
+    def _readable_besides(self, held: list[Any]) -> bool:
+        """Whether a row other than `held` reads: then they are bad rows, not a column's
+        type or a query the server cannot compute (which fail every row)."""
+        columns = [self.table, row_xid8()] if self.snapshot else [self.table]
+        pks = [row._mapping[self.pk.name] for row in held]
+        query = select(*columns).where(self.pk.is_not(None), self.pk.not_in(pks)).limit(1)
+        try:
+            return bool(self._fetch(query))
+        except UNREADABLE:
+            return False
 
     def rows_without_cursor_time(self) -> int:
         """Rows whose cursor column or primary key (the key column without `pk_column`) is
@@ -509,6 +526,9 @@ class SqlPollingAdapter:
             ) from None
         if not places:  # the rows are gone since
             return []
+        first = self._alone(query, places[0])  # a run of bad rows: one query each
+        if first is None:
+            return [_Undecodable(places[0])]
         good, bad = 0, len(places)  # rows up to the first `good` places read; to `bad` not
         prefix: list[Any] = []
         while bad - good > 1:
@@ -518,12 +538,19 @@ class SqlPollingAdapter:
             except UNREADABLE:
                 bad = middle
         suspect = places[good]
-        at = self._at_place(suspect)
-        try:
-            alone = self._fetch(query.where(self.pk == suspect[self.pk.name], at).limit(1))
-        except UNREADABLE:
+        alone = first if good == 0 else self._alone(query, suspect)
+        if alone is None:
             return [*prefix, _Undecodable(suspect)]
         return [*prefix, *alone]
+
+    def _alone(self, query: Any, place: dict[str, Any]) -> list[Any] | None:
+        """The row at `place` read alone (none when it moved since), or None when it
+        cannot be read."""
+        at = self._at_place(place)
+        try:
+            return self._fetch(query.where(self.pk == place[self.pk.name], at).limit(1))
+        except UNREADABLE:
+            return None
 
     def _up_to(self, query: Any, place: dict[str, Any]) -> Any:
         """`query` without its LIMIT, restricted to the rows at or before `place`."""
@@ -550,11 +577,14 @@ class SqlPollingAdapter:
             return None
         return datetime.fromisoformat(state.updated_at), state.pk
 
-    def _window_start(self, state: CursorState) -> datetime | None:
+    def _window_start(self, state: CursorState, reading: bool = False) -> datetime | None:
         """Where the lookback window begins, at the precision the source's query compares
         cursor values at: a window read from a finer start would re-read the rows of the
         start's millisecond (SQLite) or second (a text format) behind it, and the state,
-        forgetting them by the finer start, would send them again at every poll."""
+        forgetting them by the finer start, would send them again at every poll. SQLite's
+        strftime('%f') rounds to the millisecond: the window is read from the whole
+        millisecond (`reading`), which reads the rows from half a millisecond before it,
+        and the state forgets from there."""
         high = self._high(state)
         if high is None:
             return None
@@ -563,9 +593,9 @@ class SqlPollingAdapter:
         if pattern is not None:
             text = strptime_pattern(pattern)
             return datetime.strptime(start.strftime(text), text).replace(tzinfo=start.tzinfo)
-        if self.sqlite:  # strftime('%f') rounds to the nearest millisecond
+        if self.sqlite:
             whole = start.replace(microsecond=start.microsecond // 1000 * 1000)
-            return whole - timedelta(microseconds=500)
+            return whole if reading else whole - timedelta(microseconds=500)
         return start
 
     def _bound(self, moment: datetime) -> Any:

@@ -890,7 +890,9 @@ def test_a_column_no_row_of_which_the_driver_reads_stops_the_source(
     assert rejected == []  # none dead-lettered, none passed: read again once it is fixed
 
 
-@pytest.mark.parametrize(("edge_us", "cursor_us"), [(100, 300), (600, 1300), (1499, 1999)])
+@pytest.mark.parametrize(
+    ("edge_us", "cursor_us"), [(100, 300), (600, 1300), (1499, 1999), (-800, 300)]
+)
 def test_a_row_in_the_window_starts_millisecond_is_not_read_again_at_every_poll(
     tmp_path: Path, adapters: list[SqlPollingAdapter], edge_us: int, cursor_us: int
 ) -> None:
@@ -948,3 +950,28 @@ def test_a_row_committed_while_a_bad_page_is_bisected_is_read_not_skipped(
     assert sent == [1, 2, 3, 4, 5, 6, 7, 100]
     assert [c.pk for c in changes if isinstance(c, sql_polling.RejectedRow)] == [8]
     engine.dispose()
+
+
+def test_a_query_no_row_of_which_can_be_computed_stops_the_source_with_few_rows(
+    tmp_path: Path, adapters: list[SqlPollingAdapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a server that computes a query source's failing CAST for every row: three rows
+    waiting, none rejected (they are good rows), the source stops."""
+    rows = [(n, pid(n), "Nguyễn Văn An", _at(n), "0", "1") for n in range(1, 4)]
+    adapter = SqlPollingAdapter(_loose_source(tmp_path, rows))
+    adapters.append(adapter)
+    real = adapter._fetch
+
+    def server(query: Any) -> list[Any]:
+        if "nguoi.ho_ten" in str(query):
+            raise ValueError("the server cannot compute the column")
+        return real(query)
+
+    monkeypatch.setattr(adapter, "_fetch", server)
+    state = CursorState()
+    sent: list[Any] = []
+    with pytest.raises(sql_polling.FatalError, match="no row can be read"):
+        for page in adapter.pages(state):
+            sent += page
+            adapter.remember(state, page)
+    assert sent == [] and state.updated_at is None
