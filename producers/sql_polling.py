@@ -68,7 +68,7 @@ from producers.mapping import (
     soft_deleted,
     strptime_pattern,
 )
-from producers.sdk import FatalError
+from producers.sdk import FatalError, RetriableError
 from producers.sql_snapshot import (
     XID_LABEL,
     current_xmin_xmax,
@@ -413,9 +413,16 @@ class SqlPollingAdapter:
         # UNDECODABLE_IN_A_ROW of them are a column's type (or a query the server cannot
         # compute), and the source stops before any is dead-lettered or passed.
         held: list[Any] = []
+        read_one = False  # a row of this scan read: the held rows are bad rows
         while True:
             rows, cut = self._page(condition, last, fetch)
+            for _ in range(3):  # the rows of a cut page all moved meanwhile: read it again
+                if rows or not cut:
+                    break
+                rows, cut = self._page(condition, last, fetch)
             if not rows:
+                if cut:  # not the end: fail the poll (retried; nothing saved past it)
+                    raise RetriableError(f"{self.config.name}: a page's rows kept moving")
                 break
             high = rows[-1]._mapping
             last = (self._cursor_time_of(high), high[self.pk.name])
@@ -428,7 +435,7 @@ class SqlPollingAdapter:
                         "column?) or a query the server cannot compute; fix it, then restart"
                     )
                 continue
-            rows, held = [*held, *rows], []
+            rows, held, read_one = [*held, *rows], [], True
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
                 changes = [change for row in page if (change := self._read(row, state))]
@@ -437,7 +444,7 @@ class SqlPollingAdapter:
             if len(rows) < fetch and not cut:
                 return
         if held:  # the scan's last rows: rejected, as one bad row is, if another reads
-            if not self._readable_besides(held):
+            if not (read_one or self._readable_besides(held, state)):
                 raise FatalError(
                     f"{self.config.name}: no row can be read by the database driver: a "
                     "column's type it cannot read (text in a DATE column?) or a query the "
@@ -447,16 +454,26 @@ class SqlPollingAdapter:
             if changes:
                 yield changes
 
-    def _readable_besides(self, held: list[Any]) -> bool:
+    def _readable_besides(self, held: list[Any], state: CursorState) -> bool:
         """Whether a row other than `held` reads: then they are bad rows, not a column's
-        type or a query the server cannot compute (which fail every row)."""
+        type or a query the server cannot compute (which fail every row). Tried: the
+        cursor's row, then up to UNDECODABLE_IN_A_ROW others, each alone."""
         columns = [self.table, row_xid8()] if self.snapshot else [self.table]
+        whole = select(*columns).where(self.pk.is_not(None))
         pks = [row._mapping[self.pk.name] for row in held]
-        query = select(*columns).where(self.pk.is_not(None), self.pk.not_in(pks)).limit(1)
+        others = select(self.pk).where(self.pk.is_not(None), self.pk.not_in(pks))
         try:
-            return bool(self._fetch(query))
+            candidates = [state.pk] if state.pk is not None else []
+            candidates += [r[0] for r in self._fetch(others.limit(UNDECODABLE_IN_A_ROW))]
         except UNREADABLE:
             return False
+        for pk in candidates:
+            try:
+                if self._fetch(whole.where(self.pk == pk).limit(1)):
+                    return True
+            except UNREADABLE:
+                continue
+        return False
 
     def rows_without_cursor_time(self) -> int:
         """Rows whose cursor column or primary key (the key column without `pk_column`) is
@@ -494,7 +511,8 @@ class SqlPollingAdapter:
         except UNREADABLE:
             # A value the driver cannot turn into Python (a date 'infinity' or before year
             # 1, text in a DATE column): the rows before it, then its place.
-            return self._up_to_undecodable(query), True
+            found = self._up_to_undecodable(query)
+            return ([], False) if found is None else (found, True)
 
     def _fetch(self, query: Any) -> list[Any]:
         """One query's rows, on a connection of its own (a server-side error aborts only
@@ -502,7 +520,7 @@ class SqlPollingAdapter:
         with self.engine.connect() as conn:
             return list(conn.execute(query))
 
-    def _up_to_undecodable(self, query: Any) -> list[Any]:
+    def _up_to_undecodable(self, query: Any) -> list[Any] | None:
         """The rows of `query` before the first one that cannot be read, then that row's
         place (primary key, cursor time, key, transaction) as `_Undecodable`. When even
         the places cannot be read, the source stops.
@@ -512,7 +530,8 @@ class SqlPollingAdapter:
         that place (a position, not a LIMIT: rows committed meanwhile are read with the
         others, and a server filters before it computes a `query` source's columns), about
         log2(page) queries. The row at the next place, read alone, is the one that fails;
-        if it reads (a row committed meanwhile failed), it is returned as read."""
+        if it reads (a row committed meanwhile failed), it is returned as read. None when
+        there are no rows after all."""
         light = [self.pk, self.updated_at, self.table.c[self.config.key_column]]
         if self.snapshot:
             light.append(row_xid8())
@@ -524,8 +543,8 @@ class SqlPollingAdapter:
                 f"{self.pk.name} or {self.config.key_column} cannot be read by the database "
                 "driver; fix the row at the source, then restart"
             ) from None
-        if not places:  # the rows are gone since
-            return []
+        if not places:  # no rows after all: the end
+            return None
         first = self._alone(query, places[0])  # a run of bad rows: one query each
         if first is None:
             return [_Undecodable(places[0])]

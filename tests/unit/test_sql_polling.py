@@ -975,3 +975,35 @@ def test_a_query_no_row_of_which_can_be_computed_stops_the_source_with_few_rows(
             sent += page
             adapter.remember(state, page)
     assert sent == [] and state.updated_at is None
+
+
+def test_a_bad_row_alone_on_the_last_page_is_rejected_though_an_older_bad_row_exists(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'dates.db'}"
+    engine = create_engine(url)
+
+    def insert(numbers: range, bad: set[int]) -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO cd VALUES (?, ?, ?, ?)",
+                [(n, pid(n), "không rõ" if n in bad else "1990-03-05", _at(n)) for n in numbers],
+            )
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
+    insert(range(1, 3), {1})
+    config = Source.config_of(url, table="cd", deleted_column=None, batch_size=1,
+                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    adapters.append(adapter)
+    state = CursorState()
+    first = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, type(c).__name__) for c in first] == [(1, "RejectedRow"), (2, "SourceChange")]
+    # rows 2-11 fill a query (batch 1: 10 a query), then the bad row 12 is alone on the last
+    insert(range(3, 13), {12})
+    second = [c for page in poll(adapter, state) for c in page]
+    assert [c.pk for c in second if isinstance(c, sql_polling.RejectedRow)] == [12]
+    assert sorted(c.pk for c in second if isinstance(c, SourceChange)) == list(range(3, 12))
+    engine.dispose()
