@@ -17,6 +17,8 @@ GROUP = 'group="portal-sync-reconciler"'
 LAST_CHANGE = "portal_sync_source_last_change_timestamp_seconds"
 PART = f'{GROUP},topic="portal-sync.changes.citizen",partition="0"'
 BEYOND = "portal_sync_outbox_rows_beyond_lookback"
+ERRORS = "portal_sync_source_errors_total"
+CURSOR = "portal_sync_source_cursor_lag_seconds"
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,24 @@ CASES = [
         "1485m",
         {"source": "province-02"},
         "province-02: registered, but no worker has reported a change of it in the store for 1d",
+    ),
+    Case(
+        "PortalSyncSourceErrors",
+        # the source database refused the producer's reads from 6m on
+        {f'{ERRORS}{{source="province-79",kind="read_error",{PRODUCER}}}': "0 0 0 0 0 0 4x10"},
+        "5m",
+        "7m",
+        {"source": "province-79", "kind": "read_error"},
+        "province-79: 4 read_error errors in 5m",
+    ),
+    Case(
+        "PortalSyncSourceCursorBehind",
+        # the producer falls 20 minutes behind the source's newest change from 6m on
+        {f'{CURSOR}{{source="province-79",{PRODUCER}}}': "0x5 1200x30"},
+        "15m",
+        "17m",
+        {"source": "province-79"},
+        "province-79: the producer's cursor is 20m 0s behind the source's newest change",
     ),
     Case(
         "PortalSyncDeadLettersRising",

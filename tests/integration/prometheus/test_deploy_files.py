@@ -54,6 +54,12 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
+def test_every_alert_rule_has_a_promtool_case() -> None:
+    from observability.alert_tests import CASES
+
+    assert {rule.alert for rule in rules()} == {case.alert for case in CASES}
+
+
 def test_promtool_checks_the_scrape_configuration() -> None:
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
