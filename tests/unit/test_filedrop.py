@@ -102,56 +102,16 @@ def test_a_file_server_clock_behind_ours_does_not_make_a_fresh_file_look_settled
     assert [i for i in adapter.read({}) if isinstance(i, Record)] == []
 
 
-def test_a_published_file_that_cannot_be_moved_does_not_block_the_files_after_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """done/ refuses a.csv (a share's lock, another file system refusing the unlink)."""
-    import shutil
-
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for name, pid in (("a.csv", "001190000001"), ("b.csv", "001190000002")):
-        (inbox / name).write_text(f"pid,name,at\n{pid},Nguyễn Văn An,2025-08-01T08:00:00Z\n")
-        os.utime(inbox / name, (time.time() - 600,) * 2)
-    real_move = shutil.move
-
-    def refusing(source: str, target: object) -> object:
-        if Path(source).name == "a.csv":
-            raise PermissionError("locked")
-        return real_move(source, target)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(shutil, "move", refusing)
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    state: dict[str, object] = {}
-    sent: list[str] = []
-    for _ in range(3):  # the first move fails as before; the runs after it go on
-        try:
-            for item in adapter.read(state):
-                if isinstance(item, Record):
-                    sent.append(item.key)
-                elif isinstance(item, Checkpoint):
-                    state = item.value()
-                    if item.commit is not None:
-                        item.commit()
-        except PermissionError:
-            continue
-    assert sent == ["001190000001", "001190000002"]
-    assert (inbox / "done" / "b.csv").exists() and (inbox / "a.csv").exists()
-
-
-def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _runs_with_a_csv_unmovable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: int = 3
+) -> tuple[list[str], int]:
+    """Three runs of the adapter over inbox/ while every move of a.csv is refused (a
+    share's lock, another file system refusing the unlink); a run the refusal ends is
+    followed by the next. The keys sent and the dead letters yielded."""
     import shutil
 
     from producers.sdk import SkippableRecord
 
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    (inbox / "a.csv").write_bytes(b"pid,name,at\n\xff\xfe not UTF-8\n")
-    (inbox / "b.csv").write_text("pid,name,at\n001190000002,Trần Thị Bình,2025-08-01T08:00:00Z\n")
-    for name in ("a.csv", "b.csv"):
-        os.utime(inbox / name, (time.time() - 600,) * 2)
     real_move = shutil.move
 
     def refusing(source: str, target: object) -> object:
@@ -164,7 +124,7 @@ def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
     state: dict[str, object] = {}
     sent: list[str] = []
     letters = 0
-    for _ in range(3):
+    for _ in range(runs):
         try:
             for item in adapter.read(state):
                 if isinstance(item, Record):
@@ -177,5 +137,35 @@ def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
                         item.commit()
         except PermissionError:
             continue
+    return sent, letters
+
+
+def _settled(inbox: Path, *names: str) -> None:
+    for name in names:
+        os.utime(inbox / name, (time.time() - 600,) * 2)
+
+
+def test_a_published_file_that_cannot_be_moved_does_not_block_the_files_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name, pid in (("a.csv", "001190000001"), ("b.csv", "001190000002")):
+        (inbox / name).write_text(f"pid,name,at\n{pid},Nguyễn Văn An,2025-08-01T08:00:00Z\n")
+    _settled(inbox, "a.csv", "b.csv")
+    sent, _ = _runs_with_a_csv_unmovable(tmp_path, monkeypatch)
+    assert sent == ["001190000001", "001190000002"]
+    assert (inbox / "done" / "b.csv").exists() and (inbox / "a.csv").exists()
+
+
+def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.csv").write_bytes(b"pid,name,at\n\xff\xfe not UTF-8\n")
+    (inbox / "b.csv").write_text("pid,name,at\n001190000002,Trần Thị Bình,2025-08-01T08:00:00Z\n")
+    _settled(inbox, "a.csv", "b.csv")
+    sent, letters = _runs_with_a_csv_unmovable(tmp_path, monkeypatch)
     assert (sent, letters) == (["001190000002"], 1)
     assert (inbox / "a.csv").exists() and (inbox / "done" / "b.csv").exists()

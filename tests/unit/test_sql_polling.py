@@ -800,26 +800,42 @@ def test_whole_numbers_of_a_real_column_are_versions_and_null_keys_without_a_pk_
     assert adapter.rows_without_cursor_time() == 2  # no place in the cursor's order
 
 
+class Dates:
+    """A SQLite source whose DATE column holds what it is given: text the driver cannot
+    read as a date in some rows."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.url = f"sqlite:///{tmp_path / 'dates.db'}"
+        self.engine = create_engine(self.url)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                                 "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
+
+    def insert(self, dates: dict[int, str]) -> None:
+        """Row n with date text `dates[n]`, updated at minute n."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO cd VALUES (?, ?, ?, ?)",
+                                 [(n, pid(n), d, _at(n)) for n, d in dates.items()])  # fmt: skip
+
+    def adapter(self, adapters: list[SqlPollingAdapter], **overrides: Any) -> SqlPollingAdapter:
+        config = Source.config_of(self.url, table="cd", deleted_column=None,
+                                  fields={"date_of_birth": "ngay_sinh"}, **overrides)  # fmt: skip
+        adapters.append(SqlPollingAdapter(config))
+        return adapters[-1]
+
+
+def _dates(numbers: range, bad: set[int]) -> dict[int, str]:
+    return {n: "không rõ" if n in bad else "1990-03-05" for n in numbers}
+
+
 def test_a_value_the_driver_cannot_read_rejects_its_row_only(
     tmp_path: Path, adapters: list[SqlPollingAdapter]
 ) -> None:
     """A DATE column holding text: the driver fails on the whole page; read row by row,
     only that row is rejected."""
-    url = f"sqlite:///{tmp_path / 'dates.db'}"
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
-                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
-        conn.exec_driver_sql(
-            "INSERT INTO cd VALUES (?, ?, ?, ?)",
-            [(1, pid(1), "1990-03-05", _at(1)), (2, pid(2), "không rõ", _at(2)),
-             (3, pid(3), "1991-04-06", _at(3))],
-        )  # fmt: skip
-    engine.dispose()
-    config = Source.config_of(url, table="cd", deleted_column=None,
-                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
-    adapter = SqlPollingAdapter(config)
-    adapters.append(adapter)
+    source = Dates(tmp_path)
+    source.insert({1: "1990-03-05", 2: "không rõ", 3: "1991-04-06"})
+    adapter = source.adapter(adapters)
     state = CursorState()
     changes = [c for page in poll(adapter, state) for c in page]
     assert [(c.pk, type(c).__name__) for c in changes] == [
@@ -871,18 +887,9 @@ def test_a_column_no_row_of_which_the_driver_reads_stops_the_source(
     tmp_path: Path, adapters: list[SqlPollingAdapter]
 ) -> None:
     """Text in a DATE column in every row: a column's type, not one bad row."""
-    url = f"sqlite:///{tmp_path / 'dates.db'}"
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
-                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
-        conn.exec_driver_sql("INSERT INTO cd VALUES (?, ?, ?, ?)",
-                             [(n, pid(n), "05/03/1990", _at(n)) for n in range(1, 40)])  # fmt: skip
-    engine.dispose()
-    config = Source.config_of(url, table="cd", deleted_column=None,
-                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
-    adapter = SqlPollingAdapter(config)
-    adapters.append(adapter)
+    source = Dates(tmp_path)
+    source.insert(dict.fromkeys(range(1, 40), "05/03/1990"))
+    adapter = source.adapter(adapters)
     rejected: list[Any] = []
     with pytest.raises(sql_polling.FatalError, match="20 rows in a row cannot be read"):
         for page in adapter.pages(CursorState()):
@@ -916,19 +923,10 @@ def test_a_row_committed_while_a_bad_page_is_bisected_is_read_not_skipped(
 ) -> None:
     """Row 8 cannot be read; row 100 commits between the read of the places and the
     bisection, between rows 6 and 7: every readable row is read, row 8 is rejected."""
-    url = f"sqlite:///{tmp_path / 'dates.db'}"
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
-                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
-        conn.exec_driver_sql(
-            "INSERT INTO cd VALUES (?, ?, ?, ?)",
-            [(n, pid(n), "không rõ" if n == 8 else "1990-03-05", _at(n)) for n in range(1, 9)],
-        )
-    config = Source.config_of(url, table="cd", deleted_column=None, lookback_seconds=10,
-                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
-    adapter = SqlPollingAdapter(config)
-    adapters.append(adapter)
+    source = Dates(tmp_path)
+    source.insert(_dates(range(1, 9), {8}))
+    engine = source.engine
+    adapter = source.adapter(adapters, lookback_seconds=10)
     real = adapter._fetch
     calls: list[str] = []
 
@@ -980,30 +978,15 @@ def test_a_query_no_row_of_which_can_be_computed_stops_the_source_with_few_rows(
 def test_a_bad_row_alone_on_the_last_page_is_rejected_though_an_older_bad_row_exists(
     tmp_path: Path, adapters: list[SqlPollingAdapter]
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'dates.db'}"
-    engine = create_engine(url)
-
-    def insert(numbers: range, bad: set[int]) -> None:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(
-                "INSERT INTO cd VALUES (?, ?, ?, ?)",
-                [(n, pid(n), "không rõ" if n in bad else "1990-03-05", _at(n)) for n in numbers],
-            )
-
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE cd (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
-                             "ngay_sinh DATE, updated_at DATETIME)")  # fmt: skip
-    insert(range(1, 3), {1})
-    config = Source.config_of(url, table="cd", deleted_column=None, batch_size=1,
-                              fields={"date_of_birth": "ngay_sinh"})  # fmt: skip
-    adapter = SqlPollingAdapter(config)
-    adapters.append(adapter)
+    source = Dates(tmp_path)
+    source.insert(_dates(range(1, 3), {1}))
+    adapter = source.adapter(adapters, batch_size=1)
     state = CursorState()
     first = [c for page in poll(adapter, state) for c in page]
     assert [(c.pk, type(c).__name__) for c in first] == [(1, "RejectedRow"), (2, "SourceChange")]
     # rows 2-11 fill a query (batch 1: 10 a query), then the bad row 12 is alone on the last
-    insert(range(3, 13), {12})
+    source.insert(_dates(range(3, 13), {12}))
     second = [c for page in poll(adapter, state) for c in page]
     assert [c.pk for c in second if isinstance(c, sql_polling.RejectedRow)] == [12]
     assert sorted(c.pk for c in second if isinstance(c, SourceChange)) == list(range(3, 12))
-    engine.dispose()
+    source.engine.dispose()
