@@ -40,6 +40,7 @@ from store import (
     Conflicts,
     HistoryEntry,
     OffsetRange,
+    SourcePartition,
     Store,
     TopicPartition,
     ViewRow,
@@ -388,17 +389,19 @@ class Reconciler:
             part = self.part_events or (PART_EVENTS if tx.overlaps else max(1, len(todo)))
             history: list[HistoryEntry] = []
             anomalies = 0
+            newest: dict[SourcePartition, datetime] = {}  # applied, per source and partition
             for start in range(0, len(todo), part):
                 for checked in todo[start : start + part]:
                     outcome = self._apply_event(work, checked, now)
+                    event = checked.event
                     report.outcomes.append(
-                        EventOutcome(
-                            checked.event.source,
-                            checked.event.entity,
-                            outcome,
-                            checked.event.occurred_at,
-                        )
+                        EventOutcome(event.source, event.entity, outcome, event.occurred_at)
                     )
+                    if outcome == "applied":
+                        where = (event.source, *checked.message.tp)
+                        seen = newest.get(where)
+                        if seen is None or seen < event.occurred_at:
+                            newest[where] = event.occurred_at
                 if start + part < len(todo):
                     history.extend(work.history)
                     anomalies += len(work.anomalies)
@@ -410,6 +413,7 @@ class Reconciler:
             if not replay:
                 unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
                 changes.offsets = offset_ranges(unapplied)
+                changes.freshness = newest
                 for tp, start in (starts or {}).items():
                     if tp in changes.offsets and start >= stored.get(tp, start):
                         first, end, count = changes.offsets[tp]

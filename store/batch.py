@@ -37,6 +37,7 @@ from store.pg_arrays import bigint_array, bool_array, int_array, text_array, utf
 
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
+SourcePartition = tuple[str, str, int]  # source, topic, partition
 Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
 # A batch's reads: stored offsets, every source's view and the canonical data per record,
 # and the store's count of record writes by anything but a live batch (`WRITES`).
@@ -188,6 +189,7 @@ class BatchIO:
         conflicts_absent: Collection[RecordKey],
         document_owners: dict[RecordKey, RecordKey | None],
         offsets: dict[TopicPartition, OffsetRange],
+        freshness: dict[SourcePartition, datetime],
         now: datetime,
     ) -> list[tuple[str, str]]:
         """Write everything; offsets last. Return (entity, field) of new conflicts."""
@@ -198,6 +200,8 @@ class BatchIO:
         new = self.replace_conflicts(conflicts, now, conflicts_absent)
         if document_owners:
             self.document_owners(document_owners, now)
+        if freshness:
+            self.write_freshness(freshness, now)
         if offsets:
             self.write_offsets(offsets, now)
         return new
@@ -229,6 +233,11 @@ class BatchIO:
         raise NotImplementedError
 
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
+        raise NotImplementedError
+
+    def write_freshness(self, newest: dict[SourcePartition, datetime], now: datetime) -> None:
+        """Advance each (source, topic, partition)'s newest applied `occurred_at` (never
+        back) and set when it was applied to `now`."""
         raise NotImplementedError
 
     def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
@@ -634,6 +643,24 @@ class PostgresBatchIO(BatchIO):
                 ],
             )
 
+    def write_freshness(self, newest: dict[SourcePartition, datetime], now: datetime) -> None:
+        items = sorted(newest.items())
+        self._run(
+            "INSERT INTO source_freshness (source, topic, partition, last_change,"
+            " last_applied) SELECT s, t, p, c, %b FROM unnest(%b::text[], %b::text[],"
+            " %b::int[], %b::timestamp[]) AS u(s, t, p, c)"
+            " ON CONFLICT (source, topic, partition) DO UPDATE SET"
+            " last_change = GREATEST(source_freshness.last_change, excluded.last_change),"
+            " last_applied = excluded.last_applied",
+            [
+                _naive(now),
+                text_array([s for (s, _, _), _ in items]),
+                text_array([t for (_, t, _), _ in items]),
+                int_array([p for (_, _, p), _ in items]),
+                [_naive(c) for _, c in items],
+            ],
+        )
+
     def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:
         items = list(ranges.items())
         topics = text_array([t for (t, _), _ in items])
@@ -866,6 +893,16 @@ class SqliteBatchIO(BatchIO):
             " updated_at = excluded.updated_at WHERE document_owners.owner_entity IS NOT"
             " excluded.owner_entity OR document_owners.owner_key IS NOT excluded.owner_key",
             [(e, k, o[0], o[1], updated) for (e, k), o in owners.items() if o is not None],
+        )
+
+    def write_freshness(self, newest: dict[SourcePartition, datetime], now: datetime) -> None:
+        applied = _text_time(now)
+        self._many(
+            "INSERT INTO source_freshness (source, topic, partition, last_change,"
+            " last_applied) VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, topic, partition)"
+            " DO UPDATE SET last_change = max(source_freshness.last_change,"
+            " excluded.last_change), last_applied = excluded.last_applied",
+            [(s, t, p, _text_time(c), applied) for (s, t, p), c in sorted(newest.items())],
         )
 
     def write_offsets(self, ranges: dict[TopicPartition, OffsetRange], now: datetime) -> None:

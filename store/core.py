@@ -56,6 +56,7 @@ from schemas.values import value_class
 from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
+from store.batch import SourcePartition as SourcePartition
 from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
@@ -65,6 +66,7 @@ from store.tables import (
     offset_changes,
     record_history,
     records,
+    source_freshness,
     source_purges,
     source_views,
     store_meta,
@@ -197,6 +199,8 @@ class BatchChanges:
     conflicts_absent: set[RecordKey] = field(default_factory=set)
     document_owners: dict[RecordKey, RecordKey | None] = field(default_factory=dict)
     offsets: dict[TopicPartition, OffsetRange] = field(default_factory=dict)
+    # A live batch's newest applied `occurred_at` per (source, topic, partition).
+    freshness: dict[SourcePartition, datetime] = field(default_factory=dict)
     purged_views: list[tuple[str, str, str]] = field(default_factory=list)  # entity, key, source
     purge: SourcePurge | None = None  # the audit row of a `source purge`, counts so far
 
@@ -508,12 +512,13 @@ class Store:
         return result
 
     def freshness(self) -> list[Freshness]:
-        """Per source, the newest `occurred_at` and `applied_at` of its views."""
+        """Per source, the newest `occurred_at` live batches applied, and when the last
+        was applied (a small table kept by each batch: no scan of the views)."""
         query = select(
-            source_views.c.source,
-            func.max(source_views.c.occurred_at),
-            func.max(source_views.c.applied_at),
-        ).group_by(source_views.c.source)
+            source_freshness.c.source,
+            func.max(source_freshness.c.last_change),
+            func.max(source_freshness.c.last_applied),
+        ).group_by(source_freshness.c.source)
         with translated(), self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [
@@ -779,6 +784,7 @@ class BatchTransaction:
             changes.conflicts_absent,
             changes.document_owners,
             changes.offsets,
+            changes.freshness,
         )
 
     def _check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:

@@ -83,6 +83,21 @@ applied_offsets = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# Per source and partition, the newest `occurred_at` a live batch applied and when: the
+# sources' freshness a worker starts from (`Store.freshness`), kept by each batch beside its
+# offsets (a row per partition: two workers never wait for each other's). Migration 0011
+# filled it from the views under topic "" and partition -1. Views purged later (a source
+# purge, tombstones' retention) leave it as it is: a source's last delivery stays known.
+source_freshness = Table(
+    "source_freshness",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("last_change", UTCDateTime, nullable=False),
+    Column("last_applied", UTCDateTime, nullable=False),
+)
+
 # One row per partition per committed batch: [first_offset, next_offset) applied at
 # committed_at. Contiguous, non-overlapping ranges prove nothing was lost or applied twice.
 apply_journal = Table(

@@ -558,3 +558,37 @@ def test_0010_starts_the_count_of_other_writes_and_a_release_before_it_refuses_t
             schema.ensure_current(store.engine)
     finally:
         store.close()
+
+
+# -- 0011: the sources' freshness in a table kept by each batch ------------------------------
+
+
+def test_0011_fills_the_freshness_from_the_views_once_and_the_downgrade_drops_it(
+    store_url: str,
+) -> None:
+    """A worker of the upgraded store starts from the same freshness the views gave."""
+    store = Store(store_url)
+    try:
+        _migrate(store, "0010")
+        views = [
+            ("province-01", CITIZEN, T1, T2),
+            ("province-01", "079300000002", T2, T2),
+            ("national-population", CITIZEN, T1, T1),
+        ]
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(source_views),
+                [{"entity": "citizen", "key": key, "source": source, "version": 1,
+                  "event_id": f"e-{i}", "occurred_at": occurred, "deleted": False,
+                  "data": {}, "applied_at": applied}
+                 for i, (source, key, occurred, applied) in enumerate(views)],
+            )  # fmt: skip
+        _migrate(store, "0011")
+        assert sorted((f.source, f.last_change, f.last_applied) for f in store.freshness()) == [
+            ("national-population", T1, T1),
+            ("province-01", T2, T2),
+        ]
+        _migrate(store, "0010", down=True)
+        assert "source_freshness" not in inspect(store.engine).get_table_names()
+    finally:
+        store.close()
