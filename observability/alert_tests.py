@@ -74,6 +74,28 @@ CASES = [
         "province-79: 1 of its adapters stopped on a fatal error; their changes are no longer read",
     ),
     Case(
+        "PortalSyncDeadLettersKeptAtSource",
+        # a record rejected at 2m is kept on disk; the operator imports the file at 20m
+        {f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}':
+         "0 0 1x17 0x5"},
+        "11m",  # kept since 2m, pending for 10m
+        "13m",
+        {"source": "province-79"},
+        "province-79: 1 dead letters kept on its producer's disk (the cluster does not let "
+        "the source write them), waiting for `dlq import`",
+    ),
+    Case(
+        "PortalSyncDeadLettersKeptAtSource",
+        # the same: renamed aside for its import at 20m, the file counts 0 and it resolves
+        {f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}':
+         "0 0 1x17 0x5"},
+        "21m",
+        "13m",
+        {"source": "province-79"},
+        "province-79: 1 dead letters kept on its producer's disk (the cluster does not let "
+        "the source write them), waiting for `dlq import`",
+    ),
+    Case(
         "PortalSyncLagExporterBlind",
         # polls read the lag every minute until 3m, then fail (the last success stays)
         {

@@ -93,6 +93,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     )
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
     stopped = "max by (source) (portal_sync_source_stopped)"
+    kept = "max by (source) (portal_sync_source_kept_dead_letters)"
     # the longest of the stall window: a restarted worker's missed scrape keeps its place
     registered = f"max by (source) (max_over_time(portal_sync_source_registered[{t.stall_window}]))"
     silent = (
@@ -228,6 +229,19 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "configuration the source refuses (a table or column gone, credentials, a "
             "signing key). Fix it and restart `produce`; the adapter resumes from its saved "
             "state, nothing is lost.",
+        ),
+        Rule(
+            "PortalSyncDeadLettersKeptAtSource",
+            f"{kept} > 0",
+            kept,
+            t.for_long,
+            "warning",
+            "{{ $labels.source }}: {{ $value }} dead letters kept on its producer's disk (the "
+            "cluster does not let the source write them), waiting for `dlq import`",
+            "The source's rejected records are in <state_dir>/<source id>.dead-letters.jsonl "
+            "where its producer runs, not in the dead-letter topic: no one sees or re-drives "
+            "them there. Rename the file aside, import it as an operator (`portal-sync dlq "
+            "import FILE`), then remove it (docs/operations.md, Dead letters).",
         ),
         Rule(
             "PortalSyncOutboxRowsBeyondLookback",

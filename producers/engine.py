@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producers.cursor_lag import CURSOR_LAG
-from producers.metrics import PRODUCED, SOURCE_ERRORS, SOURCE_STOPPED, export_at_zero
+from producers.metrics import (
+    KEPT_DEAD_LETTERS,
+    PRODUCED,
+    SOURCE_ERRORS,
+    SOURCE_STOPPED,
+    export_at_zero,
+)
 from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
 from producers.state import append_json_line, load_json_state, write_json_atomic
 from schemas import InvalidEvent, message_key, parse_event
@@ -99,6 +105,7 @@ class AdapterRunner:
         self.state_path = state_dir / f"{source_id}.state.json"
         # dead letters the cluster does not let this source write (docs/operations.md)
         self.kept_letters_path = state_dir / f"{source_id}.dead-letters.jsonl"
+        KEPT_DEAD_LETTERS.watch(adapter.source, self.kept_letters_path)
         self.retry = retry or RetryPolicy()
         self.checkpoint_interval = checkpoint_interval
         self.stopped_fatally = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -83,3 +85,70 @@ class OutboxBeyondLookback(Collector):
 
 OUTBOX_BEYOND_LOOKBACK = OutboxBeyondLookback()
 REGISTRY.register(OUTBOX_BEYOND_LOOKBACK)
+
+
+class KeptDeadLetters(Collector):
+    """`portal_sync_source_kept_dead_letters{source}`: the lines of a source's kept
+    dead-letter files (`<state_dir>/<source id>.dead-letters.jsonl`: the letters a secured
+    cluster did not let the source write), waiting for an operator's `dlq import`.
+
+    Counted from the files at each scrape: only what was appended since the last count is
+    read; a file renamed aside (to be imported) counts 0, and one replaced or cut is
+    counted again from its start. A line torn by a crash counts once its line ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: dict[str, set[Path]] = {}
+        # path -> (device and inode, bytes counted, complete lines in them)
+        self._counted: dict[Path, tuple[tuple[int, int], int, int]] = {}
+
+    def watch(self, source: str, path: Path) -> None:
+        with self._lock:
+            self._paths.setdefault(source, set()).add(path)
+
+    def _lines(self, path: Path) -> int:
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            self._counted.pop(path, None)
+            return 0
+        with handle:
+            status = os.fstat(handle.fileno())
+            identity = (status.st_dev, status.st_ino)
+            start, lines = 0, 0
+            known = self._counted.get(path)
+            if known is not None and known[0] == identity and known[1] <= status.st_size:
+                _, start, lines = known
+            handle.seek(start)
+            remaining = status.st_size - start
+            while remaining > 0:
+                chunk = handle.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+                remaining -= len(chunk)
+            self._counted[path] = (identity, status.st_size - remaining, lines)
+            return lines
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "portal_sync_source_kept_dead_letters",
+            "Dead letters a producer kept on disk because its cluster refused them, waiting "
+            "for `portal-sync dlq import`.",
+            labels=["source"],
+        )
+        with self._lock:
+            for source, paths in sorted(self._paths.items()):
+                total = 0
+                for path in sorted(paths):
+                    try:
+                        total += self._lines(path)
+                    except OSError:  # unreadable now: the last count stands
+                        known = self._counted.get(path)
+                        total += known[2] if known is not None else 0
+                family.add_metric([source], total)
+        yield family
+
+
+KEPT_DEAD_LETTERS = KeptDeadLetters()
+REGISTRY.register(KEPT_DEAD_LETTERS)

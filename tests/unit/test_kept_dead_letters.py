@@ -80,3 +80,48 @@ def test_a_line_torn_by_a_crash_stays_a_line_of_its_own(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and lines[0] == '{"key": null, "val'
     assert letter_from_line(json.loads(lines[1]))[1] == b"{"
+
+
+def _kept(collector: object) -> dict[str, float]:
+    from producers.metrics import KeptDeadLetters
+
+    assert isinstance(collector, KeptDeadLetters)
+    [family] = collector.collect()
+    return {s.labels["source"]: s.value for s in family.samples}
+
+
+def test_the_gauge_counts_the_letters_waiting_in_each_sources_files(tmp_path: Path) -> None:
+    """Missing: 0; each letter appended counts; a torn line counts once its line ends; the
+    file renamed aside for its import counts 0, and the new one from its start; the files of
+    a source's adapters add up."""
+    from producers.metrics import KeptDeadLetters
+
+    gauge = KeptDeadLetters()
+    cits, docs = (
+        tmp_path / "hcm-citizens.dead-letters.jsonl",
+        tmp_path / "hcm-docs.dead-letters.jsonl",
+    )
+    gauge.watch("province-79", cits)
+    gauge.watch("province-79", docs)
+    gauge.watch("province-01", tmp_path / "hn.dead-letters.jsonl")
+    assert _kept(gauge) == {"province-01": 0, "province-79": 0}
+    letter = letter_line(b"k", b"{}", [("ps.reason.code", b"invalid_json")])
+    append_json_line(cits, letter)
+    append_json_line(cits, letter)
+    assert _kept(gauge)["province-79"] == 2
+    with cits.open("ab") as handle:  # a crash in the middle of a line
+        handle.write(b'{"key": ')
+    assert _kept(gauge)["province-79"] == 2
+    append_json_line(cits, letter)  # ends the torn line, then its own
+    append_json_line(docs, letter)
+    assert _kept(gauge)["province-79"] == 5
+    cits.rename(tmp_path / "importing.jsonl")
+    assert _kept(gauge)["province-79"] == 1
+    append_json_line(cits, letter)
+    assert _kept(gauge) == {"province-01": 0, "province-79": 2}
+    # replaced by a file of the same size but other lines: counted again from its start
+    size = cits.stat().st_size
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(b"\n" * size)
+    replacement.replace(cits)
+    assert _kept(gauge)["province-79"] == size + 1
