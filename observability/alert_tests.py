@@ -19,6 +19,7 @@ PART = f'{GROUP},topic="portal-sync.changes.citizen",partition="0"'
 BEYOND = "portal_sync_outbox_rows_beyond_lookback"
 ERRORS = "portal_sync_source_errors_total"
 CURSOR = "portal_sync_source_cursor_lag_seconds"
+KEPT = f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}'
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ CASES = [
     Case(
         "PortalSyncDeadLettersKeptAtSource",
         # a record rejected at 2m is kept on disk; the operator imports the file at 20m
-        {f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}':
-         "0 0 1x17 0x5"},
+        {KEPT: "0 0 1x17 0x5"},
         "11m",  # kept since 2m, pending for 10m
         "13m",
         {"source": "province-79"},
@@ -87,8 +87,7 @@ CASES = [
     Case(
         "PortalSyncDeadLettersKeptAtSource",
         # the same: renamed aside for its import at 20m, the file counts 0 and it resolves
-        {f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}':
-         "0 0 1x17 0x5"},
+        {KEPT: "0 0 1x17 0x5"},
         "21m",
         "13m",
         {"source": "province-79"},
