@@ -24,6 +24,8 @@ from transport import clients
 from transport.config import KafkaConnection
 from transport.reader import TP, Message, to_message
 
+NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # Kafka's "no id" (Uuid.ZERO_UUID)
+
 
 class ExternalConnection(KafkaConnection):
     """A connection to a cluster that is not ours, from the values given and nothing else."""
@@ -54,6 +56,9 @@ class CommittedOffsetReader:
     ) -> None:
         self.group_id = group_id
         self.topics = list(topics)
+        self._connection = connection
+        self._client_id = client_id
+        self._admin: Any = None  # for the topics' ids, made on first use
         self._consumer = clients.consumer(
             connection,
             client_id,
@@ -69,6 +74,25 @@ class CommittedOffsetReader:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+        if self._admin is not None:
+            self._admin.close()
+
+    def topic_ids(self) -> dict[str, str]:
+        """The id the cluster gave each of the topics that exist (KIP-516, Kafka 2.8 on). A
+        topic deleted and created again gets a new one, whatever its offsets look like.
+        None is named for a topic of a cluster that gives no ids."""
+        try:
+            if self._admin is None:
+                self._admin = clients.admin(self._connection, f"{self._client_id}-ids")
+            described = self._admin.describe_topics(self.topics)
+        except KafkaError as error:
+            raise clients.translate(error, "describe the topics") from None
+        ids: dict[str, str] = {}
+        for topic in described:
+            found = topic.get("topic_id")
+            if topic.get("error_code") == 0 and found and str(found) != NO_TOPIC_ID:
+                ids[str(topic["name"])] = str(found)
+        return ids
 
     def start(self, saved: dict[TP, int]) -> dict[TP, int]:
         """Assign every partition of the topics (those that exist yet) and seek each to the

@@ -86,6 +86,7 @@ class DebeziumAdapter(Adapter):
         self.group_id = config.group_id or f"portal-sync-{source}"
         self._local_times = frozenset(config.local_time_columns)
         self._reader: CommittedOffsetReader | None = None
+        self._topic_ids: dict[str, str] = {}  # topic -> the cluster's id, saved with offsets
         try:
             self.connection()  # a wrong combination refuses the start, not the first run
         except ValidationError as error:
@@ -111,6 +112,18 @@ class DebeziumAdapter(Adapter):
 
     def read(self, state: State) -> Iterator[Item]:
         reader = self.reader
+        ids = reader.topic_ids()
+        saved_ids = {str(t): str(i) for t, i in (state.get("topic_ids") or {}).items()}
+        recreated = sorted(t for t, i in saved_ids.items() if t in ids and ids[t] != i)
+        if recreated:
+            # Its log may already reach past the saved position: the check of the ends
+            # below would pass, and the messages below the position be skipped unseen.
+            raise FatalError(
+                f"topics created again since the saved position: {', '.join(recreated)} "
+                "(their ids changed). Decide what the new log holds, then start the adapter "
+                'from its beginning (docs/adapters.md, "A topic behind the state") and restart'
+            )
+        self._topic_ids = saved_ids | ids
         positions = reader.start(_offsets(state))
         ends = reader.end_offsets()
         behind = sorted(tp for tp, end in ends.items() if positions.get(tp, 0) > end)
@@ -158,6 +171,7 @@ class DebeziumAdapter(Adapter):
             {
                 "group_id": self.group_id,
                 "offsets": {f"{t}:{p}": o for (t, p), o in offsets.items()},
+                "topic_ids": dict(sorted(self._topic_ids.items())),
             },
             commit=lambda: reader.commit(offsets),
         )

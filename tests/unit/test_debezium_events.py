@@ -270,6 +270,9 @@ class Recreated:
     """A province topic deleted and created again: its log ends at 10, below the 50,000
     the adapter saved."""
 
+    def topic_ids(self) -> dict[str, str]:
+        return {}  # a cluster that gives no ids: the offsets are all there is to compare
+
     def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         return {("p79.public.cong_dan", 0): max(saved.values())}
 

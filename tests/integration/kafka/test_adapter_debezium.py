@@ -415,3 +415,65 @@ def test_a_transactional_writer_aborted_changes_are_never_read(
     assert checkpoint.state["offsets"] == {f"{topic}:0": 6}  # 3 messages, 3 markers
     assert [r.origin for r in records] == [f"{topic}:0:0", f"{topic}:0:4"]
     assert time.monotonic() - started < 3  # not waiting out idle_seconds
+
+
+def test_a_topic_created_again_and_refilled_past_the_saved_position_stops_the_source(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The province deletes its topic and creates it again (a connector reset), and its new
+    log already reaches past the adapter's saved position before the next run: the offsets
+    alone look right, the topic's id does not. The source stops instead of skipping the new
+    log's first messages."""
+    from producers.sdk import FatalError
+
+    topic = f"dbzre{uuid.uuid4().hex[:6]}"
+    connection = KafkaConnection(bootstrap=kafka_bootstrap)
+    source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
+
+    def fill(names: list[str]) -> None:
+        publisher = Publisher(connection, Topics("unused"), client_id="test-province")
+        for lsn, name in enumerate(names, 100):
+            row = {"so_dinh_danh": LAN, "ho_ten": name}
+            payload = {"op": "u", "before": None, "after": row, "source": source | {"lsn": lsn}}
+            publisher.send(topic, b'{"id":1}', json.dumps(payload).encode())
+        publisher.flush()
+        publisher.close()
+
+    with admin.cluster(connection) as cluster:
+        cluster.admin.create_topics([NewTopic(topic, 1, 1)])
+    fill(["Lan", "Lan Anh"])
+    body = CONFIG.split("[[sources]]")[1].format(
+        bootstrap=kafka_bootstrap, group=f"re-{topic}", prefix="unused", bare="unused"
+    )
+    deploy = load_deployment(write_config(tmp_path, "[[sources]]" + body))
+    entry = deploy.sources[0]
+    entry.mapping["topics"] = [topic]
+    entry.mapping["fields"] = {"full_name": "ho_ten"}
+    entry.mapping.pop("value_maps")
+    adapter = deploy.adapter(entry)
+    try:
+        (checkpoint,) = [i for i in adapter.read({}) if isinstance(i, Checkpoint)]
+        assert checkpoint.commit is not None
+        checkpoint.commit()
+        state = checkpoint.state
+        assert state["offsets"] == {f"{topic}:0": 2} and set(state["topic_ids"]) == {topic}
+
+        with admin.cluster(connection) as cluster:
+            cluster.delete_topics([topic])
+            deadline = time.monotonic() + 30
+            while True:  # the deletion may still be under way
+                try:
+                    cluster.admin.create_topics([NewTopic(topic, 1, 1)])
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        fill(["Cường", "Dũng", "Em", "Lan", "Lan Anh"])  # past the saved position 2
+        with pytest.raises(FatalError, match=f"created again since the saved position: {topic}"):
+            list(adapter.read(state))
+        # Started from its beginning (its state removed), it reads the new log whole.
+        records = [i for i in adapter.read({}) if isinstance(i, Record)]
+        assert [(r.data or {}).get("full_name") for r in records][:2] == ["Cường", "Dũng"]
+    finally:
+        adapter.close()
