@@ -235,6 +235,12 @@ class BatchIO:
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
         raise NotImplementedError
 
+    def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
+        """Note records left with no canonical record, for the retention's tombstone purge:
+        a row new to `record_deletions` at `at`; an existing row keeps its (earlier) time,
+        unless `due`, which sets it to `at` (a time already past: checked at its next run)."""
+        raise NotImplementedError
+
     def write_freshness(self, newest: dict[SourcePartition, datetime], now: datetime) -> None:
         """Advance each (source, topic, partition)'s newest applied `occurred_at` (never
         back) and set when it was applied to `now`."""
@@ -542,6 +548,15 @@ class PostgresBatchIO(BatchIO):
                 _key_arrays(gone),
                 planned=True,
             )
+            self.note_deletions(gone, now)
+
+    def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
+        self._run(
+            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, %b"
+            " FROM unnest(%b::text[], %b::text[]) AS u(e, k) ON CONFLICT (entity, key)"
+            + (" DO UPDATE SET deleted_at = excluded.deleted_at" if due else " DO NOTHING"),
+            [_naive(at), *_key_arrays(sorted(keys))],
+        )
 
     def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Kept until the batch settles, then copied (`COPY` cannot run in a pipeline).
@@ -825,9 +840,17 @@ class SqliteBatchIO(BatchIO):
                 if r is not None
             ],
         )
+        gone = [key for key, record in records.items() if record is None]
+        self._many("DELETE FROM records WHERE entity = ? AND key = ?", gone)
+        if gone:
+            self.note_deletions(gone, now)
+
+    def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
         self._many(
-            "DELETE FROM records WHERE entity = ? AND key = ?",
-            [key for key, record in records.items() if record is None],
+            "INSERT INTO record_deletions (entity, key, deleted_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (entity, key)"
+            + (" DO UPDATE SET deleted_at = excluded.deleted_at" if due else " DO NOTHING"),
+            [(e, k, _text_time(at)) for e, k in sorted(keys)],
         )
 
     def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:

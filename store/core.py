@@ -64,6 +64,7 @@ from store.tables import (
     apply_journal,
     dead_letter_redrives,
     offset_changes,
+    record_deletions,
     record_history,
     records,
     source_freshness,
@@ -76,6 +77,8 @@ if TYPE_CHECKING:
     from store.purge import SourcePurge
 
 CHUNK = 500
+# A `record_deletions` time that is already past: checked at the retention's next run.
+DUE_AT_ONCE = datetime(1970, 1, 1, tzinfo=UTC)
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 
@@ -659,15 +662,41 @@ class Store:
         of their history entries become null (the entries stay, marked `purged_at`) and
         their tombstones go. Return (history entries emptied, tombstones removed).
 
-        Each chunk of records is locked (as a batch locks them) and checked again inside
-        its transaction, so a record that came back meanwhile is left alone."""
+        The candidates are the rows of `record_deletions` due before `older_than` (an index
+        range, not a scan of the views). Each chunk of them is locked (as a batch locks its
+        records) and checked against the views inside its transaction: a record every
+        source deleted before `older_than` is forgotten; one deleted since waits for its
+        newest tombstone's time; one that came back (or has no views) leaves the table."""
         emptied = removed = 0
+        due = record_deletions.c.deleted_at < older_than
         with translated(), self.engine.connect() as conn:
-            candidates = self._deleted_before(conn, older_than)
-        for chunk in _chunks(candidates):
+            candidates = [
+                (entity, key)
+                for entity, key in conn.execute(
+                    select(record_deletions.c.entity, record_deletions.c.key).where(due)
+                )
+            ]
+        for chunk in _chunks(sorted(candidates)):
             with translated(), self.write_transaction() as conn:
-                batch_io(conn.dialect.name, conn.connection.driver_connection).lock(chunk)
-                keys = self._deleted_before(conn, older_than, chunk)
+                io = batch_io(conn.dialect.name, conn.connection.driver_connection)
+                io.lock(chunk)
+                newest = self._only_tombstones(conn, chunk)
+                keys = sorted(k for k, at in newest.items() if at < older_than)
+                later = {k: at for k, at in newest.items() if at >= older_than}
+                of_chunk = tuple_(record_deletions.c.entity, record_deletions.c.key)
+                settled = [k for k in chunk if k not in later]
+                if settled:
+                    conn.execute(delete(record_deletions).where(of_chunk.in_(settled)))
+                if later:
+                    conn.execute(
+                        update(record_deletions)
+                        .where(
+                            record_deletions.c.entity == bindparam("e"),
+                            record_deletions.c.key == bindparam("k"),
+                        )
+                        .values(deleted_at=bindparam("at")),
+                        [{"e": e, "k": k, "at": at} for (e, k), at in sorted(later.items())],
+                    )
                 if not keys:
                     continue
                 of_keys = tuple_(record_history.c.entity, record_history.c.key).in_(keys)
@@ -693,23 +722,22 @@ class Store:
                     )
                 )
                 removed += int(result.rowcount or 0)
-                batch_io(conn.dialect.name, conn.connection.driver_connection).count_write(utcnow())
+                io.count_write(utcnow())
         return emptied, removed
 
-    def _deleted_before(
-        self, conn: Connection, older_than: datetime, among: list[RecordKey] | None = None
-    ) -> list[RecordKey]:
-        """Records whose every source view is a tombstone, the newest applied before
-        `older_than` (only `among` these keys, when given)."""
+    def _only_tombstones(
+        self, conn: Connection, among: list[RecordKey]
+    ) -> dict[RecordKey, datetime]:
+        """Of these records, those whose every source view is a tombstone: the time the
+        newest was applied."""
         live_views = func.sum(case((source_views.c.deleted, 0), else_=1))
         query = (
-            select(source_views.c.entity, source_views.c.key)
+            select(source_views.c.entity, source_views.c.key, func.max(source_views.c.applied_at))
+            .where(tuple_(source_views.c.entity, source_views.c.key).in_(among))
             .group_by(source_views.c.entity, source_views.c.key)
-            .having(live_views == 0, func.max(source_views.c.applied_at) < older_than)
+            .having(live_views == 0)
         )
-        if among is not None:
-            query = query.where(tuple_(source_views.c.entity, source_views.c.key).in_(among))
-        return sorted((entity, key) for entity, key in conn.execute(query))
+        return {(entity, key): _aware(at) for entity, key, at in conn.execute(query)}
 
 
 class BatchTransaction:
@@ -773,6 +801,12 @@ class BatchTransaction:
             self._io.new_conflicts = self._io.settle()
         if changes.purged_views:
             self._io.delete_views(changes.purged_views)
+            # Left with tombstones only (or nothing): due for the retention's next check,
+            # from the newest tombstone's own time, not from this purge's.
+            purged = {(e, k) for e, k, _ in changes.purged_views}
+            emptied = [k for k in purged if k in changes.records and changes.records[k] is None]
+            if emptied:
+                self._io.note_deletions(emptied, DUE_AT_ONCE, due=True)
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
         return (

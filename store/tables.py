@@ -98,6 +98,21 @@ source_freshness = Table(
     Column("last_applied", UTCDateTime, nullable=False),
 )
 
+# Records that may have been deleted by every source, and since when (at the latest): what
+# the retention's tombstone purge checks, instead of grouping every view of the store. A
+# batch adds the records it leaves with no canonical record (never moving an existing row);
+# a `source purge` that leaves a record with tombstones only adds it as due at once; the
+# retention job checks each due row against the views, purges or removes it, or moves it to
+# its newest tombstone's time (migration 0012).
+record_deletions = Table(
+    "record_deletions",
+    metadata,
+    Column("entity", String(16), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("deleted_at", UTCDateTime, nullable=False),
+    Index("ix_record_deletions_deleted_at", "deleted_at"),
+)
+
 # One row per partition per committed batch: [first_offset, next_offset) applied at
 # committed_at. Contiguous, non-overlapping ranges prove nothing was lost or applied twice.
 apply_journal = Table(

@@ -13,7 +13,7 @@ from consumers.metrics import RETENTION_PURGED
 from consumers.retention import Retention, purge
 from store import utcnow
 from store.core import Store
-from store.tables import access_log, record_history, source_views
+from store.tables import access_log, record_deletions, record_history, source_views
 from tests.support.store_helpers import CITIZEN, CITIZEN_2, CITIZEN_MISSING, Feed, event
 
 DAY = timedelta(days=1)
@@ -164,3 +164,76 @@ def test_the_access_log_is_append_only_on_postgresql(postgres_store_url: str) ->
         assert [r["operator"] for r in store.access_entries()] == ["carol"]
     finally:
         store.close()
+
+
+def notes(store: Store) -> dict[str, datetime]:
+    """`record_deletions`: the records the retention's tombstone purge checks, by key."""
+    with store.engine.connect() as conn:
+        return {r.key: r.deleted_at for r in conn.execute(select(record_deletions))}
+
+
+def test_the_purge_checks_the_noted_records_and_keeps_the_notes_true(store: Store) -> None:
+    """A batch notes each record it leaves without a canonical record (a delete that came
+    before any upsert too), never one another source still holds. The check purges what is
+    due, drops the note of a record that came back, and moves one deleted again since to its
+    newest tombstone's time."""
+    feed = Feed(store)
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
+        event("citizen", CITIZEN_MISSING, "province-01", 1, {"full_name": "Cúc"}),
+        event("citizen", CITIZEN_MISSING, "province-79", 1, {"phone": "0987654321"}),
+    )
+    before = utcnow()
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 2, None),  # its only source
+        event("citizen", CITIZEN_2, "province-01", 1, None),  # a delete before any upsert
+        event("citizen", CITIZEN_MISSING, "province-79", 2, None),  # province-01 holds it
+    )
+    after = utcnow()
+    noted = notes(store)
+    assert sorted(noted) == sorted([CITIZEN, CITIZEN_2])
+    assert all(before <= at <= after for at in noted.values())
+
+    feed.apply(event("citizen", CITIZEN_2, "province-01", 2, {"full_name": "Bình"}))  # back
+    assert notes(store) == noted  # a batch never moves a note
+
+    long_ago = utcnow() - 400 * DAY
+    with store.write_transaction() as conn:  # CITIZEN's deletion, long ago
+        conn.execute(update(record_deletions).values(deleted_at=long_ago))
+        conn.execute(update(source_views).values(applied_at=long_ago))
+    feed.apply(event("citizen", CITIZEN, "province-79", 1, None))  # ... and again, now
+    with store.engine.connect() as conn:
+        again = conn.execute(
+            select(source_views.c.applied_at).where(
+                source_views.c.key == CITIZEN, source_views.c.source == "province-79"
+            )
+        ).scalar_one()
+
+    assert purge(store, RETENTION, utcnow())["tombstones"] == 0
+    assert notes(store) == {CITIZEN: again}  # CITIZEN_2's note went: it is back
+    assert purge(store, RETENTION, utcnow() + 181 * DAY)["tombstones"] == 2
+    assert notes(store) == {}
+
+
+def test_a_source_purge_that_leaves_tombstones_only_makes_the_record_due(store: Store) -> None:
+    """province-79 deleted the record long ago while province-01 held it; purging
+    province-01's view leaves the old tombstone alone: due at the next check, from the
+    tombstone's own time, not from the purge's."""
+    from consumers.merge import Authority
+    from portal_sync.ops import purge as purging
+
+    feed = Feed(store)
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
+        event("citizen", CITIZEN, "province-79", 1, {"phone": "0912345678"}),
+    )
+    feed.apply(event("citizen", CITIZEN, "province-79", 2, None))
+    with store.write_transaction() as conn:
+        conn.execute(update(source_views).values(applied_at=utcnow() - 400 * DAY))
+    assert notes(store) == {}
+
+    audit = purging.new_purge("province-01", None, None, "wrong data", "steward", None)
+    purging.run(store, Authority(), audit, None)
+    assert views(store) == [(CITIZEN, "province-79", True)]
+    assert purge(store, RETENTION, utcnow())["tombstones"] == 1
+    assert views(store) == [] and notes(store) == {}

@@ -43,6 +43,7 @@ from store.tables import (
     applied_offsets,
     apply_journal,
     metadata,
+    record_deletions,
     record_history,
     records,
     source_views,
@@ -590,5 +591,39 @@ def test_0011_fills_the_freshness_from_the_views_once_and_the_downgrade_drops_it
         ]
         _migrate(store, "0010", down=True)
         assert "source_freshness" not in inspect(store.engine).get_table_names()
+    finally:
+        store.close()
+
+
+# -- 0012: the records the retention's tombstone purge checks --------------------------------
+
+
+def test_0012_notes_every_record_deleted_by_all_its_sources_and_the_downgrade_drops_it(
+    store_url: str,
+) -> None:
+    store = Store(store_url)
+    try:
+        _migrate(store, "0011")
+        views = [  # (key, source, deleted, applied_at)
+            (CITIZEN, "province-01", True, T1),  # deleted by both: noted at the newest
+            (CITIZEN, "province-79", True, T2),
+            ("079300000002", "province-01", True, T1),  # still held by province-79
+            ("079300000002", "province-79", False, T1),
+            ("079300000003", "province-01", False, T2),  # never deleted
+        ]
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(source_views),
+                [{"entity": "citizen", "key": key, "source": source, "version": 1,
+                  "event_id": f"e-{i}", "occurred_at": T1, "deleted": deleted,
+                  "data": None if deleted else {}, "applied_at": applied}
+                 for i, (key, source, deleted, applied) in enumerate(views)],
+            )  # fmt: skip
+        _migrate(store, "0012")
+        with store.engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(select(record_deletions))]
+        assert rows == [("citizen", CITIZEN, T2)]
+        _migrate(store, "0011", down=True)
+        assert "record_deletions" not in inspect(store.engine).get_table_names()
     finally:
         store.close()
