@@ -238,10 +238,11 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "warning",
             "{{ $labels.source }}: {{ $value }} dead letters kept on its producer's disk (the "
             "cluster does not let the source write them), waiting for `dlq import`",
-            "The source's rejected records are in <state_dir>/<source id>.dead-letters.jsonl "
-            "where its producer runs, not in the dead-letter topic: no one sees or re-drives "
-            "them there. Rename the file aside, import it as an operator (`portal-sync dlq "
-            "import FILE`), then remove it (docs/operations.md, Dead letters).",
+            "The source's rejected records are in <state_dir>/<entry id>.dead-letters.jsonl "
+            "(a file per deployment entry of the source) where its producer runs, not in "
+            "the dead-letter topic: no one sees or re-drives them there. Rename each file "
+            "aside, import it as an operator (`portal-sync dlq import FILE`), then remove it "
+            "(docs/operations.md, Dead letters).",
         ),
         Rule(
             "PortalSyncOutboxRowsBeyondLookback",

@@ -30,7 +30,8 @@ class Freshness:
 
 
 def read_freshness(store: Store) -> dict[str, Freshness]:
-    """Per source, the newest `occurred_at` and `applied_at` of its views in the store."""
+    """Per source, the newest `occurred_at` the store's live batches applied, and when the
+    last was applied (`Store.freshness`)."""
     return {
         f.source: Freshness(f.source, f.last_change.timestamp(), f.last_applied.timestamp())
         for f in store.freshness()

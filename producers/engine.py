@@ -85,6 +85,11 @@ class RetryPolicy:
         return float(min(self.max_delay, self.first_delay * 2 ** (attempt - 1)))
 
 
+def kept_letters_path(state_dir: Path, entry_id: str) -> Path:
+    """Where a deployment entry keeps the dead letters its cluster refused."""
+    return state_dir / f"{entry_id}.dead-letters.jsonl"
+
+
 class AdapterRunner:
     """Runs one configured source: `run_once` for one pass, `run` to poll on a schedule."""
 
@@ -104,7 +109,7 @@ class AdapterRunner:
         self.signer = signer  # None: events go unsigned
         self.state_path = state_dir / f"{source_id}.state.json"
         # dead letters the cluster does not let this source write (docs/operations.md)
-        self.kept_letters_path = state_dir / f"{source_id}.dead-letters.jsonl"
+        self.kept_letters_path = kept_letters_path(state_dir, source_id)
         KEPT_DEAD_LETTERS.watch(adapter.source, self.kept_letters_path)
         self.retry = retry or RetryPolicy()
         self.checkpoint_interval = checkpoint_interval

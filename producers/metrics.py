@@ -87,20 +87,25 @@ OUTBOX_BEYOND_LOOKBACK = OutboxBeyondLookback()
 REGISTRY.register(OUTBOX_BEYOND_LOOKBACK)
 
 
+HEAD_BYTES = 256  # a kept file's first bytes: the same file, not one cut and written again
+
+
 class KeptDeadLetters(Collector):
-    """`portal_sync_source_kept_dead_letters{source}`: the lines of a source's kept
-    dead-letter files (`<state_dir>/<source id>.dead-letters.jsonl`: the letters a secured
-    cluster did not let the source write), waiting for an operator's `dlq import`.
+    """`portal_sync_source_kept_dead_letters{source}`: the lines of the kept dead-letter
+    files of a source's deployment entries (`<state_dir>/<entry id>.dead-letters.jsonl`:
+    the letters a secured cluster did not let the source write), waiting for an
+    operator's `dlq import`; disabled entries' too, whose letters still wait.
 
     Counted from the files at each scrape: only what was appended since the last count is
-    read; a file renamed aside (to be imported) counts 0, and one replaced or cut is
-    counted again from its start. A line torn by a crash counts once its line ends."""
+    read; a file renamed aside (to be imported) counts 0, and one replaced, or cut and
+    written again (its first bytes differ), is counted again from its start. A line torn
+    by a crash counts once its line ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._paths: dict[str, set[Path]] = {}
-        # path -> (device and inode, bytes counted, complete lines in them)
-        self._counted: dict[Path, tuple[tuple[int, int], int, int]] = {}
+        # path -> (device and inode, bytes counted, complete lines in them, first bytes)
+        self._counted: dict[Path, tuple[tuple[int, int], int, int, bytes]] = {}
 
     def watch(self, source: str, path: Path) -> None:
         with self._lock:
@@ -115,10 +120,16 @@ class KeptDeadLetters(Collector):
         with handle:
             status = os.fstat(handle.fileno())
             identity = (status.st_dev, status.st_ino)
+            head = handle.read(HEAD_BYTES)
             start, lines = 0, 0
             known = self._counted.get(path)
-            if known is not None and known[0] == identity and known[1] <= status.st_size:
-                _, start, lines = known
+            if (
+                known is not None
+                and known[0] == identity
+                and known[1] <= status.st_size
+                and head.startswith(known[3])
+            ):
+                _, start, lines, _ = known
             handle.seek(start)
             remaining = status.st_size - start
             while remaining > 0:
@@ -127,7 +138,8 @@ class KeptDeadLetters(Collector):
                     break
                 lines += chunk.count(b"\n")
                 remaining -= len(chunk)
-            self._counted[path] = (identity, status.st_size - remaining, lines)
+            counted = status.st_size - remaining
+            self._counted[path] = (identity, counted, lines, head[:counted])
             return lines
 
     def collect(self) -> Iterator[Metric]:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from producers.deployment import Deployment, SourceEntry
-from producers.engine import AdapterRunner, RunStats
+from producers.engine import AdapterRunner, RunStats, kept_letters_path
+from producers.metrics import KEPT_DEAD_LETTERS
 from producers.sdk import ConfigurationError, FatalError
 from producers.signing import load_signer
 from schemas.errors import ConfigurationError as SettingError
@@ -102,6 +103,10 @@ def build_groups(
 ) -> tuple[list[SourceGroup], list[Publisher]]:
     """Construct every adapter first: a configuration error refuses the whole start."""
     entries = deployment.enabled(only)
+    for entry in deployment.sources:  # disabled or not run here: their letters still wait
+        KEPT_DEAD_LETTERS.watch(
+            entry.contract_source, kept_letters_path(deployment.state_dir, entry.id)
+        )
     adapters = {entry.id: deployment.adapter(entry, reference_key) for entry in entries}
     by_source: dict[str, list[SourceEntry]] = {}
     for entry in entries:

@@ -13,12 +13,12 @@ from dataclasses import asdict, astuple, dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, select, tuple_
+from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, tuple_
 from sqlalchemy.orm import aliased
 
 from schemas.views import RecordKey
 from store.core import Store, _upsert, translated, utcnow
-from store.tables import source_purges, source_views
+from store.tables import source_freshness, source_purges, source_views
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,14 @@ def purge_keys(
 
 
 def finish_purge(store: Store, purge: SourcePurge) -> SourcePurge:
-    """Write the audit row as complete (every chunk committed)."""
+    """Write the audit row as complete (every chunk committed). A purge of all of a
+    source's views also forgets its freshness: a worker starting next has no series for it
+    until it delivers again (its views left the store)."""
     done = replace(purge, finished_at=utcnow())
     with translated(), store.write_transaction() as conn:
         _upsert(conn, source_purges, [done.row()], ["id"])
+        if purge.entity is None and purge.reference is None:
+            conn.execute(delete(source_freshness).where(source_freshness.c.source == purge.source))
     return done
 
 

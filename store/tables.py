@@ -86,8 +86,8 @@ applied_offsets = Table(
 # Per source and partition, the newest `occurred_at` a live batch applied and when: the
 # sources' freshness a worker starts from (`Store.freshness`), kept by each batch beside its
 # offsets (a row per partition: two workers never wait for each other's). Migration 0011
-# filled it from the views under topic "" and partition -1. Views purged later (a source
-# purge, tombstones' retention) leave it as it is: a source's last delivery stays known.
+# filled it from the views under topic "" and partition -1. Tombstones the retention purges
+# leave it as it is; a `source purge` of all of a source's views removes the source's rows.
 source_freshness = Table(
     "source_freshness",
     metadata,

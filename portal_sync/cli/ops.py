@@ -377,7 +377,7 @@ def dlq_redrive(
 @dlq_app.command("import")
 def dlq_import(
     file: Annotated[
-        Path, typer.Argument(help="<state_dir>/<source id>.dead-letters.jsonl of a producer")
+        Path, typer.Argument(help="<state_dir>/<entry id>.dead-letters.jsonl of a producer")
     ],
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip (and name) lines that hold no kept letter")

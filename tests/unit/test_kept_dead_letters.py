@@ -1,5 +1,5 @@
 """The file a producer keeps the dead letters in that its cluster does not let it write
-(`<state_dir>/<source id>.dead-letters.jsonl`), read back by `portal-sync dlq import`."""
+(`<state_dir>/<entry id>.dead-letters.jsonl`), read back by `portal-sync dlq import`."""
 
 from __future__ import annotations
 
@@ -119,6 +119,14 @@ def test_the_gauge_counts_the_letters_waiting_in_each_sources_files(tmp_path: Pa
     assert _kept(gauge)["province-79"] == 1
     append_json_line(cits, letter)
     assert _kept(gauge) == {"province-01": 0, "province-79": 2}
+    # cut where it is and written again past its old size: counted again from its start
+    size_before = cits.stat().st_size
+    with cits.open("r+b") as handle:
+        handle.truncate(0)
+    for _ in range(4):  # shorter lines: as many bytes as before hold more of them
+        append_json_line(cits, letter_line(None, b"", []))
+    assert cits.stat().st_size > size_before
+    assert _kept(gauge)["province-79"] == 5
     # replaced by a file of the same size but other lines: counted again from its start
     size = cits.stat().st_size
     replacement = tmp_path / "replacement"

@@ -8,7 +8,9 @@ by every worker of a rolling restart). Now each live batch advances one row per 
 topic, partition) it applied events of, beside its offsets, and a start reads that table.
 
 The upgrade fills it from the views, once, under topic "" and partition -1 (the views do
-not say which partition their events came from). The downgrade drops it.
+not say which partition their events came from): stop the workers first (docs/deploy.md,
+"Upgrades"), since a worker of a release before goes on applying without writing it. The
+downgrade drops it.
 
 Revision ID: 0011
 Revises: 0010

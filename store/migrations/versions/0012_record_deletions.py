@@ -10,7 +10,9 @@ leaves with no canonical record (a `source purge` too), and the job checks the n
 are due.
 
 The upgrade notes, once, every record whose views are all tombstones, at its newest
-tombstone's time. The downgrade drops the table.
+tombstone's time: stop the workers first (docs/deploy.md, "Upgrades"), since a worker of
+a release before goes on deleting records without noting them. The downgrade drops the
+table.
 
 Revision ID: 0012
 Revises: 0011

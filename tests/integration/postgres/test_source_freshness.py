@@ -122,3 +122,26 @@ def test_the_freshness_outlives_the_views_it_came_from(store_url: str) -> None:
         assert (fresh.source, fresh.last_change) == ("province-01", T0 + timedelta(minutes=6))
     finally:
         store.close()
+
+
+def test_a_purge_of_all_of_a_sources_views_forgets_its_freshness(store_url: str) -> None:
+    """As the views it came from: a purge of one entity keeps it, one of all goes."""
+    from portal_sync.ops import purge as purging
+
+    store = Store(store_url)
+    store.create_schema()
+    reconciler = Reconciler(store, Authority())
+    try:
+        _apply(
+            reconciler,
+            [event("citizen", CITIZEN, "province-01", 5, NAME),
+             event("citizen", CITIZEN_2, "province-79", 2, NAME)],
+            0, 0,
+        )  # fmt: skip
+        for entity in ("dossier", None):
+            audit = purging.new_purge("province-01", entity, None, "wrong data", "steward", None)
+            purging.run(store, Authority(), audit, None)
+            left = sorted(f.source for f in store.freshness())
+            assert left == (["province-01", "province-79"] if entity else ["province-79"])
+    finally:
+        store.close()
