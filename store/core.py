@@ -586,13 +586,41 @@ class Store:
                 provenance = None if origins is None else expand_provenance(origins, row.sources)
                 yield row.entity, row.key, row.data, row.sources, provenance
 
-    def record_keys(self, entity: str | None = None) -> list[RecordKey]:
-        """Every (entity, key) some source has a view of, sorted."""
+    def record_keys(
+        self, entity: str | None = None, after: RecordKey | None = None, limit: int | None = None
+    ) -> list[RecordKey]:
+        """(entity, key) some source has a view of, in order: every one, or the `limit`
+        after `after` (keyset pages along the primary key: a store of any size is read in
+        bounded memory, page by page)."""
         query = select(source_views.c.entity, source_views.c.key).distinct()
         if entity is not None:
             query = query.where(source_views.c.entity == entity)
-        with self.engine.connect() as conn:
-            return sorted((e, k) for e, k in conn.execute(query))
+        if after is not None:
+            query = query.where(tuple_(source_views.c.entity, source_views.c.key) > tuple_(*after))
+        query = query.order_by(source_views.c.entity, source_views.c.key)
+        if limit is not None:
+            query = query.limit(limit)
+        with translated(), self.engine.connect() as conn:
+            return [(e, k) for e, k in conn.execute(query)]
+
+    def record_key_pages(
+        self, entity: str | None = None, size: int = CHUNK
+    ) -> Iterator[list[RecordKey]]:
+        """`record_keys` page by page, to the end."""
+        after = None
+        while page := self.record_keys(entity, after, size):
+            yield page
+            if len(page) < size:
+                return
+            after = page[-1]
+
+    def count_record_keys(self, entity: str | None = None) -> int:
+        """How many (entity, key) some source has a view of."""
+        keys = select(source_views.c.entity, source_views.c.key).distinct()
+        if entity is not None:
+            keys = keys.where(source_views.c.entity == entity)
+        with translated(), self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one())
 
     def keys_without_provenance(self) -> list[RecordKey]:
         """Records written before the store kept provenance (migrated first-schema stores)."""

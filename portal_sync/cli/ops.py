@@ -236,7 +236,7 @@ def rebuild(
         live.close()
     target = Store(store)
     target.create_schema()
-    if target.record_keys():
+    if target.holds_data():
         console.print("[red]error:[/red] the target store is not empty")
         raise typer.Exit(1)
     settings = live_settings.model_copy(update={"store_url": store})

@@ -4,6 +4,7 @@ remerge and schema upgrade."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -70,7 +71,8 @@ def store_upgrade(store: StoreOpt = None) -> None:
     console.print(f"schema: {before or 'empty'} → {after}")
     keys = target.keys_without_provenance()
     if keys:
-        changed = _remerge(target, settings, keys)
+        pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
+        changed, _ = _remerge(target, settings, pages, len(keys))
         console.print(
             f"re-merged {len(keys)} records written before provenance ({changed} changed)"
         )
@@ -102,38 +104,42 @@ def remerge(
     try:
         target.require_schema()  # a database without the schema: one line, nothing created
         guard_rules(target, settings, rules_mismatch_ok)
-        keys = target.record_keys(entity)
+        total = target.count_record_keys(entity)
         if not dry_run and not yes:
-            typer.confirm(f"re-merge {len(keys)} records under the current rules?", abort=True)
-        changed = _remerge(target, settings, keys, dry_run=dry_run)
+            typer.confirm(f"re-merge {total} records under the current rules?", abort=True)
+        # page by page along the views' key: bounded memory whatever the store's size
+        changed, done = _remerge(
+            target, settings, target.record_key_pages(entity), total, dry_run=dry_run
+        )
     finally:
         target.close()
     verb = "would change" if dry_run else "changed"
-    console.print(f"re-merged {len(keys)} records, {changed} {verb}")
+    console.print(f"re-merged {done} records, {changed} {verb}")
 
 
 def _remerge(
     store: Store,
     settings: Settings,
-    keys: list[tuple[str, str]],
-    chunk: int = 500,
+    pages: Iterable[list[tuple[str, str]]],
+    total: int,
     dry_run: bool = False,
-) -> int:
+) -> tuple[int, int]:
+    """Re-merge the records page by page (a transaction each); return (changed, done)."""
     from consumers.config import load_rules
     from consumers.reconciler import Reconciler
 
     _, authority = load_rules(settings.registry, settings.authority_file)
     reconciler = Reconciler(store, authority)
-    changed = 0
+    changed = done = 0
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("re-merging", total=len(keys))
-        for start in range(0, len(keys), chunk):
-            part = keys[start : start + chunk]
+        task = progress.add_task("re-merging", total=total)
+        for part in pages:
             changed += reconciler.remerge(part, dry_run=dry_run)
+            done += len(part)
             progress.advance(task, len(part))
-    return changed
+    return changed, done
 
 
 def show(

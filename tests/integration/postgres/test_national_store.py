@@ -885,3 +885,27 @@ def test_applied_events_of_the_reconciler_are_registered_ones(tmp_path: Path) ->
     assert [d.code for d in dead] == ["unregistered_source"]
     assert target.all_offsets() == {(TOPIC, 0): 2}
     target.close()
+
+
+def test_record_keys_come_page_by_page_along_the_views(store_url: str) -> None:
+    """`remerge` reads the keys in keyset pages (bounded memory at any size): the pages
+    hold every key once, in order, a record of several sources once."""
+    target = Store(store_url)
+    target.create_schema()
+    try:
+        feed = Feed(target)
+        feed.apply(
+            event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
+            event("citizen", CITIZEN, "province-79", 1, {"phone": "0912345678"}),
+            event("citizen", CITIZEN_2, "province-01", 1, {"full_name": "Bình"}),
+            event("citizen", CITIZEN_MISSING, "province-01", 1, None),  # a tombstone only
+            event("organization", ORG, "national-business-registry", 1, {"name": "Công ty A"}),
+        )
+        every = target.record_keys()
+        assert len(every) == 4 == target.count_record_keys()
+        assert [k for page in target.record_key_pages(size=2) for k in page] == every
+        assert [len(page) for page in target.record_key_pages(size=2)] == [2, 2]
+        assert list(target.record_key_pages("organization", size=3)) == [[("organization", ORG)]]
+        assert target.count_record_keys("citizen") == 3
+    finally:
+        target.close()
