@@ -272,13 +272,21 @@ def dlq_list(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Dead letters (newest last) and their counts by reason."""
-    from portal_sync.ops.dlq import Filters, counts_by_reason, read_dead_letters
+    from collections import Counter, deque
+
+    from portal_sync.ops.dlq import DeadLetterRecord, Filters, iter_dead_letters
 
     filters = Filters(reason, source, parse_time(since), parse_time(until))
-    letters = read_dead_letters(settings_from(bootstrap, None), filters)
-    shown = letters[-limit:]
+    # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
+    shown: deque[DeadLetterRecord] = deque(maxlen=max(limit, 0))
+    by_reason: Counter[str] = Counter()
+    damaged = 0
+    for letter in iter_dead_letters(settings_from(bootstrap, None), filters):
+        shown.append(letter)
+        by_reason[letter.reason_code] += 1
+        damaged += bool(letter.unreadable)
     unreadable = any(letter.unreadable for letter in shown)
-    table = Table(title=f"dead letters ({len(letters)})")
+    table = Table(title=f"dead letters ({by_reason.total()})")
     for column in ("id", "failed at", "reason", "origin", "source", "attempt"):
         table.add_column(column)
     if unreadable:  # what could not be read of a letter (headers, value)
@@ -292,9 +300,8 @@ def dlq_list(
             cells.append("; ".join(letter.unreadable))
         table.add_row(*map(plain, cells))
     console.print(table)
-    for code, count in counts_by_reason(letters).most_common():
+    for code, count in by_reason.most_common():
         console.print(markup("{}: {}", code, count))
-    damaged = sum(1 for letter in letters if letter.unreadable)
     if damaged:
         console.print(f"{damaged} with parts that could not be read (dlq show ID tells which)")
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -101,11 +100,22 @@ class Filters:
 
 def read_dead_letters(settings: Settings, filters: Filters | None = None) -> list[DeadLetterRecord]:
     """Every dead letter the topic retains that passes the filters, oldest first."""
+    return list(iter_dead_letters(settings, filters))
+
+
+def iter_dead_letters(
+    settings: Settings, filters: Filters | None = None
+) -> Iterator[DeadLetterRecord]:
+    """`read_dead_letters` one by one, as they are read: a letter the filters refuse is
+    never kept (a topic's letters can hold up to 1 MiB each)."""
     filters = filters or Filters()
     with RangeReader(settings.connection()) as reader:
         ranges = reader.resolve(Selection([settings.topics().dead_letters]))
-        letters = [_letter(m) for batch in reader.read(ranges) for m in batch]
-    return [letter for letter in letters if filters.keep(letter)]
+        for batch in reader.read(ranges):
+            for message in batch:
+                letter = _letter(message)
+                if filters.keep(letter):
+                    yield letter
 
 
 def _letter(message: Message) -> DeadLetterRecord:
@@ -235,10 +245,6 @@ def _superseded(store: Store, value: bytes | None) -> bool:
 def _kind(value: object) -> str:
     names = {list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
-
-
-def counts_by_reason(letters: Iterable[DeadLetterRecord]) -> Counter[str]:
-    return Counter(letter.reason_code for letter in letters)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from sqlalchemy import insert
 
 from schemas.dead_letter import dead_letter_headers
 from store.core import Store
-from store.tables import source_views
+from store.tables import source_freshness, source_views
 from tests.support.kafka_helpers import (
     change_topic,
     dead_letter_topic,
@@ -192,11 +192,15 @@ def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:
     store = Store(hostile.store_url)
     store.create_schema()
     now = datetime.now(UTC)
-    with store.write_transaction() as conn:
+    with store.write_transaction() as conn:  # as a batch writes them
         conn.execute(insert(source_views).values(
             entity="citizen", key="001090012345", source="[/]\x1b[2Jsource", version=1,
             event_id="00000000-0000-0000-0000-000000000000", occurred_at=now, deleted=False,
             data={}, applied_at=now,
+        ))  # fmt: skip
+        conn.execute(insert(source_freshness).values(
+            source="[/]\x1b[2Jsource", topic=topic, partition=0, last_change=now,
+            last_applied=now,
         ))  # fmt: skip
     store.close()
 

@@ -17,7 +17,7 @@ from schemas import derive_event_id
 from schemas.identifiers import key_reference
 from store import schema
 from store.core import Store
-from store.tables import record_history, records, source_views
+from store.tables import record_deletions, record_history, records, source_views
 from tests.support.kafka_helpers import end_offsets
 from tests.support.pipeline_helpers import (
     citizen_events,
@@ -262,12 +262,17 @@ def test_the_worker_forgets_deleted_records_past_their_retention(
     ])  # fmt: skip
     _caught_up(settings)
     store = Store(settings.store_url)
+    long_ago = datetime.now(UTC) - timedelta(days=200)
     with store.write_transaction() as conn:  # every source deleted it 200 days ago
         conn.execute(
-            update(source_views)
-            .where(source_views.c.key == gone)
-            .values(applied_at=datetime.now(UTC) - timedelta(days=200))
+            update(source_views).where(source_views.c.key == gone).values(applied_at=long_ago)
         )
+        noted = conn.execute(
+            update(record_deletions)
+            .where(record_deletions.c.key == gone)
+            .values(deleted_at=long_ago)
+        )
+        assert noted.rowcount == 1  # the batch that deleted it noted it
 
     _published(settings, tmp_path, [_citizen("province-01", kept, 2, {"full_name": "Lê Văn"})])
     _caught_up(settings)  # a batch, then the retention job (PORTAL_SYNC_DELETED_RETENTION_DAYS)
