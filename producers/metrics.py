@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -87,7 +88,15 @@ OUTBOX_BEYOND_LOOKBACK = OutboxBeyondLookback()
 REGISTRY.register(OUTBOX_BEYOND_LOOKBACK)
 
 
-HEAD_BYTES = 256  # a kept file's first bytes: the same file, not one cut and written again
+EDGE_BYTES = 256  # compared at both ends of what was counted of a kept file
+
+
+def _edges(handle: BinaryIO, counted: int) -> bytes:
+    """The first and the last EDGE_BYTES of the first `counted` bytes of a file."""
+    handle.seek(0)
+    head = handle.read(min(counted, EDGE_BYTES))
+    handle.seek(max(counted - EDGE_BYTES, 0))
+    return head + handle.read(min(counted, EDGE_BYTES))
 
 
 class KeptDeadLetters(Collector):
@@ -98,13 +107,14 @@ class KeptDeadLetters(Collector):
 
     Counted from the files at each scrape: only what was appended since the last count is
     read; a file renamed aside (to be imported) counts 0, and one replaced, or cut and
-    written again (its first bytes differ), is counted again from its start. A line torn
+    written again (its bytes at either end of what was counted differ), is counted again
+    from its start. A line torn
     by a crash counts once its line ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._paths: dict[str, set[Path]] = {}
-        # path -> (device and inode, bytes counted, complete lines in them, first bytes)
+        # path -> (device and inode, bytes counted, complete lines in them, their edges)
         self._counted: dict[Path, tuple[tuple[int, int], int, int, bytes]] = {}
 
     def watch(self, source: str, path: Path) -> None:
@@ -120,16 +130,14 @@ class KeptDeadLetters(Collector):
         with handle:
             status = os.fstat(handle.fileno())
             identity = (status.st_dev, status.st_ino)
-            head = handle.read(HEAD_BYTES)
             start, lines = 0, 0
             known = self._counted.get(path)
-            if (
-                known is not None
-                and known[0] == identity
-                and known[1] <= status.st_size
-                and head.startswith(known[3])
-            ):
-                _, start, lines, _ = known
+            if known is not None and known[0] == identity and known[1] <= status.st_size:
+                counted_before, lines_before, edges = known[1:]
+                # The same file grown, not one cut and written again: its bytes at both
+                # ends of what was counted are still there.
+                if edges == _edges(handle, counted_before):
+                    start, lines = counted_before, lines_before
             handle.seek(start)
             remaining = status.st_size - start
             while remaining > 0:
@@ -139,7 +147,7 @@ class KeptDeadLetters(Collector):
                 lines += chunk.count(b"\n")
                 remaining -= len(chunk)
             counted = status.st_size - remaining
-            self._counted[path] = (identity, counted, lines, head[:counted])
+            self._counted[path] = (identity, counted, lines, _edges(handle, counted))
             return lines
 
     def collect(self) -> Iterator[Metric]:

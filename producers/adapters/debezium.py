@@ -114,7 +114,12 @@ class DebeziumAdapter(Adapter):
         reader = self.reader
         ids = reader.topic_ids()
         saved_ids = {str(t): str(i) for t, i in (state.get("topic_ids") or {}).items()}
-        recreated = sorted(t for t, i in saved_ids.items() if t in ids and ids[t] != i)
+        saved = _offsets(state)
+        # Only a topic with a position to lose: one with none is read from its start anyway.
+        placed = {t for (t, _), offset in saved.items() if offset > 0}
+        recreated = sorted(
+            t for t, i in saved_ids.items() if t in placed and t in ids and ids[t] != i
+        )
         if recreated:
             # Its log may already reach past the saved position: the check of the ends
             # below would pass, and the messages below the position be skipped unseen.
@@ -124,7 +129,7 @@ class DebeziumAdapter(Adapter):
                 'from its beginning (docs/adapters.md, "A topic behind the state") and restart'
             )
         self._topic_ids = saved_ids | ids
-        positions = reader.start(_offsets(state))
+        positions = reader.start(saved)
         ends = reader.end_offsets()
         behind = sorted(tp for tp, end in ends.items() if positions.get(tp, 0) > end)
         if behind:

@@ -291,3 +291,42 @@ def test_a_topic_behind_the_saved_position_stops_the_source_instead_of_skipping(
     state = {"group_id": "portal-sync-province-79", "offsets": {"p79.public.cong_dan:0": 50_000}}
     with pytest.raises(FatalError, match=r"p79.public.cong_dan\[0\] at 50000, its end 10"):
         list(reading.read(state))
+
+
+class IdsChanged:
+    """Both topics have ids other than the state's: one was created again while the
+    adapter had read past its start, the other while it had read nothing of it (a topic
+    deleted during a run loses its saved positions)."""
+
+    def topic_ids(self) -> dict[str, str]:
+        return {"p79.public.cong_dan": "new-1", "p79.public.ho_so": "new-2"}
+
+    def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        return {("p79.public.cong_dan", 0): saved.get(("p79.public.cong_dan", 0), 0)}
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        return {("p79.public.cong_dan", 0): 0}
+
+
+@pytest.mark.parametrize("position", [0, 5])
+def test_a_changed_topic_id_stops_the_source_only_where_a_position_would_be_lost(
+    position: int,
+) -> None:
+    from producers.sdk import Checkpoint, FatalError
+
+    reading = adapter()
+    reading._reader = IdsChanged()  # type: ignore[assignment]
+    state = {
+        "group_id": "portal-sync-province-79",
+        "offsets": {"p79.public.cong_dan:0": position},
+        "topic_ids": {"p79.public.cong_dan": "old-1", "p79.public.ho_so": "old-2"},
+    }
+    if position:
+        with pytest.raises(FatalError, match=r"created again since the saved position: "
+                           r"p79\.public\.cong_dan \(their"):  # fmt: skip
+            list(reading.read(state))
+        return
+    (checkpoint,) = [i for i in reading.read(state) if isinstance(i, Checkpoint)]
+    assert checkpoint.state["topic_ids"] == {
+        "p79.public.cong_dan": "new-1", "p79.public.ho_so": "new-2"
+    }  # fmt: skip

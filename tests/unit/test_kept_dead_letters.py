@@ -133,3 +133,22 @@ def test_the_gauge_counts_the_letters_waiting_in_each_sources_files(tmp_path: Pa
     replacement.write_bytes(b"\n" * size)
     replacement.replace(cits)
     assert _kept(gauge)["province-79"] == size + 1
+
+
+def test_a_kept_file_cut_and_written_again_with_the_same_first_bytes_is_counted_anew(
+    tmp_path: Path,
+) -> None:
+    """Letters of one table's messages can share their first hundreds of bytes."""
+    from producers.metrics import KeptDeadLetters
+
+    gauge = KeptDeadLetters()
+    path = tmp_path / "p79-citizens.dead-letters.jsonl"
+    gauge.watch("province-79", path)
+    common = b'{"schema": {"type": "struct", "fields": [' + b'{"field": "ho_ten"},' * 30
+    for end in (b"1]}}", b"2]}}", b"3]}}"):
+        append_json_line(path, letter_line(None, common + end, []))
+    assert _kept(gauge) == {"province-79": 3}
+    with path.open("r+b") as handle:
+        handle.truncate(0)
+    append_json_line(path, letter_line(None, common + b"x" * 3000 + b"]}}", []))  # longer
+    assert _kept(gauge) == {"province-79": 1}
