@@ -28,8 +28,18 @@ class Retention:
 def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:
     """Forget what is past its retention at `now`; return the counts by kind (and count
     them in `portal_sync_retention_purged_total`)."""
+    return purge_within(store, retention, now)[0]
+
+
+def purge_within(
+    store: Store, retention: Retention, now: datetime, seconds: float | None = None
+) -> tuple[dict[str, int], bool]:
+    """`purge`, the deleted records' part for about `seconds` at most (the worker's
+    batches wait meanwhile); also whether it is done, or more deleted records are due."""
     pruned = store.prune_history(now - timedelta(days=retention.history_days))
-    emptied, tombstones = store.purge_deleted(now - timedelta(days=retention.deleted_days))
+    emptied, tombstones, done = store.purge_deleted_within(
+        now - timedelta(days=retention.deleted_days), seconds
+    )
     counts = {
         "history": pruned,
         "deleted_history_values": emptied,
@@ -38,4 +48,4 @@ def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:
     }
     for kind, count in counts.items():
         RETENTION_PURGED.labels(kind).inc(count)
-    return counts
+    return counts, done

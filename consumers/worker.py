@@ -57,7 +57,7 @@ from consumers.reconciler import (
     starts_after,
 )
 from consumers.registry import Registry
-from consumers.retention import Retention, purge
+from consumers.retention import Retention, purge_within
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector
 from consumers.validators import Rules, Validators
 from observability.freshness import read_freshness
@@ -75,6 +75,9 @@ from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
+# The retention job's time on deleted records per run, between two batches: a backlog (a
+# large source purge) is worked off a minute apart, never holding the batches for long.
+RETENTION_SECONDS = 5.0
 EXIT_BATCH_FAILED = 3  # a batch failed in an unexpected way: restart from the store
 
 
@@ -337,11 +340,15 @@ class BatchProcessor:
             )
 
     def _purge(self) -> None:
-        """The retention job (consumers.retention), at most once an hour."""
+        """The retention job (consumers.retention), at most once an hour; while deleted
+        records are left due, again a minute later (each run spends at most
+        RETENTION_SECONDS on them: the batches wait meanwhile)."""
         if time.monotonic() < self.next_prune:
             return
-        self.next_prune = time.monotonic() + 3600
-        counts = purge(self.reconciler.store, self.config.retention(), utcnow())
+        counts, done = purge_within(
+            self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
+        )
+        self.next_prune = time.monotonic() + (3600 if done else 60)
         if any(counts.values()):
             log.info("retention: %s", ", ".join(f"{n} {kind}" for kind, n in counts.items()))
 

@@ -236,9 +236,24 @@ class BatchIO:
         raise NotImplementedError
 
     def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
-        """Note records left with no canonical record, for the retention's tombstone purge:
-        a row new to `record_deletions` at `at`; an existing row keeps its (earlier) time,
-        unless `due`, which sets it to `at` (a time already past: checked at its next run)."""
+        """Note records left with no canonical record, for the retention's tombstone purge
+        (those with views left: one with none has nothing to purge): a row new to
+        `record_deletions` at `at`; an existing row keeps its (earlier) time, unless `due`,
+        which sets it to `at` (a time already past: checked at its next run)."""
+        raise NotImplementedError
+
+    # -- the retention's tombstone purge, a chunk of noted records at a time --------------
+    def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
+        """Of these records, those whose every view is a tombstone: when the newest was
+        applied."""
+        raise NotImplementedError
+
+    def forget_deletions(self, keys: Sequence[RecordKey]) -> None:
+        """Remove these records' notes."""
+        raise NotImplementedError
+
+    def move_deletions(self, due: dict[RecordKey, datetime]) -> None:
+        """Set these records' notes to these times."""
         raise NotImplementedError
 
     def write_freshness(self, newest: dict[SourcePartition, datetime], now: datetime) -> None:
@@ -553,9 +568,38 @@ class PostgresBatchIO(BatchIO):
     def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
         self._run(
             "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, %b"
-            " FROM unnest(%b::text[], %b::text[]) AS u(e, k) ON CONFLICT (entity, key)"
+            " FROM unnest(%b::text[], %b::text[]) AS u(e, k) WHERE EXISTS (SELECT 1 FROM"
+            " source_views v WHERE v.entity = u.e AND v.key = u.k) ON CONFLICT (entity, key)"
             + (" DO UPDATE SET deleted_at = excluded.deleted_at" if due else " DO NOTHING"),
             [_naive(at), *_key_arrays(sorted(keys))],
+        )
+
+    def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
+        rows = self._run(
+            "SELECT v.entity, v.key, max(v.applied_at) FROM unnest(%b::text[], %b::text[])"
+            " AS w(entity, key) JOIN source_views v ON v.entity = w.entity AND v.key = w.key"
+            " GROUP BY v.entity, v.key HAVING bool_and(v.deleted)",
+            _key_arrays(keys),
+            planned=True,
+        )
+        return {(e, k): _aware(at) for e, k, at in rows}
+
+    def forget_deletions(self, keys: Sequence[RecordKey]) -> None:
+        self._run(
+            "DELETE FROM record_deletions d USING unnest(%b::text[], %b::text[])"
+            " AS w(entity, key) WHERE d.entity = w.entity AND d.key = w.key",
+            _key_arrays(keys),
+            planned=True,
+        )
+
+    def move_deletions(self, due: dict[RecordKey, datetime]) -> None:
+        items = sorted(due.items())
+        self._run(
+            "UPDATE record_deletions d SET deleted_at = w.at FROM unnest(%b::text[],"
+            " %b::text[], %b::timestamp[]) AS w(entity, key, at)"
+            " WHERE d.entity = w.entity AND d.key = w.key",
+            [*_key_arrays([k for k, _ in items]), [_naive(at) for _, at in items]],
+            planned=True,
         )
 
     def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -847,10 +891,31 @@ class SqliteBatchIO(BatchIO):
 
     def note_deletions(self, keys: Sequence[RecordKey], at: datetime, due: bool = False) -> None:
         self._many(
-            "INSERT INTO record_deletions (entity, key, deleted_at) VALUES (?, ?, ?)"
+            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT ?1, ?2, ?3"
+            " WHERE EXISTS (SELECT 1 FROM source_views v WHERE v.entity = ?1 AND v.key = ?2)"
             " ON CONFLICT (entity, key)"
             + (" DO UPDATE SET deleted_at = excluded.deleted_at" if due else " DO NOTHING"),
             [(e, k, _text_time(at)) for e, k in sorted(keys)],
+        )
+
+    def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
+        if not keys:
+            return {}
+        wanted = self._keys("batch_keys", keys)
+        rows = self.dbapi.execute(
+            "SELECT v.entity, v.key, max(v.applied_at) FROM"
+            f" {wanted} w CROSS JOIN source_views v ON v.entity = w.a AND v.key = w.b"
+            " GROUP BY v.entity, v.key HAVING min(v.deleted) = 1"
+        )
+        return {(e, k): _aware(at) for e, k, at in rows}
+
+    def forget_deletions(self, keys: Sequence[RecordKey]) -> None:
+        self._many("DELETE FROM record_deletions WHERE entity = ? AND key = ?", keys)
+
+    def move_deletions(self, due: dict[RecordKey, datetime]) -> None:
+        self._many(
+            "UPDATE record_deletions SET deleted_at = ? WHERE entity = ? AND key = ?",
+            [(_text_time(at), e, k) for (e, k), at in sorted(due.items())],
         )
 
     def append_history(self, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -15,6 +15,7 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     create_engine,
     delete,
     event,
@@ -688,43 +688,44 @@ class Store:
     def purge_deleted(self, older_than: datetime) -> tuple[int, int]:
         """Forget records every source deleted before `older_than`: the old and new values
         of their history entries become null (the entries stay, marked `purged_at`) and
-        their tombstones go. Return (history entries emptied, tombstones removed).
+        their tombstones go. Return (history entries emptied, tombstones removed)."""
+        emptied, removed, _ = self.purge_deleted_within(older_than)
+        return emptied, removed
+
+    def purge_deleted_within(
+        self, older_than: datetime, seconds: float | None = None
+    ) -> tuple[int, int, bool]:
+        """`purge_deleted`, chunk after chunk until none is due or `seconds` have passed
+        (a chunk begun is finished); the third value says whether none is due any more.
 
         The candidates are the rows of `record_deletions` due before `older_than` (an index
         range, not a scan of the views). Each chunk of them is locked (as a batch locks its
         records) and checked against the views inside its transaction: a record every
         source deleted before `older_than` is forgotten; one deleted since waits for its
-        newest tombstone's time; one that came back (or has no views) leaves the table."""
+        newest tombstone's time; one that came back (or has no views) leaves the table. So
+        every chunk leaves the due ones, and the next is read afresh."""
+        deadline = None if seconds is None else time.monotonic() + seconds
         emptied = removed = 0
-        due = record_deletions.c.deleted_at < older_than
-        with translated(), self.engine.connect() as conn:
-            candidates = [
-                (entity, key)
-                for entity, key in conn.execute(
-                    select(record_deletions.c.entity, record_deletions.c.key).where(due)
-                )
-            ]
-        for chunk in _chunks(sorted(candidates)):
+        due = (
+            select(record_deletions.c.entity, record_deletions.c.key)
+            .where(record_deletions.c.deleted_at < older_than)
+            .order_by(record_deletions.c.deleted_at)
+            .limit(CHUNK)
+        )
+        while deadline is None or time.monotonic() < deadline:
+            with translated(), self.engine.connect() as conn:
+                chunk = sorted((entity, key) for entity, key in conn.execute(due))
+            if not chunk:
+                return emptied, removed, True
             with translated(), self.write_transaction() as conn:
                 io = batch_io(conn.dialect.name, conn.connection.driver_connection)
                 io.lock(chunk)
-                newest = self._only_tombstones(conn, chunk)
+                newest = io.only_tombstones(chunk)
                 keys = sorted(k for k, at in newest.items() if at < older_than)
                 later = {k: at for k, at in newest.items() if at >= older_than}
-                of_chunk = tuple_(record_deletions.c.entity, record_deletions.c.key)
-                settled = [k for k in chunk if k not in later]
-                if settled:
-                    conn.execute(delete(record_deletions).where(of_chunk.in_(settled)))
+                io.forget_deletions([k for k in chunk if k not in later])
                 if later:
-                    conn.execute(
-                        update(record_deletions)
-                        .where(
-                            record_deletions.c.entity == bindparam("e"),
-                            record_deletions.c.key == bindparam("k"),
-                        )
-                        .values(deleted_at=bindparam("at")),
-                        [{"e": e, "k": k, "at": at} for (e, k), at in sorted(later.items())],
-                    )
+                    io.move_deletions(later)
                 if not keys:
                     continue
                 of_keys = tuple_(record_history.c.entity, record_history.c.key).in_(keys)
@@ -751,21 +752,7 @@ class Store:
                 )
                 removed += int(result.rowcount or 0)
                 io.count_write(utcnow())
-        return emptied, removed
-
-    def _only_tombstones(
-        self, conn: Connection, among: list[RecordKey]
-    ) -> dict[RecordKey, datetime]:
-        """Of these records, those whose every source view is a tombstone: the time the
-        newest was applied."""
-        live_views = func.sum(case((source_views.c.deleted, 0), else_=1))
-        query = (
-            select(source_views.c.entity, source_views.c.key, func.max(source_views.c.applied_at))
-            .where(tuple_(source_views.c.entity, source_views.c.key).in_(among))
-            .group_by(source_views.c.entity, source_views.c.key)
-            .having(live_views == 0)
-        )
-        return {(entity, key): _aware(at) for entity, key, at in conn.execute(query)}
+        return emptied, removed, False
 
 
 class BatchTransaction:

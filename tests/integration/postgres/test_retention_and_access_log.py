@@ -226,6 +226,7 @@ def test_a_source_purge_that_leaves_tombstones_only_makes_the_record_due(store: 
     feed.apply(
         event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
         event("citizen", CITIZEN, "province-79", 1, {"phone": "0912345678"}),
+        event("citizen", CITIZEN_2, "province-01", 1, {"full_name": "Bình"}),  # its only source
     )
     feed.apply(event("citizen", CITIZEN, "province-79", 2, None))
     with store.write_transaction() as conn:
@@ -235,5 +236,34 @@ def test_a_source_purge_that_leaves_tombstones_only_makes_the_record_due(store: 
     audit = purging.new_purge("province-01", None, None, "wrong data", "steward", None)
     purging.run(store, Authority(), audit, None)
     assert views(store) == [(CITIZEN, "province-79", True)]
+    assert list(notes(store)) == [CITIZEN]  # CITIZEN_2 has no view left: nothing to purge
     assert purge(store, RETENTION, utcnow())["tombstones"] == 1
     assert views(store) == [] and notes(store) == {}
+
+
+def test_the_worker_works_off_a_backlog_of_due_records_chunk_by_chunk_within_its_time(
+    store: Store,
+) -> None:
+    """1,200 records every source deleted long ago and 300 notes of records with no views
+    (more than two chunks): a run with no time left does nothing and says so; the next
+    works them all off, chunk by chunk, each chunk leaving the due notes."""
+    long_ago = utcnow() - 400 * DAY
+    gone = [f"0010900{i:05d}" for i in range(1200)]
+    with store.write_transaction() as conn:
+        conn.execute(
+            source_views.insert(),
+            [{"entity": "citizen", "key": key, "source": "province-01", "version": 2,
+              "event_id": f"00000000-0000-0000-0000-{i:012d}", "occurred_at": long_ago,
+              "deleted": True, "data": None, "applied_at": long_ago}
+             for i, key in enumerate(gone)],
+        )  # fmt: skip
+        conn.execute(
+            record_deletions.insert(),
+            [{"entity": "citizen", "key": key, "deleted_at": long_ago}
+             for key in gone + [f"0480900{i:05d}" for i in range(300)]],
+        )  # fmt: skip
+    older_than = utcnow() - 180 * DAY
+    assert store.purge_deleted_within(older_than, 0.0) == (0, 0, False)
+    assert len(notes(store)) == 1500
+    assert store.purge_deleted_within(older_than, 600.0) == (0, 1200, True)
+    assert notes(store) == {} and views(store) == []
