@@ -11,6 +11,8 @@ hour (as it pruned the history before); `now` is given, so tests can move the cl
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -49,3 +51,25 @@ def purge_within(
     for kind, count in counts.items():
         RETENTION_PURGED.labels(kind).inc(count)
     return counts, done
+
+
+log = logging.getLogger(__name__)
+
+
+def catch_up_if_due(store: Store, now: datetime) -> threading.Thread | None:
+    """A day after migrations 0011 and 0012, fill their tables from the views again (what
+    workers of the release before applied meanwhile: docs/deploy.md, "Upgrades"), in a
+    thread of its own beside the batches: one scan of every view. None when not due."""
+    if not store.catch_up_due(now):
+        return None
+
+    def run() -> None:
+        try:
+            store.catch_up()
+            log.info("the sources' freshness and the deletion notes filled from the views again")
+        except Exception:  # the row stays: tried again at the next retention run
+            log.exception("filling the freshness and deletion notes again failed")
+
+    thread = threading.Thread(target=run, name="store-catch-up", daemon=True)
+    thread.start()
+    return thread

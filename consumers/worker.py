@@ -57,7 +57,7 @@ from consumers.reconciler import (
     starts_after,
 )
 from consumers.registry import Registry
-from consumers.retention import Retention, purge_within
+from consumers.retention import Retention, catch_up_if_due, purge_within
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector
 from consumers.validators import Rules, Validators
 from observability.freshness import read_freshness
@@ -155,6 +155,7 @@ class BatchProcessor:
             config.connection, config.topics, client_id="portal-sync-dead-letters"
         )
         self.next_prune = 0.0
+        self.catching_up: threading.Thread | None = None  # store.fills, once after 0012
         self.stopping = threading.Event()
         self.health = WorkerHealth(config.stall_after_seconds)
         self.validators: Validators | None = None
@@ -345,6 +346,8 @@ class BatchProcessor:
         RETENTION_SECONDS on them: the batches wait meanwhile)."""
         if time.monotonic() < self.next_prune:
             return
+        if self.catching_up is None or not self.catching_up.is_alive():
+            self.catching_up = catch_up_if_due(self.reconciler.store, utcnow())
         counts, done = purge_within(
             self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
         )

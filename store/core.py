@@ -57,6 +57,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
+from store.fills import CATCH_UP_AFTER, FILL_DELETIONS, fill_freshness
 from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
@@ -490,6 +491,19 @@ class Store:
             row = conn.execute(select(store_meta.c.value).where(store_meta.c.name == name))
             value = row.scalar_one_or_none()
             return None if value is None else str(value)
+
+    def catch_up_due(self, now: datetime) -> bool:
+        """Whether the fills of the tables batches keep are due again (`store.fills`)."""
+        when = self.meta(CATCH_UP_AFTER)
+        return when is not None and datetime.fromisoformat(when) <= now
+
+    def catch_up(self) -> None:
+        """Fill `source_freshness` and `record_deletions` from the views again, and
+        unschedule it: one scan of every view (`store.fills`)."""
+        with translated(), self.write_transaction() as conn:
+            conn.exec_driver_sql(fill_freshness(conn.dialect.name))
+            conn.exec_driver_sql(FILL_DELETIONS)
+            conn.execute(delete(store_meta).where(store_meta.c.name == CATCH_UP_AFTER))
 
     def set_meta(self, name: str, value: str) -> None:
         with translated(), self.write_transaction() as conn:

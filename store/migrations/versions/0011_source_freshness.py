@@ -8,17 +8,20 @@ by every worker of a rolling restart). Now each live batch advances one row per 
 topic, partition) it applied events of, beside its offsets, and a start reads that table.
 
 The upgrade fills it from the views, once, under topic "" and partition -1 (the views do
-not say which partition their events came from): stop the workers first (docs/deploy.md,
-"Upgrades"), since a worker of a release before goes on applying without writing it. The
-downgrade drops it.
+not say which partition their events came from). A worker of a release before goes on
+applying without writing it: stop the workers first (docs/deploy.md, "Upgrades"); the
+fill runs again a day later all the same (`store.fills`). The downgrade drops it.
 
 Revision ID: 0011
 Revises: 0010
 """
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 
+from store.fills import CATCH_UP_AFTER, catch_up_row, fill_freshness
 from store.tables import UTCDateTime
 
 revision = "0011"
@@ -36,12 +39,10 @@ def upgrade() -> None:
         sa.Column("last_change", UTCDateTime(), nullable=False),
         sa.Column("last_applied", UTCDateTime(), nullable=False),
     )
-    op.execute(
-        "INSERT INTO source_freshness (source, topic, partition, last_change, last_applied)"
-        " SELECT source, '', -1, max(occurred_at), max(applied_at) FROM source_views"
-        " GROUP BY source"
-    )
+    op.execute(fill_freshness(op.get_bind().dialect.name))
+    op.execute(catch_up_row(datetime.now(UTC)))
 
 
 def downgrade() -> None:
+    op.execute(f"DELETE FROM store_meta WHERE name = '{CATCH_UP_AFTER}'")
     op.drop_table("source_freshness")

@@ -10,17 +10,20 @@ leaves with no canonical record (a `source purge` too), and the job checks the n
 are due.
 
 The upgrade notes, once, every record whose views are all tombstones, at its newest
-tombstone's time: stop the workers first (docs/deploy.md, "Upgrades"), since a worker of
-a release before goes on deleting records without noting them. The downgrade drops the
-table.
+tombstone's time. A worker of a release before goes on deleting records without noting
+them: stop the workers first (docs/deploy.md, "Upgrades"); the fill runs again a day later
+all the same (`store.fills`). The downgrade drops the table.
 
 Revision ID: 0012
 Revises: 0011
 """
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 
+from store.fills import CATCH_UP_AFTER, FILL_DELETIONS, catch_up_row
 from store.tables import UTCDateTime
 
 revision = "0012"
@@ -37,13 +40,11 @@ def upgrade() -> None:
         sa.Column("deleted_at", UTCDateTime(), nullable=False),
     )
     op.create_index("ix_record_deletions_deleted_at", "record_deletions", ["deleted_at"])
-    op.execute(
-        "INSERT INTO record_deletions (entity, key, deleted_at)"
-        " SELECT entity, key, max(applied_at) FROM source_views GROUP BY entity, key"
-        " HAVING sum(CASE WHEN deleted THEN 0 ELSE 1 END) = 0"
-    )
+    op.execute(FILL_DELETIONS)
+    op.execute(catch_up_row(datetime.now(UTC)))
 
 
 def downgrade() -> None:
+    op.execute(f"DELETE FROM store_meta WHERE name = '{CATCH_UP_AFTER}'")
     op.drop_index("ix_record_deletions_deleted_at", table_name="record_deletions")
     op.drop_table("record_deletions")

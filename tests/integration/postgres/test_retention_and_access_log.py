@@ -267,3 +267,36 @@ def test_the_worker_works_off_a_backlog_of_due_records_chunk_by_chunk_within_its
     assert len(notes(store)) == 1500
     assert store.purge_deleted_within(older_than, 600.0) == (0, 1200, True)
     assert notes(store) == {} and views(store) == []
+
+
+def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_again(
+    store: Store,
+) -> None:
+    """A worker of the release before 0011 and 0012 went on after the upgrade: it deleted
+    a record and applied a source's change without noting either. A day later the
+    retention run fills both tables from the views again, beside the batches; the record
+    is then purged in its time."""
+    from consumers.retention import catch_up_if_due
+    from store.fills import CATCH_UP_AFTER
+
+    store.set_meta(CATCH_UP_AFTER, (utcnow() + DAY).isoformat())  # as the migrations do
+    long_ago = utcnow() - 400 * DAY
+    with store.write_transaction() as conn:  # what the old worker wrote: views alone
+        conn.execute(
+            source_views.insert(),
+            [{"entity": "citizen", "key": CITIZEN, "source": source, "version": 2,
+              "event_id": f"00000000-0000-0000-0000-00000000000{i}", "occurred_at": long_ago,
+              "deleted": True, "data": None, "applied_at": long_ago}
+             for i, source in enumerate(["province-01", "province-79"])],
+        )  # fmt: skip
+    assert notes(store) == {} and store.freshness() == []
+
+    assert catch_up_if_due(store, utcnow()) is None  # not before its day
+    thread = catch_up_if_due(store, utcnow() + 2 * DAY)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert notes(store) == {CITIZEN: long_ago}
+    assert sorted(f.source for f in store.freshness()) == ["province-01", "province-79"]
+    assert store.meta(CATCH_UP_AFTER) is None  # once
+    assert catch_up_if_due(store, utcnow() + 3 * DAY) is None
+    assert purge(store, RETENTION, utcnow())["tombstones"] == 2

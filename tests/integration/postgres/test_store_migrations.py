@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from store.tables import (
 from tests.support.store_helpers import CITIZEN, ORG, TOPIC, checked_list, event, owner_rows
 
 ROOT = Path(__file__).resolve().parents[3]
+DAY = timedelta(days=1)
 T1 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
 T2 = datetime(2024, 1, 15, 4, 0, tzinfo=UTC)
 
@@ -589,8 +590,12 @@ def test_0011_fills_the_freshness_from_the_views_once_and_the_downgrade_drops_it
             ("national-population", T1, T1),
             ("province-01", T2, T2),
         ]
+        when = store.meta("catch_up_after")  # the fill runs again a day later (store.fills)
+        assert when is not None
+        assert timedelta(hours=23) < datetime.fromisoformat(when) - datetime.now(UTC) <= DAY
         _migrate(store, "0010", down=True)
         assert "source_freshness" not in inspect(store.engine).get_table_names()
+        assert store.meta("catch_up_after") is None
     finally:
         store.close()
 
