@@ -343,15 +343,25 @@ class BatchProcessor:
     def _purge(self) -> None:
         """The retention job (consumers.retention), at most once an hour; while deleted
         records are left due, again a minute later (each run spends at most
-        RETENTION_SECONDS on them: the batches wait meanwhile)."""
+        RETENTION_SECONDS on them: the batches wait meanwhile).
+
+        It runs after a batch committed: a failure of its own is logged and tried at the
+        next run, never raised into the batch's retries (the batch would be retried, or
+        bisected and dead-lettered, although applied)."""
         if time.monotonic() < self.next_prune:
             return
-        if self.catching_up is None or not self.catching_up.is_alive():
-            self.catching_up = catch_up_if_due(self.reconciler.store, utcnow())
-        counts, done = purge_within(
-            self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
-        )
-        self.next_prune = time.monotonic() + (3600 if done else 60)
+        self.next_prune = time.monotonic() + 3600
+        try:
+            if self.catching_up is None or not self.catching_up.is_alive():
+                self.catching_up = catch_up_if_due(self.reconciler.store, utcnow())
+            counts, done = purge_within(
+                self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
+            )
+        except Exception as error:
+            log.error("retention run failed (%s); tried again in an hour", type(error).__name__)
+            return
+        if not done:
+            self.next_prune = time.monotonic() + 60
         if any(counts.values()):
             log.info("retention: %s", ", ".join(f"{n} {kind}" for kind, n in counts.items()))
 

@@ -122,3 +122,38 @@ def test_a_workers_next_batch_over_its_records_takes_what_it_kept(
     assert (kept_now, read_now) == ((5, 5) if kept is None else (0, 10))
     assert exported(settings) == expected_export([json.loads(raw) for raw in raws], Authority())
     store.close()
+
+
+@pytest.mark.parametrize("failure", ["a bug", "the store unavailable"])
+def test_a_failing_retention_run_neither_retries_nor_dead_letters_the_batch_it_follows(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The retention runs after a batch committed: its failure is logged and tried an hour
+    later; the batch is neither retried for it nor bisected into dead letters."""
+    import consumers.worker as worker_module
+    from store import StoreUnavailable
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    events = [e for e in citizen_events(12, 1, seed=21) if e["source"] == "province-01"][:8]
+    messages = [
+        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
+    ]
+    runs: list[int] = []
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        runs.append(1)
+        raise ValueError("a bug") if failure == "a bug" else StoreUnavailable("timeout")
+
+    monkeypatch.setattr(worker_module, "purge_within", broken)
+    processor.process(messages)
+    processor.close()
+
+    assert runs == [1]
+    assert store.all_offsets() == {(messages[0].topic, 0): 8}
+    assert exported(settings) == expected_export(events, Authority())
+    assert _read_all(settings, dead_letter_topic(settings), 0, timeout=3) == []
+    store.close()
