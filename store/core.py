@@ -35,6 +35,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     tuple_,
     update,
 )
@@ -57,7 +58,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
-from store.fills import CATCH_UP_AFTER, FILL_DELETIONS, fill_freshness
+from store.fills import ALL_TOMBSTONES, CATCH_UP_AFTER, fill_freshness
 from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
@@ -497,13 +498,34 @@ class Store:
         when = self.meta(CATCH_UP_AFTER)
         return when is not None and datetime.fromisoformat(when) <= now
 
-    def catch_up(self) -> None:
-        """Fill `source_freshness` and `record_deletions` from the views again, and
-        unschedule it: one scan of every view (`store.fills`)."""
+    def catch_up(self) -> bool:
+        """Fill `source_freshness` and `record_deletions` from the views again (one scan of
+        every view, `store.fills`), once: the worker that takes the schedule's row runs it
+        (False: another took it). The notes are read in one pass and written a chunk at a
+        time, each in a short transaction, so that no batch waits on the scan; a failure
+        puts the row back, for the next run."""
         with translated(), self.write_transaction() as conn:
-            conn.exec_driver_sql(fill_freshness(conn.dialect.name))
-            conn.exec_driver_sql(FILL_DELETIONS)
-            conn.execute(delete(store_meta).where(store_meta.c.name == CATCH_UP_AFTER))
+            claimed = conn.execute(
+                delete(store_meta).where(store_meta.c.name == CATCH_UP_AFTER)
+            ).rowcount
+        if not claimed:
+            return False
+        try:
+            with translated(), self.write_transaction() as conn:
+                conn.exec_driver_sql(fill_freshness(conn.dialect.name))
+            with translated(), self.engine.connect() as reader:
+                rows = reader.execution_options(stream_results=True, yield_per=CHUNK).execute(
+                    text(ALL_TOMBSTONES)
+                )
+                for part in rows.partitions():
+                    with translated(), self.write_transaction() as conn:
+                        _insert_missing(conn, record_deletions, [
+                            {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in part
+                        ], ["entity", "key"])  # fmt: skip
+        except BaseException:
+            self.set_meta(CATCH_UP_AFTER, utcnow().isoformat())
+            raise
+        return True
 
     def set_meta(self, name: str, value: str) -> None:
         with translated(), self.write_transaction() as conn:
@@ -891,6 +913,15 @@ def _upsert(
     where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
     upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
     conn.execute(upsert.returning(table.c[keys[0]]), values)
+
+
+def _insert_missing(
+    conn: Connection, table: Table, values: list[dict[str, Any]], keys: list[str]
+) -> None:
+    """Multi-row insert of the rows whose keys the table does not hold yet."""
+    if values:
+        insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        conn.execute(insert_fn(table).on_conflict_do_nothing(index_elements=keys), values)
 
 
 def _chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:

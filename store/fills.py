@@ -27,13 +27,16 @@ def fill_freshness(dialect: str) -> str:
     )
 
 
-# Every record whose views are all tombstones, at its newest tombstone's time; a record
-# already noted keeps its (earlier) note.
-FILL_DELETIONS = (
-    "INSERT INTO record_deletions (entity, key, deleted_at)"
-    " SELECT entity, key, max(applied_at) FROM source_views WHERE 1 = 1 GROUP BY entity, key"
+# Every record whose views are all tombstones, with its newest tombstone's time.
+ALL_TOMBSTONES = (
+    "SELECT entity, key, max(applied_at) FROM source_views WHERE 1 = 1 GROUP BY entity, key"
     " HAVING sum(CASE WHEN deleted THEN 0 ELSE 1 END) = 0"
-    " ON CONFLICT (entity, key) DO NOTHING"
+)
+# ... noted; a record already noted keeps its (earlier) note.
+FILL_DELETIONS = (
+    "INSERT INTO record_deletions (entity, key, deleted_at) "
+    + ALL_TOMBSTONES
+    + " ON CONFLICT (entity, key) DO NOTHING"
 )
 
 

@@ -268,7 +268,9 @@ def dlq_list(
     source: Annotated[str | None, typer.Option("--source")] = None,
     since: TimeOpt = None,
     until: TimeOpt = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, help="Letters listed, newest last (0: counts only)")
+    ] = 50,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Dead letters (newest last) and their counts by reason."""
@@ -278,7 +280,7 @@ def dlq_list(
 
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
-    shown: deque[DeadLetterRecord] = deque(maxlen=max(limit, 0))
+    shown: deque[DeadLetterRecord] = deque(maxlen=limit)
     by_reason: Counter[str] = Counter()
     damaged = 0
     for letter in iter_dead_letters(settings_from(bootstrap, None), filters):
