@@ -65,10 +65,12 @@ def catch_up_if_due(store: Store, now: datetime) -> threading.Thread | None:
 
     def run() -> None:
         try:
-            store.catch_up()
+            if not store.catch_up(now):
+                return
             log.info("the sources' freshness and the deletion notes filled from the views again")
-        except Exception:  # the row stays: tried again at the next retention run
-            log.exception("filling the freshness and deletion notes again failed")
+        except Exception as error:  # taken over an hour later (store.fills.CATCH_UP_LEASE)
+            log.error("filling the freshness and deletion notes again failed (%s); tried "
+                      "again in an hour", type(error).__name__)  # fmt: skip
 
     thread = threading.Thread(target=run, name="store-catch-up", daemon=True)
     thread.start()

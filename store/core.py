@@ -58,7 +58,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
-from store.fills import ALL_TOMBSTONES, CATCH_UP_AFTER, fill_freshness
+from store.fills import ALL_TOMBSTONES, CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness
 from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
@@ -498,33 +498,39 @@ class Store:
         when = self.meta(CATCH_UP_AFTER)
         return when is not None and datetime.fromisoformat(when) <= now
 
-    def catch_up(self) -> bool:
+    def catch_up(self, now: datetime) -> bool:
         """Fill `source_freshness` and `record_deletions` from the views again (one scan of
-        every view, `store.fills`), once: the worker that takes the schedule's row runs it
-        (False: another took it). The notes are read in one pass and written a chunk at a
-        time, each in a short transaction, so that no batch waits on the scan; a failure
-        puts the row back, for the next run."""
-        with translated(), self.write_transaction() as conn:
-            claimed = conn.execute(
-                delete(store_meta).where(store_meta.c.name == CATCH_UP_AFTER)
-            ).rowcount
-        if not claimed:
+        every view, `store.fills`) when due, once: the worker that takes the schedule's row
+        (moving it an hour on, should it stop meanwhile) runs it, and removes the row when
+        done. False: not due, or another worker took it. The notes are read in one pass and
+        written a chunk at a time, each in a short transaction, so that no batch waits on
+        the scan; both fills are idempotent."""
+        seen = self.meta(CATCH_UP_AFTER)
+        if seen is None or datetime.fromisoformat(seen) > now:
             return False
-        try:
-            with translated(), self.write_transaction() as conn:
-                conn.exec_driver_sql(fill_freshness(conn.dialect.name))
-            with translated(), self.engine.connect() as reader:
-                rows = reader.execution_options(stream_results=True, yield_per=CHUNK).execute(
-                    text(ALL_TOMBSTONES)
-                )
-                for part in rows.partitions():
-                    with translated(), self.write_transaction() as conn:
-                        _insert_missing(conn, record_deletions, [
-                            {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in part
-                        ], ["entity", "key"])  # fmt: skip
-        except BaseException:
-            self.set_meta(CATCH_UP_AFTER, utcnow().isoformat())
-            raise
+        lease = (now + CATCH_UP_LEASE).isoformat()
+        mine = and_(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == lease)
+        with translated(), self.write_transaction() as conn:
+            taken = conn.execute(
+                update(store_meta)
+                .where(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == seen)
+                .values(value=lease, updated_at=utcnow())
+            ).rowcount
+        if not taken:
+            return False
+        with translated(), self.write_transaction() as conn:
+            conn.exec_driver_sql(fill_freshness(conn.dialect.name))
+        with translated(), self.engine.connect() as reader:
+            rows = reader.execution_options(stream_results=True, yield_per=CHUNK).execute(
+                text(ALL_TOMBSTONES)
+            )
+            for part in rows.partitions():
+                with translated(), self.write_transaction() as conn:
+                    _insert_missing(conn, record_deletions, [
+                        {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in part
+                    ], ["entity", "key"])  # fmt: skip
+        with translated(), self.write_transaction() as conn:
+            conn.execute(delete(store_meta).where(mine))
         return True
 
     def set_meta(self, name: str, value: str) -> None:

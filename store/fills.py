@@ -11,6 +11,9 @@ from datetime import datetime, timedelta
 # `store_meta`: when the fills run again (ISO 8601, UTC); removed once they have.
 CATCH_UP_AFTER = "catch_up_after"
 CATCH_UP_DELAY = timedelta(days=1)
+# The worker that runs them moves the row this far on first: another takes it over then,
+# should that worker stop before the end.
+CATCH_UP_LEASE = timedelta(hours=1)
 
 
 def fill_freshness(dialect: str) -> str:

@@ -298,6 +298,12 @@ def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_agai
     assert notes(store) == {CITIZEN: long_ago}
     assert sorted(f.source for f in store.freshness()) == ["province-01", "province-79"]
     assert store.meta(CATCH_UP_AFTER) is None  # once: the worker that took the row
-    assert store.catch_up() is False
+    assert store.catch_up(utcnow() + 3 * DAY) is False
+    # a worker that took it (its lease: an hour) and stopped: another takes it over later
+    taken = (utcnow() + timedelta(hours=1)).isoformat()
+    store.set_meta(CATCH_UP_AFTER, taken)
+    assert store.catch_up(utcnow()) is False  # still its
+    assert store.catch_up(utcnow() + timedelta(hours=2)) is True
+    assert store.meta(CATCH_UP_AFTER) is None
     assert catch_up_if_due(store, utcnow() + 3 * DAY) is None
     assert purge(store, RETENTION, utcnow())["tombstones"] == 2
