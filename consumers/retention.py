@@ -56,16 +56,19 @@ def purge_within(
 log = logging.getLogger(__name__)
 
 
-def catch_up_if_due(store: Store, now: datetime) -> threading.Thread | None:
+def catch_up_if_due(
+    store: Store, now: datetime, stop: threading.Event | None = None
+) -> threading.Thread | None:
     """A day after migrations 0011 and 0012, fill their tables from the views again (what
     workers of the release before applied meanwhile: docs/deploy.md, "Upgrades"), in a
-    thread of its own beside the batches: one scan of every view. None when not due."""
+    thread of its own beside the batches: one scan of every view, given up at `stop`.
+    None when not due."""
     if not store.catch_up_due(now):
         return None
 
     def run() -> None:
         try:
-            if not store.catch_up(now):
+            if not store.catch_up(now, stop):
                 return
             log.info("the sources' freshness and the deletion notes filled from the views again")
         except Exception as error:  # taken over an hour later (store.fills.CATCH_UP_LEASE)

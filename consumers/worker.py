@@ -353,7 +353,10 @@ class BatchProcessor:
         self.next_prune = time.monotonic() + 3600
         try:
             if self.catching_up is None or not self.catching_up.is_alive():
-                self.catching_up = catch_up_if_due(self.reconciler.store, utcnow())
+                self.catching_up = catch_up_if_due(self.reconciler.store, utcnow(), self.stopping)
+        except Exception as error:  # the purge below runs all the same
+            log.error("the store's catch-up did not start (%s)", type(error).__name__)
+        try:
             counts, done = purge_within(
                 self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
             )
@@ -406,6 +409,9 @@ class BatchProcessor:
         return acknowledged
 
     def close(self) -> None:
+        self.stopping.set()
+        if self.catching_up is not None:  # gives its row back between two chunks
+            self.catching_up.join(timeout=30)
         self.publisher.close(timeout=5)
         if self.validators is not None:
             self.validators.close()

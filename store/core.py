@@ -15,6 +15,7 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,13 +30,13 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
     func,
     insert,
     select,
-    text,
     tuple_,
     update,
 )
@@ -58,7 +59,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
-from store.fills import ALL_TOMBSTONES, CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness
+from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE
 from store.pg_arrays import register_dumpers
 from store.tables import (
     access_log,
@@ -498,40 +499,93 @@ class Store:
         when = self.meta(CATCH_UP_AFTER)
         return when is not None and datetime.fromisoformat(when) <= now
 
-    def catch_up(self, now: datetime) -> bool:
-        """Fill `source_freshness` and `record_deletions` from the views again (one scan of
-        every view, `store.fills`) when due, once: the worker that takes the schedule's row
-        (moving it an hour on, should it stop meanwhile) runs it, and removes the row when
-        done. False: not due, or another worker took it. The notes are read in one pass and
-        written a chunk at a time, each in a short transaction, so that no batch waits on
-        the scan; both fills are idempotent."""
+    def catch_up(self, now: datetime, stop: threading.Event | None = None) -> bool:
+        """Fill `source_freshness` and `record_deletions` from the views again (`store.fills`)
+        when due, once: the worker that takes the schedule's row runs it, moving the row an
+        hour on (a lease, renewed while it runs: another worker takes over should it stop),
+        and removes the row when done. False: not due, taken by another worker, or stopped
+        by `stop` (the row is then due again at once).
+
+        Every read is a short one and every write a chunk in a short transaction: the
+        freshness's aggregate is read, then its few rows written; the deletions are read
+        in keyset pages along the views' primary key, each page's notes written at once.
+        No batch waits on the scan, and no transaction stays open across it."""
         seen = self.meta(CATCH_UP_AFTER)
         if seen is None or datetime.fromisoformat(seen) > now:
             return False
+        lease = self._take_over(seen, now)
+        if lease is None:
+            return False
+        with translated(), self.engine.connect() as conn:
+            newest = conn.execute(
+                select(
+                    source_views.c.source,
+                    func.max(source_views.c.occurred_at),
+                    func.max(source_views.c.applied_at),
+                ).group_by(source_views.c.source)
+            ).all()
+        with translated(), self.write_transaction() as conn:
+            _upsert(conn, source_freshness, [
+                {"source": source, "topic": "", "partition": -1, "last_change": _aware(change),
+                 "last_applied": _aware(applied)} for source, change, applied in newest
+            ], ["source", "topic", "partition"])  # fmt: skip
+        only_tombstones = func.sum(case((source_views.c.deleted, 0), else_=1)) == 0
+        page = (
+            select(source_views.c.entity, source_views.c.key, func.max(source_views.c.applied_at))
+            .group_by(source_views.c.entity, source_views.c.key)
+            .having(only_tombstones)
+            .order_by(source_views.c.entity, source_views.c.key)
+            .limit(CHUNK)
+        )
+        after: RecordKey | None = None
+        renewed = time.monotonic()
+        while True:
+            if stop is not None and stop.is_set():
+                self._hand_back(lease, seen)
+                return False
+            if time.monotonic() - renewed > CATCH_UP_LEASE.total_seconds() / 4:
+                lease = self._take_over(lease, utcnow())
+                if lease is None:  # taken over meanwhile: that worker goes on
+                    return False
+                renewed = time.monotonic()
+            query = page
+            if after is not None:
+                key = tuple_(source_views.c.entity, source_views.c.key)
+                query = page.where(key > tuple_(*after))
+            with translated(), self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                break
+            with translated(), self.write_transaction() as conn:
+                _insert_missing(conn, record_deletions, [
+                    {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in rows
+                ], ["entity", "key"])  # fmt: skip
+            after = (rows[-1][0], rows[-1][1])
+        with translated(), self.write_transaction() as conn:
+            mine = and_(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == lease)
+            conn.execute(delete(store_meta).where(mine))
+        return True
+
+    def _take_over(self, seen: str, now: datetime) -> str | None:
+        """Move the catch-up's row from `seen` to a lease an hour after `now`; None when
+        the row no longer says `seen` (another worker took it)."""
         lease = (now + CATCH_UP_LEASE).isoformat()
-        mine = and_(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == lease)
         with translated(), self.write_transaction() as conn:
             taken = conn.execute(
                 update(store_meta)
                 .where(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == seen)
                 .values(value=lease, updated_at=utcnow())
             ).rowcount
-        if not taken:
-            return False
+        return lease if taken else None
+
+    def _hand_back(self, lease: str, seen: str) -> None:
+        """A stopped catch-up's row, due again (unless another worker took it meanwhile)."""
         with translated(), self.write_transaction() as conn:
-            conn.exec_driver_sql(fill_freshness(conn.dialect.name))
-        with translated(), self.engine.connect() as reader:
-            rows = reader.execution_options(stream_results=True, yield_per=CHUNK).execute(
-                text(ALL_TOMBSTONES)
+            conn.execute(
+                update(store_meta)
+                .where(store_meta.c.name == CATCH_UP_AFTER, store_meta.c.value == lease)
+                .values(value=seen, updated_at=utcnow())
             )
-            for part in rows.partitions():
-                with translated(), self.write_transaction() as conn:
-                    _insert_missing(conn, record_deletions, [
-                        {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in part
-                    ], ["entity", "key"])  # fmt: skip
-        with translated(), self.write_transaction() as conn:
-            conn.execute(delete(store_meta).where(mine))
-        return True
 
     def set_meta(self, name: str, value: str) -> None:
         with translated(), self.write_transaction() as conn:

@@ -1,6 +1,7 @@
 """Filling the tables that live batches keep beside the views (`source_freshness`,
-`record_deletions`) from the views themselves: by their migrations (0011, 0012), and once
-more a day later, when workers of a release before them, which apply without writing them,
+`record_deletions`) from the views themselves: by their migrations (0011, 0012), each one
+statement, and once more a day later (`Store.catch_up`, in short reads and writes beside
+the batches), when workers of a release before them, which apply without writing them,
 are gone (docs/deploy.md, "Upgrades"). Both fills are idempotent, and each is one scan of
 every view: never on a batch's path."""
 
@@ -30,16 +31,13 @@ def fill_freshness(dialect: str) -> str:
     )
 
 
-# Every record whose views are all tombstones, with its newest tombstone's time.
-ALL_TOMBSTONES = (
-    "SELECT entity, key, max(applied_at) FROM source_views WHERE 1 = 1 GROUP BY entity, key"
-    " HAVING sum(CASE WHEN deleted THEN 0 ELSE 1 END) = 0"
-)
-# ... noted; a record already noted keeps its (earlier) note.
+# Every record whose views are all tombstones, at its newest tombstone's time; a record
+# already noted keeps its (earlier) note.
 FILL_DELETIONS = (
-    "INSERT INTO record_deletions (entity, key, deleted_at) "
-    + ALL_TOMBSTONES
-    + " ON CONFLICT (entity, key) DO NOTHING"
+    "INSERT INTO record_deletions (entity, key, deleted_at)"
+    " SELECT entity, key, max(applied_at) FROM source_views WHERE 1 = 1 GROUP BY entity, key"
+    " HAVING sum(CASE WHEN deleted THEN 0 ELSE 1 END) = 0"
+    " ON CONFLICT (entity, key) DO NOTHING"
 )
 
 

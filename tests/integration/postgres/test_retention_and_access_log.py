@@ -307,3 +307,43 @@ def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_agai
     assert store.meta(CATCH_UP_AFTER) is None
     assert catch_up_if_due(store, utcnow() + 3 * DAY) is None
     assert purge(store, RETENTION, utcnow())["tombstones"] == 2
+
+
+def test_the_catch_up_reads_page_by_page_and_gives_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,200 records deleted by every source (more than two pages) are all noted; a worker
+    whose compare-and-set loses does nothing; a stopped one gives the row back, due."""
+    import threading
+
+    from store.fills import CATCH_UP_AFTER
+
+    long_ago = utcnow() - 400 * DAY
+    gone = [f"0010900{i:05d}" for i in range(1200)]
+    with store.write_transaction() as conn:
+        conn.execute(
+            source_views.insert(),
+            [{"entity": "citizen", "key": key, "source": "province-01", "version": 2,
+              "event_id": f"00000000-0000-0000-0000-{i:012d}", "occurred_at": long_ago,
+              "deleted": True, "data": None, "applied_at": long_ago}
+             for i, key in enumerate(gone)],
+        )  # fmt: skip
+    due = (utcnow() - DAY).isoformat()
+
+    store.set_meta(CATCH_UP_AFTER, due)
+    stop = threading.Event()
+    stop.set()
+    assert store.catch_up(utcnow(), stop) is False
+    assert store.meta(CATCH_UP_AFTER) == due and notes(store) == {}  # given back, due
+
+    real_meta = store.meta
+    monkeypatch.setattr(store, "meta", lambda name: due if name == CATCH_UP_AFTER else None)
+    store.set_meta(CATCH_UP_AFTER, "2099-01-01T00:00:00+00:00")  # another worker's lease
+    assert store.catch_up(utcnow()) is False  # it read `due`, the row said otherwise
+    assert notes(store) == {}
+    monkeypatch.setattr(store, "meta", real_meta)
+
+    store.set_meta(CATCH_UP_AFTER, due)
+    assert store.catch_up(utcnow()) is True
+    assert len(notes(store)) == 1200 and store.meta(CATCH_UP_AFTER) is None
+    assert [f.source for f in store.freshness()] == ["province-01"]
