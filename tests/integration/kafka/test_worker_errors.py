@@ -14,7 +14,6 @@ from consumers.registry import Registry
 from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
 from store.core import Store
-from transport import admin
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
 from tests.support.pipeline_helpers import (
@@ -23,6 +22,7 @@ from tests.support.pipeline_helpers import (
     expected_export,
     exported,
 )
+from transport import admin
 
 pytestmark = pytest.mark.kafka
 
