@@ -111,6 +111,14 @@ RETENTION_PURGED = Counter(
 RETENTION_KINDS = ("history", "deleted_history_values", "tombstones", "access_log")
 for _kind in RETENTION_KINDS:
     RETENTION_PURGED.labels(_kind)
+RETENTION_FAILURES = Counter(
+    "portal_sync_retention_failures_total",
+    "Runs of the worker's retention job that failed, by step: purge (what the store "
+    "forgets past its retention), catch_up (the store's fills after migrations 0011/0012).",
+    ["step"],
+)
+for _step in ("purge", "catch_up"):
+    RETENTION_FAILURES.labels(_step)
 
 BASE_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from consumers.metrics import RETENTION_PURGED
+from consumers.metrics import RETENTION_FAILURES, RETENTION_PURGED
 from store import Store
 
 
@@ -72,6 +72,7 @@ def catch_up_if_due(
                 return
             log.info("the sources' freshness and the deletion notes filled from the views again")
         except Exception as error:  # taken over an hour later (store.fills.CATCH_UP_LEASE)
+            RETENTION_FAILURES.labels("catch_up").inc()
             log.error("filling the freshness and deletion notes again failed (%s); tried "
                       "again in an hour", type(error).__name__)  # fmt: skip
 

@@ -40,6 +40,7 @@ from consumers.merge import Authority
 from consumers.metrics import (
     COMMIT_SECONDS,
     FRESHNESS,
+    RETENTION_FAILURES,
     WorkerHealth,
     phase_summary,
     phase_totals,
@@ -355,12 +356,14 @@ class BatchProcessor:
             if self.catching_up is None or not self.catching_up.is_alive():
                 self.catching_up = catch_up_if_due(self.reconciler.store, utcnow(), self.stopping)
         except Exception as error:  # the purge below runs all the same
+            RETENTION_FAILURES.labels("catch_up").inc()
             log.error("the store's catch-up did not start (%s)", type(error).__name__)
         try:
             counts, done = purge_within(
                 self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
             )
         except Exception as error:
+            RETENTION_FAILURES.labels("purge").inc()
             log.error("retention run failed (%s); tried again in an hour", type(error).__name__)
             return
         if not done:

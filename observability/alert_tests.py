@@ -95,6 +95,19 @@ CASES = [
         "the source write them), waiting for `dlq import`",
     ),
     Case(
+        "PortalSyncRetentionFailing",
+        # a worker up for hours: its hourly run fails at 4h, then again at 5h; the single
+        # failure does not page (between real scrapes increase() reads it a little over 1:
+        # the rule asks 1.5)
+        {f'portal_sync_retention_failures_total{{{WORKER},step="purge"}}': "0x239 1x60 2x60"},
+        "290m",
+        "305m",
+        {"job": "portal-sync-worker", "instance": "w1"},
+        "w1: the retention job failed more than once in 3h; what the store must forget "
+        "(deleted records' values, old history, the access log) may be kept past its "
+        "retention",
+    ),
+    Case(
         "PortalSyncLagExporterBlind",
         # polls read the lag every minute until 3m, then fail (the last success stays)
         {

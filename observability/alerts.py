@@ -36,6 +36,8 @@ class Thresholds:
     worker_stalled_seconds: float = 240.0
     stall_window: str = "10m"
     exporter_blind_seconds: float = 120.0  # the lag exporter's last successful poll
+    # The worker's retention job runs hourly: two failed runs within this window.
+    retention_window: str = "3h"
     window: str = "5m"  # rate windows
     for_short: str = "2m"  # stalled consumer, process down
     for_long: str = "10m"  # lag above objective, stale source, lag growing
@@ -94,6 +96,10 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     beyond = "max by (source) (portal_sync_outbox_rows_beyond_lookback)"
     stopped = "max by (source) (portal_sync_source_stopped)"
     kept = "max by (source) (portal_sync_source_kept_dead_letters)"
+    retention = (
+        "sum by (job, instance) "
+        f"(increase(portal_sync_retention_failures_total[{t.retention_window}]))"
+    )
     # the longest of the stall window: a restarted worker's missed scrape keeps its place
     registered = f"max by (source) (max_over_time(portal_sync_source_registered[{t.stall_window}]))"
     silent = (
@@ -243,6 +249,22 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "the dead-letter topic: no one sees or re-drives them there. Rename each file "
             "aside, import it as an operator (`portal-sync dlq import FILE`), then remove it "
             "(docs/operations.md, Dead letters).",
+        ),
+        Rule(
+            "PortalSyncRetentionFailing",
+            f"{retention} >= 1.5",  # increase() extrapolates: one failure reads a little over 1
+            retention,
+            "0s",
+            "warning",
+            "{{ $labels.instance }}: the retention job failed more than once in "
+            f"{t.retention_window}; what the store must forget (deleted records' values, "
+            "old history, the access log) may be kept past its retention",
+            "The worker's log names the step and the error's type (`retention run failed`, "
+            "`the store's catch-up did not start`, `filling the freshness and deletion notes "
+            "again failed`): a store that refuses or times out (statement_timeout, "
+            "lock_timeout, the access log's trigger), or a `store_meta` row "
+            "`catch_up_after` that is not a time. The batches go on meanwhile; each failed "
+            "run is tried again an hour later.",
         ),
         Rule(
             "PortalSyncOutboxRowsBeyondLookback",

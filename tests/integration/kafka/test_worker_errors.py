@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from consumers.merge import Authority
+from consumers.metrics import RETENTION_FAILURES
 from consumers.reconciler import Checked, Message
 from consumers.registry import Registry
 from consumers.worker import BatchProcessor
@@ -152,11 +153,13 @@ def test_a_failing_retention_run_neither_retries_nor_dead_letters_the_batch_it_f
         raise ValueError("a bug") if failure == "a bug" else StoreUnavailable("timeout")
 
     monkeypatch.setattr(worker_module, "purge_within", broken)
+    failed = RETENTION_FAILURES.labels("purge")._value.get()
     processor.process(messages[:6])
     processor.process(messages[6:])  # within the hour: not run again
     processor.close()
 
     assert runs == [1]
+    assert RETENTION_FAILURES.labels("purge")._value.get() == failed + 1  # alerts
     assert store.all_offsets() == {(messages[0].topic, 0): 8}
     assert exported(settings) == expected_export(events, Authority())
     letters = admin.end_offsets(settings.connection(), [dead_letter_topic(settings)])
