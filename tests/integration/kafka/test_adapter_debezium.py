@@ -368,6 +368,19 @@ fields = {{ full_name = "ho_ten" }}
     reader.close()
 
 
+def _one_topic_adapter(tmp_path: Path, bootstrap: str, group: str, topic: str) -> Any:
+    """The citizens' adapter of CONFIG reading `topic` alone, its name field only."""
+    body = CONFIG.split("[[sources]]")[1].format(
+        bootstrap=bootstrap, group=group, prefix="unused", bare="unused"
+    )
+    deploy = load_deployment(write_config(tmp_path, "[[sources]]" + body))
+    entry = deploy.sources[0]
+    entry.mapping["topics"] = [topic]
+    entry.mapping["fields"] = {"full_name": "ho_ten"}
+    entry.mapping.pop("value_maps")
+    return deploy.adapter(entry)
+
+
 def test_a_transactional_writer_aborted_changes_are_never_read(
     province: Province, tmp_path: Path
 ) -> None:
@@ -397,15 +410,7 @@ def test_a_transactional_writer_aborted_changes_are_never_read(
         else:
             producer.abort_transaction()
     producer.close()
-    body = CONFIG.split("[[sources]]")[1].format(
-        bootstrap=province.bootstrap, group=f"tx-{topic}", prefix="unused", bare="unused"
-    )
-    deploy = load_deployment(write_config(tmp_path, "[[sources]]" + body))
-    entry = deploy.sources[0]
-    entry.mapping["topics"] = [topic]
-    entry.mapping["fields"] = {"full_name": "ho_ten"}
-    entry.mapping.pop("value_maps")
-    adapter = deploy.adapter(entry)
+    adapter = _one_topic_adapter(tmp_path, province.bootstrap, f"tx-{topic}", topic)
     started = time.monotonic()
     items = list(adapter.read({}))
     adapter.close()
@@ -442,15 +447,7 @@ def test_a_topic_created_again_and_refilled_past_the_saved_position_stops_the_so
     with admin.cluster(connection) as cluster:
         cluster.admin.create_topics([NewTopic(topic, 1, 1)])
     fill(["Lan", "Lan Anh"])
-    body = CONFIG.split("[[sources]]")[1].format(
-        bootstrap=kafka_bootstrap, group=f"re-{topic}", prefix="unused", bare="unused"
-    )
-    deploy = load_deployment(write_config(tmp_path, "[[sources]]" + body))
-    entry = deploy.sources[0]
-    entry.mapping["topics"] = [topic]
-    entry.mapping["fields"] = {"full_name": "ho_ten"}
-    entry.mapping.pop("value_maps")
-    adapter = deploy.adapter(entry)
+    adapter = _one_topic_adapter(tmp_path, kafka_bootstrap, f"re-{topic}", topic)
     try:
         (checkpoint,) = [i for i in adapter.read({}) if isinstance(i, Checkpoint)]
         assert checkpoint.commit is not None

@@ -172,6 +172,21 @@ def notes(store: Store) -> dict[str, datetime]:
         return {r.key: r.deleted_at for r in conn.execute(select(record_deletions))}
 
 
+def deleted_long_ago(store: Store, count: int, when: datetime) -> list[str]:
+    """`count` citizens whose only source deleted them at `when`: their tombstones alone,
+    written as a worker of a release before the notes would have (no note). Their keys."""
+    keys = [f"0010900{i:05d}" for i in range(count)]
+    with store.write_transaction() as conn:
+        conn.execute(
+            source_views.insert(),
+            [{"entity": "citizen", "key": key, "source": "province-01", "version": 2,
+              "event_id": f"00000000-0000-0000-0000-{i:012d}", "occurred_at": when,
+              "deleted": True, "data": None, "applied_at": when}
+             for i, key in enumerate(keys)],
+        )  # fmt: skip
+    return keys
+
+
 def test_the_purge_checks_the_noted_records_and_keeps_the_notes_true(store: Store) -> None:
     """A batch notes each record it leaves without a canonical record (a delete that came
     before any upsert too), never one another source still holds. The check purges what is
@@ -248,15 +263,8 @@ def test_the_worker_works_off_a_backlog_of_due_records_chunk_by_chunk_within_its
     (more than two chunks): a run with no time left does nothing and says so; the next
     works them all off, chunk by chunk, each chunk leaving the due notes."""
     long_ago = utcnow() - 400 * DAY
-    gone = [f"0010900{i:05d}" for i in range(1200)]
+    gone = deleted_long_ago(store, 1200, long_ago)
     with store.write_transaction() as conn:
-        conn.execute(
-            source_views.insert(),
-            [{"entity": "citizen", "key": key, "source": "province-01", "version": 2,
-              "event_id": f"00000000-0000-0000-0000-{i:012d}", "occurred_at": long_ago,
-              "deleted": True, "data": None, "applied_at": long_ago}
-             for i, key in enumerate(gone)],
-        )  # fmt: skip
         conn.execute(
             record_deletions.insert(),
             [{"entity": "citizen", "key": key, "deleted_at": long_ago}
@@ -318,16 +326,7 @@ def test_the_catch_up_reads_page_by_page_and_gives_way(
 
     from store.fills import CATCH_UP_AFTER
 
-    long_ago = utcnow() - 400 * DAY
-    gone = [f"0010900{i:05d}" for i in range(1200)]
-    with store.write_transaction() as conn:
-        conn.execute(
-            source_views.insert(),
-            [{"entity": "citizen", "key": key, "source": "province-01", "version": 2,
-              "event_id": f"00000000-0000-0000-0000-{i:012d}", "occurred_at": long_ago,
-              "deleted": True, "data": None, "applied_at": long_ago}
-             for i, key in enumerate(gone)],
-        )  # fmt: skip
+    deleted_long_ago(store, 1200, utcnow() - 400 * DAY)
     due = (utcnow() - DAY).isoformat()
 
     store.set_meta(CATCH_UP_AFTER, due)
