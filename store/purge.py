@@ -130,12 +130,18 @@ def purge_keys(
 def finish_purge(store: Store, purge: SourcePurge) -> SourcePurge:
     """Write the audit row as complete (every chunk committed). A purge of all of a
     source's views also forgets its freshness: a worker starting next has no series for it
-    until it delivers again (its views left the store)."""
+    until it delivers again (its views left the store). A batch of the source applied after
+    the purge began keeps its row: the source delivered again."""
     done = replace(purge, finished_at=utcnow())
     with translated(), store.write_transaction() as conn:
         _upsert(conn, source_purges, [done.row()], ["id"])
         if purge.entity is None and purge.reference is None:
-            conn.execute(delete(source_freshness).where(source_freshness.c.source == purge.source))
+            conn.execute(
+                delete(source_freshness).where(
+                    source_freshness.c.source == purge.source,
+                    source_freshness.c.last_applied < purge.started_at,
+                )
+            )
     return done
 
 

@@ -145,3 +145,23 @@ def test_a_purge_of_all_of_a_sources_views_forgets_its_freshness(store_url: str)
             assert left == (["province-01", "province-79"] if entity else ["province-79"])
     finally:
         store.close()
+
+
+def test_a_batch_applied_while_the_source_is_purged_keeps_its_freshness(store_url: str) -> None:
+    """The source delivered after the purge began: its new row is not forgotten with the
+    old ones when the purge finishes."""
+    from portal_sync.ops import purge as purging
+
+    store = Store(store_url)
+    store.create_schema()
+    reconciler = Reconciler(store, Authority())
+    try:
+        _apply(reconciler, [event("citizen", CITIZEN, "province-01", 5, NAME)], 0, 0)
+        audit = purging.new_purge("province-01", None, None, "wrong data", "steward", None)
+        _apply(reconciler, [event("citizen", CITIZEN_2, "province-01", 7, NAME)], 0, 1)
+        purging.finish_purge(store, audit)
+        assert list(_rows(store)) == [("province-01", TOPIC, 1)]
+        [fresh] = store.freshness()
+        assert fresh.last_change == T0 + timedelta(minutes=7)
+    finally:
+        store.close()
