@@ -360,7 +360,7 @@ def dlq_redrive(
     store: StoreOpt = None,
 ) -> None:
     """Re-publish selected dead letters to their original topic, each once, recorded."""
-    from portal_sync.ops.dlq import Filters, read_dead_letters
+    from portal_sync.ops.dlq import Filters, iter_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
     from store import Store
 
@@ -369,15 +369,17 @@ def dlq_redrive(
         raise typer.Exit(2)
     settings = settings_from(bootstrap, store)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
-    letters = read_dead_letters(settings, filters)
+    letters = iter_dead_letters(settings, filters)
     if not letter_ids and "skipped_by_operator" not in (reason or []):
         # An operator skipped these on purpose (`offsets skip`): only named ones go back.
-        letters = [x for x in letters if x.reason_code != "skipped_by_operator"]
+        letters = (x for x in letters if x.reason_code != "skipped_by_operator")
     target = Store(settings.store_url)
     target.create_schema()
-    summary = run_redrive(settings, target, letters)
-    target.close()
-    console.print(f"selected {len(letters)}: re-driven {summary.redriven}, already re-driven "
+    try:
+        summary = run_redrive(settings, target, letters)
+    finally:
+        target.close()
+    console.print(f"selected {summary.selected}: re-driven {summary.redriven}, already re-driven "
                   f"{summary.already_redriven}, not re-drivable (rejected at a source, or not "
                   f"from a change topic) {summary.not_redrivable}, superseded (the store holds "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip

@@ -249,16 +249,20 @@ def _kind(value: object) -> str:
 
 @dataclass
 class RedriveSummary:
+    selected: int = 0
     redriven: int = 0
     already_redriven: int = 0
     not_redrivable: int = 0
     superseded: int = 0  # the store holds the same or a newer version of that source's view
 
 
-def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -> RedriveSummary:
+def redrive(
+    settings: Settings, store: Store, letters: Iterable[DeadLetterRecord]
+) -> RedriveSummary:
     """Re-publish each selected dead letter to its original topic once, and record it.
     Only to one of the change topics: a letter whose origin is unknown, or a source, or
-    any other topic counts as not re-drivable."""
+    any other topic counts as not re-drivable. The letters are taken one at a time as
+    they come (`iter_dead_letters`): a broad selection is never held in memory."""
     summary = RedriveSummary()
     topic = settings.topics().dead_letters
     change_topics = set(settings.topics().change_topics())
@@ -266,6 +270,7 @@ def redrive(settings: Settings, store: Store, letters: list[DeadLetterRecord]) -
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
+            summary.selected += 1
             if (letter.partition, letter.offset) in done:
                 summary.already_redriven += 1
                 continue

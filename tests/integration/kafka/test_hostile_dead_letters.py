@@ -159,6 +159,7 @@ def test_dlq_redrive_re_drives_what_it_can_and_goes_on(hostile: Any) -> None:
     result = run(hostile, "dlq", "redrive", *ids.values())
 
     assert result.returncode == 0, result.stderr
+    assert f"selected {len(ids)}: " in result.stdout, result.stdout
     # Origin a change topic: deep, bad time, binary, bad numbers, array, scalar, markup
     # source, terminal attack, good. No origin (no headers), or another topic: not.
     assert "re-driven 9, already re-driven 0" in result.stdout, result.stdout
@@ -166,6 +167,29 @@ def test_dlq_redrive_re_drives_what_it_can_and_goes_on(hostile: Any) -> None:
     assert sum(end_offsets(hostile).values()) == before + 9
     again = run(hostile, "dlq", "redrive", *ids.values())
     assert "re-driven 0, already re-driven 9" in again.stdout, again.stdout
+
+
+def test_dlq_redrive_sends_each_letter_before_it_reads_the_next(hostile: Any) -> None:
+    """A broad selection is never held: each letter is published and recorded as it is
+    read from the topic."""
+    from portal_sync.ops.dlq import iter_dead_letters, redrive
+
+    store = Store(hostile.store_url)
+    store.create_schema()
+    recorded_when_read: list[int] = []
+
+    def letters() -> Any:
+        for letter in iter_dead_letters(hostile):
+            recorded_when_read.append(len(store.redriven(dead_letter_topic(hostile))))
+            yield letter
+
+    try:
+        summary = redrive(hostile, store, letters())
+    finally:
+        store.close()
+    assert (summary.selected, summary.redriven, summary.not_redrivable) == (11, 9, 2)
+    # deep, bad time, binary re-driven; no headers not; then bad numbers, array, ...
+    assert recorded_when_read[:6] == [0, 1, 2, 3, 3, 4]
 
 
 def _commit(settings: Any, group: str, offsets: dict[tuple[str, int], int]) -> None:
