@@ -62,8 +62,8 @@ def catch_up_if_due(
     """A day after migrations 0011 and 0012, fill their tables from the views again (what
     workers of the release before applied meanwhile: docs/deploy.md, "Upgrades"), in a
     thread of its own beside the batches: one scan of every view, given up at `stop`.
-    None when not due."""
-    if not store.catch_up_due(now):
+    None when not due, or when the worker is stopping."""
+    if (stop is not None and stop.is_set()) or not store.catch_up_due(now):
         return None
 
     def run() -> None:

@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     tuple_,
     update,
 )
@@ -59,9 +60,10 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
-from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE
+from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness_row
 from store.pg_arrays import register_dumpers
 from store.tables import (
+    UTCDateTime,
     access_log,
     applied_offsets,
     apply_journal,
@@ -513,9 +515,27 @@ class Store:
         seen = self.meta(CATCH_UP_AFTER)
         if seen is None or datetime.fromisoformat(seen) > now:
             return False
-        lease = self._take_over(seen, now)
-        if lease is None:
+        if stop is not None and stop.is_set():
             return False
+        taken = self._take_over(seen, now)
+        if taken is None:
+            return False
+        lease, renewed = taken, time.monotonic()
+
+        def go_on() -> bool:
+            """Whether to go on: not stopped (the row is handed back), and the lease still
+            this worker's (renewed once a quarter of it has passed)."""
+            nonlocal lease, renewed
+            if stop is not None and stop.is_set():
+                self._hand_back(lease, seen)
+                return False
+            if time.monotonic() - renewed > CATCH_UP_LEASE.total_seconds() / 4:
+                taken = self._take_over(lease, utcnow())
+                if taken is None:  # taken over meanwhile: that worker goes on
+                    return False
+                lease, renewed = taken, time.monotonic()
+            return True
+
         with translated(), self.engine.connect() as conn:
             newest = conn.execute(
                 select(
@@ -524,11 +544,16 @@ class Store:
                     func.max(source_views.c.applied_at),
                 ).group_by(source_views.c.source)
             ).all()
+        if not go_on():
+            return False
         with translated(), self.write_transaction() as conn:
-            _upsert(conn, source_freshness, [
-                {"source": source, "topic": "", "partition": -1, "last_change": _aware(change),
-                 "last_applied": _aware(applied)} for source, change, applied in newest
-            ], ["source", "topic", "partition"])  # fmt: skip
+            # As the migration's fill: a row only moves forward, and a source whose views
+            # a `source purge` removed since the read gets none.
+            typed = [bindparam(n, type_=UTCDateTime()) for n in ("change", "applied")]
+            conn.execute(text(fill_freshness_row(conn.dialect.name)).bindparams(*typed), [
+                {"source": source, "change": _aware(change), "applied": _aware(applied)}
+                for source, change, applied in newest
+            ])  # fmt: skip
         only_tombstones = func.sum(case((source_views.c.deleted, 0), else_=1)) == 0
         page = (
             select(source_views.c.entity, source_views.c.key, func.max(source_views.c.applied_at))
@@ -538,16 +563,9 @@ class Store:
             .limit(CHUNK)
         )
         after: RecordKey | None = None
-        renewed = time.monotonic()
         while True:
-            if stop is not None and stop.is_set():
-                self._hand_back(lease, seen)
+            if not go_on():
                 return False
-            if time.monotonic() - renewed > CATCH_UP_LEASE.total_seconds() / 4:
-                lease = self._take_over(lease, utcnow())
-                if lease is None:  # taken over meanwhile: that worker goes on
-                    return False
-                renewed = time.monotonic()
             query = page
             if after is not None:
                 key = tuple_(source_views.c.entity, source_views.c.key)

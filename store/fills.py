@@ -31,6 +31,20 @@ def fill_freshness(dialect: str) -> str:
     )
 
 
+def fill_freshness_row(dialect: str) -> str:
+    """`fill_freshness` for one source's values read before (`:source`, `:change`,
+    `:applied`): nothing while the source has no views left."""
+    greatest = "GREATEST" if dialect == "postgresql" else "max"
+    return (
+        "INSERT INTO source_freshness (source, topic, partition, last_change, last_applied)"
+        " SELECT CAST(:source AS VARCHAR(64)), '', -1, :change, :applied"
+        " WHERE EXISTS (SELECT 1 FROM source_views WHERE source = CAST(:source AS VARCHAR(64)))"
+        " ON CONFLICT (source, topic, partition) DO UPDATE SET"
+        f" last_change = {greatest}(source_freshness.last_change, excluded.last_change),"
+        f" last_applied = {greatest}(source_freshness.last_applied, excluded.last_applied)"
+    )
+
+
 # Every record whose views are all tombstones, at its newest tombstone's time; a record
 # already noted keeps its (earlier) note.
 FILL_DELETIONS = (

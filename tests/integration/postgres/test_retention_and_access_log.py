@@ -284,6 +284,8 @@ def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_agai
     a record and applied a source's change without noting either. A day later the
     retention run fills both tables from the views again, beside the batches; the record
     is then purged in its time."""
+    import threading
+
     from consumers.retention import catch_up_if_due
     from store.fills import CATCH_UP_AFTER
 
@@ -300,6 +302,9 @@ def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_agai
     assert notes(store) == {} and store.freshness() == []
 
     assert catch_up_if_due(store, utcnow()) is None  # not before its day
+    stopping = threading.Event()
+    stopping.set()
+    assert catch_up_if_due(store, utcnow() + 2 * DAY, stopping) is None  # a worker stopping
     thread = catch_up_if_due(store, utcnow() + 2 * DAY)
     assert thread is not None
     thread.join(timeout=60)
@@ -346,3 +351,54 @@ def test_the_catch_up_reads_page_by_page_and_gives_way(
     assert store.catch_up(utcnow()) is True
     assert len(notes(store)) == 1200 and store.meta(CATCH_UP_AFTER) is None
     assert [f.source for f in store.freshness()] == ["province-01"]
+
+
+def test_the_catch_up_moves_freshness_forward_only_and_not_for_a_purged_source(
+    store: Store,
+) -> None:
+    """The freshness the catch-up read is written as the migration's fill writes it: an
+    existing row keeps a newer time, and a source whose views were purged between the
+    read and the write gets no row back. Stopped after the read: nothing written, the row
+    given back."""
+    import threading
+
+    from store.fills import CATCH_UP_AFTER
+    from store.tables import source_freshness
+
+    long_ago = utcnow() - 400 * DAY
+    with store.write_transaction() as conn:
+        conn.execute(
+            source_views.insert(),
+            [{"entity": "citizen", "key": CITIZEN, "source": source, "version": 2,
+              "event_id": f"00000000-0000-0000-0000-00000000000{i}", "occurred_at": long_ago,
+              "deleted": False, "data": {}, "applied_at": long_ago}
+             for i, source in enumerate(["province-01", "province-79"])],
+        )  # fmt: skip
+        newer = utcnow() - DAY
+        conn.execute(source_freshness.insert().values(
+            source="province-01", topic="", partition=-1, last_change=newer, last_applied=newer
+        ))  # fmt: skip
+    due = (utcnow() - DAY).isoformat()
+
+    class AfterTheRead(threading.Event):
+        """`is_set` is asked before the row is taken, then after the freshness's read."""
+
+        def __init__(self, purge: bool) -> None:
+            super().__init__()
+            self.asked, self.purge = 0, purge
+
+        def is_set(self) -> bool:
+            self.asked += 1
+            if self.asked == 2 and self.purge:  # a `source purge` of province-79 meanwhile
+                with store.write_transaction() as conn:
+                    conn.execute(delete(source_views).where(source_views.c.source == "province-79"))
+            return self.asked == 2 and not self.purge
+
+    store.set_meta(CATCH_UP_AFTER, due)
+    assert store.catch_up(utcnow(), AfterTheRead(purge=False)) is False
+    assert store.meta(CATCH_UP_AFTER) == due
+    assert [f.last_change for f in store.freshness()] == [newer]
+
+    assert store.catch_up(utcnow(), AfterTheRead(purge=True)) is True
+    [fresh] = store.freshness()
+    assert (fresh.source, fresh.last_change, fresh.last_applied) == ("province-01", newer, newer)
