@@ -376,6 +376,17 @@ class Reconciler:
                     tx.read_known()
             report.records_read = len(keys) - report.records_kept
             read = perf_counter()
+            ranges: dict[TopicPartition, OffsetRange] = {}
+            if not replay:
+                unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
+                ranges = offset_ranges(unapplied)
+                for tp, start in (starts or {}).items():
+                    if tp in ranges and start >= stored.get(tp, start):
+                        first, end, count = ranges[tp]
+                        ranges[tp] = (min(first, start), end, count)
+                # A gap is refused before `after_offsets` sends the batch's dead letters:
+                # the batch read again would send them a second time.
+                tx.check_contiguous(ranges)
             if after_offsets is not None:
                 after_offsets(stored)
             todo = [c for c in events if c.message.offset >= stored.get(c.message.tp, 0)]
@@ -411,13 +422,8 @@ class Reconciler:
             changes = work.changes(self.authority)
             conflicts.update(changes.conflicts)  # as the store will have them
             if not replay:
-                unapplied = [m for m in batch if m.offset >= stored.get(m.tp, 0)]
-                changes.offsets = offset_ranges(unapplied)
+                changes.offsets = ranges
                 changes.freshness = newest
-                for tp, start in (starts or {}).items():
-                    if tp in changes.offsets and start >= stored.get(tp, start):
-                        first, end, count = changes.offsets[tp]
-                        changes.offsets[tp] = (min(first, start), end, count)
             merged = perf_counter()
             report.new_conflicts = tx.write(changes, now)
             report.anomalies = anomalies

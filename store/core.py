@@ -923,7 +923,7 @@ class BatchTransaction:
     def _before(self, changes: BatchChanges) -> tuple[Any, ...]:
         """Checks and the writes outside the backend's statements; `write_all`'s rows."""
         if changes.offsets:
-            self._check_contiguous(changes.offsets)
+            self.check_contiguous(changes.offsets)
         if changes.purged_views or changes.purge is not None:
             # Statements of our own, outside what was sent: let it settle first (keeping
             # what it found for the next wait).
@@ -950,7 +950,7 @@ class BatchTransaction:
             changes.freshness,
         )
 
-    def _check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:
+    def check_contiguous(self, ranges: dict[TopicPartition, OffsetRange]) -> None:
         """Each partition's range must start at its stored next offset (a partition the
         store has never seen may start anywhere: the log may begin after 0)."""
         for (topic, partition), (first, _, _) in ranges.items():
