@@ -1,9 +1,12 @@
 """A consumer-group member that hands out batches of records (aiokafka, asyncio).
 
 The reconciler resumes from the store's offsets, never from Kafka's: on every assignment
-`on_assigned(partitions)` is awaited for the offsets to start from, before any record of
-those partitions is fetched (aiokafka runs the rebalance listener inside the rebalance);
-a partition the store has never seen starts at the log's beginning. `on_revoked` is
+`on_assigned(partitions)` is awaited for the offsets to start from, and the partitions are
+sought there; a partition the store has never seen starts at the log's beginning. aiokafka
+runs the rebalance listener inside the rebalance, but its fetcher may already fetch the new
+partitions from Kafka's committed offsets (or the log's start) while the listener awaits:
+a batch fetched from a rebalance's start until the seek is dropped (read again from the
+store's offsets), and none is handed out after an assignment failed. `on_revoked` is
 awaited before partitions go to another member, so a batch in flight can finish first.
 Kafka's committed offsets of the group are written after each store commit, as a copy for
 the usual tools (`kafka-consumer-groups`); they are never read back.
@@ -55,11 +58,36 @@ def check_within_logs(stored: Mapping[TP, int], ends: Mapping[TP, int]) -> None:
         )
 
 
+def check_topic_ids(
+    stored: Mapping[TP, int], saved: Mapping[str, str], current: Mapping[str, str]
+) -> None:
+    """Refuse to go on in a topic the store has applied events of when the cluster's id
+    of it (KIP-516) is not the one the store recorded: it was deleted and created again,
+    or the cluster rebuilt, and the store's offsets point into another log. Once the new
+    log is longer than the store's offsets, `check_within_logs` cannot see it, and every
+    new event below them would be taken as applied."""
+    applied = {topic for (topic, _), offset in stored.items() if offset > 0}
+    changed = sorted(
+        topic
+        for topic in applied
+        if topic in saved and topic in current and saved[topic] != current[topic]
+    )
+    if changed:
+        raise ConfigurationError(
+            "the store applied events of an earlier topic of the same name: "
+            + ", ".join(changed)
+            + " (created again since, or the cluster rebuilt); move the store's offsets "
+            "with `portal-sync offsets reset` (docs/operations.md, "
+            '"A change topic behind the store")'
+        )
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, member: GroupMember) -> None:
         self.member = member
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.member.settled = False  # a rebalance begins
         await self.member.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -112,6 +140,9 @@ class GroupMember:
         self._next: dict[TP, int] = {}  # where each partition's next fetch begins
         self.starts: dict[TP, int] = {}  # where the last batch's fetches began
         self.failed: Exception | None = None
+        # The partitions' positions are the store's (sought by the last assignment): not
+        # from a rebalance's start until its assignment's seek.
+        self.settled = False
 
     async def start(self) -> None:
         try:
@@ -127,12 +158,14 @@ class GroupMember:
 
     async def _assigned(self, partitions: set[TP]) -> None:
         try:
+            self.settled = False
             offsets = await self.on_assigned(partitions)
             await self.seek(offsets, partitions)
         except Exception as error:  # aiokafka would only log it and use Kafka's offsets
             log.error("assignment failed (%s): leaving", type(error).__name__)
             self.failed = error
             raise
+        self.settled = True  # no await since the seek: no batch fetched before it follows
         self.assignments += 1
         log.info("resumed %d partitions from the store's offsets", len(partitions))
 
@@ -174,6 +207,10 @@ class GroupMember:
             raise translate(error, "fetch records", self.connection) from None
         messages: list[Message] = []
         self.starts = {}
+        if not self.settled or self.failed is not None:
+            # Fetched from Kafka's positions, not the store's (an assignment in progress,
+            # or failed): read again once the partitions are sought, or never.
+            return messages
         for tp, records in found.items():
             topic, partition = tp.topic, tp.partition
             if not records:
