@@ -69,7 +69,7 @@ from schemas.errors import PortalSyncError, Refused, TransientError
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
 from transport.config import KafkaConnection
-from transport.group import GroupMember, check_within_logs
+from transport.group import GroupMember, check_topic_ids, check_within_logs
 from transport.publisher import Publisher
 from transport.reader import Message
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
@@ -103,6 +103,7 @@ class WorkerConfig:
     freshness_objective_seconds: float = 60.0
     stall_after_seconds: float = 300.0
     max_clock_skew_seconds: float = DEFAULT_MAX_CLOCK_SKEW_SECONDS
+    topic_check_seconds: float = 60.0  # the change topics' ids checked between rebalances
     validator_processes: int = 0  # 0: a batch's contract checks in the worker's process
     record_cache_records: int = DEFAULT_RECORDS  # consumers.cache; 0: every batch reads
 
@@ -560,6 +561,7 @@ class ReconcilerLoop:
         self.applied: dict[TopicPartition, int] = {}
         self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
         self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
+        self.topics_checked_at = 0.0  # monotonic time of the last `_check_topics`
         self.copying: asyncio.Future[None] | None = None
 
     async def run(self) -> int:
@@ -600,12 +602,13 @@ class ReconcilerLoop:
             self.stop_event.set()
 
     async def _assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-        """The store's offsets of newly assigned partitions; a store that is away is waited
-        for (with backoff), never guessed."""
+        """The store's offsets of newly assigned partitions, their topics checked; a store
+        that is away is waited for (with backoff), never guessed."""
         delay = 0.5
         while True:
             try:
                 stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
+                await self._check_topics({topic for topic, _ in partitions}, stored)
                 break
             except TransientError as error:
                 if self.stop_event.is_set():
@@ -616,6 +619,38 @@ class ReconcilerLoop:
         self.applied.update(stored)
         self.liveness.set_ready()
         return stored
+
+    async def _check_topics_again(self, member: GroupMember) -> None:
+        """`_check_topics` between rebalances: a topic deleted and created again with as
+        many partitions starts no rebalance, and a member that fetches at the store's
+        offset in a new log already that long sees no gap either. Refused within
+        `topic_check_seconds` (60 by default; the events of the new log below the
+        store's offsets are then not applied: the reset that follows applies them)."""
+        self.topics_checked_at = time.monotonic()  # tried again a minute on, whatever comes
+        assigned = member.assignment()
+        if not assigned:
+            return
+        try:
+            stored = await asyncio.to_thread(self.store.stored_offsets, assigned)
+            await self._check_topics({topic for topic, _ in assigned}, stored)
+        except TransientError as error:
+            log.warning("topic ids not checked (%s)", type(error).__name__)
+
+    async def _check_topics(self, topics: set[str], stored: dict[TopicPartition, int]) -> None:
+        """Refuse a topic created again since the store applied events of it
+        (`check_topic_ids`); record the cluster's id of a topic the store has none of.
+        A cluster that cannot say now is not checked this time, as the log ends are not."""
+        try:
+            current = await asyncio.to_thread(admin.topic_ids, self.config.connection, topics)
+        except TransientError as error:
+            log.warning("topic ids not read (%s): not checked this time", type(error).__name__)
+            return
+        saved = await asyncio.to_thread(self.store.topic_ids)
+        check_topic_ids(stored, saved, current)
+        new = {topic: found for topic, found in current.items() if saved.get(topic) != found}
+        if new:  # first seen, or created again before any event of it was applied
+            await asyncio.to_thread(self.store.record_topic_ids, new)
+        self.topics_checked_at = time.monotonic()
 
     async def _revoked(self, partitions: set[TopicPartition]) -> None:
         """Let the batch in flight finish before the partitions move to another member;
@@ -645,6 +680,8 @@ class ReconcilerLoop:
                 continue
             if member.failed is not None:
                 raise member.failed
+            if time.monotonic() - self.topics_checked_at > config.topic_check_seconds:
+                await self._check_topics_again(member)
             starts = member.starts  # where this batch's fetches began
             prepared = None
             if messages and not self.stop_event.is_set():
@@ -713,7 +750,9 @@ class ReconcilerLoop:
             # The consumer is not where the store is (a seek lost in a rebalance, an
             # operator's reset): nothing was committed; go back to the store's offsets.
             log.warning("%s: resuming from the store's offsets", error)
-            stored = await asyncio.to_thread(self.store.stored_offsets, member.assignment())
+            assigned = member.assignment()
+            stored = await asyncio.to_thread(self.store.stored_offsets, assigned)
+            await self._check_topics({topic for topic, _ in assigned}, stored)
             await member.seek(stored)
             return "reseek", {}
         except Exception as error:

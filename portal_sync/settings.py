@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: float = Field(
         default=300.0, ge=0, description="occurred_at further ahead: future_timestamp"
     )
+    topic_check_seconds: float = Field(
+        default=60.0, gt=0, description="the change topics' ids checked again this often"
+    )
     reference_key_file: Path | None = Field(
         default=None,
         description="secret of the keyed references (HMAC-SHA-256) that stand for personal "
@@ -221,6 +224,7 @@ class Settings(BaseSettings):
             freshness_objective_seconds=self.freshness_objective_seconds,
             stall_after_seconds=self.worker_stall_after_seconds,
             max_clock_skew_seconds=self.max_clock_skew_seconds,
+            topic_check_seconds=self.topic_check_seconds,
         )
 
     def as_env(self) -> dict[str, str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +76,7 @@ from store.tables import (
     source_purges,
     source_views,
     store_meta,
+    topic_ids,
 )
 
 if TYPE_CHECKING:
@@ -425,11 +426,21 @@ class Store:
             conn.rollback()
             return found
 
-    def reset_offsets(self, targets: dict[TopicPartition, int], operator: str, reason: str) -> None:
+    def reset_offsets(
+        self,
+        targets: dict[TopicPartition, int],
+        operator: str,
+        reason: str,
+        ids: Mapping[str, str] | None = None,
+    ) -> None:
         """Set partitions' next offsets (an operator's reset) and record who did it, why,
-        and from where, in one transaction."""
+        and from where, in one transaction; `ids`: the cluster's id of each topic reset,
+        now the store's (the reset's offsets are in that topic's log)."""
         now = utcnow()
         with translated(), self.write_transaction() as conn:
+            if ids:
+                rows = [{"topic": t, "topic_id": i, "recorded_at": now} for t, i in ids.items()]
+                _upsert(conn, topic_ids, rows, ["topic"])
             before = self._offsets(conn, targets)
             conn.execute(
                 insert(offset_changes),
@@ -459,6 +470,35 @@ class Store:
                     )
                 )
             batch_io(conn.dialect.name, conn.connection.driver_connection).count_write(now)
+
+    def topic_ids(self) -> dict[str, str]:
+        """The cluster's id of each change topic as the store first saw it (`topic_ids`)."""
+        with translated(), self.engine.connect() as conn:
+            rows = conn.execute(select(topic_ids.c.topic, topic_ids.c.topic_id))
+            return {topic: found for topic, found in rows}
+
+    def record_topic_ids(self, ids: Mapping[str, str]) -> None:
+        """Record the ids of topics the store has none of yet; a recorded one is replaced
+        only while no partition of its topic has an applied offset (the store holds no
+        position in the earlier log: a topic created again before any event of it was
+        applied)."""
+        now = utcnow()
+        rows = [{"topic": t, "topic_id": i, "recorded_at": now} for t, i in ids.items()]
+        applied = select(applied_offsets.c.topic).where(
+            applied_offsets.c.topic == topic_ids.c.topic, applied_offsets.c.next_offset > 0
+        )
+        with translated(), self.write_transaction() as conn:
+            _insert_missing(conn, topic_ids, rows, ["topic"])
+            for topic, found in ids.items():
+                conn.execute(
+                    update(topic_ids)
+                    .where(
+                        topic_ids.c.topic == topic,
+                        topic_ids.c.topic_id != found,
+                        ~applied.exists(),
+                    )
+                    .values(topic_id=found, recorded_at=now)
+                )
 
     def skip_offset(
         self, tp: TopicPartition, offset: int, log_start: int, operator: str, reason: str

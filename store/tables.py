@@ -220,6 +220,18 @@ offset_changes = Table(
     Column("changed_at", UTCDateTime, nullable=False),
 )
 
+# The cluster's id of each change topic the store has applied events of (KIP-516), as it
+# was when first assigned, or when an operator's `offsets reset` moved the topic's offsets:
+# a topic deleted and created again gets a new id, and the store's offsets then point
+# into another log (migration 0013).
+topic_ids = Table(
+    "topic_ids",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("topic_id", String(64), nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
 # Facts about the store itself, e.g. the fingerprint of the rules the worker runs with.
 store_meta = Table(
     "store_meta",

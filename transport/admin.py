@@ -126,6 +126,15 @@ class Cluster:
     def topic_names(self) -> set[str]:
         return set(self._any_node(self.admin.list_topics))
 
+    def topic_ids(self, topics: Iterable[str]) -> dict[str, str]:
+        """The cluster's id of each topic that exists (`clients.described_topic_ids`)."""
+        wanted = sorted(set(topics))
+        if not wanted:
+            return {}
+        return clients.described_topic_ids(
+            self._any_node(partial(self.admin.describe_topics, wanted))
+        )
+
     def partitions(self, topics: Iterable[str]) -> list[TP]:
         return [
             (topic, partition)
@@ -433,6 +442,19 @@ def ensure_topics(
     topics (on a secured cluster a source may not even see the dead-letter topic)."""
     with cluster(connection) as c:
         return c.ensure_topics(topics, needed)
+
+
+def topic_ids(
+    connection: KafkaConnection, topic_names: Iterable[str], timeout_ms: int = 5000
+) -> dict[str, str]:
+    """`Cluster.topic_ids` with a client of its own; a failure as the project's errors.
+    A group member asks during a rebalance, when it sends no heartbeats: it gives up
+    within `timeout_ms` a request, well within the group's session timeout."""
+    try:
+        with Cluster(connection, request_timeout_ms=timeout_ms) as c:
+            return c.topic_ids(topic_names)
+    except KafkaError as error:
+        raise clients.translate(error, "describe the topics", connection) from None
 
 
 def end_offsets(connection: KafkaConnection, topic_names: list[str]) -> dict[TP, int]:

@@ -24,6 +24,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -258,3 +259,18 @@ def admin(connection: KafkaConnection, client_id: str = "portal-sync-admin", **o
         return KafkaAdminClient(**_options(connection), client_id=client_id, **options)
     except KafkaError as error:
         raise translate(error, "connect an admin client", connection) from error
+
+
+NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # Kafka's "no id" (Uuid.ZERO_UUID)
+
+
+def described_topic_ids(described: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The id the cluster gave each described topic that exists (KIP-516, Kafka 2.8 on):
+    a topic deleted and created again gets a new one, whatever its offsets look like. A
+    topic of a cluster that gives no ids is left out."""
+    ids: dict[str, str] = {}
+    for topic in described:
+        found = topic.get("topic_id")
+        if topic.get("error_code") == 0 and found and str(found) != NO_TOPIC_ID:
+            ids[str(topic["name"])] = str(found)
+    return ids

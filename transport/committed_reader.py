@@ -24,8 +24,6 @@ from transport import clients
 from transport.config import KafkaConnection
 from transport.reader import TP, Message, to_message
 
-NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # Kafka's "no id" (Uuid.ZERO_UUID)
-
 
 class ExternalConnection(KafkaConnection):
     """A connection to a cluster that is not ours, from the values given and nothing else."""
@@ -87,12 +85,7 @@ class CommittedOffsetReader:
             described = self._admin.describe_topics(self.topics)
         except KafkaError as error:
             raise clients.translate(error, "describe the topics") from None
-        ids: dict[str, str] = {}
-        for topic in described:
-            found = topic.get("topic_id")
-            if topic.get("error_code") == 0 and found and str(found) != NO_TOPIC_ID:
-                ids[str(topic["name"])] = str(found)
-        return ids
+        return clients.described_topic_ids(described)
 
     def start(self, saved: dict[TP, int]) -> dict[TP, int]:
         """Assign every partition of the topics (those that exist yet) and seek each to the

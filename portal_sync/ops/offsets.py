@@ -145,11 +145,16 @@ def apply_reset(
     with cluster(settings.connection()) as c:
         if c.active_members(group):
             raise GroupActive(f"group {group} has active members: stop its consumers first")
+        # The offsets are to be in these topics' logs: a topic created again is the
+        # store's from here on (the worker refuses one whose id changed, `check_topic_ids`).
+        # Read first: a failure leaves everything as it was.
+        ids = c.topic_ids({p.topic for p in plan}) if group == settings.group_id else {}
         c.alter_group_offsets(group, {(p.topic, p.partition): p.target for p in plan})
     if group == settings.group_id:
         store = Store(settings.store_url)
         try:
-            store.reset_offsets({(p.topic, p.partition): p.target for p in plan}, who, why)
+            targets = {(p.topic, p.partition): p.target for p in plan}
+            store.reset_offsets(targets, who, why, ids)
         finally:
             store.close()
 

@@ -632,3 +632,28 @@ def test_0012_notes_every_record_deleted_by_all_its_sources_and_the_downgrade_dr
         assert "record_deletions" not in inspect(store.engine).get_table_names()
     finally:
         store.close()
+
+
+# -- 0013: the change topics' ids -------------------------------------------------------------
+
+
+def test_0013_keeps_the_id_of_each_topic_applied_until_a_reset_and_the_downgrade_drops_it(
+    store_url: str,
+) -> None:
+    citizen, dossier = "portal.changes.citizen", "portal.changes.dossier"
+    store = Store(store_url)
+    try:
+        _migrate(store, "0012")
+        _migrate(store, "0013")
+        store.record_topic_ids({citizen: "id-1", dossier: "d"})
+        store.reset_offsets({(citizen, 0): 5}, "op", "events applied")
+        # the id of a topic with events applied stays; one without any, created again
+        # before any was applied, takes the new one
+        store.record_topic_ids({citizen: "id-2", dossier: "e"})
+        assert store.topic_ids() == {citizen: "id-1", dossier: "e"}
+        store.reset_offsets({(citizen, 0): 0}, "op", "created again", {citizen: "id-2"})
+        assert store.topic_ids()[citizen] == "id-2"
+        _migrate(store, "0012", down=True)
+        assert "topic_ids" not in inspect(store.engine).get_table_names()
+    finally:
+        store.close()
