@@ -438,6 +438,24 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     assert Store(rebuilt).all_offsets() == live.all_offsets()
 
 
+def _twenty_applied_then_deleted(
+    settings: Any, tmp_path: Path, events: list[dict[str, Any]]
+) -> tuple[str, Store, str]:
+    """The citizen topic, after its first 20 events were applied and it was deleted; the
+    store; the deleted topic's id."""
+    from transport import admin
+
+    _published(settings, tmp_path, events[:20])
+    _caught_up(settings)
+    topic = settings.topics().change_topic("citizen")
+    store = Store(settings.store_url)
+    assert store.all_offsets() == {(topic, 0): 20}
+    with admin.cluster(settings.connection()) as cluster:
+        first_id = cluster.topic_ids([topic])[topic]
+        cluster.delete_topics([topic])
+    return topic, store, first_id
+
+
 def test_a_change_topic_created_again_behind_the_store_stops_the_worker_until_reset(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
@@ -445,17 +463,9 @@ def test_a_change_topic_created_again_behind_the_store_stops_the_worker_until_re
     (or a cluster restored from an older state): the log ends below the store's offset.
     The worker refuses to start there, instead of taking the new events below that offset
     as applied already; once the store's offsets are moved back, it applies them."""
-    from transport import admin
-
     settings = settings_for(sqlite_store_url, change_partitions=1)
     events = citizen_events(25, 1, seed=47)
-    _published(settings, tmp_path, events[:20])
-    _caught_up(settings)
-    topic = settings.topics().change_topic("citizen")
-    store = Store(settings.store_url)
-    assert store.all_offsets() == {(topic, 0): 20}
-    with admin.cluster(settings.connection()) as cluster:
-        cluster.delete_topics([topic])
+    topic, store, _ = _twenty_applied_then_deleted(settings, tmp_path, events)
     _published(settings, tmp_path, events[20:25])  # `publish` creates the topic again
 
     past = f"past the end of {topic}:0 (the store at 20, the log's end at 5)"
@@ -493,15 +503,8 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     events = citizen_events(45, 1, seed=48)
-    _published(settings, tmp_path, events[:20])
-    _caught_up(settings)
-    topic = settings.topics().change_topic("citizen")
-    store = Store(settings.store_url)
-    assert store.all_offsets() == {(topic, 0): 20}
-    with admin.cluster(settings.connection()) as cluster:
-        first_id = cluster.topic_ids([topic])[topic]
-        assert store.topic_ids()[topic] == first_id
-        cluster.delete_topics([topic])
+    topic, store, first_id = _twenty_applied_then_deleted(settings, tmp_path, events)
+    assert store.topic_ids()[topic] == first_id
     _published(settings, tmp_path, events[20:45])  # the new log: 25 events
     with admin.cluster(settings.connection()) as cluster:
         second_id = cluster.topic_ids([topic])[topic]
