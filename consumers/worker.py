@@ -122,6 +122,16 @@ class Prepared:
     valid: list[Checked]
     dead: list[DeadLetter]
 
+    def part(self, messages: Sequence[Message]) -> Prepared:
+        """The judgement of `messages`, a part of this batch: a halved batch keeps the
+        verdicts it was given, since a check against the clock may judge differently later
+        (an event dead-lettered as from the future must not be applied in a half)."""
+        kept = {(m.tp, m.offset) for m in messages}
+        return Prepared(
+            [c for c in self.valid if (c.message.tp, c.message.offset) in kept],
+            [d for d in self.dead if (d.message.tp, d.message.offset) in kept],
+        )
+
 
 class Stopping(Exception):
     """The worker is shutting down: the batch in hand is abandoned (rolled back)."""
@@ -214,12 +224,16 @@ class BatchProcessor:
         prepared: Prepared | None = None,
         starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
+        judged = prepared
         try:
-            self._retrying(lambda: self._process_once(messages, lettered, prepared, starts))
+            if judged is None:  # judged once: its halves keep the verdicts (`Prepared.part`)
+                judged = self.prepare(messages)
+            ready = judged
+            self._retrying(lambda: self._process_once(messages, lettered, ready, starts))
         except (Stopping, Refused):
             raise
         except Exception as error:  # a record error, or a bug met by some data
-            self._isolate(messages, error, lettered, starts)
+            self._isolate(messages, error, lettered, judged, starts)
 
     def _retrying(self, action: Callable[[], None]) -> None:
         """Run `action` until it passes; transient failures wait with backoff."""
@@ -243,15 +257,19 @@ class BatchProcessor:
         messages: Sequence[Message],
         error: Exception,
         lettered: set[Offset],
+        judged: Prepared | None,
         starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
-        """Halve the batch until the event that fails alone is found; dead-letter it."""
+        """Halve the batch until the event that fails alone is found; dead-letter it. The
+        halves keep the batch's judgement (`Prepared.part`)."""
         if len(messages) == 1:
             self._retrying(lambda: self._poison(messages[0], error, lettered, starts))
             return
         middle = len(messages) // 2
-        self._process(messages[:middle], lettered, starts=starts)
-        self._process(messages[middle:], lettered, starts=starts_after(messages[:middle], starts))
+        first, second = messages[:middle], messages[middle:]
+        halves = (judged.part(first), judged.part(second)) if judged is not None else (None, None)
+        self._process(first, lettered, halves[0], starts)
+        self._process(second, lettered, halves[1], starts_after(first, starts))
 
     def _poison(
         self,
@@ -274,13 +292,10 @@ class BatchProcessor:
         self,
         messages: Sequence[Message],
         lettered: set[Offset],
-        prepared: Prepared | None,
+        prepared: Prepared,
         starts: Mapping[TopicPartition, int] | None,
     ) -> None:
-        if prepared is None:
-            valid, dead = self._classify(messages)
-        else:
-            valid, dead = prepared.valid, prepared.dead
+        valid, dead = prepared.valid, prepared.dead
         # Inside the batch's transaction, once the store's offsets are read (and locked):
         # what the store has already applied (a redelivery) is neither dead-lettered nor
         # counted again. Dead letters are sent then and their acknowledgements awaited just

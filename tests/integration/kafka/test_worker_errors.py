@@ -64,6 +64,67 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     store.close()
 
 
+def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event dead-lettered as from the future, in a batch that then fails in the store,
+    is not judged again in the halves (by then the clock has passed it): it stays a dead
+    letter, sent once, and is never applied."""
+    from datetime import UTC, datetime, timedelta
+
+    import consumers.worker as worker_module
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    events = [e for e in citizen_events(12, 1, seed=21) if e["source"] == "province-01"][:10]
+    start = datetime.now(UTC)
+    skew = settings.worker_config().max_clock_skew_seconds
+    events[2]["occurred_at"] = (start + timedelta(seconds=skew + 60)).isoformat()
+    messages = [  # without a broker's timestamp: the worker's clock judges the future
+        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
+    ]
+    poison = messages[6]
+    calls: list[int] = []
+    real_classify = worker_module.classify
+
+    def two_minutes_a_check(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real_classify(*args, now=start + timedelta(minutes=2 * (len(calls) - 1)), **kwargs)
+
+    real_apply = processor.reconciler.apply
+
+    def fail_after_the_dead_letters(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        sent = kw.get("after_offsets")
+        if sent is None:  # the poison's own transaction: its offset only
+            return real_apply(valid, batch, **kw)
+
+        def then_fail(stored: Any) -> None:
+            sent(stored)  # the batch's dead letters go out, then the store fails
+            if any(c.message == poison for c in valid):
+                raise ValueError("a value the store cannot hold")
+
+        return real_apply(valid, batch, **{**kw, "after_offsets": then_fail})
+
+    monkeypatch.setattr(worker_module, "classify", two_minutes_a_check)
+    monkeypatch.setattr(processor.reconciler, "apply", fail_after_the_dead_letters)
+    processor.process(messages)
+    processor.close()
+
+    assert len(calls) == 1  # judged once
+    assert store.all_offsets() == {(poison.topic, 0): 10}
+    rest = [e for i, e in enumerate(events) if i not in (2, 6)]
+    assert exported(settings) == expected_export(rest, Authority())
+    letters = _read_all(settings, dead_letter_topic(settings), 2)
+    assert sorted(
+        (read_headers(r.headers)["ps.origin.offset"], read_headers(r.headers)["ps.reason.code"])
+        for r in letters
+    ) == [("2", "future_timestamp"), ("6", "apply_failed")]
+    store.close()
+
+
 def test_unregistered_sources_count_as_rejected_and_contract_violations_as_dead_lettered() -> None:
     from prometheus_client import REGISTRY
 
