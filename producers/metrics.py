@@ -112,7 +112,10 @@ class KeptDeadLetters(Collector):
     by a crash counts once its line ends."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Two locks: a scrape that counts a large file for the first time holds only the
+        # second, so an entry starting meanwhile (`watch`) never waits for it.
+        self._lock = threading.Lock()  # the paths watched
+        self._counting = threading.Lock()  # the counts, one scrape at a time
         self._paths: dict[str, set[Path]] = {}
         # path -> (device and inode, bytes counted, complete lines in them, their edges)
         self._counted: dict[Path, tuple[tuple[int, int], int, int, bytes]] = {}
@@ -158,9 +161,11 @@ class KeptDeadLetters(Collector):
             labels=["source"],
         )
         with self._lock:
-            for source, paths in sorted(self._paths.items()):
+            watched = sorted((source, sorted(paths)) for source, paths in self._paths.items())
+        with self._counting:
+            for source, paths in watched:
                 total = 0
-                for path in sorted(paths):
+                for path in paths:
                     try:
                         total += self._lines(path)
                     except OSError:  # unreadable now: the last count stands

@@ -152,3 +152,37 @@ def test_a_kept_file_cut_and_written_again_with_the_same_first_bytes_is_counted_
         handle.truncate(0)
     append_json_line(path, letter_line(None, common + b"x" * 3000 + b"]}}", []))  # longer
     assert _kept(gauge) == {"province-79": 1}
+
+
+def test_an_entry_starting_never_waits_for_a_scrape_that_counts(tmp_path: Path) -> None:
+    """A scrape reading a slow file (a large one the first time, or a slow disk: here a
+    pipe no one writes to yet) does not hold up an adapter entry that starts meanwhile."""
+    import os
+    import threading
+
+    from producers.metrics import KeptDeadLetters
+
+    gauge = KeptDeadLetters()
+    slow = tmp_path / "slow.dead-letters.jsonl"
+    os.mkfifo(slow)
+    gauge.watch("province-79", slow)
+    counts: list[dict[str, float]] = []
+    scrape = threading.Thread(target=lambda: counts.append(_kept(gauge)), daemon=True)
+    scrape.start()
+    scrape.join(0.3)
+    assert scrape.is_alive()  # blocked in the read
+
+    watched = threading.Thread(
+        target=gauge.watch, args=("province-01", tmp_path / "hn.jsonl"), daemon=True
+    )
+    watched.start()
+    watched.join(5)
+    unblocked = not watched.is_alive()
+    with slow.open("wb"):  # the slow file answers: the scrape ends
+        pass
+    scrape.join(5)
+    assert unblocked
+    assert counts == [{"province-79": 0}]  # a pipe has no size: nothing counted in it
+    slow.unlink()
+    slow.write_bytes(b"{}\n")
+    assert _kept(gauge) == {"province-01": 0, "province-79": 1}
