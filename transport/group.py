@@ -157,14 +157,20 @@ class GroupMember:
             await self._consumer.stop()
 
     async def _assigned(self, partitions: set[TP]) -> None:
+        # aiokafka's fetcher reads newly assigned partitions from Kafka's positions while
+        # this listener awaits: paused, nothing is fetched (and dropped) while the store's
+        # offsets are asked for, however long a store that is away takes to answer.
+        paused = [TopicPartition(t, p) for t, p in partitions]
         try:
             self.settled = False
+            self._consumer.pause(*paused)
             offsets = await self.on_assigned(partitions)
             await self.seek(offsets, partitions)
         except Exception as error:  # aiokafka would only log it and use Kafka's offsets
             log.error("assignment failed (%s): leaving", type(error).__name__)
             self.failed = error
             raise
+        self._consumer.resume(*paused)
         self.settled = True  # no await since the seek: no batch fetched before it follows
         self.assignments += 1
         log.info("resumed %d partitions from the store's offsets", len(partitions))
