@@ -695,6 +695,7 @@ class ReconcilerLoop:
                 continue
             if member.failed is not None:
                 raise member.failed
+            fetched_in = member.rebalances
             if time.monotonic() - self.topics_checked_at > config.topic_check_seconds:
                 await self._check_topics_again(member)
             starts = member.starts  # where this batch's fetches began
@@ -709,6 +710,11 @@ class ReconcilerLoop:
                     return
                 if outcome == "reseek":
                     continue  # the batch in hand was read from the wrong position
+            if prepared is not None and member.rebalances != fetched_in:
+                # A rebalance began since the fetch: its partitions may be another member's
+                # now, and are sought again from the store's offsets if they stay ours.
+                log.info("a batch fetched before a rebalance is dropped: read again")
+                prepared = None
             if prepared is not None and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(

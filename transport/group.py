@@ -88,6 +88,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.member.settled = False  # a rebalance begins
+        self.member.rebalances += 1
         await self.member.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -143,6 +144,9 @@ class GroupMember:
         # The partitions' positions are the store's (sought by the last assignment): not
         # from a rebalance's start until its assignment's seek.
         self.settled = False
+        # Rebalances begun: a batch fetched before one may hold partitions revoked since,
+        # or sought again; its caller compares this before applying it.
+        self.rebalances = 0
 
     async def start(self) -> None:
         try:

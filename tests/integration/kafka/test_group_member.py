@@ -68,3 +68,86 @@ def test_nothing_is_fetched_while_an_assignment_waits_for_the_store(settings_for
     offsets = asyncio.run(join())
     assert fetched_while_waiting and sum(fetched_while_waiting) == 0  # polled, never fetched
     assert offsets == list(range(150, 200))  # from the store's offset, whole
+
+
+def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance that begins while a fetched batch is being checked: the batch is dropped
+    (its partitions may be another member's by then) and read again from the store's
+    offsets once they are ours; every event is applied once."""
+    import json
+    import time
+
+    from kafka import KafkaConsumer
+
+    import consumers.worker as worker_module
+    from consumers.merge import Authority
+    from consumers.registry import Registry
+    from consumers.worker import BatchProcessor, ReconcilerLoop
+    from schemas.partitioning import message_key
+    from store.core import Store
+    from tests.support.kafka_helpers import change_topic, publisher_for
+    from tests.support.pipeline_helpers import citizen_events, expected_export, exported
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    events = citizen_events(60, 1, seed=41)
+    publisher = publisher_for(settings)
+    for raw in events:
+        key = message_key(raw["entity"], raw["key"], raw["source"])
+        publisher.send(change_topic(settings, "citizen"), key, json.dumps(raw).encode())
+    publisher.flush()
+    publisher.close()
+    store = Store(settings.store_url)
+    store.create_schema()
+    config = settings.worker_config()
+    processor = BatchProcessor(config, store, Registry(), Authority())
+    members: list[GroupMember] = []
+
+    class Member(GroupMember):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            members.append(self)
+
+    def another_member_joins_and_leaves() -> None:
+        rebalances = members[0].rebalances
+        other = KafkaConsumer(
+            bootstrap_servers=settings.connection().bootstrap,
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            session_timeout_ms=10_000,
+        )
+        other.subscribe([settings.topics().change_topic("citizen")])
+        deadline = time.monotonic() + 60
+        while members[0].rebalances == rebalances and time.monotonic() < deadline:
+            other.poll(200)
+        other.close()  # leaves: the partition comes back
+
+    prepared_first: list[object] = []
+    applied: list[object] = []
+    real_prepare, real_process = processor.prepare, processor.process
+
+    def prepare(messages: Any) -> Any:
+        if not prepared_first:
+            prepared_first.append(messages)
+            another_member_joins_and_leaves()
+        return real_prepare(messages)
+
+    def process(messages: Any, *args: Any, **kwargs: Any) -> None:
+        applied.append(messages)
+        real_process(messages, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "GroupMember", Member)
+    monkeypatch.setattr(processor, "prepare", prepare)
+    monkeypatch.setattr(processor, "process", process)
+    loop = ReconcilerLoop(config, store, processor, until_caught_up=True)
+    try:
+        assert asyncio.run(asyncio.wait_for(loop.run(), 180)) == 0
+    finally:
+        processor.close()
+    assert members and members[0].rebalances >= 1
+    assert prepared_first and not any(batch is prepared_first[0] for batch in applied)
+    assert store.all_offsets() == {(settings.topics().change_topic("citizen"), 0): len(events)}
+    assert exported(settings) == expected_export(events, Authority())
+    store.close()
