@@ -380,8 +380,9 @@ def dlq_redrive(
     finally:
         target.close()
     console.print(f"selected {summary.selected}: re-driven {summary.redriven}, already re-driven "
-                  f"{summary.already_redriven}, not re-drivable (rejected at a source, or not "
-                  f"from a change topic) {summary.not_redrivable}, superseded (the store holds "
+                  f"{summary.already_redriven}, not re-drivable (rejected at a source, not from "
+                  f"a change topic, or not an event of its key) {summary.not_redrivable}, "
+                  f"superseded (the store holds "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
 
 
@@ -462,8 +463,11 @@ def offsets_reset(
     for line in plan:
         target = f"{line.target} (end)" if line.past_the_end else str(line.target)
         skips = f"[red]{line.skipped}[/red]" if line.skipped else "0"
+        applied = _num(line.store_applied)
+        if line.created_again and line.store_applied is not None:
+            applied += " (an earlier topic)"
         table.add_row(plain(line.topic), str(line.partition), _num(line.kafka_committed),
-                      _num(line.store_applied), target, skips)  # fmt: skip
+                      applied, target, skips)  # fmt: skip
     console.print(table)
     undone = purges_undone(settings, group, plan, moment)
     if undone:

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from portal_sync.settings import Settings
+from schemas import ENTITIES
 from schemas.dead_letter import (
     DEAD_LETTER_REASONS,
     HEADER_PREFIX,
@@ -27,10 +28,13 @@ from schemas.dead_letter import (
 )
 from schemas.errors import Refused
 from schemas.events import SOURCE_ID
+from schemas.partitioning import message_key
 from schemas.signing import KEY_ID_HEADER
+from schemas.validation import MAX_EVENT_BYTES
 from store import Store
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
+from transport.topics import Topics
 
 # Headers every dead letter portal-sync writes carries (schemas.dead_letter); a letter
 # without one was not written by portal-sync, or lost it.
@@ -224,20 +228,39 @@ def _source_of(value: bytes | None, problems: list[str]) -> str | None:
 _NUMBER = re.compile(r"[0-9]{9}")  # personal ids, tax codes, phones: no source id has one
 
 
-def _superseded(store: Store, value: bytes | None) -> bool:
-    """Whether the store already holds the letter's version, or a newer one, of its
-    source's view of its record (only a letter that reads as an event can tell)."""
+def _event_of_its_key(letter: DeadLetterRecord, topics: Topics) -> tuple[str, str, str, int] | None:
+    """The letter's event (entity, key, source, version), when its value reads as an event
+    whose own topic and compaction key are the letter's origin topic and key, and it fits
+    that topic. Only such a letter can go back: anything else sent under its key would
+    become that key's last message (a null value a tombstone), and the log cleaner would
+    remove the key's events before it, which a rebuild then lacks; a letter over the
+    contract's size would be refused again (and one over the change topic's limit would
+    stop the redrive at each run)."""
+    value = letter.value
+    if not value or len(value) > MAX_EVENT_BYTES:  # refused again as too large
+        return None
     try:
-        event = orjson.loads(value or b"")
+        event = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return False
+        return None
     if not isinstance(event, dict):
-        return False
+        return None
     entity, key, source, version = (event.get(n) for n in ("entity", "key", "source", "version"))
     if not (isinstance(entity, str) and isinstance(key, str) and isinstance(source, str)):
-        return False
+        return None
     if type(version) is not int or len(key) > 64 or len(source) > 64 or len(entity) > 16:
-        return False
+        return None
+    if entity not in ENTITIES or letter.origin_topic != topics.change_topic(entity):
+        return None
+    if letter.key != message_key(entity, key, source):
+        return None
+    return entity, key, source, version
+
+
+def _superseded(store: Store, event: tuple[str, str, str, int]) -> bool:
+    """Whether the store already holds the letter's version, or a newer one, of its
+    source's view of its record."""
+    entity, key, source, version = event
     stored = store.view_version(entity, key, source)
     return stored is not None and stored >= version
 
@@ -260,12 +283,14 @@ def redrive(
     settings: Settings, store: Store, letters: Iterable[DeadLetterRecord]
 ) -> RedriveSummary:
     """Re-publish each selected dead letter to its original topic once, and record it.
-    Only to one of the change topics: a letter whose origin is unknown, or a source, or
-    any other topic counts as not re-drivable. The letters are taken one at a time as
+    Only to one of the change topics, and only an event of its own key and topic
+    (`_event_of_its_key`): a letter whose origin is unknown, or a source, or any other
+    topic, and one that is no such event, counts as not re-drivable. The letters are taken
+    one at a time as
     they come (`iter_dead_letters`): a broad selection is never held in memory."""
     summary = RedriveSummary()
-    topic = settings.topics().dead_letters
-    change_topics = set(settings.topics().change_topics())
+    topics = settings.topics()
+    topic = topics.dead_letters
     done = store.redriven(topic)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
@@ -274,10 +299,11 @@ def redrive(
             if (letter.partition, letter.offset) in done:
                 summary.already_redriven += 1
                 continue
-            if not letter.redrivable or letter.origin_topic not in change_topics:
+            event = _event_of_its_key(letter, topics) if letter.redrivable else None
+            if event is None:
                 summary.not_redrivable += 1
                 continue
-            if _superseded(store, letter.value):
+            if _superseded(store, event):
                 # Sent again, it would be the last event of its compaction key: the log
                 # cleaner would then remove the newer version (or delete) the store holds,
                 # and a rebuild would bring the old one back.

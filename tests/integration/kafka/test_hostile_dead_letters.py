@@ -37,6 +37,12 @@ TERMINAL_ATTACK = (
 )
 
 
+# A letter's value that reads as an event of its letter's key (`EVENT_KEY`): only such a
+# letter is re-driven; every other one is published under `citizen:1`.
+EVENT = {"source": "province-01", "entity": "citizen", "key": "1", "version": 1}
+EVENT_KEY = b"citizen:1:province-01"
+
+
 def _headers(settings: Any, changes: dict[str, bytes] | None = None) -> list[tuple[str, bytes]]:
     """Headers as portal-sync writes them, some replaced."""
     headers = dict(dead_letter_headers("invalid_field", "data.full_name: pattern",
@@ -47,7 +53,7 @@ def _headers(settings: Any, changes: dict[str, bytes] | None = None) -> list[tup
 def _hostile_letters(settings: Any) -> dict[str, tuple[bytes | None, list[tuple[str, bytes]]]]:
     """Each kind of letter the tools must survive, by name, in the order published."""
     deep = b'{"source": "province-01", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-    event = json.dumps({"source": "province-01", "entity": "citizen", "key": "1"}).encode()
+    event = json.dumps(EVENT).encode()
     return {
         "deep": (deep, _headers(settings)),
         "bad time": (event, _headers(settings, {"ps.failed_at": b"yesterday"})),
@@ -78,7 +84,8 @@ def hostile(settings_for: Any, sqlite_store_url: str) -> Any:
     ensure_topics(settings)
     publisher = publisher_for(settings)
     for value, headers in _hostile_letters(settings).values():
-        publisher.send(dead_letter_topic(settings), b"citizen:1", value, headers)
+        key = EVENT_KEY if value == json.dumps(EVENT).encode() else b"citizen:1"
+        publisher.send(dead_letter_topic(settings), key, value, headers)
     publisher.flush()
     publisher.close()
     return settings
@@ -160,13 +167,13 @@ def test_dlq_redrive_re_drives_what_it_can_and_goes_on(hostile: Any) -> None:
 
     assert result.returncode == 0, result.stderr
     assert f"selected {len(ids)}: " in result.stdout, result.stdout
-    # Origin a change topic: deep, bad time, binary, bad numbers, array, scalar, markup
-    # source, terminal attack, good. No origin (no headers), or another topic: not.
-    assert "re-driven 9, already re-driven 0" in result.stdout, result.stdout
-    assert "not from a change topic) 2" in result.stdout
-    assert sum(end_offsets(hostile).values()) == before + 9
+    # An event of its key, from a change topic: bad time, bad numbers, good. No origin (no
+    # headers), another topic, or a value that is no event of the letter's key: not.
+    assert "re-driven 3, already re-driven 0" in result.stdout, result.stdout
+    assert "or not an event of its key) 8" in result.stdout
+    assert sum(end_offsets(hostile).values()) == before + 3
     again = run(hostile, "dlq", "redrive", *ids.values())
-    assert "re-driven 0, already re-driven 9" in again.stdout, again.stdout
+    assert "re-driven 0, already re-driven 3" in again.stdout, again.stdout
 
 
 def test_dlq_redrive_sends_each_letter_before_it_reads_the_next(hostile: Any) -> None:
@@ -187,9 +194,55 @@ def test_dlq_redrive_sends_each_letter_before_it_reads_the_next(hostile: Any) ->
         summary = redrive(hostile, store, letters())
     finally:
         store.close()
-    assert (summary.selected, summary.redriven, summary.not_redrivable) == (11, 9, 2)
-    # deep, bad time, binary re-driven; no headers not; then bad numbers, array, ...
-    assert recorded_when_read[:6] == [0, 1, 2, 3, 3, 4]
+    assert (summary.selected, summary.redriven, summary.not_redrivable) == (11, 3, 8)
+    # deep not re-driven, bad time re-driven (recorded before binary is read), binary and
+    # no headers not, bad numbers re-driven (before array is read), ...
+    assert recorded_when_read[:6] == [0, 0, 1, 1, 1, 2]
+
+
+def test_dlq_redrive_sends_back_only_an_event_of_the_letters_key(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Anything else sent back under a letter's key becomes that key's last message on a
+    compacted change topic (an empty value a tombstone): the log cleaner would remove the
+    key's valid events, which a rebuild then lacks. Such letters are not re-drivable."""
+    from portal_sync.ops.dlq import iter_dead_letters, redrive
+    from schemas.validation import MAX_EVENT_BYTES
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    event = json.dumps(EVENT).encode()
+    reference = json.dumps({"value_omitted": "too_large", "size": 3_000_000}).encode()
+    other = json.dumps(EVENT | {"key": "2"}).encode()
+    dossier = json.dumps(EVENT | {"entity": "dossier"}).encode()
+    huge = json.dumps(EVENT | {"data": {"note": "x" * MAX_EVENT_BYTES}}).encode()
+    letters = {
+        "empty": (EVENT_KEY, None),
+        "not UTF-8": (EVENT_KEY, b"\xff\xfe"),
+        "reference": (EVENT_KEY, reference),
+        "version as text": (EVENT_KEY, json.dumps(EVENT | {"version": "1"}).encode()),
+        "another record's key": (EVENT_KEY, other),
+        "no key": (None, event),
+        "another entity's topic": (b"dossier:1:province-01", dossier),
+        "over the contract's size": (EVENT_KEY, huge),
+        "good": (EVENT_KEY, event),
+    }
+    publisher = publisher_for(settings)
+    for key, value in letters.values():
+        publisher.send(dead_letter_topic(settings), key, value, _headers(settings))
+    publisher.flush()
+    publisher.close()
+    before = end_offsets(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    try:
+        summary = redrive(settings, store, iter_dead_letters(settings))
+    finally:
+        store.close()
+    assert (summary.selected, summary.redriven, summary.not_redrivable) == (len(letters), 1, 8)
+    after = end_offsets(settings)
+    assert sum(after.values()) == sum(before.values()) + 1
+    assert after[(change_topic(settings, "citizen"), 0)] == 1
 
 
 def _commit(settings: Any, group: str, offsets: dict[tuple[str, int], int]) -> None:
