@@ -501,15 +501,25 @@ class Store:
                 )
 
     def skip_offset(
-        self, tp: TopicPartition, offset: int, log_start: int, operator: str, reason: str
+        self,
+        tp: TopicPartition,
+        offset: int,
+        log_start: int,
+        operator: str,
+        reason: str,
+        next_offset: int | None = None,
     ) -> None:
         """Move a partition past the one message at `offset`, which must be the next one to
-        apply (`log_start` when the store has none for it yet); journaled and recorded."""
+        apply (`log_start` when the store has none for it yet); journaled and recorded.
+        `next_offset`: the store's next offset the caller read, when the message lies past
+        it (the offsets between hold no message: a transaction's marker, or an event the
+        log cleaner removed); it must still be the store's."""
         now = utcnow()
+        first = offset if next_offset is None else next_offset
         with translated(), self.write_transaction() as conn:
             stored = self._offsets(conn, [tp]).get(tp)
             expected = log_start if stored is None else stored
-            if offset != expected:
+            if first != expected or offset < first:
                 raise OffsetGap(
                     f"{tp[0]}[{tp[1]}]: the next offset to apply is {expected}, not {offset}: "
                     "only the message the worker is at can be skipped"
@@ -521,7 +531,7 @@ class Store:
                 )
             )  # fmt: skip
             io = batch_io(conn.dialect.name, conn.connection.driver_connection)
-            io.write_offsets({tp: (offset, offset + 1, 1)}, now)
+            io.write_offsets({tp: (first, offset + 1, 1)}, now)
             io.count_write(now)
 
     def offset_changes(self) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from schemas.events import ENTITIES
 from store import Store
 from transport.admin import cluster
 from transport.publisher import Publisher
-from transport.reader import RangeReader, Selection
+from transport.reader import Message, RangeReader, Selection
 
 
 class GroupActive(Refused):
@@ -46,11 +46,17 @@ class PlanLine:
     start: int  # the partition's log-start offset now
     end: int  # the partition's log-end offset now
     own_group: bool = True  # the reconciler's group: the store's offsets count
+    # The store's offset is in an earlier log of this name: the topic's id is not the one
+    # the store recorded (`check_topic_ids`).
+    created_again: bool = False
 
     @property
     def skipped(self) -> int:
         """Events not yet applied (consumed) that the reset would jump over."""
         position = self.store_applied if self.own_group else self.kafka_committed
+        if self.own_group and self.created_again:
+            # Nothing of this log was applied, however long it has grown since.
+            position = None
         if position is not None and position > self.end:
             # The log ends before the position (a topic created again, a cluster restored):
             # nothing of this log was consumed, so everything before the target is skipped.
@@ -83,14 +89,16 @@ def plan_reset(
         starts = c.beginning_offsets(partitions)
         found = c.offsets_at(partitions, to_time)
         committed = c.group_offsets([group], partitions).get(group, {})
-    own = group == settings.group_id
-    stored = _store_offsets(settings) if own else {}
+        own = group == settings.group_id
+        current = c.topic_ids({topic for topic, _ in partitions}) if own else {}
+    stored, saved = _store_offsets(settings) if own else ({}, {})
     plan = []
     for tp in partitions:
         at = found.get(tp)
         target = ends[tp] if at is None else at
         line = (committed.get(tp), stored.get(tp), target, starts[tp], ends[tp], own)
-        plan.append(PlanLine(tp[0], tp[1], *line))
+        again = tp[0] in saved and tp[0] in current and saved[tp[0]] != current[tp[0]]
+        plan.append(PlanLine(tp[0], tp[1], *line, created_again=again))
     return plan
 
 
@@ -117,10 +125,11 @@ def purges_undone(
         store.close()
 
 
-def _store_offsets(settings: Settings) -> dict[tuple[str, int], int]:
+def _store_offsets(settings: Settings) -> tuple[dict[tuple[str, int], int], dict[str, str]]:
+    """The store's offsets, and the ids of the topics they are in."""
     store = Store(settings.store_url)
     try:
-        return store.all_offsets()
+        return store.all_offsets(), store.topic_ids()
     finally:
         store.close()
 
@@ -168,26 +177,26 @@ def skip_message(
     operator: str | None = None,
 ) -> None:
     """Copy the message at (topic, partition, offset) to the dead letters, reason
-    `skipped_by_operator`, then move the store's offset past it (recorded)."""
+    `skipped_by_operator`, then move the store's offset past it (recorded). It must be the
+    message the worker is at: the first one at or after the store's next offset (that
+    offset may hold none: a transaction's marker, or an event the log cleaner removed)."""
     who, why = who_and_why(operator, reason)
     group = settings.group_id
     with cluster(settings.connection()) as c:
         if c.active_members(group):
             raise GroupActive(f"group {group} has active members: stop its workers first")
         log_start = c.beginning_offsets([(topic, partition)]).get((topic, partition), 0)
-    with RangeReader(settings.connection()) as reader:
-        selection = Selection([topic], [partition], from_offset=offset, to_offset=offset + 1)
-        found = [m for batch in reader.read(reader.resolve(selection)) for m in batch]
-    if not found:
-        raise Refused(f"{topic}[{partition}] has no message at offset {offset}")
-    message = found[0]
     store = Store(settings.store_url)
     try:
         stored = store.stored_offsets([(topic, partition)]).get((topic, partition))
     finally:
         store.close()
     expected = log_start if stored is None else stored
-    if offset != expected:  # checked again, atomically, when the offset moves
+    message = None if offset < expected else _first_message(settings, topic, partition,
+                                                              expected, offset + 1)  # fmt: skip
+    if message is None and offset >= expected:
+        raise Refused(f"{topic}[{partition}] has no message at offset {offset}")
+    if message is None or message.offset != offset:  # checked again when the offset moves
         raise Refused(
             f"{topic}[{partition}]: the next offset to apply is {expected}, not {offset}: "
             "only the message the worker is at can be skipped"
@@ -210,6 +219,18 @@ def skip_message(
         publisher.close()
     store = Store(settings.store_url)
     try:
-        store.skip_offset((topic, partition), offset, log_start, who, why)
+        store.skip_offset((topic, partition), offset, log_start, who, why, expected)
     finally:
         store.close()
+
+
+def _first_message(
+    settings: Settings, topic: str, partition: int, start: int, end: int
+) -> Message | None:
+    """The first message of the partition in [start, end), reading no further."""
+    with RangeReader(settings.connection()) as reader:
+        selection = Selection([topic], [partition], from_offset=start, to_offset=end)
+        for batch in reader.read(reader.resolve(selection)):
+            if batch:
+                return batch[0]
+    return None

@@ -28,6 +28,21 @@ def test_a_store_past_the_end_of_a_log_created_again_has_consumed_none_of_it() -
     assert line(applied=5, target=5).skipped == 0  # at the end, not past it
 
 
+def test_a_store_inside_a_log_created_again_has_consumed_none_of_it() -> None:
+    """The store at 20 in the earlier log; the new log (another topic id) already 0..25:
+    its end cannot tell, its id does. Moving to 10 skips the new log's first ten."""
+
+    def again(applied: int, target: int) -> PlanLine:
+        return PlanLine("p.changes.citizen", 0, None, applied, target, 0, 25, True, True)
+
+    assert again(applied=20, target=10).skipped == 10
+    assert again(applied=20, target=25).skipped == 25
+    assert again(applied=20, target=0).skipped == 0
+    assert line(applied=20, target=10, end=25).skipped == 0  # the same log: behind the store
+    other_group = PlanLine("p.changes.citizen", 0, 20, None, 25, 0, 25, False, True)
+    assert other_group.skipped == 5  # another group's position is Kafka's, not the store's
+
+
 BAD = [(None, "x" * 1001), ("o" * 129, "drill"), ("ops\n1", "drill"), (None, "two\nlines")]
 
 

@@ -520,6 +520,15 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
     assert store.all_offsets() == {(topic, 0): 20}
     assert store.topic_ids()[topic] == first_id
 
+    # The plan counts the new log from its start: the store's 20 are of the earlier one.
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
+    skips = cli(settings, "offsets", "reset", "--group", settings.group_id, "--topic", topic,
+                "--to-time", later, "--yes", "--reason", "past the end", COLUMNS="400")  # fmt: skip
+    assert skips.returncode != 0, skips.stdout + skips.stderr
+    assert "this reset skips 25 events" in " ".join(skips.stdout.split()), skips.stdout
+    assert "20 (an earlier topic)" in skips.stdout
+    assert store.all_offsets() == {(topic, 0): 20}
+
     reset = cli(settings, "offsets", "reset", "--group", settings.group_id, "--topic", topic,
                 "--to-time", "1h", "--yes", "--reason", "topic created again")  # fmt: skip
     assert reset.returncode == 0, reset.stdout + reset.stderr

@@ -502,6 +502,53 @@ def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
     assert kept.returncode == 0 and "selected 0:" in kept.stdout, kept.stdout + kept.stderr
 
 
+def test_offsets_skip_reaches_a_message_past_a_transaction_marker(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The store's next offset holds no message (a transactional producer's commit marker
+    follows each of its transactions): the message the worker is at comes after it, and
+    is the one that can be skipped."""
+    from kafka import KafkaProducer
+
+    from schemas.partitioning import message_key
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    first, stuck, last = citizen_events(3, 1, seed=39)[:3]
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
+    )
+    producer.init_transactions()
+    for raw in (first, stuck, last):  # one transaction each: offsets 0, 2, 4; markers 1, 3, 5
+        producer.begin_transaction()
+        key = message_key(raw["entity"], raw["key"], raw["source"])
+        producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
+        producer.commit_transaction()
+    producer.close()
+    store = Store(settings.store_url)
+    store.create_schema()
+    store.skip_offset((topic, 0), 0, 0, "test", "the first one applied, as a worker would")
+    assert store.all_offsets() == {(topic, 0): 1}  # on the first marker
+
+    def skip(offset: int) -> Any:
+        return cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
+                   "--offset", str(offset), "--reason", "stuck")  # fmt: skip
+
+    marker = skip(1)
+    assert marker.returncode == 1 and "has no message at offset 1" in marker.stderr
+    beyond = skip(4)
+    assert beyond.returncode == 1 and "next offset to apply is 1, not 4" in beyond.stderr
+    skipped = skip(2)
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert store.all_offsets() == {(topic, 0): 3}
+    (letter,) = _read_all(settings, dead_letter_topic(settings), 1)
+    assert read_headers(letter.headers)["ps.origin.offset"] == "2"
+    assert json.loads(letter.value)["event_id"] == stuck["event_id"]
+    _contiguous(settings.store_url)
+    store.close()
+
+
 def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
