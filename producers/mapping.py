@@ -39,6 +39,18 @@ class FieldMapping(BaseModel):
     timezone: str = "Asia/Ho_Chi_Minh"
 
 
+# The order in which a date text's fields must come for the text to sort in time order.
+_SORTED = ["yyyy", "MM", "dd", "HH", "mm", "ss"]
+
+
+def sorts_in_time_order(pattern: str) -> bool:
+    """Whether fixed-width text in `pattern` sorts as the times it holds: the fields from
+    the year down, none missing between (`yyyyMMddHHmmss`, `yyyy-MM-dd HH:mm:ss`), never
+    `dd/MM/yyyy` (1 March before 28 February) nor a two-digit year."""
+    tokens = _TOKEN.findall(pattern)
+    return bool(tokens) and tokens == _SORTED[: len(tokens)]
+
+
 def strptime_pattern(pattern: str) -> str:
     """'yyyyMMddHHmmss' -> '%Y%m%d%H%M%S'."""
     return _TOKEN.sub(lambda m: _TOKENS[m.group(0)], pattern)

@@ -43,7 +43,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import (
     DateTime,
     MetaData,
@@ -66,6 +66,7 @@ from producers.mapping import (
     field_plan,
     map_fields,
     soft_deleted,
+    sorts_in_time_order,
     strptime_pattern,
 )
 from producers.sdk import FatalError, RetriableError
@@ -116,6 +117,20 @@ class SqlMapping(FieldMapping):
     capture: Capture = "auto"
     lookback_seconds: float = Field(default=60.0, ge=0)
     batch_size: int = Field(default=1000, gt=0)
+
+    @field_validator("updated_at_format")
+    @classmethod
+    def _cursor_text_sorts_in_time_order(cls, pattern: str | None) -> str | None:
+        # The cursor reads and compares the column as text: a pattern that does not sort
+        # as time would put a later row before the cursor, and it would never be read.
+        if pattern is not None and not sorts_in_time_order(pattern):
+            raise ValueError(
+                f"updated_at_format {pattern!r}: the cursor compares the column as text, "
+                "so its fields must run from the year down (yyyy, MM, dd, HH, mm, ss, none "
+                "skipped), as in yyyyMMddHHmmss or yyyy-MM-dd HH:mm:ss; for other text, "
+                "map the column to a timestamp in a `query`"
+            )
+        return pattern
 
     @model_validator(mode="after")
     def _snapshot_needs_a_postgresql_table(self) -> SqlMapping:

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from producers import sql_polling
+from producers.mapping import sorts_in_time_order
 from producers.sql_polling import CursorState, SourceChange, SqlPollingAdapter, SqlSourceConfig
 from schemas import derive_event_id, parse_event
 
@@ -990,3 +991,25 @@ def test_a_bad_row_alone_on_the_last_page_is_rejected_though_an_older_bad_row_ex
     assert [c.pk for c in second if isinstance(c, sql_polling.RejectedRow)] == [12]
     assert sorted(c.pk for c in second if isinstance(c, SourceChange)) == list(range(3, 12))
     source.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "pattern", ["yyyyMMddHHmmss", "yyyy-MM-dd HH:mm:ss", "yyyy-MM-dd'T'HH:mm", "yyyyMMdd"]
+)
+def test_a_cursor_text_format_that_sorts_in_time_order_is_accepted(pattern: str) -> None:
+    assert Source.config_of("sqlite://", updated_at_format=pattern).updated_at_format == pattern
+
+
+@pytest.mark.parametrize(
+    "pattern", ["dd/MM/yyyy HH:mm:ss", "MMddyyyyHHmmss", "yyMMddHHmmss", "yyyyddMMHHmmss",
+                "yyyyMMddmmss", "HHmmss", "text"],
+)  # fmt: skip
+def test_a_cursor_text_format_that_does_not_sort_in_time_order_is_refused(pattern: str) -> None:
+    """As text, 01/03/2024 comes before 28/02/2024: a row written on 1 March behind a cursor
+    at 28 February would never be read."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="from the year down"):
+        Source.config_of("sqlite://", updated_at_format=pattern)
+    assert not sorts_in_time_order(pattern)
+    assert sorts_in_time_order("yyyyMMddHHmmss")
