@@ -815,7 +815,7 @@ class SqlPollingAdapter:
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])
-            mark = (stamp, change.pk)
+            mark = (stamp, _saved_pk(change.pk))
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark
         self._forget(state)
@@ -829,6 +829,19 @@ class SqlPollingAdapter:
             return
         floor = None if self.config.version_column else _micros(self.instant(start))
         state.forget_before(_iso(start), floor)
+
+
+def _saved_pk(pk: Any) -> Any:
+    """A key as the state file keeps it: a NUMERIC/DECIMAL key (an identity column of SQL
+    Server, MySQL or PostgreSQL) as the whole number it is; JSON has no decimal."""
+    if isinstance(pk, Decimal):
+        if pk != pk.to_integral_value():
+            raise FatalError(
+                "pk_column holds numbers that are not whole: the cursor cannot keep its "
+                "place by them; choose a whole-number or text column"
+            )
+        return int(pk)
+    return pk
 
 
 def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None = None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -1013,3 +1014,39 @@ def test_a_cursor_text_format_that_does_not_sort_in_time_order_is_refused(patter
         Source.config_of("sqlite://", updated_at_format=pattern)
     assert not sorts_in_time_order(pattern)
     assert sorts_in_time_order("yyyyMMddHHmmss")
+
+
+def test_a_numeric_key_is_kept_in_the_state_as_the_whole_number_it_is(tmp_path: Path) -> None:
+    """An identity column of NUMERIC(18,0) (common on SQL Server and MySQL) comes back from
+    the driver as a Decimal, which JSON cannot hold: the state could never be saved, and
+    every run sent the first page again."""
+    import sqlite3
+
+    from producers.adapters.sql import SqlAdapter
+    from producers.sdk import Checkpoint
+    from producers.state import load_json_state, write_json_atomic
+
+    db = tmp_path / "tthc.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE ho_so (id NUMERIC(18,0) PRIMARY KEY, ma TEXT, "
+                     "trang_thai TEXT, updated_at TIMESTAMP)")  # fmt: skip
+        conn.executemany(
+            "INSERT INTO ho_so VALUES (?, ?, '1', ?)",
+            [(n, f"000.00.01.H29-240115-000{n}", f"2024-01-15 09:0{n}:00.000000") for n in (1, 2)],
+        )
+        conn.commit()
+    settings = {"url": f"sqlite:///{db}", "entity": "dossier", "table": "ho_so",
+                "key_column": "ma", "pk_column": "id",
+                "fields": {"status": "trang_thai"}}  # fmt: skip
+    adapter = SqlAdapter.from_settings("province-79", settings, tmp_path)
+    saved = tmp_path / "state.json"
+    checkpoints = [item.value() for item in adapter.read({}) if isinstance(item, Checkpoint)]
+    assert checkpoints and checkpoints[-1]["pk"] == 2
+    write_json_atomic(saved, checkpoints[-1])
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("INSERT INTO ho_so VALUES (3, '000.00.01.H29-240115-0003', '2', "
+                     "'2024-01-15 09:03:00.000000')")  # fmt: skip
+        conn.commit()
+    again = SqlAdapter.from_settings("province-79", settings, tmp_path)
+    sent = [item for item in again.read(load_json_state(saved)) if not isinstance(item, Checkpoint)]
+    assert [r.key for r in sent] == ["000.00.01.H29-240115-0003"]  # on from the saved place
