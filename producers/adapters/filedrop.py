@@ -488,10 +488,14 @@ class FileDropAdapter(DirectoryAdapter):
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
         version = _micros(when)
         written = row.get(opts.occurred_at_field)
-        if isinstance(written, str) and "." not in written and 0 < line < 1_000_000:
+        whole = (isinstance(written, str) and "." not in written) or (
+            isinstance(written, int) and not isinstance(written, bool)  # JSON 20240115090000
+        )
+        if whole and 0 < line < 1_000_000:
             # Written in whole seconds: two changes of one key in the same second would get
             # the same version, and the reconciler keeps the first; the later line wins
-            # instead. (A time written with a fraction, even .000, is taken as it is.)
+            # instead. (A time written with a fraction, even .000, is taken as it is; past
+            # the millionth line the line would reach the next second: not added.)
             version += line
         if opts.version_field:
             given = small_int(row.get(opts.version_field))

@@ -66,6 +66,28 @@ def test_two_changes_of_one_key_in_the_same_second_get_rising_versions(tmp_path:
     assert len(versions) == 3 and versions == sorted(set(versions))
 
 
+def test_a_time_written_as_a_json_number_of_whole_seconds_gets_rising_versions(
+    tmp_path: Path,
+) -> None:
+    """A JSONL export writing `"at": 20250801080000` (with occurred_at_format): the same
+    rule as for text, or the later change in the same second is lost as a duplicate."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    aside = inbox / ".export.jsonl"
+    aside.write_text(
+        '{"pid": "001190000001", "name": "Nguyễn Văn An", "at": 20250801080000}\n'
+        '{"pid": "001190000001", "name": "Nguyễn Văn Ân", "at": 20250801080000}\n',
+        encoding="utf-8",
+    )
+    os.utime(aside, (time.time() - 600,) * 2)
+    aside.rename(inbox / "export.jsonl")
+    config = CONFIG | {"occurred_at_format": "yyyyMMddHHmmss"}
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    records = [i for i in adapter.read({}) if isinstance(i, Record)]
+    assert [r.data["full_name"] for r in records if r.data] == ["Nguyễn Văn An", "Nguyễn Văn Ân"]
+    assert records[0].version < records[1].version
+
+
 def test_a_time_written_with_a_fraction_is_taken_as_it_is(tmp_path: Path) -> None:
     """Milliseconds that happen to be .000 are no whole-second time: a line number added
     there could pass a later change of the same key written at .020."""
