@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 # A dead letter keeps the source's bytes when they fit one producer request; bigger ones
 # are replaced by a reference (size, SHA-256), so one huge record cannot block its source.
 DEAD_LETTER_VALUE_LIMIT = CHANGE_MAX_MESSAGE_BYTES - 64 * 1024
+# A record's key and origin beyond these sizes are not carried whole by its dead letter
+# (no key; the origin shortened, with a digest): a key of megabytes cannot block its file.
+DEAD_LETTER_KEY_LIMIT = 1024
+DEAD_LETTER_ORIGIN_LIMIT = 512
 # Seconds between two saved checkpoints of one run (0: every checkpoint is saved).
 CHECKPOINT_INTERVAL_SECONDS = 1.0
 
@@ -220,9 +224,10 @@ class AdapterRunner:
     def _dead_letter(self, item: SkippableRecord) -> None:
         kind = "unreadable_file" if item.code == Reason.UNREADABLE_FILE else "invalid_record"
         SOURCE_ERRORS.labels(self.adapter.source, kind).inc()
-        log.warning("%s: record %s rejected (%s)", self.source_id, item.origin, item.code)
+        origin = _bounded_origin(item.origin)
+        log.warning("%s: record %s rejected (%s)", self.source_id, origin, item.code)
         headers = dead_letter_headers(
-            item.code, item.message, f"source:{self.adapter.source}", self.source_id, item.origin
+            item.code, item.message, f"source:{self.adapter.source}", self.source_id, origin
         )
         try:
             key = (
@@ -232,11 +237,14 @@ class AdapterRunner:
             )
         except UnicodeEncodeError:  # a key with a lone surrogate: no message key is one
             key = None
+        if key is not None and len(key) > DEAD_LETTER_KEY_LIMIT:
+            key = None  # no record's key is that long: the letter goes without one
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
-        value = item.raw or json.dumps({"origin": item.origin}).encode()
-        if len(value) > DEAD_LETTER_VALUE_LIMIT:
+        value = item.raw or json.dumps({"origin": origin}).encode()
+        room = DEAD_LETTER_VALUE_LIMIT - len(key or b"") - sum(len(v) for _, v in headers)
+        if len(value) > room:
             digest = hashlib.sha256(value).hexdigest()
-            omitted = {"origin": item.origin, "value_omitted": "too_large", "size": len(value)}
+            omitted = {"origin": origin, "value_omitted": "too_large", "size": len(value)}
             value = json.dumps(omitted | {"sha256": digest}).encode()
         try:
             self.publisher.send_dead_letter(key, value, headers)
@@ -246,7 +254,7 @@ class AdapterRunner:
             append_json_line(self.kept_letters_path, letter_line(key, value, headers))
             log.warning(
                 "%s: record %s kept out of the dead letters (ACL), in %s for `portal-sync "
-                "dlq import`", self.source_id, item.origin, self.kept_letters_path.name,
+                "dlq import`", self.source_id, origin, self.kept_letters_path.name,
             )  # fmt: skip
         self.adapter.rejected(item.origin, item.code, item.message)
 
@@ -282,3 +290,12 @@ class AdapterRunner:
         for entity, count in produced.items():
             PRODUCED.labels(self.adapter.source, entity).inc(count)
         produced.clear()
+
+
+def _bounded_origin(origin: str) -> str:
+    """A record's origin (`table:pk`, `file:line`) as a dead letter and the log carry it:
+    one beyond `DEAD_LETTER_ORIGIN_LIMIT` characters is cut, with a digest of it whole."""
+    if len(origin) <= DEAD_LETTER_ORIGIN_LIMIT:
+        return origin
+    digest = hashlib.sha256(origin.encode("utf-8", "backslashreplace")).hexdigest()[:16]
+    return f"{origin[: DEAD_LETTER_ORIGIN_LIMIT // 2]}…(sha256 {digest})"

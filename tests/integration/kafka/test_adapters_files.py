@@ -328,7 +328,9 @@ def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
     settings = settings_for(sqlite_store_url)
     inbox, portal_inbox = tmp_path / "inbox", tmp_path / "portal-inbox"
     huge = '{"HoTen": "' + "x" * 3_000_000  # 3 MB, not JSON: bigger than a producer request
-    lines = [_line("048190000003", "Phạm Thu Hà"), DEEP, _line("048190000004", "Lê Thị Dung"), huge]
+    long_key = _line("0" * 2_200_000, "Đỗ Văn Khoá")  # a key alone over a producer request
+    lines = [_line("048190000003", "Phạm Thu Hà"), DEEP, _line("048190000004", "Lê Thị Dung"),
+             huge, long_key]  # fmt: skip
     drop(inbox, "deep.jsonl", "\n".join(lines) + "\n", mtime=1_000)
     drop(inbox, "later.jsonl", _line("048190000005", "Võ Văn Em") + "\n", mtime=2_000)
     odd = PAYLOAD | {"MaHoSo": "000.00.01.H17-250801-0002", "TrangThaiHoSo": "²"}
@@ -339,16 +341,19 @@ def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
     result = cli(settings, "produce", "--config", str(config), "--once")
 
     assert result.returncode == 0, result.stderr
-    assert "dn-exports: published 3, dead-lettered 2" in result.stderr
+    assert "dn-exports: published 3, dead-lettered 3" in result.stderr
     assert "dn-portal: published 2, dead-lettered 1" in result.stderr
     assert _names(inbox / "done") == ["deep.jsonl", "deep.jsonl.rejected.jsonl", "later.jsonl"]
     assert _names(portal_inbox / "done") == ["feed.jsonl", "feed.jsonl.rejected.jsonl"]
     letters = {d["ps.origin.offset"]: d for d in dead_letters(settings)}
-    assert set(letters) == {"deep.jsonl:2", "deep.jsonl:4", "feed.jsonl:1"}
+    assert set(letters) == {"deep.jsonl:2", "deep.jsonl:4", "deep.jsonl:5", "feed.jsonl:1"}
     assert letters["deep.jsonl:2"]["ps.reason.code"] == "invalid_json"
     assert letters["deep.jsonl:2"]["ps.reason.message"] == "line is nested too deeply"
-    values = {read_headers(r.headers)["ps.origin.offset"]: r.value
-              for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
+    records = {read_headers(r.headers)["ps.origin.offset"]: r
+               for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
+    values = {origin: r.value for origin, r in records.items()}
+    assert records["deep.jsonl:5"].key is None  # no message key of megabytes
+    assert json.loads(values["deep.jsonl:5"])["value_omitted"] == "too_large"
     assert json.loads(values["deep.jsonl:4"]) == {
         "origin": "deep.jsonl:4",
         "value_omitted": "too_large",
