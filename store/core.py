@@ -711,21 +711,32 @@ class Store:
             version: int | None = conn.execute(query).scalar_one_or_none()
             return version
 
-    def redriven(self, topic: str) -> set[tuple[int, int]]:
-        """(partition, offset) of the dead letters of `topic` already re-driven."""
-        query = select(dead_letter_redrives.c.partition, dead_letter_redrives.c.offset).where(
-            dead_letter_redrives.c.topic == topic
+    def redriven(self, topic: str, topic_id: str = "") -> set[tuple[int, int]]:
+        """(partition, offset) of the dead letters of `topic` already re-driven: of the
+        topic with this id (KIP-516), or recorded without one (before migration 0014, or
+        the id unknown then), which may be of any. A topic created again numbers its
+        letters from 0 again: the earlier topic's redrives are not its letters'."""
+        table = dead_letter_redrives.c
+        query = select(table.partition, table.offset).where(
+            table.topic == topic, table.topic_id.in_({"", topic_id})
         )
         with translated(), self.engine.connect() as conn:
             return {(p, o) for p, o in conn.execute(query)}
 
     def record_redrive(
-        self, topic: str, partition: int, offset: int, reason_code: str, target_topic: str
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        reason_code: str,
+        target_topic: str,
+        topic_id: str = "",
     ) -> None:
         with translated(), self.write_transaction() as conn:
             conn.execute(
                 insert(dead_letter_redrives).values(
                     topic=topic,
+                    topic_id=topic_id,
                     partition=partition,
                     offset=offset,
                     reason_code=reason_code,

@@ -190,11 +190,14 @@ document_owners = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# Dead letters re-published to their original topic: each is re-driven once.
+# Dead letters re-published to their original topic: each is re-driven once. A letter is
+# known by its place in the dead-letter topic, whose id (KIP-516) tells a topic created
+# again apart ('': recorded before migration 0014, or the id unknown: any topic's).
 dead_letter_redrives = Table(
     "dead_letter_redrives",
     metadata,
     Column("topic", String(255), primary_key=True),
+    Column("topic_id", String(64), primary_key=True),
     Column("partition", Integer, primary_key=True),
     Column("offset", BigInteger, primary_key=True),
     Column("reason_code", String(64), nullable=False),

@@ -32,6 +32,7 @@ from schemas.partitioning import message_key
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
 from store import Store
+from transport import admin
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
 from transport.topics import Topics
@@ -291,7 +292,10 @@ def redrive(
     summary = RedriveSummary()
     topics = settings.topics()
     topic = topics.dead_letters
-    done = store.redriven(topic)
+    # The topic's id (a topic created again numbers its letters from 0 again); '' when the
+    # cluster does not say: then the place alone, as recorded before migration 0014.
+    topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
+    done = store.redriven(topic, topic_id)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
@@ -314,7 +318,9 @@ def redrive(
             publisher.send(letter.origin_topic, letter.key, letter.value, headers)
             publisher.flush()  # recorded only once the broker has it
             code = letter.reason_code if letter.reason_code in DEAD_LETTER_REASONS else "unknown"
-            store.record_redrive(topic, letter.partition, letter.offset, code, letter.origin_topic)
+            store.record_redrive(
+                topic, letter.partition, letter.offset, code, letter.origin_topic, topic_id
+            )
             summary.redriven += 1
     finally:
         publisher.close()

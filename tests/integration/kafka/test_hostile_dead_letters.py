@@ -184,10 +184,12 @@ def test_dlq_redrive_sends_each_letter_before_it_reads_the_next(hostile: Any) ->
     store = Store(hostile.store_url)
     store.create_schema()
     recorded_when_read: list[int] = []
+    topic = dead_letter_topic(hostile)
+    topic_id = admin.topic_ids(hostile.connection(), [topic])[topic]
 
     def letters() -> Any:
         for letter in iter_dead_letters(hostile):
-            recorded_when_read.append(len(store.redriven(dead_letter_topic(hostile))))
+            recorded_when_read.append(len(store.redriven(topic, topic_id)))
             yield letter
 
     try:
@@ -290,3 +292,46 @@ def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:
     colored = run(hostile, "lag", "--topic", f"{hostile.topic_prefix}.*", color=True)
     assert colored.returncode == 0, colored.stderr
     assert "\x1b]8;" not in colored.stdout and "\x1b[2J" not in colored.stdout
+
+
+def test_a_letter_of_a_dead_letter_topic_created_again_is_not_taken_as_re_driven(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The dead-letter topic deleted and created again numbers its letters from 0 again:
+    a new letter at a place an earlier topic's letter was re-driven from is still sent."""
+    from portal_sync.ops.dlq import iter_dead_letters, redrive
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+
+    def one_letter(version: int) -> Any:
+        publisher = publisher_for(settings)
+        value = json.dumps(EVENT | {"version": version}).encode()
+        publisher.send(dead_letter_topic(settings), EVENT_KEY, value, _headers(settings))
+        publisher.flush()
+        publisher.close()
+        return redrive(settings, store, iter_dead_letters(settings))
+
+    try:
+        assert one_letter(1).redriven == 1
+        with admin.cluster(settings.connection()) as cluster:
+            cluster.delete_topics([dead_letter_topic(settings)])
+        deadline = time.monotonic() + 60
+        while True:  # the deletion completes in the background
+            try:
+                ensure_topics(settings)
+                with admin.cluster(settings.connection()) as cluster:
+                    ends = cluster.end_offsets([(dead_letter_topic(settings), 0)])
+                if ends.get((dead_letter_topic(settings), 0)) == 0:
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "the dead-letter topic was not created again"
+            time.sleep(0.5)
+        again = one_letter(2)  # at 0:0 again
+        assert (again.selected, again.redriven, again.already_redriven) == (1, 1, 0)
+        assert sum(end_offsets(settings).values()) == 2
+    finally:
+        store.close()

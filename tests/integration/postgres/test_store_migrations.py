@@ -30,6 +30,7 @@ from sqlalchemy import (
     inspect,
     null,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 
@@ -655,5 +656,42 @@ def test_0013_keeps_the_id_of_each_topic_applied_until_a_reset_and_the_downgrade
         assert store.topic_ids()[citizen] == "id-2"
         _migrate(store, "0012", down=True)
         assert "topic_ids" not in inspect(store.engine).get_table_names()
+    finally:
+        store.close()
+
+
+# -- 0014: redrives by the dead-letter topic's id ---------------------------------------------
+
+
+def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
+    store_url: str,
+) -> None:
+    letters = "portal.dead-letters"
+    store = Store(store_url)
+    try:
+        _migrate(store, "0013")
+        with store.engine.begin() as conn:  # recorded before: by place only
+            conn.execute(
+                text(
+                    'INSERT INTO dead_letter_redrives (topic, partition, "offset", reason_code,'
+                    " target_topic, redriven_at) VALUES (:t, 0, 3, 'invalid_field',"
+                    " 'portal.changes.citizen', :at)"
+                ),
+                {"t": letters, "at": T1},
+            )
+        _migrate(store, "0014")
+        assert store.redriven(letters, "id-1") == {(0, 3)}  # whatever the topic's id
+        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-1")
+        assert store.redriven(letters, "id-1") == {(0, 3), (0, 5)}
+        # The topic created again: its letter at 0:5 is not the earlier one, re-driven once.
+        assert store.redriven(letters, "id-2") == {(0, 3)}
+        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-2")
+        assert store.redriven(letters, "id-2") == {(0, 3), (0, 5)}
+        _migrate(store, "0013", down=True)
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                text('SELECT partition, "offset" FROM dead_letter_redrives ORDER BY 2')
+            ).all()
+        assert [tuple(r) for r in rows] == [(0, 3), (0, 5)]  # one row a place
     finally:
         store.close()
