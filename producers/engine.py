@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,11 +252,7 @@ class AdapterRunner:
         except Refused:  # a secured cluster lets a source write the change topics only
             # Kept on disk before the checkpoint that cleans the record up (an outbox row
             # deleted, a file moved) is saved: an operator imports them (`dlq import`).
-            append_json_line(self.kept_letters_path, letter_line(key, value, headers))
-            log.warning(
-                "%s: record %s kept out of the dead letters (ACL), in %s for `portal-sync "
-                "dlq import`", self.source_id, origin, self.kept_letters_path.name,
-            )  # fmt: skip
+            self._keep(key, value, headers, origin)
         self.adapter.rejected(item.origin, item.code, item.message)
 
     def _checkpoint(self, reached: _Reached, produced: Tally[str], stats: RunStats) -> None:
@@ -285,6 +282,24 @@ class AdapterRunner:
         except Exception:
             SOURCE_ERRORS.labels(self.adapter.source, "publish_error").inc()
             raise
+        # Dead letters the cluster refused only when they were written (the principal may
+        # see the topic, not write it): kept on disk, as those refused at once, before the
+        # checkpoint that cleans their records up is saved.
+        for key, value, headers in self.publisher.take_refused_letters():
+            self._keep(key, value, headers, "a refused write")
+
+    def _keep(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        origin: str,
+    ) -> None:
+        append_json_line(self.kept_letters_path, letter_line(key, value, list(headers)))
+        log.warning(
+            "%s: record %s kept out of the dead letters (ACL), in %s for `portal-sync "
+            "dlq import`", self.source_id, origin, self.kept_letters_path.name,
+        )  # fmt: skip
 
     def _count(self, produced: Tally[str]) -> None:
         for entity, count in produced.items():

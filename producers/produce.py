@@ -114,7 +114,9 @@ def build_groups(
     signers = {entry.id: _signer(deployment, entry) for entry in entries}
     groups, publishers = [], []
     for name, members in by_source.items():
-        publisher = Publisher(connection, topics, client_id=f"portal-sync-{name}")
+        publisher = Publisher(
+            connection, topics, client_id=f"portal-sync-{name}", keep_refused_letters=True
+        )
         publishers.append(publisher)
         runners = [
             (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir,

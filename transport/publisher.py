@@ -48,6 +48,10 @@ class RecordPartitioner(Partitioner):  # type: ignore[misc]
         return partition_for(serialized_key, count)
 
 
+# A dead letter as a caller keeps it: key, value, headers.
+Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
 class Publisher:
     def __init__(
         self,
@@ -55,8 +59,13 @@ class Publisher:
         topics: Topics,
         client_id: str = "portal-sync-producer",
         max_request_size: int = CHANGE_MAX_MESSAGE_BYTES,
+        keep_refused_letters: bool = False,
     ) -> None:
+        """`keep_refused_letters`: dead letters the cluster refuses to write (a source's
+        principal, on a secured cluster) are handed back by `take_refused_letters` after
+        the flush instead of failing it; the next ones are refused at once."""
         self.topics = topics
+        self.keep_refused_letters = keep_refused_letters
         self.connection = connection
         self._producer = clients.producer(
             connection,
@@ -74,6 +83,9 @@ class Publisher:
         )
         self._pending: list[Any] = []
         self._dead_letters_writable = False
+        self._letters: list[tuple[Any, Letter]] = []  # in flight, when kept if refused
+        self._refused_letters: list[Letter] = []
+        self._letters_refused: Exception | None = None  # what the cluster said
 
     @classmethod
     def for_dead_letters(
@@ -116,11 +128,42 @@ class Publisher:
         self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
     ) -> None:
         """Raises Refused at once (not at the flush) when the principal may not write the
-        dead letters, as a source on a secured cluster."""
+        dead letters, as a source on a secured cluster: when it may not even see the
+        topic's metadata, or (`keep_refused_letters`) once a write of one was refused."""
+        if self._letters_refused is not None:
+            raise self._letters_refused
         if not self._dead_letters_writable:
             self._check_writable(self.topics.dead_letters)
             self._dead_letters_writable = True
         self.send(self.topics.dead_letters, key, value, headers)
+        if self.keep_refused_letters:
+            self._letters.append((self._pending[-1], (key, value, list(headers))))
+
+    def take_refused_letters(
+        self,
+    ) -> list[Letter]:
+        """The dead letters the cluster refused to write since the last call (with
+        `keep_refused_letters`): the caller keeps them elsewhere."""
+        refused, self._refused_letters = self._refused_letters, []
+        return refused
+
+    def _set_aside_refused_letters(self) -> None:
+        """After the producer's flush: the dead letters refused for the principal's rights
+        leave the pending sends, kept for `take_refused_letters`."""
+        letters, self._letters = self._letters, []
+        refused = set()
+        for future, letter in letters:
+            error = future.exception if future.is_done else None
+            if error is not None and "Authorization" in type(error).__name__:
+                refused.add(id(future))
+                self._refused_letters.append(letter)
+                if self._letters_refused is None:
+                    topic = self.topics.dead_letters
+                    self._letters_refused = clients.translate(
+                        error, f"write to {topic}", self.connection
+                    )
+        if refused:
+            self._pending = [f for f in self._pending if id(f) not in refused]
 
     def _check_writable(self, topic: str) -> None:
         if self.connection.security_protocol == "PLAINTEXT":
@@ -136,7 +179,9 @@ class Publisher:
             self._producer.flush(timeout=timeout)
         except KafkaError as error:
             self._pending = []
+            self._letters = []
             raise PublishError(f"flush failed: {type(error).__name__}") from None
+        self._set_aside_refused_letters()
         pending, self._pending = self._pending, []
         for future in pending:
             if future.is_done and not future.failed():

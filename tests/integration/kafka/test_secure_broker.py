@@ -191,12 +191,51 @@ def test_pipeline_runs_with_a_source_the_reconciler_and_the_admin(
     assert f"{PREFIX}.changes.citizen" in lag.stdout
 
 
+@pytest.mark.parametrize("sees_the_topic", [False, True])
 def test_a_deployment_files_kafka_table_connects_a_producer_as_its_source(
-    broker: Secured, tmp_path: Path
+    broker: Secured, tmp_path: Path, sees_the_topic: bool
 ) -> None:
     """`produce` with the source's credentials in the deployment file's [kafka] table and no
     PORTAL_SYNC_KAFKA_* in the environment; a rejected row stays out of the dead letters
-    (a source may not write them) and in the file's rejection report."""
+    (a source may not write them) and in the file's rejection report. Also where the
+    cluster lets the source see the dead-letter topic (DESCRIBE) and refuses only the
+    write: the letter is kept on disk all the same, and the file done."""
+    from kafka.admin import (
+        ACL,
+        ACLFilter,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        ResourcePattern,
+        ResourcePatternFilter,
+        ResourceType,
+    )
+
+    operator = broker.settings("admin")
+    dead_letters = operator.topics().dead_letters
+    describe = ACL(
+        "User:province-79", "*", ACLOperation.DESCRIBE, ACLPermissionType.ALLOW,
+        ResourcePattern(ResourceType.TOPIC, dead_letters, ACLResourcePatternType.LITERAL),
+    )  # fmt: skip
+    if sees_the_topic:
+        with admin.cluster(operator.connection()) as cluster:
+            assert not cluster.admin.create_acls([describe])["failed"]
+    entry = "hcm-exports-describe" if sees_the_topic else "hcm-exports"
+    try:
+        _produce_and_import(broker, tmp_path, entry)
+    finally:
+        if sees_the_topic:
+            pattern = ResourcePatternFilter(
+                ResourceType.TOPIC, dead_letters, ACLResourcePatternType.LITERAL
+            )
+            found = ACLFilter(
+                "User:province-79", "*", ACLOperation.DESCRIBE, ACLPermissionType.ALLOW, pattern
+            )
+            with admin.cluster(operator.connection()) as cluster:
+                cluster.admin.delete_acls([found])
+
+
+def _produce_and_import(broker: Secured, tmp_path: Path, entry: str) -> None:
     files = broker.local.secure_files
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -219,7 +258,7 @@ sasl_password_file = "{files.password_file("province-79")}"
 ssl_cafile = "{files.ca_file}"
 
 [[sources]]
-id = "hcm-exports"
+id = "{entry}"
 source = "province-79"
 adapter = "filedrop"
 
@@ -253,7 +292,7 @@ fields = {{ full_name = "name" }}
     assert message_key("citizen", "079090000101", "province-79") in keys
 
     # The letter the cluster refused is on disk, owner-only, until an operator imports it.
-    kept = tmp_path / "state" / "hcm-exports.dead-letters.jsonl"
+    kept = tmp_path / "state" / f"{entry}.dead-letters.jsonl"
     assert kept.stat().st_mode & 0o777 == 0o600
     assert len(kept.read_text().splitlines()) == 1
     operator = broker.settings("admin")
@@ -266,7 +305,7 @@ fields = {{ full_name = "name" }}
         ranges = reader.resolve(Selection([operator.topics().dead_letters]))
         letters = [m for batch in reader.read(ranges) for m in batch]
     origins = [read_headers(m.headers) for m in letters]
-    ours = [h for h in origins if h.get("ps.origin.partition") == "hcm-exports"]
+    ours = [h for h in origins if h.get("ps.origin.partition") == entry]
     assert len(ours) == 1 and ours[0]["ps.origin.topic"] == "source:province-79"
     assert ours[0]["ps.reason.code"] in DEAD_LETTER_REASONS
 
