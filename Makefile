@@ -28,7 +28,10 @@ demo: kafka-jars
 test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
 	$(BIN)/pytest -n auto --maxprocesses 4 tests/unit
-	$(BIN)/pytest tests/integration
+	# Each process starts its own PostgreSQL and Prometheus: these directories run in two.
+	$(BIN)/pytest -n 2 tests/integration/postgres tests/integration/prometheus tests/integration/helm
+	# One broker for the session, and fault tests that time what they kill: one at a time.
+	$(BIN)/pytest tests/integration/kafka
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
