@@ -68,6 +68,7 @@ from store.tables import (
     applied_offsets,
     apply_journal,
     dead_letter_redrives,
+    dossier_anomalies,
     offset_changes,
     record_deletions,
     record_history,
@@ -926,6 +927,13 @@ class Store:
                     )
                 )
                 removed += int(result.rowcount or 0)
+                # A forgotten dossier's unforeseen status changes go with it: they name it,
+                # and are kept while the record exists (privacy.md).
+                dossiers = [key for entity, key in keys if entity == "dossier"]
+                if dossiers:
+                    conn.execute(
+                        delete(dossier_anomalies).where(dossier_anomalies.c.key.in_(dossiers))
+                    )
                 io.count_write(utcnow())
         return emptied, removed, False
 

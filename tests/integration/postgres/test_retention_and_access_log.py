@@ -108,6 +108,26 @@ def test_deleted_records_lose_their_history_values_and_tombstones_after_the_rete
     assert history(store, CITIZEN)[-1] == ({"full_name": [None, "An"]}, None)
 
 
+def test_a_forgotten_dossier_takes_its_unforeseen_status_changes_with_it(store: Store) -> None:
+    """`dossier_anomalies` name the dossier and are kept while the record exists
+    (privacy.md): the retention that forgets a deleted dossier removes them too."""
+    from tests.support.store_helpers import anomaly_rows
+
+    h26 = "000.00.01.H26"
+    gone, kept = f"{h26}-240115-0001", f"{h26}-240115-0002"
+    feed = Feed(store)
+    for key in (gone, kept):
+        feed.apply(event("dossier", key, "province-01", 1, {"agency_code": h26, "status": 2}))
+        feed.apply(event("dossier", key, "province-01", 2, {"agency_code": h26, "status": 1}))
+    assert sorted(row[0] for row in anomaly_rows(store)) == [gone, kept]
+    feed.apply(event("dossier", gone, "province-01", 3, None))
+    now = utcnow()
+    assert purge(store, RETENTION, now + 179 * DAY)["tombstones"] == 0
+    assert len(anomaly_rows(store)) == 2  # within the retention: kept
+    assert purge(store, RETENTION, now + 181 * DAY)["tombstones"] == 1
+    assert [row[0] for row in anomaly_rows(store)] == [kept]
+
+
 def test_a_deletion_counts_from_the_last_source_that_deleted(store: Store) -> None:
     feed = Feed(store)
     feed.apply(
