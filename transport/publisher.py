@@ -63,24 +63,28 @@ class Publisher:
     ) -> None:
         """`keep_refused_letters`: dead letters the cluster refuses to write (a source's
         principal, on a secured cluster) are handed back by `take_refused_letters` after
-        the flush instead of failing it; the next ones are refused at once."""
+        the flush instead of failing it; the next ones are refused at once. They go through
+        a producer of their own without idempotence: an idempotent producer takes a topic's
+        refused write as fatal and fails every later send, the events' too."""
         self.topics = topics
         self.keep_refused_letters = keep_refused_letters
         self.connection = connection
-        self._producer = clients.producer(
-            connection,
-            client_id,
-            acks="all",
-            enable_idempotence=True,
-            partitioner=RecordPartitioner(),
-            linger_ms=5,
-            batch_size=256 * 1024,
-            max_request_size=max_request_size,
-            request_timeout_ms=30_000,
+        self._client_id = client_id
+        self._options: dict[str, Any] = {
+            "acks": "all",
+            "partitioner": RecordPartitioner(),
+            "linger_ms": 5,
+            "batch_size": 256 * 1024,
+            "max_request_size": max_request_size,
+            "request_timeout_ms": 30_000,
             # A missing topic or an unreachable cluster fails a send after 10 s (instead
             # of 60) so that callers retry, and show that they do, sooner.
-            max_block_ms=10_000,
+            "max_block_ms": 10_000,
+        }
+        self._producer = clients.producer(
+            connection, client_id, enable_idempotence=True, **self._options
         )
+        self._letter_producer: Any = None  # with keep_refused_letters, on the first letter
         self._pending: list[Any] = []
         self._dead_letters_writable = False
         self._letters: list[tuple[Any, Letter]] = []  # in flight, when kept if refused
@@ -116,9 +120,11 @@ class Publisher:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]] = (),
+        producer: Any = None,
     ) -> None:
+        client = self._producer if producer is None else producer
         try:
-            future = self._producer.send(topic, key=key, value=value, headers=list(headers))
+            future = client.send(topic, key=key, value=value, headers=list(headers))
         except KafkaError as error:
             self._refuse_unauthorized(error, topic)
             raise PublishError(f"the producer refused a message: {type(error).__name__}") from None
@@ -135,9 +141,15 @@ class Publisher:
         if not self._dead_letters_writable:
             self._check_writable(self.topics.dead_letters)
             self._dead_letters_writable = True
-        self.send(self.topics.dead_letters, key, value, headers)
-        if self.keep_refused_letters:
-            self._letters.append((self._pending[-1], (key, value, list(headers))))
+        if not self.keep_refused_letters:
+            self.send(self.topics.dead_letters, key, value, headers)
+            return
+        if self._letter_producer is None:
+            self._letter_producer = clients.producer(
+                self.connection, f"{self._client_id}-dead-letters", **self._options
+            )
+        self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
+        self._letters.append((self._pending[-1], (key, value, list(headers))))
 
     def take_refused_letters(
         self,
@@ -177,9 +189,10 @@ class Publisher:
         """Wait for the broker's acknowledgement of everything sent; return how many."""
         try:
             self._producer.flush(timeout=timeout)
+            if self._letter_producer is not None:
+                self._letter_producer.flush(timeout=timeout)
         except KafkaError as error:
-            self._pending = []
-            self._letters = []
+            self._pending, self._letters, self._refused_letters = [], [], []
             raise PublishError(f"flush failed: {type(error).__name__}") from None
         self._set_aside_refused_letters()
         pending, self._pending = self._pending, []
@@ -189,6 +202,9 @@ class Publisher:
             try:
                 future.get(timeout=0)
             except Exception as error:
+                # The caller goes back to its last checkpoint: the records of the letters
+                # set aside are rejected (and their letters kept) again.
+                self._refused_letters = []
                 self._refuse_unauthorized(error, "a topic")
                 raise PublishError(
                     f"broker did not acknowledge a message: {type(error).__name__}"
@@ -203,4 +219,6 @@ class Publisher:
             raise clients.translate(error, f"write to {topic}", self.connection) from None
 
     def close(self, timeout: float = 30.0) -> None:
+        if self._letter_producer is not None:
+            self._letter_producer.close(timeout=timeout)
         self._producer.close(timeout=timeout)

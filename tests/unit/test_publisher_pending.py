@@ -53,6 +53,7 @@ def test_a_refused_dead_letter_does_not_forget_an_earlier_failed_send() -> None:
     publisher._dead_letters_writable = False
     publisher.keep_refused_letters = True  # as a producer's
     publisher._letters, publisher._refused_letters, publisher._letters_refused = [], [], None
+    publisher._letter_producer = None
     publisher.topics = SimpleNamespace(dead_letters="p.dead-letters")
     publisher.connection = SimpleNamespace(
         security_protocol="SASL_SSL", principal=lambda: "User:province-79"

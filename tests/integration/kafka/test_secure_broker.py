@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,13 @@ def _produce_and_import(broker: Secured, tmp_path: Path, entry: str) -> None:
     inbox.mkdir()
     (inbox / "a.csv").write_text(
         "pid,name,at\n079090000101,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n,Lê Văn Cường,x\n"
+        "079090000102,Trần Thị Bình,2025-08-01T08:00:01+07:00\n"
     )
+    (inbox / "b.csv").write_text(  # read after a.csv's checkpoint: after the refusal
+        "pid,name,at\n079090000103,Lê Văn Cường,2025-08-01T08:00:02+07:00\n"
+    )
+    os.utime(inbox / "a.csv", (time.time() - 60,) * 2)
+    os.utime(inbox / "b.csv", (time.time() - 30,) * 2)
     config = tmp_path / "sources.toml"
     config.write_text(
         f"""
@@ -290,6 +297,8 @@ fields = {{ full_name = "name" }}
         ranges = reader.resolve(Selection([reconciler.topics().change_topic("citizen")]))
         keys = [m.key for batch in reader.read(ranges) for m in batch]
     assert message_key("citizen", "079090000101", "province-79") in keys
+    assert message_key("citizen", "079090000102", "province-79") in keys
+    assert message_key("citizen", "079090000103", "province-79") in keys
 
     # The letter the cluster refused is on disk, owner-only, until an operator imports it.
     kept = tmp_path / "state" / f"{entry}.dead-letters.jsonl"
