@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,21 +37,31 @@ def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:
 def purge_within(
     store: Store, retention: Retention, now: datetime, seconds: float | None = None
 ) -> tuple[dict[str, int], bool]:
-    """`purge`, the deleted records' part for about `seconds` at most (the worker's
-    batches wait meanwhile); also whether it is done, or more deleted records are due."""
-    pruned = store.prune_history(now - timedelta(days=retention.history_days))
-    emptied, tombstones, done = store.purge_deleted_within(
-        now - timedelta(days=retention.deleted_days), seconds
+    """`purge` for about `seconds` at most, each step a chunk at least (the worker's
+    batches wait meanwhile); also whether it is done, or more is due."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    pruned, history_done = store.prune_history_within(
+        now - timedelta(days=retention.history_days), left()
+    )
+    emptied, tombstones, deleted_done = store.purge_deleted_within(
+        now - timedelta(days=retention.deleted_days), left()
+    )
+    logged, log_done = store.purge_access_log_within(
+        now - timedelta(days=retention.access_log_days), left()
     )
     counts = {
         "history": pruned,
         "deleted_history_values": emptied,
         "tombstones": tombstones,
-        "access_log": store.purge_access_log(now - timedelta(days=retention.access_log_days)),
+        "access_log": logged,
     }
     for kind, count in counts.items():
         RETENTION_PURGED.labels(kind).inc(count)
-    return counts, done
+    return counts, history_done and deleted_done and log_done
 
 
 log = logging.getLogger(__name__)

@@ -216,6 +216,7 @@ class BatchProcessor:
         finally:
             self.health.free()
         self.health.progressed()
+        self.purge_if_due()  # after the batch: its time is not the batch's
 
     def _process(
         self,
@@ -338,7 +339,6 @@ class BatchProcessor:
         if sent:
             record_dead_letters(sent)
         self._soft_checks(warned)
-        self._purge()
 
     @staticmethod
     def _soft_checks(warned: Sequence[Checked]) -> None:
@@ -357,14 +357,15 @@ class BatchProcessor:
                 message.offset,
             )
 
-    def _purge(self) -> None:
-        """The retention job (consumers.retention), at most once an hour; while deleted
-        records are left due, again a minute later (each run spends at most
-        RETENTION_SECONDS on them: the batches wait meanwhile).
+    def purge_if_due(self) -> None:
+        """The retention job (consumers.retention), at most once an hour; while anything
+        is left due, again a minute later (each run spends about RETENTION_SECONDS, a chunk
+        of each step at least: the batches wait meanwhile).
 
-        It runs after a batch committed: a failure of its own is logged and tried at the
-        next run, never raised into the batch's retries (the batch would be retried, or
-        bisected and dead-lettered, although applied)."""
+        It runs after a batch committed, and while no batch comes (the consume loop asks):
+        a failure of its own is logged and tried at the next run, never raised into a
+        batch's retries (the batch would be retried, or bisected and dead-lettered,
+        although applied)."""
         if time.monotonic() < self.next_prune:
             return
         self.next_prune = time.monotonic() + 3600
@@ -715,6 +716,9 @@ class ReconcilerLoop:
                 # now, and are sought again from the store's offsets if they stay ours.
                 log.info("a batch fetched before a rebalance is dropped: read again")
                 prepared = None
+            if not messages and applying is None and not self.stop_event.is_set():
+                # A quiet pipeline still forgets what is past its retention.
+                await asyncio.to_thread(self.processor.purge_if_due)
             if prepared is not None and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(

@@ -84,6 +84,8 @@ if TYPE_CHECKING:
     from store.purge import SourcePurge
 
 CHUNK = 500
+# Rows of the history or the access log one retention transaction deletes.
+RETENTION_CHUNK = 5000
 # A `record_deletions` time that is already past: checked at the retention's next run.
 DUE_AT_ONCE = datetime(1970, 1, 1, tzinfo=UTC)
 TopicPartition = tuple[str, int]
@@ -845,21 +847,58 @@ class Store:
     # -- retention ----------------------------------------------------------------------
     def prune_history(self, older_than: datetime) -> int:
         """Drop history entries applied before `older_than`; return how many."""
-        with translated(), self.write_transaction() as conn:
-            result = conn.execute(
-                delete(record_history).where(record_history.c.applied_at < older_than)
-            )
-            return int(result.rowcount or 0)
+        return self.prune_history_within(older_than)[0]
+
+    def prune_history_within(
+        self, older_than: datetime, seconds: float | None = None
+    ) -> tuple[int, bool]:
+        """`prune_history` a chunk at a time until none is left or `seconds` have passed
+        (a chunk begun is finished; one at least); also whether none is left."""
+        return self._delete_in_chunks(record_history, record_history.c.applied_at,
+                                      older_than, seconds)  # fmt: skip
 
     def purge_access_log(self, older_than: datetime) -> int:
         """Delete access log rows written before `older_than` (the only delete of the log:
         on PostgreSQL its trigger lets a DELETE through only in a transaction that says it
         is this purge); return how many."""
-        with translated(), self.write_transaction() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET LOCAL portal_sync.access_log_purge = 'on'")
-            result = conn.execute(delete(access_log).where(access_log.c.accessed_at < older_than))
-            return int(result.rowcount or 0)
+        return self.purge_access_log_within(older_than)[0]
+
+    def purge_access_log_within(
+        self, older_than: datetime, seconds: float | None = None
+    ) -> tuple[int, bool]:
+        """`purge_access_log` a chunk at a time, as `prune_history_within`."""
+        return self._delete_in_chunks(access_log, access_log.c.accessed_at, older_than,
+                                      seconds, access_log_purge=True)  # fmt: skip
+
+    def _delete_in_chunks(
+        self,
+        table: Table,
+        column: ColumnElement[Any],
+        older_than: datetime,
+        seconds: float | None,
+        access_log_purge: bool = False,
+    ) -> tuple[int, bool]:
+        """Delete the rows whose `column` is before `older_than`, RETENTION_CHUNK of them a
+        transaction (by the column's index), until none is left or `seconds` have passed:
+        a worker's retention run never holds its batches for long, whatever a lowered
+        retention or days of failed runs have left due."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        chosen = (
+            select(table.c.id).where(column < older_than).order_by(column).limit(RETENTION_CHUNK)
+        )
+        deleted = 0
+        while True:
+            with translated(), self.write_transaction() as conn:
+                if access_log_purge and conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL portal_sync.access_log_purge = 'on'")
+                ids = [row_id for (row_id,) in conn.execute(chosen)]
+                if ids:
+                    result = conn.execute(delete(table).where(table.c.id.in_(ids)))
+                    deleted += int(result.rowcount or 0)
+            if len(ids) < RETENTION_CHUNK:
+                return deleted, True
+            if deadline is not None and time.monotonic() >= deadline:
+                return deleted, False
 
     def purge_deleted(self, older_than: datetime) -> tuple[int, int]:
         """Forget records every source deleted before `older_than`: the old and new values

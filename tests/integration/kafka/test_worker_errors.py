@@ -226,3 +226,79 @@ def test_a_failing_retention_run_neither_retries_nor_dead_letters_the_batch_it_f
     letters = admin.end_offsets(settings.connection(), [dead_letter_topic(settings)])
     assert sum(letters.values()) == 0
     store.close()
+
+
+def test_a_worker_with_nothing_to_apply_still_runs_the_retention(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet pipeline (sources stopped, a staging store) still forgets what is past its
+    retention: the job is asked for from the consume loop, not only after a batch."""
+    import asyncio
+
+    import consumers.worker as worker_module
+    from consumers.worker import ReconcilerLoop
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    config = settings.worker_config()
+    processor = BatchProcessor(config, store, Registry(), Authority())
+    runs: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        runs.append(1)
+        return {}, True
+
+    monkeypatch.setattr(worker_module, "purge_within", counted)
+    loop = ReconcilerLoop(config, store, processor, until_caught_up=False)
+
+    async def quiet_for_a_while() -> int:
+        task = asyncio.ensure_future(loop.run())
+        for _ in range(300):
+            if runs or task.done():
+                break
+            await asyncio.sleep(0.1)
+        loop.stop()
+        return await asyncio.wait_for(task, 60)
+
+    try:
+        assert asyncio.run(quiet_for_a_while()) == 0
+    finally:
+        processor.close()
+        store.close()
+    assert runs == [1]  # once: the next is an hour later
+
+
+def test_a_long_retention_run_is_not_a_stalled_batch(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retention runs after the batch, outside its time: a run that takes longer than
+    the stall threshold never makes /healthz report a stall (a liveness probe would restart
+    the worker, roll the run back, and the restarted one would run it again)."""
+    import time as clock
+
+    import consumers.worker as worker_module
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    processor.health.stall_after_seconds = 0.5
+    stalled: list[bool] = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        clock.sleep(1.0)
+        stalled.append(processor.health.stalled())
+        return {}, True
+
+    monkeypatch.setattr(worker_module, "purge_within", slow)
+    events = [e for e in citizen_events(4, 1, seed=22) if e["source"] == "province-01"][:2]
+    messages = [
+        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
+    ]
+    processor.process(messages)
+    processor.close()
+    store.close()
+    assert stalled == [False]

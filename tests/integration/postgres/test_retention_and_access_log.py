@@ -422,3 +422,28 @@ def test_the_catch_up_moves_freshness_forward_only_and_not_for_a_purged_source(
     assert store.catch_up(utcnow(), AfterTheRead(purge=True)) is True
     [fresh] = store.freshness()
     assert (fresh.source, fresh.last_change, fresh.last_applied) == ("province-01", newer, newer)
+
+
+def test_history_and_access_log_are_deleted_a_chunk_at_a_time_within_a_run_s_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lowered retention, or days of failed runs, leave many rows due: a run deletes a
+    chunk of each at least and stops at its time, and says more is due; runs a minute
+    apart finish them. Nothing due after its retention is kept."""
+    import store.core as core
+
+    monkeypatch.setattr(core, "RETENTION_CHUNK", 3)
+    feed = Feed(store)
+    for version in range(1, 8):  # seven history entries
+        feed.apply(
+            event("citizen", CITIZEN, "province-01", version, {"full_name": f"An {version}"})
+        )
+    store.log_access("alice", "show", "ticket 1", [("citizen", f"ref-{n}") for n in range(5)])
+    later = utcnow() + 400 * DAY
+    assert store.prune_history_within(later, 0.0) == (3, False)
+    assert store.purge_access_log_within(later, 0.0) == (3, False)
+    assert len(history(store, CITIZEN)) == 4
+    assert store.prune_history_within(later, 0.0) == (3, False)
+    assert store.prune_history_within(later, 0.0) == (1, True)
+    assert store.purge_access_log_within(later, None) == (2, True)
+    assert history(store, CITIZEN) == [] and store.access_entries() == []
