@@ -3,6 +3,9 @@
 Status per partition, over a sliding window of samples in the manner of Burrow, evaluated
 in this order:
 
+0. STOP when the committed offset is past the log's end: it is a position in another log
+   (the topic created again, the cluster restored), the worker refuses to go on there, and
+   every event of this log may be unapplied, whatever its lag of 0 says.
 1. OK when the latest lag is 0.
 2. STOP when the lag is positive, the group has no members, and the committed offset did
    not move since the previous sample: nobody is consuming.
@@ -79,6 +82,8 @@ class Window:
 def partition_status(window: Window, has_members: bool) -> Status:
     """The status of one partition (rules in the module docstring)."""
     samples = window.samples
+    if samples and samples[-1].committed > samples[-1].end:
+        return Status.STOP
     if not samples or samples[-1].lag == 0:
         return Status.OK
     latest = samples[-1]

@@ -99,6 +99,19 @@ samples = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), min_size=1
 )
 
 
+@given(samples, st.booleans(), st.integers(1, 10**9), st.integers(0, 10**9))
+def test_a_position_past_the_log_end_is_stop_whatever_came_before(
+    points: list[tuple[float, int, int]], members: bool, past: int, end: int
+) -> None:
+    """A topic created again, or a cluster restored: the committed offset (the store's)
+    is a position in another log. The worker refuses to go on there, so nothing consumes
+    this log, though its lag reads 0."""
+    at = points[-1][0]
+    window = window_of([*points, (at + 1, end + past, end)])
+    assert window.samples[-1].lag == 0
+    assert partition_status(window, members) is Status.STOP
+
+
 @given(samples, st.booleans())
 def test_caught_up_now_is_always_ok(points: list[tuple[float, int, int]], members: bool) -> None:
     at, committed, _ = points[-1]
