@@ -146,7 +146,10 @@ class Publisher:
             return
         if self._letter_producer is None:
             self._letter_producer = clients.producer(
-                self.connection, f"{self._client_id}-dead-letters", **self._options
+                self.connection,
+                f"{self._client_id}-dead-letters",
+                enable_idempotence=False,  # kafka-python's default is True
+                **self._options,
             )
         self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
         self._letters.append((self._pending[-1], (key, value, list(headers))))
