@@ -369,6 +369,15 @@ class BatchProcessor:
         if time.monotonic() < self.next_prune:
             return
         self.next_prune = time.monotonic() + 3600
+        # A run is short (about RETENTION_SECONDS); one that hangs (a lock never granted)
+        # counts towards a stall as a batch does.
+        self.health.busy()
+        try:
+            self._purge()
+        finally:
+            self.health.free()
+
+    def _purge(self) -> None:
         try:
             if self.catching_up is None or not self.catching_up.is_alive():
                 self.catching_up = catch_up_if_due(self.reconciler.store, utcnow(), self.stopping)
@@ -717,8 +726,13 @@ class ReconcilerLoop:
                 log.info("a batch fetched before a rebalance is dropped: read again")
                 prepared = None
             if not messages and applying is None and not self.stop_event.is_set():
-                # A quiet pipeline still forgets what is past its retention.
-                await asyncio.to_thread(self.processor.purge_if_due)
+                # A quiet pipeline still forgets what is past its retention; the loop beats
+                # meanwhile, and a run that hangs shows as a stall (WorkerHealth).
+                purging = asyncio.ensure_future(asyncio.to_thread(self.processor.purge_if_due))
+                while not purging.done():
+                    await asyncio.wait({purging}, timeout=1.0)
+                    self.liveness.beat()
+                await purging
             if prepared is not None and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(

@@ -911,7 +911,8 @@ class Store:
         self, older_than: datetime, seconds: float | None = None
     ) -> tuple[int, int, bool]:
         """`purge_deleted`, chunk after chunk until none is due or `seconds` have passed
-        (a chunk begun is finished); the third value says whether none is due any more.
+        (a chunk begun is finished; one at least); the third value says whether none is
+        due any more.
 
         The candidates are the rows of `record_deletions` due before `older_than` (an index
         range, not a scan of the views). Each chunk of them is locked (as a batch locks its
@@ -927,7 +928,9 @@ class Store:
             .order_by(record_deletions.c.deleted_at)
             .limit(CHUNK)
         )
-        while deadline is None or time.monotonic() < deadline:
+        first = True  # a chunk at least, whatever time is left
+        while first or deadline is None or time.monotonic() < deadline:
+            first = False
             with translated(), self.engine.connect() as conn:
                 chunk = sorted((entity, key) for entity, key in conn.execute(due))
             if not chunk:
