@@ -187,8 +187,10 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $labels.group }} is STALL (2) or STOP (3): value {{ $value }}; changes are "
             "not reaching the national store",
             "STOP: no member consumes; start the worker (`portal-sync worker`) and check its "
-            "/healthz. STALL: members but no progress; check the worker log for a batch failing "
-            "in a retry loop (store unreachable, disk full) and `portal-sync lag`.",
+            "/healthz; a committed offset above the log end (`portal-sync lag`) is a position "
+            'in an earlier log of the topic (docs/operations.md, "A change topic behind the '
+            'store"). STALL: members but no progress; check the worker log for a batch '
+            "failing in a retry loop (store unreachable, disk full) and `portal-sync lag`.",
         ),
         Rule(
             "PortalSyncDeadLettersRising",
