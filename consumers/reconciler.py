@@ -158,6 +158,7 @@ def classify(
     for message in messages:
         try:
             signer = None
+            signed_at: int | None = None
             if verifying:
                 signed_at = signed_at_ms(message.headers, message.timestamp_ms, now_ms)
                 signer = verify(
@@ -191,7 +192,15 @@ def classify(
             )
             dead.append(DeadLetter(message, Reason.KEY_MISMATCH, reason))
             continue
-        sent_ms = now_ms if message.timestamp_ms is None else min(message.timestamp_ms, now_ms)
+        # The time the key was judged at, when it was: a `ps.origin.timestamp` any producer
+        # can set must not date the key back while the event itself is dated now.
+        sent_ms = (
+            signed_at
+            if signed_at is not None
+            else now_ms
+            if message.timestamp_ms is None
+            else min(message.timestamp_ms, now_ms)
+        )
         if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:
             reason = f"occurred_at is more than {max_clock_skew_seconds:g} s in the future"
             dead.append(DeadLetter(message, Reason.FUTURE_TIMESTAMP, reason))

@@ -314,6 +314,17 @@ def test_key_validity_follows_the_message_timestamp_so_a_replay_agrees() -> None
     assert reasons(future, early) == ["bad_signature"]
 
 
+def test_an_origin_timestamp_cannot_date_a_fresh_event_into_a_retired_keys_window() -> None:
+    """Any producer can set `ps.origin.timestamp`: with a retired key, it would date the
+    key's check back while the event is dated now and wins recency ties. The future check
+    uses the same time as the key's: such an event is from the future there."""
+    until = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    value = event(occurred_at=NOW.isoformat())
+    headers = [*HANOI.headers(value), ("ps.origin.timestamp", str(until - 1).encode())]
+    forged = message(value, headers, timestamp=NOW)
+    assert reasons(forged, registry(not_after_ms=until)) == ["future_timestamp"]
+
+
 def test_a_redriven_letter_is_judged_by_its_original_time() -> None:
     sent = datetime(2025, 12, 1, tzinfo=UTC)
     until = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
