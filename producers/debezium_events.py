@@ -21,7 +21,9 @@ Versions (strictly increasing per record, at most 2^53):
   connector emits transactions in commit order, and a row's next change can only be written
   after the transaction that changed it before committed (row locks; for a natural key other
   than the primary key, a unique index on it gives the same), so per record the LSN rises in
-  commit order. Changes get `2^52 + lsn`. Snapshot reads get the snapshot's LSN, *below*
+  commit order. Changes get `2^52 + lsn`, and one more for a create or an update, so that
+  a primary key's change (a delete and a create at one LSN) leaves the record live when
+  both name it. Snapshot reads get the snapshot's LSN, *below*
   every change: a transaction that was open when the snapshot was taken can commit after it
   with a change whose LSN is lower than the snapshot's, and that change is newer than the
   row the snapshot read; ranking reads below changes keeps it. Successive snapshots still
@@ -96,6 +98,9 @@ class ChangeEvent:
     op: str  # c, u, d, r
     row: dict[str, Any]  # `after` (c, u, r) or `before` (d), values decoded
     source: dict[str, Any]
+    # An update's `before`, values decoded, when the table sends it (REPLICA IDENTITY
+    # FULL): an update that changes the record's key deletes the old one.
+    before: dict[str, Any] | None = None
 
     @property
     def is_delete(self) -> bool:
@@ -130,13 +135,20 @@ def parse(value: bytes, local_time_columns: frozenset[str] = frozenset()) -> Cha
     source = payload.get("source")
     if not isinstance(source, dict):
         raise Unmappable(Reason.MISSING_FIELD, "`source` is missing")
-    decoded: dict[str, Any] = {}
-    for column, value in row.items():
-        if types is None and column in local_time_columns:
-            decoded[column] = local_iso(value)
-        else:
-            decoded[column] = decode(value, None if types is None else types.get(column))
-    return ChangeEvent(op, decoded, source)
+
+    def decoded(values: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for column, value in values.items():
+            if types is None and column in local_time_columns:
+                out[column] = local_iso(value)
+            else:
+                out[column] = decode(value, None if types is None else types.get(column))
+        return out
+
+    before = payload.get("before") if op == "u" else None
+    return ChangeEvent(
+        op, decoded(row), source, decoded(before) if isinstance(before, dict) else None
+    )
 
 
 def column_types(schema: Any) -> dict[str, ColumnType]:
@@ -224,4 +236,7 @@ def version(
         raise Unmappable(Reason.INVALID_FIELD, "`source.lsn` is at or above 2^52")
     if event.op == "r" and snapshot_reads == "below_changes":
         return lsn
-    return CHANGE_BAND + lsn
+    # A change of the primary key is a delete and a create at one LSN (Debezium): the
+    # create ranks above the delete when they name the same record. Two WAL records are
+    # at least 24 bytes apart, so lsn + 1 is no other change's.
+    return CHANGE_BAND + lsn + (0 if event.is_delete else 1)

@@ -157,9 +157,7 @@ class DebeziumAdapter(Adapter):
                 continue
             idle = 0.0
             for message in batch:
-                item = self._item(message)
-                if item is not None:
-                    yield item
+                yield from self._items(message)
             for tp in {m.tp for m in batch}:
                 positions[tp] = reader.position(tp)
             unsaved += len(batch)
@@ -181,12 +179,31 @@ class DebeziumAdapter(Adapter):
             commit=lambda: reader.commit(offsets),
         )
 
+    def _items(self, message: Message) -> list[Record | SkippableRecord]:
+        """The records of one message: none for a tombstone; for an update that changed
+        the record's key (its `before`, with REPLICA IDENTITY FULL, names another), the
+        old record's delete first, one version below; else one."""
+        item, before = self._mapped(message)
+        if not isinstance(item, Record) or item.op != "upsert" or before is None:
+            return [] if item is None else [item]
+        old = before.get(self.mapping.key_column)
+        if old is None or old == "" or str(old) == item.key:
+            return [item]
+        gone = Record(str(old), item.version - 1, item.occurred_at, None, item.origin, op="delete")
+        return [gone, item]
+
     def _item(self, message: Message) -> Record | SkippableRecord | None:
         """The record of one message; None for a tombstone. A message that cannot be
         mapped is dead-lettered with its bytes, and the reading goes on: a message read
         again from the same offset at every run would stop the source for good."""
+        return self._mapped(message)[0]
+
+    def _mapped(
+        self, message: Message
+    ) -> tuple[Record | SkippableRecord | None, dict[str, Any] | None]:
+        """`_item`, and an update's `before` row when the event carries one."""
         if message.value is None:
-            return None
+            return None, None
         origin = f"{message.topic}:{message.partition}:{message.offset}"
         key: str | None = None
         try:
@@ -201,7 +218,7 @@ class DebeziumAdapter(Adapter):
         except dbz.Unmappable as problem:
             return SkippableRecord(
                 problem.code, problem.message, origin, self.entity, key, message.value
-            )
+            ), None
         except FatalError:
             raise
         except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
@@ -210,8 +227,8 @@ class DebeziumAdapter(Adapter):
             problem_text = f"a value the mapping cannot convert ({type(error).__name__})"
             return SkippableRecord(
                 Reason.UNMAPPABLE_RECORD, problem_text, origin, self.entity, key, message.value
-            )
-        return Record(key, version, occurred_at, data, origin, op=op)
+            ), None
+        return Record(key, version, occurred_at, data, origin, op=op), event.before
 
     def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:
         """`after` through the field mapping. A mapped column the event lacks means the

@@ -147,9 +147,10 @@ def test_snapshot_reads_rank_below_every_change_even_one_with_a_lower_lsn() -> N
     """A transaction open when the snapshot (LSN 5000) was taken commits after it: its
     change has LSN 4000 but is newer than the row the snapshot read."""
     read, late_change, later = versions(("r", 5000), ("u", 4000), ("u", 6000))
-    assert read == 5000 < late_change == 2**52 + 4000 < later
+    assert read == 5000 < late_change == 2**52 + 4000 + 1 < later
     assert versions(("r", 5000), ("r", 9000)) == [5000, 9000]  # a later snapshot outranks
-    assert versions(("r", 5000), mode="as_changes") == [2**52 + 5000]
+    assert versions(("r", 5000), mode="as_changes") == [2**52 + 5000 + 1]
+    assert versions(("d", 4000), ("c", 4000)) == [2**52 + 4000, 2**52 + 4000 + 1]
     assert max(versions(("d", 2**52 - 1))) <= 2**53
 
 
@@ -192,7 +193,7 @@ def message(value: bytes | None, offset: int = 7) -> Message:
 def test_the_adapter_maps_after_and_turns_deletes_into_deletes() -> None:
     upsert = adapter()._item(message(with_schema(change("u", ROW))))
     assert isinstance(upsert, Record)
-    assert (upsert.key, upsert.version, upsert.op) == ("079190000001", 2**52 + 26376376, "upsert")
+    assert (upsert.key, upsert.version, upsert.op) == ("079190000001", 2**52 + 26376377, "upsert")
     assert upsert.data == {"full_name": "Nguyễn Thị Lan", "date_of_birth": "1990-03-05"}
     assert upsert.origin == "p79.public.cong_dan:0:7"
     assert upsert.occurred_at == datetime.fromtimestamp(1796028923.670, UTC)
@@ -330,3 +331,31 @@ def test_a_changed_topic_id_stops_the_source_only_where_a_position_would_be_lost
     assert checkpoint.state["topic_ids"] == {
         "p79.public.cong_dan": "new-1", "p79.public.ho_so": "new-2"
     }  # fmt: skip
+
+
+def test_a_primary_key_change_keeping_the_record_key_leaves_it_live() -> None:
+    """`UPDATE … SET id = 99`: Debezium sends a delete of the old primary key and a create
+    of the new one, at one LSN. Both name the same record: the create must outrank the
+    delete, or the record stays deleted nationally (the create a `duplicate`)."""
+    a = adapter()
+    gone = a._item(message(with_schema(change("d", ROW)), offset=10))
+    back = a._item(message(with_schema(change("c", ROW | {"id": 99})), offset=12))
+    assert isinstance(gone, Record) and isinstance(back, Record)
+    assert gone.key == back.key and gone.op == "delete" and back.op == "upsert"
+    assert back.version > gone.version
+
+
+def test_an_update_that_changes_the_record_key_deletes_the_old_record() -> None:
+    """`UPDATE … SET so_dinh_danh = …` on a table with REPLICA IDENTITY FULL: its `before`
+    names the old key, which no longer exists at the source."""
+    moved = change("u", ROW | {"so_dinh_danh": "079190000002"})
+    moved["before"] = ROW
+    items = adapter()._items(message(with_schema(moved)))
+    assert [(r.key, r.op) for r in items if isinstance(r, Record)] == [
+        ("079190000001", "delete"),
+        ("079190000002", "upsert"),
+    ]
+    unchanged = change("u", ROW | {"ho_ten": "Nguyễn Thị Lan Anh"})
+    unchanged["before"] = ROW
+    assert [r.op for r in adapter()._items(message(with_schema(unchanged)))] == ["upsert"]
+    assert adapter()._items(message(None)) == []
