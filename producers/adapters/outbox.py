@@ -169,7 +169,12 @@ class OutboxAdapter(Adapter):
         if entity not in ENTITIES:  # a rejected row's dead letter keeps it: the row goes
             message = "entity: not a contract entity"
             return SkippableRecord("unknown_entity", message, origin, raw=_row_bytes(values))
-        op = str(values[opts.op_column] or "upsert")
+        op = str(values[opts.op_column] or "upsert").strip().lower()
+        if op not in ("upsert", "delete"):  # a "d" or "remove" taken as an upsert would revive
+            message = "op: not upsert or delete"
+            return SkippableRecord(
+                "invalid_field", message, origin, entity, key, _row_bytes(values)
+            )
         data: dict[str, Any] | None = None
         if op != "delete":
             try:

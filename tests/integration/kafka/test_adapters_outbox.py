@@ -33,7 +33,12 @@ from tests.support.adapter_helpers import (
     read_topic,
     write_config,
 )
-from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
+from tests.support.kafka_helpers import (
+    change_topic,
+    dead_letter_topic,
+    ensure_topics,
+    publisher_for,
+)
 from tests.support.pipeline_helpers import cli
 
 metadata = MetaData()
@@ -212,17 +217,25 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
                 (payload,),
             )
         conn.execute(insert(outbox), [change("citizen", "001090000005", "upsert", 4, {})])
+        # An op in capitals is a delete; any other word is refused, never taken as an upsert
+        # (a "d" with its payload would bring a deleted record back).
+        conn.execute(insert(outbox), [change("citizen", "001090000005", "DELETE", 5)])
+        conn.execute(insert(outbox), [change("citizen", "001090000006", "d", 6, {"a": 1})])
     config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
 
     result = cli(settings, "produce", "--config", str(config), "--once")
 
     assert result.returncode == 0, result.stderr
-    assert "btp-outbox: published 3, dead-lettered 4" in result.stderr
+    assert "btp-outbox: published 4, dead-lettered 5" in result.stderr
     assert remaining(url) == []  # the rows are gone: their dead letters keep them
     letters = read_topic(settings, dead_letter_topic(settings))
     kept = [json.loads(letter.value) for letter in letters]
-    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[["]
-    assert [row["record_key"] for row in kept] == ["001090000002"] + ["001090000004"] * 3
+    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[[", '{"a": ']
+    assert [row["record_key"] for row in kept] == (
+        ["001090000002"] + ["001090000004"] * 3 + ["001090000006"]
+    )
+    events = [json.loads(m.value) for m in read_topic(settings, change_topic(settings, "citizen"))]
+    assert [e["op"] for e in events if e["key"] == "001090000005"] == ["upsert", "delete"]
     engine.dispose()
 
 
