@@ -220,7 +220,9 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
         # An op in capitals is a delete; any other word is refused, never taken as an upsert
         # (a "d" with its payload would bring a deleted record back).
         conn.execute(insert(outbox), [change("citizen", "001090000005", "DELETE", 5)])
-        conn.execute(insert(outbox), [change("citizen", "001090000006", "d", 6, {"a": 1})])
+        conn.execute(
+            insert(outbox), [change("citizen", "001090000006", "d", 6, {"full_name": "Lê Văn Sáu"})]
+        )
     config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
 
     result = cli(settings, "produce", "--config", str(config), "--once")
@@ -230,7 +232,7 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
     assert remaining(url) == []  # the rows are gone: their dead letters keep them
     letters = read_topic(settings, dead_letter_topic(settings))
     kept = [json.loads(letter.value) for letter in letters]
-    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[[", '{"a": ']
+    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[[", '{"full']
     assert [row["record_key"] for row in kept] == (
         ["001090000002"] + ["001090000004"] * 3 + ["001090000006"]
     )
