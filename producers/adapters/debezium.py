@@ -192,16 +192,13 @@ class DebeziumAdapter(Adapter):
         gone = Record(str(old), item.version - 1, item.occurred_at, None, item.origin, op="delete")
         return [gone, item]
 
-    def _item(self, message: Message) -> Record | SkippableRecord | None:
-        """The record of one message; None for a tombstone. A message that cannot be
-        mapped is dead-lettered with its bytes, and the reading goes on: a message read
-        again from the same offset at every run would stop the source for good."""
-        return self._mapped(message)[0]
-
     def _mapped(
         self, message: Message
     ) -> tuple[Record | SkippableRecord | None, dict[str, Any] | None]:
-        """`_item`, and an update's `before` row when the event carries one."""
+        """The record of one message (None for a tombstone), and an update's `before` row
+        when the event carries one. A message that cannot be mapped is dead-lettered with
+        its bytes, and the reading goes on: a message read again from the same offset at
+        every run would stop the source for good."""
         if message.value is None:
             return None, None
         origin = f"{message.topic}:{message.partition}:{message.offset}"
