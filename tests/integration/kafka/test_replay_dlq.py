@@ -17,7 +17,7 @@ from schemas import derive_event_id
 from schemas.identifiers import key_reference
 from store import schema
 from store.core import Store
-from store.tables import record_deletions, record_history, records, source_views
+from store.tables import record_deletions, record_history, records, source_views, topic_ids
 from tests.support.kafka_helpers import end_offsets
 from tests.support.pipeline_helpers import (
     citizen_events,
@@ -536,6 +536,46 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
     _caught_up(settings)
     assert store.all_offsets() == {(topic, 0): 25}
     assert exported(settings) == expected_export(events[:45], Authority())
+    store.close()
+
+
+def test_a_running_worker_checks_its_topics_ids_between_rebalances(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """No rebalance comes when the store and the cluster part ways under a running worker
+    (here: the store's recorded id of its topic is another cluster's, as after a store
+    restored beside a rebuilt cluster). The check every `PORTAL_SYNC_TOPIC_CHECK_SECONDS`
+    stops the worker."""
+    import uuid
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    _published(settings, tmp_path, citizen_events(20, 1, seed=49))
+    topic = settings.topics().change_topic("citizen")
+    end = end_offsets(settings)[(topic, 0)]
+    store = Store(settings.store_url)
+    store.create_schema()
+    live = start_worker(settings, PORTAL_SYNC_TOPIC_CHECK_SECONDS="1")
+    try:
+        deadline = time.monotonic() + 120
+        while store.all_offsets().get((topic, 0)) != end and live.poll() is None:
+            assert time.monotonic() < deadline, "the worker did not apply the events"
+            time.sleep(0.1)
+        assert live.poll() is None
+        assert topic in store.topic_ids()
+        with store.engine.begin() as conn:  # what a store restored elsewhere would hold
+            conn.execute(
+                update(topic_ids)
+                .where(topic_ids.c.topic == topic)
+                .values(topic_id=str(uuid.uuid4()))
+            )
+        output, _ = live.communicate(timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.communicate()
+    refused = f"earlier topic of the same name: {topic} "
+    assert live.returncode != 0 and refused in " ".join(output.split()), output
+    assert store.all_offsets() == {(topic, 0): end}
     store.close()
 
 
