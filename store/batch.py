@@ -242,6 +242,15 @@ class BatchIO:
         which sets it to `at` (a time already past: checked at its next run)."""
         raise NotImplementedError
 
+    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
+        """Note records left with no view at all (a source purge took the last), at `at`;
+        an existing row keeps its (earlier) time."""
+        raise NotImplementedError
+
+    def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
+        """Of these records, those with a view (a tombstone or not)."""
+        raise NotImplementedError
+
     # -- the retention's tombstone purge, a chunk of noted records at a time --------------
     def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
         """Of these records, those whose every view is a tombstone: when the newest was
@@ -574,6 +583,24 @@ class PostgresBatchIO(BatchIO):
             [_naive(at), *_key_arrays(sorted(keys))],
         )
 
+    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
+        self._run(
+            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, %b"
+            " FROM unnest(%b::text[], %b::text[]) AS u(e, k) WHERE NOT EXISTS (SELECT 1"
+            " FROM source_views v WHERE v.entity = u.e AND v.key = u.k)"
+            " ON CONFLICT (entity, key) DO NOTHING",
+            [_naive(at), *_key_arrays(sorted(keys))],
+        )
+
+    def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
+        rows = self._run(
+            "SELECT w.entity, w.key FROM unnest(%b::text[], %b::text[]) AS w(entity, key)"
+            " WHERE EXISTS (SELECT 1 FROM source_views v WHERE v.entity = w.entity"
+            " AND v.key = w.key)",
+            _key_arrays(keys),
+        )
+        return {(e, k) for e, k in rows}
+
     def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
         rows = self._run(
             "SELECT v.entity, v.key, max(v.applied_at) FROM unnest(%b::text[], %b::text[])"
@@ -897,6 +924,24 @@ class SqliteBatchIO(BatchIO):
             + (" DO UPDATE SET deleted_at = excluded.deleted_at" if due else " DO NOTHING"),
             [(e, k, _text_time(at)) for e, k in sorted(keys)],
         )
+
+    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
+        self._many(
+            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT ?1, ?2, ?3"
+            " WHERE NOT EXISTS (SELECT 1 FROM source_views v WHERE v.entity = ?1"
+            " AND v.key = ?2) ON CONFLICT (entity, key) DO NOTHING",
+            [(e, k, _text_time(at)) for e, k in sorted(keys)],
+        )
+
+    def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
+        if not keys:
+            return set()
+        wanted = self._keys("batch_keys", keys)
+        rows = self.dbapi.execute(
+            f"SELECT w.a, w.b FROM {wanted} w WHERE EXISTS (SELECT 1 FROM source_views v"
+            " WHERE v.entity = w.a AND v.key = w.b)"
+        )
+        return {(e, k) for e, k in rows}
 
     def only_tombstones(self, keys: Sequence[RecordKey]) -> dict[RecordKey, datetime]:
         if not keys:

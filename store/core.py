@@ -918,8 +918,8 @@ class Store:
         range, not a scan of the views). Each chunk of them is locked (as a batch locks its
         records) and checked against the views inside its transaction: a record every
         source deleted before `older_than` is forgotten; one deleted since waits for its
-        newest tombstone's time; one that came back (or has no views) leaves the table. So
-        every chunk leaves the due ones, and the next is read afresh."""
+        newest tombstone's time; one that came back leaves the table; one with no view at all
+        (a source purge took the last) is forgotten at its note's time. So every chunk leaves the due ones, and the next is read afresh."""
         deadline = None if seconds is None else time.monotonic() + seconds
         emptied = removed = 0
         due = (
@@ -940,6 +940,11 @@ class Store:
                 io.lock(chunk)
                 newest = io.only_tombstones(chunk)
                 keys = sorted(k for k, at in newest.items() if at < older_than)
+                # A record a source purge left with no view at all: its note's time (the
+                # purge's, or an earlier delete's) is the last time it was held.
+                held = io.with_views(chunk)
+                keys += [k for k in chunk if k not in held]
+                keys.sort()
                 later = {k: at for k, at in newest.items() if at >= older_than}
                 io.forget_deletions([k for k in chunk if k not in later])
                 if later:
@@ -1018,20 +1023,20 @@ class BatchTransaction:
     def write(self, changes: BatchChanges, now: datetime) -> list[tuple[str, str]]:
         """Write a batch's changes (or its last part), offsets last, and wait; return
         (entity, field) of the new conflicts since the last wait."""
-        return self._io.write(*self._before(changes), now)
+        return self._io.write(*self._before(changes, now), now)
 
     def send(self, changes: BatchChanges, now: datetime) -> None:
         """Send a part of a batch's changes (not its last) without waiting where the
         backend overlaps (`overlaps`). Later parts may write the same records again: each
         statement applies after the ones before."""
-        self._io.send(*self._before(changes), now)
+        self._io.send(*self._before(changes, now), now)
 
     def settle(self) -> list[tuple[str, str]]:
         """Wait for everything sent; return (entity, field) of the new conflicts since the
         last wait. A failure of any statement sent is raised here at the latest."""
         return self._io.settle()
 
-    def _before(self, changes: BatchChanges) -> tuple[Any, ...]:
+    def _before(self, changes: BatchChanges, now: datetime) -> tuple[Any, ...]:
         """Checks and the writes outside the backend's statements; `write_all`'s rows."""
         if changes.offsets:
             self.check_contiguous(changes.offsets)
@@ -1047,6 +1052,10 @@ class BatchTransaction:
             emptied = [k for k in purged if k in changes.records and changes.records[k] is None]
             if emptied:
                 self._io.note_deletions(emptied, DUE_AT_ONCE, due=True)
+                # Left with no view at all: nothing says when its values were last held,
+                # but this purge. Its history's values and its anomalies go a deleted
+                # record's retention after it (or after an earlier delete's note).
+                self._io.note_removals(emptied, now)
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
         return (

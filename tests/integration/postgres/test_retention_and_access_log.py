@@ -271,9 +271,46 @@ def test_a_source_purge_that_leaves_tombstones_only_makes_the_record_due(store: 
     audit = purging.new_purge("province-01", None, None, "wrong data", "steward", None)
     purging.run(store, Authority(), audit, None)
     assert views(store) == [(CITIZEN, "province-79", True)]
-    assert list(notes(store)) == [CITIZEN]  # CITIZEN_2 has no view left: nothing to purge
+    # CITIZEN_2 has no view left: its values go a retention after the purge removed it
+    assert sorted(notes(store)) == [CITIZEN, CITIZEN_2]
     assert purge(store, RETENTION, utcnow())["tombstones"] == 1
-    assert views(store) == [] and notes(store) == {}
+    assert views(store) == [] and list(notes(store)) == [CITIZEN_2]
+    assert history(store, CITIZEN_2)[0] == ({"full_name": [None, "Bình"]}, None)
+    assert purge(store, RETENTION, utcnow() + 179 * DAY)["deleted_history_values"] == 0
+    assert purge(store, RETENTION, utcnow() + 181 * DAY)["deleted_history_values"] == 2
+    assert [c for c, _ in history(store, CITIZEN_2)] == [
+        {"full_name": [None, None]},  # the event's entry
+        {"full_name": [None, None]},  # the purge's entry
+    ]
+    assert notes(store) == {}
+
+
+def test_a_dossier_a_source_purge_took_the_tombstones_of_is_still_forgotten(
+    store: Store,
+) -> None:
+    """A dossier its only source deleted, whose tombstone a source purge then removed:
+    no view is left, and still its history's values and its unforeseen status changes go
+    a deleted record's retention after its delete (privacy.md), not never."""
+    from consumers.merge import Authority
+    from portal_sync.ops import purge as purging
+    from tests.support.store_helpers import anomaly_rows
+
+    h26 = "000.00.01.H26"
+    gone = f"{h26}-240115-0001"
+    feed = Feed(store)
+    feed.apply(event("dossier", gone, "province-01", 1, {"agency_code": h26, "status": 2}))
+    feed.apply(event("dossier", gone, "province-01", 2, {"agency_code": h26, "status": 1}))
+    feed.apply(event("dossier", gone, "province-01", 3, None))
+    deleted_at = notes(store)[gone]
+    audit = purging.new_purge("province-01", "dossier", None, "wrong data", "steward", None)
+    purging.run(store, Authority(), audit, None)
+    assert views(store) == [] and notes(store) == {gone: deleted_at}  # the earlier time
+    assert len(anomaly_rows(store)) == 1
+    now = utcnow()
+    assert purge(store, RETENTION, now + 179 * DAY)["deleted_history_values"] == 0
+    assert purge(store, RETENTION, now + 181 * DAY)["deleted_history_values"] == 3
+    assert anomaly_rows(store) == [] and notes(store) == {}
+    assert all(purged is not None for _, purged in history(store, gone))
 
 
 def test_the_worker_works_off_a_backlog_of_due_records_chunk_by_chunk_within_its_time(
