@@ -9,6 +9,7 @@ servers" into "the local development broker" is the CLI (`portal_sync.cli.option
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,10 +18,15 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumers.cache import DEFAULT_RECORDS
+from observability.alerts import Thresholds
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
 from transport.config import KafkaConnection
 from transport.topics import Topics
+
+log = logging.getLogger(__name__)
+# The stall alert's threshold (a batch waiting this long); a restart resets the wait.
+STALL_ALERT_SECONDS = Thresholds().worker_stalled_seconds
 
 # Types only: the worker's imports (store, merge, metrics) for the commands that run it, the
 # producers' (kafka-python, SQLAlchemy's engine) for those that produce.
@@ -84,30 +90,35 @@ class Settings(BaseSettings):
         default=None, description="file holding the store URL (a secret); instead of store_url"
     )
     topic_prefix: str = "portal-sync"
-    change_partitions: int = 6
+    change_partitions: int = Field(default=6, ge=1)
     replication_factor: int = Field(
         default=1,
+        ge=1,
         description="replicas of the project's topics: 1 on the local broker, 3 in production",
     )
-    change_retention_hours: int = 24 * 30
-    dead_letter_retention_hours: int = 24 * 90
+    change_retention_hours: int = Field(default=24 * 30, ge=1)
+    dead_letter_retention_hours: int = Field(default=24 * 90, ge=1)
     group_id: str = "portal-sync-reconciler"
     authority_file: Path | None = None
     registry: Path | None = Field(
         default=None, description="source registry file; unset: development mode"
     )
-    history_retention_days: int = Field(default=730, description="audit history kept, days")
+    history_retention_days: int = Field(default=730, ge=1, description="audit history kept, days")
     deleted_retention_days: int = Field(
         default=180,
+        ge=1,
         description="after every source deleted a record: its history values and tombstones "
         "kept, days (at least the change and dead-letter topics' retention)",
     )
-    access_log_retention_days: int = Field(default=730, description="access log kept, days")
+    access_log_retention_days: int = Field(default=730, ge=1, description="access log kept, days")
     done_files_retention_days: float = Field(
-        default=30, description="file adapters' processed files kept in done/, days"
+        default=30,
+        ge=0,
+        allow_inf_nan=False,
+        description="file adapters' processed files kept in done/, days",
     )
-    batch_max_events: int = 2000
-    batch_max_wait_seconds: float = 0.5
+    batch_max_events: int = Field(default=2000, ge=1)
+    batch_max_wait_seconds: float = Field(default=0.5, ge=0, allow_inf_nan=False)
     validator_processes: int | None = Field(
         default=None,
         ge=0,
@@ -125,19 +136,30 @@ class Settings(BaseSettings):
         ),
     )
     metrics_host: str = Field(default="127.0.0.1", description="bind address of /metrics")
-    metrics_port: int = Field(default=9310, description="worker's /metrics port; 0: off")
+    metrics_port: int = Field(
+        default=9310, ge=0, le=65535, description="worker's /metrics port; 0: off"
+    )
     metrics_web_config_file: Path | None = Field(
         default=None, description="TLS and basic auth of every process's HTTP endpoints"
     )
-    freshness_objective_seconds: float = 60.0
+    freshness_objective_seconds: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     worker_stall_after_seconds: float = Field(
-        default=300.0, description="/healthz fails after a batch retried, or took, this long"
+        default=300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="/healthz fails after a batch retried, or took, this long",
     )
     max_clock_skew_seconds: float = Field(
-        default=300.0, ge=0, description="occurred_at further ahead: future_timestamp"
+        default=300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="occurred_at further ahead: future_timestamp",
     )
     topic_check_seconds: float = Field(
-        default=60.0, gt=0, description="the change topics' ids checked again this often"
+        default=60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="the change topics' ids checked again this often",
     )
     reference_key_file: Path | None = Field(
         default=None,
@@ -199,6 +221,15 @@ class Settings(BaseSettings):
                 f"least the change and dead-letter topics' retention ({replayable:g} days): "
                 "an older event replayed or re-driven after a record's tombstone is gone "
                 "would bring the record back"
+            )
+        if self.worker_stall_after_seconds < STALL_ALERT_SECONDS + 30:
+            log.warning(
+                "PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS (%g) is below %g: the worker's /healthz "
+                "fails (and a supervisor restarts it) before PortalSyncWorkerStalled can fire "
+                "at %g s of waiting",
+                self.worker_stall_after_seconds,
+                STALL_ALERT_SECONDS + 30,
+                STALL_ALERT_SECONDS,
             )
         return WorkerConfig(
             connection=self.connection(),

@@ -919,7 +919,8 @@ class Store:
         records) and checked against the views inside its transaction: a record every
         source deleted before `older_than` is forgotten; one deleted since waits for its
         newest tombstone's time; one that came back leaves the table; one with no view at all
-        (a source purge took the last) is forgotten at its note's time. So every chunk leaves the due ones, and the next is read afresh."""
+        (a source purge took the last) is forgotten at its note's time. So every chunk
+        leaves the due ones, and the next is read afresh."""
         deadline = None if seconds is None else time.monotonic() + seconds
         emptied = removed = 0
         due = (

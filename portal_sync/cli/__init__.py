@@ -12,6 +12,7 @@ import os
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from observability.terminal import markup
 from portal_sync.cli import (
@@ -74,11 +75,24 @@ def exit_code(error: PortalSyncError) -> int:
 PRIVATE_UMASK = 0o077
 
 
+def settings_error(error: ValidationError) -> ConfigurationError:
+    """Which settings are wrong and why, never the values given (a URL may hold a
+    password)."""
+    problems = "; ".join(
+        f"PORTAL_SYNC_{'_'.join(str(part) for part in found['loc']).upper()}: {found['msg']}"
+        for found in error.errors(include_input=False, include_url=False)
+    )
+    return ConfigurationError(f"settings: {problems}")
+
+
 def main_entry() -> None:
     """The console script: expected errors end with their message and exit code."""
     os.umask(PRIVATE_UMASK)
     try:
-        app(prog_name="portal-sync", standalone_mode=True)
+        try:
+            app(prog_name="portal-sync", standalone_mode=True)
+        except ValidationError as error:  # a setting from the environment
+            raise settings_error(error) from None
     except PortalSyncError as error:
         label = "refused" if isinstance(error, Refused) else "error"
         err_console.print(markup("[red]{}:[/red] {}", label, error), highlight=False)

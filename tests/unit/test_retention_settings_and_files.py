@@ -71,6 +71,50 @@ def test_the_deleted_retention_must_cover_what_can_still_be_replayed() -> None:
     ).worker_config()
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ACCESS_LOG_RETENTION_DAYS", "-1"),  # Kafka's "forever": here it wiped the log
+        ("HISTORY_RETENTION_DAYS", "0"),
+        ("BATCH_MAX_EVENTS", "0"),
+        ("BATCH_MAX_WAIT_SECONDS", "-1"),
+        ("WORKER_STALL_AFTER_SECONDS", "-1"),
+        ("FRESHNESS_OBJECTIVE_SECONDS", "nan"),
+        ("METRICS_PORT", "70000"),
+        ("CHANGE_PARTITIONS", "0"),
+        ("CHANGE_RETENTION_HOURS", "-1"),
+        ("METRICS_PORT", "abc"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_a_configuration_error_naming_it(
+    name: str, value: str
+) -> None:
+    """Exit 2 with the setting's name and what is wrong, never a traceback nor the value
+    (another setting's value may be a URL with a password)."""
+    import subprocess
+    import sys
+
+    env = os.environ | {"PORTAL_SYNC_KAFKA_BOOTSTRAP": "127.0.0.1:9", f"PORTAL_SYNC_{name}": value}
+    env["PORTAL_SYNC_STORE_URL"] = "postgresql://portal:s3cret-pw@127.0.0.1:9/portal"
+    done = subprocess.run(
+        [sys.executable, "-m", "portal_sync", "worker", "--until-caught-up"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"PORTAL_SYNC_{name}" in done.stderr and "Traceback" not in done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout
+
+
+def test_a_stall_threshold_below_the_alert_s_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker restarted before its wait reaches the alert's 240 s never fires it."""
+    Settings(kafka_bootstrap="127.0.0.1:9").worker_config()
+    assert "PortalSyncWorkerStalled" not in caplog.text
+    Settings(kafka_bootstrap="127.0.0.1:9", worker_stall_after_seconds=120).worker_config()
+    assert "PortalSyncWorkerStalled can fire" in caplog.text
+
+
 def _deployment(tmp_path: Path, extra: str = "") -> Deployment:
     path = tmp_path / "sources.toml"
     path.write_text(CONFIG.format(extra=extra), encoding="utf-8")
