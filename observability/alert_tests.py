@@ -133,6 +133,16 @@ CASES = [
         "portal-sync-worker on w1 is down (scrape failed)",
     ),
     Case(
+        "PortalSyncTargetMissing",
+        # the lag exporter's target leaves service discovery at 4m; the worker's stays
+        {f"up{{{WORKER}}}": "1x20", f"up{{{EXPORTER}}}": "1 1 1 1 stale"},
+        "8m",  # missing for 4m
+        "10m",
+        {"job": "portal-sync-lag-exporter"},
+        "no portal-sync-lag-exporter target is scraped: its alerts (and the lag's, for the "
+        "lag exporter) cannot fire",
+    ),
+    Case(
         "PortalSyncOutboxRowsBeyondLookback",
         # two rows committed too late for the window since 3m, measured after every poll
         {f'{BEYOND}{{source="ministry-btp",{PRODUCER}}}': "0 0 0 2x10"},

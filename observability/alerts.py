@@ -40,6 +40,7 @@ class Thresholds:
     retention_window: str = "3h"
     window: str = "5m"  # rate windows
     for_short: str = "2m"  # stalled consumer, process down
+    for_missing: str = "5m"  # no target of a job at all (a pod recreated takes less)
     for_long: str = "10m"  # lag above objective, stale source, lag growing
 
 
@@ -89,6 +90,11 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
+    # The jobs whose every alert needs their series: with no target of one at all (left
+    # service discovery, a pod that never started), `up == 0` has nothing to compare.
+    needed = ("portal-sync-worker", "portal-sync-lag-exporter")
+    missing = " or ".join(f'absent(up{{job="{job}"}})' for job in needed)
+    targets = f'count by (job) (up{{job=~"{"|".join(needed)}"}})'
     waiting = (
         "max by (job, instance) "
         f"(max_over_time(portal_sync_worker_retrying_seconds[{t.stall_window}]))"
@@ -305,6 +311,19 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $labels.job }} on {{ $labels.instance }} is down (scrape failed)",
             "Check the process and its /healthz; restart it. A worker that is down shows as "
             "STOP in `portal-sync lag` once changes arrive.",
+        ),
+        Rule(
+            "PortalSyncTargetMissing",
+            missing,
+            targets,
+            t.for_missing,
+            "critical",
+            "no {{ $labels.job }} target is scraped: its alerts (and the lag's, for the lag "
+            "exporter) cannot fire",
+            "Prometheus finds no target of the job at all, so PortalSyncProcessDown has no "
+            "`up` to compare. Check that the process runs (a pod Pending, a Deployment "
+            "scaled to 0), that its Service and ServiceMonitor (or the scrape configuration) "
+            "still select it, and Prometheus's target page.",
         ),
     ]
 

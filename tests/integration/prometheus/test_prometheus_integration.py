@@ -35,7 +35,14 @@ from transport.local import free_port
 pytestmark = pytest.mark.kafka
 
 # Short `for:` durations and rate windows, so alerts can fire within the test.
-FAST = Thresholds(window="30s", for_short="2s", for_long="2s", never_delivered_for="2s")
+FAST = Thresholds(
+    window="30s", for_short="2s", for_long="2s", never_delivered_for="2s", for_missing="2s"
+)
+JOB = {
+    "worker": "portal-sync-worker",
+    "exporter": "portal-sync-lag-exporter",
+    "producer": "portal-sync-producer",
+}
 # The worker's registry: the producer's source, and one registered that never delivers.
 REGISTRY = """\
 [sources.province-01]
@@ -130,7 +137,7 @@ def pipeline(settings_for: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def prometheus(pipeline: dict[str, Any], tmp_path: Path) -> Iterator[Prometheus]:
-    jobs = {f"portal-sync-{name}": port for name, port in pipeline["ports"].items()}
+    jobs = {JOB[name]: port for name, port in pipeline["ports"].items()}
     scrape = {job: pipeline["scrape"] for job in jobs}
     jobs["wrong-password"] = pipeline["ports"]["worker"]  # not a portal-sync- job: no alerts
     scrape["wrong-password"] = pipeline["wrong"]
@@ -192,12 +199,13 @@ def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
             assert answer.status == 200, (name, probe)
     targets = prometheus.api("targets")["activeTargets"]
     health = {t["labels"]["job"]: (t["health"], t["lastError"]) for t in targets}
-    assert all(health[f"portal-sync-{name}"] == ("up", "") for name in pipeline["ports"]), health
+    assert all(health[JOB[name]] == ("up", "") for name in pipeline["ports"]), health
     assert health["wrong-password"][0] == "down" and "401" in health["wrong-password"][1]
     for rule_group in prometheus.api("rules")["groups"]:
         for rule in rule_group["rules"]:
             assert rule["health"] == "ok", rule
     assert "PortalSyncConsumerStalled" not in prometheus.firing()
+    assert "PortalSyncTargetMissing" not in prometheus.firing()  # the deployed job names
     never = "PortalSyncSourceNeverDelivered"
     assert _firing_sources(prometheus, never, ["province-79"], timeout=30) == ["province-79"]
     group = pipeline["settings"].group_id
