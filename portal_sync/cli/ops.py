@@ -217,6 +217,7 @@ def rebuild(
 ) -> None:
     """Build a fresh store from everything the change topics retain, with the live
     worker's registry and authority."""
+    from portal_sync.ops.purge import purges_after, rebuild_warning
     from portal_sync.ops.replay import compare_stores
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
@@ -232,8 +233,11 @@ def rebuild(
     live = Store(live_settings.store_url)
     try:
         guard_rules(live, live_settings, rules_mismatch_ok)
+        purged = purges_after(live, None)
     finally:
         live.close()
+    if purged:  # on stderr, before the work: the new store is not the live one's equal
+        progress_console.print(markup("[yellow]warning:[/yellow] {}", rebuild_warning(purged)))
     target = Store(store)
     target.create_schema()
     if target.holds_data():

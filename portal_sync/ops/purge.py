@@ -136,3 +136,17 @@ def purge_warning(found: list[str]) -> str | None:
         "(show, conflicts); purge again only what came back, then re-drive the correct "
         "data (docs/operations.md, a province sent wrong data)"
     )
+
+
+def rebuild_warning(found: list[str]) -> str:
+    """The operator's warning when the live store records purges (`purges_after(store,
+    None)`) and a new store is built from the topics: it starts empty, so nothing the
+    purged sources sent is stale in it."""
+    return (
+        f"the live store records source purges: {'; '.join(found)}. A rebuild applies "
+        "every event the change topics still hold, those sources' too: what the purges "
+        "removed comes back in the new store wherever the topics still hold it (their "
+        "compaction keeps each key's last event). Purge again in the new store before it "
+        "takes over (`source purge` with PORTAL_SYNC_STORE_URL set to it), and compare "
+        "(`rebuild --compare` lists what differs)"
+    )
