@@ -15,14 +15,15 @@ from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -89,6 +90,33 @@ def _date_text(value: Any) -> Any:
 
 
 IsoDate = Annotated[date, BeforeValidator(_date_text)]
+
+# RFC 3339's date-time: seconds required, "T" (or a space, its note allows) and "Z" in
+# either case, an offset always.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+DATETIME_RULE = "Input should be an RFC 3339 date-time with an offset"
+
+
+def _datetime_text(value: Any) -> Any:
+    """Only RFC 3339 text: pydantic also reads a number of seconds or milliseconds
+    ("1700000000") and a time without seconds as a datetime, which the contract says
+    nothing of (`_date_text` likewise)."""
+    if not isinstance(value, str):
+        return value  # a datetime (Python input), or refused by the strict check
+    if _RFC3339.fullmatch(value) is None:
+        raise PydanticCustomError("datetime_parsing", DATETIME_RULE)
+    try:
+        return datetime.fromisoformat(
+            value.upper() if value[10] == "t" or value[-1] == "z" else value
+        )
+    except ValueError:  # a month 13, a second 60, an offset of 24 hours
+        raise PydanticCustomError("datetime_parsing", DATETIME_RULE) from None
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_datetime_text)]
 
 
 # Validators raise fixed texts only: their messages become dead-letter reasons, which must
@@ -173,9 +201,9 @@ class DossierData(ContractModel):
     applicant_kind: Literal["citizen", "organization"] | None = None
     applicant_id: OwnerId | None = None
     status: Annotated[int, Field(ge=1, le=10)] | None = None
-    received_at: AwareDatetime | None = None
-    due_at: AwareDatetime | None = None
-    finished_at: AwareDatetime | None = None
+    received_at: Rfc3339 | None = None
+    due_at: Rfc3339 | None = None
+    finished_at: Rfc3339 | None = None
     original_code: Annotated[str, StringConstraints(pattern=DOSSIER_CODE.pattern)] | None = Field(
         default=None,
         description="For an inter-agency (liên thông) dossier: the code of the original dossier",
@@ -204,6 +232,26 @@ def _in_utc(moment: datetime) -> datetime:
         return moment
 
 
+def _instant_in_utc(value: Any) -> datetime:
+    """`occurred_at`, read once per event: RFC 3339 text (or an aware datetime, Python
+    input) held in UTC (`_in_utc`); one call instead of pydantic's parse and two
+    validators around it."""
+    if isinstance(value, str):
+        if _RFC3339.fullmatch(value) is None:
+            raise PydanticCustomError("datetime_parsing", DATETIME_RULE)
+        try:
+            moment = datetime.fromisoformat(
+                value.upper() if value[10] == "t" or value[-1] == "z" else value
+            )
+        except ValueError:
+            raise PydanticCustomError("datetime_parsing", DATETIME_RULE) from None
+    elif isinstance(value, datetime) and value.tzinfo is not None:
+        moment = value
+    else:
+        raise PydanticCustomError("datetime_parsing", DATETIME_RULE)
+    return _in_utc(moment)
+
+
 class _EventBase(ContractModel):
     schema_version: Literal[1]
     event_id: UUID
@@ -212,7 +260,11 @@ class _EventBase(ContractModel):
     # At most 2^53: exact in every JSON reader, and far from the store's 2^63 - 1, so a
     # hostile version cannot freeze a record beyond every later real update.
     version: Annotated[int, Field(ge=1, le=MAX_VERSION)]
-    occurred_at: Annotated[AwareDatetime, AfterValidator(_in_utc)]
+    occurred_at: Annotated[
+        datetime,
+        PlainValidator(_instant_in_utc),
+        WithJsonSchema({"type": "string", "format": "date-time"}),
+    ]
 
     @model_validator(mode="after")
     def _data_matches_op(self) -> Self:

@@ -395,6 +395,49 @@ def test_a_date_is_written_yyyy_mm_dd_only(entity: str, key: str, name: str, tex
     assert parsed.event.data_dict() == {name: "2024-01-01"}
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1700000000",  # seconds
+        "1700000000000",  # milliseconds
+        "0",
+        "-1",
+        "2025-01-01t00:00z",  # no seconds
+        "2025-01-01T00:00+07:00",
+        "2025-01-01",
+        "2025-01-01T00:00:00",  # no offset
+        "2025-13-01T00:00:00Z",
+        "2025-01-01T00:00:60Z",
+        "2025-01-01T00:00:00+24:00",
+        "2025-01-01T00:00:00.Z",
+        "２０２５-01-01T00:00:00Z",  # full-width digits
+    ],
+)
+def test_a_date_time_is_rfc_3339_text_only(text: str) -> None:
+    """pydantic reads a number of seconds (or milliseconds) written as text as a datetime,
+    and a time without seconds; the contract says RFC 3339 with an offset."""
+    rule = "Input should be an RFC 3339 date-time with an offset"
+    assert reject(encode(citizen(occurred_at=text))).message == f"occurred_at: {rule}"
+    dossier = envelope("dossier", "000.00.01.H29-240115-0001", data={"received_at": text})
+    assert reject(encode(dossier)).message == f"data.received_at: {rule}"
+
+
+@pytest.mark.parametrize(
+    ("text", "instant"),
+    [
+        ("2025-01-01T07:00:00+07:00", "2025-01-01T00:00:00+00:00"),
+        ("2025-01-01t00:00:00z", "2025-01-01T00:00:00+00:00"),
+        ("2025-01-01T00:00:00z", "2025-01-01T00:00:00+00:00"),
+        ("2025-01-01t00:00:00+07:00", "2024-12-31T17:00:00+00:00"),
+        ("2025-01-01 00:00:00.123456789Z", "2025-01-01T00:00:00.123456+00:00"),
+        ("2024-12-31T23:59:59-05:30", "2025-01-01T05:29:59+00:00"),
+    ],
+)
+def test_rfc_3339_date_times_are_read_as_their_instant(text: str, instant: str) -> None:
+    parsed = parse_event(encode(citizen(occurred_at=text)))
+    assert parsed.event.occurred_at.isoformat() == instant
+
+
 def test_empty_message_is_rejected() -> None:
     assert reject(None).code == "empty_message"  # type: ignore[arg-type]
 

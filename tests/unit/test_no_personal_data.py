@@ -72,7 +72,7 @@ def test_a_location_is_a_path_of_the_contract(data: dict[str, Any], path: str) -
     [
         ("event_id", PERSONAL_ID, "event_id: Input should be a valid UUID"),
         ("event_id", f"n{PERSONAL_ID}", "event_id: Input should be a valid UUID"),
-        ("occurred_at", NAME, "occurred_at: Input should be a valid datetime"),
+        ("occurred_at", NAME, "occurred_at: Input should be an RFC 3339 date-time with an offset"),
     ],
 )
 def test_parsing_details_that_quote_the_input_are_dropped(
