@@ -110,6 +110,8 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
         event: ChangeEvent = _VALIDATE_JSON(normalised, strict=True)
     except ValidationError as error:
         raise _reason(error) from None
+    if normalised is not raw:
+        _refuse_ascii_by_normalisation(obj)
     data = obj.get("data")
     if normalised is raw and type(data) is dict and DOSSIER_TIMES.isdisjoint(data):
         # Validated as sent, and strict validation changed no value: strings, integers and
@@ -117,6 +119,29 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
         # `+00:00` dump otherwise): a payload with one is dumped when needed.
         return ValidEvent(event, soft_warnings(event) if warn else [], data, as_sent=True)
     return ValidEvent(event, soft_warnings(event) if warn else [], as_sent=normalised is raw)
+
+
+def _refuse_ascii_by_normalisation(obj: dict[str, Any]) -> None:
+    """A value valid only once NFC made it ASCII: identifiers and codes are ASCII as sent,
+    and NFC turns a few characters into ASCII ones (the Kelvin sign into "K", a Greek
+    question mark into ";"), which the contract's patterns would then take. The event's
+    strings are checked after validation, so every field named here is the contract's."""
+    key = obj.get("key")
+    if isinstance(key, str) and _ascii_only_by_nfc(key):
+        raise InvalidEvent("invalid_key", f"key: {ASCII_AS_SENT}")
+    data = obj.get("data")
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if isinstance(value, str) and _ascii_only_by_nfc(value):
+                field = unicodedata.normalize("NFC", name)
+                raise InvalidEvent("invalid_field", f"data.{field}: {ASCII_AS_SENT}")
+
+
+ASCII_AS_SENT = "a value that is ASCII only once normalised to NFC (identifiers are ASCII)"
+
+
+def _ascii_only_by_nfc(text: str) -> bool:
+    return not text.isascii() and unicodedata.normalize("NFC", text).isascii()
 
 
 # The payload fields whose JSON form validation may change (dossiers' timestamps).

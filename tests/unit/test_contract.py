@@ -438,6 +438,20 @@ def test_rfc_3339_date_times_are_read_as_their_instant(text: str, instant: str) 
     assert parsed.event.occurred_at.isoformat() == instant
 
 
+def test_an_identifier_ascii_only_once_normalised_is_refused() -> None:
+    """NFC turns the Kelvin sign (U+212A) into "K": a dossier code or an agency code with
+    it would match the contract's ASCII patterns once normalised, and be stored as another
+    dossier's code."""
+    kelvin = "000.00.01.\u212a29"
+    dossier = envelope("dossier", f"{kelvin}-240115-0001", data={"status": 1})
+    assert reject(encode(dossier)).code == "invalid_key"
+    code = envelope("dossier", "000.00.01.K29-240115-0001", data={"agency_code": kelvin})
+    refused = reject(encode(code))
+    assert (refused.code, refused.message.split(":")[0]) == ("invalid_field", "data.agency_code")
+    name = citizen(data={"full_name": "Nguyễn Văn \u212a"})  # not ASCII once normalised
+    assert parse_event(encode(name)).event.data_dict() == {"full_name": "Nguyễn Văn K"}
+
+
 def test_empty_message_is_rejected() -> None:
     assert reject(None).code == "empty_message"  # type: ignore[arg-type]
 
