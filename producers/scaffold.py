@@ -97,7 +97,7 @@ class $cls(Adapter):
             data = None if row.get("deleted") else {"full_name": row.get("name")}
             return Record(str(row["id"]), int(row["version"]), changed, data, origin)
         except (ValueError, KeyError, TypeError):
-            return SkippableRecord("unreadable_line", "line is not a change record", origin)
+            return SkippableRecord("invalid_json", "line is not a change record", origin)
 '''
 
 EXAMPLE_DATA = """\

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ValidationError
 
 from schemas import build_event, errors
+from schemas.dead_letter import DEAD_LETTER_REASONS
 from schemas.events import Entity
 from schemas.identifiers import ReferenceKey, key_reference
 
@@ -86,6 +87,15 @@ class SkippableRecord:
     entity: Entity | None = None
     key: str | None = None
     raw: bytes = b""
+
+    def __post_init__(self) -> None:
+        # Operators filter, count and re-drive by these codes (README, "Dead letters"): an
+        # adapter's own word would be a reason no one looks for.
+        if self.code not in DEAD_LETTER_REASONS:
+            raise ValueError(
+                f"dead-letter reason {self.code!r} is not one of the contract's "
+                "(schemas.dead_letter.Reason): use unmappable_record or invalid_json"
+            )
 
 
 @dataclass

@@ -191,3 +191,15 @@ def test_an_unreadable_file_that_cannot_be_moved_to_error_is_dead_lettered_once(
     sent, letters = _runs_with_a_csv_unmovable(tmp_path, monkeypatch)
     assert (sent, letters) == (["001190000002"], 1)
     assert (inbox / "a.csv").exists() and (inbox / "done" / "b.csv").exists()
+
+
+def test_an_adapter_s_dead_letter_reason_is_one_of_the_contract_s() -> None:
+    """Operators filter, count and re-drive by the documented codes: an adapter that
+    invents one (the scaffold's template did: `unreadable_line`) fails at once."""
+    from producers.sdk import SkippableRecord
+    from schemas.dead_letter import DEAD_LETTER_REASONS
+
+    with pytest.raises(ValueError, match="unreadable_line"):
+        SkippableRecord("unreadable_line", "line is not a change record", "line 3")
+    for code in DEAD_LETTER_REASONS:
+        assert SkippableRecord(code, "a message", "line 3").code == code

@@ -340,7 +340,7 @@ def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
 
     class Skips(ListAdapter):
         def read(self, state: State) -> Iterator[Item]:
-            yield SkippableRecord("unreadable_row", "row has no key column", "cong_dan:7")
+            yield SkippableRecord("missing_field", "row has no key column", "cong_dan:7")
             yield Checkpoint({"position": 1})
 
     runner = AdapterRunner("skips", Skips(), publisher, tmp_path)
@@ -350,7 +350,7 @@ def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
 
     (letter,) = read_topic(publisher.settings, dead_letter_topic(publisher.settings))
     headers = read_headers(letter.headers)
-    assert headers["ps.reason.code"] == "unreadable_row"
+    assert headers["ps.reason.code"] == "missing_field"
     assert headers["ps.origin.offset"] == "cong_dan:7"
     assert json.loads(letter.value) == {"origin": "cong_dan:7"}
 
