@@ -3,10 +3,13 @@
 /healthz answers 200 while the process does its work (its loop is alive), 503 otherwise;
 /readyz answers 200 once it is ready to do it (joined its group, first poll done).
 
-The server is bounded: at most `MAX_CONNECTIONS` requests are handled at once (a further
-connection is closed at once), and a connection that sends nothing for `READ_TIMEOUT`
-seconds is dropped, so half-open connections cannot pile up threads. Clients that go away
-mid-request are not logged.
+The server is bounded: at most `MAX_CONNECTIONS` connections are handled at once, and a
+connection that sends nothing for `READ_TIMEOUT` seconds is dropped, so half-open
+connections cannot pile up threads. When all are taken, a new connection takes the place
+of the oldest one still sending its request (one that trickles a byte every few seconds
+or stays silent); only when every connection is being answered is the new one closed. So
+no one who can reach the port, credentials or not, can hold the probes and the scrapes
+out with a few slow connections. Clients that go away mid-request are not logged.
 
 With a web configuration (`observability.web_config`, `PORTAL_SYNC_METRICS_WEB_CONFIG_FILE`)
 the server speaks TLS only (the handshake runs in the connection's thread, under the same
@@ -23,6 +26,7 @@ import socket
 import ssl
 import threading
 import time
+import typing
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -51,24 +55,50 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.tls = tls
+        self._lock = threading.Lock()
+        self._taken = 0  # connections with a thread
+        # Connections still sending their request: socket, by the thread that reads it,
+        # in the order they came (dicts keep it): the first is the oldest.
+        self._sending: dict[int, Any] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # full: refuse rather than queue a thread
-            return
+        with self._lock:
+            if self._taken >= MAX_CONNECTIONS:
+                oldest = next(iter(self._sending), None)
+                if oldest is None:  # every one is being answered: refuse, never queue
+                    self.shutdown_request(request)
+                    return
+                with contextlib.suppress(OSError):  # its thread's read ends, and frees it
+                    self._sending.pop(oldest).shutdown(socket.SHUT_RDWR)
+            self._taken += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._free()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        self.sending(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._free()
+
+    def sending(self, connection: Any) -> None:
+        """This thread's connection is (still) sending its request: it may be evicted."""
+        with self._lock:
+            self._sending[threading.get_ident()] = connection
+
+    def answering(self) -> None:
+        """This thread's request has arrived: its connection is no longer evictable."""
+        with self._lock:
+            self._sending.pop(threading.get_ident(), None)
+
+    def _free(self) -> None:
+        with self._lock:
+            self._taken -= 1
+            self._sending.pop(threading.get_ident(), None)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is None:
@@ -81,6 +111,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                 request.sendall(PLAIN_HTTP_ANSWER)
                 return
             secure = self.tls.wrap_socket(request, server_side=True)
+            self.sending(secure)  # the plain socket is detached now
             try:
                 super().finish_request(secure, client_address)
             finally:
@@ -116,6 +147,7 @@ def serve(
                 super().handle()
 
         def do_GET(self) -> None:
+            typing.cast(BoundedHTTPServer, self.server).answering()
             path = self.path.split("?", 1)[0]
             credentials = self.headers.get("Authorization")
             if not (auth is None or path in OPEN_PATHS or auth.allows(credentials)):

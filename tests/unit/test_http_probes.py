@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -55,3 +56,39 @@ def test_a_client_that_disconnects_or_stalls_logs_nothing(
     server.shutdown()
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Exception" not in captured.err
+
+
+def test_slow_connections_filling_every_place_cannot_hold_the_probes_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection trickles a byte more often than the read timeout, so none is ever
+    dropped for silence: a new connection takes the place of the oldest still sending,
+    and /healthz answers beside them (it was closed at once: a liveness probe failing,
+    the process restarted, by anyone who could reach the port)."""
+    monkeypatch.setattr(http, "READ_TIMEOUT", 1.0)
+    server = http.serve(0)
+    port = server.server_address[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with contextlib.suppress(OSError):
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x" * 10:
+                sock.sendall(bytes([byte]))
+                if stop.wait(0.3):
+                    break
+        sock.close()
+
+    slow = [threading.Thread(target=trickle) for _ in range(http.MAX_CONNECTIONS * 2)]
+    for thread in slow:
+        thread.start()
+    time.sleep(1.5)
+    try:
+        for _ in range(5):
+            assert _get(port, "/healthz") == 200
+            assert _get(port, "/metrics") == 200
+    finally:
+        stop.set()
+        for thread in slow:
+            thread.join()
+        server.shutdown()

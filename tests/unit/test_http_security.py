@@ -183,6 +183,31 @@ def test_a_silent_client_cannot_hold_the_tls_handshake_of_others(
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_silent_connections_taking_every_place_cannot_hold_tls_clients_out(
+    certs: Certificates,
+    registry: CollectorRegistry,
+    serving: list[http.BoundedHTTPServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twice as many silent connections as places, kept open: a TLS client still gets in
+    (the oldest silent one gives up its place), within the read timeout's 5 s."""
+    port = _serve(
+        serving, registry, _web_config(certs.directory, {"tls_server_config": _tls(certs)})
+    )
+    silent = [
+        socket.create_connection(("127.0.0.1", port)) for _ in range(2 * http.MAX_CONNECTIONS)
+    ]
+    time.sleep(0.3)
+    try:
+        for _ in range(3):
+            began = time.monotonic()
+            reply = _get(f"https://localhost:{port}/metrics", None, certs.client_context())
+            assert reply.status == 200 and time.monotonic() - began < 2.0
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_mutual_tls_asks_for_a_client_certificate_of_the_clients_ca(
     certs: Certificates, registry: CollectorRegistry, serving: list[http.BoundedHTTPServer]
 ) -> None:
