@@ -119,7 +119,7 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         )
     ruled = entity in authority.ruled_entities
     if len(live) == 2 and not ruled:  # the usual record of two sources, no rules
-        return _merge_two(*live)
+        return _one_giver_per_pair(entity, _merge_two(*live), live)
     if ruled:
         # Fields ranked by the same rule list share one ordering of the views.
         by_rules: dict[tuple[str, ...], dict[str, SourceView]] = {}
@@ -141,7 +141,38 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
             origins[giver.source] = [name]
         else:
             gave.append(name)
-    return CanonicalRecord(data, {view.source: view.version for view in live}, origins)
+    record = CanonicalRecord(data, {view.source: view.version for view in live}, origins)
+    return _one_giver_per_pair(entity, record, live)
+
+
+# Fields that name one thing together: a kind and the identifier of that kind. Merged
+# field by field, one source's kind could pair with another's identifier (an owner that
+# cannot exist: a citizen's id as an organisation's), which the contract refuses in any
+# one view. The identifier's giver gives the kind too (or none, if it gives none).
+PAIRS = {"document": ("owner_kind", "owner_id"), "dossier": ("applicant_kind", "applicant_id")}
+
+
+def _one_giver_per_pair(
+    entity: str, record: CanonicalRecord, live: list[SourceView]
+) -> CanonicalRecord:
+    pair = PAIRS.get(entity)
+    if pair is None or pair[0] not in record.data or pair[1] not in record.data:
+        return record
+    kind, ident = pair
+    giver = {name: source for source, names in record.origins.items() for name in names}
+    if giver[kind] == giver[ident]:
+        return record
+    (view,) = (view for view in live if view.source == giver[ident])
+    data = dict(record.data)
+    if kind in (view.data or {}):
+        data[kind] = (view.data or {})[kind]
+        giver[kind] = view.source
+    else:
+        del data[kind], giver[kind]
+    origins: dict[str, list[str]] = {}
+    for name in sorted(giver):  # sources in the order of the first field each gives
+        origins.setdefault(giver[name], []).append(name)
+    return CanonicalRecord(data, record.sources, origins)
 
 
 def _merge_two(one: SourceView, other: SourceView) -> CanonicalRecord:

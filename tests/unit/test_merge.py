@@ -549,3 +549,89 @@ def test_two_views_merge_as_the_general_path_in_every_order(
     assert short is not None and general is not None
     for part in ("data", "sources", "origins"):
         assert list(getattr(short, part).items()) == list(getattr(general, part).items())
+
+
+# -- a kind and its identifier come from one source -----------------------------------------
+
+OWNER_TAX = {"issuer_code": "000.00.01.H26", "owner_kind": "organization"}
+OWNER_CITIZEN = {
+    "issuer_code": "000.00.01.H26",
+    "owner_kind": "citizen",
+    "owner_id": "001090012345",
+}
+
+
+@pytest.mark.parametrize("ruled", [False, True])
+def test_an_owner_s_kind_comes_with_its_id_from_one_source(ruled: bool) -> None:
+    """province-01 (later) gives owner_kind alone, national-population a citizen's kind
+    and id: field by field the record was an organisation with a citizen's id, an owner
+    that cannot exist (its document waited for it for ever)."""
+    rules = {"document": {"issuer_code": ["province-01"]}} if ruled else {}
+    authority = Authority.from_mapping(rules)
+    views = [
+        view("province-01", OWNER_TAX, minutes=5),
+        view("national-population", OWNER_CITIZEN),
+    ]
+    record = merge("document", views, authority)
+    assert record is not None
+    assert (record.data["owner_kind"], record.data["owner_id"]) == ("citizen", "001090012345")
+    assert record.provenance["owner_kind"]["source"] == "national-population"
+    assert record.provenance["issuer_code"]["source"] == "province-01"
+
+
+def test_an_id_without_its_kind_leaves_the_record_without_a_kind() -> None:
+    views = [
+        view("province-01", {"owner_kind": "organization"}, minutes=5),
+        view("national-population", {"owner_id": "001090012345"}),
+    ]
+    record = merge("document", views, Authority())
+    assert record is not None and record.data == {"owner_id": "001090012345"}
+    assert record.origins == {"national-population": ["owner_id"]}
+
+
+_KINDS = ["citizen", "organization"]
+_IDS = ["001090012345", "0100109106"]
+
+
+@given(
+    views=st.lists(
+        st.tuples(
+            st.sampled_from(_SOURCES),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "applicant_kind": st.sampled_from(_KINDS),
+                    "applicant_id": st.sampled_from(_IDS),
+                    "status": st.integers(1, 3),
+                },
+            ),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda item: item[0],
+    ),
+    rules=st.dictionaries(
+        st.sampled_from(["applicant_kind", "applicant_id", "status", "*"]),
+        st.lists(st.sampled_from(_SOURCES), unique=True, max_size=3),
+        max_size=3,
+    ),
+)
+def test_a_dossier_s_applicant_kind_and_id_are_one_source_s(
+    views: list[tuple[str, dict[str, Any], int]], rules: dict[str, list[str]]
+) -> None:
+    authority = Authority.from_mapping({"dossier": rules})
+    built = [view(s, d, minutes=m) for s, d, m in views]
+    record = merge("dossier", built, authority)
+    assert record is not None
+    expected = _by_the_rule("dossier", built, authority)
+    assert expected is not None
+    if "applicant_id" in record.data:
+        giver = record.provenance["applicant_id"]["source"]
+        (given_by,) = (v for v in built if v.source == giver)
+        assert record.data.get("applicant_kind") == (given_by.data or {}).get("applicant_kind")
+        if "applicant_kind" in record.data:
+            assert record.provenance["applicant_kind"]["source"] == giver
+    # every other field as the rule has it
+    for name in record.data.keys() - {"applicant_kind"}:
+        assert record.data[name] == expected.data[name]
