@@ -77,16 +77,20 @@ def record_detail(store: Store, entity: str, key: str) -> RecordDetail | None:
     )  # fmt: skip
 
 
-def history(store: Store, entity: str, key: str, limit: int = 1000) -> list[dict[str, Any]]:
-    """The record's audit history, oldest first."""
-    query = (
-        select(record_history)
-        .where(record_history.c.entity == entity, record_history.c.key == key)
-        .order_by(record_history.c.id)
-        .limit(limit)
-    )
+def history(
+    store: Store, entity: str, key: str, limit: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """The record's audit history, oldest first: its newest `limit` entries (all with
+    None), and how many it has."""
+    of_record = (record_history.c.entity == entity, record_history.c.key == key)
+    newest = select(record_history.c.id).where(*of_record).order_by(record_history.c.id.desc())
+    query = select(record_history).where(*of_record)
+    if limit is not None:
+        query = query.where(record_history.c.id.in_(newest.limit(limit).scalar_subquery()))
+    counted = select(func.count()).select_from(record_history).where(*of_record)
     with store.engine.connect() as conn:
-        return [row._asdict() for row in conn.execute(query)]
+        rows = [row._asdict() for row in conn.execute(query.order_by(record_history.c.id))]
+        return rows, int(conn.execute(counted).scalar_one())
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from observability.terminal import markup, plain
-from portal_sync.cli.options import ReaderOpt, ReasonOpt, StoreOpt
+from portal_sync.cli.options import ReaderOpt, ReasonOpt, StoreOpt, err_console
 from portal_sync.settings import Settings
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
@@ -197,16 +197,23 @@ def history(
     key: str,
     reason: ReasonOpt = None,
     operator: ReaderOpt = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, help="the newest N changes (0: every one)")
+    ] = 1000,
     store: StoreOpt = None,
 ) -> None:
-    """Every change to a canonical record: event, source, version, fields old → new.
-    Needs --reason (access log)."""
+    """Every change to a canonical record: event, source, version, fields old → new
+    (the newest --limit, oldest first). Needs --reason (access log)."""
     from store.queries import history as record_history
 
     _log_access("history", entity, key, reason, operator, store)
     target = _store(store)
-    rows = record_history(target, entity, key)
+    rows, total = record_history(target, entity, key, limit or None)
     target.close()
+    if len(rows) < total:  # on stderr, before the table: the oldest are not shown
+        err_console.print(
+            f"the newest {len(rows)} of {total} changes, oldest first (--limit 0: every one)"
+        )
     table = Table(title=plain(f"history of {entity} {key}"))
     for column in ("applied at", "source", "version", "event", "changes"):
         table.add_column(column)

@@ -308,9 +308,23 @@ def test_each_change_appends_one_history_entry(store: Store) -> None:
             {"sex": ["male", "female"]},
         ),
     ]
-    rows = queries.history(store, "citizen", CITIZEN)
-    assert [r["version"] for r in rows] == [1, 2]
+    rows, total = queries.history(store, "citizen", CITIZEN)
+    assert [r["version"] for r in rows] == [1, 2] and total == 2
     assert all(r["applied_at"].tzinfo is not None for r in rows)
+
+
+def test_history_shows_the_newest_changes_when_limited(store: Store) -> None:
+    """A record with more changes than shown: the newest ones (the oldest were shown,
+    and the newest changes missing from what answers a data subject's request)."""
+    feed = Feed(store, AUTHORITY)
+    for version in range(1, 8):
+        feed.apply(
+            event("citizen", CITIZEN, "province-01", version, {"phone": f"09123456{version:02d}"})
+        )
+    rows, total = queries.history(store, "citizen", CITIZEN, limit=3)
+    assert [r["version"] for r in rows] == [5, 6, 7] and total == 7
+    every, _ = queries.history(store, "citizen", CITIZEN)
+    assert [r["version"] for r in every] == list(range(1, 8))
 
 
 def test_redelivery_adds_no_history(store: Store) -> None:
