@@ -32,7 +32,7 @@ def access_log(
 
     target = Store(Settings.from_flags(store=store).store_url)
     try:
-        target.create_schema()
+        target.require_schema()
         rows = target.access_entries(parse_time(since), operator)
     finally:
         target.close()

@@ -101,7 +101,7 @@ def replay(
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
                           from_offset, to_offset)  # fmt: skip
     target = Store(settings.store_url)
-    target.create_schema()
+    target.require_schema()  # the live store: one without it is another database
     guard_rules(target, settings, rules_mismatch_ok)
     replayed = {e for e in ENTITIES if names.change_topic(e) in topics}
     undone = purge_warning(purges_after(target, selection.since, source, replayed))
@@ -378,7 +378,7 @@ def dlq_redrive(
         # An operator skipped these on purpose (`offsets skip`): only named ones go back.
         letters = (x for x in letters if x.reason_code != "skipped_by_operator")
     target = Store(settings.store_url)
-    target.create_schema()
+    target.require_schema()
     try:
         summary = run_redrive(settings, target, letters)
     finally:

@@ -114,7 +114,7 @@ def record_access(
         raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
     store = Store(store_url)
     try:
-        store.create_schema()  # a store older than the access log is refused here
+        store.require_schema()  # never created: a wrong URL is refused, an old store too
         store.log_access(who, command, reason, targets)
     finally:
         store.close()

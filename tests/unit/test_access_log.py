@@ -215,3 +215,27 @@ def test_a_revealed_dead_letter_is_logged_under_its_record_s_reference() -> None
     for key in (message_key("citizen", "079305012345", "province-01"), b"citizen:079305012345"):
         named = dead_letter_key("0:41", key, secret)
         assert named == (entity, f"dead letter 0:41: {reference}")
+
+
+def test_a_database_without_the_store_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A wrong --store (another application's database): the revealing commands and the
+    access log refuse it, and create nothing in it (they created every table of the
+    store beside the other application's)."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    url = f"sqlite:///{path}"
+    for args in (
+        ("show", "citizen", CITIZEN, "--reason", "ticket 12"),
+        ("history", "citizen", CITIZEN, "--reason", "ticket 12"),
+        ("export", "--reason", "ticket 12"),
+        ("access-log",),
+    ):
+        result = run_cli(*args, "--store", url)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+    with sqlite3.connect(path) as other:
+        tables = [row[0] for row in other.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["invoices"]

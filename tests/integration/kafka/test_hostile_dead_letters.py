@@ -88,6 +88,9 @@ def hostile(settings_for: Any, sqlite_store_url: str) -> Any:
         publisher.send(dead_letter_topic(settings), key, value, headers)
     publisher.flush()
     publisher.close()
+    store = Store(settings.store_url)  # as a worker leaves it: the commands never create it
+    store.create_schema()
+    store.close()
     return settings
 
 
