@@ -214,11 +214,13 @@ class Settings(BaseSettings):
     def worker_config(self) -> WorkerConfig:
         from consumers.worker import WorkerConfig
 
-        replayable = max(self.change_retention_hours, self.dead_letter_retention_hours) / 24
+        kept = max(self.topics().superseded_kept_hours, self.dead_letter_retention_hours)
+        replayable = kept / 24
         if self.deleted_retention_days < replayable:
             raise ConfigurationError(
                 f"PORTAL_SYNC_DELETED_RETENTION_DAYS ({self.deleted_retention_days}) must be at "
-                f"least the change and dead-letter topics' retention ({replayable:g} days): "
+                f"least what the change and dead-letter topics keep ({replayable:g} days: "
+                "a change topic's superseded events a day past its retention at most): "
                 "an older event replayed or re-driven after a record's tombstone is gone "
                 "would bring the record back"
             )

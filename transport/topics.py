@@ -10,7 +10,11 @@ Change topics are keyed `<entity>:<key>:<source>` and placed by `<entity>:<key>`
 the latest event of every (source, entity, key) forever, deletes included (they are delete
 events, never null tombstones). Every event stays at least `change_retention_hours`
 (`min.compaction.lag.ms`): the history a replay by time can reach. A rebuild reaches every
-source's latest view of every record (docs/store.md, docs/operations.md).
+source's latest view of every record (docs/store.md, docs/operations.md). An event that a
+later one of its key superseded goes at most `COMPACTION_GRACE_HOURS` after that
+(`max.compaction.lag.ms`; the cleaner alone waits for half the log to be dirty, which in a
+national topic whose every record's latest event stays can be years), so no superseded
+event outlives the deleted-record retention (portal_sync.settings checks it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from schemas import ENTITIES
 from schemas.validation import MAX_EVENT_BYTES
 
 HOUR_MS = 3_600_000
+COMPACTION_GRACE_HOURS = 24  # after the change retention, for the cleaner to get there
 # A change topic takes twice the contract's limit; a dead letter is the original bytes plus
 # headers, so its topic takes twice that again: anything a change topic accepts fits.
 CHANGE_MAX_MESSAGE_BYTES = 2 * MAX_EVENT_BYTES
@@ -37,6 +42,11 @@ class Topics:
     replication_factor: int = 1
     change_retention_hours: int = 24 * 30
     dead_letter_retention_hours: int = 24 * 90
+
+    @property
+    def superseded_kept_hours(self) -> int:
+        """How long a superseded event may stay in a change topic at most."""
+        return self.change_retention_hours + COMPACTION_GRACE_HOURS
 
     def change_topic(self, entity: str) -> str:
         return f"{self.prefix}.changes.{entity}"
@@ -55,6 +65,7 @@ class Topics:
         changes = {
             "cleanup.policy": "compact",
             "min.compaction.lag.ms": str(self.change_retention_hours * HOUR_MS),
+            "max.compaction.lag.ms": str(self.superseded_kept_hours * HOUR_MS),
             # Only an operator's null tombstone (erasing a key) is a delete marker: kept a
             # day for readers behind, as Kafka's default.
             "delete.retention.ms": str(24 * HOUR_MS),

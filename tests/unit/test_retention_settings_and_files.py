@@ -66,9 +66,30 @@ def test_the_deleted_retention_must_cover_what_can_still_be_replayed() -> None:
             deleted_retention_days=100,
             change_retention_hours=24 * 120,
         ).worker_config()
+    # a change topic's superseded events may stay a day past its retention (the cleaner's)
+    with pytest.raises(ConfigurationError, match="31 days"):
+        Settings(
+            kafka_bootstrap="127.0.0.1:9",
+            deleted_retention_days=30,
+            dead_letter_retention_hours=720,
+        ).worker_config()
     Settings(
-        kafka_bootstrap="127.0.0.1:9", deleted_retention_days=30, dead_letter_retention_hours=720
+        kafka_bootstrap="127.0.0.1:9", deleted_retention_days=31, dead_letter_retention_hours=720
     ).worker_config()
+
+
+def test_a_superseded_event_leaves_a_change_topic_within_a_day_of_its_retention() -> None:
+    """Without `max.compaction.lag.ms` the cleaner waits for half of a log to be dirty:
+    in a national topic that keeps every record's latest event, an old full record could
+    outlive the deleted-record retention and bring a forgotten record back on a replay."""
+    from transport.topics import Topics
+
+    specs = Topics(change_retention_hours=720).specs()
+    for spec in specs.values():
+        configs = spec["configs"]
+        if configs["cleanup.policy"] == "compact":
+            assert configs["min.compaction.lag.ms"] == str(720 * 3_600_000)
+            assert configs["max.compaction.lag.ms"] == str(744 * 3_600_000)
 
 
 @pytest.mark.parametrize(

@@ -233,8 +233,12 @@ def _assert_replicated(settings: Settings, names: list[str], replicas: int, in_s
                 break
             assert time.monotonic() < deadline, f"topic configs not reported: {configs}"
             time.sleep(0.5)
+        specs = settings.topics().specs()
         for name in names:
             assert configs[name]["min.insync.replicas"]["value"] == str(in_sync), configs[name]
+            if name in settings.topics().change_topics():  # superseded events go in time
+                lag = specs[name]["configs"]["max.compaction.lag.ms"]
+                assert configs[name]["max.compaction.lag.ms"]["value"] == lag, configs[name]
     finally:
         client.close()
 
