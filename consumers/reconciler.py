@@ -160,7 +160,9 @@ def classify(
             signer = None
             signed_at: int | None = None
             if verifying:
-                signed_at = signed_at_ms(message.headers, message.timestamp_ms, now_ms)
+                signed_at = signed_at_ms(
+                    message.headers, message.timestamp_ms, now_ms, message.appended
+                )
                 signer = verify(
                     message.value,
                     message.headers,
@@ -199,6 +201,8 @@ def classify(
             if signed_at is not None
             else now_ms
             if message.timestamp_ms is None
+            else message.timestamp_ms
+            if message.appended
             else min(message.timestamp_ms, now_ms)
         )
         if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:

@@ -50,10 +50,19 @@ class TrustedKey:
         return self.not_after_ms is None or moment_ms < self.not_after_ms
 
 
-def signed_at_ms(headers: Headers, timestamp_ms: int | None, now_ms: int) -> int:
+def signed_at_ms(
+    headers: Headers, timestamp_ms: int | None, now_ms: int, appended: bool = False
+) -> int:
     """When the message was first sent, as far as the broker's records tell: the original
-    timestamp of a re-driven dead letter, else the message's own; never after now."""
+    timestamp of a re-driven dead letter, else the message's own.
+
+    On a topic that stamps its messages with the broker's time (`appended`: LogAppendTime,
+    as the project creates its change topics), never after the message's own: the same
+    answer on every read, live or replayed years later. Else (a producer's CreateTime,
+    which any clock can set) never after now: a replay may then judge otherwise."""
     sent = origin_timestamp_ms(headers)
+    if appended and timestamp_ms is not None:
+        return timestamp_ms if sent is None else min(sent, timestamp_ms)
     if sent is None:
         sent = timestamp_ms
     return now_ms if sent is None else min(sent, now_ms)

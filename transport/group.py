@@ -32,7 +32,7 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas.errors import ConfigurationError, TransientError
 from transport.clients import quiet_client_debug, translate
 from transport.config import KafkaConnection
-from transport.reader import Message
+from transport.reader import LOG_APPEND_TIME, Message
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -238,6 +238,7 @@ class GroupMember:
                     r.key,
                     r.timestamp,
                     tuple((name, value or b"") for name, value in r.headers),
+                    r.timestamp_type == LOG_APPEND_TIME,
                 )
                 for r in records
             ]

@@ -34,6 +34,8 @@ class Message:
     key: bytes | None = None
     timestamp_ms: int | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    # The broker's time of the append (the topic's `LogAppendTime`), not the producer's.
+    appended: bool = False
 
     @property
     def tp(self) -> TP:
@@ -173,6 +175,9 @@ class RangeReader:
                 yield messages
 
 
+LOG_APPEND_TIME = 1  # a record's timestamp type (0: CreateTime) in both Kafka clients
+
+
 def to_message(record: Any) -> Message:
     """A kafka-python ConsumerRecord as a Message."""
     headers = tuple((name, value or b"") for name, value in (record.headers or []))
@@ -184,4 +189,5 @@ def to_message(record: Any) -> Message:
         record.key,
         record.timestamp,
         headers,
+        record.timestamp_type == LOG_APPEND_TIME,
     )

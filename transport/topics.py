@@ -69,7 +69,9 @@ class Topics:
             # Only an operator's null tombstone (erasing a key) is a delete marker: kept a
             # day for readers behind, as Kafka's default.
             "delete.retention.ms": str(24 * HOUR_MS),
-            "message.timestamp.type": "CreateTime",
+            # The broker's clock, never a producer's: a check against the time a message was
+            # sent gives the same verdict on every read of it (consumers/signatures.py).
+            "message.timestamp.type": "LogAppendTime",
             "max.message.bytes": str(CHANGE_MAX_MESSAGE_BYTES),
             "min.insync.replicas": in_sync,
         }

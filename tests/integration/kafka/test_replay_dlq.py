@@ -613,3 +613,47 @@ def test_a_letter_the_store_has_since_superseded_is_not_redriven(
     assert f"superseded (the store holds that version or a newer one) {len(first)}" in said
     assert end_offsets(settings) == ends
     assert exported(settings) == expected_export(events, Authority())
+
+
+def test_a_replay_refuses_what_the_live_worker_refused_for_a_producer_clock_ahead(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A producer whose clock runs an hour ahead stamps its message an hour ahead, and its
+    event 15 s ahead of the worker. Live, a message time past now is cut to now, and the
+    event is `future_timestamp`. A replay 20 s later took the message time as now + 20 s
+    and applied it. The change topics take the broker's time of the append
+    (LogAppendTime): one verdict on every read."""
+    from schemas import message_key, partition_for
+    from transport import clients
+    from transport.admin import ensure_topics
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings.connection(), settings.topics())
+    now = datetime.now(UTC)
+    event = citizen_events(1, 1, seed=50)[0]
+    event |= {"op": "upsert", "occurred_at": (now + timedelta(seconds=15)).isoformat()}
+    event["data"] = event.get("data") or {"full_name": "Nguyễn Văn An"}
+    key = message_key("citizen", event["key"], event["source"])
+    producer = clients.producer(settings.connection(), "clock-ahead")
+    try:
+        producer.send(
+            settings.topics().change_topic("citizen"),
+            key=key,
+            value=json.dumps(event, ensure_ascii=False).encode(),
+            partition=partition_for(key, 1),
+            timestamp_ms=int((now + timedelta(hours=1)).timestamp() * 1000),
+        ).get(timeout=30)
+    finally:
+        producer.close()
+    skew = {"PORTAL_SYNC_MAX_CLOCK_SKEW_SECONDS": "5"}
+    live = cli(settings, "worker", "--until-caught-up", **skew)
+    assert live.returncode == 0, live.stdout + live.stderr
+    store = Store(settings.store_url)
+    assert _counts(store)[0] == 0  # refused: the dead-letter topic has it
+    time.sleep(max(0.0, (now + timedelta(seconds=21) - datetime.now(UTC)).total_seconds()))
+    again = cli(settings, "replay", "--since", "1h", "--json", **skew)
+    assert again.returncode == 0, again.stdout + again.stderr
+    outcomes = json.loads(again.stdout)["outcomes"]
+    assert outcomes.get("applied", 0) == 0 and outcomes["dead_lettered"] == 1, outcomes
+    assert _counts(store)[0] == 0
+    store.close()
