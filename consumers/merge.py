@@ -27,6 +27,8 @@ import orjson
 
 from consumers.registry import Registry
 from schemas import ChangeEvent
+from schemas.errors import ConfigurationError
+from schemas.events import SOURCE_ID, CitizenData, DocumentData, DossierData, OrganizationData
 from schemas.views import CanonicalRecord, SourceView
 
 Outcome = Literal["applied", "duplicate", "stale"]
@@ -56,8 +58,10 @@ class Authority:
         return self.rank_by(self.rules_for(entity, field_name), view)
 
     def rules_for(self, entity: str, field_name: str) -> tuple[str, ...]:
-        """The rule list that ranks the sources of one (entity, field)."""
-        return self.rules.get((entity, field_name)) or self.rules.get((entity, "*"), ())
+        """The rule list that ranks the sources of one (entity, field); a field's own list,
+        even empty (every source equal: the latest wins), before the entity's "*"."""
+        own = self.rules.get((entity, field_name))
+        return self.rules.get((entity, "*"), ()) if own is None else own
 
     def rank_by(self, order: tuple[str, ...], view: SourceView) -> int:
         for position, rule in enumerate(order):
@@ -78,8 +82,8 @@ class Authority:
         cls, raw: Mapping[str, Mapping[str, Iterable[str]]], registry: Registry | None = None
     ) -> Authority:
         rules = {
-            (entity, field_name): tuple(sources)
-            for entity, fields in raw.items()
+            (entity, field_name): _rule_list(entity, field_name, sources)
+            for entity, fields in _tables(raw).items()
             for field_name, sources in fields.items()
         }
         return cls(rules, registry or Registry())
@@ -91,6 +95,51 @@ class Authority:
             return cls(registry=registry or Registry())
         with path.open("rb") as handle:
             return cls.from_mapping(tomllib.load(handle), registry)
+
+
+# The fields an authority file may name, by entity ("*": every field without a list).
+FIELDS = {
+    entity: frozenset(model.model_fields)
+    for entity, model in (
+        ("citizen", CitizenData),
+        ("organization", OrganizationData),
+        ("document", DocumentData),
+        ("dossier", DossierData),
+    )
+}
+KINDS = ("province", "ministry", "national")
+
+
+def _tables(raw: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    for entity, fields in raw.items():
+        if entity not in FIELDS:
+            raise ConfigurationError(
+                f"authority file: [{entity}] is not an entity ({', '.join(FIELDS)})"
+            )
+        if not isinstance(fields, Mapping):
+            raise ConfigurationError(f"authority file: [{entity}] must be a table of fields")
+    return raw
+
+
+def _rule_list(entity: str, field_name: str, sources: Any) -> tuple[str, ...]:
+    """One field's rules, checked: a typo would rank nobody, silently."""
+    where = f"authority file: [{entity}] {field_name}"
+    if field_name != "*" and field_name not in FIELDS[entity]:
+        raise ConfigurationError(f"{where}: not a field of {entity}")
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise ConfigurationError(f'{where}: a list of rules (["source-id", "kind:national"])')
+    for rule in sources:
+        if rule.startswith("kind:"):
+            if rule[5:] not in KINDS:
+                raise ConfigurationError(f"{where}: {rule!r}: a kind is one of {KINDS}")
+        elif rule.startswith("owner:"):
+            if rule[6:] not in FIELDS[entity]:
+                raise ConfigurationError(f"{where}: {rule!r}: not a field of {entity}")
+        elif SOURCE_ID.fullmatch(rule) is None:
+            raise ConfigurationError(
+                f"{where}: {rule!r} is not a source id, kind:<kind> or owner:<field>"
+            )
+    return tuple(sources)
 
 
 def decide(current: SourceView | None, version: int) -> Outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -335,7 +336,7 @@ def test_merge_events_keeps_each_sources_highest_version_and_tombstones() -> Non
 # -- merge equals the rule as written, for any views and rules ------------------------------
 
 _SOURCES = ["province-01", "province-79", "ministry-tax", "national-population"]
-_FIELDS = ["full_name", "sex", "phone", "status"]
+_FIELDS = ["full_name", "sex", "phone", "email"]
 
 
 def _by_the_rule(
@@ -545,7 +546,9 @@ def test_two_views_merge_as_the_general_path_in_every_order(
     # The dicts' order counts too: the store writes them as JSON text.
     built = [view(s, d, minutes=m) for s, d, m in views]
     short = merge("citizen", built, Authority())
-    general = merge("citizen", built, Authority.from_mapping({"citizen": {"unused": ["x"]}}))
+    general = merge(
+        "citizen", built, Authority.from_mapping({"citizen": {"permanent_address": ["nobody"]}})
+    )
     assert short is not None and general is not None
     for part in ("data", "sources", "origins"):
         assert list(getattr(short, part).items()) == list(getattr(general, part).items())
@@ -635,3 +638,39 @@ def test_a_dossier_s_applicant_kind_and_id_are_one_source_s(
     # every other field as the rule has it
     for name in record.data.keys() - {"applicant_kind"}:
         assert record.data[name] == expected.data[name]
+
+
+def test_an_empty_rule_list_ranks_every_source_equal_and_not_the_star_s() -> None:
+    """`phone = []` under `"*" = ["national-population"]`: the latest report wins (the
+    empty list fell back to "*", and a 2024 phone beat a 2025 one)."""
+    authority = Authority.from_mapping({"citizen": {"*": ["national-population"], "phone": []}})
+    views = [
+        view("national-population", {"phone": "0911111111", "full_name": "An"}),
+        view("province-01", {"phone": "0922222222", "full_name": "Ân"}, minutes=60),
+    ]
+    record = merge("citizen", views, authority)
+    assert record is not None
+    assert record.data == {"phone": "0922222222", "full_name": "An"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        ({"citizens": {"full_name": ["national-population"]}}, "[citizens] is not an entity"),
+        ({"citizen": {"fullname": ["national-population"]}}, "fullname: not a field of citizen"),
+        ({"citizen": {"phone": "national-population"}}, "a list of rules"),
+        ({"citizen": {"phone": ["kind:nation"]}}, "a kind is one of"),
+        ({"document": {"*": ["owner:issuer"]}}, "'owner:issuer': not a field of document"),
+        ({"citizen": {"phone": ["National Population"]}}, "is not a source id"),
+        ({"citizen": ["national-population"]}, "must be a table of fields"),
+    ],
+)
+def test_an_authority_file_that_would_rank_nobody_is_refused(
+    raw: dict[str, Any], said: str
+) -> None:
+    """A typo in an entity, a field, a kind or a rule list ranked nobody, silently; a
+    string for a list became one rule per character."""
+    from schemas.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        Authority.from_mapping(raw)
