@@ -46,10 +46,15 @@ Entity = Literal["citizen", "organization", "document", "dossier"]
 
 # Free text refuses what a reader cannot see or that changes what they see: control
 # characters (C0, DEL, C1: Cc), format characters (Cf: zero-width spaces and joiners, the
-# byte-order mark, bidi embeddings, overrides and isolates) and line/paragraph separators.
-# The patterns run on pydantic's Rust regex engine, which knows Unicode categories.
-_INVISIBLE = r"\p{Cc}\p{Cf}\p{Zl}\p{Zp}"
-_PLAIN = rf"^[^{_INVISIBLE}]*$"
+# byte-order mark, bidi embeddings, overrides and isolates), line/paragraph separators,
+# the other default-ignorable characters (Hangul fillers that show a name as blank, the
+# combining grapheme joiner and variation selectors that make one spelling two), private
+# use (Co) and unassigned code points (Cn). The patterns run on pydantic's Rust regex
+# engine, which knows Unicode properties; Cn is a class of its own (`&&`): in one negated
+# class with Co, the engine lets private use through.
+_INVISIBLE = r"\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}\p{Default_Ignorable_Code_Point}"
+_SEEN = rf"[[^{_INVISIBLE}]&&[^\p{{Cn}}]]"
+_PLAIN = rf"^{_SEEN}*$"
 
 
 def _text(max_length: int, min_length: int = 1) -> Any:
@@ -66,7 +71,7 @@ SourceId = Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)[0-9]{9,10}$")]
-_MAILBOX = rf"[^@\s{_INVISIBLE}]+"
+_MAILBOX = rf"[[^@\s{_INVISIBLE}]&&[^\p{{Cn}}]]+"
 Email = Annotated[
     str,
     StringConstraints(max_length=254, pattern=rf"^{_MAILBOX}@{_MAILBOX}\.{_MAILBOX}$"),

@@ -452,6 +452,39 @@ def test_an_identifier_ascii_only_once_normalised_is_refused() -> None:
     assert parse_event(encode(name)).event.data_dict() == {"full_name": "Nguyễn Văn K"}
 
 
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        "\u3164",  # Hangul filler: a name shown blank
+        "\u115f",
+        "\u034f",  # combining grapheme joiner: one spelling, other bytes
+        "\ufe0f",  # variation selector
+        "\U000e0100",
+        "\u17b4",
+        "\u180b",
+        "\u2065",  # unassigned
+        "\ufff0",
+        "\ue000",  # private use
+        "\U000f0000",
+    ],
+)
+def test_free_text_refuses_what_a_reader_cannot_see(hidden: str) -> None:
+    for name in (hidden, f"Nguyễn Văn{hidden} An"):
+        refused = reject(encode(citizen(data={"full_name": name})))
+        assert (refused.code, refused.message.split(":")[0]) == ("invalid_field", "data.full_name")
+    email = reject(encode(citizen(data={"email": f"an{hidden}@example.vn"})))
+    assert email.message.startswith("data.email:")
+
+
+@pytest.mark.parametrize(
+    "name", ["Nguyễn Văn An", "Lê Thị Hoà", "Đặng Ngọc Ánh", "H'Hen Niê", "𠀧"]
+)
+def test_free_text_keeps_every_visible_letter(name: str) -> None:
+    assert parse_event(encode(citizen(data={"full_name": name}))).event.data_dict() == {
+        "full_name": name
+    }
+
+
 def test_empty_message_is_rejected() -> None:
     assert reject(None).code == "empty_message"  # type: ignore[arg-type]
 
