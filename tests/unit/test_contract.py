@@ -438,6 +438,25 @@ def test_rfc_3339_date_times_are_read_as_their_instant(text: str, instant: str) 
     assert parsed.event.occurred_at.isoformat() == instant
 
 
+def test_an_event_read_dumps_without_a_serializer_warning() -> None:
+    """The producers dump every event they send: a validator that left pydantic's
+    serializer expecting another type warned on each one (the demo showed it)."""
+    import warnings
+
+    from schemas.events import CHANGE_EVENT
+
+    dossier = envelope(
+        "dossier", "000.00.01.H29-240115-0001", data={"received_at": "2024-01-15 10:00:00+07:00"}
+    )
+    for event in (citizen(occurred_at="2024-01-15t10:00:00+07:00"), dossier):
+        parsed = parse_event(encode(event)).event
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dumped = json.loads(CHANGE_EVENT.dump_json(parsed))
+            CHANGE_EVENT.dump_python(parsed, mode="json")
+        assert dumped["occurred_at"].endswith("Z")
+
+
 def test_an_identifier_ascii_only_once_normalised_is_refused() -> None:
     """NFC turns the Kelvin sign (U+212A) into "K": a dossier code or an agency code with
     it would match the contract's ASCII patterns once normalised, and be stored as another
