@@ -243,8 +243,9 @@ class BatchIO:
         raise NotImplementedError
 
     def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
-        """Note records left with no view at all (a source purge took the last), at `at`;
-        an existing row keeps its (earlier) time."""
+        """Note records left with no view at all (a source purge took the last), at `at`,
+        whatever a row of them said: its time may be of a delete the record came back
+        from, or `DUE_AT_ONCE` from a purge that left tombstones."""
         raise NotImplementedError
 
     def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
@@ -588,7 +589,7 @@ class PostgresBatchIO(BatchIO):
             "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, %b"
             " FROM unnest(%b::text[], %b::text[]) AS u(e, k) WHERE NOT EXISTS (SELECT 1"
             " FROM source_views v WHERE v.entity = u.e AND v.key = u.k)"
-            " ON CONFLICT (entity, key) DO NOTHING",
+            " ON CONFLICT (entity, key) DO UPDATE SET deleted_at = excluded.deleted_at",
             [_naive(at), *_key_arrays(sorted(keys))],
         )
 
@@ -929,7 +930,8 @@ class SqliteBatchIO(BatchIO):
         self._many(
             "INSERT INTO record_deletions (entity, key, deleted_at) SELECT ?1, ?2, ?3"
             " WHERE NOT EXISTS (SELECT 1 FROM source_views v WHERE v.entity = ?1"
-            " AND v.key = ?2) ON CONFLICT (entity, key) DO NOTHING",
+            " AND v.key = ?2) ON CONFLICT (entity, key)"
+            " DO UPDATE SET deleted_at = excluded.deleted_at",
             [(e, k, _text_time(at)) for e, k in sorted(keys)],
         )
 

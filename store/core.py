@@ -1055,7 +1055,8 @@ class BatchTransaction:
                 self._io.note_deletions(emptied, DUE_AT_ONCE, due=True)
                 # Left with no view at all: nothing says when its values were last held,
                 # but this purge. Its history's values and its anomalies go a deleted
-                # record's retention after it (or after an earlier delete's note).
+                # record's retention after it (an earlier note may be of a delete the
+                # record came back from: never counted from).
                 self._io.note_removals(emptied, now)
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])

@@ -290,7 +290,7 @@ def test_a_dossier_a_source_purge_took_the_tombstones_of_is_still_forgotten(
 ) -> None:
     """A dossier its only source deleted, whose tombstone a source purge then removed:
     no view is left, and still its history's values and its unforeseen status changes go
-    a deleted record's retention after its delete (privacy.md), not never."""
+    a deleted record's retention after the purge (privacy.md), not never."""
     from consumers.merge import Authority
     from portal_sync.ops import purge as purging
     from tests.support.store_helpers import anomaly_rows
@@ -304,13 +304,46 @@ def test_a_dossier_a_source_purge_took_the_tombstones_of_is_still_forgotten(
     deleted_at = notes(store)[gone]
     audit = purging.new_purge("province-01", "dossier", None, "wrong data", "steward", None)
     purging.run(store, Authority(), audit, None)
-    assert views(store) == [] and notes(store) == {gone: deleted_at}  # the earlier time
+    assert views(store) == [] and notes(store)[gone] >= deleted_at  # the purge's time
     assert len(anomaly_rows(store)) == 1
     now = utcnow()
     assert purge(store, RETENTION, now + 179 * DAY)["deleted_history_values"] == 0
     assert purge(store, RETENTION, now + 181 * DAY)["deleted_history_values"] == 3
     assert anomaly_rows(store) == [] and notes(store) == {}
     assert all(purged is not None for _, purged in history(store, gone))
+
+
+def test_a_purge_that_removes_the_last_view_counts_from_itself_never_from_an_older_note(
+    store: Store,
+) -> None:
+    """The note of a record a purge leaves with no view is the purge's time, whatever the
+    note said: `DUE_AT_ONCE` from an earlier purge that left a tombstone, or the time of a
+    delete the record has come back from since (the values written since would go at the
+    next run, not a retention later)."""
+    from consumers.merge import Authority
+    from portal_sync.ops import purge as purging
+
+    feed = Feed(store)
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
+        event("citizen", CITIZEN, "province-79", 1, {"phone": "0912345678"}),
+        event("citizen", CITIZEN_2, "province-01", 1, {"full_name": "Bình"}),
+    )
+    feed.apply(event("citizen", CITIZEN, "province-79", 2, None))  # a tombstone, today
+    feed.apply(event("citizen", CITIZEN_2, "province-01", 2, None))  # deleted ...
+    with store.write_transaction() as conn:  # ... 170 days ago
+        conn.execute(update(record_deletions).values(deleted_at=utcnow() - 170 * DAY))
+    feed.apply(event("citizen", CITIZEN_2, "province-01", 3, {"full_name": "Bình"}))  # back
+    for source in ("province-01", "province-79"):  # before any retention run
+        audit = purging.new_purge(source, "citizen", None, "wrong data", "steward", None)
+        purging.run(store, Authority(), audit, None)
+    assert views(store) == []
+    purged_at = utcnow()
+    assert all(at > purged_at - DAY for at in notes(store).values()), notes(store)
+    assert purge(store, RETENTION, utcnow() + 10 * DAY)["deleted_history_values"] == 0
+    assert all(purged is None for _, purged in history(store, CITIZEN_2))
+    assert purge(store, RETENTION, utcnow() + 181 * DAY)["deleted_history_values"] > 0
+    assert notes(store) == {}
 
 
 def test_the_worker_works_off_a_backlog_of_due_records_chunk_by_chunk_within_its_time(
