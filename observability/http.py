@@ -64,13 +64,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
-            if self._taken >= MAX_CONNECTIONS:
-                oldest = next(iter(self._sending), None)
-                if oldest is None:  # every one is being answered: refuse, never queue
-                    self.shutdown_request(request)
-                    return
-                with contextlib.suppress(OSError):  # its thread's read ends, and frees it
-                    self._sending.pop(oldest).shutdown(socket.SHUT_RDWR)
+            if self._taken >= MAX_CONNECTIONS and not self._evict_oldest():
+                self.shutdown_request(request)  # every one is being answered: refuse
+                return
             self._taken += 1
         try:
             super().process_request(request, client_address)
@@ -84,6 +80,21 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._free()
+
+    def _evict_oldest(self) -> bool:
+        """Shut the oldest still-sending connection down (its thread's read or handshake
+        then ends, and frees its place); False when none could be (it is taken as a
+        refusal: a place is never given twice). The plain socket's own shutdown, on a TLS
+        socket too: `SSLSocket.shutdown` would drop the TLS state under the handshake's
+        thread."""
+        while self._sending:
+            oldest = next(iter(self._sending))
+            try:
+                socket.socket.shutdown(self._sending.pop(oldest), socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile: its thread is ending; try the next
+                continue
+            return True
+        return False
 
     def sending(self, connection: Any) -> None:
         """This thread's connection is (still) sending its request: it may be evicted."""
@@ -110,9 +121,12 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                 request.recv(65536)  # the request, read so that closing does not reset
                 request.sendall(PLAIN_HTTP_ANSWER)
                 return
-            secure = self.tls.wrap_socket(request, server_side=True)
-            self.sending(secure)  # the plain socket is detached now
+            # The handshake after the wrap, so that its socket can be evicted meanwhile
+            # (the wrap detaches the plain one).
+            secure = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            self.sending(secure)
             try:
+                secure.do_handshake()
                 super().finish_request(secure, client_address)
             finally:
                 self.shutdown_request(secure)

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -205,6 +206,34 @@ def test_silent_connections_taking_every_place_cannot_hold_tls_clients_out(
             assert reply.status == 200 and time.monotonic() - began < 2.0
     finally:
         for sock in silent:
+            sock.close()
+
+
+def test_handshakes_begun_and_left_hanging_cannot_pile_up_threads(
+    certs: Certificates,
+    registry: CollectorRegistry,
+    serving: list[http.BoundedHTTPServer],
+) -> None:
+    """A TLS record's first byte, then nothing: the connection waits in its handshake. A
+    place given to a new connection must take one from such a handshake: the wrap had
+    detached the socket the eviction shut down, so nothing ended and every connection got
+    a thread (400 clients, 400 threads)."""
+    port = _serve(
+        serving, registry, _web_config(certs.directory, {"tls_server_config": _tls(certs)})
+    )
+    before = threading.active_count()
+    hanging = []
+    for _ in range(6 * http.MAX_CONNECTIONS):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"\x16")
+        hanging.append(sock)
+    time.sleep(0.5)
+    try:
+        assert threading.active_count() - before <= http.MAX_CONNECTIONS + 4
+        reply = _get(f"https://localhost:{port}/metrics", None, certs.client_context())
+        assert reply.status == 200
+    finally:
+        for sock in hanging:
             sock.close()
 
 
