@@ -48,11 +48,13 @@ Entity = Literal["citizen", "organization", "document", "dossier"]
 # byte-order mark, bidi embeddings, overrides and isolates), line/paragraph separators,
 # the other default-ignorable characters (Hangul fillers that show a name as blank, the
 # combining grapheme joiner and variation selectors that make one spelling two), private
-# use (Co) and unassigned code points (Cn). The patterns run on pydantic's Rust regex
-# engine, which knows Unicode properties; Cn is a class of its own (`&&`): in one negated
-# class with Co, the engine lets private use through.
+# use (Co) and unassigned code points (Cn); the emoji and text presentation selectors
+# (U+FE0E, U+FE0F) stay, as phone keyboards type them after an emoji. The patterns run on
+# pydantic's Rust regex engine, which knows Unicode properties; Cn is a class of its own
+# (`&&`): in one negated class with Co, the engine lets private use through. The JSON
+# Schemas carry the same rules in ECMA-262's syntax (`JSON_SCHEMA_PATTERNS`).
 _INVISIBLE = r"\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}\p{Default_Ignorable_Code_Point}"
-_SEEN = rf"[[^{_INVISIBLE}]&&[^\p{{Cn}}]]"
+_SEEN = rf"(?:[[^{_INVISIBLE}]&&[^\p{{Cn}}]]|[\x{{FE0E}}\x{{FE0F}}])"
 _PLAIN = rf"^{_SEEN}*$"
 
 
@@ -71,10 +73,16 @@ Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)[0-9]{9,10}$")]
 _MAILBOX = rf"[[^@\s{_INVISIBLE}]&&[^\p{{Cn}}]]+"
-Email = Annotated[
-    str,
-    StringConstraints(max_length=254, pattern=rf"^{_MAILBOX}@{_MAILBOX}\.{_MAILBOX}$"),
-]
+_ECMA_INVISIBLE = _INVISIBLE + r"\p{Cn}"
+_ECMA_MAILBOX = rf"[^@\s{_ECMA_INVISIBLE}]+"
+_EMAIL = rf"^{_MAILBOX}@{_MAILBOX}\.{_MAILBOX}$"
+Email = Annotated[str, StringConstraints(max_length=254, pattern=_EMAIL)]
+# The Rust patterns above as JSON Schema (ECMA-262 with the `u` flag) writes them: no class
+# intersection there, and a negated class that holds Cn works.
+JSON_SCHEMA_PATTERNS = {
+    _PLAIN: rf"^(?:[^{_ECMA_INVISIBLE}]|[\uFE0E\uFE0F])*$",
+    _EMAIL: rf"^{_ECMA_MAILBOX}@{_ECMA_MAILBOX}\.{_ECMA_MAILBOX}$",
+}
 OwnerId = Annotated[str, StringConstraints(max_length=14, pattern=OWNER_ID.pattern)]
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 DATE_RULE = "Input should be a valid date in the format YYYY-MM-DD"  # pydantic's own

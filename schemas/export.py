@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from schemas.events import CHANGE_EVENT, PAYLOAD_MODELS
+from schemas.events import CHANGE_EVENT, JSON_SCHEMA_PATTERNS, PAYLOAD_MODELS
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -20,9 +20,25 @@ def rendered_schemas() -> dict[str, str]:
     for entity, model in PAYLOAD_MODELS.items():
         schemas[f"{entity}.v1.schema.json"] = model.model_json_schema()
     return {
-        name: json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        name: json.dumps(_ecma(schema), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         for name, schema in schemas.items()
     }
+
+
+def _ecma(schema: Any) -> Any:
+    """The schema with each pattern in ECMA-262's syntax, which JSON Schema validators
+    compile (the contract's own run on pydantic's Rust engine; Python's named groups
+    `(?P<name>` are `(?<name>` there)."""
+    if isinstance(schema, dict):
+        return {
+            key: JSON_SCHEMA_PATTERNS.get(value, value).replace("(?P<", "(?<")
+            if key == "pattern" and isinstance(value, str)
+            else _ecma(value)
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_ecma(item) for item in schema]
+    return schema
 
 
 def main() -> None:
