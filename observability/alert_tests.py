@@ -133,14 +133,21 @@ CASES = [
         "portal-sync-worker on w1 is down (scrape failed)",
     ),
     Case(
-        "PortalSyncTargetMissing",
+        "PortalSyncLagExporterMissing",
         # the lag exporter's target leaves service discovery at 4m; the worker's stays
         {f"up{{{WORKER}}}": "1x20", f"up{{{EXPORTER}}}": "1 1 1 1 stale"},
         "8m",  # missing for 4m
         "10m",
         {"job": "portal-sync-lag-exporter"},
-        "no portal-sync-lag-exporter target is scraped: its alerts (and the lag's, for the "
-        "lag exporter) cannot fire",
+        "no portal-sync-lag-exporter target is scraped: the consumer lag and its alerts are gone",
+    ),
+    Case(
+        "PortalSyncWorkerMissing",
+        {f"up{{{WORKER}}}": "1 1 stale", f"up{{{EXPORTER}}}": "1x20"},
+        "6m",  # missing for 4m
+        "8m",
+        {"job": "portal-sync-worker"},
+        "no portal-sync-worker target is scraped: the worker's alerts cannot fire",
     ),
     Case(
         "PortalSyncOutboxRowsBeyondLookback",

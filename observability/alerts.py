@@ -90,11 +90,16 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
-    # The jobs whose every alert needs their series: with no target of one at all (left
-    # service discovery, a pod that never started), `up == 0` has nothing to compare.
-    needed = ("portal-sync-worker", "portal-sync-lag-exporter")
-    missing = " or ".join(f'absent(up{{job="{job}"}})' for job in needed)
-    targets = f'count by (job) (up{{job=~"{"|".join(needed)}"}})'
+
+    # With no target of a job at all (left service discovery, a pod that never started),
+    # `up == 0` has nothing to compare: each job whose alerts need its series, apart (a
+    # deployment without the lag exporter drops its rule).
+    def missing(job: str) -> str:
+        return f'absent(up{{job="{job}"}})'
+
+    def targets(job: str) -> str:
+        return f'count by (job) (up{{job="{job}"}})'
+
     waiting = (
         "max by (job, instance) "
         f"(max_over_time(portal_sync_worker_retrying_seconds[{t.stall_window}]))"
@@ -313,17 +318,31 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "STOP in `portal-sync lag` once changes arrive.",
         ),
         Rule(
-            "PortalSyncTargetMissing",
-            missing,
-            targets,
+            "PortalSyncWorkerMissing",
+            missing("portal-sync-worker"),
+            targets("portal-sync-worker"),
             t.for_missing,
             "critical",
-            "no {{ $labels.job }} target is scraped: its alerts (and the lag's, for the lag "
-            "exporter) cannot fire",
-            "Prometheus finds no target of the job at all, so PortalSyncProcessDown has no "
-            "`up` to compare. Check that the process runs (a pod Pending, a Deployment "
-            "scaled to 0), that its Service and ServiceMonitor (or the scrape configuration) "
-            "still select it, and Prometheus's target page.",
+            "no portal-sync-worker target is scraped: the worker's alerts cannot fire",
+            "Prometheus finds no worker target at all, so PortalSyncProcessDown has no `up` "
+            "to compare. Check that the worker runs (a pod Pending, a Deployment scaled to "
+            "0), that its Service and ServiceMonitor (or the scrape configuration) still "
+            "select it, and Prometheus's target page.",
+        ),
+        Rule(
+            "PortalSyncLagExporterMissing",
+            missing("portal-sync-lag-exporter"),
+            targets("portal-sync-lag-exporter"),
+            t.for_missing,
+            "critical",
+            "no portal-sync-lag-exporter target is scraped: the consumer lag and its alerts "
+            "are gone",
+            "Prometheus finds no lag exporter target at all, so neither "
+            "PortalSyncLagExporterBlind nor PortalSyncConsumerStalled nor "
+            "PortalSyncConsumerLagGrowing can fire. Check that `portal-sync lag-exporter` "
+            "runs and that its Service and ServiceMonitor (or the scrape configuration) "
+            "still select it; watch `portal-sync lag` by hand meanwhile. A deployment "
+            "without the lag exporter drops this rule (the chart does).",
         ),
     ]
 

@@ -325,6 +325,21 @@ def test_the_prometheus_rule_has_exactly_the_rules_of_alerts_yml(
     assert "PortalSyncWorkerStalled" in names and len(names) == len(set(names))
 
 
+def test_without_the_lag_exporter_its_absence_is_no_alert(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """`absent(up{job="portal-sync-lag-exporter"})` fires for ever where none is deployed:
+    the chart leaves that rule out then, and only that one."""
+    alone = render(helm, *VALUES["production"], "--set", "lagExporter.enabled=false")
+    rule = one(alone, "PrometheusRule", FULLNAME)
+    names = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    alerts = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    every = [r["alert"] for g in alerts["groups"] for r in g["rules"]]
+    assert "PortalSyncLagExporterMissing" in every and "PortalSyncWorkerMissing" in names
+    assert names == [name for name in every if name != "PortalSyncLagExporterMissing"]
+    assert not [m for m in alone if m["metadata"]["name"] == f"{FULLNAME}-lag-exporter"]
+
+
 def test_the_dashboard_configmap_is_the_dashboard_for_the_grafana_sidecar(
     default: list[Manifest],
 ) -> None:
