@@ -197,7 +197,8 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
 # Fields that name one thing together: a kind and the identifier of that kind. Merged
 # field by field, one source's kind could pair with another's identifier (an owner that
 # cannot exist: a citizen's id as an organisation's), which the contract refuses in any
-# one view. The identifier's giver gives the kind too (or none, if it gives none).
+# one view. The identifier's giver gives the kind too (or none, if it gives none), unless
+# the kind's own giver names the same identifier.
 PAIRS = {"document": ("owner_kind", "owner_id"), "dossier": ("applicant_kind", "applicant_id")}
 
 
@@ -211,6 +212,9 @@ def _one_giver_per_pair(
     giver = {name: source for source, names in record.origins.items() for name in names}
     if giver[kind] == giver[ident]:
         return record
+    (named_by,) = (view for view in live if view.source == giver[kind])
+    if (named_by.data or {}).get(ident) == record.data[ident]:
+        return record  # the kind's source names the same owner: one owner still
     (view,) = (view for view in live if view.source == giver[ident])
     data = dict(record.data)
     if kind in (view.data or {}):

@@ -582,6 +582,19 @@ def test_an_owner_s_kind_comes_with_its_id_from_one_source(ruled: bool) -> None:
     assert record.provenance["issuer_code"]["source"] == "province-01"
 
 
+def test_a_kind_from_a_source_naming_the_same_owner_stays() -> None:
+    """The later source gives the id alone, the other the same id with its kind: one
+    owner still, and the document keeps its owner link (it lost its kind)."""
+    views = [
+        view("province-01", {"doc_type": "GKS", "owner_id": "001090012345"}, minutes=5),
+        view("province-79", {"owner_kind": "citizen", "owner_id": "001090012345"}),
+    ]
+    record = merge("document", views, Authority())
+    assert record is not None
+    assert record.data == {"doc_type": "GKS", "owner_kind": "citizen", "owner_id": "001090012345"}
+    assert record.provenance["owner_kind"]["source"] == "province-79"
+
+
 def test_an_id_without_its_kind_leaves_the_record_without_a_kind() -> None:
     views = [
         view("province-01", {"owner_kind": "organization"}, minutes=5),
@@ -629,12 +642,10 @@ def test_a_dossier_s_applicant_kind_and_id_are_one_source_s(
     assert record is not None
     expected = _by_the_rule("dossier", built, authority)
     assert expected is not None
-    if "applicant_id" in record.data:
-        giver = record.provenance["applicant_id"]["source"]
-        (given_by,) = (v for v in built if v.source == giver)
-        assert record.data.get("applicant_kind") == (given_by.data or {}).get("applicant_kind")
-        if "applicant_kind" in record.data:
-            assert record.provenance["applicant_kind"]["source"] == giver
+    if "applicant_id" in record.data and "applicant_kind" in record.data:
+        # the kind's source names the applicant the record has: one applicant
+        (kind_by,) = (v for v in built if v.source == record.provenance["applicant_kind"]["source"])
+        assert (kind_by.data or {}).get("applicant_id") == record.data["applicant_id"]
     # every other field as the rule has it
     for name in record.data.keys() - {"applicant_kind"}:
         assert record.data[name] == expected.data[name]
