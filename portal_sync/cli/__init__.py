@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from observability.terminal import markup
 from portal_sync.cli import (
@@ -93,6 +95,10 @@ def main_entry() -> None:
             app(prog_name="portal-sync", standalone_mode=True)
         except ValidationError as error:  # a setting from the environment
             raise settings_error(error) from None
+        except SettingsError as error:  # one that is not even JSON (a table's): no value
+            field = re.search(r'field "(\w+)"', str(error))
+            name = f"PORTAL_SYNC_{field.group(1).upper()}" if field else "a setting"
+            raise ConfigurationError(f"settings: {name}: not valid JSON") from None
     except PortalSyncError as error:
         label = "refused" if isinstance(error, Refused) else "error"
         err_console.print(markup("[red]{}:[/red] {}", label, error), highlight=False)

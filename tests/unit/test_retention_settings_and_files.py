@@ -105,6 +105,7 @@ def test_a_superseded_event_leaves_a_change_topic_within_a_day_of_its_retention(
         ("CHANGE_PARTITIONS", "0"),
         ("CHANGE_RETENTION_HOURS", "-1"),
         ("METRICS_PORT", "abc"),
+        ("KAFKA_SECURITY", '{"sasl_password": "s3cret-pw" bad'),  # not JSON
     ],
 )
 def test_a_setting_out_of_its_range_is_a_configuration_error_naming_it(
