@@ -474,8 +474,9 @@ class PostgresBatchIO(BatchIO):
         self._copy_history()
         pending, self._pending = self._pending, []
         new, self.new_conflicts = self.new_conflicts, []
-        for found, deleted in pending:
-            new.extend(_new_conflicts(found, (tuple(row) for row in self._rows(deleted))))
+        for found, inserted in pending:
+            added = {(e, k, f) for e, k, f, new_row in self._rows(inserted) if new_row}
+            new.extend((e, f) for e, k, f, _ in found if (e, k, f) in added)
         return new
 
     def abandon(self) -> None:
@@ -673,25 +674,35 @@ class PostgresBatchIO(BatchIO):
     ) -> list[tuple[str, str]]:
         replaced, found, fresh = _split_conflicts(current, absent)
         if replaced:
-            deleted = self._send(
+            # The replaced records' disagreements that are over go; the others stay, to be
+            # updated below (keeping when they were detected while their groups are the same).
+            self._run(
                 "DELETE FROM field_conflicts f USING unnest(%b::text[], %b::text[])"
-                " AS w(entity, key) WHERE f.entity = w.entity AND f.key = w.key"
-                " RETURNING f.entity, f.key, f.field",
-                _key_arrays(replaced),
+                " AS w(entity, key) WHERE f.entity = w.entity AND f.key = w.key AND NOT EXISTS"
+                " (SELECT 1 FROM unnest(%b::text[], %b::text[], %b::text[]) AS s(e, k, f)"
+                " WHERE s.e = f.entity AND s.k = f.key AND s.f = f.field)",
+                [
+                    *_key_arrays(replaced),
+                    text_array([e for e, _, _, _ in found]),
+                    text_array([k for _, k, _, _ in found]),
+                    text_array([f for _, _, f, _ in found]),
+                ],
                 planned=True,
             )
-            # Read when the batch settles: reading rows in a pipeline waits for all before.
-            self._pending.append((found, deleted))
         rows = found + fresh
         if rows:
             # A record said to have none that has one after all (a conflict rule changed
-            # since it was stored) gets the row replaced, not a failed batch.
-            self._run(
+            # since it was stored) gets the row replaced, not a failed batch. A row whose
+            # groups changed is detected again now; `xmax = 0`: a row inserted, not updated.
+            inserted = self._send(
                 "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
                 " SELECT e, k, f, CAST(s AS json), %b FROM unnest(%b::text[], %b::text[],"
                 " %b::text[], %b::text[]) AS u(e, k, f, s)"
                 " ON CONFLICT (entity, key, field) DO UPDATE SET sources = excluded.sources,"
-                " detected_at = excluded.detected_at",
+                " detected_at = CASE WHEN field_conflicts.sources::text ="
+                " excluded.sources::text THEN field_conflicts.detected_at"
+                " ELSE excluded.detected_at END"
+                " RETURNING entity, key, field, xmax = 0",
                 [
                     _naive(now),
                     [e for e, _, _, _ in rows],
@@ -700,6 +711,8 @@ class PostgresBatchIO(BatchIO):
                     [_json(s) for _, _, _, s in rows],
                 ],
             )
+            # Read when the batch settles: reading rows in a pipeline waits for all before.
+            self._pending.append((found, inserted))
         return [(e, f) for e, _, f, _ in fresh]
 
     def document_owners(self, owners: dict[RecordKey, RecordKey | None], now: datetime) -> None:
@@ -994,24 +1007,33 @@ class SqliteBatchIO(BatchIO):
     ) -> list[tuple[str, str]]:
         replaced, found, fresh = _split_conflicts(current, absent)
         new = [(e, f) for e, _, f, _ in fresh]
+        kept: dict[tuple[str, str, str], tuple[str, str]] = {}  # (sources, detected_at)
         if replaced:
             wanted = self._keys("batch_keys", replaced)
             before = self.dbapi.execute(
-                f"SELECT f.entity, f.key, f.field FROM {wanted} w"
+                f"SELECT f.entity, f.key, f.field, f.sources, f.detected_at FROM {wanted} w"
                 " CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b"
             ).fetchall()
             self.dbapi.execute(
                 "DELETE FROM field_conflicts WHERE rowid IN (SELECT f.rowid FROM"
                 f" {wanted} w CROSS JOIN field_conflicts f ON f.entity = w.a AND f.key = w.b)"
             )
-            new = _new_conflicts(found, (tuple(row) for row in before)) + new
+            kept = {(e, k, f): (sources, at) for e, k, f, sources, at in before}
+            new = _new_conflicts(found, kept) + new
         detected = _text_time(now)
+
+        def since(e: str, k: str, f: str, sources: str | None) -> str:
+            """When detected: then, while the groups are the same (as on PostgreSQL)."""
+            stored = kept.get((e, k, f))
+            return stored[1] if stored is not None and stored[0] == sources else detected
+
         # As on PostgreSQL: a stored row where none was expected is replaced.
+        rows = [(e, k, f, _json(s)) for e, k, f, s in found + fresh]
         self._many(
             "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (entity, key, field) DO UPDATE SET"
             " sources = excluded.sources, detected_at = excluded.detected_at",
-            [(e, k, f, _json(s), detected) for e, k, f, s in found + fresh],
+            [(e, k, f, s, since(e, k, f, s)) for e, k, f, s in rows],
         )
         return new
 

@@ -1,0 +1,66 @@
+"""When a disagreement was detected (`field_conflicts.detected_at`) and which are new
+(`portal_sync_field_conflicts_total`), across batches, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import select
+
+from store.core import Store
+from store.tables import field_conflicts
+from tests.support.store_helpers import CITIZEN, Feed, event
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    store = Store(store_url)
+    store.create_schema()
+    yield store
+    store.close()
+
+
+def detected(store: Store) -> dict[str, datetime]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(field_conflicts.c.field, field_conflicts.c.detected_at))
+        return {name: at for name, at in rows}
+
+
+def test_a_disagreement_keeps_its_time_while_its_groups_stay(store: Store) -> None:
+    """A second disagreement on the record reset the first one's time: each batch
+    replaced the record's rows as a set, every one detected "now"."""
+    feed = Feed(store)
+    first = feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "An", "phone": "0911111111"}),
+        event("citizen", CITIZEN, "province-79", 1, {"full_name": "Ân", "phone": "0911111111"}),
+    )
+    assert sorted(first.new_conflicts) == [("citizen", "full_name")]
+    name_since = detected(store)["full_name"]
+    time.sleep(0.05)
+
+    second = feed.apply(
+        event("citizen", CITIZEN, "province-79", 2, {"full_name": "Ân", "phone": "0922222222"})
+    )
+    assert sorted(second.new_conflicts) == [("citizen", "phone")]  # the name's is not new
+    times = detected(store)
+    assert times["full_name"] == name_since and times["phone"] > name_since
+    time.sleep(0.05)
+
+    # The name's groups change (a third source agrees with neither): detected again, and
+    # not new; the phone's time stays.
+    third = feed.apply(
+        event("citizen", CITIZEN, "province-48", 1, {"full_name": "Anh"}),
+    )
+    assert third.new_conflicts == []
+    again = detected(store)
+    assert again["full_name"] > times["phone"] and again["phone"] == times["phone"]
+
+    # The phones agree again: that row goes, the name's stays as it was.
+    fourth = feed.apply(
+        event("citizen", CITIZEN, "province-79", 3, {"full_name": "Ân", "phone": "0911111111"})
+    )
+    assert fourth.new_conflicts == []
+    assert detected(store) == {"full_name": again["full_name"]}
