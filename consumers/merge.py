@@ -21,14 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
-from consumers.registry import Registry
+from consumers.registry import Registry, SourceKind
 from schemas import ChangeEvent
 from schemas.errors import ConfigurationError
-from schemas.events import SOURCE_ID, CitizenData, DocumentData, DossierData, OrganizationData
+from schemas.events import PAYLOAD_MODELS, SOURCE_ID
 from schemas.views import CanonicalRecord, SourceView
 
 Outcome = Literal["applied", "duplicate", "stale"]
@@ -98,16 +98,8 @@ class Authority:
 
 
 # The fields an authority file may name, by entity ("*": every field without a list).
-FIELDS = {
-    entity: frozenset(model.model_fields)
-    for entity, model in (
-        ("citizen", CitizenData),
-        ("organization", OrganizationData),
-        ("document", DocumentData),
-        ("dossier", DossierData),
-    )
-}
-KINDS = ("province", "ministry", "national")
+FIELDS = {entity: frozenset(model.model_fields) for entity, model in PAYLOAD_MODELS.items()}
+KINDS = get_args(SourceKind)
 
 
 def _tables(raw: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:

@@ -198,12 +198,8 @@ def classify(
         # can set must not date the key back while the event itself is dated now.
         sent_ms = (
             signed_at
-            if signed_at is not None
-            else now_ms
-            if message.timestamp_ms is None
-            else message.timestamp_ms
-            if message.appended
-            else min(message.timestamp_ms, now_ms)
+            if signed_at is not None  # else the message's own time, no origin header's
+            else signed_at_ms((), message.timestamp_ms, now_ms, message.appended)
         )
         if event.occurred_at.timestamp() * 1000 > sent_ms + skew_ms:
             reason = f"occurred_at is more than {max_clock_skew_seconds:g} s in the future"
