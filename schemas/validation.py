@@ -109,6 +109,11 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
     try:
         event: ChangeEvent = _VALIDATE_JSON(normalised, strict=True)
     except ValidationError as error:
+        # Compact JSON skips the decoder's depth check (`_decode_json`), and no contract
+        # field takes nested values: a message nested too deep is refused here, for the
+        # same reason whatever its whitespace (at no cost to a valid event).
+        if too_deep(obj):
+            raise InvalidEvent("invalid_json", _TOO_DEEP) from None
         raise _reason(error) from None
     if normalised is not raw:
         _refuse_ascii_by_normalisation(obj)

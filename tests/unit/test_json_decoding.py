@@ -122,3 +122,29 @@ def test_loads_exact_reads_what_the_standard_library_reads(value: Any, as_bytes:
 def test_loads_exact_keeps_every_integer_exact() -> None:
     for number in (2**64, -(2**63) - 1, 10**30, 2**64 - 1, -(2**63)):
         assert same(loads_exact(f'{{"n": {number}}}'), {"n": number})
+
+
+@pytest.mark.parametrize("depth", [33, 40, 200, 300])
+@pytest.mark.parametrize("where", ["data", "envelope"])
+def test_a_message_nested_too_deep_is_refused_alike_whatever_its_whitespace(
+    depth: int, where: str
+) -> None:
+    """Compact JSON (read by orjson, which skips the decoder's depth check), spaced JSON and
+    JSON with an escape (NFC-normalised before validation) all give `invalid_json`."""
+    from schemas.builder import build_event
+    from schemas.validation import parse_event
+
+    event = build_event("tinh-h29", "citizen", "079185123456", 3, "2026-01-01T00:00:00+07:00",
+                        {"full_name": "Nguyễn Văn An"})  # fmt: skip
+    nested = json.loads("[" * depth + "]" * depth)
+    if where == "data":
+        event["data"]["x"] = nested
+    else:
+        event["x"] = nested
+    compact = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    spaced = json.dumps(event, ensure_ascii=False).encode()
+    escaped = json.dumps(event).encode()  # "\u1ec5": not validated as sent
+    for raw in (compact, spaced, escaped):
+        with pytest.raises(InvalidEvent) as refused:
+            parse_event(raw)
+        assert refused.value.code == "invalid_json", (raw[:40], refused.value.args)
