@@ -714,17 +714,26 @@ class Store:
             version: int | None = conn.execute(query).scalar_one_or_none()
             return version
 
-    def redriven(self, topic: str, topic_id: str = "") -> set[tuple[int, int]]:
-        """(partition, offset) of the dead letters of `topic` already re-driven: of the
-        topic with this id (KIP-516), or recorded without one (before migration 0014, or
-        the id unknown then), which may be of any. A topic created again numbers its
-        letters from 0 again: the earlier topic's redrives are not its letters'."""
+    def redriven(self, topic: str, topic_id: str = "") -> dict[tuple[int, int], datetime | None]:
+        """The dead letters of `topic` already re-driven, by (partition, offset): None for
+        a redrive recorded with this topic's id (KIP-516), else the time of the latest one
+        recorded without an id (before migration 0014, or the id unknown then). A topic
+        created again numbers its letters from 0 again: the earlier topic's redrives are
+        not its letters', and one recorded without an id stands only for a letter written
+        before it (`portal_sync.ops.dlq`)."""
         table = dead_letter_redrives.c
-        query = select(table.partition, table.offset).where(
+        query = select(table.partition, table.offset, table.topic_id, table.redriven_at).where(
             table.topic == topic, table.topic_id.in_({"", topic_id})
         )
+        done: dict[tuple[int, int], datetime | None] = {}
         with translated(), self.engine.connect() as conn:
-            return {(p, o) for p, o in conn.execute(query)}
+            for partition, offset, recorded_id, at in conn.execute(query):
+                place = (partition, offset)
+                if topic_id and recorded_id == topic_id:
+                    done[place] = None
+                elif place not in done or (done[place] is not None and at > done[place]):
+                    done[place] = at
+        return done
 
     def record_redrive(
         self,

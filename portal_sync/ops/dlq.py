@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -300,7 +300,7 @@ def redrive(
     try:
         for letter in letters:
             summary.selected += 1
-            if (letter.partition, letter.offset) in done:
+            if _redriven_already(done, letter):
                 summary.already_redriven += 1
                 continue
             event = _event_of_its_key(letter, topics) if letter.redrivable else None
@@ -325,6 +325,22 @@ def redrive(
     finally:
         publisher.close()
     return summary
+
+
+def _redriven_already(
+    done: Mapping[tuple[int, int], datetime | None], letter: DeadLetterRecord
+) -> bool:
+    """Whether the letter's redrive is recorded (`Store.redriven`). A redrive recorded
+    without the topic's id may be of an earlier topic of the same name, whose letter had
+    the same place: it stands for this letter only if this one had failed by then. A
+    letter that does not say when it failed is re-driven: at worst its event is sent twice,
+    which the version rule makes a duplicate; never re-driven, it would be lost."""
+    if (place := (letter.partition, letter.offset)) not in done:
+        return False
+    recorded_at = done[place]
+    if recorded_at is None:  # recorded with this topic's id
+        return True
+    return letter.failed_at is not None and letter.failed_at <= recorded_at
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ A redrive is recorded by the letter's place: (topic, partition, offset). A dead-
 topic deleted and created again (to clear it, or a cluster rebuilt) numbers its letters
 from 0 again, and a new letter at a recorded place was taken as re-driven already: its
 event was never applied. The key now holds the topic's id too. Rows recorded before keep
-an empty id, which `Store.redriven` matches whatever the topic's id (it is not known).
+an empty id, which `Store.redriven` matches whatever the topic's id (it is not known), for a
+letter that had failed by the time the row was recorded (`portal_sync.ops.dlq`).
 
 The table is copied into one with the new key, then renamed (no primary-key constraint is
 altered in place: SQLite cannot). The downgrade copies back one row per place.

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from schemas.dead_letter import dead_letter_headers
 from store.core import Store
@@ -297,11 +297,14 @@ def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:
     assert "\x1b]8;" not in colored.stdout and "\x1b[2J" not in colored.stdout
 
 
+@pytest.mark.parametrize("recorded", ["with the topic's id", "without an id"])
 def test_a_letter_of_a_dead_letter_topic_created_again_is_not_taken_as_re_driven(
-    settings_for: Any, sqlite_store_url: str
+    settings_for: Any, sqlite_store_url: str, recorded: str
 ) -> None:
     """The dead-letter topic deleted and created again numbers its letters from 0 again:
-    a new letter at a place an earlier topic's letter was re-driven from is still sent."""
+    a new letter at a place an earlier topic's letter was re-driven from is still sent.
+    A redrive recorded without the topic's id (before migration 0014) still stands for the
+    letter it re-drove, and not for one that failed after it."""
     from portal_sync.ops.dlq import iter_dead_letters, redrive
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
@@ -319,6 +322,11 @@ def test_a_letter_of_a_dead_letter_topic_created_again_is_not_taken_as_re_driven
 
     try:
         assert one_letter(1).redriven == 1
+        if recorded == "without an id":
+            with store.engine.begin() as conn:
+                conn.execute(text("UPDATE dead_letter_redrives SET topic_id = ''"))
+        again = redrive(settings, store, iter_dead_letters(settings))
+        assert (again.selected, again.redriven, again.already_redriven) == (1, 0, 1)
         with admin.cluster(settings.connection()) as cluster:
             cluster.delete_topics([dead_letter_topic(settings)])
         deadline = time.monotonic() + 60
