@@ -23,6 +23,15 @@ def dead_letter_topic(settings: Settings) -> str:
     return settings.topics().dead_letters
 
 
+def dead_letters_written(settings: Settings) -> int:
+    """How many letters the dead-letter topic has ever had (its log-end offsets; the topic
+    must exist, so that none is never taken for zero)."""
+    topic = dead_letter_topic(settings)
+    ends = admin.end_offsets(settings.connection(), [topic])
+    assert ends and {t for t, _ in ends} == {topic}, f"{topic} not found"
+    return sum(ends.values())
+
+
 def publisher_for(settings: Settings, client_id: str = "portal-sync-test") -> Publisher:
     return Publisher(settings.connection(), settings.topics(), client_id=client_id)
 

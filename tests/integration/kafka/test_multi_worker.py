@@ -18,7 +18,12 @@ from consumers.merge import Authority
 from schemas import parse_event
 from store import Store
 from tests.integration.kafka.test_pipeline_kafka import _assert_journal_contiguous
-from tests.support.kafka_helpers import end_offsets, ensure_topics, publisher_for
+from tests.support.kafka_helpers import (
+    dead_letters_written,
+    end_offsets,
+    ensure_topics,
+    publisher_for,
+)
 from tests.support.pipeline_helpers import (
     citizen_events,
     expected_export,
@@ -104,4 +109,5 @@ def test_workers_joining_leaving_and_killed_under_load_lose_and_repeat_nothing(
 
     assert exported(settings) == expected_export(events, Authority())
     _assert_journal_contiguous(store, ends)
+    assert dead_letters_written(settings) == 0  # every event is valid
     store.close()

@@ -102,12 +102,18 @@ def _caught_up(settings: Any) -> bool:
     return all(applied.get(tp, 0) >= end for tp, end in end_offsets(settings).items())
 
 
-def _contiguous(store_url: str) -> None:
+def _contiguous(store_url: str, ends: dict[tuple[str, int], int] | None = None) -> None:
+    """The journal's ranges follow each other without gap or overlap; with `ends`, every
+    partition's run from 0 to its end offset."""
     store = Store(store_url)
     try:
-        for tp, ranges in store.journal().items():
+        journal = store.journal()
+        for tp, ranges in journal.items():
             for (_, end), (first, _) in itertools.pairwise(ranges):
                 assert first == end, f"journal of {tp} has a gap or overlap: {ranges}"
+        if ends is not None:
+            spans = {tp: (ranges[0][0], ranges[-1][1]) for tp, ranges in journal.items()}
+            assert spans == {tp: (0, end) for tp, end in ends.items() if end}, spans
     finally:
         store.close()
 
@@ -199,7 +205,7 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
             worker.kill()
     rest = [e for e in events if e is not poison]
     assert exported(settings) == expected_export(rest, Authority())
-    _contiguous(settings.store_url)
+    _contiguous(settings.store_url, end_offsets(settings))
     letters = _read_all(settings, dead_letter_topic(settings), 1)
     assert [read_headers(r.headers)["ps.reason.code"] for r in letters] == ["apply_failed"]
     assert json.loads(letters[0].value)["key"] == poison["key"]
@@ -494,7 +500,7 @@ def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
     )
     store = Store(settings.store_url)
     assert store.offset_changes()[0]["kind"] == "skip"
-    _contiguous(settings.store_url)
+    _contiguous(settings.store_url, end_offsets(settings))
     store.close()
     # A redrive by source leaves the skipped message where the operator put it.
     source = json.loads(letter.value)["source"]
