@@ -4,7 +4,8 @@
 # tools: PostgreSQL, Prometheus (promtool checks the alert rules; a real Prometheus scrapes
 # the pipeline in an integration test), and Helm (the chart's checks), built from source
 # with Go into the user's cache dir once (~/.cache/portal-sync/bin/helm).
-# Then fetches the Kafka jars once through Maven into the user's cache dir.
+# Node.js with --postgres too: it checks that the published JSON Schemas' patterns compile
+# in ECMA-262 as producers' validators read them. (The Makefile fetches the Kafka jars.)
 set -euo pipefail
 
 want_postgres=0
@@ -20,15 +21,18 @@ fi
 if [ "$want_postgres" = 1 ] && ! { command -v prometheus && command -v promtool; } >/dev/null; then
   missing+=(prometheus)
 fi
+if [ "$want_postgres" = 1 ] && ! command -v node >/dev/null; then
+  missing+=(nodejs)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 fi
 

@@ -88,7 +88,7 @@ BENGALI = "".join(chr(0x09E6 + int(d)) for d in TAX_CODE)
             with_data("document", "GKS-1", owner_kind=None, owner_id="0010900\x00123"),
             "invalid_field",
         ),
-        (with_data("document", "GKS-1", owner_id="\x1b[2J001090012"), "invalid_field"),
+        (with_data("document", "GKS-1", owner_id="\x1b[2J" + PERSONAL_ID), "invalid_field"),
         (with_data("document", "GKS-1", owner_id=PERSONAL_ID + "\n"), "invalid_field"),
         (with_data("document", "GKS-1", owner_id=FULLWIDTH), "invalid_field"),
         (

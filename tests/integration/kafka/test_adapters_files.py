@@ -345,10 +345,14 @@ def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
     assert "dn-portal: published 2, dead-lettered 1" in result.stderr
     assert _names(inbox / "done") == ["deep.jsonl", "deep.jsonl.rejected.jsonl", "later.jsonl"]
     assert _names(portal_inbox / "done") == ["feed.jsonl", "feed.jsonl.rejected.jsonl"]
-    letters = {d["ps.origin.offset"]: d for d in dead_letters(settings)}
+    sent = dead_letters(settings)
+    letters = {d["ps.origin.offset"]: d for d in sent}
+    assert len(sent) == len(letters)  # each line once
     assert set(letters) == {"deep.jsonl:2", "deep.jsonl:4", "deep.jsonl:5", "feed.jsonl:1"}
     assert letters["deep.jsonl:2"]["ps.reason.code"] == "invalid_json"
     assert letters["deep.jsonl:2"]["ps.reason.message"] == "line is nested too deeply"
+    assert letters["deep.jsonl:4"]["ps.reason.code"] == "invalid_json"  # 3 MB, not JSON
+    assert letters["deep.jsonl:5"]["ps.reason.code"] == "too_large"  # a key of 2.2 MB
     records = {read_headers(r.headers)["ps.origin.offset"]: r
                for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
     values = {origin: r.value for origin, r in records.items()}

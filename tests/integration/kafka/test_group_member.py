@@ -146,7 +146,7 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
         assert asyncio.run(asyncio.wait_for(loop.run(), 180)) == 0
     finally:
         processor.close()
-    assert members and members[0].rebalances >= 1
+    assert members and members[0].rebalances >= 2  # one at the join, one at least after
     assert prepared_first and not any(batch is prepared_first[0] for batch in applied)
     assert store.all_offsets() == {(settings.topics().change_topic("citizen"), 0): len(events)}
     assert exported(settings) == expected_export(events, Authority())

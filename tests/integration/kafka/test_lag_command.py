@@ -47,6 +47,7 @@ def test_lag_shows_offsets_time_lag_status_and_stale_sources(
     after = cli(settings, "lag", COLUMNS="220")
 
     table = rows(after.stdout, topic)
+    assert [int(r[2]) for r in table] == [0, 1, 2], after.stdout
     assert all(r[3] == r[4] and r[5] == "0" and r[7] == "OK" for r in table), after.stdout
     for source in ("province-01", "province-79", "ministry-btp"):
         line = next(line for line in after.stdout.splitlines() if f" {source} " in line)

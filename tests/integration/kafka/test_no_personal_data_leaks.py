@@ -9,6 +9,7 @@ the corpus used, in every spelling: none may appear.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from consumers.merge import Authority
 from store import Store
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.integration.kafka.test_worker_faults import _caught_up, _metric, _probe, _wait
@@ -39,7 +41,11 @@ from tests.support.kafka_helpers import (
     ensure_topics,
     publisher_for,
 )
-from tests.support.pipeline_helpers import exported, registry_without_signatures
+from tests.support.pipeline_helpers import (
+    expected_export,
+    exported,
+    registry_without_signatures,
+)
 from transport import admin
 from transport.local import free_port
 
@@ -146,6 +152,8 @@ def test_no_personal_id_or_name_reaches_logs_dead_letter_headers_or_metrics(
     }
     deleted = ("citizen", PERSONAL_IDS[3])  # the corpus's upsert and delete of one citizen
     assert len(applied) >= 8 and applied - {deleted} <= keys
+    valid = [json.loads(m.value) for m in corpus if m.valid and m.value]
+    assert exported(settings) == expected_export(valid, Authority())
     expected = len(invalid) + 1  # and the event the store refused
     letters = _read_all(settings, dead_letter_topic(settings), expected, timeout=60)
     origins = set()
@@ -156,7 +164,7 @@ def test_no_personal_id_or_name_reaches_logs_dead_letter_headers_or_metrics(
         found = dict(letter.headers)
         origins.add((found["ps.origin.topic"], found["ps.origin.partition"],
                      found["ps.origin.offset"]))  # fmt: skip
-    assert len(origins) == expected
+    assert len(letters) == len(origins) == expected  # each once, none twice
     codes = {dict(r.headers)["ps.reason.code"] for r in letters}
     assert {b"unknown_field", b"invalid_key", b"not_utf8", b"too_large", b"apply_failed",
             b"unregistered_source", b"empty_message"} <= codes  # fmt: skip

@@ -148,6 +148,7 @@ def test_every_invalid_event_reaches_the_dead_letters_and_the_partition_keeps_fl
         assert headers["ps.attempt"] == "1"
         assert headers["ps.reason.message"]
         found[int(headers["ps.origin.offset"])] = headers["ps.reason.code"]
+    assert len(letters) == len(found)  # each once
     assert found == origin
     assert exported(settings) == expected_export(valid, Authority())
 

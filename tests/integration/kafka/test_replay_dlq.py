@@ -300,13 +300,31 @@ def test_replay_beside_the_live_worker_equals_a_clean_run(
     _published(settings, tmp_path, shuffled_with_duplicates(events, seed=7)[:3000])
     live = start_worker(settings)
     _published(settings, tmp_path, shuffled_with_duplicates(events, seed=7)[3000:])
+    deadline = time.monotonic() + 120
+    while not _applied_any(settings):  # the live worker has joined and applies
+        assert live.poll() is None and time.monotonic() < deadline, (
+            "the live worker applied nothing"
+        )
+        time.sleep(0.05)
     replayed = cli(settings, "replay", "--since", "1h", "--json")
     assert replayed.returncode == 0, replayed.stderr
     live.terminate()
-    live.wait(timeout=60)
+    assert live.wait(timeout=60) == 0
+    # The replay went through every event published, whatever the live worker had done.
+    assert exported(settings) == expected_export(events, Authority())
     _caught_up(settings)
 
     assert exported(settings) == expected_export(events, Authority())
+
+
+def _applied_any(settings: Any) -> bool:
+    store = Store(settings.store_url)
+    try:
+        return sum(store.all_offsets().values()) > 0
+    except Exception:  # no schema yet: the worker creates it at its start
+        return False
+    finally:
+        store.close()
 
 
 def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
