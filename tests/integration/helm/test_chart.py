@@ -589,6 +589,52 @@ def test_a_producers_own_kafka_user_needs_a_sasl_protocol(
     assert "sets kafkaSasl, but kafka.securityProtocol SSL has no SASL user" in result.stderr
 
 
+MUTUAL_TLS = (
+    "--set", "kafka.securityProtocol=SSL", "--set", "kafka.tls.existingSecret=kafka-tls",
+    "--set", "kafka.tls.certKey=tls.crt", "--set", "kafka.tls.keyKey=tls.key",
+)  # fmt: skip
+
+
+def test_a_producer_never_gets_the_workers_kafka_identity(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values_file: Callable[..., str]
+) -> None:
+    """The workers' user or client certificate reads every change topic: a producer pod,
+    which parses a province's files and databases, connects as its own source or not at
+    all, and is never given the workers' key."""
+    bare = values_file("[[sources]]\n")
+    sasl = ("--set", "kafka.securityProtocol=SASL_SSL", "--set", "kafka.sasl.existingSecret=w")
+    no_user = template(helm, "-f", bare, *sasl)
+    assert no_user.returncode != 0
+    assert "p1 needs kafkaSasl.existingSecret" in no_user.stderr
+    no_certificate = template(helm, "-f", bare, *MUTUAL_TLS)
+    assert no_certificate.returncode != 0
+    assert "p1 needs kafkaTls.existingSecret" in no_certificate.stderr
+    over_sasl = values_file("[[sources]]\n", kafkaSasl={"existingSecret": "p1-kafka"},
+                            kafkaTls={"existingSecret": "p1-tls"})  # fmt: skip
+    refused = template(helm, "-f", over_sasl, *sasl)
+    assert refused.returncode != 0 and "sets kafkaTls" in refused.stderr
+
+    own = values_file("[[sources]]\n", kafkaTls={"existingSecret": "p1-tls"})
+    manifests = render(helm, "-f", own, *MUTUAL_TLS)
+    producer = one(manifests, "Deployment", f"{FULLNAME}-producer-p1")
+    env = env_of(producer)
+    assert env["PORTAL_SYNC_KAFKA_SSL_CAFILE"] == "/etc/portal-sync/kafka-tls/ca.crt"
+    assert env["PORTAL_SYNC_KAFKA_SSL_CERTFILE"] == "/etc/portal-sync/kafka-client-tls/client.crt"
+    assert env["PORTAL_SYNC_KAFKA_SSL_KEYFILE"] == "/etc/portal-sync/kafka-client-tls/client.key"
+    volumes = {v["name"]: v["secret"] for v in producer["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}  # fmt: skip
+    assert volumes["kafka-tls"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert volumes["kafka-client-tls"]["secretName"] == "p1-tls"
+    assert volumes["kafka-client-tls"]["items"] == [
+        {"key": "tls.crt", "path": "client.crt"}, {"key": "tls.key", "path": "client.key"},
+    ]  # fmt: skip
+    mounts = {m["name"]: m["mountPath"] for m in container(producer)["volumeMounts"]}
+    assert mounts["kafka-client-tls"] == "/etc/portal-sync/kafka-client-tls"
+    # The workers keep theirs.
+    worker = env_of(one(manifests, "Deployment", f"{FULLNAME}-worker"))
+    assert worker["PORTAL_SYNC_KAFKA_SSL_CERTFILE"] == "/etc/portal-sync/kafka-tls/tls.crt"
+
+
 @pytest.mark.parametrize("name", ["Province_79", "-p", "a" * 60])
 def test_a_producer_name_that_is_no_short_dns_label_is_refused(
     helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, name: str

@@ -71,8 +71,10 @@ portal-sync/producer: {{ . }}
 
 {{/* Environment of every portal-sync container: Kafka, topics, the secrets' files, and
      with "store" the store's URL file (producers never get the store's credentials):
-     (dict "root" $ "store" true-or-false ["sasl" SECRET]); "sasl": a producer's own Kafka
-     user (name and password keys as kafka.sasl's), else kafka.sasl.existingSecret */}}
+     (dict "root" $ "store" true-or-false ["sasl" SECRET] ["producer" true "clientTls" {...}]);
+     "sasl": a producer's own Kafka user (name and password keys as kafka.sasl's), else
+     kafka.sasl.existingSecret; a producer gets the workers' client certificate never, its
+     own (kafkaTls) when it has one */}}
 {{- define "portal-sync.env" -}}
 {{- $kafka := .root.Values.kafka -}}
 {{- $sasl := .sasl | default $kafka.sasl.existingSecret -}}
@@ -98,12 +100,19 @@ portal-sync/producer: {{ . }}
 {{- if $kafka.tls.existingSecret }}
 - name: PORTAL_SYNC_KAFKA_SSL_CAFILE
   value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.caKey | quote }}
-{{- if $kafka.tls.certKey }}
+{{- end }}
+{{- if .producer }}
+{{- if (.clientTls | default dict).existingSecret }}
+- name: PORTAL_SYNC_KAFKA_SSL_CERTFILE
+  value: /etc/portal-sync/kafka-client-tls/client.crt
+- name: PORTAL_SYNC_KAFKA_SSL_KEYFILE
+  value: /etc/portal-sync/kafka-client-tls/client.key
+{{- end }}
+{{- else if and $kafka.tls.existingSecret $kafka.tls.certKey }}
 - name: PORTAL_SYNC_KAFKA_SSL_CERTFILE
   value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.certKey | quote }}
 - name: PORTAL_SYNC_KAFKA_SSL_KEYFILE
   value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.keyKey | quote }}
-{{- end }}
 {{- end }}
 - name: PORTAL_SYNC_TOPIC_PREFIX
   value: {{ $kafka.topicPrefix | quote }}
@@ -177,6 +186,11 @@ portal-sync/producer: {{ . }}
   secret:
     secretName: {{ $v.kafka.tls.existingSecret }}
     defaultMode: 0440
+    {{- if .producer }}
+    items:  # the brokers' CA only: the workers' client certificate and key stay theirs
+      - key: {{ $v.kafka.tls.caKey }}
+        path: {{ $v.kafka.tls.caKey }}
+    {{- end }}
 {{- end }}
 {{- if $v.referenceKey.existingSecret }}
 - name: reference-key
