@@ -14,14 +14,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumers.cache import DEFAULT_RECORDS
 from observability.alerts import Thresholds
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
-from transport.config import KafkaConnection
+from transport.config import ClusterSecurity, KafkaConnection
 from transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,25 @@ class Settings(BaseSettings):
             raise ConfigurationError(
                 "no Kafka bootstrap servers (set PORTAL_SYNC_KAFKA_BOOTSTRAP or --bootstrap)"
             )
+        unknown = sorted(set(self.kafka_security) - set(ClusterSecurity.model_fields))
+        if unknown:  # a misspelt protocol would otherwise leave the connection in clear
+            raise ConfigurationError(
+                f"Kafka connection settings: unknown {', '.join(map(repr, unknown))}; known: "
+                f"{', '.join(ClusterSecurity.model_fields)}"
+            )
         try:
             return KafkaConnection(bootstrap=self.kafka_bootstrap, **self.kafka_security)
-        except ValueError as error:
-            raise ConfigurationError(f"Kafka connection settings: {error}") from None
+        except ValidationError as error:  # which setting and why, never its value
+            problems = "; ".join(
+                (
+                    f"{found['loc'][0]} (PORTAL_SYNC_KAFKA_{str(found['loc'][0]).upper()}): "
+                    if found["loc"]
+                    else ""
+                )
+                + found["msg"].removeprefix("Value error, ")
+                for found in error.errors(include_input=False, include_url=False)
+            )
+            raise ConfigurationError(f"Kafka connection settings: {problems}") from None
 
     def reference_key(self) -> ReferenceKey | None:
         """The secret of keyed references, read from `reference_key_file`; None when no file

@@ -54,6 +54,19 @@ class ClusterSecurity(BaseModel):
                 )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        # Files for TLS without it are refused, not dropped: the connection (a PLAIN
+        # password with it) would go in clear. So is a SASL user on a connection with
+        # neither SASL nor TLS; SSL authenticates by the client certificate, and a
+        # deployment file that switches to it leaves the environment's SASL user unused.
+        protocol = self.security_protocol
+        unused = [name for name in SSL_FIELDS if getattr(self, name) is not None]
+        if protocol == "PLAINTEXT":
+            unused += [name for name in SASL_FIELDS if getattr(self, name) is not None]
+        if unused and "SSL" not in protocol:
+            raise ValueError(
+                f"{', '.join(unused)} given, but security_protocol {protocol} does not use "
+                "them (SSL or SASL_SSL for TLS files, SASL_* for a SASL user)"
+            )
         return self
 
     def security(self, base_dir: Path) -> dict[str, Any]:
@@ -67,6 +80,8 @@ class ClusterSecurity(BaseModel):
 
 
 FILE_FIELDS = ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+SASL_FIELDS = ("sasl_username", "sasl_password", "sasl_password_file")
+SSL_FIELDS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 
 
 class KafkaConnection(BaseSettings, ClusterSecurity):

@@ -233,3 +233,45 @@ def test_a_provinces_cluster_is_configured_with_the_same_security_rules(tmp_path
     assert connection.sasl_password_file == tmp_path / "secrets/hcm.pw"
     assert connection.ssl_cafile == tmp_path / "ca.crt"
     assert (connection.sasl_username, connection.security_protocol) == ("sync-hcm", "SASL_SSL")
+
+
+@pytest.mark.parametrize(
+    ("security", "said"),
+    [
+        # TLS files without TLS: the connection, a PLAIN password with it, would go in clear
+        ({"security_protocol": "PLAINTEXT", "ssl_cafile": "ca.pem"}, "ssl_cafile given"),
+        (
+            {
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_username": "province-01",
+                "sasl_password": "Tr0ub4dor&3",
+                "ssl_cafile": "ca.pem",
+            },
+            "ssl_cafile given, but security_protocol SASL_PLAINTEXT",
+        ),
+        ({"ssl_certfile": "c.pem", "ssl_keyfile": "c.key"}, "ssl_certfile, ssl_keyfile given"),
+        # a SASL user on a connection with neither SASL nor TLS
+        ({"sasl_username": "province-01", "sasl_password": "Tr0ub4dor&3"}, "sasl_username"),
+        # a misspelt key (the protocol then PLAINTEXT) and one that is not a security setting
+        ({"security_protcol": "SASL_SSL"}, "unknown 'security_protcol'"),
+        ({"bootstrap": "elsewhere:9092"}, "unknown 'bootstrap'"),
+        # the reviewer's case: the password was shown as the input of the refused model
+        (
+            {"security_protocol": "SSL", "ssl_keyfile": "c.key", "sasl_password": "Tr0ub4dor&3"},
+            "ssl_certfile and ssl_keyfile go together",
+        ),
+        (
+            {"security_protocol": "TLS", "sasl_password": "Tr0ub4dor&3"},
+            "security_protocol (PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL): Input should be",
+        ),
+    ],
+)
+def test_kafka_security_that_would_not_be_used_is_a_configuration_error_without_values(
+    security: dict[str, str], said: str
+) -> None:
+    settings = Settings(kafka_bootstrap="localhost:9092", kafka_security=security)
+    with pytest.raises(ConfigurationError) as refused:
+        settings.connection()
+    message = str(refused.value)
+    assert said in message, message
+    assert "Tr0ub4" not in message and "input_value" not in message
