@@ -543,6 +543,14 @@ REFUSALS = {
         ("--set", "kafka.securityProtocol=SASL_SSL"),
         "needs kafka.sasl.existingSecret",
     ),
+    "TLS files without TLS": (
+        (
+            *("--set", "kafka.securityProtocol=SASL_PLAINTEXT"),
+            *("--set", "kafka.sasl.existingSecret=w"),
+            *("--set", "kafka.tls.existingSecret=kafka-tls"),
+        ),
+        "kafka.tls is for SSL or SASL_SSL",
+    ),
     "an unknown security protocol": (
         ("--set", "kafka.securityProtocol=TLS"),
         "kafka.securityProtocol must be",

@@ -52,6 +52,9 @@ portal-sync/producer: {{ . }}
 {{- if and (hasPrefix "SASL" $kafka.securityProtocol) (not $kafka.sasl.existingSecret) }}
 {{- fail (printf "kafka.securityProtocol %s needs kafka.sasl.existingSecret (the SASL user name and password)" $kafka.securityProtocol) }}
 {{- end }}
+{{- if and $kafka.tls.existingSecret (not (has $kafka.securityProtocol (list "SSL" "SASL_SSL"))) }}
+{{- fail (printf "kafka.tls is for SSL or SASL_SSL: kafka.securityProtocol %s would leave the connection in clear" $kafka.securityProtocol) }}
+{{- end }}
 {{- if ne (empty $kafka.tls.certKey) (empty $kafka.tls.keyKey) }}
 {{- fail "kafka.tls.certKey and kafka.tls.keyKey go together (mutual TLS)" }}
 {{- end }}
