@@ -66,7 +66,10 @@ class ProducerSection(StrictModel):
     state_dir: Path = Path("state")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(
-        default=9312, description="/metrics of `produce` (worker 9310, lag exporter 9311); 0: off"
+        default=9312,
+        ge=0,
+        le=65535,
+        description="/metrics of `produce` (worker 9310, lag exporter 9311); 0: off",
     )
     reference_key_file: Path | None = Field(
         default=None,

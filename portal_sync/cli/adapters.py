@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from portal_sync.cli.options import fail, settings_from
+from portal_sync.cli.options import PORT, fail, settings_from
 from producers.sdk import Adapter, ConfigurationError
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def produce(
     once: Annotated[bool, typer.Option("--once", help="Run every source once, then exit")] = False,
     source: SourceOpt = None,
     metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="/metrics port (0: off)")
+        int | None, typer.Option("--metrics-port", **PORT, help="/metrics port (0: off)")
     ] = None,
     metrics_host: Annotated[
         str | None,

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from portal_sync.cli.options import LISTEN_PORT, fail
 from portal_sync.cli.options import err_console as console
-from portal_sync.cli.options import fail
 from portal_sync.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,7 +26,9 @@ REPO_REGISTRY = Path(__file__).resolve().parents[2] / "deploy" / "registry.toml"
 
 @kafka_app.command("up")
 def kafka_up(
-    port: Annotated[int | None, typer.Option("--port", help="Client port (default 9092)")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", **LISTEN_PORT, help="Client port (default 9092)")
+    ] = None,
     data_dir: DataDirOpt = None,
     secure: Annotated[
         bool,

@@ -6,7 +6,14 @@ from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
 
-from portal_sync.cli.options import BootstrapOpt, StoreOpt, fail, settings_from
+from portal_sync.cli.options import (
+    LISTEN_PORT,
+    BootstrapOpt,
+    StoreOpt,
+    fail,
+    positive_seconds,
+    settings_from,
+)
 from portal_sync.cli.options import err_console as console
 
 if TYPE_CHECKING:
@@ -32,14 +39,24 @@ OffsetsFromOpt = Annotated[
     ),
 ]
 WindowOpt = Annotated[
-    float, typer.Option("--window", help="Status window in seconds (OK/WARN/STALL/STOP)")
+    float,
+    typer.Option(
+        "--window",
+        callback=positive_seconds,
+        help="Status window in seconds (OK/WARN/STALL/STOP)",
+    ),
 ]
 
 
 def lag_exporter(
-    port: Annotated[int, typer.Option("--port", envvar="PORTAL_SYNC_LAG_EXPORTER_PORT")] = 9311,
+    port: Annotated[
+        int, typer.Option("--port", envvar="PORTAL_SYNC_LAG_EXPORTER_PORT", **LISTEN_PORT)
+    ] = 9311,
     host: Annotated[str, typer.Option("--host", envvar="PORTAL_SYNC_METRICS_HOST")] = "127.0.0.1",
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between polls")] = 10.0,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", callback=positive_seconds, help="Seconds between polls"),
+    ] = 10.0,
     window: WindowOpt = 120.0,
     group: GroupFilterOpt = None,
     topic: TopicFilterOpt = None,
@@ -60,10 +77,16 @@ def lag_exporter(
 
 def lag(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C")] = False,
-    interval: Annotated[float, typer.Option("--interval", help="Refresh seconds")] = 2.0,
+    interval: Annotated[
+        float, typer.Option("--interval", callback=positive_seconds, help="Refresh seconds")
+    ] = 2.0,
     stale_after: Annotated[
         float,
-        typer.Option("--stale-after", envvar="PORTAL_SYNC_SOURCE_STALE_AFTER_SECONDS"),
+        typer.Option(
+            "--stale-after",
+            envvar="PORTAL_SYNC_SOURCE_STALE_AFTER_SECONDS",
+            callback=positive_seconds,
+        ),
     ] = 1800.0,
     window: WindowOpt = 60.0,
     group: GroupFilterOpt = None,

@@ -6,6 +6,7 @@ local development broker" (its address read from the broker's state file).
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -40,6 +41,17 @@ ReaderOpt = Annotated[
 ]
 
 err_console = Console(stderr=True)
+
+# A TCP port of a metrics endpoint (0: off) and of a listener that must have one.
+PORT = {"min": 0, "max": 65535}
+LISTEN_PORT = {"min": 1, "max": 65535}
+
+
+def positive_seconds(value: float | None) -> float | None:
+    """A time in seconds: finite and above 0 (click's ranges let `nan` through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter("must be a finite number of seconds above 0")
+    return value
 
 
 def settings_from(bootstrap: str | None = None, store: str | None = None) -> Settings:

@@ -10,6 +10,7 @@ import typer
 
 from observability.terminal import plain
 from portal_sync.cli.options import (
+    PORT,
     BootstrapOpt,
     ReaderOpt,
     ReasonOpt,
@@ -77,7 +78,7 @@ def worker(
     ] = False,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", **PORT)] = None,
 ) -> None:
     """Run the reconciler: change topics to the national store."""
     from consumers.worker import run_worker

@@ -127,6 +127,49 @@ def test_a_setting_out_of_its_range_is_a_configuration_error_naming_it(
     assert "s3cret-pw" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize(
+    "args, env, option",
+    [
+        (["lag-exporter", "--port", "70000"], {}, "--port"),
+        (
+            ["lag-exporter"],
+            {"PORTAL_SYNC_LAG_EXPORTER_PORT": "70000"},
+            "PORTAL_SYNC_LAG_EXPORTER_PORT",
+        ),
+        (["lag-exporter", "--interval", "nan"], {}, "--interval"),
+        (["lag", "--interval", "0"], {}, "--interval"),
+        (["lag", "--window", "-1"], {}, "--window"),
+        (["lag"], {"PORTAL_SYNC_SOURCE_STALE_AFTER_SECONDS": "nan"}, "--stale-after"),
+        (["worker", "--metrics-port", "70000"], {}, "--metrics-port"),
+        (["produce", "--config", "x.toml", "--metrics-port", "-1"], {}, "--metrics-port"),
+        (["kafka", "up", "--port", "0"], {}, "--port"),
+    ],
+)
+def test_an_option_out_of_its_range_is_refused_before_anything_runs(
+    args: list[str], env: dict[str, str], option: str
+) -> None:
+    """A port above 65535 or a time of `nan` is a usage error (exit 2) naming the option,
+    not a traceback of the bind or a loop that never waits."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "portal_sync", *args],
+        env=os.environ | {"PORTAL_SYNC_KAFKA_BOOTSTRAP": "127.0.0.1:9", "COLUMNS": "200", **env},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Invalid value" in done.stderr and option in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_deployment_files_metrics_port_out_of_range_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sources.toml"
+    path.write_text(CONFIG.format(extra="").replace("metrics_port = 0", "metrics_port = 70000"))
+    with pytest.raises(ConfigurationError, match="metrics_port"):
+        load_deployment(path)
+
+
 def test_a_stall_threshold_below_the_alert_s_is_warned_of(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
