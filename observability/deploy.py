@@ -2,8 +2,9 @@
 
 The shipped alert rules use the default freshness objective (60 s). A deployment that sets
 another `PORTAL_SYNC_FRESHNESS_OBJECTIVE_SECONDS` writes its own rules with
-`python -m observability.deploy --alerts-only --objective SECONDS OUT_DIR`, so that the
-alert reads the same histogram bucket edge as the worker exports."""
+`python -m observability.deploy --alerts-only --objective SECONDS OUT_DIR` (the rules in
+`OUT_DIR/alerts.yml`), so that the alert reads the same histogram bucket edge as the
+worker exports."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def cli(args: list[str]) -> None:
     thresholds = DEFAULT
     if options.objective is not None:
         thresholds = replace(DEFAULT, objective_seconds=options.objective)
-    target = options.root / ALERTS
+    target = options.root / "alerts.yml"  # OUT_DIR, e.g. Prometheus' rules directory
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(alerts_text(thresholds), encoding="utf-8")
     print(f"wrote {target}")

@@ -48,6 +48,17 @@ def test_promtool_checks_the_alert_rules() -> None:
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
+def test_rules_for_another_objective_go_to_the_directory_named(tmp_path: Path) -> None:
+    """`--alerts-only --objective S OUT_DIR` writes OUT_DIR/alerts.yml alone (docs/metrics.md),
+    rules that promtool accepts and that read the objective's bucket edge."""
+    deploy.cli(["--alerts-only", "--objective", "30", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alerts.yml"]
+    text = (tmp_path / "alerts.yml").read_text(encoding="utf-8")
+    assert 'le="30.0"' in text and text != (PROMETHEUS / "alerts.yml").read_text(encoding="utf-8")
+    result = promtool("check", "rules", str(tmp_path / "alerts.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
     result = promtool("test", "rules", "alerts.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
