@@ -14,9 +14,10 @@ out with a few slow connections. Clients that go away mid-request are not logged
 With a web configuration (`observability.web_config`, `PORTAL_SYNC_METRICS_WEB_CONFIG_FILE`)
 the server speaks TLS only (the handshake runs in the connection's thread, under the same
 read timeout; a plain-HTTP request is answered 400) and every path but /healthz and /readyz
-asks for basic authentication (401 with `WWW-Authenticate`). The probes stay open so that
-a kubelet or a load balancer can call them without credentials; they tell only "ok" or
-"not ok".
+asks for basic authentication (401 with `WWW-Authenticate`) and, with mutual TLS
+(`RequireAndVerifyClientCert`), for a client certificate the client CA verified (403). The
+probes stay open so that a kubelet or a load balancer can call them without credentials;
+they tell only "ok" or "not ok".
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def serve(
     `ready_note` is added to the /readyz answer (e.g. that the worker runs in
     development mode); `web`: TLS and basic authentication (module docstring)."""
     auth = web.auth if web is not None else None
+    cert_required = web is not None and web.client_cert_required
 
     class Handler(BaseHTTPRequestHandler):
         timeout = READ_TIMEOUT  # per connection: a silent client is dropped
@@ -164,6 +166,9 @@ def serve(
             typing.cast(BoundedHTTPServer, self.server).answering()
             path = self.path.split("?", 1)[0]
             credentials = self.headers.get("Authorization")
+            if cert_required and path not in OPEN_PATHS and not self._verified_client():
+                self._reply(403, b"client certificate required\n")
+                return
             if not (auth is None or path in OPEN_PATHS or auth.allows(credentials)):
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="portal-sync"')
@@ -179,6 +184,12 @@ def serve(
                 self._reply(200 if ok else 503, body.encode())
             else:
                 self._reply(404, b"not found\n")
+
+        def _verified_client(self) -> bool:
+            """Whether the client gave a certificate the client CA verified (a TLS
+            connection under CERT_OPTIONAL returns None without one)."""
+            peer = getattr(self.connection, "getpeercert", None)
+            return bool(peer is not None and peer())
 
         def _reply(self, code: int, body: bytes, kind: str = "text/plain; charset=utf-8") -> None:
             self.send_response(code)

@@ -106,6 +106,11 @@ class WebConfig:
     tls: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
     source: Path | None = None
+    # RequireAndVerifyClientCert: every path but the probes' needs a verified client
+    # certificate. The handshake itself only verifies one when given (CERT_OPTIONAL): a
+    # kubelet probes /healthz and /readyz without one, and a refused handshake would fail
+    # every probe and restart the process for ever.
+    client_cert_required: bool = False
 
     @property
     def scheme(self) -> str:
@@ -133,10 +138,15 @@ def load_web_config(path: Path | None) -> WebConfig | None:
         )
     tls = raw.get("tls_server_config")
     users = raw.get("basic_auth_users")
+    context = None if tls is None else _tls_context(tls, path)
+    required = context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    if context is not None and required:
+        context.verify_mode = ssl.CERT_OPTIONAL  # the paths ask for it (WebConfig)
     return WebConfig(
-        tls=None if tls is None else _tls_context(tls, path),
+        tls=context,
         auth=None if not users else BasicAuth(_users(users, path)),
         source=path,
+        client_cert_required=required,
     )
 
 

@@ -250,11 +250,22 @@ def test_mutual_tls_asks_for_a_client_certificate_of_the_clients_ca(
     port = _serve(serving, registry, _web_config(certs.directory, {"tls_server_config": tls}))
     url = f"https://localhost:{port}/metrics"
 
-    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
-        _get(url, None, certs.client_context())  # no client certificate
+    refused = _get(url, None, certs.client_context())  # no client certificate
+    assert (refused.status, refused.body) == (403, b"client certificate required\n")
     context = certs.client_context()
     context.load_cert_chain(str(client.cert), str(client.key))
     assert _get(url, None, context).status == 200
+    # The probes stay open: a kubelet has no client certificate, and a handshake that
+    # demanded one failed every probe and restarted the process for ever.
+    for probe in ("/healthz", "/readyz"):
+        assert _get(f"https://localhost:{port}{probe}", None, certs.client_context()).status == 200
+    # A certificate of another CA is refused in the handshake, for every path.
+    other = make_authority(certs.directory / "other", "other CA")
+    stranger = issue(other, certs.directory / "other", "prometheus", dns=(), client=True)
+    context = certs.client_context()
+    context.load_cert_chain(str(stranger.cert), str(stranger.key))
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        _get(f"https://localhost:{port}/healthz", None, context)
 
 
 TLS_AB = {"cert_file": "a", "key_file": "b"}
