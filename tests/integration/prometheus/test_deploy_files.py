@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import yaml
 
@@ -18,6 +19,7 @@ from observability import deploy
 from observability.alerts import rules
 from observability.dashboard import expressions
 from observability.web_config import load_web_config
+from schemas.errors import ConfigurationError
 from tests.conftest import IN_CI
 from tests.support.certificates import issue, make_authority
 from transport.local import REPO_ROOT
@@ -107,9 +109,17 @@ def test_the_example_web_config_passes_promtool_and_portal_sync_applies_it(
 
     result = promtool("check", "web-config", str(example))
     assert result.returncode == 0, result.stdout + result.stderr
+    # As shipped, its hash is of a published password: refused until replaced.
+    with pytest.raises(ConfigurationError, match="the example's hash"):
+        load_web_config(example)
+    text = example.read_text(encoding="utf-8")
+    (published,) = re.findall(r"\$2b\$12\$\S+", text)
+    own = bcrypt.hashpw(b"an operator's own", bcrypt.gensalt(10)).decode()
+    example.write_text(text.replace(published, own), encoding="utf-8")
     web = load_web_config(example)
     assert web is not None and web.tls is not None and web.auth is not None
-    assert web.auth.allows("Basic " + base64.b64encode(b"prometheus:change-me").decode())
+    assert web.auth.allows("Basic " + base64.b64encode(b"prometheus:an operator's own").decode())
+    assert not web.auth.allows("Basic " + base64.b64encode(b"prometheus:change-me").decode())
 
 
 def test_every_alert_has_a_summary_a_runbook_and_a_severity() -> None:
