@@ -643,6 +643,31 @@ def test_a_producer_never_gets_the_workers_kafka_identity(
     assert worker["PORTAL_SYNC_KAFKA_SSL_CERTFILE"] == "/etc/portal-sync/kafka-tls/tls.crt"
 
 
+def test_the_toolbox_runs_the_operators_commands_as_its_own_principal(
+    production: list[Manifest], helm: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """The workers' principal may neither read the dead letters nor write the change
+    topics: the runbooks' `dlq` and `offsets` run in the toolbox, as an operator."""
+    values = yaml.safe_load(PRODUCTION.read_text())
+    toolbox = one(production, "Deployment", f"{FULLNAME}-toolbox")
+    main = container(toolbox)
+    assert main["command"] == ["python", "-c", "import signal; signal.pause()"]
+    env = env_of(toolbox)
+    own = values["toolbox"]["kafkaSasl"]["existingSecret"]
+    assert env["PORTAL_SYNC_KAFKA_SASL_USERNAME"]["secretKeyRef"]["name"] == own
+    volumes = {v["name"]: v for v in toolbox["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["kafka-sasl"]["secret"]["secretName"] == own
+    assert env["PORTAL_SYNC_STORE_URL_FILE"] == "/etc/portal-sync/store/url"
+    assert env["PORTAL_SYNC_REGISTRY"] == "/etc/portal-sync/rules/registry.toml"
+    mounts = {m["name"] for m in main["volumeMounts"]}
+    assert {"store", "rules", "kafka-sasl"} <= mounts
+    # Without an operator user of its own it is refused, not given the workers'.
+    refused = template(helm, *VALUES["production"], "--set", "toolbox.kafkaSasl.existingSecret=")
+    assert refused.returncode != 0 and "toolbox.kafkaSasl.existingSecret" in refused.stderr
+    # Off by default.
+    assert not [m for m in render(helm) if m["metadata"]["name"].endswith("-toolbox")]
+
+
 @pytest.mark.parametrize("name", ["Province_79", "-p", "a" * 60])
 def test_a_producer_name_that_is_no_short_dns_label_is_refused(
     helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, name: str

@@ -74,10 +74,10 @@ portal-sync/producer: {{ . }}
 
 {{/* Environment of every portal-sync container: Kafka, topics, the secrets' files, and
      with "store" the store's URL file (producers never get the store's credentials):
-     (dict "root" $ "store" true-or-false ["sasl" SECRET] ["producer" true "clientTls" {...}]);
-     "sasl": a producer's own Kafka user (name and password keys as kafka.sasl's), else
-     kafka.sasl.existingSecret; a producer gets the workers' client certificate never, its
-     own (kafkaTls) when it has one */}}
+     (dict "root" $ "store" true-or-false ["sasl" SECRET] ["ownIdentity" true "clientTls" {...}]);
+     "sasl": a pod's own Kafka user (a producer's, the toolbox's; name and password keys as
+     kafka.sasl's), else kafka.sasl.existingSecret; with "ownIdentity" a pod never gets the
+     workers' client certificate, its own (clientTls) when it has one */}}
 {{- define "portal-sync.env" -}}
 {{- $kafka := .root.Values.kafka -}}
 {{- $sasl := .sasl | default $kafka.sasl.existingSecret -}}
@@ -104,7 +104,7 @@ portal-sync/producer: {{ . }}
 - name: PORTAL_SYNC_KAFKA_SSL_CAFILE
   value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.caKey | quote }}
 {{- end }}
-{{- if .producer }}
+{{- if .ownIdentity }}
 {{- if (.clientTls | default dict).existingSecret }}
 - name: PORTAL_SYNC_KAFKA_SSL_CERTFILE
   value: /etc/portal-sync/kafka-client-tls/client.crt
@@ -189,7 +189,7 @@ portal-sync/producer: {{ . }}
   secret:
     secretName: {{ $v.kafka.tls.existingSecret }}
     defaultMode: 0440
-    {{- if .producer }}
+    {{- if .ownIdentity }}
     items:  # the brokers' CA only: the workers' client certificate and key stay theirs
       - key: {{ $v.kafka.tls.caKey }}
         path: {{ $v.kafka.tls.caKey }}
