@@ -3,8 +3,11 @@
 The store's state depends only on the set of events received, never on their order or
 on duplicates:
 
-1. Per (source, entity, key) only the highest version counts; an equal or lower version
-   changes nothing (counted as duplicate or stale).
+1. Per (source, entity, key) only the highest version counts; a lower version changes
+   nothing (stale), nor does the same event again (duplicate). Two different events of one
+   source with one version (a source that broke the version rule: adapters.md) are ordered
+   by event id, then op, then content, so that the store does not depend on which came
+   first, and a rebuild equals the live store.
 2. A delete removes that source's contribution and keeps a tombstone with its version, so a
    late, older upsert cannot bring it back.
 3. The canonical record merges the sources' current views field by field: each field comes
@@ -135,12 +138,37 @@ def _rule_list(entity: str, field_name: str, sources: Any) -> tuple[str, ...]:
 
 
 def decide(current: SourceView | None, version: int) -> Outcome:
-    """Rule 1: does an event of this version replace the source's current view?"""
+    """Rule 1: does an event of this version replace the source's current view? "duplicate"
+    says only that the version is the same: `same_version` tells the same change again
+    from another one."""
     if current is None or version > current.version:
         return "applied"
     if version == current.version:
         return "duplicate"
     return "stale"
+
+
+def same_version(
+    current: SourceView, event_id: str, deleted: bool, data: Mapping[str, Any] | None
+) -> Outcome:
+    """Rule 1's tie: an event of the current view's version. The same change again is a
+    duplicate; another change replaces the view if it orders after it (`change_order`), so
+    either arrival order ends with the same view."""
+    if event_id == current.event_id and deleted == current.deleted and data == current.data:
+        return "duplicate"
+    mine = change_order(event_id, deleted, data)
+    if mine > change_order(current.event_id, current.deleted, current.data):
+        return "applied"
+    return "duplicate"
+
+
+def change_order(
+    event_id: str, deleted: bool, data: Mapping[str, Any] | None
+) -> tuple[str, bool, bytes]:
+    """A total order of the changes a source sent with one version: event id, a delete after
+    an upsert, then the payload's canonical JSON (keys sorted). Payloads are JSON values as
+    validated (`ChangeEvent.data_dict`), the same read from the store."""
+    return (event_id, deleted, orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
 
 
 def live_views(views: Iterable[SourceView]) -> list[SourceView]:
@@ -260,7 +288,12 @@ def merge_events(
     latest: dict[tuple[str, str, str], ChangeEvent] = {}
     for event in events:
         slot = (event.entity, event.key, event.source)
-        if slot not in latest or event.version > latest[slot].version:
+        current = latest.get(slot)
+        if (
+            current is None
+            or event.version > current.version
+            or (event.version == current.version and _order_of(event) > _order_of(current))
+        ):
             latest[slot] = event
     views: dict[tuple[str, str], list[SourceView]] = {}
     for (entity, key, source), event in latest.items():
@@ -269,6 +302,10 @@ def merge_events(
         views.setdefault((entity, key), []).append(view)
     merged = {key: merge(key[0], record_views, authority) for key, record_views in views.items()}
     return {key: record for key, record in merged.items() if record is not None}
+
+
+def _order_of(event: ChangeEvent) -> tuple[str, bool, bytes]:
+    return change_order(str(event.event_id), event.op == "delete", event.data_dict())
 
 
 def _best_by_field(

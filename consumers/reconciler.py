@@ -25,6 +25,7 @@ from consumers.merge import (
     field_conflicts,
     merge,
     record_changes,
+    same_version,
     unusual_transition,
 )
 from consumers.registry import Registry
@@ -545,6 +546,9 @@ class Reconciler:
         record_key = (event.entity, event.key)
         current = work.views.get(record_key, {}).get(event.source)
         outcome = decide(current, event.version)
+        if outcome == "duplicate" and current is not None:
+            deleted = event.op == "delete"
+            outcome = same_version(current, str(event.event_id), deleted, checked.data_dict())
         if outcome != "applied":
             return outcome
         event_id = str(event.event_id)

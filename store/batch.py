@@ -517,7 +517,8 @@ class PostgresBatchIO(BatchIO):
             " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
             " event_id = excluded.event_id, occurred_at = excluded.occurred_at,"
             " deleted = excluded.deleted, data = excluded.data, applied_at = excluded.applied_at"
-            " WHERE source_views.version < excluded.version",
+            # the same version too: another change of it that orders after (merge.same_version)
+            " WHERE source_views.version <= excluded.version",
             [
                 _naive(now),
                 text_array([e for e, _, _ in rows]),
@@ -890,7 +891,8 @@ class SqliteBatchIO(BatchIO):
             " ON CONFLICT (entity, key, source) DO UPDATE SET version = excluded.version,"
             " event_id = excluded.event_id, occurred_at = excluded.occurred_at,"
             " deleted = excluded.deleted, data = excluded.data, applied_at = excluded.applied_at"
-            " WHERE source_views.version < excluded.version",
+            # the same version too: another change of it that orders after (merge.same_version)
+            " WHERE source_views.version <= excluded.version",
             [
                 (
                     e,

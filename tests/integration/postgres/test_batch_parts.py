@@ -3,6 +3,7 @@ is merged) leaves the store exactly as the same batches written whole on SQLite.
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy import insert, select
 
 from consumers.reconciler import Reconciler
 from store.core import Store
-from store.tables import field_conflicts
+from store.tables import field_conflicts, source_views
 from tests.support.store_helpers import CITIZEN, Feed, anomaly_rows, event, history_rows
 from tests.unit.test_national_store_properties import (
     AUTHORITY_A,
@@ -137,3 +138,44 @@ def test_a_stored_conflict_the_views_do_not_explain_is_replaced(backend: str, re
         assert list(detected(store)) == [("full_name", (("province-01",), ("province-79",)))]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_changes_of_one_version_give_one_store_in_either_order(
+    backend: str, request: Any
+) -> None:
+    """A source that sent two changes with one version (and one event id): whichever comes
+    first, in one batch or two, the store keeps the one that orders after
+    (`merge.same_version`), on each backend (PostgreSQL's upsert guard lets the equal
+    version through)."""
+    record = next(i for i, (entity, _) in enumerate(RECORDS) if entity == "citizen")
+    name = "sex"
+    first, second = FIELDS["citizen"][name]
+    one = Spec(record, SOURCES[0], 3, 1, {name: first})
+    other = Spec(record, SOURCES[0], 3, 2, {name: second})
+    besides = Spec(record, SOURCES[1], 1, 0, {name: first})
+    states = []
+    for order in ([besides, one, other], [besides, other, one]):
+        for cuts in ([], [2]):
+            url = request.getfixturevalue(f"{backend}_store_url")
+            store = Store(url)
+            store.create_schema()
+            try:
+                reconciler = Reconciler(store, AUTHORITY_A)
+                for batch in split(stream(order), cuts):
+                    reconciler.apply(batch, [c.message for c in batch])
+                with store.engine.connect() as conn:
+                    views = conn.execute(
+                        select(
+                            source_views.c.source, source_views.c.version, source_views.c.data
+                        ).order_by(source_views.c.source)
+                    ).all()
+                states.append((state(store), [tuple(view) for view in views]))
+            finally:
+                store.drop_schema()
+                store.close()
+    assert all(found == states[0] for found in states), states
+    (record_row,) = states[0][0][0]
+    winner = max(first, second, key=lambda v: json.dumps({name: v}))
+    assert record_row[2][name] == winner
+    assert (SOURCES[0], 3, {name: winner}) in states[0][1]  # the view the store reads next
