@@ -42,7 +42,8 @@ from schemas.errors import ConfigurationError
 
 # The hash in deploy/prometheus/web-config.example.yml, of the password "change-me": a copy
 # of the example left as it is would let anyone who read the repository scrape.
-PUBLISHED_HASHES = frozenset({"$2b$12$g3CxhwMqxv4ceJfcLix3w.CHczPjaCJQpLVaz7aPzADSJ18QqYVfO"})
+# (after its "$2b$": "$2a$" and "$2y$" spell the same hash)
+PUBLISHED_HASHES = frozenset({"12$g3CxhwMqxv4ceJfcLix3w.CHczPjaCJQpLVaz7aPzADSJ18QqYVfO"})
 BCRYPT_HASH = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
 TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version"}
 CLIENT_AUTH = {
@@ -166,7 +167,7 @@ def _users(raw: Any, path: Path) -> dict[str, bytes]:
             raise ConfigurationError(
                 f"web config {path}: basic_auth_users.{user} must be a bcrypt hash ($2b$...)"
             )
-        if hashed in PUBLISHED_HASHES:
+        if "$".join(hashed.split("$")[2:]) in PUBLISHED_HASHES:  # $2a$, $2b$, $2y$ alike
             raise ConfigurationError(
                 f"web config {path}: basic_auth_users.{user} is the example's hash, whose "
                 "password is published: make a hash of your own (docs/operations.md)"

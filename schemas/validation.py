@@ -101,6 +101,8 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
         raise InvalidEvent("invalid_json", "message is not a JSON object")
     version = obj.get("schema_version")
     if type(version) is not int or version != 1:  # JSON true and 1.0 equal 1 in Python
+        if too_deep(obj):  # as below: compact JSON skipped the decoder's depth check
+            raise InvalidEvent("invalid_json", _TOO_DEEP)
         raise InvalidEvent("unsupported_schema_version", "schema_version must be 1")
     if b"\\u" not in raw and unicodedata.is_normalized("NFC", raw.decode("utf-8")):
         normalised: str | bytes = raw  # already NFC, no escapes: validate the bytes as sent

@@ -81,7 +81,8 @@ def settings_error(error: ValidationError) -> ConfigurationError:
     """Which settings are wrong and why, never the values given (a URL may hold a
     password)."""
     problems = "; ".join(
-        f"PORTAL_SYNC_{'_'.join(str(part) for part in found['loc']).upper()}: {found['msg']}"
+        (f"PORTAL_SYNC_{'_'.join(map(str, found['loc'])).upper()}: " if found["loc"] else "")
+        + found["msg"].removeprefix("Value error, ")
         for found in error.errors(include_input=False, include_url=False)
     )
     return ConfigurationError(f"settings: {problems}")

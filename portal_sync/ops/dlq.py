@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -296,11 +296,12 @@ def redrive(
     # cluster does not say: then the place alone, as recorded before migration 0014.
     topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
     done = store.redriven(topic, topic_id)
+    skew = timedelta(seconds=settings.max_clock_skew_seconds)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
             summary.selected += 1
-            if _redriven_already(done, letter):
+            if _redriven_already(done, letter, skew):
                 summary.already_redriven += 1
                 continue
             event = _event_of_its_key(letter, topics) if letter.redrivable else None
@@ -328,19 +329,23 @@ def redrive(
 
 
 def _redriven_already(
-    done: Mapping[tuple[int, int], datetime | None], letter: DeadLetterRecord
+    done: Mapping[tuple[int, int], datetime | None],
+    letter: DeadLetterRecord,
+    skew: timedelta,
 ) -> bool:
     """Whether the letter's redrive is recorded (`Store.redriven`). A redrive recorded
     without the topic's id may be of an earlier topic of the same name, whose letter had
-    the same place: it stands for this letter only if this one had failed by then. A
-    letter that does not say when it failed is re-driven: at worst its event is sent twice,
-    which the version rule makes a duplicate; never re-driven, it would be lost."""
+    the same place: it stands for this letter only if this one had failed by then, by the
+    worker's clock against the operator's, less the clocks' allowed skew. Else the letter
+    is re-driven: at worst its event is sent twice, which the version rule makes a
+    duplicate; never re-driven, it would be lost. So is a letter that does not say when it
+    failed."""
     if (place := (letter.partition, letter.offset)) not in done:
         return False
     recorded_at = done[place]
     if recorded_at is None:  # recorded with this topic's id
         return True
-    return letter.failed_at is not None and letter.failed_at <= recorded_at
+    return letter.failed_at is not None and letter.failed_at <= recorded_at - skew
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,30 @@ def test_a_letter_shows_its_source_only_when_it_is_a_source_id() -> None:
     assert leaked == []
     for source in ("0912345678", "079185123456", "nguyen.van.a@example.vn", "Trần Thị Bích Ngọc"):
         assert letter_of(b'{"source": "%s"}' % source.encode()).source is None
+
+
+def _failed_at(moment: datetime | None) -> DeadLetterRecord:
+    return DeadLetterRecord(0, 0, None, b"{}", "invalid_field", "", "t", "0", "0", moment, 1, None)
+
+
+def test_a_redrive_recorded_without_the_topics_id_stands_only_for_a_letter_failed_before_it() -> (
+    None
+):
+    """Such a redrive may be of an earlier topic of the same name, whose letter had this
+    place: a letter that failed after it, by the clocks less their allowed skew, is a new
+    one and is sent (at worst twice, a duplicate), never taken as re-driven (lost)."""
+    from datetime import timedelta
+
+    from portal_sync.ops.dlq import _redriven_already
+
+    at = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    skew = timedelta(seconds=5)
+    by_id: dict[tuple[int, int], datetime | None] = {(0, 0): None}
+    without_id: dict[tuple[int, int], datetime | None] = {(0, 0): at}
+    assert _redriven_already(by_id, _failed_at(at + timedelta(days=1)), skew)
+    assert _redriven_already(without_id, _failed_at(at - timedelta(minutes=1)), skew)
+    assert not _redriven_already(without_id, _failed_at(at + timedelta(seconds=1)), skew)
+    # a worker's clock 2 s behind the operator's: the new letter still goes out
+    assert not _redriven_already(without_id, _failed_at(at - timedelta(seconds=2)), skew)
+    assert not _redriven_already(without_id, _failed_at(None), skew)
+    assert not _redriven_already({}, _failed_at(at), skew)

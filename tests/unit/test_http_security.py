@@ -275,6 +275,14 @@ TLS_AB = {"cert_file": "a", "key_file": "b"}
     ("config", "message"),
     [
         ({"basic_auth_users": {"prometheus": PASSWORD}}, "must be a bcrypt hash"),
+        (  # the example's published hash, spelt $2y$
+            {
+                "basic_auth_users": {
+                    "p": "$2y$12$g3CxhwMqxv4ceJfcLix3w.CHczPjaCJQpLVaz7aPzADSJ18QqYVfO"
+                }
+            },
+            "the example's hash",
+        ),
         ({"http_server_config": {"http2": False}}, "http_server_config not supported"),
         ({"tls_server_config": {"cert_file": "x.crt"}}, "needs cert_file and key_file"),
         ({"tls_server_config": TLS_AB}, "cannot load cert_file .*a and key_file .*b: No such"),

@@ -125,7 +125,7 @@ def test_loads_exact_keeps_every_integer_exact() -> None:
 
 
 @pytest.mark.parametrize("depth", [33, 40, 200, 300])
-@pytest.mark.parametrize("where", ["data", "envelope"])
+@pytest.mark.parametrize("where", ["data", "envelope", "envelope of schema_version 2"])
 def test_a_message_nested_too_deep_is_refused_alike_whatever_its_whitespace(
     depth: int, where: str
 ) -> None:
@@ -141,6 +141,8 @@ def test_a_message_nested_too_deep_is_refused_alike_whatever_its_whitespace(
         event["data"]["x"] = nested
     else:
         event["x"] = nested
+    if where.endswith("2"):
+        event["schema_version"] = 2
     compact = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
     spaced = json.dumps(event, ensure_ascii=False).encode()
     escaped = json.dumps(event).encode()  # "\u1ec5": not validated as sent

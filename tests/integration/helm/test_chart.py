@@ -619,8 +619,15 @@ def test_a_producer_never_gets_the_workers_kafka_identity(
     assert "p1 needs kafkaTls.existingSecret" in no_certificate.stderr
     over_sasl = values_file("[[sources]]\n", kafkaSasl={"existingSecret": "p1-kafka"},
                             kafkaTls={"existingSecret": "p1-tls"})  # fmt: skip
-    refused = template(helm, "-f", over_sasl, *sasl)
+    refused = template(helm, "-f", over_sasl, "--set", "kafka.securityProtocol=SASL_PLAINTEXT",
+                       "--set", "kafka.sasl.existingSecret=w")  # fmt: skip
     assert refused.returncode != 0 and "sets kafkaTls" in refused.stderr
+    # SASL_SSL with client certificates too: its own, beside its own user.
+    client_certificates = MUTUAL_TLS[2:]  # kafka.tls's secret, certKey and keyKey
+    both = render(helm, "-f", over_sasl, *sasl, *client_certificates)
+    env = env_of(one(both, "Deployment", f"{FULLNAME}-producer-p1"))
+    assert env["PORTAL_SYNC_KAFKA_SSL_CERTFILE"] == "/etc/portal-sync/kafka-client-tls/client.crt"
+    assert env["PORTAL_SYNC_KAFKA_SASL_USERNAME"]["secretKeyRef"]["name"] == "p1-kafka"
 
     own = values_file("[[sources]]\n", kafkaTls={"existingSecret": "p1-tls"})
     manifests = render(helm, "-f", own, *MUTUAL_TLS)
@@ -651,7 +658,9 @@ def test_the_toolbox_runs_the_operators_commands_as_its_own_principal(
     values = yaml.safe_load(PRODUCTION.read_text())
     toolbox = one(production, "Deployment", f"{FULLNAME}-toolbox")
     main = container(toolbox)
-    assert main["command"] == ["python", "-c", "import signal; signal.pause()"]
+    assert main["command"][:2] == ["python", "-c"]
+    idle = main["command"][2]
+    assert "signal.SIGTERM" in idle and idle.endswith("signal.pause()")  # ends on SIGTERM
     env = env_of(toolbox)
     own = values["toolbox"]["kafkaSasl"]["existingSecret"]
     assert env["PORTAL_SYNC_KAFKA_SASL_USERNAME"]["secretKeyRef"]["name"] == own
