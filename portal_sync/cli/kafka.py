@@ -63,6 +63,8 @@ def kafka_up(
 
     settings = Settings()
     where = data_dir or settings.kafka_data_dir
+    if nodes is not None and port is not None and port + nodes - 1 > LISTEN_PORT["max"]:
+        raise fail(f"--port {port} leaves no port for node {nodes} (node k on port P+k-1)", 2)
     if nodes is not None or is_cluster(where):
         if secure:
             raise fail("--secure is for the single broker, not a local cluster", code=2)

@@ -143,6 +143,7 @@ def test_a_setting_out_of_its_range_is_a_configuration_error_naming_it(
         (["worker", "--metrics-port", "70000"], {}, "--metrics-port"),
         (["produce", "--config", "x.toml", "--metrics-port", "-1"], {}, "--metrics-port"),
         (["kafka", "up", "--port", "0"], {}, "--port"),
+        (["kafka", "up", "--nodes", "3", "--port", "65535"], {}, "--port 65535 leaves no port"),
     ],
 )
 def test_an_option_out_of_its_range_is_refused_before_anything_runs(
@@ -159,7 +160,7 @@ def test_an_option_out_of_its_range_is_refused_before_anything_runs(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "Invalid value" in done.stderr and option in done.stderr, done.stderr
+    assert option in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 
