@@ -27,14 +27,13 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from consumers.reconciler import AcceptedEvent, Checked, DeadLetter, classify
+from consumers.checks import AcceptedEvent, Checked, DeadLetter, classify
 from consumers.registry import Registry
 from consumers.runtime import tune_garbage_collector
-from store import utcnow
-from transport.reader import Message
+from transport.message import Message
 from transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class Validators:
         self, messages: Sequence[Message], now: datetime | None = None
     ) -> tuple[list[Checked], list[DeadLetter]]:
         """`classify`'s answer for these messages, the checks done in the children."""
-        now = now or utcnow()
+        now = now or datetime.now(UTC)
         size = -(-len(messages) // self.processes) or 1
         slices = [messages[i : i + size] for i in range(0, len(messages), size)]
         try:

@@ -15,48 +15,12 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from schemas.values import value_class
 from transport import clients
 from transport.config import KafkaConnection
+from transport.message import TP as TP  # re-exported: the transport's record types
+from transport.message import Message as Message
 
-TP = tuple[str, int]
 OffsetRange = tuple[int, int]  # [start, end)
-
-
-@value_class
-class Message:
-    """One Kafka record."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    timestamp_ms: int | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    # The broker's time of the append (the topic's `LogAppendTime`), not the producer's.
-    appended: bool = False
-
-    @property
-    def tp(self) -> TP:
-        return (self.topic, self.partition)
-
-    def header(self, name: str) -> bytes | None:
-        for header, value in self.headers:
-            if header == name:
-                return value
-        return None
-
-    @property
-    def attempt(self) -> int:
-        """1 for a first delivery; a re-driven dead letter carries its previous attempt."""
-        value = self.header("ps.attempt")
-        if value is None:
-            return 1
-        try:
-            return int(value) + 1
-        except ValueError:
-            return 1
 
 
 @dataclass(frozen=True)
