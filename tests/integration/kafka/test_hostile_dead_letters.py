@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -304,7 +304,9 @@ def test_a_letter_of_a_dead_letter_topic_created_again_is_not_taken_as_re_driven
     """The dead-letter topic deleted and created again numbers its letters from 0 again:
     a new letter at a place an earlier topic's letter was re-driven from is still sent.
     A redrive recorded without the topic's id (before migration 0014) still stands for the
-    letter it re-drove, and not for one that failed after it."""
+    letter it re-drove, which failed well before it, and not for one that failed after it
+    (nor for one that failed within the clocks' allowed skew of it: sent again, at worst a
+    duplicate)."""
     from portal_sync.ops.dlq import iter_dead_letters, redrive
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
@@ -312,16 +314,18 @@ def test_a_letter_of_a_dead_letter_topic_created_again_is_not_taken_as_re_driven
     store = Store(settings.store_url)
     store.create_schema()
 
-    def one_letter(version: int) -> Any:
+    def one_letter(version: int, failed: datetime | None = None) -> Any:
         publisher = publisher_for(settings)
         value = json.dumps(EVENT | {"version": version}).encode()
-        publisher.send(dead_letter_topic(settings), EVENT_KEY, value, _headers(settings))
+        at = {"ps.failed_at": failed.isoformat().encode()} if failed else None
+        publisher.send(dead_letter_topic(settings), EVENT_KEY, value, _headers(settings, at))
         publisher.flush()
         publisher.close()
         return redrive(settings, store, iter_dead_letters(settings))
 
     try:
-        assert one_letter(1).redriven == 1
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        assert one_letter(1, failed=an_hour_ago).redriven == 1
         if recorded == "without an id":
             with store.engine.begin() as conn:
                 conn.execute(text("UPDATE dead_letter_redrives SET topic_id = ''"))
