@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from consumers.checks import Checked
 from consumers.merge import Authority
-from consumers.reconciler import Checked, Message, Reconciler
+from consumers.reconciler import Message, Reconciler
 from consumers.registry import Registry
 from schemas import derive_event_id, parse_event
 from store import Store

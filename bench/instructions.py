@@ -92,8 +92,9 @@ def peer_pairs(harness: Path, events: int) -> list[tuple[bytes, bytes]]:
 def apply_events(messages_file: Path, count: int, store_url: str) -> float:
     """Check and apply the first `count` placed messages (`place`); CPU µs per event."""
     from consumers.cache import RecordCache
+    from consumers.checks import classify
     from consumers.config import load_rules
-    from consumers.reconciler import Reconciler, classify
+    from consumers.reconciler import Reconciler
     from consumers.runtime import tune_garbage_collector
     from store import Store
     from transport.reader import Message

@@ -1,10 +1,11 @@
 """Applying a batch of change messages to the store, exactly once per partition offset.
 
-`classify` is pure: it turns raw messages into valid events and dead letters. `Reconciler`
-opens one store unit of work per batch: it gets the stored offsets and the current views of
-every record the batch touches, skips what is already applied, applies the version rule per
-(source, entity, key), re-merges every touched record in memory, and hands the store one
-set of typed changes (views, records, history, conflicts, anomalies, owners, offsets).
+`consumers.checks.classify` (pure) turns raw messages into valid events and dead letters.
+`Reconciler` opens one store unit of work per batch: it gets the stored offsets and the
+current views of every record the batch touches, skips what is already applied, applies
+the version rule per (source, entity, key), re-merges every touched record in memory, and
+hands the store one set of typed changes (views, records, history, conflicts, anomalies,
+owners, offsets).
 A live worker's reconciler keeps the records its batches applied (`consumers.cache`) and
 takes them instead of reading them back while the store confirms nothing else wrote them.
 """
@@ -18,13 +19,7 @@ from time import perf_counter
 from typing import Any
 
 from consumers.cache import RecordCache
-from consumers.checks import (  # re-exported: the reconciler's checks, in their own module
-    DEFAULT_MAX_CLOCK_SKEW_SECONDS as DEFAULT_MAX_CLOCK_SKEW_SECONDS,
-)
-from consumers.checks import AcceptedEvent as AcceptedEvent
-from consumers.checks import Checked as Checked
-from consumers.checks import DeadLetter as DeadLetter
-from consumers.checks import classify as classify
+from consumers.checks import AcceptedEvent, Checked
 from consumers.merge import (
     Authority,
     Outcome,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consumers.cache import DEFAULT_RECORDS, RecordCache
+from consumers.checks import DEFAULT_MAX_CLOCK_SKEW_SECONDS, Checked, DeadLetter, classify
 from consumers.config import (
     RULES_FILES,
     RULES_FINGERPRINT,
@@ -49,14 +50,7 @@ from consumers.metrics import (
     record_dead_letters,
     record_warnings,
 )
-from consumers.reconciler import (
-    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
-    Checked,
-    DeadLetter,
-    Reconciler,
-    classify,
-    starts_after,
-)
+from consumers.reconciler import Reconciler, starts_after
 from consumers.registry import Registry
 from consumers.retention import Retention, catch_up_if_due, purge_within
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,16 +200,8 @@ class Settings(BaseSettings):
             )
         try:
             return KafkaConnection(bootstrap=self.kafka_bootstrap, **self.kafka_security)
-        except ValidationError as error:  # which setting and why, never its value
-            problems = "; ".join(
-                (
-                    f"{found['loc'][0]} (PORTAL_SYNC_KAFKA_{str(found['loc'][0]).upper()}): "
-                    if found["loc"]
-                    else ""
-                )
-                + found["msg"].removeprefix("Value error, ")
-                for found in error.errors(include_input=False, include_url=False)
-            )
+        except ValidationError as error:
+            problems = setting_problems(error, lambda f: f"{f} (PORTAL_SYNC_KAFKA_{f.upper()})")
             raise ConfigurationError(f"Kafka connection settings: {problems}") from None
 
     def reference_key(self) -> ReferenceKey | None:
@@ -316,6 +309,17 @@ def load_reference_key(path: Path | None) -> ReferenceKey | None:
             f"make one with: {KEY_HOWTO}"
         )
     return ReferenceKey(secret)
+
+
+def setting_problems(error: ValidationError, label: Callable[[str], str]) -> str:
+    """Which settings are wrong and why, never the values given (a URL or a password may
+    be one): each problem as `label(field): message`, the message alone for a problem of
+    the whole model."""
+    return "; ".join(
+        (f"{label('_'.join(map(str, found['loc'])))}: " if found["loc"] else "")
+        + found["msg"].removeprefix("Value error, ")
+        for found in error.errors(include_input=False, include_url=False)
+    )
 
 
 def deployment_settings(deployment: Deployment, settings: Settings) -> Settings:

@@ -29,6 +29,7 @@ from portal_sync.cli import (
     store,
 )
 from portal_sync.cli.options import err_console
+from portal_sync.settings import setting_problems
 from schemas.errors import ConfigurationError, PortalSyncError, Refused, TransientError
 
 app = typer.Typer(
@@ -80,11 +81,7 @@ PRIVATE_UMASK = 0o077
 def settings_error(error: ValidationError) -> ConfigurationError:
     """Which settings are wrong and why, never the values given (a URL may hold a
     password)."""
-    problems = "; ".join(
-        (f"PORTAL_SYNC_{'_'.join(map(str, found['loc'])).upper()}: " if found["loc"] else "")
-        + found["msg"].removeprefix("Value error, ")
-        for found in error.errors(include_input=False, include_url=False)
-    )
+    problems = setting_problems(error, lambda field: f"PORTAL_SYNC_{field.upper()}")
     return ConfigurationError(f"settings: {problems}")
 
 

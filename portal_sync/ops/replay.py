@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from consumers.checks import Checked, classify
 from consumers.config import load_rules
-from consumers.reconciler import BatchReport, Checked, Reconciler, classify, starts_after
+from consumers.reconciler import BatchReport, Reconciler, starts_after
 from portal_sync.settings import Settings
 from schemas.errors import ConfigurationError, Refused, TransientError
 from store import HistoryEntry, Store, TopicPartition

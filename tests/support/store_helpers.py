@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from consumers.checks import Checked
 from consumers.merge import Authority
-from consumers.reconciler import BatchReport, Checked, Message, Reconciler
+from consumers.reconciler import BatchReport, Message, Reconciler
 from consumers.registry import Registry, SourceInfo
 from schemas import derive_event_id, parse_event
 from store.core import Store

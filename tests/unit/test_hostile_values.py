@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumers.reconciler import classify
+from consumers.checks import classify
 from schemas import InvalidEvent, message_key, parse_event, partition_for
 from schemas.dead_letter import Reason
 from transport.reader import Message

@@ -13,8 +13,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumers.checks import Checked
 from consumers.merge import Authority, SourceView, field_conflicts, merge
-from consumers.reconciler import Checked, Message, Reconciler, document_owner
+from consumers.reconciler import Message, Reconciler, document_owner
 from schemas import derive_event_id, parse_event
 from store.core import Store
 from tests.support.store_helpers import (

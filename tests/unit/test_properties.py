@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from consumers.checks import Checked
 from consumers.merge import Authority, SourceView, merge
-from consumers.reconciler import Checked, Message, Reconciler, offset_ranges
+from consumers.reconciler import Message, Reconciler, offset_ranges
 from schemas import derive_event_id, parse_event
 from store.core import Store
 from store.tables import applied_offsets, apply_journal, records, source_views

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.cache import RecordCache
-from consumers.reconciler import Checked, Reconciler
+from consumers.checks import Checked
+from consumers.reconciler import Reconciler
 from schemas.views import SourceView
 from store.core import Store
 from tests.support.store_helpers import T0, anomaly_rows, fresh_store, history_rows

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.reconciler import classify
+from consumers.checks import classify
 from consumers.registry import Registry, SourceInfo
 from consumers.signatures import SignatureError, TrustedKey, check_signer, signed_at_ms, verify
 from schemas import message_key, partition_for

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from consumers.checks import Checked, DeadLetter, classify
 from consumers.config import load_rules
 from consumers.merge import Authority
-from consumers.reconciler import Checked, DeadLetter, Reconciler, classify
+from consumers.reconciler import Reconciler
 from consumers.registry import Registry
 from consumers.runtime import GC_THRESHOLDS
 from consumers.validators import Rules, Validators

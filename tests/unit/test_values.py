@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from mypy import api as mypy_api
 
-from consumers.reconciler import Checked, DeadLetter, EventOutcome
+from consumers.checks import Checked, DeadLetter
+from consumers.reconciler import EventOutcome
 from schemas.validation import ValidEvent
 from schemas.views import CanonicalRecord, SourceView
 from store.core import ViewRow

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.reconciler import classify
+from consumers.checks import classify
 from consumers.registry import EntityRules, Registry, SourceInfo
 from consumers.scope import scope_violation
 from schemas import message_key, parse_event, partition_for

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from consumers.checks import Checked
 from consumers.merge import Authority
 from consumers.metrics import RETENTION_FAILURES
-from consumers.reconciler import Checked, Message
+from consumers.reconciler import Message
 from consumers.registry import Registry
 from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
@@ -128,8 +129,8 @@ def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
 def test_unregistered_sources_count_as_rejected_and_contract_violations_as_dead_lettered() -> None:
     from prometheus_client import REGISTRY
 
+    from consumers.checks import DeadLetter
     from consumers.metrics import record_dead_letters
-    from consumers.reconciler import DeadLetter
 
     def count(source: str, outcome: str) -> float:
         labels = {"source": source, "entity": source, "outcome": outcome}

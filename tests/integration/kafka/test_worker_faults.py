@@ -325,7 +325,7 @@ def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
 ) -> None:
     """Finding 7: isolating a poison re-published the batch's other dead letters once per
     halving level; now each invalid message is dead-lettered once per delivery."""
-    from consumers.reconciler import Checked
+    from consumers.checks import Checked
     from transport.reader import Message
 
     settings, store, processor = _processor(settings_for, sqlite_store_url)
@@ -357,7 +357,7 @@ def test_dead_letters_are_acknowledged_before_the_commit_and_sent_once_across_st
     and awaited just before its commit; a store that fails transiently after they were
     sent does not make the retry send them again, and the batch's offsets are committed
     only after the acks."""
-    from consumers.reconciler import Checked
+    from consumers.checks import Checked
     from store import StoreUnavailable
     from transport.reader import Message
 
@@ -633,7 +633,7 @@ def test_soft_check_warnings_are_counted_once_across_store_retries(
     store that fails after the batch's offsets were read makes the worker try again."""
     from prometheus_client import REGISTRY
 
-    from consumers.reconciler import Checked
+    from consumers.checks import Checked
     from store import StoreUnavailable
     from transport.reader import Message
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
 
+from consumers.checks import classify
 from consumers.merge import (
     DOSSIER_TRANSITIONS,
     Authority,
@@ -27,7 +28,7 @@ from consumers.merge import (
     record_changes,
     unusual_transition,
 )
-from consumers.reconciler import Message, Reconciler, classify
+from consumers.reconciler import Message, Reconciler
 from consumers.registry import Registry
 from store import queries
 from store.core import Store
