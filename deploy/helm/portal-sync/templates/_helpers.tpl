@@ -331,3 +331,42 @@ spec:
       targetPort: metrics
       protocol: TCP
 {{- end }}
+
+{{/* A pod with a Kafka identity of its own, never the workers' (a producer, the toolbox):
+     what the chart refuses. (dict "root" $ "who" "producers: p1" "at" "" or "toolbox."
+     "sasl" SECRET "clientTls" {...}) */}}
+{{- define "portal-sync.ownIdentity.validate" -}}
+{{- $protocol := .root.Values.kafka.securityProtocol -}}
+{{- if and .sasl (not (hasPrefix "SASL" $protocol)) }}
+{{- fail (printf "%s sets kafkaSasl, but kafka.securityProtocol %s has no SASL user: it would connect as the workers" .who $protocol) }}
+{{- end }}
+{{- if and (hasPrefix "SASL" $protocol) (not .sasl) }}
+{{- fail (printf "%s needs %skafkaSasl.existingSecret, a Kafka user of its own: with the workers' it could read every change topic (docs/security.md)" .who .at) }}
+{{- end }}
+{{- if and .clientTls.existingSecret (not (has $protocol (list "SSL" "SASL_SSL"))) }}
+{{- fail (printf "%s sets kafkaTls (a client certificate), but kafka.securityProtocol %s has no TLS" .who $protocol) }}
+{{- end }}
+{{- if and (eq $protocol "SSL") .root.Values.kafka.tls.certKey (not .clientTls.existingSecret) }}
+{{- fail (printf "%s needs %skafkaTls.existingSecret, a client certificate of its own: with the workers' it could read every change topic (docs/security.md)" .who .at) }}
+{{- end }}
+{{- end }}
+
+{{/* Its own client certificate (kafkaTls), as PORTAL_SYNC_KAFKA_SSL_CERTFILE/_KEYFILE name
+     it: the volume and the mount. (dict "clientTls" {...} with an existingSecret) */}}
+{{- define "portal-sync.clientTlsVolume" -}}
+- name: kafka-client-tls
+  secret:
+    secretName: {{ .clientTls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .clientTls.certKey | default "tls.crt" }}
+        path: client.crt
+      - key: {{ .clientTls.keyKey | default "tls.key" }}
+        path: client.key
+{{- end }}
+
+{{- define "portal-sync.clientTlsMount" -}}
+- name: kafka-client-tls
+  mountPath: /etc/portal-sync/kafka-client-tls
+  readOnly: true
+{{- end }}
