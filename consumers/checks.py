@@ -93,6 +93,9 @@ def classify(
     valid: list[Checked] = []
     dead: list[DeadLetter] = []
     for message in messages:
+        if message.unreadable is not None:  # the Kafka client could not read it
+            dead.append(DeadLetter(message, *message.unreadable))
+            continue
         try:
             signer = None
             signed_at: int | None = None

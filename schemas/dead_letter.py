@@ -56,6 +56,8 @@ class Reason(StrEnum):
     OUT_OF_SCOPE = "out_of_scope"
     APPLY_FAILED = "apply_failed"
     SKIPPED_BY_OPERATOR = "skipped_by_operator"
+    # a record batch the Kafka clients could not read (transport.guard): no value
+    UNREADABLE_BATCH = "unreadable_batch"
     # the producers' adapters
     UNREADABLE_FILE = "unreadable_file"
     UNMAPPABLE_RECORD = "unmappable_record"

@@ -32,6 +32,7 @@ from kafka.errors import KafkaConnectionError, KafkaError
 
 from schemas.errors import ConfigurationError, Refused, TransientError
 from transport.config import KafkaConnection
+from transport.guard import install as guard_records
 
 
 def translate(
@@ -247,6 +248,7 @@ def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any
 
 def consumer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
     quiet_client_debug()
+    guard_records()
     try:
         return KafkaConsumer(**_options(connection), client_id=client_id, **options)
     except KafkaError as error:

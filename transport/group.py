@@ -32,6 +32,8 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas.errors import ConfigurationError, TransientError
 from transport.clients import quiet_client_debug, translate
 from transport.config import KafkaConnection
+from transport.guard import install as guard_records
+from transport.guard import unreadable
 from transport.reader import LOG_APPEND_TIME, Message
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,21 @@ def check_topic_ids(
         )
 
 
+def _unreadable_message(topic: str, partition: int, record: Any) -> Message:
+    """A record the guard marked: its reason, and the headers that were read."""
+    return Message(
+        topic,
+        partition,
+        record.offset,
+        record.value,
+        record.key,
+        record.timestamp,
+        tuple((name, value or b"") for name, value in record.headers[1:]),
+        record.timestamp_type == LOG_APPEND_TIME,
+        unreadable(record.headers),
+    )
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, member: GroupMember) -> None:
         self.member = member
@@ -124,6 +141,7 @@ class GroupMember:
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         quiet_client_debug()
+        guard_records()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=connection.servers(),
             group_id=group_id,
@@ -240,6 +258,8 @@ class GroupMember:
                     tuple((name, value or b"") for name, value in r.headers),
                     r.timestamp_type == LOG_APPEND_TIME,
                 )
+                if unreadable(r.headers) is None
+                else _unreadable_message(topic, partition, r)
                 for r in records
             ]
         return messages

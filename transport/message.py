@@ -22,6 +22,9 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
     # The broker's time of the append (the topic's `LogAppendTime`), not the producer's.
     appended: bool = False
+    # (reason code, reason) of a record the Kafka client could not read (`transport.guard`):
+    # a record batch too large when decompressed, a header name that is not UTF-8.
+    unreadable: tuple[str, str] | None = None
 
     @property
     def tp(self) -> TP:

@@ -138,6 +138,8 @@ class Publisher:
         topic's metadata, or (`keep_refused_letters`) once a write of one was refused."""
         if self._letters_refused is not None:
             raise self._letters_refused
+        if key is None and value is None:  # a record needs one (a batch's letter has neither)
+            value = b""
         if not self._dead_letters_writable:
             self._check_writable(self.topics.dead_letters)
             self._dead_letters_writable = True

@@ -17,6 +17,7 @@ from kafka.errors import KafkaError
 
 from transport import clients
 from transport.config import KafkaConnection
+from transport.guard import unreadable
 from transport.message import TP as TP  # re-exported: the transport's record types
 from transport.message import Message as Message
 
@@ -144,7 +145,8 @@ LOG_APPEND_TIME = 1  # a record's timestamp type (0: CreateTime) in both Kafka c
 
 def to_message(record: Any) -> Message:
     """A kafka-python ConsumerRecord as a Message."""
-    headers = tuple((name, value or b"") for name, value in (record.headers or []))
+    marked = unreadable(record.headers)
+    read = record.headers[1:] if marked is not None else record.headers or []
     return Message(
         record.topic,
         record.partition,
@@ -152,6 +154,7 @@ def to_message(record: Any) -> Message:
         record.value,
         record.key,
         record.timestamp,
-        headers,
+        tuple((name, value or b"") for name, value in read),
         record.timestamp_type == LOG_APPEND_TIME,
+        marked,
     )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,12 @@ def corpus_messages(tmp_path: Path) -> tuple[list[Message], Path]:
         partition = partition_for(key, 6) if key else 0
         topic = TOPICS.change_topic(line["entity"])
         messages.append(Message(topic, partition, offset, value, key, now_ms, tuple(headers)))
+    # Records the Kafka client could not read (transport.guard): one with its value, one
+    # standing for a whole batch.
+    first = messages[0]
+    marks = [("not_utf8", "a header name is not UTF-8"), ("unreadable_batch", "batch 9-12")]
+    messages.append(replace(first, offset=len(messages), unreadable=marks[0]))
+    messages.append(Message(first.topic, 0, len(messages) + 3, None, unreadable=marks[1]))
     return messages, registry
 
 
@@ -98,6 +105,10 @@ def test_children_judge_every_message_as_the_worker_does(tmp_path: Path) -> None
     now = utcnow()
     expected = summary(classify(messages, registry, topics=TOPICS, now=now))
     assert len(expected[0]) >= 50 and len(expected[1]) >= 200  # both kinds, signed
+    assert [d[1:] for d in expected[1][-2:]] == [
+        ("not_utf8", "a header name is not UTF-8"),
+        ("unreadable_batch", "batch 9-12"),
+    ]
     validators = Validators(2, Rules(registry, TOPICS, 300.0))
     try:
         checked_there = validators.classify(messages, now)

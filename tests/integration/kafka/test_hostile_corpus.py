@@ -34,14 +34,17 @@ pytestmark = pytest.mark.kafka
 
 DEPLOY_REGISTRY = Path(__file__).resolve().parents[3] / "deploy" / "registry.toml"
 # Reasons the corpus does not reach: the store's own refusal, an operator's skip, an
-# unregistered source (with signatures required it has no key: bad_signature first), and
-# the file adapters' own (a producer's, before any event exists).
+# unregistered source (with signatures required it has no key: bad_signature first), the
+# file adapters' own (a producer's, before any event exists), and a batch the clients
+# cannot read (not a message a producer can send).
 NOT_IN_CORPUS = {
     "apply_failed",
     "skipped_by_operator",
     "unregistered_source",
     "unreadable_file",
     "unmappable_record",
+    # a record batch written byte by byte (tests/integration/kafka/test_unreadable_batches.py)
+    "unreadable_batch",
 }
 
 
