@@ -360,10 +360,23 @@ def dlq_redrive(
     source: Annotated[str | None, typer.Option("--source")] = None,
     since: TimeOpt = None,
     until: TimeOpt = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            metavar="SECONDS",
+            min=0,
+            max=3600,
+            help="How long to wait for the worker to apply a partition's events up to the "
+            "log's end before its letters are held back (default 30)",
+        ),
+    ] = 30.0,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Re-publish selected dead letters to their original topic, each once, recorded."""
+    """Re-publish selected dead letters to their original topic, each once, recorded; never
+    one older than the store's or than one this run sent of the same key, nor while the
+    worker has not applied its partition up to the log's end (held back: run it again)."""
     from portal_sync.ops.dlq import Filters, iter_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
     from store import Store
@@ -380,14 +393,21 @@ def dlq_redrive(
     target = Store(settings.store_url)
     target.require_schema()
     try:
-        summary = run_redrive(settings, target, letters)
+        summary = run_redrive(settings, target, letters, wait)
     finally:
         target.close()
     console.print(f"selected {summary.selected}: re-driven {summary.redriven}, already re-driven "
                   f"{summary.already_redriven}, not re-drivable (rejected at a source, not from "
                   f"a change topic, or not an event of its key) {summary.not_redrivable}, "
-                  f"superseded (the store holds "
+                  f"superseded (the store holds, or this run sent, "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
+    if summary.held_back:
+        where = ", ".join(f"{t}:{p}" for t, p in sorted(summary.behind))
+        console.print(plain(
+            f"held back {summary.held_back}: the worker has not applied {where} up to the "
+            f"log's end within {wait:g} s (a newer event of their key may wait there); "
+            "run the redrive again once it has"))  # fmt: skip
+        raise typer.Exit(1)
 
 
 @dlq_app.command("import")

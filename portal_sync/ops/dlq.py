@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from schemas.dead_letter import (
 )
 from schemas.errors import Refused
 from schemas.events import SOURCE_ID
-from schemas.partitioning import message_key
+from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
 from store import Store
@@ -277,20 +278,67 @@ class RedriveSummary:
     redriven: int = 0
     already_redriven: int = 0
     not_redrivable: int = 0
-    superseded: int = 0  # the store holds the same or a newer version of that source's view
+    # the store holds the same or a newer version of that source's view, or this run sent one
+    superseded: int = 0
+    held_back: int = 0  # their partition's worker had not caught up (`CaughtUp`)
+    behind: set[tuple[str, int]] = field(default_factory=set)  # those partitions
+
+
+class CaughtUp:
+    """Whether the store has applied the partition of a message key in a change topic up
+    to the log end it had when first asked in this run, waiting at most `wait` seconds for
+    it. Only then does the store's version of a view say whether a letter is superseded: a
+    newer event of the same key still unapplied in the log would come before the re-driven
+    one, which the log cleaner would then keep as the key's last."""
+
+    def __init__(self, settings: Settings, store: Store, wait: float) -> None:
+        self.settings = settings
+        self.store = store
+        self.wait = wait
+        self.ends: dict[str, dict[tuple[str, int], int]] = {}
+        self.known: dict[tuple[str, int], bool] = {}
+
+    def partition(self, topic: str, key: bytes) -> tuple[str, int]:
+        """The message's partition, as the publisher places it (the topic's own count)."""
+        if topic not in self.ends:
+            self.ends[topic] = admin.end_offsets(self.settings.connection(), [topic])
+        return topic, partition_for(key, max(len(self.ends[topic]), 1))
+
+    def __call__(self, place: tuple[str, int]) -> bool:
+        if place not in self.known:
+            end = self.ends[place[0]].get(place, 0)
+            deadline = time.monotonic() + self.wait
+            while True:
+                applied = self.store.stored_offsets([place]).get(place, 0)
+                if applied >= end or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.25)
+            self.known[place] = applied >= end
+        return self.known[place]
 
 
 def redrive(
-    settings: Settings, store: Store, letters: Iterable[DeadLetterRecord]
+    settings: Settings,
+    store: Store,
+    letters: Iterable[DeadLetterRecord],
+    wait: float = 30.0,
 ) -> RedriveSummary:
     """Re-publish each selected dead letter to its original topic once, and record it.
     Only to one of the change topics, and only an event of its own key and topic
     (`_event_of_its_key`): a letter whose origin is unknown, or a source, or any other
     topic, and one that is no such event, counts as not re-drivable. The letters are taken
-    one at a time as
-    they come (`iter_dead_letters`): a broad selection is never held in memory."""
+    one at a time as they come (`iter_dead_letters`): a broad selection is never held in
+    memory, only the versions this run sent.
+
+    A re-driven event becomes the last of its compaction key: never one older than what
+    the store holds, nor than what this run already sent of the key (superseded), nor
+    while its partition has events the worker has not applied yet (held back: `CaughtUp`,
+    waiting up to `wait` seconds per partition). What a source sends of the same key while
+    the redrive runs may still come before it; the live store keeps the newer either way."""
     summary = RedriveSummary()
     topics = settings.topics()
+    caught_up = CaughtUp(settings, store, wait)
+    sent: dict[tuple[str, str, str], int] = {}
     topic = topics.dead_letters
     # The topic's id (a topic created again numbers its letters from 0 again); '' when the
     # cluster does not say: then the place alone, as recorded before migration 0014.
@@ -308,6 +356,14 @@ def redrive(
             if event is None:
                 summary.not_redrivable += 1
                 continue
+            if event[3] <= sent.get(event[:3], -1):  # this run sent that key's newer one
+                summary.superseded += 1
+                continue
+            place = caught_up.partition(letter.origin_topic, letter.key or b"")
+            if not caught_up(place):
+                summary.held_back += 1
+                summary.behind.add(place)
+                continue
             if _superseded(store, event):
                 # Sent again, it would be the last event of its compaction key: the log
                 # cleaner would then remove the newer version (or delete) the store holds,
@@ -323,6 +379,7 @@ def redrive(
                 topic, letter.partition, letter.offset, code, letter.origin_topic, topic_id
             )
             summary.redriven += 1
+            sent[event[:3]] = event[3]
     finally:
         publisher.close()
     return summary

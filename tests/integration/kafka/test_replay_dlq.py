@@ -628,8 +628,52 @@ def test_a_letter_the_store_has_since_superseded_is_not_redriven(
     assert redrive.returncode == 0, redrive.stdout + redrive.stderr
     said = " ".join(redrive.stdout.split())
     assert "re-driven 0," in said, said
-    assert f"superseded (the store holds that version or a newer one) {len(first)}" in said
+    assert f"the store holds, or this run sent, that version or a newer one) {len(first)}" in said
     assert end_offsets(settings) == ends
+    assert exported(settings) == expected_export(events, Authority())
+
+
+def test_a_redrive_never_sends_a_key_s_older_version_last(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Letters of one key sent out of order (v2, then v1) are re-driven newest only: the
+    older, sent after it, would be the key's last message, which the log cleaner keeps. And
+    while the worker has not applied a letter's partition up to the log's end (a newer
+    event of its key may wait there), the letter is held back: exit 1, nothing sent."""
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    settings = settings_for(sqlite_store_url, registry=registry)
+    events = [e for e in citizen_events(10, 3, seed=8) if e["source"] == "province-79"]
+    by_version = {v: [e for e in events if e["version"] == v] for v in (1, 2, 3)}
+    _published(settings, tmp_path, by_version[2])
+    _published(settings, tmp_path, by_version[1])  # late, as after a producer's restart
+    _caught_up(settings)
+    keys = len(by_version[2])
+    listed = cli(settings, "dlq", "list", "--reason", "unregistered_source")
+    assert f"unregistered_source: {2 * keys}" in listed.stdout, listed.stdout
+    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
+                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+
+    ends = sum(end_offsets(settings).values())
+    redrive = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert redrive.returncode == 0, redrive.stdout + redrive.stderr
+    said = " ".join(redrive.stdout.split())
+    assert f"re-driven {keys}," in said and f"newer one) {keys}" in said, said
+    assert sum(end_offsets(settings).values()) == ends + keys  # the v2 letters alone
+    _caught_up(settings)
+    assert exported(settings) == expected_export(by_version[2], Authority())
+
+    _published(settings, tmp_path, by_version[3])  # not applied yet: no worker runs
+    ends = sum(end_offsets(settings).values())
+    held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "1")
+    said = " ".join(held.stdout.split())
+    assert held.returncode == 1, said + held.stderr
+    assert f"held back {keys}: the worker has not applied" in said, said
+    assert sum(end_offsets(settings).values()) == ends
+    _caught_up(settings)
+    again = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    said = " ".join(again.stdout.split())
+    assert again.returncode == 0 and "re-driven 0," in said and f"newer one) {keys}" in said, said
     assert exported(settings) == expected_export(events, Authority())
 
 
