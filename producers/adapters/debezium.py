@@ -199,9 +199,14 @@ class DebeziumAdapter(Adapter):
         when the event carries one. A message that cannot be mapped is dead-lettered with
         its bytes, and the reading goes on: a message read again from the same offset at
         every run would stop the source for good."""
+        origin = f"{message.topic}:{message.partition}:{message.offset}"
+        if message.unreadable is not None:  # a batch the Kafka client could not read
+            code, reason = message.unreadable
+            return SkippableRecord(
+                code, reason, origin, self.entity, None, message.value or b""
+            ), None
         if message.value is None:
             return None, None
-        origin = f"{message.topic}:{message.partition}:{message.offset}"
         key: str | None = None
         try:
             event = dbz.parse(message.value, self._local_times)
@@ -218,9 +223,10 @@ class DebeziumAdapter(Adapter):
             ), None
         except FatalError:
             raise
-        except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
+        except (ValueError, TypeError, ArithmeticError, RecursionError, OSError) as error:
             # Nesting beyond the parser's depth, a decimal with an absurd scale, a value
-            # the mapping cannot convert. The type only: messages can quote the value.
+            # the mapping cannot convert, a time beyond the platform's (`fromtimestamp`:
+            # OSError). The type only: messages can quote the value.
             problem_text = f"a value the mapping cannot convert ({type(error).__name__})"
             return SkippableRecord(
                 Reason.UNMAPPABLE_RECORD, problem_text, origin, self.entity, key, message.value

@@ -47,7 +47,15 @@ from sqlalchemy import (
 )
 
 from producers.metrics import OUTBOX_BEYOND_LOOKBACK
-from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    FatalError,
+    Item,
+    Record,
+    SkippableRecord,
+    State,
+)
 from schemas.events import ENTITIES, Entity
 
 
@@ -88,6 +96,7 @@ class OutboxAdapter(Adapter):
         self.zone = ZoneInfo(config.timezone)
         self._engine: Any = None
         self._table: Table | None = None
+        self._cleaned: set[int] = set()
         OUTBOX_BEYOND_LOOKBACK.set(source, config.table, 0)  # exported from the start
 
     def _connect(self) -> Table:
@@ -107,23 +116,38 @@ class OutboxAdapter(Adapter):
         last_id = int(state.get("last_id", 0))
         seen = {int(i) for i in state.get("seen", [])}
         pending = [int(i) for i in state.get("pending", [])]
+        self._cleaned = set()  # rows whose clean-up ran in this read
         if pending:  # published; their clean-up may have failed: run it (again) first
             yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
-        # The engine resumes this generator only after the checkpoint's clean-up ran.
+        # The engine resumes this generator once the checkpoint's clean-up ran; a
+        # conformance check resumes it without running any: those rows stay pending.
+        pending = [i for i in pending if i not in self._cleaned]
         ident = table.c[self.options.id_column]
         late = ident > last_id - self.options.lookback_ids, ident <= last_id
-        pages = [self._pages(table, late, seen), self._pages(table, (ident > last_id,), seen)]
+        # Since `pending` exists (every state saved by this version), a seen row still in
+        # the table unprocessed, and not pending, can only be a reused id.
+        unclean: set[int] | None = set(pending) if "pending" in state else None
+        pages = [
+            self._pages(table, late, seen, unclean),
+            self._pages(table, (ident > last_id,), seen, unclean),
+        ]
         for page in (page for part in pages for page in part):
             for row in page:
                 yield self._item(row._mapping)
-            pending = [int(row._mapping[self.options.id_column]) for row in page]
-            seen.update(pending)
-            last_id = max(last_id, *pending)
+            ids = [int(row._mapping[self.options.id_column]) for row in page]
+            pending = sorted({*pending, *ids})
+            if unclean is not None:
+                unclean.update(ids)
+            seen.update(ids)
+            last_id = max(last_id, *ids)
             horizon = last_id - self.options.lookback_ids
             seen = {i for i in seen if i > horizon}
             yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
+            pending = [i for i in pending if i not in self._cleaned]
+            if unclean is not None:
+                unclean.difference_update(self._cleaned)
         self._count_beyond_lookback(table, last_id - self.options.lookback_ids)
-        if pending:  # the last clean-up ran: the state need not name its rows any more
+        if not pending:  # every clean-up ran: the state need not name their rows any more
             yield Checkpoint(_state(last_id, seen, []))
 
     def _count_beyond_lookback(self, table: Table, horizon: int) -> None:
@@ -138,8 +162,16 @@ class OutboxAdapter(Adapter):
             rows = int(conn.execute(query).scalar_one())
         OUTBOX_BEYOND_LOOKBACK.set(self.source, self.options.table, rows)
 
-    def _pages(self, table: Table, where: tuple[Any, ...], seen: set[int]) -> Iterator[list[Any]]:
-        """Unprocessed rows matching `where` and not in `seen`, in id order, page by page."""
+    def _pages(
+        self, table: Table, where: tuple[Any, ...], seen: set[int], unclean: set[int] | None
+    ) -> Iterator[list[Any]]:
+        """Unprocessed rows matching `where` and not in `seen`, in id order, page by page.
+        With `unclean` (the published rows whose clean-up has not run), a row in `seen` and
+        not in `unclean` stops the source (`FatalError`): its id was published and cleaned
+        up before, so the table reuses ids (SQLite's `INTEGER PRIMARY KEY` without
+        `AUTOINCREMENT`, MySQL 5.7 after a restart, `TRUNCATE … RESTART IDENTITY`). Skipped,
+        the new row would be lost without a trace; its default version, the id, would also
+        rank below what its record's events had."""
         opts = self.options
         ident = table.c[opts.id_column]
         after = -(2**63)
@@ -155,6 +187,14 @@ class OutboxAdapter(Adapter):
                 return
             after = int(rows[-1]._mapping[opts.id_column])
             fresh = [row for row in rows if int(row._mapping[opts.id_column]) not in seen]
+            back = [i for r in rows if (i := int(r._mapping[opts.id_column])) in seen]
+            if unclean is not None and (again := [i for i in back if i not in unclean]):
+                raise FatalError(
+                    f"outbox row id {again[0]} was published and cleaned up before, and is in "
+                    f"{opts.table} again: the table reuses ids. Give it ids that never "
+                    "repeat (AUTOINCREMENT, a sequence) and a version_column, then reset "
+                    "this source's state (docs/adapters.md, outbox)"
+                )
             if fresh:
                 yield fresh
             if len(rows) < opts.batch_size:
@@ -175,10 +215,18 @@ class OutboxAdapter(Adapter):
             return SkippableRecord(
                 "invalid_field", message, origin, entity, key, _row_bytes(values)
             )
-        data: dict[str, Any] | None = None
+        data: Any = None
         if op != "delete":
+            payload = values[opts.payload_column]
             try:
-                data = json.loads(values[opts.payload_column] or "null")
+                # A `json`/`jsonb` column comes decoded by the driver (psycopg, SQLAlchemy's
+                # JSON type): a dict, or None; text and bytes are decoded here.
+                if payload is None or isinstance(payload, dict | list | int | float):
+                    data = payload  # not an object: refused below
+                elif isinstance(payload, str | bytes | bytearray):
+                    data = json.loads(payload or "null")
+                else:
+                    raise TypeError(type(payload).__name__)
             except (ValueError, TypeError, RecursionError):
                 return SkippableRecord(
                     "invalid_json", "payload is not JSON", origin, entity, key, _row_bytes(values)
@@ -224,6 +272,7 @@ class OutboxAdapter(Adapter):
                         .where(ident.in_(ids), table.c[opts.processed_column].is_(None))
                         .values({opts.processed_column: datetime.now(self.zone)})
                     )
+            self._cleaned.update(ids)
 
         return done
 
@@ -241,8 +290,6 @@ def _row_bytes(values: Any) -> bytes:
 
 
 def _state(last_id: int, seen: set[int], pending: list[int]) -> State:
-    """The position; `pending`: rows published whose clean-up is not known to have run."""
-    state: State = {"last_id": last_id, "seen": sorted(seen)}
-    if pending:
-        state["pending"] = sorted(pending)
-    return state
+    """The position; `pending`: rows published whose clean-up is not known to have run
+    (always written, even empty: its presence says the clean-ups of `seen` were tracked)."""
+    return {"last_id": last_id, "seen": sorted(seen), "pending": sorted(pending)}

@@ -209,6 +209,28 @@ def test_the_adapter_maps_after_and_turns_deletes_into_deletes() -> None:
     assert item(adapter(), message(None)) is None  # a tombstone
 
 
+def test_a_batch_the_kafka_client_could_not_read_is_a_dead_letter_not_a_tombstone() -> None:
+    """`transport.guard` hands such a batch over as one record without a value: passed
+    over as a tombstone, its changes would be lost without a trace."""
+    why = "record batch of offsets 40-42 (gzip compression) does not decompress: not read"
+    marked = Message("p79.public.cong_dan", 0, 42, None, unreadable=("unreadable_batch", why))
+    skipped = item(adapter(), marked)
+    assert isinstance(skipped, SkippableRecord)
+    assert (skipped.code, skipped.message, skipped.origin) == (
+        "unreadable_batch",
+        why,
+        "p79.public.cong_dan:0:42",
+    )
+
+
+@pytest.mark.parametrize("ts_ms", [10**17, 10**20])
+def test_a_time_beyond_the_platform_s_is_a_dead_letter_not_a_stop(ts_ms: int) -> None:
+    event = change("c", ROW)
+    event["source"]["ts_ms"] = ts_ms
+    skipped = item(adapter(), message(json.dumps(event).encode()))
+    assert isinstance(skipped, SkippableRecord) and skipped.code == "unmappable_record"
+
+
 def test_a_delete_without_its_key_in_before_is_a_dead_letter_naming_the_fix() -> None:
     """REPLICA IDENTITY DEFAULT: `before` holds the primary key only, other NOT NULL text
     columns come as ''."""

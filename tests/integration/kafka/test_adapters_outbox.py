@@ -195,6 +195,68 @@ def test_a_row_committed_late_below_the_position_is_published_not_lost(
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_an_outbox_that_reuses_ids_stops_the_source_instead_of_losing_rows(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str, after: str
+) -> None:
+    """SQLite's INTEGER PRIMARY KEY without AUTOINCREMENT gives a deleted row's id again
+    (so do MySQL 5.7 after a restart and TRUNCATE … RESTART IDENTITY): the new row's id is
+    one the state has seen, and it was skipped for ever, with no count and no alert."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    settings = settings_for(sqlite_store_url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [change("citizen", f"00109000000{n}", "upsert", n,
+                                             {"full_name": "A"}) for n in range(3)])  # fmt: skip
+    config = write_config(tmp_path, CONFIG.format(url=url, after=after))
+    first = cli(settings, "produce", "--config", str(config), "--once")
+    assert "btp-outbox: published 3" in first.stderr, first.stderr
+    with engine.begin() as conn:
+        if after == "mark":  # what a TRUNCATE … RESTART IDENTITY leaves
+            conn.execute(outbox.delete())
+        conn.execute(insert(outbox), [change("citizen", "001090000009", "upsert", 9,
+                                             {"full_name": "B"})])  # fmt: skip
+        reused = conn.execute(select(outbox.c.id)).scalar_one()
+    assert reused == 1
+
+    second = cli(settings, "produce", "--config", str(config), "--once")
+    said = " ".join(second.stderr.split())
+    assert second.returncode != 0, said
+    assert "outbox row id 1 was published and cleaned up before" in said, said
+    assert "001090000009" not in said  # the id, never the record's key
+    assert len(remaining(url)) == 1  # still there to publish once the table is fixed
+    engine.dispose()
+
+
+@pytest.mark.kafka
+def test_a_json_payload_column_is_taken_as_the_driver_decodes_it(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """PostgreSQL's json/jsonb (and a JSON column SQLAlchemy reflects) come decoded: every
+    row was dead-lettered `invalid_json`, then deleted."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE portal_sync_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, entity TEXT,"
+            " record_key TEXT, op TEXT, occurred_at TEXT, payload JSON, processed_at TEXT)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO portal_sync_outbox (entity, record_key, op, occurred_at, payload)"
+            " VALUES ('citizen', ?, 'upsert', '2025-08-01 08:00:00', ?)",
+            (PID, json.dumps({"full_name": "Nguyễn Văn An"}, ensure_ascii=False)),
+        )
+    settings = settings_for(sqlite_store_url)
+    config = write_config(tmp_path, CONFIG.format(url=url, after="delete"))
+    result = cli(settings, "produce", "--config", str(config), "--once")
+    assert "btp-outbox: published 1" in result.stderr, result.stderr
+    (event,) = published_events(settings, "citizen")
+    assert event["data"] == {"full_name": "Nguyễn Văn An"}
+    engine.dispose()
+
+
+@pytest.mark.kafka
 def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
     tmp_path: Path, settings_for: Any, sqlite_store_url: str
 ) -> None:
