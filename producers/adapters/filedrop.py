@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -40,7 +41,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from producers.mapping import FieldMapping, map_fields, parse_local
+from producers.mapping import FieldMapping, map_fields, parse_local, soft_deleted
 from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.dead_letter import Reason
@@ -51,6 +52,7 @@ from schemas.validation import MAX_DEPTH, too_deep
 log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FRACTION = re.compile(r":[0-9]{2}[.,][0-9]")  # seconds with a fraction: `09:00:00.5`
 Row = dict[str, Any] | SkippableRecord  # a line read, or why it could not be
 
 
@@ -82,7 +84,8 @@ class FileDropConfig(DirectoryConfig, FieldMapping):
     occurred_at_field: str
     occurred_at_format: str | None = None  # e.g. yyyyMMddHHmmss; default ISO 8601
     version_field: str | None = None  # default: occurred_at in microseconds
-    deleted_field: str | None = None  # a true value (1, true, x, yes) makes a delete
+    # a deletion flag, read as the SQL adapter reads one (`producers.mapping.soft_deleted`)
+    deleted_field: str | None = None
     csv_delimiter: str = ","
     format: Literal["auto", "csv", "jsonl"] = "auto"
 
@@ -488,8 +491,10 @@ class FileDropAdapter(DirectoryAdapter):
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
         version = _micros(when)
         written = row.get(opts.occurred_at_field)
-        whole = (isinstance(written, str) and "." not in written) or (
-            isinstance(written, int) and not isinstance(written, bool)  # JSON 20240115090000
+        whole = (
+            bool(opts.occurred_at_format)  # its tokens stop at seconds (`dd.MM.yyyy HH:mm:ss`)
+            or (isinstance(written, str) and not _FRACTION.search(written))
+            or (isinstance(written, int) and not isinstance(written, bool))  # 20240115090000
         )
         if whole and 0 < line < 1_000_000:
             # Written in whole seconds: two changes of one key in the same second would get
@@ -504,7 +509,12 @@ class FileDropAdapter(DirectoryAdapter):
                     "invalid_field", f"{opts.version_field}: not an integer", origin, self.entity
                 )
             version = given
-        deleted = opts.deleted_field is not None and _truthy(row.get(opts.deleted_field))
+        try:  # the SQL adapter's reading of a flag: one nobody can read never deletes
+            deleted = opts.deleted_field is not None and soft_deleted(row.get(opts.deleted_field))
+        except ValueError as error:
+            rule = str(error).partition(": ")[2]
+            message = f"{opts.deleted_field}: {rule}"
+            return SkippableRecord("invalid_field", message, origin, self.entity, str(key))
         data = None if deleted else map_fields(row, opts, self.zone)
         return Record(str(key), version, when, data, origin)
 
@@ -538,10 +548,6 @@ def _stat_marker(path: Path) -> str | None:
     except OSError:
         return None
     return f"x:{path.name}:{found.st_size}:{found.st_mtime_ns}"
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in {"1", "true", "x", "yes", "y"}
 
 
 def _micros(moment: datetime) -> int:

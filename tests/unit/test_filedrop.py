@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producers.adapters.filedrop import FileDropAdapter
-from producers.sdk import Checkpoint, Record
+from producers.sdk import Checkpoint, Record, SkippableRecord
 
 CONFIG = {
     "directory": "inbox",
@@ -86,6 +86,46 @@ def test_a_time_written_as_a_json_number_of_whole_seconds_gets_rising_versions(
     records = [i for i in adapter.read({}) if isinstance(i, Record)]
     assert [r.data["full_name"] for r in records if r.data] == ["Nguyễn Văn An", "Nguyễn Văn Ân"]
     assert records[0].version < records[1].version
+
+
+def test_a_date_format_with_dots_is_still_whole_seconds(tmp_path: Path) -> None:
+    """`dd.MM.yyyy HH:mm:ss` has dots and no fraction: the line number still orders two
+    changes of one key in one second (it was taken for a fraction, and the first won)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n"
+          "001190000001,Nguyễn Văn An,01.08.2025 08:00:00\n"
+          "001190000001,Nguyễn Văn Ân,01.08.2025 08:00:00\n")  # fmt: skip
+    config = CONFIG | {"occurred_at_format": "dd.MM.yyyy HH:mm:ss"}
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    records = [i for i in adapter.read({}) if isinstance(i, Record)]
+    assert [r.data["full_name"] for r in records if r.data] == ["Nguyễn Văn An", "Nguyễn Văn Ân"]
+    assert records[0].version < records[1].version
+
+
+def test_a_deletion_flag_is_read_as_the_sql_adapter_reads_it(tmp_path: Path) -> None:
+    """`t`, `-1`, `1.0` or a deletion time delete; a flag nobody can read is a dead
+    letter, never a live upsert (a deleted record came back) nor a delete."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    flags = ["t", "-1", "1.0", "2025-08-01 09:00:00", "0", "", "n", "deleted"]
+    _drop(inbox, "pid,name,at,gone\n" + "".join(
+        f"00119000000{n},Lê Thị Hoa,2025-08-01T08:00:00+07:00,{flag}\n"
+        for n, flag in enumerate(flags)))  # fmt: skip
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"deleted_field": "gone"},
+                                            tmp_path)  # fmt: skip
+    items = [i for i in adapter.read({}) if isinstance(i, Record | SkippableRecord)]
+    kinds = [
+        i.code if isinstance(i, SkippableRecord) else "delete" if i.data is None else "upsert"
+        for i in items
+    ]
+    assert kinds == [
+        *["delete"] * 4,
+        *["upsert"] * 3,
+        "invalid_field",
+    ]
+    assert isinstance(items[-1], SkippableRecord)
+    assert items[-1].message.startswith("gone: not a flag") and "deleted" not in items[-1].message
 
 
 def test_a_time_written_with_a_fraction_is_taken_as_it_is(tmp_path: Path) -> None:
