@@ -34,6 +34,7 @@ import heapq
 import json
 import logging
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -833,7 +834,12 @@ class SqlPollingAdapter:
 
 def _saved_pk(pk: Any) -> Any:
     """A key as the state file keeps it: a NUMERIC/DECIMAL key (an identity column of SQL
-    Server, MySQL or PostgreSQL) as the whole number it is; JSON has no decimal."""
+    Server, MySQL or PostgreSQL) as the whole number it is; JSON has no decimal. A UUID as
+    its text, which the state file reads back: a UUID read from the table then compared
+    with the text of the saved place raised TypeError at every poll (the text orders as
+    PostgreSQL orders uuid: lower-case hex, fixed hyphens)."""
+    if isinstance(pk, uuid.UUID):
+        return str(pk)
     if isinstance(pk, Decimal):
         if pk != pk.to_integral_value():
             raise FatalError(

@@ -346,3 +346,61 @@ fields = {{ full_name = "ho_ten" }}
     records = run_adapter(deploy.adapter(deploy.sources[0], key), {}).emitted
     assert [r.origin for r in records] == [f"cong_dan:{key_reference('079203001234', key)}"]
     assert records[0].origin.startswith("cong_dan:ref:")
+
+
+UUID_CITIZENS = """
+[[sources]]
+id = "hcm-citizens"
+source = "province-79"
+adapter = "sql"
+
+[sources.connection]
+url = "{url}"
+
+[sources.mapping]
+entity = "citizen"
+table = "nguoi"
+key_column = "so_dinh_danh"
+pk_column = "id"
+updated_at_column = "cap_nhat_luc"
+capture = "{capture}"
+batch_size = 1
+fields = {{ full_name = "ho_ten" }}
+"""
+
+
+@pytest.fixture(params=["postgresql"])
+def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return database_url(request, tmp_path)
+
+
+@pytest.mark.parametrize("capture", ["snapshot", "lookback"])
+def test_a_uuid_primary_key_keeps_its_place_among_rows_of_one_time(
+    pg_url: str, tmp_path: Path, capture: str
+) -> None:
+    """Bulk updates stamp many rows with one `now()`: the saved place (a UUID, text in the
+    state file) was compared with the next row's UUID and raised TypeError at every poll."""
+    engine = create_engine(pg_url)
+    insert_row = (
+        "INSERT INTO nguoi VALUES (gen_random_uuid(), %s, 'Lê Văn An',"
+        " TIMESTAMP '2025-01-15 09:00:00')"
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE nguoi (id uuid PRIMARY KEY, so_dinh_danh text NOT NULL,"
+            " ho_ten text, cap_nhat_luc timestamp NOT NULL)"
+        )
+        for n in range(3):
+            conn.exec_driver_sql(insert_row, (f"00109000000{n}",))
+    deploy = deployment(tmp_path, UUID_CITIZENS.format(url=pg_url, capture=capture))
+    adapter = deploy.adapter(deploy.sources[0])
+    first = run_adapter(adapter, {}, limit=1)
+    assert first.error is None and len(first.emitted) == 1 and first.state
+    with engine.begin() as conn:
+        conn.exec_driver_sql(insert_row, ("001090000009",))
+    second = run_adapter(adapter, first.state)
+    adapter.close()
+    engine.dispose()
+    assert second.error is None, second.error
+    keys = sorted(e.key for e in first.emitted + second.emitted)
+    assert keys == ["001090000000", "001090000001", "001090000002", "001090000009"]
