@@ -286,6 +286,18 @@ class RowRejected(ValueError):
     rule, never a value."""
 
 
+class RowAhead(RowRejected):
+    """A row whose cursor time is ahead of the producer's clock by more than
+    `AHEAD_TOLERANCE` (lookback capture): its change is dead-lettered once and the cursor
+    does not move to its time, or every later change would fall behind the window for
+    good. Read again at each poll, it is sent as any row once its time has come."""
+
+
+# How far a row's time may run ahead of the producer's clock: the worker's default allowed
+# skew (PORTAL_SYNC_MAX_CLOCK_SKEW_SECONDS), beyond which it refuses the event anyway.
+AHEAD_TOLERANCE = timedelta(seconds=300)
+
+
 @dataclass(frozen=True)
 class RejectedRow:
     """A row that cannot become an event (a NULL key or version, an unreadable soft-delete
@@ -302,6 +314,7 @@ class RejectedRow:
     message: str
     version: int = 0
     xid: int | None = None
+    ahead: bool = False  # `RowAhead`: the cursor does not move to its time
 
 
 @dataclass(frozen=True)
@@ -676,7 +689,8 @@ class SqlPollingAdapter:
             sent = int(entry[0]) if entry is not None else 0
             xid = int(values[XID_LABEL]) if self.snapshot else None
             key_text = None if key is None else str(key)
-            return RejectedRow(pk, key_text, stamp, marker, message, sent, xid)
+            ahead = isinstance(error, RowAhead)
+            return RejectedRow(pk, key_text, stamp, marker, message, sent, xid, ahead)
 
     def _cursor_time_of(self, values: Any) -> datetime:
         """The row's place in the cursor's order. A value no reading can place stops the
@@ -697,6 +711,12 @@ class SqlPollingAdapter:
         config = self.config
         moment = self._cursor_time_of(values)
         occurred = self.instant(moment)
+        if not self.snapshot and occurred > datetime.now(UTC) + AHEAD_TOLERANCE:
+            raise RowAhead(
+                f"{config.updated_at_column}: more than {AHEAD_TOLERANCE.seconds} s ahead of "
+                "the producer's clock (held: read again at each poll, sent once its time "
+                "has come; fix the source's clock or the row)"
+            )
         if values[config.key_column] is None:
             raise RowRejected(f"{config.key_column}: NULL (the key column needs a value)")
         if config.version_column:
@@ -816,6 +836,8 @@ class SqlPollingAdapter:
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])
+            if isinstance(change, RejectedRow) and change.ahead:
+                continue  # the cursor stays: the rows written meanwhile stay in its window
             mark = (stamp, _saved_pk(change.pk))
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark

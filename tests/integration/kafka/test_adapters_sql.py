@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -404,3 +404,42 @@ def test_a_uuid_primary_key_keeps_its_place_among_rows_of_one_time(
     assert second.error is None, second.error
     keys = sorted(e.key for e in first.emitted + second.emitted)
     assert keys == ["001090000000", "001090000001", "001090000002", "001090000009"]
+
+
+def test_a_row_ahead_of_the_clock_does_not_move_the_lookback_cursor_past_later_changes(
+    tmp_path: Path,
+) -> None:
+    """A row stamped a day ahead (a source clock wrong, a data-entry error) moved the
+    cursor to its time: every change written after it, at the right time, fell behind the
+    window for good. It is now dead-lettered once (the worker would refuse it anyway) and
+    held: the cursor stays, and the row is sent once its time has come."""
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    engine = create_engine(url)
+    now = datetime.now().replace(microsecond=0)  # naive: local time of the source
+    insert_row = "INSERT INTO nguoi VALUES (?, ?, ?, ?)"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE nguoi (id INTEGER PRIMARY KEY, so_dinh_danh TEXT NOT NULL,"
+            " ho_ten TEXT, cap_nhat_luc DATETIME NOT NULL)"
+        )
+        conn.exec_driver_sql(insert_row, (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)))
+        conn.exec_driver_sql(
+            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(days=1))
+        )
+    body = UUID_CITIZENS.format(url=url, capture="lookback").replace("batch_size = 1\n", "")
+    deploy = deployment(tmp_path, body)
+    adapter = deploy.adapter(deploy.sources[0])
+    first = run_adapter(adapter, {})
+    assert first.error is None and first.state
+    assert [e.key for e in first.emitted] == ["001090000001"] and first.skipped == 1
+    with engine.begin() as conn:  # changes written afterwards, at the right time
+        conn.exec_driver_sql(
+            "UPDATE nguoi SET ho_ten = 'Lê Văn Ân', cap_nhat_luc = ? WHERE id = 1", (now,)
+        )
+        conn.exec_driver_sql(insert_row, (3, "001090000003", "Phạm Văn Cường", now))
+    second = run_adapter(adapter, first.state)
+    assert second.error is None
+    assert sorted(e.key for e in second.emitted) == ["001090000001", "001090000003"]
+    assert second.skipped == 0  # dead-lettered once, not at every poll
+    adapter.close()
+    engine.dispose()
