@@ -287,9 +287,16 @@ class Store:
             ensure_current(self.engine)
 
     def require_schema(self) -> None:
-        """Refuse a store without the newest schema, creating nothing (reading commands)."""
-        from store.schema import require_current
+        """Refuse a store without the newest schema, creating nothing (reading commands):
+        a SQLite file that does not exist is not opened (opening would create it)."""
+        from sqlalchemy.engine import make_url
 
+        from store.schema import no_schema, require_current
+
+        database = make_url(self.url).database if self.url.startswith("sqlite") else None
+        in_a_file = database and database != ":memory:" and not database.startswith("file:")
+        if in_a_file and not Path(str(database)).expanduser().exists():
+            raise no_schema()
         with translated():
             require_current(self.engine)
 

@@ -89,16 +89,20 @@ def ensure_current(engine: Engine) -> None:
         upgrade(engine, only_new=True)
 
 
+def no_schema() -> ConfigurationError:
+    return ConfigurationError(
+        "the store holds no portal-sync schema (a new or another database): check "
+        "--store (PORTAL_SYNC_STORE_URL), or let the worker create the store first"
+    )
+
+
 def require_current(engine: Engine) -> None:
     """For commands that only read: nothing is created. A database without the project's
     schema (a new one, or another application's) is refused, an older store must be
     upgraded first."""
     revision = current_revision(engine)
     if revision is None:
-        raise ConfigurationError(
-            "the store holds no portal-sync schema (a new or another database): check "
-            "--store (PORTAL_SYNC_STORE_URL), or let the worker create the store first"
-        )
+        raise no_schema()
     if revision != head_revision():
         raise _outdated(revision)
 

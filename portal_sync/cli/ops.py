@@ -475,7 +475,7 @@ def offsets_reset(
     assert moment is not None
     settings = settings_from(bootstrap, store)
     members = active_members(settings, group)
-    if members:
+    if members and yes:
         console.print(
             markup("[red]refused:[/red] group {} has {} active member(s)", group, members)
         )
@@ -503,6 +503,9 @@ def offsets_reset(
             + ("" if allow_skip else " (refused without --allow-skip)")
         )
     if not yes:
+        if members:  # the plan may be read before the workers stop; not carried out
+            console.print(markup("group {} has {} active member(s): stop its workers before "
+                                 "--yes", group, members))  # fmt: skip
         console.print("plan only: pass --yes to carry it out")
         return
     apply_reset(settings, group, plan, allow_skip, operator, reason)

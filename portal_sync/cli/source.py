@@ -64,7 +64,9 @@ def purge(
         scope += f" {audit.reference}"
     target = Store(settings.store_url)
     try:
-        target.create_schema()  # an older store is refused here: `portal-sync store upgrade`
+        # Creating nothing: a mistyped URL would otherwise get a new, empty store (an older
+        # one is refused too: `portal-sync store upgrade`).
+        target.require_schema()
         guard_rules(target, settings, rules_mismatch_ok)
         plan = purging.plan(target, audit, key)
         console.print(

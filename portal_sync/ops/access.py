@@ -50,6 +50,8 @@ def who_and_why(operator: str | None, reason: str) -> tuple[str, str]:
     it does anything (printable, within the columns), never refused by the database after
     a part of the work is done."""
     text = reason.strip()
+    if not text:
+        raise Refused("--reason: say why (it is recorded)")
     if len(text) > MAX_REASON or not text.isprintable():
         raise Refused(f"--reason: printable text of at most {MAX_REASON} characters")
     who = operator_name(operator)

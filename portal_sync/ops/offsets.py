@@ -144,7 +144,7 @@ def apply_reset(
 ) -> None:
     """Carry out a plan; refuse when the group has active members, or when it would skip
     unapplied events without `allow_skip`."""
-    who, why = who_and_why(operator, reason or "(no reason given)")
+    who, why = who_and_why(operator, reason.strip() or "(no reason given)")
     skipped = sum(line.skipped for line in plan)
     if skipped and not allow_skip:
         raise WouldSkip(
@@ -181,6 +181,8 @@ def skip_message(
     message the worker is at: the first one at or after the store's next offset (that
     offset may hold none: a transaction's marker, or an event the log cleaner removed)."""
     who, why = who_and_why(operator, reason)
+    if topic not in settings.topics().change_topics():
+        raise Refused(f"--topic: not a change topic: {topic}")
     group = settings.group_id
     with cluster(settings.connection()) as c:
         if c.active_members(group):

@@ -83,6 +83,15 @@ def test_a_reason_is_required(url: str) -> None:
     assert snapshot(url) == before
 
 
+def test_a_mistyped_store_url_creates_no_store(tmp_path: Path) -> None:
+    typo = tmp_path / "typo" / "store.db"
+    result = run_cli("source", "purge", "province-01", "--reason", "wrong data",
+                     "--store", f"sqlite:///{typo}")  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert "holds no portal-sync schema" in result.stderr
+    assert not typo.exists()
+
+
 def test_without_yes_it_only_plans(url: str) -> None:
     before = snapshot(url)
     plan = run_cli("source", "purge", "province-01", "--reason", "wrong data", "--store", url)

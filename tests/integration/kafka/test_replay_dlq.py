@@ -345,6 +345,13 @@ def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
                       "--to-time", "1h", "--yes")  # fmt: skip
         assert refused.returncode == 1
         assert "active member" in refused.stdout
+        # The plan can be read before the workers stop; it is only not carried out.
+        preview = cli(settings, "offsets", "reset", "--group", settings.group_id,
+                      "--to-time", "1h")  # fmt: skip
+        said = " ".join(preview.stdout.split())
+        assert preview.returncode == 0, said + preview.stderr
+        assert "stop its workers before --yes" in said and "plan only" in said, said
+        assert sum(store.all_offsets().values()) == sum(end_offsets(settings).values())
     finally:
         live.terminate()
         live.wait(timeout=60)

@@ -27,6 +27,7 @@ from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import (
     change_topic,
     dead_letter_topic,
+    dead_letters_written,
     end_offsets,
     ensure_topics,
     publisher_for,
@@ -485,6 +486,13 @@ def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
     wrong = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
                 "--offset", "1", "--reason", "stuck")  # fmt: skip
     assert wrong.returncode == 1 and "next offset to apply is 0" in wrong.stderr
+    blank = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
+                "--offset", "0", "--reason", "  ")  # fmt: skip
+    assert blank.returncode == 1 and "--reason: say why" in blank.stderr, blank.stderr
+    elsewhere = cli(settings, "offsets", "skip", "--topic", dead_letter_topic(settings),
+                    "--partition", "0", "--offset", "0", "--reason", "stuck")  # fmt: skip
+    assert elsewhere.returncode == 1 and "not a change topic" in elsewhere.stderr
+    assert dead_letters_written(settings) == 0  # neither copied anything
     skipped = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
                   "--offset", "0", "--reason", "stuck", "--operator", "ops-2")  # fmt: skip
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
