@@ -323,7 +323,7 @@ def dlq_show(
 ) -> None:
     """One dead letter: reason, origin, time, attempts; the event itself with --reveal
     (and --reason: recorded in the store's access log)."""
-    from portal_sync.ops.access import dead_letter_key, record_access, require_reason
+    from portal_sync.ops.access import dead_letter_targets, record_access, require_reason
     from portal_sync.ops.dlq import Filters, read_dead_letters
 
     why = require_reason("dlq show --reveal", reason) if reveal else None
@@ -334,8 +334,8 @@ def dlq_show(
         raise typer.Exit(1)
     letter = found[0]
     if why is not None:  # recorded before anything is shown
-        target = dead_letter_key(letter.id, letter.key, settings.reference_key())
-        record_access(settings.store_url, "dlq show --reveal", why, operator, [target])
+        targets = dead_letter_targets(letter.id, letter.key, letter.value, settings.reference_key())
+        record_access(settings.store_url, "dlq show --reveal", why, operator, targets)
     for name, value in [
         ("id", letter.id), ("reason", f"{letter.reason_code}: {letter.reason}"),
         ("origin", f"{letter.origin_topic} partition {letter.origin_partition} "

@@ -15,6 +15,8 @@ import os
 import pwd
 from collections.abc import Iterable
 
+import orjson
+
 from schemas.errors import Refused
 from schemas.events import ENTITIES
 from schemas.identifiers import ReferenceKey, key_reference
@@ -99,6 +101,27 @@ def dead_letter_key(
     if entity in ENTITIES and 0 < len(record) <= MAX_KEY:
         return entity, f"dead letter {letter_id}: {key_reference(record, secret)}"
     return None, f"dead letter {letter_id}"
+
+
+def dead_letter_targets(
+    letter_id: str, key: bytes | None, value: bytes | None, secret: ReferenceKey | None = None
+) -> list[tuple[str | None, str]]:
+    """What `dlq show --reveal` shows of whom, as access log rows: the record its message
+    key names (`dead_letter_key`), and the record its value names (`entity` and `key` of an
+    event), when that is another: a forged or mis-keyed letter (`key_mismatch`) shows the
+    data of the record in its value, whatever its key says."""
+    targets = [dead_letter_key(letter_id, key, secret)]
+    try:
+        event = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return targets
+    if isinstance(event, dict):
+        entity, record = event.get("entity"), event.get("key")
+        if entity in ENTITIES and isinstance(record, str) and 0 < len(record) <= MAX_KEY:
+            named = (entity, f"dead letter {letter_id}: {key_reference(record, secret)}")
+            if named not in targets:
+                targets.append(named)
+    return targets
 
 
 def record_access(

@@ -217,6 +217,34 @@ def test_a_revealed_dead_letter_is_logged_under_its_record_s_reference() -> None
         assert named == (entity, f"dead letter 0:41: {reference}")
 
 
+def test_a_revealed_letter_whose_value_names_another_record_logs_that_record_too() -> None:
+    """A `key_mismatch` or forged letter: its key names one citizen, its value (what
+    `--reveal` prints) another. The access log named only the first."""
+    import json
+
+    from portal_sync.ops.access import dead_letter_targets, record_key
+    from schemas import message_key
+    from schemas.identifiers import ReferenceKey
+
+    secret = ReferenceKey(b"s" * 32)
+    keyed = record_key("citizen", "001090012345", secret)[1]
+    shown = record_key("citizen", "079305012345", secret)[1]
+    key = message_key("citizen", "001090012345", "province-01")
+    value = json.dumps({"entity": "citizen", "key": "079305012345", "data": {}}).encode()
+    assert dead_letter_targets("0:9", key, value, secret) == [
+        ("citizen", f"dead letter 0:9: {keyed}"),
+        ("citizen", f"dead letter 0:9: {shown}"),
+    ]
+    same = json.dumps({"entity": "citizen", "key": "001090012345"}).encode()
+    assert dead_letter_targets("0:9", key, same, secret) == [
+        ("citizen", f"dead letter 0:9: {keyed}")
+    ]
+    for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', None):
+        assert dead_letter_targets("0:9", key, unreadable, secret) == [
+            ("citizen", f"dead letter 0:9: {keyed}")
+        ]
+
+
 def test_a_database_without_the_store_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     """A wrong --store (another application's database): the revealing commands and the
     access log refuse it, and create nothing in it (they created every table of the
