@@ -3,8 +3,9 @@ hour (as it pruned the history before); `now` is given, so tests can move the cl
 
 - history entries: `history_days` after they were written
   (`PORTAL_SYNC_HISTORY_RETENTION_DAYS`, 730);
-- a deleted record's history values (emptied) and its tombstones (removed): `deleted_days`
-  after its last source deleted it (`PORTAL_SYNC_DELETED_RETENTION_DAYS`, 180);
+- a deleted record's history values (emptied, the entries kept under the key's reference,
+  without event ids) and its tombstones (removed): `deleted_days` after its last source
+  deleted it (`PORTAL_SYNC_DELETED_RETENTION_DAYS`, 180);
 - access log rows: `access_log_days` after they were written
   (`PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS`, 730).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from consumers.metrics import RETENTION_FAILURES, RETENTION_PURGED
+from schemas.identifiers import ReferenceKey
 from store import Store
 
 
@@ -26,6 +28,8 @@ class Retention:
     history_days: int = 730
     deleted_days: int = 180
     access_log_days: int = 730
+    # a forgotten record's history entries are kept under its reference, keyed with this
+    reference_key: ReferenceKey | None = None
 
 
 def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:
@@ -48,7 +52,7 @@ def purge_within(
         now - timedelta(days=retention.history_days), left()
     )
     emptied, tombstones, deleted_done = store.purge_deleted_within(
-        now - timedelta(days=retention.deleted_days), left()
+        now - timedelta(days=retention.deleted_days), left(), retention.reference_key
     )
     logged, log_done = store.purge_access_log_within(
         now - timedelta(days=retention.access_log_days), left()

@@ -60,6 +60,7 @@ from observability.http import Liveness, serve
 from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
 from schemas.errors import PortalSyncError, Refused, TransientError
+from schemas.identifiers import ReferenceKey
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
 from transport.config import KafkaConnection
@@ -100,12 +101,14 @@ class WorkerConfig:
     topic_check_seconds: float = 60.0  # the change topics' ids checked between rebalances
     validator_processes: int = 0  # 0: a batch's contract checks in the worker's process
     record_cache_records: int = DEFAULT_RECORDS  # consumers.cache; 0: every batch reads
+    reference_key: ReferenceKey | None = None  # PORTAL_SYNC_REFERENCE_KEY_FILE's secret
 
     def retention(self) -> Retention:
         return Retention(
             self.history_retention_days,
             self.deleted_retention_days,
             self.access_log_retention_days,
+            self.reference_key,
         )
 
 

@@ -251,6 +251,7 @@ class Settings(BaseSettings):
             history_retention_days=self.history_retention_days,
             deleted_retention_days=self.deleted_retention_days,
             access_log_retention_days=self.access_log_retention_days,
+            reference_key=self.reference_key(),
             batch_max_events=self.batch_max_events,
             batch_max_wait_seconds=self.batch_max_wait_seconds,
             validator_processes=(

@@ -52,6 +52,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from schemas.errors import RecordError, Refused, TransientError
+from schemas.identifiers import ReferenceKey, key_reference
 from schemas.json_text import loads_exact
 from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
@@ -916,15 +917,23 @@ class Store:
             if deadline is not None and time.monotonic() >= deadline:
                 return deleted, False
 
-    def purge_deleted(self, older_than: datetime) -> tuple[int, int]:
+    def purge_deleted(
+        self, older_than: datetime, secret: ReferenceKey | None = None
+    ) -> tuple[int, int]:
         """Forget records every source deleted before `older_than`: the old and new values
-        of their history entries become null (the entries stay, marked `purged_at`) and
-        their tombstones go. Return (history entries emptied, tombstones removed)."""
-        emptied, removed, _ = self.purge_deleted_within(older_than)
+        of their history entries become null, the entries' key its reference (keyed with
+        `secret`; without one, the masked key) and their event id null (an event id derives
+        from the key, without a secret); the entries stay, marked `purged_at`, under that
+        reference. Their tombstones go. Return (history entries emptied, tombstones
+        removed)."""
+        emptied, removed, _ = self.purge_deleted_within(older_than, secret=secret)
         return emptied, removed
 
     def purge_deleted_within(
-        self, older_than: datetime, seconds: float | None = None
+        self,
+        older_than: datetime,
+        seconds: float | None = None,
+        secret: ReferenceKey | None = None,
     ) -> tuple[int, int, bool]:
         """`purge_deleted`, chunk after chunk until none is due or `seconds` have passed
         (a chunk begun is finished; one at least); the third value says whether none is
@@ -970,18 +979,27 @@ class Store:
                     continue
                 of_keys = tuple_(record_history.c.entity, record_history.c.key).in_(keys)
                 entries = conn.execute(
-                    select(record_history.c.id, record_history.c.changes).where(
-                        of_keys, record_history.c.purged_at.is_(None)
-                    )
+                    select(
+                        record_history.c.id, record_history.c.key, record_history.c.changes
+                    ).where(of_keys, record_history.c.purged_at.is_(None))
                 ).all()
                 if entries:
                     conn.execute(
                         update(record_history)
                         .where(record_history.c.id == bindparam("entry_id"))
-                        .values(changes=bindparam("emptied"), purged_at=utcnow()),
+                        .values(
+                            changes=bindparam("emptied"),
+                            key=bindparam("reference"),
+                            event_id=None,
+                            purged_at=utcnow(),
+                        ),
                         [
-                            {"entry_id": entry_id, "emptied": {f: [None, None] for f in changes}}
-                            for entry_id, changes in entries
+                            {
+                                "entry_id": entry_id,
+                                "emptied": {f: [None, None] for f in changes},
+                                "reference": key_reference(key, secret),
+                            }
+                            for entry_id, key, changes in entries
                         ],
                     )
                 emptied += len(entries)

@@ -78,11 +78,13 @@ def record_detail(store: Store, entity: str, key: str) -> RecordDetail | None:
 
 
 def history(
-    store: Store, entity: str, key: str, limit: int | None = None
+    store: Store, entity: str, key: str, limit: int | None = None, reference: str | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """The record's audit history, oldest first: its newest `limit` entries (all with
-    None), and how many it has."""
-    of_record = (record_history.c.entity == entity, record_history.c.key == key)
+    None), and how many it has; with `reference`, the entries of it forgotten past the
+    deleted records' retention too (kept under the key's reference, `purge_deleted`)."""
+    keys = [key] if reference is None or reference == key else [key, reference]
+    of_record = (record_history.c.entity == entity, record_history.c.key.in_(keys))
     newest = select(record_history.c.id).where(*of_record).order_by(record_history.c.id.desc())
     query = select(record_history).where(*of_record)
     if limit is not None:

@@ -204,11 +204,13 @@ def history(
 ) -> None:
     """Every change to a canonical record: event, source, version, fields old → new
     (the newest --limit, oldest first). Needs --reason (access log)."""
+    from schemas.identifiers import key_reference
     from store.queries import history as record_history
 
     _log_access("history", entity, key, reason, operator, store)
     target = _store(store)
-    rows, total = record_history(target, entity, key, limit or None)
+    reference = key_reference(key, Settings.from_flags(store=store).reference_key())
+    rows, total = record_history(target, entity, key, limit or None, reference)
     target.close()
     if len(rows) < total:  # on stderr, before the table: the oldest are not shown
         err_console.print(

@@ -11,13 +11,15 @@ from sqlalchemy.exc import DBAPIError
 
 from consumers.metrics import RETENTION_PURGED
 from consumers.retention import Retention, purge
-from store import utcnow
+from schemas.identifiers import ReferenceKey, key_reference
+from store import queries, utcnow
 from store.core import Store
 from store.tables import access_log, record_deletions, record_history, source_views
 from tests.support.store_helpers import CITIZEN, CITIZEN_2, CITIZEN_MISSING, Feed, event
 
 DAY = timedelta(days=1)
-RETENTION = Retention(history_days=730, deleted_days=180, access_log_days=730)
+SECRET = ReferenceKey(b"r" * 32)
+RETENTION = Retention(history_days=730, deleted_days=180, access_log_days=730, reference_key=SECRET)
 
 
 @pytest.fixture
@@ -29,9 +31,10 @@ def store(store_url: str) -> Store:
 
 
 def history(store: Store, key: str) -> list[tuple[object, ...]]:
+    """The record's entries, those forgotten past the retention too (under its reference)."""
     query = (
         select(record_history.c.changes, record_history.c.purged_at)
-        .where(record_history.c.key == key)
+        .where(record_history.c.key.in_([key, key_reference(key, SECRET)]))
         .order_by(record_history.c.id)
     )
     with store.engine.connect() as conn:
@@ -92,6 +95,17 @@ def test_deleted_records_lose_their_history_values_and_tombstones_after_the_rete
         {"full_name": [None, None], "phone": [None, None]},
     ]
     assert all(isinstance(at, datetime) for _, at in purged)
+    # The personal id goes with the values: the entries stay under the key's reference (as
+    # `history` and the access log name it), without the event ids derived from the key.
+    with store.engine.connect() as conn:
+        kept = conn.execute(
+            select(record_history.c.key, record_history.c.event_id).where(
+                record_history.c.purged_at.is_not(None)
+            )
+        ).all()
+    assert kept == [(key_reference(CITIZEN, SECRET), None)] * 3
+    rows, total = queries.history(store, "citizen", CITIZEN, None, key_reference(CITIZEN, SECRET))
+    assert total == 3 and all(row["purged_at"] for row in rows)
     assert history(store, CITIZEN_2) == kept_2 and history(store, CITIZEN_MISSING) == kept_3
     assert views(store) == [
         (CITIZEN_MISSING, "province-01", False),
