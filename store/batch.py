@@ -57,6 +57,13 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+def _loads_or_none(text: str | None) -> Any:
+    try:
+        return None if text is None else orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text  # compared as it is
+
+
 def _json_utf8(value: Any) -> bytes | None:
     """`_json` as UTF-8, for PostgreSQL's arrays (`store.pg_arrays.utf8_array`)."""
     return None if value is None else orjson.dumps(value)
@@ -694,14 +701,16 @@ class PostgresBatchIO(BatchIO):
         if rows:
             # A record said to have none that has one after all (a conflict rule changed
             # since it was stored) gets the row replaced, not a failed batch. A row whose
-            # groups changed is detected again now; `xmax = 0`: a row inserted, not updated.
+            # groups changed is detected again now, compared as values (`jsonb`): rows of
+            # migration 0008 keep jsonb's spaced text, new ones are written compact;
+            # `xmax = 0`: a row inserted, not updated.
             inserted = self._send(
                 "INSERT INTO field_conflicts (entity, key, field, sources, detected_at)"
                 " SELECT e, k, f, CAST(s AS json), %b FROM unnest(%b::text[], %b::text[],"
                 " %b::text[], %b::text[]) AS u(e, k, f, s)"
                 " ON CONFLICT (entity, key, field) DO UPDATE SET sources = excluded.sources,"
-                " detected_at = CASE WHEN field_conflicts.sources::text ="
-                " excluded.sources::text THEN field_conflicts.detected_at"
+                " detected_at = CASE WHEN field_conflicts.sources::jsonb ="
+                " excluded.sources::jsonb THEN field_conflicts.detected_at"
                 " ELSE excluded.detected_at END"
                 " RETURNING entity, key, field, xmax = 0",
                 [
@@ -1025,9 +1034,13 @@ class SqliteBatchIO(BatchIO):
         detected = _text_time(now)
 
         def since(e: str, k: str, f: str, sources: str | None) -> str:
-            """When detected: then, while the groups are the same (as on PostgreSQL)."""
+            """When detected: then, while the groups are the same (as on PostgreSQL), as
+            values: a row an older release wrote has other spacing."""
             stored = kept.get((e, k, f))
-            return stored[1] if stored is not None and stored[0] == sources else detected
+            if stored is None:
+                return detected
+            same = stored[0] == sources or _loads_or_none(stored[0]) == _loads_or_none(sources)
+            return stored[1] if same else detected
 
         # As on PostgreSQL: a stored row where none was expected is replaced.
         rows = [(e, k, f, _json(s)) for e, k, f, s in found + fresh]

@@ -64,3 +64,30 @@ def test_a_disagreement_keeps_its_time_while_its_groups_stay(store: Store) -> No
     )
     assert fourth.new_conflicts == []
     assert detected(store) == {"full_name": again["full_name"]}
+
+
+def test_a_row_written_with_other_spacing_keeps_its_time_while_its_groups_stay(
+    store: Store,
+) -> None:
+    """Migration 0008 cast PostgreSQL's jsonb rows to json with jsonb's spacing
+    (`[["a"], ["b"]]`; older releases on SQLite wrote the same), new ones are compact: a
+    comparison of the texts stamped every unchanged disagreement "detected now" at the
+    first remerge or source purge after the upgrade."""
+    from consumers.merge import Authority
+    from consumers.reconciler import Reconciler
+
+    feed = Feed(store)
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}),
+        event("citizen", CITIZEN, "province-79", 1, {"full_name": "Bình"}),
+    )
+    then = datetime(2024, 1, 1)
+    with store.engine.begin() as conn:
+        conn.execute(
+            field_conflicts.update().values(detected_at=then),
+        )
+        conn.exec_driver_sql(
+            'UPDATE field_conflicts SET sources = \'[["province-01"], ["province-79"]]\''
+        )
+    Reconciler(store, Authority()).remerge([("citizen", CITIZEN)])
+    assert detected(store)["full_name"].replace(tzinfo=None) == then
