@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -519,12 +519,16 @@ class Store:
         operator: str,
         reason: str,
         next_offset: int | None = None,
+        before: Callable[[], None] | None = None,
     ) -> None:
         """Move a partition past the one message at `offset`, which must be the next one to
         apply (`log_start` when the store has none for it yet); journaled and recorded.
         `next_offset`: the store's next offset the caller read, when the message lies past
         it (the offsets between hold no message: a transaction's marker, or an event the
-        log cleaner removed); it must still be the store's."""
+        log cleaner removed); it must still be the store's. `before` runs once that is
+        checked, with the partition's offset locked and before anything is written (the
+        message copied to the dead letters): a worker cannot apply it meanwhile, and if
+        `before` fails nothing moves."""
         now = utcnow()
         first = offset if next_offset is None else next_offset
         with translated(), self.write_transaction() as conn:
@@ -535,6 +539,8 @@ class Store:
                     f"{tp[0]}[{tp[1]}]: the next offset to apply is {expected}, not {offset}: "
                     "only the message the worker is at can be skipped"
                 )
+            if before is not None:
+                before()
             conn.execute(
                 insert(offset_changes).values(
                     kind="skip", topic=tp[0], partition=tp[1], from_offset=stored,

@@ -214,16 +214,17 @@ def skip_message(
     publisher = Publisher.for_dead_letters(
         settings.connection(), settings.topics(), client_id="portal-sync-skip"
     )
-    try:
+
+    def copy() -> None:  # in the dead letters before the offset moves past it
         publisher.send_dead_letter(message.key, message.value, headers)
-        publisher.flush()  # in the dead letters before the offset moves past it
-    finally:
-        publisher.close()
+        publisher.flush()
+
     store = Store(settings.store_url)
-    try:
-        store.skip_offset((topic, partition), offset, log_start, who, why, expected)
+    try:  # copied only once the store's offset is checked again, under its lock
+        store.skip_offset((topic, partition), offset, log_start, who, why, expected, copy)
     finally:
         store.close()
+        publisher.close()
 
 
 def _first_message(

@@ -94,8 +94,11 @@ def test_a_batch_without_records_waits_for_the_partitions_first_batch(store: Sto
 
 
 def test_an_operators_skip_waits_for_the_partitions_first_batch(store: Store) -> None:
+    copied: list[str] = []  # the message's copy to the dead letters, once checked
+
     def skip() -> None:
-        store.skip_offset(PARTITION, 0, 0, "operator-1", "a message no one can read")
+        store.skip_offset(PARTITION, 0, 0, "operator-1", "a message no one can read",
+                          before=lambda: copied.append("letter"))  # fmt: skip
 
     with store.batch([PARTITION], []) as tx:
         assert tx.offsets == {}
@@ -108,3 +111,6 @@ def test_an_operators_skip_waits_for_the_partitions_first_batch(store: Store) ->
         second.result()
     assert blocked
     assert store.stored_offsets([PARTITION]) == {PARTITION: 10}
+    assert copied == []  # a message the worker applied is not copied to the dead letters
+    store.skip_offset(PARTITION, 10, 0, "operator-1", "stuck", before=lambda: copied.append("x"))
+    assert copied == ["x"] and store.stored_offsets([PARTITION]) == {PARTITION: 11}
