@@ -71,7 +71,14 @@ def replay(
     partition: Annotated[list[int] | None, typer.Option("--partition")] = None,
     source: Annotated[str | None, typer.Option("--source")] = None,
     entity: Annotated[str | None, typer.Option("--entity")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Report, write nothing (each batch judged against the store as it is, not "
+            "against the batches before it: an upper bound of the real run)",
+        ),
+    ] = False,
     show_values: Annotated[
         bool, typer.Option("--show-values", help="Show old and new values in the sample")
     ] = False,
@@ -148,7 +155,7 @@ def _print_summary(
     table.add_column("entity")
     for name in ("applied", "unchanged", "stale"):
         table.add_column(name, justify="right")
-    table.add_column("records changed", justify="right")
+    table.add_column("changes", justify="right")  # to records, one per event that changed one
     for entity in sorted({e for e, _ in summary.by_entity} | set(summary.changed_records)):
         table.add_row(plain(entity), *[str(summary.by_entity[(entity, n)]) for n in
                                 ("applied", "unchanged", "stale")],
