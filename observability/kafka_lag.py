@@ -197,9 +197,10 @@ class LagReader:
 
     def _store_offsets(self) -> dict[TP, int] | None:
         """The reconciler's applied offsets, every partition of the change topics included
-        (at 0 while the store has no schema yet: nothing applied). None when the store
-        cannot be read: the group's offsets in Kafka (the worker's copy, at most a batch
-        behind) stand in, never zeros, which would show the whole log as lag and page."""
+        (at the log's start where nothing was applied, or while the store has no schema).
+        None when the store cannot be read: the group's offsets in Kafka (the worker's
+        copy, at most a batch behind) stand in, never zeros, which would show the whole
+        log as lag and page."""
         try:
             applied = self.store().all_offsets()
         except Exception as error:
@@ -211,7 +212,12 @@ class LagReader:
                 return None
             applied = {}
         topics = [t for t in self.topics.change_topics() if self.filters.topic_ok(t)]
-        return {tp: applied.get(tp, 0) for tp in self.cluster.partitions(topics)}
+        partitions = self.cluster.partitions(topics)
+        # A partition the store has never applied is behind by what its log holds: from the
+        # log's start (retention may have moved it past 0), not from offset 0.
+        missing = [tp for tp in partitions if tp not in applied]
+        starts = self.cluster.beginning_offsets(missing) if missing else {}
+        return {tp: applied.get(tp, starts.get(tp, 0)) for tp in partitions}
 
     def _store_is_new(self) -> bool:
         """Whether the store holds no portal-sync schema yet (the worker makes it)."""

@@ -85,3 +85,31 @@ def test_the_exporter_reads_kafkas_copy_of_the_offsets_when_the_store_cannot_be_
     broken.write_bytes(b"no database here " * 512)
     assert lag(f"sqlite:///{broken}") == 0
     assert lag(f"sqlite:///{tmp_path / 'new.db'}") == len(events)
+
+
+def test_a_partition_never_applied_lags_by_what_its_log_holds_from_its_start(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Retention (or `kafka-delete-records`) moved the log's start past 0 (a change topic
+    an operator set to `compact,delete`): a partition the store never applied showed its
+    whole offset range as lag, more than the log holds."""
+    from kafka import KafkaAdminClient, TopicPartition
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(keys=30, versions=2)
+    assert cli(settings, "publish", str(write_jsonl(tmp_path / "e.jsonl", events))).returncode == 0
+    topic = f"{settings.topic_prefix}.changes.citizen"
+    before = {int(r[2]): int(r[5]) for r in rows(cli(settings, "lag", COLUMNS="220").stdout, topic)}
+    partition = max(before, key=lambda p: before[p])
+    assert before[partition] >= 3
+    admin = KafkaAdminClient(bootstrap_servers=settings.connection().bootstrap)
+    try:
+        policy = {"cleanup.policy": "compact,delete"}
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=policy)])
+        admin.delete_records({TopicPartition(topic, partition): 2})
+    finally:
+        admin.close()
+
+    after = {int(r[2]): int(r[5]) for r in rows(cli(settings, "lag", COLUMNS="220").stdout, topic)}
+    assert after == before | {partition: before[partition] - 2}
