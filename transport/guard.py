@@ -31,12 +31,11 @@ globals of their fetchers, checked by `install()` and by the tests of both clien
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any, cast
-
-from aiokafka.codec import snappy_decode
+from typing import Any
 
 from schemas.dead_letter import Reason
 
@@ -56,14 +55,25 @@ _XERIAL = b"\x82SNAPPY\x00"
 
 class UnreadableMark(str):
     """The name of the header that marks a record the guard could not read; its value is
-    the reason's text, `code` its reason code."""
+    the reason's text, `code` its reason code, `first` the first offset it stands for (a
+    batch's base offset: the record itself sits at the batch's last)."""
 
     code: str
+    first: int
 
-    def __new__(cls, code: str) -> UnreadableMark:
+    def __new__(cls, code: str, first: int = 0) -> UnreadableMark:
         mark = super().__new__(cls, "ps.unreadable")
         mark.code = code
+        mark.first = first
         return mark
+
+
+def first_offset(record: Any) -> int:
+    """The first offset a client's record stands for: a marked batch's base offset."""
+    headers = record.headers
+    if headers and type(headers[0][0]) is UnreadableMark:
+        return int(headers[0][0].first)
+    return int(record.offset)
 
 
 def unreadable(headers: Any) -> tuple[str, str] | None:
@@ -166,58 +176,27 @@ def _tolerant_records(batch: memoryview) -> Iterator[_Record]:
         if pos != start + length:
             raise _Unreadable("a record's length does not match its fields")
         if bad:
-            mark = UnreadableMark(Reason.NOT_UTF8.value)
+            mark = UnreadableMark(Reason.NOT_UTF8.value, base_offset + offset_delta)
             headers.insert(0, (mark, b"a header name is not UTF-8"))
         timestamp = max_ts if ts_type else first_ts + ts_delta
         yield _Record(base_offset + offset_delta, timestamp, ts_type, key, value, headers, length)
 
 
+_CHUNK = 65_536  # input fed to a streaming decompressor at a time
+_NOT_ZERO = re.compile(b"[^\x00]")
+
+
 def _inflate(codec: int, data: memoryview, limit: int) -> bytes:
     """The batch's records decompressed, refused beyond `limit` bytes before they are
-    made (not after)."""
-    if codec == _GZIP:  # gzip members, as the clients' gzip readers take them
-        out = bytearray()
-        rest = bytes(data)
-        while rest:
-            inflater = zlib.decompressobj(wbits=47)
-            out += inflater.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit or inflater.unconsumed_tail:
-                raise _Unreadable(f"decompresses to more than {limit} bytes")
-            if not inflater.eof:
-                raise _Unreadable("its gzip data ends early")
-            rest = inflater.unused_data
-        return bytes(out)
-    if codec == _SNAPPY:
-        total = 0
-        if bytes(data[:8]) == _XERIAL and len(data) > 16:
-            pos = 16
-            while pos < len(data):
-                (size,) = struct.unpack_from("!i", data, pos)
-                if size < 0 or pos + 4 + size > len(data):
-                    raise _Unreadable("its snappy blocks run past the batch")
-                total += _varint_unsigned(data, pos + 4)
-                pos += 4 + size
-        else:
-            total = _varint_unsigned(data, 0)
-        if total > limit:
-            raise _Unreadable(f"decompresses to more than {limit} bytes")
-        return cast(
-            bytes, snappy_decode(data)
-        )  # each block's declared length is checked by its decoder
+    made (not after). Streams of several members or frames, with zero padding between
+    gzip members, are read as the clients read them; input goes in chunks, so that many
+    tiny members cost linear time."""
+    if codec == _GZIP:
+        return _members(bytes(data), limit, lambda: zlib.decompressobj(wbits=47), "gzip")
     if codec == _LZ4:
         import lz4.frame  # type: ignore[import-untyped]
 
-        out = bytearray()
-        rest = bytes(data)
-        while rest:
-            decompressor = lz4.frame.LZ4FrameDecompressor()
-            out += decompressor.decompress(rest, max_length=limit + 1 - len(out))
-            if len(out) > limit or (not decompressor.eof and not decompressor.needs_input):
-                raise _Unreadable(f"decompresses to more than {limit} bytes")
-            if not decompressor.eof:
-                raise _Unreadable("its lz4 data ends early")
-            rest = decompressor.unused_data
-        return bytes(out)
+        return _members(bytes(data), limit, lz4.frame.LZ4FrameDecompressor, "lz4")
     if codec == _ZSTD:
         import zstandard
 
@@ -226,7 +205,65 @@ def _inflate(codec: int, data: memoryview, limit: int) -> bytes:
         if len(inflated) > limit:
             raise _Unreadable(f"decompresses to more than {limit} bytes")
         return inflated
+    if codec == _SNAPPY:
+        return _snappy(data, limit)
     raise _Unreadable(f"its compression codec {codec} is unknown")
+
+
+def _members(buffer: bytes, limit: int, make: Any, name: str) -> bytes:
+    """gzip members or lz4 frames one after the other, each decompressed by a new `make()`
+    (zlib's and lz4's decompressors share `decompress(data, max_length)`, `eof` and
+    `unused_data`)."""
+    out = bytearray()
+    pos, size = 0, len(buffer)
+    while pos < size:
+        if name == "gzip":  # zero padding between members, as Python's gzip reader skips
+            found = _NOT_ZERO.search(buffer, pos)
+            if found is None:
+                break
+            pos = found.start()
+        inflater = make()
+        while not inflater.eof:
+            if pos >= size:
+                raise _Unreadable(f"its {name} data ends early")
+            chunk = buffer[pos : pos + _CHUNK]
+            if name == "gzip":
+                out += inflater.decompress(chunk, limit + 1 - len(out))
+                pending = bool(inflater.unconsumed_tail)
+            else:
+                out += inflater.decompress(chunk, max_length=limit + 1 - len(out))
+                pending = not inflater.eof and not inflater.needs_input
+            if len(out) > limit or pending:
+                raise _Unreadable(f"decompresses to more than {limit} bytes")
+            pos += len(chunk) - len(inflater.unused_data or b"")  # lz4: None when none
+    return bytes(out)
+
+
+def _snappy(data: memoryview, limit: int) -> bytes:
+    """Snappy, raw or in xerial's blocks (the magic bytes alone decide, as kafka-python
+    does); each block's declared length is counted against `limit` before it is made, and
+    checked by the decoder."""
+    import cramjam
+
+    if bytes(data[:8]) != _XERIAL or len(data) <= 16:
+        if _varint_unsigned(data, 0) > limit:
+            raise _Unreadable(f"decompresses to more than {limit} bytes")
+        return bytes(cramjam.snappy.decompress_raw(bytes(data)))
+    out = bytearray()
+    pos = 16
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise _Unreadable("its snappy blocks run past the batch")
+        (size,) = struct.unpack_from("!i", data, pos)
+        pos += 4
+        if size < 0 or pos + size > len(data):
+            raise _Unreadable("its snappy blocks run past the batch")
+        block = bytes(data[pos : pos + size])
+        pos += size
+        if len(out) + _varint_unsigned(memoryview(block), 0) > limit:
+            raise _Unreadable(f"decompresses to more than {limit} bytes")
+        out += cramjam.snappy.decompress_raw(block)
+    return bytes(out)
 
 
 def _varint_unsigned(buffer: memoryview, pos: int) -> int:
@@ -260,7 +297,10 @@ class _GuardedBatch:
         if codec:
             try:
                 records = _inflate(codec, raw[_HEADER.size :], self._owner.limit)
-            except (_Unreadable, zlib.error, RuntimeError, ValueError, OSError) as error:
+            except Exception as error:  # any codec's error on data a source made up
+                # Counted as the limit's worth: the fetch hands out no further batch, and
+                # a fetch of bombs costs one decompression at a time, not hundreds.
+                self._owner.inflated += self._owner.limit
                 yield self._unreadable(error)
                 return
             self._owner.inflated += len(records)
@@ -289,7 +329,7 @@ class _GuardedBatch:
         codec = _CODECS.get(self._raw[_ATTRIBUTES + 1] & _CODEC_MASK, "no")
         what = error.args[0] if isinstance(error, _Unreadable) else "does not decompress"
         reason = f"record batch of offsets {base}-{last} ({codec} compression) {what}: not read"
-        mark = UnreadableMark(Reason.UNREADABLE_BATCH.value)
+        mark = UnreadableMark(Reason.UNREADABLE_BATCH.value, base)
         ts_type = 1 if header[5] & _TIMESTAMP_TYPE else 0
         return _Record(last, header[8], ts_type, None, None, [(mark, reason.encode())], 0)
 

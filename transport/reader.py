@@ -17,7 +17,7 @@ from kafka.errors import KafkaError
 
 from transport import clients
 from transport.config import KafkaConnection
-from transport.guard import unreadable
+from transport.guard import first_offset, unreadable
 from transport.message import TP as TP  # re-exported: the transport's record types
 from transport.message import Message as Message
 
@@ -128,7 +128,9 @@ class RangeReader:
             messages: list[Message] = []
             for tp, records in polled.items():
                 end = assigned[tp][1]
-                messages += [to_message(r) for r in records if r.offset < end]
+                # A batch the guard could not read is one record at its last offset: kept
+                # when the batch begins within the range.
+                messages += [to_message(r) for r in records if first_offset(r) < end]
             for tp in list(open_partitions):
                 if consumer.position(tp) >= assigned[tp][1]:
                     open_partitions.discard(tp)

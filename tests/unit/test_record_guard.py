@@ -16,6 +16,7 @@ from kafka.record import MemoryRecords as KafkaRecords
 
 from consumers.checks import classify
 from tests.support.raw_batches import CODECS, Record, encode_batch
+from tests.support.raw_batches import encode_records as encode_records_for
 from transport import guard
 from transport.guard import GuardedRecords, UnreadableMark, unreadable
 from transport.message import Message
@@ -41,6 +42,20 @@ def _read(data: bytes, parser: type, limit: int = guard.DECOMPRESSED_LIMIT) -> l
         out += list(batch)
     assert records.next_batch() is None
     return out
+
+
+def _fetches(data: bytes, parser: type, limit: int = guard.DECOMPRESSED_LIMIT) -> list[list[Any]]:
+    """What a client's fetches read: each fetch from the first batch the one before left."""
+    fetched: list[list[Any]] = []
+    pos = 0
+    while pos < len(data):
+        records = GuardedRecords(data[pos:], parser, limit)
+        fetched.append([])
+        while records.has_next():
+            fetched[-1] += list(records.next_batch())
+        assert records._pos > 0
+        pos += records._pos
+    return fetched
 
 
 def _plain(data: bytes, parser: type) -> list[Any]:
@@ -77,9 +92,10 @@ def test_a_batch_that_decompresses_beyond_the_limit_is_one_marked_record(
     data = encode_batch(_records(2), codec) + encode_batch(bomb, codec, base_offset=2)
     data += encode_batch(_records(2, 6), codec, base_offset=6)
     assert len(data) < 200_000
-    read = _read(data, parser, limit=1_000_000)
-    assert [r.offset for r in read] == [0, 1, 5, 6, 7]
-    marked = read[2]
+    fetched = _fetches(data, parser, limit=1_000_000)
+    # The refusal counts as the limit's worth: the next batch comes with the next fetch.
+    assert [[r.offset for r in f] for f in fetched] == [[0, 1, 5], [6, 7]]
+    marked = fetched[0][2]
     assert (marked.key, marked.value) == (None, None)
     code, reason = unreadable(marked.headers) or ("", "")
     assert code == "unreadable_batch"
@@ -95,8 +111,9 @@ def test_corrupt_compressed_data_is_one_marked_record_and_the_next_batch_is_read
 ) -> None:
     corrupt = encode_batch(_records(3), "gzip", body=gzip.compress(b"x" * 100)[:20])
     data = corrupt + encode_batch(_records(1, 3), "gzip", base_offset=3)
-    read = _read(data, parser)
-    assert [r.offset for r in read] == [2, 3]
+    fetched = _fetches(data, parser)
+    assert [[r.offset for r in f] for f in fetched] == [[2], [3]]
+    read = fetched[0]
     assert unreadable(read[0].headers) == (
         "unreadable_batch",
         "record batch of offsets 0-2 (gzip compression) its gzip data ends early: not read",
@@ -155,3 +172,75 @@ def test_install_guards_both_fetchers_once() -> None:
     for module in (aiokafka.consumer.fetcher, kafka.consumer.fetcher):
         assert isinstance(module.MemoryRecords, guard._Guard)
         assert not isinstance(module.MemoryRecords.parser, guard._Guard)
+
+
+def _xerial(blocks: list[bytes], version: int = 1, tail: bytes = b"") -> bytes:
+    import struct
+
+    import cramjam
+
+    body = b"".join(
+        struct.pack("!i", len(c)) + c
+        for c in (bytes(cramjam.snappy.compress_raw(b)) for b in blocks)
+    )
+    return b"\x82SNAPPY\x00" + struct.pack("!ii", version, 1) + body + tail
+
+
+@pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
+def test_what_the_broker_takes_and_no_codec_reads_is_one_marked_record_not_a_crash(
+    parser: type,
+) -> None:
+    """Leftover bytes after xerial's last block, snappy that is not snappy, zstd and lz4
+    that are not: each codec raised its own error out of the client (struct.error,
+    cramjam's, zstandard's), and stopped the partition."""
+    records = encode_records_for(_records(3))
+    bodies = {
+        "snappy": _xerial([records], tail=b"\x00\x01"),
+        "raw snappy": b"\x05garbage",
+        "zstd": b"\x28\xb5\x2f\xfd" + b"\x00" * 20,
+        "lz4": b"\x04\x22\x4d\x18" + b"\xff" * 20,
+    }
+    for name, body in bodies.items():
+        codec = name.split()[-1]
+        data = encode_batch(_records(3), codec, body=body)
+        data += encode_batch(_records(1, 3), codec, base_offset=3)
+        read = [r for f in _fetches(data, parser) for r in f]
+        assert [r.offset for r in read] == [2, 3], name
+        assert unreadable(read[0].headers)[0] == "unreadable_batch"  # type: ignore[index]
+        assert unreadable(read[1].headers) is None
+
+
+@pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
+def test_what_a_client_reads_the_guard_reads_too(parser: type) -> None:
+    """A xerial header of another version (kafka-python reads it: Redpanda writes it),
+    zero padding after a gzip member (Python's gzip reader skips it), several members."""
+    records = encode_records_for(_records(3))
+    half = len(records) // 2
+    bodies = {
+        "snappy": _xerial([records[:half], records[half:]], version=2),
+        "gzip": gzip.compress(records[:half]) + gzip.compress(records[half:]) + b"\x00" * 64,
+    }
+    for codec, body in bodies.items():
+        data = encode_batch(_records(3), codec, body=body, timestamp_ms=T)
+        read = _read(data, parser)
+        assert [_fields(r) for r in read] == [
+            _fields(r) for r in _read(encode_batch(_records(3), timestamp_ms=T), parser)
+        ], codec
+
+
+@pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
+def test_a_fetch_of_bombs_decompresses_one_of_them(parser: type) -> None:
+    """Each bomb costs a decompression up to the limit: a fetch of hundreds blocked the
+    worker's event loop past its group session."""
+    bomb = [(b"k", b"\x00" * 300_000, [])] * 4
+    data = b"".join(encode_batch(bomb, "zstd", base_offset=4 * b) for b in range(20))
+    fetched = _fetches(data, parser, limit=1_000_000)
+    assert [[r.offset for r in f] for f in fetched] == [[4 * b + 3] for b in range(20)]
+
+
+def test_a_marked_batch_says_where_it_begins() -> None:
+    bomb = encode_batch([(b"k", b"\x00" * 300_000, [])] * 4, "gzip", base_offset=40)
+    (marked,) = _read(bomb, AioRecords, limit=1_000_000)
+    assert (marked.offset, guard.first_offset(marked)) == (43, 40)
+    (plain,) = _read(encode_batch(_records(1), base_offset=7), AioRecords)
+    assert guard.first_offset(plain) == 7
