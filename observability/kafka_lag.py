@@ -216,7 +216,12 @@ class LagReader:
         # A partition the store has never applied is behind by what its log holds: from the
         # log's start (retention may have moved it past 0), not from offset 0.
         missing = [tp for tp in partitions if tp not in applied]
-        starts = self.cluster.beginning_offsets(missing) if missing else {}
+        starts: dict[TP, int] = {}
+        if missing:
+            try:  # all or nothing: one leader away fails it, and 0 stands in as before
+                starts = self.cluster.beginning_offsets(missing)
+            except Exception as error:
+                log.info("log starts not read (%s): 0 for them", type(error).__name__)
         return {tp: applied.get(tp, starts.get(tp, 0)) for tp in partitions}
 
     def _store_is_new(self) -> bool:

@@ -288,9 +288,11 @@ class RowRejected(ValueError):
 
 class RowAhead(RowRejected):
     """A row whose cursor time is ahead of the producer's clock by more than
-    `AHEAD_TOLERANCE` (lookback capture): its change is dead-lettered once and the cursor
-    does not move to its time, or every later change would fall behind the window for
-    good. Read again at each poll, it is sent as any row once its time has come."""
+    `AHEAD_TOLERANCE` (lookback capture): held, neither sent nor dead-lettered, and the
+    cursor does not move to its time, or every later change would fall behind the window
+    for good. Read again at each poll, it is sent as any row once its time has come;
+    each poll that holds some says so in a warning (a clock of the source, or of this
+    host, that is wrong: this host's behind delays every change by its lag)."""
 
 
 # How far a row's time may run ahead of the producer's clock: the worker's default allowed
@@ -314,7 +316,6 @@ class RejectedRow:
     message: str
     version: int = 0
     xid: int | None = None
-    ahead: bool = False  # `RowAhead`: the cursor does not move to its time
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,7 @@ class SqlPollingAdapter:
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.postgresql = self.engine.dialect.name == "postgresql"
         self.snapshot = self._snapshot_capture()
+        self.held_ahead = 0  # rows `RowAhead` held in the current lookback poll
 
     def _from_clause(self) -> Any:
         config = self.config
@@ -403,7 +405,15 @@ class SqlPollingAdapter:
                 )  # fmt: skip
         if not self.snapshot:
             start = self._window_start(state, reading=True)
+            self.held_ahead = 0
             yield from self._scan(state, None if start is None else self._at_or_after(start))
+            if self.held_ahead:
+                log.warning(
+                    "%s: %d rows held: their %s is more than %d s ahead of this host's "
+                    "clock (sent once their time has come); check the source's clock and "
+                    "this host's", self.config.name, self.held_ahead,
+                    self.config.updated_at_column, AHEAD_TOLERANCE.seconds,
+                )  # fmt: skip
             return
         with self.engine.connect() as conn:
             began, xmax = current_xmin_xmax(conn)
@@ -672,6 +682,9 @@ class SqlPollingAdapter:
         time only); None when it holds nothing new."""
         try:
             return self._change(row, state)
+        except RowAhead:
+            self.held_ahead += 1
+            return None
         except (RowRejected, ValueError, TypeError, ArithmeticError, RecursionError) as error:
             # One row's values never stop the source. Anything else (a column the mapping
             # names that the table lacks: a configuration error) fails the run, loudly.
@@ -689,8 +702,7 @@ class SqlPollingAdapter:
             sent = int(entry[0]) if entry is not None else 0
             xid = int(values[XID_LABEL]) if self.snapshot else None
             key_text = None if key is None else str(key)
-            ahead = isinstance(error, RowAhead)
-            return RejectedRow(pk, key_text, stamp, marker, message, sent, xid, ahead)
+            return RejectedRow(pk, key_text, stamp, marker, message, sent, xid)
 
     def _cursor_time_of(self, values: Any) -> datetime:
         """The row's place in the cursor's order. A value no reading can place stops the
@@ -712,11 +724,7 @@ class SqlPollingAdapter:
         moment = self._cursor_time_of(values)
         occurred = self.instant(moment)
         if not self.snapshot and occurred > datetime.now(UTC) + AHEAD_TOLERANCE:
-            raise RowAhead(
-                f"{config.updated_at_column}: more than {AHEAD_TOLERANCE.seconds} s ahead of "
-                "the producer's clock (held: read again at each poll, sent once its time "
-                "has come; fix the source's clock or the row)"
-            )
+            raise RowAhead(config.updated_at_column)
         if values[config.key_column] is None:
             raise RowRejected(f"{config.key_column}: NULL (the key column needs a value)")
         if config.version_column:
@@ -836,8 +844,6 @@ class SqlPollingAdapter:
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])
-            if isinstance(change, RejectedRow) and change.ahead:
-                continue  # the cursor stays: the rows written meanwhile stay in its window
             mark = (stamp, _saved_pk(change.pk))
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -928,9 +929,9 @@ class Store:
     ) -> tuple[int, int]:
         """Forget records every source deleted before `older_than`: the old and new values
         of their history entries become null, the entries' key its reference (keyed with
-        `secret`; without one, the masked key) and their event id null (an event id derives
+        `secret`; without one, an opaque name) and their event id null (an event id derives
         from the key, without a secret); the entries stay, marked `purged_at`, under that
-        reference. Their tombstones go. Return (history entries emptied, tombstones
+        name. Their tombstones go. Return (history entries emptied, tombstones
         removed)."""
         emptied, removed, _ = self.purge_deleted_within(older_than, secret=secret)
         return emptied, removed
@@ -989,6 +990,15 @@ class Store:
                         record_history.c.id, record_history.c.key, record_history.c.changes
                     ).where(of_keys, record_history.c.purged_at.is_(None))
                 ).all()
+                # Keyed, the reference finds them again (`history`, with the same secret);
+                # without a secret an opaque name per record: a masked key is shared by
+                # one record in a hundred, and would list other people's entries.
+                aliases = {
+                    key: key_reference(key, secret)
+                    if secret is not None
+                    else f"forgotten:{uuid.uuid4().hex[:16]}"
+                    for key in {key for _, key, _ in entries}
+                }
                 if entries:
                     conn.execute(
                         update(record_history)
@@ -1003,7 +1013,7 @@ class Store:
                             {
                                 "entry_id": entry_id,
                                 "emptied": {f: [None, None] for f in changes},
-                                "reference": key_reference(key, secret),
+                                "reference": aliases[key],
                             }
                             for entry_id, key, changes in entries
                         ],

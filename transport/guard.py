@@ -31,13 +31,16 @@ globals of their fetchers, checked by `install()` and by the tests of both clien
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 import zlib
 from collections.abc import Iterator
+from functools import cache
 from typing import Any
 
 from schemas.dead_letter import Reason
+from schemas.errors import ConfigurationError
 
 DECOMPRESSED_LIMIT = 32 * 1_048_576
 
@@ -266,6 +269,29 @@ def _snappy(data: memoryview, limit: int) -> bytes:
     return bytes(out)
 
 
+@cache
+def _codec_errors() -> tuple[type[Exception], ...]:
+    """What the codecs raise on data they cannot read, and nothing else: a bug of the
+    guard, or memory running out, must not turn a good batch into a dead letter."""
+    errors: list[type[Exception]] = [
+        _Unreadable,
+        zlib.error,
+        struct.error,
+        ValueError,  # lz4 (and zstandard) on a bad frame
+        RuntimeError,  # lz4's frame errors
+        EOFError,
+    ]
+    with contextlib.suppress(ImportError):  # a codec not installed raises nothing
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    with contextlib.suppress(ImportError):
+        import cramjam
+
+        errors.append(cramjam.DecompressionError)
+    return tuple(errors)
+
+
 def _varint_unsigned(buffer: memoryview, pos: int) -> int:
     """Snappy's preamble: the block's decompressed length, an unsigned varint."""
     shift = result = 0
@@ -297,7 +323,13 @@ class _GuardedBatch:
         if codec:
             try:
                 records = _inflate(codec, raw[_HEADER.size :], self._owner.limit)
-            except Exception as error:  # any codec's error on data a source made up
+            except ImportError:  # an install without the codec's library: not the data's
+                name = _CODECS.get(codec, str(codec))
+                raise ConfigurationError(
+                    f"a record batch is compressed with {name}, whose library this install "
+                    "lacks (pip's aiokafka[lz4,snappy,zstd] and kafka-python[lz4,snappy,zstd])"
+                ) from None
+            except _codec_errors() as error:  # data a source made up
                 # Counted as the limit's worth: the fetch hands out no further batch, and
                 # a fetch of bombs costs one decompression at a time, not hundreds.
                 self._owner.inflated += self._owner.limit

@@ -374,8 +374,8 @@ def dlq_redrive(
             metavar="SECONDS",
             min=0,
             max=3600,
-            help="How long to wait for the worker to apply a partition's events up to the "
-            "log's end before its letters are held back (default 30)",
+            help="How long to wait, in all, for the worker to apply the letters' partitions "
+            "up to their logs' ends before their letters are held back (default 30)",
         ),
     ] = 30.0,
     bootstrap: BootstrapOpt = None,

@@ -209,7 +209,8 @@ def history(
 
     _log_access("history", entity, key, reason, operator, store)
     target = _store(store)
-    reference = key_reference(key, Settings.from_flags(store=store).reference_key())
+    secret = Settings.from_flags(store=store).reference_key()
+    reference = None if secret is None else key_reference(key, secret)
     rows, total = record_history(target, entity, key, limit or None, reference)
     target.close()
     if len(rows) < total:  # on stderr, before the table: the oldest are not shown

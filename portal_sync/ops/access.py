@@ -11,6 +11,7 @@ command fails and nothing is revealed. A row names the record by its key referen
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import pwd
 from collections.abc import Iterable
@@ -113,8 +114,11 @@ def dead_letter_targets(
     targets = [dead_letter_key(letter_id, key, secret)]
     try:
         event = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        return targets
+    except orjson.JSONDecodeError:  # what orjson refuses and the worker's parser reads
+        try:
+            event = json.loads((value or b"").decode("utf-8", "surrogatepass"))
+        except (ValueError, RecursionError):
+            return targets
     if isinstance(event, dict):
         entity, record = event.get("entity"), event.get("key")
         if entity in ENTITIES and isinstance(record, str) and 0 < len(record) <= MAX_KEY:

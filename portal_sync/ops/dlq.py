@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from portal_sync.ops.offsets import first_message
 from portal_sync.settings import Settings
 from schemas import ENTITIES
 from schemas.dead_letter import (
@@ -286,15 +287,18 @@ class RedriveSummary:
 
 class CaughtUp:
     """Whether the store has applied the partition of a message key in a change topic up
-    to the log end it had when first asked in this run, waiting at most `wait` seconds for
-    it. Only then does the store's version of a view say whether a letter is superseded: a
-    newer event of the same key still unapplied in the log would come before the re-driven
-    one, which the log cleaner would then keep as the key's last."""
+    to the log end it had when first asked in this run: its next offset there, or no
+    message left before that end (a transaction's marker ends a log without one). Waits
+    for that at most `wait` seconds in all the run. Only then does the store's version of
+    a view say whether a letter is superseded: a newer event of the same key still
+    unapplied in the log would come before the re-driven one, which the log cleaner would
+    then keep as the key's last."""
 
     def __init__(self, settings: Settings, store: Store, wait: float) -> None:
         self.settings = settings
         self.store = store
         self.wait = wait
+        self.deadline: float | None = None
         self.ends: dict[str, dict[tuple[str, int], int]] = {}
         self.known: dict[tuple[str, int], bool] = {}
 
@@ -306,14 +310,20 @@ class CaughtUp:
 
     def __call__(self, place: tuple[str, int]) -> bool:
         if place not in self.known:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.wait
             end = self.ends[place[0]].get(place, 0)
-            deadline = time.monotonic() + self.wait
             while True:
-                applied = self.store.stored_offsets([place]).get(place, 0)
-                if applied >= end or time.monotonic() >= deadline:
+                applied = self.store.stored_offsets([place]).get(place)
+                if (applied or 0) >= end or time.monotonic() >= self.deadline:
                     break
                 time.sleep(0.25)
-            self.known[place] = applied >= end
+            if applied is None:  # none applied: from the log's start
+                with admin.cluster(self.settings.connection()) as c:
+                    applied = c.beginning_offsets([place]).get(place, 0)
+            self.known[place] = applied >= end or (
+                first_message(self.settings, place[0], place[1], applied, end) is None
+            )
         return self.known[place]
 
 
@@ -357,6 +367,9 @@ def redrive(
                 summary.not_redrivable += 1
                 continue
             if event[3] <= sent.get(event[:3], -1):  # this run sent that key's newer one
+                # Recorded as the redrive it is part of: a run again does not send it.
+                store.record_redrive(topic, letter.partition, letter.offset,
+                                     _code(letter), letter.origin_topic, topic_id)  # fmt: skip
                 summary.superseded += 1
                 continue
             place = caught_up.partition(letter.origin_topic, letter.key or b"")
@@ -374,15 +387,18 @@ def redrive(
             headers = [("ps.attempt", str(letter.attempt).encode()), *letter.kept]
             publisher.send(letter.origin_topic, letter.key, letter.value, headers)
             publisher.flush()  # recorded only once the broker has it
-            code = letter.reason_code if letter.reason_code in DEAD_LETTER_REASONS else "unknown"
             store.record_redrive(
-                topic, letter.partition, letter.offset, code, letter.origin_topic, topic_id
+                topic, letter.partition, letter.offset, _code(letter), letter.origin_topic, topic_id
             )
             summary.redriven += 1
             sent[event[:3]] = event[3]
     finally:
         publisher.close()
     return summary
+
+
+def _code(letter: DeadLetterRecord) -> str:
+    return letter.reason_code if letter.reason_code in DEAD_LETTER_REASONS else "unknown"
 
 
 def _redriven_already(

@@ -194,7 +194,7 @@ def skip_message(
     finally:
         store.close()
     expected = log_start if stored is None else stored
-    message = None if offset < expected else _first_message(settings, topic, partition,
+    message = None if offset < expected else first_message(settings, topic, partition,
                                                               expected, offset + 1)  # fmt: skip
     if message is None and offset >= expected:
         raise Refused(f"{topic}[{partition}] has no message at offset {offset}")
@@ -227,7 +227,7 @@ def skip_message(
         publisher.close()
 
 
-def _first_message(
+def first_message(
     settings: Settings, topic: str, partition: int, start: int, end: int
 ) -> Message | None:
     """The first message of the partition in [start, end), reading no further."""

@@ -33,6 +33,7 @@ import re
 import shutil
 import stat
 import time
+import unicodedata
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -510,7 +511,7 @@ class FileDropAdapter(DirectoryAdapter):
                 )
             version = given
         try:  # the SQL adapter's reading of a flag: one nobody can read never deletes
-            deleted = opts.deleted_field is not None and soft_deleted(row.get(opts.deleted_field))
+            deleted = opts.deleted_field is not None and _file_flag(row.get(opts.deleted_field))
         except ValueError as error:
             rule = str(error).partition(": ")[2]
             message = f"{opts.deleted_field}: {rule}"
@@ -538,6 +539,23 @@ def _raw(row: dict[str, Any]) -> bytes:
         return json.dumps(row, ensure_ascii=False).encode()
     except (TypeError, ValueError, RecursionError):
         return b""
+
+
+# How exports write SQL's NULL as text, and Vietnamese yes and no: a file's flag only.
+_FILE_LIVE = {"null", "\\n", "none", "không", "khong"}
+_FILE_DELETED = {"có", "co"}
+
+
+def _file_flag(value: Any) -> bool:
+    """A deletion flag as a file writes it: `soft_deleted`, and NULL written as text
+    (`NULL`, `\\N`, `None`) or `không` live, `có` deleted."""
+    if isinstance(value, str):
+        text = unicodedata.normalize("NFC", value).strip().lower()
+        if text in _FILE_LIVE:
+            return False
+        if text in _FILE_DELETED:
+            return True
+    return soft_deleted(value)
 
 
 def _stat_marker(path: Path) -> str | None:

@@ -97,6 +97,7 @@ class OutboxAdapter(Adapter):
         self._engine: Any = None
         self._table: Table | None = None
         self._cleaned: set[int] = set()
+        self._tracked_from = 0
         OUTBOX_BEYOND_LOOKBACK.set(source, config.table, 0)  # exported from the start
 
     def _connect(self) -> Table:
@@ -117,16 +118,20 @@ class OutboxAdapter(Adapter):
         seen = {int(i) for i in state.get("seen", [])}
         pending = [int(i) for i in state.get("pending", [])]
         self._cleaned = set()  # rows whose clean-up ran in this read
+        # Since `pending` is tracked (every state saved by this version), a seen row still
+        # in the table unprocessed, and not pending, can only be a reused id; a state of an
+        # older release did not track the clean-ups of the rows up to its `last_id`.
+        self._tracked_from = int(state.get("tracked_from", 0 if "pending" in state else last_id))
         if pending:  # published; their clean-up may have failed: run it (again) first
-            yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
+            yield Checkpoint(
+                _state(last_id, seen, pending, self._tracked_from), self._done(table, pending)
+            )
         # The engine resumes this generator once the checkpoint's clean-up ran; a
         # conformance check resumes it without running any: those rows stay pending.
         pending = [i for i in pending if i not in self._cleaned]
         ident = table.c[self.options.id_column]
         late = ident > last_id - self.options.lookback_ids, ident <= last_id
-        # Since `pending` exists (every state saved by this version), a seen row still in
-        # the table unprocessed, and not pending, can only be a reused id.
-        unclean: set[int] | None = set(pending) if "pending" in state else None
+        unclean = set(pending)  # published rows whose clean-up has not run
         pages = [
             self._pages(table, late, seen, unclean),
             self._pages(table, (ident > last_id,), seen, unclean),
@@ -136,19 +141,19 @@ class OutboxAdapter(Adapter):
                 yield self._item(row._mapping)
             ids = [int(row._mapping[self.options.id_column]) for row in page]
             pending = sorted({*pending, *ids})
-            if unclean is not None:
-                unclean.update(ids)
+            unclean.update(ids)
             seen.update(ids)
             last_id = max(last_id, *ids)
             horizon = last_id - self.options.lookback_ids
             seen = {i for i in seen if i > horizon}
-            yield Checkpoint(_state(last_id, seen, pending), self._done(table, pending))
+            yield Checkpoint(
+                _state(last_id, seen, pending, self._tracked_from), self._done(table, pending)
+            )
             pending = [i for i in pending if i not in self._cleaned]
-            if unclean is not None:
-                unclean.difference_update(self._cleaned)
+            unclean.difference_update(self._cleaned)
         self._count_beyond_lookback(table, last_id - self.options.lookback_ids)
         if not pending:  # every clean-up ran: the state need not name their rows any more
-            yield Checkpoint(_state(last_id, seen, []))
+            yield Checkpoint(_state(last_id, seen, [], self._tracked_from))
 
     def _count_beyond_lookback(self, table: Table, horizon: int) -> None:
         """Unprocessed rows at or below `horizon`: committed too late for the window, never
@@ -163,11 +168,11 @@ class OutboxAdapter(Adapter):
         OUTBOX_BEYOND_LOOKBACK.set(self.source, self.options.table, rows)
 
     def _pages(
-        self, table: Table, where: tuple[Any, ...], seen: set[int], unclean: set[int] | None
+        self, table: Table, where: tuple[Any, ...], seen: set[int], unclean: set[int]
     ) -> Iterator[list[Any]]:
         """Unprocessed rows matching `where` and not in `seen`, in id order, page by page.
-        With `unclean` (the published rows whose clean-up has not run), a row in `seen` and
-        not in `unclean` stops the source (`FatalError`): its id was published and cleaned
+        A row in `seen`, above `tracked_from` and not in `unclean` (the published rows whose
+        clean-up has not run) stops the source (`FatalError`): its id was published and cleaned
         up before, so the table reuses ids (SQLite's `INTEGER PRIMARY KEY` without
         `AUTOINCREMENT`, MySQL 5.7 after a restart, `TRUNCATE … RESTART IDENTITY`). Skipped,
         the new row would be lost without a trace; its default version, the id, would also
@@ -188,12 +193,14 @@ class OutboxAdapter(Adapter):
             after = int(rows[-1]._mapping[opts.id_column])
             fresh = [row for row in rows if int(row._mapping[opts.id_column]) not in seen]
             back = [i for r in rows if (i := int(r._mapping[opts.id_column])) in seen]
-            if unclean is not None and (again := [i for i in back if i not in unclean]):
+            again = [i for i in back if i > self._tracked_from and i not in unclean]
+            if again:
                 raise FatalError(
                     f"outbox row id {again[0]} was published and cleaned up before, and is in "
-                    f"{opts.table} again: the table reuses ids. Give it ids that never "
-                    "repeat (AUTOINCREMENT, a sequence) and a version_column, then reset "
-                    "this source's state (docs/adapters.md, outbox)"
+                    f"{opts.table} again, unprocessed: the table reuses ids (give it ids "
+                    "that never repeat, AUTOINCREMENT or a sequence, and a version_column, "
+                    "then reset this source's state), or its delete or mark did not take "
+                    "effect (a trigger, a row policy) (docs/adapters.md, outbox)"
                 )
             if fresh:
                 yield fresh
@@ -289,7 +296,11 @@ def _row_bytes(values: Any) -> bytes:
     return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
 
 
-def _state(last_id: int, seen: set[int], pending: list[int]) -> State:
-    """The position; `pending`: rows published whose clean-up is not known to have run
-    (always written, even empty: its presence says the clean-ups of `seen` were tracked)."""
-    return {"last_id": last_id, "seen": sorted(seen), "pending": sorted(pending)}
+def _state(last_id: int, seen: set[int], pending: list[int], tracked_from: int = 0) -> State:
+    """The position; `pending`: rows published whose clean-up is not known to have run;
+    `tracked_from`: the ids above it had their clean-ups tracked so (a state of an older
+    release did not: its seen rows up to there are never taken for reused ids)."""
+    state: State = {"last_id": last_id, "seen": sorted(seen), "pending": sorted(pending)}
+    if tracked_from:
+        state["tracked_from"] = tracked_from
+    return state

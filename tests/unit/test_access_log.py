@@ -239,6 +239,11 @@ def test_a_revealed_letter_whose_value_names_another_record_logs_that_record_too
     assert dead_letter_targets("0:9", key, same, secret) == [
         ("citizen", f"dead letter 0:9: {keyed}")
     ]
+    # What orjson refuses and the worker's parser reads: the record is still named.
+    lenient = b'{"entity": "citizen", "key": "079305012345", "n": 1e400}'
+    assert dead_letter_targets("0:9", key, lenient, secret)[1:] == [
+        ("citizen", f"dead letter 0:9: {shown}")
+    ]
     for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', None):
         assert dead_letter_targets("0:9", key, unreadable, secret) == [
             ("citizen", f"dead letter 0:9: {keyed}")

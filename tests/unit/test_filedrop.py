@@ -104,13 +104,15 @@ def test_a_date_format_with_dots_is_still_whole_seconds(tmp_path: Path) -> None:
 
 
 def test_a_deletion_flag_is_read_as_the_sql_adapter_reads_it(tmp_path: Path) -> None:
-    """`t`, `-1`, `1.0` or a deletion time delete; a flag nobody can read is a dead
-    letter, never a live upsert (a deleted record came back) nor a delete."""
+    """`t`, `-1`, `1.0`, a deletion time or `có` delete; NULL written as text, `không`
+    are live; a flag nobody can read is a dead letter, never a live upsert (a deleted
+    record came back) nor a delete."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    flags = ["t", "-1", "1.0", "2025-08-01 09:00:00", "0", "", "n", "deleted"]
+    flags = ["t", "-1", "1.0", "2025-08-01 09:00:00", "có", "0", "", "n", "NULL", "\\N",
+             "không", "deleted"]  # fmt: skip
     _drop(inbox, "pid,name,at,gone\n" + "".join(
-        f"00119000000{n},Lê Thị Hoa,2025-08-01T08:00:00+07:00,{flag}\n"
+        f"0011900000{n:02d},Lê Thị Hoa,2025-08-01T08:00:00+07:00,{flag}\n"
         for n, flag in enumerate(flags)))  # fmt: skip
     adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"deleted_field": "gone"},
                                             tmp_path)  # fmt: skip
@@ -120,8 +122,8 @@ def test_a_deletion_flag_is_read_as_the_sql_adapter_reads_it(tmp_path: Path) -> 
         for i in items
     ]
     assert kinds == [
-        *["delete"] * 4,
-        *["upsert"] * 3,
+        *["delete"] * 5,
+        *["upsert"] * 6,
         "invalid_field",
     ]
     assert isinstance(items[-1], SkippableRecord)

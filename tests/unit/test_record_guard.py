@@ -244,3 +244,22 @@ def test_a_marked_batch_says_where_it_begins() -> None:
     assert (marked.offset, guard.first_offset(marked)) == (43, 40)
     (plain,) = _read(encode_batch(_records(1), base_offset=7), AioRecords)
     assert guard.first_offset(plain) == 7
+
+
+def test_a_codec_library_missing_is_a_configuration_error_not_a_dead_letter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Marked unreadable, a good batch would be dead-lettered without its value and
+    passed: an install that lacks a codec must stop, as the operations guide says."""
+    import sys
+
+    from schemas.errors import ConfigurationError
+
+    data = encode_batch(_records(2), "zstd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    guard._codec_errors.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match="compressed with zstd"):
+            _read(data, AioRecords)
+    finally:
+        guard._codec_errors.cache_clear()

@@ -280,13 +280,23 @@ def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path
     store = Store(url)
     store.create_schema()
     feed = Feed(store)
+    from schemas.identifiers import ReferenceKey
+
+    key_file = tmp_path / "reference.key"
+    key_file.write_bytes(b"k" * 32)
     feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Văn An"}))
     feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
-    purge(store, Retention(deleted_days=180), utcnow() + timedelta(days=181))
+    # Another citizen whose masked key is the same (the last two digits), forgotten too.
+    other = CITIZEN[:-3] + "9" + CITIZEN[-2:]
+    feed.apply(event("citizen", other, "province-01", 1, {"full_name": "Trần Thị Bình"}))
+    feed.apply(event("citizen", other, "province-01", 2, None))
+    retention = Retention(deleted_days=180, reference_key=ReferenceKey(b"k" * 32))
+    purge(store, retention, utcnow() + timedelta(days=181))
     store.close()
-    result = run_cli("history", "citizen", CITIZEN, "--store", url, "--reason", "test")
+    result = run_cli("history", "citizen", CITIZEN, "--store", url, "--reason", "test",
+                     PORTAL_SYNC_REFERENCE_KEY_FILE=str(key_file))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("full_name: values purged") == 2
+    assert result.stdout.count("full_name: values purged") == 2  # its own, not the other's
     assert "Nguyễn Văn An" not in result.stdout
     # The entries stay (under the key's reference); the event ids, derived from the key
     # without a secret, go with the values.
