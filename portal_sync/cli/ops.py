@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -394,9 +394,17 @@ def dlq_redrive(
     settings = settings_from(bootstrap, store)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
     letters = iter_dead_letters(settings, filters)
+    left_out = [0]
     if not letter_ids and "skipped_by_operator" not in (reason or []):
         # An operator skipped these on purpose (`offsets skip`): only named ones go back.
-        letters = (x for x in letters if x.reason_code != "skipped_by_operator")
+        def not_skipped(found: Iterable[Any]) -> Iterator[Any]:
+            for letter in found:
+                if letter.reason_code == "skipped_by_operator":
+                    left_out[0] += 1
+                else:
+                    yield letter
+
+        letters = not_skipped(letters)
     target = Store(settings.store_url)
     target.require_schema()
     try:
@@ -408,6 +416,9 @@ def dlq_redrive(
                   f"a change topic, or not an event of its key) {summary.not_redrivable}, "
                   f"superseded (the store holds, or this run sent, "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
+    if left_out[0]:
+        console.print(f"left out {left_out[0]} that an operator skipped (`offsets skip`): name "
+                      "them by ID, or --reason skipped_by_operator, to send them")  # fmt: skip
     if summary.held_back:
         where = ", ".join(f"{t}:{p}" for t, p in sorted(summary.behind))
         console.print(plain(

@@ -157,15 +157,17 @@ def apply_reset(
         # The offsets are to be in these topics' logs: a topic created again is the
         # store's from here on (the worker refuses one whose id changed, `check_topic_ids`).
         # Read first: a failure leaves everything as it was.
-        ids = c.topic_ids({p.topic for p in plan}) if group == settings.group_id else {}
-        c.alter_group_offsets(group, {(p.topic, p.partition): p.target for p in plan})
-    if group == settings.group_id:
-        store = Store(settings.store_url)
-        try:
-            targets = {(p.topic, p.partition): p.target for p in plan}
-            store.reset_offsets(targets, who, why, ids)
-        finally:
-            store.close()
+        targets = {(p.topic, p.partition): p.target for p in plan}
+        if group == settings.group_id:
+            ids = c.topic_ids({p.topic for p in plan})
+            # The store's offsets first: they are the reconciler's truth, and Kafka's are
+            # its copy; a failure between the two leaves the copy behind, not the truth.
+            store = Store(settings.store_url)
+            try:
+                store.reset_offsets(targets, who, why, ids)
+            finally:
+                store.close()
+        c.alter_group_offsets(group, targets)
 
 
 def skip_message(
