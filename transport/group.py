@@ -34,7 +34,7 @@ from transport.clients import quiet_client_debug, translate
 from transport.config import KafkaConnection
 from transport.guard import install as guard_records
 from transport.guard import unreadable
-from transport.reader import LOG_APPEND_TIME, Message
+from transport.reader import LOG_APPEND_TIME, Message, to_message
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -82,21 +82,6 @@ def check_topic_ids(
             "with `portal-sync offsets reset` (docs/operations.md, "
             '"A change topic behind the store")'
         )
-
-
-def _unreadable_message(topic: str, partition: int, record: Any) -> Message:
-    """A record the guard marked: its reason, and the headers that were read."""
-    return Message(
-        topic,
-        partition,
-        record.offset,
-        record.value,
-        record.key,
-        record.timestamp,
-        tuple((name, value or b"") for name, value in record.headers[1:]),
-        record.timestamp_type == LOG_APPEND_TIME,
-        unreadable(record.headers),
-    )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -259,7 +244,7 @@ class GroupMember:
                     r.timestamp_type == LOG_APPEND_TIME,
                 )
                 if unreadable(r.headers) is None
-                else _unreadable_message(topic, partition, r)
+                else to_message(r)  # marked by the guard: its reason, the headers read
                 for r in records
             ]
         return messages

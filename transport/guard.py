@@ -129,18 +129,24 @@ class _Record:
         return True
 
 
-def _varint(buffer: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """A zigzag varint (Kafka's record fields), and the position after it."""
+def _uvarint(buffer: bytes | memoryview, pos: int, bits: int, what: str) -> tuple[int, int]:
+    """An unsigned varint of at most `bits` bits, and the position after it; `what` says
+    what is wrong when it runs past the buffer or the bits."""
     shift = result = 0
-    while True:
-        if pos >= len(buffer) or shift > 63:
-            raise _Unreadable("a record's field runs past its batch")
+    while pos < len(buffer) and shift < bits:
         byte = buffer[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
+            return result, pos
         shift += 7
+    raise _Unreadable(what)
+
+
+def _varint(buffer: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """A zigzag varint (Kafka's record fields), and the position after it."""
+    result, pos = _uvarint(buffer, pos, 64, "a record's field runs past its batch")
+    return (result >> 1) ^ -(result & 1), pos
 
 
 def _bytes(buffer: memoryview, pos: int) -> tuple[bytes | None, int]:
@@ -294,15 +300,7 @@ def _codec_errors() -> tuple[type[Exception], ...]:
 
 def _varint_unsigned(buffer: memoryview, pos: int) -> int:
     """Snappy's preamble: the block's decompressed length, an unsigned varint."""
-    shift = result = 0
-    while pos < len(buffer) and shift <= 35:
-        byte = buffer[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result
-        shift += 7
-    raise _Unreadable("its snappy data is not snappy")
+    return _uvarint(buffer, pos, 36, "its snappy data is not snappy")[0]
 
 
 class _GuardedBatch:
