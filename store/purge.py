@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, tuple_
-from sqlalchemy.orm import aliased
 
 from schemas.views import RecordKey
 from store.core import Store, _upsert, translated, utcnow
@@ -88,7 +87,7 @@ def _scope(source: str, entity: str | None, key: str | None) -> list[ColumnEleme
 
 def purge_plan(store: Store, source: str, entity: str | None, key: str | None) -> PurgePlan:
     """Count what purging `source` (of one entity, of one key) would touch."""
-    other = aliased(source_views)
+    other = source_views.alias("other")
     others_live = exists().where(
         other.c.entity == source_views.c.entity,
         other.c.key == source_views.c.key,

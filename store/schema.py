@@ -1,20 +1,30 @@
-"""Store schema management with Alembic (`portal-sync store upgrade`)."""
+"""Store schema management with Alembic (`portal-sync store upgrade`).
+
+Alembic is imported only to migrate. Every worker and command checks the store's revision at
+start, and that check reads Alembic's version table itself against `HEAD_REVISION`: loading
+Alembic and its migration scripts (with Mako and Pygments) took 12 MB of each worker's
+memory and a fifth of its imports' time, for a string (docs/performance.md, target 5).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
 from schemas.errors import ConfigurationError
 from store.tables import metadata
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
+# The newest migration's revision: a new migration moves it (a unit test compares it with
+# the migration scripts' own head).
+HEAD_REVISION = "0014"
+VERSION_TABLE = "alembic_version"  # Alembic's default, which the migrations keep
 
 
 class SchemaOutdated(ConfigurationError):
@@ -22,24 +32,41 @@ class SchemaOutdated(ConfigurationError):
 
 
 def _config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_config()).get_current_head()
-    assert head is not None
-    return head
+    return HEAD_REVISION
+
+
+def script_head() -> str | None:
+    """The head of the migration scripts themselves (Alembic's reading of them)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
     """The store's revision; the first_schema's revision for stores made before migrations."""
     with engine.connect() as conn:
-        revision = MigrationContext.configure(conn).get_current_revision()
-        if revision is None and "source_views" in inspect(conn).get_table_names():
-            return FIRST_REVISION
-        return revision
+        tables = set(inspect(conn).get_table_names())
+        revisions: list[str] = []
+        if VERSION_TABLE in tables:
+            revisions = list(
+                conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalars()
+            )
+        if len(revisions) > 1:  # as Alembic's own reading refuses them
+            raise ConfigurationError(
+                f"the store's {VERSION_TABLE} names {len(revisions)} revisions, this project's "
+                "migrations one: check --store (PORTAL_SYNC_STORE_URL)"
+            )
+        if revisions:
+            return str(revisions[0])
+        return FIRST_REVISION if "source_views" in tables else None
 
 
 # Workers started together on a new store all find it empty: one creates the schema, the
@@ -51,6 +78,9 @@ def upgrade(engine: Engine, *, only_new: bool = False) -> tuple[str | None, str]
     """Migrate the store to the newest revision; return (from, to). Concurrent callers are
     serialised (PostgreSQL: an advisory lock; SQLite: a writer transaction). `only_new`:
     create a new store, leave a current one alone, refuse an older one (SchemaOutdated)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     config = _config()
     head = head_revision()
     with engine.connect() as connection:

@@ -1,0 +1,70 @@
+"""The store's revision read without Alembic, and what the worker's process loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from schemas.errors import ConfigurationError
+from store import schema
+from store.core import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_head_constant_is_the_migration_scripts_head() -> None:
+    # A new migration must move HEAD_REVISION: else every worker would refuse its own store.
+    assert schema.head_revision() == schema.script_head()
+
+
+def test_revision_of_a_new_a_current_and_a_first_schema_store(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_engine(url)
+    assert schema.current_revision(engine) is None  # an empty database
+    new = Store(url)  # a new store: created at the head
+    new.create_schema()
+    new.engine.dispose()
+    assert schema.current_revision(engine) == schema.head_revision()
+    with engine.begin() as conn:  # a store made before migrations had no version table
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+    assert schema.current_revision(engine) == schema.FIRST_REVISION
+    with engine.begin() as conn:  # nor a row in it (Alembic's reading: no revision)
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    assert schema.current_revision(engine) == schema.FIRST_REVISION
+    engine.dispose()
+
+
+def test_a_version_table_naming_two_revisions_is_refused(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('0003'), ('a1b2c3')")
+    with pytest.raises(ConfigurationError, match="2 revisions"):
+        schema.current_revision(engine)
+    engine.dispose()
+
+
+def test_the_worker_process_loads_neither_alembic_nor_the_orm(tmp_path: Path) -> None:
+    """Each worker (and `portal-sync` command) checks its store at start; Alembic, with Mako
+    and Pygments, and SQLAlchemy's ORM took 15 MB of a worker's memory for nothing."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    new = Store(url)
+    new.create_schema()
+    new.engine.dispose()
+    probe = (
+        "import json, sys\n"
+        "import portal_sync.cli, consumers.worker, store.purge\n"
+        "from store.core import Store\n"
+        f"Store({url!r}).require_schema()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('alembic', 'mako', 'pygments') or m.startswith('sqlalchemy.orm'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == []
