@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,6 +79,12 @@ class Filters:
 # for the 40 s after a node came back). A failed poll drops its clients; the next one
 # starts afresh.
 REQUEST_TIMEOUT_MS = 5_000
+# The store's offsets are read with the same deadline, in a thread of their own: a database
+# that accepts the connection and never answers (a hung server or proxy, packets dropped)
+# would otherwise hold every poll, the lag of every group frozen at its last values while
+# the real lag grows. Past it the reconciler group's offsets in Kafka stand in; a read still
+# hanging from an earlier poll is not started again.
+STORE_READ_SECONDS = REQUEST_TIMEOUT_MS / 1000
 
 
 @dataclass
@@ -95,6 +104,7 @@ class LagReader:
     unread: set[TP] = field(default_factory=set, init=False)  # the last poll's, left unread
     _cluster: Cluster | None = None
     _store: Store | None = None
+    _store_read: Future[dict[TP, int] | None] | None = None
 
     def read(self) -> list[GroupLag]:
         """One poll: offsets, log ends, oldest unapplied timestamps, statuses. A failed poll
@@ -198,19 +208,38 @@ class LagReader:
     def _store_offsets(self) -> dict[TP, int] | None:
         """The reconciler's applied offsets, every partition of the change topics included
         (at the log's start where nothing was applied, or while the store has no schema).
-        None when the store cannot be read: the group's offsets in Kafka (the worker's
-        copy, at most a batch behind) stand in, never zeros, which would show the whole
-        log as lag and page."""
+        None when the store cannot be read within `STORE_READ_SECONDS`: the group's offsets
+        in Kafka (the worker's copy, at most a batch behind) stand in, never zeros, which
+        would show the whole log as lag and page."""
+        if self._store_read is not None and not self._store_read.done():
+            log.warning(
+                "store offsets still unread since an earlier poll (the store does not "
+                "answer): the reconciler group's offsets in Kafka instead"
+            )
+            return None
+        read: Future[dict[TP, int] | None] = Future()
+        self._store_read = read
+
+        def run() -> None:
+            try:
+                read.set_result(self._applied())
+            except BaseException as error:  # pragma: no cover - _applied catches its own
+                read.set_exception(error)
+
+        # A daemon thread, not an executor's: a read that never returns must not hold the
+        # exporter's exit.
+        threading.Thread(target=run, name="lag-store-offsets", daemon=True).start()
         try:
-            applied = self.store().all_offsets()
-        except Exception as error:
-            if not self._store_is_new():
-                log.warning(
-                    "store offsets unreadable (%s): the reconciler group's offsets in Kafka "
-                    "instead", type(error).__name__,
-                )  # fmt: skip
-                return None
-            applied = {}
+            applied = read.result(timeout=STORE_READ_SECONDS)
+        except FutureTimeout:
+            log.warning(
+                "store offsets not read within %.0f s: the reconciler group's offsets in "
+                "Kafka instead",
+                STORE_READ_SECONDS,
+            )
+            return None
+        if applied is None:
+            return None
         topics = [t for t in self.topics.change_topics() if self.filters.topic_ok(t)]
         partitions = self.cluster.partitions(topics)
         # A partition the store has never applied is behind by what its log holds: from the
@@ -223,6 +252,19 @@ class LagReader:
             except Exception as error:
                 log.info("log starts not read (%s): 0 for them", type(error).__name__)
         return {tp: applied.get(tp, starts.get(tp, 0)) for tp in partitions}
+
+    def _applied(self) -> dict[TP, int] | None:
+        """The store's offsets ({} while it has no schema yet; None when unreadable)."""
+        try:
+            return self.store().all_offsets()
+        except Exception as error:
+            if self._store_is_new():
+                return {}
+            log.warning(
+                "store offsets unreadable (%s): the reconciler group's offsets in Kafka "
+                "instead", type(error).__name__,
+            )  # fmt: skip
+            return None
 
     def _store_is_new(self) -> bool:
         """Whether the store holds no portal-sync schema yet (the worker makes it)."""

@@ -258,13 +258,24 @@ def create_store_engine(url: str) -> Engine:
     # of which must see what committed before it; under REPEATABLE READ the reads would
     # keep a snapshot from before the locks were granted.
     register_dumpers()  # the batch's arrays, sent in binary as built (`store.pg_arrays`)
+    # A server that cannot be reached (packets dropped) held a connection attempt for the
+    # kernel's two minutes or more, a worker's start or retry with it; a URL's own
+    # `connect_timeout` wins.
+    from sqlalchemy.engine import make_url
+
+    connect_args = {} if "connect_timeout" in make_url(url).query else {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS}  # fmt: skip
     return create_engine(
         url,
         pool_pre_ping=True,
         hide_parameters=True,
         json_deserializer=loads_exact,
         isolation_level="READ COMMITTED",
+        connect_args=connect_args,
     )
+
+
+CONNECT_TIMEOUT_SECONDS = 10
 
 
 def _make_parent_dir(url: str) -> None:

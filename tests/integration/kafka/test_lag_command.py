@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from observability.kafka_lag import Filters, LagReader
+from observability.kafka_lag import STORE_READ_SECONDS, Filters, LagReader
 from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
 
 pytestmark = pytest.mark.kafka
@@ -85,6 +88,43 @@ def test_the_exporter_reads_kafkas_copy_of_the_offsets_when_the_store_cannot_be_
     broken.write_bytes(b"no database here " * 512)
     assert lag(f"sqlite:///{broken}") == 0
     assert lag(f"sqlite:///{tmp_path / 'new.db'}") == len(events)
+
+
+def test_a_store_that_never_answers_does_not_hold_the_lag_of_any_group(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A database that accepts the connection and never answers (a hung server or proxy)
+    held every poll: the lag of every group froze at its last values while the real lag
+    grew, and the exporter's health check then restarted it into the same hang. The
+    store's offsets are read with a deadline, Kafka's copy standing in past it; a read
+    still hanging is not started again by the next poll."""
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(keys=20, versions=2)
+    assert cli(settings, "publish", str(write_jsonl(tmp_path / "e.jsonl", events))).returncode == 0
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.extend(iter(lambda: silent.accept()[0], None)),
+                     daemon=True).start()  # fmt: skip
+    port = silent.getsockname()[1]
+    reader = LagReader(
+        settings.connection(),
+        settings.topics(),
+        settings.group_id,
+        f"postgresql+psycopg://u:p@127.0.0.1:{port}/db?connect_timeout=120",
+        filters=Filters(topic=".*citizen"),
+    )
+    try:
+        for _poll in range(2):
+            began = time.monotonic()
+            own = {g.group: g for g in reader.read()}[settings.group_id]
+            assert time.monotonic() - began < STORE_READ_SECONDS + 10
+            assert sum(p.lag_messages for p in own.partitions) == 0  # Kafka's copy
+        assert len(accepted) == 1  # the second poll did not start another read
+    finally:
+        reader.close()
+        silent.close()
 
 
 def test_a_partition_never_applied_lags_by_what_its_log_holds_from_its_start(

@@ -1,15 +1,21 @@
-"""The store's revision read without Alembic, and what the worker's process loads."""
+"""A store's start: its revision read without Alembic, what the worker's process loads,
+and a connection that fails in time."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
+import store.core
 from schemas.errors import ConfigurationError
 from store import schema
 from store.core import Store
@@ -68,3 +74,25 @@ def test_the_worker_process_loads_neither_alembic_nor_the_orm(tmp_path: Path) ->
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == []
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a connect timeout a server that accepts and never answers (or drops the
+    packets) held a worker's start, a retry or the lag exporter's read for minutes."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    url = f"postgresql+psycopg://u:p@127.0.0.1:{silent.getsockname()[1]}/db"
+    monkeypatch.setattr(store.core, "CONNECT_TIMEOUT_SECONDS", 1)
+    try:
+        for target, limit in ((url, 1), (url + "?connect_timeout=2", 2)):  # the URL's wins
+            engine = store.core.create_store_engine(target)
+            began = time.monotonic()
+            with pytest.raises(OperationalError):
+                engine.connect()
+            assert limit - 0.5 < time.monotonic() - began < limit + 3
+            engine.dispose()
+    finally:
+        silent.close()
