@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import signal
 import sys
@@ -58,7 +56,7 @@ from consumers.validators import Rules, Validators
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
-from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
+from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
 from schemas.errors import PortalSyncError, Refused, TransientError
 from schemas.identifiers import ReferenceKey
 from store import OffsetGap, Store, TopicPartition, utcnow
@@ -407,18 +405,22 @@ class BatchProcessor:
         todo = [d for d in dead if _origin(d.message) not in lettered]
         for letter in todo:
             message = letter.message
-            headers = dead_letter_headers(
-                letter.code,
-                letter.reason,
-                message.topic,
-                message.partition,
-                message.offset,
-                attempt=message.attempt,
-            ) + kept_headers(message.headers, message.timestamp_ms)
-            value = message.value
-            if value is not None and len(value) > DEAD_LETTER_VALUE_LIMIT:
-                value, headers = value_reference(message, headers)
-            self.publisher.send_dead_letter(message.key, value, headers)
+            key, value, headers = fit_letter(
+                message.key,
+                message.value,
+                dead_letter_headers(
+                    letter.code,
+                    letter.reason,
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    attempt=message.attempt,
+                ),
+                kept_headers(message.headers, message.timestamp_ms),
+                _origin(message),
+                DEAD_LETTER_MAX_MESSAGE_BYTES,
+            )
+            self.publisher.send_dead_letter(key, value, headers)
             log.warning(
                 "dead letter %s:%d:%d (%s)",
                 message.topic,
@@ -444,29 +446,10 @@ class BatchProcessor:
 
 
 Offset = tuple[str, int, int]  # topic, partition, offset
-# A dead letter keeps the original bytes when they fit the dead-letter topic (which takes
-# twice what a change topic does); bigger values are replaced by a reference.
-DEAD_LETTER_VALUE_LIMIT = DEAD_LETTER_MAX_MESSAGE_BYTES - 64 * 1024
 
 
 def _origin(message: Message) -> Offset:
     return (message.topic, message.partition, message.offset)
-
-
-def value_reference(
-    message: Message, headers: list[tuple[str, bytes]]
-) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """A too-large value as a reference: its size, SHA-256 and origin (never its content)."""
-    value = message.value or b""
-    digest = hashlib.sha256(value).hexdigest()
-    reference = {
-        "value_omitted": "too_large",
-        "size": len(value),
-        "sha256": digest,
-        "origin": {"topic": message.topic, "partition": message.partition,
-                   "offset": message.offset},
-    }  # fmt: skip
-    return json.dumps(reference).encode(), [*headers, ("ps.value.sha256", digest.encode())]
 
 
 # Full batches of the group's workers that PostgreSQL's lock table should hold at once.

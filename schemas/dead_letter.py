@@ -19,6 +19,8 @@ signature headers and the time it was first sent (a key's validity is judged by 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -110,6 +112,60 @@ def kept_headers(
     if sent is not None:
         kept.append((ORIGIN_TIMESTAMP_HEADER, str(sent).encode()))
     return kept
+
+
+# What a dead letter keeps of a message's key and copied headers. A contract key is under 200
+# bytes and a signature header under 100: a part beyond these bounds is hostile or broken,
+# and goes as its size and SHA-256 (never its content), as a too-large value does, so that
+# any message's letter fits the dead-letter topic. A letter the producer refused for its
+# size was retried for ever, and with it every partition of the worker's batches.
+LETTER_KEY_LIMIT = 1024
+LETTER_HEADER_LIMIT = 1024
+LETTER_KEPT_HEADERS = 8
+# Room beside the value for the letter's own headers and the record's framing.
+LETTER_OVERHEAD = 64 * 1024
+Origin = tuple[str, int, int]  # topic, partition, offset
+
+
+def fit_letter(
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+    kept: list[tuple[str, bytes]],
+    origin: Origin,
+    max_bytes: int,
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter of a message: its key, value and `kept` headers (`kept_headers`)
+    after the letter's own `headers`, within `max_bytes` (the dead-letter topic's limit)."""
+    out = list(headers)
+    copied = [(n, v) for n, v in kept if len(n) + len(v) <= LETTER_HEADER_LIMIT]
+    omitted = len(kept) - len(copied[:LETTER_KEPT_HEADERS])
+    out += copied[:LETTER_KEPT_HEADERS]
+    if omitted:
+        out.append(("ps.headers.omitted", str(omitted).encode()))
+    if key is not None and len(key) > LETTER_KEY_LIMIT:
+        out += [("ps.key.sha256", hashlib.sha256(key).hexdigest().encode()),
+                ("ps.key.size", str(len(key)).encode())]  # fmt: skip
+        key = None
+    room = max_bytes - LETTER_OVERHEAD - len(key or b"") - sum(len(n) + len(v) for n, v in out)
+    if value is not None and len(value) > room:
+        value, digest = value_reference(value, origin)
+        out.append(("ps.value.sha256", digest.encode()))
+    return key, value, out
+
+
+def value_reference(value: bytes, origin: Origin) -> tuple[bytes, str]:
+    """A too-large value as a reference: its size, SHA-256 and origin (never its content),
+    and the digest."""
+    digest = hashlib.sha256(value).hexdigest()
+    topic, partition, offset = origin
+    reference = {
+        "value_omitted": "too_large",
+        "size": len(value),
+        "sha256": digest,
+        "origin": {"topic": topic, "partition": partition, "offset": offset},
+    }
+    return json.dumps(reference).encode(), digest
 
 
 def read_headers(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:

@@ -19,13 +19,14 @@ from datetime import datetime
 from portal_sync.ops.access import who_and_why
 from portal_sync.ops.purge import purge_warning, purges_after
 from portal_sync.settings import Settings
-from schemas.dead_letter import Reason, dead_letter_headers, kept_headers
+from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
 from schemas.errors import Refused
 from schemas.events import ENTITIES
 from store import Store
 from transport.admin import cluster
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
+from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES
 
 
 class GroupActive(Refused):
@@ -205,20 +206,27 @@ def skip_message(
             f"{topic}[{partition}]: the next offset to apply is {expected}, not {offset}: "
             "only the message the worker is at can be skipped"
         )
-    headers = dead_letter_headers(
-        Reason.SKIPPED_BY_OPERATOR,
-        "skipped by an operator (recorded in the store's offset changes)",
-        topic,
-        partition,
-        offset,
-        attempt=message.attempt,
-    ) + kept_headers(message.headers, message.timestamp_ms)
+    key, value, headers = fit_letter(  # a letter the topic takes, whatever the message
+        message.key,
+        message.value,
+        dead_letter_headers(
+            Reason.SKIPPED_BY_OPERATOR,
+            "skipped by an operator (recorded in the store's offset changes)",
+            topic,
+            partition,
+            offset,
+            attempt=message.attempt,
+        ),
+        kept_headers(message.headers, message.timestamp_ms),
+        (topic, partition, offset),
+        DEAD_LETTER_MAX_MESSAGE_BYTES,
+    )
     publisher = Publisher.for_dead_letters(
         settings.connection(), settings.topics(), client_id="portal-sync-skip"
     )
 
     def copy() -> None:  # in the dead letters before the offset moves past it
-        publisher.send_dead_letter(message.key, message.value, headers)
+        publisher.send_dead_letter(key, value, headers)
         publisher.flush()
 
     store = Store(settings.store_url)
