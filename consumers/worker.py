@@ -64,7 +64,7 @@ from transport import admin
 from transport.config import KafkaConnection
 from transport.group import GroupMember, check_topic_ids, check_within_logs
 from transport.publisher import Publisher
-from transport.reader import Message
+from transport.reader import Message, nothing_before
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
@@ -565,6 +565,7 @@ class ReconcilerLoop:
         self.targets: dict[TopicPartition, int] = {}
         self.applied: dict[TopicPartition, int] = {}
         self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
+        self.stalled_at: dict[TopicPartition, int] = {}  # offsets unmoved over a check
         self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
         self.topics_checked_at = 0.0  # monotonic time of the last `_check_topics`
         self.copying: asyncio.Future[None] | None = None
@@ -797,14 +798,25 @@ class ReconcilerLoop:
 
     async def _caught_up(self) -> bool:
         """Every partition reached the end offsets seen at start (other workers' included:
-        their progress is read from the store)."""
+        their progress is read from the store), or holds no committed message before them:
+        a log that ends in a transactional writer's marker or aborted events ends past the
+        last event applied, and was waited for until the process was killed."""
         behind = [tp for tp, end in self.targets.items() if self.applied.get(tp, 0) < end]
         if not behind:
             return True
         now = time.monotonic()
         if now - self.checked_store_at > 1.0:
             self.checked_store_at = now
+            before = {tp: self.applied.get(tp, 0) for tp in behind}
             stored = await asyncio.to_thread(self.store.stored_offsets, behind)
             for tp, offset in stored.items():
                 self.applied[tp] = max(self.applied.get(tp, 0), offset)
+            for tp in behind:  # still where the last check found it: is anything left?
+                at = self.applied.get(tp, 0)
+                unmoved = at == self.stalled_at.get(tp) and at < self.targets[tp]
+                if unmoved and await asyncio.to_thread(
+                    nothing_before, self.config.connection, tp, at, self.targets[tp]
+                ):
+                    self.targets[tp] = at
+                self.stalled_at[tp] = at if at == before[tp] else -1
         return all(self.applied.get(tp, 0) >= end for tp, end in self.targets.items())

@@ -133,6 +133,9 @@ class GroupMember:
             client_id=client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # A transactional writer's aborted (and still open) events are never applied:
+            # the client's default, read_uncommitted, delivered them at once.
+            isolation_level="read_committed",
             max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=4 * max_partition_fetch_bytes,
             session_timeout_ms=10_000,

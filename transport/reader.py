@@ -51,6 +51,7 @@ class RangeReader:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",  # what the worker applies (transport.group)
             max_partition_fetch_bytes=4 * 1_048_576,
         )
 
@@ -160,3 +161,11 @@ def to_message(record: Any) -> Message:
         record.timestamp_type == LOG_APPEND_TIME,
         marked,
     )
+
+
+def nothing_before(connection: KafkaConnection, tp: TP, start: int, end: int) -> bool:
+    """Whether the partition holds no committed message in [start, end): only a
+    transactional writer's markers or aborted events, or offsets the log cleaner emptied."""
+    with RangeReader(connection, "portal-sync-caught-up") as reader:
+        selection = Selection([tp[0]], [tp[1]], from_offset=start, to_offset=end)
+        return not any(batch for batch in reader.read(reader.resolve(selection)))

@@ -607,6 +607,41 @@ def test_offsets_skip_reaches_a_message_past_a_transaction_marker(
     store.close()
 
 
+def test_an_aborted_transaction_is_never_applied_and_a_log_ending_in_a_marker_is_caught_up(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A transactional writer's aborted events were applied (the clients' default reads
+    uncommitted records), and `worker --until-caught-up` never returned when the log ended
+    in a transaction's marker: the store's offset stops one before the log's end."""
+    from schemas.partitioning import message_key
+    from transport.reader import RangeReader, Selection
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    aborted, committed = citizen_events(2, 1, seed=41)[:2]
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
+    )
+    producer.init_transactions()
+    for raw, keep in ((aborted, False), (committed, True)):  # offsets 0 and 2, markers 1, 3
+        producer.begin_transaction()
+        key = message_key(raw["entity"], raw["key"], raw["source"])
+        producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
+        producer.flush()
+        (producer.commit_transaction if keep else producer.abort_transaction)()
+    producer.close()
+
+    worker = cli(settings, "worker", "--until-caught-up", timeout=90)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    assert [record["key"] for record in exported(settings)] == [committed["key"]]
+    assert Store(settings.store_url).all_offsets() == {(topic, 0): 3}
+    _contiguous(settings.store_url)
+    with RangeReader(settings.connection()) as reader:  # replay's and rebuild's reader
+        read = [m.offset for b in reader.read(reader.resolve(Selection([topic]))) for m in b]
+    assert read == [2]
+
+
 def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
