@@ -55,7 +55,7 @@ class PublicKeyEntry(BaseModel):
 
     @model_validator(mode="after")
     def _valid_key_and_window(self) -> Self:
-        parse_public_key(self.key)  # KeyFormatError (a ValueError) names the rule only
+        parse_public_key(self.key, f"public key {self.id}")  # KeyFormatError: id and rule
         if self.not_before and self.not_after and self.not_after <= self.not_before:
             raise ValueError("not_after must be later than not_before")
         return self
@@ -97,9 +97,10 @@ class EntityRules(BaseModel):
 
 class RegistryFile(BaseModel):
     """The file as a whole: unknown top-level keys are refused (a misspelt
-    `require_signatures` must never turn signatures off silently)."""
+    `require_signatures` must never turn signatures off silently). Errors name the setting,
+    never its value (a key pasted into the wrong place is not echoed)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     require_signatures: StrictBool = False
     entities: dict[Entity, EntityRules] = Field(default_factory=dict)
@@ -171,12 +172,22 @@ class Registry:
 
 
 def trusted_keys(sources: Mapping[str, SourceInfo]) -> dict[str, TrustedKey]:
-    """Every source's public keys by key id; a key id listed twice is refused (it would
-    let one source's signature pass for another's)."""
+    """Every source's public keys by key id. Refused, naming sources and ids (never the
+    key): a key id listed twice, and one key (the same 32 bytes) listed twice, under two
+    sources (one source's signature would pass for the other's) or under two ids of one
+    source (a rotation makes a new key; removing a leaked key's entry must untrust it)."""
     keys: dict[str, TrustedKey] = {}
+    by_bytes: dict[bytes, TrustedKey] = {}
     for source, info in sources.items():
         for entry in info.public_keys:
             if entry.id in keys:
                 raise ValueError(f"public key id {entry.id} is listed more than once")
-            keys[entry.id] = entry.trusted(source)
+            key = entry.trusted(source)
+            first = by_bytes.setdefault(key.public_key.public_bytes_raw(), key)
+            if first is not key:
+                raise ValueError(
+                    f"public keys {first.key_id} (source {first.source}) and {key.key_id} "
+                    f"(source {source}) are the same key: list each key once, for one source"
+                )
+            keys[entry.id] = key
     return keys

@@ -63,9 +63,35 @@ def _raw_key(text: str, what: str) -> bytes:
     return raw
 
 
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from its registry text `ed25519:<base64>`."""
-    return Ed25519PublicKey.from_public_bytes(_raw_key(text, "public key"))
+# Encodings (sign bit, bit 255, cleared) of the points of small order and of their
+# non-canonical aliases (y = p, p + 1 for 0, 1): libsodium's blocklist. Under such a key
+# a signature can be made without any private key (the identity: R = identity, S = 0
+# verifies for every message), so no registry may list one.
+_FIELD_PRIME = 2**255 - 19
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(encoding)
+    for encoding in (
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0100000000000000000000000000000000000000000000000000000000000000",  # order 1
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p + 1
+    )
+)
+
+
+def parse_public_key(text: str, what: str = "public key") -> Ed25519PublicKey:
+    """An Ed25519 public key from its registry text `ed25519:<base64>`. Refused
+    (`KeyFormatError`): a non-canonical encoding (y >= p) and a point of small order."""
+    raw = _raw_key(text, what)
+    y = raw[:31] + bytes([raw[31] & 0x7F])
+    if y in _SMALL_ORDER:
+        raise KeyFormatError(f"{what}: a point of small order, which forges signatures")
+    if int.from_bytes(y, "little") >= _FIELD_PRIME:
+        raise KeyFormatError(f"{what}: not canonical (y is not below 2**255 - 19)")
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.checks import classify
+from consumers.config import RulesError, load_rules
 from consumers.registry import Registry, SourceInfo
 from consumers.signatures import SignatureError, TrustedKey, check_signer, signed_at_ms, verify
 from schemas import message_key, partition_for
@@ -225,6 +226,62 @@ def test_one_key_id_for_two_sources_is_refused() -> None:
     info = {"kind": "province", "name": "x", "public_keys": [entry]}
     with pytest.raises(ValueError, match="more than once"):
         Registry({"a-1": SourceInfo(**info), "b-2": SourceInfo(**info)}, Path("r.toml"))
+
+
+def same_bytes_other_text(text: str) -> str:
+    """The same 32 bytes in other base64: the last digit's two unused bits set."""
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = digits[digits.index(text[-2]) | 3]
+    return text[:-2] + last + "="
+
+
+@pytest.mark.parametrize("other_text", [False, True])
+def test_one_key_under_two_sources_is_refused(other_text: bool) -> None:
+    """HANOI's key listed for province-79 too (under its own id) would let a message
+    Hanoi signs pass as province-79's: refused, naming sources and ids, not the key."""
+    text = public_key_text(HANOI.public_key())
+    copy = same_bytes_other_text(text) if other_text else text
+    assert (copy != text) == other_text
+    assert base64.b64decode(copy[8:], validate=True) == base64.b64decode(text[8:])
+
+    def info(key_id: str, key: str) -> SourceInfo:
+        return SourceInfo(kind="province", name="x", public_keys=({"id": key_id, "key": key},))
+
+    sources = {"province-01": info(HANOI.key_id, text), "province-79": info(HCM.key_id, copy)}
+    with pytest.raises(ValueError) as caught:
+        Registry(sources, Path("r.toml"))
+    message = str(caught.value)
+    for name in ("province-01", "province-79", HANOI.key_id, HCM.key_id):
+        assert name in message
+    assert text[8:] not in message and copy[8:] not in message
+
+
+def test_the_forgery_one_key_under_two_sources_would_allow() -> None:
+    """Why: with the key under both, Hanoi's signature verifies as province-79's key."""
+    keys = {HCM.key_id: TrustedKey(HCM.key_id, "province-79", HANOI.public_key())}
+    value = event("province-79")
+    headers = [(n, v) for n, v in HANOI.headers(value) if n != "ps.kid"]
+    assert code_of(value, [*headers, ("ps.kid", HCM.key_id.encode())], keys) == "by province-79"
+
+
+def test_one_key_twice_under_one_source_is_refused(tmp_path: Path) -> None:
+    """A rotation makes a new key (`keys new`); the same key under a second id of the same
+    source would keep it trusted after its entry is removed (a leak): refused too."""
+    text = public_key_text(HANOI.public_key())
+    path = tmp_path / "registry.toml"
+    path.write_text(
+        registry_text(
+            keys=f'public_keys = [{{ id = "{HANOI.key_id}", key = "{text}" }}, '
+            f'{{ id = "province-01-20260801-cccccc", key = "{text}" }}]\n'
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(RulesError) as caught:
+        load_rules(path, None)
+    message = str(caught.value)
+    for name in ("province-01", HANOI.key_id, "province-01-20260801-cccccc"):
+        assert name in message
+    assert text[8:] not in message
 
 
 # -- the worker's classification ---------------------------------------------------------
