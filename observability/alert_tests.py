@@ -1,11 +1,12 @@
 """`promtool test rules` cases for the default alert rules, written to
 `deploy/prometheus/alerts.test.yml` by `python -m observability.deploy`. Runbook text and
 severities come from the rules themselves; each case states when its alert must fire
-(and must not) and what its summary says."""
+(and must not) and what its summary says, at one evaluation time or several. A case may
+also state only when an alert must stay quiet (what looks like a fault and is not one)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from observability.alerts import Rule, rules
@@ -22,14 +23,21 @@ CURSOR = "portal_sync_source_cursor_lag_seconds"
 KEPT = f'portal_sync_source_kept_dead_letters{{{PRODUCER},source="province-79"}}'
 
 
+Times = str | tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Case:
     alert: str
     series: dict[str, str]  # series -> promtool values
-    quiet_at: str  # must not fire yet (or no more)
-    fires_at: str
-    labels: dict[str, str]
-    summary: str
+    quiet_at: Times  # must not fire yet (or no more)
+    fires_at: Times  # () for a case that must stay quiet throughout
+    labels: dict[str, str] = field(default_factory=dict)
+    summary: str = ""
+
+
+def _times(times: Times) -> tuple[str, ...]:
+    return (times,) if isinstance(times, str) else times
 
 
 CASES = [
@@ -63,6 +71,16 @@ CASES = [
         "5m",
         {"group": "portal-sync-reconciler"},
         "portal-sync-reconciler is STALL (2) or STOP (3): value 3; changes are not reaching "
+        "the national store",
+    ),
+    Case(
+        "PortalSyncConsumerStalled",
+        # STALL alone (members, no progress) pages as STOP does: STALL since 2m, for 2m
+        {f"portal_sync_consumer_status{{{GROUP},{EXPORTER}}}": "0 0 2x10"},
+        "3m",
+        ("4m", "8m"),
+        {"group": "portal-sync-reconciler"},
+        "portal-sync-reconciler is STALL (2) or STOP (3): value 2; changes are not reaching "
         "the national store",
     ),
     Case(
@@ -217,9 +235,10 @@ CASES = [
     ),
     Case(
         "PortalSyncDeadLettersRising",
+        # `for: 0s`: fires at the first evaluation that sees the letters (6m), not later
         {f'portal_sync_dead_letters_total{{reason="invalid_json",{WORKER}}}': "0 0 0 0 0 0 4x10"},
         "5m",
-        "7m",
+        ("6m", "7m"),
         {"reason": "invalid_json"},
         "4 events dead-lettered with reason invalid_json in 5m",
     ),
@@ -238,6 +257,18 @@ CASES = [
         "province-79: 20% of changes took longer than 60s from source commit to the national store",
     ),
     Case(
+        "PortalSyncSyncLagAboveObjective",
+        # 98 of 100 events a minute within 60 s: 2 % slower, inside the 5 % allowed
+        {
+            f'portal_sync_sync_lag_seconds_bucket{{source="province-79",le="60.0",{WORKER}}}': (
+                "0+98x30"
+            ),
+            f'portal_sync_sync_lag_seconds_count{{source="province-79",{WORKER}}}': "0+100x30",
+        },
+        ("15m", "25m"),
+        (),
+    ),
+    Case(
         "PortalSyncConsumerLagGrowing",
         # the oldest unapplied change gets a minute older every minute
         {f"portal_sync_consumer_lag_seconds{{{PART},{EXPORTER}}}": "0+60x30"},
@@ -250,6 +281,13 @@ CASES = [
         },
         "portal-sync-reconciler portal-sync.changes.citizen[0] is falling behind: the oldest "
         "unapplied change is older than 300s and getting older",
+    ),
+    Case(
+        "PortalSyncConsumerLagGrowing",
+        # far behind (50 to 20 minutes) but catching up a minute every minute: not growing
+        {f"portal_sync_consumer_lag_seconds{{{PART},{EXPORTER}}}": "3000-60x30"},
+        ("12m", "20m", "28m"),
+        (),
     ),
 ]
 
@@ -276,12 +314,18 @@ def test_file(extra_labels: dict[str, dict[str, str]] | None = None) -> dict[str
                 "interval": "1m",
                 "input_series": [{"series": s, "values": v} for s, v in case.series.items()],
                 "alert_rule_test": [
-                    {"eval_time": case.quiet_at, "alertname": case.alert, "exp_alerts": []},
-                    {
-                        "eval_time": case.fires_at,
-                        "alertname": case.alert,
-                        "exp_alerts": [_expected(rule, case, extra.get(case.alert, {}))],
-                    },
+                    *(
+                        {"eval_time": at, "alertname": case.alert, "exp_alerts": []}
+                        for at in _times(case.quiet_at)
+                    ),
+                    *(
+                        {
+                            "eval_time": at,
+                            "alertname": case.alert,
+                            "exp_alerts": [_expected(rule, case, extra.get(case.alert, {}))],
+                        }
+                        for at in _times(case.fires_at)
+                    ),
                 ],
             }
         )

@@ -13,6 +13,7 @@ RATE = "[$__rate_interval]"
 PHASE = "portal_sync_batch_phase_duration_seconds"
 STATUS_NAMES = ("OK", "WARN", "STALL", "STOP")
 STATUS_COLORS = ("green", "yellow", "red", "dark-red")
+NO_DATA = "no data"
 
 
 def _target(expr: str, legend: str = "", ref: str = "A", table: bool = False) -> dict[str, Any]:
@@ -98,22 +99,64 @@ def _freshness(t: Thresholds) -> dict[str, Any]:
     )
 
 
+def _value_mappings(names: dict[int, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Grafana value mappings: each code's text and color."""
+    options = {
+        str(code): {"text": text, "color": color, "index": index}
+        for index, (code, (text, color)) in enumerate(sorted(names.items()))
+    }
+    return [{"type": "value", "options": options}]
+
+
 def _status() -> dict[str, Any]:
-    mappings = [
-        {
-            "type": "value",
-            "options": {
-                str(code): {"text": name, "color": color, "index": code}
-                for code, (name, color) in enumerate(zip(STATUS_NAMES, STATUS_COLORS, strict=True))
-            },
-        }
-    ]
+    """Each group's status now. While the lag exporter is blind its series are gone: an
+    instant query and the `last` reducer (not Grafana's default lastNotNull, which keeps
+    the last value seen in the time range) show "no data" then, never a stale OK."""
+    names = dict(enumerate(zip(STATUS_NAMES, STATUS_COLORS, strict=True)))
+    target = _target("max by (group) (portal_sync_consumer_status)", "{{group}}")
+    target.update({"instant": True, "range": False})
     return _panel(
         "stat",
         "Consumer status (Burrow-like window)",
         (0, 18, 6, 8),
-        [_target("max by (group) (portal_sync_consumer_status)", "{{group}}")],
-        fieldConfig={"defaults": {"mappings": mappings, "unit": "none"}, "overrides": []},
+        [target],
+        fieldConfig={
+            "defaults": {
+                "mappings": _value_mappings(names),
+                "unit": "none",
+                "noValue": NO_DATA,
+                # Only "no data" takes the base color: the statuses have their mappings'.
+                "color": {"mode": "thresholds"},
+                "thresholds": {"mode": "absolute", "steps": [{"color": "text", "value": None}]},
+            },
+            "overrides": [],
+        },
+        options={
+            "colorMode": "background",
+            "textMode": "value_and_name",
+            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
+        },
+    )
+
+
+def _processes_up() -> dict[str, Any]:
+    """`up` per process: 0 red "down", 1 green "up" (Grafana's default thresholds, green
+    below 80, would show a process down in green)."""
+    steps = [{"color": "red", "value": None}, {"color": "green", "value": 1}]
+    return _panel(
+        "stat",
+        "Processes up",
+        (16, 34, 8, 8),
+        [_target(f"up{{{JOBS}}}", "{{job}} {{instance}}")],
+        fieldConfig={
+            "defaults": {
+                "mappings": _value_mappings({0: ("down", "red"), 1: ("up", "green")}),
+                "unit": "none",
+                "color": {"mode": "thresholds"},
+                "thresholds": {"mode": "absolute", "steps": steps},
+            },
+            "overrides": [],
+        },
         options={"colorMode": "background", "textMode": "value_and_name"},
     )
 
@@ -263,13 +306,7 @@ def dashboard(t: Thresholds = DEFAULT) -> dict[str, Any]:
                 ),
             ],
         ),
-        _panel(
-            "stat",
-            "Processes up",
-            (16, 34, 8, 8),
-            [_target(f"up{{{JOBS}}}", "{{job}} {{instance}}")],
-            unit="none",
-        ),
+        _processes_up(),
         _panel(
             "timeseries",
             "Batch time by phase (mean per batch): check runs while the batch before is "

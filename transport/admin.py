@@ -296,23 +296,45 @@ class Cluster:
     def first_timestamps(
         self, wanted: set[tuple[str, int, int]], timeout: float = 5.0
     ) -> dict[tuple[str, int, int], int]:
-        """Timestamp (ms) of the first message at or after each (topic, partition, offset)."""
+        """Timestamp (ms) of the first message at or after each (topic, partition, offset);
+        an offset with no message at or after it within `timeout` is left out.
+
+        A partition may be asked at several offsets (groups reading it at different
+        positions): each is read from its lowest offset still unanswered, a fetch answers
+        every offset it reaches, and the partition is sought on to the next one (never read
+        through between them). One deadline for them all."""
         found: dict[tuple[str, int, int], int] = {}
-        missing = {(t, p): offset for t, p, offset in wanted}
-        if not missing:
+        pending: dict[TP, list[int]] = {}
+        for t, p, offset in sorted(wanted):
+            pending.setdefault((t, p), []).append(offset)
+        if not pending:
             return found
         consumer = self.consumer
-        consumer.assign([TopicPartition(t, p) for t, p in missing])
-        for (t, p), offset in missing.items():
-            consumer.seek(TopicPartition(t, p), offset)
-        deadline = time.monotonic() + timeout
-        while missing and time.monotonic() < deadline:
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                key = (tp.topic, tp.partition)
-                if key in missing and records:
-                    found[(*key, missing.pop(key))] = records[0].timestamp
-                    consumer.pause(tp)
-        consumer.assign([])
+        consumer.assign([TopicPartition(t, p) for t, p in pending])
+        try:
+            for (t, p), asked in pending.items():
+                consumer.seek(TopicPartition(t, p), asked[0])
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    key = (tp.topic, tp.partition)
+                    offsets = pending.get(key)
+                    if not offsets or not records:
+                        continue
+                    # The messages from the offset sought on, in order (gaps: compacted
+                    # away, transaction markers): the first at or after each offset reached.
+                    index = 0
+                    while offsets and offsets[0] <= records[-1].offset:
+                        while records[index].offset < offsets[0]:
+                            index += 1
+                        found[(*key, offsets.pop(0))] = records[index].timestamp
+                    if offsets:
+                        consumer.seek(tp, offsets[0])
+                    else:
+                        del pending[key]
+                        consumer.pause(tp)
+        finally:
+            consumer.assign([])
         return found
 
     # -- consumer groups ----------------------------------------------------------------

@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from observability.kafka_lag import STORE_READ_SECONDS, Filters, LagReader
+from tests.support.kafka_helpers import ensure_topics
 from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
+from transport import clients
+from transport.admin import Cluster
 
 pytestmark = pytest.mark.kafka
 
@@ -153,3 +156,63 @@ def test_a_partition_never_applied_lags_by_what_its_log_holds_from_its_start(
 
     after = {int(r[2]): int(r[5]) for r in rows(cli(settings, "lag", COLUMNS="220").stdout, topic)}
     assert after == before | {partition: before[partition] - 2}
+
+
+def test_two_groups_at_different_offsets_of_one_partition_both_get_their_time_lag(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Two consumer groups reading one partition at different offsets: the oldest unapplied
+    message's timestamp was asked once per partition, so only one group had a time lag
+    (`portal_sync_consumer_lag_seconds`), the other's series was missing and its alert
+    could not fire. Every (partition, offset) asked gets the timestamp of its own message."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    topic = f"{settings.topic_prefix}.changes.citizen"
+    producer = clients.producer(settings.connection(), "lag-two-groups", acks="all")
+    try:
+        for burst in range(2):  # the broker's clock stamps them: two bursts 1.5 s apart
+            if burst:
+                time.sleep(1.5)
+            for n in range(5):
+                producer.send(topic, key=f"k{burst}{n}".encode(), value=b"{}", partition=0)
+            producer.flush()
+    finally:
+        producer.close()
+    behind, ahead = f"{settings.group_id}-analytics", settings.group_id
+    with Cluster(settings.connection()) as cluster:
+        for group, offset in ((behind, 2), (ahead, 7)):
+            deadline = time.monotonic() + 60  # a fresh broker: no group coordinator yet
+            while True:
+                try:
+                    cluster.alter_group_offsets(group, {(topic, 0): offset})
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        # Offset 10 is the log's end: no message, left out (after the deadline).
+        stamps = cluster.first_timestamps({(topic, 0, 2), (topic, 0, 7), (topic, 0, 10)}, 2.0)
+    assert set(stamps) == {(topic, 0, 2), (topic, 0, 7)}
+    assert stamps[(topic, 0, 7)] - stamps[(topic, 0, 2)] >= 1000  # each its own message
+
+    reader = LagReader(
+        settings.connection(),
+        settings.topics(),
+        settings.group_id,
+        sqlite_store_url,
+        filters=Filters(group=f"{settings.group_id}.*", topic=".*citizen"),
+        offsets_from="kafka",
+    )
+    try:
+        before = time.time()
+        lags = {g.group: g.partitions for g in reader.read()}
+        after = time.time()
+    finally:
+        reader.close()
+    assert set(lags) == {behind, ahead}
+    for group, offset in ((behind, 2), (ahead, 7)):
+        (partition,) = lags[group]
+        assert (partition.committed, partition.end) == (offset, 10)
+        assert partition.lag_seconds is not None, f"{group}: no time lag"
+        stamp = stamps[(topic, 0, offset)] / 1000
+        assert before - stamp - 0.01 <= partition.lag_seconds <= after - stamp + 0.01

@@ -189,6 +189,40 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert steps[-1]["color"] == "red" and steps[-1]["value"] > 0
 
 
+def _color(steps: list[dict[str, Any]], value: float) -> str:
+    """The color Grafana's absolute thresholds give a value: the last step it reaches."""
+    reached = [s for s in steps if s["value"] is None or value >= s["value"]]
+    return str(reached[-1]["color"])
+
+
+def test_dashboard_processes_up_shows_a_process_down_in_red() -> None:
+    """Without thresholds, Grafana's defaults (green below 80) showed `up` 0 in green."""
+    panel = next(p for p in _dashboard()["panels"] if p["title"] == "Processes up")
+    defaults = panel["fieldConfig"]["defaults"]
+    (mapping,) = defaults["mappings"]
+    assert mapping["type"] == "value"
+    shown = {value: (o["text"], o["color"]) for value, o in mapping["options"].items()}
+    assert shown == {"0": ("down", "red"), "1": ("up", "green")}
+    assert defaults["color"]["mode"] == "thresholds"
+    steps = defaults["thresholds"]["steps"]
+    assert (_color(steps, 0), _color(steps, 1)) == ("red", "green")
+
+
+def test_dashboard_consumer_status_shows_no_data_when_its_series_are_gone() -> None:
+    """A blind lag exporter exports no status: the panel says "no data", not the last
+    status the time range holds (Grafana's default reducer, lastNotNull, kept a stale OK)."""
+    panel = next(p for p in _dashboard()["panels"] if p["title"].startswith("Consumer status"))
+    reduce = panel["options"]["reduceOptions"]
+    assert reduce["calcs"] == ["last"] and reduce["values"] is False
+    assert panel["fieldConfig"]["defaults"]["noValue"] == "no data"
+    (target,) = panel["targets"]
+    assert target["instant"] is True and target["range"] is False  # its value now, or none
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert _color(steps, 0) not in ("green", "yellow", "red", "dark-red")  # no status' color
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    assert [o["text"] for o in mapping["options"].values()] == ["OK", "WARN", "STALL", "STOP"]
+
+
 def test_every_metric_used_by_dashboard_and_alerts_is_documented() -> None:
     used = " ".join(expressions(_dashboard()) + [rule.expr for rule in rules()])
     names = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"portal_sync_\w+", used)}
