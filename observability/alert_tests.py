@@ -243,6 +243,21 @@ CASES = [
         "4 events dead-lettered with reason invalid_json in 5m",
     ),
     Case(
+        "PortalSyncEventsRefusedAsForged",
+        # a principal writes under another source's key from 6m on; invalid JSON all along
+        # is no security event
+        {
+            f'portal_sync_dead_letters_total{{reason="key_mismatch",{WORKER}}}': (
+                "0 0 0 0 0 0 2x10"
+            ),
+            f'portal_sync_dead_letters_total{{reason="invalid_json",{WORKER}}}': "0+3x16",
+        },
+        "5m",
+        ("6m", "7m"),
+        {"reason": "key_mismatch"},
+        "2 events refused as key_mismatch in 5m: a principal wrote what it may not",
+    ),
+    Case(
         "PortalSyncSyncLagAboveObjective",
         # 100 events a minute, 80 of them within 60 s: 20 % slower than the objective
         {

@@ -13,6 +13,8 @@ from typing import Any
 
 JOBS = 'job=~"portal-sync-.*"'
 RUNBOOK = "docs/metrics.md#runbook-"
+# Dead-letter reasons that mean a principal wrote what it may not (docs/security.md).
+SECURITY_REASONS = "unsigned|bad_signature|key_mismatch|out_of_scope"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     growing = f"deriv(portal_sync_consumer_lag_seconds[{w}])"
     status = "max by (group) (portal_sync_consumer_status)"
     dead = f"sum by (reason) (increase(portal_sync_dead_letters_total[{w}]))"
+    refused = (
+        f'sum by (reason) (increase(portal_sync_dead_letters_total{{reason=~"{SECURITY_REASONS}"}}'
+        f"[{w}]))"
+    )
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
@@ -213,6 +219,21 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "Read the dead-letter topic's headers (ps.reason.code, ps.origin.*) to find the "
             "source; fix the source's mapping or data and let it re-send (never edit the "
             "topic).",
+        ),
+        Rule(
+            "PortalSyncEventsRefusedAsForged",
+            f"{refused} > 0",
+            refused,
+            "0s",
+            "critical",
+            f"{{{{ $value }}}} events refused as {{{{ $labels.reason }}}} in {w}: a "
+            "principal wrote what it may not",
+            'A security event (docs/security.md, "What a compromised source can do"): '
+            "`dlq list --reason REASON` and `dlq show ID` name the origin (topic, "
+            "partition, offset); find the principal from the broker's authorizer and "
+            "request logs. Such a message also takes its key's place in the compacted "
+            "change topic: the store is untouched, but run `rebuild --compare` before "
+            "trusting a rebuild from the topics.",
         ),
         Rule(
             "PortalSyncSourceErrors",
