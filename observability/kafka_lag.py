@@ -21,7 +21,7 @@ from typing import Literal
 from observability.lag import Sample, Status, Window, group_status, lag_seconds, partition_status
 from schemas.errors import ConfigurationError, TransientError
 from store import SchemaOutdated, Store
-from transport.admin import Cluster
+from transport.admin import NO_MESSAGE, Cluster
 from transport.config import KafkaConnection
 from transport.topics import Topics
 
@@ -139,12 +139,18 @@ class LagReader:
             for (t, p), offset in offsets.items()
             if ends.get((t, p), 0) > offset
         }
-        timestamps = self._oldest_timestamps(wanted)
+        timestamps = self._oldest_timestamps(wanted, ends)
+
+        def end(tp: TP, offset: int) -> int:
+            # A consumer at a transactional writer's marker (or aborted events) at the
+            # log's end has nothing left to read: caught up, not 1 behind (paged STALL).
+            return offset if timestamps.get((*tp, offset)) == NO_MESSAGE else ends[tp]
+
         groups = []
         for group, offsets in sorted(committed.items()):
             count, state = members.get(group, (0, "Unknown"))
             rows = [
-                self._partition(group, tp, offset, ends[tp], timestamps, now, count)
+                self._partition(group, tp, offset, end(tp, offset), timestamps, now, count)
                 for tp, offset in sorted(offsets.items())
                 if tp in ends
             ]
@@ -294,16 +300,18 @@ class LagReader:
         return result
 
     def _oldest_timestamps(
-        self, wanted: set[tuple[str, int, int]], timeout: float = 5.0
+        self, wanted: set[tuple[str, int, int]], ends: dict[TP, int], timeout: float = 5.0
     ) -> dict[tuple[str, int, int], int]:
-        """Timestamp (ms) of the first message at or after each (topic, partition, offset).
+        """Timestamp (ms) of the first message at or after each (topic, partition, offset)
+        (`NO_MESSAGE`: none before the log's end).
 
-        Cached: while a consumer does not move, its oldest unapplied message stays the same.
+        Cached: while a consumer does not move, its oldest unapplied message stays the same
+        (an answer of none is asked again: the log grows).
         """
         found = {key: ts for key, ts in self._timestamps.items() if key in wanted}
         missing = {key for key in wanted if key not in found}
-        found |= self.cluster.first_timestamps(missing, timeout)
-        self._timestamps = found
+        found |= self.cluster.first_timestamps(missing, timeout, ends)
+        self._timestamps = {key: ts for key, ts in found.items() if ts != NO_MESSAGE}
         return found
 
     def close(self) -> None:

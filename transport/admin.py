@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from transport.local_secure import SecureSetup, grants
 from transport.topics import Topics
 
 TP = tuple[str, int]
+NO_MESSAGE = -1  # `first_timestamps`: no committed message up to the partition's end
 T = TypeVar("T")
 # A group's coordinator moved (its broker died or restarted).
 MOVED = (NotCoordinatorError, CoordinatorNotAvailableError)
@@ -88,6 +89,7 @@ class Cluster:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                isolation_level="read_committed",  # what the worker reads (transport.group)
                 max_partition_fetch_bytes=64 * 1024,
                 **self._timeouts,
             )
@@ -259,8 +261,11 @@ class Cluster:
             # knows): a first question to the dead node must not cost the live leaders'
             # partitions (a CI run left several of them unread right after a node was killed).
             specs = {TopicPartition(t, p): OffsetSpec.LATEST for t, p in tps}
+            # The last stable offset: what a consumer reading committed records can reach
+            # (an open transaction's events are not behind yet).
+            ask = partial(self.admin.list_partition_offsets, specs, "read_committed")
             try:
-                found = self._any_node(partial(self.admin.list_partition_offsets, specs))
+                found = self._any_node(ask)
             except KafkaError:
                 unread.update(tps)
                 continue
@@ -294,10 +299,15 @@ class Cluster:
         }
 
     def first_timestamps(
-        self, wanted: set[tuple[str, int, int]], timeout: float = 5.0
+        self,
+        wanted: set[tuple[str, int, int]],
+        timeout: float = 5.0,
+        ends: Mapping[TP, int] | None = None,
     ) -> dict[tuple[str, int, int], int]:
         """Timestamp (ms) of the first message at or after each (topic, partition, offset);
-        an offset with no message at or after it within `timeout` is left out.
+        `NO_MESSAGE` for one whose partition holds no committed message from it up to its
+        end in `ends` (only a transactional writer's markers or aborted events); an offset
+        not answered within `timeout` is left out.
 
         A partition may be asked at several offsets (groups reading it at different
         positions): each is read from its lowest offset still unanswered, a fetch answers
@@ -331,6 +341,12 @@ class Cluster:
                     if offsets:
                         consumer.seek(tp, offsets[0])
                     else:
+                        del pending[key]
+                        consumer.pause(tp)
+                for key in [k for k in pending if k in (ends or {})]:
+                    tp = TopicPartition(*key)
+                    if consumer.position(tp) >= (ends or {})[key]:  # read to the end
+                        found.update({(*key, offset): NO_MESSAGE for offset in pending[key]})
                         del pending[key]
                         consumer.pause(tp)
         finally:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from observability.kafka_lag import STORE_READ_SECONDS, Filters, LagReader
+from observability.lag import Status
 from tests.support.kafka_helpers import ensure_topics
 from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
 from transport import clients
@@ -128,6 +129,58 @@ def test_a_store_that_never_answers_does_not_hold_the_lag_of_any_group(
     finally:
         reader.close()
         silent.close()
+
+
+def test_a_log_ending_in_a_transaction_marker_is_no_lag(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A transactional writer's commit marker ends the log one past the last event: the
+    store's offset (and any consumer's) stops before it. That was one message of lag for
+    ever, with no time lag (each poll waited out its timeout for a message that does not
+    exist), and STALL once the window filled: a page for a caught-up worker."""
+    import json
+
+    from kafka import KafkaProducer
+
+    from schemas.partitioning import message_key
+    from tests.support.kafka_helpers import change_topic, ensure_topics
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    first, second = citizen_events(2, 1, seed=45)[:2]
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
+    )
+    producer.init_transactions()
+    for raw, keep in ((first, False), (second, True)):  # offsets 0 and 2, markers 1 and 3
+        producer.begin_transaction()
+        key = message_key(raw["entity"], raw["key"], raw["source"])
+        producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
+        producer.flush()
+        (producer.commit_transaction if keep else producer.abort_transaction)()
+    producer.close()
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+    reader = LagReader(
+        settings.connection(),
+        settings.topics(),
+        settings.group_id,
+        settings.store_url,
+        filters=Filters(topic=".*citizen"),
+        window_seconds=0.5,
+    )
+    try:
+        for _poll in range(3):
+            began = time.monotonic()
+            (own,) = [g for g in reader.read() if g.group == settings.group_id]
+            assert time.monotonic() - began < 4  # not the timestamps' 5 s timeout
+            (partition,) = own.partitions
+            assert (partition.committed, partition.lag_messages) == (3, 0)
+            assert partition.lag_seconds == 0
+            time.sleep(0.3)
+        assert own.status == Status.OK
+    finally:
+        reader.close()
 
 
 def test_a_partition_never_applied_lags_by_what_its_log_holds_from_its_start(
