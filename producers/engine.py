@@ -176,6 +176,9 @@ class AdapterRunner:
                 raise
             except Exception as error:
                 SOURCE_ERRORS.labels(self.adapter.source, "read_error").inc()
+                # Measured after a failed run too: a producer that keeps failing falls
+                # behind, and the gauge kept its last good value (often 0) meanwhile.
+                self._measure_cursor_lag()
                 # The type only: driver messages can quote row values (personal data).
                 log.warning(
                     "%s: run failed (%s), attempt %d", self.source_id, type(error).__name__, attempt

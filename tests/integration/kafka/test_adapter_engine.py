@@ -96,6 +96,29 @@ def test_retriable_errors_are_retried_with_backoff(publisher: Publisher, tmp_pat
     assert load_json_state(runner.state_path) == {"position": 4}
 
 
+def test_a_producer_that_keeps_failing_still_reports_how_far_behind_it_is(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """PortalSyncSourceCursorBehind covers a producer that keeps failing: the cursor lag
+    was measured after successful runs only, and kept its last value (often 0)."""
+
+    class Failing(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            raise RetriableError("the publish path fails, the source still answers")
+            yield  # a generator
+
+        def cursor_lag_seconds(self, state: State) -> float | None:
+            return 7 * 86400.0
+
+    runner = AdapterRunner("failing", Failing(), publisher, tmp_path, RetryPolicy(2, 0.01))
+    with pytest.raises(RetriableError):
+        runner.run_with_retries()
+    labels = {"source": Failing().source}
+    assert REGISTRY.get_sample_value("portal_sync_source_cursor_lag_seconds", labels) == (
+        7 * 86400.0
+    )
+
+
 @pytest.mark.parametrize("interval", [0.0, 3600.0])
 def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
     publisher: Publisher, tmp_path: Path, interval: float
