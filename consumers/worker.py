@@ -608,23 +608,31 @@ class ReconcilerLoop:
             self.stop_event.set()
 
     async def _assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-        """The store's offsets of newly assigned partitions, their topics checked; a store
-        that is away is waited for (with backoff), never guessed."""
+        """The store's offsets of newly assigned partitions, their topics checked."""
+        stored = await self._stored_offsets(partitions)
+        if stored is None:
+            return {}
+        self.applied.update(stored)
+        self.liveness.set_ready()
+        return stored
+
+    async def _stored_offsets(
+        self, partitions: set[TopicPartition]
+    ) -> dict[TopicPartition, int] | None:
+        """The store's offsets of these partitions, their topics checked; a store that is
+        away is waited for (with backoff), never guessed. None: asked to stop meanwhile."""
         delay = 0.5
         while True:
             try:
                 stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
                 await self._check_topics({topic for topic, _ in partitions}, stored)
-                break
+                return stored
             except TransientError as error:
                 if self.stop_event.is_set():
-                    return {}
+                    return None
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
-        self.applied.update(stored)
-        self.liveness.set_ready()
-        return stored
 
     async def _check_topics_again(self, member: GroupMember) -> None:
         """`_check_topics` between rebalances: a topic deleted and created again with as
@@ -770,9 +778,11 @@ class ReconcilerLoop:
             # The consumer is not where the store is (a seek lost in a rebalance, an
             # operator's reset): nothing was committed; go back to the store's offsets.
             log.warning("%s: resuming from the store's offsets", error)
-            assigned = member.assignment()
-            stored = await asyncio.to_thread(self.store.stored_offsets, assigned)
-            await self._check_topics({topic for topic, _ in assigned}, stored)
+            # A store away now is waited for, as at an assignment (raised from here, its
+            # error stopped the worker with a traceback).
+            stored = await self._stored_offsets(member.assignment())
+            if stored is None:
+                return "stop", {}
             await member.seek(stored)
             return "reseek", {}
         except Exception as error:
