@@ -76,7 +76,7 @@ def derive_event_id_text(source: str, entity: str, key: str, version: int) -> st
     """The event id's text: the UUIDv5 of the namespace and `source␟entity␟key␟version`,
     computed as `uuid.uuid5` does (SHA-1, version and variant bits set) without building a
     `UUID`: 2.0 µs against 5.1, for every event a producer sends. A key with a lone
-    surrogate (whose event is refused as `not_utf8`) gets an id too."""
+    surrogate (whose event the contract refuses, `invalid_field`) gets an id too."""
     name = f"{source}\x1f{entity}\x1f{key}\x1f{version}".encode("utf-8", "surrogatepass")
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
