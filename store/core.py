@@ -563,6 +563,35 @@ class Store:
             io.write_offsets({tp: (first, offset + 1, 1)}, now)
             io.count_write(now)
 
+    def record_group_reset(
+        self,
+        group: str,
+        moves: Mapping[TopicPartition, tuple[int | None, int]],
+        operator: str,
+        reason: str,
+    ) -> None:
+        """Record an operator's reset of another consumer group's offsets in Kafka (from,
+        to per partition); the store's own offsets are not moved."""
+        now = utcnow()
+        with translated(), self.write_transaction() as conn:
+            conn.execute(
+                insert(offset_changes),
+                [
+                    {
+                        "kind": "reset",
+                        "topic": topic,
+                        "partition": partition,
+                        "from_offset": before,
+                        "to_offset": target,
+                        "operator": operator,
+                        "reason": reason,
+                        "changed_at": now,
+                        "consumer_group": group,
+                    }
+                    for (topic, partition), (before, target) in moves.items()
+                ],
+            )
+
     def offset_changes(self) -> list[dict[str, Any]]:
         """Every recorded reset and skip, oldest first."""
         query = select(offset_changes).order_by(offset_changes.c.id)

@@ -221,6 +221,9 @@ offset_changes = Table(
     Column("operator", String(128), nullable=False),
     Column("reason", String(1000), nullable=False),
     Column("changed_at", UTCDateTime, nullable=False),
+    # NULL: the store's own offsets (the reconciler's group); else the group whose offsets
+    # in Kafka an `offsets reset` moved, the store's untouched (migration 0015).
+    Column("consumer_group", String(255)),
 )
 
 # The cluster's id of each change topic the store has applied events of (KIP-516), as it

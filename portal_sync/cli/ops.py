@@ -486,7 +486,7 @@ def offsets_reset(
 ) -> None:
     """Move a group to the first offsets at or after a time. Refuses while the group has
     active members, and past unapplied events without --allow-skip; prints the plan and
-    acts only with --yes. Every reset of the reconciler's group is recorded in the store."""
+    acts only with --yes. Every reset is recorded in the store (of any group)."""
     from portal_sync.ops.offsets import active_members, apply_reset, plan_reset, purges_undone
 
     moment = parse_time(to_time)

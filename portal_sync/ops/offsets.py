@@ -8,11 +8,13 @@ refused: a running consumer would overwrite the reset with its next commit.
 Moving the reconciler forward past events it has not applied skips them: the plan counts
 them and the reset is refused without `allow_skip`. `skip` moves one partition past the one
 message the worker is stuck at, after copying it to the dead letters. Both are recorded in
-the store (`offset_changes`: operator, time, from, to, reason).
+the store (`offset_changes`: operator, time, from, to, reason), a reset of any group (its
+`consumer_group`; NULL for the store's own offsets).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,6 +29,8 @@ from transport.admin import cluster
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
 
 
 class GroupActive(Refused):
@@ -169,6 +173,20 @@ def apply_reset(
             finally:
                 store.close()
         c.alter_group_offsets(group, targets)
+        if group != settings.group_id:  # recorded too, once Kafka took it (its truth)
+            moves = {(p.topic, p.partition): (p.kafka_committed, p.target) for p in plan}
+            store = Store(settings.store_url)
+            try:
+                store.require_schema()
+                store.record_group_reset(group, moves, who, why)
+            except Exception as error:
+                log.error(
+                    "group %s's offsets were reset in Kafka, but the reset was not recorded "
+                    "in the store (%s)", group, type(error).__name__,
+                )  # fmt: skip
+                raise
+            finally:
+                store.close()
 
 
 def skip_message(

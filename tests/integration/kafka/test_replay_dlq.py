@@ -373,6 +373,43 @@ def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
     store.close()
 
 
+def test_a_reset_of_another_group_is_recorded_and_leaves_the_stores_offsets(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """`offsets reset` records every reset (operator, time, from, to, reason), of any
+    group: another group's was carried out in Kafka and recorded nowhere."""
+    from transport.admin import Cluster
+
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(30, 1, seed=9))
+    _caught_up(settings)
+    store = Store(settings.store_url)
+    applied = store.all_offsets()
+    other = f"{settings.group_id}-analytics"
+    with Cluster(settings.connection()) as cluster:
+        deadline = time.monotonic() + 60  # the group's coordinator may not be ready yet
+        while True:
+            try:
+                cluster.alter_group_offsets(other, applied)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    done = cli(settings, "offsets", "reset", "--group", other, "--to-time", "1h", "--yes",
+               "--reason", "analytics rebuilds its cache", "--operator", "an.nguyen")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert store.all_offsets() == applied  # the store's own offsets did not move
+    changes = store.offset_changes()
+    assert {(c["topic"], c["partition"]) for c in changes} >= set(applied)
+    for change in changes:  # every partition of the plan, the ones it had none of too
+        assert change["kind"] == "reset" and change["consumer_group"] == other
+        assert change["from_offset"] == applied.get((change["topic"], change["partition"]))
+        assert change["to_offset"] == 0 and change["operator"] == "an.nguyen"
+        assert change["reason"] == "analytics rebuilds its cache"
+    store.close()
+
+
 def test_reading_back_before_a_source_purge_warns_that_it_undoes_the_purge(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
