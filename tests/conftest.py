@@ -1,9 +1,9 @@
 """Shared fixtures: a real local Kafka broker and a real PostgreSQL server per session.
 
-Tiers: `tests/unit` needs no server; `tests/integration/{kafka,postgres,prometheus}` need
-the real ones, and each folder's conftest marks its tests. A test anywhere that uses the
-broker or a PostgreSQL store is marked too, so `pytest -m "not kafka and not postgres"`
-runs the fast tier. Servers and helpers: `tests/support`.
+Tiers: `tests/unit` needs no server; `tests/integration/{kafka,postgres,prometheus,helm}`
+need the real ones (and Helm), and each folder's conftest marks its tests. A test anywhere
+that uses the broker or a PostgreSQL store is marked too; the fast tier is `pytest
+tests/unit` (`make test` runs the tiers in turn). Servers and helpers: `tests/support`.
 
 Set PORTAL_SYNC_TEST_KAFKA_BOOTSTRAP or PORTAL_SYNC_TEST_POSTGRES_URL to use existing ones.
 In CI (env CI set) a missing broker or database fails the run instead of skipping.

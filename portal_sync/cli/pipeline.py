@@ -119,7 +119,12 @@ def export(
 def demo(
     people: Annotated[int, typer.Option(help="Citizens in the sample population")] = 3000,
     reset: Annotated[
-        bool, typer.Option("--reset", help="Allow resetting a non-default store or cluster")
+        bool,
+        typer.Option(
+            "--reset",
+            help="On a configured cluster: allow deleting and recreating the demo's own topics "
+            "and group (a store holding other data is refused whatever this says)",
+        ),
     ] = False,
     secure: Annotated[
         bool,
