@@ -186,11 +186,19 @@ def _variables() -> list[dict[str, Any]]:
             "query": "prometheus",
             "current": {},
         },
-        query("source", "label_values(portal_sync_source_last_change_timestamp_seconds, source)"),
+        # Every registered source too, not only those that delivered: a province that never
+        # did is the one to find (PortalSyncSourceNeverDelivered).
+        query("source", f"query_result({SOURCES_QUERY})") | {"regex": '/source="([^"]+)"/'},
         query(
             "entity", 'label_values(portal_sync_sync_lag_seconds_count{source=~"$source"}, entity)'
         ),
     ]
+
+
+SOURCES_QUERY = (
+    "max by (source) (portal_sync_source_registered) or "
+    "max by (source) (portal_sync_source_last_change_timestamp_seconds)"
+)
 
 
 def dashboard(t: Thresholds = DEFAULT) -> dict[str, Any]:

@@ -109,8 +109,15 @@ def test_a_store_that_never_answers_does_not_hold_the_lag_of_any_group(
     silent = socket.create_server(("127.0.0.1", 0))
     silent.listen(16)
     accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.extend(iter(lambda: silent.accept()[0], None)),
-                     daemon=True).start()  # fmt: skip
+
+    def accept() -> None:  # each connection held open, never answered
+        try:
+            while True:
+                accepted.append(silent.accept()[0])
+        except OSError:  # closed at the end of the test
+            return
+
+    threading.Thread(target=accept, daemon=True).start()
     port = silent.getsockname()[1]
     reader = LagReader(
         settings.connection(),

@@ -17,7 +17,7 @@ import yaml
 
 from observability import deploy
 from observability.alerts import rules
-from observability.dashboard import expressions
+from observability.dashboard import SOURCES_QUERY, expressions
 from observability.web_config import load_web_config
 from schemas.errors import ConfigurationError
 from tests.conftest import IN_CI
@@ -157,7 +157,12 @@ def test_dashboard_structure_variables_and_datasource() -> None:
     assert variables["datasource"]["query"] == "prometheus"
     for name in ("source", "entity"):
         assert variables[name]["multi"] and variables[name]["includeAll"]
-        assert variables[name]["definition"].startswith("label_values(")
+    assert variables["entity"]["definition"].startswith("label_values(")
+    # Registered sources too, not only those that delivered (a silent province is listed).
+    assert variables["source"]["definition"] == f"query_result({SOURCES_QUERY})"
+    assert "portal_sync_source_registered" in SOURCES_QUERY
+    assert variables["source"]["regex"] == '/source="([^"]+)"/'
+
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in board["panels"]:

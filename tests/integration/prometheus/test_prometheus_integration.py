@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from observability.alerts import Thresholds, rule_file, rules
-from observability.dashboard import dashboard, expressions
+from observability.dashboard import SOURCES_QUERY, dashboard, expressions
 from portal_sync.settings import Settings
 from tests.conftest import IN_CI
 from tests.support.certificates import issue, make_authority
@@ -63,7 +63,10 @@ def grafana_to_promql(expr: str) -> str:
     for variable, value in GRAFANA.items():
         expr = expr.replace(variable, value)
     variable_query = re.fullmatch(r"label_values\((.+),\s*\w+\)", expr)
-    return variable_query[1] if variable_query else expr
+    if variable_query:
+        return variable_query[1]
+    result_query = re.fullmatch(r"query_result\((.+)\)", expr)  # sent as an instant query
+    return result_query[1] if result_query else expr
 
 
 SCRAPE_PASSWORD = "scrape-pw-31b7"
@@ -208,6 +211,9 @@ def test_dashboard_and_alert_expressions_have_data_and_a_stopped_worker_alerts(
     assert not {"PortalSyncWorkerMissing", "PortalSyncLagExporterMissing"} & prometheus.firing()
     never = "PortalSyncSourceNeverDelivered"
     assert _firing_sources(prometheus, never, ["province-79"], timeout=30) == ["province-79"]
+    # The dashboard's source list has it too, delivered or not.
+    listed = {row["metric"]["source"] for row in prometheus.query(SOURCES_QUERY)}
+    assert "province-79" in listed and len(listed) > 1, listed
     group = pipeline["settings"].group_id
     ages = f'max(portal_sync_consumer_lag_seconds{{group="{group}"}})'
 
