@@ -69,6 +69,9 @@ from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
+# `worker --until-caught-up`: how often one partition whose offset stays put is asked whether
+# anything is left before its target (a read of the topic each time).
+SETTLE_EVERY_SECONDS = 10.0
 # The retention job's time on deleted records per run, between two batches: a backlog (a
 # large source purge) is worked off a minute apart, never holding the batches for long.
 RETENTION_SECONDS = 5.0
@@ -566,6 +569,7 @@ class ReconcilerLoop:
         self.applied: dict[TopicPartition, int] = {}
         self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
         self.stalled_at: dict[TopicPartition, int] = {}  # offsets unmoved over a check
+        self.settle_asked: dict[TopicPartition, float] = {}  # `_settle_one`'s last question
         self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
         self.topics_checked_at = 0.0  # monotonic time of the last `_check_topics`
         self.copying: asyncio.Future[None] | None = None
@@ -632,6 +636,7 @@ class ReconcilerLoop:
                     return None
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                 await asyncio.sleep(delay)
+                self.liveness.beat()  # waiting for the store, as a batch does: not stuck
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
 
     async def _check_topics_again(self, member: GroupMember) -> None:
@@ -821,12 +826,32 @@ class ReconcilerLoop:
             stored = await asyncio.to_thread(self.store.stored_offsets, behind)
             for tp, offset in stored.items():
                 self.applied[tp] = max(self.applied.get(tp, 0), offset)
-            for tp in behind:  # still where the last check found it: is anything left?
+            unmoved = []
+            for tp in behind:
                 at = self.applied.get(tp, 0)
-                unmoved = at == self.stalled_at.get(tp) and at < self.targets[tp]
-                if unmoved and await asyncio.to_thread(
-                    nothing_before, self.config.connection, tp, at, self.targets[tp]
-                ):
-                    self.targets[tp] = at
+                if at == self.stalled_at.get(tp) and at < self.targets[tp]:
+                    unmoved.append(tp)
                 self.stalled_at[tp] = at if at == before[tp] else -1
+            await self._settle_one(unmoved, now)
         return all(self.applied.get(tp, 0) >= end for tp, end in self.targets.items())
+
+    async def _settle_one(self, unmoved: list[TopicPartition], now: float) -> None:
+        """Ask of one partition whose store offset did not move since the last check
+        whether anything is left before its target; each partition at most every
+        `SETTLE_EVERY_SECONDS` (a read of the topic each time)."""
+        for tp in unmoved:
+            if now - self.settle_asked.get(tp, -SETTLE_EVERY_SECONDS) < SETTLE_EVERY_SECONDS:
+                continue
+            self.settle_asked[tp] = now
+            at, target = self.applied.get(tp, 0), self.targets[tp]
+            try:
+                empty = await asyncio.to_thread(
+                    nothing_before, self.config.connection, tp, at, target
+                )
+            except TransientError as error:  # asked again later
+                log.info("%s:%d not read to its end (%s)", *tp, type(error).__name__)
+                empty = False
+            if empty:
+                self.targets[tp] = at
+            self.liveness.beat()
+            return

@@ -100,6 +100,8 @@ class LagReader:
     window_seconds: float = 120.0
     _windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
     _timestamps: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # (topic, partition, offset, log end) with no committed message from offset to end
+    _nothing: set[tuple[str, int, int, int]] = field(default_factory=set)
     _described: dict[str, tuple[int, str]] = field(default_factory=dict)
     unread: set[TP] = field(default_factory=set, init=False)  # the last poll's, left unread
     _cluster: Cluster | None = None
@@ -305,13 +307,17 @@ class LagReader:
         """Timestamp (ms) of the first message at or after each (topic, partition, offset)
         (`NO_MESSAGE`: none before the log's end).
 
-        Cached: while a consumer does not move, its oldest unapplied message stays the same
-        (an answer of none is asked again: the log grows).
+        Cached: while a consumer does not move, its oldest unapplied message stays the same;
+        an answer of none while the log's end does not move either (with exactly-once
+        writers most caught-up partitions end in a marker: read again each poll, they
+        shared one deadline).
         """
         found = {key: ts for key, ts in self._timestamps.items() if key in wanted}
+        found |= {key: NO_MESSAGE for key in wanted if (*key, ends[key[:2]]) in self._nothing}
         missing = {key for key in wanted if key not in found}
         found |= self.cluster.first_timestamps(missing, timeout, ends)
         self._timestamps = {key: ts for key, ts in found.items() if ts != NO_MESSAGE}
+        self._nothing = {(*key, ends[key[:2]]) for key, ts in found.items() if ts == NO_MESSAGE}
         return found
 
     def close(self) -> None:

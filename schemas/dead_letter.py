@@ -138,20 +138,35 @@ def fit_letter(
     """The dead letter of a message: its key, value and `kept` headers (`kept_headers`)
     after the letter's own `headers`, within `max_bytes` (the dead-letter topic's limit)."""
     out = list(headers)
-    copied = [(n, v) for n, v in kept if len(n) + len(v) <= LETTER_HEADER_LIMIT]
-    omitted = len(kept) - len(copied[:LETTER_KEPT_HEADERS])
-    out += copied[:LETTER_KEPT_HEADERS]
+    fits = [(n, v) for n, v in kept if _size(n, v) <= LETTER_HEADER_LIMIT]
+    # The original's time is kept whatever comes before it (many signature headers).
+    timed = any(n == ORIGIN_TIMESTAMP_HEADER for n, _ in fits)
+    others = LETTER_KEPT_HEADERS - timed
+    copied = []
+    for header in fits:
+        if header[0] == ORIGIN_TIMESTAMP_HEADER and timed:
+            copied.append(header)
+            timed = False
+        elif header[0] != ORIGIN_TIMESTAMP_HEADER and others > 0:
+            copied.append(header)
+            others -= 1
+    omitted = len(kept) - len(copied)
+    out += copied
     if omitted:
         out.append(("ps.headers.omitted", str(omitted).encode()))
     if key is not None and len(key) > LETTER_KEY_LIMIT:
         out += [("ps.key.sha256", hashlib.sha256(key).hexdigest().encode()),
                 ("ps.key.size", str(len(key)).encode())]  # fmt: skip
         key = None
-    room = max_bytes - LETTER_OVERHEAD - len(key or b"") - sum(len(n) + len(v) for n, v in out)
+    room = max_bytes - LETTER_OVERHEAD - len(key or b"") - sum(_size(n, v) for n, v in out)
     if value is not None and len(value) > room:
         value, digest = value_reference(value, origin)
         out.append(("ps.value.sha256", digest.encode()))
     return key, value, out
+
+
+def _size(name: str, value: bytes) -> int:
+    return len(name.encode("utf-8", "surrogateescape")) + len(value)
 
 
 def value_reference(value: bytes, origin: Origin) -> tuple[bytes, str]:

@@ -15,6 +15,7 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -260,11 +261,11 @@ def create_store_engine(url: str) -> Engine:
     register_dumpers()  # the batch's arrays, sent in binary as built (`store.pg_arrays`)
     # A server that cannot be reached (packets dropped) held a connection attempt for the
     # kernel's two minutes or more, a worker's start or retry with it; a URL's own
-    # `connect_timeout` wins.
+    # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
     from sqlalchemy.engine import make_url
 
-    connect_args = {} if "connect_timeout" in make_url(url).query else {
-        "connect_timeout": CONNECT_TIMEOUT_SECONDS}  # fmt: skip
+    given = "connect_timeout" in make_url(url).query or os.environ.get("PGCONNECT_TIMEOUT")
+    connect_args = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     return create_engine(
         url,
         pool_pre_ping=True,

@@ -232,10 +232,16 @@ class Cluster:
 
     # -- offsets ----------------------------------------------------------------------
     def end_offsets(self, partitions: Iterable[TP]) -> dict[TP, int]:
+        """The logs' ends (high watermarks), an open transaction's events and the markers
+        included: where a store's offsets may be, whatever a consumer reading committed
+        records can reach yet (the last stable offset, which an open transaction holds
+        back; a worker before read_committed may have applied past it)."""
         tps = [TopicPartition(t, p) for t, p in sorted(set(partitions))]
         if not tps:
             return {}
-        return {(tp.topic, tp.partition): o for tp, o in self.consumer.end_offsets(tps).items()}
+        specs = {tp: OffsetSpec.LATEST for tp in tps}
+        found = self._any_node(partial(self.admin.list_partition_offsets, specs))
+        return {(tp.topic, tp.partition): o.offset for tp, o in found.items()}
 
     def end_offsets_by_leader(self, partitions: Iterable[TP]) -> tuple[dict[TP, int], set[TP]]:
         """Log-end offsets asked of each partition's leader alone: `(read, unread)`.
@@ -261,11 +267,8 @@ class Cluster:
             # knows): a first question to the dead node must not cost the live leaders'
             # partitions (a CI run left several of them unread right after a node was killed).
             specs = {TopicPartition(t, p): OffsetSpec.LATEST for t, p in tps}
-            # The last stable offset: what a consumer reading committed records can reach
-            # (an open transaction's events are not behind yet).
-            ask = partial(self.admin.list_partition_offsets, specs, "read_committed")
             try:
-                found = self._any_node(ask)
+                found = self._any_node(partial(self.admin.list_partition_offsets, specs))
             except KafkaError:
                 unread.update(tps)
                 continue

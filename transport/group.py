@@ -20,6 +20,7 @@ compacted log may have no record there, and the batch's first offset is then lat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from kafka.errors import KafkaError as KafkaPythonError
 
 from schemas.errors import ConfigurationError, TransientError
 from transport.clients import quiet_client_debug, translate
@@ -38,6 +40,13 @@ from transport.reader import LOG_APPEND_TIME, Message, to_message
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
+
+
+def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
+    from transport.admin import Cluster
+
+    with Cluster(connection, client_id="portal-sync-log-ends") as cluster:
+        return cluster.end_offsets(partitions)
 
 
 def check_within_logs(stored: Mapping[TP, int], ends: Mapping[TP, int]) -> None:
@@ -190,13 +199,16 @@ class GroupMember:
         wanted = self.assignment() if partitions is None else partitions
         missing = [TopicPartition(t, p) for t, p in wanted if (t, p) not in offsets]
         starts = await self._consumer.beginning_offsets(missing) if missing else {}
-        known = [TopicPartition(t, p) for t, p in wanted if (t, p) in offsets]
+        known = [(t, p) for t, p in wanted if (t, p) in offsets]
+        # The logs' real ends (high watermarks): this consumer's own `end_offsets` gives the
+        # last stable offsets (read_committed), which an open transaction holds back below
+        # a store's offset that a worker before read_committed applied.
         try:
-            ends = await self._consumer.end_offsets(known) if known else {}
-        except KafkaError as error:  # a partition without a leader: the others go on
+            ends = await asyncio.to_thread(_log_ends, self.connection, known) if known else {}
+        except (KafkaPythonError, TransientError) as error:  # no leader: not checked now
             log.warning("log ends not read (%s): not checked this time", type(error).__name__)
             ends = {}
-        check_within_logs(offsets, {(tp.topic, tp.partition): end for tp, end in ends.items()})
+        check_within_logs(offsets, ends)
         for topic, partition in wanted:
             tp = TopicPartition(topic, partition)
             offset = offsets.get((topic, partition), starts.get(tp))

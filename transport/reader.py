@@ -7,6 +7,7 @@ run beside it (replay, rebuild, dead letters).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
+from schemas.errors import TransientError
 from transport import clients
 from transport.config import KafkaConnection
 from transport.guard import first_offset, unreadable
@@ -107,14 +109,19 @@ class RangeReader:
         found = self._consumer.offsets_for_times({tp: millis for tp in partitions})
         return {tp: found[tp].offset if found.get(tp) else last[tp] for tp in partitions}
 
-    def read(self, ranges: dict[TP, OffsetRange], batch: int = 2000) -> Iterator[list[Message]]:
-        """Batches of the records in the ranges, each partition in offset order."""
+    def read(
+        self, ranges: dict[TP, OffsetRange], batch: int = 2000, deadline: float | None = None
+    ) -> Iterator[list[Message]]:
+        """Batches of the records in the ranges, each partition in offset order; past
+        `deadline` (monotonic) with a range not read to its end: `ReadTimedOut`."""
         try:
-            yield from self._read(ranges, batch)
+            yield from self._read(ranges, batch, deadline)
         except KafkaError as error:
             raise clients.translate(error, "read topics", self.connection) from None
 
-    def _read(self, ranges: dict[TP, OffsetRange], batch: int) -> Iterator[list[Message]]:
+    def _read(
+        self, ranges: dict[TP, OffsetRange], batch: int, deadline: float | None
+    ) -> Iterator[list[Message]]:
         if not ranges:
             return
         consumer = self._consumer
@@ -124,6 +131,8 @@ class RangeReader:
             consumer.seek(tp, start)
         open_partitions = set(assigned)
         while open_partitions:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ReadTimedOut(f"{len(open_partitions)} partitions not read to their end")
             before = {tp: consumer.position(tp) for tp in open_partitions}
             polled = consumer.poll(timeout_ms=1000, max_records=batch)
             messages: list[Message] = []
@@ -163,9 +172,18 @@ def to_message(record: Any) -> Message:
     )
 
 
-def nothing_before(connection: KafkaConnection, tp: TP, start: int, end: int) -> bool:
+class ReadTimedOut(TransientError):
+    """A range was not read to its end within the time given (a leader away)."""
+
+
+def nothing_before(
+    connection: KafkaConnection, tp: TP, start: int, end: int, timeout: float = 5.0
+) -> bool:
     """Whether the partition holds no committed message in [start, end): only a
-    transactional writer's markers or aborted events, or offsets the log cleaner emptied."""
+    transactional writer's markers or aborted (or still open) events, or offsets the log
+    cleaner emptied. Reads up to the first message, for at most `timeout` seconds
+    (`ReadTimedOut`)."""
+    deadline = time.monotonic() + timeout
     with RangeReader(connection, "portal-sync-caught-up") as reader:
         selection = Selection([tp[0]], [tp[1]], from_offset=start, to_offset=end)
-        return not any(batch for batch in reader.read(reader.resolve(selection)))
+        return not any(batch for batch in reader.read(reader.resolve(selection), 100, deadline))

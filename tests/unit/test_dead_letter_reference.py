@@ -51,6 +51,16 @@ def test_a_value_past_the_limit_becomes_size_digest_and_origin_never_its_content
     assert key == b"citizen:001090012345"
 
 
+def test_the_originals_time_is_kept_whatever_signature_headers_come_before_it() -> None:
+    kept = kept_headers([("ps.sig", b"s" * 88)] * 20, 1_733_360_000_000)
+    _, _, headers = fit_letter(b"k", b"{}", [], kept, ORIGIN, DEAD_LETTER_MAX_MESSAGE_BYTES)
+    assert headers[:7] == [("ps.sig", b"s" * 88)] * 7
+    assert dict(headers[7:]) == {
+        "ps.origin.timestamp": b"1733360000000",
+        "ps.headers.omitted": b"13",
+    }
+
+
 def test_an_oversized_key_and_oversized_or_too_many_headers_go_as_references() -> None:
     key = b"citizen:" + b"0" * 5_000
     kept = [("ps.sig", b"s" * 88)] * 9 + [("ps.kid", b"k" * 2_000)]

@@ -11,10 +11,18 @@ from typing import Any
 
 import pytest
 
+from consumers.merge import Authority
 from observability.kafka_lag import STORE_READ_SECONDS, Filters, LagReader
 from observability.lag import Status
+from store import Store
 from tests.support.kafka_helpers import ensure_topics
-from tests.support.pipeline_helpers import citizen_events, cli, write_jsonl
+from tests.support.pipeline_helpers import (
+    citizen_events,
+    cli,
+    expected_export,
+    exported,
+    write_jsonl,
+)
 from transport import clients
 from transport.admin import Cluster
 
@@ -188,6 +196,80 @@ def test_a_log_ending_in_a_transaction_marker_is_no_lag(
         assert own.status == Status.OK
     finally:
         reader.close()
+
+
+def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_is_stop(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """An open transaction holds back the worker (read_committed) and everything after it:
+    that is lag, paged as ever, not 0 (lag measured to the last stable offset hid it). A
+    group reading uncommitted records at the log's end is caught up, not STOP (past the
+    last stable offset, taken as a log's end, read as a topic created again)."""
+    import json
+
+    from kafka import KafkaProducer
+
+    from schemas.partitioning import message_key
+    from tests.support.kafka_helpers import change_topic, ensure_topics
+    from transport.admin import Cluster
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    before, held, after = citizen_events(3, 1, seed=46)[:3]
+
+    def sent(raw: dict[str, Any]) -> tuple[bytes, bytes]:
+        return message_key(raw["entity"], raw["key"], raw["source"]), json.dumps(raw).encode()
+
+    plain = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
+    writer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-open"
+    )
+    try:
+        plain.send(topic, *reversed(sent(before)), partition=0).get(30)  # offset 0
+        writer.init_transactions()
+        writer.begin_transaction()
+        key, value = sent(held)
+        writer.send(topic, key=key, value=value, partition=0)  # offset 1, left open
+        writer.flush()
+        plain.send(topic, *reversed(sent(after)), partition=0).get(30)  # offset 2
+        worker = cli(settings, "worker", "--until-caught-up", timeout=90)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        assert Store(settings.store_url).all_offsets() == {(topic, 0): 1}
+        other = f"{settings.group_id}-uncommitted"
+        with Cluster(settings.connection()) as cluster:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    cluster.alter_group_offsets(other, {(topic, 0): 3})
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        reader = LagReader(
+            settings.connection(),
+            settings.topics(),
+            settings.group_id,
+            settings.store_url,
+            filters=Filters(group=f"{settings.group_id}.*", topic=".*citizen"),
+        )
+        try:
+            groups = {g.group: g for g in reader.read()}
+        finally:
+            reader.close()
+        (own,) = groups[settings.group_id].partitions
+        assert (own.committed, own.end, own.lag_messages) == (1, 3, 2)
+        (theirs,) = groups[other].partitions
+        assert theirs.lag_messages == 0 and groups[other].status != Status.STOP
+        writer.commit_transaction()
+    finally:
+        writer.close()
+        plain.close()
+    worker = cli(settings, "worker", "--until-caught-up", timeout=90)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    assert exported(settings) == expected_export([before, held, after], Authority())
+    assert Store(settings.store_url).all_offsets() == {(topic, 0): 3}  # the marker at 3
 
 
 def test_a_partition_never_applied_lags_by_what_its_log_holds_from_its_start(
