@@ -64,7 +64,7 @@ from transport import admin
 from transport.config import KafkaConnection
 from transport.group import GroupMember, check_topic_ids, check_within_logs
 from transport.publisher import Publisher
-from transport.reader import Message, nothing_before
+from transport.reader import Message, OpenTransaction, nothing_before
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
@@ -815,7 +815,9 @@ class ReconcilerLoop:
         """Every partition reached the end offsets seen at start (other workers' included:
         their progress is read from the store), or holds no committed message before them:
         a log that ends in a transactional writer's marker or aborted events ends past the
-        last event applied, and was waited for until the process was killed."""
+        last event applied, and was waited for until the process was killed. A partition
+        that a transaction still open holds back is waited for (its events, and all after
+        them, are applied once it ends), with a warning each time it is asked."""
         behind = [tp for tp, end in self.targets.items() if self.applied.get(tp, 0) < end]
         if not behind:
             return True
@@ -823,7 +825,11 @@ class ReconcilerLoop:
         if now - self.checked_store_at > 1.0:
             self.checked_store_at = now
             before = {tp: self.applied.get(tp, 0) for tp in behind}
-            stored = await asyncio.to_thread(self.store.stored_offsets, behind)
+            try:
+                stored = await asyncio.to_thread(self.store.stored_offsets, behind)
+            except TransientError as error:  # the store away: asked again at the next check
+                log.warning("progress not read (%s)", type(error).__name__)
+                return False
             for tp, offset in stored.items():
                 self.applied[tp] = max(self.applied.get(tp, 0), offset)
             unmoved = []
@@ -848,7 +854,10 @@ class ReconcilerLoop:
                 empty = await asyncio.to_thread(
                     nothing_before, self.config.connection, tp, at, target
                 )
-            except TransientError as error:  # asked again later
+            except OpenTransaction as error:  # its events, and all after them, wait for it
+                log.warning("%s: waiting for it to end", error)
+                empty = False
+            except Exception as error:  # asked again later; never stops the worker
                 log.info("%s:%d not read to its end (%s)", *tp, type(error).__name__)
                 empty = False
             if empty:

@@ -67,6 +67,7 @@ class Cluster:
         )
         self._admin: Any = None
         self._consumer: Any = None
+        self._committed_consumer: Any = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -82,18 +83,31 @@ class Cluster:
 
     @property
     def consumer(self) -> Any:
+        """Offsets, partitions, times: its `end_offsets` are the logs' ends (high
+        watermarks), retried by the client through a leader's election."""
         if self._consumer is None:
-            self._consumer = clients.consumer(
-                self.connection,
-                self.client_id,
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                isolation_level="read_committed",  # what the worker reads (transport.group)
-                max_partition_fetch_bytes=64 * 1024,
-                **self._timeouts,
-            )
+            self._consumer = self._new_consumer("read_uncommitted")
         return self._consumer
+
+    @property
+    def committed_consumer(self) -> Any:
+        """Reads what the worker reads (transport.group): committed records, past a
+        transactional writer's markers and aborted events."""
+        if self._committed_consumer is None:
+            self._committed_consumer = self._new_consumer("read_committed")
+        return self._committed_consumer
+
+    def _new_consumer(self, isolation_level: str) -> Any:
+        return clients.consumer(
+            self.connection,
+            self.client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level=isolation_level,
+            max_partition_fetch_bytes=64 * 1024,
+            **self._timeouts,
+        )
 
     def _forget_coordinators(self) -> None:
         """kafka-python's admin client caches every group's coordinator and never forgets
@@ -104,11 +118,11 @@ class Cluster:
             self._admin = None
 
     def close(self) -> None:
-        for client in (self._consumer, self._admin):
+        for client in (self._consumer, self._committed_consumer, self._admin):
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
-        self._consumer = self._admin = None
+        self._consumer = self._committed_consumer = self._admin = None
 
     def _any_node(self, call: Callable[[], T], attempts: int = 6) -> T:
         """A question any node may answer first (metadata, the cluster, a group's
@@ -239,9 +253,7 @@ class Cluster:
         tps = [TopicPartition(t, p) for t, p in sorted(set(partitions))]
         if not tps:
             return {}
-        specs = {tp: OffsetSpec.LATEST for tp in tps}
-        found = self._any_node(partial(self.admin.list_partition_offsets, specs))
-        return {(tp.topic, tp.partition): o.offset for tp, o in found.items()}
+        return {(tp.topic, tp.partition): o for tp, o in self.consumer.end_offsets(tps).items()}
 
     def end_offsets_by_leader(self, partitions: Iterable[TP]) -> tuple[dict[TP, int], set[TP]]:
         """Log-end offsets asked of each partition's leader alone: `(read, unread)`.
@@ -322,7 +334,7 @@ class Cluster:
             pending.setdefault((t, p), []).append(offset)
         if not pending:
             return found
-        consumer = self.consumer
+        consumer = self.committed_consumer
         consumer.assign([TopicPartition(t, p) for t, p in pending])
         try:
             for (t, p), asked in pending.items():

@@ -45,7 +45,9 @@ TP = tuple[str, int]
 def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
     from transport.admin import Cluster
 
-    with Cluster(connection, client_id="portal-sync-log-ends") as cluster:
+    # Asked in the assignment callback, while the member sends no heartbeat: a short
+    # timeout, as for the topics' ids, or a leader away would outlast the group session.
+    with Cluster(connection, "portal-sync-log-ends", request_timeout_ms=5_000) as cluster:
         return cluster.end_offsets(partitions)
 
 

@@ -66,6 +66,15 @@ class RangeReader:
     def close(self) -> None:
         self._consumer.close()
 
+    def stable_end(self, tp: TP) -> int:
+        """The partition's last stable offset: how far committed records can be read now
+        (below the log's end while a transaction is open)."""
+        partition = TopicPartition(*tp)
+        try:
+            return int(self._consumer.end_offsets([partition])[partition])
+        except KafkaError as error:
+            raise clients.translate(error, "read topics", self.connection) from None
+
     def resolve(self, selection: Selection) -> dict[TP, OffsetRange]:
         """Offsets per partition for the selection; times resolve to the first offset at or
         after them (Kafka's ListOffsets by timestamp)."""
@@ -176,14 +185,24 @@ class ReadTimedOut(TransientError):
     """A range was not read to its end within the time given (a leader away)."""
 
 
+class OpenTransaction(TransientError):
+    """A transaction still open holds back the records of a range (Kafka's last stable
+    offset is below its end): whether they are events is known once it ends."""
+
+
 def nothing_before(
     connection: KafkaConnection, tp: TP, start: int, end: int, timeout: float = 5.0
 ) -> bool:
     """Whether the partition holds no committed message in [start, end): only a
-    transactional writer's markers or aborted (or still open) events, or offsets the log
-    cleaner emptied. Reads up to the first message, for at most `timeout` seconds
-    (`ReadTimedOut`)."""
+    transactional writer's markers or aborted events, or offsets the log cleaner emptied.
+    Reads up to the first message, for at most `timeout` seconds (`ReadTimedOut`); a range
+    that an open transaction holds back raises `OpenTransaction`."""
     deadline = time.monotonic() + timeout
     with RangeReader(connection, "portal-sync-caught-up") as reader:
+        stable = reader.stable_end(tp)
+        if stable < end:
+            raise OpenTransaction(
+                f"{tp[0]}:{tp[1]}: an open transaction holds back offsets {stable} to {end}"
+            )
         selection = Selection([tp[0]], [tp[1]], from_offset=start, to_offset=end)
         return not any(batch for batch in reader.read(reader.resolve(selection), 100, deadline))

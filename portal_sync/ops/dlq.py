@@ -10,6 +10,7 @@ records it in the store (`dead_letter_redrives`): each dead letter is re-driven 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import orjson
 
-from portal_sync.ops.offsets import first_message
 from portal_sync.settings import Settings
 from schemas import ENTITIES
 from schemas.dead_letter import (
@@ -28,7 +28,7 @@ from schemas.dead_letter import (
     KEPT_HEADERS,
     letter_from_line,
 )
-from schemas.errors import Refused
+from schemas.errors import Refused, TransientError
 from schemas.events import SOURCE_ID
 from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
@@ -36,8 +36,10 @@ from schemas.validation import MAX_EVENT_BYTES
 from store import Store
 from transport import admin
 from transport.publisher import Publisher
-from transport.reader import Message, RangeReader, Selection
+from transport.reader import Message, RangeReader, Selection, nothing_before
 from transport.topics import Topics
+
+log = logging.getLogger(__name__)
 
 # Headers every dead letter portal-sync writes carries (schemas.dead_letter); a letter
 # without one was not written by portal-sync, or lost it.
@@ -321,10 +323,20 @@ class CaughtUp:
             if applied is None:  # none applied: from the log's start
                 with admin.cluster(self.settings.connection()) as c:
                     applied = c.beginning_offsets([place]).get(place, 0)
-            self.known[place] = applied >= end or (
-                first_message(self.settings, place[0], place[1], applied, end) is None
+            self.known[place] = applied >= end or _nothing_before(
+                self.settings, place, applied, end
             )
         return self.known[place]
+
+
+def _nothing_before(settings: Settings, place: tuple[str, int], start: int, end: int) -> bool:
+    """No committed message left in [start, end); not known (held back) while a transaction
+    still open holds back that range or it cannot be read now."""
+    try:
+        return nothing_before(settings.connection(), place, start, end)
+    except TransientError as error:
+        log.info("%s:%d: nothing left unknown (%s)", *place, type(error).__name__)
+        return False
 
 
 def redrive(

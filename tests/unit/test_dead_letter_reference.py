@@ -25,18 +25,20 @@ def own() -> list[tuple[str, bytes]]:
 
 
 def test_anything_a_change_topic_takes_fits_the_dead_letter_topic_whole() -> None:
+    mine = own()  # once: its ps.failed_at is the time of the call
     value = b"v" * CHANGE_MAX_MESSAGE_BYTES
     signed = [("ps.sig", b"s" * 88), ("ps.kid", b"province-01-2026")]
-    key, fitted, headers = fit_letter(b"citizen:001090012345", value, own(),
+    key, fitted, headers = fit_letter(b"citizen:001090012345", value, mine,
                                       kept_headers(signed, 1), ORIGIN,
                                       DEAD_LETTER_MAX_MESSAGE_BYTES)  # fmt: skip
     assert (key, fitted) == (b"citizen:001090012345", value)
-    assert headers == own() + kept_headers(signed, 1)
+    assert headers == mine + kept_headers(signed, 1)
 
 
 def test_a_value_past_the_limit_becomes_size_digest_and_origin_never_its_content() -> None:
+    mine = own()  # once: its ps.failed_at is the time of the call
     value = b'{"full_name": "Nguy\xe1\xbb\x85n V\xc4\x83n An"}' * 10
-    key, reference, headers = fit_letter(b"citizen:001090012345", value, own(), [], ORIGIN,
+    key, reference, headers = fit_letter(b"citizen:001090012345", value, mine, [], ORIGIN,
                                          LETTER_OVERHEAD + 100)  # fmt: skip
     assert reference is not None
     body = json.loads(reference)
@@ -47,7 +49,7 @@ def test_a_value_past_the_limit_becomes_size_digest_and_origin_never_its_content
         "origin": {"topic": "p.changes.citizen", "partition": 3, "offset": 41},
     }
     assert b"Nguy" not in reference
-    assert headers == [*own(), ("ps.value.sha256", body["sha256"].encode())]
+    assert headers == [*mine, ("ps.value.sha256", body["sha256"].encode())]
     assert key == b"citizen:001090012345"
 
 
@@ -62,13 +64,14 @@ def test_the_originals_time_is_kept_whatever_signature_headers_come_before_it() 
 
 
 def test_an_oversized_key_and_oversized_or_too_many_headers_go_as_references() -> None:
+    mine = own()  # once: its ps.failed_at is the time of the call
     key = b"citizen:" + b"0" * 5_000
     kept = [("ps.sig", b"s" * 88)] * 9 + [("ps.kid", b"k" * 2_000)]
-    fitted_key, value, headers = fit_letter(key, b"{}", own(), kept, ORIGIN,
+    fitted_key, value, headers = fit_letter(key, b"{}", mine, kept, ORIGIN,
                                             DEAD_LETTER_MAX_MESSAGE_BYTES)  # fmt: skip
     assert fitted_key is None and value == b"{}"
-    assert headers[: len(own())] == own()
-    rest = headers[len(own()) :]
+    assert headers[: len(mine)] == mine
+    rest = headers[len(mine) :]
     assert rest[:8] == [("ps.sig", b"s" * 88)] * 8
     assert dict(rest[8:]) == {
         "ps.headers.omitted": b"2",
@@ -90,8 +93,9 @@ def test_an_oversized_key_and_oversized_or_too_many_headers_go_as_references() -
 def test_every_letter_fits_the_dead_letter_topic(
     key: bytes | None, value_size: int, kept: list[tuple[str, bytes]]
 ) -> None:
+    mine = own()  # once: its ps.failed_at is the time of the call
     value = b"x" * value_size
-    fitted_key, fitted, headers = fit_letter(key, value, own(), kept, ORIGIN,
+    fitted_key, fitted, headers = fit_letter(key, value, mine, kept, ORIGIN,
                                              DEAD_LETTER_MAX_MESSAGE_BYTES)  # fmt: skip
     size = len(fitted_key or b"") + len(fitted or b"") + sum(len(n) + len(v) for n, v in headers)
     assert size <= DEAD_LETTER_MAX_MESSAGE_BYTES - LETTER_OVERHEAD // 2

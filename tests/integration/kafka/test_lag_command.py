@@ -202,15 +202,17 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
     settings_for: Any, sqlite_store_url: str
 ) -> None:
     """An open transaction holds back the worker (read_committed) and everything after it:
-    that is lag, paged as ever, not 0 (lag measured to the last stable offset hid it). A
-    group reading uncommitted records at the log's end is caught up, not STOP (past the
-    last stable offset, taken as a log's end, read as a topic created again)."""
+    that is lag, paged as ever, not 0 (lag measured to the last stable offset hid it), and
+    `worker --until-caught-up` waits for it, then applies all. A group reading uncommitted
+    records at the log's end is caught up, not STOP (past the last stable offset, taken as
+    a log's end, read as a topic created again)."""
     import json
 
     from kafka import KafkaProducer
 
     from schemas.partitioning import message_key
     from tests.support.kafka_helpers import change_topic, ensure_topics
+    from tests.support.pipeline_helpers import start_worker
     from transport.admin import Cluster
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
@@ -225,6 +227,7 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
     writer = KafkaProducer(
         bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-open"
     )
+    worker = None
     try:
         plain.send(topic, *reversed(sent(before)), partition=0).get(30)  # offset 0
         writer.init_transactions()
@@ -233,9 +236,19 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
         writer.send(topic, key=key, value=value, partition=0)  # offset 1, left open
         writer.flush()
         plain.send(topic, *reversed(sent(after)), partition=0).get(30)  # offset 2
-        worker = cli(settings, "worker", "--until-caught-up", timeout=90)
-        assert worker.returncode == 0, worker.stdout + worker.stderr
-        assert Store(settings.store_url).all_offsets() == {(topic, 0): 1}
+        worker = start_worker(settings, "--until-caught-up")
+        store = Store(settings.store_url)
+
+        def applied() -> dict[tuple[str, int], int] | None:
+            try:
+                return store.all_offsets()
+            except Exception:  # the worker is creating the store
+                return None
+
+        deadline = time.monotonic() + 60
+        while applied() != {(topic, 0): 1} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert applied() == {(topic, 0): 1}
         other = f"{settings.group_id}-uncommitted"
         with Cluster(settings.connection()) as cluster:
             deadline = time.monotonic() + 60
@@ -262,12 +275,17 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
         assert (own.committed, own.end, own.lag_messages) == (1, 3, 2)
         (theirs,) = groups[other].partitions
         assert theirs.lag_messages == 0 and groups[other].status != Status.STOP
+        time.sleep(12)  # past the worker's next question of the partition
+        assert worker.poll() is None  # still waiting for the transaction
         writer.commit_transaction()
+        out, _ = worker.communicate(timeout=90)
+        assert worker.returncode == 0, out
+        assert "an open transaction holds back offsets 1 to 3" in out, out
     finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
         writer.close()
         plain.close()
-    worker = cli(settings, "worker", "--until-caught-up", timeout=90)
-    assert worker.returncode == 0, worker.stdout + worker.stderr
     assert exported(settings) == expected_export([before, held, after], Authority())
     assert Store(settings.store_url).all_offsets() == {(topic, 0): 3}  # the marker at 3
 

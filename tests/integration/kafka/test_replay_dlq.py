@@ -734,6 +734,46 @@ def test_a_redrive_never_sends_a_key_s_older_version_last(
     assert exported(settings) == expected_export(by_version[2] + newer, Authority())
 
 
+def test_a_redrive_holds_back_a_letter_whose_partition_an_open_transaction_holds(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A transaction still open holds back the worker on its partition, and whatever comes
+    after it there (a newer event of the letter's key may): the letter waits. Its check
+    read committed records only up to the open transaction, found nothing, and sent it."""
+    from kafka import KafkaProducer
+
+    from tests.support.kafka_helpers import change_topic
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    settings = settings_for(sqlite_store_url, registry=registry, change_partitions=1)
+    event = citizen_events(1, 1, seed=11)[0] | {"source": "province-79", "op": "upsert"}
+    event["data"] = event.get("data") or {"full_name": "Trần Thị Bình"}
+    _published(settings, tmp_path, [event])
+    _caught_up(settings)
+    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
+                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    topic = change_topic(settings, "citizen")
+    writer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-open"
+    )
+    writer.init_transactions()
+    writer.begin_transaction()
+    writer.send(topic, key=b"citizen:001090000009:province-01", value=b"{}", partition=0)
+    writer.flush()
+    try:
+        held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "1")
+        said = " ".join(held.stdout.split())
+        assert held.returncode == 1, said + held.stderr
+        assert "held back 1: the worker has not applied" in said, said
+    finally:
+        writer.abort_transaction()
+        writer.close()
+    _caught_up(settings)
+    sent = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert sent.returncode == 0 and "re-driven 1," in " ".join(sent.stdout.split()), sent.stdout
+
+
 def test_a_replay_refuses_what_the_live_worker_refused_for_a_producer_clock_ahead(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
