@@ -127,13 +127,22 @@ def fresh_store() -> Iterator[Store]:
 
 
 def history_rows(store: Store) -> list[tuple[Any, ...]]:
-    """The audit history in order, without ids and write timestamps."""
+    """The audit history in order, without ids and write timestamps; a forgotten record's
+    entries under one name per record (the retention gives them a random one, without a
+    reference key: `forgotten:<hex>`)."""
     query = select(record_history).order_by(record_history.c.id)
+    names: dict[str, str] = {}
     with store.engine.connect() as conn:
         return [
-            (r.entity, r.key, r.event_id, r.source, r.version, r.changes)
+            (r.entity, _forgotten(r.key, names), r.event_id, r.source, r.version, r.changes)
             for r in conn.execute(query)
         ]
+
+
+def _forgotten(key: str, names: dict[str, str]) -> str:
+    if not key.startswith("forgotten:"):
+        return key
+    return names.setdefault(key, f"forgotten:{len(names)}")
 
 
 def conflict_rows(store: Store) -> list[tuple[Any, ...]]:
