@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
+from kafka import KafkaProducer
+
 from portal_sync.settings import Settings
+from schemas.partitioning import message_key
 from transport import admin
 from transport.publisher import Publisher
 
@@ -39,3 +46,42 @@ def publisher_for(settings: Settings, client_id: str = "portal-sync-test") -> Pu
 def wait_group_stable(settings: Settings, group: str, timeout: float = 60.0) -> bool:
     with admin.cluster(settings.connection()) as cluster:
         return cluster.wait_group_stable(group, timeout)
+
+
+def commit_group_offsets(
+    settings: Settings, group: str, offsets: dict[tuple[str, int], int]
+) -> None:
+    """Committed offsets of a group that never ran, once the broker lists the group
+    (retried while a fresh broker has no group coordinator yet)."""
+    deadline = time.monotonic() + 60
+    with admin.cluster(settings.connection()) as cluster:
+        while True:
+            try:
+                cluster.alter_group_offsets(group, offsets)
+                if group in cluster.consumer_groups():
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            assert time.monotonic() < deadline, f"group {group} not listed"
+            time.sleep(0.5)
+
+
+def send_in_transactions(
+    settings: Settings, topic: str, events: list[tuple[dict[str, Any], bool]]
+) -> None:
+    """Each event in a transaction of its own on partition 0, committed (True) or aborted:
+    a transactional writer, whose every transaction ends with a marker."""
+    producer = KafkaProducer(
+        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
+    )
+    try:
+        producer.init_transactions()
+        for raw, keep in events:
+            producer.begin_transaction()
+            key = message_key(raw["entity"], raw["key"], raw["source"])
+            producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
+            producer.flush()
+            (producer.commit_transaction if keep else producer.abort_transaction)()
+    finally:
+        producer.close()

@@ -17,6 +17,7 @@ from store.core import Store
 from store.tables import source_freshness, source_views
 from tests.support.kafka_helpers import (
     change_topic,
+    commit_group_offsets,
     dead_letter_topic,
     end_offsets,
     ensure_topics,
@@ -256,27 +257,10 @@ def test_dlq_redrive_sends_back_only_an_event_of_the_letters_key(
     assert after[(change_topic(settings, "citizen"), 0)] == 1
 
 
-def _commit(settings: Any, group: str, offsets: dict[tuple[str, int], int]) -> None:
-    """Committed offsets of a group that never ran, once the broker lists the group
-    (retried while a fresh broker has no group coordinator yet)."""
-    deadline = time.monotonic() + 60
-    with admin.cluster(settings.connection()) as cluster:
-        while True:
-            try:
-                cluster.alter_group_offsets(group, offsets)
-                if group in cluster.consumer_groups():
-                    return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            assert time.monotonic() < deadline, f"group {group} not listed"
-            time.sleep(0.5)
-
-
 def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:
     group = f"{hostile.topic_prefix}-[/]evil[link=https://evil.example]x[/link]"
     topic = change_topic(hostile, "citizen")
-    _commit(hostile, group, {(topic, 0): 0})
+    commit_group_offsets(hostile, group, {(topic, 0): 0})
     store = Store(hostile.store_url)
     store.create_schema()
     now = datetime.now(UTC)

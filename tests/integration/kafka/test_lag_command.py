@@ -15,7 +15,7 @@ from consumers.merge import Authority
 from observability.kafka_lag import STORE_READ_SECONDS, Filters, LagReader
 from observability.lag import Status
 from store import Store
-from tests.support.kafka_helpers import ensure_topics
+from tests.support.kafka_helpers import commit_group_offsets, ensure_topics
 from tests.support.pipeline_helpers import (
     citizen_events,
     cli,
@@ -153,28 +153,14 @@ def test_a_log_ending_in_a_transaction_marker_is_no_lag(
     store's offset (and any consumer's) stops before it. That was one message of lag for
     ever, with no time lag (each poll waited out its timeout for a message that does not
     exist), and STALL once the window filled: a page for a caught-up worker."""
-    import json
-
-    from kafka import KafkaProducer
-
-    from schemas.partitioning import message_key
-    from tests.support.kafka_helpers import change_topic, ensure_topics
+    from tests.support.kafka_helpers import change_topic, ensure_topics, send_in_transactions
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
     topic = change_topic(settings, "citizen")
     first, second = citizen_events(2, 1, seed=45)[:2]
-    producer = KafkaProducer(
-        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
-    )
-    producer.init_transactions()
-    for raw, keep in ((first, False), (second, True)):  # offsets 0 and 2, markers 1 and 3
-        producer.begin_transaction()
-        key = message_key(raw["entity"], raw["key"], raw["source"])
-        producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
-        producer.flush()
-        (producer.commit_transaction if keep else producer.abort_transaction)()
-    producer.close()
+    # offsets 0 and 2, markers 1 and 3
+    send_in_transactions(settings, topic, [(first, False), (second, True)])
     assert cli(settings, "worker", "--until-caught-up").returncode == 0
     reader = LagReader(
         settings.connection(),
@@ -213,7 +199,6 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
     from schemas.partitioning import message_key
     from tests.support.kafka_helpers import change_topic, ensure_topics
     from tests.support.pipeline_helpers import start_worker
-    from transport.admin import Cluster
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
@@ -250,16 +235,7 @@ def test_an_open_transaction_shows_as_lag_of_the_reconciler_and_no_other_group_i
             time.sleep(0.5)
         assert applied() == {(topic, 0): 1}
         other = f"{settings.group_id}-uncommitted"
-        with Cluster(settings.connection()) as cluster:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    cluster.alter_group_offsets(other, {(topic, 0): 3})
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+        commit_group_offsets(settings, other, {(topic, 0): 3})
         reader = LagReader(
             settings.connection(),
             settings.topics(),
@@ -339,17 +315,9 @@ def test_two_groups_at_different_offsets_of_one_partition_both_get_their_time_la
     finally:
         producer.close()
     behind, ahead = f"{settings.group_id}-analytics", settings.group_id
+    for group, offset in ((behind, 2), (ahead, 7)):
+        commit_group_offsets(settings, group, {(topic, 0): offset})
     with Cluster(settings.connection()) as cluster:
-        for group, offset in ((behind, 2), (ahead, 7)):
-            deadline = time.monotonic() + 60  # a fresh broker: no group coordinator yet
-            while True:
-                try:
-                    cluster.alter_group_offsets(group, {(topic, 0): offset})
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
         # Offset 10 is the log's end: no message, left out (after the deadline).
         stamps = cluster.first_timestamps({(topic, 0, 2), (topic, 0, 7), (topic, 0, 10)}, 2.0)
     assert set(stamps) == {(topic, 0, 2), (topic, 0, 7)}

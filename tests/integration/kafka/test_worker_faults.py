@@ -613,24 +613,15 @@ def test_an_aborted_transaction_is_never_applied_and_a_log_ending_in_a_marker_is
     """A transactional writer's aborted events were applied (the clients' default reads
     uncommitted records), and `worker --until-caught-up` never returned when the log ended
     in a transaction's marker: the store's offset stops one before the log's end."""
-    from schemas.partitioning import message_key
+    from tests.support.kafka_helpers import send_in_transactions
     from transport.reader import RangeReader, Selection
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
     topic = change_topic(settings, "citizen")
     aborted, committed = citizen_events(2, 1, seed=41)[:2]
-    producer = KafkaProducer(
-        bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-tx"
-    )
-    producer.init_transactions()
-    for raw, keep in ((aborted, False), (committed, True)):  # offsets 0 and 2, markers 1, 3
-        producer.begin_transaction()
-        key = message_key(raw["entity"], raw["key"], raw["source"])
-        producer.send(topic, key=key, value=json.dumps(raw).encode(), partition=0)
-        producer.flush()
-        (producer.commit_transaction if keep else producer.abort_transaction)()
-    producer.close()
+    # offsets 0 and 2, markers 1 and 3
+    send_in_transactions(settings, topic, [(aborted, False), (committed, True)])
 
     worker = cli(settings, "worker", "--until-caught-up", timeout=90)
     assert worker.returncode == 0, worker.stdout + worker.stderr
