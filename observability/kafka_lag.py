@@ -106,7 +106,10 @@ class LagReader:
     unread: set[TP] = field(default_factory=set, init=False)  # the last poll's, left unread
     _cluster: Cluster | None = None
     _store: Store | None = None
-    _store_read: Future[dict[TP, int] | None] | None = None
+    _store_read: Future[tuple[dict[TP, int], dict[str, str]] | None] | None = None
+    # The change topics whose store offsets are of an earlier topic of the same name (the
+    # cluster's id of it is not the one the store recorded): the last poll's.
+    moved: set[str] = field(default_factory=set, init=False)
 
     def read(self) -> list[GroupLag]:
         """One poll: offsets, log ends, oldest unapplied timestamps, statuses. A failed poll
@@ -151,8 +154,11 @@ class LagReader:
         groups = []
         for group, offsets in sorted(committed.items()):
             count, state = members.get(group, (0, "Unknown"))
+            moved = self.moved if group == self.own_group else set()
             rows = [
-                self._partition(group, tp, offset, end(tp, offset), timestamps, now, count)
+                self._partition(
+                    group, tp, offset, end(tp, offset), timestamps, now, count, tp[0] in moved
+                )
                 for tp, offset in sorted(offsets.items())
                 if tp in ends
             ]
@@ -172,11 +178,13 @@ class LagReader:
         timestamps: dict[tuple[str, int, int], int],
         now: float,
         members: int,
+        moved: bool = False,
     ) -> PartitionLag:
         window = self._windows.setdefault((group, *tp), Window(self.window_seconds))
         window.push(Sample(now, offset, end))
         seconds = lag_seconds(now, end - offset, timestamps.get((*tp, offset)))
-        status = partition_status(window, has_members=members > 0)
+        # The worker refuses a topic created again until its offsets are reset.
+        status = Status.STOP if moved else partition_status(window, has_members=members > 0)
         return PartitionLag(group, tp[0], tp[1], offset, end, seconds, status)
 
     # -- Kafka and store I/O ------------------------------------------------------------
@@ -218,14 +226,20 @@ class LagReader:
         (at the log's start where nothing was applied, or while the store has no schema).
         None when the store cannot be read within `STORE_READ_SECONDS`: the group's offsets
         in Kafka (the worker's copy, at most a batch behind) stand in, never zeros, which
-        would show the whole log as lag and page."""
+        would show the whole log as lag and page.
+
+        A topic deleted and created again (or a cluster rebuilt) behind the store: the
+        store's offsets point into the earlier log, and the worker refuses to go on
+        (`transport.group.check_topic_ids`). Its lag is then counted from the new log's
+        start, with the status STOP (`moved`): read against the new log's end, the store's
+        offset made the lag look small, or nil."""
         if self._store_read is not None and not self._store_read.done():
             log.warning(
                 "store offsets still unread since an earlier poll (the store does not "
                 "answer): the reconciler group's offsets in Kafka instead"
             )
             return None
-        read: Future[dict[TP, int] | None] = Future()
+        read: Future[tuple[dict[TP, int], dict[str, str]] | None] = Future()
         self._store_read = read
 
         def run() -> None:
@@ -238,7 +252,7 @@ class LagReader:
         # exporter's exit.
         threading.Thread(target=run, name="lag-store-offsets", daemon=True).start()
         try:
-            applied = read.result(timeout=STORE_READ_SECONDS)
+            answer = read.result(timeout=STORE_READ_SECONDS)
         except FutureTimeout:
             log.warning(
                 "store offsets not read within %.0f s: the reconciler group's offsets in "
@@ -246,28 +260,55 @@ class LagReader:
                 STORE_READ_SECONDS,
             )
             return None
-        if applied is None:
+        if answer is None:
             return None
+        applied, saved = answer
         topics = [t for t in self.topics.change_topics() if self.filters.topic_ok(t)]
         partitions = self.cluster.partitions(topics)
+        self._note_moved(applied, saved, topics)
         # A partition the store has never applied is behind by what its log holds: from the
         # log's start (retention may have moved it past 0), not from offset 0.
-        missing = [tp for tp in partitions if tp not in applied]
+        missing = [tp for tp in partitions if tp not in applied or tp[0] in self.moved]
         starts: dict[TP, int] = {}
         if missing:
             try:  # all or nothing: one leader away fails it, and 0 stands in as before
                 starts = self.cluster.beginning_offsets(missing)
             except Exception as error:
                 log.info("log starts not read (%s): 0 for them", type(error).__name__)
-        return {tp: applied.get(tp, starts.get(tp, 0)) for tp in partitions}
+        return {
+            tp: starts.get(tp, 0) if tp[0] in self.moved else applied.get(tp, starts.get(tp, 0))
+            for tp in partitions
+        }
 
-    def _applied(self) -> dict[TP, int] | None:
-        """The store's offsets ({} while it has no schema yet; None when unreadable)."""
+    def _note_moved(self, applied: dict[TP, int], saved: dict[str, str], topics: list[str]) -> None:
+        """`moved`: the topics the store applied events of whose id in the cluster is not
+        the one the store recorded (as the worker's check); a warning when one is new."""
+        ours = {topic for (topic, _), offset in applied.items() if offset > 0} & set(topics)
+        wanted = sorted(topic for topic in ours if topic in saved)
         try:
-            return self.store().all_offsets()
+            current = self.cluster.topic_ids(wanted) if wanted else {}
+        except Exception as error:  # not known: compared again at the next poll
+            log.info("topic ids not read (%s)", type(error).__name__)
+            return
+        moved = {t for t in wanted if t in current and current[t] != saved[t]}
+        for topic in sorted(moved - self.moved):
+            log.warning(
+                "the store's offsets of %s are of an earlier topic of the same name (created "
+                "again since, or the cluster rebuilt): lag counted from the new log's start, "
+                "STOP until `portal-sync offsets reset`",
+                topic,
+            )
+        self.moved = moved
+
+    def _applied(self) -> tuple[dict[TP, int], dict[str, str]] | None:
+        """The store's offsets and its topics' recorded ids (nothing while it has no schema
+        yet; None when unreadable)."""
+        try:
+            store = self.store()
+            return store.all_offsets(), store.topic_ids()
         except Exception as error:
             if self._store_is_new():
-                return {}
+                return {}, {}
             log.warning(
                 "store offsets unreadable (%s): the reconciler group's offsets in Kafka "
                 "instead", type(error).__name__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,8 @@ from alembic import command
 from sqlalchemy import delete, func, select, update
 
 from consumers.merge import Authority
+from observability.kafka_lag import Filters, LagReader
+from observability.lag import Status
 from schemas import derive_event_id
 from schemas.identifiers import key_reference
 from store import schema
@@ -582,6 +585,8 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
     # checked (aiokafka fetches meanwhile) took its events below 20 as applied.
     assert store.all_offsets() == {(topic, 0): 20}
     assert store.topic_ids()[topic] == first_id
+    # The lag: the whole new log, and STOP (read against its end, the store's 20 made it 5).
+    assert _own_lag(settings, topic) == [(0, 0, 25, Status.STOP)]
 
     # The plan counts the new log from its start: the store's 20 are of the earlier one.
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
@@ -599,7 +604,20 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
     _caught_up(settings)
     assert store.all_offsets() == {(topic, 0): 25}
     assert exported(settings) == expected_export(events[:45], Authority())
+    assert _own_lag(settings, topic) == [(0, 25, 25, Status.OK)]
     store.close()
+
+
+def _own_lag(settings: Any, topic: str) -> list[tuple[int, int, int, Status]]:
+    """The reconciler group's partitions of the topic as the lag exporter reads them:
+    (partition, committed, end, status)."""
+    reader = LagReader(settings.connection(), settings.topics(), settings.group_id,
+                       settings.store_url, filters=Filters(topic=re.escape(topic)))  # fmt: skip
+    try:
+        own = {g.group: g for g in reader.read()}[settings.group_id]
+    finally:
+        reader.close()
+    return [(p.partition, p.committed, p.end, p.status) for p in own.partitions]
 
 
 def test_a_running_worker_checks_its_topics_ids_between_rebalances(
