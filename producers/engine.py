@@ -10,7 +10,8 @@ per page, and waiting for the broker and rewriting the state file after each pag
 rows was a sixth of its publishing (docs/performance-log.md); a crash re-sends at most that
 interval's events. A checkpoint with a `commit` is saved at once, and the adapter resumes
 after its clean-up ran (the outbox names in its state only the rows whose clean-up has not
-run yet).
+run yet); so is one marked `at_once` (the `sql` adapter's versions reserved before the
+events that carry them are sent).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class RunStats:
 @dataclass
 class _Reached:
     """Checkpoints reached and not saved yet: how many, and the newest (only the newest can
-    carry a `commit`: a checkpoint with one is saved at once)."""
+    carry a `commit` or be `at_once`: such a checkpoint is saved at once)."""
 
     newest: Checkpoint | None = None
     count: int = 0
@@ -132,7 +133,7 @@ class AdapterRunner:
             for item in self.adapter.read(state):
                 if isinstance(item, Checkpoint):
                     reached.add(item)
-                    if item.commit is not None or time.monotonic() >= due:
+                    if item.commit is not None or item.at_once or time.monotonic() >= due:
                         # taken first: a save or commit that fails is not tried again below
                         saving, reached = reached, _Reached()
                         self._checkpoint(saving, produced, stats)

@@ -112,6 +112,10 @@ class Checkpoint:
 
     state: State | Callable[[], State]
     commit: Callable[[], None] | None = None
+    # Saved at once, before anything yielded after it is sent, as one with a `commit` is:
+    # for a state that must be on disk before the events that follow leave (a version
+    # reserved for them).
+    at_once: bool = False
 
     def value(self) -> State:
         """The state to save."""

@@ -427,10 +427,21 @@ class SqlPollingAdapter:
             recorded = None
         high = self._high(state)
         if high is None:
+            # Recorded before the first page, not after the last: a first poll stopped
+            # between pages saved a cursor without it, and the next poll took that for a
+            # state of lookback capture; a row that a transaction open meanwhile wrote
+            # further back than the window was never read. Every transaction the scans
+            # cannot see has an id of at least `began`, and the next poll reads their rows
+            # behind its cursor again (`written_since`).
+            state.xmin = began
             yield from self._scan(state, None)
         elif recorded is None:  # a state of lookback capture: its window, this once
             start = high[0] - timedelta(seconds=self.config.lookback_seconds)
-            yield from self._scan(state, self._at_or_after(start))
+            yield from self._scan(state, and_(self._at_or_after(start), not_(self._after(high))))
+            # The window read, the rest as a first poll's (above): a stop from here on
+            # leaves the snapshot's xmin recorded.
+            state.xmin = began
+            yield from self._scan(state, self._after(high))
         else:
             if xmax > recorded:  # else no transaction has written since: none is late
                 late = and_(written_since(recorded), not_(self._after(high)))
@@ -802,6 +813,17 @@ class SqlPollingAdapter:
             self._horizon = (state.updated_at, _iso(start))
         return stamp < self._horizon[1]
 
+    def reserve(self, state: CursorState, raised: list[SourceChange]) -> None:
+        """Before the page that carries them is sent, note its raised versions in the state
+        (saved at once): each row's entry with the `RESERVED` marker, which no content
+        has. A raised version is the last one sent + 1 by the state; a run that failed
+        after sending a page and before saving it gave the row's next change the same
+        version (and event id) for other content, and the reconciler kept whichever of
+        the two sorted first. With the reservation saved, that change is raised above it."""
+        state.top = max(self.top_sent(state), max(change.version for change in raised))
+        for change in raised:
+            state.note(str(change.pk), [change.version, change.stamp, RESERVED, change.xid])
+
     def top_sent(self, state: CursorState) -> int:
         """The highest version sent so far: saved in the state; for a state of an older
         release, the highest it remembers or the cursor's own, whichever is higher."""
@@ -893,6 +915,10 @@ class _Undecodable:
     """A row of which only its place could be read (`_up_to_undecodable`)."""
 
     _mapping: dict[str, Any]
+
+
+# The marker of a version reserved and maybe not sent (`reserve`): equal to no content's.
+RESERVED = "v"
 
 
 def _rejected_marker(marker: Any) -> bool:

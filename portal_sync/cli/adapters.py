@@ -188,8 +188,8 @@ def produce(
     deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port
     host = metrics_host if metrics_host is not None else _metrics_host(deployment, settings)
-    if state_dir is not None:
-        deployment.producer.state_dir = state_dir
+    if state_dir is not None:  # the current directory's, as the key file's: not the file's dir
+        deployment.producer.state_dir = state_dir.absolute()
     if signing_key_file is not None:
         deployment.producer.signing_key_file = signing_key_file.absolute()  # not the file's dir
     result = ProduceResult()

@@ -54,6 +54,10 @@ class SqlAdapter(Adapter):
         cursor = CursorState.from_dict(state)
         cursor.snapshot()  # what changes from here on is tracked
         for page in self.poller.pages(cursor):
+            raised = [c for c in page if isinstance(c, SourceChange) and c.raised is not None]
+            if raised:  # on disk before they are sent (`SqlPollingAdapter.reserve`)
+                self.poller.reserve(cursor, raised)
+                yield Checkpoint(cursor.snapshot(), at_once=True)
             yield from (self._record(change) for change in page)
             self.poller.remember(cursor, page)
             # the state computed only if this checkpoint is saved (a copy of every row of

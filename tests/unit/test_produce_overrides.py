@@ -99,3 +99,20 @@ def test_without_a_host_in_the_file_the_setting_decides_as_for_every_process(
     result = CliRunner().invoke(app, ["produce", "--config", str(config), "--once"])
     assert result.exit_code == 0, result.output
     assert calls["serve"] == (9312, "127.0.0.1")
+
+
+def test_a_relative_state_dir_is_the_current_directory_s(
+    tmp_path: Path, calls: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As any path given on a command line (and `--signing-key-file`): it was taken as
+    relative to the deployment file's folder, the read-only ConfigMap the flag avoids."""
+    files = tmp_path / "config"
+    files.mkdir()
+    config = files / "sources.toml"
+    config.write_text(CONFIG)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["produce", "--config", str(config), "--once", "--state-dir", "volume"]
+    )
+    assert result.exit_code == 0, result.output
+    assert calls["state_dir"] == tmp_path / "volume"

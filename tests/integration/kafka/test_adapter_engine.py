@@ -157,14 +157,16 @@ def test_checkpoints_without_a_commit_are_saved_once_an_interval(
             for item in super().read(state):
                 if isinstance(item, Record) and item.origin != "#0":
                     on_disk.append(load_json_state(runner.state_path))
+                if isinstance(item, Checkpoint) and item.value() == {"position": 2}:
+                    item.at_once = True  # saved before the next record is sent, always
                 yield item
 
     runner = AdapterRunner("watched", Watched(), publisher, tmp_path, checkpoint_interval=interval)
     assert runner.run_once().checkpoints == 4
     if interval == 0:  # every checkpoint saved as it comes
         assert on_disk == [{"position": n} for n in range(1, 4)]
-    else:  # none saved before the run's end, then the newest
-        assert on_disk == [{}, {}, {}]
+    else:  # none saved before the run's end, then the newest; one `at_once` saved at once
+        assert on_disk == [{}, {"position": 2}, {"position": 2}]
     assert load_json_state(runner.state_path) == {"position": 4}
     assert len(published_events(publisher.settings, "citizen")) == 4
 

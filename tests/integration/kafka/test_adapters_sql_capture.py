@@ -360,6 +360,98 @@ def test_a_poll_stopped_between_pages_still_captures_a_late_row_once(
     assert poller.poll() == []
 
 
+def stopped_after_its_first_page(poller: Poller) -> list[Record]:
+    """A poll whose process dies once its first page of records was acknowledged and saved:
+    the records of that page (the state: that page's checkpoint)."""
+    items = poller.adapter.read(json.loads(json.dumps(poller.state)))
+    records: list[Record] = []
+    for item in items:
+        if isinstance(item, Checkpoint):
+            poller.state = json.loads(json.dumps(item.value()))
+            if records:
+                break
+        elif isinstance(item, Record):
+            records.append(item)
+    items.close()
+    return records
+
+
+def test_a_first_poll_stopped_between_pages_still_captures_a_late_row_once(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """The first poll of a source, no state yet, recorded its snapshot's xmin after its
+    last page: stopped after one, it left a cursor without it, and the next poll took that
+    for a state of lookback capture. A row a transaction open meanwhile wrote further back
+    than the window was never read."""
+    source = Source(postgres_url, engines)
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(insert(cong_dan).values(**row(5, "Late", T0)))
+    for n in range(6, 9):
+        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
+    poller = poller_of(pollers, citizens(tmp_path, postgres_url, batch=2))
+    assert [r.key for r in stopped_after_its_first_page(poller)] == [pid(6), pid(7)]
+    transaction.commit()
+    held.close()
+    assert names(poller.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
+    assert poller.poll() == []
+
+
+def test_a_lookback_state_s_first_snapshot_poll_stopped_past_its_window_captures_a_late_row(
+    postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """As above, for a state saved by lookback capture: its first snapshot poll reads the
+    window, then what is new; stopped in the new part, it left no xmin either."""
+    source = Source(postgres_url, engines)
+    source.insert(1, "An", T0)
+    before = poller_of(pollers, citizens(tmp_path, postgres_url, capture="lookback"))
+    assert len(before.poll()) == 1
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(insert(cong_dan).values(**row(5, "Late", T0 - timedelta(minutes=10))))
+    for n in range(6, 9):
+        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
+    after = poller_of(pollers, citizens(tmp_path, postgres_url, batch=2))
+    after.state = before.state
+    assert [r.key for r in stopped_after_its_first_page(after)] == [pid(6), pid(7)]
+    transaction.commit()
+    held.close()
+    assert names(after.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
+    assert after.poll() == []
+
+
+def test_a_raised_version_is_never_given_to_other_content_after_a_failed_run(
+    db_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
+) -> None:
+    """A row changed twice within its cursor's precision: the second change is raised to
+    the last version sent + 1. A run that sent it and failed before its checkpoint was
+    saved gave the row's next change, on the retry, that same version and event id for
+    other content: the reconciler kept whichever sorted first, maybe the older. The
+    raised version is now saved (a checkpoint `at_once`) before it is sent."""
+    source = Source(db_url, engines)
+    source.insert(1, "An", T0)
+    poller = poller_of(pollers, citizens(tmp_path, db_url, lookback=0))
+    assert [r.version for r in poller.poll()] == [micros(T0)]
+    source.update(1, T0, ho_ten="Bình")  # the same second
+    saved = poller.state
+    items = poller.adapter.read(json.loads(json.dumps(saved)))
+    for item in items:  # as the framework: checkpoints `at_once` saved before what follows
+        if isinstance(item, Checkpoint) and item.at_once:
+            saved = json.loads(json.dumps(item.value()))
+        elif isinstance(item, Record):  # sent, acknowledged; then the run fails
+            sent = item
+            break
+    items.close()
+    assert (sent.data, sent.version) == ({"full_name": "Bình"}, micros(T0) + 1)
+    poller.state = saved
+    source.update(1, T0, ho_ten="Châu")  # the same second again
+    (retried,) = poller.poll()
+    assert retried.data == {"full_name": "Châu"}
+    assert retried.version == sent.version + 1
+    source.update(1, T0, ho_ten="Dung")
+    assert [r.version for r in poller.poll()] == [retried.version + 1]
+
+
 def test_a_state_saved_by_lookback_capture_goes_on_by_snapshot_without_repeats(
     postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
 ) -> None:
