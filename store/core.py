@@ -460,6 +460,8 @@ class Store:
         """Set partitions' next offsets (an operator's reset) and record who did it, why,
         and from where, in one transaction; `ids`: the cluster's id of each topic reset,
         now the store's (the reset's offsets are in that topic's log)."""
+        if not targets:  # nothing moved, nothing to record
+            return
         now = utcnow()
         with translated(), self.write_transaction() as conn:
             if ids:
@@ -574,6 +576,8 @@ class Store:
         """Record an operator's reset of another consumer group's offsets in Kafka (from,
         to per partition); the store's own offsets are not moved."""
         now = utcnow()
+        if not moves:  # nothing moved, nothing to record
+            return
         with translated(), self.write_transaction() as conn:
             conn.execute(
                 insert(offset_changes),
@@ -655,14 +659,18 @@ class Store:
             ).all()
         if not go_on():
             return False
+        # No views (no source has sent yet, or all purged): nothing to fill, and an
+        # `executemany` of no rows runs its statement once without parameters and fails.
         with translated(), self.write_transaction() as conn:
             # As the migration's fill: a row only moves forward, and a source whose views
             # a `source purge` removed since the read gets none.
             typed = [bindparam(n, type_=UTCDateTime()) for n in ("change", "applied")]
-            conn.execute(text(fill_freshness_row(conn.dialect.name)).bindparams(*typed), [
+            fills = [
                 {"source": source, "change": _aware(change), "applied": _aware(applied)}
                 for source, change, applied in newest
-            ])  # fmt: skip
+            ]
+            if fills:
+                conn.execute(text(fill_freshness_row(conn.dialect.name)).bindparams(*typed), fills)
         only_tombstones = func.sum(case((source_views.c.deleted, 0), else_=1)) == 0
         page = (
             select(source_views.c.entity, source_views.c.key, func.max(source_views.c.applied_at))

@@ -7,7 +7,7 @@ every view: never on a batch's path."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 # `store_meta`: when the fills run again (ISO 8601, UTC); removed once they have.
 CATCH_UP_AFTER = "catch_up_after"
@@ -55,11 +55,17 @@ FILL_DELETIONS = (
 )
 
 
+def utc_text(now: datetime) -> str:
+    """A time as the store's `UTCDateTime` columns hold it, naive UTC, for a statement's
+    text: `CURRENT_TIMESTAMP` is the server's local time in a PostgreSQL `timestamp`."""
+    return now.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 def catch_up_row(now: datetime) -> str:
     """The `store_meta` statement that schedules the fills again, a day after `now`."""
     when = (now + CATCH_UP_DELAY).isoformat()
     return (
         "INSERT INTO store_meta (name, value, updated_at)"
-        f" VALUES ('{CATCH_UP_AFTER}', '{when}', CURRENT_TIMESTAMP)"
+        f" VALUES ('{CATCH_UP_AFTER}', '{when}', '{utc_text(now)}')"
         " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
     )

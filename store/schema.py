@@ -31,6 +31,23 @@ class SchemaOutdated(ConfigurationError):
     """The store's schema is older than this code: run `portal-sync store upgrade`."""
 
 
+class SchemaNewer(SchemaOutdated):
+    """The store's schema is newer than this code knows (a later release upgraded it, as in
+    a rolling upgrade): this release can neither use nor migrate it. A kind of
+    `SchemaOutdated`: both are a store that is not this code's."""
+
+
+def _newer(revision: str | None) -> bool:
+    """Whether a revision comes after this code's head (the revisions are numbered
+    `0001`, `0002`, …: a unit test holds them so)."""
+    return (
+        revision is not None
+        and revision.isdigit()
+        and len(revision) == len(HEAD_REVISION)
+        and revision > HEAD_REVISION
+    )
+
+
 def _config() -> Config:
     from alembic.config import Config
 
@@ -92,6 +109,8 @@ def upgrade(engine: Engine, *, only_new: bool = False) -> tuple[str | None, str]
             first_schema = before is None and "source_views" in inspect(conn).get_table_names()
             if first_schema:
                 before = FIRST_REVISION  # a first-schema store, made before migrations
+            if _newer(before):  # Alembic would fail on a revision it has no script of
+                raise _outdated(before)
             if only_new and before not in (None, head):
                 raise _outdated(before)
             if first_schema:
@@ -103,6 +122,12 @@ def upgrade(engine: Engine, *, only_new: bool = False) -> tuple[str | None, str]
 
 
 def _outdated(revision: str | None) -> SchemaOutdated:
+    if _newer(revision):
+        return SchemaNewer(
+            f"the store is at schema revision {revision}, newer than this version knows "
+            f"({head_revision()}): a later release upgraded it; run that release (or a "
+            "newer one) against this store"
+        )
     return SchemaOutdated(
         f"the store is at schema revision {revision}, this version needs "
         f"{head_revision()}: run `portal-sync store upgrade`"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Annotated
 
 import typer
@@ -33,7 +34,8 @@ def access_log(
     target = Store(Settings.from_flags(store=store).store_url)
     try:
         target.require_schema()
-        rows = target.access_entries(parse_time(since), operator)
+        name = unicodedata.normalize("NFC", operator) if operator else None  # as recorded
+        rows = target.access_entries(parse_time(since), name)
     finally:
         target.close()
     if as_json:

@@ -235,7 +235,7 @@ def history(
 
 def conflicts(
     entity: Annotated[str | None, typer.Option("--entity")] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="the worst N lines")] = 50,
     store: StoreOpt = None,
 ) -> None:
     """Open disagreements between sources, by source pair and field, worst first."""
@@ -255,7 +255,10 @@ def conflicts(
         console.print("no open conflicts")
 
 
-def anomalies(limit: Annotated[int, typer.Option("--limit")] = 50, store: StoreOpt = None) -> None:
+def anomalies(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="the newest N")] = 50,
+    store: StoreOpt = None,
+) -> None:
     """Dossier status changes the national lifecycle does not foresee (newest first)."""
     from store.queries import anomalies as latest
 

@@ -14,6 +14,7 @@ import getpass
 import json
 import os
 import pwd
+import unicodedata
 from collections.abc import Iterable
 
 import orjson
@@ -36,8 +37,8 @@ class ReasonRequired(Refused):
 def operator_name(given: str | None = None) -> str:
     """Who acts: `--operator`, else the OS user (of the process's user id, not of the
     environment's USER or LOGNAME, which anyone can set)."""
-    if given:
-        return given
+    if given:  # one name whatever its Unicode form (a terminal may give it decomposed)
+        return unicodedata.normalize("NFC", given)
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, OSError, AttributeError):  # no passwd entry (a container), no pwd

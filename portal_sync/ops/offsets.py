@@ -90,6 +90,11 @@ def plan_reset(
         raise Refused(f"--topic: not a change topic: {', '.join(unknown)}")
     with cluster(settings.connection()) as c:
         partitions = c.partitions(topics or settings.topics().change_topics())
+        if not partitions:  # else an empty plan, and `--yes` failed in the store
+            raise Refused(
+                "no partition to reset: the topics are not in the cluster, or this "
+                "principal may not describe them"
+            )
         ends = c.end_offsets(partitions)
         starts = c.beginning_offsets(partitions)
         found = c.offsets_at(partitions, to_time)

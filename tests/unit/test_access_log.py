@@ -7,6 +7,7 @@ lists the log. Subprocesses against a real SQLite store."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -172,6 +173,21 @@ def test_access_log_lists_and_filters(url: str) -> None:
     assert [json.loads(line)["reason"] for line in both.stdout.splitlines()] == ["ticket 2"]
     naive = run_cli("access-log", "--store", url, "--since", "2025-08-01T08:00:00")
     assert naive.returncode == 2 and "offset" in naive.stderr
+
+
+def test_an_operator_s_name_is_one_whatever_its_unicode_form(url: str) -> None:
+    """A terminal (macOS's) may give a name decomposed (NFD): recorded as typed, it was
+    another operator than the same name composed, for `access-log --operator`."""
+    composed = "Trần Thị Ánh"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    result = run_cli("show", "citizen", CITIZEN, "--store", url, "--reason", "ticket 4",
+                     "--operator", decomposed)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in (composed, decomposed):
+        found = run_cli("access-log", "--store", url, "--operator", name, "--json")
+        rows = [json.loads(line) for line in found.stdout.splitlines()]
+        assert [(r["operator"], r["reason"]) for r in rows] == [(composed, "ticket 4")], name
 
 
 def test_the_operator_is_the_os_user_not_the_environment(url: str) -> None:

@@ -187,6 +187,14 @@ def test_anomalies_report(filled: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", ["conflicts", "anomalies"])
+def test_a_limit_below_one_is_a_usage_error_on_every_backend(filled: str, command: str) -> None:
+    """SQLite read `LIMIT -1` as no limit, PostgreSQL refused it with a traceback; the
+    conflicts dropped their last line."""
+    result = run_cli(command, "--limit", "-1", "--store", filled)
+    assert result.returncode == 2 and "--limit" in result.stderr, result.stdout + result.stderr
+
+
 def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:
     authority = tmp_path / "authority.toml"
     authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")

@@ -28,6 +28,33 @@ def test_the_head_constant_is_the_migration_scripts_head() -> None:
     assert schema.head_revision() == schema.script_head()
 
 
+def test_the_revisions_are_numbered_in_order() -> None:
+    """A store newer than the code is told by its revision's number (`schema._newer`)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(schema._config())
+    ids = [s.revision for s in reversed(list(scripts.walk_revisions()))]
+    assert ids == [f"{n:04d}" for n in range(1, len(ids) + 1)]
+
+
+def test_a_store_newer_than_the_code_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A later release upgraded the store (a rolling upgrade): this one said "run
+    `portal-sync store upgrade`", which then failed in Alembic with a traceback."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    new = Store(url)
+    new.create_schema()
+    new.close()
+    engine = create_engine(url)
+    later = f"{int(schema.head_revision()) + 1:04d}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE alembic_version SET version_num = '{later}'")
+    for check in (schema.require_current, schema.ensure_current, schema.upgrade):
+        with pytest.raises(schema.SchemaNewer, match=f"{later}, newer than this version"):
+            check(engine)
+    assert schema.current_revision(engine) == later
+    engine.dispose()
+
+
 def test_revision_of_a_new_a_current_and_a_first_schema_store(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     engine = create_engine(url)

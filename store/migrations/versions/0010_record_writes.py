@@ -11,7 +11,11 @@ Revision ID: 0010
 Revises: 0009
 """
 
+from datetime import UTC, datetime
+
 from alembic import op
+
+from store.fills import utc_text
 
 revision = "0010"
 down_revision = "0009"
@@ -22,7 +26,7 @@ depends_on = None
 def upgrade() -> None:
     op.execute(
         "INSERT INTO store_meta (name, value, updated_at)"
-        " SELECT 'record_writes', '0', CURRENT_TIMESTAMP"
+        f" SELECT 'record_writes', '0', '{utc_text(datetime.now(UTC))}'"
         " WHERE NOT EXISTS (SELECT 1 FROM store_meta WHERE name = 'record_writes')"
     )
 

@@ -824,3 +824,17 @@ def test_a_replay_refuses_what_the_live_worker_refused_for_a_producer_clock_ahea
     assert outcomes.get("applied", 0) == 0 and outcomes["dead_lettered"] == 1, outcomes
     assert _counts(store)[0] == 0
     store.close()
+
+
+def test_offsets_reset_of_a_topic_the_cluster_does_not_have_is_refused(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A plan of no partition: with `--yes`, its record failed in the store, shown as
+    `apply_failed`."""
+    settings = settings_for(sqlite_store_url)
+    topic = settings.topics().change_topic("citizen")  # never created
+    result = cli(settings, "offsets", "reset", "--group", "another-group", "--topic", topic,
+                 "--to-time", "1h", "--yes", "--reason", "a topic not there")  # fmt: skip
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, said
+    assert "no partition to reset" in said and "apply_failed" not in said, said

@@ -428,6 +428,22 @@ def test_a_day_after_the_upgrade_the_views_fill_the_notes_and_the_freshness_agai
     assert purge(store, RETENTION, utcnow())["tombstones"] == 2
 
 
+def test_the_catch_up_of_a_store_without_views_completes(store: Store) -> None:
+    """Workers started before any source sent (or every view purged since): nothing to
+    fill. The freshness's write of no rows failed, the row stayed due an hour later, and
+    the retention failed every hour (`PortalSyncRetentionFailing`)."""
+    from consumers.retention import catch_up_if_due
+    from store.fills import CATCH_UP_AFTER
+
+    store.set_meta(CATCH_UP_AFTER, (utcnow() + DAY).isoformat())  # as the migrations do
+    thread = catch_up_if_due(store, utcnow() + 2 * DAY)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert store.meta(CATCH_UP_AFTER) is None
+    assert store.catch_up(utcnow() + 3 * DAY) is False
+    assert notes(store) == {} and store.freshness() == []
+
+
 def test_the_catch_up_reads_page_by_page_and_gives_way(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

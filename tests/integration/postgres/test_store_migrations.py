@@ -443,6 +443,33 @@ def _json_types(store: Store) -> dict[tuple[str, str], str]:
         return {(table, column): kind for table, column, kind in rows}
 
 
+def test_the_migrations_write_utc_times_whatever_the_server_s_zone(
+    postgres_store_url: str,
+) -> None:
+    """`CURRENT_TIMESTAMP` into a `timestamp` column is the server's local time: on a
+    server in Vietnam's zone, `store_meta`'s times read 7 hours ahead."""
+    from store.tables import store_meta
+
+    store = Store(postgres_store_url)
+    try:
+        with store.engine.begin() as conn:
+            name = conn.execute(text("SELECT current_database()")).scalar_one()
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Ho_Chi_Minh'"))
+        store.engine.dispose()  # new connections take the database's zone
+        before = datetime.now(UTC)
+        store.create_schema()
+        with store.engine.connect() as conn:
+            zone = conn.execute(text("SHOW timezone")).scalar_one()
+            times = dict(conn.execute(select(store_meta.c.name, store_meta.c.updated_at)).all())
+        assert zone == "Asia/Ho_Chi_Minh"
+        assert times and all(
+            before - timedelta(minutes=1) < at < datetime.now(UTC) + timedelta(minutes=1)
+            for at in times.values()
+        ), times
+    finally:
+        store.close()
+
+
 def test_0008_keeps_every_document_as_text_and_back(postgres_store_url: str) -> None:
     """Documents written under `jsonb` read back the same once `json`, and after the
     downgrade: Vietnamese text, nesting, nulls, floats and an integer beyond 64 bits."""
