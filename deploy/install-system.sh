@@ -14,7 +14,10 @@ want_postgres=0
 missing=()
 command -v java >/dev/null || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
-command -v python3.11 >/dev/null || missing+=(python3.11 python3.11-venv)
+command -v python3.11 >/dev/null || missing+=(python3.11)
+# Debian's python3.11 comes without its venv module (a package of its own, in no cloud
+# image): `python3.11 -m venv` then fails on ensurepip.
+python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3.11-venv)
 if [ "$want_postgres" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
 fi

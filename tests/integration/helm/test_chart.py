@@ -471,7 +471,16 @@ def test_the_producers_example_files_are_valid_deployment_files(tmp_path: Path) 
         path = tmp_path / f"{producer['name']}.toml"
         path.write_text(producer["config"])
         environ = dict.fromkeys(producer["secretEnv"], "secret")
-        assert load_deployment(path, environ).sources
+        deployment = load_deployment(path, environ)
+        assert deployment.sources
+        # verify-full without `sslrootcert` looks for the CA in $HOME/.postgresql, which a
+        # producer's pod has not: every poll failed. A CA file must be mounted in the pod.
+        for source in deployment.sources:
+            url = str(source.connection.get("url", ""))
+            if "sslmode=verify-full" in url:
+                root = url.split("sslrootcert=")[1].split("&")[0]
+                mounts = [m["mountPath"] for m in producer.get("extraVolumeMounts", [])]
+                assert root == "system" or any(root.startswith(m + "/") for m in mounts), url
 
 
 def test_the_service_monitor_scrapes_every_process_under_the_documented_jobs(
