@@ -325,6 +325,20 @@ def test_the_prometheus_rule_has_exactly_the_rules_of_alerts_yml(
     assert "PortalSyncWorkerStalled" in names and len(names) == len(set(names))
 
 
+def test_another_freshness_objective_is_refused_with_the_shipped_rules(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """The rules compare with the 60 s bucket: another objective in `env` made the alert
+    measure against 60 s, silently. Refused while the chart's PrometheusRule is on."""
+    objective = ("--set", "env.PORTAL_SYNC_FRESHNESS_OBJECTIVE_SECONDS=120")
+    refused = template(helm, *VALUES["production"], "--set", "prometheusRule.enabled=true",
+                       *objective)  # fmt: skip
+    assert refused.returncode != 0 and "--objective 120" in refused.stderr, refused.stderr
+    render(helm, *VALUES["production"], "--set", "prometheusRule.enabled=false", *objective)
+    same = ("--set", "env.PORTAL_SYNC_FRESHNESS_OBJECTIVE_SECONDS=60")
+    render(helm, *VALUES["production"], "--set", "prometheusRule.enabled=true", *same)
+
+
 def test_without_the_lag_exporter_its_absence_is_no_alert(
     helm: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
