@@ -219,6 +219,8 @@ class LagReader:
             stored = self._store_offsets()
             if stored is not None:
                 result[own] = stored
+            else:  # Kafka's copy stands in: the store's offsets, and their topics, unread
+                self.moved = set()
         return {group: offsets for group, offsets in result.items() if offsets}
 
     def _store_offsets(self) -> dict[TP, int] | None:

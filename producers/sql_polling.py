@@ -163,7 +163,8 @@ class SqlSourceConfig(SqlMapping):
 @dataclass
 class CursorState:
     """Durable position of one adapter: high-water (updated_at, pk), rows seen behind it and,
-    on PostgreSQL, the xmin (xid8) of the snapshot of the last complete poll."""
+    on PostgreSQL, the xmin (xid8) of the snapshot of the last complete poll (of a first
+    poll from its first page on: `SqlPollingAdapter.pages`)."""
 
     updated_at: str | None = None
     pk: Any = None
@@ -393,8 +394,10 @@ class SqlPollingAdapter:
 
     def pages(self, state: CursorState) -> Iterator[list[SourceChange | RejectedRow]]:
         """Pages of new or changed rows; the caller publishes each page and then calls
-        `remember` (which advances the high-water mark) before it asks for the next. Once
-        every page was taken, a PostgreSQL poll records its snapshot's xmin in `state`."""
+        `remember` (which advances the high-water mark) before it asks for the next. A
+        PostgreSQL poll records its snapshot's xmin in `state` once every page was taken;
+        a first poll (or a lookback state's first, once its window is read) before the
+        pages it may be stopped between."""
         if self._unplaced is None:  # once a process: a count by the column's index
             unplaced = self.rows_without_cursor_time()
             if unplaced:

@@ -906,14 +906,15 @@ class Store:
             conn.execute(insert(access_log), rows)
 
     def access_entries(
-        self, since: datetime | None = None, operator: str | None = None
+        self, since: datetime | None = None, operators: Collection[str] | None = None
     ) -> list[dict[str, Any]]:
-        """The access log, oldest first; from `since` on, of one `operator`."""
+        """The access log, oldest first; from `since` on, of the `operators` (one person's
+        names, as written)."""
         query = select(access_log).order_by(access_log.c.id)
         if since is not None:
             query = query.where(access_log.c.accessed_at >= since)
-        if operator is not None:
-            query = query.where(access_log.c.operator == operator)
+        if operators is not None:
+            query = query.where(access_log.c.operator.in_(sorted(set(operators))))
         with translated(), self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 

@@ -34,8 +34,13 @@ def access_log(
     target = Store(Settings.from_flags(store=store).store_url)
     try:
         target.require_schema()
-        name = unicodedata.normalize("NFC", operator) if operator else None  # as recorded
-        rows = target.access_entries(parse_time(since), name)
+        # Recorded in NFC; earlier releases recorded a name as typed (NFD from some terminals).
+        names = (
+            {operator, *(unicodedata.normalize(form, operator) for form in ("NFC", "NFD"))}
+            if operator
+            else None
+        )
+        rows = target.access_entries(parse_time(since), names)
     finally:
         target.close()
     if as_json:

@@ -184,10 +184,16 @@ def test_an_operator_s_name_is_one_whatever_its_unicode_form(url: str) -> None:
     result = run_cli("show", "citizen", CITIZEN, "--store", url, "--reason", "ticket 4",
                      "--operator", decomposed)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    store = Store(url)  # an earlier release recorded the name as typed
+    store.log_access(decomposed, "show", "ticket 5", [("citizen", None)])
+    store.close()
     for name in (composed, decomposed):
         found = run_cli("access-log", "--store", url, "--operator", name, "--json")
         rows = [json.loads(line) for line in found.stdout.splitlines()]
-        assert [(r["operator"], r["reason"]) for r in rows] == [(composed, "ticket 4")], name
+        assert [(r["operator"], r["reason"]) for r in rows] == [
+            (composed, "ticket 4"),
+            (decomposed, "ticket 5"),
+        ], name
 
 
 def test_the_operator_is_the_os_user_not_the_environment(url: str) -> None:

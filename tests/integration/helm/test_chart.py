@@ -337,6 +337,11 @@ def test_another_freshness_objective_is_refused_with_the_shipped_rules(
     render(helm, *VALUES["production"], "--set", "prometheusRule.enabled=false", *objective)
     same = ("--set", "env.PORTAL_SYNC_FRESHNESS_OBJECTIVE_SECONDS=60")
     render(helm, *VALUES["production"], "--set", "prometheusRule.enabled=true", *same)
+    # the worker's own env wins (the worker is the process that reads it)
+    worker = ("--set", "worker.env.PORTAL_SYNC_FRESHNESS_OBJECTIVE_SECONDS=120")
+    refused = template(helm, *VALUES["production"], "--set", "prometheusRule.enabled=true",
+                       *same, *worker)  # fmt: skip
+    assert refused.returncode != 0 and "--objective 120" in refused.stderr, refused.stderr
 
 
 def test_without_the_lag_exporter_its_absence_is_no_alert(

@@ -586,7 +586,18 @@ def test_a_change_topic_created_again_past_the_store_stops_the_worker_by_its_id(
     assert store.all_offsets() == {(topic, 0): 20}
     assert store.topic_ids()[topic] == first_id
     # The lag: the whole new log, and STOP (read against its end, the store's 20 made it 5).
-    assert _own_lag(settings, topic) == [(0, 0, 25, Status.STOP)]
+    reader = LagReader(settings.connection(), settings.topics(), settings.group_id,
+                       settings.store_url, filters=Filters(topic=re.escape(topic)))  # fmt: skip
+    try:
+        own = {g.group: g for g in reader.read()}[settings.group_id]
+        assert [(p.committed, p.end, p.status) for p in own.partitions] == [(0, 25, Status.STOP)]
+        assert reader.moved == {topic}
+        # The store unreadable: Kafka's copy stands in, and no STOP of the store's is kept.
+        reader._store = Store("postgresql+psycopg://u:p@127.0.0.1:1/db?connect_timeout=2")
+        reader.read()
+        assert reader.moved == set()
+    finally:
+        reader.close()
 
     # The plan counts the new log from its start: the store's 20 are of the earlier one.
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
