@@ -25,7 +25,7 @@ text (`json` on PostgreSQL), so every other reader of the store is unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,16 +94,19 @@ def _view_json(data: Any) -> str | None:
     return None if encoded is None else encoded.decode()
 
 
-def _history_row(row: Mapping[str, Any], applied_at: Any) -> tuple[Any, ...]:
+def _history_row(
+    row: Mapping[str, Any], applied_at: Any, json: Callable[[Any], Any] = _json
+) -> tuple[Any, ...]:
     """A history entry's values in the order of both backends' statements (entity, key,
-    event id, source, version, changes as JSON, applied at in the backend's form)."""
+    event id, source, version, changes as JSON by `json`, applied at in the backend's
+    form)."""
     return (
         row["entity"],
         row["key"],
         row["event_id"],
         row["source"],
         row["version"],
-        _json(row["changes"]),
+        json(row["changes"]),
         applied_at,
     )
 
@@ -313,9 +316,10 @@ COPY_HISTORY_SQL = (
     "COPY record_history (entity, key, event_id, source, version, changes, applied_at)"
     " FROM STDIN (FORMAT BINARY)"
 )
-# `changes` goes as text: json's binary form is its text (psycopg's json dumper would
-# encode the string again).
-HISTORY_TYPES = ["text", "text", "text", "text", "int8", "text", "timestamp"]
+# `changes` goes as orjson's UTF-8 bytes, dumped as they are (`bytea`'s binary dumper): a
+# binary `COPY` sends each field's bytes and the server reads them as the column's type, and
+# json's binary form is its text. Neither decoded to `str` here nor encoded back by psycopg.
+HISTORY_TYPES = ["text", "text", "text", "text", "int8", "bytea", "timestamp"]
 PARTITION_LOCK = "#partition:"  # no entity's name starts so: no record's lock is a partition's
 LOCK_SQL = (
     "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0)"
@@ -658,7 +662,7 @@ class PostgresBatchIO(BatchIO):
                 if r["applied_at"] is not last:  # a batch's rows share its `now`
                     last = r["applied_at"]
                     naive = _naive(last)
-                write(_history_row(r, naive))
+                write(_history_row(r, naive, _json_utf8))
 
     def add_anomalies(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
