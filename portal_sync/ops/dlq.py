@@ -315,18 +315,37 @@ class CaughtUp:
             if self.deadline is None:
                 self.deadline = time.monotonic() + self.wait
             end = self.ends[place[0]].get(place, 0)
+            last: int | None = None
+            still_since, settled = time.monotonic(), False
             while True:
                 applied = self.store.stored_offsets([place]).get(place)
-                if (applied or 0) >= end or time.monotonic() >= self.deadline:
+                now = time.monotonic()
+                if (applied or 0) >= end or now >= self.deadline:
                     break
+                if applied != last:
+                    last, still_since = applied, now
+                elif applied is not None and now - still_since >= SETTLED_AFTER_SECONDS:
+                    # The store's offset stays put before the end: a log that ends in a
+                    # transaction's marker (exactly-once writers) is applied with its last
+                    # event, one before its end; the whole wait was spent on every such
+                    # partition before it was asked.
+                    settled = _nothing_before(self.settings, place, applied, end)
+                    if settled:
+                        break
+                    still_since = now
                 time.sleep(0.25)
             if applied is None:  # none applied: from the log's start
                 with admin.cluster(self.settings.connection()) as c:
                     applied = c.beginning_offsets([place]).get(place, 0)
-            self.known[place] = applied >= end or _nothing_before(
-                self.settings, place, applied, end
+            self.known[place] = (
+                settled or applied >= end or _nothing_before(self.settings, place, applied, end)
             )
         return self.known[place]
+
+
+# How long the store's offset of a partition stays put before the redrive asks whether
+# anything committed is left before the log's end (one read of the topic each time).
+SETTLED_AFTER_SECONDS = 1.0
 
 
 def _nothing_before(settings: Settings, place: tuple[str, int], start: int, end: int) -> bool:
