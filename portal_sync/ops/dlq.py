@@ -316,6 +316,7 @@ class CaughtUp:
                 self.deadline = time.monotonic() + self.wait
             end = self.ends[place[0]].get(place, 0)
             last: int | None = None
+            asked: int | None = None  # the store's offset last asked at, and answered no
             still_since, settled = time.monotonic(), False
             while True:
                 applied = self.store.stored_offsets([place]).get(place)
@@ -324,15 +325,22 @@ class CaughtUp:
                     break
                 if applied != last:
                     last, still_since = applied, now
-                elif applied is not None and now - still_since >= SETTLED_AFTER_SECONDS:
+                elif (
+                    applied is not None
+                    and applied != asked
+                    and now - still_since >= SETTLED_AFTER_SECONDS
+                ):
                     # The store's offset stays put before the end: a log that ends in a
-                    # transaction's marker (exactly-once writers) is applied with its last
-                    # event, one before its end; the whole wait was spent on every such
-                    # partition before it was asked.
+                    # transaction's markers (exactly-once writers) or aborted events is
+                    # applied with its last event, before its end; the whole wait was
+                    # spent on every such partition before it was asked. Asked once per
+                    # store offset (a read of the topic each time): no is no while the
+                    # worker stands still, but for a transaction still open, asked again
+                    # at the end of the wait.
                     settled = _nothing_before(self.settings, place, applied, end)
                     if settled:
                         break
-                    still_since = now
+                    asked = applied
                 time.sleep(0.25)
             if applied is None:  # none applied: from the log's start
                 with admin.cluster(self.settings.connection()) as c:
@@ -374,7 +382,7 @@ def redrive(
     A re-driven event becomes the last of its compaction key: never one older than what
     the store holds, nor than what this run already sent of the key (superseded), nor
     while its partition has events the worker has not applied yet (held back: `CaughtUp`,
-    waiting up to `wait` seconds per partition). What a source sends of the same key while
+    waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way."""
     summary = RedriveSummary()
     topics = settings.topics()

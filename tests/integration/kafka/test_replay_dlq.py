@@ -740,7 +740,7 @@ def test_a_redrive_never_sends_a_key_s_older_version_last(
     newer = [e | {"source": "province-48"} for e in by_version[3]]
     _published(settings, tmp_path, newer)  # not applied yet: no worker runs
     ends = sum(end_offsets(settings).values())
-    held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "1")
+    held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "3")
     said = " ".join(held.stdout.split())
     assert held.returncode == 1, said + held.stderr
     assert f"already re-driven {2 * keys}," in said, said  # province-79's, recorded
@@ -781,7 +781,7 @@ def test_a_redrive_holds_back_a_letter_whose_partition_an_open_transaction_holds
     writer.send(topic, key=b"citizen:001090000009:province-01", value=b"{}", partition=0)
     writer.flush()
     try:
-        held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "1")
+        held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source", "--wait", "3")
         said = " ".join(held.stdout.split())
         assert held.returncode == 1, said + held.stderr
         assert "held back 1: the worker has not applied" in said, said
