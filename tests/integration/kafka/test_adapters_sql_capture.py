@@ -376,6 +376,22 @@ def stopped_after_its_first_page(poller: Poller) -> list[Record]:
     return records
 
 
+def late_row_captured_after_a_stop(source: Source, poller: Poller, late_at: datetime) -> None:
+    """A transaction holds row 5 (at `late_at`) open while rows 6-8 are committed; the
+    poll stops after its first page (6, 7). Once the transaction commits, the next poll
+    sends the late row and row 8, and the one after nothing."""
+    held = source.engine.connect()
+    transaction = held.begin()
+    held.execute(insert(cong_dan).values(**row(5, "Late", late_at)))
+    for n in range(6, 9):
+        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
+    assert [r.key for r in stopped_after_its_first_page(poller)] == [pid(6), pid(7)]
+    transaction.commit()
+    held.close()
+    assert names(poller.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
+    assert poller.poll() == []
+
+
 def test_a_first_poll_stopped_between_pages_still_captures_a_late_row_once(
     postgres_url: str, tmp_path: Path, engines: list[Engine], pollers: list[Poller]
 ) -> None:
@@ -384,17 +400,8 @@ def test_a_first_poll_stopped_between_pages_still_captures_a_late_row_once(
     for a state of lookback capture. A row a transaction open meanwhile wrote further back
     than the window was never read."""
     source = Source(postgres_url, engines)
-    held = source.engine.connect()
-    transaction = held.begin()
-    held.execute(insert(cong_dan).values(**row(5, "Late", T0)))
-    for n in range(6, 9):
-        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
     poller = poller_of(pollers, citizens(tmp_path, postgres_url, batch=2))
-    assert [r.key for r in stopped_after_its_first_page(poller)] == [pid(6), pid(7)]
-    transaction.commit()
-    held.close()
-    assert names(poller.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
-    assert poller.poll() == []
+    late_row_captured_after_a_stop(source, poller, T0)
 
 
 def test_a_lookback_state_s_first_snapshot_poll_stopped_past_its_window_captures_a_late_row(
@@ -406,18 +413,9 @@ def test_a_lookback_state_s_first_snapshot_poll_stopped_past_its_window_captures
     source.insert(1, "An", T0)
     before = poller_of(pollers, citizens(tmp_path, postgres_url, capture="lookback"))
     assert len(before.poll()) == 1
-    held = source.engine.connect()
-    transaction = held.begin()
-    held.execute(insert(cong_dan).values(**row(5, "Late", T0 - timedelta(minutes=10))))
-    for n in range(6, 9):
-        source.insert(n, f"Người {n}", T0 + timedelta(minutes=n))
     after = poller_of(pollers, citizens(tmp_path, postgres_url, batch=2))
     after.state = before.state
-    assert [r.key for r in stopped_after_its_first_page(after)] == [pid(6), pid(7)]
-    transaction.commit()
-    held.close()
-    assert names(after.poll()) == [(pid(5), "Late"), (pid(8), "Người 8")]
-    assert after.poll() == []
+    late_row_captured_after_a_stop(source, after, T0 - timedelta(minutes=10))
 
 
 def test_a_raised_version_is_never_given_to_other_content_after_a_failed_run(
