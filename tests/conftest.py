@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -24,7 +25,7 @@ from portal_sync.settings import Settings
 IN_CI = bool(os.environ.get("CI"))
 
 
-def _unavailable(what: str, error: Exception) -> None:
+def _unavailable(what: str, error: Exception) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{what} is unavailable in CI: {error}")
     pytest.skip(f"{what} is unavailable: {error}")

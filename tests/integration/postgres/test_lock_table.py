@@ -15,6 +15,7 @@ from sqlalchemy import Table, create_engine, func, select, text
 from consumers.worker import LOCK_TABLE_BATCHES, _check_lock_capacity
 from store.core import LOCK_TABLE_FULL, Store, StoreUnavailable
 from store.tables import applied_offsets, records
+from tests.conftest import _unavailable
 from tests.support.postgres_server import PostgresUnavailable, start_postgres
 from tests.support.store_helpers import Feed, event
 
@@ -26,7 +27,7 @@ def small_lock_table() -> Iterator[str]:
             settings={"max_locks_per_transaction": "10", "max_connections": "20"}
         )
     except PostgresUnavailable as error:
-        pytest.skip(str(error))
+        _unavailable("PostgreSQL", error)
     try:
         engine = create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from store import Store, StoreUnavailable
-from tests.conftest import IN_CI
+from tests.conftest import _unavailable
 from tests.support.certificates import issue, make_authority
 from tests.support.postgres_server import PostgresServer, PostgresUnavailable, start_postgres
 
@@ -26,9 +26,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Postg
     try:
         server = start_postgres(tls=(server_cert.cert, server_cert.key))
     except (PostgresUnavailable, OSError) as error:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is unavailable in CI: {error}")
-        pytest.skip(f"PostgreSQL is unavailable: {error}")
+        _unavailable("PostgreSQL", error)
     yield server, authority.path
     server.stop()
 
