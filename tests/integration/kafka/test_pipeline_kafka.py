@@ -187,15 +187,17 @@ def test_worker_killed_with_sigkill_loses_nothing_and_applies_nothing_twice(
     rng = random.Random(11)
     store = Store(settings.store_url)
     store.create_schema()
-    kills = 0
-    for _ in range(3):
+    for kill in range(1, 4):
         worker = start_worker(settings, PORTAL_SYNC_BATCH_MAX_EVENTS="150")
-        if _wait_some_progress(store, worker, applied_at_least=(kills + 1) * 1500):
-            time.sleep(rng.uniform(0.0, 0.7))
-            worker.send_signal(signal.SIGKILL)
-            kills += 1
-        worker.wait(timeout=30)
-    assert kills >= 1, "the worker finished before it could be killed: use more events"
+        if not _wait_some_progress(store, worker, applied_at_least=kill * 1500):
+            worker.kill()
+            pytest.fail(f"no progress before kill {kill}: {worker.communicate()[0][-3000:]}")
+        time.sleep(rng.uniform(0.0, 0.7))
+        assert worker.poll() is None, "the worker stopped before it was killed"
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+    # Each kill came while work was left: the last before the last event was applied.
+    assert sum(store.all_offsets().values()) < sum(ends.values())
     final = start_worker(settings, "--until-caught-up")
     assert final.wait(timeout=300) == 0, final.stdout.read() if final.stdout else ""
 
