@@ -47,6 +47,7 @@ import threading
 import time
 import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -306,20 +307,25 @@ def encode(event: dict[str, Any]) -> tuple[bytes, bytes]:
 class Expected:
     export: list[dict[str, Any]]
     valid: list[Any]
-    invalid: int
+    letters: Counter[tuple[str, bytes]]  # (reason code, message) of each invalid event
+
+    @property
+    def invalid(self) -> int:
+        return sum(self.letters.values())
 
     @classmethod
     def of(cls, events: list[dict[str, Any]]) -> Expected:
-        valid, invalid = [], 0
+        valid, letters = [], Counter[tuple[str, bytes]]()
         for event in events:
+            value = encode(event)[1]
             try:
-                valid.append(parse_event(encode(event)[1]).event)
-            except InvalidEvent:
-                invalid += 1
+                valid.append(parse_event(value).event)
+            except InvalidEvent as error:
+                letters[(error.code, value)] += 1
         merged = merge_events(valid, Authority.load(None))
         export = [{"entity": e, "key": k, "data": r.data, "sources": r.sources}
                   for (e, k), r in sorted(merged.items())]  # fmt: skip
-        return cls(export, valid, invalid)
+        return cls(export, valid, letters)
 
 
 def exported(store_url: str) -> list[dict[str, Any]]:
@@ -474,8 +480,34 @@ def end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], 
         consumer.close()
 
 
-def dead_letters(settings: Settings) -> int:
-    return sum(end_offsets(settings, [dead_letter_topic(settings)]).values())
+def dead_letters(settings: Settings) -> dict[tuple[str, int], int]:
+    """The dead-letter topic's end offsets."""
+    return end_offsets(settings, [dead_letter_topic(settings)])
+
+
+def letters_since(
+    settings: Settings, since: dict[tuple[str, int], int]
+) -> Counter[tuple[str, bytes]]:
+    """(reason code, message) of each dead letter from the offsets `since` (missing: 0) to
+    the end."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    try:
+        ends = {TopicPartition(t, p): o for (t, p), o in dead_letters(settings).items()}
+        consumer.assign(list(ends))
+        for tp in ends:
+            consumer.seek(tp, since.get((tp.topic, tp.partition), 0))
+        found = Counter[tuple[str, bytes]]()
+        deadline = time.monotonic() + 120
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the dead-letter topic could not be read to its end")
+            for tp, batch in consumer.poll(timeout_ms=1000).items():
+                for r in batch:
+                    if r.offset < ends[tp]:
+                        found[(dict(r.headers)["ps.reason.code"].decode(), r.value)] += 1
+        return found
+    finally:
+        consumer.close()
 
 
 def worker_command(settings: Settings, until_caught_up: bool) -> list[str]:
@@ -621,7 +653,7 @@ class Result:
 
 def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends: dict[Any, int],
               args: argparse.Namespace, label: str, workers: int = 1,
-              dead_base: int | None = None) -> Result:  # fmt: skip
+              dead_base: dict[tuple[str, int], int] | None = None) -> Result:  # fmt: skip
     """Drain the published topics with `workers` CLI workers; time it; check the store
     (unless `expected` is None). Dead letters are counted from `dead_base` (default: the
     count before this run)."""
@@ -709,9 +741,16 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
     store = exported(settings.store_url)
     if store != expected.export:
         problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
-    dead = dead_letters(settings) - dead_before
-    if dead != expected.invalid:
-        problems.append(f"dead letters {dead} != invalid {expected.invalid}")
+    letters = letters_since(settings, dead_before)
+    dead = sum(letters.values())
+    if letters != expected.letters:
+        missing, extra = expected.letters - letters, letters - expected.letters
+        problems.append(
+            f"dead letters {dead}, invalid {expected.invalid}: {sum(missing.values())} missing "
+            f"({sorted(Counter(code for code, _ in missing.elements()).items())}), "
+            f"{sum(extra.values())} unexpected "
+            f"({sorted(Counter(code for code, _ in extra.elements()).items())})"
+        )
     note = (
         "; ".join(problems)
         or f"store = pure merge ({len(store)} records; store digest "
@@ -1105,7 +1144,7 @@ def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
                 if args.check_each or step + args.step >= args.records
                 else None
             )
-            result = run_drain(infra, settings, expected, ends, args, f"flat-{step}", dead_base=0)
+            result = run_drain(infra, settings, expected, ends, args, f"flat-{step}", dead_base={})
             if expected is not None:
                 ok = ok and result.ok
             before, step_records = step_records, _count(store)
