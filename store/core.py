@@ -227,13 +227,19 @@ class Freshness:
     last_applied: datetime
 
 
-def create_store_engine(url: str) -> Engine:
-    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN.
-    Statement parameters are personal data: never in errors or SQL logging
-    (`hide_parameters`), whatever the backend."""
+# How long a statement waits for another connection's lock on a SQLite store before it
+# fails as StoreUnavailable. SQLite waits inside the call, where nothing else can stop it:
+# the worker waits less (`Store(lock_wait=…)`), and retries, so that a stop is seen.
+SQLITE_LOCK_WAIT_SECONDS = 60.0
+
+
+def create_store_engine(url: str, lock_wait: float = SQLITE_LOCK_WAIT_SECONDS) -> Engine:
+    """An engine for the store; SQLite gets WAL, writer transactions that lock at BEGIN and
+    `lock_wait` seconds to wait for a lock. Statement parameters are personal data: never
+    in errors or SQL logging (`hide_parameters`), whatever the backend."""
     if url.startswith("sqlite"):
         _make_parent_dir(url)
-        engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
+        engine = create_engine(url, connect_args={"timeout": lock_wait}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -289,9 +295,9 @@ def _make_parent_dir(url: str) -> None:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lock_wait: float = SQLITE_LOCK_WAIT_SECONDS) -> None:
         self.url = url
-        self.engine = create_store_engine(url)
+        self.engine = create_store_engine(url, lock_wait)
 
     def create_schema(self) -> None:
         """Create a new store at the newest schema revision (an old one must be upgraded)."""

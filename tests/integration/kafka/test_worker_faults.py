@@ -8,11 +8,13 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from consumers.merge import Authority
 from schemas import message_key
 from schemas.dead_letter import read_headers
 from store import OffsetGap, Store
+from tests.conftest import _unavailable
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import (
     change_topic,
@@ -43,6 +46,7 @@ from tests.support.pipeline_helpers import (
     start_worker,
     write_jsonl,
 )
+from tests.support.postgres_server import PostgresUnavailable, start_postgres
 from tests.support.store_helpers import checked_list, event
 from transport import admin
 from transport.local import free_port
@@ -337,10 +341,11 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
     assert ranges[-1][1] == sum(end_offsets(settings).values())
 
 
-def test_sigterm_stops_a_worker_that_waits_for_an_unreachable_store(
+def test_sigterm_stops_a_worker_that_waits_for_the_dead_letter_topic(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Finding 2 (SIGTERM ignored): a worker retrying a batch stops within 10 s."""
+    """Finding 2 (SIGTERM ignored): a worker retrying a batch's dead letter stops within
+    10 s, and cleanly."""
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
     Store(settings.store_url).create_schema()
@@ -358,6 +363,63 @@ def test_sigterm_stops_a_worker_that_waits_for_an_unreachable_store(
         _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
               "the worker to wait for the dead-letter topic")  # fmt: skip
         assert _stop(worker, timeout=15) < 10
+        assert worker.returncode == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def test_sigterm_stops_a_worker_that_waits_for_a_stopped_store(settings_for: Any) -> None:
+    """A worker retrying a batch against a PostgreSQL server stopped under it (immediate
+    shutdown) stops within 10 s of SIGTERM, and cleanly."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as error:
+        _unavailable("PostgreSQL", error)
+    try:
+        settings = settings_for(server.url("postgres"))
+        pg_ctl = [*server.prefix, str(server.bindir / "pg_ctl"), "-D", str(server.root / "data")]
+
+        def stop_the_server() -> None:
+            subprocess.run(
+                [*pg_ctl, "-m", "immediate", "-w", "stop"], check=True, capture_output=True
+            )
+
+        _sigterm_while_the_store_is_away(settings, stop_the_server)
+    finally:
+        server.stop()
+
+
+def test_sigterm_stops_a_worker_that_waits_for_a_locked_sqlite_store(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """An operator's write transaction holds a SQLite store: the worker's batch waits for
+    it a few seconds at a time (it waited a minute inside SQLite, SIGTERM unseen, and took
+    55 s to stop), and a SIGTERM stops it within 10 s, cleanly."""
+    settings = settings_for(sqlite_store_url)
+    holder = sqlite3.connect(sqlite_store_url.split("///", 1)[1], isolation_level=None)
+    try:
+        _sigterm_while_the_store_is_away(settings, lambda: holder.execute("BEGIN EXCLUSIVE"))
+    finally:
+        holder.close()
+
+
+def _sigterm_while_the_store_is_away(settings: Any, away: Callable[[], object]) -> None:
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    store.close()
+    port = free_port()
+    worker = start_worker(settings, "--metrics-port", str(port))
+    try:
+        _wait(lambda: _probe(port, "/readyz") == 200, 90, "the worker to be ready")
+        away()
+        _publish(settings, citizen_events(5, 1, seed=37))
+        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+              "the worker to retry against the store")  # fmt: skip
+        time.sleep(1.5)  # past the first retry's backoff (0.5 s): waiting for the store again
+        assert _stop(worker, timeout=90) < 10
+        assert worker.returncode == 0
     finally:
         if worker.poll() is None:
             worker.kill()
