@@ -126,11 +126,13 @@ def test_no_personal_id_or_name_reaches_logs_dead_letter_headers_or_metrics(
         ensure_topics(settings)
         _wait(lambda: _caught_up(settings), 120, "the worker to catch up")
         metrics.append(_metrics(port))
+        # Fault 2: killed with work left (an event the store refuses, just published), then
+        # restarted: the new worker isolates it and dead-letters it.
+        _publish(settings, [valid_message("refused by the store", REFUSED)])
     finally:
-        worker.send_signal(signal.SIGKILL)  # fault 2: killed, then restarted
+        worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
 
-    _publish(settings, [valid_message("refused by the store", REFUSED)])
     port = free_port()
     worker = _start(settings, logs[1], output, port)
     try:
