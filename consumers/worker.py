@@ -69,9 +69,10 @@ from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
-# A batch waits this long for a SQLite store locked by another writer (an operator's
-# command) before it retries: a SIGTERM is seen between two waits, not after a minute.
-SQLITE_LOCK_WAIT_SECONDS = 5.0
+# A batch waits this long for a lock another session holds on the store (an operator's
+# command or transaction, a schema upgrade) before it retries: a SIGTERM is seen between
+# two waits, not after SQLite's minute or never on PostgreSQL.
+STORE_LOCK_WAIT_SECONDS = 5.0
 # `worker --until-caught-up`: how often one partition whose offset stays put is asked whether
 # anything is left before its target (a read of the topic each time).
 SETTLE_EVERY_SECONDS = 10.0
@@ -489,7 +490,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         signal.signal(sig, lambda _signum, _frame: early_stop.set())
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
-    store = Store(config.store_url, lock_wait=SQLITE_LOCK_WAIT_SECONDS)
+    store = Store(config.store_url, lock_wait=STORE_LOCK_WAIT_SECONDS)
     store.create_schema()
     _check_lock_capacity(store, config.batch_max_events)
     registry, authority = load_rules(config.registry_file, config.authority_file)

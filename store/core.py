@@ -228,18 +228,21 @@ class Freshness:
 
 
 # How long a statement waits for another connection's lock on a SQLite store before it
-# fails as StoreUnavailable. SQLite waits inside the call, where nothing else can stop it:
-# the worker waits less (`Store(lock_wait=…)`), and retries, so that a stop is seen.
+# fails as StoreUnavailable (PostgreSQL's default: no limit). A statement waits inside the
+# driver's call, where nothing else can stop it: the worker gives both a short
+# `lock_wait` and retries, so that a stop is seen whoever holds a lock.
 SQLITE_LOCK_WAIT_SECONDS = 60.0
 
 
-def create_store_engine(url: str, lock_wait: float = SQLITE_LOCK_WAIT_SECONDS) -> Engine:
-    """An engine for the store; SQLite gets WAL, writer transactions that lock at BEGIN and
-    `lock_wait` seconds to wait for a lock. Statement parameters are personal data: never
-    in errors or SQL logging (`hide_parameters`), whatever the backend."""
+def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
+    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN;
+    `lock_wait`: seconds a statement waits for a lock (SQLite's `timeout`, PostgreSQL's
+    `lock_timeout`). Statement parameters are personal data: never in errors or SQL
+    logging (`hide_parameters`), whatever the backend."""
     if url.startswith("sqlite"):
         _make_parent_dir(url)
-        engine = create_engine(url, connect_args={"timeout": lock_wait}, hide_parameters=True)
+        timeout = SQLITE_LOCK_WAIT_SECONDS if lock_wait is None else lock_wait
+        engine = create_engine(url, connect_args={"timeout": timeout}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -270,8 +273,13 @@ def create_store_engine(url: str, lock_wait: float = SQLITE_LOCK_WAIT_SECONDS) -
     # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
     from sqlalchemy.engine import make_url
 
-    given = "connect_timeout" in make_url(url).query or os.environ.get("PGCONNECT_TIMEOUT")
-    connect_args = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    query = make_url(url).query
+    given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
+    connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    if lock_wait is not None:  # added to the URL's or PGOPTIONS' own server options
+        options = query.get("options", os.environ.get("PGOPTIONS", ""))
+        own = options if isinstance(options, str) else " ".join(options)
+        connect_args["options"] = f"{own} -c lock_timeout={round(lock_wait * 1000)}".strip()
     return create_engine(
         url,
         pool_pre_ping=True,
@@ -295,7 +303,7 @@ def _make_parent_dir(url: str) -> None:
 
 
 class Store:
-    def __init__(self, url: str, lock_wait: float = SQLITE_LOCK_WAIT_SECONDS) -> None:
+    def __init__(self, url: str, lock_wait: float | None = None) -> None:
         self.url = url
         self.engine = create_store_engine(url, lock_wait)
 

@@ -404,6 +404,24 @@ def test_sigterm_stops_a_worker_that_waits_for_a_locked_sqlite_store(
         holder.close()
 
 
+def test_sigterm_stops_a_worker_that_waits_for_a_lock_on_a_postgresql_store(
+    settings_for: Any, postgres_store_url: str
+) -> None:
+    """An operator's transaction holds a lock the worker's batch needs (here the offsets'
+    table): the batch waits for it 5 s at a time (it waited for ever, SIGTERM unseen), and
+    a SIGTERM stops the worker within 10 s, cleanly."""
+    settings = settings_for(postgres_store_url)
+    engine = create_engine(postgres_store_url)
+    holder = engine.connect()
+    try:
+        lock = text("LOCK TABLE applied_offsets IN ACCESS EXCLUSIVE MODE")
+        _sigterm_while_the_store_is_away(settings, lambda: holder.execute(lock))
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
+
+
 def _sigterm_while_the_store_is_away(settings: Any, away: Callable[[], object]) -> None:
     ensure_topics(settings)
     store = Store(settings.store_url)
