@@ -109,7 +109,7 @@ def replay(
                           from_offset, to_offset)  # fmt: skip
     target = Store(settings.store_url)
     target.require_schema()  # the live store: one without it is another database
-    guard_rules(target, settings, rules_mismatch_ok)
+    guard_rules(target, settings, rules_mismatch_ok, applies_events=True)
     replayed = {e for e in ENTITIES if names.change_topic(e) in topics}
     undone = purge_warning(purges_after(target, selection.since, source, replayed))
     if undone:  # on stderr: --json keeps stdout for the summary
@@ -239,7 +239,7 @@ def rebuild(
     reference_key = live_settings.reference_key()
     live = Store(live_settings.store_url)
     try:
-        guard_rules(live, live_settings, rules_mismatch_ok)
+        guard_rules(live, live_settings, rules_mismatch_ok, applies_events=True)
         purged = purges_after(live, None)
     finally:
         live.close()

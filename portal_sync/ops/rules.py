@@ -14,15 +14,30 @@ class RulesMismatch(Refused):
     """The operation's registry or authority differs from the one the worker runs with."""
 
 
-def guard_rules(store: Store, settings: Settings, mismatch_ok: bool = False) -> None:
+def guard_rules(
+    store: Store, settings: Settings, mismatch_ok: bool = False, applies_events: bool = False
+) -> None:
     """Refuse unless the settings' rules are those the store's worker recorded (a store
-    no worker has run on has nothing to compare with)."""
+    no worker has run on has nothing to compare with). An operation that `applies_events`
+    (replay, rebuild) is refused without a registry where the worker has one, even with
+    `mismatch_ok`: development mode checks no signature, source or write scope, and the
+    change topics keep the events the worker refused for those."""
     recorded = store.meta(RULES_FINGERPRINT)
-    if recorded is None or mismatch_ok:
+    if recorded is None:
+        return
+    theirs = store.meta(RULES_FILES) or "unknown files"
+    unchecked = rules_files(None, None).split(",")[0]  # "registry (none)"
+    if applies_events and settings.registry is None and not theirs.startswith(unchecked):
+        raise RulesMismatch(
+            "this command runs without a registry (development mode: no signature, source "
+            f"or write-scope check), but the worker of this store runs with {theirs}: set "
+            "PORTAL_SYNC_REGISTRY as the worker has it (--rules-mismatch-ok does not stand in "
+            "for a registry)"
+        )
+    if mismatch_ok:
         return
     mine = rules_fingerprint(settings.registry, settings.authority_file)
     if mine != recorded:
-        theirs = store.meta(RULES_FILES) or "unknown files"
         raise RulesMismatch(
             f"this command runs with {rules_files(settings.registry, settings.authority_file)}"
             f", but the worker of this store runs with {theirs} (other content): set "

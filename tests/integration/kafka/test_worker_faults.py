@@ -737,6 +737,14 @@ def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     rebuild = cli(settings, "rebuild", "--store", rebuilt)
     assert rebuild.returncode == 1 and "--rules-mismatch-ok" in rebuild.stderr
 
+    # Without a registry, events the worker refused (unsigned, unregistered, out of
+    # scope) would be applied: replay and rebuild refuse it whatever the flag says.
+    for command in (("replay", "--since", "1h"), ("rebuild", "--store", rebuilt)):
+        unchecked = cli(settings, *command, "--rules-mismatch-ok")
+        assert unchecked.returncode == 1, unchecked.stdout + unchecked.stderr
+        assert "without a registry" in unchecked.stderr
+    assert exported(settings) == before
+
     dry = cli(settings, "remerge", "--dry-run", "--rules-mismatch-ok")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "would change" in dry.stdout
