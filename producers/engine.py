@@ -122,15 +122,20 @@ class AdapterRunner:
         self.stopped_fatally = False
         export_at_zero(adapter.source, adapter.entity)
 
-    def run_once(self) -> RunStats:
-        """Publish everything new at the source now (from the last saved checkpoint)."""
+    def run_once(self, stop: threading.Event | None = None) -> RunStats:
+        """Publish everything new at the source now (from the last saved checkpoint). Once
+        `stop` is set the run ends at the next item, as a finished one (the checkpoints
+        reached saved, everything sent acknowledged); the rest waits for the next run."""
         stats = RunStats()
         produced: Tally[str] = Tally()
         state = load_json_state(self.state_path)
         reached = _Reached()
         due = time.monotonic() + self.checkpoint_interval
+        items = self.adapter.read(state)
         try:
-            for item in self.adapter.read(state):
+            for item in items:
+                if stop is not None and stop.is_set():
+                    break
                 if isinstance(item, Checkpoint):
                     reached.add(item)
                     if item.commit is not None or item.at_once or time.monotonic() >= due:
@@ -151,9 +156,14 @@ class AdapterRunner:
             if reached.count:
                 self._save_on_the_way_out(reached, produced, stats)
             raise
-        if reached.count:
-            self._checkpoint(reached, produced, stats)
-        self._flush()
+        try:
+            if reached.count:
+                self._checkpoint(reached, produced, stats)
+            self._flush()
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # a generator left at a stop ends its reads once saved
+                close()
         self._count(produced)
         self._measure_cursor_lag()
         return stats
@@ -172,7 +182,7 @@ class AdapterRunner:
         """`run_once`, retried with backoff; FatalError is not retried."""
         for attempt in range(1, self.retry.attempts + 1):
             try:
-                return self.run_once()
+                return self.run_once(stop)
             except FatalError:
                 raise
             except Exception as error:

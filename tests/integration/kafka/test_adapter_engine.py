@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
 import urllib.request
@@ -467,3 +468,29 @@ def test_a_commit_that_fails_ends_the_run_once_and_is_not_run_again(
         runner.run_once()
     # saved, cleaned up once (refused), and the run stopped there: not saved or run again
     assert calls == [{"position": 1}]
+
+
+def test_a_stop_ends_a_run_at_the_next_item_with_what_was_reached_saved(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """A SIGTERM (the stop event) during a long run: the run ended only when the source
+    had nothing more to read (a first snapshot: hours). Now it ends at the next item, saves
+    the checkpoints it reached once acknowledged, and the next run goes on from there."""
+    stop = threading.Event()
+
+    class Long(ListAdapter):
+        changes = tuple((f"0010900{n:05d}", 1, {"full_name": "Lê Thị Hoa"}) for n in range(12))
+
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                yield item
+                if isinstance(item, Checkpoint) and item.state == {"position": 5}:
+                    stop.set()  # the signal arrives while the run goes on
+
+    runner = AdapterRunner("long", Long(), publisher, tmp_path, checkpoint_interval=3600.0)
+    stats = runner.run_once(stop)
+    assert stats.published == 5
+    assert load_json_state(runner.state_path) == {"position": 5}
+    assert runner.run_once().published == 7
+    keys = sorted(e["key"] for e in published_events(publisher.settings, "citizen"))
+    assert keys == sorted(key for key, _, _ in Long.changes)
