@@ -185,3 +185,25 @@ class Adapter(ABC):
 
     def rejected(self, origin: str, code: str, message: str) -> None:  # noqa: B027
         """Called for each record of this adapter that went to the dead letters."""
+
+
+# A source database that drops packets held a connection attempt for the kernel's two
+# minutes or more, a run and its stop with it (the store's engine likewise).
+SOURCE_CONNECT_TIMEOUT_SECONDS = 10
+
+
+def source_engine(url: str) -> Any:
+    """A SQLAlchemy engine for a source database: its row values never in errors or SQL
+    logging (`hide_parameters`); on PostgreSQL a connection attempt given up after 10 s,
+    unless the URL (`connect_timeout`) or PGCONNECT_TIMEOUT says otherwise."""
+    import os
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    given = "connect_timeout" in parsed.query or os.environ.get("PGCONNECT_TIMEOUT")
+    if parsed.get_backend_name() == "postgresql" and not given:
+        connect_args["connect_timeout"] = SOURCE_CONNECT_TIMEOUT_SECONDS
+    return create_engine(url, hide_parameters=True, connect_args=connect_args)

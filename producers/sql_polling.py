@@ -51,7 +51,6 @@ from sqlalchemy import (
     Table,
     and_,
     column,
-    create_engine,
     func,
     literal,
     not_,
@@ -70,7 +69,7 @@ from producers.mapping import (
     sorts_in_time_order,
     strptime_pattern,
 )
-from producers.sdk import FatalError, RetriableError
+from producers.sdk import FatalError, RetriableError, source_engine
 from producers.sql_snapshot import (
     XID_LABEL,
     current_xmin_xmax,
@@ -353,7 +352,7 @@ class SqlPollingAdapter:
         self._unplaced: int | None = None  # rows without a cursor time, counted once
         self._horizon: tuple[str | None, str] = (None, "")  # the cursor, its window's start
         # A source row's values are personal data: never in errors or SQL logging.
-        self.engine = create_engine(config.url, hide_parameters=True)
+        self.engine = source_engine(config.url)
         self.table = self._from_clause()
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]

@@ -39,7 +39,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    create_engine,
     delete,
     func,
     select,
@@ -55,6 +54,7 @@ from producers.sdk import (
     Record,
     SkippableRecord,
     State,
+    source_engine,
 )
 from schemas.events import ENTITIES, Entity
 
@@ -103,7 +103,7 @@ class OutboxAdapter(Adapter):
     def _connect(self) -> Table:
         if self._table is None:
             # A source row's values are personal data: never in errors or SQL logging.
-            self._engine = create_engine(self.options.url, hide_parameters=True)
+            self._engine = source_engine(self.options.url)
             # occurred_at is read as the driver returns it, never parsed by SQLAlchemy: one
             # malformed value must become one dead letter, not a failed read of the page.
             raw_time = Column(self.options.occurred_at_column, String)
