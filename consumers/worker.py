@@ -639,7 +639,10 @@ class ReconcilerLoop:
                 if self.stop_event.is_set():
                     return None
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                if self.stop_event.is_set():
+                    return None
                 self.liveness.beat()  # waiting for the store, as a batch does: not stuck
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
 

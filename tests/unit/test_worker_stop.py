@@ -1,0 +1,34 @@
+"""A stop ends the worker's waits for an away store at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from consumers.worker import ReconcilerLoop
+from observability.http import Liveness
+from store import Store
+from transport.local import free_port
+
+
+def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() -> None:
+    """The wait (with backoff to 30 s) runs inside the group's rebalance, which a member's
+    stop waits for: the stop was seen only after the next sleep and read, up to about 40 s
+    late. The store here is a PostgreSQL address nobody listens on: every read fails."""
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.store = Store(f"postgresql+psycopg://portal@127.0.0.1:{free_port()}/none")
+    loop.stop_event = asyncio.Event()
+    loop.liveness = Liveness()
+
+    async def wait() -> tuple[object, float]:
+        asyncio.get_running_loop().call_later(0.8, loop.stop_event.set)  # in the 2nd wait
+        began = time.monotonic()
+        stored = await loop._stored_offsets({("portal.changes.citizen", 0)})
+        return stored, time.monotonic() - began
+
+    try:
+        stored, took = asyncio.run(wait())
+    finally:
+        loop.store.close()
+    assert stored is None
+    assert took < 1.2, took
