@@ -249,6 +249,8 @@ class BatchProcessor:
                 self.health.recovered()
                 return
             except TransientError as error:
+                if self.stopping.is_set():  # a wait that a stop ended (a flush) is no failure
+                    raise Stopping() from None
                 self.health.retrying(type(error).__name__)
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
                 if self.stopping.wait(delay):
@@ -438,7 +440,7 @@ class BatchProcessor:
 
         def acknowledged() -> None:  # called once (a failed flush leaves them unpublished)
             if todo:
-                self.publisher.flush()
+                self.publisher.flush(stop=self.stopping)
                 lettered.update(_origin(d.message) for d in todo)
 
         return acknowledged

@@ -7,10 +7,12 @@ skip a dead letter) only after it returns.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.partitioner import Partitioner
 
 from schemas import CHANGE_EVENT, ChangeEvent, message_key, partition_for
@@ -28,6 +30,22 @@ class PublishError(TransientError):
 def encode_event(event: ChangeEvent) -> bytes:
     """The wire form of an event; unset payload fields stay absent."""
     return CHANGE_EVENT.dump_json(event, exclude_unset=True)
+
+
+def _flush_until(producer: Any, deadline: float, stop: threading.Event | None) -> None:
+    """`producer.flush` by the deadline; with `stop`, in slices of a second that end once
+    it is set (kafka-python waits in the call, where a signal is not seen)."""
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        if stop is None:
+            producer.flush(timeout=remaining)
+            return
+        try:
+            producer.flush(timeout=min(1.0, remaining))
+            return
+        except KafkaTimeoutError:
+            if stop.is_set() or remaining <= 1.0:
+                raise
 
 
 class RecordPartitioner(Partitioner):  # type: ignore[misc]
@@ -190,12 +208,15 @@ class Publisher:
         except KafkaError as error:  # anything but a refusal shows at the flush, as before
             self._refuse_unauthorized(error, topic)
 
-    def flush(self, timeout: float = 60.0) -> int:
-        """Wait for the broker's acknowledgement of everything sent; return how many."""
+    def flush(self, timeout: float = 60.0, stop: threading.Event | None = None) -> int:
+        """Wait for the broker's acknowledgement of everything sent; return how many. With
+        `stop`, the wait ends within a second of it being set (PublishError: what was sent
+        is then unacknowledged, as after a timeout)."""
         try:
-            self._producer.flush(timeout=timeout)
-            if self._letter_producer is not None:
-                self._letter_producer.flush(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            for producer in (self._producer, self._letter_producer):
+                if producer is not None:
+                    _flush_until(producer, deadline, stop)
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
             raise PublishError(f"flush failed: {type(error).__name__}") from None

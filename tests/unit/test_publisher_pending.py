@@ -3,6 +3,8 @@ every send since the last one was acknowledged, whatever was refused in between.
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -64,3 +66,42 @@ def test_a_refused_dead_letter_does_not_forget_an_earlier_failed_send() -> None:
     publisher.send("p.changes.citizen", b"citizen:2:province-79", b"{}")
     with pytest.raises(PublishError):  # no checkpoint may pass the first event
         publisher.flush()
+
+
+class _Unacknowledged:
+    """A broker that takes the sends and never acknowledges them (the partition's replicas
+    away): kafka-python's flush waits out its timeout inside the call."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.waits.append(timeout or 0.0)
+        time.sleep(timeout or 0.0)
+        raise KafkaTimeoutError("Timeout waiting for future")
+
+
+def _waiting_publisher() -> Publisher:
+    publisher = Publisher.__new__(Publisher)
+    publisher._producer = _Unacknowledged()
+    publisher._letter_producer = None
+    publisher._pending, publisher._letters, publisher._refused_letters = [], [], []
+    return publisher
+
+
+def test_a_stop_ends_a_flush_within_a_second() -> None:
+    """The worker waits for a batch's dead letters inside its store transaction: a SIGTERM
+    went unseen for the flush's 60 s (kafka-python's timeout is per batch: longer)."""
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(PublishError):
+        _waiting_publisher().flush(timeout=60.0, stop=stop)
+    assert time.monotonic() - began < 1.5
+
+
+def test_without_a_stop_a_flush_waits_its_whole_timeout_in_one_call() -> None:
+    publisher = _waiting_publisher()
+    with pytest.raises(PublishError):
+        publisher.flush(timeout=0.2)
+    assert publisher._producer.waits == [pytest.approx(0.2, abs=0.01)]
