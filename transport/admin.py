@@ -36,7 +36,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from schemas.errors import Refused
+from schemas.errors import ConfigurationError, Refused
 from transport import clients
 from transport.config import KafkaConnection
 from transport.local_secure import SecureSetup, grants
@@ -179,8 +179,13 @@ class Cluster:
             error_type = for_code(topic["error_code"])
             if error_type.__name__.endswith("AuthorizationFailedError"):
                 refused.append(topic["name"])
+            elif error_type.__name__ in CREATE_REFUSALS:
+                raise ConfigurationError(
+                    f"Kafka would not create the topic {topic['name']}: {error_type.__name__} "
+                    f"({CREATE_REFUSALS[error_type.__name__]})"
+                )
             elif error_type not in (NoError, TopicAlreadyExistsError):
-                raise error_type(topic.get("error_message"))
+                raise clients.translate(error_type(), "create topics", self.connection)
         required = set(missing if needed is None else needed)
         if set(refused) & required:
             raise Refused(
@@ -191,7 +196,10 @@ class Cluster:
             )
         created = [name for name in missing if name not in refused]
         if created:
-            self.admin.wait_for_topics(created, timeout_ms=30_000)
+            try:
+                self.admin.wait_for_topics(created, timeout_ms=30_000)
+            except KafkaError as error:
+                raise clients.translate(error, "wait for new topics", self.connection) from None
         return sorted(created)
 
     # -- security (a secured cluster) -------------------------------------------------------
@@ -474,6 +482,18 @@ class Cluster:
                 return True
             time.sleep(0.2)
         return False
+
+
+# What the cluster answers to a topic it will not create as asked: the settings must change
+# (retrying cannot help).
+CREATE_REFUSALS = {
+    "InvalidReplicationFactorError": "PORTAL_SYNC_REPLICATION_FACTOR is above the brokers "
+    "the cluster has",
+    "InvalidPartitionsError": "PORTAL_SYNC_CHANGE_PARTITIONS must be at least 1",
+    "InvalidConfigurationError": "the cluster refuses a topic setting",
+    "PolicyViolationError": "the cluster's topic creation policy refuses it",
+    "InvalidTopicError": "PORTAL_SYNC_TOPIC_PREFIX makes an invalid topic name",
+}
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
 from tests.support.pipeline_helpers import (
     change_message,
     citizen_events,
+    cli,
     expected_export,
     exported,
 )
@@ -304,3 +305,17 @@ def test_a_retention_run_that_hangs_shows_as_a_stall_and_one_that_ends_does_not(
     processor.close()
     store.close()
     assert stalled == [True] and not after
+
+
+def test_topics_the_cluster_will_not_create_as_asked_are_a_configuration_error(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Three replicas asked of a one-broker cluster: the broker's answer ended `topics`, a
+    worker or a producer with a traceback (exit 1) instead of the settings' error (exit 2)."""
+    settings = settings_for(sqlite_store_url)
+    for command in (("topics",), ("worker", "--until-caught-up")):
+        result = cli(settings, *command, timeout=120, PORTAL_SYNC_REPLICATION_FACTOR="3")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "InvalidReplicationFactorError" in result.stderr
+        assert "PORTAL_SYNC_REPLICATION_FACTOR" in result.stderr
+        assert "Traceback" not in result.stderr
