@@ -1,7 +1,8 @@
 """Reading a source's signing key file (`portal-sync keys new` writes them).
 
-The key is a secret: a file that others can read is used, with a warning, since a mounted
-secret's mode is not always the process's to choose; its content is never printed.
+The key is a secret: a file every user of the host can read or write is refused; one its
+group can read is used, with a warning (a Kubernetes secret mounted 0440 for the pod's
+group); its content is never printed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def load_signer(path: Path, source: str | None = None) -> Signer:
         raise ConfigurationError(
             f"signing key file {path} is a key of source {signer.source}, not of {source}"
         )
-    if mode & 0o077:
-        log.warning("signing key file %s is readable by others (mode %o): make it 0600",
+    if mode & 0o007:
+        raise ConfigurationError(
+            f"signing key file {path}: every user may read or write it (mode {mode:o}): "
+            "make it 0600 (0440 for a mounted secret)"
+        )
+    if mode & 0o070:
+        log.warning("signing key file %s is readable by its group (mode %o): make it 0600",
                     path, mode)  # fmt: skip
     return signer

@@ -14,6 +14,7 @@ from producers.deployment import load_deployment
 from producers.produce import _signer
 from producers.sdk import ConfigurationError
 from producers.signing import load_signer
+from schemas.errors import ConfigurationError as SettingsError
 from schemas.signing import Signer, parse_public_key
 from tests.unit.test_store_cli import run_cli
 
@@ -78,6 +79,7 @@ def test_a_source_signs_with_its_own_key_else_the_producers(tmp_path: Path) -> N
     for name, source in (("shared", "province-01"), ("own", "province-01"), ("hcm", "province-79")):
         key = Signer.generate(source, f"{source}-20250801-{name}")
         (tmp_path / "k" / f"{name}.key").write_text(key.key_file_text())
+        (tmp_path / "k" / f"{name}.key").chmod(0o600)
     shared = 'signing_key_file = "k/shared.key"'
     deployment = load_deployment(_deployment(tmp_path, shared, ""))
     signer = _signer(deployment, deployment.sources[0])
@@ -94,3 +96,22 @@ def test_a_source_signs_with_its_own_key_else_the_producers(tmp_path: Path) -> N
     missing = load_deployment(_deployment(tmp_path, 'signing_key_file = "k/none.key"', ""))
     with pytest.raises(ConfigurationError, match=r"source p1\.citizen: signing key file"):
         _signer(missing, missing.sources[0])
+
+
+def test_a_signing_key_every_user_may_read_is_refused_and_one_its_group_may_read_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key any local user can copy signs as the source anywhere: it was used with a
+    warning. A secret mounted 0440 (the chart's) is readable by the pod's group only."""
+    made = run_cli("keys", "new", "province-01", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    key_file = tmp_path / "province-01.key"
+    for mode in (0o644, 0o604, 0o602):
+        key_file.chmod(mode)
+        with pytest.raises(SettingsError, match="every user may read or write it"):
+            load_signer(key_file, "province-01")
+    key_file.chmod(0o440)
+    with caplog.at_level("WARNING"):
+        assert load_signer(key_file, "province-01").source == "province-01"
+    assert "readable by its group" in caplog.text
+    assert "PRIVATE KEY" not in caplog.text
