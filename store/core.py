@@ -821,6 +821,7 @@ class Store:
         reason_code: str,
         target_topic: str,
         topic_id: str = "",
+        operator: str | None = None,
     ) -> None:
         with translated(), self.write_transaction() as conn:
             conn.execute(
@@ -832,6 +833,7 @@ class Store:
                     reason_code=reason_code,
                     target_topic=target_topic,
                     redriven_at=utcnow(),
+                    operator=operator,
                 )
             )
 

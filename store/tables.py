@@ -190,9 +190,10 @@ document_owners = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# Dead letters re-published to their original topic: each is re-driven once. A letter is
-# known by its place in the dead-letter topic, whose id (KIP-516) tells a topic created
-# again apart ('': recorded before migration 0014, or the id unknown: any topic's).
+# Dead letters re-published to their original topic: each is re-driven once, and by whom
+# (NULL: before migration 0016). A letter is known by its place in the dead-letter topic,
+# whose id (KIP-516) tells a topic created again apart ('': recorded before migration
+# 0014, or the id unknown: any topic's).
 dead_letter_redrives = Table(
     "dead_letter_redrives",
     metadata,
@@ -203,6 +204,7 @@ dead_letter_redrives = Table(
     Column("reason_code", String(64), nullable=False),
     Column("target_topic", String(255), nullable=False),
     Column("redriven_at", UTCDateTime, nullable=False),
+    Column("operator", String(255)),
 )
 
 # Every move of the store's offsets that an operator made (`offsets reset`, `offsets skip`):

@@ -360,6 +360,11 @@ def dlq_show(
         console.print("(event bytes hidden: they may hold personal data; --reveal prints them)")
 
 
+OperatorOpt = Annotated[
+    str | None, typer.Option("--operator", help="Who acts (default: the OS user)")
+]
+
+
 @dlq_app.command("redrive")
 def dlq_redrive(
     letter_ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...")] = None,
@@ -378,10 +383,12 @@ def dlq_redrive(
             "up to their logs' ends before their letters are held back (default 30)",
         ),
     ] = 30.0,
+    operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Re-publish selected dead letters to their original topic, each once, recorded; never
+    """Re-publish selected dead letters to their original topic, each once, recorded (with
+    who re-drove it: --operator, else the OS user); never
     one older than the store's or than one this run sent of the same key, nor while the
     worker has not applied its partition up to the log's end (held back: run it again)."""
     from portal_sync.ops.dlq import Filters, iter_dead_letters
@@ -408,7 +415,7 @@ def dlq_redrive(
     target = Store(settings.store_url)
     target.require_schema()
     try:
-        summary = run_redrive(settings, target, letters, wait)
+        summary = run_redrive(settings, target, letters, wait, operator)
     finally:
         target.close()
     console.print(f"selected {summary.selected}: re-driven {summary.redriven}, already re-driven "
@@ -459,11 +466,6 @@ def dlq_import(
 
 
 # -- offsets ------------------------------------------------------------------------------
-OperatorOpt = Annotated[
-    str | None, typer.Option("--operator", help="Who acts (default: the OS user)")
-]
-
-
 @offsets_app.command("reset")
 def offsets_reset(
     group: Annotated[str, typer.Option("--group")],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from portal_sync.ops.access import operator_name
 from portal_sync.settings import Settings
 from schemas import ENTITIES
 from schemas.dead_letter import (
@@ -371,6 +372,7 @@ def redrive(
     store: Store,
     letters: Iterable[DeadLetterRecord],
     wait: float = 30.0,
+    operator: str | None = None,
 ) -> RedriveSummary:
     """Re-publish each selected dead letter to its original topic once, and record it.
     Only to one of the change topics, and only an event of its own key and topic
@@ -385,6 +387,7 @@ def redrive(
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way."""
     summary = RedriveSummary()
+    who = operator_name(operator)  # recorded with each redrive
     topics = settings.topics()
     caught_up = CaughtUp(settings, store, wait)
     sent: dict[tuple[str, str, str], int] = {}
@@ -407,8 +410,8 @@ def redrive(
                 continue
             if event[3] <= sent.get(event[:3], -1):  # this run sent that key's newer one
                 # Recorded as the redrive it is part of: a run again does not send it.
-                store.record_redrive(topic, letter.partition, letter.offset,
-                                     _code(letter), letter.origin_topic, topic_id)  # fmt: skip
+                store.record_redrive(topic, letter.partition, letter.offset, _code(letter),
+                                     letter.origin_topic, topic_id, who)  # fmt: skip
                 summary.superseded += 1
                 continue
             place = caught_up.partition(letter.origin_topic, letter.key or b"")
@@ -426,9 +429,8 @@ def redrive(
             headers = [("ps.attempt", str(letter.attempt).encode()), *letter.kept]
             publisher.send(letter.origin_topic, letter.key, letter.value, headers)
             publisher.flush()  # recorded only once the broker has it
-            store.record_redrive(
-                topic, letter.partition, letter.offset, _code(letter), letter.origin_topic, topic_id
-            )
+            store.record_redrive(topic, letter.partition, letter.offset, _code(letter),
+                                 letter.origin_topic, topic_id, who)  # fmt: skip
             summary.redriven += 1
             sent[event[:3]] = event[3]
     finally:

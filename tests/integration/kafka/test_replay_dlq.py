@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import create_engine, delete, func, select, text, update
 
 from consumers.merge import Authority
 from observability.kafka_lag import Filters, LagReader
@@ -149,8 +150,15 @@ def test_unregistered_source_is_redriven_after_registration_once(
 
     registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
                         'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
-    first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    operator = unicodedata.normalize("NFD", "Trần Văn Đức")  # as a terminal may type it
+    first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
+                "--operator", operator)  # fmt: skip
     assert f"re-driven {len(late)}, already re-driven 0" in first.stdout, first.stdout
+    engine = create_engine(settings.store_url)
+    with engine.connect() as conn:  # who re-drove each letter, recorded with it
+        who = conn.execute(text("SELECT operator FROM dead_letter_redrives")).scalars().all()
+    engine.dispose()
+    assert who == ["Trần Văn Đức"] * len(late)
     ends = sum(end_offsets(settings).values())
     _caught_up(settings)
     assert exported(settings) == expected_export(events, Authority())

@@ -706,7 +706,7 @@ def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
                 ),
                 {"t": letters, "at": T1},
             )
-        _migrate(store, "0014")
+        _migrate(store, head_revision())  # through 0014 (the code records by the head's table)
         # Recorded without an id: it stands for its place whatever the topic's id, for a
         # letter that failed by the time it was recorded (`portal_sync.ops.dlq`).
         assert store.redriven(letters, "id-1") == {(0, 3): T1}
@@ -722,5 +722,35 @@ def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
                 text('SELECT partition, "offset" FROM dead_letter_redrives ORDER BY 2')
             ).all()
         assert [tuple(r) for r in rows] == [(0, 3), (0, 5)]  # one row a place
+    finally:
+        store.close()
+
+
+# -- 0016: who re-drove a dead letter ------------------------------------------------------
+
+
+def test_0016_records_who_redrives_and_keeps_the_earlier_redrives(store_url: str) -> None:
+    letters = "portal.dead-letters"
+    store = Store(store_url)
+    try:
+        _migrate(store, "0015")
+        store_row = (
+            'INSERT INTO dead_letter_redrives (topic, topic_id, partition, "offset", reason_code,'
+            " target_topic, redriven_at) VALUES (:t, 'id-1', 0, 3, 'invalid_field',"
+            " 'portal.changes.citizen', :at)"
+        )
+        with store.engine.begin() as conn:
+            conn.execute(text(store_row), {"t": letters, "at": T1})
+        _migrate(store, "0016")
+        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-1",
+                             "Trần Văn Đức")  # fmt: skip
+        query = text('SELECT "offset", operator FROM dead_letter_redrives ORDER BY 1')
+        with store.engine.connect() as conn:
+            assert [tuple(r) for r in conn.execute(query)] == [(3, None), (5, "Trần Văn Đức")]
+        assert store.redriven(letters, "id-1") == {(0, 3): None, (0, 5): None}
+        _migrate(store, "0015", down=True)
+        with store.engine.connect() as conn:
+            rows = conn.execute(text('SELECT "offset" FROM dead_letter_redrives ORDER BY 1'))
+            assert [r[0] for r in rows] == [3, 5]
     finally:
         store.close()
