@@ -422,6 +422,29 @@ def test_sigterm_stops_a_worker_that_waits_for_a_lock_on_a_postgresql_store(
         engine.dispose()
 
 
+def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
+    settings_for: Any, postgres_store_url: str
+) -> None:
+    """Another process holds the schema lock (it creates the store) for longer than a
+    batch's lock wait: the worker's start waits for it as before, and then runs."""
+    from store.schema import SCHEMA_LOCK
+
+    settings = settings_for(postgres_store_url)
+    ensure_topics(settings)
+    engine = create_engine(postgres_store_url)
+    holder = engine.connect()
+    try:
+        holder.execute(text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))
+        worker = start_worker(settings, "--until-caught-up")
+        time.sleep(6)  # past the 5 s a batch waits for a lock
+        assert worker.poll() is None, worker.communicate()[0]
+        holder.execute(text(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})"))
+        assert worker.wait(timeout=120) == 0, worker.communicate()[0]
+    finally:
+        holder.close()
+        engine.dispose()
+
+
 def _sigterm_while_the_store_is_away(settings: Any, away: Callable[[], object]) -> None:
     ensure_topics(settings)
     store = Store(settings.store_url)
