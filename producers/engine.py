@@ -135,6 +135,8 @@ class AdapterRunner:
         try:
             for item in items:
                 if stop is not None and stop.is_set():
+                    if isinstance(item, Checkpoint):  # all before it sent: it is reached
+                        reached.add(item)
                     break
                 if isinstance(item, Checkpoint):
                     reached.add(item)

@@ -58,9 +58,11 @@ class SourceGroup:
         self.name = name
         self.runners = runners
 
-    def run_once(self, result: ProduceResult) -> None:
+    def run_once(self, result: ProduceResult, stop: threading.Event | None = None) -> None:
         for entry, runner in self.runners:
-            self._run(entry, runner, result, None)
+            if stop is not None and stop.is_set():
+                return
+            self._run(entry, runner, result, stop)
 
     def run(self, stop: threading.Event, result: ProduceResult) -> None:
         due = {entry.id: 0.0 for entry, _ in self.runners}
@@ -156,7 +158,7 @@ def produce(
     try:
         if once:
             for group in groups:
-                group.run_once(result)
+                group.run_once(result, stop)
         else:
             stop = stop or threading.Event()
             result.threads = [

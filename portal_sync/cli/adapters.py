@@ -199,10 +199,9 @@ def produce(
     elif port:
         serve(port, host, web=web)
     ensure_topics(settings.connection(), settings.topics(), settings.topics().change_topics())
-    stop = threading.Event()
-    if not once:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = threading.Event()  # a run in progress ends at its next item, its progress saved
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     tune_garbage_collector()
     try:
         result = run_produce(

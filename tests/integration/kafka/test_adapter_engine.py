@@ -470,12 +470,14 @@ def test_a_commit_that_fails_ends_the_run_once_and_is_not_run_again(
     assert calls == [{"position": 1}]
 
 
+@pytest.mark.parametrize("after", ["checkpoint", "record"])
 def test_a_stop_ends_a_run_at_the_next_item_with_what_was_reached_saved(
-    publisher: Publisher, tmp_path: Path
+    publisher: Publisher, tmp_path: Path, after: str
 ) -> None:
     """A SIGTERM (the stop event) during a long run: the run ended only when the source
     had nothing more to read (a first snapshot: hours). Now it ends at the next item, saves
-    the checkpoints it reached once acknowledged, and the next run goes on from there."""
+    the checkpoints it reached once acknowledged (the next item itself when it is one: all
+    before it was sent), and the next run goes on from there."""
     stop = threading.Event()
 
     class Long(ListAdapter):
@@ -484,13 +486,17 @@ def test_a_stop_ends_a_run_at_the_next_item_with_what_was_reached_saved(
         def read(self, state: State) -> Iterator[Item]:
             for item in super().read(state):
                 yield item
-                if isinstance(item, Checkpoint) and item.state == {"position": 5}:
-                    stop.set()  # the signal arrives while the run goes on
+                if after == "checkpoint" and isinstance(item, Checkpoint):
+                    if item.state == {"position": 5}:
+                        stop.set()  # the signal arrives while the run goes on
+                elif after == "record" and isinstance(item, Record) and item.origin == "#5":
+                    stop.set()  # the next item is the checkpoint after it
 
     runner = AdapterRunner("long", Long(), publisher, tmp_path, checkpoint_interval=3600.0)
     stats = runner.run_once(stop)
-    assert stats.published == 5
-    assert load_json_state(runner.state_path) == {"position": 5}
-    assert runner.run_once().published == 7
+    sent = 5 if after == "checkpoint" else 6
+    assert stats.published == sent
+    assert load_json_state(runner.state_path) == {"position": sent}
+    assert runner.run_once().published == 12 - sent
     keys = sorted(e["key"] for e in published_events(publisher.settings, "citizen"))
     assert keys == sorted(key for key, _, _ in Long.changes)
