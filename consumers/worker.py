@@ -492,21 +492,22 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         signal.signal(sig, lambda _signum, _frame: early_stop.set())
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
-    # The schema is made (or found current) without the batches' lock wait: a worker
-    # starting beside another that creates the store waits for it under the schema lock.
-    schema = Store(config.store_url)
+    # The start's writes go without the batches' lock wait: a worker starting beside
+    # another that creates the store waits for it under the schema lock, and one beside
+    # an operator's long write waits for it as any command does.
+    starting = Store(config.store_url)
     try:
-        schema.create_schema()
+        starting.create_schema()
+        registry, authority = load_rules(config.registry_file, config.authority_file)
+        # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
+        starting.set_meta(
+            RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
+        )
+        starting.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
     finally:
-        schema.close()
+        starting.close()
     store = Store(config.store_url, lock_wait=STORE_LOCK_WAIT_SECONDS)
     _check_lock_capacity(store, config.batch_max_events)
-    registry, authority = load_rules(config.registry_file, config.authority_file)
-    # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
-    store.set_meta(
-        RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
-    )
-    store.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
     note = ""
     if registry.development_mode:
         note = (

@@ -273,14 +273,9 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
     from sqlalchemy.engine import make_url
 
-    query = make_url(url).query
-    given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
+    given = "connect_timeout" in make_url(url).query or os.environ.get("PGCONNECT_TIMEOUT")
     connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-    if lock_wait is not None:  # added to the URL's or PGOPTIONS' own server options
-        options = query.get("options", os.environ.get("PGOPTIONS", ""))
-        own = options if isinstance(options, str) else " ".join(options)
-        connect_args["options"] = f"{own} -c lock_timeout={round(lock_wait * 1000)}".strip()
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         hide_parameters=True,
@@ -288,6 +283,16 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
         isolation_level="READ COMMITTED",
         connect_args=connect_args,
     )
+    if lock_wait is not None:  # a session setting: the URL's, a service file's or
+        milliseconds = round(lock_wait * 1000)  # PGOPTIONS' own `options` stay as they are
+
+        @event.listens_for(engine, "connect")
+        def _lock_timeout(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET lock_timeout = {milliseconds}")
+            dbapi_connection.commit()
+
+    return engine
 
 
 CONNECT_TIMEOUT_SECONDS = 10

@@ -436,6 +436,9 @@ def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
     try:
         holder.execute(text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))
         worker = start_worker(settings, "--until-caught-up")
+        waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        with engine.connect() as conn:
+            _wait(lambda: conn.execute(waiting).scalar() == 1, 60, "the worker to wait")
         time.sleep(6)  # past the 5 s a batch waits for a lock
         assert worker.poll() is None, worker.communicate()[0]
         holder.execute(text(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})"))
