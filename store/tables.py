@@ -204,7 +204,7 @@ dead_letter_redrives = Table(
     Column("reason_code", String(64), nullable=False),
     Column("target_topic", String(255), nullable=False),
     Column("redriven_at", UTCDateTime, nullable=False),
-    Column("operator", String(255)),
+    Column("operator", String(128)),
 )
 
 # Every move of the store's offsets that an operator made (`offsets reset`, `offsets skip`):

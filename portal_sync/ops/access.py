@@ -49,6 +49,14 @@ def operator_name(given: str | None = None) -> str:
         return "unknown"
 
 
+def checked_operator(operator: str | None) -> str:
+    """Who acts (`operator_name`), refused unless printable and within the columns."""
+    who = operator_name(operator)
+    if len(who) > MAX_OPERATOR or not who.isprintable():
+        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    return who
+
+
 def who_and_why(operator: str | None, reason: str) -> tuple[str, str]:
     """Who acts and why, as a command that changes the store records them: checked before
     it does anything (printable, within the columns), never refused by the database after
@@ -58,10 +66,7 @@ def who_and_why(operator: str | None, reason: str) -> tuple[str, str]:
         raise Refused("--reason: say why (it is recorded)")
     if len(text) > MAX_REASON or not text.isprintable():
         raise Refused(f"--reason: printable text of at most {MAX_REASON} characters")
-    who = operator_name(operator)
-    if len(who) > MAX_OPERATOR or not who.isprintable():
-        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
-    return who, text
+    return checked_operator(operator), text
 
 
 def require_reason(command: str, reason: str | None) -> str:
@@ -139,9 +144,7 @@ def record_access(
     """Write the access log rows of one command: (entity, reference) per record read (one
     row naming neither when `targets` is empty). Raises when they cannot be written: the
     caller must then reveal nothing."""
-    who = operator_name(operator)
-    if len(who) > MAX_OPERATOR or not who.isprintable():
-        raise Refused(f"--operator: printable text of at most {MAX_OPERATOR} characters")
+    who = checked_operator(operator)
     store = Store(store_url)
     try:
         store.require_schema()  # never created: a wrong URL is refused, an old store too

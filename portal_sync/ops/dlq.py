@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from portal_sync.ops.access import operator_name
+from portal_sync.ops.access import checked_operator
 from portal_sync.settings import Settings
 from schemas import ENTITIES
 from schemas.dead_letter import (
@@ -387,7 +387,7 @@ def redrive(
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way."""
     summary = RedriveSummary()
-    who = operator_name(operator)  # recorded with each redrive
+    who = checked_operator(operator)  # recorded with each redrive
     topics = settings.topics()
     caught_up = CaughtUp(settings, store, wait)
     sent: dict[tuple[str, str, str], int] = {}

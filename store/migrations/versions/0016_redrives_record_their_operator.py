@@ -17,7 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("dead_letter_redrives", sa.Column("operator", sa.String(255)))
+    op.add_column("dead_letter_redrives", sa.Column("operator", sa.String(128)))
 
 
 def downgrade() -> None:

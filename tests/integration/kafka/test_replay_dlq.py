@@ -150,6 +150,10 @@ def test_unregistered_source_is_redriven_after_registration_once(
 
     registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
                         'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    for bad in ("x" * 129, "Trần\tĐức"):  # refused before anything is sent
+        refused = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
+                      "--operator", bad)  # fmt: skip
+        assert refused.returncode == 1 and "--operator: printable text" in refused.stderr
     operator = unicodedata.normalize("NFD", "Trần Văn Đức")  # as a terminal may type it
     first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
                 "--operator", operator)  # fmt: skip
