@@ -180,9 +180,10 @@ class Cluster:
             if error_type.__name__.endswith("AuthorizationFailedError"):
                 refused.append(topic["name"])
             elif error_type.__name__ in CREATE_REFUSALS:
+                said = f": {topic['error_message']}" if topic.get("error_message") else ""
                 raise ConfigurationError(
-                    f"Kafka would not create the topic {topic['name']}: {error_type.__name__} "
-                    f"({CREATE_REFUSALS[error_type.__name__]})"
+                    f"Kafka would not create the topic {topic['name']}: {error_type.__name__}"
+                    f"{said} ({CREATE_REFUSALS[error_type.__name__]})"
                 )
             elif error_type not in (NoError, TopicAlreadyExistsError):
                 raise clients.translate(error_type(), "create topics", self.connection)

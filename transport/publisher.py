@@ -213,10 +213,9 @@ class Publisher:
         `stop`, the wait ends within a second of it being set (PublishError: what was sent
         is then unacknowledged, as after a timeout)."""
         try:
-            deadline = time.monotonic() + timeout
             for producer in (self._producer, self._letter_producer):
-                if producer is not None:
-                    _flush_until(producer, deadline, stop)
+                if producer is not None:  # each its whole timeout, as kafka-python's flush
+                    _flush_until(producer, time.monotonic() + timeout, stop)
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
             raise PublishError(f"flush failed: {type(error).__name__}") from None
