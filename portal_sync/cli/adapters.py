@@ -6,7 +6,7 @@ import signal
 import threading
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -199,9 +199,18 @@ def produce(
     elif port:
         serve(port, host, web=web)
     ensure_topics(settings.connection(), settings.topics(), settings.topics().change_topics())
-    stop = threading.Event()  # a run in progress ends at its next item, its progress saved
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A run in progress ends at its next item, its progress saved; a second Ctrl-C
+    # interrupts at once (the saving waits for the broker).
+    stop = threading.Event()
+    stopped_by: list[int] = []
+
+    def stopping(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
     tune_garbage_collector()
     try:
         result = run_produce(
@@ -223,3 +232,6 @@ def produce(
     if result.failed:
         console.print(f"[red]failed:[/red] {', '.join(sorted(set(result.failed)))}")
         raise typer.Exit(1)
+    if once and stopped_by:  # not a complete pass: `produce --once && next` must tell
+        console.print("stopped before the pass was complete: run it again for the rest")
+        raise typer.Exit(128 + stopped_by[0])

@@ -27,7 +27,7 @@ from producers.state import load_json_state
 from schemas import parse_event
 from tests.integration.kafka.test_conformance import ListAdapter
 from tests.support.adapter_helpers import published_events, read_topic, write_config
-from tests.support.kafka_helpers import ensure_topics, publisher_for
+from tests.support.kafka_helpers import end_offsets, ensure_topics, publisher_for
 from tests.support.pipeline_helpers import cli
 from transport.local import free_port
 from transport.publisher import Publisher
@@ -500,3 +500,40 @@ def test_a_stop_ends_a_run_at_the_next_item_with_what_was_reached_saved(
     assert runner.run_once().published == 12 - sent
     keys = sorted(e["key"] for e in published_events(publisher.settings, "citizen"))
     assert keys == sorted(key for key, _, _ in Long.changes)
+
+
+def test_produce_once_stopped_by_ctrl_c_ends_early_and_says_it_is_not_complete(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """`produce --once` interrupted: it ended where it was (the file's checkpoint, at its
+    end, not reached: the file stays for the next pass) and exits 130, not 0, so that a
+    script does not take the pass for a complete one."""
+    settings = settings_for(sqlite_store_url)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    lines = (json.dumps(ROW | {"pid": f"0010900{n:05d}"}) for n in range(100_000))
+    (inbox / "a.jsonl").write_text("\n".join(lines) + "\n")
+    config = write_config(
+        tmp_path, FILES.replace('directory = "inbox"', 'directory = "inbox"\nsettle_seconds = 0')
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portal_sync", "produce", "-c", str(config), "--once",
+         "--metrics-port", "0"],
+        env=os.environ | settings.as_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not sum(end_offsets(settings).values()):
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, out + err
+    assert "stopped before the pass was complete" in err, out + err
+    assert (inbox / "a.jsonl").exists() and not (inbox / "done" / "a.jsonl").exists()
+    assert 0 < sum(end_offsets(settings).values()) < 100_000
