@@ -433,6 +433,7 @@ def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
     ensure_topics(settings)
     engine = create_engine(postgres_store_url)
     holder = engine.connect()
+    worker = None
     try:
         holder.execute(text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))
         worker = start_worker(settings, "--until-caught-up")
@@ -444,6 +445,8 @@ def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
         holder.execute(text(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})"))
         assert worker.wait(timeout=120) == 0, worker.communicate()[0]
     finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
         holder.close()
         engine.dispose()
 
