@@ -31,7 +31,13 @@ test: kafka-jars connect-jars
 	# Each process starts its own PostgreSQL and Prometheus: these directories run in two.
 	$(BIN)/pytest -n 2 tests/integration/postgres tests/integration/prometheus tests/integration/helm
 	# One broker for the session, and fault tests that time what they kill: one at a time.
-	$(BIN)/pytest tests/integration/kafka
+	# The benches' short runs (test_benches.py) bring their own broker and PostgreSQL and
+	# wait on restarts most of the time: they run beside the rest, their output after it.
+	@log=$$(mktemp); \
+	$(BIN)/pytest tests/integration/kafka/test_benches.py >"$$log" 2>&1 & benches=$$!; \
+	$(BIN)/pytest tests/integration/kafka --ignore=tests/integration/kafka/test_benches.py; \
+	rest=$$?; wait $$benches; code=$$?; cat "$$log"; rm -f "$$log"; \
+	test $$rest -eq 0 && test $$code -eq 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
