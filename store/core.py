@@ -85,6 +85,7 @@ from store.tables import (
 
 if TYPE_CHECKING:
     from store.purge import SourcePurge
+    from store.roles import Granted
 
 CHUNK = 500
 # Rows of the history or the access log one retention transaction deletes.
@@ -339,6 +340,14 @@ class Store:
 
         with translated():
             return upgrade(self.engine)
+
+    def grant(self, role: str, access_log_floor_days: int) -> Granted:
+        """Give a second PostgreSQL role what the worker and the commands need, and no
+        more (`store grant`; store/roles.py); run as the owner."""
+        from store.roles import grant
+
+        with translated():
+            return grant(self.engine, role, access_log_floor_days)
 
     def drop_schema(self) -> None:
         """Drop the project's tables (and Alembic's version table), nothing else."""
@@ -981,16 +990,25 @@ class Store:
         chosen = (
             select(table.c.id).where(column < older_than).order_by(column).limit(RETENTION_CHUNK)
         )
+        # On PostgreSQL the access log's rows go through its purge function (migration
+        # 0017), which runs as the store's owner: the role running this need not be able
+        # to delete from the log (`store grant`).
+        purge_function = func.portal_sync_purge_access_log(
+            bindparam("before", older_than, type_=UTCDateTime()), RETENTION_CHUNK
+        )
         deleted = 0
         while True:
             with translated(), self.write_transaction() as conn:
                 if access_log_purge and conn.dialect.name == "postgresql":
-                    conn.exec_driver_sql("SET LOCAL portal_sync.access_log_purge = 'on'")
-                ids = [row_id for (row_id,) in conn.execute(chosen)]
-                if ids:
-                    result = conn.execute(delete(table).where(table.c.id.in_(ids)))
-                    deleted += int(result.rowcount or 0)
-            if len(ids) < RETENTION_CHUNK:
+                    done = int(conn.execute(select(purge_function)).scalar_one())
+                    deleted += done
+                else:
+                    ids = [row_id for (row_id,) in conn.execute(chosen)]
+                    done = len(ids)
+                    if ids:
+                        result = conn.execute(delete(table).where(table.c.id.in_(ids)))
+                        deleted += int(result.rowcount or 0)
+            if done < RETENTION_CHUNK:
                 return deleted, True
             if deadline is not None and time.monotonic() >= deadline:
                 return deleted, False

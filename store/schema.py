@@ -23,8 +23,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
 # The newest migration's revision: a new migration moves it (a unit test compares it with
 # the migration scripts' own head).
-HEAD_REVISION = "0016"
+HEAD_REVISION = "0017"
 VERSION_TABLE = "alembic_version"  # Alembic's default, which the migrations keep
+# The access log's retention purge on PostgreSQL (migration 0017, store/roles.py).
+PURGE_FUNCTION = "portal_sync_purge_access_log(timestamp without time zone, integer)"
 
 
 class SchemaOutdated(ConfigurationError):
@@ -163,10 +165,11 @@ def require_current(engine: Engine) -> None:
 
 
 def drop_project_tables(engine: Engine) -> None:
-    """Drop the project's tables, Alembic's version table and the access log's trigger
-    function; any other table of the same database is left alone."""
+    """Drop the project's tables, Alembic's version table and the access log's trigger and
+    purge functions; any other table of the same database is left alone."""
     metadata.drop_all(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-        if conn.dialect.name == "postgresql":  # the access log's guard (migration 0005)
+        if conn.dialect.name == "postgresql":  # the access log's guard and purge (0005, 0017)
             conn.exec_driver_sql("DROP FUNCTION IF EXISTS portal_sync_access_log_append_only()")
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {PURGE_FUNCTION}")

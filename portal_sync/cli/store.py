@@ -79,6 +79,39 @@ def store_upgrade(store: StoreOpt = None) -> None:
     target.close()
 
 
+@store_app.command("grant")
+def store_grant(
+    role: Annotated[str, typer.Argument(help="The PostgreSQL role the workers and commands use")],
+    access_log_floor_days: Annotated[
+        int | None,
+        typer.Option(
+            "--access-log-floor-days",
+            min=0,
+            help="Access log rows younger than this are never purged, whatever the role asks "
+            "(default: PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS, 730)",
+        ),
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Give ROLE what the worker and the commands need of a PostgreSQL store and no more:
+    its tables, but only SELECT and INSERT on the access log, and the log's retention purge.
+    Run as the store's owner, after every `store upgrade`."""
+    from store import Store
+
+    settings = Settings.from_flags(store=store)
+    floor = settings.access_log_retention_days if access_log_floor_days is None else (
+        access_log_floor_days)  # fmt: skip
+    target = Store(settings.store_url)
+    try:
+        granted = target.grant(role, floor)
+    finally:
+        target.close()
+    console.print(plain(
+        f"granted {granted.role}: {granted.tables} tables in {granted.schema} "
+        f"({', '.join(granted.append_only)} append-only), {granted.sequences} sequences, "
+        f"the access log's purge (never rows younger than {granted.floor_days} days)"))  # fmt: skip
+
+
 def remerge(
     entity: Annotated[str | None, typer.Option("--entity")] = None,
     dry_run: Annotated[

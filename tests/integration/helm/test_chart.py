@@ -539,6 +539,30 @@ def test_the_store_upgrade_hook_runs_before_install_and_upgrade(default: list[Ma
     )
 
 
+def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_workers_role(
+    helm: Callable[..., subprocess.CompletedProcess[str]], default: list[Manifest]
+) -> None:
+    owner = ("--set", "storeUpgrade.owner.existingSecret=portal-sync-store-owner",
+             "--set", "storeUpgrade.owner.runtimeRole=portal_sync")  # fmt: skip
+    job = one(render(helm, *owner), "Job", f"{FULLNAME}-store-upgrade")
+    spec = job["spec"]["template"]["spec"]
+    assert [c["args"] for c in spec["initContainers"]] == [["store", "upgrade"]]
+    assert container(job)["args"] == ["store", "grant", "portal_sync"]
+    store = next(v for v in spec["volumes"] if v["name"] == "store")["secret"]
+    assert store["secretName"] == "portal-sync-store-owner"
+    for step in (*spec["initContainers"], container(job)):
+        env = {e["name"]: e.get("value") for e in step["env"]}
+        assert env["PORTAL_SYNC_STORE_URL_FILE"] == "/etc/portal-sync/store/url"
+    # The workers keep the store's own credential.
+    worker = one(render(helm, *owner), "Deployment", f"{FULLNAME}-worker")
+    volumes = worker["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == "store")["secret"]["secretName"] == (
+        "portal-sync-store"
+    )
+    default_job = one(default, "Job", f"{FULLNAME}-store-upgrade")
+    assert "initContainers" not in default_job["spec"]["template"]["spec"]
+
+
 def test_defaults_leave_the_operator_resources_off(default: list[Manifest]) -> None:
     kinds = {m["kind"] for m in default}
     assert not kinds & CRD_KINDS
@@ -584,6 +608,14 @@ REFUSALS = {
         "kafka.securityProtocol must be",
     ),
     "no store secret": (("--set", "store.existingSecret="), "store.existingSecret is required"),
+    "an owner without the role to grant": (
+        ("--set", "storeUpgrade.owner.existingSecret=portal-sync-store-owner"),
+        "storeUpgrade.owner.runtimeRole is required",
+    ),
+    "a role to grant without an owner": (
+        ("--set", "storeUpgrade.owner.runtimeRole=portal_sync"),
+        "storeUpgrade.owner.runtimeRole needs storeUpgrade.owner.existingSecret",
+    ),
 }
 
 

@@ -70,6 +70,13 @@ portal-sync/producer: {{ . }}
 {{- if not .Values.store.existingSecret }}
 {{- fail "store.existingSecret is required: the Secret holding the store URL (PORTAL_SYNC_STORE_URL_FILE)" }}
 {{- end }}
+{{- $owner := .Values.storeUpgrade.owner }}
+{{- if and $owner.existingSecret (not $owner.runtimeRole) }}
+{{- fail "storeUpgrade.owner.runtimeRole is required with storeUpgrade.owner.existingSecret: the PostgreSQL role of store.existingSecret's URL, which `store grant` gives its rights" }}
+{{- end }}
+{{- if and $owner.runtimeRole (not $owner.existingSecret) }}
+{{- fail "storeUpgrade.owner.runtimeRole needs storeUpgrade.owner.existingSecret: the owner's URL that upgrades the store and grants" }}
+{{- end }}
 {{- end }}
 
 {{/* Environment of every portal-sync container: Kafka, topics, the secrets' files, and
@@ -154,7 +161,8 @@ portal-sync/producer: {{ . }}
 {{- end }}
 
 {{/* Volumes of the secrets' files and /tmp:
-     (dict "root" $ "store" BOOL "rules" CONFIGMAP-NAME-or-"") */}}
+     (dict "root" $ "store" BOOL "rules" CONFIGMAP-NAME-or-"" ["storeSecret" NAME "storeKey" KEY]);
+     "storeSecret": another Secret's URL as the store's (the store upgrade's owner) */}}
 {{- define "portal-sync.volumes" -}}
 {{- $v := .root.Values -}}
 - name: tmp
@@ -163,10 +171,10 @@ portal-sync/producer: {{ . }}
 {{- if .store }}
 - name: store
   secret:
-    secretName: {{ $v.store.existingSecret }}
+    secretName: {{ .storeSecret | default $v.store.existingSecret }}
     defaultMode: 0440
     items:
-      - key: {{ $v.store.urlKey }}
+      - key: {{ .storeKey | default $v.store.urlKey }}
         path: url
 {{- end }}
 {{- if and .store $v.store.tls.existingSecret }}

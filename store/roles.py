@@ -1,0 +1,179 @@
+"""Two PostgreSQL roles for one store (`portal-sync store grant ROLE`).
+
+The role that owns the store's tables (it ran `store upgrade`) can do anything to them,
+the access log's append-only trigger included: it may disable the trigger, or delete rows
+with the purge's setting. The worker and the commands need much less. `grant` gives a
+second role exactly that: reading and writing the project's tables, but only reading and
+appending to `access_log`; reading Alembic's version (not changing it); the id sequences;
+and running the retention purge of the access log, a function that runs as its owner
+(migration 0017), written again here so that it never deletes a row younger than
+`floor_days`, whatever it is asked.
+A role so granted cannot change the schema, the trigger or the function.
+
+Run it as the owner after every `store upgrade` (a new revision may add a table): it
+revokes what it does not grant on the project's tables, so it can be run again at any time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, text
+
+from schemas.errors import ConfigurationError
+from store.schema import PURGE_FUNCTION, SCHEMA_LOCK, VERSION_TABLE, no_schema, require_current
+from store.tables import access_log, metadata
+
+READ_WRITE = "SELECT, INSERT, UPDATE, DELETE"
+APPEND_ONLY = "SELECT, INSERT"
+
+
+# The access log's purge (migration 0017; `grant` writes it again with the owner's floor).
+# PostgreSQL lets no role but a superuser attach a setting of its own (a placeholder) to a
+# function, so the function sets `portal_sync.access_log_purge` itself, for its DELETE
+# alone, and holds its floor as a constant.
+PURGE_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION portal_sync_purge_access_log(before timestamp without time zone,
+                                                        max_rows integer)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = {schema}, pg_temp
+AS $$
+DECLARE
+    cutoff timestamp := least(before, (now() AT TIME ZONE 'UTC')
+                                      - make_interval(days => {floor_days}));
+    deleted integer;
+BEGIN
+    PERFORM set_config('portal_sync.access_log_purge', 'on', true);
+    DELETE FROM access_log WHERE id IN (
+        SELECT id FROM access_log WHERE accessed_at < cutoff
+        ORDER BY accessed_at LIMIT max_rows);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    PERFORM set_config('portal_sync.access_log_purge', '', true);
+    RETURN deleted;
+END
+$$
+"""
+
+
+def purge_function(schema: str, floor_days: int) -> str:
+    """The purge function's definition in `schema` (quoted), with its floor in days."""
+    return PURGE_FUNCTION_SQL.format(schema=schema, floor_days=int(floor_days))
+
+
+@dataclass(frozen=True)
+class Granted:
+    """What `grant` gave: the role, the schema, how many tables (and which append-only),
+    how many sequences, and the access log's floor in days."""
+
+    role: str
+    schema: str
+    tables: int
+    append_only: tuple[str, ...]
+    sequences: int
+    floor_days: int
+
+
+def grant(engine: Engine, role: str, floor_days: int) -> Granted:
+    """Give `role` what the worker and the commands need of the store, and no more; run as
+    the tables' owner (or a superuser). Refused: SQLite, a store not at the newest
+    revision, a role that does not exist, owns the tables or is a superuser (privileges
+    would not bind it)."""
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError(
+            "store grant is for PostgreSQL: a SQLite store has no roles (whoever can write "
+            "its file can change it)"
+        )
+    if floor_days < 0:
+        raise ConfigurationError("the access log's floor is a number of days, 0 or more")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")  # not mid-upgrade
+        found_table = conn.execute(
+            text(
+                "SELECT quote_ident(current_schema()), t.tableowner, current_user, r.rolsuper"
+                " FROM pg_tables t, pg_roles r WHERE t.schemaname = current_schema()"
+                " AND t.tablename = :table AND r.rolname = current_user"
+            ),
+            {"table": access_log.name},
+        ).one_or_none()
+        if found_table is None:
+            raise no_schema()
+        schema, owner, me, me_super = found_table
+        found = conn.execute(
+            text("SELECT quote_ident(rolname), rolsuper FROM pg_roles WHERE rolname = :role"),
+            {"role": role},
+        ).one_or_none()
+        if found is None:
+            raise ConfigurationError(f"no PostgreSQL role named {role!r}: create it first")
+        quoted, role_super = found
+        if role == owner:
+            raise ConfigurationError(
+                f"{role!r} owns the store's tables, and an owner is bound by no grant: give "
+                "the worker and the commands a role of their own"
+            )
+        if role_super:
+            raise ConfigurationError(f"{role!r} is a superuser: no grant binds it")
+        member = conn.execute(
+            text("SELECT pg_has_role(:role, :owner, 'MEMBER')"), {"role": role, "owner": owner}
+        ).scalar_one()
+        if member:
+            raise ConfigurationError(
+                f"{role!r} is a member of the owner {owner!r} and has its rights: give the "
+                "worker and the commands a role that is not"
+            )
+        if me != owner and not me_super:
+            raise ConfigurationError(
+                f"store grant runs as the store's owner ({owner!r}), not {me!r}"
+            )
+        require_current(engine)  # (another session: it only reads)
+        return _grant(conn, schema, quoted, role, floor_days)
+
+
+def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: int) -> Granted:
+    run = conn.exec_driver_sql
+    run(f"GRANT USAGE ON SCHEMA {schema} TO {quoted}")
+    sequences = 0
+    for table in metadata.sorted_tables:
+        name = f"{schema}.{conn.dialect.identifier_preparer.quote(table.name)}"
+        run(f"REVOKE ALL ON {name} FROM {quoted}")
+        run(f"GRANT {APPEND_ONLY if table is access_log else READ_WRITE} ON {name} TO {quoted}")
+        for column in table.primary_key.columns:
+            sequence = conn.execute(
+                text("SELECT pg_get_serial_sequence(:table, :column)"),
+                {"table": name, "column": column.name},
+            ).scalar_one()
+            if sequence is not None:
+                run(f"GRANT USAGE, SELECT ON SEQUENCE {sequence} TO {quoted}")
+                sequences += 1
+    versions = f"{schema}.{VERSION_TABLE}"
+    run(f"REVOKE ALL ON {versions} FROM {quoted}")
+    run(f"GRANT SELECT ON {versions} TO {quoted}")
+    run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
+    run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
+    _still_allowed(conn, f"{schema}.{access_log.name}", role, ("UPDATE", "DELETE", "TRUNCATE"))
+    _still_allowed(conn, versions, role, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
+    return Granted(
+        role=role,
+        schema=schema,
+        tables=len(metadata.sorted_tables) + 1,
+        append_only=(access_log.name,),
+        sequences=sequences,
+        floor_days=floor_days,
+    )
+
+
+def _still_allowed(conn: Connection, table: str, role: str, privileges: tuple[str, ...]) -> None:
+    """Refuse (and roll the grant back) if `role` keeps a right this grant withholds, by
+    PUBLIC or by another role it belongs to."""
+    kept = [
+        privilege
+        for privilege in privileges
+        if conn.execute(
+            text("SELECT has_table_privilege(:role, :table, :privilege)"),
+            {"role": role, "table": table, "privilege": privilege},
+        ).scalar_one()
+    ]
+    if kept:
+        raise ConfigurationError(
+            f"{role!r} may still {', '.join(kept)} {table}, through PUBLIC or another role "
+            "it belongs to: revoke that first"
+        )

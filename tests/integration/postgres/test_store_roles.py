@@ -1,0 +1,205 @@
+"""Two PostgreSQL roles for one store (`portal-sync store grant`): the owner upgrades, the
+role the worker and the commands use works the store but cannot change the access log, its
+guard, its purge or the schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from consumers.retention import Retention, purge
+from schemas.errors import ConfigurationError
+from schemas.identifiers import ReferenceKey
+from store import utcnow
+from store.core import Store
+from store.roles import purge_function
+from store.schema import PURGE_FUNCTION
+from tests.support.store_helpers import CITIZEN, CITIZEN_2, Feed, event
+
+DAY = timedelta(days=1)
+
+
+class Roles:
+    def __init__(self, url: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.url = url
+        self.owner, self.runtime, self.other = f"owner_{tag}", f"runtime_{tag}", f"other_{tag}"
+        self.admin = create_engine(url, isolation_level="AUTOCOMMIT")  # the server's superuser
+        database = make_url(url).database
+        with self.admin.connect() as conn:
+            for role in (self.owner, self.runtime, self.other):
+                conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+            conn.exec_driver_sql(f'ALTER DATABASE "{database}" OWNER TO {self.owner}')
+            conn.exec_driver_sql(f"ALTER SCHEMA public OWNER TO {self.owner}")
+
+    def url_of(self, role: str) -> str:
+        return make_url(self.url).set(username=role).render_as_string(hide_password=False)
+
+    def store(self, role: str) -> Store:
+        return Store(self.url_of(role))
+
+    def refused(self, role: str, statement: str) -> str:
+        engine = create_engine(self.url_of(role))
+        try:
+            with pytest.raises(DBAPIError) as caught, engine.begin() as conn:
+                conn.exec_driver_sql(statement)
+            return str(caught.value.orig)
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def roles(postgres_store_url: str) -> Iterator[Roles]:
+    roles = Roles(postgres_store_url)
+    yield roles
+    roles.admin.dispose()
+
+
+def operators(store: Store) -> list[str]:
+    return [row["operator"] for row in store.access_entries()]
+
+
+def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
+    roles: Roles,
+) -> None:
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    now = utcnow()
+    owner.log_access("an", "show", "ticket 1", [("citizen", "ref-1")], now=now - 40 * DAY)
+    owner.log_access("binh", "history", "ticket 2", [("citizen", "ref-2")], now=now - 20 * DAY)
+    granted = owner.grant(roles.runtime, 30)
+    assert (granted.append_only, granted.floor_days) == (("access_log",), 30)
+    assert granted.sequences >= 1  # the access log's id at least
+    owner.close()
+
+    store = roles.store(roles.runtime)
+    try:
+        store.create_schema()  # a current store: nothing to create, nothing refused
+        feed = Feed(store)
+        feed.apply(
+            event("citizen", CITIZEN, "province-79", 1, {"full_name": "Nguyễn Thị Lan"}),
+            event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Thị Lan Anh"}),
+            event("citizen", CITIZEN_2, "province-79", 1, {"full_name": "Trần Văn Đức"}),
+        )
+        feed.apply(event("citizen", CITIZEN, "province-79", 2, {"full_name": "Nguyễn Lan"}))
+        feed.apply(event("citizen", CITIZEN_2, "province-79", 2, None))
+        assert sum(store.count_records().values()) >= 1
+        store.set_meta("checked_by", "test")
+        store.log_access("chi", "export", "ticket 3", [])
+
+        # The retention job as this role: the history goes, the access log only past the
+        # owner's floor (30 days), whatever the job's own retention (1 day) asks.
+        later = now + 800 * DAY
+        retention = Retention(history_days=1, deleted_days=1, access_log_days=1,
+                              reference_key=ReferenceKey(b"r" * 32))  # fmt: skip
+        done = purge(store, retention, later)
+        assert done["history"] >= 1
+        assert done["access_log"] == 1
+        assert operators(store) == ["binh", "chi"]
+
+        # Asking the function itself, the purge's setting on in the session
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("SET portal_sync.access_log_purge = 'on'")
+            asked = text("SELECT portal_sync_purge_access_log(now()::timestamp + '1 day', 100)")
+            assert conn.execute(asked).scalar_one() == 0
+        assert operators(store) == ["binh", "chi"]
+    finally:
+        store.close()
+
+    denied = [
+        "UPDATE access_log SET reason = 'nothing to see'",
+        "DELETE FROM access_log",
+        "SET LOCAL portal_sync.access_log_purge = 'on'; DELETE FROM access_log",
+        "TRUNCATE access_log",
+        "ALTER TABLE access_log DISABLE TRIGGER access_log_append_only",
+        purge_function("public", floor_days=0),
+        f"ALTER FUNCTION {PURGE_FUNCTION} OWNER TO {roles.runtime}",
+        "DROP FUNCTION portal_sync_access_log_append_only() CASCADE",
+        "UPDATE alembic_version SET version_num = '0001'",
+        "DROP TABLE records",
+        "CREATE TABLE public.scratch (a int)",
+    ]
+    for statement in denied:
+        message = roles.refused(roles.runtime, statement)
+        assert "permission denied" in message or "must be owner" in message, statement
+    assert operators(roles.store(roles.owner)) == ["binh", "chi"]
+
+
+def test_the_purge_function_is_nobody_s_until_granted(roles: Roles) -> None:
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    owner.log_access("an", "show", "ticket 1", [], now=utcnow() - 40 * DAY)
+    # The owner's own purge (one role for everything, as before 0017) has no floor.
+    assert owner.purge_access_log(utcnow() - DAY) == 1
+    owner.close()
+    message = roles.refused(
+        roles.other, "SELECT portal_sync_purge_access_log(now()::timestamp, 10)"
+    )
+    assert "permission denied" in message
+
+
+def test_a_grant_that_would_not_bind_is_refused_and_changes_nothing(
+    roles: Roles, sqlite_store_url: str
+) -> None:
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    refusals = {
+        roles.owner: "owns the store's tables",
+        "portal": "superuser",
+        "nobody_such": "no PostgreSQL role",
+    }
+    for role, reason in refusals.items():
+        with pytest.raises(ConfigurationError, match=reason):
+            owner.grant(role, 30)
+    with roles.admin.connect() as conn:
+        conn.exec_driver_sql(f"GRANT {roles.owner} TO {roles.other}")
+    with pytest.raises(ConfigurationError, match="member of the owner"):
+        owner.grant(roles.other, 30)
+
+    with owner.engine.begin() as conn:
+        conn.exec_driver_sql("GRANT DELETE ON access_log TO PUBLIC")
+    with pytest.raises(ConfigurationError, match=r"may still DELETE .*access_log"):
+        owner.grant(roles.runtime, 30)
+    assert "permission denied" in roles.refused(roles.runtime, "SELECT 1 FROM records")
+
+    not_owner = roles.store(roles.runtime)
+    with pytest.raises(ConfigurationError, match="runs as the store's owner"):
+        not_owner.grant(roles.runtime, 30)
+    not_owner.close()
+    owner.close()
+    sqlite = Store(sqlite_store_url)
+    sqlite.create_schema()
+    with pytest.raises(ConfigurationError, match="SQLite"):
+        sqlite.grant("anyone", 30)
+    sqlite.close()
+
+
+def portal_sync(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_SYNC_")}
+    return subprocess.run([sys.executable, "-m", "portal_sync", *args], capture_output=True,
+                          text=True, env={**env, "COLUMNS": "200"}, timeout=120)  # fmt: skip
+
+
+def test_store_grant_runs_again_and_names_what_it_gave(roles: Roles) -> None:
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    owner.close()
+    command = ["store", "grant", roles.runtime, "--store", roles.url_of(roles.owner)]
+    for _ in range(2):
+        result = portal_sync(*command, "--access-log-floor-days", "90")
+        assert result.returncode == 0, result.stderr
+        assert f"granted {roles.runtime}:" in result.stdout
+        assert "access_log append-only" in result.stdout
+        assert "never rows younger than 90 days" in result.stdout
+    as_runtime = portal_sync(*command[:3], "--store", roles.url_of(roles.runtime))
+    assert as_runtime.returncode == 2, as_runtime.stderr
+    assert "runs as the store's owner" in as_runtime.stderr
