@@ -224,8 +224,9 @@ class WorkerHealth:
         self._since: float | None = None
         self._busy_since: float | None = None  # the batch in hand began
         self.reason = ""
-        WORKER_RETRYING_SECONDS.set_function(self.retrying_seconds)
-        WORKER_LAST_PROGRESS.set(time.time())
+        # What /healthz judges by, so that the alert on it sees a batch that blocks (a
+        # commit, a lock, a connection that hangs) as it sees one that retries.
+        WORKER_RETRYING_SECONDS.set_function(self.waiting_seconds)
 
     def retrying(self, reason: str) -> None:
         with self._lock:
@@ -253,11 +254,15 @@ class WorkerHealth:
         since = self._since
         return 0.0 if since is None else time.monotonic() - since
 
+    def waiting_seconds(self) -> float:
+        """The longer of the retries and the batch in hand (0 between batches)."""
+        busy = self._busy_since
+        taken = 0.0 if busy is None else time.monotonic() - busy
+        return max(self.retrying_seconds(), taken)
+
     def ready(self) -> bool:
         return self._since is None
 
     def stalled(self) -> bool:
         """A batch has retried, or one batch has taken, longer than the threshold."""
-        busy = self._busy_since
-        taken = 0.0 if busy is None else time.monotonic() - busy
-        return max(self.retrying_seconds(), taken) > self.stall_after_seconds
+        return self.waiting_seconds() > self.stall_after_seconds

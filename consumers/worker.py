@@ -643,10 +643,13 @@ class ReconcilerLoop:
             try:
                 stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
                 await self._check_topics({topic for topic, _ in partitions}, stored)
+                self.processor.health.recovered()
                 return stored
             except TransientError as error:
                 if self.stop_event.is_set():
                     return None
+                # as a batch's retries: /readyz false, then /healthz and the stall alert
+                self.processor.health.retrying(type(error).__name__)
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                 with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
                     await asyncio.wait_for(self.stop_event.wait(), delay)

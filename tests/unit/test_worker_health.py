@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import REGISTRY
+
 from consumers.metrics import WorkerHealth
+
+
+def waiting() -> float:
+    value = REGISTRY.get_sample_value("portal_sync_worker_retrying_seconds")
+    assert value is not None
+    return value
 
 
 def test_a_batch_that_blocks_past_the_threshold_is_a_stall_and_its_end_clears_it() -> None:
@@ -29,3 +37,20 @@ def test_retrying_past_the_threshold_is_a_stall_until_the_batch_passes() -> None
     assert health.stalled()  # still retrying: the time since it began counts
     health.progressed()
     assert health.ready() and not health.stalled()
+
+
+def test_the_stall_alert_s_gauge_sees_a_batch_that_blocks_as_healthz_does() -> None:
+    """PortalSyncWorkerStalled reads the gauge: a commit that hangs (no exception, nothing
+    retried) kept it at 0 while /healthz failed and the pod was restarted."""
+    health = WorkerHealth(stall_after_seconds=0.05)
+    assert waiting() == 0.0
+    health.busy()
+    time.sleep(0.1)
+    assert waiting() >= 0.1 and health.stalled()
+    health.free()
+    assert waiting() == 0.0
+    health.retrying("StoreUnavailable")  # between batches: the offsets' read at assignment
+    time.sleep(0.06)
+    assert waiting() >= 0.06
+    health.recovered()
+    assert waiting() == 0.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
+from consumers.metrics import WorkerHealth
 from consumers.worker import ReconcilerLoop
 from observability.http import Liveness
 from store import Store
@@ -19,6 +21,8 @@ def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() 
     loop.store = Store(f"postgresql+psycopg://portal@127.0.0.1:{free_port()}/none")
     loop.stop_event = asyncio.Event()
     loop.liveness = Liveness()
+    health = WorkerHealth()
+    loop.processor = SimpleNamespace(health=health)  # type: ignore[assignment]
 
     async def wait() -> tuple[object, float]:
         asyncio.get_running_loop().call_later(0.6, loop.stop_event.set)  # in the 2nd wait
@@ -32,3 +36,5 @@ def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() 
         loop.store.close()
     assert stored is None
     assert took < 1.3, took  # the wait before: about 1.5 s
+    # the wait counted as a batch's retries (not ready; the stall alert's gauge runs)
+    assert not health.ready() and health.reason == "StoreUnavailable"
