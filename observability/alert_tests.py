@@ -130,6 +130,22 @@ CASES = [
         "retention",
     ),
     Case(
+        "PortalSyncRetentionFailing",
+        # a worker started at 0 whose first run fails before its first scrape (the series is
+        # first seen at 1), and again an hour later: increase() sees one failure; the count
+        # since its start, two, pages (held 10 minutes)
+        {
+            f"process_start_time_seconds{{{WORKER}}}": "0x120",
+            f'portal_sync_retention_failures_total{{{WORKER},step="purge"}}': "1x59 2x60",
+        },
+        ("59m", "65m"),
+        ("70m", "80m"),
+        {"job": "portal-sync-worker", "instance": "w1"},
+        "w1: a step of the retention job failed more than once in 3h; what the store must forget "
+        "(deleted records' values, old history, the access log) may be kept past its "
+        "retention",
+    ),
+    Case(
         "PortalSyncLagExporterBlind",
         # polls read the lag every minute until 3m, then fail (the last success stays)
         {
@@ -256,6 +272,31 @@ CASES = [
         ("6m", "7m"),
         {"reason": "key_mismatch"},
         "2 events refused as key_mismatch in 5m: a principal wrote what it may not",
+    ),
+    Case(
+        "PortalSyncEventsRefusedAsForged",
+        # a worker started at 30 s refuses 3 unsigned events before its first scrape (the
+        # series is first seen at 3): increase() sees none; its count since its start pages
+        # until 5 minutes after the start
+        {
+            f"process_start_time_seconds{{{WORKER}}}": "30x10",
+            f'portal_sync_dead_letters_total{{reason="unsigned",{WORKER}}}': "3x10",
+        },
+        "6m",
+        ("0m", "1m", "5m"),
+        {"reason": "unsigned"},
+        "3 events refused as unsigned in 5m: a principal wrote what it may not",
+    ),
+    Case(
+        "PortalSyncEventsRefusedAsForged",
+        # the same count from a worker up for a day, first seen by a Prometheus just
+        # started: counted long ago, no page
+        {
+            f"process_start_time_seconds{{{WORKER}}}": "-86400x10",
+            f'portal_sync_dead_letters_total{{reason="unsigned",{WORKER}}}': "3x10",
+        },
+        ("0m", "1m", "5m"),
+        (),
     ),
     Case(
         "PortalSyncSyncLagAboveObjective",

@@ -73,6 +73,24 @@ class Rule:
         }
 
 
+def _seconds(duration: str) -> int:
+    """A Prometheus duration of one unit ("5m", "3h") in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return int(duration[:-1]) * units[duration[-1]]
+
+
+def _since_start(aggregate: str, counter: str, window: str) -> str:
+    """The whole count of each process that started within `window`. increase() starts
+    from a series' first scrape: what a process counted before it (a worker dead-letters
+    its first batch, or its retention job fails, seconds after it starts, and the first
+    scrape comes up to an interval later) is never an increase. All such a process counted,
+    it counted within the window."""
+    return (
+        f"{aggregate} ({counter} and on (job, instance) "
+        f"(time() - process_start_time_seconds < {_seconds(window)}))"
+    )
+
+
 def _edge(seconds: float) -> str:
     """The `le` label value prometheus_client writes for a bucket edge (60 -> "60.0")."""
     return repr(float(seconds))
@@ -89,11 +107,12 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     growing = f"deriv(portal_sync_consumer_lag_seconds[{w}])"
     status = "max by (group) (portal_sync_consumer_status)"
     dead = f"sum by (reason) (increase(portal_sync_dead_letters_total[{w}]))"
-    refused = (
-        f'sum by (reason) (increase(portal_sync_dead_letters_total{{reason=~"{SECURITY_REASONS}"}}'
-        f"[{w}]))"
-    )
+    dead_early = _since_start("sum by (reason)", "portal_sync_dead_letters_total", w)
+    forged = f'portal_sync_dead_letters_total{{reason=~"{SECURITY_REASONS}"}}'
+    refused = f"sum by (reason) (increase({forged}[{w}]))"
+    refused_early = _since_start("sum by (reason)", forged, w)
     errors = f"sum by (source, kind) (increase(portal_sync_source_errors_total[{w}]))"
+    errors_early = _since_start("sum by (source, kind)", "portal_sync_source_errors_total", w)
     cursor = "max by (source) (portal_sync_source_cursor_lag_seconds)"
     up = f"up{{{JOBS}}}"
 
@@ -117,6 +136,9 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         "max by (job, instance) "
         f"(increase(portal_sync_retention_failures_total[{t.retention_window}]))"
     )
+    retention_early = _since_start(
+        "max by (job, instance)", "portal_sync_retention_failures_total", t.retention_window
+    )
     # the longest of the stall window: a restarted worker's missed scrape keeps its place
     registered = f"max by (source) (max_over_time(portal_sync_source_registered[{t.stall_window}]))"
     silent = (
@@ -135,7 +157,8 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "critical",
             "{{ $labels.instance }}: a batch has waited {{ $value | humanizeDuration }} for "
             "the store or the broker; no change is being applied",
-            "The worker retries with backoff and applies nothing meanwhile: check that "
+            "The worker retries with backoff, or one attempt blocks, and applies nothing "
+            "meanwhile: check that "
             "PostgreSQL and Kafka answer, and that the dead-letter topic exists "
             "(`portal-sync topics`). The worker's /readyz is false while it retries; after "
             "PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS its /healthz fails and its supervisor "
@@ -211,7 +234,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         ),
         Rule(
             "PortalSyncDeadLettersRising",
-            f"{dead} > 0",
+            f"{dead} > 0 or {dead_early} > 0",
             dead,
             "0s",
             "warning",
@@ -222,7 +245,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         ),
         Rule(
             "PortalSyncEventsRefusedAsForged",
-            f"{refused} > 0",
+            f"{refused} > 0 or {refused_early} > 0",
             refused,
             "0s",
             "critical",
@@ -237,7 +260,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         ),
         Rule(
             "PortalSyncSourceErrors",
-            f"{errors} > 0",
+            f"{errors} > 0 or {errors_early} > 0",
             errors,
             "0s",
             "warning",
@@ -289,7 +312,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             # One step failing twice (a store down fails both steps of one run at once).
             # increase() extrapolates: one failure reads a little over 1, but up to 1.7 in
             # a series' first half minute (a worker just started): held for 10 minutes.
-            f"{retention} >= 1.5",
+            f"{retention} >= 1.5 or {retention_early} >= 2",
             retention,
             t.for_long,
             "warning",

@@ -140,24 +140,34 @@ def _status() -> dict[str, Any]:
 
 
 def _processes_up() -> dict[str, Any]:
-    """`up` per process: 0 red "down", 1 green "up" (Grafana's default thresholds, green
-    below 80, would show a process down in green)."""
+    """`up` per process now: 0 red "down", 1 green "up" (Grafana's default thresholds,
+    green below 80, would show a process down in green). An instant query and the `last`
+    reducer, as `_status`: a process gone from service discovery (scaled to 0, a pod
+    replaced) is no longer shown, where a range query kept its last `up`, 1, for the whole
+    time range (PortalSyncWorkerMissing pages for a job with no process at all)."""
     steps = [{"color": "red", "value": None}, {"color": "green", "value": 1}]
+    target = _target(f"up{{{JOBS}}}", "{{job}} {{instance}}")
+    target.update({"instant": True, "range": False})
     return _panel(
         "stat",
         "Processes up",
         (16, 34, 8, 8),
-        [_target(f"up{{{JOBS}}}", "{{job}} {{instance}}")],
+        [target],
         fieldConfig={
             "defaults": {
                 "mappings": _value_mappings({0: ("down", "red"), 1: ("up", "green")}),
                 "unit": "none",
+                "noValue": NO_DATA,
                 "color": {"mode": "thresholds"},
                 "thresholds": {"mode": "absolute", "steps": steps},
             },
             "overrides": [],
         },
-        options={"colorMode": "background", "textMode": "value_and_name"},
+        options={
+            "colorMode": "background",
+            "textMode": "value_and_name",
+            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
+        },
     )
 
 

@@ -211,6 +211,10 @@ def test_dashboard_processes_up_shows_a_process_down_in_red() -> None:
     assert defaults["color"]["mode"] == "thresholds"
     steps = defaults["thresholds"]["steps"]
     assert (_color(steps, 0), _color(steps, 1)) == ("red", "green")
+    # each process' `up` now: one gone from discovery is not shown "up" for the time range
+    (target,) = panel["targets"]
+    assert target["instant"] is True and target["range"] is False
+    assert panel["options"]["reduceOptions"]["calcs"] == ["last"]
 
 
 def test_dashboard_consumer_status_shows_no_data_when_its_series_are_gone() -> None:
