@@ -132,6 +132,7 @@ def new(
 
 
 def produce(
+    ctx: typer.Context,
     config: ConfigOpt,
     once: Annotated[bool, typer.Option("--once", help="Run every source once, then exit")] = False,
     source: SourceOpt = None,
@@ -159,7 +160,13 @@ def produce(
         ),
     ] = None,
     bootstrap: Annotated[
-        str | None, typer.Option("--bootstrap", envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP")
+        str | None,
+        typer.Option(
+            "--bootstrap",
+            envvar="PORTAL_SYNC_KAFKA_BOOTSTRAP",
+            help="Kafka bootstrap servers: the flag wins over the file's kafka.bootstrap, "
+            "which wins over the environment",
+        ),
     ] = None,
     show_config: Annotated[
         bool, typer.Option("--show-config", help="Print the configuration (secrets masked)")
@@ -184,6 +191,11 @@ def produce(
     if show_config:
         out.print(deployment.redacted(), markup=False, highlight=False)
     settings = deployment_settings(deployment, settings_from(bootstrap))
+    given = ctx.get_parameter_source("bootstrap")
+    if bootstrap and given is not None and given.name == "COMMANDLINE":
+        # the flag wins over the file; the environment (the chart sets it for every pod)
+        # does not
+        settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
     reference_key = settings.reference_key()
     deployment.use_defaults(done_retention_days=settings.done_files_retention_days)
     port = deployment.producer.metrics_port if metrics_port is None else metrics_port

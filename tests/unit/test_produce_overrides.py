@@ -48,8 +48,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def serve(port: int, host: str, *args: Any, **kwargs: Any) -> None:
         seen["serve"] = (port, host)
 
-    def run(deployment: Any, *args: Any, **kwargs: Any) -> Any:
+    def run(deployment: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
         seen["state_dir"] = deployment.state_dir
+        seen["bootstrap"] = connection.bootstrap
         return kwargs["result"]
 
     monkeypatch.setattr(observability.http, "serve", serve)
@@ -116,3 +117,20 @@ def test_a_relative_state_dir_is_the_current_directory_s(
     )
     assert result.exit_code == 0, result.output
     assert calls["state_dir"] == tmp_path / "volume"
+
+
+def test_the_bootstrap_flag_wins_over_the_file_s(tmp_path: Path, calls: dict[str, Any]) -> None:
+    """The file's `[kafka] bootstrap` silently replaced `--bootstrap` (README: flags
+    override)."""
+    config = tmp_path / "sources.toml"
+    config.write_text(CONFIG)
+    produce = ["produce", "--config", str(config), "--once"]
+    assert CliRunner().invoke(app, produce).exit_code == 0
+    assert calls["bootstrap"] == "127.0.0.1:1"
+    result = CliRunner().invoke(app, [*produce, "--bootstrap", "127.0.0.1:2"])
+    assert result.exit_code == 0, result.output
+    assert calls["bootstrap"] == "127.0.0.1:2"
+    # the environment (the chart's, for every pod) does not override the file
+    result = CliRunner().invoke(app, produce, env={"PORTAL_SYNC_KAFKA_BOOTSTRAP": "127.0.0.1:3"})
+    assert result.exit_code == 0, result.output
+    assert calls["bootstrap"] == "127.0.0.1:1"
