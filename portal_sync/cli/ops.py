@@ -220,10 +220,16 @@ def rebuild(
         bool, typer.Option("--compare", help="Diff the rebuilt store against the live one")
     ] = False,
     rules_mismatch_ok: RulesOkOpt = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why the copy is made (access log)")
+    ] = None,
+    operator: ReaderOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Build a fresh store from everything the change topics retain, with the live
-    worker's registry and authority."""
+    worker's registry and authority. The copy of every record is recorded in the live
+    store's access log (who, when, where to, --reason) before it begins."""
+    from portal_sync.ops.access import copy_target, record_access, require_reason
     from portal_sync.ops.purge import purges_after, rebuild_warning
     from portal_sync.ops.replay import compare_stores
     from portal_sync.ops.replay import replay as run_replay
@@ -245,11 +251,15 @@ def rebuild(
         live.close()
     if purged:  # on stderr, before the work: the new store is not the live one's equal
         progress_console.print(markup("[yellow]warning:[/yellow] {}", rebuild_warning(purged)))
+    why = require_reason("rebuild", reason) if reason else "(no reason given)"
     target = Store(store)
     target.create_schema()
     if target.holds_data():
         console.print("[red]error:[/red] the target store is not empty")
         raise typer.Exit(1)
+    # Every record is copied out of the live store's reach: recorded there first, as the
+    # commands that show records are (nothing is copied if the row cannot be written).
+    record_access(live_settings.store_url, "rebuild", why, operator, [copy_target(store)])
     settings = live_settings.model_copy(update={"store_url": store})
     with _progress() as progress:
         task = progress.add_task("rebuild", total=None, rate="–")

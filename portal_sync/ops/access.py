@@ -23,11 +23,12 @@ from schemas.errors import Refused
 from schemas.events import ENTITIES
 from schemas.identifiers import ReferenceKey, key_reference
 from schemas.partitioning import record_part
-from store import Store
+from store import Store, redacted_url
 
 MAX_REASON = 1000  # access_log.reason
 MAX_OPERATOR = 128  # access_log.operator
 MAX_KEY = 64  # the contract's longest key
+MAX_REFERENCE = 255  # access_log.reference
 
 
 class ReasonRequired(Refused):
@@ -94,6 +95,12 @@ def record_key(
     if key is not None and not 0 < len(key) <= MAX_KEY:
         raise Refused(f"key: 1 to {MAX_KEY} characters")
     return entity, None if key is None else key_reference(key, secret)
+
+
+def copy_target(store_url: str) -> tuple[None, str]:
+    """A copy of every record (`rebuild`) as the access log names it: where it went (the
+    URL without its password)."""
+    return None, f"all records to {redacted_url(store_url)}"[:MAX_REFERENCE]
 
 
 def dead_letter_key(

@@ -475,10 +475,16 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
 
     rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
     (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")  # a URL with a password: not in `ps`
-    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare",
+                 "--reason", "restore drill", "--operator", "Lê Thị Hoa")  # fmt: skip
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
+    # the copy of every record is in the live store's access log
+    (entry,) = Store(settings.store_url).access_entries()
+    assert (entry["operator"], entry["command"], entry["reason"]) == (
+        "Lê Thị Hoa", "rebuild", "restore drill")  # fmt: skip
+    assert entry["reference"] == f"all records to {rebuilt}"
     copy = settings.model_copy(update={"store_url": rebuilt})
     assert exported(copy) == exported(settings)
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
