@@ -639,17 +639,20 @@ class ReconcilerLoop:
         """The store's offsets of these partitions, their topics checked; a store that is
         away is waited for (with backoff), never guessed. None: asked to stop meanwhile."""
         delay = 0.5
+        retried = False  # this wait's own: a batch retrying meanwhile keeps its state
         while True:
             try:
                 stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
                 await self._check_topics({topic for topic, _ in partitions}, stored)
-                self.processor.health.recovered()
+                if retried:
+                    self.processor.health.recovered()
                 return stored
             except TransientError as error:
                 if self.stop_event.is_set():
                     return None
                 # as a batch's retries: /readyz false, then /healthz and the stall alert
                 self.processor.health.retrying(type(error).__name__)
+                retried = True
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                 with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
                     await asyncio.wait_for(self.stop_event.wait(), delay)

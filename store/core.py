@@ -1002,13 +1002,16 @@ class Store:
                 if access_log_purge and conn.dialect.name == "postgresql":
                     done = int(conn.execute(select(purge_function)).scalar_one())
                     deleted += done
+                    # a purge beside (another worker's) deletes some of a chunk: done when
+                    # none is left, not when a chunk comes out short
+                    more = done > 0
                 else:
                     ids = [row_id for (row_id,) in conn.execute(chosen)]
-                    done = len(ids)
+                    more = len(ids) == RETENTION_CHUNK
                     if ids:
                         result = conn.execute(delete(table).where(table.c.id.in_(ids)))
                         deleted += int(result.rowcount or 0)
-            if done < RETENTION_CHUNK:
+            if not more:
                 return deleted, True
             if deadline is not None and time.monotonic() >= deadline:
                 return deleted, False

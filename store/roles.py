@@ -39,16 +39,16 @@ RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = {schema}, pg_temp
 AS $$
 DECLARE
-    cutoff timestamp := least(before, (now() AT TIME ZONE 'UTC')
-                                      - make_interval(days => {floor_days}));
+    cutoff timestamp := least(before, (pg_catalog.now() AT TIME ZONE 'UTC')
+                                      - pg_catalog.make_interval(days => {floor_days}));
     deleted integer;
 BEGIN
-    PERFORM set_config('portal_sync.access_log_purge', 'on', true);
+    PERFORM pg_catalog.set_config('portal_sync.access_log_purge', 'on', true);
     DELETE FROM access_log WHERE id IN (
         SELECT id FROM access_log WHERE accessed_at < cutoff
         ORDER BY accessed_at LIMIT max_rows);
     GET DIAGNOSTICS deleted = ROW_COUNT;
-    PERFORM set_config('portal_sync.access_log_purge', '', true);
+    PERFORM pg_catalog.set_config('portal_sync.access_log_purge', '', true);
     RETURN deleted;
 END
 $$
@@ -76,8 +76,7 @@ class Granted:
 def grant(engine: Engine, role: str, floor_days: int) -> Granted:
     """Give `role` what the worker and the commands need of the store, and no more; run as
     the tables' owner (or a superuser). Refused: SQLite, a store not at the newest
-    revision, a role that does not exist, owns the tables or is a superuser (privileges
-    would not bind it)."""
+    revision, and a role that no grant would bind (`_unbound`)."""
     if engine.dialect.name != "postgresql":
         raise ConfigurationError(
             "store grant is for PostgreSQL: a SQLite store has no roles (whoever can write "
@@ -86,46 +85,89 @@ def grant(engine: Engine, role: str, floor_days: int) -> Granted:
     if floor_days < 0:
         raise ConfigurationError("the access log's floor is a number of days, 0 or more")
     with engine.begin() as conn:
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")  # not mid-upgrade
+        # Built-ins by their schema: these statements run as the owner, and an unqualified
+        # name could resolve to a function another role created earlier in the path.
+        conn.exec_driver_sql(f"SELECT pg_catalog.pg_advisory_xact_lock({SCHEMA_LOCK})")
         found_table = conn.execute(
             text(
-                "SELECT quote_ident(current_schema()), t.tableowner, current_user, r.rolsuper"
-                " FROM pg_tables t, pg_roles r WHERE t.schemaname = current_schema()"
-                " AND t.tablename = :table AND r.rolname = current_user"
+                "SELECT pg_catalog.quote_ident(t.schemaname::text), t.schemaname,"
+                " t.tableowner, r.rolname, r.rolsuper FROM pg_catalog.pg_tables t,"
+                " pg_catalog.pg_roles r WHERE t.schemaname = pg_catalog.current_schema()"
+                " AND t.tablename = :table AND r.rolname = CURRENT_USER"
             ),
             {"table": access_log.name},
         ).one_or_none()
         if found_table is None:
             raise no_schema()
-        schema, owner, me, me_super = found_table
+        schema, schema_name, owner, me, me_super = found_table
         found = conn.execute(
-            text("SELECT quote_ident(rolname), rolsuper FROM pg_roles WHERE rolname = :role"),
+            text(
+                "SELECT pg_catalog.quote_ident(rolname::text) FROM pg_catalog.pg_roles"
+                " WHERE rolname = :role"
+            ),
             {"role": role},
         ).one_or_none()
         if found is None:
             raise ConfigurationError(f"no PostgreSQL role named {role!r}: create it first")
-        quoted, role_super = found
-        if role == owner:
-            raise ConfigurationError(
-                f"{role!r} owns the store's tables, and an owner is bound by no grant: give "
-                "the worker and the commands a role of their own"
-            )
-        if role_super:
-            raise ConfigurationError(f"{role!r} is a superuser: no grant binds it")
-        member = conn.execute(
-            text("SELECT pg_has_role(:role, :owner, 'MEMBER')"), {"role": role, "owner": owner}
-        ).scalar_one()
-        if member:
-            raise ConfigurationError(
-                f"{role!r} is a member of the owner {owner!r} and has its rights: give the "
-                "worker and the commands a role that is not"
-            )
+        (quoted,) = found
         if me != owner and not me_super:
             raise ConfigurationError(
                 f"store grant runs as the store's owner ({owner!r}), not {me!r}"
             )
+        problem = _unbound(conn, role, owner, schema_name)
+        if problem:
+            raise ConfigurationError(f"{role!r} {problem}")
         require_current(engine)  # (another session: it only reads)
         return _grant(conn, schema, quoted, role, floor_days)
+
+
+# What makes a role's grants moot, as (query, the refusal's text). Each query takes the
+# role, the tables' owner and the store's schema, and is true when the role:
+UNBOUND = (
+    (
+        "SELECT :role = :owner",
+        "owns the store's tables, and an owner is bound by no grant: give the worker and "
+        "the commands a role of their own",
+    ),
+    (
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE (r.rolsuper OR r.rolcreaterole)"
+        " AND pg_catalog.pg_has_role(:role, r.oid, 'MEMBER'))",
+        "is, or may act as, a superuser or a role with CREATEROLE, which can make itself "
+        "the owner: give the worker and the commands a role without either",
+    ),
+    (
+        "SELECT pg_catalog.pg_has_role(:role, :owner, 'MEMBER')",
+        "is a member of the owner and has its rights: give the worker and the commands a "
+        "role that is not",
+    ),
+    (
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY"
+        " (pg_catalog.current_schemas(false) || CAST(:schema AS name)) AND"
+        " (pg_catalog.pg_has_role(:role, n.nspowner, 'MEMBER')"
+        " OR pg_catalog.has_schema_privilege(:role, n.oid, 'CREATE')))",
+        "owns, or may create objects in, the store's schema or another of the owner's "
+        "search path, where it could drop the log or plant a function the owner's sessions "
+        "would call: `REVOKE CREATE ON SCHEMA public FROM PUBLIC` (and from the role), and "
+        "let the owner own the schema and the database",
+    ),
+    (
+        "SELECT pg_catalog.has_database_privilege(:role, pg_catalog.current_database(),"
+        " 'CREATE') OR EXISTS (SELECT FROM pg_catalog.pg_database d WHERE d.datname ="
+        " pg_catalog.current_database() AND pg_catalog.pg_has_role(:role, d.datdba, 'MEMBER'))",
+        "owns the database or may create schemas in it (a schema named as the owner comes "
+        "first in its search path): `ALTER DATABASE … OWNER TO` the owner, `REVOKE CREATE ON "
+        "DATABASE … FROM` the role and PUBLIC",
+    ),
+)
+
+
+def _unbound(conn: Connection, role: str, owner: str, schema: str) -> str | None:
+    """Why no grant would bind `role` (a refusal's text), or None."""
+    values = {"role": role, "owner": owner, "schema": schema}
+    for query, problem in UNBOUND:
+        if conn.execute(text(query), values).scalar_one():
+            return problem
+    return None
 
 
 def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: int) -> Granted:
@@ -138,7 +180,7 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
         run(f"GRANT {APPEND_ONLY if table is access_log else READ_WRITE} ON {name} TO {quoted}")
         for column in table.primary_key.columns:
             sequence = conn.execute(
-                text("SELECT pg_get_serial_sequence(:table, :column)"),
+                text("SELECT pg_catalog.pg_get_serial_sequence(:table, :column)"),
                 {"table": name, "column": column.name},
             ).scalar_one()
             if sequence is not None:
@@ -149,7 +191,8 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     run(f"GRANT SELECT ON {versions} TO {quoted}")
     run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
     run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
-    _still_allowed(conn, f"{schema}.{access_log.name}", role, ("UPDATE", "DELETE", "TRUNCATE"))
+    log = f"{schema}.{access_log.name}"  # a trigger of its own could drop the log's new rows
+    _still_allowed(conn, log, role, ("UPDATE", "DELETE", "TRUNCATE", "TRIGGER"))
     _still_allowed(conn, versions, role, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
     return Granted(
         role=role,
@@ -168,7 +211,7 @@ def _still_allowed(conn: Connection, table: str, role: str, privileges: tuple[st
         privilege
         for privilege in privileges
         if conn.execute(
-            text("SELECT has_table_privilege(:role, :table, :privilege)"),
+            text("SELECT pg_catalog.has_table_privilege(:role, :table, :privilege)"),
             {"role": role, "table": table, "privilege": privilege},
         ).scalar_one()
     ]

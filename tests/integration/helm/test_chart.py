@@ -561,6 +561,13 @@ def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_wo
     )
     default_job = one(default, "Job", f"{FULLNAME}-store-upgrade")
     assert "initContainers" not in default_job["spec"]["template"]["spec"]
+    # the floor follows the workers' retention of the access log, where it is set
+    retention = "PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS"
+    for where in ("worker.env", "env"):
+        job = one(render(helm, *owner, "--set-string", f"{where}.{retention}=365"), "Job",
+                  f"{FULLNAME}-store-upgrade")  # fmt: skip
+        assert container(job)["args"] == [
+            "store", "grant", "portal_sync", "--access-log-floor-days", "365"]  # fmt: skip
 
 
 def test_defaults_leave_the_operator_resources_off(default: list[Manifest]) -> None:

@@ -165,6 +165,29 @@ def test_a_grant_that_would_not_bind_is_refused_and_changes_nothing(
     with pytest.raises(ConfigurationError, match="member of the owner"):
         owner.grant(roles.other, 30)
 
+    # Rights that let a role drop the log, plant a function the owner's sessions would
+    # call, or make itself the owner: each refused, and refused no more once taken back.
+    database = make_url(roles.url).database
+    ways = [
+        (f"ALTER ROLE {roles.runtime} CREATEROLE", f"ALTER ROLE {roles.runtime} NOCREATEROLE",
+         "CREATEROLE"),
+        (f"GRANT CREATE ON SCHEMA public TO {roles.runtime}",
+         f"REVOKE CREATE ON SCHEMA public FROM {roles.runtime}", "may create objects"),
+        (f"ALTER SCHEMA public OWNER TO {roles.runtime}",
+         f"ALTER SCHEMA public OWNER TO {roles.owner}", "owns, or may create objects in"),
+        (f'GRANT CREATE ON DATABASE "{database}" TO {roles.runtime}',
+         f'REVOKE CREATE ON DATABASE "{database}" FROM {roles.runtime}', "may create schemas"),
+        (f'ALTER DATABASE "{database}" OWNER TO {roles.runtime}',
+         f'ALTER DATABASE "{database}" OWNER TO {roles.owner}', "owns the database"),
+    ]  # fmt: skip
+    for give, take, reason in ways:
+        with roles.admin.connect() as conn:
+            conn.exec_driver_sql(give)
+        with pytest.raises(ConfigurationError, match=reason):
+            owner.grant(roles.runtime, 30)
+        with roles.admin.connect() as conn:
+            conn.exec_driver_sql(take)
+
     with owner.engine.begin() as conn:
         conn.exec_driver_sql("GRANT DELETE ON access_log TO PUBLIC")
     with pytest.raises(ConfigurationError, match=r"may still DELETE .*access_log"):
@@ -175,6 +198,9 @@ def test_a_grant_that_would_not_bind_is_refused_and_changes_nothing(
     with pytest.raises(ConfigurationError, match="runs as the store's owner"):
         not_owner.grant(roles.runtime, 30)
     not_owner.close()
+    with owner.engine.begin() as conn:
+        conn.exec_driver_sql("REVOKE DELETE ON access_log FROM PUBLIC")
+    owner.grant(roles.runtime, 30)  # every right above taken back: granted
     owner.close()
     sqlite = Store(sqlite_store_url)
     sqlite.create_schema()
@@ -203,3 +229,31 @@ def test_store_grant_runs_again_and_names_what_it_gave(roles: Roles) -> None:
     as_runtime = portal_sync(*command[:3], "--store", roles.url_of(roles.runtime))
     assert as_runtime.returncode == 2, as_runtime.stderr
     assert "runs as the store's owner" in as_runtime.stderr
+
+
+def test_a_role_that_deleted_from_the_log_before_the_upgrade_still_purges(roles: Roles) -> None:
+    """A commands' role made by hand before migration 0017 (the docs' advice then) purged
+    with the setting and a DELETE; the upgrade lets it run the purge function instead."""
+    from alembic import command
+
+    from store import schema
+
+    owner = roles.store(roles.owner)
+    config = schema._config()
+    with owner.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0016")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, DELETE ON access_log TO {roles.runtime}")
+        conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE access_log_id_seq TO {roles.runtime}")
+        conn.exec_driver_sql(f"GRANT SELECT ON alembic_version TO {roles.runtime}")
+    owner.upgrade()
+    owner.log_access("an", "show", "ticket 1", [], now=utcnow() - 40 * DAY)
+    owner.close()
+    store = roles.store(roles.runtime)
+    try:
+        assert store.purge_access_log(utcnow() - DAY) == 1
+    finally:
+        store.close()
+    assert "permission denied" in roles.refused(
+        roles.other, "SELECT portal_sync_purge_access_log(now()::timestamp, 10)"
+    )
