@@ -238,7 +238,7 @@ def test_every_metric_used_by_dashboard_and_alerts_is_documented() -> None:
     documented = _metrics_doc()
     assert names, "no metric found"
     for name in names:
-        assert f"`{name}" in documented, f"{name} is not in docs/metrics.md"
+        assert f"`{name}`" in documented, f"{name} is not in docs/metrics.md"
 
 
 def test_grafana_provisioning_files() -> None:
