@@ -24,7 +24,7 @@ import pytest
 from consumers.merge import Authority
 from store import Store
 from tests.integration.kafka.test_pipeline_kafka import _read_all
-from tests.integration.kafka.test_worker_faults import _caught_up, _metric, _probe, _wait
+from tests.integration.kafka.test_worker_faults import _caught_up, _probe, _wait
 from tests.support.hostile import (
     NAMES,
     PERSONAL_IDS,
@@ -121,7 +121,7 @@ def test_no_personal_id_or_name_reaches_logs_dead_letter_headers_or_metrics(
         with admin.cluster(settings.connection()) as cluster:
             cluster.delete_topics([dead_letter_topic(settings)])
         _publish(settings, corpus)
-        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+        _wait(lambda: _probe(port, "/readyz") == 503, 90,
               "the worker to retry the dead letters")  # fmt: skip
         ensure_topics(settings)
         _wait(lambda: _caught_up(settings), 120, "the worker to catch up")

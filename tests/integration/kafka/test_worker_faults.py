@@ -191,9 +191,10 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
         with admin.cluster(settings.connection()) as cluster:  # the worker made it at start
             cluster.delete_topics([dead_letter_topic(settings)])
         _publish(settings, events)
-        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
-              "the worker to retry the dead letter")  # fmt: skip
-        assert _probe(port, "/readyz") == 503
+        # Not ready once it retries; the stall gauge counts from the batch's start (a first
+        # attempt that blocks counts as a retry does).
+        _wait(lambda: _probe(port, "/readyz") == 503, 90, "the worker to retry the dead letter")
+        assert (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0
         # Healthy while it retries, past the loop's 15 s beat, up to the stall threshold.
         _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 16, 60,
               "the worker to retry for 16 s")  # fmt: skip
@@ -360,7 +361,8 @@ def test_sigterm_stops_a_worker_that_waits_for_the_dead_letter_topic(
         publisher.send(change_topic(settings, "citizen"), b"x", b"not json")
         publisher.flush()
         publisher.close()
-        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+        # not ready: retrying (the stall gauge counts a first attempt too)
+        _wait(lambda: _probe(port, "/readyz") == 503, 90,
               "the worker to wait for the dead-letter topic")  # fmt: skip
         assert _stop(worker, timeout=15) < 10
         assert worker.returncode == 0
@@ -462,7 +464,7 @@ def _sigterm_while_the_store_is_away(settings: Any, away: Callable[[], object]) 
         _wait(lambda: _probe(port, "/readyz") == 200, 90, "the worker to be ready")
         away()
         _publish(settings, citizen_events(5, 1, seed=37))
-        _wait(lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0, 90,
+        _wait(lambda: _probe(port, "/readyz") == 503, 90,
               "the worker to retry against the store")  # fmt: skip
         time.sleep(1.5)  # past the first retry's backoff (0.5 s): waiting for the store again
         assert _stop(worker, timeout=90) < 10
