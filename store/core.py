@@ -274,8 +274,16 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
     from sqlalchemy.engine import make_url
 
-    given = "connect_timeout" in make_url(url).query or os.environ.get("PGCONNECT_TIMEOUT")
+    query = make_url(url).query
+    given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
     connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    # A server gone without a word (a failover's old primary, a network that drops packets)
+    # held a batch's statement or commit for the kernel's retransmissions, about 15
+    # minutes, until the liveness probe restarted the worker: a connection that hears
+    # nothing is given up in about half a minute, and the batch retries. A URL's own
+    # values win.
+    if not set(KEEPALIVES) & set(query):
+        connect_args.update(KEEPALIVES)
     engine = create_engine(
         url,
         pool_pre_ping=True,
@@ -297,6 +305,14 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
 
 
 CONNECT_TIMEOUT_SECONDS = 10
+# libpq's TCP settings of a store connection (seconds; tcp_user_timeout in milliseconds).
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def _make_parent_dir(url: str) -> None:
