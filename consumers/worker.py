@@ -805,6 +805,7 @@ class ReconcilerLoop:
             # The consumer is not where the store is (a seek lost in a rebalance, an
             # operator's reset): nothing was committed; go back to the store's offsets.
             log.warning("%s: resuming from the store's offsets", error)
+            self.processor.health.recovered()  # that batch is over, retried or not
             # A store away now is waited for, as at an assignment (raised from here, its
             # error stopped the worker with a traceback).
             stored = await self._stored_offsets(member.assignment())

@@ -278,11 +278,13 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
     connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     # A server gone without a word (a failover's old primary, a network that drops packets)
-    # held a batch's statement or commit for the kernel's retransmissions, about 15
-    # minutes, until the liveness probe restarted the worker: a connection that hears
-    # nothing is given up in about half a minute, and the batch retries. A URL's own
-    # values win.
-    if not set(KEEPALIVES) & set(query):
+    # held a batch waiting for a statement's result or its commit for hours, until the
+    # liveness probe restarted the worker: TCP keepalives give such a connection up in
+    # about 25 s, and the batch retries. No `tcp_user_timeout`: on Linux it also drops a
+    # live server that reads slowly while the batch's pipelined writes wait to be sent.
+    # A URL's own values win, and a libpq service file's.
+    service = "service" in query or os.environ.get("PGSERVICE")
+    if not service and not set(KEEPALIVES) & set(query):
         connect_args.update(KEEPALIVES)
     engine = create_engine(
         url,
@@ -305,13 +307,12 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
 
 
 CONNECT_TIMEOUT_SECONDS = 10
-# libpq's TCP settings of a store connection (seconds; tcp_user_timeout in milliseconds).
+# libpq's TCP keepalives of a store connection (seconds).
 KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
-    "tcp_user_timeout": 30_000,
 }
 
 

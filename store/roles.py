@@ -189,6 +189,9 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     versions = f"{schema}.{VERSION_TABLE}"
     run(f"REVOKE ALL ON {versions} FROM {quoted}")
     run(f"GRANT SELECT ON {versions} TO {quoted}")
+    # Only the roles granted run the purge (migration 0017 let the roles that could delete
+    # from the log run it, PUBLIC among them)
+    run(f"REVOKE EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} FROM PUBLIC")
     run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
     run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
     log = f"{schema}.{access_log.name}"  # a trigger of its own could drop the log's new rows

@@ -38,3 +38,45 @@ def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() 
     assert took < 1.3, took  # the wait before: about 1.5 s
     # the wait counted as a batch's retries (not ready; the stall alert's gauge runs)
     assert not health.ready() and health.reason == "StoreUnavailable"
+
+
+def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> None:
+    """A batch retried (the store away), then found another member had applied it
+    (OffsetGap): it is over, and its retries with it. Left set, /readyz stayed 503 until a
+    later batch, and /healthz failed on a quiet partition."""
+    from store.core import OffsetGap
+
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.stop_event = asyncio.Event()
+    loop.liveness = Liveness()
+    health = WorkerHealth(stall_after_seconds=0.05)
+    loop.processor = SimpleNamespace(health=health)  # type: ignore[assignment]
+    loop.store = SimpleNamespace(stored_offsets=lambda partitions: {("t", 0): 7})  # type: ignore[assignment]
+
+    async def check_topics(topics: object, stored: object) -> None:
+        return None
+
+    loop._check_topics = check_topics  # type: ignore[method-assign]
+    seeks: list[object] = []
+
+    async def seek(offsets: object) -> None:
+        seeks.append(offsets)
+
+    member = SimpleNamespace(assignment=lambda: {("t", 0)}, seek=seek)
+
+    async def batch() -> None:
+        health.busy()
+        health.retrying("StoreUnavailable")
+        health.free()
+        raise OffsetGap("t:0 starts at 9, the store is at 7")
+
+    async def run() -> str:
+        loop.idle = asyncio.Event()
+        task = asyncio.ensure_future(batch())
+        outcome, _ = await loop._finished(member, task, [])  # type: ignore[arg-type]
+        return outcome
+
+    assert asyncio.run(run()) == "reseek"
+    assert seeks == [{("t", 0): 7}]
+    time.sleep(0.06)
+    assert health.ready() and not health.stalled()

@@ -47,6 +47,13 @@ def upgrade() -> None:
         "SELECT pg_catalog.quote_ident(pg_catalog.current_schema()::text)"
     ).scalar_one()
     op.execute(purge_function(schema, floor_days=0))
+    # The log's owner's, whoever runs this (a superuser's would run as the superuser and
+    # be the log owner's to neither run nor replace)
+    owner = bind.exec_driver_sql(
+        "SELECT c.relowner::regrole::text FROM pg_catalog.pg_class c"
+        " WHERE c.oid = 'access_log'::regclass"
+    ).scalar_one()
+    op.execute(f"ALTER FUNCTION {PURGE_FUNCTION} OWNER TO {owner}")
     op.execute(f"REVOKE ALL ON FUNCTION {PURGE_FUNCTION} FROM PUBLIC")
     for (grantee,) in bind.exec_driver_sql(DELETERS).all():
         op.execute(f"GRANT EXECUTE ON FUNCTION {PURGE_FUNCTION} TO {grantee}")

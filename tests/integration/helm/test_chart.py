@@ -561,6 +561,8 @@ def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_wo
     )
     default_job = one(default, "Job", f"{FULLNAME}-store-upgrade")
     assert "initContainers" not in default_job["spec"]["template"]["spec"]
+    # an empty env: (YAML null) renders
+    render(helm, *owner, "--set", "worker.env=null", "--set", "env=null")
     # the floor follows the workers' retention of the access log, where it is set
     retention = "PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS"
     for where in ("worker.env", "env"):

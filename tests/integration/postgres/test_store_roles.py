@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -246,14 +247,81 @@ def test_a_role_that_deleted_from_the_log_before_the_upgrade_still_purges(roles:
         conn.exec_driver_sql(f"GRANT SELECT, INSERT, DELETE ON access_log TO {roles.runtime}")
         conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE access_log_id_seq TO {roles.runtime}")
         conn.exec_driver_sql(f"GRANT SELECT ON alembic_version TO {roles.runtime}")
-    owner.upgrade()
+        conn.exec_driver_sql("GRANT DELETE ON access_log TO PUBLIC")
+    # upgraded by a superuser: the function is still the log owner's, to run and replace
+    superuser = Store(roles.url)
+    superuser.upgrade()
+    superuser.close()
     owner.log_access("an", "show", "ticket 1", [], now=utcnow() - 40 * DAY)
-    owner.close()
+    owner.log_access("binh", "show", "ticket 2", [], now=utcnow() - 40 * DAY)
     store = roles.store(roles.runtime)
     try:
-        assert store.purge_access_log(utcnow() - DAY) == 1
+        assert store.purge_access_log(utcnow() - DAY) == 2
     finally:
         store.close()
-    assert "permission denied" in roles.refused(
-        roles.other, "SELECT portal_sync_purge_access_log(now()::timestamp, 10)"
+    assert owner.purge_access_log(utcnow() - DAY) == 0  # the owner's own purge runs
+    other = "SELECT portal_sync_purge_access_log(now()::timestamp, 10)"
+    with create_engine(roles.url_of(roles.other)).begin() as conn:
+        assert conn.exec_driver_sql(other).scalar_one() == 0  # PUBLIC could delete
+    with owner.engine.begin() as conn:
+        conn.exec_driver_sql("REVOKE DELETE ON access_log FROM PUBLIC")
+    owner.grant(roles.runtime, 30)  # the owner replaces the function; PUBLIC's run ends
+    owner.close()
+    assert "permission denied" in roles.refused(roles.other, other)
+
+
+def docs_recipe() -> str:
+    """The SQL block of docs/operations.md's "A store one role owns today"."""
+    text = (Path(__file__).parents[3] / "docs" / "operations.md").read_text()
+    after = text[text.index("**A store one role owns today**") :]
+    start = after.index("```sql\n") + len("```sql\n")
+    return after[start : after.index("\n```", start)]
+
+
+def test_the_docs_recipe_gives_a_one_role_store_to_an_owner(postgres_store_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    runtime, owner = f"sync_{tag}", f"owner_{tag}"
+    database = make_url(postgres_store_url).database
+    admin = create_engine(postgres_store_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {runtime} LOGIN")
+        conn.exec_driver_sql(f'ALTER DATABASE "{database}" OWNER TO {runtime}')
+        conn.exec_driver_sql("ALTER SCHEMA public OWNER TO pg_database_owner")  # a new one's
+    url = make_url(postgres_store_url)
+    as_runtime = url.set(username=runtime).render_as_string(hide_password=False)
+    store = Store(as_runtime)
+    store.create_schema()
+    Feed(store).apply(event("citizen", CITIZEN, "province-79", 1, {"full_name": "Đỗ Minh"}))
+    store.log_access("an", "show", "ticket 1", [], now=utcnow() - 40 * DAY)
+    store.close()
+
+    recipe = (
+        docs_recipe()
+        .replace("portal_owner", owner)
+        .replace("= 'portal_sync'", f"= '{runtime}'")
+        .replace("ALTER DATABASE portal ", f'ALTER DATABASE "{database}" ')
     )
+    with admin.connect() as conn:
+        conn.connection.driver_connection.execute(recipe)  # no parameters: `%` as written
+        left = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            f" WHERE n.nspname = 'public' AND pg_get_userbyid(c.relowner) = '{runtime}'"
+        ).scalar_one()
+        assert left == 0  # tables and their sequences: the owner's now
+    admin.dispose()
+
+    owned = Store(url.set(username=owner).render_as_string(hide_password=False))
+    head = owned.upgrade()[1]
+    assert owned.upgrade() == (head, head)  # the store found, not a new one made
+    owned.grant(runtime, 30)
+    owned.close()
+    store = Store(as_runtime)
+    try:
+        assert store.count_records() == {"citizen": 1}
+        assert store.purge_access_log(utcnow()) == 1
+    finally:
+        store.close()
+    engine = create_engine(as_runtime)
+    with pytest.raises(DBAPIError, match="permission denied"), engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM access_log")
+    engine.dispose()
