@@ -4,14 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint kafka-jars connect-jars clean
+.PHONY: demo test lint lock kafka-jars connect-jars clean
 
-$(STAMP): pyproject.toml deploy/install-system.sh
+# Every package at the version requirements/dev.txt pins, checked against its hashes; the
+# project itself then, with the pinned setuptools (no build isolation: nothing unpinned).
+$(STAMP): pyproject.toml requirements/dev.txt deploy/install-system.sh
 	bash deploy/install-system.sh $(if $(filter test,$(MAKECMDGOALS)),--postgres,)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# After a change of pyproject.toml's dependencies: the locks again, each version the newest
+# that pyproject.toml allows unless it is already pinned (`--upgrade` moves them all).
+# requirements/runtime.txt builds the image (deploy/docker/Dockerfile).
+LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-find-links --all-build-deps
+lock: $(STAMP)
+	$(LOCK) $(ARGS) --output-file requirements/runtime.txt pyproject.toml
+	$(LOCK) $(ARGS) --extra dev --output-file requirements/dev.txt pyproject.toml
 
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from transport.local import ensure_jars; print('Kafka jars in', ensure_jars())"

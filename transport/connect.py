@@ -44,6 +44,7 @@ def ensure_connect_jars() -> Path:
             mvn,
             "-q",
             "-B",
+            "--strict-checksums",  # a jar whose checksum differs from the repository's fails
             "-f",
             str(POM),
             "-P",

@@ -101,6 +101,7 @@ def ensure_jars() -> Path:
         mvn,
         "-q",
         "-B",
+        "--strict-checksums",  # a jar whose checksum differs from the repository's fails
         "-f",
         str(DEPLOY_DIR / "pom.xml"),
         "dependency:copy-dependencies",
