@@ -232,6 +232,14 @@ def _sasl_refusal(connection: KafkaConnection, host: str, port: int, timeout: fl
     return outcome[0]
 
 
+# What a consumer fetches ahead of its reads, at most, for each partition it is assigned: a
+# backlog fills every partition's buffer, so a worker's memory grows by this much for each
+# partition (Kafka's own default; a larger record batch still comes whole). With 4 MiB, a
+# worker on the bench's 24 partitions (4 change topics) held 84 MB of fetched bytes in a
+# backlog, a third of its memory (docs/performance-log.md, twenty-third round).
+MAX_PARTITION_FETCH_BYTES = 1_048_576
+
+
 def _options(connection: KafkaConnection) -> dict[str, Any]:
     """The driver options of a connection the cluster accepts (`verify`)."""
     verify(connection)

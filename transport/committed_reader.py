@@ -50,7 +50,7 @@ class CommittedOffsetReader:
         group_id: str,
         topics: list[str],
         client_id: str = "portal-sync-committed-reader",
-        max_partition_fetch_bytes: int = 4 * 1_048_576,
+        max_partition_fetch_bytes: int = clients.MAX_PARTITION_FETCH_BYTES,
     ) -> None:
         self.group_id = group_id
         self.topics = list(topics)

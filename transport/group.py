@@ -32,7 +32,7 @@ from aiokafka.structs import OffsetAndMetadata
 from kafka.errors import KafkaError as KafkaPythonError
 
 from schemas.errors import ConfigurationError, TransientError
-from transport.clients import quiet_client_debug, translate
+from transport.clients import MAX_PARTITION_FETCH_BYTES, quiet_client_debug, translate
 from transport.config import KafkaConnection
 from transport.guard import install as guard_records
 from transport.guard import unreadable
@@ -119,7 +119,7 @@ class GroupMember:
         on_assigned: Callable[[set[TP]], Awaitable[dict[TP, int]]],
         on_revoked: Callable[[set[TP]], Awaitable[None]],
         client_id: str = "portal-sync-reconciler",
-        max_partition_fetch_bytes: int = 4 * 1_048_576,
+        max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
     ) -> None:
         options = connection.client_options()
         security: dict[str, Any] = {

@@ -54,7 +54,7 @@ class RangeReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # what the worker applies (transport.group)
-            max_partition_fetch_bytes=4 * 1_048_576,
+            max_partition_fetch_bytes=clients.MAX_PARTITION_FETCH_BYTES,
         )
 
     def __enter__(self) -> RangeReader:
