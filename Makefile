@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml requirements/dev.txt deploy/install-system.sh
 # After a change of pyproject.toml's dependencies: the locks again, each version the newest
 # that pyproject.toml allows unless it is already pinned (`--upgrade` moves them all).
 # requirements/runtime.txt builds the image (deploy/docker/Dockerfile).
+# dev.txt is held to runtime.txt's pins: what is tested is what the image ships.
 LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-	--no-emit-find-links --all-build-deps
+	--no-emit-find-links --no-emit-index-url --all-build-deps
 lock: $(STAMP)
 	$(LOCK) $(ARGS) --output-file requirements/runtime.txt pyproject.toml
-	$(LOCK) $(ARGS) --extra dev --output-file requirements/dev.txt pyproject.toml
+	$(LOCK) $(ARGS) --extra dev --constraint requirements/runtime.txt --output-file requirements/dev.txt pyproject.toml
 
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from transport.local import ensure_jars; print('Kafka jars in', ensure_jars())"

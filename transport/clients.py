@@ -236,7 +236,8 @@ def _sasl_refusal(connection: KafkaConnection, host: str, port: int, timeout: fl
 # backlog fills every partition's buffer, so a worker's memory grows by this much for each
 # partition (Kafka's own default; a larger record batch still comes whole). With 4 MiB, a
 # worker on the bench's 24 partitions (4 change topics) held 84 MB of fetched bytes in a
-# backlog, a third of its memory (docs/performance-log.md, twenty-third round).
+# backlog, a third of its memory (docs/performance-log.md, twenty-third round). The
+# worker's fetches ask 4 of these at most in all (`transport.group`).
 MAX_PARTITION_FETCH_BYTES = 1_048_576
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,40 @@ LOCKS = {
 }
 
 
+def closure(requirements: list[Requirement]) -> set[str]:
+    """Every package these requirements install, their extras' packages included, from the
+    installed packages' metadata (a package missing from a lock is missing here too)."""
+    found: set[str] = set()
+    todo = [(r, frozenset()) for r in requirements]
+    while todo:
+        requirement, extras = todo.pop()
+        wanted = {"", *extras}
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": e}) for e in wanted
+        ):
+            continue
+        name = canonicalize_name(requirement.name)
+        key = f"{name}[{','.join(sorted(requirement.extras))}]"
+        if key in found:
+            continue
+        found.add(key)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            pytest.fail(f"{name} is not installed: run `make lock`, then `make`")
+        todo += [(Requirement(r), frozenset(requirement.extras)) for r in requires]
+    return {key.split("[")[0] for key in found}
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_each_lock_holds_exactly_what_its_requirements_install(lock: str) -> None:
+    """Extras' packages included (kafka-python[lz4,snappy,zstd]); nothing left over."""
+    pins = set(read_lock(ROOT / "requirements" / lock))
+    needed = closure(LOCKS[lock])
+    assert not needed - pins, f"{lock} lacks {sorted(needed - pins)}: run `make lock`"
+    assert not pins - needed, f"{lock} pins what nothing needs: {sorted(pins - needed)}"
+
+
 @pytest.mark.parametrize("lock", sorted(LOCKS))
 def test_every_requirement_is_pinned_within_its_range_with_hashes(lock: str) -> None:
     pins = read_lock(ROOT / "requirements" / lock)
@@ -77,3 +112,39 @@ def test_the_lock_says_how_it_is_made(lock: str) -> None:
     assert "--find-links" not in text  # a machine's own wheel folder stays out of the lock
     makefile = (ROOT / "Makefile").read_text()
     assert f"--output-file requirements/{lock}" in makefile
+
+
+def _ignore_pattern(pattern: str) -> re.Pattern[str]:
+    parts = re.split(r"(\*\*|\*|\?)", pattern.strip("/"))
+    wild = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts))
+
+
+def test_the_image_build_context_holds_everything_the_dockerfile_copies() -> None:
+    """BuildKit reads deploy/docker/Dockerfile.dockerignore: a COPY of a path it leaves out
+    fails the image's build, which CI does not run."""
+    docker = ROOT / "deploy" / "docker"
+    rules = [
+        (line.startswith("!"), _ignore_pattern(line.lstrip("!")))
+        for line in (docker / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def included(path: str) -> bool:
+        keep = True
+        parents = [path] + [path.rsplit("/", n)[0] for n in range(1, path.count("/") + 1)]
+        for negated, pattern in rules:
+            if any(pattern.fullmatch(p) for p in parents):
+                keep = negated
+        return keep
+
+    copies = [
+        line.split()[1:-1]
+        for line in (docker / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+    ]
+    sources = [source for sources in copies for source in sources]
+    assert "requirements/runtime.txt" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert included(source), f"Dockerfile.dockerignore leaves out {source}"
