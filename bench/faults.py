@@ -44,6 +44,8 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine, text
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Project imports, kept here only (module paths are about to move).
@@ -295,16 +297,46 @@ def make_events(n: int, seed: int) -> list[Item]:
 
 
 def poison_event(number: int, rng: random.Random) -> Item:
-    """A contract-valid upsert of a fresh record that the store cannot apply: its
-    occurred_at is out of range once converted to UTC (year 0). The worker must
-    dead-letter it as `apply_failed` and apply everything around it. (Year 10000 in UTC
-    would be refused before the store, as `future_timestamp`.)"""
+    """A contract-valid upsert of a fresh record that the store cannot apply: the store's
+    database refuses its key (`refuse_poison`, a trigger installed before the run). The
+    worker must dead-letter it as `apply_failed` and apply everything around it."""
     key = _key("citizen", number, rng)
     source = rng.choice(SOURCES)
-    when = rng.choice(["0001-01-01T00:00:00+14:00", "0001-01-01T13:59:59.999999+14:00"])
+    when = datetime(2025, 9, 1, 7, tzinfo=VN) + timedelta(seconds=number % 86_400)
     event = build_event(source, "citizen", key, 1, when, {"full_name": nfc(rng.choice(NAMES))})
     key_bytes = message_key("citizen", key, source)
     return Item("citizen", key_bytes, _encode(event), invalid="apply_failed")
+
+
+def refuse_poison(store_url: str, items: list[Item]) -> int:
+    """The store created, its database refusing any view of the poison events' keys: a
+    trigger that raises a data exception (PostgreSQL) or aborts (SQLite), as a value the
+    store cannot hold would. The number of keys refused."""
+    keys = sorted({json.loads(i.value or b"{}")["key"] for i in items
+                   if i.invalid == "apply_failed"})  # fmt: skip
+    assert all(key.isascii() and key.isdigit() for key in keys)  # quoted as they are below
+    store = Store(store_url)
+    store.create_schema()
+    store.close()
+    listed = ", ".join(f"'{key}'" for key in keys)
+    if store_url.startswith("sqlite"):
+        statements = [
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON source_views "
+            f"WHEN NEW.key IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON source_views FOR EACH ROW "
+            f"WHEN (NEW.key IN ({listed})) EXECUTE FUNCTION refuse_poison()",
+        ]
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()
+    return len(keys)
 
 
 def make_tail(seed: int) -> list[Item]:
@@ -428,8 +460,6 @@ class Postgres:
         )
         server.up()
         admin = f"postgresql+psycopg://portal@127.0.0.1:{server.port}/postgres"
-        from sqlalchemy import create_engine, text
-
         engine = create_engine(admin, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.execute(text("CREATE DATABASE faults"))
@@ -1270,9 +1300,11 @@ def broker_drill(args: argparse.Namespace) -> int:
             store_url = pg.url
         else:
             store_url = f"sqlite:///{root / 'store.db'}"
+        refused = refuse_poison(store_url, items)
         run = Run(root, cluster.bootstrap(), store_url, args.seed)
         run.env["PORTAL_SYNC_REPLICATION_FACTOR"] = "3"
         run.note(f"{n} feed lines, 3 nodes {cluster.bootstrap()}, store {args.store}, {root}")
+        run.note(f"the store refuses the {refused} poison events' keys (a trigger)")
         topics = run.command("topics")
         assert topics.returncode == 0, topics.stderr
         workers = Workers(run)
@@ -1491,11 +1523,13 @@ def main() -> int:
             store_url = pg.url
         else:
             store_url = f"sqlite:///{root / 'store.db'}"
+        refused = refuse_poison(store_url, items + tail)
         run = Run(root, broker.kafka.bootstrap(), store_url, args.seed, args.partitions,
                   args.workers)  # fmt: skip
         run.note(
             f"{n} feed lines, broker {broker.kafka.bootstrap()}, store {args.store}, run dir {root}"
         )
+        run.note(f"the store refuses the {refused} poison events' keys (a trigger)")
         topics = run.command("topics")
         assert topics.returncode == 0, topics.stderr
         workers = Workers(run)

@@ -212,6 +212,10 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
     yield bad("version a string", "invalid_field", version="7")
     yield bad("naive occurred_at", "invalid_field", occurred_at="2025-08-01T08:00:00")
     yield bad("occurred_at not a time", "invalid_field", occurred_at="hôm qua")
+    # Instants no store can hold (years 0 and 10000 in UTC): the contract's, not the store's.
+    yield bad("occurred_at year 0 in UTC", "invalid_field", occurred_at="0001-01-01T00:00:00+14:00")
+    yield bad("occurred_at year 10000 in UTC", "invalid_field",
+              occurred_at="9999-12-31T23:59:59-14:00")  # fmt: skip
     yield bad("event_id not a UUID", "invalid_field", event_id="not-a-uuid")
     yield bad("source in capitals", "invalid_field", source="Province-01")
     yield bad("op rename", "invalid_field", op="rename")

@@ -13,7 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import InvalidEvent, derive_event_id, message_key, parse_event, partition_for
-from schemas.events import CitizenEvent, DocumentEvent, DossierEvent, OrganizationEvent
+from schemas.events import (
+    NO_UTC_FORM,
+    CitizenEvent,
+    DocumentEvent,
+    DossierEvent,
+    OrganizationEvent,
+)
 from schemas.export import JSON_DIR, rendered_schemas
 from schemas.identifiers import current_province_codes, tax_code_check_digit
 from schemas.partitioning import murmur2
@@ -616,13 +622,31 @@ def test_occurred_at_keeps_its_instant_held_in_utc() -> None:
     assert occurred.utcoffset() == timedelta(0)
 
 
-def test_occurred_at_without_a_utc_form_stays_as_given() -> None:
-    """Year 1 at +14:00 is year 0 in UTC: still valid here (the store refuses it, and the
-    worker dead-letters it as `apply_failed`), never an error while parsing."""
-    event = citizen(occurred_at="0001-01-01T00:00:00+14:00")
-    occurred = parse_event(encode(event)).event.occurred_at
-    assert occurred.utcoffset() == timedelta(hours=14)
-    assert (occurred.year, occurred.month, occurred.day) == (1, 1, 1)
+@pytest.mark.parametrize(
+    "when",
+    [
+        "0001-01-01T00:00:00+14:00",  # year 0 in UTC
+        "0001-01-01T13:59:59.999999+14:00",
+        "9999-12-31T23:59:59-14:00",  # year 10000 in UTC
+        "9999-12-31T10:00:00-14:00",
+    ],
+)
+def test_occurred_at_without_a_utc_form_is_refused(when: str) -> None:
+    """No store can hold such an instant: refused by the contract, with the field's path and
+    a fixed text, instead of reaching a worker that finds it only by halving its batch
+    down to it (`apply_failed`)."""
+    error = reject(encode(citizen(occurred_at=when)))
+    assert error.code == "invalid_field"
+    assert error.message == "occurred_at: Value error, " + NO_UTC_FORM
+    assert when not in error.message
+
+
+def test_occurred_at_at_the_edges_of_utc_is_valid() -> None:
+    for when, utc in (
+        ("0001-01-01T13:59:59+13:59", datetime(1, 1, 1, 0, 0, 59, tzinfo=UTC)),
+        ("9999-12-31T09:59:59-14:00", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    ):
+        assert parse_event(encode(citizen(occurred_at=when))).event.occurred_at == utc
 
 
 # -- exported JSON Schemas ----------------------------------------------------------------

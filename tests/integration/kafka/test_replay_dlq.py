@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 import unicodedata
 from datetime import UTC, datetime, timedelta
@@ -493,17 +494,21 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
 def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """A contract-valid event the store cannot hold (year 1 at +14:00 is year 0 in UTC):
-    the worker dead-letters it as `apply_failed`; a replay and a rebuild find it the same
-    way (halving the batch) and go on past it, instead of stopping at it every time."""
+    """Contract-valid events the store refuses (here a trigger refuses their keys, in the
+    live store and in the new one): the worker dead-letters them as `apply_failed`; a replay
+    and a rebuild find them the same way (halving the batch) and go on past them, instead
+    of stopping at them every time."""
     settings = settings_for(sqlite_store_url, change_partitions=1)
     events = citizen_events(40, 1, seed=44)
-    for n, when in enumerate(["0001-01-01T00:00:00+14:00", "0001-01-01T13:59:59+14:00"]):
+    refused = []
+    for n in range(2):
         key = f"00109009{n:04d}"
-        poison = events[0] | {"key": key, "occurred_at": when,
+        refused.append(key)
+        poison = events[0] | {"key": key,
                               "event_id": str(derive_event_id(events[0]["source"], "citizen",
                                                               key, 1))}  # fmt: skip
         events.insert(10 + 20 * n, poison)
+    _refuse_keys(sqlite_store_url, refused)
     _published(settings, tmp_path, events)
     _caught_up(settings)
     live = Store(settings.store_url)
@@ -515,11 +520,25 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     assert outcomes["apply_failed"] == 2 and outcomes["unchanged"] == len(events) - 2, outcomes
 
     rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    _refuse_keys(rebuilt, refused)
     (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
     result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
     assert Store(rebuilt).all_offsets() == live.all_offsets()
+
+
+def _refuse_keys(store_url: str, keys: list[str]) -> None:
+    """A store (created if new) whose database refuses any view of these keys."""
+    store = Store(store_url)
+    store.create_schema()
+    store.close()
+    listed = ", ".join(f"'{key}'" for key in keys)
+    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+        db.execute(
+            "CREATE TRIGGER refuse_keys BEFORE INSERT ON source_views "
+            f"WHEN NEW.key IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
 
 
 def _twenty_applied_then_deleted(
