@@ -456,9 +456,10 @@ def dlq_import(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Publish the dead letters a producer kept on disk, because its cluster does not let
-    a source write the dead-letter topic, into that topic (run as an operator who may).
-    Take the file aside first (rename it where the producer runs: it starts a new one),
-    and remove it afterwards: importing it again adds its letters again."""
+    a source write the dead-letter topic, into that topic (run as an operator who may read
+    and write it). Take the file aside first (rename it where the producer runs: it starts
+    a new one). A letter the topic holds already is not sent again: an import interrupted
+    or run twice adds each letter once."""
     from portal_sync.ops.dlq import import_letters
 
     settings = settings_from(bootstrap, None)
@@ -466,8 +467,8 @@ def dlq_import(
     console.print(
         plain(
             f"imported {summary.imported} dead letters from {file.name} into "
-            f"{settings.topics().dead_letters}; remove the file now (importing it again "
-            "would add them twice)"
+            f"{settings.topics().dead_letters}; {summary.present} already there, not sent "
+            "again"
         )
     )
     if summary.skipped:

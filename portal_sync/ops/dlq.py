@@ -9,6 +9,7 @@ records it in the store (`dead_letter_redrives`): each dead letter is re-driven 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -466,6 +467,7 @@ def _redriven_already(
 class ImportSummary:
     imported: int
     skipped: list[int]  # line numbers that hold no kept letter (with skip_bad)
+    present: int = 0  # letters the topic holds already (an earlier import), not sent again
 
 
 def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> ImportSummary:
@@ -474,7 +476,12 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
     into the dead-letter topic, as they are. Every line is read before any is sent: a line
     that is no letter a producer kept (a line torn by a crash, a letter naming a change
     topic as its origin or carrying a signature) refuses the file, or with `skip_bad` is
-    skipped and reported."""
+    skipped and reported.
+
+    Idempotent: a letter the topic already holds, byte for byte (an earlier import of the
+    file, whole or interrupted), is not sent again, nor one the file holds twice. The topic
+    is read for that first (from its log start: a letter its retention removed would be
+    sent again)."""
     letters = []
     skipped = []
     with path.open("rb") as handle:
@@ -490,14 +497,55 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
                         f"{path.name}, line {number}: {why} (--skip-bad imports the others)"
                     ) from None
                 skipped.append(number)
-    publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-import")
-    try:
-        for key, value, headers in letters:
-            publisher.send_dead_letter(key, value, headers)
-        publisher.flush()
-    finally:
-        publisher.close()
-    return ImportSummary(len(letters), skipped)
+    seen = _kept_in_topic(settings) if letters else set()
+    todo = []
+    for key, value, headers in letters:
+        digest = letter_digest(key, value, headers)
+        if digest not in seen:
+            seen.add(digest)
+            todo.append((key, value, headers))
+    if todo:
+        publisher = Publisher(
+            settings.connection(), settings.topics(), client_id="portal-sync-import"
+        )
+        try:
+            for key, value, headers in todo:
+                publisher.send_dead_letter(key, value, headers)
+            publisher.flush()
+        finally:
+            publisher.close()
+    return ImportSummary(len(todo), skipped, len(letters) - len(todo))
+
+
+def letter_digest(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]]
+) -> bytes:
+    """What tells one letter from another: its key, value and headers, in order (SHA-256
+    of their lengths and bytes). A letter with neither key nor value is published with an
+    empty value (`Publisher.send_dead_letter`), and counts as one."""
+    if key is None and value is None:
+        value = b""
+    digest = hashlib.sha256()
+    for part in (key, value):
+        digest.update(b"-" if part is None else b"+%d:" % len(part) + part)
+    for name, raw in headers:
+        encoded = name.encode("utf-8", "surrogatepass")
+        digest.update(b"%d:" % len(encoded) + encoded + b"%d:" % len(raw) + raw)
+    return digest.digest()
+
+
+def _kept_in_topic(settings: Settings) -> set[bytes]:
+    """The digests of the producers' letters the dead-letter topic holds (their origin a
+    source, `source:<id>`)."""
+    found: set[bytes] = set()
+    with RangeReader(settings.connection()) as reader:
+        ranges = reader.resolve(Selection([settings.topics().dead_letters]))
+        for batch in reader.read(ranges):
+            for message in batch:
+                origin = dict(message.headers).get("ps.origin.topic", b"")
+                if origin.startswith(b"source:"):
+                    found.add(letter_digest(message.key, message.value, message.headers))
+    return found
 
 
 class NotKept(Refused, ValueError):

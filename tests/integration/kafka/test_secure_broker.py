@@ -310,6 +310,9 @@ fields = {{ full_name = "name" }}
     imported = cli(operator, "dlq", "import", str(kept), COLUMNS="300")
     assert imported.returncode == 0, imported.stdout + imported.stderr
     assert "imported 1 dead letters" in imported.stdout
+    again = cli(operator, "dlq", "import", str(kept), COLUMNS="300")  # run twice: added once
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "imported 0 dead letters" in again.stdout and "1 already there" in again.stdout
     with RangeReader(operator.connection()) as reader:
         ranges = reader.resolve(Selection([operator.topics().dead_letters]))
         letters = [m for batch in reader.read(ranges) for m in batch]
