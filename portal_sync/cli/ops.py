@@ -467,8 +467,9 @@ def dlq_import(
     console.print(
         plain(
             f"imported {summary.imported} dead letters from {file.name} into "
-            f"{settings.topics().dead_letters}; {summary.present} already there, not sent "
-            "again"
+            f"{settings.topics().dead_letters} ({summary.present} already there and "
+            f"{summary.repeated} repeated in the file, not sent again); remove the file now "
+            "(it holds the records)"
         )
     )
     if summary.skipped:

@@ -463,11 +463,15 @@ def _redriven_already(
     return letter.failed_at is not None and letter.failed_at <= recorded_at - skew
 
 
+Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+
+
 @dataclass(frozen=True)
 class ImportSummary:
     imported: int
     skipped: list[int]  # line numbers that hold no kept letter (with skip_bad)
-    present: int = 0  # letters the topic holds already (an earlier import), not sent again
+    present: int = 0  # letters the topic held already (an earlier import): not sent again
+    repeated: int = 0  # lines that repeat a letter of the file: sent once
 
 
 def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> ImportSummary:
@@ -480,16 +484,17 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
 
     Idempotent: a letter the topic already holds, byte for byte (an earlier import of the
     file, whole or interrupted), is not sent again, nor one the file holds twice. The topic
-    is read for that first (from its log start: a letter its retention removed would be
-    sent again)."""
-    letters = []
+    is read for that first, from its log start (a letter its retention removed would be
+    sent again); what is kept of it meanwhile is only the file's letters."""
+    letters: dict[bytes, Letter] = {}
     skipped = []
+    lines = 0
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                letters.append(_kept_letter(json.loads(line)))
+                letter = _kept_letter(json.loads(line))
             except (ValueError, KeyError, TypeError) as error:
                 if not skip_bad:
                     why = str(error) if isinstance(error, NotKept) else "not a kept dead letter"
@@ -497,13 +502,11 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
                         f"{path.name}, line {number}: {why} (--skip-bad imports the others)"
                     ) from None
                 skipped.append(number)
-    seen = _kept_in_topic(settings) if letters else set()
-    todo = []
-    for key, value, headers in letters:
-        digest = letter_digest(key, value, headers)
-        if digest not in seen:
-            seen.add(digest)
-            todo.append((key, value, headers))
+                continue
+            lines += 1
+            letters.setdefault(letter_digest(*letter), letter)
+    present = _held_by_topic(settings, set(letters)) if letters else set()
+    todo = [letter for digest, letter in letters.items() if digest not in present]
     if todo:
         publisher = Publisher(
             settings.connection(), settings.topics(), client_id="portal-sync-import"
@@ -514,7 +517,7 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
             publisher.flush()
         finally:
             publisher.close()
-    return ImportSummary(len(todo), skipped, len(letters) - len(todo))
+    return ImportSummary(len(todo), skipped, len(present), lines - len(letters))
 
 
 def letter_digest(
@@ -534,9 +537,9 @@ def letter_digest(
     return digest.digest()
 
 
-def _kept_in_topic(settings: Settings) -> set[bytes]:
-    """The digests of the producers' letters the dead-letter topic holds (their origin a
-    source, `source:<id>`)."""
+def _held_by_topic(settings: Settings, wanted: set[bytes]) -> set[bytes]:
+    """Which of these digests the dead-letter topic holds, among its producers' letters
+    (their origin a source, `source:<id>`)."""
     found: set[bytes] = set()
     with RangeReader(settings.connection()) as reader:
         ranges = reader.resolve(Selection([settings.topics().dead_letters]))
@@ -544,7 +547,9 @@ def _kept_in_topic(settings: Settings) -> set[bytes]:
             for message in batch:
                 origin = dict(message.headers).get("ps.origin.topic", b"")
                 if origin.startswith(b"source:"):
-                    found.add(letter_digest(message.key, message.value, message.headers))
+                    digest = letter_digest(message.key, message.value, message.headers)
+                    if digest in wanted:
+                        found.add(digest)
     return found
 
 
@@ -552,7 +557,7 @@ class NotKept(Refused, ValueError):
     """A line that reads as a letter, but not as one a producer keeps."""
 
 
-def _kept_letter(line: object) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def _kept_letter(line: object) -> Letter:
     """A producer's letter: the headers every dead letter has, its origin a source
     (`source:<id>`, which `dlq redrive` never sends to a change topic), no signature."""
     if not isinstance(line, dict):
@@ -565,4 +570,9 @@ def _kept_letter(line: object) -> tuple[bytes | None, bytes | None, list[tuple[s
         raise NotKept("its origin is no source (ps.origin.topic = source:<id>)")
     if any(name in named for name in KEPT_HEADERS):
         raise NotKept("it carries a signature header: a producer's own letters have none")
+    for name in named:
+        try:
+            name.encode("utf-8")  # what the client sends a header's name as
+        except UnicodeEncodeError:
+            raise NotKept("a header's name is not UTF-8 text") from None
     return key, value, headers

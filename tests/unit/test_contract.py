@@ -643,10 +643,12 @@ def test_occurred_at_without_a_utc_form_is_refused(when: str) -> None:
 
 def test_occurred_at_at_the_edges_of_utc_is_valid() -> None:
     for when, utc in (
+        ("0001-01-01T14:00:00+14:00", datetime(1, 1, 1, tzinfo=UTC)),
         ("0001-01-01T13:59:59+13:59", datetime(1, 1, 1, 0, 0, 59, tzinfo=UTC)),
         ("9999-12-31T09:59:59-14:00", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
     ):
-        assert parse_event(encode(citizen(occurred_at=when))).event.occurred_at == utc
+        occurred = parse_event(encode(citizen(occurred_at=when))).event.occurred_at
+        assert occurred == utc and occurred.tzinfo is UTC
 
 
 # -- exported JSON Schemas ----------------------------------------------------------------

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -224,3 +226,105 @@ def test_a_digest_tells_where_the_bytes_belong() -> None:
     a, b = ("ps.a", b"1"), ("ps.b", b"2")
     assert letter_digest(b"k", b"v", [a, b]) != letter_digest(b"k", b"v", [b, a])
     assert letter_digest(b"k", b"v", [("ps.a1", b"")]) != letter_digest(b"k", b"v", [a])
+
+
+class _Topic:
+    """The dead-letter topic as `import_letters` reads and writes it (no broker): what it
+    holds, and what was sent to it."""
+
+    def __init__(self, held: list[Letter]) -> None:
+        self.held = held
+        self.sent: list[Letter] = []
+        self.reads = 0
+
+    def reader(self, *_: object, **__: object) -> Any:
+        from transport.message import Message
+
+        topic = self
+
+        class Reader:
+            def __enter__(self) -> Reader:
+                topic.reads += 1
+                return self
+
+            def __exit__(self, *_: object) -> None:
+                pass
+
+            def resolve(self, selection: object) -> list[object]:
+                return []
+
+            def read(self, ranges: object) -> Iterator[list[Message]]:
+                yield [
+                    Message("portal-sync.dead-letters", 0, offset, value, key, 0, tuple(headers))
+                    for offset, (key, value, headers) in enumerate(topic.held)
+                ]
+
+        return Reader()
+
+    def publisher(self, *_: object, **__: object) -> Any:
+        topic = self
+
+        class Publisher:
+            def send_dead_letter(self, key: Any, value: Any, headers: Any) -> None:
+                topic.sent.append((key, value, list(headers)))
+
+            def flush(self) -> int:
+                return len(topic.sent)
+
+            def close(self) -> None:
+                pass
+
+        return Publisher()
+
+
+def _import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, topic: _Topic,
+            lines: list[dict[str, object]]) -> Any:  # fmt: skip
+    from portal_sync.ops import dlq
+    from portal_sync.settings import Settings
+
+    monkeypatch.setattr(dlq, "RangeReader", topic.reader)
+    monkeypatch.setattr(dlq, "Publisher", topic.publisher)
+    path = tmp_path / "hcm.dead-letters.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return dlq.import_letters(Settings(kafka_bootstrap="127.0.0.1:1"), path)
+
+
+def test_an_import_sends_each_letter_once_whatever_the_topic_and_the_file_hold_already(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, third = (_producers_letter(**{"x-n": str(n).encode()}) for n in range(3))
+    as_sent = [letter_from_line(line) for line in (first, second, third)]
+    # The topic holds the first (an earlier import) and, from a change topic, a letter of
+    # the same bytes as the second: only a producer's letter (origin source:) counts.
+    key, value, headers = as_sent[1]
+    from_a_change_topic = (key, value, [(n, b"portal-sync.changes.citizen" if n ==
+                           "ps.origin.topic" else v) for n, v in headers])  # fmt: skip
+    topic = _Topic([as_sent[0], from_a_change_topic])
+    summary = _import(tmp_path, monkeypatch, topic, [first, second, second, third])
+    assert topic.sent == as_sent[1:]
+    assert (summary.imported, summary.present, summary.repeated) == (2, 1, 1)
+
+    topic.held.extend(topic.sent)  # run again: nothing left to send
+    topic.sent = []
+    summary = _import(tmp_path, monkeypatch, topic, [first, second, second, third])
+    assert topic.sent == []
+    assert (summary.imported, summary.present, summary.repeated) == (0, 3, 1)
+
+
+def test_an_empty_file_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    topic = _Topic([])
+    summary = _import(tmp_path, monkeypatch, topic, [])
+    assert (summary.imported, topic.reads, topic.sent) == (0, 0, [])
+
+
+def test_a_header_name_the_client_cannot_send_refuses_the_file_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from schemas.errors import Refused
+
+    line = _producers_letter()
+    line["headers"] = [*cast(list[list[str]], line["headers"]), ["x-\ud800", ""]]
+    topic = _Topic([])
+    with pytest.raises(Refused, match="line 2: a header's name is not UTF-8"):
+        _import(tmp_path, monkeypatch, topic, [_producers_letter(), line])
+    assert topic.sent == []

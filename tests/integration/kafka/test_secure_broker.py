@@ -306,7 +306,9 @@ fields = {{ full_name = "name" }}
     assert len(kept.read_text().splitlines()) == 1
     operator = broker.settings("admin")
     refused = cli(broker.settings("province-79"), "dlq", "import", str(kept))
-    assert refused.returncode != 0  # a source may not write the dead letters
+    assert refused.returncode != 0  # a source may not read (nor write) the dead letters
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert "User:province-79" in said and operator.topics().dead_letters in said, said
     imported = cli(operator, "dlq", "import", str(kept), COLUMNS="300")
     assert imported.returncode == 0, imported.stdout + imported.stderr
     assert "imported 1 dead letters" in imported.stdout
