@@ -723,7 +723,7 @@ class SqlPollingAdapter:
         could skip the rows after it too."""
         try:
             return self.cursor_time(values[self.updated_at.name])
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:  # Overflow: no UTC form
             raise FatalError(
                 f"{self.config.name}: a row's {self.config.updated_at_column} cannot be read "
                 f"as a time ({type(error).__name__}); fix the row at the source, then restart"

@@ -742,10 +742,11 @@ def test_flags_nobody_can_read_null_keys_and_versions_are_rejected_not_guessed(
     assert [(c.pk, isinstance(c, SourceChange)) for c in fixed] == [(4, True)]
 
 
+@pytest.mark.parametrize("when", ["ngày mai", "9999-12-31T23:00:00-14:00"])  # no UTC form
 def test_a_cursor_time_nobody_can_read_stops_the_source_loudly(
-    tmp_path: Path, adapters: list[SqlPollingAdapter]
+    tmp_path: Path, adapters: list[SqlPollingAdapter], when: str
 ) -> None:
-    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", "ngày mai", "0", "1")])
+    config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", when, "0", "1")])
     adapter = SqlPollingAdapter(config)
     adapters.append(adapter)
     with pytest.raises(sql_polling.FatalError, match="updated_at cannot be read as a time"):
