@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,42 @@ class Unloadable(Registry):
 
 def _refuse() -> Registry:
     raise ValueError("no registry here")
+
+
+COMMAND = """
+import sys
+from {module} import {attr}  # the top of the `portal-sync` script pip writes
+
+from consumers.registry import Registry
+from consumers.validators import Rules, Validators
+from transport.topics import Topics
+
+
+def loaded(name):
+    return name in sys.modules
+
+
+if __name__ == "__main__":
+    pool = Validators(1, Rules(Registry(), Topics(prefix="vt"), 300.0))
+    try:
+        print(*(pool.pool.submit(loaded, name).result() for name in ("typer", "rich")))
+    finally:
+        pool.close()
+"""
+
+
+def test_the_children_of_the_portal_sync_command_never_import_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """A spawned child runs its parent's script again as its main module: the `portal-sync`
+    script's own import must not bring Typer and Rich into every validator child (about
+    10 MB each, docs/performance-log.md)."""
+    (entry,) = (e for e in entry_points(group="console_scripts") if e.name == "portal-sync")
+    module, attr = entry.value.split(":")
+    script = tmp_path / "portal-sync"
+    script.write_text(COMMAND.format(module=module, attr=attr), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
