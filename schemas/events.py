@@ -256,7 +256,12 @@ class _EventBase(ContractModel):
     # At most 2^53: exact in every JSON reader, and far from the store's 2^63 - 1, so a
     # hostile version cannot freeze a record beyond every later real update.
     version: Annotated[int, Field(ge=1, le=MAX_VERSION)]
-    occurred_at: Annotated[AwareDatetime, BeforeValidator(_datetime_text), AfterValidator(_in_utc)]
+    occurred_at: Annotated[
+        AwareDatetime,
+        BeforeValidator(_datetime_text),
+        AfterValidator(_in_utc),
+        Field(description="RFC 3339 with an offset; an instant of years 1 to 9999 in UTC"),
+    ]
 
     @model_validator(mode="after")
     def _data_matches_op(self) -> Self:
