@@ -38,6 +38,7 @@ from store import (
     BatchChanges,
     Conflicts,
     HistoryEntry,
+    OffsetGap,
     OffsetRange,
     SourcePartition,
     Store,
@@ -191,6 +192,9 @@ class Reconciler:
         # The records live batches applied, as they left them (a live worker's): taken
         # instead of read back when the store confirms nothing else wrote them.
         self.cache = cache
+        # The partitions this reconciler committed offsets of: the store must still hold
+        # an offset for each (`_apply`).
+        self.committed: set[TopicPartition] = set()
 
     def apply(
         self,
@@ -264,6 +268,7 @@ class Reconciler:
                         ranges[tp] = (min(first, start), end, count)
                 # A gap is refused before `after_offsets` sends the batch's dead letters:
                 # the batch read again would send them a second time.
+                self._check_offsets_held(ranges, stored)
                 tx.check_contiguous(ranges)
             if after_offsets is not None:
                 after_offsets(stored)
@@ -311,6 +316,8 @@ class Reconciler:
             written = perf_counter()
         report.committed_at = utcnow()
         committed = perf_counter()
+        if not (replay or dry_run):
+            self.committed.update(ranges)
         report.phases = {
             "read": read - began,
             "merge": merged - read,
@@ -327,6 +334,24 @@ class Reconciler:
                 conflicts,
             )
         return report
+
+    def _check_offsets_held(
+        self, ranges: Mapping[TopicPartition, OffsetRange], stored: Mapping[TopicPartition, int]
+    ) -> None:
+        """The store accepts a partition it holds no offset for at any offset (its log may
+        begin after 0). One this reconciler committed must still be there: if not, the
+        store lost what it committed (restored from a backup, or failed over to a replica
+        behind it) and a batch from where this worker is would skip what was lost. Refused
+        once (`OffsetGap`): the worker then goes back to the store's offsets, here the log's
+        start, and applies it all again."""
+        lost = sorted(tp for tp in ranges if tp in self.committed and tp not in stored)
+        if lost:
+            self.committed.difference_update(lost)
+            where = ", ".join(f"{topic}[{partition}]" for topic, partition in lost)
+            raise OffsetGap(
+                f"{where}: the store holds no offset where this worker committed one (a "
+                "store restored from a backup, or failed over to a replica behind it?)"
+            )
 
     def remerge(
         self, keys: Sequence[RecordKey], source: str = "remerge", dry_run: bool = False

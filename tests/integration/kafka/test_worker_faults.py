@@ -307,6 +307,42 @@ def test_the_store_refuses_a_batch_that_does_not_start_at_its_next_offset(
     store.close()
 
 
+def test_a_store_that_lost_a_partitions_offset_under_a_running_worker_is_refused_once(
+    store_url: str,
+) -> None:
+    """A partition the store has no offset for is taken from any offset (its log may begin
+    after 0). But when the store had one and lost it (restored from a backup taken before
+    the partition's first batch, or failed over to a replica behind), a running worker's
+    next batch would skip the lost events: it is refused once, and the batch read again
+    from the log's start (where the worker then seeks) is applied, every event in it."""
+    from consumers.reconciler import Reconciler
+
+    store = Store(store_url)
+    store.create_schema()
+    reconciler = Reconciler(store, Authority())
+    first = checked_list([event("citizen", "001090012345", "province-01", 1, {"sex": "male"})])
+    reconciler.apply(first, [c.message for c in first])
+    engine = create_engine(store_url)
+    with engine.begin() as conn:  # the store as a backup from before that batch holds it
+        for table in ("applied_offsets", "apply_journal", "record_history", "source_views",
+                      "records", "source_freshness"):  # fmt: skip
+            conn.execute(text(f"DELETE FROM {table}"))
+    engine.dispose()
+    after = checked_list(
+        [event("citizen", "079305012345", "province-01", 1, {"sex": "female"})], start=1
+    )
+    told: list[object] = []
+    with pytest.raises(OffsetGap, match="holds no offset where this worker committed one"):
+        reconciler.apply(after, [c.message for c in after], after_offsets=told.append)
+    assert told == [] and store.all_offsets() == {}
+
+    again = first + after  # from the log's start
+    reconciler.apply(again, [c.message for c in again])
+    assert store.all_offsets() == {("portal.changes", 0): 2}
+    assert sorted(k for _, k, *_ in store.iter_records()) == ["001090012345", "079305012345"]
+    store.close()
+
+
 def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
