@@ -192,9 +192,9 @@ class Reconciler:
         # The records live batches applied, as they left them (a live worker's): taken
         # instead of read back when the store confirms nothing else wrote them.
         self.cache = cache
-        # The partitions this reconciler committed offsets of: the store must still hold
-        # an offset for each (`_apply`).
-        self.committed: set[TopicPartition] = set()
+        # The partitions the store is known to hold an offset for (this reconciler committed
+        # one, or the worker was given one at an assignment): it must still (`_apply`).
+        self.held: set[TopicPartition] = set()
 
     def apply(
         self,
@@ -317,7 +317,7 @@ class Reconciler:
         report.committed_at = utcnow()
         committed = perf_counter()
         if not (replay or dry_run):
-            self.committed.update(ranges)
+            self.held.update(ranges)
         report.phases = {
             "read": read - began,
             "merge": merged - read,
@@ -335,18 +335,30 @@ class Reconciler:
             )
         return report
 
+    def note_offsets(
+        self, partitions: Iterable[TopicPartition], stored: Mapping[TopicPartition, int]
+    ) -> None:
+        """The worker sought these partitions from the store's offsets (an assignment, a
+        return to the store's offsets): those it has must stay (`_check_offsets_held`);
+        the others start at their log's beginning."""
+        for tp in partitions:
+            if tp in stored:
+                self.held.add(tp)
+            else:
+                self.held.discard(tp)
+
     def _check_offsets_held(
         self, ranges: Mapping[TopicPartition, OffsetRange], stored: Mapping[TopicPartition, int]
     ) -> None:
         """The store accepts a partition it holds no offset for at any offset (its log may
-        begin after 0). One this reconciler committed must still be there: if not, the
-        store lost what it committed (restored from a backup, or failed over to a replica
-        behind it) and a batch from where this worker is would skip what was lost. Refused
-        once (`OffsetGap`): the worker then goes back to the store's offsets, here the log's
-        start, and applies it all again."""
-        lost = sorted(tp for tp in ranges if tp in self.committed and tp not in stored)
+        begin after 0). One it held (this reconciler committed it, or the worker was sought
+        from it) must still be there: if not, the store lost it (restored from a backup, or
+        failed over to a replica behind it) and a batch from where this worker is would
+        skip what was lost. Refused once (`OffsetGap`): the worker then goes back to the
+        store's offsets, here the log's start, and applies it all again."""
+        lost = sorted(tp for tp in ranges if tp in self.held and tp not in stored)
         if lost:
-            self.committed.difference_update(lost)
+            self.held.difference_update(lost)
             where = ", ".join(f"{topic}[{partition}]" for topic, partition in lost)
             raise OffsetGap(
                 f"{where}: the store holds no offset where this worker committed one (a "

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -629,9 +629,19 @@ class ReconcilerLoop:
         stored = await self._stored_offsets(partitions)
         if stored is None:
             return {}
-        self.applied.update(stored)
+        self._sought(partitions, stored)
         self.liveness.set_ready()
         return stored
+
+    def _sought(
+        self, partitions: Iterable[TopicPartition], stored: dict[TopicPartition, int]
+    ) -> None:
+        """Partitions sought from the store's offsets (or their log's start, those it has
+        none for): what the worker has applied of them, and what the store must keep."""
+        partitions = list(partitions)
+        self.processor.reconciler.note_offsets(partitions, stored)
+        for tp in partitions:
+            self.applied[tp] = stored.get(tp, 0)
 
     async def _stored_offsets(
         self, partitions: set[TopicPartition]
@@ -808,10 +818,12 @@ class ReconcilerLoop:
             self.processor.health.recovered()  # that batch is over, retried or not
             # A store away now is waited for, as at an assignment (raised from here, its
             # error stopped the worker with a traceback).
-            stored = await self._stored_offsets(member.assignment())
+            assigned = member.assignment()
+            stored = await self._stored_offsets(assigned)
             if stored is None:
                 return "stop", {}
             await member.seek(stored)
+            self._sought(assigned, stored)
             return "reseek", {}
         except Exception as error:
             # Never go on from the consumer's position after a failure: stop, and let the

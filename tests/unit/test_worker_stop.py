@@ -50,8 +50,11 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
     loop.stop_event = asyncio.Event()
     loop.liveness = Liveness()
     health = WorkerHealth(stall_after_seconds=0.05)
-    loop.processor = SimpleNamespace(health=health)  # type: ignore[assignment]
+    noted: list[tuple[object, object]] = []
+    reconciler = SimpleNamespace(note_offsets=lambda tps, stored: noted.append((set(tps), stored)))
+    loop.processor = SimpleNamespace(health=health, reconciler=reconciler)  # type: ignore[assignment]
     loop.store = SimpleNamespace(stored_offsets=lambda partitions: {("t", 0): 7})  # type: ignore[assignment]
+    loop.applied = {("t", 0): 9}
 
     async def check_topics(topics: object, stored: object) -> None:
         return None
@@ -78,5 +81,7 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
 
     assert asyncio.run(run()) == "reseek"
     assert seeks == [{("t", 0): 7}]
+    # the store's offsets are what the worker has applied again, and what the store must keep
+    assert loop.applied == {("t", 0): 7} and noted == [({("t", 0)}, {("t", 0): 7})]
     time.sleep(0.06)
     assert health.ready() and not health.stalled()

@@ -307,21 +307,27 @@ def test_the_store_refuses_a_batch_that_does_not_start_at_its_next_offset(
     store.close()
 
 
+@pytest.mark.parametrize("held", ["committed", "sought"])
 def test_a_store_that_lost_a_partitions_offset_under_a_running_worker_is_refused_once(
-    store_url: str,
+    store_url: str, held: str
 ) -> None:
     """A partition the store has no offset for is taken from any offset (its log may begin
-    after 0). But when the store had one and lost it (restored from a backup taken before
-    the partition's first batch, or failed over to a replica behind), a running worker's
-    next batch would skip the lost events: it is refused once, and the batch read again
-    from the log's start (where the worker then seeks) is applied, every event in it."""
+    after 0). But when the store held one and lost it (restored from a backup taken before
+    the partition's first batch, or failed over to a replica behind) a running worker's
+    next batch would skip the lost events: refused once, whether this worker committed the
+    offset or was sought from it at an assignment, and the batch read again from the log's
+    start (where the worker then seeks) is applied, every event in it."""
     from consumers.reconciler import Reconciler
 
     store = Store(store_url)
     store.create_schema()
     reconciler = Reconciler(store, Authority())
     first = checked_list([event("citizen", "001090012345", "province-01", 1, {"sex": "male"})])
-    reconciler.apply(first, [c.message for c in first])
+    if held == "committed":
+        reconciler.apply(first, [c.message for c in first])
+    else:  # another worker committed it; this one was given the partition then
+        Reconciler(store, Authority()).apply(first, [c.message for c in first])
+        reconciler.note_offsets([("portal.changes", 0)], store.all_offsets())
     engine = create_engine(store_url)
     with engine.begin() as conn:  # the store as a backup from before that batch holds it
         for table in ("applied_offsets", "apply_journal", "record_history", "source_views",
@@ -331,15 +337,20 @@ def test_a_store_that_lost_a_partitions_offset_under_a_running_worker_is_refused
     after = checked_list(
         [event("citizen", "079305012345", "province-01", 1, {"sex": "female"})], start=1
     )
+    other = checked_list(  # a partition the store never held: taken from where it begins
+        [event("citizen", "048190012345", "province-01", 1, {"sex": "male"})], 7, partition=1
+    )
     told: list[object] = []
-    with pytest.raises(OffsetGap, match="holds no offset where this worker committed one"):
-        reconciler.apply(after, [c.message for c in after], after_offsets=told.append)
+    with pytest.raises(OffsetGap, match=r"portal.changes\[0\]: the store holds no offset"):
+        reconciler.apply(after + other, [c.message for c in after + other],
+                         after_offsets=told.append)  # fmt: skip
     assert told == [] and store.all_offsets() == {}
 
-    again = first + after  # from the log's start
+    again = first + after + other  # partition 0 from its log's start
     reconciler.apply(again, [c.message for c in again])
-    assert store.all_offsets() == {("portal.changes", 0): 2}
-    assert sorted(k for _, k, *_ in store.iter_records()) == ["001090012345", "079305012345"]
+    assert store.all_offsets() == {("portal.changes", 0): 2, ("portal.changes", 1): 8}
+    assert sorted(k for _, k, *_ in store.iter_records()) == [
+        "001090012345", "048190012345", "079305012345"]  # fmt: skip
     store.close()
 
 
@@ -347,9 +358,10 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
     """Finding 1 (the mechanism): when the store's offsets and the consumer's position part
-    (here an operator rewinds the store under a running worker), the store refuses the
-    batch instead of committing past unapplied events, and the worker goes back to the
-    store's offsets: everything is applied again, idempotently, and the result is exact."""
+    (here an operator rewinds the store under a running worker, then the store loses the
+    partition), the store refuses the batch instead of committing past unapplied events,
+    and the worker goes back to the store's offsets (the log's start when it has none):
+    everything is applied again, idempotently, and the result is exact."""
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
     first = citizen_events(20, 1, seed=33)
@@ -364,6 +376,15 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
         more = [dict(e, source="province-79") for e in citizen_events(5, 1, seed=34)]
         _publish(settings, more)
         _wait(lambda: _caught_up(settings), 120, "the worker to resume from the store")
+        # The store loses all of the partition under the running worker (restored from a
+        # backup taken before its first batch): the worker goes back to the log's start.
+        with sqlite3.connect(settings.store_url.removeprefix("sqlite:///")) as db:
+            for table in ("applied_offsets", "apply_journal", "record_history",
+                          "source_views", "records", "source_freshness"):  # fmt: skip
+                db.execute(f"DELETE FROM {table}")
+        last = [dict(e, source="province-48") for e in citizen_events(5, 1, seed=35)]
+        _publish(settings, last)
+        _wait(lambda: _caught_up(settings), 120, "the worker to apply the log again")
         assert worker.poll() is None
         assert _stop(worker) < 10
     finally:
@@ -371,7 +392,8 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
             worker.kill()
     output = worker.stdout.read() if worker.stdout else ""
     assert "resuming from the store's offsets" in output
-    assert exported(settings) == expected_export(first + more, Authority())
+    assert "the store holds no offset where this worker committed one" in output
+    assert exported(settings) == expected_export(first + more + last, Authority())
     store = Store(settings.store_url)
     ranges = store.journal()[tp]
     store.close()
