@@ -361,8 +361,8 @@ class Reconciler:
             self.held.difference_update(lost)
             where = ", ".join(f"{topic}[{partition}]" for topic, partition in lost)
             raise OffsetGap(
-                f"{where}: the store holds no offset where this worker committed one (a "
-                "store restored from a backup, or failed over to a replica behind it?)"
+                f"{where}: the store no longer holds the offset it held while this worker "
+                "ran (restored from a backup, or failed over to a replica behind it?)"
             )
 
     def remerge(

@@ -341,7 +341,9 @@ def test_a_store_that_lost_a_partitions_offset_under_a_running_worker_is_refused
         [event("citizen", "048190012345", "province-01", 1, {"sex": "male"})], 7, partition=1
     )
     told: list[object] = []
-    with pytest.raises(OffsetGap, match=r"portal.changes\[0\]: the store holds no offset"):
+    with pytest.raises(
+        OffsetGap, match=r"portal.changes\[0\]: the store no longer holds the offset"
+    ):
         reconciler.apply(after + other, [c.message for c in after + other],
                          after_offsets=told.append)  # fmt: skip
     assert told == [] and store.all_offsets() == {}
@@ -392,7 +394,7 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
             worker.kill()
     output = worker.stdout.read() if worker.stdout else ""
     assert "resuming from the store's offsets" in output
-    assert "the store holds no offset where this worker committed one" in output
+    assert "the store no longer holds the offset it held" in output
     assert exported(settings) == expected_export(first + more + last, Authority())
     store = Store(settings.store_url)
     ranges = store.journal()[tp]
