@@ -44,8 +44,6 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Project imports, kept here only (module paths are about to move).
@@ -54,6 +52,7 @@ from schemas import ENTITIES, build_event, message_key, parse_event
 from schemas.dead_letter import read_headers
 from store import Store
 from store.tables import applied_offsets, apply_journal
+from tests.support.store_helpers import refuse_views_of
 from transport import admin
 from transport.local import LocalKafka, free_port
 from transport.publisher import Publisher
@@ -309,33 +308,11 @@ def poison_event(number: int, rng: random.Random) -> Item:
 
 
 def refuse_poison(store_url: str, items: list[Item]) -> int:
-    """The store created, its database refusing any view of the poison events' keys: a
-    trigger that raises a data exception (PostgreSQL) or aborts (SQLite), as a value the
-    store cannot hold would. The number of keys refused."""
+    """The store created, its database refusing any view of the poison events' keys
+    (`refuse_views_of`); the number of keys refused."""
     keys = sorted({json.loads(i.value or b"{}")["key"] for i in items
                    if i.invalid == "apply_failed"})  # fmt: skip
-    assert all(key.isascii() and key.isdigit() for key in keys)  # quoted as they are below
-    store = Store(store_url)
-    store.create_schema()
-    store.close()
-    listed = ", ".join(f"'{key}'" for key in keys)
-    if store_url.startswith("sqlite"):
-        statements = [
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON source_views "
-            f"WHEN NEW.key IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        ]
-    else:
-        statements = [
-            "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
-            "RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON source_views FOR EACH ROW "
-            f"WHEN (NEW.key IN ({listed})) EXECUTE FUNCTION refuse_poison()",
-        ]
-    engine = create_engine(store_url)
-    with engine.begin() as conn:
-        for statement in statements:
-            conn.execute(text(statement))
-    engine.dispose()
+    refuse_views_of(store_url, keys)
     return len(keys)
 
 
@@ -460,6 +437,8 @@ class Postgres:
         )
         server.up()
         admin = f"postgresql+psycopg://portal@127.0.0.1:{server.port}/postgres"
+        from sqlalchemy import create_engine, text
+
         engine = create_engine(admin, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.execute(text("CREATE DATABASE faults"))

@@ -120,13 +120,18 @@ def iter_dead_letters(
     """`read_dead_letters` one by one, as they are read: a letter the filters refuse is
     never kept (a topic's letters can hold up to 1 MiB each)."""
     filters = filters or Filters()
+    for message in _dead_letter_messages(settings):
+        letter = _letter(message)
+        if filters.keep(letter):
+            yield letter
+
+
+def _dead_letter_messages(settings: Settings) -> Iterator[Message]:
+    """Every message of the dead-letter topic, from its log start to its end now."""
     with RangeReader(settings.connection()) as reader:
         ranges = reader.resolve(Selection([settings.topics().dead_letters]))
         for batch in reader.read(ranges):
-            for message in batch:
-                letter = _letter(message)
-                if filters.keep(letter):
-                    yield letter
+            yield from batch
 
 
 def _letter(message: Message) -> DeadLetterRecord:
@@ -541,15 +546,11 @@ def _held_by_topic(settings: Settings, wanted: set[bytes]) -> set[bytes]:
     """Which of these digests the dead-letter topic holds, among its producers' letters
     (their origin a source, `source:<id>`)."""
     found: set[bytes] = set()
-    with RangeReader(settings.connection()) as reader:
-        ranges = reader.resolve(Selection([settings.topics().dead_letters]))
-        for batch in reader.read(ranges):
-            for message in batch:
-                origin = dict(message.headers).get("ps.origin.topic", b"")
-                if origin.startswith(b"source:"):
-                    digest = letter_digest(message.key, message.value, message.headers)
-                    if digest in wanted:
-                        found.add(digest)
+    for message in _dead_letter_messages(settings):
+        if dict(message.headers).get("ps.origin.topic", b"").startswith(b"source:"):
+            digest = letter_digest(message.key, message.value, message.headers)
+            if digest in wanted:
+                found.add(digest)
     return found
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
 from consumers.checks import Checked
 from consumers.merge import Authority
@@ -167,3 +167,31 @@ def anomaly_rows(store: Store) -> list[tuple[Any, ...]]:
         return [
             (r.key, r.source, r.from_status, r.to_status, r.event_id) for r in conn.execute(query)
         ]
+
+
+def refuse_views_of(store_url: str, keys: Sequence[str]) -> None:
+    """The store (created if new) whose database itself refuses any view of these keys, as
+    a value it cannot hold would be: a trigger that raises a data exception (PostgreSQL,
+    SQLSTATE 22023) or aborts (SQLite). Keys are ASCII digits (quoted as they are)."""
+    assert keys and all(key.isascii() and key.isdigit() for key in keys)
+    store = Store(store_url)
+    store.create_schema()
+    store.close()
+    listed = ", ".join(f"'{key}'" for key in keys)
+    if store_url.startswith("sqlite"):
+        statements = [
+            "CREATE TRIGGER refuse_views BEFORE INSERT ON source_views "
+            f"WHEN NEW.key IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION refuse_views() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_views BEFORE INSERT OR UPDATE ON source_views FOR EACH ROW "
+            f"WHEN (NEW.key IN ({listed})) EXECUTE FUNCTION refuse_views()",
+        ]
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()

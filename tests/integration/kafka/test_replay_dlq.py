@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 import unicodedata
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from tests.support.pipeline_helpers import (
     start_worker,
     write_jsonl,
 )
+from tests.support.store_helpers import refuse_views_of
 
 pytestmark = pytest.mark.kafka
 PID = "001090012345"
@@ -508,7 +508,7 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
                               "event_id": str(derive_event_id(events[0]["source"], "citizen",
                                                               key, 1))}  # fmt: skip
         events.insert(10 + 20 * n, poison)
-    _refuse_keys(sqlite_store_url, refused)
+    refuse_views_of(sqlite_store_url, refused)
     _published(settings, tmp_path, events)
     _caught_up(settings)
     live = Store(settings.store_url)
@@ -520,25 +520,12 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     assert outcomes["apply_failed"] == 2 and outcomes["unchanged"] == len(events) - 2, outcomes
 
     rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
-    _refuse_keys(rebuilt, refused)
+    refuse_views_of(rebuilt, refused)
     (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
     result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
     assert Store(rebuilt).all_offsets() == live.all_offsets()
-
-
-def _refuse_keys(store_url: str, keys: list[str]) -> None:
-    """A store (created if new) whose database refuses any view of these keys."""
-    store = Store(store_url)
-    store.create_schema()
-    store.close()
-    listed = ", ".join(f"'{key}'" for key in keys)
-    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
-        db.execute(
-            "CREATE TRIGGER refuse_keys BEFORE INSERT ON source_views "
-            f"WHEN NEW.key IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
 
 
 def _twenty_applied_then_deleted(

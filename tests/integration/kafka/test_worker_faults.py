@@ -47,7 +47,7 @@ from tests.support.pipeline_helpers import (
     write_jsonl,
 )
 from tests.support.postgres_server import PostgresUnavailable, start_postgres
-from tests.support.store_helpers import checked_list, event
+from tests.support.store_helpers import checked_list, event, refuse_views_of
 from transport import admin
 from transport.local import free_port
 
@@ -132,26 +132,6 @@ def _stop(worker: subprocess.Popen[str], timeout: float = 10) -> float:
     return time.monotonic() - began
 
 
-def _refuse_key_on_postgres(store_url: str, key: str) -> None:
-    """The database itself refuses one record (a data exception, SQLSTATE 22023)."""
-    engine = create_engine(store_url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN "
-                f"IF NEW.key = '{key}' THEN RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; "
-                "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
-            )
-        )
-        conn.execute(
-            text(
-                "CREATE TRIGGER refuse_one BEFORE INSERT OR UPDATE ON source_views "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_one()"
-            )
-        )
-    engine.dispose()
-
-
 def _processor(settings_for: Any, url: str) -> tuple[Any, Store, Any]:
     """A worker's batch processor in this process, on change topics of one partition (one
     offset sequence), with a fresh store."""
@@ -182,7 +162,7 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
     Store(settings.store_url).create_schema()
     events = [e for e in citizen_events(40, 1, seed=31) if e["op"] == "upsert"][:30]
     poison = events[5]
-    _refuse_key_on_postgres(settings.store_url, poison["key"])
+    refuse_views_of(settings.store_url, [poison["key"]])
     # The batch's first dead-letter send blocks about 10 s (the topic's metadata) before
     # it retries: the stall counts from the batch's start.
     worker = start_worker(settings, PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS="40")
