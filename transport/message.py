@@ -38,11 +38,14 @@ class Message:
 
     @property
     def attempt(self) -> int:
-        """1 for a first delivery; a re-driven dead letter carries its previous attempt."""
+        """1 for a first delivery; a re-driven dead letter carries its previous attempt.
+        Anyone who can write a change topic can set the header: only up to 9 ASCII digits
+        count (`int` would take spaces, underscores and 4,000 digits, whose text Python
+        then refuses to write: the dead letter could not be built, ever)."""
         value = self.header("ps.attempt")
-        if value is None:
-            return 1
-        try:
-            return int(value) + 1
-        except ValueError:
-            return 1
+        if value is None or not (value.isdigit() and len(value) <= ATTEMPT_DIGITS):
+            return 1  # bytes.isdigit: ASCII digits only
+        return int(value) + 1
+
+
+ATTEMPT_DIGITS = 9

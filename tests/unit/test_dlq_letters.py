@@ -91,6 +91,27 @@ def test_a_bad_header_is_named_and_the_rest_is_read(
     assert letter.attempt >= 1
 
 
+@pytest.mark.parametrize(
+    ("header", "attempt"),
+    [
+        (None, 1),
+        (b"1", 2),
+        (b"123456789", 123456790),
+        (b"9" * 4300, 1),  # its text: more digits than Python writes (ValueError)
+        (b"1234567890", 1),
+        (b"1_0", 1),  # int() would take these
+        (b" 7", 1),
+        (b"+1", 1),
+        ("\u0663".encode(), 1),
+    ],
+)
+def test_a_messages_attempt_counts_only_a_few_ascii_digits(
+    header: bytes | None, attempt: int
+) -> None:
+    headers = () if header is None else (("ps.attempt", header),)
+    assert Message("t", 0, 0, b"{}", headers=headers).attempt == attempt
+
+
 def test_bad_time_is_no_time_for_the_filters() -> None:
     letter = letter_of(headers=replaced("ps.failed_at", b"2025-08-01T08:00:00"))
     assert letter.failed_at is None

@@ -66,6 +66,50 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     store.close()
 
 
+@pytest.mark.parametrize("attempt", [b"9" * 4300, b"1_0", b" 7", "\u0663".encode()])
+def test_a_forged_attempt_header_is_a_first_attempt_and_the_batch_goes_on(
+    settings_for: Any, sqlite_store_url: str, attempt: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who can write a change topic sets `ps.attempt`: 4,300 digits made the dead
+    letter's headers unwritable (Python refuses to print such an integer), which stopped
+    the worker at that message after every restart."""
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
+    events = [e for e in citizen_events(8, 1, seed=23) if e["source"] == "province-01"][:6]
+    messages = [
+        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
+    ]
+    forged = [("ps.attempt", attempt)]
+    invalid = Message(messages[0].topic, 0, 6, b"not json", b"citizen:1", None, tuple(forged))
+    refused = messages[3]  # valid, and then refused by the store: dead-lettered alone
+    messages[3] = Message(refused.topic, 0, 3, refused.value, refused.key, None, tuple(forged))
+    real_apply = processor.reconciler.apply
+
+    def refuse(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        if any(c.message.offset == 3 for c in valid):
+            raise ValueError("a value the store cannot hold")
+        return real_apply(valid, batch, **kw)
+
+    monkeypatch.setattr(processor.reconciler, "apply", refuse)
+    processor.process([*messages, invalid])
+    processor.close()
+
+    assert store.all_offsets() == {(messages[0].topic, 0): 7}
+    letters = _read_all(settings, dead_letter_topic(settings), 2)
+    headers = sorted(
+        (read_headers(letter.headers) for letter in letters), key=lambda h: h["ps.origin.offset"]
+    )
+    assert [(h["ps.origin.offset"], h["ps.reason.code"], h["ps.attempt"]) for h in headers] == [
+        ("3", "apply_failed", "1"),
+        ("6", "invalid_json", "1"),
+    ]
+    assert exported(settings) == expected_export(events[:3] + events[4:], Authority())
+    store.close()
+
+
 def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
