@@ -231,7 +231,7 @@ def rebuild(
     store's access log (who, when, where to, --reason) before it begins."""
     from portal_sync.ops.access import copy_target, record_access, require_reason
     from portal_sync.ops.purge import purges_after, rebuild_warning
-    from portal_sync.ops.replay import compare_stores
+    from portal_sync.ops.replay import compare_stores, rebuild_until
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
     from store import Store
@@ -247,6 +247,7 @@ def rebuild(
     try:
         guard_rules(live, live_settings, rules_mismatch_ok, applies_events=True)
         purged = purges_after(live, None)
+        until = rebuild_until(live)
     finally:
         live.close()
     if purged:  # on stderr, before the work: the new store is not the live one's equal
@@ -265,10 +266,11 @@ def rebuild(
         task = progress.add_task("rebuild", total=None, rate="–")
         summary = run_replay(
             settings, Selection(settings.topics().change_topics()), target,
-            on_progress=_on_progress(progress, task), track_offsets=True,
+            on_progress=_on_progress(progress, task), track_offsets=True, until=until,
         )  # fmt: skip
     console.print(f"rebuilt {sum(target.count_records().values())} records from "
-                  f"{summary.read} events in {summary.seconds:.1f}s")  # fmt: skip
+                  f"{summary.read} events in {summary.seconds:.1f}s, up to the live store's "
+                  "offsets (a worker on the new store applies what follows)")  # fmt: skip
     if compare:
         live = Store(live_settings.store_url)
         diff = compare_stores(live, target)

@@ -4,7 +4,8 @@ A replay reads a range with its own consumer (transport.reader) and re-applies i
 through the reconciler's own code path with `replay=True`: the version rule makes it
 idempotent and the live worker's offsets are left alone. A dry run does the same work in
 transactions that are rolled back, so its report is what the real run would do.
-Invalid events are counted, not dead-lettered again: the live worker already did that.
+Invalid events are counted, not dead-lettered again: the live worker already did that
+(a rebuild therefore stops at the live store's offsets, `rebuild_until`).
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ def replay(
     dry_run: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     track_offsets: bool = False,
+    until: Mapping[TopicPartition, int] | None = None,
 ) -> ReplaySummary:
     """Re-apply the selected records; `on_progress(done, total)` after each batch.
 
     `track_offsets` (for a rebuild into a fresh store) records the offsets as the live
     worker would, so that the rebuilt store can take over from where the rebuild ended.
+    `until`: read each partition only up to this offset, and no partition it leaves out
+    (a rebuild stops at the live store's offsets, `rebuild_until`).
     """
     import time
 
@@ -68,6 +72,12 @@ def replay(
     began = time.perf_counter()
     with RangeReader(settings.connection()) as reader:
         ranges = reader.resolve(selection)
+        if until is not None:
+            ranges = {
+                tp: (start, min(end, until[tp]))
+                for tp, (start, end) in ranges.items()
+                if tp in until and min(end, until[tp]) > start
+            }
         total = sum(end - start for start, end in ranges.values())
         for batch in reader.read(ranges):
             summary.read += len(batch)
@@ -92,6 +102,17 @@ def replay(
                 on_progress(summary.read, total)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def rebuild_until(live: Store) -> dict[TopicPartition, int]:
+    """Where a rebuild stops: the live store's offsets. A rebuild counts the invalid
+    events it reads and skips those the store refuses, without dead letters, since the
+    live worker sent them; past the live store's offsets it has not, and a rebuilt store
+    that took over would hold offsets past events that are nowhere (neither applied nor
+    dead-lettered). The worker on the rebuilt store reads the rest, as the live one
+    would have; a partition the live store holds no offset for is the worker's from its
+    log start."""
+    return live.all_offsets()
 
 
 def _isolating(

@@ -491,6 +491,44 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
 
 
+def test_a_rebuild_stops_at_the_live_stores_offsets_so_what_follows_is_dead_lettered(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """The live worker is behind (down, in a disaster recovery) when the store is rebuilt,
+    and an invalid message follows its offset. A rebuild counts invalid messages without
+    dead letters (the live worker sent them): one that read past the live store's offset
+    left the rebuilt store's offsets past a message that was nowhere, neither applied nor
+    in the dead-letter topic, once the rebuilt store took over."""
+    from tests.integration.kafka.test_pipeline_kafka import _read_all
+    from tests.support.kafka_helpers import dead_letter_topic, publisher_for
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    events = citizen_events(16, 1, seed=48)
+    _published(settings, tmp_path, events[:10])
+    _caught_up(settings)
+    topic = settings.topics().change_topic("citizen")
+    publisher = publisher_for(settings)
+    publisher.send(topic, b"citizen:1", b"not json", [])  # offset 10: the worker is down
+    publisher.flush()
+    publisher.close()
+    _published(settings, tmp_path, events[10:])
+
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from 10 events" in result.stdout, result.stdout
+    assert Store(rebuilt).all_offsets() == {(topic, 0): 10}
+
+    takeover = settings.model_copy(update={"store_url": rebuilt})  # the rebuilt store's turn
+    _caught_up(takeover)
+    assert Store(rebuilt).all_offsets() == {(topic, 0): len(events) + 1}
+    assert exported(takeover) == expected_export(events, Authority())
+    (letter,) = _read_all(settings, dead_letter_topic(settings), 1)
+    origin = {name: value for name, value in letter.headers}
+    assert (origin["ps.origin.offset"], origin["ps.reason.code"]) == (b"10", b"invalid_json")
+
+
 def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
