@@ -442,6 +442,12 @@ class FileDropAdapter(DirectoryAdapter):
             yield record
 
     def _csv(self, text: str) -> Iterator[tuple[int, Row]]:
+        # No field longer than the module's limit (131,072 characters by default): the
+        # reader stops inside a quoted field there and takes the rest of that field, lines
+        # and all, for rows. A field that long is then one record too large to publish
+        # (`too_large`), never rows read out of a value.
+        if len(text) >= csv.field_size_limit():
+            csv.field_size_limit(len(text) + 1)  # the module's one limit, only ever raised
         reader = csv.DictReader(io.StringIO(text), delimiter=self.options.csv_delimiter)
         try:
             names = reader.fieldnames
@@ -459,7 +465,7 @@ class FileDropAdapter(DirectoryAdapter):
                 row = next(reader)
             except StopIteration:
                 return
-            except csv.Error:  # e.g. a field longer than the csv module's limit
+            except csv.Error:  # a carriage return in an unquoted field
                 yield line, SkippableRecord(Reason.UNMAPPABLE_RECORD, "line is not valid CSV", "")
                 continue
             yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}

@@ -245,3 +245,22 @@ def test_an_adapter_s_dead_letter_reason_is_one_of_the_contract_s() -> None:
         SkippableRecord("unreadable_line", "line is not a change record", "line 3")
     for code in DEAD_LETTER_REASONS:
         assert SkippableRecord(code, "a message", "line 3").code == code
+
+
+def test_a_field_longer_than_the_csv_modules_limit_is_never_read_as_rows(
+    tmp_path: Path,
+) -> None:
+    """The csv module stops at 131,072 characters inside a quoted field: the rest of that
+    field, newlines and all, was read as rows, so a value could publish a record of its
+    own (here 001190000009) or swallow the real rows after it."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    forged = "001190000009,Kẻ Giả Mạo,2025-08-01T08:00:00+07:00"
+    _drop(inbox, "pid,name,at\n"
+          f'001190000001,"{"x" * 140_000}\n{forged}\n",2025-08-01T08:00:00+07:00\n'
+          "001190000002,Trần Thị Bình,2025-08-01T09:00:00+07:00\n")  # fmt: skip
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    items = list(adapter.read({}))
+    sent = [i.key for i in items if isinstance(i, Record)]
+    assert "001190000009" not in sent and "001190000002" in sent
+    assert len([i for i in items if isinstance(i, (Record, SkippableRecord))]) == 2
