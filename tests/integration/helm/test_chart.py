@@ -444,6 +444,20 @@ def test_the_lag_exporter(production: list[Manifest]) -> None:
     assert env_of(exporter)["PORTAL_SYNC_LAG_EXPORTER_PORT"] == "9311"
     service = one(production, "Service", f"{FULLNAME}-lag-exporter")
     assert service["spec"]["ports"][0]["port"] == 9311
+    # Only the reconciler's group: the alerts page for every group exported, and an
+    # abandoned one (an old group id) would be STOP for ever.
+    group = yaml.safe_load(PRODUCTION.read_text()).get("kafka", {}).get("groupId")
+    group = group or "portal-sync-reconciler"
+    (pattern,) = [a.removeprefix("--group=") for a in main["args"] if a.startswith("--group=")]
+    assert re.fullmatch(pattern, group) and not re.fullmatch(pattern, f"{group}-old")
+
+
+def test_the_lag_exporter_watches_the_groups_asked(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    wider = render(helm, *VALUES["production"], "--set", "lagExporter.groups=portal-sync-.*")
+    main = container(one(wider, "Deployment", f"{FULLNAME}-lag-exporter"))
+    assert "--group=portal-sync-.*" in main["args"]
 
 
 def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
