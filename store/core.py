@@ -853,20 +853,56 @@ class Store:
         target_topic: str,
         topic_id: str = "",
         operator: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record a dead letter's redrive; whether this call recorded it (`claim_redrive`)."""
+        with self.claim_redrive(
+            topic, partition, offset, reason_code, target_topic, topic_id, operator
+        ) as claimed:
+            return claimed
+
+    @contextmanager
+    def claim_redrive(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        reason_code: str,
+        target_topic: str,
+        topic_id: str = "",
+        operator: str | None = None,
+        earlier_before: datetime | None = None,
+    ) -> Iterator[bool]:
+        """Claim a dead letter's redrive: yield whether its row is this caller's, in a
+        transaction that commits when the caller's block ends and rolls back if it raises.
+        The caller publishes the letter inside the block: two redrives at once send it
+        once (the second waits for the first's row, then finds it), and a redrive that
+        fails to publish records nothing. A row recorded without the topic's id ('') at
+        the same place may be an earlier topic's letter's: it is this letter's claim only
+        if recorded at or after `earlier_before`, else it is taken over (None: always)."""
+        table = dead_letter_redrives
         with translated(), self.write_transaction() as conn:
-            conn.execute(
-                insert(dead_letter_redrives).values(
-                    topic=topic,
-                    topic_id=topic_id,
-                    partition=partition,
-                    offset=offset,
-                    reason_code=reason_code,
-                    target_topic=target_topic,
-                    redriven_at=utcnow(),
-                    operator=operator,
-                )
+            insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            statement = insert_fn(table).values(
+                topic=topic,
+                topic_id=topic_id,
+                partition=partition,
+                offset=offset,
+                reason_code=reason_code,
+                target_topic=target_topic,
+                redriven_at=utcnow(),
+                operator=operator,
             )
+            keys = ["topic", "topic_id", "partition", "offset"]
+            if topic_id:
+                claim = statement.on_conflict_do_nothing(index_elements=keys)
+            else:
+                update = {n: statement.excluded[n] for n in (
+                    "reason_code", "target_topic", "redriven_at", "operator")}  # fmt: skip
+                older = None if earlier_before is None else table.c.redriven_at < earlier_before
+                claim = statement.on_conflict_do_update(
+                    index_elements=keys, set_=update, where=older
+                )
+            yield conn.execute(claim.returning(table.c.offset)).first() is not None
 
     def iter_records(
         self, entity: str | None = None

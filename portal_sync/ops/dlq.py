@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -414,11 +415,15 @@ def redrive(
             if event is None:
                 summary.not_redrivable += 1
                 continue
+            claim = partial(
+                store.claim_redrive, topic, letter.partition, letter.offset, _code(letter),
+                letter.origin_topic, topic_id, who,
+                None if letter.failed_at is None else letter.failed_at + skew,
+            )  # fmt: skip
             if event[3] <= sent.get(event[:3], -1):  # this run sent that key's newer one
                 # Recorded as the redrive it is part of: a run again does not send it.
-                store.record_redrive(topic, letter.partition, letter.offset, _code(letter),
-                                     letter.origin_topic, topic_id, who)  # fmt: skip
-                summary.superseded += 1
+                with claim():
+                    summary.superseded += 1
                 continue
             place = caught_up.partition(letter.origin_topic, letter.key or b"")
             if not caught_up(place):
@@ -431,12 +436,14 @@ def redrive(
                 # and a rebuild would bring the old one back.
                 summary.superseded += 1
                 continue
-            # The original signature goes back as it was: the worker verifies it again.
-            headers = [("ps.attempt", str(letter.attempt).encode()), *letter.kept]
-            publisher.send(letter.origin_topic, letter.key, letter.value, headers)
-            publisher.flush()  # recorded only once the broker has it
-            store.record_redrive(topic, letter.partition, letter.offset, _code(letter),
-                                 letter.origin_topic, topic_id, who)  # fmt: skip
+            with claim() as claimed:  # recorded only once the broker has it
+                if not claimed:  # another redrive sent it since this one began
+                    summary.already_redriven += 1
+                    continue
+                # The original signature goes back as it was: the worker verifies it again.
+                headers = [("ps.attempt", str(letter.attempt).encode()), *letter.kept]
+                publisher.send(letter.origin_topic, letter.key, letter.value, headers)
+                publisher.flush()
             summary.redriven += 1
             sent[event[:3]] = event[3]
     finally:

@@ -212,6 +212,31 @@ def test_dlq_redrive_sends_each_letter_before_it_reads_the_next(hostile: Any) ->
     assert recorded_when_read[:6] == [0, 0, 1, 1, 1, 2]
 
 
+def test_two_redrives_at_once_send_a_letter_once(
+    hostile: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second operator's redrive read the list of redriven letters before the first
+    recorded anything: it used to send the letter again, then stop on the store's refusal
+    of a second row for it (exit 1, its other letters left)."""
+    from portal_sync.ops.dlq import iter_dead_letters, redrive
+
+    store = Store(hostile.store_url)
+    store.create_schema()
+    before = sum(end_offsets(hostile).values())
+    try:
+        first = redrive(hostile, store, iter_dead_letters(hostile))
+        # As if begun before the first sent anything: the list of redriven letters read
+        # then, the worker caught up then.
+        monkeypatch.setattr(store, "redriven", lambda *_: {})
+        monkeypatch.setattr("portal_sync.ops.dlq.CaughtUp.__call__", lambda *_: True)
+        second = redrive(hostile, store, iter_dead_letters(hostile))
+    finally:
+        store.close()
+    assert (first.redriven, first.superseded, second.redriven) == (1, 2, 0)
+    assert second.already_redriven == 3  # the one sent and the two it superseded
+    assert sum(end_offsets(hostile).values()) == before + 1
+
+
 def test_dlq_redrive_sends_back_only_an_event_of_the_letters_key(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
