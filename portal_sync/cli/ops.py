@@ -405,6 +405,7 @@ def dlq_redrive(
     worker has not applied its partition up to the log's end (held back: run it again)."""
     from portal_sync.ops.dlq import Filters, iter_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
+    from portal_sync.ops.purge import redrive_warning
     from store import Store
 
     if not (letter_ids or reason or source or since or until):
@@ -428,8 +429,11 @@ def dlq_redrive(
     target.require_schema()
     try:
         summary = run_redrive(settings, target, letters, wait, operator)
+        purged = summary.purged_since(target)
     finally:
         target.close()
+    if purged:  # on stderr, as the replay's and the offsets reset's warnings
+        progress_console.print(markup("[yellow]warning:[/yellow] {}", redrive_warning(purged)))
     console.print(f"selected {summary.selected}: re-driven {summary.redriven}, already re-driven "
                   f"{summary.already_redriven}, not re-drivable (rejected at a source, not from "
                   f"a change topic, or not an event of its key) {summary.not_redrivable}, "

@@ -293,6 +293,28 @@ class RedriveSummary:
     superseded: int = 0
     held_back: int = 0  # their partition's worker had not caught up (`CaughtUp`)
     behind: set[tuple[str, int]] = field(default_factory=set)  # those partitions
+    # Per source re-driven: the entities, and the earliest time one of its letters failed
+    # (None: one did not say), for the purges of that source since (`purged_since`).
+    sources: dict[str, tuple[set[str], datetime | None]] = field(default_factory=dict)
+
+    def note_sent(self, source: str, entity: str, failed_at: datetime | None) -> None:
+        entities, earliest = self.sources.get(source, (set(), failed_at))
+        entities.add(entity)
+        if earliest is not None and (failed_at is None or failed_at < earliest):
+            earliest = failed_at
+        self.sources[source] = (entities, earliest)
+
+    def purged_since(self, store: Store) -> list[str]:
+        """The source purges recorded after a re-driven letter of their source failed
+        (`purges_after`): each such letter was applied as any other, unless the store
+        held a newer version of its view, and can bring back what the purge removed."""
+        from portal_sync.ops.purge import purges_after
+
+        return [
+            found
+            for source, (entities, earliest) in sorted(self.sources.items())
+            for found in purges_after(store, earliest, source, entities)
+        ]
 
 
 class CaughtUp:
@@ -445,6 +467,7 @@ def redrive(
                 publisher.send(letter.origin_topic, letter.key, letter.value, headers)
                 publisher.flush()
             summary.redriven += 1
+            summary.note_sent(event[2], event[0], letter.failed_at)
             sent[event[:3]] = event[3]
     finally:
         publisher.close()

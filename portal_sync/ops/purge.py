@@ -138,6 +138,18 @@ def purge_warning(found: list[str]) -> str | None:
     )
 
 
+def redrive_warning(found: list[str]) -> str:
+    """The operator's warning when a redrive sent letters of a source purged after they
+    failed (`RedriveSummary.purged_since`)."""
+    return (
+        f"re-driven letters of sources purged after they failed: {'; '.join(found)}. Each "
+        "is applied unless the store holds that version of its view or a newer one, and the "
+        "purge removed the source's views: what it removed can come back. Re-snapshot a "
+        "purged source before re-driving its letters (docs/operations.md, a province sent "
+        "wrong data), check its records (show, conflicts) and purge again what came back"
+    )
+
+
 def rebuild_warning(found: list[str]) -> str:
     """The operator's warning when the live store records purges (`purges_after(store,
     None)`) and a new store is built from the topics: it starts empty, so nothing the

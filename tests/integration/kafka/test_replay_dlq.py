@@ -149,6 +149,10 @@ def test_unregistered_source_is_redriven_after_registration_once(
     listed = cli(settings, "dlq", "list", "--reason", "unregistered_source")
     assert f"unregistered_source: {len(late)}" in listed.stdout
 
+    # A purge of the source after its letters failed (here of nothing yet): the redrive
+    # applies them as any other, and says so.
+    purge = cli(settings, "source", "purge", "province-79", "--reason", "drill", "--yes")
+    assert purge.returncode == 0, purge.stdout + purge.stderr
     registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
                         'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
     for bad in ("x" * 129, "Trần\tĐức"):  # refused before anything is sent
@@ -159,6 +163,8 @@ def test_unregistered_source_is_redriven_after_registration_once(
     first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
                 "--operator", operator)  # fmt: skip
     assert f"re-driven {len(late)}, already re-driven 0" in first.stdout, first.stdout
+    said = " ".join(first.stderr.split())
+    assert "re-driven letters of sources purged after they failed: province-79 (" in said, said
     engine = create_engine(settings.store_url)
     with engine.connect() as conn:  # who re-drove each letter, recorded with it
         who = conn.execute(text("SELECT operator FROM dead_letter_redrives")).scalars().all()
@@ -170,6 +176,7 @@ def test_unregistered_source_is_redriven_after_registration_once(
 
     second = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
     assert f"re-driven 0, already re-driven {len(late)}" in second.stdout, second.stdout
+    assert "purged" not in second.stderr  # none sent
     assert sum(end_offsets(settings).values()) == ends
 
 
