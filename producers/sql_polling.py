@@ -59,7 +59,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DataError
+from sqlalchemy.exc import ArgumentError, DataError, OperationalError
 
 from producers.mapping import (
     FieldMapping,
@@ -93,6 +93,7 @@ UNDECODABLE_IN_A_ROW = 20
 # What fetching a row whose value the driver (or the server) cannot produce raises: a date
 # out of Python's range, text or a number in a DATE column, an ENUM value unknown.
 UNREADABLE = (ValueError, TypeError, LookupError, OverflowError, DataError)
+SQLITE_NOT_UTF8 = "Could not decode to UTF-8"  # sqlite3's text for such a value
 
 
 class SqlMapping(FieldMapping):
@@ -569,8 +570,16 @@ class SqlPollingAdapter:
     def _fetch(self, query: Any) -> list[Any]:
         """One query's rows, on a connection of its own (a server-side error aborts only
         its own transaction)."""
-        with self.engine.connect() as conn:
-            return list(conn.execute(query))
+        try:
+            with self.engine.connect() as conn:
+                return list(conn.execute(query))
+        except OperationalError as error:
+            # SQLite's driver reads a TEXT value that is not UTF-8 as an error of the
+            # database (and quotes the value): a row's data, found and rejected as any
+            # value the driver cannot read, not an outage retried for ever.
+            if SQLITE_NOT_UTF8 in str(error.orig):
+                raise ValueError("a text value is not UTF-8") from None
+            raise
 
     def _up_to_undecodable(self, query: Any) -> list[Any] | None:
         """The rows of `query` before the first one that cannot be read, then that row's
@@ -892,6 +901,12 @@ def _saved_pk(pk: Any) -> Any:
     PostgreSQL orders uuid: lower-case hex, fixed hyphens)."""
     if isinstance(pk, uuid.UUID):
         return str(pk)
+    if isinstance(pk, bytes | bytearray | memoryview):
+        raise FatalError(
+            "pk_column holds binary values (BINARY, RAW, BLOB): the cursor cannot keep its "
+            "place by them in its state file; choose a text or whole-number column (a view "
+            "can give the key's hex text)"
+        )
     if isinstance(pk, Decimal):
         if pk != pk.to_integral_value():
             raise FatalError(

@@ -848,6 +848,43 @@ def test_a_value_the_driver_cannot_read_rejects_its_row_only(
     assert poll(adapter, state) == []  # read again in the window: rejected once
 
 
+def test_a_text_value_that_is_not_utf8_rejects_its_row_only(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """SQLite's driver reports such a value as an error of the database (quoting it): the
+    whole page failed at every poll, and the source never got past it."""
+    source = Dates(tmp_path)
+    source.insert({1: "1990-03-05", 2: "1990-03-05", 3: "1991-04-06"})
+    with source.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE cd SET ngay_sinh = CAST(x'ff41' AS TEXT) WHERE id = 2")
+    adapter = source.adapter(adapters)
+    state = CursorState()
+    changes = [c for page in poll(adapter, state) for c in page]
+    assert [(c.pk, type(c).__name__) for c in changes] == [
+        (1, "SourceChange"), (2, "RejectedRow"), (3, "SourceChange")
+    ]  # fmt: skip
+    assert "\\xff" not in changes[1].message and "ÿ" not in changes[1].message  # type: ignore[union-attr]
+
+
+def test_a_binary_primary_key_stops_the_source_with_its_reason(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """A BLOB (BINARY, RAW) key cannot be written to the state file: every checkpoint
+    failed, and every run published the same rows again."""
+    url = f"sqlite:///{tmp_path / 'blob.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cong_dan (id BLOB PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ho_ten TEXT, da_xoa TEXT, updated_at DATETIME)")  # fmt: skip
+        conn.exec_driver_sql("INSERT INTO cong_dan VALUES (x'0a0b', ?, 'Nguyễn Văn An', '0', ?)",
+                             (pid(1), _at(1)))  # fmt: skip
+    engine.dispose()
+    adapter = SqlPollingAdapter(Source.config_of(url))
+    adapters.append(adapter)
+    with pytest.raises(sql_polling.FatalError, match="binary values"):
+        poll(adapter, CursorState())
+
+
 @pytest.mark.parametrize("cursor_format", [None, "yyyyMMddHHmmss"])
 def test_rows_read_one_at_a_time_at_their_place_when_the_server_fails_a_whole_sort(
     tmp_path: Path,
