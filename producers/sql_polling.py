@@ -669,6 +669,8 @@ class SqlPollingAdapter:
         if high is None:
             return None
         start = high[0] - timedelta(seconds=self.config.lookback_seconds)
+        if start.tzinfo is None:  # the source's local clock times
+            start -= self._repeated(high[0])
         pattern = self.config.updated_at_format
         if pattern is not None:
             text = strptime_pattern(pattern)
@@ -677,6 +679,19 @@ class SqlPollingAdapter:
             whole = start.replace(microsecond=start.microsecond // 1000 * 1000)
             return whole if reading else whole - timedelta(microseconds=500)
         return start
+
+    def _repeated(self, local: datetime) -> timedelta:
+        """How long the source's zone repeats the local time `local`, when it does (clocks
+        set back at the end of daylight saving time: 02:10 comes before 02:59 and again
+        after it). Rows written in the second pass carry local times up to that much
+        before a cursor left in the first, behind a window of `lookback_seconds`: the
+        window reaches that much further back while the cursor is in a repeated hour.
+        Zero elsewhere, and in a zone that never sets its clocks back (Asia/Ho_Chi_Minh)."""
+        first = local.replace(tzinfo=self.zone, fold=0).utcoffset()
+        second = local.replace(tzinfo=self.zone, fold=1).utcoffset()
+        if first is None or second is None or first <= second:
+            return timedelta(0)
+        return first - second
 
     def _bound(self, moment: datetime) -> Any:
         """A cursor value as a query parameter, in the column's own form."""

@@ -866,6 +866,32 @@ def test_a_text_value_that_is_not_utf8_rejects_its_row_only(
     assert "\\xff" not in changes[1].message and "ÿ" not in changes[1].message  # type: ignore[union-attr]
 
 
+def test_rows_written_when_the_clocks_go_back_are_read(
+    tmp_path: Path, adapters: list[SqlPollingAdapter]
+) -> None:
+    """Local times without a zone, in a zone with daylight saving time: at 03:00 CEST the
+    clocks go back to 02:00 CET. Rows written in the second 02:00-03:00 were behind the
+    cursor (02:59:30, the first pass) by more than the lookback window: never read."""
+    url = f"sqlite:///{tmp_path / 'rome.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE cong_dan (id INTEGER PRIMARY KEY, so_dinh_danh TEXT, "
+                             "ho_ten TEXT, da_xoa TEXT, updated_at DATETIME)")  # fmt: skip
+        conn.exec_driver_sql("INSERT INTO cong_dan VALUES (1, ?, 'Nguyễn Văn An', '0', "
+                             "'2025-10-26 02:59:30')", (pid(1),))  # fmt: skip
+    adapter = SqlPollingAdapter(Source.config_of(url, timezone="Europe/Rome"))
+    adapters.append(adapter)
+    state = CursorState()
+    assert pks(poll(adapter, state)) == [1]
+    with engine.begin() as conn:  # the second pass of 02:00-03:00 (CET)
+        conn.exec_driver_sql("INSERT INTO cong_dan VALUES (2, ?, 'Trần Thị Bình', '0', "
+                             "'2025-10-26 02:10:00')", (pid(2),))  # fmt: skip
+        conn.exec_driver_sql("UPDATE cong_dan SET ho_ten = 'Nguyễn Văn Ân', "
+                             "updated_at = '2025-10-26 02:20:00' WHERE id = 1")  # fmt: skip
+    engine.dispose()
+    assert sorted(pks(poll(adapter, state))) == [1, 2]
+
+
 def test_a_binary_primary_key_stops_the_source_with_its_reason(
     tmp_path: Path, adapters: list[SqlPollingAdapter]
 ) -> None:
