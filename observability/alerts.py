@@ -175,7 +175,9 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             f"longer than {t.objective_seconds:g}s from source commit to the national store",
             "Check the consumer lag panel: if a partition lags, see the stalled-consumer "
             "runbook; if not, the store commits are slow (store commit time panel) or the "
-            "source's producer is late (cursor lag); compare occurred_at clocks of the source.",
+            "source's producer is late (cursor lag); compare occurred_at clocks of the source. "
+            "It resolves when the worker applies nothing of the source (no change to "
+            "measure): PortalSyncConsumerStalled or PortalSyncWorkerStalled pages then.",
         ),
         Rule(
             "PortalSyncSourceStale",
@@ -251,7 +253,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "critical",
             f"{{{{ $value }}}} events refused as {{{{ $labels.reason }}}} in {w}: a "
             "principal wrote what it may not",
-            'A security event (docs/security.md, "What a compromised source can do"): '
+            'A security event (docs/security.md, "A compromised province"): '
             "`dlq list --reason REASON` and `dlq show ID` name the origin (topic, "
             "partition, offset); find the principal from the broker's authorizer and "
             "request logs. Such a message also takes its key's place in the compacted "

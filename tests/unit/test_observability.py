@@ -313,3 +313,28 @@ def test_lag_view_says_how_many_partitions_it_could_not_read() -> None:
     assert "not shown" not in whole and "group g: Stable, 2 members" in whole
     console.print(lag_view(groups, {}, 0.0, 1800.0, unread=4))
     assert "4 partitions not shown: their leader does not answer" in console.export_text()
+
+
+def test_every_section_a_runbook_names_is_a_heading_of_its_document() -> None:
+    """A runbook read at night names a section, a heading or a paragraph's bold lead:
+    `docs/security.md, "A compromised province"`. One named a heading that did not
+    exist."""
+    import re
+    from pathlib import Path
+
+    from observability.alerts import rules
+
+    root = Path(__file__).resolve().parents[2]
+    named = [
+        (doc, section)
+        for rule in rules()
+        for doc, section in re.findall(r'(docs/[\w./-]+\.md), "([^"]+)"', rule.runbook)
+    ]
+    assert named, "no runbook names a section: the pattern is out of date"
+    for doc, section in named:
+        headings = [
+            line.lstrip("#*").strip().lower()
+            for line in (root / doc).read_text(encoding="utf-8").splitlines()
+            if line.startswith(("#", "**"))
+        ]
+        assert any(section.lower() in h for h in headings), (doc, section)
