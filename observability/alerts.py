@@ -59,7 +59,10 @@ class Rule:
     summary: str
     runbook: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, runbook_base: str = "") -> dict[str, Any]:
+        """The rule as Prometheus reads it. `runbook_base`: where the repository's files
+        are served (`https://…/blob/main/`), for a `runbook_url` a page can open; empty,
+        the link is relative to the repository."""
         return {
             "alert": self.alert,
             "expr": self.expr,
@@ -68,7 +71,7 @@ class Rule:
             "annotations": {
                 "summary": self.summary,
                 "runbook": self.runbook,
-                "runbook_url": RUNBOOK + self.alert.lower(),
+                "runbook_url": runbook_base + RUNBOOK + self.alert.lower(),
             },
         }
 
@@ -393,5 +396,6 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     ]
 
 
-def rule_file(t: Thresholds = DEFAULT) -> dict[str, Any]:
-    return {"groups": [{"name": "portal-sync", "rules": [r.as_dict() for r in rules(t)]}]}
+def rule_file(t: Thresholds = DEFAULT, runbook_base: str = "") -> dict[str, Any]:
+    shipped = [r.as_dict(runbook_base) for r in rules(t)]
+    return {"groups": [{"name": "portal-sync", "rules": shipped}]}

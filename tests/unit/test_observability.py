@@ -6,6 +6,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -320,7 +321,6 @@ def test_every_section_a_runbook_names_is_a_heading_of_its_document() -> None:
     `docs/security.md, "A compromised province"`. One named a heading that did not
     exist."""
     import re
-    from pathlib import Path
 
     from observability.alerts import rules
 
@@ -338,3 +338,18 @@ def test_every_section_a_runbook_names_is_a_heading_of_its_document() -> None:
             if line.startswith(("#", "**"))
         ]
         assert any(section.lower() in h for h in headings), (doc, section)
+
+
+def test_runbook_links_can_be_absolute(tmp_path: Path) -> None:
+    """A page's `runbook_url` relative to the repository opens nowhere: `--runbook-base`
+    writes absolute ones."""
+    import yaml
+
+    from observability.deploy import cli
+
+    cli(["--alerts-only", "--runbook-base", "https://git.example/p/blob/main/", str(tmp_path)])
+    rules = yaml.safe_load((tmp_path / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["annotations"]["runbook_url"] for r in rules} == {
+        f"https://git.example/p/blob/main/docs/metrics.md#runbook-{r['alert'].lower()}"
+        for r in rules
+    }

@@ -325,6 +325,19 @@ def test_the_prometheus_rule_has_exactly_the_rules_of_alerts_yml(
     assert "PortalSyncWorkerStalled" in names and len(names) == len(set(names))
 
 
+def test_the_prometheus_rule_links_its_runbooks_where_the_repository_is_served(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    base = "https://git.example.gov.vn/portal-sync/blob/main/"
+    served = render(helm, *VALUES["production"], "--set", f"prometheusRule.runbookBase={base}")
+    rules = [r for g in one(served, "PrometheusRule", FULLNAME)["spec"]["groups"]
+             for r in g["rules"]]  # fmt: skip
+    urls = {r["alert"]: r["annotations"]["runbook_url"] for r in rules}
+    stalled = "PortalSyncWorkerStalled"
+    assert urls[stalled] == f"{base}docs/metrics.md#runbook-{stalled.lower()}"
+    assert all(url.startswith(base + "docs/metrics.md#runbook-") for url in urls.values())
+
+
 def test_another_freshness_objective_is_refused_with_the_shipped_rules(
     helm: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
