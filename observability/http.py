@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from observability.web_config import WebConfig
+from observability.web_config import Busy, WebConfig
 
 Probe = Callable[[], bool]
 MAX_CONNECTIONS = 16
@@ -169,7 +169,14 @@ def serve(
             if cert_required and path not in OPEN_PATHS and not self._verified_client():
                 self._reply(403, b"client certificate required\n")
                 return
-            if not (auth is None or path in OPEN_PATHS or auth.allows(credentials)):
+            try:
+                allowed = auth is None or path in OPEN_PATHS or auth.allows(credentials)
+            except Busy:  # another password is being checked: try again (never queued)
+                self.send_response(503)
+                self.send_header("Retry-After", "1")
+                self._reply_body(b"busy checking a password: try again\n")
+                return
+            if not allowed:
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="portal-sync"')
                 self._reply_body(b"unauthorized\n")

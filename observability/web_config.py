@@ -55,8 +55,18 @@ VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 REMEMBERED = 64  # successful checks kept (one per user and password in use)
 
 
+class Busy(Exception):
+    """A bcrypt check was asked while another runs: answered at once (503), not queued."""
+
+
 class BasicAuth:
-    """Users and their bcrypt hashes; `allows` checks an `Authorization` header."""
+    """Users and their bcrypt hashes; `allows` checks an `Authorization` header.
+
+    One bcrypt check at a time (`Busy` for a second one meanwhile): each costs a third of a
+    second of a core, and a connection waiting for one cannot be dropped for another, so
+    a client sending wrong passwords on a few connections used to take every one of the
+    server's connections, the probes' too, and the process's CPU. A remembered success
+    (Prometheus's scrapes) needs no check."""
 
     def __init__(self, users: dict[str, bytes]) -> None:
         if not users:
@@ -64,8 +74,10 @@ class BasicAuth:
         self.users = users
         self._remembered: set[bytes] = set()
         self._lock = threading.Lock()
+        self._checking = threading.Lock()
 
     def allows(self, authorization: str | None) -> bool:
+        """Whether the header's user and password match; `Busy` while another check runs."""
         credentials = _basic_credentials(authorization)
         if credentials is None:
             return False
@@ -76,10 +88,14 @@ class BasicAuth:
         with self._lock:
             if hashed is not None and key in self._remembered:
                 return True
+        if not self._checking.acquire(blocking=False):
+            raise Busy()
         try:
             matched = bcrypt.checkpw(password, timing)
         except ValueError:  # longer than bcrypt's 72 bytes: no hash can match it
             return False
+        finally:
+            self._checking.release()
         if not (matched and hashed is not None):
             return False
         with self._lock:
@@ -132,8 +148,20 @@ def load_web_config(path: Path | None) -> WebConfig | None:
         raise ConfigurationError(f"web config {path}: {error.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigurationError(f"web config {path} is not valid YAML: {error}") from None
-    raw = {} if raw is None else raw
+    raw = {} if raw is None else raw  # an empty file, or every line commented out
     _mapping(raw, path, "the file")
+    empty = sorted(key for key in ("tls_server_config", "basic_auth_users")
+                   if key in raw and not raw[key])  # fmt: skip
+    if empty:  # a section whose lines were commented out: not applied, so never looks it
+        raise ConfigurationError(
+            f"web config {path}: {', '.join(empty)} is empty: remove the key to serve without it"
+        )
+    if not raw:
+        raise ConfigurationError(
+            f"web config {path} names neither tls_server_config nor basic_auth_users: it "
+            "would serve plain HTTP without authentication; remove "
+            "PORTAL_SYNC_METRICS_WEB_CONFIG_FILE to serve so"
+        )
     unknown = set(raw) - {"tls_server_config", "basic_auth_users"}
     if unknown:
         raise ConfigurationError(

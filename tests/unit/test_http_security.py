@@ -132,6 +132,56 @@ def test_metrics_ask_for_basic_auth_and_the_probes_stay_open(
     assert _get(f"{base}/healthz").status == 200 and _get(f"{base}/readyz").status == 200
 
 
+def test_wrong_passwords_on_many_connections_hold_neither_the_probes_nor_a_queue(
+    tmp_path: Path,
+    registry: CollectorRegistry,
+    serving: list[http.BoundedHTTPServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each bcrypt check costs a third of a second, during which its connection could not
+    be dropped: twenty connections sending wrong passwords took every one of the
+    server's places, and the kubelet's probes were closed at accept (1 of 20 answered).
+    One check runs at a time; the others are answered 503 at once."""
+    from observability import web_config
+
+    config = _web_config(tmp_path, {"basic_auth_users": {"prometheus": _hash(PASSWORD)}})
+    base = f"http://127.0.0.1:{_serve(serving, registry, config)}"
+
+    def slow_check(password: bytes, hashed: bytes) -> bool:
+        time.sleep(0.3)  # bcrypt's cost, without its CPU
+        return False
+
+    monkeypatch.setattr(web_config.bcrypt, "checkpw", slow_check)
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def attack() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(_get(f"{base}/metrics", ("nobody", "guess")).status)
+            except OSError:
+                answers.append(0)
+
+    attackers = [threading.Thread(target=attack) for _ in range(20)]
+    for thread in attackers:
+        thread.start()
+    probes = []
+    try:
+        time.sleep(0.5)
+        for _ in range(20):
+            try:
+                probes.append(_get(f"{base}/healthz").status)
+            except OSError:
+                probes.append(0)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(10)
+    assert probes.count(200) >= 19, probes
+    assert 503 in answers and 200 not in answers
+
+
 def test_over_tls_a_client_trusting_the_ca_gets_the_metrics_and_plain_http_fails(
     certs: Certificates, registry: CollectorRegistry, serving: list[http.BoundedHTTPServer]
 ) -> None:
@@ -305,12 +355,27 @@ def test_a_web_config_that_cannot_be_applied_as_written_is_refused(
     assert str(path) in str(refused.value) and PASSWORD not in str(refused.value)
 
 
-def test_no_web_config_and_an_empty_one_serve_plain_http_without_auth(tmp_path: Path) -> None:
+def test_no_web_config_serves_plain_http_and_an_empty_one_or_section_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A file, or a section, whose lines were commented out (the example's user line,
+    until a hash is made) served plain HTTP, or without authentication, and looked
+    applied: Prometheus kept sending its credentials and kept getting the metrics."""
     assert load_web_config(None) is None
-    empty = load_web_config(_web_config(tmp_path, {}))
-    assert empty is not None and empty.tls is None and empty.auth is None
     with pytest.raises(ConfigurationError, match="No such file"):
         load_web_config(tmp_path / "missing.yml")
+    for text, said in (
+        ("", "names neither"),
+        ("# basic_auth_users:\n#   prometheus: $2b$12$...\n", "names neither"),
+        ("{}\n", "names neither"),
+        ("basic_auth_users:\n#  prometheus: $2b$12$...\n", "basic_auth_users is empty"),
+        ("basic_auth_users: {}\n", "basic_auth_users is empty"),
+        ("tls_server_config:\n", "tls_server_config is empty"),
+    ):
+        path = tmp_path / "web-config.yml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigurationError, match=said):
+            load_web_config(path)
 
 
 @pytest.mark.parametrize(
