@@ -4,10 +4,11 @@ The role that owns the store's tables (it ran `store upgrade`) can do anything t
 the access log's append-only trigger included: it may disable the trigger, or delete rows
 with the purge's setting. The worker and the commands need much less. `grant` gives a
 second role exactly that: reading and writing the project's tables, but only reading and
-appending to `access_log`; reading Alembic's version (not changing it); the id sequences;
-and running the retention purge of the access log, a function that runs as its owner
-(migration 0017), written again here so that it never deletes a row younger than
-`floor_days`, whatever it is asked.
+appending to `access_log`, `offset_changes` and `apply_journal`, and never deleting from
+`source_purges` and `dead_letter_redrives` (the records of what was done); reading
+Alembic's version (not changing it); the id sequences; and running the retention purge of
+the access log, a function that runs as its owner (migration 0017), written again here so
+that it never deletes a row younger than `floor_days`, whatever it is asked.
 A role so granted cannot change the schema, the trigger or the function.
 
 Run it as the owner after every `store upgrade` (a new revision may add a table): it
@@ -22,10 +23,26 @@ from sqlalchemy import Connection, Engine, text
 
 from schemas.errors import ConfigurationError
 from store.schema import PURGE_FUNCTION, SCHEMA_LOCK, VERSION_TABLE, no_schema, require_current
-from store.tables import access_log, metadata
+from store.tables import (
+    access_log,
+    apply_journal,
+    dead_letter_redrives,
+    metadata,
+    offset_changes,
+    source_purges,
+)
 
 READ_WRITE = "SELECT, INSERT, UPDATE, DELETE"
 APPEND_ONLY = "SELECT, INSERT"
+KEPT = "SELECT, INSERT, UPDATE"  # rows updated in place (an upsert, a claim), never deleted
+# The records of what was done, which no code path deletes: the access log; the operators'
+# moves of the offsets (who skipped an event, and why); the batches' journal, whose
+# contiguous ranges prove nothing was lost or applied twice. Appended to only: the role
+# the operators' commands run as cannot erase what they did.
+APPENDED = (access_log, offset_changes, apply_journal)
+# Audit rows updated in place but never deleted: a purge's row grows with each chunk; a
+# redrive's claim is taken over from an earlier topic's letter.
+UPDATED = (source_purges, dead_letter_redrives)
 
 
 # The access log's purge (migration 0017; `grant` writes it again with the owner's floor).
@@ -177,7 +194,8 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     for table in metadata.sorted_tables:
         name = f"{schema}.{conn.dialect.identifier_preparer.quote(table.name)}"
         run(f"REVOKE ALL ON {name} FROM {quoted}")
-        run(f"GRANT {APPEND_ONLY if table is access_log else READ_WRITE} ON {name} TO {quoted}")
+        rights = APPEND_ONLY if table in APPENDED else KEPT if table in UPDATED else READ_WRITE
+        run(f"GRANT {rights} ON {name} TO {quoted}")
         for column in table.primary_key.columns:
             sequence = conn.execute(
                 text("SELECT pg_catalog.pg_get_serial_sequence(:table, :column)"),
@@ -194,14 +212,15 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     run(f"REVOKE EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} FROM PUBLIC")
     run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
     run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
-    log = f"{schema}.{access_log.name}"  # a trigger of its own could drop the log's new rows
-    _still_allowed(conn, log, role, ("UPDATE", "DELETE", "TRUNCATE", "TRIGGER"))
+    for table in (*APPENDED, *UPDATED):  # a trigger of its own could drop new rows
+        withheld = ("DELETE", "TRUNCATE", "TRIGGER", *(("UPDATE",) if table in APPENDED else ()))
+        _still_allowed(conn, f"{schema}.{table.name}", role, withheld)
     _still_allowed(conn, versions, role, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
     return Granted(
         role=role,
         schema=schema,
         tables=len(metadata.sorted_tables) + 1,
-        append_only=(access_log.name,),
+        append_only=tuple(table.name for table in APPENDED),
         sequences=sequences,
         floor_days=floor_days,
     )
