@@ -22,6 +22,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DELETE FROM offset_changes WHERE consumer_group IS NOT NULL")
+    # Kept, not deleted (the table is a record of what operators did): a reset of another
+    # group becomes kind `group-reset`, its group at the head of its reason, so that no
+    # reader of the revision before takes it for a move of the store's own offsets.
+    op.execute(
+        "UPDATE offset_changes SET kind = 'group-reset', "
+        "reason = substr('[group ' || consumer_group || '] ' || reason, 1, 1000) "
+        "WHERE consumer_group IS NOT NULL"
+    )
     with op.batch_alter_table("offset_changes") as batch:
         batch.drop_column("consumer_group")

@@ -726,6 +726,36 @@ def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
         store.close()
 
 
+# -- 0015: an operator's reset of any group -----------------------------------------------
+
+
+def test_0015_down_keeps_the_resets_of_other_groups_as_group_resets(store_url: str) -> None:
+    """The table is a record of what operators did: a downgrade deleted every reset of
+    another group (who rewound it, and why)."""
+    store = Store(store_url)
+    try:
+        _migrate(store, "0015")
+        row = (
+            "INSERT INTO offset_changes (kind, topic, partition, from_offset, to_offset,"
+            " operator, reason, changed_at, consumer_group) VALUES (:kind, 'portal.changes."
+            "citizen', 0, 10, 4, 'Lê Thị Hoa', :reason, :at, :group)"
+        )
+        with store.engine.begin() as conn:
+            conn.execute(text(row), {"kind": "skip", "reason": "poison", "at": T1, "group": None})
+            conn.execute(text(row), {"kind": "reset", "reason": "x" * 1000, "at": T1,
+                                     "group": "analytics"})  # fmt: skip
+        _migrate(store, "0014", down=True)
+        query = text("SELECT kind, reason FROM offset_changes ORDER BY id")
+        with store.engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(query)]
+        assert rows == [
+            ("skip", "poison"),
+            ("group-reset", ("[group analytics] " + "x" * 1000)[:1000]),
+        ]
+    finally:
+        store.close()
+
+
 # -- 0016: who re-drove a dead letter ------------------------------------------------------
 
 
