@@ -198,8 +198,16 @@ class Settings(BaseSettings):
                 f"Kafka connection settings: unknown {', '.join(map(repr, unknown))}; known: "
                 f"{', '.join(ClusterSecurity.model_fields)}"
             )
+        given = dict(self.kafka_security)
+        # The file's password replaces the environment's whichever way each gives it: the
+        # environment's password file (which a chart sets for every pod) would otherwise
+        # win over the file's password (`password()` prefers a file).
+        for key, other in (("sasl_password", "sasl_password_file"),
+                           ("sasl_password_file", "sasl_password")):  # fmt: skip
+            if key in given:
+                given.setdefault(other, None)
         try:
-            return KafkaConnection(bootstrap=self.kafka_bootstrap, **self.kafka_security)
+            return KafkaConnection(bootstrap=self.kafka_bootstrap, **given)
         except ValidationError as error:
             problems = setting_problems(error, lambda f: f"{f} (PORTAL_SYNC_KAFKA_{f.upper()})")
             raise ConfigurationError(f"Kafka connection settings: {problems}") from None

@@ -89,6 +89,26 @@ adapter = "filedrop"
     assert env["PORTAL_SYNC_KAFKA_SSL_CERTFILE"] == str(tmp_path / "tls" / "province-01.pem")
 
 
+@pytest.mark.parametrize("in_file", ["sasl_password", "sasl_password_file"])
+def test_a_deployment_files_password_wins_over_the_environments_either_way(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_file: str
+) -> None:
+    """Key by key, the file wins: its password over the environment's password file (which
+    a chart sets for every pod) too, and its password file over the environment's
+    password. The environment's file won before: one principal's name, another's
+    password."""
+    (tmp_path / "env.pw").write_text("env-file-pw\n")
+    (tmp_path / "file.pw").write_text("file-pw\n")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_USERNAME", "env-user")
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_PASSWORD_FILE", str(tmp_path / "env.pw"))
+    monkeypatch.setenv("PORTAL_SYNC_KAFKA_SASL_PASSWORD", "env-pw")
+    given = {"sasl_password": "file-pw", "sasl_password_file": tmp_path / "file.pw"}[in_file]
+    security = {"sasl_username": "file-user", in_file: given}
+    connection = Settings(kafka_bootstrap="kafka:9094", kafka_security=security).connection()
+    assert (connection.sasl_username, connection.password()) == ("file-user", "file-pw")
+
+
 def test_a_deployment_files_sasl_password_is_masked_when_shown(tmp_path: Path) -> None:
     config = tmp_path / "deploy.toml"
     config.write_text(
