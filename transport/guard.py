@@ -17,6 +17,10 @@ batches, and parses with the client's own parser):
 - once one partition's fetched data has given `DECOMPRESSED_LIMIT` bytes of decompressed
   records, its other batches wait for the next fetch: a fetch of a few MiB of compressed
   batches cannot become gigabytes in memory.
+- a record with more than `MAX_HEADERS` headers (a few bytes each on the wire, far fewer
+  compressed, each a Python object in the clients) is never parsed by the client: the
+  batch is read by the tolerant parser below, and that record handed out marked
+  unreadable (`too_large`) with its key and value, without its headers;
 - a record whose header name is not UTF-8 is read by a tolerant parser of the same batch
   (from that record on) and handed out marked unreadable (`not_utf8`), with its key, value
   and the headers that do decode: the worker dead-letters it with its value, and the
@@ -43,6 +47,11 @@ from schemas.dead_letter import Reason
 from schemas.errors import ConfigurationError
 
 DECOMPRESSED_LIMIT = 32 * 1_048_576
+# Headers a record may carry. The clients make each one a Python tuple of about 128 bytes
+# from 2 bytes on the wire, and far fewer compressed: a batch of a few kilobytes became
+# gigabytes in the worker, killed and restarted on it for ever. An event carries a few
+# (`ps.sig`, `ps.kid`, a redrive's `ps.attempt` and `ps.origin.timestamp`).
+MAX_HEADERS = 64
 
 # A v2 record batch's header (Kafka's DefaultRecordBatch), 61 bytes.
 _HEADER = struct.Struct(">qiibIhiqqqhii")
@@ -158,9 +167,51 @@ def _bytes(buffer: memoryview, pos: int) -> tuple[bytes | None, int]:
     return bytes(buffer[pos : pos + length]), pos + length
 
 
+def _over_headers(batch: memoryview) -> bool:
+    """Whether a record of an uncompressed v2 batch declares more than `MAX_HEADERS`
+    headers (or its fields cannot be walked: the tolerant parser then says where), read
+    without making any. About a microsecond a record."""
+    (count,) = struct.unpack_from(">i", batch, _HEADER.size - 4)
+    pos = _HEADER.size
+    try:
+        for _ in range(count):
+            value = shift = 0
+            while True:  # the record's length
+                byte = batch[pos]
+                pos += 1
+                value |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+            end = pos + ((value >> 1) ^ -(value & 1))
+            pos += 1  # its attributes
+            for field in range(5):  # timestamp and offset deltas, key, value, header count
+                value = shift = 0
+                while True:
+                    byte = batch[pos]
+                    pos += 1
+                    value |= (byte & 0x7F) << shift
+                    if not byte & 0x80:
+                        break
+                    shift += 7
+                    if shift > 63:
+                        return True
+                number = (value >> 1) ^ -(value & 1)
+                if field in (2, 3) and number > 0:  # a key's or value's bytes
+                    pos += number
+            if number > MAX_HEADERS:
+                return True
+            pos = end
+    except IndexError:  # runs past the batch
+        return True
+    return False
+
+
 def _tolerant_records(batch: memoryview) -> Iterator[_Record]:
     """The records of an uncompressed v2 batch, a record whose header name is not UTF-8
-    marked `not_utf8` (with the headers that decode) instead of failing the batch."""
+    marked `not_utf8` (with the headers that decode), and one with more than
+    `MAX_HEADERS` headers marked `too_large` (without them), instead of failing the batch
+    or making every header."""
     header = _HEADER.unpack_from(batch)
     base_offset, attributes, first_ts, max_ts, count = (header[i] for i in (0, 5, 7, 8, 12))
     ts_type = 1 if attributes & _TIMESTAMP_TYPE else 0
@@ -174,6 +225,16 @@ def _tolerant_records(batch: memoryview) -> Iterator[_Record]:
         value, pos = _bytes(batch, pos)
         names, pos = _varint(batch, pos)
         headers: list[tuple[str, bytes | None]] = []
+        if names > MAX_HEADERS:  # never made: marked, with its key and value
+            pos = start + length
+            if pos > len(batch):
+                raise _Unreadable("a record's field runs past its batch")
+            mark = UnreadableMark(Reason.TOO_LARGE.value, base_offset + offset_delta)
+            headers.append((mark, f"a record with more than {MAX_HEADERS} headers".encode()))
+            timestamp = max_ts if ts_type else first_ts + ts_delta
+            yield _Record(base_offset + offset_delta, timestamp, ts_type, key, value, headers,
+                          length)  # fmt: skip
+            continue
         bad = False
         for _n in range(names):
             name, pos = _bytes(batch, pos)
@@ -340,6 +401,12 @@ class _GuardedBatch:
             struct.pack_into(">h", head, _ATTRIBUTES, attributes)
             raw = memoryview(bytes(head) + records)
             batch = self._owner.parse(raw)
+        if _over_headers(raw):  # read here, before the client makes every header
+            try:
+                yield from _tolerant_records(raw)
+            except _Unreadable as error:
+                yield self._unreadable(error)
+            return
         handed = 0
         try:
             for record in batch:

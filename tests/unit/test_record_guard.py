@@ -143,6 +143,51 @@ def test_a_header_name_that_is_not_utf8_marks_its_record_alone(parser: type, cod
         encode_batch(_records(2), codec, timestamp_ms=T), parser)]  # fmt: skip
 
 
+class _ManyHeaders(list):  # type: ignore[type-arg]
+    """`n` empty headers, as `encode_records` reads them, without making `n` tuples."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        return iter(((b"", b""),) * self.n)
+
+
+@pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
+@pytest.mark.parametrize("codec", ["none", "gzip"])
+def test_a_record_with_more_headers_than_allowed_is_marked_without_making_them(
+    parser: type, codec: str
+) -> None:
+    """A header is 2 bytes on the wire and far fewer compressed, and a Python tuple of
+    about 128 bytes in the clients: one record of a gzip batch of a few kilobytes became
+    gigabytes in the worker, which the OOM killer restarted on it for ever."""
+    import tracemalloc
+
+    records = _records(3)
+    key, value, _ = records[1]
+    records[1] = (key, value, _ManyHeaders(200_000))
+    records[2] = (records[2][0], records[2][1], [(b"h", b"")] * guard.MAX_HEADERS)  # allowed
+    data = encode_batch(records, codec, timestamp_ms=T)
+    assert len(data) < 1_000 if codec == "gzip" else len(data) > 400_000
+    tracemalloc.start()
+    try:
+        read = _read(data, parser)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, peak  # the client alone: about 50 MB
+    assert [r.offset for r in read] == [0, 1, 2]
+    assert unreadable(read[1].headers) == ("too_large", "a record with more than 64 headers")
+    assert (read[1].key, read[1].value, len(read[1].headers)) == (key, value, 1)
+    assert unreadable(read[2].headers) is None and len(read[2].headers) == guard.MAX_HEADERS
+    assert [_fields(r) for r in (read[0],)] == [_fields(r) for r in _read(
+        encode_batch(_records(1), codec, timestamp_ms=T), parser)]  # fmt: skip
+
+
 @pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
 def test_one_fetch_hands_out_batches_until_the_limit_was_decompressed(parser: type) -> None:
     big = [(b"k", b"\x00" * 100_000, [])] * 3  # 300 KB a batch decompressed
