@@ -223,6 +223,7 @@ class WorkerHealth:
         self._lock = threading.Lock()
         self._since: float | None = None
         self._busy_since: float | None = None  # the batch in hand began
+        self._fetch_since: float | None = None  # fetches fail since (a corrupt segment …)
         self.reason = ""
         # What /healthz judges by, so that the alert on it sees a batch that blocks (a
         # commit, a lock, a connection that hangs) as it sees one that retries.
@@ -239,6 +240,16 @@ class WorkerHealth:
             self._since = None
             self.reason = ""
 
+    def fetch_failed(self, reason: str) -> None:
+        """A fetch failed: until one passes (`fetched`), the time counts as retries."""
+        with self._lock:
+            if self._fetch_since is None:
+                self._fetch_since = time.monotonic()
+            self.reason = reason
+
+    def fetched(self) -> None:
+        self._fetch_since = None
+
     def busy(self) -> None:
         """A batch begins: until it ends (`free`), its time counts towards a stall."""
         self._busy_since = time.monotonic()
@@ -251,8 +262,9 @@ class WorkerHealth:
         WORKER_LAST_PROGRESS.set(time.time())
 
     def retrying_seconds(self) -> float:
-        since = self._since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long a batch, or the fetches, have been failing."""
+        since = [t for t in (self._since, self._fetch_since) if t is not None]
+        return 0.0 if not since else time.monotonic() - min(since)
 
     def waiting_seconds(self) -> float:
         """The longer of the retries and the batch in hand (0 between batches)."""
@@ -261,7 +273,7 @@ class WorkerHealth:
         return max(self.retrying_seconds(), taken)
 
     def ready(self) -> bool:
-        return self._since is None
+        return self._since is None and self._fetch_since is None
 
     def stalled(self) -> bool:
         """A batch has retried, or one batch has taken, longer than the threshold."""

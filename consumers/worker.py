@@ -552,6 +552,11 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         store.close()
 
 
+# How long a revoke waits for the batch in flight; the group waits longer for this member's
+# rejoin (`transport.group.REBALANCE_TIMEOUT_MS`), else it would be expelled meanwhile.
+REVOKE_WAIT_SECONDS = 30.0
+
+
 class ReconcilerLoop:
     """The worker's main loop: a consumer-group member feeding the batch processor.
 
@@ -709,13 +714,23 @@ class ReconcilerLoop:
         if self.processor.reconciler.cache is not None:
             self.processor.reconciler.cache.invalidate()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.idle.wait(), timeout=30)
+            await asyncio.wait_for(self.idle.wait(), timeout=REVOKE_WAIT_SECONDS)
 
     async def _consume(self, member: GroupMember) -> None:
         """Two stages: while batch N is applied (its thread mostly waits for the database),
         batch N+1 is fetched and parsed in another thread. Batches are applied one after
-        the other, in order."""
+        the other, in order. Whatever ends the loop with a batch in flight stops that
+        batch (its transaction rolls back): the process would wait for its thread, which
+        retries while the store is away, for ever."""
+        try:
+            await self._batches(member)
+        except BaseException:
+            self.processor.stopping.set()
+            raise
+
+    async def _batches(self, member: GroupMember) -> None:
         config = self.config
+        health = self.processor.health
         applying: tuple[asyncio.Future[None], list[Message]] | None = None
         while not self.stop_event.is_set():
             self.liveness.beat()
@@ -727,8 +742,18 @@ class ReconcilerLoop:
                 )
             except TransientError as error:
                 log.error("fetch failed (%s), retrying", type(error).__name__)
+                health.fetch_failed(f"fetch: {type(error).__name__}")  # a stall if it lasts
+                if applying is not None:
+                    # Its end first: the next fetch may wait out a rebalance, whose revoke
+                    # waits for this batch (`_revoked`), which only this loop ends.
+                    outcome, ended = await self._finished(member, *applying)
+                    applying = None
+                    self._copy(member, ended)
+                    if outcome == "stop":
+                        return
                 await asyncio.sleep(1.0)
                 continue
+            health.fetched()
             if member.failed is not None:
                 raise member.failed
             fetched_in = member.rebalances

@@ -40,6 +40,11 @@ from transport.reader import LOG_APPEND_TIME, Message, to_message
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
+# How long the group's coordinator waits for a member to rejoin a rebalance. A member
+# first lets its batch in flight finish (the worker waits up to 30 s for it): with the
+# client's default (the session timeout, 10 s) it was expelled meanwhile, and its late
+# rejoin began another rebalance of the whole group.
+REBALANCE_TIMEOUT_MS = 60_000
 
 
 def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
@@ -150,6 +155,7 @@ class GroupMember:
             max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=4 * max_partition_fetch_bytes,
             session_timeout_ms=10_000,
+            rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=600_000,
             **security,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -85,3 +86,142 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
     assert loop.applied == {("t", 0): 7} and noted == [({("t", 0)}, {("t", 0): 7})]
     time.sleep(0.06)
     assert health.ready() and not health.stalled()
+
+
+class _Processor:
+    """A batch that retries while the store is away: it ends only when stopped."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stopping = threading.Event()
+        self.health = WorkerHealth(300)
+        self.reconciler = SimpleNamespace(cache=None)
+        self.ended = threading.Event()
+
+    def prepare(self, messages: object) -> object:
+        return object()
+
+    def process(self, messages: object, prepared: object, starts: object) -> None:
+        from consumers.worker import Stopping
+
+        try:
+            if self.stopping.wait(60):
+                raise Stopping()
+        finally:
+            self.ended.set()
+
+
+class _Member:
+    """As aiokafka's: a fetch during a rebalance waits for its assignment."""
+
+    def __init__(self, second: BaseException) -> None:
+        self.rebalances = 0
+        self.starts: dict[object, int] = {}
+        self.failed = None
+        self.calls = 0
+        self.second = second
+        self.rebalancing = asyncio.Event()
+        self.assigned = asyncio.Event()
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {("t", 0)}
+
+    async def batch(self, size: int, wait: float) -> list[object]:
+        from transport.message import Message
+
+        self.calls += 1
+        if self.rebalancing.is_set():
+            await self.assigned.wait()
+        if self.calls == 1:
+            return [Message("t", 0, 0, b"{}")]
+        if self.calls == 2:
+            await asyncio.sleep(0.1)  # a fetch's round trip: the batch in flight has begun
+            raise self.second
+        await asyncio.sleep(wait)
+        return []
+
+
+def _loop(processor: _Processor) -> ReconcilerLoop:
+    config = SimpleNamespace(
+        batch_max_events=10, batch_max_wait_seconds=0.05, topic_check_seconds=1e9
+    )
+    return ReconcilerLoop(config, None, processor, False)  # type: ignore[arg-type]
+
+
+def test_an_error_that_ends_the_loop_with_a_batch_in_flight_stops_that_batch() -> None:
+    """A configuration error from a fetch (an ACL refused) while a batch retried for an
+    away store: the process then waited for that batch's thread, which retried for ever
+    (a worker under systemd hung instead of exiting)."""
+    from schemas.errors import ConfigurationError
+
+    processor = _Processor()
+    loop = _loop(processor)
+    member = _Member(ConfigurationError("the topic's ACL refused the worker"))
+
+    async def run() -> None:
+        await asyncio.wait_for(loop._consume(member), 10)  # type: ignore[arg-type]
+
+    began = time.monotonic()
+    with contextlib.suppress(ConfigurationError):
+        asyncio.run(run())
+    assert processor.stopping.is_set() and processor.ended.wait(5)
+    assert time.monotonic() - began < 5
+
+
+def test_a_failed_fetch_finishes_the_batch_in_flight_before_a_rebalance_waits_for_it() -> None:
+    """A fetch failed with a batch in flight; a rebalance began during the loop's pause,
+    and the next fetch waited for its assignment, whose revoke waited for the batch, which
+    only the loop could end: 30 s lost, /healthz failing meanwhile."""
+    from schemas.errors import TransientError
+
+    processor = _Processor()
+    loop = _loop(processor)
+    member = _Member(TransientError("fetch failed"))
+    waited: list[float] = []
+
+    async def rebalance() -> None:
+        await asyncio.sleep(0.5)  # during the loop's pause after the failed fetch
+        member.rebalancing.set()
+        began = time.monotonic()
+        await loop._revoked(set())
+        waited.append(time.monotonic() - began)
+        member.assigned.set()
+        loop.stop()
+
+    async def run() -> None:
+        # the batch in flight ends as soon as the loop waits for it (a quick batch)
+        asyncio.get_running_loop().call_later(0.2, processor.stopping.set)
+        task = asyncio.ensure_future(rebalance())
+        await asyncio.wait_for(loop._consume(member), 40)  # type: ignore[arg-type]
+        await task
+
+    asyncio.run(run())
+    assert waited and waited[0] < 2, waited
+
+
+def test_fetches_that_keep_failing_are_a_stall() -> None:
+    health = WorkerHealth(stall_after_seconds=0.05)
+    health.fetch_failed("fetch: CorruptRecordError")
+    assert not health.ready()
+    time.sleep(0.06)
+    assert health.stalled() and health.reason == "fetch: CorruptRecordError"
+    health.fetched()
+    assert health.ready() and not health.stalled()
+
+
+def test_the_group_waits_for_a_member_longer_than_it_waits_for_its_batch() -> None:
+    """A revoke lets the batch in flight finish (up to 30 s); with the client's default
+    rebalance timeout (the session's, 10 s) the member was expelled meanwhile."""
+    from consumers.worker import REVOKE_WAIT_SECONDS
+    from transport.config import KafkaConnection
+    from transport.group import GroupMember
+
+    async def made() -> int:
+        async def nothing(*_: object) -> dict[object, int]:
+            return {}
+
+        member = GroupMember(KafkaConnection(bootstrap="127.0.0.1:1"), ["t"], "g", nothing, nothing)
+        return int(member._consumer._rebalance_timeout_ms)
+
+    assert asyncio.run(made()) > REVOKE_WAIT_SECONDS * 1000 + 10_000
