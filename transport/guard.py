@@ -170,40 +170,40 @@ def _bytes(buffer: memoryview, pos: int) -> tuple[bytes | None, int]:
 def _over_headers(batch: memoryview) -> bool:
     """Whether a record of an uncompressed v2 batch declares more than `MAX_HEADERS`
     headers (or its fields cannot be walked: the tolerant parser then says where), read
-    without making any. Every batch the worker fetches goes through it: its varints are
-    read inline, 1.2 µs a record against 2.0 with `_varint`'s calls."""
+    without making any. Every batch the worker fetches goes through it, so its varints are
+    read inline, one-byte ones (nearly all) without a loop, and the deltas skipped
+    undecoded: 1.0 µs a record, against 2.0 with `_varint`'s calls."""
     (count,) = struct.unpack_from(">i", batch, _HEADER.size - 4)
     pos = _HEADER.size
     try:
         for _ in range(count):
-            value = shift = 0
-            while True:  # the record's length
-                byte = batch[pos]
+            byte = batch[pos]
+            if byte < 0x80:
+                length, pos = (byte >> 1) ^ -(byte & 1), pos + 1
+            else:
+                length, pos = _varint(batch, pos)
+            end = pos + length
+            pos += 1  # the record's attributes
+            while batch[pos] & 0x80:  # its timestamp delta
                 pos += 1
-                value |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-            end = pos + ((value >> 1) ^ -(value & 1))
-            pos += 1  # its attributes
-            for field in range(5):  # timestamp and offset deltas, key, value, header count
-                value = shift = 0
-                while True:
-                    byte = batch[pos]
-                    pos += 1
-                    value |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 63:
-                        return True
-                number = (value >> 1) ^ -(value & 1)
-                if field in (2, 3) and number > 0:  # a key's or value's bytes
-                    pos += number
-            if number > MAX_HEADERS:
+            pos += 1
+            while batch[pos] & 0x80:  # its offset delta
+                pos += 1
+            pos += 1
+            for _field in (0, 1):  # its key and its value, skipped
+                byte = batch[pos]
+                if byte < 0x80:
+                    size, pos = (byte >> 1) ^ -(byte & 1), pos + 1
+                else:
+                    size, pos = _varint(batch, pos)
+                if size > 0:
+                    pos += size
+            byte = batch[pos]  # its header count
+            headers = (byte >> 1) ^ -(byte & 1) if byte < 0x80 else _varint(batch, pos)[0]
+            if headers > MAX_HEADERS:
                 return True
             pos = end
-    except IndexError:  # runs past the batch
+    except (IndexError, _Unreadable):  # runs past the batch
         return True
     return False
 
