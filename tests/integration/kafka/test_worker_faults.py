@@ -225,11 +225,13 @@ def test_a_message_at_the_change_topic_limit_is_dead_lettered_whole_and_the_rest
 def test_a_message_whose_key_or_headers_would_not_fit_a_letter_is_dead_lettered_bounded(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
-    """A gzip record with a 5 MiB key, and one with a thousand 2 KiB `ps.sig` headers, each
-    fit the change topic's 2 MiB compressed. Their letters, key and headers copied, did not
-    fit the dead-letter topic: the producer refused them, the batch was retried for ever,
-    and every partition of the worker with it (`offsets skip` failed the same way). Now
-    an oversized key or header goes as its size and SHA-256; the worker goes on."""
+    """A gzip record with a 5 MiB key, and one with 64 (the most a record may carry) 24 KiB
+    `ps.sig` headers, each fit the change topic's 2 MiB compressed. Their letters, key and
+    headers copied, did not fit the dead-letter topic: the producer refused them, the
+    batch was retried for ever, and every partition of the worker with it (`offsets skip`
+    failed the same way). Now an oversized key or header goes as its size and SHA-256; the
+    worker goes on. A record with a thousand headers is refused before they are read
+    (`transport.guard`)."""
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
     topic = change_topic(settings, "citizen")
@@ -237,28 +239,31 @@ def test_a_message_whose_key_or_headers_would_not_fit_a_letter_is_dead_lettered_
                             compression_type="gzip", max_request_size=16_000_000)  # fmt: skip
     big_key = b"k" * (5 * 1_048_576)
     hostile.send(topic, key=big_key, value=b"{}", partition=0).get(30)
-    signatures = [("ps.sig", bytes([65 + i % 26]) * 2048) for i in range(1000)]
+    signatures = [("ps.sig", bytes([65 + i % 26]) * 24_576) for i in range(64)]
     hostile.send(topic, key=b"citizen:1", value=b"{}", headers=signatures, partition=0).get(30)
+    many = [("ps.sig", b"s")] * 1000
+    hostile.send(topic, key=b"citizen:2", value=b"{}", headers=many, partition=0).get(30)
     events = citizen_events(10, 1, seed=34)
     _publish(settings, events)
 
     worker = cli(settings, "worker", "--until-caught-up", timeout=180)
     assert worker.returncode == 0, worker.stdout + worker.stderr
     assert exported(settings) == expected_export(events, Authority())
-    first, second = _read_all(settings, dead_letter_topic(settings), 2)
+    first, second, third = _read_all(settings, dead_letter_topic(settings), 3)
     assert first.key is None and first.value == b"{}"
     assert read_headers(first.headers)["ps.key.size"] == str(len(big_key))
     assert read_headers(first.headers)["ps.key.sha256"] == hashlib.sha256(big_key).hexdigest()
     assert second.key == b"citizen:1"
-    assert read_headers(second.headers)["ps.headers.omitted"] == "1000"
+    assert read_headers(second.headers)["ps.headers.omitted"] == "64"
+    assert (third.key, read_headers(third.headers)["ps.reason.code"]) == (b"citizen:2", "too_large")
 
     # The operators' way past such a message, which failed the same way.
     hostile.send(topic, key=big_key, value=b"x" * 5_000_000, partition=0).get(30)
     hostile.close()
     skipped = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
-                  "--offset", str(len(events) + 2), "--reason", "drill")  # fmt: skip
+                  "--offset", str(len(events) + 3), "--reason", "drill")  # fmt: skip
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
-    *_, letter = _read_all(settings, dead_letter_topic(settings), 3)
+    *_, letter = _read_all(settings, dead_letter_topic(settings), 4)
     assert read_headers(letter.headers)["ps.reason.code"] == "skipped_by_operator"
     assert letter.key is None and json.loads(letter.value)["value_omitted"] == "too_large"
 
