@@ -17,10 +17,12 @@ batches, and parses with the client's own parser):
 - once one partition's fetched data has given `DECOMPRESSED_LIMIT` bytes of decompressed
   records, its other batches wait for the next fetch: a fetch of a few MiB of compressed
   batches cannot become gigabytes in memory.
-- a record with more than `MAX_HEADERS` headers (a few bytes each on the wire, far fewer
-  compressed, each a Python object in the clients) is never parsed by the client: the
-  batch is read by the tolerant parser below, and that record handed out marked
-  unreadable (`too_large`) with its key and value, without its headers;
+- a batch with a record of more than `MAX_HEADERS` headers (a few bytes each on the wire,
+  far fewer compressed, each a Python object in the clients) is never parsed by the
+  client: it is handed out as one record marked unreadable (`unreadable_batch`), as a
+  batch over the bound is (a record's own mark, with its key and value, would trust the
+  length the record declares to find the next one: made up, it would hand out records of
+  the sender's choosing, at offsets of its choosing);
 - a record whose header name is not UTF-8 is read by a tolerant parser of the same batch
   (from that record on) and handed out marked unreadable (`not_utf8`), with its key, value
   and the headers that do decode: the worker dead-letters it with its value, and the
@@ -52,6 +54,7 @@ DECOMPRESSED_LIMIT = 32 * 1_048_576
 # gigabytes in the worker, killed and restarted on it for ever. An event carries a few
 # (`ps.sig`, `ps.kid`, a redrive's `ps.attempt` and `ps.origin.timestamp`).
 MAX_HEADERS = 64
+TOO_MANY_HEADERS = f"has a record with more than {MAX_HEADERS} headers"
 
 # A v2 record batch's header (Kafka's DefaultRecordBatch), 61 bytes.
 _HEADER = struct.Struct(">qiibIhiqqqhii")
@@ -169,10 +172,11 @@ def _bytes(buffer: memoryview, pos: int) -> tuple[bytes | None, int]:
 
 def _over_headers(batch: memoryview) -> bool:
     """Whether a record of an uncompressed v2 batch declares more than `MAX_HEADERS`
-    headers (or its fields cannot be walked: the tolerant parser then says where), read
-    without making any. Every batch the worker fetches goes through it, so its varints are
-    read inline, one-byte ones (nearly all) without a loop, and the deltas skipped
-    undecoded: 1.0 µs a record, against 2.0 with `_varint`'s calls."""
+    headers, read without making any. A batch it cannot walk (a length that does not
+    move on, fields past the batch) is False: the client's parser refuses it, and the
+    tolerant parser says where. Every batch the worker fetches goes through it, so its
+    varints are read inline, one-byte ones (nearly all) without a loop, and the deltas
+    skipped undecoded: 1.0 µs a record, against 2.0 with `_varint`'s calls."""
     (count,) = struct.unpack_from(">i", batch, _HEADER.size - 4)
     pos = _HEADER.size
     try:
@@ -182,6 +186,8 @@ def _over_headers(batch: memoryview) -> bool:
                 length, pos = (byte >> 1) ^ -(byte & 1), pos + 1
             else:
                 length, pos = _varint(batch, pos)
+            if length <= 0:  # no record: it would not move on
+                return False
             end = pos + length
             pos += 1  # the record's attributes
             while batch[pos] & 0x80:  # its timestamp delta
@@ -204,38 +210,35 @@ def _over_headers(batch: memoryview) -> bool:
                 return True
             pos = end
     except (IndexError, _Unreadable):  # runs past the batch
-        return True
+        return False
     return False
 
 
 def _tolerant_records(batch: memoryview) -> Iterator[_Record]:
     """The records of an uncompressed v2 batch, a record whose header name is not UTF-8
-    marked `not_utf8` (with the headers that decode), and one with more than
-    `MAX_HEADERS` headers marked `too_large` (without them), instead of failing the batch
-    or making every header."""
+    marked `not_utf8` (with the headers that decode) instead of failing the batch. A
+    record with more than `MAX_HEADERS` headers, fields that do not add up to its length,
+    or an offset outside its batch's make the batch unreadable (`_Unreadable`)."""
     header = _HEADER.unpack_from(batch)
-    base_offset, attributes, first_ts, max_ts, count = (header[i] for i in (0, 5, 7, 8, 12))
+    base_offset, attributes, last_delta = header[0], header[5], header[6]
+    first_ts, max_ts, count = header[7], header[8], header[12]
     ts_type = 1 if attributes & _TIMESTAMP_TYPE else 0
     pos = _HEADER.size
+    previous = -1
     for _ in range(count):
         length, pos = _varint(batch, pos)
         start = pos
         ts_delta, pos = _varint(batch, pos + 1)  # after the record's attributes byte
         offset_delta, pos = _varint(batch, pos)
+        if not previous < offset_delta <= last_delta:  # an offset outside its batch
+            raise _Unreadable("a record's offset is not within its batch")
+        previous = offset_delta
         key, pos = _bytes(batch, pos)
         value, pos = _bytes(batch, pos)
         names, pos = _varint(batch, pos)
+        if names > MAX_HEADERS:  # never made
+            raise _Unreadable(TOO_MANY_HEADERS)
         headers: list[tuple[str, bytes | None]] = []
-        if names > MAX_HEADERS:  # never made: marked, with its key and value
-            pos = start + length
-            if pos > len(batch):
-                raise _Unreadable("a record's field runs past its batch")
-            mark = UnreadableMark(Reason.TOO_LARGE.value, base_offset + offset_delta)
-            headers.append((mark, f"a record with more than {MAX_HEADERS} headers".encode()))
-            timestamp = max_ts if ts_type else first_ts + ts_delta
-            yield _Record(base_offset + offset_delta, timestamp, ts_type, key, value, headers,
-                          length)  # fmt: skip
-            continue
         bad = False
         for _n in range(names):
             name, pos = _bytes(batch, pos)
@@ -402,11 +405,8 @@ class _GuardedBatch:
             struct.pack_into(">h", head, _ATTRIBUTES, attributes)
             raw = memoryview(bytes(head) + records)
             batch = self._owner.parse(raw)
-        if _over_headers(raw):  # read here, before the client makes every header
-            try:
-                yield from _tolerant_records(raw)
-            except _Unreadable as error:
-                yield self._unreadable(error)
+        if _over_headers(raw):  # before the client makes every header: none is read
+            yield self._unreadable(_Unreadable(TOO_MANY_HEADERS))
             return
         handed = 0
         try:
