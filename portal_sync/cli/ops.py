@@ -403,6 +403,8 @@ def dlq_redrive(
     who re-drove it: --operator, else the OS user); never
     one older than the store's or than one this run sent of the same key, nor while the
     worker has not applied its partition up to the log's end (held back: run it again)."""
+    from datetime import timedelta
+
     from portal_sync.ops.dlq import Filters, iter_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
     from portal_sync.ops.purge import redrive_warning
@@ -429,7 +431,8 @@ def dlq_redrive(
     target.require_schema()
     try:
         summary = run_redrive(settings, target, letters, wait, operator)
-        purged = summary.purged_since(target)
+        skew = timedelta(seconds=settings.max_clock_skew_seconds)
+        purged = summary.purged_since(target, skew)
     finally:
         target.close()
     if purged:  # on stderr, as the replay's and the offsets reset's warnings

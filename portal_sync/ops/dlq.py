@@ -304,16 +304,19 @@ class RedriveSummary:
             earliest = failed_at
         self.sources[source] = (entities, earliest)
 
-    def purged_since(self, store: Store) -> list[str]:
+    def purged_since(self, store: Store, skew: timedelta = timedelta(0)) -> list[str]:
         """The source purges recorded after a re-driven letter of their source failed
-        (`purges_after`): each such letter was applied as any other, unless the store
-        held a newer version of its view, and can bring back what the purge removed."""
+        (`purges_after`; the worker's clock against the operator's, less their allowed
+        `skew`): each such letter was applied as any other, unless the store held a newer
+        version of its view, and can bring back what the purge removed."""
         from portal_sync.ops.purge import purges_after
 
         return [
             found
             for source, (entities, earliest) in sorted(self.sources.items())
-            for found in purges_after(store, earliest, source, entities)
+            for found in purges_after(
+                store, None if earliest is None else earliest - skew, source, entities
+            )
         ]
 
 
