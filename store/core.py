@@ -844,22 +844,6 @@ class Store:
                     done[place] = at
         return done
 
-    def record_redrive(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        reason_code: str,
-        target_topic: str,
-        topic_id: str = "",
-        operator: str | None = None,
-    ) -> bool:
-        """Record a dead letter's redrive; whether this call recorded it (`claim_redrive`)."""
-        with self.claim_redrive(
-            topic, partition, offset, reason_code, target_topic, topic_id, operator
-        ) as claimed:
-            return claimed
-
     @contextmanager
     def claim_redrive(
         self,

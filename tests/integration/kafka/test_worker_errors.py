@@ -30,27 +30,44 @@ from transport import admin
 pytestmark = pytest.mark.kafka
 
 
-def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
-    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = settings_for(sqlite_store_url, change_partitions=1)  # one offset sequence
+def _one_partition(
+    settings_for: Any, store_url: str, seed: int, count: int
+) -> tuple[Any, Store, BatchProcessor, list[dict[str, Any]], list[Message]]:
+    """Settings with one change partition (one offset sequence), a store, a processor,
+    and `count` citizen events of one source as that partition's messages."""
+    settings = settings_for(store_url, change_partitions=1)
     ensure_topics(settings)
     store = Store(settings.store_url)
     store.create_schema()
     processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
-    events = [e for e in citizen_events(12, 1, seed=21) if e["source"] == "province-01"][:10]
+    events = [e for e in citizen_events(count + 2, 1, seed=seed) if e["source"] == "province-01"]
     messages = [
-        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
+        change_message(settings, offset, json.dumps(e).encode())
+        for offset, e in enumerate(events[:count])
     ]
-    poison = messages[6]
+    return settings, store, processor, events[:count], messages
+
+
+def _refusing(processor: BatchProcessor, monkeypatch: pytest.MonkeyPatch, refused: Message) -> None:
+    """The store refuses every batch that holds `refused` (a value it cannot hold)."""
     real_apply = processor.reconciler.apply
 
-    def refuse_the_poison(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
-        if any(c.message == poison for c in valid):
+    def refuse(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
+        if any(c.message == refused for c in valid):
             raise ValueError("a value the store cannot hold")
         return real_apply(valid, batch, **kw)
 
-    monkeypatch.setattr(processor.reconciler, "apply", refuse_the_poison)
+    monkeypatch.setattr(processor.reconciler, "apply", refuse)
+
+
+def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, store, processor, events, messages = _one_partition(
+        settings_for, sqlite_store_url, 21, 10
+    )
+    poison = messages[6]
+    _refusing(processor, monkeypatch, poison)
     processor.process(messages)
     processor.close()
 
@@ -73,27 +90,14 @@ def test_a_forged_attempt_header_is_a_first_attempt_and_the_batch_goes_on(
     """Anyone who can write a change topic sets `ps.attempt`: 4,300 digits made the dead
     letter's headers unwritable (Python refuses to print such an integer), which stopped
     the worker at that message after every restart."""
-    settings = settings_for(sqlite_store_url, change_partitions=1)
-    ensure_topics(settings)
-    store = Store(settings.store_url)
-    store.create_schema()
-    processor = BatchProcessor(settings.worker_config(), store, Registry(), Authority())
-    events = [e for e in citizen_events(8, 1, seed=23) if e["source"] == "province-01"][:6]
-    messages = [
-        change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
-    ]
+    settings, store, processor, events, messages = _one_partition(
+        settings_for, sqlite_store_url, 23, 6
+    )
     forged = [("ps.attempt", attempt)]
     invalid = Message(messages[0].topic, 0, 6, b"not json", b"citizen:1", None, tuple(forged))
     refused = messages[3]  # valid, and then refused by the store: dead-lettered alone
     messages[3] = Message(refused.topic, 0, 3, refused.value, refused.key, None, tuple(forged))
-    real_apply = processor.reconciler.apply
-
-    def refuse(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
-        if any(c.message.offset == 3 for c in valid):
-            raise ValueError("a value the store cannot hold")
-        return real_apply(valid, batch, **kw)
-
-    monkeypatch.setattr(processor.reconciler, "apply", refuse)
+    _refusing(processor, monkeypatch, messages[3])
     processor.process([*messages, invalid])
     processor.close()
 

@@ -710,11 +710,11 @@ def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
         # Recorded without an id: it stands for its place whatever the topic's id, for a
         # letter that failed by the time it was recorded (`portal_sync.ops.dlq`).
         assert store.redriven(letters, "id-1") == {(0, 3): T1}
-        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-1")
+        _redrive(store, letters, "id-1")
         assert store.redriven(letters, "id-1") == {(0, 3): T1, (0, 5): None}
         # The topic created again: its letter at 0:5 is not the earlier one, re-driven once.
         assert store.redriven(letters, "id-2") == {(0, 3): T1}
-        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-2")
+        _redrive(store, letters, "id-2")
         assert store.redriven(letters, "id-2") == {(0, 3): T1, (0, 5): None}
         _migrate(store, "0013", down=True)
         with store.engine.connect() as conn:
@@ -724,6 +724,14 @@ def test_0014_tells_the_letters_of_a_dead_letter_topic_created_again_apart(
         assert [tuple(r) for r in rows] == [(0, 3), (0, 5)]  # one row a place
     finally:
         store.close()
+
+
+def _redrive(store: Store, letters: str, topic_id: str, operator: str | None = None) -> None:
+    """A redrive of the letter at 0:5, recorded as `dlq redrive` records it."""
+    with store.claim_redrive(
+        letters, 0, 5, "invalid_field", "portal.changes.citizen", topic_id, operator
+    ) as claimed:
+        assert claimed
 
 
 # -- 0015: an operator's reset of any group -----------------------------------------------
@@ -772,8 +780,7 @@ def test_0016_records_who_redrives_and_keeps_the_earlier_redrives(store_url: str
         with store.engine.begin() as conn:
             conn.execute(text(store_row), {"t": letters, "at": T1})
         _migrate(store, "0016")
-        store.record_redrive(letters, 0, 5, "invalid_field", "portal.changes.citizen", "id-1",
-                             "Trần Văn Đức")  # fmt: skip
+        _redrive(store, letters, "id-1", "Trần Văn Đức")
         query = text('SELECT "offset", operator FROM dead_letter_redrives ORDER BY 1')
         with store.engine.connect() as conn:
             assert [tuple(r) for r in conn.execute(query)] == [(3, None), (5, "Trần Văn Đức")]
