@@ -33,7 +33,10 @@ class LagCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: list[GroupLag] = []
-        self.last_success = 0.0
+        # Exported as the exporter's start until a poll reads: "blind for 56 years" would
+        # page with a figure nobody can act on, and blind since the start is the truth.
+        self.started = time.time()
+        self.last_success: float | None = None
 
     def update(self, groups: list[GroupLag]) -> None:
         with self._lock:
@@ -63,12 +66,12 @@ class LagCollector(Collector):
         )
         with self._lock:
             groups = list(self._groups)
-            last_success = self.last_success
+            last_success = self.started if self.last_success is None else self.last_success
         # Never cleared: a poll that keeps failing drops the lag series (and with them the
         # consumer alerts), and this one is what still shows it.
         yield GaugeMetricFamily(
             "portal_sync_lag_exporter_last_success_timestamp_seconds",
-            "When the last poll read the lag (Unix seconds; 0: none yet).",
+            "When the last poll read the lag (Unix seconds; until then the exporter's start).",
             value=last_success,
         )
         for group in groups:
@@ -120,7 +123,8 @@ def run_exporter(
         return time.monotonic() - heartbeat[0] < max(30.0, 3 * interval)
 
     def ready() -> bool:
-        return time.time() - collector.last_success < max(30.0, 3 * interval)
+        last = collector.last_success
+        return last is not None and time.time() - last < max(30.0, 3 * interval)
 
     heartbeat = [time.monotonic()]
     server = serve(port, host, healthy=healthy, ready=ready, web=web)

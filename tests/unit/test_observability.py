@@ -3,6 +3,7 @@ freshness and cursor-lag collectors, series removal, and the probes' HTTP server
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -208,6 +209,23 @@ def test_a_failed_poll_is_tried_again_at_once_and_drops_the_snapshot_only_if_tha
     assert not outcomes
     assert not any(name == "portal_sync_consumer_lag_messages" for name, _ in scrape(registry))
     assert scrape(registry)[last] == succeeded  # the blind exporter still says since when
+
+
+def test_before_its_first_poll_reads_the_exporter_is_blind_since_its_start() -> None:
+    """Not since 1970: the blind alert's text would say 56 years, for an exporter started a
+    minute ago whose brokers do not answer yet."""
+    registry = CollectorRegistry()
+    before = time.time()
+    collector = LagCollector()
+    registry.register(collector)
+
+    def unanswered() -> list[GroupLag]:
+        raise TimeoutError("offsets")
+
+    assert not poll(unanswered, collector)
+    last = ("portal_sync_lag_exporter_last_success_timestamp_seconds", ())
+    assert before <= scrape(registry)[last] <= time.time()
+    assert collector.last_success is None  # what /readyz reads: not ready before a poll
 
 
 def test_freshness_advances_with_applied_events_only() -> None:
