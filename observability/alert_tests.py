@@ -184,6 +184,15 @@ CASES = [
         "no portal-sync-worker target is scraped: the worker's alerts cannot fire",
     ),
     Case(
+        "PortalSyncProducerMissing",
+        # the producer's target leaves service discovery at 2m; the others stay
+        {f"up{{{WORKER}}}": "1x20", f"up{{{PRODUCER}}}": "1 1 stale"},
+        "6m",  # missing for 4m
+        "8m",
+        {"job": "portal-sync-producer"},
+        "no portal-sync-producer target is scraped: the producers' alerts cannot fire",
+    ),
+    Case(
         "PortalSyncOutboxRowsBeyondLookback",
         # two rows committed too late for the window since 3m, measured after every poll
         {f'{BEYOND}{{source="ministry-btp",{PRODUCER}}}': "0 0 0 2x10"},

@@ -393,6 +393,21 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "still select it; watch `portal-sync lag` by hand meanwhile. A deployment "
             "without the lag exporter drops this rule (the chart does).",
         ),
+        Rule(
+            "PortalSyncProducerMissing",
+            missing("portal-sync-producer"),
+            targets("portal-sync-producer"),
+            t.for_missing,
+            "critical",
+            "no portal-sync-producer target is scraped: the producers' alerts cannot fire",
+            "Prometheus finds no producer target at all, so neither PortalSyncProcessDown "
+            "nor PortalSyncSourceStopped nor PortalSyncOutboxRowsBeyondLookback can fire "
+            "for a producer; PortalSyncSourceStale pages only after its threshold. Check "
+            "that the producers run and that their Service and ServiceMonitor (or the "
+            "scrape configuration) still select them. A deployment whose producers are "
+            "scraped by another Prometheus (a province's own) drops this rule (the chart "
+            "does when it deploys no producer).",
+        ),
     ]
 
 

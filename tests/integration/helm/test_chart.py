@@ -357,19 +357,31 @@ def test_another_freshness_objective_is_refused_with_the_shipped_rules(
     assert refused.returncode != 0 and "--objective 120" in refused.stderr, refused.stderr
 
 
-def test_without_the_lag_exporter_its_absence_is_no_alert(
+@pytest.mark.parametrize(
+    ("settings", "dropped"),
+    [
+        ((), set()),  # the production values deploy a lag exporter and a producer
+        (("--set", "lagExporter.enabled=false"), {"PortalSyncLagExporterMissing"}),
+        (("--set", "producers=null"), {"PortalSyncProducerMissing"}),
+    ],
+    ids=["both", "no lag exporter", "no producer"],
+)
+def test_the_absence_of_what_the_chart_does_not_deploy_is_no_alert(
     helm: Callable[..., subprocess.CompletedProcess[str]],
+    settings: tuple[str, ...],
+    dropped: set[str],
 ) -> None:
-    """`absent(up{job="portal-sync-lag-exporter"})` fires for ever where none is deployed:
-    the chart leaves that rule out then, and only that one."""
-    alone = render(helm, *VALUES["production"], "--set", "lagExporter.enabled=false")
-    rule = one(alone, "PrometheusRule", FULLNAME)
+    """`absent(up{job=…})` fires for ever where no such target is deployed: the chart
+    leaves the lag exporter's and the producers' rule out then, and only that one."""
+    manifests = render(helm, *VALUES["production"], *settings)
+    rule = one(manifests, "PrometheusRule", FULLNAME)
     names = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
     alerts = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
     every = [r["alert"] for g in alerts["groups"] for r in g["rules"]]
-    assert "PortalSyncLagExporterMissing" in every and "PortalSyncWorkerMissing" in names
-    assert names == [name for name in every if name != "PortalSyncLagExporterMissing"]
-    assert not [m for m in alone if m["metadata"]["name"] == f"{FULLNAME}-lag-exporter"]
+    assert {"PortalSyncLagExporterMissing", "PortalSyncProducerMissing"} <= set(every)
+    assert names == [name for name in every if name not in dropped]
+    exporter = [m for m in manifests if m["metadata"]["name"] == f"{FULLNAME}-lag-exporter"]
+    assert bool(exporter) == ("PortalSyncLagExporterMissing" not in dropped)
 
 
 def test_the_dashboard_configmap_is_the_dashboard_for_the_grafana_sidecar(
