@@ -47,11 +47,23 @@ def publish(
         Path | None,
         typer.Option("--sign-key", help="Sign every event with this source's key file"),
     ] = None,
+    check_store: Annotated[
+        bool,
+        typer.Option(
+            "--check-store",
+            help="Refuse a version older than the store holds of its source's view "
+            "(sent, it would outlive the newer one in the compacted topic)",
+        ),
+    ] = False,
+    store: StoreOpt = None,
 ) -> None:
     """Publish events from JSON Lines; invalid lines are reported by number and not sent.
-    With --sign-key, every event is signed (lines of another source are refused)."""
+    With --sign-key, every event is signed (lines of another source are refused). With
+    --check-store, versions older than the store's (--store) are refused: an operator's
+    corrections need it."""
     from portal_sync.ops.publish import publish_lines
     from producers.signing import load_signer
+    from store import Store
 
     try:
         handle = sys.stdin.buffer if str(file) == "-" else file.open("rb")
@@ -59,9 +71,16 @@ def publish(
         reason = error.strerror or type(error).__name__
         raise ConfigurationError(f"cannot read {file}: {reason}") from None
     with handle:
-        settings = settings_from(bootstrap)
+        settings = settings_from(bootstrap, store)
         signer = load_signer(sign_key) if sign_key is not None else None
-        result = publish_lines(settings, handle, signer)
+        against = Store(settings.store_url) if check_store else None
+        try:
+            if against is not None:
+                against.require_schema()
+            result = publish_lines(settings, handle, signer, against)
+        finally:
+            if against is not None:
+                against.close()
     for number, code, message in result.invalid:
         console.print(plain(f"line {number}: {code}: {message}"))
     console.print(f"published {result.sent}, invalid {len(result.invalid)}")

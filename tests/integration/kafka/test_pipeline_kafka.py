@@ -81,6 +81,31 @@ def test_publish_reports_invalid_lines_and_sends_the_valid_ones(
     assert sum(end_offsets(settings).values()) == 3
 
 
+def test_publish_with_check_store_refuses_a_version_older_than_the_store_holds(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Sent, version 1 would be the last event of its compaction key: the log cleaner
+    would remove version 2, and a rebuild would bring version 1's data back."""
+    settings = settings_for(sqlite_store_url)
+    events = citizen_events(keys=1, versions=2)
+    first, second = (e for e in events if e["source"] == events[0]["source"])
+    assert (first["version"], second["version"], first["op"]) == (1, 2, "upsert")
+    newer = cli(settings, "publish", str(write_jsonl(tmp_path / "v2.jsonl", [second])))
+    assert newer.returncode == 0, newer.stderr
+    assert cli(settings, "worker", "--until-caught-up").returncode == 0
+    older = write_jsonl(tmp_path / "old.jsonl", [first, second])  # v1 refused, v2 a duplicate
+
+    refused = cli(settings, "publish", str(older), "--check-store")
+
+    assert refused.returncode == 1, refused.stderr
+    assert "line 1: stale_version: version 1 is older than the store's 2" in refused.stderr
+    assert "published 1, invalid 1" in refused.stderr
+    assert first["data"]["full_name"] not in refused.stderr + refused.stdout
+    assert sum(end_offsets(settings).values()) == 2
+    unchecked = cli(settings, "publish", str(older))  # the worker's stale rule still holds
+    assert unchecked.returncode == 0 and "published 2, invalid 0" in unchecked.stderr
+
+
 MALFORMED: list[tuple[str, bytes]] = [
     ("not_utf8", b"\xff\xfe\x00"),
     ("invalid_json", b"{not json"),
