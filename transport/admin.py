@@ -464,10 +464,22 @@ class Cluster:
         return read, unread
 
     def alter_group_offsets(self, group: str, offsets: dict[TP, int]) -> None:
-        self.admin.alter_group_offsets(
+        """Commit `offsets` for `group`; `Refused` naming the partitions the coordinator
+        did not take (kafka-python answers per partition and raises nothing: a member
+        that joined meanwhile, a principal without the group's READ, a coordinator that
+        moved)."""
+        answers = self.admin.alter_group_offsets(
             group,
             {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
         )
+        errors = {(tp.topic, tp.partition): error for tp, error in answers.items()}
+        failed = [
+            f"{t}[{p}]: {getattr(errors.get((t, p)), '__name__', 'no answer')}"
+            for t, p in sorted(offsets)
+            if errors.get((t, p)) is not NoError
+        ]
+        if failed:
+            raise Refused(f"group {group}'s offsets not moved on {', '.join(failed)}")
 
     def delete_group(self, group: str) -> None:
         """Forget a consumer group's committed offsets (it may not exist)."""

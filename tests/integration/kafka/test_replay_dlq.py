@@ -18,6 +18,7 @@ from consumers.merge import Authority
 from observability.kafka_lag import Filters, LagReader
 from observability.lag import Status
 from schemas import derive_event_id
+from schemas.errors import Refused
 from schemas.identifiers import key_reference
 from store import schema
 from store.core import Store
@@ -33,6 +34,7 @@ from tests.support.pipeline_helpers import (
     write_jsonl,
 )
 from tests.support.store_helpers import refuse_views_of
+from transport import admin
 
 pytestmark = pytest.mark.kafka
 PID = "001090012345"
@@ -379,6 +381,12 @@ def test_offsets_reset_plans_refuses_active_groups_and_acts_with_yes(
         assert preview.returncode == 0, said + preview.stderr
         assert "stop its workers before --yes" in said and "plan only" in said, said
         assert sum(store.all_offsets().values()) == sum(end_offsets(settings).values())
+        # A member that joins after the command's check: the coordinator refuses the
+        # commit partition by partition, and kafka-python raises nothing for it.
+        with admin.cluster(settings.connection()) as kafka, pytest.raises(Refused) as moved:
+            kafka.alter_group_offsets(settings.group_id, dict.fromkeys(store.all_offsets(), 0))
+        assert f"group {settings.group_id}'s offsets not moved on " in str(moved.value)
+        assert "Error" in str(moved.value)
     finally:
         live.terminate()
         live.wait(timeout=60)
