@@ -19,6 +19,8 @@ from kafka.admin import (
     ACLOperation,
     ACLPermissionType,
     ACLResourcePatternType,
+    ConfigResource,
+    ConfigResourceType,
     OffsetSpec,
     ResourcePattern,
     ResourceType,
@@ -400,6 +402,24 @@ class Cluster:
         if failures and len(failures) == len(brokers):
             raise clients.translate(failures[0], "list consumer groups", self.connection)
         return sorted(names)
+
+    def retention_ms(self, topic: str) -> int | None:
+        """The topic's `retention.ms` as the cluster applies it (its own setting or the
+        broker's default); None: kept for ever (-1)."""
+        wanted = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
+        ask = partial(self.admin.describe_configs, [wanted], config_filter="all")
+        try:
+            answer = self._any_node(ask)
+        except KafkaError as error:
+            action = f"describe {topic}'s configs"
+            raise clients.translate(error, action, self.connection) from None
+        # A principal without DESCRIBE_CONFIGS gets an empty answer, not an error.
+        config = answer.get("topic", {}).get(topic, {}).get("retention.ms")
+        if config is None:
+            who = self.connection.principal()
+            raise Refused(f"Kafka: {who} read no retention.ms of {topic} (DESCRIBE_CONFIGS)")
+        value = int(config["value"])
+        return None if value < 0 else value
 
     def describe_group(self, group: str, timeout: float = 15.0) -> dict[str, Any]:
         """The group's state and members. Its coordinator may not be known yet (a group

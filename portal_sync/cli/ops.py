@@ -481,6 +481,13 @@ def dlq_import(
             "(it holds the records)"
         )
     )
+    if summary.expired:
+        console.print(
+            plain(
+                f"not sent: {summary.expired} dead letters that failed longer ago than "
+                f"{settings.topics().dead_letters} keeps letters (its retention.ms)"
+            )
+        )
     if summary.skipped:
         lines = ", ".join(map(str, summary.skipped))
         console.print(plain(f"skipped lines that hold no kept letter: {lines}"))

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -510,6 +510,7 @@ class ImportSummary:
     skipped: list[int]  # line numbers that hold no kept letter (with skip_bad)
     present: int = 0  # letters the topic held already (an earlier import): not sent again
     repeated: int = 0  # lines that repeat a letter of the file: sent once
+    expired: int = 0  # failed longer ago than the topic keeps letters: not sent
 
 
 def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> ImportSummary:
@@ -522,8 +523,10 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
 
     Idempotent: a letter the topic already holds, byte for byte (an earlier import of the
     file, whole or interrupted), is not sent again, nor one the file holds twice. The topic
-    is read for that first, from its log start (a letter its retention removed would be
-    sent again); what is kept of it meanwhile is only the file's letters."""
+    is read for that first, from its log start; what is kept of it meanwhile is only the
+    file's letters. A letter that failed longer ago than the topic's retention (less the
+    clocks' skew) is not sent: the topic would have removed it by now, so it may have been
+    imported and removed already, and its record is not to be kept longer than that."""
     letters: dict[bytes, Letter] = {}
     skipped = []
     lines = 0
@@ -543,6 +546,9 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
                 continue
             lines += 1
             letters.setdefault(letter_digest(*letter), letter)
+    expired = _expired(settings, letters)
+    for digest in expired:
+        del letters[digest]
     present = _held_by_topic(settings, set(letters)) if letters else set()
     todo = [letter for digest, letter in letters.items() if digest not in present]
     if todo:
@@ -555,7 +561,41 @@ def import_letters(settings: Settings, path: Path, skip_bad: bool = False) -> Im
             publisher.flush()
         finally:
             publisher.close()
-    return ImportSummary(len(todo), skipped, len(present), lines - len(letters))
+    repeated = lines - len(letters) - len(expired)
+    return ImportSummary(len(todo), skipped, len(present), repeated, len(expired))
+
+
+def _expired(settings: Settings, letters: Mapping[bytes, Letter]) -> list[bytes]:
+    """The letters that failed before the dead-letter topic's retention less the clocks'
+    skew; a letter whose `ps.failed_at` does not read as a time is not one of them."""
+    retention = _retention_ms(settings) if letters else None
+    if retention is None:
+        return []
+    skew = timedelta(seconds=settings.max_clock_skew_seconds)
+    oldest = datetime.now(UTC) - timedelta(milliseconds=retention) + skew
+    expired = []
+    for digest, (_, _, headers) in letters.items():
+        try:
+            failed = datetime.fromisoformat(dict(headers)["ps.failed_at"].decode())
+        except (KeyError, ValueError):
+            continue
+        if failed.tzinfo is not None and failed <= oldest:
+            expired.append(digest)
+    return expired
+
+
+def _retention_ms(settings: Settings) -> int | None:
+    """The dead-letter topic's `retention.ms` as the cluster applies it (None: for ever);
+    the setting's where the operator may not describe the topic's configs."""
+    topics = settings.topics()
+    try:
+        with admin.cluster(settings.connection()) as cluster:
+            return cluster.retention_ms(topics.dead_letters)
+    except Refused as error:
+        hours = topics.dead_letter_retention_hours
+        log.warning("the dead-letter topic's retention.ms not read (%s): the setting's "
+                    "%d hours are used", type(error).__name__, hours)  # fmt: skip
+        return hours * 3_600_000
 
 
 def letter_digest(

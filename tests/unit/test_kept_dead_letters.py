@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,8 +233,9 @@ class _Topic:
     """The dead-letter topic as `import_letters` reads and writes it (no broker): what it
     holds, and what was sent to it."""
 
-    def __init__(self, held: list[Letter]) -> None:
+    def __init__(self, held: list[Letter], retention_ms: int | None = None) -> None:
         self.held = held
+        self.retention_ms = retention_ms
         self.sent: list[Letter] = []
         self.reads = 0
 
@@ -284,6 +286,7 @@ def _import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, topic: _Topic,
 
     monkeypatch.setattr(dlq, "RangeReader", topic.reader)
     monkeypatch.setattr(dlq, "Publisher", topic.publisher)
+    monkeypatch.setattr(dlq, "_retention_ms", lambda _: topic.retention_ms)
     path = tmp_path / "hcm.dead-letters.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return dlq.import_letters(Settings(kafka_bootstrap="127.0.0.1:1"), path)
@@ -309,6 +312,32 @@ def test_an_import_sends_each_letter_once_whatever_the_topic_and_the_file_hold_a
     summary = _import(tmp_path, monkeypatch, topic, [first, second, second, third])
     assert topic.sent == []
     assert (summary.imported, summary.present, summary.repeated) == (0, 3, 1)
+
+
+def test_a_letter_older_than_the_topics_retention_is_not_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Imported 90 days ago and since removed by the topic's retention, it would be sent
+    again, and its record kept another 90 days, for ever if the file stays."""
+    from datetime import UTC, datetime, timedelta
+
+    def failed(days: float) -> dict[str, object]:
+        at = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="milliseconds")
+        line = _producers_letter(**{"x-days": str(days).encode()})
+        line["headers"] = [
+            [name, base64.b64encode(at.encode()).decode() if name == "ps.failed_at" else value]
+            for name, value in line["headers"]  # type: ignore[attr-defined]
+        ]
+        return line
+
+    lines = [failed(0), failed(89.9), failed(90.1), failed(400)]
+    topic = _Topic([], retention_ms=90 * 86_400_000)
+    summary = _import(tmp_path, monkeypatch, topic, lines)
+    assert topic.sent == [letter_from_line(line) for line in lines[:2]]
+    assert (summary.imported, summary.expired, summary.repeated) == (2, 2, 0)
+
+    forever = _Topic([], retention_ms=None)  # retention.ms = -1
+    assert _import(tmp_path, monkeypatch, forever, lines).imported == 4
 
 
 def test_an_empty_file_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
