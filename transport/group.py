@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from kafka.errors import KafkaError as KafkaPythonError
 
@@ -226,6 +226,14 @@ class GroupMember:
             else:
                 self._next.pop((topic, partition), None)
 
+    def _seek_back(self) -> None:
+        """Every partition back to where its last batch ended (no request is sent)."""
+        for (topic, partition), offset in list(self._next.items()):
+            try:
+                self._consumer.seek(TopicPartition(topic, partition), offset)
+            except IllegalStateError:  # no longer assigned: sought again if it comes back
+                del self._next[(topic, partition)]
+
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
@@ -236,10 +244,10 @@ class GroupMember:
                 timeout_ms=int(wait * 1000), max_records=max_records
             )
         except KafkaError as error:
-            # The client may have moved a position itself (a record it could not return):
-            # the next batches' starts are not known, and the store's contiguity check is
-            # the guard again until the next seek.
-            self._next.clear()
+            # The client moves each partition's position as it drains it, and one that
+            # fails drops what it drained of the others: back to where the batches ended
+            # (a partition the store never held takes any first offset).
+            self._seek_back()
             raise translate(error, "fetch records", self.connection) from None
         messages: list[Message] = []
         self.starts = {}
@@ -252,7 +260,18 @@ class GroupMember:
             if not records:
                 continue
             start = self._next.get((topic, partition))
-            if start is not None and start <= records[0].offset:
+            if start is not None and records[0].offset < start:
+                # The client moved back on its own: its position was past the log's end
+                # (auto_offset_reset), so the log lost what the store applied. From here
+                # every record below the store's offset would be taken as applied.
+                raise ConfigurationError(
+                    f"{topic}:{partition}: the log ends before the store's next offset "
+                    f"{start} (the consumer fell back to {records[0].offset}): the log was "
+                    "truncated (an unclean leader election, a broker that lost its tail) or "
+                    "the topic created again; move the store's offsets with `portal-sync "
+                    'offsets reset` (docs/operations.md, "A change topic behind the store")'
+                )
+            if start is not None:
                 self.starts[(topic, partition)] = start
             self._next[(topic, partition)] = records[-1].offset + 1
             messages += [

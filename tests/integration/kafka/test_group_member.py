@@ -7,8 +7,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from kafka import KafkaProducer
 
+from schemas.errors import ConfigurationError, TransientError
 from tests.support.kafka_helpers import ensure_topics
 from transport.group import GroupMember
 
@@ -151,3 +154,98 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
     assert store.all_offsets() == {(settings.topics().change_topic("citizen"), 0): len(events)}
     assert exported(settings) == expected_export(events, Authority())
     store.close()
+
+
+def test_a_position_past_the_logs_end_stops_the_member_instead_of_falling_back(
+    settings_for: Any,
+) -> None:
+    """The store applied up to 300 and the log now ends at 200 (truncated by an unclean
+    leader election, a broker that lost its tail): the client falls back to the log's start
+    on its own (auto_offset_reset), and every record below 300, new ones at 200-299 among
+    them, would have been taken as applied."""
+    settings = settings_for("sqlite://", change_partitions=1)
+    ensure_topics(settings)
+    topic = settings.topics().change_topic("citizen")
+    producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
+    for n in range(200):
+        producer.send(topic, key=b"k", value=b"%d" % n, partition=0)
+    producer.flush(30)
+    producer.close()
+
+    async def join() -> str:
+        async def assigned(_: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+            return {(topic, 0): 150}
+
+        async def revoked(_: Any) -> None:
+            return None
+
+        member = GroupMember(settings.connection(), [topic], settings.group_id, assigned, revoked)
+        await member.start()
+        try:
+            while member.assignments == 0:
+                await member.batch(50, 0.1)
+            member._consumer.seek(TopicPartition(topic, 0), 300)  # where the store is
+            member._next[(topic, 0)] = 300
+            with pytest.raises(ConfigurationError) as refused:
+                for _ in range(100):
+                    await member.batch(50, 0.1)
+            return str(refused.value)
+        finally:
+            await member.stop()
+
+    said = asyncio.run(join())
+    assert f"{topic}:0: the log ends before the store's next offset 300" in said
+    assert "fell back to 0" in said
+
+
+def test_records_a_failed_fetch_drained_are_fetched_again(settings_for: Any) -> None:
+    """aiokafka moves each partition's position as it drains it; a fetch that then fails
+    on another partition drops what it drained. On a partition the store never held, the
+    records after them were taken as the partition's start: those were never applied."""
+    settings = settings_for("sqlite://", change_partitions=2)
+    ensure_topics(settings)
+    topic = settings.topics().change_topic("citizen")
+    producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
+    for n in range(300):
+        producer.send(topic, key=b"k", value=b"%d" % n, partition=n % 2)
+    producer.flush(30)
+    producer.close()
+
+    async def join() -> dict[int, list[int]]:
+        async def assigned(_: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+            return {}  # never held: each partition from its log's start
+
+        async def revoked(_: Any) -> None:
+            return None
+
+        member = GroupMember(settings.connection(), [topic], settings.group_id, assigned, revoked)
+        real_getmany = member._consumer.getmany
+        failures = [3]  # the third fetch with records drains them, then fails
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            found = await real_getmany(*args, **kwargs)
+            if any(found.values()) and member.assignments:
+                failures[0] -= 1
+                if failures[0] == 0:
+                    raise KafkaConnectionError("the node went away")
+            return found
+
+        member._consumer.getmany = failing  # type: ignore[method-assign]
+        await member.start()
+        offsets: dict[int, list[int]] = {0: [], 1: []}
+        try:
+            for _ in range(400):
+                try:
+                    messages = await member.batch(40, 0.1)
+                except TransientError:
+                    continue
+                for message in messages:
+                    offsets[message.partition].append(message.offset)
+                if sum(map(len, offsets.values())) >= 300:
+                    break
+            return offsets
+        finally:
+            await member.stop()
+
+    offsets = asyncio.run(join())
+    assert offsets == {0: list(range(150)), 1: list(range(150))}
