@@ -289,9 +289,9 @@ class BatchProcessor:
         letter = DeadLetter(
             message, Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}"
         )
-        self._dead_letter([letter], lettered)
-        self.reconciler.apply([], [message], starts=starts)
-        record_dead_letters([letter])
+        # As a batch's: sent once the store's offsets are read and locked, so that one a
+        # new owner of the partition applied meanwhile is not dead-lettered too.
+        self._process_once([message], lettered, Prepared([], [letter]), starts)
 
     def _process_once(
         self,

@@ -17,7 +17,7 @@ from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
 from store.core import Store
 from tests.integration.kafka.test_pipeline_kafka import _read_all
-from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
+from tests.support.kafka_helpers import dead_letter_topic, dead_letters_written, ensure_topics
 from tests.support.pipeline_helpers import (
     change_message,
     citizen_events,
@@ -80,6 +80,23 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert headers["ps.reason.code"] == "apply_failed"
     assert headers["ps.origin.offset"] == "6"
     assert letters[0].value == poison.value
+    store.close()
+
+
+def test_an_event_the_store_applied_meanwhile_is_not_dead_lettered_when_isolated(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch retried past the revoke wait: the partition's new owner applied it. The
+    isolated event's letter is sent only once the store's offsets are read, as a batch's
+    letters are: this one is behind them, so none (it had gone out before the check)."""
+    settings, store, processor, _, messages = _one_partition(settings_for, sqlite_store_url, 23, 10)
+    processor.process(messages)  # the new owner
+    _refusing(processor, monkeypatch, messages[6])
+    processor.process(messages[6:7])  # this worker's batch, at last
+    processor.close()
+
+    assert store.all_offsets() == {(messages[0].topic, 0): 10}
+    assert dead_letters_written(settings) == 0
     store.close()
 
 
