@@ -760,9 +760,14 @@ class ReconcilerLoop:
             if time.monotonic() - self.topics_checked_at > config.topic_check_seconds:
                 await self._check_topics_again(member)
             starts = member.starts  # where this batch's fetches began
-            prepared = None
-            if messages and not self.stop_event.is_set():
-                prepared = await asyncio.to_thread(self.processor.prepare, messages)
+            prepared: Prepared | None = None
+            fetched = bool(messages) and not self.stop_event.is_set()
+            if fetched:
+                try:
+                    prepared = await asyncio.to_thread(self.processor.prepare, messages)
+                except Exception as error:  # a bug met by some data: isolated when applied
+                    log.error("the batch's checks failed (%s): checked again as it is "
+                              "applied", type(error).__name__)  # fmt: skip
             done: dict[TopicPartition, int] = {}
             if applying is not None:
                 outcome, done = await self._finished(member, *applying)
@@ -771,11 +776,11 @@ class ReconcilerLoop:
                     return
                 if outcome == "reseek":
                     continue  # the batch in hand was read from the wrong position
-            if prepared is not None and member.rebalances != fetched_in:
+            if fetched and member.rebalances != fetched_in:
                 # A rebalance began since the fetch: its partitions may be another member's
                 # now, and are sought again from the store's offsets if they stay ours.
                 log.info("a batch fetched before a rebalance is dropped: read again")
-                prepared = None
+                fetched = False
             if not messages and applying is None and not self.stop_event.is_set():
                 # A quiet pipeline still forgets what is past its retention; the loop beats
                 # meanwhile, and a run that hangs shows as a stall (WorkerHealth).
@@ -784,7 +789,7 @@ class ReconcilerLoop:
                     await asyncio.wait({purging}, timeout=1.0)
                     self.liveness.beat()
                 await purging
-            if prepared is not None and not self.stop_event.is_set():
+            if fetched and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(
                     asyncio.to_thread(self.processor.process, messages, prepared, starts)

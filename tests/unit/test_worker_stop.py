@@ -225,3 +225,31 @@ def test_the_group_waits_for_a_member_longer_than_it_waits_for_its_batch() -> No
         return int(member._consumer._rebalance_timeout_ms)
 
     assert asyncio.run(made()) > REVOKE_WAIT_SECONDS * 1000 + 10_000
+
+
+def test_a_batch_whose_checks_fail_is_applied_and_judged_again_not_a_crash_loop() -> None:
+    """A check that raises on some data (a bug; a validator child's own error) escaped the
+    loop: the worker exited, restarted on the same batch and exited again, for ever. The
+    batch goes to `process` unjudged, which checks it again and isolates what fails."""
+    from schemas.errors import ConfigurationError
+
+    processor = _Processor()
+    handed: list[object] = []
+
+    def failing(messages: object) -> object:
+        raise KeyError("a field the checks did not expect")
+
+    def process(messages: object, prepared: object, starts: object) -> None:
+        handed.append(prepared)
+
+    processor.prepare = failing  # type: ignore[method-assign]
+    processor.process = process  # type: ignore[method-assign]
+    loop = _loop(processor)
+    member = _Member(ConfigurationError("ends the loop"))
+
+    async def run() -> None:
+        await asyncio.wait_for(loop._consume(member), 10)  # type: ignore[arg-type]
+
+    with contextlib.suppress(ConfigurationError):
+        asyncio.run(run())
+    assert handed == [None]
