@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from portal_sync.ops.access import who_and_why
 from portal_sync.ops.purge import purge_warning, purges_after
@@ -130,7 +130,10 @@ def purges_undone(
     entities = {e for e in ENTITIES if names.change_topic(e) in back}
     store = Store(settings.store_url)
     try:
-        return purge_warning(purges_after(store, moment, entities=entities))
+        # The events' times are their hosts' clocks: one read from a target a little after
+        # a purge's start may still be from before it.
+        since = moment - timedelta(seconds=settings.max_clock_skew_seconds)
+        return purge_warning(purges_after(store, since, entities=entities))
     finally:
         store.close()
 
