@@ -30,7 +30,7 @@ from portal_sync.cli.options import (
     settings_from,
 )
 from portal_sync.settings import url_from
-from schemas.errors import ConfigurationError
+from schemas.errors import ConfigurationError, Refused
 from schemas.identifiers import ReferenceKey, key_reference
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
@@ -104,6 +104,12 @@ def replay(
     settings = settings_from(bootstrap, store)
     reference_key = settings.reference_key()
     names = settings.topics()
+    others = sorted(set(topic or ()) - set(names.change_topics()))
+    if others:  # a misspelt one read nothing, and said so with exit 0
+        raise Refused(
+            f"not a change topic: {', '.join(others)}; the change topics are "
+            f"{', '.join(names.change_topics())}"
+        )
     topics = topic or ([names.change_topic(entity)] if entity else names.change_topics())
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
                           from_offset, to_offset)  # fmt: skip
@@ -442,6 +448,10 @@ def dlq_redrive(
                   f"a change topic, or not an event of its key) {summary.not_redrivable}, "
                   f"superseded (the store holds, or this run sent, "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
+    named = len(set(letter_ids or ()))
+    if named > summary.selected:
+        console.print(f"not found or not selected: {named - summary.selected} of the "
+                      f"{named} IDs named")  # fmt: skip
     if left_out[0]:
         console.print(f"left out {left_out[0]} that an operator skipped (`offsets skip`): name "
                       "them by ID, or --reason skipped_by_operator, to send them")  # fmt: skip
@@ -451,6 +461,7 @@ def dlq_redrive(
             f"held back {summary.held_back}: the worker has not applied {where} up to the "
             f"log's end within {wait:g} s (a newer event of their key may wait there); "
             "run the redrive again once it has"))  # fmt: skip
+    if summary.held_back or named > summary.selected:
         raise typer.Exit(1)
 
 

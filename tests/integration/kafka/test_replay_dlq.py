@@ -180,6 +180,12 @@ def test_unregistered_source_is_redriven_after_registration_once(
     assert f"re-driven 0, already re-driven {len(late)}" in second.stdout, second.stdout
     assert "purged" not in second.stderr  # none sent
     assert sum(end_offsets(settings).values()) == ends
+    # An ID the topic does not hold (mistyped) is no success.
+    unknown = cli(settings, "dlq", "redrive", "0:999999")
+    assert unknown.returncode == 1, unknown.stdout + unknown.stderr
+    assert "not found or not selected: 1 of the 1 IDs named" in unknown.stdout
+    typo = cli(settings, "replay", "--topic", "portal-sync.changes.citizens", "--dry-run")
+    assert typo.returncode == 1 and "not a change topic" in typo.stdout + typo.stderr
 
 
 def test_dlq_show_hides_the_event_unless_revealed(
