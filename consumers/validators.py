@@ -73,6 +73,9 @@ def _exit_with_parent(parent: int) -> None:
 
 
 PARENT_CHECK_SECONDS = 1.0
+# A batch's checks take a tenth of a second in a child: one that has not answered in a
+# minute is stopped (SIGSTOP) or thrashing, and the batch waited for it, stops included.
+CHILD_TIMEOUT_SECONDS = 60.0
 
 
 def _ready() -> bool:
@@ -163,11 +166,16 @@ class Validators:
         slices = [messages[i : i + size] for i in range(0, len(messages), size)]
         try:
             futures = [self.pool.submit(_verdicts, list(map(_row, part)), now) for part in slices]
-            verdicts = [v for future in futures for v in future.result()]
-        except BrokenProcessPool:
-            log.error("a validator process died: this batch is checked here, the pool restarts")
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._pool()
+            deadline = time.monotonic() + CHILD_TIMEOUT_SECONDS
+            verdicts = [
+                v
+                for future in futures
+                for v in future.result(timeout=max(0.0, deadline - time.monotonic()))
+            ]
+        except (BrokenProcessPool, TimeoutError) as error:
+            why = "died" if isinstance(error, BrokenProcessPool) else "hung"
+            log.error("a validator process %s: this batch is checked here, the pool restarts", why)
+            self._restart()
             return classify(
                 messages,
                 self.rules.registry,
@@ -184,6 +192,15 @@ class Validators:
             event = AcceptedEvent(*verdict[2:])
             valid.append(Checked(message, event, verdict[1], event.data))
         return valid, dead
+
+    def _restart(self) -> None:
+        """A new pool; the old one's children killed (a hung one never ends its task,
+        and the executor has no way to stop it but its process)."""
+        children = list((self.pool._processes or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.kill()
+        self.pool = self._pool()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -241,3 +241,31 @@ def test_the_children_of_the_portal_sync_command_never_import_the_command_line(
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
+
+
+def test_a_child_that_hangs_is_replaced_and_its_batch_checked_in_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child stopped (SIGSTOP) or thrashing never answers: the worker waited for ever,
+    and a stop, which waits for the batch, with it."""
+
+    from consumers import validators as module
+
+    monkeypatch.setattr(module, "CHILD_TIMEOUT_SECONDS", 2.0)
+    pool = Validators(1, Rules(Registry(), TOPICS, 300.0))
+    (hung,) = pool.pool._processes.values()
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        message = Message(TOPICS.change_topic("citizen"), 0, 0, b"{not json")
+        began = time.monotonic()
+        valid, dead = pool.classify([message])
+        assert time.monotonic() - began < 10
+        assert not valid and [d.code for d in dead] == ["invalid_json"]
+        hung.join(10)
+        assert not hung.is_alive()  # killed, not left stopped
+        assert hung not in pool.pool._processes.values()
+        assert pool.classify([message])[1][0].code == "invalid_json"  # the new child's
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung.pid, signal.SIGKILL)
+        pool.close()
