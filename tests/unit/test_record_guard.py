@@ -212,6 +212,42 @@ def test_the_tolerant_parser_hands_out_no_record_outside_its_batch(parser: type)
 
 
 @pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
+@pytest.mark.parametrize("codec", ["none", "gzip"])
+@pytest.mark.parametrize(
+    ("attributes", "deltas", "why"),
+    [
+        (b"\x00", (0, 20), "offset is not within"),  # past the batch's last offset
+        (b"\x00", (1, 0), "offset is not within"),  # back
+        (b"\x00", (0, 0), "offset is not within"),  # twice the same
+        (b"\x80", (0, 1), "attributes are not 0"),  # read as a varint by the clients
+    ],
+    ids=["past its batch", "back", "repeated", "attributes 0x80"],
+)
+def test_a_record_the_clients_would_read_elsewhere_makes_its_batch_one_marked_record(
+    parser: type, codec: str, attributes: bytes, deltas: tuple[int, int], why: str
+) -> None:
+    """The clients trust a record's offset delta, and read its attributes byte as a
+    varint: a producer with WRITE made a record at offset 2 read as offset 22 (the 20 real
+    events after it skipped, neither applied nor dead-lettered), or a record of one header
+    on the broker read as sixteen million (the worker killed for its memory, for ever)."""
+    from tests.support.raw_batches import _field, _varint, compress
+
+    def record(first: bytes, delta: int) -> bytes:
+        body = first + _varint(0) + _varint(delta) + _field(b"k") + _field(b"{}")
+        body += _varint(1) + _field(b"h") + _field(b"v")
+        return _varint(len(body)) + body
+
+    body = record(b"\x00", deltas[0]) + record(attributes, deltas[1])
+    data = encode_batch(_records(2), codec, timestamp_ms=T, body=compress(codec, body))
+    data += encode_batch(_records(1, 2), codec, base_offset=2, timestamp_ms=T)
+    read = _read(data, parser)
+    assert [r.offset for r in read] == [1, 2]  # the mark at its batch's last offset
+    code, reason = unreadable(read[0].headers) or ("", "")
+    assert code == "unreadable_batch" and why in reason and "0-1" in reason, reason
+    assert unreadable(read[1].headers) is None
+
+
+@pytest.mark.parametrize("parser", PARSERS.values(), ids=PARSERS.keys())
 def test_one_fetch_hands_out_batches_until_the_limit_was_decompressed(parser: type) -> None:
     big = [(b"k", b"\x00" * 100_000, [])] * 3  # 300 KB a batch decompressed
     data = b"".join(encode_batch(big, "gzip", base_offset=3 * b) for b in range(5))
