@@ -90,3 +90,41 @@ def test_a_decompression_bomb_and_a_header_name_not_utf8_are_dead_lettered_and_t
     replayed = cli(settings, "replay", "--since", "1h", "--json")  # kafka-python reads them
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert json.loads(replayed.stdout)["read"] == len(events) + 1  # the bomb as one record
+
+
+def test_a_record_whose_offset_leaves_its_batch_skips_no_event_after_it(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The broker stores an uncompressed batch without checking its records' offset
+    deltas; the clients trust them. One record stored at offset 3 and read as offset 23
+    made the worker take the 20 real events after it as applied: none applied, none
+    dead-lettered, the lag at 0."""
+    from tests.support.raw_batches import _field, _varint
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    partitions = settings.topics().change_partitions
+    events = [
+        e
+        for e in citizen_events(120, 1, seed=62)
+        if partition_for(message_key("citizen", e["key"], e["source"]), partitions) == 0
+    ]
+    assert len(events) >= 25
+    bootstrap = settings.connection().bootstrap
+    send_batch(bootstrap, topic, 0, encode_batch([_record(e) for e in events[:3]], "none"))
+    key, value, _ = _record(events[3])
+    body = b"\x00" + _varint(0) + _varint(20) + _field(key) + _field(value) + _varint(0)
+    jump = encode_batch([(key, value, [])], "none", body=_varint(len(body)) + body)
+    send_batch(bootstrap, topic, 0, jump)  # at offset 3, read as 23
+    for event in events[4:]:
+        send_batch(bootstrap, topic, 0, encode_batch([_record(event)], "none"))
+
+    worker = cli(settings, "worker", "--until-caught-up", timeout=180)
+
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    valid = events[:3] + events[4:]
+    assert exported(settings) == expected_export(valid, Authority())
+    written = read_topic(settings, dead_letter_topic(settings))
+    assert [dict(r.headers)["ps.reason.code"] for r in written] == [b"unreadable_batch"]
+    assert dict(written[0].headers)["ps.origin.offset"] == b"3"
