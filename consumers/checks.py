@@ -59,6 +59,7 @@ class Checked:
 
 
 DEFAULT_MAX_CLOCK_SKEW_SECONDS = 300.0
+KEY_OF_ANOTHER_SOURCE = "signed with a key of another source than the message key names"
 
 
 def classify(
@@ -110,6 +111,12 @@ def classify(
                     signed_at,
                     registry.require_signatures,
                 )
+                named = (message.key or b"").rpartition(b":")[2].decode("ascii", "replace")
+                if signer is not None and named != signer.source and named in registry.sources:
+                    # Before the value is read: one that does not parse (null, not JSON,
+                    # too large) would still take that source's place in the compacted
+                    # topic, and its letter would not say it was forged.
+                    raise RecordError(Reason.BAD_SIGNATURE, KEY_OF_ANOTHER_SOURCE)
             checked = parse_event(message.value)
             if verifying:
                 source = checked.event.source

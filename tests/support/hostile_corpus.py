@@ -177,6 +177,11 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
     yield raw("nested 600 deep, an escape", text[:-1] + f', "x": {deep}}}', "invalid_json")
     yield raw("a Latin-1 byte", text.encode().replace(b'"op"', b'"o\xffp"'), "not_utf8")
     yield raw("a lone surrogate as UTF-8", text.encode() + b"\xed\xa0\x80", "not_utf8")
+    # Under another registered source's key: compaction would take it as that source's
+    # latest event of the record, though it does not parse.
+    yield line(f"{entity}: not JSON under another source's key", "not JSON " + entity,
+               "bad_signature", entity=entity, signer=source,
+               key=message_key(entity, RECORDS[entity][0], "province-48").decode())  # fmt: skip
     # -- the envelope
     for version in (2, "1", 1.0, True, None):
         yield bad(f"schema_version {version!r}", "unsupported_schema_version",
@@ -185,7 +190,7 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
         raw = event(entity, n + 1)
         n += 1
         del raw[field]
-        yield line(f"{entity}: no {field}", raw, "missing_field",
+        yield line(f"{entity}: no {field}", raw, "missing_field", signer=source,
                    key=_key(entity, raw.get("key", "x"), raw.get("source", source)))  # fmt: skip
     yield bad("entity person", "unknown_entity", entity="person")
     yield bad("envelope field", "unknown_field", priority="high")
@@ -273,7 +278,9 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
     yield line(f"{entity}: key without its source", old_key, "key_mismatch",
                key=f"{entity}:{old_key['key']}")  # fmt: skip
     other_source = event(entity, n + 6)
-    yield line(f"{entity}: key naming another source", other_source, "key_mismatch",
+    # Another registered source's compaction key, signed with the event's own source's key:
+    # forged (refused before the value is read, whether it parses or not).
+    yield line(f"{entity}: key naming another source", other_source, "bad_signature",
                key=message_key(entity, other_source["key"], "province-48").decode())  # fmt: skip
     other = "dossier" if entity != "dossier" else "citizen"
     yield line(f"{entity}: on the {other} topic", event(entity, n + 4), "key_mismatch",

@@ -318,11 +318,11 @@ def registry(required: bool = True, **window: int | None) -> Registry:
 def message(value: bytes, headers: Any = (), timestamp: datetime | None = None) -> Message:
     try:
         entity = json.loads(value)["entity"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         entity = "citizen"
     try:
         source = json.loads(value)["source"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         source = "province-01"
     stamp = int(timestamp.timestamp() * 1000) if timestamp else None
     mkey = message_key(entity, "001090012345", str(source))
@@ -333,6 +333,18 @@ def message(value: bytes, headers: Any = (), timestamp: datetime | None = None) 
 def reasons(msg: Message, rules: Registry | None = None, now: datetime = NOW) -> list[str]:
     valid, dead = classify([msg], registry() if rules is None else rules, topics=TOPICS, now=now)
     return [d.code for d in dead] or (["valid"] if valid else [])
+
+
+@pytest.mark.parametrize("value", [b"", b"{not json", b"null"], ids=["empty", "not JSON", "null"])
+def test_a_value_that_does_not_parse_signed_by_another_source_is_refused_as_forged(
+    value: bytes,
+) -> None:
+    """Under Hà Nội's message key, signed with Hồ Chí Minh City's key: compaction takes it
+    as Hà Nội's latest event of that record. It was refused as `empty_message` or
+    `invalid_json`, which no alert pages, as the value was read before the signer was
+    compared with the source; the message key says whose it claims to be."""
+    assert reasons(message(value, HCM.headers(value))) == ["bad_signature"]
+    assert reasons(message(value, HANOI.headers(value))) != ["bad_signature"]  # its own
 
 
 def test_the_worker_applies_signed_events_and_refuses_forged_ones() -> None:
