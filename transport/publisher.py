@@ -70,6 +70,11 @@ class RecordPartitioner(Partitioner):  # type: ignore[misc]
 Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 
+# Sends acknowledged are let go once this many are pending (and twice as many as were
+# still unacknowledged the time before).
+PRUNE_PENDING = 10_000
+
+
 class Publisher:
     def __init__(
         self,
@@ -104,6 +109,8 @@ class Publisher:
         )
         self._letter_producer: Any = None  # with keep_refused_letters, on the first letter
         self._pending: list[Any] = []
+        self._acknowledged = 0  # of the sends since the last flush, no longer in _pending
+        self._prune_at = PRUNE_PENDING
         self._dead_letters_writable = False
         self._letters: list[tuple[Any, Letter]] = []  # in flight, when kept if refused
         self._refused_letters: list[Letter] = []
@@ -139,7 +146,8 @@ class Publisher:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]] = (),
         producer: Any = None,
-    ) -> None:
+    ) -> Any:
+        """Send one record; its future (acknowledged at the next `flush`)."""
         client = self._producer if producer is None else producer
         try:
             future = client.send(topic, key=key, value=value, headers=list(headers))
@@ -147,6 +155,14 @@ class Publisher:
             self._refuse_unauthorized(error, topic)
             raise PublishError(f"the producer refused a message: {type(error).__name__}") from None
         self._pending.append(future)
+        if len(self._pending) >= self._prune_at:
+            # A file of a million rows has one checkpoint, at its end: its futures held
+            # 160 MB until the flush. Those acknowledged are let go (the failed kept for it).
+            kept = [f for f in self._pending if not f.is_done or f.failed()]
+            self._acknowledged += len(self._pending) - len(kept)
+            self._pending = kept
+            self._prune_at = max(PRUNE_PENDING, 2 * len(kept))
+        return future
 
     def send_dead_letter(
         self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
@@ -171,8 +187,8 @@ class Publisher:
                 enable_idempotence=False,  # kafka-python's default is True
                 **self._options,
             )
-        self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
-        self._letters.append((self._pending[-1], (key, value, list(headers))))
+        future = self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
+        self._letters.append((future, (key, value, list(headers))))
 
     def take_refused_letters(
         self,
@@ -218,9 +234,11 @@ class Publisher:
                     _flush_until(producer, time.monotonic() + timeout, stop)
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
+            self._acknowledged, self._prune_at = 0, PRUNE_PENDING
             raise PublishError(f"flush failed: {type(error).__name__}") from None
         self._set_aside_refused_letters()
         pending, self._pending = self._pending, []
+        acknowledged, self._acknowledged, self._prune_at = self._acknowledged, 0, PRUNE_PENDING
         for future in pending:
             if future.is_done and not future.failed():
                 continue  # acknowledged (`get` would build a timer for each of them)
@@ -234,7 +252,7 @@ class Publisher:
                 raise PublishError(
                     f"broker did not acknowledge a message: {type(error).__name__}"
                 ) from None
-        return len(pending)
+        return acknowledged + len(pending)
 
     def _refuse_unauthorized(self, error: Exception, topic: str) -> None:
         """Writing where the cluster's ACLs do not allow it is refused, not retried. What

@@ -262,3 +262,30 @@ def _assert_journal_contiguous(store: Store, ends: dict[tuple[str, int], int]) -
 
 def test_message_key_routes_a_record_to_one_partition() -> None:
     assert message_key("citizen", "001090000001", "p-1") == b"citizen:001090000001:p-1"
+
+
+def test_a_publisher_lets_go_of_what_was_acknowledged_before_its_flush(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file drop has one checkpoint, at the file's end: a million rows held a million
+    futures (160 MB) until the flush. What the broker acknowledged is let go on the way;
+    the flush still counts every send."""
+    import transport.publisher as module
+
+    monkeypatch.setattr(module, "PRUNE_PENDING", 500)
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    publisher = publisher_for(settings)
+    try:
+        most = 0
+        for n in range(6000):
+            publisher.send(topic, b"citizen:%d:p" % n, b"{}")
+            if n % 1000 == 999:
+                time.sleep(0.2)  # acknowledged meanwhile
+            most = max(most, len(publisher._pending))
+        assert most < 3000, most
+        assert publisher.flush() == 6000
+    finally:
+        publisher.close()
+    assert sum(end_offsets(settings).values()) == 6000
