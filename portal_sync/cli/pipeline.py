@@ -51,16 +51,29 @@ def publish(
         bool,
         typer.Option(
             "--check-store",
-            help="Refuse a version older than the store holds of its source's view "
-            "(sent, it would outlive the newer one in the compacted topic)",
+            help="Refuse a version not newer than the store holds of its source's view, or "
+            "than an earlier line's (sent, it would outlive the newer one in the compacted "
+            "topic), and hold back one whose partition the worker has not applied",
         ),
     ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            metavar="SECONDS",
+            min=0,
+            max=3600,
+            help="With --check-store: how long to wait, in all, for the worker to apply the "
+            "events' partitions up to their logs' ends (default 30; then held back)",
+        ),
+    ] = 30.0,
     store: StoreOpt = None,
 ) -> None:
     """Publish events from JSON Lines; invalid lines are reported by number and not sent.
     With --sign-key, every event is signed (lines of another source are refused). With
-    --check-store, versions older than the store's (--store) are refused: an operator's
-    corrections need it."""
+    --check-store (an operator's corrections), as `dlq redrive`: a version not newer than
+    the store's (--store) or an earlier line's is refused, and so is one whose partition
+    the worker has not applied to the log's end (held back: publish it again)."""
     from portal_sync.ops.publish import publish_lines
     from producers.signing import load_signer
     from store import Store
@@ -77,7 +90,7 @@ def publish(
         try:
             if against is not None:
                 against.require_schema()
-            result = publish_lines(settings, handle, signer, against)
+            result = publish_lines(settings, handle, signer, against, wait)
         finally:
             if against is not None:
                 against.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from portal_sync.ops.dlq import CaughtUp
 from portal_sync.settings import Settings
-from schemas import InvalidEvent, parse_event
+from schemas import ChangeEvent, InvalidEvent, message_key, parse_event
 from schemas.dead_letter import Reason
 from schemas.signing import Signer
 from store import Store
@@ -15,9 +16,16 @@ from transport.publisher import Publisher
 
 OTHER_SOURCE = "source is not the signing key's source"
 STALE_VERSION = "stale_version"
-# Sent, an older version would be the last event of its compaction key: the log cleaner
-# would remove the newer one the store holds, and a rebuild would bring the old data back.
-OLDER = "version {version} is older than the store's {stored} of its source's view"
+HELD_BACK = "held_back"
+# Sent, a version not newer than the store's (or than one sent before it) would be the
+# last event of its compaction key: the log cleaner would remove the newer one, and a
+# rebuild would bring the old data back. An equal one with other data would be ignored by
+# the store and kept by the topic.
+NOT_NEWER = "version {version} is not newer than the {where}'s {newer} of its source's view"
+BEHIND = (
+    "the worker has not applied its partition up to the log's end (a newer event of its "
+    "key may wait there): publish it again once it has"
+)
 
 
 @dataclass
@@ -31,13 +39,18 @@ def publish_lines(
     lines: Iterable[bytes],
     signer: Signer | None = None,
     store: Store | None = None,
+    wait: float = 30.0,
 ) -> PublishResult:
     """Validate every line; send the valid ones and wait for the broker's acknowledgement.
     With a `signer`, each event is signed, and a line of another source than the key's is
-    refused (`bad_signature`): the worker would refuse it. With a `store`, a version older
-    than the store holds of its source's view is refused (`stale_version`); an equal one
-    is a duplicate (a topic migration sends those), harmless."""
+    refused (`bad_signature`): the worker would refuse it. With a `store` (an operator's
+    corrections), as `dlq redrive` does: a version not newer than the store's of its
+    source's view, or than an earlier line's, is refused (`stale_version`), and so is one
+    whose partition the worker has not applied up to the log's end within `wait` seconds
+    in all (`held_back`). The versions sent are kept for the run (one per view)."""
     result = PublishResult()
+    caught_up = CaughtUp(settings, store, wait) if store is not None else None
+    sent: dict[tuple[str, str, str], int] = {}
     topics = settings.topics()
     ensure_topics(settings.connection(), topics, needed=topics.change_topics())
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-publish")
@@ -53,14 +66,37 @@ def publish_lines(
             if signer is not None and event.source != signer.source:
                 result.invalid.append((number, Reason.BAD_SIGNATURE, OTHER_SOURCE))
                 continue
-            if store is not None:
-                stored = store.view_version(event.entity, event.key, event.source)
-                if stored is not None and event.version < stored:
-                    message = OLDER.format(version=event.version, stored=stored)
-                    result.invalid.append((number, STALE_VERSION, message))
+            if store is not None and caught_up is not None:
+                topic = topics.change_topic(event.entity)
+                refused = _not_newer(store, caught_up, sent, event, topic)
+                if refused is not None:
+                    result.invalid.append((number, *refused))
                     continue
+                sent[(event.entity, event.key, event.source)] = event.version
             publisher.send_event(event, signer)
         result.sent = publisher.flush()
     finally:
         publisher.close()
     return result
+
+
+def _not_newer(
+    store: Store,
+    caught_up: CaughtUp,
+    sent: dict[tuple[str, str, str], int],
+    event: ChangeEvent,
+    topic: str,
+) -> tuple[str, str] | None:
+    """Why this correction must not be sent (code, message), or None."""
+    view = (event.entity, event.key, event.source)
+    newer: int | None
+    if view in sent:
+        newer, where = sent[view], "file"
+    else:
+        key = message_key(event.entity, event.key, event.source)
+        if not caught_up(caught_up.partition(topic, key)):
+            return HELD_BACK, BEHIND
+        newer, where = store.view_version(*view), "store"
+    if newer is not None and event.version <= newer:
+        return STALE_VERSION, NOT_NEWER.format(version=event.version, where=where, newer=newer)
+    return None

@@ -81,29 +81,40 @@ def test_publish_reports_invalid_lines_and_sends_the_valid_ones(
     assert sum(end_offsets(settings).values()) == 3
 
 
-def test_publish_with_check_store_refuses_a_version_older_than_the_store_holds(
+def test_publish_with_check_store_sends_only_versions_newer_than_the_store_and_the_file(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Sent, version 1 would be the last event of its compaction key: the log cleaner
-    would remove version 2, and a rebuild would bring version 1's data back."""
+    """Sent, a version not newer than the store's would be the last event of its compaction
+    key: the log cleaner would remove the newer one, and a rebuild would bring the old
+    data back. So would a line after a newer one of the file, or a correction sent while
+    the worker has not yet applied a newer event of the key waiting in the log."""
     settings = settings_for(sqlite_store_url)
-    events = citizen_events(keys=1, versions=2)
-    first, second = (e for e in events if e["source"] == events[0]["source"])
-    assert (first["version"], second["version"], first["op"]) == (1, 2, "upsert")
+    events = citizen_events(keys=1, versions=4)
+    first, second, third, fourth = (e for e in events if e["source"] == events[0]["source"])
+    assert [e["version"] for e in (first, second, third)] == [1, 2, 3]
     newer = cli(settings, "publish", str(write_jsonl(tmp_path / "v2.jsonl", [second])))
     assert newer.returncode == 0, newer.stderr
     assert cli(settings, "worker", "--until-caught-up").returncode == 0
-    older = write_jsonl(tmp_path / "old.jsonl", [first, second])  # v1 refused, v2 a duplicate
+    lines = [first, second, fourth, third]  # v1 and v2 not newer than the store's, v3 < v4
+    corrections = write_jsonl(tmp_path / "corrections.jsonl", lines)
 
-    refused = cli(settings, "publish", str(older), "--check-store")
+    refused = cli(settings, "publish", str(corrections), "--check-store")
 
-    assert refused.returncode == 1, refused.stderr
-    assert "line 1: stale_version: version 1 is older than the store's 2" in refused.stderr
-    assert "published 1, invalid 1" in refused.stderr
-    assert first["data"]["full_name"] not in refused.stderr + refused.stdout
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1, said
+    assert "line 1: stale_version: version 1 is not newer than the store's 2" in said
+    assert "line 2: stale_version: version 2 is not newer than the store's 2" in said
+    assert "line 4: stale_version: version 3 is not newer than the file's 4" in said
+    assert "published 1, invalid 3" in said
+    assert first["data"]["full_name"] not in said + refused.stdout
     assert sum(end_offsets(settings).values()) == 2
-    unchecked = cli(settings, "publish", str(older))  # the worker's stale rule still holds
-    assert unchecked.returncode == 0 and "published 2, invalid 0" in unchecked.stderr
+    # v4 waits in the log, unapplied: a correction of the key is held back, not sent.
+    behind = cli(settings, "publish", str(write_jsonl(tmp_path / "v3.jsonl", [third])),
+                 "--check-store", "--wait", "1")  # fmt: skip
+    assert behind.returncode == 1 and "line 1: held_back:" in behind.stderr, behind.stderr
+    assert sum(end_offsets(settings).values()) == 2
+    unchecked = cli(settings, "publish", str(corrections))  # the worker's stale rule holds
+    assert unchecked.returncode == 0 and "published 4, invalid 0" in unchecked.stderr
 
 
 MALFORMED: list[tuple[str, bytes]] = [
