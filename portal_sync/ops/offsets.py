@@ -180,7 +180,17 @@ def apply_reset(
                 store.reset_offsets(targets, who, why, ids)
             finally:
                 store.close()
-        c.alter_group_offsets(group, targets)
+        try:
+            c.alter_group_offsets(group, targets)
+        except Refused as error:
+            if group != settings.group_id:
+                raise
+            # The store's offsets moved: they are the truth, and the worker starts from
+            # them. Kafka's copy (what `lag` and the lag exporter read) stays behind until
+            # the worker copies them after a batch, or the reset is run again.
+            log.warning("the store's offsets were reset, Kafka's copy of them not (%s): run "
+                        "the reset again, or the worker copies them after its next batch",
+                        error)  # fmt: skip
         if group != settings.group_id:  # recorded too, once Kafka took it (its truth)
             moves = {(p.topic, p.partition): (p.kafka_committed, p.target) for p in plan}
             store = Store(settings.store_url)

@@ -3,6 +3,8 @@ before anything is moved or sent."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from portal_sync.ops.offsets import PlanLine, apply_reset, skip_message
@@ -56,3 +58,37 @@ def test_what_would_not_be_recorded_is_refused_before_anything_moves(
         skip_message(settings, "p.changes.citizen", 0, 0, reason, operator)
     with pytest.raises(Refused, match=r"--reason|--operator"):
         apply_reset(settings, "g", [line(0, 0)], operator=operator, reason=reason)
+
+
+def test_a_reset_whose_kafka_copy_is_refused_moved_the_reconcilers_store_and_says_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reconciler's own group: the store's offsets (the truth) move first, recorded.
+    The coordinator then refusing Kafka's copy (a member that joined, a coordinator that
+    moved) is a warning, not "not moved": the reset did happen."""
+    import contextlib
+
+    from portal_sync.ops import offsets
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", store_url=url)
+
+    class Refusing:
+        def active_members(self, group: str) -> list[str]:
+            return []
+
+        def topic_ids(self, topics: Any) -> dict[str, str]:
+            return {}
+
+        def alter_group_offsets(self, group: str, offsets: Any) -> None:
+            raise Refused(f"group {group}'s offsets not moved on p.changes.citizen[0]")
+
+    monkeypatch.setattr(offsets, "cluster", lambda _: contextlib.nullcontext(Refusing()))
+    plan = [PlanLine("p.changes.citizen", 0, 3, 3, 1, 0, 5, True)]
+    apply_reset(settings, settings.group_id, plan, reason="drill")
+    assert Store(url).all_offsets() == {("p.changes.citizen", 0): 1}
+    assert "Kafka's copy of them not" in caplog.text
+    with pytest.raises(Refused, match="not moved"):  # another group: Kafka's is its truth
+        apply_reset(settings, "analytics", plan, reason="drill")
