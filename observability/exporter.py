@@ -86,10 +86,18 @@ class LagCollector(Collector):
         yield status
 
 
-def poll(read: Callable[[], list[GroupLag]], collector: LagCollector, attempts: int = 2) -> bool:
+def poll(
+    read: Callable[[], list[GroupLag]],
+    collector: LagCollector,
+    attempts: int = 2,
+    beat: Callable[[], None] = lambda: None,
+) -> bool:
     """One poll into `collector`, tried up to `attempts` times (`LagReader.read` starts
-    afresh after a failure); the snapshot is dropped only when every attempt failed."""
+    afresh after a failure); the snapshot is dropped only when every attempt failed.
+    `beat` before each attempt: brokers that do not answer make each one last its whole
+    timeout (30 s), and the process is alive meanwhile."""
     for attempt in range(1, attempts + 1):
+        beat()
         try:
             collector.update(read())
             return True
@@ -119,20 +127,23 @@ def run_exporter(
     collector = LagCollector()
     REGISTRY.register(collector)
 
-    def healthy() -> bool:
-        return time.monotonic() - heartbeat[0] < max(30.0, 3 * interval)
+    def healthy() -> bool:  # beaten before each attempt of a poll, which may take 30 s
+        return time.monotonic() - heartbeat[0] < max(45.0, 3 * interval)
 
     def ready() -> bool:
         last = collector.last_success
         return last is not None and time.time() - last < max(30.0, 3 * interval)
 
     heartbeat = [time.monotonic()]
+
+    def beat() -> None:
+        heartbeat[0] = time.monotonic()
+
     server = serve(port, host, healthy=healthy, ready=ready, web=web)
     try:
         while not stop.is_set():
             began = time.monotonic()
-            heartbeat[0] = began
-            poll(reader.read, collector)
+            poll(reader.read, collector, beat=beat)
             stop.wait(max(0.0, interval - (time.monotonic() - began)))
     finally:
         server.shutdown()
