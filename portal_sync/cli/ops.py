@@ -448,10 +448,9 @@ def dlq_redrive(
                   f"a change topic, or not an event of its key) {summary.not_redrivable}, "
                   f"superseded (the store holds, or this run sent, "
                   f"that version or a newer one) {summary.superseded}")  # fmt: skip
-    named = len(set(letter_ids or ()))
-    if named > summary.selected:
-        console.print(f"not found or not selected: {named - summary.selected} of the "
-                      f"{named} IDs named")  # fmt: skip
+    unmatched = filters.unmatched()
+    if unmatched:
+        console.print(f"not found or not selected: {', '.join(unmatched)}")
     if left_out[0]:
         console.print(f"left out {left_out[0]} that an operator skipped (`offsets skip`): name "
                       "them by ID, or --reason skipped_by_operator, to send them")  # fmt: skip
@@ -461,7 +460,7 @@ def dlq_redrive(
             f"held back {summary.held_back}: the worker has not applied {where} up to the "
             f"log's end within {wait:g} s (a newer event of their key may wait there); "
             "run the redrive again once it has"))  # fmt: skip
-    if summary.held_back or named > summary.selected:
+    if summary.held_back or unmatched:
         raise typer.Exit(1)
 
 

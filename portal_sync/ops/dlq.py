@@ -92,14 +92,15 @@ class Filters:
     since: datetime | None = None
     until: datetime | None = None
     ids: list[str] | None = None
+    # The IDs named that a kept letter answered to (`p:o`, or the offset alone).
+    matched: set[str] = field(default_factory=set)
 
     def keep(self, letter: DeadLetterRecord) -> bool:
-        if (
-            self.ids is not None
-            and letter.id not in self.ids
-            and str(letter.offset) not in self.ids
-        ):
-            return False
+        named = None
+        if self.ids is not None:
+            named = {letter.id, str(letter.offset)} & set(self.ids)
+            if not named:
+                return False
         if self.reasons and letter.reason_code not in self.reasons:
             return False
         if self.source and letter.source != self.source:
@@ -107,7 +108,14 @@ class Filters:
         when = letter.failed_at
         if self.since and (when is None or when < self.since):
             return False
-        return not (self.until and (when is None or when >= self.until))
+        if self.until and (when is None or when >= self.until):
+            return False
+        self.matched.update(named or ())
+        return True
+
+    def unmatched(self) -> list[str]:
+        """The IDs named that no letter kept answered to."""
+        return sorted(set(self.ids or ()) - self.matched)
 
 
 def read_dead_letters(settings: Settings, filters: Filters | None = None) -> list[DeadLetterRecord]:

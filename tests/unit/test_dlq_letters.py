@@ -193,3 +193,21 @@ def test_a_redrive_recorded_without_the_topics_id_stands_only_for_a_letter_faile
     assert not _redriven_already(without_id, _failed_at(at - timedelta(seconds=2)), skew)
     assert not _redriven_already(without_id, _failed_at(None), skew)
     assert not _redriven_already({}, _failed_at(at), skew)
+
+
+def test_the_ids_named_that_no_letter_answered_to_are_told_apart() -> None:
+    """`dlq redrive 0:5 5 1:7`: one letter answers to two of them, none to the third.
+    Counting letters against IDs said 'one not found' (exit 1) of this letter named twice,
+    and on a topic of several partitions, a bare offset matching two hid an ID missing."""
+    from portal_sync.ops.dlq import DeadLetterRecord, Filters
+
+    def letter(partition: int, offset: int) -> DeadLetterRecord:
+        return DeadLetterRecord(
+            partition, offset, None, b"{}", "invalid_field", "", "t", "0", "0", None, 1, None
+        )
+
+    filters = Filters(ids=["0:5", "5", "1:7"])
+    kept = [x for x in (letter(0, 5), letter(1, 5), letter(0, 7)) if filters.keep(x)]
+    assert [x.id for x in kept] == ["0:5", "1:5"]
+    assert filters.unmatched() == ["1:7"]
+    assert Filters(reasons=["invalid_field"]).unmatched() == []
