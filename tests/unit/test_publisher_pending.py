@@ -12,7 +12,7 @@ import pytest
 from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
 from schemas.errors import Refused
-from transport.publisher import Publisher, PublishError
+from transport.publisher import PRUNE_PENDING, Publisher, PublishError
 
 
 class _Delivery:
@@ -51,7 +51,7 @@ class _Producer:
 def test_a_refused_dead_letter_does_not_forget_an_earlier_failed_send() -> None:
     publisher = Publisher.__new__(Publisher)
     publisher._producer = _Producer()
-    publisher._pending = []
+    publisher._pending, publisher._acknowledged, publisher._prune_at = [], 0, PRUNE_PENDING
     publisher._dead_letters_writable = False
     publisher.keep_refused_letters = True  # as a producer's
     publisher._letters, publisher._refused_letters, publisher._letters_refused = [], [], None
@@ -86,6 +86,7 @@ def _waiting_publisher() -> Publisher:
     publisher._producer = _Unacknowledged()
     publisher._letter_producer = None
     publisher._pending, publisher._letters, publisher._refused_letters = [], [], []
+    publisher._acknowledged, publisher._prune_at = 0, PRUNE_PENDING
     return publisher
 
 
