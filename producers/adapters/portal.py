@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,9 @@ class PortalAdapter(DirectoryAdapter):
         """(line or item number, payload or why it cannot be read): checks the file as a
         whole first (UnreadableFile), then reads lazily; in JSON Lines a bad line is one
         rejected line, the rest of the file goes on."""
-        text = decode(content)
         if path.suffix == ".jsonl":
-            return self._lines(json_lines(text))
+            return self._lines(json_lines(content))
+        text = decode(content)
         try:
             value = json.loads(text)
         except RecursionError:
@@ -113,7 +113,7 @@ class PortalAdapter(DirectoryAdapter):
         return ((n, _checked(item)) for n, item in enumerate(items, start=1))
 
     @staticmethod
-    def _lines(lines: list[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
+    def _lines(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
         for number, line in lines:
             try:
                 yield number, read_json(line)
