@@ -127,7 +127,8 @@ def text_of(content: bytes) -> io.TextIOWrapper:
 
 def _check_utf8(content: bytes) -> None:
     """`UnreadableFile` when the file is not UTF-8, decoded 256 KiB at a time."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    decoder = codecs.getincrementaldecoder("utf-8")()  # a BOM is UTF-8 (utf-8-sig's waits
+    # for the rest of one at a file's end and takes a file of EF BB for an empty one)
     view = memoryview(content)
     try:
         for start in range(0, len(view), 1 << 18):

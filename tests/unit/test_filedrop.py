@@ -300,3 +300,18 @@ def test_a_files_records_are_read_without_holding_its_text_whole(
         tracemalloc.stop()
     assert count == len(rows)
     assert peak < len(data) / 2, (peak, len(data))  # before: 5.6 to 5.7 times the file
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+@pytest.mark.parametrize("content", [b"\xef", b"\xef\xbb", b"pid\n\xff\n"], ids=repr)
+def test_a_file_that_is_not_utf8_is_refused_before_any_record(
+    tmp_path: Path, suffix: str, content: bytes
+) -> None:
+    """Checked as it is read, by a decoder of BOMs that waited for the rest of one: a file
+    of the bytes EF BB was an empty file, moved to done/ without a dead letter."""
+    from producers.adapters.filedrop import UnreadableFile
+
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    with pytest.raises(UnreadableFile) as refused:
+        adapter.parse(tmp_path / f"export{suffix}", content)
+    assert refused.value.reason == "not_utf8"
