@@ -51,9 +51,10 @@ def publish(
         bool,
         typer.Option(
             "--check-store",
-            help="Refuse a version not newer than the store holds of its source's view, or "
-            "than an earlier line's (sent, it would outlive the newer one in the compacted "
-            "topic), and hold back one whose partition the worker has not applied",
+            help="Refuse a version older than the store holds of its source's view, or than "
+            "an earlier line's (sent, it would outlive the newer one in the compacted "
+            "topic), skip an equal one, and hold back one whose partition the worker has "
+            "not applied",
         ),
     ] = False,
     wait: Annotated[
@@ -71,9 +72,10 @@ def publish(
 ) -> None:
     """Publish events from JSON Lines; invalid lines are reported by number and not sent.
     With --sign-key, every event is signed (lines of another source are refused). With
-    --check-store (an operator's corrections), as `dlq redrive`: a version not newer than
-    the store's (--store) or an earlier line's is refused, and so is one whose partition
-    the worker has not applied to the log's end (held back: publish it again)."""
+    --check-store (an operator's corrections), as `dlq redrive`: a version older than the
+    store's (--store) or an earlier line's is refused, and so is one whose partition the
+    worker has not applied to the log's end (held back: publish it again); one equal to
+    them is not sent."""
     from portal_sync.ops.publish import publish_lines
     from producers.signing import load_signer
     from store import Store
@@ -96,7 +98,8 @@ def publish(
                 against.close()
     for number, code, message in result.invalid:
         console.print(plain(f"line {number}: {code}: {message}"))
-    console.print(f"published {result.sent}, invalid {len(result.invalid)}")
+    present = f", already in the store or the file {result.present}" if check_store else ""
+    console.print(f"published {result.sent}, invalid {len(result.invalid)}{present}")
     if result.invalid:
         raise typer.Exit(1)
 

@@ -17,11 +17,12 @@ from transport.publisher import Publisher
 OTHER_SOURCE = "source is not the signing key's source"
 STALE_VERSION = "stale_version"
 HELD_BACK = "held_back"
-# Sent, a version not newer than the store's (or than one sent before it) would be the
-# last event of its compaction key: the log cleaner would remove the newer one, and a
-# rebuild would bring the old data back. An equal one with other data would be ignored by
-# the store and kept by the topic.
-NOT_NEWER = "version {version} is not newer than the {where}'s {newer} of its source's view"
+# Sent, a version older than the store's (or than one sent before it) would be the last
+# event of its compaction key: the log cleaner would remove the newer one, and a rebuild
+# would bring the old data back. An equal one is not sent either (a file published again):
+# with other data, the store would ignore it and the topic keep it.
+OLDER = "version {version} is older than the {where}'s {newer} of its source's view"
+PRESENT = ("present", "")
 BEHIND = (
     "the worker has not applied its partition up to the log's end (a newer event of its "
     "key may wait there): publish it again once it has"
@@ -32,6 +33,7 @@ BEHIND = (
 class PublishResult:
     sent: int = 0
     invalid: list[tuple[int, str, str]] = field(default_factory=list)  # line, code, message
+    present: int = 0  # with a store: its version is the store's or an earlier line's
 
 
 def publish_lines(
@@ -44,10 +46,11 @@ def publish_lines(
     """Validate every line; send the valid ones and wait for the broker's acknowledgement.
     With a `signer`, each event is signed, and a line of another source than the key's is
     refused (`bad_signature`): the worker would refuse it. With a `store` (an operator's
-    corrections), as `dlq redrive` does: a version not newer than the store's of its
-    source's view, or than an earlier line's, is refused (`stale_version`), and so is one
-    whose partition the worker has not applied up to the log's end within `wait` seconds
-    in all (`held_back`). The versions sent are kept for the run (one per view)."""
+    corrections), as `dlq redrive` does: a version older than the store's of its source's
+    view, or than an earlier line's, is refused (`stale_version`), and so is one whose
+    partition the worker has not applied up to the log's end within `wait` seconds in all
+    (`held_back`); an equal one is not sent (`present`: a file published again). The
+    versions sent are kept for the run (one per view)."""
     result = PublishResult()
     caught_up = CaughtUp(settings, store, wait) if store is not None else None
     sent: dict[tuple[str, str, str], int] = {}
@@ -69,6 +72,9 @@ def publish_lines(
             if store is not None and caught_up is not None:
                 topic = topics.change_topic(event.entity)
                 refused = _not_newer(store, caught_up, sent, event, topic)
+                if refused == PRESENT:  # a file published again: not sent, no error
+                    result.present += 1
+                    continue
                 if refused is not None:
                     result.invalid.append((number, *refused))
                     continue
@@ -97,6 +103,8 @@ def _not_newer(
         if not caught_up(caught_up.partition(topic, key)):
             return HELD_BACK, BEHIND
         newer, where = store.view_version(*view), "store"
-    if newer is not None and event.version <= newer:
-        return STALE_VERSION, NOT_NEWER.format(version=event.version, where=where, newer=newer)
+    if newer is not None and event.version == newer:
+        return PRESENT
+    if newer is not None and event.version < newer:
+        return STALE_VERSION, OLDER.format(version=event.version, where=where, newer=newer)
     return None

@@ -84,10 +84,11 @@ def test_publish_reports_invalid_lines_and_sends_the_valid_ones(
 def test_publish_with_check_store_sends_only_versions_newer_than_the_store_and_the_file(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Sent, a version not newer than the store's would be the last event of its compaction
+    """Sent, a version older than the store's would be the last event of its compaction
     key: the log cleaner would remove the newer one, and a rebuild would bring the old
     data back. So would a line after a newer one of the file, or a correction sent while
-    the worker has not yet applied a newer event of the key waiting in the log."""
+    the worker has not yet applied a newer event of the key waiting in the log. An equal
+    version (the file published again) is not sent, and is no error."""
     settings = settings_for(sqlite_store_url)
     events = citizen_events(keys=1, versions=4)
     first, second, third, fourth = (e for e in events if e["source"] == events[0]["source"])
@@ -95,19 +96,23 @@ def test_publish_with_check_store_sends_only_versions_newer_than_the_store_and_t
     newer = cli(settings, "publish", str(write_jsonl(tmp_path / "v2.jsonl", [second])))
     assert newer.returncode == 0, newer.stderr
     assert cli(settings, "worker", "--until-caught-up").returncode == 0
-    lines = [first, second, fourth, third]  # v1 and v2 not newer than the store's, v3 < v4
+    lines = [first, second, fourth, third]  # v1 older than the store's, v2 its own, v3 < v4
     corrections = write_jsonl(tmp_path / "corrections.jsonl", lines)
 
     refused = cli(settings, "publish", str(corrections), "--check-store")
 
     said = " ".join(refused.stderr.split())
     assert refused.returncode == 1, said
-    assert "line 1: stale_version: version 1 is not newer than the store's 2" in said
-    assert "line 2: stale_version: version 2 is not newer than the store's 2" in said
-    assert "line 4: stale_version: version 3 is not newer than the file's 4" in said
-    assert "published 1, invalid 3" in said
+    assert "line 1: stale_version: version 1 is older than the store's 2" in said
+    assert "line 2:" not in said
+    assert "line 4: stale_version: version 3 is older than the file's 4" in said
+    assert "published 1, invalid 2, already in the store or the file 1" in said
     assert first["data"]["full_name"] not in said + refused.stdout
     assert sum(end_offsets(settings).values()) == 2
+    again = cli(settings, "publish", str(write_jsonl(tmp_path / "v2-again.jsonl", [second])),
+                "--check-store")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "published 0, invalid 0, already in the store or the file 1" in again.stderr
     # v4 waits in the log, unapplied: a correction of the key is held back, not sent.
     behind = cli(settings, "publish", str(write_jsonl(tmp_path / "v3.jsonl", [third])),
                  "--check-store", "--wait", "1")  # fmt: skip
