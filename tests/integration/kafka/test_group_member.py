@@ -18,15 +18,26 @@ from transport.group import GroupMember
 pytestmark = pytest.mark.kafka
 
 
-def test_nothing_is_fetched_while_an_assignment_waits_for_the_store(settings_for: Any) -> None:
-    settings = settings_for("sqlite://", change_partitions=1)
+def _filled(settings_for: Any, partitions: int, count: int) -> tuple[Any, str]:
+    """Settings whose citizen topic has `partitions` partitions, and `count` records sent
+    to them in turn (record n to partition n % partitions)."""
+    settings = settings_for("sqlite://", change_partitions=partitions)
     ensure_topics(settings)
     topic = settings.topics().change_topic("citizen")
     producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
-    for n in range(200):
-        producer.send(topic, key=b"k", value=b"%d" % n, partition=0)
+    for n in range(count):
+        producer.send(topic, key=b"k", value=b"%d" % n, partition=n % partitions)
     producer.flush(30)
     producer.close()
+    return settings, topic
+
+
+async def _no_revoke(_: Any) -> None:
+    return None
+
+
+def test_nothing_is_fetched_while_an_assignment_waits_for_the_store(settings_for: Any) -> None:
+    settings, topic = _filled(settings_for, 1, 200)
 
     fetched_while_waiting: list[int] = []
     answered = asyncio.Event()
@@ -43,10 +54,9 @@ def test_nothing_is_fetched_while_an_assignment_waits_for_the_store(settings_for
             answered.set()
             return {(topic, 0): 150}
 
-        async def revoked(_: Any) -> None:
-            return None
-
-        member = GroupMember(settings.connection(), [topic], settings.group_id, assigned, revoked)
+        member = GroupMember(
+            settings.connection(), [topic], settings.group_id, assigned, _no_revoke
+        )
         real_getmany = member._consumer.getmany
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
@@ -163,23 +173,15 @@ def test_a_position_past_the_logs_end_stops_the_member_instead_of_falling_back(
     leader election, a broker that lost its tail): the client falls back to the log's start
     on its own (auto_offset_reset), and every record below 300, new ones at 200-299 among
     them, would have been taken as applied."""
-    settings = settings_for("sqlite://", change_partitions=1)
-    ensure_topics(settings)
-    topic = settings.topics().change_topic("citizen")
-    producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
-    for n in range(200):
-        producer.send(topic, key=b"k", value=b"%d" % n, partition=0)
-    producer.flush(30)
-    producer.close()
+    settings, topic = _filled(settings_for, 1, 200)
 
     async def join() -> str:
         async def assigned(_: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
             return {(topic, 0): 150}
 
-        async def revoked(_: Any) -> None:
-            return None
-
-        member = GroupMember(settings.connection(), [topic], settings.group_id, assigned, revoked)
+        member = GroupMember(
+            settings.connection(), [topic], settings.group_id, assigned, _no_revoke
+        )
         await member.start()
         try:
             while member.assignments == 0:
@@ -202,23 +204,15 @@ def test_records_a_failed_fetch_drained_are_fetched_again(settings_for: Any) -> 
     """aiokafka moves each partition's position as it drains it; a fetch that then fails
     on another partition drops what it drained. On a partition the store never held, the
     records after them were taken as the partition's start: those were never applied."""
-    settings = settings_for("sqlite://", change_partitions=2)
-    ensure_topics(settings)
-    topic = settings.topics().change_topic("citizen")
-    producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
-    for n in range(300):
-        producer.send(topic, key=b"k", value=b"%d" % n, partition=n % 2)
-    producer.flush(30)
-    producer.close()
+    settings, topic = _filled(settings_for, 2, 300)
 
     async def join() -> dict[int, list[int]]:
         async def assigned(_: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
             return {}  # never held: each partition from its log's start
 
-        async def revoked(_: Any) -> None:
-            return None
-
-        member = GroupMember(settings.connection(), [topic], settings.group_id, assigned, revoked)
+        member = GroupMember(
+            settings.connection(), [topic], settings.group_id, assigned, _no_revoke
+        )
         real_getmany = member._consumer.getmany
         failures = [3]  # the third fetch with records drains them, then fails
 

@@ -29,18 +29,26 @@ def _record(event: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = N
     return (key, json.dumps(event, ensure_ascii=False).encode(), headers or [])
 
 
-def test_a_decompression_bomb_and_a_header_name_not_utf8_are_dead_lettered_and_the_rest_applied(
-    settings_for: Any, sqlite_store_url: str
-) -> None:
-    settings = settings_for(sqlite_store_url)
+def _partition_zero(
+    settings_for: Any, store_url: str, keys: int, seed: int
+) -> tuple[Any, str, list[dict[str, Any]]]:
+    """Settings, the citizen topic, and the events of `keys` citizens that go to its
+    partition 0 (where the test writes its batches byte by byte)."""
+    settings = settings_for(store_url)
     ensure_topics(settings)
-    topic = change_topic(settings, "citizen")
     partitions = settings.topics().change_partitions
     events = [
         e
-        for e in citizen_events(40, 1, seed=61)
+        for e in citizen_events(keys, 1, seed=seed)
         if partition_for(message_key("citizen", e["key"], e["source"]), partitions) == 0
     ]
+    return settings, change_topic(settings, "citizen"), events
+
+
+def test_a_decompression_bomb_and_a_header_name_not_utf8_are_dead_lettered_and_the_rest_applied(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    settings, topic, events = _partition_zero(settings_for, sqlite_store_url, 40, seed=61)
     assert len(events) >= 8
     bootstrap = settings.connection().bootstrap
     send_batch(bootstrap, topic, 0, encode_batch([_record(e) for e in events[:3]], "gzip"))
@@ -101,15 +109,7 @@ def test_a_record_whose_offset_leaves_its_batch_skips_no_event_after_it(
     dead-lettered, the lag at 0."""
     from tests.support.raw_batches import _field, _varint
 
-    settings = settings_for(sqlite_store_url)
-    ensure_topics(settings)
-    topic = change_topic(settings, "citizen")
-    partitions = settings.topics().change_partitions
-    events = [
-        e
-        for e in citizen_events(120, 1, seed=62)
-        if partition_for(message_key("citizen", e["key"], e["source"]), partitions) == 0
-    ]
+    settings, topic, events = _partition_zero(settings_for, sqlite_store_url, 120, seed=62)
     assert len(events) >= 25
     bootstrap = settings.connection().bootstrap
     send_batch(bootstrap, topic, 0, encode_batch([_record(e) for e in events[:3]], "none"))
