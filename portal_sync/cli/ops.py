@@ -23,6 +23,7 @@ from rich.table import Table
 from observability.terminal import markup, plain
 from portal_sync.cli.options import (
     BootstrapOpt,
+    CaughtUpWaitOpt,
     ReaderOpt,
     ReasonOpt,
     StoreOpt,
@@ -390,17 +391,7 @@ def dlq_redrive(
     source: Annotated[str | None, typer.Option("--source")] = None,
     since: TimeOpt = None,
     until: TimeOpt = None,
-    wait: Annotated[
-        float,
-        typer.Option(
-            "--wait",
-            metavar="SECONDS",
-            min=0,
-            max=3600,
-            help="How long to wait, in all, for the worker to apply the letters' partitions "
-            "up to their logs' ends before their letters are held back (default 30)",
-        ),
-    ] = 30.0,
+    wait: CaughtUpWaitOpt = 30.0,
     operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,

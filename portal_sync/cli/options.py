@@ -31,6 +31,19 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="PORTAL_SYNC_STORE_URL", help="SQLAlchemy URL of the store"),
 ]
 
+# `dlq redrive` and `publish --check-store`: how long a run waits for the worker.
+CaughtUpWaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        metavar="SECONDS",
+        min=0,
+        max=3600,
+        help="How long to wait, in all, for the worker to apply the events' partitions up "
+        "to their logs' ends before those events are held back (default 30)",
+    ),
+]
+
 # The commands that reveal personal data (recorded in the store's access log).
 ReasonOpt = Annotated[
     str | None,

@@ -12,6 +12,7 @@ from observability.terminal import plain
 from portal_sync.cli.options import (
     PORT,
     BootstrapOpt,
+    CaughtUpWaitOpt,
     ReaderOpt,
     ReasonOpt,
     StoreOpt,
@@ -57,17 +58,7 @@ def publish(
             "not applied",
         ),
     ] = False,
-    wait: Annotated[
-        float,
-        typer.Option(
-            "--wait",
-            metavar="SECONDS",
-            min=0,
-            max=3600,
-            help="With --check-store: how long to wait, in all, for the worker to apply the "
-            "events' partitions up to their logs' ends (default 30; then held back)",
-        ),
-    ] = 30.0,
+    wait: CaughtUpWaitOpt = 30.0,
     store: StoreOpt = None,
 ) -> None:
     """Publish events from JSON Lines; invalid lines are reported by number and not sent.
