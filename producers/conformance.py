@@ -91,7 +91,7 @@ def run_adapter(adapter: Adapter, state: State, limit: int | None = None) -> Run
                     break
             elif isinstance(item, SkippableRecord):
                 run.skipped += 1
-            else:
+            elif isinstance(item, Record):  # a `Reservation` matters only to a run that sends
                 _emit(adapter, item, run)
     except Exception as error:
         run.error = type(error).__name__

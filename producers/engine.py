@@ -10,8 +10,14 @@ per page, and waiting for the broker and rewriting the state file after each pag
 rows was a sixth of its publishing (docs/performance-log.md); a crash re-sends at most that
 interval's events. A checkpoint with a `commit` is saved at once, and the adapter resumes
 after its clean-up ran (the outbox names in its state only the rows whose clean-up has not
-run yet); so is one marked `at_once` (the `sql` adapter's versions reserved before the
-events that carry them are sent).
+run yet); so is one marked `at_once`.
+
+A `Reservation` is appended to the source's journal (`<entry id>.journal.jsonl`, one line
+synced to disk) before anything after it is sent: the `sql` adapter's versions of a page,
+so that a run that dies after sending the page and before its checkpoint is saved never
+gives a row's next change a version at or below one sent (the reconciler would drop that
+change as stale). The next run takes the journal in (`Adapter.recover`); a saved checkpoint
+yielded after every line of it removes it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,20 @@ from producers.metrics import (
     SOURCE_STOPPED,
     export_at_zero,
 )
-from producers.sdk import Adapter, Checkpoint, FatalError, Record, SkippableRecord
-from producers.state import append_json_line, load_json_state, write_json_atomic
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    FatalError,
+    Record,
+    Reservation,
+    SkippableRecord,
+)
+from producers.state import (
+    append_json_line,
+    load_json_state,
+    read_json_lines,
+    write_json_atomic,
+)
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
 from schemas.dead_letter import Reason, dead_letter_headers, letter_line
@@ -75,10 +93,12 @@ class _Reached:
 
     newest: Checkpoint | None = None
     count: int = 0
+    journaled: int = 0  # the journal's lines of this run before the newest
 
-    def add(self, item: Checkpoint) -> None:
+    def add(self, item: Checkpoint, journaled: int) -> None:
         self.newest = item
         self.count += 1
+        self.journaled = journaled
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,8 @@ class AdapterRunner:
         self.publisher = publisher
         self.signer = signer  # None: events go unsigned
         self.state_path = state_dir / f"{source_id}.state.json"
+        self.journal_path = state_dir / f"{source_id}.journal.jsonl"
+        self._journaled = 0  # lines appended to the journal by this run
         # dead letters the cluster does not let this source write (docs/operations.md)
         self.kept_letters_path = kept_letters_path(state_dir, source_id)
         KEPT_DEAD_LETTERS.watch(adapter.source, self.kept_letters_path)
@@ -128,7 +150,10 @@ class AdapterRunner:
         reached saved, everything sent acknowledged); the rest waits for the next run."""
         stats = RunStats()
         produced: Tally[str] = Tally()
-        state = load_json_state(self.state_path)
+        state = self.adapter.recover(
+            load_json_state(self.state_path), read_json_lines(self.journal_path)
+        )
+        self._journaled = 0
         reached = _Reached()
         due = time.monotonic() + self.checkpoint_interval
         items = self.adapter.read(state)
@@ -136,10 +161,13 @@ class AdapterRunner:
             for item in items:
                 if stop is not None and stop.is_set():
                     if isinstance(item, Checkpoint):  # all before it sent: it is reached
-                        reached.add(item)
+                        reached.add(item, self._journaled)
                     break
-                if isinstance(item, Checkpoint):
-                    reached.add(item)
+                if isinstance(item, Reservation):
+                    append_json_line(self.journal_path, item.entry)
+                    self._journaled += 1
+                elif isinstance(item, Checkpoint):
+                    reached.add(item, self._journaled)
                     if item.commit is not None or item.at_once or time.monotonic() >= due:
                         # taken first: a save or commit that fails is not tried again below
                         saving, reached = reached, _Reached()
@@ -277,6 +305,8 @@ class AdapterRunner:
         assert reached.newest is not None
         self._flush()
         write_json_atomic(self.state_path, reached.newest.value())
+        if reached.journaled == self._journaled:  # the state holds all the journal holds
+            self.journal_path.unlink(missing_ok=True)
         if reached.newest.commit is not None:
             reached.newest.commit()
         self._count(produced)

@@ -2,9 +2,10 @@
 
 An adapter declares its entity, key, cursor (replication key), whether its output is sorted
 and whether it emits deletes, and implements one generator, `read(state)`, of `Record`s and
-`Checkpoint`s. The framework (`producers.engine`) owns everything else: building and
-validating contract events, publishing, saving the state of a checkpoint durably only after
-the broker acknowledged every record before it, retries and metrics.
+`Checkpoint`s (and `Reservation`s: what must be on disk before the records after them are
+sent). The framework (`producers.engine`) owns everything else: building and validating
+contract events, publishing, saving the state of a checkpoint durably only after the
+broker acknowledged every record before it, retries and metrics.
 
 Errors an adapter raises are classified, each with one behaviour:
 
@@ -122,7 +123,20 @@ class Checkpoint:
         return self.state() if callable(self.state) else self.state
 
 
-Item = Record | SkippableRecord | Checkpoint
+@dataclass(frozen=True)
+class Reservation:
+    """On disk before anything yielded after it is sent: the framework appends `entry`
+    (JSON) to the source's journal, one line synced to disk, far cheaper than saving a
+    large state. For what a run must not forget if it dies before its next checkpoint is
+    saved: the versions the records that follow are about to carry (the built-in `sql`
+    adapter's, so that a row's next change is never given a version at or below one
+    sent). The next run gets the journal's entries back through `Adapter.recover`, until a
+    checkpoint yielded after them is saved."""
+
+    entry: Any
+
+
+Item = Record | SkippableRecord | Checkpoint | Reservation
 
 
 class Adapter(ABC):
@@ -169,6 +183,12 @@ class Adapter(ABC):
     @abstractmethod
     def read(self, state: State) -> Iterator[Item]:
         """Yield records from the position in `state` on, with checkpoints between them."""
+
+    def recover(self, state: State, journal: list[Any]) -> State:
+        """The state to resume from: the saved one with the entries of the `Reservation`s
+        yielded after its checkpoint (`journal`, oldest first; empty when there are none)
+        taken in. An adapter that yields reservations overrides it."""
+        return state
 
     def cursor_lag_seconds(self, state: State) -> float | None:
         """How far the cursor in `state` is behind the newest change in the source, for

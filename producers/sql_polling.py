@@ -19,10 +19,12 @@ per row whatever the source's clocks do. On a PostgreSQL table, a row read behin
 window that `seen` no longer holds (committed late, after a later change of it was sent)
 is sent above the highest version sent so far (`top`). `seen` keeps the rows of the
 lookback window behind the cursor (and, on PostgreSQL, those a next poll reads again, and
-those sent above their window's start): the state stays bounded. Anything sent twice after
-a crash carries the same version and event id, and the reconciler's version rule drops
-it; a late row sent again so may carry another version above `top` (the same values:
-`stale` or applied again, nothing lost).
+those sent above their window's start): the state stays bounded. Each page's versions are
+journaled before it is sent (`reservation`, taken in at the next run by `CursorState.fold`):
+anything sent twice after a crash carries the same version and event id, and the
+reconciler's version rule drops it; a row's change after a crash is raised above the
+version sent, as without one; a late row sent again so may carry another version above
+`top` (the same values: `stale` or applied again, nothing lost).
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
 """
 
@@ -280,6 +282,20 @@ class CursorState:
         if not raw:
             return cls()
         return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"), raw.get("top"))
+
+    def fold(self, journal: list[Any]) -> None:
+        """Take in the pages a run journaled before sending them (`reservation`), oldest
+        first, whose checkpoint it may not have saved: a row the state knows at a lower
+        version, or not at all, is remembered at the journaled one with the marker
+        `reserved(marker)`, as sent or not. Its next change is raised above it, and the
+        same content read again goes out with that version (the same event)."""
+        for page in journal:
+            for pk, version, stamp, marker, xid in page["rows"]:
+                entry = self.seen.get(pk)
+                if entry is None or int(entry[0]) < version:
+                    self.note(pk, [version, stamp, reserved(marker), xid])
+            if self.top is not None:
+                self.top = max(self.top, int(page["top"]))
 
 
 class RowRejected(ValueError):
@@ -800,12 +816,15 @@ class SqlPollingAdapter:
                     if entry != fresh:  # touched, no new content: remember it as it is now
                         state.note(str(pk), fresh)
                     return None  # read again, or touched: nothing new
-                version = sent + 1
-                if isinstance(known, int) and config.version_column:
-                    went_back = derived < known
+                if known == reserved(marker):  # journaled for this content, maybe sent
+                    version = sent
                 else:
-                    went_back = stamp < before
-                raised = "lower" if went_back else "same_instant"
+                    version = sent + 1
+                    if isinstance(known, int) and config.version_column:
+                        went_back = derived < known
+                    else:
+                        went_back = stamp < before
+                    raised = "lower" if went_back else "same_instant"
             backwards = stamp < before
         elif self.snapshot and not config.version_column and self._forgotten_behind(stamp, state):
             # A transaction held open past the window committed a change to this row: it
@@ -842,16 +861,17 @@ class SqlPollingAdapter:
             self._horizon = (state.updated_at, _iso(start))
         return stamp < self._horizon[1]
 
-    def reserve(self, state: CursorState, raised: list[SourceChange]) -> None:
-        """Before the page that carries them is sent, note its raised versions in the state
-        (saved at once): each row's entry with the `RESERVED` marker, which no content
-        has. A raised version is the last one sent + 1 by the state; a run that failed
-        after sending a page and before saving it gave the row's next change the same
-        version (and event id) for other content, and the reconciler kept whichever of
-        the two sorted first. With the reservation saved, that change is raised above it."""
-        state.top = max(self.top_sent(state), max(change.version for change in raised))
-        for change in raised:
-            state.note(str(change.pk), [change.version, change.stamp, RESERVED, change.xid])
+    @staticmethod
+    def reservation(changes: list[SourceChange]) -> dict[str, Any]:
+        """What the journal keeps of a page before it is sent (`CursorState.fold`): each
+        row's version, updated_at, marker and xid8, and the page's highest version. A run
+        that dies after sending the page and before its checkpoint is saved resumes from a
+        state that does not know these versions: a row's next change could then get its
+        own version at or below one sent (a writer's clock behind, two changes within the
+        column's precision) and be dropped by the reconciler as stale, or share a version
+        and event id with other content."""
+        rows = [[str(c.pk), c.version, c.stamp, c.marker, c.xid] for c in changes]
+        return {"top": max(c.version for c in changes), "rows": rows}
 
     def top_sent(self, state: CursorState) -> int:
         """The highest version sent so far: saved in the state; for a state of an older
@@ -952,8 +972,16 @@ class _Undecodable:
     _mapping: dict[str, Any]
 
 
-# The marker of a version reserved and maybe not sent (`reserve`): equal to no content's.
+# The marker of a version reserved and maybe sent, for content no longer known (states of
+# earlier releases): equal to no content's. `reserved` gives one for known content.
 RESERVED = "v"
+
+
+def reserved(marker: Any) -> str:
+    """The marker of a version journaled for the content of `marker` and maybe sent
+    (`CursorState.fold`): equal to no content's marker (a version column's value is a
+    number, a content hash starts with a letter other than 'v')."""
+    return f"{RESERVED}{marker}"
 
 
 def _rejected_marker(marker: Any) -> bool:

@@ -22,10 +22,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
     written as text, as `json` does; what orjson refuses (integers beyond 64 bits: a
     source's NUMBER(38) primary key) is written by `json`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        payload = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:
-        payload = json.dumps(value, ensure_ascii=False).encode()
+    payload = _json_bytes(value)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -43,6 +40,13 @@ def write_json_atomic(path: Path, value: Any) -> None:
         os.close(dir_fd)
 
 
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False).encode()
+
+
 def load_json_state(path: Path) -> dict[str, Any]:
     """The saved state, or an empty one before the first checkpoint."""
     if not path.exists():
@@ -57,7 +61,7 @@ def append_json_line(path: Path, value: Any) -> None:
     """Append one JSON line and fsync it before returning; a new file is readable by its
     owner only (it can hold a source's records)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(value, ensure_ascii=False).encode() + b"\n"
+    line = _json_bytes(value) + b"\n"
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         size = os.fstat(fd).st_size
@@ -69,3 +73,18 @@ def append_json_line(path: Path, value: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_lines(path: Path) -> list[Any]:
+    """The lines `append_json_line` wrote, oldest first (none when there is no file). A
+    line a crash cut short is left out: its append never returned, so nothing that waited
+    for it happened."""
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_bytes().splitlines():
+        try:
+            lines.append(loads_exact(line))
+        except ValueError:
+            continue
+    return lines

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from producers.cursor_lag import cursor_lag_of
 from producers.metrics import CLOCK_BACKWARDS, VERSIONS_RAISED
-from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    Item,
+    Record,
+    Reservation,
+    SkippableRecord,
+    State,
+)
 from producers.sql_advice import check_warnings
 from producers.sql_polling import (
     CursorState,
@@ -50,14 +59,20 @@ class SqlAdapter(Adapter):
             self._poller = SqlPollingAdapter(full)
         return self._poller
 
+    def recover(self, state: State, journal: list[Any]) -> State:
+        if not journal:
+            return state
+        cursor = CursorState.from_dict(state)
+        cursor.fold(journal)
+        return cursor.as_dict()
+
     def read(self, state: State) -> Iterator[Item]:
         cursor = CursorState.from_dict(state)
         cursor.snapshot()  # what changes from here on is tracked
         for page in self.poller.pages(cursor):
-            raised = [c for c in page if isinstance(c, SourceChange) and c.raised is not None]
-            if raised:  # on disk before they are sent (`SqlPollingAdapter.reserve`)
-                self.poller.reserve(cursor, raised)
-                yield Checkpoint(cursor.snapshot(), at_once=True)
+            changes = [change for change in page if isinstance(change, SourceChange)]
+            if changes:  # their versions on disk before they are sent
+                yield Reservation(self.poller.reservation(changes))
             yield from (self._record(change) for change in page)
             self.poller.remember(cursor, page)
             # the state computed only if this checkpoint is saved (a copy of every row of

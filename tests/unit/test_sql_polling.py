@@ -350,6 +350,83 @@ def test_crash_between_pages_loses_nothing_and_repeats_nothing(
     assert [c.event for c in resumed[:3]] == [c.event for c in second]
 
 
+def crashed_after_sending(
+    adapter: SqlPollingAdapter, state: CursorState
+) -> tuple[list[SourceChange], list[Any]]:
+    """A run that journals its first page, sends it and dies before anything is saved:
+    the page, and the journal the next run takes in."""
+    page = [c for c in next(adapter.pages(state)) if isinstance(c, SourceChange)]
+    journal = json.loads(json.dumps([adapter.reservation(page)]))  # as the file holds it
+    return page, journal
+
+
+@pytest.mark.parametrize("journaled", [True, False])
+def test_a_change_behind_a_version_sent_before_a_crash_is_raised_above_it(
+    source: Source, adapters: list[SqlPollingAdapter], journaled: bool
+) -> None:
+    """A row's change is sent, the run dies before its state is saved, and the row changes
+    again with an earlier updated_at (its writer's clock is behind). Restarted from the
+    state saved before, the change went out with its own, lower version, and the
+    reconciler dropped it as stale: the source held B, the store A, for good. With the
+    page's journal taken in, it goes out above the version sent."""
+    source.insert(1, "An", T0 + timedelta(seconds=10))
+    saved = CursorState().as_dict()
+    (sent,), journal = crashed_after_sending(open_adapter(adapters, source), CursorState())
+    assert sent.version == micros(T0 + timedelta(seconds=10))
+    source.update(1, T0 + timedelta(seconds=5), ho_ten="Bình")
+
+    restarted = CursorState.from_dict(saved)
+    if journaled:
+        restarted.fold(journal)
+    (after,) = flat(poll(open_adapter(adapters, source), restarted))
+    assert after.data == {"full_name": "Bình"}
+    if journaled:
+        assert (after.version, after.raised) == (sent.version + 1, "lower")
+    else:  # what the reconciler counts stale: the change lost
+        assert after.version < sent.version
+
+
+def test_a_page_journaled_and_maybe_sent_goes_out_again_as_the_same_events(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """Unchanged since, the journaled rows are sent again with the versions (and event
+    ids) of the page, sent or not: the reconciler drops what it has; nothing is raised.
+    A row changed twice within the column's precision, its first change journaled, gets
+    its second one above the journaled version, never that version for other content."""
+    for n in range(1, 4):
+        source.insert(n, f"Người {n}", T0 + timedelta(seconds=n))
+    adapter = open_adapter(adapters, source)
+    sent, journal = crashed_after_sending(adapter, CursorState())
+    source.update(3, T0 + timedelta(seconds=3), ho_ten="Người 3 (sửa)")  # the same instant
+
+    restarted = CursorState()
+    restarted.fold(journal)
+    again = flat(poll(adapter, restarted))
+    assert [c.event for c in again[:2]] == [c.event for c in sent[:2]]
+    assert [c.raised for c in again[:2]] == [None, None]
+    assert again[2].data == {"full_name": "Người 3 (sửa)"}
+    assert (again[2].version, again[2].raised) == (sent[2].version + 1, "same_instant")
+    assert poll(adapter, restarted) == []
+
+
+def test_a_journal_older_than_the_state_changes_nothing(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """A journal whose checkpoint was saved after all (its removal lost in a crash): the
+    state knows every version in it, at or above the journaled ones."""
+    source.insert(1, "An", T0)
+    adapter = open_adapter(adapters, source)
+    state = CursorState()
+    _, journal = crashed_after_sending(adapter, CursorState())
+    poll(adapter, state)
+    source.update(1, T0 + timedelta(seconds=1), ho_ten="Bình")
+    poll(adapter, state)
+    before = state.as_dict()
+    state.fold(journal)
+    assert state.as_dict() == before
+    assert poll(adapter, state) == []
+
+
 def test_updated_row_is_emitted_with_a_higher_version(
     source: Source, adapters: list[SqlPollingAdapter]
 ) -> None:
@@ -1082,7 +1159,7 @@ def test_a_numeric_key_is_kept_in_the_state_as_the_whole_number_it_is(tmp_path: 
     import sqlite3
 
     from producers.adapters.sql import SqlAdapter
-    from producers.sdk import Checkpoint
+    from producers.sdk import Checkpoint, Record
     from producers.state import load_json_state, write_json_atomic
 
     db = tmp_path / "tthc.db"
@@ -1107,5 +1184,5 @@ def test_a_numeric_key_is_kept_in_the_state_as_the_whole_number_it_is(tmp_path: 
                      "'2024-01-15 09:03:00.000000')")  # fmt: skip
         conn.commit()
     again = SqlAdapter.from_settings("province-79", settings, tmp_path)
-    sent = [item for item in again.read(load_json_state(saved)) if not isinstance(item, Checkpoint)]
+    sent = [item for item in again.read(load_json_state(saved)) if isinstance(item, Record)]
     assert [r.key for r in sent] == ["000.00.01.H29-240115-0003"]  # on from the saved place

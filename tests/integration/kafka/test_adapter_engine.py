@@ -22,8 +22,16 @@ import pytest
 from prometheus_client import REGISTRY
 
 from producers.engine import AdapterRunner, RetryPolicy
-from producers.sdk import Checkpoint, FatalError, Item, Record, RetriableError, State
-from producers.state import load_json_state
+from producers.sdk import (
+    Checkpoint,
+    FatalError,
+    Item,
+    Record,
+    Reservation,
+    RetriableError,
+    State,
+)
+from producers.state import load_json_state, read_json_lines
 from schemas import parse_event
 from tests.integration.kafka.test_conformance import ListAdapter
 from tests.support.adapter_helpers import published_events, read_topic, write_config
@@ -170,6 +178,56 @@ def test_checkpoints_without_a_commit_are_saved_once_an_interval(
         assert on_disk == [{}, {"position": 2}, {"position": 2}]
     assert load_json_state(runner.state_path) == {"position": 4}
     assert len(published_events(publisher.settings, "citizen")) == 4
+
+
+class Reserving(ListAdapter):
+    """Journals each change's position before it is sent (a `Reservation`), checks that
+    it is on disk when the record is sent, and fails once after the third change's
+    journal line, before the checkpoint after it; the retry gets back what it journaled
+    after the last checkpoint saved (`recover`)."""
+
+    def __init__(self, journal: Path) -> None:
+        super().__init__()
+        self.journal = journal
+        self.on_disk: list[list[Any]] = []
+        self.recovered: list[tuple[State, list[Any]]] = []
+        self.failed = False
+
+    def recover(self, state: State, journal: list[Any]) -> State:
+        self.recovered.append((state, journal))
+        return state
+
+    def read(self, state: State) -> Iterator[Item]:
+        for position in range(int(state.get("position", 0)), len(self.changes)):
+            yield Reservation({"position": position})
+            self.on_disk.append(read_json_lines(self.journal))
+            yield self.record(position)
+            if position == 2 and not self.failed:
+                self.failed = True
+                raise RetriableError("the source's connection dropped")
+            yield Checkpoint(self.next_state(position))
+
+
+def test_a_reservation_is_on_disk_before_what_follows_is_sent_until_a_later_save(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    journal = tmp_path / "reserving.journal.jsonl"
+    adapter = Reserving(journal)
+    runner = AdapterRunner(
+        "reserving", adapter, publisher, tmp_path, RetryPolicy(2, 0.01), None, 3600.0
+    )
+    assert runner.journal_path == journal
+    runner.run_with_retries()
+    # nothing saved before the failure (the interval): the journal kept every line; the
+    # failed run saved position 2 on its way out, its third line was after that
+    assert adapter.on_disk[:3] == [[{"position": n} for n in range(k + 1)] for k in range(3)]
+    assert adapter.recovered == [
+        ({}, []),
+        ({"position": 2}, [{"position": n} for n in range(3)]),
+    ]
+    assert adapter.on_disk[3] == [*[{"position": n} for n in range(3)], {"position": 2}]
+    assert load_json_state(runner.state_path) == {"position": 4}
+    assert not journal.exists()  # the last save came after every line
 
 
 @pytest.mark.parametrize("interval", [0.0, 3600.0])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from tests.support.adapter_helpers import (
     published_events,
     write_config,
 )
+from tests.support.kafka_helpers import ensure_topics
 from tests.support.pipeline_helpers import cli
 
 T0 = datetime(2024, 1, 15, 9, 0, 0)
@@ -255,6 +259,79 @@ def test_produce_once_publishes_checkpoints_and_resumes_through_the_broker(
     changed = [e for e in events if e["key"].endswith("0001") and e["data"]["status"] == 9]
     assert len(changed) == 1
     assert "TAM_DUNG" not in json.dumps(events)
+
+
+# A producer process that dies (os._exit: no clean-up, as SIGKILL) once its first page of
+# events is acknowledged by the broker, before any checkpoint of it is saved.
+KILLED_AFTER_ITS_FIRST_PAGE = """
+import os, sys
+from pathlib import Path
+from portal_sync.settings import Settings
+from producers.deployment import load_deployment
+from producers.engine import AdapterRunner
+from producers.sdk import Checkpoint
+from tests.support.kafka_helpers import publisher_for
+
+deploy = load_deployment(Path(sys.argv[1]))
+(entry,) = deploy.sources
+adapter = deploy.adapter(entry)
+publisher = publisher_for(Settings())
+pages = adapter.read
+
+def read(state):
+    for item in pages(state):
+        if isinstance(item, Checkpoint):
+            publisher.flush()
+            os._exit(9)
+        yield item
+
+adapter.read = read
+AdapterRunner(entry.id, adapter, publisher, deploy.state_dir, checkpoint_interval=0).run_once()
+"""
+
+
+@pytest.mark.kafka
+def test_a_change_written_behind_a_version_sent_by_a_killed_producer_is_not_lost(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The producer sends a row's change and is killed before its state is saved; the row
+    changes again, written by a host whose clock is behind. The restarted producer sent
+    the new change with its own version, below the one sent, and the reconciler dropped
+    it as stale: the store kept the old name for good. The page's versions are journaled
+    before it is sent, and the new change now goes out above them."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    metadata.create_all(create_engine(url))
+    base = {"gioi_tinh": "Nam", "ngay_sinh": None, "da_xoa": False}
+    later = T0 + timedelta(seconds=10)
+    write(url, cong_dan, [base | {"id": 1, "so_dinh_danh": "079090000001",
+                                  "ho_ten": "Trần Văn An", "cap_nhat_luc": later}])  # fmt: skip
+    config = write_config(tmp_path, CITIZEN_MAPPING.format(url=url))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_ITS_FIRST_PAGE, str(config)],
+        env=os.environ | settings.as_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    state_dir = tmp_path / "state"
+    assert not (state_dir / "hcm-citizens.state.json").exists()
+    (sent,) = published_events(settings, "citizen")
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(cong_dan)
+            .where(cong_dan.c.id == 1)
+            .values(ho_ten="Trần Văn Bình", cap_nhat_luc=later - timedelta(seconds=5))
+        )
+    engine.dispose()
+    restarted = cli(settings, "produce", "--config", str(config), "--once")
+    assert restarted.returncode == 0, restarted.stderr
+    newest = max(published_events(settings, "citizen"), key=lambda event: event["version"])
+    assert newest["data"]["full_name"] == "Trần Văn Bình"
+    assert newest["version"] == sent["version"] + 1
+    assert not (state_dir / "hcm-citizens.journal.jsonl").exists()  # the state holds it
+    assert load_json_state(state_dir / "hcm-citizens.state.json")["top"] == newest["version"]
 
 
 ho_so_text = Table(
