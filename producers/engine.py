@@ -52,6 +52,7 @@ from producers.state import (
     append_json_line,
     load_json_state,
     read_json_lines,
+    remove_leftovers,
     write_json_atomic,
 )
 from schemas import InvalidEvent, message_key, parse_event
@@ -136,6 +137,8 @@ class AdapterRunner:
         self.state_path = state_dir / f"{source_id}.state.json"
         self.journal_path = state_dir / f"{source_id}.journal.jsonl"
         self._journaled = 0  # lines appended to the journal by this run
+        if removed := remove_leftovers(self.state_path):
+            log.info("%s: removed %d unfinished state files of a killed run", source_id, removed)
         # dead letters the cluster does not let this source write (docs/operations.md)
         self.kept_letters_path = kept_letters_path(state_dir, source_id)
         KEPT_DEAD_LETTERS.watch(adapter.source, self.kept_letters_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -38,6 +39,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_leftovers(path: Path) -> int:
+    """Remove the temporary files that a process killed during `write_json_atomic` left
+    beside `path` (a SQL source's state can be tens of megabytes: one a restart filled the
+    disk in the end); how many. Only for the owner of `path`, before its first save."""
+    removed = 0
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}{'?' * 8}.tmp"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _json_bytes(value: Any) -> bytes:

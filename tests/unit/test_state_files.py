@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.state import load_json_state, write_json_atomic
+from producers.state import load_json_state, remove_leftovers, write_json_atomic
 
 
 def test_a_state_round_trips_whatever_its_primary_keys(tmp_path: Path) -> None:
@@ -33,3 +33,19 @@ def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
     path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
         load_json_state(path)
+
+
+def test_temporary_files_a_killed_save_left_are_removed_and_only_they(tmp_path: Path) -> None:
+    path = tmp_path / "hcm-citizens.state.json"
+    write_json_atomic(path, {"pk": 1})
+    left = [
+        tmp_path / "hcm-citizens.state.jsonab3_x9qz.tmp",
+        tmp_path / "hcm-citizens.state.json01234567.tmp",
+    ]
+    others = [tmp_path / "hcm-citizens.journal.jsonl", tmp_path / "hcm.state.jsonab3_x9qz.tmp",
+              tmp_path / "hcm-citizens.state.json-backup.tmp"]  # fmt: skip
+    for file in left + others:
+        file.write_bytes(b"{")
+    assert remove_leftovers(path) == 2
+    assert sorted(tmp_path.iterdir()) == sorted([path, *others])
+    assert load_json_state(path) == {"pk": 1}

@@ -213,10 +213,13 @@ def test_a_reservation_is_on_disk_before_what_follows_is_sent_until_a_later_save
 ) -> None:
     journal = tmp_path / "reserving.journal.jsonl"
     adapter = Reserving(journal)
+    killed_while_saving = tmp_path / "reserving.state.jsonq1w2e3r4.tmp"
+    killed_while_saving.write_bytes(b'{"position"')
     runner = AdapterRunner(
         "reserving", adapter, publisher, tmp_path, RetryPolicy(2, 0.01), None, 3600.0
     )
     assert runner.journal_path == journal
+    assert not killed_while_saving.exists()  # removed before the runner's first save
     runner.run_with_retries()
     # nothing saved before the failure (the interval): the journal kept every line; the
     # failed run saved position 2 on its way out, its third line was after that
