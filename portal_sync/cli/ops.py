@@ -392,6 +392,14 @@ def dlq_redrive(
     since: TimeOpt = None,
     until: TimeOpt = None,
     wait: CaughtUpWaitOpt = 30.0,
+    despite_purge: Annotated[
+        bool,
+        typer.Option(
+            "--despite-purge",
+            help="Also send letters of a source purged after they failed (once the source "
+            "was snapshotted again; else they bring back what the purge removed)",
+        ),
+    ] = False,
     operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
@@ -399,7 +407,8 @@ def dlq_redrive(
     """Re-publish selected dead letters to their original topic, each once, recorded (with
     who re-drove it: --operator, else the OS user); never
     one older than the store's or than one this run sent of the same key, nor while the
-    worker has not applied its partition up to the log's end (held back: run it again)."""
+    worker has not applied its partition up to the log's end (held back: run it again),
+    nor one of a source purged after it failed (without --despite-purge)."""
     from datetime import timedelta
 
     from portal_sync.ops.dlq import Filters, iter_dead_letters
@@ -427,7 +436,7 @@ def dlq_redrive(
     target = Store(settings.store_url)
     target.require_schema()
     try:
-        summary = run_redrive(settings, target, letters, wait, operator)
+        summary = run_redrive(settings, target, letters, wait, operator, despite_purge)
         skew = timedelta(seconds=settings.max_clock_skew_seconds)
         purged = summary.purged_since(target, skew)
     finally:
@@ -451,7 +460,13 @@ def dlq_redrive(
             f"held back {summary.held_back}: the worker has not applied {where} up to the "
             f"log's end within {wait:g} s (a newer event of their key may wait there); "
             "run the redrive again once it has"))  # fmt: skip
-    if summary.held_back or unmatched:
+    if summary.purged:
+        console.print(plain(
+            f"held back {summary.purged} of sources purged after they failed "
+            f"({', '.join(sorted(summary.purged_sources))}): the store cannot tell them "
+            "from what the purge removed. Snapshot the source again first (docs/operations.md, "
+            "a province sent wrong data), then send them with --despite-purge"))  # fmt: skip
+    if summary.held_back or unmatched or summary.purged:
         raise typer.Exit(1)
 
 

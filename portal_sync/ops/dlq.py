@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -37,6 +38,7 @@ from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
 from store import Store
+from store.purge import purges
 from transport import admin
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection, nothing_before
@@ -300,6 +302,9 @@ class RedriveSummary:
     # the store holds the same or a newer version of that source's view, or this run sent one
     superseded: int = 0
     held_back: int = 0  # their partition's worker had not caught up (`CaughtUp`)
+    # letters of a source purged after they failed, not sent (`redrive`'s `despite_purge`)
+    purged: int = 0
+    purged_sources: set[str] = field(default_factory=set)
     behind: set[tuple[str, int]] = field(default_factory=set)  # those partitions
     # Per source re-driven: the entities, and the earliest time one of its letters failed
     # (None: one did not say), for the purges of that source since (`purged_since`).
@@ -413,6 +418,7 @@ def redrive(
     letters: Iterable[DeadLetterRecord],
     wait: float = 30.0,
     operator: str | None = None,
+    despite_purge: bool = False,
 ) -> RedriveSummary:
     """Re-publish each selected dead letter to its original topic once, and record it.
     Only to one of the change topics, and only an event of its own key and topic
@@ -425,7 +431,14 @@ def redrive(
     the store holds, nor than what this run already sent of the key (superseded), nor
     while its partition has events the worker has not applied yet (held back: `CaughtUp`,
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
-    the redrive runs may still come before it; the live store keeps the newer either way."""
+    the redrive runs may still come before it; the live store keeps the newer either way.
+
+    A letter of a source purged (`source purge`, of its entity or of all) after it failed,
+    by the worker's clock against the operator's less their allowed skew, is not sent
+    unless `despite_purge` (counted `purged`, not recorded): the purge removed the source's
+    views, so the store cannot tell it is older than the source's data, and it would bring
+    back what the purge removed. Once the source was snapshotted again, its letters are
+    superseded or newer, and `despite_purge` sends them."""
     summary = RedriveSummary()
     who = checked_operator(operator)  # recorded with each redrive
     topics = settings.topics()
@@ -437,6 +450,7 @@ def redrive(
     topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
     done = store.redriven(topic, topic_id)
     skew = timedelta(seconds=settings.max_clock_skew_seconds)
+    purged = [] if despite_purge else purges(store)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
@@ -447,6 +461,10 @@ def redrive(
             event = _event_of_its_key(letter, topics) if letter.redrivable else None
             if event is None:
                 summary.not_redrivable += 1
+                continue
+            if _purged_after(purged, event[2], event[0], letter.failed_at, skew):
+                summary.purged += 1
+                summary.purged_sources.add(event[2])
                 continue
             claim = partial(
                 store.claim_redrive, topic, letter.partition, letter.offset, _code(letter),
@@ -483,6 +501,25 @@ def redrive(
     finally:
         publisher.close()
     return summary
+
+
+def _purged_after(
+    purged: list[dict[str, Any]],
+    source: str,
+    entity: str,
+    failed_at: datetime | None,
+    skew: timedelta,
+) -> bool:
+    """Whether one of the recorded `purged` (`store.purge.purges`) of `source`, of `entity`
+    or of all, started after a letter failed at `failed_at` (any, when the letter does
+    not say), less the clocks' `skew`. A purge of one record counts as well: the letter's
+    key is not compared with its keyed reference."""
+    return any(
+        row["source"] == source
+        and row["entity"] in (None, entity)
+        and (failed_at is None or row["started_at"] > failed_at - skew)
+        for row in purged
+    )
 
 
 def _code(letter: DeadLetterRecord) -> str:

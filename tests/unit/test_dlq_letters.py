@@ -3,13 +3,14 @@ named, never raised (portal_sync.ops.dlq)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portal_sync.ops.dlq import DeadLetterRecord, Filters, _letter
+from portal_sync.ops.dlq import DeadLetterRecord, Filters, _letter, _purged_after
 from schemas.dead_letter import dead_letter_headers
 from transport.reader import Message
 
@@ -211,3 +212,23 @@ def test_the_ids_named_that_no_letter_answered_to_are_told_apart() -> None:
     assert [x.id for x in kept] == ["0:5", "1:5"]
     assert filters.unmatched() == ["1:7"]
     assert Filters(reasons=["invalid_field"]).unmatched() == []
+
+
+def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_failed() -> None:
+    failed = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+    skew = timedelta(minutes=5)
+
+    def purge(source: str, entity: str | None, minutes: int) -> dict[str, Any]:
+        started = failed + timedelta(minutes=minutes)
+        return {"source": source, "entity": entity, "reference": None, "started_at": started}
+
+    def held(*rows: dict[str, Any], at: datetime | None = failed) -> bool:
+        return _purged_after(list(rows), "province-79", "citizen", at, skew)
+
+    assert held(purge("province-79", None, 60))  # of every entity
+    assert held(purge("province-79", "citizen", 60))
+    assert held(purge("province-79", "citizen", -4))  # within the clocks' skew
+    assert not held(purge("province-79", "citizen", -6))  # before the letter failed
+    assert not held(purge("province-79", "dossier", 60), purge("province-01", None, 60))
+    assert held(purge("province-79", "citizen", -600), at=None)  # it does not say when
+    assert not held()

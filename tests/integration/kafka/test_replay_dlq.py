@@ -152,7 +152,8 @@ def test_unregistered_source_is_redriven_after_registration_once(
     assert f"unregistered_source: {len(late)}" in listed.stdout
 
     # A purge of the source after its letters failed (here of nothing yet): the redrive
-    # applies them as any other, and says so.
+    # holds them back, unless told the source was snapshotted again; then it applies them
+    # as any other, and says so.
     purge = cli(settings, "source", "purge", "province-79", "--reason", "drill", "--yes")
     assert purge.returncode == 0, purge.stdout + purge.stderr
     registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
@@ -161,9 +162,14 @@ def test_unregistered_source_is_redriven_after_registration_once(
         refused = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
                       "--operator", bad)  # fmt: skip
         assert refused.returncode == 1 and "--operator: printable text" in refused.stderr
+    held = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
+    assert held.returncode == 1, held.stdout + held.stderr
+    assert "re-driven 0, already re-driven 0" in held.stdout, held.stdout
+    said = " ".join(held.stdout.split())
+    assert f"held back {len(late)} of sources purged after they failed (province-79)" in said
     operator = unicodedata.normalize("NFD", "Trần Văn Đức")  # as a terminal may type it
     first = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
-                "--operator", operator)  # fmt: skip
+                "--operator", operator, "--despite-purge")  # fmt: skip
     assert f"re-driven {len(late)}, already re-driven 0" in first.stdout, first.stdout
     said = " ".join(first.stderr.split())
     assert "re-driven letters of sources purged after they failed: province-79 (" in said, said
