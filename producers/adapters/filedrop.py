@@ -107,15 +107,6 @@ def unmappable(error: Exception, origin: str, entity: Entity | None) -> Skippabl
     return SkippableRecord(Reason.UNMAPPABLE_RECORD, message, origin, entity)
 
 
-def decode(content: bytes) -> str:
-    """The whole file as text (a JSON document is parsed whole); `UnreadableFile` when it
-    is not UTF-8."""
-    try:
-        return content.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UnreadableFile("not_utf8", "the file is not UTF-8 text") from None
-
-
 def text_of(content: bytes) -> io.TextIOWrapper:
     """The file as text read as it goes, a line at a time: the whole text at once, and a
     second copy for the reader, held six times a province's export (a file of a million

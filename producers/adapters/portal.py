@@ -39,10 +39,10 @@ from producers.adapters.filedrop import (
     DirectoryAdapter,
     DirectoryConfig,
     UnreadableFile,
-    decode,
     json_lines,
     read_json,
     small_int,
+    text_of,
     unmappable,
 )
 from producers.mapping import parse_local
@@ -99,18 +99,19 @@ class PortalAdapter(DirectoryAdapter):
     def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
         """(line or item number, payload or why it cannot be read): checks the file as a
         whole first (UnreadableFile), then reads lazily; in JSON Lines a bad line is one
-        rejected line, the rest of the file goes on."""
+        rejected line, the rest of the file goes on. A JSON document's list is read an
+        item at a time (`_items`), twice: once to check the whole file, then to hand the
+        items out. Parsed whole, a list held ten to twenty times the file."""
         if path.suffix == ".jsonl":
             return self._lines(json_lines(content))
-        text = decode(content)
         try:
-            value = json.loads(text)
+            for _ in _items(content):
+                pass
         except RecursionError:
             raise UnreadableFile("not_json", "the file is nested too deeply") from None
         except ValueError:
             raise UnreadableFile("not_json", "the file is not JSON") from None
-        items = value if isinstance(value, list) else [value]
-        return ((n, _checked(item)) for n, item in enumerate(items, start=1))
+        return ((n, _checked(item)) for n, item in enumerate(_items(content), start=1))
 
     @staticmethod
     def _lines(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
@@ -225,6 +226,85 @@ class PortalAdapter(DirectoryAdapter):
         if doc.get("FileSha256"):
             data["file_sha256"] = str(doc["FileSha256"]).lower()
         return data
+
+
+DECODER = json.JSONDecoder()
+SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+NUMBER_GOES_ON = re.compile(r"[0-9eE.+-]*")
+PIECE = 1 << 18  # characters read at a time
+
+
+class _Text:
+    """A file's text read a piece at a time, for `_items`: `text[pos:]` is what is not
+    read yet of what was decoded so far."""
+
+    def __init__(self, content: bytes) -> None:
+        self.stream = text_of(content)  # UnreadableFile when the file is not UTF-8
+        self.text = ""
+        self.pos = 0
+
+    def more(self) -> bool:
+        """Read on: at least as much again as is held, so that a value of any size is
+        parsed again only a logarithmic number of times. False at the file's end."""
+        piece = self.stream.read(max(PIECE, len(self.text) - self.pos))
+        if not piece:
+            return False
+        self.text = self.text[self.pos :] + piece
+        self.pos = 0
+        return True
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace, not consumed ('' at the end)."""
+        while True:
+            match = SPACE.match(self.text, self.pos)
+            assert match is not None  # matches the empty string anywhere
+            self.pos = match.end()
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos : self.pos + 1]
+
+    def value(self) -> Any:
+        """The JSON value that begins at the next character that is not whitespace, as
+        `json.loads` reads it (ValueError when it is none). One that fails, or is followed
+        by nothing but what could still be part of a number (`1` of `1e400` at the end of
+        what is held), may be cut short: read on and parse it again."""
+        self.next_char()
+        while True:
+            try:
+                value, end = DECODER.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError:
+                if self.more():
+                    continue
+                raise
+            if NUMBER_GOES_ON.fullmatch(self.text, end) and self.more():
+                continue
+            self.pos = end
+            return value
+
+
+def _items(content: bytes) -> Iterator[Any]:
+    """The payloads of a JSON document: the items of its list one at a time, or the one
+    value it holds, with `json.loads`'s reading of each (`json.JSONDecoder.raw_decode`;
+    ijson's C parser turns a lone surrogate into '?' and refuses integers beyond 64 bits,
+    its Python one is fourteen times slower). ValueError when the text is not one JSON
+    value, as `json.loads` says; RecursionError when a value nests too deeply for it."""
+    text = _Text(content)
+    if text.next_char() != "[":
+        yield text.value()
+    else:
+        text.pos += 1
+        if text.next_char() == "]":
+            text.pos += 1
+        else:
+            while True:
+                yield text.value()
+                after = text.next_char()
+                text.pos += 1
+                if after == "]":
+                    break
+                if after != ",":
+                    raise ValueError("expected ',' or ']' after an item")
+    if text.next_char():
+        raise ValueError("extra data after the document")
 
 
 def _issuer_key(data: dict[str, Any], local: str) -> str:

@@ -1,0 +1,143 @@
+"""The portal adapter's JSON documents read an item at a time (producers.adapters.portal),
+judged as `json.loads` judges the whole text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from producers.adapters import portal
+from producers.adapters.filedrop import UnreadableFile
+from producers.adapters.portal import PortalAdapter, _items
+from producers.sdk import Record
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+PIECES = st.sampled_from([1, 2, 3, 5, 64, 1 << 18])
+
+
+def loaded(data: bytes) -> list[Any] | str:
+    """What `json.loads` of the whole text made of a document's payloads, or its error."""
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        return "RecursionError"
+    except ValueError:
+        return "ValueError"
+    return value if isinstance(value, list) else [value]
+
+
+def streamed(data: bytes, piece: int) -> list[Any] | str:
+    """What `_items` made of them, its text read `piece` characters at a time."""
+    kept, portal.PIECE = portal.PIECE, piece
+    try:
+        return list(_items(data))
+    except UnreadableFile as refused:  # before any value: the bytes are not UTF-8
+        return refused.reason
+    except RecursionError:
+        return "RecursionError"
+    except ValueError:
+        return "ValueError"
+    finally:
+        portal.PIECE = kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON, piece=PIECES, indent=st.sampled_from([None, 0, 2, "\t", "\r\n"]))
+def test_a_document_of_any_json_reads_as_json_loads_reads_it(
+    value: Any, piece: int, indent: int | str | None
+) -> None:
+    data = json.dumps(value, indent=indent, ensure_ascii=False).encode()
+    assert streamed(data, piece) == loaded(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=24) | st.text("[]{},:\"a1e.-+ 0tnul\\", max_size=24).map(str.encode),
+       piece=PIECES)  # fmt: skip
+@example(b"[1e400]", 3)  # a number cut at a piece's end: `1e` is not 1
+@example(b"[1, 2]", 1)
+@example(b"[1] ,", 2)
+@example(b'[{"a":"\\ud800", "a": 12345678901234567890123}, NaN]', 5)  # as json reads them
+@example(b"\xef\xbb\xbf[1]", 1)
+@example(b"[" * 3000 + b"]" * 3000, 1 << 18)
+def test_any_bytes_are_read_or_refused_as_json_loads_does(data: bytes, piece: int) -> None:
+    expected = loaded(data) if _utf8(data) else "not_utf8"
+    assert repr(streamed(data, piece)) == repr(expected)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+PAYLOAD = {
+    "MaHoSo": "000.00.01.H29-250801-0001",
+    "MaTTHC": "1.005129",
+    "DonViXuLy": "000.00.01.H29",
+    "ChuHoSo": {"HoTen": "Nguyễn Văn An", "SoDinhDanh": "079090000001"},
+    "LoaiDoiTuong": "1",
+    "NgayTiepNhan": "20250801083000",
+    "TrangThaiHoSo": "4",
+    "NgayCapNhat": "20250801090000",
+}
+
+
+def adapter(tmp_path: Path) -> PortalAdapter:
+    settings = {"directory": str(tmp_path / "inbox"), "documents": False}
+    made = PortalAdapter.from_settings("province-79", settings, tmp_path)
+    assert isinstance(made, PortalAdapter)
+    return made
+
+
+def test_a_document_s_payloads_are_read_without_holding_it_parsed_whole(tmp_path: Path) -> None:
+    """`json.loads` of the whole file held ten to twenty times the file: a province's
+    export of a few hundred megabytes in one list killed the producer at the same file
+    after every restart. Now the file's bytes and one payload at a time."""
+    import tracemalloc
+
+    payloads = [PAYLOAD | {"MaHoSo": f"000.00.01.H29-250801-{n:04d}"} for n in range(20_000)]
+    data = json.dumps(payloads, ensure_ascii=False, indent=1).encode()
+    del payloads
+    reader = adapter(tmp_path)
+    tracemalloc.start()
+    try:
+        count = 0
+        for item in reader.parse(tmp_path / "hoso.json", data):
+            assert isinstance(item, Record), item
+            count += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 20_000
+    assert peak < len(data) / 2, (peak, len(data))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason", "message"),
+    [
+        (b"\xef\xbb", "not_utf8", "not UTF-8"),
+        (b'[{"MaHoSo": "\xff"}]', "not_utf8", "not UTF-8"),
+        (json.dumps([PAYLOAD]).encode()[:-1], "not_json", "not JSON"),  # cut short
+        (json.dumps([PAYLOAD, PAYLOAD]).encode() + b" x", "not_json", "not JSON"),
+        (b"[" + b"[" * 5000 + b"]" * 5000 + b"]", "not_json", "nested too deeply"),
+    ],
+    ids=["bom-only", "bad-byte", "cut", "trailing", "deep"],
+)
+def test_a_file_that_is_no_json_document_is_refused_before_any_payload(
+    tmp_path: Path, content: bytes, reason: str, message: str
+) -> None:
+    with pytest.raises(UnreadableFile) as refused:
+        next(iter(adapter(tmp_path).parse(tmp_path / "hoso.json", content)))
+    assert refused.value.reason == reason
+    assert message in str(refused.value)
