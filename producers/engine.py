@@ -16,8 +16,8 @@ A `Reservation` is appended to the source's journal (`<entry id>.journal.jsonl`,
 synced to disk) before anything after it is sent: the `sql` adapter's versions of a page,
 so that a run that dies after sending the page and before its checkpoint is saved never
 gives a row's next change a version at or below one sent (the reconciler would drop that
-change as stale). The next run takes the journal in (`Adapter.recover`); a saved checkpoint
-yielded after every line of it removes it.
+change as stale). The next run takes the journal in (`Adapter.recover`) and saves the state
+so recovered in its place; a saved checkpoint yielded after every line of it removes it.
 """
 
 from __future__ import annotations
@@ -153,9 +153,11 @@ class AdapterRunner:
         reached saved, everything sent acknowledged); the rest waits for the next run."""
         stats = RunStats()
         produced: Tally[str] = Tally()
-        state = self.adapter.recover(
-            load_json_state(self.state_path), read_json_lines(self.journal_path)
-        )
+        journal = read_json_lines(self.journal_path)
+        state = self.adapter.recover(load_json_state(self.state_path), journal)
+        if journal:  # taken in and saved: runs that fail before a save never pile it up
+            write_json_atomic(self.state_path, state)
+            self.journal_path.unlink()
         self._journaled = 0
         reached = _Reached()
         due = time.monotonic() + self.checkpoint_interval

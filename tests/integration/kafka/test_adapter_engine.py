@@ -228,9 +228,41 @@ def test_a_reservation_is_on_disk_before_what_follows_is_sent_until_a_later_save
         ({}, []),
         ({"position": 2}, [{"position": n} for n in range(3)]),
     ]
-    assert adapter.on_disk[3] == [*[{"position": n} for n in range(3)], {"position": 2}]
+    # the retry saved the state it recovered at once, in the journal's place
+    assert adapter.on_disk[3] == [{"position": 2}]
     assert load_json_state(runner.state_path) == {"position": 4}
     assert not journal.exists()  # the last save came after every line
+
+
+def test_a_journal_taken_in_is_saved_with_the_state_not_piled_up_by_failing_runs(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """Runs that fail before their first checkpoint (a broker away for a day, retried
+    every minute) each added a page's line, and none was ever removed: the journal grew
+    without bound, and each run read it all."""
+
+    class FailsAtOnce(Reserving):
+        def recover(self, state: State, journal: list[Any]) -> State:
+            super().recover(state, journal)
+            return state | {"reserved": len(journal)}  # as an adapter takes them in
+
+        def read(self, state: State) -> Iterator[Item]:
+            yield Reservation({"position": 0})
+            raise RetriableError("the broker does not acknowledge")
+
+    adapter = FailsAtOnce(tmp_path / "failing.journal.jsonl")
+    runner = AdapterRunner("failing", adapter, publisher, tmp_path, RetryPolicy(1, 0.01))
+    for _ in range(3):
+        with pytest.raises(RetriableError):
+            runner.run_once()
+    # each run found the one line the run before left, never more
+    assert [journal for _, journal in adapter.recovered] == [
+        [],
+        [{"position": 0}],
+        [{"position": 0}],
+    ]
+    assert read_json_lines(runner.journal_path) == [{"position": 0}]
+    assert load_json_state(runner.state_path) == {"reserved": 1}
 
 
 @pytest.mark.parametrize("interval", [0.0, 3600.0])
