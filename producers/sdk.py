@@ -130,8 +130,8 @@ class Reservation:
     large state. For what a run must not forget if it dies before its next checkpoint is
     saved: the versions the records that follow are about to carry (the built-in `sql`
     adapter's, so that a row's next change is never given a version at or below one
-    sent). The next run gets the journal's entries back through `Adapter.recover`, until a
-    checkpoint yielded after them is saved."""
+    sent). The next run gets the journal's entries back through `Adapter.recover`; a saved
+    checkpoint yielded after all of them removes them."""
 
     entry: Any
 
@@ -185,9 +185,12 @@ class Adapter(ABC):
         """Yield records from the position in `state` on, with checkpoints between them."""
 
     def recover(self, state: State, journal: list[Any]) -> State:
-        """The state to resume from: the saved one with the entries of the `Reservation`s
-        yielded after its checkpoint (`journal`, oldest first; empty when there are none)
-        taken in. An adapter that yields reservations overrides it."""
+        """The state to resume from (the framework saves it at once): the saved one with
+        the entries of the `Reservation`s journaled since a save last removed the journal
+        (`journal`, oldest first; empty when there are none) taken in. Some may be older
+        than the state (a failed run saved what it reached on its way out): taking an
+        entry in twice, or after the state moved on, must change nothing. An adapter that
+        yields reservations overrides it."""
         return state
 
     def cursor_lag_seconds(self, state: State) -> float | None:

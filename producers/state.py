@@ -34,7 +34,11 @@ def write_json_atomic(path: Path, value: Any) -> None:
     except BaseException:  # a full disk: no temporary file left behind at each retry
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -70,8 +74,9 @@ def load_json_state(path: Path) -> dict[str, Any]:
 
 
 def append_json_line(path: Path, value: Any) -> None:
-    """Append one JSON line and fsync it before returning; a new file is readable by its
-    owner only (it can hold a source's records)."""
+    """Append one JSON line and fsync it before returning (and the directory, for a new
+    file: a new file's name is on disk only then); a new file is readable by its owner
+    only (it can hold a source's records)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = _json_bytes(value) + b"\n"
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -85,6 +90,8 @@ def append_json_line(path: Path, value: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if not size:
+        _sync_directory(path.parent)
 
 
 def read_json_lines(path: Path) -> list[Any]:

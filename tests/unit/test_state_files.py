@@ -49,3 +49,21 @@ def test_temporary_files_a_killed_save_left_are_removed_and_only_they(tmp_path: 
     assert remove_leftovers(path) == 2
     assert sorted(tmp_path.iterdir()) == sorted([path, *others])
     assert load_json_state(path) == {"pk": 1}
+
+
+def test_a_new_line_file_s_name_is_synced_with_its_first_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal is removed at a save and made again by the next page: its first line
+    synced, but not its name in the directory, could vanish with the power, after the page
+    it guards was sent."""
+    from producers import state
+
+    synced: list[Path] = []
+    monkeypatch.setattr(state, "_sync_directory", synced.append)
+    path = tmp_path / "hcm-citizens.journal.jsonl"
+    state.append_json_line(path, {"top": 1})
+    state.append_json_line(path, {"top": 2})
+    assert synced == [tmp_path]
+    assert state.read_json_lines(path) == [{"top": 1}, {"top": 2}]
+    assert path.stat().st_mode & 0o777 == 0o600
