@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -118,7 +119,11 @@ def replay(
     target.require_schema()  # the live store: one without it is another database
     guard_rules(target, settings, rules_mismatch_ok, applies_events=True)
     replayed = {e for e in ENTITIES if names.change_topic(e) in topics}
-    undone = purge_warning(purges_after(target, selection.since, source, replayed))
+    # The events' times are their hosts' clocks: one sent a little after a purge's start
+    # may still be from before it (as `offsets reset` and `dlq redrive` allow).
+    skew = timedelta(seconds=settings.max_clock_skew_seconds)
+    after = None if selection.since is None else selection.since - skew
+    undone = purge_warning(purges_after(target, after, source, replayed))
     if undone:  # on stderr: --json keeps stdout for the summary
         progress_console.print(markup("[yellow]warning:[/yellow] {}", undone))
     with _progress() as progress:
@@ -409,7 +414,6 @@ def dlq_redrive(
     one older than the store's or than one this run sent of the same key, nor while the
     worker has not applied its partition up to the log's end (held back: run it again),
     nor one of a source purged after it failed (without --despite-purge)."""
-    from datetime import timedelta
 
     from portal_sync.ops.dlq import Filters, iter_dead_letters
     from portal_sync.ops.dlq import redrive as run_redrive
@@ -464,8 +468,9 @@ def dlq_redrive(
         console.print(plain(
             f"held back {summary.purged} of sources purged after they failed "
             f"({', '.join(sorted(summary.purged_sources))}): the store cannot tell them "
-            "from what the purge removed. Snapshot the source again first (docs/operations.md, "
-            "a province sent wrong data), then send them with --despite-purge"))  # fmt: skip
+            "from what the purge removed. Once the source has sent its records again (a "
+            "re-snapshot: docs/operations.md, a province sent wrong data), send them with "
+            "--despite-purge"))  # fmt: skip
     if summary.held_back or unmatched or summary.purged:
         raise typer.Exit(1)
 

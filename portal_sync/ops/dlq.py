@@ -34,6 +34,7 @@ from schemas.dead_letter import (
 )
 from schemas.errors import Refused, TransientError
 from schemas.events import SOURCE_ID
+from schemas.identifiers import ReferenceKey, key_reference
 from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
@@ -433,12 +434,13 @@ def redrive(
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way.
 
-    A letter of a source purged (`source purge`, of its entity or of all) after it failed,
-    by the worker's clock against the operator's less their allowed skew, is not sent
-    unless `despite_purge` (counted `purged`, not recorded): the purge removed the source's
-    views, so the store cannot tell it is older than the source's data, and it would bring
-    back what the purge removed. Once the source was snapshotted again, its letters are
-    superseded or newer, and `despite_purge` sends them."""
+    A letter of a source purged (`source purge`: of its entity or of all, or of its own
+    record) after it failed, by the worker's clock against the operator's less their
+    allowed skew, is not sent unless `despite_purge` (counted `purged`, not recorded): the
+    purge removed the source's views, so the store cannot tell it is older than the
+    source's data, and it would bring back what the purge removed. Once the source was
+    snapshotted again, its letters are superseded or newer, and `despite_purge` sends them
+    (the summary's `sources` name those sent so, for the warning: `purged_since`)."""
     summary = RedriveSummary()
     who = checked_operator(operator)  # recorded with each redrive
     topics = settings.topics()
@@ -450,7 +452,8 @@ def redrive(
     topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
     done = store.redriven(topic, topic_id)
     skew = timedelta(seconds=settings.max_clock_skew_seconds)
-    purged = [] if despite_purge else purges(store)
+    purged = [row for row in purges(store) if row["views"] or row["tombstones"]]
+    secret = settings.reference_key()  # a purge of one record names it by its reference
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
@@ -462,7 +465,8 @@ def redrive(
             if event is None:
                 summary.not_redrivable += 1
                 continue
-            if _purged_after(purged, event[2], event[0], letter.failed_at, skew):
+            after_purge = _purged_after(purged, event, letter.failed_at, skew, secret)
+            if after_purge and not despite_purge:
                 summary.purged += 1
                 summary.purged_sources.add(event[2])
                 continue
@@ -496,7 +500,8 @@ def redrive(
                 publisher.send(letter.origin_topic, letter.key, letter.value, headers)
                 publisher.flush()
             summary.redriven += 1
-            summary.note_sent(event[2], event[0], letter.failed_at)
+            if after_purge:
+                summary.note_sent(event[2], event[0], letter.failed_at)
             sent[event[:3]] = event[3]
     finally:
         publisher.close()
@@ -505,21 +510,29 @@ def redrive(
 
 def _purged_after(
     purged: list[dict[str, Any]],
-    source: str,
-    entity: str,
+    event: tuple[str, str, str, int],
     failed_at: datetime | None,
     skew: timedelta,
+    secret: ReferenceKey | None,
 ) -> bool:
-    """Whether one of the recorded `purged` (`store.purge.purges`) of `source`, of `entity`
-    or of all, started after a letter failed at `failed_at` (any, when the letter does
-    not say), less the clocks' `skew`. A purge of one record counts as well: the letter's
-    key is not compared with its keyed reference."""
-    return any(
-        row["source"] == source
-        and row["entity"] in (None, entity)
-        and (failed_at is None or row["started_at"] > failed_at - skew)
-        for row in purged
-    )
+    """Whether one of the recorded `purged` (`store.purge.purges`) of the letter's source
+    took its record away: one of its entity or of all, or of its key (by the key's
+    reference, keyed with `secret`, as `source purge --key` names it), that started after
+    the letter failed at `failed_at` (any, when the letter does not say), less the clocks'
+    `skew`."""
+    entity, key, source, _ = event
+    reference: list[str] = []  # computed once, for the first purge of one record
+    for row in purged:
+        if row["source"] != source or row["entity"] not in (None, entity):
+            continue
+        if failed_at is not None and row["started_at"] <= failed_at - skew:
+            continue
+        if row["reference"] is None:
+            return True
+        reference = reference or [key_reference(key, secret)]
+        if row["reference"] == reference[0]:
+            return True
+    return False
 
 
 def _code(letter: DeadLetterRecord) -> str:

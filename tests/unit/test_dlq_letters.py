@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from portal_sync.ops.dlq import DeadLetterRecord, Filters, _letter, _purged_after
 from schemas.dead_letter import dead_letter_headers
+from schemas.identifiers import key_reference
 from transport.reader import Message
 
 GOOD_HEADERS = tuple(
@@ -217,13 +218,15 @@ def test_the_ids_named_that_no_letter_answered_to_are_told_apart() -> None:
 def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_failed() -> None:
     failed = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
     skew = timedelta(minutes=5)
+    event = ("citizen", "079090000001", "province-79", 7)
 
-    def purge(source: str, entity: str | None, minutes: int) -> dict[str, Any]:
+    def purge(source: str, entity: str | None, minutes: int, key: str | None = None) -> Any:
         started = failed + timedelta(minutes=minutes)
-        return {"source": source, "entity": entity, "reference": None, "started_at": started}
+        reference = None if key is None else key_reference(key, None)
+        return {"source": source, "entity": entity, "reference": reference, "started_at": started}
 
     def held(*rows: dict[str, Any], at: datetime | None = failed) -> bool:
-        return _purged_after(list(rows), "province-79", "citizen", at, skew)
+        return _purged_after(list(rows), event, at, skew, None)
 
     assert held(purge("province-79", None, 60))  # of every entity
     assert held(purge("province-79", "citizen", 60))
@@ -231,4 +234,6 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     assert not held(purge("province-79", "citizen", -6))  # before the letter failed
     assert not held(purge("province-79", "dossier", 60), purge("province-01", None, 60))
     assert held(purge("province-79", "citizen", -600), at=None)  # it does not say when
+    assert held(purge("province-79", "citizen", 60, key="079090000001"))  # its own record
+    assert not held(purge("province-79", "citizen", 60, key="079090000002"))
     assert not held()
