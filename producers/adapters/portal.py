@@ -105,8 +105,7 @@ class PortalAdapter(DirectoryAdapter):
         if path.suffix == ".jsonl":
             return self._lines(json_lines(content))
         try:
-            for _ in _items(content):
-                pass
+            _read_through(content)
         except RecursionError:
             raise UnreadableFile("not_json", "the file is nested too deeply") from None
         except ValueError:
@@ -231,6 +230,8 @@ class PortalAdapter(DirectoryAdapter):
 DECODER = json.JSONDecoder()
 SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 NUMBER_GOES_ON = re.compile(r"[0-9eE.+-]*")
+LONGEST_TOKEN = len("-Infinity")
+CHECK_MARGIN = 50  # frames (`_read_through`)
 PIECE = 1 << 18  # characters read at a time
 
 
@@ -271,14 +272,35 @@ class _Text:
         while True:
             try:
                 value, end = DECODER.raw_decode(self.text, self.pos)
-            except json.JSONDecodeError:
-                if self.more():
+            except json.JSONDecodeError as error:
+                if _cut_short(error, len(self.text)) and self.more():
                     continue
                 raise
             if NUMBER_GOES_ON.fullmatch(self.text, end) and self.more():
                 continue
             self.pos = end
             return value
+
+
+def _cut_short(error: json.JSONDecodeError, held: int) -> bool:
+    """Whether a value failed only because the text held ends within it: at its last
+    LONGEST_TOKEN characters (a literal, a number, an escape or the value's remaining
+    structure cut short), or in a string that runs to the end. Any other error is one the
+    rest of the file cannot mend: reading it all into one string first held four times
+    the file."""
+    return error.pos >= held - LONGEST_TOKEN or error.msg.startswith("Unterminated string")
+
+
+def _read_through(content: bytes, margin: int = CHECK_MARGIN) -> None:
+    """Parse the whole document, `margin` frames deeper in the stack than its items are
+    read afterwards: json's C parser counts a value's nesting against the Python stack,
+    so a value that only just fitted when checked could fail when read, after the items
+    before it had been sent."""
+    if margin:
+        return _read_through(content, margin - 1)
+    for _ in _items(content):
+        pass
+    return None
 
 
 def _items(content: bytes) -> Iterator[Any]:

@@ -4,6 +4,7 @@ judged as `json.loads` judges the whole text."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,56 @@ def test_a_file_that_is_no_json_document_is_refused_before_any_payload(
         next(iter(adapter(tmp_path).parse(tmp_path / "hoso.json", content)))
     assert refused.value.reason == reason
     assert message in str(refused.value)
+
+
+def test_a_document_with_an_error_early_is_refused_without_reading_the_rest_whole(
+    tmp_path: Path,
+) -> None:
+    """Every failure read on to the file's end, in case more text would mend it: an
+    error in the second of 20,000 payloads held the rest of the file as one string,
+    four times the file."""
+    import tracemalloc
+
+    payloads = [PAYLOAD | {"MaHoSo": f"000.00.01.H29-250801-{n:04d}"} for n in range(20_000)]
+    text = json.dumps(payloads, ensure_ascii=False, indent=1)
+    data = (text[:2] + "x," + text[2:]).encode()  # `[` then a bare word as the first item
+    del payloads, text
+    reader = adapter(tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnreadableFile, match="not JSON"):
+            next(iter(reader.parse(tmp_path / "hoso.json", data)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) / 4, (peak, len(data))
+
+
+def test_a_document_checked_whole_never_fails_while_its_items_are_read(tmp_path: Path) -> None:
+    """json's parser counts nesting against the Python stack, and the items are read
+    a few frames deeper than the check had run: a payload nested just to the limit
+    passed the check and failed after the payloads before it were sent. At every depth
+    now, the file is refused before any payload, or read to its end."""
+    import sys
+
+    reader = adapter(tmp_path)
+
+    def rest_deeper(frames: int, items: Iterator[Any]) -> list[Any]:
+        if frames:
+            return rest_deeper(frames - 1, items)
+        return list(items)
+
+    outcomes = set()
+    for depth in range(sys.getrecursionlimit() - 300, sys.getrecursionlimit()):
+        data = b"[" + json.dumps(PAYLOAD).encode() + b"," + b"[" * depth + b"]" * depth + b"]"
+        try:  # the file checked whole here
+            records = iter(reader.parse(tmp_path / "hoso.json", data))
+            first = next(records)
+        except UnreadableFile as refused:
+            assert "nested too deeply" in str(refused)
+            outcomes.add("refused")
+        else:  # the rest read deeper, as the framework's calls after the first add
+            rest = rest_deeper(10, records)
+            assert isinstance(first, Record) and len(rest) == 1  # the deep one a letter
+            outcomes.add("read")
+    assert outcomes == {"refused", "read"}  # the range crosses the limit
