@@ -167,8 +167,15 @@ class Cluster:
 
         On a cluster with ACLs a principal sees only the topics it may describe, and may
         create none: those it may not create are refused (Refused, naming the principal and
-        the topics) when `needed` (default: all), else left to whoever needs them."""
+        the topics) when `needed` (default: all), else left to whoever needs them.
+
+        A change topic that exists with another number of partitions than
+        `change_partitions` refuses the start (ConfigurationError): the worker checks each
+        event's partition by that number (the key rule), and dead-lettered valid events
+        as `key_mismatch` while its setting differed from the topics' (a producer
+        partitions by the topic's own count)."""
         existing = self.topic_names()
+        self._check_partition_counts(topics, existing)
         missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
         if not missing:
             return []
@@ -204,6 +211,25 @@ class Cluster:
             except KafkaError as error:
                 raise clients.translate(error, "wait for new topics", self.connection) from None
         return sorted(created)
+
+    def _check_partition_counts(self, topics: Topics, existing: set[str]) -> None:
+        counted = {
+            name: len(self._any_node(partial(self.consumer.partitions_for_topic, name)) or ())
+            for name in topics.change_topics()
+            if name in existing
+        }
+        wrong = [
+            f"{name} has {n}"
+            for name, n in sorted(counted.items())
+            if n not in (0, topics.change_partitions)
+        ]
+        if wrong:
+            raise ConfigurationError(
+                f"PORTAL_SYNC_CHANGE_PARTITIONS is {topics.change_partitions}, but "
+                f"{', '.join(wrong)} partitions: set it to the change topics' real count in "
+                "every process (workers, producers, operator tools); the worker checks each "
+                "event's partition by it (docs/operations.md)"
+            )
 
     # -- security (a secured cluster) -------------------------------------------------------
     def add_scram_users(self, users: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ of its batch is applied (real broker, real SQLite store)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from tests.support.pipeline_helpers import (
     cli,
     expected_export,
     exported,
+    write_jsonl,
 )
 from transport import admin
 
@@ -384,3 +386,29 @@ def test_topics_the_cluster_will_not_create_as_asked_are_a_configuration_error(
         assert "InvalidReplicationFactorError" in result.stderr
         assert "PORTAL_SYNC_REPLICATION_FACTOR" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_partition_count_unlike_the_topics_is_a_configuration_error(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """The change topics have 3 partitions, a worker was told 6: it started without a
+    word and dead-lettered every valid event it placed otherwise as `key_mismatch`
+    (`publish` partitions by the topic's own count). It, `topics` and `publish` now
+    refuse to start (exit 2), naming the setting and the topics' count."""
+    settings = settings_for(sqlite_store_url)  # 3 partitions
+    ensure_topics(settings)
+    feed = write_jsonl(tmp_path / "feed.jsonl", citizen_events(10, 1))
+    for command in (("topics",), ("worker", "--until-caught-up"), ("publish", str(feed))):
+        result = cli(settings, *command, timeout=120, PORTAL_SYNC_CHANGE_PARTITIONS="6")
+        assert result.returncode == 2, result.stdout + result.stderr
+        said = " ".join(result.stderr.split())
+        assert "PORTAL_SYNC_CHANGE_PARTITIONS is 6, but" in said, said
+        assert f"{settings.topics().change_topic('citizen')} has 3" in said, said
+        assert "Traceback" not in result.stderr
+    assert admin.end_offsets(settings.connection(), settings.topics().change_topics()) == {
+        (topic, partition): 0
+        for topic in settings.topics().change_topics()
+        for partition in range(3)
+    }  # nothing published, nothing dead-lettered
+    fine = cli(settings, "topics")
+    assert fine.returncode == 0 and "all topics exist" in fine.stderr, fine.stdout + fine.stderr
