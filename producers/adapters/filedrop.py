@@ -36,6 +36,7 @@ import stat
 import time
 import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +91,10 @@ class FileDropConfig(DirectoryConfig, FieldMapping):
     deleted_field: str | None = None
     csv_delimiter: str = ","
     format: Literal["auto", "csv", "jsonl"] = "auto"
+    # A CSV cell left empty: an explicit null ("asserted empty", as a NULL column), or a
+    # field not provided (an export that leaves what it does not know blank): then it
+    # never erases another source's value.
+    empty_cells: Literal["null", "absent"] = "null"
 
 
 class UnreadableFile(RecordError):
@@ -450,10 +455,10 @@ class FileDropAdapter(DirectoryAdapter):
         if kind == "auto":
             kind = "csv" if path.suffix == ".csv" else "jsonl"
         rows = self._csv(content) if kind == "csv" else self._jsonl_rows(json_lines(content))
-        return self._records(path, rows)
+        return self._records(path, rows, kind == "csv" and self.options.empty_cells == "absent")
 
     def _records(
-        self, path: Path, rows: Iterator[tuple[int, Row]]
+        self, path: Path, rows: Iterator[tuple[int, Row]], blank_absent: bool = False
     ) -> Iterator[Record | SkippableRecord]:
         for line, row in rows:
             origin = f"{path.name}:{line}"
@@ -462,6 +467,8 @@ class FileDropAdapter(DirectoryAdapter):
                 continue
             try:
                 record = self._record(row, origin, line)
+                if blank_absent and isinstance(record, Record) and record.data is not None:
+                    record = replace(record, data=self._provided(record.data, row))
             except Exception as error:  # any surprise of one line stays that line's
                 record = unmappable(error, origin, self.entity)
             if isinstance(record, SkippableRecord):
@@ -550,6 +557,23 @@ class FileDropAdapter(DirectoryAdapter):
             return SkippableRecord("invalid_field", message, origin, self.entity, str(key))
         data = None if deleted else map_fields(row, opts, self.zone)
         return Record(str(key), version, when, data, origin)
+
+    def _provided(self, data: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        """`data` without the fields whose cell is empty (`empty_cells = "absent"`), and
+        without a nested object left empty by that."""
+        for path, column in self.options.fields.items():
+            if row.get(column) is not None:
+                continue
+            *parents, leaf = path.split(".")
+            chain = [data]
+            for parent in parents:
+                chain.append(chain[-1][parent])
+            del chain[-1][leaf]
+            for holder, name in zip(reversed(chain[:-1]), reversed(parents), strict=True):
+                if holder[name]:
+                    break
+                del holder[name]
+        return data
 
     def _moment(self, value: Any) -> datetime | None:
         if value is None:

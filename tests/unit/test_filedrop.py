@@ -3,6 +3,7 @@ and two changes of one key in the same second."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -315,3 +316,34 @@ def test_a_file_that_is_not_utf8_is_refused_before_any_record(
     with pytest.raises(UnreadableFile) as refused:
         adapter.parse(tmp_path / f"export{suffix}", content)
     assert refused.value.reason == "not_utf8"
+
+
+@pytest.mark.parametrize("empty_cells", ["null", "absent"])
+def test_an_empty_csv_cell_is_null_or_not_provided_as_configured(
+    tmp_path: Path, empty_cells: str
+) -> None:
+    """An empty cell was always an explicit null, which erased another source's email in
+    the store when the export only left it blank. `empty_cells = "absent"` leaves the
+    field out (a nested object emptied so goes too); JSON Lines keep their own nulls."""
+    config = CONFIG | {
+        "empty_cells": empty_cells,
+        "fields": {"full_name": "name", "email": "email",
+                   "permanent_address.line": "line", "permanent_address.ward_code": "ward"},
+    }  # fmt: skip
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    at = "2025-08-01T08:00:00+07:00"
+    content = f"pid,name,email,line,ward,at\n001190000001,Nguyễn Văn An,,,,{at}\n"
+    content += f"001190000002,Trần Thị Bình,,Số 1 Lê Lợi,,{at}\n"
+    first, second = adapter.parse(tmp_path / "export.csv", content.encode())
+    assert isinstance(first, Record) and isinstance(second, Record)
+    if empty_cells == "null":
+        assert first.data == {"full_name": "Nguyễn Văn An", "email": None,
+                              "permanent_address": {"line": None, "ward_code": None}}  # fmt: skip
+    else:
+        assert first.data == {"full_name": "Nguyễn Văn An"}
+        assert second.data == {"full_name": "Trần Thị Bình",
+                               "permanent_address": {"line": "Số 1 Lê Lợi"}}  # fmt: skip
+    line = json.dumps({"pid": "001190000003", "name": "Lê Văn Cường", "email": None, "at": at})
+    (third,) = adapter.parse(tmp_path / "export.jsonl", line.encode() + b"\n")
+    assert isinstance(third, Record) and third.data is not None
+    assert third.data["email"] is None and third.data["permanent_address"]["line"] is None
