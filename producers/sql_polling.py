@@ -61,7 +61,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DataError, OperationalError
+from sqlalchemy.exc import ArgumentError, DataError, NoSuchTableError, OperationalError
 
 from producers.mapping import (
     FieldMapping,
@@ -371,6 +371,7 @@ class SqlPollingAdapter:
         # A source row's values are personal data: never in errors or SQL logging.
         self.engine = source_engine(config.url)
         self.table = self._from_clause()
+        self._check_columns()
         self.pk = self.table.c[config.pk_column or config.key_column]
         self.updated_at = self.table.c[config.updated_at_column]
         self.sqlite = self.engine.dialect.name == "sqlite"
@@ -381,7 +382,13 @@ class SqlPollingAdapter:
     def _from_clause(self) -> Any:
         config = self.config
         if config.query is None:
-            return Table(config.table, MetaData(), autoload_with=self.engine)
+            try:
+                return Table(config.table, MetaData(), autoload_with=self.engine)
+            except NoSuchTableError:
+                raise FatalError(
+                    f"{config.name}: table = {config.table!r}: no such table at the source "
+                    "(or not visible to the connection's user, or in another schema)"
+                ) from None
         needed = {
             config.key_column,
             config.pk_column or config.key_column,
@@ -391,6 +398,30 @@ class SqlPollingAdapter:
         needed |= {c for c in (config.version_column, config.deleted_column) if c}
         names: list[Any] = [column(name) for name in sorted(needed)]
         return text(config.query).columns(*names).subquery("src")
+
+    def _check_columns(self) -> None:
+        """A column the mapping names that the table lacks stops the source, naming the
+        option: a wrong name in `fields` made every row assert null for that field,
+        erasing what other sources said of it. (A `query` declares its columns: a wrong
+        one fails the query.)"""
+        config = self.config
+        named = {
+            "key_column": config.key_column,
+            "pk_column": config.pk_column,
+            "updated_at_column": config.updated_at_column,
+            "version_column": config.version_column,
+            "deleted_column": config.deleted_column,
+            **{f"fields.{path}": column for path, column in config.fields.items()},
+        }
+        missing = [
+            f"{option} = {column!r}"
+            for option, column in named.items()
+            if column is not None and column not in self.table.c
+        ]
+        if missing:
+            raise FatalError(
+                f"{config.name}: no such column in {config.table}: {', '.join(missing)}"
+            )
 
     def _snapshot_capture(self) -> bool:
         """Snapshot capture on a PostgreSQL table (`auto`, `snapshot`); else the lookback."""

@@ -32,6 +32,7 @@ from sqlalchemy import (
 
 from producers import sql_polling
 from producers.mapping import sorts_in_time_order
+from producers.sdk import FatalError
 from producers.sql_polling import CursorState, SourceChange, SqlPollingAdapter, SqlSourceConfig
 from schemas import derive_event_id, parse_event
 
@@ -856,12 +857,19 @@ def test_a_row_rejected_after_it_was_sent_and_then_fixed_is_sent_above_its_last_
 def test_a_misspelt_column_fails_the_poll_instead_of_rejecting_every_row(
     tmp_path: Path, adapters: list[SqlPollingAdapter]
 ) -> None:
+    """A column the mapping names that the table lacks stops the source, naming the
+    option. A wrong name in `fields` did not even fail: every row asserted null for that
+    field, erasing what other sources said of it."""
     config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", _at(1), "0", "1")])
-    adapter = SqlPollingAdapter(config.model_copy(update={"deleted_column": "da_xoaa"}))
-    adapters.append(adapter)
-    with pytest.raises(Exception, match="da_xoaa") as failed:
-        poll(adapter, CursorState())
-    assert not isinstance(failed.value, sql_polling.RowRejected)
+    misspelt = [
+        ({"deleted_column": "da_xoaa"}, "deleted_column = 'da_xoaa'"),
+        ({"fields": {"full_name": "ho_tenn"}}, "fields.full_name = 'ho_tenn'"),
+        ({"table": "nguoii"}, "table = 'nguoii': no such table"),
+    ]
+    for changed, named in misspelt:
+        with pytest.raises(FatalError) as failed:
+            adapters.append(SqlPollingAdapter(config.model_copy(update=changed)))
+        assert named in str(failed.value)
 
 
 def test_whole_numbers_of_a_real_column_are_versions_and_null_keys_without_a_pk_are_skipped(
