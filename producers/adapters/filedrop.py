@@ -525,12 +525,16 @@ class FileDropAdapter(DirectoryAdapter):
     def _record(self, row: dict[str, Any], origin: str, line: int = 0) -> Record | SkippableRecord:
         opts = self.options
         key = row.get(opts.key_field)
-        when = self._moment(row.get(opts.occurred_at_field))
-        if not key or when is None:
+        written = row.get(opts.occurred_at_field)
+        when = self._moment(written)
+        if not key or written is None:
             missing = opts.key_field if not key else opts.occurred_at_field
             return SkippableRecord("missing_field", f"{missing}: required", origin, self.entity)
+        if when is None:
+            expected = opts.occurred_at_format or "ISO 8601"
+            message = f"{opts.occurred_at_field}: not a time as {expected}"
+            return SkippableRecord("invalid_field", message, origin, self.entity)
         version = _micros(when)
-        written = row.get(opts.occurred_at_field)
         whole = (
             bool(opts.occurred_at_format)  # its tokens stop at seconds (`dd.MM.yyyy HH:mm:ss`)
             or (isinstance(written, str) and not _FRACTION.search(written))

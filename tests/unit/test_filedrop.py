@@ -347,3 +347,18 @@ def test_an_empty_csv_cell_is_null_or_not_provided_as_configured(
     (third,) = adapter.parse(tmp_path / "export.jsonl", line.encode() + b"\n")
     assert isinstance(third, Record) and third.data is not None
     assert third.data["email"] is None and third.data["permanent_address"]["line"] is None
+
+
+def test_a_time_that_does_not_parse_is_an_invalid_field_not_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    """`32/08/2025` was reported `missing_field: at: required`, though the column was
+    there: the operator looked for a missing column."""
+    config = CONFIG | {"occurred_at_format": "dd/MM/yyyy HH:mm:ss"}
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    content = "pid,name,at\n001190000001,Nguyễn Văn An,32/08/2025 10:00:03\n"
+    content += "001190000002,Trần Thị Bình,\n"
+    bad, empty = adapter.parse(tmp_path / "export.csv", content.encode())
+    assert isinstance(bad, SkippableRecord) and isinstance(empty, SkippableRecord)
+    assert (bad.code, bad.message) == ("invalid_field", "at: not a time as dd/MM/yyyy HH:mm:ss")
+    assert (empty.code, empty.message) == ("missing_field", "at: required")
