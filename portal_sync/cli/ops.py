@@ -112,9 +112,22 @@ def replay(
             f"not a change topic: {', '.join(others)}; the change topics are "
             f"{', '.join(names.change_topics())}"
         )
+    # Likewise a misspelt entity, a partition the topics lack, or an empty range.
+    if entity is not None and entity not in ENTITIES:
+        raise Refused(f"--entity {entity}: not one of {', '.join(ENTITIES)}")
+    beyond = sorted(p for p in partition or () if not 0 <= p < names.change_partitions)
+    if beyond:
+        raise Refused(
+            f"--partition {', '.join(map(str, beyond))}: the change topics have partitions "
+            f"0 to {names.change_partitions - 1}"
+        )
+    if from_offset is not None and to_offset is not None and from_offset >= to_offset:
+        raise Refused("--from-offset must be below --to-offset (which is exclusive)")
     topics = topic or ([names.change_topic(entity)] if entity else names.change_topics())
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
                           from_offset, to_offset)  # fmt: skip
+    if selection.since and selection.until and selection.since >= selection.until:
+        raise Refused("--since must be before --until")
     target = Store(settings.store_url)
     target.require_schema()  # the live store: one without it is another database
     guard_rules(target, settings, rules_mismatch_ok, applies_events=True)
@@ -313,6 +326,7 @@ def dlq_list(
 
     from portal_sync.ops.dlq import DeadLetterRecord, Filters, iter_dead_letters
 
+    _warn_of_odd_reasons(reason)
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
     shown: deque[DeadLetterRecord] = deque(maxlen=limit)
@@ -423,6 +437,7 @@ def dlq_redrive(
     if not (letter_ids or reason or source or since or until):
         console.print("[red]error:[/red] select dead letters: IDs, --reason, --source or a time")
         raise typer.Exit(2)
+    _warn_of_odd_reasons(reason)
     settings = settings_from(bootstrap, store)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
     letters = iter_dead_letters(settings, filters)
@@ -471,7 +486,8 @@ def dlq_redrive(
             "from what the purge removed. Once the source has sent its records again (a "
             "re-snapshot: docs/operations.md, a province sent wrong data), send them with "
             "--despite-purge"))  # fmt: skip
-    if summary.held_back or unmatched or summary.purged:
+    # A letter named by its ID that cannot go back is no success either.
+    if summary.held_back or unmatched or summary.purged or (letter_ids and summary.not_redrivable):
         raise typer.Exit(1)
 
 
@@ -604,6 +620,20 @@ def offsets_skip(
             f"the reconciler resumes at {offset + 1}"
         )
     )
+
+
+def _warn_of_odd_reasons(reasons: list[str] | None) -> None:
+    """A `--reason` that none of the pipeline's reason codes is selected nothing, without
+    a word, when misspelt; letters that carry it (written by another tool, or forged) can
+    still be selected by it, after a warning."""
+    from schemas.dead_letter import DEAD_LETTER_REASONS
+
+    # "unknown": what `dlq list` shows for a letter without a reason code
+    odd = [code for code in reasons or () if code not in {*DEAD_LETTER_REASONS, "unknown"}]
+    if odd:
+        said = (f"--reason {', '.join(odd)}: none of the pipeline's reason codes (a typo?): "
+                "only letters that carry it are selected")  # fmt: skip
+        progress_console.print(markup("[yellow]warning:[/yellow] {}", said))
 
 
 def _num(value: int | None) -> str:

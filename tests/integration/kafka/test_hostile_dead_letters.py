@@ -280,6 +280,10 @@ def test_dlq_redrive_sends_back_only_an_event_of_the_letters_key(
     after = end_offsets(settings)
     assert sum(after.values()) == sum(before.values()) + 1
     assert after[(change_topic(settings, "citizen"), 0)] == 1
+    # Named by its ID, a letter that cannot go back is no success (it exited 0).
+    named = cli(settings, "dlq", "redrive", "0:0", "--store", settings.store_url)
+    assert named.returncode == 1, named.stdout + named.stderr
+    assert "not re-drivable (rejected at a source" in " ".join(named.stdout.split())
 
 
 def test_lag_prints_group_and_source_names_as_text(hostile: Any) -> None:

@@ -984,3 +984,29 @@ def test_offsets_reset_of_a_topic_the_cluster_does_not_have_is_refused(
     said = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0, said
     assert "no partition to reset" in said and "apply_failed" not in said, said
+
+
+def test_a_misspelt_selection_is_refused_or_warned_of_not_an_empty_success(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A typo read nothing and exited 0: `replay --entity person`, a partition the topics
+    lack, an empty range; `dlq list --reason unregisterd_source`; a letter named by its
+    ID that cannot go back."""
+    settings = settings_for(sqlite_store_url)  # 3 partitions
+    _published(settings, tmp_path, citizen_events(4, 1, seed=3))
+    refusals = [
+        (("--entity", "person"), "--entity person: not one of"),
+        (("--partition", "3"), "--partition 3: the change topics have partitions 0 to 2"),
+        (("--from-offset", "2", "--to-offset", "1"), "--from-offset must be below"),
+        (("--since", "1m", "--until", "1h"), "--since must be before --until"),
+    ]
+    for args, said in refusals:
+        refused = cli(settings, "replay", "--dry-run", *args)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert said in " ".join((refused.stdout + refused.stderr).split())
+    for verb in ("list", "redrive"):
+        odd = cli(settings, "dlq", verb, "--reason", "unregisterd_source")
+        said = " ".join(odd.stderr.split())
+        assert "--reason unregisterd_source: none of the pipeline's reason codes" in said, said
+    quiet = cli(settings, "dlq", "list", "--reason", "unregistered_source")
+    assert quiet.returncode == 0 and "reason codes" not in quiet.stderr
