@@ -26,10 +26,15 @@ def register(app: typer.Typer) -> None:
 
 
 GroupFilterOpt = Annotated[
-    str | None, typer.Option("--group", help="Only groups matching this regular expression")
+    str | None,
+    typer.Option("--group", help="Only groups whose whole name matches this regular expression"),
 ]
 TopicFilterOpt = Annotated[
-    str | None, typer.Option("--topic", help="Only topics matching this regular expression")
+    str | None,
+    typer.Option(
+        "--topic",
+        help="Only topics whose whole name matches this regular expression ('.*citizen')",
+    ),
 ]
 OffsetsFromOpt = Annotated[
     str,
