@@ -109,9 +109,12 @@ def purges_after(
     `source` (or of any) and touching `entities` (or any), oldest first, each as
     "<source> (<scope>, <started at>)". Reading the topics again from before such a purge
     (`offsets reset`, `replay`) applies the purged source's events once more: the topics
-    still hold them (docs/operations.md)."""
+    still hold them (docs/operations.md). A purge that removed nothing (a source with no
+    views then, a misspelt one) has nothing to undo and is left out."""
     found = []
     for row in purges(store):
+        if not (row["views"] or row["tombstones"]):
+            continue
         started = row["started_at"]
         if (moment is not None and started <= moment) or (source and row["source"] != source):
             continue

@@ -184,6 +184,15 @@ def test_the_purges_a_read_from_before_them_would_undo(url: str) -> None:
         assert len(wide) == 1 and wide[0].startswith("province-79 (every entity, ")
     finally:
         store.close()
+    nothing = run_cli("source", "purge", "province-99", "--yes", "--reason", "misspelt",
+                      "--store", url)  # fmt: skip
+    assert nothing.returncode == 0, nothing.stderr
+    store = Store(url)
+    try:  # it removed nothing: nothing to undo, no warning at every reset after it
+        assert len(audit(url)) == 3
+        assert purges_after(store, before, "province-99") == []
+    finally:
+        store.close()
     warning = purge_warning(found)
     assert warning is not None and "province-01 (citizen" in warning
     assert purge_warning([]) is None
