@@ -492,6 +492,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         signal.signal(sig, lambda _signum, _frame: early_stop.set())
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     admin.ensure_topics(config.connection, config.topics)
+    admin.check_partition_counts(config.connection, config.topics)
     # The start's writes go without the batches' lock wait: a worker starting beside
     # another that creates the store waits for it under the schema lock, and one beside
     # an operator's long write waits for it as any command does.

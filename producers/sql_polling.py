@@ -386,8 +386,9 @@ class SqlPollingAdapter:
                 return Table(config.table, MetaData(), autoload_with=self.engine)
             except NoSuchTableError:
                 raise FatalError(
-                    f"{config.name}: table = {config.table!r}: no such table at the source "
-                    "(or not visible to the connection's user, or in another schema)"
+                    f"{config.name}: table = {config.table!r}: no such table at the source, "
+                    "or not visible to the connection's user (a table of another schema: "
+                    "the connection's search path, or a `query`)"
                 ) from None
         needed = {
             config.key_column,

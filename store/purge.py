@@ -149,3 +149,25 @@ def purges(store: Store) -> list[dict[str, Any]]:
     query = select(source_purges).order_by(source_purges.c.started_at, source_purges.c.id)
     with translated(), store.engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def undoable_purges(store: Store) -> list[dict[str, Any]]:
+    """The recorded purges (`store.purge.purges`) that removed something: one that removed
+    nothing (a source with no views then, a misspelt one) has nothing a read of the
+    topics, a redrive or a rebuild could bring back."""
+    return [row for row in purges(store) if row["views"] or row["tombstones"]]
+
+
+def touches(
+    purge: dict[str, Any],
+    moment: datetime | None,
+    source: str | None = None,
+    entities: set[str] | None = None,
+) -> bool:
+    """Whether a recorded purge started after `moment` (any, when None), is of `source`
+    (or of any) and touches `entities` (or any)."""
+    if moment is not None and purge["started_at"] <= moment:
+        return False
+    if source and purge["source"] != source:
+        return False
+    return entities is None or purge["entity"] is None or purge["entity"] in entities

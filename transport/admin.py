@@ -167,15 +167,8 @@ class Cluster:
 
         On a cluster with ACLs a principal sees only the topics it may describe, and may
         create none: those it may not create are refused (Refused, naming the principal and
-        the topics) when `needed` (default: all), else left to whoever needs them.
-
-        A change topic that exists with another number of partitions than
-        `change_partitions` refuses the start (ConfigurationError): the worker checks each
-        event's partition by that number (the key rule), and dead-lettered valid events
-        as `key_mismatch` while its setting differed from the topics' (a producer
-        partitions by the topic's own count)."""
+        the topics) when `needed` (default: all), else left to whoever needs them."""
         existing = self.topic_names()
-        self._check_partition_counts(topics, existing)
         missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
         if not missing:
             return []
@@ -212,7 +205,13 @@ class Cluster:
                 raise clients.translate(error, "wait for new topics", self.connection) from None
         return sorted(created)
 
-    def _check_partition_counts(self, topics: Topics, existing: set[str]) -> None:
+    def check_partition_counts(self, topics: Topics) -> None:
+        """Refuse (ConfigurationError) a change topic that exists with another number of
+        partitions than `change_partitions`: the worker checks each event's partition by
+        that number (the key rule), and dead-lettered valid events as `key_mismatch` while
+        its setting differed from the topics'. (Producers place events by the topic's own
+        count: the setting is not theirs to get right.)"""
+        existing = self.topic_names()
         counted = {
             name: len(self._any_node(partial(self.consumer.partitions_for_topic, name)) or ())
             for name in topics.change_topics()
@@ -574,6 +573,12 @@ def ensure_topics(
     topics (on a secured cluster a source may not even see the dead-letter topic)."""
     with cluster(connection) as c:
         return c.ensure_topics(topics, needed)
+
+
+def check_partition_counts(connection: KafkaConnection, topics: Topics) -> None:
+    """`Cluster.check_partition_counts` with a client of its own."""
+    with cluster(connection) as c:
+        c.check_partition_counts(topics)
 
 
 def topic_ids(

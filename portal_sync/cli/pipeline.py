@@ -34,10 +34,11 @@ def register(app: typer.Typer) -> None:
 
 def topics(bootstrap: BootstrapOpt = None) -> None:
     """Create the change and dead-letter topics that are missing."""
-    from transport.admin import ensure_topics
+    from transport.admin import check_partition_counts, ensure_topics
 
     settings = settings_from(bootstrap)
     created = ensure_topics(settings.connection(), settings.topics())
+    check_partition_counts(settings.connection(), settings.topics())
     console.print(f"created {', '.join(created)}" if created else "all topics exist")
 
 

@@ -34,12 +34,12 @@ from schemas.dead_letter import (
 )
 from schemas.errors import Refused, TransientError
 from schemas.events import SOURCE_ID
-from schemas.identifiers import ReferenceKey, key_reference
+from schemas.identifiers import REFERENCE_PREFIX, ReferenceKey, key_reference, mask_key
 from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
 from store import Store
-from store.purge import purges
+from store.purge import touches, undoable_purges
 from transport import admin
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection, nothing_before
@@ -452,7 +452,7 @@ def redrive(
     topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
     done = store.redriven(topic, topic_id)
     skew = timedelta(seconds=settings.max_clock_skew_seconds)
-    purged = [row for row in purges(store) if row["views"] or row["tombstones"]]
+    purged = undoable_purges(store)
     secret = settings.reference_key()  # a purge of one record names it by its reference
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
@@ -500,8 +500,8 @@ def redrive(
                 publisher.send(letter.origin_topic, letter.key, letter.value, headers)
                 publisher.flush()
             summary.redriven += 1
-            if after_purge:
-                summary.note_sent(event[2], event[0], letter.failed_at)
+            # every letter sent: a purge that began while the redrive ran is warned of too
+            summary.note_sent(event[2], event[0], letter.failed_at)
             sent[event[:3]] = event[3]
     finally:
         publisher.close()
@@ -515,24 +515,29 @@ def _purged_after(
     skew: timedelta,
     secret: ReferenceKey | None,
 ) -> bool:
-    """Whether one of the recorded `purged` (`store.purge.purges`) of the letter's source
-    took its record away: one of its entity or of all, or of its key (by the key's
-    reference, keyed with `secret`, as `source purge --key` names it), that started after
+    """Whether one of the `purged` (`undoable_purges`) took the letter's record away after
     the letter failed at `failed_at` (any, when the letter does not say), less the clocks'
-    `skew`."""
+    `skew`: a purge of its source, of its entity or of all, or of its key. A purge of one
+    key names it by its reference (`source purge --key`), which is compared only where it
+    can be: a masked key (no reference key then) matches every key of the same mask, and
+    a keyed one cannot be checked without a reference key here: both hold the letter back
+    (a reference key rotated since the purge is not seen: re-drive with care)."""
     entity, key, source, _ = event
-    reference: list[str] = []  # computed once, for the first purge of one record
+    moment = None if failed_at is None else failed_at - skew
     for row in purged:
-        if row["source"] != source or row["entity"] not in (None, entity):
+        if not touches(row, moment, source, {entity}):
             continue
-        if failed_at is not None and row["started_at"] <= failed_at - skew:
-            continue
-        if row["reference"] is None:
-            return True
-        reference = reference or [key_reference(key, secret)]
-        if row["reference"] == reference[0]:
+        reference = row["reference"]
+        if reference is None or _may_name(reference, key, secret):
             return True
     return False
+
+
+def _may_name(reference: str, key: str, secret: ReferenceKey | None) -> bool:
+    """Whether a purge's `reference` may name `key` (`_purged_after`)."""
+    if not reference.startswith(REFERENCE_PREFIX):
+        return reference == mask_key(key)
+    return secret is None or reference == key_reference(key, secret)
 
 
 def _code(letter: DeadLetterRecord) -> str:

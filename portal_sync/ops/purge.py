@@ -28,7 +28,15 @@ from portal_sync.ops.access import record_key, who_and_why
 from schemas.errors import Refused
 from schemas.identifiers import ReferenceKey
 from store import Store, utcnow
-from store.purge import PurgePlan, SourcePurge, finish_purge, purge_keys, purge_plan, purges
+from store.purge import (
+    PurgePlan,
+    SourcePurge,
+    finish_purge,
+    purge_keys,
+    purge_plan,
+    touches,
+    undoable_purges,
+)
 
 SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
 
@@ -105,25 +113,19 @@ def purges_after(
     source: str | None = None,
     entities: set[str] | None = None,
 ) -> list[str]:
-    """The recorded purges that started after `moment` (all of them when None), of
-    `source` (or of any) and touching `entities` (or any), oldest first, each as
-    "<source> (<scope>, <started at>)". Reading the topics again from before such a purge
-    (`offsets reset`, `replay`) applies the purged source's events once more: the topics
-    still hold them (docs/operations.md). A purge that removed nothing (a source with no
-    views then, a misspelt one) has nothing to undo and is left out."""
+    """The purges that removed something (`undoable_purges`) and `touches` a read of the
+    topics after `moment`, oldest first, each as "<source> (<scope>, <started at>)".
+    Reading the topics again from before such a purge (`offsets reset`, `replay`) applies
+    the purged source's events once more: the topics still hold them (docs/operations.md)."""
     found = []
-    for row in purges(store):
-        if not (row["views"] or row["tombstones"]):
-            continue
-        started = row["started_at"]
-        if (moment is not None and started <= moment) or (source and row["source"] != source):
-            continue
-        if entities is not None and row["entity"] is not None and row["entity"] not in entities:
+    for row in undoable_purges(store):
+        if not touches(row, moment, source, entities):
             continue
         scope = row["entity"] or "every entity"
         if row["reference"]:
             scope += f" {row['reference']}"
-        found.append(f"{row['source']} ({scope}, {started.isoformat(timespec='seconds')})")
+        started = row["started_at"].isoformat(timespec="seconds")
+        found.append(f"{row['source']} ({scope}, {started})")
     return found
 
 

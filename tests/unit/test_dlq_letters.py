@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from portal_sync.ops.dlq import DeadLetterRecord, Filters, _letter, _purged_after
 from schemas.dead_letter import dead_letter_headers
-from schemas.identifiers import key_reference
+from schemas.identifiers import ReferenceKey, key_reference
 from transport.reader import Message
 
 GOOD_HEADERS = tuple(
@@ -220,13 +220,19 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     skew = timedelta(minutes=5)
     event = ("citizen", "079090000001", "province-79", 7)
 
-    def purge(source: str, entity: str | None, minutes: int, key: str | None = None) -> Any:
+    secret = ReferenceKey(b"k" * 32)
+
+    def purge(
+        source: str, entity: str | None, minutes: int, key: str | None = None, keyed: bool = False
+    ) -> Any:
         started = failed + timedelta(minutes=minutes)
-        reference = None if key is None else key_reference(key, None)
+        reference = None if key is None else key_reference(key, secret if keyed else None)
         return {"source": source, "entity": entity, "reference": reference, "started_at": started}
 
-    def held(*rows: dict[str, Any], at: datetime | None = failed) -> bool:
-        return _purged_after(list(rows), event, at, skew, None)
+    def held(
+        *rows: dict[str, Any], at: datetime | None = failed, here: ReferenceKey | None = None
+    ) -> bool:
+        return _purged_after(list(rows), event, at, skew, here)
 
     assert held(purge("province-79", None, 60))  # of every entity
     assert held(purge("province-79", "citizen", 60))
@@ -236,4 +242,11 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     assert held(purge("province-79", "citizen", -600), at=None)  # it does not say when
     assert held(purge("province-79", "citizen", 60, key="079090000001"))  # its own record
     assert not held(purge("province-79", "citizen", 60, key="079090000002"))
+    # A masked key (no reference key at the purge) may be another key of the same mask.
+    assert held(purge("province-79", "citizen", 60, key="079990000001"))
+    # A keyed reference: compared under the reference key here, held when there is none.
+    own = purge("province-79", "citizen", 60, key="079090000001", keyed=True)
+    other = purge("province-79", "citizen", 60, key="079090000002", keyed=True)
+    assert held(own, here=secret) and held(own) and held(other)
+    assert not held(other, here=secret)
     assert not held()

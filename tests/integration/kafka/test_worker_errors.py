@@ -393,22 +393,25 @@ def test_a_partition_count_unlike_the_topics_is_a_configuration_error(
 ) -> None:
     """The change topics have 3 partitions, a worker was told 6: it started without a
     word and dead-lettered every valid event it placed otherwise as `key_mismatch`
-    (`publish` partitions by the topic's own count). It, `topics` and `publish` now
-    refuse to start (exit 2), naming the setting and the topics' count."""
+    (`publish` partitions by the topic's own count). It and `topics` now refuse to start
+    (exit 2), naming the setting and the topics' count; `publish` and the producers,
+    which never use the setting, go on."""
     settings = settings_for(sqlite_store_url)  # 3 partitions
     ensure_topics(settings)
     feed = write_jsonl(tmp_path / "feed.jsonl", citizen_events(10, 1))
-    for command in (("topics",), ("worker", "--until-caught-up"), ("publish", str(feed))):
+    sent = cli(settings, "publish", str(feed), PORTAL_SYNC_CHANGE_PARTITIONS="6")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    for command in (("topics",), ("worker", "--until-caught-up")):
         result = cli(settings, *command, timeout=120, PORTAL_SYNC_CHANGE_PARTITIONS="6")
         assert result.returncode == 2, result.stdout + result.stderr
         said = " ".join(result.stderr.split())
         assert "PORTAL_SYNC_CHANGE_PARTITIONS is 6, but" in said, said
         assert f"{settings.topics().change_topic('citizen')} has 3" in said, said
         assert "Traceback" not in result.stderr
-    assert admin.end_offsets(settings.connection(), settings.topics().change_topics()) == {
-        (topic, partition): 0
-        for topic in settings.topics().change_topics()
-        for partition in range(3)
-    }  # nothing published, nothing dead-lettered
+    dead = admin.end_offsets(settings.connection(), [settings.topics().dead_letters])
+    assert sum(dead.values()) == 0  # nothing dead-lettered
     fine = cli(settings, "topics")
     assert fine.returncode == 0 and "all topics exist" in fine.stderr, fine.stdout + fine.stderr
+    applied = cli(settings, "worker", "--until-caught-up")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert exported(settings) == expected_export(citizen_events(10, 1), Authority())
