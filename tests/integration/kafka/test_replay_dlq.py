@@ -20,10 +20,11 @@ from observability.lag import Status
 from schemas import derive_event_id
 from schemas.errors import Refused
 from schemas.identifiers import key_reference
+from schemas.partitioning import message_key
 from store import schema
 from store.core import Store
 from store.tables import record_deletions, record_history, records, source_views, topic_ids
-from tests.support.kafka_helpers import commit_group_offsets, end_offsets
+from tests.support.kafka_helpers import commit_group_offsets, end_offsets, publisher_for
 from tests.support.pipeline_helpers import (
     citizen_events,
     cli,
@@ -125,6 +126,15 @@ def test_replay_filters_by_source_and_entity(
 ) -> None:
     settings = settings_for(sqlite_store_url)
     _published(settings, tmp_path, citizen_events(30, 1, seed=4))
+    # An invalid event of each of two sources (an unknown `sex`), as a producer keys it.
+    publisher = publisher_for(settings)
+    for source in ("province-01", "province-79"):
+        bad = citizen_events(1, 1, seed=5)[0] | {"source": source, "data": {"sex": "x"}}
+        key = message_key("citizen", bad["key"], source)
+        publisher.send(settings.topics().change_topic("citizen"), key,
+                       json.dumps(bad).encode(), [])  # fmt: skip
+    publisher.flush()
+    publisher.close()
     _caught_up(settings)
 
     result = cli(settings, "replay", "--since", "1h", "--json", "--source", "province-01",
@@ -133,7 +143,9 @@ def test_replay_filters_by_source_and_entity(
     summary = json.loads(result.stdout)
     by_source = sum(1 for e in citizen_events(30, 1, seed=4) if e["source"] == "province-01")
     assert summary["outcomes"]["unchanged"] == by_source
-    assert summary["outcomes"]["skipped"] == summary["read"] - by_source
+    # the other source's invalid event is skipped by the filter, not this replay's failure
+    assert summary["outcomes"]["dead_lettered"] == 1
+    assert summary["outcomes"]["skipped"] == summary["read"] - by_source - 1
 
 
 def test_unregistered_source_is_redriven_after_registration_once(
