@@ -154,6 +154,11 @@ class AdapterRunner:
         stats = RunStats()
         produced: Tally[str] = Tally()
         journal = read_json_lines(self.journal_path)
+        if journal and type(self.adapter).recover is Adapter.recover:
+            raise FatalError(
+                f"{self.source_id}: the adapter yields reservations but does not take them "
+                "back in (`Adapter.recover`): its journal would be dropped unread"
+            )
         state = self.adapter.recover(load_json_state(self.state_path), journal)
         if journal:  # taken in and saved: runs that fail before a save never pile it up
             write_json_atomic(self.state_path, state)

@@ -182,14 +182,21 @@ class DebeziumAdapter(Adapter):
     def _items(self, message: Message) -> list[Record | SkippableRecord]:
         """The records of one message: none for a tombstone; for an update that changed
         the record's key (its `before`, with REPLICA IDENTITY FULL, names another), the
-        old record's delete first, one version below; else one."""
+        old record's delete first (one version below with `lsn`); else one."""
         item, before = self._mapped(message)
         if not isinstance(item, Record) or item.op != "upsert" or before is None:
             return [] if item is None else [item]
         old = before.get(self.mapping.key_column)
         if old is None or old == "" or str(old) == item.key:
             return [item]
-        gone = Record(str(old), item.version - 1, item.occurred_at, None, item.origin, op="delete")
+        # With `lsn`, the version a delete at that position has (a change ranks one
+        # above it). With `ts_ms`, one below collided with the old record's previous
+        # change (at the offset before, in the same millisecond), and the reconciler
+        # dropped the delete as its duplicate: the old record stayed live. The new
+        # record's own version is free for it: another record.
+        below = 1 if self.mapping.version == "lsn" else 0
+        gone = Record(str(old), item.version - below, item.occurred_at, None, item.origin,
+                      op="delete")  # fmt: skip
         return [gone, item]
 
     def _mapped(

@@ -215,6 +215,7 @@ class DirectoryAdapter(Adapter):
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
+        self._stale_markers: set[tuple[str, int]] = set()  # (name, mtime) warned of once
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
         SOURCE_ERRORS.labels(source, "unreadable_file")
 
@@ -229,7 +230,9 @@ class DirectoryAdapter(Adapter):
         done: list[str] = list(state.get("files", []))
         for path in self._ready_files():
             try:
+                before = path.stat()
                 content = path.read_bytes()
+                after = path.stat()
             except FileNotFoundError:
                 continue  # taken away since it was listed
             except OSError as error:
@@ -248,6 +251,8 @@ class DirectoryAdapter(Adapter):
                     done = [*done, marker][-KEEP_CHECKSUMS:]
                 yield from self._unreadable(path, unreadable, done)
                 continue
+            if _written_to(before, after, len(content)):
+                continue  # written to while it was read: read once it is still
             checksum = hashlib.sha256(content).hexdigest()
             if checksum in done:  # published before; its move failed or was interrupted
                 move = self._mover(path, self.done_dir, read=checksum)
@@ -348,8 +353,18 @@ class DirectoryAdapter(Adapter):
             if not stat.S_ISREG(info.st_mode):
                 continue
             if marker is not None:
-                if (path.parent / f"{name}{marker}").exists():
+                # A marker older than its file is a run's leftover (killed between the
+                # file's move and the marker's removal) or the last export's, while the
+                # next one is written over the same name: the file is not complete.
+                marked = _mtime_ns(path.parent / f"{name}{marker}")
+                if marked >= info.st_mtime_ns:
                     ready.append((info.st_mtime, name, path))
+                elif marked >= 0 and (name, info.st_mtime_ns) not in self._stale_markers:
+                    self._stale_markers.add((name, info.st_mtime_ns))
+                    log.warning(
+                        "%s: %s's %s marker is older than the file: waiting for a new one "
+                        "(write the marker after the file)", self.source, name, marker,
+                    )  # fmt: skip
                 continue
             now_seen = observed[name] = (info.st_size, info.st_mtime_ns)
             if now - info.st_mtime < self.options.settle_seconds:
@@ -616,6 +631,22 @@ def _file_flag(value: Any) -> bool:
         if text in _FILE_DELETED:
             return True
     return soft_deleted(value)
+
+
+def _mtime_ns(path: Path) -> int:
+    """A file's modification time, -1 when it is not there."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _written_to(before: os.stat_result, after: os.stat_result, read: int) -> bool:
+    """Whether a file changed while it was read (its size or time moved, or what was read
+    is not its size): an exporter still writing it, whose complete file is read later."""
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+        read != after.st_size
+    )
 
 
 def _stat_marker(path: Path) -> str | None:

@@ -388,3 +388,23 @@ def test_an_update_that_changes_the_record_key_deletes_the_old_record() -> None:
     unchanged["before"] = ROW
     assert [r.op for r in adapter()._items(message(with_schema(unchanged)))] == ["upsert"]
     assert adapter()._items(message(None)) == []
+
+
+def test_with_ts_ms_the_old_record_s_delete_never_shares_its_last_change_s_version() -> None:
+    """One below the new record's version was the old record's last change whenever that
+    came at the offset before in the same millisecond (an update of A, then A renamed B):
+    the reconciler dropped the delete as its duplicate, and A stayed live for good."""
+    source = adapter(version="ts_ms")
+    updated = change("u", ROW | {"ho_ten": "Nguyễn Thị Lan Anh"})
+    updated["before"] = ROW
+    (last,) = source._items(message(with_schema(updated), offset=41))
+    moved = change("u", ROW | {"so_dinh_danh": "079190000002"})
+    moved["before"] = ROW
+    gone, new = source._items(message(with_schema(moved), offset=42))
+    assert isinstance(last, Record) and isinstance(gone, Record) and isinstance(new, Record)
+    assert (gone.key, gone.op) == (last.key, "delete")
+    assert gone.version > last.version
+    assert gone.version == new.version  # another record's: nothing to rank against
+    lsn_gone, lsn_new = adapter()._items(message(with_schema(moved), offset=42))
+    assert isinstance(lsn_gone, Record) and isinstance(lsn_new, Record)
+    assert lsn_gone.version == lsn_new.version - 1  # with `lsn`: a delete at that position

@@ -362,3 +362,55 @@ def test_a_time_that_does_not_parse_is_an_invalid_field_not_a_missing_one(
     assert isinstance(bad, SkippableRecord) and isinstance(empty, SkippableRecord)
     assert (bad.code, bad.message) == ("invalid_field", "at: not a time as dd/MM/yyyy HH:mm:ss")
     assert (empty.code, empty.message) == ("missing_field", "at: required")
+
+
+def _origins(adapter: FileDropAdapter) -> list[str]:
+    return [item.origin for item in adapter.read({}) if isinstance(item, Record)]
+
+
+ROW = "001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n"
+
+
+def test_a_marker_older_than_its_file_is_a_leftover_not_a_complete_export(tmp_path: Path) -> None:
+    """A run killed between a file's move to done/ and its marker's removal left the
+    marker: the next export written over the same name was read half-written, and what
+    its writer wrote after that went to done/ unread."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"complete_marker": ".done"},
+                                            tmp_path)  # fmt: skip
+    marker = inbox / "export.csv.done"
+    marker.write_text("")
+    os.utime(marker, (1_000, 1_000))  # the last export's, left behind
+    (inbox / "export.csv").write_text("pid,name,at\n" + ROW)  # being written now
+    assert _origins(adapter) == []
+    os.utime(marker)  # the writer's marker, written after the file
+    assert _origins(adapter) == ["export.csv:2"]
+
+
+def test_a_file_written_to_while_it_is_read_is_read_once_it_is_still(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settled by its time (or marked), a file its writer went on writing as it was read
+    was published cut short, and the rest of it never."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    export = inbox / "export.csv"
+    export.write_text("pid,name,at\n" + ROW)
+    os.utime(export, (time.time() - 600,) * 2)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_bytes = Path.read_bytes
+
+    def while_written(self: Path) -> bytes:
+        content = read_bytes(self)
+        if self == export:
+            with export.open("a", encoding="utf-8") as handle:  # the writer goes on
+                handle.write(ROW.replace("0001,", "0002,"))
+        return content
+
+    monkeypatch.setattr(Path, "read_bytes", while_written)
+    assert _origins(adapter) == []
+    monkeypatch.undo()
+    os.utime(export, (time.time() - 600,) * 2)
+    assert _origins(adapter) == []  # changed since the poll before: settles first
+    assert _origins(adapter) == ["export.csv:2", "export.csv:3"]

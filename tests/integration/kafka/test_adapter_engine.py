@@ -630,3 +630,21 @@ def test_produce_once_stopped_by_ctrl_c_ends_early_and_says_it_is_not_complete(
     assert "stopped before the pass was complete" in err, out + err
     assert (inbox / "a.jsonl").exists() and not (inbox / "done" / "a.jsonl").exists()
     assert 0 < sum(end_offsets(settings).values()) < 100_000
+
+
+def test_a_journal_an_adapter_cannot_take_back_stops_the_source(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """A plug-in that yields reservations but keeps `Adapter.recover` as it is would have
+    had its journal dropped unread after a crash: the source stops instead, saying so."""
+
+    class Forgetful(ListAdapter):
+        def read(self, state: State) -> Iterator[Item]:
+            yield Reservation({"position": 0})
+            yield from super().read(state)
+
+    runner = AdapterRunner("forgetful", Forgetful(), publisher, tmp_path)
+    runner.journal_path.write_text('{"position": 0}\n')  # a run that died after sending
+    with pytest.raises(FatalError, match="does not take them back in"):
+        runner.run_once()
+    assert read_json_lines(runner.journal_path) == [{"position": 0}]  # kept
