@@ -69,6 +69,9 @@ class CommittedOffsetReader:
             max_partition_fetch_bytes=max_partition_fetch_bytes,
         )
         self._assigned: list[Any] = []
+        # Per partition, the messages between the last position known (the group's or the
+        # saved one) and the log's start at `start`: removed by retention unread.
+        self.expired: dict[TP, int] = {}
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -112,12 +115,16 @@ class CommittedOffsetReader:
         beginning = consumer.beginning_offsets(partitions)
         start: dict[TP, int] = {}
         committed_now = self.committed()
+        self.expired = {}
         for tp in partitions:
             committed = committed_now.get((tp.topic, tp.partition))
             candidates = [
                 o for o in (committed, saved.get((tp.topic, tp.partition))) if o is not None
             ]
-            # Retention may have removed what the group last saw: then the oldest kept.
+            # Retention may have removed what the group last saw: then the oldest kept,
+            # and how many messages went unread (`expired`).
+            if candidates and max(candidates) < beginning[tp]:
+                self.expired[(tp.topic, tp.partition)] = beginning[tp] - max(candidates)
             offset = max([beginning[tp], *candidates])
             consumer.seek(tp, offset)
             start[(tp.topic, tp.partition)] = offset

@@ -12,6 +12,7 @@ same offsets, was saved). A run reads up to the end offsets seen when it started
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producers import debezium_events as dbz
 from producers.mapping import FieldMapping, map_fields
+from producers.metrics import SOURCE_ERRORS
 from producers.sdk import (
     Adapter,
     Checkpoint,
@@ -36,6 +38,8 @@ from schemas.events import Entity
 from transport.committed_reader import CommittedOffsetReader, ExternalConnection
 from transport.config import ClusterSecurity
 from transport.reader import TP, Message
+
+log = logging.getLogger(__name__)
 
 # What Debezium writes for a value the database did not send (unavailable.value.placeholder).
 UNAVAILABLE = "__debezium_unavailable_value"
@@ -130,6 +134,16 @@ class DebeziumAdapter(Adapter):
             )
         self._topic_ids = saved_ids | ids
         positions = reader.start(saved)
+        for (topic, partition), count in sorted(reader.expired.items()):
+            # Lost before this source read them: loud, counted (an alert pages), and the
+            # reading goes on from the oldest message kept; a re-snapshot mends it.
+            SOURCE_ERRORS.labels(self.source, "expired_unread").inc()
+            log.warning(
+                "%s: %s[%d]: %d messages expired unread (the topic's retention removed "
+                "them before this source read them): take a new snapshot of the table "
+                '(docs/adapters.md, "A topic behind the state")', self.source, topic,
+                partition, count,
+            )  # fmt: skip
         ends = reader.end_offsets()
         behind = sorted(tp for tp, end in ends.items() if positions.get(tp, 0) > end)
         if behind:

@@ -474,3 +474,58 @@ def test_a_topic_created_again_and_refilled_past_the_saved_position_stops_the_so
         assert [(r.data or {}).get("full_name") for r in records][:2] == ["Cường", "Dũng"]
     finally:
         adapter.close()
+
+
+def test_messages_that_expired_unread_are_warned_of_and_counted(
+    province: Province, tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The province topic's retention removed messages this source had not read (its
+    producer down longer than the retention): reading went on from the oldest message
+    kept, without a word. It still goes on (nothing else can be read), but says how many
+    messages of which partition were lost, and counts it (`expired_unread`)."""
+    from kafka import KafkaAdminClient
+    from kafka.structs import TopicPartition
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    topic = f"dbzgone{uuid.uuid4().hex[:6]}"
+    connection = KafkaConnection(bootstrap=province.bootstrap)
+    with admin.cluster(connection) as cluster:
+        cluster.admin.create_topics([NewTopic(topic, 1, 1)])
+    source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
+    publisher = Publisher(connection, Topics("unused"), client_id="test-province")
+    for n in range(5):
+        row = {"so_dinh_danh": f"0791900000{n:02d}", "ho_ten": f"Người {n}"}
+        insert = {"op": "c", "before": None, "after": row, "source": source | {"lsn": 100 + n}}
+        publisher.send(topic, json.dumps({"id": n}).encode(), json.dumps(insert).encode())
+    publisher.flush()
+    publisher.close()
+    body = f"""
+[[sources]]
+id = "p79-gone"
+source = "province-79"
+adapter = "debezium"
+
+[sources.connection]
+bootstrap = "{province.bootstrap}"
+group_id = "gone-{topic}"
+
+[sources.mapping]
+topics = ["{topic}"]
+entity = "citizen"
+key_column = "so_dinh_danh"
+fields = {{ full_name = "ho_ten" }}
+"""
+    config = write_config(tmp_path, body)
+    state = tmp_path / "state" / "p79-gone.state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"group_id": f"gone-{topic}", "offsets": {f"{topic}:0": 1}}))
+    client = KafkaAdminClient(bootstrap_servers=province.bootstrap)
+    try:
+        client.delete_records({TopicPartition(topic, 0): 3})  # two unread messages gone
+    finally:
+        client.close()
+
+    out = " ".join(produce_once(settings, config).split())
+    assert f"{topic}[0]: 2 messages expired unread" in out, out
+    assert "p79-gone: published 2, dead-lettered 0" in out, out
