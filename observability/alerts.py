@@ -340,8 +340,14 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $labels.source }}: {{ $value }} outbox rows committed below the reach of "
             "lookback_ids are not being published",
             "Their transactions committed more than lookback_ids ids behind the newest row "
-            "read. They wait in the outbox table: raise the source's lookback_ids above the "
-            "gap (the next poll publishes them), then look for long transactions at the source.",
+            "read, or the table gave ids again from 1 (emptied, and ids that repeat: SQLite "
+            "without AUTOINCREMENT, MySQL 5.7 after a restart). They wait in the outbox "
+            "table. If their ids are old, raise the source's lookback_ids above the gap (the "
+            "next poll publishes them) and look for long transactions at the source; if they "
+            "are new rows under reused ids, do not: published with their ids as versions, "
+            "they would be stale below their records' earlier events. Give the table ids "
+            "that never repeat and a version_column, then reset the source's state "
+            "(docs/adapters.md, outbox).",
         ),
         Rule(
             "PortalSyncLagExporterBlind",
