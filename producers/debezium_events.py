@@ -31,7 +31,9 @@ Versions (strictly increasing per record, at most 2^53):
   changes (`2^52 + snapshot LSN`): for a repair snapshot after lost changes (a dropped slot),
   on a quiet source.
 - Other connectors (`version = "ts_ms"`): `source.ts_ms * 1000 + offset % 1000`, the
-  commit time in milliseconds, ties broken by the message's position in the province topic.
+  commit time in milliseconds, ties broken by the message's position in the province topic;
+  the adapter raises it to one above the partition's last version where it is not above it
+  (`DebeziumAdapter._ts_version`), so versions rise along a partition.
 """
 
 from __future__ import annotations

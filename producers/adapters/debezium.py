@@ -91,6 +91,9 @@ class DebeziumAdapter(Adapter):
         self._local_times = frozenset(config.local_time_columns)
         self._reader: CommittedOffsetReader | None = None
         self._topic_ids: dict[str, str] = {}  # topic -> the cluster's id, saved with offsets
+        # `ts_ms`: per partition, the version given last (saved with the offsets), so that
+        # versions rise along a partition whatever the commit times do (`_ts_version`).
+        self._last: dict[TP, int] = {}
         try:
             self.connection()  # a wrong combination refuses the start, not the first run
         except ValidationError as error:
@@ -119,6 +122,7 @@ class DebeziumAdapter(Adapter):
         ids = reader.topic_ids()
         saved_ids = {str(t): str(i) for t, i in (state.get("topic_ids") or {}).items()}
         saved = _offsets(state)
+        self._last = _offsets(state, "last_versions")
         # Only a topic with a position to lose: one with none is read from its start anyway.
         placed = {t for (t, _), offset in saved.items() if offset > 0}
         recreated = sorted(
@@ -184,14 +188,17 @@ class DebeziumAdapter(Adapter):
     def _checkpoint(self, positions: dict[TP, int]) -> Checkpoint:
         offsets = dict(positions)
         reader = self.reader
-        return Checkpoint(
-            {
-                "group_id": self.group_id,
-                "offsets": {f"{t}:{p}": o for (t, p), o in offsets.items()},
-                "topic_ids": dict(sorted(self._topic_ids.items())),
-            },
-            commit=lambda: reader.commit(offsets),
-        )
+        return Checkpoint(self._state(offsets), commit=lambda: reader.commit(offsets))
+
+    def _state(self, offsets: dict[TP, int]) -> State:
+        state: State = {
+            "group_id": self.group_id,
+            "offsets": {f"{t}:{p}": o for (t, p), o in offsets.items()},
+            "topic_ids": dict(sorted(self._topic_ids.items())),
+        }
+        if self.mapping.version == "ts_ms":
+            state["last_versions"] = {f"{t}:{p}": v for (t, p), v in sorted(self._last.items())}
+        return state
 
     def _items(self, message: Message) -> list[Record | SkippableRecord]:
         """The records of one message: none for a tombstone; for an update that changed
@@ -236,6 +243,8 @@ class DebeziumAdapter(Adapter):
                 event, message.offset, self.mapping.version, self.mapping.snapshot_reads
             )
             occurred_at = dbz.occurred_at(event)
+            if self.mapping.version == "ts_ms":
+                version = self._ts_version(message.tp, version)
             op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
             data = None if event.is_delete else self._data(event.row, origin)
         except dbz.Unmappable as problem:
@@ -253,6 +262,18 @@ class DebeziumAdapter(Adapter):
                 Reason.UNMAPPABLE_RECORD, problem_text, origin, self.entity, key, message.value
             ), None
         return Record(key, version, occurred_at, data, origin, op=op), event.before
+
+    def _ts_version(self, tp: TP, derived: int) -> int:
+        """A `ts_ms` version that rises along its partition: `derived`
+        (`ts_ms * 1000 + offset % 1000`), or one above the partition's last when that is
+        not above it. Two changes of one record in one millisecond 1,000 offsets apart (a
+        busy source; a MySQL binlog's whole seconds) got one version for two contents, and
+        the reconciler kept the first; a commit time that went back gave a later change a
+        lower version (stale). Read again from a saved position, the same messages get
+        the same versions (the last one is saved with the position)."""
+        version = max(derived, self._last.get(tp, 0) + 1)
+        self._last[tp] = version
+        return version
 
     def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:
         """`after` through the field mapping. A mapped column the event lacks means the
@@ -299,10 +320,11 @@ def _drop(data: dict[str, Any], path: str) -> None:
         _drop(data, ".".join(parents))
 
 
-def _offsets(state: State) -> dict[TP, int]:
-    """The positions a checkpoint saved: {"topic:partition": next offset}."""
+def _offsets(state: State, kind: str = "offsets") -> dict[TP, int]:
+    """What a checkpoint saved per partition: {"topic:partition": number} (the positions:
+    the next offset; `last_versions`: the last `ts_ms` version)."""
     saved: dict[TP, int] = {}
-    for name, offset in (state.get("offsets") or {}).items():
+    for name, number in (state.get(kind) or {}).items():
         topic, _, partition = str(name).rpartition(":")
-        saved[(topic, int(partition))] = int(offset)
+        saved[(topic, int(partition))] = int(number)
     return saved

@@ -10,7 +10,7 @@ import json
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -300,6 +300,8 @@ class Recreated:
     """A province topic deleted and created again: its log ends at 10, below the 50,000
     the adapter saved."""
 
+    expired: ClassVar[dict[tuple[str, int], int]] = {}  # none lost to retention
+
     def topic_ids(self) -> dict[str, str]:
         return {}  # a cluster that gives no ids: the offsets are all there is to compare
 
@@ -327,6 +329,8 @@ class IdsChanged:
     """Both topics have ids other than the state's: one was created again while the
     adapter had read past its start, the other while it had read nothing of it (a topic
     deleted during a run loses its saved positions)."""
+
+    expired: ClassVar[dict[tuple[str, int], int]] = {}  # none lost to retention
 
     def topic_ids(self) -> dict[str, str]:
         return {"p79.public.cong_dan": "new-1", "p79.public.ho_so": "new-2"}
@@ -408,3 +412,27 @@ def test_with_ts_ms_the_old_record_s_delete_never_shares_its_last_change_s_versi
     lsn_gone, lsn_new = adapter()._items(message(with_schema(moved), offset=42))
     assert isinstance(lsn_gone, Record) and isinstance(lsn_new, Record)
     assert lsn_gone.version == lsn_new.version - 1  # with `lsn`: a delete at that position
+
+
+def test_with_ts_ms_versions_rise_along_a_partition_and_come_back_the_same_from_a_save() -> None:
+    """`ts_ms * 1000 + offset % 1000` gave one record's two changes in one millisecond,
+    1,000 offsets apart, one version (and event id) for two contents: the reconciler kept
+    the first. A commit time that went back gave a later change a lower one (stale)."""
+    source = adapter(version="ts_ms")
+    first = change("u", ROW | {"ho_ten": "An"})
+    second = change("u", ROW | {"ho_ten": "Bình"})  # the same ts_ms
+    earlier = change("u", ROW | {"ho_ten": "Châu"}, ts_ms=1796028923000)  # a clock set back
+    versions = []
+    for offset, event in ((5, first), (1005, second), (1006, earlier)):
+        (record,) = source._items(message(with_schema(event), offset=offset))
+        assert isinstance(record, Record)
+        versions.append(record.version)
+    assert versions == [1796028923670005, 1796028923670006, 1796028923670007]
+    saved = source._state({("p79.public.cong_dan", 0): 1007})
+    assert saved["last_versions"] == {"p79.public.cong_dan:0": 1796028923670007}
+    # read again from a save before the last two: the same versions again
+    again = adapter(version="ts_ms")
+    again._last = {("p79.public.cong_dan", 0): 1796028923670005}
+    (record,) = again._items(message(with_schema(second), offset=1005))
+    assert isinstance(record, Record) and record.version == versions[1]
+    assert "last_versions" not in adapter()._state({})  # `lsn`: none kept
