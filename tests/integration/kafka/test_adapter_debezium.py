@@ -311,35 +311,33 @@ def test_inserts_updates_a_hard_delete_and_a_long_transaction_reach_the_store(
     assert len(report.first.emitted) == 9  # 10 messages, one tombstone
 
 
-def test_unmappable_messages_are_dead_letters_and_a_check_commits_nothing(
-    province: Province, tmp_path: Path, settings_for: Any, sqlite_store_url: str
-) -> None:
-    """A delete whose key column is not in `before`, a message that is not a change event,
-    and a tombstone, on a topic of their own; `adapters check` reads without committing."""
-    settings = settings_for(sqlite_store_url)
-    ensure_topics(settings)
-    topic = f"dbzbad{uuid.uuid4().hex[:6]}"
+def _topic_of_its_own(
+    province: Province, prefix: str, messages: list[tuple[bytes, bytes | None]]
+) -> str:
+    """A one-partition province topic holding `messages` (key, value), in that order."""
+    topic = f"{prefix}{uuid.uuid4().hex[:6]}"
     connection = KafkaConnection(bootstrap=province.bootstrap)
     with admin.cluster(connection) as cluster:
         cluster.admin.create_topics([NewTopic(topic, 1, 1)])
-    source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
-    no_key = {"op": "d", "before": {"id": 2, "so_dinh_danh": ""}, "after": None, "source": source}
-    row = {"so_dinh_danh": LAN, "ho_ten": "Lan"}
-    insert = {"op": "c", "before": None, "after": row, "source": source}
     publisher = Publisher(connection, Topics("unused"), client_id="test-province")
-    for value in (json.dumps(no_key).encode(), b"[1, 2", None, json.dumps(insert).encode()):
-        publisher.send(topic, b'{"id":2}', value)
+    for key, value in messages:
+        publisher.send(topic, key, value)
     publisher.flush()
     publisher.close()
-    body = f"""
+    return topic
+
+
+def _citizens_of(province: Province, entry: str, group: str, topic: str) -> str:
+    """A deployment file's debezium entry reading citizens' names from `topic`."""
+    return f"""
 [[sources]]
-id = "p79-bad"
+id = "{entry}"
 source = "province-79"
 adapter = "debezium"
 
 [sources.connection]
 bootstrap = "{province.bootstrap}"
-group_id = "bad-{topic}"
+group_id = "{group}"
 
 [sources.mapping]
 topics = ["{topic}"]
@@ -347,7 +345,23 @@ entity = "citizen"
 key_column = "so_dinh_danh"
 fields = {{ full_name = "ho_ten" }}
 """
-    config = write_config(tmp_path, body)
+
+
+def test_unmappable_messages_are_dead_letters_and_a_check_commits_nothing(
+    province: Province, tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A delete whose key column is not in `before`, a message that is not a change event,
+    and a tombstone, on a topic of their own; `adapters check` reads without committing."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
+    no_key = {"op": "d", "before": {"id": 2, "so_dinh_danh": ""}, "after": None, "source": source}
+    row = {"so_dinh_danh": LAN, "ho_ten": "Lan"}
+    insert = {"op": "c", "before": None, "after": row, "source": source}
+    values = (json.dumps(no_key).encode(), b"[1, 2", None, json.dumps(insert).encode())
+    topic = _topic_of_its_own(province, "dbzbad", [(b'{"id":2}', value) for value in values])
+    connection = KafkaConnection(bootstrap=province.bootstrap)
+    config = write_config(tmp_path, _citizens_of(province, "p79-bad", f"bad-{topic}", topic))
     checked = cli(settings, "adapters", "check", "--config", str(config))
     assert "p79-bad" in checked.stdout
     reader = CommittedOffsetReader(connection, f"bad-{topic}", [topic])
@@ -488,35 +502,14 @@ def test_messages_that_expired_unread_are_warned_of_and_counted(
 
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
-    topic = f"dbzgone{uuid.uuid4().hex[:6]}"
-    connection = KafkaConnection(bootstrap=province.bootstrap)
-    with admin.cluster(connection) as cluster:
-        cluster.admin.create_topics([NewTopic(topic, 1, 1)])
     source = {"lsn": 26376776, "ts_ms": int(time.time() * 1000), "connector": "postgresql"}
-    publisher = Publisher(connection, Topics("unused"), client_id="test-province")
+    messages: list[tuple[bytes, bytes | None]] = []
     for n in range(5):
         row = {"so_dinh_danh": f"0791900000{n:02d}", "ho_ten": f"Người {n}"}
         insert = {"op": "c", "before": None, "after": row, "source": source | {"lsn": 100 + n}}
-        publisher.send(topic, json.dumps({"id": n}).encode(), json.dumps(insert).encode())
-    publisher.flush()
-    publisher.close()
-    body = f"""
-[[sources]]
-id = "p79-gone"
-source = "province-79"
-adapter = "debezium"
-
-[sources.connection]
-bootstrap = "{province.bootstrap}"
-group_id = "gone-{topic}"
-
-[sources.mapping]
-topics = ["{topic}"]
-entity = "citizen"
-key_column = "so_dinh_danh"
-fields = {{ full_name = "ho_ten" }}
-"""
-    config = write_config(tmp_path, body)
+        messages.append((json.dumps({"id": n}).encode(), json.dumps(insert).encode()))
+    topic = _topic_of_its_own(province, "dbzgone", messages)
+    config = write_config(tmp_path, _citizens_of(province, "p79-gone", f"gone-{topic}", topic))
     state = tmp_path / "state" / "p79-gone.state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps({"group_id": f"gone-{topic}", "offsets": {f"{topic}:0": 1}}))

@@ -148,16 +148,31 @@ def test_replay_filters_by_source_and_entity(
     assert summary["outcomes"]["skipped"] == summary["read"] - by_source - 1
 
 
+def _unregistered_province_79(
+    settings_for: Any, store_url: str, tmp_path: Path, keys: int, seed: int
+) -> tuple[Any, Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Settings whose registry names province-01 only, and citizen events of it and of
+    province-79 applied: (settings, the registry, the events, province-79's: letters)."""
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
+    settings = settings_for(store_url, registry=registry)
+    events = [e for e in citizen_events(keys, 1, seed=seed) if e["source"] != "ministry-btp"]
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+    return settings, registry, events, [e for e in events if e["source"] == "province-79"]
+
+
+def _register_province_79(registry: Path) -> None:
+    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
+                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+
+
 def test_unregistered_source_is_redriven_after_registration_once(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    registry = tmp_path / "registry.toml"
-    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
-    settings = settings_for(sqlite_store_url, registry=registry)
-    events = [e for e in citizen_events(20, 1, seed=5) if e["source"] != "ministry-btp"]
-    _published(settings, tmp_path, events)
-    _caught_up(settings)
-    late = [e for e in events if e["source"] == "province-79"]
+    settings, registry, events, late = _unregistered_province_79(
+        settings_for, sqlite_store_url, tmp_path, 20, 5
+    )
     only_late = {e["key"] for e in late} - {e["key"] for e in events if e not in late}
     assert late and only_late and not only_late & {r["key"] for r in exported(settings)}
     listed = cli(settings, "dlq", "list", "--reason", "unregistered_source")
@@ -169,8 +184,7 @@ def test_unregistered_source_is_redriven_after_registration_once(
     # removed something).
     purge = cli(settings, "source", "purge", "province-79", "--reason", "drill", "--yes")
     assert purge.returncode == 0, purge.stdout + purge.stderr
-    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
-                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _register_province_79(registry)
     for bad in ("x" * 129, "Trần\tĐức"):  # refused before anything is sent
         refused = cli(settings, "dlq", "redrive", "--reason", "unregistered_source",
                       "--operator", bad)  # fmt: skip
@@ -210,16 +224,11 @@ def test_letters_of_a_record_purged_after_they_failed_are_held_back(
     letter, which brought the purged data back, and only warned. It now holds it back
     (exit 1) until told the record was sent again (--despite-purge); the other letters,
     whose records the purge left, go on as usual (here superseded: the store holds them)."""
-    registry = tmp_path / "registry.toml"
-    registry.write_text('[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n')
-    settings = settings_for(sqlite_store_url, registry=registry)
-    events = [e for e in citizen_events(12, 1, seed=8) if e["source"] != "ministry-btp"]
-    _published(settings, tmp_path, events)
-    _caught_up(settings)
-    late = [e for e in events if e["source"] == "province-79"]
+    settings, registry, _, late = _unregistered_province_79(
+        settings_for, sqlite_store_url, tmp_path, 12, 8
+    )
     assert len(late) > 1
-    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
-                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _register_province_79(registry)
     _published(settings, tmp_path, late)
     _caught_up(settings)
     wrong = late[0]
@@ -829,8 +838,7 @@ def test_a_letter_the_store_has_since_superseded_is_not_redriven(
     first = [e for e in events if e["version"] == 1]
     _published(settings, tmp_path, first)
     _caught_up(settings)
-    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
-                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _register_province_79(registry)
     _published(settings, tmp_path, [e for e in events if e["version"] == 2])
     _caught_up(settings)
     ends = end_offsets(settings)
@@ -862,8 +870,7 @@ def test_a_redrive_never_sends_a_key_s_older_version_last(
     keys = len(by_version[2])
     listed = cli(settings, "dlq", "list", "--reason", "unregistered_source")
     assert f"unregistered_source: {2 * keys}" in listed.stdout, listed.stdout
-    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
-                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _register_province_79(registry)
 
     ends = sum(end_offsets(settings).values())
     redrive = cli(settings, "dlq", "redrive", "--reason", "unregistered_source")
@@ -914,8 +921,7 @@ def test_a_redrive_holds_back_a_letter_whose_partition_an_open_transaction_holds
     event["data"] = event.get("data") or {"full_name": "Trần Thị Bình"}
     _published(settings, tmp_path, [event])
     _caught_up(settings)
-    registry.write_text(registry.read_text() + '[sources.province-79]\nkind = "province"\n'
-                        'name = "TP. Hồ Chí Minh"\n')  # fmt: skip
+    _register_province_79(registry)
     topic = change_topic(settings, "citizen")
     writer = KafkaProducer(
         bootstrap_servers=settings.connection().bootstrap, transactional_id=f"{topic}-open"
