@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from producers.adapters import load as load_adapter
+from producers.adapters.debezium import group_of
 from producers.engine import CHECKPOINT_INTERVAL_SECONDS
 from producers.sdk import Adapter, ConfigurationError
 from schemas.identifiers import ReferenceKey
@@ -186,9 +187,33 @@ def load_deployment(path: Path, environ: dict[str, str] | None = None) -> Deploy
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigurationError(f"{path}: duplicate source ids: {', '.join(duplicates)}")
+    shared = _shared_positions(deployment.sources)
+    if shared:
+        raise ConfigurationError(f"{path}: {shared}")
     deployment._base_dir = path.resolve().parent
     deployment._text = text
     return deployment
+
+
+def _shared_positions(sources: list[SourceEntry]) -> str | None:
+    """Two `debezium` entries that would read one topic under one consumer group: each
+    commits the group's offsets, and the other then starts past messages it never read."""
+    readers: dict[tuple[str, str, str], str] = {}
+    for entry in sources:
+        if entry.adapter != "debezium" or not entry.enabled:
+            continue
+        options = entry.options()
+        group = group_of(entry.contract_source, options.get("group_id"))
+        topics = options.get("topics")
+        for topic in topics if isinstance(topics, list) else []:
+            first = readers.setdefault((str(options.get("bootstrap")), group, str(topic)), entry.id)
+            if first != entry.id:
+                return (
+                    f"sources {first} and {entry.id} read topic {topic} under one consumer "
+                    f"group, {group}: each would skip what the other read; give one a "
+                    "group_id of its own"
+                )
+    return None
 
 
 def _resolve(value: Any, environ: Any) -> Any:

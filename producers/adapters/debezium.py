@@ -72,6 +72,11 @@ class DebeziumMapping(FieldMapping, ClusterSecurity):
     )
 
 
+def group_of(source: str, group_id: str | None) -> str:
+    """The consumer group whose offsets are an entry's position on the province's cluster."""
+    return group_id or f"portal-sync-{source}"
+
+
 class DebeziumAdapter(Adapter):
     """Debezium change events of one table from the province's Kafka cluster."""
 
@@ -87,7 +92,7 @@ class DebeziumAdapter(Adapter):
         self.mapping = config
         self.entity = config.entity
         self.zone = ZoneInfo(config.timezone)
-        self.group_id = config.group_id or f"portal-sync-{source}"
+        self.group_id = group_of(source, config.group_id)
         self._local_times = frozenset(config.local_time_columns)
         self._reader: CommittedOffsetReader | None = None
         self._topic_ids: dict[str, str] = {}  # topic -> the cluster's id, saved with offsets

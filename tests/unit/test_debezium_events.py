@@ -268,6 +268,53 @@ def test_a_wrong_option_is_a_configuration_error() -> None:
         adapter(security_protocol="SASL_SSL")
 
 
+ENTRY = """
+[[sources]]
+id = "{id}"
+source = "province-79"
+adapter = "debezium"
+[sources.connection]
+bootstrap = "province-kafka:9092"
+{group}
+[sources.mapping]
+topics = [{topics}]
+entity = "citizen"
+key_column = "so_dinh_danh"
+"""
+
+
+@pytest.mark.parametrize(
+    ("second", "refused"),
+    [
+        ({"topics": '"p79.public.cong_dan"'}, True),  # both under portal-sync-province-79
+        ({"topics": '"p79.public.to_chuc", "p79.public.cong_dan"'}, True),
+        (
+            {"topics": '"p79.public.cong_dan"', "group": 'group_id = "portal-sync-province-79"'},
+            True,
+        ),
+        ({"topics": '"p79.public.to_chuc"'}, False),  # one group, other topics: own offsets
+        ({"topics": '"p79.public.cong_dan"', "group": 'group_id = "p79-orgs"'}, False),
+    ],
+)
+def test_two_entries_reading_one_topic_under_one_group_are_refused(
+    tmp_path: Path, second: dict[str, str], refused: bool
+) -> None:
+    """Each commits the group's offsets of the topic: the other would start past messages
+    it never read."""
+    from producers.deployment import load_deployment
+    from producers.sdk import ConfigurationError
+
+    first = ENTRY.format(id="p79-citizens", group="", topics='"p79.public.cong_dan"')
+    path = tmp_path / "sources.toml"
+    path.write_text(first + ENTRY.format(id="p79-other", **{"group": ""} | second))
+    if refused:
+        expected = "p79-citizens and p79-other read topic p79.public.cong_dan under one consumer"
+        with pytest.raises(ConfigurationError, match=expected):
+            load_deployment(path)
+    else:
+        assert [s.id for s in load_deployment(path).sources] == ["p79-citizens", "p79-other"]
+
+
 def test_a_value_postgresql_did_not_send_leaves_its_field_out() -> None:
     """An unchanged TOASTed column comes as Debezium's placeholder: "not provided"."""
     row = ROW | {"ho_ten": "__debezium_unavailable_value"}
