@@ -134,11 +134,24 @@ def dead_letter_targets(
             return targets
     if isinstance(event, dict):
         entity, record = event.get("entity"), event.get("key")
-        if entity in ENTITIES and isinstance(record, str) and 0 < len(record) <= MAX_KEY:
+        if entity in ENTITIES and _a_key(record):
             named = (entity, f"dead letter {letter_id}: {key_reference(record, secret)}")
             if named not in targets:
                 targets.append(named)
     return targets
+
+
+def _a_key(record: object) -> bool:
+    """Whether an event's `key` could name a record: text of a key's length that UTF-8 can
+    hold (a lone surrogate, which the worker dead-letters, names none; its reference
+    cannot be computed)."""
+    if not isinstance(record, str) or not 0 < len(record) <= MAX_KEY:
+        return False
+    try:
+        record.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def record_access(

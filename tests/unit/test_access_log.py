@@ -266,7 +266,8 @@ def test_a_revealed_letter_whose_value_names_another_record_logs_that_record_too
     assert dead_letter_targets("0:9", key, lenient, secret)[1:] == [
         ("citizen", f"dead letter 0:9: {shown}")
     ]
-    for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', None):
+    surrogate = b'{"entity": "citizen", "key": "\\ud800079305012345"}'  # read leniently
+    for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', surrogate, None):
         assert dead_letter_targets("0:9", key, unreadable, secret) == [
             ("citizen", f"dead letter 0:9: {keyed}")
         ]
