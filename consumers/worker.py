@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from consumers.cache import DEFAULT_RECORDS, RecordCache
 from consumers.checks import DEFAULT_MAX_CLOCK_SKEW_SECONDS, Checked, DeadLetter, classify
@@ -67,6 +68,7 @@ from transport.publisher import Publisher
 from transport.reader import Message, OpenTransaction, nothing_before
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 MAX_RETRY_SECONDS = 30.0
 # A batch waits this long for a lock another session holds on the store (an operator's
@@ -765,7 +767,13 @@ class ReconcilerLoop:
             fetched = bool(messages) and not self.stop_event.is_set()
             if fetched:
                 try:
-                    prepared = await asyncio.to_thread(self.processor.prepare, messages)
+                    # The loop beats meanwhile: a validator child that hangs is waited for
+                    # up to its timeout (`Validators`), longer than /healthz allows a loop
+                    # without a beat, and the batch is then checked here.
+                    checking = asyncio.ensure_future(
+                        asyncio.to_thread(self.processor.prepare, messages)
+                    )
+                    prepared = await self._beating(checking)
                 except Exception as error:  # a bug met by some data: isolated when applied
                     log.error("the batch's checks failed (%s): checked again as it is "
                               "applied", type(error).__name__)  # fmt: skip
@@ -785,11 +793,9 @@ class ReconcilerLoop:
             if not messages and applying is None and not self.stop_event.is_set():
                 # A quiet pipeline still forgets what is past its retention; the loop beats
                 # meanwhile, and a run that hangs shows as a stall (WorkerHealth).
-                purging = asyncio.ensure_future(asyncio.to_thread(self.processor.purge_if_due))
-                while not purging.done():
-                    await asyncio.wait({purging}, timeout=1.0)
-                    self.liveness.beat()
-                await purging
+                await self._beating(asyncio.ensure_future(
+                    asyncio.to_thread(self.processor.purge_if_due)
+                ))  # fmt: skip
             if fetched and not self.stop_event.is_set():
                 self.idle.clear()
                 task = asyncio.ensure_future(
@@ -800,6 +806,14 @@ class ReconcilerLoop:
         if applying is not None:
             outcome, done = await self._finished(member, *applying)
             self._copy(member, done)
+
+    async def _beating(self, task: asyncio.Future[T]) -> T:
+        """The result of `task`, which runs in a thread, with the loop's beat kept while it
+        runs (/healthz fails after 15 s without one)."""
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            self.liveness.beat()
+        return await task
 
     def _copy(self, member: GroupMember, offsets: dict[TopicPartition, int]) -> None:
         """Copy the store's offsets to Kafka's group offsets, in the background: the next
@@ -832,14 +846,11 @@ class ReconcilerLoop:
         """Wait for a batch being applied: "ok", "reseek" or "stop", and the offsets the
         store now holds for its partitions ("ok" only), for Kafka's copy."""
         try:
-            while not task.done():
-                # A batch that takes long (retrying while the store or the broker is away,
-                # or one attempt that blocks) is judged by the stall threshold
-                # (WorkerHealth), not by the beat of the loop that waits for it: /healthz
-                # would fail after 15 s of any outage.
-                await asyncio.wait({task}, timeout=1.0)
-                self.liveness.beat()
-            await task
+            # A batch that takes long (retrying while the store or the broker is away, or
+            # one attempt that blocks) is judged by the stall threshold (WorkerHealth), not
+            # by the beat of the loop that waits for it: /healthz would fail after 15 s of
+            # any outage.
+            await self._beating(task)
         except Stopping:
             return "stop", {}
         except OffsetGap as error:

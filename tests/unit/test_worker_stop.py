@@ -253,3 +253,58 @@ def test_a_batch_whose_checks_fail_is_applied_and_judged_again_not_a_crash_loop(
     with contextlib.suppress(ConfigurationError):
         asyncio.run(run())
     assert handed == [None]
+
+
+def test_the_loop_beats_while_a_batch_is_checked() -> None:
+    """A validator child that hangs is waited for up to its timeout (60 s), then the batch
+    is checked in the worker. The loop did not beat meanwhile: /healthz failed after 15 s,
+    and the chart's liveness probe restarted the worker before the fallback ran."""
+    import threading
+
+    class Hanging(_Processor):
+        def prepare(self, messages: object) -> object:
+            time.sleep(3.0)  # the child's timeout, shortened
+            return object()
+
+        def process(self, messages: object, prepared: object, starts: object) -> None:
+            self.ended.set()
+
+        def purge_if_due(self) -> None:
+            return None
+
+    class Quiet(_Member):
+        async def batch(self, size: int, wait: float) -> list[object]:
+            if self.calls:  # one batch, then nothing more
+                await asyncio.sleep(wait)
+                return []
+            return await super().batch(size, wait)
+
+    processor = Hanging()
+    loop = _loop(processor)
+    loop.liveness = Liveness(beat_timeout=1.6)  # the loop waits 1 s between beats
+    member = Quiet(RuntimeError("not raised"))
+    unhealthy: list[float] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        began = time.monotonic()
+        while not sampling.is_set():
+            if not loop.liveness.healthy():
+                unhealthy.append(time.monotonic() - began)
+            time.sleep(0.05)
+
+    async def run() -> None:
+        probe = threading.Thread(target=sample)
+        probe.start()
+        try:
+            consuming = asyncio.ensure_future(loop._consume(member))  # type: ignore[arg-type]
+            await asyncio.to_thread(processor.ended.wait, 10)
+            loop.stop()
+            await asyncio.wait_for(consuming, 10)
+        finally:
+            sampling.set()
+            probe.join()
+
+    asyncio.run(run())
+    assert processor.ended.is_set()
+    assert not unhealthy, unhealthy
