@@ -99,6 +99,7 @@ class DebeziumAdapter(Adapter):
         # `ts_ms`: per partition, the version given last (saved with the offsets), so that
         # versions rise along a partition whatever the commit times do (`_ts_version`).
         self._last: dict[TP, int] = {}
+        SOURCE_ERRORS.labels(source, "expired_unread")  # at 0: increase() sees the first
         try:
             self.connection()  # a wrong combination refuses the start, not the first run
         except ValidationError as error:

@@ -257,6 +257,16 @@ def test_the_province_connection_never_takes_our_cluster_settings(
     assert isinstance(tls, ExternalConnection)
 
 
+def test_messages_expired_unread_are_counted_from_zero() -> None:
+    """The source-errors alert watches `increase()`, which takes a series' first sample as
+    its start: created at its first loss, the counter never paged for it."""
+    from prometheus_client import REGISTRY
+
+    DebeziumAdapter.from_settings("province-expiring", CONFIG, Path("."))
+    labels = {"source": "province-expiring", "kind": "expired_unread"}
+    assert REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) == 0.0
+
+
 def test_a_wrong_option_is_a_configuration_error() -> None:
     from producers.sdk import ConfigurationError
 
