@@ -180,7 +180,11 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "runbook; if not, the store commits are slow (store commit time panel) or the "
             "source's producer is late (cursor lag); compare occurred_at clocks of the source. "
             "It resolves when the worker applies nothing of the source (no change to "
-            "measure): PortalSyncConsumerStalled or PortalSyncWorkerStalled pages then.",
+            "measure): PortalSyncConsumerStalled or PortalSyncWorkerStalled pages then. "
+            "A source's first load, or its records sent again after its state was reset, "
+            "fires this by design: their occurred_at is each row's own change time, often "
+            "months back. Silence it for that source while the load runs; the cursor lag "
+            "panel shows how far it has come.",
         ),
         Rule(
             "PortalSyncSourceStale",
@@ -283,7 +287,10 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "{{ $labels.source }}: the producer's cursor is "
             "{{ $value | humanizeDuration }} behind the source's newest change",
             "The producer cannot keep up or keeps failing: check source errors and the "
-            "producer's log; raise the adapter's batch size.",
+            "producer's log; raise the adapter's batch size. If the log says rows are "
+            "held because their time is ahead of the host's clock, a row dated in the "
+            "future (a data-entry error, a source clock ahead) holds the measure up: it is "
+            "sent once its time comes; have the source correct the row's time.",
         ),
         Rule(
             "PortalSyncSourceStopped",
