@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +66,8 @@ from store.batch import SourcePartition as SourcePartition
 from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness_row
 from store.pg_arrays import register_dumpers
 from store.tables import (
+    REDRIVE_CLAIM,
+    SOURCE_PURGE_PROGRESS,
     UTCDateTime,
     access_log,
     applied_offsets,
@@ -880,8 +882,7 @@ class Store:
             if topic_id:
                 claim = statement.on_conflict_do_nothing(index_elements=keys)
             else:
-                update = {n: statement.excluded[n] for n in (
-                    "reason_code", "target_topic", "redriven_at", "operator")}  # fmt: skip
+                update = {n: statement.excluded[n] for n in REDRIVE_CLAIM}
                 older = None if earlier_before is None else table.c.redriven_at < earlier_before
                 claim = statement.on_conflict_do_update(
                     index_elements=keys, set_=update, where=older
@@ -1238,7 +1239,8 @@ class BatchTransaction:
                 # record came back from: never counted from).
                 self._io.note_removals(emptied, now)
         if changes.purge is not None:
-            _upsert(self._conn, source_purges, [changes.purge.row()], ["id"])
+            _upsert(self._conn, source_purges, [changes.purge.row()], ["id"],
+                    updated=SOURCE_PURGE_PROGRESS)  # fmt: skip
         return (
             [(row.entity, row.key, row.view) for row in changes.views],
             changes.records,
@@ -1276,8 +1278,10 @@ def _upsert(
     values: list[dict[str, Any]],
     keys: list[str],
     guard: str | None = None,
+    updated: Sequence[str] | None = None,
 ) -> None:
-    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value.
+    """Multi-row insert-or-update; with `guard`, a row only replaces a smaller guard value;
+    with `updated`, a row found updates those columns only (else all but the keys).
 
     `values` must hold one row per key (the callers deduplicate per batch): one statement
     cannot update a row twice. The RETURNING clause makes SQLAlchemy send the rows as
@@ -1288,7 +1292,8 @@ def _upsert(
         return
     insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = insert_fn(table)
-    update = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    names = [c.name for c in table.columns if c.name not in keys] if updated is None else updated
+    update = {name: statement.excluded[name] for name in names}
     where = None if guard is None else and_(table.c[guard] < statement.excluded[guard])
     upsert = statement.on_conflict_do_update(index_elements=keys, set_=update, where=where)
     conn.execute(upsert.returning(table.c[keys[0]]), values)

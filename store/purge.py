@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, 
 
 from schemas.views import RecordKey
 from store.core import Store, _upsert, translated, utcnow
-from store.tables import source_freshness, source_purges, source_views
+from store.tables import SOURCE_PURGE_PROGRESS, source_freshness, source_purges, source_views
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def finish_purge(store: Store, purge: SourcePurge) -> SourcePurge:
     the purge began keeps its row: the source delivered again."""
     done = replace(purge, finished_at=utcnow())
     with translated(), store.write_transaction() as conn:
-        _upsert(conn, source_purges, [done.row()], ["id"])
+        _upsert(conn, source_purges, [done.row()], ["id"], updated=SOURCE_PURGE_PROGRESS)
         if purge.entity is None and purge.reference is None:
             conn.execute(
                 delete(source_freshness).where(

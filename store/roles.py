@@ -5,7 +5,8 @@ the access log's append-only trigger included: it may disable the trigger, or de
 with the purge's setting. The worker and the commands need much less. `grant` gives a
 second role exactly that: reading and writing the project's tables, but only reading and
 appending to `access_log`, `offset_changes` and `apply_journal`, and never deleting from
-`source_purges` and `dead_letter_redrives` (the records of what was done); reading
+`source_purges` and `dead_letter_redrives` (the records of what was done), nor updating
+more of their rows than a purge's progress and a redrive's claim; reading
 Alembic's version (not changing it); the id sequences; and running the retention purge of
 the access log, a function that runs as its owner (migration 0017), written again here so
 that it never deletes a row younger than `floor_days`, whatever it is asked.
@@ -17,6 +18,7 @@ revokes what it does not grant on the project's tables, so it can be run again a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
@@ -24,6 +26,8 @@ from sqlalchemy import Connection, Engine, text
 from schemas.errors import ConfigurationError
 from store.schema import PURGE_FUNCTION, SCHEMA_LOCK, VERSION_TABLE, no_schema, require_current
 from store.tables import (
+    REDRIVE_CLAIM,
+    SOURCE_PURGE_PROGRESS,
     access_log,
     apply_journal,
     dead_letter_redrives,
@@ -34,15 +38,16 @@ from store.tables import (
 
 READ_WRITE = "SELECT, INSERT, UPDATE, DELETE"
 APPEND_ONLY = "SELECT, INSERT"
-KEPT = "SELECT, INSERT, UPDATE"  # rows updated in place (an upsert, a claim), never deleted
+KEPT = "SELECT, INSERT"  # and UPDATE of the columns `UPDATED` names; never deleted
 # The records of what was done, which no code path deletes: the access log; the operators'
 # moves of the offsets (who skipped an event, and why); the batches' journal, whose
 # contiguous ranges prove nothing was lost or applied twice. Appended to only: the role
 # the operators' commands run as cannot erase what they did.
 APPENDED = (access_log, offset_changes, apply_journal)
-# Audit rows updated in place but never deleted: a purge's row grows with each chunk; a
-# redrive's claim is taken over from an earlier topic's letter.
-UPDATED = (source_purges, dead_letter_redrives)
+# Audit rows updated in place but never deleted, in those columns only: a purge's row
+# grows with each chunk (who purged what, when and why stays as written); a redrive's
+# claim is taken over from an earlier topic's letter at the same place.
+UPDATED = {source_purges: SOURCE_PURGE_PROGRESS, dead_letter_redrives: REDRIVE_CLAIM}
 
 
 # The access log's purge (migration 0017; `grant` writes it again with the owner's floor).
@@ -196,12 +201,15 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
         run(f"REVOKE ALL ON {name} FROM {quoted}")
         rights = APPEND_ONLY if table in APPENDED else KEPT if table in UPDATED else READ_WRITE
         run(f"GRANT {rights} ON {name} TO {quoted}")
+        if table in UPDATED:
+            run(f"GRANT UPDATE ({_columns(conn, UPDATED[table])}) ON {name} TO {quoted}")
         for column in table.primary_key.columns:
             sequence = conn.execute(
                 text("SELECT pg_catalog.pg_get_serial_sequence(:table, :column)"),
                 {"table": name, "column": column.name},
             ).scalar_one()
-            if sequence is not None:
+            if sequence is not None:  # `setval` (UPDATE) could make the log's inserts fail
+                run(f"REVOKE ALL ON SEQUENCE {sequence} FROM {quoted}")
                 run(f"GRANT USAGE, SELECT ON SEQUENCE {sequence} TO {quoted}")
                 sequences += 1
     versions = f"{schema}.{VERSION_TABLE}"
@@ -213,8 +221,9 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
     run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
     for table in (*APPENDED, *UPDATED):  # a trigger of its own could drop new rows
-        withheld = ("DELETE", "TRUNCATE", "TRIGGER", *(("UPDATE",) if table in APPENDED else ()))
-        _still_allowed(conn, f"{schema}.{table.name}", role, withheld)
+        fixed = [c.name for c in table.columns if c.name not in UPDATED.get(table, ())]
+        withheld = ("DELETE", "TRUNCATE", "TRIGGER")
+        _still_allowed(conn, f"{schema}.{table.name}", role, withheld, fixed)
     _still_allowed(conn, versions, role, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
     return Granted(
         role=role,
@@ -226,15 +235,35 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     )
 
 
-def _still_allowed(conn: Connection, table: str, role: str, privileges: tuple[str, ...]) -> None:
+def _columns(conn: Connection, names: tuple[str, ...]) -> str:
+    return ", ".join(conn.dialect.identifier_preparer.quote(name) for name in names)
+
+
+def _still_allowed(
+    conn: Connection,
+    table: str,
+    role: str,
+    privileges: tuple[str, ...],
+    fixed: Sequence[str] = (),
+) -> None:
     """Refuse (and roll the grant back) if `role` keeps a right this grant withholds, by
-    PUBLIC or by another role it belongs to."""
+    PUBLIC or by another role it belongs to: one of `privileges` on `table`, or UPDATE of
+    a column in `fixed` (granted on the column alone, which `has_table_privilege` does not
+    see)."""
     kept = [
         privilege
         for privilege in privileges
         if conn.execute(
             text("SELECT pg_catalog.has_table_privilege(:role, :table, :privilege)"),
             {"role": role, "table": table, "privilege": privilege},
+        ).scalar_one()
+    ]
+    kept += [
+        f"UPDATE ({column}) of"
+        for column in fixed
+        if conn.execute(
+            text("SELECT pg_catalog.has_column_privilege(:role, :table, :column, 'UPDATE')"),
+            {"role": role, "table": table, "column": column},
         ).scalar_one()
     ]
     if kept:

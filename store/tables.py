@@ -289,3 +289,12 @@ source_purges = Table(
     Column("records_removed", BigInteger, nullable=False),
     Index("ix_source_purges_started_at", "started_at"),
 )
+# What a purge's row changes as it runs (its counts grow chunk by chunk, then it finishes):
+# who purged what, when and why is written once, and never updated.
+SOURCE_PURGE_PROGRESS = (
+    "finished_at", "views", "tombstones", "records_remerged", "records_changed",
+    "records_removed",
+)  # fmt: skip
+# What a redrive's claim changes when it takes over an earlier topic's letter at the same
+# place: all but the place.
+REDRIVE_CLAIM = ("reason_code", "target_topic", "redriven_at", "operator")

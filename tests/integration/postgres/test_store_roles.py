@@ -17,7 +17,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from consumers.merge import Authority
 from consumers.retention import Retention, purge
+from portal_sync.ops.purge import new_purge
+from portal_sync.ops.purge import run as run_purge
 from schemas.errors import ConfigurationError
 from schemas.identifiers import ReferenceKey
 from store import utcnow
@@ -77,6 +80,8 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
     now = utcnow()
     owner.log_access("an", "show", "ticket 1", [("citizen", "ref-1")], now=now - 40 * DAY)
     owner.log_access("binh", "history", "ticket 2", [("citizen", "ref-2")], now=now - 20 * DAY)
+    with owner.engine.begin() as conn:  # a hand-made role's rights, which grant takes back
+        conn.exec_driver_sql(f"GRANT ALL ON SEQUENCE access_log_id_seq TO {roles.runtime}")
     granted = owner.grant(roles.runtime, 30)
     appended = ("access_log", "offset_changes", "apply_journal")
     assert (granted.append_only, granted.floor_days) == (appended, 30)
@@ -97,6 +102,10 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
         assert sum(store.count_records().values()) >= 1
         store.set_meta("checked_by", "test")
         store.log_access("chi", "export", "ticket 3", [])
+        # A source purge, its audit row updated chunk by chunk (a key a chunk)
+        purging = new_purge("province-01", None, None, "ticket 4", "dung", None)
+        purged = run_purge(store, Authority(), purging, None, chunk=1)
+        assert purged.counts.views == 1 and purged.finished_at is not None
 
         # The retention job as this role: the history goes, the access log only past the
         # owner's floor (30 days), whatever the job's own retention (1 day) asks.
@@ -135,7 +144,11 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
         "DELETE FROM apply_journal",
         "UPDATE apply_journal SET events = 0",
         "DELETE FROM source_purges",
+        "UPDATE source_purges SET operator = 'nobody', reason = 'nothing'",
+        "UPDATE source_purges SET started_at = now()",
         "DELETE FROM dead_letter_redrives",
+        "UPDATE dead_letter_redrives SET topic = 'elsewhere'",
+        "SELECT setval('access_log_id_seq', 1)",  # the log's next inserts would fail
         "DROP TABLE records",
         "CREATE TABLE public.scratch (a int)",
     ]
@@ -203,6 +216,14 @@ def test_a_grant_that_would_not_bind_is_refused_and_changes_nothing(
         conn.exec_driver_sql("GRANT DELETE ON access_log TO PUBLIC")
     with pytest.raises(ConfigurationError, match=r"may still DELETE .*access_log"):
         owner.grant(roles.runtime, 30)
+    with owner.engine.begin() as conn:  # a column's right, which the table's check missed
+        conn.exec_driver_sql("REVOKE DELETE ON access_log FROM PUBLIC")
+        conn.exec_driver_sql("GRANT UPDATE (operator, reason) ON offset_changes TO PUBLIC")
+    with pytest.raises(ConfigurationError, match=r"UPDATE \(operator\) of.*offset_changes"):
+        owner.grant(roles.runtime, 30)
+    with owner.engine.begin() as conn:
+        conn.exec_driver_sql("REVOKE UPDATE (operator, reason) ON offset_changes FROM PUBLIC")
+        conn.exec_driver_sql("GRANT DELETE ON access_log TO PUBLIC")
     assert "permission denied" in roles.refused(roles.runtime, "SELECT 1 FROM records")
 
     not_owner = roles.store(roles.runtime)
