@@ -16,6 +16,7 @@ import os
 import pwd
 import unicodedata
 from collections.abc import Iterable
+from typing import TypeGuard
 
 import orjson
 
@@ -141,7 +142,7 @@ def dead_letter_targets(
     return targets
 
 
-def _a_key(record: object) -> bool:
+def _a_key(record: object) -> TypeGuard[str]:
     """Whether an event's `key` could name a record: text of a key's length that UTF-8 can
     hold (a lone surrogate, which the worker dead-letters, names none; its reference
     cannot be computed)."""
