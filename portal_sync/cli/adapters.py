@@ -169,7 +169,11 @@ def produce(
         ),
     ] = None,
     show_config: Annotated[
-        bool, typer.Option("--show-config", help="Print the configuration (secrets masked)")
+        bool,
+        typer.Option(
+            "--show-config",
+            help="Print the configuration (secrets masked) and exit, publishing nothing",
+        ),
     ] = False,
 ) -> None:
     """Run every source of a deployment file: publish their changes to Kafka.
@@ -188,8 +192,9 @@ def produce(
         deployment = load_deployment(config)
     except ConfigurationError as error:
         raise _fail(str(error)) from None
-    if show_config:
+    if show_config:  # a look at the file: never a run (it would publish, and move states)
         out.print(deployment.redacted(), markup=False, highlight=False)
+        return
     settings = deployment_settings(deployment, settings_from(bootstrap))
     given = ctx.get_parameter_source("bootstrap")
     if bootstrap and given is not None and given.name == "COMMANDLINE":

@@ -442,7 +442,11 @@ def test_configuration_errors_refuse_to_start_with_a_clear_message(
     assert not (tmp_path / "state").exists()
 
 
-def test_show_config_masks_secrets(tmp_path: Path) -> None:
+def test_show_config_masks_secrets_and_publishes_nothing(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str
+) -> None:
+    """A look at the file: it went on to run the sources (publishing, moving their
+    states), for ever without `--once`."""
     body = CONFIG.format(adapter="sql", extra="") + '\n[sources.mapping.extra]\napi_token = "t0k3n"'
     config = write_config(tmp_path, body.replace("${HN_DB_PASSWORD}", "literal-pw"))
     from producers.deployment import load_deployment
@@ -450,6 +454,11 @@ def test_show_config_masks_secrets(tmp_path: Path) -> None:
     text = load_deployment(config).redacted()
     assert "literal-pw" not in text and "t0k3n" not in text
     assert "sync:***@" in text and 'api_token = "***"' in text
+    shown = cli(settings_for(sqlite_store_url), "produce", "--config", str(config),
+                "--show-config", timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "sync:***@" in shown.stdout and "literal-pw" not in shown.stdout
+    assert not (tmp_path / "state").exists()
 
 
 def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
