@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -84,8 +85,11 @@ class NeverCheckpoints(ListAdapter):
 
 
 class Raises(ListAdapter):
+    raising_line = 0
+
     def read(self, state: State) -> Iterator[Item]:
         yield self.record(0)
+        Raises.raising_line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
         raise ConnectionError("source went away")
 
 
@@ -146,9 +150,88 @@ def test_deletes_claimed_but_not_seen_are_caught() -> None:
     assert ClaimsDeletesButHasNone.emits_deletes
 
 
-def test_an_adapter_that_raises_fails_with_the_error_type_only() -> None:
+def test_an_adapter_that_raises_fails_with_the_error_type_and_where_only() -> None:
     failed = failing(Raises())
-    assert failed["events validate"] == ["the adapter raised ConnectionError"]
+    (raised,) = failed["events validate"]
+    assert raised.startswith("the adapter raised ConnectionError at ")
+    assert raised.endswith(f"{Path(__file__).name}:{Raises.raising_line}")  # its own frame
+    assert list(failed) == ["events validate"]  # deletes are not judged on a broken run
+
+
+class CheckpointsFirst(ListAdapter):
+    """Saves the position past its records before it yields them: a run that fails after
+    the checkpoint was saved never sends them."""
+
+    def read(self, state: State) -> Iterator[Item]:
+        start = int(state.get("position", 0))
+        yield Checkpoint({"position": len(self.changes)})
+        yield from (self.record(p) for p in range(start, len(self.changes)))
+
+
+class LiveState(ListAdapter):
+    """Its checkpoint's value reads the adapter's live position, which moves on."""
+
+    def read(self, state: State) -> Iterator[Item]:
+        self.position = int(state.get("position", 0))
+        while self.position < len(self.changes):
+            yield Checkpoint(lambda: {"position": self.position})
+            self.position += 1
+            yield self.record(self.position - 1)
+
+
+class VersionsPerRun(ListAdapter):
+    """Numbers versions from 1 in each run: a later run's changes rank below the store's."""
+
+    def read(self, state: State) -> Iterator[Item]:
+        start = int(state.get("position", 0))
+        for n, position in enumerate(range(start, len(self.changes)), start=1):
+            key, _, data = self.changes[position]
+            yield Record(key, n, T0, data, origin=f"#{position}")
+            yield Checkpoint(self.next_state(position))
+
+
+class KeyInOrigin(ListAdapter):
+    def record(self, position: int) -> Record:
+        record = super().record(position)
+        return Record(record.key, record.version, record.occurred_at, record.data,
+                      origin=f"cong_dan {record.key}")  # fmt: skip
+
+
+def test_checkpoints_that_do_not_cover_what_follows_them_are_caught() -> None:
+    failed = failing(CheckpointsFirst())
+    assert list(failed) == ["checkpoints cover"]
+    assert failed["checkpoints cover"][0] == "#0 001*******01 v1: not emitted"
+    live = failing(LiveState())  # (its last record also follows its last checkpoint)
+    assert list(live) == ["cursor resumes", "checkpoints cover"]
+    assert "had changed when it was read again" in live["checkpoints cover"][0]
+    per_run = failing(VersionsPerRun())
+    assert list(per_run) == ["checkpoints cover"]
+    assert per_run["checkpoints cover"][0] == "#2 001*******01 v3: emitted at v2"
+
+
+def test_an_origin_that_holds_the_key_is_caught_and_shown_masked() -> None:
+    failed = failing(KeyInOrigin())
+    assert list(failed) == ["origins hide keys"]
+    assert (
+        failed["origins hide keys"][0] == "cong_dan 001*******01: the origin holds the record's key"
+    )
+
+
+def test_rows_written_while_the_check_runs_are_not_taken_for_repeats() -> None:
+    """A busy source: the second run finds rows the first never saw."""
+
+    class Growing(ListAdapter):
+        runs = 0
+
+        def read(self, state: State) -> Iterator[Item]:
+            Growing.runs += 1
+            if Growing.runs > 1:
+                self.changes = (*ListAdapter.changes, ("001090000009", 1, {"full_name": "Mới"}))
+            yield from super().read(state)
+
+    report = check_adapter(Growing(), "test")
+    assert report.passed, report.results
+    assert "1 new since the first run" in report.result("cursor resumes").detail
 
 
 def test_limit_stops_at_a_checkpoint_and_resume_is_judged_on_what_was_checkpointed() -> None:

@@ -58,7 +58,7 @@ def test_scaffold_passes_its_own_tests_as_generated(plugin: tuple[Path, Path]) -
     python, package = plugin
     result = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=package)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout  # one source x five checks
+    assert "7 passed" in result.stdout  # one source x seven checks
 
 
 def test_scaffolded_adapter_is_discovered(plugin: tuple[Path, Path]) -> None:
@@ -104,5 +104,5 @@ def test_the_plugin_tests_fail_when_the_adapter_is_broken(plugin: tuple[Path, Pa
     finally:
         adapter.write_text(original)
     assert result.returncode == 1, result.stdout
-    assert "1 failed, 4 passed" in result.stdout
+    assert "1 failed, 6 passed" in result.stdout
     assert "versions rise per key" in result.stdout
