@@ -104,9 +104,7 @@ class Publisher:
             # of 60) so that callers retry, and show that they do, sooner.
             "max_block_ms": 10_000,
         }
-        self._producer = clients.producer(
-            connection, client_id, enable_idempotence=True, **self._options
-        )
+        self._producer = self._new_producer()
         self._letter_producer: Any = None  # with keep_refused_letters, on the first letter
         self._pending: list[Any] = []
         self._acknowledged = 0  # of the sends since the last flush, no longer in _pending
@@ -115,6 +113,23 @@ class Publisher:
         self._letters: list[tuple[Any, Letter]] = []  # in flight, when kept if refused
         self._refused_letters: list[Letter] = []
         self._letters_refused: Exception | None = None  # what the cluster said
+
+    def _new_producer(self) -> Any:
+        return clients.producer(
+            self.connection, self._client_id, enable_idempotence=True, **self._options
+        )
+
+    def _renew_if_broken(self, error: BaseException | None) -> None:
+        """After a failed flush: an idempotent producer that met an error the broker says
+        not to retry (a message larger than the topic takes, a write its ACLs refuse, a
+        record it calls invalid) fails every later send, of every topic, until it is
+        closed; it is replaced. (Unreplaced, the source stayed stuck after the topic was
+        fixed, until the process restarted.)"""
+        manager = getattr(self._producer, "_transaction_manager", None)
+        fatal = manager is not None and manager.has_fatal_error()
+        if fatal or (error is not None and not getattr(error, "retriable", True)):
+            broken, self._producer = self._producer, self._new_producer()
+            broken.close(timeout=0)  # its unacknowledged sends are the caller's to send again
 
     @classmethod
     def for_dead_letters(
@@ -235,6 +250,7 @@ class Publisher:
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
             self._acknowledged, self._prune_at = 0, PRUNE_PENDING
+            self._renew_if_broken(error)
             raise PublishError(f"flush failed: {type(error).__name__}") from None
         self._set_aside_refused_letters()
         pending, self._pending = self._pending, []
@@ -248,6 +264,7 @@ class Publisher:
                 # The caller goes back to its last checkpoint: the records of the letters
                 # set aside are rejected (and their letters kept) again.
                 self._refused_letters = []
+                self._renew_if_broken(error)
                 self._refuse_unauthorized(error, "a topic")
                 raise PublishError(
                     f"broker did not acknowledge a message: {type(error).__name__}"
