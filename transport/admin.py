@@ -169,7 +169,9 @@ class Cluster:
         create none: those it may not create are refused (Refused, naming the principal and
         the topics) when `needed` (default: all), else left to whoever needs them."""
         existing = self.topic_names()
-        missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
+        specs = topics.specs()
+        missing = {name: spec for name, spec in specs.items() if name not in existing}
+        self._check_message_limits({n: s for n, s in specs.items() if n in existing}, needed)
         if not missing:
             return []
         try:  # errors per topic: another process may create them concurrently
@@ -204,6 +206,40 @@ class Cluster:
             except KafkaError as error:
                 raise clients.translate(error, "wait for new topics", self.connection) from None
         return sorted(created)
+
+    def _check_message_limits(
+        self, specs: dict[str, dict[str, Any]], needed: Iterable[str] | None
+    ) -> None:
+        """Refuse (ConfigurationError) an existing topic that takes smaller messages than
+        the project creates it for (one an administrator made with the cluster's 1 MB
+        default): a valid event near the contract's limit, with its key and signature, was
+        refused by the broker at every retry, and its source never got past it. A
+        principal that may not describe the topic's configs gets no answer: not judged."""
+        wanted = [name for name in specs if needed is None or name in set(needed)]
+        if not wanted:
+            return
+        resources = [
+            ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})
+            for name in wanted
+        ]
+        try:
+            answer = self._any_node(partial(self.admin.describe_configs, resources))
+        except KafkaError as error:
+            if "Authorization" in type(error).__name__:
+                return
+            raise clients.translate(
+                error, "describe the topics' configs", self.connection
+            ) from None
+        for name in wanted:
+            config = answer.get("topic", {}).get(name, {}).get("max.message.bytes")
+            asked = int(specs[name]["configs"]["max.message.bytes"])
+            if config is not None and int(config["value"]) < asked:
+                raise ConfigurationError(
+                    f"the topic {name} takes messages of at most {config['value']} bytes; "
+                    f"portal-sync sends up to {asked}: raise its max.message.bytes "
+                    f"(kafka-configs.sh --alter --entity-type topics --entity-name {name} "
+                    f"--add-config max.message.bytes={asked})"
+                )
 
     def check_partition_counts(self, topics: Topics) -> None:
         """Refuse (ConfigurationError) a change topic that exists with another number of
