@@ -47,6 +47,7 @@ from producers.sdk import (
     Record,
     Reservation,
     SkippableRecord,
+    State,
 )
 from producers.state import (
     append_json_line,
@@ -147,6 +148,19 @@ class AdapterRunner:
         self.stopped_fatally = False
         export_at_zero(adapter.source, adapter.entity)
 
+    def _saved_state(self) -> State:
+        """The state saved last. One that does not read (a disk's damage, a hand's edit:
+        the saves themselves are atomic) stops the source, naming the file: retried, it
+        failed every run as a source's read error, the file never named."""
+        try:
+            return load_json_state(self.state_path)
+        except ValueError:  # the content is the source's: never quoted
+            raise FatalError(
+                f"{self.source_id}: the state file {self.state_path} is not a JSON object: "
+                "restore it from a backup, or remove it to read the source from its start "
+                "again (docs/operations.md, re-sending a source's current records)"
+            ) from None
+
     def run_once(self, stop: threading.Event | None = None) -> RunStats:
         """Publish everything new at the source now (from the last saved checkpoint). Once
         `stop` is set the run ends at the next item, as a finished one (the checkpoints
@@ -159,7 +173,7 @@ class AdapterRunner:
                 f"{self.source_id}: the adapter yields reservations but does not take them "
                 "back in (`Adapter.recover`): its journal would be dropped unread"
             )
-        state = self.adapter.recover(load_json_state(self.state_path), journal)
+        state = self.adapter.recover(self._saved_state(), journal)
         if journal:  # taken in and saved: runs that fail before a save never pile it up
             write_json_atomic(self.state_path, state)
             self.journal_path.unlink()

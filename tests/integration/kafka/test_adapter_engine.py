@@ -461,6 +461,21 @@ def test_show_config_masks_secrets_and_publishes_nothing(
     assert not (tmp_path / "state").exists()
 
 
+def test_a_state_file_that_does_not_read_stops_the_source_naming_the_file(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """Cut short by a disk's damage: each run failed as a source's read error, retried for
+    ever, and the log named neither the file nor what to do."""
+    from producers.sdk import FatalError
+
+    runner = AdapterRunner("cut", ListAdapter(), publisher, tmp_path)
+    assert runner.run_once().published == 4
+    state = tmp_path / "cut.state.json"
+    state.write_bytes(state.read_bytes()[:-3])
+    with pytest.raises(FatalError, match=f"the state file {state} is not a JSON object"):
+        runner.run_once()
+
+
 def test_dead_letter_of_a_skipped_record_names_reason_and_origin(
     publisher: Publisher, tmp_path: Path
 ) -> None:
