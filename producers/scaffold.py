@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from string import Template
 
+from producers.adapters import installed
 from schemas import errors
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
@@ -56,9 +57,16 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    FatalError,
+    Item,
+    Record,
+    SkippableRecord,
+    State,
+)
 from pydantic import BaseModel, ConfigDict
-
-from producers.sdk import Adapter, Checkpoint, FatalError, Item, Record, SkippableRecord, State
 
 
 class ${cls}Config(BaseModel):
@@ -70,7 +78,9 @@ class ${cls}Config(BaseModel):
 
 
 class $cls(Adapter):
-    """$name: citizens from a JSON Lines export (example; replace with your source)."""
+    """$name: citizens from a JSON Lines export.
+
+    An example: replace it with your source."""
 
     entity = "citizen"
     key = "id"
@@ -80,8 +90,9 @@ class $cls(Adapter):
     Config = ${cls}Config
 
     def read(self, state: State) -> Iterator[Item]:
-        assert isinstance(self.config, ${cls}Config)
-        path = self.base_dir / self.config.path
+        config = self.config
+        assert isinstance(config, ${cls}Config)
+        path = self.base_dir / config.path
         if not path.exists():
             raise FatalError("the export file does not exist")
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -97,7 +108,7 @@ class $cls(Adapter):
             data = None if row.get("deleted") else {"full_name": row.get("name")}
             return Record(str(row["id"]), int(row["version"]), changed, data, origin)
         except (ValueError, KeyError, TypeError):
-            return SkippableRecord("invalid_json", "line is not a change record", origin)
+            return SkippableRecord("invalid_json", "not a change record", origin)
 '''
 
 EXAMPLE_DATA = """\
@@ -146,6 +157,8 @@ def scaffold(name: str, parent: Path) -> Path:
     """Write the package `portal-sync-adapter-NAME` under `parent`; return its directory."""
     if not NAME.match(name):
         raise ScaffoldError("name: lowercase letters, digits and '-', 2-41 characters")
+    if name in installed():  # two entry points of one name: one of them is never loaded
+        raise ScaffoldError(f"an adapter named {name!r} is installed already: choose another")
     root = parent / f"portal-sync-adapter-{name}"
     if root.exists():
         raise ScaffoldError(f"{root} already exists")

@@ -17,6 +17,11 @@ def installed() -> dict[str, EntryPoint]:
 def load(name: str) -> type[Adapter]:
     """The adapter class registered as `name`; a ConfigurationError names the installed ones."""
     found = installed().get(name)
+    places = sorted({ep.value for ep in entry_points(group=GROUP) if ep.name == name})
+    if len(places) > 1:  # which one loads would depend on the order of the installs
+        raise ConfigurationError(
+            f"two adapters are installed as {name!r} ({', '.join(places)}): uninstall one"
+        )
     if found is None:
         names = ", ".join(sorted(installed())) or "none"
         raise ConfigurationError(f"no adapter named {name!r} is installed (installed: {names})")
