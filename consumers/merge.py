@@ -22,6 +22,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -149,26 +150,38 @@ def decide(current: SourceView | None, version: int) -> Outcome:
 
 
 def same_version(
-    current: SourceView, event_id: str, deleted: bool, data: Mapping[str, Any] | None
+    current: SourceView,
+    event_id: str,
+    deleted: bool,
+    data: Mapping[str, Any] | None,
+    occurred_at: datetime,
 ) -> Outcome:
     """Rule 1's tie: an event of the current view's version. The same change again is a
     duplicate; another change replaces the view if it orders after it (`change_order`), so
-    either arrival order ends with the same view."""
-    if event_id == current.event_id and deleted == current.deleted and data == current.data:
+    either arrival order ends with the same view. The same change sent again with another
+    time is another change: its time ranks the source's fields (rule 3)."""
+    if (
+        event_id == current.event_id
+        and deleted == current.deleted
+        and occurred_at == current.occurred_at
+        and data == current.data
+    ):
         return "duplicate"
-    mine = change_order(event_id, deleted, data)
-    if mine > change_order(current.event_id, current.deleted, current.data):
+    mine = change_order(event_id, deleted, data, occurred_at)
+    if mine > change_order(current.event_id, current.deleted, current.data, current.occurred_at):
         return "applied"
     return "duplicate"
 
 
 def change_order(
-    event_id: str, deleted: bool, data: Mapping[str, Any] | None
-) -> tuple[str, bool, bytes]:
+    event_id: str, deleted: bool, data: Mapping[str, Any] | None, occurred_at: datetime
+) -> tuple[str, bool, bytes, datetime]:
     """A total order of the changes a source sent with one version: event id, a delete after
-    an upsert, then the payload's canonical JSON (keys sorted). Payloads are JSON values as
-    validated (`ChangeEvent.data_dict`), the same read from the store."""
-    return (event_id, deleted, orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
+    an upsert, the payload's canonical JSON (keys sorted), then the time (the later one
+    last, as compaction keeps the last one sent). Payloads are JSON values as validated
+    (`ChangeEvent.data_dict`), the same read from the store; times are in UTC, to the
+    microsecond, as both backends keep them."""
+    return (event_id, deleted, orjson.dumps(data, option=orjson.OPT_SORT_KEYS), occurred_at)
 
 
 def live_views(views: Iterable[SourceView]) -> list[SourceView]:
@@ -304,8 +317,10 @@ def merge_events(
     return {key: record for key, record in merged.items() if record is not None}
 
 
-def _order_of(event: ChangeEvent) -> tuple[str, bool, bytes]:
-    return change_order(str(event.event_id), event.op == "delete", event.data_dict())
+def _order_of(event: ChangeEvent) -> tuple[str, bool, bytes, datetime]:
+    return change_order(
+        str(event.event_id), event.op == "delete", event.data_dict(), event.occurred_at
+    )
 
 
 def _best_by_field(

@@ -453,7 +453,9 @@ class Reconciler:
         outcome = decide(current, event.version)
         if outcome == "duplicate" and current is not None:
             deleted = event.op == "delete"
-            outcome = same_version(current, str(event.event_id), deleted, checked.data_dict())
+            outcome = same_version(
+                current, str(event.event_id), deleted, checked.data_dict(), event.occurred_at
+            )
         if outcome != "applied":
             return outcome
         event_id = str(event.event_id)

@@ -31,8 +31,10 @@ from tests.support.store_helpers import (
     ORG,
     REGISTRY,
     TOPIC,
+    Feed,
     anomaly_rows,
     conflict_rows,
+    event,
     fresh_store,
     history_rows,
     owner_rows,
@@ -167,14 +169,15 @@ event_sets = st.lists(
 @st.composite
 def sets_with_changes_of_one_version(draw: st.DrawFn) -> list[Spec]:
     """Event sets in which a source also sent other changes with a version it had used
-    (the same event id, another payload or op: a source that broke the version rule)."""
+    (the same event id, another payload or op: a source that broke the version rule), or
+    the same change again at another time (a re-send that stamped it anew)."""
     base = draw(event_sets)
     again = []
     for spec in draw(st.lists(st.sampled_from(base), min_size=1, max_size=4)):
         other = draw(specs(record=spec.record))
-        if other.data != spec.data:
-            again.append(Spec(spec.record, spec.source, spec.version, other.minute, other.data))
-    unique = {(s.record, s.source, s.version, json.dumps(s.data, sort_keys=True)): s
+        data = spec.data if draw(st.booleans()) else other.data
+        again.append(Spec(spec.record, spec.source, spec.version, other.minute, data))
+    unique = {(s.record, s.source, s.version, json.dumps(s.data, sort_keys=True), s.minute): s
               for s in [*base, *again]}  # fmt: skip
     return list(unique.values())
 
@@ -253,12 +256,14 @@ def oracle(event_set: Sequence[Spec], authority: Authority) -> tuple[list[Any], 
     return sorted(records, key=lambda r: (r[0], r[1])), sorted(conflicts), sorted(owners)
 
 
-def _content(spec: Spec) -> tuple[bool, str]:
+def _content(spec: Spec) -> tuple[bool, str, int]:
     """Between two changes of one version (and event id): a delete after an upsert, then
-    the payload whose JSON with sorted keys sorts after (the merge's documented order)."""
+    the payload whose JSON with sorted keys sorts after, then the later time (the merge's
+    documented order)."""
     return (
         spec.data is None,
         json.dumps(spec.data, sort_keys=True, ensure_ascii=False, separators=(",", ":")),
+        spec.minute,
     )
 
 
@@ -470,3 +475,23 @@ def test_a_batch_written_in_parts_equals_it_written_whole(event_set: list[Spec],
             new_conflicts.append([set(r.new_conflicts) for r in reports])
     assert results[0] == results[1]
     assert all(whole <= parts for whole, parts in zip(*new_conflicts, strict=True))
+
+
+def test_the_same_change_sent_again_at_another_time_converges_whatever_the_order() -> None:
+    """One source's change sent twice under one version and event id, stamped anew (its
+    time ranks its fields against another source's): the first to arrive stayed, so the
+    record's value depended on the order, and a rebuild from the compacted topic (which
+    keeps the last one sent) differed from the live store."""
+    early = event("citizen", CITIZEN, "province-01", 1, {"phone": "0911111111"}, minute=0)
+    late = event("citizen", CITIZEN, "province-01", 1, {"phone": "0911111111"}, minute=9)
+    other = event("citizen", CITIZEN, "province-79", 1, {"phone": "0922222222"}, minute=5)
+    stores = []
+    for batches in ([[early], [late, other]], [[late, early, other]], [[other], [late], [early]]):
+        with fresh_store() as store:
+            feed = Feed(store)
+            for batch in batches:
+                feed.apply(*batch)
+            stores.append(list(store.iter_records()))
+    assert stores[0] == stores[1] == stores[2]
+    (record,) = stores[0]
+    assert record[2] == {"phone": "0911111111"}  # 10:09 is later than the other's 10:05
