@@ -168,6 +168,7 @@ class Cluster:
         On a cluster with ACLs a principal sees only the topics it may describe, and may
         create none: those it may not create are refused (Refused, naming the principal and
         the topics) when `needed` (default: all), else left to whoever needs them."""
+        needed = None if needed is None else list(needed)  # read twice
         existing = self.topic_names()
         specs = topics.specs()
         missing = {name: spec for name, spec in specs.items() if name not in existing}
@@ -215,7 +216,8 @@ class Cluster:
         default): a valid event near the contract's limit, with its key and signature, was
         refused by the broker at every retry, and its source never got past it. A
         principal that may not describe the topic's configs gets no answer: not judged."""
-        wanted = [name for name in specs if needed is None or name in set(needed)]
+        chosen = None if needed is None else set(needed)
+        wanted = [name for name in specs if chosen is None or name in chosen]
         if not wanted:
             return
         resources = [
@@ -223,7 +225,9 @@ class Cluster:
             for name in wanted
         ]
         try:
-            answer = self._any_node(partial(self.admin.describe_configs, resources))
+            # "all": a topic left at the cluster's default reports no value otherwise
+            ask = partial(self.admin.describe_configs, resources, config_filter="all")
+            answer = self._any_node(ask)
         except KafkaError as error:
             if "Authorization" in type(error).__name__:
                 return

@@ -63,13 +63,18 @@ def test_a_topic_that_takes_smaller_messages_than_the_project_sends_is_refused(
 ) -> None:
     """Made by an administrator with the cluster's 1 MB default: an event near the
     contract's limit was refused at every retry, and its source never got past it."""
+    from kafka.admin import NewTopic
+
     from schemas.errors import ConfigurationError
     from transport.topics import CHANGE_MAX_MESSAGE_BYTES
 
     settings = settings_for(sqlite_store_url)
-    ensure_topics(settings)
     citizens = change_topic(settings, "citizen")
-    _limit(settings, citizens, 1_048_588)
+    admin = clients.admin(settings.connection())
+    try:  # as an administrator makes it: no setting of its own, the cluster's default
+        admin.create_topics([NewTopic(citizens, settings.change_partitions, 1)])
+    finally:
+        admin.close()
     with pytest.raises(ConfigurationError, match=f"{citizens} takes messages of at most 1048588"):
         ensure_topics(settings)
     _limit(settings, citizens, CHANGE_MAX_MESSAGE_BYTES)
