@@ -133,8 +133,11 @@ def _where(adapter: Adapter, error: Exception) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
         return ""
-    home = Path(inspect.getfile(type(adapter))).parent
-    own = [f for f in frames if Path(f.filename).is_relative_to(home)]
+    try:
+        home: Path | None = Path(inspect.getfile(type(adapter))).parent
+    except (TypeError, OSError):  # a class of no file (`python -c`, `exec`)
+        home = None
+    own = [f for f in frames if home is not None and Path(f.filename).is_relative_to(home)]
     frame = (own or frames)[-1]
     return f" at {frame.filename}:{frame.lineno}"
 
@@ -230,10 +233,14 @@ def _resumes(first: Run, second: Run) -> CheckResult:
         return CheckResult(CHECKS[3], False, "no checkpoint: no position is ever saved")
     if second.error:
         return CheckResult(CHECKS[3], False, f"the second run raised {second.error}")
-    # A first run that reached the end checkpointed all it emitted; what the source
-    # gained since (rows written meanwhile) is new, not emitted again.
-    before = {e.event_id for e in first.emitted} if first.complete else first.checkpointed
-    repeated = [e for e in second.emitted if e.event_id in before]
+    # A first run that reached the end checkpointed all it emitted: a record it emitted
+    # with the same content is a repeat, whatever its version; rows written or changed
+    # since (a busy source) are new.
+    if first.complete:
+        contents = {(e.entity, e.key, e.op, e.body) for e in first.emitted}
+        repeated = [e for e in second.emitted if (e.entity, e.key, e.op, e.body) in contents]
+    else:
+        repeated = [e for e in second.emitted if e.event_id in first.checkpointed]
     examples = [f"{e.origin} {mask(e.key)} v{e.version} emitted again" for e in repeated]
     detail = f"second run from the checkpoint: {len(second.emitted)} events"
     if first.complete and len(second.emitted) > len(repeated):

@@ -209,6 +209,25 @@ def test_checkpoints_that_do_not_cover_what_follows_them_are_caught() -> None:
     assert per_run["checkpoints cover"][0] == "#2 001*******01 v3: emitted at v2"
 
 
+def test_a_cursor_that_does_not_resume_is_caught_whatever_versions_it_gives() -> None:
+    """New versions at each run (a counter, the time of reading) gave new event ids: the
+    records sent again were taken for rows written during the check."""
+
+    class Counting(ListAdapter):
+        count = 0
+
+        def read(self, state: State) -> Iterator[Item]:
+            for position in range(len(self.changes)):
+                key, _, data = self.changes[position]
+                Counting.count += 1
+                yield Record(key, Counting.count, T0, data, origin=f"#{position}")
+            yield Checkpoint({})
+
+    failed = failing(Counting())
+    assert "cursor resumes" in failed
+    assert failed["cursor resumes"][0] == "#0 001*******01 v5 emitted again"
+
+
 def test_an_origin_that_holds_the_key_is_caught_and_shown_masked() -> None:
     failed = failing(KeyInOrigin())
     assert list(failed) == ["origins hide keys"]
