@@ -53,7 +53,7 @@ from consumers.reconciler import Reconciler, starts_after
 from consumers.registry import Registry
 from consumers.retention import Retention, catch_up_if_due, purge_within
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector
-from consumers.validators import Rules, Validators
+from consumers.validators import CHILD_TIMEOUT_SECONDS, Rules, Validators
 from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
@@ -70,6 +70,9 @@ from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# How long the loop beats while a batch is checked: a hung validator child's timeout, and
+# the batch's check in the worker after it, with room to spare.
+CHECK_BEATS_SECONDS = CHILD_TIMEOUT_SECONDS + 60
 MAX_RETRY_SECONDS = 30.0
 # A batch waits this long for a lock another session holds on the store (an operator's
 # command or transaction, a schema upgrade) before it retries: a SIGTERM is seen between
@@ -769,11 +772,12 @@ class ReconcilerLoop:
                 try:
                     # The loop beats meanwhile: a validator child that hangs is waited for
                     # up to its timeout (`Validators`), longer than /healthz allows a loop
-                    # without a beat, and the batch is then checked here.
+                    # without a beat, and the batch is then checked here. A check that
+                    # hangs beyond that is no more beaten for: /healthz fails.
                     checking = asyncio.ensure_future(
                         asyncio.to_thread(self.processor.prepare, messages)
                     )
-                    prepared = await self._beating(checking)
+                    prepared = await self._beating(checking, CHECK_BEATS_SECONDS)
                 except Exception as error:  # a bug met by some data: isolated when applied
                     log.error("the batch's checks failed (%s): checked again as it is "
                               "applied", type(error).__name__)  # fmt: skip
@@ -807,12 +811,14 @@ class ReconcilerLoop:
             outcome, done = await self._finished(member, *applying)
             self._copy(member, done)
 
-    async def _beating(self, task: asyncio.Future[T]) -> T:
+    async def _beating(self, task: asyncio.Future[T], beat_for: float | None = None) -> T:
         """The result of `task`, which runs in a thread, with the loop's beat kept while it
-        runs (/healthz fails after 15 s without one)."""
+        runs (/healthz fails after 15 s without one), for at most `beat_for` seconds."""
+        until = None if beat_for is None else time.monotonic() + beat_for
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
-            self.liveness.beat()
+            if until is None or time.monotonic() < until:
+                self.liveness.beat()
         return await task
 
     def _copy(self, member: GroupMember, offsets: dict[TopicPartition, int]) -> None:

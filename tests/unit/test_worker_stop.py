@@ -308,3 +308,17 @@ def test_the_loop_beats_while_a_batch_is_checked() -> None:
     asyncio.run(run())
     assert processor.ended.is_set()
     assert not unhealthy, unhealthy
+
+
+def test_a_check_that_hangs_past_the_child_s_timeout_is_no_more_beaten_for() -> None:
+    """Beaten for ever, a check that hung in the worker itself (after the child's timeout)
+    left /healthz green for good."""
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.liveness = Liveness(beat_timeout=0.5)
+
+    async def run() -> bool:
+        task = asyncio.ensure_future(asyncio.to_thread(time.sleep, 2.5))
+        await loop._beating(task, beat_for=0.5)
+        return loop.liveness.healthy()
+
+    assert asyncio.run(run()) is False
