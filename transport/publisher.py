@@ -129,7 +129,12 @@ class Publisher:
         fatal = manager is not None and manager.has_fatal_error()
         if fatal or (error is not None and not getattr(error, "retriable", True)):
             broken, self._producer = self._producer, self._new_producer()
-            broken.close(timeout=0)  # its unacknowledged sends are the caller's to send again
+            try:  # its unacknowledged sends are the caller's to send again
+                broken.close(timeout=0)
+            except KafkaError:  # its flush could not end at once: its sender stopped by force
+                sender = getattr(broken, "_sender", None)
+                if sender is not None:
+                    sender.force_close()
 
     @classmethod
     def for_dead_letters(
