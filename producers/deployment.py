@@ -204,9 +204,11 @@ def _shared_positions(sources: list[SourceEntry]) -> str | None:
             continue
         options = entry.options()
         group = group_of(entry.contract_source, options.get("group_id"))
+        servers = str(options.get("bootstrap") or "").lower().split(",")
+        cluster = ",".join(sorted(server.strip() for server in servers))  # one, however listed
         topics = options.get("topics")
         for topic in topics if isinstance(topics, list) else []:
-            first = readers.setdefault((str(options.get("bootstrap")), group, str(topic)), entry.id)
+            first = readers.setdefault((cluster, group, str(topic)), entry.id)
             if first != entry.id:
                 return (
                     f"sources {first} and {entry.id} read topic {topic} under one consumer "

@@ -284,7 +284,7 @@ id = "{id}"
 source = "province-79"
 adapter = "debezium"
 [sources.connection]
-bootstrap = "province-kafka:9092"
+bootstrap = "{bootstrap}"
 {group}
 [sources.mapping]
 topics = [{topics}]
@@ -304,6 +304,8 @@ key_column = "so_dinh_danh"
         ),
         ({"topics": '"p79.public.to_chuc"'}, False),  # one group, other topics: own offsets
         ({"topics": '"p79.public.cong_dan"', "group": 'group_id = "p79-orgs"'}, False),
+        ({"topics": '"p79.public.cong_dan"', "bootstrap": "k2:9092, K1:9092"}, True),  # reordered
+        ({"topics": '"p79.public.cong_dan"', "bootstrap": "k3:9092"}, False),  # another cluster
     ],
 )
 def test_two_entries_reading_one_topic_under_one_group_are_refused(
@@ -314,9 +316,12 @@ def test_two_entries_reading_one_topic_under_one_group_are_refused(
     from producers.deployment import load_deployment
     from producers.sdk import ConfigurationError
 
-    first = ENTRY.format(id="p79-citizens", group="", topics='"p79.public.cong_dan"')
+    cluster = "k1:9092,k2:9092"
+    topic = '"p79.public.cong_dan"'
+    first = ENTRY.format(id="p79-citizens", group="", topics=topic, bootstrap=cluster)
     path = tmp_path / "sources.toml"
-    path.write_text(first + ENTRY.format(id="p79-other", **{"group": ""} | second))
+    defaults = {"group": "", "bootstrap": cluster}
+    path.write_text(first + ENTRY.format(id="p79-other", **defaults | second))
     if refused:
         expected = "p79-citizens and p79-other read topic p79.public.cong_dan under one consumer"
         with pytest.raises(ConfigurationError, match=expected):
