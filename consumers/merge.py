@@ -178,7 +178,8 @@ def change_order(
 ) -> tuple[str, bool, bytes, datetime]:
     """A total order of the changes a source sent with one version: event id, a delete after
     an upsert, the payload's canonical JSON (keys sorted), then the time (the later one
-    last, as compaction keeps the last one sent). Payloads are JSON values as validated
+    last: compaction keeps the last one sent, which a source that stamps a re-send anew
+    sends with the later time). Payloads are JSON values as validated
     (`ChangeEvent.data_dict`), the same read from the store; times are in UTC, to the
     microsecond, as both backends keep them."""
     return (event_id, deleted, orjson.dumps(data, option=orjson.OPT_SORT_KEYS), occurred_at)
