@@ -16,16 +16,16 @@ def installed() -> dict[str, EntryPoint]:
 
 def load(name: str) -> type[Adapter]:
     """The adapter class registered as `name`; a ConfigurationError names the installed ones."""
-    found = installed().get(name)
-    places = sorted({ep.value for ep in entry_points(group=GROUP) if ep.name == name})
+    found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
+    places = sorted({ep.value for ep in found})
     if len(places) > 1:  # which one loads would depend on the order of the installs
         raise ConfigurationError(
             f"two adapters are installed as {name!r} ({', '.join(places)}): uninstall one"
         )
-    if found is None:
+    if not found:
         names = ", ".join(sorted(installed())) or "none"
         raise ConfigurationError(f"no adapter named {name!r} is installed (installed: {names})")
-    adapter = found.load()
+    adapter = found[0].load()
     if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
         raise ConfigurationError(f"entry point {name!r} is not a producers.sdk.Adapter class")
     return adapter
