@@ -58,7 +58,7 @@ from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
-from schemas.errors import PortalSyncError, Refused, TransientError
+from schemas.errors import PortalSyncError, Refused, TransientError, until_available
 from schemas.identifiers import ReferenceKey
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
@@ -164,7 +164,12 @@ class BatchProcessor:
     """
 
     def __init__(
-        self, config: WorkerConfig, store: Store, registry: Registry, authority: Authority
+        self,
+        config: WorkerConfig,
+        store: Store,
+        registry: Registry,
+        authority: Authority,
+        health: WorkerHealth | None = None,  # the start's, when it waited for the cluster
     ) -> None:
         self.config = config
         self.registry = registry
@@ -176,7 +181,7 @@ class BatchProcessor:
         self.next_prune = 0.0
         self.catching_up: threading.Thread | None = None  # store.fills, once after 0012
         self.stopping = threading.Event()
-        self.health = WorkerHealth(config.stall_after_seconds)
+        self.health = health or WorkerHealth(config.stall_after_seconds)
         self.validators: Validators | None = None
         self.validators_from = max(1, config.batch_max_events // 2)  # events in a batch
         if config.validator_processes > 0:
@@ -488,6 +493,27 @@ def _check_lock_capacity(store: Store, batch_max_events: int) -> None:
         )
 
 
+def _start(config: WorkerConfig) -> bool:
+    """The start's work on the broker and the store: topics made and checked, the schema
+    created or upgraded, the rules' fingerprint recorded. The writes go without the
+    batches' lock wait: a worker starting beside another that creates the store waits
+    for it under the schema lock, and one beside an operator's long write waits for it
+    as any command does."""
+    admin.ensure_topics(config.connection, config.topics)
+    admin.check_partition_counts(config.connection, config.topics)
+    starting = Store(config.store_url)
+    try:
+        starting.create_schema()
+        # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
+        starting.set_meta(
+            RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
+        )
+        starting.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
+    finally:
+        starting.close()
+    return True
+
+
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
     # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
@@ -496,24 +522,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: early_stop.set())
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
-    admin.ensure_topics(config.connection, config.topics)
-    admin.check_partition_counts(config.connection, config.topics)
-    # The start's writes go without the batches' lock wait: a worker starting beside
-    # another that creates the store waits for it under the schema lock, and one beside
-    # an operator's long write waits for it as any command does.
-    starting = Store(config.store_url)
-    try:
-        starting.create_schema()
-        registry, authority = load_rules(config.registry_file, config.authority_file)
-        # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
-        starting.set_meta(
-            RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
-        )
-        starting.set_meta(RULES_FILES, rules_files(config.registry_file, config.authority_file))
-    finally:
-        starting.close()
-    store = Store(config.store_url, lock_wait=STORE_LOCK_WAIT_SECONDS)
-    _check_lock_capacity(store, config.batch_max_events)
+    registry, authority = load_rules(config.registry_file, config.authority_file)
     note = ""
     if registry.development_mode:
         note = (
@@ -526,25 +535,43 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             "the registry does not require signatures: unsigned events of the sources "
             "without keys are accepted"
         )
-    processor = BatchProcessor(config, store, registry, authority)
+    # A start that waits for the broker or the store counts as a batch's retries do:
+    # /readyz false, `portal_sync_worker_retrying_seconds` growing, then the stall.
+    health = WorkerHealth(config.stall_after_seconds)
+    running: list[ReconcilerLoop] = []  # the loop, once the start is done
+    if config.metrics_port:
+        serve(
+            config.metrics_port,
+            config.metrics_host,
+            lambda: running[0].healthy() if running else not health.stalled(),
+            lambda: bool(running) and running[0].ready(),
+            ready_note=note,
+            web=web,
+        )
+    if until_caught_up:  # a job: its caller hears at once that the cluster or store is away
+        _start(config)
+    else:
+        waited = until_available(
+            lambda: _start(config),
+            "worker start",
+            early_stop,
+            log,
+            on_retry=lambda error: health.retrying(type(error).__name__),
+        )
+        if waited is None:
+            return 0  # stopped while waiting
+        health.recovered()
+    store = Store(config.store_url, lock_wait=STORE_LOCK_WAIT_SECONDS)
+    _check_lock_capacity(store, config.batch_max_events)
+    processor = BatchProcessor(config, store, registry, authority, health)
     # Sources no longer registered lose their freshness series (development mode keeps all).
     known = read_freshness(store)
     FRESHNESS.seed(
         {source: f for source, f in known.items() if registry.accepts(source)},
         () if registry.development_mode else registry.sources,
     )
-    loop = ReconcilerLoop(config, store, processor, until_caught_up, early_stop)
-    health = processor.health
-    if config.metrics_port:
-        liveness = loop.liveness
-        serve(
-            config.metrics_port,
-            config.metrics_host,
-            lambda: liveness.healthy() and not health.stalled(),
-            lambda: liveness.ready() and health.ready(),
-            ready_note=note,
-            web=web,
-        )
+    running.append(ReconcilerLoop(config, store, processor, until_caught_up, early_stop))
+    loop = running[0]
     tune_garbage_collector()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     started = phase_totals()
@@ -597,6 +624,14 @@ class ReconcilerLoop:
         self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
         self.topics_checked_at = 0.0  # monotonic time of the last `_check_topics`
         self.copying: asyncio.Future[None] | None = None
+
+    def healthy(self) -> bool:
+        """/healthz: the loop beats, and no batch has failed past the stall limit."""
+        return self.liveness.healthy() and not self.processor.health.stalled()
+
+    def ready(self) -> bool:
+        """/readyz: the loop runs, and its batches are not retrying."""
+        return self.liveness.ready() and self.processor.health.ready()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

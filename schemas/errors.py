@@ -14,6 +14,13 @@ the families. Messages never quote a record's values (personal data).
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class PortalSyncError(Exception):
     """Root of every error the project raises on purpose."""
@@ -42,3 +49,36 @@ class RecordError(PortalSyncError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+# `until_available`'s first wait between two attempts, and its longest.
+FIRST_START_WAIT_SECONDS = 1.0
+MAX_START_WAIT_SECONDS = 30.0
+
+
+def until_available(
+    action: Callable[[], T],
+    what: str,
+    stop: threading.Event,
+    log: logging.Logger,
+    on_retry: Callable[[TransientError], object] | None = None,
+) -> T | None:
+    """`action` tried again while it raises TransientError, with backoff (1 s, doubling, up
+    to 30 s); every other error goes up at once. For a long-running process's start: one
+    that exited while the broker or the store was away would go into its supervisor's
+    restart backoff (up to 5 minutes under Kubernetes) and start that much after they are
+    back. `on_retry` hears each failure. None: `stop` was set meanwhile."""
+    wait = FIRST_START_WAIT_SECONDS
+    while not stop.is_set():
+        try:
+            return action()
+        except TransientError as error:
+            if stop.is_set():
+                break
+            log.error("%s: %s; trying again in %.0f s", what, error, wait)
+            if on_retry is not None:
+                on_retry(error)
+            if stop.wait(wait):
+                break
+            wait = min(wait * 2, MAX_START_WAIT_SECONDS)
+    return None

@@ -59,6 +59,14 @@ def translate(
             return ConfigurationError(f"Kafka refused {who} while trying to {action}: {reason}")
     if isinstance(error, KafkaConnectionError) or "Connection" in name:
         return TransientError(f"no Kafka broker answered while trying to {action}")
+    if name == "KafkaTimeoutError" and action.startswith("connect") and connection is not None:
+        # the client's bootstrap gave up: no listed server answered it in time
+        reason = diagnose(connection)
+        if reason is not None:
+            return ConfigurationError(f"Kafka refused {who} while trying to {action}: {reason}")
+        return TransientError(
+            f"no Kafka broker of {connection.bootstrap} answered while trying to {action}"
+        )
     return TransientError(f"Kafka error while trying to {action}: {name}")
 
 

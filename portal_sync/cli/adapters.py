@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from importlib.metadata import EntryPoint
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from portal_sync.cli.options import PORT, fail, settings_from
 from producers.sdk import Adapter, ConfigurationError
+from schemas.errors import until_available
 
 if TYPE_CHECKING:
     from portal_sync.settings import Settings
@@ -215,7 +217,6 @@ def produce(
         serve(port, host, result.healthy, result.ready, web=web)
     elif port:
         serve(port, host, web=web)
-    ensure_topics(settings.connection(), settings.topics(), settings.topics().change_topics())
     # A run in progress ends at its next item, its progress saved; a second Ctrl-C
     # interrupts at once (the saving waits for the broker).
     stop = threading.Event()
@@ -228,6 +229,16 @@ def produce(
 
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, stopping)
+
+    def topics_ready() -> list[str]:
+        return ensure_topics(
+            settings.connection(), settings.topics(), settings.topics().change_topics()
+        )
+
+    if once:  # a job: its caller hears at once that the cluster is away
+        topics_ready()
+    elif until_available(topics_ready, "produce start", stop, logging.getLogger(__name__)) is None:
+        return  # stopped while waiting for the cluster: nothing was read or sent
     tune_garbage_collector()
     try:
         result = run_produce(

@@ -470,6 +470,51 @@ def test_sigterm_stops_a_worker_that_waits_for_a_lock_on_a_postgresql_store(
         engine.dispose()
 
 
+def test_a_worker_started_while_its_store_is_away_waits_for_it_alive_and_not_ready(
+    settings_for: Any,
+) -> None:
+    """A PostgreSQL server down when the worker starts: the worker waits for it (it exited
+    1, and a supervisor's restart backoff delayed it for minutes after the server was
+    back), /healthz answers ok up to the stall threshold and /readyz not, its wait counted
+    in `portal_sync_worker_retrying_seconds`; once the server is back it applies
+    everything. `--until-caught-up`, a job, still fails at once."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as error:
+        _unavailable("PostgreSQL", error)
+    pg_ctl = [*server.prefix, str(server.bindir / "pg_ctl"), "-D", str(server.root / "data")]
+    worker = None
+    try:
+        settings = settings_for(server.url("postgres"))
+        ensure_topics(settings)
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+        job = cli(settings, "worker", "--until-caught-up", timeout=60)
+        assert job.returncode == 1, job.stdout + job.stderr
+        port = free_port()
+        worker = start_worker(settings, "--metrics-port", str(port))
+        _wait(lambda: _probe(port, "/healthz") == 200, 60, "the worker to serve /healthz")
+        assert _probe(port, "/readyz") == 503
+        time.sleep(4)  # past its first attempts (1 s, then 2 s): still waiting, alive
+        assert worker.poll() is None, worker.communicate()[0]
+        assert _probe(port, "/healthz") == 200
+        # counted as a batch's retries are: the stall alert sees a start that never ends
+        assert (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 3
+        # `restart` starts a stopped server with the options it last ran with
+        log_file = str(server.root / "server.log")  # not our pipes: the server keeps them
+        subprocess.run([*pg_ctl, "-l", log_file, "-w", "restart"], check=True, capture_output=True)
+        events = citizen_events(20, 1, seed=41)
+        _publish(settings, events)
+        _wait(lambda: _caught_up(settings), 120, "the worker to catch up")
+        _wait(lambda: _probe(port, "/readyz") == 200, 30, "/readyz once running")
+        assert _stop(worker) < 10
+        assert worker.returncode == 0
+        assert exported(settings) == expected_export(events, Authority())
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        server.stop()
+
+
 def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
     settings_for: Any, postgres_store_url: str
 ) -> None:

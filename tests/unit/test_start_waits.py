@@ -1,0 +1,177 @@
+"""A long-running process started while the broker or the store is away waits for them
+(`schemas.errors.until_available`); a job (`--once`, `--until-caught-up`) fails at once.
+Before, `produce` and `worker` exited 1 after the first attempt, and a supervisor's restart
+backoff (up to 5 minutes under Kubernetes) delayed them that much after the cluster came
+back."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+from typer.testing import CliRunner
+
+import schemas.errors
+from portal_sync.cli import app
+from schemas.errors import ConfigurationError, TransientError, until_available
+from transport.clients import translate
+from transport.config import KafkaConnection
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(autouse=True)
+def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schemas.errors, "FIRST_START_WAIT_SECONDS", 0.01)
+
+
+def test_transient_errors_are_tried_again_until_the_action_passes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts: list[int] = []
+
+    def action() -> str:
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise TransientError("no Kafka broker answered")
+        return "done"
+
+    heard: list[str] = []
+    done = until_available(action, "test start", threading.Event(), log, on_retry=heard.append)
+    assert done == "done"
+    assert len(attempts) == 4
+    assert [str(error) for error in heard] == ["no Kafka broker answered"] * 3
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == "test start: no Kafka broker answered; trying again in 0 s"
+    assert len(said) == 3
+
+
+def test_the_wait_doubles_up_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schemas.errors, "FIRST_START_WAIT_SECONDS", 8.0)
+    waits: list[float] = []
+
+    class Recorded(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout or 0)
+            return len(waits) == 5  # a stop during the fifth wait
+
+    def action() -> None:
+        raise TransientError("away")
+
+    assert until_available(action, "start", Recorded(), log) is None
+    assert waits == [8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize("error", [ConfigurationError("bad"), ValueError("bug")])
+def test_other_errors_are_not_tried_again(error: Exception) -> None:
+    attempts: list[int] = []
+
+    def action() -> None:
+        attempts.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        until_available(action, "start", threading.Event(), log)
+    assert attempts == [1]
+
+
+def test_a_stop_ends_the_wait_without_another_attempt() -> None:
+    stop = threading.Event()
+    attempts: list[int] = []
+
+    def action() -> None:
+        attempts.append(1)
+        stop.set()  # a SIGTERM during the attempt
+        raise TransientError("away")
+
+    assert until_available(action, "start", stop, log) is None
+    assert attempts == [1]
+
+
+def test_a_bootstrap_that_timed_out_names_the_servers_and_is_transient() -> None:
+    connection = KafkaConnection(bootstrap="127.0.0.1:1")
+    error = translate(
+        KafkaTimeoutError("Unable to bootstrap"), "connect an admin client", connection
+    )
+    assert isinstance(error, TransientError)
+    assert str(error) == (
+        "no Kafka broker of 127.0.0.1:1 answered while trying to connect an admin client"
+    )
+    # a timeout of a request (not a connection's bootstrap) says what it was doing
+    other = translate(KafkaTimeoutError("batch expired"), "send", connection)
+    assert str(other) == "Kafka error while trying to send: KafkaTimeoutError"
+
+
+CONFIG = """
+[producer]
+state_dir = "state"
+metrics_port = 9312
+
+[kafka]
+bootstrap = "127.0.0.1:1"
+
+[[sources]]
+id = "drop-citizens"
+source = "province-01"
+adapter = "filedrop"
+
+[sources.connection]
+directory = "drop"
+
+[sources.mapping]
+entity = "citizen"
+key_field = "so_dinh_danh"
+occurred_at_field = "cap_nhat"
+"""
+
+
+@pytest.fixture
+def produce_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """`produce` with its HTTP server and sources stubbed out, and a cluster that answers
+    from the third attempt on."""
+    import observability.http
+    import producers.produce
+    import transport.admin
+
+    seen: dict[str, Any] = {"attempts": 0, "probes": []}
+
+    def serve(port: int, host: str, healthy: Any = None, ready: Any = None, **_: Any) -> None:
+        seen["healthy"] = healthy or (lambda: True)  # a job's: always
+        seen["ready"] = ready or (lambda: True)
+
+    def ensure_topics(*args: Any) -> list[str]:
+        seen["attempts"] += 1
+        seen["probes"].append((seen["healthy"](), seen["ready"]()))
+        if seen["attempts"] < 3:
+            raise TransientError("no Kafka broker answered")
+        return []
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        seen["ran"] = True
+        return kwargs["result"]
+
+    monkeypatch.setattr(observability.http, "serve", serve)
+    monkeypatch.setattr(transport.admin, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(producers.produce, "produce", run)
+    (tmp_path / "sources.toml").write_text(CONFIG)
+    seen["config"] = str(tmp_path / "sources.toml")
+    return seen
+
+
+def test_produce_waits_for_the_cluster_alive_and_not_ready(produce_cli: dict[str, Any]) -> None:
+    result = CliRunner().invoke(app, ["produce", "--config", produce_cli["config"]])
+    assert result.exit_code == 0, result.output
+    assert produce_cli["attempts"] == 3
+    assert produce_cli["probes"] == [(True, False)] * 3  # /healthz ok, /readyz not
+    assert produce_cli["ran"]
+
+
+def test_produce_once_fails_at_once_when_the_cluster_is_away(produce_cli: dict[str, Any]) -> None:
+    result = CliRunner().invoke(app, ["produce", "--config", produce_cli["config"], "--once"])
+    assert isinstance(result.exception, TransientError)  # exit 1 (portal_sync.cli.EXIT_CODES)
+    assert produce_cli["attempts"] == 1
+    assert "ran" not in produce_cli
