@@ -44,7 +44,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
+    ArgumentError,
     DataError,
     DBAPIError,
     IntegrityError,
@@ -53,7 +55,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from schemas.errors import RecordError, Refused, TransientError
+from schemas.errors import ConfigurationError, RecordError, Refused, TransientError
 from schemas.identifiers import ReferenceKey, key_reference
 from schemas.json_text import loads_exact
 from schemas.redaction import redacted_text
@@ -237,15 +239,41 @@ class Freshness:
 SQLITE_LOCK_WAIT_SECONDS = 60.0
 
 
+STORE_URL_FORMS = (
+    "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DATABASE "
+    "(PORTAL_SYNC_STORE_URL, PORTAL_SYNC_STORE_URL_FILE or --store)"
+)
+
+
+def store_url(url: str) -> URL:
+    """The store's URL read, with the one driver each backend has here: `postgres://` and
+    `postgresql://` (libpq's and most tools' spellings) are psycopg's. Anything else is a
+    configuration error naming the forms; never the URL, which may hold a password."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL, a port that is not a number
+        raise ConfigurationError(f"the store URL does not read as one: {STORE_URL_FORMS}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgres", "postgresql") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return parsed
+    raise ConfigurationError(
+        f"the store URL names {parsed.drivername!r}, which the store does not use: "
+        f"{STORE_URL_FORMS}"
+    )
+
+
 def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN;
     `lock_wait`: seconds a statement waits for a lock (SQLite's `timeout`, PostgreSQL's
     `lock_timeout`). Statement parameters are personal data: never in errors or SQL
     logging (`hide_parameters`), whatever the backend."""
-    if url.startswith("sqlite"):
-        _make_parent_dir(url)
+    parsed = store_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        _make_parent_dir(parsed)
         timeout = SQLITE_LOCK_WAIT_SECONDS if lock_wait is None else lock_wait
-        engine = create_engine(url, connect_args={"timeout": timeout}, hide_parameters=True)
+        engine = create_engine(parsed, connect_args={"timeout": timeout}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -274,9 +302,7 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     # A server that cannot be reached (packets dropped) held a connection attempt for the
     # kernel's two minutes or more, a worker's start or retry with it; a URL's own
     # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
-    from sqlalchemy.engine import make_url
-
-    query = make_url(url).query
+    query = parsed.query
     given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
     connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     # A server gone without a word (a failover's old primary, a network that drops packets)
@@ -289,7 +315,7 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
     if not service and not set(KEEPALIVES) & set(query):
         connect_args.update(KEEPALIVES)
     engine = create_engine(
-        url,
+        parsed,
         pool_pre_ping=True,
         hide_parameters=True,
         json_deserializer=loads_exact,
@@ -318,11 +344,9 @@ KEEPALIVES = {
 }
 
 
-def _make_parent_dir(url: str) -> None:
+def _make_parent_dir(url: URL) -> None:
     """A SQLite file's directory is created (private to the user) when missing."""
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
+    database = url.database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
