@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from observability.web_config import Busy, WebConfig
+from schemas.errors import ConfigurationError
 
 Probe = Callable[[], bool]
 MAX_CONNECTIONS = 16
@@ -211,7 +212,13 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             """Quiet: scrapes every few seconds would flood the logs."""
 
-    server = BoundedHTTPServer((host, port), Handler, tls=web.tls if web is not None else None)
+    try:
+        server = BoundedHTTPServer((host, port), Handler, tls=web.tls if web is not None else None)
+    except OSError as error:  # in use, not this host's address, below 1024 unprivileged
+        raise ConfigurationError(
+            f"cannot serve /metrics on {host}:{port}: {error.strerror or type(error).__name__} "
+            "(the metrics port and host settings or flags)"
+        ) from None
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

@@ -92,3 +92,18 @@ def test_slow_connections_filling_every_place_cannot_hold_the_probes_out(
         for thread in slow:
             thread.join()
         server.shutdown()
+
+
+def test_a_port_in_use_is_a_configuration_error_naming_it() -> None:
+    """Two workers on one host with the default port: one line and exit 2, not a
+    traceback."""
+    from schemas.errors import ConfigurationError
+
+    taken = http.serve(0)
+    port = taken.server_address[1]
+    try:
+        with pytest.raises(ConfigurationError, match=f"cannot serve /metrics on 127.0.0.1:{port}"):
+            http.serve(port)
+    finally:
+        taken.shutdown()
+        taken.server_close()
