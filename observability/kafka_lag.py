@@ -66,6 +66,19 @@ class Filters:
     group: str | None = None  # regular expressions, matched in full
     topic: str | None = None
 
+    def __post_init__(self) -> None:
+        """A pattern that does not compile is refused at once: the exporter polled with it
+        and failed every poll, /readyz false, paging as blind."""
+        for flag, pattern in (("--group", self.group), ("--topic", self.topic)):
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ConfigurationError(
+                    f"{flag}: not a regular expression ({error.msg} at position {error.pos})"
+                ) from None
+
     def group_ok(self, group: str) -> bool:
         return self.group is None or re.fullmatch(self.group, group) is not None
 
