@@ -494,7 +494,13 @@ def dlq_redrive(
 @dlq_app.command("import")
 def dlq_import(
     file: Annotated[
-        Path, typer.Argument(help="<state_dir>/<entry id>.dead-letters.jsonl of a producer")
+        Path,
+        typer.Argument(
+            help="<state_dir>/<entry id>.dead-letters.jsonl of a producer",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
     ],
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip (and name) lines that hold no kept letter")

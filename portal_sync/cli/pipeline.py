@@ -133,9 +133,12 @@ def export(
 
     why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
-    record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
-    handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    try:  # before the access log: an export that cannot be written reads nothing
+        handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    except OSError as error:
+        raise fail(f"--output {output}: {error.strerror or type(error).__name__}", 2) from None
     try:
+        record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
         count = export_records(settings.store_url, handle, entity, provenance=provenance)
     finally:
         if output:

@@ -1,0 +1,29 @@
+"""A path a command cannot use is a one-line error with exit 2 (the usage's), never a
+traceback (FileNotFoundError, IsADirectoryError before)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from portal_sync.cli import app
+
+
+def test_an_export_that_cannot_be_written_reads_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    result = CliRunner().invoke(
+        app,
+        ["export", "--reason", "audit", "--output", str(tmp_path / "no" / "such" / "dir.jsonl"),
+         "--store", f"sqlite:///{store}"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--output" in result.output and "No such file or directory" in result.output
+    assert not store.exists()  # nor the access log written: nothing was read
+
+
+def test_dlq_import_of_a_missing_file_or_a_directory(tmp_path: Path) -> None:
+    for given in (tmp_path / "missing.jsonl", tmp_path):
+        result = CliRunner().invoke(app, ["dlq", "import", str(given)])
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
