@@ -107,12 +107,25 @@ def parse_time(text: str | None) -> datetime | None:
     if age:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age[2]]
         return datetime.now(UTC) - timedelta(**{unit: int(age[1])})
+    text = text.strip()
+    # Python's own reading takes any character between the date and the time, so that
+    # `2025-08-01+07:00` read as 07:00 without an offset: only RFC 3339's forms here.
+    form = RFC3339.fullmatch(text)
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text) if form else None
     except ValueError:
-        raise typer.BadParameter(f"not a time: {text!r}") from None
+        moment = None
+    if moment is None:
+        raise typer.BadParameter(f"not a time: {text!r} (e.g. 2025-08-01T08:00:00+07:00)")
     if moment.tzinfo is None:
+        at = text if form and form["time"] else f"{text}T00:00:00"
         raise typer.BadParameter(
-            f"{text!r} has no UTC offset: write e.g. {text}+07:00 (Vietnam) or {text}Z"
+            f"{text!r} has no UTC offset: write e.g. {at}+07:00 (Vietnam) or {at}Z"
         )
     return moment
+
+
+RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"(?P<time>[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:[Zz]|[+-]\d{2}:\d{2})?)?"
+)

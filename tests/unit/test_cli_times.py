@@ -1,0 +1,57 @@
+"""The times the operators' commands take (`--since`, `--until`, `--to-time`): RFC 3339
+with an offset, or an age. Python's `fromisoformat` takes any character between date and
+time, so the suggestion once given for a date alone, `2025-08-01+07:00`, read as 07:00
+without an offset, and with another `+07:00` as 07:00 of Vietnam: seven hours off."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import typer
+
+from portal_sync.cli.options import parse_time
+
+VN = timezone(timedelta(hours=7))
+
+
+@pytest.mark.parametrize(
+    ("text", "moment"),
+    [
+        ("2025-08-01T00:00:00+07:00", datetime(2025, 8, 1, tzinfo=VN)),
+        ("2025-08-01 08:30Z", datetime(2025, 8, 1, 8, 30, tzinfo=UTC)),
+        ("2025-08-01t08:30:05.25-01:00", datetime(2025, 8, 1, 9, 30, 5, 250000, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_times(text: str, moment: datetime) -> None:
+    assert parse_time(text) == moment
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("2025-08-01", "write e.g. 2025-08-01T00:00:00+07:00 (Vietnam) or 2025-08-01T00:00:00Z"),
+        ("2025-08-01T08:00", "write e.g. 2025-08-01T08:00+07:00 (Vietnam) or 2025-08-01T08:00Z"),
+        ("2025-08-01+07:00", "not a time"),  # was 07:00, offset-less
+        ("2025-08-01+07:00+07:00", "not a time"),  # was 07:00 of Vietnam, not midnight
+        ("2025-08-01x08:00+07:00", "not a time"),
+        ("2025-08-01Z", "not a time"),
+        ("2025-02-30T00:00Z", "not a time"),
+        ("yesterday", "not a time"),
+    ],
+)
+def test_everything_else_is_refused_with_a_form_that_reads(text: str, said: str) -> None:
+    with pytest.raises(typer.BadParameter, match=said.replace("+", r"\+").replace("(", r"\(")
+                       .replace(")", r"\)")) as refused:  # fmt: skip
+        parse_time(text)
+    suggested = str(refused.value).partition("write e.g. ")[2].split(" ")[0]
+    if suggested:  # the form it suggests reads as the midnight or the time asked
+        assert parse_time(suggested) is not None
+
+
+def test_ages() -> None:
+    before = datetime.now(UTC)
+    moment = parse_time("90m")
+    after = datetime.now(UTC)
+    assert moment is not None
+    assert before - timedelta(minutes=90) <= moment <= after - timedelta(minutes=90)
