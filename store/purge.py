@@ -164,9 +164,12 @@ def touches(
     source: str | None = None,
     entities: set[str] | None = None,
 ) -> bool:
-    """Whether a recorded purge started after `moment` (any, when None), is of `source`
-    (or of any) and touches `entities` (or any)."""
-    if moment is not None and purge["started_at"] <= moment:
+    """Whether a recorded purge was still removing after `moment` (any, when None), is
+    of `source` (or of any) and touches `entities` (or any). A purge removes from its
+    start to its finish, chunk by chunk: one that began before `moment` and finished after
+    it (or never finished: it may be resumed) counts as well."""
+    finished = purge["finished_at"]
+    if moment is not None and finished is not None and finished <= moment:
         return False
     if source and purge["source"] != source:
         return False

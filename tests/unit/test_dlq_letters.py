@@ -223,11 +223,18 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     secret = ReferenceKey(b"k" * 32)
 
     def purge(
-        source: str, entity: str | None, minutes: int, key: str | None = None, keyed: bool = False
+        source: str,
+        entity: str | None,
+        minutes: int,
+        key: str | None = None,
+        keyed: bool = False,
+        lasted: int | None = 0,  # minutes from its start to its finish; None: unfinished
     ) -> Any:
         started = failed + timedelta(minutes=minutes)
+        finished = None if lasted is None else started + timedelta(minutes=lasted)
         reference = None if key is None else key_reference(key, secret if keyed else None)
-        return {"source": source, "entity": entity, "reference": reference, "started_at": started}
+        return {"source": source, "entity": entity, "reference": reference,
+                "started_at": started, "finished_at": finished}  # fmt: skip
 
     def held(
         *rows: dict[str, Any], at: datetime | None = failed, here: ReferenceKey | None = None
@@ -238,6 +245,11 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     assert held(purge("province-79", "citizen", 60))
     assert held(purge("province-79", "citizen", -4))  # within the clocks' skew
     assert not held(purge("province-79", "citizen", -6))  # before the letter failed
+    # Begun before the letter failed, still removing after it: its chunks after the
+    # failure may have taken the record away (held back from its start only, before).
+    assert held(purge("province-79", "citizen", -10, lasted=30))
+    assert held(purge("province-79", "citizen", -600, lasted=None))  # unfinished: resumable
+    assert not held(purge("province-79", "citizen", -30, lasted=20))  # over before it failed
     assert not held(purge("province-79", "dossier", 60), purge("province-01", None, 60))
     assert held(purge("province-79", "citizen", -600), at=None)  # it does not say when
     assert held(purge("province-79", "citizen", 60, key="079090000001"))  # its own record
