@@ -929,6 +929,24 @@ class Store:
                 provenance = None if origins is None else expand_provenance(origins, row.sources)
                 yield row.entity, row.key, row.data, row.sources, provenance
 
+    def changed_since(self, keys: Sequence[RecordKey], moment: datetime) -> set[RecordKey]:
+        """Of these records, those changed at or after `moment`: a view of theirs applied,
+        or the merged record written (`rebuild --compare` sets apart what the live
+        workers applied while the rebuild ran). By primary key, a chunk at a time."""
+        found: set[RecordKey] = set()
+        with translated(), self.engine.connect() as conn:
+            for chunk in _chunks(list(keys)):
+                for table, column in (
+                    (source_views, source_views.c.applied_at),
+                    (records, records.c.updated_at),
+                ):
+                    pair = tuple_(table.c.entity, table.c.key)
+                    query = select(table.c.entity, table.c.key).where(
+                        pair.in_(chunk), column >= moment
+                    )
+                    found.update((row.entity, row.key) for row in conn.execute(query.distinct()))
+        return found
+
     def record_keys(
         self, entity: str | None = None, after: RecordKey | None = None, limit: int | None = None
     ) -> list[RecordKey]:

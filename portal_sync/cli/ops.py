@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -262,6 +262,7 @@ def rebuild(
     from store import Store
     from transport.reader import Selection
 
+    began = datetime.now(UTC)  # before the live store's offsets are read (`rebuild_until`)
     names = ("--store (PORTAL_SYNC_REBUILD_STORE_URL)", "--store-file")
     store = url_from(store, store_file, names)
     if store is None:
@@ -298,15 +299,28 @@ def rebuild(
                   "offsets (a worker on the new store applies what follows)")  # fmt: skip
     if compare:
         live = Store(live_settings.store_url)
-        diff = compare_stores(live, target)
-        live.close()
-        for name, keys in diff.items():
-            shown = [f"{entity} {key_reference(key, reference_key)}" for entity, key in keys[:5]]
-            console.print(plain(f"{name}: {len(keys)}" + (f" e.g. {shown}" if keys else "")))
-        if any(diff.values()):
+        try:  # the workers' clocks may run ahead of this host's: what they applied
+            # within the skew before the start is set apart too
+            diff = compare_stores(live, target, changed_since=began - COMPARE_SKEW)
+        finally:
+            live.close()
+        for name, count in diff.counts.items():
+            keys = diff.samples[name]
+            shown = [f"{entity} {key_reference(key, reference_key)}" for entity, key in keys]
+            console.print(plain(f"{name}: {count}" + (f" e.g. {shown}" if keys else "")))
+        if diff.meanwhile:
+            console.print(
+                f"changed in the live store while the rebuild ran (its workers applied "
+                f"them; not compared): {diff.meanwhile}"
+            )
+        if diff.any():
             target.close()
             raise typer.Exit(2)
     target.close()
+
+
+# How far a live worker's clock may run ahead of this host's (`rebuild --compare`).
+COMPARE_SKEW = timedelta(minutes=5)
 
 
 # -- dead letters -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ from consumers.config import load_rules
 from consumers.reconciler import BatchReport, Reconciler, starts_after
 from portal_sync.settings import Settings
 from schemas.errors import ConfigurationError, Refused, TransientError
+from schemas.views import RecordKey
 from store import HistoryEntry, Store, TopicPartition
 from transport.reader import Message, RangeReader, Selection
 
@@ -184,12 +186,69 @@ def _count(summary: ReplaySummary, outcomes: list[Any], changes: list[HistoryEnt
             )  # fmt: skip
 
 
-def compare_stores(live: Store, rebuilt: Store) -> dict[str, list[tuple[str, str]]]:
-    """Records only in the live store, only in the rebuilt one, or different."""
-    left = {(e, k): (d, s) for e, k, d, s, _ in live.iter_records()}
-    right = {(e, k): (d, s) for e, k, d, s, _ in rebuilt.iter_records()}
-    return {
-        "only_live": sorted(left.keys() - right.keys()),
-        "only_rebuilt": sorted(right.keys() - left.keys()),
-        "different": sorted(k for k in left.keys() & right.keys() if left[k] != right[k]),
-    }
+DIFFERENCES = ("only_live", "only_rebuilt", "different")
+COMPARE_SAMPLES = 5
+COMPARE_CHUNK = 1000  # differing records checked against the live store's times at once
+
+
+@dataclass
+class Comparison:
+    """`compare_stores`'s finding: per kind of difference, how many and the first few."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIFFERENCES, 0))
+    samples: dict[str, list[RecordKey]] = field(
+        default_factory=lambda: {name: [] for name in DIFFERENCES}
+    )
+    meanwhile: int = 0  # differing, but changed in the live store since the rebuild began
+
+    def any(self) -> bool:
+        return any(self.counts.values())
+
+    def add(self, name: str, key: RecordKey) -> None:
+        self.counts[name] += 1
+        if len(self.samples[name]) < COMPARE_SAMPLES:
+            self.samples[name].append(key)
+
+
+def compare_stores(
+    live: Store, rebuilt: Store, changed_since: datetime | None = None
+) -> Comparison:
+    """Records only in the live store, only in the rebuilt one, or different: both stores
+    read in one pass each, in the same order (bounded memory, whatever their size). With
+    `changed_since`, a difference whose record the live store changed at or after it (its
+    workers ran on while the rebuild read up to the offsets it started from) is counted
+    apart, as `meanwhile`, and is not a difference."""
+    found = Comparison()
+    pending: list[tuple[str, RecordKey]] = []
+
+    def check(flush: bool = False) -> None:
+        if not pending or (not flush and len(pending) < COMPARE_CHUNK):
+            return
+        later = (
+            set()
+            if changed_since is None
+            else live.changed_since([key for _, key in pending], changed_since)
+        )
+        for name, key in pending:
+            if key in later:
+                found.meanwhile += 1
+            else:
+                found.add(name, key)
+        pending.clear()
+
+    left, right = live.iter_records(), rebuilt.iter_records()
+    a, b = next(left, None), next(right, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[:2] < b[:2]):
+            pending.append(("only_live", (a[0], a[1])))  # type: ignore[index]
+            a = next(left, None)
+        elif a is None or b[:2] < a[:2]:
+            pending.append(("only_rebuilt", (b[0], b[1])))
+            b = next(right, None)
+        else:
+            if a[2:4] != b[2:4]:  # data and sources
+                pending.append(("different", (a[0], a[1])))
+            a, b = next(left, None), next(right, None)
+        check()
+    check(flush=True)
+    return found
