@@ -144,7 +144,7 @@ class Adapter(ABC):
 
     #: contract entity of the records (None: each record names its own)
     entity: Entity | None = None
-    #: the source column or field the record key comes from (documentation, checks)
+    #: the source column or field the record key comes from (documentation for readers)
     key: ClassVar[str] = ""
     #: the replication key: what the state's position is made of
     cursor: ClassVar[str] = ""
