@@ -16,7 +16,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from schemas.errors import TransientError
+from schemas.errors import Refused, TransientError
 from transport import clients
 from transport.config import KafkaConnection
 from transport.guard import first_offset, unreadable
@@ -85,10 +85,19 @@ class RangeReader:
 
     def _resolve(self, selection: Selection) -> dict[TP, OffsetRange]:
         consumer = self._consumer
+        found = {topic: consumer.partitions_for_topic(topic) for topic in selection.topics}
+        if unseen := sorted(topic for topic, known in found.items() if not known):
+            # read as empty before: `dlq list` said "dead letters (0)" to a principal that
+            # may not see the topic, and under a mistyped topic prefix
+            raise Refused(
+                f"Kafka: {self.connection.principal()} sees no topic {', '.join(unseen)}: it "
+                "does not exist (check PORTAL_SYNC_TOPIC_PREFIX) or the cluster's ACLs do not "
+                "let this principal describe it"
+            )
         partitions = [
             TopicPartition(topic, p)
             for topic in selection.topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
+            for p in sorted(found[topic] or ())
             if selection.partitions is None or p in selection.partitions
         ]
         if not partitions:
