@@ -226,6 +226,13 @@ def skip_message(
     with cluster(settings.connection()) as c:
         if c.active_members(group):
             raise GroupActive(f"group {group} has active members: stop its workers first")
+        held = sorted(p for t, p in c.partitions([topic]))
+        if partition not in held:  # asked for its offsets, the client waited 30 s, then failed
+            raise Refused(
+                f"--partition: {topic} has partitions {held[0]} to {held[-1]}, not {partition}"
+                if held
+                else f"--topic: {topic} has no partitions: run `portal-sync topics` first"
+            )
         log_start = c.beginning_offsets([(topic, partition)]).get((topic, partition), 0)
     store = Store(settings.store_url)
     try:
