@@ -31,7 +31,7 @@ from portal_sync.cli.options import (
     parse_time,
     settings_from,
 )
-from portal_sync.settings import url_from
+from portal_sync.settings import Settings, url_from
 from schemas.errors import ConfigurationError, Refused
 from schemas.identifiers import ReferenceKey, key_reference
 
@@ -105,6 +105,7 @@ def replay(
     why = require_reason("replay --show-values", reason) if show_values else None
     settings = settings_from(bootstrap, store)
     reference_key = settings.reference_key()
+    _warn_of_an_odd_source(settings, source)
     names = settings.topics()
     others = sorted(set(topic or ()) - set(names.change_topics()))
     if others:  # a misspelt one read nothing, and said so with exit 0
@@ -201,13 +202,18 @@ def _print_summary(
         console.print(plain(f"  {item['entity']} {key} ({item['source']}): {fields}"))
 
 
+REPLAY_OUTCOMES = ("applied", "unchanged", "stale", "dead_lettered", "apply_failed", "skipped")
+
+
 def summary_dict(
     summary: ReplaySummary, show_values: bool = False, reference_key: ReferenceKey | None = None
 ) -> dict[str, object]:
     """The summary as JSON; keys as keyed references unless values are shown."""
     return {
         "read": summary.read,
-        "outcomes": dict(summary.outcomes),
+        # every outcome, 0 included: `.outcomes.dead_lettered` reads in any run
+        "outcomes": {name: summary.outcomes[name] for name in REPLAY_OUTCOMES}
+        | dict(summary.outcomes),
         "by_entity": {f"{e}:{o}": n for (e, o), n in sorted(summary.by_entity.items())},
         "changed_records": dict(summary.changed_records),
         "seconds": round(summary.seconds, 3),
@@ -453,6 +459,7 @@ def dlq_redrive(
         raise typer.Exit(2)
     _warn_of_odd_reasons(reason)
     settings = settings_from(bootstrap, store)
+    _warn_of_an_odd_source(settings, source)
     filters = Filters(reason, source, parse_time(since), parse_time(until), letter_ids)
     letters = iter_dead_letters(settings, filters)
     left_out = [0]
@@ -653,6 +660,24 @@ def _warn_of_odd_reasons(reasons: list[str] | None) -> None:
     if odd:
         said = (f"--reason {', '.join(odd)}: none of the pipeline's reason codes (a typo?): "
                 "only letters that carry it are selected")  # fmt: skip
+        progress_console.print(markup("[yellow]warning:[/yellow] {}", said))
+
+
+def _warn_of_an_odd_source(settings: Settings, source: str | None) -> None:
+    """A `--source` the registry does not list selected nothing, without a word, when
+    misspelt (`replay` applied nothing and exited 0); events or letters that carry it (a
+    source since removed from the registry) can still be selected, after a warning."""
+    from consumers.registry import Registry
+
+    if source is None:
+        return
+    try:
+        registry = Registry.load(settings.registry)
+    except (OSError, ValueError):
+        return  # the command's own reading of the rules says what is wrong with them
+    if not registry.development_mode and source not in registry.sources:
+        said = (f"--source {source}: not in the source registry (a typo?): only events "
+                "and letters that carry it are selected")  # fmt: skip
         progress_console.print(markup("[yellow]warning:[/yellow] {}", said))
 
 

@@ -30,6 +30,7 @@ from tests.support.pipeline_helpers import (
     cli,
     expected_export,
     exported,
+    registry_without_signatures,
     shuffled_with_duplicates,
     start_worker,
     write_jsonl,
@@ -146,6 +147,17 @@ def test_replay_filters_by_source_and_entity(
     # the other source's invalid event is skipped by the filter, not this replay's failure
     assert summary["outcomes"]["dead_lettered"] == 1
     assert summary["outcomes"]["skipped"] == summary["read"] - by_source - 1
+    assert "not in the source registry" not in result.stderr
+
+    # A misspelt source: a warning, and every outcome in the JSON, 0 included
+    registered = settings.model_copy(update={"registry": registry_without_signatures(tmp_path)})
+    typo = cli(registered, "replay", "--since", "1h", "--json", "--source", "province-1",
+               "--rules-mismatch-ok")  # fmt: skip
+    assert typo.returncode == 0, typo.stderr
+    assert "--source province-1: not in the source registry (a typo?)" in typo.stderr
+    outcomes = json.loads(typo.stdout)["outcomes"]
+    assert outcomes["applied"] == outcomes["dead_lettered"] == outcomes["apply_failed"] == 0
+    assert outcomes["skipped"] == summary["read"]
 
 
 def _unregistered_province_79(
@@ -1028,3 +1040,22 @@ def test_a_misspelt_selection_is_refused_or_warned_of_not_an_empty_success(
         assert "--reason unregisterd_source: none of the pipeline's reason codes" in said, said
     quiet = cli(settings, "dlq", "list", "--reason", "unregistered_source")
     assert quiet.returncode == 0 and "reason codes" not in quiet.stderr
+
+
+def test_dlq_list_and_replay_refuse_a_topic_they_do_not_see(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """Under a mistyped topic prefix (or a principal the ACLs do not let describe the
+    topic) `dlq list` said "dead letters (0)" and exited 0, and `replay` applied nothing:
+    both are refused now, naming the topic."""
+    settings = settings_for(sqlite_store_url)  # its topics never created
+    listed = cli(settings, "dlq", "list")
+    assert listed.returncode == 1, listed.stdout
+    assert f"sees no topic {settings.topics().dead_letters}" in listed.stderr
+    assert "dead letters (0)" not in listed.stdout
+    store = Store(settings.store_url)
+    store.create_schema()
+    store.close()
+    replayed = cli(settings, "replay", "--entity", "citizen", "--dry-run")
+    assert replayed.returncode == 1, replayed.stdout
+    assert "sees no topic" in replayed.stderr

@@ -736,7 +736,13 @@ def test_offsets_skip_copies_the_message_to_the_dead_letters_and_moves_past_it(
     elsewhere = cli(settings, "offsets", "skip", "--topic", dead_letter_topic(settings),
                     "--partition", "0", "--offset", "0", "--reason", "stuck")  # fmt: skip
     assert elsewhere.returncode == 1 and "not a change topic" in elsewhere.stderr
-    assert dead_letters_written(settings) == 0  # neither copied anything
+    began = time.monotonic()  # a partition the topic does not have: 30 s, then a traceback
+    nowhere = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "9",
+                  "--offset", "0", "--reason", "stuck")  # fmt: skip
+    assert nowhere.returncode == 1, nowhere.stderr
+    assert f"--partition: {topic} has partitions 0 to 0, not 9" in nowhere.stderr
+    assert time.monotonic() - began < 25
+    assert dead_letters_written(settings) == 0  # none copied anything
     skipped = cli(settings, "offsets", "skip", "--topic", topic, "--partition", "0",
                   "--offset", "0", "--reason", "stuck", "--operator", "ops-2")  # fmt: skip
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
