@@ -16,6 +16,7 @@ from rich.text import Text
 from observability.terminal import markup, plain
 from portal_sync.cli.options import ReaderOpt, ReasonOpt, StoreOpt, err_console
 from portal_sync.settings import Settings
+from schemas.errors import Refused
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
     from store import Store
@@ -24,6 +25,15 @@ console = Console()
 store_app = typer.Typer(no_args_is_help=True, help="The store's schema (Alembic).")
 
 EntityArg = Annotated[str, typer.Argument(help="citizen, organization, document or dossier")]
+
+
+def _known_entity(entity: str | None) -> None:
+    """A misspelt --entity selected nothing and said so with exit 0: refused, as `show`,
+    `export` and `replay` refuse it."""
+    from schemas.events import ENTITIES
+
+    if entity is not None and entity not in ENTITIES:
+        raise Refused(f"--entity {entity}: not one of {', '.join(ENTITIES)}")
 
 
 def _store(store_url: str | None) -> Store:
@@ -131,6 +141,7 @@ def remerge(
     from portal_sync.ops.rules import guard_rules
     from store import Store
 
+    _known_entity(entity)
     settings = Settings.from_flags(store=store)
     load_rules(settings.registry, settings.authority_file)  # a wrong file refuses first
     target = Store(settings.store_url)
@@ -274,6 +285,7 @@ def conflicts(
     """Open disagreements between sources, by source pair and field, worst first."""
     from store.queries import conflict_report
 
+    _known_entity(entity)
     target = _store(store)
     lines = conflict_report(target, entity)
     target.close()

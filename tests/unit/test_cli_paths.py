@@ -27,3 +27,15 @@ def test_dlq_import_of_a_missing_file_or_a_directory(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["dlq", "import", str(given)])
         assert result.exit_code == 2, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_misspelt_entity_is_refused_by_conflicts_and_remerge(tmp_path: Path) -> None:
+    """They printed an empty report (exit 0), where show, export and replay refuse."""
+    from schemas.errors import Refused
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    for command in (["conflicts"], ["remerge", "--dry-run"]):
+        result = CliRunner().invoke(app, [*command, "--entity", "citzen", "--store", store])
+        assert isinstance(result.exception, Refused), result.output
+        assert "--entity citzen: not one of citizen" in str(result.exception)
+    assert not (tmp_path / "store.db").exists()
