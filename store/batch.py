@@ -252,10 +252,10 @@ class BatchIO:
         which sets it to `at` (a time already past: checked at its next run)."""
         raise NotImplementedError
 
-    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
-        """Note records left with no view at all (a source purge took the last), at `at`,
-        whatever a row of them said: its time may be of a delete the record came back
-        from, or `DUE_AT_ONCE` from a purge that left tombstones."""
+    def note_removals(self, times: Mapping[RecordKey, datetime]) -> None:
+        """Note records left with no view at all (a source purge took the last), each at
+        its time, whatever a row of them said: its time may be of a delete the record
+        came back from, or `DUE_AT_ONCE` from a purge that left tombstones."""
         raise NotImplementedError
 
     def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
@@ -597,13 +597,15 @@ class PostgresBatchIO(BatchIO):
             [_naive(at), *_key_arrays(sorted(keys))],
         )
 
-    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
+    def note_removals(self, times: Mapping[RecordKey, datetime]) -> None:
+        items = sorted(times.items())
         self._run(
-            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, %b"
-            " FROM unnest(%b::text[], %b::text[]) AS u(e, k) WHERE NOT EXISTS (SELECT 1"
-            " FROM source_views v WHERE v.entity = u.e AND v.key = u.k)"
+            "INSERT INTO record_deletions (entity, key, deleted_at) SELECT e, k, t"
+            " FROM unnest(%b::text[], %b::text[], %b::timestamp[]) AS u(e, k, t)"
+            " WHERE NOT EXISTS (SELECT 1 FROM source_views v WHERE v.entity = u.e"
+            " AND v.key = u.k)"
             " ON CONFLICT (entity, key) DO UPDATE SET deleted_at = excluded.deleted_at",
-            [_naive(at), *_key_arrays(sorted(keys))],
+            [*_key_arrays([k for k, _ in items]), [_naive(at) for _, at in items]],
         )
 
     def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:
@@ -954,13 +956,13 @@ class SqliteBatchIO(BatchIO):
             [(e, k, _text_time(at)) for e, k in sorted(keys)],
         )
 
-    def note_removals(self, keys: Sequence[RecordKey], at: datetime) -> None:
+    def note_removals(self, times: Mapping[RecordKey, datetime]) -> None:
         self._many(
             "INSERT INTO record_deletions (entity, key, deleted_at) SELECT ?1, ?2, ?3"
             " WHERE NOT EXISTS (SELECT 1 FROM source_views v WHERE v.entity = ?1"
             " AND v.key = ?2) ON CONFLICT (entity, key)"
             " DO UPDATE SET deleted_at = excluded.deleted_at",
-            [(e, k, _text_time(at)) for e, k in sorted(keys)],
+            [(e, k, _text_time(at)) for (e, k), at in sorted(times.items())],
         )
 
     def with_views(self, keys: Sequence[RecordKey]) -> set[RecordKey]:

@@ -1268,18 +1268,21 @@ class BatchTransaction:
             # what it found for the next wait).
             self._io.new_conflicts = self._io.settle()
         if changes.purged_views:
-            self._io.delete_views(changes.purged_views)
-            # Left with tombstones only (or nothing): due for the retention's next check,
-            # from the newest tombstone's own time, not from this purge's.
             purged = {(e, k) for e, k, _ in changes.purged_views}
             emptied = [k for k in purged if k in changes.records and changes.records[k] is None]
+            # Of these, the records deleted before this purge (every view a tombstone):
+            # their values were last held at their newest tombstone, read before it goes.
+            deleted = self._io.only_tombstones(emptied) if emptied else {}
+            self._io.delete_views(changes.purged_views)
             if emptied:
+                # Left with tombstones only: due for the retention's next check, from the
+                # newest tombstone's own time, not from this purge's.
                 self._io.note_deletions(emptied, DUE_AT_ONCE, due=True)
-                # Left with no view at all: nothing says when its values were last held,
-                # but this purge. Its history's values and its anomalies go a deleted
-                # record's retention after it (an earlier note may be of a delete the
-                # record came back from: never counted from).
-                self._io.note_removals(emptied, now)
+                # Left with no view at all: their history's values and anomalies go a
+                # deleted record's retention after the time its values were last held:
+                # its last delete, or this purge for one that was live (an earlier note
+                # may be of a delete the record came back from: never counted from).
+                self._io.note_removals({key: deleted.get(key, now) for key in emptied})
         if changes.purge is not None:
             _upsert(self._conn, source_purges, [changes.purge.row()], ["id"],
                     updated=SOURCE_PURGE_PROGRESS)  # fmt: skip

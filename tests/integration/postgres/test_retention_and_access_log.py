@@ -304,7 +304,7 @@ def test_a_dossier_a_source_purge_took_the_tombstones_of_is_still_forgotten(
 ) -> None:
     """A dossier its only source deleted, whose tombstone a source purge then removed:
     no view is left, and still its history's values and its unforeseen status changes go
-    a deleted record's retention after the purge (privacy.md), not never."""
+    a deleted record's retention after its last delete (privacy.md), not never."""
     from consumers.merge import Authority
     from portal_sync.ops import purge as purging
     from tests.support.store_helpers import anomaly_rows
@@ -318,13 +318,37 @@ def test_a_dossier_a_source_purge_took_the_tombstones_of_is_still_forgotten(
     deleted_at = notes(store)[gone]
     audit = purging.new_purge("province-01", "dossier", None, "wrong data", "steward", None)
     purging.run(store, Authority(), audit, None)
-    assert views(store) == [] and notes(store)[gone] >= deleted_at  # the purge's time
+    assert views(store) == [] and notes(store)[gone] == deleted_at  # its delete's time
     assert len(anomaly_rows(store)) == 1
     now = utcnow()
     assert purge(store, RETENTION, now + 179 * DAY)["deleted_history_values"] == 0
     assert purge(store, RETENTION, now + 181 * DAY)["deleted_history_values"] == 3
     assert anomaly_rows(store) == [] and notes(store) == {}
     assert all(purged is not None for _, purged in history(store, gone))
+
+
+def test_a_purge_of_a_deleted_records_last_tombstone_counts_from_its_delete(
+    store: Store,
+) -> None:
+    """Its only source deleted it 170 days ago; a source purge then removes the tombstone:
+    its values go 180 days after that delete (privacy.md), not 180 days after the purge
+    (up to 350 days after the delete before)."""
+    from consumers.merge import Authority
+    from portal_sync.ops import purge as purging
+
+    feed = Feed(store)
+    feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Văn A"}))
+    feed.apply(event("citizen", CITIZEN, "province-01", 2, None))
+    long_ago = utcnow() - 170 * DAY
+    with store.write_transaction() as conn:
+        conn.execute(update(source_views).values(applied_at=long_ago))
+        conn.execute(update(record_deletions).values(deleted_at=long_ago))
+    audit = purging.new_purge("province-01", "citizen", None, "wrong data", "steward", None)
+    purging.run(store, Authority(), audit, None)
+    assert views(store) == [] and notes(store) == {CITIZEN: long_ago}
+    assert purge(store, RETENTION, utcnow() + 9 * DAY)["deleted_history_values"] == 0
+    assert purge(store, RETENTION, utcnow() + 11 * DAY)["deleted_history_values"] == 2
+    assert notes(store) == {}
 
 
 def test_a_purge_that_removes_the_last_view_counts_from_itself_never_from_an_older_note(
