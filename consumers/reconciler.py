@@ -379,10 +379,9 @@ class Reconciler:
                     record_key[0], work.views.get(record_key, {}).values(), self.authority
                 )
                 work.merged[record_key] = record
-                changes = record_changes(
-                    work.canonical.get(record_key), record.data if record else None
-                )
-                if changes:
+                before = work.canonical.get(record_key)
+                changes = record_changes(before, record.data if record else None)
+                if changes or (before is None) != (record is None):
                     work.history.append(
                         {
                             "entity": record_key[0],
@@ -426,8 +425,9 @@ class Reconciler:
                 remerged += record is not None
                 removed += before is not None and record is None
                 fields = record_changes(before, record.data if record else None)
-                changed += bool(fields) and record is not None
-                if fields:
+                appeared_or_went = (before is None) != (record is None)  # even with no fields
+                changed += (bool(fields) or appeared_or_went) and record is not None
+                if fields or appeared_or_went:
                     work.history.append(
                         {
                             "entity": record_key[0],
@@ -476,8 +476,10 @@ class Reconciler:
         record = merge(event.entity, work.views[record_key].values(), self.authority)
         work.merged[record_key] = record
         after = record.data if record else None
-        changes = record_changes(work.canonical.get(record_key), after)
-        if changes:
+        before = work.canonical.get(record_key)
+        changes = record_changes(before, after)
+        # a record of no fields created or removed changes none, and is an entry all the same
+        if changes or (before is None) != (after is None):
             work.history.append(
                 {
                     "entity": event.entity,
