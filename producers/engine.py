@@ -161,11 +161,14 @@ class AdapterRunner:
                 "again (docs/operations.md, re-sending a source's current records)"
             ) from None
 
-    def run_once(self, stop: threading.Event | None = None) -> RunStats:
+    def run_once(
+        self, stop: threading.Event | None = None, stats: RunStats | None = None
+    ) -> RunStats:
         """Publish everything new at the source now (from the last saved checkpoint). Once
         `stop` is set the run ends at the next item, as a finished one (the checkpoints
-        reached saved, everything sent acknowledged); the rest waits for the next run."""
-        stats = RunStats()
+        reached saved, everything sent acknowledged); the rest waits for the next run.
+        Counted into `stats` as it goes (a failed run's count is kept too)."""
+        stats = RunStats() if stats is None else stats
         produced: Tally[str] = Tally()
         journal = read_json_lines(self.journal_path)
         if journal and type(self.adapter).recover is Adapter.recover:
@@ -232,11 +235,16 @@ class AdapterRunner:
         if seconds is not None:
             CURSOR_LAG.set(self.adapter.source, self.source_id, seconds)
 
-    def run_with_retries(self, stop: threading.Event | None = None) -> RunStats:
-        """`run_once`, retried with backoff; FatalError is not retried."""
+    def run_with_retries(
+        self, stop: threading.Event | None = None, stats: RunStats | None = None
+    ) -> RunStats:
+        """`run_once`, retried with backoff; FatalError is not retried. Every attempt
+        counts into `stats`: what a failed attempt sent was sent (and counted again if a
+        retry sends it again: at least once)."""
+        stats = RunStats() if stats is None else stats
         for attempt in range(1, self.retry.attempts + 1):
             try:
-                return self.run_once(stop)
+                return self.run_once(stop, stats)
             except FatalError:
                 raise
             except Exception as error:
@@ -254,7 +262,7 @@ class AdapterRunner:
                     break
                 if stop is None:
                     time.sleep(self.retry.delay(attempt))
-        return RunStats()
+        return stats
 
     def stop_fatally(self, error: FatalError) -> None:
         """Count and log a fatal error; the caller stops scheduling this source."""

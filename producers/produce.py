@@ -83,9 +83,11 @@ class SourceGroup:
         result: ProduceResult,
         stop: threading.Event | None,
     ) -> bool:
-        """One scheduled run; False when the source stopped for good (fatal)."""
+        """One scheduled run; False when the source stopped for good (fatal). What it
+        published is counted whether or not it ended well."""
+        stats = RunStats()
         try:
-            result.record(entry.id, runner.run_with_retries(stop))
+            runner.run_with_retries(stop, stats)
         except FatalError as error:
             runner.stop_fatally(error)
             result.fail(entry.id)
@@ -93,6 +95,8 @@ class SourceGroup:
         except Exception:
             log.error("%s: giving up this run until the next one", entry.id)
             result.fail(entry.id)
+        finally:
+            result.record(entry.id, stats)
         return True
 
 

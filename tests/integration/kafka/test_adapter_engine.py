@@ -105,6 +105,38 @@ def test_retriable_errors_are_retried_with_backoff(publisher: Publisher, tmp_pat
     assert load_json_state(runner.state_path) == {"position": 4}
 
 
+def test_every_attempt_of_a_run_is_counted(publisher: Publisher, tmp_path: Path) -> None:
+    """`produce --once` printed the last attempt's count only: a run that published three
+    events, failed, and was retried from its checkpoint said "published 1"; one that then
+    stopped fatally said nothing of what it had published."""
+    from producers.deployment import SourceEntry
+    from producers.produce import ProduceResult, SourceGroup
+
+    class FailsOnceAfterThree(ListAdapter):
+        failed = False
+
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                yield item
+                if not self.failed and item == Checkpoint({"position": 3}):
+                    self.failed = True
+                    raise RetriableError("connection reset")
+
+    runner = AdapterRunner("twice", FailsOnceAfterThree(), publisher, tmp_path,
+                           RetryPolicy(3, 0.01), None, 0.0)  # fmt: skip
+    stats = runner.run_with_retries()
+    assert (stats.published, stats.checkpoints) == (3 + 1, 3 + 1)  # resumed at position 3
+
+    class Dies(DiesAfterTwo):
+        pass
+
+    entry = SourceEntry.model_construct(id="dies", contract_source="province-01")
+    result = ProduceResult()
+    dying = AdapterRunner("dies", Dies(), publisher, tmp_path, RetryPolicy(1, 0.01))
+    assert not SourceGroup._run(entry, dying, result, None)  # fatal: stops the source
+    assert result.stats["dies"].published == 3 and result.failed == ["dies"]
+
+
 def test_a_producer_that_keeps_failing_still_reports_how_far_behind_it_is(
     publisher: Publisher, tmp_path: Path
 ) -> None:
