@@ -483,6 +483,13 @@ def test_the_lag_exporter_watches_the_groups_asked(
     wider = render(helm, *VALUES["production"], "--set", "lagExporter.groups=portal-sync-.*")
     main = container(one(wider, "Deployment", f"{FULLNAME}-lag-exporter"))
     assert "--group=portal-sync-.*" in main["args"]
+    # quoted: a pattern YAML reads otherwise ('a #b' cut at the '#', 'x-(a|b): y' a map)
+    for pattern in ("a #b", "x-(a|b): y"):
+        odd = render(helm, *VALUES["production"], "--set-string", f"lagExporter.groups={pattern}")
+        assert (
+            f"--group={pattern}"
+            in container(one(odd, "Deployment", f"{FULLNAME}-lag-exporter"))["args"]
+        )
 
 
 def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
@@ -600,8 +607,17 @@ def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_wo
     )
     default_job = one(default, "Job", f"{FULLNAME}-store-upgrade")
     assert "initContainers" not in default_job["spec"]["template"]["spec"]
-    # an empty env: (YAML null) renders
+    # an empty env: (YAML null) renders, with the PrometheusRule too
     render(helm, *owner, "--set", "worker.env=null", "--set", "env=null")
+    render(helm, *VALUES["production"], "--set", "worker.env=null", "--set", "env=null")
+    # the pod's labels and annotations of every pod (a NetworkPolicy's, a mesh's opt-out:
+    # without them the hook could not reach the database, or never completed)
+    pod = one(render(helm, *owner, "--set-string", "podLabels.netpol/allow-postgres=true",
+                     "--set-string", "podAnnotations.sidecar\\.istio\\.io/inject=false"),
+              "Job", f"{FULLNAME}-store-upgrade")["spec"]["template"]["metadata"]  # fmt: skip
+    assert pod["labels"]["netpol/allow-postgres"] == "true"
+    assert pod["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["annotations"]["kubectl.kubernetes.io/default-container"] == "store-upgrade"
     # the floor follows the workers' retention of the access log, where it is set
     retention = "PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS"
     for where in ("worker.env", "env"):
