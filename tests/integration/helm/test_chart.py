@@ -627,6 +627,33 @@ def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_wo
             "store", "grant", "portal_sync", "--access-log-floor-days", "365"]  # fmt: skip
 
 
+def test_a_province_installs_its_producers_only(
+    helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """worker.enabled=false: no worker, no store needed, no alert of a missing worker (it
+    fired for ever under a producers-only release, which the chart could not render
+    without a store Secret and rendered a worker of 0 replicas with)."""
+    producer = {"name": "hcm", "config": (
+        '[[sources]]\nid = "hcm-citizens"\nsource = "province-79"\nadapter = "filedrop"\n'
+        '[sources.connection]\ndirectory = "/data/drop"\n[sources.mapping]\n'
+        'entity = "citizen"\nkey_field = "pid"\noccurred_at_field = "at"\n')}  # fmt: skip
+    values = tmp_path / "province.yaml"
+    values.write_text(yaml.safe_dump({
+        "worker": {"enabled": False}, "lagExporter": {"enabled": False},
+        "storeUpgrade": {"enabled": False}, "store": {"existingSecret": ""},
+        "prometheusRule": {"enabled": True}, "producers": [producer],
+    }))  # fmt: skip
+    manifests = render(helm, "-f", str(values))
+    assert not [m for m in manifests if "worker" in m["metadata"]["name"]]
+    assert one(manifests, "Deployment", f"{FULLNAME}-producer-hcm")
+    rules = one(manifests, "PrometheusRule", FULLNAME)["spec"]["groups"]
+    names = {rule["alert"] for group in rules for rule in group["rules"]}
+    assert "PortalSyncWorkerMissing" not in names and "PortalSyncProducerMissing" in names
+    # a part of the release that reads the store still needs its Secret
+    refused = template(helm, "-f", str(values), "--set", "toolbox.enabled=true")
+    assert refused.returncode != 0 and "store.existingSecret is required" in refused.stderr
+
+
 def test_defaults_leave_the_operator_resources_off(default: list[Manifest]) -> None:
     kinds = {m["kind"] for m in default}
     assert not kinds & CRD_KINDS

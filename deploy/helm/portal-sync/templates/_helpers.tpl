@@ -64,11 +64,13 @@ portal-sync/producer: {{ . }}
 {{- if lt (int $kafka.changePartitions) 1 }}
 {{- fail "kafka.changePartitions must be at least 1" }}
 {{- end }}
-{{- if gt (int .Values.worker.replicas) (int $kafka.changePartitions) }}
+{{- if and .Values.worker.enabled (gt (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
 {{- fail (printf "worker.replicas (%d) must not exceed kafka.changePartitions (%d): each partition is read by one worker of the group at a time, so no entity topic can use more workers than it has partitions; raise the partitions first (docs/deploy.md)" (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
 {{- end }}
-{{- if not .Values.store.existingSecret }}
-{{- fail "store.existingSecret is required: the Secret holding the store URL (PORTAL_SYNC_STORE_URL_FILE)" }}
+{{- $lag := .Values.lagExporter -}}
+{{- $storeUsers := or .Values.worker.enabled .Values.storeUpgrade.enabled .Values.toolbox.enabled (and $lag.enabled (eq $lag.offsetsFrom "store")) }}
+{{- if and $storeUsers (not .Values.store.existingSecret) }}
+{{- fail "store.existingSecret is required: the Secret holding the store URL (PORTAL_SYNC_STORE_URL_FILE), which the worker, the store upgrade, the toolbox and a lag exporter reading the store's offsets use" }}
 {{- end }}
 {{- $owner := .Values.storeUpgrade.owner }}
 {{- if and $owner.existingSecret (not $owner.runtimeRole) }}
