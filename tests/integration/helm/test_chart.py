@@ -618,6 +618,15 @@ def test_with_an_owner_the_store_upgrade_upgrades_as_the_owner_and_grants_the_wo
     assert pod["labels"]["netpol/allow-postgres"] == "true"
     assert pod["annotations"]["sidecar.istio.io/inject"] == "false"
     assert pod["annotations"]["kubectl.kubernetes.io/default-container"] == "store-upgrade"
+    # Neither the workers' Kafka identity nor the metrics' TLS key: the store's commands
+    # use neither, and the pod holding the owner's URL holds no more.
+    job = one(render(helm, *VALUES["production"]), "Job", f"{FULLNAME}-store-upgrade")
+    spec = job["spec"]["template"]["spec"]
+    assert {v["name"] for v in spec["volumes"]} == {
+        "tmp", "store", "store-tls", "reference-key", "rules"}  # fmt: skip
+    for each in [*spec.get("initContainers", []), *spec["containers"]]:
+        names = {e["name"] for e in each["env"]}
+        assert not {n for n in names if "SASL" in n or "SSL" in n or "WEB_CONFIG" in n}, names
     # the floor follows the workers' retention of the access log, where it is set
     retention = "PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS"
     for where in ("worker.env", "env"):

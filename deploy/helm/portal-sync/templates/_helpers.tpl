@@ -98,6 +98,7 @@ portal-sync/producer: {{ . }}
   value: {{ $kafka.bootstrap | quote }}
 - name: PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL
   value: {{ $kafka.securityProtocol | quote }}
+{{- if not .storeOnly }}
 {{- if hasPrefix "SASL" $kafka.securityProtocol }}
 - name: PORTAL_SYNC_KAFKA_SASL_MECHANISM
   value: {{ $kafka.saslMechanism | quote }}
@@ -126,6 +127,7 @@ portal-sync/producer: {{ . }}
 - name: PORTAL_SYNC_KAFKA_SSL_KEYFILE
   value: {{ printf "/etc/portal-sync/kafka-tls/%s" $kafka.tls.keyKey | quote }}
 {{- end }}
+{{- end }}
 - name: PORTAL_SYNC_TOPIC_PREFIX
   value: {{ $kafka.topicPrefix | quote }}
 - name: PORTAL_SYNC_CHANGE_PARTITIONS
@@ -144,7 +146,7 @@ portal-sync/producer: {{ . }}
 - name: PORTAL_SYNC_REFERENCE_KEY_FILE
   value: /etc/portal-sync/reference/reference.key
 {{- end }}
-{{- if .root.Values.metrics.webConfig.existingSecret }}
+{{- if and .root.Values.metrics.webConfig.existingSecret (not .storeOnly) }}
 - name: PORTAL_SYNC_METRICS_WEB_CONFIG_FILE
   value: {{ printf "/etc/portal-sync/web/%s" .root.Values.metrics.webConfig.file | quote }}
 {{- end }}
@@ -163,8 +165,10 @@ portal-sync/producer: {{ . }}
 {{- end }}
 
 {{/* Volumes of the secrets' files and /tmp:
-     (dict "root" $ "store" BOOL "rules" CONFIGMAP-NAME-or-"" ["storeSecret" NAME "storeKey" KEY]);
-     "storeSecret": another Secret's URL as the store's (the store upgrade's owner) */}}
+     (dict "root" $ "store" BOOL "rules" CONFIGMAP-NAME-or-"" ["storeSecret" NAME "storeKey" KEY]
+      ["storeOnly" BOOL]); "storeSecret": another Secret's URL as the store's (the store
+     upgrade's owner); "storeOnly": no Kafka identity nor metrics TLS (the store upgrade's
+     commands use neither: a pod holding the owner's URL holds no more) */}}
 {{- define "portal-sync.volumes" -}}
 {{- $v := .root.Values -}}
 - name: tmp
@@ -185,7 +189,7 @@ portal-sync/producer: {{ . }}
     secretName: {{ $v.store.tls.existingSecret }}
     defaultMode: 0440
 {{- end }}
-{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+{{- if and (hasPrefix "SASL" $v.kafka.securityProtocol) (not .storeOnly) }}
 - name: kafka-sasl
   secret:
     secretName: {{ .sasl | default $v.kafka.sasl.existingSecret }}
@@ -194,7 +198,7 @@ portal-sync/producer: {{ . }}
       - key: {{ $v.kafka.sasl.passwordKey }}
         path: password
 {{- end }}
-{{- if $v.kafka.tls.existingSecret }}
+{{- if and $v.kafka.tls.existingSecret (not .storeOnly) }}
 - name: kafka-tls
   secret:
     secretName: {{ $v.kafka.tls.existingSecret }}
@@ -214,7 +218,7 @@ portal-sync/producer: {{ . }}
       - key: {{ $v.referenceKey.key }}
         path: reference.key
 {{- end }}
-{{- if $v.metrics.webConfig.existingSecret }}
+{{- if and $v.metrics.webConfig.existingSecret (not .storeOnly) }}
 - name: web-config
   secret:
     secretName: {{ $v.metrics.webConfig.existingSecret }}
@@ -241,12 +245,12 @@ portal-sync/producer: {{ . }}
   mountPath: /etc/portal-sync/store-tls
   readOnly: true
 {{- end }}
-{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+{{- if and (hasPrefix "SASL" $v.kafka.securityProtocol) (not .storeOnly) }}
 - name: kafka-sasl
   mountPath: /etc/portal-sync/kafka-sasl
   readOnly: true
 {{- end }}
-{{- if $v.kafka.tls.existingSecret }}
+{{- if and $v.kafka.tls.existingSecret (not .storeOnly) }}
 - name: kafka-tls
   mountPath: /etc/portal-sync/kafka-tls
   readOnly: true
@@ -256,7 +260,7 @@ portal-sync/producer: {{ . }}
   mountPath: /etc/portal-sync/reference
   readOnly: true
 {{- end }}
-{{- if $v.metrics.webConfig.existingSecret }}
+{{- if and $v.metrics.webConfig.existingSecret (not .storeOnly) }}
 - name: web-config
   mountPath: /etc/portal-sync/web
   readOnly: true
