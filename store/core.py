@@ -237,6 +237,7 @@ class Freshness:
 # driver's call, where nothing else can stop it: the worker gives both a short
 # `lock_wait` and retries, so that a stop is seen whoever holds a lock.
 SQLITE_LOCK_WAIT_SECONDS = 60.0
+SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 STORE_URL_FORMS = (
@@ -280,6 +281,10 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
             dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            # A long read (an `export` into a slow pipe) holds the log from being reset:
+            # it grew to 1.4 GB under a drain and stayed that size while the worker ran.
+            # Past this, the next reset cuts the file back.
+            cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA temp_store=MEMORY")  # the batch's key tables
             cursor.close()
