@@ -493,15 +493,17 @@ def _check_lock_capacity(store: Store, batch_max_events: int) -> None:
         )
 
 
-def _start(config: WorkerConfig) -> bool:
+def _start(config: WorkerConfig, lock_wait: float | None = None) -> bool:
     """The start's work on the broker and the store: topics made and checked, the schema
-    created or upgraded, the rules' fingerprint recorded. The writes go without the
-    batches' lock wait: a worker starting beside another that creates the store waits
-    for it under the schema lock, and one beside an operator's long write waits for it
-    as any command does."""
+    created or upgraded, the rules' fingerprint recorded. A job's writes go without the
+    batches' lock wait (`lock_wait` None): beside another worker that creates the store
+    it waits under the schema lock, and beside an operator's long write as any command
+    does. A long-running worker waits `lock_wait` at a time, between tries
+    (`until_available`), where a stop is heard (it went unheard for a minute inside
+    SQLite's wait, and for ever on PostgreSQL's schema lock)."""
     admin.ensure_topics(config.connection, config.topics)
     admin.check_partition_counts(config.connection, config.topics)
-    starting = Store(config.store_url)
+    starting = Store(config.store_url, lock_wait=lock_wait)
     try:
         starting.create_schema()
         # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
@@ -552,7 +554,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         _start(config)
     else:
         waited = until_available(
-            lambda: _start(config),
+            lambda: _start(config, STORE_LOCK_WAIT_SECONDS),
             "worker start",
             early_stop,
             log,

@@ -164,10 +164,22 @@ def _statement_failure(error: BaseException) -> str:
     """A failed statement by its type, or by a fixed text for a condition an operator can
     fix (never the server's message, which may quote values). SQLAlchemy's wrappers carry
     the driver's error as `orig`."""
-    orig = getattr(error, "orig", None)
-    if getattr(error if orig is None else orig, "sqlstate", None) == OUT_OF_SHARED_MEMORY:
+    driver = error if (orig := getattr(error, "orig", None)) is None else orig
+    state = getattr(driver, "sqlstate", None)
+    if state == OUT_OF_SHARED_MEMORY:
         return LOCK_TABLE_FULL
+    # PostgreSQL's lock_timeout, SQLite's busy timeout: fixed texts, never data
+    if state == LOCK_NOT_AVAILABLE or str(driver) in SQLITE_LOCKED:
+        return STORE_LOCKED
     return f"the store failed: {type(error).__name__}"
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+SQLITE_LOCKED = ("database is locked", "database table is locked")
+STORE_LOCKED = (
+    "the store is locked by another session longer than this one waits (an operator's "
+    "write, a schema upgrade, another worker's start)"
+)
 
 
 def _dbapi_family(error: Exception) -> str | None:

@@ -515,6 +515,38 @@ def test_a_worker_started_while_its_store_is_away_waits_for_it_alive_and_not_rea
         server.stop()
 
 
+def test_a_worker_starting_on_a_locked_sqlite_store_says_so_and_hears_a_stop(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """An operator's write holds the SQLite store as a worker starts: it waited inside
+    SQLite for a minute, a SIGTERM unheard, then exited 1 with "the store failed:
+    OperationalError". It now tries 5 s at a time, says the store is locked, and stops
+    at once, cleanly."""
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    store.close()
+    holder = sqlite3.connect(sqlite_store_url.split("///", 1)[1], isolation_level=None)
+    port = free_port()
+    worker = None
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        worker = start_worker(settings, "--metrics-port", str(port))
+        _wait(lambda: _probe(port, "/healthz") == 200, 60, "the worker to serve /healthz")
+        assert _probe(port, "/readyz") == 503
+        time.sleep(7)  # past one lock wait (5 s) and its retry
+        assert worker.poll() is None
+        assert _stop(worker, timeout=15) < 10
+        assert worker.returncode == 0
+        said = worker.communicate()[0]
+        assert "the store is locked by another session" in said, said
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        holder.close()
+
+
 def test_a_worker_starting_while_the_store_is_being_created_waits_for_it(
     settings_for: Any, postgres_store_url: str
 ) -> None:
