@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -78,7 +79,17 @@ def until_available(
             log.error("%s: %s; trying again in %.0f s", what, error, wait)
             if on_retry is not None:
                 on_retry(error)
-            if stop.wait(wait):
+            if _pause(stop, wait):
                 break
             wait = min(wait * 2, MAX_START_WAIT_SECONDS)
     return None
+
+
+def _pause(stop: threading.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`, or until `stop` is set: whether it was. Not `stop.wait`: a
+    signal handler that sets `stop` on the thread waiting in it could find the event's
+    lock held by that same thread, and hang it."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+    return stop.is_set()

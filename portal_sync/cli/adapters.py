@@ -186,6 +186,7 @@ def produce(
     from observability.web_config import load_web_config
     from portal_sync.settings import deployment_settings
     from producers.deployment import load_deployment
+    from producers.metrics import SOURCE_ERRORS
     from producers.produce import ProduceResult
     from producers.produce import produce as run_produce
     from transport.admin import ensure_topics
@@ -235,9 +236,20 @@ def produce(
             settings.connection(), settings.topics(), settings.topics().change_topics()
         )
 
+    def cluster_away(_error: Exception) -> None:
+        # Counted as a run's failed publish is: PortalSyncSourceErrors pages for a wait
+        # that does not end (a wrong address or listener looks like a broker away).
+        for contract_source in {e.contract_source for e in deployment.enabled(source)}:
+            SOURCE_ERRORS.labels(contract_source, "publish_error").inc()
+
     if once:  # a job: its caller hears at once that the cluster is away
         topics_ready()
-    elif until_available(topics_ready, "produce start", stop, logging.getLogger(__name__)) is None:
+    elif (
+        until_available(
+            topics_ready, "produce start", stop, logging.getLogger(__name__), on_retry=cluster_away
+        )
+        is None
+    ):
         return  # stopped while waiting for the cluster: nothing was read or sent
     tune_garbage_collector()
     try:

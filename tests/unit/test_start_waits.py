@@ -54,16 +54,35 @@ def test_the_wait_doubles_up_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(schemas.errors, "FIRST_START_WAIT_SECONDS", 8.0)
     waits: list[float] = []
 
-    class Recorded(threading.Event):
-        def wait(self, timeout: float | None = None) -> bool:
-            waits.append(timeout or 0)
-            return len(waits) == 5  # a stop during the fifth wait
+    def pause(stop: threading.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        return len(waits) == 5  # a stop during the fifth wait
+
+    monkeypatch.setattr(schemas.errors, "_pause", pause)
 
     def action() -> None:
         raise TransientError("away")
 
-    assert until_available(action, "start", Recorded(), log) is None
+    assert until_available(action, "start", threading.Event(), log) is None
     assert waits == [8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_a_stop_set_by_a_signal_ends_a_pause_at_once() -> None:
+    """The pause sleeps in short steps (a signal handler calling `set` on the thread that
+    waits in `Event.wait` could deadlock on the event's own lock)."""
+    import signal
+    import time
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGALRM, lambda *_: stop.set())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        began = time.monotonic()
+        assert schemas.errors._pause(stop, 10.0)
+        assert time.monotonic() - began < 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("error", [ConfigurationError("bad"), ValueError("bug")])
@@ -163,11 +182,19 @@ def produce_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
 
 
 def test_produce_waits_for_the_cluster_alive_and_not_ready(produce_cli: dict[str, Any]) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"source": "province-01", "kind": "publish_error"}
+    before = REGISTRY.get_sample_value("portal_sync_source_errors_total", labels) or 0
     result = CliRunner().invoke(app, ["produce", "--config", produce_cli["config"]])
     assert result.exit_code == 0, result.output
     assert produce_cli["attempts"] == 3
     assert produce_cli["probes"] == [(True, False)] * 3  # /healthz ok, /readyz not
     assert produce_cli["ran"]
+    # each failed try counted as a failed publish: PortalSyncSourceErrors pages for a wait
+    # that does not end (a wrong address looks like a broker away)
+    after = REGISTRY.get_sample_value("portal_sync_source_errors_total", labels)
+    assert after == before + 2
 
 
 def test_produce_once_fails_at_once_when_the_cluster_is_away(produce_cli: dict[str, Any]) -> None:
