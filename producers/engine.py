@@ -203,9 +203,7 @@ class AdapterRunner:
                 elif isinstance(item, SkippableRecord):
                     self._dead_letter(item)
                     stats.dead_lettered += 1
-                elif self._send(item, produced):
-                    stats.published += 1
-                else:
+                elif not self._send(item, produced):  # counted once acknowledged (`_count`)
                     stats.dead_lettered += 1
         except BaseException:
             # What was acknowledged up to the last checkpoint reached is kept: the next
@@ -221,7 +219,7 @@ class AdapterRunner:
             close = getattr(items, "close", None)
             if close is not None:  # a generator left at a stop ends its reads once saved
                 close()
-        self._count(produced)
+        self._count(produced, stats)
         self._measure_cursor_lag()
         return stats
 
@@ -341,7 +339,7 @@ class AdapterRunner:
             self.journal_path.unlink(missing_ok=True)
         if reached.newest.commit is not None:
             reached.newest.commit()
-        self._count(produced)
+        self._count(produced, stats)
         stats.checkpoints += reached.count
 
     def _save_on_the_way_out(
@@ -379,9 +377,11 @@ class AdapterRunner:
             "dlq import`", self.source_id, origin, self.kept_letters_path.name,
         )  # fmt: skip
 
-    def _count(self, produced: Tally[str]) -> None:
+    def _count(self, produced: Tally[str], stats: RunStats) -> None:
+        """The events sent since the last count, all acknowledged now (after a flush)."""
         for entity, count in produced.items():
             PRODUCED.labels(self.adapter.source, entity).inc(count)
+            stats.published += count
         produced.clear()
 
 
