@@ -111,8 +111,8 @@ def parse_time(text: str | None) -> datetime | None:
     # Python's own reading takes any character between the date and the time, so that
     # `2025-08-01+07:00` read as 07:00 without an offset: only RFC 3339's forms here.
     form = RFC3339.fullmatch(text)
-    try:
-        moment = datetime.fromisoformat(text) if form else None
+    try:  # RFC 3339 allows a `t` and a `z`, which Python does not read
+        moment = datetime.fromisoformat(text.upper()) if form else None
     except ValueError:
         moment = None
     if moment is None:
@@ -127,5 +127,5 @@ def parse_time(text: str | None) -> datetime | None:
 
 RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}"
-    r"(?P<time>[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:[Zz]|[+-]\d{2}:\d{2})?)?"
+    r"(?P<time>[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}:\d{2})?)?"
 )

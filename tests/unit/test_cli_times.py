@@ -21,6 +21,10 @@ VN = timezone(timedelta(hours=7))
         ("2025-08-01T00:00:00+07:00", datetime(2025, 8, 1, tzinfo=VN)),
         ("2025-08-01 08:30Z", datetime(2025, 8, 1, 8, 30, tzinfo=UTC)),
         ("2025-08-01t08:30:05.25-01:00", datetime(2025, 8, 1, 9, 30, 5, 250000, tzinfo=UTC)),
+        ("2025-08-01t08:00:00z", datetime(2025, 8, 1, 8, tzinfo=UTC)),
+        # nanoseconds (Go's RFC3339Nano, `kubectl logs --timestamps`, `date --rfc-3339=ns`)
+        ("2025-08-01T08:00:00.123456789Z", datetime(2025, 8, 1, 8, 0, 0, 123456, tzinfo=UTC)),
+        ("2025-08-01 08:00:00.123456789+07:00", datetime(2025, 8, 1, 1, 0, 0, 123456, tzinfo=UTC)),
     ],
 )
 def test_rfc3339_times(text: str, moment: datetime) -> None:
