@@ -47,3 +47,12 @@ def test_other_urls_are_a_configuration_error_that_never_quotes_them(given: str,
 def test_a_command_given_another_url_exits_2_with_one_line() -> None:
     result = CliRunner().invoke(app, ["store", "upgrade", "--store", "mysql://u:pw@h/db"])
     assert isinstance(result.exception, ConfigurationError)  # exit 2 (cli.EXIT_CODES)
+
+
+def test_lag_reading_the_stores_offsets_refuses_another_url_at_start() -> None:
+    """The lag exporter read the store at each poll only: every poll failed, and it paged
+    as blind instead of refusing to start."""
+    result = CliRunner().invoke(
+        app, ["lag", "--store", "mysql://u:pw@h/db", "--bootstrap", "127.0.0.1:1"]
+    )
+    assert isinstance(result.exception, ConfigurationError)
