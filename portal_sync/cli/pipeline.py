@@ -133,16 +133,26 @@ def export(
 
     why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
-    try:  # before the access log: an export that cannot be written reads nothing
-        handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    # Written beside the output, then renamed over it: an export that fails (the store
+    # away, the access log refused) leaves an earlier file as it was. Opened before the
+    # access log: an export that cannot be written reads nothing.
+    partial = None if output is None else output.with_name(f".{output.name}.partial")
+    try:
+        handle = partial.open("w", encoding="utf-8") if partial else sys.stdout
     except OSError as error:
         raise fail(f"--output {output}: {error.strerror or type(error).__name__}", 2) from None
+    done = False
     try:
         record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
         count = export_records(settings.store_url, handle, entity, provenance=provenance)
+        done = True
     finally:
-        if output:
+        if partial is not None and output is not None:
             handle.close()
+            if done:
+                partial.replace(output)
+            else:
+                partial.unlink(missing_ok=True)
     console.print(f"exported {count} records")
 
 

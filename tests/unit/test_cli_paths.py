@@ -39,3 +39,32 @@ def test_a_misspelt_entity_is_refused_by_conflicts_and_remerge(tmp_path: Path) -
         assert isinstance(result.exception, Refused), result.output
         assert "--entity citzen: not one of citizen" in str(result.exception)
     assert not (tmp_path / "store.db").exists()
+
+
+def test_an_export_that_fails_leaves_the_earlier_file_as_it_was(tmp_path: Path) -> None:
+    """It emptied the output first: a store away left yesterday's export empty."""
+    earlier = tmp_path / "records.jsonl"
+    earlier.write_text('{"entity": "citizen"}\n')
+    result = CliRunner().invoke(
+        app,
+        ["export", "--reason", "audit", "--output", str(earlier),
+         "--store", f"sqlite:///{tmp_path / 'none' / 'store.db'}"],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert earlier.read_text() == '{"entity": "citizen"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none", "records.jsonl"]
+
+
+def test_an_export_replaces_the_file_once_written(tmp_path: Path) -> None:
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    output = tmp_path / "records.jsonl"
+    output.write_text("stale\n")
+    result = CliRunner().invoke(
+        app, ["export", "--reason", "audit", "--output", str(output), "--store", url]
+    )
+    assert result.exit_code == 0, result.output
+    assert output.read_text() == ""  # an empty store: no records, the stale line gone
+    assert not (tmp_path / ".records.jsonl.partial").exists()
