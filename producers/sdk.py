@@ -222,11 +222,22 @@ def source_engine(url: str) -> Any:
     import os
 
     from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
+    parsed = source_url(url)
     connect_args: dict[str, Any] = {}
     given = "connect_timeout" in parsed.query or os.environ.get("PGCONNECT_TIMEOUT")
     if parsed.get_backend_name() == "postgresql" and not given:
         connect_args["connect_timeout"] = SOURCE_CONNECT_TIMEOUT_SECONDS
-    return create_engine(url, hide_parameters=True, connect_args=connect_args)
+    return create_engine(parsed, hide_parameters=True, connect_args=connect_args)
+
+
+def source_url(url: str) -> Any:
+    """A source database's URL read (SQLAlchemy's `URL`), `postgres://` (libpq's and most
+    tools' spelling, which SQLAlchemy does not know) as `postgresql://`."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    backend, plus, driver = parsed.drivername.partition("+")
+    if backend == "postgres":
+        return parsed.set(drivername=f"postgresql{plus}{driver}")
+    return parsed

@@ -60,7 +60,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DataError, NoSuchTableError, OperationalError
 
 from producers.mapping import (
@@ -71,7 +70,7 @@ from producers.mapping import (
     sorts_in_time_order,
     strptime_pattern,
 )
-from producers.sdk import FatalError, RetriableError, source_engine
+from producers.sdk import FatalError, RetriableError, source_engine, source_url
 from producers.sql_snapshot import (
     XID_LABEL,
     current_xmin_xmax,
@@ -144,7 +143,7 @@ class SqlMapping(FieldMapping):
                 "capture = 'snapshot' reads the rows' xmin: it needs a table, no query"
             )
         try:
-            backend = make_url(self.url).get_backend_name()
+            backend = source_url(self.url).get_backend_name()
         except ArgumentError:
             backend = ""
         if backend != "postgresql":
