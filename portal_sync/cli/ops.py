@@ -347,12 +347,14 @@ def dlq_list(
     from portal_sync.ops.dlq import DeadLetterRecord, Filters, iter_dead_letters
 
     _warn_of_odd_reasons(reason)
+    settings = settings_from(bootstrap, None)
+    _warn_of_an_odd_source(settings, source)
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
     shown: deque[DeadLetterRecord] = deque(maxlen=limit)
     by_reason: Counter[str] = Counter()
     damaged = 0
-    for letter in iter_dead_letters(settings_from(bootstrap, None), filters):
+    for letter in iter_dead_letters(settings, filters):
         shown.append(letter)
         by_reason[letter.reason_code] += 1
         damaged += bool(letter.unreadable)
