@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import schemas.errors
 from portal_sync.cli import app
 from schemas.errors import ConfigurationError, TransientError, until_available
+from tests.unit.test_produce_overrides import CONFIG  # a deployment file of one filedrop source
 from transport.clients import translate
 from transport.config import KafkaConnection
 
@@ -123,29 +124,6 @@ def test_a_bootstrap_that_timed_out_names_the_servers_and_is_transient() -> None
     # a timeout of a request (not a connection's bootstrap) says what it was doing
     other = translate(KafkaTimeoutError("batch expired"), "send", connection)
     assert str(other) == "Kafka error while trying to send: KafkaTimeoutError"
-
-
-CONFIG = """
-[producer]
-state_dir = "state"
-metrics_port = 9312
-
-[kafka]
-bootstrap = "127.0.0.1:1"
-
-[[sources]]
-id = "drop-citizens"
-source = "province-01"
-adapter = "filedrop"
-
-[sources.connection]
-directory = "drop"
-
-[sources.mapping]
-entity = "citizen"
-key_field = "so_dinh_danh"
-occurred_at_field = "cap_nhat"
-"""
 
 
 @pytest.fixture
