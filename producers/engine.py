@@ -300,7 +300,10 @@ class AdapterRunner:
         kind = "unreadable_file" if item.code == Reason.UNREADABLE_FILE else "invalid_record"
         SOURCE_ERRORS.labels(self.adapter.source, kind).inc()
         origin = _bounded_origin(item.origin)
-        log.warning("%s: record %s rejected (%s)", self.source_id, origin, item.code)
+        # A lone surrogate (a file name read with `surrogateescape`) as the header has it:
+        # a log handler writing UTF-8 fails on it raw.
+        printable = origin.encode("utf-8", "backslashreplace").decode("utf-8")
+        log.warning("%s: record %s rejected (%s)", self.source_id, printable, item.code)
         headers = dead_letter_headers(
             item.code, item.message, f"source:{self.adapter.source}", self.source_id, origin
         )

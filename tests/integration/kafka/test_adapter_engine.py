@@ -392,7 +392,7 @@ class Surrogates(ListAdapter):
 
 
 def test_text_that_is_no_utf8_is_dead_lettered_and_the_source_goes_on(
-    publisher: Publisher, tmp_path: Path
+    publisher: Publisher, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runner = AdapterRunner("surrogates", Surrogates(), publisher, tmp_path)
     stats = runner.run_once()
@@ -412,6 +412,9 @@ def test_text_that_is_no_utf8_is_dead_lettered_and_the_source_goes_on(
         "t\\udcea-2",
     ]
     assert [letter.key for letter in letters] == [b"citizen:001190000002:province-01", None]
+    # The log names the origin as the header does: a handler writing UTF-8 can write it.
+    assert "record t\\udcea-2 rejected" in caplog.text
+    caplog.text.encode("utf-8")
 
 
 class Unwritable(ListAdapter):
