@@ -36,18 +36,20 @@ demo: kafka-jars
 	$(BIN)/portal-sync demo
 
 # Unit and property tests (CPU-bound, no servers) in parallel processes; the integration
-# tests, which start and kill real servers and time their faults, one at a time.
+# tests, which start and kill real servers, in two processes, each with its own servers.
 test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
 	$(BIN)/pytest -n auto --maxprocesses 4 tests/unit
 	# Each process starts its own PostgreSQL and Prometheus: these directories run in two.
 	$(BIN)/pytest -n 2 tests/integration/postgres tests/integration/prometheus tests/integration/helm
-	# One broker for the session, and fault tests that time what they kill: one at a time.
+	# A broker for each of two processes; a file's tests stay in one process, one at a time
+	# (fault tests time what they kill; most of their time is waiting on a restart).
 	# The benches' short runs (test_benches.py) bring their own broker and PostgreSQL and
 	# wait on restarts most of the time: they run beside the rest, their output after it.
 	@log=$$(mktemp); \
 	$(BIN)/pytest tests/integration/kafka/test_benches.py >"$$log" 2>&1 & benches=$$!; \
-	$(BIN)/pytest tests/integration/kafka --ignore=tests/integration/kafka/test_benches.py; \
+	$(BIN)/pytest -n 2 --dist loadfile tests/integration/kafka \
+		--ignore=tests/integration/kafka/test_benches.py; \
 	rest=$$?; wait $$benches; code=$$?; cat "$$log"; rm -f "$$log"; \
 	test $$rest -eq 0 && test $$code -eq 0
 
