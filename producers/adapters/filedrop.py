@@ -557,9 +557,10 @@ class FileDropAdapter(DirectoryAdapter):
         )
         if whole and 0 < line < 1_000_000:
             # Written in whole seconds: two changes of one key in the same second would get
-            # the same version, and the reconciler keeps the first; the later line wins
-            # instead. (A time written with a fraction, even .000, is taken as it is; past
-            # the millionth line the line would reach the next second: not added.)
+            # the same version, which the reconciler orders by event id, not by line; the
+            # later line wins instead. (A time written with a fraction, even .000, is taken
+            # as it is, docs/adapters.md; past the millionth line the line would reach the
+            # next second: not added.)
             version += line
         if opts.version_field:
             given = small_int(row.get(opts.version_field))

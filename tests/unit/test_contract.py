@@ -148,7 +148,25 @@ def test_valid_dossier_parses() -> None:
     parsed = parse_event(encode(envelope("dossier", key, data=data)))
     assert isinstance(parsed.event, DossierEvent)
     assert parsed.event.key == key
-    assert parsed.event.data_dict() == data
+    assert parsed.event.data_dict() == data | {"received_at": "2024-01-15T01:30:00Z"}
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "2024-01-15T10:00:00+07:00",  # a local column
+        "2024-01-15T03:00:00Z",  # a timestamptz
+        "2024-01-15T03:00:00+00:00",
+        "2024-01-15t03:00:00.000z",
+        "2024-01-14T22:00:00-05:00",
+    ],
+)
+def test_a_dossiers_times_are_held_in_utc_whatever_offset_they_came_with(sent: str) -> None:
+    """One instant sent by two sources with two offsets is one value: never a conflict
+    between them, a change in the history or a canonical text that flips between them."""
+    data = {"received_at": sent, "due_at": sent, "finished_at": sent}
+    parsed = parse_event(encode(envelope("dossier", "000.00.01.H29-240115-0001", data=data)))
+    assert parsed.event.data_dict() == dict.fromkeys(data, "2024-01-15T03:00:00Z")
 
 
 def test_delete_without_data_parses() -> None:

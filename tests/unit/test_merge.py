@@ -685,3 +685,28 @@ def test_an_authority_file_that_would_rank_nobody_is_refused(
 
     with pytest.raises(ConfigurationError, match=re.escape(said)):
         Authority.from_mapping(raw)
+
+
+def test_one_dossier_time_sent_with_two_offsets_is_no_conflict_and_no_change() -> None:
+    """A local column's `+07:00` and a timestamptz's `Z` for one instant: the contract holds
+    both in UTC, so two sources agree and a re-send in the other form changes nothing."""
+    from schemas import parse_event
+
+    def sent(source: str, received_at: str) -> SourceView:
+        event = {
+            "schema_version": 1,
+            "event_id": "8a0f8c3e-4b1e-4f57-9d55-6c1f0e9a2b11",
+            "source": source,
+            "entity": "dossier",
+            "key": "000.00.01.H29-240115-0001",
+            "op": "upsert",
+            "version": 1,
+            "occurred_at": "2024-01-15T03:00:00Z",
+            "data": {"status": 4, "received_at": received_at},
+        }
+        data = parse_event(orjson.dumps(event)).event.data_dict()
+        return view(source, data)
+
+    local, utc = sent("prov-a", "2024-01-15T10:00:00+07:00"), sent("prov-b", "2024-01-15T03:00:00Z")
+    assert field_conflicts([local, utc]) == {}
+    assert record_changes(local.data, utc.data) == {}
