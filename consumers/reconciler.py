@@ -369,10 +369,13 @@ class Reconciler:
         self, keys: Sequence[RecordKey], source: str = "remerge", dry_run: bool = False
     ) -> int:
         """Re-merge records from their stored views (after an authority change), in one
-        transaction; every changed record gets a history entry. Return how many changed.
-        A `dry_run` rolls the transaction back."""
+        transaction; every record whose data changed gets a history entry. Return how many
+        changed: their data, or only which source gives a field (`show` and `export
+        --provenance` name it). A `dry_run` rolls the transaction back."""
         with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
             work = _Batch(tx.views, tx.canonical, conflicts_before=None)
+            stored = tx.attributions(keys)
+            attributed = 0  # records whose data is the same and whose provenance is not
             now = utcnow()
             for record_key in keys:
                 record = merge(
@@ -393,8 +396,13 @@ class Reconciler:
                             "applied_at": now,
                         }
                     )
+                elif record is not None and stored.get(record_key) != (
+                    record.sources,
+                    record.provenance,
+                ):
+                    attributed += 1
             tx.write(work.changes(self.authority), now)
-        return len(work.history)
+        return len(work.history) + attributed
 
     def purge(
         self, source: str, keys: Sequence[RecordKey], audit: SourcePurge, dry_run: bool = False

@@ -1254,6 +1254,22 @@ class BatchTransaction:
         self.canonical.update(canonical)
         self._known = ()
 
+    def attributions(
+        self, keys: Sequence[RecordKey]
+    ) -> dict[RecordKey, tuple[dict[str, int], dict[str, dict[str, Any]]]]:
+        """The stored records' contributing sources (source -> version) and provenance
+        (field -> source and version), read in this transaction."""
+        found: dict[RecordKey, tuple[dict[str, int], dict[str, dict[str, Any]]]] = {}
+        for chunk in _chunks(list(keys)):
+            pair = tuple_(records.c.entity, records.c.key)
+            query = select(
+                records.c.entity, records.c.key, records.c.sources, records.c.provenance
+            ).where(pair.in_(chunk))
+            for row in self._conn.execute(query):
+                provenance = expand_provenance(row.provenance or {}, row.sources)
+                found[(row.entity, row.key)] = (row.sources, provenance)
+        return found
+
     @property
     def overlaps(self) -> bool:
         """Whether `send` returns while the database still works (PostgreSQL): a caller

@@ -195,6 +195,38 @@ def test_a_limit_below_one_is_a_usage_error_on_every_backend(filled: str, comman
     assert result.returncode == 2 and "--limit" in result.stderr, result.stdout + result.stderr
 
 
+def test_remerge_counts_a_record_whose_provenance_alone_moves(tmp_path: Path) -> None:
+    """Two sources hold the same name: a new authority changes no value but the source
+    `show` and `export --provenance` name. A dry run that said "0 would change" led an
+    operator to skip the remerge, and the records kept naming the old source."""
+    from consumers.reconciler import Reconciler
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.create_schema()
+    try:
+        name = {"full_name": "Nguyễn Văn An"}
+        Feed(store, AUTHORITY).apply(
+            event("citizen", CITIZEN, "national-population", 3, name),
+            event("citizen", CITIZEN, "province-01", 5, name),
+        )
+        entries = len(history_rows(store))
+        first = Authority.from_mapping({"citizen": {"full_name": ["province-01"]}}, REGISTRY)
+        keys = [("citizen", CITIZEN)]
+        assert Reconciler(store, first).remerge(keys, dry_run=True) == 1
+        assert next(store.iter_records("citizen"))[4] == {
+            "full_name": {"source": "national-population", "version": 3}
+        }
+        assert Reconciler(store, first).remerge(keys) == 1
+        assert next(store.iter_records("citizen"))[4] == {
+            "full_name": {"source": "province-01", "version": 5}
+        }
+        assert len(history_rows(store)) == entries  # no value changed
+        assert Reconciler(store, first).remerge(keys) == 0
+        assert Reconciler(store, AUTHORITY).remerge(keys) == 1
+    finally:
+        store.close()
+
+
 def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:
     authority = tmp_path / "authority.toml"
     authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")
