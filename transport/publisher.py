@@ -111,6 +111,7 @@ class Publisher:
         self._prune_at = PRUNE_PENDING
         self._dead_letters_writable = False
         self._letters: list[tuple[Any, Letter]] = []  # in flight, when kept if refused
+        self._letters_prune_at = PRUNE_PENDING
         self._refused_letters: list[Letter] = []
         self._letters_refused: Exception | None = None  # what the cluster said
 
@@ -209,6 +210,14 @@ class Publisher:
             )
         future = self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
         self._letters.append((future, (key, value, list(headers))))
+        if len(self._letters) >= self._letters_prune_at:
+            # A file whose every row is refused (a wrong value map) kept each letter until
+            # the file's end: 6.6 KB a row, gigabytes for a snapshot. Those acknowledged
+            # are let go; the pending and the failed are kept for the flush.
+            self._letters = [
+                (f, letter) for f, letter in self._letters if not f.is_done or f.failed()
+            ]
+            self._letters_prune_at = max(PRUNE_PENDING, 2 * len(self._letters))
 
     def take_refused_letters(
         self,
@@ -222,6 +231,7 @@ class Publisher:
         """After the producer's flush: the dead letters refused for the principal's rights
         leave the pending sends, kept for `take_refused_letters`."""
         letters, self._letters = self._letters, []
+        self._letters_prune_at = PRUNE_PENDING
         refused = set()
         for future, letter in letters:
             error = future.exception if future.is_done else None

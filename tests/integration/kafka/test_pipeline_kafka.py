@@ -34,7 +34,8 @@ from tests.support.pipeline_helpers import (
     start_worker,
     write_jsonl,
 )
-from transport.publisher import RecordPartitioner
+from transport import admin
+from transport.publisher import Publisher, RecordPartitioner
 
 pytestmark = pytest.mark.kafka
 
@@ -278,6 +279,34 @@ def _assert_journal_contiguous(store: Store, ends: dict[tuple[str, int], int]) -
 
 def test_message_key_routes_a_record_to_one_partition() -> None:
     assert message_key("citizen", "001090000001", "p-1") == b"citizen:001090000001:p-1"
+
+
+def test_a_publisher_lets_go_of_dead_letters_acknowledged_before_its_flush(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose every row is refused (a wrong value map) kept each letter, kept in
+    case the cluster refused it, until the file's end: 6.6 KB a row. Those acknowledged
+    are let go on the way; the flush still counts every send."""
+    import transport.publisher as module
+
+    monkeypatch.setattr(module, "PRUNE_PENDING", 500)
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    publisher = Publisher(settings.connection(), settings.topics(), keep_refused_letters=True)
+    try:
+        most = 0
+        for n in range(6000):
+            publisher.send_dead_letter(b"citizen:%d:p" % n, b"{}", [("ps.reason.code", b"x")])
+            if n % 1000 == 999:
+                time.sleep(0.2)  # acknowledged meanwhile
+            most = max(most, len(publisher._letters))
+        assert most < 3000, most
+        assert publisher.flush() == 6000
+        assert publisher.take_refused_letters() == []
+    finally:
+        publisher.close()
+    letters = admin.end_offsets(settings.connection(), [settings.topics().dead_letters])
+    assert sum(letters.values()) == 6000
 
 
 def test_a_publisher_lets_go_of_what_was_acknowledged_before_its_flush(
