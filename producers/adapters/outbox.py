@@ -117,7 +117,7 @@ class OutboxAdapter(Adapter):
         last_id = int(state.get("last_id", 0))
         seen = {int(i) for i in state.get("seen", [])}
         pending = [int(i) for i in state.get("pending", [])]
-        self._cleaned = set()  # rows whose clean-up ran in this read
+        self._cleaned = set()  # rows whose clean-up ran at the last checkpoint
         # Since `pending` is tracked (every state saved by this version), a seen row still
         # in the table unprocessed, and not pending, can only be a reused id; a state of an
         # older release did not track the clean-ups of the rows up to its `last_id`.
@@ -129,6 +129,7 @@ class OutboxAdapter(Adapter):
         # The engine resumes this generator once the checkpoint's clean-up ran; a
         # conformance check resumes it without running any: those rows stay pending.
         pending = [i for i in pending if i not in self._cleaned]
+        self._cleaned.clear()  # only the last checkpoint's: a run of ten million rows
         ident = table.c[self.options.id_column]
         late = ident > last_id - self.options.lookback_ids, ident <= last_id
         unclean = set(pending)  # published rows whose clean-up has not run
@@ -151,6 +152,7 @@ class OutboxAdapter(Adapter):
             )
             pending = [i for i in pending if i not in self._cleaned]
             unclean.difference_update(self._cleaned)
+            self._cleaned.clear()
         self._count_beyond_lookback(table, last_id - self.options.lookback_ids)
         if not pending:  # every clean-up ran: the state need not name their rows any more
             yield Checkpoint(_state(last_id, seen, [], self._tracked_from))
