@@ -54,6 +54,12 @@ from schemas.validation import MAX_DEPTH, too_deep
 
 log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
+# A file's records between two of its checkpoints (saved at most once a second by the
+# engine): a run stopped inside a file goes on after the last one saved, where it began
+# the file again (a province's first snapshot: ten million lines).
+FILE_CHECKPOINT_RECORDS = 10_000
+# Rejections of one file its report lists; the dead-letter topic holds every one.
+REPORT_LIMIT = 10_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FRACTION = re.compile(r":[0-9]{2}[.,][0-9]")  # seconds with a fraction: `09:00:00.5`
 Row = dict[str, Any] | SkippableRecord  # a line read, or why it could not be
@@ -214,6 +220,7 @@ class DirectoryAdapter(Adapter):
         self.done_dir = base_dir / (config.done_dir or config.directory / "done")
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
+        self._beyond_report: dict[str, int] = {}  # rejections past REPORT_LIMIT, per file
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
         self._stale_markers: set[tuple[str, int]] = set()  # (name, mtime) warned of once
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
@@ -228,6 +235,7 @@ class DirectoryAdapter(Adapter):
         # Checksums of the files published, and `x:`-marked ones of the files found
         # unreadable (dead-lettered once: a move to error/ that fails is only retried).
         done: list[str] = list(state.get("files", []))
+        partial = state.get("partial") or {}  # a file read in part: {"file", "records"}
         for path in self._ready_files():
             try:
                 before = path.stat()
@@ -264,13 +272,26 @@ class DirectoryAdapter(Adapter):
                 continue
             failed = [*done, f"x:{checksum}"][-KEEP_CHECKSUMS:]
             self._rejections[path.name] = []
+            self._beyond_report[path.name] = 0
             try:
                 records = iter(self.parse(path, content))
             except UnreadableFile as error:
                 done = failed
                 yield from self._unreadable(path, error, done)
                 continue
-            if (yield from self._guarded(path, records, failed)):
+            resumed = partial.get("file") == checksum
+            read_before = int(partial.get("records", 0)) if resumed else 0
+            if read_before:
+                self._rejections[path.name].append(
+                    {
+                        "line": 0,
+                        "code": "resumed",
+                        "message": f"the first {read_before} records were read by an earlier "
+                        "run: their rejections are in the dead-letter topic only",
+                    }
+                )
+            resume = (done, checksum, read_before)
+            if (yield from self._guarded(path, records, failed, resume)):
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
                 yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
             else:
@@ -280,10 +301,18 @@ class DirectoryAdapter(Adapter):
             yield Checkpoint({"files": done}, lambda: self._remove(expired))
 
     def _guarded(
-        self, path: Path, records: Iterator[Record | SkippableRecord], done: list[str]
+        self,
+        path: Path,
+        records: Iterator[Record | SkippableRecord],
+        done: list[str],
+        resume: tuple[list[str], str, int] | None = None,
     ) -> Generator[Item, None, bool]:
         """The file's records; True when all were read. Should reading itself fail (a
-        bug, not the data), the rest of the file is unreadable: error/, never a retry loop."""
+        bug, not the data), the rest of the file is unreadable: error/, never a retry loop.
+        `resume`: the state's files before this one, its checksum and how many of its
+        records an earlier run read (passed over: sent and acknowledged then); a
+        checkpoint every FILE_CHECKPOINT_RECORDS records says how far this run is."""
+        files, checksum, read_before = resume if resume is not None else ([], "", 0)
         count = 0
         while True:
             try:
@@ -295,7 +324,11 @@ class DirectoryAdapter(Adapter):
                 yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
                 return False
             count += 1
+            if count <= read_before:
+                continue
             yield item
+            if resume is not None and count % FILE_CHECKPOINT_RECORDS == 0:
+                yield Checkpoint({"files": files, "partial": {"file": checksum, "records": count}})
 
     def _unreadable(self, path: Path, error: UnreadableFile, done: list[str]) -> Iterator[Item]:
         """One dead letter naming the file, then error/. `done` holds its `x:` mark, so a
@@ -398,7 +431,11 @@ class DirectoryAdapter(Adapter):
         else:
             name, _, line = origin.rpartition(":")
         entry = {"line": int(line) if line.isdigit() else line, "code": code, "message": message}
-        self._rejections.setdefault(name, []).append(entry)
+        kept = self._rejections.setdefault(name, [])
+        if len(kept) < REPORT_LIMIT:
+            kept.append(entry)
+        else:  # a wrong value map rejects every line: the report stays a size to read
+            self._beyond_report[name] = self._beyond_report.get(name, 0) + 1
 
     def _tolerant(self, path: Path, move: Callable[[], None], target: Path) -> Callable[[], None]:
         """The move of a file published (or dead-lettered) before, which fails again:
@@ -427,6 +464,16 @@ class DirectoryAdapter(Adapter):
         def move() -> None:
             target.mkdir(parents=True, exist_ok=True)
             rejections = self._rejections.pop(path.name, [])
+            beyond = self._beyond_report.pop(path.name, 0)
+            if beyond:
+                rejections.append(
+                    {
+                        "line": None,
+                        "code": "more",
+                        "message": f"{beyond} more rejections, not listed: the dead-letter "
+                        "topic holds every one",
+                    }
+                )
             if rejections:
                 report = target / f"{path.name}.rejected.jsonl"
                 report.write_text("".join(json.dumps(r) + "\n" for r in rejections))

@@ -565,3 +565,68 @@ def test_an_old_portal_file_sent_again_is_stale_not_a_rollback(
         r["key"]: r["data"]["status"] for r in exported(settings) if r["entity"] == "dossier"
     }
     assert statuses == {PAYLOAD["MaHoSo"]: 10, other: 9}
+
+
+def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A province's first snapshot is one export of ten million lines: a run stopped
+    inside it (a rollout, a crash, the broker away) began the file again. The next run
+    goes on after the last checkpoint reached, and the report says it resumed; a report
+    lists its first rejections and counts the rest."""
+    import producers.adapters.filedrop as module
+    from producers.sdk import SkippableRecord
+
+    monkeypatch.setattr(module, "FILE_CHECKPOINT_RECORDS", 1_000)
+    monkeypatch.setattr(module, "REPORT_LIMIT", 100)
+    header = "SoDinhDanh,HoTen,GioiTinh,DienThoai,NgayCapNhat,DaXoa\n"
+    keyless = ",Lê Văn Cường,Nam,,20250801080000,0"  # a tenth of the lines: missing_field
+    lines = [f"0480900{n:05d},Nguyễn Văn An,Nam,,20250801080000,0" for n in range(2_500)]
+    lines = [line if n % 10 else keyless for n, line in enumerate(lines)]
+    drop(tmp_path / "inbox", "snapshot.csv", header + "\n".join(lines) + "\n")
+    deploy = deployment(tmp_path, FILEDROP)
+    first = deploy.adapter(deploy.sources[0])
+    sent, saved = 0, None
+    for item in first.read({}):
+        if isinstance(item, Checkpoint):
+            if item.value().get("partial", {}).get("records") == 2_000:
+                saved = item.value()
+                break  # stopped: the engine saved the last checkpoint reached
+            continue
+        if isinstance(item, SkippableRecord):
+            first.rejected(item.origin, item.code, item.message)
+        sent += 1
+    assert sent == 2_000 and saved is not None
+    assert saved["files"] == [] and len(saved["partial"]["file"]) == 64
+
+    second = deploy.adapter(deploy.sources[0])
+    items = list(second.read(saved))
+    records = [i for i in items if isinstance(i, Record)]
+    skipped = [i for i in items if isinstance(i, SkippableRecord)]
+    assert len(records) + len(skipped) == 500  # the rest, none again
+    assert records[0].origin == "snapshot.csv:2003"
+    for item in skipped:
+        second.rejected(item.origin, item.code, item.message)
+    final = [i for i in items if isinstance(i, Checkpoint)][-1]
+    assert "partial" not in final.value() and len(final.value()["files"]) == 1
+    assert final.commit is not None
+    final.commit()  # moved to done/, with its report
+    report = (tmp_path / "inbox" / "done" / "snapshot.csv.rejected.jsonl").read_text()
+    entries = [json.loads(line) for line in report.splitlines()]
+    assert entries[0]["code"] == "resumed" and "2000" in entries[0]["message"]
+    assert [e["code"] for e in entries[1:]] == ["missing_field"] * 50
+
+    # A report lists REPORT_LIMIT rejections, then counts the others.
+    lines = [keyless] * 250
+    drop(tmp_path / "inbox", "wrong.csv", header + "\n".join(lines) + "\n")
+    third = deploy.adapter(deploy.sources[0])
+    items = list(third.read(final.value()))
+    for item in items:
+        if isinstance(item, SkippableRecord):
+            third.rejected(item.origin, item.code, item.message)
+    moves = [i for i in items if isinstance(i, Checkpoint) and i.commit is not None]
+    moves[-1].commit()
+    report = (tmp_path / "inbox" / "done" / "wrong.csv.rejected.jsonl").read_text()
+    entries = [json.loads(line) for line in report.splitlines()]
+    assert len(entries) == 101 and entries[-1]["code"] == "more"
+    assert entries[-1]["message"].startswith("150 more rejections")
