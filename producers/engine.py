@@ -74,6 +74,8 @@ DEAD_LETTER_KEY_LIMIT = 1024
 DEAD_LETTER_ORIGIN_LIMIT = 512
 # Seconds between two saved checkpoints of one run (0: every checkpoint is saved).
 CHECKPOINT_INTERVAL_SECONDS = 1.0
+# The cursor lag measured inside a run (a first snapshot's), at most this often.
+CURSOR_LAG_INTERVAL_SECONDS = 30.0
 
 
 @dataclass
@@ -145,6 +147,7 @@ class AdapterRunner:
         KEPT_DEAD_LETTERS.watch(adapter.source, self.kept_letters_path)
         self.retry = retry or RetryPolicy()
         self.checkpoint_interval = checkpoint_interval
+        self._lag_due = time.monotonic() + CURSOR_LAG_INTERVAL_SECONDS  # next one mid-run
         self.stopped_fatally = False
         export_at_zero(adapter.source, adapter.entity)
 
@@ -224,7 +227,10 @@ class AdapterRunner:
         return stats
 
     def _measure_cursor_lag(self) -> None:
-        """How far the saved cursor is behind the newest change in the source."""
+        """How far the saved cursor is behind the newest change in the source: after
+        every run, and at a checkpoint saved at least CURSOR_LAG_INTERVAL_SECONDS after
+        the last measure (its query reads the source)."""
+        self._lag_due = time.monotonic() + CURSOR_LAG_INTERVAL_SECONDS
         try:
             seconds = self.adapter.cursor_lag_seconds(load_json_state(self.state_path))
         except Exception as error:  # a measurement never fails a run that was saved
@@ -344,6 +350,8 @@ class AdapterRunner:
             reached.newest.commit()
         self._count(produced, stats)
         stats.checkpoints += reached.count
+        if time.monotonic() >= self._lag_due:  # a first load's run lasts an hour: its panel
+            self._measure_cursor_lag()
 
     def _save_on_the_way_out(
         self, reached: _Reached, produced: Tally[str], stats: RunStats

@@ -160,6 +160,38 @@ def test_a_producer_that_keeps_failing_still_reports_how_far_behind_it_is(
     )
 
 
+def test_the_cursor_lag_is_measured_inside_a_long_run(
+    publisher: Publisher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first snapshot is one run of an hour: the lag was measured at its end only, so
+    the panel an operator follows a first load on showed nothing while it ran."""
+    import producers.engine as engine
+
+    monkeypatch.setattr(engine, "CURSOR_LAG_INTERVAL_SECONDS", 0.0)
+    measured: list[float] = []
+
+    class Backfill(ListAdapter):
+        def cursor_lag_seconds(self, state: State) -> float | None:
+            left = len(self.changes) - int(state.get("position", 0))
+            return left * 3600.0
+
+        def read(self, state: State) -> Iterator[Item]:
+            for item in super().read(state):
+                labels = {"source": self.source}
+                value = REGISTRY.get_sample_value("portal_sync_source_cursor_lag_seconds", labels)
+                if isinstance(item, Checkpoint) and value is not None:
+                    measured.append(value)
+                yield item
+
+    runner = AdapterRunner("backfill", Backfill(), publisher, tmp_path, RetryPolicy(1, 0.01),
+                           None, 0.0)  # fmt: skip
+    runner.run_once()
+    # each checkpoint saved (interval 0) measured it: 4 changes, 3 left after the first...
+    assert measured[-3:] == [3 * 3600.0, 2 * 3600.0, 1 * 3600.0], measured
+    labels = {"source": Backfill().source}
+    assert REGISTRY.get_sample_value("portal_sync_source_cursor_lag_seconds", labels) == 0.0
+
+
 @pytest.mark.parametrize("interval", [0.0, 3600.0])
 def test_state_is_saved_only_at_checkpoints_after_the_broker_acknowledged(
     publisher: Publisher, tmp_path: Path, interval: float
