@@ -166,8 +166,10 @@ def test_the_cursor_lag_is_measured_inside_a_long_run(
     """A first snapshot is one run of an hour: the lag was measured at its end only, so
     the panel an operator follows a first load on showed nothing while it ran."""
     import producers.engine as engine
+    from producers.cursor_lag import CURSOR_LAG
 
     monkeypatch.setattr(engine, "CURSOR_LAG_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(CURSOR_LAG, "_lags", {})  # not the other tests' adapters of the source
     measured: list[float] = []
 
     class Backfill(ListAdapter):
