@@ -1,8 +1,9 @@
 """`portal-sync produce --config FILE`: run every source of a deployment.
 
-Sources that share a contract source id share one thread and one Kafka producer (a
-Publisher's flush covers only what its own thread sent, which checkpointing relies on);
-within a thread each source keeps its own schedule.
+Each source (a deployment file's entry) runs in a thread of its own with a Kafka producer
+of its own (a Publisher's flush covers only what its own thread sent, which checkpointing
+relies on): a province's first snapshot of ten million rows, one run of an hour, does not
+hold up its dossiers' entry, as one thread per contract source id did.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ProduceResult:
     stats: dict[str, RunStats] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # source ids that stopped or gave up
     lock: threading.Lock = field(default_factory=threading.Lock)
-    threads: list[threading.Thread] = field(default_factory=list)  # one per contract source
+    threads: list[threading.Thread] = field(default_factory=list)  # one per source
 
     def healthy(self) -> bool:
         """For /healthz: every source's polling thread is alive."""
@@ -52,7 +53,8 @@ class ProduceResult:
 
 
 class SourceGroup:
-    """The runners of one contract source, polled in one thread."""
+    """Runners polled in one thread, each on its own schedule (`build_groups` makes one
+    a source)."""
 
     def __init__(self, name: str, runners: list[tuple[SourceEntry, AdapterRunner]]) -> None:
         self.name = name
@@ -114,23 +116,22 @@ def build_groups(
             entry.contract_source, kept_letters_path(deployment.state_dir, entry.id)
         )
     adapters = {entry.id: deployment.adapter(entry, reference_key) for entry in entries}
-    by_source: dict[str, list[SourceEntry]] = {}
-    for entry in entries:
-        by_source.setdefault(entry.contract_source, []).append(entry)
     signers = {entry.id: _signer(deployment, entry) for entry in entries}
     groups, publishers = [], []
-    for name, members in by_source.items():
+    for entry in entries:
         publisher = Publisher(
-            connection, topics, client_id=f"portal-sync-{name}", keep_refused_letters=True
+            connection, topics, client_id=f"portal-sync-{entry.id}", keep_refused_letters=True
         )
         publishers.append(publisher)
-        runners = [
-            (e, AdapterRunner(e.id, adapters[e.id], publisher, deployment.state_dir,
-                              signer=signers[e.id],
-                              checkpoint_interval=deployment.producer.checkpoint_interval_seconds))
-            for e in members
-        ]  # fmt: skip
-        groups.append(SourceGroup(name, runners))
+        runner = AdapterRunner(
+            entry.id,
+            adapters[entry.id],
+            publisher,
+            deployment.state_dir,
+            signer=signers[entry.id],
+            checkpoint_interval=deployment.producer.checkpoint_interval_seconds,
+        )
+        groups.append(SourceGroup(entry.id, [(entry, runner)]))
     return groups, publishers
 
 

@@ -630,3 +630,50 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
     entries = [json.loads(line) for line in report.splitlines()]
     assert len(entries) == 101 and entries[-1]["code"] == "more"
     assert entries[-1]["message"].startswith("150 more rejections")
+
+
+def test_a_sources_long_run_does_not_hold_up_another_of_its_province(
+    tmp_path: Path, settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A province's first snapshot is one run of an hour; its other sources (the same
+    contract source id) ran in the same thread, after it, and went stale meanwhile."""
+    import threading
+
+    from producers.adapters.filedrop import FileDropAdapter
+    from producers.produce import ProduceResult, produce
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    release = threading.Event()
+    read = FileDropAdapter.read
+
+    def snapshot_that_takes_its_time(self: FileDropAdapter, state: Any) -> Iterator[Any]:
+        if self.directory.name == "snapshot":
+            release.wait(60)  # an hour's snapshot, held until the test has seen enough
+        yield from read(self, state)
+
+    monkeypatch.setattr(FileDropAdapter, "read", snapshot_that_takes_its_time)
+    second = FILEDROP.replace('id = "dn-exports"', 'id = "dn-snapshot"').replace(
+        'directory = "inbox"', 'directory = "snapshot"'
+    )
+    deploy = deployment(tmp_path, second + FILEDROP)  # the snapshot first, as listed
+    drop(tmp_path / "snapshot", "all.csv", CSV)
+    drop(tmp_path / "inbox", "today.csv", CSV)
+    stop, result = threading.Event(), ProduceResult()
+    runner = threading.Thread(
+        target=produce,
+        args=(deploy, settings.connection(), settings.topics()),
+        kwargs={"stop": stop, "result": result},
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (tmp_path / "inbox/done/today.csv").exists():
+            time.sleep(0.1)
+        assert (tmp_path / "inbox/done/today.csv").exists()  # while the snapshot still runs
+        assert not (tmp_path / "snapshot/done/all.csv").exists()
+    finally:
+        release.set()
+        stop.set()
+        runner.join(60)
+    assert result.stats["dn-exports"].published == 2  # and two lines dead-lettered
