@@ -181,8 +181,11 @@ CLOCK_PROBE = ".portal-sync-clock"  # a leading dot: never read as an export
 
 
 def _checksum(path: Path) -> str | None:
+    """The file's SHA-256, read in chunks: the file is held whole in memory once already
+    (its read), and a snapshot's export is gigabytes."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
     except OSError:
         return None
 

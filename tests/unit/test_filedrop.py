@@ -414,3 +414,23 @@ def test_a_file_written_to_while_it_is_read_is_read_once_it_is_still(
     os.utime(export, (time.time() - 600,) * 2)
     assert _origins(adapter) == []  # changed since the poll before: settles first
     assert _origins(adapter) == ["export.csv:2", "export.csv:3"]
+
+
+def test_a_files_checksum_at_its_move_reads_it_in_chunks(tmp_path: Path) -> None:
+    """The move checks the file is still the one read: reading it whole again held a
+    snapshot's export twice in memory (6 GB for 3 GB) while its records were still held."""
+    import hashlib
+    import tracemalloc
+
+    from producers.adapters.filedrop import _checksum
+
+    path = tmp_path / "snapshot.csv"
+    path.write_bytes(b"SoDinhDanh,HoTen\n" + b"048090000001,Nguyen Van An\n" * 400_000)
+    tracemalloc.start()
+    try:
+        digest = _checksum(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert peak < path.stat().st_size // 4, peak
