@@ -432,11 +432,13 @@ def settings_for(infra: Infra, prefix: str, store_url: str, partitions: int) -> 
 
 
 def publish(settings: Settings, events: list[dict[str, Any]],
-            signers: dict[str, Signer] | None = None) -> None:  # fmt: skip
+            signers: dict[str, Signer] | None = None,
+            compression: str | None = None) -> None:  # fmt: skip
     """Publish the events; with `signers` (source -> key), each signed by its source's key."""
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
                              batch_size=512 * 1024, max_request_size=4 * 1024 * 1024,
-                             partitioner=RecordPartitioner())  # fmt: skip
+                             partitioner=RecordPartitioner(),
+                             compression_type=compression)  # fmt: skip
     for event in events:
         key, value = encode(event)
         signer = (signers or {}).get(str(event.get("source")))
@@ -877,7 +879,7 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
     ensure_topics(base)
     began = time.monotonic()
     signers = signing_keys() if args.sign else None
-    publish(base, events, signers)
+    publish(base, events, signers, args.compression)
     ends = end_offsets(base, [change_topic(base, e) for e in SECOND])
     print(
         f"published to {prefix}.* ({args.partitions} partitions) in {time.monotonic() - began:.1f}s"
@@ -956,7 +958,7 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
     ensure_topics(settings)
     warmup = make_events(50, args.seed + 1, start=900_000)
     events = make_events(int(rate * duration), args.seed)
-    publish(settings, warmup)
+    publish(settings, warmup, compression=args.compression)
     proc = start_worker(infra, settings, False, args, f"steady-{prefix}")
     progress = Progress(store)
     try:
@@ -995,6 +997,7 @@ def steady_run(infra: Infra, backend: str, rate: int, duration: float, args: arg
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
+            compression_type=args.compression,
         )
         sent: list[tuple[float, Any]] = []
         # When the broker acknowledged each event (the producer's callback): the lag split
@@ -1137,7 +1140,7 @@ def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
         for step in range(0, args.records, args.step):
             chunk = make_events(args.step, args.seed + step, start=step)
             all_events += chunk
-            publish(settings, chunk)
+            publish(settings, chunk, compression=args.compression)
             ends = end_offsets(settings, [change_topic(settings, e) for e in SECOND])
             expected = (
                 Expected.of(all_events)
@@ -1187,6 +1190,9 @@ def main() -> int:
                         help="throughput: sign the events; drain each store without and with "
                         "signature verification (worker CPU µs/event of both)")  # fmt: skip
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--compression", choices=["lz4", "zstd", "gzip", "snappy"],
+                        help="the events' codec (our producers' is lz4; default: none, as "
+                        "the earlier rounds' runs)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--store", dest="backends", action="append",
                         choices=["postgresql", "sqlite"], help="default: both")  # fmt: skip
