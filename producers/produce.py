@@ -77,6 +77,9 @@ class SourceGroup:
                         del due[entry.id]
             if due:
                 stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+        # A source stopped for good (fatal) keeps its thread until the stop: /healthz counts
+        # the threads, and a restart would only stop it again and interrupt the others.
+        stop.wait()
 
     @staticmethod
     def _run(

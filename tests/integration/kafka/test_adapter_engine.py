@@ -137,6 +137,34 @@ def test_every_attempt_of_a_run_is_counted(publisher: Publisher, tmp_path: Path)
     assert result.stats["dies"].published == 3 and result.failed == ["dies"]
 
 
+def test_a_source_stopped_for_good_keeps_its_thread_so_the_producer_stays_healthy(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """Each source has its thread: one that stopped on a fatal error ended it, /healthz
+    (every thread alive) went 503, and the liveness probe restarted the producer in a loop,
+    interrupting the province's other sources. It stays stopped, and alerted on."""
+    from producers.deployment import SourceEntry
+    from producers.produce import ProduceResult, SourceGroup
+
+    entry = SourceEntry.model_construct(id="dies", contract_source="province-01",
+                                        interval_seconds=0.1)  # fmt: skip
+    dying = AdapterRunner("dies", DiesAfterTwo(), publisher, tmp_path, RetryPolicy(1, 0.01))
+    group, stop, result = SourceGroup("dies", [(entry, dying)]), threading.Event(), ProduceResult()
+    result.threads = [threading.Thread(target=group.run, args=(stop, result), daemon=True)]
+    result.threads[0].start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not result.failed:
+            time.sleep(0.05)
+        assert result.failed == ["dies"]
+        time.sleep(0.5)
+        assert result.healthy()
+    finally:
+        stop.set()
+        result.threads[0].join(10)
+    assert not result.threads[0].is_alive()
+
+
 def test_a_producer_that_keeps_failing_still_reports_how_far_behind_it_is(
     publisher: Publisher, tmp_path: Path
 ) -> None:
