@@ -36,7 +36,7 @@ import stat
 import time
 import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -207,6 +207,20 @@ def small_int(value: Any) -> int | None:
     return int(text)
 
 
+@dataclass(frozen=True)
+class _Resume:
+    files: list[str]  # the state's files before this one
+    checksum: str
+    read_before: int | None  # the last line an earlier run read whole
+
+
+def _line_of(origin: str) -> int | None:
+    """The line of a record's origin (`name:line`, a portal line's documents
+    `name:line#n`); None for the file as a whole."""
+    line = origin.rpartition(":")[2].partition("#")[0]
+    return int(line) if line.isdigit() else None
+
+
 class DirectoryAdapter(Adapter):
     """Shared file mechanics: checksums in the state, done/ and error/, rejection reports."""
 
@@ -224,6 +238,7 @@ class DirectoryAdapter(Adapter):
         self.error_dir = base_dir / (config.error_dir or config.directory / "error")
         self._rejections: dict[str, list[dict[str, Any]]] = {}
         self._beyond_report: dict[str, int] = {}  # rejections past REPORT_LIMIT, per file
+        self._partial: dict[str, int] = {}  # checksum -> the last line read whole
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
         self._stale_markers: set[tuple[str, int]] = set()  # (name, mtime) warned of once
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
@@ -238,7 +253,9 @@ class DirectoryAdapter(Adapter):
         # Checksums of the files published, and `x:`-marked ones of the files found
         # unreadable (dead-lettered once: a move to error/ that fails is only retried).
         done: list[str] = list(state.get("files", []))
-        partial = state.get("partial") or {}  # a file read in part: {"file", "records"}
+        # Files read in part by an earlier run: checksum -> the last line read whole. Kept
+        # in every checkpoint until the file is done (another file may be read first).
+        self._partial = dict(state.get("partial") or {})
         for path in self._ready_files():
             try:
                 before = path.stat()
@@ -256,7 +273,7 @@ class DirectoryAdapter(Adapter):
                 marker = _stat_marker(path)
                 if marker is not None and marker in done:
                     move = self._mover(path, self.error_dir, reason)
-                    yield Checkpoint({"files": done}, self._tolerant(path, move, self.error_dir))
+                    yield Checkpoint(self._state(done), self._tolerant(path, move, self.error_dir))
                     continue
                 if marker is not None:
                     done = [*done, marker][-KEEP_CHECKSUMS:]
@@ -267,11 +284,11 @@ class DirectoryAdapter(Adapter):
             checksum = hashlib.sha256(content).hexdigest()
             if checksum in done:  # published before; its move failed or was interrupted
                 move = self._mover(path, self.done_dir, read=checksum)
-                yield Checkpoint({"files": done}, self._tolerant(path, move, self.done_dir))
+                yield Checkpoint(self._state(done), self._tolerant(path, move, self.done_dir))
                 continue
             if f"x:{checksum}" in done:  # dead-lettered before; its move failed
                 move = self._mover(path, self.error_dir, "unreadable")
-                yield Checkpoint({"files": done}, self._tolerant(path, move, self.error_dir))
+                yield Checkpoint(self._state(done), self._tolerant(path, move, self.error_dir))
                 continue
             failed = [*done, f"x:{checksum}"][-KEEP_CHECKSUMS:]
             self._rejections[path.name] = []
@@ -282,41 +299,49 @@ class DirectoryAdapter(Adapter):
                 done = failed
                 yield from self._unreadable(path, error, done)
                 continue
-            resumed = partial.get("file") == checksum
-            read_before = int(partial.get("records", 0)) if resumed else 0
-            if read_before:
+            read_before = self._partial.get(checksum)
+            if read_before is not None:
                 self._rejections[path.name].append(
                     {
                         "line": 0,
                         "code": "resumed",
-                        "message": f"the first {read_before} records were read by an earlier "
+                        "message": f"the lines up to {read_before} were read by an earlier "
                         "run: their rejections are in the dead-letter topic only",
                     }
                 )
-            resume = (done, checksum, read_before)
+            resume = _Resume(done, checksum, read_before)
             if (yield from self._guarded(path, records, failed, resume)):
+                self._partial.pop(checksum, None)
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
-                yield Checkpoint({"files": done}, self._mover(path, self.done_dir, read=checksum))
+                yield Checkpoint(self._state(done), self._mover(path, self.done_dir, read=checksum))
             else:
                 done = failed
         expired = self.expired_done_files()
         if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
-            yield Checkpoint({"files": done}, lambda: self._remove(expired))
+            yield Checkpoint(self._state(done), lambda: self._remove(expired))
+
+    def _state(self, done: list[str]) -> State:
+        """A checkpoint's state: the files done, and those read in part (a copy: the
+        engine saves it later)."""
+        if not self._partial:
+            return {"files": done}
+        return {"files": done, "partial": dict(self._partial)}
 
     def _guarded(
         self,
         path: Path,
         records: Iterator[Record | SkippableRecord],
         done: list[str],
-        resume: tuple[list[str], str, int] | None = None,
+        resume: _Resume | None = None,
     ) -> Generator[Item, None, bool]:
         """The file's records; True when all were read. Should reading itself fail (a
         bug, not the data), the rest of the file is unreadable: error/, never a retry loop.
-        `resume`: the state's files before this one, its checksum and how many of its
-        records an earlier run read (passed over: sent and acknowledged then); a
-        checkpoint every FILE_CHECKPOINT_RECORDS records says how far this run is."""
-        files, checksum, read_before = resume if resume is not None else ([], "", 0)
-        count = 0
+        `resume`: the lines an earlier run read whole are passed over (sent and
+        acknowledged then), and a checkpoint between two lines, every
+        FILE_CHECKPOINT_RECORDS records or so, says how far this run is: by line, so that
+        a configuration changed between the runs (a line's records) skips no line."""
+        count = since = 0
+        last: int | None = None  # the line of the last record yielded
         while True:
             try:
                 item = next(records)
@@ -324,14 +349,23 @@ class DirectoryAdapter(Adapter):
                 return True
             except Exception as error:
                 detail = f"reading stopped after {count} records ({type(error).__name__})"
+                if resume is not None:
+                    self._partial.pop(resume.checksum, None)
                 yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
                 return False
             count += 1
-            if count <= read_before:
+            line = _line_of(item.origin)
+            if resume is None or line is None:
+                yield item
                 continue
+            if resume.read_before is not None and line <= resume.read_before:
+                continue
+            if since >= FILE_CHECKPOINT_RECORDS and last is not None and line != last:
+                self._partial[resume.checksum] = last  # every record of it and before sent
+                yield Checkpoint(self._state(resume.files))
+                since = 0
             yield item
-            if resume is not None and count % FILE_CHECKPOINT_RECORDS == 0:
-                yield Checkpoint({"files": files, "partial": {"file": checksum, "records": count}})
+            since, last = since + 1, line
 
     def _unreadable(self, path: Path, error: UnreadableFile, done: list[str]) -> Iterator[Item]:
         """One dead letter naming the file, then error/. `done` holds its `x:` mark, so a
@@ -342,7 +376,7 @@ class DirectoryAdapter(Adapter):
         yield SkippableRecord(
             error.code, error.message, path.name, self.entity, raw=json.dumps(value).encode()
         )
-        yield Checkpoint({"files": done}, self._mover(path, self.error_dir, error.reason))
+        yield Checkpoint(self._state(done), self._mover(path, self.error_dir, error.reason))
 
     def expired_done_files(self, now: float | None = None) -> list[Path]:
         """Files of done/ (and their rejection reports) processed more than

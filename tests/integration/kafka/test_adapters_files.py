@@ -587,9 +587,11 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
     deploy = deployment(tmp_path, FILEDROP)
     first = deploy.adapter(deploy.sources[0])
     sent, saved = 0, None
+    checkpoints = 0
     for item in first.read({}):
         if isinstance(item, Checkpoint):
-            if item.value().get("partial", {}).get("records") == 2_000:
+            checkpoints += 1
+            if checkpoints == 2:
                 saved = item.value()
                 break  # stopped: the engine saved the last checkpoint reached
             continue
@@ -597,10 +599,17 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
             first.rejected(item.origin, item.code, item.message)
         sent += 1
     assert sent == 2_000 and saved is not None
-    assert saved["files"] == [] and len(saved["partial"]["file"]) == 64
+    assert saved["files"] == [] and list(saved["partial"].values()) == [2_001]  # its line
 
+    # Another file, copied in with an older time, is read (and its checkpoint saved at
+    # once) before the snapshot: the snapshot's place is kept in its state all the same.
+    drop(tmp_path / "inbox", "older.csv", header + lines[-1] + "\n", mtime=1_000)
     second = deploy.adapter(deploy.sources[0])
     items = list(second.read(saved))
+    older = next(i for i in items if isinstance(i, Checkpoint))
+    assert older.value()["partial"] == saved["partial"] and older.commit is not None
+    items = [i for i in items if not (isinstance(i, Record | SkippableRecord)
+                                      and i.origin.startswith("older"))]  # fmt: skip
     records = [i for i in items if isinstance(i, Record)]
     skipped = [i for i in items if isinstance(i, SkippableRecord)]
     assert len(records) + len(skipped) == 500  # the rest, none again
@@ -608,12 +617,12 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
     for item in skipped:
         second.rejected(item.origin, item.code, item.message)
     final = [i for i in items if isinstance(i, Checkpoint)][-1]
-    assert "partial" not in final.value() and len(final.value()["files"]) == 1
+    assert "partial" not in final.value() and len(final.value()["files"]) == 2
     assert final.commit is not None
     final.commit()  # moved to done/, with its report
     report = (tmp_path / "inbox" / "done" / "snapshot.csv.rejected.jsonl").read_text()
     entries = [json.loads(line) for line in report.splitlines()]
-    assert entries[0]["code"] == "resumed" and "2000" in entries[0]["message"]
+    assert entries[0]["code"] == "resumed" and "2001" in entries[0]["message"]
     assert [e["code"] for e in entries[1:]] == ["missing_field"] * 50
 
     # A report lists REPORT_LIMIT rejections, then counts the others.
@@ -677,3 +686,40 @@ def test_a_sources_long_run_does_not_hold_up_another_of_its_province(
         stop.set()
         runner.join(60)
     assert result.stats["dn-exports"].published == 2  # and two lines dead-lettered
+
+
+def test_a_resumed_file_skips_whole_lines_whatever_records_a_line_gives_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A portal line gives a dossier and its documents. Counted in records, a resume
+    after `documents = false` was set skipped lines never sent; by line, it skips none."""
+    import producers.adapters.filedrop as module
+    from producers.sdk import SkippableRecord
+
+    monkeypatch.setattr(module, "FILE_CHECKPOINT_RECORDS", 3)
+    payloads = [{**PAYLOAD, "MaHoSo": f"000.00.01.H17-250801-{n:04d}"} for n in range(1, 21)]
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in payloads)
+    drop(tmp_path / "portal-inbox", "hoso.jsonl", text)
+    first = deployment(tmp_path, PORTAL).adapter(deployment(tmp_path, PORTAL).sources[0])
+    sent: list[str] = []
+    saved = None
+    for item in first.read({}):
+        if isinstance(item, Checkpoint):
+            saved = item.value()
+            if len(sent) >= 10:
+                break  # stopped after a checkpoint
+            continue
+        assert isinstance(item, Record | SkippableRecord)
+        sent.append(item.origin)
+    assert saved is not None
+
+    def line_of(origin: str) -> int:
+        return int(origin.rpartition(":")[2].partition("#")[0])  # `hoso.jsonl:6#1`: line 6
+
+    (line,) = saved["partial"].values()
+    assert [line_of(o) for o in sent].count(line) == 2  # a checkpoint never inside a line
+    assert max(line_of(o) for o in sent) == line
+    without = PORTAL + "\n[sources.mapping]\ndocuments = false\n"
+    second = deployment(tmp_path, without).adapter(deployment(tmp_path, without).sources[0])
+    again = [line_of(i.origin) for i in second.read(saved) if isinstance(i, Record)]
+    assert again == list(range(line + 1, 21))  # every line not read whole, none again
