@@ -270,6 +270,7 @@ class Publisher:
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
             self._acknowledged, self._prune_at = 0, PRUNE_PENDING
+            self._letters_prune_at = PRUNE_PENDING
             self._renew_if_broken(error)
             raise PublishError(f"flush failed: {type(error).__name__}") from None
         self._set_aside_refused_letters()
