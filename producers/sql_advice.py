@@ -6,7 +6,10 @@
 - no version column: versions derive from `updated_at`, so a source clock running
   backwards gives a lower one (sent as the last version + 1 while the row is remembered);
 - on PostgreSQL, a `lookback_seconds` shorter than the longest open transaction (one that
-  wrote) seen in `pg_stat_activity`: such a transaction stamps its rows with its start time.
+  wrote) seen in `pg_stat_activity`: such a transaction stamps its rows with its start time;
+- many rows under one cursor time (a bulk update's, an import's): while they are in the
+  window the state remembers each, a cost that grows with their square (docs/adapters.md,
+  "Bulk updates"). Counted over the whole table: a check is run once, not every poll.
 
 Messages name columns and options, never values.
 """
@@ -15,12 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from producers.sql_polling import SqlPollingAdapter
 from producers.sql_snapshot import longest_transaction_seconds
 
 SAMPLE = 1000
+# Rows under one cursor time above which the check warns (50,000 such rows: a 4 MB state
+# rewritten at every checkpoint, docs/adapters.md "Bulk updates").
+CROWDED = 10_000
 
 
 def check_warnings(poller: SqlPollingAdapter) -> list[str]:
@@ -50,9 +56,31 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
             f"{poller.pk.name}: without a place in the cursor's order a row is never read; "
             "give the columns a value on insert (a default or a trigger)"
         )
+    crowded = _most_rows_at_one_time(poller)
+    if crowded > CROWDED:
+        notes.append(
+            f"{crowded} rows share one {config.updated_at_column} (a bulk update's or an "
+            "import's): while they are within lookback_seconds of the newest row, the "
+            "state remembers each of them and is rewritten at every checkpoint "
+            '(docs/adapters.md, "Bulk updates"); give each row its own change time'
+        )
     if poller.postgresql:
         notes += _long_transactions(poller)
     return notes
+
+
+def _most_rows_at_one_time(poller: SqlPollingAdapter) -> int:
+    rows = func.count().label("rows")
+    query = (
+        select(rows)
+        .select_from(poller.table)
+        .where(poller.updated_at.is_not(None))
+        .group_by(poller.updated_at)
+        .order_by(rows.desc())
+        .limit(1)
+    )
+    with poller.engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
 
 
 def _whole_seconds(poller: SqlPollingAdapter) -> str | None:

@@ -1194,3 +1194,37 @@ def test_a_numeric_key_is_kept_in_the_state_as_the_whole_number_it_is(tmp_path: 
     again = SqlAdapter.from_settings("province-79", settings, tmp_path)
     sent = [item for item in again.read(load_json_state(saved)) if isinstance(item, Record)]
     assert [r.key for r in sent] == ["000.00.01.H29-240115-0003"]  # on from the saved place
+
+
+def test_check_warns_of_many_rows_under_one_cursor_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration's `UPDATE … SET updated_at = now()` puts every row under one time: the
+    state then remembers each and grows with their square (a first snapshot of ten
+    million rows). `adapters check` says so before the first run, naming no value."""
+    import producers.sql_advice as advice
+
+    monkeypatch.setattr(advice, "CROWDED", 100)
+    engine = create_engine(f"sqlite:///{tmp_path / 'bulk.db'}")
+    table = Table(
+        "cong_dan", MetaData(), Column("id", Integer, primary_key=True),
+        Column("so_dinh_danh", String(12)), Column("ho_ten", String(100)),
+        Column("updated_at", DateTime), Column("da_xoa", Boolean),
+    )  # fmt: skip
+    table.metadata.create_all(engine)
+    rows = [{"id": n, "so_dinh_danh": pid(n), "ho_ten": "Lê Văn Cường", "updated_at": T0,
+             "da_xoa": False} for n in range(1, 151)]  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(table), rows)
+    adapter = SqlPollingAdapter(Source.config_of(f"sqlite:///{tmp_path / 'bulk.db'}"))
+    try:
+        notes = [n for n in advice.check_warnings(adapter) if "share one updated_at" in n]
+        assert notes == [notes[0]] and notes[0].startswith("150 rows share one updated_at")
+        with engine.begin() as conn:  # each its own time: nothing to say
+            for n in range(1, 151):
+                stamp = T0 + timedelta(seconds=n)
+                conn.execute(table.update().where(table.c.id == n).values(updated_at=stamp))
+        assert not [n for n in advice.check_warnings(adapter) if "share one" in n]
+    finally:
+        adapter.close()
+        engine.dispose()
