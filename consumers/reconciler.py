@@ -58,6 +58,23 @@ class EventOutcome:
     occurred_at: datetime
 
 
+@dataclass(frozen=True)
+class Remerged:
+    """What a remerge changed: records whose values changed (a history entry each), and
+    records whose values stayed and whose provenance moved (which source a field is
+    credited to, as `show` and `export --provenance` name it)."""
+
+    values: int = 0
+    credit_only: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.values + self.credit_only
+
+    def __add__(self, other: Remerged) -> Remerged:
+        return Remerged(self.values + other.values, self.credit_only + other.credit_only)
+
+
 @dataclass
 class BatchReport:
     outcomes: list[EventOutcome] = field(default_factory=list)
@@ -367,11 +384,11 @@ class Reconciler:
 
     def remerge(
         self, keys: Sequence[RecordKey], source: str = "remerge", dry_run: bool = False
-    ) -> int:
+    ) -> Remerged:
         """Re-merge records from their stored views (after an authority change), in one
         transaction; every record whose data changed gets a history entry. Return how many
-        changed: their data, or only which source gives a field (`show` and `export
-        --provenance` name it). A `dry_run` rolls the transaction back."""
+        changed: their data, or only which source a field is credited to. A `dry_run`
+        rolls the transaction back."""
         with self.store.batch((), keys, use_offsets=False, commit=not dry_run) as tx:
             work = _Batch(tx.views, tx.canonical, conflicts_before=None)
             stored = tx.attributions(keys)
@@ -402,7 +419,7 @@ class Reconciler:
                 ):
                     attributed += 1
             tx.write(work.changes(self.authority), now)
-        return len(work.history) + attributed
+        return Remerged(len(work.history), attributed)
 
     def purge(
         self, source: str, keys: Sequence[RecordKey], audit: SourcePurge, dry_run: bool = False

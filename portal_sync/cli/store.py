@@ -19,6 +19,7 @@ from portal_sync.settings import Settings
 from schemas.errors import Refused
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
+    from consumers.reconciler import Remerged
     from store import Store
 
 console = Console()
@@ -83,8 +84,8 @@ def store_upgrade(store: StoreOpt = None) -> None:
     if keys:
         pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
         changed, _ = _remerge(target, settings, pages, len(keys))
-        console.print(
-            f"re-merged {len(keys)} records written before provenance ({changed} changed)"
+        console.print(  # their provenance is filled in: the values are what may change
+            f"re-merged {len(keys)} records written before provenance ({changed.values} changed)"
         )
     target.close()
 
@@ -158,7 +159,8 @@ def remerge(
     finally:
         target.close()
     verb = "would change" if dry_run else "changed"
-    console.print(f"re-merged {done} records, {changed} {verb}")
+    credit = f" ({changed.credit_only} in provenance only)" if changed.credit_only else ""
+    console.print(f"re-merged {done} records, {changed.total} {verb}{credit}")
 
 
 def _remerge(
@@ -167,20 +169,20 @@ def _remerge(
     pages: Iterable[list[tuple[str, str]]],
     total: int,
     dry_run: bool = False,
-) -> tuple[int, int]:
+) -> tuple[Remerged, int]:
     """Re-merge the records page by page (a transaction each); return (changed, done)."""
     from consumers.config import load_rules
-    from consumers.reconciler import Reconciler
+    from consumers.reconciler import Reconciler, Remerged
 
     _, authority = load_rules(settings.registry, settings.authority_file)
     reconciler = Reconciler(store, authority)
-    changed = done = 0
+    changed, done = Remerged(), 0
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("re-merging", total=total)
         for part in pages:
-            changed += reconciler.remerge(part, dry_run=dry_run)
+            changed = changed + reconciler.remerge(part, dry_run=dry_run)
             done += len(part)
             progress.advance(task, len(part))
     return changed, done

@@ -212,19 +212,26 @@ def test_remerge_counts_a_record_whose_provenance_alone_moves(tmp_path: Path) ->
         entries = len(history_rows(store))
         first = Authority.from_mapping({"citizen": {"full_name": ["province-01"]}}, REGISTRY)
         keys = [("citizen", CITIZEN)]
-        assert Reconciler(store, first).remerge(keys, dry_run=True) == 1
+        assert Reconciler(store, first).remerge(keys, dry_run=True).total == 1
         assert next(store.iter_records("citizen"))[4] == {
             "full_name": {"source": "national-population", "version": 3}
         }
-        assert Reconciler(store, first).remerge(keys) == 1
+        assert Reconciler(store, first).remerge(keys).credit_only == 1
         assert next(store.iter_records("citizen"))[4] == {
             "full_name": {"source": "province-01", "version": 5}
         }
         assert len(history_rows(store)) == entries  # no value changed
-        assert Reconciler(store, first).remerge(keys) == 0
-        assert Reconciler(store, AUTHORITY).remerge(keys) == 1
+        assert Reconciler(store, first).remerge(keys).total == 0
+        assert Reconciler(store, AUTHORITY).remerge(keys).credit_only == 1
     finally:
         store.close()
+    authority = tmp_path / "authority.toml"
+    authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    result = run_cli(
+        "remerge", "--dry-run", "--store", url, PORTAL_SYNC_AUTHORITY_FILE=str(authority)
+    )
+    assert "re-merged 1 records, 1 would change (1 in provenance only)" in result.stdout
 
 
 def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:

@@ -375,7 +375,7 @@ def test_remerge_after_an_authority_change_appends_remerge_entries(store: Store)
     assert next(store.iter_records())[2] == {"full_name": "Một"}
     entries = len(history_rows(store))
     changed = Reconciler(store, new).remerge(store.record_keys())
-    assert changed == 1
+    assert changed.total == changed.values == 1
     rows = history_rows(store)
     assert len(rows) == entries + 1
     assert rows[-1] == (
@@ -390,7 +390,7 @@ def test_remerge_after_an_authority_change_appends_remerge_entries(store: Store)
     assert first[2] == {"full_name": "Bảy chín"}
     assert first[4] == {"full_name": origin("province-79", 5)}
     # nothing more to change
-    assert Reconciler(store, new).remerge(store.record_keys()) == 0
+    assert Reconciler(store, new).remerge(store.record_keys()).total == 0
     assert len(history_rows(store)) == entries + 1
 
 
@@ -414,7 +414,7 @@ def test_prune_history_removes_old_entries(store: Store) -> None:
 def test_remerge_of_a_key_without_views_changes_nothing(store: Store) -> None:
     Feed(store).apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}))
     keys = [("citizen", CITIZEN), ("citizen", CITIZEN_2)]
-    assert Reconciler(store, AUTHORITY).remerge(keys) == 0
+    assert Reconciler(store, AUTHORITY).remerge(keys).total == 0
     assert [r[1] for r in store.iter_records()] == [CITIZEN]
 
 
