@@ -164,9 +164,15 @@ def produce(
     groups, publishers = build_groups(deployment, connection, topics, only, reference_key)
     result = result or ProduceResult()
     try:
-        if once:
-            for group in groups:
-                group.run_once(result, stop)
+        if once:  # side by side too: a snapshot's pass does not hold up the others'
+            passes = [
+                threading.Thread(target=g.run_once, args=(result, stop), name=g.name, daemon=True)
+                for g in groups
+            ]
+            for thread in passes:
+                thread.start()
+            for thread in passes:
+                thread.join()
         else:
             stop = stop or threading.Event()
             result.threads = [

@@ -641,8 +641,13 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
     assert entries[-1]["message"].startswith("150 more rejections")
 
 
+@pytest.mark.parametrize("once", [False, True])
 def test_a_sources_long_run_does_not_hold_up_another_of_its_province(
-    tmp_path: Path, settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    settings_for: Any,
+    sqlite_store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    once: bool,
 ) -> None:
     """A province's first snapshot is one run of an hour; its other sources (the same
     contract source id) ran in the same thread, after it, and went stale meanwhile."""
@@ -672,7 +677,7 @@ def test_a_sources_long_run_does_not_hold_up_another_of_its_province(
     runner = threading.Thread(
         target=produce,
         args=(deploy, settings.connection(), settings.topics()),
-        kwargs={"stop": stop, "result": result},
+        kwargs={"stop": stop, "result": result, "once": once},
     )
     runner.start()
     try:
