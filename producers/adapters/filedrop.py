@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -54,6 +55,7 @@ from schemas.validation import MAX_DEPTH, too_deep
 
 log = logging.getLogger(__name__)
 KEEP_CHECKSUMS = 50_000
+_CSV_LIMIT = threading.Lock()  # `csv.field_size_limit` is the process's, sources are threads
 # A file's records between two of its checkpoints (saved at most once a second by the
 # engine): a run stopped inside a file goes on after the last one saved, where it began
 # the file again (a province's first snapshot: ten million lines).
@@ -256,6 +258,7 @@ class DirectoryAdapter(Adapter):
         # Files read in part by an earlier run: checksum -> the last line read whole. Kept
         # in every checkpoint until the file is done (another file may be read first).
         self._partial = dict(state.get("partial") or {})
+        seen: set[str] = set()  # checksums of the files read this pass
         for path in self._ready_files():
             try:
                 before = path.stat()
@@ -293,10 +296,12 @@ class DirectoryAdapter(Adapter):
             failed = [*done, f"x:{checksum}"][-KEEP_CHECKSUMS:]
             self._rejections[path.name] = []
             self._beyond_report[path.name] = 0
+            seen.add(checksum)
             try:
                 records = iter(self.parse(path, content))
             except UnreadableFile as error:
                 done = failed
+                self._partial.pop(checksum, None)
                 yield from self._unreadable(path, error, done)
                 continue
             read_before = self._partial.get(checksum)
@@ -316,6 +321,13 @@ class DirectoryAdapter(Adapter):
                 yield Checkpoint(self._state(done), self._mover(path, self.done_dir, read=checksum))
             else:
                 done = failed
+        # A file read in part and no longer there (taken away, exported again with other
+        # bytes) is forgotten: the same bytes dropped later are read from their start.
+        gone = set(self._partial) - seen
+        for checksum in gone:
+            del self._partial[checksum]
+        if gone:
+            yield Checkpoint(self._state(done))
         expired = self.expired_done_files()
         if expired:  # removed as a checkpoint's clean-up: a check run removes nothing
             yield Checkpoint(self._state(done), lambda: self._remove(expired))
@@ -582,8 +594,9 @@ class FileDropAdapter(DirectoryAdapter):
         # and all, for rows. A field that long is then one record too large to publish
         # (`too_large`), never rows read out of a value.
         text = text_of(content)
-        if len(content) >= csv.field_size_limit():
-            csv.field_size_limit(len(content) + 1)  # the module's one limit, only ever raised
+        with _CSV_LIMIT:  # the module's one limit, only ever raised: sources read side by side
+            if len(content) >= csv.field_size_limit():
+                csv.field_size_limit(len(content) + 1)
         reader = csv.DictReader(text, delimiter=self.options.csv_delimiter)
         try:
             names = reader.fieldnames

@@ -728,3 +728,15 @@ def test_a_resumed_file_skips_whole_lines_whatever_records_a_line_gives_now(
     second = deployment(tmp_path, without).adapter(deployment(tmp_path, without).sources[0])
     again = [line_of(i.origin) for i in second.read(saved) if isinstance(i, Record)]
     assert again == list(range(line + 1, 21))  # every line not read whole, none again
+
+
+def test_the_place_of_a_file_no_longer_there_is_forgotten(tmp_path: Path) -> None:
+    """A file read in part, then taken away or exported again with other bytes: its place
+    stayed in every later state, and the same bytes dropped months later lost their
+    first lines."""
+    drop(tmp_path / "inbox", "a.csv", CSV)
+    deploy = deployment(tmp_path, FILEDROP)
+    adapter = deploy.adapter(deploy.sources[0])
+    state = {"files": [], "partial": {"0" * 64: 3}}
+    checkpoints = [i for i in adapter.read(state) if isinstance(i, Checkpoint)]
+    assert "partial" not in checkpoints[-1].value()
