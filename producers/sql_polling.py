@@ -754,6 +754,10 @@ class SqlPollingAdapter:
             return self._moment(literal(moment, DateTime()))
         return literal(moment, DateTime(timezone=moment.tzinfo is not None))
 
+    def cursor_order(self, value: Any) -> Any:
+        """The cursor column as the cursor orders it (`adapters check` groups by it)."""
+        return self._moment(value)
+
     def _moment(self, value: Any) -> Any:
         """A timestamp as the database orders it. SQLite keeps timestamps as text in
         whatever form the application wrote ('…09:00:00' sorts before '…09:00:00.000000'),

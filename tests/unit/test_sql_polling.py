@@ -1225,6 +1225,13 @@ def test_check_warns_of_many_rows_under_one_cursor_time(
                 stamp = T0 + timedelta(seconds=n)
                 conn.execute(table.update().where(table.c.id == n).values(updated_at=stamp))
         assert not [n for n in advice.check_warnings(adapter) if "share one" in n]
+        with engine.begin() as conn:  # one instant in two forms of text: one time to the cursor
+            conn.exec_driver_sql(
+                "UPDATE cong_dan SET updated_at = CASE WHEN id % 2 = 0 "
+                "THEN '2025-08-01 09:00:00' ELSE '2025-08-01 09:00:00.000000' END"
+            )
+        notes = [n for n in advice.check_warnings(adapter) if "share one" in n]
+        assert len(notes) == 1 and notes[0].startswith("150 rows"), notes
     finally:
         adapter.close()
         engine.dispose()
