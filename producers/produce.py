@@ -171,8 +171,13 @@ def produce(
             ]
             for thread in passes:
                 thread.start()
-            for thread in passes:
-                thread.join()
+            try:
+                for thread in passes:
+                    thread.join()
+            except KeyboardInterrupt:  # a second Ctrl-C: what was not saved is sent again
+                if stop is not None:
+                    stop.set()
+                raise
         else:
             stop = stop or threading.Event()
             result.threads = [
