@@ -344,7 +344,7 @@ class DirectoryAdapter(Adapter):
         path: Path,
         records: Iterator[Record | SkippableRecord],
         done: list[str],
-        resume: _Resume | None = None,
+        resume: _Resume,
     ) -> Generator[Item, None, bool]:
         """The file's records; True when all were read. Should reading itself fail (a
         bug, not the data), the rest of the file is unreadable: error/, never a retry loop.
@@ -361,13 +361,12 @@ class DirectoryAdapter(Adapter):
                 return True
             except Exception as error:
                 detail = f"reading stopped after {count} records ({type(error).__name__})"
-                if resume is not None:
-                    self._partial.pop(resume.checksum, None)
+                self._partial.pop(resume.checksum, None)
                 yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
                 return False
             count += 1
             line = _line_of(item.origin)
-            if resume is None or line is None:
+            if line is None:  # the file as a whole
                 yield item
                 continue
             if resume.read_before is not None and line <= resume.read_before:
