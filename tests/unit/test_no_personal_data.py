@@ -1,4 +1,4 @@
-"""No personal data in reasons or logs (issue 12, finding 2): reasons name the rule and the
+"""No personal data in reasons or logs: reasons name the rule and the
 field's path in the contract, never a value nor a name that came from the data; every
 engine hides statement parameters; the Kafka clients never log records.
 (The worker over the hostile corpus: tests/integration/kafka/test_no_personal_data_leaks.py.)"""

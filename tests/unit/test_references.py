@@ -1,4 +1,4 @@
-"""Keyed references (issue 12, finding 1): outside the store a personal id or tax code
+"""Keyed references: outside the store a personal id or tax code
 appears only as HMAC-SHA-256 under a secret key, or masked when there is no key."""
 
 from __future__ import annotations

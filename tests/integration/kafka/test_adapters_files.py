@@ -306,7 +306,7 @@ def test_produce_removes_done_files_past_their_retention(
     ]
 
 
-# -- files that never block (issue 14, item 4) -------------------------------------------------
+# -- files that never block ---------------------------------------------------------------------
 
 CITIZEN_LINE = '{{"SoDinhDanh": "{pid}", "HoTen": "{name}", "NgayCapNhat": "20250803100000"}}'
 # JSON nested deeper than any parser's stack: json.loads raises RecursionError on it

@@ -303,7 +303,7 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
     engine.dispose()
 
 
-# -- clean-ups that fail, rows beyond the lookback (issue 14, item 5) ---------------------------
+# -- clean-ups that fail, rows beyond the lookback ---------------------------------------------
 
 # While refuse_cleanup has a row, the source refuses to delete or update outbox rows (as a
 # revoked permission or a lock timeout would): the clean-up after a checkpoint fails.

@@ -1,4 +1,4 @@
-"""No personal data in logs, dead-letter headers or metrics (issue 12, finding 2).
+"""No personal data in logs, dead-letter headers or metrics.
 
 The worker runs over the hostile corpus (`tests/support/hostile.py`) with every logger at
 DEBUG, through two faults (the dead-letter topic gone, then a SIGKILL and a restart that
