@@ -26,13 +26,9 @@ T = TypeVar("T")
 class PortalSyncError(Exception):
     """Root of every error the project raises on purpose."""
 
-    exit_code = 1
-
 
 class ConfigurationError(PortalSyncError):
     """A setting, file or deployment is wrong: refuse to start and say which."""
-
-    exit_code = 2
 
 
 class Refused(PortalSyncError):

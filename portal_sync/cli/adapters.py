@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from portal_sync.cli.options import PORT, fail, settings_from
-from producers.sdk import Adapter, ConfigurationError
+from portal_sync.cli.options import PORT, settings_from
+from producers.sdk import Adapter
 from schemas.errors import until_available
 
 if TYPE_CHECKING:
@@ -38,10 +38,6 @@ def _metrics_host(deployment: Deployment, settings: Settings) -> str:
     if "metrics_host" in producer.model_fields_set:
         return producer.metrics_host
     return settings.metrics_host
-
-
-def _fail(message: str) -> typer.Exit:
-    return fail(message, 2)
 
 
 @adapters_app.command("list")
@@ -96,13 +92,10 @@ def check(
     from producers.conformance import check_adapter, report_table
     from producers.deployment import load_deployment
 
-    try:
-        deployment = load_deployment(config)
-        key = deployment_settings(deployment, Settings.from_flags()).reference_key()
-        entries = deployment.enabled(source)
-        adapters = [(entry, deployment.adapter(entry, key)) for entry in entries]
-    except ConfigurationError as error:
-        raise _fail(str(error)) from None
+    deployment = load_deployment(config)
+    key = deployment_settings(deployment, Settings.from_flags()).reference_key()
+    entries = deployment.enabled(source)
+    adapters = [(entry, deployment.adapter(entry, key)) for entry in entries]
     failed = 0
     for entry, adapter in adapters:
         try:
@@ -123,12 +116,9 @@ def new(
     ] = None,
 ) -> None:
     """Scaffold a plug-in package: pyproject (entry point), adapter, example config, test."""
-    from producers.scaffold import ScaffoldError, scaffold
+    from producers.scaffold import scaffold
 
-    try:
-        created = scaffold(name, directory or Path.cwd())
-    except ScaffoldError as error:
-        raise _fail(str(error)) from None
+    created = scaffold(name, directory or Path.cwd())  # ScaffoldError: refused
     console.print(f"created {created}")
     console.print(f"next: pip install -e {created} && cd {created} && pytest")
 
@@ -191,10 +181,7 @@ def produce(
     from producers.produce import produce as run_produce
     from transport.admin import ensure_topics
 
-    try:
-        deployment = load_deployment(config)
-    except ConfigurationError as error:
-        raise _fail(str(error)) from None
+    deployment = load_deployment(config)
     if show_config:  # a look at the file: never a run (it would publish, and move states)
         out.print(deployment.redacted(), markup=False, highlight=False)
         return
@@ -252,19 +239,16 @@ def produce(
     ):
         return  # stopped while waiting for the cluster: nothing was read or sent
     tune_garbage_collector()
-    try:
-        result = run_produce(
-            deployment,
-            settings.connection(),
-            settings.topics(),
-            once=once,
-            stop=stop,
-            only=source,
-            result=result,
-            reference_key=reference_key,
-        )
-    except ConfigurationError as error:
-        raise _fail(str(error)) from None
+    result = run_produce(
+        deployment,
+        settings.connection(),
+        settings.topics(),
+        once=once,
+        stop=stop,
+        only=source,
+        result=result,
+        reference_key=reference_key,
+    )
     for source_id, stats in sorted(result.stats.items()):
         console.print(
             f"{source_id}: published {stats.published}, dead-lettered {stats.dead_lettered}"

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from portal_sync.cli.options import LISTEN_PORT, fail
+from portal_sync.cli.options import LISTEN_PORT
 from portal_sync.cli.options import err_console as console
 from portal_sync.settings import Settings
+from schemas.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from transport.local import LocalKafka
@@ -58,26 +59,25 @@ def kafka_up(
     """Start the local broker (fetching its jars once) and wait until it answers."""
     import time
 
-    from transport.local import KafkaSetupError, LocalKafka
+    from transport.local import LocalKafka
     from transport.local_cluster import is_cluster
 
     settings = Settings()
     where = data_dir or settings.kafka_data_dir
     if nodes is not None and port is not None and port + nodes - 1 > LISTEN_PORT["max"]:
-        raise fail(f"--port {port} leaves no port for node {nodes} (node k on port P+k-1)", 2)
+        raise ConfigurationError(
+            f"--port {port} leaves no port for node {nodes} (node k on port P+k-1)"
+        )
     if nodes is not None or is_cluster(where):
         if secure:
-            raise fail("--secure is for the single broker, not a local cluster", code=2)
+            raise ConfigurationError("--secure is for the single broker, not a local cluster")
         _cluster_up(where, nodes, port)
         return
     broker = LocalKafka(where)
     setup = _secure_setup(settings, registry) if secure else None
     started = time.monotonic()
-    try:
-        with console.status("starting Apache Kafka (KRaft)…"):
-            fresh = broker.up(port, secure=setup)
-    except KafkaSetupError as error:
-        raise fail(str(error)) from None
+    with console.status("starting Apache Kafka (KRaft)…"):
+        fresh = broker.up(port, secure=setup)  # KafkaSetupError: a configuration error
     status = broker.status()
     took = f" in {time.monotonic() - started:.1f}s" if fresh else " (already running)"
     console.print(
@@ -90,16 +90,12 @@ def kafka_up(
 def _cluster_up(data_dir: Path, nodes: int | None, port: int | None) -> None:
     import time
 
-    from transport.local import KafkaSetupError
     from transport.local_cluster import LocalCluster
 
     cluster = LocalCluster(data_dir)
     began = time.monotonic()
-    try:
-        with console.status("starting the Apache Kafka (KRaft) nodes…"):
-            started = cluster.up(nodes, port)
-    except KafkaSetupError as error:
-        raise fail(str(error)) from None
+    with console.status("starting the Apache Kafka (KRaft) nodes…"):
+        started = cluster.up(nodes, port)  # KafkaSetupError: a configuration error
     took = f"nodes {', '.join(map(str, started))} started in {time.monotonic() - began:.1f}s"
     console.print(
         f"Kafka cluster of {cluster.size()} nodes up ({took if started else 'already running'}), "
@@ -133,7 +129,7 @@ def _secure_setup(settings: Settings, registry: Path | None) -> SecureSetup:
     try:
         sources = tuple(Registry.load(path).sources)
     except (OSError, ValueError) as error:
-        raise fail(f"registry {path}: {error}", code=2) from None
+        raise ConfigurationError(f"registry {path}: {error}") from None
     return SecureSetup(sources=sources, topics=settings.topics(), group_id=settings.group_id)
 
 
@@ -160,21 +156,18 @@ def kafka_down(
     ] = False,
 ) -> None:
     """Stop the local broker, or a local cluster's nodes (all, or one with --node)."""
-    from transport.local import KafkaSetupError, LocalKafka
+    from transport.local import LocalKafka
     from transport.local_cluster import LocalCluster, is_cluster
 
     where = data_dir or Settings().kafka_data_dir
     if is_cluster(where):
-        try:
-            stopped = LocalCluster(where).down(node, kill=kill)
-        except KafkaSetupError as error:
-            raise fail(str(error), code=2) from None
+        stopped = LocalCluster(where).down(node, kill=kill)
         how = "killed" if kill else "stopped"
         which = f"node {node}" if node is not None else "Kafka cluster nodes"
         console.print(f"{which} {how}: {', '.join(map(str, stopped)) or 'none was running'}")
         return
     if node is not None:
-        raise fail(f"{where} holds no local cluster (`kafka up --nodes 3`)", code=2)
+        raise ConfigurationError(f"{where} holds no local cluster (`kafka up --nodes 3`)")
     broker = LocalKafka(where)
     pid = broker.status().pid
     if kill and pid is not None:

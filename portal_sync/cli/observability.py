@@ -10,11 +10,11 @@ from portal_sync.cli.options import (
     LISTEN_PORT,
     BootstrapOpt,
     StoreOpt,
-    fail,
     positive_seconds,
     settings_from,
 )
 from portal_sync.cli.options import err_console as console
+from schemas.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from observability.kafka_lag import LagReader
@@ -118,7 +118,7 @@ def _lag_reader(
     from observability.kafka_lag import Filters, LagReader
 
     if offsets_from not in ("store", "kafka"):
-        raise fail("--offsets-from must be 'store' or 'kafka'")
+        raise ConfigurationError("--offsets-from must be 'store' or 'kafka'")
     settings = settings_from(bootstrap, store)
     source = cast(Literal["kafka", "store"], offsets_from)
     if source == "store":  # read at each poll, which failed for ever on a wrong URL

@@ -319,9 +319,9 @@ def rebuild(
                 f"changed in the live store while the rebuild ran (its workers applied "
                 f"them; not compared): {diff.meanwhile}"
             )
-        if diff.any():
+        if diff.any():  # a check that found a difference, as `adapters check` fails one
             target.close()
-            raise typer.Exit(2)
+            raise typer.Exit(1)
     target.close()
 
 
@@ -457,8 +457,7 @@ def dlq_redrive(
     from store import Store
 
     if not (letter_ids or reason or source or since or until):
-        console.print("[red]error:[/red] select dead letters: IDs, --reason, --source or a time")
-        raise typer.Exit(2)
+        raise ConfigurationError("select dead letters: IDs, --reason, --source or a time")
     _warn_of_odd_reasons(reason)
     settings = settings_from(bootstrap, store)
     _warn_of_an_odd_source(settings, source)

@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from observability.terminal import markup
 from portal_sync.settings import Settings
 from schemas.errors import ConfigurationError
 
@@ -90,11 +89,6 @@ def settings_from(bootstrap: str | None = None, store: str | None = None) -> Set
                 "(`portal-sync kafka status` lists them)"
             )
     return settings
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(markup("[red]error:[/red] {}", message), highlight=False)
-    return typer.Exit(code)
 
 
 def parse_time(text: str | None) -> datetime | None:

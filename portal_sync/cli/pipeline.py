@@ -16,7 +16,6 @@ from portal_sync.cli.options import (
     ReaderOpt,
     ReasonOpt,
     StoreOpt,
-    fail,
     settings_from,
 )
 from portal_sync.cli.options import err_console as console
@@ -140,7 +139,8 @@ def export(
     try:
         handle = partial.open("w", encoding="utf-8") if partial else sys.stdout
     except OSError as error:
-        raise fail(f"--output {output}: {error.strerror or type(error).__name__}", 2) from None
+        why = error.strerror or type(error).__name__
+        raise ConfigurationError(f"--output {output}: {why}") from None
     done = False
     try:
         record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
@@ -178,11 +178,8 @@ def demo(
     store: StoreOpt = None,
 ) -> None:
     """Run the whole pipeline on sample provinces and a ministry, then check the store."""
-    from portal_sync.demo import DemoError, run_demo
+    from portal_sync.demo import run_demo
 
     settings = Settings.from_flags(bootstrap, store)
-    try:
-        ok = run_demo(settings, people=people, allow_reset=reset, secure=secure)
-    except DemoError as error:
-        raise fail(str(error)) from None
+    ok = run_demo(settings, people=people, allow_reset=reset, secure=secure)  # DemoError: refused
     raise typer.Exit(0 if ok else 1)

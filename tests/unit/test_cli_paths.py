@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from portal_sync.cli import app
+from schemas.errors import ConfigurationError
 
 
 def test_an_export_that_cannot_be_written_reads_nothing(tmp_path: Path) -> None:
@@ -17,8 +18,9 @@ def test_an_export_that_cannot_be_written_reads_nothing(tmp_path: Path) -> None:
         ["export", "--reason", "audit", "--output", str(tmp_path / "no" / "such" / "dir.jsonl"),
          "--store", f"sqlite:///{store}"],
     )  # fmt: skip
-    assert result.exit_code == 2
-    assert "--output" in result.output and "No such file or directory" in result.output
+    assert isinstance(result.exception, ConfigurationError)  # exit 2 (cli.EXIT_CODES)
+    said = str(result.exception)
+    assert "--output" in said and "No such file or directory" in said
     assert not store.exists()  # nor the access log written: nothing was read
 
 
