@@ -277,7 +277,7 @@ def test_rendered_manifests_validate_against_the_kubernetes_schemas(
     kinds = {m["kind"] for m in manifests}
     expected = {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "Job"}
     if values == "production":
-        expected |= {"ServiceMonitor", "PrometheusRule", "PersistentVolumeClaim"}
+        expected |= {"ServiceMonitor", "PrometheusRule", "PersistentVolumeClaim", "NetworkPolicy"}
     assert kinds == expected
     for manifest in manifests:
         try:
@@ -670,6 +670,69 @@ def test_defaults_leave_the_operator_resources_off(default: list[Manifest]) -> N
     assert worker["spec"]["replicas"] == 1
     assert container(worker)["livenessProbe"]["httpGet"]["scheme"] == "HTTP"
     assert env_of(worker)["PORTAL_SYNC_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
+    assert "NetworkPolicy" not in kinds  # it needs to know who scrapes
+
+
+def pod_templates(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    """Every pod the release runs (Deployments, Jobs), by its owner's kind and name."""
+    return {
+        f"{m['kind']} {m['metadata']['name']}": m["spec"]["template"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    }
+
+
+def test_the_network_policy_lets_only_the_scrapers_in_and_only_to_the_metrics_ports(
+    production: list[Manifest],
+) -> None:
+    policy = one(production, "NetworkPolicy", FULLNAME)["spec"]
+    pods = pod_templates(production)
+    # producers, workers, lag exporter, toolbox and the store upgrade all under it
+    assert len(pods) >= 6, sorted(pods)
+    selector = policy["podSelector"]["matchLabels"]
+    for name, pod in pods.items():
+        labels = pod["metadata"]["labels"]
+        assert selector.items() <= labels.items(), name
+    # every port a pod serves is allowed in, and nothing else
+    served = {
+        (port.get("protocol", "TCP"), port["containerPort"])
+        for pod in pods.values()
+        for c in pod["spec"]["containers"]
+        for port in c.get("ports", [])
+    }
+    (rule,) = policy["ingress"]
+    assert {(port["protocol"], port["port"]) for port in rule["ports"]} == served
+    assert rule["from"] == yaml.safe_load(PRODUCTION.read_text())["networkPolicy"]["metricsFrom"]
+    assert policy["policyTypes"] == ["Ingress"]  # no egress rules given: out is open
+
+
+def test_egress_rules_close_everything_else_but_dns(
+    helm: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    brokers = {
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
+        "ports": [{"protocol": "TCP", "port": 9093}],
+    }
+    values = tmp_path / "np.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "networkPolicy": {
+                    "enabled": True,
+                    "metricsFrom": [{"namespaceSelector": {}}],
+                    "egress": [brokers],
+                }
+            }
+        )
+    )
+    manifests = render(helm, "-f", str(values))
+    policy = one(manifests, "NetworkPolicy", FULLNAME)["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, given = policy["egress"]
+    assert "to" not in dns and {p["port"] for p in dns["ports"]} == {53}
+    assert given == brokers
+    for manifest in manifests:
+        validate(manifest, KUBE_VERSIONS[-1])
 
 
 # --- what the chart refuses -------------------------------------------------------------
@@ -711,6 +774,10 @@ REFUSALS = {
     "an owner without the role to grant": (
         ("--set", "storeUpgrade.owner.existingSecret=portal-sync-store-owner"),
         "storeUpgrade.owner.runtimeRole is required",
+    ),
+    "a network policy that names no scraper": (
+        ("--set", "networkPolicy.enabled=true"),
+        "networkPolicy.metricsFrom is required",
     ),
     "a role to grant without an owner": (
         ("--set", "storeUpgrade.owner.runtimeRole=portal_sync"),
