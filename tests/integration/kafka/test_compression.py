@@ -49,3 +49,45 @@ def test_every_codec_a_producer_may_use_is_read_by_the_worker_and_the_replay(
     replayed = cli(settings, "replay", "--since", "1h", "--json")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert json.loads(replayed.stdout)["read"] == len(events)
+
+
+def test_our_producers_send_lz4_batches_the_broker_keeps_compressed(
+    settings_for: Any, sqlite_store_url: str
+) -> None:
+    """The Publisher (every producer's and the worker's dead letters' way to Kafka) sends
+    lz4: the topic's log on the broker holds a fraction of the values' bytes. Without
+    compression the log holds more than the values themselves (record and batch headers)."""
+    from kafka.admin import KafkaAdminClient
+
+    from transport.publisher import Publisher
+
+    settings = settings_for(sqlite_store_url)
+    ensure_topics(settings)
+    topic = change_topic(settings, "citizen")
+    events = citizen_events(400, 3, seed=47)
+    publisher = Publisher(settings.connection(), settings.topics(), client_id="lz4-test")
+    sent = 0
+    try:
+        for event in events:
+            key = message_key("citizen", event["key"], event["source"])
+            value = json.dumps(event, ensure_ascii=False).encode()
+            publisher.send(topic, key, value)
+            sent += len(key) + len(value)
+        publisher.flush()
+    finally:
+        publisher.close()
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.connection().bootstrap)
+    try:
+        described = admin.describe_log_dirs(topic_partitions=[topic])
+    finally:
+        admin.close()
+    kept = sum(
+        partition["partition_size"]
+        for broker in described
+        for log_dir in broker["log_dirs"]
+        for found in log_dir["topics"]
+        if found["name"] == topic
+        for partition in found["partitions"]
+    )
+    assert 0 < kept < sent / 2, (kept, sent)
