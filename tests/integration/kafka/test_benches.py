@@ -23,6 +23,8 @@ def test_e2e_smoke_run_leaves_the_pure_merge_in_both_stores() -> None:
     result = _run("bench/e2e.py", "--smoke", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("OK: store = pure merge") == 2
+    # and the same views, history, provenance and conflicts on both backends
+    assert "store digests agree" in result.stdout and "(2 stores)" in result.stdout
 
 
 def test_fault_suite_short_run_loses_nothing() -> None:
