@@ -53,12 +53,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if existing:
         yield existing
         return
-    from transport.local import KafkaSetupError, LocalKafka, free_port
+    from transport.local import KafkaSetupError, KafkaStartFailed, LocalKafka, free_port
 
     broker = LocalKafka(tmp_path_factory.mktemp("kafka"))
     try:
         broker.up(port=free_port())
-    except KafkaSetupError as error:
+    except (KafkaSetupError, KafkaStartFailed) as error:
         _unavailable("the local Kafka broker", error)
     yield broker.bootstrap()
     broker.down()

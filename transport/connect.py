@@ -13,7 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from transport.local import KAFKA_VERSION, REPO_ROOT, KafkaSetupError, user_cache_dir
+from transport.local import (
+    KAFKA_VERSION,
+    REPO_ROOT,
+    KafkaSetupError,
+    KafkaStartFailed,
+    user_cache_dir,
+)
 
 DEBEZIUM_VERSION = "3.6.1.Final"
 POM = REPO_ROOT / "deploy" / "debezium" / "pom.xml"
@@ -55,7 +61,7 @@ def ensure_connect_jars() -> Path:
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise KafkaSetupError(
+            raise KafkaStartFailed(
                 f"Maven could not fetch the {profile} jars:\n{result.stdout[-2000:]}"
             )
     shutil.rmtree(target, ignore_errors=True)

@@ -25,7 +25,7 @@ from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.errors import ConfigurationError
+from schemas.errors import ConfigurationError, PortalSyncError
 from transport import clients
 from transport.config import KafkaConnection
 from transport.local_secure import (
@@ -48,7 +48,13 @@ DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 
 
 class KafkaSetupError(ConfigurationError):
-    """A missing prerequisite or a broker that did not start; the message says what to do."""
+    """A missing prerequisite (Java, Maven), a port taken, a data dir that holds another
+    kind of broker or cluster: the message says what to change (exit 2)."""
+
+
+class KafkaStartFailed(PortalSyncError):
+    """The jars could not be fetched, the storage not formatted, or the broker exited or
+    did not answer during its start: the message points at its log (exit 1)."""
 
 
 def user_cache_dir() -> Path:
@@ -110,7 +116,7 @@ def ensure_jars() -> Path:
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise KafkaSetupError(f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}")
+        raise KafkaStartFailed(f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     (target / ".complete").write_text(KAFKA_VERSION)
@@ -395,7 +401,7 @@ class LocalKafka:
             argfile.unlink(missing_ok=True)
         for password in (users or {}).values():
             output = output.replace(password, "***")
-        raise KafkaSetupError(f"formatting the KRaft storage failed:\n{output}")
+        raise KafkaStartFailed(f"formatting the KRaft storage failed:\n{output}")
 
     def connection(self, principal: str = ADMIN) -> KafkaConnection:
         """A client connection; on a secured broker the principal's, over SASL_SSL."""
@@ -444,7 +450,7 @@ class LocalKafka:
         while time.monotonic() < deadline:
             exited = self._process.poll() is not None if self._process else self._pid() is None
             if exited:
-                raise KafkaSetupError(
+                raise KafkaStartFailed(
                     f"the broker exited during start{self._last_error()}; see {self._log_hint()}"
                 )
             if _port_answers(self.port()):
@@ -456,7 +462,7 @@ class LocalKafka:
                 except Exception:
                     pass
             time.sleep(0.2)
-        raise KafkaSetupError(
+        raise KafkaStartFailed(
             f"the broker did not answer within {timeout:.0f}s; see {self._log_hint()}"
         )
 

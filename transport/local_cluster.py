@@ -23,6 +23,7 @@ from transport.config import KafkaConnection
 from transport.local import (
     CLEANER_DEDUPE_BYTES,
     KafkaSetupError,
+    KafkaStartFailed,
     LocalKafka,
     _port_answers,
     ensure_jars,
@@ -109,7 +110,7 @@ class ClusterNode(LocalKafka):
                 return
             output = (result.stdout + result.stderr)[-2000:]
             time.sleep(1)
-        raise KafkaSetupError(f"formatting node {self.node}'s KRaft storage failed:\n{output}")
+        raise KafkaStartFailed(f"formatting node {self.node}'s KRaft storage failed:\n{output}")
 
     def node_status(self) -> NodeStatus:
         status = self.status()
@@ -253,7 +254,7 @@ class LocalCluster:
             except Exception:
                 pass
             time.sleep(0.3)
-        raise KafkaSetupError(
+        raise KafkaStartFailed(
             f"the cluster lists brokers {sorted(seen)} after {timeout:.0f}s, "
             f"not {sorted(running)}; see {self.data_dir}/node-*/logs/server.log"
         )

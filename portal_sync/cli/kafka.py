@@ -77,7 +77,7 @@ def kafka_up(
     setup = _secure_setup(settings, registry) if secure else None
     started = time.monotonic()
     with console.status("starting Apache Kafka (KRaft)…"):
-        fresh = broker.up(port, secure=setup)  # KafkaSetupError: a configuration error
+        fresh = broker.up(port, secure=setup)  # KafkaSetupError (2), KafkaStartFailed (1)
     status = broker.status()
     took = f" in {time.monotonic() - started:.1f}s" if fresh else " (already running)"
     console.print(
@@ -95,7 +95,7 @@ def _cluster_up(data_dir: Path, nodes: int | None, port: int | None) -> None:
     cluster = LocalCluster(data_dir)
     began = time.monotonic()
     with console.status("starting the Apache Kafka (KRaft) nodes…"):
-        started = cluster.up(nodes, port)  # KafkaSetupError: a configuration error
+        started = cluster.up(nodes, port)  # KafkaSetupError (2), KafkaStartFailed (1)
     took = f"nodes {', '.join(map(str, started))} started in {time.monotonic() - began:.1f}s"
     console.print(
         f"Kafka cluster of {cluster.size()} nodes up ({took if started else 'already running'}), "

@@ -35,7 +35,7 @@ from transport import admin
 from transport.committed_reader import CommittedOffsetReader
 from transport.config import KafkaConnection
 from transport.connect import ensure_connect_jars
-from transport.local import KafkaSetupError
+from transport.local import KafkaSetupError, KafkaStartFailed
 from transport.publisher import Publisher
 from transport.topics import Topics
 
@@ -195,7 +195,7 @@ def province(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
         worker = ConnectWorker(tmp_path_factory.mktemp("connect"), kafka_bootstrap, connectors)
         try:
             ensure_connect_jars()
-        except KafkaSetupError as error:
+        except (KafkaSetupError, KafkaStartFailed) as error:
             _unavailable("Kafka Connect and Debezium", error)
         with worker:
             found = Province(url, kafka_bootstrap, prefix, bare, worker)
