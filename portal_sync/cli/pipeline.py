@@ -139,8 +139,8 @@ def export(
     try:
         handle = partial.open("w", encoding="utf-8") if partial else sys.stdout
     except OSError as error:
-        why = error.strerror or type(error).__name__
-        raise ConfigurationError(f"--output {output}: {why}") from None
+        cause = error.strerror or type(error).__name__
+        raise ConfigurationError(f"--output {output}: {cause}") from None
     done = False
     try:
         record_access(settings.store_url, "export", why, operator, [record_key(entity, None)])
@@ -181,5 +181,7 @@ def demo(
     from portal_sync.demo import run_demo
 
     settings = Settings.from_flags(bootstrap, store)
-    ok = run_demo(settings, people=people, allow_reset=reset, secure=secure)  # DemoError: refused
+    ok = run_demo(
+        settings, people=people, allow_reset=reset, secure=secure
+    )  # DemoError, DemoFailed
     raise typer.Exit(0 if ok else 1)

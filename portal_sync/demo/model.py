@@ -13,7 +13,7 @@ from portal_sync.demo.systems import SampleSource
 from portal_sync.settings import Settings
 from producers.engine import AdapterRunner, RunStats
 from producers.produce import SourceGroup
-from schemas.errors import Refused
+from schemas.errors import PortalSyncError, Refused
 from transport.config import KafkaConnection
 from transport.local import REPO_ROOT, LocalKafka
 from transport.publisher import Publisher
@@ -26,7 +26,13 @@ DEMO_MARK = "demo"  # store_meta: this store was made by the demo
 
 
 class DemoError(Refused):
-    """The demo refuses to run here, or its pipeline did not finish."""
+    """The demo refuses to run here: another cluster's topics, another store's data, a
+    registry without its sources (exit 1, "refused")."""
+
+
+class DemoFailed(PortalSyncError):
+    """The demo's pipeline did not start, finish or behave as it must (exit 1, "error");
+    the message says where to look."""
 
 
 @dataclass(frozen=True)

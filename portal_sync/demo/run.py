@@ -38,6 +38,7 @@ from portal_sync.demo.model import (
     DEMO_MARK,
     DEMO_PREFIX,
     DemoError,
+    DemoFailed,
     DemoRun,
     console,
 )
@@ -198,7 +199,7 @@ def _wait_worker_ready(run: DemoRun, worker: subprocess.Popen[bytes]) -> None:
     with admin.cluster(run.settings.connection()) as cluster:
         stable = cluster.wait_group_stable(run.settings.group_id)
     if not stable or worker.poll() is not None:
-        raise DemoError(f"the worker did not start; see {run.workdir / 'worker.log'}")
+        raise DemoFailed(f"the worker did not start; see {run.workdir / 'worker.log'}")
 
 
 def _create_sources(run: DemoRun, people: int) -> None:
@@ -292,7 +293,7 @@ def _acl_check(run: DemoRun) -> None:
     except Refused as refused:
         run.acl_refusal = str(refused)
         return
-    raise DemoError(f"the broker let User:province-01 read {topic}: its ACLs are missing")
+    raise DemoFailed(f"the broker let User:province-01 read {topic}: its ACLs are missing")
 
 
 def _poll_loop(run: DemoRun, group: SourceGroup, stop: threading.Event) -> None:
@@ -320,11 +321,11 @@ def _wait_caught_up(run: DemoRun, worker: subprocess.Popen[bytes], timeout: floa
     try:
         while time.monotonic() < deadline:
             if worker.poll() is not None:
-                raise DemoError(f"the worker exited ({worker.returncode}); see {run.workdir}")
+                raise DemoFailed(f"the worker exited ({worker.returncode}); see {run.workdir}")
             applied = store.all_offsets()
             if all(applied.get(tp, 0) >= end for tp, end in ends.items()):
                 return
             time.sleep(0.5)
     finally:
         store.close()
-    raise DemoError(f"the worker did not catch up within {timeout:.0f}s")
+    raise DemoFailed(f"the worker did not catch up within {timeout:.0f}s")
