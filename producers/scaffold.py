@@ -155,8 +155,8 @@ portal-sync produce --config example.toml --once            # publish to Kafka
 
 def scaffold(name: str, parent: Path) -> Path:
     """Write the package `portal-sync-adapter-NAME` under `parent`; return its directory."""
-    if not NAME.match(name):
-        raise ScaffoldError("name: lowercase letters, digits and '-', 2-41 characters")
+    if not NAME.match(name):  # a wrong argument, as a wrong option is
+        raise errors.ConfigurationError("name: lowercase letters, digits and '-', 2-41 characters")
     if name in installed():  # two entry points of one name: one of them is never loaded
         raise ScaffoldError(f"an adapter named {name!r} is installed already: choose another")
     root = parent / f"portal-sync-adapter-{name}"

@@ -1,7 +1,8 @@
 """One exit-code map (`portal_sync.cli.EXIT_CODES`): a command raises an error of its
 family and the entry point ends the process with that family's code and a one-line
 message. Before, commands chose codes themselves: a wrong `lag --offsets-from` exited 1
-like a refusal, a refused scaffold name 2 like a wrong setting, and `rebuild --compare`
+like a refusal, an existing scaffold directory 2 like a wrong setting, `kafka up`'s
+broker that did not start 1 and `kafka down`'s missing cluster 2, and `rebuild --compare`
 exited 2, a configuration error's code, when the stores differed."""
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ def test_a_redrive_that_selects_nothing_is_a_configuration_error(
     assert code == 2 and "error: select dead letters" in said, said
 
 
-def test_a_refused_scaffold_name_is_a_refusal(
+def test_a_wrong_scaffold_name_is_a_configuration_error_and_an_existing_one_a_refusal(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code, said = run(monkeypatch, capsys, "adapters", "new", "Hue", "--dir", str(tmp_path))
-    assert code == 1 and said.startswith("refused:"), said
+    assert code == 2 and said.startswith("error: name: lowercase"), said
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "portal-sync-adapter-hue-vendor").mkdir()
+    code, said = run(monkeypatch, capsys, "adapters", "new", "hue-vendor", "--dir", str(tmp_path))
+    assert code == 1 and said.startswith("refused:") and "already exists" in said, said
 
 
 def test_kafka_down_of_a_node_where_no_cluster_is(
@@ -85,3 +89,19 @@ def test_no_command_picks_an_error_code_of_its_own() -> None:
             ):
                 chosen.append(f"{path.name}:{node.lineno}")
     assert chosen == []
+
+
+def test_what_did_not_start_is_no_configuration_error() -> None:
+    """A broker that exited or never answered, jars Maven could not fetch, a demo whose
+    worker died: exit 1 and "error:", apart from a wrong setting (2) or a refusal."""
+    from portal_sync.cli import exit_code
+    from portal_sync.demo.model import DemoError, DemoFailed
+    from schemas.errors import Refused
+    from transport.local import KafkaSetupError, KafkaStartFailed
+
+    assert exit_code(KafkaSetupError("port 9092 is taken by another process")) == 2
+    assert exit_code(KafkaStartFailed("the broker exited during start")) == 1
+    assert not isinstance(KafkaStartFailed("x"), Refused)
+    assert exit_code(DemoError("pass --reset")) == 1 and isinstance(DemoError("x"), Refused)
+    assert exit_code(DemoFailed("the worker exited (3)")) == 1
+    assert not isinstance(DemoFailed("x"), Refused)

@@ -13,8 +13,9 @@ from portal_sync.settings import Settings, deployment_settings
 from producers.adapters import installed, load
 from producers.adapters.sql import SqlAdapter
 from producers.deployment import load_deployment
-from producers.scaffold import ScaffoldError, scaffold
+from producers.scaffold import scaffold
 from producers.sdk import ConfigurationError
+from schemas import errors
 from tests.support.adapter_helpers import write_config
 
 FILES = """
@@ -94,6 +95,6 @@ def test_the_plugin_fixture_reports_on_a_configured_source(
 
 @pytest.mark.parametrize("name", ["Hue", "x", "hue_vendor", "-hue"])
 def test_scaffold_refuses_bad_names(tmp_path: Path, name: str) -> None:
-    with pytest.raises(ScaffoldError):
+    with pytest.raises(errors.ConfigurationError, match="name: lowercase"):
         scaffold(name, tmp_path)
     assert list(tmp_path.iterdir()) == []
