@@ -779,6 +779,21 @@ REFUSALS = {
         ("--set", "networkPolicy.enabled=true"),
         "networkPolicy.metricsFrom is required",
     ),
+    "a network policy's scrapers not as a list": (
+        (
+            *("--set", "networkPolicy.enabled=true"),
+            *("--set", "networkPolicy.metricsFrom.namespaceSelector.matchLabels.a=b"),
+        ),
+        "networkPolicy.metricsFrom must be a list",
+    ),
+    "a network policy's egress not as a list": (
+        (
+            *("--set", "networkPolicy.enabled=true"),
+            *("--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.a=b"),
+            *("--set", "networkPolicy.egress.to=x"),
+        ),
+        "networkPolicy.egress must be a list",
+    ),
     "a role to grant without an owner": (
         ("--set", "storeUpgrade.owner.runtimeRole=portal_sync"),
         "storeUpgrade.owner.runtimeRole needs storeUpgrade.owner.existingSecret",

@@ -67,8 +67,15 @@ portal-sync/producer: {{ . }}
 {{- if and .Values.worker.enabled (gt (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
 {{- fail (printf "worker.replicas (%d) must not exceed kafka.changePartitions (%d): each partition is read by one worker of the group at a time, so no entity topic can use more workers than it has partitions; raise the partitions first (docs/deploy.md)" (int .Values.worker.replicas) (int $kafka.changePartitions)) }}
 {{- end }}
-{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.metricsFrom) }}
+{{- $policy := .Values.networkPolicy }}
+{{- if and $policy.enabled (not $policy.metricsFrom) }}
 {{- fail "networkPolicy.metricsFrom is required with networkPolicy.enabled: who scrapes the metrics ports (e.g. Prometheus's namespace); without it no one could" }}
+{{- end }}
+{{- if and $policy.metricsFrom (not (kindIs "slice" $policy.metricsFrom)) }}
+{{- fail "networkPolicy.metricsFrom must be a list of NetworkPolicyPeer (- namespaceSelector: …)" }}
+{{- end }}
+{{- if and $policy.egress (not (kindIs "slice" $policy.egress)) }}
+{{- fail "networkPolicy.egress must be a list of NetworkPolicyEgressRule (- to: … ports: …)" }}
 {{- end }}
 {{- $lag := .Values.lagExporter -}}
 {{- $storeUsers := or .Values.worker.enabled .Values.storeUpgrade.enabled .Values.toolbox.enabled (and $lag.enabled (eq $lag.offsetsFrom "store")) }}
