@@ -118,7 +118,7 @@ def new(
     """Scaffold a plug-in package: pyproject (entry point), adapter, example config, test."""
     from producers.scaffold import scaffold
 
-    created = scaffold(name, directory or Path.cwd())  # ScaffoldError: refused
+    created = scaffold(name, directory or Path.cwd())  # a bad name: 2; one taken: refused
     console.print(f"created {created}")
     console.print(f"next: pip install -e {created} && cd {created} && pytest")
 

@@ -181,7 +181,6 @@ def demo(
     from portal_sync.demo import run_demo
 
     settings = Settings.from_flags(bootstrap, store)
-    ok = run_demo(
-        settings, people=people, allow_reset=reset, secure=secure
-    )  # DemoError, DemoFailed
+    # DemoError (refused here) and DemoFailed (its pipeline) end it through the map
+    ok = run_demo(settings, people=people, allow_reset=reset, secure=secure)
     raise typer.Exit(0 if ok else 1)
