@@ -20,7 +20,7 @@ from observability.alerts import rules
 from observability.dashboard import SOURCES_QUERY, expressions
 from observability.web_config import load_web_config
 from schemas.errors import ConfigurationError
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 from tests.support.certificates import issue, make_authority
 from transport.local import REPO_ROOT
 
@@ -31,9 +31,7 @@ GRAFANA = REPO_ROOT / "deploy" / "grafana"
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("promtool")
     if binary is None:
-        if IN_CI:
-            pytest.fail("promtool is missing (Debian package `prometheus`)")
-        pytest.skip("promtool is missing (Debian package `prometheus`)")
+        unavailable("promtool is missing (Debian package `prometheus`)")
     return subprocess.run([binary, *args], capture_output=True, text=True, cwd=PROMETHEUS)
 
 
