@@ -87,10 +87,12 @@ def write_jsonl(path: Path, events: list[dict[str, Any]]) -> Path:
 def cli(
     settings: Settings, *args: str, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run `portal-sync ARGS` in a child process with these settings."""
+    """Run `portal-sync ARGS` in a child process with these settings, no terminal to ask
+    (a prompt reads the end of its input: a command that asks is not confirmed)."""
     return subprocess.run(
         [sys.executable, "-m", "portal_sync", *args],
         env=os.environ | settings.as_env() | env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -74,9 +74,11 @@ def test_replay_restores_a_wiped_part_of_the_store(
     settings_for: Any, store_url: str, tmp_path: Path
 ) -> None:
     settings = settings_for(store_url)
-    _published(settings, tmp_path, shuffled_with_duplicates(citizen_events(80, 2)))
+    events = citizen_events(80, 2)
+    _published(settings, tmp_path, shuffled_with_duplicates(events))
     _caught_up(settings)
     before = exported(settings)
+    assert before == expected_export(events, Authority())  # the merge, not only itself
     store = Store(settings.store_url)
     with store.write_transaction() as conn:  # an incident: part of the store is lost
         lost = conn.execute(select(records.c.key).limit(30)).scalars().all()
@@ -590,6 +592,7 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
         "Lê Thị Hoa", "rebuild", "restore drill")  # fmt: skip
     assert entry["reference"] == f"all records to {rebuilt}"
     copy = settings.model_copy(update={"store_url": rebuilt})
+    assert exported(settings) == expected_export(events, Authority())
     assert exported(copy) == exported(settings)
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
 

@@ -22,6 +22,7 @@ import pytest
 from kafka import KafkaProducer
 from sqlalchemy import create_engine, text
 
+from consumers.config import load_rules
 from consumers.merge import Authority
 from schemas import message_key
 from schemas.dead_letter import read_headers
@@ -883,11 +884,15 @@ def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
         "PORTAL_SYNC_AUTHORITY_FILE": str(repo / "deploy" / "authority.toml"),
     }
     settings = settings_for(sqlite_store_url)
-    _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(10, 1, seed=39))
+    events = citizen_events(10, 1, seed=39)
+    _ = write_jsonl(tmp_path / "e.jsonl", events)
     assert cli(settings, "publish", str(tmp_path / "e.jsonl")).returncode == 0
     worker = cli(settings, "worker", "--until-caught-up", timeout=180, **rules)
     assert worker.returncode == 0, worker.stdout
     before = exported(settings)
+    # applied under the rules: what stays the same below is neither empty nor unmerged
+    _, authority = load_rules(None, Path(rules["PORTAL_SYNC_AUTHORITY_FILE"]))
+    assert before and before == expected_export(events, authority)
 
     replay = cli(settings, "replay", "--since", "1h")  # development mode: no rules
     assert replay.returncode == 1 and "--rules-mismatch-ok" in replay.stderr
@@ -910,7 +915,8 @@ def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     assert "would change" in dry.stdout
     assert exported(settings) == before
     asked = cli(settings, "remerge", **rules)  # no --yes, no terminal: not confirmed
-    assert asked.returncode != 0
+    assert asked.returncode == 1, asked.stdout + asked.stderr
+    assert "re-merge" in asked.stdout and "Aborted" in asked.stdout + asked.stderr
     same = cli(settings, "replay", "--since", "1h", "--json", **rules)
     assert same.returncode == 0, same.stderr
     assert exported(settings) == before
