@@ -1,4 +1,4 @@
-"""Hostile values the contract refuses (issue: trusted sources, item 4): look-alike digits,
+"""Hostile values the contract refuses: look-alike digits,
 invisible and direction-changing characters, versions and times that would freeze a record,
 and messages whose Kafka key or topic is not the event's."""
 

@@ -1,4 +1,4 @@
-"""Signed events (issue: trusted sources, item 2), the pure part: signing key files, the
+"""Signed events, the pure part: signing key files, the
 registry's public keys, verification, and the worker's classification of signed messages.
 """
 

@@ -1,4 +1,4 @@
-"""Write scope per source (issue: trusted sources, item 3), the pure rules: entities,
+"""Write scope per source, the pure rules: entities,
 deletes, kinds per entity, and ownership of dossiers and documents."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def dossier(unit: str) -> str:
 
 def test_a_dossier_is_written_by_the_owner_of_its_code_and_agency_code() -> None:
     assert verdict("province-79", "dossier", dossier(H29), {"agency_code": H29}) is None
-    # the finding: a province took a Hồ Chí Minh City dossier with its own agency_code
+    # a province taking a Hồ Chí Minh City dossier with its own agency_code
     taken = verdict("province-01", "dossier", dossier(H29), {"agency_code": H26})
     assert taken is not None and "key" in taken
     # its own code, another agency's agency_code: no
@@ -109,7 +109,7 @@ def test_a_document_is_written_by_the_owner_of_its_issuer_code() -> None:
 
 def test_entities_and_kinds_limit_who_writes_what() -> None:
     company = {"name": "Công ty A", "status": "dissolved"}
-    # the finding: a ministry created and dissolved an organisation
+    # a ministry creating and dissolving an organisation
     assert "entities" in str(verdict("ministry-btp", "organization", "0100109106", company))
     assert verdict("province-01", "organization", "0100109106", company) is None
     assert verdict("motcua", "citizen", "001090012345", {"full_name": "An"}) is not None

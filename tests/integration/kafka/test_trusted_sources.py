@@ -1,7 +1,7 @@
-"""Signed events and write scope per source on the real broker (issue: trusted sources,
-items 2 and 3): keys made by `portal-sync keys new`, events signed by `publish --sign-key`
-and by the adapter runner, forged and out-of-scope events dead-lettered and never merged,
-a re-driven signed dead letter verified again."""
+"""Signed events and write scope per source on the real broker: keys made by `portal-sync
+keys new`, events signed by `publish --sign-key` and by the adapter runner, forged and
+out-of-scope events dead-lettered and never merged, a re-driven signed dead letter verified
+again."""
 
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ def test_refused_event_with_the_dead_letter_topic_gone_stalls_loudly_and_loses_n
 def test_a_message_at_the_change_topic_limit_is_dead_lettered_whole_and_the_rest_applied(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
-    """Finding 2: a change-topic message near its 2 MiB limit becomes a dead letter that
+    """A change-topic message near its 2 MiB limit becomes a dead letter that
     fits (its original bytes, with headers); the worker goes on."""
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
@@ -346,7 +346,7 @@ def test_a_store_that_lost_a_partitions_offset_under_a_running_worker_is_refused
 def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
     settings_for: Any, sqlite_store_url: str
 ) -> None:
-    """Finding 1 (the mechanism): when the store's offsets and the consumer's position part
+    """When the store's offsets and the consumer's position part
     (here an operator rewinds the store under a running worker, then the store loses the
     partition), the store refuses the batch instead of committing past unapplied events,
     and the worker goes back to the store's offsets (the log's start when it has none):
@@ -392,7 +392,7 @@ def test_a_worker_never_goes_on_from_a_position_the_store_did_not_give_it(
 def test_sigterm_stops_a_worker_that_waits_for_the_dead_letter_topic(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Finding 2 (SIGTERM ignored): a worker retrying a batch's dead letter stops within
+    """A worker retrying a batch's dead letter stops within
     10 s, and cleanly."""
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
@@ -601,7 +601,7 @@ def _sigterm_while_the_store_is_away(settings: Any, away: Callable[[], object]) 
 def test_invalid_events_are_dead_lettered_once_when_a_batch_is_halved(
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Finding 7: isolating a poison re-published the batch's other dead letters once per
+    """Isolating a poison re-published the batch's other dead letters once per
     halving level; now each invalid message is dead-lettered once per delivery."""
     from consumers.checks import Checked
     from transport.reader import Message
@@ -720,7 +720,9 @@ def test_a_dead_letter_the_broker_did_not_acknowledge_is_sent_again_before_the_c
 def test_offsets_reset_refuses_skipping_unapplied_events_and_naive_times_and_records_resets(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Finding 5."""
+    """An offsets reset that would skip events the store has not applied is refused (without
+    --allow-skip), a time without an offset is a configuration error, and every reset done
+    is recorded."""
     settings = settings_for(sqlite_store_url)
     _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(20, 1, seed=37))
     assert cli(settings, "publish", str(tmp_path / "e.jsonl")).returncode == 0
@@ -877,7 +879,7 @@ def test_an_aborted_transaction_is_never_applied_and_a_log_ending_in_a_marker_is
 def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Finding 6: the worker records its rules; replay, rebuild and remerge refuse others."""
+    """The worker records its rules; replay, rebuild and remerge refuse others."""
     repo = Path(__file__).resolve().parents[3]
     rules = {
         "PORTAL_SYNC_REGISTRY": str(registry_without_signatures(tmp_path)),
@@ -925,7 +927,7 @@ def test_replay_and_remerge_refuse_other_rules_and_remerge_has_a_dry_run(
 def test_the_demo_refuses_a_store_with_other_data_and_touches_only_its_own_topics(
     kafka_bootstrap: str, settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
-    """Finding 4: run with production settings, the demo destroyed the production topics,
+    """Run with production settings, the demo destroyed the production topics,
     group and every table of the database."""
     settings = settings_for(sqlite_store_url)
     _ = write_jsonl(tmp_path / "e.jsonl", citizen_events(5, 1, seed=40))
