@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 from consumers.merge import Authority
 from schemas import message_key
 from schemas.partitioning import partition_for
-from tests.support.kafka_helpers import change_topic, ensure_topics
+from tests.support.kafka_helpers import change_topic, ensure_topics, publisher_for
 from tests.support.pipeline_helpers import citizen_events, cli, expected_export, exported
 
 pytestmark = pytest.mark.kafka
@@ -59,13 +59,11 @@ def test_our_producers_send_lz4_batches_the_broker_keeps_compressed(
     compression the log holds more than the values themselves (record and batch headers)."""
     from kafka.admin import KafkaAdminClient
 
-    from transport.publisher import Publisher
-
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
     topic = change_topic(settings, "citizen")
     events = citizen_events(400, 3, seed=47)
-    publisher = Publisher(settings.connection(), settings.topics(), client_id="lz4-test")
+    publisher = publisher_for(settings)
     sent = 0
     try:
         for event in events:

@@ -11,12 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaProducer
-
 from portal_sync.ops.dlq import import_letters
 from schemas.dead_letter import dead_letter_headers, letter_from_line, letter_line
 from tests.support.adapter_helpers import read_topic
-from tests.support.kafka_helpers import dead_letter_topic, ensure_topics
+from tests.support.kafka_helpers import dead_letter_topic, ensure_topics, publisher_for
 
 
 def kept_line(n: int, days_ago: float = 0.0) -> dict[str, Any]:
@@ -40,9 +38,10 @@ def test_kept_letters_go_to_the_topic_once_and_not_past_its_retention(
     key, value, headers = letter_from_line(second)
     origin = b"%s.changes.citizen" % settings.topic_prefix.encode()
     elsewhere = [(n, origin if n == "ps.origin.topic" else v) for n, v in headers]
-    producer = KafkaProducer(bootstrap_servers=settings.connection().bootstrap)
-    producer.send(topic, key=key, value=value, headers=elsewhere).get(30)
-    producer.close()
+    publisher = publisher_for(settings)
+    publisher.send(topic, key, value, elsewhere)
+    publisher.flush()
+    publisher.close()
     path = tmp_path / "hcm-outbox.dead-letters.jsonl"
     lines = [fresh, second, second, stale]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
