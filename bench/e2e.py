@@ -564,6 +564,17 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident set size now (`peak_rss_mb`: its highest so far)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return 0.0
+    return 0.0
+
+
 def pss_mb(pid: int) -> float:
     """A process's proportional set size now: its private pages and its share of the pages
     it shares (the same libraries in the worker and its validator child count once)."""
@@ -641,6 +652,15 @@ class Progress:
                 self.conn = None
             return {}
 
+    def records(self) -> int:
+        """Records in the store now (0 before its schema exists)."""
+        try:
+            if self.conn is None:
+                self.conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            return int(self.conn.execute(text("SELECT count(*) FROM records")).scalar_one())
+        except Exception:
+            return 0
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -664,20 +684,41 @@ class Result:
     tree_pss_mb: float | None = None  # the peak of a worker's and its children's PSS, sampled
     from_start: float = 0.0  # events/s from the workers' start (start-up and first batch in)
     digest: str | None = None  # `store_digest` of a store equal to the pure merge
+    marks: list[Mark] = field(default_factory=list)  # `run_drain`'s marks, as passed
+    first: Mark | None = None  # the drain at its first commit (cpu, kids, pg, time)
+
+
+@dataclass
+class Mark:
+    """The drain as it passed a point of the log (`run_drain`'s `marks`: flat's chunks)."""
+
+    at: float  # monotonic time of the poll that saw it passed
+    done: int  # the store's offsets' sum then
+    cpu: float  # the workers' CPU seconds so far
+    kids: float  # their validator processes' CPU seconds so far
+    pg: float  # PostgreSQL's CPU seconds so far (0 without it)
+    rss_mb: float  # the worker's RSS then (not its peak)
+    tree_pss_mb: float  # the worker's and its children's PSS then
+    records: int  # records in the store then
 
 
 def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends: dict[Any, int],
               args: argparse.Namespace, label: str, workers: int = 1,
-              dead_base: dict[tuple[str, int], int] | None = None) -> Result:  # fmt: skip
+              dead_base: dict[tuple[str, int], int] | None = None,
+              marks: list[int] | None = None) -> Result:  # fmt: skip
     """Drain the published topics with `workers` CLI workers; time it; check the store
     (unless `expected` is None). Dead letters are counted from `dead_base` (default: the
-    count before this run)."""
+    count before this run). `marks`: counts of messages applied (the sum of the store's
+    offsets) at which to sample the drain as it passes them (`Result.marks`, in order)."""
     total = sum(ends.values())
     dead_before = dead_letters(settings) if dead_base is None else dead_base
     progress = Progress(settings.store_url)
+    pending = list(marks or [])
+    passed: list[Mark] = []
     began = time.monotonic()
     procs = [start_worker(infra, settings, True, args, f"{label}-{i}") for i in range(workers)]
     first_t = first_done = last_t = None
+    first: Mark | None = None
     done_at_start: int | None = None  # a store grown before (flat): its offsets at the start
     rss: dict[int, float] = {}
     kid_rss: dict[int, dict[int, float]] = {}  # worker pid -> its children's peak RSS
@@ -709,6 +750,15 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
             first_t, first_done = now, done
             cpu_first, pg_first = sum(cpu.values()), postgres_cpu(infra)
             kids_first = sum(kids.values())
+            first = Mark(now, done, cpu_first, kids_first, pg_first, 0.0, 0.0, 0)
+        while pending and done >= pending[0]:
+            pending.pop(0)
+            pid = _worker_pid(procs[0])
+            live = children_cpu(pid)
+            passed.append(Mark(now, done, sum(cpu.values()), sum(kids.values()),
+                               postgres_cpu(infra), rss_mb(pid),
+                               pss_mb(pid) + sum(pss_mb(kid) for kid in live),
+                               progress.records()))  # fmt: skip
         if all(offsets.get(tp, 0) >= end for tp, end in ends.items()):
             last_t = now
             cpu_last, pg_last = sum(cpu.values()), postgres_cpu(infra)
@@ -753,7 +803,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
         peak = max(rss.values()) if rss else None
         note = "; ".join([*problems, txns])
         return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us, kids_us,
-                      tree_peak, pss_peak, from_start)  # fmt: skip
+                      tree_peak, pss_peak, from_start, None, passed, first)  # fmt: skip
     store = exported(settings.store_url)
     if store != expected.export:
         problems.append(f"store != pure merge ({len(store)} vs {len(expected.export)} records)")
@@ -778,7 +828,7 @@ def run_drain(infra: Infra, settings: Settings, expected: Expected | None, ends:
         note += f"; ms per batch: {split}"
     peak = max(rss.values()) if rss else None
     return Result(label, total, rate, wall, peak, not problems, note, cpu_us, pg_us, kids_us,
-                  tree_peak, pss_peak, from_start, digest)  # fmt: skip
+                  tree_peak, pss_peak, from_start, digest, passed, first)  # fmt: skip
 
 
 def digests_agree(results: list[Result], expected: str | None = None) -> bool:
@@ -1186,37 +1236,51 @@ def cmd_search(infra: Infra, args: argparse.Namespace) -> bool:
 
 # --- flat cost ----------------------------------------------------------------------------
 def cmd_flat(infra: Infra, args: argparse.Namespace) -> bool:
-    """Grow one store chunk by chunk (distinct keys); per chunk: µs/event and worker RSS."""
+    """Grow one store from empty with one worker over the whole drain: every chunk (its own
+    keys) is published first, and the drain is sampled each time it has applied another
+    chunk's worth of messages (the partitions drain unevenly: a chunk's own end is passed
+    on all of them only well into the next). Per sample: events/s, the worker's CPU per
+    event and with its child's, its RSS and PSS then, the records in the store. The store
+    is checked once, at the end."""
     ok = True
     for backend in args.backends:
         prefix = f"e2f{uuid.uuid4().hex[:6]}"
         store = infra.store_url(backend, prefix)
         settings = settings_for(infra, prefix, store, args.partitions)
         ensure_topics(settings)
-        print(
-            f"{'store':<12}{'records before':>15}{'events':>8}{'events/s':>10}{'µs/event':>10}"
-            f"{'RSS MB':>8}{'+child':>8}{'PSS':>6}"
-        )
         all_events: list[dict[str, Any]] = []
-        step_records = 0
+        marks: list[int] = []
         for step in range(0, args.records, args.step):
             chunk = make_events(args.step, args.seed + step, start=step)
             all_events += chunk
             publish(settings, chunk, compression=args.compression)
             ends = end_offsets(settings, [change_topic(settings, e) for e in SECOND])
-            expected = (
-                Expected.of(all_events)
-                if args.check_each or step + args.step >= args.records
-                else None
-            )
-            result = run_drain(infra, settings, expected, ends, args, f"flat-{step}", dead_base={})
-            if expected is not None:
-                ok = ok and result.ok
-            before, step_records = step_records, _count(store)
-            print(f"{backend:<12}{before:>15}{args.step:>8}{result.rate:>10.0f}"
-                  f"{1e6 / result.rate if result.rate else 0:>10.0f}{result.rss_mb or 0:>8.0f}"
-                  f"{result.tree_rss_mb or 0:>8.0f}{result.tree_pss_mb or 0:>6.0f}"
-                  f"{'  ' + result.note if expected is not None else ''}", flush=True)  # fmt: skip
+            marks.append(sum(ends.values()))
+        print(f"{backend}: {len(all_events)} events published in {len(marks)} chunks", flush=True)
+        result = run_drain(infra, settings, Expected.of(all_events), ends, args, "flat",
+                           dead_base={}, marks=marks)  # fmt: skip
+        ok = ok and result.ok and len(result.marks) == len(marks)
+        print(
+            f"{'store':<12}{'records':>16}{'events':>8}{'events/s':>10}{'cpu µs/ev':>10}"
+            f"{'+child':>8}{'RSS MB':>8}{'PSS':>6}"
+        )
+        before = result.first
+        records = 0
+        for mark in result.marks:
+            if before is None:
+                break
+            events = mark.done - before.done
+            wall = mark.at - before.at
+            cpu = (mark.cpu - before.cpu) / events * 1e6 if events else 0.0
+            kids = (mark.kids - before.kids) / events * 1e6 if events else 0.0
+            print(f"{backend:<12}{f'{records}-{mark.records}':>16}{events:>8}"
+                  f"{events / wall if wall > 0 else 0:>10.0f}{cpu:>10.0f}{cpu + kids:>8.0f}"
+                  f"{mark.rss_mb:>8.0f}{mark.tree_pss_mb:>6.0f}", flush=True)  # fmt: skip
+            before, records = mark, mark.records
+        peaks = (
+            f"peak RSS {result.rss_mb or 0:.0f} MB, with the child {result.tree_rss_mb or 0:.0f}"
+        )
+        print(f"  {peaks}; {result.note}", flush=True)
     return ok
 
 
@@ -1233,14 +1297,6 @@ def batch_sizes(store_url: str) -> list[int]:
     finally:
         engine.dispose()
     return [int(n) for (n,) in rows]
-
-
-def _count(store_url: str) -> int:
-    engine = create_engine(store_url)
-    with engine.connect() as conn:
-        count = conn.execute(text("SELECT count(*) FROM records")).scalar_one()
-    engine.dispose()
-    return int(count)
 
 
 def main() -> int:
@@ -1268,7 +1324,6 @@ def main() -> int:
         "--records", type=int, default=200_000, help="flat: events (about 2/3 as many records)"
     )
     parser.add_argument("--step", type=int, default=50_000, help="flat: events per chunk")
-    parser.add_argument("--check-each", action="store_true", help="flat: check every chunk")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--digest", metavar="HEX",
                         help="throughput: the store digest every store must have (e.g. a "
