@@ -304,9 +304,12 @@ class RowRejected(ValueError):
 
 class RowAhead(RowRejected):
     """A row whose cursor time is ahead of the producer's clock by more than
-    `AHEAD_TOLERANCE` (lookback capture): held, neither sent nor dead-lettered, and the
-    cursor does not move to its time, or every later change would fall behind the window
-    for good. Read again at each poll, it is sent as any row once its time has come;
+    `AHEAD_TOLERANCE`: held, neither sent nor dead-lettered, and the cursor does not move
+    to its time. Under lookback capture every later change would otherwise fall behind the
+    window for good; under snapshot capture every later change would be read as a late
+    one and sent above the held row's version (its time in microseconds: a version years
+    ahead, which the change after a repair of the row could never pass). Read again at
+    each poll (it stays after the cursor), it is sent as any row once its time has come;
     each poll that holds some says so in a warning (a clock of the source, or of this
     host, that is wrong: this host's behind delays every change by its lag)."""
 
@@ -453,17 +456,11 @@ class SqlPollingAdapter:
                     "value on insert", self.config.source, unplaced,
                     self.config.updated_at_column, self.pk.name,
                 )  # fmt: skip
+        self.held_ahead = 0
         if not self.snapshot:
             start = self._window_start(state, reading=True)
-            self.held_ahead = 0
             yield from self._scan(state, None if start is None else self._at_or_after(start))
-            if self.held_ahead:
-                log.warning(
-                    "%s: %d rows held: their %s is more than %d s ahead of this host's "
-                    "clock (sent once their time has come); check the source's clock and "
-                    "this host's", self.config.name, self.held_ahead,
-                    self.config.updated_at_column, AHEAD_TOLERANCE.seconds,
-                )  # fmt: skip
+            self._warn_held()
             return
         with self.engine.connect() as conn:
             began, xmax = current_xmin_xmax(conn)
@@ -499,6 +496,16 @@ class SqlPollingAdapter:
             yield from self._scan(state, self._after(high))
         state.xmin = began
         self._forget(state)
+        self._warn_held()
+
+    def _warn_held(self) -> None:
+        if self.held_ahead:
+            log.warning(
+                "%s: %d rows held: their %s is more than %d s ahead of this host's "
+                "clock (sent once their time has come); check the source's clock and "
+                "this host's", self.config.name, self.held_ahead,
+                self.config.updated_at_column, AHEAD_TOLERANCE.seconds,
+            )  # fmt: skip
 
     def _scan(
         self, state: CursorState, condition: Any
@@ -814,7 +821,7 @@ class SqlPollingAdapter:
         config = self.config
         moment = self._cursor_time_of(values)
         occurred = self.instant(moment)
-        if not self.snapshot and occurred > datetime.now(UTC) + AHEAD_TOLERANCE:
+        if occurred > datetime.now(UTC) + AHEAD_TOLERANCE:
             raise RowAhead(config.updated_at_column)
         if values[config.key_column] is None:
             raise RowRejected(f"{config.key_column}: NULL (the key column needs a value)")

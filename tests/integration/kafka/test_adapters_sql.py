@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +481,52 @@ def test_a_uuid_primary_key_keeps_its_place_among_rows_of_one_time(
     assert second.error is None, second.error
     keys = sorted(e.key for e in first.emitted + second.emitted)
     assert keys == ["001090000000", "001090000001", "001090000002", "001090000009"]
+
+
+def test_a_row_ahead_of_the_clock_is_held_under_snapshot_capture_too(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Under snapshot capture a row stamped a year ahead was sent and took the cursor to
+    its time: every later change, at the right time, was then read as a late one and sent
+    at the held row's version plus one (a version a year ahead), and the row's own repair
+    could never pass it. It is held as under lookback capture: the later changes keep
+    their own times' versions, and the row is sent once its time is right."""
+    engine = create_engine(pg_url)
+    now = datetime.now().replace(microsecond=0)  # naive: local time of the source
+    insert_row = "INSERT INTO nguoi VALUES (%s, %s, %s, %s)"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE nguoi (id integer PRIMARY KEY, so_dinh_danh text NOT NULL,"
+            " ho_ten text, cap_nhat_luc timestamp NOT NULL)"
+        )
+        conn.exec_driver_sql(insert_row, (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)))
+        conn.exec_driver_sql(
+            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(days=365))
+        )
+    body = UUID_CITIZENS.format(url=pg_url, capture="snapshot").replace("batch_size = 1\n", "")
+    deploy = deployment(tmp_path, body)
+    adapter = deploy.adapter(deploy.sources[0])
+    first = run_adapter(adapter, {})
+    assert first.error is None and first.state
+    assert [e.key for e in first.emitted] == ["001090000001"] and first.skipped == 0
+    with engine.begin() as conn:  # changes written afterwards, at the right time
+        conn.exec_driver_sql(
+            "UPDATE nguoi SET ho_ten = 'Lê Văn Ân', cap_nhat_luc = %s WHERE id = 1", (now,)
+        )
+        conn.exec_driver_sql(insert_row, (3, "001090000003", "Phạm Văn Cường", now))
+    second = run_adapter(adapter, first.state)
+    assert second.error is None
+    assert sorted(e.key for e in second.emitted) == ["001090000001", "001090000003"]
+    ceiling = int((datetime.now(UTC) + timedelta(days=1)).timestamp() * 1_000_000)
+    assert all(e.version < ceiling for e in second.emitted)  # their own times' versions
+    with engine.begin() as conn:  # the row's time repaired at the source
+        conn.exec_driver_sql("UPDATE nguoi SET cap_nhat_luc = %s WHERE id = 2", (now,))
+    third = run_adapter(adapter, second.state)
+    adapter.close()
+    engine.dispose()
+    assert third.error is None
+    assert [e.key for e in third.emitted] == ["001090000002"]
+    assert third.emitted[0].version < ceiling
 
 
 def test_a_row_ahead_of_the_clock_does_not_move_the_lookback_cursor_past_later_changes(
