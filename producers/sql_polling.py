@@ -721,11 +721,19 @@ class SqlPollingAdapter:
         forgetting them by the finer start, would send them again at every poll. SQLite's
         strftime('%f') rounds to the millisecond: the window is read from the whole
         millisecond (`reading`), which reads the rows from half a millisecond before it,
-        and the state forgets from there."""
+        and the state forgets from there.
+
+        The window reaches back from the cursor, or from this host's clock when the cursor
+        is ahead of it: a row stamped ahead (a writer's clock fast by less than
+        `AHEAD_TOLERANCE`, so not held) took the cursor with it, and the changes other
+        writers then stamped at the right time fell behind the window for good."""
         high = self._high(state)
         if high is None:
             return None
-        start = high[0] - timedelta(seconds=self.config.lookback_seconds)
+        now = datetime.now(UTC)
+        if high[0].tzinfo is None:  # the source's local clock times
+            now = now.astimezone(self.zone).replace(tzinfo=None)
+        start = min(high[0], now) - timedelta(seconds=self.config.lookback_seconds)
         if start.tzinfo is None:  # the source's local clock times
             start -= self._repeated(high[0])
         pattern = self.config.updated_at_format

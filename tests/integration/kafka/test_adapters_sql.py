@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import (
@@ -481,6 +482,43 @@ def test_a_uuid_primary_key_keeps_its_place_among_rows_of_one_time(
     assert second.error is None, second.error
     keys = sorted(e.key for e in first.emitted + second.emitted)
     assert keys == ["001090000000", "001090000001", "001090000002", "001090000009"]
+
+
+def test_a_row_ahead_of_the_clock_within_the_tolerance_keeps_later_changes_in_the_window(
+    tmp_path: Path,
+) -> None:
+    """A row stamped 200 s ahead (a writer's clock fast, within the 300 s that are not
+    held) took the lookback cursor with it: the window began 140 s ahead of the clock, and
+    a change another writer then stamped at the right time was never read. The window now
+    reaches back from this host's clock when the cursor is ahead of it."""
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    engine = create_engine(url)
+    # naive: the source's local time, in its zone (the mapping's default `timezone`)
+    now = datetime.now(ZoneInfo("Asia/Ho_Chi_Minh")).replace(microsecond=0, tzinfo=None)
+    insert_row = "INSERT INTO nguoi VALUES (?, ?, ?, ?)"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE nguoi (id INTEGER PRIMARY KEY, so_dinh_danh TEXT NOT NULL,"
+            " ho_ten TEXT, cap_nhat_luc DATETIME NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            insert_row, (1, "001090000001", "Lê Văn An", now + timedelta(seconds=200))
+        )
+    body = UUID_CITIZENS.format(url=url, capture="lookback").replace("batch_size = 1\n", "")
+    deploy = deployment(tmp_path, body)
+    adapter = deploy.adapter(deploy.sources[0])
+    first = run_adapter(adapter, {})
+    assert first.error is None and [e.key for e in first.emitted] == ["001090000001"]
+    with engine.begin() as conn:  # another writer, its clock right
+        conn.exec_driver_sql(
+            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(seconds=5))
+        )
+    second = run_adapter(adapter, first.state)
+    third = run_adapter(adapter, second.state)
+    adapter.close()
+    engine.dispose()
+    assert second.error is None and [e.key for e in second.emitted] == ["001090000002"]
+    assert third.error is None and third.emitted == []  # remembered: not sent again
 
 
 def test_a_row_ahead_of_the_clock_is_held_under_snapshot_capture_too(
