@@ -9,7 +9,10 @@
   wrote) seen in `pg_stat_activity`: such a transaction stamps its rows with its start time;
 - many rows under one cursor time (a bulk update's, an import's): while they are in the
   window the state remembers each, a cost that grows with their square (docs/adapters.md,
-  "Bulk updates"). Counted over the whole table: a check is run once, not every poll.
+  "Bulk updates"). Counted over the whole table: a check is run once, not every poll;
+- with a `pk_column`, keys that more than one row holds: versions rise per row, and two
+  rows of one key (a soft delete and its replacement) can send one version for both, the
+  delete winning (docs/adapters.md, "One row per key").
 
 Messages name columns and options, never values.
 """
@@ -68,9 +71,38 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
             "state remembers each of them and is rewritten at every checkpoint "
             '(docs/adapters.md, "Bulk updates"); give each row its own change time'
         )
+    if config.pk_column and config.pk_column != config.key_column:
+        try:
+            shared = _keys_of_several_rows(poller)
+        except Exception as error:
+            shared = 0
+            notes.append(f"keys held by several rows not counted ({type(error).__name__})")
+        if shared:
+            notes.append(
+                f"{shared} {config.key_column} values are held by more than one row: versions "
+                f"rise per {config.pk_column}, so two rows of one key changed at one time "
+                "(a soft delete and its replacement) are sent with one version and the "
+                'delete wins (docs/adapters.md, "One row per key"); map a query that keeps '
+                "one row per key"
+            )
     if poller.postgresql:
         notes += _long_transactions(poller)
     return notes
+
+
+def _keys_of_several_rows(poller: SqlPollingAdapter) -> int:
+    """How many keys more than one row of the table holds."""
+    key = poller.table.c[poller.config.key_column]
+    shared = (
+        select(key)
+        .select_from(poller.table)
+        .where(key.is_not(None))
+        .group_by(key)
+        .having(func.count() > 1)
+        .subquery()
+    )
+    with poller.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(shared)).scalar() or 0)
 
 
 def _most_rows_at_one_time(poller: SqlPollingAdapter) -> int:
