@@ -58,7 +58,13 @@ from observability.freshness import read_freshness
 from observability.http import Liveness, serve
 from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
-from schemas.errors import PortalSyncError, Refused, TransientError, until_available
+from schemas.errors import (
+    PortalSyncError,
+    RecordError,
+    Refused,
+    TransientError,
+    until_available,
+)
 from schemas.identifiers import ReferenceKey
 from store import OffsetGap, Store, TopicPartition, utcnow
 from transport import admin
@@ -153,10 +159,11 @@ class BatchProcessor:
     |-------------------------------------------|--------------------------------------------|
     | `TransientError` (store, broker down)     | retry with backoff; /readyz false; stall   |
     |                                           | gauge and /healthz false after a while     |
-    | `RecordError` or an unexpected exception  | halve the batch down to the one event that |
-    | met by some data                          | fails alone; dead-letter it (apply_failed) |
+    | `RecordError` (the store refused a value) | halve the batch down to the one event that |
+    | or another exception (a fault of the      | fails alone; dead-letter it (apply_failed, |
+    | worker met by some data)                  | the message names which); the rest applies |
     | `Refused` (the store refuses the batch's  | raised: the worker stops and resumes from  |
-    | offsets: a gap) or anything else          | the store's offsets when restarted         |
+    | offsets: a gap), `Stopping`               | the store's offsets when restarted         |
 
     Every dead letter is published (and acknowledged) before the offsets that move past it
     are committed; each invalid message is dead-lettered once per delivery, however often
@@ -296,9 +303,7 @@ class BatchProcessor:
         """An event the store cannot apply: dead-letter it and move past it."""
         log.error("event at %s:%d:%d cannot be applied (%s): dead-lettered", message.topic,
                   message.partition, message.offset, type(error).__name__)  # fmt: skip
-        letter = DeadLetter(
-            message, Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}"
-        )
+        letter = DeadLetter(message, Reason.APPLY_FAILED, apply_failure(error))
         # As a batch's: sent once the store's offsets are read and locked, so that one a
         # new owner of the partition applied meanwhile is not dead-lettered too.
         self._process_once([message], lettered, Prepared([], [letter]), starts)
@@ -465,6 +470,15 @@ class BatchProcessor:
 
 
 Offset = tuple[str, int, int]  # topic, partition, offset
+
+
+def apply_failure(error: Exception) -> str:
+    """A dead letter's message for an event that failed alone: the store's refusal says
+    so (its cause by type); anything else is a fault of the worker that this event meets,
+    named by its type (never its text, which may quote values)."""
+    if isinstance(error, RecordError):
+        return error.message
+    return f"the worker failed on it: {type(error).__name__}"
 
 
 def _origin(message: Message) -> Offset:

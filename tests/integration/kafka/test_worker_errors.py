@@ -16,7 +16,7 @@ from consumers.reconciler import Message
 from consumers.registry import Registry
 from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
-from store.core import Store
+from store.core import Store, StoreRefused
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import dead_letter_topic, dead_letters_written, ensure_topics
 from tests.support.pipeline_helpers import (
@@ -50,26 +50,45 @@ def _one_partition(
     return settings, store, processor, events[:count], messages
 
 
-def _refusing(processor: BatchProcessor, monkeypatch: pytest.MonkeyPatch, refused: Message) -> None:
-    """The store refuses every batch that holds `refused` (a value it cannot hold)."""
+def _refusing(
+    processor: BatchProcessor,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: Message,
+    error: Exception | None = None,
+) -> None:
+    """Every batch that holds `refused` fails with `error` (default: the store refuses a
+    value it cannot hold)."""
     real_apply = processor.reconciler.apply
 
     def refuse(valid: list[Checked], batch: list[Message], **kw: Any) -> Any:
         if any(c.message == refused for c in valid):
-            raise ValueError("a value the store cannot hold")
+            raise error or StoreRefused(ValueError("a value the store cannot hold"))
         return real_apply(valid, batch, **kw)
 
     monkeypatch.setattr(processor.reconciler, "apply", refuse)
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (None, "the store refused it: ValueError"),
+        (KeyError("ho_ten"), "the worker failed on it: KeyError"),  # a fault some data meets
+    ],
+)
 def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
-    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+    settings_for: Any,
+    sqlite_store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception | None,
+    said: str,
 ) -> None:
+    """The letter says which: a value the store refused, or a fault of the worker (before,
+    both read "the store refused it")."""
     settings, store, processor, events, messages = _one_partition(
         settings_for, sqlite_store_url, 21, 10
     )
     poison = messages[6]
-    _refusing(processor, monkeypatch, poison)
+    _refusing(processor, monkeypatch, poison, error)
     processor.process(messages)
     processor.close()
 
@@ -80,6 +99,7 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert len(letters) == 1
     headers = read_headers(letters[0].headers)
     assert headers["ps.reason.code"] == "apply_failed"
+    assert headers["ps.reason.message"] == said
     assert headers["ps.origin.offset"] == "6"
     assert letters[0].value == poison.value
     store.close()
