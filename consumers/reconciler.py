@@ -122,7 +122,7 @@ def offset_ranges(messages: Iterable[Message]) -> dict[TopicPartition, OffsetRan
     return result
 
 
-OWNER_ENTITIES = {"citizen": "citizen", "organization": "organization"}
+OWNER_ENTITIES = frozenset({"citizen", "organization"})
 # Events merged per part of a batch on a store whose writes overlap the merge (PostgreSQL):
 # small enough that the database starts early, big enough that a statement's fixed cost
 # stays small per event (docs/performance-log.md).
@@ -151,10 +151,10 @@ class _Batch:
             views = self.views.get(record_key)
             before[record_key] = field_conflicts(views.values()) if views else {}
 
-    def take(self, authority: Authority) -> BatchChanges:
+    def take(self) -> BatchChanges:
         """The changes made since the last `take` (a part of a batch), and start afresh;
         the views and canonical data stay: later parts merge on top of them."""
-        changes = self.changes(authority)
+        changes = self.changes()
         if self.conflicts_before is not None:
             self.conflicts_before.update(changes.conflicts)
         self.changed, self.merged = {}, {}
@@ -179,7 +179,7 @@ class _Batch:
                     absent.add(record_key)
         return result, absent
 
-    def changes(self, authority: Authority) -> BatchChanges:
+    def changes(self) -> BatchChanges:
         """The typed changes the store writes for this batch (offsets added by the caller)."""
         merged = self.merged
         conflicts, absent = self.conflicts()
@@ -316,10 +316,10 @@ class Reconciler:
                 if start + part < len(todo):
                     history.extend(work.history)
                     anomalies += len(work.anomalies)
-                    tx.send(work.take(self.authority), now)
+                    tx.send(work.take(), now)
             history.extend(work.history)
             anomalies += len(work.anomalies)
-            changes = work.changes(self.authority)
+            changes = work.changes()
             conflicts.update(changes.conflicts)  # as the store will have them
             if not replay:
                 changes.offsets = ranges
@@ -418,7 +418,7 @@ class Reconciler:
                     record.provenance,
                 ):
                     attributed += 1
-            tx.write(work.changes(self.authority), now)
+            tx.write(work.changes(), now)
         return Remerged(len(work.history), attributed)
 
     def purge(
@@ -465,7 +465,7 @@ class Reconciler:
                         }
                     )
             counts = PurgeCounts(views, tombstones, remerged, changed, removed)
-            changes = work.changes(self.authority)
+            changes = work.changes()
             changes.purged_views = purged
             changes.purge = audit.add(counts)
             tx.write(changes, now)
@@ -553,5 +553,5 @@ def document_owner(record: CanonicalRecord | None) -> RecordKey | None:
         return None
     kind, owner_id = record.data.get("owner_kind"), record.data.get("owner_id")
     if kind in OWNER_ENTITIES and isinstance(owner_id, str):
-        return (OWNER_ENTITIES[kind], owner_id)
+        return (kind, owner_id)
     return None

@@ -416,11 +416,6 @@ class BatchProcessor:
         if any(counts.values()):
             log.info("retention: %s", ", ".join(f"{n} {kind}" for kind, n in counts.items()))
 
-    def _dead_letter(self, dead: list[DeadLetter], lettered: set[Offset]) -> None:
-        """Publish and wait for acks before the offsets that skip them are committed; a
-        letter already published in this delivery is not sent again."""
-        self._send_dead_letters(dead, lettered)()
-
     def _send_dead_letters(
         self, dead: list[DeadLetter], lettered: set[Offset]
     ) -> Callable[[], None]:

@@ -227,12 +227,15 @@ class DossierStatus(IntEnum):
     RESULT_RETURNED = 10
 
 
+StatusCode = Annotated[int, Field(ge=int(min(DossierStatus)), le=int(max(DossierStatus)))]
+
+
 class DossierData(ContractModel):
     procedure_code: Annotated[str, StringConstraints(pattern=PROCEDURE_CODE.pattern)] | None = None
     agency_code: Annotated[str, StringConstraints(pattern=AGENCY_CODE.pattern)] | None = None
     applicant_kind: Literal["citizen", "organization"] | None = None
     applicant_id: OwnerId | None = None
-    status: Annotated[int, Field(ge=1, le=10)] | None = None
+    status: StatusCode | None = None
     received_at: Rfc3339 | None = None
     due_at: Rfc3339 | None = None
     finished_at: Rfc3339 | None = None

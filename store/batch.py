@@ -805,9 +805,6 @@ class PostgresBatchIO(BatchIO):
         )
 
 
-SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's storage format of DateTime on SQLite
-
-
 def _text_time(moment: datetime) -> str:
     # SQLAlchemy's form, zero-padded years included (strftime writes year 1 as "1-01-01").
     return _naive(moment).isoformat(" ", "microseconds")
