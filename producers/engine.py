@@ -58,19 +58,16 @@ from producers.state import (
 )
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
-from schemas.dead_letter import Reason, dead_letter_headers, letter_line
+from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, letter_line
 from schemas.errors import Refused
 from schemas.signing import Signer
 from transport.publisher import Publisher
 from transport.topics import CHANGE_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
-# A dead letter keeps the source's bytes when they fit one producer request; bigger ones
-# are replaced by a reference (size, SHA-256), so one huge record cannot block its source.
-DEAD_LETTER_VALUE_LIMIT = CHANGE_MAX_MESSAGE_BYTES - 64 * 1024
-# A record's key and origin beyond these sizes are not carried whole by its dead letter
-# (no key; the origin shortened, with a digest): a key of megabytes cannot block its file.
-DEAD_LETTER_KEY_LIMIT = 1024
+# A record's origin beyond this size is not carried whole by its dead letter (shortened,
+# with a digest). Its key and value are fitted as the worker's letters are (`fit_letter`):
+# within one producer request, so one huge record cannot block its source.
 DEAD_LETTER_ORIGIN_LIMIT = 512
 # Seconds between two saved checkpoints of one run (0: every checkpoint is saved).
 CHECKPOINT_INTERVAL_SECONDS = 1.0
@@ -321,15 +318,10 @@ class AdapterRunner:
             )
         except UnicodeEncodeError:  # a key with a lone surrogate: no message key is one
             key = None
-        if key is not None and len(key) > DEAD_LETTER_KEY_LIMIT:
-            key = None  # no record's key is that long: the letter goes without one
         # A dead letter keeps the original bytes; an adapter that has none sends its origin.
-        value = item.raw or json.dumps({"origin": origin}).encode()
-        room = DEAD_LETTER_VALUE_LIMIT - len(key or b"") - sum(len(v) for _, v in headers)
-        if len(value) > room:
-            digest = hashlib.sha256(value).hexdigest()
-            omitted = {"origin": origin, "value_omitted": "too_large", "size": len(value)}
-            value = json.dumps(omitted | {"sha256": digest}).encode()
+        raw = item.raw or json.dumps({"origin": origin}).encode()
+        key, value, headers = fit_letter(key, raw, headers, [], origin, CHANGE_MAX_MESSAGE_BYTES)
+        assert value is not None
         try:
             self.publisher.send_dead_letter(key, value, headers)
         except Refused:  # a secured cluster lets a source write the change topics only

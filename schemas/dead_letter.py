@@ -125,6 +125,8 @@ LETTER_KEPT_HEADERS = 8
 # Room beside the value for the letter's own headers and the record's framing.
 LETTER_OVERHEAD = 64 * 1024
 Origin = tuple[str, int, int]  # topic, partition, offset
+# A producer's letter names its record's place in the source as text (`file.csv:12`).
+SourceOrigin = str
 
 
 def fit_letter(
@@ -132,11 +134,12 @@ def fit_letter(
     value: bytes | None,
     headers: list[tuple[str, bytes]],
     kept: list[tuple[str, bytes]],
-    origin: Origin,
+    origin: Origin | SourceOrigin,
     max_bytes: int,
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
-    """The dead letter of a message: its key, value and `kept` headers (`kept_headers`)
-    after the letter's own `headers`, within `max_bytes` (the dead-letter topic's limit)."""
+    """The dead letter of a message (or of a producer's source record): its key, value and
+    `kept` headers (`kept_headers`) after the letter's own `headers`, within `max_bytes`
+    (the dead-letter topic's limit, or a producer's request)."""
     out = list(headers)
     fits = [(n, v) for n, v in kept if _size(n, v) <= LETTER_HEADER_LIMIT]
     # The original's time is kept whatever comes before it (many signature headers).
@@ -169,16 +172,19 @@ def _size(name: str, value: bytes) -> int:
     return len(name.encode("utf-8", "surrogateescape")) + len(value)
 
 
-def value_reference(value: bytes, origin: Origin) -> tuple[bytes, str]:
+def value_reference(value: bytes, origin: Origin | SourceOrigin) -> tuple[bytes, str]:
     """A too-large value as a reference: its size, SHA-256 and origin (never its content),
     and the digest."""
     digest = hashlib.sha256(value).hexdigest()
-    topic, partition, offset = origin
+    where: str | dict[str, str | int] = origin if isinstance(origin, str) else {}
+    if not isinstance(origin, str):
+        topic, partition, offset = origin
+        where = {"topic": topic, "partition": partition, "offset": offset}
     reference = {
         "value_omitted": "too_large",
         "size": len(value),
         "sha256": digest,
-        "origin": {"topic": topic, "partition": partition, "offset": offset},
+        "origin": where,
     }
     return json.dumps(reference).encode(), digest
 

@@ -357,6 +357,9 @@ def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
                for r in read_topic(settings, dead_letter_topic(settings))}  # fmt: skip
     values = {origin: r.value for origin, r in records.items()}
     assert records["deep.jsonl:5"].key is None  # no message key of megabytes
+    # fitted as the worker's letters are: the key and the value named by digest and size
+    assert int(letters["deep.jsonl:5"]["ps.key.size"]) > 2_200_000
+    assert len(letters["deep.jsonl:5"]["ps.key.sha256"]) == 64
     assert json.loads(values["deep.jsonl:5"])["value_omitted"] == "too_large"
     assert json.loads(values["deep.jsonl:4"]) == {
         "origin": "deep.jsonl:4",
@@ -364,6 +367,7 @@ def test_a_line_that_cannot_be_mapped_is_one_dead_letter_and_the_files_go_on(
         "size": len(huge),
         "sha256": hashlib.sha256(huge.encode()).hexdigest(),
     }
+    assert letters["deep.jsonl:4"]["ps.value.sha256"] == hashlib.sha256(huge.encode()).hexdigest()
     assert letters["feed.jsonl:1"]["ps.reason.code"] == "invalid_field"
     assert letters["feed.jsonl:1"]["ps.reason.message"].startswith("data.status")
     headers = json.dumps(list(letters.values()), ensure_ascii=False)
