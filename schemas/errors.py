@@ -6,6 +6,8 @@
 | `Refused`            | an operation refused on purpose (a guard said no)    | 1        |
 | `TransientError`     | retry with backoff: the store or the broker is away  | 1        |
 | `RecordError`        | that one record goes to the dead letters (a reason)  | -        |
+| other `PortalSyncError` | a command's own work failed (a broker that did not | 1        |
+|                      | start, the demo's checks): say what, stop            |          |
 
 Drivers' errors (SQLAlchemy, kafka-python) are translated into these once, at the layer
 that talks to the driver (the store, the transport); everything above branches only on

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from schemas.errors import ConfigurationError
 from schemas.json_text import loads_exact
 from schemas.views import CanonicalRecord, RecordKey, SourceView
 from store.pg_arrays import bigint_array, bool_array, int_array, text_array, utf8_array
@@ -1101,4 +1102,4 @@ def batch_io(dialect: str, dbapi: Any) -> BatchIO:
         return PostgresBatchIO(dbapi)
     if dialect == "sqlite":
         return SqliteBatchIO(dbapi)
-    raise ValueError(f"no batch writer for {dialect}")
+    raise ConfigurationError(f"no batch writer for {dialect} (the store is SQLite or PostgreSQL)")
