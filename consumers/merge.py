@@ -32,7 +32,8 @@ import orjson
 from consumers.registry import Registry, SourceKind
 from schemas import ChangeEvent
 from schemas.errors import ConfigurationError
-from schemas.events import PAYLOAD_MODELS, SOURCE_ID
+from schemas.events import PAYLOAD_MODELS
+from schemas.identifiers import SOURCE_ID
 from schemas.views import CanonicalRecord, SourceView
 
 Outcome = Literal["applied", "duplicate", "stale"]

@@ -28,11 +28,10 @@ from producers.adapters import load as load_adapter
 from producers.adapters.debezium import group_of
 from producers.engine import CHECKPOINT_INTERVAL_SECONDS
 from producers.sdk import Adapter, ConfigurationError
-from schemas.identifiers import ReferenceKey
+from schemas.identifiers import SOURCE_ID, ReferenceKey
 from schemas.redaction import redacted_text
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-SOURCE_ID = r"^[a-z0-9][a-z0-9._-]{1,63}$"
 
 
 class StrictModel(BaseModel):
@@ -40,11 +39,11 @@ class StrictModel(BaseModel):
 
 
 class SourceEntry(StrictModel):
-    id: Annotated[str, StringConstraints(pattern=SOURCE_ID)] = Field(
+    id: Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)] = Field(
         description="unique in this file; names the state file and log lines"
     )
     adapter: str = Field(description="entry-point name in group portal_sync.adapters")
-    source: Annotated[str, StringConstraints(pattern=SOURCE_ID)] | None = Field(
+    source: Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)] | None = Field(
         default=None, description="contract source id of the events; default: id"
     )
     interval_seconds: float = Field(default=30.0, gt=0, description="poll interval")

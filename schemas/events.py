@@ -34,6 +34,7 @@ from schemas.identifiers import (
     OWNER_ID,
     PERSONAL_ID,
     PROCEDURE_CODE,
+    SOURCE_ID,
     TAX_CODE,
     dossier_code_date,
 )
@@ -67,7 +68,6 @@ def _text(max_length: int, min_length: int = 1) -> Any:
 
 PersonalId = Annotated[str, StringConstraints(pattern=PERSONAL_ID.pattern)]
 TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
-SOURCE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 SourceId = Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -26,6 +26,11 @@ AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")
 # A document id that names its issuer: `000.00.01.H26:GKS-000123` (the agency, a colon).
 ISSUER_KEY = re.compile(rf"^(?P<unit>{UNIT_CODE}):.+$")
 PROCEDURE_CODE = re.compile(r"^[0-9]\.[0-9]{6}$")
+# A source's id (the contract's `source`): also the owner of its signing keys, its Kafka
+# principal and the name of its state files. `SOURCE_ID_RULE` is the pattern as messages
+# quote it.
+SOURCE_ID_RULE = "[a-z0-9][a-z0-9._-]{1,63}"
+SOURCE_ID = re.compile(rf"^{SOURCE_ID_RULE}$")
 
 # Province codes of birth registration used in personal ids before the 2025 merger:
 # the 63 provinces of Decree 137/2015 and Circular 07/2016/TT-BCA.

@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from schemas.identifiers import SOURCE_ID, SOURCE_ID_RULE
+
 SIGNATURE_HEADER = "ps.sig"
 KEY_ID_HEADER = "ps.kid"
 SIGNATURE_HEADERS = (SIGNATURE_HEADER, KEY_ID_HEADER)
@@ -44,7 +46,6 @@ KEY_PREFIX = "ed25519:"
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 KEY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,127}$")
-SOURCE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 
 
 class KeyFormatError(ValueError):
@@ -149,7 +150,7 @@ class Signer:
     @classmethod
     def generate(cls, source: str, key_id: str) -> Signer:
         if not SOURCE_ID.fullmatch(source):
-            raise KeyFormatError("a source id is [a-z0-9][a-z0-9._-]{1,63}")
+            raise KeyFormatError(f"a source id is {SOURCE_ID_RULE}")
         if not KEY_ID.fullmatch(key_id):
             raise KeyFormatError("a key id is [a-z0-9][a-z0-9._-]{1,127}")
         return cls(source, key_id, Ed25519PrivateKey.generate())

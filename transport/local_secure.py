@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from schemas.errors import ConfigurationError
+from schemas.identifiers import SOURCE_ID
 from transport.config import KafkaConnection
 from transport.topics import Topics
 
@@ -42,7 +42,6 @@ ADMIN = "admin"
 RECONCILER = "reconciler"
 BROKER = "broker"
 RESERVED = {ADMIN, RECONCILER, BROKER}
-PRINCIPAL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 CERT_DAYS = 825
 # A certificate subject `CN=<name>[,...]` is the principal `User:<name>`.
 PRINCIPAL_MAPPING = "RULE:^CN=([^,]+)(,.*)?$/$1/,DEFAULT"
@@ -58,7 +57,7 @@ class SecureSetup:
 
     def principals(self) -> list[str]:
         for source in self.sources:
-            if source in RESERVED or not PRINCIPAL_NAME.match(source):
+            if source in RESERVED or not SOURCE_ID.fullmatch(source):
                 raise ConfigurationError(
                     f"source id {source!r} cannot be a Kafka principal "
                     f"(reserved: {', '.join(sorted(RESERVED))})"

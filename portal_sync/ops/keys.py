@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from schemas.errors import ConfigurationError, Refused
-from schemas.signing import SOURCE_ID, Signer, new_key_id
+from schemas.identifiers import SOURCE_ID, SOURCE_ID_RULE
+from schemas.signing import Signer, new_key_id
 
 
 def default_keys_dir() -> Path:
@@ -34,7 +35,7 @@ class NewKey:
 def new_key(source: str, directory: Path | None = None) -> NewKey:
     """Make a key for `source`, write its private half; refuse to replace a key file."""
     if not SOURCE_ID.fullmatch(source):
-        raise ConfigurationError("SOURCE must be a source id: [a-z0-9][a-z0-9._-]{1,63}")
+        raise ConfigurationError(f"SOURCE must be a source id: {SOURCE_ID_RULE}")
     directory = directory or default_keys_dir()
     key_id = new_key_id(source, datetime.now(UTC).date(), secrets.token_hex(3))
     signer = Signer.generate(source, key_id)

@@ -15,7 +15,6 @@ in every chunk's transaction, so an interrupted purge is recorded with what it c
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,7 +25,7 @@ from consumers.reconciler import Reconciler
 from portal_sync.ops import PURGE_CHUNK
 from portal_sync.ops.access import record_key, who_and_why
 from schemas.errors import Refused
-from schemas.identifiers import ReferenceKey
+from schemas.identifiers import SOURCE_ID, SOURCE_ID_RULE, ReferenceKey
 from store import Store, utcnow
 from store.purge import (
     PurgePlan,
@@ -37,8 +36,6 @@ from store.purge import (
     touches,
     undoable_purges,
 )
-
-SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")  # the contract's source id
 
 
 def new_purge(
@@ -53,7 +50,7 @@ def new_purge(
     id, an entity, a key only with its entity (named by its reference, never itself), a
     reason and who acts (`--operator`, else the OS user)."""
     if not SOURCE_ID.fullmatch(source):
-        raise Refused("SOURCE: not a source id ([a-z0-9][a-z0-9._-]{1,63})")
+        raise Refused(f"SOURCE: not a source id ({SOURCE_ID_RULE})")
     if key is not None and entity is None:
         raise Refused("--key needs --entity: a key names a record of one entity")
     if not (reason or "").strip():

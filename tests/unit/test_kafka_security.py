@@ -174,6 +174,10 @@ def test_the_acls_let_a_source_write_changes_and_the_reconciler_read_them() -> N
     assert not any(g.operation == "CREATE" for g in grants(setup))  # the admin creates topics
     with pytest.raises(ConfigurationError, match="reserved"):
         SecureSetup(sources=("admin",)).principals()
+    # `re`'s `$` matches before a final newline: a principal "x\n" would break the
+    # broker's password file
+    with pytest.raises(ConfigurationError, match="cannot be a Kafka principal"):
+        SecureSetup(sources=("province-01\n",)).principals()
 
 
 def test_the_secured_broker_files_are_private_and_hold_no_plaintext_listener(
