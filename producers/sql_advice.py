@@ -10,9 +10,9 @@
 - many rows under one cursor time (a bulk update's, an import's): while they are in the
   window the state remembers each, a cost that grows with their square (docs/adapters.md,
   "Bulk updates"). Counted over the whole table: a check is run once, not every poll;
-- with a `pk_column`, keys that more than one row holds: versions rise per row, and two
-  rows of one key (a soft delete and its replacement) can send one version for both, the
-  delete winning (docs/adapters.md, "One row per key").
+- with a `pk_column`, keys that more than one row holds: versions rise per row, so two
+  live rows of one key overwrite each other's values (docs/adapters.md, "One row per
+  key"; a soft delete whose key another row holds live is not sent).
 
 Messages name columns and options, never values.
 """
@@ -80,10 +80,9 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
         if shared:
             notes.append(
                 f"{shared} {config.key_column} values are held by more than one row: versions "
-                f"rise per {config.pk_column}, so two rows of one key changed at one time "
-                "(a soft delete and its replacement) are sent with one version and the "
-                'delete wins (docs/adapters.md, "One row per key"); map a query that keeps '
-                "one row per key"
+                f"rise per {config.pk_column}, so two live rows of one key overwrite each "
+                'other\'s values (docs/adapters.md, "One row per key"); map a query that '
+                "keeps one row per key"
             )
     if poller.postgresql:
         notes += _long_transactions(poller)

@@ -317,6 +317,8 @@ class RowAhead(RowRejected):
 # How far a row's time may run ahead of the producer's clock: the worker's default allowed
 # skew (PORTAL_SYNC_MAX_CLOCK_SKEW_SECONDS), beyond which it refuses the event anyway.
 AHEAD_TOLERANCE = timedelta(seconds=300)
+# Keys looked up in one query (`_keys_held_live`): within every database's limit of a list.
+KEYS_PER_QUERY = 500
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,8 @@ class SqlPollingAdapter:
         self.postgresql = self.engine.dialect.name == "postgresql"
         self.snapshot = self._snapshot_capture()
         self.held_ahead = 0  # rows `RowAhead` held in the current lookback poll
+        # Keys of the page being read that a live row holds (`_keys_held_live`).
+        self._held_live: set[Any] = set()
 
     def _from_clause(self) -> Any:
         config = self.config
@@ -545,6 +549,7 @@ class SqlPollingAdapter:
             rows, held, read_one = [*held, *rows], [], True
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
+                self._held_live = self._keys_held_live(page)
                 changes = [change for row in page if (change := self._read(row, state))]
                 if changes:
                     yield changes
@@ -560,6 +565,50 @@ class SqlPollingAdapter:
             changes = [change for row in held if (change := self._read(row, state))]
             if changes:
                 yield changes
+
+    def _keys_held_live(self, page: list[Any]) -> set[Any]:
+        """The keys of the page's soft-deleted rows that a live row holds (with `pk_column`:
+        one key, several rows). Versions rise per row: a soft delete and the new row of its
+        key, written at one time, went out with one version, and the delete won; a delete
+        written after its key's new row won too. Such a delete is not sent: the record
+        lives on in the other row, whose own changes and delete are sent as they come."""
+        config = self.config
+        if not (config.deleted_column and config.pk_column) or (
+            config.pk_column == config.key_column
+        ):
+            return set()
+        keys = set()
+        for row in page:
+            if isinstance(row, _Undecodable):
+                continue
+            values = row._mapping
+            try:
+                if values[config.key_column] is not None and soft_deleted(
+                    values[config.deleted_column]
+                ):
+                    keys.add(values[config.key_column])
+            except ValueError:  # rejected as it is read
+                continue
+        if not keys:
+            return set()
+        key = self.table.c[config.key_column]
+        flag = self.table.c[config.deleted_column]
+        live: set[Any] = set()
+        with self.engine.connect() as conn:
+            ordered = sorted(keys, key=str)
+            for start in range(0, len(ordered), KEYS_PER_QUERY):
+                chosen = ordered[start : start + KEYS_PER_QUERY]
+                query = select(key, flag).select_from(self.table).where(key.in_(chosen))
+                for found, deleted in conn.execute(query):
+                    with contextlib.suppress(ValueError):  # a flag nobody can read: not live
+                        if not soft_deleted(deleted):
+                            live.add(found)
+        if live:
+            log.info(
+                "%s: the deletes of %d keys' soft-deleted rows not sent: another row holds "
+                "each %s live", config.name, len(live), config.key_column,
+            )  # fmt: skip
+        return live
 
     def _readable_besides(self, held: list[Any], state: CursorState) -> bool:
         """Whether a row other than `held` reads: then they are bad rows, not a column's
@@ -841,6 +890,8 @@ class SqlPollingAdapter:
             deleted = bool(config.deleted_column) and soft_deleted(values[config.deleted_column])
         except ValueError as error:
             raise RowRejected(str(error)) from None
+        if deleted and values[config.key_column] in self._held_live:
+            return None  # another row holds the key live: its own changes speak for it
         data = None if deleted else self._data(values)
         marker = derived if config.version_column else _fingerprint(data)
         pk = values[self.pk.name]

@@ -761,6 +761,33 @@ def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(
         engine.dispose()
 
 
+@pytest.mark.parametrize("new_pk", [2, 0], ids=["new-row-after", "new-row-before"])
+def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
+    source: Source, adapters: list[SqlPollingAdapter], new_pk: int
+) -> None:
+    """A soft delete and the new row of its key (one person's record re-created), written
+    in one transaction at one time: both went out with one version, and the reconciler
+    kept the delete, whichever row came first. The delete is not sent while another row
+    holds the key live; once none does, it is."""
+    key = pid(1)
+    source.insert(1, "Lê Văn An", T0)
+    adapter = open_adapter(adapters, source)
+    state = CursorState()
+    assert [(c.key, c.event["op"]) for c in flat(poll(adapter, state))] == [(key, "upsert")]
+    at = T0 + timedelta(seconds=5)
+    with source.engine.begin() as conn:
+        conn.execute(update(cong_dan).where(cong_dan.c.id == 1).values(da_xoa=True, updated_at=at))
+        conn.execute(insert(cong_dan).values(
+            id=new_pk, so_dinh_danh=key, ho_ten="Lê Văn Ân", updated_at=at, da_xoa=False
+        ))  # fmt: skip
+    sent = flat(poll(adapter, state))
+    assert [(c.key, c.event["op"], c.pk) for c in sent] == [(key, "upsert", new_pk)]
+    source.update(new_pk, T0 + timedelta(seconds=9), da_xoa=True)  # the last live row goes
+    gone = flat(poll(adapter, state))  # (the first row's delete too, now nothing holds it)
+    assert {(c.key, c.event["op"]) for c in gone} == {(key, "delete")}
+    assert gone[-1].pk == new_pk and gone[-1].version > sent[0].version
+
+
 def test_check_counts_the_keys_several_rows_hold(tmp_path: Path) -> None:
     """Versions rise per row: a soft delete and the new row of the same key, written at one
     time, go out with one version and the delete wins. `adapters check` counts the keys
