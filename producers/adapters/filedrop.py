@@ -564,11 +564,18 @@ class FileDropAdapter(DirectoryAdapter):
         kind = self.options.format
         if kind == "auto":
             kind = "csv" if path.suffix == ".csv" else "jsonl"
-        rows = self._csv(content) if kind == "csv" else self._jsonl_rows(json_lines(content))
-        return self._records(path, rows, kind == "csv" and self.options.empty_cells == "absent")
+        if kind == "csv":
+            return self._records(path, self._csv(content), self.options.empty_cells == "absent")
+        # A line without one of the mapped keys does not provide that field: read as null,
+        # it would erase what other sources gave (a writer that leaves out its nulls).
+        return self._records(path, self._jsonl_rows(json_lines(content)), missing_absent=True)
 
     def _records(
-        self, path: Path, rows: Iterator[tuple[int, Row]], blank_absent: bool = False
+        self,
+        path: Path,
+        rows: Iterator[tuple[int, Row]],
+        blank_absent: bool = False,
+        missing_absent: bool = False,
     ) -> Iterator[Record | SkippableRecord]:
         for line, row in rows:
             origin = f"{path.name}:{line}"
@@ -577,8 +584,9 @@ class FileDropAdapter(DirectoryAdapter):
                 continue
             try:
                 record = self._record(row, origin, line)
-                if blank_absent and isinstance(record, Record) and record.data is not None:
-                    record = replace(record, data=self._provided(record.data, row))
+                provided = blank_absent or missing_absent
+                if provided and isinstance(record, Record) and record.data is not None:
+                    record = replace(record, data=self._provided(record.data, row, missing_absent))
             except Exception as error:  # any surprise of one line stays that line's
                 record = unmappable(error, origin, self.entity)
             if isinstance(record, SkippableRecord):
@@ -596,25 +604,57 @@ class FileDropAdapter(DirectoryAdapter):
         with _CSV_LIMIT:  # the module's one limit, only ever raised: sources read side by side
             if len(content) >= csv.field_size_limit():
                 csv.field_size_limit(len(content) + 1)
-        reader = csv.DictReader(text, delimiter=self.options.csv_delimiter)
+        delimiter = self.options.csv_delimiter
+        _quotes_closed(content, delimiter)
+        # strict: a quote followed by more text in a field (`"x"y`) is a bad line, not the
+        # value `xy`; a row of more or fewer cells than the header carries `_EXTRA` or
+        # `_MISSING`, a bad line too (a cell would otherwise be read as another column's
+        # value, or as null: an explicit null erases what other sources gave).
+        reader = csv.DictReader(
+            text, delimiter=delimiter, strict=True, restkey=_EXTRA, restval=_MISSING
+        )
         try:
             names = reader.fieldnames
         except csv.Error:
             names = None
         if names is None or self.options.key_field not in names:
             raise UnreadableFile("not_csv", "no header row naming the key field")
-        return self._csv_rows(reader)
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # the last such column's cell would be read for all of them
+            raise UnreadableFile("not_csv", f"the header names a column twice: {_named(twice)}")
+        missing = [column for column in self._columns() if column not in names]
+        if missing:  # every row would carry null for it, erasing the value others gave
+            raise UnreadableFile("not_csv", f"the header lacks mapped columns: {_named(missing)}")
+        return self._csv_rows(reader, len(names))
+
+    def _columns(self) -> list[str]:
+        """The columns the mapping reads, in its order."""
+        opts = self.options
+        named = [opts.key_field, opts.occurred_at_field, opts.version_field, opts.deleted_field]
+        columns = [c for c in named if c is not None] + list(opts.fields.values())
+        return list(dict.fromkeys(columns))
 
     @staticmethod
-    def _csv_rows(reader: csv.DictReader[str]) -> Iterator[tuple[int, Row]]:
+    def _csv_rows(reader: csv.DictReader[str], width: int) -> Iterator[tuple[int, Row]]:
         while True:
             line = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except csv.Error:  # a carriage return in an unquoted field
+            except csv.Error:  # a carriage return in an unquoted field, `"x"y`
                 yield line, SkippableRecord(Reason.UNMAPPABLE_RECORD, "line is not valid CSV", "")
+                continue
+            extra = row.pop(_EXTRA, None)
+            cells = [k for k, v in row.items() if v is not _MISSING]
+            if extra is not None or len(cells) < width:
+                count = len(cells) + len(extra or ())
+                message = f"line has {count} cells, the header {width}"
+                raw = _raw({k: v for k, v in row.items() if v is not _MISSING})
+                yield (
+                    reader.line_num,
+                    SkippableRecord(Reason.UNMAPPABLE_RECORD, message, "", raw=raw),
+                )
                 continue
             yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
 
@@ -674,11 +714,14 @@ class FileDropAdapter(DirectoryAdapter):
         data = None if deleted else map_fields(row, opts, self.zone)
         return Record(str(key), version, when, data, origin)
 
-    def _provided(self, data: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-        """`data` without the fields whose cell is empty (`empty_cells = "absent"`), and
+    def _provided(
+        self, data: dict[str, Any], row: dict[str, Any], missing_only: bool = False
+    ) -> dict[str, Any]:
+        """`data` without the fields whose cell is empty (`empty_cells = "absent"`), or
+        with `missing_only` whose key the row lacks (a JSON line's null stays a null), and
         without a nested object left empty by that."""
         for path, column in self.options.fields.items():
-            if row.get(column) is not None:
+            if (column in row) if missing_only else (row.get(column) is not None):
                 continue
             *parents, leaf = path.split(".")
             chain = [data]
@@ -703,6 +746,36 @@ class FileDropAdapter(DirectoryAdapter):
         except ValueError:
             return None
         return moment if moment.tzinfo else moment.replace(tzinfo=self.zone)
+
+
+# A CSV row's cells beyond the header's (`restkey`), and the header's columns it lacks.
+_EXTRA = "\x00extra"
+_MISSING: Any = object()
+
+
+def _named(columns: list[str]) -> str:
+    """Column names for a message: at most five, each cut to 64 characters."""
+    shown = [column[:64] for column in columns[:5]]
+    return ", ".join(shown) + (f" and {len(columns) - 5} more" if len(columns) > 5 else "")
+
+
+def _quotes_closed(content: bytes, delimiter: str) -> None:
+    """`UnreadableFile` when the file ends inside a quoted field: a stray quote took every
+    line after it for one value, and the reader returned them as one row, the rest of the
+    file lost without a word. Read once, strictly, before any record is handed out."""
+    reader = csv.reader(text_of(content), delimiter=delimiter, strict=True)
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if "unexpected end of data" in str(error):
+                raise UnreadableFile(
+                    "not_csv",
+                    f"a quoted field opened at line {reader.line_num} or before is never "
+                    "closed: the file ends inside it",
+                ) from None
 
 
 def _raw(row: dict[str, Any]) -> bytes:

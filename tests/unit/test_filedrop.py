@@ -324,7 +324,8 @@ def test_an_empty_csv_cell_is_null_or_not_provided_as_configured(
 ) -> None:
     """An empty cell was always an explicit null, which erased another source's email in
     the store when the export only left it blank. `empty_cells = "absent"` leaves the
-    field out (a nested object emptied so goes too); JSON Lines keep their own nulls."""
+    field out (a nested object emptied so goes too); JSON Lines keep their own nulls, and
+    a key a line leaves out is not provided (it was a null, erasing as a blank cell did)."""
     config = CONFIG | {
         "empty_cells": empty_cells,
         "fields": {"full_name": "name", "email": "email",
@@ -345,8 +346,8 @@ def test_an_empty_csv_cell_is_null_or_not_provided_as_configured(
                                "permanent_address": {"line": "Số 1 Lê Lợi"}}  # fmt: skip
     line = json.dumps({"pid": "001190000003", "name": "Lê Văn Cường", "email": None, "at": at})
     (third,) = adapter.parse(tmp_path / "export.jsonl", line.encode() + b"\n")
-    assert isinstance(third, Record) and third.data is not None
-    assert third.data["email"] is None and third.data["permanent_address"]["line"] is None
+    assert isinstance(third, Record)
+    assert third.data == {"full_name": "Lê Văn Cường", "email": None}
 
 
 def test_a_time_that_does_not_parse_is_an_invalid_field_not_a_missing_one(
@@ -434,3 +435,66 @@ def test_a_files_checksum_at_its_move_reads_it_in_chunks(tmp_path: Path) -> None
         tracemalloc.stop()
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert peak < path.stat().st_size // 4, peak
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ("pid,ho_ten,phone,at", "the header lacks mapped columns: name"),  # a renamed column
+        ("pid,name,phone,name,at", "the header names a column twice: name"),
+    ],
+)
+def test_a_csv_header_that_lacks_or_repeats_a_mapped_column_refuses_the_file(
+    tmp_path: Path, header: str, said: str
+) -> None:
+    """A column renamed in the export read as null in every row, each a valid event that
+    erased the value other sources gave; of a column named twice, the last cell was read
+    for both. The file goes to error/ instead."""
+    from producers.adapters.filedrop import UnreadableFile
+
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    cells = ",".join(["001190000001"] + ["x"] * (header.count(",") - 1) + ["2025-08-01T08:00:00"])
+    with pytest.raises(UnreadableFile) as refused:
+        list(adapter.parse(tmp_path / "export.csv", f"{header}\n{cells}\n".encode()))
+    assert refused.value.reason == "not_csv" and said in str(refused.value)
+
+
+def test_a_quote_never_closed_refuses_the_file_instead_of_swallowing_its_rest(
+    tmp_path: Path,
+) -> None:
+    """A stray quote made every line after it one value of an unmapped column: one record
+    published, the rest of the file gone, no dead letter, the file in done/."""
+    from producers.adapters.filedrop import UnreadableFile
+
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    at = "2025-08-01T08:00:00"
+    text = f'pid,name,at,ghi_chu\n001190000001,An,{at},"cán bộ\n'
+    text += f"001190000002,Bình,{at},\n001190000003,Cường,{at},\n"
+    with pytest.raises(UnreadableFile, match="never closed") as refused:
+        list(adapter.parse(tmp_path / "export.csv", text.encode()))
+    assert refused.value.reason == "not_csv"
+
+
+def test_a_csv_row_of_more_or_fewer_cells_than_the_header_is_a_bad_line(tmp_path: Path) -> None:
+    """A short row's missing cells were explicit nulls; a comma in an unquoted name
+    shifted the cells after it into the next columns; `"x"y` read as `xy`. Each is now
+    that line's dead letter, and the lines around it are read."""
+    config = CONFIG | {"fields": {"full_name": "name", "phone": "phone"}}
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    at = "2025-08-01T08:00:00"
+    text = "pid,name,phone,at\n"
+    text += f"001190000001,Nguyễn Văn An,{at}\n"  # the phone left out: 3 cells
+    text += f"001190000002,Lê, Văn Cường,0903000000,{at}\n"  # 5 cells
+    text += f'001190000003,"Trần"Bình,0903000001,{at}\n'  # a quote, then text
+    text += f"001190000004,Phạm Thu Hà,0903000002,{at}\n"
+    records = list(adapter.parse(tmp_path / "export.csv", text.encode()))
+    bad = [(r.origin, r.message) for r in records if isinstance(r, SkippableRecord)]
+    assert bad == [
+        ("export.csv:2", "line has 3 cells, the header 4"),
+        ("export.csv:3", "line has 5 cells, the header 4"),
+        ("export.csv:4", "line is not valid CSV"),
+    ]
+    good = [r for r in records if isinstance(r, Record)]
+    assert [(r.key, r.data) for r in good] == [
+        ("001190000004", {"full_name": "Phạm Thu Hà", "phone": "0903000002"})
+    ]
