@@ -522,20 +522,24 @@ class DirectoryAdapter(Adapter):
                         "topic holds every one",
                     }
                 )
+            moved = _free_name(target, path.name)
             if rejections:
-                report = target / f"{path.name}.rejected.jsonl"
+                report = target / f"{moved.name}.rejected.jsonl"
                 report.write_text("".join(json.dumps(r) + "\n" for r in rejections))
-            shutil.move(str(path), target / path.name)
-            if read is not None and _checksum(target / path.name) != read:
+            shutil.move(str(path), moved)
+            if read is not None and _checksum(moved) != read:
                 if not path.exists():
-                    shutil.move(str(target / path.name), path)
+                    shutil.move(str(moved), path)
                 log.warning(
                     "%s: %s changed after it was read: left for the next run",
                     self.source, path.name,
                 )  # fmt: skip
                 return
+            if moved.name != path.name:
+                log.info("%s: %s moved as %s (the name was taken)", self.source, path.name,
+                         moved)  # fmt: skip
             if target == self.done_dir:
-                os.utime(target / path.name)  # its retention counts from now, when it was done
+                os.utime(moved)  # its retention counts from now, when it was done
             if self.options.complete_marker is not None:
                 (path.parent / f"{path.name}{self.options.complete_marker}").unlink(missing_ok=True)
             if unreadable is not None:  # the name and the reason only, never the content
@@ -545,6 +549,20 @@ class DirectoryAdapter(Adapter):
                 )  # fmt: skip
 
         return move
+
+
+def _free_name(target: Path, name: str) -> Path:
+    """Where a file of this name goes in done/ or error/: its own name, or, when a file or
+    a rejection report of that name is there already (a daily export of one name), the
+    name with a number before its suffix. A move onto it replaced the earlier file: one
+    in error/ was then nowhere, and a report left from it described the new file."""
+    candidate = target / name
+    stem, dot, suffix = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+    number = 1
+    while candidate.exists() or (target / f"{candidate.name}.rejected.jsonl").exists():
+        number += 1
+        candidate = target / f"{stem}.{number}{dot}{suffix}"
+    return candidate
 
 
 class FileDropAdapter(DirectoryAdapter):

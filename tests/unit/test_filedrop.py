@@ -498,3 +498,45 @@ def test_a_csv_row_of_more_or_fewer_cells_than_the_header_is_a_bad_line(tmp_path
     assert [(r.key, r.data) for r in good] == [
         ("001190000004", {"full_name": "Phạm Thu Hà", "phone": "0903000002"})
     ]
+
+
+def test_a_daily_export_of_one_name_never_replaces_the_one_before_in_done_or_error(
+    tmp_path: Path,
+) -> None:
+    """A move onto a name already in error/ replaced the file there: day 1's unreadable
+    export was then nowhere (its dead letter names it only). In done/, day 2 replaced day
+    1 and sat beside day 1's rejection report, which then described lines it does not
+    have. Each file now keeps its own name or a numbered one."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    state: dict[str, object] = {}
+
+    def poll() -> None:
+        nonlocal state
+        for item in adapter.read(state):
+            if isinstance(item, SkippableRecord):  # as the engine reports a dead letter
+                adapter.rejected(item.origin, item.code, item.message)
+            if isinstance(item, Checkpoint):
+                state = item.value()
+                if item.commit is not None:
+                    item.commit()
+
+    at = "2025-08-01T08:00:00+07:00"
+    days = [b"pid,name,at\n\xff day 1\n", b"pid,name,at\n\xfe day 2\n"]  # not UTF-8
+    days += [f"pid,name,at\n001190000001,An,{at}\n,Bình,{at}\n".encode()]  # one bad line
+    days += [f"pid,name,at\n001190000003,Cường,{at}\n".encode()]
+    for content in days:
+        aside = inbox / ".export.csv"
+        aside.write_bytes(content)
+        os.utime(aside, (time.time() - 600,) * 2)
+        aside.rename(inbox / "export.csv")
+        for _ in range(2):  # a name seen with another size: read at the poll after
+            poll()
+    error, done = inbox / "error", inbox / "done"
+    assert (error / "export.csv").read_bytes() == days[0]
+    assert (error / "export.2.csv").read_bytes() == days[1]
+    assert (done / "export.csv").read_bytes() == days[2]
+    assert (done / "export.csv.rejected.jsonl").exists()
+    assert (done / "export.2.csv").read_bytes() == days[3]
+    assert not (done / "export.2.csv.rejected.jsonl").exists()
