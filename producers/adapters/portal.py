@@ -58,6 +58,10 @@ STAMP = re.compile(r"[0-9]{14}")
 UNDATED = "NgayCapNhat: required (or QuaTrinhXuLy[].ThoiDiemXuLy)"
 
 
+# Payload positions of a file that order payloads of one time (`_records`).
+POSITIONS = 1_000_000
+
+
 class PortalConfig(DirectoryConfig):
     suffixes: list[str] = Field(default_factory=lambda: [".json", ".jsonl"])
     documents: bool = True  # emit the result documents of DanhSachGiayToKetQua
@@ -135,8 +139,14 @@ class PortalAdapter(DirectoryAdapter):
             code = "missing_field" if updated == UNDATED else "invalid_field"
             yield SkippableRecord(code, updated, origin, "dossier")
             return
-        moment = updated + timedelta(microseconds=index)
-        version = (moment - EPOCH) // timedelta(microseconds=1)
+        # A later payload about the same dossier in the same time wins: its position is
+        # added to the version, within the file's first million payloads (past them the
+        # position would reach the next second, and rank an older payload above a newer
+        # one of the next file). `occurred_at` stays the payload's own time.
+        version = (updated - EPOCH) // timedelta(microseconds=1)
+        if index < POSITIONS:
+            version += index
+        moment = updated
         dossier = self._dossier(payload)
         yield Record(key, version, moment, dossier, origin, entity="dossier")
         if not self.options.documents:

@@ -195,3 +195,18 @@ def test_a_document_checked_whole_never_fails_while_its_items_are_read(tmp_path:
             assert isinstance(first, Record) and len(rest) == 1  # the deep one a letter
             outcomes.add("read")
     assert outcomes == {"refused", "read"}  # the range crosses the limit
+
+
+def test_a_payload_s_position_orders_one_time_only_within_a_million(tmp_path: Path) -> None:
+    """The position was added to the version (and the time) without bound: payload
+    1,500,000 of a big file, at 08:00:00, outranked the next file's first payload of the
+    same dossier at 08:00:01, which the reconciler dropped as stale."""
+    reader = adapter(tmp_path)
+    (early,) = reader._records(PAYLOAD, "a.json:2", 1)
+    (late,) = reader._records(PAYLOAD, "a.json:1500001", 1_500_000)
+    assert isinstance(early, Record) and isinstance(late, Record)
+    assert early.version == late.version + 1  # past the millionth, the position is not added
+    assert early.occurred_at == late.occurred_at  # the payload's own time, not shifted
+    newer = PAYLOAD | {"NgayCapNhat": "20250801090001"}
+    (next_file,) = reader._records(newer, "b.json:1", 0)
+    assert isinstance(next_file, Record) and next_file.version > late.version
