@@ -252,7 +252,7 @@ class DebeziumAdapter(Adapter):
             if self.mapping.version == "ts_ms":
                 version = self._ts_version(message.tp, version)
             op: Literal["upsert", "delete"] = "delete" if event.is_delete else "upsert"
-            data = None if event.is_delete else self._data(event.row, origin)
+            data = None if event.is_delete else self._data(event.row, origin, event.before)
         except dbz.Unmappable as problem:
             return SkippableRecord(
                 problem.code, problem.message, origin, self.entity, key, message.value
@@ -281,25 +281,47 @@ class DebeziumAdapter(Adapter):
         self._last[tp] = version
         return version
 
-    def _data(self, row: dict[str, Any], origin: str) -> dict[str, Any]:
+    def _data(
+        self, row: dict[str, Any], origin: str, before: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """`after` through the field mapping. A mapped column the event lacks means the
         table changed: the source stops (a null would erase the field in the store) until
         the mapping is fixed. A value PostgreSQL did not send (an unchanged TOASTed column:
-        Debezium's placeholder) leaves its field out: "not provided"."""
+        Debezium's placeholder) is the `before` row's value when that has it (REPLICA
+        IDENTITY FULL); else the event is dead-lettered. Left out, the field was "not
+        provided", and the reconciler, which takes each event as the source's whole view,
+        erased the value nobody changed."""
         missing = sorted(c for c in self.mapping.fields.values() if c not in row)
         if missing:
             raise FatalError(
                 f"{origin}: mapped columns not in the event: {', '.join(missing)} "
                 "(the table changed? fix the mapping, then restart)"
             )
-        data = map_fields(row, self.mapping, self.zone)
-        for path, column in self.mapping.fields.items():
-            if row[column] == UNAVAILABLE:
-                _drop(data, path)
-        return data
+        unsent = [c for c in dict.fromkeys(self.mapping.fields.values()) if row[c] == UNAVAILABLE]
+        if unsent:
+            known = before or {}
+            gaps = [c for c in unsent if c not in known or known[c] == UNAVAILABLE]
+            if gaps:
+                raise dbz.Unmappable(
+                    Reason.UNMAPPABLE_RECORD,
+                    f"columns Debezium did not send (unchanged TOASTed values): "
+                    f"{', '.join(gaps)}; give the table REPLICA IDENTITY FULL",
+                )
+            row = row | {c: known[c] for c in unsent}
+        return map_fields(row, self.mapping, self.zone)
 
     def _key(self, event: dbz.ChangeEvent) -> str:
-        value = event.row.get(self.mapping.key_column)
+        """The record's key. A key column an upsert's row lacks is a table changed (the
+        column dropped or renamed): the source stops, as for a mapped column, instead of
+        dead-lettering every change of the table (raw Debezium events, which cannot be
+        re-driven) while the offsets move past them."""
+        column = self.mapping.key_column
+        if not event.is_delete and column not in event.row:
+            raise FatalError(
+                f"the key column {column} is not in the event "
+                "(the table changed? fix the mapping, then restart)"
+            )
+        value = event.row.get(column)
         if value is None or value == "":
             side = "before" if event.is_delete else "after"
             hint = (
@@ -314,16 +336,6 @@ class DebeziumAdapter(Adapter):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-
-def _drop(data: dict[str, Any], path: str) -> None:
-    *parents, leaf = path.split(".")
-    target = data
-    for parent in parents:
-        target = target[parent]
-    del target[leaf]
-    if parents and not target:
-        _drop(data, ".".join(parents))
 
 
 def _offsets(state: State, kind: str = "offsets") -> dict[TP, int]:

@@ -330,15 +330,21 @@ def test_two_entries_reading_one_topic_under_one_group_are_refused(
         assert [s.id for s in load_deployment(path).sources] == ["p79-citizens", "p79-other"]
 
 
-def test_a_value_postgresql_did_not_send_leaves_its_field_out() -> None:
-    """An unchanged TOASTed column comes as Debezium's placeholder: "not provided"."""
-    row = ROW | {"ho_ten": "__debezium_unavailable_value"}
-    upsert = item(adapter(), message(with_schema(change("u", row))))
+def test_a_value_postgresql_did_not_send_is_the_before_row_s_or_a_dead_letter() -> None:
+    """An unchanged TOASTed column comes as Debezium's placeholder. Left out ("not
+    provided"), the event erased the field in the store: the reconciler takes each event
+    as the source's whole view. It is the `before` row's value (REPLICA IDENTITY FULL),
+    and without one the event is a dead letter naming the column (never its value)."""
+    row = ROW | {"ho_ten": "__debezium_unavailable_value", "ngay_sinh": 7369}
+    upsert = item(adapter(), message(with_schema(change("u", row) | {"before": ROW})))
     assert isinstance(upsert, Record)
-    assert upsert.data == {"date_of_birth": "1990-03-05"}
-    nested = adapter(fields={"permanent_address.line": "ho_ten", "full_name": "so_dinh_danh"})
-    upsert = item(nested, message(with_schema(change("u", row))))
-    assert isinstance(upsert, Record) and upsert.data == {"full_name": "079190000001"}
+    assert upsert.data == {"full_name": "Nguyễn Thị Lan", "date_of_birth": "1990-03-06"}
+    for before in (None, row):  # no before, or one without the value either
+        event = change("u", row) | {"before": before}
+        skipped = item(adapter(), message(with_schema(event)))
+        assert isinstance(skipped, SkippableRecord) and skipped.code == "unmappable_record"
+        assert "ho_ten" in skipped.message and "REPLICA IDENTITY FULL" in skipped.message
+        assert "Lan" not in skipped.message
 
 
 def test_a_mapped_column_missing_from_the_event_stops_the_source() -> None:
@@ -348,6 +354,13 @@ def test_a_mapped_column_missing_from_the_event_stops_the_source() -> None:
     row = {k: v for k, v in ROW.items() if k != "ngay_sinh"}
     with pytest.raises(FatalError, match="ngay_sinh"):
         item(adapter(), message(with_schema(change("u", row))))
+    # so does the key column: each change of the table was a dead letter of raw bytes,
+    # which cannot be re-driven, and the offsets moved past them
+    row = {k: v for k, v in ROW.items() if k != "so_dinh_danh"}
+    with pytest.raises(FatalError, match="so_dinh_danh"):
+        item(adapter(), message(with_schema(change("u", row))))
+    gone = item(adapter(), message(with_schema(change("d", row))))  # a delete: its key
+    assert isinstance(gone, SkippableRecord) and gone.code == "missing_field"  # not sent
 
 
 def test_a_message_nested_beyond_the_parser_is_a_dead_letter_and_reading_goes_on() -> None:
