@@ -26,6 +26,7 @@ before has been deleted or marked by then. They stay in the table: widening
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -117,14 +118,18 @@ class OutboxAdapter(Adapter):
         last_id = int(state.get("last_id", 0))
         seen = {int(i) for i in state.get("seen", [])}
         pending = [int(i) for i in state.get("pending", [])]
+        # Per pending row, what its clean-up checks the row still is (`_mark`).
+        marks = {int(i): str(m) for i, m in (state.get("pending_marks") or {}).items()}
         self._cleaned = set()  # rows whose clean-up ran at the last checkpoint
         # Since `pending` is tracked (every state saved by this version), a seen row still
         # in the table unprocessed, and not pending, can only be a reused id; a state of an
         # older release did not track the clean-ups of the rows up to its `last_id`.
         self._tracked_from = int(state.get("tracked_from", 0 if "pending" in state else last_id))
         if pending:  # published; their clean-up may have failed: run it (again) first
+            self._check_pending(table, pending, marks)
             yield Checkpoint(
-                _state(last_id, seen, pending, self._tracked_from), self._done(table, pending)
+                _state(last_id, seen, pending, self._tracked_from, marks),
+                self._done(table, pending),
             )
         # The engine resumes this generator once the checkpoint's clean-up ran; a
         # conformance check resumes it without running any: those rows stay pending.
@@ -141,6 +146,7 @@ class OutboxAdapter(Adapter):
             for row in page:
                 yield self._item(row._mapping)
             ids = [int(row._mapping[self.options.id_column]) for row in page]
+            marks.update(zip(ids, (self._mark(row._mapping) for row in page), strict=True))
             pending = sorted({*pending, *ids})
             unclean.update(ids)
             seen.update(ids)
@@ -148,14 +154,51 @@ class OutboxAdapter(Adapter):
             horizon = last_id - self.options.lookback_ids
             seen = {i for i in seen if i > horizon}
             yield Checkpoint(
-                _state(last_id, seen, pending, self._tracked_from), self._done(table, pending)
+                _state(last_id, seen, pending, self._tracked_from, marks),
+                self._done(table, pending),
             )
             pending = [i for i in pending if i not in self._cleaned]
+            marks = {i: marks[i] for i in pending if i in marks}
             unclean.difference_update(self._cleaned)
             self._cleaned.clear()
         self._count_beyond_lookback(table, last_id - self.options.lookback_ids)
         if not pending:  # every clean-up ran: the state need not name their rows any more
             yield Checkpoint(_state(last_id, seen, [], self._tracked_from))
+
+    def _mark(self, values: Any) -> str:
+        """What a published row's clean-up checks the row still is: a digest of its time
+        and operation as read (never its key or payload, which are personal data)."""
+        opts = self.options
+        text = f"{values[opts.occurred_at_column]}\x1f{values[opts.op_column]}"
+        return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:16]
+
+    def _check_pending(self, table: Table, pending: list[int], marks: dict[int, str]) -> None:
+        """Stop the source (`FatalError`) when an id of the saved state's pending rows now
+        holds another row: their clean-up ran, the run ended before a state without them
+        was saved, and the table gave the ids again (MySQL 5.7 after a restart, SQLite
+        without AUTOINCREMENT). Run again, the clean-up deleted or marked the new rows,
+        never published."""
+        opts = self.options
+        ident = table.c[opts.id_column]
+        columns = (ident, table.c[opts.occurred_at_column], table.c[opts.op_column])
+        marked = [i for i in pending if i in marks]  # a state of an older release: none
+        for start in range(0, len(marked), 500):
+            query = select(*columns).where(ident.in_(marked[start : start + 500]))
+            if opts.after == "mark":
+                query = query.where(table.c[opts.processed_column].is_(None))
+            with self._engine.connect() as conn:
+                rows = list(conn.execute(query))
+            ids = [int(row._mapping[opts.id_column]) for row in rows]
+            other = [i for i, row in zip(ids, rows, strict=True)
+                     if self._mark(row._mapping) != marks[i]]  # fmt: skip
+            if other:
+                raise FatalError(
+                    f"outbox row id {min(other)} was published and cleaned up before, and "
+                    f"holds another row of {opts.table} now: the table reuses ids (give it "
+                    "ids that never repeat, AUTOINCREMENT or a sequence, and a "
+                    "version_column, then reset this source's state) (docs/adapters.md, "
+                    "outbox)"
+                )
 
     def _count_beyond_lookback(self, table: Table, horizon: int) -> None:
         """Unprocessed rows at or below `horizon`: committed too late for the window, never
@@ -298,11 +341,21 @@ def _row_bytes(values: Any) -> bytes:
     return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
 
 
-def _state(last_id: int, seen: set[int], pending: list[int], tracked_from: int = 0) -> State:
-    """The position; `pending`: rows published whose clean-up is not known to have run;
-    `tracked_from`: the ids above it had their clean-ups tracked so (a state of an older
-    release did not: its seen rows up to there are never taken for reused ids)."""
+def _state(
+    last_id: int,
+    seen: set[int],
+    pending: list[int],
+    tracked_from: int = 0,
+    marks: dict[int, str] | None = None,
+) -> State:
+    """The position; `pending`: rows published whose clean-up is not known to have run,
+    with `pending_marks`, what each row was (`OutboxAdapter._mark`); `tracked_from`: the
+    ids above it had their clean-ups tracked so (a state of an older release did not: its
+    seen rows up to there are never taken for reused ids)."""
     state: State = {"last_id": last_id, "seen": sorted(seen), "pending": sorted(pending)}
     if tracked_from:
         state["tracked_from"] = tracked_from
+    kept = {str(i): marks[i] for i in sorted(pending) if marks and i in marks}
+    if kept:
+        state["pending_marks"] = kept
     return state

@@ -479,3 +479,42 @@ def test_a_poll_keeps_only_the_last_pages_clean_ups_in_memory(tmp_path: Path) ->
     assert remaining(url) == []
     adapter.close()
     engine.dispose()
+
+
+@pytest.mark.parametrize("after", ["delete", "mark"])
+def test_a_pending_clean_up_never_touches_rows_that_took_its_ids_since(
+    tmp_path: Path, after: str
+) -> None:
+    """A state saved with its page's rows pending, their clean-up run, and the run ended
+    before a state without them was saved (the next query failed): the table then gave
+    the ids again (MySQL 5.7 after a restart, SQLite without AUTOINCREMENT), and the next
+    run's first clean-up deleted or marked the new rows, never published. It now stops the
+    source, the new rows left in place."""
+    from producers.sdk import Checkpoint, FatalError
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [change("citizen", f"00109000000{n}", "upsert", n,
+                                             {"full_name": "A"}) for n in range(2)])  # fmt: skip
+    deploy = deployment(tmp_path, CONFIG.format(url=url, after=after))
+    adapter = deploy.adapter(deploy.sources[0])
+    saved: dict[str, Any] = {}
+    for item in adapter.read({}):
+        if isinstance(item, Checkpoint):  # the first page's: saved, then its clean-up
+            saved = json.loads(json.dumps(item.value()))
+            assert item.commit is not None
+            item.commit()
+            break  # the run ends here: nothing saved after the clean-up
+    assert saved["pending"] == [1, 2]
+    with engine.begin() as conn:
+        conn.execute(outbox.delete())  # `mark`: what a TRUNCATE … RESTART IDENTITY leaves
+        conn.execute(insert(outbox), [change("citizen", f"00109000001{n}", "upsert", 10 + n,
+                                             {"full_name": "B"}) for n in range(2)])  # fmt: skip
+        assert [r.id for r in conn.execute(select(outbox.c.id))] == [1, 2]
+    with pytest.raises(FatalError, match="outbox row id 1 was published and cleaned up"):
+        _drive(adapter, saved)
+    assert [(r.id, r.processed_at) for r in remaining(url)] == [(1, None), (2, None)]
+    adapter.close()
+    engine.dispose()
