@@ -384,6 +384,7 @@ class SqlPollingAdapter:
         self.held_ahead = 0  # rows `RowAhead` held in the current lookback poll
         # Keys of the page being read that a live row holds (`_keys_held_live`).
         self._held_live: set[Any] = set()
+        self._check_held_live = self._held_live_checkable()
 
     def _from_clause(self) -> Any:
         config = self.config
@@ -429,6 +430,28 @@ class SqlPollingAdapter:
             raise FatalError(
                 f"{config.name}: no such column in {config.table}: {', '.join(missing)}"
             )
+
+    def _held_live_checkable(self) -> bool:
+        """Whether a soft delete's key is looked up in the other rows (`_keys_held_live`):
+        with `pk_column` and a `deleted_column`, on a table whose key column leads an
+        index (else each page with a delete would scan the table; a warning says so)."""
+        config = self.config
+        if not (config.deleted_column and config.pk_column) or (
+            config.pk_column == config.key_column
+        ):
+            return False
+        leading = set()
+        if config.query is None:
+            keyed = [*self.table.indexes, *self.table.constraints]
+            leading = {next(iter(k.columns)).name for k in keyed if len(k.columns)}
+        if config.key_column in leading:
+            return True
+        log.warning(
+            "%s: no index of %s begins with %s: a soft delete whose key another row holds "
+            "live is sent as a delete (docs/adapters.md, \"One row per key\"); index the "
+            "column", config.name, config.table, config.key_column,
+        )  # fmt: skip
+        return False
 
     def _snapshot_capture(self) -> bool:
         """Snapshot capture on a PostgreSQL table (`auto`, `snapshot`); else the lookback."""
@@ -573,9 +596,7 @@ class SqlPollingAdapter:
         written after its key's new row won too. Such a delete is not sent: the record
         lives on in the other row, whose own changes and delete are sent as they come."""
         config = self.config
-        if not (config.deleted_column and config.pk_column) or (
-            config.pk_column == config.key_column
-        ):
+        if not self._check_held_live:
             return set()
         keys = set()
         for row in page:

@@ -768,8 +768,12 @@ def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
     """A soft delete and the new row of its key (one person's record re-created), written
     in one transaction at one time: both went out with one version, and the reconciler
     kept the delete, whichever row came first. The delete is not sent while another row
-    holds the key live; once none does, it is."""
+    holds the key live; once none does, it is. (The key column needs an index: without
+    one each page with a delete would scan the table, and a warning says the check is
+    off.)"""
     key = pid(1)
+    with source.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_cong_dan_so_dinh_danh ON cong_dan (so_dinh_danh)")
     source.insert(1, "Lê Văn An", T0)
     adapter = open_adapter(adapters, source)
     state = CursorState()
@@ -786,6 +790,15 @@ def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
     gone = flat(poll(adapter, state))  # (the first row's delete too, now nothing holds it)
     assert {(c.key, c.event["op"]) for c in gone} == {(key, "delete")}
     assert gone[-1].pk == new_pk and gone[-1].version > sent[0].version
+
+
+def test_without_an_index_on_the_key_the_held_live_check_is_off_and_says_so(
+    source: Source, adapters: list[SqlPollingAdapter], caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = open_adapter(adapters, source)
+    assert not adapter._check_held_live
+    assert "no index of cong_dan begins with so_dinh_danh" in caplog.text
+    assert adapter._keys_held_live([]) == set()
 
 
 def test_check_counts_the_keys_several_rows_hold(tmp_path: Path) -> None:
