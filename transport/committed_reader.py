@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -89,6 +90,37 @@ class CommittedOffsetReader:
         except KafkaError as error:
             raise clients.translate(error, "describe the topics") from None
         return clients.described_topic_ids(described)
+
+    def compaction_lags(self) -> dict[str, int]:
+        """The topics whose `cleanup.policy` compacts them, and each one's
+        `min.compaction.lag.ms` (how long a message is kept from the cleaner). A principal
+        that may not describe the topics' configs gets no answer: none is named."""
+        wanted = [
+            ConfigResource(
+                ConfigResourceType.TOPIC,
+                topic,
+                {"cleanup.policy": None, "min.compaction.lag.ms": None},
+            )
+            for topic in self.topics
+        ]
+        if not wanted:
+            return {}
+        try:
+            if self._admin is None:
+                self._admin = clients.admin(self._connection, f"{self._client_id}-ids")
+            # "all": a topic left at the cluster's defaults reports no value otherwise
+            answer = self._admin.describe_configs(wanted, config_filter="all")
+        except KafkaError as error:
+            if "Authorization" in type(error).__name__:
+                return {}
+            raise clients.translate(error, "describe the topics' configs") from None
+        lags: dict[str, int] = {}
+        for topic, configs in (answer.get("topic") or {}).items():
+            policy = str((configs.get("cleanup.policy") or {}).get("value") or "")
+            if "compact" in policy.split(","):
+                lag = (configs.get("min.compaction.lag.ms") or {}).get("value")
+                lags[str(topic)] = int(lag or 0)
+        return lags
 
     def start(self, saved: dict[TP, int]) -> dict[TP, int]:
         """Assign every partition of the topics (those that exist yet) and seek each to the

@@ -41,6 +41,9 @@ from transport.reader import TP, Message
 
 log = logging.getLogger(__name__)
 
+# How long a compacted province topic must keep each message from the log cleaner: the
+# longest pause of a source the adapter is built for (`_refuse_compaction`).
+MIN_COMPACTION_LAG_MS = 7 * 86_400_000
 # What Debezium writes for a value the database did not send (unavailable.value.placeholder).
 UNAVAILABLE = "__debezium_unavailable_value"
 
@@ -143,6 +146,7 @@ class DebeziumAdapter(Adapter):
                 'from its beginning (docs/adapters.md, "A topic behind the state") and restart'
             )
         self._topic_ids = saved_ids | ids
+        self._refuse_compaction(reader)
         positions = reader.start(saved)
         for (topic, partition), count in sorted(reader.expired.items()):
             # Lost before this source read them: loud, counted (an alert pages), and the
@@ -268,6 +272,23 @@ class DebeziumAdapter(Adapter):
                 Reason.UNMAPPABLE_RECORD, problem_text, origin, self.entity, key, message.value
             ), None
         return Record(key, version, occurred_at, data, origin, op=op), event.before
+
+    def _refuse_compaction(self, reader: CommittedOffsetReader) -> None:
+        """Stop the source (`FatalError`) on a compacted topic whose cleaner may take a
+        message within `MIN_COMPACTION_LAG_MS`: it drops a delete's event once the
+        tombstone after it supersedes it, and a source paused that long reads the tombstone
+        only (nothing to send): the record stays live nationally, and nothing counts it
+        (compaction moves no beginning offset)."""
+        short = sorted(
+            t for t, lag in reader.compaction_lags().items() if lag < MIN_COMPACTION_LAG_MS
+        )
+        if short:
+            raise FatalError(
+                f"topics compacted sooner than {MIN_COMPACTION_LAG_MS // 86_400_000} days: "
+                f"{', '.join(short)}: the log cleaner drops deletes a paused source has not "
+                "read. Give them cleanup.policy=delete, or a min.compaction.lag.ms of at "
+                f"least {MIN_COMPACTION_LAG_MS} (docs/adapters.md, debezium), and restart"
+            )
 
     def _ts_version(self, tp: TP, derived: int) -> int:
         """A `ts_ms` version that rises along its partition: `derived`

@@ -380,6 +380,9 @@ class Recreated:
     def topic_ids(self) -> dict[str, str]:
         return {}  # a cluster that gives no ids: the offsets are all there is to compare
 
+    def compaction_lags(self) -> dict[str, int]:
+        return {}  # no compacted topic
+
     def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         return {("p79.public.cong_dan", 0): max(saved.values())}
 
@@ -409,6 +412,9 @@ class IdsChanged:
 
     def topic_ids(self) -> dict[str, str]:
         return {"p79.public.cong_dan": "new-1", "p79.public.ho_so": "new-2"}
+
+    def compaction_lags(self) -> dict[str, int]:
+        return {}  # no compacted topic
 
     def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         return {("p79.public.cong_dan", 0): saved.get(("p79.public.cong_dan", 0), 0)}

@@ -522,3 +522,35 @@ def test_messages_that_expired_unread_are_warned_of_and_counted(
     out = " ".join(produce_once(settings, config).split())
     assert f"{topic}[0]: 2 messages expired unread" in out, out
     assert "p79-gone: published 2, dead-lettered 0" in out, out
+
+
+@pytest.mark.parametrize(
+    ("configs", "refused"),
+    [
+        ({"cleanup.policy": "compact"}, True),
+        ({"cleanup.policy": "compact,delete", "min.compaction.lag.ms": "3600000"}, True),
+        ({"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 86_400_000)}, False),
+        ({"cleanup.policy": "delete"}, False),
+    ],
+)
+def test_a_topic_compacted_sooner_than_a_week_stops_the_source(
+    kafka_bootstrap: str, tmp_path: Path, configs: dict[str, str], refused: bool
+) -> None:
+    """The log cleaner drops a delete's event once its tombstone supersedes it: a source
+    paused past the cleaner read the tombstone only (nothing to send), the record stayed
+    live nationally, and nothing counted it. Such a topic now stops the source."""
+    from producers.sdk import FatalError
+
+    topic = f"dbzcmp{uuid.uuid4().hex[:6]}"
+    connection = KafkaConnection(bootstrap=kafka_bootstrap)
+    with admin.cluster(connection) as cluster:
+        cluster.admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
+    adapter = _one_topic_adapter(tmp_path, kafka_bootstrap, f"cmp-{topic}", topic)
+    try:
+        if refused:
+            with pytest.raises(FatalError, match=f"compacted sooner than 7 days: {topic}"):
+                list(adapter.read({}))
+        else:
+            assert not [i for i in adapter.read({}) if isinstance(i, Record)]
+    finally:
+        adapter.close()
