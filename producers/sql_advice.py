@@ -80,9 +80,9 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
         if shared:
             notes.append(
                 f"{shared} {config.key_column} values are held by more than one row: versions "
-                f"rise per {config.pk_column}, so two live rows of one key overwrite each "
-                'other\'s values (docs/adapters.md, "One row per key"); map a query that '
-                "keeps one row per key"
+                f"rise per {config.pk_column}, so two rows of one key live at once overwrite "
+                "each other's values (a soft-deleted one beside a live one is handled: its "
+                'delete is not sent) (docs/adapters.md, "One row per key")'
             )
     if poller.postgresql:
         notes += _long_transactions(poller)

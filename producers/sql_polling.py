@@ -36,9 +36,10 @@ import heapq
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -356,6 +357,9 @@ class SourceChange:
     xid: int | None = None  # PostgreSQL: the transaction that wrote the row version
     raised: Raised | None = None  # version set to last sent + 1
     backwards: bool = False  # updated_at is earlier than the row's previous one
+    # A delete not sent: another row holds the key live (`_hold_live_keys`). Remembered as
+    # a sent change is, so the cursor moves past it and it is not read again.
+    held: bool = False
 
     @property
     def event(self) -> dict[str, Any]:
@@ -371,7 +375,8 @@ class SqlPollingAdapter:
         self.zone = ZoneInfo(config.timezone)
         self._plan = field_plan(config)
         self._unplaced: int | None = None  # rows without a cursor time, counted once
-        self._horizon: tuple[str | None, str] = (None, "")  # the cursor, its window's start
+        # (the cursor, the clock's second, its window's start): the start depends on both
+        self._horizon: tuple[str | None, int, str] = (None, 0, "")
         # A source row's values are personal data: never in errors or SQL logging.
         self.engine = source_engine(config.url)
         self.table = self._from_clause()
@@ -382,8 +387,8 @@ class SqlPollingAdapter:
         self.postgresql = self.engine.dialect.name == "postgresql"
         self.snapshot = self._snapshot_capture()
         self.held_ahead = 0  # rows `RowAhead` held in the current lookback poll
-        # Keys of the page being read that a live row holds (`_keys_held_live`).
-        self._held_live: set[Any] = set()
+        # The key values as read of the page's deletes (`_hold_live_keys`), by their text.
+        self._deleted_keys: dict[str, Any] = {}
         self._check_held_live = self._held_live_checkable()
 
     def _from_clause(self) -> Any:
@@ -572,8 +577,9 @@ class SqlPollingAdapter:
             rows, held, read_one = [*held, *rows], [], True
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
-                self._held_live = self._keys_held_live(page)
+                self._deleted_keys = {}
                 changes = [change for row in page if (change := self._read(row, state))]
+                changes = self._hold_live_keys(changes)
                 if changes:
                     yield changes
             if len(rows) < fetch and not cut:
@@ -585,51 +591,54 @@ class SqlPollingAdapter:
                     "column's type it cannot read (text in a DATE column?) or a query the "
                     "server cannot compute; fix it, then restart"
                 )
+            self._deleted_keys = {}
             changes = [change for row in held if (change := self._read(row, state))]
+            changes = self._hold_live_keys(changes)
             if changes:
                 yield changes
 
-    def _keys_held_live(self, page: list[Any]) -> set[Any]:
-        """The keys of the page's soft-deleted rows that a live row holds (with `pk_column`:
-        one key, several rows). Versions rise per row: a soft delete and the new row of its
-        key, written at one time, went out with one version, and the delete won; a delete
-        written after its key's new row won too. Such a delete is not sent: the record
-        lives on in the other row, whose own changes and delete are sent as they come."""
-        config = self.config
+    def _hold_live_keys(
+        self, changes: list[SourceChange | RejectedRow]
+    ) -> list[SourceChange | RejectedRow]:
+        """The page's changes, its deletes whose key a live row holds marked `held` (with
+        `pk_column`: one key, several rows). Versions rise per row: a soft delete and the
+        new row of its key, written at one time, went out with one version, and the delete
+        won; a delete written after its key's new row won too. Such a delete is not sent:
+        the record lives on in the other row, whose own changes and delete are sent as they
+        come. Only the deletes about to be sent are looked up, in one query per page."""
         if not self._check_held_live:
-            return set()
-        keys = set()
-        for row in page:
-            if isinstance(row, _Undecodable):
-                continue
-            values = row._mapping
-            try:
-                if values[config.key_column] is not None and soft_deleted(
-                    values[config.deleted_column]
-                ):
-                    keys.add(values[config.key_column])
-            except ValueError:  # rejected as it is read
-                continue
-        if not keys:
-            return set()
+            return changes
+        deletes = {
+            c.key: self._deleted_keys[c.key]
+            for c in changes
+            if isinstance(c, SourceChange) and c.data is None and c.key in self._deleted_keys
+        }
+        if not deletes:
+            return changes
+        config = self.config
         key = self.table.c[config.key_column]
         flag = self.table.c[config.deleted_column]
-        live: set[Any] = set()
+        live: set[str] = set()
+        wanted = list(deletes.values())
         with self.engine.connect() as conn:
-            ordered = sorted(keys, key=str)
-            for start in range(0, len(ordered), KEYS_PER_QUERY):
-                chosen = ordered[start : start + KEYS_PER_QUERY]
-                query = select(key, flag).select_from(self.table).where(key.in_(chosen))
+            for start in range(0, len(wanted), KEYS_PER_QUERY):
+                query = select(key, flag).where(key.in_(wanted[start : start + KEYS_PER_QUERY]))
                 for found, deleted in conn.execute(query):
                     with contextlib.suppress(ValueError):  # a flag nobody can read: not live
                         if not soft_deleted(deleted):
-                            live.add(found)
-        if live:
-            log.info(
-                "%s: the deletes of %d keys' soft-deleted rows not sent: another row holds "
-                "each %s live", config.name, len(live), config.key_column,
-            )  # fmt: skip
-        return live
+                            live.add(str(found))
+        if not live:
+            return changes
+        log.info(
+            "%s: %d deletes not sent: another row holds each one's %s live",
+            config.name, len(live), config.key_column,
+        )  # fmt: skip
+        return [
+            replace(c, held=True)
+            if isinstance(c, SourceChange) and c.data is None and c.key in live
+            else c
+            for c in changes
+        ]
 
     def _readable_besides(self, held: list[Any], state: CursorState) -> bool:
         """Whether a row other than `held` reads: then they are bad rows, not a column's
@@ -911,8 +920,8 @@ class SqlPollingAdapter:
             deleted = bool(config.deleted_column) and soft_deleted(values[config.deleted_column])
         except ValueError as error:
             raise RowRejected(str(error)) from None
-        if deleted and values[config.key_column] in self._held_live:
-            return None  # another row holds the key live: its own changes speak for it
+        if deleted:  # looked up with the page's others (`_hold_live_keys`)
+            self._deleted_keys[str(values[config.key_column])] = values[config.key_column]
         data = None if deleted else self._data(values)
         marker = derived if config.version_column else _fingerprint(data)
         pk = values[self.pk.name]
@@ -977,11 +986,12 @@ class SqlPollingAdapter:
         that the state does not remember may have been sent before and forgotten."""
         if state.updated_at is None:
             return False
-        if self._horizon[0] != state.updated_at:
+        second = int(time.time())  # a cursor ahead of the clock: the start moves with it
+        if self._horizon[:2] != (state.updated_at, second):
             start = self._window_start(state)
             assert start is not None
-            self._horizon = (state.updated_at, _iso(start))
-        return stamp < self._horizon[1]
+            self._horizon = (state.updated_at, second, _iso(start))
+        return stamp < self._horizon[2]
 
     @staticmethod
     def reservation(changes: list[SourceChange]) -> dict[str, Any]:

@@ -640,16 +640,25 @@ class FileDropAdapter(DirectoryAdapter):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:  # the last such column's cell would be read for all of them
             raise UnreadableFile("not_csv", f"the header names a column twice: {_named(twice)}")
-        missing = [column for column in self._columns() if column not in names]
+        missing = [column for column in self._required() if column not in names]
         if missing:  # every row would carry null for it, erasing the value others gave
             raise UnreadableFile("not_csv", f"the header lacks mapped columns: {_named(missing)}")
+        deleted = self.options.deleted_field
+        if deleted is not None and deleted not in names:  # an export of upserts only
+            log.warning("%s: no column %s in this file: its rows are live", self.source,
+                        deleted[:64])  # fmt: skip
         return self._csv_rows(reader, len(names))
 
-    def _columns(self) -> list[str]:
-        """The columns the mapping reads, in its order."""
+    def _required(self) -> list[str]:
+        """The columns a CSV header must name: the key, the time and the version; with
+        `empty_cells = "null"` every mapped field's too (missing, each row would assert
+        null). Under "absent" a column missing is a field not provided, as an empty cell
+        is; a missing `deleted_field`, rows that are live."""
         opts = self.options
-        named = [opts.key_field, opts.occurred_at_field, opts.version_field, opts.deleted_field]
-        columns = [c for c in named if c is not None] + list(opts.fields.values())
+        named = [opts.key_field, opts.occurred_at_field, opts.version_field]
+        columns = [c for c in named if c is not None]
+        if opts.empty_cells == "null":
+            columns += opts.fields.values()
         return list(dict.fromkeys(columns))
 
     @staticmethod
@@ -664,6 +673,8 @@ class FileDropAdapter(DirectoryAdapter):
                 yield line, SkippableRecord(Reason.UNMAPPABLE_RECORD, "line is not valid CSV", "")
                 continue
             extra = row.pop(_EXTRA, None)
+            if extra is not None and not any(extra):
+                extra = None  # empty cells after the last column (a trailing delimiter)
             cells = [k for k, v in row.items() if v is not _MISSING]
             if extra is not None or len(cells) < width:
                 count = len(cells) + len(extra or ())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -169,7 +169,10 @@ class OutboxAdapter(Adapter):
         """What a published row's clean-up checks the row still is: a digest of its time
         and operation as read (never its key or payload, which are personal data)."""
         opts = self.options
-        text = f"{values[opts.occurred_at_column]}\x1f{values[opts.op_column]}"
+        moment = values[opts.occurred_at_column]
+        if isinstance(moment, datetime) and moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)  # the instant: a session's zone may change
+        text = f"{moment}\x1f{values[opts.op_column]}"
         return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
     def _check_pending(self, table: Table, pending: list[int], marks: dict[int, str]) -> None:

@@ -70,10 +70,12 @@ class SqlAdapter(Adapter):
         cursor = CursorState.from_dict(state)
         cursor.snapshot()  # what changes from here on is tracked
         for page in self.poller.pages(cursor):
-            changes = [change for change in page if isinstance(change, SourceChange)]
+            # a `held` delete is remembered, never sent (another row holds its key live)
+            sent = [c for c in page if not (isinstance(c, SourceChange) and c.held)]
+            changes = [change for change in sent if isinstance(change, SourceChange)]
             if changes:  # their versions on disk before they are sent
                 yield Reservation(self.poller.reservation(changes))
-            yield from (self._record(change) for change in page)
+            yield from (self._record(change) for change in sent)
             self.poller.remember(cursor, page)
             # the state computed only if this checkpoint is saved (a copy of every row of
             # the lookback window per page was a twentieth of publishing)

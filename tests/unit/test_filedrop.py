@@ -487,6 +487,7 @@ def test_a_csv_row_of_more_or_fewer_cells_than_the_header_is_a_bad_line(tmp_path
     text += f"001190000002,Lê, Văn Cường,0903000000,{at}\n"  # 5 cells
     text += f'001190000003,"Trần"Bình,0903000001,{at}\n'  # a quote, then text
     text += f"001190000004,Phạm Thu Hà,0903000002,{at}\n"
+    text += f"001190000005,Võ Văn Em,0903000003,{at},,\n"  # a trailing delimiter: read
     records = list(adapter.parse(tmp_path / "export.csv", text.encode()))
     bad = [(r.origin, r.message) for r in records if isinstance(r, SkippableRecord)]
     assert bad == [
@@ -496,7 +497,8 @@ def test_a_csv_row_of_more_or_fewer_cells_than_the_header_is_a_bad_line(tmp_path
     ]
     good = [r for r in records if isinstance(r, Record)]
     assert [(r.key, r.data) for r in good] == [
-        ("001190000004", {"full_name": "Phạm Thu Hà", "phone": "0903000002"})
+        ("001190000004", {"full_name": "Phạm Thu Hà", "phone": "0903000002"}),
+        ("001190000005", {"full_name": "Võ Văn Em", "phone": "0903000003"}),
     ]
 
 
@@ -540,3 +542,21 @@ def test_a_daily_export_of_one_name_never_replaces_the_one_before_in_done_or_err
     assert (done / "export.csv.rejected.jsonl").exists()
     assert (done / "export.2.csv").read_bytes() == days[3]
     assert not (done / "export.2.csv.rejected.jsonl").exists()
+
+
+def test_under_absent_a_mapped_column_the_header_lacks_is_not_provided(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One mapping for several provinces' exports, one without an email column: with
+    `empty_cells = "absent"` the field is not provided (as an empty cell is), not a
+    refused file; a missing `deleted_field` column leaves the rows live, and says so."""
+    config = CONFIG | {
+        "empty_cells": "absent",
+        "fields": {"full_name": "name", "email": "email"},
+        "deleted_field": "da_xoa",
+    }
+    adapter = FileDropAdapter.from_settings("province-79", config, tmp_path)
+    text = "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00\n"
+    (record,) = adapter.parse(tmp_path / "export.csv", text.encode())
+    assert isinstance(record, Record) and record.data == {"full_name": "Nguyễn Văn An"}
+    assert "no column da_xoa in this file: its rows are live" in caplog.text

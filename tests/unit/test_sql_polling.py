@@ -784,12 +784,16 @@ def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
         conn.execute(insert(cong_dan).values(
             id=new_pk, so_dinh_danh=key, ho_ten="Lê Văn Ân", updated_at=at, da_xoa=False
         ))  # fmt: skip
-    sent = flat(poll(adapter, state))
+    read = flat(poll(adapter, state))
+    sent = [c for c in read if not c.held]
     assert [(c.key, c.event["op"], c.pk) for c in sent] == [(key, "upsert", new_pk)]
+    assert [(c.pk, c.held) for c in read if c.pk == 1] == [(1, True)]  # remembered, not sent
+    assert state.updated_at is not None and state.updated_at >= at.isoformat()
+    assert flat(poll(adapter, state)) == []  # read again: nothing, no lookup
     source.update(new_pk, T0 + timedelta(seconds=9), da_xoa=True)  # the last live row goes
-    gone = flat(poll(adapter, state))  # (the first row's delete too, now nothing holds it)
-    assert {(c.key, c.event["op"]) for c in gone} == {(key, "delete")}
-    assert gone[-1].pk == new_pk and gone[-1].version > sent[0].version
+    gone = flat(poll(adapter, state))
+    assert [(c.key, c.event["op"], c.pk, c.held) for c in gone] == [(key, "delete", new_pk, False)]
+    assert gone[0].version > sent[0].version
 
 
 def test_without_an_index_on_the_key_the_held_live_check_is_off_and_says_so(
@@ -798,7 +802,7 @@ def test_without_an_index_on_the_key_the_held_live_check_is_off_and_says_so(
     adapter = open_adapter(adapters, source)
     assert not adapter._check_held_live
     assert "no index of cong_dan begins with so_dinh_danh" in caplog.text
-    assert adapter._keys_held_live([]) == set()
+    assert adapter._hold_live_keys([]) == []
 
 
 def test_check_counts_the_keys_several_rows_hold(tmp_path: Path) -> None:
