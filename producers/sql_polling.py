@@ -318,7 +318,7 @@ class RowAhead(RowRejected):
 # How far a row's time may run ahead of the producer's clock: the worker's default allowed
 # skew (PORTAL_SYNC_MAX_CLOCK_SKEW_SECONDS), beyond which it refuses the event anyway.
 AHEAD_TOLERANCE = timedelta(seconds=300)
-# Keys looked up in one query (`_keys_held_live`): within every database's limit of a list.
+# Keys looked up in one query (`_hold_live_keys`): within every database's limit of a list.
 KEYS_PER_QUERY = 500
 
 
@@ -437,7 +437,7 @@ class SqlPollingAdapter:
             )
 
     def _held_live_checkable(self) -> bool:
-        """Whether a soft delete's key is looked up in the other rows (`_keys_held_live`):
+        """Whether a soft delete's key is looked up in the other rows (`_hold_live_keys`):
         with `pk_column` and a `deleted_column`, on a table whose key column leads an
         index (else each page with a delete would scan the table; a warning says so)."""
         config = self.config
