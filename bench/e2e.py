@@ -554,37 +554,30 @@ def _worker_pid(process: subprocess.Popen[bytes]) -> int:
     return int(children[0]) if children and "py-spy" in " ".join(process.args) else process.pid  # type: ignore[arg-type]
 
 
-def peak_rss_mb(pid: int) -> float | None:
+def _proc_mb(path: str, field: str) -> float | None:
+    """A `field` of a /proc file of kB figures, in MB (None: the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    return _proc_mb(f"/proc/{pid}/status", "VmHWM:")
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident set size now (`peak_rss_mb`: its highest so far)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return 0.0
-    return 0.0
+    return _proc_mb(f"/proc/{pid}/status", "VmRSS:") or 0.0
 
 
 def pss_mb(pid: int) -> float:
     """A process's proportional set size now: its private pages and its share of the pages
     it shares (the same libraries in the worker and its validator child count once)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return 0.0
-    return 0.0
+    return _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss:") or 0.0
 
 
 def cpu_seconds(pid: int, children: bool = False) -> float:

@@ -791,8 +791,9 @@ def _named(columns: list[str]) -> str:
 def _quotes_closed(content: bytes, delimiter: str) -> None:
     """`UnreadableFile` when the file ends inside a quoted field: a stray quote took every
     line after it for one value, and the reader returned them as one row, the rest of the
-    file lost without a word. Read once, strictly, before any record is handed out."""
-    reader = csv.reader(text_of(content), delimiter=delimiter, strict=True)
+    file lost without a word. Read once, strictly, before any record is handed out (the
+    bytes already found UTF-8 by `text_of`)."""
+    reader = csv.reader(_stream(content), delimiter=delimiter, strict=True)
     while True:
         try:
             next(reader)

@@ -805,40 +805,25 @@ def test_without_an_index_on_the_key_the_held_live_check_is_off_and_says_so(
     assert adapter._hold_live_keys([]) == []
 
 
-def test_check_counts_the_keys_several_rows_hold(tmp_path: Path) -> None:
-    """Versions rise per row: a soft delete and the new row of the same key, written at one
-    time, go out with one version and the delete wins. `adapters check` counts the keys
-    that more than one row holds (never naming them)."""
+def test_check_counts_the_keys_several_rows_hold(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """Versions rise per row: two rows of one key live at once overwrite each other's
+    values. `adapters check` counts the keys that more than one row holds (never naming
+    them)."""
     from producers.sql_advice import check_warnings
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'shared.db'}")
-    table = Table(
-        "cong_dan", MetaData(), Column("id", Integer, primary_key=True),
-        Column("so_dinh_danh", String(12)), Column("ho_ten", String(100)),
-        Column("updated_at", DateTime), Column("da_xoa", Boolean),
-    )  # fmt: skip
-    table.metadata.create_all(engine)
     rows = [(1, pid(1), True), (2, pid(1), False), (3, pid(2), False)]
-    with engine.begin() as conn:
-        conn.execute(insert(table), [
+    with source.engine.begin() as conn:
+        conn.execute(insert(cong_dan), [
             {"id": n, "so_dinh_danh": key, "ho_ten": "Lê Văn Cường", "updated_at": T0,
              "da_xoa": deleted} for n, key, deleted in rows
         ])  # fmt: skip
-    adapter = SqlPollingAdapter(Source.config_of(f"sqlite:///{tmp_path / 'shared.db'}"))
-    try:
-        notes = [n for n in check_warnings(adapter) if "more than one row" in n]
-        assert len(notes) == 1 and notes[0].startswith("1 so_dinh_danh values are held")
-        assert pid(1) not in notes[0]
-    finally:
-        adapter.close()
-    with engine.begin() as conn:
-        conn.execute(table.delete().where(table.c.id == 1))
-    adapter = SqlPollingAdapter(Source.config_of(f"sqlite:///{tmp_path / 'shared.db'}"))
-    try:
-        assert not [n for n in check_warnings(adapter) if "more than one row" in n]
-    finally:
-        adapter.close()
-        engine.dispose()
+    notes = [n for n in check_warnings(open_adapter(adapters, source)) if "more than one" in n]
+    assert len(notes) == 1 and notes[0].startswith("1 so_dinh_danh values are held")
+    assert pid(1) not in notes[0]
+    source.hard_delete(1)
+    assert not [n for n in check_warnings(open_adapter(adapters, source)) if "more than one" in n]
 
 
 # -- rows whose values cannot make an event -----------------------------------------------

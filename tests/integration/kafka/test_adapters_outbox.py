@@ -428,6 +428,19 @@ def _drive(adapter: Any, state: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return state, read
 
 
+def _outbox_of(tmp_path: Path, after: str, rows: int) -> tuple[str, Any, Any]:
+    """A SQLite outbox holding `rows` citizen upserts (ids 1 to `rows`), its engine, and the
+    adapter of CONFIG reading it."""
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [change("citizen", f"00109000000{n}", "upsert", n,
+                                             {"full_name": "A"}) for n in range(rows)])  # fmt: skip
+    deploy = deployment(tmp_path, CONFIG.format(url=url, after=after))
+    return url, engine, deploy.adapter(deploy.sources[0])
+
+
 @pytest.mark.parametrize("after", ["delete", "mark"])
 def test_a_state_of_an_older_release_is_not_taken_for_reused_ids(
     tmp_path: Path, after: str
@@ -435,14 +448,7 @@ def test_a_state_of_an_older_release_is_not_taken_for_reused_ids(
     """A state saved before `pending` existed names seen rows whose clean-up may have
     failed: still in the table, they are no reused ids (the check stopped the source at
     the second poll after the upgrade)."""
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    metadata.create_all(create_engine(url))
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(insert(outbox), [change("citizen", f"00109000000{n}", "upsert", n,
-                                             {"full_name": "A"}) for n in range(3)])  # fmt: skip
-    deploy = deployment(tmp_path, CONFIG.format(url=url, after=after))
-    adapter = deploy.adapter(deploy.sources[0])
+    _, engine, adapter = _outbox_of(tmp_path, after, 3)
     state: dict[str, Any] = {"last_id": 3, "seen": [1, 2, 3]}  # their clean-up failed
     for _ in range(3):
         state, read = _drive(adapter, state)
@@ -492,14 +498,7 @@ def test_a_pending_clean_up_never_touches_rows_that_took_its_ids_since(
     source, the new rows left in place."""
     from producers.sdk import Checkpoint, FatalError
 
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    metadata.create_all(create_engine(url))
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(insert(outbox), [change("citizen", f"00109000000{n}", "upsert", n,
-                                             {"full_name": "A"}) for n in range(2)])  # fmt: skip
-    deploy = deployment(tmp_path, CONFIG.format(url=url, after=after))
-    adapter = deploy.adapter(deploy.sources[0])
+    url, engine, adapter = _outbox_of(tmp_path, after, 2)
     saved: dict[str, Any] = {}
     for item in adapter.read({}):
         if isinstance(item, Checkpoint):  # the first page's: saved, then its clean-up

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     insert,
+    text,
     update,
 )
 
@@ -484,6 +485,43 @@ def test_a_uuid_primary_key_keeps_its_place_among_rows_of_one_time(
     assert keys == ["001090000000", "001090000001", "001090000002", "001090000009"]
 
 
+def _nguoi(
+    tmp_path: Path, url: str, capture: str, rows: list[tuple[int, str, str, datetime]]
+) -> tuple[Any, Any]:
+    """A `nguoi` table holding `rows` (id, personal id, name, cap_nhat_luc), and the adapter
+    of UUID_CITIZENS reading it whole pages at a time."""
+    engine = create_engine(url)
+    kind = "DATETIME" if url.startswith("sqlite") else "timestamp"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE nguoi (id integer PRIMARY KEY, so_dinh_danh text NOT NULL,"
+            f" ho_ten text, cap_nhat_luc {kind} NOT NULL)"
+        )
+    _write(engine, rows)
+    body = UUID_CITIZENS.format(url=url, capture=capture).replace("batch_size = 1\n", "")
+    deploy = deployment(tmp_path, body)
+    return engine, deploy.adapter(deploy.sources[0])
+
+
+def _write(engine: Any, rows: list[tuple[int, str, str, datetime]]) -> None:
+    with engine.begin() as conn:
+        for row_id, key, name, at in rows:
+            conn.execute(
+                text("INSERT INTO nguoi VALUES (:i, :k, :n, :t)"),
+                {"i": row_id, "k": key, "n": name, "t": at},
+            )
+
+
+def _touch(engine: Any, row_id: int, at: datetime, name: str | None = None) -> None:
+    """The row's time set to `at` (and its name, when given), as the source writes it."""
+    named = ", ho_ten = :n" if name is not None else ""
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"UPDATE nguoi SET cap_nhat_luc = :t{named} WHERE id = :i"),
+            {"i": row_id, "t": at, "n": name},
+        )
+
+
 def test_a_row_ahead_of_the_clock_within_the_tolerance_keeps_later_changes_in_the_window(
     tmp_path: Path,
 ) -> None:
@@ -491,28 +529,14 @@ def test_a_row_ahead_of_the_clock_within_the_tolerance_keeps_later_changes_in_th
     held) took the lookback cursor with it: the window began 140 s ahead of the clock, and
     a change another writer then stamped at the right time was never read. The window now
     reaches back from this host's clock when the cursor is ahead of it."""
-    url = f"sqlite:///{tmp_path / 'src.db'}"
-    engine = create_engine(url)
     # naive: the source's local time, in its zone (the mapping's default `timezone`)
     now = datetime.now(ZoneInfo("Asia/Ho_Chi_Minh")).replace(microsecond=0, tzinfo=None)
-    insert_row = "INSERT INTO nguoi VALUES (?, ?, ?, ?)"
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE nguoi (id INTEGER PRIMARY KEY, so_dinh_danh TEXT NOT NULL,"
-            " ho_ten TEXT, cap_nhat_luc DATETIME NOT NULL)"
-        )
-        conn.exec_driver_sql(
-            insert_row, (1, "001090000001", "Lê Văn An", now + timedelta(seconds=200))
-        )
-    body = UUID_CITIZENS.format(url=url, capture="lookback").replace("batch_size = 1\n", "")
-    deploy = deployment(tmp_path, body)
-    adapter = deploy.adapter(deploy.sources[0])
+    ahead = [(1, "001090000001", "Lê Văn An", now + timedelta(seconds=200))]
+    engine, adapter = _nguoi(tmp_path, f"sqlite:///{tmp_path / 'src.db'}", "lookback", ahead)
     first = run_adapter(adapter, {})
     assert first.error is None and [e.key for e in first.emitted] == ["001090000001"]
-    with engine.begin() as conn:  # another writer, its clock right
-        conn.exec_driver_sql(
-            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(seconds=5))
-        )
+    # another writer, its clock right
+    _write(engine, [(2, "001090000002", "Trần Thị Bình", now + timedelta(seconds=5))])
     second = run_adapter(adapter, first.state)
     third = run_adapter(adapter, second.state)
     adapter.close()
@@ -529,36 +553,23 @@ def test_a_row_ahead_of_the_clock_is_held_under_snapshot_capture_too(
     at the held row's version plus one (a version a year ahead), and the row's own repair
     could never pass it. It is held as under lookback capture: the later changes keep
     their own times' versions, and the row is sent once its time is right."""
-    engine = create_engine(pg_url)
     now = datetime.now().replace(microsecond=0)  # naive: local time of the source
-    insert_row = "INSERT INTO nguoi VALUES (%s, %s, %s, %s)"
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE nguoi (id integer PRIMARY KEY, so_dinh_danh text NOT NULL,"
-            " ho_ten text, cap_nhat_luc timestamp NOT NULL)"
-        )
-        conn.exec_driver_sql(insert_row, (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)))
-        conn.exec_driver_sql(
-            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(days=365))
-        )
-    body = UUID_CITIZENS.format(url=pg_url, capture="snapshot").replace("batch_size = 1\n", "")
-    deploy = deployment(tmp_path, body)
-    adapter = deploy.adapter(deploy.sources[0])
+    rows = [
+        (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)),
+        (2, "001090000002", "Trần Thị Bình", now + timedelta(days=365)),
+    ]
+    engine, adapter = _nguoi(tmp_path, pg_url, "snapshot", rows)
     first = run_adapter(adapter, {})
     assert first.error is None and first.state
     assert [e.key for e in first.emitted] == ["001090000001"] and first.skipped == 0
-    with engine.begin() as conn:  # changes written afterwards, at the right time
-        conn.exec_driver_sql(
-            "UPDATE nguoi SET ho_ten = 'Lê Văn Ân', cap_nhat_luc = %s WHERE id = 1", (now,)
-        )
-        conn.exec_driver_sql(insert_row, (3, "001090000003", "Phạm Văn Cường", now))
+    _touch(engine, 1, now, "Lê Văn Ân")  # changes written afterwards, at the right time
+    _write(engine, [(3, "001090000003", "Phạm Văn Cường", now)])
     second = run_adapter(adapter, first.state)
     assert second.error is None
     assert sorted(e.key for e in second.emitted) == ["001090000001", "001090000003"]
     ceiling = int((datetime.now(UTC) + timedelta(days=1)).timestamp() * 1_000_000)
     assert all(e.version < ceiling for e in second.emitted)  # their own times' versions
-    with engine.begin() as conn:  # the row's time repaired at the source
-        conn.exec_driver_sql("UPDATE nguoi SET cap_nhat_luc = %s WHERE id = 2", (now,))
+    _touch(engine, 2, now)  # the row's time repaired at the source
     third = run_adapter(adapter, second.state)
     adapter.close()
     engine.dispose()
@@ -574,30 +585,17 @@ def test_a_row_ahead_of_the_clock_does_not_move_the_lookback_cursor_past_later_c
     cursor to its time: every change written after it, at the right time, fell behind the
     window for good. It is now held, neither sent nor dead-lettered: the cursor stays,
     and the row is sent once its time has come."""
-    url = f"sqlite:///{tmp_path / 'src.db'}"
-    engine = create_engine(url)
     now = datetime.now().replace(microsecond=0)  # naive: local time of the source
-    insert_row = "INSERT INTO nguoi VALUES (?, ?, ?, ?)"
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE nguoi (id INTEGER PRIMARY KEY, so_dinh_danh TEXT NOT NULL,"
-            " ho_ten TEXT, cap_nhat_luc DATETIME NOT NULL)"
-        )
-        conn.exec_driver_sql(insert_row, (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)))
-        conn.exec_driver_sql(
-            insert_row, (2, "001090000002", "Trần Thị Bình", now + timedelta(days=1))
-        )
-    body = UUID_CITIZENS.format(url=url, capture="lookback").replace("batch_size = 1\n", "")
-    deploy = deployment(tmp_path, body)
-    adapter = deploy.adapter(deploy.sources[0])
+    rows = [
+        (1, "001090000001", "Lê Văn An", now - timedelta(hours=1)),
+        (2, "001090000002", "Trần Thị Bình", now + timedelta(days=1)),
+    ]
+    engine, adapter = _nguoi(tmp_path, f"sqlite:///{tmp_path / 'src.db'}", "lookback", rows)
     first = run_adapter(adapter, {})
     assert first.error is None and first.state
     assert [e.key for e in first.emitted] == ["001090000001"] and first.skipped == 0
-    with engine.begin() as conn:  # changes written afterwards, at the right time
-        conn.exec_driver_sql(
-            "UPDATE nguoi SET ho_ten = 'Lê Văn Ân', cap_nhat_luc = ? WHERE id = 1", (now,)
-        )
-        conn.exec_driver_sql(insert_row, (3, "001090000003", "Phạm Văn Cường", now))
+    _touch(engine, 1, now, "Lê Văn Ân")  # changes written afterwards, at the right time
+    _write(engine, [(3, "001090000003", "Phạm Văn Cường", now)])
     second = run_adapter(adapter, first.state)
     assert second.error is None
     assert sorted(e.key for e in second.emitted) == ["001090000001", "001090000003"]
