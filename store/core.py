@@ -86,6 +86,7 @@ from store.tables import (
     store_meta,
     topic_ids,
 )
+from store.times import aware_utc
 
 if TYPE_CHECKING:
     from store.purge import SourcePurge
@@ -754,7 +755,7 @@ class Store:
             # a `source purge` removed since the read gets none.
             typed = [bindparam(n, type_=UTCDateTime()) for n in ("change", "applied")]
             fills = [
-                {"source": source, "change": _aware(change), "applied": _aware(applied)}
+                {"source": source, "change": aware_utc(change), "applied": aware_utc(applied)}
                 for source, change, applied in newest
             ]
             if fills:
@@ -781,7 +782,7 @@ class Store:
                 break
             with translated(), self.write_transaction() as conn:
                 _insert_missing(conn, record_deletions, [
-                    {"entity": e, "key": k, "deleted_at": _aware(at)} for e, k, at in rows
+                    {"entity": e, "key": k, "deleted_at": aware_utc(at)} for e, k, at in rows
                 ], ["entity", "key"])  # fmt: skip
             after = (rows[-1][0], rows[-1][1])
         with translated(), self.write_transaction() as conn:
@@ -844,7 +845,7 @@ class Store:
         with translated(), self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [
-            Freshness(source, _aware(change), _aware(applied))
+            Freshness(source, aware_utc(change), aware_utc(applied))
             for source, change, applied in rows
             if change is not None and applied is not None
         ]
@@ -1341,13 +1342,6 @@ class BatchTransaction:
                     f"{topic}[{partition}]: batch starts at offset {first}, the store's next "
                     f"offset is {stored}"
                 )
-
-
-def _aware(value: object) -> datetime:
-    """A timestamp from an aggregate (SQLite hands back text, other drivers datetimes)."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(moment, datetime)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _upsert(

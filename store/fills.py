@@ -7,7 +7,9 @@ every view: never on a batch's path."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+
+from store.times import utc_text
 
 # `store_meta`: when the fills run again (ISO 8601, UTC); removed once they have.
 CATCH_UP_AFTER = "catch_up_after"
@@ -53,12 +55,6 @@ FILL_DELETIONS = (
     " HAVING sum(CASE WHEN deleted THEN 0 ELSE 1 END) = 0"
     " ON CONFLICT (entity, key) DO NOTHING"
 )
-
-
-def utc_text(now: datetime) -> str:
-    """A time as the store's `UTCDateTime` columns hold it, naive UTC, for a statement's
-    text: `CURRENT_TIMESTAMP` is the server's local time in a PostgreSQL `timestamp`."""
-    return now.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def catch_up_row(now: datetime) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine.interfaces import Dialect
 
+from store.times import aware_utc, naive_utc
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware datetimes stored as naive UTC on every backend, read back as aware UTC."""
@@ -30,10 +32,10 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return naive_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
+        return None if value is None else aware_utc(value)
 
 
 def _json() -> Any:

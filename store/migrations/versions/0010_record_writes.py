@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from alembic import op
 
-from store.fills import utc_text
+from store.times import utc_text
 
 revision = "0010"
 down_revision = "0009"
