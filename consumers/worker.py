@@ -59,6 +59,7 @@ from observability.http import Liveness, serve
 from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
 from schemas.errors import (
+    Backoff,
     PortalSyncError,
     RecordError,
     Refused,
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 # How long the loop beats while a batch is checked: a hung validator child's timeout, and
 # the batch's check in the worker after it, with room to spare.
 CHECK_BEATS_SECONDS = CHILD_TIMEOUT_SECONDS + 60
+# A failed batch's or store read's first wait before it is tried again, and its longest.
+FIRST_RETRY_SECONDS = 0.5
 MAX_RETRY_SECONDS = 30.0
 # A batch waits this long for a lock another session holds on the store (an operator's
 # command or transaction, a schema upgrade) before it retries: a SIGTERM is seen between
@@ -257,7 +260,7 @@ class BatchProcessor:
 
     def _retrying(self, action: Callable[[], None]) -> None:
         """Run `action` until it passes; transient failures wait with backoff."""
-        delay = 0.5
+        backoff = Backoff(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
         while True:
             if self.stopping.is_set():
                 raise Stopping()
@@ -269,10 +272,10 @@ class BatchProcessor:
                 if self.stopping.is_set():  # a wait that a stop ended (a flush) is no failure
                     raise Stopping() from None
                 self.health.retrying(type(error).__name__)
+                delay = backoff.next()
                 log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
                 if self.stopping.wait(delay):
                     raise Stopping() from None
-                delay = min(delay * 2, MAX_RETRY_SECONDS)
 
     def _isolate(
         self,
@@ -705,7 +708,7 @@ class ReconcilerLoop:
     ) -> dict[TopicPartition, int] | None:
         """The store's offsets of these partitions, their topics checked; a store that is
         away is waited for (with backoff), never guessed. None: asked to stop meanwhile."""
-        delay = 0.5
+        backoff = Backoff(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
         retried = False  # this wait's own: a batch retrying meanwhile keeps its state
         while True:
             try:
@@ -722,11 +725,10 @@ class ReconcilerLoop:
                 retried = True
                 log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                 with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
-                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                    await asyncio.wait_for(self.stop_event.wait(), backoff.next())
                 if self.stop_event.is_set():
                     return None
                 self.liveness.beat()  # waiting for the store, as a batch does: not stuck
-                delay = min(delay * 2, MAX_RETRY_SECONDS)
 
     async def _check_topics_again(self, member: GroupMember) -> None:
         """`_check_topics` between rebalances: a topic deleted and created again with as

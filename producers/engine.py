@@ -59,7 +59,7 @@ from producers.state import (
 from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, letter_line
-from schemas.errors import Refused
+from schemas.errors import Backoff, Refused
 from schemas.signing import Signer
 from transport.publisher import Publisher
 from transport.topics import CHANGE_MAX_MESSAGE_BYTES
@@ -109,7 +109,7 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def delay(self, attempt: int) -> float:
-        return float(min(self.max_delay, self.first_delay * 2 ** (attempt - 1)))
+        return Backoff(self.first_delay, self.max_delay).nth(attempt)
 
 
 def kept_letters_path(state_dir: Path, entry_id: str) -> Path:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -50,6 +51,26 @@ class RecordError(PortalSyncError):
         self.message = message
 
 
+@dataclass
+class Backoff:
+    """Waits between attempts: `first`, doubling, never above `longest`. Every retry loop
+    of the project waits so (`until_available`, the worker's batches and store reads, the
+    producers' sends)."""
+
+    first: float
+    longest: float
+    attempts: int = 0
+
+    def next(self) -> float:
+        """The wait before the next attempt."""
+        self.attempts += 1
+        return self.nth(self.attempts)
+
+    def nth(self, attempt: int) -> float:
+        """The wait after the `attempt`-th failure (1 for the first)."""
+        return min(self.longest, self.first * 2.0 ** min(max(attempt - 1, 0), 64))
+
+
 # `until_available`'s first wait between two attempts, and its longest.
 FIRST_START_WAIT_SECONDS = 1.0
 MAX_START_WAIT_SECONDS = 30.0
@@ -67,19 +88,19 @@ def until_available(
     that exited while the broker or the store was away would go into its supervisor's
     restart backoff (up to 5 minutes under Kubernetes) and start that much after they are
     back. `on_retry` hears each failure. None: `stop` was set meanwhile."""
-    wait = FIRST_START_WAIT_SECONDS
+    backoff = Backoff(FIRST_START_WAIT_SECONDS, MAX_START_WAIT_SECONDS)
     while not stop.is_set():
         try:
             return action()
         except TransientError as error:
             if stop.is_set():
                 break
+            wait = backoff.next()
             log.error("%s: %s; trying again in %.0f s", what, error, wait)
             if on_retry is not None:
                 on_retry(error)
             if _pause(stop, wait):
                 break
-            wait = min(wait * 2, MAX_START_WAIT_SECONDS)
     return None
 
 

@@ -6,18 +6,21 @@ back."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from kafka.errors import KafkaTimeoutError
 from typer.testing import CliRunner
 
 import schemas.errors
 from portal_sync.cli import app
-from schemas.errors import ConfigurationError, TransientError, until_available
+from schemas.errors import Backoff, ConfigurationError, TransientError, until_available
 from tests.unit.test_produce_overrides import CONFIG  # a deployment file of one filedrop source
 from transport.clients import translate
 from transport.config import KafkaConnection
@@ -180,3 +183,17 @@ def test_produce_once_fails_at_once_when_the_cluster_is_away(produce_cli: dict[s
     assert isinstance(result.exception, TransientError)  # exit 1 (portal_sync.cli.EXIT_CODES)
     assert produce_cli["attempts"] == 1
     assert "ran" not in produce_cli
+
+
+@given(
+    st.floats(min_value=0.001, max_value=10.0),
+    st.floats(min_value=10.0, max_value=600.0),
+    st.integers(min_value=1, max_value=10_000),
+)
+def test_every_backoff_doubles_up_to_its_longest(first: float, longest: float, n: int) -> None:
+    backoff = Backoff(first, longest)
+    waits = [backoff.next() for _ in range(min(n, 50))]
+    assert waits[0] == first
+    assert all(a <= b <= longest for a, b in itertools.pairwise(waits))
+    assert all(b in (2 * a, longest) for a, b in itertools.pairwise(waits))
+    assert backoff.nth(n) == (waits[n - 1] if n <= len(waits) else longest)
