@@ -7,17 +7,15 @@ from store.core import (
     Conflicts,
     Freshness,
     HistoryEntry,
-    OffsetGap,
     OffsetRange,
     SourcePartition,
     Store,
-    StoreRefused,
-    StoreUnavailable,
     TopicPartition,
     ViewRow,
     redacted_url,
     utcnow,
 )
+from store.failures import OffsetGap, StoreRefused, StoreUnavailable
 from store.schema import SchemaOutdated
 
 __all__ = [

@@ -15,7 +15,6 @@ the database refuses is `RecordError` (`apply_failed`).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -28,14 +27,11 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy import (
     Connection,
-    Engine,
     Table,
     and_,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
@@ -44,29 +40,19 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    SQLAlchemyError,
-    StatementError,
-)
+from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 
-from schemas.errors import ConfigurationError, RecordError, Refused, TransientError
 from schemas.identifiers import ReferenceKey, key_reference
-from schemas.json_text import loads_exact
-from schemas.redaction import redacted_text
 from schemas.redaction import redacted_url as redacted_url  # the one redaction, re-exported
 from schemas.values import value_class
 from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provenance
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
+from store.engine import create_store_engine
+from store.failures import OffsetGap, translated
 from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness_row
-from store.pg_arrays import register_dumpers
 from store.tables import (
     REDRIVE_CLAIM,
     SOURCE_PURGE_PROGRESS,
@@ -99,98 +85,6 @@ RETENTION_CHUNK = 5000
 DUE_AT_ONCE = datetime(1970, 1, 1, tzinfo=UTC)
 TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
-
-
-class StoreUnavailable(TransientError):
-    """The database cannot be reached or failed: retry the same work."""
-
-
-class OffsetGap(Refused):
-    """A batch does not start at a partition's next offset: committing it would skip
-    events. Never committed; the worker must resume from the store's offsets."""
-
-
-class StoreRefused(RecordError):
-    """The database refused a value of this batch (found by narrowing the batch down)."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__("apply_failed", f"the store refused it: {type(error).__name__}")
-
-
-@contextmanager
-def translated() -> Iterator[None]:
-    """Driver errors as the project's families (the message names the type, never values):
-    a value the database refuses is a record error; an unreachable or failing database is
-    transient. Works for SQLAlchemy's wrappers and for the DBAPI's own errors (PEP 249),
-    which the batch path raises directly."""
-    try:
-        yield
-    except (DataError, IntegrityError) as error:
-        raise StoreRefused(error) from None
-    except DBAPIError as error:
-        raise StoreUnavailable(_failure(error)) from None
-    except StatementError as error:  # a parameter could not be converted: the value's fault
-        raise StoreRefused(error) from None
-    except SQLAlchemyError as error:
-        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
-    except Exception as error:
-        family = _dbapi_family(error)
-        if family == "refused":
-            raise StoreRefused(error) from None
-        if family == "unavailable":
-            raise StoreUnavailable(_statement_failure(error)) from None
-        raise
-
-
-# SQLSTATE 53200, out of shared memory: on the batch path, PostgreSQL's lock table is full
-# (each batch holds an advisory lock per record it merges until it commits).
-OUT_OF_SHARED_MEMORY = "53200"
-LOCK_TABLE_FULL = (
-    "the store failed: out of shared memory (PostgreSQL's lock table is full: raise "
-    'max_locks_per_transaction, docs/operations.md "Sizing PostgreSQL")'
-)
-
-
-def _failure(error: DBAPIError) -> str:
-    """What failed: connecting says why (the driver names the server and the cause, e.g. a
-    certificate it could not verify; secret-looking parts masked); a statement that
-    failed is named by its type only (its message may quote values)."""
-    if error.statement is None and error.orig is not None:
-        lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
-        return "cannot connect to the store: " + redacted_text("; ".join(lines))
-    return _statement_failure(error)
-
-
-def _statement_failure(error: BaseException) -> str:
-    """A failed statement by its type, or by a fixed text for a condition an operator can
-    fix (never the server's message, which may quote values). SQLAlchemy's wrappers carry
-    the driver's error as `orig`."""
-    driver = error if (orig := getattr(error, "orig", None)) is None else orig
-    state = getattr(driver, "sqlstate", None)
-    if state == OUT_OF_SHARED_MEMORY:
-        return LOCK_TABLE_FULL
-    # PostgreSQL's lock_timeout, SQLite's busy timeout: fixed texts, never data
-    if state == LOCK_NOT_AVAILABLE or str(driver) in SQLITE_LOCKED:
-        return STORE_LOCKED
-    return f"the store failed: {type(error).__name__}"
-
-
-LOCK_NOT_AVAILABLE = "55P03"
-SQLITE_LOCKED = ("database is locked", "database table is locked")
-STORE_LOCKED = (
-    "the store is locked by another session longer than this one waits (an operator's "
-    "write, a schema upgrade, another worker's start)"
-)
-
-
-def _dbapi_family(error: Exception) -> str | None:
-    """PEP 249 exception classes by name (psycopg, sqlite3): which family they are."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if "Error" not in names or type(error).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
-        return None
-    if names & {"DataError", "IntegrityError"}:
-        return "refused"
-    return "unavailable"
 
 
 @value_class
@@ -245,130 +139,6 @@ class Freshness:
     last_applied: datetime
 
 
-# How long a statement waits for another connection's lock on a SQLite store before it
-# fails as StoreUnavailable (PostgreSQL's default: no limit). A statement waits inside the
-# driver's call, where nothing else can stop it: the worker gives both a short
-# `lock_wait` and retries, so that a stop is seen whoever holds a lock.
-SQLITE_LOCK_WAIT_SECONDS = 60.0
-SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
-
-
-STORE_URL_FORMS = (
-    "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DATABASE "
-    "(PORTAL_SYNC_STORE_URL, PORTAL_SYNC_STORE_URL_FILE or --store)"
-)
-
-
-def store_url(url: str) -> URL:
-    """The store's URL read, with the one driver each backend has here: `postgres://` and
-    `postgresql://` (libpq's and most tools' spellings) are psycopg's. Anything else is a
-    configuration error naming the forms; never the URL, which may hold a password."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # not a URL, a port that is not a number
-        raise ConfigurationError(f"the store URL does not read as one: {STORE_URL_FORMS}") from None
-    backend, _, driver = parsed.drivername.partition("+")
-    if backend in ("postgres", "postgresql") and driver in ("", "psycopg"):
-        return parsed.set(drivername="postgresql+psycopg")
-    if backend == "sqlite" and driver in ("", "pysqlite"):
-        return parsed
-    raise ConfigurationError(
-        f"the store URL names {parsed.drivername!r}, which the store does not use: "
-        f"{STORE_URL_FORMS}"
-    )
-
-
-def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
-    """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN;
-    `lock_wait`: seconds a statement waits for a lock (SQLite's `timeout`, PostgreSQL's
-    `lock_timeout`). Statement parameters are personal data: never in errors or SQL
-    logging (`hide_parameters`), whatever the backend."""
-    parsed = store_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        _make_parent_dir(parsed)
-        timeout = SQLITE_LOCK_WAIT_SECONDS if lock_wait is None else lock_wait
-        engine = create_engine(parsed, connect_args={"timeout": timeout}, hide_parameters=True)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # A long read (an `export` into a slow pipe) holds the log from being reset:
-            # it grew to 1.4 GB under a drain and stayed that size while the worker ran.
-            # Past this, the next reset cuts the file back.
-            cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA temp_store=MEMORY")  # the batch's key tables
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(connection: Connection) -> None:
-            # Writers take the lock at BEGIN, so a read-then-write batch cannot deadlock.
-            writer = connection.get_execution_options().get("writer", False)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
-
-        return engine
-    # JSON as psycopg reads it (a batch's views and records): orjson, a third of the time
-    # of the driver's default `json.loads` (3 % of the worker's CPU on updates:
-    # docs/performance-log.md), wherever it reads the same values.
-    # READ COMMITTED whatever the server's or role's default: a batch takes its records'
-    # locks and then reads them (and the count of other writes) in later statements, each
-    # of which must see what committed before it; under REPEATABLE READ the reads would
-    # keep a snapshot from before the locks were granted.
-    register_dumpers()  # the batch's arrays, sent in binary as built (`store.pg_arrays`)
-    # A server that cannot be reached (packets dropped) held a connection attempt for the
-    # kernel's two minutes or more, a worker's start or retry with it; a URL's own
-    # `connect_timeout` wins, and so does libpq's PGCONNECT_TIMEOUT.
-    query = parsed.query
-    given = "connect_timeout" in query or os.environ.get("PGCONNECT_TIMEOUT")
-    connect_args: dict[str, Any] = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-    # A server gone without a word (a failover's old primary, a network that drops packets)
-    # held a batch waiting for a statement's result or its commit for hours, until the
-    # liveness probe restarted the worker: TCP keepalives give such a connection up in
-    # about 25 s, and the batch retries. No `tcp_user_timeout`: on Linux it also drops a
-    # live server that reads slowly while the batch's pipelined writes wait to be sent.
-    # A URL's own values win, and a libpq service file's.
-    service = "service" in query or os.environ.get("PGSERVICE")
-    if not service and not set(KEEPALIVES) & set(query):
-        connect_args.update(KEEPALIVES)
-    engine = create_engine(
-        parsed,
-        pool_pre_ping=True,
-        hide_parameters=True,
-        json_deserializer=loads_exact,
-        isolation_level="READ COMMITTED",
-        connect_args=connect_args,
-    )
-    if lock_wait is not None:  # a session setting: the URL's, a service file's or
-        milliseconds = round(lock_wait * 1000)  # PGOPTIONS' own `options` stay as they are
-
-        @event.listens_for(engine, "connect")
-        def _lock_timeout(dbapi_connection: Any, _record: Any) -> None:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute(f"SET lock_timeout = {milliseconds}")
-            dbapi_connection.commit()
-
-    return engine
-
-
-CONNECT_TIMEOUT_SECONDS = 10
-# libpq's TCP keepalives of a store connection (seconds).
-KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-}
-
-
-def _make_parent_dir(url: URL) -> None:
-    """A SQLite file's directory is created (private to the user) when missing."""
-    database = url.database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
 class Store:
     def __init__(self, url: str, lock_wait: float | None = None) -> None:
         self.url = url
@@ -384,7 +154,6 @@ class Store:
     def require_schema(self) -> None:
         """Refuse a store without the newest schema, creating nothing (reading commands):
         a SQLite file that does not exist is not opened (opening would create it)."""
-        from sqlalchemy.engine import make_url
 
         from store.schema import no_schema, require_current
 

@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, tuple_
 
 from schemas.views import RecordKey
-from store.core import Store, _upsert, translated, utcnow
+from store.core import Store, _upsert, utcnow
+from store.failures import translated
 from store.tables import SOURCE_PURGE_PROGRESS, source_freshness, source_purges, source_views
 
 

@@ -122,7 +122,7 @@ def _lag_reader(
     settings = settings_from(bootstrap, store)
     source = cast(Literal["kafka", "store"], offsets_from)
     if source == "store":  # read at each poll, which failed for ever on a wrong URL
-        from store.core import store_url
+        from store.engine import store_url
 
         store_url(settings.store_url)
     return LagReader(

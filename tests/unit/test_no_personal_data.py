@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from schemas import InvalidEvent, parse_event
-from store.core import create_store_engine
+from store.engine import create_store_engine
 from tests.support.hostile import SECRETS, hostile_corpus, needles
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import store.core
+import store.engine
 from store import Store
 
 
@@ -18,7 +18,7 @@ def test_the_log_is_cut_back_after_a_long_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limit = 4 * 1024 * 1024
-    monkeypatch.setattr(store.core, "SQLITE_WAL_LIMIT_BYTES", limit)  # a test's smaller one
+    monkeypatch.setattr(store.engine, "SQLITE_WAL_LIMIT_BYTES", limit)  # a test's smaller one
     path = tmp_path / "store.db"
     target = Store(f"sqlite:///{path}")
     target.create_schema()

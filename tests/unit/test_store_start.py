@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
-import store.core
+import store.engine
 from schemas.errors import ConfigurationError
 from store import schema
 from store.core import Store
@@ -112,10 +112,10 @@ def test_a_postgresql_server_that_never_answers_fails_the_connection_in_time(
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
     url = f"postgresql+psycopg://u:p@127.0.0.1:{silent.getsockname()[1]}/db"
-    monkeypatch.setattr(store.core, "CONNECT_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(store.engine, "CONNECT_TIMEOUT_SECONDS", 1)
     try:
         for target, limit in ((url, 1), (url + "?connect_timeout=2", 2)):  # the URL's wins
-            engine = store.core.create_store_engine(target)
+            engine = store.engine.create_store_engine(target)
             began = time.monotonic()
             with pytest.raises(OperationalError):
                 engine.connect()

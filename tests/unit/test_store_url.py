@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from portal_sync.cli import app
 from schemas.errors import ConfigurationError
 from store import Store
-from store.core import store_url
+from store.engine import store_url
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
     """A batch retried (the store away), then found another member had applied it
     (OffsetGap): it is over, and its retries with it. Left set, /readyz stayed 503 until a
     later batch, and /healthz failed on a quiet partition."""
-    from store.core import OffsetGap
+    from store.failures import OffsetGap
 
     loop = ReconcilerLoop.__new__(ReconcilerLoop)
     loop.stop_event = asyncio.Event()

@@ -16,7 +16,8 @@ from consumers.reconciler import Message
 from consumers.registry import Registry
 from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
-from store.core import Store, StoreRefused
+from store.core import Store
+from store.failures import StoreRefused
 from tests.integration.kafka.test_pipeline_kafka import _read_all
 from tests.support.kafka_helpers import dead_letter_topic, dead_letters_written, ensure_topics
 from tests.support.pipeline_helpers import (

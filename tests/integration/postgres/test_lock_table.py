@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import Table, create_engine, func, select, text
 
 from consumers.worker import LOCK_TABLE_BATCHES, _check_lock_capacity
-from store.core import LOCK_TABLE_FULL, Store, StoreUnavailable
+from store.core import Store
+from store.failures import LOCK_TABLE_FULL, StoreUnavailable
 from store.tables import applied_offsets, records
 from tests.conftest import _unavailable
 from tests.support.postgres_server import PostgresUnavailable, start_postgres

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from store.core import KEEPALIVES, Store
+from store.core import Store
+from store.engine import KEEPALIVES
 
 
 def parameters(url: str) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""The store's failures, and the drivers' errors translated into the project's families
+(`schemas.errors`): a value the database refuses is a record error, an unreachable or
+failing database transient. Messages name a type or a fixed text, never a value."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    SQLAlchemyError,
+    StatementError,
+)
+
+from schemas.errors import RecordError, Refused, TransientError
+from schemas.redaction import redacted_text
+
+
+class StoreUnavailable(TransientError):
+    """The database cannot be reached or failed: retry the same work."""
+
+
+class OffsetGap(Refused):
+    """A batch does not start at a partition's next offset: committing it would skip
+    events. Never committed; the worker must resume from the store's offsets."""
+
+
+class StoreRefused(RecordError):
+    """The database refused a value of this batch (found by narrowing the batch down)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("apply_failed", f"the store refused it: {type(error).__name__}")
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Driver errors as the project's families (the message names the type, never values):
+    a value the database refuses is a record error; an unreachable or failing database is
+    transient. Works for SQLAlchemy's wrappers and for the DBAPI's own errors (PEP 249),
+    which the batch path raises directly."""
+    try:
+        yield
+    except (DataError, IntegrityError) as error:
+        raise StoreRefused(error) from None
+    except DBAPIError as error:
+        raise StoreUnavailable(_failure(error)) from None
+    except StatementError as error:  # a parameter could not be converted: the value's fault
+        raise StoreRefused(error) from None
+    except SQLAlchemyError as error:
+        raise StoreUnavailable(f"the store failed: {type(error).__name__}") from None
+    except Exception as error:
+        family = _dbapi_family(error)
+        if family == "refused":
+            raise StoreRefused(error) from None
+        if family == "unavailable":
+            raise StoreUnavailable(_statement_failure(error)) from None
+        raise
+
+
+# SQLSTATE 53200, out of shared memory: on the batch path, PostgreSQL's lock table is full
+# (each batch holds an advisory lock per record it merges until it commits).
+OUT_OF_SHARED_MEMORY = "53200"
+LOCK_TABLE_FULL = (
+    "the store failed: out of shared memory (PostgreSQL's lock table is full: raise "
+    'max_locks_per_transaction, docs/operations.md "Sizing PostgreSQL")'
+)
+
+
+def _failure(error: DBAPIError) -> str:
+    """What failed: connecting says why (the driver names the server and the cause, e.g. a
+    certificate it could not verify; secret-looking parts masked); a statement that
+    failed is named by its type only (its message may quote values)."""
+    if error.statement is None and error.orig is not None:
+        lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
+        return "cannot connect to the store: " + redacted_text("; ".join(lines))
+    return _statement_failure(error)
+
+
+def _statement_failure(error: BaseException) -> str:
+    """A failed statement by its type, or by a fixed text for a condition an operator can
+    fix (never the server's message, which may quote values). SQLAlchemy's wrappers carry
+    the driver's error as `orig`."""
+    driver = error if (orig := getattr(error, "orig", None)) is None else orig
+    state = getattr(driver, "sqlstate", None)
+    if state == OUT_OF_SHARED_MEMORY:
+        return LOCK_TABLE_FULL
+    # PostgreSQL's lock_timeout, SQLite's busy timeout: fixed texts, never data
+    if state == LOCK_NOT_AVAILABLE or str(driver) in SQLITE_LOCKED:
+        return STORE_LOCKED
+    return f"the store failed: {type(error).__name__}"
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+SQLITE_LOCKED = ("database is locked", "database table is locked")
+STORE_LOCKED = (
+    "the store is locked by another session longer than this one waits (an operator's "
+    "write, a schema upgrade, another worker's start)"
+)
+
+
+def _dbapi_family(error: Exception) -> str | None:
+    """PEP 249 exception classes by name (psycopg, sqlite3): which family they are."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "Error" not in names or type(error).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
+        return None
+    if names & {"DataError", "IntegrityError"}:
+        return "refused"
+    return "unavailable"
