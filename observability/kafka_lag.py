@@ -137,7 +137,8 @@ class LagReader:
             raise
 
     def _read(self) -> list[GroupLag]:
-        now = time.time()
+        now = time.time()  # against the messages' timestamps (`lag_seconds`)
+        tick = time.monotonic()  # the windows': a step of the host's clock moves none of them
         committed = self._committed()
         members = self._members(list(committed))
         partitions = {tp for offsets in committed.values() for tp in offsets}
@@ -170,7 +171,14 @@ class LagReader:
             moved = self.moved if group == self.own_group else set()
             rows = [
                 self._partition(
-                    group, tp, offset, end(tp, offset), timestamps, now, count, tp[0] in moved
+                    group,
+                    tp,
+                    offset,
+                    end(tp, offset),
+                    timestamps,
+                    (now, tick),
+                    count,
+                    tp[0] in moved,
                 )
                 for tp, offset in sorted(offsets.items())
                 if tp in ends
@@ -189,12 +197,16 @@ class LagReader:
         offset: int,
         end: int,
         timestamps: dict[tuple[str, int, int], int],
-        now: float,
+        clocks: tuple[float, float],
         members: int,
         moved: bool = False,
     ) -> PartitionLag:
+        """`clocks`: the wall clock's time and the monotonic clock's, read at the poll's
+        start. A window on the wall clock spanned an hour of samples after the clock
+        stepped back an hour, and held a stalled partition OK all that while."""
+        now, tick = clocks
         window = self._windows.setdefault((group, *tp), Window(self.window_seconds))
-        window.push(Sample(now, offset, end))
+        window.push(Sample(tick, offset, end))
         seconds = lag_seconds(now, end - offset, timestamps.get((*tp, offset)))
         # The worker refuses a topic created again until its offsets are reset.
         status = Status.STOP if moved else partition_status(window, has_members=members > 0)
