@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from producers.deployment import Deployment, SourceEntry
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class ProduceResult:
     stats: dict[str, RunStats] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)  # source ids that stopped or gave up
+    # runs that stopped or gave up, by source id (a count: a source failing every interval
+    # for months grew a list by one entry a run)
+    failed: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)  # one per source
 
@@ -49,7 +52,7 @@ class ProduceResult:
 
     def fail(self, source_id: str) -> None:
         with self.lock:
-            self.failed.append(source_id)
+            self.failed[source_id] += 1
 
 
 class SourceGroup:

@@ -254,7 +254,7 @@ def produce(
             f"{source_id}: published {stats.published}, dead-lettered {stats.dead_lettered}"
         )
     if result.failed:
-        console.print(f"[red]failed:[/red] {', '.join(sorted(set(result.failed)))}")
+        console.print(f"[red]failed:[/red] {', '.join(sorted(result.failed))}")
         raise typer.Exit(1)
     if once and stopped_by:  # not a complete pass: `produce --once && next` must tell
         console.print("stopped before the pass was complete: run it again for the rest")

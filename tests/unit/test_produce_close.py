@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from producers.produce import CLOSE_TIMEOUT_SECONDS, _close_all
+from producers.produce import CLOSE_TIMEOUT_SECONDS, ProduceResult, _close_all
 
 
 class Producer:
@@ -28,3 +28,13 @@ def test_the_sources_producers_close_side_by_side_with_a_short_wait() -> None:
     _close_all(producers)
     assert closed == [CLOSE_TIMEOUT_SECONDS] * 4
     assert CLOSE_TIMEOUT_SECONDS * 2 < 30  # both of a Publisher's producers, in the grace
+
+
+def test_a_source_failing_every_run_is_counted_not_listed() -> None:
+    """A source left failing (a decommissioned database still in the deployment) fails a
+    run every interval for months: the result counts them, one entry a source."""
+    result = ProduceResult()
+    for _ in range(10_000):
+        result.fail("province-79-citizens")
+    result.fail("province-01-citizens")
+    assert result.failed == {"province-79-citizens": 10_000, "province-01-citizens": 1}

@@ -134,7 +134,7 @@ def test_every_attempt_of_a_run_is_counted(publisher: Publisher, tmp_path: Path)
     result = ProduceResult()
     dying = AdapterRunner("dies", Dies(), publisher, tmp_path, RetryPolicy(1, 0.01))
     assert not SourceGroup._run(entry, dying, result, None)  # fatal: stops the source
-    assert result.stats["dies"].published == 3 and result.failed == ["dies"]
+    assert result.stats["dies"].published == 3 and result.failed == {"dies": 1}
 
 
 def test_a_source_stopped_for_good_keeps_its_thread_so_the_producer_stays_healthy(
@@ -156,7 +156,7 @@ def test_a_source_stopped_for_good_keeps_its_thread_so_the_producer_stays_health
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not result.failed:
             time.sleep(0.05)
-        assert result.failed == ["dies"]
+        assert result.failed == {"dies": 1}
         time.sleep(0.5)
         assert result.healthy()
     finally:
