@@ -47,6 +47,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from schemas.dead_letter import Reason
+from schemas.events import MAX_VERSION
 
 CHANGE_BAND = 2**52  # changes rank above every snapshot read (versions stay <= 2^53)
 EPOCH = datetime(1970, 1, 1)
@@ -75,6 +76,10 @@ VARIABLE_DECIMAL = "io.debezium.data.VariableScaleDecimal"
 
 VersionFrom = Literal["lsn", "ts_ms"]
 SnapshotReads = Literal["below_changes", "as_changes"]
+
+
+# A `ts_ms` version above the contract's largest (2^53: `ts_ms` past the year 2255).
+TS_MS_PAST_VERSIONS = "`source.ts_ms` gives a version above the contract's largest (2^53)"
 
 
 class Unmappable(Exception):
@@ -230,7 +235,10 @@ def version(
     """The contract version of a change (module docstring)."""
     if version_from == "ts_ms":
         occurred_at(event)  # present and a time
-        return int(event.source["ts_ms"]) * 1000 + offset % 1000
+        derived = int(event.source["ts_ms"]) * 1000 + offset % 1000
+        if derived > MAX_VERSION:
+            raise Unmappable(Reason.INVALID_FIELD, TS_MS_PAST_VERSIONS)
+        return derived
     lsn = event.source.get("lsn")
     if not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 1:
         raise Unmappable(Reason.MISSING_FIELD, "`source.lsn` is missing (not a PostgreSQL event?)")

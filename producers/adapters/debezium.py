@@ -34,7 +34,7 @@ from producers.sdk import (
     State,
 )
 from schemas.dead_letter import Reason
-from schemas.events import Entity
+from schemas.events import MAX_VERSION, Entity
 from transport.committed_reader import CommittedOffsetReader, ExternalConnection
 from transport.config import ClusterSecurity
 from transport.reader import TP, Message
@@ -131,7 +131,10 @@ class DebeziumAdapter(Adapter):
         ids = reader.topic_ids()
         saved_ids = {str(t): str(i) for t, i in (state.get("topic_ids") or {}).items()}
         saved = _offsets(state)
-        self._last = _offsets(state, "last_versions")
+        # a version above the contract's largest, kept by a release before, is dropped
+        self._last = {
+            tp: v for tp, v in _offsets(state, "last_versions").items() if v <= MAX_VERSION
+        }
         # Only a topic with a position to lose: one with none is read from its start anyway.
         placed = {t for (t, _), offset in saved.items() if offset > 0}
         recreated = sorted(
@@ -297,8 +300,12 @@ class DebeziumAdapter(Adapter):
         busy source; a MySQL binlog's whole seconds) got one version for two contents, and
         the reconciler kept the first; a commit time that went back gave a later change a
         lower version (stale). Read again from a saved position, the same messages get
-        the same versions (the last one is saved with the position)."""
+        the same versions (the last one is saved with the position). A version above the
+        contract's largest is a dead letter and is not kept: kept, it made every later
+        change of the partition one above it, and a dead letter too."""
         version = max(derived, self._last.get(tp, 0) + 1)
+        if version > MAX_VERSION:  # never kept: every later change would be above it too
+            raise dbz.Unmappable(Reason.INVALID_FIELD, dbz.TS_MS_PAST_VERSIONS)
         self._last[tp] = version
         return version
 

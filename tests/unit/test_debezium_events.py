@@ -17,6 +17,7 @@ import pytest
 from producers import debezium_events as dbz
 from producers.adapters.debezium import DebeziumAdapter
 from producers.sdk import Record, SkippableRecord
+from schemas.dead_letter import Reason
 from transport.committed_reader import ExternalConnection
 from transport.reader import Message
 
@@ -517,3 +518,59 @@ def test_with_ts_ms_versions_rise_along_a_partition_and_come_back_the_same_from_
     (record,) = again._items(message(with_schema(second), offset=1005))
     assert isinstance(record, Record) and record.version == versions[1]
     assert "last_versions" not in adapter()._state({})  # `lsn`: none kept
+
+
+def test_with_ts_ms_a_time_past_the_contract_s_versions_is_one_dead_letter() -> None:
+    """`ts_ms` 9.1e12 (the year 2258) gives a version above 2^53: a dead letter. It was
+    also kept as the partition's last version, and every later change of the partition
+    came out one above it, a dead letter too, for good (and saved so with the position)."""
+    source = adapter(version="ts_ms")
+    far = change("u", ROW | {"ho_ten": "An"}, ts_ms=9_100_000_000_000)
+    (letter,) = source._items(message(with_schema(far), offset=3))
+    assert isinstance(letter, SkippableRecord) and letter.code == Reason.INVALID_FIELD
+    (record,) = source._items(message(with_schema(change("u", ROW)), offset=4))
+    assert isinstance(record, Record) and record.version == 1796028923670004
+
+
+class OneChangeLeft:
+    """A partition with one change left after the saved position."""
+
+    expired: ClassVar[dict[tuple[str, int], int]] = {}
+
+    def __init__(self) -> None:
+        self.left = [message(with_schema(change("u", ROW)), offset=5)]
+
+    def topic_ids(self) -> dict[str, str]:
+        return {}
+
+    def compaction_lags(self) -> dict[str, int]:
+        return {}
+
+    def start(self, saved: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        return dict(saved)
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        return {("p79.public.cong_dan", 0): 6}
+
+    def poll(self, max_records: int, timeout: float) -> list[Message]:
+        taken, self.left = self.left, []
+        return taken
+
+    def position(self, tp: tuple[str, int]) -> int:
+        return 6
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        pass
+
+
+def test_a_saved_last_version_past_the_contract_s_is_not_taken_up_again() -> None:
+    """A release before kept (and saved) a version above 2^53 as the partition's last."""
+    reading = adapter(version="ts_ms")
+    reading._reader = OneChangeLeft()  # type: ignore[assignment]
+    state = {
+        "group_id": "portal-sync-province-79",
+        "offsets": {"p79.public.cong_dan:0": 5},
+        "last_versions": {"p79.public.cong_dan:0": 9_100_000_000_000_003},
+    }
+    (record,) = [i for i in reading.read(state) if isinstance(i, Record)]
+    assert record.version == 1796028923670005
