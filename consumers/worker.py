@@ -60,6 +60,7 @@ from observability.web_config import load_web_config
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
 from schemas.errors import (
     Backoff,
+    ConfigurationError,
     PortalSyncError,
     RecordError,
     Refused,
@@ -685,7 +686,22 @@ class ReconcilerLoop:
             self.stop_event.set()
 
     async def _assigned(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-        """The store's offsets of newly assigned partitions, their topics checked."""
+        """The store's offsets of newly assigned partitions, their topics checked. A
+        partition past the configured count (partitions added to the change topics while
+        workers ran: a rebalance hands them out) stops the worker before it applies an
+        event: it would dead-letter their valid events as `key_mismatch`, and a record
+        placed on two partitions by producers before and after the change defeats the
+        record cache, which holds each record on one partition."""
+        count = self.config.topics.change_partitions
+        beyond = sorted(f"{topic}[{partition}]" for topic, partition in partitions
+                        if partition >= count)  # fmt: skip
+        if beyond:
+            raise ConfigurationError(
+                f"assigned {', '.join(beyond)}, past PORTAL_SYNC_CHANGE_PARTITIONS ({count}): "
+                "partitions were added to the change topics, which moves records to other "
+                "partitions: raise the count with a new topic prefix instead "
+                '(docs/operations.md, "Topics")'
+            )
         stored = await self._stored_offsets(partitions)
         if stored is None:
             return {}

@@ -7,6 +7,8 @@ import contextlib
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from consumers.metrics import WorkerHealth
 from consumers.worker import ReconcilerLoop
 from observability.http import Liveness
@@ -322,3 +324,17 @@ def test_a_check_that_hangs_past_the_child_s_timeout_is_no_more_beaten_for() -> 
         return loop.liveness.healthy()
 
     assert asyncio.run(run()) is False
+
+
+def test_a_partition_past_the_configured_count_stops_the_worker_at_its_assignment() -> None:
+    """Partitions added to a change topic while workers run are handed out at the next
+    rebalance: their valid events were dead-lettered as `key_mismatch`, and a record
+    placed on two partitions (producers before and after the change) defeated the record
+    cache. The assignment is refused before the store is asked anything."""
+    from schemas.errors import ConfigurationError
+    from transport.topics import Topics
+
+    config = SimpleNamespace(topics=Topics(prefix="p", change_partitions=6))
+    loop = ReconcilerLoop(config, None, _Processor(), False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"p\.changes\.citizen\[7\], past"):
+        asyncio.run(loop._assigned({("p.changes.citizen", 7), ("p.changes.citizen", 2)}))
