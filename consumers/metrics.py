@@ -106,10 +106,10 @@ RETENTION_PURGED = Counter(
     "portal_sync_retention_purged_total",
     "What the worker's retention job removed or emptied, by kind: history (entries past "
     "the history retention), deleted_history_values (entries of deleted records emptied), "
-    "tombstones, access_log (rows).",
+    "tombstones, access_log (rows), apply_journal (the batches' journal rows).",
     ["kind"],
 )
-RETENTION_KINDS = ("history", "deleted_history_values", "tombstones", "access_log")
+RETENTION_KINDS = ("history", "deleted_history_values", "tombstones", "access_log", "apply_journal")
 for _kind in RETENTION_KINDS:
     RETENTION_PURGED.labels(_kind)
 RETENTION_FAILURES = Counter(

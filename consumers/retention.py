@@ -7,7 +7,9 @@ hour (as it pruned the history before); `now` is given, so tests can move the cl
   without event ids) and its tombstones (removed): `deleted_days` after its last source
   deleted it (`PORTAL_SYNC_DELETED_RETENTION_DAYS`, 180);
 - access log rows: `access_log_days` after they were written
-  (`PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS`, 730).
+  (`PORTAL_SYNC_ACCESS_LOG_RETENTION_DAYS`, 730);
+- the batches' journal (`apply_journal`, a row a partition a batch): `journal_days` after
+  its batch committed (`PORTAL_SYNC_JOURNAL_RETENTION_DAYS`, 30).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Retention:
     history_days: int = 730
     deleted_days: int = 180
     access_log_days: int = 730
+    journal_days: int = 30
     # a forgotten record's history entries are kept under its reference, keyed with this
     reference_key: ReferenceKey | None = None
 
@@ -57,15 +60,19 @@ def purge_within(
     logged, log_done = store.purge_access_log_within(
         now - timedelta(days=retention.access_log_days), left()
     )
+    journaled, journal_done = store.purge_journal_within(
+        now - timedelta(days=retention.journal_days), left()
+    )
     counts = {
         "history": pruned,
         "deleted_history_values": emptied,
         "tombstones": tombstones,
         "access_log": logged,
+        "apply_journal": journaled,
     }
     for kind, count in counts.items():
         RETENTION_PURGED.labels(kind).inc(count)
-    return counts, history_done and deleted_done and log_done
+    return counts, history_done and deleted_done and log_done and journal_done
 
 
 log = logging.getLogger(__name__)

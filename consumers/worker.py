@@ -110,6 +110,7 @@ class WorkerConfig:
     history_retention_days: int = 730
     deleted_retention_days: int = 180
     access_log_retention_days: int = 730
+    journal_retention_days: int = 30
     batch_max_events: int = 2000
     batch_max_wait_seconds: float = 0.5
     metrics_host: str = "127.0.0.1"
@@ -125,10 +126,11 @@ class WorkerConfig:
 
     def retention(self) -> Retention:
         return Retention(
-            self.history_retention_days,
-            self.deleted_retention_days,
-            self.access_log_retention_days,
-            self.reference_key,
+            history_days=self.history_retention_days,
+            deleted_days=self.deleted_retention_days,
+            access_log_days=self.access_log_retention_days,
+            journal_days=self.journal_retention_days,
+            reference_key=self.reference_key,
         )
 
 

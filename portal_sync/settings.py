@@ -22,6 +22,7 @@ from consumers.cache import DEFAULT_RECORDS
 from observability.alerts import Thresholds
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
+from store.roles import JOURNAL_FLOOR_DAYS
 from transport.config import ClusterSecurity, KafkaConnection
 from transport.topics import Topics
 
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
         "kept, days (at least the change and dead-letter topics' retention)",
     )
     access_log_retention_days: int = Field(default=730, ge=1, description="access log kept, days")
+    journal_retention_days: int = Field(
+        default=30,
+        ge=JOURNAL_FLOOR_DAYS,
+        description="the batches' journal (apply_journal) kept, days",
+    )
     done_files_retention_days: float = Field(
         default=30,
         ge=0,
@@ -259,6 +265,7 @@ class Settings(BaseSettings):
             history_retention_days=self.history_retention_days,
             deleted_retention_days=self.deleted_retention_days,
             access_log_retention_days=self.access_log_retention_days,
+            journal_retention_days=self.journal_retention_days,
             reference_key=self.reference_key(),
             batch_max_events=self.batch_max_events,
             batch_max_wait_seconds=self.batch_max_wait_seconds,

@@ -839,7 +839,16 @@ class Store:
     ) -> tuple[int, bool]:
         """`purge_access_log` a chunk at a time, as `prune_history_within`."""
         return self._delete_in_chunks(access_log, access_log.c.accessed_at, older_than,
-                                      seconds, access_log_purge=True)  # fmt: skip
+                                      seconds, "portal_sync_purge_access_log")  # fmt: skip
+
+    def purge_journal_within(
+        self, older_than: datetime, seconds: float | None = None
+    ) -> tuple[int, bool]:
+        """Delete the batches' journal rows committed before `older_than`, as
+        `prune_history_within` (on PostgreSQL through the journal's purge function, which
+        keeps the last `store.roles.JOURNAL_FLOOR_DAYS` whatever it is asked)."""
+        return self._delete_in_chunks(apply_journal, apply_journal.c.committed_at, older_than,
+                                      seconds, "portal_sync_purge_apply_journal")  # fmt: skip
 
     def _delete_in_chunks(
         self,
@@ -847,7 +856,7 @@ class Store:
         column: ColumnElement[Any],
         older_than: datetime,
         seconds: float | None,
-        access_log_purge: bool = False,
+        purge_function: str | None = None,
     ) -> tuple[int, bool]:
         """Delete the rows whose `column` is before `older_than`, RETENTION_CHUNK of them a
         transaction (by the column's index), until none is left or `seconds` have passed:
@@ -857,17 +866,21 @@ class Store:
         chosen = (
             select(table.c.id).where(column < older_than).order_by(column).limit(RETENTION_CHUNK)
         )
-        # On PostgreSQL the access log's rows go through its purge function (migration
-        # 0017), which runs as the store's owner: the role running this need not be able
-        # to delete from the log (`store grant`).
-        purge_function = func.portal_sync_purge_access_log(
-            bindparam("before", older_than, type_=UTCDateTime()), RETENTION_CHUNK
+        # On PostgreSQL the access log's and the journal's rows go through their purge
+        # functions (migrations 0017, 0018), which run as the store's owner: the role
+        # running this need not be able to delete from them (`store grant`).
+        purging = (
+            None
+            if purge_function is None
+            else getattr(func, purge_function)(
+                bindparam("before", older_than, type_=UTCDateTime()), RETENTION_CHUNK
+            )
         )
         deleted = 0
         while True:
             with translated(), self.write_transaction() as conn:
-                if access_log_purge and conn.dialect.name == "postgresql":
-                    done = int(conn.execute(select(purge_function)).scalar_one())
+                if purging is not None and conn.dialect.name == "postgresql":
+                    done = int(conn.execute(select(purging)).scalar_one())
                     deleted += done
                     # a purge beside (another worker's) deletes some of a chunk: done when
                     # none is left, not when a chunk comes out short

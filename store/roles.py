@@ -7,9 +7,11 @@ second role exactly that: reading and writing the project's tables, but only rea
 appending to `access_log`, `offset_changes` and `apply_journal`, and never deleting from
 `source_purges` and `dead_letter_redrives` (the records of what was done), nor updating
 more of their rows than a purge's progress and a redrive's claim; reading
-Alembic's version (not changing it); the id sequences; and running the retention purge of
+Alembic's version (not changing it); the id sequences; and running the retention purges of
 the access log, a function that runs as its owner (migration 0017), written again here so
-that it never deletes a row younger than `floor_days`, whatever it is asked.
+that it never deletes a row younger than `floor_days`, whatever it is asked, and of the
+batches' journal (migration 0018), which never deletes a row younger than
+`JOURNAL_FLOOR_DAYS`.
 A role so granted cannot change the schema, the trigger or the function.
 
 Run it as the owner after every `store upgrade` (a new revision may add a table): it
@@ -24,7 +26,14 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, text
 
 from schemas.errors import ConfigurationError
-from store.schema import PURGE_FUNCTION, SCHEMA_LOCK, VERSION_TABLE, no_schema, require_current
+from store.schema import (
+    JOURNAL_PURGE_FUNCTION,
+    PURGE_FUNCTION,
+    SCHEMA_LOCK,
+    VERSION_TABLE,
+    no_schema,
+    require_current,
+)
 from store.tables import (
     REDRIVE_CLAIM,
     SOURCE_PURGE_PROGRESS,
@@ -75,6 +84,37 @@ BEGIN
 END
 $$
 """
+
+
+# The batches' journal's purge (migration 0018): rows committed before `before` and at
+# least `JOURNAL_FLOOR_DAYS` ago, the oldest first, at most `max_rows` of them. The role the
+# worker runs as only appends to the journal: the journal of the last week stays, whoever
+# asks. (A change of this text needs a migration of its own.)
+JOURNAL_FLOOR_DAYS = 7
+JOURNAL_PURGE_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION portal_sync_purge_apply_journal(before timestamp without time zone,
+                                                           max_rows integer)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = {{schema}}, pg_temp
+AS $$
+DECLARE
+    cutoff timestamp := least(before, (pg_catalog.now() AT TIME ZONE 'UTC')
+                                      - pg_catalog.make_interval(days => {JOURNAL_FLOOR_DAYS}));
+    deleted integer;
+BEGIN
+    DELETE FROM apply_journal WHERE id IN (
+        SELECT id FROM apply_journal WHERE committed_at < cutoff
+        ORDER BY committed_at LIMIT max_rows);
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$$
+"""
+
+
+def journal_purge_function(schema: str) -> str:
+    """The journal's purge function's definition in `schema` (quoted)."""
+    return JOURNAL_PURGE_FUNCTION_SQL.format(schema=schema)
 
 
 def purge_function(schema: str, floor_days: int) -> str:
@@ -219,6 +259,8 @@ def _grant(conn: Connection, schema: str, quoted: str, role: str, floor_days: in
     # from the log run it, PUBLIC among them)
     run(f"REVOKE EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} FROM PUBLIC")
     run(f"GRANT EXECUTE ON FUNCTION {schema}.{PURGE_FUNCTION} TO {quoted}")
+    run(f"REVOKE EXECUTE ON FUNCTION {schema}.{JOURNAL_PURGE_FUNCTION} FROM PUBLIC")
+    run(f"GRANT EXECUTE ON FUNCTION {schema}.{JOURNAL_PURGE_FUNCTION} TO {quoted}")
     run(purge_function(schema, floor_days))  # its owner, its EXECUTE grants are kept
     for table in (*APPENDED, *UPDATED):  # a trigger of its own could drop new rows
         fixed = [c.name for c in table.columns if c.name not in UPDATED.get(table, ())]

@@ -23,10 +23,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
 # The newest migration's revision: a new migration moves it (a unit test compares it with
 # the migration scripts' own head).
-HEAD_REVISION = "0017"
+HEAD_REVISION = "0018"
 VERSION_TABLE = "alembic_version"  # Alembic's default, which the migrations keep
 # The access log's retention purge on PostgreSQL (migration 0017, store/roles.py).
 PURGE_FUNCTION = "portal_sync_purge_access_log(timestamp without time zone, integer)"
+# The batches' journal's retention purge on PostgreSQL (migration 0018, store/roles.py).
+JOURNAL_PURGE_FUNCTION = "portal_sync_purge_apply_journal(timestamp without time zone, integer)"
 
 
 class SchemaOutdated(ConfigurationError):
@@ -173,3 +175,4 @@ def drop_project_tables(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":  # the access log's guard and purge (0005, 0017)
             conn.exec_driver_sql("DROP FUNCTION IF EXISTS portal_sync_access_log_append_only()")
             conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {PURGE_FUNCTION}")
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {JOURNAL_PURGE_FUNCTION}")  # 0018

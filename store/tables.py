@@ -117,6 +117,8 @@ record_deletions = Table(
 
 # One row per partition per committed batch: [first_offset, next_offset) applied at
 # committed_at. Contiguous, non-overlapping ranges prove nothing was lost or applied twice.
+# Kept `PORTAL_SYNC_JOURNAL_RETENTION_DAYS` (30), then deleted by the retention job: a row a
+# partition a batch is billions of rows a year at a national load.
 apply_journal = Table(
     "apply_journal",
     metadata,
@@ -129,6 +131,7 @@ apply_journal = Table(
     Column("next_offset", BigInteger, nullable=False),
     Column("events", Integer, nullable=False),
     Column("committed_at", UTCDateTime, nullable=False),
+    Index("ix_apply_journal_committed_at", "committed_at"),  # its retention (migration 0018)
 )
 
 # Every change to a canonical record: which event (or remerge) changed which fields.

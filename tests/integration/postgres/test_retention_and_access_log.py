@@ -14,12 +14,20 @@ from consumers.retention import Retention, purge
 from schemas.identifiers import ReferenceKey, key_reference
 from store import queries, utcnow
 from store.core import Store
-from store.tables import access_log, record_deletions, record_history, source_views
+from store.tables import (
+    access_log,
+    apply_journal,
+    record_deletions,
+    record_history,
+    source_views,
+)
 from tests.support.store_helpers import CITIZEN, CITIZEN_2, CITIZEN_MISSING, Feed, event
 
 DAY = timedelta(days=1)
 SECRET = ReferenceKey(b"r" * 32)
-RETENTION = Retention(history_days=730, deleted_days=180, access_log_days=730, reference_key=SECRET)
+RETENTION = Retention(
+    history_days=730, deleted_days=180, access_log_days=730, journal_days=730, reference_key=SECRET
+)
 
 
 @pytest.fixture
@@ -76,6 +84,7 @@ def test_deleted_records_lose_their_history_values_and_tombstones_after_the_rete
     # within the retention nothing changes
     assert purge(store, RETENTION, now + 179 * DAY) == {
         "history": 0, "deleted_history_values": 0, "tombstones": 0, "access_log": 0,
+        "apply_journal": 0,
     }  # fmt: skip
     assert [c for c, _ in history(store, CITIZEN)] == [
         {"full_name": [None, "An"], "phone": [None, "0912345678"]},
@@ -87,6 +96,7 @@ def test_deleted_records_lose_their_history_values_and_tombstones_after_the_rete
     counts = purge(store, RETENTION, now + 181 * DAY)
     assert counts == {
         "history": 0, "deleted_history_values": 3, "tombstones": 1, "access_log": 0,
+        "apply_journal": 0,
     }  # fmt: skip
     purged = history(store, CITIZEN)
     assert [c for c, _ in purged] == [
@@ -168,6 +178,37 @@ def test_access_log_rows_are_purged_after_their_retention(store: Store) -> None:
     assert purge(store, RETENTION, now + 729 * DAY)["access_log"] == 1
     assert [(r["operator"], r["reason"]) for r in store.access_entries()] == [("bob", "ticket 2")]
     assert counted("access_log") == before + 1
+
+
+def journal(store: Store) -> list[tuple[int, int]]:
+    query = select(apply_journal.c.first_offset, apply_journal.c.next_offset)
+    with store.engine.connect() as conn:
+        return sorted((first, end) for first, end in conn.execute(query.order_by("id")))
+
+
+def test_the_batches_journal_is_deleted_after_its_retention(store: Store) -> None:
+    """A row a partition a batch, never deleted before: billions of rows a year at a
+    national load. Kept `journal_days` (30 by default); on PostgreSQL the purge function
+    keeps the last 7 days whatever it is asked (a worker's clock run ahead)."""
+    feed = Feed(store)
+    for version in range(1, 4):  # three batches: offsets [0, 1), [1, 2), [2, 3)
+        feed.apply(event("citizen", CITIZEN, "province-01", version, {"full_name": "An"}))
+    now = utcnow()
+    with store.engine.begin() as conn:  # the first two committed 40 and 31 days ago
+        for first, age in ((0, 40), (1, 31)):
+            conn.execute(
+                update(apply_journal)
+                .where(apply_journal.c.first_offset == first)
+                .values(committed_at=now - age * DAY)
+            )
+    before = counted("apply_journal")
+    retention = Retention(journal_days=30)
+    assert purge(store, retention, now)["apply_journal"] == 2
+    assert journal(store) == [(2, 3)]
+    assert counted("apply_journal") == before + 2
+    # a clock 40 days ahead: the row of today is 40 days old by it
+    ahead = purge(store, retention, now + 40 * DAY)["apply_journal"]
+    assert ahead == (0 if store.backend == "postgresql" else 1)
 
 
 def test_the_access_log_is_append_only_on_postgresql(postgres_store_url: str) -> None:

@@ -25,8 +25,8 @@ from schemas.errors import ConfigurationError
 from schemas.identifiers import ReferenceKey
 from store import utcnow
 from store.core import Store
-from store.roles import purge_function
-from store.schema import PURGE_FUNCTION
+from store.roles import journal_purge_function, purge_function
+from store.schema import JOURNAL_PURGE_FUNCTION, PURGE_FUNCTION
 from tests.support.store_helpers import CITIZEN, CITIZEN_2, Feed, event
 
 DAY = timedelta(days=1)
@@ -115,6 +115,7 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
         done = purge(store, retention, later)
         assert done["history"] >= 1
         assert done["access_log"] == 1
+        assert done["apply_journal"] == 0  # its last 7 days stay, whatever the clock says
         assert operators(store) == ["binh", "chi"]
 
         # Asking the function itself, the purge's setting on in the session
@@ -133,6 +134,8 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
         "TRUNCATE access_log",
         "ALTER TABLE access_log DISABLE TRIGGER access_log_append_only",
         purge_function("public", floor_days=0),
+        journal_purge_function("public"),
+        f"ALTER FUNCTION {JOURNAL_PURGE_FUNCTION} OWNER TO {roles.runtime}",
         f"ALTER FUNCTION {PURGE_FUNCTION} OWNER TO {roles.runtime}",
         "DROP FUNCTION portal_sync_access_log_append_only() CASCADE",
         "UPDATE alembic_version SET version_num = '0001'",
@@ -167,6 +170,10 @@ def test_the_purge_function_is_nobody_s_until_granted(roles: Roles) -> None:
     owner.close()
     message = roles.refused(
         roles.other, "SELECT portal_sync_purge_access_log(now()::timestamp, 10)"
+    )
+    assert "permission denied" in message
+    message = roles.refused(
+        roles.other, "SELECT portal_sync_purge_apply_journal(now()::timestamp, 10)"
     )
     assert "permission denied" in message
 
