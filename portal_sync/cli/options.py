@@ -100,7 +100,10 @@ def parse_time(text: str | None) -> datetime | None:
     age = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if age:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age[2]]
-        return datetime.now(UTC) - timedelta(**{unit: int(age[1])})
+        try:
+            return _within_kafka(datetime.now(UTC) - timedelta(**{unit: int(age[1])}), text)
+        except OverflowError:
+            raise typer.BadParameter(f"{text!r} reaches before {KAFKA_EPOCH_TEXT}") from None
     text = text.strip()
     # Python's own reading takes any character between the date and the time, so that
     # `2025-08-01+07:00` read as 07:00 without an offset: only RFC 3339's forms here.
@@ -116,6 +119,20 @@ def parse_time(text: str | None) -> datetime | None:
         raise typer.BadParameter(
             f"{text!r} has no UTC offset: write e.g. {at}+07:00 (Vietnam) or {at}Z"
         )
+    return _within_kafka(moment, text)
+
+
+KAFKA_EPOCH_TEXT = "1970-01-01T00:00:00Z, where Kafka's times begin"
+
+
+def _within_kafka(moment: datetime, text: str) -> datetime:
+    """Refuse a time Kafka cannot look up (its timestamps count ms from 1970; the client
+    refused a negative one with a traceback) or the clocks' skew would carry past the
+    calendar's end."""
+    if moment.astimezone(UTC).year < 1970:
+        raise typer.BadParameter(f"{text!r} is before {KAFKA_EPOCH_TEXT}")
+    if moment.year >= 9999:
+        raise typer.BadParameter(f"{text!r} is past the year 9998")
     return moment
 
 

@@ -210,6 +210,9 @@ def _time(name: str, text: str | None, problems: list[str]) -> datetime | None:
     if moment.tzinfo is None:  # not comparable with --since/--until
         _report(problems, name, "no UTC offset")
         return None
+    if not 1 < moment.year < 9999:  # the clocks' skew added or taken away overflowed
+        _report(problems, name, "out of range")
+        return None
     return moment
 
 

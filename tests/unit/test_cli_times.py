@@ -42,6 +42,12 @@ def test_rfc3339_times(text: str, moment: datetime) -> None:
         ("2025-08-01Z", "not a time"),
         ("2025-02-30T00:00Z", "not a time"),
         ("yesterday", "not a time"),
+        # Kafka's times count ms from 1970: the client refused with a traceback
+        ("1970-01-01T00:00:00+07:00", "is before 1970-01-01T00:00:00Z"),
+        ("0001-01-01T00:00:00Z", "is before 1970-01-01T00:00:00Z"),
+        ("9999-12-31T23:59:59Z", "is past the year 9998"),
+        ("99999999999d", "reaches before 1970-01-01T00:00:00Z"),
+        ("30000d", "is before 1970-01-01T00:00:00Z"),
     ],
 )
 def test_everything_else_is_refused_with_a_form_that_reads(text: str, said: str) -> None:
