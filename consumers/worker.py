@@ -855,6 +855,12 @@ class ReconcilerLoop:
                     return
                 if outcome == "reseek":
                     continue  # the batch in hand was read from the wrong position
+                if self.until_caught_up and await self._caught_up():
+                    # Under a steady flow every fetch brings a batch, and the check at the
+                    # loop's top (between batches) never came: the job ran for ever. What
+                    # was fetched meanwhile lies past the targets and is not applied.
+                    self._copy(member, done)
+                    return
             if fetched and member.rebalances != fetched_in:
                 # A rebalance began since the fetch: its partitions may be another member's
                 # now, and are sought again from the store's offsets if they stay ours.
