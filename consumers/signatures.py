@@ -6,7 +6,10 @@ the source registry, `schemas.signing`). A key counts only inside its validity
 (`not_before` inclusive, `not_after` exclusive), compared with the time the message was
 first sent: its Kafka timestamp, or for a re-driven dead letter the original message's
 (`ps.origin.timestamp`), never later than now. A replay, years later, or a redrive after a
-key rotation therefore gets the live worker's verdict.
+key rotation therefore gets the live worker's verdict. That header is not signed: whoever
+may write a change topic can date a message back into a retired key's validity, so a key
+whose private half may have leaked is removed from the registry, never just retired
+(docs/operations.md, "Signing keys and their rotation").
 
 Once the value is parsed, the key must be one of the event's own source
 (`check_signer`): a province cannot sign for another; and a source that has keys in the
