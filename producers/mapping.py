@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Java/.NET-style patterns as province systems write them, to strptime directives.
 _TOKENS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
@@ -37,6 +37,26 @@ class FieldMapping(BaseModel):
         description="contract field path -> date format of source text, e.g. yyyyMMddHHmmss",
     )
     timezone: str = "Asia/Ho_Chi_Minh"
+
+    @field_validator("formats")
+    @classmethod
+    def _four_digit_years(cls, formats: dict[str, str]) -> dict[str, str]:
+        """A two-digit year is refused: `05/03/55` read as 2055 (Python's century rule), a
+        birth date in the future, which the contract took. No rule guesses right for every
+        field (a birth date is past, a dossier's due date may be ahead)."""
+        for path, pattern in formats.items():
+            four_digit_year(path, pattern)
+        return formats
+
+
+def four_digit_year(name: str, pattern: str) -> str:
+    """`pattern`, refused (ValueError naming `name`) when its year has two digits."""
+    if "yy" in _TOKEN.findall(pattern):
+        raise ValueError(
+            f"{name}: {pattern!r} has a two-digit year (yy), which no rule reads right for "
+            "every date: the source must give four digits (yyyy)"
+        )
+    return pattern
 
 
 # The order in which a date text's fields must come for the text to sort in time order.

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from producers.mapping import FieldMapping, map_fields, parse_local, soft_deleted
+from producers.mapping import FieldMapping, four_digit_year, map_fields, parse_local, soft_deleted
 from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.dead_letter import Reason
@@ -95,6 +95,12 @@ class FileDropConfig(DirectoryConfig, FieldMapping):
     occurred_at_field: str
     occurred_at_format: str | None = None  # e.g. yyyyMMddHHmmss; default ISO 8601
     version_field: str | None = None  # default: occurred_at in microseconds
+
+    @field_validator("occurred_at_format")
+    @classmethod
+    def _four_digit_year(cls, pattern: str | None) -> str | None:
+        return None if pattern is None else four_digit_year("occurred_at_format", pattern)
+
     # a deletion flag, read as the SQL adapter reads one (`producers.mapping.soft_deleted`)
     deleted_field: str | None = None
     csv_delimiter: str = ","

@@ -7,8 +7,10 @@ from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from producers.mapping import FieldMapping, convert, field_plan, map_fields
 
@@ -82,3 +84,25 @@ def test_a_nested_path_and_a_value_map() -> None:
     }
     born = map_fields({"ns": datetime(1990, 1, 2)}, mapping, ZONE)["born"]
     assert born == "1990-01-02T00:00:00+07:00"
+
+
+@pytest.mark.parametrize("pattern", ["dd/MM/yy", "yyMMdd", "yy-MM-dd HH:mm"])
+def test_a_two_digit_year_is_refused(pattern: str) -> None:
+    """`05/03/55` read as 2055-03-05 by Python's century rule: a birth date in the future,
+    which the contract took."""
+    with pytest.raises(ValidationError, match=r"date_of_birth: .* two-digit year \(yy\)"):
+        FieldMapping(fields={"date_of_birth": "ngay_sinh"}, formats={"date_of_birth": pattern})
+    assert FieldMapping(fields={"d": "c"}, formats={"d": "dd/MM/yyyy"}).formats == {
+        "d": "dd/MM/yyyy"
+    }
+
+
+def test_a_file_s_time_with_a_two_digit_year_is_refused() -> None:
+    from producers.adapters.filedrop import FileDropConfig
+
+    with pytest.raises(ValidationError, match=r"occurred_at_format: 'dd/MM/yy HH:mm'"):
+        FileDropConfig(
+            directory="/tmp/drop", entity="citizen", key_field="so_dinh_danh",
+            occurred_at_field="ngay_cap_nhat", occurred_at_format="dd/MM/yy HH:mm",
+            fields={"full_name": "ho_ten"},
+        )  # fmt: skip
