@@ -140,9 +140,11 @@ class Freshness:
 
 
 class Store:
-    def __init__(self, url: str, lock_wait: float | None = None) -> None:
+    def __init__(
+        self, url: str, lock_wait: float | None = None, idle_in_transaction: float | None = None
+    ) -> None:
         self.url = url
-        self.engine = create_store_engine(url, lock_wait)
+        self.engine = create_store_engine(url, lock_wait, idle_in_transaction)
 
     def create_schema(self) -> None:
         """Create a new store at the newest schema revision (an old one must be upgraded)."""

@@ -48,7 +48,9 @@ def store_url(url: str) -> URL:
     )
 
 
-def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
+def create_store_engine(
+    url: str, lock_wait: float | None = None, idle_in_transaction: float | None = None
+) -> Engine:
     """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN;
     `lock_wait`: seconds a statement waits for a lock (SQLite's `timeout`, PostgreSQL's
     `lock_timeout`). Statement parameters are personal data: never in errors or SQL
@@ -110,13 +112,25 @@ def create_store_engine(url: str, lock_wait: float | None = None) -> Engine:
         isolation_level="READ COMMITTED",
         connect_args=connect_args,
     )
-    if lock_wait is not None:  # a session setting: the URL's, a service file's or
-        milliseconds = round(lock_wait * 1000)  # PGOPTIONS' own `options` stay as they are
+    # Session settings: the URL's, a service file's or PGOPTIONS' own `options` stay as
+    # they are. `idle_in_transaction` (the worker's): a session that holds its transaction
+    # open this long without a statement is ended by the server, its locks with it. A
+    # worker stopped in a batch (SIGSTOP, a VM paused) whose connection the kernel kept
+    # alive held its records' and partitions' locks, and the group's new owner of its
+    # partitions waited on them, until a probe killed it.
+    settings = []
+    if lock_wait is not None:
+        settings.append(f"SET lock_timeout = {round(lock_wait * 1000)}")
+    if idle_in_transaction is not None:
+        milliseconds = round(idle_in_transaction * 1000)
+        settings.append(f"SET idle_in_transaction_session_timeout = {milliseconds}")
+    if settings:
 
         @event.listens_for(engine, "connect")
-        def _lock_timeout(dbapi_connection: Any, _record: Any) -> None:
+        def _session_settings(dbapi_connection: Any, _record: Any) -> None:
             with dbapi_connection.cursor() as cursor:
-                cursor.execute(f"SET lock_timeout = {milliseconds}")
+                for statement in settings:
+                    cursor.execute(statement)
             dbapi_connection.commit()
 
     return engine

@@ -6,10 +6,15 @@ what the connections were opened with, as libpq reports it."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import pytest
+from sqlalchemy import text
 
 from store.core import Store
 from store.engine import KEEPALIVES
+from store.failures import StoreUnavailable, translated
 
 
 def parameters(url: str) -> dict[str, Any]:
@@ -35,3 +40,27 @@ def test_the_urls_own_tcp_settings_win(postgres_store_url: str) -> None:
     opened = parameters(postgres_store_url + "?keepalives_idle=60")
     assert opened.get("keepalives_idle") == "60"
     assert "keepalives_count" not in opened  # none of ours beside the URL's
+
+
+def test_a_session_stopped_inside_its_transaction_gives_its_locks_up(
+    postgres_store_url: str,
+) -> None:
+    """A worker stopped in a batch (SIGSTOP, a paused VM) whose connection the kernel kept
+    alive held its locks until a probe killed it; the server now ends such a session after
+    `idle_in_transaction`, and another takes the lock at once."""
+    stopped = Store(postgres_store_url, lock_wait=5.0, idle_in_transaction=1.0)
+    other = Store(postgres_store_url, lock_wait=5.0)
+    try:
+        with stopped.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))  # a batch's lock, held
+            time.sleep(2.0)  # the worker stopped: no statement for longer than allowed
+            with other.engine.connect() as taking:
+                began = time.monotonic()
+                taking.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+                assert time.monotonic() - began < 1.0
+                taking.rollback()
+            with pytest.raises(StoreUnavailable), translated():  # resumed: a retry, no commit
+                conn.execute(text("SELECT 1"))
+    finally:
+        stopped.close()
+        other.close()
