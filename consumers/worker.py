@@ -950,8 +950,11 @@ class ReconcilerLoop:
             stored = await self._stored_offsets(assigned)
             if stored is None:
                 return "stop", {}
-            await member.seek(stored)
-            self._sought(assigned, stored)
+            # Those still ours: a rebalance while the store was read sought the new ones
+            # itself, and the consumer refuses a seek of one that went (a crash before).
+            still = assigned & member.assignment()
+            await member.seek(stored, still)
+            self._sought(still, stored)
             return "reseek", {}
         except Exception as error:
             # Never go on from the consumer's position after a failure: stop, and let the

@@ -217,7 +217,10 @@ class GroupMember:
             log.warning("log ends not read (%s): not checked this time", type(error).__name__)
             ends = {}
         check_within_logs(offsets, ends)
+        held = self.assignment()  # a rebalance during the awaits above may have taken some
         for topic, partition in wanted:
+            if (topic, partition) not in held:
+                continue
             tp = TopicPartition(topic, partition)
             offset = offsets.get((topic, partition), starts.get(tp))
             if offset is not None:

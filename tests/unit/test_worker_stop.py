@@ -46,7 +46,8 @@ def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() 
 def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> None:
     """A batch retried (the store away), then found another member had applied it
     (OffsetGap): it is over, and its retries with it. Left set, /readyz stayed 503 until a
-    later batch, and /healthz failed on a quiet partition."""
+    later batch, and /healthz failed on a quiet partition. A partition revoked while the
+    store's offsets were read is not sought (the consumer refused, and the worker crashed)."""
     from store.failures import OffsetGap
 
     loop = ReconcilerLoop.__new__(ReconcilerLoop)
@@ -56,7 +57,8 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
     noted: list[tuple[object, object]] = []
     reconciler = SimpleNamespace(note_offsets=lambda tps, stored: noted.append((set(tps), stored)))
     loop.processor = SimpleNamespace(health=health, reconciler=reconciler)  # type: ignore[assignment]
-    loop.store = SimpleNamespace(stored_offsets=lambda partitions: {("t", 0): 7})  # type: ignore[assignment]
+    stored = {("t", 0): 7, ("t", 1): 3}
+    loop.store = SimpleNamespace(stored_offsets=lambda partitions: stored)  # type: ignore[assignment]
     loop.applied = {("t", 0): 9}
 
     async def check_topics(topics: object, stored: object) -> None:
@@ -65,10 +67,13 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
     loop._check_topics = check_topics  # type: ignore[method-assign]
     seeks: list[object] = []
 
-    async def seek(offsets: object) -> None:
-        seeks.append(offsets)
+    async def seek(offsets: object, partitions: object = None) -> None:
+        seeks.append((offsets, partitions))
 
-    member = SimpleNamespace(assignment=lambda: {("t", 0)}, seek=seek)
+    held = [{("t", 0), ("t", 1)}, {("t", 0)}]  # t:1 revoked while the store was read
+    member = SimpleNamespace(
+        assignment=lambda: held.pop(0) if len(held) > 1 else held[0], seek=seek
+    )
 
     async def batch() -> None:
         health.busy()
@@ -83,9 +88,9 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
         return outcome
 
     assert asyncio.run(run()) == "reseek"
-    assert seeks == [{("t", 0): 7}]
+    assert seeks == [(stored, {("t", 0)})]
     # the store's offsets are what the worker has applied again, and what the store must keep
-    assert loop.applied == {("t", 0): 7} and noted == [({("t", 0)}, {("t", 0): 7})]
+    assert loop.applied == {("t", 0): 7} and noted == [({("t", 0)}, stored)]
     time.sleep(0.06)
     assert health.ready() and not health.stalled()
 
