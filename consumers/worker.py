@@ -974,7 +974,8 @@ class ReconcilerLoop:
         ends: dict[TopicPartition, int] = {}
         for message in messages:
             ends[message.tp] = max(ends.get(message.tp, 0), message.offset + 1)
-        self.applied.update(ends)
+        for tp, end in ends.items():  # a batch the store had applied already moves nothing back
+            ends[tp] = self.applied[tp] = max(self.applied.get(tp, 0), end)
         return "ok", ends
 
     async def _caught_up(self) -> bool:

@@ -343,3 +343,24 @@ def test_a_partition_past_the_configured_count_stops_the_worker_at_its_assignmen
     loop = ReconcilerLoop(config, None, _Processor(), False)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"p\.changes\.citizen\[7\], past"):
         asyncio.run(loop._assigned({("p.changes.citizen", 7), ("p.changes.citizen", 2)}))
+
+
+def test_a_batch_the_store_had_applied_moves_no_offset_back() -> None:
+    """A batch found applied already (another member's, after a revoke's wait ran out) is
+    skipped; its ends, copied to the group's offsets in Kafka, took them back below what
+    the store holds (`kafka-consumer-groups` and the lag exporter's Kafka reading)."""
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.stop_event = asyncio.Event()
+    loop.liveness = Liveness()
+    loop.applied = {("t", 0): 10, ("t", 1): 2}
+    messages = [SimpleNamespace(tp=("t", 0), offset=offset) for offset in (3, 4, 5)] + [
+        SimpleNamespace(tp=("t", 1), offset=6)
+    ]
+
+    async def run() -> tuple[str, dict[tuple[str, int], int]]:
+        loop.idle = asyncio.Event()
+        task = asyncio.ensure_future(asyncio.sleep(0))
+        return await loop._finished(SimpleNamespace(), task, messages)  # type: ignore[arg-type]
+
+    assert asyncio.run(run()) == ("ok", {("t", 0): 10, ("t", 1): 7})
+    assert loop.applied == {("t", 0): 10, ("t", 1): 7}
