@@ -638,16 +638,20 @@ class Store:
             version: int | None = conn.execute(query).scalar_one_or_none()
             return version
 
-    def redriven(self, topic: str, topic_id: str = "") -> dict[tuple[int, int], datetime | None]:
+    def redriven(
+        self, topic: str, topic_id: str = "", from_offset: int = 0
+    ) -> dict[tuple[int, int], datetime | None]:
         """The dead letters of `topic` already re-driven, by (partition, offset): None for
         a redrive recorded with this topic's id (KIP-516), else the time of the latest one
         recorded without an id (before migration 0014, or the id unknown then). A topic
         created again numbers its letters from 0 again: the earlier topic's redrives are
         not its letters', and one recorded without an id stands only for a letter written
-        before it (`portal_sync.ops.dlq`)."""
+        before it (`portal_sync.ops.dlq`). Those below `from_offset` only when asked: the
+        topic's retention removed their letters (a redrive read every row it ever recorded,
+        millions after a few years)."""
         table = dead_letter_redrives.c
         query = select(table.partition, table.offset, table.topic_id, table.redriven_at).where(
-            table.topic == topic, table.topic_id.in_({"", topic_id})
+            table.topic == topic, table.topic_id.in_({"", topic_id}), table.offset >= from_offset
         )
         done: dict[tuple[int, int], datetime | None] = {}
         with translated(), self.engine.connect() as conn:

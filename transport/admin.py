@@ -638,3 +638,9 @@ def end_offsets(connection: KafkaConnection, topic_names: list[str]) -> dict[TP,
     """The log-end offset of every partition of the topics."""
     with cluster(connection) as c:
         return c.end_offsets(c.partitions(topic_names))
+
+
+def beginning_offsets(connection: KafkaConnection, topic_names: list[str]) -> dict[TP, int]:
+    """The log-start offset of every partition of the topics (retention moves it)."""
+    with cluster(connection) as c:
+        return c.beginning_offsets(c.partitions(topic_names))
