@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from consumers.metrics import RETENTION_FAILURES, RETENTION_PURGED
 from schemas.identifiers import ReferenceKey
-from store import Store
+from store import Store, utcnow
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,13 @@ class Retention:
     journal_days: int = 30
     # a forgotten record's history entries are kept under its reference, keyed with this
     reference_key: ReferenceKey | None = None
+
+
+def retention_now(store: Store) -> datetime:
+    """The time a retention run counts from: the earlier of this host's clock and the
+    database server's. What a run deletes cannot be brought back, and one host's clock run
+    ahead (a bad time server, a VM's clock) deleted history and access log rows early."""
+    return min(utcnow(), store.server_now())
 
 
 def purge(store: Store, retention: Retention, now: datetime) -> dict[str, int]:

@@ -51,7 +51,7 @@ from consumers.metrics import (
 )
 from consumers.reconciler import Reconciler, starts_after
 from consumers.registry import Registry
-from consumers.retention import Retention, catch_up_if_due, purge_within
+from consumers.retention import Retention, catch_up_if_due, purge_within, retention_now
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector
 from consumers.validators import CHILD_TIMEOUT_SECONDS, Rules, Validators
 from observability.freshness import read_freshness
@@ -414,8 +414,9 @@ class BatchProcessor:
             RETENTION_FAILURES.labels("catch_up").inc()
             log.error("the store's catch-up did not start (%s)", type(error).__name__)
         try:
+            store = self.reconciler.store
             counts, done = purge_within(
-                self.reconciler.store, self.config.retention(), utcnow(), RETENTION_SECONDS
+                store, self.config.retention(), retention_now(store), RETENTION_SECONDS
             )
         except Exception as error:
             RETENTION_FAILURES.labels("purge").inc()

@@ -463,6 +463,14 @@ class Store:
         with translated(), self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def server_now(self) -> datetime:
+        """The database server's clock (PostgreSQL's `now()`); on SQLite, this host's."""
+        if self.backend != "postgresql":
+            return utcnow()
+        with translated(), self.engine.connect() as conn:
+            moment = conn.execute(text("SELECT now()")).scalar_one()
+        return aware_utc(moment).astimezone(UTC)
+
     def meta(self, name: str) -> str | None:
         with translated(), self.engine.connect() as conn:
             row = conn.execute(select(store_meta.c.value).where(store_meta.c.name == name))

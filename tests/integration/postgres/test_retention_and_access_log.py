@@ -614,3 +614,23 @@ def test_history_and_access_log_are_deleted_a_chunk_at_a_time_within_a_run_s_tim
     assert store.prune_history_within(later, 0.0) == (1, True)
     assert store.purge_access_log_within(later, None) == (2, True)
     assert history(store, CITIZEN) == [] and store.access_entries() == []
+
+
+def test_a_host_clock_run_ahead_does_not_date_the_retention_on_postgresql(
+    postgres_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's clock 100 days ahead (a bad time server) counted the retention from its
+    own time: history and access log rows deleted early, for good. The run counts from the
+    earlier of its clock and the database server's."""
+    import consumers.retention
+
+    store = Store(postgres_store_url)
+    store.create_schema()
+    try:
+        real = utcnow()
+        monkeypatch.setattr(consumers.retention, "utcnow", lambda: real + 100 * DAY)
+        assert abs(consumers.retention.retention_now(store) - real) < timedelta(minutes=1)
+        monkeypatch.setattr(consumers.retention, "utcnow", lambda: real - DAY)  # behind
+        assert consumers.retention.retention_now(store) == real - DAY
+    finally:
+        store.close()
