@@ -55,7 +55,7 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
     unplaced = poller.rows_without_cursor_time()
     if unplaced:
         notes.append(
-            f"{unplaced} rows have no {config.updated_at_column} or no "
+            f"{unplaced} rows have no {config.updated_at_column} (or an infinite one) or no "
             f"{poller.pk.name}: without a place in the cursor's order a row is never read; "
             "give the columns a value on insert (a default or a trigger)"
         )

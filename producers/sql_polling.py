@@ -49,6 +49,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import (
+    Date,
     DateTime,
     MetaData,
     Table,
@@ -484,8 +485,8 @@ class SqlPollingAdapter:
             unplaced = self.rows_without_cursor_time()
             if unplaced:
                 log.warning(
-                    "%s: %d rows have no %s or no %s and are never read; give the columns a "
-                    "value on insert", self.config.source, unplaced,
+                    "%s: %d rows have no %s (or an infinite one) or no %s and are never read; "
+                    "give the columns a value on insert", self.config.source, unplaced,
                     self.config.updated_at_column, self.pk.name,
                 )  # fmt: skip
         self.held_ahead = 0
@@ -661,13 +662,23 @@ class SqlPollingAdapter:
                 continue
         return False
 
+    def _placed(self) -> Any:
+        """Rows with a place in the cursor's order: a cursor time and a primary key (the key
+        column without `pk_column`), the time finite on PostgreSQL. One 'infinity' (or
+        '-infinity') stopped the source at every poll: psycopg cannot read it, so even the
+        rows' places could not be."""
+        placed = and_(self.updated_at.is_not(None), self.pk.is_not(None))
+        timed = isinstance(self.updated_at.type, DateTime | Date)
+        if self.engine.dialect.name == "postgresql" and timed:
+            placed = and_(placed, func.isfinite(self.updated_at))
+        return placed
+
     def rows_without_cursor_time(self) -> int:
-        """Rows whose cursor column or primary key (the key column without `pk_column`) is
-        NULL: they have no place in the cursor's order, and are never read. As counted the
-        first time this adapter asked."""
+        """Rows without a place in the cursor's order (`_placed`): never read. As counted
+        the first time this adapter asked."""
         if self._unplaced is None:
             query = select(func.count()).select_from(self.table)
-            unplaced = or_(self.updated_at.is_(None), self.pk.is_(None))
+            unplaced = not_(self._placed())
             with self.engine.connect() as conn:
                 found = conn.execute(query.where(unplaced)).scalar_one()
             self._unplaced = int(found)
@@ -686,7 +697,7 @@ class SqlPollingAdapter:
         moment = self._moment(self.updated_at)
         # A row without a cursor time has no place in the cursor's order: never read
         # (`adapters check` counts them; the column needs a value from the insert on).
-        query = select(*columns).where(self.updated_at.is_not(None), self.pk.is_not(None))
+        query = select(*columns).where(self._placed())
         query = query.order_by(moment, self.pk).limit(limit)
         if condition is not None:
             query = query.where(condition)

@@ -140,3 +140,41 @@ def test_a_page_after_the_first_begins_its_index_range_at_the_cursor(
     text = json.dumps(plan)
     ranges = re.findall(r'"Index Cond": "([^"]*)"', text)
     assert any("cap_nhat >= '2025-08-01 09:" in cond for cond in ranges), text
+
+
+def test_an_infinite_cursor_time_leaves_its_row_unread_and_the_source_going(
+    postgres_store_url: str,
+) -> None:
+    """`cap_nhat = 'infinity'`: psycopg cannot read it, so not even the rows' places could be
+    read, and the source stopped (fatal) at every poll. Such a row has no place in the
+    cursor's order, as one without a time: never read, counted."""
+    engine = create_engine(postgres_store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE cong_dan_vo_han (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+            "ho_ten text, cap_nhat timestamptz)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO cong_dan_vo_han VALUES "
+            "(1, '001190000001', 'An', '2025-08-01 08:00+07'), "
+            "(2, '001190000002', 'Bình', 'infinity'), "
+            "(3, '001190000003', 'Châu', '-infinity'), "
+            "(4, '001190000004', 'Dũng', '2025-08-01 08:02+07')"
+        )
+    engine.dispose()
+    config = SqlSourceConfig(
+        source="province-01", url=postgres_store_url, entity="citizen",
+        table="cong_dan_vo_han", key_column="so_dinh_danh", pk_column="id",
+        updated_at_column="cap_nhat", fields={"full_name": "ho_ten"}, batch_size=100,
+    )  # fmt: skip
+    adapter = SqlPollingAdapter(config)
+    try:
+        state = CursorState()
+        changes = []
+        for page in adapter.pages(state):
+            changes += page
+            adapter.remember(state, page)
+        assert [(c.pk, type(c)) for c in changes] == [(1, SourceChange), (4, SourceChange)]
+        assert adapter.rows_without_cursor_time() == 2
+    finally:
+        adapter.close()
