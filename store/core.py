@@ -860,9 +860,13 @@ class Store:
     ) -> tuple[int, bool]:
         """Delete the batches' journal rows committed before `older_than`, as
         `prune_history_within` (on PostgreSQL through the journal's purge function, which
-        keeps the last `store.roles.JOURNAL_FLOOR_DAYS` whatever it is asked)."""
+        keeps the last `store.roles.JOURNAL_FLOOR_DAYS` whatever it is asked). By id: of
+        the oldest rows those old enough, until none of them is (the ids rise with the
+        commits; no index of the time, which a large journal's migration would have had to
+        build while every batch waited)."""
         return self._delete_in_chunks(apply_journal, apply_journal.c.committed_at, older_than,
-                                      seconds, "portal_sync_purge_apply_journal")  # fmt: skip
+                                      seconds, "portal_sync_purge_apply_journal",
+                                      by_id=True)  # fmt: skip
 
     def _delete_in_chunks(
         self,
@@ -871,6 +875,7 @@ class Store:
         older_than: datetime,
         seconds: float | None,
         purge_function: str | None = None,
+        by_id: bool = False,
     ) -> tuple[int, bool]:
         """Delete the rows whose `column` is before `older_than`, RETENTION_CHUNK of them a
         transaction (by the column's index), until none is left or `seconds` have passed:
@@ -899,6 +904,14 @@ class Store:
                     # a purge beside (another worker's) deletes some of a chunk: done when
                     # none is left, not when a chunk comes out short
                     more = done > 0
+                elif by_id:
+                    oldest = select(table.c.id, column).order_by(table.c.id)
+                    rows = conn.execute(oldest.limit(RETENTION_CHUNK)).all()
+                    ids = [row_id for row_id, at in rows if at < older_than]
+                    more = bool(ids)
+                    if ids:
+                        result = conn.execute(delete(table).where(table.c.id.in_(ids)))
+                        deleted += int(result.rowcount or 0)
                 else:
                     ids = [row_id for (row_id,) in conn.execute(chosen)]
                     more = len(ids) == RETENTION_CHUNK

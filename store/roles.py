@@ -86,10 +86,11 @@ $$
 """
 
 
-# The batches' journal's purge (migration 0018): rows committed before `before` and at
-# least `JOURNAL_FLOOR_DAYS` ago, the oldest first, at most `max_rows` of them. The role the
-# worker runs as only appends to the journal: the journal of the last week stays, whoever
-# asks. (A change of this text needs a migration of its own.)
+# The batches' journal's purge (migration 0018): of the `max_rows` oldest rows (by id: the
+# order they committed in, read by the primary key, no index of the time needed), those
+# committed before `before` and at least `JOURNAL_FLOOR_DAYS` ago. The role the worker runs
+# as only appends to the journal: the journal of the last week stays, whoever asks. (A
+# change of this text needs a migration of its own.)
 JOURNAL_FLOOR_DAYS = 7
 JOURNAL_PURGE_FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION portal_sync_purge_apply_journal(before timestamp without time zone,
@@ -103,8 +104,7 @@ DECLARE
     deleted integer;
 BEGIN
     DELETE FROM apply_journal WHERE id IN (
-        SELECT id FROM apply_journal WHERE committed_at < cutoff
-        ORDER BY committed_at LIMIT max_rows);
+        SELECT id FROM apply_journal ORDER BY id LIMIT max_rows) AND committed_at < cutoff;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN deleted;
 END

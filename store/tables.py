@@ -131,7 +131,6 @@ apply_journal = Table(
     Column("next_offset", BigInteger, nullable=False),
     Column("events", Integer, nullable=False),
     Column("committed_at", UTCDateTime, nullable=False),
-    Index("ix_apply_journal_committed_at", "committed_at"),  # its retention (migration 0018)
 )
 
 # Every change to a canonical record: which event (or remerge) changed which fields.

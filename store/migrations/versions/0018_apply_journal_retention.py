@@ -1,5 +1,7 @@
-"""The batches' journal (`apply_journal`) gets a retention: an index on its commit time, and
-on PostgreSQL its purge as a function that runs as the store's owner.
+"""The batches' journal (`apply_journal`) gets a retention: on PostgreSQL its purge as a
+function that runs as the store's owner. No index: the purge takes the oldest rows by id
+(an index of the time, built in this migration's transaction, held every batch's insert
+into the journal for as long as the build of a large table took).
 
 The journal gained a row per partition per committed batch and was never deleted from:
 at a national load (24 partitions, batches back to back) billions of rows a year. The
@@ -27,7 +29,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_apply_journal_committed_at", "apply_journal", ["committed_at"])
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
@@ -46,4 +47,3 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP FUNCTION IF EXISTS {JOURNAL_PURGE_FUNCTION}")
-    op.drop_index("ix_apply_journal_committed_at", table_name="apply_journal")
