@@ -526,6 +526,7 @@ def _start(config: WorkerConfig, lock_wait: float | None = None) -> bool:
     starting = Store(config.store_url, lock_wait=lock_wait)
     try:
         starting.create_schema()
+        _refuse_development_mode(starting, config)
         # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
         starting.set_meta(
             RULES_FINGERPRINT, rules_fingerprint(config.registry_file, config.authority_file)
@@ -534,6 +535,23 @@ def _start(config: WorkerConfig, lock_wait: float | None = None) -> bool:
     finally:
         starting.close()
     return True
+
+
+def _refuse_development_mode(store: Store, config: WorkerConfig) -> None:
+    """A worker without a registry (development mode: every source, unsigned events, no
+    write scope) on a store whose workers ran with one is refused: a worker started with
+    the setting missing (a second deployment, an operator's shell) accepted every event,
+    and recorded "no registry" as the store's rules, which then let `replay` and `rebuild`
+    run without one too."""
+    if config.registry_file is not None:
+        return
+    theirs = store.meta(RULES_FILES)
+    if theirs is not None and not theirs.startswith(rules_files(None, None).split(",")[0]):
+        raise ConfigurationError(
+            f"PORTAL_SYNC_REGISTRY is not set (development mode: no signature, source or "
+            f"write-scope check), but this store's workers run with {theirs}: set it as "
+            "they have it"
+        )
 
 
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:

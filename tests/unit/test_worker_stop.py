@@ -364,3 +364,39 @@ def test_a_batch_the_store_had_applied_moves_no_offset_back() -> None:
 
     assert asyncio.run(run()) == ("ok", {("t", 0): 10, ("t", 1): 7})
     assert loop.applied == {("t", 0): 10, ("t", 1): 7}
+
+
+def test_a_worker_without_a_registry_is_refused_on_a_store_whose_workers_have_one(
+    tmp_path: object,
+) -> None:
+    """Development mode (the setting missing: a second deployment, an operator's shell)
+    accepted every event on a production store, and recorded "no registry" as its rules,
+    which then let `replay` and `rebuild` run without one."""
+    from pathlib import Path
+
+    from consumers.config import RULES_FILES, rules_files
+    from consumers.worker import WorkerConfig, _refuse_development_mode
+    from schemas.errors import ConfigurationError
+    from transport.config import KafkaConnection
+    from transport.topics import Topics
+
+    assert isinstance(tmp_path, Path)
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.create_schema()
+
+    def config(registry: Path | None) -> WorkerConfig:
+        return WorkerConfig(
+            KafkaConnection(bootstrap="127.0.0.1:1"), Topics(), "g", "x", registry_file=registry
+        )
+
+    try:
+        _refuse_development_mode(store, config(None))  # a store no worker ran on
+        store.set_meta(RULES_FILES, rules_files(None, None))
+        _refuse_development_mode(store, config(None))  # one in development mode already
+        registry = tmp_path / "registry.toml"
+        store.set_meta(RULES_FILES, rules_files(registry, None))
+        _refuse_development_mode(store, config(registry))
+        with pytest.raises(ConfigurationError, match="PORTAL_SYNC_REGISTRY is not set"):
+            _refuse_development_mode(store, config(None))
+    finally:
+        store.close()
