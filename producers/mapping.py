@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
@@ -38,6 +39,25 @@ class FieldMapping(BaseModel):
     )
     timezone: str = "Asia/Ho_Chi_Minh"
 
+    @field_validator("value_maps")
+    @classmethod
+    def _folded_keys(cls, maps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Keys as `map_key` reads a source's text: NFC, case folded. A source that stores
+        `Nữ` decomposed (NFD) or as `NỮ` missed the map's `Nữ`: the raw text went on, was
+        not one of the contract's values, and every such record was a dead letter."""
+        folded: dict[str, dict[str, Any]] = {}
+        for path, table in maps.items():
+            folded[path] = {}
+            for key, value in table.items():
+                text = map_key(key)
+                if folded[path].get(text, value) != value:
+                    raise ValueError(
+                        f"{path}: {key!r} and another key read alike (NFC, any case) but map "
+                        "to different values"
+                    )
+                folded[path][text] = value
+        return folded
+
     @field_validator("formats")
     @classmethod
     def _four_digit_years(cls, formats: dict[str, str]) -> dict[str, str]:
@@ -47,6 +67,11 @@ class FieldMapping(BaseModel):
         for path, pattern in formats.items():
             four_digit_year(path, pattern)
         return formats
+
+
+def map_key(text: str) -> str:
+    """A source's text as a value map's key: trimmed, NFC, case folded."""
+    return unicodedata.normalize("NFC", text.strip()).casefold()
 
 
 def four_digit_year(name: str, pattern: str) -> str:
@@ -105,8 +130,7 @@ def convert(path: str, value: Any, mapping: FieldMapping, zone: ZoneInfo) -> Any
         return None
     table = mapping.value_maps.get(path)
     if table is not None:
-        text = str(value).strip()
-        return table.get(text, value)
+        return table.get(map_key(str(value)), value)
     pattern = mapping.formats.get(path)
     if pattern is not None and isinstance(value, str | int):
         parsed = parse_local(str(value), pattern, zone)

@@ -3,6 +3,7 @@ every field of every row, whatever the paths, value maps, formats and driver val
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -106,3 +107,25 @@ def test_a_file_s_time_with_a_two_digit_year_is_refused() -> None:
             occurred_at_field="ngay_cap_nhat", occurred_at_format="dd/MM/yy HH:mm",
             fields={"full_name": "ho_ten"},
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ["Nữ", unicodedata.normalize("NFD", "Nữ"), "NỮ", " nữ ", unicodedata.normalize("NFD", "NỮ")],
+)
+def test_a_value_map_reads_a_source_s_text_whatever_its_form_and_case(stored: str) -> None:
+    """A source storing `Nữ` decomposed (NFD) or upper-cased missed the map's `Nữ`: the raw
+    text went on, was not one of the contract's values, and every female citizen of that
+    source was a dead letter."""
+    mapping = FieldMapping(
+        fields={"sex": "gioi_tinh"}, value_maps={"sex": {"Nam": "male", "Nữ": "female"}}
+    )
+    zone = ZoneInfo("Asia/Ho_Chi_Minh")
+    assert convert("sex", stored, mapping, zone) == "female"
+    assert convert("sex", "khác", mapping, zone) == "khác"  # not in the map: as it is
+
+
+def test_value_map_keys_that_read_alike_must_agree() -> None:
+    with pytest.raises(ValidationError, match="read alike"):
+        FieldMapping(fields={"sex": "g"}, value_maps={"sex": {"Nam": "male", "NAM": "female"}})
+    assert FieldMapping(fields={"sex": "g"}, value_maps={"sex": {"Nam": "male", "NAM": "male"}})
