@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.identifiers import PHONE
+
 # Java/.NET-style patterns as province systems write them, to strptime directives.
 _TOKENS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
 _TOKEN = re.compile("|".join(sorted(_TOKENS, key=len, reverse=True)))
@@ -135,7 +137,33 @@ def convert(path: str, value: Any, mapping: FieldMapping, zone: ZoneInfo) -> Any
     if pattern is not None and isinstance(value, str | int):
         parsed = parse_local(str(value), pattern, zone)
         return json_value(parsed, zone) if parsed is not None else value
+    leaf = path.rpartition(".")[2]
+    if leaf in CONTRACT_FORMS and isinstance(value, str):
+        return CONTRACT_FORMS[leaf](value)
     return json_value(value, zone)
+
+
+_SEPARATORS = re.compile(r"[ .()\-]")
+_BRANCH_TAX_CODE = re.compile(r"[0-9]{13}")
+
+
+def _phone(text: str) -> str:
+    """`091 234 5678`, `0912.345.678`, `(091) 234-5678`: the contract's form, when taking
+    the separators out gives it; else as it is (refused by the contract)."""
+    bare = _SEPARATORS.sub("", text)
+    return bare if PHONE.fullmatch(bare) else text
+
+
+def _owner_id(text: str) -> str:
+    """A branch's 13-digit tax code written without its hyphen (`0100109106001`, as many
+    databases keep it): the contract's `0100109106-001`; else as it is."""
+    bare = text.strip()
+    return f"{bare[:10]}-{bare[10:]}" if _BRANCH_TAX_CODE.fullmatch(bare) else text
+
+
+# Values written in a form the contract refuses, which only a separator or a hyphen keeps
+# from its own: by the field's name, whatever its path. Nothing else is altered.
+CONTRACT_FORMS = {"phone": _phone, "owner_id": _owner_id, "applicant_id": _owner_id}
 
 
 # A field as `map_fields` walks it: path, column, parent and leaf names, and whether it has
@@ -149,7 +177,11 @@ def field_plan(mapping: FieldMapping) -> tuple[FieldStep, ...]:
     steps = []
     for path, column in mapping.fields.items():
         *parents, leaf = path.split(".")
-        plain = path not in mapping.value_maps and path not in mapping.formats
+        plain = (
+            path not in mapping.value_maps
+            and path not in mapping.formats
+            and leaf not in CONTRACT_FORMS
+        )
         steps.append((path, column, tuple(parents), leaf, plain))
     return tuple(steps)
 

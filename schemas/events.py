@@ -33,6 +33,7 @@ from schemas.identifiers import (
     DOSSIER_CODE,
     OWNER_ID,
     PERSONAL_ID,
+    PHONE,
     PROCEDURE_CODE,
     SOURCE_ID,
     TAX_CODE,
@@ -71,7 +72,7 @@ TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
 SourceId = Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Phone = Annotated[str, StringConstraints(pattern=r"^(\+84|0)[0-9]{9,10}$")]
+Phone = Annotated[str, StringConstraints(pattern=PHONE.pattern)]
 _MAILBOX = rf"[[^@\s{_INVISIBLE}]&&[^\p{{Cn}}]]+"
 _ECMA_INVISIBLE = _INVISIBLE + r"\p{Cn}"
 _ECMA_MAILBOX = rf"[^@\s{_ECMA_INVISIBLE}]+"

@@ -20,6 +20,7 @@ from functools import cache
 PERSONAL_ID = re.compile(r"^[0-9]{12}$")
 TAX_CODE = re.compile(r"^[0-9]{10}(-[0-9]{3})?$")
 OWNER_ID = re.compile(r"^([0-9]{12}|[0-9]{10}(-[0-9]{3})?)$")  # a personal id or a tax code
+PHONE = re.compile(r"^(\+84|0)[0-9]{9,10}$")
 UNIT_CODE = r"[0-9A-Z]{3}\.[0-9A-Z]{2}\.[0-9A-Z]{2}\.[A-Z][0-9]{2}"
 DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>[0-9]{{6}})-(?P<seq>[0-9]{{4}})$")
 AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")

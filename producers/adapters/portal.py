@@ -45,7 +45,7 @@ from producers.adapters.filedrop import (
     text_of,
     unmappable,
 )
-from producers.mapping import parse_local
+from producers.mapping import CONTRACT_FORMS, parse_local
 from producers.sdk import Record, SkippableRecord
 from schemas.identifiers import ISSUER_KEY, PERSONAL_ID, TAX_CODE
 from schemas.validation import MAX_DEPTH, too_deep
@@ -197,7 +197,7 @@ class PortalAdapter(DirectoryAdapter):
         kind = APPLICANT_KIND.get(str(payload.get("LoaiDoiTuong", "")))
         if kind is not None:
             data["applicant_kind"] = kind
-        applicant = _applicant_id(payload.get("ChuHoSo"))
+        applicant = _applicant_id(payload.get("ChuHoSo"), kind)
         if applicant is not None:
             data["applicant_id"] = applicant
         if "TrangThaiHoSo" in payload:
@@ -349,11 +349,21 @@ def _issuer_key(data: dict[str, Any], local: str) -> str:
     return f"{issuer}:{local}"
 
 
-def _applicant_id(value: Any) -> str | None:
+def _applicant_id(value: Any, kind: str | None) -> str | None:
+    """The applicant's id: of an organisation its tax code (`MaSoThue`), of a citizen the
+    personal id (`SoDinhDanh`), whichever the other one is. An organisation's payload
+    that names its representative's personal id too was keyed by that person's, which the
+    contract refuses for an organisation: the dossier and its documents were dead letters.
+    A branch's tax code written without its hyphen is given it (`CONTRACT_FORMS`)."""
     if isinstance(value, dict):
-        value = value.get("SoDinhDanh") or value.get("MaSoThue")
-    if isinstance(value, str) and (PERSONAL_ID.fullmatch(value) or TAX_CODE.fullmatch(value)):
-        return value
+        first, second = (
+            ("MaSoThue", "SoDinhDanh") if kind == "organization" else ("SoDinhDanh", "MaSoThue")
+        )
+        value = value.get(first) or value.get(second)
+    if isinstance(value, str):
+        text = CONTRACT_FORMS["applicant_id"](value)
+        if PERSONAL_ID.fullmatch(text) or TAX_CODE.fullmatch(text):
+            return text
     return None
 
 

@@ -129,3 +129,32 @@ def test_value_map_keys_that_read_alike_must_agree() -> None:
     with pytest.raises(ValidationError, match="read alike"):
         FieldMapping(fields={"sex": "g"}, value_maps={"sex": {"Nam": "male", "NAM": "female"}})
     assert FieldMapping(fields={"sex": "g"}, value_maps={"sex": {"Nam": "male", "NAM": "male"}})
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        ("phone", "091 234 5678", "0912345678"),
+        ("phone", "0912.345.678", "0912345678"),
+        ("phone", "(024) 3825-1234", "02438251234"),
+        ("phone", "+84 912 345 678", "+84912345678"),
+        ("phone", "0912345678", "0912345678"),
+        ("phone", "gọi sau", "gọi sau"),  # no phone under the separators: as it is
+        ("phone", "09-12", "09-12"),
+        ("owner_id", "0100109106001", "0100109106-001"),
+        ("owner_id", "0100109106", "0100109106"),
+        ("owner_id", "079090000001", "079090000001"),
+        ("owner_id", "01001091060012", "01001091060012"),
+    ],
+)
+def test_phones_and_branch_tax_codes_in_a_form_one_separator_from_the_contract_s(
+    column: str, value: str, expected: str
+) -> None:
+    """`091 234 5678` made a whole citizen event a dead letter over its contact field; a
+    branch's tax code kept without its hyphen did the same to a document's owner. Taking
+    the separators out (or putting the hyphen in) gives the contract's form; nothing else
+    is altered."""
+    mapping = FieldMapping(fields={column: "cot"})
+    assert map_fields({"cot": value}, mapping, ZoneInfo("UTC"), field_plan(mapping)) == {
+        column: expected
+    }

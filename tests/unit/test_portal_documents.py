@@ -210,3 +210,26 @@ def test_a_payload_s_position_orders_one_time_only_within_a_million(tmp_path: Pa
     newer = PAYLOAD | {"NgayCapNhat": "20250801090001"}
     (next_file,) = reader._records(newer, "b.json:1", 0)
     assert isinstance(next_file, Record) and next_file.version > late.version
+
+
+@pytest.mark.parametrize(
+    ("applicant", "kind", "expected"),
+    [
+        # an organisation's payload that names its representative too: the tax code
+        ({"SoDinhDanh": "079090000001", "MaSoThue": "0300588569"}, "2", "0300588569"),
+        ({"SoDinhDanh": "079090000001", "MaSoThue": "0300588569"}, "1", "079090000001"),
+        ({"MaSoThue": "0300588569001"}, "2", "0300588569-001"),  # a branch's, no hyphen
+        ({"MaSoThue": "0300588569-001"}, "2", "0300588569-001"),
+    ],
+)
+def test_the_applicant_is_the_one_its_kind_names(
+    tmp_path: Path, applicant: dict[str, str], kind: str, expected: str
+) -> None:
+    """The personal id was taken first whatever the kind: an organisation's dossier was
+    keyed by its representative, which the contract refuses for an organisation, and the
+    dossier went to the dead letters with its documents."""
+    payload = PAYLOAD | {"ChuHoSo": {"HoTen": "Công ty An Bình"} | applicant, "LoaiDoiTuong": kind}
+    data = json.dumps([payload], ensure_ascii=False).encode()
+    (record,) = adapter(tmp_path).parse(tmp_path / "hoso.json", data)
+    assert isinstance(record, Record), record
+    assert record.data is not None and record.data["applicant_id"] == expected
