@@ -161,9 +161,27 @@ def _owner_id(text: str) -> str:
     return f"{bare[:10]}-{bare[10:]}" if _BRANCH_TAX_CODE.fullmatch(bare) else text
 
 
-# Values written in a form the contract refuses, which only a separator or a hyphen keeps
-# from its own: by the field's name, whatever its path. Nothing else is altered.
-CONTRACT_FORMS = {"phone": _phone, "owner_id": _owner_id, "applicant_id": _owner_id}
+_SPACES = re.compile(r"\s+")
+
+
+def _name(text: str) -> str:
+    """A name with its spaces as one writes it: trimmed, each run of spaces (a no-break
+    space, a tab) one space. `Nguyễn  Văn An ` and `Nguyễn Văn An` from two sources were a
+    conflict over one spelling. A name of spaces only is then empty (refused)."""
+    return _SPACES.sub(" ", text).strip()
+
+
+# Values written in a form the contract refuses, or in one of many spellings of one value,
+# which only separators or spaces keep from the contract's: by the field's name, whatever
+# its path. Nothing else is altered.
+CONTRACT_FORMS = {
+    "phone": _phone,
+    "owner_id": _owner_id,
+    "applicant_id": _owner_id,
+    "full_name": _name,
+    "name": _name,
+    "english_name": _name,
+}
 
 
 # A field as `map_fields` walks it: path, column, parent and leaf names, and whether it has

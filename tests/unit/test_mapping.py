@@ -145,6 +145,10 @@ def test_value_map_keys_that_read_alike_must_agree() -> None:
         ("owner_id", "0100109106", "0100109106"),
         ("owner_id", "079090000001", "079090000001"),
         ("owner_id", "01001091060012", "01001091060012"),
+        ("full_name", "  Nguyễn\u00a0Văn   An ", "Nguyễn Văn An"),
+        ("full_name", "Trần\tThị Bích", "Trần Thị Bích"),
+        ("full_name", "   ", ""),  # refused by the contract, no longer a name
+        ("name", "Công ty  TNHH An Bình ", "Công ty TNHH An Bình"),
     ],
 )
 def test_phones_and_branch_tax_codes_in_a_form_one_separator_from_the_contract_s(
