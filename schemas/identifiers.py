@@ -208,6 +208,11 @@ def key_reference(key: str, secret: ReferenceKey | None) -> str:
     return REFERENCE_PREFIX + secret.digest(key)[:REFERENCE_HEX_DIGITS]
 
 
+# The 63 provinces' codes of addresses before 1 July 2025: a personal id's province code
+# without its leading zero (Decree 137/2015 numbers both alike).
+OLD_PROVINCE_CODES = frozenset(code[1:] for code in OLD_PROVINCE_ID_CODES)
+
+
 @cache
 def current_province_codes() -> frozenset[str]:
     """The 34 province-level codes in force since 1 July 2025, from vietnam-provinces."""

@@ -31,6 +31,7 @@ from schemas.events import (
     nfc,
 )
 from schemas.identifiers import (
+    OLD_PROVINCE_CODES,
     current_province_codes,
     personal_id_warnings,
     tax_code_warnings,
@@ -332,10 +333,14 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
         dob = fields.get("date_of_birth")
         sex = fields.get("sex")
         warnings += personal_id_warnings(event.key, dob, sex)
+        if dob is not None and dob > event.occurred_at.date():  # the event's day: a replay's
+            warnings.append("date_of_birth_after_event")
     elif event.entity == "organization":
         warnings += tax_code_warnings(event.key)
     address = fields.get("permanent_address") or fields.get("address")
     code = None if address is None else vars(address).get("province_code")
     if code is not None and code not in current_province_codes():
-        warnings.append("province_code_not_current")
+        # one of the 63 before 1 July 2025 (old data), or none ever
+        old = code in OLD_PROVINCE_CODES
+        warnings.append("province_code_not_current" if old else "province_code_unknown")
     return warnings

@@ -608,6 +608,17 @@ def test_old_province_code_warns() -> None:
     assert parse_event(encode(org)).warnings == ["province_code_not_current"]
     current_data = {"permanent_address": {"province_code": "01"}}
     assert parse_event(encode(citizen(data=current_data))).warnings == []
+    # a code no province ever had is told apart from an old one
+    nowhere = {"permanent_address": {"province_code": "99"}}
+    assert parse_event(encode(citizen(data=nowhere))).warnings == ["province_code_unknown"]
+
+
+def test_a_birth_date_after_the_event_warns() -> None:
+    """2090-05-01 with a personal id of 1990 (`001290…` would be 2090) gave no warning."""
+    born = {"full_name": "Nguyễn Văn An", "date_of_birth": "2090-05-01", "sex": "male"}
+    warnings = parse_event(encode(citizen(data=born))).warnings
+    assert "date_of_birth_after_event" in warnings
+    assert "date_of_birth_after_event" not in parse_event(encode(citizen())).warnings
 
 
 # -- event ids ----------------------------------------------------------------------------
