@@ -190,9 +190,9 @@ def _print_summary(
     console.print(
         f"read {summary.read} events in {summary.seconds:.1f}s ({summary.rate:,.0f} ev/s): "
         f"{summary.outcomes['applied']} applied, {summary.outcomes['unchanged']} unchanged, "
-        f"{summary.outcomes['stale']} stale, {summary.outcomes['dead_lettered']} invalid and "
-        f"{summary.outcomes['apply_failed']} refused by the store (dead-lettered by the "
-        f"worker), {summary.outcomes['skipped']} outside the filters; "
+        f"{summary.outcomes['stale']} stale, {summary.outcomes['dead_lettered']} invalid "
+        f"{_by_reason(summary)}and {summary.outcomes['apply_failed']} refused by the store "
+        f"(not applied), {summary.outcomes['skipped']} outside the filters; "
         f"{sum(summary.changed_records.values())} record changes {verb} made"
     )
     for item in summary.sample:
@@ -200,6 +200,12 @@ def _print_summary(
                   if show_values else ", ".join(sorted(item["changes"])))  # fmt: skip
         key = item["key"] if show_values else key_reference(item["key"], reference_key)
         console.print(plain(f"  {item['entity']} {key} ({item['source']}): {fields}"))
+
+
+def _by_reason(summary: ReplaySummary) -> str:
+    """The invalid events' reason codes, e.g. `(invalid_field 3, unsigned 1) `."""
+    counts = ", ".join(f"{code} {n}" for code, n in sorted(summary.invalid.items()))
+    return f"({counts}) " if counts else ""
 
 
 REPLAY_OUTCOMES = ("applied", "unchanged", "stale", "dead_lettered", "apply_failed", "skipped")
@@ -216,6 +222,7 @@ def summary_dict(
         | dict(summary.outcomes),
         "by_entity": {f"{e}:{o}": n for (e, o), n in sorted(summary.by_entity.items())},
         "changed_records": dict(summary.changed_records),
+        "invalid": dict(sorted(summary.invalid.items())),  # by reason code
         "seconds": round(summary.seconds, 3),
         "sample": [
             item
@@ -303,6 +310,14 @@ def rebuild(
     console.print(f"rebuilt {sum(target.count_records().values())} records from "
                   f"{summary.read} events in {summary.seconds:.1f}s, up to the live store's "
                   "offsets (a worker on the new store applies what follows)")  # fmt: skip
+    refused = summary.outcomes["dead_lettered"]
+    if refused:  # on stderr: a record only such events held is not in the new store
+        progress_console.print(markup(
+            "[yellow]warning:[/yellow] {} events refused {}(the live worker dead-lettered "
+            "them, or the rules refuse now what they once took): a record only they held is "
+            "not in the new store; --compare shows the difference",
+            refused, _by_reason(summary),
+        ))  # fmt: skip
     if compare:
         live = Store(live_settings.store_url)
         try:  # the workers' clocks may run ahead of this host's: what they applied

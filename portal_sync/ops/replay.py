@@ -37,6 +37,7 @@ class ReplaySummary:
     outcomes: Counter[str] = field(default_factory=Counter)  # applied, unchanged, stale, ...
     by_entity: Counter[tuple[str, str]] = field(default_factory=Counter)  # (entity, outcome)
     changed_records: Counter[str] = field(default_factory=Counter)  # entity -> records changed
+    invalid: Counter[str] = field(default_factory=Counter)  # the refused ones' reason codes
     sample: list[dict[str, Any]] = field(default_factory=list)  # field-level differences
     seconds: float = 0.0
 
@@ -96,6 +97,7 @@ def replay(
                 summary.outcomes["skipped"] += len(dead) - len(mine)
                 dead = mine
             summary.outcomes["dead_lettered"] += len(dead)
+            summary.invalid.update(letter.code for letter in dead)
             wanted = [
                 c for c in valid
                 if (source is None or c.event.source == source)

@@ -635,6 +635,34 @@ def test_a_rebuild_stops_at_the_live_stores_offsets_so_what_follows_is_dead_lett
     assert (origin["ps.origin.offset"], origin["ps.reason.code"]) == (b"10", b"invalid_json")
 
 
+def test_a_rebuild_says_how_many_events_it_refused_and_why(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """A rebuild printed only "rebuilt N records": events the rules refuse (the live
+    worker's dead letters, or events a rule tightened since refuses now) leave out the
+    records only they held, and nothing said so unless `--compare` was asked."""
+    from tests.support.kafka_helpers import publisher_for
+
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    events = citizen_events(8, 1, seed=49)
+    _published(settings, tmp_path, events)
+    topic = settings.topics().change_topic("citizen")
+    publisher = publisher_for(settings)
+    publisher.send(topic, b"citizen:1", b"not json", [])
+    publisher.flush()
+    publisher.close()
+    _caught_up(settings)
+
+    replayed = cli(settings, "replay", "--since", "1h", "--json")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert json.loads(replayed.stdout)["invalid"] == {"invalid_json": 1}
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    (tmp_path / "rebuilt-url").write_text(rebuilt + "\n")
+    result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 events refused (invalid_json 1)" in " ".join(result.stderr.split())
+
+
 def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
