@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from consumers.merge import Authority
+from consumers.merge import MERGE_RULES_REVISION, Authority
 from consumers.registry import Registry
 from schemas.errors import ConfigurationError
 
@@ -39,9 +39,11 @@ RULES_FILES = "rules.files"
 
 
 def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -> str:
-    """SHA-256 of the registry's and the authority file's bytes ("none" for a missing one):
-    the worker records it in the store; replay, rebuild and remerge compare theirs."""
-    digest = hashlib.sha256()
+    """SHA-256 of the registry's and the authority file's bytes ("none" for a missing one)
+    and of the merge rules' revision (`MERGE_RULES_REVISION`: a release whose code merges
+    otherwise): the worker records it in the store; replay, rebuild and remerge compare
+    theirs."""
+    digest = hashlib.sha256(f"merge rules {MERGE_RULES_REVISION}\0".encode())
     for label, path in (("registry", registry_file), ("authority", authority_file)):
         digest.update(label.encode() + b"\0")
         digest.update(path.read_bytes() if path is not None else b"none")

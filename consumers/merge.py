@@ -37,6 +37,11 @@ from schemas.identifiers import SOURCE_ID
 from schemas.views import CanonicalRecord, SourceView
 
 Outcome = Literal["applied", "duplicate", "stale"]
+# The revision of these rules as code: a release that changes how records merge (a rank,
+# a tie-break, a derived finding) raises it. It is part of the rules' fingerprint
+# (`consumers.config`), so that a replay, rebuild or remerge of one release is refused on a
+# store another release's workers keep; after such a release, run `remerge`.
+MERGE_RULES_REVISION = 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,27 @@
+"""The rules' fingerprint the worker records and replay, rebuild and remerge compare: the
+rules files' bytes and the merge rules' revision as code. A toolbox on another release than
+the workers' (one that merges otherwise) was let replay into their store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import consumers.config
+from consumers.config import rules_fingerprint
+
+
+def test_the_fingerprint_follows_the_files_and_the_merge_rules_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text("require_signatures = false\n")
+    first = rules_fingerprint(registry, None)
+    assert rules_fingerprint(registry, None) == first  # the same rules, the same print
+    registry.write_text("require_signatures = true\n")
+    assert rules_fingerprint(registry, None) != first
+    again = rules_fingerprint(registry, None)
+    monkeypatch.setattr(consumers.config, "MERGE_RULES_REVISION", 2)  # another release's
+    assert rules_fingerprint(registry, None) != again
+    assert rules_fingerprint(None, None) != rules_fingerprint(registry, None)
