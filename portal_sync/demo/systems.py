@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -302,7 +303,9 @@ class SampleSource:
         self.rng = random.Random(f"{world.rng.random()}-{spec.source}")
         province = Province.from_code(ProvinceCode(int(spec.province)))
         self.wards = [f"{int(w.code):05d}" for w in Ward.iter_by_province(province.code)]
-        self.day_seq = 0
+        # A dossier's number counts within its day at its agency, as the codes do: one count
+        # for every day ran past 9999 at 60,000 people, and the codes were no longer valid.
+        self.day_seqs: Counter[date] = Counter()
 
     def now(self, behind_seconds: float = 0.0) -> datetime:
         """Local wall time as the source stores it (naive, Asia/Ho_Chi_Minh)."""
@@ -370,11 +373,12 @@ class SampleSource:
 
     def dossier_row(self) -> dict[str, Any]:
         rng = self.rng
-        self.day_seq += 1
         received = datetime(2025, 7, 1, 8) + timedelta(minutes=rng.randrange(500_000))
+        self.day_seqs[received.date()] += 1
+        number = self.day_seqs[received.date()]
         person = rng.choice(self.world.people)
         return {
-            "ma_ho_so": f"{self.spec.unit_code}-{received:%y%m%d}-{self.day_seq:04d}",
+            "ma_ho_so": f"{self.spec.unit_code}-{received:%y%m%d}-{number:04d}",
             "ma_tthc": rng.choice(PROCEDURES),
             "ma_don_vi": self.spec.unit_code,
             "loai_doi_tuong": "citizen",
