@@ -107,11 +107,15 @@ GIVEN = {"male": ["An", "Bảo", "Dũng", "Đạt", "Hùng", "Khánh", "Long", "
 STREETS = ["Lê Lợi", "Trần Hưng Đạo", "Nguyễn Huệ", "Hai Bà Trưng", "Lý Thường Kiệt",
            "Điện Biên Phủ", "Võ Thị Sáu", "Nguyễn Thị Minh Khai", "Hùng Vương"]  # fmt: skip
 # (old personal-id province code, province code in force since 2025-07-01, wards, source)
+# (every ward a ward of its province in vietnam-provinces' 2025 list: a unit test checks)
 PROVINCES = [("001", "01", ["00004", "00070"], "province-01"),
-             ("079", "79", ["26734", "27004"], "province-79"),
+             ("079", "79", ["26506", "27004"], "province-79"),
              ("031", "31", ["11311", "11506"], "province-31"),
-             ("048", "48", ["20194", "20257"], "province-48"),
-             ("092", "92", ["31117", "31150"], "province-92")]  # fmt: skip
+             ("048", "48", ["20242", "20257"], "province-48"),
+             ("092", "92", ["31135", "31150"], "province-92")]  # fmt: skip
+# A tax code's first two digits: the province's tax department's (Hà Nội 01, Hải Phòng 02,
+# Hồ Chí Minh City 03, Đà Nẵng 04, Cần Thơ 18), not its address code.
+TAX_PREFIX = {"01": "01", "79": "03", "31": "02", "48": "04", "92": "18"}
 SECOND = {"citizen": "ministry-bca", "organization": "ministry-mpi", "document": "ministry-btp",
           "dossier": "portal-dvcqg"}  # fmt: skip
 ORG_WORDS = ["Thương mại", "Dịch vụ", "Xây dựng", "Công nghệ", "Nông sản", "Vận tải", "Du lịch"]
@@ -170,7 +174,7 @@ class _Gen:
                     "email": f"cd{n}@example.vn"}  # fmt: skip
         elif entity == "organization":
             while True:
-                stem = f"{province[0][1:]}{(n * 7919) % 10**7:07d}"
+                stem = f"{TAX_PREFIX[province[1]]}{(n * 7919) % 10**7:07d}"
                 check = tax_code_check_digit(stem + "0")
                 if check is not None:
                     break
