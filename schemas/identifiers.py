@@ -219,3 +219,15 @@ def current_province_codes() -> frozenset[str]:
     from vietnam_provinces import Province
 
     return frozenset(f"{int(p.code):02d}" for p in Province.iter_all())
+
+
+@cache
+def current_wards(province_code: str) -> frozenset[str]:
+    """The 5-digit codes of a current province's communes and wards (vietnam-provinces);
+    empty for a code that is not one of the 34."""
+    from vietnam_provinces import Province, ProvinceCode, Ward
+
+    if province_code not in current_province_codes():
+        return frozenset()
+    province = Province.from_code(ProvinceCode(int(province_code)))
+    return frozenset(f"{int(w.code):05d}" for w in Ward.iter_by_province(province.code))

@@ -33,6 +33,7 @@ from schemas.events import (
 from schemas.identifiers import (
     OLD_PROVINCE_CODES,
     current_province_codes,
+    current_wards,
     personal_id_warnings,
     tax_code_warnings,
 )
@@ -343,4 +344,8 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
         # one of the 63 before 1 July 2025 (old data), or none ever
         old = code in OLD_PROVINCE_CODES
         warnings.append("province_code_not_current" if old else "province_code_unknown")
+    elif code is not None:
+        ward = vars(address).get("ward_code")
+        if ward is not None and ward not in current_wards(code):
+            warnings.append("ward_code_not_of_province")  # an old ward's, or none of its
     return warnings

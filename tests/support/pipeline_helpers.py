@@ -47,14 +47,18 @@ def citizen_events(keys: int, versions: int, seed: int = 1) -> list[dict[str, An
                     event["data"] = {
                         "full_name": rng.choice(NAMES),
                         "phone": rng.choice([None, f"09{rng.randrange(10**8):08d}"]),
-                        "permanent_address": {
-                            "province_code": rng.choice(["01", "79"]),
-                            "ward_code": "00070",
-                            "line": "Số 1 Lê Lợi",
-                        },
+                        "permanent_address": _address(rng.choice(["01", "79"])),
                     }
                 events.append(event)
     return events
+
+
+# A ward of each province (vietnam-provinces' 2025 list)
+WARDS = {"01": "00070", "79": "27004"}
+
+
+def _address(province: str) -> dict[str, str]:
+    return {"province_code": province, "ward_code": WARDS[province], "line": "Số 1 Lê Lợi"}
 
 
 def shuffled_with_duplicates(events: list[dict[str, Any]], seed: int = 2) -> list[dict[str, Any]]:

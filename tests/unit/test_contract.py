@@ -611,6 +611,13 @@ def test_old_province_code_warns() -> None:
     # a code no province ever had is told apart from an old one
     nowhere = {"permanent_address": {"province_code": "99"}}
     assert parse_event(encode(citizen(data=nowhere))).warnings == ["province_code_unknown"]
+    # a ward of another province (Cà Mau's under Hà Nội), or none at all
+    for ward in ("32248", "00000"):
+        elsewhere = {"permanent_address": {"province_code": "01", "ward_code": ward}}
+        warnings = parse_event(encode(citizen(data=elsewhere))).warnings
+        assert warnings == ["ward_code_not_of_province"]
+    home = {"permanent_address": {"province_code": "01", "ward_code": "00070"}}
+    assert parse_event(encode(citizen(data=home))).warnings == []
 
 
 def test_a_birth_date_after_the_event_warns() -> None:
