@@ -767,12 +767,15 @@ class PostgresBatchIO(BatchIO):
         topics = text_array([t for (t, _), _ in items])
         partitions = int_array([p for (_, p), _ in items])
         next_offsets = bigint_array([r[1] for _, r in items])
+        # The journal's time is the server's: its retention deletes the oldest rows by id
+        # (`Store.purge_journal_within`), and rows dated ahead by a worker's clock at the
+        # head of that order held back every older row behind them.
         self._run(
             "INSERT INTO apply_journal (topic, partition, first_offset, next_offset, events,"
-            " committed_at) SELECT t, p, f, n, c, %b FROM unnest(%b::text[], %b::int[],"
-            " %b::bigint[], %b::bigint[], %b::int[]) AS u(t, p, f, n, c)",
+            " committed_at) SELECT t, p, f, n, c, statement_timestamp() AT TIME ZONE 'UTC'"
+            " FROM unnest(%b::text[], %b::int[], %b::bigint[], %b::bigint[], %b::int[])"
+            " AS u(t, p, f, n, c)",
             [
-                naive_utc(now),
                 topics,
                 partitions,
                 bigint_array([r[0] for _, r in items]),

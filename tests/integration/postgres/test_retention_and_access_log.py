@@ -634,3 +634,24 @@ def test_a_host_clock_run_ahead_does_not_date_the_retention_on_postgresql(
         assert consumers.retention.retention_now(store) == real - DAY
     finally:
         store.close()
+
+
+def test_the_journal_is_dated_by_the_server_on_postgresql(
+    postgres_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its retention deletes the oldest rows by id: rows a worker's clock dated 100 days
+    ahead, at the head of that order, held every older row behind them (the purge found
+    none due there, and was done)."""
+    import consumers.reconciler
+
+    store = Store(postgres_store_url)
+    store.create_schema()
+    try:
+        real = utcnow()
+        monkeypatch.setattr(consumers.reconciler, "utcnow", lambda: real + 100 * DAY)
+        Feed(store).apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "An"}))
+        with store.engine.connect() as conn:
+            (at,) = conn.execute(select(apply_journal.c.committed_at)).scalars().all()
+        assert abs(at - real) < timedelta(minutes=1)
+    finally:
+        store.close()
