@@ -334,7 +334,9 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
         dob = fields.get("date_of_birth")
         sex = fields.get("sex")
         warnings += personal_id_warnings(event.key, dob, sex)
-        if dob is not None and dob > event.occurred_at.date():  # the event's day: a replay's
+        # after the event's day wherever it was sent (a local day runs at most a day ahead
+        # of UTC's): a replay's verdict too; dates subtracted, which cannot overflow
+        if dob is not None and (dob - event.occurred_at.date()).days > 1:
             warnings.append("date_of_birth_after_event")
     elif event.entity == "organization":
         warnings += tax_code_warnings(event.key)

@@ -626,6 +626,10 @@ def test_a_birth_date_after_the_event_warns() -> None:
     warnings = parse_event(encode(citizen(data=born))).warnings
     assert "date_of_birth_after_event" in warnings
     assert "date_of_birth_after_event" not in parse_event(encode(citizen())).warnings
+    # born this morning in Vietnam, registered at once: still the event's day there
+    today = {"full_name": "Nguyễn Văn An", "date_of_birth": "2025-09-10", "sex": "male"}
+    registered = citizen(data=today, occurred_at="2025-09-10T06:00:00+07:00")
+    assert "date_of_birth_after_event" not in parse_event(encode(registered)).warnings
 
 
 # -- event ids ----------------------------------------------------------------------------
