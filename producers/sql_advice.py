@@ -127,7 +127,8 @@ def _whole_seconds(poller: SqlPollingAdapter) -> str | None:
     kind: Any = poller.updated_at.type
     if getattr(kind, "precision", None) == 0 or getattr(kind, "fsp", None) == 0:
         return f"column type {kind}"
-    query = select(poller.updated_at).order_by(poller.updated_at.desc()).limit(SAMPLE)
+    query = select(poller.updated_at).where(poller.placed()).order_by(poller.updated_at.desc())
+    query = query.limit(SAMPLE)  # the rows read (PostgreSQL's `infinity` cannot be)
     with poller.engine.connect() as conn:
         values = [v for (v,) in conn.execute(query) if v is not None]
     moments = [poller.cursor_time(v) for v in values]

@@ -662,7 +662,7 @@ class SqlPollingAdapter:
                 continue
         return False
 
-    def _placed(self) -> Any:
+    def placed(self) -> Any:
         """Rows with a place in the cursor's order: a cursor time and a primary key (the key
         column without `pk_column`), the time finite on PostgreSQL. One 'infinity' (or
         '-infinity') stopped the source at every poll: psycopg cannot read it, so even the
@@ -674,11 +674,11 @@ class SqlPollingAdapter:
         return placed
 
     def rows_without_cursor_time(self) -> int:
-        """Rows without a place in the cursor's order (`_placed`): never read. As counted
+        """Rows without a place in the cursor's order (`placed`): never read. As counted
         the first time this adapter asked."""
         if self._unplaced is None:
             query = select(func.count()).select_from(self.table)
-            unplaced = not_(self._placed())
+            unplaced = not_(self.placed())
             with self.engine.connect() as conn:
                 found = conn.execute(query.where(unplaced)).scalar_one()
             self._unplaced = int(found)
@@ -697,7 +697,7 @@ class SqlPollingAdapter:
         moment = self._moment(self.updated_at)
         # A row without a cursor time has no place in the cursor's order: never read
         # (`adapters check` counts them; the column needs a value from the insert on).
-        query = select(*columns).where(self._placed())
+        query = select(*columns).where(self.placed())
         query = query.order_by(moment, self.pk).limit(limit)
         if condition is not None:
             query = query.where(condition)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import create_engine
 
+from producers.sql_advice import check_warnings
 from producers.sql_polling import (
     CursorState,
     RejectedRow,
@@ -176,5 +177,8 @@ def test_an_infinite_cursor_time_leaves_its_row_unread_and_the_source_going(
             adapter.remember(state, page)
         assert [(c.pk, type(c)) for c in changes] == [(1, SourceChange), (4, SourceChange)]
         assert adapter.rows_without_cursor_time() == 2
+        # `adapters check` reads the newest cursor times too: it failed on `infinity`
+        notes = check_warnings(adapter)
+        assert any("2 rows have no cap_nhat (or an infinite one)" in note for note in notes)
     finally:
         adapter.close()
