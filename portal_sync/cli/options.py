@@ -129,9 +129,13 @@ def _within_kafka(moment: datetime, text: str) -> datetime:
     """Refuse a time Kafka cannot look up (its timestamps count ms from 1970; the client
     refused a negative one with a traceback) or the clocks' skew would carry past the
     calendar's end."""
-    if moment.astimezone(UTC).year < 1970:
+    try:
+        year = moment.astimezone(UTC).year
+    except OverflowError:  # its offset carries it past the calendar's end
+        year = 1 if moment.year < 1970 else 9999
+    if year < 1970:
         raise typer.BadParameter(f"{text!r} is before {KAFKA_EPOCH_TEXT}")
-    if moment.year >= 9999:
+    if year >= 9999:
         raise typer.BadParameter(f"{text!r} is past the year 9998")
     return moment
 

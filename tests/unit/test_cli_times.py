@@ -46,6 +46,8 @@ def test_rfc3339_times(text: str, moment: datetime) -> None:
         ("1970-01-01T00:00:00+07:00", "is before 1970-01-01T00:00:00Z"),
         ("0001-01-01T00:00:00Z", "is before 1970-01-01T00:00:00Z"),
         ("9999-12-31T23:59:59Z", "is past the year 9998"),
+        ("9999-12-31T23:00:00-05:00", "is past the year 9998"),  # past the calendar in UTC
+        ("0001-01-01T00:00:00+07:00", "is before 1970-01-01T00:00:00Z"),
         ("99999999999d", "reaches before 1970-01-01T00:00:00Z"),
         ("30000d", "is before 1970-01-01T00:00:00Z"),
     ],
