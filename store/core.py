@@ -34,6 +34,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     text,
     tuple_,
@@ -647,20 +648,23 @@ class Store:
             return version
 
     def redriven(
-        self, topic: str, topic_id: str = "", from_offset: int = 0
+        self, topic: str, topic_id: str = "", starts: Mapping[int, int] | None = None
     ) -> dict[tuple[int, int], datetime | None]:
         """The dead letters of `topic` already re-driven, by (partition, offset): None for
         a redrive recorded with this topic's id (KIP-516), else the time of the latest one
         recorded without an id (before migration 0014, or the id unknown then). A topic
         created again numbers its letters from 0 again: the earlier topic's redrives are
         not its letters', and one recorded without an id stands only for a letter written
-        before it (`portal_sync.ops.dlq`). Those below `from_offset` only when asked: the
-        topic's retention removed their letters (a redrive read every row it ever recorded,
-        millions after a few years)."""
+        before it (`portal_sync.ops.dlq`). `starts`: each partition's first offset still in
+        the topic; those below are left out, their letters gone with the retention (a
+        redrive read every row it ever recorded, millions after a few years)."""
         table = dead_letter_redrives.c
         query = select(table.partition, table.offset, table.topic_id, table.redriven_at).where(
-            table.topic == topic, table.topic_id.in_({"", topic_id}), table.offset >= from_offset
+            table.topic == topic, table.topic_id.in_({"", topic_id})
         )
+        if starts:
+            kept = [and_(table.partition == p, table.offset >= o) for p, o in starts.items()]
+            query = query.where(or_(table.partition.not_in(list(starts)), *kept))
         done: dict[tuple[int, int], datetime | None] = {}
         with translated(), self.engine.connect() as conn:
             for partition, offset, recorded_id, at in conn.execute(query):

@@ -452,10 +452,9 @@ def redrive(
     # The topic's id (a topic created again numbers its letters from 0 again); '' when the
     # cluster does not say: then the place alone, as recorded before migration 0014.
     topic_id = admin.topic_ids(settings.connection(), [topic]).get(topic, "")
-    # The redrives recorded of letters the topic still holds (the lowest start of its
-    # partitions: the others' a few more)
+    # The redrives recorded of letters the topic still holds
     starts = admin.beginning_offsets(settings.connection(), [topic])
-    done = store.redriven(topic, topic_id, min(starts.values(), default=0))
+    done = store.redriven(topic, topic_id, {p: start for (_, p), start in starts.items()})
     skew = timedelta(seconds=settings.max_clock_skew_seconds)
     purged = undoable_purges(store)
     secret = settings.reference_key()  # a purge of one record names it by its reference

@@ -101,5 +101,6 @@ def test_only_the_redrives_of_letters_the_topic_still_holds_are_read(store: Stor
         with _claim(store, offset) as claimed:
             assert claimed
     assert set(store.redriven(LETTERS, "id-1")) == {(0, 1), (0, 5), (0, 9)}
-    assert set(store.redriven(LETTERS, "id-1", from_offset=5)) == {(0, 5), (0, 9)}
+    assert set(store.redriven(LETTERS, "id-1", {0: 5})) == {(0, 5), (0, 9)}
+    assert set(store.redriven(LETTERS, "id-1", {1: 7})) == {(0, 1), (0, 5), (0, 9)}
     store.close()
