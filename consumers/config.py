@@ -52,5 +52,8 @@ def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -
 
 
 def rules_files(registry_file: Path | None, authority_file: Path | None) -> str:
-    """The files by name, for messages."""
-    return f"registry {registry_file or '(none)'}, authority {authority_file or '(none)'}"
+    """The files by name and the merge rules' revision, for messages."""
+    return (
+        f"registry {registry_file or '(none)'}, authority {authority_file or '(none)'}, "
+        f"merge rules {MERGE_RULES_REVISION}"
+    )

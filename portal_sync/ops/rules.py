@@ -41,6 +41,6 @@ def guard_rules(
         raise RulesMismatch(
             f"this command runs with {rules_files(settings.registry, settings.authority_file)}"
             f", but the worker of this store runs with {theirs} (other content): set "
-            "PORTAL_SYNC_REGISTRY and PORTAL_SYNC_AUTHORITY_FILE as the worker has them, or "
-            "pass --rules-mismatch-ok"
+            "PORTAL_SYNC_REGISTRY and PORTAL_SYNC_AUTHORITY_FILE as the worker has them, run "
+            "the workers' release where the merge rules differ, or pass --rules-mismatch-ok"
         )

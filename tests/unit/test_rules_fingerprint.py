@@ -25,3 +25,16 @@ def test_the_fingerprint_follows_the_files_and_the_merge_rules_revision(
     monkeypatch.setattr(consumers.config, "MERGE_RULES_REVISION", 2)  # another release's
     assert rules_fingerprint(registry, None) != again
     assert rules_fingerprint(None, None) != rules_fingerprint(registry, None)
+
+
+def test_the_rules_named_in_messages_say_the_merge_rules_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A toolbox of another release than the workers' was told to set the registry it
+    already had: the messages name the release's merge rules too."""
+    registry = tmp_path / "registry.toml"
+    assert consumers.config.rules_files(registry, None).endswith(
+        f"merge rules {consumers.config.MERGE_RULES_REVISION}"
+    )
+    monkeypatch.setattr(consumers.config, "MERGE_RULES_REVISION", 7)
+    assert consumers.config.rules_files(None, None).endswith("merge rules 7")
