@@ -22,7 +22,6 @@ from consumers.cache import DEFAULT_RECORDS
 from observability.alerts import Thresholds
 from schemas.errors import ConfigurationError
 from schemas.identifiers import MIN_REFERENCE_KEY_BYTES, ReferenceKey
-from store.roles import JOURNAL_FLOOR_DAYS
 from transport.config import ClusterSecurity, KafkaConnection
 from transport.topics import Topics
 
@@ -115,7 +114,7 @@ class Settings(BaseSettings):
     access_log_retention_days: int = Field(default=730, ge=1, description="access log kept, days")
     journal_retention_days: int = Field(
         default=30,
-        ge=JOURNAL_FLOOR_DAYS,
+        ge=7,  # store.roles.JOURNAL_FLOOR_DAYS (not imported: it loads the whole store)
         description="the batches' journal (apply_journal) kept, days",
     )
     done_files_retention_days: float = Field(

@@ -254,3 +254,13 @@ def test_without_a_retention_done_files_stay(tmp_path: Path, drop: Path) -> None
     _run(deployment.adapter(deployment.sources[0]))
     assert _names(drop / "done") == ["new.csv", "notes.txt", "old.csv",
                                      "old.csv.rejected.jsonl", "recent.csv"]  # fmt: skip
+
+
+def test_the_journal_s_least_retention_is_its_purge_s_floor() -> None:
+    """The setting's bound is written out (settings would import the whole store for it,
+    at every command's start); it must be the purge function's floor."""
+    from portal_sync.settings import Settings
+    from store.roles import JOURNAL_FLOOR_DAYS
+
+    bound = Settings.model_fields["journal_retention_days"].metadata
+    assert any(getattr(rule, "ge", None) == JOURNAL_FLOOR_DAYS for rule in bound)
