@@ -68,7 +68,8 @@ from schemas.errors import (
     until_available,
 )
 from schemas.identifiers import ReferenceKey
-from store import OffsetGap, Store, TopicPartition, utcnow
+from store import OffsetGap, Store, StoreUnavailable, TopicPartition, utcnow
+from store.failures import refused_setting
 from transport import admin
 from transport.config import KafkaConnection
 from transport.group import GroupMember, check_topic_ids, check_within_logs
@@ -525,7 +526,12 @@ def _start(config: WorkerConfig, lock_wait: float | None = None) -> bool:
     admin.check_partition_counts(config.connection, config.topics)
     starting = Store(config.store_url, lock_wait=lock_wait)
     try:
-        starting.create_schema()
+        try:
+            starting.create_schema()
+        except StoreUnavailable as error:
+            if refused_setting(error):  # waiting would not mend it: exit 2, say what
+                raise ConfigurationError(str(error)) from None
+            raise
         _refuse_development_mode(starting, config)
         # The rules this store is reconciled with: replay, rebuild and remerge compare theirs.
         starting.set_meta(

@@ -101,6 +101,28 @@ STORE_LOCKED = (
 )
 
 
+# What libpq says of a connection the server refused for a setting, not for being away:
+# waited for, the worker retried for ever with /readyz false and nothing else to go on.
+# (The server's messages in English, its default `lc_messages`.)
+REFUSED_SETTINGS = (
+    "password authentication failed",
+    'database "',  # database "x" does not exist
+    'role "',  # role "x" does not exist
+    "no pg_hba.conf entry",
+    "authentication failed",
+    "certificate verify failed",
+)
+
+
+def refused_setting(error: StoreUnavailable) -> bool:
+    """Whether a failure to connect names a setting to fix (a password, a database, a
+    role, a certificate) rather than a server away."""
+    text = str(error)
+    return text.startswith("cannot connect to the store:") and any(
+        sign in text for sign in REFUSED_SETTINGS
+    )
+
+
 def _dbapi_family(error: Exception) -> str | None:
     """PEP 249 exception classes by name (psycopg, sqlite3): which family they are."""
     names = {cls.__name__ for cls in type(error).__mro__}

@@ -436,3 +436,20 @@ def test_a_partition_count_unlike_the_topics_is_a_configuration_error(
     applied = cli(settings, "worker", "--until-caught-up")
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert exported(settings) == expected_export(citizen_events(10, 1), Authority())
+
+
+def test_a_store_that_refuses_the_worker_s_settings_stops_it_with_exit_2(
+    settings_for: Any, postgres_store_url: str
+) -> None:
+    """A database that does not exist (a name mistyped, a wrong password alike): the
+    long-running worker waited as for a store away, retrying for ever with /readyz false
+    and nothing else to go on. Such a refusal is the settings' error (exit 2), named."""
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(postgres_store_url).set(database="khong_co").render_as_string(False)
+    settings = settings_for(missing)
+    result = cli(settings, "worker", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    said = " ".join(result.stderr.split())
+    assert 'database "khong_co" does not exist' in said, said
+    assert "Traceback" not in result.stderr
