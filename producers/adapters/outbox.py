@@ -59,6 +59,9 @@ from producers.sdk import (
 )
 from schemas.events import ENTITIES, Entity
 
+# Ids in one statement's IN list: within every database's limit (Oracle 1,000).
+IDS_PER_STATEMENT = 500
+
 
 class OutboxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -185,8 +188,8 @@ class OutboxAdapter(Adapter):
         ident = table.c[opts.id_column]
         columns = (ident, table.c[opts.occurred_at_column], table.c[opts.op_column])
         marked = [i for i in pending if i in marks]  # a state of an older release: none
-        for start in range(0, len(marked), 500):
-            query = select(*columns).where(ident.in_(marked[start : start + 500]))
+        for start in range(0, len(marked), IDS_PER_STATEMENT):
+            query = select(*columns).where(ident.in_(marked[start : start + IDS_PER_STATEMENT]))
             if opts.after == "mark":
                 query = query.where(table.c[opts.processed_column].is_(None))
             with self._engine.connect() as conn:
@@ -318,15 +321,19 @@ class OutboxAdapter(Adapter):
         ident = table.c[opts.id_column]
 
         def done() -> None:
+            # In lists of IDS_PER_STATEMENT (one transaction): Oracle takes 1,000 at most,
+            # SQL Server about 2,100 parameters, and a page of more failed every clean-up.
             with self._engine.begin() as conn:
-                if opts.after == "delete":
-                    conn.execute(delete(table).where(ident.in_(ids)))
-                else:
-                    conn.execute(
-                        update(table)
-                        .where(ident.in_(ids), table.c[opts.processed_column].is_(None))
-                        .values({opts.processed_column: datetime.now(self.zone)})
-                    )
+                for start in range(0, len(ids), IDS_PER_STATEMENT):
+                    chunk = ids[start : start + IDS_PER_STATEMENT]
+                    if opts.after == "delete":
+                        conn.execute(delete(table).where(ident.in_(chunk)))
+                    else:
+                        conn.execute(
+                            update(table)
+                            .where(ident.in_(chunk), table.c[opts.processed_column].is_(None))
+                            .values({opts.processed_column: datetime.now(self.zone)})
+                        )
             self._cleaned.update(ids)
 
         return done

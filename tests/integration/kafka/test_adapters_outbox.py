@@ -488,6 +488,47 @@ def test_a_poll_keeps_only_the_last_pages_clean_ups_in_memory(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("after", ["delete", "mark"])
+def test_a_page_s_clean_up_names_its_ids_a_few_hundred_at_a_time(
+    tmp_path: Path, after: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One IN list of a whole page: Oracle takes 1,000 at most, SQL Server about 2,100
+    parameters, and with a larger `batch_size` every clean-up failed after its page was
+    published, the source retrying it for ever."""
+    from sqlalchemy import event as sa_event
+
+    import producers.adapters.outbox as outbox_adapter
+    from producers.sdk import Checkpoint
+
+    monkeypatch.setattr(outbox_adapter, "IDS_PER_STATEMENT", 3)
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    metadata.create_all(create_engine(url))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(outbox), [change("citizen", f"0010900{n:05d}", "upsert", n,
+                                             {"full_name": "A"}) for n in range(10)])  # fmt: skip
+    deploy = deployment(tmp_path, CONFIG.format(url=url, after=after))
+    adapter = deploy.adapter(deploy.sources[0])
+    largest: list[int] = []
+    for item in adapter.read({}):
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            source = adapter._engine
+            assert source is not None
+
+            def counted(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+                if statement.lstrip().upper().startswith(("DELETE", "UPDATE")):
+                    largest.append(len(params))
+
+            sa_event.listen(source, "before_cursor_execute", counted)
+            item.commit()
+            sa_event.remove(source, "before_cursor_execute", counted)
+    assert largest and max(largest) <= 3 + 1, largest  # its ids, and a mark's time
+    rows = remaining(url)
+    assert rows == [] if after == "delete" else all(r.processed_at for r in rows)
+    adapter.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("after", ["delete", "mark"])
 def test_a_pending_clean_up_never_touches_rows_that_took_its_ids_since(
     tmp_path: Path, after: str
 ) -> None:
