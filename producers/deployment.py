@@ -13,6 +13,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import (
     BaseModel,
@@ -32,6 +33,9 @@ from schemas.identifiers import SOURCE_ID, ReferenceKey
 from schemas.redaction import redacted_text
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `://` then a user (and password) before an `@`: where a reference is part of a URL's
+# credentials, its value is percent-encoded.
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*\$\{")
 
 
 class StrictModel(BaseModel):
@@ -218,13 +222,22 @@ def _shared_positions(sources: list[SourceEntry]) -> str | None:
 
 
 def _resolve(value: Any, environ: Any) -> Any:
+    """`${NAME}` replaced by the environment's value. Inside a URL's user and password
+    (`postgresql://sync:${PASSWORD}@db/tthc`) the value is percent-encoded: a password
+    `p@ss` made the host `ss@db`, and its tail went to the DNS resolver and the driver's
+    error; a value already percent-encoded stays as it is, and so does a whole URL given
+    by one reference."""
     if isinstance(value, str):
+        in_credentials = _URL_USERINFO.match(value) is not None and "@" in value
 
         def lookup(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in environ:
                 raise ConfigurationError(f"environment variable {name} is not set")
-            return str(environ[name])
+            found = str(environ[name])
+            credentials = in_credentials and match.start() < value.rindex("@")
+            # `%` kept: a value written percent-encoded already stays as it was
+            return quote(found, safe="%") if credentials else found
 
         return _REFERENCE.sub(lookup, value)
     if isinstance(value, dict):

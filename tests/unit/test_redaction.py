@@ -210,3 +210,46 @@ inbox = "${INBOX}"
 def test_the_kafka_connection_printed_masks_credentials_in_server_urls() -> None:
     connection = KafkaConnection(bootstrap="SASL_SSL://sync:pw-1@k1:9093,k2:9093")
     assert "pw-1" not in connection.redacted() and "k2:9093" in connection.redacted()
+
+
+def test_a_referenced_password_in_a_url_is_percent_encoded(tmp_path: Path) -> None:
+    """`postgresql://sync:${PASSWORD}@db/tthc` with a password `p@ss`: the URL's host became
+    `ss@db`, its tail went to the DNS resolver and the driver's error. A value inside the
+    URL's credentials is percent-encoded now; one already encoded, a whole URL given by one
+    reference, or a value after the `@` is taken as it is."""
+    from sqlalchemy.engine import make_url
+
+    config = tmp_path / "sources.toml"
+    config.write_text(
+        """
+[[sources]]
+id = "hn-db"
+adapter = "sql"
+connection = { url = "postgresql+psycopg://${USER}:${PASSWORD}@${HOST}/tthc" }
+[[sources]]
+id = "hcm-db"
+adapter = "sql"
+connection = { url = "${WHOLE}" }
+[[sources]]
+id = "dn-db"
+adapter = "sql"
+connection = { url = "postgresql+psycopg://sync:${ENCODED}@db/tthc" }
+""",
+        encoding="utf-8",
+    )
+    environ = {
+        "USER": "đồng bộ",
+        "PASSWORD": "p@ss:/w?rd#1",
+        "HOST": "db.tthc.local",
+        "WHOLE": "postgresql+psycopg://sync:x@db/hcm",
+        "ENCODED": "p%40ss",
+    }
+    entries = load_deployment(config, environ=environ).sources
+    urls = [make_url(entry.connection["url"]) for entry in entries]
+    assert (urls[0].username, urls[0].password, urls[0].host) == (
+        "đồng bộ",
+        "p@ss:/w?rd#1",
+        "db.tthc.local",
+    )
+    assert (urls[1].password, urls[1].database) == ("x", "hcm")
+    assert urls[2].password == "p@ss"
