@@ -213,22 +213,45 @@ class Adapter(ABC):
 # A source database that drops packets held a connection attempt for the kernel's two
 # minutes or more, a run and its stop with it (the store's engine likewise).
 SOURCE_CONNECT_TIMEOUT_SECONDS = 10
+# On PostgreSQL, what the adapters' sessions ask of the province's server: a statement
+# cancelled after 10 minutes (a page is a fraction of a second on an index; a query that
+# runs longer loads the province's database and is retried as a failed run), a session
+# idle inside a transaction ended after 5, and TCP keepalives that give a connection to a
+# server gone silent up in about 25 s instead of the kernel's two hours. A URL's own
+# `options`, `keepalives*` (or PGOPTIONS, a service file) win.
+SOURCE_SESSION_OPTIONS = "-c statement_timeout=600000 -c idle_in_transaction_session_timeout=300000"
+SOURCE_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 
 def source_engine(url: str) -> Any:
     """A SQLAlchemy engine for a source database: its row values never in errors or SQL
-    logging (`hide_parameters`); on PostgreSQL a connection attempt given up after 10 s,
-    unless the URL (`connect_timeout`) or PGCONNECT_TIMEOUT says otherwise."""
+    logging (`hide_parameters`); a pooled connection checked before use (a database
+    restarted or failed over meanwhile); on PostgreSQL a connection attempt given up after
+    10 s, unless the URL (`connect_timeout`) or PGCONNECT_TIMEOUT says otherwise, and the
+    session settings above."""
     import os
 
     from sqlalchemy import create_engine
 
     parsed = source_url(url)
     connect_args: dict[str, Any] = {}
-    given = "connect_timeout" in parsed.query or os.environ.get("PGCONNECT_TIMEOUT")
-    if parsed.get_backend_name() == "postgresql" and not given:
-        connect_args["connect_timeout"] = SOURCE_CONNECT_TIMEOUT_SECONDS
-    return create_engine(parsed, hide_parameters=True, connect_args=connect_args)
+    if parsed.get_backend_name() == "postgresql":
+        query = parsed.query
+        if "connect_timeout" not in query and not os.environ.get("PGCONNECT_TIMEOUT"):
+            connect_args["connect_timeout"] = SOURCE_CONNECT_TIMEOUT_SECONDS
+        own = "service" in query or os.environ.get("PGSERVICE")
+        if "options" not in query and not os.environ.get("PGOPTIONS") and not own:
+            connect_args["options"] = SOURCE_SESSION_OPTIONS
+        if not own and not set(SOURCE_KEEPALIVES) & set(query):
+            connect_args.update(SOURCE_KEEPALIVES)
+    return create_engine(
+        parsed, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 def source_url(url: str) -> Any:

@@ -182,3 +182,28 @@ def test_an_infinite_cursor_time_leaves_its_row_unread_and_the_source_going(
         assert any("2 rows have no cap_nhat (or an infinite one)" in note for note in notes)
     finally:
         adapter.close()
+
+
+def test_a_source_session_is_bounded_on_the_province_s_server(postgres_store_url: str) -> None:
+    """No statement or idle transaction limit and the kernel's keepalive (two hours): a
+    query hung by a network partition held the producer's thread and the server's
+    session for hours. A URL's own options win."""
+    from producers.sdk import source_engine
+
+    def settings(url: str) -> tuple[str, str, str]:
+        engine = source_engine(url)
+        try:
+            with engine.connect() as conn:
+                shown = [
+                    conn.exec_driver_sql(f"SHOW {name}").scalar_one()
+                    for name in ("statement_timeout", "idle_in_transaction_session_timeout")
+                ]
+                keepalive = conn.connection.driver_connection.info.get_parameters()
+                return shown[0], shown[1], keepalive.get("keepalives_idle", "")
+        finally:
+            engine.dispose()
+
+    assert settings(postgres_store_url) == ("10min", "5min", "10")
+    separator = "&" if "?" in postgres_store_url else "?"
+    own = f"{postgres_store_url}{separator}options=-c%20statement_timeout%3D1000"
+    assert settings(own)[0] == "1s"
