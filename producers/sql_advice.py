@@ -52,6 +52,13 @@ def check_warnings(poller: SqlPollingAdapter) -> list[str]:
             "running backwards is corrected (last version + 1) only while the state "
             f"remembers the row ({config.lookback_seconds:g} s behind the cursor)"
         )
+    leading = poller.leading_columns()
+    if leading is not None and config.updated_at_column not in leading:
+        notes.append(
+            f"no index of {config.table} begins with {config.updated_at_column}: every page "
+            "and every idle poll reads the whole table at the source's expense; create one "
+            f"on ({config.updated_at_column}, {poller.pk.name})"
+        )
     unplaced = poller.rows_without_cursor_time()
     if unplaced:
         notes.append(

@@ -437,6 +437,14 @@ class SqlPollingAdapter:
                 f"{config.name}: no such column in {config.table}: {', '.join(missing)}"
             )
 
+    def leading_columns(self) -> set[str] | None:
+        """The columns that lead an index or a key of the table (None: a `query`, whose
+        indexes are not known)."""
+        if self.config.query is not None:
+            return None
+        keyed = [*self.table.indexes, *self.table.constraints]
+        return {next(iter(k.columns)).name for k in keyed if len(k.columns)}
+
     def _held_live_checkable(self) -> bool:
         """Whether a soft delete's key is looked up in the other rows (`_hold_live_keys`):
         with `pk_column` and a `deleted_column`, on a table whose key column leads an
@@ -446,11 +454,7 @@ class SqlPollingAdapter:
             config.pk_column == config.key_column
         ):
             return False
-        leading = set()
-        if config.query is None:
-            keyed = [*self.table.indexes, *self.table.constraints]
-            leading = {next(iter(k.columns)).name for k in keyed if len(k.columns)}
-        if config.key_column in leading:
+        if config.key_column in (self.leading_columns() or set()):
             return True
         log.warning(
             "%s: no index of %s begins with %s: a soft delete whose key another row holds "

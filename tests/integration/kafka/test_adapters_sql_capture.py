@@ -21,6 +21,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -53,6 +54,7 @@ cong_dan = Table(
     Column("ho_ten", String(100)),
     Column("cap_nhat_luc", SECONDS, nullable=False),
     Column("da_xoa", Boolean, nullable=False, default=False),
+    Index("ix_cong_dan_cursor", "cap_nhat_luc", "id"),  # what docs/adapters.md asks for
 )
 ho_so_text = Table(
     "ho_so_text",
@@ -696,6 +698,26 @@ def test_check_warns_of_whole_seconds_and_no_version_column(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warn" in result.stdout and "whole seconds" in result.stdout
+
+
+def test_check_warns_of_a_cursor_column_no_index_begins_with(
+    db_url: str, tmp_path: Path, engines: list[Engine]
+) -> None:
+    """Without an index on the cursor, every page and every idle poll reads the whole table
+    at the province's expense; nothing said so."""
+    Source(db_url, engines)
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_cong_dan_cursor"))
+    engine.dispose()
+    adapter = citizens(tmp_path, db_url)
+    try:
+        report = check_adapter(adapter, "hcm-citizens", "sql")
+    finally:
+        adapter.close()
+    assert any(
+        note.startswith("no index of cong_dan begins with cap_nhat_luc") for note in report.warnings
+    ), report.warnings
 
 
 def test_check_warns_of_a_lookback_shorter_than_the_longest_transaction(
