@@ -32,7 +32,9 @@ from producers.sdk import Adapter, ConfigurationError
 from schemas.identifiers import SOURCE_ID, ReferenceKey
 from schemas.redaction import redacted_text
 
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `${NAME}`: an environment variable; `${file:PATH}`: a file's content (a Kubernetes or
+# systemd secret mounted as a file), its last line break taken off.
+_REFERENCE = re.compile(r"\$\{(?:([A-Za-z_][A-Za-z0-9_]*)|file:([^}]+))\}")
 # `://` then a user (and password) before an `@`: where a reference is part of a URL's
 # credentials, its value is percent-encoded.
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*\$\{")
@@ -181,7 +183,7 @@ def load_deployment(path: Path, environ: dict[str, str] | None = None) -> Deploy
         raise ConfigurationError(f"cannot read {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigurationError(f"{path} is not valid TOML: {error}") from None
-    resolved = _resolve(raw, os.environ if environ is None else environ)
+    resolved = _resolve(raw, os.environ if environ is None else environ, path.parent)
     try:
         deployment = Deployment.model_validate(resolved)
     except ValidationError as error:
@@ -221,8 +223,9 @@ def _shared_positions(sources: list[SourceEntry]) -> str | None:
     return None
 
 
-def _resolve(value: Any, environ: Any) -> Any:
-    """`${NAME}` replaced by the environment's value. Inside a URL's user and password
+def _resolve(value: Any, environ: Any, base: Path) -> Any:
+    """`${NAME}` replaced by the environment's value, `${file:PATH}` by the file's (a path
+    relative to the deployment file's directory). Inside a URL's user and password
     (`postgresql://sync:${PASSWORD}@db/tthc`) the value is percent-encoded: a password
     `p@ss` made the host `ss@db`, and its tail went to the DNS resolver and the driver's
     error; a value already percent-encoded stays as it is, and so does a whole URL given
@@ -231,20 +234,34 @@ def _resolve(value: Any, environ: Any) -> Any:
         in_credentials = _URL_USERINFO.match(value) is not None and "@" in value
 
         def lookup(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in environ:
+            name, file = match.group(1), match.group(2)
+            if file is not None:
+                found = _secret_file(base / file)
+            elif name not in environ:
                 raise ConfigurationError(f"environment variable {name} is not set")
-            found = str(environ[name])
+            else:
+                found = str(environ[name])
             credentials = in_credentials and match.start() < value.rindex("@")
             # `%` kept: a value written percent-encoded already stays as it was
             return quote(found, safe="%") if credentials else found
 
         return _REFERENCE.sub(lookup, value)
     if isinstance(value, dict):
-        return {k: _resolve(v, environ) for k, v in value.items()}
+        return {k: _resolve(v, environ, base) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, environ) for v in value]
+        return [_resolve(v, environ, base) for v in value]
     return value
+
+
+def _secret_file(path: Path) -> str:
+    """A secret file's content, its last line break taken off; its path named if it cannot
+    be read, never its content."""
+    try:
+        return path.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    except OSError as error:
+        raise ConfigurationError(f"cannot read the secret file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"the secret file {path} is not UTF-8") from None
 
 
 def _problems(error: ValidationError) -> str:

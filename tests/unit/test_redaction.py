@@ -253,3 +253,33 @@ connection = { url = "postgresql+psycopg://sync:${ENCODED}@db/tthc" }
     )
     assert (urls[1].password, urls[1].database) == ("x", "hcm")
     assert urls[2].password == "p@ss"
+
+
+def test_a_secret_can_come_from_a_file(tmp_path: Path) -> None:
+    """A province's database password came from the environment only; a Kubernetes or
+    systemd secret is a file. `${file:PATH}` reads one (relative to the deployment file),
+    its last line break off, percent-encoded inside a URL's credentials as `${NAME}` is."""
+    from sqlalchemy.engine import make_url
+
+    from schemas.errors import ConfigurationError
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "db-password").write_text("p@ss w\n", encoding="utf-8")
+    config = tmp_path / "sources.toml"
+    config.write_text(
+        """
+[[sources]]
+id = "hn-db"
+adapter = "sql"
+connection = { url = "postgresql+psycopg://sync:${file:secrets/db-password}@db/tthc" }
+""",
+        encoding="utf-8",
+    )
+    (entry,) = load_deployment(config, environ={}).sources
+    assert make_url(entry.connection["url"]).password == "p@ss w"
+    shown = load_deployment(config, environ={}).redacted()
+    assert "sync:***@db/tthc" in shown and "p@ss" not in shown
+
+    (tmp_path / "secrets" / "db-password").unlink()
+    with pytest.raises(ConfigurationError, match=r"cannot read the secret file .*db-password"):
+        load_deployment(config, environ={})
