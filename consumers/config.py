@@ -51,6 +51,12 @@ def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -
     return digest.hexdigest()
 
 
+def with_registry(files: str | None) -> bool:
+    """Whether the rules a store recorded (`RULES_FILES`) name a registry: a worker ran on
+    it with one, not in development mode."""
+    return files is not None and not files.startswith("registry (none),")
+
+
 def rules_files(registry_file: Path | None, authority_file: Path | None) -> str:
     """The files by name and the merge rules' revision, for messages."""
     return (

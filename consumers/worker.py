@@ -35,6 +35,7 @@ from consumers.config import (
     load_rules,
     rules_files,
     rules_fingerprint,
+    with_registry,
 )
 from consumers.merge import Authority
 from consumers.metrics import (
@@ -552,7 +553,7 @@ def _refuse_development_mode(store: Store, config: WorkerConfig) -> None:
     if config.registry_file is not None:
         return
     theirs = store.meta(RULES_FILES)
-    if theirs is not None and not theirs.startswith(rules_files(None, None).split(",")[0]):
+    if with_registry(theirs):
         raise ConfigurationError(
             f"PORTAL_SYNC_REGISTRY is not set (development mode: no signature, source or "
             f"write-scope check), but this store's workers run with {theirs}: set it as "

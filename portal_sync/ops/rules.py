@@ -4,7 +4,13 @@ sources the worker refused."""
 
 from __future__ import annotations
 
-from consumers.config import RULES_FILES, RULES_FINGERPRINT, rules_files, rules_fingerprint
+from consumers.config import (
+    RULES_FILES,
+    RULES_FINGERPRINT,
+    rules_files,
+    rules_fingerprint,
+    with_registry,
+)
 from portal_sync.settings import Settings
 from schemas.errors import Refused
 from store import Store
@@ -25,9 +31,13 @@ def guard_rules(
     recorded = store.meta(RULES_FINGERPRINT)
     if recorded is None:
         return
-    theirs = store.meta(RULES_FILES) or "unknown files"
-    unchecked = rules_files(None, None).split(",")[0]  # "registry (none)"
-    if applies_events and settings.registry is None and not theirs.startswith(unchecked):
+    recorded_files = store.meta(RULES_FILES)
+    theirs = recorded_files or "unknown files"
+    if (
+        applies_events
+        and settings.registry is None
+        and (recorded_files is None or with_registry(recorded_files))
+    ):
         raise RulesMismatch(
             "this command runs without a registry (development mode: no signature, source "
             f"or write-scope check), but the worker of this store runs with {theirs}: set "

@@ -10,8 +10,10 @@ from urllib.parse import quote, quote_plus
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.engine import make_url
 
 from producers.deployment import load_deployment
+from schemas.errors import ConfigurationError
 from schemas.redaction import MASK, UNREADABLE, redacted_text
 from store import redacted_url
 from transport.config import KafkaConnection
@@ -212,30 +214,27 @@ def test_the_kafka_connection_printed_masks_credentials_in_server_urls() -> None
     assert "pw-1" not in connection.redacted() and "k2:9093" in connection.redacted()
 
 
+def _sql_sources(directory: Path, *urls: str) -> Path:
+    """A deployment file of one `sql` source a connection URL."""
+    entries = [
+        f'[[sources]]\nid = "db-{n}"\nadapter = "sql"\nconnection = {{ url = "{url}" }}\n'
+        for n, url in enumerate(urls)
+    ]
+    config = directory / "sources.toml"
+    config.write_text("".join(entries), encoding="utf-8")
+    return config
+
+
 def test_a_referenced_password_in_a_url_is_percent_encoded(tmp_path: Path) -> None:
     """`postgresql://sync:${PASSWORD}@db/tthc` with a password `p@ss`: the URL's host became
     `ss@db`, its tail went to the DNS resolver and the driver's error. A value inside the
     URL's credentials is percent-encoded now; one already encoded, a whole URL given by one
     reference, or a value after the `@` is taken as it is."""
-    from sqlalchemy.engine import make_url
-
-    config = tmp_path / "sources.toml"
-    config.write_text(
-        """
-[[sources]]
-id = "hn-db"
-adapter = "sql"
-connection = { url = "postgresql+psycopg://${USER}:${PASSWORD}@${HOST}/tthc" }
-[[sources]]
-id = "hcm-db"
-adapter = "sql"
-connection = { url = "${WHOLE}" }
-[[sources]]
-id = "dn-db"
-adapter = "sql"
-connection = { url = "postgresql+psycopg://sync:${ENCODED}@db/tthc" }
-""",
-        encoding="utf-8",
+    config = _sql_sources(
+        tmp_path,
+        "postgresql+psycopg://${USER}:${PASSWORD}@${HOST}/tthc",
+        "${WHOLE}",
+        "postgresql+psycopg://sync:${ENCODED}@db/tthc",
     )
     environ = {
         "USER": "đồng bộ",
@@ -259,27 +258,15 @@ def test_a_secret_can_come_from_a_file(tmp_path: Path) -> None:
     """A province's database password came from the environment only; a Kubernetes or
     systemd secret is a file. `${file:PATH}` reads one (relative to the deployment file),
     its last line break off, percent-encoded inside a URL's credentials as `${NAME}` is."""
-    from sqlalchemy.engine import make_url
-
-    from schemas.errors import ConfigurationError
-
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "db-password").write_text("p@ss w\n", encoding="utf-8")
-    config = tmp_path / "sources.toml"
-    config.write_text(
-        """
-[[sources]]
-id = "hn-db"
-adapter = "sql"
-connection = { url = "postgresql+psycopg://sync:${file:secrets/db-password}@db/tthc" }
-""",
-        encoding="utf-8",
-    )
-    (entry,) = load_deployment(config, environ={}).sources
+    url = "postgresql+psycopg://sync:${file:secrets/db-password}@db/tthc"
+    loaded = load_deployment(_sql_sources(tmp_path, url), environ={})
+    (entry,) = loaded.sources
     assert make_url(entry.connection["url"]).password == "p@ss w"
-    shown = load_deployment(config, environ={}).redacted()
+    shown = loaded.redacted()
     assert "sync:***@db/tthc" in shown and "p@ss" not in shown
 
     (tmp_path / "secrets" / "db-password").unlink()
     with pytest.raises(ConfigurationError, match=r"cannot read the secret file .*db-password"):
-        load_deployment(config, environ={})
+        load_deployment(tmp_path / "sources.toml", environ={})

@@ -20,32 +20,47 @@ from producers.sql_polling import (
 )
 
 
-def test_a_date_psycopg_cannot_read_rejects_its_row_only(postgres_store_url: str) -> None:
-    engine = create_engine(postgres_store_url)
+def _table(url: str, *statements: str) -> None:
+    engine = create_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE giay_to (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
-            "het_han date, cap_nhat timestamp NOT NULL)"
-        )
-        conn.exec_driver_sql(
-            "INSERT INTO giay_to VALUES (1, '001190000001', '2030-01-01', '2025-08-01 08:00'), "
-            "(2, '001190000002', 'infinity', '2025-08-01 08:01'), "
-            "(3, '001190000003', '2031-01-01', '2025-08-01 08:02')"
-        )
+        for statement in statements:
+            conn.exec_driver_sql(statement)
     engine.dispose()
+
+
+def _adapter(url: str, table: str, column: str) -> SqlPollingAdapter:
+    """The `sql` adapter on `table`, its `column` mapped to the full name."""
     config = SqlSourceConfig(
-        source="province-01", url=postgres_store_url, entity="citizen", table="giay_to",
+        source="province-01", url=url, entity="citizen", table=table,
         key_column="so_dinh_danh", pk_column="id", updated_at_column="cap_nhat",
-        fields={"full_name": "het_han"}, batch_size=100,
+        fields={"full_name": column}, batch_size=100,
     )  # fmt: skip
-    adapter = SqlPollingAdapter(config)
+    return SqlPollingAdapter(config)
+
+
+def _poll(adapter: SqlPollingAdapter, state: CursorState) -> list[Any]:
+    """One poll to its end, each page remembered."""
+    changes: list[Any] = []
+    for page in adapter.pages(state):
+        changes += page
+        adapter.remember(state, page)
+    return changes
+
+
+def test_a_date_psycopg_cannot_read_rejects_its_row_only(postgres_store_url: str) -> None:
+    _table(
+        postgres_store_url,
+        "CREATE TABLE giay_to (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+        "het_han date, cap_nhat timestamp NOT NULL)",
+        "INSERT INTO giay_to VALUES (1, '001190000001', '2030-01-01', '2025-08-01 08:00'), "
+        "(2, '001190000002', 'infinity', '2025-08-01 08:01'), "
+        "(3, '001190000003', '2031-01-01', '2025-08-01 08:02')",
+    )
+    adapter = _adapter(postgres_store_url, "giay_to", "het_han")
     try:
         assert adapter.snapshot  # a PostgreSQL table: capture by transaction snapshot
         state = CursorState()
-        changes = []
-        for page in adapter.pages(state):
-            changes += page
-            adapter.remember(state, page)
+        changes = _poll(adapter, state)
         kinds = [(c.pk, type(c)) for c in changes]
         assert kinds == [(1, SourceChange), (2, RejectedRow), (3, SourceChange)]
         assert state.updated_at is not None
@@ -149,32 +164,19 @@ def test_an_infinite_cursor_time_leaves_its_row_unread_and_the_source_going(
     """`cap_nhat = 'infinity'`: psycopg cannot read it, so not even the rows' places could be
     read, and the source stopped (fatal) at every poll. Such a row has no place in the
     cursor's order, as one without a time: never read, counted."""
-    engine = create_engine(postgres_store_url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE cong_dan_vo_han (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
-            "ho_ten text, cap_nhat timestamptz)"
-        )
-        conn.exec_driver_sql(
-            "INSERT INTO cong_dan_vo_han VALUES "
-            "(1, '001190000001', 'An', '2025-08-01 08:00+07'), "
-            "(2, '001190000002', 'Bình', 'infinity'), "
-            "(3, '001190000003', 'Châu', '-infinity'), "
-            "(4, '001190000004', 'Dũng', '2025-08-01 08:02+07')"
-        )
-    engine.dispose()
-    config = SqlSourceConfig(
-        source="province-01", url=postgres_store_url, entity="citizen",
-        table="cong_dan_vo_han", key_column="so_dinh_danh", pk_column="id",
-        updated_at_column="cap_nhat", fields={"full_name": "ho_ten"}, batch_size=100,
-    )  # fmt: skip
-    adapter = SqlPollingAdapter(config)
+    _table(
+        postgres_store_url,
+        "CREATE TABLE cong_dan_vo_han (id integer PRIMARY KEY, so_dinh_danh text NOT NULL, "
+        "ho_ten text, cap_nhat timestamptz)",
+        "INSERT INTO cong_dan_vo_han VALUES "
+        "(1, '001190000001', 'An', '2025-08-01 08:00+07'), "
+        "(2, '001190000002', 'Bình', 'infinity'), "
+        "(3, '001190000003', 'Châu', '-infinity'), "
+        "(4, '001190000004', 'Dũng', '2025-08-01 08:02+07')",
+    )
+    adapter = _adapter(postgres_store_url, "cong_dan_vo_han", "ho_ten")
     try:
-        state = CursorState()
-        changes = []
-        for page in adapter.pages(state):
-            changes += page
-            adapter.remember(state, page)
+        changes = _poll(adapter, CursorState())
         assert [(c.pk, type(c)) for c in changes] == [(1, SourceChange), (4, SourceChange)]
         assert adapter.rows_without_cursor_time() == 2
         # `adapters check` reads the newest cursor times too: it failed on `infinity`
