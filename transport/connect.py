@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from transport import jars
 from transport.local import (
     KAFKA_VERSION,
     REPO_ROOT,
@@ -32,39 +33,35 @@ def connect_dir() -> Path:
 
 
 def ensure_connect_jars() -> Path:
-    """Fetch Connect's worker and the Debezium PostgreSQL plug-in once; later calls reuse
-    the cache. Returns the folder holding `lib/` and `plugins/`."""
-    target = connect_dir()
-    if (target / ".complete").exists():
-        return target
+    """Fetch Connect's worker and the Debezium PostgreSQL plug-in once, checked against
+    `deploy/debezium/jars.sha256`; later calls reuse the cache (`transport.jars`). Returns
+    the folder holding `lib/` and `plugins/`."""
     mvn = shutil.which("mvn")
-    if mvn is None:
-        raise KafkaSetupError(
-            "Maven is not installed: it fetches Kafka Connect and Debezium once from Maven "
-            "Central (Debian: apt-get install maven)"
-        )
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    for profile, folder in (("connect", "lib"), ("postgres", "plugins/debezium-postgres")):
-        command = [
-            mvn,
-            "-q",
-            "-B",
-            "--strict-checksums",  # a jar whose checksum differs from the repository's fails
-            "-f",
-            str(POM),
-            "-P",
-            profile,
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging / folder}",
-            "-DincludeScope=runtime",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KafkaStartFailed(
-                f"Maven could not fetch the {profile} jars:\n{result.stdout[-2000:]}"
+
+    def fetch(staging: Path) -> None:
+        if mvn is None:
+            raise KafkaSetupError(
+                "Maven is not installed: it fetches Kafka Connect and Debezium once from "
+                "Maven Central (Debian: apt-get install maven)"
             )
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    (target / ".complete").write_text(f"{KAFKA_VERSION} {DEBEZIUM_VERSION}")
-    return target
+        for profile, folder in (("connect", "lib"), ("postgres", "plugins/debezium-postgres")):
+            command = [
+                mvn,
+                "-q",
+                "-B",
+                "--strict-checksums",  # a jar whose checksum differs from the repository's fails
+                "-f",
+                str(POM),
+                "-P",
+                profile,
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging / folder}",
+                "-DincludeScope=runtime",
+            ]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise KafkaStartFailed(
+                    f"Maven could not fetch the {profile} jars:\n{result.stdout[-2000:]}"
+                )
+
+    return jars.fetch_once(connect_dir(), POM.with_name("jars.sha256"), fetch)

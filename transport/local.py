@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.errors import ConfigurationError, PortalSyncError
-from transport import clients
+from transport import clients, jars
 from transport.config import KafkaConnection
 from transport.local_secure import (
     ADMIN,
@@ -91,36 +91,34 @@ def ensure_java() -> str:
 
 
 def ensure_jars() -> Path:
-    """Fetch the broker jars once through Maven; later calls reuse the cache."""
-    target = jar_dir()
-    if (target / ".complete").exists():
-        return target
+    """Fetch the broker jars once through Maven, checked against `deploy/kafka/jars.sha256`;
+    later calls reuse the cache (`transport.jars`)."""
     mvn = shutil.which("mvn")
-    if mvn is None:
-        raise KafkaSetupError(
-            "Maven is not installed: it fetches the Kafka jars once from Maven Central "
-            "(Debian: apt-get install maven)"
-        )
-    staging = target.with_name("lib.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    command = [
-        mvn,
-        "-q",
-        "-B",
-        "--strict-checksums",  # a jar whose checksum differs from the repository's fails
-        "-f",
-        str(DEPLOY_DIR / "pom.xml"),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}",
-        "-DincludeScope=runtime",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise KafkaStartFailed(f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    (target / ".complete").write_text(KAFKA_VERSION)
-    return target
+
+    def fetch(staging: Path) -> None:
+        if mvn is None:
+            raise KafkaSetupError(
+                "Maven is not installed: it fetches the Kafka jars once from Maven Central "
+                "(Debian: apt-get install maven)"
+            )
+        command = [
+            mvn,
+            "-q",
+            "-B",
+            "--strict-checksums",  # a jar whose checksum differs from the repository's fails
+            "-f",
+            str(DEPLOY_DIR / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KafkaStartFailed(
+                f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}"
+            )
+
+    return jars.fetch_once(jar_dir(), DEPLOY_DIR / "jars.sha256", fetch)
 
 
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
