@@ -28,16 +28,32 @@ if [ "$want_postgres" = 1 ] && ! command -v node >/dev/null; then
   missing+=(nodejs)
 fi
 
+as_root=()
+[ "$(id -u)" = 0 ] || as_root=(sudo)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Debian starts and enables a server package's service as it installs it: Prometheus on
+# 0.0.0.0:9090 with no authentication, PostgreSQL's `main` cluster. portal-sync uses neither
+# (its tests and the demo start their own servers on 127.0.0.1), so the ones this script
+# installed are stopped and disabled again.
+services=()
+for package in "${missing[@]}"; do
+  case "$package" in postgresql | prometheus) services+=("$package") ;; esac
+done
+for service in "${services[@]}"; do
+  if [ -d /run/systemd/system ]; then
+    "${as_root[@]}" systemctl disable --now "$service" >/dev/null 2>&1 ||
+      echo "warning: could not stop and disable the $service service Debian started" >&2
+  elif [ -x "/etc/init.d/$service" ]; then
+    "${as_root[@]}" "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+    "${as_root[@]}" update-rc.d "$service" disable >/dev/null 2>&1 || true
+  fi
+done
 
 java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1)
 if [ "${java_major:-0}" -lt 17 ]; then
