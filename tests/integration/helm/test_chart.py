@@ -510,8 +510,17 @@ def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
         ]  # fmt: skip
         assert main["ports"][0]["containerPort"] == 9312
         env = env_of(deployment)
-        for var, ref in producer["secretEnv"].items():
+        for var, ref in producer.get("secretEnv", {}).items():
             assert env[var] == {"secretKeyRef": {"name": ref["secretName"], "key": ref["key"]}}
+        # The source's password as a read-only file, never in the environment.
+        secret_files = deployment["spec"]["template"]["spec"]["volumes"]
+        projected = next(v for v in secret_files if v["name"] == "secret-files")["projected"]
+        assert projected["defaultMode"] == 0o440
+        assert projected["sources"] == [
+            {"secret": {"name": ref["secretName"], "items": [{"key": ref["key"], "path": name}]}}
+            for name, ref in producer["secretFiles"].items()
+        ]
+        assert all(not var.endswith("PASSWORD") or var.startswith("PORTAL_SYNC_") for var in env)
         assert "PORTAL_SYNC_STORE_URL_FILE" not in env  # producers never get the store
         # Its own Kafka user and signing key, never the workers'.
         own_user = producer["kafkaSasl"]["existingSecret"]
@@ -534,8 +543,12 @@ def test_the_producers_example_files_are_valid_deployment_files(tmp_path: Path) 
     values = yaml.safe_load(PRODUCTION.read_text())
     for producer in values["producers"]:
         path = tmp_path / f"{producer['name']}.toml"
-        path.write_text(producer["config"])
-        environ = dict.fromkeys(producer["secretEnv"], "secret")
+        secrets = tmp_path / "secrets"
+        secrets.mkdir(exist_ok=True)
+        for name in producer.get("secretFiles", {}):
+            (secrets / name).write_text("p@ss/word\n")
+        path.write_text(producer["config"].replace("/etc/portal-sync/secrets/", f"{secrets}/"))
+        environ = dict.fromkeys(producer.get("secretEnv", {}), "secret")
         deployment = load_deployment(path, environ)
         assert deployment.sources
         # verify-full without `sslrootcert` looks for the CA in $HOME/.postgresql, which a
@@ -827,6 +840,31 @@ def test_a_producer_file_naming_an_unlisted_variable_is_refused(
     assert "names ${DB_URL}: list it in secretEnv" in result.stderr
     listed = values_file(config, secretEnv={"DB_URL": {"secretName": "db", "key": "url"}})
     assert template(helm, "-f", listed).returncode == 0
+
+
+def test_a_producer_file_reading_a_secret_file_not_listed_is_refused(
+    helm: Callable[..., subprocess.CompletedProcess[str]], values_file: Callable[..., str]
+) -> None:
+    config = (
+        '[[sources]]\nid = "a"\nadapter = "sql"\n[sources.connection]\n'
+        'url = "postgresql+psycopg://u:${file:/etc/portal-sync/secrets/db-password}@db/x"\n'
+    )
+    result = template(helm, "-f", values_file(config))
+    assert result.returncode != 0
+    assert "list db-password in secretFiles" in result.stderr
+    bad = values_file(config, secretFiles={"../db-password": {"secretName": "db", "key": "pw"}})
+    assert "must be a plain file name" in template(helm, "-f", bad).stderr
+    listed = values_file(config, secretFiles={"db-password": {"secretName": "db", "key": "pw"}})
+    manifests = render(helm, "-f", listed)
+    deployment = next(
+        m for m in manifests if m["kind"] == "Deployment" and "producer" in m["metadata"]["name"]
+    )
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    assert mounts["secret-files"] == {
+        "name": "secret-files",
+        "mountPath": "/etc/portal-sync/secrets",
+        "readOnly": True,
+    }
 
 
 def test_a_producers_own_kafka_user_needs_a_sasl_protocol(
