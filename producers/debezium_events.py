@@ -39,7 +39,6 @@ Versions (strictly increasing per record, at most 2^53):
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -48,6 +47,7 @@ from typing import Any, Literal
 
 from schemas.dead_letter import Reason
 from schemas.events import MAX_VERSION
+from schemas.json_text import DuplicateKey, loads_unique
 
 CHANGE_BAND = 2**52  # changes rank above every snapshot read (versions stay <= 2^53)
 EPOCH = datetime(1970, 1, 1)
@@ -117,7 +117,11 @@ class ChangeEvent:
 def parse(value: bytes, local_time_columns: frozenset[str] = frozenset()) -> ChangeEvent:
     """The change event in a message value; Unmappable when it is none."""
     try:
-        document = json.loads(value)
+        document = loads_unique(value)
+    except DuplicateKey:
+        raise Unmappable(
+            Reason.INVALID_JSON, "the message names a key twice in an object"
+        ) from None
     except (UnicodeDecodeError, ValueError):
         raise Unmappable(Reason.INVALID_JSON, "the message is no JSON document") from None
     if not isinstance(document, dict):

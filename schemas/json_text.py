@@ -20,6 +20,29 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise DuplicateKey("a JSON object names a key twice")
+    return result
+
+
+# `json` keeps the last of a key named twice, silently, and other readers the first: a row
+# read so could name another record than its writer meant. Adapters read source data with
+# this decoder (its `decode`, `raw_decode`) or `loads_unique`; the contract refuses such an
+# event in its own words (`schemas.validation`).
+UNIQUE_KEYS = json.JSONDecoder(object_pairs_hook=_unique)
+
+
+def loads_unique(text: str | bytes | bytearray) -> Any:
+    """`json.loads(text)`; DuplicateKey (a ValueError) for an object naming a key twice."""
+    return json.loads(text, object_pairs_hook=_unique)
+
+
 def loads_exact(text: str | bytes) -> Any:
     """`json.loads(text)`, with orjson's speed where it gives the same value."""
     raw = text.encode() if isinstance(text, str) else bytes(text)

@@ -51,6 +51,7 @@ from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, St
 from schemas.dead_letter import Reason
 from schemas.errors import RecordError
 from schemas.events import Entity
+from schemas.json_text import DuplicateKey, loads_unique
 from schemas.validation import MAX_DEPTH, too_deep
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,11 @@ def read_json(text: str) -> Any:
     """One JSON text; ValueError (whose message quotes nothing) when it is not JSON or
     nests deeper than MAX_DEPTH (deep enough to exhaust a parser's or encoder's stack)."""
     try:
-        value = json.loads(text)
+        value = loads_unique(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    except DuplicateKey:  # `json` keeps the last silently: which record was meant?
+        raise ValueError("an object naming a key twice") from None
     except ValueError:
         raise ValueError("not JSON") from None
     if too_deep(value):

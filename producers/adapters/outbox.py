@@ -58,6 +58,7 @@ from producers.sdk import (
     source_engine,
 )
 from schemas.events import ENTITIES, Entity
+from schemas.json_text import loads_unique
 
 # Ids in one statement's IN list: within every database's limit (Oracle 1,000).
 IDS_PER_STATEMENT = 500
@@ -282,7 +283,7 @@ class OutboxAdapter(Adapter):
                 if payload is None or isinstance(payload, dict | list | int | float):
                     data = payload  # not an object: refused below
                 elif isinstance(payload, str | bytes | bytearray):
-                    data = json.loads(payload or "null")
+                    data = loads_unique(payload or "null")  # a key named twice: refused
                 else:
                     raise TypeError(type(payload).__name__)
             except (ValueError, TypeError, RecursionError):

@@ -48,6 +48,7 @@ from producers.adapters.filedrop import (
 from producers.mapping import CONTRACT_FORMS, parse_local
 from producers.sdk import Record, SkippableRecord
 from schemas.identifiers import ISSUER_KEY, PERSONAL_ID, TAX_CODE
+from schemas.json_text import UNIQUE_KEYS
 from schemas.validation import MAX_DEPTH, too_deep
 
 DATE_FORMAT = "yyyyMMddHHmmss"
@@ -237,7 +238,7 @@ class PortalAdapter(DirectoryAdapter):
         return data
 
 
-DECODER = json.JSONDecoder()
+DECODER = UNIQUE_KEYS  # a key named twice: ValueError, the file refused as not JSON
 SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 NUMBER_GOES_ON = re.compile(r"[0-9eE.+-]*")
 LONGEST_TOKEN = len("-Infinity")

@@ -125,6 +125,10 @@ def test_a_delete_reads_before() -> None:
         (b"[1, 2", "invalid_json"),
         (b"\xff\xfe", "invalid_json"),
         (b"[1, 2]", "invalid_json"),
+        (
+            json.dumps(change("c", ROW)).replace('"op"', '"op": "d", "op"', 1).encode(),
+            "invalid_json",
+        ),
         (b'{"payload": {"x": 1}, "schema": {}}', "missing_field"),
         (json.dumps(change("t", ROW)).encode(), "invalid_field"),
         (json.dumps(change("c", ROW) | {"after": None}).encode(), "missing_field"),

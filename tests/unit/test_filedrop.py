@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.adapters.filedrop import FileDropAdapter
+from producers.adapters.filedrop import FileDropAdapter, read_json
 from producers.sdk import Checkpoint, Record, SkippableRecord
 
 CONFIG = {
@@ -560,3 +560,14 @@ def test_under_absent_a_mapped_column_the_header_lacks_is_not_provided(
     (record,) = adapter.parse(tmp_path / "export.csv", text.encode())
     assert isinstance(record, Record) and record.data == {"full_name": "Nguyễn Văn An"}
     assert "no column da_xoa in this file: its rows are live" in caplog.text
+
+
+def test_a_json_line_naming_a_key_twice_is_a_rejected_line_not_the_last_value() -> None:
+    # `json.loads` kept the last `so_dinh_danh`: the row sent named another citizen than
+    # a reader keeping the first would see.
+    line = '{"so_dinh_danh": "001190000101", "ho_ten": "A", "so_dinh_danh": "079190000202"}'
+    with pytest.raises(ValueError, match="an object naming a key twice"):
+        read_json(line)
+    ((number, rejected),) = FileDropAdapter._jsonl_rows([(3, line)])
+    assert number == 3 and isinstance(rejected, SkippableRecord)
+    assert rejected.code == "invalid_json" and "key twice" in rejected.message

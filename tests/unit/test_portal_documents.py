@@ -1,5 +1,6 @@
 """The portal adapter's JSON documents read an item at a time (producers.adapters.portal),
-judged as `json.loads` judges the whole text."""
+judged as `json.loads` judges the whole text, a key named twice in an object refused
+(`schemas.json_text.loads_unique`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from producers.adapters import portal
 from producers.adapters.filedrop import UnreadableFile
 from producers.adapters.portal import PortalAdapter, _items
 from producers.sdk import Record
+from schemas.json_text import loads_unique
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -26,9 +28,10 @@ PIECES = st.sampled_from([1, 2, 3, 5, 64, 1 << 18])
 
 
 def loaded(data: bytes) -> list[Any] | str:
-    """What `json.loads` of the whole text made of a document's payloads, or its error."""
+    """What `json.loads` of the whole text made of a document's payloads, or its error (an
+    object naming a key twice one too)."""
     try:
-        value = json.loads(data.decode("utf-8-sig"))
+        value = loads_unique(data.decode("utf-8-sig"))
     except RecursionError:
         return "RecursionError"
     except ValueError:
@@ -66,7 +69,8 @@ def test_a_document_of_any_json_reads_as_json_loads_reads_it(
 @example(b"[1e400]", 3)  # a number cut at a piece's end: `1e` is not 1
 @example(b"[1, 2]", 1)
 @example(b"[1] ,", 2)
-@example(b'[{"a":"\\ud800", "a": 12345678901234567890123}, NaN]', 5)  # as json reads them
+@example(b'[{"a":"\\ud800", "b": 12345678901234567890123}, NaN]', 5)  # as json reads them
+@example(b'[{"a": 1}, {"b": {"a": 1, "a": 2}}]', 3)  # a key named twice, deep in an item
 @example(b"\xef\xbb\xbf[1]", 1)
 @example(b"[" * 3000 + b"]" * 3000, 1 << 18)
 def test_any_bytes_are_read_or_refused_as_json_loads_does(data: bytes, piece: int) -> None:
@@ -132,8 +136,14 @@ def test_a_document_s_payloads_are_read_without_holding_it_parsed_whole(tmp_path
         (json.dumps([PAYLOAD]).encode()[:-1], "not_json", "not JSON"),  # cut short
         (json.dumps([PAYLOAD, PAYLOAD]).encode() + b" x", "not_json", "not JSON"),
         (b"[" + b"[" * 5000 + b"]" * 5000 + b"]", "not_json", "nested too deeply"),
+        # `json` kept the last `MaHoSo`: the dossier sent could be another than the row's
+        (
+            b'[{"MaHoSo": "000.00.01.H29-250801-0001", "MaHoSo": "000.00.01.H29-250801-0002"}]',
+            "not_json",
+            "not JSON",
+        ),
     ],
-    ids=["bom-only", "bad-byte", "cut", "trailing", "deep"],
+    ids=["bom-only", "bad-byte", "cut", "trailing", "deep", "key-twice"],
 )
 def test_a_file_that_is_no_json_document_is_refused_before_any_payload(
     tmp_path: Path, content: bytes, reason: str, message: str

@@ -272,8 +272,11 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
             "VALUES ('citizen', '001090000002', 'upsert', 'not a time', '{}')"
         )
         conn.execute(insert(outbox), [change("citizen", "001090000003", "upsert", 2, {})])
-        for payload in ("[1, 2]", '"Nguyễn Văn Bốn"', "[" * 100_000 + "]" * 100_000):
-            conn.exec_driver_sql(  # JSON, but no object; nested beyond any parser's depth
+        # JSON, but no object; nested beyond any parser's depth; a key named twice (`json`
+        # kept the last: which name did the application mean?)
+        twice = '{"full_name": "Nguyễn Văn Bốn", "full_name": "Nguyễn Văn Năm"}'
+        for payload in ("[1, 2]", '"Nguyễn Văn Bốn"', "[" * 100_000 + "]" * 100_000, twice):
+            conn.exec_driver_sql(
                 "INSERT INTO portal_sync_outbox (entity, record_key, op, occurred_at, "
                 "payload) VALUES ('citizen', '001090000004', 'upsert', '2025-08-01 08:03', ?)",
                 (payload,),
@@ -290,13 +293,14 @@ def test_a_malformed_outbox_row_is_dead_lettered_and_the_rest_published(
     result = cli(settings, "produce", "--config", str(config), "--once")
 
     assert result.returncode == 0, result.stderr
-    assert "btp-outbox: published 4, dead-lettered 5" in result.stderr
+    assert "btp-outbox: published 4, dead-lettered 6" in result.stderr
     assert remaining(url) == []  # the rows are gone: their dead letters keep them
     letters = read_topic(settings, dead_letter_topic(settings))
     kept = [json.loads(letter.value) for letter in letters]
-    assert [row["payload"][:6] for row in kept] == ["{}", "[1, 2]", '"Nguyễ', "[[[[[[", '{"full']
+    payloads = [row["payload"][:6] for row in kept]
+    assert payloads == ["{}", "[1, 2]", '"Nguyễ', "[[[[[[", '{"full', '{"full']
     assert [row["record_key"] for row in kept] == (
-        ["001090000002"] + ["001090000004"] * 3 + ["001090000006"]
+        ["001090000002"] + ["001090000004"] * 4 + ["001090000006"]
     )
     events = [json.loads(m.value) for m in read_topic(settings, change_topic(settings, "citizen"))]
     assert [e["op"] for e in events if e["key"] == "001090000005"] == ["upsert", "delete"]
