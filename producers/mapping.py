@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
@@ -18,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.events import nfc_text
 from schemas.identifiers import PHONE
 
 # Java/.NET-style patterns as province systems write them, to strptime directives.
@@ -72,8 +72,9 @@ class FieldMapping(BaseModel):
 
 
 def map_key(text: str) -> str:
-    """A source's text as a value map's key: trimmed, NFC, case folded."""
-    return unicodedata.normalize("NFC", text.strip()).casefold()
+    """A source's text as a value map's key: trimmed, NFC (`nfc_text`: a long text, which
+    no map names, as it is), case folded."""
+    return nfc_text(text.strip()).casefold()
 
 
 def four_digit_year(name: str, pattern: str) -> str:

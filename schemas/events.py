@@ -331,10 +331,26 @@ PAYLOAD_MODELS: dict[str, type[ContractModel]] = {
 }
 
 
+# CPython's NFC takes time quadratic in a run of combining marks whose classes alternate:
+# a 400 KB name took 40 s, a signed message of 1 MiB about five minutes, in the validator
+# child and again in the worker once the child gave up, while the partition waited and the
+# worker's liveness failed (every worker the message reached stopped on it). No contract
+# text is longer than 255 characters composed, and NFC joins at most four code points into
+# one: a longer string is refused whether normalised or not, and is left as it is (at most
+# about a millisecond for one of this length, a second for a whole message of them).
+MAX_TEXT_BEFORE_NFC = 1_024
+
+
+def nfc_text(text: str) -> str:
+    """`text` in Unicode NFC; as it is when longer than any contract text could be before
+    composition (MAX_TEXT_BEFORE_NFC)."""
+    return unicodedata.normalize("NFC", text) if len(text) <= MAX_TEXT_BEFORE_NFC else text
+
+
 def nfc(value: Any) -> Any:
-    """Every string in a decoded JSON value, normalised to Unicode NFC."""
+    """Every string in a decoded JSON value, normalised to Unicode NFC (`nfc_text`)."""
     if isinstance(value, str):
-        return unicodedata.normalize("NFC", value)
+        return nfc_text(value)
     if isinstance(value, dict):
         return {nfc(k): nfc(v) for k, v in value.items()}
     if isinstance(value, list):

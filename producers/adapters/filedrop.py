@@ -35,7 +35,6 @@ import shutil
 import stat
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -50,7 +49,7 @@ from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
 from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
 from schemas.dead_letter import Reason
 from schemas.errors import RecordError
-from schemas.events import Entity
+from schemas.events import Entity, nfc_text
 from schemas.json_text import DuplicateKey, loads_unique
 from schemas.validation import MAX_DEPTH, too_deep
 
@@ -834,7 +833,7 @@ def _file_flag(value: Any) -> bool:
     """A deletion flag as a file writes it: `soft_deleted`, and NULL written as text
     (`NULL`, `\\N`, `None`) or `không` live, `có` deleted."""
     if isinstance(value, str):
-        text = unicodedata.normalize("NFC", value).strip().lower()
+        text = nfc_text(value).strip().lower()
         if text in _FILE_LIVE:
             return False
         if text in _FILE_DELETED:

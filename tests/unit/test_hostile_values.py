@@ -205,3 +205,33 @@ def test_the_future_is_measured_from_the_message_timestamp_so_a_replay_agrees() 
         forged.topic, forged.partition, 0, forged.value, forged.key, timestamp_ms=2**62
     )
     assert _reasons(forged) == ["future_timestamp"]
+
+
+def test_no_text_longer_than_any_contract_text_is_normalised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython's NFC is quadratic in a run of combining marks of alternating classes: a
+    400 KB name held the validator 40 s, and a 1 MiB one about five minutes (the worker's
+    liveness failed on it, at every worker it reached). Texts longer than any contract
+    text could be before composition are left as they are, and refused as before."""
+    import schemas.events
+
+    lengths: list[int] = []
+    normalize = schemas.events.unicodedata.normalize
+
+    def counted(form: str, text: str) -> str:
+        lengths.append(len(text))
+        return normalize(form, text)
+
+    monkeypatch.setattr(schemas.events.unicodedata, "normalize", counted)
+    hostile = "a" + "\u0301\u0323" * 3_000  # not NFC: the message takes the normalising path
+    for data in ({"full_name": hostile}, {"full_name": "An", hostile: 1}, {"x": [hostile] * 3}):
+        raw = json.dumps(event(data=data), ensure_ascii=False).encode()
+        with pytest.raises(InvalidEvent) as refused:
+            parse_event(raw)
+        assert refused.value.code in {"invalid_field", "unknown_field"}
+    assert lengths and max(lengths) <= schemas.events.MAX_TEXT_BEFORE_NFC
+    # A decomposed name of a contract's length is still composed and accepted.
+    name = "Nguye\u0302\u0303n Va\u0306n An"
+    raw = json.dumps(event(data={"full_name": name}), ensure_ascii=False).encode()
+    assert parse_event(raw).event.data.full_name == "Nguyễn Văn An"  # type: ignore[union-attr]
