@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from pathlib import Path
 
 from consumers.merge import MERGE_RULES_REVISION, Authority
@@ -34,16 +35,24 @@ def _reason(error: Exception) -> str:
     return "; ".join(line for line in lines if not line.startswith("For further information"))
 
 
+# The contract normalises text to NFC with the interpreter's Unicode tables (Python 3.11:
+# 14.0.0), and its patterns run on pydantic-core's newer ones: a character assigned since
+# is taken as it is, and another Python's NFC could compose it otherwise. A replay's store
+# then differed from the worker's for the same events; the version is part of the rules.
+UNICODE_VERSION = unicodedata.unidata_version
+
 RULES_FINGERPRINT = "rules.fingerprint"
 RULES_FILES = "rules.files"
 
 
 def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -> str:
-    """SHA-256 of the registry's and the authority file's bytes ("none" for a missing one)
-    and of the merge rules' revision (`MERGE_RULES_REVISION`: a release whose code merges
-    otherwise): the worker records it in the store; replay, rebuild and remerge compare
-    theirs."""
-    digest = hashlib.sha256(f"merge rules {MERGE_RULES_REVISION}\0".encode())
+    """SHA-256 of the registry's and the authority file's bytes ("none" for a missing one),
+    of the merge rules' revision (`MERGE_RULES_REVISION`: a release whose code merges
+    otherwise) and of the Unicode version NFC follows (`UNICODE_VERSION`): the worker
+    records it in the store; replay, rebuild and remerge compare theirs."""
+    digest = hashlib.sha256(
+        f"merge rules {MERGE_RULES_REVISION}\0Unicode {UNICODE_VERSION}\0".encode()
+    )
     for label, path in (("registry", registry_file), ("authority", authority_file)):
         digest.update(label.encode() + b"\0")
         digest.update(path.read_bytes() if path is not None else b"none")
@@ -58,8 +67,8 @@ def with_registry(files: str | None) -> bool:
 
 
 def rules_files(registry_file: Path | None, authority_file: Path | None) -> str:
-    """The files by name and the merge rules' revision, for messages."""
+    """The files by name, the merge rules' revision and the Unicode version, for messages."""
     return (
         f"registry {registry_file or '(none)'}, authority {authority_file or '(none)'}, "
-        f"merge rules {MERGE_RULES_REVISION}"
+        f"merge rules {MERGE_RULES_REVISION}, Unicode {UNICODE_VERSION}"
     )
