@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -564,10 +565,10 @@ def _refuse_development_mode(store: Store, config: WorkerConfig) -> None:
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
     # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
-    # the loop runs, with exit code 0, instead of killing the process half-started.
-    early_stop = threading.Event()
+    # the loop runs, instead of killing the process half-started.
+    early_stop = StopAsked()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _signum, _frame: early_stop.set())
+        signal.signal(sig, lambda signum, _frame: early_stop.ask(signum))
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     registry, authority = load_rules(config.registry_file, config.authority_file)
     note = ""
@@ -606,7 +607,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             on_retry=lambda error: health.retrying(type(error).__name__),
         )
         if waited is None:
-            return 0  # stopped while waiting
+            return 0  # stopped while waiting (a long-running worker: a stop is no failure)
         health.recovered()
     store = Store(
         config.store_url,
@@ -636,6 +637,16 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         store.close()
 
 
+class StopAsked(threading.Event):
+    """A stop a signal asked for while the worker started, and which signal it was."""
+
+    signum = 0
+
+    def ask(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
+
+
 # How long a revoke waits for the batch in flight; the group waits longer for this member's
 # rejoin (`transport.group.REBALANCE_TIMEOUT_MS`), else it would be expelled meanwhile.
 REVOKE_WAIT_SECONDS = 30.0
@@ -655,7 +666,7 @@ class ReconcilerLoop:
         store: Store,
         processor: BatchProcessor,
         until_caught_up: bool,
-        early_stop: threading.Event | None = None,
+        early_stop: StopAsked | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -687,9 +698,9 @@ class ReconcilerLoop:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self.signalled, sig)
         if self.early_stop is not None and self.early_stop.is_set():
-            self.stop()  # asked for while starting
+            self.signalled(self.early_stop.signum)  # asked for while starting
         topic_names = self.config.topics.change_topics()
         if self.until_caught_up:
             # The store first: other workers may commit meanwhile, up to the log ends
@@ -713,6 +724,17 @@ class ReconcilerLoop:
             await self._copied()
             await member.stop()
         return self.code
+
+    def signalled(self, signum: int) -> None:
+        """SIGTERM or SIGINT: stop soon. A job (`--until-caught-up`) cut short exits 128 +
+        the signal, as a shell reports it: exit 0 told a Kubernetes Job, or `&&`, that it
+        had caught up. A second signal exits at once, without waiting for the batch in
+        hand or the group's leave: the store keeps what it committed, and the group's
+        offsets are only a copy of it."""
+        if self.stop_event.is_set():
+            log.warning("a second stop signal: exiting now, the batch in hand not applied")
+            os._exit(128 + signum)
+        self.stop(128 + signum if self.until_caught_up else 0)
 
     def stop(self, code: int = 0) -> None:
         """Stop soon: the batch in hand gives up waiting (its transaction rolls back)."""

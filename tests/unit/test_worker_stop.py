@@ -400,3 +400,28 @@ def test_a_worker_without_a_registry_is_refused_on_a_store_whose_workers_have_on
             _refuse_development_mode(store, config(None))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("until_caught_up", "code"), [(True, 143), (False, 0)])
+def test_a_job_stopped_by_a_signal_says_so_and_a_second_signal_exits_at_once(
+    monkeypatch: pytest.MonkeyPatch, until_caught_up: bool, code: int
+) -> None:
+    """`worker --until-caught-up` stopped by SIGTERM exited 0: a Kubernetes Job evicted
+    halfway was Complete, and `worker --until-caught-up && next` went on. A long-running
+    worker stopped so is no failure. A second signal waited like the first."""
+    import signal
+
+    import consumers.worker
+
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.stop_event = asyncio.Event()
+    loop.until_caught_up = until_caught_up
+    loop.code = 0
+    loop.processor = SimpleNamespace(stopping=asyncio.Event())  # type: ignore[assignment]
+    exits: list[int] = []
+    monkeypatch.setattr(consumers.worker.os, "_exit", exits.append)
+    loop.signalled(signal.SIGTERM)
+    assert loop.stop_event.is_set() and loop.code == code and exits == []
+    loop.signalled(signal.SIGINT)
+    assert exits == [130]
+    assert loop.code == code  # the first stop's
