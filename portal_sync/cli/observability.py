@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal, cast
+import signal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 
@@ -77,7 +78,19 @@ def lag_exporter(
     reader = _lag_reader(bootstrap, store, group, topic, offsets_from, window)
     scheme = web.scheme if web is not None else "http"
     console.print(f"lag exporter on {scheme}://{host}:{port}/metrics, polling every {interval:g}s")
-    run_exporter(reader, port, host, interval, web=web)
+    # In its container the exporter is PID 1, for which the kernel drops a signal with no
+    # handler: a rollout waited out the grace period and killed it. SIGTERM ends it as
+    # Ctrl-C does, at once (a poll may wait for a broker away), its server and clients
+    # closed, exit 0.
+    def stopping(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopping)
+    try:
+        run_exporter(reader, port, host, interval, web=web)
+    except KeyboardInterrupt:
+        console.print("lag exporter stopped")
 
 
 def lag(
