@@ -55,11 +55,15 @@ class Rules:
 _child: tuple[Registry, Rules] | None = None
 
 
-def _start_child(rules: Rules) -> None:
+def _start_child(rules: Rules, parent: int) -> None:
     global _child
     # A terminal's Ctrl-C reaches the whole process group: the worker stops its children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # The worker's id as it gave it: a worker killed while its children started (a second
+    # or more) left them the parent they were adopted by, which never ended.
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _child = (rules.registry, rules)
     tune_garbage_collector()  # a slice of a batch is as many containers as the worker's
 
@@ -73,6 +77,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 PARENT_CHECK_SECONDS = 1.0
+CLOSE_GRACE_SECONDS = 5.0  # a worker's stop waits this long for its idle children
 # A batch's checks take a tenth of a second in a child: one that has not answered in a
 # minute is stopped (SIGSTOP) or thrashing, and the batch waited for it, stops included.
 CHILD_TIMEOUT_SECONDS = 60.0
@@ -142,11 +147,14 @@ class Validators:
         self.pool = self._pool()
         # Started (and their rules loaded) now, not in the middle of the first batch that
         # needs them: a child's start-up takes a second or more, a stall of the pipeline.
+        # A child that does not start within the timeout (stopped, thrashing) is no reason
+        # to wait for ever: the worker then checks its batches itself.
         try:
+            deadline = time.monotonic() + CHILD_TIMEOUT_SECONDS
             for started in [self.pool.submit(_ready) for _ in range(processes)]:
-                started.result()
+                started.result(timeout=max(0.0, deadline - time.monotonic()))
         except BaseException:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self._stop_pool(0.0)
             raise
 
     def _pool(self) -> ProcessPoolExecutor:
@@ -154,7 +162,10 @@ class Validators:
         # forking a process with threads can copy a lock that is held.
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(
-            self.processes, mp_context=context, initializer=_start_child, initargs=(self.rules,)
+            self.processes,
+            mp_context=context,
+            initializer=_start_child,
+            initargs=(self.rules, os.getpid()),
         )
 
     def classify(
@@ -196,11 +207,21 @@ class Validators:
     def _restart(self) -> None:
         """A new pool; the old one's children killed (a hung one never ends its task,
         and the executor has no way to stop it but its process)."""
-        children = list((self.pool._processes or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for child in children:
-            child.kill()
+        self._stop_pool(0.0)
         self.pool = self._pool()
 
+    def _stop_pool(self, grace_seconds: float) -> None:
+        """Shut the pool down; children not gone within `grace_seconds` are killed. The
+        executor's own wait has no limit: a stopped (SIGSTOP) or hung child held the
+        worker's stop, and then only SIGKILL ended it."""
+        children = list((self.pool._processes or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_seconds
+        for child in children:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
+                child.join(1.0)
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._stop_pool(CLOSE_GRACE_SECONDS)

@@ -26,7 +26,7 @@ from consumers.merge import Authority
 from consumers.reconciler import Reconciler
 from consumers.registry import Registry
 from consumers.runtime import GC_THRESHOLDS
-from consumers.validators import Rules, Validators
+from consumers.validators import CLOSE_GRACE_SECONDS, Rules, Validators
 from schemas import partition_for
 from store import Store, utcnow
 from tests.integration.kafka.test_hostile_corpus import _headers, _lines, _signers, _value
@@ -175,6 +175,40 @@ def test_a_child_ends_when_its_worker_is_killed_outright(tmp_path: Path) -> None
     while _alive(children[0]):
         assert time.monotonic() < deadline, "the validator child outlived its worker"
         time.sleep(0.2)
+
+
+def test_a_child_adopted_before_it_started_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed while its children started (a second or more): each took the
+    process that adopted it for its parent, and outlived the worker for good."""
+    import consumers.validators as validators
+
+    ended: list[int] = []
+
+    def exit_now(code: int) -> None:
+        ended.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(validators.os, "_exit", exit_now)
+    monkeypatch.setattr(validators.signal, "signal", lambda *_: None)
+    with pytest.raises(SystemExit):
+        validators._start_child(Rules(Registry(), TOPICS, 300.0), os.getppid() + 1)
+    assert ended == [0] and validators._child is None
+
+
+def test_closing_a_pool_with_a_stopped_child_ends_within_its_grace() -> None:
+    """The executor's own shutdown waited for a stopped (SIGSTOP) or hung child without a
+    limit: the worker's stop hung, and only SIGKILL ended it."""
+    validators = Validators(1, Rules(Registry(), TOPICS, 300.0))
+    (child,) = list(validators.pool._processes)
+    os.kill(child, signal.SIGSTOP)
+    began = time.monotonic()
+    try:
+        validators.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert time.monotonic() - began < CLOSE_GRACE_SECONDS + 5
+    assert not _alive(child)
 
 
 def _alive(pid: int) -> bool:
