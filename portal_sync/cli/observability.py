@@ -78,6 +78,7 @@ def lag_exporter(
     reader = _lag_reader(bootstrap, store, group, topic, offsets_from, window)
     scheme = web.scheme if web is not None else "http"
     console.print(f"lag exporter on {scheme}://{host}:{port}/metrics, polling every {interval:g}s")
+
     # In its container the exporter is PID 1, for which the kernel drops a signal with no
     # handler: a rollout waited out the grace period and killed it. SIGTERM ends it as
     # Ctrl-C does, at once (a poll may wait for a broker away), its server and clients
