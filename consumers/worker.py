@@ -91,10 +91,6 @@ MAX_RETRY_SECONDS = 30.0
 # command or transaction, a schema upgrade) before it retries: a SIGTERM is seen between
 # two waits, not after SQLite's minute or never on PostgreSQL.
 STORE_LOCK_WAIT_SECONDS = 5.0
-# A batch's session that holds its transaction this long without a statement is ended by
-# PostgreSQL, and its locks released (`store.engine`): far above a batch's own pauses (the
-# dead letters' acknowledgement waits 60 s at most), far below a stopped worker's hours.
-IDLE_IN_TRANSACTION_SECONDS = 300.0
 # `worker --until-caught-up`: how often one partition whose offset stays put is asked whether
 # anything is left before its target (a read of the topic each time).
 SETTLE_EVERY_SECONDS = 10.0
@@ -609,11 +605,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         if waited is None:
             return 0  # stopped while waiting (a long-running worker: a stop is no failure)
         health.recovered()
-    store = Store(
-        config.store_url,
-        lock_wait=STORE_LOCK_WAIT_SECONDS,
-        idle_in_transaction=IDLE_IN_TRANSACTION_SECONDS,
-    )
+    store = Store(config.store_url, lock_wait=STORE_LOCK_WAIT_SECONDS)
     _check_lock_capacity(store, config.batch_max_events)
     processor = BatchProcessor(config, store, registry, authority, health)
     # Sources no longer registered lose their freshness series (development mode keeps all).

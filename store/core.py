@@ -51,7 +51,7 @@ from schemas.views import CanonicalRecord, RecordKey, SourceView, expand_provena
 from store.batch import BatchIO, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
-from store.engine import create_store_engine
+from store.engine import IDLE_IN_TRANSACTION_SECONDS, create_store_engine
 from store.failures import OffsetGap, translated
 from store.fills import CATCH_UP_AFTER, CATCH_UP_LEASE, fill_freshness_row
 from store.tables import (
@@ -142,7 +142,10 @@ class Freshness:
 
 class Store:
     def __init__(
-        self, url: str, lock_wait: float | None = None, idle_in_transaction: float | None = None
+        self,
+        url: str,
+        lock_wait: float | None = None,
+        idle_in_transaction: float | None = IDLE_IN_TRANSACTION_SECONDS,
     ) -> None:
         self.url = url
         self.engine = create_store_engine(url, lock_wait, idle_in_transaction)

@@ -48,8 +48,19 @@ def store_url(url: str) -> URL:
     )
 
 
+# A session that holds its transaction this long without a statement is ended by
+# PostgreSQL, its locks with it: far above a batch's own pauses (the dead letters'
+# acknowledgement waits 60 s at most), far below a stopped process's hours. Every session
+# of the store's: a worker stopped in a batch (SIGSTOP, a VM paused), or an operator's
+# `replay` or `dlq redrive` suspended with Ctrl-Z, held its records' locks, and every
+# worker's batch touching them retried until it was resumed.
+IDLE_IN_TRANSACTION_SECONDS = 300.0
+
+
 def create_store_engine(
-    url: str, lock_wait: float | None = None, idle_in_transaction: float | None = None
+    url: str,
+    lock_wait: float | None = None,
+    idle_in_transaction: float | None = IDLE_IN_TRANSACTION_SECONDS,
 ) -> Engine:
     """An engine for the store; SQLite gets WAL and writer transactions that lock at BEGIN;
     `lock_wait`: seconds a statement waits for a lock (SQLite's `timeout`, PostgreSQL's
@@ -113,11 +124,8 @@ def create_store_engine(
         connect_args=connect_args,
     )
     # Session settings: the URL's, a service file's or PGOPTIONS' own `options` stay as
-    # they are. `idle_in_transaction` (the worker's): a session that holds its transaction
-    # open this long without a statement is ended by the server, its locks with it. A
-    # worker stopped in a batch (SIGSTOP, a VM paused) whose connection the kernel kept
-    # alive held its records' and partitions' locks, and the group's new owner of its
-    # partitions waited on them, until a probe killed it.
+    # they are. `idle_in_transaction`: a session that holds its transaction open this long
+    # without a statement is ended by the server, its locks with it (above).
     settings = []
     if lock_wait is not None:
         settings.append(f"SET lock_timeout = {round(lock_wait * 1000)}")

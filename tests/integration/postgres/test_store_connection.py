@@ -64,3 +64,18 @@ def test_a_session_stopped_inside_its_transaction_gives_its_locks_up(
     finally:
         stopped.close()
         other.close()
+
+
+def test_every_session_of_the_store_gives_up_an_idle_transaction_not_only_the_workers(
+    postgres_store_url: str,
+) -> None:
+    """An operator's `replay` or `dlq redrive` suspended with Ctrl-Z inside a transaction
+    held its records' locks without limit: every worker's batch touching them retried
+    until the command was resumed. Operators' commands open the store as `Store(url)`."""
+    store = Store(postgres_store_url)
+    try:
+        with store.engine.connect() as conn:
+            shown = conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar()
+        assert shown == "5min"
+    finally:
+        store.close()
