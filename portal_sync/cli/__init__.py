@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 from typing import Annotated
 
 import typer
@@ -85,9 +86,22 @@ def settings_error(error: ValidationError) -> ConfigurationError:
     return ConfigurationError(f"settings: {problems}")
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise SystemExit(128 + signum)
+
+
 def main_entry() -> None:
     """The console script: expected errors end with their message and exit code."""
     os.umask(PRIVATE_UMASK)
+    # SIGTERM and SIGHUP (a closed SSH session) killed a command without its clean-up: an
+    # export left its partial file of personal data beside the target. They now end it as
+    # an exit does, 128 + the signal, its `finally` blocks and transactions' rollbacks run.
+    # Long-running commands (worker, produce, lag-exporter) install their own.
+    # A signal the parent had ignored (`nohup`) stays ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _exit_on_signal)
     try:
         try:
             app(prog_name="portal-sync", standalone_mode=True)

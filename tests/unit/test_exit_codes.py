@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +106,42 @@ def test_what_did_not_start_is_no_configuration_error() -> None:
     assert exit_code(DemoError("pass --reset")) == 1 and isinstance(DemoError("x"), Refused)
     assert exit_code(DemoFailed("the worker exited (3)")) == 1
     assert not isinstance(DemoFailed("x"), Refused)
+
+
+def test_sigterm_and_sighup_end_a_command_through_its_clean_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """They killed a command without its `finally` blocks: an export interrupted by a
+    closed SSH session left its partial file of personal data beside the target. A signal
+    the parent ignored (`nohup`) stays ignored."""
+    import signal
+
+    import portal_sync.cli as cli
+
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    cleaned: list[int] = []
+
+    def command(**_: object) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the signal arrives here
+            except SystemExit as ended:
+                cleaned.append(int(str(ended.code)))
+                signal.signal(sig, cli._exit_on_signal)  # as the entry point left it
+        raise SystemExit(0)
+
+    try:
+        for sig in kept:
+            signal.signal(sig, signal.SIG_DFL)
+        monkeypatch.setattr(cli, "app", command)
+        with pytest.raises(SystemExit):
+            main_entry()
+        assert cleaned == [128 + signal.SIGHUP, 128 + signal.SIGTERM]
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup portal-sync …`
+        with pytest.raises(SystemExit):
+            main_entry()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
