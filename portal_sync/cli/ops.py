@@ -295,7 +295,11 @@ def rebuild(
     target = Store(store)
     target.create_schema()
     if target.holds_data():
-        console.print("[red]error:[/red] the target store is not empty")
+        console.print(
+            "[red]error:[/red] the target store is not empty (a rebuild interrupted before "
+            "holds part of it: drop that database, or remove the SQLite file, and run the "
+            "rebuild again)"
+        )
         raise typer.Exit(1)
     # Every record is copied out of the live store's reach: recorded there first, as the
     # commands that show records are (nothing is copied if the row cannot be written).
