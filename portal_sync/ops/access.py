@@ -16,9 +16,7 @@ import os
 import pwd
 import unicodedata
 from collections.abc import Iterable
-from typing import TypeGuard
-
-import orjson
+from typing import Any, TypeGuard
 
 from schemas.errors import Refused
 from schemas.events import ENTITIES
@@ -126,20 +124,27 @@ def dead_letter_targets(
     event), when that is another: a forged or mis-keyed letter (`key_mismatch`) shows the
     data of the record in its value, whatever its key says."""
     targets = [dead_letter_key(letter_id, key, secret)]
+    # Every `entity` and `key` the value names, a name given twice included (a forged
+    # letter's: any reader may take either, and `dlq show` shows the value whole).
     try:
-        event = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:  # what orjson refuses and the worker's parser reads
-        try:
-            event = json.loads((value or b"").decode("utf-8", "surrogatepass"))
-        except (ValueError, RecursionError):
-            return targets
-    if isinstance(event, dict):
-        entity, record = event.get("entity"), event.get("key")
-        if entity in ENTITIES and _a_key(record):
-            named = (entity, f"dead letter {letter_id}: {key_reference(record, secret)}")
-            if named not in targets:
-                targets.append(named)
+        pairs = json.loads(
+            (value or b"").decode("utf-8", "surrogatepass"), object_pairs_hook=_Pairs
+        )
+    except (ValueError, RecursionError):
+        return targets
+    if isinstance(pairs, _Pairs):
+        entities = [v for name, v in pairs if name == "entity" and v in ENTITIES]
+        records = [v for name, v in pairs if name == "key" and _a_key(v)]
+        for entity in entities:
+            for record in records:
+                named = (entity, f"dead letter {letter_id}: {key_reference(record, secret)}")
+                if named not in targets:
+                    targets.append(named)
     return targets
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its (name, value) pairs, in order, names given twice kept."""
 
 
 def _a_key(record: object) -> TypeGuard[str]:

@@ -266,6 +266,13 @@ def test_a_revealed_letter_whose_value_names_another_record_logs_that_record_too
     assert dead_letter_targets("0:9", key, lenient, secret)[1:] == [
         ("citizen", f"dead letter 0:9: {shown}")
     ]
+    # A key named twice: `dlq show` shows the value whole, so both records are logged
+    # (orjson and json keep the last; another reader may take the first).
+    twice = b'{"entity": "citizen", "key": "079305012345", "key": "001090012345"}'
+    assert dead_letter_targets("0:9", key, twice, secret) == [
+        ("citizen", f"dead letter 0:9: {keyed}"),
+        ("citizen", f"dead letter 0:9: {shown}"),
+    ]
     surrogate = b'{"entity": "citizen", "key": "\\ud800079305012345"}'  # read leniently
     for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', surrogate, None):
         assert dead_letter_targets("0:9", key, unreadable, secret) == [
