@@ -41,7 +41,7 @@ test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
 	$(BIN)/pytest -n auto --maxprocesses 4 tests/unit
 	# Each process starts its own PostgreSQL and Prometheus: these directories run in two.
-	$(BIN)/pytest -n 2 tests/integration/postgres tests/integration/prometheus tests/integration/helm
+	$(BIN)/pytest -n 2 tests/integration/postgres tests/integration/prometheus tests/integration/helm tests/integration/deploy
 	# A broker for each of two processes; a file's tests stay in one process, one at a time
 	# (fault tests time what they kill; most of their time is waiting on a restart).
 	# The benches' short runs (test_benches.py) bring their own broker and PostgreSQL and

@@ -5,7 +5,8 @@
 # the pipeline in an integration test), and Helm (the chart's checks), built from source
 # with Go into the user's cache dir once (~/.cache/portal-sync/bin/helm).
 # Node.js with --postgres too: it checks that the published JSON Schemas' patterns compile
-# in ECMA-262 as producers' validators read them. (The Makefile fetches the Kafka jars.)
+# in ECMA-262 as producers' validators read them; systemd's systemd-analyze, which checks
+# the units in deploy/systemd. (The Makefile fetches the Kafka jars.)
 set -euo pipefail
 
 want_postgres=0
@@ -26,6 +27,10 @@ if [ "$want_postgres" = 1 ] && ! { command -v prometheus && command -v promtool;
 fi
 if [ "$want_postgres" = 1 ] && ! command -v node >/dev/null; then
   missing+=(nodejs)
+fi
+# systemd-analyze checks the systemd units offline (tests/integration/deploy).
+if [ "$want_postgres" = 1 ] && ! command -v systemd-analyze >/dev/null; then
+  missing+=(systemd)
 fi
 
 as_root=()
