@@ -501,6 +501,8 @@ def test_one_producer_per_deployment_file(production: list[Manifest]) -> None:
         deployment = one(production, "Deployment", name)
         assert deployment["spec"]["replicas"] == 1
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        # Its stop saves the acknowledged checkpoints, a flush waiting up to 60 s.
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
         main = container(deployment)
         assert main["args"] == [
             "produce", "--config=/etc/portal-sync/producer/deployment.toml",
