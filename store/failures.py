@@ -15,12 +15,26 @@ from sqlalchemy.exc import (
     StatementError,
 )
 
-from schemas.errors import RecordError, Refused, TransientError
+from schemas.errors import ConfigurationError, RecordError, Refused, TransientError
 from schemas.redaction import redacted_text
 
 
 class StoreUnavailable(TransientError):
     """The database cannot be reached or failed: retry the same work."""
+
+
+class StoreMisconfigured(ConfigurationError):
+    """The database refuses this session's statements for its setup, not for a value or
+    an outage: a grant missing (a table a store upgrade added, `store grant` not run
+    again), a table or column missing (a schema older or newer than this release), a
+    feature the server lacks. Retried, it failed for ever with "the store failed"; it
+    stops the worker instead (exit 2), naming the condition."""
+
+
+# SQLSTATE classes of a session's setup: 42 syntax error or access rule violation (42501
+# insufficient privilege, 42P01 undefined table), 28 invalid authorization, 3D invalid
+# catalog name, 0A feature not supported.
+MISCONFIGURED_CLASSES = frozenset({"42", "28", "3D", "0A"})
 
 
 class OffsetGap(Refused):
@@ -46,6 +60,7 @@ def translated() -> Iterator[None]:
     except (DataError, IntegrityError) as error:
         raise StoreRefused(error) from None
     except DBAPIError as error:
+        _raise_if_misconfigured(error)
         raise StoreUnavailable(_failure(error)) from None
     except StatementError as error:  # a parameter could not be converted: the value's fault
         raise StoreRefused(error) from None
@@ -56,8 +71,22 @@ def translated() -> Iterator[None]:
         if family == "refused":
             raise StoreRefused(error) from None
         if family == "unavailable":
+            _raise_if_misconfigured(error)
             raise StoreUnavailable(_statement_failure(error)) from None
         raise
+
+
+def _raise_if_misconfigured(error: BaseException) -> None:
+    """StoreMisconfigured for an error of a setup's SQLSTATE class, named by its condition
+    (the driver's class name: `InsufficientPrivilege`), never its message."""
+    driver = error if (orig := getattr(error, "orig", None)) is None else orig
+    state = getattr(driver, "sqlstate", None)
+    if isinstance(state, str) and state[:2] in MISCONFIGURED_CLASSES:
+        raise StoreMisconfigured(
+            f"the store refused this session's statement: {type(driver).__name__} "
+            f"(SQLSTATE {state}): check the role's grants (`portal-sync store grant`) and "
+            "that the schema is this release's (`portal-sync store upgrade`)"
+        ) from None
 
 
 # SQLSTATE 53200, out of shared memory: on the batch path, PostgreSQL's lock table is full

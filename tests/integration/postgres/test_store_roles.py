@@ -363,3 +363,27 @@ def test_the_docs_recipe_gives_a_one_role_store_to_an_owner(postgres_store_url: 
     with pytest.raises(DBAPIError, match="permission denied"), engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM access_log")
     engine.dispose()
+
+
+def test_a_grant_missing_on_a_table_is_a_configuration_error_not_an_outage(
+    roles: Roles,
+) -> None:
+    """A table a store upgrade added, `store grant` not run again: each batch failed with
+    "the store failed: ProgrammingError", retried for ever, the cause in no log."""
+    from store.failures import StoreMisconfigured
+
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    owner.grant(roles.runtime, 30)
+    with owner.engine.begin() as conn:
+        conn.exec_driver_sql(f"REVOKE ALL ON record_history FROM {roles.runtime}")
+    owner.close()
+    store = roles.store(roles.runtime)
+    try:
+        with pytest.raises(StoreMisconfigured, match="InsufficientPrivilege .SQLSTATE 42501."):
+            Feed(store).apply(
+                event("citizen", CITIZEN, "province-79", 1, {"full_name": "Nguyễn Thị Lan"})
+            )
+        assert isinstance(StoreMisconfigured("x"), ConfigurationError)
+    finally:
+        store.close()
