@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -46,7 +47,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from producers.mapping import FieldMapping, four_digit_year, map_fields, parse_local, soft_deleted
 from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
-from producers.sdk import Adapter, Checkpoint, Item, Record, SkippableRecord, State
+from producers.sdk import (
+    Adapter,
+    Checkpoint,
+    Item,
+    Record,
+    RetriableError,
+    SkippableRecord,
+    State,
+)
 from schemas.dead_letter import Reason
 from schemas.errors import RecordError
 from schemas.events import Entity, nfc_text
@@ -187,6 +196,16 @@ def read_json(text: str) -> Any:
     return value
 
 
+# Errors of a read that may pass: a network share away or stale (NFS, SMB), a timeout, an
+# interrupted call, descriptors, memory or locks short, a file busy.
+TRANSIENT_READ_ERRORS = frozenset(
+    {
+        errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.EMFILE,
+        errno.ENFILE, errno.ENOMEM, errno.EBUSY, errno.ENOLCK, errno.EHOSTDOWN,
+        errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET,
+    }
+)  # fmt: skip
+
 CLOCK_PROBE = ".portal-sync-clock"  # a leading dot: never read as an export
 
 
@@ -275,6 +294,11 @@ class DirectoryAdapter(Adapter):
             except FileNotFoundError:
                 continue  # taken away since it was listed
             except OSError as error:
+                if error.errno in TRANSIENT_READ_ERRORS:
+                    # A share away a moment (NFS, SMB), descriptors or memory short: the
+                    # file was sent to error/ for good, its records never published.
+                    name = errno.errorcode.get(error.errno or 0, "?")
+                    raise RetriableError(f"a file could not be read ({name}): retried") from None
                 reason = (
                     "permission_denied" if isinstance(error, PermissionError) else "read_failed"
                 )
@@ -367,6 +391,8 @@ class DirectoryAdapter(Adapter):
                 item = next(records)
             except StopIteration:
                 return True
+            except MemoryError:  # not the file's: the run is retried from its checkpoint
+                raise
             except Exception as error:
                 detail = f"reading stopped after {count} records ({type(error).__name__})"
                 self._partial.pop(resume.checksum, None)
@@ -613,6 +639,8 @@ class FileDropAdapter(DirectoryAdapter):
                 provided = blank_absent or missing_absent
                 if provided and isinstance(record, Record) and record.data is not None:
                     record = replace(record, data=self._provided(record.data, row, missing_absent))
+            except MemoryError:  # not the line's: the run is retried from its checkpoint
+                raise
             except Exception as error:  # any surprise of one line stays that line's
                 record = unmappable(error, origin, self.entity)
             if isinstance(record, SkippableRecord):

@@ -97,6 +97,8 @@ class PortalAdapter(DirectoryAdapter):
                 continue
             try:  # all of a payload's records, or one dead letter for it
                 records = list(self._records(payload, origin, index))
+            except MemoryError:  # not the payload's: the run is retried from its checkpoint
+                raise
             except Exception as error:
                 records = [unmappable(error, origin, "dossier")]
             yield from records

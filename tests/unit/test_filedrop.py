@@ -3,6 +3,7 @@ and two changes of one key in the same second."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from producers.adapters.filedrop import FileDropAdapter, read_json
-from producers.sdk import Checkpoint, Record, SkippableRecord
+from producers.sdk import Checkpoint, Record, RetriableError, SkippableRecord
 
 CONFIG = {
     "directory": "inbox",
@@ -571,3 +572,45 @@ def test_a_json_line_naming_a_key_twice_is_a_rejected_line_not_the_last_value() 
     ((number, rejected),) = FileDropAdapter._jsonl_rows([(3, line)])
     assert number == 3 and isinstance(rejected, SkippableRecord)
     assert rejected.code == "invalid_json" and "key twice" in rejected.message
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.EMFILE])
+def test_a_read_that_fails_for_a_moment_is_retried_not_sent_to_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A share away a moment (NFS, SMB) or descriptors short: the file was dead-lettered
+    as `read_failed`, moved to error/ and never read again."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_bytes = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(RetriableError, match=errno.errorcode[code]):
+        list(adapter.read({}))
+    assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert [i.key for i in adapter.read({}) if isinstance(i, Record)] == ["001190000001"]
+
+
+def test_memory_short_while_reading_a_file_is_no_fault_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sent the rest of the file to one dead letter and the file to error/ (a line's
+    mapping: that line to the dead letters); the run is retried from its checkpoint."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+
+    def short(*_: object, **__: object) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(adapter, "_record", short)
+    with pytest.raises(MemoryError):
+        list(adapter.read({}))
+    assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
