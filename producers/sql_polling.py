@@ -629,9 +629,14 @@ class SqlPollingAdapter:
             for start in range(0, len(wanted), KEYS_PER_QUERY):
                 query = select(key, flag).where(key.in_(wanted[start : start + KEYS_PER_QUERY]))
                 for found, deleted in conn.execute(query):
-                    with contextlib.suppress(ValueError):  # a flag nobody can read: not live
-                        if not soft_deleted(deleted):
-                            live.add(str(found))
+                    try:
+                        gone = soft_deleted(deleted)
+                    except ValueError:
+                        # A flag nobody can read may be a live row's: the delete is held
+                        # (`soft_deleted`'s rule: never erase a record on such a flag).
+                        gone = False
+                    if not gone:
+                        live.add(str(found))
         if not live:
             return changes
         log.info(

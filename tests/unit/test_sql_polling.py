@@ -1303,3 +1303,38 @@ def test_check_warns_of_many_rows_under_one_cursor_time(
     finally:
         adapter.close()
         engine.dispose()
+
+
+def test_a_soft_delete_is_held_while_another_row_of_its_key_has_a_flag_nobody_can_read(
+    tmp_path: Path,
+) -> None:
+    """That row was taken as not live, and the delete erased the record nationally, while
+    the row itself (a dead letter for its flag) might be the record's live one."""
+    url = f"sqlite:///{tmp_path / 'flags.db'}"
+    engine = create_engine(url)
+    table = Table(
+        "cong_dan", MetaData(), Column("id", Integer, primary_key=True),
+        Column("so_dinh_danh", String(12), index=True), Column("ho_ten", String(100)),
+        Column("updated_at", DateTime, nullable=False), Column("da_xoa", String(10)),
+    )  # fmt: skip
+    table.metadata.create_all(engine)
+    key, at = pid(1), T0 + timedelta(seconds=5)
+    with engine.begin() as conn:
+        conn.execute(insert(table).values(
+            id=1, so_dinh_danh=key, ho_ten="Lê Văn An", updated_at=T0, da_xoa="false"
+        ))  # fmt: skip
+    adapter = SqlPollingAdapter(Source.config_of(url))
+    try:
+        state = CursorState()
+        assert [(c.key, c.event["op"]) for c in flat(poll(adapter, state))] == [(key, "upsert")]
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == 1).values(da_xoa="true", updated_at=at))
+            conn.execute(insert(table).values(
+                id=2, so_dinh_danh=key, ho_ten="Lê Văn Ân", updated_at=at, da_xoa="chưa rõ"
+            ))  # fmt: skip
+        read = poll(adapter, state)
+        held = [c for c in flat(read) if c.pk == 1]
+        assert [(c.event["op"], c.held) for c in held] == [("delete", True)]  # not sent
+    finally:
+        adapter.close()
+        engine.dispose()
