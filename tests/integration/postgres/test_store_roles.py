@@ -380,7 +380,7 @@ def test_a_grant_missing_on_a_table_is_a_configuration_error_not_an_outage(
     owner.close()
     store = roles.store(roles.runtime)
     try:
-        with pytest.raises(StoreMisconfigured, match="InsufficientPrivilege .SQLSTATE 42501."):
+        with pytest.raises(StoreMisconfigured, match=r"InsufficientPrivilege \(SQLSTATE 42501\)"):
             Feed(store).apply(
                 event("citizen", CITIZEN, "province-79", 1, {"full_name": "Nguyễn Thị Lan"})
             )
