@@ -732,6 +732,12 @@ class Store:
         if entity is not None:
             query = query.where(records.c.entity == entity)
         with self.engine.connect() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # Read in one transaction, whose reader may pause longer than the store's
+                # idle limit (`rebuild --compare` waits on the other store's sort, `export`
+                # on a slow pipe): this one is exempt. Known limit: on PostgreSQL the
+                # read is one sort and one snapshot of the whole table (docs/operations.md).
+                conn.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
             for row in conn.execution_options(yield_per=1000).execute(query):
                 origins = row.provenance
                 provenance = None if origins is None else expand_provenance(origins, row.sources)
