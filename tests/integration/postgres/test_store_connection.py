@@ -79,3 +79,26 @@ def test_every_session_of_the_store_gives_up_an_idle_transaction_not_only_the_wo
         assert shown == "5min"
     finally:
         store.close()
+
+
+def test_a_records_read_that_pauses_longer_than_the_idle_limit_goes_on(
+    postgres_store_url: str,
+) -> None:
+    """`rebuild --compare` reads the live store while the rebuilt one sorts, and `export`
+    writes into a pipe that may stall: their one transaction's reader pauses. With every
+    store session's idle limit the server ended it mid-read."""
+    from tests.support.store_helpers import Feed, event
+
+    store = Store(postgres_store_url, idle_in_transaction=0.5)
+    keys = [f"0791900{n:05d}" for n in range(2_500)]  # more than one fetch of the cursor
+    try:
+        store.create_schema()
+        Feed(store).apply(
+            *(event("citizen", key, "province-79", 1, {"full_name": "Lê Văn An"}) for key in keys)
+        )
+        read = store.iter_records()
+        first = next(read)
+        time.sleep(1.5)
+        assert [first[1], *(r[1] for r in read)] == keys
+    finally:
+        store.close()
