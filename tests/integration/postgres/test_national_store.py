@@ -481,7 +481,22 @@ def test_disagreement_is_recorded_reported_and_resolved(store: Store) -> None:
     assert queries.open_conflicts(store) == 0
 
 
-def test_conflict_report_counts_by_source_pair_and_field_worst_first(store: Store) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The SQLite store, or a PostgreSQL one: the report groups in the database."""
+    url = (
+        f"sqlite:///{tmp_path}/s.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_store_url")
+    )
+    target = Store(url)
+    target.create_schema()
+    yield target
+    target.close()
+
+
+def test_conflict_report_counts_by_source_pair_and_field_worst_first(either_store: Store) -> None:
+    store = either_store
     feed = Feed(store)
     raws = []
     for i, key in enumerate([CITIZEN, CITIZEN_2, CITIZEN_MISSING]):
