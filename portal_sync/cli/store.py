@@ -80,14 +80,23 @@ def store_upgrade(store: StoreOpt = None) -> None:
     target = Store(settings.store_url)
     before, after = target.upgrade()
     console.print(f"schema: {before or 'empty'} → {after}")
-    keys = target.keys_without_provenance()
-    if keys:
-        pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
-        changed, _ = _remerge(target, settings, pages, len(keys))
-        console.print(  # their provenance is filled in: the values are what may change
-            f"re-merged {len(keys)} records written before provenance ({changed.values} changed)"
-        )
+    # Records written before the store kept provenance (first-schema stores) are looked
+    # for once: no release writes such a record since, and the look is a scan of every
+    # record (an hour at national scale, at every upgrade's Job before).
+    if target.meta(PROVENANCE_COMPLETE) is None:
+        keys = target.keys_without_provenance()
+        if keys:
+            pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
+            changed, _ = _remerge(target, settings, pages, len(keys))
+            console.print(  # their provenance is filled in: the values are what may change
+                f"re-merged {len(keys)} records written before provenance "
+                f"({changed.values} changed)"
+            )
+        target.set_meta(PROVENANCE_COMPLETE, "yes")
     target.close()
+
+
+PROVENANCE_COMPLETE = "records.provenance_complete"
 
 
 @store_app.command("grant")
