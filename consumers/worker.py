@@ -98,6 +98,7 @@ SETTLE_EVERY_SECONDS = 10.0
 # large source purge) is worked off a minute apart, never holding the batches for long.
 RETENTION_SECONDS = 5.0
 EXIT_BATCH_FAILED = 3  # a batch failed in an unexpected way: restart from the store
+EXIT_CONFIGURATION = 2  # a setting the next start would meet again (the taxonomy's code)
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ class BatchProcessor:
                 judged = self.prepare(messages)
             ready = judged
             self._retrying(lambda: self._process_once(messages, lettered, ready, starts))
-        except (Stopping, Refused):
+        except (Stopping, Refused, ConfigurationError, MemoryError):
+            # Not the data's: a setting the store or the broker refuses, or memory short
+            # (every event would fail alone too, and go to the dead letters: valid ones).
             raise
         except Exception as error:  # a record error, or a bug met by some data
             self._isolate(messages, error, lettered, judged, starts)
@@ -996,6 +999,10 @@ class ReconcilerLoop:
             await member.seek(stored, still)
             self._sought(still, stored)
             return "reseek", {}
+        except ConfigurationError as error:  # a grant missing on a table, TLS refused: exit 2
+            log.error("batch refused by a setting: %s; stopping", error)
+            self.stop(EXIT_CONFIGURATION)
+            return "stop", {}
         except Exception as error:
             # Never go on from the consumer's position after a failure: stop, and let the
             # supervisor restart the worker from the store's offsets. Our own errors'

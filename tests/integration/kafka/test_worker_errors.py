@@ -16,6 +16,7 @@ from consumers.reconciler import Message
 from consumers.registry import Registry
 from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
+from schemas.errors import ConfigurationError
 from store.core import Store
 from store.failures import StoreRefused
 from tests.integration.kafka.test_pipeline_kafka import _read_all
@@ -103,6 +104,28 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert headers["ps.reason.message"] == said
     assert headers["ps.origin.offset"] == "6"
     assert letters[0].value == poison.value
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), ConfigurationError("permission denied for table records")]
+)
+def test_memory_short_or_a_setting_refused_stops_the_batch_and_letters_nothing(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Not the data's fault: each event alone would fail the same way, and every valid
+    one of the batch went to the dead letters as `apply_failed` with the offsets moved
+    past them. Raised instead: the worker stops (exit 2 for a setting, 3 else) and its
+    next start resumes from the store's offsets."""
+    settings, store, processor, _events, messages = _one_partition(
+        settings_for, sqlite_store_url, 23, 6
+    )
+    _refusing(processor, monkeypatch, messages[2], error)
+    with pytest.raises(type(error)):
+        processor.process(messages)
+    processor.close()
+    assert store.all_offsets() == {}
+    assert dead_letters_written(settings) == 0
     store.close()
 
 
