@@ -7,6 +7,7 @@ often (the lag exporter); the module functions open one for a single question.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
@@ -44,10 +45,19 @@ from transport.config import KafkaConnection
 from transport.local_secure import SecureSetup, grants
 from transport.topics import Topics
 
+log = logging.getLogger(__name__)
 TP = tuple[str, int]
 NO_MESSAGE = -1  # `first_timestamps`: no committed message up to the partition's end
 T = TypeVar("T")
 # A group's coordinator moved (its broker died or restarted).
+# Why a topic's cleanup policy matters, for the refusal's message.
+TOPIC_POLICIES = {
+    "compact": "a change topic keeps each record's latest events for a rebuild; 'delete' "
+    "removes them after the retention",
+    "delete": "the dead letters are kept for their retention, each; 'compact' keeps one a key",
+}
+
+
 MOVED = (NotCoordinatorError, CoordinatorNotAvailableError)
 
 
@@ -211,19 +221,23 @@ class Cluster:
     def _check_message_limits(
         self, specs: dict[str, dict[str, Any]], needed: Iterable[str] | None
     ) -> None:
-        """Refuse (ConfigurationError) an existing topic that takes smaller messages than
-        the project creates it for (one an administrator made with the cluster's 1 MB
-        default): a valid event near the contract's limit, with its key and signature, was
-        refused by the broker at every retry, and its source never got past it. A
-        principal that may not describe the topic's configs gets no answer: not judged."""
+        """Compare the configs of existing topics with those the project creates them with.
+
+        Refused (ConfigurationError), naming the `kafka-configs.sh` command that mends it:
+        a topic that takes smaller messages (one an administrator made with the cluster's 1
+        MB default: an event near the contract's limit was refused at every retry, and its
+        source never got past it), or with another `cleanup.policy` (a change topic that
+        deletes old segments loses records a rebuild needs; a dead-letter topic that
+        compacts drops letters). Logged as a warning, as the worker goes on without them:
+        a timestamp type other than the broker's (a replay judges a message's time
+        otherwise than the live worker), superseded events kept longer than the retention
+        promises (`max.compaction.lag.ms`), fewer in-sync replicas than asked. A principal
+        that may not describe topic configs gets no answer: not judged."""
         chosen = None if needed is None else set(needed)
         wanted = [name for name in specs if chosen is None or name in chosen]
         if not wanted:
             return
-        resources = [
-            ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})
-            for name in wanted
-        ]
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in wanted]
         try:
             # "all": a topic left at the cluster's default reports no value otherwise
             ask = partial(self.admin.describe_configs, resources, config_filter="all")
@@ -235,14 +249,56 @@ class Cluster:
                 error, "describe the topics' configs", self.connection
             ) from None
         for name in wanted:
-            config = answer.get("topic", {}).get(name, {}).get("max.message.bytes")
-            asked = int(specs[name]["configs"]["max.message.bytes"])
-            if config is not None and int(config["value"]) < asked:
+            configs = answer.get("topic", {}).get(name, {})
+            asked = specs[name]["configs"]
+
+            def value(key: str, configs: Mapping[str, Any] = configs) -> str | None:
+                found = configs.get(key)
+                return None if found is None else str(found["value"])
+
+            def fix(key: str, name: str = name, asked: Mapping[str, Any] = asked) -> str:
+                return (
+                    f"kafka-configs.sh --alter --entity-type topics --entity-name {name} "
+                    f"--add-config {key}={asked[key]}"
+                )
+
+            size = value("max.message.bytes")
+            if size is not None and int(size) < int(asked["max.message.bytes"]):
                 raise ConfigurationError(
-                    f"the topic {name} takes messages of at most {config['value']} bytes; "
-                    f"portal-sync sends up to {asked}: raise its max.message.bytes "
-                    f"(kafka-configs.sh --alter --entity-type topics --entity-name {name} "
-                    f"--add-config max.message.bytes={asked})"
+                    f"the topic {name} takes messages of at most {size} bytes; portal-sync "
+                    f"sends up to {asked['max.message.bytes']}: raise its max.message.bytes "
+                    f"({fix('max.message.bytes')})"
+                )
+            policy = value("cleanup.policy")
+            if policy is not None and policy != asked["cleanup.policy"]:
+                raise ConfigurationError(
+                    f"the topic {name} has cleanup.policy={policy}, portal-sync needs "
+                    f"{asked['cleanup.policy']} ({TOPIC_POLICIES[asked['cleanup.policy']]}): "
+                    f"{fix('cleanup.policy')}"
+                )
+            drifted = []
+            stamp = value("message.timestamp.type")
+            if "message.timestamp.type" in asked and stamp not in (
+                None,
+                asked["message.timestamp.type"],
+            ):
+                drifted.append("message.timestamp.type")
+            lag = value("max.compaction.lag.ms")
+            if "max.compaction.lag.ms" in asked and int(lag or 0) > int(
+                asked["max.compaction.lag.ms"]
+            ):
+                drifted.append("max.compaction.lag.ms")
+            in_sync = value("min.insync.replicas")
+            if in_sync is not None and int(in_sync) < int(asked["min.insync.replicas"]):
+                drifted.append("min.insync.replicas")
+            if drifted:
+                log.warning(
+                    "the topic %s has %s other than portal-sync creates it with "
+                    '(docs/operations.md, "Change topics created before the time and '
+                    'compaction settings"): %s',
+                    name,
+                    ", ".join(f"{key}={value(key)}" for key in drifted),
+                    "; ".join(fix(key) for key in drifted),
                 )
 
     def check_partition_counts(self, topics: Topics) -> None:

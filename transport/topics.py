@@ -60,7 +60,8 @@ class Topics:
 
     def specs(self) -> dict[str, dict[str, Any]]:
         """Topic name to creation options (partitions, replication, configs)."""
-        # With replicas, acks=all waits for at least two copies (one may be down).
+        # With replicas, acks=all waits for at least two copies: with three, one may be
+        # down; with two, none (three is production's, docs/deploy.md).
         in_sync = str(min(2, self.replication_factor))
         changes = {
             "cleanup.policy": "compact",

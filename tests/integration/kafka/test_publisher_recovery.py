@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -16,18 +17,20 @@ from transport.publisher import PublishError
 pytestmark = pytest.mark.kafka
 
 
-def _limit(settings: Any, topic: str, max_bytes: int) -> None:
-    """Set the topic's `max.message.bytes`, and wait until the broker reports it (a topic
-    just created, or changed, is not at once)."""
+def _limit(settings: Any, topic: str, max_bytes: int, **more: str) -> None:
+    """Set the topic's `max.message.bytes` (and `more` configs, dots as underscores), and
+    wait until the broker reports them (a topic just created, or changed, is not at once).
+    The others go back to the cluster's defaults (AlterConfigs sets the whole set)."""
     admin = clients.admin(settings.connection())
+    configs = {"max.message.bytes": str(max_bytes)}
+    configs |= {name.replace("_", "."): value for name, value in more.items()}
     try:
-        configs = {"max.message.bytes": str(max_bytes)}
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
-        asked = [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})]
+        asked = [ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(configs))]
         deadline = time.monotonic() + 30
         while True:
-            said = admin.describe_configs(asked)["topic"].get(topic, {}).get("max.message.bytes")
-            if said is not None and said["value"] == str(max_bytes):
+            said = admin.describe_configs(asked)["topic"].get(topic, {})
+            if all(said.get(k, {}).get("value") == v for k, v in configs.items()):
                 return
             assert time.monotonic() < deadline, said
             time.sleep(0.2)
@@ -61,7 +64,7 @@ def test_a_message_too_large_for_its_topic_does_not_break_later_sends(
 
 
 def test_a_topic_that_takes_smaller_messages_than_the_project_sends_is_refused(
-    settings_for: Any, sqlite_store_url: str
+    settings_for: Any, sqlite_store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Made by an administrator with the cluster's 1 MB default: an event near the
     contract's limit was refused at every retry, and its source never got past it."""
@@ -80,4 +83,14 @@ def test_a_topic_that_takes_smaller_messages_than_the_project_sends_is_refused(
     with pytest.raises(ConfigurationError, match=f"{citizens} takes messages of at most 1048588"):
         ensure_topics(settings)
     _limit(settings, citizens, CHANGE_MAX_MESSAGE_BYTES)
-    ensure_topics(settings)
+    # The cluster's default cleanup: the cleaner would delete the records a rebuild needs.
+    with pytest.raises(ConfigurationError, match=f"{citizens} has cleanup.policy=delete, "):
+        ensure_topics(settings)
+    _limit(settings, citizens, CHANGE_MAX_MESSAGE_BYTES, cleanup_policy="compact")
+    # What the worker goes on without is named, with the command that sets it.
+    with caplog.at_level(logging.WARNING, logger="transport.admin"):
+        ensure_topics(settings)
+    said = caplog.text
+    assert f"the topic {citizens} has message.timestamp.type=CreateTime" in said
+    assert "max.compaction.lag.ms=9223372036854775807" in said
+    assert f"--entity-name {citizens} --add-config message.timestamp.type=LogAppendTime" in said
