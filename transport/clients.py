@@ -255,10 +255,18 @@ def _options(connection: KafkaConnection) -> dict[str, Any]:
     return connection.client_options()
 
 
+# No client of ours asks the broker to create a topic it names: one made so takes the
+# cluster's defaults (one partition count, `delete` cleanup, 1 MB messages), not the
+# project's (`portal-sync topics`). Brokers should refuse it too (auto.create.topics.enable).
+NO_AUTO_CREATE = {"allow_auto_create_topics": False}
+
+
 def producer(connection: KafkaConnection, client_id: str, **options: Any) -> Any:
     quiet_client_debug()
     try:
-        return KafkaProducer(**_options(connection), client_id=client_id, **options)
+        return KafkaProducer(
+            **_options(connection), client_id=client_id, **(NO_AUTO_CREATE | options)
+        )
     except KafkaError as error:
         raise translate(error, "connect a producer", connection) from error
 
@@ -267,7 +275,9 @@ def consumer(connection: KafkaConnection, client_id: str, **options: Any) -> Any
     quiet_client_debug()
     guard_records()
     try:
-        return KafkaConsumer(**_options(connection), client_id=client_id, **options)
+        return KafkaConsumer(
+            **_options(connection), client_id=client_id, **(NO_AUTO_CREATE | options)
+        )
     except KafkaError as error:
         raise translate(error, "connect a consumer", connection) from error
 

@@ -211,6 +211,8 @@ class Publisher:
                 self.connection,
                 f"{self._client_id}-dead-letters",
                 enable_idempotence=False,  # kafka-python's default is True
+                # without idempotence a retried request could land after later letters
+                max_in_flight_requests_per_connection=1,
                 **self._options,
             )
         future = self.send(self.topics.dead_letters, key, value, headers, self._letter_producer)
