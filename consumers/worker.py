@@ -282,7 +282,11 @@ class BatchProcessor:
                     raise Stopping() from None
                 self.health.retrying(type(error).__name__)
                 delay = backoff.next()
-                log.error("batch failed (%s), retrying in %.1fs", type(error).__name__, delay)
+                # Our own errors' messages are fixed texts (a condition to fix, never a
+                # value): a grant missing is named so.
+                log.error(
+                    "batch failed (%s: %s), retrying in %.1fs", type(error).__name__, error, delay
+                )
                 if self.stopping.wait(delay):
                     raise Stopping() from None
 
@@ -566,7 +570,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
     # the loop runs, instead of killing the process half-started.
     early_stop = StopAsked()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, lambda signum, _frame: early_stop.ask(signum))
     web = load_web_config(config.metrics_web_config) if config.metrics_port else None
     registry, authority = load_rules(config.registry_file, config.authority_file)
@@ -632,6 +636,14 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         store.close()
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGTERM, SIGINT, and SIGHUP unless ignored (`nohup`): a worker run from a terminal or
+    SSH session that closes stops as on SIGTERM (the entry point's own handler raised out
+    of the loop, and a batch retrying for a store away held the process)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
+
+
 class StopAsked(threading.Event):
     """A stop a signal asked for while the worker started, and which signal it was."""
 
@@ -668,6 +680,7 @@ class ReconcilerLoop:
         self.processor = processor
         self.until_caught_up = until_caught_up
         self.early_stop = early_stop  # set by a signal received before the loop ran
+        self.signals: list[int] = []  # the stop signals received
         self.liveness = Liveness()
         self.stop_event = asyncio.Event()
         self.code = 0
@@ -692,7 +705,7 @@ class ReconcilerLoop:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self.signalled, sig)
         if self.early_stop is not None and self.early_stop.is_set():
             self.signalled(self.early_stop.signum)  # asked for while starting
@@ -726,9 +739,10 @@ class ReconcilerLoop:
         had caught up. A second signal exits at once, without waiting for the batch in
         hand or the group's leave: the store keeps what it committed, and the group's
         offsets are only a copy of it."""
-        if self.stop_event.is_set():
+        if self.signals:
             log.warning("a second stop signal: exiting now, the batch in hand not applied")
             os._exit(128 + signum)
+        self.signals.append(signum)  # a stop of its own (caught up, failed) is no signal
         self.stop(128 + signum if self.until_caught_up else 0)
 
     def stop(self, code: int = 0) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import (
     StatementError,
 )
 
-from schemas.errors import ConfigurationError, RecordError, Refused, TransientError
+from schemas.errors import RecordError, Refused, TransientError
 from schemas.redaction import redacted_text
 
 
@@ -23,18 +23,21 @@ class StoreUnavailable(TransientError):
     """The database cannot be reached or failed: retry the same work."""
 
 
-class StoreMisconfigured(ConfigurationError):
-    """The database refuses this session's statements for its setup, not for a value or
-    an outage: a grant missing (a table a store upgrade added, `store grant` not run
-    again), a table or column missing (a schema older or newer than this release), a
-    feature the server lacks. Retried, it failed for ever with "the store failed"; it
-    stops the worker instead (exit 2), naming the condition."""
+class StoreMisconfigured(StoreUnavailable):
+    """The database refuses this session's statements for its setup, not for a value: a
+    grant missing (a table a store upgrade added, `store grant` not run yet), a table,
+    column or function missing (a schema older or newer than this release). Retried as
+    an outage is (a rollout's upgrade and grant may be a moment apart), but named: it was
+    "the store failed: ProgrammingError", the cause in no log, metric or alert."""
 
 
-# SQLSTATE classes of a session's setup: 42 syntax error or access rule violation (42501
-# insufficient privilege, 42P01 undefined table), 28 invalid authorization, 3D invalid
-# catalog name, 0A feature not supported.
-MISCONFIGURED_CLASSES = frozenset({"42", "28", "3D", "0A"})
+# SQLSTATEs of a session's setup, by their condition's name.
+MISCONFIGURED = {
+    "42501": "insufficient privilege (a grant missing: `portal-sync store grant`)",
+    "42P01": "undefined table (a schema not this release's: `portal-sync store upgrade`)",
+    "42703": "undefined column (a schema not this release's: `portal-sync store upgrade`)",
+    "42883": "undefined function (a schema not this release's: `portal-sync store upgrade`)",
+}
 
 
 class OffsetGap(Refused):
@@ -77,15 +80,14 @@ def translated() -> Iterator[None]:
 
 
 def _raise_if_misconfigured(error: BaseException) -> None:
-    """StoreMisconfigured for an error of a setup's SQLSTATE class, named by its condition
-    (the driver's class name: `InsufficientPrivilege`), never its message."""
+    """StoreMisconfigured for an error of a setup's SQLSTATE, named by its condition,
+    never by the server's message."""
     driver = error if (orig := getattr(error, "orig", None)) is None else orig
     state = getattr(driver, "sqlstate", None)
-    if isinstance(state, str) and state[:2] in MISCONFIGURED_CLASSES:
+    if isinstance(state, str) and state in MISCONFIGURED:
         raise StoreMisconfigured(
-            f"the store refused this session's statement: {type(driver).__name__} "
-            f"(SQLSTATE {state}): check the role's grants (`portal-sync store grant`) and "
-            "that the schema is this release's (`portal-sync store upgrade`)"
+            f"the store refused this session's statement: {MISCONFIGURED[state]} "
+            f"(SQLSTATE {state})"
         ) from None
 
 
