@@ -217,6 +217,8 @@ def produce(
 
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, stopping)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # a closed session; not `nohup`
+        signal.signal(signal.SIGHUP, stopping)
 
     def topics_ready() -> list[str]:
         return ensure_topics(

@@ -417,6 +417,7 @@ def test_a_job_stopped_by_a_signal_says_so_and_a_second_signal_exits_at_once(
     loop.stop_event = asyncio.Event()
     loop.until_caught_up = until_caught_up
     loop.code = 0
+    loop.signals = []
     loop.processor = SimpleNamespace(stopping=asyncio.Event())  # type: ignore[assignment]
     exits: list[int] = []
     monkeypatch.setattr(consumers.worker.os, "_exit", exits.append)
@@ -425,3 +426,27 @@ def test_a_job_stopped_by_a_signal_says_so_and_a_second_signal_exits_at_once(
     loop.signalled(signal.SIGINT)
     assert exits == [130]
     assert loop.code == code  # the first stop's
+    # A stop of the worker's own (caught up) is no first signal: the next is.
+    loop.stop_event, loop.signals, loop.code = asyncio.Event(), [], 0
+    loop.stop(0)
+    loop.signalled(signal.SIGTERM)
+    assert exits == [130] and loop.code == 0  # stopping already: the code stays
+    loop.signalled(signal.SIGTERM)
+    assert exits == [130, 143]
+
+
+def test_sighup_stops_the_worker_unless_nohup_ignores_it() -> None:
+    """A worker run from an SSH session that closed: the entry point's handler raised out
+    of the loop, and a batch retrying for a store away held the process for ever."""
+    import signal
+
+    from consumers.worker import stop_signals
+
+    kept = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signal.SIGHUP in stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup portal-sync worker`
+        assert stop_signals() == (signal.SIGTERM, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGHUP, kept)
