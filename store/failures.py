@@ -86,8 +86,7 @@ def _raise_if_misconfigured(error: BaseException) -> None:
     state = getattr(driver, "sqlstate", None)
     if isinstance(state, str) and state in MISCONFIGURED:
         raise StoreMisconfigured(
-            f"the store refused this session's statement: {MISCONFIGURED[state]} "
-            f"(SQLSTATE {state})"
+            f"the store refused this session's statement: {MISCONFIGURED[state]} (SQLSTATE {state})"
         ) from None
 
 
