@@ -133,14 +133,19 @@ def dead_letter_targets(
     except (ValueError, RecursionError):
         return targets
     if isinstance(pairs, _Pairs):
-        entities = [v for name, v in pairs if name == "entity" and v in ENTITIES]
-        records = [v for name, v in pairs if name == "key" and _a_key(v)]
+        # Each name once, at most MAX_NAMED of them: a forged letter naming a key tens of
+        # thousands of times took minutes and as many access log rows.
+        entities = dict.fromkeys(v for name, v in pairs if name == "entity" and v in ENTITIES)
+        records = dict.fromkeys(v for name, v in pairs if name == "key" and _a_key(v))
         for entity in entities:
-            for record in records:
+            for record in list(records)[:MAX_NAMED]:
                 named = (entity, f"dead letter {letter_id}: {key_reference(record, secret)}")
                 if named not in targets:
                     targets.append(named)
     return targets
+
+
+MAX_NAMED = 10  # the keys of a letter's value logged, at most (a real event names one)
 
 
 class _Pairs(list[tuple[str, Any]]):

@@ -273,6 +273,14 @@ def test_a_revealed_letter_whose_value_names_another_record_logs_that_record_too
         ("citizen", f"dead letter 0:9: {keyed}"),
         ("citizen", f"dead letter 0:9: {shown}"),
     ]
+    # A key named thousands of times: each once, ten at most (it took minutes and as many
+    # access log rows).
+    many = (
+        b'{"entity": "citizen", '
+        + b", ".join(b'"key": "0793050%05d"' % n for n in range(20_000))
+        + b"}"
+    )
+    assert len(dead_letter_targets("0:9", key, many, secret)) == 1 + 10
     surrogate = b'{"entity": "citizen", "key": "\\ud800079305012345"}'  # read leniently
     for unreadable in (b"\xff", b"[1]", b'{"entity": "citizen", "key": 7}', surrogate, None):
         assert dead_letter_targets("0:9", key, unreadable, secret) == [
