@@ -206,6 +206,8 @@ TRANSIENT_READ_ERRORS = frozenset(
     }
 )  # fmt: skip
 
+TRANSIENT_READ_TRIES = 5  # runs in a row (each after the engine's backoff)
+
 CLOCK_PROBE = ".portal-sync-clock"  # a leading dot: never read as an export
 
 
@@ -268,6 +270,10 @@ class DirectoryAdapter(Adapter):
         self._rejections: dict[str, list[dict[str, Any]]] = {}
         self._beyond_report: dict[str, int] = {}  # rejections past REPORT_LIMIT, per file
         self._partial: dict[str, int] = {}  # checksum -> the last line read whole
+        # A file's reads that failed for a moment (a share away, memory short) in a row:
+        # retried TRANSIENT_READ_TRIES times, then taken as unreadable (a bad block, a file
+        # too large for memory held every file after it for ever).
+        self._failed_reads: dict[str, int] = {}
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) last poll
         self._stale_markers: set[tuple[str, int]] = set()  # (name, mtime) warned of once
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
@@ -277,6 +283,11 @@ class DirectoryAdapter(Adapter):
         """Check the file as a whole (raise UnreadableFile before returning), then return
         its records lazily; reading them must not raise: a bad line is a SkippableRecord."""
         raise NotImplementedError
+
+    def _retry_read(self, path: Path) -> bool:
+        """Count a failure of this file's read that may pass; whether to retry it yet."""
+        tries = self._failed_reads[path.name] = self._failed_reads.get(path.name, 0) + 1
+        return tries < TRANSIENT_READ_TRIES
 
     def read(self, state: State) -> Iterator[Item]:
         # Checksums of the files published, and `x:`-marked ones of the files found
@@ -294,7 +305,7 @@ class DirectoryAdapter(Adapter):
             except FileNotFoundError:
                 continue  # taken away since it was listed
             except OSError as error:
-                if error.errno in TRANSIENT_READ_ERRORS:
+                if error.errno in TRANSIENT_READ_ERRORS and self._retry_read(path):
                     # A share away a moment (NFS, SMB), descriptors or memory short: the
                     # file was sent to error/ for good, its records never published.
                     name = errno.errorcode.get(error.errno or 0, "?")
@@ -390,9 +401,15 @@ class DirectoryAdapter(Adapter):
             try:
                 item = next(records)
             except StopIteration:
+                self._failed_reads.pop(path.name, None)
                 return True
             except MemoryError:  # not the file's: the run is retried from its checkpoint
-                raise
+                if self._retry_read(path):
+                    raise
+                detail = f"reading stopped after {count} records (MemoryError, again)"
+                self._partial.pop(resume.checksum, None)
+                yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
+                return False
             except Exception as error:
                 detail = f"reading stopped after {count} records ({type(error).__name__})"
                 self._partial.pop(resume.checksum, None)

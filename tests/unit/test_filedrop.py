@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.adapters.filedrop import FileDropAdapter, read_json
+from producers.adapters.filedrop import TRANSIENT_READ_TRIES, FileDropAdapter, read_json
 from producers.sdk import Checkpoint, Record, RetriableError, SkippableRecord
 
 CONFIG = {
@@ -595,6 +595,28 @@ def test_a_read_that_fails_for_a_moment_is_retried_not_sent_to_error(
     assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     assert [i.key for i in adapter.read({}) if isinstance(i, Record)] == ["001190000001"]
+
+
+def test_a_read_that_keeps_failing_goes_to_error_at_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad block: retried for ever, it held every file after it."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+
+    def failing(path: Path) -> bytes:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    for _ in range(TRANSIENT_READ_TRIES - 1):
+        with pytest.raises(RetriableError):
+            list(adapter.read({}))
+    items = list(adapter.read({}))
+    assert [(i.code, i.origin) for i in items if isinstance(i, SkippableRecord)] == [
+        ("unreadable_file", "export.csv")
+    ]
 
 
 def test_memory_short_while_reading_a_file_is_no_fault_of_the_file(
