@@ -64,4 +64,4 @@ def ensure_connect_jars() -> Path:
                     f"Maven could not fetch the {profile} jars:\n{result.stdout[-2000:]}"
                 )
 
-    return jars.fetch_once(connect_dir(), POM.with_name("jars.sha256"), fetch)
+    return jars.fetch_once(connect_dir(), POM.with_name("jars.sha256"), POM, fetch)

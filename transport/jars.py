@@ -10,9 +10,11 @@ fetched folder thrown away.
 The verified folder is moved into place whole (a private staging folder, renamed) under a
 file lock, so two processes fetching at once (a parallel test run on an empty cache, two
 `kafka up`) wait for each other instead of leaving a half-filled folder marked complete.
-Its `.complete` file lists each jar's sum and size; a later start reuses the folder when
-that list is still the manifest's and every jar still has its size (a cheap check against a
-truncated or hand-edited cache; the full sums are taken at each fetch).
+Its `.complete` file names the POM it was fetched by (its SHA-256) and lists each jar's sum
+and size; a later start reuses the folder when the POM and that list are still the ones
+in the repository and every jar still has its size (a cheap check against a truncated or
+hand-edited cache; the full sums are taken at each fetch). A version bumped in the POM
+without a new manifest therefore fails at once, on every machine, not only a fresh one.
 
 After a version change, `python -m transport.jars` prints a new manifest for a folder
 fetched without the check (see `--help`).
@@ -82,11 +84,14 @@ def verify(folder: Path, manifest: Path) -> list[str]:
     return lines
 
 
-def reusable(folder: Path, manifest: Path) -> bool:
-    """True when `folder` was verified against this manifest and no jar changed size since."""
+def reusable(folder: Path, manifest: Path, pom: Path) -> bool:
+    """True when `folder` was fetched by this POM and verified against this manifest, and
+    no jar changed size since."""
     try:
-        recorded = (folder / COMPLETE).read_text(encoding="utf-8").splitlines()
-    except OSError:
+        first, *recorded = (folder / COMPLETE).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        return False
+    if first != _pom_line(pom):
         return False
     sizes: dict[str, int] = {}
     sums: dict[str, str] = {}
@@ -113,18 +118,23 @@ def _locked(lock: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fetch_once(target: Path, manifest: Path, fetch: Callable[[Path], None]) -> Path:
-    """`target`, fetched by `fetch(staging)` and verified unless a verified copy is there."""
-    if reusable(target, manifest):
+def _pom_line(pom: Path) -> str:
+    return f"pom {hashlib.sha256(pom.read_bytes()).hexdigest()}"
+
+
+def fetch_once(target: Path, manifest: Path, pom: Path, fetch: Callable[[Path], None]) -> Path:
+    """`target`, fetched by `fetch(staging)` (with `pom`) and verified, unless a verified
+    copy is there."""
+    if reusable(target, manifest, pom):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent / f".{target.name}.lock"):
-        if reusable(target, manifest):  # another process fetched it while this one waited
+        if reusable(target, manifest, pom):  # another process fetched it meanwhile
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             fetch(staging)
-            lines = verify(staging, manifest)
+            lines = [_pom_line(pom), *verify(staging, manifest)]
             (staging / COMPLETE).write_text("\n".join(lines) + "\n", encoding="utf-8")
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)

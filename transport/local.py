@@ -118,7 +118,7 @@ def ensure_jars() -> Path:
                 f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}"
             )
 
-    return jars.fetch_once(jar_dir(), DEPLOY_DIR / "jars.sha256", fetch)
+    return jars.fetch_once(jar_dir(), DEPLOY_DIR / "jars.sha256", DEPLOY_DIR / "pom.xml", fetch)
 
 
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
