@@ -734,7 +734,7 @@ class ReconcilerLoop:
         return self.code
 
     def signalled(self, signum: int) -> None:
-        """SIGTERM or SIGINT: stop soon. A job (`--until-caught-up`) cut short exits 128 +
+        """SIGTERM, SIGINT or SIGHUP: stop soon. A job (`--until-caught-up`) cut short exits 128 +
         the signal, as a shell reports it: exit 0 told a Kubernetes Job, or `&&`, that it
         had caught up. A second signal exits at once, without waiting for the batch in
         hand or the group's leave: the store keeps what it committed, and the group's
@@ -1013,7 +1013,7 @@ class ReconcilerLoop:
             await member.seek(stored, still)
             self._sought(still, stored)
             return "reseek", {}
-        except ConfigurationError as error:  # a grant missing on a table, TLS refused: exit 2
+        except ConfigurationError as error:  # the broker refuses its credentials or TLS: exit 2
             log.error("batch refused by a setting: %s; stopping", error)
             self.stop(EXIT_CONFIGURATION)
             return "stop", {}
