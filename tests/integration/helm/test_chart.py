@@ -826,6 +826,24 @@ def test_the_chart_refuses(
     assert message in result.stderr
 
 
+def test_an_image_digest_pins_every_container_and_a_wrong_one_is_refused(
+    helm: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """A tag can be pushed again, and nodes with IfNotPresent then run different images
+    under one name; a digest cannot."""
+    digest = "sha256:" + "ab" * 32
+    manifests = render(helm, "--set", f"image.digest={digest}")
+    images = {
+        c["image"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "Job", "StatefulSet")
+        for c in m["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {f"registry.example.gov.vn/portal-sync/portal-sync@{digest}"}
+    refused = template(helm, "--set", "image.digest=latest")
+    assert refused.returncode != 0 and "must be sha256:" in refused.stderr
+
+
 def test_the_workers_may_equal_the_partitions(
     helm: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:

@@ -36,7 +36,14 @@ portal-sync/producer: {{ . }}
 {{- end }}
 
 {{- define "portal-sync.image" -}}
+{{- if .Values.image.digest }}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .Values.image.digest) }}
+{{- fail (printf "image.digest %q must be sha256: and 64 hexadecimal digits" .Values.image.digest) }}
+{{- end }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "portal-sync.rulesChecksum" -}}
