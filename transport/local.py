@@ -93,32 +93,37 @@ def ensure_java() -> str:
 def ensure_jars() -> Path:
     """Fetch the broker jars once through Maven, checked against `deploy/kafka/jars.sha256`;
     later calls reuse the cache (`transport.jars`)."""
-    mvn = shutil.which("mvn")
+    pom = DEPLOY_DIR / "pom.xml"
 
     def fetch(staging: Path) -> None:
-        if mvn is None:
-            raise KafkaSetupError(
-                "Maven is not installed: it fetches the Kafka jars once from Maven Central "
-                "(Debian: apt-get install maven)"
-            )
-        command = [
-            mvn,
-            "-q",
-            "-B",
-            "--strict-checksums",  # a jar whose checksum differs from the repository's fails
-            "-f",
-            str(DEPLOY_DIR / "pom.xml"),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging}",
-            "-DincludeScope=runtime",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KafkaStartFailed(
-                f"Maven could not fetch the Kafka jars:\n{result.stdout[-2000:]}"
-            )
+        maven_copy(pom, staging, "the Kafka jars")
 
-    return jars.fetch_once(jar_dir(), DEPLOY_DIR / "jars.sha256", DEPLOY_DIR / "pom.xml", fetch)
+    return jars.fetch_once(jar_dir(), DEPLOY_DIR / "jars.sha256", pom, fetch)
+
+
+def maven_copy(pom: Path, output: Path, what: str, profile: str | None = None) -> None:
+    """Copy the runtime jars `pom` (with `profile`) names into `output`, through Maven."""
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaSetupError(
+            f"Maven is not installed: it fetches {what} once from Maven Central "
+            "(Debian: apt-get install maven)"
+        )
+    command = [
+        mvn,
+        "-q",
+        "-B",
+        "--strict-checksums",  # a jar whose checksum differs from the repository's fails
+        "-f",
+        str(pom),
+        *(("-P", profile) if profile else ()),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={output}",
+        "-DincludeScope=runtime",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KafkaStartFailed(f"Maven could not fetch {what}:\n{result.stdout[-2000:]}")
 
 
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
