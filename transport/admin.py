@@ -182,7 +182,7 @@ class Cluster:
         existing = self.topic_names()
         specs = topics.specs()
         missing = {name: spec for name, spec in specs.items() if name not in existing}
-        self._check_message_limits({n: s for n, s in specs.items() if n in existing}, needed)
+        self._check_topic_configs({n: s for n, s in specs.items() if n in existing}, needed)
         if not missing:
             return []
         try:  # errors per topic: another process may create them concurrently
@@ -218,7 +218,7 @@ class Cluster:
                 raise clients.translate(error, "wait for new topics", self.connection) from None
         return sorted(created)
 
-    def _check_message_limits(
+    def _check_topic_configs(
         self, specs: dict[str, dict[str, Any]], needed: Iterable[str] | None
     ) -> None:
         """Compare the configs of existing topics with those the project creates them with.
