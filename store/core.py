@@ -722,26 +722,33 @@ class Store:
             yield conn.execute(claim.returning(table.c.offset)).first() is not None
 
     def iter_records(
-        self, entity: str | None = None
+        self, entity: str | None = None, page: int = CHUNK
     ) -> Iterator[tuple[str, str, dict[str, Any], dict[str, int], dict[str, Any] | None]]:
-        """Canonical records (entity, key, data, sources, provenance), sorted by entity, key."""
-        key: ColumnElement[Any] = records.c.key
-        if self.engine.dialect.name == "postgresql":
-            key = key.collate("C")  # byte order, as on SQLite: one dump on every backend
-        query = select(records).order_by(records.c.entity, key)
-        if entity is not None:
-            query = query.where(records.c.entity == entity)
-        with self.engine.connect() as conn:
-            if self.engine.dialect.name == "postgresql":
-                # Read in one transaction, whose reader may pause longer than the store's
-                # idle limit (`rebuild --compare` waits on the other store's sort, `export`
-                # on a slow pipe): this one is exempt. Known limit: on PostgreSQL the
-                # read is one sort and one snapshot of the whole table (docs/operations.md).
-                conn.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
-            for row in conn.execution_options(yield_per=1000).execute(query):
+        """Canonical records (entity, key, data, sources, provenance), sorted by entity and
+        the key's bytes (on every backend: one dump for both).
+
+        Read in keyset pages of `page` records along the primary key, each in a short
+        transaction of its own: no snapshot is held between pages, however long the
+        reader takes (`export` into a slow pipe, `rebuild --compare` waiting on the other
+        store), and a store of any size is read in bounded memory without a sort. Each
+        record is as it was when its page was read; one written meanwhile ahead of the
+        read is read as written."""
+        after: tuple[str, str] | None = None
+        while True:
+            query = select(records).order_by(records.c.entity, records.c.key).limit(page)
+            if entity is not None:
+                query = query.where(records.c.entity == entity)
+            if after is not None:
+                query = query.where(tuple_(records.c.entity, records.c.key) > tuple_(*after))
+            with translated(), self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            for row in rows:
                 origins = row.provenance
                 provenance = None if origins is None else expand_provenance(origins, row.sources)
                 yield row.entity, row.key, row.data, row.sources, provenance
+            if len(rows) < page:
+                return
+            after = (rows[-1].entity, rows[-1].key)
 
     def changed_since(self, keys: Sequence[RecordKey], moment: datetime) -> set[RecordKey]:
         """Of these records, those changed at or after `moment`: a view of theirs applied,

@@ -46,6 +46,14 @@ def _json() -> Any:
     return JSON()
 
 
+def _byte_ordered(length: int) -> Any:
+    """An identifier compared byte by byte on every backend: on PostgreSQL the `C`
+    collation (migration 0019), as SQLite's `BINARY`. The records' primary key then serves
+    the reads in key order (`export`, `rebuild --compare`) page by page, where a database
+    created with a locale sorted the whole table each time."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
 metadata = MetaData()
 
 source_views = Table(
@@ -65,8 +73,8 @@ source_views = Table(
 records = Table(
     "records",
     metadata,
-    Column("entity", String(16), primary_key=True),
-    Column("key", String(64), primary_key=True),
+    Column("entity", _byte_ordered(16), primary_key=True),
+    Column("key", _byte_ordered(64), primary_key=True),
     Column("data", _json(), nullable=False),
     Column("sources", _json(), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),

@@ -84,9 +84,10 @@ def test_every_session_of_the_store_gives_up_an_idle_transaction_not_only_the_wo
 def test_a_records_read_that_pauses_longer_than_the_idle_limit_goes_on(
     postgres_store_url: str,
 ) -> None:
-    """`rebuild --compare` reads the live store while the rebuilt one sorts, and `export`
-    writes into a pipe that may stall: their one transaction's reader pauses. With every
-    store session's idle limit the server ended it mid-read."""
+    """`rebuild --compare` reads one store while it waits on the other, and `export`
+    writes into a pipe that may stall: the reader pauses between records. When the read was
+    one transaction, every store session's idle limit made the server end it mid-read; it
+    now reads page by page (test_record_order.py)."""
     from tests.support.store_helpers import Feed, event
 
     store = Store(postgres_store_url, idle_in_transaction=0.5)

@@ -793,3 +793,52 @@ def test_0016_records_who_redrives_and_keeps_the_earlier_redrives(store_url: str
             assert [r[0] for r in rows] == [3, 5]
     finally:
         store.close()
+
+
+# -- 0019: the records' keys in byte order --------------------------------------------------
+
+
+def test_0019_puts_the_records_keys_in_byte_order_and_keeps_every_record(
+    postgres_store_url: str,
+) -> None:
+    """The columns' collation (which Alembic's comparison of the models does not see) is
+    `C` after the upgrade, the database's default after the downgrade; no record changes."""
+    store = Store(postgres_store_url)
+    query = text(
+        "SELECT a.attname, coalesce(c.collname, 'default') FROM pg_attribute a"
+        " LEFT JOIN pg_collation c ON c.oid = a.attcollation AND a.attcollation <> 100"
+        " WHERE a.attrelid = 'records'::regclass AND a.attname IN ('entity', 'key')"
+        " ORDER BY 1"
+    )
+
+    def collations() -> list[tuple[str, str]]:
+        with store.engine.connect() as conn:
+            return [(name, collation) for name, collation in conn.execute(query)]
+
+    try:
+        _migrate(store, "0018")
+        keys = ["b0", "A2", "a1", "000.00.01.H29-240115-0001"]
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(records),
+                [
+                    {
+                        "entity": "dossier",
+                        "key": k,
+                        "data": {},
+                        "sources": {"s": 1},
+                        "updated_at": T1,
+                        "provenance": {},
+                    }
+                    for k in keys
+                ],
+            )
+        assert collations() == [("entity", "default"), ("key", "default")]
+        _migrate(store, "0019")
+        assert collations() == [("entity", "C"), ("key", "C")]
+        assert [k for _, k, *_ in store.iter_records()] == sorted(keys, key=str.encode)
+        _migrate(store, "0018", down=True)
+        assert collations() == [("entity", "default"), ("key", "default")]
+        assert sorted(table_rows(store, records, "key")) == sorted((k,) for k in keys)
+    finally:
+        store.close()
