@@ -2,10 +2,12 @@
 
 The reconciler resumes from the store's offsets, never from Kafka's: on every assignment
 `on_assigned(partitions)` is awaited for the offsets to start from, and the partitions are
-sought there; a partition the store has never seen starts at the log's beginning. aiokafka
-runs the rebalance listener inside the rebalance, but its fetcher may already fetch the new
-partitions from Kafka's committed offsets (or the log's start) while the listener awaits:
-a batch fetched from a rebalance's start until the seek is dropped (read again from the
+sought there; a partition the store has never seen starts at the log's beginning. The
+store is asked outside the rebalance: aiokafka sends no heartbeat while its listener runs,
+so a store away for longer than the session timeout had the member expelled, and every
+member's rejoin began another rebalance. The listener pauses the new partitions and starts
+the ask; the member goes on beating and polling (nothing is fetched) until they are sought.
+A batch fetched from a rebalance's start until the seek is dropped (read again from the
 store's offsets), and none is handed out after an assignment failed. `on_revoked` is
 awaited before partitions go to another member, so a batch in flight can finish first.
 Kafka's committed offsets of the group are written after each store commit, as a copy for
@@ -50,8 +52,8 @@ REBALANCE_TIMEOUT_MS = 60_000
 def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
     from transport.admin import Cluster
 
-    # Asked in the assignment callback, while the member sends no heartbeat: a short
-    # timeout, as for the topics' ids, or a leader away would outlast the group session.
+    # Asked while a new assignment waits to be sought: a short timeout, as for the topics'
+    # ids, or a leader away would hold the partitions paused.
     with Cluster(connection, "portal-sync-log-ends", request_timeout_ms=5_000) as cluster:
         return cluster.end_offsets(partitions)
 
@@ -107,10 +109,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.member.settled = False  # a rebalance begins
         self.member.rebalances += 1
+        self.member._stop_seeking()  # an assignment not yet sought: its partitions go
         await self.member.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.member._assigned({(tp.topic, tp.partition) for tp in assigned})
+        self.member._assigned({(tp.topic, tp.partition) for tp in assigned})
 
 
 class GroupMember:
@@ -170,6 +173,7 @@ class GroupMember:
         # Rebalances begun: a batch fetched before one may hold partitions revoked since,
         # or sought again; its caller compares this before applying it.
         self.rebalances = 0
+        self._seeking: asyncio.Task[None] | None = None  # the last assignment's, until sought
 
     async def start(self) -> None:
         try:
@@ -180,24 +184,35 @@ class GroupMember:
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     async def stop(self) -> None:
+        self._stop_seeking()
         with contextlib.suppress(Exception):
             await self._consumer.stop()
 
-    async def _assigned(self, partitions: set[TP]) -> None:
-        # aiokafka's fetcher reads newly assigned partitions from Kafka's positions while
-        # this listener awaits: paused, nothing is fetched (and dropped) while the store's
-        # offsets are asked for, however long a store that is away takes to answer.
-        paused = [TopicPartition(t, p) for t, p in partitions]
+    def _assigned(self, partitions: set[TP]) -> None:
+        """The rebalance's listener: pause the new partitions and start asking the store
+        for their offsets, outside the rebalance (the member beats and polls meanwhile)."""
+        # aiokafka's fetcher reads newly assigned partitions from Kafka's positions: paused,
+        # nothing is fetched (and dropped) while the store's offsets are asked for, however
+        # long a store that is away takes to answer.
+        self.settled = False
+        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
+        self._stop_seeking()
+        self._seeking = asyncio.ensure_future(self._seek_assigned(partitions))
+
+    def _stop_seeking(self) -> None:
+        if self._seeking is not None and not self._seeking.done():
+            self._seeking.cancel()  # its partitions are revoked: sought again if they return
+        self._seeking = None
+
+    async def _seek_assigned(self, partitions: set[TP]) -> None:
         try:
-            self.settled = False
-            self._consumer.pause(*paused)
             offsets = await self.on_assigned(partitions)
             await self.seek(offsets, partitions)
-        except Exception as error:  # aiokafka would only log it and use Kafka's offsets
+        except Exception as error:  # never Kafka's offsets: the worker stops on it
             log.error("assignment failed (%s): leaving", type(error).__name__)
             self.failed = error
-            raise
-        self._consumer.resume(*paused)
+            return
+        self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
         self.settled = True  # no await since the seek: no batch fetched before it follows
         self.assignments += 1
         log.info("resumed %d partitions from the store's offsets", len(partitions))

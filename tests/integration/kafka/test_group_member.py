@@ -83,6 +83,47 @@ def test_nothing_is_fetched_while_an_assignment_waits_for_the_store(settings_for
     assert offsets == list(range(150, 200))  # from the store's offset, whole
 
 
+def test_an_assignment_that_waits_for_the_store_past_the_session_keeps_the_member(
+    settings_for: Any,
+) -> None:
+    """The store away for longer than the group's session timeout (10 s) when partitions
+    are assigned: the member goes on beating while it waits, so the coordinator keeps it.
+    Asked inside the rebalance, it sent no heartbeat: it was expelled, and its rejoin
+    (another rebalance of the whole group) asked the store again."""
+    settings, topic = _filled(settings_for, 1, 20)
+    asked: list[float] = []
+
+    async def join() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+
+        async def assigned(partitions: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+            asked.append(loop.time())
+            if len(asked) == 1:
+                await asyncio.sleep(14)  # the worker retries with backoff meanwhile
+            return {}
+
+        member = GroupMember(
+            settings.connection(), [topic], settings.group_id, assigned, _no_revoke
+        )
+        await member.start()
+        try:
+            offsets: list[int] = []
+            deadline = loop.time() + 60
+            while len(offsets) < 20 and loop.time() < deadline:
+                offsets += [m.offset for m in await member.batch(50, 0.2)]
+            settled = loop.time()
+            while loop.time() < settled + 8:  # an expelled member's rejoin comes by now
+                offsets += [m.offset for m in await member.batch(50, 0.2)]
+            return offsets, member._consumer._coordinator.generation
+        finally:
+            await member.stop()
+
+    offsets, generation = asyncio.run(join())
+    assert offsets == list(range(20))
+    assert len(asked) == 1
+    assert generation == 1  # one join
+
+
 def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
     settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
