@@ -135,7 +135,84 @@ def unmappable(error: Exception, origin: str, entity: Entity | None) -> Skippabl
     return SkippableRecord(Reason.UNMAPPABLE_RECORD, message, origin, entity)
 
 
-def text_of(content: bytes) -> io.TextIOWrapper:
+READ_CHUNK = 1 << 18  # bytes read from a file at a time
+
+
+def _open(path: Path) -> int:
+    """A file's descriptor, for reading (every file the adapter reads is opened here)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    """Up to `size` bytes of an open file from `offset` (every read of a file's bytes)."""
+    return os.pread(fd, size, offset)
+
+
+class FileContent:
+    """An open file's bytes, up to its size when it was opened, read from its descriptor
+    each time they are wanted (the checksum, the checks, the records): never held whole.
+    A province's first export (ten million rows, gigabytes) read into memory took as much
+    of the producer's, and one larger than its limit killed it at that file after every
+    restart. A file cut short meanwhile reads short: `read` then finds it changed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.opened = os.fstat(fd)
+        self.size = self.opened.st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def chunks(self) -> Iterator[bytes]:
+        offset = 0
+        while offset < self.size:
+            piece = _read_at(self.fd, min(READ_CHUNK, self.size - offset), offset)
+            if not piece:
+                return
+            offset += len(piece)
+            yield piece
+
+    def reader(self) -> io.BufferedReader:
+        return io.BufferedReader(_FileReader(self), 1 << 16)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _FileReader(io.RawIOBase):
+    """One reader's position in a `FileContent`; closing it leaves the file open."""
+
+    def __init__(self, content: FileContent) -> None:
+        self.content = content
+        self.at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.content.size - self.at)
+        if want <= 0:
+            return 0
+        piece = _read_at(self.content.fd, want, self.at)
+        buffer[: len(piece)] = piece
+        self.at += len(piece)
+        return len(piece)
+
+
+# A file's bytes: read from the file as they are wanted, or (tests, small documents) held.
+Content = bytes | FileContent
+
+
+def _chunks(content: Content) -> Iterator[bytes | memoryview]:
+    if isinstance(content, FileContent):
+        yield from content.chunks()
+        return
+    view = memoryview(content)
+    for start in range(0, len(view), READ_CHUNK):
+        yield view[start : start + READ_CHUNK]
+
+
+def text_of(content: Content) -> io.TextIOWrapper:
     """The file as text read as it goes, a line at a time: the whole text at once, and a
     second copy for the reader, held six times a province's export (a file of a million
     rows, 63 MB, took 400 MB). Lines end at \\n only (a JSON string may hold U+2028, a CSV
@@ -144,24 +221,24 @@ def text_of(content: bytes) -> io.TextIOWrapper:
     return _stream(content)
 
 
-def _check_utf8(content: bytes) -> None:
+def _check_utf8(content: Content) -> None:
     """`UnreadableFile` when the file is not UTF-8, decoded 256 KiB at a time."""
     decoder = codecs.getincrementaldecoder("utf-8")()  # a BOM is UTF-8 (utf-8-sig's waits
     # for the rest of one at a file's end and takes a file of EF BB for an empty one)
-    view = memoryview(content)
     try:
-        for start in range(0, len(view), 1 << 18):
-            decoder.decode(view[start : start + (1 << 18)])
+        for piece in _chunks(content):
+            decoder.decode(piece)
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise UnreadableFile("not_utf8", "the file is not UTF-8 text") from None
 
 
-def _stream(content: bytes) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.BytesIO(content), encoding="utf-8-sig", newline="\n")
+def _stream(content: Content) -> io.TextIOWrapper:
+    raw = content.reader() if isinstance(content, FileContent) else io.BytesIO(content)
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n")
 
 
-def json_lines(content: bytes) -> Iterator[tuple[int, str]]:
+def json_lines(content: Content) -> Iterator[tuple[int, str]]:
     """(line number, line) of the non-blank lines, read as they go (`text_of`); a file
     with lines of which none is JSON is not JSON Lines at all (`UnreadableFile` before
     the first line is handed out)."""
@@ -279,7 +356,7 @@ class DirectoryAdapter(Adapter):
         DONE_FILES_REMOVED.labels(source)  # exported at 0, so increase() sees the first
         SOURCE_ERRORS.labels(source, "unreadable_file")
 
-    def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
+    def parse(self, path: Path, content: Content) -> Iterator[Record | SkippableRecord]:
         """Check the file as a whole (raise UnreadableFile before returning), then return
         its records lazily; reading them must not raise: a bad line is a SkippableRecord."""
         raise NotImplementedError
@@ -297,10 +374,27 @@ class DirectoryAdapter(Adapter):
         # in every checkpoint until the file is done (another file may be read first).
         self._partial = dict(state.get("partial") or {})
         seen: set[str] = set()  # checksums of the files read this pass
+        opened: list[FileContent] = []  # the file being read (closed at the next, or the end)
+        try:
+            yield from self._read_files(done, seen, opened)
+        finally:
+            for content in opened:
+                content.close()
+
+    def _read_files(
+        self, done: list[str], seen: set[str], opened: list[FileContent]
+    ) -> Iterator[Item]:
         for path in self._ready_files():
+            while opened:
+                opened.pop().close()
             try:
-                before = path.stat()
-                content = path.read_bytes()
+                content = FileContent(_open(path))
+                opened.append(content)
+                hashed = hashlib.sha256()
+                read = 0
+                for piece in content.chunks():
+                    hashed.update(piece)
+                    read += len(piece)
                 after = path.stat()
             except FileNotFoundError:
                 continue  # taken away since it was listed
@@ -325,9 +419,9 @@ class DirectoryAdapter(Adapter):
                     done = [*done, marker][-KEEP_CHECKSUMS:]
                 yield from self._unreadable(path, unreadable, done)
                 continue
-            if _written_to(before, after, len(content)):
+            if _written_to(content.opened, after, read):
                 continue  # written to while it was read: read once it is still
-            checksum = hashlib.sha256(content).hexdigest()
+            checksum = hashed.hexdigest()
             if checksum in done:  # published before; its move failed or was interrupted
                 move = self._mover(path, self.done_dir, read=checksum)
                 yield Checkpoint(self._state(done), self._tolerant(path, move, self.done_dir))
@@ -359,6 +453,13 @@ class DirectoryAdapter(Adapter):
                 )
             resume = _Resume(done, checksum, read_before)
             if (yield from self._guarded(path, records, failed, resume)):
+                if _written_to(content.opened, os.fstat(content.fd), content.size):
+                    # Its bytes changed after the checksum (rewritten in place): what was
+                    # read is not the file checked. Read whole again once it is still; its
+                    # records sent already are sent again (the version rule keeps one).
+                    self._partial.pop(checksum, None)
+                    log.warning("%s changed while its records were read: read again", path.name)
+                    continue
                 self._partial.pop(checksum, None)
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
                 yield Checkpoint(self._state(done), self._mover(path, self.done_dir, read=checksum))
@@ -390,7 +491,9 @@ class DirectoryAdapter(Adapter):
         resume: _Resume,
     ) -> Generator[Item, None, bool]:
         """The file's records; True when all were read. Should reading itself fail (a
-        bug, not the data), the rest of the file is unreadable: error/, never a retry loop.
+        bug, not the data), the rest of the file is unreadable: error/, never a retry loop;
+        a read of the file that may pass (`TRANSIENT_READ_ERRORS`) is retried as the first
+        read is, the run going on from its last checkpoint.
         `resume`: the lines an earlier run read whole are passed over (sent and
         acknowledged then), and a checkpoint between two lines, every
         FILE_CHECKPOINT_RECORDS records or so, says how far this run is: by line, so that
@@ -411,6 +514,13 @@ class DirectoryAdapter(Adapter):
                 yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
                 return False
             except Exception as error:
+                if (
+                    isinstance(error, OSError)
+                    and error.errno in TRANSIENT_READ_ERRORS
+                    and self._retry_read(path)
+                ):  # the file is read as its records go: a share away a moment midway
+                    name = errno.errorcode.get(error.errno or 0, "?")
+                    raise RetriableError(f"a file could not be read ({name}): retried") from None
                 detail = f"reading stopped after {count} records ({type(error).__name__})"
                 self._partial.pop(resume.checksum, None)
                 yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
@@ -629,7 +739,7 @@ class FileDropAdapter(DirectoryAdapter):
         self.entity = config.entity
         self.emits_deletes = config.deleted_field is not None
 
-    def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
+    def parse(self, path: Path, content: Content) -> Iterator[Record | SkippableRecord]:
         kind = self.options.format
         if kind == "auto":
             kind = "csv" if path.suffix == ".csv" else "jsonl"
@@ -666,7 +776,7 @@ class FileDropAdapter(DirectoryAdapter):
                 )
             yield record
 
-    def _csv(self, content: bytes) -> Iterator[tuple[int, Row]]:
+    def _csv(self, content: Content) -> Iterator[tuple[int, Row]]:
         # No field longer than the module's limit (131,072 characters by default): the
         # reader stops inside a quoted field there and takes the rest of that field, lines
         # and all, for rows. A field that long is then one record too large to publish
@@ -841,7 +951,7 @@ def _named(columns: list[str]) -> str:
     return ", ".join(shown) + (f" and {len(columns) - 5} more" if len(columns) > 5 else "")
 
 
-def _quotes_closed(content: bytes, delimiter: str) -> None:
+def _quotes_closed(content: Content, delimiter: str) -> None:
     """`UnreadableFile` when the file ends inside a quoted field: a stray quote took every
     line after it for one value, and the reader returned them as one row, the rest of the
     file lost without a word. Read once, strictly, before any record is handed out (the

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from producers.adapters.filedrop import (
+    Content,
     DirectoryAdapter,
     DirectoryConfig,
     UnreadableFile,
@@ -81,7 +82,7 @@ class PortalAdapter(DirectoryAdapter):
         super().__init__(source, config, base_dir)
         assert isinstance(config, PortalConfig)
 
-    def parse(self, path: Path, content: bytes) -> Iterator[Record | SkippableRecord]:
+    def parse(self, path: Path, content: Content) -> Iterator[Record | SkippableRecord]:
         return self._all_records(path, self._payloads(path, content))
 
     def _all_records(
@@ -103,7 +104,7 @@ class PortalAdapter(DirectoryAdapter):
                 records = [unmappable(error, origin, "dossier")]
             yield from records
 
-    def _payloads(self, path: Path, content: bytes) -> Iterator[tuple[int, Any]]:
+    def _payloads(self, path: Path, content: Content) -> Iterator[tuple[int, Any]]:
         """(line or item number, payload or why it cannot be read): checks the file as a
         whole first (UnreadableFile), then reads lazily; in JSON Lines a bad line is one
         rejected line, the rest of the file goes on. A JSON document's list is read an
@@ -252,7 +253,7 @@ class _Text:
     """A file's text read a piece at a time, for `_items`: `text[pos:]` is what is not
     read yet of what was decoded so far."""
 
-    def __init__(self, content: bytes) -> None:
+    def __init__(self, content: Content) -> None:
         self.stream = text_of(content)  # UnreadableFile when the file is not UTF-8
         self.text = ""
         self.pos = 0
@@ -304,7 +305,7 @@ def _cut_short(error: json.JSONDecodeError, held: int) -> bool:
     return error.pos >= held - LONGEST_TOKEN or error.msg.startswith("Unterminated string")
 
 
-def _read_through(content: bytes, margin: int = CHECK_MARGIN) -> None:
+def _read_through(content: Content, margin: int = CHECK_MARGIN) -> None:
     """Parse the whole document, `margin` frames deeper in the stack than its items are
     read afterwards: json's C parser counts a value's nesting against the Python stack,
     so a value that only just fitted when checked could fail when read, after the items
@@ -316,7 +317,7 @@ def _read_through(content: bytes, margin: int = CHECK_MARGIN) -> None:
     return None
 
 
-def _items(content: bytes) -> Iterator[Any]:
+def _items(content: Content) -> Iterator[Any]:
     """The payloads of a JSON document: the items of its list one at a time, or the one
     value it holds, with `json.loads`'s reading of each (`json.JSONDecoder.raw_decode`;
     ijson's C parser turns a lone surrogate into '?' and refuses integers beyond 64 bits,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from producers.adapters import filedrop
 from producers.adapters.filedrop import TRANSIENT_READ_TRIES, FileDropAdapter, read_json
 from producers.sdk import Checkpoint, Record, RetriableError, SkippableRecord
 
@@ -401,16 +402,15 @@ def test_a_file_written_to_while_it_is_read_is_read_once_it_is_still(
     export.write_text("pid,name,at\n" + ROW)
     os.utime(export, (time.time() - 600,) * 2)
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    read_bytes = Path.read_bytes
+    read_at = filedrop._read_at
 
-    def while_written(self: Path) -> bytes:
-        content = read_bytes(self)
-        if self == export:
-            with export.open("a", encoding="utf-8") as handle:  # the writer goes on
-                handle.write(ROW.replace("0001,", "0002,"))
+    def while_written(fd: int, size: int, offset: int) -> bytes:
+        content = read_at(fd, size, offset)
+        with export.open("a", encoding="utf-8") as handle:  # the writer goes on
+            handle.write(ROW.replace("0001,", "0002,"))
         return content
 
-    monkeypatch.setattr(Path, "read_bytes", while_written)
+    monkeypatch.setattr(filedrop, "_read_at", while_written)
     assert _origins(adapter) == []
     monkeypatch.undo()
     os.utime(export, (time.time() - 600,) * 2)
@@ -584,16 +584,15 @@ def test_a_read_that_fails_for_a_moment_is_retried_not_sent_to_error(
     inbox.mkdir()
     _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    read_bytes = Path.read_bytes
 
-    def failing(path: Path) -> bytes:
+    def failing(fd: int, size: int, offset: int) -> bytes:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(Path, "read_bytes", failing)
+    monkeypatch.setattr(filedrop, "_read_at", failing)
     with pytest.raises(RetriableError, match=errno.errorcode[code]):
         list(adapter.read({}))
     assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.undo()
     assert [i.key for i in adapter.read({}) if isinstance(i, Record)] == ["001190000001"]
 
 
@@ -606,10 +605,10 @@ def test_a_read_that_keeps_failing_goes_to_error_at_last(
     _drop(inbox, "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n")
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
 
-    def failing(path: Path) -> bytes:
+    def failing(fd: int, size: int, offset: int) -> bytes:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(Path, "read_bytes", failing)
+    monkeypatch.setattr(filedrop, "_read_at", failing)
     for _ in range(TRANSIENT_READ_TRIES - 1):
         with pytest.raises(RetriableError):
             list(adapter.read({}))
@@ -636,3 +635,96 @@ def test_memory_short_while_reading_a_file_is_no_fault_of_the_file(
     with pytest.raises(MemoryError):
         list(adapter.read({}))
     assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
+
+
+def _rows(count: int) -> str:
+    return "pid,name,at\n" + "".join(
+        f"0011900{n:05d},Nguyễn Văn Ân {n},2025-08-01T08:00:00+07:00\n" for n in range(count)
+    )
+
+
+def test_a_file_is_published_without_its_bytes_held_whole(tmp_path: Path) -> None:
+    """Read into memory, a province's first export (ten million rows, gigabytes) took as
+    much of the producer's memory, and one larger than its limit killed the producer at
+    that file after every restart. The file is now read from disk as its records go."""
+    import tracemalloc
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(200_000))
+    size = (inbox / "export.csv").stat().st_size
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    count = 0
+    tracemalloc.start()
+    try:
+        for item in adapter.read({}):
+            count += isinstance(item, Record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 200_000
+    assert peak < size / 4, (peak, size)  # before: the file's size and more
+
+
+def test_a_read_that_fails_for_a_moment_midway_is_retried_from_the_file_not_sent_to_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(20_000))  # more than one buffer of the records' read
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_at, record = filedrop._read_at, adapter._record
+    away = False
+
+    def share(fd: int, size: int, offset: int) -> bytes:
+        if away:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return read_at(fd, size, offset)
+
+    def first_record_then_away(*args: object, **kwargs: object) -> object:
+        nonlocal away
+        away = True  # the share goes away once the records are being read
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(filedrop, "_read_at", share)
+    monkeypatch.setattr(adapter, "_record", first_record_then_away)
+    sent: list[str] = []
+    with pytest.raises(RetriableError, match="ESTALE"):
+        sent += [i.key for i in adapter.read({}) if isinstance(i, Record)]
+    assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
+    monkeypatch.undo()
+    keys = [i.key for i in adapter.read({}) if isinstance(i, Record)]
+    assert len(keys) == 20_000 and len(set(keys)) == 20_000
+
+
+def test_a_file_rewritten_in_place_while_its_records_are_read_is_read_again_not_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its bytes are read from disk as the records go: a file rewritten after its checksum
+    would be recorded as done with records of other bytes."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(3))
+    export = inbox / "export.csv"
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    record = adapter._record
+
+    def rewritten(*args: object, **kwargs: object) -> object:
+        if export.read_text().count("Ân") == 3:
+            export.write_text(_rows(3).replace("Ân", "Ẩn"))  # the exporter writes it again
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapter, "_record", rewritten)
+    items = list(adapter.read({}))
+    assert not any(isinstance(i, Checkpoint) and i.commit is not None for i in items)
+    assert export.exists() and not (inbox / "done").exists()
+    monkeypatch.undo()
+    os.utime(export, (time.time() - 600,) * 2)
+    for _ in range(2):  # changed since the poll before: settles first
+        items = list(adapter.read({}))
+    names = [i.data["full_name"] for i in items if isinstance(i, Record)]
+    assert names == [f"Nguyễn Văn Ẩn {n}" for n in range(3)]
+    for item in items:
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            item.commit()
+    assert not export.exists() and (inbox / "done" / "export.csv").exists()

@@ -429,14 +429,16 @@ def test_an_unreadable_file_is_counted_logged_dead_lettered_and_moved_to_error(
     locked = drop(inbox, "locked.csv", CSV, mtime=1_300)
     locked.chmod(0)
     if os.geteuid() == 0:  # root reads anything: what the producer's own user would get
-        real = Path.read_bytes
+        from producers.adapters import filedrop
 
-        def read_bytes(path: Path) -> bytes:
+        real = filedrop._open
+
+        def open_file(path: Path) -> int:
             if path.name == "locked.csv":
                 raise PermissionError(13, "Permission denied")
             return real(path)
 
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        monkeypatch.setattr(filedrop, "_open", open_file)
     drop(inbox, "zz-good.jsonl", _line("048190000003", "Phạm Thu Hà") + "\n", mtime=2_000)
     drop(portal_inbox, "hoso.json", json.dumps(PAYLOAD)[:80], mtime=1_000)  # cut short
     deploy = deployment(tmp_path, FILEDROP + PORTAL)
