@@ -793,25 +793,32 @@ class ReconcilerLoop:
         away is waited for (with backoff), never guessed. None: asked to stop meanwhile."""
         backoff = Backoff(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
         retried = False  # this wait's own: a batch retrying meanwhile keeps its state
-        while True:
-            try:
-                stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
-                await self._check_topics({topic for topic, _ in partitions}, stored)
-                if retried:
-                    self.processor.health.recovered()
-                return stored
-            except TransientError as error:
-                if self.stop_event.is_set():
-                    return None
-                # as a batch's retries: /readyz false, then /healthz and the stall alert
-                self.processor.health.retrying(type(error).__name__)
-                retried = True
-                log.error("store offsets unreadable (%s), retrying", type(error).__name__)
-                with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
-                    await asyncio.wait_for(self.stop_event.wait(), backoff.next())
-                if self.stop_event.is_set():
-                    return None
-                self.liveness.beat()  # waiting for the store, as a batch does: not stuck
+        try:
+            while True:
+                try:
+                    stored = await asyncio.to_thread(self.store.stored_offsets, partitions)
+                    await self._check_topics({topic for topic, _ in partitions}, stored)
+                    if retried:
+                        self.processor.health.recovered()
+                    return stored
+                except TransientError as error:
+                    if self.stop_event.is_set():
+                        return None
+                    # as a batch's retries: /readyz false, then /healthz and the stall alert
+                    self.processor.health.retrying(type(error).__name__)
+                    retried = True
+                    log.error("store offsets unreadable (%s), retrying", type(error).__name__)
+                    with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
+                        await asyncio.wait_for(self.stop_event.wait(), backoff.next())
+                    if self.stop_event.is_set():
+                        return None
+                    self.liveness.beat()  # waiting for the store, as a batch does: not stuck
+        except asyncio.CancelledError:
+            # A rebalance took the partitions meanwhile (`GroupMember`): the next
+            # assignment's read may pass at once, and /readyz stayed 503, then /healthz.
+            if retried:
+                self.processor.health.recovered()
+            raise
 
     async def _check_topics_again(self, member: GroupMember) -> None:
         """`_check_topics` between rebalances: a topic deleted and created again with as

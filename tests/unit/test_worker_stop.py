@@ -43,6 +43,33 @@ def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() 
     assert not health.ready() and health.reason == "StoreUnavailable"
 
 
+def test_a_wait_for_the_stores_offsets_cancelled_by_a_rebalance_leaves_the_worker_ready() -> None:
+    """The group member asks the store outside the rebalance and cancels the ask when the
+    next rebalance takes the partitions. Its retries were left set: the next assignment's
+    read passed at once and cleared nothing, /readyz stayed 503 and /healthz failed."""
+    loop = ReconcilerLoop.__new__(ReconcilerLoop)
+    loop.store = Store(f"postgresql+psycopg://portal@127.0.0.1:{free_port()}/none")
+    loop.stop_event = asyncio.Event()
+    loop.liveness = Liveness()
+    health = WorkerHealth(stall_after_seconds=0.05)
+    loop.processor = SimpleNamespace(health=health)  # type: ignore[assignment]
+
+    async def wait() -> None:
+        task = asyncio.ensure_future(loop._stored_offsets({("portal.changes.citizen", 0)}))
+        while health.ready():
+            await asyncio.sleep(0.05)  # the first read failed: retrying
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(wait())
+    finally:
+        loop.store.close()
+    time.sleep(0.1)  # past the stall limit
+    assert health.ready() and not health.stalled()
+
+
 def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> None:
     """A batch retried (the store away), then found another member had applied it
     (OffsetGap): it is over, and its retries with it. Left set, /readyz stayed 503 until a
