@@ -9,8 +9,13 @@ reads go page by page, a short transaction each.
 
 PostgreSQL changes a column's collation without rewriting the table, but rebuilds the
 primary key under an exclusive lock: at national scale (about 100 million records) plan
-minutes in which the workers wait (they retry). SQLite compares bytes already: nothing to
-do there. The downgrade gives the columns the database's default collation back.
+minutes in which the workers wait (they retry). The lock is waited for at most
+`LOCK_WAIT`: while the migration waits, every read and write of the records queues behind
+it, and an `export` or `rebuild --compare` of the release before holds the table for as
+long as it reads (then `store upgrade` fails, "the store is locked by another session":
+run it again once they are done). The column's statistics go with its type: the table is
+analysed again (a sample, seconds). SQLite compares bytes already: nothing to do there. The
+downgrade gives the columns the database's default collation back.
 
 Revision ID: 0019
 Revises: 0018
@@ -24,13 +29,21 @@ branch_labels = None
 depends_on = None
 
 
+LOCK_WAIT = "30s"
+
+
 def _collate(collation: str) -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
         return
+    before = bind.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
+    bind.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (LOCK_WAIT,))
     op.execute(
         f"ALTER TABLE records ALTER COLUMN entity TYPE varchar(16) COLLATE {collation},"
         f" ALTER COLUMN key TYPE varchar(64) COLLATE {collation}"
     )
+    bind.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (before,))
+    op.execute("ANALYZE records")
 
 
 def upgrade() -> None:
