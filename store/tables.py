@@ -50,7 +50,9 @@ def _byte_ordered(length: int) -> Any:
     """An identifier compared byte by byte on every backend: on PostgreSQL the `C`
     collation (migration 0019), as SQLite's `BINARY`. The records' primary key then serves
     the reads in key order (`export`, `rebuild --compare`) page by page, where a database
-    created with a locale sorted the whole table each time."""
+    created with a locale sorted the whole table each time. Only the records' columns: a
+    comparison of one with another table's key is made in `C`, which that table's index
+    (the database's collation) cannot serve; today's queries look records up by theirs."""
     return String(length).with_variant(String(length, collation="C"), "postgresql")
 
 
