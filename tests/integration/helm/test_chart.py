@@ -718,7 +718,46 @@ def test_the_network_policy_lets_only_the_scrapers_in_and_only_to_the_metrics_po
     (rule,) = policy["ingress"]
     assert {(port["protocol"], port["port"]) for port in rule["ports"]} == served
     assert rule["from"] == yaml.safe_load(PRODUCTION.read_text())["networkPolicy"]["metricsFrom"]
-    assert policy["policyTypes"] == ["Ingress"]  # no egress rules given: out is open
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A NetworkPolicy's podSelector (matchLabels, matchExpressions with In) on a pod."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_out_each_pod_reaches_dns_the_brokers_and_only_what_it_uses(
+    production: list[Manifest],
+) -> None:
+    """Policies add up: a pod may go where any policy selecting it lets it. A producer,
+    which reads a province's or a ministry's system, reaches neither the national store
+    nor another producer's source; the store's users reach the store."""
+    values = yaml.safe_load(PRODUCTION.read_text())
+    brokers, store = values["networkPolicy"]["egress"], values["networkPolicy"]["storeEgress"]
+    sources = {p["name"]: p["egress"] for p in values["producers"]}
+    dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    policies = [m["spec"] for m in production if m["kind"] == "NetworkPolicy"]
+    assert all("Egress" in policy["policyTypes"] for policy in policies)
+    for name, pod in pod_templates(production).items():
+        labels = pod["metadata"]["labels"]
+        allowed = [
+            rule
+            for policy in policies
+            if _selects(policy["podSelector"], labels)
+            for rule in policy.get("egress", [])
+        ]
+        component = labels["app.kubernetes.io/component"]
+        if component == "producer":
+            expected = [dns, *brokers, *sources[labels["portal-sync/producer"]]]
+        else:
+            assert component in ("worker", "lag-exporter", "toolbox", "store-upgrade"), name
+            expected = [dns, *brokers, *store]
+        assert allowed == expected, name
 
 
 def test_egress_rules_close_everything_else_but_dns(
@@ -808,6 +847,23 @@ REFUSALS = {
             *("--set", "networkPolicy.egress.to=x"),
         ),
         "networkPolicy.egress must be a list",
+    ),
+    "the store's egress while egress is open": (
+        (
+            *("--set", "networkPolicy.enabled=true"),
+            *("--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.a=b"),
+            *("--set", "networkPolicy.storeEgress[0].ports[0].port=5432"),
+        ),
+        "networkPolicy.storeEgress needs networkPolicy.egress",
+    ),
+    "a producer's egress while egress is open": (
+        (
+            *("--set", "networkPolicy.enabled=true"),
+            *("--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.a=b"),
+            *("--set", "producers[0].name=p1", "--set", "producers[0].config=x"),
+            *("--set", "producers[0].egress[0].ports[0].port=5432"),
+        ),
+        "producers: p1's egress needs networkPolicy.egress",
     ),
     "a role to grant without an owner": (
         ("--set", "storeUpgrade.owner.runtimeRole=portal_sync"),

@@ -84,6 +84,14 @@ portal-sync/producer: {{ . }}
 {{- if and $policy.egress (not (kindIs "slice" $policy.egress)) }}
 {{- fail "networkPolicy.egress must be a list of NetworkPolicyEgressRule (- to: … ports: …)" }}
 {{- end }}
+{{- if and $policy.storeEgress (not (kindIs "slice" $policy.storeEgress)) }}
+{{- fail "networkPolicy.storeEgress must be a list of NetworkPolicyEgressRule (- to: … ports: …)" }}
+{{- end }}
+{{- range $p := .Values.producers }}
+{{- if and $p.egress (not (kindIs "slice" $p.egress)) }}
+{{- fail (printf "producers: %s's egress must be a list of NetworkPolicyEgressRule (- to: … ports: …)" (toString $p.name)) }}
+{{- end }}
+{{- end }}
 {{- $lag := .Values.lagExporter -}}
 {{- $storeUsers := or .Values.worker.enabled .Values.storeUpgrade.enabled .Values.toolbox.enabled (and $lag.enabled (eq $lag.offsetsFrom "store")) }}
 {{- if and $storeUsers (not .Values.store.existingSecret) }}
