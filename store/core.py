@@ -738,7 +738,7 @@ class Store:
             query = select(records).order_by(records.c.entity, records.c.key).limit(page)
             if entity is not None:
                 query = query.where(records.c.entity == entity)
-                if after is not None:  # SQLite sorts the rest for the pair's comparison
+                if after is not None:  # by the key alone: SQLite began at the entity's first
                     query = query.where(records.c.key > after[1])
             elif after is not None:
                 query = query.where(tuple_(records.c.entity, records.c.key) > tuple_(*after))
