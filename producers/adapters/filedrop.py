@@ -135,12 +135,28 @@ def unmappable(error: Exception, origin: str, entity: Entity | None) -> Skippabl
     return SkippableRecord(Reason.UNMAPPABLE_RECORD, message, origin, entity)
 
 
-READ_CHUNK = 1 << 18  # bytes read from a file at a time
+READ_CHUNK = 1 << 18  # bytes read from a file at a time by a pass over its bytes
+TEXT_CHUNK = 1 << 16  # by a pass over its text
+# The longest line (JSON Lines), CSV field or JSON item read, in characters: far beyond any
+# record's (a change event is at most a few hundred KiB, unmapped fields aside), and a
+# bound on what one is held as (several times its size while parsed). A file without line
+# ends, or a stray quote's field, held the file whole again.
+MAX_LINE_CHARS = 16 << 20
+
+
+class _OverLong(str):
+    """A line longer than MAX_LINE_CHARS, passed over: a rejected line where lines are
+    records (JSON Lines), the file refused where they are not (CSV)."""
+
+
+OVER_LONG = _OverLong("")
 
 
 def _open(path: Path) -> int:
-    """A file's descriptor, for reading (every file the adapter reads is opened here)."""
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """A file's descriptor, for reading (every file the adapter reads is opened here).
+    Without waiting: a FIFO put in a listed file's place would block the source for ever
+    (`FileContent` refuses anything but a regular file)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
 
 
 def _read_at(fd: int, size: int, offset: int) -> bytes:
@@ -156,9 +172,29 @@ class FileContent:
     restart. A file cut short meanwhile reads short: `read` then finds it changed."""
 
     def __init__(self, fd: int) -> None:
+        try:
+            self.opened = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(self.opened.st_mode):
+            os.close(fd)  # replaced since it was listed: passed over, as a file taken away
+            raise FileNotFoundError(errno.ENOENT, "not a regular file")
         self.fd = fd
-        self.opened = os.fstat(fd)
         self.size = self.opened.st_size
+
+    def changed(self) -> bool:
+        """Whether the file's bytes may have changed since it was opened (its size or times
+        moved, its status unreadable): what was read of it is not the file checked."""
+        try:
+            now = os.fstat(self.fd)
+        except OSError:
+            return True
+        return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+            self.size,
+            self.opened.st_mtime_ns,
+            self.opened.st_ctime_ns,
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -173,7 +209,7 @@ class FileContent:
             yield piece
 
     def reader(self) -> io.BufferedReader:
-        return io.BufferedReader(_FileReader(self), 1 << 16)
+        return io.BufferedReader(_FileReader(self), TEXT_CHUNK)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -218,7 +254,7 @@ def text_of(content: Content) -> io.TextIOWrapper:
     rows, 63 MB, took 400 MB). Lines end at \\n only (a JSON string may hold U+2028, a CSV
     field a carriage return). `UnreadableFile` first when it is not UTF-8."""
     _check_utf8(content)
-    return _stream(content)
+    return stream_of(content)
 
 
 def _check_utf8(content: Content) -> None:
@@ -233,9 +269,38 @@ def _check_utf8(content: Content) -> None:
         raise UnreadableFile("not_utf8", "the file is not UTF-8 text") from None
 
 
-def _stream(content: Content) -> io.TextIOWrapper:
-    raw = content.reader() if isinstance(content, FileContent) else io.BytesIO(content)
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n")
+def stream_of(content: Content) -> io.TextIOWrapper:
+    """The file as text, read as it goes (the bytes found UTF-8 already: `text_of`)."""
+    if not isinstance(content, FileContent):
+        return io.TextIOWrapper(io.BytesIO(content), encoding="utf-8-sig", newline="\n")
+    text = io.TextIOWrapper(content.reader(), encoding="utf-8-sig", newline="\n")
+    # it asks for 8 KiB at a time, which the buffer passes on: a round trip each on a share
+    text._CHUNK_SIZE = TEXT_CHUNK  # type: ignore[attr-defined]
+    return text
+
+
+def bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
+    """The text's lines, each of at most MAX_LINE_CHARS characters; one longer is passed
+    over without being held whole, and stands as OVER_LONG."""
+    with text:
+        while line := text.readline(MAX_LINE_CHARS):
+            if len(line) < MAX_LINE_CHARS or line.endswith("\n"):
+                yield line
+                continue
+            while (rest := text.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            yield OVER_LONG
+
+
+def _csv_lines(text: io.TextIOWrapper) -> Iterator[str]:
+    """A CSV file's lines for the reader, which cannot take up again after a line passed
+    over: the file is refused."""
+    for number, line in enumerate(bounded_lines(text), start=1):
+        if line is OVER_LONG:
+            raise UnreadableFile(
+                "not_csv", f"line {number} is longer than {MAX_LINE_CHARS} characters"
+            )
+        yield line
 
 
 def json_lines(content: Content) -> Iterator[tuple[int, str]]:
@@ -243,23 +308,25 @@ def json_lines(content: Content) -> Iterator[tuple[int, str]]:
     with lines of which none is JSON is not JSON Lines at all (`UnreadableFile` before
     the first line is handed out)."""
     _check_utf8(content)
-    lines = _nonblank(_stream(content))
-    if next(_nonblank(_stream(content)), None) and not any(_is_json(x) for _, x in lines):
+    lines = _nonblank(stream_of(content))
+    if next(_nonblank(stream_of(content)), None) and not any(_is_json(x) for _, x in lines):
         raise UnreadableFile("not_json", "no line of the file is JSON")
-    return _nonblank(_stream(content))
+    return _nonblank(stream_of(content))
 
 
 def _nonblank(text: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
-    """(number, line) of the lines that are not blank, each without its \\n."""
-    with text:
-        for number, line in enumerate(text, start=1):
-            if line.strip():
-                yield number, line[:-1] if line.endswith("\n") else line
+    """(number, line) of the lines that are not blank, each without its \\n (OVER_LONG for
+    one too long: `read_json` refuses it)."""
+    for number, line in enumerate(bounded_lines(text), start=1):
+        if line is OVER_LONG or line.strip():
+            yield number, line[:-1] if line.endswith("\n") else line
 
 
 def read_json(text: str) -> Any:
     """One JSON text; ValueError (whose message quotes nothing) when it is not JSON or
     nests deeper than MAX_DEPTH (deep enough to exhaust a parser's or encoder's stack)."""
+    if text is OVER_LONG:
+        raise ValueError(f"longer than {MAX_LINE_CHARS} characters")
     try:
         value = loads_unique(text)
     except RecursionError:
@@ -366,6 +433,22 @@ class DirectoryAdapter(Adapter):
         tries = self._failed_reads[path.name] = self._failed_reads.get(path.name, 0) + 1
         return tries < TRANSIENT_READ_TRIES
 
+    def _failed_read(self, path: Path, error: OSError | MemoryError) -> UnreadableFile:
+        """A read of the file failed (its bytes are read from disk at each pass). One that
+        may pass (a share away a moment, descriptors or memory short) raises to retry the
+        run from its checkpoint, up to TRANSIENT_READ_TRIES runs in a row without progress:
+        the file was sent to error/ for good, its records never published. Else, or then,
+        why the file is unreadable."""
+        if isinstance(error, MemoryError):
+            if self._retry_read(path):
+                raise error  # not the file's: the run is retried from its checkpoint
+            return UnreadableFile("read_failed", "memory ran short reading it, again")
+        if error.errno in TRANSIENT_READ_ERRORS and self._retry_read(path):
+            name = errno.errorcode.get(error.errno or 0, "?")
+            raise RetriableError(f"a file could not be read ({name}): retried") from None
+        reason = "permission_denied" if isinstance(error, PermissionError) else "read_failed"
+        return UnreadableFile(reason, f"the file cannot be read ({type(error).__name__})")
+
     def read(self, state: State) -> Iterator[Item]:
         # Checksums of the files published, and `x:`-marked ones of the files found
         # unreadable (dead-lettered once: a move to error/ that fails is only retried).
@@ -399,17 +482,8 @@ class DirectoryAdapter(Adapter):
             except FileNotFoundError:
                 continue  # taken away since it was listed
             except OSError as error:
-                if error.errno in TRANSIENT_READ_ERRORS and self._retry_read(path):
-                    # A share away a moment (NFS, SMB), descriptors or memory short: the
-                    # file was sent to error/ for good, its records never published.
-                    name = errno.errorcode.get(error.errno or 0, "?")
-                    raise RetriableError(f"a file could not be read ({name}): retried") from None
-                reason = (
-                    "permission_denied" if isinstance(error, PermissionError) else "read_failed"
-                )
-                unreadable = UnreadableFile(
-                    reason, f"the file cannot be read ({type(error).__name__})"
-                )
+                unreadable = self._failed_read(path, error)  # or retried, raising
+                reason = unreadable.reason
                 marker = _stat_marker(path)
                 if marker is not None and marker in done:
                     move = self._mover(path, self.error_dir, reason)
@@ -435,11 +509,17 @@ class DirectoryAdapter(Adapter):
             self._beyond_report[path.name] = 0
             seen.add(checksum)
             try:
-                records = iter(self.parse(path, content))
-            except UnreadableFile as error:
-                done = failed
+                records = iter(self.parse(path, content))  # the whole-file checks: a pass each
+            except (UnreadableFile, OSError, MemoryError) as error:
                 self._partial.pop(checksum, None)
-                yield from self._unreadable(path, error, done)
+                if content.changed():  # rewritten while checked: its new bytes are not refused
+                    log.warning("%s changed while it was read: read again", path.name)
+                    continue
+                refused = error if isinstance(error, UnreadableFile) else (
+                    self._failed_read(path, error)  # or retried, raising
+                )  # fmt: skip
+                done = failed
+                yield from self._unreadable(path, refused, done)
                 continue
             read_before = self._partial.get(checksum)
             if read_before is not None:
@@ -452,14 +532,15 @@ class DirectoryAdapter(Adapter):
                     }
                 )
             resume = _Resume(done, checksum, read_before)
-            if (yield from self._guarded(path, records, failed, resume)):
-                if _written_to(content.opened, os.fstat(content.fd), content.size):
-                    # Its bytes changed after the checksum (rewritten in place): what was
-                    # read is not the file checked. Read whole again once it is still; its
-                    # records sent already are sent again (the version rule keeps one).
-                    self._partial.pop(checksum, None)
-                    log.warning("%s changed while its records were read: read again", path.name)
-                    continue
+            read_whole = yield from self._guarded(path, records, failed, resume, content)
+            if read_whole is None or (read_whole and content.changed()):
+                # Its bytes changed after the checksum (rewritten in place): what was read
+                # is not the file checked. Read whole again once it is still; its records
+                # sent already are sent again (the version rule keeps one of each).
+                self._partial.pop(checksum, None)
+                log.warning("%s changed while it was read: read again", path.name)
+                continue
+            if read_whole:
                 self._partial.pop(checksum, None)
                 done = [*done, checksum][-KEEP_CHECKSUMS:]
                 yield Checkpoint(self._state(done), self._mover(path, self.done_dir, read=checksum))
@@ -489,11 +570,13 @@ class DirectoryAdapter(Adapter):
         records: Iterator[Record | SkippableRecord],
         done: list[str],
         resume: _Resume,
-    ) -> Generator[Item, None, bool]:
-        """The file's records; True when all were read. Should reading itself fail (a
-        bug, not the data), the rest of the file is unreadable: error/, never a retry loop;
-        a read of the file that may pass (`TRANSIENT_READ_ERRORS`) is retried as the first
-        read is, the run going on from its last checkpoint.
+        content: FileContent,
+    ) -> Generator[Item, None, bool | None]:
+        """The file's records; True when all were read, None when the file changed while
+        they were (read again once still). Should reading itself fail (a bug, not the
+        data), the rest of the file is unreadable: error/, never a retry loop; a read of
+        the file that may pass (`TRANSIENT_READ_ERRORS`, memory short) is retried as the
+        first read is (`_failed_read`), the run going on from its last checkpoint.
         `resume`: the lines an earlier run read whole are passed over (sent and
         acknowledged then), and a checkpoint between two lines, every
         FILE_CHECKPOINT_RECORDS records or so, says how far this run is: by line, so that
@@ -506,24 +589,16 @@ class DirectoryAdapter(Adapter):
             except StopIteration:
                 self._failed_reads.pop(path.name, None)
                 return True
-            except MemoryError:  # not the file's: the run is retried from its checkpoint
-                if self._retry_read(path):
-                    raise
-                detail = f"reading stopped after {count} records (MemoryError, again)"
-                self._partial.pop(resume.checksum, None)
-                yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
-                return False
             except Exception as error:
-                if (
-                    isinstance(error, OSError)
-                    and error.errno in TRANSIENT_READ_ERRORS
-                    and self._retry_read(path)
-                ):  # the file is read as its records go: a share away a moment midway
-                    name = errno.errorcode.get(error.errno or 0, "?")
-                    raise RetriableError(f"a file could not be read ({name}): retried") from None
-                detail = f"reading stopped after {count} records ({type(error).__name__})"
+                if content.changed():  # cut short or rewritten while read: not its fault
+                    return None
+                reason = "read_failed"
+                if isinstance(error, (OSError, MemoryError)):  # a failure that may pass
+                    reason = self._failed_read(path, error).reason  # or retried, raising
+                again = ", again" if isinstance(error, MemoryError) else ""
+                detail = f"reading stopped after {count} records ({type(error).__name__}{again})"
                 self._partial.pop(resume.checksum, None)
-                yield from self._unreadable(path, UnreadableFile("read_failed", detail), done)
+                yield from self._unreadable(path, UnreadableFile(reason, detail), done)
                 return False
             count += 1
             line = _line_of(item.origin)
@@ -534,6 +609,7 @@ class DirectoryAdapter(Adapter):
                 continue
             if since >= FILE_CHECKPOINT_RECORDS and last is not None and line != last:
                 self._partial[resume.checksum] = last  # every record of it and before sent
+                self._failed_reads.pop(path.name, None)  # failures count while none goes on
                 yield Checkpoint(self._state(resume.files))
                 since = 0
             yield item
@@ -777,14 +853,16 @@ class FileDropAdapter(DirectoryAdapter):
             yield record
 
     def _csv(self, content: Content) -> Iterator[tuple[int, Row]]:
-        # No field longer than the module's limit (131,072 characters by default): the
-        # reader stops inside a quoted field there and takes the rest of that field, lines
-        # and all, for rows. A field that long is then one record too large to publish
-        # (`too_large`), never rows read out of a value.
+        # The module's limit (131,072 characters by default) raised to MAX_LINE_CHARS: at
+        # its limit the reader stopped inside a quoted field and took the rest of that
+        # field, lines and all, for rows. A field up to it is one record too large to
+        # publish (`too_large`), never rows read out of a value; one beyond it refuses the
+        # file (`_quotes_closed`), never held whole.
         text = text_of(content)
         with _CSV_LIMIT:  # the module's one limit, only ever raised: sources read side by side
-            if len(content) >= csv.field_size_limit():
-                csv.field_size_limit(len(content) + 1)
+            wanted = min(len(content), MAX_LINE_CHARS) + 1
+            if wanted > csv.field_size_limit():
+                csv.field_size_limit(wanted)
         delimiter = self.options.csv_delimiter
         _quotes_closed(content, delimiter)
         # strict: a quote followed by more text in a field (`"x"y`) is a bad line, not the
@@ -792,7 +870,7 @@ class FileDropAdapter(DirectoryAdapter):
         # `_MISSING`, a bad line too (a cell would otherwise be read as another column's
         # value, or as null: an explicit null erases what other sources gave).
         reader = csv.DictReader(
-            text, delimiter=delimiter, strict=True, restkey=_EXTRA, restval=_MISSING
+            _csv_lines(text), delimiter=delimiter, strict=True, restkey=_EXTRA, restval=_MISSING
         )
         try:
             names = reader.fieldnames
@@ -956,13 +1034,19 @@ def _quotes_closed(content: Content, delimiter: str) -> None:
     line after it for one value, and the reader returned them as one row, the rest of the
     file lost without a word. Read once, strictly, before any record is handed out (the
     bytes already found UTF-8 by `text_of`)."""
-    reader = csv.reader(_stream(content), delimiter=delimiter, strict=True)
+    reader = csv.reader(_csv_lines(stream_of(content)), delimiter=delimiter, strict=True)
     while True:
         try:
             next(reader)
         except StopIteration:
             return
         except csv.Error as error:
+            if "field larger than field limit" in str(error):  # a stray quote's, most likely
+                raise UnreadableFile(
+                    "not_csv",
+                    f"a field that ends at line {reader.line_num} or before is longer than "
+                    f"{MAX_LINE_CHARS} characters (a quote not closed where it should be?)",
+                ) from None
             if "unexpected end of data" in str(error):
                 raise UnreadableFile(
                     "not_csv",

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from producers.adapters.filedrop import (
+    MAX_LINE_CHARS,
     Content,
     DirectoryAdapter,
     DirectoryConfig,
@@ -43,6 +44,7 @@ from producers.adapters.filedrop import (
     json_lines,
     read_json,
     small_int,
+    stream_of,
     text_of,
     unmappable,
 )
@@ -116,9 +118,12 @@ class PortalAdapter(DirectoryAdapter):
             _read_through(content)
         except RecursionError:
             raise UnreadableFile("not_json", "the file is nested too deeply") from None
+        except ItemTooLong as error:
+            raise UnreadableFile("not_json", str(error)) from None
         except ValueError:
             raise UnreadableFile("not_json", "the file is not JSON") from None
-        return ((n, _checked(item)) for n, item in enumerate(_items(content), start=1))
+        items = _items(content, checked=True)
+        return ((n, _checked(item)) for n, item in enumerate(items, start=1))
 
     @staticmethod
     def _lines(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
@@ -249,18 +254,25 @@ CHECK_MARGIN = 50  # frames (`_read_through`)
 PIECE = 1 << 18  # characters read at a time
 
 
+class ItemTooLong(ValueError):
+    """An item (or the one value) longer than MAX_LINE_CHARS: never held whole."""
+
+
 class _Text:
     """A file's text read a piece at a time, for `_items`: `text[pos:]` is what is not
-    read yet of what was decoded so far."""
+    read yet of what was decoded so far. `checked`: the file was found UTF-8 already."""
 
-    def __init__(self, content: Content) -> None:
-        self.stream = text_of(content)  # UnreadableFile when the file is not UTF-8
+    def __init__(self, content: Content, checked: bool = False) -> None:
+        # UnreadableFile when the file is not UTF-8
+        self.stream = stream_of(content) if checked else text_of(content)
         self.text = ""
         self.pos = 0
 
     def more(self) -> bool:
         """Read on: at least as much again as is held, so that a value of any size is
         parsed again only a logarithmic number of times. False at the file's end."""
+        if len(self.text) - self.pos >= MAX_LINE_CHARS:
+            raise ItemTooLong(f"an item is longer than {MAX_LINE_CHARS} characters")
         piece = self.stream.read(max(PIECE, len(self.text) - self.pos))
         if not piece:
             return False
@@ -317,13 +329,14 @@ def _read_through(content: Content, margin: int = CHECK_MARGIN) -> None:
     return None
 
 
-def _items(content: Content) -> Iterator[Any]:
+def _items(content: Content, checked: bool = False) -> Iterator[Any]:
     """The payloads of a JSON document: the items of its list one at a time, or the one
     value it holds, with `json.loads`'s reading of each (`json.JSONDecoder.raw_decode`;
     ijson's C parser turns a lone surrogate into '?' and refuses integers beyond 64 bits,
     its Python one is fourteen times slower). ValueError when the text is not one JSON
-    value, as `json.loads` says; RecursionError when a value nests too deeply for it."""
-    text = _Text(content)
+    value, as `json.loads` says (ItemTooLong for one beyond MAX_LINE_CHARS); RecursionError
+    when a value nests too deeply for it. `checked`: the file was found UTF-8 already."""
+    text = _Text(content, checked)
     if text.next_char() != "[":
         yield text.value()
     else:

@@ -728,3 +728,194 @@ def test_a_file_rewritten_in_place_while_its_records_are_read_is_read_again_not_
         if isinstance(item, Checkpoint) and item.commit is not None:
             item.commit()
     assert not export.exists() and (inbox / "done" / "export.csv").exists()
+
+
+def test_a_csv_rewritten_while_it_is_checked_is_read_again_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half written again when the quotes' check read it, the new export was refused
+    (`not_csv`) and went to error/."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(5))
+    export = inbox / "export.csv"
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    quotes_closed = filedrop._quotes_closed
+
+    def half_written(content: object, delimiter: str) -> None:
+        export.write_text('pid,name,at\n001190000000,"Nguyễn')  # the exporter starts again
+        quotes_closed(content, delimiter)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(filedrop, "_quotes_closed", half_written)
+    items = list(adapter.read({}))
+    assert not [i for i in items if isinstance(i, SkippableRecord)]
+    assert export.exists() and not (inbox / "error").exists()
+    monkeypatch.undo()
+    _drop(inbox, _rows(5))  # written whole
+    for _ in range(2):  # changed since the poll before: settles first
+        items = list(adapter.read({}))
+    assert len([i for i in items if isinstance(i, Record)]) == 5
+
+
+@pytest.mark.parametrize("code", [errno.ESTALE, errno.EREMOTEIO])
+def test_a_read_failing_while_the_file_is_checked_is_retried_or_refused_never_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The checks read the file from disk too: their errors escaped the adapter's handling,
+    so a file was retried without end and held every file after it."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(5))
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_at, calls = filedrop._read_at, [0]
+
+    def away_after_the_checksum(fd: int, size: int, offset: int) -> bytes:
+        calls[0] += 1
+        if calls[0] > 1:  # the checksum's one read passed
+            raise OSError(code, os.strerror(code))
+        return read_at(fd, size, offset)
+
+    monkeypatch.setattr(filedrop, "_read_at", away_after_the_checksum)
+    runs = 0
+    while True:
+        calls[0] = 0
+        runs += 1
+        try:
+            items = list(adapter.read({}))
+        except RetriableError:
+            assert code == errno.ESTALE and runs < TRANSIENT_READ_TRIES
+            continue
+        break
+    assert runs == (TRANSIENT_READ_TRIES if code == errno.ESTALE else 1)
+    assert [(i.code, i.origin) for i in items if isinstance(i, SkippableRecord)] == [
+        ("unreadable_file", "export.csv")
+    ]
+
+
+def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failures of a long file's read were counted until it was read whole: a share
+    that blipped five times in hours sent it to error/ though each run got further."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(12_000))
+    monkeypatch.setattr(filedrop, "FILE_CHECKPOINT_RECORDS", 1_000)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_at, record = filedrop._read_at, adapter._record
+    mapped, runs = [0], [0]
+
+    def counted(*args: object, **kwargs: object) -> object:
+        mapped[0] += 1
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    def blipping(fd: int, size: int, offset: int) -> bytes:
+        if mapped[0] >= 1_500 * runs[0]:  # each run 1,500 records further than the last
+            mapped[0] = -(10**9)  # once a run
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return read_at(fd, size, offset)
+
+    monkeypatch.setattr(adapter, "_record", counted)
+    monkeypatch.setattr(filedrop, "_read_at", blipping)
+    state: dict[str, object] = {}
+    sent: set[str] = set()
+    failures = 0
+    while runs[0] < 3 * TRANSIENT_READ_TRIES:
+        runs[0] += 1
+        mapped[0] = 0
+        try:
+            for item in adapter.read(state):
+                assert not isinstance(item, SkippableRecord), item
+                if isinstance(item, Record):
+                    sent.add(item.key)
+                elif isinstance(item, Checkpoint):
+                    state = item.value()
+        except RetriableError:
+            failures += 1
+            continue
+        break
+    assert failures > TRANSIENT_READ_TRIES  # more than before, each after progress
+    assert len(sent) == 12_000
+    assert not (inbox / "error").exists()
+
+
+def test_a_file_whose_status_cannot_be_read_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(2))
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    fstat = os.fstat
+
+    def stale(fd: int) -> os.stat_result:
+        if os.path.realpath(f"/proc/self/fd/{fd}").endswith("export.csv"):
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return fstat(fd)
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(filedrop.os, "fstat", stale)
+    for _ in range(3):
+        with pytest.raises(RetriableError):
+            list(adapter.read({}))
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_fifo_in_a_listed_files_place_is_passed_over_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listed at the run's start and opened later: a FIFO put in its place blocked the
+    source for ever, and a stop could not end the wait."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(2))
+    export = inbox / "export.csv"
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    listed = adapter._ready_files()
+    export.unlink()
+    os.mkfifo(export)
+    monkeypatch.setattr(adapter, "_ready_files", lambda: listed)
+    assert [i for i in adapter.read({}) if isinstance(i, Record | SkippableRecord)] == []
+
+
+def test_a_json_line_longer_than_any_record_is_a_rejected_line_never_held_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file without line ends was one line held whole, several times over."""
+    import tracemalloc
+
+    monkeypatch.setattr(filedrop, "MAX_LINE_CHARS", 100_000)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    line = '{"pid": "001190000001", "name": "Nguyễn Văn An", "at": "2025-08-01T08:00:00+07:00"}'
+    (inbox / "export.jsonl").write_text(
+        line + "\n" + '{"pid": "' + "9" * 3_000_000 + '"}\n' + line.replace("0001", "0002") + "\n"
+    )
+    os.utime(inbox / "export.jsonl", (time.time() - 600,) * 2)
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    tracemalloc.start()
+    try:
+        items = [i for i in adapter.read({}) if isinstance(i, Record | SkippableRecord)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [getattr(i, "key", None) for i in items if isinstance(i, Record)] == [
+        "001190000001",
+        "001190000002",
+    ]
+    (rejected,) = [i for i in items if isinstance(i, SkippableRecord)]
+    assert rejected.origin == "export.jsonl:2" and "longer than 100000" in rejected.message
+    assert peak < 1_500_000, peak  # the line is 3 MB
+
+
+def test_a_csv_field_longer_than_any_record_refuses_the_file() -> None:
+    """A stray quote took the rest of the file for one field, held whole: the field limit
+    was raised to the file's size."""
+    text = 'pid,name,at\n001190000001,"Nguyễn ' + "x" * (filedrop.MAX_LINE_CHARS + 10)
+    text += '",2025-08-01T08:00:00+07:00\n'
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, Path("/nonexistent"))
+    with pytest.raises(filedrop.UnreadableFile) as refused:
+        list(adapter.parse(Path("export.csv"), text.encode()))
+    assert refused.value.reason == "not_csv"
+    assert f"longer than {filedrop.MAX_LINE_CHARS} characters" in str(refused.value)

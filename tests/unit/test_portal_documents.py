@@ -243,3 +243,55 @@ def test_the_applicant_is_the_one_its_kind_names(
     (record,) = adapter(tmp_path).parse(tmp_path / "hoso.json", data)
     assert isinstance(record, Record), record
     assert record.data is not None and record.data["applicant_id"] == expected
+
+
+def test_an_item_longer_than_any_record_refuses_the_document_without_holding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One value of gigabytes (a document cut and joined wrongly, a field of attachments)
+    was held whole, several times over, while it was parsed."""
+    monkeypatch.setattr(portal, "MAX_LINE_CHARS", 100_000)
+    data = json.dumps([PAYLOAD, PAYLOAD | {"GhiChu": "x" * 300_000}, PAYLOAD]).encode()
+    with pytest.raises(UnreadableFile) as refused:
+        list(adapter(tmp_path).parse(tmp_path / "hoso.json", data))
+    assert refused.value.reason == "not_json"
+    assert "an item is longer than 100000 characters" in str(refused.value)
+
+
+def test_a_document_rewritten_while_its_payloads_are_read_is_read_again_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its bytes are read from disk at each pass: a document cut short by its exporter
+    writing it again made the reading fail, and the new, good export went to error/."""
+    import os
+    import time
+
+    from producers.sdk import Checkpoint
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    document = inbox / "hoso.json"
+    payloads = [PAYLOAD | {"MaHoSo": f"000.00.01.H29-250801-{n:04d}"} for n in range(3_000)]
+    document.write_text(json.dumps(payloads, ensure_ascii=False, indent=1))
+    os.utime(document, (time.time() - 600,) * 2)
+    reader = adapter(tmp_path)
+    real = reader._all_records
+    rewritten: list[bool] = []
+
+    def cut_midway(path: Path, found: Any) -> Any:
+        for n, item in enumerate(real(path, found)):
+            if n == 10 and not rewritten:
+                rewritten.append(True)
+                document.write_text(json.dumps(payloads[:5], ensure_ascii=False))  # cut short
+            yield item
+
+    monkeypatch.setattr(reader, "_all_records", cut_midway)
+    items = list(reader.read({}))
+    assert rewritten and document.exists()
+    assert not (inbox / "error").exists() and not (inbox / "done").exists()
+    assert not [i for i in items if not isinstance(i, Record | Checkpoint)]
+    monkeypatch.undo()
+    os.utime(document, (time.time() - 600,) * 2)
+    for _ in range(2):  # changed since the poll before: settles first
+        items = list(reader.read({}))
+    assert len([i for i in items if isinstance(i, Record)]) == 5
