@@ -334,6 +334,37 @@ CASES = [
         (),
     ),
     Case(
+        "PortalSyncSyncLagAboveObjective",
+        # a quiet source: a change every 8 minutes, every one late; over 5 minutes alone the
+        # share was 0/0 at every quiet stretch and never fired
+        {
+            f'portal_sync_sync_lag_seconds_bucket{{source="ministry-btp",le="60.0",{WORKER}}}': (
+                "0x120"
+            ),
+            f'portal_sync_sync_lag_seconds_count{{source="ministry-btp",{WORKER}}}': (
+                "0 " + " ".join(str(1 + minute // 8) for minute in range(1, 121))
+            ),
+        },
+        ("10m", "30m"),
+        ("60m", "110m"),
+        {"source": "ministry-btp"},
+        "ministry-btp: 100% of changes took longer than 60s from source commit to the national"
+        " store",
+    ),
+    Case(
+        "PortalSyncSyncLagAboveObjective",
+        # a busy source late for 10 minutes, then on time: judged over 5 minutes, it
+        # resolves with them, not an hour later
+        {
+            f'portal_sync_sync_lag_seconds_bucket{{source="province-79",le="60.0",{WORKER}}}': (
+                "0x20 100+100x39"
+            ),
+            f'portal_sync_sync_lag_seconds_count{{source="province-79",{WORKER}}}': "0+100x60",
+        },
+        ("50m", "59m"),
+        (),
+    ),
+    Case(
         "PortalSyncConsumerLagGrowing",
         # the oldest unapplied change gets a minute older every minute
         {f"portal_sync_consumer_lag_seconds{{{PART},{EXPORTER}}}": "0+60x30"},

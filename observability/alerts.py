@@ -41,6 +41,13 @@ class Thresholds:
     # The worker's retention job runs hourly: two failed runs within this window.
     retention_window: str = "3h"
     window: str = "5m"  # rate windows
+    # A source with fewer changes than `busy_changes` in `window` is judged over
+    # `sparse_window` instead, once it has `sparse_min_changes` there: over `window` alone
+    # its share of slow changes was 0/0 (no match) at every quiet stretch, and a source
+    # that sends a change every few minutes, each late, paged no one.
+    busy_changes: int = 20
+    sparse_window: str = "1h"
+    sparse_min_changes: int = 5
     for_short: str = "2m"  # stalled consumer, process down
     for_missing: str = "5m"  # no target of a job at all (a pod recreated takes less)
     for_long: str = "10m"  # lag above objective, stale source, lag growing
@@ -101,10 +108,22 @@ def _edge(seconds: float) -> str:
 
 def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     w = t.window
-    slow = (
-        f"1 - sum by (source) (rate(portal_sync_sync_lag_seconds_bucket"
-        f'{{le="{_edge(t.objective_seconds)}"}}[{w}]))'
-        f" / sum by (source) (rate(portal_sync_sync_lag_seconds_count[{w}]))"
+
+    def late_share(window: str) -> str:
+        return (
+            f"1 - sum by (source) (increase(portal_sync_sync_lag_seconds_bucket"
+            f'{{le="{_edge(t.objective_seconds)}"}}[{window}]))'
+            f" / sum by (source) (increase(portal_sync_sync_lag_seconds_count[{window}]))"
+        )
+
+    def changes(window: str) -> str:
+        return f"sum by (source) (increase(portal_sync_sync_lag_seconds_count[{window}]))"
+
+    slow = late_share(w)
+    slow_sparse = (
+        f"({late_share(t.sparse_window)})"
+        f" and on (source) ({changes(t.sparse_window)} >= {t.sparse_min_changes})"
+        f" unless on (source) ({changes(w)} >= {t.busy_changes})"
     )
     stale = "time() - max by (source) (portal_sync_source_last_change_timestamp_seconds)"
     growing = f"deriv(portal_sync_consumer_lag_seconds[{w}])"
@@ -170,8 +189,8 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
         ),
         Rule(
             "PortalSyncSyncLagAboveObjective",
-            f"({slow}) > {t.slow_share:g}",
-            slow,
+            f"({slow}) > {t.slow_share:g} or ({slow_sparse}) > {t.slow_share:g}",
+            f"({slow}) or ({slow_sparse})",
             t.for_long,
             "warning",
             f"{{{{ $labels.source }}}}: {{{{ $value | humanizePercentage }}}} of changes took "
@@ -179,6 +198,8 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "Check the consumer lag panel: if a partition lags, see the stalled-consumer "
             "runbook; if not, the store commits are slow (store commit time panel) or the "
             "source's producer is late (cursor lag); compare occurred_at clocks of the source. "
+            f"A source with fewer than {t.busy_changes} changes in {w} is judged over the "
+            f"last {t.sparse_window} (from {t.sparse_min_changes} changes on). "
             "It resolves when the worker applies nothing of the source (no change to "
             "measure): PortalSyncConsumerStalled or PortalSyncWorkerStalled pages then. "
             "A source's first load, or its records sent again after its state was reset, "
