@@ -565,6 +565,14 @@ def _refuse_development_mode(store: Store, config: WorkerConfig) -> None:
         )
 
 
+def _ready_note(note: str, health: WorkerHealth) -> str:
+    """/readyz's words beside ok / not ok: the mode, and what the worker's retries wait for
+    (an error's kind, e.g. `StoreMisconfigured`: never a value)."""
+    reason = health.reason
+    waiting = f"retrying: {reason}" if reason and not health.ready() else ""
+    return "\n".join(part for part in (note, waiting) if part)
+
+
 def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
     """Run until stopped (SIGTERM/SIGINT), or until caught up; return the exit code."""
     # A stop asked for during start-up (topics, schema, rules) is kept and honoured once
@@ -596,7 +604,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             config.metrics_host,
             lambda: running[0].healthy() if running else not health.stalled(),
             lambda: bool(running) and running[0].ready(),
-            ready_note=note,
+            ready_note=lambda: _ready_note(note, health),
             web=web,
         )
     if until_caught_up:  # a job: its caller hears at once that the cluster or store is away

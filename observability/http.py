@@ -147,12 +147,14 @@ def serve(
     healthy: Probe = always,
     ready: Probe = always,
     registry: CollectorRegistry = REGISTRY,
-    ready_note: str = "",
+    ready_note: str | Callable[[], str] = "",
     web: WebConfig | None = None,
 ) -> BoundedHTTPServer:
     """Serve in a daemon thread; port 0 picks a free port (see `server_address`).
-    `ready_note` is added to the /readyz answer (e.g. that the worker runs in
-    development mode); `web`: TLS and basic authentication (module docstring)."""
+    `ready_note` (or what it returns at each request) is added to the /readyz answer
+    (e.g. that the worker runs in development mode, or what its retries wait for; never
+    personal data: the probe is open); `web`: TLS and basic authentication (module
+    docstring)."""
     auth = web.auth if web is not None else None
     cert_required = web is not None and web.client_cert_required
 
@@ -187,8 +189,9 @@ def serve(
             elif path in ("/healthz", "/readyz"):
                 ok = (healthy if path == "/healthz" else ready)()
                 body = "ok\n" if ok else "not ok\n"
-                if path == "/readyz" and ready_note:
-                    body += ready_note + "\n"
+                note = ready_note() if callable(ready_note) else ready_note
+                if path == "/readyz" and note:
+                    body += note + "\n"
                 self._reply(200 if ok else 503, body.encode())
             else:
                 self._reply(404, b"not found\n")

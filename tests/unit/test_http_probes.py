@@ -107,3 +107,32 @@ def test_a_port_in_use_is_a_configuration_error_naming_it() -> None:
     finally:
         taken.shutdown()
         taken.server_close()
+
+
+def test_readyz_says_what_the_workers_retries_wait_for() -> None:
+    """A missing grant and a store that is down both made /readyz 503 `not ok` and
+    nothing more: the one paged had to find the worker's log to tell them apart."""
+    from consumers.metrics import WorkerHealth
+    from consumers.worker import _ready_note
+
+    health = WorkerHealth()
+    server = http.serve(0, ready=health.ready, ready_note=lambda: _ready_note("", health))
+    url = f"http://127.0.0.1:{server.server_address[1]}/readyz"
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
+    try:
+        assert readyz() == (200, "ok\n")
+        health.retrying("StoreMisconfigured")
+        assert readyz() == (503, "not ok\nretrying: StoreMisconfigured\n")
+        health.recovered()
+        assert readyz() == (200, "ok\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _ready_note("development mode", health) == "development mode"
