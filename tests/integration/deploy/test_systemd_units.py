@@ -117,3 +117,12 @@ def test_secrets_reach_the_services_as_credential_files_never_the_environment() 
             assert "LoadCredential=store-url:" in text and "%d/store-url" in text
     example = (UNITS / "portal-sync.env.example").read_text()
     assert not re.search(r"^PORTAL_SYNC_\w*(PASSWORD|STORE_URL)=", example, re.MULTILINE)
+
+
+def test_the_lag_exporter_exports_the_workers_group_only() -> None:
+    """Without `--group` it exported every group the cluster shows: an old group with lag
+    and no members pages PortalSyncConsumerStalled for ever."""
+    (line,) = _values("portal-sync-lag-exporter.service", "ExecStart")
+    assert "--group=${PORTAL_SYNC_GROUP_ID}" in shlex.split(line)
+    example = (UNITS / "portal-sync.env.example").read_text().splitlines()
+    assert any(setting.startswith("PORTAL_SYNC_GROUP_ID=") for setting in example)
