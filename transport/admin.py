@@ -73,9 +73,16 @@ class Cluster:
         self.connection = connection
         self.client_id = client_id
         # None: kafka-python's 30 s. A poller that asks again soon sets less: a request to
-        # a node that is back but not yet answering then fails instead of holding the poll.
+        # a node that is back but not yet answering then fails instead of holding the poll;
+        # and so does the first connection's (the bootstrap kept its own 30 s: a broker
+        # that accepts connections and never answers held each poll that long).
         self._timeouts = (
-            {} if request_timeout_ms is None else {"request_timeout_ms": request_timeout_ms}
+            {}
+            if request_timeout_ms is None
+            else {
+                "request_timeout_ms": request_timeout_ms,
+                "bootstrap_timeout_ms": request_timeout_ms,
+            }
         )
         self._admin: Any = None
         self._consumer: Any = None
