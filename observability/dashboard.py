@@ -254,8 +254,8 @@ def dashboard(t: Thresholds = DEFAULT) -> dict[str, Any]:
             "Consumer lag per partition (messages)",
             (6, 18, 9, 8),
             [
-                _target(
-                    "sum by (group, topic, partition) (portal_sync_consumer_lag_messages)",
+                _target(  # max: two exporters (two hosts) export the same partition
+                    "max by (group, topic, partition) (portal_sync_consumer_lag_messages)",
                     partition,
                 )
             ],
