@@ -224,31 +224,39 @@ class WorkerHealth:
         self._since: float | None = None
         self._busy_since: float | None = None  # the batch in hand began
         self._fetch_since: float | None = None  # fetches fail since (a corrupt segment …)
-        self.reason = ""
+        self._retry_reason = ""  # what a batch's (or a start's) retries wait for
+        self._fetch_reason = ""  # what the failing fetches say
         # What /healthz judges by, so that the alert on it sees a batch that blocks (a
         # commit, a lock, a connection that hangs) as it sees one that retries.
         WORKER_RETRYING_SECONDS.set_function(self.waiting_seconds)
+
+    @property
+    def reason(self) -> str:
+        """What the worker waits for while it is not ready (an error's kind), else ''."""
+        return self._retry_reason or self._fetch_reason
 
     def retrying(self, reason: str) -> None:
         with self._lock:
             if self._since is None:
                 self._since = time.monotonic()
-            self.reason = reason
+            self._retry_reason = reason
 
     def recovered(self) -> None:
         with self._lock:
             self._since = None
-            self.reason = ""
+            self._retry_reason = ""
 
     def fetch_failed(self, reason: str) -> None:
         """A fetch failed: until one passes (`fetched`), the time counts as retries."""
         with self._lock:
             if self._fetch_since is None:
                 self._fetch_since = time.monotonic()
-            self.reason = reason
+            self._fetch_reason = reason
 
     def fetched(self) -> None:
-        self._fetch_since = None
+        with self._lock:
+            self._fetch_since = None
+            self._fetch_reason = ""
 
     def busy(self) -> None:
         """A batch begins: until it ends (`free`), its time counts towards a stall."""

@@ -119,7 +119,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
     def changes(window: str) -> str:
         return f"sum by (source) (increase(portal_sync_sync_lag_seconds_count[{window}]))"
 
-    slow = late_share(w)
+    slow = f"({late_share(w)}) and on (source) ({changes(w)} >= {t.busy_changes})"
     slow_sparse = (
         f"({late_share(t.sparse_window)})"
         f" and on (source) ({changes(t.sparse_window)} >= {t.sparse_min_changes})"

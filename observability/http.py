@@ -189,9 +189,9 @@ def serve(
             elif path in ("/healthz", "/readyz"):
                 ok = (healthy if path == "/healthz" else ready)()
                 body = "ok\n" if ok else "not ok\n"
-                note = ready_note() if callable(ready_note) else ready_note
-                if path == "/readyz" and note:
-                    body += note + "\n"
+                if path == "/readyz":
+                    note = ready_note() if callable(ready_note) else ready_note
+                    body += note + "\n" if note else ""
                 self._reply(200 if ok else 503, body.encode())
             else:
                 self._reply(404, b"not found\n")

@@ -182,19 +182,38 @@ class FileContent:
             raise FileNotFoundError(errno.ENOENT, "not a regular file")
         self.fd = fd
         self.size = self.opened.st_size
+        self.checksum: str | None = None  # of the bytes first read (`sha256`)
+        self._status_seen = self.opened.st_ctime_ns  # its bytes hashed the same since
+
+    def sha256(self) -> str:
+        """The SHA-256 of the bytes up to the size at opening (kept as `checksum` the first
+        time); what a file cut short since reads is hashed as it reads."""
+        hashed = hashlib.sha256()
+        for piece in self.chunks():
+            hashed.update(piece)
+        found = hashed.hexdigest()
+        if self.checksum is None:
+            self.checksum = found
+        return found
 
     def changed(self) -> bool:
-        """Whether the file's bytes may have changed since it was opened (its size or times
-        moved, its status unreadable): what was read of it is not the file checked."""
+        """Whether the file's bytes changed since they were first read: its size or
+        modification time moved, or only its status did (a chmod, a link, a rename; or a
+        rewrite that kept both, `cp -p`) and its bytes hash otherwise. Its status unreadable
+        (a share away): not known, False; the read's own errors and the move's checksum
+        decide then."""
         try:
             now = os.fstat(self.fd)
+            if (now.st_size, now.st_mtime_ns) != (self.size, self.opened.st_mtime_ns):
+                return True
+            if now.st_ctime_ns == self._status_seen or self.checksum is None:
+                return False
+            if self.sha256() != self.checksum:
+                return True
+            self._status_seen = now.st_ctime_ns  # the same bytes: not hashed again for it
+            return False
         except OSError:
-            return True
-        return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-            self.size,
-            self.opened.st_mtime_ns,
-            self.opened.st_ctime_ns,
-        )
+            return False
 
     def __len__(self) -> int:
         return self.size
@@ -283,8 +302,8 @@ def bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
     """The text's lines, each of at most MAX_LINE_CHARS characters; one longer is passed
     over without being held whole, and stands as OVER_LONG."""
     with text:
-        while line := text.readline(MAX_LINE_CHARS):
-            if len(line) < MAX_LINE_CHARS or line.endswith("\n"):
+        while line := text.readline(MAX_LINE_CHARS + 1):
+            if len(line) <= MAX_LINE_CHARS or line.endswith("\n"):
                 yield line
                 continue
             while (rest := text.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
@@ -356,13 +375,18 @@ CLOCK_PROBE = ".portal-sync-clock"  # a leading dot: never read as an export
 
 
 def _checksum(path: Path) -> str | None:
-    """The file's SHA-256, read in chunks: the file is held whole in memory once already
-    (its read), and a snapshot's export is gigabytes."""
+    """The file's SHA-256, read in chunks (a snapshot's export is gigabytes); None when it
+    cannot be read, or is no longer a regular file."""
     try:
-        with path.open("rb") as file:
-            return hashlib.file_digest(file, "sha256").hexdigest()
+        content = FileContent(_open(path))
     except OSError:
         return None
+    try:
+        return content.sha256()
+    except OSError:
+        return None
+    finally:
+        content.close()
 
 
 def _is_json(line: str) -> bool:
@@ -473,13 +497,10 @@ class DirectoryAdapter(Adapter):
             try:
                 content = FileContent(_open(path))
                 opened.append(content)
-                hashed = hashlib.sha256()
-                read = 0
-                for piece in content.chunks():
-                    hashed.update(piece)
-                    read += len(piece)
+                checksum = content.sha256()
                 after = path.stat()
             except FileNotFoundError:
+                self._failed_reads.pop(path.name, None)
                 continue  # taken away since it was listed
             except OSError as error:
                 unreadable = self._failed_read(path, error)  # or retried, raising
@@ -493,9 +514,8 @@ class DirectoryAdapter(Adapter):
                     done = [*done, marker][-KEEP_CHECKSUMS:]
                 yield from self._unreadable(path, unreadable, done)
                 continue
-            if _written_to(content.opened, after, read):
+            if _written_to(content.opened, after) or content.changed():
                 continue  # written to while it was read: read once it is still
-            checksum = hashed.hexdigest()
             if checksum in done:  # published before; its move failed or was interrupted
                 move = self._mover(path, self.done_dir, read=checksum)
                 yield Checkpoint(self._state(done), self._tolerant(path, move, self.done_dir))
@@ -619,6 +639,7 @@ class DirectoryAdapter(Adapter):
         """One dead letter naming the file, then error/. `done` holds its `x:` mark, so a
         move to error/ that fails is retried without a second dead letter; a repaired
         file (other bytes) is read."""
+        self._failed_reads.pop(path.name, None)  # the next file of its name starts afresh
         self._rejections.setdefault(path.name, [])
         value = {"file": path.name, "reason": error.reason, "moved_to": "error/"}
         yield SkippableRecord(
@@ -1088,12 +1109,10 @@ def _mtime_ns(path: Path) -> int:
         return -1
 
 
-def _written_to(before: os.stat_result, after: os.stat_result, read: int) -> bool:
-    """Whether a file changed while it was read (its size or time moved, or what was read
-    is not its size): an exporter still writing it, whose complete file is read later."""
-    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
-        read != after.st_size
-    )
+def _written_to(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file changed while it was read (its size or time moved): an exporter still
+    writing it, whose complete file is read later."""
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 def _stat_marker(path: Path) -> str | None:

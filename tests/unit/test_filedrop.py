@@ -919,3 +919,98 @@ def test_a_csv_field_longer_than_any_record_refuses_the_file() -> None:
         list(adapter.parse(Path("export.csv"), text.encode()))
     assert refused.value.reason == "not_csv"
     assert f"longer than {filedrop.MAX_LINE_CHARS} characters" in str(refused.value)
+
+
+def test_a_files_failed_reads_are_not_counted_against_the_next_file_of_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daily export of one name: yesterday's, gone to error/ after five failed reads, left
+    its count, and today's went to error/ at its first failure that would pass."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(2))
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    read_at, failing = filedrop._read_at, [True]
+
+    def eio(fd: int, size: int, offset: int) -> bytes:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return read_at(fd, size, offset)
+
+    monkeypatch.setattr(filedrop, "_read_at", eio)
+    for _ in range(TRANSIENT_READ_TRIES - 1):
+        with pytest.raises(RetriableError):
+            list(adapter.read({}))
+    for item in adapter.read({}):  # refused at last: to error/
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            item.commit()
+    assert (inbox / "error" / "export.csv").exists()
+    _drop(inbox, _rows(3))  # the next day's
+    list(adapter.read({}))  # changed since the poll before: settles first
+    with pytest.raises(RetriableError):  # its first failure: retried
+        list(adapter.read({}))
+    failing[0] = False
+    assert len([i for i in adapter.read({}) if isinstance(i, Record)]) == 3
+
+
+def test_a_files_status_changed_while_it_is_read_is_no_change_of_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chmod (a cron job's, an archive bit cleared) moves the file's status time: taken
+    for a rewrite, the file was read again at every run it touched, and never done."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(3))
+    export = inbox / "export.csv"
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    record = adapter._record
+
+    def chmodded(*args: object, **kwargs: object) -> object:
+        export.chmod(0o640)
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapter, "_record", chmodded)
+    items = list(adapter.read({}))
+    assert len([i for i in items if isinstance(i, Record)]) == 3
+    for item in items:
+        if isinstance(item, Checkpoint) and item.commit is not None:
+            item.commit()
+    assert (inbox / "done" / "export.csv").exists()
+
+
+def test_a_file_rewritten_keeping_its_size_and_time_while_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cp -p` or `rsync --inplace -t` over it: only its status time tells, and its bytes."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(3))
+    export = inbox / "export.csv"
+    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    record, rewritten = adapter._record, []
+
+    def copied_over(*args: object, **kwargs: object) -> object:
+        if not rewritten:
+            rewritten.append(True)
+            before = export.stat()
+            export.write_text(_rows(3).replace("Ân", "Ôn"))  # as many bytes
+            os.utime(export, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapter, "_record", copied_over)
+    items = list(adapter.read({}))
+    assert rewritten and export.stat().st_size == len(_rows(3).encode())
+    assert not any(isinstance(i, Checkpoint) and i.commit is not None for i in items)
+
+
+@pytest.mark.parametrize(("length", "kept"), [(100, True), (101, False)])
+def test_a_line_of_the_longest_length_is_kept(
+    monkeypatch: pytest.MonkeyPatch, length: int, kept: bool
+) -> None:
+    import io
+
+    monkeypatch.setattr(filedrop, "MAX_LINE_CHARS", 100)
+    text = "x" * length + "\nshort\n" + "y" * length
+    lines = list(filedrop.bounded_lines(io.TextIOWrapper(io.BytesIO(text.encode()))))
+    assert [line is filedrop.OVER_LONG for line in lines] == [not kept, False, not kept]
+    assert lines[1] == "short\n"

@@ -136,3 +136,21 @@ def test_readyz_says_what_the_workers_retries_wait_for() -> None:
         server.shutdown()
         server.server_close()
     assert _ready_note("development mode", health) == "development mode"
+
+
+def test_the_reason_shown_is_of_the_failure_still_going_on() -> None:
+    """A fetch that failed and passed again left its reason while a batch retried; a batch
+    that recovered while fetches still failed cleared theirs."""
+    from consumers.metrics import WorkerHealth
+    from consumers.worker import _ready_note
+
+    health = WorkerHealth()
+    health.retrying("StoreUnavailable")
+    health.fetch_failed("fetch: KafkaConnectionError")
+    health.fetched()
+    assert _ready_note("", health) == "retrying: StoreUnavailable"
+    health.fetch_failed("fetch: KafkaConnectionError")
+    health.recovered()
+    assert _ready_note("", health) == "retrying: fetch: KafkaConnectionError"
+    health.fetched()
+    assert health.ready() and _ready_note("", health) == ""
