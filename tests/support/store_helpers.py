@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import event as engine_event
 
 from consumers.checks import Checked
 from consumers.merge import Authority
@@ -25,6 +26,7 @@ from store.tables import (
     dossier_anomalies,
     field_conflicts,
     record_history,
+    records,
 )
 
 TOPIC = "portal.changes"
@@ -195,3 +197,40 @@ def refuse_views_of(store_url: str, keys: Sequence[str]) -> None:
         for statement in statements:
             conn.execute(text(statement))
     engine.dispose()
+
+
+def put_records(store: Store, keys: Sequence[str], entity: str = "dossier") -> None:
+    """Record rows written straight into the store's table (no views behind them): for
+    what reads the records alone, in key order."""
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(records),
+            [
+                {
+                    "entity": entity,
+                    "key": k,
+                    "data": {"n": k},
+                    "sources": {"s": 1},
+                    "updated_at": now,
+                    "provenance": None,
+                }
+                for k in keys
+            ],
+        )
+
+
+@contextmanager
+def record_page_statements(store: Store) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) that read a page of records, while inside."""
+    found: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM records" in statement and "LIMIT" in statement:
+            found.append((statement, parameters))
+
+    engine_event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        yield found
+    finally:
+        engine_event.remove(store.engine, "before_cursor_execute", seen)

@@ -7,7 +7,9 @@ import errno
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -643,17 +645,35 @@ def _rows(count: int) -> str:
     )
 
 
+def _dropped(tmp_path: Path, count: int) -> tuple[Path, FileDropAdapter]:
+    """An inbox holding `export.csv` of `count` rows, settled, and the adapter reading it."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _drop(inbox, _rows(count))
+    return inbox, FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+
+
+def _before_each_record(
+    monkeypatch: pytest.MonkeyPatch, adapter: FileDropAdapter, effect: Callable[[], None]
+) -> None:
+    """`effect` runs as each record is mapped: while the file is being read."""
+    record = adapter._record
+
+    def mapped(*args: Any, **kwargs: Any) -> Any:
+        effect()
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_record", mapped)
+
+
 def test_a_file_is_published_without_its_bytes_held_whole(tmp_path: Path) -> None:
     """Read into memory, a province's first export (ten million rows, gigabytes) took as
     much of the producer's memory, and one larger than its limit killed the producer at
     that file after every restart. The file is now read from disk as its records go."""
     import tracemalloc
 
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(200_000))
+    inbox, adapter = _dropped(tmp_path, 200_000)
     size = (inbox / "export.csv").stat().st_size
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     count = 0
     tracemalloc.start()
     try:
@@ -669,25 +689,19 @@ def test_a_file_is_published_without_its_bytes_held_whole(tmp_path: Path) -> Non
 def test_a_read_that_fails_for_a_moment_midway_is_retried_from_the_file_not_sent_to_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(20_000))  # more than one buffer of the records' read
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    read_at, record = filedrop._read_at, adapter._record
-    away = False
+    inbox, adapter = _dropped(tmp_path, 20_000)  # more than one buffer of the records' read
+    read_at, away = filedrop._read_at, [False]
 
     def share(fd: int, size: int, offset: int) -> bytes:
-        if away:
+        if away[0]:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return read_at(fd, size, offset)
 
-    def first_record_then_away(*args: object, **kwargs: object) -> object:
-        nonlocal away
-        away = True  # the share goes away once the records are being read
-        return record(*args, **kwargs)  # type: ignore[arg-type]
+    def share_goes_away() -> None:  # once the records are being read
+        away[0] = True
 
     monkeypatch.setattr(filedrop, "_read_at", share)
-    monkeypatch.setattr(adapter, "_record", first_record_then_away)
+    _before_each_record(monkeypatch, adapter, share_goes_away)
     sent: list[str] = []
     with pytest.raises(RetriableError, match="ESTALE"):
         sent += [i.key for i in adapter.read({}) if isinstance(i, Record)]
@@ -702,19 +716,14 @@ def test_a_file_rewritten_in_place_while_its_records_are_read_is_read_again_not_
 ) -> None:
     """Its bytes are read from disk as the records go: a file rewritten after its checksum
     would be recorded as done with records of other bytes."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(3))
+    inbox, adapter = _dropped(tmp_path, 3)
     export = inbox / "export.csv"
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    record = adapter._record
 
-    def rewritten(*args: object, **kwargs: object) -> object:
+    def rewritten() -> None:
         if export.read_text().count("Ân") == 3:
             export.write_text(_rows(3).replace("Ân", "Ẩn"))  # the exporter writes it again
-        return record(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(adapter, "_record", rewritten)
+    _before_each_record(monkeypatch, adapter, rewritten)
     items = list(adapter.read({}))
     assert not any(isinstance(i, Checkpoint) and i.commit is not None for i in items)
     assert export.exists() and not (inbox / "done").exists()
@@ -735,11 +744,8 @@ def test_a_csv_rewritten_while_it_is_checked_is_read_again_not_refused(
 ) -> None:
     """Half written again when the quotes' check read it, the new export was refused
     (`not_csv`) and went to error/."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(5))
+    inbox, adapter = _dropped(tmp_path, 5)
     export = inbox / "export.csv"
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     quotes_closed = filedrop._quotes_closed
 
     def half_written(content: object, delimiter: str) -> None:
@@ -763,10 +769,7 @@ def test_a_read_failing_while_the_file_is_checked_is_retried_or_refused_never_st
 ) -> None:
     """The checks read the file from disk too: their errors escaped the adapter's handling,
     so a file was retried without end and held every file after it."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(5))
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    _, adapter = _dropped(tmp_path, 5)
     read_at, calls = filedrop._read_at, [0]
 
     def away_after_the_checksum(fd: int, size: int, offset: int) -> bytes:
@@ -797,17 +800,10 @@ def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
 ) -> None:
     """The failures of a long file's read were counted until it was read whole: a share
     that blipped five times in hours sent it to error/ though each run got further."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(12_000))
+    inbox, adapter = _dropped(tmp_path, 12_000)
     monkeypatch.setattr(filedrop, "FILE_CHECKPOINT_RECORDS", 1_000)
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    read_at, record = filedrop._read_at, adapter._record
+    read_at = filedrop._read_at
     mapped, runs = [0], [0]
-
-    def counted(*args: object, **kwargs: object) -> object:
-        mapped[0] += 1
-        return record(*args, **kwargs)  # type: ignore[arg-type]
 
     def blipping(fd: int, size: int, offset: int) -> bytes:
         if mapped[0] >= 1_500 * runs[0]:  # each run 1,500 records further than the last
@@ -815,7 +811,10 @@ def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return read_at(fd, size, offset)
 
-    monkeypatch.setattr(adapter, "_record", counted)
+    def count() -> None:
+        mapped[0] += 1
+
+    _before_each_record(monkeypatch, adapter, count)
     monkeypatch.setattr(filedrop, "_read_at", blipping)
     state: dict[str, object] = {}
     sent: set[str] = set()
@@ -842,10 +841,7 @@ def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
 def test_a_file_whose_status_cannot_be_read_leaves_no_descriptor_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(2))
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    _, adapter = _dropped(tmp_path, 2)
     fstat = os.fstat
 
     def stale(fd: int) -> os.stat_result:
@@ -867,11 +863,8 @@ def test_a_fifo_in_a_listed_files_place_is_passed_over_not_waited_for(
 ) -> None:
     """Listed at the run's start and opened later: a FIFO put in its place blocked the
     source for ever, and a stop could not end the wait."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(2))
+    inbox, adapter = _dropped(tmp_path, 2)
     export = inbox / "export.csv"
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     listed = adapter._ready_files()
     export.unlink()
     os.mkfifo(export)
@@ -926,10 +919,7 @@ def test_a_files_failed_reads_are_not_counted_against_the_next_file_of_its_name(
 ) -> None:
     """A daily export of one name: yesterday's, gone to error/ after five failed reads, left
     its count, and today's went to error/ at its first failure that would pass."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(2))
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
+    inbox, adapter = _dropped(tmp_path, 2)
     read_at, failing = filedrop._read_at, [True]
 
     def eio(fd: int, size: int, offset: int) -> bytes:
@@ -958,18 +948,9 @@ def test_a_files_status_changed_while_it_is_read_is_no_change_of_its_bytes(
 ) -> None:
     """A chmod (a cron job's, an archive bit cleared) moves the file's status time: taken
     for a rewrite, the file was read again at every run it touched, and never done."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(3))
+    inbox, adapter = _dropped(tmp_path, 3)
     export = inbox / "export.csv"
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    record = adapter._record
-
-    def chmodded(*args: object, **kwargs: object) -> object:
-        export.chmod(0o640)
-        return record(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(adapter, "_record", chmodded)
+    _before_each_record(monkeypatch, adapter, lambda: export.chmod(0o640))
     items = list(adapter.read({}))
     assert len([i for i in items if isinstance(i, Record)]) == 3
     for item in items:
@@ -982,22 +963,18 @@ def test_a_file_rewritten_keeping_its_size_and_time_while_read_is_read_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`cp -p` or `rsync --inplace -t` over it: only its status time tells, and its bytes."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    _drop(inbox, _rows(3))
+    inbox, adapter = _dropped(tmp_path, 3)
     export = inbox / "export.csv"
-    adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    record, rewritten = adapter._record, []
+    rewritten: list[bool] = []
 
-    def copied_over(*args: object, **kwargs: object) -> object:
+    def copied_over() -> None:
         if not rewritten:
             rewritten.append(True)
             before = export.stat()
             export.write_text(_rows(3).replace("Ân", "Ôn"))  # as many bytes
             os.utime(export, ns=(before.st_atime_ns, before.st_mtime_ns))
-        return record(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(adapter, "_record", copied_over)
+    _before_each_record(monkeypatch, adapter, copied_over)
     items = list(adapter.read({}))
     assert rewritten and export.stat().st_size == len(_rows(3).encode())
     assert not any(isinstance(i, Checkpoint) and i.commit is not None for i in items)

@@ -4,15 +4,12 @@ the page before ended (a page of one entity read from the entity's first record 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import event, insert
 
 from store.core import Store
-from store.tables import records
+from tests.support.store_helpers import put_records, record_page_statements
 
 
 @pytest.mark.parametrize("entity", [None, "dossier"])
@@ -20,35 +17,13 @@ def test_each_page_reads_along_the_primary_key_without_a_sort(
     tmp_path: Path, entity: str | None
 ) -> None:
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    statements: list[tuple[str, Any]] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if "FROM records" in statement and "LIMIT" in statement:
-            statements.append((statement, parameters))
-
     try:
         store.create_schema()
-        now = datetime.now(UTC)
         keys = ["a1", "B1", "b0", "A2", "a-1", "a.1", "A10", *(f"{n:06d}" for n in range(30))]
-        with store.engine.begin() as conn:
-            conn.execute(
-                insert(records),
-                [
-                    {
-                        "entity": e,
-                        "key": k,
-                        "data": {},
-                        "sources": {"s": 1},
-                        "updated_at": now,
-                        "provenance": None,
-                    }
-                    for e in ("citizen", "dossier")
-                    for k in keys
-                ],
-            )
-        event.listen(store.engine, "before_cursor_execute", seen)
-        read = [(e, k) for e, k, *_ in store.iter_records(entity, page=7)]
-        event.remove(store.engine, "before_cursor_execute", seen)
+        for each in ("citizen", "dossier"):
+            put_records(store, keys, each)
+        with record_page_statements(store) as statements:
+            read = [(e, k) for e, k, *_ in store.iter_records(entity, page=7)]
         entities = ["citizen", "dossier"] if entity is None else [entity]
         assert read == [(e, k) for e in entities for k in sorted(keys, key=str.encode)]
         assert len(statements) == len(read) // 7 + 1

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, insert, text
+from sqlalchemy import create_engine, text
 
 from store.core import Store
-from store.tables import records
+from tests.support.store_helpers import put_records, record_page_statements
 
 # Byte order: upper case before lower; a locale's (ICU en-US): a1 A2 b0 B1.
 KEYS = ["a1", "B1", "b0", "A2", "a-1", "a.1", "A10"]
@@ -40,33 +38,14 @@ def locale_store_url(postgres_store_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def _fill(store: Store, keys: list[str], entity: str = "dossier") -> None:
-    now = datetime.now(UTC)
-    with store.engine.begin() as conn:
-        conn.execute(
-            insert(records),
-            [
-                {
-                    "entity": entity,
-                    "key": k,
-                    "data": {"n": k},
-                    "sources": {"s": 1},
-                    "updated_at": now,
-                    "provenance": None,
-                }
-                for k in keys
-            ],
-        )
-
-
 def test_records_are_read_in_the_keys_byte_order_on_a_database_with_a_locale(
     locale_store_url: str,
 ) -> None:
     store = Store(locale_store_url)
     try:
         store.create_schema()
-        _fill(store, KEYS)
-        _fill(store, ["B1", "a1"], entity="citizen")
+        put_records(store, KEYS)
+        put_records(store, ["B1", "a1"], entity="citizen")
         with store.engine.connect() as conn:  # the database's own order is not the bytes'
             ordered = conn.execute(
                 text("SELECT key FROM (VALUES ('a1'), ('A2')) v(key) ORDER BY key")
@@ -88,21 +67,17 @@ def test_a_page_is_read_along_the_primary_key_and_no_snapshot_is_held_between_pa
     locale_store_url: str,
 ) -> None:
     store = Store(locale_store_url)
-    statements: list[tuple[str, Any]] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if "FROM records" in statement and "LIMIT" in statement:
-            statements.append((statement, parameters))
-
     try:
         store.create_schema()
-        _fill(store, [f"{n:06d}" for n in range(5_000)] + KEYS)
+        put_records(store, [f"{n:06d}" for n in range(5_000)] + KEYS)
         with store.engine.begin() as conn:
             conn.execute(text("ANALYZE records"))
-        event.listen(store.engine, "before_cursor_execute", seen)
-        read = store.iter_records("dossier", page=100)
-        next(read)
-        next(read)  # the second page's statement: keyset from the first's last key
+        with record_page_statements(store) as statements:
+            read = store.iter_records("dossier", page=100)
+            next(read)
+            next(read)  # the second page's statement: keyset from the first's last key
+            for _ in range(100):
+                next(read)
         with store.engine.connect() as conn:
             # A snapshot held while the reader pauses keeps vacuum from every row the
             # workers replace meanwhile, for as long as an export of the country runs.
@@ -114,9 +89,6 @@ def test_a_page_is_read_along_the_primary_key_and_no_snapshot_is_held_between_pa
                 )
             ).scalar_one()
             assert open_elsewhere == 0
-        for _ in range(100):
-            next(read)
-        event.remove(store.engine, "before_cursor_execute", seen)
         assert len(statements) == 2
         with store.engine.connect() as conn:
             for statement, parameters in statements:

@@ -49,7 +49,15 @@ from store.tables import (
     records,
     source_views,
 )
-from tests.support.store_helpers import CITIZEN, ORG, TOPIC, checked_list, event, owner_rows
+from tests.support.store_helpers import (
+    CITIZEN,
+    ORG,
+    TOPIC,
+    checked_list,
+    event,
+    owner_rows,
+    put_records,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 DAY = timedelta(days=1)
@@ -818,21 +826,7 @@ def test_0019_puts_the_records_keys_in_byte_order_and_keeps_every_record(
     try:
         _migrate(store, "0018")
         keys = ["b0", "A2", "a1", "000.00.01.H29-240115-0001"]
-        with store.engine.begin() as conn:
-            conn.execute(
-                insert(records),
-                [
-                    {
-                        "entity": "dossier",
-                        "key": k,
-                        "data": {},
-                        "sources": {"s": 1},
-                        "updated_at": T1,
-                        "provenance": {},
-                    }
-                    for k in keys
-                ],
-            )
+        put_records(store, keys)
         assert collations() == [("entity", "default"), ("key", "default")]
         stats = text(
             "SELECT attname FROM pg_stats WHERE tablename = 'records'"
