@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -963,14 +963,22 @@ class ReconcilerLoop:
             outcome, done = await self._finished(member, *applying)
             self._copy(member, done)
 
-    async def _beating(self, task: asyncio.Future[T], beat_for: float | None = None) -> T:
+    async def _beating(
+        self,
+        task: asyncio.Future[T],
+        beat_for: float | None = None,
+        poll: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
         """The result of `task`, which runs in a thread, with the loop's beat kept while it
-        runs (/healthz fails after 15 s without one), for at most `beat_for` seconds."""
+        runs (/healthz fails after 15 s without one), for at most `beat_for` seconds;
+        `poll` is awaited each second meanwhile (`GroupMember.keep_polling`)."""
         until = None if beat_for is None else time.monotonic() + beat_for
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
             if until is None or time.monotonic() < until:
                 self.liveness.beat()
+            if poll is not None and not task.done():
+                await poll()
         return await task
 
     def _copy(self, member: GroupMember, offsets: dict[TopicPartition, int]) -> None:
@@ -1007,8 +1015,8 @@ class ReconcilerLoop:
             # A batch that takes long (retrying while the store or the broker is away, or
             # one attempt that blocks) is judged by the stall threshold (WorkerHealth), not
             # by the beat of the loop that waits for it: /healthz would fail after 15 s of
-            # any outage.
-            await self._beating(task)
+            # any outage. The member polls meanwhile, or it left the group after 10 minutes.
+            await self._beating(task, poll=member.keep_polling)
         except Stopping:
             return "stop", {}
         except OffsetGap as error:

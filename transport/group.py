@@ -18,6 +18,11 @@ under a light load it holds what arrived within `wait` seconds: the batch size f
 the load by itself. With each batch, `starts` says where the fetch of each of its
 partitions began (the last seek, or the offset after the member's previous batch): a
 compacted log may have no record there, and the batch's first offset is then later.
+
+While the batch in hand takes long (retried while the store is away), the caller calls
+`keep_polling`: aiokafka leaves the group once nothing has polled for `max_poll_interval`,
+and the member's rejoin rebalanced the whole group once the store was back. The member
+polls with its partitions paused, so nothing is fetched (or dropped) meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -47,6 +53,12 @@ TP = tuple[str, int]
 # client's default (the session timeout, 10 s) it was expelled meanwhile, and its late
 # rejoin began another rebalance of the whole group.
 REBALANCE_TIMEOUT_MS = 60_000
+# aiokafka leaves the group when nothing polled for this long; `keep_polling` polls a tenth
+# of it after the last batch was asked for, while the batch in hand is still applied.
+MAX_POLL_INTERVAL_MS = 600_000
+# A poll while a batch is held waits this long at most: inside a rebalance, aiokafka's poll
+# waits for the assignment, and the rebalance for the batch in hand.
+HELD_POLL_TIMEOUT_SECONDS = 5.0
 
 
 def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
@@ -128,7 +140,11 @@ class GroupMember:
         on_revoked: Callable[[set[TP]], Awaitable[None]],
         client_id: str = "portal-sync-reconciler",
         max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
+        max_poll_interval_ms: int | None = None,
     ) -> None:
+        poll_interval_ms = (
+            MAX_POLL_INTERVAL_MS if max_poll_interval_ms is None else max_poll_interval_ms
+        )
         options = connection.client_options()
         security: dict[str, Any] = {
             "security_protocol": options["security_protocol"],
@@ -160,7 +176,7 @@ class GroupMember:
             session_timeout_ms=10_000,
             rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
             heartbeat_interval_ms=3_000,
-            max_poll_interval_ms=600_000,
+            max_poll_interval_ms=poll_interval_ms,
             **security,
         )
         self.assignments = 0  # completed assignments (0: not yet serving)
@@ -174,6 +190,9 @@ class GroupMember:
         # or sought again; its caller compares this before applying it.
         self.rebalances = 0
         self._seeking: asyncio.Task[None] | None = None  # the last assignment's, until sought
+        self._poll_every = poll_interval_ms / 10_000  # seconds (`keep_polling`)
+        self._polled_at = time.monotonic()  # when a batch was last asked for, or a poll held
+        self._held: set[TopicPartition] = set()  # paused by `keep_polling` until the next batch
 
     async def start(self) -> None:
         try:
@@ -195,7 +214,9 @@ class GroupMember:
         # nothing is fetched (and dropped) while the store's offsets are asked for, however
         # long a store that is away takes to answer.
         self.settled = False
-        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
+        new = {TopicPartition(t, p) for t, p in partitions}
+        self._consumer.pause(*new)
+        self._held -= new  # resumed once sought, not before
         self._stop_seeking()
         self._seeking = asyncio.ensure_future(self._seek_assigned(partitions))
 
@@ -255,8 +276,45 @@ class GroupMember:
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    async def keep_polling(self) -> None:
+        """Keep the member in the group while the batch in hand takes long: called often
+        (each second), it polls once a tenth of `max_poll_interval` has passed since the
+        last batch was asked for. The assigned partitions are paused first, so the poll
+        returns nothing: what the client fetched ahead for them is dropped, and fetched
+        again from the positions after the batches handed out once the next batch is asked
+        for. A partition assigned and sought meanwhile may still return records: it is
+        sought back to the first of them."""
+        if time.monotonic() - self._polled_at < self._poll_every:
+            return
+        self._polled_at = time.monotonic()
+        fetching = self._consumer.assignment() - self._consumer.paused()
+        self._consumer.pause(*fetching)
+        self._held |= fetching
+        try:
+            found = await asyncio.wait_for(
+                self._consumer.getmany(timeout_ms=0), HELD_POLL_TIMEOUT_SECONDS
+            )
+        except KafkaError as error:
+            self._seek_back()  # as after a failed fetch (`batch`)
+            log.info("poll while a batch is held failed (%s)", type(error).__name__)
+            return
+        except TimeoutError:  # a rebalance in progress: it waits for the batch in hand
+            return
+        for tp, records in found.items():
+            if records:
+                self._consumer.seek(tp, records[0].offset)
+        log.info("polled while a batch is held: the member stays in the group")
+
+    def _release(self) -> None:
+        """Resume what `keep_polling` paused and is still assigned."""
+        held, self._held = self._held, set()
+        if held:
+            self._consumer.resume(*(held & self._consumer.assignment()))
+
     async def batch(self, max_records: int, wait: float) -> list[Message]:
         """Up to `max_records` records, waiting at most `wait` seconds for the first."""
+        self._release()
+        self._polled_at = time.monotonic()
         try:
             found = await self._consumer.getmany(
                 timeout_ms=int(wait * 1000), max_records=max_records

@@ -476,3 +476,79 @@ def test_a_store_that_refuses_the_worker_s_settings_stops_it_with_exit_2(
     said = " ".join(result.stderr.split())
     assert 'database "khong_co" does not exist' in said, said
     assert "Traceback" not in result.stderr
+
+
+def test_a_batch_retried_past_the_poll_interval_keeps_the_member_in_the_group(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store away for longer than the consumer's `max_poll_interval` (here 4 s; 10
+    minutes in a worker) while a batch is retried: the member polls with its partitions
+    paused, so it stays in the group. Before, aiokafka left the group, and the rejoin
+    rebalanced the whole group (the partitions were assigned, and the store asked, again)
+    once the store was back. Every event is applied, once."""
+    import asyncio
+    import time as clock
+
+    import transport.group as group_module
+    from consumers.worker import ReconcilerLoop
+    from schemas import message_key
+    from store.failures import StoreUnavailable
+    from tests.support.kafka_helpers import change_topic, publisher_for
+
+    monkeypatch.setattr(group_module, "MAX_POLL_INTERVAL_MS", 4_000)
+    settings = settings_for(sqlite_store_url, change_partitions=1)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    config = settings.worker_config()
+    processor = BatchProcessor(config, store, Registry(), Authority())
+    events = citizen_events(30, 2, seed=52)
+    publisher = publisher_for(settings)
+    for raw in events:
+        publisher.send(
+            change_topic(settings, "citizen"),
+            message_key(raw["entity"], raw["key"], raw["source"]),
+            json.dumps(raw, ensure_ascii=False).encode(),
+        )
+    publisher.flush()
+    publisher.close()
+    away_until = clock.monotonic() + 1e9  # from the first batch on: set below
+    real_apply = processor.reconciler.apply
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        nonlocal away_until
+        if away_until > clock.monotonic() + 1e8:
+            away_until = clock.monotonic() + 12  # three poll intervals
+        if clock.monotonic() < away_until:
+            raise StoreUnavailable("the store is away")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(processor.reconciler, "apply", away)
+    loop = ReconcilerLoop(config, store, processor, until_caught_up=False)
+    assignments: list[set[Any]] = []
+    real_assigned = loop._assigned
+
+    async def counted(partitions: set[Any]) -> Any:
+        assignments.append(set(partitions))
+        return await real_assigned(partitions)
+
+    loop._assigned = counted  # type: ignore[method-assign]
+
+    async def run_until_applied() -> int:
+        task = asyncio.ensure_future(loop.run())
+        for _ in range(600):
+            if task.done() or sum(loop.applied.values()) >= len(events):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(5)  # a member that left would rejoin by now, at its next poll
+        loop.stop()
+        return await asyncio.wait_for(task, 60)
+
+    try:
+        assert asyncio.run(run_until_applied()) == 0
+        assert sum(loop.applied.values()) == len(events)
+    finally:
+        processor.close()
+        store.close()
+    assert len(assignments) == 1, assignments  # one join: never left the group
+    assert exported(settings) == expected_export(events, Authority())
