@@ -206,6 +206,12 @@ WORKER_RETRYING_SECONDS = Gauge(
     "portal_sync_worker_retrying_seconds",
     "How long the batch in hand has been waiting for the store or the broker (0: not waiting).",
 )
+WORKER_WAITING_FOR = Gauge(
+    "portal_sync_worker_waiting_for",
+    "1 for the kind of error the worker's retries wait for (an error's class, or `fetch: "
+    "<class>` for the broker's fetches); no series while nothing is retried.",
+    ["reason"],
+)
 WORKER_LAST_PROGRESS = Gauge(
     "portal_sync_worker_last_progress_timestamp_seconds",
     "When the worker last committed a batch (Unix time).",
@@ -226,6 +232,8 @@ class WorkerHealth:
         self._fetch_since: float | None = None  # fetches fail since (a corrupt segment …)
         self._retry_reason = ""  # what a batch's (or a start's) retries wait for
         self._fetch_reason = ""  # what the failing fetches say
+        self._shown = ""  # the reason `portal_sync_worker_waiting_for` shows
+        WORKER_WAITING_FOR.clear()  # one worker a process: none shown yet
         # What /healthz judges by, so that the alert on it sees a batch that blocks (a
         # commit, a lock, a connection that hangs) as it sees one that retries.
         WORKER_RETRYING_SECONDS.set_function(self.waiting_seconds)
@@ -235,16 +243,30 @@ class WorkerHealth:
         """What the worker waits for while it is not ready (an error's kind), else ''."""
         return self._retry_reason or self._fetch_reason
 
+    def _show_reason(self) -> None:
+        """The reason in `portal_sync_worker_waiting_for` (under the lock): the stall
+        alert's summary names it."""
+        reason = self.reason
+        if reason == self._shown:
+            return
+        if self._shown:
+            WORKER_WAITING_FOR.remove(self._shown)
+        if reason:
+            WORKER_WAITING_FOR.labels(reason).set(1)
+        self._shown = reason
+
     def retrying(self, reason: str) -> None:
         with self._lock:
             if self._since is None:
                 self._since = time.monotonic()
             self._retry_reason = reason
+            self._show_reason()
 
     def recovered(self) -> None:
         with self._lock:
             self._since = None
             self._retry_reason = ""
+            self._show_reason()
 
     def fetch_failed(self, reason: str) -> None:
         """A fetch failed: until one passes (`fetched`), the time counts as retries."""
@@ -252,11 +274,13 @@ class WorkerHealth:
             if self._fetch_since is None:
                 self._fetch_since = time.monotonic()
             self._fetch_reason = reason
+            self._show_reason()
 
     def fetched(self) -> None:
         with self._lock:
             self._fetch_since = None
             self._fetch_reason = ""
+            self._show_reason()
 
     def busy(self) -> None:
         """A batch begins: until it ends (`free`), its time counts towards a stall."""

@@ -44,11 +44,15 @@ CASES = [
     Case(
         "PortalSyncWorkerStalled",
         # the store went away at 1m; the batch in hand has waited ever since
-        {f"portal_sync_worker_retrying_seconds{{{WORKER}}}": "0 0+60x15"},
+        {
+            f"portal_sync_worker_retrying_seconds{{{WORKER}}}": "0 0+60x15",
+            f'portal_sync_worker_waiting_for{{{WORKER},reason="StoreUnavailable"}}': "_ 1x15",
+        },
         "5m",
         "8m",
         {"job": "portal-sync-worker", "instance": "w1"},
-        "w1: a batch has waited 7m 0s for the store or the broker; no change is being applied",
+        "w1: a batch has waited 7m 0s for the store or the broker (StoreUnavailable); no "
+        "change is being applied",
     ),
     Case(
         "PortalSyncWorkerStalled",

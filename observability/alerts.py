@@ -83,6 +83,16 @@ class Rule:
         }
 
 
+# What the stall's retries wait for (`portal_sync_worker_waiting_for`), in the summary:
+# " (StoreUnavailable)", or nothing for one attempt that blocks. Over the last 5 minutes: a
+# worker restarted by its supervisor shows it again only once its first retry fails.
+WAITING_FOR = (
+    "{{ with printf `max by (reason) (max_over_time(portal_sync_worker_waiting_for"
+    "{job=%q,instance=%q}[5m]))` $labels.job $labels.instance | query }} ("
+    "{{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s.Labels.reason }}{{ end }}){{ end }}"
+)
+
+
 def _seconds(duration: str) -> int:
     """A Prometheus duration of one unit ("5m", "3h") in seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -178,7 +188,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "1m",
             "critical",
             "{{ $labels.instance }}: a batch has waited {{ $value | humanizeDuration }} for "
-            "the store or the broker; no change is being applied",
+            "the store or the broker" + WAITING_FOR + "; no change is being applied",
             "The worker retries with backoff, or one attempt blocks, and applies nothing "
             "meanwhile: check that "
             "PostgreSQL and Kafka answer, and that the dead-letter topic exists "

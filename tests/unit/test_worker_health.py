@@ -54,3 +54,29 @@ def test_the_stall_alert_s_gauge_sees_a_batch_that_blocks_as_healthz_does() -> N
     assert waiting() >= 0.06
     health.recovered()
     assert waiting() == 0.0
+
+
+def shown() -> dict[str, float]:
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "portal_sync_worker_waiting_for"
+        for sample in metric.samples
+    }
+
+
+def test_the_reason_the_retries_wait_for_is_shown_while_they_last() -> None:
+    """The stall alert's summary names it (`portal_sync_worker_waiting_for`): the
+    retry's reason first, else the failing fetches', and none once both pass."""
+    health = WorkerHealth(stall_after_seconds=300)
+    assert shown() == {}
+    health.fetch_failed("fetch: KafkaConnectionError")
+    assert shown() == {"fetch: KafkaConnectionError": 1.0}
+    health.retrying("StoreUnavailable")
+    assert shown() == {"StoreUnavailable": 1.0}
+    health.retrying("StoreMisconfigured")
+    assert shown() == {"StoreMisconfigured": 1.0}
+    health.recovered()
+    assert shown() == {"fetch: KafkaConnectionError": 1.0}
+    health.fetched()
+    assert shown() == {}
