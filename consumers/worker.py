@@ -280,7 +280,7 @@ class BatchProcessor:
             except TransientError as error:
                 if self.stopping.is_set():  # a wait that a stop ended (a flush) is no failure
                     raise Stopping() from None
-                self.health.retrying(type(error).__name__)
+                self.health.retrying(error.kind)
                 delay = backoff.next()
                 # Our own errors' messages are fixed texts (a condition to fix, never a
                 # value): a grant missing is named so.
@@ -615,7 +615,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
             "worker start",
             early_stop,
             log,
-            on_retry=lambda error: health.retrying(type(error).__name__),
+            on_retry=lambda error: health.retrying(error.kind),
         )
         if waited is None:
             return 0  # stopped while waiting (a long-running worker: a stop is no failure)
@@ -813,7 +813,7 @@ class ReconcilerLoop:
                     if self.stop_event.is_set():
                         return None
                     # as a batch's retries: /readyz false, then /healthz and the stall alert
-                    self.processor.health.retrying(type(error).__name__)
+                    self.processor.health.retrying(error.kind)
                     retried = True
                     log.error("store offsets unreadable (%s), retrying", type(error).__name__)
                     with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
@@ -894,7 +894,7 @@ class ReconcilerLoop:
                 )
             except TransientError as error:
                 log.error("fetch failed (%s), retrying", type(error).__name__)
-                health.fetch_failed(f"fetch: {type(error).__name__}")  # a stall if it lasts
+                health.fetch_failed(f"fetch: {error.kind}")  # a stall if it lasts
                 if applying is not None:
                     # Its end first: the next fetch may wait out a rebalance, whose revoke
                     # waits for this batch (`_revoked`), which only this loop ends.
@@ -973,12 +973,16 @@ class ReconcilerLoop:
         runs (/healthz fails after 15 s without one), for at most `beat_for` seconds;
         `poll` is awaited each second meanwhile (`GroupMember.keep_polling`)."""
         until = None if beat_for is None else time.monotonic() + beat_for
-        while not task.done():
-            await asyncio.wait({task}, timeout=1.0)
-            if until is None or time.monotonic() < until:
-                self.liveness.beat()
-            if poll is not None and not task.done():
-                await poll()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if until is None or time.monotonic() < until:
+                    self.liveness.beat()
+                if poll is not None and not task.done():
+                    await poll()
+        except asyncio.CancelledError:
+            task.cancel()  # as if awaited directly (a thread's work goes on regardless)
+            raise
         return await task
 
     def _copy(self, member: GroupMember, offsets: dict[TopicPartition, int]) -> None:
@@ -1025,9 +1029,10 @@ class ReconcilerLoop:
             log.warning("%s: resuming from the store's offsets", error)
             self.processor.health.recovered()  # that batch is over, retried or not
             # A store away now is waited for, as at an assignment (raised from here, its
-            # error stopped the worker with a traceback).
+            # error stopped the worker with a traceback), the member polling meanwhile.
             assigned = member.assignment()
-            stored = await self._stored_offsets(assigned)
+            reading = asyncio.ensure_future(self._stored_offsets(assigned))
+            stored = await self._beating(reading, poll=member.keep_polling)
             if stored is None:
                 return "stop", {}
             # Those still ours: a rebalance while the store was read sought the new ones

@@ -34,6 +34,7 @@ class Case:
     fires_at: Times  # () for a case that must stay quiet throughout
     labels: dict[str, str] = field(default_factory=dict)
     summary: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # the rule's other annotations
 
 
 def _times(times: Times) -> tuple[str, ...]:
@@ -46,13 +47,17 @@ CASES = [
         # the store went away at 1m; the batch in hand has waited ever since
         {
             f"portal_sync_worker_retrying_seconds{{{WORKER}}}": "0 0+60x15",
-            f'portal_sync_worker_waiting_for{{{WORKER},reason="StoreUnavailable"}}': "_ 1x15",
+            f'portal_sync_worker_waiting_for{{{WORKER},reason="StoreUnavailable"}}': "_ 1x5",
+            # the store came back without its grants at 6m: both within the last 5 minutes
+            f'portal_sync_worker_waiting_for{{{WORKER},reason="StoreMisconfigured"}}': (
+                "_ _ _ _ _ _ 1x9"
+            ),
         },
         "5m",
         "8m",
         {"job": "portal-sync-worker", "instance": "w1"},
-        "w1: a batch has waited 7m 0s for the store or the broker (StoreUnavailable); no "
-        "change is being applied",
+        "w1: a batch has waited 7m 0s for the store or the broker; no change is being applied",
+        {"waiting_for": "StoreMisconfigured, StoreUnavailable"},
     ),
     Case(
         "PortalSyncWorkerStalled",
@@ -67,6 +72,7 @@ CASES = [
         "16m",
         {"job": "portal-sync-worker", "instance": "w1"},
         "w1: a batch has waited 5m 0s for the store or the broker; no change is being applied",
+        {"waiting_for": ""},  # no reason exported: one attempt that blocks
     ),
     Case(
         "PortalSyncConsumerStalled",
@@ -399,6 +405,7 @@ def _expected(rule: Rule, case: Case, series_labels: dict[str, str]) -> dict[str
             "summary": case.summary,
             "runbook": rule.runbook,
             "runbook_url": rule.as_dict()["annotations"]["runbook_url"],
+            **case.notes,
         },
     }
 

@@ -65,6 +65,9 @@ class Rule:
     severity: str
     summary: str
     runbook: str
+    # More annotations, each of one query's answer (`WAITING_FOR`): apart from the
+    # summary, so that a query that fails leaves the summary whole.
+    notes: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self, runbook_base: str = "") -> dict[str, Any]:
         """The rule as Prometheus reads it. `runbook_base`: where the repository's files
@@ -79,17 +82,19 @@ class Rule:
                 "summary": self.summary,
                 "runbook": self.runbook,
                 "runbook_url": runbook_base + RUNBOOK + self.alert.lower(),
+                **dict(self.notes),
             },
         }
 
 
-# What the stall's retries wait for (`portal_sync_worker_waiting_for`), in the summary:
-# " (StoreUnavailable)", or nothing for one attempt that blocks. Over the last 5 minutes: a
-# worker restarted by its supervisor shows it again only once its first retry fails.
+# What the stall's retries wait for (`portal_sync_worker_waiting_for`), the alert's
+# `waiting_for` annotation: "StoreUnavailable", or empty for one attempt that blocks. Over
+# the last 5 minutes: a worker restarted by its supervisor shows it again only once its
+# first retry fails.
 WAITING_FOR = (
-    "{{ with printf `max by (reason) (max_over_time(portal_sync_worker_waiting_for"
-    "{job=%q,instance=%q}[5m]))` $labels.job $labels.instance | query }} ("
-    "{{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s.Labels.reason }}{{ end }}){{ end }}"
+    "{{ range $i, $s := printf `max by (reason) (max_over_time(portal_sync_worker_waiting_for"
+    "{job=%q,instance=%q}[5m]))` $labels.job $labels.instance | query | sortByLabel `reason` }}"
+    "{{ if $i }}, {{ end }}{{ $s.Labels.reason }}{{ end }}"
 )
 
 
@@ -188,7 +193,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "1m",
             "critical",
             "{{ $labels.instance }}: a batch has waited {{ $value | humanizeDuration }} for "
-            "the store or the broker" + WAITING_FOR + "; no change is being applied",
+            "the store or the broker; no change is being applied",
             "The worker retries with backoff, or one attempt blocks, and applies nothing "
             "meanwhile: check that "
             "PostgreSQL and Kafka answer, and that the dead-letter topic exists "
@@ -196,6 +201,7 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "PORTAL_SYNC_WORKER_STALL_AFTER_SECONDS its /healthz fails and its supervisor "
             f"restarts it, which does not clear this alert (the longest wait of "
             f"{t.stall_window}); it resolves {t.stall_window} after the batches pass again.",
+            (("waiting_for", WAITING_FOR),),
         ),
         Rule(
             "PortalSyncSyncLagAboveObjective",

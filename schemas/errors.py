@@ -41,6 +41,15 @@ class Refused(PortalSyncError):
 class TransientError(PortalSyncError):
     """The store or the broker is unavailable for now: retry the same work later."""
 
+    # The driver's error it was translated from (a class name, `KafkaConnectionError`),
+    # if any: what the retries wait for, as /readyz and the worker's metrics say it.
+    cause = ""
+
+    @property
+    def kind(self) -> str:
+        """What the retries wait for: the driver's error, else this error's class."""
+        return self.cause or type(self).__name__
+
 
 class RecordError(PortalSyncError):
     """One record cannot be accepted: dead-letter it with a reason code and go on."""

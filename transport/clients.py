@@ -58,16 +58,22 @@ def translate(
         if reason is not None:
             return ConfigurationError(f"Kafka refused {who} while trying to {action}: {reason}")
     if isinstance(error, KafkaConnectionError) or "Connection" in name:
-        return TransientError(f"no Kafka broker answered while trying to {action}")
+        return _transient(f"no Kafka broker answered while trying to {action}", name)
     if name == "KafkaTimeoutError" and action.startswith("connect") and connection is not None:
         # the client's bootstrap gave up: no listed server answered it in time
         reason = diagnose(connection)
         if reason is not None:
             return ConfigurationError(f"Kafka refused {who} while trying to {action}: {reason}")
-        return TransientError(
-            f"no Kafka broker of {connection.bootstrap} answered while trying to {action}"
+        return _transient(
+            f"no Kafka broker of {connection.bootstrap} answered while trying to {action}", name
         )
-    return TransientError(f"Kafka error while trying to {action}: {name}")
+    return _transient(f"Kafka error while trying to {action}: {name}", name)
+
+
+def _transient(message: str, cause: str) -> TransientError:
+    error = TransientError(message)
+    error.cause = cause  # the client's error class: what a retry waits for
+    return error
 
 
 def _resources(error: Exception) -> str:

@@ -22,7 +22,8 @@ compacted log may have no record there, and the batch's first offset is then lat
 While the batch in hand takes long (retried while the store is away), the caller calls
 `keep_polling`: aiokafka leaves the group once nothing has polled for `max_poll_interval`,
 and the member's rejoin rebalanced the whole group once the store was back. The member
-polls with its partitions paused, so nothing is fetched (or dropped) meanwhile.
+polls with its partitions paused: nothing is fetched meanwhile, and what the client had
+fetched ahead is fetched again afterwards.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ REBALANCE_TIMEOUT_MS = 60_000
 # aiokafka leaves the group when nothing polled for this long; `keep_polling` polls a tenth
 # of it after the last batch was asked for, while the batch in hand is still applied.
 MAX_POLL_INTERVAL_MS = 600_000
-# A poll while a batch is held waits this long at most: inside a rebalance, aiokafka's poll
+# `keep_polling` waits this long at most for its poll: inside a rebalance, aiokafka's poll
 # waits for the assignment, and the rebalance for the batch in hand.
 HELD_POLL_TIMEOUT_SECONDS = 5.0
 
@@ -193,6 +194,7 @@ class GroupMember:
         self._poll_every = poll_interval_ms / 10_000  # seconds (`keep_polling`)
         self._polled_at = time.monotonic()  # when a batch was last asked for, or a poll held
         self._held: set[TopicPartition] = set()  # paused by `keep_polling` until the next batch
+        self._polling: asyncio.Future[None] | None = None  # `keep_polling`'s poll
 
     async def start(self) -> None:
         try:
@@ -204,6 +206,8 @@ class GroupMember:
 
     async def stop(self) -> None:
         self._stop_seeking()
+        if self._polling is not None:
+            self._polling.cancel()  # the consumer stops: its count no longer matters
         with contextlib.suppress(Exception):
             await self._consumer.stop()
 
@@ -280,27 +284,33 @@ class GroupMember:
         """Keep the member in the group while the batch in hand takes long: called often
         (each second), it polls once a tenth of `max_poll_interval` has passed since the
         last batch was asked for. The assigned partitions are paused first, so the poll
-        returns nothing: what the client fetched ahead for them is dropped, and fetched
-        again from the positions after the batches handed out once the next batch is asked
-        for. A partition assigned and sought meanwhile may still return records: it is
-        sought back to the first of them."""
+        returns nothing; the records the client had fetched ahead for them are dropped,
+        and fetched again from the positions after the batches handed out once the next
+        batch is asked for."""
+        if self._polling is not None and not self._polling.done():
+            return  # a poll waits for a rebalance, which waits for the batch in hand
         if time.monotonic() - self._polled_at < self._poll_every:
             return
         self._polled_at = time.monotonic()
         fetching = self._consumer.assignment() - self._consumer.paused()
         self._consumer.pause(*fetching)
         self._held |= fetching
+        # Never cancelled: aiokafka's count of polls in progress would stay up, and with
+        # it the member's idle time at 0 for good. A poll inside a rebalance is waited for
+        # by the next batch (`batch`) instead.
+        self._polling = asyncio.ensure_future(self._held_poll())
+        await asyncio.wait({self._polling}, timeout=HELD_POLL_TIMEOUT_SECONDS)
+
+    async def _held_poll(self) -> None:
         try:
-            found = await asyncio.wait_for(
-                self._consumer.getmany(timeout_ms=0), HELD_POLL_TIMEOUT_SECONDS
-            )
+            found = await self._consumer.getmany(timeout_ms=0)
         except KafkaError as error:
             self._seek_back()  # as after a failed fetch (`batch`)
-            log.info("poll while a batch is held failed (%s)", type(error).__name__)
-            return
-        except TimeoutError:  # a rebalance in progress: it waits for the batch in hand
+            log.info("a poll while a batch is held failed (%s)", type(error).__name__)
             return
         for tp, records in found.items():
+            # A partition assigned and sought meanwhile, no longer paused: back to where
+            # its records began (no await since the poll returned them).
             if records:
                 self._consumer.seek(tp, records[0].offset)
         log.info("polled while a batch is held: the member stays in the group")
@@ -313,6 +323,9 @@ class GroupMember:
 
     async def batch(self, max_records: int, wait: float) -> list[Message]:
         """Up to `max_records` records, waiting at most `wait` seconds for the first."""
+        if self._polling is not None:
+            polling, self._polling = self._polling, None
+            await polling  # never two polls at once
         self._release()
         self._polled_at = time.monotonic()
         try:

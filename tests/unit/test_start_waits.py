@@ -129,6 +129,21 @@ def test_a_bootstrap_that_timed_out_names_the_servers_and_is_transient() -> None
     assert str(other) == "Kafka error while trying to send: KafkaTimeoutError"
 
 
+def test_a_retry_s_kind_is_the_client_s_error_or_the_family_s_class() -> None:
+    """What /readyz and `portal_sync_worker_waiting_for` say a worker waits for: every
+    broker error was a plain `TransientError` there, whatever it was."""
+    from aiokafka.errors import KafkaConnectionError, NotLeaderForPartitionError
+
+    from store.failures import StoreMisconfigured
+
+    away = translate(KafkaConnectionError("refused"), "fetch records")
+    assert isinstance(away, TransientError) and away.kind == "KafkaConnectionError"
+    leader = translate(NotLeaderForPartitionError(), "fetch records")
+    assert isinstance(leader, TransientError) and leader.kind == "NotLeaderForPartitionError"
+    assert StoreMisconfigured("a grant is missing").kind == "StoreMisconfigured"
+    assert TransientError("away").kind == "TransientError"
+
+
 @pytest.fixture
 def produce_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     """`produce` with its HTTP server and sources stubbed out, and a cluster that answers
