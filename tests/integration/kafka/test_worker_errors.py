@@ -552,3 +552,114 @@ def test_a_batch_retried_past_the_poll_interval_keeps_the_member_in_the_group(
         store.close()
     assert len(assignments) == 1, assignments  # one join: never left the group
     assert exported(settings) == expected_export(events, Authority())
+
+
+def test_a_rebalance_while_a_batch_is_held_loses_nothing_and_leaves_no_poll_behind(
+    settings_for: Any, sqlite_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store away while a batch is retried, and another member joins then: the
+    rebalance waits for the batch in hand, and so does the held member's poll, which waits
+    for the assignment. That poll is never cancelled (aiokafka would keep counting it in
+    progress, and the member's idle time stayed 0 for good): the next batch waits for it.
+    Every event is applied once, from the store's offsets."""
+    import asyncio
+    import threading
+    import time as clock
+
+    from kafka import KafkaConsumer
+
+    import consumers.worker as worker_module
+    import transport.group as group_module
+    from consumers.worker import ReconcilerLoop
+    from schemas import message_key
+    from store.failures import StoreUnavailable
+    from tests.support.kafka_helpers import change_topic, publisher_for
+    from transport.group import GroupMember
+
+    monkeypatch.setattr(group_module, "MAX_POLL_INTERVAL_MS", 4_000)
+    settings = settings_for(sqlite_store_url, change_partitions=2)
+    ensure_topics(settings)
+    store = Store(settings.store_url)
+    store.create_schema()
+    config = settings.worker_config()
+    processor = BatchProcessor(config, store, Registry(), Authority())
+    events = citizen_events(40, 2, seed=53)
+    publisher = publisher_for(settings)
+    for raw in events:
+        publisher.send(
+            change_topic(settings, "citizen"),
+            message_key(raw["entity"], raw["key"], raw["source"]),
+            json.dumps(raw, ensure_ascii=False).encode(),
+        )
+    publisher.flush()
+    publisher.close()
+    members: list[GroupMember] = []
+    polls: list[float] = []  # how long each held poll took
+
+    class Member(GroupMember):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            members.append(self)
+
+        async def _held_poll(self) -> None:
+            began = clock.monotonic()
+            await super()._held_poll()
+            polls.append(clock.monotonic() - began)
+
+    def another_member_joins_and_leaves() -> None:
+        other = KafkaConsumer(
+            bootstrap_servers=settings.connection().bootstrap,
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            session_timeout_ms=10_000,
+        )
+        other.subscribe([settings.topics().change_topic("citizen")])
+        deadline = clock.monotonic() + 90
+        while not other.assignment() and clock.monotonic() < deadline:
+            other.poll(200)
+        other.close()  # leaves: its partition comes back
+
+    joining = threading.Thread(target=another_member_joins_and_leaves)
+    away_until = 0.0
+    real_apply = processor.reconciler.apply
+
+    def away(*args: Any, **kwargs: Any) -> Any:
+        nonlocal away_until
+        if not away_until:
+            away_until = clock.monotonic() + 14
+            joining.start()
+        if clock.monotonic() < away_until:
+            raise StoreUnavailable("the store is away")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "GroupMember", Member)
+    monkeypatch.setattr(processor.reconciler, "apply", away)
+    loop = ReconcilerLoop(config, store, processor, until_caught_up=False)
+
+    async def run_until_applied() -> tuple[int, int]:
+        task = asyncio.ensure_future(loop.run())
+        for _ in range(1200):
+            if task.done() or (
+                not joining.is_alive() and away_until and sum(loop.applied.values()) >= len(events)
+            ):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)
+        loop.stop()
+        code = await asyncio.wait_for(task, 60)
+        # aiokafka's count of polls in progress, once the loop's own are over
+        return code, members[0]._consumer._subscription._fetch_count
+
+    try:
+        code, in_progress = asyncio.run(run_until_applied())
+    finally:
+        processor.close()
+    joining.join(10)
+    assert code == 0
+    assert members[0].rebalances >= 2  # the join, and the leave
+    assert in_progress == 0  # no poll left counted as in progress
+    # one poll waited for the rebalance, beyond `keep_polling`'s own wait for it
+    assert any(took > group_module.HELD_POLL_TIMEOUT_SECONDS for took in polls), polls
+    assert sum(store.all_offsets().values()) == len(events)
+    store.close()
+    assert exported(settings) == expected_export(events, Authority())
