@@ -32,7 +32,7 @@ STALL_ALERT_SECONDS = Thresholds().worker_stalled_seconds
 # Types only: the worker's imports (store, merge, metrics) for the commands that run it, the
 # producers' (kafka-python, SQLAlchemy's engine) for those that produce.
 if TYPE_CHECKING:
-    from consumers.worker import WorkerConfig
+    from consumers.processor import WorkerConfig
     from producers.deployment import Deployment
 
 
@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         )
 
     def worker_config(self) -> WorkerConfig:
-        from consumers.worker import WorkerConfig
+        from consumers.processor import WorkerConfig
 
         kept = max(self.topics().superseded_kept_hours, self.dead_letter_retention_hours)
         replayable = kept / 24

@@ -9,11 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from consumers.loop import ReconcilerLoop
 from consumers.metrics import WorkerHealth
-from consumers.worker import ReconcilerLoop
 from observability.http import Liveness
 from store import Store
 from transport.local import free_port
+
+
+async def _no_poll() -> None:
+    """A member's `keep_polling` (`GroupMember`): nothing to keep here."""
 
 
 def test_a_stop_ends_the_wait_for_the_stores_offsets_at_an_assignment_at_once() -> None:
@@ -99,7 +103,9 @@ def test_a_batch_that_retried_and_then_met_a_gap_leaves_the_worker_ready() -> No
 
     held = [{("t", 0), ("t", 1)}, {("t", 0)}]  # t:1 revoked while the store was read
     member = SimpleNamespace(
-        assignment=lambda: held.pop(0) if len(held) > 1 else held[0], seek=seek
+        assignment=lambda: held.pop(0) if len(held) > 1 else held[0],
+        seek=seek,
+        keep_polling=_no_poll,
     )
 
     async def batch() -> None:
@@ -137,7 +143,7 @@ class _Processor:
         return object()
 
     def process(self, messages: object, prepared: object, starts: object) -> None:
-        from consumers.worker import Stopping
+        from consumers.processor import Stopping
 
         try:
             if self.stopping.wait(60):
@@ -247,7 +253,7 @@ def test_fetches_that_keep_failing_are_a_stall() -> None:
 def test_the_group_waits_for_a_member_longer_than_it_waits_for_its_batch() -> None:
     """A revoke lets the batch in flight finish (up to 30 s); with the client's default
     rebalance timeout (the session's, 10 s) the member was expelled meanwhile."""
-    from consumers.worker import REVOKE_WAIT_SECONDS
+    from consumers.loop import REVOKE_WAIT_SECONDS
     from transport.config import KafkaConnection
     from transport.group import GroupMember
 
@@ -387,7 +393,8 @@ def test_a_batch_the_store_had_applied_moves_no_offset_back() -> None:
     async def run() -> tuple[str, dict[tuple[str, int], int]]:
         loop.idle = asyncio.Event()
         task = asyncio.ensure_future(asyncio.sleep(0))
-        return await loop._finished(SimpleNamespace(), task, messages)  # type: ignore[arg-type]
+        member = SimpleNamespace(keep_polling=_no_poll)
+        return await loop._finished(member, task, messages)  # type: ignore[arg-type]
 
     assert asyncio.run(run()) == ("ok", {("t", 0): 10, ("t", 1): 7})
     assert loop.applied == {("t", 0): 10, ("t", 1): 7}
@@ -402,7 +409,8 @@ def test_a_worker_without_a_registry_is_refused_on_a_store_whose_workers_have_on
     from pathlib import Path
 
     from consumers.config import RULES_FILES, rules_files
-    from consumers.worker import WorkerConfig, _refuse_development_mode
+    from consumers.processor import WorkerConfig
+    from consumers.worker import _refuse_development_mode
     from schemas.errors import ConfigurationError
     from transport.config import KafkaConnection
     from transport.topics import Topics
@@ -438,7 +446,7 @@ def test_a_job_stopped_by_a_signal_says_so_and_a_second_signal_exits_at_once(
     worker stopped so is no failure. A second signal waited like the first."""
     import signal
 
-    import consumers.worker
+    import consumers.loop
 
     loop = ReconcilerLoop.__new__(ReconcilerLoop)
     loop.stop_event = asyncio.Event()
@@ -447,7 +455,7 @@ def test_a_job_stopped_by_a_signal_says_so_and_a_second_signal_exits_at_once(
     loop.signals = []
     loop.processor = SimpleNamespace(stopping=asyncio.Event())  # type: ignore[assignment]
     exits: list[int] = []
-    monkeypatch.setattr(consumers.worker.os, "_exit", exits.append)
+    monkeypatch.setattr(consumers.loop.os, "_exit", exits.append)
     loop.signalled(signal.SIGTERM)
     assert loop.stop_event.is_set() and loop.code == code and exits == []
     loop.signalled(signal.SIGINT)
@@ -467,7 +475,7 @@ def test_sighup_stops_the_worker_unless_nohup_ignores_it() -> None:
     of the loop, and a batch retrying for a store away held the process for ever."""
     import signal
 
-    from consumers.worker import stop_signals
+    from consumers.loop import stop_signals
 
     kept = signal.getsignal(signal.SIGHUP)
     try:

@@ -135,10 +135,11 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
 
     from kafka import KafkaConsumer
 
-    import consumers.worker as worker_module
+    import consumers.loop as loop_module
+    from consumers.loop import ReconcilerLoop
     from consumers.merge import Authority
+    from consumers.processor import BatchProcessor
     from consumers.registry import Registry
-    from consumers.worker import BatchProcessor, ReconcilerLoop
     from schemas.partitioning import message_key
     from store.core import Store
     from tests.support.kafka_helpers import change_topic, publisher_for
@@ -192,7 +193,7 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
         applied.append(messages)
         real_process(messages, *args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "GroupMember", Member)
+    monkeypatch.setattr(loop_module, "GroupMember", Member)
     monkeypatch.setattr(processor, "prepare", prepare)
     monkeypatch.setattr(processor, "process", process)
     loop = ReconcilerLoop(config, store, processor, until_caught_up=True)

@@ -12,9 +12,9 @@ import pytest
 from consumers.checks import Checked
 from consumers.merge import Authority
 from consumers.metrics import RETENTION_FAILURES
+from consumers.processor import BatchProcessor
 from consumers.reconciler import Message
 from consumers.registry import Registry
-from consumers.worker import BatchProcessor
 from schemas.dead_letter import read_headers
 from schemas.errors import ConfigurationError
 from store.core import Store
@@ -185,7 +185,7 @@ def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
     letter, sent once, and is never applied."""
     from datetime import UTC, datetime, timedelta
 
-    import consumers.worker as worker_module
+    import consumers.processor as processor_module
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
@@ -201,7 +201,7 @@ def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
     ]
     poison = messages[6]
     calls: list[int] = []
-    real_classify = worker_module.classify
+    real_classify = processor_module.classify
 
     def two_minutes_a_check(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -221,7 +221,7 @@ def test_a_halved_batch_keeps_its_judgement_when_the_clock_moves_on(
 
         return real_apply(valid, batch, **{**kw, "after_offsets": then_fail})
 
-    monkeypatch.setattr(worker_module, "classify", two_minutes_a_check)
+    monkeypatch.setattr(processor_module, "classify", two_minutes_a_check)
     monkeypatch.setattr(processor.reconciler, "apply", fail_after_the_dead_letters)
     processor.process(messages)
     processor.close()
@@ -306,7 +306,7 @@ def test_a_failing_retention_run_neither_retries_nor_dead_letters_the_batch_it_f
 ) -> None:
     """The retention runs after a batch committed: its failure is logged and tried an hour
     later; the batch is neither retried for it nor bisected into dead letters."""
-    import consumers.worker as worker_module
+    import consumers.processor as processor_module
     from store import StoreUnavailable
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
@@ -326,7 +326,7 @@ def test_a_failing_retention_run_neither_retries_nor_dead_letters_the_batch_it_f
             return {}, True
         raise ValueError("a bug") if failure == "a bug" else StoreUnavailable("timeout")
 
-    monkeypatch.setattr(worker_module, "purge_within", broken)
+    monkeypatch.setattr(processor_module, "purge_within", broken)
     failed = RETENTION_FAILURES.labels("purge")._value.get()
     processor.process(messages[:6])
     processor.process(messages[6:])  # within the hour: not run again
@@ -348,8 +348,8 @@ def test_a_worker_with_nothing_to_apply_still_runs_the_retention(
     retention: the job is asked for from the consume loop, not only after a batch."""
     import asyncio
 
-    import consumers.worker as worker_module
-    from consumers.worker import ReconcilerLoop
+    import consumers.processor as processor_module
+    from consumers.loop import ReconcilerLoop
 
     settings = settings_for(sqlite_store_url)
     ensure_topics(settings)
@@ -363,7 +363,7 @@ def test_a_worker_with_nothing_to_apply_still_runs_the_retention(
         runs.append(1)
         return {}, True
 
-    monkeypatch.setattr(worker_module, "purge_within", counted)
+    monkeypatch.setattr(processor_module, "purge_within", counted)
     loop = ReconcilerLoop(config, store, processor, until_caught_up=False)
 
     async def quiet_for_a_while() -> int:
@@ -391,7 +391,7 @@ def test_a_retention_run_that_hangs_shows_as_a_stall_and_one_that_ends_does_not(
     /healthz reports it while it lasts, as it does a batch; once it ends, nothing stays."""
     import time as clock
 
-    import consumers.worker as worker_module
+    import consumers.processor as processor_module
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
     ensure_topics(settings)
@@ -406,7 +406,7 @@ def test_a_retention_run_that_hangs_shows_as_a_stall_and_one_that_ends_does_not(
         stalled.append(processor.health.stalled())
         return {}, True
 
-    monkeypatch.setattr(worker_module, "purge_within", hanging)
+    monkeypatch.setattr(processor_module, "purge_within", hanging)
     events = [e for e in citizen_events(4, 1, seed=22) if e["source"] == "province-01"][:2]
     messages = [
         change_message(settings, offset, json.dumps(e).encode()) for offset, e in enumerate(events)
@@ -490,7 +490,7 @@ def test_a_batch_retried_past_the_poll_interval_keeps_the_member_in_the_group(
     import time as clock
 
     import transport.group as group_module
-    from consumers.worker import ReconcilerLoop
+    from consumers.loop import ReconcilerLoop
     from schemas import message_key
     from store.failures import StoreUnavailable
     from tests.support.kafka_helpers import change_topic, publisher_for
@@ -568,9 +568,9 @@ def test_a_rebalance_while_a_batch_is_held_loses_nothing_and_leaves_no_poll_behi
 
     from kafka import KafkaConsumer
 
-    import consumers.worker as worker_module
+    import consumers.loop as loop_module
     import transport.group as group_module
-    from consumers.worker import ReconcilerLoop
+    from consumers.loop import ReconcilerLoop
     from schemas import message_key
     from store.failures import StoreUnavailable
     from tests.support.kafka_helpers import change_topic, publisher_for
@@ -632,7 +632,7 @@ def test_a_rebalance_while_a_batch_is_held_loses_nothing_and_leaves_no_poll_behi
             raise StoreUnavailable("the store is away")
         return real_apply(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "GroupMember", Member)
+    monkeypatch.setattr(loop_module, "GroupMember", Member)
     monkeypatch.setattr(processor.reconciler, "apply", away)
     loop = ReconcilerLoop(config, store, processor, until_caught_up=False)
 

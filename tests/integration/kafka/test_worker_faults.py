@@ -136,8 +136,8 @@ def _stop(worker: subprocess.Popen[str], timeout: float = 10) -> float:
 def _processor(settings_for: Any, url: str) -> tuple[Any, Store, Any]:
     """A worker's batch processor in this process, on change topics of one partition (one
     offset sequence), with a fresh store."""
+    from consumers.processor import BatchProcessor
     from consumers.registry import Registry
-    from consumers.worker import BatchProcessor
 
     settings = settings_for(url, change_partitions=1)
     ensure_topics(settings)
