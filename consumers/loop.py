@@ -2,8 +2,9 @@
 (transport.group) whose batches the processor (consumers.processor) applies in a thread,
 one after the other, while the next batch is fetched and checked. On every assignment the
 partitions move to the store's offsets; after each batch the store's offsets are copied to
-Kafka's group offsets. It serves the worker's /healthz and /readyz, hears the stop
-signals, and with `--until-caught-up` ends once every partition reached its target.
+Kafka's group offsets. It answers the worker's /healthz and /readyz (`healthy`, `ready`;
+consumers.worker serves them), hears the stop signals, and with `--until-caught-up` ends
+once every partition reached its target.
 """
 
 from __future__ import annotations

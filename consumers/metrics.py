@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter as Tally
@@ -245,12 +246,13 @@ class WorkerHealth:
 
     def _show_reason(self) -> None:
         """The reason in `portal_sync_worker_waiting_for` (under the lock): the stall
-        alert's summary names it."""
+        alert's `waiting_for` annotation names it."""
         reason = self.reason
         if reason == self._shown:
             return
         if self._shown:
-            WORKER_WAITING_FOR.remove(self._shown)
+            with contextlib.suppress(KeyError):  # cleared by another WorkerHealth (tests)
+                WORKER_WAITING_FOR.remove(self._shown)
         if reason:
             WORKER_WAITING_FOR.labels(reason).set(1)
         self._shown = reason

@@ -195,6 +195,7 @@ class GroupMember:
         self._polled_at = time.monotonic()  # when a batch was last asked for, or a poll held
         self._held: set[TopicPartition] = set()  # paused by `keep_polling` until the next batch
         self._polling: asyncio.Future[None] | None = None  # `keep_polling`'s poll
+        self._poll_failed: Exception | None = None  # its error, for the next batch
 
     async def start(self) -> None:
         try:
@@ -306,7 +307,9 @@ class GroupMember:
             found = await self._consumer.getmany(timeout_ms=0)
         except KafkaError as error:
             self._seek_back()  # as after a failed fetch (`batch`)
-            log.info("a poll while a batch is held failed (%s)", type(error).__name__)
+            # Raised from the next batch: aiokafka raises a group's error once (an ACL
+            # removed: `Refused`), and a poll that kept it to itself hid it for good.
+            self._poll_failed = translate(error, "fetch records", self.connection)
             return
         for tp, records in found.items():
             # A partition assigned and sought meanwhile, no longer paused: back to where
@@ -326,6 +329,9 @@ class GroupMember:
         if self._polling is not None:
             polling, self._polling = self._polling, None
             await polling  # never two polls at once
+        if self._poll_failed is not None:
+            failed, self._poll_failed = self._poll_failed, None
+            raise failed
         self._release()
         self._polled_at = time.monotonic()
         try:

@@ -66,7 +66,7 @@ def shown() -> dict[str, float]:
 
 
 def test_the_reason_the_retries_wait_for_is_shown_while_they_last() -> None:
-    """The stall alert's summary names it (`portal_sync_worker_waiting_for`): the
+    """The stall alert's `waiting_for` annotation names it (`portal_sync_worker_waiting_for`): the
     retry's reason first, else the failing fetches', and none once both pass."""
     health = WorkerHealth(stall_after_seconds=300)
     assert shown() == {}

@@ -167,6 +167,9 @@ class _Member:
     def assignment(self) -> set[tuple[str, int]]:
         return {("t", 0)}
 
+    async def keep_polling(self) -> None:
+        return None
+
     async def batch(self, size: int, wait: float) -> list[object]:
         from transport.message import Message
 
@@ -238,6 +241,7 @@ def test_a_failed_fetch_finishes_the_batch_in_flight_before_a_rebalance_waits_fo
 
     asyncio.run(run())
     assert waited and waited[0] < 2, waited
+    assert loop.code == 0  # the batch ended as a stop does, not as a failure
 
 
 def test_fetches_that_keep_failing_are_a_stall() -> None:
@@ -265,6 +269,60 @@ def test_the_group_waits_for_a_member_longer_than_it_waits_for_its_batch() -> No
         return int(member._consumer._rebalance_timeout_ms)
 
     assert asyncio.run(made()) > REVOKE_WAIT_SECONDS * 1000 + 10_000
+
+
+def test_an_error_a_held_poll_meets_is_raised_by_the_next_batch() -> None:
+    """aiokafka raises a group's error once (its access refused: a Refused), from the
+    next poll: the poll that keeps a member in the group while a batch is held kept it to
+    itself, and the worker went on as if nothing was wrong."""
+    from aiokafka import TopicPartition
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    from schemas.errors import Refused
+    from transport.config import KafkaConnection
+    from transport.group import GroupMember
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.paused_now: set[TopicPartition] = set()
+            self.polls = 0
+
+        def assignment(self) -> set[TopicPartition]:
+            return {TopicPartition("t", 0)}
+
+        def paused(self) -> set[TopicPartition]:
+            return set(self.paused_now)
+
+        def pause(self, *tps: TopicPartition) -> None:
+            self.paused_now |= set(tps)
+
+        def resume(self, *tps: TopicPartition) -> None:
+            self.paused_now -= set(tps)
+
+        async def getmany(self, **_: object) -> dict[TopicPartition, list[object]]:
+            self.polls += 1
+            if self.polls == 1:
+                raise GroupAuthorizationFailedError("g")
+            return {}
+
+    async def held_then_next_batch() -> tuple[int, set[TopicPartition]]:
+        async def nothing(*_: object) -> dict[object, int]:
+            return {}
+
+        member = GroupMember(KafkaConnection(bootstrap="127.0.0.1:1"), ["t"], "g", nothing, nothing)
+        consumer = Consumer()
+        member._consumer = consumer  # type: ignore[assignment]
+        member._polled_at -= 3600  # the batch in hand has been held for an hour
+        await member.keep_polling()
+        paused = consumer.paused()
+        with pytest.raises(Refused, match="GroupAuthorizationFailedError"):
+            await member.batch(10, 0.0)
+        await member.batch(10, 0.0)  # raised once, as aiokafka does
+        return consumer.polls, paused
+
+    polls, paused = asyncio.run(held_then_next_batch())
+    assert paused == {TopicPartition("t", 0)}  # the poll fetched nothing
+    assert polls == 2
 
 
 def test_a_batch_whose_checks_fail_is_applied_and_judged_again_not_a_crash_loop() -> None:
@@ -348,6 +406,7 @@ def test_the_loop_beats_while_a_batch_is_checked() -> None:
     asyncio.run(run())
     assert processor.ended.is_set()
     assert not unhealthy, unhealthy
+    assert loop.code == 0
 
 
 def test_a_check_that_hangs_past_the_child_s_timeout_is_no_more_beaten_for() -> None:

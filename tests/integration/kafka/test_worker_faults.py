@@ -501,7 +501,7 @@ def test_a_worker_started_while_its_store_is_away_waits_for_it_alive_and_not_rea
         # counted as a batch's retries are: the stall alert sees a start that never ends
         assert (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 3
         waiting_for = 'portal_sync_worker_waiting_for{reason="StoreUnavailable"}'
-        assert _metric(port, waiting_for) == 1.0  # the stall alert's summary names it
+        assert _metric(port, waiting_for) == 1.0  # the stall alert's `waiting_for` names it
         # `restart` starts a stopped server with the options it last ran with
         log_file = str(server.root / "server.log")  # not our pipes: the server keeps them
         subprocess.run([*pg_ctl, "-l", log_file, "-w", "restart"], check=True, capture_output=True)
