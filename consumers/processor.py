@@ -39,7 +39,7 @@ from schemas.errors import (
     TransientError,
 )
 from schemas.identifiers import ReferenceKey
-from store import Store, TopicPartition, utcnow
+from store import LockTableFull, Store, TopicPartition, utcnow
 from transport.config import KafkaConnection
 from transport.publisher import Publisher
 from transport.reader import Message
@@ -52,6 +52,8 @@ MAX_RETRY_SECONDS = 30.0
 # The retention job's time on deleted records per run, between two batches: a backlog (a
 # large source purge) is worked off a minute apart, never holding the batches for long.
 RETENTION_SECONDS = 5.0
+# Failures of a batch in a row for a full lock table before it is applied in halves.
+LOCK_TABLE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class Stopping(Exception):
     """The worker is shutting down: the batch in hand is abandoned (rolled back)."""
 
 
+class TooManyLocks(Exception):
+    """PostgreSQL's lock table refused the batch `LOCK_TABLE_TRIES` times in a row: it is
+    applied in halves instead (a table that other workers' batches or a purge fill, or one
+    sized below a full batch, held a worker retrying the same batch for ever)."""
+
+
 class BatchProcessor:
     """Synchronous part of the worker: dead letters first, then one store transaction.
 
@@ -122,6 +130,7 @@ class BatchProcessor:
     |-------------------------------------------|--------------------------------------------|
     | `TransientError` (store, broker down)     | retry with backoff; /readyz false; stall   |
     |                                           | gauge and /healthz false after a while     |
+    | `LockTableFull` (PostgreSQL's lock table) | retried so; three in a row: in halves      |
     | `RecordError` (the store refused a value) | halve the batch down to the one event that |
     | or another exception (a fault of the      | fails alone; dead-letter it (apply_failed, |
     | worker met by some data)                  | the message names which); the rest applies |
@@ -212,7 +221,14 @@ class BatchProcessor:
             if judged is None:  # judged once: its halves keep the verdicts (`Prepared.part`)
                 judged = self.prepare(messages)
             ready = judged
-            self._retrying(lambda: self._process_once(messages, lettered, ready, starts))
+            self._retrying(
+                lambda: self._process_once(messages, lettered, ready, starts),
+                halvable=len(messages) > 1,
+            )
+        except TooManyLocks:
+            log.warning("PostgreSQL's lock table holds no batch of %d events: applied in "
+                        "halves", len(messages))  # fmt: skip
+            self._halves(messages, lettered, judged, starts)
         except (Stopping, Refused, ConfigurationError, MemoryError):
             # Not the data's: a setting the store or the broker refuses, or memory short
             # (every event would fail alone too, and go to the dead letters: valid ones).
@@ -220,9 +236,12 @@ class BatchProcessor:
         except Exception as error:  # a record error, or a bug met by some data
             self._isolate(messages, error, lettered, judged, starts)
 
-    def _retrying(self, action: Callable[[], None]) -> None:
-        """Run `action` until it passes; transient failures wait with backoff."""
+    def _retrying(self, action: Callable[[], None], halvable: bool = False) -> None:
+        """Run `action` until it passes; transient failures wait with backoff. `halvable`:
+        after `LOCK_TABLE_TRIES` failures in a row for a full lock table, raise
+        `TooManyLocks` (the batch is applied in halves, each taking half its locks)."""
         backoff = Backoff(FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS)
+        full = 0  # failures in a row for a full lock table
         while True:
             if self.stopping.is_set():
                 raise Stopping()
@@ -234,6 +253,9 @@ class BatchProcessor:
                 if self.stopping.is_set():  # a wait that a stop ended (a flush) is no failure
                     raise Stopping() from None
                 self.health.retrying(error.kind)
+                full = full + 1 if isinstance(error, LockTableFull) else 0
+                if halvable and full >= LOCK_TABLE_TRIES:
+                    raise TooManyLocks() from None
                 delay = backoff.next()
                 # Our own errors' messages are fixed texts (a condition to fix, never a
                 # value): a grant missing is named so.
@@ -256,6 +278,17 @@ class BatchProcessor:
         if len(messages) == 1:
             self._retrying(lambda: self._poison(messages[0], error, lettered, starts))
             return
+        self._halves(messages, lettered, judged, starts)
+
+    def _halves(
+        self,
+        messages: Sequence[Message],
+        lettered: set[Offset],
+        judged: Prepared | None,
+        starts: Mapping[TopicPartition, int] | None,
+    ) -> None:
+        """The batch as two, one after the other: each its own transaction, the second
+        starting where the first ends."""
         middle = len(messages) // 2
         first, second = messages[:middle], messages[middle:]
         halves = (judged.part(first), judged.part(second)) if judged is not None else (None, None)

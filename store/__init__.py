@@ -15,7 +15,7 @@ from store.core import (
     redacted_url,
     utcnow,
 )
-from store.failures import OffsetGap, StoreRefused, StoreUnavailable
+from store.failures import LockTableFull, OffsetGap, StoreRefused, StoreUnavailable
 from store.schema import SchemaOutdated
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Conflicts",
     "Freshness",
     "HistoryEntry",
+    "LockTableFull",
     "OffsetGap",
     "OffsetRange",
     "SchemaOutdated",

@@ -31,6 +31,12 @@ class StoreMisconfigured(StoreUnavailable):
     "the store failed: ProgrammingError", the cause in no log, metric or alert."""
 
 
+class LockTableFull(StoreUnavailable):
+    """PostgreSQL's shared lock table is full (SQLSTATE 53200, out of shared memory): each
+    batch holds an advisory lock per record until it commits. Retried as an outage; the
+    worker applies a batch that keeps failing so in halves, which need half the locks."""
+
+
 # SQLSTATEs of a session's setup, by their condition's name.
 MISCONFIGURED = {
     "42501": "insufficient privilege (a grant missing: `portal-sync store grant`)",
@@ -64,6 +70,7 @@ def translated() -> Iterator[None]:
         raise StoreRefused(error) from None
     except DBAPIError as error:
         _raise_if_misconfigured(error)
+        _raise_if_lock_table_full(error)
         raise StoreUnavailable(_failure(error)) from None
     except StatementError as error:  # a parameter could not be converted: the value's fault
         raise StoreRefused(error) from None
@@ -75,6 +82,7 @@ def translated() -> Iterator[None]:
             raise StoreRefused(error) from None
         if family == "unavailable":
             _raise_if_misconfigured(error)
+            _raise_if_lock_table_full(error)
             raise StoreUnavailable(_statement_failure(error)) from None
         raise
 
@@ -97,6 +105,12 @@ LOCK_TABLE_FULL = (
     "the store failed: out of shared memory (PostgreSQL's lock table is full: raise "
     'max_locks_per_transaction, docs/operations.md "Sizing PostgreSQL")'
 )
+
+
+def _raise_if_lock_table_full(error: BaseException) -> None:
+    driver = error if (orig := getattr(error, "orig", None)) is None else orig
+    if getattr(driver, "sqlstate", None) == OUT_OF_SHARED_MEMORY:
+        raise LockTableFull(LOCK_TABLE_FULL) from None
 
 
 def _failure(error: DBAPIError) -> str:

@@ -663,3 +663,59 @@ def test_a_rebalance_while_a_batch_is_held_loses_nothing_and_leaves_no_poll_behi
     assert sum(store.all_offsets().values()) == len(events)
     store.close()
     assert exported(settings) == expected_export(events, Authority())
+
+
+def test_a_batch_beyond_postgresql_s_lock_table_is_applied_in_halves(
+    settings_for: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that needs more advisory locks than PostgreSQL's lock table holds (one a
+    record; a table sized below a full batch, or filled by other workers and a purge)
+    failed as transient for ever, retried whole: the worker stalled on it. After a few
+    failures in a row it is applied in halves, each its own transaction, and halved again
+    while they do not fit. Every event is applied, once. (max_locks_per_transaction 10 ×
+    20 connections, on a server of its own.)"""
+    import logging
+    import threading
+
+    import consumers.processor as processor_module
+    from tests.support.postgres_server import PostgresUnavailable, start_postgres
+
+    try:
+        server = start_postgres(
+            settings={"max_locks_per_transaction": "10", "max_connections": "20"}
+        )
+    except PostgresUnavailable as error:
+        from tests.conftest import _unavailable
+
+        _unavailable("PostgreSQL", error)
+    monkeypatch.setattr(processor_module, "FIRST_RETRY_SECONDS", 0.05)
+    try:
+        settings, store, processor, events, messages = _one_partition(
+            settings_for, server.url("postgres"), seed=54, count=4000
+        )
+        assert len(messages) > 2500  # one source's: far beyond the table
+        failed: list[BaseException] = []
+
+        def apply() -> None:
+            try:
+                processor.process(messages)
+            except BaseException as error:
+                failed.append(error)
+
+        with caplog.at_level(logging.WARNING, logger="consumers.processor"):
+            applying = threading.Thread(target=apply)
+            applying.start()
+            applying.join(120)
+            if applying.is_alive():  # retried whole for ever: stop it
+                processor.stopping.set()
+                applying.join(30)
+        halved = [r for r in caplog.records if "applied in halves" in r.getMessage()]
+        offsets = store.all_offsets()
+        processor.close()
+        store.close()
+        assert not failed, failed
+        assert halved  # the batch did not fit whole
+        assert offsets == {messages[0].tp: len(messages)}
+        assert exported(settings) == expected_export(events, Authority())
+    finally:
+        server.stop()

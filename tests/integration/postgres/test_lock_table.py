@@ -65,8 +65,8 @@ def test_a_batch_beyond_the_lock_table_is_transient_and_writes_nothing(
             feed.apply(*citizens(5000))
         assert str(failed.value) == LOCK_TABLE_FULL
         assert count(store, records) == 0 and count(store, applied_offsets) == 0
-        # The same events in batches the table holds: all applied (a retry with smaller
-        # batches, as the worker's isolation of a failing batch would split it).
+        # The same events in batches the table holds: all applied (as the worker applies
+        # a batch the table refuses three times in a row: in halves, test_worker_errors).
         feed.offset = 0
         for start in range(0, 5000, 100):
             feed.apply(*citizens(100, start))
