@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from portal_sync.settings import Settings
 from schemas.partitioning import message_key
@@ -85,3 +86,21 @@ def send_in_transactions(
             (producer.commit_transaction if keep else producer.abort_transaction)()
     finally:
         producer.close()
+
+
+def join_and_leave(
+    settings: Settings, joined: Callable[[KafkaConsumer], bool], timeout: float
+) -> None:
+    """Another member of the settings' group on the citizen topic: it polls until
+    `joined(it)` (or `timeout` seconds), then leaves, and its partitions go back."""
+    other = KafkaConsumer(
+        bootstrap_servers=settings.connection().bootstrap,
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        session_timeout_ms=10_000,
+    )
+    other.subscribe([settings.topics().change_topic("citizen")])
+    deadline = time.monotonic() + timeout
+    while not joined(other) and time.monotonic() < deadline:
+        other.poll(200)
+    other.close()

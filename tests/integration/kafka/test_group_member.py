@@ -131,9 +131,6 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
     (its partitions may be another member's by then) and read again from the store's
     offsets once they are ours; every event is applied once."""
     import json
-    import time
-
-    from kafka import KafkaConsumer
 
     import consumers.loop as loop_module
     from consumers.loop import ReconcilerLoop
@@ -142,7 +139,7 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
     from consumers.registry import Registry
     from schemas.partitioning import message_key
     from store.core import Store
-    from tests.support.kafka_helpers import change_topic, publisher_for
+    from tests.support.kafka_helpers import change_topic, join_and_leave, publisher_for
     from tests.support.pipeline_helpers import citizen_events, expected_export, exported
 
     settings = settings_for(sqlite_store_url, change_partitions=1)
@@ -167,17 +164,7 @@ def test_a_batch_fetched_before_a_rebalance_is_read_again_not_applied(
 
     def another_member_joins_and_leaves() -> None:
         rebalances = members[0].rebalances
-        other = KafkaConsumer(
-            bootstrap_servers=settings.connection().bootstrap,
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            session_timeout_ms=10_000,
-        )
-        other.subscribe([settings.topics().change_topic("citizen")])
-        deadline = time.monotonic() + 60
-        while members[0].rebalances == rebalances and time.monotonic() < deadline:
-            other.poll(200)
-        other.close()  # leaves: the partition comes back
+        join_and_leave(settings, lambda _: members[0].rebalances != rebalances, 60)
 
     prepared_first: list[object] = []
     applied: list[object] = []

@@ -494,14 +494,12 @@ def test_a_batch_held_past_the_poll_interval_keeps_the_member_through_a_rebalanc
     import threading
     import time as clock
 
-    from kafka import KafkaConsumer
-
     import consumers.loop as loop_module
     import transport.group as group_module
     from consumers.loop import ReconcilerLoop
     from schemas import message_key
     from store.failures import StoreUnavailable
-    from tests.support.kafka_helpers import change_topic, publisher_for
+    from tests.support.kafka_helpers import change_topic, join_and_leave, publisher_for
     from transport.group import GroupMember
 
     monkeypatch.setattr(group_module, "MAX_POLL_INTERVAL_MS", 4_000)
@@ -540,20 +538,9 @@ def test_a_batch_held_past_the_poll_interval_keeps_the_member_through_a_rebalanc
             await super()._held_poll()
             polls.append(clock.monotonic() - began)
 
-    def another_member_joins_and_leaves() -> None:
-        other = KafkaConsumer(
-            bootstrap_servers=settings.connection().bootstrap,
-            group_id=settings.group_id,
-            enable_auto_commit=False,
-            session_timeout_ms=10_000,
-        )
-        other.subscribe([settings.topics().change_topic("citizen")])
-        deadline = clock.monotonic() + 90
-        while not other.assignment() and clock.monotonic() < deadline:
-            other.poll(200)
-        other.close()  # leaves: its partition comes back
-
-    joining = threading.Thread(target=another_member_joins_and_leaves)
+    joining = threading.Thread(
+        target=join_and_leave, args=(settings, lambda other: bool(other.assignment()), 90)
+    )
     away_until = 0.0
     real_apply = processor.reconciler.apply
 
