@@ -577,8 +577,9 @@ def test_a_batch_held_past_the_poll_interval_keeps_the_member_through_a_rebalanc
         processor.close()
     joining.join(10)
     assert code == 0
-    assert members[0].rebalances >= 3  # its own first join, the other's join, its leave
-    assert len(member_ids) >= 3 and len(set(member_ids)) == 1, member_ids  # never left
+    # its own first join and the other's (its leave may fall in the same rebalance)
+    assert members[0].rebalances >= 2
+    assert len(member_ids) >= 2 and len(set(member_ids)) == 1, member_ids  # never left
     assert in_progress == 0  # no poll left counted as in progress
     # one poll waited for the rebalance, beyond `keep_polling`'s own wait for it
     assert any(took > group_module.HELD_POLL_TIMEOUT_SECONDS for took in polls), polls
