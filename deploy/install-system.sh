@@ -10,7 +10,14 @@
 set -euo pipefail
 
 want_postgres=0
-[ "${1:-}" = "--postgres" ] && want_postgres=1
+want_helm=1
+for option in "$@"; do
+  case "$option" in
+    --postgres) want_postgres=1 ;;
+    --without-helm) want_helm=0 ;;  # CI builds it beside this script (.ci/run)
+    *) echo "usage: $0 [--postgres] [--without-helm]" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 command -v java >/dev/null || missing+=(openjdk-17-jdk-headless)
@@ -66,30 +73,7 @@ if [ "${java_major:-0}" -lt 17 ]; then
   exit 1
 fi
 
-# Helm, for the chart's tests (tests/integration/helm): `go install` of the release's module
-# with the version stamps of Helm's own Makefile (its version; the Kubernetes version of its
-# client-go v0.37.0 as the default capabilities), cached: nothing is rebuilt while the
-# cached binary reports this version.
-HELM_VERSION=v3.22.0
-HELM_K8S_MINOR=37
-if [ "$want_postgres" = 1 ]; then
-  helm_bin="${XDG_CACHE_HOME:-$HOME/.cache}/portal-sync/bin"
-  if [ "$("$helm_bin/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
-    go=$(command -v go || true)
-    [ -z "$go" ] && [ -x /usr/local/go/bin/go ] && go=/usr/local/go/bin/go  # not on PATH
-    if [ -z "$go" ]; then
-      echo "Go is required to build Helm $HELM_VERSION (go install); install Go 1.26 or newer" >&2
-      exit 1
-    fi
-    echo "building Helm $HELM_VERSION into $helm_bin (go install, a few minutes once)"
-    mkdir -p "$helm_bin"
-    ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-    ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-    for package in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
-      ldflags+=" -X $package.k8sVersionMajor=1 -X $package.k8sVersionMinor=$HELM_K8S_MINOR"
-    done
-    GOBIN="$helm_bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
-      "$go" install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-    "$helm_bin/helm" version --template 'built Helm {{.Version}}{{"\n"}}'
-  fi
+# Helm, for the chart's tests (tests/integration/helm): built once, cached.
+if [ "$want_postgres" = 1 ] && [ "$want_helm" = 1 ]; then
+  bash "$(dirname "$0")/build-helm.sh"
 fi
