@@ -57,9 +57,6 @@ REBALANCE_TIMEOUT_MS = 60_000
 # aiokafka leaves the group when nothing polled for this long; `keep_polling` polls a tenth
 # of it after the last batch was asked for, while the batch in hand is still applied.
 MAX_POLL_INTERVAL_MS = 600_000
-# `keep_polling` waits this long at most for its poll: inside a rebalance, aiokafka's poll
-# waits for the assignment, and the rebalance for the batch in hand.
-HELD_POLL_TIMEOUT_SECONDS = 5.0
 
 
 def _log_ends(connection: KafkaConnection, partitions: list[TP]) -> dict[TP, int]:
@@ -297,10 +294,11 @@ class GroupMember:
         self._consumer.pause(*fetching)
         self._held |= fetching
         # Never cancelled: aiokafka's count of polls in progress would stay up, and with
-        # it the member's idle time at 0 for good. A poll inside a rebalance is waited for
-        # by the next batch (`batch`) instead.
+        # it the member's idle time at 0 for good. Nor waited for here: inside a rebalance,
+        # aiokafka's poll waits for the assignment, and the rebalance for the batch in hand,
+        # whose end the caller would not see meanwhile (it held a revoke up to 5 s). The
+        # next batch waits for it (`batch`).
         self._polling = asyncio.ensure_future(self._held_poll())
-        await asyncio.wait({self._polling}, timeout=HELD_POLL_TIMEOUT_SECONDS)
 
     async def _held_poll(self) -> None:
         try:

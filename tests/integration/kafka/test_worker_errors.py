@@ -581,8 +581,8 @@ def test_a_batch_held_past_the_poll_interval_keeps_the_member_through_a_rebalanc
     assert members[0].rebalances >= 2
     assert len(member_ids) >= 2 and len(set(member_ids)) == 1, member_ids  # never left
     assert in_progress == 0  # no poll left counted as in progress
-    # one poll waited for the rebalance, beyond `keep_polling`'s own wait for it
-    assert any(took > group_module.HELD_POLL_TIMEOUT_SECONDS for took in polls), polls
+    # one poll waited for the rebalance (without one, a paused poll returns at once)
+    assert any(took > 2.0 for took in polls), polls
     assert sum(store.all_offsets().values()) == len(events)
     store.close()
     assert exported(settings) == expected_export(events, Authority())
