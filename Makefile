@@ -56,9 +56,8 @@ test: kafka-jars connect-jars
 	# A broker for each of three processes; a file's tests stay in one process, one at a
 	# time (fault tests time what they kill), the slowest files first (the folder's
 	# conftest.py). Much of their time is waiting on a restart, a rebalance or a stall's
-	# threshold: two processes used 18.9 minutes of CPU in 14.3 (the brokers aside), a
-	# third of both cores left idle. The benches' short runs
-	# (test_benches.py) bring their own broker and PostgreSQL.
+	# threshold: with two processes, the stage took 15.3 min in a slow phase, 11.9 with
+	# three. The benches' short runs (test_benches.py) bring their own broker and PostgreSQL.
 	$(BIN)/pytest -n 3 --dist loadfile --no-loadscope-reorder tests/integration/kafka
 
 lint: $(STAMP)
