@@ -37,9 +37,9 @@ demo: kafka-jars
 
 # Unit and property tests (CPU-bound, no servers) in parallel processes; the integration
 # tests, which start and kill real servers, in parallel processes, each with its own servers.
-# Bytecode first: where PYTHONDONTWRITEBYTECODE is set (this project's machines set it), every child
-# process the tests start (a CLI command, a worker) compiled our modules again, 0.4 s of
-# the 1.8 s a `worker --until-caught-up` takes on an empty topic.
+# Bytecode first: where PYTHONDONTWRITEBYTECODE is set (this project's machines set it),
+# every child process the tests start (a CLI command, a worker) compiled our modules
+# again: `worker --until-caught-up` on an empty topic took 2.8-3.2 s, 2.4-2.6 s without.
 PACKAGES := portal_sync producers consumers schemas store transport observability
 test: kafka-jars connect-jars
 	bash deploy/install-system.sh --postgres
@@ -56,8 +56,8 @@ test: kafka-jars connect-jars
 	# A broker for each of three processes; a file's tests stay in one process, one at a
 	# time (fault tests time what they kill), the slowest files first (the folder's
 	# conftest.py). Much of their time is waiting on a restart, a rebalance or a stall's
-	# threshold: with two processes, the stage took 15.3 min in a slow phase, 11.9 with
-	# three. The benches' short runs (test_benches.py) bring their own broker and PostgreSQL.
+	# threshold: two processes left the cores a third idle (`time`); three fill them. The
+	# benches' short runs (test_benches.py) bring their own broker and PostgreSQL.
 	$(BIN)/pytest -n 3 --dist loadfile --no-loadscope-reorder tests/integration/kafka
 
 lint: $(STAMP)

@@ -26,14 +26,16 @@ SLOWEST_FIRST = (
 )
 
 
+def _here(item: pytest.Item) -> bool:
+    return HERE in Path(str(item.fspath)).parents
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if HERE in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.kafka)
+    spots = [n for n, item in enumerate(items) if _here(item)]
+    for n in spots:
+        items[n].add_marker(pytest.mark.kafka)
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
-    ours = [item for item in items if HERE in Path(str(item.fspath)).parents]
-    ours.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+    ours = sorted((items[n] for n in spots), key=lambda item: rank.get(item.path.name, len(rank)))
     # In place, where this folder's tests were: the other folders' order is theirs.
-    spots = [n for n, item in enumerate(items) if HERE in Path(str(item.fspath)).parents]
     for spot, item in zip(spots, ours, strict=True):
         items[spot] = item
