@@ -495,11 +495,16 @@ def test_a_worker_started_while_its_store_is_away_waits_for_it_alive_and_not_rea
         worker = start_worker(settings, "--metrics-port", str(port))
         _wait(lambda: _probe(port, "/healthz") == 200, 60, "the worker to serve /healthz")
         assert _probe(port, "/readyz") == 503
-        time.sleep(4)  # past its first attempts (1 s, then 2 s): still waiting, alive
+        # counted as a batch's retries are: the stall alert sees a start that never ends.
+        # Past its first attempts (1 s, then 2 s) it is still waiting, and alive. The count
+        # starts at the first failed attempt, which a loaded machine delays past /healthz.
+        _wait(
+            lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 3,
+            60,
+            "the worker's wait for its store to be counted past 3 s",
+        )
         assert worker.poll() is None, worker.communicate()[0]
         assert _probe(port, "/healthz") == 200
-        # counted as a batch's retries are: the stall alert sees a start that never ends
-        assert (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 3
         waiting_for = 'portal_sync_worker_waiting_for{reason="StoreUnavailable"}'
         assert _metric(port, waiting_for) == 1.0  # the stall alert's `waiting_for` names it
         # `restart` starts a stopped server with the options it last ran with
@@ -539,7 +544,12 @@ def test_a_worker_starting_on_a_locked_sqlite_store_says_so_and_hears_a_stop(
         worker = start_worker(settings, "--metrics-port", str(port))
         _wait(lambda: _probe(port, "/healthz") == 200, 60, "the worker to serve /healthz")
         assert _probe(port, "/readyz") == 503
-        time.sleep(7)  # past one lock wait (5 s) and its retry
+        # past one lock wait (5 s): the failure is logged, then counted
+        _wait(
+            lambda: (_metric(port, "portal_sync_worker_retrying_seconds") or 0) > 0,
+            60,
+            "the worker's first lock wait to end",
+        )
         assert worker.poll() is None
         assert _stop(worker, timeout=15) < 10
         assert worker.returncode == 0
