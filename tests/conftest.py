@@ -39,6 +39,15 @@ def _unavailable(what: str, error: Exception) -> NoReturn:
     unavailable(f"{what} is unavailable: {error}")
 
 
+# The brokers the tests start (and the benches' short runs, the demo's) compile Java with the
+# JIT's first tier only: they live minutes and carry little, and the second tier's
+# compiling was most of their CPU. A broker's start 2.9 -> 1.7 s of CPU, an idle minute 2.2
+# -> 1.6 s; the Kafka tests' brokers 200 -> 119 s of CPU, all their processes 607 -> 538 s
+# (docs/performance-log.md, thirty-seventh round). The collector stays the production one.
+os.environ.setdefault(
+    "KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:TieredStopAtLevel=1"
+)
+
 KAFKA_FIXTURES = {"kafka_bootstrap", "settings_for"}
 POSTGRES_FIXTURES = {"postgres_server", "postgres_store_url"}
 

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -39,6 +40,16 @@ from transport.local_secure import (
 KAFKA_VERSION = "3.9.2"
 DEFAULT_PORT = 9092
 HEAP = "-Xmx512m"
+# The JVM's options besides the heap, as Kafka's own scripts take them: what
+# `KAFKA_JVM_PERFORMANCE_OPTS` says when set, else a broker's usual collector settings.
+PERFORMANCE_OPTIONS = ("-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20")
+
+
+def performance_options() -> list[str]:
+    given = os.environ.get("KAFKA_JVM_PERFORMANCE_OPTS", "")
+    return shlex.split(given) if given.strip() else list(PERFORMANCE_OPTIONS)
+
+
 # The log cleaner's dedupe map is one heap array, allocated at start: Kafka's default of
 # 128 MiB took half a cluster node's heap and left too little for the log recovery after
 # a crash (OutOfMemoryError in LogManager). 32 MiB holds about 1.3 million keys a pass.
@@ -426,8 +437,7 @@ class LocalKafka:
             java,
             self.heap,
             "-Xms128m",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
+            *performance_options(),
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={logs}",
             f"-Dlog4j.configuration=file:{DEPLOY_DIR / 'log4j.properties'}",

@@ -62,3 +62,31 @@ def test_a_broker_that_exited_names_its_first_error(tmp_path: Path) -> None:
 
 def test_a_broker_without_logs_gives_no_cause(tmp_path: Path) -> None:
     assert LocalKafka(tmp_path)._last_error() == ""
+
+
+def test_a_broker_runs_with_kafka_s_performance_options_when_they_are_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`KAFKA_JVM_PERFORMANCE_OPTS`, as Kafka's own scripts read it, replaces the collector
+    settings and nothing else: the heap and the broker's class stay."""
+    started: list[list[str]] = []
+
+    class Started:
+        pid = 4242
+
+        def __init__(self, command: list[str], **_: object) -> None:
+            started.append(command)
+
+    monkeypatch.setattr(local.subprocess, "Popen", Started)
+    broker = LocalKafka(tmp_path)
+    monkeypatch.delenv("KAFKA_JVM_PERFORMANCE_OPTS", raising=False)
+    broker._start("java", tmp_path, tmp_path / "server.properties")
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", " -XX:TieredStopAtLevel=1  -XX:+UseSerialGC ")
+    broker._start("java", tmp_path, tmp_path / "server.properties")
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "  ")
+    broker._start("java", tmp_path, tmp_path / "server.properties")
+    default, given, blank = started
+    assert default[1:5] == [local.HEAP, "-Xms128m", *local.PERFORMANCE_OPTIONS]
+    assert given[1:5] == [local.HEAP, "-Xms128m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
+    assert blank == default
+    assert all(c[-2] == "kafka.Kafka" for c in started)
