@@ -42,7 +42,7 @@ def _unavailable(what: str, error: Exception) -> NoReturn:
 # The brokers the tests start (and the benches' short runs, the demo's) compile Java with the
 # JIT's first tier only: they live minutes and carry little, and the second tier's
 # compiling was most of their CPU. A broker's start 2.9 -> 1.7 s of CPU, an idle minute 2.2
-# -> 1.6 s; the Kafka tests' brokers 200 -> 119 s of CPU, all their processes 607 -> 538 s
+# -> 1.6 s; the Kafka tests' brokers 200 -> 117 s of CPU, all their processes 607 -> 521 s
 # (docs/performance-log.md, thirty-seventh round). The collector stays the production one.
 os.environ.setdefault(
     "KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:TieredStopAtLevel=1"

@@ -40,11 +40,9 @@ from transport.local_secure import (
 KAFKA_VERSION = "3.9.2"
 DEFAULT_PORT = 9092
 HEAP = "-Xmx512m"
-# The JVM's options besides the heap, as Kafka's own scripts take them: what
+# The broker JVM's options besides the heap, as Kafka's own scripts take them: what
 # `KAFKA_JVM_PERFORMANCE_OPTS` says when set, else a broker's usual collector settings.
 PERFORMANCE_OPTIONS = ("-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20")
-
-
 # A one-shot tool's JVM (the storage's format, under a second): the JIT's first tier and the
 # serial collector, for what a run that short needs. CPU 0.84-0.90 -> 0.50-0.53 s a format.
 TOOL_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
@@ -52,7 +50,10 @@ TOOL_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 
 def performance_options() -> list[str]:
     given = os.environ.get("KAFKA_JVM_PERFORMANCE_OPTS", "")
-    return shlex.split(given) if given.strip() else list(PERFORMANCE_OPTIONS)
+    try:
+        return shlex.split(given) if given.strip() else list(PERFORMANCE_OPTIONS)
+    except ValueError as error:  # an unclosed quote
+        raise KafkaSetupError(f"KAFKA_JVM_PERFORMANCE_OPTS cannot be read: {error}") from None
 
 
 # The log cleaner's dedupe map is one heap array, allocated at start: Kafka's default of

@@ -90,3 +90,7 @@ def test_a_broker_runs_with_kafka_s_performance_options_when_they_are_given(
     assert given[1:5] == [local.HEAP, "-Xms128m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
     assert blank == default
     assert all(c[-2] == "kafka.Kafka" for c in started)
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", '-XX:+UseG1GC "-Dx=unclosed')
+    with pytest.raises(local.KafkaSetupError, match="KAFKA_JVM_PERFORMANCE_OPTS"):
+        broker._start("java", tmp_path, tmp_path / "server.properties")
+    assert len(started) == 3
