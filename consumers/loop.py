@@ -48,6 +48,12 @@ CHECK_BEATS_SECONDS = CHILD_TIMEOUT_SECONDS + 60
 # `worker --until-caught-up`: how often one partition whose offset stays put is asked whether
 # anything is left before its target (a read of the topic each time).
 SETTLE_EVERY_SECONDS = 10.0
+# While batches keep coming, a partition is asked only once its offset stayed put this long:
+# the client hands out one partition's fetched records after another, and one not yet
+# reached is no partition at its end. Asked after every batch, those reads (a client and a
+# fetch each) cost the drain about a sixth of its rate and 25 MB (docs/performance-log.md,
+# thirty-seventh round).
+SETTLE_WHILE_BUSY_SECONDS = 10.0
 EXIT_BATCH_FAILED = 3  # a batch failed in an unexpected way: restart from the store
 EXIT_CONFIGURATION = 2  # a setting the next start would meet again (the taxonomy's code)
 
@@ -106,6 +112,7 @@ class ReconcilerLoop:
         self.applied: dict[TopicPartition, int] = {}
         self.checked_store_at = 0.0  # monotonic time of the last progress read from the store
         self.stalled_at: dict[TopicPartition, int] = {}  # offsets unmoved over a check
+        self.still_since: dict[TopicPartition, tuple[int, float]] = {}  # offset, since when
         self.settle_asked: dict[TopicPartition, float] = {}  # `_settle_one`'s last question
         self.to_copy: dict[TopicPartition, int] = {}  # for Kafka's group offsets (`_copy`)
         self.topics_checked_at = 0.0  # monotonic time of the last `_check_topics`
@@ -343,7 +350,7 @@ class ReconcilerLoop:
                     return
                 if outcome == "reseek":
                     continue  # the batch in hand was read from the wrong position
-                if self.until_caught_up and await self._caught_up():
+                if self.until_caught_up and await self._caught_up(busy=True):
                     # Under a steady flow every fetch brings a batch, and the check at the
                     # loop's top (between batches) never came: the job ran for ever. What
                     # was fetched meanwhile lies past the targets and is not applied.
@@ -475,13 +482,14 @@ class ReconcilerLoop:
             ends[tp] = self.applied[tp] = max(self.applied.get(tp, 0), end)
         return "ok", ends
 
-    async def _caught_up(self) -> bool:
+    async def _caught_up(self, busy: bool = False) -> bool:
         """Every partition reached the end offsets seen at start (other workers' included:
         their progress is read from the store), or holds no committed message before them:
         a log that ends in a transactional writer's marker or aborted events ends past the
         last event applied, and was waited for until the process was killed. A partition
         that a transaction still open holds back is waited for (its events, and all after
-        them, are applied once it ends), with a warning each time it is asked."""
+        them, are applied once it ends), with a warning each time it is asked. `busy`: asked
+        as a batch ends, batches still coming (`SETTLE_WHILE_BUSY_SECONDS`)."""
         behind = [tp for tp, end in self.targets.items() if self.applied.get(tp, 0) < end]
         if not behind:
             return True
@@ -499,7 +507,12 @@ class ReconcilerLoop:
             unmoved = []
             for tp in behind:
                 at = self.applied.get(tp, 0)
-                if at == self.stalled_at.get(tp) and at < self.targets[tp]:
+                offset, since = self.still_since.get(tp, (-1, now))
+                if offset != at:
+                    self.still_since[tp] = (at, now)
+                still = now - since if offset == at else 0.0
+                settles = not busy or still >= SETTLE_WHILE_BUSY_SECONDS
+                if at == self.stalled_at.get(tp) and at < self.targets[tp] and settles:
                     unmoved.append(tp)
                 self.stalled_at[tp] = at if at == before[tp] else -1
             await self._settle_one(unmoved, now)
