@@ -507,10 +507,9 @@ class ReconcilerLoop:
             unmoved = []
             for tp in behind:
                 at = self.applied.get(tp, 0)
-                offset, since = self.still_since.get(tp, (-1, now))
-                if offset != at:
+                if self.still_since.get(tp, (-1, now))[0] != at:
                     self.still_since[tp] = (at, now)
-                still = now - since if offset == at else 0.0
+                still = now - self.still_since[tp][1]
                 settles = not busy or still >= SETTLE_WHILE_BUSY_SECONDS
                 if at == self.stalled_at.get(tp) and at < self.targets[tp] and settles:
                     unmoved.append(tp)

@@ -12,6 +12,7 @@ In CI (env CI set) a missing broker or database fails the run instead of skippin
 from __future__ import annotations
 
 import os
+import shlex
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from portal_sync.settings import Settings
+from transport.local import PERFORMANCE_OPTIONS
 
 # A server or tool the tests need that cannot start fails them: `make test` installs every
 # one (deploy/install-system.sh --postgres), so a skip would only hide a broken one. A
@@ -45,7 +47,7 @@ def _unavailable(what: str, error: Exception) -> NoReturn:
 # -> 1.6 s; the Kafka tests' brokers 200 -> 117 s of CPU, all their processes 607 -> 521 s
 # (docs/performance-log.md, thirty-seventh round). The collector stays the production one.
 os.environ.setdefault(
-    "KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:TieredStopAtLevel=1"
+    "KAFKA_JVM_PERFORMANCE_OPTS", shlex.join((*PERFORMANCE_OPTIONS, "-XX:TieredStopAtLevel=1"))
 )
 
 KAFKA_FIXTURES = {"kafka_bootstrap", "settings_for"}
