@@ -6,7 +6,7 @@ import contextlib
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import cache
 
@@ -179,8 +179,8 @@ def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     BATCH_EVENTS.observe(len(report.outcomes))
     for phase, seconds in report.phases.items():
         BATCH_PHASE_SECONDS.labels(phase).observe(seconds)
-    for entity, field_name in report.new_conflicts:
-        FIELD_CONFLICTS.labels(entity, field_name).inc()
+    for (entity, field_name), count in Tally(report.new_conflicts).items():
+        FIELD_CONFLICTS.labels(entity, field_name).inc(count)
     DOSSIER_ANOMALIES.inc(report.anomalies)
     FRESHNESS.record([(source, at) for source, (_, at) in newest.items()], report.committed_at)
     return lags
@@ -198,9 +198,10 @@ def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
         DEAD_LETTERS.labels(letter.code).inc()
 
 
-def record_warnings(entity: str, warnings: Iterable[str]) -> None:
-    for check in warnings:
-        SOFT_WARNINGS.labels(entity, check).inc()
+def record_warnings(counts: Mapping[tuple[str, str], int]) -> None:
+    """Failed soft checks, counted by (entity, check)."""
+    for (entity, check), count in counts.items():
+        SOFT_WARNINGS.labels(entity, check).inc(count)
 
 
 WORKER_RETRYING_SECONDS = Gauge(

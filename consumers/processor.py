@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,18 +364,36 @@ class BatchProcessor:
     @staticmethod
     def _soft_checks(warned: Sequence[Checked]) -> None:
         """Count and log the soft checks that failed, of a committed batch's events that
-        were not applied before."""
+        were not applied before: a line per check and partition, naming the events by
+        their offsets. A line an event flooded the log of a source whose every event fails
+        a check (41 % of the peer harness's events fail one) and cost the batch thread
+        4 % of its time (docs/performance-log.md, thirty-eighth round)."""
+        failed: dict[tuple[str, str, str, int], list[int]] = {}
         for checked in warned:
             message = checked.message
-            record_warnings(checked.event.entity, checked.warnings)
-            # Where the event is, never what it names: the key is a personal id, and our
-            # producers derive the event id from it with no secret.
+            for check in checked.warnings:
+                place = (checked.event.entity, check, message.topic, message.partition)
+                offsets = failed.get(place)
+                if offsets is None:
+                    failed[place] = [message.offset]
+                else:
+                    offsets.append(message.offset)
+        counts: dict[tuple[str, str], int] = {}
+        for (entity, check, _, _), offsets in failed.items():
+            counts[entity, check] = counts.get((entity, check), 0) + len(offsets)
+        record_warnings(counts)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        for (_, check, topic, partition), offsets in failed.items():
+            # Where the events are, never what they name: the key is a personal id, and
+            # our producers derive the event id from it with no secret.
             log.info(
-                "soft checks %s failed for the event at %s:%d:%d",
-                ",".join(checked.warnings),
-                message.topic,
-                message.partition,
-                message.offset,
+                "soft check %s failed for %d event(s) at %s:%d, offsets %s",
+                check,
+                len(offsets),
+                topic,
+                partition,
+                offset_spans(offsets),
             )
 
     def purge_if_due(self) -> None:
@@ -481,3 +499,14 @@ def apply_failure(error: Exception) -> str:
 
 def _origin(message: Message) -> Offset:
     return (message.topic, message.partition, message.offset)
+
+
+def offset_spans(offsets: Iterable[int]) -> str:
+    """Offsets as runs, in order: `3-5,9,12-13`."""
+    runs: list[list[int]] = []
+    for offset in sorted(offsets):
+        if runs and offset <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], offset)
+        else:
+            runs.append([offset, offset])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
