@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+from itertools import pairwise
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from consumers.checks import Checked
@@ -21,6 +24,16 @@ def test_offset_spans_joins_runs_in_order() -> None:
     assert offset_spans([7]) == "7"
     assert offset_spans([12, 3, 4, 5, 9, 13, 4]) == "3-5,9,12-13"
     assert offset_spans(range(1000, 3000)) == "1000-2999"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**12), max_size=300))
+def test_offset_spans_name_every_offset_once_in_runs_that_do_not_touch(offsets: list[int]) -> None:
+    text = offset_spans(offsets)
+    runs = [tuple(map(int, part.split("-"))) if "-" in part else (int(part),) * 2
+            for part in text.split(",") if part]  # fmt: skip
+    named = [n for first, last in runs for n in range(first, last + 1)]
+    assert named == sorted(set(offsets))
+    assert all(later[0] > earlier[1] + 1 for earlier, later in pairwise(runs))
 
 
 def _counted(check: str) -> float:
