@@ -6,7 +6,7 @@ import contextlib
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime
 from functools import cache
 
@@ -198,10 +198,9 @@ def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
         DEAD_LETTERS.labels(letter.code).inc()
 
 
-def record_warnings(counts: Mapping[tuple[str, str], int]) -> None:
-    """Failed soft checks, counted by (entity, check)."""
-    for (entity, check), count in counts.items():
-        SOFT_WARNINGS.labels(entity, check).inc(count)
+def record_warnings(entity: str, check: str, count: int) -> None:
+    """`count` events of `entity` failed the soft check `check`."""
+    SOFT_WARNINGS.labels(entity, check).inc(count)
 
 
 WORKER_RETRYING_SECONDS = Gauge(

@@ -373,15 +373,9 @@ class BatchProcessor:
             message = checked.message
             for check in checked.warnings:
                 place = (checked.event.entity, check, message.topic, message.partition)
-                offsets = failed.get(place)
-                if offsets is None:
-                    failed[place] = [message.offset]
-                else:
-                    offsets.append(message.offset)
-        counts: dict[tuple[str, str], int] = {}
+                failed.setdefault(place, []).append(message.offset)
         for (entity, check, _, _), offsets in failed.items():
-            counts[entity, check] = counts.get((entity, check), 0) + len(offsets)
-        record_warnings(counts)
+            record_warnings(entity, check, len(offsets))
         if not log.isEnabledFor(logging.INFO):
             return
         for (_, check, topic, partition), offsets in failed.items():
@@ -505,8 +499,8 @@ def offset_spans(offsets: Iterable[int]) -> str:
     """Offsets as runs, in order: `3-5,9,12-13`."""
     runs: list[list[int]] = []
     for offset in sorted(offsets):
-        if runs and offset <= runs[-1][1] + 1:
-            runs[-1][1] = max(runs[-1][1], offset)
+        if runs and offset <= runs[-1][1] + 1:  # sorted: the run ends here now
+            runs[-1][1] = offset
         else:
             runs.append([offset, offset])
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

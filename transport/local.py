@@ -49,6 +49,7 @@ TOOL_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 
 
 def performance_options() -> list[str]:
+    """The broker JVM's options besides the heap (`PERFORMANCE_OPTIONS`)."""
     given = os.environ.get("KAFKA_JVM_PERFORMANCE_OPTS", "")
     try:
         return shlex.split(given) if given.strip() else list(PERFORMANCE_OPTIONS)
