@@ -16,13 +16,21 @@ out; the merge is the worker's (`consumers.merge.merge`).
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink --rounds 3
 
-docs/performance-log.md, twenty-second round.
+docs/performance-log.md, twenty-second round. `--variant` compares the two-row layout as it
+is with one change of it instead (thirty-ninth round): `key-first`, the primary keys of
+views and records led by the key (`(key, entity, source)`, `(key, entity)`; the statements
+unchanged, `ON CONFLICT` finds an index by its columns in any order), or `select-unnest`,
+the upserts' rows taken from `unnest` in a select list instead of `FROM unnest(…)`.
+
+    .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink \
+        --variant key-first --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -67,6 +75,39 @@ READ_ONE_ROW = (
 )
 
 
+# `FROM unnest(a, b, …) AS u(x, y, …)` as `FROM (SELECT unnest(a) AS x, …) AS u`.
+_FROM_UNNEST = re.compile(r"FROM unnest\((?P<arrays>[^)]*)\)\s*AS u\((?P<names>[^)]*)\)")
+
+
+def select_unnest(sql: str) -> str:
+    """A statement whose `FROM unnest(…)` rows come from `unnest` in a select list."""
+    found = _FROM_UNNEST.search(sql)
+    if found is None:
+        return sql
+    arrays = [a.strip() for a in found.group("arrays").split(",")]
+    names = [n.strip() for n in found.group("names").split(",")]
+    columns = ", ".join(f"unnest({a}) AS {n}" for a, n in zip(arrays, names, strict=True))
+    return f"{sql[: found.start()]}FROM (SELECT {columns}) AS u{sql[found.end() :]}"
+
+
+class SelectUnnestIO(PostgresBatchIO):
+    """The store's statements, their `FROM unnest(…)` as `select_unnest` writes it."""
+
+    def _run(self, sql: str, params: Sequence[Any], planned: bool = False) -> list[Any]:
+        return super()._run(select_unnest(sql), params, planned)
+
+
+def key_first(connection: Any, on: bool) -> None:
+    """The primary keys of views and records led by the key (`on`) or as the store has them."""
+    views, records = ("key, entity, source", "key, entity") if on else (
+        "entity, key, source", "entity, key")  # fmt: skip
+    connection.execute("ALTER TABLE source_views DROP CONSTRAINT source_views_pkey")
+    connection.execute("ALTER TABLE records DROP CONSTRAINT records_pkey")
+    connection.execute(f"ALTER TABLE source_views ADD PRIMARY KEY ({views})")
+    connection.execute(f"ALTER TABLE records ADD PRIMARY KEY ({records})")
+    connection.commit()
+
+
 def create_tables(store_url: str) -> None:
     """The store's schema (its migrations; this also registers the binary arrays' dumpers
     for the connections made after it) and the one-row layout's table beside it."""
@@ -109,8 +150,14 @@ def _view_json(view: SourceView) -> dict[str, Any]:
     }
 
 
-def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[float, float]:
-    """Apply the events in batches through one layout; (server CPU, wall) in seconds."""
+def replay(
+    connection: Any,
+    events: Sequence[Event],
+    one_row: bool,
+    io: type[PostgresBatchIO] = PostgresBatchIO,
+) -> tuple[float, float]:
+    """Apply the events in batches through one layout (the two-row one through `io`'s
+    statements); (server CPU, wall) in seconds."""
     _, authority = load_rules(None, None)
     backend = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
     tick = os.sysconf("SC_CLK_TCK")
@@ -123,7 +170,7 @@ def replay(connection: Any, events: Sequence[Event], one_row: bool) -> tuple[flo
             return float("nan")
         return (int(fields[11]) + int(fields[12])) / tick
 
-    store = PostgresBatchIO(connection)  # the store's own statements for views and records
+    store = io(connection)  # the store's own statements for views and records
     views: dict[str, dict[str, SourceView]] = {}  # what the reads return, kept in memory
     now = datetime(2026, 12, 3)
     cpu, wall = server_cpu(), time.perf_counter()
@@ -176,22 +223,37 @@ def main() -> None:
     parser.add_argument("--peer", type=Path, required=True, help="the peer harness's directory")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per layout")
+    parser.add_argument(
+        "--variant",
+        choices=["one-row", "key-first", "select-unnest"],
+        default="one-row",
+        help="what the two-row layout is compared with (default: the one-row layout)",
+    )
     args = parser.parse_args()
 
     import psycopg
 
     from tests.support.postgres_server import start_postgres
 
+    two_rows = "views and records, two rows an event"
+    # name, one row, tables, the two-row layout's statements, primary keys led by the key
+    layouts: list[tuple[str, bool, str, type[PostgresBatchIO], bool]] = [
+        (two_rows, False, "source_views, records", PostgresBatchIO, False),
+        {
+            "one-row": ("a record's views in its row, one row", True, "records_with_views",
+                        PostgresBatchIO, False),
+            "key-first": (f"{two_rows}, keys led by the key", False, "source_views, records",
+                          PostgresBatchIO, True),
+            "select-unnest": (f"{two_rows}, unnest in select lists", False,
+                              "source_views, records", SelectUnnestIO, False),
+        }[args.variant],
+    ]  # fmt: skip
     events = peer_events(args.peer, args.events)
     postgres = start_postgres(settings={"fsync": "off", "synchronous_commit": "off"})
     try:
         create_tables(postgres.url("postgres"))
         url = postgres.url("postgres").replace("postgresql+psycopg", "postgresql")
         with psycopg.connect(url) as connection:
-            layouts: list[tuple[str, bool, str]] = [
-                ("views and records, two rows an event", False, "source_views, records"),
-                ("a record's views in its row, one row", True, "records_with_views"),
-            ]
 
             def size(tables: str) -> int:
                 query = "SELECT pg_total_relation_size(%s)"
@@ -200,12 +262,14 @@ def main() -> None:
                 )
 
             for round_ in range(1, args.rounds + 1):
-                for name, one_row, tables in layouts:
+                for name, one_row, tables, io, led_by_key in layouts:
                     connection.execute(f"TRUNCATE {tables}")
                     connection.commit()
-                    cpu, wall = replay(connection, events, one_row)
+                    if args.variant == "key-first":
+                        key_first(connection, led_by_key)
+                    cpu, wall = replay(connection, events, one_row, io)
                     print(
-                        f"round {round_}  {name:38}  server CPU {cpu / len(events) * 1e6:5.1f}"
+                        f"round {round_}  {name:52}  server CPU {cpu / len(events) * 1e6:5.1f}"
                         f" µs/event  wall {wall / len(events) * 1e6:5.1f} µs/event"
                         f"  tables {size(tables) / 1e6:5.1f} MB",
                         flush=True,

@@ -1,5 +1,7 @@
 """bench/row_layout.py: both layouts, fed the same events, hold the same records, and the
-one-row layout's views are the `source_views` rows the store's own statements wrote."""
+one-row layout's views are the `source_views` rows the store's own statements wrote; its
+variants of the two-row layout (keys led by the key, `unnest` in select lists) write the
+same rows as the store's statements."""
 
 from __future__ import annotations
 
@@ -8,7 +10,15 @@ from typing import Any
 
 import psycopg
 
-from bench.row_layout import Event, create_tables, replay
+from bench.row_layout import (
+    Event,
+    SelectUnnestIO,
+    create_tables,
+    key_first,
+    replay,
+    select_unnest,
+)
+from store.batch import PostgresBatchIO
 
 
 def _data(name: str, phone: str, line: str | None = None) -> dict[str, Any]:
@@ -76,3 +86,48 @@ def test_both_layouts_hold_the_same_records_and_views(postgres_store_url: str) -
     )
     assert in_rows == sorted(tuple(row) for row in views)
     assert ("079085001234", "ministry-bca", 1, "e-5") in [row[:4] for row in in_rows]
+
+
+def test_the_variants_write_what_the_store_s_statements_write(postgres_store_url: str) -> None:
+    create_tables(postgres_store_url)
+    url = postgres_store_url.replace("postgresql+psycopg", "postgresql")
+    query = (
+        "SELECT v.key, v.source, v.version, v.event_id, v.data::text, r.data::text,"
+        " r.sources::text, r.provenance::text FROM source_views v JOIN records r"
+        " ON r.entity = v.entity AND r.key = v.key ORDER BY v.key, v.source"
+    )
+    held: dict[str, list[tuple[Any, ...]]] = {}
+    with psycopg.connect(url) as connection:
+        for name, io, led_by_key in [
+            ("as is", PostgresBatchIO, False),
+            ("select lists", SelectUnnestIO, False),
+            ("key first", PostgresBatchIO, True),
+        ]:
+            connection.execute("TRUNCATE source_views, records")
+            connection.commit()
+            key_first(connection, led_by_key)
+            replay(connection, EVENTS, False, io)
+            held[name] = _json_rows(connection, query)
+        leading = connection.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+            " AND a.attnum = i.indkey[0] WHERE i.indrelid = 'source_views'::regclass"
+            " AND i.indisprimary"
+        ).fetchone()
+    assert len(held["as is"]) == 3  # two records, one of them with two sources
+    assert held["select lists"] == held["as is"]
+    assert held["key first"] == held["as is"]
+    assert leading == ("key",)  # the last one ran with the key leading
+
+
+def test_select_unnest_rewrites_the_rows_source_and_nothing_else() -> None:
+    sql = (
+        "INSERT INTO t (a, b) SELECT e, CAST(j AS json) FROM unnest(%b::text[], %b::text[])"
+        " AS u(e, j) ON CONFLICT (a) DO NOTHING"
+    )
+    assert select_unnest(sql) == (
+        "INSERT INTO t (a, b) SELECT e, CAST(j AS json) FROM (SELECT unnest(%b::text[]) AS e,"
+        " unnest(%b::text[]) AS j) AS u ON CONFLICT (a) DO NOTHING"
+    )
+    assert select_unnest("DELETE FROM t USING unnest(%b::text[]) AS w(k)") == (
+        "DELETE FROM t USING unnest(%b::text[]) AS w(k)"
+    )
