@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, tuple_
 
 from schemas.views import RecordKey
-from store.core import Store, _upsert, utcnow
+from store.base import upsert, utcnow
+from store.core import Store
 from store.failures import translated
 from store.tables import SOURCE_PURGE_PROGRESS, source_freshness, source_purges, source_views
 
@@ -134,7 +135,7 @@ def finish_purge(store: Store, purge: SourcePurge) -> SourcePurge:
     the purge began keeps its row: the source delivered again."""
     done = replace(purge, finished_at=utcnow())
     with translated(), store.write_transaction() as conn:
-        _upsert(conn, source_purges, [done.row()], ["id"], updated=SOURCE_PURGE_PROGRESS)
+        upsert(conn, source_purges, [done.row()], ["id"], updated=SOURCE_PURGE_PROGRESS)
         if purge.entity is None and purge.reference is None:
             conn.execute(
                 delete(source_freshness).where(

@@ -597,9 +597,9 @@ def test_history_and_access_log_are_deleted_a_chunk_at_a_time_within_a_run_s_tim
     """A lowered retention, or days of failed runs, leave many rows due: a run deletes a
     chunk of each at least and stops at its time, and says more is due; runs a minute
     apart finish them. Nothing due after its retention is kept."""
-    import store.core as core
+    import store.retention as retention
 
-    monkeypatch.setattr(core, "RETENTION_CHUNK", 3)
+    monkeypatch.setattr(retention, "RETENTION_CHUNK", 3)
     feed = Feed(store)
     for version in range(1, 8):  # seven history entries
         feed.apply(
