@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from consumers.config import load_rules
 from consumers.merge import merge
 from schemas.views import CanonicalRecord, SourceView
-from store.batch import CANONICAL_SQL, VIEWS_SQL, PostgresBatchIO
+from store.batch_postgres import CANONICAL_SQL, VIEWS_SQL, PostgresBatchIO
 from store.core import Store
 from store.pg_arrays import text_array, utf8_array
 

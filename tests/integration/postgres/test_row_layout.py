@@ -18,7 +18,7 @@ from bench.row_layout import (
     replay,
     select_unnest,
 )
-from store.batch import PostgresBatchIO
+from store.batch_postgres import PostgresBatchIO
 
 
 def _data(name: str, phone: str, line: str | None = None) -> dict[str, Any]:

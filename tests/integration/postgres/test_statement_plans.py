@@ -53,7 +53,7 @@ def test_lookups_by_key_use_the_primary_key_whatever_the_estimates(
 ) -> None:
     """A batch's 2,000 keys among 40,000 rows: as a join, PostgreSQL hashed the whole table
     (a sequential scan); the lookups go through the primary key's index instead."""
-    from store.batch import CANONICAL_SQL, VIEWS_SQL
+    from store.batch_postgres import CANONICAL_SQL, VIEWS_SQL
     from store.pg_arrays import text_array
 
     store = Store(postgres_store_url)
