@@ -5,13 +5,13 @@ Today the store keeps every source's view in `source_views` and the merged recor
 other layout, not built, keeps a record's views in its own row (a `views` JSON column): one
 read and one upsert. This replays the peer harness's citizen events (`--peer`, as
 `bench/instructions.py` makes them: three in four update a record, a fifth from a second
-source) in batches of 2,000 through each layout's statements, as `store.batch` sends them
+source) in batches of 2,000 through each layout's statements, as the store sends them
 (binary arrays, `unnest`, `ON CONFLICT`; the reads by index), on a throwaway PostgreSQL
-(fsync off; the two-row layout in the store's own schema and statements, `store.batch`'s
-`PostgresBatchIO`), and prints the server backend's CPU per event (`/proc/<pid>/stat`, so the
-neighbours' load counts less than in a wall time), the wall time per event (both sides)
-and the tables' size. History, conflicts and offsets are the same in both layouts and left
-out; the merge is the worker's (`consumers.merge.merge`).
+(fsync off; the two-row layout in the store's own schema and statements,
+`store.batch_postgres.PostgresBatchIO`), and prints the server backend's CPU per event
+(`/proc/<pid>/stat`, so the neighbours' load counts less than in a wall time), the wall
+time per event (both sides) and the tables' size. History, conflicts and offsets are the
+same in both layouts and left out; the merge is the worker's (`consumers.merge.merge`).
 
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink
     .venv/bin/python bench/row_layout.py --peer ../shared/bench/peer_jdbc_sink --rounds 3

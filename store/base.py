@@ -16,12 +16,12 @@ from typing import Any
 from sqlalchemy import Connection, Table, and_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from store.batch import OffsetRange as OffsetRange
+from store.batch import TopicPartition as TopicPartition
 from store.engine import IDLE_IN_TRANSACTION_SECONDS, create_store_engine
 from store.failures import translated
 from store.tables import store_meta
 
-TopicPartition = tuple[str, int]
-OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 CHUNK = 500
 
 

@@ -5,14 +5,14 @@ the database plans it once:
 
 - PostgreSQL: the rows of a table travel as a handful of arrays (`unnest(%b::text[], …)`),
   one statement per table: `INSERT … SELECT FROM unnest … ON CONFLICT … DO UPDATE`, reads
-  as index lookups per key of `unnest` (`VIEWS_SQL`), deletes as `DELETE … USING unnest …
-  RETURNING`. The arrays go in PostgreSQL's binary form, built by `store.pg_arrays` (JSON
-  documents as orjson's bytes); no multi-row `VALUES` text is built or parsed. In pipeline
-  mode: a batch's reads are answered in one round trip, and its writes are sent without
-  waiting (`send`, part after part while the reconciler merges the next) and waited for
-  once (`settle`), before the commit. History, append-only, is the exception: its rows
-  are kept and go by binary `COPY` when the batch settles (`COPY` cannot run in a
-  pipeline; PostgreSQL inserts copied rows in bulk).
+  as index lookups per key of `unnest` (`store.batch_postgres.VIEWS_SQL`), deletes as
+  `DELETE … USING unnest … RETURNING`. The arrays go in PostgreSQL's binary form, built by
+  `store.pg_arrays` (JSON documents as orjson's bytes); no multi-row `VALUES` text is
+  built or parsed. In pipeline mode: a batch's reads are answered in one round trip, and
+  its writes are sent without waiting (`send`, part after part while the reconciler merges
+  the next) and waited for once (`settle`), before the commit. History, append-only, is
+  the exception: its rows are kept and go by binary `COPY` when the batch settles (`COPY`
+  cannot run in a pipeline; PostgreSQL inserts copied rows in bulk).
 - SQLite: `executemany` of one prepared statement per table (the C loop of `sqlite3`); the
   keys of a read go into a temporary table joined on the primary key.
 

@@ -12,11 +12,11 @@ partition it read: that is the exactly-once effect. Driver errors are translated
 the project's families: an unreachable or failing database is `TransientError`, a value
 the database refuses is `RecordError` (`apply_failed`).
 
-`Store` is this unit of work and the schema's commands, with the store's other concerns
-from their own modules: the offsets and operators' changes of them (`store.offsets`),
-reads outside a batch (`store.reads`), the catch-up of the batches' side tables
-(`store.catch_up`), the access log and the retention (`store.retention`); what they share
-is `store.base`.
+`Store` is this unit of work, the schema's commands and the dead letters' redrive claims,
+with the store's other concerns from their own modules: the offsets and operators' changes
+of them (`store.offsets`), reads outside a batch (`store.reads`), the catch-up of the
+batches' side tables (`store.catch_up`), the access log and the retention
+(`store.retention`); what they share is `store.base`.
 """
 
 from __future__ import annotations

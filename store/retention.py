@@ -76,7 +76,7 @@ class StoreRetention(StoreBase):
     ) -> tuple[int, bool]:
         """`prune_history` a chunk at a time until none is left or `seconds` have passed
         (a chunk begun is finished; one at least); also whether none is left."""
-        return self._delete_inchunks(record_history, record_history.c.applied_at,
+        return self._delete_in_chunks(record_history, record_history.c.applied_at,
                                       older_than, seconds)  # fmt: skip
 
     def purge_access_log(self, older_than: datetime) -> int:
@@ -89,7 +89,7 @@ class StoreRetention(StoreBase):
         self, older_than: datetime, seconds: float | None = None
     ) -> tuple[int, bool]:
         """`purge_access_log` a chunk at a time, as `prune_history_within`."""
-        return self._delete_inchunks(access_log, access_log.c.accessed_at, older_than,
+        return self._delete_in_chunks(access_log, access_log.c.accessed_at, older_than,
                                       seconds, "portal_sync_purge_access_log")  # fmt: skip
 
     def purge_journal_within(
@@ -101,11 +101,11 @@ class StoreRetention(StoreBase):
         the oldest rows those old enough, until none of them is (the ids rise with the
         commits; no index of the time, which a large journal's migration would have had to
         build while every batch waited)."""
-        return self._delete_inchunks(apply_journal, apply_journal.c.committed_at, older_than,
+        return self._delete_in_chunks(apply_journal, apply_journal.c.committed_at, older_than,
                                       seconds, "portal_sync_purge_apply_journal",
                                       by_id=True)  # fmt: skip
 
-    def _delete_inchunks(
+    def _delete_in_chunks(
         self,
         table: Table,
         column: ColumnElement[Any],
