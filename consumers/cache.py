@@ -18,7 +18,9 @@ transaction, once its records are locked, before anything held here is used:
   offset of the partition is not the one this worker committed last;
 - anything else wrote records (replay, remerge, source purge, the retention purge, an
   offset reset or skip): the store counts such writes (`Store.batch` reports the count,
-  `store_meta` `record_writes`) and the count is not the one seen when these were held.
+  `store_meta` `record_writes`, with the time it last changed) and it is not the one
+  seen when these were held (the time as well: a store restored from a backup and counted
+  again can be back at a count seen before).
 
 Either way everything held is dropped and the batch reads its records. Nothing is held
 from a batch that failed (rolled back, or its commit's outcome unknown): `drop` empties it;
@@ -54,7 +56,9 @@ class RecordCache:
         self.size = size
         self._entries: dict[RecordKey, tuple[Views, Data | None, FieldConflicts | None]] = {}
         self._offsets: dict[TopicPartition, int | None] = {}  # next offset this worker left
-        self._writes: int | None = None  # the store's count of other writes when filled
+        # the store's count of other writes when filled (`Store.batch`'s `tx.writes`:
+        # compared, never read)
+        self._writes: object = None
         self._stale = False
 
     def __len__(self) -> int:
@@ -79,7 +83,7 @@ class RecordCache:
 
     def usable(
         self,
-        writes: int,
+        writes: object,
         partitions: Iterable[TopicPartition],
         stored: Mapping[TopicPartition, int],
     ) -> bool:

@@ -41,13 +41,17 @@ TopicPartition = tuple[str, int]
 OffsetRange = tuple[int, int, int]  # first offset, next offset, messages
 SourcePartition = tuple[str, str, int]  # source, topic, partition
 Conflicts = dict[RecordKey, dict[str, list[list[str]]]]
+# The count of `WRITES` and the time of its last change, as the store holds them: a store
+# restored from a backup and counted once more can be back at a count a worker saw before,
+# never at the same time as well.
+WriteCount = tuple[int, str]
 # A batch's reads: stored offsets, every source's view and the canonical data per record,
 # and the store's count of record writes by anything but a live batch (`WRITES`).
 BatchReads = tuple[
     dict[TopicPartition, int],
     dict[RecordKey, dict[str, SourceView]],
     dict[RecordKey, dict[str, Any]],
-    int,
+    WriteCount,
 ]
 # The `store_meta` row counting the transactions that wrote records without owning their
 # partitions' offsets (replay, remerge, source purge, the retention purge, offset resets and
@@ -309,11 +313,11 @@ def canonical_by_record(rows: Iterable[Any]) -> dict[RecordKey, dict[str, Any]]:
     return {(e, k): load_json(d) for e, k, d in rows}
 
 
-def write_count(rows: Iterable[Any]) -> int:
-    return next((int(value) for (value,) in rows), 0)
+def write_count(rows: Iterable[Any]) -> WriteCount:
+    return next(((int(value), str(at)) for value, at in rows), (0, ""))
 
 
-WRITES_SQL = f"SELECT value FROM store_meta WHERE name = '{WRITES}'"
+WRITES_SQL = f"SELECT value, updated_at FROM store_meta WHERE name = '{WRITES}'"
 
 
 def batch_io(dialect: str, dbapi: Any) -> BatchIO:

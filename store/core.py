@@ -40,7 +40,7 @@ from store.base import OffsetRange as OffsetRange
 from store.base import TopicPartition as TopicPartition
 from store.base import chunks, upsert
 from store.base import utcnow as utcnow
-from store.batch import BatchIO, batch_io
+from store.batch import BatchIO, WriteCount, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
 from store.catch_up import StoreCatchUp
@@ -176,10 +176,11 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
 
         The records in `known` are locked but not read (the caller holds them: a live
         worker's `consumers.cache`): `tx.writes` is the count of record writes by other
-        transactions than live batches, which the caller compares before trusting what it
-        holds, and `tx.read_known()` reads them after all. A batch without offsets
-        (`use_offsets` False: replay, remerge, purge) is such a transaction: it counts
-        itself in that count (`store_meta` `record_writes`) when it commits."""
+        transactions than live batches, with the time of its last change, which the caller
+        compares before trusting what it holds, and `tx.read_known()` reads them after all.
+        A batch without offsets (`use_offsets` False: replay, remerge, purge) is such a
+        transaction: it counts itself in that count (`store_meta` `record_writes`) when it
+        commits."""
         with translated(), self.write_transaction(commit) as conn:
             io = batch_io(conn.dialect.name, conn.connection.driver_connection)
             offsets, views, canonical, writes = io.read(
@@ -313,7 +314,7 @@ class BatchTransaction:
         views: dict[RecordKey, dict[str, SourceView]],
         canonical: dict[RecordKey, dict[str, Any]],
         conn: Connection,
-        writes: int = 0,
+        writes: WriteCount = (0, ""),
         known: Collection[RecordKey] = (),
     ) -> None:
         self._io = io

@@ -5,6 +5,7 @@ failed batches, against the same operations with every batch reading the store).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,16 @@ from consumers.checks import Checked
 from consumers.reconciler import Reconciler
 from schemas.views import SourceView
 from store.core import Store
-from tests.support.store_helpers import T0, anomaly_rows, fresh_store, history_rows
+from tests.support.store_helpers import (
+    CITIZEN,
+    CITIZEN_2,
+    T0,
+    anomaly_rows,
+    checked_list,
+    event,
+    fresh_store,
+    history_rows,
+)
 from tests.unit.test_national_store_properties import (
     AUTHORITY_A,
     AUTHORITY_B,
@@ -190,3 +200,70 @@ def test_the_cache_never_changes_what_the_store_holds(
                 (state(store), history_rows(store), anomaly_rows(store), run.new_conflicts)
             )
     assert results[1] == results[0]
+
+
+RESTORE_COUNTS = {
+    # docs/operations.md's statement, in SQLite's words: the count and its time
+    "documented": "INSERT INTO store_meta (name, value, updated_at)"
+    " VALUES ('record_writes', '1', strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+    " ON CONFLICT (name) DO UPDATE SET value = CAST(CAST(store_meta.value AS INTEGER) + 1"
+    " AS TEXT), updated_at = excluded.updated_at",
+    # a hand-written count that forgets the time
+    "value only": "UPDATE store_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+    " WHERE name = 'record_writes'",
+    "a replay": "",  # a counted write of the store's own, of another record
+}
+
+
+@pytest.mark.parametrize("count", sorted(RESTORE_COUNTS))
+def test_a_store_restored_under_the_worker_and_counted_again_is_read_again(
+    tmp_path: Any, count: str
+) -> None:
+    """A backup restored under a running worker brings the count of other writes back to
+    an earlier value; counted once more, it can be the value the worker last saw, with the
+    partition's offset the one it left. The count's time tells them apart: the worker
+    reads the record again, and the store ends as without the cache (the cache held a
+    view a replay added after the backup)."""
+    first = event("citizen", CITIZEN, "province-01", 1, {"sex": "male"})
+    second = event("citizen", CITIZEN, "province-01", 2, {"sex": "female"})
+    replayed = event("citizen", CITIZEN, "province-79", 1, {"phone": "0912345678"})
+    other = event("citizen", CITIZEN_2, "province-79", 1, {"phone": "0912345678"})
+
+    def run(cache: RecordCache | None, folder: Any) -> Any:
+        path, backup = folder / "store.db", folder / "backup.db"
+        store = Store(f"sqlite:///{path}")
+        store.create_schema()
+        worker = Reconciler(store, AUTHORITY_A, cache=cache)
+
+        def live(raw: bytes, offset: int) -> None:
+            batch = checked_list([raw], offset)
+            worker.apply(batch, [c.message for c in batch])
+
+        def replay(raw: bytes) -> None:
+            batch = checked_list([raw], 10_000)
+            Reconciler(store, AUTHORITY_A).apply(batch, [c.message for c in batch], replay=True)
+
+        def copy(source: Any, target: Any) -> None:
+            with sqlite3.connect(source) as a, sqlite3.connect(target) as b:
+                a.backup(b)
+            a.close()
+            b.close()
+
+        live(first, 0)
+        copy(path, backup)
+        replay(replayed)  # counted: the worker's next batch sees the count move
+        live(first, 0)  # a batch already applied (a retry): the record read again, held
+        copy(backup, path)  # restored under the worker: the count and the offset of before
+        if RESTORE_COUNTS[count]:
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql(RESTORE_COUNTS[count])
+        else:
+            replay(other)
+        live(second, 1)
+        held = state(store)
+        store.close()
+        return held
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "read").mkdir()
+    assert run(RecordCache(), tmp_path / "kept") == run(None, tmp_path / "read")
