@@ -13,7 +13,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from producers.sql_polling import CursorState, SqlPollingAdapter
+from producers.sql_cursor import CursorState
+from producers.sql_polling import SqlPollingAdapter
 
 
 def cursor_lag(

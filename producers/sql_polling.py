@@ -26,28 +26,25 @@ reconciler's version rule drops it; a row's change after a crash is raised above
 version sent, as without one; a late row sent again so may carry another version above
 `top` (the same values: `stale` or applied again, nothing lost).
 Hard deletes are invisible to polling: sources mark deletes in a soft-delete column.
+
+This module holds the adapter (`SqlPollingAdapter`); a source's options are in
+`producers.sql_config`, the cursor's state in `producers.sql_cursor`, and what a row read
+becomes (a change, a rejected row) and the markers `seen` keeps in `producers.sql_rows`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import heapq
-import json
 import logging
 import math
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
-import orjson
-from pydantic import ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import (
     Date,
     DateTime,
@@ -62,17 +59,24 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import ArgumentError, DataError, NoSuchTableError, OperationalError
+from sqlalchemy.exc import DataError, NoSuchTableError, OperationalError
 
-from producers.mapping import (
-    FieldMapping,
-    field_plan,
-    map_fields,
-    soft_deleted,
-    sorts_in_time_order,
-    strptime_pattern,
+from producers.mapping import field_plan, map_fields, soft_deleted, strptime_pattern
+from producers.sdk import FatalError, RetriableError, source_engine
+from producers.sql_config import SqlSourceConfig
+from producers.sql_cursor import CursorState, saved_pk
+from producers.sql_rows import (
+    Raised,
+    RejectedRow,
+    RowAhead,
+    RowRejected,
+    SourceChange,
+    fingerprint,
+    json_fingerprint,
+    rejected_marker,
+    reserved,
+    same_as_before,
 )
-from producers.sdk import FatalError, RetriableError, source_engine, source_url
 from producers.sql_snapshot import (
     XID_LABEL,
     current_xmin_xmax,
@@ -80,15 +84,9 @@ from producers.sql_snapshot import (
     row_xid8,
     written_since,
 )
-from producers.state import write_json_atomic
-from schemas import build_event
-from schemas.builder import has_non_finite_float
-from schemas.events import Entity
 
 log = logging.getLogger(__name__)
 
-Capture = Literal["auto", "snapshot", "lookback"]
-Raised = Literal["same_instant", "lower"]
 SQLITE_PAGES_PER_QUERY = 10  # pages read by one query where no index serves the order
 # Rows in a row the database driver cannot read before the source stops: one bad row is
 # data (rejected), a column no row of which reads is a configuration (a column's type).
@@ -98,276 +96,11 @@ UNDECODABLE_IN_A_ROW = 20
 UNREADABLE = (ValueError, TypeError, LookupError, OverflowError, DataError)
 SQLITE_NOT_UTF8 = "Could not decode to UTF-8"  # sqlite3's text for such a value
 
-
-class SqlMapping(FieldMapping):
-    """Where one table's (or query's) records live and how its columns map to the contract.
-
-    The cursor is (`updated_at_column`, `pk_column`); `query` replaces the table by any
-    SELECT (then `table` only names it in dead-letter origins). `capture`: `snapshot`
-    (PostgreSQL tables; what `auto` chooses there) or `lookback` (any source)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str
-    entity: Entity
-    table: str
-    query: str | None = None
-    key_column: str
-    pk_column: str | None = None
-    updated_at_column: str = "updated_at"
-    updated_at_format: str | None = None  # the cursor column is text, e.g. yyyyMMddHHmmss
-    version_column: str | None = None
-    deleted_column: str | None = None
-    capture: Capture = "auto"
-    lookback_seconds: float = Field(default=60.0, ge=0)
-    batch_size: int = Field(default=1000, gt=0)
-
-    @field_validator("updated_at_format")
-    @classmethod
-    def _cursor_text_sorts_in_time_order(cls, pattern: str | None) -> str | None:
-        # The cursor reads and compares the column as text: a pattern that does not sort
-        # as time would put a later row before the cursor, and it would never be read.
-        if pattern is not None and not sorts_in_time_order(pattern):
-            raise ValueError(
-                f"updated_at_format {pattern!r}: the cursor compares the column as text, "
-                "so its fields must run from the year down (yyyy, MM, dd, HH, mm, ss, none "
-                "skipped), as in yyyyMMddHHmmss or yyyy-MM-dd HH:mm:ss; for other text, "
-                "map the column to a timestamp in a `query`"
-            )
-        return pattern
-
-    @model_validator(mode="after")
-    def _snapshot_needs_a_postgresql_table(self) -> SqlMapping:
-        if self.capture != "snapshot":
-            return self
-        if self.query is not None:
-            raise ValueError(
-                "capture = 'snapshot' reads the rows' xmin: it needs a table, no query"
-            )
-        try:
-            backend = source_url(self.url).get_backend_name()
-        except ArgumentError:
-            backend = ""
-        if backend != "postgresql":
-            raise ValueError("capture = 'snapshot' needs a PostgreSQL source")
-        return self
-
-
-class SqlSourceConfig(SqlMapping):
-    """A SQL source's mapping and its contract source id."""
-
-    source: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.source}.{self.entity}"
-
-
-@dataclass
-class CursorState:
-    """Durable position of one adapter: high-water (updated_at, pk), rows seen behind it and,
-    on PostgreSQL, the xmin (xid8) of the snapshot of the last complete poll (of a first
-    poll from its first page on: `SqlPollingAdapter.pages`)."""
-
-    updated_at: str | None = None
-    pk: Any = None
-    # pk -> [version sent, updated_at, marker (version column or content hash), xid8 or None]
-    seen: dict[str, list[Any]] = field(default_factory=dict)
-    xmin: int | None = None
-    # The highest version sent so far (None: a state of an older release; see `top_sent`).
-    top: int | None = None
-    # Not saved, rebuilt from `seen`: its rows by updated_at (a heap; an entry written again
-    # since is skipped when it comes up), and those past the window kept for their xid8.
-    # `forget_before` takes the rows that fell behind the window from the heap instead of
-    # sweeping all of `seen` after every page: a sliding window of 60,000 rows swept after
-    # each page of 1,000 was a fifth of a SQL source's publishing (docs/performance-log.md).
-    _by_time: list[tuple[str, str]] = field(
-        default_factory=list, init=False, repr=False, compare=False
-    )
-    _held: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # Since the last `snapshot`: the entries of `seen` replaced or removed, in order (pk,
-    # the entry before, None if there was none), so that the snapshot's state can be
-    # rebuilt from a copy of `seen` when it is saved rather than `seen` copied every page.
-    _undo: list[tuple[str, list[Any] | None]] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
-    _head: tuple[str | None, Any, int | None, int | None] = field(
-        default=(None, None, None, None), init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        self._by_time = [(entry[1], pk) for pk, entry in self.seen.items()]
-        heapq.heapify(self._by_time)
-
-    def note(self, pk: str, entry: list[Any]) -> None:
-        """Remember a row as `[version sent, updated_at, marker, xid8]` (a new list: entries
-        are replaced, never changed in place)."""
-        if self._undo is not None:
-            self._undo.append((pk, self.seen.get(pk)))
-        self.seen[pk] = entry
-        heapq.heappush(self._by_time, (entry[1], pk))
-
-    def snapshot(self) -> Callable[[], dict[str, Any]]:
-        """The state as it is now (`as_dict`), computed when called: from a copy of `seen`
-        with what changed since undone. Only the newest snapshot can be called (a newer one
-        drops what an older one needs); a checkpoint per page then copies `seen`, a whole
-        lookback window of rows, only for the checkpoints saved."""
-        undo: list[tuple[str, list[Any] | None]] = []
-        self._undo = undo
-        head = self._head = (self.updated_at, self.pk, self.xmin, self.top)
-
-        def state() -> dict[str, Any]:
-            if self._undo is not undo:
-                raise RuntimeError("a cursor snapshot was called after a newer one was taken")
-            seen = dict(self.seen)
-            for pk, entry in reversed(undo):
-                if entry is None:
-                    del seen[pk]
-                else:
-                    seen[pk] = entry
-            return {
-                "updated_at": head[0], "pk": head[1], "seen": seen, "xmin": head[2],
-                "top": head[3],
-            }  # fmt: skip
-
-        return state
-
-    def moved(self) -> bool:
-        """Whether anything changed since the last `snapshot` (True when none was taken)."""
-        return (
-            self._undo is None
-            or bool(self._undo)
-            or self._head != (self.updated_at, self.pk, self.xmin, self.top)
-        )
-
-    def forget_before(self, horizon: str, floor: int | None = None) -> None:
-        """Forget the rows last written before `horizon` (an updated_at as `seen` holds it;
-        it never moves back), but those written at or after the recorded snapshot's xmin
-        (a PostgreSQL poll reads them again) and those sent with a version above `floor`
-        (the version of `horizon`: a late row sent above its own): exactly what a sweep of
-        `seen` would keep."""
-        behind = [(stamp, pk) for pk, stamp in self._held.items()]
-        self._held = {}
-        while self._by_time and self._by_time[0][0] < horizon:
-            behind.append(heapq.heappop(self._by_time))
-        for stamp, pk in behind:
-            entry = self.seen.get(pk)
-            if entry is None or entry[1] != stamp:
-                continue  # forgotten already, or written again since (its own item is due)
-            if _kept(entry, horizon, self.xmin, floor):
-                self._held[pk] = stamp
-            else:
-                if self._undo is not None:
-                    self._undo.append((pk, entry))
-                del self.seen[pk]
-
-    @classmethod
-    def load(cls, path: Path) -> CursorState:
-        if not path.exists():
-            return cls()
-        return cls.from_dict(json.loads(path.read_text()))
-
-    def save(self, path: Path) -> None:
-        """Write atomically and durably: a crash leaves the old or the new state, never half."""
-        write_json_atomic(path, self.as_dict())
-
-    def as_dict(self) -> dict[str, Any]:
-        seen = dict(self.seen)
-        return {
-            "updated_at": self.updated_at, "pk": self.pk, "seen": seen, "xmin": self.xmin,
-            "top": self.top,
-        }  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> CursorState:
-        if not raw:
-            return cls()
-        return cls(raw["updated_at"], raw["pk"], dict(raw["seen"]), raw.get("xmin"), raw.get("top"))
-
-    def fold(self, journal: list[Any]) -> None:
-        """Take in the pages a run journaled before sending them (`reservation`), oldest
-        first, whose checkpoint it may not have saved: a row the state knows at a lower
-        version, or not at all, is remembered at the journaled one with the marker
-        `reserved(marker)`, as sent or not. Its next change is raised above it, and the
-        same content read again goes out with that version (the same event)."""
-        for page in journal:
-            for pk, version, stamp, marker, xid in page["rows"]:
-                entry = self.seen.get(pk)
-                if entry is None or int(entry[0]) < version:
-                    self.note(pk, [version, stamp, reserved(marker), xid])
-            if self.top is not None:
-                self.top = max(self.top, int(page["top"]))
-
-
-class RowRejected(ValueError):
-    """A row read whose values cannot make an event; the message names the column and the
-    rule, never a value."""
-
-
-class RowAhead(RowRejected):
-    """A row whose cursor time is ahead of the producer's clock by more than
-    `AHEAD_TOLERANCE`: held, neither sent nor dead-lettered, and the cursor does not move
-    to its time. Under lookback capture every later change would otherwise fall behind the
-    window for good; under snapshot capture every later change would be read as a late
-    one and sent above the held row's version (its time in microseconds: a version years
-    ahead, which the change after a repair of the row could never pass). Read again at
-    each poll (it stays after the cursor), it is sent as any row once its time has come;
-    each poll that holds some says so in a warning (a clock of the source, or of this
-    host, that is wrong: this host's behind delays every change by its lag)."""
-
-
 # How far a row's time may run ahead of the producer's clock: the worker's default allowed
 # skew (PORTAL_SYNC_MAX_CLOCK_SKEW_SECONDS), beyond which it refuses the event anyway.
 AHEAD_TOLERANCE = timedelta(seconds=300)
 # Keys looked up in one query (`_hold_live_keys`): within every database's limit of a list.
 KEYS_PER_QUERY = 500
-
-
-@dataclass(frozen=True)
-class RejectedRow:
-    """A row that cannot become an event (a NULL key or version, an unreadable soft-delete
-    flag, a value the mapping cannot convert): dead-lettered as `unmappable_record` while
-    the source goes on. The cursor moves past it and the state remembers it with version
-    0 and the hash of its values, so it is dead-lettered once however often a poll reads
-    it again, and its next change is read and sent as any row's. A row sent before keeps
-    the version it was sent with (`version`), so its next change never goes below it."""
-
-    pk: Any
-    key: str | None
-    stamp: str
-    marker: str
-    message: str
-    version: int = 0
-    xid: int | None = None
-
-
-@dataclass(frozen=True)
-class SourceChange:
-    """One row read from a source: its key, version, commit time and mapped data."""
-
-    source: str
-    entity: str
-    pk: Any
-    key: str
-    updated_at: datetime  # the cursor value: naive as stored, or UTC when it has a zone
-    stamp: str  # updated_at as the cursor's state holds it (`_iso`)
-    version: int
-    occurred_at: datetime  # updated_at in the source's zone
-    data: dict[str, Any] | None  # None: the row is (soft-)deleted
-    marker: Any = None  # the version column's value, else the content hash
-    xid: int | None = None  # PostgreSQL: the transaction that wrote the row version
-    raised: Raised | None = None  # version set to last sent + 1
-    backwards: bool = False  # updated_at is earlier than the row's previous one
-    # A delete not sent: another row holds the key live (`_hold_live_keys`). Remembered as
-    # a sent change is, so the cursor moves past it and it is not read again.
-    held: bool = False
-
-    @property
-    def event(self) -> dict[str, Any]:
-        """The contract event of this change (validation is the framework's job)."""
-        return build_event(
-            self.source, self.entity, self.key, self.version, self.occurred_at, self.data
-        )
 
 
 class SqlPollingAdapter:
@@ -895,7 +628,7 @@ class SqlPollingAdapter:
             # names that the table lacks: a configuration error) fails the run, loudly.
             values = row._mapping
             stamp = _iso(self._cursor_time_of(values))
-            marker = "r" + _json_fingerprint({name: repr(value) for name, value in values.items()})
+            marker = "r" + json_fingerprint({name: repr(value) for name, value in values.items()})
             pk = values[self.pk.name]
             entry = state.seen.get(str(pk))
             if entry is not None and entry[2] == marker:
@@ -943,14 +676,14 @@ class SqlPollingAdapter:
         if deleted:  # looked up with the page's others (`_hold_live_keys`)
             self._deleted_keys[str(values[config.key_column])] = values[config.key_column]
         data = None if deleted else self._data(values)
-        marker = derived if config.version_column else _fingerprint(data)
+        marker = derived if config.version_column else fingerprint(data)
         pk = values[self.pk.name]
         xid = int(values[XID_LABEL]) if self.snapshot else None
         stamp = _iso(moment)
         version, backwards = derived, False
         raised: Raised | None = None
         entry = state.seen.get(str(pk))
-        rejected = entry is not None and _rejected_marker(entry[2] if len(entry) > 2 else None)
+        rejected = entry is not None and rejected_marker(entry[2] if len(entry) > 2 else None)
         if rejected and entry is not None and not entry[0]:
             entry = None  # rejected, never sent: as a row the state does not hold
         if entry is not None:
@@ -961,7 +694,7 @@ class SqlPollingAdapter:
                 if (
                     marker == known
                     or (known is None and derived == sent and not rejected)
-                    or (not config.version_column and _same_as_before(known, data))
+                    or (not config.version_column and same_as_before(known, data))
                 ):
                     fresh = [sent, stamp, marker, xid]
                     if entry != fresh:  # touched, no new content: remember it as it is now
@@ -1067,7 +800,7 @@ class SqlPollingAdapter:
         for change in page:
             stamp = change.stamp
             state.note(str(change.pk), [change.version, stamp, change.marker, change.xid])
-            mark = (stamp, _saved_pk(change.pk))
+            mark = (stamp, saved_pk(change.pk))
             if state.updated_at is None or mark > (state.updated_at, state.pk):
                 state.updated_at, state.pk = mark
         self._forget(state)
@@ -1083,63 +816,11 @@ class SqlPollingAdapter:
         state.forget_before(_iso(start), floor)
 
 
-def _saved_pk(pk: Any) -> Any:
-    """A key as the state file keeps it: a NUMERIC/DECIMAL key (an identity column of SQL
-    Server, MySQL or PostgreSQL) as the whole number it is; JSON has no decimal. A UUID as
-    its text, which the state file reads back: a UUID read from the table then compared
-    with the text of the saved place raised TypeError at every poll (the text orders as
-    PostgreSQL orders uuid: lower-case hex, fixed hyphens)."""
-    if isinstance(pk, uuid.UUID):
-        return str(pk)
-    if isinstance(pk, bytes | bytearray | memoryview):
-        raise FatalError(
-            "pk_column holds binary values (BINARY, RAW, BLOB): the cursor cannot keep its "
-            "place by them in its state file; choose a text or whole-number column (a view "
-            "can give the key's hex text)"
-        )
-    if isinstance(pk, Decimal):
-        if pk != pk.to_integral_value():
-            raise FatalError(
-                "pk_column holds numbers that are not whole: the cursor cannot keep its "
-                "place by them; choose a whole-number or text column"
-            )
-        return int(pk)
-    return pk
-
-
-def _kept(seen: list[Any], horizon: str, recorded: int | None, floor: int | None = None) -> bool:
-    """A `seen` entry in the window, written at or after the recorded snapshot's xmin, or
-    sent with a version above `floor`: a change of its row read within the window has a
-    version of its own at or above the floor, which could be below the one sent."""
-    if seen[1] >= horizon or (floor is not None and seen[0] > floor):
-        return True
-    xid = seen[3] if len(seen) > 3 else None
-    return xid is not None and recorded is not None and xid >= recorded
-
-
 @dataclass(frozen=True)
 class _Undecodable:
     """A row of which only its place could be read (`_up_to_undecodable`)."""
 
     _mapping: dict[str, Any]
-
-
-# The marker of a version reserved and maybe sent, for content no longer known (states of
-# earlier releases): equal to no content's. `reserved` gives one for known content.
-RESERVED = "v"
-
-
-def reserved(marker: Any) -> str:
-    """The marker of a version journaled for the content of `marker` and maybe sent
-    (`CursorState.fold`): equal to no content's marker (a version column's value is a
-    number, a content hash starts with a letter other than 'v')."""
-    return f"{RESERVED}{marker}"
-
-
-def _rejected_marker(marker: Any) -> bool:
-    """The marker `RejectedRow` leaves ('r' and 16 hex digits): no version value, and no
-    content hash, which is 'o' and hex digits (or hex digits alone, older releases)."""
-    return isinstance(marker, str) and marker.startswith("r")
 
 
 def _whole_number(raw: Any, column_name: str) -> int:
@@ -1153,33 +834,6 @@ def _whole_number(raw: Any, column_name: str) -> int:
     if isinstance(raw, float | Decimal) and math.isfinite(raw) and raw == int(raw):
         return int(raw)
     raise RowRejected(f"{column_name}: not a whole number")
-
-
-def _fingerprint(data: dict[str, Any] | None) -> str:
-    """A short hash of a change's mapped content (None: a delete): `o` and the hash of its
-    JSON by orjson, keys sorted (a twentieth of a SQL source's publishing was `json`'s
-    instead). What orjson refuses or writes as null (an integer beyond 64 bits, a lone
-    surrogate, a NaN) gets the fingerprint of earlier releases, which `json` computes."""
-    try:
-        body = orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return _json_fingerprint(data)
-    if b"null" in body and has_non_finite_float(data):
-        return _json_fingerprint(data)
-    return "o" + hashlib.blake2b(body, digest_size=8).hexdigest()
-
-
-def _json_fingerprint(data: dict[str, Any] | None) -> str:
-    """The fingerprint of releases before orjson's: 16 hex digits (states saved by them
-    hold it for the rows of their lookback window). A lone surrogate, which made them fail,
-    is hashed as it is (the row's event is then refused and dead-lettered)."""
-    body = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.blake2b(body.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-
-
-def _same_as_before(known: Any, data: dict[str, Any] | None) -> bool:
-    """A row remembered by a release before orjson's fingerprint, read again unchanged."""
-    return isinstance(known, str) and len(known) == 16 and _json_fingerprint(data) == known
 
 
 def _micros(moment: datetime) -> int:

@@ -47,7 +47,7 @@ from portal_sync.demo.population import (
     Person,
     World,
 )
-from producers.sql_polling import SqlSourceConfig
+from producers.sql_config import SqlSourceConfig
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,10 @@ from producers.sdk import (
     State,
 )
 from producers.sql_advice import check_warnings
-from producers.sql_polling import (
-    CursorState,
-    RejectedRow,
-    SourceChange,
-    SqlMapping,
-    SqlPollingAdapter,
-    SqlSourceConfig,
-)
+from producers.sql_config import SqlMapping, SqlSourceConfig
+from producers.sql_cursor import CursorState
+from producers.sql_polling import SqlPollingAdapter
+from producers.sql_rows import RejectedRow, SourceChange
 from schemas.dead_letter import Reason
 
 

@@ -30,10 +30,13 @@ from sqlalchemy import (
     update,
 )
 
-from producers import sql_polling
+from producers import sql_polling, sql_rows
 from producers.mapping import sorts_in_time_order
 from producers.sdk import FatalError
-from producers.sql_polling import CursorState, SourceChange, SqlPollingAdapter, SqlSourceConfig
+from producers.sql_config import SqlSourceConfig
+from producers.sql_cursor import CursorState
+from producers.sql_polling import SqlPollingAdapter
+from producers.sql_rows import SourceChange
 from schemas import derive_event_id, parse_event
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -203,7 +206,7 @@ def test_rows_remembered_with_an_older_fingerprint_are_not_sent_again(
     adapter = open_adapter(adapters, source)
     state = CursorState()
     with monkeypatch.context() as older_release:
-        older_release.setattr(sql_polling, "_fingerprint", sql_polling._json_fingerprint)
+        older_release.setattr(sql_polling, "fingerprint", sql_rows.json_fingerprint)
         assert pks(poll(adapter, state)) == [1, 2]
     assert {len(entry[2]) for entry in state.seen.values()} == {16}
     state = CursorState.from_dict(json.loads(json.dumps(state.as_dict())))
@@ -238,8 +241,8 @@ def test_the_fingerprint_tells_apart_what_the_older_one_did(
     if same:
         second = json.loads(json.dumps(first))
     data = {"a": first}, {"a": second}
-    older = sql_polling._json_fingerprint(data[0]) == sql_polling._json_fingerprint(data[1])
-    assert (sql_polling._fingerprint(data[0]) == sql_polling._fingerprint(data[1])) == older
+    older = sql_rows.json_fingerprint(data[0]) == sql_rows.json_fingerprint(data[1])
+    assert (sql_rows.fingerprint(data[0]) == sql_rows.fingerprint(data[1])) == older
 
 
 def adapter_json(change: SourceChange) -> bytes:
@@ -870,7 +873,7 @@ def test_flags_nobody_can_read_null_keys_and_versions_are_rejected_not_guessed(
     changes = [c for page in poll(adapter, state) for c in page]  # type: ignore[arg-type]
     sent = {c.pk: c.data is None for c in changes if isinstance(c, SourceChange)}
     assert sent == {1: False, 2: False, 3: True, 8: False}
-    rejected = {c.pk: c.message for c in changes if isinstance(c, sql_polling.RejectedRow)}
+    rejected = {c.pk: c.message for c in changes if isinstance(c, sql_rows.RejectedRow)}
     assert sorted(rejected) == [4, 5, 6, 7]
     assert "not a flag" in rejected[4] and "NULL" in rejected[5]
     assert all("phien_ban" in rejected[pk] for pk in (6, 7))
@@ -895,7 +898,7 @@ def test_a_cursor_time_nobody_can_read_stops_the_source_loudly(
     config = _loose_source(tmp_path, [(1, pid(1), "Nguyễn Văn An", when, "0", "1")])
     adapter = SqlPollingAdapter(config)
     adapters.append(adapter)
-    with pytest.raises(sql_polling.FatalError, match="updated_at cannot be read as a time"):
+    with pytest.raises(FatalError, match="updated_at cannot be read as a time"):
         poll(adapter, CursorState())
 
 
@@ -1055,7 +1058,7 @@ def test_a_binary_primary_key_stops_the_source_with_its_reason(
     engine.dispose()
     adapter = SqlPollingAdapter(Source.config_of(url))
     adapters.append(adapter)
-    with pytest.raises(sql_polling.FatalError, match="binary values"):
+    with pytest.raises(FatalError, match="binary values"):
         poll(adapter, CursorState())
 
 
@@ -1105,7 +1108,7 @@ def test_a_column_no_row_of_which_the_driver_reads_stops_the_source(
     source.insert(dict.fromkeys(range(1, 40), "05/03/1990"))
     adapter = source.adapter(adapters)
     rejected: list[Any] = []
-    with pytest.raises(sql_polling.FatalError, match="20 rows in a row cannot be read"):
+    with pytest.raises(FatalError, match="20 rows in a row cannot be read"):
         for page in adapter.pages(CursorState()):
             rejected += page
     assert rejected == []  # none dead-lettered, none passed: read again once it is fixed
@@ -1160,7 +1163,7 @@ def test_a_row_committed_while_a_bad_page_is_bisected_is_read_not_skipped(
     assert calls == ["places"]
     sent = sorted(c.pk for c in changes if isinstance(c, SourceChange))
     assert sent == [1, 2, 3, 4, 5, 6, 7, 100]
-    assert [c.pk for c in changes if isinstance(c, sql_polling.RejectedRow)] == [8]
+    assert [c.pk for c in changes if isinstance(c, sql_rows.RejectedRow)] == [8]
     engine.dispose()
 
 
@@ -1182,7 +1185,7 @@ def test_a_query_no_row_of_which_can_be_computed_stops_the_source_with_few_rows(
     monkeypatch.setattr(adapter, "_fetch", server)
     state = CursorState()
     sent: list[Any] = []
-    with pytest.raises(sql_polling.FatalError, match="no row can be read"):
+    with pytest.raises(FatalError, match="no row can be read"):
         for page in adapter.pages(state):
             sent += page
             adapter.remember(state, page)
@@ -1201,7 +1204,7 @@ def test_a_bad_row_alone_on_the_last_page_is_rejected_though_an_older_bad_row_ex
     # rows 2-11 fill a query (batch 1: 10 a query), then the bad row 12 is alone on the last
     source.insert(_dates(range(3, 13), {12}))
     second = [c for page in poll(adapter, state) for c in page]
-    assert [c.pk for c in second if isinstance(c, sql_polling.RejectedRow)] == [12]
+    assert [c.pk for c in second if isinstance(c, sql_rows.RejectedRow)] == [12]
     assert sorted(c.pk for c in second if isinstance(c, SourceChange)) == list(range(3, 12))
     source.engine.dispose()
 

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql
 from producers.conformance import check_adapter
 from producers.cursor_lag import cursor_lag_of
 from producers.sdk import Adapter, Checkpoint, Record, Reservation, State
-from producers.sql_polling import CursorState
+from producers.sql_cursor import CursorState
 from producers.sql_snapshot import is_plain_table
 from tests.support.adapter_helpers import database_url, deployment, write_config
 from tests.support.pipeline_helpers import cli

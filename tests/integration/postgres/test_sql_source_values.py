@@ -11,13 +11,10 @@ from typing import Any
 from sqlalchemy import create_engine
 
 from producers.sql_advice import check_warnings
-from producers.sql_polling import (
-    CursorState,
-    RejectedRow,
-    SourceChange,
-    SqlPollingAdapter,
-    SqlSourceConfig,
-)
+from producers.sql_config import SqlSourceConfig
+from producers.sql_cursor import CursorState
+from producers.sql_polling import SqlPollingAdapter
+from producers.sql_rows import RejectedRow, SourceChange
 
 
 def _table(url: str, *statements: str) -> None:
