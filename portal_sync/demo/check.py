@@ -18,7 +18,7 @@ from portal_sync.demo.feed import PORTAL_FEED_SOURCE
 from portal_sync.demo.model import DEMO_PREFIX, DemoRun, Injected, console
 from portal_sync.ops.dlq import read_dead_letters
 from portal_sync.settings import Settings
-from producers.adapters.filedrop import DirectoryAdapter
+from producers.adapters.directory import DirectoryAdapter
 from producers.sdk import Record
 from schemas import InvalidEvent, parse_event
 from store import Store, queries, redacted_url

@@ -21,7 +21,7 @@ version (the reconciler keeps the first it applies), so such updates must be a s
 apart or in one file, where the later position wins.
 
 A payload that cannot be read or mapped is one dead letter; the rest of the file goes on
-(see `filedrop` for what makes a file unreadable and when a file is complete).
+(see `directory` for what makes a file unreadable and when a file is complete).
 """
 
 from __future__ import annotations
@@ -35,18 +35,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from producers.adapters.filedrop import (
+from producers.adapters.directory import DirectoryAdapter, DirectoryConfig, small_int, unmappable
+from producers.adapters.file_reading import (
     MAX_LINE_CHARS,
     Content,
-    DirectoryAdapter,
-    DirectoryConfig,
     UnreadableFile,
     json_lines,
     read_json,
-    small_int,
     stream_of,
     text_of,
-    unmappable,
 )
 from producers.mapping import CONTRACT_FORMS, parse_local
 from producers.sdk import Record, SkippableRecord

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from producers.adapters import filedrop
-from producers.adapters.filedrop import TRANSIENT_READ_TRIES, FileDropAdapter, read_json
+from producers.adapters import directory, file_reading, filedrop
+from producers.adapters.directory import TRANSIENT_READ_TRIES
+from producers.adapters.file_reading import read_json
+from producers.adapters.filedrop import FileDropAdapter
 from producers.sdk import Checkpoint, Record, RetriableError, SkippableRecord
 
 CONFIG = {
@@ -157,15 +159,13 @@ def test_a_file_server_clock_behind_ours_does_not_make_a_fresh_file_look_settled
 ) -> None:
     """The share stamps files by its own clock: judged by ours, 60 s ahead, a file being
     written in place looks a minute old and would be read half-written on first sight."""
-    from producers.adapters import filedrop
-
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "export.csv").write_text(
         "pid,name,at\n001190000001,Nguyễn Văn An,2025-08-01T08:00:00+07:00\n", encoding="utf-8"
     )  # written in place just now, perhaps not finished
     real = time.time
-    monkeypatch.setattr(filedrop.time, "time", lambda: real() + 60)
+    monkeypatch.setattr(directory.time, "time", lambda: real() + 60)
     adapter = FileDropAdapter.from_settings("province-79", CONFIG | {"settle_seconds": 10},
                                             tmp_path)  # fmt: skip
     assert [i for i in adapter.read({}) if isinstance(i, Record)] == []
@@ -314,7 +314,7 @@ def test_a_file_that_is_not_utf8_is_refused_before_any_record(
 ) -> None:
     """Checked as it is read, by a decoder of BOMs that waited for the rest of one: a file
     of the bytes EF BB was an empty file, moved to done/ without a dead letter."""
-    from producers.adapters.filedrop import UnreadableFile
+    from producers.adapters.file_reading import UnreadableFile
 
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     with pytest.raises(UnreadableFile) as refused:
@@ -404,7 +404,7 @@ def test_a_file_written_to_while_it_is_read_is_read_once_it_is_still(
     export.write_text("pid,name,at\n" + ROW)
     os.utime(export, (time.time() - 600,) * 2)
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
-    read_at = filedrop._read_at
+    read_at = file_reading._read_at
 
     def while_written(fd: int, size: int, offset: int) -> bytes:
         content = read_at(fd, size, offset)
@@ -412,7 +412,7 @@ def test_a_file_written_to_while_it_is_read_is_read_once_it_is_still(
             handle.write(ROW.replace("0001,", "0002,"))
         return content
 
-    monkeypatch.setattr(filedrop, "_read_at", while_written)
+    monkeypatch.setattr(file_reading, "_read_at", while_written)
     assert _origins(adapter) == []
     monkeypatch.undo()
     os.utime(export, (time.time() - 600,) * 2)
@@ -426,7 +426,7 @@ def test_a_files_checksum_at_its_move_reads_it_in_chunks(tmp_path: Path) -> None
     import hashlib
     import tracemalloc
 
-    from producers.adapters.filedrop import _checksum
+    from producers.adapters.directory import _checksum
 
     path = tmp_path / "snapshot.csv"
     path.write_bytes(b"SoDinhDanh,HoTen\n" + b"048090000001,Nguyen Van An\n" * 400_000)
@@ -453,7 +453,7 @@ def test_a_csv_header_that_lacks_or_repeats_a_mapped_column_refuses_the_file(
     """A column renamed in the export read as null in every row, each a valid event that
     erased the value other sources gave; of a column named twice, the last cell was read
     for both. The file goes to error/ instead."""
-    from producers.adapters.filedrop import UnreadableFile
+    from producers.adapters.file_reading import UnreadableFile
 
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     cells = ",".join(["001190000001"] + ["x"] * (header.count(",") - 1) + ["2025-08-01T08:00:00"])
@@ -467,7 +467,7 @@ def test_a_quote_never_closed_refuses_the_file_instead_of_swallowing_its_rest(
 ) -> None:
     """A stray quote made every line after it one value of an unmapped column: one record
     published, the rest of the file gone, no dead letter, the file in done/."""
-    from producers.adapters.filedrop import UnreadableFile
+    from producers.adapters.file_reading import UnreadableFile
 
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, tmp_path)
     at = "2025-08-01T08:00:00"
@@ -590,7 +590,7 @@ def test_a_read_that_fails_for_a_moment_is_retried_not_sent_to_error(
     def failing(fd: int, size: int, offset: int) -> bytes:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(filedrop, "_read_at", failing)
+    monkeypatch.setattr(file_reading, "_read_at", failing)
     with pytest.raises(RetriableError, match=errno.errorcode[code]):
         list(adapter.read({}))
     assert (inbox / "export.csv").exists() and not (inbox / "error").exists()
@@ -610,7 +610,7 @@ def test_a_read_that_keeps_failing_goes_to_error_at_last(
     def failing(fd: int, size: int, offset: int) -> bytes:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(filedrop, "_read_at", failing)
+    monkeypatch.setattr(file_reading, "_read_at", failing)
     for _ in range(TRANSIENT_READ_TRIES - 1):
         with pytest.raises(RetriableError):
             list(adapter.read({}))
@@ -690,7 +690,7 @@ def test_a_read_that_fails_for_a_moment_midway_is_retried_from_the_file_not_sent
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inbox, adapter = _dropped(tmp_path, 20_000)  # more than one buffer of the records' read
-    read_at, away = filedrop._read_at, [False]
+    read_at, away = file_reading._read_at, [False]
 
     def share(fd: int, size: int, offset: int) -> bytes:
         if away[0]:
@@ -700,7 +700,7 @@ def test_a_read_that_fails_for_a_moment_midway_is_retried_from_the_file_not_sent
     def share_goes_away() -> None:  # once the records are being read
         away[0] = True
 
-    monkeypatch.setattr(filedrop, "_read_at", share)
+    monkeypatch.setattr(file_reading, "_read_at", share)
     _before_each_record(monkeypatch, adapter, share_goes_away)
     sent: list[str] = []
     with pytest.raises(RetriableError, match="ESTALE"):
@@ -770,7 +770,7 @@ def test_a_read_failing_while_the_file_is_checked_is_retried_or_refused_never_st
     """The checks read the file from disk too: their errors escaped the adapter's handling,
     so a file was retried without end and held every file after it."""
     _, adapter = _dropped(tmp_path, 5)
-    read_at, calls = filedrop._read_at, [0]
+    read_at, calls = file_reading._read_at, [0]
 
     def away_after_the_checksum(fd: int, size: int, offset: int) -> bytes:
         calls[0] += 1
@@ -778,7 +778,7 @@ def test_a_read_failing_while_the_file_is_checked_is_retried_or_refused_never_st
             raise OSError(code, os.strerror(code))
         return read_at(fd, size, offset)
 
-    monkeypatch.setattr(filedrop, "_read_at", away_after_the_checksum)
+    monkeypatch.setattr(file_reading, "_read_at", away_after_the_checksum)
     runs = 0
     while True:
         calls[0] = 0
@@ -801,8 +801,8 @@ def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
     """The failures of a long file's read were counted until it was read whole: a share
     that blipped five times in hours sent it to error/ though each run got further."""
     inbox, adapter = _dropped(tmp_path, 12_000)
-    monkeypatch.setattr(filedrop, "FILE_CHECKPOINT_RECORDS", 1_000)
-    read_at = filedrop._read_at
+    monkeypatch.setattr(directory, "FILE_CHECKPOINT_RECORDS", 1_000)
+    read_at = file_reading._read_at
     mapped, runs = [0], [0]
 
     def blipping(fd: int, size: int, offset: int) -> bytes:
@@ -815,7 +815,7 @@ def test_a_read_that_fails_now_and_then_but_goes_on_is_never_sent_to_error(
         mapped[0] += 1
 
     _before_each_record(monkeypatch, adapter, count)
-    monkeypatch.setattr(filedrop, "_read_at", blipping)
+    monkeypatch.setattr(file_reading, "_read_at", blipping)
     state: dict[str, object] = {}
     sent: set[str] = set()
     failures = 0
@@ -850,7 +850,7 @@ def test_a_file_whose_status_cannot_be_read_leaves_no_descriptor_open(
         return fstat(fd)
 
     before = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(filedrop.os, "fstat", stale)
+    monkeypatch.setattr(file_reading.os, "fstat", stale)
     for _ in range(3):
         with pytest.raises(RetriableError):
             list(adapter.read({}))
@@ -878,7 +878,7 @@ def test_a_json_line_longer_than_any_record_is_a_rejected_line_never_held_whole(
     """A file without line ends was one line held whole, several times over."""
     import tracemalloc
 
-    monkeypatch.setattr(filedrop, "MAX_LINE_CHARS", 100_000)
+    monkeypatch.setattr(file_reading, "MAX_LINE_CHARS", 100_000)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     line = '{"pid": "001190000001", "name": "Nguyễn Văn An", "at": "2025-08-01T08:00:00+07:00"}'
@@ -905,13 +905,13 @@ def test_a_json_line_longer_than_any_record_is_a_rejected_line_never_held_whole(
 def test_a_csv_field_longer_than_any_record_refuses_the_file() -> None:
     """A stray quote took the rest of the file for one field, held whole: the field limit
     was raised to the file's size."""
-    text = 'pid,name,at\n001190000001,"Nguyễn ' + "x" * (filedrop.MAX_LINE_CHARS + 10)
+    text = 'pid,name,at\n001190000001,"Nguyễn ' + "x" * (file_reading.MAX_LINE_CHARS + 10)
     text += '",2025-08-01T08:00:00+07:00\n'
     adapter = FileDropAdapter.from_settings("province-79", CONFIG, Path("/nonexistent"))
-    with pytest.raises(filedrop.UnreadableFile) as refused:
+    with pytest.raises(file_reading.UnreadableFile) as refused:
         list(adapter.parse(Path("export.csv"), text.encode()))
     assert refused.value.reason == "not_csv"
-    assert f"longer than {filedrop.MAX_LINE_CHARS} characters" in str(refused.value)
+    assert f"longer than {file_reading.MAX_LINE_CHARS} characters" in str(refused.value)
 
 
 def test_a_files_failed_reads_are_not_counted_against_the_next_file_of_its_name(
@@ -920,14 +920,14 @@ def test_a_files_failed_reads_are_not_counted_against_the_next_file_of_its_name(
     """A daily export of one name: yesterday's, gone to error/ after five failed reads, left
     its count, and today's went to error/ at its first failure that would pass."""
     inbox, adapter = _dropped(tmp_path, 2)
-    read_at, failing = filedrop._read_at, [True]
+    read_at, failing = file_reading._read_at, [True]
 
     def eio(fd: int, size: int, offset: int) -> bytes:
         if failing[0]:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return read_at(fd, size, offset)
 
-    monkeypatch.setattr(filedrop, "_read_at", eio)
+    monkeypatch.setattr(file_reading, "_read_at", eio)
     for _ in range(TRANSIENT_READ_TRIES - 1):
         with pytest.raises(RetriableError):
             list(adapter.read({}))
@@ -986,8 +986,8 @@ def test_a_line_of_the_longest_length_is_kept(
 ) -> None:
     import io
 
-    monkeypatch.setattr(filedrop, "MAX_LINE_CHARS", 100)
+    monkeypatch.setattr(file_reading, "MAX_LINE_CHARS", 100)
     text = "x" * length + "\nshort\n" + "y" * length
-    lines = list(filedrop.bounded_lines(io.TextIOWrapper(io.BytesIO(text.encode()))))
-    assert [line is filedrop.OVER_LONG for line in lines] == [not kept, False, not kept]
+    lines = list(file_reading.bounded_lines(io.TextIOWrapper(io.BytesIO(text.encode()))))
+    assert [line is file_reading.OVER_LONG for line in lines] == [not kept, False, not kept]
     assert lines[1] == "short\n"

@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from producers.adapters import portal
-from producers.adapters.filedrop import UnreadableFile
+from producers.adapters.file_reading import UnreadableFile
 from producers.adapters.portal import PortalAdapter, _items
 from producers.sdk import Record
 from schemas.json_text import loads_unique

@@ -12,7 +12,7 @@ import pytest
 
 from consumers.retention import Retention
 from portal_sync.settings import Settings
-from producers.adapters.filedrop import DirectoryAdapter
+from producers.adapters.directory import DirectoryAdapter
 from producers.deployment import Deployment, load_deployment
 from producers.metrics import DONE_FILES_REMOVED
 from producers.sdk import Checkpoint

@@ -429,16 +429,16 @@ def test_an_unreadable_file_is_counted_logged_dead_lettered_and_moved_to_error(
     locked = drop(inbox, "locked.csv", CSV, mtime=1_300)
     locked.chmod(0)
     if os.geteuid() == 0:  # root reads anything: what the producer's own user would get
-        from producers.adapters import filedrop
+        from producers.adapters import directory
 
-        real = filedrop._open
+        real = directory._open
 
         def open_file(path: Path) -> int:
             if path.name == "locked.csv":
                 raise PermissionError(13, "Permission denied")
             return real(path)
 
-        monkeypatch.setattr(filedrop, "_open", open_file)
+        monkeypatch.setattr(directory, "_open", open_file)
     drop(inbox, "zz-good.jsonl", _line("048190000003", "Phạm Thu Hà") + "\n", mtime=2_000)
     drop(portal_inbox, "hoso.json", json.dumps(PAYLOAD)[:80], mtime=1_000)  # cut short
     deploy = deployment(tmp_path, FILEDROP + PORTAL)
@@ -580,7 +580,7 @@ def test_a_run_stopped_inside_a_file_goes_on_after_its_last_checkpoint(
     inside it (a rollout, a crash, the broker away) began the file again. The next run
     goes on after the last checkpoint reached, and the report says it resumed; a report
     lists its first rejections and counts the rest."""
-    import producers.adapters.filedrop as module
+    import producers.adapters.directory as module
     from producers.sdk import SkippableRecord
 
     monkeypatch.setattr(module, "FILE_CHECKPOINT_RECORDS", 1_000)
@@ -704,7 +704,7 @@ def test_a_resumed_file_skips_whole_lines_whatever_records_a_line_gives_now(
 ) -> None:
     """A portal line gives a dossier and its documents. Counted in records, a resume
     after `documents = false` was set skipped lines never sent; by line, it skips none."""
-    import producers.adapters.filedrop as module
+    import producers.adapters.directory as module
     from producers.sdk import SkippableRecord
 
     monkeypatch.setattr(module, "FILE_CHECKPOINT_RECORDS", 3)
