@@ -60,6 +60,9 @@ class Checked:
 
 DEFAULT_MAX_CLOCK_SKEW_SECONDS = 300.0
 KEY_OF_ANOTHER_SOURCE = "signed with a key of another source than the message key names"
+UNSIGNED_UNDER_A_SIGNING_SOURCE = (
+    "no signature (ps.sig, ps.kid): the message key names a source that has signing keys"
+)
 
 
 def classify(
@@ -112,16 +115,17 @@ def classify(
                     registry.require_signatures,
                 )
                 named = (message.key or b"").rpartition(b":")[2].decode("ascii", "replace")
+                # Before the value is read: one that does not parse (null, not JSON, too
+                # large) would still take that source's place in the compacted topic, and
+                # its letter would not say it was forged.
                 if signer is not None and named != signer.source and named in registry.sources:
-                    # Before the value is read: one that does not parse (null, not JSON,
-                    # too large) would still take that source's place in the compacted
-                    # topic, and its letter would not say it was forged.
                     raise RecordError(Reason.BAD_SIGNATURE, KEY_OF_ANOTHER_SOURCE)
+                if signer is None and registry.signs(named):
+                    raise RecordError(Reason.UNSIGNED, UNSIGNED_UNDER_A_SIGNING_SOURCE)
             checked = parse_event(message.value)
             if verifying:
                 source = checked.event.source
-                info = registry.sources.get(source) if signer is None else None
-                check_signer(signer, source, info is not None and bool(info.public_keys))
+                check_signer(signer, source, signer is None and registry.signs(source))
         except RecordError as error:
             dead.append(DeadLetter(message, error.code, error.message))
             continue

@@ -139,6 +139,11 @@ class Registry:
     def accepts(self, source: str) -> bool:
         return self.development_mode or source in self.sources
 
+    def signs(self, source: str) -> bool:
+        """Whether `source` has signing keys here: then every event in its name is signed."""
+        info = self.sources.get(source)
+        return info is not None and bool(info.public_keys)
+
     def kind(self, source: str) -> str | None:
         info = self.sources.get(source)
         return info.kind if info else None

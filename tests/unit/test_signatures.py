@@ -417,6 +417,16 @@ def test_without_required_signatures_a_source_without_keys_may_go_unsigned() -> 
     assert reasons(message(value, HCM.headers(value)), lax) == ["bad_signature"]
     as_31 = event(source="province-31")
     assert reasons(message(as_31), lax) == ["valid"]
+    # Unsigned and unreadable under Hà Nội's message key: it would take Hà Nội's place in
+    # the compacted topic, so it is `unsigned` (which pages), not `empty_message` or
+    # `invalid_json` (which do not), as when signatures are required.
+    for unreadable in (b"", b"null", b"{not json"):
+        assert reasons(message(unreadable), lax) == ["unsigned"]
+    # the same under a source without keys is read as before
+    mkey = message_key("citizen", "001090012345", "province-31")
+    partition = partition_for(mkey, TOPICS.change_partitions)
+    keyless_key = Message(TOPICS.change_topic("citizen"), partition, 0, b"{not json", mkey)
+    assert reasons(keyless_key, lax) == ["invalid_json"]
     # development mode (no registry): nothing to verify with, unsigned accepted
     valid, dead = classify([message(value)], None, topics=TOPICS, now=NOW)
     assert dead == [] and len(valid) == 1
