@@ -11,7 +11,7 @@ import re
 import unicodedata
 from datetime import UTC, date, datetime
 from enum import IntEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 from uuid import UUID
 
 from pydantic import (
@@ -328,6 +328,23 @@ PAYLOAD_MODELS: dict[str, type[ContractModel]] = {
     "organization": OrganizationData,
     "document": DocumentData,
     "dossier": DossierData,
+}
+
+
+def _written_text(model: type[ContractModel]) -> frozenset[str]:
+    """A payload's fields that a person writes in any script (names, titles, e-mail
+    addresses), as against its identifiers and codes, whose patterns take ASCII only."""
+    return frozenset(
+        name
+        for name, info in model.model_fields.items()
+        for arg in (info.annotation, *get_args(info.annotation))
+        for constraint in getattr(arg, "__metadata__", ())
+        if getattr(constraint, "pattern", None) in (_PLAIN, _EMAIL)
+    )
+
+
+WRITTEN_TEXT: dict[str, frozenset[str]] = {
+    entity: _written_text(model) for entity, model in PAYLOAD_MODELS.items()
 }
 
 

@@ -23,6 +23,7 @@ from schemas.errors import RecordError
 from schemas.events import (
     CHANGE_EVENT,
     ENTITIES,
+    WRITTEN_TEXT,
     ChangeEvent,
     CitizenEvent,
     DocumentEvent,
@@ -134,16 +135,20 @@ def _refuse_ascii_by_normalisation(obj: dict[str, Any]) -> None:
     """A value valid only once NFC made it ASCII: identifiers and codes are ASCII as sent,
     and NFC turns a few characters into ASCII ones (the Kelvin sign into "K", a Greek
     question mark into ";"), which the contract's patterns would then take. The event's
-    strings are checked after validation, so every field named here is the contract's."""
+    strings are checked after validation, so every field named here is the contract's.
+    Text a person writes (`WRITTEN_TEXT`: a name, a title) is not an identifier: NFC is
+    its normal form, whatever it turns into (a Greek question mark into ";")."""
     key = obj.get("key")
     if isinstance(key, str) and _ascii_only_by_nfc(key):
         raise InvalidEvent("invalid_key", f"key: {ASCII_AS_SENT}")
     data = obj.get("data")
     if isinstance(data, dict):
+        written = WRITTEN_TEXT.get(str(obj.get("entity")), frozenset())
         for name, value in data.items():
             if isinstance(value, str) and _ascii_only_by_nfc(value):
                 field = unicodedata.normalize("NFC", name)
-                raise InvalidEvent("invalid_field", f"data.{field}: {ASCII_AS_SENT}")
+                if field not in written:
+                    raise InvalidEvent("invalid_field", f"data.{field}: {ASCII_AS_SENT}")
 
 
 ASCII_AS_SENT = "a value that is ASCII only once normalised to NFC (identifiers are ASCII)"

@@ -493,6 +493,19 @@ def test_an_identifier_ascii_only_once_normalised_is_refused() -> None:
     assert (refused.code, refused.message.split(":")[0]) == ("invalid_field", "data.agency_code")
     name = citizen(data={"full_name": "Nguyễn Văn \u212a"})  # not ASCII once normalised
     assert parse_event(encode(name)).event.data_dict() == {"full_name": "Nguyễn Văn K"}
+    # Text a person writes is no identifier: ASCII once normalised, it is taken in NFC, as
+    # the same text is in an address's line.
+    written = {"english_name": "ABC Trading\u037e Ltd", "legal_form": "\u212a"}
+    org = envelope("organization", "0312345675", data=written)
+    assert parse_event(encode(org)).event.data_dict() == {
+        "english_name": "ABC Trading; Ltd",
+        "legal_form": "K",
+    }
+    title = envelope("document", "000.00.01.H29:QD-1", data={"title": "Quyết định\u037e"})
+    assert parse_event(encode(title)).event.data_dict() == {"title": "Quyết định;"}
+    code = {"title": "Quyết định", "doc_type": "QD-\u212a"}  # a code beside it still is
+    refused = reject(encode(envelope("document", "000.00.01.H29:QD-1", data=code)))
+    assert (refused.code, refused.message.split(":")[0]) == ("invalid_field", "data.doc_type")
 
 
 @pytest.mark.parametrize(
