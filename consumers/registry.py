@@ -37,6 +37,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, mo
 
 from consumers.signatures import TrustedKey
 from schemas.events import Entity
+from schemas.identifiers import LONG_NUMBER, SOURCE_ID, SOURCE_ID_RULE
 from schemas.signing import KEY_ID, parse_public_key
 
 SourceKind = Literal["province", "ministry", "national"]
@@ -107,6 +108,16 @@ class RegistryFile(BaseModel):
     sources: dict[str, SourceInfo] = Field(default_factory=dict)
 
     @model_validator(mode="after")
+    def _source_ids(self) -> RegistryFile:
+        for source in self.sources:
+            if not SOURCE_ID.fullmatch(source) or LONG_NUMBER.search(source):
+                raise ValueError(
+                    f"a source id is {SOURCE_ID_RULE}, without nine digits in a row "
+                    "(a personal id, a tax code or a phone number)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _issuer_keys_are_documents(self) -> RegistryFile:
         for entity, rules in self.entities.items():
             if rules.key_names_issuer and entity != "document":
@@ -137,7 +148,12 @@ class Registry:
         return self.path is None
 
     def accepts(self, source: str) -> bool:
-        return self.development_mode or source in self.sources
+        """A registered source; in development mode any source id but one that carries a
+        long number (`LONG_NUMBER`: a personal id, a tax code), which would reach metric
+        labels."""
+        if self.development_mode:
+            return LONG_NUMBER.search(source) is None
+        return source in self.sources
 
     def signs(self, source: str) -> bool:
         """Whether `source` has signing keys here: then every event in its name is signed."""

@@ -368,6 +368,7 @@ def dlq_list(
     _warn_of_odd_reasons(reason)
     settings = settings_from(bootstrap, None)
     _warn_of_an_odd_source(settings, source)
+    shown_source = _source_shown(settings)
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
     shown: deque[DeadLetterRecord] = deque(maxlen=limit)
@@ -386,7 +387,7 @@ def dlq_list(
     for letter in shown:
         when = letter.failed_at.isoformat(timespec="seconds") if letter.failed_at else ""
         origin = f"{letter.origin_topic}:{letter.origin_partition}:{letter.origin_offset}"
-        cells = [letter.id, when, letter.reason_code, origin, letter.source or "",
+        cells = [letter.id, when, letter.reason_code, origin, shown_source(letter.source, ""),
                  str(letter.attempt)]  # fmt: skip
         if unreadable:
             cells.append("; ".join(letter.unreadable))
@@ -427,7 +428,8 @@ def dlq_show(
         ("origin", f"{letter.origin_topic} partition {letter.origin_partition} "
                    f"offset {letter.origin_offset}"),
         ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
-        ("attempt", str(letter.attempt)), ("source", letter.source or "(unreadable)"),
+        ("attempt", str(letter.attempt)),
+        ("source", _source_shown(settings)(letter.source, "(unreadable)")),
         ("signed by key", letter.signed_by or "(unsigned)"),
         ("size", f"{len(letter.value or b'')} bytes"),
         *([("unreadable", "; ".join(letter.unreadable))] if letter.unreadable else []),
@@ -699,6 +701,27 @@ def _warn_of_an_odd_source(settings: Settings, source: str | None) -> None:
         said = (f"--source {source}: not in the source registry (a typo?): only events "
                 "and letters that carry it are selected")  # fmt: skip
         progress_console.print(markup("[yellow]warning:[/yellow] {}", said))
+
+
+def _source_shown(settings: Settings) -> Callable[[str | None, str], str]:
+    """How a letter's source is shown: as it is when the registry lists it, else
+    `(unregistered)`: a refused event's `source` may be a name (`dlq._source_of` keeps
+    only source ids without a long number). In development mode every source id shows."""
+    from consumers.registry import Registry
+
+    try:
+        registry: Registry | None = Registry.load(settings.registry)
+    except (OSError, ValueError):
+        registry = None  # unreadable rules: nothing is known to be a source
+
+    def shown(source: str | None, unreadable: str) -> str:
+        if source is None:
+            return unreadable
+        if registry is not None and (registry.development_mode or source in registry.sources):
+            return source
+        return "(unregistered)"
+
+    return shown
 
 
 def _num(value: int | None) -> str:

@@ -33,7 +33,14 @@ from schemas.dead_letter import (
     letter_from_line,
 )
 from schemas.errors import Refused, TransientError
-from schemas.identifiers import REFERENCE_PREFIX, SOURCE_ID, ReferenceKey, key_reference, mask_key
+from schemas.identifiers import (
+    LONG_NUMBER,
+    REFERENCE_PREFIX,
+    SOURCE_ID,
+    ReferenceKey,
+    key_reference,
+    mask_key,
+)
 from schemas.partitioning import message_key, partition_for
 from schemas.signing import KEY_ID_HEADER
 from schemas.validation import MAX_EVENT_BYTES
@@ -246,12 +253,9 @@ def _source_of(value: bytes | None, problems: list[str]) -> str | None:
         problems.append(f"value: JSON {_kind(event)}, not an object")
         return None
     source = event.get("source")
-    if not isinstance(source, str) or not SOURCE_ID.fullmatch(source) or _NUMBER.search(source):
+    if not isinstance(source, str) or not SOURCE_ID.fullmatch(source) or LONG_NUMBER.search(source):
         return None  # not a source's id: perhaps a name, a personal id or a phone number
     return source
-
-
-_NUMBER = re.compile(r"[0-9]{9}")  # personal ids, tax codes, phones: no source id has one
 
 
 def _event_of_its_key(letter: DeadLetterRecord, topics: Topics) -> tuple[str, str, str, int] | None:

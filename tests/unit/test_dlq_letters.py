@@ -4,6 +4,7 @@ named, never raised (portal_sync.ops.dlq)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -265,3 +266,25 @@ def test_a_letter_is_held_back_by_a_purge_of_its_source_and_entity_after_it_fail
     assert held(own, here=secret) and held(own) and held(other)
     assert not held(other, here=secret)
     assert not held()
+
+
+def test_dlq_shows_a_letters_source_only_when_the_registry_lists_it(tmp_path: Path) -> None:
+    """A refused event's `source` may be a name or a number written with separators, which
+    pass for a source id: `dlq list` and `dlq show` print only the sources the registry
+    lists (in development mode, any source id without a long number)."""
+    from portal_sync.cli.ops import _source_shown
+    from portal_sync.settings import Settings
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        '[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n', encoding="utf-8"
+    )
+    shown = _source_shown(Settings(registry=registry))
+    assert shown("province-01", "") == "province-01"
+    for refused in ("tran-thi-bich-ngoc", "0912-345-678", "079.185.123.456", "province-99"):
+        assert letter_of(b'{"source": "%s"}' % refused.encode()).source == refused
+        assert shown(refused, "") == "(unregistered)"
+    assert shown(None, "(unreadable)") == "(unreadable)"
+    assert _source_shown(Settings(registry=None))("dev-laptop-01", "") == "dev-laptop-01"
+    registry.write_text("[sources.province-01]\nkind = 7\n", encoding="utf-8")  # unreadable
+    assert _source_shown(Settings(registry=registry))("province-01", "") == "(unregistered)"

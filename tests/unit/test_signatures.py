@@ -221,6 +221,30 @@ def test_a_wrong_registry_is_refused(tmp_path: Path, keys: str, top: str) -> Non
         Registry.load(path)
 
 
+@pytest.mark.parametrize("source", ["079185123456", "mst-0312345675", "Province-01", "p"])
+def test_a_registry_source_id_must_be_one_without_a_long_number(
+    tmp_path: Path, source: str
+) -> None:
+    """A source id is a label of every metric of its events: never a personal id, a tax
+    code or a phone number (nine digits in a row), and always the contract's pattern."""
+    path = tmp_path / "registry.toml"
+    path.write_text(registry_text().replace("province-01", source), encoding="utf-8")
+    with pytest.raises(ValueError, match="a source id is"):
+        Registry.load(path)
+    path.write_text(registry_text().replace("province-01", "mst-03123456"), encoding="utf-8")
+    assert list(Registry.load(path).sources) == ["mst-03123456"]  # eight digits: an id
+
+
+def test_development_mode_takes_no_source_id_with_a_long_number() -> None:
+    """Without a registry every source is accepted, so its id reaches metric labels: one
+    with nine digits in a row (a personal id as `source`) is refused instead."""
+    for source, code in (("079185123456", "unregistered_source"), ("dev-laptop-01", "valid")):
+        value = event(source=source)
+        valid, dead = classify([message(value)], None, topics=TOPICS, now=NOW)
+        assert ([d.code for d in dead] or ["valid" for _ in valid]) == [code]
+        assert all(source not in d.reason for d in dead)
+
+
 def test_one_key_id_for_two_sources_is_refused() -> None:
     entry = {"id": "shared-key", "key": public_key_text(HANOI.public_key())}
     info = {"kind": "province", "name": "x", "public_keys": [entry]}
