@@ -107,6 +107,20 @@ class StoreReads(StoreBase):
                     found.update((row.entity, row.key) for row in conn.execute(query.distinct()))
         return found
 
+    def view_versions(self, keys: Sequence[RecordKey]) -> dict[RecordKey, dict[str, int]]:
+        """Of these records, the version of every source's view (tombstones included), by
+        primary key, a chunk at a time."""
+        found: dict[RecordKey, dict[str, int]] = {}
+        view = source_views.c
+        with translated(), self.engine.connect() as conn:
+            for chunk in chunks(list(keys)):
+                query = select(view.entity, view.key, view.source, view.version).where(
+                    tuple_(view.entity, view.key).in_(chunk)
+                )
+                for row in conn.execute(query):
+                    found.setdefault((row.entity, row.key), {})[row.source] = row.version
+        return found
+
     def record_keys(
         self, entity: str | None = None, after: RecordKey | None = None, limit: int | None = None
     ) -> list[RecordKey]:

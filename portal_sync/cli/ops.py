@@ -335,8 +335,8 @@ def rebuild(
             console.print(plain(f"{name}: {count}" + (f" e.g. {shown}" if keys else "")))
         if diff.meanwhile:
             console.print(
-                f"changed in the live store while the rebuild ran (its workers applied "
-                f"them; not compared): {diff.meanwhile}"
+                f"changed in the live store while the rebuild ran, by newer views than the "
+                f"rebuild read (a worker's; not compared): {diff.meanwhile}"
             )
         if diff.any():  # a check that found a difference, as `adapters check` fails one
             target.close()

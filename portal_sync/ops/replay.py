@@ -201,7 +201,7 @@ class Comparison:
     samples: dict[str, list[RecordKey]] = field(
         default_factory=lambda: {name: [] for name in DIFFERENCES}
     )
-    meanwhile: int = 0  # differing, but changed in the live store since the rebuild began
+    meanwhile: int = 0  # differing, but moved ahead in the live store since the rebuild began
 
     def any(self) -> bool:
         return any(self.counts.values())
@@ -212,14 +212,22 @@ class Comparison:
             self.samples[name].append(key)
 
 
+def _moved_ahead(live: dict[str, int], rebuilt: dict[str, int]) -> bool:
+    """Whether a record's views in the live store are the rebuilt store's moved on: every
+    source's view there, at the same or a later version, and one at least later or new."""
+    return live != rebuilt and all(live.get(s, 0) >= v for s, v in rebuilt.items())
+
+
 def compare_stores(
     live: Store, rebuilt: Store, changed_since: datetime | None = None
 ) -> Comparison:
     """Records only in the live store, only in the rebuilt one, or different: both stores
     read in one pass each, in the same order (bounded memory, whatever their size). With
-    `changed_since`, a difference whose record the live store changed at or after it (its
-    workers ran on while the rebuild read up to the offsets it started from) is counted
-    apart, as `meanwhile`, and is not a difference."""
+    `changed_since`, a difference whose record the live store changed at or after it, and
+    only by moving ahead (`_moved_ahead`: its workers ran on while the rebuild read up to
+    the offsets it started from), is counted apart, as `meanwhile`, and is not a
+    difference. A record the live store holds less of (a `source purge`, offsets reset
+    past events, a restore) is a difference however recently it changed."""
     found = Comparison()
     pending: list[tuple[str, RecordKey]] = []
 
@@ -231,6 +239,10 @@ def compare_stores(
             if changed_since is None
             else live.changed_since([key for _, key in pending], changed_since)
         )
+        if later:
+            keys = sorted(later)
+            ahead, behind = live.view_versions(keys), rebuilt.view_versions(keys)
+            later = {k for k in later if _moved_ahead(ahead.get(k, {}), behind.get(k, {}))}
         for name, key in pending:
             if key in later:
                 found.meanwhile += 1

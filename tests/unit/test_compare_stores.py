@@ -62,3 +62,21 @@ def test_counts_past_the_samples_and_equal_stores() -> None:
         assert found.samples["only_live"] == [("citizen", k) for k in keys[:5]]
         Feed(rebuilt).apply(*upserts)
         assert not compare_stores(live, rebuilt).any()
+
+
+def test_a_record_the_live_store_holds_less_of_is_a_difference_however_recent() -> None:
+    """A `source purge`, or offsets reset past events, just before a rebuild leaves the
+    live store behind what the topics hold: the record changed after the rebuild began,
+    but not by moving ahead. It was set apart as changed meanwhile, and the comparison the
+    purge's runbook asks for said 0 differences and exited 0."""
+    with fresh_store() as live, fresh_store() as rebuilt:
+        began = utcnow() - timedelta(minutes=1)
+        first = event("citizen", SAME, "province-01", 1, {"full_name": "Lê Văn Sáu"})
+        later = event("citizen", SAME, "province-01", 2, {"full_name": "Lê Văn Sáu Mới"})
+        Feed(live).apply(first)  # after `began`: the live store changed recently
+        Feed(rebuilt).apply(first, later)
+        behind = compare_stores(live, rebuilt, changed_since=began)
+        assert (behind.counts["different"], behind.meanwhile) == (1, 0)
+        Feed(live).apply(later, event("citizen", SAME, "province-01", 3, {"full_name": "X"}))
+        ahead = compare_stores(live, rebuilt, changed_since=began)  # a worker ran on
+        assert (ahead.counts["different"], ahead.meanwhile) == (0, 1)
