@@ -15,6 +15,7 @@ from store.core import (
     redacted_url,
     utcnow,
 )
+from store.engine import same_database
 from store.failures import LockTableFull, OffsetGap, StoreRefused, StoreUnavailable
 from store.schema import SchemaOutdated
 
@@ -36,5 +37,6 @@ __all__ = [
     "TopicPartition",
     "ViewRow",
     "redacted_url",
+    "same_database",
     "utcnow",
 ]

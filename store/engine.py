@@ -48,6 +48,21 @@ def store_url(url: str) -> URL:
     )
 
 
+def same_database(one: str, other: str) -> bool:
+    """Whether two store URLs name the same database: one SQLite file (however its path is
+    spelt), or one PostgreSQL database on one server (whichever user connects)."""
+    a, b = store_url(one), store_url(other)
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        files = [u.database for u in (a, b)]
+        if not all(f and f != ":memory:" and not f.startswith("file:") for f in files):
+            return False
+        return len({Path(str(f)).expanduser().resolve() for f in files}) == 1
+    where = [(u.host or "localhost", u.port or 5432, u.database) for u in (a, b)]
+    return where[0] == where[1]
+
+
 # A session that holds its transaction this long without a statement is ended by
 # PostgreSQL, its locks with it: far above a batch's own pauses (the dead letters'
 # acknowledgement waits 60 s at most), far below a stopped process's hours. Every session

@@ -124,6 +124,14 @@ def replay(
         )
     if from_offset is not None and to_offset is not None and from_offset >= to_offset:
         raise Refused("--from-offset must be below --to-offset (which is exclusive)")
+    # One start and one end: with both, the offset won and the time was not a limit (the
+    # range read was not the one asked for, and a purge's warning judged by the time).
+    if since is not None and from_offset is not None:
+        raise Refused("--since and --from-offset both set the start: give one")
+    if until is not None and to_offset is not None:
+        raise Refused("--until and --to-offset both set the end: give one")
+    if entity is not None and topic and names.change_topic(entity) not in topic:
+        raise Refused(f"--entity {entity}: its topic {names.change_topic(entity)} is not a --topic")
     topics = topic or ([names.change_topic(entity)] if entity else names.change_topics())
     selection = Selection(topics, partition, parse_time(since), parse_time(until),
                           from_offset, to_offset)  # fmt: skip
@@ -272,7 +280,7 @@ def rebuild(
     from portal_sync.ops.replay import compare_stores, rebuild_until
     from portal_sync.ops.replay import replay as run_replay
     from portal_sync.ops.rules import guard_rules
-    from store import Store
+    from store import Store, same_database
     from transport.reader import Selection
 
     began = datetime.now(UTC)  # before the live store's offsets are read (`rebuild_until`)
@@ -281,9 +289,15 @@ def rebuild(
     if store is None:
         raise ConfigurationError("rebuild needs the new store: --store-file FILE or --store URL")
     live_settings = settings_from(bootstrap, None)
+    if same_database(store, live_settings.store_url):
+        raise Refused(
+            "--store names the live store (PORTAL_SYNC_STORE_URL): a rebuild writes a new, "
+            "empty store; give another database or SQLite file"
+        )
     reference_key = live_settings.reference_key()
     live = Store(live_settings.store_url)
     try:
+        live.require_schema()  # a mistyped live store: said so, and no empty file made
         guard_rules(live, live_settings, rules_mismatch_ok, applies_events=True)
         purged = purges_after(live, None)
         until = rebuild_until(live)
@@ -596,13 +610,21 @@ def offsets_reset(
         list[str] | None,
         typer.Option("--topic", help="Only this change topic (repeatable; default: all)"),
     ] = None,
+    new_group: Annotated[
+        bool,
+        typer.Option(
+            "--new-group",
+            help="The group has no offsets yet: set them up (else refused as a likely typo)",
+        ),
+    ] = False,
     operator: OperatorOpt = None,
     bootstrap: BootstrapOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Move a group to the first offsets at or after a time. Refuses while the group has
-    active members, and past unapplied events without --allow-skip; prints the plan and
-    acts only with --yes. Every reset is recorded in the store (of any group)."""
+    active members, and past unapplied events without --allow-skip; a group other than the
+    reconciler's that has no offsets yet only with --new-group. Prints the plan and acts
+    only with --yes. Every reset is recorded in the store (of any group)."""
     from portal_sync.ops.offsets import active_members, apply_reset, plan_reset, purges_undone
 
     moment = parse_time(to_time)
@@ -636,6 +658,15 @@ def offsets_reset(
             f"[red]this reset skips {skipped} events the store has not applied[/red]"
             + ("" if allow_skip else " (refused without --allow-skip)")
         )
+    unknown = group != settings.group_id and all(line.kafka_committed is None for line in plan)
+    if unknown and not new_group:  # a typo made a group, which then showed as stalled
+        said = (f"group {group} has no offsets on these topics (a typo? the reconciler's "
+                f"group is {settings.group_id})") + ("" if yes else ": --yes refused without "
+                "--new-group")  # fmt: skip
+        console.print(markup("[yellow]warning:[/yellow] {}", said))
+        if yes:
+            console.print("[red]refused:[/red] pass --new-group to set up a new group's offsets")
+            raise typer.Exit(1)
     if not yes:
         if members:  # the plan may be read before the workers stop; not carried out
             console.print(markup("group {} has {} active member(s): stop its workers before "

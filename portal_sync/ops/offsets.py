@@ -142,6 +142,7 @@ def _store_offsets(settings: Settings) -> tuple[dict[tuple[str, int], int], dict
     """The store's offsets, and the ids of the topics they are in."""
     store = Store(settings.store_url)
     try:
+        store.require_schema()  # a mistyped store: said so, and no empty SQLite file made
         return store.all_offsets(), store.topic_ids()
     finally:
         store.close()
@@ -177,6 +178,7 @@ def apply_reset(
             # its copy; a failure between the two leaves the copy behind, not the truth.
             store = Store(settings.store_url)
             try:
+                store.require_schema()
                 store.reset_offsets(targets, who, why, ids)
             finally:
                 store.close()
@@ -236,6 +238,7 @@ def skip_message(
         log_start = c.beginning_offsets([(topic, partition)]).get((topic, partition), 0)
     store = Store(settings.store_url)
     try:
+        store.require_schema()  # a mistyped store: said so, and no empty SQLite file made
         stored = store.stored_offsets([(topic, partition)]).get((topic, partition))
     finally:
         store.close()

@@ -4,6 +4,8 @@ did not parse or another driver ended in a traceback in every command."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -56,3 +58,18 @@ def test_lag_reading_the_stores_offsets_refuses_another_url_at_start() -> None:
         app, ["lag", "--store", "mysql://u:pw@h/db", "--bootstrap", "127.0.0.1:1"]
     )
     assert isinstance(result.exception, ConfigurationError)
+
+
+def test_two_spellings_of_one_database_are_the_same_store(tmp_path: Path) -> None:
+    """`rebuild --store` naming the live store is refused (it advised dropping it)."""
+    from store import same_database
+
+    live = f"sqlite:///{tmp_path}/store.db"
+    assert same_database(live, f"sqlite:///{tmp_path}/./sub/../store.db")
+    assert not same_database(live, f"sqlite:///{tmp_path}/rebuilt.db")
+    assert not same_database("sqlite:///:memory:", "sqlite:///:memory:")  # two databases
+    pg = "postgresql+psycopg://portal:secret@db.example:5432/store"
+    assert same_database(pg, "postgres://owner@db.example/store")  # another user, same db
+    assert not same_database(pg, "postgresql://portal@db.example/rebuilt")
+    assert not same_database(pg, "postgresql://portal@replica.example/store")
+    assert not same_database(pg, live)

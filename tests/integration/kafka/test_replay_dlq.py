@@ -499,6 +499,12 @@ def test_a_reset_of_another_group_is_recorded_and_leaves_the_stores_offsets(
     store = Store(settings.store_url)
     applied = store.all_offsets()
     other = f"{settings.group_id}-analytics"
+    # A mistyped group was made by the reset, exit 0, and showed as a stalled consumer.
+    typo = f"{settings.group_id}-analitics"
+    refused = cli(settings, "offsets", "reset", "--group", typo, "--to-time", "1h", "--yes")
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1 and f"group {typo} has no offsets" in said, said
+    assert "--new-group" in said and store.offset_changes() == []
     commit_group_offsets(settings, other, applied)
     done = cli(settings, "offsets", "reset", "--group", other, "--to-time", "1h", "--yes",
                "--reason", "analytics rebuilds its cache", "--operator", "an.nguyen")  # fmt: skip
@@ -1060,6 +1066,13 @@ def test_a_misspelt_selection_is_refused_or_warned_of_not_an_empty_success(
         (("--partition", "3"), "--partition 3: the change topics have partitions 0 to 2"),
         (("--from-offset", "2", "--to-offset", "1"), "--from-offset must be below"),
         (("--since", "1m", "--until", "1h"), "--since must be before --until"),
+        # both bounds of one end: the offset won, and the time was not a limit at all
+        (("--since", "1h", "--from-offset", "0"), "--since and --from-offset both set"),
+        (("--until", "1m", "--to-offset", "5"), "--until and --to-offset both set"),
+        (
+            ("--entity", "organization", "--topic", settings.topics().change_topic("citizen")),
+            "--entity organization: its topic",
+        ),
     ]
     for args, said in refusals:
         refused = cli(settings, "replay", "--dry-run", *args)
@@ -1090,3 +1103,32 @@ def test_dlq_list_and_replay_refuse_a_topic_they_do_not_see(
     replayed = cli(settings, "replay", "--entity", "citizen", "--dry-run")
     assert replayed.returncode == 1, replayed.stdout
     assert "sees no topic" in replayed.stderr
+
+
+def test_a_mistyped_store_or_a_rebuild_onto_the_live_store_is_refused_as_such(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """`offsets reset`, `offsets skip` and `rebuild` on a mistyped SQLite path made an
+    empty file there and failed with "the store failed: OperationalError", exit 1; and a
+    rebuild given the live store as its target advised dropping it."""
+    settings = settings_for(sqlite_store_url)
+    _published(settings, tmp_path, citizen_events(4, 1, seed=5))
+    _caught_up(settings)
+    typo = tmp_path / "typo" / "stor.db"
+    mistyped = settings.model_copy(update={"store_url": f"sqlite:///{typo}"})
+    topic = settings.topics().change_topic("citizen")
+    (tmp_path / "rebuilt-url").write_text(f"sqlite:///{tmp_path / 'rebuilt.db'}\n")
+    for args in (
+        ("offsets", "reset", "--group", settings.group_id, "--to-time", "1h"),
+        ("offsets", "skip", "--topic", topic, "--partition", "0", "--offset", "0",
+         "--reason", "drill"),
+        ("rebuild", "--store-file", str(tmp_path / "rebuilt-url")),
+    ):  # fmt: skip
+        result = cli(mistyped, *args)
+        said = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 2 and "holds no portal-sync schema" in said, (args, said)
+        assert not typo.exists()
+    onto = cli(settings, "rebuild", "--store", f"sqlite:///{tmp_path}/./store.db")  # the live
+    said = " ".join((onto.stdout + onto.stderr).split())
+    assert onto.returncode == 1 and "--store names the live store" in said, said
+    assert "drop that database" not in said
