@@ -406,7 +406,8 @@ def dlq_list(
         if unreadable:
             cells.append("; ".join(letter.unreadable))
         table.add_row(*map(plain, cells))
-    console.print(table)
+    # --limit 0: the counts only, not an empty table's header
+    console.print(table if limit else f"dead letters ({by_reason.total()})")
     for code, count in by_reason.most_common():
         console.print(markup("{}: {}", code, count))
     if damaged:
