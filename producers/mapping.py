@@ -12,17 +12,31 @@ import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, Self
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.events import nfc_text
+from schemas.events import FIELD_PATHS, nfc_text
 from schemas.identifiers import PHONE
 
 # Java/.NET-style patterns as province systems write them, to strptime directives.
 _TOKENS = {"yyyy": "%Y", "yy": "%y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
 _TOKEN = re.compile("|".join(sorted(_TOKENS, key=len, reverse=True)))
+
+
+def zone_name(name: str) -> str:
+    """`name`, refused (ValueError) unless it names a time zone of the IANA database: a
+    misspelt one failed only once the adapter started, with a traceback or, in the `sql`
+    adapter, a failed run retried at every poll for ever."""
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        raise ValueError("not a time zone of the IANA database (e.g. Asia/Ho_Chi_Minh)") from None
+    return name
+
+
+TimeZoneName = Annotated[str, AfterValidator(zone_name)]
 
 
 class FieldMapping(BaseModel):
@@ -39,7 +53,25 @@ class FieldMapping(BaseModel):
         default_factory=dict,
         description="contract field path -> date format of source text, e.g. yyyyMMddHHmmss",
     )
-    timezone: str = "Asia/Ho_Chi_Minh"
+    timezone: TimeZoneName = "Asia/Ho_Chi_Minh"
+
+    @model_validator(mode="after")
+    def _contract_fields(self) -> Self:
+        """Every path `fields`, `value_maps` and `formats` name is a field of the entity's
+        data: a misspelt one (`fullname`) made every record a dead letter, named only as
+        `<unknown field>`, while the cursor (or the file's checksum) moved past them."""
+        entity = getattr(self, "entity", None)
+        known = FIELD_PATHS.get(entity) if isinstance(entity, str) else None
+        if known is None:
+            return self
+        for option in ("fields", "value_maps", "formats"):
+            odd = sorted(set(getattr(self, option)) - known)
+            if odd:
+                raise ValueError(
+                    f"{option}: {', '.join(odd)}: not a field of {entity} (its fields: "
+                    f"{', '.join(sorted(known))})"
+                )
+        return self
 
     @field_validator("value_maps")
     @classmethod

@@ -348,6 +348,22 @@ WRITTEN_TEXT: dict[str, frozenset[str]] = {
 }
 
 
+def _field_paths(model: type[BaseModel]) -> frozenset[str]:
+    """A payload's field paths as a producer's mapping names them: `full_name`, and a nested
+    model's fields under its own (`permanent_address.ward_code`)."""
+    paths = set(model.model_fields)
+    for name, info in model.model_fields.items():
+        for arg in (info.annotation, *get_args(info.annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                paths.update(f"{name}.{inner}" for inner in _field_paths(arg))
+    return frozenset(paths)
+
+
+FIELD_PATHS: dict[str, frozenset[str]] = {
+    entity: _field_paths(model) for entity, model in PAYLOAD_MODELS.items()
+}
+
+
 # CPython's NFC takes time quadratic in a run of combining marks whose classes alternate:
 # a 400 KB name took 40 s, a signed message of 1 MiB about five minutes, in the validator
 # child and again in the worker once the child gave up, while the partition waited and the

@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from producers.adapters.file_reading import Content, FileContent, UnreadableFile
+from producers.mapping import TimeZoneName
 from producers.metrics import DONE_FILES_REMOVED, SOURCE_ERRORS
 from producers.sdk import (
     Adapter,
@@ -68,7 +69,7 @@ class DirectoryConfig(BaseModel):
     done_dir: Path | None = None  # default <directory>/done
     error_dir: Path | None = None  # default <directory>/error
     suffixes: list[str] = Field(default_factory=lambda: [".csv", ".jsonl", ".ndjson"])
-    timezone: str = "Asia/Ho_Chi_Minh"
+    timezone: TimeZoneName = "Asia/Ho_Chi_Minh"
     # Days a processed file stays in done/ (None: for ever).
     done_retention_days: float | None = Field(default=None, ge=0)
     # Without a marker, a file is read once this old and unchanged since the last poll.

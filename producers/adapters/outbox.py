@@ -46,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 
+from producers.mapping import TimeZoneName
 from producers.metrics import OUTBOX_BEYOND_LOOKBACK
 from producers.sdk import (
     Adapter,
@@ -79,7 +80,7 @@ class OutboxConfig(BaseModel):
     payload_column: str = "payload"
     after: Literal["delete", "mark"] = "delete"
     processed_column: str = "processed_at"
-    timezone: str = "Asia/Ho_Chi_Minh"
+    timezone: TimeZoneName = "Asia/Ho_Chi_Minh"
     batch_size: int = 1000
     lookback_ids: int = 10_000  # how far below the position late rows are looked for
 

@@ -3,8 +3,10 @@ every field of every row, whatever the paths, value maps, formats and driver val
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -162,3 +164,57 @@ def test_phones_and_branch_tax_codes_in_a_form_one_separator_from_the_contract_s
     assert map_fields({"cot": value}, mapping, ZoneInfo("UTC"), field_plan(mapping)) == {
         column: expected
     }
+
+
+SQL = {"url": "sqlite:///source.db", "entity": "citizen",
+       "table": "cong_dan", "key_column": "so_dinh_danh", "pk_column": "id"}  # fmt: skip
+DROP = {"directory": "inbox", "entity": "citizen", "key_field": "pid",
+        "occurred_at_field": "at"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("fields", {"fullname": "ho_ten"}, "fields: fullname: not a field of citizen"),
+        ("fields", {"permanent_address.ward": "xa"}, "permanent_address.ward: not a field"),
+        ("value_maps", {"gender": {"Nam": "male"}}, "value_maps: gender: not a field"),
+        ("formats", {"birth_date": "yyyyMMdd"}, "formats: birth_date: not a field"),
+    ],
+)
+def test_a_mapping_naming_no_field_of_the_entity_is_refused_at_start(
+    option: str, value: Any, said: str
+) -> None:
+    """`fullname` for `full_name` was accepted: every record a dead letter, its field named
+    only `<unknown field>`, while the cursor (the file's checksum) moved past them all."""
+    from producers.adapters.debezium import DebeziumAdapter
+    from producers.adapters.filedrop import FileDropAdapter
+    from producers.adapters.sql import SqlAdapter
+    from producers.sdk import ConfigurationError
+
+    debezium = {"bootstrap": "kafka:9092", "topics": ["p.cong_dan"], "entity": "citizen",
+                "key_column": "so_dinh_danh"}  # fmt: skip
+    for adapter, options in ((SqlAdapter, SQL), (FileDropAdapter, DROP),
+                             (DebeziumAdapter, debezium)):  # fmt: skip
+        mapped = {"fields": {"full_name": "ho_ten"}, **{option: value}}
+        with pytest.raises(ConfigurationError, match=re.escape(said)):
+            adapter.from_settings("province-01", options | mapped, Path("."))
+    nested = {"fields": {"full_name": "ho_ten", "permanent_address.ward_code": "ma_xa"}}
+    assert FieldMapping(**nested).fields == nested["fields"]  # a known nested path
+    assert SqlAdapter.from_settings("province-01", SQL | nested, Path("."))
+
+
+@pytest.mark.parametrize("zone", ["Asia/Hanoi_City", "Asia/Saigon ", "", "../etc/passwd"])
+def test_a_time_zone_that_is_none_is_refused_at_start(zone: str) -> None:
+    """A misspelt `timezone` failed once the adapter started: a traceback (filedrop,
+    portal, outbox) or, in the `sql` adapter, a failed run retried at every poll."""
+    from producers.adapters.filedrop import FileDropAdapter
+    from producers.adapters.outbox import OutboxAdapter
+    from producers.adapters.sql import SqlAdapter
+    from producers.sdk import ConfigurationError
+
+    fields = {"fields": {"full_name": "ho_ten"}}
+    for adapter, options in ((SqlAdapter, SQL | fields), (FileDropAdapter, DROP | fields),
+                             (OutboxAdapter, {"url": "sqlite:///outbox.db"})):  # fmt: skip
+        with pytest.raises(ConfigurationError, match=r"timezone: .*not a time zone of the IANA"):
+            adapter.from_settings("province-01", options | {"timezone": zone}, Path("."))
+        assert adapter.from_settings("province-01", options | {"timezone": "UTC"}, Path("."))
