@@ -141,6 +141,21 @@ def sync_lag(objective_seconds: float = 60.0) -> Histogram:
     )
 
 
+def seed_series(writers: Iterable[tuple[str, str]], objective_seconds: float) -> None:
+    """Export at 0, from the worker's start, the series that alerts and the dashboard read
+    with `increase()` and `rate()`: the sync lag and the outcomes of each (source, entity)
+    that may write, and the refused events' two series. A series born at its first batch
+    holds that batch in its first sample, which `increase()` never counts: after every
+    start, the first late batch of a source missed the sync-lag alert."""
+    histogram = sync_lag(objective_seconds)
+    for source, entity in writers:
+        histogram.labels(source, entity)
+        for outcome in ("applied", "duplicate", "stale"):
+            EVENTS.labels(source, entity, outcome)
+    EVENTS.labels("unregistered", "unregistered", "rejected")
+    EVENTS.labels("invalid", "invalid", "dead_lettered")
+
+
 def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
     """Count outcomes and observe the sync lag of applied events; return the lags."""
     lags: list[float] = []

@@ -36,7 +36,7 @@ from typing import Any, Literal, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from consumers.signatures import TrustedKey
-from schemas.events import Entity
+from schemas.events import ENTITIES, Entity
 from schemas.identifiers import LONG_NUMBER, SOURCE_ID, SOURCE_ID_RULE
 from schemas.signing import KEY_ID, parse_public_key
 
@@ -172,6 +172,16 @@ class Registry:
         """Whether a non-national source's key of `entity` must begin with its issuer."""
         rules = self.entity_rules.get(entity)
         return rules is not None and rules.key_names_issuer
+
+    def writers(self) -> list[tuple[str, str]]:
+        """Every (source, entity) the registry lets write: the source's `entities` (all when
+        absent) of a kind `[entities.<entity>] kinds` lists (none in development mode)."""
+        return [
+            (source, entity)
+            for source, info in sorted(self.sources.items())
+            for entity in info.entities or ENTITIES
+            if (kinds := self.kinds_for(entity)) is None or info.kind in kinds
+        ]
 
     def kinds_for(self, entity: str) -> tuple[str, ...] | None:
         """The kinds of source that may write `entity` (None: every kind)."""

@@ -38,6 +38,7 @@ from consumers.metrics import (
     WorkerHealth,
     phase_summary,
     phase_totals,
+    seed_series,
 )
 from consumers.processor import BatchProcessor, WorkerConfig
 from consumers.runtime import SWITCH_INTERVAL_SECONDS, tune_garbage_collector
@@ -191,6 +192,7 @@ def run_worker(config: WorkerConfig, until_caught_up: bool = False) -> int:
         {source: f for source, f in known.items() if registry.accepts(source)},
         () if registry.development_mode else registry.sources,
     )
+    seed_series(registry.writers(), config.freshness_objective_seconds)
     running.append(ReconcilerLoop(config, store, processor, until_caught_up, early_stop))
     loop = running[0]
     tune_garbage_collector()

@@ -372,3 +372,37 @@ def test_runbook_links_can_be_absolute(tmp_path: Path) -> None:
         f"https://git.example/p/blob/main/docs/metrics.md#runbook-{r['alert'].lower()}"
         for r in rules
     }
+
+
+def test_every_registered_writer_s_series_is_exported_at_zero_from_the_start() -> None:
+    """A series born at its first batch holds that batch in its first sample, which
+    `increase()` never counts: after each worker start the first late batch of a source
+    was missed by the sync-lag alert (a review against a real Prometheus)."""
+    from prometheus_client import REGISTRY
+
+    from consumers.metrics import seed_series
+    from consumers.registry import EntityRules, Registry, SourceInfo
+
+    national = SourceInfo(kind="national", name="x", entities=("citizen",))
+    province = SourceInfo(kind="province", name="y", agency_codes=("000.00.01.H26",))
+    registry = Registry(
+        {"national-seed": national, "province-seed": province},
+        Path("registry.toml"),
+        entity_rules={"organization": EntityRules(kinds=("national",))},
+    )
+    writers = registry.writers()
+    assert ("national-seed", "citizen") in writers and ("province-seed", "dossier") in writers
+    assert ("national-seed", "dossier") not in writers  # not its entities
+    assert ("province-seed", "organization") not in writers  # not its kind's
+    assert Registry().writers() == []  # development mode: none known
+    seed_series(writers, 60.0)
+    for source, entity in writers:
+        labels = {"source": source, "entity": entity}
+        assert REGISTRY.get_sample_value("portal_sync_sync_lag_seconds_count", labels) == 0
+        for outcome in ("applied", "duplicate", "stale"):
+            value = REGISTRY.get_sample_value(
+                "portal_sync_events_total", labels | {"outcome": outcome}
+            )
+            assert value is not None
+    unseeded = {"source": "national-seed", "entity": "dossier"}
+    assert REGISTRY.get_sample_value("portal_sync_sync_lag_seconds_count", unseeded) is None
