@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_ORIGIN_LIMIT = 512
 # Seconds between two saved checkpoints of one run (0: every checkpoint is saved).
 CHECKPOINT_INTERVAL_SECONDS = 1.0
+# Once a stop is asked (SIGTERM, Ctrl-C), how long a flush still waits for the broker's
+# acknowledgement (of the progress the run then saves): with the broker away, a run waited
+# its whole 60 s, twice, and its close as long again, past a pod's 30 s of grace. What was
+# not acknowledged is sent again from the last saved checkpoint, with the same event ids.
+STOP_GRACE_SECONDS = 5.0
 # The cursor lag measured inside a run (a first snapshot's), at most this often.
 CURSOR_LAG_INTERVAL_SECONDS = 30.0
 
@@ -146,6 +151,7 @@ class AdapterRunner:
         self.checkpoint_interval = checkpoint_interval
         self._lag_due = time.monotonic() + CURSOR_LAG_INTERVAL_SECONDS  # next one mid-run
         self.stopped_fatally = False
+        self._stop: threading.Event | None = None
         export_at_zero(adapter.source, adapter.entity)
 
     def _saved_state(self) -> State:
@@ -169,6 +175,7 @@ class AdapterRunner:
         reached saved, everything sent acknowledged); the rest waits for the next run.
         Counted into `stats` as it goes (a failed run's count is kept too)."""
         stats = RunStats() if stats is None else stats
+        self._stop = stop
         produced: Tally[str] = Tally()
         journal = read_json_lines(self.journal_path)
         if journal and type(self.adapter).recover is Adapter.recover:
@@ -356,8 +363,8 @@ class AdapterRunner:
             log.warning("%s: last checkpoint not saved (%s)", self.source_id, type(error).__name__)
 
     def _flush(self) -> None:
-        try:
-            self.publisher.flush()
+        try:  # a stop (SIGTERM) leaves the broker STOP_GRACE_SECONDS to acknowledge
+            self.publisher.flush(stop=self._stop, grace=STOP_GRACE_SECONDS)
         except Exception:
             SOURCE_ERRORS.labels(self.adapter.source, "publish_error").inc()
             raise

@@ -7,6 +7,7 @@ skip a dead letter) only after it returns.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from transport import clients
 from transport.config import KafkaConnection
 from transport.topics import CHANGE_MAX_MESSAGE_BYTES, DEAD_LETTER_MAX_MESSAGE_BYTES, Topics
 
+log = logging.getLogger(__name__)
+
 
 class PublishError(TransientError):
     """The broker did not acknowledge a message; nothing after it may be checkpointed."""
@@ -32,11 +35,18 @@ def encode_event(event: ChangeEvent) -> bytes:
     return CHANGE_EVENT.dump_json(event, exclude_unset=True)
 
 
-def _flush_until(producer: Any, deadline: float, stop: threading.Event | None) -> None:
-    """`producer.flush` by the deadline; with `stop`, in slices of a second that end once
-    it is set (kafka-python waits in the call, where a signal is not seen)."""
+def _flush_until(
+    producer: Any, deadline: float, stop: threading.Event | None, grace: float = 0.0
+) -> None:
+    """`producer.flush` by the deadline; with `stop`, in slices of a second, the deadline
+    brought to `grace` seconds after it is set (kafka-python waits in the call, where a
+    signal is not seen)."""
+    stopping = False
     while True:
-        remaining = max(0.0, deadline - time.monotonic())
+        now = time.monotonic()
+        if stop is not None and not stopping and stop.is_set():
+            stopping, deadline = True, min(deadline, now + grace)
+        remaining = max(0.0, deadline - now)
         if stop is None:
             producer.flush(timeout=remaining)
             return
@@ -44,7 +54,7 @@ def _flush_until(producer: Any, deadline: float, stop: threading.Event | None) -
             producer.flush(timeout=min(1.0, remaining))
             return
         except KafkaTimeoutError:
-            if stop.is_set() or remaining <= 1.0:
+            if remaining <= 1.0 or (stop.is_set() and grace <= 0.0):
                 raise
 
 
@@ -261,14 +271,16 @@ class Publisher:
         except KafkaError as error:  # anything but a refusal shows at the flush, as before
             self._refuse_unauthorized(error, topic)
 
-    def flush(self, timeout: float = 60.0, stop: threading.Event | None = None) -> int:
+    def flush(
+        self, timeout: float = 60.0, stop: threading.Event | None = None, grace: float = 0.0
+    ) -> int:
         """Wait for the broker's acknowledgement of everything sent; return how many. With
-        `stop`, the wait ends within a second of it being set (PublishError: what was sent
-        is then unacknowledged, as after a timeout)."""
+        `stop`, the wait ends within a second of `grace` seconds after it is set
+        (PublishError: what was sent is then unacknowledged, as after a timeout)."""
         try:
             for producer in (self._producer, self._letter_producer):
                 if producer is not None:  # each its whole timeout, as kafka-python's flush
-                    _flush_until(producer, time.monotonic() + timeout, stop)
+                    _flush_until(producer, time.monotonic() + timeout, stop, grace)
         except KafkaError as error:
             self._pending, self._letters, self._refused_letters = [], [], []
             self._acknowledged, self._prune_at = 0, PRUNE_PENDING
@@ -302,6 +314,23 @@ class Publisher:
             raise clients.translate(error, f"write to {topic}", self.connection) from None
 
     def close(self, timeout: float = 30.0) -> None:
-        if self._letter_producer is not None:
-            self._letter_producer.close(timeout=timeout)
-        self._producer.close(timeout=timeout)
+        """Close the producers, waiting up to `timeout` for what they have not sent. With a
+        broker away, kafka-python's close raises once its flush times out (a traceback in
+        a closing thread, the process's exit held meanwhile): what it held is logged as
+        unsent, sent again by the next run from its last checkpoint."""
+        for producer in (self._letter_producer, self._producer):
+            if producer is None:
+                continue
+            try:
+                producer.close(timeout=timeout)
+            except KafkaTimeoutError:
+                log.warning(
+                    "closed with messages the broker had not acknowledged within %g s: the "
+                    "next run sends them again from its last checkpoint",
+                    timeout,
+                )
+                # kafka-python's close stopped at its flush, its network thread left
+                # running and a second close (its `__del__`) to fail the same way: the
+                # unsent batches given up, the close then ends without waiting.
+                producer._accumulator.abort_incomplete_batches()
+                producer.close(timeout=0)

@@ -106,3 +106,44 @@ def test_without_a_stop_a_flush_waits_its_whole_timeout_in_one_call() -> None:
     with pytest.raises(PublishError):
         publisher.flush(timeout=0.2)
     assert publisher._producer.waits == [pytest.approx(0.2, abs=0.01)]
+
+
+def test_a_stop_with_a_grace_leaves_the_broker_that_long_to_acknowledge() -> None:
+    """A producer asked to stop (SIGTERM) saves its progress once the broker acknowledged
+    it: with the broker away it waited its flush's whole 60 s, and its close as long again,
+    past a pod's 30 s of grace. A stop now leaves the broker `grace` seconds."""
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(PublishError):
+        _waiting_publisher().flush(timeout=60.0, stop=stop, grace=2.0)
+    assert 2.0 <= time.monotonic() - began < 3.5
+
+
+class _Closing(_Unacknowledged):
+    """kafka-python's close with the broker away: its flush raises, and only a close after
+    its unsent batches are given up ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+        self._accumulator = SimpleNamespace(abort_incomplete_batches=self.abort)
+        self.closes: list[float] = []
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self, timeout: float) -> None:
+        self.closes.append(timeout)
+        if not self.aborted:
+            raise KafkaTimeoutError("Timeout waiting for future")
+
+
+def test_a_close_with_the_broker_away_ends_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = _waiting_publisher()
+    publisher._producer = _Closing()
+    publisher.close(timeout=0.1)  # raised KafkaTimeoutError in a closing thread before
+    assert publisher._producer.closes == [0.1, 0]
+    assert "the next run sends them again" in caplog.text
