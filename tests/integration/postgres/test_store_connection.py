@@ -101,11 +101,13 @@ def test_a_records_read_that_pauses_longer_than_the_idle_limit_goes_on(
         )
     finally:
         writer.close()
-    store = Store(postgres_store_url, idle_in_transaction=0.5)
+    # A limit of 2 s, not less: each page's own short transaction must outlast a stall of
+    # this busy machine between its read and its rollback (0.5 s ended one in CI once).
+    store = Store(postgres_store_url, idle_in_transaction=2.0)
     try:
         read = store.iter_records()
         first = next(read)
-        time.sleep(1.5)
+        time.sleep(4.0)
         assert [first[1], *(r[1] for r in read)] == keys
     finally:
         store.close()
