@@ -141,6 +141,11 @@ def sync_lag(objective_seconds: float = 60.0) -> Histogram:
     )
 
 
+# The outcome series of refused events: they have no trustworthy source or entity.
+REJECTED = ("unregistered", "unregistered", "rejected")
+DEAD_LETTERED = ("invalid", "invalid", "dead_lettered")
+
+
 def seed_series(writers: Iterable[tuple[str, str]], objective_seconds: float) -> None:
     """Export at 0, from the worker's start, the series that alerts and the dashboard read
     with `increase()` and `rate()`: the sync lag and the outcomes of each (source, entity)
@@ -152,8 +157,8 @@ def seed_series(writers: Iterable[tuple[str, str]], objective_seconds: float) ->
         histogram.labels(source, entity)
         for outcome in ("applied", "duplicate", "stale"):
             EVENTS.labels(source, entity, outcome)
-    EVENTS.labels("unregistered", "unregistered", "rejected")
-    EVENTS.labels("invalid", "invalid", "dead_lettered")
+    EVENTS.labels(*REJECTED)
+    EVENTS.labels(*DEAD_LETTERED)
 
 
 def record_batch(report: BatchReport, objective_seconds: float) -> list[float]:
@@ -206,10 +211,9 @@ def record_dead_letters(dead: Iterable[DeadLetter]) -> None:
     valid event the store's rules refuse (an unregistered source) is `rejected`. Both go
     to the dead letters; the source label stays bounded either way."""
     for letter in dead:
-        if letter.code == Reason.UNREGISTERED_SOURCE:
-            EVENTS.labels("unregistered", "unregistered", "rejected").inc()
-        else:
-            EVENTS.labels("invalid", "invalid", "dead_lettered").inc()
+        EVENTS.labels(
+            *(REJECTED if letter.code == Reason.UNREGISTERED_SOURCE else DEAD_LETTERED)
+        ).inc()
         DEAD_LETTERS.labels(letter.code).inc()
 
 
