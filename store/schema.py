@@ -23,7 +23,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
 # The newest migration's revision: a new migration moves it (a unit test compares it with
 # the migration scripts' own head).
-HEAD_REVISION = "0019"
+HEAD_REVISION = "0020"
 VERSION_TABLE = "alembic_version"  # Alembic's default, which the migrations keep
 # The access log's retention purge on PostgreSQL (migration 0017, store/roles.py).
 PURGE_FUNCTION = "portal_sync_purge_access_log(timestamp without time zone, integer)"

@@ -33,6 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
 
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
@@ -842,5 +843,32 @@ def test_0019_puts_the_records_keys_in_byte_order_and_keeps_every_record(
         _migrate(store, "0018", down=True)
         assert collations() == [("entity", "default"), ("key", "default")]
         assert sorted(table_rows(store, records, "key")) == sorted((k,) for k in keys)
+    finally:
+        store.close()
+
+
+# -- 0020: the purges' and redrives' audit rows kept as written --------------------------------
+
+
+def test_0020_keeps_a_finished_purge_as_written_and_its_downgrade_lets_it_go(
+    postgres_store_url: str,
+) -> None:
+    store = Store(postgres_store_url)
+    purge = (
+        "INSERT INTO source_purges (id, source, operator, reason, started_at, finished_at,"
+        " views, tombstones, records_remerged, records_changed, records_removed) VALUES"
+        " ('p1', 'province-01', 'dung', 'ticket 4', :at, :at, 5000, 0, 0, 0, 0)"
+    )
+    rewrite = text("UPDATE source_purges SET views = 0 WHERE id = 'p1'")
+    try:
+        _migrate(store, "0019")
+        with store.engine.begin() as conn:
+            conn.execute(text(purge), {"at": T1})
+        _migrate(store, "0020")
+        with pytest.raises(DBAPIError, match="kept as written"), store.engine.begin() as conn:
+            conn.execute(rewrite)  # the owner too: the trigger guards the rows, not a role
+        _migrate(store, "0019", down=True)
+        with store.engine.begin() as conn:
+            assert conn.execute(rewrite).rowcount == 1
     finally:
         store.close()

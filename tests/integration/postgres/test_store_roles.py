@@ -161,6 +161,63 @@ def test_the_granted_role_works_the_store_and_only_appends_to_the_access_log(
     assert operators(roles.store(roles.owner)) == ["binh", "chi"]
 
 
+def test_the_granted_role_cannot_rewrite_what_a_purge_or_a_redrive_recorded(
+    roles: Roles,
+) -> None:
+    """A column grant covers every row: the role could set a finished purge's counts to 0
+    and its end before its start (then nothing warned of the purge any more), or write
+    another operator and time into any redrive. Only the commands' own updates pass."""
+    owner = roles.store(roles.owner)
+    owner.create_schema()
+    owner.grant(roles.runtime, 30)
+    owner.close()
+    letters, citizens = "portal.dead-letters", "portal.changes.citizen"
+    store = roles.store(roles.runtime)
+    try:
+        Feed(store).apply(
+            event("citizen", CITIZEN, "province-79", 1, {"full_name": "Nguyễn Thị Lan"}),
+            event("citizen", CITIZEN, "province-01", 1, {"full_name": "Nguyễn Thị Lan Anh"}),
+            event("citizen", CITIZEN_2, "province-01", 1, {"full_name": "Trần Văn Đức"}),
+        )
+        purging = new_purge("province-01", None, None, "ticket 4", "dung", None)
+        purged = run_purge(store, Authority(), purging, None, chunk=1)  # updated per chunk
+        assert purged.counts.views == 2 and purged.finished_at is not None
+        with store.claim_redrive(letters, 0, 3, "invalid_field", citizens, "id-1", "an") as mine:
+            assert mine
+        for operator in ("an", "binh"):  # a letter of an earlier topic's is claimed again
+            with store.claim_redrive(
+                letters, 0, 4, "invalid_field", citizens, "", operator
+            ) as mine:
+                assert mine
+        with store.engine.begin() as conn:  # a purge still running: its counts grow
+            conn.exec_driver_sql(
+                "INSERT INTO source_purges (id, source, operator, reason, started_at, views,"
+                " tombstones, records_remerged, records_changed, records_removed) VALUES"
+                " ('running', 'province-02', 'chi', 'ticket 5', now(), 5, 0, 0, 0, 0)"
+            )
+            conn.exec_driver_sql("UPDATE source_purges SET views = 7 WHERE id = 'running'")
+    finally:
+        store.close()
+
+    refused = [
+        "UPDATE source_purges SET views = 0, tombstones = 0 WHERE finished_at IS NOT NULL",
+        "UPDATE source_purges SET finished_at = started_at - interval '3 years'",
+        "UPDATE source_purges SET finished_at = NULL WHERE finished_at IS NOT NULL",
+        "UPDATE source_purges SET views = 1 WHERE id = 'running'",
+        "UPDATE source_purges SET finished_at = started_at - interval '1 day' WHERE id = 'running'",
+        "UPDATE dead_letter_redrives SET operator = 'mallory' WHERE topic_id = 'id-1'",
+        "UPDATE dead_letter_redrives SET redriven_at = '2020-01-01' WHERE topic_id = ''",
+    ]
+    for statement in refused:
+        message = roles.refused(roles.runtime, statement)
+        assert "source_purges:" in message or "dead_letter_redrives:" in message, statement
+    query = "SELECT views, operator FROM source_purges ORDER BY started_at"
+    with roles.admin.connect() as conn:
+        assert [tuple(r) for r in conn.exec_driver_sql(query)] == [(2, "dung"), (7, "chi")]
+        query = 'SELECT "offset", operator FROM dead_letter_redrives ORDER BY 1'
+        assert [tuple(r) for r in conn.exec_driver_sql(query)] == [(3, "an"), (4, "binh")]
+
+
 def test_the_purge_function_is_nobody_s_until_granted(roles: Roles) -> None:
     owner = roles.store(roles.owner)
     owner.create_schema()
