@@ -44,6 +44,7 @@ from store.batch import BatchIO, WriteCount, batch_io
 from store.batch import Conflicts as Conflicts
 from store.batch import SourcePartition as SourcePartition
 from store.catch_up import StoreCatchUp
+from store.engine import make_parent_dir
 from store.failures import OffsetGap, translated
 from store.offsets import StoreOffsets
 from store.reads import Freshness as Freshness
@@ -121,6 +122,7 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
         """Create a new store at the newest schema revision (an old one must be upgraded)."""
         from store.schema import ensure_current
 
+        make_parent_dir(self.url)
         with translated():
             ensure_current(self.engine)
 
@@ -141,6 +143,7 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
         """Migrate the store's schema to the newest revision; return (from, to)."""
         from store.schema import upgrade
 
+        make_parent_dir(self.url)
         with translated():
             return upgrade(self.engine)
 

@@ -83,7 +83,6 @@ def create_store_engine(
     logging (`hide_parameters`), whatever the backend."""
     parsed = store_url(url)
     if parsed.get_backend_name() == "sqlite":
-        _make_parent_dir(parsed)
         timeout = SQLITE_LOCK_WAIT_SECONDS if lock_wait is None else lock_wait
         engine = create_engine(parsed, connect_args={"timeout": timeout}, hide_parameters=True)
 
@@ -169,8 +168,13 @@ KEEPALIVES = {
 }
 
 
-def _make_parent_dir(url: URL) -> None:
-    """A SQLite file's directory is created (private to the user) when missing."""
-    database = url.database
+def make_parent_dir(url: str) -> None:
+    """A SQLite file's directory is created (private to the user) when missing: only by
+    the commands that create a store (a reading command given a mistyped path left an
+    empty directory behind)."""
+    parsed = store_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)

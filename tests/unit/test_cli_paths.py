@@ -54,7 +54,25 @@ def test_an_export_that_fails_leaves_the_earlier_file_as_it_was(tmp_path: Path) 
     )  # fmt: skip
     assert result.exit_code != 0
     assert earlier.read_text() == '{"entity": "citizen"}\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["none", "records.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+
+
+def test_a_reading_command_given_a_store_in_a_missing_directory_makes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The engine made the file's directory for every command: a mistyped path left an
+    empty directory behind. Only the commands that create a store make it."""
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'store.db'}"
+    for command in (["conflicts"], ["export", "--reason", "audit"]):
+        result = CliRunner().invoke(app, [*command, "--store", url])
+        assert isinstance(result.exception, ConfigurationError), result.output
+        assert "holds no portal-sync schema" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+    Store(url).create_schema()  # a worker's start: the directory made, private
+    assert (tmp_path / "no" / "such" / "store.db").exists()
+    assert (tmp_path / "no" / "such").stat().st_mode & 0o777 == 0o700
 
 
 def test_an_export_replaces_the_file_once_written(tmp_path: Path) -> None:
