@@ -132,12 +132,10 @@ def export(
 
     why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
-    # Written beside the output, then renamed over it: an export that fails (the store
-    # away, the access log refused) leaves an earlier file as it was. Opened before the
-    # access log: an export that cannot be written reads nothing.
-    partial = None if output is None else output.with_name(f".{output.name}.partial")
+    # Opened before the access log: an export that cannot be written reads nothing.
+    partial = None if output is None else _written_beside(output)
     try:
-        handle = partial.open("w", encoding="utf-8") if partial else sys.stdout
+        handle = sys.stdout if output is None else (partial or output).open("w", encoding="utf-8")
     except OSError as error:
         cause = error.strerror or type(error).__name__
         raise ConfigurationError(f"--output {output}: {cause}") from None
@@ -147,13 +145,26 @@ def export(
         count = export_records(settings.store_url, handle, entity, provenance=provenance)
         done = True
     finally:
-        if partial is not None and output is not None:
+        if output is not None:
             handle.close()
+        if partial is not None and output is not None:
             if done:
-                partial.replace(output)
+                partial.replace(output.resolve())
             else:
                 partial.unlink(missing_ok=True)
     console.print(f"exported {count} records")
+
+
+def _written_beside(output: Path) -> Path | None:
+    """Where an export to `output` is written before it is renamed over it, so that one that
+    fails (the store away, the access log refused) leaves an earlier file as it was; a
+    symlink's file is replaced, not the link. None for an output that is not a regular file
+    (/dev/null, a named pipe, /dev/stdout), written to as it is: renamed over, such a file
+    was replaced by a regular one (as root, /dev/null itself)."""
+    if output.exists() and not output.is_file():
+        return None
+    target = output.resolve()
+    return target.with_name(f".{target.name}.partial")
 
 
 def demo(

@@ -88,3 +88,48 @@ def test_an_export_replaces_the_file_once_written(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert output.read_text() == ""  # an empty store: no records, the stale line gone
     assert not (tmp_path / ".records.jsonl.partial").exists()
+
+
+def test_an_export_into_a_named_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_path: Path) -> None:
+    """Written beside and renamed over, a pipe was replaced by a regular file of personal
+    data, and `--output /dev/null` as root replaced /dev/null itself."""
+    import os
+    import stat
+    import threading
+
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    pipe = tmp_path / "records.pipe"
+    os.mkfifo(pipe)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()))
+    reader.start()
+    result = CliRunner().invoke(
+        app, ["export", "--reason", "audit", "--output", str(pipe), "--store", url]
+    )
+    reader.join(10)
+    assert result.exit_code == 0, result.output
+    assert read == [b""]  # an empty store: the pipe read to its end
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_an_export_through_a_symlink_replaces_the_file_and_keeps_the_link(tmp_path: Path) -> None:
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    (tmp_path / "exports").mkdir()
+    target = tmp_path / "exports" / "records.jsonl"
+    target.write_text("stale\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    result = CliRunner().invoke(
+        app, ["export", "--reason", "audit", "--output", str(link), "--store", url]
+    )
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text() == ""
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["records.jsonl"]
