@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +21,9 @@ from portal_sync.cli.options import (
 from portal_sync.cli.options import err_console as console
 from portal_sync.settings import Settings
 from schemas.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from consumers.registry import Registry
 
 
 def register(app: typer.Typer) -> None:
@@ -62,7 +65,8 @@ def publish(
     store: StoreOpt = None,
 ) -> None:
     """Publish events from JSON Lines; invalid lines are reported by number and not sent.
-    With --sign-key, every event is signed (lines of another source are refused). With
+    With --sign-key, every event is signed (lines of another source are refused); without
+    it, a line the source registry (PORTAL_SYNC_REGISTRY) wants signed is refused. With
     --check-store (an operator's corrections), as `dlq redrive`: a version older than the
     store's (--store) or an earlier line's is refused, and so is one whose partition the
     worker has not applied to the log's end (held back: publish it again); one equal to
@@ -79,11 +83,12 @@ def publish(
     with handle:
         settings = settings_from(bootstrap, store)
         signer = load_signer(sign_key) if sign_key is not None else None
+        registry = None if signer is not None else _registry(settings)
         against = Store(settings.store_url) if check_store else None
         try:
             if against is not None:
                 against.require_schema()
-            result = publish_lines(settings, handle, signer, against, wait)
+            result = publish_lines(settings, handle, signer, against, wait, registry)
         finally:
             if against is not None:
                 against.close()
@@ -153,6 +158,18 @@ def export(
             else:
                 partial.unlink(missing_ok=True)
     console.print(f"exported {count} records")
+
+
+def _registry(settings: Settings) -> Registry | None:
+    """The source registry publish checks unsigned lines against (None: development mode)."""
+    from consumers.registry import Registry
+
+    if settings.registry is None:
+        return None
+    try:
+        return Registry.load(settings.registry)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"PORTAL_SYNC_REGISTRY {settings.registry}: {error}") from None
 
 
 def _written_beside(output: Path) -> Path | None:

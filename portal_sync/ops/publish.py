@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from portal_sync.ops.dlq import CaughtUp
 from portal_sync.settings import Settings
@@ -14,7 +15,16 @@ from store import Store
 from transport.admin import ensure_topics
 from transport.publisher import Publisher
 
+if TYPE_CHECKING:
+    from consumers.registry import Registry
+
 OTHER_SOURCE = "source is not the signing key's source"
+# Sent unsigned, the worker would letter it `unsigned`, and as the newest message of its
+# compaction key the unsigned event would outlive the source's signed one in the topic.
+SIGNED_ONLY = (
+    "the source registry wants this source's events signed: publish with --sign-key "
+    "(the source's own key, where its producer runs)"
+)
 STALE_VERSION = "stale_version"
 HELD_BACK = "held_back"
 # Sent, a version older than the store's (or than one sent before it) would be the last
@@ -42,6 +52,7 @@ def publish_lines(
     signer: Signer | None = None,
     store: Store | None = None,
     wait: float = 30.0,
+    registry: Registry | None = None,
 ) -> PublishResult:
     """Validate every line; send the valid ones and wait for the broker's acknowledgement.
     With a `signer`, each event is signed, and a line of another source than the key's is
@@ -50,7 +61,8 @@ def publish_lines(
     view, or than an earlier line's, is refused (`stale_version`), and so is one whose
     partition the worker has not applied up to the log's end within `wait` seconds in all
     (`held_back`); an equal one is not sent (`present`: a file published again). The
-    versions sent are kept for the run (one per view)."""
+    versions sent are kept for the run (one per view). Without a signer, a line the
+    `registry` wants signed (all, or its source's) is refused (`unsigned`)."""
     result = PublishResult()
     caught_up = CaughtUp(settings, store, wait) if store is not None else None
     sent: dict[tuple[str, str, str], int] = {}
@@ -69,6 +81,9 @@ def publish_lines(
             if signer is not None and event.source != signer.source:
                 result.invalid.append((number, Reason.BAD_SIGNATURE, OTHER_SOURCE))
                 continue
+            if signer is None and registry is not None and _wants_signed(registry, event):
+                result.invalid.append((number, Reason.UNSIGNED, SIGNED_ONLY))
+                continue
             if store is not None and caught_up is not None:
                 topic = topics.change_topic(event.entity)
                 refused = _not_newer(store, caught_up, sent, event, topic)
@@ -84,6 +99,10 @@ def publish_lines(
     finally:
         publisher.close()
     return result
+
+
+def _wants_signed(registry: Registry, event: ChangeEvent) -> bool:
+    return registry.require_signatures or registry.signs(event.source)
 
 
 def _not_newer(

@@ -140,6 +140,11 @@ def test_signed_events_apply_and_forged_ones_are_dead_lettered(
     )
     refused = cli(settings, "publish", str(other), "--sign-key", str(keys["province-01"][0]))
     assert refused.returncode == 1 and "line 1: bad_signature" in refused.stderr
+    # unsigned (a runbook's correction without --sign-key): the worker would letter it, and
+    # the newest message of its compaction key would outlive the source's signed one
+    unsigned = cli(settings, "publish", str(other))
+    assert unsigned.returncode == 1 and "line 1: unsigned" in unsigned.stderr
+    assert "published 0, invalid 1" in unsigned.stderr
 
     hanoi = load_signer(keys["province-01"][0])
     hcm = load_signer(keys["province-79"][0])
