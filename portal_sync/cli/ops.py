@@ -310,9 +310,9 @@ def rebuild(
     target.create_schema()
     if target.holds_data():
         console.print(
-            "[red]error:[/red] the target store is not empty (a rebuild interrupted before "
-            "holds part of it: drop that database, or remove the SQLite file, and run the "
-            "rebuild again)"
+            "[red]error:[/red] the target store is not empty (an earlier rebuild, finished "
+            "or interrupted, or another store: a rebuild starts from an empty one; drop "
+            "that database, or remove the SQLite file, and run the rebuild again)"
         )
         raise typer.Exit(1)
     # Every record is copied out of the live store's reach: recorded there first, as the
