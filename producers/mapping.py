@@ -163,9 +163,12 @@ def convert(path: str, value: Any, mapping: FieldMapping, zone: ZoneInfo) -> Any
     """One source value as the contract value of field `path`."""
     if value is None:
         return None
+    blank = isinstance(value, str) and not value.strip()
     table = mapping.value_maps.get(path)
     if table is not None:
-        return table.get(map_key(str(value)), value)
+        return table.get(map_key(str(value)), None if blank else value)
+    if blank:
+        return None
     pattern = mapping.formats.get(path)
     if pattern is not None and isinstance(value, str | int):
         parsed = parse_local(str(value), pattern, zone)
@@ -198,10 +201,16 @@ _SPACES = re.compile(r"\s+")
 
 
 def _name(text: str) -> str:
-    """A name with its spaces as one writes it: trimmed, each run of spaces (a no-break
-    space, a tab) one space. `Nguyễn  Văn An ` and `Nguyễn Văn An` from two sources were a
-    conflict over one spelling. A name of spaces only is then empty (refused)."""
+    """Text with its spaces as one writes it: trimmed, each run of spaces (a no-break
+    space, a tab, a line break) one space. `Nguyễn  Văn An ` and `Nguyễn Văn An` from two
+    sources were a conflict over one spelling, and an address or a title typed on two lines
+    (a text area, Excel's Alt+Enter) was refused for its line break."""
     return _SPACES.sub(" ", text).strip()
+
+
+def _hex(text: str) -> str:
+    """A digest as PowerShell's `Get-FileHash` writes it (upper case): the contract's."""
+    return text.strip().lower()
 
 
 # Values written in a form the contract refuses, or in one of many spellings of one value,
@@ -214,6 +223,10 @@ CONTRACT_FORMS = {
     "full_name": _name,
     "name": _name,
     "english_name": _name,
+    "legal_form": _name,
+    "line": _name,
+    "title": _name,
+    "file_sha256": _hex,
 }
 
 
@@ -251,7 +264,8 @@ def map_fields(
             target = target.setdefault(parent, {})
         value = values.get(column)
         if plain and (value is None or type(value) in _JSON_SCALARS):
-            target[leaf] = value  # what `convert` would return, without its lookups
+            # what `convert` would return, without its lookups
+            target[leaf] = None if type(value) is str and not value.strip() else value
         else:
             target[leaf] = convert(path, value, mapping, zone)
     return data

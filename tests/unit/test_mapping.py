@@ -149,21 +149,43 @@ def test_value_map_keys_that_read_alike_must_agree() -> None:
         ("owner_id", "01001091060012", "01001091060012"),
         ("full_name", "  Nguyễn\u00a0Văn   An ", "Nguyễn Văn An"),
         ("full_name", "Trần\tThị Bích", "Trần Thị Bích"),
-        ("full_name", "   ", ""),  # refused by the contract, no longer a name
+        ("full_name", "   ", None),  # blank: no value, as an empty CSV cell
         ("name", "Công ty  TNHH An Bình ", "Công ty TNHH An Bình"),
+        ("address.line", "Số 12, ngõ 34/5\r\nphường Ba Đình", "Số 12, ngõ 34/5 phường Ba Đình"),
+        ("title", "Quyết định về việc\nphê duyệt", "Quyết định về việc phê duyệt"),
+        ("legal_form", "Công ty TNHH\tMTV", "Công ty TNHH MTV"),
+        ("file_sha256", "9F86D081884C7D65" * 4, "9f86d081884c7d65" * 4),
+        ("phone", "", None),  # a NOT NULL DEFAULT '' column: no value, not a dead letter
+        ("address.ward_code", " ", None),
     ],
 )
 def test_phones_and_branch_tax_codes_in_a_form_one_separator_from_the_contract_s(
-    column: str, value: str, expected: str
+    column: str, value: str, expected: str | None
 ) -> None:
     """`091 234 5678` made a whole citizen event a dead letter over its contact field; a
     branch's tax code kept without its hyphen did the same to a document's owner. Taking
     the separators out (or putting the hyphen in) gives the contract's form; nothing else
     is altered."""
     mapping = FieldMapping(fields={column: "cot"})
-    assert map_fields({"cot": value}, mapping, ZoneInfo("UTC"), field_plan(mapping)) == {
-        column: expected
-    }
+    data = map_fields({"cot": value}, mapping, ZoneInfo("UTC"), field_plan(mapping))
+    *parents, leaf = column.split(".")
+    for parent in parents:
+        data = data[parent]
+    assert data == {leaf: expected}
+
+
+def test_a_blank_value_is_no_value_unless_a_value_map_names_it() -> None:
+    """Legacy columns are often NOT NULL DEFAULT '': an empty phone or English name made the
+    whole record a dead letter (`invalid_field`), where an empty CSV cell is a null."""
+    mapping = FieldMapping(
+        fields={"sex": "gt", "english_name": "en", "phone": "dt"},
+        value_maps={"sex": {"": "unknown", "Nam": "male"}},
+    )
+    assert map_fields({"gt": "", "en": "  ", "dt": ""}, mapping, ZONE) == {
+        "sex": "unknown", "english_name": None, "phone": None,
+    }  # fmt: skip
+    unmapped = FieldMapping(fields={"sex": "gt"}, value_maps={"sex": {"Nam": "male"}})
+    assert map_fields({"gt": " "}, unmapped, ZONE) == {"sex": None}
 
 
 SQL = {"url": "sqlite:///source.db", "entity": "citizen",
