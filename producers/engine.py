@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections import Counter as Tally
@@ -42,7 +43,9 @@ from producers.metrics import (
 )
 from producers.sdk import (
     Adapter,
+    AdapterError,
     Checkpoint,
+    ConfigurationError,
     FatalError,
     Record,
     Reservation,
@@ -60,6 +63,7 @@ from schemas import InvalidEvent, message_key, parse_event
 from schemas.builder import event_bytes
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, letter_line
 from schemas.errors import Backoff, Refused
+from schemas.redaction import redacted_text
 from schemas.signing import Signer
 from transport.publisher import Publisher
 from transport.topics import CHANGE_MAX_MESSAGE_BYTES
@@ -78,6 +82,21 @@ CHECKPOINT_INTERVAL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 5.0
 # The cursor lag measured inside a run (a first snapshot's), at most this often.
 CURSOR_LAG_INTERVAL_SECONDS = 30.0
+
+
+_DIGIT_RUNS = re.compile(r"[0-9]{9,}")
+
+
+def said(error: Exception) -> str:
+    """What a log line says of an adapter's error: an adapter's own classified error
+    (`RetriableError`, `ConfigurationError`) by its message, which adapters write without
+    record values (docs/adapters.md), its secrets and long digit runs (a personal id, a tax
+    code) masked all the same; any other error by its type only: a driver's message can
+    quote row values (personal data)."""
+    name = type(error).__name__
+    if not isinstance(error, AdapterError) or not str(error):
+        return name
+    return f"{name}: {_DIGIT_RUNS.sub('…', redacted_text(str(error)))}"
 
 
 @dataclass
@@ -246,24 +265,26 @@ class AdapterRunner:
     def run_with_retries(
         self, stop: threading.Event | None = None, stats: RunStats | None = None
     ) -> RunStats:
-        """`run_once`, retried with backoff; FatalError is not retried. Every attempt
-        counts into `stats`: what a failed attempt sent was sent (and counted again if a
-        retry sends it again: at least once)."""
+        """`run_once`, retried with backoff; FatalError is not retried, nor the SDK's
+        ConfigurationError that an adapter raises while reading (a token the source
+        refuses): retrying would not mend it, so it stops the source as a fatal error does
+        (the transport's refusals, a broker's TLS or SASL, are retried as before). Every
+        attempt counts into `stats`: what a failed attempt sent was sent (and counted again
+        if a retry sends it again: at least once)."""
         stats = RunStats() if stats is None else stats
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 return self.run_once(stop, stats)
             except FatalError:
                 raise
+            except ConfigurationError as error:
+                raise FatalError(f"configuration: {said(error)}") from error
             except Exception as error:
                 SOURCE_ERRORS.labels(self.adapter.source, "read_error").inc()
                 # Measured after a failed run too: a producer that keeps failing falls
                 # behind, and the gauge kept its last good value (often 0) meanwhile.
                 self._measure_cursor_lag()
-                # The type only: driver messages can quote row values (personal data).
-                log.warning(
-                    "%s: run failed (%s), attempt %d", self.source_id, type(error).__name__, attempt
-                )
+                log.warning("%s: run failed (%s), attempt %d", self.source_id, said(error), attempt)
                 if attempt == self.retry.attempts:
                     raise
                 if stop is not None and stop.wait(self.retry.delay(attempt)):

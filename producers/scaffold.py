@@ -107,8 +107,10 @@ class $cls(Adapter):
             changed = datetime.fromisoformat(row["changed_at"])
             data = None if row.get("deleted") else {"full_name": row.get("name")}
             return Record(str(row["id"]), int(row["version"]), changed, data, origin)
-        except (ValueError, KeyError, TypeError):
-            return SkippableRecord("invalid_json", "not a change record", origin)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # the line as read: `dlq show` can then say which record failed
+            raw = line.encode("utf-8", "surrogateescape")
+            return SkippableRecord("invalid_json", "not a record", origin, raw=raw)
 '''
 
 EXAMPLE_DATA = """\

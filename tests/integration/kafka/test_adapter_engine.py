@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from producers.engine import AdapterRunner, RetryPolicy
 from producers.sdk import (
     Checkpoint,
+    ConfigurationError,
     FatalError,
     Item,
     Record,
@@ -103,6 +104,53 @@ def test_retriable_errors_are_retried_with_backoff(publisher: Publisher, tmp_pat
     assert stats.published == 4 and stats.checkpoints == 4
     assert errors("province-01", "read_error") - before == 2
     assert load_json_state(runner.state_path) == {"position": 4}
+
+
+def test_an_adapter_s_own_errors_are_logged_by_message_without_long_numbers(
+    publisher: Publisher, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every failed run logged its error's type only: an API's 503, a timeout and an answer
+    that is not JSON all read "run failed (RetriableError)". An adapter's own errors carry
+    no record values (docs/adapters.md); a long number is masked all the same."""
+
+    class Answers503(Flaky):
+        def read(self, state: State) -> Iterator[Item]:
+            if self.failures < 2:
+                self.failures += 1
+                raise RetriableError("HTTP 503 from the API for ward 079305012345")
+            yield from ListAdapter.read(self, state)
+
+    runner = AdapterRunner("api", Answers503(), publisher, tmp_path, RetryPolicy(3, 0.01))
+    with caplog.at_level("WARNING", logger="producers.engine"):
+        runner.run_with_retries()
+    said = [r.getMessage() for r in caplog.records if "run failed" in r.getMessage()]
+    assert said == [
+        f"api: run failed (RetriableError: HTTP 503 from the API for ward …), attempt {n}"
+        for n in (1, 2)
+    ]
+
+
+def test_a_configuration_error_raised_while_reading_stops_the_source_at_once(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """A token the source refuses (HTTP 401) was retried as a transient error, five
+    attempts a run and every run for ever. Retrying cannot mend it: the source stops as a
+    fatal error stops it, its message logged."""
+
+    class Refused401(ListAdapter):
+        reads = 0
+
+        def read(self, state: State) -> Iterator[Item]:
+            self.reads += 1
+            raise ConfigurationError("the API refused the token (HTTP 401): check `token`")
+            yield from ()
+
+    adapter = Refused401()
+    before = errors("province-01", "read_error")
+    runner = AdapterRunner("api", adapter, publisher, tmp_path, RetryPolicy(5, 0.01))
+    with pytest.raises(FatalError, match=r"configuration: ConfigurationError: the API refused"):
+        runner.run_with_retries()
+    assert adapter.reads == 1 and errors("province-01", "read_error") == before
 
 
 def test_every_attempt_of_a_run_is_counted(publisher: Publisher, tmp_path: Path) -> None:
