@@ -35,6 +35,7 @@ from schemas.identifiers import (
     PERSONAL_ID,
     PHONE,
     PROCEDURE_CODE,
+    REPRESENTATIVE_ID,
     SOURCE_ID,
     TAX_CODE,
     dossier_code_date,
@@ -68,6 +69,7 @@ def _text(max_length: int, min_length: int = 1) -> Any:
 
 
 PersonalId = Annotated[str, StringConstraints(pattern=PERSONAL_ID.pattern)]
+RepresentativeId = Annotated[str, StringConstraints(pattern=REPRESENTATIVE_ID.pattern)]
 TaxCode = Annotated[str, StringConstraints(pattern=TAX_CODE.pattern)]
 SourceId = Annotated[str, StringConstraints(pattern=SOURCE_ID.pattern)]
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,63}$")]
@@ -186,9 +188,19 @@ class OrganizationData(ContractModel):
     name: _text(255) | None = None  # type: ignore[valid-type]
     english_name: _text(255) | None = None  # type: ignore[valid-type]
     legal_form: _text(100) | None = None  # type: ignore[valid-type]
-    status: Literal["active", "suspended", "dissolved"] | None = None
+    # Enterprise registration's states: in operation, business suspended, dissolution under
+    # way, dissolved, registration certificate revoked, not operating at the registered
+    # address, bankruptcy under way, bankrupt, merged or consolidated into another,
+    # divided, converted into another legal form.
+    status: (
+        Literal[
+            "active", "suspended", "dissolving", "dissolved", "revoked", "not_at_address",
+            "bankruptcy", "bankrupt", "merged", "divided", "converted",
+        ]
+        | None
+    ) = None  # fmt: skip
     address: Address | None = None
-    legal_representative_id: PersonalId | None = None
+    legal_representative_id: RepresentativeId | None = None
     established_on: IsoDate | None = None
 
 
@@ -196,7 +208,7 @@ class DocumentData(ContractModel):
     owner_kind: Literal["citizen", "organization"] | None = None
     owner_id: OwnerId | None = None
     doc_type: Code | None = None
-    title: _text(255) | None = None  # type: ignore[valid-type]
+    title: _text(1000) | None = None  # type: ignore[valid-type]  # a decision's summary line
     issuer_code: Code | None = None
     issued_on: IsoDate | None = None
     valid_until: IsoDate | None = None

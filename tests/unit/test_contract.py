@@ -101,6 +101,48 @@ def test_valid_citizen_parses() -> None:
     assert parsed.warnings == []
 
 
+@pytest.mark.parametrize(
+    ("entity", "data"),
+    [
+        ("citizen", {"phone": "+16505551234"}),  # a citizen living abroad
+        ("citizen", {"phone": "+821012345678"}),
+        ("organization", {"legal_representative_id": "C1234567"}),  # a foreign passport
+        ("organization", {"legal_representative_id": "EA1234567"}),
+        ("organization", {"status": "dissolving"}),
+        ("organization", {"status": "not_at_address"}),
+        ("organization", {"status": "converted"}),
+        ("document", {"title": "Quyết định về việc phê duyệt điều chỉnh quy hoạch " * 15}),
+    ],
+)
+def test_real_data_that_was_refused_is_taken(entity: str, data: dict[str, Any]) -> None:
+    """Each made its whole record a dead letter: a citizen's foreign phone, a foreign
+    legal representative (every foreign-invested firm), an enterprise's legal states past
+    three, a decision's summary line past 255 characters."""
+    key = {"citizen": PERSONAL_ID, "organization": TAX_CODE}.get(entity, "000.00.01.H29:QD-1")
+    parsed = parse_event(encode(envelope(entity, key, data=data)))
+    assert parsed.event.data_dict() == data
+
+
+@pytest.mark.parametrize(
+    ("entity", "data"),
+    [
+        ("citizen", {"phone": "+8412345"}),  # +84: a Vietnamese number's length
+        ("citizen", {"phone": "+0123456789"}),
+        ("citizen", {"phone": "+1234567890123456"}),  # beyond E.164's 15 digits
+        ("organization", {"legal_representative_id": "Nguyễn Văn An"}),
+        ("organization", {"legal_representative_id": "0101234567"}),  # a tax code
+        ("organization", {"legal_representative_id": "c1234567"}),
+        ("organization", {"status": "closed"}),
+        ("document", {"title": "x" * 1001}),
+    ],
+)
+def test_what_stays_refused_beside_it(entity: str, data: dict[str, Any]) -> None:
+    key = {"citizen": PERSONAL_ID, "organization": TAX_CODE}.get(entity, "000.00.01.H29:QD-1")
+    with pytest.raises(InvalidEvent) as refused:
+        parse_event(encode(envelope(entity, key, data=data)))
+    assert refused.value.code == "invalid_field"
+
+
 @pytest.mark.parametrize("key", [TAX_CODE, TAX_CODE + "-001"])
 def test_valid_organization_parses(key: str) -> None:
     data = {
