@@ -331,6 +331,51 @@ _RULES = {
 }
 
 
+# The identifiers of other records an event names: (field, the field that says its kind,
+# or None where it is always a person's).
+_RELATED_IDS = (
+    ("legal_representative_id", None),
+    ("owner_id", "owner_kind"),
+    ("applicant_id", "applicant_kind"),
+)
+# Dates and times that come in an order: (earlier, later).
+_IN_ORDER = (
+    ("issued_on", "valid_until"),
+    ("received_at", "due_at"),
+    ("received_at", "finished_at"),
+)
+
+
+def _related_id_warnings(fields: dict[str, Any]) -> list[str]:
+    """A legal representative's, a document owner's or a dossier applicant's id that fails
+    the checks its own record's key would fail (personal id structure, tax code check
+    digit): a typo there links the record to nobody, or to someone else."""
+    for name, kind_field in _RELATED_IDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        kind = "citizen" if kind_field is None else fields.get(kind_field)
+        if kind == "citizen" and len(value) == 12 and value.isdigit():
+            failed = bool(personal_id_warnings(value, None, None))
+        elif kind == "organization":
+            failed = bool(tax_code_warnings(value))
+        else:
+            continue  # a passport, or a kind not given
+        if failed:
+            return ["related_id_structure"]
+    return []
+
+
+def _date_order_warnings(fields: dict[str, Any]) -> list[str]:
+    """A document valid until before it was issued, a dossier due or finished before it
+    was received: a date typed wrong at the source."""
+    for earlier, later in _IN_ORDER:
+        first, then = fields.get(earlier), fields.get(later)
+        if first is not None and then is not None and then < first:
+            return ["dates_out_of_order"]
+    return []
+
+
 def soft_warnings(event: ChangeEvent) -> list[str]:
     """Checks that only warn: unverified identifier structure, retired province codes."""
     warnings: list[str] = []
@@ -345,6 +390,7 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
             warnings.append("date_of_birth_after_event")
     elif event.entity == "organization":
         warnings += tax_code_warnings(event.key)
+    warnings += _related_id_warnings(fields) + _date_order_warnings(fields)
     address = fields.get("permanent_address") or fields.get("address")
     code = None if address is None else vars(address).get("province_code")
     if code is not None and code not in current_province_codes():

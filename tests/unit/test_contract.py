@@ -857,3 +857,36 @@ def test_the_json_schemas_patterns_compile_in_ecma_262_and_judge_text_as_the_con
     assert all(isinstance(result, list) for result in judged.values()), judged
     plain = judged[JSON_SCHEMA_PATTERNS[_PLAIN]]
     assert plain == [True, True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("entity", "data", "warnings"),
+    [
+        ("organization", {"legal_representative_id": PERSONAL_ID}, []),
+        ("organization", {"legal_representative_id": "003790012345"}, ["related_id_structure"]),
+        ("organization", {"legal_representative_id": "C1234567"}, []),  # a passport: unchecked
+        ("document", {"owner_kind": "organization", "owner_id": "0100109107"},
+         ["related_id_structure"]),  # the check digit is 6
+        ("document", {"owner_kind": "organization", "owner_id": "0100109106-001"}, []),
+        ("document", {"owner_id": "0100109107"}, []),  # no kind: not judged
+        ("dossier", {"applicant_kind": "citizen", "applicant_id": "001990012345"},
+         ["related_id_structure"]),  # century digit 9
+        ("document", {"issued_on": "2024-05-01", "valid_until": "2024-04-30"},
+         ["dates_out_of_order"]),
+        ("document", {"issued_on": "2024-05-01", "valid_until": "2024-05-01"}, []),
+        ("dossier", {"received_at": "2024-01-15T09:00:00+07:00",
+                     "finished_at": "2024-01-15T01:59:00Z"}, ["dates_out_of_order"]),
+        ("dossier", {"received_at": "2024-01-15T09:00:00+07:00",
+                     "due_at": "2024-01-15T02:00:00Z"}, []),  # the same instant
+    ],
+)  # fmt: skip
+def test_the_ids_of_related_records_and_the_order_of_dates_are_soft_checked(
+    entity: str, data: dict[str, Any], warnings: list[str]
+) -> None:
+    """A representative's, owner's or applicant's id with a typo linked its record to
+    nobody, and a document valid until before its issue passed, without a word. They warn
+    (the event is applied, the check counted), as the record keys' own checks do."""
+    key = {"organization": TAX_CODE, "dossier": "000.00.01.H29-240115-0001"}.get(
+        entity, "000.00.01.H29:QD-1"
+    )
+    assert parse_event(encode(envelope(entity, key, data=data))).warnings == warnings
