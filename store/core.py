@@ -132,12 +132,16 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
 
         from store.schema import no_schema, require_current
 
-        database = make_url(self.url).database if self.url.startswith("sqlite") else None
-        in_a_file = database and database != ":memory:" and not database.startswith("file:")
-        if in_a_file and not Path(str(database)).expanduser().exists():
+        if self._no_file():
             raise no_schema()
         with translated():
             require_current(self.engine)
+
+    def _no_file(self) -> bool:
+        """A SQLite store in a file that does not exist (opening it would make it)."""
+        database = make_url(self.url).database if self.url.startswith("sqlite") else None
+        in_a_file = database and database != ":memory:" and not database.startswith("file:")
+        return bool(in_a_file) and not Path(str(database)).expanduser().exists()
 
     def upgrade(self) -> tuple[str | None, str]:
         """Migrate the store's schema to the newest revision; return (from, to)."""
@@ -156,9 +160,12 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
             return grant(self.engine, role, access_log_floor_days)
 
     def drop_schema(self) -> None:
-        """Drop the project's tables (and Alembic's version table), nothing else."""
+        """Drop the project's tables (and Alembic's version table), nothing else (a SQLite
+        file that does not exist holds none: nothing is made)."""
         from store.schema import drop_project_tables
 
+        if self._no_file():
+            return
         with translated():
             drop_project_tables(self.engine)
 
@@ -199,9 +206,12 @@ class Store(StoreOffsets, StoreReads, StoreCatchUp, StoreRetention):
                 raise
 
     def holds_data(self) -> bool:
-        """Whether any of the project's tables holds a row (False for a new database)."""
+        """Whether any of the project's tables holds a row (False for a new database; a
+        SQLite file that does not exist is not made, nor its directory)."""
         from sqlalchemy import inspect
 
+        if self._no_file():
+            return False
         with translated(), self.engine.connect() as conn:
             present = set(inspect(conn).get_table_names())
             for table in (source_views, records, applied_offsets, record_history):
