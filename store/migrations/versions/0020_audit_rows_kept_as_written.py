@@ -12,8 +12,12 @@ update but the commands' own:
 - a purge's row: while it is unfinished, its counts grow and it finishes at or after its
   start; who, what, when and why never change; a finished row never changes again;
 - a redrive's row: only one recorded without the topic's id ('' : an earlier topic's
-  letter may be at the same place) is claimed again, at its place, and not at an earlier
-  time than its last claim.
+  letter may be at the same place) is claimed again, at its place, at the time of the
+  claim (the server's clock, give or take the clock skew the commands allow: a claim
+  dated back or ahead would take or leave letters of a topic created again).
+
+A purge's end is the server's time when it finishes, or later: an interrupted purge set
+"finished" at its start would no longer be warned of.
 
 SQLite has no roles: there the store's code is the guard, as for the access log.
 
@@ -49,10 +53,19 @@ BEGIN
         RAISE EXCEPTION 'source_purges: only a running purge''s counts grow, and it finishes'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    IF OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL THEN
+        -- it finishes now, never earlier: an interrupted purge "finished" at its start
+        -- would hide it from every warning about what came after it
+        NEW.finished_at := greatest(NEW.finished_at, now() AT TIME ZONE 'UTC');
+    END IF;
     RETURN NEW;
 END
 $$
 """
+
+# Seconds a redrive's claim may be dated from the server's clock (the commands' clocks are
+# another host's): the contract's clock skew.
+CLAIM_SKEW_SECONDS = 300
 
 REDRIVE_FUNCTION = """
 CREATE FUNCTION portal_sync_dead_letter_redrives_claims_only() RETURNS trigger
@@ -61,7 +74,8 @@ BEGIN
     IF OLD.topic_id <> ''
        OR (NEW.topic, NEW.topic_id, NEW.partition, NEW."offset")
           IS DISTINCT FROM (OLD.topic, OLD.topic_id, OLD.partition, OLD."offset")
-       OR NEW.redriven_at < OLD.redriven_at THEN
+       OR abs(extract(epoch FROM NEW.redriven_at - (now() AT TIME ZONE 'UTC')))
+          > {skew} THEN
         RAISE EXCEPTION 'dead_letter_redrives: only an earlier topic''s letter is claimed again'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -83,7 +97,7 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute(PURGE_FUNCTION)
-    op.execute(REDRIVE_FUNCTION)
+    op.execute(REDRIVE_FUNCTION.replace("{skew}", str(CLAIM_SKEW_SECONDS)))
     for table, (trigger, function) in TRIGGERS.items():
         op.execute(
             f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {table}"

@@ -193,7 +193,8 @@ def test_the_granted_role_cannot_rewrite_what_a_purge_or_a_redrive_recorded(
             conn.exec_driver_sql(
                 "INSERT INTO source_purges (id, source, operator, reason, started_at, views,"
                 " tombstones, records_remerged, records_changed, records_removed) VALUES"
-                " ('running', 'province-02', 'chi', 'ticket 5', now(), 5, 0, 0, 0, 0)"
+                " ('running', 'province-02', 'chi', 'ticket 5',"
+                " now() AT TIME ZONE 'UTC' - interval '1 hour', 5, 0, 0, 0, 0)"
             )
             conn.exec_driver_sql("UPDATE source_purges SET views = 7 WHERE id = 'running'")
     finally:
@@ -211,9 +212,18 @@ def test_the_granted_role_cannot_rewrite_what_a_purge_or_a_redrive_recorded(
     for statement in refused:
         message = roles.refused(roles.runtime, statement)
         assert "source_purges:" in message or "dead_letter_redrives:" in message, statement
+    # an interrupted purge "finished" at its start would hide it: it finishes now
+    engine = create_engine(roles.url_of(roles.runtime))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE source_purges SET finished_at = started_at WHERE id = 'running'"
+        )
+    engine.dispose()
     query = "SELECT views, operator FROM source_purges ORDER BY started_at"
     with roles.admin.connect() as conn:
-        assert [tuple(r) for r in conn.exec_driver_sql(query)] == [(2, "dung"), (7, "chi")]
+        assert [tuple(r) for r in conn.exec_driver_sql(query)] == [(7, "chi"), (2, "dung")]
+        ended = "SELECT finished_at - started_at FROM source_purges WHERE id = 'running'"
+        assert conn.exec_driver_sql(ended).scalar_one() > timedelta(minutes=59)
         query = 'SELECT "offset", operator FROM dead_letter_redrives ORDER BY 1'
         assert [tuple(r) for r in conn.exec_driver_sql(query)] == [(3, "an"), (4, "binh")]
 
