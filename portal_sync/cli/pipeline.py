@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -138,11 +139,13 @@ def export(
     why = require_reason("export", reason)
     settings = Settings.from_flags(store=store)
     # Opened before the access log: an export that cannot be written reads nothing.
-    partial = None if output is None else _written_beside(output)
+    partial = target = None
     try:
-        handle = sys.stdout if output is None else (partial or output).open("w", encoding="utf-8")
-    except OSError as error:
-        cause = error.strerror or type(error).__name__
+        if output is not None:
+            target, partial = _written_beside(output)
+        handle = sys.stdout if target is None else (partial or target).open("w", encoding="utf-8")
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        cause = getattr(error, "strerror", None) or type(error).__name__
         raise ConfigurationError(f"--output {output}: {cause}") from None
     done = False
     try:
@@ -150,11 +153,11 @@ def export(
         count = export_records(settings.store_url, handle, entity, provenance=provenance)
         done = True
     finally:
-        if output is not None:
+        if target is not None:
             handle.close()
-        if partial is not None and output is not None:
+        if partial is not None and target is not None:
             if done:
-                partial.replace(output.resolve())
+                partial.replace(target)
             else:
                 partial.unlink(missing_ok=True)
     console.print(f"exported {count} records")
@@ -172,16 +175,26 @@ def _registry(settings: Settings) -> Registry | None:
         raise ConfigurationError(f"PORTAL_SYNC_REGISTRY {settings.registry}: {error}") from None
 
 
-def _written_beside(output: Path) -> Path | None:
-    """Where an export to `output` is written before it is renamed over it, so that one that
-    fails (the store away, the access log refused) leaves an earlier file as it was; a
-    symlink's file is replaced, not the link. None for an output that is not a regular file
-    (/dev/null, a named pipe, /dev/stdout), written to as it is: renamed over, such a file
-    was replaced by a regular one (as root, /dev/null itself)."""
+def _written_beside(output: Path) -> tuple[Path, Path | None]:
+    """Where an export to `output` goes: (the file, where it is written before it is renamed
+    over it). Written beside, an export that fails (the store away, the access log refused)
+    leaves an earlier file as it was. Written into as it is (None beside it): a file that is
+    not a regular one, or a path under /dev or /proc (/dev/null, a named pipe, /dev/stdout
+    even when the shell sent it to a file: renamed over, a pipe became a regular file of
+    personal data, `>>` lost what the file held, and as root /dev/null itself was
+    replaced). Our own symlink's file is replaced, not the link; a symlink another user
+    owns is refused: followed, one planted in a shared directory had the export replace
+    the file it names (its owner's `authorized_keys`) with personal data."""
+    absolute = output.absolute()
+    if absolute.parts[1:2] in (("dev",), ("proc",)):
+        return output, None
+    if output.is_symlink():
+        if output.lstat().st_uid != os.geteuid():
+            raise PermissionError(0, "a symlink another user owns: give the file itself")
+        output = output.resolve(strict=False)
     if output.exists() and not output.is_file():
-        return None
-    target = output.resolve()
-    return target.with_name(f".{target.name}.partial")
+        return output, None
+    return output, output.with_name(f".{output.name}.partial")
 
 
 def demo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from portal_sync.cli import app
@@ -133,3 +134,57 @@ def test_an_export_through_a_symlink_replaces_the_file_and_keeps_the_link(tmp_pa
     assert link.is_symlink() and link.resolve() == target
     assert target.read_text() == ""
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["records.jsonl"]
+
+
+def test_an_export_into_a_proc_or_dev_path_writes_into_it(tmp_path: Path) -> None:
+    """`--output /dev/stdout` with the shell's `>> all.jsonl` resolved to that file and
+    was renamed over it (what it held lost); a path under /dev or /proc is a stream."""
+    import os
+    import threading
+
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    read_end, write_end = os.pipe()
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(os.read(read_end, 1 << 16)))
+    reader.start()
+    try:
+        result = CliRunner().invoke(
+            app, ["export", "--reason", "audit", "--output", f"/proc/self/fd/{write_end}",
+                  "--store", url],
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert result.exit_code == 0, result.output
+    assert read == [b""]  # an empty store; the pipe's end reached
+
+
+def test_a_symlink_another_user_owns_is_refused(tmp_path: Path) -> None:
+    """Followed and renamed over, a symlink planted by another user replaced the file it
+    names (its owner's `authorized_keys`) with personal data."""
+    import os
+
+    from store import Store
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the symlink another owner")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    (tmp_path / "home").mkdir()
+    target = tmp_path / "home" / "authorized_keys"
+    target.write_text("ssh-ed25519 AAAA\n")
+    link = tmp_path / "x.jsonl"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)
+    result = CliRunner().invoke(
+        app, ["export", "--reason", "audit", "--output", str(link), "--store", url]
+    )
+    assert isinstance(result.exception, ConfigurationError), result.output
+    assert "a symlink another user owns" in str(result.exception)
+    assert link.is_symlink() and target.read_text() == "ssh-ed25519 AAAA\n"
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["authorized_keys"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
