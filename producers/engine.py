@@ -84,19 +84,35 @@ STOP_GRACE_SECONDS = 5.0
 CURSOR_LAG_INTERVAL_SECONDS = 30.0
 
 
-_DIGIT_RUNS = re.compile(r"[0-9]{9,}")
+# What a log line never shows of an adapter's message: a credential after its scheme or
+# its name (`Authorization: Bearer …`, `api_key: …`, `{"password": "…"}`), and a number of
+# nine digits or more, separators between them or not (a personal id, a tax code, a phone).
+_MASKED = (
+    (re.compile(r"(?i)\b(bearer|basic|token)\s+[^\s,;]+"), r"\1 ***"),
+    (
+        re.compile(
+            r"(?i)(\"?[\w.-]*(?:pass|secret|token|key|auth|cookie|session)[\w.-]*\"?\s*[:=]\s*)"
+            r"(\"[^\"]*\"|[^\s,;}]+)"
+        ),
+        r"\1***",
+    ),
+    (re.compile(r"\+?[0-9](?:[ .()-]?[0-9]){8,}"), "…"),
+)
 
 
 def said(error: Exception) -> str:
     """What a log line says of an adapter's error: an adapter's own classified error
-    (`RetriableError`, `ConfigurationError`) by its message, which adapters write without
-    record values (docs/adapters.md), its secrets and long digit runs (a personal id, a tax
-    code) masked all the same; any other error by its type only: a driver's message can
-    quote row values (personal data)."""
+    (`RetriableError`, `ConfigurationError`, `FatalError`) by its message, which adapters
+    write without record values (docs/adapters.md), its credentials and long numbers
+    masked all the same (`_MASKED`, and the URLs' and key=value secrets); any other error
+    by its type only: a driver's message can quote row values (personal data)."""
     name = type(error).__name__
     if not isinstance(error, AdapterError) or not str(error):
         return name
-    return f"{name}: {_DIGIT_RUNS.sub('…', redacted_text(str(error)))}"
+    text = redacted_text(str(error))
+    for pattern, replacement in _MASKED:
+        text = pattern.sub(replacement, text)
+    return f"{name}: {text}"
 
 
 @dataclass
@@ -296,7 +312,7 @@ class AdapterRunner:
     def stop_fatally(self, error: FatalError) -> None:
         """Count and log a fatal error; the caller stops scheduling this source."""
         SOURCE_ERRORS.labels(self.adapter.source, "fatal").inc()
-        log.error("%s: stopped (fatal: %s)", self.source_id, error)
+        log.error("%s: stopped (fatal: %s)", self.source_id, said(error))
         if not self.stopped_fatally:
             SOURCE_STOPPED.labels(self.adapter.source).inc()  # the alert stays until a restart
         self.stopped_fatally = True

@@ -102,15 +102,19 @@ class $cls(Adapter):
         yield Checkpoint({"line": len(lines)})
 
     def _record(self, line: str, origin: str) -> Record | SkippableRecord:
+        # the line as read: `dlq show` can then say which record failed
+        raw = line.encode("utf-8", "surrogateescape")
         try:
             row = json.loads(line)
+        except ValueError:
+            return SkippableRecord("invalid_json", "not JSON", origin, raw=raw)
+        try:
             changed = datetime.fromisoformat(row["changed_at"])
             data = None if row.get("deleted") else {"full_name": row.get("name")}
             return Record(str(row["id"]), int(row["version"]), changed, data, origin)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            # the line as read: `dlq show` can then say which record failed
-            raw = line.encode("utf-8", "surrogateescape")
-            return SkippableRecord("invalid_json", "not a record", origin, raw=raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            reason = f"not a change record ({type(error).__name__})"
+            return SkippableRecord("unmappable_record", reason, origin, raw=raw)
 '''
 
 EXAMPLE_DATA = """\

@@ -15,8 +15,9 @@ Errors an adapter raises are classified, each with one behaviour:
   reason code, the run continues.
 - `FatalError`: that source stops, counted in `portal_sync_source_errors_total{kind="fatal"}`;
   the other sources go on.
-- `ConfigurationError` (raised while constructing): the deployment refuses to start and says
-  which source and option are wrong.
+- `ConfigurationError`: raised while constructing, the deployment refuses to start and says
+  which source and option are wrong; raised while reading (the source refuses the
+  adapter's credentials), that source stops as with `FatalError`.
 
 Messages must never quote record values. Where an origin or a message must name a
 record by a personal id or tax code, use `Adapter.reference(key)`: the deployment's keyed
