@@ -22,10 +22,12 @@ TAX_CODE = re.compile(r"^[0-9]{10}(-[0-9]{3})?$")
 OWNER_ID = re.compile(r"^([0-9]{12}|[0-9]{10}(-[0-9]{3})?)$")  # a personal id or a tax code
 # A Vietnamese number (`+84` or `0`, then 9 or 10 digits), or an international one in E.164
 # (`+`, a country code other than 84, at most 15 digits): a citizen living abroad.
-PHONE = re.compile(r"^((\+84|0)[0-9]{9,10}|\+([1-79]|8[0-35-9])[0-9]{6,13})$")
-# A legal representative: a personal id, or a foreign representative's passport number (a
-# letter first, as Vietnam's, China's, Japan's, Korea's and Singapore's are).
-REPRESENTATIVE_ID = re.compile(r"^([0-9]{12}|[A-Z][0-9A-Z]{5,11})$")
+PHONE = re.compile(r"^((\+84|0)[0-9]{9,10}|\+([1-79][0-9]{7,14}|8[0-35-9][0-9]{6,13}))$")
+# A legal representative: a personal id, or a foreign representative's passport number:
+# one or two letters, 6 to 9 digits, perhaps a letter (Vietnam's C1234567, China's
+# E12345678 and EA1234567, Japan's TK1234567, Korea's M12345678, Singapore's K1234567A).
+# Never a word: a name in capitals (NGUYENVANAN) or a placeholder (UNKNOWN) is refused.
+REPRESENTATIVE_ID = re.compile(r"^([0-9]{12}|[A-Z]{1,2}[0-9]{6,9}[A-Z]?)$")
 UNIT_CODE = r"[0-9A-Z]{3}\.[0-9A-Z]{2}\.[0-9A-Z]{2}\.[A-Z][0-9]{2}"
 DOSSIER_CODE = re.compile(rf"^(?P<unit>{UNIT_CODE})-(?P<day>[0-9]{{6}})-(?P<seq>[0-9]{{4}})$")
 AGENCY_CODE = re.compile(rf"^{UNIT_CODE}$")

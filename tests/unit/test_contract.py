@@ -106,6 +106,7 @@ def test_valid_citizen_parses() -> None:
     [
         ("citizen", {"phone": "+16505551234"}),  # a citizen living abroad
         ("citizen", {"phone": "+821012345678"}),
+        ("citizen", {"phone": "+998123456789012"}),  # E.164's 15 digits
         ("organization", {"legal_representative_id": "C1234567"}),  # a foreign passport
         ("organization", {"legal_representative_id": "EA1234567"}),
         ("organization", {"status": "dissolving"}),
@@ -132,6 +133,8 @@ def test_real_data_that_was_refused_is_taken(entity: str, data: dict[str, Any]) 
         ("organization", {"legal_representative_id": "Nguyễn Văn An"}),
         ("organization", {"legal_representative_id": "0101234567"}),  # a tax code
         ("organization", {"legal_representative_id": "c1234567"}),
+        ("organization", {"legal_representative_id": "NGUYENVANAN"}),  # a name in capitals
+        ("organization", {"legal_representative_id": "UNKNOWN"}),
         ("organization", {"status": "closed"}),
         ("document", {"title": "x" * 1001}),
     ],
