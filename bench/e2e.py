@@ -964,6 +964,7 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
         f"published to {prefix}.* ({args.partitions} partitions) in {time.monotonic() - began:.1f}s"
     )
     results = []
+    rebuilds: list[str] = []
     for backend in args.backends:
         name = f"{backend[:2]}{uuid.uuid4().hex[:6]}"
         store = infra.store_url(backend, name)
@@ -974,6 +975,8 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
             statements_reset(store)
         results.append(run_drain(infra, settings, expected, ends, args, label, args.workers))
         print(f"  {label}: {results[-1].rate:.0f} events/s — {results[-1].note}", flush=True)
+        if args.rebuild:
+            rebuilds.append(rebuild_run(infra, settings, backend, results[-1], args))
         if args.pg_statements and backend == "postgresql":
             statements_report(store, len(events), args.pg_statements)
         if signers is not None:  # the same signed messages, now verified by the worker
@@ -1025,8 +1028,45 @@ def cmd_throughput(infra: Infra, args: argparse.Namespace) -> bool:
             if r.label.startswith("postgresql") and r.rate:
                 print(f"ratio {r.label} / raw ceiling = {r.rate / ceiling[0]:.3f}"
                       f" (/ batched ceiling = {r.rate / ceiling[1]:.3f})")  # fmt: skip
+    for line in rebuilds:
+        print(line)
     agree = digests_agree(results, args.digest)
-    return all(r.ok for r in results) and agree
+    return all(r.ok for r in results) and agree and not any("FAIL" in r for r in rebuilds)
+
+
+def rebuild_run(
+    infra: Infra, settings: Settings, backend: str, drained: Result, args: argparse.Namespace
+) -> str:
+    """`portal-sync rebuild` of the drained store into a new one of the same backend, timed
+    from the command's start to its end (start-up in, as the worker's `from start`); the
+    rebuilt store must hold what the drained one holds (`store_digest`)."""
+    target = infra.store_url(backend, f"rb{uuid.uuid4().hex[:6]}")
+    exe = Path(sys.executable).with_name("portal-sync")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "portal_sync"]
+    command += ["rebuild", "--bootstrap", settings.kafka_bootstrap, "--store", target,
+                "--reason", "bench"]  # fmt: skip
+    env = os.environ | settings.as_env() | {
+        "PORTAL_SYNC_BATCH_MAX_EVENTS": str(args.batch),
+        "XDG_DATA_HOME": str(infra.tmp / "xdg"),
+    }  # fmt: skip
+    if args.py_spy:
+        out = Path(args.py_spy).with_suffix(f".rebuild-{backend}.txt")
+        spy = Path(sys.executable).with_name("py-spy")
+        command = [str(spy) if spy.exists() else "py-spy", "record", "--format", "raw",
+                   "--threads", "--rate", "200", "--subprocesses",
+                   *(["--gil"] if args.py_spy_gil else ["--idle"]),
+                   "-o", str(out), "--", *command]  # fmt: skip
+    began = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, timeout=args.timeout)
+    seconds = time.monotonic() - began
+    rate = drained.events / seconds
+    same = done.returncode == 0 and store_digest(target) == drained.digest
+    verdict = "OK: the same store digest" if same else f"FAIL (exit {done.returncode})"
+    if done.returncode != 0:
+        print(done.stderr.decode(errors="replace")[-2000:])
+    return (f"rebuild {backend:<10}{drained.events:>9}{rate:>10.0f} events/s from its start "
+            f"({rate / drained.from_start:.2f}x the worker's {drained.from_start:.0f} from its "
+            f"start), {seconds:.1f} s  {verdict}")  # fmt: skip
 
 
 # --- steady load --------------------------------------------------------------------------
@@ -1329,6 +1369,9 @@ def main() -> int:
     )
     parser.add_argument("--step", type=int, default=50_000, help="flat: events per chunk")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="throughput: then `portal-sync rebuild` each drained store into "
+                        "a new one, timed against the worker's drain")  # fmt: skip
     parser.add_argument("--digest", metavar="HEX",
                         help="throughput: the store digest every store must have (e.g. a "
                         "one-worker run's, against --workers N)")  # fmt: skip

@@ -13,21 +13,28 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
 
-from consumers.checks import Checked, classify
+from consumers.cache import RecordCache
+from consumers.checks import Checked, DeadLetter, classify
 from consumers.config import load_rules
 from consumers.reconciler import BatchReport, Reconciler, starts_after
-from portal_sync.settings import Settings
+from consumers.registry import Registry
+from consumers.validators import Rules, Validators
+from portal_sync.settings import Settings, default_validator_processes
 from schemas.errors import ConfigurationError, Refused, TransientError
 from schemas.views import RecordKey
 from store import HistoryEntry, Store, TopicPartition
 from transport.reader import Message, RangeReader, Selection
 
 SAMPLE_SIZE = 20
+Classified = tuple[list[Checked], list[DeadLetter]]
+# A batch read ahead: its messages, where its partitions' reads began, its checks' verdict.
+Ahead = tuple[list[Message], dict[TopicPartition, int] | None, Classified]
 log = logging.getLogger(__name__)
 
 
@@ -70,10 +77,13 @@ def replay(
     import time
 
     registry, authority = load_rules(settings.registry, settings.authority_file)
-    reconciler = Reconciler(store, authority)
+    # A rebuild fills a store nobody else writes: the records it applied are kept, as the
+    # worker keeps them, and read again only when another write came meanwhile.
+    kept = settings.record_cache_records if track_offsets else 0
+    reconciler = Reconciler(store, authority, cache=RecordCache(kept) if kept else None)
     summary = ReplaySummary()
     began = time.perf_counter()
-    with RangeReader(settings.connection()) as reader:
+    with RangeReader(settings.connection()) as reader, _Checks(settings, registry) as checks:
         ranges = reader.resolve(selection)
         if until is not None:
             ranges = {
@@ -82,14 +92,9 @@ def replay(
                 if tp in until and min(end, until[tp]) > start
             }
         total = sum(end - start for start, end in ranges.values())
-        for batch in reader.read(ranges):
+        checks.start(total)
+        for batch, starts, (valid, dead) in checks.ahead(reader, ranges, track_offsets):
             summary.read += len(batch)
-            valid, dead = classify(
-                batch,
-                registry,
-                topics=settings.topics(),
-                max_clock_skew_seconds=settings.max_clock_skew_seconds,
-            )
             if source is not None or entity is not None:
                 # invalid events of the sources and topics a filter leaves out are its
                 # skipped, not this replay's failures, where their message says whose
@@ -104,7 +109,6 @@ def replay(
                 and (entity is None or c.event.entity == entity)
             ]  # fmt: skip
             summary.outcomes["skipped"] += len(valid) - len(wanted)
-            starts = reader.batch_starts if track_offsets else None
             apply = partial(reconciler.apply, replay=not track_offsets, dry_run=dry_run)
             for report in _isolating(apply, wanted, batch, starts, summary):
                 _count(summary, report.outcomes, report.changes)
@@ -112,6 +116,88 @@ def replay(
                 on_progress(summary.read, total)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+# A range this long is checked in validator processes (as the worker checks a backlog),
+# each batch while the one before is applied; a shorter one in this process, at once: a
+# child's start (a second or more) would outlast it.
+CHECKED_APART_FROM = 20_000
+
+
+class _Checks:
+    """The reading and contract checks of a replay's batches (`classify`), each batch's
+    while the one read before it is applied: the checks in the worker's validator processes
+    (`PORTAL_SYNC_VALIDATOR_PROCESSES`) for a long range, else in this process. Batches of
+    `PORTAL_SYNC_BATCH_MAX_EVENTS`, as the worker's."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.validators: Validators | None = None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="replay-checks")
+
+    def __enter__(self) -> _Checks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        if self.validators is not None:
+            self.validators.close()
+
+    def start(self, total: int) -> None:
+        if total < CHECKED_APART_FROM:
+            return
+        processes = self.settings.validator_processes
+        if processes is None:
+            processes = default_validator_processes()
+        if processes <= 0:
+            return
+        rules = Rules(self.registry, self.settings.topics(), self.settings.max_clock_skew_seconds)
+        try:
+            self.validators = Validators(processes, rules)
+        except Exception as error:  # no process could start: slower, never wrong
+            log.warning("validator processes did not start (%s): checked here",
+                        type(error).__name__)  # fmt: skip
+
+    def _classify(self, batch: Sequence[Message]) -> tuple[list[Checked], list[DeadLetter]]:
+        if self.validators is not None:
+            return self.validators.classify(batch)
+        return classify(
+            batch,
+            self.registry,
+            topics=self.settings.topics(),
+            max_clock_skew_seconds=self.settings.max_clock_skew_seconds,
+        )
+
+    def ahead(
+        self, reader: RangeReader, ranges: Mapping[TopicPartition, Any], track_offsets: bool
+    ) -> Iterator[tuple[list[Message], dict[TopicPartition, int] | None, Classified]]:
+        """Each batch read, with where its partitions' reads began (a rebuild's offsets)
+        and its checks' verdict. The reading and the checks run in this object's one
+        thread, the next batch's while the caller applies this one: the reader's client is
+        used by that thread alone, one step at a time, and closed after it is done."""
+        batches = reader.read(dict(ranges), self.settings.batch_max_events)
+
+        def next_batch() -> Ahead | None:
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            starts = dict(reader.batch_starts) if track_offsets else None
+            return batch, starts, self._classify(batch)
+
+        try:
+            coming = self.thread.submit(next_batch)
+            while (ready := coming.result()) is not None:
+                coming = self.thread.submit(next_batch)
+                yield ready
+        finally:
+            # the reader's generator ended by the thread that used it, after its last step
+            close = getattr(batches, "close", None)
+            if close is not None:
+                try:
+                    self.thread.submit(close).result()
+                except RuntimeError:  # the thread is shut down: none uses the reader now
+                    close()
 
 
 def _may_be_of(

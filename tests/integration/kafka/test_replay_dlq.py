@@ -603,6 +603,44 @@ def test_rebuild_builds_an_equal_store_from_the_topics(
     assert Store(rebuilt).all_offsets() == Store(settings.store_url).all_offsets()
 
 
+def test_a_long_rebuild_checks_each_batch_in_validator_processes_while_one_is_applied(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild checked every batch in its own process before applying it, at about half
+    the worker's rate. A long one now checks them as the worker does, the next batch while
+    one is applied, and keeps the records it applied: the same store, offsets included."""
+    from consumers.validators import Validators
+    from portal_sync.ops import replay as replaying
+    from transport.reader import Selection
+
+    settings = settings_for(sqlite_store_url)
+    events = shuffled_with_duplicates(citizen_events(60, 2, seed=19))
+    _published(settings, tmp_path, events)
+    _caught_up(settings)
+    live = Store(settings.store_url)
+    checked: list[int] = []
+    in_children = Validators.classify
+
+    def counted(self: Validators, messages: Any, now: Any = None) -> Any:
+        checked.append(len(messages))
+        return in_children(self, messages, now)
+
+    monkeypatch.setattr(Validators, "classify", counted)
+    monkeypatch.setattr(replaying, "CHECKED_APART_FROM", 0)  # as a range past 20,000 is
+    rebuilt = f"sqlite:///{tmp_path / 'rebuilt.db'}"
+    target = Store(rebuilt)
+    target.create_schema()
+    copy = settings.model_copy(
+        update={"store_url": rebuilt, "validator_processes": 1, "batch_max_events": 16}
+    )
+    selection = Selection(settings.topics().change_topics())
+    summary = replaying.replay(copy, selection, target, track_offsets=True,
+                               until=replaying.rebuild_until(live))  # fmt: skip
+    assert summary.read == len(events) and sum(checked) == len(events) and len(checked) > 4
+    assert exported(copy) == exported(settings) == expected_export(events, Authority())
+    assert target.all_offsets() == live.all_offsets()
+
+
 def test_a_rebuild_stops_at_the_live_stores_offsets_so_what_follows_is_dead_lettered(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
