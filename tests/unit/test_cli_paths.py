@@ -6,10 +6,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from portal_sync.cli import app
 from schemas.errors import ConfigurationError
+
+
+def _export(tmp_path: Path, output: str) -> Result:
+    """`export --output OUTPUT` of an empty store in `tmp_path`."""
+    from store import Store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Store(url).create_schema()
+    return CliRunner().invoke(
+        app, ["export", "--reason", "audit", "--output", output, "--store", url]
+    )
+
+
+def _linked(tmp_path: Path, directory: str, name: str, text: str) -> tuple[Path, Path]:
+    """A file `directory/name` holding `text`, and a symlink to it in `tmp_path`."""
+    (tmp_path / directory).mkdir()
+    target = tmp_path / directory / name
+    target.write_text(text)
+    link = tmp_path / f"link-{name}"
+    link.symlink_to(target)
+    return target, link
 
 
 def test_an_export_that_cannot_be_written_reads_nothing(tmp_path: Path) -> None:
@@ -77,15 +98,9 @@ def test_a_reading_command_given_a_store_in_a_missing_directory_makes_nothing(
 
 
 def test_an_export_replaces_the_file_once_written(tmp_path: Path) -> None:
-    from store import Store
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url).create_schema()
     output = tmp_path / "records.jsonl"
     output.write_text("stale\n")
-    result = CliRunner().invoke(
-        app, ["export", "--reason", "audit", "--output", str(output), "--store", url]
-    )
+    result = _export(tmp_path, str(output))
     assert result.exit_code == 0, result.output
     assert output.read_text() == ""  # an empty store: no records, the stale line gone
     assert not (tmp_path / ".records.jsonl.partial").exists()
@@ -98,18 +113,12 @@ def test_an_export_into_a_named_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_pat
     import stat
     import threading
 
-    from store import Store
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url).create_schema()
     pipe = tmp_path / "records.pipe"
     os.mkfifo(pipe)
     read: list[bytes] = []
     reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()))
     reader.start()
-    result = CliRunner().invoke(
-        app, ["export", "--reason", "audit", "--output", str(pipe), "--store", url]
-    )
+    result = _export(tmp_path, str(pipe))
     reader.join(10)
     assert result.exit_code == 0, result.output
     assert read == [b""]  # an empty store: the pipe read to its end
@@ -118,18 +127,8 @@ def test_an_export_into_a_named_pipe_writes_into_it_and_leaves_it_a_pipe(tmp_pat
 
 
 def test_an_export_through_a_symlink_replaces_the_file_and_keeps_the_link(tmp_path: Path) -> None:
-    from store import Store
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url).create_schema()
-    (tmp_path / "exports").mkdir()
-    target = tmp_path / "exports" / "records.jsonl"
-    target.write_text("stale\n")
-    link = tmp_path / "latest.jsonl"
-    link.symlink_to(target)
-    result = CliRunner().invoke(
-        app, ["export", "--reason", "audit", "--output", str(link), "--store", url]
-    )
+    target, link = _linked(tmp_path, "exports", "records.jsonl", "stale\n")
+    result = _export(tmp_path, str(link))
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and link.resolve() == target
     assert target.read_text() == ""
@@ -142,19 +141,12 @@ def test_an_export_into_a_proc_or_dev_path_writes_into_it(tmp_path: Path) -> Non
     import os
     import threading
 
-    from store import Store
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url).create_schema()
     read_end, write_end = os.pipe()
     read: list[bytes] = []
     reader = threading.Thread(target=lambda: read.append(os.read(read_end, 1 << 16)))
     reader.start()
     try:
-        result = CliRunner().invoke(
-            app, ["export", "--reason", "audit", "--output", f"/proc/self/fd/{write_end}",
-                  "--store", url],
-        )  # fmt: skip
+        result = _export(tmp_path, f"/proc/self/fd/{write_end}")
     finally:
         os.close(write_end)
         reader.join(10)
@@ -168,21 +160,11 @@ def test_a_symlink_another_user_owns_is_refused(tmp_path: Path) -> None:
     names (its owner's `authorized_keys`) with personal data."""
     import os
 
-    from store import Store
-
     if os.geteuid() != 0:
         pytest.skip("needs root to give the symlink another owner")
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    Store(url).create_schema()
-    (tmp_path / "home").mkdir()
-    target = tmp_path / "home" / "authorized_keys"
-    target.write_text("ssh-ed25519 AAAA\n")
-    link = tmp_path / "x.jsonl"
-    link.symlink_to(target)
+    target, link = _linked(tmp_path, "home", "authorized_keys", "ssh-ed25519 AAAA\n")
     os.lchown(link, 65534, 65534)
-    result = CliRunner().invoke(
-        app, ["export", "--reason", "audit", "--output", str(link), "--store", url]
-    )
+    result = _export(tmp_path, str(link))
     assert isinstance(result.exception, ConfigurationError), result.output
     assert "a symlink another user owns" in str(result.exception)
     assert link.is_symlink() and target.read_text() == "ssh-ed25519 AAAA\n"
