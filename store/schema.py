@@ -29,6 +29,12 @@ VERSION_TABLE = "alembic_version"  # Alembic's default, which the migrations kee
 PURGE_FUNCTION = "portal_sync_purge_access_log(timestamp without time zone, integer)"
 # The batches' journal's retention purge on PostgreSQL (migration 0018, store/roles.py).
 JOURNAL_PURGE_FUNCTION = "portal_sync_purge_apply_journal(timestamp without time zone, integer)"
+# The functions of the triggers that keep the purges' and redrives' rows as their commands
+# wrote them (migration 0020).
+AUDIT_GUARD_FUNCTIONS = (
+    "portal_sync_source_purges_progress_only",
+    "portal_sync_dead_letter_redrives_claims_only",
+)
 
 
 class SchemaOutdated(ConfigurationError):
@@ -167,8 +173,8 @@ def require_current(engine: Engine) -> None:
 
 
 def drop_project_tables(engine: Engine) -> None:
-    """Drop the project's tables, Alembic's version table and the access log's trigger and
-    purge functions; any other table of the same database is left alone."""
+    """Drop the project's tables, Alembic's version table and the functions of their
+    triggers and purges; any other table of the same database is left alone."""
     metadata.drop_all(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
@@ -176,3 +182,5 @@ def drop_project_tables(engine: Engine) -> None:
             conn.exec_driver_sql("DROP FUNCTION IF EXISTS portal_sync_access_log_append_only()")
             conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {PURGE_FUNCTION}")
             conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {JOURNAL_PURGE_FUNCTION}")  # 0018
+            for guard in AUDIT_GUARD_FUNCTIONS:  # the audit rows' guards (0020)
+                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {guard}()")
