@@ -232,7 +232,7 @@ def _per_entity(entity: str) -> Iterator[dict[str, Any]]:
                              ("a NUL", "Trần\x00Bình"), ("an ESC", "\x1b[2JXoá"),
                              ("a C1 control", "Phạm\x85An"),
                              ("a line separator", "Đỗ\u2028Minh"),
-                             ("too long", "Ngô " * 100)):  # fmt: skip
+                             ("too long", "Ngô " * 300)):  # fmt: skip
             yield bad(f"{text_field} with {label}", "invalid_field", data={text_field: value})
     id_field = ID_FIELD[entity]
     if id_field:

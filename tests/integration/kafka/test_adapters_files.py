@@ -18,6 +18,7 @@ from producers.conformance import check_adapter
 from producers.engine import AdapterRunner
 from producers.sdk import Checkpoint, Record
 from schemas.dead_letter import read_headers
+from schemas.identifiers import PHONE
 from tests.support.adapter_helpers import (
     dead_letters,
     deployment,
@@ -119,7 +120,7 @@ def test_file_drop_maps_lines_and_passes_the_checks(tmp_path: Path) -> None:
     assert not by_name["events validate"].passed
     assert by_name["events validate"].examples == [
         "a.csv:3 048*******02: invalid_field: data.phone: String should match pattern "
-        "'^(\\+84|0)[0-9]{9,10}$'"
+        f"'{PHONE.pattern}'"
     ]
     for name in ("keys present", "versions rise per key", "cursor resumes", "deletes seen"):
         assert by_name[name].passed, by_name[name]

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from portal_sync.settings import Settings
 from producers.conformance import CHECKS, check_adapter, report_table
 from producers.sdk import Adapter, Checkpoint, Item, Record, State
+from schemas.identifiers import PHONE
 from tests.support.pipeline_helpers import cli
 
 T0 = datetime(2025, 8, 1, 8, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh"))
@@ -108,7 +109,7 @@ def test_invalid_event_is_caught_with_its_reason_and_masked_key() -> None:
     assert failing(InvalidEvent()) == {
         "events validate": [
             "#4 001*******03: invalid_field: data.phone: String should match pattern "
-            "'^(\\+84|0)[0-9]{9,10}$'"
+            f"'{PHONE.pattern}'"
         ]
     }
 
