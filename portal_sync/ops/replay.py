@@ -159,7 +159,7 @@ class _Checks:
             log.warning("validator processes did not start (%s): checked here",
                         type(error).__name__)  # fmt: skip
 
-    def _classify(self, batch: Sequence[Message]) -> tuple[list[Checked], list[DeadLetter]]:
+    def _classify(self, batch: Sequence[Message]) -> Classified:
         if self.validators is not None:
             return self.validators.classify(batch)
         return classify(
@@ -171,7 +171,7 @@ class _Checks:
 
     def ahead(
         self, reader: RangeReader, ranges: Mapping[TopicPartition, Any], track_offsets: bool
-    ) -> Iterator[tuple[list[Message], dict[TopicPartition, int] | None, Classified]]:
+    ) -> Iterator[Ahead]:
         """Each batch read, with where its partitions' reads began (a rebuild's offsets)
         and its checks' verdict. The reading and the checks run in this object's one
         thread, the next batch's while the caller applies this one: the reader's client is
