@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from consumers.merge import (
     field_conflicts,
     merge,
     record_changes,
+    tone_folded,
 )
 from schemas.views import compact_provenance, expand_provenance
 
@@ -384,7 +386,7 @@ def test_merge_follows_the_rule_for_any_views_and_rules(
     assert merge("citizen", built, authority) == _by_the_rule("citizen", built, authority)
 
 
-_scalars = st.sampled_from(["1", "Hà Nội", "", 1, 1.0, True, False, 0, None])
+_scalars = st.sampled_from(["1", "Hà Nội", "Hoà", "Hòa", "Hoá", "", 1, 1.0, True, False, 0, None])
 _values = _scalars | st.recursive(
     _scalars,
     lambda inner: (
@@ -405,7 +407,8 @@ def test_conflicts_group_sources_by_equal_json(values: dict[str, Any]) -> None:
 
 def _conflicts_by_definition(views: list[SourceView]) -> dict[str, list[list[str]]]:
     """Per field given by two live views or more: the sources grouped by the field's
-    canonical JSON (text and non-text never equal), when there are two groups or more."""
+    canonical JSON (text and non-text never equal) with its tone marks folded, when there
+    are two groups or more."""
     result: dict[str, list[list[str]]] = {}
     live = [v for v in views if not v.deleted and v.data is not None]
     for name in sorted({name for v in live for name in v.data or {}}):
@@ -413,8 +416,8 @@ def _conflicts_by_definition(views: list[SourceView]) -> dict[str, list[list[str
         for v in sorted(live, key=lambda v: v.source):
             if name in (v.data or {}):
                 value = (v.data or {})[name]
-                group = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-                groups.setdefault(group, []).append(v.source)
+                group = tone_folded(orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode())
+                groups.setdefault(group.encode(), []).append(v.source)
         if len(groups) > 1:
             result[name] = sorted(groups.values())
     return result
@@ -449,6 +452,12 @@ def test_conflicts_of_any_views_are_the_definition(
         ([1, {"a": True}], [1, {"a": 1}], True),
         ("Hà Nội", "Hà Nội", False),
         (None, None, False),
+        ("Nguyễn Thị Thanh Hoà", "Nguyễn Thị Thanh Hòa", False),
+        ("Hoà", "Hoá", True),
+        ("Hoà", "Hoa", True),
+        ({"line": "Thuỷ Nguyên"}, {"line": "Thủy Nguyên"}, False),
+        (["Khoẻ"], ["Khỏe"], False),
+        ("1", 1, True),
     ],
 )
 def test_two_sources_disagree_exactly_when_their_json_differs(
@@ -457,6 +466,50 @@ def test_two_sources_disagree_exactly_when_their_json_differs(
     views = [view("s-b", {"f": left, "g": "x"}), view("s-a", {"f": right, "h": 1})]
     assert field_conflicts(views) == ({"f": [["s-a"], ["s-b"]]} if apart else {})
     assert field_conflicts(views) == _conflicts_by_definition(views)
+
+
+# Vietnamese letters as NFD writes them: base letters, the vowels' own marks (circumflex,
+# breve, horn) and the five tone marks.
+_BASES = "aeiouyAEIOUYnghtđĐ"
+_VOWEL_MARKS = "\u0302\u0306\u031b"
+_TONES = "\u0300\u0301\u0303\u0309\u0323"
+_words = st.lists(
+    st.tuples(
+        st.text(st.sampled_from(_BASES + _VOWEL_MARKS), min_size=1, max_size=6).filter(
+            lambda letters: letters[0] in _BASES
+        ),
+        st.sampled_from(["", *_TONES]),
+        st.integers(0, 6),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _typed(words: list[tuple[str, str, int]], shift: int) -> str:
+    """The words separated by spaces, each tone mark put after letter (place + shift)."""
+    typed = []
+    for letters, tone, place in words:
+        at = 1 + (place + shift) % len(letters)
+        typed.append(letters[:at] + tone + letters[at:])
+    return unicodedata.normalize("NFC", " ".join(typed))
+
+
+@given(_words, st.integers(0, 6))
+def test_a_tone_mark_anywhere_in_its_word_is_the_same_spelling(
+    words: list[tuple[str, str, int]], shift: int
+) -> None:
+    assert tone_folded(_typed(words, 0)) == tone_folded(_typed(words, shift))
+
+
+@given(_words, _words)
+def test_other_letters_or_other_tones_are_other_spellings(
+    one: list[tuple[str, str, int]], other: list[tuple[str, str, int]]
+) -> None:
+    same = [(letters, tone) for letters, tone, _ in one] == [
+        (letters, tone) for letters, tone, _ in other
+    ]
+    assert (tone_folded(_typed(one, 0)) == tone_folded(_typed(other, 0))) == same
 
 
 # -- provenance: kept per source, read per field -------------------------------------------

@@ -24,7 +24,9 @@ def test_the_fingerprint_follows_the_files_and_the_merge_rules_revision(
     registry.write_text("require_signatures = true\n")
     assert rules_fingerprint(registry, None) != first
     again = rules_fingerprint(registry, None)
-    monkeypatch.setattr(consumers.config, "MERGE_RULES_REVISION", 2)  # another release's
+    monkeypatch.setattr(
+        consumers.config, "MERGE_RULES_REVISION", consumers.config.MERGE_RULES_REVISION + 1
+    )  # another release's
     assert rules_fingerprint(registry, None) != again
     assert rules_fingerprint(None, None) != rules_fingerprint(registry, None)
     other = rules_fingerprint(registry, None)

@@ -481,6 +481,24 @@ def test_disagreement_is_recorded_reported_and_resolved(store: Store) -> None:
     assert queries.open_conflicts(store) == 0
 
 
+def test_one_name_with_its_tone_mark_elsewhere_is_no_disagreement(store: Store) -> None:
+    """The national database types "Hòa", a province "Hoà": one name, two conventions of
+    where the tone mark sits. No conflict; the record keeps its truth's spelling."""
+    feed = Feed(store, AUTHORITY)
+    report = feed.apply(
+        event("citizen", CITIZEN, "national-population", 1, {"full_name": "Lê Thị Hòa"}),
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "Lê Thị Hoà"}),
+    )
+    assert report.new_conflicts == []
+    assert conflict_rows(store) == []
+    assert next(store.iter_records())[2] == {"full_name": "Lê Thị Hòa"}
+    # another tone is another name: a disagreement
+    report = feed.apply(
+        event("citizen", CITIZEN, "province-01", 2, {"full_name": "Lê Thị Hoá"}),
+    )
+    assert report.new_conflicts == [("citizen", "full_name")]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """The SQLite store, or a PostgreSQL one: the report groups in the database."""
