@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 import unicodedata
 import uuid
@@ -376,6 +377,42 @@ def _date_order_warnings(fields: dict[str, Any]) -> list[str]:
     return []
 
 
+# Vietnamese text that a system decoded with the wrong table, and sends as it reads it:
+# - UTF-8 read as Windows-1252 ("Nguyễn" as "Nguyá»…n", "Đức" as "Äá»©c", "CÔNG" as
+#   "CÃ”NG"): a two-byte lead (0xC2-0xC6: Â Ã Ä Å Æ) followed by a continuation byte
+#   (0x80-0xBF as Windows-1252 shows them), or a three-byte lead (0xE1, 0xE2: á, â)
+#   followed by two. Latin-1's reading gives C1 controls, which the contract refuses.
+# - TCVN3 (ABC), the legacy Vietnamese 8-bit fonts, read as Windows-1252 ("Văn" as "V¨n",
+#   "Hoàng" as "Hoµng"): one of U+00A1-U+00BF inside a word.
+# VNI's readings are letters ("Nguyeãn") and pass unseen. Legitimate text hits these only
+# with a symbol typed inside a word ("ABC®XYZ") or a capital Ã or Â right before a curly
+# quote or an ellipsis ("“NGÃ”", which is also how "NGÔ" misreads): a warning only.
+_CONTINUATION = (
+    "[\u00a0-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a"
+    "\u20ac\u2122]"
+)
+_LETTER = r"[^\W\d_]"
+_MISDECODED = re.compile(
+    f"[\u00c2-\u00c6]{_CONTINUATION}|[\u00e1\u00e2]{_CONTINUATION}{{2}}"
+    f"|{_LETTER}[\u00a1-\u00bf]+{_LETTER}"
+)
+
+
+def misdecoded(text: str) -> bool:
+    """Whether `text` looks like Vietnamese decoded with the wrong table (`_MISDECODED`)."""
+    return not text.isascii() and _MISDECODED.search(text) is not None
+
+
+def _encoding_warnings(fields: dict[str, Any]) -> list[str]:
+    """A text field, or one of an address's, that looks misdecoded (`misdecoded`)."""
+    for value in fields.values():
+        parts = vars(value).values() if isinstance(value, BaseModel) else (value,)
+        if any(type(part) is str and misdecoded(part) for part in parts):
+            return ["text_misdecoded"]
+    return []
+
+
 def soft_warnings(event: ChangeEvent) -> list[str]:
     """Checks that only warn: unverified identifier structure, retired province codes."""
     warnings: list[str] = []
@@ -391,6 +428,7 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
     elif event.entity == "organization":
         warnings += tax_code_warnings(event.key)
     warnings += _related_id_warnings(fields) + _date_order_warnings(fields)
+    warnings += _encoding_warnings(fields)
     address = fields.get("permanent_address") or fields.get("address")
     code = None if address is None else vars(address).get("province_code")
     if code is not None and code not in current_province_codes():

@@ -23,7 +23,7 @@ from schemas.events import (
 from schemas.export import JSON_DIR, rendered_schemas
 from schemas.identifiers import current_province_codes, tax_code_check_digit
 from schemas.partitioning import murmur2
-from schemas.validation import MAX_EVENT_BYTES
+from schemas.validation import MAX_EVENT_BYTES, misdecoded
 
 EVENT_ID = "0b8b2e0e-4c38-4c43-9d46-3b8a1f6c2a11"
 PERSONAL_ID = "001090012345"  # Hà Nội (001), 20th century male (0), born 1990 (90)
@@ -892,4 +892,65 @@ def test_the_ids_of_related_records_and_the_order_of_dates_are_soft_checked(
     key = {"organization": TAX_CODE, "dossier": "000.00.01.H29-240115-0001"}.get(
         entity, "000.00.01.H29:QD-1"
     )
+    assert parse_event(encode(envelope(entity, key, data=data))).warnings == warnings
+
+
+# -- text decoded with the wrong table --------------------------------------------------------
+
+_VOWELS = "aăâeêioôơuưy"
+_TONE_MARKS = ("", "\u0300", "\u0301", "\u0309", "\u0303", "\u0323")
+_LETTERS = sorted(
+    {
+        unicodedata.normalize("NFC", vowel + tone)
+        for vowel in _VOWELS + _VOWELS.upper()
+        for tone in _TONE_MARKS
+    }
+    | set("bcdđghklmnpqrstvxfjwzBCDĐGHKLMNPQRSTVXFJWZ")
+)
+_vietnamese = st.text(st.sampled_from([*_LETTERS, " ", ".", ",", "-", "/", "(", ")", "'"]))
+_words = st.text(st.sampled_from(_LETTERS), min_size=1, max_size=8)
+
+
+def _read_as_windows_1252(text: str) -> str:
+    """`text`'s UTF-8 bytes as Windows-1252 shows them; its five unassigned bytes as
+    Latin-1 (C1 controls), as Windows' own conversion gives them."""
+    return "".join(
+        bytes([byte]).decode("cp1252", errors="ignore") or chr(byte) for byte in text.encode()
+    )
+
+
+@given(_vietnamese)
+def test_vietnamese_text_never_looks_misdecoded(text: str) -> None:
+    assert not misdecoded(text)
+
+
+@given(_words.filter(lambda word: not word.isascii()))
+def test_utf8_read_as_windows_1252_looks_misdecoded_or_is_refused(word: str) -> None:
+    """Every Vietnamese word with a letter beyond ASCII, read with the wrong table: the
+    soft check sees it, or it holds a C1 control, which the contract refuses."""
+    seen = _read_as_windows_1252(word)
+    assert misdecoded(seen) or any("\x80" <= char <= "\x9f" for char in seen)
+
+
+@pytest.mark.parametrize(
+    ("entity", "data", "warnings"),
+    [
+        ("citizen", {"full_name": "Nguyá»…n VÄƒn An"}, ["text_misdecoded"]),  # UTF-8 as 1252
+        ("citizen", {"full_name": "NguyÔn V¨n An"}, ["text_misdecoded"]),  # TCVN3 as 1252
+        ("citizen", {"full_name": "Nguyễn Văn An"}, []),
+        ("citizen", {"permanent_address": {"line": "Sè 12 phè Hµng B¹c"}},
+         ["text_misdecoded"]),  # an address's line
+        ("organization", {"name": "CÃ”NG TY TNHH AN PHÃšC"}, ["text_misdecoded"]),
+        ("organization", {"name": "CÔNG TY TNHH “AN PHÚC”"}, []),
+        ("organization", {"name": "CÔNG TY TNHH NGÔ"}, []),
+        ("document", {"title": "Quyáº¿t Ä‘á»‹nh"}, ["text_misdecoded"]),
+    ],
+)  # fmt: skip
+def test_text_decoded_with_the_wrong_table_is_soft_checked(
+    entity: str, data: dict[str, Any], warnings: list[str]
+) -> None:
+    """A provincial system that read its UTF-8 names as Windows-1252, or its TCVN3 ones,
+    sent "Nguyá»…n": the contract took it and the store held it. It warns (counted, the
+    event applied): the source's reading needs fixing, not the event."""
+    key = {"citizen": PERSONAL_ID, "organization": TAX_CODE}.get(entity, "000.00.01.H29:QD-1")
     assert parse_event(encode(envelope(entity, key, data=data))).warnings == warnings
