@@ -43,7 +43,8 @@ Outcome = Literal["applied", "duplicate", "stale"]
 # a tie-break, a derived finding) raises it. It is part of the rules' fingerprint
 # (`consumers.config`), so that a replay, rebuild or remerge of one release is refused on a
 # store another release's workers keep; after such a release, run `remerge`.
-MERGE_RULES_REVISION = 2  # 2: a tone mark's place in a word is no disagreement
+# 2: a tone mark's place in a word is no disagreement; a birth's year comes with its date
+MERGE_RULES_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,14 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
 # cannot exist: a citizen's id as an organisation's), which the contract refuses in any
 # one view. The identifier's giver gives the kind too (or none, if it gives none), unless
 # the kind's own giver names the same identifier.
-PAIRS = {"document": ("owner_kind", "owner_id"), "dossier": ("applicant_kind", "applicant_id")}
+PAIRS = {
+    "document": ("owner_kind", "owner_id"),
+    "dossier": ("applicant_kind", "applicant_id"),
+    # A birth's year and its date, likewise: the year given alone by one source and a date
+    # of another year by another would make one person born twice. The date's giver gives
+    # the year (the contract: the date's own) or none.
+    "citizen": ("year_of_birth", "date_of_birth"),
+}
 
 
 def _one_giver_per_pair(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Self
@@ -216,8 +216,16 @@ def _hex(text: str) -> str:
 # Values written in a form the contract refuses, or in one of many spellings of one value,
 # which only separators or spaces keep from the contract's: by the field's name, whatever
 # its path. Nothing else is altered.
-CONTRACT_FORMS = {
+def _year(text: str) -> int | str:
+    """A year read from a text column or a CSV cell (`1945`, ` 1945 `): the contract's
+    integer; else as it is (refused by the contract)."""
+    bare = text.strip()
+    return int(bare) if len(bare) == 4 and bare.isascii() and bare.isdigit() else text
+
+
+CONTRACT_FORMS: dict[str, Callable[[str], str | int]] = {
     "phone": _phone,
+    "year_of_birth": _year,
     "owner_id": _owner_id,
     "applicant_id": _owner_id,
     "full_name": _name,

@@ -175,13 +175,27 @@ class Address(ContractModel):
     line: _text(200) | None = None  # type: ignore[valid-type]
 
 
+YEAR_OF_BIRTH_RULE = "year_of_birth must be date_of_birth's year"
+
+
 class CitizenData(ContractModel):
     full_name: _text(100) | None = None  # type: ignore[valid-type]
     date_of_birth: IsoDate | None = None
+    # A birth known only by its year, as civil-status books of the 1940s-1970s often give
+    # it: no day invented. With a date_of_birth, that date's year.
+    year_of_birth: Annotated[int, Field(ge=1800, le=9999)] | None = None
     sex: Literal["male", "female"] | None = None
     permanent_address: Address | None = None
     phone: Phone | None = None
     email: Email | None = None
+
+    @model_validator(mode="after")
+    def _year_of_the_date(self) -> Self:
+        if self.year_of_birth is None or self.date_of_birth is None:
+            return self
+        if self.year_of_birth != self.date_of_birth.year:
+            raise ValueError(YEAR_OF_BIRTH_RULE)
+        return self
 
 
 class OrganizationData(ContractModel):

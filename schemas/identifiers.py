@@ -141,7 +141,7 @@ def tax_code_check_digit(code: str) -> int | None:
     return check if check < 10 else None
 
 
-def personal_id_warnings(pid: str, date_of_birth: date | None, sex: str | None) -> list[str]:
+def personal_id_warnings(pid: str, year_of_birth: int | None, sex: str | None) -> list[str]:
     """Soft checks of the historic 12-digit structure: province, century/sex, birth year."""
     warnings: list[str] = []
     if pid[:3] not in OLD_PROVINCE_ID_CODES:
@@ -151,7 +151,7 @@ def personal_id_warnings(pid: str, date_of_birth: date | None, sex: str | None) 
         warnings.append("personal_id_century")
         return warnings
     century = 1900 + 100 * (century_sex // 2)
-    if date_of_birth is not None and date_of_birth.year != century + int(pid[4:6]):
+    if year_of_birth is not None and year_of_birth != century + int(pid[4:6]):
         warnings.append("personal_id_birth_year")
     if sex is not None and sex != ("male" if century_sex % 2 == 0 else "female"):
         warnings.append("personal_id_sex")

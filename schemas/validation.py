@@ -419,12 +419,20 @@ def soft_warnings(event: ChangeEvent) -> list[str]:
     fields: dict[str, Any] = {} if event.data is None else vars(event.data)
     if event.entity == "citizen":
         dob = fields.get("date_of_birth")
-        sex = fields.get("sex")
-        warnings += personal_id_warnings(event.key, dob, sex)
+        year = fields.get("year_of_birth")
+        warnings += personal_id_warnings(event.key, dob.year if dob else year, fields.get("sex"))
         # after the event's day wherever it was sent (a local day runs at most a day ahead
         # of UTC's): a replay's verdict too; dates subtracted, which cannot overflow
         if dob is not None and (dob - event.occurred_at.date()).days > 1:
             warnings.append("date_of_birth_after_event")
+        elif (
+            dob is None
+            and year is not None
+            and year
+            > event.occurred_at.year
+            + (event.occurred_at.month == 12 and event.occurred_at.day == 31)
+        ):
+            warnings.append("date_of_birth_after_event")  # a year after the event's
     elif event.entity == "organization":
         warnings += tax_code_warnings(event.key)
     warnings += _related_id_warnings(fields) + _date_order_warnings(fields)

@@ -85,6 +85,7 @@ def _tables(metadata: MetaData, row_version: bool) -> dict[str, Table]:
             Column("so_dinh_danh", String(20), nullable=False, unique=True),
             Column("ho_ten", String(200)),
             Column("ngay_sinh", Date),
+            Column("nam_sinh", Integer),  # the year alone, where the book gives no day
             Column("gioi_tinh", String(10)),
             Column("ma_tinh", String(2)),
             Column("ma_xa", String(5)),
@@ -150,6 +151,7 @@ FIELD_MAPS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "full_name": "ho_ten",
             "date_of_birth": "ngay_sinh",
+            "year_of_birth": "nam_sinh",
             "sex": "gioi_tinh",
             "permanent_address.province_code": "ma_tinh",
             "permanent_address.ward_code": "ma_xa",
@@ -324,10 +326,13 @@ class SampleSource:
         name = person.name
         if disagree and rng.random() < 0.5:
             name = unicodedata.normalize("NFD", name)  # same name, decomposed diacritics
+        # some sources' books give an older person's year of birth alone
+        year_only = person.dob.year < 1960 and rng.random() < 0.4
         return {
             "so_dinh_danh": person.pid,
             "ho_ten": name,
-            "ngay_sinh": person.dob,
+            "ngay_sinh": None if year_only else person.dob,
+            "nam_sinh": person.dob.year if year_only else None,
             "gioi_tinh": LOCAL_SEX.get(self.spec.source, {}).get(person.sex, person.sex),
             "ma_tinh": self.spec.province,
             "ma_xa": rng.choice(self.wards),

@@ -376,7 +376,7 @@ def _applicant_id(value: Any, kind: str | None) -> str | None:
         value = value.get(first) or value.get(second)
     if isinstance(value, str):
         text = CONTRACT_FORMS["applicant_id"](value)
-        if PERSONAL_ID.fullmatch(text) or TAX_CODE.fullmatch(text):
+        if isinstance(text, str) and (PERSONAL_ID.fullmatch(text) or TAX_CODE.fullmatch(text)):
             return text
     return None
 

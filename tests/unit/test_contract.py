@@ -690,6 +690,38 @@ def test_a_birth_date_after_the_event_warns() -> None:
     assert "date_of_birth_after_event" not in parse_event(encode(registered)).warnings
 
 
+# -- a birth known only by its year ----------------------------------------------------------
+
+
+def test_a_birth_known_only_by_its_year() -> None:
+    """Civil-status books of the 1940s-1970s often give a year alone: producers had to
+    leave the birth out. `year_of_birth` takes it; with a date, it is the date's year."""
+    alone = parse_event(encode(citizen(data={"full_name": "Lê Văn Tám", "year_of_birth": 1990})))
+    assert alone.event.data is not None and vars(alone.event.data)["year_of_birth"] == 1990
+    assert alone.warnings == []
+    both = {"date_of_birth": "1990-05-01", "year_of_birth": 1990}
+    assert parse_event(encode(citizen(data=both))).warnings == []
+    error = reject(encode(citizen(data={"date_of_birth": "1990-05-01", "year_of_birth": 1991})))
+    assert error.code == "invalid_field"
+    assert "year_of_birth must be date_of_birth's year" in error.message
+    assert "1991" not in error.message  # the rule, never the value
+    for year in ("1990", 1799, 10000, 1990.0, True):
+        assert reject(encode(citizen(data={"year_of_birth": year}))).code == "invalid_field"
+
+
+def test_a_year_of_birth_is_soft_checked_as_a_date_is() -> None:
+    """The personal id's birth-year digits (`001090…`: 1990), and a year after the event's."""
+    warnings = parse_event(encode(citizen(data={"year_of_birth": 1991}))).warnings
+    assert warnings == ["personal_id_birth_year"]
+    late = citizen(data={"year_of_birth": 2090}, key="001290012345")
+    assert parse_event(encode(late)).warnings == ["date_of_birth_after_event"]
+    # the event's 31 December in UTC is already 1 January where it was sent
+    new_year = citizen(
+        data={"year_of_birth": 2025}, key="001225012345", occurred_at="2024-12-31T18:00:00Z"
+    )
+    assert parse_event(encode(new_year)).warnings == []
+
+
 # -- event ids ----------------------------------------------------------------------------
 
 

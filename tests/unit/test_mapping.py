@@ -156,11 +156,14 @@ def test_value_map_keys_that_read_alike_must_agree() -> None:
         ("legal_form", "Công ty TNHH\tMTV", "Công ty TNHH MTV"),
         ("file_sha256", "9F86D081884C7D65" * 4, "9f86d081884c7d65" * 4),
         ("phone", "", None),  # a NOT NULL DEFAULT '' column: no value, not a dead letter
+        ("year_of_birth", " 1945", 1945),  # a CSV cell or a text column: the integer
+        ("year_of_birth", "1945?", "1945?"),  # as it is: the contract refuses it
+        ("year_of_birth", "１９４５", "１９４５"),  # fullwidth digits: as they are, refused
         ("address.ward_code", " ", None),
     ],
 )
 def test_phones_and_branch_tax_codes_in_a_form_one_separator_from_the_contract_s(
-    column: str, value: str, expected: str | None
+    column: str, value: str, expected: str | int | None
 ) -> None:
     """`091 234 5678` made a whole citizen event a dead letter over its contact field; a
     branch's tax code kept without its hyphen did the same to a document's owner. Taking
