@@ -23,6 +23,9 @@ from typing import Any
 
 import orjson
 
+from consumers.config import RULES_FILES, RULES_FINGERPRINT, with_registry
+from consumers.registry import Registry
+from consumers.signatures import check_signer, signed_at_ms, verify
 from portal_sync.ops.access import checked_operator
 from portal_sync.settings import Settings
 from schemas import ENTITIES
@@ -32,7 +35,7 @@ from schemas.dead_letter import (
     KEPT_HEADERS,
     letter_from_line,
 )
-from schemas.errors import Refused, TransientError
+from schemas.errors import RecordError, Refused, TransientError
 from schemas.identifiers import (
     LONG_NUMBER,
     REFERENCE_PREFIX,
@@ -295,6 +298,41 @@ def _superseded(store: Store, event: tuple[str, str, str, int]) -> bool:
     return stored is not None and stored >= version
 
 
+def _registry_to_vouch(settings: Settings, store: Store) -> Registry | None:
+    """The registry whose keys vouch for a letter's claims (`_vouched`): the one this run
+    is given; development mode's (every claim taken) when neither this run nor the store's
+    worker has one; None (no claim taken) when the worker has one and this run has not."""
+    if settings.registry is not None:
+        return Registry.load(settings.registry)
+    if store.meta(RULES_FINGERPRINT) is None:
+        return Registry()  # no worker ran on this store: nothing to compare with
+    recorded = store.meta(RULES_FILES)
+    return None if recorded is None or with_registry(recorded) else Registry()
+
+
+def _vouched(letter: DeadLetterRecord, source: str, registry: Registry | None) -> bool:
+    """Whether the letter's own signature shows that its event is `source`'s: checked as
+    the worker checks it (`consumers.signatures`), with the letter's original headers.
+
+    A letter is any writer's message that failed, and its version only a claim: anyone
+    who may write a change topic can plant a letter that names another source and the
+    highest version. Only a vouched letter's version stops an older letter of its key
+    from being sent in the same run; else such a forgery, re-driven (and refused again)
+    first, had the source's genuine letter counted superseded and recorded, never sent."""
+    if registry is None:
+        return False
+    if registry.development_mode:
+        return True  # nothing is signed: any writer is any source, as for the worker
+    headers = list(letter.kept)
+    at_ms = signed_at_ms(headers, None, int(time.time() * 1000))
+    try:
+        key = verify(letter.value, headers, registry.keys, at_ms, registry.require_signatures)
+        check_signer(key, source, key is None and registry.signs(source))
+    except RecordError:
+        return False
+    return True  # signed by the source, or unsigned where the worker takes it unsigned
+
+
 def _kind(value: object) -> str:
     names = {list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
@@ -435,7 +473,8 @@ def redrive(
     memory, only the versions this run sent.
 
     A re-driven event becomes the last of its compaction key: never one older than what
-    the store holds, nor than what this run already sent of the key (superseded), nor
+    the store holds, nor than what this run already sent of the key and its signature
+    vouches for (`_vouched`; superseded), nor
     while its partition has events the worker has not applied yet (held back: `CaughtUp`,
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way.
@@ -462,6 +501,7 @@ def redrive(
     skew = timedelta(seconds=settings.max_clock_skew_seconds)
     purged = undoable_purges(store)
     secret = settings.reference_key()  # a purge of one record names it by its reference
+    vouching = _registry_to_vouch(settings, store)
     publisher = Publisher(settings.connection(), settings.topics(), client_id="portal-sync-redrive")
     try:
         for letter in letters:
@@ -510,7 +550,8 @@ def redrive(
             summary.redriven += 1
             # every letter sent: a purge that began while the redrive ran is warned of too
             summary.note_sent(event[2], event[0], letter.failed_at)
-            sent[event[:3]] = event[3]
+            if _vouched(letter, event[2], vouching):  # else its version is anyone's claim
+                sent[event[:3]] = event[3]
     finally:
         publisher.close()
     return summary

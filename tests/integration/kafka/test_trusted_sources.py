@@ -243,6 +243,49 @@ def test_out_of_scope_events_are_refused_and_a_redriven_signed_letter_verifies_a
     # signing time, `bad_signature` (the key's not_after has passed)
 
 
+def test_a_forged_letter_s_version_never_keeps_a_genuine_letter_from_its_redrive(
+    settings_for: Any, sqlite_store_url: str, tmp_path: Path
+) -> None:
+    """Province-79's writer plants an event in province-01's name at the highest version,
+    signed by a throwaway key under province-01's key id: a `bad_signature` letter. Then
+    province-01's genuine v2 fails (signed by a key not registered yet). Re-driven by
+    source after the key is registered, the forgery went first, refused again, and its
+    claimed version had the genuine letter counted superseded and recorded: never sent,
+    the store kept v1, and `dlq redrive ID` said "already re-driven"."""
+    base = settings_for(sqlite_store_url)
+    keys = {s: make_key(base, s, tmp_path / "keys") for s in ("province-01", "province-79")}
+    entries = {s: [entry] for s, (_, entry) in keys.items()}
+    registry = write_registry(tmp_path / "registry.toml", entries)
+    settings = settings_for(sqlite_store_url, registry=registry)
+    ensure_topics(settings)
+    genuine = load_signer(keys["province-01"][0])
+    pid = "001203004571"
+    v1 = event("province-01", "citizen", pid, 1, {"full_name": "Nguyễn Văn An"})
+    send(settings, v1, genuine)
+    run_worker(settings)
+    forger = Signer.generate("province-01", genuine.key_id)  # its id, another key
+    top = 2**53
+    forged = event("province-01", "citizen", pid, 3, {"full_name": "Giả Mạo"}) | {
+        "version": top,
+        "event_id": str(derive_event_id("province-01", "citizen", pid, top)),
+    }
+    send(settings, forged, forger)
+    rotated_file, rotated_entry = make_key(base, "province-01", tmp_path / "rotated")
+    v2 = event("province-01", "citizen", pid, 2, {"full_name": "Nguyễn Văn Ân"})
+    v2_sent = send(settings, v2, load_signer(rotated_file))  # not registered yet
+    run_worker(settings)
+    assert letters(settings)[v2_sent] == ["bad_signature"]
+
+    entries["province-01"].append(rotated_entry)
+    write_registry(registry, entries)
+    redriven = cli(settings, "dlq", "redrive", "--source", "province-01")
+    said = " ".join(redriven.stdout.split())
+    assert redriven.returncode == 0, said + redriven.stderr
+    assert "re-driven 2," in said and "newer one) 0" in said, said
+    run_worker(settings)
+    assert exported(settings) == expected_export([v1, v2], Authority())
+
+
 def test_the_adapter_runner_signs_what_it_publishes(
     settings_for: Any, sqlite_store_url: str, tmp_path: Path
 ) -> None:
