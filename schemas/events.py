@@ -11,6 +11,7 @@ import re
 import unicodedata
 from datetime import UTC, date, datetime
 from enum import IntEnum
+from functools import cache
 from typing import Annotated, Any, Literal, Self, get_args
 from uuid import UUID
 
@@ -393,17 +394,45 @@ FIELD_PATHS: dict[str, frozenset[str]] = {
 # CPython's NFC takes time quadratic in a run of combining marks whose classes alternate:
 # a 400 KB name took 40 s, a signed message of 1 MiB about five minutes, in the validator
 # child and again in the worker once the child gave up, while the partition waited and the
-# worker's liveness failed (every worker the message reached stopped on it). No contract
-# text is longer than 255 characters composed, and NFC joins at most four code points into
-# one: a longer string is refused whether normalised or not, and is left as it is (at most
-# about a millisecond for one of this length, a second for a whole message of them).
-MAX_TEXT_BEFORE_NFC = 1_024
+# worker's liveness failed (every worker the message reached stopped on it). A text of up
+# to NFC_ALWAYS code points is normalised whatever it holds (at most about a millisecond,
+# a second for a whole message of them); a longer one, up to MAX_TEXT_BEFORE_NFC, only
+# without a run of more than MAX_MARK_RUN combining marks, which no script writes (linear
+# time then). Else it is left as it is: longer than any contract text (a title: 1,000
+# characters composed; a Vietnamese letter is at most three code points decomposed, so a
+# title typed decomposed has up to about 3,000), it is refused whether normalised or not.
+NFC_ALWAYS = 1_024
+MAX_TEXT_BEFORE_NFC = 4_096
+MAX_MARK_RUN = 32
+
+
+@cache
+def _long_mark_run() -> re.Pattern[str]:
+    """A run of more than MAX_MARK_RUN characters of a non-zero canonical combining class
+    (the marks NFC reorders). Built once, when a long text first needs it."""
+    marks = [code for code in range(0x300, 0x110000) if unicodedata.combining(chr(code))]
+    ranges: list[tuple[int, int]] = []
+    for code in marks:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    members = "".join(
+        re.escape(chr(low)) if low == high else f"{re.escape(chr(low))}-{re.escape(chr(high))}"
+        for low, high in ranges
+    )
+    return re.compile(f"[{members}]{{{MAX_MARK_RUN + 1}}}")
 
 
 def nfc_text(text: str) -> str:
-    """`text` in Unicode NFC; as it is when longer than any contract text could be before
-    composition (MAX_TEXT_BEFORE_NFC)."""
-    return unicodedata.normalize("NFC", text) if len(text) <= MAX_TEXT_BEFORE_NFC else text
+    """`text` in Unicode NFC; as it is when it could not be a contract text once composed,
+    or normalising it could take quadratic time (above)."""
+    size = len(text)
+    if size <= NFC_ALWAYS:
+        return unicodedata.normalize("NFC", text)
+    if size > MAX_TEXT_BEFORE_NFC or _long_mark_run().search(text):
+        return text
+    return unicodedata.normalize("NFC", text)
 
 
 def nfc(value: Any) -> Any:

@@ -5,6 +5,7 @@ and messages whose Kafka key or topic is not the event's."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -224,14 +225,31 @@ def test_no_text_longer_than_any_contract_text_is_normalised(
         return normalize(form, text)
 
     monkeypatch.setattr(schemas.events.unicodedata, "normalize", counted)
-    hostile = "a" + "\u0301\u0323" * 3_000  # not NFC: the message takes the normalising path
-    for data in ({"full_name": hostile}, {"full_name": "An", hostile: 1}, {"x": [hostile] * 3}):
-        raw = json.dumps(event(data=data), ensure_ascii=False).encode()
-        with pytest.raises(InvalidEvent) as refused:
-            parse_event(raw)
-        assert refused.value.code in {"invalid_field", "unknown_field"}
-    assert lengths and max(lengths) <= schemas.events.MAX_TEXT_BEFORE_NFC
+    for size in (3_000, 1_000):  # beyond any text, and below a title typed decomposed
+        hostile = "a" + "\u0301\u0323" * size  # not NFC: the message takes the normalising path
+        for data in (
+            {"full_name": hostile}, {"full_name": "An", hostile: 1}, {"x": [hostile] * 3}
+        ):  # fmt: skip
+            raw = json.dumps(event(data=data), ensure_ascii=False).encode()
+            with pytest.raises(InvalidEvent) as refused:
+                parse_event(raw)
+            assert refused.value.code in {"invalid_field", "unknown_field"}
+    assert lengths and max(lengths) <= schemas.events.NFC_ALWAYS
     # A decomposed name of a contract's length is still composed and accepted.
     name = "Nguye\u0302\u0303n Va\u0306n An"
     raw = json.dumps(event(data={"full_name": name}), ensure_ascii=False).encode()
     assert parse_event(raw).event.data.full_name == "Nguyễn Văn An"  # type: ignore[union-attr]
+
+
+def test_a_title_typed_decomposed_is_composed_as_its_composed_form_is_taken() -> None:
+    """A 900-character decision title typed in NFD is about 1,180 code points: it was left
+    as it was (longer than 1,024) and refused as over 1,000 characters, while the same
+    title composed was accepted."""
+    title = ("Quyết định về việc phê duyệt kế hoạch thực hiện Đề án 06 của Ủy ban nhân dân "
+             * 14)[:900].strip()  # fmt: skip
+    decomposed = unicodedata.normalize("NFD", title)
+    assert len(decomposed) > 1_024
+    for text in (title, decomposed):
+        document = event(entity="document", key="000.00.01.H29:QD-1", data={"title": text})
+        raw = json.dumps(document, ensure_ascii=False).encode()
+        assert parse_event(raw).event.data.title == title  # type: ignore[union-attr]
