@@ -25,7 +25,7 @@ from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_he
 from schemas.errors import Refused
 from schemas.events import ENTITIES
 from store import Store
-from transport.admin import cluster
+from transport.admin import Cluster, cluster
 from transport.publisher import Publisher
 from transport.reader import Message, RangeReader, Selection
 from transport.topics import DEAD_LETTER_MAX_MESSAGE_BYTES
@@ -161,8 +161,13 @@ def apply_reset(
     who, why = who_and_why(operator, reason.strip() or "(no reason given)")
     skipped = sum(line.skipped for line in plan)
     if skipped and not allow_skip:
+        unread = (
+            "the store has not applied"
+            if group == settings.group_id
+            else f"group {group} has not consumed"
+        )
         raise WouldSkip(
-            f"the reset would skip {skipped} events the store has not applied: "
+            f"the reset would skip {skipped} events {unread}: "
             "pass --allow-skip to skip them on purpose"
         )
     with cluster(settings.connection()) as c:
@@ -182,31 +187,42 @@ def apply_reset(
                 store.reset_offsets(targets, who, why, ids)
             finally:
                 store.close()
+        if group != settings.group_id:
+            _reset_another_group(settings, c, group, plan, who, why)
+            return
         try:
             c.alter_group_offsets(group, targets)
         except Refused as error:
-            if group != settings.group_id:
-                raise
             # The store's offsets moved: they are the truth, and the worker starts from
             # them. Kafka's copy (what `lag` and the lag exporter read) stays behind until
             # the worker copies them after a batch, or the reset is run again.
             log.warning("the store's offsets were reset, Kafka's copy of them not (%s): run "
                         "the reset again, or the worker copies them after its next batch",
                         error)  # fmt: skip
-        if group != settings.group_id:  # recorded too, once Kafka took it (its truth)
-            moves = {(p.topic, p.partition): (p.kafka_committed, p.target) for p in plan}
-            store = Store(settings.store_url)
-            try:
-                store.require_schema()
-                store.record_group_reset(group, moves, who, why)
-            except Exception as error:
-                log.error(
-                    "group %s's offsets were reset in Kafka, but the reset was not recorded "
-                    "in the store (%s)", group, type(error).__name__,
-                )  # fmt: skip
-                raise
-            finally:
-                store.close()
+
+
+def _reset_another_group(
+    settings: Settings, c: Cluster, group: str, plan: list[PlanLine], who: str, why: str
+) -> None:
+    """Move another group's offsets in Kafka (its truth), then record the move. The store
+    is opened first: one it cannot reach refuses the reset before Kafka is touched (a
+    move Kafka took and the store could not record would be missing from the audit, and a
+    run again would record it as from and to the same offsets)."""
+    moves = {(p.topic, p.partition): (p.kafka_committed, p.target) for p in plan}
+    store = Store(settings.store_url)
+    try:
+        store.require_schema()
+        c.alter_group_offsets(group, {place: to for place, (_, to) in moves.items()})
+        try:
+            store.record_group_reset(group, moves, who, why)
+        except Exception as error:
+            log.error(
+                "group %s's offsets were reset in Kafka, but the reset was not recorded "
+                "in the store (%s)", group, type(error).__name__,
+            )  # fmt: skip
+            raise
+    finally:
+        store.close()
 
 
 def skip_message(

@@ -506,6 +506,13 @@ def test_a_reset_of_another_group_is_recorded_and_leaves_the_stores_offsets(
     assert refused.returncode == 1 and f"group {typo} has no offsets" in said, said
     assert "--new-group" in said and store.offset_changes() == []
     commit_group_offsets(settings, other, applied)
+    # A store it cannot reach: refused before Kafka is touched (Kafka moved, and the move
+    # went unrecorded for good: a run again recorded "from 0 to 0").
+    away = settings.model_copy(update={"store_url": f"sqlite:///{tmp_path}/away/store.db"})
+    refused = cli(away, "offsets", "reset", "--group", other, "--to-time", "1h", "--yes")
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    with admin.cluster(settings.connection()) as c:
+        assert c.group_offsets([other])[other] == applied
     done = cli(settings, "offsets", "reset", "--group", other, "--to-time", "1h", "--yes",
                "--reason", "analytics rebuilds its cache", "--operator", "an.nguyen")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
