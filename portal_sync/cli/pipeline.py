@@ -72,7 +72,7 @@ def publish(
     store's (--store) or an earlier line's is refused, and so is one whose partition the
     worker has not applied to the log's end (held back: publish it again); one equal to
     them is not sent."""
-    from portal_sync.ops.publish import publish_lines
+    from portal_sync.ops.publish import HELD_BACK, publish_lines
     from producers.signing import load_signer
     from store import Store
 
@@ -95,8 +95,12 @@ def publish(
                 against.close()
     for number, code, message in result.invalid:
         console.print(plain(f"line {number}: {code}: {message}"))
+    held = sum(code == HELD_BACK for _, code, _ in result.invalid)
     present = f", already in the store or the file {result.present}" if check_store else ""
-    console.print(f"published {result.sent}, invalid {len(result.invalid)}{present}")
+    waiting = f", held back {held} (publish them again)" if held else ""
+    console.print(
+        f"published {result.sent}, invalid {len(result.invalid) - held}{present}{waiting}"
+    )
     if result.invalid:
         raise typer.Exit(1)
 

@@ -118,6 +118,8 @@ def test_publish_with_check_store_sends_only_versions_newer_than_the_store_and_t
     behind = cli(settings, "publish", str(write_jsonl(tmp_path / "v3.jsonl", [third])),
                  "--check-store", "--wait", "1")  # fmt: skip
     assert behind.returncode == 1 and "line 1: held_back:" in behind.stderr, behind.stderr
+    said = " ".join(behind.stderr.split())  # not counted invalid: to be published again
+    assert "published 0, invalid 0, already in the store or the file 0, held back 1" in said
     assert sum(end_offsets(settings).values()) == 2
     unchecked = cli(settings, "publish", str(corrections))  # the worker's stale rule holds
     assert unchecked.returncode == 0 and "published 4, invalid 0" in unchecked.stderr
