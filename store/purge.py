@@ -153,6 +153,25 @@ def purges(store: Store) -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in conn.execute(query)]
 
 
+def unfinished_purge(
+    store: Store, source: str, entity: str | None, reference: str | None
+) -> SourcePurge | None:
+    """The latest purge of this source and scope that committed chunks but never finished
+    (interrupted), to be carried on by the same command run again; None if there is none."""
+    rows = [
+        row
+        for row in purges(store)
+        if row["finished_at"] is None
+        and (row["source"], row["entity"], row["reference"]) == (source, entity, reference)
+    ]
+    if not rows:
+        return None
+    row = rows[-1]
+    counted = {name: row[name] for name in PurgeCounts.__dataclass_fields__}
+    kept = {name: row[name] for name in SourcePurge.__dataclass_fields__ if name != "counts"}
+    return SourcePurge(**kept, counts=PurgeCounts(**counted))
+
+
 def undoable_purges(store: Store) -> list[dict[str, Any]]:
     """The recorded purges (`store.purge.purges`) that removed something: one that removed
     nothing (a source with no views then, a misspelt one) has nothing a read of the

@@ -68,6 +68,16 @@ def purge(
         # one is refused too: `portal-sync store upgrade`).
         target.require_schema()
         guard_rules(target, settings, rules_mismatch_ok)
+        interrupted = purging.carried_on(target, audit)
+        if interrupted is not audit:
+            started = interrupted.started_at.isoformat(timespec="seconds")
+            console.print(
+                plain(
+                    f"carrying on purge {interrupted.id}, interrupted after it began at "
+                    f"{started} (by {interrupted.operator}): it is finished under its record"
+                )
+            )
+            audit = interrupted
         plan = purging.plan(target, audit, key)
         console.print(
             plain(

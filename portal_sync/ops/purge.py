@@ -35,6 +35,7 @@ from store.purge import (
     purge_plan,
     touches,
     undoable_purges,
+    unfinished_purge,
 )
 
 
@@ -66,6 +67,15 @@ def new_purge(
         reason=text,
         started_at=utcnow(),
     )
+
+
+def carried_on(store: Store, purge: SourcePurge) -> SourcePurge:
+    """The interrupted purge of the same source and scope, if there is one, to be finished
+    under its own audit row (its id, start, operator, reason and counts so far); else
+    `purge`. A purge run again after an interruption left one row unfinished for ever and
+    recorded the rest in another."""
+    found = unfinished_purge(store, purge.source, purge.entity, purge.reference)
+    return purge if found is None else found
 
 
 def plan(store: Store, purge: SourcePurge, key: str | None) -> PurgePlan:

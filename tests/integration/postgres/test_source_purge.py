@@ -110,6 +110,7 @@ def purge(
     chunk: int = PURGE_CHUNK,
 ) -> purging.SourcePurge:
     audit = purging.new_purge(source, entity, key, "wrong data", "steward", SECRET)
+    audit = purging.carried_on(store, audit)  # as the command does
     return purging.run(store, AUTHORITY, audit, key, dry_run=dry_run, chunk=chunk)
 
 
@@ -296,7 +297,8 @@ def many_citizens(store: Store, count: int) -> list[str]:
 def test_a_large_purge_commits_in_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each chunk is a transaction of its own that writes the audit row with what it
     committed: a purge that fails in its third chunk keeps the first two (and says so);
-    running it again finishes."""
+    running it again finishes it, under its own record (a second row held the rest, and
+    the first never finished)."""
     keys = many_citizens(store, 5)
     real = Reconciler.purge
     calls: list[list[tuple[str, str]]] = []
@@ -317,10 +319,15 @@ def test_a_large_purge_commits_in_chunks(store: Store, monkeypatch: pytest.Monke
     assert (row["views"], row["records_removed"], row["finished_at"]) == (4, 4, None)
 
     monkeypatch.setattr(Reconciler, "purge", real)
+    other = purge(store, source="province-79", chunk=2)  # another source's: its own row
     done = purge(store, chunk=2)
-    assert done.counts == PurgeCounts(views=1, records_removed=1)
+    assert done.id == row["id"] and done.started_at == row["started_at"]
+    assert done.counts == PurgeCounts(views=5, records_removed=5)
     assert views(store) == [] and records(store) == {}
-    assert [r["finished_at"] is not None for r in purges(store)] == [False, True]
+    finished = {r["id"]: r["finished_at"] is not None for r in purges(store)}
+    assert finished == {row["id"]: True, other.id: True}
+    again = purge(store, chunk=2)  # a finished purge is not carried on
+    assert again.id not in finished and again.counts == PurgeCounts()
 
 
 def test_a_chunk_exactly_full_ends_the_purge(store: Store) -> None:
