@@ -299,8 +299,9 @@ def rules(t: Thresholds = DEFAULT) -> list[Rule]:
             "principal wrote what it may not",
             'A security event (docs/security.md, "A compromised province"): '
             "`dlq list --reason REASON` and `dlq show ID` name the origin (topic, "
-            "partition, offset); find the principal from the broker's authorizer and "
-            "request logs. Such a message also takes its key's place in the compacted "
+            "partition, offset, time); the broker's authorizer log (DEBUG: every "
+            "request allowed) names the principal that wrote to that topic then. Such a "
+            "message also takes its key's place in the compacted "
             "change topic: the store is untouched, but run `rebuild --compare` before "
             "trusting a rebuild from the topics.",
         ),
