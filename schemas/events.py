@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -190,13 +191,15 @@ class CitizenData(ContractModel):
     phone: Phone | None = None
     email: Email | None = None
 
-    @model_validator(mode="after")
-    def _year_of_the_date(self) -> Self:
-        if self.year_of_birth is None or self.date_of_birth is None:
-            return self
-        if self.year_of_birth != self.date_of_birth.year:
+    @field_validator("year_of_birth")
+    @classmethod
+    def _year_of_the_date(cls, year: int | None, info: ValidationInfo) -> int | None:
+        # Run only for a year given (a model validator ran for every citizen event: 0.7 µs
+        # of the validator child's); date_of_birth, declared before it, is checked first.
+        born = info.data.get("date_of_birth")
+        if year is not None and born is not None and year != born.year:
             raise ValueError(YEAR_OF_BIRTH_RULE)
-        return self
+        return year
 
 
 class OrganizationData(ContractModel):
