@@ -298,19 +298,30 @@ def _superseded(store: Store, event: tuple[str, str, str, int]) -> bool:
     return stored is not None and stored >= version
 
 
-def _registry_to_vouch(settings: Settings, store: Store) -> Registry | None:
+class RegistryMissing(Refused):
+    """A redrive without the registry the store's worker runs with."""
+
+
+def _registry_to_vouch(settings: Settings, store: Store) -> Registry:
     """The registry whose keys vouch for a letter's claims (`_vouched`): the one this run
     is given; development mode's (every claim taken) when neither this run nor the store's
-    worker has one; None (no claim taken) when the worker has one and this run has not."""
+    worker has one. Refused when the worker has one and this run has not: no letter's
+    claim could be taken, and an older letter of a key would go after a newer one."""
     if settings.registry is not None:
         return Registry.load(settings.registry)
     if store.meta(RULES_FINGERPRINT) is None:
         return Registry()  # no worker ran on this store: nothing to compare with
     recorded = store.meta(RULES_FILES)
-    return None if recorded is None or with_registry(recorded) else Registry()
+    if recorded is None or with_registry(recorded):
+        raise RegistryMissing(
+            "this redrive runs without a registry, but the worker of this store runs with "
+            f"{recorded or 'one'}: set PORTAL_SYNC_REGISTRY as the worker has it (a "
+            "letter's version is only a claim without its source's keys)"
+        )
+    return Registry()
 
 
-def _vouched(letter: DeadLetterRecord, source: str, registry: Registry | None) -> bool:
+def _vouched(letter: DeadLetterRecord, source: str, registry: Registry) -> bool:
     """Whether the letter's own signature shows that its event is `source`'s: checked as
     the worker checks it (`consumers.signatures`), with the letter's original headers.
 
@@ -319,8 +330,6 @@ def _vouched(letter: DeadLetterRecord, source: str, registry: Registry | None) -
     highest version. Only a vouched letter's version stops an older letter of its key
     from being sent in the same run; else such a forgery, re-driven (and refused again)
     first, had the source's genuine letter counted superseded and recorded, never sent."""
-    if registry is None:
-        return False
     if registry.development_mode:
         return True  # nothing is signed: any writer is any source, as for the worker
     headers = list(letter.kept)
@@ -474,7 +483,7 @@ def redrive(
 
     A re-driven event becomes the last of its compaction key: never one older than what
     the store holds, nor than what this run already sent of the key and its signature
-    vouches for (`_vouched`; superseded), nor
+    vouches for (`_vouched`; superseded: without the worker's registry, refused), nor
     while its partition has events the worker has not applied yet (held back: `CaughtUp`,
     waiting up to `wait` seconds in all the run). What a source sends of the same key while
     the redrive runs may still come before it; the live store keeps the newer either way.

@@ -278,6 +278,11 @@ def test_a_forged_letter_s_version_never_keeps_a_genuine_letter_from_its_redrive
 
     entries["province-01"].append(rotated_entry)
     write_registry(registry, entries)
+    # Without the worker's registry no claim could be taken: refused, nothing sent.
+    bare = settings.model_copy(update={"registry": None})
+    refused = cli(bare, "dlq", "redrive", "--source", "province-01")
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 1 and "this redrive runs without a registry" in said, said
     redriven = cli(settings, "dlq", "redrive", "--source", "province-01")
     said = " ".join(redriven.stdout.split())
     assert redriven.returncode == 0, said + redriven.stderr
