@@ -514,13 +514,32 @@ def _regrouped_by_spelling(
     groups: dict[str | bytes, list[str]],
 ) -> dict[str | bytes, list[str]]:
     """Groups of equal values joined where their values fold equal (`tone_folded`): text by
-    its fold, canonical JSON by its fold as bytes. The sources of each group in order."""
+    its fold, canonical JSON by its fold as bytes. The sources of each group in order.
+    Only values whose decomposed text is the same without tone marks can fold equal: the
+    others (most disagreements) are never folded."""
+    sized: dict[tuple[type, int], list[tuple[str | bytes, str]]] = {}
+    for value in groups:
+        text = value.decode() if isinstance(value, bytes) else value
+        if not text.isascii():
+            decomposed = unicodedata.normalize("NFD", text)
+            sized.setdefault((type(value), len(decomposed)), []).append((value, decomposed))
+    alike: dict[tuple[type, str], list[tuple[str | bytes, str]]] = {}
+    for (kind, _), candidates in sized.items():
+        if len(candidates) > 1:  # a fold moves marks and keeps them: one length
+            for value, decomposed in candidates:
+                alike.setdefault((kind, _toneless(decomposed)), []).append((value, decomposed))
+    same = {
+        value: _WORD.sub(_tone_last, decomposed)
+        for candidates in alike.values()
+        if len(candidates) > 1
+        for value, decomposed in candidates
+    }
+    if not same:
+        return groups
     joined: dict[str | bytes, list[str]] = {}
     for value, sources in groups.items():
-        if isinstance(value, bytes):
-            key: str | bytes = value if value.isascii() else tone_folded(value.decode()).encode()
-        else:
-            key = tone_folded(value)
+        fold = same.get(value)
+        key: str | bytes = value if fold is None else (type(value), fold)  # type: ignore[assignment]
         joined.setdefault(key, []).extend(sources)
     return {key: sorted(sources) for key, sources in joined.items()}
 
