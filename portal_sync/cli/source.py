@@ -68,7 +68,8 @@ def purge(
         # one is refused too: `portal-sync store upgrade`).
         target.require_schema()
         guard_rules(target, settings, rules_mismatch_ok)
-        interrupted = purging.carried_on(target, audit)
+        # only a purge carried out: a plan or a dry run counts what is left, as its own
+        interrupted = purging.carried_on(target, audit) if yes and not dry_run else audit
         if interrupted is not audit:
             started = interrupted.started_at.isoformat(timespec="seconds")
             console.print(

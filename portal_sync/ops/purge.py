@@ -25,7 +25,7 @@ from consumers.reconciler import Reconciler
 from portal_sync.ops import PURGE_CHUNK
 from portal_sync.ops.access import record_key, who_and_why
 from schemas.errors import Refused
-from schemas.identifiers import SOURCE_ID, SOURCE_ID_RULE, ReferenceKey
+from schemas.identifiers import REFERENCE_PREFIX, SOURCE_ID, SOURCE_ID_RULE, ReferenceKey
 from store import Store, utcnow
 from store.purge import (
     PurgePlan,
@@ -73,7 +73,11 @@ def carried_on(store: Store, purge: SourcePurge) -> SourcePurge:
     """The interrupted purge of the same source and scope, if there is one, to be finished
     under its own audit row (its id, start, operator, reason and counts so far); else
     `purge`. A purge run again after an interruption left one row unfinished for ever and
-    recorded the rest in another."""
+    recorded the rest in another. A purge of one record named by its mask (no reference
+    key: another record's key can have the same mask) is never carried on. Two purges of
+    one scope at once are an operator's error: the second carries on the first's row."""
+    if purge.reference is not None and not purge.reference.startswith(REFERENCE_PREFIX):
+        return purge
     found = unfinished_purge(store, purge.source, purge.entity, purge.reference)
     return purge if found is None else found
 
