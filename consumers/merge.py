@@ -43,7 +43,7 @@ Outcome = Literal["applied", "duplicate", "stale"]
 # a tie-break, a derived finding) raises it. It is part of the rules' fingerprint
 # (`consumers.config`), so that a replay, rebuild or remerge of one release is refused on a
 # store another release's workers keep; after such a release, run `remerge`.
-# 2: a tone mark's place in a word is no disagreement; a birth's year comes with its date
+# 2: a tone mark's place in a word is no disagreement; a birth's year and date agree
 MERGE_RULES_REVISION = 2
 
 
@@ -211,7 +211,9 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         )
     ruled = entity in authority.ruled_entities
     if len(live) == 2 and not ruled:  # the usual record of two sources, no rules
-        return _one_giver_per_pair(entity, _merge_two(*live), live)
+        return _one_birth(
+            entity, _one_giver_per_pair(entity, _merge_two(*live), live), live, authority
+        )
     if ruled:
         # Fields ranked by the same rule list share one ordering of the views.
         by_rules: dict[tuple[str, ...], dict[str, SourceView]] = {}
@@ -234,7 +236,7 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
         else:
             gave.append(name)
     record = CanonicalRecord(data, {view.source: view.version for view in live}, origins)
-    return _one_giver_per_pair(entity, record, live)
+    return _one_birth(entity, _one_giver_per_pair(entity, record, live), live, authority)
 
 
 # Fields that name one thing together: a kind and the identifier of that kind. Merged
@@ -242,14 +244,7 @@ def merge(entity: str, views: Iterable[SourceView], authority: Authority) -> Can
 # cannot exist: a citizen's id as an organisation's), which the contract refuses in any
 # one view. The identifier's giver gives the kind too (or none, if it gives none), unless
 # the kind's own giver names the same identifier.
-PAIRS = {
-    "document": ("owner_kind", "owner_id"),
-    "dossier": ("applicant_kind", "applicant_id"),
-    # A birth's year and its date, likewise: the year given alone by one source and a date
-    # of another year by another would make one person born twice. The date's giver gives
-    # the year (the contract: the date's own) or none.
-    "citizen": ("year_of_birth", "date_of_birth"),
-}
+PAIRS = {"document": ("owner_kind", "owner_id"), "dossier": ("applicant_kind", "applicant_id")}
 
 
 def _one_giver_per_pair(
@@ -276,6 +271,45 @@ def _one_giver_per_pair(
     for name in sorted(giver):  # sources in the order of the first field each gives
         origins.setdefault(giver[name], []).append(name)
     return CanonicalRecord(data, record.sources, origins)
+
+
+def _one_birth(
+    entity: str, record: CanonicalRecord, live: list[SourceView], authority: Authority
+) -> CanonicalRecord:
+    """A citizen's year of birth and date of birth, merged field by field, from sources
+    that disagree (a year alone, 1945, from one; a date of 1946 from another) would make
+    one person born twice. The one whose giver ranks higher under its own field's rules
+    (then the later `occurred_at`, then the greater source id, as the merge orders views)
+    stays; the other goes."""
+    if entity != "citizen":
+        return record
+    year, born = record.data.get("year_of_birth"), record.data.get("date_of_birth")
+    if year is None or born is None or _year_of(born) == year:
+        return record
+    giver = {name: source for source, names in record.origins.items() for name in names}
+    by_source = {view.source: view for view in live}
+
+    def standing(name: str) -> tuple[int, datetime, str]:
+        view = by_source[giver[name]]
+        return authority.rank(entity, name, view), view.occurred_at, view.source
+
+    gone = (
+        "date_of_birth"
+        if standing("year_of_birth") > standing("date_of_birth")
+        else ("year_of_birth")
+    )
+    data = {name: value for name, value in record.data.items() if name != gone}
+    origins = {
+        source: [name for name in names if name != gone] for source, names in record.origins.items()
+    }
+    return CanonicalRecord(
+        data, record.sources, {source: names for source, names in origins.items() if names}
+    )
+
+
+def _year_of(born: Any) -> int | None:
+    """The year of a date of birth as views hold it (`YYYY-MM-DD`), else None."""
+    return int(born[:4]) if type(born) is str and born[:4].isdigit() else None
 
 
 def _merge_two(one: SourceView, other: SourceView) -> CanonicalRecord:
@@ -362,6 +396,10 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
     live = live_views(views)
     if len(live) < 2:  # one source cannot disagree with itself
         return {}
+    for view in live:
+        if view.data and "year_of_birth" in view.data:  # rare: compared with dates too
+            live = [_with_birth_year(view) for view in live]
+            break
     if len(live) == 2:  # the usual case: a third of the time of the grouping below
         return _two_source_conflicts(*live)
     providers: dict[str, dict[str, Any]] = {}
@@ -381,6 +419,19 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
         if len(groups) > 1:
             result[name] = sorted(groups.values())
     return result
+
+
+def _with_birth_year(view: SourceView) -> SourceView:
+    """A view that gives a date of birth and no year, given its date's year as well: a year
+    alone from one source (1945) disagrees with another's date of another year (1946)."""
+    data = view.data or {}
+    year = _year_of(data.get("date_of_birth"))
+    if year is None or "year_of_birth" in data:
+        return view
+    given = {**data, "year_of_birth": year}
+    return SourceView(
+        view.source, view.version, view.event_id, view.occurred_at, view.deleted, given
+    )
 
 
 def _two_source_conflicts(one: SourceView, other: SourceView) -> dict[str, list[list[str]]]:

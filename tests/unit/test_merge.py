@@ -704,28 +704,43 @@ def test_a_dossier_s_applicant_kind_and_id_are_one_source_s(
         assert record.data[name] == expected.data[name]
 
 
-def test_a_birth_s_year_comes_with_its_date() -> None:
+def test_a_birth_s_year_and_date_agree_by_the_authority() -> None:
     """The national database knows a year alone (1945), the Ministry of Justice a date of
     another year (1946-03-02): field by field, the record said born in 1945 and on 2 March
-    1946. The date's giver gives the year, or none."""
-    authority = Authority.from_mapping(
-        {"citizen": {"date_of_birth": ["ministry-btp"], "year_of_birth": ["national-population"]}}
-    )
+    1946. The one whose giver ranks higher for its own field stays, and the sources'
+    disagreement is a conflict on the year."""
+    both = ["national-population", "ministry-btp"]
+    authority = Authority.from_mapping({"citizen": {"date_of_birth": both, "year_of_birth": both}})
     national = view("national-population", {"year_of_birth": 1945, "full_name": "An"})
-    justice = view("ministry-btp", {"date_of_birth": "1946-03-02"})
-    record = merge("citizen", [national, justice], authority)
-    assert record is not None
-    assert record.data == {"date_of_birth": "1946-03-02", "full_name": "An"}
-    both = view("ministry-btp", {"date_of_birth": "1946-03-02", "year_of_birth": 1946})
-    record = merge("citizen", [national, both], authority)
-    assert record is not None
-    assert (record.data["date_of_birth"], record.data["year_of_birth"]) == ("1946-03-02", 1946)
-    assert record.provenance["year_of_birth"]["source"] == "ministry-btp"
-    # a year alone, from whichever source: kept; without rules, two views, the same
-    alone = merge("citizen", [national], authority)
-    assert alone is not None and alone.data["year_of_birth"] == 1945
-    record = merge("citizen", [national, justice], Authority())
-    assert record is not None and "year_of_birth" not in record.data
+    justice = view("ministry-btp", {"date_of_birth": "1946-03-02", "year_of_birth": 1946})
+    for views in ([national, justice], [justice, national]):
+        record = merge("citizen", views, authority)
+        assert record is not None and record.data == {"year_of_birth": 1945, "full_name": "An"}
+        assert record.provenance["year_of_birth"]["source"] == "national-population"
+        assert field_conflicts(views) == {
+            "year_of_birth": [["ministry-btp"], ["national-population"]]
+        }
+    # a date alone, of another year: a conflict on the year too
+    dated = view("ministry-btp", {"date_of_birth": "1946-03-02"})
+    assert field_conflicts([national, dated]) == {
+        "year_of_birth": [["ministry-btp"], ["national-population"]]
+    }
+    # the Ministry ranks first for dates: its date stays, the national year goes
+    dates_first = Authority.from_mapping(
+        {"citizen": {"date_of_birth": ["ministry-btp"], "year_of_birth": []}}
+    )
+    record = merge("citizen", [national, dated], dates_first)
+    assert record is not None and record.data == {"date_of_birth": "1946-03-02", "full_name": "An"}
+    # agreeing: both stay, no conflict; without rules, two views, the same rule
+    agreeing = view("national-population", {"year_of_birth": 1946})
+    record = merge("citizen", [agreeing, dated], authority)
+    assert record is not None and record.data == {
+        "date_of_birth": "1946-03-02",
+        "year_of_birth": 1946,
+    }
+    assert field_conflicts([agreeing, dated]) == {}
+    record = merge("citizen", [national, dated], Authority())
+    assert record is not None and record.data == {"year_of_birth": 1945, "full_name": "An"}
 
 
 def test_an_empty_rule_list_ranks_every_source_equal_and_not_the_star_s() -> None:
