@@ -379,23 +379,37 @@ def _date_order_warnings(fields: dict[str, Any]) -> list[str]:
 
 # Vietnamese text that a system decoded with the wrong table, and sends as it reads it:
 # - UTF-8 read as Windows-1252 ("Nguyễn" as "Nguyá»…n", "Đức" as "Äá»©c", "CÔNG" as
-#   "CÃ”NG"): a two-byte lead (0xC2-0xC6: Â Ã Ä Å Æ) followed by a continuation byte
-#   (0x80-0xBF as Windows-1252 shows them), or a three-byte lead (0xE1, 0xE2: á, â)
-#   followed by two. Latin-1's reading gives C1 controls, which the contract refuses.
+#   "CÃ”NG"): a Vietnamese letter of two bytes (lead 0xC3-0xC6: Ã Ä Å Æ) shows as its
+#   lead and one of the continuations those letters have (`_LETTER_SECONDS`); one of
+#   three bytes (0xE1 0xBA or 0xBB: "áº", "á»") as those and any continuation (0x80-0xBF
+#   as Windows-1252 shows them), as a curly quote or a dash does ("â€"). A no-break
+#   space after the lead ("Hà" as "HÃ\xa0") counts only where no letter follows ("NGÃ
+#   BA" with a no-break space is a name). Latin-1's reading gives C1 controls, which
+#   the contract refuses.
 # - TCVN3 (ABC), the legacy Vietnamese 8-bit fonts, read as Windows-1252 ("Văn" as "V¨n",
-#   "Hoàng" as "Hoµng"): one of U+00A1-U+00BF inside a word.
+#   "Hoàng" as "Hoµng"): one of U+00A1-U+00BF inside a word (but the middle dot, a
+#   separator: "Trà·Vinh").
 # VNI's readings are letters ("Nguyeãn") and pass unseen. Legitimate text hits these only
-# with a symbol typed inside a word ("ABC®XYZ") or a capital Ã or Â right before a curly
-# quote or an ellipsis ("“NGÃ”", which is also how "NGÔ" misreads): a warning only.
+# with a symbol typed inside a word ("ABC®XYZ") or a capital Ã right before a curly quote
+# ("“NGÃ”", which is also how "NGÔ" misreads): a warning only.
 _CONTINUATION = (
     "[\u00a0-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
     "\u2013\u2014\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a"
     "\u20ac\u2122]"
 )
+# The second bytes of À-Ý's Vietnamese letters, ă Ă đ Đ ĩ Ĩ ũ Ũ ơ Ơ ư Ư, as Windows-1252
+# shows them (0x80 0x82 0x83 0x88 0x89 0x8A 0x8C 0x91-0x95 0x99 0x9A 0xA1-0xA3 0xA8-0xAA
+# 0xAC 0xAD 0xAF 0xB0 0xB2-0xB5 0xB9 0xBA 0xBD; its five unassigned bytes read as C1).
+_LETTER_SECONDS = (
+    "[\u20ac\u201a\u0192\u02c6\u2030\u0160\u0152\u2018\u2019\u201c\u201d\u2022"
+    "\u2122\u0161\u00a1-\u00a3\u00a8-\u00aa\u00ac\u00ad\u00af\u00b0\u00b2-\u00b5"
+    "\u00b9\u00ba\u00bd]"
+)
 _LETTER = r"[^\W\d_]"
 _MISDECODED = re.compile(
-    f"[\u00c2-\u00c6]{_CONTINUATION}|[\u00e1\u00e2]{_CONTINUATION}{{2}}"
-    f"|{_LETTER}[\u00a1-\u00bf]+{_LETTER}"
+    f"[\u00c3-\u00c6](?:{_LETTER_SECONDS}|\u00a0(?!{_LETTER}))"
+    f"|\u00e1[\u00ba\u00bb]{_CONTINUATION}|\u00e2\u20ac{_CONTINUATION}"
+    f"|{_LETTER}[\u00a1-\u00b6\u00b8-\u00bf]+{_LETTER}"
 )
 
 

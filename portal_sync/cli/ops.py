@@ -655,8 +655,12 @@ def offsets_reset(
         console.print(markup("[yellow]warning:[/yellow] {}", undone))
     skipped = sum(line.skipped for line in plan)
     if skipped:
+        unread = (
+            "the store has not applied" if group == settings.group_id
+            else f"group {group} has not consumed"
+        )  # fmt: skip
         console.print(
-            f"[red]this reset skips {skipped} events the store has not applied[/red]"
+            f"[red]this reset skips {skipped} events {unread}[/red]"
             + ("" if allow_skip else " (refused without --allow-skip)")
         )
     unknown = group != settings.group_id and all(line.kafka_committed is None for line in plan)

@@ -506,8 +506,10 @@ def test_a_tone_mark_anywhere_in_its_word_is_the_same_spelling(
 def test_other_letters_or_other_tones_are_other_spellings(
     one: list[tuple[str, str, int]], other: list[tuple[str, str, int]]
 ) -> None:
-    same = [(letters, tone) for letters, tone, _ in one] == [
-        (letters, tone) for letters, tone, _ in other
+    # letters compared as NFD orders their marks ("a" with horn then circumflex is "a"
+    # with circumflex then horn: NFC makes them one)
+    same = [(unicodedata.normalize("NFD", letters), tone) for letters, tone, _ in one] == [
+        (unicodedata.normalize("NFD", letters), tone) for letters, tone, _ in other
     ]
     assert (tone_folded(_typed(one, 0)) == tone_folded(_typed(other, 0))) == same
 
