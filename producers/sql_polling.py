@@ -123,7 +123,10 @@ class SqlPollingAdapter:
         self.held_ahead = 0  # rows `RowAhead` held in the current lookback poll
         # The key values as read of the page's deletes (`_hold_live_keys`), by their text.
         self._deleted_keys: dict[str, Any] = {}
+        # ... and of its changes (`_above_other_rows`)
+        self._page_keys: dict[str, Any] = {}
         self._check_held_live = self._held_live_checkable()
+        self._check_other_rows = self._other_rows_checkable()
 
     def _from_clause(self) -> Any:
         config = self.config
@@ -195,6 +198,15 @@ class SqlPollingAdapter:
             "column", config.name, config.table, config.key_column,
         )  # fmt: skip
         return False
+
+    def _other_rows_checkable(self) -> bool:
+        """Whether a new row's first change is compared with the versions the key's other
+        rows sent (`_above_other_rows`): with `pk_column`, on a table whose key column
+        leads an index (the warning of `_held_live_checkable` names a missing one)."""
+        config = self.config
+        if not config.pk_column or config.pk_column == config.key_column:
+            return False
+        return config.key_column in (self.leading_columns() or set())
 
     def _snapshot_capture(self) -> bool:
         """Snapshot capture on a PostgreSQL table (`auto`, `snapshot`); else the lookback."""
@@ -315,9 +327,9 @@ class SqlPollingAdapter:
             rows, held, read_one = [*held, *rows], [], True
             for start in range(0, len(rows), size):
                 page = rows[start : start + size]
-                self._deleted_keys = {}
+                self._deleted_keys, self._page_keys = {}, {}
                 changes = [change for row in page if (change := self._read(row, state))]
-                changes = self._hold_live_keys(changes)
+                changes = self._above_other_rows(self._hold_live_keys(changes), state)
                 if changes:
                     yield changes
             if len(rows) < fetch and not cut:
@@ -329,9 +341,9 @@ class SqlPollingAdapter:
                     "column's type it cannot read (text in a DATE column?) or a query the "
                     "server cannot compute; fix it, then restart"
                 )
-            self._deleted_keys = {}
+            self._deleted_keys, self._page_keys = {}, {}
             changes = [change for row in held if (change := self._read(row, state))]
-            changes = self._hold_live_keys(changes)
+            changes = self._above_other_rows(self._hold_live_keys(changes), state)
             if changes:
                 yield changes
 
@@ -382,6 +394,55 @@ class SqlPollingAdapter:
             else c
             for c in changes
         ]
+
+    def _above_other_rows(
+        self, changes: list[SourceChange | RejectedRow], state: CursorState
+    ) -> list[SourceChange | RejectedRow]:
+        """The page's changes, a new row's first one raised above what the key's other rows
+        sent (with `pk_column`: one key, several rows). Versions rise per row: a record
+        re-created under a new row whose `updated_at` is not above the old row's last sent
+        version (a transaction that began before the old row's last update and committed
+        after it, the same second, a writer's clock behind) went out below it, and the
+        reconciler kept the old row's values as `stale`. Only a row the state does not
+        hold, whose version is not above everything sent, is looked up: one query per
+        page that has one (none in a first snapshot, read in `updated_at` order)."""
+        if not self._check_other_rows:
+            return changes
+        top = self.top_sent(state)
+        late = [
+            c
+            for c in changes
+            if isinstance(c, SourceChange)
+            and not c.held
+            and c.version <= top
+            and str(c.pk) not in state.seen
+        ]
+        if not late:
+            return changes
+        config = self.config
+        key = self.table.c[config.key_column]
+        wanted = list({c.key: self._page_keys[c.key] for c in late}.values())
+        others: dict[str, int] = {}  # key -> the highest version its other rows sent
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), KEYS_PER_QUERY):
+                query = select(self.pk, key).where(key.in_(wanted[start : start + KEYS_PER_QUERY]))
+                for pk, found in conn.execute(query):
+                    entry = state.seen.get(str(pk))
+                    if entry is not None and entry[0]:
+                        text = str(found)
+                        others[text] = max(others.get(text, 0), int(entry[0]))
+        # the page's own changes go out in order: an earlier one of another row counts too
+        lookup = {id(c) for c in late}
+        raised: list[SourceChange | RejectedRow] = []
+        for change in changes:
+            if isinstance(change, SourceChange) and id(change) in lookup:
+                floor = others.get(change.key, 0)
+                if change.version <= floor:
+                    change = replace(change, version=floor + 1, raised="lower")
+            if isinstance(change, SourceChange) and not change.held:
+                others[change.key] = max(others.get(change.key, 0), change.version)
+            raised.append(change)
+        return raised
 
     def _readable_besides(self, held: list[Any], state: CursorState) -> bool:
         """Whether a row other than `held` reads: then they are bad rows, not a column's
@@ -675,6 +736,7 @@ class SqlPollingAdapter:
             raise RowRejected(str(error)) from None
         if deleted:  # looked up with the page's others (`_hold_live_keys`)
             self._deleted_keys[str(values[config.key_column])] = values[config.key_column]
+        self._page_keys[str(values[config.key_column])] = values[config.key_column]
         data = None if deleted else self._data(values)
         marker = derived if config.version_column else fingerprint(data)
         pk = values[self.pk.name]

@@ -802,6 +802,45 @@ def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
     assert gone[0].version > sent[0].version
 
 
+def test_a_record_re_created_under_a_new_row_stamped_earlier_goes_out_above_the_old_row(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> None:
+    """The old row's last change went out at T0+10 s; the record is re-created by a
+    transaction that stamped its new row at T0+5 s and committed after it (and soft
+    deleted the old row). Sent with its own version, the new row was below the old row's
+    and the reconciler kept the old row's values as stale. It goes out above them now."""
+    key = pid(1)
+    with source.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_cong_dan_so_dinh_danh ON cong_dan (so_dinh_danh)")
+    source.insert(1, "Lê Văn An", T0)
+    adapter = open_adapter(adapters, source)
+    state = CursorState()
+    first = flat(poll(adapter, state))
+    source.update(1, T0 + timedelta(seconds=10), ho_ten="Lê Văn Ánh")
+    old = flat(poll(adapter, state))
+    assert [c.pk for c in old] == [1]
+    with source.engine.begin() as conn:
+        conn.execute(
+            update(cong_dan)
+            .where(cong_dan.c.id == 1)
+            .values(da_xoa=True, updated_at=T0 + timedelta(seconds=12))
+        )
+        conn.execute(insert(cong_dan).values(
+            id=2, so_dinh_danh=key, ho_ten="Lê Văn Dũng", updated_at=T0 + timedelta(seconds=5),
+            da_xoa=False,
+        ))  # fmt: skip
+    read = flat(poll(adapter, state))
+    sent = [c for c in read if not c.held]
+    assert [(c.pk, c.event["op"], c.data["full_name"]) for c in sent] == [  # type: ignore[index]
+        (2, "upsert", "Lê Văn Dũng")
+    ]
+    assert sent[0].version > old[0].version > first[0].version
+    assert flat(poll(adapter, state)) == []  # read again: nothing new
+    source.update(2, T0 + timedelta(seconds=13), ho_ten="Lê Văn Dũng Em")
+    (later,) = flat(poll(adapter, state))
+    assert later.version > sent[0].version  # the row's own versions rise from there
+
+
 def test_without_an_index_on_the_key_the_held_live_check_is_off_and_says_so(
     source: Source, adapters: list[SqlPollingAdapter], caplog: pytest.LogCaptureFixture
 ) -> None:
