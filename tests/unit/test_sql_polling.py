@@ -767,6 +767,17 @@ def test_a_row_without_a_cursor_time_is_never_read_and_check_counts_it(
         engine.dispose()
 
 
+def _one_row_indexed_by_key(
+    source: Source, adapters: list[SqlPollingAdapter]
+) -> tuple[SqlPollingAdapter, CursorState]:
+    """Row 1 of pid(1) at T0, the key column indexed (the rows-per-key checks need it):
+    an adapter on it and a new state."""
+    with source.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_cong_dan_so_dinh_danh ON cong_dan (so_dinh_danh)")
+    source.insert(1, "Lê Văn An", T0)
+    return open_adapter(adapters, source), CursorState()
+
+
 @pytest.mark.parametrize("new_pk", [2, 0], ids=["new-row-after", "new-row-before"])
 def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
     source: Source, adapters: list[SqlPollingAdapter], new_pk: int
@@ -778,11 +789,7 @@ def test_a_soft_delete_whose_key_another_row_holds_live_is_not_sent(
     one each page with a delete would scan the table, and a warning says the check is
     off.)"""
     key = pid(1)
-    with source.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE INDEX ix_cong_dan_so_dinh_danh ON cong_dan (so_dinh_danh)")
-    source.insert(1, "Lê Văn An", T0)
-    adapter = open_adapter(adapters, source)
-    state = CursorState()
+    adapter, state = _one_row_indexed_by_key(source, adapters)
     assert [(c.key, c.event["op"]) for c in flat(poll(adapter, state))] == [(key, "upsert")]
     at = T0 + timedelta(seconds=5)
     with source.engine.begin() as conn:
@@ -810,11 +817,7 @@ def test_a_record_re_created_under_a_new_row_stamped_earlier_goes_out_above_the_
     deleted the old row). Sent with its own version, the new row was below the old row's
     and the reconciler kept the old row's values as stale. It goes out above them now."""
     key = pid(1)
-    with source.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE INDEX ix_cong_dan_so_dinh_danh ON cong_dan (so_dinh_danh)")
-    source.insert(1, "Lê Văn An", T0)
-    adapter = open_adapter(adapters, source)
-    state = CursorState()
+    adapter, state = _one_row_indexed_by_key(source, adapters)
     first = flat(poll(adapter, state))
     source.update(1, T0 + timedelta(seconds=10), ho_ten="Lê Văn Ánh")
     old = flat(poll(adapter, state))
