@@ -293,11 +293,8 @@ def _one_birth(
         view = by_source[giver[name]]
         return authority.rank(entity, name, view), view.occurred_at, view.source
 
-    gone = (
-        "date_of_birth"
-        if standing("year_of_birth") > standing("date_of_birth")
-        else ("year_of_birth")
-    )
+    higher = standing("year_of_birth") > standing("date_of_birth")
+    gone = "date_of_birth" if higher else "year_of_birth"
     data = {name: value for name, value in record.data.items() if name != gone}
     origins = {
         source: [name for name in names if name != gone] for source, names in record.origins.items()
