@@ -419,11 +419,12 @@ def field_conflicts(views: Iterable[SourceView]) -> dict[str, list[list[str]]]:
 
 
 def _with_birth_year(view: SourceView) -> SourceView:
-    """A view that gives a date of birth and no year, given its date's year as well: a year
-    alone from one source (1945) disagrees with another's date of another year (1946)."""
+    """A view that gives a date of birth and no year (or a null one, as a table's empty
+    column sends it), given its date's year as well: a year alone from one source (1945)
+    disagrees with another's date of another year (1946), and agrees with one of 1945."""
     data = view.data or {}
     year = _year_of(data.get("date_of_birth"))
-    if year is None or "year_of_birth" in data:
+    if year is None or data.get("year_of_birth") is not None:  # null with a date: its year
         return view
     given = {**data, "year_of_birth": year}
     return SourceView(

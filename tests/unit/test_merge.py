@@ -741,6 +741,9 @@ def test_a_birth_s_year_and_date_agree_by_the_authority() -> None:
         "year_of_birth": 1946,
     }
     assert field_conflicts([agreeing, dated]) == {}
+    # a table's empty year column beside a date: the date's year, no disagreement
+    nulled = view("ministry-btp", {"date_of_birth": "1946-03-02", "year_of_birth": None})
+    assert field_conflicts([agreeing, nulled]) == {}
     record = merge("citizen", [national, dated], Authority())
     assert record is not None and record.data == {"year_of_birth": 1945, "full_name": "An"}
 
