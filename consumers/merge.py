@@ -520,7 +520,12 @@ def tone_folded(text: str) -> str:
     comparison key, never stored or shown."""
     if text.isascii():  # no marks (identifiers, codes, most of a record): as it is
         return text
-    return _WORD.sub(_tone_last, unicodedata.normalize("NFD", text))
+    return _folded(unicodedata.normalize("NFD", text))
+
+
+def _folded(decomposed: str) -> str:
+    """`tone_folded` of a text already decomposed (NFD)."""
+    return _WORD.sub(_tone_last, decomposed)
 
 
 def _tone_last(word: re.Match[str]) -> str:
@@ -557,7 +562,7 @@ def _only_tones_apart(x: str, y: str) -> bool:
     x, y = unicodedata.normalize("NFD", x), unicodedata.normalize("NFD", y)
     if len(x) != len(y) or _toneless(x) != _toneless(y):  # a fold moves marks, keeps them
         return False
-    return _WORD.sub(_tone_last, x) == _WORD.sub(_tone_last, y)
+    return _folded(x) == _folded(y)
 
 
 def _toneless(text: str) -> str:
@@ -586,7 +591,7 @@ def _regrouped_by_spelling(
             for value, decomposed in candidates:
                 alike.setdefault((kind, _toneless(decomposed)), []).append((value, decomposed))
     same = {
-        value: _WORD.sub(_tone_last, decomposed)
+        value: _folded(decomposed)
         for candidates in alike.values()
         if len(candidates) > 1
         for value, decomposed in candidates

@@ -23,10 +23,11 @@ from typing import Any
 
 import orjson
 
-from consumers.config import RULES_FILES, RULES_FINGERPRINT, with_registry
+from consumers.config import RULES_FILES
 from consumers.registry import Registry
 from consumers.signatures import check_signer, signed_at_ms, verify
 from portal_sync.ops.access import checked_operator
+from portal_sync.ops.rules import registry_missing
 from portal_sync.settings import Settings
 from schemas import ENTITIES
 from schemas.dead_letter import (
@@ -307,18 +308,13 @@ def _registry_to_vouch(settings: Settings, store: Store) -> Registry:
     is given; development mode's (every claim taken) when neither this run nor the store's
     worker has one. Refused when the worker has one and this run has not: no letter's
     claim could be taken, and an older letter of a key would go after a newer one."""
-    if settings.registry is not None:
-        return Registry.load(settings.registry)
-    if store.meta(RULES_FINGERPRINT) is None:
-        return Registry()  # no worker ran on this store: nothing to compare with
-    recorded = store.meta(RULES_FILES)
-    if recorded is None or with_registry(recorded):
+    if registry_missing(store, settings):
         raise RegistryMissing(
             "this redrive runs without a registry, but the worker of this store runs with "
-            f"{recorded or 'one'}: set PORTAL_SYNC_REGISTRY as the worker has it (a "
-            "letter's version is only a claim without its source's keys)"
+            f"{store.meta(RULES_FILES) or 'one'}: set PORTAL_SYNC_REGISTRY as the worker "
+            "has it (a letter's version is only a claim without its source's keys)"
         )
-    return Registry()
+    return Registry() if settings.registry is None else Registry.load(settings.registry)
 
 
 def _vouched(letter: DeadLetterRecord, source: str, registry: Registry) -> bool:

@@ -33,11 +33,7 @@ def guard_rules(
         return
     recorded_files = store.meta(RULES_FILES)
     theirs = recorded_files or "unknown files"
-    if (
-        applies_events
-        and settings.registry is None
-        and (recorded_files is None or with_registry(recorded_files))
-    ):
+    if applies_events and registry_missing(store, settings):
         raise RulesMismatch(
             "this command runs without a registry (development mode: no signature, source "
             f"or write-scope check), but the worker of this store runs with {theirs}: set "
@@ -54,3 +50,12 @@ def guard_rules(
             "PORTAL_SYNC_REGISTRY and PORTAL_SYNC_AUTHORITY_FILE as the worker has them, run "
             "the workers' release where the merge rules differ, or pass --rules-mismatch-ok"
         )
+
+
+def registry_missing(store: Store, settings: Settings) -> bool:
+    """Whether this command runs without a registry while the store's worker runs with
+    one (or with rules it did not name: a store of a release before `RULES_FILES`)."""
+    if settings.registry is not None or store.meta(RULES_FINGERPRINT) is None:
+        return False
+    recorded_files = store.meta(RULES_FILES)
+    return recorded_files is None or with_registry(recorded_files)
