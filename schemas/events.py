@@ -398,13 +398,17 @@ FIELD_PATHS: dict[str, frozenset[str]] = {
 # a 400 KB name took 40 s, a signed message of 1 MiB about five minutes, in the validator
 # child and again in the worker once the child gave up, while the partition waited and the
 # worker's liveness failed (every worker the message reached stopped on it). A text of up
-# to NFC_ALWAYS code points is normalised whatever it holds (at most about a millisecond,
-# a second for a whole message of them); a longer one, up to MAX_TEXT_BEFORE_NFC, only
-# without a run of more than MAX_MARK_RUN combining marks, which no script writes (linear
-# time then). Else it is left as it is: longer than any contract text (a title: 1,000
-# characters composed; a Vietnamese letter is at most three code points decomposed, so a
-# title typed decomposed has up to about 3,000), it is refused whether normalised or not.
+# to NFC_ALWAYS code points is normalised whatever it holds (at most about a millisecond
+# and a half), as long as a message's texts so normalised stay within NFC_ALWAYS_PER_VALUE
+# code points (a contract event's all do; a message of a thousand such texts took a
+# second); a longer one, or one beyond that budget, only without a run of more than
+# MAX_MARK_RUN combining marks, which no script writes (linear time then; Unicode's
+# stream-safe text allows 30). Else it is left as it is, and refused: where a field would
+# take it, as not NFC (`unnormalised`); beyond MAX_TEXT_BEFORE_NFC it is longer than any
+# contract text (a title: 1,000 characters composed; a Vietnamese letter is at most three
+# code points decomposed, so a title typed decomposed has up to about 3,000).
 NFC_ALWAYS = 1_024
+NFC_ALWAYS_PER_VALUE = 8_192
 MAX_TEXT_BEFORE_NFC = 4_096
 MAX_MARK_RUN = 32
 
@@ -445,8 +449,19 @@ def _reordered(char: str) -> bool:
 def nfc_text(text: str) -> str:
     """`text` in Unicode NFC; as it is when it could not be a contract text once composed,
     or normalising it could take quadratic time (above)."""
+    return _nfc_within(text, [NFC_ALWAYS])
+
+
+def _nfc_within(text: str, budget: list[int]) -> str:
+    """`nfc_text`, normalising a text unchecked only within `budget` (code points left,
+    decreased by each text so normalised)."""
     size = len(text)
-    if size <= NFC_ALWAYS:
+    if size <= MAX_MARK_RUN:  # no run too long fits in it
+        return unicodedata.normalize("NFC", text)
+    if text.isascii():  # NFC as it is (a signature, a long code)
+        return text
+    if size <= NFC_ALWAYS and size <= budget[0]:
+        budget[0] -= size
         return unicodedata.normalize("NFC", text)
     if size > MAX_TEXT_BEFORE_NFC or _long_mark_run().search(text):
         return text
@@ -454,11 +469,38 @@ def nfc_text(text: str) -> str:
 
 
 def nfc(value: Any) -> Any:
-    """Every string in a decoded JSON value, normalised to Unicode NFC (`nfc_text`)."""
+    """Every string in a decoded JSON value, normalised to Unicode NFC (`nfc_text`; texts
+    normalised unchecked within NFC_ALWAYS_PER_VALUE code points for the whole value)."""
+    return _nfc_value(value, [NFC_ALWAYS_PER_VALUE])
+
+
+def _nfc_value(value: Any, budget: list[int]) -> Any:
     if isinstance(value, str):
-        return nfc_text(value)
+        return _nfc_within(value, budget)
     if isinstance(value, dict):
-        return {nfc(k): nfc(v) for k, v in value.items()}
+        return {_nfc_value(k, budget): _nfc_value(v, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [nfc(v) for v in value]
+        return [_nfc_value(v, budget) for v in value]
     return value
+
+
+def unnormalised(value: Any, path: str = "") -> str | None:
+    """The path of the first string in a decoded JSON value that is not NFC (`nfc_text`
+    left it as it was), else None; `path` prefixes it (`data.address.line`)."""
+    if isinstance(value, str):
+        return None if unicodedata.is_normalized("NFC", value) else path
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for name, item in items:
+        if isinstance(item, str):
+            if not unicodedata.is_normalized("NFC", item):
+                return f"{path}.{name}"
+        elif isinstance(item, dict | list):
+            found = unnormalised(item, f"{path}.{name}")
+            if found is not None:
+                return found
+    return None

@@ -24,6 +24,7 @@ from schemas.errors import RecordError
 from schemas.events import (
     CHANGE_EVENT,
     ENTITIES,
+    MAX_MARK_RUN,
     WRITTEN_TEXT,
     ChangeEvent,
     CitizenEvent,
@@ -31,6 +32,7 @@ from schemas.events import (
     DossierEvent,
     OrganizationEvent,
     nfc,
+    unnormalised,
 )
 from schemas.identifiers import (
     OLD_PROVINCE_CODES,
@@ -111,7 +113,8 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
     if b"\\u" not in raw and unicodedata.is_normalized("NFC", raw.decode("utf-8")):
         normalised: str | bytes = raw  # already NFC, no escapes: validate the bytes as sent
     else:
-        normalised = json.dumps(nfc(obj), ensure_ascii=False)
+        composed = nfc(obj)
+        normalised = json.dumps(composed, ensure_ascii=False)
     try:
         event: ChangeEvent = _VALIDATE_JSON(normalised, strict=True)
     except ValidationError as error:
@@ -122,6 +125,9 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
             raise InvalidEvent("invalid_json", _TOO_DEEP) from None
         raise _reason(error) from None
     if normalised is not raw:
+        left = unnormalised(composed.get("data"), "data")
+        if left is not None:  # `nfc_text` left it: a run of marks too long to reorder
+            raise InvalidEvent("invalid_field", f"{left}: {LONG_MARK_RUN}")
         _refuse_ascii_by_normalisation(obj)
     data = obj.get("data")
     if normalised is raw and type(data) is dict and DOSSIER_TIMES.isdisjoint(data):
@@ -152,6 +158,9 @@ def _refuse_ascii_by_normalisation(obj: dict[str, Any]) -> None:
                     raise InvalidEvent("invalid_field", f"data.{field}: {ASCII_AS_SENT}")
 
 
+LONG_MARK_RUN = (
+    f"not in NFC: a run of more than {MAX_MARK_RUN} combining marks (no script writes one)"
+)
 ASCII_AS_SENT = "a value that is ASCII only once normalised to NFC (identifiers are ASCII)"
 
 

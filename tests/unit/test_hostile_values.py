@@ -243,6 +243,49 @@ def test_no_text_longer_than_any_contract_text_is_normalised(
     assert parse_event(raw).event.data.full_name == "Nguyễn Văn An"  # type: ignore[union-attr]
 
 
+def test_a_message_of_mark_runs_is_refused_without_quadratic_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Texts of up to 1,024 code points were normalised whatever they held: a 1 MiB message
+    of them, each a run of marks of alternating classes, held the validator about a second
+    (about 1.4 ms each). A message's texts are normalised unchecked within
+    NFC_ALWAYS_PER_VALUE code points now; beyond it, one with a run of more than
+    MAX_MARK_RUN marks is left as it is, and refused where the contract would take it."""
+    import schemas.events
+
+    lengths: list[int] = []
+    normalize = schemas.events.unicodedata.normalize
+
+    def counted(form: str, text: str) -> str:
+        lengths.append(len(text))
+        return normalize(form, text)
+
+    monkeypatch.setattr(schemas.events.unicodedata, "normalize", counted)
+    zalgo = "a" + "\u0301\u0323" * 500
+    raw = json.dumps(event(data={f"f{i}": zalgo for i in range(480)}), ensure_ascii=False)
+    assert len(raw.encode()) > 900_000
+    with pytest.raises(InvalidEvent) as refused:
+        parse_event(raw.encode())
+    assert refused.value.code == "unknown_field"
+    assert 0 < lengths.count(len(zalgo)) <= schemas.events.NFC_ALWAYS_PER_VALUE // len(zalgo)
+    # A contract event's texts are all within the budget: a title with marks is composed.
+    title = "Quyết định số 12" + "\u0301\u0323" * 40
+    document = event(entity="document", key="000.00.01.H29:QD-1", data={"title": title})
+    raw = json.dumps(document, ensure_ascii=False)
+    assert parse_event(raw.encode()).event.data.title == normalize("NFC", title)  # type: ignore[union-attr]
+    # Beyond the budget, such a text is refused where a field takes it, never stored out
+    # of NFC.
+    monkeypatch.setattr(schemas.events, "NFC_ALWAYS_PER_VALUE", 0)
+    with pytest.raises(InvalidEvent) as refused:
+        parse_event(raw.encode())
+    assert str(refused.value).startswith("invalid_field: data.title: not in NFC")
+    # A run in canonical order is NFC as it is (nothing to reorder): taken as sent.
+    ordered = "Quyết định số 12 " + "\u0323" * 40 + "\u0301" * 40
+    document = event(entity="document", key="000.00.01.H29:QD-1", data={"title": ordered})
+    taken = parse_event(json.dumps(document, ensure_ascii=False).encode())
+    assert taken.event.data.title == ordered  # type: ignore[union-attr]
+
+
 def test_a_title_typed_decomposed_is_composed_as_its_composed_form_is_taken() -> None:
     """A 900-character decision title typed in NFD is about 1,180 code points: it was left
     as it was (longer than 1,024) and refused as over 1,000 characters, while the same
