@@ -3,7 +3,7 @@
 one after the other, while the next batch is fetched and checked. On every assignment the
 partitions move to the store's offsets; after each batch the store's offsets are copied to
 Kafka's group offsets. It answers the worker's /healthz and /readyz (`healthy`, `ready`;
-consumers.worker serves them), hears the stop signals, and with `--until-caught-up` ends
+portal_sync.ops.worker serves them), hears the stop signals, and with `--until-caught-up` ends
 once every partition reached its target.
 """
 
@@ -28,7 +28,6 @@ from consumers.processor import (
     WorkerConfig,
 )
 from consumers.validators import CHILD_TIMEOUT_SECONDS
-from observability.http import Liveness
 from schemas.errors import (
     Backoff,
     ConfigurationError,
@@ -79,6 +78,27 @@ class StopAsked(threading.Event):
 # How long a revoke waits for the batch in flight; the group waits longer for this member's
 # rejoin (`transport.group.REBALANCE_TIMEOUT_MS`), else it would be expelled meanwhile.
 REVOKE_WAIT_SECONDS = 30.0
+
+
+class Liveness:
+    """Probes of a process with a main loop: healthy while the loop beats, ready once set."""
+
+    def __init__(self, beat_timeout: float = 15.0) -> None:
+        self.beat_timeout = beat_timeout
+        self._ready = threading.Event()
+        self._beat = time.monotonic()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def set_ready(self) -> None:
+        self._ready.set()
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self._beat < self.beat_timeout
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.healthy()
 
 
 class ReconcilerLoop:

@@ -13,8 +13,8 @@ from functools import cache
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from consumers.checks import DeadLetter
+from consumers.freshness import SourceFreshness
 from consumers.reconciler import PHASES, BatchReport
-from observability.freshness import SourceFreshness
 from schemas.dead_letter import DEAD_LETTER_REASONS, Reason
 
 EVENTS = Counter(

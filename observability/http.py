@@ -26,7 +26,6 @@ import contextlib
 import socket
 import ssl
 import threading
-import time
 import typing
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -224,24 +223,3 @@ def serve(
         ) from None
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
-
-
-class Liveness:
-    """Probes of a process with a main loop: healthy while the loop beats, ready once set."""
-
-    def __init__(self, beat_timeout: float = 15.0) -> None:
-        self.beat_timeout = beat_timeout
-        self._ready = threading.Event()
-        self._beat = time.monotonic()
-
-    def beat(self) -> None:
-        self._beat = time.monotonic()
-
-    def set_ready(self) -> None:
-        self._ready.set()
-
-    def healthy(self) -> bool:
-        return time.monotonic() - self._beat < self.beat_timeout
-
-    def ready(self) -> bool:
-        return self._ready.is_set() and self.healthy()

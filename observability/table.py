@@ -7,7 +7,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from observability.freshness import Freshness, read_freshness
+from consumers.freshness import Freshness
+from observability.freshness import read_freshness
 from observability.kafka_lag import GroupLag, LagReader
 from observability.lag import Status, format_age, stale
 from observability.terminal import plain

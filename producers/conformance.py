@@ -20,7 +20,6 @@ import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from producers.sdk import Adapter, Checkpoint, Record, SkippableRecord, State
 from schemas import InvalidEvent, parse_event
@@ -305,27 +304,3 @@ def _origins(run: Run) -> CheckResult:
     """An origin is logged, and kept in dead-letter headers, where no key may appear."""
     detail = f"{len(run.emitted) - len(run.leaks)}/{len(run.emitted)} without the key"
     return CheckResult(CHECKS[6], not run.leaks, detail, run.leaks[:MAX_EXAMPLES])
-
-
-def report_table(report: ConformanceReport) -> Any:
-    """A Rich table of one report."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from observability.terminal import markup, plain
-
-    verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
-    title = markup("{} ({}): {} events " + verdict, report.source_id, report.adapter,
-                   len(report.first.emitted))  # fmt: skip
-    table = Table(title=title)
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail")
-    table.add_column("failing examples")
-    for result in report.results:
-        mark = "[green]pass[/green]" if result.passed else "[red]FAIL[/red]"
-        examples = Text("\n").join(map(plain, result.examples))  # rows' origins: source data
-        table.add_row(result.name, mark, plain(result.detail), examples)
-    for warning in report.warnings:
-        table.add_row("warning", "[yellow]warn[/yellow]", plain(warning), "")
-    return table

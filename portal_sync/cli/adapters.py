@@ -12,13 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from observability.terminal import markup, plain
 from portal_sync.cli.options import PORT, settings_from
 from producers.sdk import Adapter
 from schemas.errors import until_available
 
 if TYPE_CHECKING:
     from portal_sync.settings import Settings
+    from producers.conformance import ConformanceReport
     from producers.deployment import Deployment
 
 adapters_app = typer.Typer(
@@ -89,7 +92,7 @@ def check(
 ) -> None:
     """Run adapters against their real sources WITHOUT publishing; pass/fail per check."""
     from portal_sync.settings import Settings, deployment_settings
-    from producers.conformance import check_adapter, report_table
+    from producers.conformance import check_adapter
     from producers.deployment import load_deployment
 
     deployment = load_deployment(config)
@@ -261,3 +264,22 @@ def produce(
     if once and stopped_by:  # not a complete pass: `produce --once && next` must tell
         console.print("stopped before the pass was complete: run it again for the rest")
         raise typer.Exit(128 + stopped_by[0])
+
+
+def report_table(report: ConformanceReport) -> Table:
+    """A Rich table of one conformance report (producers.conformance)."""
+    verdict = "[green]PASS[/green]" if report.passed else "[red]FAIL[/red]"
+    title = markup("{} ({}): {} events " + verdict, report.source_id, report.adapter,
+                   len(report.first.emitted))  # fmt: skip
+    table = Table(title=title)
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    table.add_column("failing examples")
+    for result in report.results:
+        mark = "[green]pass[/green]" if result.passed else "[red]FAIL[/red]"
+        examples = Text("\n").join(map(plain, result.examples))  # rows' origins: source data
+        table.add_row(result.name, mark, plain(result.detail), examples)
+    for warning in report.warnings:
+        table.add_row("warning", "[yellow]warn[/yellow]", plain(warning), "")
+    return table

@@ -117,7 +117,7 @@ def worker(
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", **PORT)] = None,
 ) -> None:
     """Run the reconciler: change topics to the national store."""
-    from consumers.worker import run_worker
+    from portal_sync.ops.worker import run_worker
 
     settings = settings_from(bootstrap, store)
     if metrics_port is not None:
@@ -169,14 +169,11 @@ def export(
 
 def _registry(settings: Settings) -> Registry | None:
     """The source registry publish checks unsigned lines against (None: development mode)."""
-    from consumers.registry import Registry
+    from consumers.config import load_registry
 
     if settings.registry is None:
         return None
-    try:
-        return Registry.load(settings.registry)
-    except (OSError, ValueError) as error:
-        raise ConfigurationError(f"PORTAL_SYNC_REGISTRY {settings.registry}: {error}") from None
+    return load_registry(settings.registry)
 
 
 def _written_beside(output: Path) -> tuple[Path, Path | None]:

@@ -113,7 +113,7 @@ def test_readyz_says_what_the_workers_retries_wait_for() -> None:
     """A missing grant and a store that is down both made /readyz 503 `not ok` and
     nothing more: the one paged had to find the worker's log to tell them apart."""
     from consumers.metrics import WorkerHealth
-    from consumers.worker import _ready_note
+    from portal_sync.ops.worker import _ready_note
 
     health = WorkerHealth()
     server = http.serve(0, ready=health.ready, ready_note=lambda: _ready_note("", health))
@@ -142,7 +142,7 @@ def test_the_reason_shown_is_of_the_failure_still_going_on() -> None:
     """A fetch that failed and passed again left its reason while a batch retried; a batch
     that recovered while fetches still failed cleared theirs."""
     from consumers.metrics import WorkerHealth
-    from consumers.worker import _ready_note
+    from portal_sync.ops.worker import _ready_note
 
     health = WorkerHealth()
     health.retrying("StoreUnavailable")

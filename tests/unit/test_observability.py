@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumers.freshness import Freshness, SourceFreshness
+from consumers.loop import Liveness
 from consumers.reconciler import BatchReport, EventOutcome
 from observability.exporter import LagCollector, poll
-from observability.freshness import Freshness, SourceFreshness
-from observability.http import Liveness, serve
+from observability.http import serve
 from observability.kafka_lag import GroupLag, PartitionLag
 from observability.lag import (
     Sample,

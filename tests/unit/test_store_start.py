@@ -91,7 +91,7 @@ def test_the_worker_process_loads_neither_alembic_nor_the_orm(tmp_path: Path) ->
     new.engine.dispose()
     probe = (
         "import json, sys\n"
-        "import portal_sync.cli, consumers.worker, store.purge\n"
+        "import portal_sync.cli, portal_sync.ops.worker, store.purge\n"
         "from store.core import Store\n"
         f"Store({url!r}).require_schema()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "

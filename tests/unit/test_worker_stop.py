@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from consumers.loop import ReconcilerLoop
+from consumers.loop import Liveness, ReconcilerLoop
 from consumers.metrics import WorkerHealth
-from observability.http import Liveness
 from store import Store
 from transport.local import free_port
 
@@ -469,7 +468,7 @@ def test_a_worker_without_a_registry_is_refused_on_a_store_whose_workers_have_on
 
     from consumers.config import RULES_FILES, rules_files
     from consumers.processor import WorkerConfig
-    from consumers.worker import _refuse_development_mode
+    from portal_sync.ops.worker import _refuse_development_mode
     from schemas.errors import ConfigurationError
     from transport.config import KafkaConnection
     from transport.topics import Topics

@@ -13,8 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import BaseModel
 
+from portal_sync.cli.adapters import report_table
 from portal_sync.settings import Settings
-from producers.conformance import CHECKS, check_adapter, report_table
+from producers.conformance import CHECKS, check_adapter
 from producers.sdk import Adapter, Checkpoint, Item, Record, State
 from schemas.identifiers import PHONE
 from tests.support.pipeline_helpers import cli

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Table, create_engine, func, select, text
 
-from consumers.worker import LOCK_TABLE_BATCHES, _check_lock_capacity
+from portal_sync.ops.worker import LOCK_TABLE_BATCHES, _check_lock_capacity
 from store.core import Store
 from store.failures import LOCK_TABLE_FULL, StoreUnavailable
 from store.tables import applied_offsets, records
@@ -80,7 +80,7 @@ def test_the_worker_warns_when_few_batches_fit(
 ) -> None:
     store = Store(small_lock_table)
     try:
-        with caplog.at_level(logging.WARNING, logger="consumers.worker"):
+        with caplog.at_level(logging.WARNING, logger="portal_sync.ops.worker"):
             _check_lock_capacity(store, batch_max_events=200 // LOCK_TABLE_BATCHES)
             assert not caplog.records  # four batches of 50 fit in 200
             _check_lock_capacity(store, batch_max_events=2000)
