@@ -15,13 +15,18 @@ class RulesError(ConfigurationError):
     """The registry or authority file is missing or malformed; the message says which."""
 
 
+def load_registry(registry_file: Path | None) -> Registry:
+    """The source registry (None: development mode); RulesError says what is wrong with it."""
+    try:
+        return Registry.load(registry_file)
+    except (OSError, ValueError) as error:
+        raise RulesError(f"source registry {registry_file}: {_reason(error)}") from None
+
+
 def load_rules(
     registry_file: Path | None, authority_file: Path | None
 ) -> tuple[Registry, Authority]:
-    try:
-        registry = Registry.load(registry_file)
-    except (OSError, ValueError) as error:
-        raise RulesError(f"source registry {registry_file}: {_reason(error)}") from None
+    registry = load_registry(registry_file)
     try:
         return registry, Authority.load(authority_file, registry)
     except (OSError, ValueError) as error:
@@ -55,7 +60,11 @@ def rules_fingerprint(registry_file: Path | None, authority_file: Path | None) -
     )
     for label, path in (("registry", registry_file), ("authority", authority_file)):
         digest.update(label.encode() + b"\0")
-        digest.update(path.read_bytes() if path is not None else b"none")
+        try:
+            digest.update(path.read_bytes() if path is not None else b"none")
+        except OSError as error:
+            name = "source registry" if label == "registry" else "authority file"
+            raise RulesError(f"{name} {path}: {_reason(error)}") from None
         digest.update(b"\0")
     return digest.hexdigest()
 

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -91,6 +92,18 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _refuse_undecodable(arguments: list[str]) -> None:
+    """An argument that is not UTF-8 (a key typed in another encoding, bytes pasted) ended
+    in a traceback where a command first wrote it to the store or the access log. Refused
+    here, by its position: the argument itself may be a personal id."""
+    for position, argument in enumerate(arguments, 1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            said = f"argument {position} is not UTF-8 text (the terminal's or script's encoding)"
+            raise Refused(said) from None
+
+
 def main_entry() -> None:
     """The console script: expected errors end with their message and exit code."""
     os.umask(PRIVATE_UMASK)
@@ -103,6 +116,7 @@ def main_entry() -> None:
         if signal.getsignal(sig) == signal.SIG_DFL:
             signal.signal(sig, _exit_on_signal)
     try:
+        _refuse_undecodable(sys.argv[1:])
         try:
             app(prog_name="portal-sync", standalone_mode=True)
         except ValidationError as error:  # a setting from the environment

@@ -122,14 +122,11 @@ def _print_nodes(cluster: LocalCluster) -> None:
 
 
 def _secure_setup(settings: Settings, registry: Path | None) -> SecureSetup:
-    from consumers.registry import Registry
+    from consumers.config import load_registry
     from transport.local_secure import SecureSetup
 
     path = registry or settings.registry or REPO_REGISTRY
-    try:
-        sources = tuple(Registry.load(path).sources)
-    except (OSError, ValueError) as error:
-        raise ConfigurationError(f"registry {path}: {error}") from None
+    sources = tuple(load_registry(path).sources)
     return SecureSetup(sources=sources, topics=settings.topics(), group_id=settings.group_id)
 
 

@@ -36,6 +36,7 @@ from schemas.errors import ConfigurationError, Refused
 from schemas.identifiers import ReferenceKey, key_reference
 
 if TYPE_CHECKING:  # imported by the commands that use them: `--help` and the rest start sooner
+    from consumers.registry import Registry
     from portal_sync.ops.replay import ReplaySummary
 
 console = Console()
@@ -445,7 +446,7 @@ def dlq_show(
         ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
         ("attempt", str(letter.attempt)),
         ("source", _source_shown(settings)(letter.source, "(unreadable)")),
-        ("signed by key", letter.signed_by or "(unsigned)"),
+        ("signed by key", _key_shown(settings, letter.signed_by)),
         ("size", f"{len(letter.value or b'')} bytes"),
         *([("unreadable", "; ".join(letter.unreadable))] if letter.unreadable else []),
     ]:  # fmt: skip
@@ -725,30 +726,45 @@ def _warn_of_an_odd_source(settings: Settings, source: str | None) -> None:
     """A `--source` the registry does not list selected nothing, without a word, when
     misspelt (`replay` applied nothing and exited 0); events or letters that carry it (a
     source since removed from the registry) can still be selected, after a warning."""
-    from consumers.registry import Registry
-
     if source is None:
         return
-    try:
-        registry = Registry.load(settings.registry)
-    except (OSError, ValueError):
-        return  # the command's own reading of the rules says what is wrong with them
+    registry = _readable_registry(settings)
+    if registry is None:
+        return
     if not registry.development_mode and source not in registry.sources:
         said = (f"--source {source}: not in the source registry (a typo?): only events "
                 "and letters that carry it are selected")  # fmt: skip
         progress_console.print(markup("[yellow]warning:[/yellow] {}", said))
 
 
+def _readable_registry(settings: Settings) -> Registry | None:
+    """The registry, or None when its file cannot be read: nothing is known to be a source
+    or a key (the command's own reading of the rules, if any, says what is wrong)."""
+    from consumers.config import RulesError, load_registry
+
+    try:
+        return load_registry(settings.registry)
+    except RulesError:
+        return None
+
+
+def _key_shown(settings: Settings, key_id: str | None) -> str:
+    """A letter's signing key id (`ps.kid`, as its sender wrote it) when the registry lists
+    it; any other is only said to be unlisted: the header may hold anything, a personal id
+    among them."""
+    if key_id is None:
+        return "(unsigned)"
+    registry = _readable_registry(settings)
+    if registry is not None and key_id in registry.keys:
+        return key_id
+    return "(a key the registry does not list)"
+
+
 def _source_shown(settings: Settings) -> Callable[[str | None, str], str]:
     """How a letter's source is shown: as it is when the registry lists it, else
     `(unregistered)`: a refused event's `source` may be a name (`dlq._source_of` keeps
     only source ids without a long number). In development mode every source id shows."""
-    from consumers.registry import Registry
-
-    try:
-        registry: Registry | None = Registry.load(settings.registry)
-    except (OSError, ValueError):
-        registry = None  # unreadable rules: nothing is known to be a source
+    registry = _readable_registry(settings)
 
     def shown(source: str | None, unreadable: str) -> str:
         if source is None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from consumers.registry import Registry
+from consumers.config import load_registry
 from observability.http import serve
 from portal_sync.demo.check import print_summary, scrape_metrics, self_check
 from portal_sync.demo.feed import PORTAL_FEED_SOURCE, PortalFeed, portal_feed_toml
@@ -150,7 +150,7 @@ def _broker_up(run: DemoRun, secure: bool) -> None:
     # A principal per source of the registry (the demo's copy adds keys, not sources), the
     # ACLs for the demo's topics and group; its topics are created as the admin.
     assert settings.registry is not None
-    sources = tuple(Registry.load(settings.registry).sources)
+    sources = tuple(load_registry(settings.registry).sources)
     setup = SecureSetup(sources=sources, topics=settings.topics(), group_id=settings.group_id)
     broker = LocalKafka(demo_kafka_dir())
     broker.up(None if broker.status().pid else free_port(), secure=setup)

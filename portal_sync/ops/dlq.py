@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from consumers.config import RULES_FILES
+from consumers.config import RULES_FILES, load_registry
 from consumers.registry import Registry
 from consumers.signatures import check_signer, signed_at_ms, verify
 from portal_sync.ops.access import checked_operator
@@ -170,6 +170,10 @@ def _letter(message: Message) -> DeadLetterRecord:
         _integer("ps.origin.offset", origin_offset or "0", problems)
     attempt = _integer("ps.attempt", headers.get("ps.attempt", "1"), problems)
     source = _source_of(message.value, problems)
+    if source is None and origin_topic.startswith("source:"):
+        # A producer's letter (a file it could not read, a row it could not map): the
+        # source is its producer's, whose value is no event (`--source` missed them).
+        source = _source_id(origin_topic.removeprefix("source:"))
     return DeadLetterRecord(
         partition=message.partition,
         offset=message.offset,
@@ -257,7 +261,11 @@ def _source_of(value: bytes | None, problems: list[str]) -> str | None:
         problems.append(f"value: JSON {_kind(event)}, not an object")
         return None
     source = event.get("source")
-    if not isinstance(source, str) or not SOURCE_ID.fullmatch(source) or LONG_NUMBER.search(source):
+    return _source_id(source) if isinstance(source, str) else None
+
+
+def _source_id(source: str) -> str | None:
+    if not SOURCE_ID.fullmatch(source) or LONG_NUMBER.search(source):
         return None  # not a source's id: perhaps a name, a personal id or a phone number
     return source
 
@@ -314,7 +322,7 @@ def _registry_to_vouch(settings: Settings, store: Store) -> Registry:
             f"{store.meta(RULES_FILES) or 'one'}: set PORTAL_SYNC_REGISTRY as the worker "
             "has it (a letter's version is only a claim without its source's keys)"
         )
-    return Registry() if settings.registry is None else Registry.load(settings.registry)
+    return load_registry(settings.registry)
 
 
 def _vouched(letter: DeadLetterRecord, source: str, registry: Registry) -> bool:

@@ -150,7 +150,9 @@ class FileDropAdapter(DirectoryAdapter):
             raise UnreadableFile("not_csv", "no header row naming the key field")
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:  # the last such column's cell would be read for all of them
-            raise UnreadableFile("not_csv", f"the header names a column twice: {_named(twice)}")
+            raise UnreadableFile(
+                "not_csv", f"the header names a column twice: {self._known(twice)}"
+            )
         missing = [column for column in self._required() if column not in names]
         if missing:  # every row would carry null for it, erasing the value others gave
             raise UnreadableFile("not_csv", f"the header lacks mapped columns: {_named(missing)}")
@@ -159,6 +161,19 @@ class FileDropAdapter(DirectoryAdapter):
             log.warning("%s: no column %s in this file: its rows are live", self.source,
                         deleted[:64])  # fmt: skip
         return self._csv_rows(reader, len(names))
+
+    def _known(self, columns: list[str]) -> str:
+        """`_named` of the columns the mapping names; the others (a header whose first line
+        is a record's: its values) only counted."""
+        opts = self.options
+        mapped = {opts.key_field, opts.occurred_at_field, opts.version_field,
+                  opts.deleted_field, *opts.fields.values()}  # fmt: skip
+        known = [column for column in columns if column in mapped]
+        others = len(columns) - len(known)
+        if not others:
+            return _named(known)
+        counted = f"{others} column{'s' if others > 1 else ''} the mapping does not name"
+        return f"{_named(known)} and {counted}" if known else counted
 
     def _required(self) -> list[str]:
         """The columns a CSV header must name: the key, the time and the version; with

@@ -288,3 +288,47 @@ def test_dlq_shows_a_letters_source_only_when_the_registry_lists_it(tmp_path: Pa
     assert _source_shown(Settings(registry=None))("dev-laptop-01", "") == "dev-laptop-01"
     registry.write_text("[sources.province-01]\nkind = 7\n", encoding="utf-8")  # unreadable
     assert _source_shown(Settings(registry=registry))("province-01", "") == "(unregistered)"
+
+
+def test_dlq_show_names_a_signing_key_only_when_the_registry_lists_it(tmp_path: Path) -> None:
+    """A letter keeps its original's `ps.kid` header as its sender wrote it: a personal id
+    planted there was printed by `dlq show`, without --reveal and without an access-log
+    row. Only a key id the registry lists is shown."""
+    from portal_sync.cli.ops import _key_shown
+    from portal_sync.settings import Settings
+    from schemas.signing import Signer, public_key_text
+
+    signer = Signer.generate("province-01", "province-01-20250801-aaaaaa")
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        '[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n'
+        f'public_keys = [{{ id = "{signer.key_id}", '
+        f'key = "{public_key_text(signer.public_key())}" }}]\n',
+        encoding="utf-8",
+    )
+    settings = Settings(registry=registry)
+    assert _key_shown(settings, signer.key_id) == signer.key_id
+    for planted in ("079123456789", "Nguyễn Văn Rò Rỉ", "province-01-20250801-ffffff"):
+        assert _key_shown(settings, planted) == "(a key the registry does not list)"
+    assert _key_shown(settings, None) == "(unsigned)"
+    assert _key_shown(Settings(registry=None), "079123456789") == (
+        "(a key the registry does not list)"
+    )
+
+
+def test_a_producers_letter_is_of_its_producers_source() -> None:
+    """A producer's letter (a file it could not read) holds no event: its source was
+    unreadable, and `dlq list --source province-79`, which the runbooks give for a
+    producer's letters, left them out. Its origin names its source."""
+    headers = tuple(
+        (name, b"source:province-79" if name == "ps.origin.topic" else value)
+        for name, value in GOOD_HEADERS
+    )
+    letter = letter_of(b"export.csv", headers)
+    assert letter.source == "province-79"
+    assert Filters(source="province-79").keep(letter)
+    for forged in (b"source:079123456789", b"source:Nguyen Van A", b"source:"):
+        planted = tuple((n, forged if n == "ps.origin.topic" else v) for n, v in GOOD_HEADERS)
+        assert letter_of(b"export.csv", planted).source is None
+    # A letter whose value is an event keeps the event's source.
+    assert letter_of(EVENT, headers).source == letter_of().source

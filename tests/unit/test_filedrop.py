@@ -445,6 +445,15 @@ def test_a_files_checksum_at_its_move_reads_it_in_chunks(tmp_path: Path) -> None
     [
         ("pid,ho_ten,phone,at", "the header lacks mapped columns: name"),  # a renamed column
         ("pid,name,phone,name,at", "the header names a column twice: name"),
+        # A header that is a record's line: its values are not named (personal data).
+        (
+            "pid,name,at,Nguyễn Văn Rò Rỉ,079123456789,Nguyễn Văn Rò Rỉ,079123456789",
+            "the header names a column twice: 2 columns the mapping does not name",
+        ),
+        (
+            "pid,name,at,name,079123456789,079123456789",
+            "the header names a column twice: name and 1 column the mapping does not name",
+        ),
     ],
 )
 def test_a_csv_header_that_lacks_or_repeats_a_mapped_column_refuses_the_file(
@@ -460,6 +469,7 @@ def test_a_csv_header_that_lacks_or_repeats_a_mapped_column_refuses_the_file(
     with pytest.raises(UnreadableFile) as refused:
         list(adapter.parse(tmp_path / "export.csv", f"{header}\n{cells}\n".encode()))
     assert refused.value.reason == "not_csv" and said in str(refused.value)
+    assert "079123456789" not in str(refused.value) and "Rò" not in str(refused.value)
 
 
 def test_a_quote_never_closed_refuses_the_file_instead_of_swallowing_its_rest(

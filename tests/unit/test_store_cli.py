@@ -317,6 +317,32 @@ def test_a_missing_or_malformed_registry_is_a_clear_error(tmp_path: Path) -> Non
     assert "kind" in malformed.stderr and "Traceback" not in malformed.stderr
 
 
+def test_a_missing_rules_file_stops_replay_and_rebuild_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Replay and rebuild compare the rules' fingerprint with the one the store's worker
+    recorded: a registry or authority file that could not be read ended both in a traceback
+    (FileNotFoundError), not in a configuration error."""
+    from consumers.config import RULES_FILES, RULES_FINGERPRINT
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    store.set_meta(RULES_FINGERPRINT, "0" * 64)
+    store.set_meta(RULES_FILES, "registry deploy/registry.toml, authority (none)")
+    store.close()
+    missing = str(tmp_path / "none.toml")
+    for env in ({"PORTAL_SYNC_REGISTRY": missing},
+                {"PORTAL_SYNC_AUTHORITY_FILE": missing,
+                 "PORTAL_SYNC_REGISTRY": str(ROOT / "deploy" / "registry.toml")}):  # fmt: skip
+        for command in (("replay", "--store", url, "--reason", "test"),
+                        ("rebuild", "--store", f"sqlite:///{tmp_path / 'new.db'}",
+                         "--reason", "test")):  # fmt: skip
+            result = run_cli(*command, PORTAL_SYNC_STORE_URL=url, **env)
+            assert result.returncode == 2, (command, result.stderr)
+            assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_history_of_a_deleted_record_past_its_retention_shows_no_values(tmp_path: Path) -> None:
     from datetime import timedelta
 
@@ -378,3 +404,18 @@ def test_publish_of_a_file_it_cannot_read_is_one_line(tmp_path: Path, name: str)
     result = run_cli("publish", str(tmp_path / name))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_argument_that_is_not_utf8_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    """A key typed in another encoding ended in a 140-line traceback (UnicodeEncodeError)
+    where `show`, `history`, `source purge --key` and `replay --source` first wrote it. It
+    is refused by its position, never echoed: it may be a personal id."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    key = "079123456789\udcff"  # the byte 0xff, as the command line hands it over
+    for command in (("show", "citizen", key, "--reason", "test"),
+                    ("history", "citizen", key, "--reason", "test"),
+                    ("replay", "--source", key, "--store", url)):  # fmt: skip
+        result = run_cli(*command, PORTAL_SYNC_STORE_URL=url)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+        assert "079123456789" not in result.stderr
