@@ -238,11 +238,17 @@ WORKER_LAST_PROGRESS = Gauge(
 )
 
 
+# A batch takes well under a second on a healthy worker (and a few under a long backlog):
+# one in hand this long waits for something (a lock, a broker, the store).
+BUSY_UNREADY_SECONDS = 15.0
+
+
 class WorkerHealth:
     """Whether the worker makes progress: a batch that keeps failing is never silent.
 
-    Ready while no batch is retrying; healthy until a batch has retried longer than
-    `stall_after_seconds` (then a supervisor may restart it, and an alert fires)."""
+    Ready while no batch is retrying or has taken BUSY_UNREADY_SECONDS; healthy until a
+    batch has retried longer than `stall_after_seconds` (then a supervisor may restart it,
+    and an alert fires)."""
 
     def __init__(self, stall_after_seconds: float = 300.0) -> None:
         self.stall_after_seconds = stall_after_seconds
@@ -326,7 +332,15 @@ class WorkerHealth:
         return max(self.retrying_seconds(), taken)
 
     def ready(self) -> bool:
-        return self._since is None and self._fetch_since is None
+        """No batch retrying, no fetch failing, and the batch in hand (if any) younger than
+        BUSY_UNREADY_SECONDS: one send of a dead letter to a topic gone blocks a minute
+        before it fails (the producer's flush), and /readyz said 200 all along."""
+        busy = self._busy_since
+        return (
+            self._since is None
+            and self._fetch_since is None
+            and (busy is None or time.monotonic() - busy < BUSY_UNREADY_SECONDS)
+        )
 
     def stalled(self) -> bool:
         """A batch has retried, or one batch has taken, longer than the threshold."""

@@ -102,10 +102,12 @@ def _cluster_up(data_dir: Path, nodes: int | None, port: int | None) -> None:
         f"data {cluster.data_dir}"
     )
     _print_nodes(cluster)
+    # The bootstrap alone gave topics of one replica (the setting's default): a client
+    # given the nodes is given the replication factor with them.
     console.print(
         f"clients: PORTAL_SYNC_KAFKA_BOOTSTRAP={cluster.bootstrap()} "
-        f"(topics with replication factor {cluster.size()}, min.insync.replicas "
-        f"{min(2, cluster.size())})",
+        f"PORTAL_SYNC_REPLICATION_FACTOR={cluster.size()} (min.insync.replicas "
+        f"{min(2, cluster.size())}); or PORTAL_SYNC_KAFKA_DATA_DIR={cluster.data_dir} alone",
         highlight=False,
         soft_wrap=True,
     )

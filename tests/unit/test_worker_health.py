@@ -4,6 +4,7 @@ or one batch has taken, longer than the stall threshold (a call that blocks coun
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import REGISTRY
 
@@ -24,6 +25,21 @@ def test_a_batch_that_blocks_past_the_threshold_is_a_stall_and_its_end_clears_it
     assert health.ready() and health.stalled()
     health.free()
     assert not health.stalled()
+
+
+def test_a_batch_in_hand_past_a_few_seconds_is_not_ready(monkeypatch: Any) -> None:
+    """A dead letter sent to a topic that is gone blocks one attempt a minute (the
+    producer's flush) before it fails and is retried: /readyz said 200 all that minute."""
+    import consumers.metrics
+
+    monkeypatch.setattr(consumers.metrics, "BUSY_UNREADY_SECONDS", 0.05)
+    health = WorkerHealth(stall_after_seconds=300)
+    health.busy()
+    assert health.ready()  # a batch just begun
+    time.sleep(0.1)
+    assert not health.ready() and not health.stalled()
+    health.free()
+    assert health.ready()
 
 
 def test_retrying_past_the_threshold_is_a_stall_until_the_batch_passes() -> None:

@@ -110,6 +110,23 @@ def test_three_nodes_keep_every_acknowledged_event_when_one_is_killed(cluster_di
     )
     names = [*settings.topics().change_topics(), settings.topics().dead_letters]
     _assert_replicated(settings, names, replicas=3, in_sync=2)
+    # The clients' settings `kafka up` prints give the same (the bootstrap alone, which it
+    # printed before, gave topics of one replica).
+    said = up.stderr.split("clients:")[1].split(";")[0]
+    printed = dict(re.findall(r"(PORTAL_SYNC_\w+)=(\S+)", said))
+    assert printed["PORTAL_SYNC_KAFKA_BOOTSTRAP"] == bootstrap, said
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_SYNC_")} | printed
+    env |= {"PORTAL_SYNC_TOPIC_PREFIX": "printed", "PORTAL_SYNC_CHANGE_PARTITIONS": "2"}
+    topics = subprocess.run(
+        [sys.executable, "-m", "portal_sync", "topics"], env=env, capture_output=True, text=True
+    )
+    assert topics.returncode == 0, topics.stdout + topics.stderr
+    printed_settings = Settings(
+        kafka_bootstrap=bootstrap, topic_prefix="printed", change_partitions=2
+    )
+    _assert_replicated(
+        printed_settings, printed_settings.topics().change_topics(), replicas=3, in_sync=2
+    )
 
     # Publish with acks=all while node 2 dies (SIGKILL).
     events = citizen_events(keys=1000, versions=3, seed=15)
