@@ -208,13 +208,8 @@ def test_the_future_is_measured_from_the_message_timestamp_so_a_replay_agrees() 
     assert _reasons(forged) == ["future_timestamp"]
 
 
-def test_no_text_longer_than_any_contract_text_is_normalised(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """CPython's NFC is quadratic in a run of combining marks of alternating classes: a
-    400 KB name held the validator 40 s, and a 1 MiB one about five minutes (the worker's
-    liveness failed on it, at every worker it reached). Texts longer than any contract
-    text could be before composition are left as they are, and refused as before."""
+def _normalised_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the texts the contract's NFC is asked to normalise, from now on."""
     import schemas.events
 
     lengths: list[int] = []
@@ -225,6 +220,19 @@ def test_no_text_longer_than_any_contract_text_is_normalised(
         return normalize(form, text)
 
     monkeypatch.setattr(schemas.events.unicodedata, "normalize", counted)
+    return lengths
+
+
+def test_no_text_longer_than_any_contract_text_is_normalised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython's NFC is quadratic in a run of combining marks of alternating classes: a
+    400 KB name held the validator 40 s, and a 1 MiB one about five minutes (the worker's
+    liveness failed on it, at every worker it reached). Texts longer than any contract
+    text could be before composition are left as they are, and refused as before."""
+    import schemas.events
+
+    lengths = _normalised_lengths(monkeypatch)
     # beyond any text; below a title typed decomposed; Tibetan signs of class 0 that
     # decompose into marks of alternating classes (quadratic too)
     for hostile in ("a" + "\u0301\u0323" * 3_000, "a" + "\u0301\u0323" * 1_000,
@@ -253,14 +261,7 @@ def test_a_message_of_mark_runs_is_refused_without_quadratic_work(
     MAX_MARK_RUN marks is left as it is, and refused where the contract would take it."""
     import schemas.events
 
-    lengths: list[int] = []
-    normalize = schemas.events.unicodedata.normalize
-
-    def counted(form: str, text: str) -> str:
-        lengths.append(len(text))
-        return normalize(form, text)
-
-    monkeypatch.setattr(schemas.events.unicodedata, "normalize", counted)
+    lengths = _normalised_lengths(monkeypatch)
     zalgo = "a" + "\u0301\u0323" * 500
     raw = json.dumps(event(data={f"f{i}": zalgo for i in range(480)}), ensure_ascii=False)
     assert len(raw.encode()) > 900_000
@@ -272,7 +273,7 @@ def test_a_message_of_mark_runs_is_refused_without_quadratic_work(
     title = "Quyết định số 12" + "\u0301\u0323" * 40
     document = event(entity="document", key="000.00.01.H29:QD-1", data={"title": title})
     raw = json.dumps(document, ensure_ascii=False)
-    assert parse_event(raw.encode()).event.data.title == normalize("NFC", title)  # type: ignore[union-attr]
+    assert parse_event(raw.encode()).event.data.title == unicodedata.normalize("NFC", title)  # type: ignore[union-attr]
     # Beyond the budget, such a text is refused where a field takes it, never stored out
     # of NFC.
     monkeypatch.setattr(schemas.events, "NFC_ALWAYS_PER_VALUE", 0)
