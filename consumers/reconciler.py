@@ -62,17 +62,24 @@ class EventOutcome:
 class Remerged:
     """What a remerge changed: records whose values changed (a history entry each), and
     records whose values stayed and whose provenance moved (which source a field is
-    credited to, as `show` and `export --provenance` name it)."""
+    credited to, as `show` and `export --provenance` name it); apart, records whose field
+    conflicts changed (rules that compare values otherwise: a revision that folds tone
+    marks clears conflicts and changes no value)."""
 
     values: int = 0
     credit_only: int = 0
+    conflicts: int = 0
 
     @property
     def total(self) -> int:
         return self.values + self.credit_only
 
     def __add__(self, other: Remerged) -> Remerged:
-        return Remerged(self.values + other.values, self.credit_only + other.credit_only)
+        return Remerged(
+            self.values + other.values,
+            self.credit_only + other.credit_only,
+            self.conflicts + other.conflicts,
+        )
 
 
 @dataclass
@@ -418,8 +425,14 @@ class Reconciler:
                     record.provenance,
                 ):
                     attributed += 1
-            tx.write(work.changes(), now)
-        return Remerged(len(work.history), attributed)
+            changes = work.changes()
+            stored_conflicts = tx.stored_conflicts(keys)
+            conflicted = sum(
+                found != stored_conflicts.get(record_key, {})
+                for record_key, found in changes.conflicts.items()
+            )
+            tx.write(changes, now)
+        return Remerged(len(work.history), attributed, conflicted)
 
     def purge(
         self, source: str, keys: Sequence[RecordKey], audit: SourcePurge, dry_run: bool = False

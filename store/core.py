@@ -55,6 +55,7 @@ from store.tables import (
     SOURCE_PURGE_PROGRESS,
     applied_offsets,
     dead_letter_redrives,
+    field_conflicts,
     record_history,
     records,
     source_purges,
@@ -360,6 +361,22 @@ class BatchTransaction:
             for row in self._conn.execute(query):
                 provenance = expand_provenance(row.provenance or {}, row.sources)
                 found[(row.entity, row.key)] = (row.sources, provenance)
+        return found
+
+    def stored_conflicts(self, keys: Sequence[RecordKey]) -> Conflicts:
+        """The stored records' field conflicts (field -> groups of sources), read in this
+        transaction: what a remerge compares its own with."""
+        found: Conflicts = {}
+        for chunk in chunks(list(keys)):
+            pair = tuple_(field_conflicts.c.entity, field_conflicts.c.key)
+            query = select(
+                field_conflicts.c.entity,
+                field_conflicts.c.key,
+                field_conflicts.c.field,
+                field_conflicts.c.sources,
+            ).where(pair.in_(chunk))
+            for row in self._conn.execute(query):
+                found.setdefault((row.entity, row.key), {})[row.field] = row.sources
         return found
 
     @property

@@ -169,7 +169,8 @@ def remerge(
         target.close()
     verb = "would change" if dry_run else "changed"
     credit = f" ({changed.credit_only} in provenance only)" if changed.credit_only else ""
-    console.print(f"re-merged {done} records, {changed.total} {verb}{credit}")
+    conflicts = f"; {changed.conflicts} with other field conflicts" if changed.conflicts else ""
+    console.print(f"re-merged {done} records, {changed.total} {verb}{credit}{conflicts}")
 
 
 def _remerge(

@@ -234,6 +234,48 @@ def test_remerge_counts_a_record_whose_provenance_alone_moves(tmp_path: Path) ->
     assert "re-merged 1 records, 1 would change (1 in provenance only)" in result.stdout
 
 
+def test_remerge_counts_the_records_whose_conflicts_it_clears(tmp_path: Path) -> None:
+    """A store reconciled under merge rules revision 1 lists "Hòa" and "Hoà" (one name, its
+    tone mark placed two ways) as a conflict; `remerge` clears it and changes no value, and
+    its dry run said "0 would change": a reason to skip the step the upgrade asks for."""
+    from consumers.reconciler import Reconciler
+    from store import utcnow
+    from store.tables import field_conflicts
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.create_schema()
+    try:
+        feed = Feed(store)
+        feed.apply(event("citizen", CITIZEN, "province-01", 1, {"full_name": "Lê Thị Hòa"}))
+        feed.apply(event("citizen", CITIZEN, "province-79", 1, {"full_name": "Lê Thị Hoà"}))
+        assert queries.open_conflicts(store) == 0
+        with store.engine.begin() as conn:  # as the rules of revision 1 left it
+            conn.execute(
+                field_conflicts.insert().values(
+                    entity="citizen", key=CITIZEN, field="full_name",
+                    sources=[["province-01"], ["province-79"]], detected_at=utcnow(),
+                )
+            )  # fmt: skip
+        keys = [("citizen", CITIZEN)]
+        dry = Reconciler(store, Authority()).remerge(keys, dry_run=True)
+        assert (dry.total, dry.conflicts) == (0, 1)
+        assert queries.open_conflicts(store) == 1
+    finally:
+        store.close()
+    result = run_cli("remerge", "--dry-run", "--store", url)
+    assert "re-merged 1 records, 0 would change; 1 with other field conflicts" in result.stdout
+    result = run_cli("remerge", "--yes", "--store", url)
+    assert "re-merged 1 records, 0 changed; 1 with other field conflicts" in result.stdout
+    again = run_cli("remerge", "--yes", "--store", url)
+    assert "re-merged 1 records, 0 changed\n" in again.stdout
+    store = Store(url)
+    try:
+        assert queries.open_conflicts(store) == 0
+    finally:
+        store.close()
+
+
 def test_remerge_applies_a_new_authority_file(filled: str, tmp_path: Path) -> None:
     authority = tmp_path / "authority.toml"
     authority.write_text('[citizen]\nfull_name = ["province-01"]\n', encoding="utf-8")

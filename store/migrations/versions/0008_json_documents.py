@@ -10,8 +10,8 @@ the same values; the field order of a document is now the order it was written i
 records' fields are written sorted), which `export` sorts anyway.
 
 Each `ALTER` rewrites its table (PostgreSQL holds an exclusive lock on it meanwhile):
-upgrade with the workers stopped, as for every migration. SQLite keeps JSON as text
-already: nothing to do there. The downgrade converts back to `jsonb`.
+upgrade with the workers stopped (docs/deploy.md lists the migrations that need it).
+SQLite keeps JSON as text already: nothing to do there. The downgrade converts back to `jsonb`.
 
 Revision ID: 0008
 Revises: 0007

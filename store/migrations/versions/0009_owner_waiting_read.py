@@ -11,6 +11,8 @@ uncommitted row, and the document stayed "waiting" until the owner changed again
 document waits when no record of its owner exists (`store.queries`): always true to the
 store, and nothing to write when an owner comes or goes.
 
+Workers of a release before this one write the column: stop them for the upgrade (their
+batches fail once it is gone, and are retried until they are replaced; docs/deploy.md).
 The downgrade adds the column back, filled from the records, and the index.
 
 Revision ID: 0009

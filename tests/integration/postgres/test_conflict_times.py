@@ -91,3 +91,40 @@ def test_a_row_written_with_other_spacing_keeps_its_time_while_its_groups_stay(
         )
     Reconciler(store, Authority()).remerge([("citizen", CITIZEN)])
     assert detected(store)["full_name"].replace(tzinfo=None) == then
+
+
+def test_remerge_counts_the_records_whose_conflicts_change(store: Store) -> None:
+    """A conflict the rules no longer see (merge rules revision 1's "Hòa" against "Hoà")
+    is counted by a remerge, dry or not, and cleared; one that stays is not counted."""
+    from consumers.merge import Authority
+    from consumers.reconciler import Reconciler
+    from store import utcnow
+    from tests.support.store_helpers import CITIZEN_2
+
+    feed = Feed(store)
+    feed.apply(
+        event("citizen", CITIZEN, "province-01", 1, {"full_name": "Lê Thị Hòa"}),
+        event("citizen", CITIZEN, "province-79", 1, {"full_name": "Lê Thị Hoà"}),
+        event("citizen", CITIZEN_2, "province-01", 1, {"full_name": "An"}),
+        event("citizen", CITIZEN_2, "province-79", 1, {"full_name": "Bình"}),
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            field_conflicts.insert().values(
+                entity="citizen", key=CITIZEN, field="full_name",
+                sources=[["province-01"], ["province-79"]], detected_at=utcnow(),
+            )
+        )  # fmt: skip
+    keys = [("citizen", CITIZEN), ("citizen", CITIZEN_2)]
+    reconciler = Reconciler(store, Authority())
+    assert reconciler.remerge(keys, dry_run=True).conflicts == 1
+    assert set(detected(store)) == {"full_name"} and len(_rows(store)) == 2
+    assert reconciler.remerge(keys).conflicts == 1
+    assert [key for key, _ in _rows(store)] == [CITIZEN_2]
+    assert reconciler.remerge(keys).conflicts == 0
+
+
+def _rows(store: Store) -> list[tuple[str, str]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(field_conflicts.c.key, field_conflicts.c.field))
+        return sorted((key, name) for key, name in rows)
