@@ -425,13 +425,13 @@ class Reconciler:
                     record.provenance,
                 ):
                     attributed += 1
-            changes = work.changes()
+            written = work.changes()
             stored_conflicts = tx.stored_conflicts(keys)
             conflicted = sum(
                 found != stored_conflicts.get(record_key, {})
-                for record_key, found in changes.conflicts.items()
+                for record_key, found in written.conflicts.items()
             )
-            tx.write(changes, now)
+            tx.write(written, now)
         return Remerged(len(work.history), attributed, conflicted)
 
     def purge(
