@@ -67,6 +67,7 @@ def lag_view(
     now: float,
     stale_after: float,
     unread: int = 0,
+    freshness_unread: str | None = None,
 ) -> Group:
     group_lines = [
         plain(f"group {g.group}: {g.state}, {g.members} members, status {g.status.name}")
@@ -77,6 +78,14 @@ def lag_view(
             plain(
                 f"{unread} partitions not shown: their leader does not answer "
                 "(a node down, not yet replaced)",
+                style="yellow",
+            )
+        )
+    if freshness_unread is not None:  # a store not there yet, or one out of reach
+        group_lines.append(
+            plain(
+                f"source freshness not read from the store ({freshness_unread}): "
+                "PORTAL_SYNC_STORE_URL",
                 style="yellow",
             )
         )
@@ -101,11 +110,14 @@ def show_lag(reader: LagReader, stale_after: float, watch: bool, interval: float
 
     def view() -> Group:
         groups = reader.read()
+        unread_because = None
         try:
             sources = read_freshness(store)
-        except Exception:  # no store yet: no freshness to show
-            sources = {}
-        return lag_view(groups, sources, time.time(), stale_after, len(reader.unread))
+        except Exception as error:  # no store yet, or a wrong URL or password: said
+            sources, unread_because = {}, type(error).__name__
+        return lag_view(
+            groups, sources, time.time(), stale_after, len(reader.unread), unread_because
+        )
 
     def safe_view() -> Group | Text:
         """While watching, a failed read (broker restarting, topics recreated) is shown,

@@ -334,6 +334,10 @@ def test_lag_view_says_how_many_partitions_it_could_not_read() -> None:
     assert "not shown" not in whole and "group g: Stable, 2 members" in whole
     console.print(lag_view(groups, {}, 0.0, 1800.0, unread=4))
     assert "4 partitions not shown: their leader does not answer" in console.export_text()
+    # A store it could not read (a wrong URL or password) showed an empty freshness table,
+    # as a store with no source yet does, without a word.
+    console.print(lag_view(groups, {}, 0.0, 1800.0, freshness_unread="StoreUnavailable"))
+    assert "source freshness not read from the store (StoreUnavailable)" in console.export_text()
 
 
 def test_every_section_a_runbook_names_is_a_heading_of_its_document() -> None:
