@@ -484,11 +484,10 @@ def _nfc_value(value: Any, budget: list[int]) -> Any:
     return value
 
 
-def unnormalised(value: Any, path: str = "") -> str | None:
-    """The path of the first string in a decoded JSON value that is not NFC (`nfc_text`
-    left it as it was), else None; `path` prefixes it (`data.address.line`)."""
-    if isinstance(value, str):
-        return None if unicodedata.is_normalized("NFC", value) else path
+def unnormalised(value: Any, path: str) -> str | None:
+    """The path of the first string in a decoded JSON object or array that is not NFC
+    (`nfc_text` left it as it was), else None; `path` names the value (`data`: then
+    `data.address.line`)."""
     if isinstance(value, dict):
         items: Any = value.items()
     elif isinstance(value, list):

@@ -383,7 +383,7 @@ def dlq_list(
     _warn_of_odd_reasons(reason)
     settings = settings_from(bootstrap, None)
     _warn_of_an_odd_source(settings, source)
-    shown_source = _source_shown(settings)
+    shown_source = _source_shown(_readable_registry(settings))
     filters = Filters(reason, source, parse_time(since), parse_time(until))
     # Counted as they are read; only the last `limit` are kept (a topic can hold millions).
     shown: deque[DeadLetterRecord] = deque(maxlen=limit)
@@ -439,14 +439,15 @@ def dlq_show(
     if why is not None:  # recorded before anything is shown
         targets = dead_letter_targets(letter.id, letter.key, letter.value, settings.reference_key())
         record_access(settings.store_url, "dlq show --reveal", why, operator, targets)
+    registry = _readable_registry(settings)
     for name, value in [
         ("id", letter.id), ("reason", f"{letter.reason_code}: {letter.reason}"),
         ("origin", f"{letter.origin_topic} partition {letter.origin_partition} "
                    f"offset {letter.origin_offset}"),
         ("failed at", letter.failed_at.isoformat() if letter.failed_at else ""),
         ("attempt", str(letter.attempt)),
-        ("source", _source_shown(settings)(letter.source, "(unreadable)")),
-        ("signed by key", _key_shown(settings, letter.signed_by)),
+        ("source", _source_shown(registry)(letter.source, "(unreadable)")),
+        ("signed by key", _key_shown(registry, letter.signed_by)),
         ("size", f"{len(letter.value or b'')} bytes"),
         *([("unreadable", "; ".join(letter.unreadable))] if letter.unreadable else []),
     ]:  # fmt: skip
@@ -748,23 +749,22 @@ def _readable_registry(settings: Settings) -> Registry | None:
         return None
 
 
-def _key_shown(settings: Settings, key_id: str | None) -> str:
+def _key_shown(registry: Registry | None, key_id: str | None) -> str:
     """A letter's signing key id (`ps.kid`, as its sender wrote it) when the registry lists
     it; any other is only said to be unlisted: the header may hold anything, a personal id
     among them."""
     if key_id is None:
         return "(unsigned)"
-    registry = _readable_registry(settings)
     if registry is not None and key_id in registry.keys:
         return key_id
     return "(a key the registry does not list)"
 
 
-def _source_shown(settings: Settings) -> Callable[[str | None, str], str]:
+def _source_shown(registry: Registry | None) -> Callable[[str | None, str], str]:
     """How a letter's source is shown: as it is when the registry lists it, else
     `(unregistered)`: a refused event's `source` may be a name (`dlq._source_of` keeps
-    only source ids without a long number). In development mode every source id shows."""
-    registry = _readable_registry(settings)
+    only source ids without a long number). In development mode every source id shows;
+    with no registry that could be read (`_readable_registry`), none."""
 
     def shown(source: str | None, unreadable: str) -> str:
         if source is None:

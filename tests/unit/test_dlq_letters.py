@@ -272,29 +272,35 @@ def test_dlq_shows_a_letters_source_only_when_the_registry_lists_it(tmp_path: Pa
     """A refused event's `source` may be a name or a number written with separators, which
     pass for a source id: `dlq list` and `dlq show` print only the sources the registry
     lists (in development mode, any source id without a long number)."""
-    from portal_sync.cli.ops import _source_shown
+    from portal_sync.cli.ops import _readable_registry, _source_shown
     from portal_sync.settings import Settings
 
     registry = tmp_path / "registry.toml"
     registry.write_text(
         '[sources.province-01]\nkind = "province"\nname = "Hà Nội"\n', encoding="utf-8"
     )
-    shown = _source_shown(Settings(registry=registry))
+    shown = _source_shown(_readable_registry(Settings(registry=registry)))
     assert shown("province-01", "") == "province-01"
     for refused in ("tran-thi-bich-ngoc", "0912-345-678", "079.185.123.456", "province-99"):
         assert letter_of(b'{"source": "%s"}' % refused.encode()).source == refused
         assert shown(refused, "") == "(unregistered)"
     assert shown(None, "(unreadable)") == "(unreadable)"
-    assert _source_shown(Settings(registry=None))("dev-laptop-01", "") == "dev-laptop-01"
+    assert (
+        _source_shown(_readable_registry(Settings(registry=None)))("dev-laptop-01", "")
+        == "dev-laptop-01"
+    )
     registry.write_text("[sources.province-01]\nkind = 7\n", encoding="utf-8")  # unreadable
-    assert _source_shown(Settings(registry=registry))("province-01", "") == "(unregistered)"
+    assert (
+        _source_shown(_readable_registry(Settings(registry=registry)))("province-01", "")
+        == "(unregistered)"
+    )
 
 
 def test_dlq_show_names_a_signing_key_only_when_the_registry_lists_it(tmp_path: Path) -> None:
     """A letter keeps its original's `ps.kid` header as its sender wrote it: a personal id
     planted there was printed by `dlq show`, without --reveal and without an access-log
     row. Only a key id the registry lists is shown."""
-    from portal_sync.cli.ops import _key_shown
+    from portal_sync.cli.ops import _key_shown, _readable_registry
     from portal_sync.settings import Settings
     from schemas.signing import Signer, public_key_text
 
@@ -307,11 +313,14 @@ def test_dlq_show_names_a_signing_key_only_when_the_registry_lists_it(tmp_path: 
         encoding="utf-8",
     )
     settings = Settings(registry=registry)
-    assert _key_shown(settings, signer.key_id) == signer.key_id
+    assert _key_shown(_readable_registry(settings), signer.key_id) == signer.key_id
     for planted in ("079123456789", "Nguyễn Văn Rò Rỉ", "province-01-20250801-ffffff"):
-        assert _key_shown(settings, planted) == "(a key the registry does not list)"
-    assert _key_shown(settings, None) == "(unsigned)"
-    assert _key_shown(Settings(registry=None), "079123456789") == (
+        assert (
+            _key_shown(_readable_registry(settings), planted)
+            == "(a key the registry does not list)"
+        )
+    assert _key_shown(_readable_registry(settings), None) == "(unsigned)"
+    assert _key_shown(_readable_registry(Settings(registry=None)), "079123456789") == (
         "(a key the registry does not list)"
     )
 
