@@ -32,10 +32,9 @@ from consumers.retention import Retention, catch_up_if_due, purge_within, retent
 from consumers.validators import Rules, Validators
 from schemas.dead_letter import Reason, dead_letter_headers, fit_letter, kept_headers
 from schemas.errors import (
+    NOT_THE_DATAS,
     Backoff,
-    ConfigurationError,
     RecordError,
-    Refused,
     TransientError,
 )
 from schemas.identifiers import ReferenceKey
@@ -229,7 +228,7 @@ class BatchProcessor:
             log.warning("PostgreSQL's lock table holds no batch of %d events: applied in "
                         "halves", len(messages))  # fmt: skip
             self._halves(messages, lettered, judged, starts)
-        except (Stopping, Refused, ConfigurationError, MemoryError):
+        except (Stopping, *NOT_THE_DATAS):
             # Not the data's: a setting the store or the broker refuses, or memory short
             # (every event would fail alone too, and go to the dead letters: valid ones).
             raise

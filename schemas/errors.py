@@ -60,6 +60,18 @@ class RecordError(PortalSyncError):
         self.message = message
 
 
+# Never the data's: a batch that meets one of these is not halved to find the event that
+# fails alone (every event would fail alone too: a store away, a guard, a setting, memory
+# short). The worker and a replay both stop, or retry, on them; anything else in a batch
+# is a record error or a bug met by some data, and is isolated to its one event.
+NOT_THE_DATAS: tuple[type[BaseException], ...] = (
+    TransientError,
+    Refused,
+    ConfigurationError,
+    MemoryError,
+)
+
+
 @dataclass
 class Backoff:
     """Waits between attempts: `first`, doubling, never above `longest`. Every retry loop

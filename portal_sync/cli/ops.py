@@ -337,6 +337,14 @@ def rebuild(
             "not in the new store; --compare shows the difference",
             refused, _by_reason(summary),
         ))  # fmt: skip
+    failed = summary.outcomes["apply_failed"]
+    if failed:  # as the worker, which dead-lettered them as `apply_failed`; the log has where
+        progress_console.print(markup(
+            "[yellow]warning:[/yellow] {} events the store refused alone were passed over "
+            "(the live worker dead-lettered them as apply_failed; the log names each one's "
+            "place): a record only they held is not in the new store",
+            failed,
+        ))  # fmt: skip
     if compare:
         live = Store(live_settings.store_url)
         try:  # the workers' clocks may run ahead of this host's: what they applied

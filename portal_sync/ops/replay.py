@@ -26,7 +26,7 @@ from consumers.reconciler import BatchReport, Reconciler, starts_after
 from consumers.registry import Registry
 from consumers.validators import Rules, Validators
 from portal_sync.settings import Settings, default_validator_processes
-from schemas.errors import ConfigurationError, Refused, TransientError
+from schemas.errors import NOT_THE_DATAS
 from schemas.views import RecordKey
 from store import HistoryEntry, Store, TopicPartition
 from transport.reader import Message, RangeReader, Selection
@@ -237,7 +237,7 @@ def _isolating(
     try:
         yield apply(events, batch, starts=starts)
         return
-    except (TransientError, Refused, ConfigurationError):
+    except NOT_THE_DATAS:  # as the worker: memory short skips no event, it stops the run
         raise
     except Exception as error:  # a record error, or a bug met by some data
         if len(batch) == 1:

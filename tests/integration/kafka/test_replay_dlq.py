@@ -748,6 +748,8 @@ def test_replay_and_rebuild_pass_over_events_the_store_refuses(
     result = cli(settings, "rebuild", "--store-file", str(tmp_path / "rebuilt-url"), "--compare")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "different: 0" in result.stdout and "only_live: 0" in result.stdout
+    said = " ".join(result.stderr.split())
+    assert "2 events the store refused alone were passed over" in said, said
     assert Store(rebuilt).all_offsets() == live.all_offsets()
 
 
