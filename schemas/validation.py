@@ -392,8 +392,9 @@ def _date_order_warnings(fields: dict[str, Any]) -> list[str]:
 #   lead and one of the continuations those letters have (`_LETTER_SECONDS`); one of
 #   three bytes (0xE1 0xBA or 0xBB: "áº", "á»") as those and any continuation (0x80-0xBF
 #   as Windows-1252 shows them), as a curly quote or a dash does ("â€"). A no-break
-#   space after the lead ("Hà" as "HÃ\xa0") counts only where no letter follows ("NGÃ
-#   BA" with a no-break space is a name). Latin-1's reading gives C1 controls, which
+#   space after the lead ("Hà" as "HÃ\xa0") counts where no letter follows, or a small
+#   one ("Hoàng" as "HoÃ\xa0ng", "Ơi" as "Æ\xa0i"), not before a capital ("NGÃ BA"
+#   with a no-break space is a name; `_LEAD_SPACE`). Latin-1's reading gives C1 controls, which
 #   the contract refuses.
 # - TCVN3 (ABC), the legacy Vietnamese 8-bit fonts, read as Windows-1252 ("Văn" as "V¨n",
 #   "Hoàng" as "Hoµng"): one of U+00A1-U+00BF inside a word (but the middle dot, a
@@ -428,13 +429,19 @@ _MISDECODED = re.compile(
 _SUSPECT = re.compile(_CONTINUATION)
 
 
+# A lead and a no-break space before a letter: a misreading where the letter is a small
+# one (`re` has no class of small letters beyond ASCII; `str.islower` judges).
+_LEAD_SPACE = re.compile(f"[\u00c3-\u00c6]\u00a0({_LETTER})")
+
+
 def misdecoded(text: str) -> bool:
-    """Whether `text` looks like Vietnamese decoded with the wrong table (`_MISDECODED`)."""
-    return (
-        not text.isascii()
-        and _SUSPECT.search(text) is not None
-        and _MISDECODED.search(text) is not None
-    )
+    """Whether `text` looks like Vietnamese decoded with the wrong table (`_MISDECODED`,
+    `_LEAD_SPACE`)."""
+    if text.isascii() or _SUSPECT.search(text) is None:
+        return False
+    if _MISDECODED.search(text) is not None:
+        return True
+    return any(match[1].islower() for match in _LEAD_SPACE.finditer(text))
 
 
 # The texts people type in Vietnamese: names, titles, an address's line (codes, phones and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from schemas import InvalidEvent, derive_event_id, message_key, parse_event, partition_for
@@ -973,9 +974,14 @@ def test_what_vietnamese_writers_type_is_not_taken_for_a_misreading(text: str) -
 
 
 @given(_words.filter(lambda word: not word.isascii()))
+@example("àn")  # "Hoàng" as "HoÃ\xa0ng": the lead and a no-break space before a small letter
+@example("Ơi")  # "Æ\xa0i"
 def test_utf8_read_as_windows_1252_looks_misdecoded_or_is_refused(word: str) -> None:
     """Every Vietnamese word with a letter beyond ASCII, read with the wrong table: the
-    soft check sees it, or it holds a C1 control, which the contract refuses."""
+    soft check sees it, or it holds a C1 control, which the contract refuses. But a small
+    à right before a capital ("àA" reads as "Ã\xa0A", as the name "NGÃ BA" with a no-break
+    space is written): no word is cased so."""
+    assume(not any(a == "à" and b.isupper() for a, b in itertools.pairwise(word)))
     seen = _read_as_windows_1252(word)
     assert misdecoded(seen) or any("\x80" <= char <= "\x9f" for char in seen)
 
@@ -986,6 +992,7 @@ def test_utf8_read_as_windows_1252_looks_misdecoded_or_is_refused(word: str) -> 
         ("citizen", {"full_name": "Nguyá»…n VÄƒn An"}, ["text_misdecoded"]),  # UTF-8 as 1252
         ("citizen", {"full_name": "NguyÔn V¨n An"}, ["text_misdecoded"]),  # TCVN3 as 1252
         ("citizen", {"full_name": "Nguyễn Văn An"}, []),
+        ("citizen", {"full_name": "HoÃ\u00a0ng Văn An"}, ["text_misdecoded"]),  # "Hoàng"
         ("citizen", {"permanent_address": {"line": "Sè 12 phè Hµng B¹c"}},
          ["text_misdecoded"]),  # an address's line
         ("organization", {"name": "CÃ”NG TY TNHH AN PHÃšC"}, ["text_misdecoded"]),
