@@ -73,27 +73,34 @@ def _text(value: Any) -> str:
 
 @store_app.command("upgrade")
 def store_upgrade(store: StoreOpt = None) -> None:
-    """Migrate the store to the newest schema; re-merge records that lack provenance."""
+    """Migrate the store to the newest schema; re-merge records that lack provenance
+    (under the worker's rules only, where a worker recorded them)."""
+    from portal_sync.ops.rules import guard_rules
     from store import Store
 
     settings = Settings.from_flags(store=store)
     target = Store(settings.store_url)
-    before, after = target.upgrade()
-    console.print(f"schema: {before or 'empty'} → {after}")
-    # Records written before the store kept provenance (first-schema stores) are looked
-    # for once: no release writes such a record since, and the look is a scan of every
-    # record (an hour at national scale, at every upgrade's Job before).
-    if target.meta(PROVENANCE_COMPLETE) is None:
-        keys = target.keys_without_provenance()
-        if keys:
-            pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
-            changed, _ = _remerge(target, settings, pages, len(keys))
-            console.print(  # their provenance is filled in: the values are what may change
-                f"re-merged {len(keys)} records written before provenance "
-                f"({changed.values} changed)"
-            )
-        target.set_meta(PROVENANCE_COMPLETE, "yes")
-    target.close()
+    try:
+        before, after = target.upgrade()
+        console.print(f"schema: {before or 'empty'} → {after}")
+        # Records written before the store kept provenance (first-schema stores) are
+        # looked for once: no release writes such a record since, and the look is a scan
+        # of every record (an hour at national scale, at every upgrade's Job before).
+        if target.meta(PROVENANCE_COMPLETE) is None:
+            keys = target.keys_without_provenance()
+            if keys:
+                # an upgrade whose re-merge was cut short, run again after workers started:
+                # the rest is merged as theirs was, or not at all
+                guard_rules(target, settings)
+                pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
+                changed, _ = _remerge(target, settings, pages, len(keys))
+                console.print(  # their provenance is filled in: the values may change
+                    f"re-merged {len(keys)} records written before provenance "
+                    f"({changed.values} changed)"
+                )
+            target.set_meta(PROVENANCE_COMPLETE, "yes")
+    finally:
+        target.close()
 
 
 PROVENANCE_COMPLETE = "records.provenance_complete"

@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
+from consumers.config import RULES_FINGERPRINT, rules_fingerprint
 from consumers.merge import Authority
 from consumers.reconciler import Reconciler
 from store import queries, schema
@@ -312,6 +313,31 @@ def test_upgrade_from_the_first_schema_keeps_data_and_fills_provenance(
         assert again.returncode == 0, again.stderr
         assert f"schema: {head_revision()} → {head_revision()}" in again.stdout
         assert "re-merged" not in again.stdout
+    finally:
+        store.close()
+
+
+def test_upgrade_remerges_only_under_the_workers_rules(tmp_path: Path) -> None:
+    """An upgrade whose re-merge was cut short, run again once workers have recorded their
+    rules, with other rules: refused, nothing re-merged; with the workers' rules it ends."""
+    url = f"sqlite:///{tmp_path / 'first_schema.db'}"
+    store = make_first_schema_store(url, "create_all")
+    authority = tmp_path / "authority.toml"
+    authority.write_text('[citizen]\nfull_name = ["s-b"]\n', encoding="utf-8")
+    env = {"PORTAL_SYNC_AUTHORITY_FILE": str(authority)}
+    try:
+        store.upgrade()  # the schema upgraded, its re-merge not run
+        store.set_meta(RULES_FINGERPRINT, rules_fingerprint(None, authority))
+        refused = run_cli("store", "upgrade", "--store", url)  # the default authority
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "the worker of this store runs with" in " ".join(refused.stderr.split())
+        assert len(store.keys_without_provenance()) == 2
+        assert store.meta("records.provenance_complete") is None
+
+        result = run_cli("store", "upgrade", "--store", url, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "re-merged 2 records written before provenance (1 changed)" in result.stdout
+        assert store.keys_without_provenance() == []
     finally:
         store.close()
 
