@@ -5,7 +5,7 @@ history by binary `COPY` when the batch settles."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -84,6 +84,21 @@ class PostgresBatchIO(BatchIO):
     """Arrays and `unnest`: one fixed statement per table and per read. A batch's reads go
     in one round trip and its writes in another (psycopg's pipeline mode)."""
 
+    @contextlib.contextmanager
+    def _pipeline(self) -> Iterator[None]:
+        """psycopg's pipeline, then one more round trip that ends as a statement does.
+
+        psycopg leaves a pipeline with a Sync and, when the results have not all come yet
+        (a busy server, a lock waited for), a Flush; PostgreSQL, reading a Flush, stops the
+        session's `idle_in_transaction_session_timeout` until its next Sync. A worker
+        stopped after such a pipeline (SIGSTOP, a paused VM) held its batch's locks for
+        ever: the others retried their batches until it came back. An empty query is
+        answered as a statement is, and starts the timer again (a fault review; test:
+        test_store_connection.py)."""
+        with self.dbapi.pipeline():
+            yield
+        self.dbapi.pgconn.exec_(b"")
+
     def _send(self, sql: str, params: Sequence[Any], planned: bool = False) -> Any:
         """Send a statement; its rows (if any) are read later with `_rows`. Binary
         parameters (%b): arrays travel without being quoted as text, which costs a regular
@@ -123,7 +138,7 @@ class PostgresBatchIO(BatchIO):
     ) -> BatchReads:
         """The lock and the reads sent together, answered in one round trip: the server
         runs them in order, so the reads see the records once they are locked."""
-        with self.dbapi.pipeline():
+        with self._pipeline():
             self.lock(keys, partitions if use_offsets else ())
             offsets = views = canonical = None
             if use_offsets and partitions:
@@ -147,7 +162,7 @@ class PostgresBatchIO(BatchIO):
     ) -> tuple[dict[RecordKey, dict[str, SourceView]], dict[RecordKey, dict[str, Any]]]:
         if not keys:
             return {}, {}
-        with self.dbapi.pipeline():
+        with self._pipeline():
             views = self._send(VIEWS_SQL, _key_arrays(keys), planned=True)
             canonical = self._send(CANONICAL_SQL, _key_arrays(keys), planned=True)
         return views_by_record(self._rows(views)), canonical_by_record(self._rows(canonical))
@@ -164,7 +179,7 @@ class PostgresBatchIO(BatchIO):
 
     def __init__(self, dbapi: Any) -> None:
         super().__init__(dbapi)
-        self._pipeline: contextlib.ExitStack | None = None
+        self._sending: contextlib.ExitStack | None = None  # the writes' pipeline, open
         self._pending: list[tuple[list[tuple[str, str, str, Any]], Any]] = []
         self._history: list[Mapping[str, Any]] = []  # copied when the batch settles
 
@@ -172,15 +187,15 @@ class PostgresBatchIO(BatchIO):
         """Every statement sent without waiting for the one before (pipeline mode): the
         server executes them while the caller builds the next ones, and the batch waits
         once, in `settle`, instead of once per statement. Errors surface there."""
-        if self._pipeline is None:
+        if self._sending is None:
             stack = contextlib.ExitStack()
-            stack.enter_context(self.dbapi.pipeline())
-            self._pipeline = stack
+            stack.enter_context(self._pipeline())
+            self._sending = stack
         self.new_conflicts.extend(self.write_all(*args, **kwargs))
 
     def settle(self) -> list[tuple[str, str]]:
-        if self._pipeline is not None:
-            stack, self._pipeline = self._pipeline, None
+        if self._sending is not None:
+            stack, self._sending = self._sending, None
             stack.close()  # sync: waits for every statement; raises the first error
         self._copy_history()
         pending, self._pending = self._pending, []
@@ -192,8 +207,8 @@ class PostgresBatchIO(BatchIO):
 
     def abandon(self) -> None:
         self._pending, self.new_conflicts, self._history = [], [], []
-        if self._pipeline is not None:
-            stack, self._pipeline = self._pipeline, None
+        if self._sending is not None:
+            stack, self._sending = self._sending, None
             with contextlib.suppress(Exception):  # the error that got here is the one to see
                 stack.close()
 

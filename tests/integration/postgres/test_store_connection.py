@@ -6,13 +6,15 @@ what the connections were opened with, as libpq reports it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from store.core import Store
+from store import utcnow
+from store.core import BatchChanges, Store
 from store.engine import KEEPALIVES
 from store.failures import StoreUnavailable, translated
 
@@ -61,6 +63,55 @@ def test_a_session_stopped_inside_its_transaction_gives_its_locks_up(
                 taking.rollback()
             with pytest.raises(StoreUnavailable), translated():  # resumed: a retry, no commit
                 conn.execute(text("SELECT 1"))
+    finally:
+        stopped.close()
+        other.close()
+
+
+@pytest.mark.parametrize("use_offsets", [True, False])  # a worker's; a replay's, a remerge's
+def test_a_batch_stopped_between_its_statements_gives_its_locks_up(
+    postgres_store_url: str, use_offsets: bool
+) -> None:
+    """The same, stopped inside `Store.batch` after its reads or its writes: psycopg
+    leaves a pipeline with a Sync and, when the results have not come yet, a Flush; and
+    PostgreSQL, reading a Flush, stops the session's idle timer until the next Sync. A
+    worker stopped there held its locks for ever (a fault review: two workers, one
+    SIGSTOPped for 330 s; the other retried its batches for all of it). Each pipeline is
+    now followed by a round trip that starts the timer again."""
+    stopped = Store(postgres_store_url, lock_wait=5.0, idle_in_transaction=1.0)
+    other = Store(postgres_store_url, lock_wait=5.0)
+    stopped.create_schema()
+    partitions, keys = [("ps.citizen.changes", 0)], [("citizen", "001090000001")]
+
+    def holding(held: threading.Event) -> None:
+        with other.batch(partitions, keys, use_offsets=use_offsets):
+            held.set()
+            time.sleep(0.5)
+
+    try:
+        for when in ("read", "written"):
+            # the batch's answers come late (the Flush is sent only then): another batch
+            # holds the key a moment
+            held = threading.Event()
+            holder = threading.Thread(target=holding, args=(held,))
+            holder.start()
+            held.wait(10)
+            with (
+                pytest.raises(StoreUnavailable),  # resumed: a retry, no commit
+                stopped.batch(partitions, keys, use_offsets=use_offsets) as tx,
+            ):
+                holder.join()
+                if when == "written":  # a part sent in the pipeline and waited for
+                    tx.send(BatchChanges(), utcnow())
+                    tx.settle()
+                time.sleep(2.5)  # the worker stopped: no statement for longer than allowed
+                began = time.monotonic()
+                try:
+                    with other.batch(partitions, keys, use_offsets=use_offsets):
+                        took = time.monotonic() - began
+                except StoreUnavailable:  # waited out its lock_wait: the locks still held
+                    took = float("inf")
+                assert took < 1.0, when
     finally:
         stopped.close()
         other.close()
