@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, select
+from sqlalchemy import ColumnElement, Connection, Table, and_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from store.batch import OffsetRange as OffsetRange
@@ -110,6 +110,17 @@ def insert_missing(
     if values:
         insert_fn = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
         conn.execute(insert_fn(table).on_conflict_do_nothing(index_elements=keys), values)
+
+
+def keyset_after(table: Table, entity: str | None, after: tuple[str, str]) -> ColumnElement[bool]:
+    """The condition of a keyset page along (entity, key) after `after`. With the entity
+    fixed by an equality, by the key alone: PostgreSQL does not join `entity = $1` and
+    `(entity, key) > ($1, $2)` into one start in the index, and SQLite neither, so each
+    page walked the index from the entity's first key (a review on 1.6 million records:
+    the pages of `remerge --entity` grew from 5 to 96 ms, days at national scale)."""
+    if entity is not None:
+        return table.c.key > after[1]
+    return tuple_(table.c.entity, table.c.key) > tuple_(*after)
 
 
 def chunks(items: list[Any], size: int = CHUNK) -> Iterator[list[Any]]:

@@ -13,10 +13,10 @@ from dataclasses import asdict, astuple, dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, tuple_
+from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select
 
 from schemas.views import RecordKey
-from store.base import upsert, utcnow
+from store.base import keyset_after, upsert, utcnow
 from store.core import Store
 from store.failures import translated
 from store.tables import SOURCE_PURGE_PROGRESS, source_freshness, source_purges, source_views
@@ -122,7 +122,7 @@ def purge_keys(
     or tombstone of: keyset pages along the primary key, one pass over the views."""
     query = select(source_views.c.entity, source_views.c.key).where(*_scope(source, entity, key))
     if after is not None:
-        query = query.where(tuple_(source_views.c.entity, source_views.c.key) > tuple_(*after))
+        query = query.where(keyset_after(source_views, entity, after))
     query = query.order_by(source_views.c.entity, source_views.c.key).limit(limit)
     with translated(), store.engine.connect() as conn:
         return [(e, k) for e, k in conn.execute(query)]

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, tuple_
 
 from schemas.views import RecordKey, expand_provenance
-from store.base import CHUNK, StoreBase, chunks
+from store.base import CHUNK, StoreBase, chunks, keyset_after
 from store.failures import translated
 from store.tables import records, source_freshness, source_views
 from store.times import aware_utc
@@ -75,10 +75,8 @@ class StoreReads(StoreBase):
             query = select(records).order_by(records.c.entity, records.c.key).limit(page)
             if entity is not None:
                 query = query.where(records.c.entity == entity)
-                if after is not None:  # by the key alone: SQLite began at the entity's first
-                    query = query.where(records.c.key > after[1])
-            elif after is not None:
-                query = query.where(tuple_(records.c.entity, records.c.key) > tuple_(*after))
+            if after is not None:
+                query = query.where(keyset_after(records, entity, after))
             with translated(), self.engine.connect() as conn:
                 rows = conn.execute(query).all()
             for row in rows:
@@ -131,7 +129,7 @@ class StoreReads(StoreBase):
         if entity is not None:
             query = query.where(source_views.c.entity == entity)
         if after is not None:
-            query = query.where(tuple_(source_views.c.entity, source_views.c.key) > tuple_(*after))
+            query = query.where(keyset_after(source_views, entity, after))
         query = query.order_by(source_views.c.entity, source_views.c.key)
         if limit is not None:
             query = query.limit(limit)

@@ -221,12 +221,12 @@ def put_records(store: Store, keys: Sequence[str], entity: str = "dossier") -> N
 
 
 @contextmanager
-def record_page_statements(store: Store) -> Iterator[list[tuple[str, Any]]]:
-    """The statements (and their parameters) that read a page of records, while inside."""
+def record_page_statements(store: Store, table: str = "records") -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) that read a page of `table`, while inside."""
     found: list[tuple[str, Any]] = []
 
     def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if "FROM records" in statement and "LIMIT" in statement:
+        if f"FROM {table}" in statement and "LIMIT" in statement:
             found.append((statement, parameters))
 
     engine_event.listen(store.engine, "before_cursor_execute", seen)
