@@ -114,6 +114,10 @@ class Stopping(Exception):
     """The worker is shutting down: the batch in hand is abandoned (rolled back)."""
 
 
+# Never isolated to an event (`NOT_THE_DATAS`), and a stop asked for.
+NOT_THE_WORKERS: tuple[type[BaseException], ...] = (Stopping, *NOT_THE_DATAS)
+
+
 class TooManyLocks(Exception):
     """PostgreSQL's lock table refused the batch `LOCK_TABLE_TRIES` times in a row: it is
     applied in halves instead (a table that other workers' batches or a purge fill, or one
@@ -228,7 +232,7 @@ class BatchProcessor:
             log.warning("PostgreSQL's lock table holds no batch of %d events: applied in "
                         "halves", len(messages))  # fmt: skip
             self._halves(messages, lettered, judged, starts)
-        except (Stopping, *NOT_THE_DATAS):
+        except NOT_THE_WORKERS:
             # Not the data's: a setting the store or the broker refuses, or memory short
             # (every event would fail alone too, and go to the dead letters: valid ones).
             raise

@@ -21,7 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from schemas.dead_letter import Reason
 
 T = TypeVar("T")
 
@@ -54,7 +57,7 @@ class TransientError(PortalSyncError):
 class RecordError(PortalSyncError):
     """One record cannot be accepted: dead-letter it with a reason code and go on."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: Reason, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from schemas.dead_letter import Reason
 from schemas.errors import RecordError
 from schemas.events import (
     CHANGE_EVENT,
@@ -99,17 +100,19 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
     the soft checks' warnings are computed (a producer, which does not report them, skips
     them: 3 % of its publishing)."""
     if not raw:  # no value (null) or zero bytes
-        raise InvalidEvent("empty_message", "message has no value")
+        raise InvalidEvent(Reason.EMPTY_MESSAGE, "message has no value")
     if len(raw) > MAX_EVENT_BYTES:
-        raise InvalidEvent("too_large", f"message has {len(raw)} bytes, limit {MAX_EVENT_BYTES}")
+        raise InvalidEvent(
+            Reason.TOO_LARGE, f"message has {len(raw)} bytes, limit {MAX_EVENT_BYTES}"
+        )
     obj = _decode_json(raw)
     if not isinstance(obj, dict):
-        raise InvalidEvent("invalid_json", "message is not a JSON object")
+        raise InvalidEvent(Reason.INVALID_JSON, "message is not a JSON object")
     version = obj.get("schema_version")
     if type(version) is not int or version != 1:  # JSON true and 1.0 equal 1 in Python
         if too_deep(obj):  # as below: compact JSON skipped the decoder's depth check
-            raise InvalidEvent("invalid_json", _TOO_DEEP)
-        raise InvalidEvent("unsupported_schema_version", "schema_version must be 1")
+            raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP)
+        raise InvalidEvent(Reason.UNSUPPORTED_SCHEMA_VERSION, "schema_version must be 1")
     if b"\\u" not in raw and unicodedata.is_normalized("NFC", raw.decode("utf-8")):
         normalised: str | bytes = raw  # already NFC, no escapes: validate the bytes as sent
     else:
@@ -122,12 +125,12 @@ def parse_event(raw: bytes | None, *, warn: bool = True) -> ValidEvent:
         # field takes nested values: a message nested too deep is refused here, for the
         # same reason whatever its whitespace (at no cost to a valid event).
         if too_deep(obj):
-            raise InvalidEvent("invalid_json", _TOO_DEEP) from None
+            raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP) from None
         raise _reason(error) from None
     if normalised is not raw:
         left = unnormalised(composed.get("data"), "data")
         if left is not None:  # `nfc_text` left it: a run of marks too long to reorder
-            raise InvalidEvent("invalid_field", f"{left}: {LONG_MARK_RUN}")
+            raise InvalidEvent(Reason.INVALID_FIELD, f"{left}: {LONG_MARK_RUN}")
         _refuse_ascii_by_normalisation(obj)
     data = obj.get("data")
     if normalised is raw and type(data) is dict and DOSSIER_TIMES.isdisjoint(data):
@@ -147,7 +150,7 @@ def _refuse_ascii_by_normalisation(obj: dict[str, Any]) -> None:
     its normal form, whatever it turns into (a Greek question mark into ";")."""
     key = obj.get("key")
     if isinstance(key, str) and _ascii_only_by_nfc(key):
-        raise InvalidEvent("invalid_key", f"key: {ASCII_AS_SENT}")
+        raise InvalidEvent(Reason.INVALID_KEY, f"key: {ASCII_AS_SENT}")
     data = obj.get("data")
     if isinstance(data, dict):
         written = WRITTEN_TEXT.get(str(obj.get("entity")), frozenset())
@@ -155,7 +158,7 @@ def _refuse_ascii_by_normalisation(obj: dict[str, Any]) -> None:
             if isinstance(value, str) and _ascii_only_by_nfc(value):
                 field = unicodedata.normalize("NFC", name)
                 if field not in written:
-                    raise InvalidEvent("invalid_field", f"data.{field}: {ASCII_AS_SENT}")
+                    raise InvalidEvent(Reason.INVALID_FIELD, f"data.{field}: {ASCII_AS_SENT}")
 
 
 LONG_MARK_RUN = (
@@ -187,21 +190,21 @@ def _decode_json(raw: bytes) -> Any:
             if orjson.dumps(value) == raw:
                 return value
         except TypeError:  # orjson reads 1,024 levels and writes 254
-            raise InvalidEvent("invalid_json", _TOO_DEEP) from None
+            raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidEvent("not_utf8", "message is not valid UTF-8") from None
+        raise InvalidEvent(Reason.NOT_UTF8, "message is not valid UTF-8") from None
     try:
         value = _DECODER.decode(text)
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as error:
         raise InvalidEvent(
-            "invalid_json", f"message is not JSON ({type(error).__name__})"
+            Reason.INVALID_JSON, f"message is not JSON ({type(error).__name__})"
         ) from None
     if too_deep(value):  # before `nfc` and `json.dumps`, which recurse
-        raise InvalidEvent("invalid_json", _TOO_DEEP)
+        raise InvalidEvent(Reason.INVALID_JSON, _TOO_DEEP)
     return value
 
 
@@ -225,13 +228,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in pairs:
         if name in result:
-            raise InvalidEvent("invalid_json", "duplicate key in a JSON object")
+            raise InvalidEvent(Reason.INVALID_JSON, "duplicate key in a JSON object")
         result[name] = value
     return result
 
 
 def _no_nan(constant: str) -> Any:
-    raise InvalidEvent("invalid_json", "non-standard JSON constant (NaN or Infinity)")
+    raise InvalidEvent(Reason.INVALID_JSON, "non-standard JSON constant (NaN or Infinity)")
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_nan)
@@ -252,21 +255,21 @@ def _reason(error: ValidationError) -> InvalidEvent:
     first = error.errors(include_input=False, include_url=False)[0]
     kind = first["type"]
     if kind == "union_tag_not_found":
-        return InvalidEvent("missing_field", "entity: Field required")
+        return InvalidEvent(Reason.MISSING_FIELD, "entity: Field required")
     if kind == "union_tag_invalid":
-        return InvalidEvent("unknown_entity", "entity: not one of " + ", ".join(ENTITIES))
+        return InvalidEvent(Reason.UNKNOWN_ENTITY, "entity: not one of " + ", ".join(ENTITIES))
     location = contract_path(first["loc"])
     message = rule_message(first)
     if kind == "extra_forbidden":
-        code = "unknown_field"
+        code = Reason.UNKNOWN_FIELD
     elif kind == "missing":
-        code = "missing_field"
+        code = Reason.MISSING_FIELD
     elif location == "key":
-        code = "invalid_key"
+        code = Reason.INVALID_KEY
     elif "carry data" in message or "carries no data" in message:
-        code = "op_data_mismatch"
+        code = Reason.OP_DATA_MISMATCH
     else:
-        code = "invalid_field"
+        code = Reason.INVALID_FIELD
     return InvalidEvent(code, f"{location}: {message}")
 
 

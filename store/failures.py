@@ -15,6 +15,7 @@ from sqlalchemy.exc import (
     StatementError,
 )
 
+from schemas.dead_letter import Reason
 from schemas.errors import RecordError, Refused, TransientError
 from schemas.redaction import redacted_text
 
@@ -55,7 +56,7 @@ class StoreRefused(RecordError):
     """The database refused a value of this batch (found by narrowing the batch down)."""
 
     def __init__(self, error: Exception) -> None:
-        super().__init__("apply_failed", f"the store refused it: {type(error).__name__}")
+        super().__init__(Reason.APPLY_FAILED, f"the store refused it: {type(error).__name__}")
 
 
 @contextmanager
