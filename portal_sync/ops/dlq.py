@@ -52,7 +52,7 @@ from store import Store
 from store.purge import touches, undoable_purges
 from transport import admin
 from transport.publisher import Publisher
-from transport.reader import Message, RangeReader, Selection, nothing_before
+from transport.reader import TP, Message, OffsetRange, RangeReader, Selection, nothing_before
 from transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -142,18 +142,47 @@ def iter_dead_letters(
     """`read_dead_letters` one by one, as they are read: a letter the filters refuse is
     never kept (a topic's letters can hold up to 1 MiB each)."""
     filters = filters or Filters()
-    for message in _dead_letter_messages(settings):
+    for message in _dead_letter_messages(settings, filters.ids):
         letter = _letter(message)
         if filters.keep(letter):
             yield letter
 
 
-def _dead_letter_messages(settings: Settings) -> Iterator[Message]:
-    """Every message of the dead-letter topic, from its log start to its end now."""
+def _dead_letter_messages(settings: Settings, ids: list[str] | None = None) -> Iterator[Message]:
+    """Every message of the dead-letter topic, from its log start to its end now; with
+    `ids`, only the offsets they name (`dlq show 3:120` read the whole topic, millions of
+    letters at national scale, for one)."""
     with RangeReader(settings.connection()) as reader:
         ranges = reader.resolve(Selection([settings.topics().dead_letters]))
+        if ids is not None:
+            ranges = _named(ranges, ids)
         for batch in reader.read(ranges):
             yield from batch
+
+
+_ID = re.compile(r"(?:([0-9]{1,9}):)?([0-9]{1,19})")
+
+
+def _named(ranges: Mapping[TP, OffsetRange], ids: Iterable[str]) -> dict[TP, OffsetRange]:
+    """Of each partition's range, the part from the first offset the IDs name in it to
+    the last (`p:o` in partition p, an offset alone in every partition); a partition none
+    names is left out. An ID of neither form names nothing."""
+    anywhere: list[int] = []
+    by_partition: dict[int, list[int]] = {}
+    for each in ids:
+        if (found := _ID.fullmatch(each)) is None:
+            continue
+        partition, offset = found.groups()
+        if partition is None:
+            anywhere.append(int(offset))
+        else:
+            by_partition.setdefault(int(partition), []).append(int(offset))
+    narrowed: dict[TP, OffsetRange] = {}
+    for tp, (start, end) in ranges.items():
+        offsets = by_partition.get(tp[1], []) + anywhere
+        if offsets and (first := max(start, min(offsets))) < (last := min(end, max(offsets) + 1)):
+            narrowed[tp] = (first, last)
+    return narrowed
 
 
 def _letter(message: Message) -> DeadLetterRecord:
