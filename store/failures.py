@@ -118,7 +118,7 @@ def _failure(error: DBAPIError) -> str:
     """What failed: connecting says why (the driver names the server and the cause, e.g. a
     certificate it could not verify; secret-looking parts masked); a statement that
     failed is named by its type only (its message may quote values)."""
-    if error.statement is None and error.orig is not None:
+    if error.statement is None and error.orig is not None and not _sqlite_full(error.orig):
         lines = [line.strip() for line in str(error.orig).splitlines() if line.strip()]
         return "cannot connect to the store: " + redacted_text("; ".join(lines))
     return _statement_failure(error)
@@ -135,7 +135,18 @@ def _statement_failure(error: BaseException) -> str:
     # PostgreSQL's lock_timeout, SQLite's busy timeout: fixed texts, never data
     if state == LOCK_NOT_AVAILABLE or str(driver) in SQLITE_LOCKED:
         return STORE_LOCKED
+    if _sqlite_full(driver):
+        return SQLITE_FULL
     return f"the store failed: {type(error).__name__}"
+
+
+# SQLite's disk (or its max_page_count) full: a commit that fails so has no statement, and
+# read as a failure to connect before (a fault review).
+SQLITE_FULL = "the store failed: its disk is full (SQLITE_FULL)"
+
+
+def _sqlite_full(driver: BaseException) -> bool:
+    return getattr(driver, "sqlite_errorname", None) == "SQLITE_FULL"
 
 
 LOCK_NOT_AVAILABLE = "55P03"
