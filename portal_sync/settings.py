@@ -3,8 +3,9 @@
 `Settings` holds values and hands each layer its own configuration (`connection()`,
 `topics()`, `worker_config()`); its only I/O is reading the secret files it names: the
 store URL's file (`PORTAL_SYNC_STORE_URL_FILE`, a mounted secret) and, when asked, the
-reference key (`reference_key()`). The one place that turns "no bootstrap
-servers" into "the local development broker" is the CLI (`portal_sync.cli.options`).
+reference key (`reference_key()`). "No bootstrap servers" is turned into "the local
+development broker" by the CLI (`portal_sync.cli.options`) and by the demo, which starts
+its own (`portal_sync.demo.run`).
 """
 
 from __future__ import annotations
@@ -284,7 +285,11 @@ class Settings(BaseSettings):
         )
 
     def as_env(self) -> dict[str, str]:
-        """Environment that gives a child process (a worker, a test's CLI run) these settings."""
+        """Environment that gives a child process (a worker, a test's CLI run) what it
+        needs of these settings: the connection, the store, the topics (names, partitions,
+        replicas), the group, the metrics port, the rules' files, the reference key's file,
+        the validator processes and the batch size; any other setting is the child's own
+        environment's."""
         env = self.connection().environment() | {
             "PORTAL_SYNC_STORE_URL": self.store_url,
             "PORTAL_SYNC_TOPIC_PREFIX": self.topic_prefix,
@@ -302,6 +307,8 @@ class Settings(BaseSettings):
             env["PORTAL_SYNC_VALIDATOR_PROCESSES"] = str(self.validator_processes)
         if "batch_max_events" in self.model_fields_set:
             env["PORTAL_SYNC_BATCH_MAX_EVENTS"] = str(self.batch_max_events)
+        if "replication_factor" in self.model_fields_set:  # `kafka up --nodes 3`'s
+            env["PORTAL_SYNC_REPLICATION_FACTOR"] = str(self.replication_factor)
         return env
 
 

@@ -142,3 +142,11 @@ def test_the_replay_summary_names_records_by_keyed_reference_unless_values_are_s
     assert masked["key"] == mask_key(PERSONAL_ID)
     (shown,) = summary_dict(summary, True, KEY)["sample"]  # type: ignore[misc]
     assert shown["key"] == PERSONAL_ID
+
+
+def test_a_child_process_gets_the_topics_replicas_set_for_a_cluster() -> None:
+    """`kafka up --nodes 3` prints PORTAL_SYNC_REPLICATION_FACTOR=3: a child started with
+    `as_env` (a worker, the demo's) made topics of one replica before."""
+    three = Settings(kafka_bootstrap="h:1", replication_factor=3).as_env()
+    assert three["PORTAL_SYNC_REPLICATION_FACTOR"] == "3"
+    assert "PORTAL_SYNC_REPLICATION_FACTOR" not in Settings(kafka_bootstrap="h:1").as_env()
