@@ -16,7 +16,7 @@ from sqlalchemy import event as engine_event
 
 from consumers.checks import Checked
 from consumers.merge import Authority
-from consumers.reconciler import BatchReport, Message, Reconciler
+from consumers.reconciler import BatchReport, Reconciler
 from consumers.registry import Registry, SourceInfo
 from schemas import derive_event_id, parse_event
 from store.core import Store
@@ -28,6 +28,7 @@ from store.tables import (
     record_history,
     records,
 )
+from transport.message import Message
 
 TOPIC = "portal.changes"
 T0 = datetime(2024, 1, 15, 3, 0, tzinfo=UTC)
