@@ -397,8 +397,8 @@ def _date_order_warnings(fields: dict[str, Any]) -> list[str]:
 #   as Windows-1252 shows them), as a curly quote or a dash does ("â€"). A no-break
 #   space after the lead ("Hà" as "HÃ\xa0") counts where no letter follows, or a small
 #   one ("Hoàng" as "HoÃ\xa0ng", "Ơi" as "Æ\xa0i"), not before a capital ("NGÃ BA"
-#   with a no-break space is a name; `_LEAD_SPACE`). Latin-1's reading gives C1 controls, which
-#   the contract refuses.
+#   with a no-break space is a name; `_LEAD_SPACE`). Latin-1's reading gives C1
+#   controls, which the contract refuses.
 # - TCVN3 (ABC), the legacy Vietnamese 8-bit fonts, read as Windows-1252 ("Văn" as "V¨n",
 #   "Hoàng" as "Hoµng"): one of U+00A1-U+00BF inside a word (but the middle dot, a
 #   separator: "Trà·Vinh").

@@ -77,6 +77,7 @@ def store_upgrade(store: StoreOpt = None) -> None:
     (under the worker's rules only, where a worker recorded them)."""
     from portal_sync.ops.rules import guard_rules
     from store import Store
+    from store.base import chunks
 
     settings = Settings.from_flags(store=store)
     target = Store(settings.store_url)
@@ -92,8 +93,7 @@ def store_upgrade(store: StoreOpt = None) -> None:
                 # an upgrade whose re-merge was cut short, run again after workers started:
                 # the rest is merged as theirs was, or not at all
                 guard_rules(target, settings)
-                pages = (keys[start : start + 500] for start in range(0, len(keys), 500))
-                changed, _ = _remerge(target, settings, pages, len(keys))
+                changed, _ = _remerge(target, settings, chunks(keys, 500), len(keys))
                 console.print(  # their provenance is filled in: the values may change
                     f"re-merged {len(keys)} records written before provenance "
                     f"({changed.values} changed)"
